@@ -1,0 +1,66 @@
+# Two commands for a newcomer: `make demo` (the main job) and `make test` (the test suite).
+# Both create or reuse a virtual environment that sees the system's packages, install the
+# pinned toolchain into it, build the extension, then run.
+
+PYTHON ?= python3
+VENV   ?= .venv
+VPY    := $(VENV)/bin/python
+PIP    := $(VPY) -m pip
+
+# torch==2.13.0 only when no torch is importable: a bare `torch` pulls a multi-GB CUDA build.
+TORCH_PIN   := torch==2.13.0
+# triton 3.6 is the GPU machine's version; its CPU interpreter needs numpy < 2.4.
+TOOLCHAIN   := triton==3.6.0 "numpy<2.4" pybind11 ninja setuptools wheel
+DEMO_DEPS   := scikit-learn matplotlib tqdm
+TEST_DEPS   := pytest pytest-benchmark expecttest hypothesis ruff
+BENCH_DEPS  := spikingjelly==2.0.0 loguru tqdm scipy
+
+# Without a GPU the Triton kernels run through the interpreter (set before any kernel is defined).
+HAS_CUDA    = $(shell $(VPY) -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null || echo 0)
+INTERPRET   = $(if $(filter 1,$(HAS_CUDA)),0,1)
+TORCH_INC   = $(shell $(VPY) -c "from torch.utils.cpp_extension import include_paths; print(' '.join('-I'+p for p in include_paths()))")
+PY_INC      = $(shell $(VPY) -c "import sysconfig; print('-I' + sysconfig.get_paths()['include'])")
+CU_SOURCES  := $(shell find csrc -name '*.cu' 2>/dev/null)
+CXX_SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cuh' 2>/dev/null)
+
+.PHONY: demo test bench cuda-check lint format clean
+
+$(VENV)/.toolchain:
+	$(PYTHON) -m venv --system-site-packages $(VENV)
+	$(VPY) -c "import torch" 2>/dev/null || $(PIP) install $(TORCH_PIN)
+	$(PIP) install $(TOOLCHAIN) $(DEMO_DEPS) $(TEST_DEPS)
+	touch $@
+
+$(VENV)/.built: $(VENV)/.toolchain setup.py pyproject.toml $(CU_SOURCES) $(CXX_SOURCES)
+	$(PIP) install --no-build-isolation --no-deps -e .
+	touch $@
+
+demo: $(VENV)/.built
+	TRITON_INTERPRET=$(INTERPRET) $(VPY) python/demo.py $(ARGS)
+
+test: $(VENV)/.built
+	TRITON_INTERPRET=$(INTERPRET) $(VPY) -m pytest tests -q $(ARGS)
+
+# SpikingJelly brings its own torch pin: --no-deps keeps ours.
+bench: $(VENV)/.built
+	$(PIP) install --no-deps $(BENCH_DEPS)
+	TRITON_INTERPRET=$(INTERPRET) $(VPY) -m pytest bench -q $(ARGS)
+
+# Compile-only check of every CUDA source for sm_90 against the installed torch's headers.
+cuda-check: $(VENV)/.toolchain
+	@for f in $(CU_SOURCES); do \
+	  echo "nvcc -c $$f (sm_90)"; \
+	  nvcc -c -arch=sm_90 -std=c++17 --expt-relaxed-constexpr -DC10_CUDA_NO_CMAKE_CONFIGURE_FILE \
+	    $(TORCH_INC) $(PY_INC) -o /tmp/spikekernels_$$(basename $$f).o $$f || exit 1; \
+	done
+
+lint: $(VENV)/.toolchain
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(VENV)/.toolchain
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+clean:
+	rm -rf build *.egg-info spikekernels/_C*.so $(VENV)/.built

@@ -1,0 +1,54 @@
+"""Builds spikekernels._C from csrc/ with torch.utils.cpp_extension (pybind11 module, ninja).
+
+C++ CPU kernels are always built. CUDA kernels (csrc/cuda/*.cu) are built when the installed
+torch has CUDA and nvcc is found; SPIKEKERNELS_CUDA=0/1 forces the choice. Nothing here probes
+for a GPU, so the same command works on a CPU-only build machine.
+
+Install with ``pip install --no-build-isolation -e .``: an isolated build would fetch another
+torch and build against it.
+"""
+
+import glob
+import os
+
+import torch
+from setuptools import find_packages, setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _want_cuda() -> bool:
+    forced = os.environ.get("SPIKEKERNELS_CUDA")
+    if forced is not None:
+        return forced == "1"
+    return torch.version.cuda is not None and CUDA_HOME is not None
+
+
+def _extension():
+    cpp_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
+    if _want_cuda():
+        cu_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+        return CUDAExtension(
+            "spikekernels._C",
+            cpp_sources + cu_sources,
+            extra_compile_args={
+                "cxx": cxx_flags + ["-DSPIKEKERNELS_WITH_CUDA"],
+                "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"],
+            },
+            extra_link_args=["-fopenmp"],
+        )
+    return CppExtension(
+        "spikekernels._C",
+        cpp_sources,
+        extra_compile_args={"cxx": cxx_flags},
+        extra_link_args=["-fopenmp"],
+    )
+
+
+setup(
+    packages=find_packages(include=["spikekernels", "spikekernels.*"]),
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+)

@@ -1,0 +1,13 @@
+"""spikekernels: fast multi-step spiking inference for Transformers converted from QANNs.
+
+Ops (``torch.ops.spikekernels.*``) and their Python faces live in ``spikekernels.ops``;
+modules in ``spikekernels.nn``; the plain-PyTorch oracle in ``spikekernels.reference``.
+Nothing is computed or compiled at import.
+"""
+
+from spikekernels import _extension  # noqa: F401  (loads the C++/CUDA ops when built)
+from spikekernels.ops import st_bif
+
+__version__ = "0.1.0"
+
+__all__ = ["st_bif"]

@@ -1,0 +1,24 @@
+"""Loads the compiled extension (spikekernels._C), which registers the C++/CUDA ops.
+
+A missing or mismatched build is not fatal: it warns once, and every op that has a Triton or
+reference path keeps working. ``EXTENSION_ERROR`` says why the build could not be loaded.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+EXTENSION_ERROR: str | None = None
+
+try:
+    from spikekernels import _C  # noqa: F401  (import registers the TORCH_LIBRARY ops)
+except ImportError as exc:  # not built, or built against another torch
+    EXTENSION_ERROR = str(exc)
+    warnings.warn(
+        "spikekernels._C could not be loaded; Spike-Softmax falls back to the PyTorch "
+        f"reference. Rebuild with `pip install --no-build-isolation -e .` ({exc})",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+
+HAS_EXTENSION = EXTENSION_ERROR is None

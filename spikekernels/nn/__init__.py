@@ -1,0 +1,5 @@
+"""Multi-step spiking modules (``[T, B, ...]`` in and out, state carried between calls)."""
+
+from spikekernels.nn.neuron import STBIF
+
+__all__ = ["STBIF"]

@@ -1,0 +1,73 @@
+"""``STBIF``: the multi-step ST-BIF neuron as a stateful module (SPEC.md §2)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from spikekernels.ops.neuron import st_bif
+from spikekernels.reference import level_bounds
+
+
+class STBIF(nn.Module):
+    """Multi-step ST-BIF neuron over ``[T, B, ...]``, state kept between calls until ``reset()``.
+
+    Built from a QANN quantizer's step (``threshold``) and its ``level`` / ``signed`` bounds.
+    ``forward`` returns int8 spikes in {-1, 0, 1} (``float_out=False``) or ``sigma * theta``
+    in the input dtype. ``count`` is the spike count ``s`` (after silence it equals the
+    quantizer's integer), ``silent()`` / ``active_samples()`` report as tensors whether the
+    neuron fired at the last step (no host sync). Inference only.
+    """
+
+    def __init__(
+        self,
+        threshold: float | torch.Tensor,
+        level: int,
+        signed: bool,
+        *,
+        float_out: bool = False,
+    ) -> None:
+        super().__init__()
+        self.level = level
+        self.signed = signed
+        self.n_min, self.p_max = level_bounds(level, signed)
+        self.float_out = float_out
+        theta = torch.as_tensor(threshold, dtype=torch.float32).detach().clone().reshape(())
+        self.register_buffer("threshold", theta)
+        self.reset()
+
+    def reset(self) -> None:
+        """Back to the fresh state (``v = 0.5``, ``s = 0``): call between inputs."""
+        self.v: torch.Tensor | None = None
+        self.s: torch.Tensor | None = None
+        self.fired: torch.Tensor | None = None  # bool, [B, ...]: spiked at the last step
+
+    @property
+    def count(self) -> torch.Tensor | None:
+        """The spike count ``s`` (integer), or None before the first call."""
+        return self.s
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        spikes, self.v, self.s = st_bif(
+            x, self.threshold, self.n_min, self.p_max, self.v, self.s, float_out=self.float_out
+        )
+        self.fired = spikes[-1] != 0
+        return spikes
+
+    def silent(self) -> torch.Tensor:
+        """0-d bool tensor: no element fired at the last step (True before any input)."""
+        if self.fired is None:
+            return torch.ones((), dtype=torch.bool, device=self.threshold.device)
+        return ~self.fired.any()
+
+    def active_samples(self) -> torch.Tensor | None:
+        """``[B]`` bool: which samples (dim 0 of a step) fired at the last step."""
+        if self.fired is None:
+            return None
+        return self.fired.reshape(self.fired.shape[0], -1).any(dim=1)
+
+    def extra_repr(self) -> str:
+        return (
+            f"threshold={self.threshold.item():.4g}, level={self.level}, signed={self.signed}, "
+            f"bounds=[{self.n_min}, {self.p_max}]"
+        )

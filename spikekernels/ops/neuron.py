@@ -1,0 +1,109 @@
+"""``torch.ops.spikekernels.st_bif``: the multi-step ST-BIF neuron (SPEC.md §2)."""
+
+from __future__ import annotations
+
+import torch
+
+from spikekernels import reference
+from spikekernels.kernels import use_triton
+from spikekernels.ops._checks import (
+    COUNT_DTYPES,
+    FLOAT_DTYPES,
+    check_positive,
+    check_scalar_tensor,
+    check_state,
+    check_tensor,
+    check_time_major,
+)
+from spikekernels.ops._registry import kernel_op, launcher
+
+
+def _check_st_bif(x, threshold, n_min, p_max, v, s) -> torch.dtype:
+    """Metadata checks (no data read); returns the dtype of the outgoing count."""
+    check_tensor(x, "x", dtypes=FLOAT_DTYPES)
+    check_time_major(x, "x")
+    check_scalar_tensor(threshold, "threshold", x, "x")
+    if n_min > p_max:
+        raise ValueError(f"level bounds inverted: n_min={n_min} > p_max={p_max}")
+    if n_min > 0 or p_max < 0:
+        raise ValueError(f"level bounds must contain 0 (the fresh count): [{n_min}, {p_max}]")
+    if (v is None) != (s is None):
+        raise ValueError("give the incoming state as both v and s, or neither")
+    shape = x.shape[1:]
+    check_state(v, "v", shape, (torch.float32,), x, "x")
+    check_state(s, "s", shape, COUNT_DTYPES, x, "x")
+    count_dtype = reference.count_dtype(n_min, p_max) if s is None else s.dtype
+    info = torch.iinfo(count_dtype)
+    if n_min < info.min or p_max > info.max:
+        raise ValueError(f"s has dtype {count_dtype}, which cannot hold counts in [{n_min}, {p_max}]")
+    return count_dtype
+
+
+@kernel_op("st_bif")
+def _st_bif_op(
+    x: torch.Tensor,
+    threshold: torch.Tensor,
+    n_min: int,
+    p_max: int,
+    v: torch.Tensor | None = None,
+    s: torch.Tensor | None = None,
+    float_out: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    count_dtype = _check_st_bif(x, threshold, n_min, p_max, v, s)
+    if use_triton(x):
+        from spikekernels.kernels.neuron import st_bif_triton
+
+        return st_bif_triton(
+            launcher, x, threshold, n_min, p_max, v, s, float_out, count_dtype
+        )
+    return reference.st_bif(x, threshold, n_min, p_max, v, s, float_out)
+
+
+@_st_bif_op.register_fake
+def _(x, threshold, n_min, p_max, v=None, s=None, float_out=False):
+    count_dtype = _check_st_bif(x, threshold, n_min, p_max, v, s)
+    shape = x.shape[1:]
+    out = x.new_empty(x.shape, dtype=x.dtype if float_out else torch.int8)
+    return out, x.new_empty(shape, dtype=torch.float32), x.new_empty(shape, dtype=count_dtype)
+
+
+def st_bif(
+    x: torch.Tensor,
+    threshold: torch.Tensor,
+    n_min: int,
+    p_max: int,
+    v: torch.Tensor | None = None,
+    s: torch.Tensor | None = None,
+    *,
+    float_out: bool = False,
+    validate: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Multi-step ST-BIF neuron (SPEC.md §2), all T steps in one fused kernel on GPU.
+
+    Per element, with membrane ``v`` (float32, in units of the threshold) and count ``s``:
+    ``v += u_t / theta`` (correctly rounded); ``sigma = +1`` if ``v >= 1`` and ``s < p_max``,
+    ``-1`` if ``v < 0`` and ``s > n_min``, else 0; ``s += sigma``; ``v -= sigma``.
+
+    Args:
+        x: ``[T, *shape]`` float32, float16 or bfloat16 input increments (math in float32).
+        threshold: one-element float tensor ``theta`` (the quantizer step), read on the device.
+        n_min, p_max: integer count bounds, ``n_min <= 0 <= p_max``
+            (see ``reference.level_bounds``).
+        v, s: optional incoming state of shape ``shape`` (both or neither): ``v`` float32,
+            ``s`` an integer dtype. Fresh state is ``v = 0.5``, ``s = 0`` with
+            ``s.dtype = reference.count_dtype(n_min, p_max)`` (int8 for levels up to 256).
+        float_out: return ``sigma * theta`` in ``x.dtype`` instead of int8 spikes.
+        validate: also check the threshold's sign on a GPU (a host sync). On CPU it is always
+            checked.
+
+    Returns:
+        ``(spikes [T, *shape], v, s)``; the state is fresh, never an alias of ``v``/``s``, so
+        chunked time (feeding the state back) equals a whole run bit for bit.
+
+    Dispatch: CUDA tensors run the Triton kernel; CPU tensors run the vectorised reference
+    (the Triton kernel under ``TRITON_INTERPRET=1``). Bit-exact with ``reference.st_bif`` on
+    every path. Inference only: no autograd.
+    """
+    check_tensor(threshold, "threshold", dtypes=FLOAT_DTYPES + (torch.float64,))
+    check_positive(threshold, "threshold", validate)
+    return torch.ops.spikekernels.st_bif(x, threshold, n_min, p_max, v, s, float_out)

@@ -1,0 +1,231 @@
+"""SPEC.md in plain PyTorch, step by step: the oracle for every kernel and the CPU fallback.
+
+Each function follows its SPEC.md section literally, one time step at a time, so that a reader
+can check it against the contract line by line. Nothing here depends on the rest of
+spikekernels. All ops are inference only (no autograd).
+
+Tensors that carry time are time-major, ``[T, *shape]``. State tensors have ``shape`` and
+are returned as fresh tensors (never aliases of an input).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "level_bounds",
+    "quantize",
+    "count_dtype",
+    "st_bif_step",
+    "st_bif",
+    "spike_softmax",
+    "spike_layernorm",
+    "spike_matmul",
+    "spike_linear",
+]
+
+
+def level_bounds(level: int, signed: bool) -> tuple[int, int]:
+    """Integer bounds ``(n_min, p_max)`` of a quantizer with ``level`` levels (SPEC.md §1).
+
+    Signed: ``[-(L // 2), L // 2 - 1]``; unsigned: ``[0, L - 1]``.
+    """
+    if level < 2:
+        raise ValueError(f"level must be >= 2, got {level}")
+    if signed:
+        return -(level // 2), level // 2 - 1
+    return 0, level - 1
+
+
+def quantize(x: torch.Tensor, s: torch.Tensor, n_min: int, p_max: int) -> torch.Tensor:
+    """``s * clamp(floor(x / s + 1/2), n_min, p_max)``: round half up (SPEC.md §1)."""
+    return s * torch.clamp(torch.floor(x / s + 0.5), n_min, p_max)
+
+
+def count_dtype(n_min: int, p_max: int) -> torch.dtype:
+    """The narrowest signed integer dtype that holds every count in ``[n_min, p_max]``.
+
+    Fresh ST-BIF state uses it: int8 for every level the paper uses, which is also what the
+    spike product needs for its running counts.
+    """
+    for dtype in (torch.int8, torch.int16, torch.int32):
+        info = torch.iinfo(dtype)
+        if info.min <= n_min and p_max <= info.max:
+            return dtype
+    return torch.int64
+
+
+def st_bif_step(
+    u: torch.Tensor,
+    theta: torch.Tensor,
+    n_min: int,
+    p_max: int,
+    v: torch.Tensor,
+    s: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One ST-BIF step (SPEC.md §2). Returns ``(sigma int8, v, s)``.
+
+    ``v`` is the membrane in units of the threshold (float32), ``s`` the spike count.
+    """
+    v = v + u.to(torch.float32) / theta.to(torch.float32).reshape(())
+    fire_pos = (v >= 1.0) & (s < p_max)
+    fire_neg = (v < 0.0) & (s > n_min)
+    sigma = fire_pos.to(torch.int8) - fire_neg.to(torch.int8)
+    s = s + sigma.to(s.dtype)
+    v = v - sigma.to(torch.float32)
+    return sigma, v, s
+
+
+def st_bif(
+    x: torch.Tensor,
+    theta: torch.Tensor,
+    n_min: int,
+    p_max: int,
+    v: torch.Tensor | None = None,
+    s: torch.Tensor | None = None,
+    float_out: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Multi-step ST-BIF neuron over ``x`` ``[T, *shape]`` (SPEC.md §2).
+
+    Fresh state is ``v = 0.5`` (float32) and ``s = 0`` (``count_dtype(n_min, p_max)``).
+    Returns ``(spikes, v, s)``: spikes int8 in {-1, 0, 1}, or ``sigma * theta`` in ``x.dtype``
+    when ``float_out``.
+    """
+    shape = x.shape[1:]
+    if v is None:
+        v = torch.full(shape, 0.5, dtype=torch.float32, device=x.device)
+    if s is None:
+        s = torch.zeros(shape, dtype=count_dtype(n_min, p_max), device=x.device)
+    v, s = v.clone(), s.clone()
+    spikes = []
+    for t in range(x.shape[0]):
+        sigma, v, s = st_bif_step(x[t], theta, n_min, p_max, v, s)
+        spikes.append(sigma)
+    out = torch.stack(spikes)
+    if float_out:
+        out = (out.to(torch.float32) * theta.to(torch.float32).reshape(())).to(x.dtype)
+    return out, v, s
+
+
+def _masked_softmax(x: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dim where a fully ``-inf`` row gives zeros, not NaN."""
+    dead = (x == float("-inf")).all(dim=-1, keepdim=True)
+    return torch.softmax(x.masked_fill(dead, 0.0), dim=-1).masked_fill(dead, 0.0)
+
+
+def spike_softmax(
+    x: torch.Tensor,
+    x_acc: torch.Tensor | None = None,
+    y_prev: torch.Tensor | None = None,
+    *,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Spike-Softmax over ``x`` ``[T, *rows, N]`` (SPEC.md §3).
+
+    ``X = X + e_t; Y = softmax(X); out_t = Y - Y_prev; Y_prev = Y``, computed in ``dtype``
+    (float32 normally; tests pass float64 for the high-precision oracle). Returns
+    ``(out in x.dtype, x_acc, y_prev)`` with the state in ``dtype``.
+    """
+    shape = x.shape[1:]
+    x_acc = torch.zeros(shape, dtype=dtype, device=x.device) if x_acc is None else x_acc.to(dtype)
+    y_prev = torch.zeros(shape, dtype=dtype, device=x.device) if y_prev is None else y_prev.to(dtype)
+    outs = []
+    for t in range(x.shape[0]):
+        x_acc = x_acc + x[t].to(dtype)
+        y = _masked_softmax(x_acc)
+        outs.append((y - y_prev).to(x.dtype))
+        y_prev = y
+    return torch.stack(outs), x_acc.clone(), y_prev.clone()
+
+
+def spike_layernorm(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    x_acc: torch.Tensor | None = None,
+    y_prev: torch.Tensor | None = None,
+    *,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Spike-LayerNorm over ``x`` ``[T, *rows, C]`` (SPEC.md §4).
+
+    ``X = X + h_t; Y = layer_norm(X, weight, bias, eps); out_t = Y - Y_prev``, computed in
+    ``dtype``. Returns ``(out in x.dtype, x_acc, y_prev)``.
+    """
+    shape = x.shape[1:]
+    c = shape[-1]
+    w = None if weight is None else weight.to(dtype)
+    b = None if bias is None else bias.to(dtype)
+    x_acc = torch.zeros(shape, dtype=dtype, device=x.device) if x_acc is None else x_acc.to(dtype)
+    y_prev = torch.zeros(shape, dtype=dtype, device=x.device) if y_prev is None else y_prev.to(dtype)
+    outs = []
+    for t in range(x.shape[0]):
+        x_acc = x_acc + x[t].to(dtype)
+        y = F.layer_norm(x_acc, (c,), w, b, eps)
+        outs.append((y - y_prev).to(x.dtype))
+        y_prev = y
+    return torch.stack(outs), x_acc.clone(), y_prev.clone()
+
+
+def spike_matmul(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scale: torch.Tensor,
+    a_acc: torch.Tensor | None = None,
+    b_acc: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Spike product (SESA, SPEC.md §5) of ternary trains ``a`` ``[T, *, M, K]`` and
+    ``b`` ``[T, *, K, N]``.
+
+    ``out_t = scale * (a_t @ B_t + A_{t-1} @ b_t)`` with ``B_t = B_{t-1} + b_t``: the increment
+    of the product of the running counts. The integer part is exact (int32), scaled once in
+    float32. Returns ``(out float32, a_acc int8, b_acc int8)``.
+    """
+    a_cnt = (
+        torch.zeros(a.shape[1:], dtype=torch.int32, device=a.device)
+        if a_acc is None
+        else a_acc.to(torch.int32)
+    )
+    b_cnt = (
+        torch.zeros(b.shape[1:], dtype=torch.int32, device=b.device)
+        if b_acc is None
+        else b_acc.to(torch.int32)
+    )
+    scale32 = scale.to(torch.float32).reshape(())
+    outs = []
+    for t in range(a.shape[0]):
+        a_t, b_t = a[t].to(torch.int32), b[t].to(torch.int32)
+        b_cnt = b_cnt + b_t
+        integer = torch.matmul(a_t, b_cnt) + torch.matmul(a_cnt, b_t)
+        a_cnt = a_cnt + a_t
+        outs.append(scale32 * integer.to(torch.float32))
+    return torch.stack(outs), a_cnt.to(torch.int8), b_cnt.to(torch.int8)
+
+
+def spike_linear(
+    s: torch.Tensor,
+    weight: torch.Tensor,
+    threshold: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    t0: int = 0,
+    bias_steps: int = 1,
+) -> torch.Tensor:
+    """Spike linear (SPEC.md §6): ``out_t = theta * (s_t @ W^T)`` plus the bias schedule.
+
+    ``s`` ``[T, *, K]`` ternary, ``weight`` ``[N, K]``. The bias is added as ``bias /
+    bias_steps`` on each global step ``t0 + t < bias_steps`` (``bias_steps = 1``: all of it at
+    step 0, the ViT rule). ``t0`` is the global index of this chunk's first step. Float32 out.
+    """
+    w = weight.to(torch.float32)
+    theta = threshold.to(torch.float32).reshape(())
+    outs = []
+    for t in range(s.shape[0]):
+        out = theta * torch.matmul(s[t].to(torch.float32), w.t())
+        if bias is not None and t0 + t < bias_steps:
+            share = bias.to(torch.float32) if bias_steps == 1 else bias.to(torch.float32) / bias_steps
+            out = out + share
+        outs.append(out)
+    return torch.stack(outs)
