@@ -129,7 +129,9 @@ def spike_softmax(
     """
     shape = x.shape[1:]
     x_acc = torch.zeros(shape, dtype=dtype, device=x.device) if x_acc is None else x_acc.to(dtype)
-    y_prev = torch.zeros(shape, dtype=dtype, device=x.device) if y_prev is None else y_prev.to(dtype)
+    y_prev = (
+        torch.zeros(shape, dtype=dtype, device=x.device) if y_prev is None else y_prev.to(dtype)
+    )
     outs = []
     for t in range(x.shape[0]):
         x_acc = x_acc + x[t].to(dtype)
@@ -159,7 +161,9 @@ def spike_layernorm(
     w = None if weight is None else weight.to(dtype)
     b = None if bias is None else bias.to(dtype)
     x_acc = torch.zeros(shape, dtype=dtype, device=x.device) if x_acc is None else x_acc.to(dtype)
-    y_prev = torch.zeros(shape, dtype=dtype, device=x.device) if y_prev is None else y_prev.to(dtype)
+    y_prev = (
+        torch.zeros(shape, dtype=dtype, device=x.device) if y_prev is None else y_prev.to(dtype)
+    )
     outs = []
     for t in range(x.shape[0]):
         x_acc = x_acc + x[t].to(dtype)
@@ -225,7 +229,9 @@ def spike_linear(
     for t in range(s.shape[0]):
         out = theta * torch.matmul(s[t].to(torch.float32), w.t())
         if bias is not None and t0 + t < bias_steps:
-            share = bias.to(torch.float32) if bias_steps == 1 else bias.to(torch.float32) / bias_steps
+            share = (
+                bias.to(torch.float32) if bias_steps == 1 else bias.to(torch.float32) / bias_steps
+            )
             out = out + share
         outs.append(out)
     return torch.stack(outs)

@@ -35,7 +35,9 @@ def _check_st_bif(x, threshold, n_min, p_max, v, s) -> torch.dtype:
     count_dtype = reference.count_dtype(n_min, p_max) if s is None else s.dtype
     info = torch.iinfo(count_dtype)
     if n_min < info.min or p_max > info.max:
-        raise ValueError(f"s has dtype {count_dtype}, which cannot hold counts in [{n_min}, {p_max}]")
+        raise ValueError(
+            f"s has dtype {count_dtype}, which cannot hold counts in [{n_min}, {p_max}]"
+        )
     return count_dtype
 
 
@@ -53,9 +55,7 @@ def _st_bif_op(
     if use_triton(x):
         from spikekernels.kernels.neuron import st_bif_triton
 
-        return st_bif_triton(
-            launcher, x, threshold, n_min, p_max, v, s, float_out, count_dtype
-        )
+        return st_bif_triton(launcher, x, threshold, n_min, p_max, v, s, float_out, count_dtype)
     return reference.st_bif(x, threshold, n_min, p_max, v, s, float_out)
 
 

@@ -1,0 +1,34 @@
+"""Test setup: the Triton interpreter on machines without a GPU, and the `cuda` marker.
+
+TRITON_INTERPRET must be set before any ``@triton.jit`` kernel is defined, i.e. before
+spikekernels is imported, so it is set here at collection time.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Where the kernels under test run: CPU always (interpreter or reference), CUDA when present.
+DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_cuda = pytest.mark.skip(reason="needs a CUDA GPU; none on this machine")
+    for item in items:
+        if "cuda" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip_cuda)
+
+
+@pytest.fixture
+def gen() -> torch.Generator:
+    """A fixed-seed CPU generator: fresh random data, the same on every run."""
+    g = torch.Generator()
+    g.manual_seed(1234)
+    return g

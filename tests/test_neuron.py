@@ -1,0 +1,262 @@
+"""st_bif (SPEC.md §2): the fused kernel against the step-by-step reference, bit for bit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import DEVICES
+
+import spikekernels
+from spikekernels import reference
+from spikekernels.nn import STBIF
+
+LEVELS = [8, 16, 32]
+
+
+def _inputs(gen, T, shape, theta, device="cpu", dtype=torch.float32):
+    """Increments of a few thresholds, with silent entries and exact half-threshold ties."""
+    x = torch.randn((T, *shape), generator=gen) * 2.5 * theta
+    silent = torch.rand((T, *shape), generator=gen) < 0.2
+    x = x.masked_fill(silent, 0.0)
+    ties = torch.rand((T, *shape), generator=gen) < 0.1
+    halves = torch.randint(-6, 7, (T, *shape), generator=gen) * (theta / 2)
+    x = torch.where(ties, halves, x)
+    return x.to(device=device, dtype=dtype)
+
+
+def _assert_same(got, want):
+    for name, g, w in zip(("spikes", "v", "s"), got, want, strict=True):
+        assert g.dtype == w.dtype, f"{name}: dtype {g.dtype} != {w.dtype}"
+        assert g.shape == w.shape, f"{name}: shape {tuple(g.shape)} != {tuple(w.shape)}"
+        diff = (g != w).sum().item()
+        assert diff == 0, f"{name}: {diff} of {g.numel()} elements differ"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("numel", [1, 7, 129, 4097])
+@pytest.mark.parametrize("T", [1, 6])
+@pytest.mark.parametrize("signed", [True, False])
+@pytest.mark.parametrize("level", LEVELS)
+def test_bit_exact_fp32(gen, device, level, signed, T, numel):
+    n_min, p_max = reference.level_bounds(level, signed)
+    theta = torch.tensor(0.1 + torch.rand((), generator=gen).item(), device=device)
+    x = _inputs(gen, T, (numel,), theta.item(), device)
+    got = spikekernels.st_bif(x, theta, n_min, p_max)
+    want = reference.st_bif(x.cpu(), theta.cpu(), n_min, p_max)
+    _assert_same([t.cpu() for t in got], want)
+    assert set(got[0].unique().tolist()) <= {-1, 0, 1}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("float_out", [False, True])
+def test_low_precision_inputs_and_float_out(gen, device, dtype, float_out):
+    n_min, p_max = reference.level_bounds(16, True)
+    theta = torch.tensor(0.37, device=device)
+    x = _inputs(gen, 5, (3, 67), 0.37, device, dtype)
+    got = spikekernels.st_bif(x, theta, n_min, p_max, float_out=float_out)
+    want = reference.st_bif(x.cpu(), theta.cpu(), n_min, p_max, float_out=float_out)
+    _assert_same([t.cpu() for t in got], want)
+    assert got[0].dtype == (dtype if float_out else torch.int8)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_chunked_equals_whole(gen, device):
+    n_min, p_max = reference.level_bounds(32, True)
+    theta = torch.tensor(0.2, device=device)
+    x = _inputs(gen, 12, (5, 41), 0.2, device)
+    whole = spikekernels.st_bif(x, theta, n_min, p_max)
+    spikes, v, s = [], None, None
+    for chunk in x.split([5, 1, 6]):
+        out, v, s = spikekernels.st_bif(chunk, theta, n_min, p_max, v, s)
+        spikes.append(out)
+    _assert_same((torch.cat(spikes), v, s), whole)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_state_is_not_aliased(gen, device):
+    theta = torch.tensor(0.5, device=device)
+    x = _inputs(gen, 3, (10,), 0.5, device)
+    v0 = torch.full((10,), 0.25, device=device)
+    s0 = torch.ones(10, dtype=torch.int16, device=device)
+    v_copy, s_copy = v0.clone(), s0.clone()
+    _, v1, s1 = spikekernels.st_bif(x, theta, -8, 7, v0, s0)
+    assert v1.data_ptr() != v0.data_ptr() and s1.data_ptr() != s0.data_ptr()
+    assert torch.equal(v0, v_copy) and torch.equal(s0, s_copy), "incoming state was modified"
+    assert s1.dtype == torch.int16, "the count keeps the dtype it came in with"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_unwritten_outputs_show(gen, device, monkeypatch):
+    """Outputs are allocated poisoned: any element the kernel fails to write shows up."""
+    real_empty = torch.empty
+
+    def poisoned_empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        return t.fill_(77 if not t.is_floating_point() else float("nan"))
+
+    theta = torch.tensor(0.3, device=device)
+    x = _inputs(gen, 4, (1000,), 0.3, device)
+    monkeypatch.setattr(torch, "empty", poisoned_empty)
+    got = spikekernels.st_bif(x, theta, -16, 15)
+    monkeypatch.undo()
+    _assert_same([t.cpu() for t in got], reference.st_bif(x.cpu(), theta.cpu(), -16, 15))
+
+
+@pytest.mark.parametrize("signed", [True, False])
+@pytest.mark.parametrize("level", LEVELS)
+def test_settles_to_the_quantizer(gen, level, signed):
+    """SPEC.md §2: once the running input stops at U, within p_max - n_min more steps
+    theta * s == quantize(U). theta is a power of two so U / theta is exact."""
+    n_min, p_max = reference.level_bounds(level, signed)
+    theta = torch.tensor(0.25)
+    steps_in, numel = 4, 3000
+    x = torch.zeros(steps_in + p_max - n_min, numel)
+    x[:steps_in] = torch.randint(-24, 25, (steps_in, numel), generator=gen) * (theta / 8)
+    spikes, v, s = spikekernels.st_bif(x, theta, n_min, p_max)
+    U = x.sum(0)
+    assert torch.equal(theta * s.float(), reference.quantize(U, theta, n_min, p_max))
+    assert torch.equal(spikes.sum(0, dtype=torch.int32), s.to(torch.int32))
+    more, _, s_more = spikekernels.st_bif(torch.zeros(3, numel), theta, n_min, p_max, v, s)
+    assert not more.any(), "a settled neuron with zero input must stay silent"
+    assert torch.equal(s_more, s)
+
+
+def test_settles_with_random_threshold(gen):
+    """A random threshold settles too, except within float error of a rounding tie."""
+    n_min, p_max = reference.level_bounds(16, True)
+    theta = torch.tensor(0.1 + torch.rand((), generator=gen).item())
+    U = torch.randn(5000, generator=gen) * 4 * theta
+    x = torch.zeros(1 + p_max - n_min, 5000)
+    x[0] = U
+    _, _, s = spikekernels.st_bif(x, theta, n_min, p_max)
+    expected = torch.clamp(torch.floor(U / theta + 0.5), n_min, p_max)
+    near_tie = ((U / theta + 0.5) - torch.round(U / theta + 0.5)).abs() < 1e-5
+    mismatch = (s.float() != expected) & ~near_tie
+    assert not mismatch.any(), f"{mismatch.sum().item()} counts did not settle"
+
+
+def test_fresh_count_dtype_fits_the_bounds():
+    x = torch.ones(1, 4)
+    theta = torch.tensor(1.0)
+    assert spikekernels.st_bif(x, theta, -16, 15)[2].dtype == torch.int8
+    assert spikekernels.st_bif(x, theta, 0, 255)[2].dtype == torch.int16
+    assert spikekernels.st_bif(x, theta, -70000, 70000)[2].dtype == torch.int32
+
+
+def _good_args() -> dict:
+    return dict(x=torch.zeros(2, 4), threshold=torch.tensor(1.0), n_min=-4, p_max=3)
+
+
+def _state(v=None, s=None) -> dict:
+    return dict(
+        v=torch.zeros(4) if v is None else v,
+        s=torch.zeros(4, dtype=torch.int8) if s is None else s,
+    )
+
+
+# (case, what replaces the good arguments, error type, words the message must contain)
+BAD_INPUTS = [
+    ("T == 0", dict(x=torch.zeros(0, 4)), ValueError, "T == 0"),
+    ("int x", dict(x=torch.zeros(2, 4, dtype=torch.int32)), TypeError, "x must have dtype"),
+    ("0-d x", dict(x=torch.tensor(1.0)), ValueError, "x must be time-major"),
+    ("theta <= 0", dict(threshold=torch.tensor(-1.0)), ValueError, "threshold must be positive"),
+    ("theta 2 elements", dict(threshold=torch.ones(2)), ValueError, "threshold must have exactly"),
+    ("theta float", dict(threshold=1.0), TypeError, "threshold must be a torch.Tensor"),
+    ("theta int", dict(threshold=torch.tensor(1)), TypeError, "threshold must have dtype"),
+    ("bounds inverted", dict(n_min=3, p_max=-4), ValueError, "n_min=3 > p_max=-4"),
+    ("bounds exclude 0", dict(n_min=1, p_max=4), ValueError, "must contain 0"),
+    ("v wrong shape", _state(v=torch.zeros(5)), ValueError, "v must have shape"),
+    ("v fp16", _state(v=torch.zeros(4, dtype=torch.float16)), TypeError, "v must have dtype"),
+    ("s float", _state(s=torch.zeros(4)), TypeError, "s must have dtype"),
+    ("s too narrow", dict(p_max=255, n_min=0, **_state()), ValueError, "cannot hold"),
+    ("v without s", dict(v=torch.zeros(4)), ValueError, "both v and s"),
+    ("v elsewhere", _state(v=torch.zeros(4, device="meta")), ValueError, "v is on meta"),
+    (
+        "theta elsewhere",
+        dict(threshold=torch.tensor(1.0, device="meta")),
+        ValueError,
+        "threshold is on",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("case", "bad", "error", "words"), BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS]
+)
+def test_bad_input_is_rejected(case, bad, error, words):
+    with pytest.raises(error, match=words):
+        spikekernels.st_bif(**{**_good_args(), **bad})
+
+
+def test_validate_checks_threshold_sign_on_request():
+    with pytest.raises(ValueError, match="threshold must be positive"):
+        spikekernels.st_bif(torch.zeros(2, 4), torch.tensor(0.0), -4, 3, validate=True)
+
+
+@pytest.mark.parametrize("with_state", [False, True])
+def test_opcheck(gen, with_state):
+    x = _inputs(gen, 3, (2, 9), 0.4)
+    theta = torch.tensor(0.4)
+    state = (torch.rand(2, 9, generator=gen), torch.randint(-2, 3, (2, 9), dtype=torch.int8))
+    args = (x, theta, -8, 7, *(state if with_state else (None, None)), False)
+    torch.library.opcheck(torch.ops.spikekernels.st_bif.default, args)
+
+
+def test_torch_compile_fullgraph(gen):
+    x = _inputs(gen, 4, (3, 17), 0.4)
+    theta = torch.tensor(0.4)
+
+    def step(x):
+        spikes, v, s = spikekernels.st_bif(x * 2, theta, -8, 7)
+        return spikes.float().sum(0) + v, s
+
+    compiled = torch.compile(step, fullgraph=True)
+    got, want = compiled(x), step(x)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+class TestSTBIFModule:
+    def test_chunked_calls_equal_one_call(self, gen):
+        x = _inputs(gen, 9, (2, 5, 7), 0.3)
+        whole = STBIF(0.3, level=16, signed=True)
+        chunked = STBIF(0.3, level=16, signed=True)
+        out = whole(x)
+        parts = torch.cat([chunked(c) for c in x.split([4, 5])])
+        assert torch.equal(out, parts)
+        assert torch.equal(whole.count, chunked.count) and torch.equal(whole.v, chunked.v)
+
+    def test_float_out_module(self, gen):
+        x = _inputs(gen, 3, (2, 4), 0.3)
+        neuron = STBIF(torch.tensor(0.3), level=8, signed=False, float_out=True)
+        want, _, _ = reference.st_bif(x, torch.tensor(0.3), 0, 7, float_out=True)
+        assert torch.equal(neuron(x), want)
+
+    def test_silence_flags_and_reset(self, gen):
+        neuron = STBIF(0.5, level=8, signed=True)
+        assert bool(neuron.silent()) and neuron.active_samples() is None
+        x = torch.zeros(2, 3, 4)
+        x[0, 1] = 1.0  # only sample 1 gets input: it fires at t = 0 and t = 1
+        neuron(x)
+        assert not bool(neuron.silent())
+        assert neuron.active_samples().tolist() == [False, True, False]
+        neuron(torch.zeros(1, 3, 4))
+        assert bool(neuron.silent()), "sample 1 has settled at count 2 and gets no input"
+        assert neuron.count[1].tolist() == [2, 2, 2, 2]
+        neuron.reset()
+        assert neuron.count is None and bool(neuron.silent())
+
+    def test_threshold_moves_with_the_module(self):
+        neuron = STBIF(0.5, level=8, signed=True).to(torch.float64)
+        assert "threshold" in dict(neuron.named_buffers())
+        assert neuron.n_min == -4 and neuron.p_max == 3
+
+
+@pytest.mark.cuda
+def test_cuda_matches_cpu_reference(gen):
+    """Kernel on the GPU vs the reference on the CPU, at a size with many programs."""
+    n_min, p_max = reference.level_bounds(16, True)
+    theta = torch.tensor(0.3)
+    x = _inputs(gen, 16, (1 << 20,), 0.3)
+    got = spikekernels.st_bif(x.cuda(), theta.cuda(), n_min, p_max)
+    _assert_same([t.cpu() for t in got], reference.st_bif(x, theta, n_min, p_max))
