@@ -27,7 +27,8 @@ def _want_cuda() -> bool:
 
 def _extension():
     cpp_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
+    # -ffp-contract=off: the neuron must round exactly like the reference (no fused multiply-add).
+    cxx_flags = ["-O3", "-std=c++17", "-fopenmp", "-ffp-contract=off"]
     if _want_cuda():
         cu_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
         return CUDAExtension(

@@ -8,6 +8,7 @@ from conftest import DEVICES
 
 import spikekernels
 from spikekernels import reference
+from spikekernels._extension import HAS_EXTENSION
 from spikekernels.nn import STBIF
 
 LEVELS = [8, 16, 32]
@@ -260,3 +261,20 @@ def test_cuda_matches_cpu_reference(gen):
     x = _inputs(gen, 16, (1 << 20,), 0.3)
     got = spikekernels.st_bif(x.cuda(), theta.cuda(), n_min, p_max)
     _assert_same([t.cpu() for t in got], reference.st_bif(x, theta, n_min, p_max))
+
+
+@pytest.mark.skipif(not HAS_EXTENSION, reason="spikekernels._C is not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("float_out", [False, True])
+@pytest.mark.parametrize("with_state", [False, True])
+def test_cpp_cpu_kernel_bit_exact(gen, dtype, float_out, with_state):
+    """The C++ kernel is the CPU path when the interpreter is off: test it directly, since
+    this suite runs the Triton kernel instead on a machine without a GPU."""
+    n_min, p_max = reference.level_bounds(32, True)
+    theta = torch.tensor(0.23)
+    x = _inputs(gen, 7, (3, 1500), 0.23, dtype=dtype)
+    v = torch.rand(3, 1500, generator=gen) if with_state else None
+    s = torch.randint(-5, 6, (3, 1500), generator=gen, dtype=torch.int16) if with_state else None
+    count_dtype = reference.count_dtype(n_min, p_max)
+    got = torch.ops.spikekernels._st_bif_cpu(x, theta, n_min, p_max, v, s, float_out, count_dtype)
+    _assert_same(got, reference.st_bif(x, theta, n_min, p_max, v, s, float_out))

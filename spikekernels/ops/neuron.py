@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from spikekernels import reference
+from spikekernels._extension import HAS_EXTENSION
 from spikekernels.kernels import use_triton
 from spikekernels.ops._checks import (
     COUNT_DTYPES,
@@ -56,6 +57,10 @@ def _st_bif_op(
         from spikekernels.kernels.neuron import st_bif_triton
 
         return st_bif_triton(launcher, x, threshold, n_min, p_max, v, s, float_out, count_dtype)
+    if HAS_EXTENSION and x.device.type == "cpu":
+        return torch.ops.spikekernels._st_bif_cpu(
+            x, threshold, n_min, p_max, v, s, float_out, count_dtype
+        )
     return reference.st_bif(x, threshold, n_min, p_max, v, s, float_out)
 
 
@@ -65,6 +70,15 @@ def _(x, threshold, n_min, p_max, v=None, s=None, float_out=False):
     shape = x.shape[1:]
     out = x.new_empty(x.shape, dtype=x.dtype if float_out else torch.int8)
     return out, x.new_empty(shape, dtype=torch.float32), x.new_empty(shape, dtype=count_dtype)
+
+
+if HAS_EXTENSION:
+
+    @torch.library.register_fake("spikekernels::_st_bif_cpu")
+    def _(x, threshold, n_min, p_max, v, s, float_out, count_dtype):
+        shape = x.shape[1:]
+        out = x.new_empty(x.shape, dtype=x.dtype if float_out else torch.int8)
+        return out, x.new_empty(shape, dtype=torch.float32), x.new_empty(shape, dtype=count_dtype)
 
 
 def st_bif(
@@ -100,8 +114,9 @@ def st_bif(
         ``(spikes [T, *shape], v, s)``; the state is fresh, never an alias of ``v``/``s``, so
         chunked time (feeding the state back) equals a whole run bit for bit.
 
-    Dispatch: CUDA tensors run the Triton kernel; CPU tensors run the vectorised reference
-    (the Triton kernel under ``TRITON_INTERPRET=1``). Bit-exact with ``reference.st_bif`` on
+    Dispatch: CUDA tensors run the Triton kernel; CPU tensors run the C++ kernel of the
+    extension (the Triton kernel under ``TRITON_INTERPRET=1``; the vectorised reference when
+    the extension is not built). Bit-exact with ``reference.st_bif`` on
     every path. Inference only: no autograd.
     """
     check_tensor(threshold, "threshold", dtypes=FLOAT_DTYPES + (torch.float64,))
