@@ -42,9 +42,10 @@ test: $(VENV)/.built
 	TRITON_INTERPRET=$(INTERPRET) $(VPY) -m pytest tests -q $(ARGS)
 
 # SpikingJelly brings its own torch pin: --no-deps keeps ours.
+# Benchmarks time the real paths: CPU kernels on a CPU machine, never the interpreter.
 bench: $(VENV)/.built
 	$(PIP) install --no-deps $(BENCH_DEPS)
-	TRITON_INTERPRET=$(INTERPRET) $(VPY) -m pytest bench -q $(ARGS)
+	$(VPY) -m pytest bench -q $(ARGS)
 
 # Compile-only check of every CUDA source for sm_90 against the installed torch's headers.
 cuda-check: $(VENV)/.toolchain

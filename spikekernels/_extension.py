@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import warnings
 
+import torch  # noqa: F401  (loads libc10 and libtorch, which _C links against)
+
 EXTENSION_ERROR: str | None = None
 
 try:

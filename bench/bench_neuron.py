@@ -1,0 +1,73 @@
+"""ST-BIF neuron (SPEC.md §2): the fused op vs the per-step reference vs SpikingJelly.
+
+Bytes moved per call: the input read once, int8 spikes written once, and the fresh state
+(float32 v + the count) written once. On a GPU the figure of merit is the fraction of the
+measured copy bandwidth (DESIGN.md target: >= 85% for T >= 8 at 16M elements).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import (
+    DEVICE,
+    ON_GPU,
+    copy_bandwidth_gbps,
+    median_time,
+    record,
+    synchronized,
+)
+
+import spikekernels
+from spikekernels import reference
+
+try:
+    from spikingjelly.activation_based.neuron.spikezip import STBIFNode
+except ImportError:  # optional baseline: `make bench` installs it
+    STBIFNode = None
+
+LEVEL = 16
+N_MIN, P_MAX = reference.level_bounds(LEVEL, signed=True)
+STEPS = [1, 4, 8, 16, 32, 64]
+SIZES = [1 << 20, 1 << 24] if ON_GPU else [1 << 16]
+
+
+def _input(T: int, numel: int) -> tuple[torch.Tensor, torch.Tensor]:
+    theta = torch.tensor(0.25, device=DEVICE)
+    gen = torch.Generator(device=DEVICE)
+    gen.manual_seed(0)
+    x = torch.randn(T, numel, device=DEVICE, generator=gen) * 2 * theta
+    # Realistic sparsity: after t = 0 most increments of a settling layer are zero.
+    x[1:] *= torch.rand(T - 1, numel, device=DEVICE, generator=gen) < 0.3
+    return x, theta
+
+
+@pytest.mark.parametrize("numel", SIZES, ids=lambda n: f"{n >> 20}M" if n >= 1 << 20 else str(n))
+@pytest.mark.parametrize("T", STEPS)
+def test_st_bif(benchmark, T, numel):
+    x, theta = _input(T, numel)
+    fused = synchronized(lambda: spikekernels.st_bif(x, theta, N_MIN, P_MAX))
+    count_bytes = torch.tensor([], dtype=reference.count_dtype(N_MIN, P_MAX)).element_size()
+    moved = x.numel() * x.element_size() + x.numel() + numel * (4 + count_bytes)
+
+    benchmark.group = f"st_bif numel={numel}"
+    benchmark.pedantic(fused, warmup_rounds=2, rounds=10 if ON_GPU else 5)
+    seconds = median_time(fused)
+    per_step = median_time(synchronized(lambda: reference.st_bif(x, theta, N_MIN, P_MAX)), reps=3)
+    info = dict(
+        T=T,
+        numel=numel,
+        gbps=moved / seconds / 1e9,
+        speedup_vs_per_step_reference=per_step / seconds,
+    )
+    if ON_GPU:
+        info["fraction_of_copy_bandwidth"] = info["gbps"] / copy_bandwidth_gbps()
+    if STBIFNode is not None:
+        node = STBIFNode(theta, level=LEVEL, sym=True, step_mode="m").to(DEVICE)
+
+        def spikingjelly():
+            node.reset()
+            return node(x)
+
+        info["speedup_vs_spikingjelly"] = median_time(synchronized(spikingjelly), reps=3) / seconds
+    record(benchmark, seconds, **info)
