@@ -1,0 +1,123 @@
+"""Compile every Triton kernel for the H200 (sm_90) on a machine without a GPU.
+
+The interpreter checks what a kernel computes, not whether it lowers to GPU code: dtype
+mismatches, int8 `tl.dot` shapes and constexpr misuse only show up in the real compiler. This
+script runs the compiler (TTIR -> PTX -> cubin with Triton's bundled ptxas) for each kernel at
+the specialisations its launcher uses, and checks a few properties of the PTX. Run it with
+TRITON_INTERPRET unset: tests/test_triton_sm90.py does that in a subprocess.
+
+Usage: python tests/triton_sm90.py  (exit status 0 when all compile)
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+
+if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    sys.exit("run this with TRITON_INTERPRET unset: it compiles real GPU code")
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+TARGET = GPUTarget("cuda", 90, 32)
+
+
+@dataclass
+class Case:
+    name: str
+    kernel: object
+    signature: dict[str, str]
+    constexprs: dict[str, object]
+    num_warps: int = 4
+    ptx_must_contain: list[str] = field(default_factory=list)
+    ptx_must_not_contain: list[str] = field(default_factory=list)
+
+
+def _with_constexprs(signature: dict[str, str], constexprs: dict[str, object]) -> dict[str, str]:
+    return {**signature, **{name: "constexpr" for name in constexprs}}
+
+
+def neuron_cases() -> list[Case]:
+    from spikekernels.kernels import neuron
+
+    cases = []
+    for x_ty, s_ty, float_out, bf16 in [
+        ("fp32", "i8", False, False),
+        ("fp16", "i16", True, False),
+        ("bf16", "i32", True, True),
+    ]:
+        out_ty = "i16" if bf16 else (x_ty if float_out else "i8")
+        signature = {
+            "x_ptr": f"*{x_ty}",
+            "theta_ptr": "*fp32",
+            "v_in_ptr": "*fp32",
+            "s_in_ptr": f"*{s_ty}",
+            "out_ptr": f"*{out_ty}",
+            "v_out_ptr": "*fp32",
+            "s_out_ptr": f"*{s_ty}",
+            "numel": "i32",
+            "T": "i32",
+            "n_min": "i32",
+            "p_max": "i32",
+        }
+        constexprs = dict(
+            HAS_STATE=s_ty != "i8",
+            FLOAT_OUT=float_out,
+            OUT_BF16_BITS=bf16,
+            BLOCK=neuron.BLOCK,
+        )
+        cases.append(
+            Case(
+                f"st_bif x={x_ty} s={s_ty} float_out={float_out}",
+                neuron.st_bif_kernel,
+                signature,
+                constexprs,
+                num_warps=neuron.NUM_WARPS,
+                # SPEC.md §2: a correctly rounded division, never the approximate one.
+                ptx_must_contain=["div.rn.f32"],
+                ptx_must_not_contain=["div.full.f32", "div.approx"],
+            )
+        )
+    return cases
+
+
+CASE_FACTORIES = [neuron_cases]
+
+
+def compile_case(case: Case) -> list[str]:
+    """Compile one case; return the problems found (empty when fine)."""
+    src = ASTSource(
+        fn=case.kernel,
+        signature=_with_constexprs(case.signature, case.constexprs),
+        constexprs=case.constexprs,
+    )
+    try:
+        compiled = triton.compile(src, target=TARGET, options={"num_warps": case.num_warps})
+    except Exception as exc:  # the compiler's own message is the useful part
+        return [f"does not compile for sm_90: {type(exc).__name__}: {exc}"]
+    ptx = compiled.asm["ptx"]
+    problems = [f"PTX lacks {s!r}" for s in case.ptx_must_contain if s not in ptx]
+    problems += [f"PTX contains {s!r}" for s in case.ptx_must_not_contain if s in ptx]
+    if not compiled.asm.get("cubin"):
+        problems.append("no cubin produced")
+    return problems
+
+
+def main() -> int:
+    failures = 0
+    for factory in CASE_FACTORIES:
+        for case in factory():
+            problems = compile_case(case)
+            status = "ok" if not problems else "FAIL"
+            print(f"[{status}] {case.name}")
+            for problem in problems:
+                print(f"    {problem}")
+            failures += bool(problems)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
