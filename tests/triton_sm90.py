@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 if os.environ.get("TRITON_INTERPRET", "0") == "1":
     sys.exit("run this with TRITON_INTERPRET unset: it compiles real GPU code")
 
+import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
@@ -84,7 +85,106 @@ def neuron_cases() -> list[Case]:
     return cases
 
 
-CASE_FACTORIES = [neuron_cases]
+def spike_linear_cases() -> list[Case]:
+    from spikekernels.kernels import spike_linear
+
+    block_m, _, block_k, num_warps, _ = spike_linear.tile_config(torch.int8)
+    cases = [
+        Case(
+            "spike_tile_any",
+            spike_linear.spike_tile_any_kernel,
+            {"s_ptr": "*i8", "flag_ptr": "*i32", "R": "i32", "K": "i32"},
+            dict(BLOCK_M=block_m, BLOCK_K=block_k),
+            num_warps=num_warps,
+        )
+    ]
+    for w_dtype, w_ty in [
+        (torch.int8, "i8"),
+        (torch.float16, "fp16"),
+        (torch.bfloat16, "bf16"),
+        (torch.float32, "fp32"),
+    ]:
+        block_m, block_n, block_k, num_warps, _ = spike_linear.tile_config(w_dtype)
+        signature = {
+            "s_ptr": "*i8",
+            "w_ptr": f"*{w_ty}",
+            "theta_ptr": "*fp32",
+            "w_scale_ptr": "*fp32",
+            "bias_ptr": "*fp32",
+            "flag_ptr": "*i32",
+            "out_ptr": "*fp32",
+            "R": "i32",
+            "N": "i32",
+            "K": "i32",
+            "due_rows": "i32",
+        }
+        constexprs = dict(
+            HAS_BIAS=True,
+            INT8_W=w_dtype == torch.int8,
+            DOT_FP32=w_dtype == torch.float32,
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+            BLOCK_K=block_k,
+        )
+        # int8 and half weights must reach the tensor cores (wgmma on sm_90, or mma).
+        tensor_cores = ["mma"] if w_dtype != torch.float32 else []
+        cases.append(
+            Case(
+                f"spike_linear weight={w_ty}",
+                spike_linear.spike_linear_kernel,
+                signature,
+                constexprs,
+                num_warps=num_warps,
+                ptx_must_contain=tensor_cores,
+            )
+        )
+    return cases
+
+
+def layernorm_cases() -> list[Case]:
+    from spikekernels.kernels import layernorm
+
+    cases = []
+    for x_ty, c in [("fp32", 384), ("bf16", 768), ("fp16", 1000)]:
+        block_c, rows, num_warps = layernorm.launch_config(c)
+        bf16 = x_ty == "bf16"
+        signature = {
+            "x_ptr": f"*{x_ty}",
+            "w_ptr": "*fp32",
+            "b_ptr": "*fp32",
+            "x_acc_in_ptr": "*fp32",
+            "y_prev_in_ptr": "*fp32",
+            "out_ptr": "*i16" if bf16 else f"*{x_ty}",
+            "x_acc_out_ptr": "*fp32",
+            "y_prev_out_ptr": "*fp32",
+            "T": "i32",
+            "R": "i32",
+            "C": "i32",
+            "eps": "fp32",
+        }
+        constexprs = dict(
+            HAS_WEIGHT=True,
+            HAS_BIAS=True,
+            HAS_X_ACC=x_ty == "fp32",
+            HAS_Y_PREV=x_ty == "fp32",
+            OUT_BF16_BITS=bf16,
+            ROWS=rows,
+            BLOCK_C=block_c,
+        )
+        cases.append(
+            Case(
+                f"spike_layernorm x={x_ty} C={c}",
+                layernorm.spike_layernorm_kernel,
+                signature,
+                constexprs,
+                num_warps=num_warps,
+                ptx_must_contain=["sqrt.rn.f32"],
+            )
+        )
+    return cases
+
+
+CASE_FACTORIES = [neuron_cases, spike_linear_cases, layernorm_cases]
 
 
 def compile_case(case: Case) -> list[str]:

@@ -1,5 +1,7 @@
 """Multi-step spiking modules (``[T, B, ...]`` in and out, state carried between calls)."""
 
+from spikekernels.nn.layernorm import SpikeLayerNorm
+from spikekernels.nn.linear import SpikeLinear
 from spikekernels.nn.neuron import STBIF
 
-__all__ = ["STBIF"]
+__all__ = ["STBIF", "SpikeLayerNorm", "SpikeLinear"]

@@ -4,6 +4,8 @@ Each op is registered as ``torch.ops.spikekernels.<name>``; the functions here a
 friendly Python face (keyword arguments, optional validation of data).
 """
 
+from spikekernels.ops.layernorm import spike_layernorm
 from spikekernels.ops.neuron import st_bif
+from spikekernels.ops.spike_linear import spike_linear
 
-__all__ = ["st_bif"]
+__all__ = ["st_bif", "spike_layernorm", "spike_linear"]

@@ -1,0 +1,55 @@
+"""Spike-LayerNorm (SPEC.md §4): the fused op vs the per-step reference vs one dense
+``F.layer_norm`` (what the QANN does once).
+
+Bytes moved: the input read once and the output written once per step, plus the fresh state
+(float32 ``x_acc`` and ``y_prev``) written once. On a GPU the figure of merit is the fraction
+of the measured copy bandwidth (DESIGN.md target: >= 80%, and >= 10x the per-step reference).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import DEVICE, ON_GPU, copy_bandwidth_gbps, median_time, record, synchronized
+
+import spikekernels
+from spikekernels import reference
+
+ROWS = 64 * 197 if ON_GPU else 64
+CHANNELS = [384, 768, 1024] if ON_GPU else [384]
+STEPS = [8, 16, 32] if ON_GPU else [4]
+EPS = 1e-6
+
+
+@pytest.mark.parametrize("C", CHANNELS)
+@pytest.mark.parametrize("T", STEPS)
+def test_spike_layernorm(benchmark, T, C):
+    gen = torch.Generator(device=DEVICE)
+    gen.manual_seed(0)
+    x = torch.randn(T, ROWS, C, device=DEVICE, generator=gen)
+    # settling input: most increments after t = 0 are zero
+    x[1:] *= torch.rand(T - 1, ROWS, C, device=DEVICE, generator=gen) < 0.3
+    weight = torch.randn(C, device=DEVICE, generator=gen) * 0.1 + 1.0
+    bias = torch.randn(C, device=DEVICE, generator=gen) * 0.1
+    fused = synchronized(lambda: spikekernels.spike_layernorm(x, weight, bias, EPS))
+    moved = 2 * x.numel() * x.element_size() + 2 * ROWS * C * 4
+
+    benchmark.group = f"spike_layernorm C={C}"
+    benchmark.pedantic(fused, warmup_rounds=2, rounds=10 if ON_GPU else 5)
+    seconds = median_time(fused)
+    per_step = median_time(
+        synchronized(lambda: reference.spike_layernorm(x, weight, bias, EPS)), reps=3
+    )
+    dense = median_time(synchronized(lambda: F.layer_norm(x[0], (C,), weight, bias, EPS)))
+    info = dict(
+        T=T,
+        rows=ROWS,
+        C=C,
+        gbps=moved / seconds / 1e9,
+        speedup_vs_per_step_reference=per_step / seconds,
+        time_ratio_vs_one_dense_layer_norm=seconds / dense,
+    )
+    if ON_GPU:
+        info["fraction_of_copy_bandwidth"] = info["gbps"] / copy_bandwidth_gbps()
+    record(benchmark, seconds, **info)

@@ -1,0 +1,101 @@
+"""Spike linear (SPEC.md §6): the fused op vs the per-step dense float matmul (what the
+official SNN code does) vs one dense QANN product (int8 ``torch._int_mm``, bf16 matmul).
+
+Shapes are the ViT-S/B qkv and MLP layers at batch 64 x 197 tokens. Spikes are genuine:
+quantized activations run through ``spikekernels.st_bif``, so the silent-row fraction (what
+the kernel skips) is that of a settling layer and is recorded next to the times.
+``dense_equiv_tops`` counts ``2 * T * rows * K * N`` operations, skipped ones included.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import DEVICE, ON_GPU, median_time, record, synchronized
+
+import spikekernels
+from spikekernels import reference
+
+ROWS = 64 * 197 if ON_GPU else 64
+STEPS = [8, 16] if ON_GPU else [4]
+# (K, N): ViT-S qkv, fc1, fc2; ViT-B qkv, fc1, fc2. Tiny stand-ins on CPU.
+SHAPES = (
+    [(384, 1152), (384, 1536), (1536, 384), (768, 2304), (768, 3072), (3072, 768)]
+    if ON_GPU
+    else [(64, 192), (192, 64)]
+)
+LEVEL = 16
+THETA = 0.05
+
+
+def _spikes(T: int, K: int) -> torch.Tensor:
+    """ST-BIF spikes of a settling layer: each row's analog input (a per-token scale times
+    Gaussian features) arrives spread over the first three steps; level-16 signed neuron."""
+    gen = torch.Generator(device=DEVICE)
+    gen.manual_seed(0)
+    token_scale = torch.empty(ROWS, 1, device=DEVICE).log_normal_(-2.5, 1.0, generator=gen)
+    analog = torch.randn(ROWS, K, device=DEVICE, generator=gen) * token_scale
+    split = torch.zeros(T, ROWS, K, device=DEVICE)
+    weights = torch.tensor([0.6, 0.3, 0.1], device=DEVICE)[: min(T, 3)]
+    split[: weights.numel()] = weights[:, None, None] * analog
+    n_min, p_max = reference.level_bounds(LEVEL, signed=True)
+    spikes, _, _ = spikekernels.st_bif(split, torch.tensor(THETA, device=DEVICE), n_min, p_max)
+    return spikes
+
+
+def _silent_row_fraction(s: torch.Tensor) -> float:
+    return (s == 0).all(dim=-1).float().mean().item()
+
+
+@pytest.mark.parametrize("weight_dtype", [torch.int8, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(("K", "N"), SHAPES, ids=lambda v: str(v))
+@pytest.mark.parametrize("T", STEPS)
+def test_spike_linear(benchmark, T, K, N, weight_dtype):
+    s = _spikes(T, K)
+    theta = torch.tensor(THETA, device=DEVICE)
+    gen = torch.Generator(device=DEVICE)
+    gen.manual_seed(1)
+    w_float = torch.randn(N, K, device=DEVICE, generator=gen) * K**-0.5
+    bias = torch.randn(N, device=DEVICE, generator=gen) * 0.1
+    w_scale = w_float.abs().amax(dim=1) / 127
+    w_int8 = torch.round(w_float / w_scale[:, None]).to(torch.int8)
+    if weight_dtype == torch.int8:
+        weight, scale = w_int8, w_scale
+    else:
+        weight, scale = w_float.to(weight_dtype), None
+    fused = synchronized(
+        lambda: spikekernels.spike_linear(s, weight, theta, bias, weight_scale=scale)
+    )
+
+    benchmark.group = f"spike_linear T={T} K={K} N={N}"
+    benchmark.pedantic(fused, warmup_rounds=2, rounds=10 if ON_GPU else 5)
+    seconds = median_time(fused)
+
+    def per_step_dense():
+        # the official LLLinear: float spikes (sigma * theta), one fp32 GEMM per step
+        return [
+            F.linear(s[t].to(torch.float32) * theta, w_float, bias if t == 0 else None)
+            for t in range(T)
+        ]
+
+    a_int8 = torch.randint(-8, 8, (ROWS, K), dtype=torch.int8, device=DEVICE, generator=gen)
+    a_bf16 = a_int8.to(torch.bfloat16)
+    w_int8_t, w_bf16 = w_int8.t(), w_float.to(torch.bfloat16)
+    int8_qann = median_time(synchronized(lambda: torch._int_mm(a_int8, w_int8_t)))
+    bf16_qann = median_time(synchronized(lambda: F.linear(a_bf16, w_bf16, None)))
+    per_step = median_time(synchronized(per_step_dense), reps=3)
+    record(
+        benchmark,
+        seconds,
+        T=T,
+        rows=ROWS,
+        K=K,
+        N=N,
+        weight_dtype=str(weight_dtype).removeprefix("torch."),
+        silent_row_fraction=_silent_row_fraction(s),
+        dense_equiv_tops=2 * T * ROWS * K * N / seconds / 1e12,
+        speedup_vs_per_step_dense_fp32=per_step / seconds,
+        time_ratio_vs_int8_qann=seconds / int8_qann,
+        time_ratio_vs_bf16_qann=seconds / bf16_qann,
+    )

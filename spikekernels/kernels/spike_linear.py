@@ -1,0 +1,182 @@
+"""Spike linear (SPEC.md §6) on tensor cores, skipping row tiles whose spikes are all zero.
+
+Time and the leading dims are flattened into rows: spikes ``[R, K]`` with ``R = T * rows``,
+output ``[R, N]`` float32. Two launches:
+
+1. ``spike_tile_any_kernel``: one program per tile of ``BLOCK_M`` rows reads its spikes once
+   (int8, the cheapest tensor here) and writes whether any is nonzero.
+2. ``spike_linear_kernel``: one program per ``BLOCK_M x BLOCK_N`` output tile. A silent row
+   tile skips the whole K loop (no weight traffic, no MMA) and writes only the bias where due.
+   Otherwise ``acc = s @ W^T`` with ``tl.dot``: int8 x int8 -> int32 (exact) for int8
+   weights, spikes cast to the weight dtype (exact: they are -1, 0, 1) with float32
+   accumulation for float16 / bfloat16, and IEEE float32 FMA (never tf32) for float32.
+
+Epilogue: ``y = c[n] * float(acc)`` with ``c = theta * w_scale[n]`` (int8) or ``c = theta``,
+then ``y + bias_share[n]`` on rows of global steps ``< bias_steps``. The product is formed
+with ``fma(c, acc, +0.0)`` so that the compiler cannot contract it with the bias add into
+one FMA (Triton fuses mul+add by default): two roundings, as in the reference.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from spikekernels.kernels import INTERPRET
+
+# Tile shapes per weight dtype, (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). Chosen for
+# Hopper wgmma (BLOCK_M = 64 per warpgroup, K-major weight operand) and a fine skip
+# granularity (64 rows); untuned on hardware so far: see bench/results/. float32 runs on
+# CUDA cores (IEEE FMA), hence the smaller tile.
+_GPU_TILES = {
+    torch.int8: (64, 128, 128, 4, 4),
+    torch.float16: (64, 128, 64, 4, 4),
+    torch.bfloat16: (64, 128, 64, 4, 4),
+    torch.float32: (64, 64, 32, 4, 3),
+}
+# Under the numpy interpreter: small tiles so that CPU tests cover several row, column and K
+# tiles (and silent and active row tiles side by side) at small shapes.
+_INTERPRET_TILES = (16, 16, 32, 4, 1)
+
+
+def tile_config(weight_dtype: torch.dtype) -> tuple[int, int, int, int, int]:
+    """``(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)`` for a weight dtype."""
+    return _INTERPRET_TILES if INTERPRET else _GPU_TILES[weight_dtype]
+
+
+@triton.jit
+def spike_tile_any_kernel(
+    s_ptr,  # [R, K] int8 spikes
+    flag_ptr,  # [cdiv(R, BLOCK_M)] int32: 1 where the row tile holds a nonzero spike
+    R,
+    K,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """flag[m] = any(s[m * BLOCK_M : (m + 1) * BLOCK_M, :] != 0)."""
+    pid = tl.program_id(0).to(tl.int64)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < R
+    cols = tl.arange(0, BLOCK_K)
+    seen = tl.zeros([BLOCK_M, BLOCK_K], tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + cols
+        s = tl.load(
+            s_ptr + rows[:, None] * K + ks[None, :],
+            mask=row_mask[:, None] & (ks[None, :] < K),
+            other=0,
+        )
+        seen = seen | (s != 0).to(tl.int32)
+    tl.store(flag_ptr + pid, tl.max(tl.max(seen, axis=1), axis=0))
+
+
+@triton.jit
+def spike_linear_kernel(
+    s_ptr,  # [R, K] int8 ternary spikes, R = T * rows
+    w_ptr,  # [N, K] weight: int8, float16, bfloat16 or float32
+    theta_ptr,  # [1] threshold (any float dtype), read on the device
+    w_scale_ptr,  # [N] float32 per-output-channel scale (INT8_W only)
+    bias_ptr,  # [N] float32 bias share per due step (HAS_BIAS only)
+    flag_ptr,  # [cdiv(R, BLOCK_M)] int32 from spike_tile_any_kernel
+    out_ptr,  # [R, N] float32
+    R,
+    N,
+    K,
+    due_rows,  # rows [0, due_rows) belong to global steps < bias_steps
+    HAS_BIAS: tl.constexpr,
+    INT8_W: tl.constexpr,
+    DOT_FP32: tl.constexpr,  # float32 IEEE dot (float32 weights; bf16 under the interpreter)
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """out[r, n] = c[n] * sum_k s[r, k] * w[n, k] (+ bias_share[n] if r < due_rows)."""
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_n = tl.program_id(1).to(tl.int64)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < R
+    col_mask = cols < N
+    ks = tl.arange(0, BLOCK_K)
+
+    if INT8_W:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    if tl.load(flag_ptr + pid_m) != 0:
+        s_ptrs = s_ptr + rows[:, None] * K + ks[None, :]
+        # the weight tile is read as [BLOCK_K, BLOCK_N] straight from [N, K] (K-major B)
+        w_ptrs = w_ptr + cols[None, :] * K + ks[:, None]
+        for k0 in range(0, K, BLOCK_K):
+            k_mask = (k0 + ks) < K
+            s = tl.load(s_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0)
+            w = tl.load(w_ptrs, mask=k_mask[:, None] & col_mask[None, :], other=0)
+            if INT8_W:
+                acc = tl.dot(s, w, acc, out_dtype=tl.int32)
+            elif DOT_FP32:
+                acc = tl.dot(s.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(s.to(w.dtype), w, acc, out_dtype=tl.float32)
+            s_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K
+
+    theta = tl.load(theta_ptr).to(tl.float32)
+    if INT8_W:
+        scale = theta * tl.load(w_scale_ptr + cols, mask=col_mask, other=0.0)
+        y = tl.fma(scale[None, :], acc.to(tl.float32), 0.0)
+    else:
+        y = tl.fma(acc, theta, 0.0)
+    if HAS_BIAS:
+        share = tl.load(bias_ptr + cols, mask=col_mask, other=0.0)
+        y = tl.where((rows < due_rows)[:, None], y + share[None, :], y)
+    out_ptrs = out_ptr + rows[:, None] * N + cols[None, :]
+    tl.store(out_ptrs, y, mask=row_mask[:, None] & col_mask[None, :])
+
+
+def spike_linear_triton(
+    launch,
+    s: torch.Tensor,
+    weight: torch.Tensor,
+    threshold: torch.Tensor,
+    bias_share: torch.Tensor | None,
+    weight_scale: torch.Tensor | None,
+    due_rows: int,
+) -> torch.Tensor:
+    """Host side: ``s`` ``[R, K]`` int8 and ``weight`` ``[N, K]`` contiguous; returns ``[R, N]``
+    float32. ``bias_share`` (float32 ``[N]``) goes on rows ``[0, due_rows)``."""
+    R, K = s.shape
+    N = weight.shape[0]
+    out = torch.empty((R, N), dtype=torch.float32, device=s.device)
+    if R == 0 or N == 0:
+        return out
+    block_m, block_n, block_k, num_warps, num_stages = tile_config(weight.dtype)
+    num_m = triton.cdiv(R, block_m)
+    flags = torch.empty(num_m, dtype=torch.int32, device=s.device)
+    launch(spike_tile_any_kernel)[(num_m,)](
+        s, flags, R, K, BLOCK_M=block_m, BLOCK_K=block_k, num_warps=num_warps
+    )
+    int8_w = weight.dtype == torch.int8
+    launch(spike_linear_kernel)[(num_m, triton.cdiv(N, block_n))](
+        s,
+        weight,
+        threshold,
+        weight_scale if int8_w else threshold,
+        out if bias_share is None else bias_share,
+        flags,
+        out,
+        R,
+        N,
+        K,
+        due_rows,
+        HAS_BIAS=bias_share is not None,
+        INT8_W=int8_w,
+        # the interpreter's bfloat16 dot is wrong; bf16 -> fp32 is exact, so nothing changes
+        DOT_FP32=weight.dtype == torch.float32 or (INTERPRET and weight.dtype == torch.bfloat16),
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
+    return out

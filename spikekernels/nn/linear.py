@@ -1,0 +1,74 @@
+"""``SpikeLinear``: a linear layer fed by ternary spikes, multi-step (SPEC.md §6)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from spikekernels.ops.spike_linear import spike_linear
+
+
+class SpikeLinear(nn.Module):
+    """Linear map of ternary spikes ``[T, B, ..., K]`` to float32 ``[T, B, ..., N]``.
+
+    ``out_t = theta * (s_t @ W^T)`` plus the bias on the first ``bias_steps`` global steps
+    (all of it at step 0 when ``bias_steps == 1``, the ViT rule; ``bias / bias_steps`` per step
+    otherwise). ``theta`` is the threshold of the neuron that produced the spikes. The module
+    counts the steps it has seen (``t0``), so feeding time in chunks equals one whole call;
+    ``reset()`` starts a new input. ``weight`` may be float32/float16/bfloat16, or int8 with a
+    per-output-channel ``weight_scale``. Inference only.
+    """
+
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        threshold: float | torch.Tensor,
+        *,
+        bias_steps: int = 1,
+        weight_scale: torch.Tensor | None = None,
+    ) -> None:
+        super().__init__()
+        if bias_steps < 1:
+            raise ValueError(f"bias_steps must be >= 1, got {bias_steps}")
+        self.out_features, self.in_features = weight.shape
+        self.bias_steps = bias_steps
+        self.register_buffer("weight", weight.detach().clone())
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        self.register_buffer(
+            "weight_scale", None if weight_scale is None else weight_scale.detach().clone()
+        )
+        theta = torch.as_tensor(threshold, dtype=torch.float32).detach().clone().reshape(())
+        self.register_buffer("threshold", theta)
+        self.reset()
+
+    @classmethod
+    def from_linear(
+        cls, linear: nn.Linear, in_threshold: float | torch.Tensor, bias_steps: int = 1
+    ) -> SpikeLinear:
+        """From a QANN ``nn.Linear`` and the threshold of the neuron feeding it."""
+        return cls(linear.weight, linear.bias, in_threshold, bias_steps=bias_steps)
+
+    def reset(self) -> None:
+        """Back to global step 0 (the bias is due again): call between inputs."""
+        self.t0 = 0
+
+    def forward(self, s: torch.Tensor) -> torch.Tensor:
+        out = spike_linear(
+            s,
+            self.weight,
+            self.threshold,
+            self.bias,
+            t0=self.t0,
+            bias_steps=self.bias_steps,
+            weight_scale=self.weight_scale,
+        )
+        self.t0 += s.shape[0]
+        return out
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, bias_steps={self.bias_steps}, "
+            f"weight_dtype={self.weight.dtype}"
+        )

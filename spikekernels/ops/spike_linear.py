@@ -1,0 +1,200 @@
+"""``torch.ops.spikekernels.spike_linear``: ternary spikes times a weight (SPEC.md §6)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from spikekernels.kernels import use_triton
+from spikekernels.ops._checks import (
+    FLOAT_DTYPES,
+    check_positive,
+    check_same_device,
+    check_scalar_tensor,
+    check_tensor,
+    check_ternary,
+    check_time_major,
+)
+from spikekernels.ops._registry import kernel_op, launcher
+
+WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.int8)
+
+
+def _check_spike_linear(s, weight, threshold, bias, t0, bias_steps, weight_scale) -> None:
+    """Metadata checks (no data read)."""
+    check_tensor(s, "s", dtypes=(torch.int8,))
+    check_time_major(s, "s")
+    if s.dim() < 2:
+        raise ValueError(f"s must be [T, *, K] with at least 2 dims, got shape {tuple(s.shape)}")
+    check_tensor(weight, "weight", dtypes=WEIGHT_DTYPES, ndim=2)
+    check_same_device("s", s, "weight", weight)
+    n, k = weight.shape
+    if s.shape[-1] != k:
+        raise ValueError(
+            f"s has K={s.shape[-1]} input features (last dim) but weight [N, K] has K={k}"
+        )
+    check_scalar_tensor(threshold, "threshold", s, "s")
+    if bias is not None:
+        check_tensor(bias, "bias", dtypes=FLOAT_DTYPES, ndim=1)
+        if bias.shape[0] != n:
+            raise ValueError(f"bias must have shape ({n},) (weight's N), got {tuple(bias.shape)}")
+        check_same_device("s", s, "bias", bias)
+    if weight.dtype == torch.int8:
+        if weight_scale is None:
+            raise ValueError(
+                "weight is int8: give weight_scale, its per-output-channel float scale [N]"
+            )
+        check_tensor(weight_scale, "weight_scale", dtypes=FLOAT_DTYPES, ndim=1)
+        if weight_scale.shape[0] != n:
+            raise ValueError(
+                f"weight_scale must have shape ({n},) (weight's N), got {tuple(weight_scale.shape)}"
+            )
+        check_same_device("s", s, "weight_scale", weight_scale)
+    elif weight_scale is not None:
+        raise ValueError(
+            f"weight_scale is only for int8 weights; weight is {weight.dtype}, so pass None"
+        )
+    if t0 < 0:
+        raise ValueError(f"t0 (the global index of the first step) must be >= 0, got {t0}")
+    if bias_steps < 1:
+        raise ValueError(f"bias_steps must be >= 1, got {bias_steps}")
+
+
+def _bias_share(bias: torch.Tensor | None, bias_steps: int) -> torch.Tensor | None:
+    """What is added on each due step, in float32: exactly the reference's expression."""
+    if bias is None:
+        return None
+    share = bias.to(torch.float32)
+    return share if bias_steps == 1 else share / bias_steps
+
+
+def _due_steps(t0: int, steps: int, bias_steps: int) -> int:
+    """How many of this chunk's steps (global ``t0 ..``) still get a bias share."""
+    return max(0, min(steps, bias_steps - t0))
+
+
+def spike_linear_torch(
+    s: torch.Tensor,
+    weight: torch.Tensor,
+    threshold: torch.Tensor,
+    bias: torch.Tensor | None,
+    t0: int,
+    bias_steps: int,
+    weight_scale: torch.Tensor | None,
+) -> torch.Tensor:
+    """The CPU path: one float32 matmul over all ``T * rows`` rows, then the bias schedule.
+
+    For int8 weights every partial sum is an integer below 2^24 in magnitude (ternary spikes
+    times int8, ``K < 2^17``), so the float32 matmul is exact in any order and the result
+    equals the Triton kernel's int32 path bit for bit.
+    """
+    k = weight.shape[1]
+    theta = threshold.to(torch.float32).reshape(())
+    rows = math.prod(s.shape[:-1])
+    acc = torch.matmul(s.reshape(rows, k).to(torch.float32), weight.to(torch.float32).t())
+    if weight.dtype == torch.int8:
+        out = (theta * weight_scale.to(torch.float32)) * acc
+    else:
+        out = theta * acc
+    out = out.reshape(*s.shape[:-1], weight.shape[0])
+    due = _due_steps(t0, s.shape[0], bias_steps)
+    if bias is not None and due > 0:
+        out[:due] += _bias_share(bias, bias_steps)
+    return out
+
+
+@kernel_op("spike_linear")
+def _spike_linear_op(
+    s: torch.Tensor,
+    weight: torch.Tensor,
+    threshold: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    t0: int = 0,
+    bias_steps: int = 1,
+    weight_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    _check_spike_linear(s, weight, threshold, bias, t0, bias_steps, weight_scale)
+    if use_triton(s):
+        from spikekernels.kernels.spike_linear import spike_linear_triton
+
+        n, k = weight.shape
+        rows = math.prod(s.shape[1:-1])
+        ws = None if weight_scale is None else weight_scale.to(torch.float32).contiguous()
+        out = spike_linear_triton(
+            launcher,
+            s.contiguous().reshape(s.shape[0] * rows, k),
+            weight.contiguous(),
+            threshold,
+            _bias_share(bias, bias_steps),
+            ws,
+            _due_steps(t0, s.shape[0], bias_steps) * rows,
+        )
+        return out.reshape(*s.shape[:-1], n)
+    return spike_linear_torch(s, weight, threshold, bias, t0, bias_steps, weight_scale)
+
+
+@_spike_linear_op.register_fake
+def _(s, weight, threshold, bias=None, t0=0, bias_steps=1, weight_scale=None):
+    _check_spike_linear(s, weight, threshold, bias, t0, bias_steps, weight_scale)
+    return s.new_empty((*s.shape[:-1], weight.shape[0]), dtype=torch.float32)
+
+
+def spike_linear(
+    s: torch.Tensor,
+    weight: torch.Tensor,
+    threshold: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    t0: int = 0,
+    bias_steps: int = 1,
+    weight_scale: torch.Tensor | None = None,
+    validate: bool = False,
+) -> torch.Tensor:
+    """Spike linear (SPEC.md §6): ``out_t = theta * (s_t @ W^T)`` plus the bias schedule.
+
+    Args:
+        s: ``[T, *, K]`` int8 ternary spikes in {-1, 0, 1} (the input neuron's output).
+        weight: ``[N, K]``: float32, float16, bfloat16, or int8 with ``weight_scale``
+            (the dequantized weight is ``weight[n, k] * weight_scale[n]``).
+        threshold: one-element float tensor ``theta`` (the input neuron's threshold), read on
+            the device (no host sync).
+        bias: optional ``[N]`` float bias. Added ``bias`` at global step 0 when
+            ``bias_steps == 1`` (ViT), else ``bias / bias_steps`` on each global step
+            ``< bias_steps`` (the RoBERTa variant).
+        t0: global index of this chunk's first step, so chunks fed with ``t0 = 0, T1, ...``
+            equal one whole run.
+        weight_scale: ``[N]`` float per-output-channel scale, for int8 weights only (float32
+            math).
+        validate: check that ``s`` is ternary (a full read) and, on a GPU, the threshold's
+            sign (a host sync). On CPU the threshold is always checked.
+
+    Returns:
+        ``[T, *, N]`` float32.
+
+    Exactness (per weight dtype):
+        - int8: bit-exact against the integer oracle ``(theta * w_scale[n]) * float(S @ W^T)``
+          (``S @ W^T`` in integer arithmetic, exact), then ``+ bias_share`` where due; i.e.
+          equal to ``reference.spike_linear`` with the dequantized weight up to the float32
+          rounding of the dequantization and of the sum (the reference rounds every partial
+          sum; we round once). Every path (Triton kernel, CPU) gives the same bits.
+        - float32, float16, bfloat16: every product ``s * w`` is exact (spikes are -1, 0, 1
+          and half weights widen exactly) and the sum is accumulated in float32, but in a
+          different order than ``reference.spike_linear`` (blocked, tensor-core MMA for
+          half weights, IEEE FMA for float32: never tf32). So equal to the reference within
+          float32 summation error, ``|err| <= ~2 K u theta (|s| @ |W|^T)`` with
+          ``u = 2^-24``, not bitwise. The CPU path is the same matmul as the reference,
+          over all steps at once.
+
+    Dispatch: CUDA tensors run the Triton kernel (``torch.ops.spikekernels.spike_linear``),
+    which skips tiles of 64 rows whose spikes are all zero (silent tokens/steps cost only the
+    bias write); CPU tensors run one vectorised float32 matmul (the Triton kernel under
+    ``TRITON_INTERPRET=1``). Inference only: no autograd.
+    """
+    check_tensor(threshold, "threshold", dtypes=FLOAT_DTYPES + (torch.float64,))
+    check_positive(threshold, "threshold", validate)
+    check_tensor(s, "s", dtypes=(torch.int8,))
+    check_ternary(s, "s", validate)
+    return torch.ops.spikekernels.spike_linear(
+        s, weight, threshold, bias, t0, bias_steps, weight_scale
+    )

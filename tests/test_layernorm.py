@@ -1,0 +1,209 @@
+"""spike_layernorm (SPEC.md §4): error against a float64 evaluation within 2x of the float32
+per-step reference's, the running sum bit-exact, chunked time equal to a whole run."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import DEVICES
+
+import spikekernels
+from spikekernels import reference
+from spikekernels.nn import SpikeLayerNorm
+
+U = 2.0**-24  # float32 unit roundoff
+EPS = 1e-6
+
+
+def _inputs(gen, T, rows, C, dtype=torch.float32, device="cpu"):
+    """Increments around a nonzero mean, with silent steps and silent channels."""
+    x = torch.randn((T, *rows, C), generator=gen) + 0.5
+    x *= torch.rand((T, *rows, C), generator=gen) < 0.7
+    if T > 2:
+        x[1] = 0.0
+    return x.to(device=device, dtype=dtype)
+
+
+def _affine(gen, C, device="cpu"):
+    w = torch.randn(C, generator=gen) * 0.5 + 1.0
+    b = torch.randn(C, generator=gen) * 0.1
+    return w.to(device), b.to(device)
+
+
+def _as64(t):
+    return None if t is None else t.cpu().to(torch.float64)
+
+
+def _assert_within_2x(got, x, weight, bias, x_acc=None, y_prev=None):
+    """flash-attention style: ``|got - f64| <= 2 |ref32 - f64| + a few float32 ulps``, for the
+    output and the outgoing ``y_prev``; ``x_acc`` bit-exact. Every element is compared."""
+    out, x_acc_out, y_prev_out = (t.cpu() for t in got)
+    x, weight, bias = x.cpu(), _as64(weight), _as64(bias)
+    w32 = None if weight is None else weight.to(torch.float32)
+    b32 = None if bias is None else bias.to(torch.float32)
+    x_acc = None if x_acc is None else x_acc.cpu()
+    y_prev = None if y_prev is None else y_prev.cpu()
+    ref32 = reference.spike_layernorm(x, w32, b32, EPS, x_acc, y_prev)
+    ref64 = reference.spike_layernorm(
+        x.to(torch.float64), weight, bias, EPS, _as64(x_acc), _as64(y_prev), dtype=torch.float64
+    )
+    assert out.dtype == x.dtype and out.shape == x.shape
+    assert x_acc_out.dtype == y_prev_out.dtype == torch.float32
+    assert torch.equal(x_acc_out, ref32[1]), "the running sum is the same float32 adds"
+    pairs = (("out", out, ref32[0], ref64[0]), ("y_prev", y_prev_out, ref32[2], ref64[2]))
+    for name, g, r32, r64 in pairs:
+        assert torch.isfinite(g).all(), f"{name} has non-finite elements"
+        err = (g.to(torch.float64) - r64).abs().max().item()
+        err32 = (r32.to(torch.float64) - r64).abs().max().item()
+        atol = 4 * U * r64.abs().max().item()
+        assert err <= 2 * err32 + atol, f"{name}: error {err:.3g} vs float32 reference {err32:.3g}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("T", [1, 16])
+@pytest.mark.parametrize(("rows", "C"), [((2, 5), 1), ((3, 4), 7), ((5,), 384), ((3,), 1000)])
+def test_within_2x_of_float32_reference(gen, device, dtype, T, rows, C):
+    x = _inputs(gen, T, rows, C, dtype, device)
+    w, b = _affine(gen, C, device)
+    _assert_within_2x(spikekernels.spike_layernorm(x, w, b, EPS), x, w, b)
+
+
+@pytest.mark.parametrize(
+    ("with_weight", "with_bias"), [(False, False), (True, False), (False, True)]
+)
+def test_weight_and_bias_optional(gen, with_weight, with_bias):
+    x = _inputs(gen, 5, (4,), 100)
+    w, b = _affine(gen, 100)
+    w, b = (w if with_weight else None), (b if with_bias else None)
+    _assert_within_2x(spikekernels.spike_layernorm(x, w, b, EPS), x, w, b)
+
+
+def test_incoming_state_each_independently(gen):
+    x = _inputs(gen, 4, (3,), 50)
+    w, b = _affine(gen, 50)
+    x_acc = torch.randn(3, 50, generator=gen)
+    y_prev = torch.randn(3, 50, generator=gen)
+    for state in ((x_acc, None), (None, y_prev), (x_acc, y_prev)):
+        got = spikekernels.spike_layernorm(x, w, b, EPS, *state)
+        _assert_within_2x(got, x, w, b, *state)
+        for given, back in zip(state, got[1:], strict=True):
+            assert given is None or back.data_ptr() != given.data_ptr(), "state is never aliased"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_chunked_equals_whole_bit_for_bit(gen, dtype):
+    x = _inputs(gen, 9, (2, 3), 130, dtype)
+    w, b = _affine(gen, 130)
+    out, x_acc, y_prev = spikekernels.spike_layernorm(x, w, b, EPS)
+    parts, state = [], (None, None)
+    for chunk in x.split([4, 1, 4]):
+        part, *state = spikekernels.spike_layernorm(chunk, w, b, EPS, *state)
+        parts.append(part)
+    assert torch.equal(torch.cat(parts), out)
+    assert torch.equal(state[0], x_acc) and torch.equal(state[1], y_prev)
+
+
+def test_outputs_sum_to_layer_norm_of_the_sum(gen):
+    x = _inputs(gen, 8, (6,), 64)
+    w, b = _affine(gen, 64)
+    out, x_acc, _ = spikekernels.spike_layernorm(x, w, b, EPS)
+    want = torch.nn.functional.layer_norm(x.sum(0), (64,), w, b, EPS)
+    torch.testing.assert_close(out.sum(0), want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(x_acc, x.sum(0), atol=1e-5, rtol=1e-6)
+
+
+def test_every_output_element_is_written(gen, monkeypatch):
+    """Poison the allocator (NaN in fresh tensors): any element the kernel skips shows up."""
+    x = _inputs(gen, 5, (7,), 33)
+    w, b = _affine(gen, 33)
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: real_empty(*a, **k).fill_(float("nan")))
+    monkeypatch.setattr(
+        torch, "empty_like", lambda *a, **k: real_empty_like(*a, **k).fill_(float("nan"))
+    )
+    got = spikekernels.spike_layernorm(x, w, b, EPS)
+    monkeypatch.undo()
+    _assert_within_2x(got, x, w, b)
+
+
+def _good_args() -> dict:
+    return dict(x=torch.zeros(2, 3, 4), weight=torch.ones(4), bias=torch.zeros(4), eps=EPS)
+
+
+# (case, what replaces the good arguments, error type, words the message must contain)
+BAD_INPUTS = [
+    ("T == 0", dict(x=torch.zeros(0, 3, 4)), ValueError, "T == 0"),
+    ("int x", dict(x=torch.zeros(2, 3, 4, dtype=torch.int8)), TypeError, "x must have dtype"),
+    ("1-d x", dict(x=torch.zeros(4)), ValueError, r"x must be \[T, \*, C\]"),
+    ("C == 0", dict(x=torch.zeros(2, 3, 0), weight=None, bias=None), ValueError, "C == 0"),
+    ("weight wrong C", dict(weight=torch.ones(5)), ValueError, r"weight must have shape \(4,\)"),
+    ("bias int", dict(bias=torch.zeros(4, dtype=torch.int32)), TypeError, "bias must have"),
+    ("negative eps", dict(eps=-1e-6), ValueError, "eps must be"),
+    ("x_acc wrong shape", dict(x_acc=torch.zeros(3, 5)), ValueError, "x_acc must have shape"),
+    ("x_acc fp16", dict(x_acc=torch.zeros(3, 4).half()), TypeError, "x_acc must have dtype"),
+    ("y_prev wrong shape", dict(y_prev=torch.zeros(4)), ValueError, "y_prev must have shape"),
+    ("y_prev elsewhere", dict(y_prev=torch.zeros(3, 4, device="meta")), ValueError, "y_prev is"),
+    ("weight elsewhere", dict(weight=torch.ones(4, device="meta")), ValueError, "weight is on"),
+]
+
+
+@pytest.mark.parametrize(
+    ("case", "bad", "error", "words"), BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS]
+)
+def test_bad_input_is_rejected(case, bad, error, words):
+    with pytest.raises(error, match=words):
+        spikekernels.spike_layernorm(**{**_good_args(), **bad})
+
+
+@pytest.mark.parametrize("with_state", [False, True])
+def test_opcheck(gen, with_state):
+    x = _inputs(gen, 3, (2, 5), 12)
+    w, b = _affine(gen, 12)
+    state = (torch.randn(2, 5, 12, generator=gen), torch.randn(2, 5, 12, generator=gen))
+    args = (x, w, b, EPS, *(state if with_state else (None, None)))
+    torch.library.opcheck(torch.ops.spikekernels.spike_layernorm.default, args)
+
+
+def test_torch_compile_fullgraph(gen):
+    x = _inputs(gen, 4, (3,), 24)
+    w, b = _affine(gen, 24)
+
+    def norm(x):
+        out, x_acc, y_prev = spikekernels.spike_layernorm(x * 2, w, b, EPS)
+        return out.sum(0) + y_prev, x_acc
+
+    got, want = torch.compile(norm, fullgraph=True)(x), norm(x)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+class TestSpikeLayerNormModule:
+    def test_from_layernorm_copies_eps_and_chunks_equal_whole(self, gen):
+        ln = torch.nn.LayerNorm(40, eps=1e-6)
+        with torch.no_grad():
+            ln.weight.copy_(torch.randn(40, generator=gen))
+            ln.bias.copy_(torch.randn(40, generator=gen))
+        x = _inputs(gen, 7, (2, 3), 40)
+        whole, chunked = SpikeLayerNorm.from_layernorm(ln), SpikeLayerNorm.from_layernorm(ln)
+        assert whole.eps == 1e-6, "eps is the QANN's, not the official SNN code's 1e-5"
+        out = whole(x)
+        assert torch.equal(torch.cat([chunked(c) for c in x.split([3, 4])]), out)
+        _assert_within_2x((out, whole.x_acc, whole.y_prev), x, ln.weight.detach(), ln.bias.detach())
+
+    def test_reset_and_no_affine(self, gen):
+        norm = SpikeLayerNorm.from_layernorm(torch.nn.LayerNorm(16, elementwise_affine=False))
+        assert norm.weight is None and norm.bias is None
+        x = _inputs(gen, 3, (4,), 16)
+        first = norm(x)
+        assert not torch.equal(norm(x), first)
+        norm.reset()
+        assert torch.equal(norm(x), first)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cuda_at_vit_size(gen, dtype):
+    x = _inputs(gen, 16, (2 * 197,), 768, dtype)
+    w, b = _affine(gen, 768)
+    got = spikekernels.spike_layernorm(x.cuda(), w.cuda(), b.cuda(), EPS)
+    _assert_within_2x(got, x, w, b)

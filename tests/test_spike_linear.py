@@ -1,0 +1,297 @@
+"""spike_linear (SPEC.md §6): int8 weights bit-exact against an integer oracle; float weights
+within a derived float32 summation bound of the reference; the bias schedule exact."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import DEVICES
+
+import spikekernels
+from spikekernels import reference
+from spikekernels.nn import SpikeLinear
+from spikekernels.ops.spike_linear import spike_linear_torch
+
+U = 2.0**-24  # float32 unit roundoff
+WEIGHT_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.int8]
+
+
+def _spikes(gen, T, rows, K, density=0.3):
+    """Ternary spikes with whole silent rows and one silent step (when T > 1)."""
+    s = torch.randint(-1, 2, (T, *rows, K), generator=gen, dtype=torch.int8)
+    s *= (torch.rand((T, *rows, K), generator=gen) < density).to(torch.int8)
+    silent_rows = torch.rand((T, *rows, 1), generator=gen) < 0.4
+    s.masked_fill_(silent_rows, 0)
+    if T > 1:
+        s[T // 2] = 0
+    return s
+
+
+def _weight(gen, N, K, dtype):
+    """``(weight, weight_scale)``: int8 codes with a per-channel scale, or float weights."""
+    if dtype == torch.int8:
+        w = torch.randint(-128, 128, (N, K), generator=gen, dtype=torch.int8)
+        return w, torch.rand(N, generator=gen) * 0.01 + 1e-3
+    return (torch.randn(N, K, generator=gen) * 0.2).to(dtype), None
+
+
+def _due(t0, T, bias_steps):
+    return max(0, min(T, bias_steps - t0))
+
+
+def _int_oracle(s, w, w_scale, theta, bias, t0, bias_steps):
+    """Integer arithmetic for ``S @ W^T``, then ``(theta * w_scale) * acc + share``."""
+    acc = torch.matmul(s.to(torch.int64), w.to(torch.int64).t()).to(torch.float32)
+    out = (theta.to(torch.float32).reshape(()) * w_scale.to(torch.float32)) * acc
+    due = _due(t0, s.shape[0], bias_steps)
+    if bias is not None and due:
+        share = bias.to(torch.float32)
+        out[:due] += share if bias_steps == 1 else share / bias_steps
+    return out
+
+
+def _assert_linear(got, s, w, w_scale, theta, bias, t0, bias_steps, slack=1.0):
+    """Every element: exact for int8 weights, else within the float32 summation bound."""
+    got = got.cpu()
+    s, w, theta = s.cpu(), w.cpu(), theta.cpu()
+    bias = None if bias is None else bias.cpu()
+    assert got.dtype == torch.float32
+    assert got.shape == (*s.shape[:-1], w.shape[0])
+    if w.dtype == torch.int8:
+        want = _int_oracle(s, w, w_scale.cpu(), theta, bias, t0, bias_steps)
+        diff = (got != want).sum().item()
+        assert diff == 0, f"{diff} of {got.numel()} elements differ from the integer oracle"
+        return
+    want = reference.spike_linear(s, w, theta, bias, t0=t0, bias_steps=bias_steps)
+    # Both sums of K exact products carry at most ~K u of sum |terms| (recursive or blocked
+    # summation), plus one rounding each for the theta multiply and the bias add.
+    mag = theta.to(torch.float64) * torch.matmul(
+        s.abs().to(torch.float64), w.abs().to(torch.float64).t()
+    )
+    k = w.shape[1]
+    bound = slack * (2 * (k + 2) * U * mag + 4 * U * want.abs().to(torch.float64)) + 1e-30
+    err = (got.to(torch.float64) - want.to(torch.float64)).abs()
+    assert torch.isfinite(got).all()
+    bad = (err > bound).sum().item()
+    assert bad == 0, f"{bad} of {got.numel()} elements beyond the bound (max err {err.max()})"
+
+
+CASES = [  # (T, rows, K, N)
+    (1, (1,), 1, 1),
+    (3, (5,), 5, 33),
+    (1, (50,), 33, 5),
+    (4, (2, 7), 100, 37),
+    (2, (19,), 64, 100),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", WEIGHT_DTYPES, ids=str)
+@pytest.mark.parametrize(("T", "rows", "K", "N"), CASES)
+def test_matches_oracle(gen, device, dtype, T, rows, K, N):
+    s = _spikes(gen, T, rows, K).to(device)
+    w, ws = _weight(gen, N, K, dtype)
+    theta = torch.tensor([0.1 + torch.rand((), generator=gen).item()])
+    bias = torch.randn(N, generator=gen)
+    w, theta, bias = w.to(device), theta.to(device), bias.to(device)
+    ws = None if ws is None else ws.to(device)
+    got = spikekernels.spike_linear(s, w, theta, bias, weight_scale=ws)
+    _assert_linear(got, s, w, ws, theta, bias, 0, 1)
+
+
+@pytest.mark.parametrize("dtype", WEIGHT_DTYPES, ids=str)
+def test_cpu_runtime_path(gen, dtype):
+    """The vectorised-torch CPU path (what runs without the interpreter), called directly."""
+    s = _spikes(gen, 5, (3, 11), 70)
+    w, ws = _weight(gen, 21, 70, dtype)
+    theta, bias = torch.tensor(0.3), torch.randn(21, generator=gen)
+    for t0, bias_steps in [(0, 1), (1, 3), (4, 2)]:
+        got = spike_linear_torch(s, w, theta, bias, t0, bias_steps, ws)
+        _assert_linear(got, s, w, ws, theta, bias, t0, bias_steps)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.int8], ids=str)
+@pytest.mark.parametrize("bias_steps", [1, 3, 20])
+def test_chunked_equals_whole(gen, dtype, bias_steps):
+    T, K, N = 7, 40, 19
+    s = _spikes(gen, T, (6,), K)
+    w, ws = _weight(gen, N, K, dtype)
+    theta, bias = torch.tensor(0.45), torch.randn(N, generator=gen)
+    whole = spikekernels.spike_linear(s, w, theta, bias, bias_steps=bias_steps, weight_scale=ws)
+    _assert_linear(whole, s, w, ws, theta, bias, 0, bias_steps)
+    parts, t0 = [], 0
+    for chunk in s.split([2, 1, 4]):
+        parts.append(
+            spikekernels.spike_linear(
+                chunk, w, theta, bias, t0=t0, bias_steps=bias_steps, weight_scale=ws
+            )
+        )
+        _assert_linear(parts[-1], chunk, w, ws, theta, bias, t0, bias_steps)
+        t0 += chunk.shape[0]
+    if dtype == torch.int8:
+        assert torch.equal(torch.cat(parts), whole)
+
+
+@pytest.mark.parametrize("dtype", WEIGHT_DTYPES, ids=str)
+def test_silent_rows_and_steps_give_exactly_the_bias(gen, dtype):
+    T, K, N = 4, 45, 30
+    s = torch.zeros(T, 40, K, dtype=torch.int8)
+    s[1, 3, 7] = 1  # one active row in one row tile, at a step with no bias
+    w, ws = _weight(gen, N, K, dtype)
+    theta, bias = torch.tensor(0.7), torch.randn(N, generator=gen)
+    got = spikekernels.spike_linear(s, w, theta, bias, bias_steps=2, weight_scale=ws)
+    share = bias / 2
+    assert torch.equal(got[0], share.expand(40, N))
+    assert torch.equal(got[2:], torch.zeros(2, 40, N))
+    quiet = torch.ones(40, dtype=torch.bool)
+    quiet[3] = False
+    assert torch.equal(got[1][quiet], share.expand(39, N))
+    _assert_linear(got, s, w, ws, theta, bias, 0, 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.int8], ids=str)
+def test_bias_none_and_late_chunk(gen, dtype):
+    s = _spikes(gen, 3, (9,), 20)
+    w, ws = _weight(gen, 11, 20, dtype)
+    theta, bias = torch.tensor(0.2), torch.randn(11, generator=gen)
+    no_bias = spikekernels.spike_linear(s, w, theta, weight_scale=ws)
+    late = spikekernels.spike_linear(s, w, theta, bias, t0=5, bias_steps=4, weight_scale=ws)
+    _assert_linear(no_bias, s, w, ws, theta, None, 0, 1)
+    assert torch.equal(no_bias, late), "no bias is due after step bias_steps - 1"
+
+
+def test_every_output_element_is_written(gen, monkeypatch):
+    """Poison the allocator: NaN in fresh float tensors, zeros (= "silent") in the tile
+    flags. Any output element or flag the kernels fail to write shows up."""
+    s = _spikes(gen, 3, (21,), 50, density=0.9)
+    w, _ = _weight(gen, 35, 50, torch.float32)
+    theta, bias = torch.tensor(0.3), torch.randn(35, generator=gen)
+    real_empty = torch.empty
+
+    def poisoned(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        return t.fill_(float("nan") if t.is_floating_point() else 0)
+
+    monkeypatch.setattr(torch, "empty", poisoned)
+    got = spikekernels.spike_linear(s, w, theta, bias)
+    monkeypatch.undo()
+    _assert_linear(got, s, w, None, theta, bias, 0, 1)
+
+
+def test_non_contiguous_spikes_and_threshold_dtypes(gen):
+    s = _spikes(gen, 3, (8,), 24).transpose(0, 1).contiguous().transpose(0, 1)
+    assert not s.is_contiguous()
+    w, _ = _weight(gen, 13, 24, torch.float32)
+    for theta in (torch.tensor(0.3, dtype=torch.float64), torch.tensor([[0.3]]).half()):
+        _assert_linear(spikekernels.spike_linear(s, w, theta), s, w, None, theta, None, 0, 1)
+
+
+def _good_args() -> dict:
+    return dict(
+        s=torch.zeros(2, 3, 4, dtype=torch.int8),
+        weight=torch.zeros(5, 4),
+        threshold=torch.tensor(0.5),
+        bias=torch.zeros(5),
+    )
+
+
+_I8 = dict(weight=torch.zeros(5, 4, dtype=torch.int8))
+
+# (case, what replaces the good arguments, error type, words the message must contain)
+BAD_INPUTS = [
+    ("T == 0", dict(s=torch.zeros(0, 3, 4, dtype=torch.int8)), ValueError, "T == 0"),
+    ("float s", dict(s=torch.zeros(2, 3, 4)), TypeError, "s must have dtype"),
+    ("1-d s", dict(s=torch.zeros(4, dtype=torch.int8)), ValueError, r"s must be \[T, \*, K\]"),
+    ("int32 weight", dict(weight=torch.zeros(5, 4, dtype=torch.int32)), TypeError, "weight"),
+    ("3-d weight", dict(weight=torch.zeros(1, 5, 4)), ValueError, "weight must have 2 dims"),
+    ("K mismatch", dict(weight=torch.zeros(5, 6)), ValueError, "K=4 .* K=6"),
+    ("theta <= 0", dict(threshold=torch.tensor(0.0)), ValueError, "threshold must be positive"),
+    ("theta 2 elements", dict(threshold=torch.ones(2)), ValueError, "threshold must have exactly"),
+    ("theta float", dict(threshold=0.5), TypeError, "threshold must be a torch.Tensor"),
+    ("bias wrong N", dict(bias=torch.zeros(4)), ValueError, r"bias must have shape \(5,\)"),
+    ("bias int", dict(bias=torch.zeros(5, dtype=torch.int32)), TypeError, "bias must have"),
+    ("scale missing", _I8, ValueError, "weight_scale"),
+    ("scale for float", dict(weight_scale=torch.ones(5)), ValueError, "weight_scale is only"),
+    ("scale wrong N", dict(**_I8, weight_scale=torch.ones(3)), ValueError, "weight_scale must"),
+    ("negative t0", dict(t0=-1), ValueError, "t0"),
+    ("bias_steps 0", dict(bias_steps=0), ValueError, "bias_steps must be >= 1"),
+    ("weight elsewhere", dict(weight=torch.zeros(5, 4, device="meta")), ValueError, "weight is"),
+    ("bias elsewhere", dict(bias=torch.zeros(5, device="meta")), ValueError, "bias is on meta"),
+    (
+        "non-ternary",
+        dict(s=torch.full((2, 3, 4), 2, dtype=torch.int8), validate=True),
+        ValueError,
+        "ternary",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("case", "bad", "error", "words"), BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS]
+)
+def test_bad_input_is_rejected(case, bad, error, words):
+    with pytest.raises(error, match=words):
+        spikekernels.spike_linear(**{**_good_args(), **bad})
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.int8], ids=str)
+def test_opcheck(gen, dtype):
+    s = _spikes(gen, 3, (2, 5), 12)
+    w, ws = _weight(gen, 7, 12, dtype)
+    args = (s, w, torch.tensor(0.4), torch.randn(7, generator=gen), 1, 3, ws)
+    torch.library.opcheck(torch.ops.spikekernels.spike_linear.default, args)
+
+
+def test_torch_compile_fullgraph(gen):
+    s = _spikes(gen, 3, (4,), 16)
+    w, _ = _weight(gen, 9, 16, torch.float32)
+    theta, bias = torch.tensor(0.4), torch.randn(9, generator=gen)
+
+    def layer(s):
+        return spikekernels.spike_linear(s, w, theta, bias).sum(0) * 2
+
+    got, want = torch.compile(layer, fullgraph=True)(s), layer(s)
+    assert torch.equal(got, want)
+
+
+class TestSpikeLinearModule:
+    @pytest.mark.parametrize("bias_steps", [1, 4])
+    def test_chunked_calls_equal_one_call(self, gen, bias_steps):
+        linear = torch.nn.Linear(24, 10)
+        s = _spikes(gen, 6, (2, 5), 24)
+        whole = SpikeLinear.from_linear(linear, 0.35, bias_steps=bias_steps)
+        chunked = SpikeLinear.from_linear(linear, torch.tensor(0.35), bias_steps=bias_steps)
+        out = whole(s)
+        parts = torch.cat([chunked(c) for c in s.split([1, 3, 2])])
+        w = linear.weight.detach()
+        _assert_linear(out, s, w, None, torch.tensor(0.35), linear.bias.detach(), 0, bias_steps)
+        _assert_linear(parts, s, w, None, torch.tensor(0.35), linear.bias.detach(), 0, bias_steps)
+        assert whole.t0 == chunked.t0 == 6
+
+    def test_reset_makes_the_bias_due_again(self, gen):
+        s = _spikes(gen, 2, (3,), 8)
+        w, ws = _weight(gen, 4, 8, torch.int8)
+        layer = SpikeLinear(w, torch.randn(4, generator=gen), 0.5, weight_scale=ws)
+        first = layer(s)
+        assert not torch.equal(layer(s), first)
+        layer.reset()
+        assert torch.equal(layer(s), first)
+        assert set(dict(layer.named_buffers())) == {"weight", "bias", "weight_scale", "threshold"}
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", WEIGHT_DTYPES, ids=str)
+def test_cuda_at_vit_size(gen, dtype):
+    """Many row, column and K tiles (64 x 128 x 128 on the GPU), most rows silent."""
+    s = _spikes(gen, 4, (300,), 384, density=0.1)
+    w, ws = _weight(gen, 1152, 384, dtype)
+    theta, bias = torch.tensor(0.3), torch.randn(1152, generator=gen)
+    got = spikekernels.spike_linear(
+        s.cuda(),
+        w.cuda(),
+        theta.cuda(),
+        bias.cuda(),
+        weight_scale=None if ws is None else ws.cuda(),
+    )
+    # tensor-core float32 accumulation may truncate instead of round: twice the bound
+    _assert_linear(got, s, w, ws, theta, bias, 0, 1, slack=2.0)
