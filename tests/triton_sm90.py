@@ -184,7 +184,81 @@ def layernorm_cases() -> list[Case]:
     return cases
 
 
-CASE_FACTORIES = [neuron_cases, spike_linear_cases, layernorm_cases]
+def spike_matmul_cases() -> list[Case]:
+    from spikekernels.kernels import spike_matmul as sm
+
+    strides = ["stride_at", "stride_ab", "stride_am", "stride_ak"]
+    strides += ["stride_bt", "stride_bb", "stride_bk", "stride_bn", "stride_ot"]
+    cases = []
+    # Scores (b = k^T, a strided view) with K = 64 and a context-like plain b with K = 32.
+    for k, transposed_b in [(64, True), (32, False)]:
+        block_m, block_n, block_k, num_warps = sm.fused_config(k)
+        # Triton specialises a stride of 1 into a constant, as it does at a real launch.
+        ones = {"stride_ak": 1, ("stride_bk" if transposed_b else "stride_bn"): 1}
+        signature = {
+            p: "*fp32" if p in ("scale_ptr", "out_ptr") else "*i8"
+            for p in ["a_ptr", "b_ptr", "scale_ptr", "a_in_ptr", "b_in_ptr", "out_ptr"]
+            + ["a_out_ptr", "b_out_ptr"]
+        }
+        signature |= {name: "i32" for name in ["T", "M", "N", "K", *strides] if name not in ones}
+        constexprs = dict(
+            ones,
+            HAS_A_IN=True,
+            HAS_B_IN=True,
+            EVEN_M=False,
+            EVEN_N=False,
+            EVEN_K=k == block_k,
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+            BLOCK_K=block_k,
+        )
+        cases.append(
+            Case(
+                f"spike_matmul fused K={k} b{'^T' if transposed_b else ''}",
+                sm.spike_matmul_kernel,
+                signature,
+                constexprs,
+                num_warps=num_warps,
+                ptx_must_contain=["mma", ".s8"],  # int8 tensor cores, exact int32 sums
+            )
+        )
+    block_m, block_n, block_k, num_warps = sm.split_config()
+    ones = {"stride_ak": 1, "stride_bn": 1}
+    pointers = ["a_ptr", "b_ptr", "a_prev_ptr", "b_cur_ptr", "scale_ptr", "out_ptr"]
+    signature = {p: "*fp32" if p in ("scale_ptr", "out_ptr") else "*i8" for p in pointers}
+    signature |= {
+        name: "i32"
+        for name in ["T", "M", "N", "K", *strides, "stride_a_prev_t", "stride_b_cur_t"]
+        if name not in ones
+    }
+    cases.append(
+        Case(
+            "spike_matmul split-K",
+            sm.spike_matmul_split_kernel,
+            signature,
+            dict(ones, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k),
+            num_warps=num_warps,
+            ptx_must_contain=["mma", ".s8"],
+        )
+    )
+    signature = {"x_ptr": "*i8", "init_ptr": "*i8", "counts_ptr": "*i8", "final_ptr": "*i8"}
+    signature |= {
+        name: "i32"
+        for name in ["T", "R", "C", "stride_xt", "stride_xb", "stride_xr", "stride_xc"]
+        + ["stride_ct"]
+    }
+    cases.append(
+        Case(
+            "running_count",
+            sm.running_count_kernel,
+            signature,
+            dict(EXCLUSIVE=True, HAS_INIT=True, BLOCK=sm.COUNT_BLOCK),
+        )
+    )
+    return cases
+
+
+CASE_FACTORIES = [neuron_cases, spike_linear_cases, layernorm_cases, spike_matmul_cases]
 
 
 def compile_case(case: Case) -> list[str]:

@@ -1,0 +1,341 @@
+"""Spike product (SESA, SPEC.md §5): the fused op vs the official code's three dense float
+matmuls per step vs one dense QANN product (int8 ``torch._int_mm``, bf16 ``torch.matmul``).
+
+Shapes are ViT-S/B/L attention at batch 64, 197 tokens, head dim 64 (6/12/16 heads): the
+scores ``Q K^T`` (``b = k.transpose(-1, -2)``, read in place; the fused kernel) and the
+context ``P V`` (K = 197: the split-K kernel). On a CPU, ViT-S at batch 1 through the CPU
+runtime path (batched exact float matmuls; bench/conftest.py never uses the interpreter).
+
+Spike trains are genuine: analog q, k, v (signed, level 16) and attention probabilities
+(softmax of random scores, unsigned, level 16) are fed to ``spikekernels.st_bif`` at t = 0
+and zeros after, so each neuron fires its quantized count in its first steps and then falls
+silent; the fraction of output tiles whose two spike tiles are silent is recorded per step.
+
+``test_sesa_step``: one step with a controlled fraction of silent spike tiles (each operand's
+tiles silent with that probability) and incoming counts. DESIGN.md: at 90% silent, >= 3x
+faster than the same step done densely (``speedup_vs_dense`` is against the official three
+fp32 matmuls; the int8 and bf16 dense steps are recorded too).
+
+``test_sesa_run``: a whole run of T steps. DESIGN.md: within 2x of one dense int8 QANN product
+of the same shape (``ratio_to_int8_dense``). The op writes a dense float32 output every step,
+so a run moves at least T times the QANN's output bytes: ``gbps`` and
+``fraction_of_copy_bandwidth`` say how close the run is to that floor.
+
+torch has no batched int8 matmul: the int8 baseline is one ``torch._int_mm`` of
+``[batch * heads * M, K] @ [K, N]`` (padded: M > 16, K and N multiples of 8), the same
+multiply-adds and output bytes as the batched product.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import DEVICE, ON_GPU, copy_bandwidth_gbps, median_time, record, synchronized
+
+import spikekernels
+from spikekernels import reference
+from spikekernels.kernels.spike_matmul import MAX_FUSED_K, fused_config, split_config
+from spikekernels.ops.spike_matmul import spike_matmul_dense
+
+if ON_GPU:
+    BATCH, TOKENS, HEAD_DIM = 64, 197, 64
+    MODELS = {"vit_s": 6, "vit_b": 12, "vit_l": 16}
+    STEPS = [8, 16, 32, 64]
+else:
+    BATCH, TOKENS, HEAD_DIM = 1, 197, 64
+    MODELS = {"vit_s_b1": 6}
+    STEPS = [16]
+PRODUCTS = ["scores", "context"]
+SILENT = [0.0, 0.9, 1.0] if ON_GPU else [0.9]
+LEVEL = 16
+ROUNDS = 10 if ON_GPU else 3
+# st_bif is fed zeros after t = 0 in chunks of this many steps (bounds the float input).
+ST_BIF_CHUNK = 8
+
+
+def _gen(seed: int) -> torch.Generator:
+    gen = torch.Generator(device=DEVICE)
+    gen.manual_seed(seed)
+    return gen
+
+
+def _shapes(heads: int, product: str) -> tuple[tuple[int, ...], int, int, int]:
+    """``(batch, M, K, N)`` of the product."""
+    batch = (BATCH, heads)
+    if product == "scores":
+        return batch, TOKENS, HEAD_DIM, TOKENS
+    return batch, TOKENS, TOKENS, HEAD_DIM
+
+
+def _spike_train(values: torch.Tensor, T: int, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """ST-BIF spikes ``[T, *shape]`` of ``values`` (in units of the threshold) fed at t = 0, and
+    the final count (the QANN's integer once the train has settled)."""
+    n_min, p_max = reference.level_bounds(LEVEL, signed)
+    theta = torch.ones(1, device=DEVICE)
+    spikes = torch.empty((T, *values.shape), dtype=torch.int8, device=DEVICE)
+    first, v, s = spikekernels.st_bif(values[None], theta, n_min, p_max)
+    spikes[0] = first[0]
+    zeros = torch.zeros((min(ST_BIF_CHUNK, max(T - 1, 1)), *values.shape), device=DEVICE)
+    for t in range(1, T, ST_BIF_CHUNK):
+        n = min(ST_BIF_CHUNK, T - t)
+        spikes[t : t + n], v, s = spikekernels.st_bif(zeros[:n], theta, n_min, p_max, v, s)
+    return spikes, s
+
+
+_TRAINS: dict = {}
+
+
+def _trains(heads: int, product: str) -> tuple[torch.Tensor, ...]:
+    """``(a, b, a_int, b_int)`` for max(STEPS) steps; ``b`` is a view for the scores.
+
+    Only the latest (heads, product) is kept: the parametrization runs them in order.
+    """
+    key = (heads, product)
+    if key not in _TRAINS:
+        _TRAINS.clear()
+        gen = _gen(0)
+        T = max(STEPS)
+        qkv = (BATCH, heads, TOKENS, HEAD_DIM)
+        if product == "scores":
+            # q, k: signed level 16 ([-8, 7]) at ~2.5 thresholds of spread
+            q = torch.randn(qkv, device=DEVICE, generator=gen) * 2.5
+            k = torch.randn(qkv, device=DEVICE, generator=gen) * 2.5
+            a, a_int = _spike_train(q, T, signed=True)
+            k_sp, k_int = _spike_train(k, T, signed=True)
+            b, b_int = k_sp.transpose(-1, -2), k_int.transpose(-1, -2)
+        else:
+            # attention probabilities: unsigned level 16 ([0, 15], threshold 1/15)
+            scores = torch.randn((BATCH, heads, TOKENS, TOKENS), device=DEVICE, generator=gen)
+            probs = torch.softmax(scores * 3.0, dim=-1) * (LEVEL - 1)
+            v = torch.randn(qkv, device=DEVICE, generator=gen) * 2.5
+            a, a_int = _spike_train(probs, T, signed=False)
+            b, b_int = _spike_train(v, T, signed=True)
+        _TRAINS[key] = (a, b, a_int, b_int)
+    return _TRAINS[key]
+
+
+def _output_tile(k: int) -> tuple[int, int]:
+    """``(BLOCK_M, BLOCK_N)`` of the kernel that runs contraction length k."""
+    return (fused_config(k) if k <= MAX_FUSED_K else split_config())[:2]
+
+
+def _live_tiles(a: torch.Tensor, b: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which spike tiles of the kernel hold a spike: ``[T, B, M / BLOCK_M]`` row blocks of
+    ``a`` and ``[T, B, N / BLOCK_N]`` column blocks of ``b`` (all of K, the fused path)."""
+    block_m, block_n = _output_tile(k)
+    T, m, n = a.shape[0], a.shape[-2], b.shape[-1]
+    rows = (a != 0).any(-1).reshape(T, -1, m)
+    cols = (b != 0).any(-2).reshape(T, -1, n)
+    rows = torch.nn.functional.pad(rows, (0, -m % block_m))
+    cols = torch.nn.functional.pad(cols, (0, -n % block_n))
+    return (
+        rows.reshape(T, rows.shape[1], -1, block_m).any(-1),
+        cols.reshape(T, cols.shape[1], -1, block_n).any(-1),
+    )
+
+
+def _silent_output_tiles(a: torch.Tensor, b: torch.Tensor, k: int) -> list[float]:
+    """Per step, the fraction of output tiles whose two spike tiles are silent."""
+    rows, cols = _live_tiles(a, b, k)
+    live = rows[:, :, :, None] | cols[:, :, None, :]
+    return [round(f, 4) for f in (~live).flatten(1).float().mean(1).tolist()]
+
+
+def _pad_to(x: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    return torch.nn.functional.pad(x, (0, cols - x.shape[1], 0, rows - x.shape[0]))
+
+
+def _int8_product(a_int: torch.Tensor, b_int: torch.Tensor):
+    """One dense int8 product ``[B*M, K] @ [K, N]`` (the first batch entry's ``b``): the same
+    multiply-adds and output bytes as the batched QANN product."""
+    k, n = a_int.shape[-1], b_int.shape[-1]
+    a2 = a_int.reshape(-1, k).to(torch.int8)
+    rows, k8, n8 = max(a2.shape[0], 17), -(-k // 8) * 8, -(-n // 8) * 8
+    a2 = _pad_to(a2, rows, k8).contiguous()
+    b2 = _pad_to(b_int.reshape(-1, k, n)[0].to(torch.int8).t(), n8, k8).contiguous().t()
+    return lambda: torch._int_mm(a2, b2)
+
+
+def _official_step(heads: int, product: str):
+    """The official SAttention step: float spikes (sigma * theta), running sums updated in
+    place, then ``a_t @ B_t + A_t @ b_t - a_t @ b_t`` (three fp32 matmuls), scaled."""
+    batch, m, k, n = _shapes(heads, product)
+    gen = _gen(3)
+    a_t = torch.randint(-1, 2, (*batch, m, k), device=DEVICE, generator=gen).float()
+    b_t = torch.randint(-1, 2, (*batch, k, n), device=DEVICE, generator=gen).float()
+    acc_a, acc_b = torch.zeros_like(a_t), torch.zeros_like(b_t)
+    scale = 0.125
+
+    def step():
+        acc_a.add_(a_t)
+        acc_b.add_(b_t)
+        return (a_t @ acc_b + acc_a @ b_t - a_t @ b_t) * scale
+
+    return step
+
+
+_BASELINES: dict = {}
+
+
+def _dense_baselines(heads: int, product: str) -> dict[str, float]:
+    """Seconds of the T-independent dense baselines, measured once per shape."""
+    key = (heads, product)
+    if key not in _BASELINES:
+        _, _, a_int, b_int = _trains(heads, product)
+        a_bf16, b_bf16 = a_int.to(torch.bfloat16), b_int.to(torch.bfloat16)
+        _BASELINES[key] = {
+            "official_step": median_time(synchronized(_official_step(heads, product))),
+            "int8_qann": median_time(synchronized(_int8_product(a_int, b_int))),
+            "bf16_qann": median_time(synchronized(lambda: torch.matmul(a_bf16, b_bf16))),
+        }
+    return _BASELINES[key]
+
+
+class _RecordingLauncher:
+    """A ``launch`` for the host function that keeps what each launch returns (on a GPU the
+    compiled kernel, whose ``n_regs`` / ``n_spills`` show register pressure)."""
+
+    def __init__(self) -> None:
+        self.compiled: list = []
+
+    def __call__(self, kernel):
+        launcher = self
+
+        class _Indexed:
+            def __getitem__(self, grid):
+                def run(*args, **kwargs):
+                    launcher.compiled.append(kernel[grid](*args, **kwargs))
+
+                return run
+
+        return _Indexed()
+
+
+def _kernel_registers(a, b, scale) -> dict[str, int]:
+    if not ON_GPU:
+        return {}
+    from spikekernels.kernels.spike_matmul import spike_matmul_triton
+
+    launch = _RecordingLauncher()
+    spike_matmul_triton(launch, a, b, scale, None, None)
+    compiled = launch.compiled[-1]
+    return {
+        "n_regs": getattr(compiled, "n_regs", -1),
+        "n_spills": getattr(compiled, "n_spills", -1),
+    }
+
+
+def _bytes(T: int, batch: tuple[int, ...], m: int, k: int, n: int) -> int:
+    """Float32 output written and int8 spikes read once per step."""
+    nb = math.prod(batch)
+    return T * nb * (4 * m * n + m * k + k * n)
+
+
+RUN_CASES = [(name, product, T) for name in MODELS for product in PRODUCTS for T in STEPS]
+
+
+@pytest.mark.parametrize(
+    ("model", "product", "T"), RUN_CASES, ids=[f"{m}-{p}-T{t}" for m, p, t in RUN_CASES]
+)
+def test_sesa_run(benchmark, model, product, T):
+    heads = MODELS[model]
+    batch, m, k, n = _shapes(heads, product)
+    a_all, b_all, _, _ = _trains(heads, product)
+    a, b = a_all[:T], b_all[:T]
+    scale = torch.full((1,), 0.125, device=DEVICE)
+    fused = synchronized(lambda: spikekernels.spike_matmul(a, b, scale))
+
+    benchmark.group = f"sesa run {model} {product}"
+    benchmark.pedantic(fused, warmup_rounds=1, rounds=ROUNDS)
+    seconds = median_time(fused, reps=3)
+    dense = _dense_baselines(heads, product)
+    dense_exact = median_time(synchronized(lambda: spike_matmul_dense(a, b, scale)), reps=3)
+    silent = _silent_output_tiles(a, b, k)
+    gbps = _bytes(T, batch, m, k, n) / seconds / 1e9
+    record(
+        benchmark,
+        seconds,
+        model=model,
+        product=product,
+        T=T,
+        shape=[*batch, m, k, n],
+        settled=silent[-1] == 1.0,
+        silent_output_tiles_per_step=silent,
+        seconds_per_step=seconds / T,
+        gbps=gbps,
+        fraction_of_copy_bandwidth=gbps / copy_bandwidth_gbps(),
+        dense_equiv_tops=2 * 2 * T * math.prod(batch) * m * k * n / seconds / 1e12,
+        speedup_vs_dense=T * dense["official_step"] / seconds,
+        speedup_vs_torch_dense_exact=dense_exact / seconds,
+        ratio_to_int8_dense=seconds / dense["int8_qann"],
+        ratio_to_bf16_dense=seconds / dense["bf16_qann"],
+        **_kernel_registers(a, b, scale),
+    )
+
+
+def _step_inputs(heads: int, product: str, silent: float):
+    """One step whose spike tiles (row blocks of a, column blocks of b) are silent with
+    probability ``silent``; the rest hold ternary spikes at 30% density. Counts in level 16."""
+    batch, m, k, n = _shapes(heads, product)
+    block_m, block_n = _output_tile(k)
+    gen = _gen(4)
+
+    def spikes(shape, block, dim):
+        x = torch.randint(-1, 2, shape, device=DEVICE, generator=gen, dtype=torch.int8)
+        x *= torch.rand(shape, device=DEVICE, generator=gen) < 0.3
+        size = shape[dim]
+        live = torch.rand((*shape[:-2], -(-size // block)), device=DEVICE, generator=gen)
+        live = (live >= silent).repeat_interleave(block, dim=-1)[..., :size]
+        return x * (live.unsqueeze(-1) if dim == -2 else live.unsqueeze(-2))
+
+    a = spikes((1, *batch, m, k), block_m, -2)
+    b = spikes((1, *batch, k, n), block_n, -1)
+    a_acc = torch.randint(-8, 8, (*batch, m, k), device=DEVICE, generator=gen, dtype=torch.int8)
+    b_acc = torch.randint(-8, 8, (*batch, k, n), device=DEVICE, generator=gen, dtype=torch.int8)
+    return a, b, a_acc, b_acc
+
+
+STEP_CASES = [(name, product, s) for name in MODELS for product in PRODUCTS for s in SILENT]
+
+
+@pytest.mark.parametrize(
+    ("model", "product", "silent"),
+    STEP_CASES,
+    ids=[f"{m}-{p}-silent{s}" for m, p, s in STEP_CASES],
+)
+def test_sesa_step(benchmark, model, product, silent):
+    heads = MODELS[model]
+    batch, m, k, n = _shapes(heads, product)
+    a, b, a_acc, b_acc = _step_inputs(heads, product, silent)
+    scale = torch.full((1,), 0.125, device=DEVICE)
+    fused = synchronized(lambda: spikekernels.spike_matmul(a, b, scale, a_acc, b_acc))
+
+    benchmark.group = f"sesa step {model} {product}"
+    benchmark.pedantic(fused, warmup_rounds=1, rounds=ROUNDS)
+    seconds = median_time(fused)
+    official = median_time(synchronized(_official_step(heads, product)))
+    # the same step densely in the QANN's arithmetic: two int8 products (a_t @ B_t, A @ b_t)
+    a_int8, b_int8 = _int8_product(a[0], b_acc), _int8_product(a_acc, b[0])
+    a_bf16, b_bf16 = a[0].to(torch.bfloat16), b[0].to(torch.bfloat16)
+    acc_a, acc_b = a_acc.to(torch.bfloat16), b_acc.to(torch.bfloat16)
+    int8_step = median_time(synchronized(lambda: (a_int8() + b_int8()).float() * scale))
+    bf16_step = median_time(synchronized(lambda: (a_bf16 @ acc_b + acc_a @ b_bf16).float() * scale))
+    rows, cols = _live_tiles(a, b, k)
+    gbps = (_bytes(1, batch, m, k, n) + math.prod(batch) * 2 * (m * k + k * n)) / seconds / 1e9
+    record(
+        benchmark,
+        seconds,
+        model=model,
+        product=product,
+        shape=[*batch, m, k, n],
+        silent_a_tiles=1.0 - rows.float().mean().item(),
+        silent_b_tiles=1.0 - cols.float().mean().item(),
+        silent_output_tiles=_silent_output_tiles(a, b, k)[0],
+        gbps=gbps,
+        fraction_of_copy_bandwidth=gbps / copy_bandwidth_gbps(),
+        speedup_vs_dense=official / seconds,
+        speedup_vs_int8_dense_step=int8_step / seconds,
+        speedup_vs_bf16_dense_step=bf16_step / seconds,
+    )

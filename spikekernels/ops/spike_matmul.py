@@ -1,0 +1,202 @@
+"""``torch.ops.spikekernels.spike_matmul``: the spike product of SESA attention (SPEC.md §5)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from spikekernels.kernels import use_triton
+from spikekernels.ops._checks import (
+    check_same_device,
+    check_scalar_tensor,
+    check_state,
+    check_tensor,
+    check_ternary,
+    check_time_major,
+    may_read_data,
+)
+from spikekernels.ops._registry import kernel_op, launcher
+
+# float32 holds every integer below 2^24 exactly. An output element sums 2K products of an
+# int8 count (|c| <= 128) and a spike, so the float32 matmuls of the dense path are exact
+# (in any summation order, and even where a backend rounds operands to bf16 or tf32, which
+# hold integers up to 256 exactly) while 2 * 128 * K < 2^24, i.e. K < 65536. Longer K uses
+# float64 (exact up to 2^53).
+_FLOAT32_EXACT_MAX_K = (1 << 24) // 256 - 1
+# The dense path processes time in chunks of at most this many float elements of temporaries.
+_DENSE_CHUNK_ELEMENTS = 1 << 25
+
+
+def _check_spike_matmul(a, b, scale, a_acc, b_acc) -> None:
+    """Metadata checks (no data read), for the op body and its fake alike."""
+    check_tensor(a, "a", dtypes=(torch.int8,), min_ndim=3)
+    check_tensor(b, "b", dtypes=(torch.int8,), min_ndim=3)
+    check_time_major(a, "a")
+    check_time_major(b, "b")
+    check_same_device("a", a, "b", b)
+    if b.shape[0] != a.shape[0]:
+        raise ValueError(f"b has T={b.shape[0]} time steps but a has T={a.shape[0]}")
+    if a.shape[1:-2] != b.shape[1:-2]:
+        raise ValueError(
+            f"a [T, *batch, M, K] and b [T, *batch, K, N] must have the same batch dims "
+            f"(no broadcasting), got {tuple(a.shape[1:-2])} and {tuple(b.shape[1:-2])}"
+        )
+    if a.shape[-1] != b.shape[-2]:
+        raise ValueError(
+            f"inner dims differ: a is [.., M, K={a.shape[-1]}] but b is [.., K={b.shape[-2]}, N]"
+        )
+    check_scalar_tensor(scale, "scale", a, "a")
+    check_state(a_acc, "a_acc", a.shape[1:], (torch.int8,), a, "a")
+    check_state(b_acc, "b_acc", b.shape[1:], (torch.int8,), b, "b")
+
+
+def spike_matmul_dense(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scale: torch.Tensor,
+    a_acc: torch.Tensor | None = None,
+    b_acc: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The reference's arithmetic batched over time: the CPU path (and any empty shape).
+
+    For a chunk of steps, ``A_{t-1}`` (exclusive running sum) and ``B_t`` (inclusive) come
+    from one cumsum each, then ``a_t @ B_t + A_{t-1} @ b_t`` is two batched float matmuls,
+    exact (see ``_FLOAT32_EXACT_MAX_K``), scaled once in float32 like the reference: bit for
+    bit the same result. Counts are carried between chunks in int32 and returned as int8.
+    """
+    k = a.shape[-1]
+    ftype = torch.float32 if k <= _FLOAT32_EXACT_MAX_K else torch.float64
+    a_cnt = (
+        torch.zeros(a.shape[1:], dtype=torch.int32, device=a.device)
+        if a_acc is None
+        else a_acc.to(torch.int32)
+    )
+    b_cnt = (
+        torch.zeros(b.shape[1:], dtype=torch.int32, device=b.device)
+        if b_acc is None
+        else b_acc.to(torch.int32)
+    )
+    scale32 = scale.to(torch.float32).reshape(())
+    per_step = 2 * (a[0].numel() + b[0].numel() + math.prod(a.shape[1:-1]) * b.shape[-1])
+    chunk = max(1, _DENSE_CHUNK_ELEMENTS // max(per_step, 1))
+    outs = []
+    for a_c, b_c in zip(a.split(chunk), b.split(chunk), strict=True):
+        a_f, b_f = a_c.to(ftype), b_c.to(ftype)
+        a_prev = torch.cumsum(a_f, 0) - a_f + a_cnt.to(ftype)
+        b_cur = torch.cumsum(b_f, 0) + b_cnt.to(ftype)
+        integer = torch.matmul(a_f, b_cur) + torch.matmul(a_prev, b_f)
+        outs.append(scale32 * integer.to(torch.float32))
+        a_cnt = a_cnt + a_c.sum(0, dtype=torch.int32)
+        b_cnt = b_cnt + b_c.sum(0, dtype=torch.int32)
+    out = outs[0] if len(outs) == 1 else torch.cat(outs)
+    return (
+        out.contiguous(),
+        a_cnt.to(torch.int8).contiguous(),
+        b_cnt.to(torch.int8).contiguous(),
+    )
+
+
+@kernel_op("spike_matmul")
+def _spike_matmul_op(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scale: torch.Tensor,
+    a_acc: torch.Tensor | None = None,
+    b_acc: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _check_spike_matmul(a, b, scale, a_acc, b_acc)
+    m, k, n = a.shape[-2], a.shape[-1], b.shape[-1]
+    if use_triton(a) and min(math.prod(a.shape[1:-2]), m, k, n) > 0:
+        from spikekernels.kernels.spike_matmul import spike_matmul_triton
+
+        return spike_matmul_triton(launcher, a, b, scale, a_acc, b_acc)
+    return spike_matmul_dense(a, b, scale, a_acc, b_acc)
+
+
+@_spike_matmul_op.register_fake
+def _(a, b, scale, a_acc=None, b_acc=None):
+    _check_spike_matmul(a, b, scale, a_acc, b_acc)
+    out = a.new_empty((*a.shape[:-1], b.shape[-1]), dtype=torch.float32)
+    return (
+        out,
+        a.new_empty(a.shape[1:], dtype=torch.int8),
+        b.new_empty(b.shape[1:], dtype=torch.int8),
+    )
+
+
+def _check_counts_fit(x: torch.Tensor, init: torch.Tensor | None, name: str) -> None:
+    """The running count of ``x`` stays in int8 range at every step (reads all of ``x``)."""
+    if not may_read_data(x, True):
+        return
+    running = torch.cumsum(x, 0, dtype=torch.int32)
+    if init is not None:
+        running += init.to(torch.int32)
+    lo, hi = (int(v) for v in torch.aminmax(running))
+    info = torch.iinfo(torch.int8)
+    if lo < info.min or hi > info.max:
+        raise ValueError(
+            f"the running count of {name} reaches [{lo}, {hi}], outside int8 "
+            f"[{info.min}, {info.max}]: the spike product holds counts in int8"
+        )
+
+
+def spike_matmul(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scale: torch.Tensor,
+    a_acc: torch.Tensor | None = None,
+    b_acc: torch.Tensor | None = None,
+    *,
+    validate: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Spike product of SESA attention (SPEC.md §5), all T steps in one kernel on GPU.
+
+    With running counts ``A_t = A_init + sum_{tau<=t} a_tau`` and ``B_t`` likewise, each step
+    emits the increment of the product of the running values:
+
+    ``out_t = scale * (A_t @ B_t - A_{t-1} @ B_{t-1}) = scale * (a_t @ B_t + A_{t-1} @ b_t)``
+
+    so ``sum_t out_t = scale * (A_T @ B_T - A_init @ B_init)``: once both trains have settled
+    it is the product of the quantized operands. Attention uses it for the scores ``Q K^T``
+    (``b = k.transpose(-1, -2)``, ``scale = theta_q * theta_k / sqrt(d)``) and the context
+    ``A V``.
+
+    Args:
+        a: ``[T, *batch, M, K]`` int8 ternary spikes (values in {-1, 0, 1}), any strides.
+        b: ``[T, *batch, K, N]`` int8 ternary spikes, any strides: a transposed view such as
+            ``k.transpose(-1, -2)`` is read in place, not copied.
+        scale: one-element float tensor (``theta_a * theta_b`` times any extra factor), read
+            on the device (never ``.item()``), used in float32.
+        a_acc, b_acc: optional incoming running counts, int8 ``[*batch, M, K]`` and
+            ``[*batch, K, N]``; zero when omitted.
+        validate: also check that the spikes are ternary and that every running count stays
+            in int8 range (reads all the data; a host sync on GPU).
+
+    Returns:
+        ``(out, a_acc, b_acc)``: ``out`` float32 ``[T, *batch, M, N]`` and the outgoing counts
+        (int8, contiguous, fresh tensors). Feeding the counts back into the next call makes a
+        chunked run equal a whole run bit for bit.
+
+    Exactness: the integer part is computed exactly (int8 operands, int32 accumulation on the
+    GPU; exact float matmuls on CPU) and scaled once in float32 (``scale * float(int)``), so
+    the result is bit-identical to ``reference.spike_matmul`` on every path.
+
+    Bounds: every running count must stay in int8, ``[-128, 127]``, at every step. That holds
+    for the paper's quantizers (levels 8-32) and any level up to 256 signed / 128 unsigned,
+    since ST-BIF counts stay inside the level bounds. Counts outside it are not checked
+    unless ``validate=True`` (the GPU kernel would wrap them).
+
+    Dispatch: CUDA tensors run the Triton kernel (fused over T, silent tiles skipped; K > 64
+    through a split-K path); CPU tensors run the batched dense path above (the Triton kernel
+    under ``TRITON_INTERPRET=1``). Inference only: no autograd.
+    """
+    # Metadata only (free): a non-tensor argument would otherwise meet the dispatcher's
+    # less helpful schema error first.
+    _check_spike_matmul(a, b, scale, a_acc, b_acc)
+    if validate:
+        check_ternary(a, "a", validate)
+        check_ternary(b, "b", validate)
+        _check_counts_fit(a, a_acc, "a")
+        _check_counts_fit(b, b_acc, "b")
+    return torch.ops.spikekernels.spike_matmul(a, b, scale, a_acc, b_acc)

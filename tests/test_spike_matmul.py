@@ -1,0 +1,337 @@
+"""spike_matmul (SPEC.md §5): the fused kernel against the step-by-step reference, bit for bit."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+from conftest import DEVICES
+
+import spikekernels
+from spikekernels import reference
+from spikekernels.ops.spike_matmul import spike_matmul_dense
+
+# The module, which the function of the same name shadows as an attribute of spikekernels.ops.
+ops_spike_matmul = importlib.import_module("spikekernels.ops.spike_matmul")
+
+# Row (a) and column (b) groups that fall silent together, so that some kernel tiles are
+# entirely silent and others are not.
+GROUP = 16
+
+
+def _spikes(gen, T, batch, rows, cols, *, group_dim, density=0.4, silent=0.35):
+    """Ternary int8 ``[T, *batch, rows, cols]``; groups of GROUP rows (``group_dim=-2``) or
+    columns (``group_dim=-1``) are silent together with probability ``silent``."""
+    shape = (T, *batch, rows, cols)
+    x = torch.randint(-1, 2, shape, generator=gen, dtype=torch.int8)
+    x = x * (torch.rand(shape, generator=gen) < density)
+    n = rows if group_dim == -2 else cols
+    groups = (n + GROUP - 1) // GROUP
+    keep = torch.rand((T, *batch, groups), generator=gen) >= silent
+    keep = keep.repeat_interleave(GROUP, dim=-1)[..., :n]
+    keep = keep.unsqueeze(-1) if group_dim == -2 else keep.unsqueeze(-2)
+    return x * keep
+
+
+def _counts(gen, shape, bound=20):
+    return torch.randint(-bound, bound + 1, shape, generator=gen, dtype=torch.int8)
+
+
+def _scale(gen, device="cpu", dtype=torch.float32):
+    return (0.01 + torch.rand(1, generator=gen)).to(device=device, dtype=dtype)
+
+
+def _assert_same(got, want):
+    """Same dtype, shape and bits (so -0.0 != 0.0 and NaN == NaN)."""
+    for name, g, w in zip(("out", "a_acc", "b_acc"), got, want, strict=True):
+        g = g.cpu()
+        assert g.dtype == w.dtype, f"{name}: dtype {g.dtype} != {w.dtype}"
+        assert g.shape == w.shape, f"{name}: shape {tuple(g.shape)} != {tuple(w.shape)}"
+        if g.dtype == torch.float32:
+            g, w = g.view(torch.int32), w.view(torch.int32)
+        diff = (g != w).sum().item()
+        assert diff == 0, f"{name}: {diff} of {g.numel()} elements differ"
+
+
+def _check(a, b, scale, a_acc=None, b_acc=None):
+    got = spikekernels.spike_matmul(a, b, scale, a_acc, b_acc)
+    cpu = [None if t is None else t.cpu() for t in (a, b, scale, a_acc, b_acc)]
+    _assert_same(got, reference.spike_matmul(*cpu))
+    return got
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    ("batch", "m", "k", "n"),
+    [
+        ((), 1, 1, 1),
+        ((), 5, 33, 7),
+        ((2,), 33, 5, 1),
+        ((2,), 17, 64, 33),
+        ((2,), 64, 32, 64),
+        ((2, 3), 5, 16, 5),
+        ((1, 2), 70, 80, 9),
+    ],
+)
+@pytest.mark.parametrize("with_state", [False, True])
+def test_matches_reference(gen, device, batch, m, k, n, with_state):
+    T = 4
+    a = _spikes(gen, T, batch, m, k, group_dim=-2).to(device)
+    b = _spikes(gen, T, batch, k, n, group_dim=-1).to(device)
+    a_acc = _counts(gen, (*batch, m, k)).to(device) if with_state else None
+    b_acc = _counts(gen, (*batch, k, n)).to(device) if with_state else None
+    _check(a, b, _scale(gen, device), a_acc, b_acc)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("k", [64, 300])
+def test_transposed_view(gen, device, k):
+    """Q @ K^T: ``b`` is ``k.transpose(-1, -2)`` of a contiguous ``[T, B, H, N, d]``."""
+    T, batch, n_tok = 3, (2, 2), 9
+    q = _spikes(gen, T, batch, n_tok, k, group_dim=-2).to(device)
+    keys = _spikes(gen, T, batch, n_tok, k, group_dim=-2).to(device)
+    b = keys.transpose(-1, -2)
+    assert not b.is_contiguous()
+    b_acc = _counts(gen, b.shape[1:]).to(device)
+    _check(q, b, _scale(gen, device), None, b_acc)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_197_tokens(gen, device):
+    """ViT's 197 tokens: four 64-row tiles, the last one 5 rows, some of them silent."""
+    a = _spikes(gen, 2, (1,), 197, 33, group_dim=-2, silent=0.5).to(device)
+    b = _spikes(gen, 2, (1,), 33, 5, group_dim=-1).to(device)
+    _check(a, b, _scale(gen, device), _counts(gen, (1, 197, 33)).to(device))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("k", [24, 260])
+def test_silent_dense_and_mixed_steps(gen, device, k):
+    """Step 0 and 3 silent, step 1 dense (every spike +-1), step 2 only a spiking, 4 only b."""
+    T, batch, m, n = 6, (2,), 9, 11
+    a = _spikes(gen, T, batch, m, k, group_dim=-2)
+    b = _spikes(gen, T, batch, k, n, group_dim=-1)
+    for x in (a, b):
+        x[0] = 0
+        x[3] = 0
+        x[1] = torch.where(torch.rand(x[1].shape, generator=gen) < 0.5, 1, -1)
+    a[4] = 0
+    b[2] = 0
+    a_acc, b_acc = _counts(gen, (*batch, m, k)), _counts(gen, (*batch, k, n))
+    out, _, _ = _check(*(t.to(device) for t in (a, b, _scale(gen), a_acc, b_acc)))
+    assert not out[0].any() and not out[3].any()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_counts_at_int8_limits(gen, device):
+    """Counts up to +-127 and -128: products of magnitude 128 stay exact."""
+    T, m, k, n = 3, 6, 40, 6
+    a = _spikes(gen, T, (), m, k, group_dim=-2, silent=0.0)
+    b = _spikes(gen, T, (), k, n, group_dim=-1, silent=0.0)
+    a_acc = torch.where(torch.rand((m, k), generator=gen) < 0.5, 124, -124).to(torch.int8)
+    b_acc = torch.full((k, n), -125, dtype=torch.int8)
+    b_acc[0, 0] = -128
+    b[:, 0, 0] = 0
+    _check(*(t.to(device) for t in (a, b, _scale(gen), a_acc, b_acc)))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("k", [33, 290])
+def test_chunked_equals_whole(gen, device, k):
+    T, batch, m, n = 7, (2,), 13, 6
+    a = _spikes(gen, T, batch, m, k, group_dim=-2).to(device)
+    b = _spikes(gen, T, batch, n, k, group_dim=-2).to(device).transpose(-1, -2)
+    scale = _scale(gen, device)
+    whole = spikekernels.spike_matmul(a, b, scale)
+    outs, a_acc, b_acc = [], None, None
+    for a_c, b_c in zip(a.split([3, 1, 3]), b.split([3, 1, 3]), strict=True):
+        out, a_acc, b_acc = spikekernels.spike_matmul(a_c, b_c, scale, a_acc, b_acc)
+        outs.append(out)
+    _assert_same((torch.cat(outs), a_acc, b_acc), [t.cpu() for t in whole])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_settled_run_gives_quantized_product(gen, device):
+    """ST-BIF trains fed once (SPEC.md §2) settle on the quantizer's integers; with scale 1
+    the outputs (exact integers) sum to the product of those integers (SPEC.md §5)."""
+    n_min, p_max = reference.level_bounds(16, True)
+    T, theta = p_max - n_min + 2, torch.ones(1, device=device)
+    trains = []
+    for shape in [(2, 9, 16), (2, 11, 16)]:
+        x = torch.zeros((T, *shape), device=device)
+        x[0] = torch.randn(shape, generator=gen).to(device) * 4
+        trains.append(spikekernels.st_bif(x, theta, n_min, p_max))
+    (q, _, q_int), (k, _, k_int) = trains
+    out, q_acc, k_acc = spikekernels.spike_matmul(q, k.transpose(-1, -2), theta)
+    want = (q_int.float() @ k_int.float().transpose(-1, -2)).cpu()
+    assert torch.equal(out.sum(0).cpu(), want)
+    assert torch.equal(q_acc, q_int) and torch.equal(k_acc, k_int.transpose(-1, -2))
+    assert not out[-1].any()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_single_step_and_state_not_aliased(gen, device):
+    a = _spikes(gen, 1, (3,), 8, 32, group_dim=-2).to(device)
+    b = _spikes(gen, 1, (3,), 32, 4, group_dim=-1).to(device)
+    a_acc, b_acc = _counts(gen, (3, 8, 32)).to(device), _counts(gen, (3, 32, 4)).to(device)
+    a_keep, b_keep = a_acc.clone(), b_acc.clone()
+    _, a_out, b_out = _check(a, b, _scale(gen, device), a_acc, b_acc)
+    assert torch.equal(a_acc, a_keep) and torch.equal(b_acc, b_keep)
+    assert a_out.data_ptr() != a_acc.data_ptr() and b_out.data_ptr() != b_acc.data_ptr()
+    assert a_out.is_contiguous() and b_out.is_contiguous()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("k", [16, 270])
+def test_every_element_written(gen, device, k):
+    """With a negative scale a silent step is -0.0 everywhere: memory the op left unwritten
+    (allocated after freeing a NaN-filled block of the same size) would show."""
+    T, batch, m, n = 2, (2,), 70, 67
+    a = _spikes(gen, T, batch, m, k, group_dim=-2).to(device)
+    b = _spikes(gen, T, batch, k, n, group_dim=-1).to(device)
+    a[1] = 0
+    b[1] = 0
+    scale = -_scale(gen, device)
+    poison = torch.full((T, *batch, m, n), float("nan"), device=device)
+    del poison
+    out, _, _ = _check(a, b, scale, _counts(gen, (*batch, m, k)).to(device))
+    assert torch.signbit(out[1]).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+def test_scale_dtypes(gen, device, dtype):
+    a = _spikes(gen, 2, (), 5, 8, group_dim=-2).to(device)
+    b = _spikes(gen, 2, (), 8, 3, group_dim=-1).to(device)
+    _check(a, b, torch.tensor([0.123456789], dtype=dtype, device=device))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    ("batch", "m", "k", "n"), [((2,), 0, 4, 3), ((2,), 3, 4, 0), ((2,), 3, 0, 5), ((0,), 3, 4, 5)]
+)
+def test_empty_dims(gen, device, batch, m, k, n):
+    """An empty output still carries the other operand's counts forward."""
+    a = _spikes(gen, 2, batch, m, k, group_dim=-2).to(device)
+    b = _spikes(gen, 2, batch, k, n, group_dim=-1).to(device)
+    _check(a, b, _scale(gen, device), _counts(gen, (*batch, m, k)).to(device))
+
+
+def test_dense_path_matches_reference(gen, monkeypatch):
+    """The CPU runtime path (batched float matmuls) in its float32, float64 and chunked forms,
+    whichever path the op itself dispatches to here."""
+    T, batch, m, k, n = 9, (2,), 12, 20, 7
+    a = _spikes(gen, T, batch, m, k, group_dim=-2)
+    b = _spikes(gen, T, batch, n, k, group_dim=-2).transpose(-1, -2)
+    args = (a, b, _scale(gen), _counts(gen, (*batch, m, k)), _counts(gen, (*batch, k, n)))
+    want = reference.spike_matmul(*args)
+    _assert_same(spike_matmul_dense(*args), want)
+    monkeypatch.setattr(ops_spike_matmul, "_FLOAT32_EXACT_MAX_K", 8)
+    monkeypatch.setattr(ops_spike_matmul, "_DENSE_CHUNK_ELEMENTS", 4000)
+    _assert_same(spike_matmul_dense(*args), want)
+
+
+def _good(gen):
+    a = _spikes(gen, 2, (3,), 4, 5, group_dim=-2)
+    b = _spikes(gen, 2, (3,), 5, 6, group_dim=-1)
+    return {"a": a, "b": b, "scale": _scale(gen), "a_acc": None, "b_acc": None}
+
+
+BAD_INPUTS = [
+    ("a float", lambda d: d.update(a=d["a"].float()), TypeError, "a must have dtype"),
+    ("b int32", lambda d: d.update(b=d["b"].int()), TypeError, "b must have dtype"),
+    ("a not a tensor", lambda d: d.update(a=[1, 0]), TypeError, "a must be a torch.Tensor"),
+    ("a rank 2", lambda d: d.update(a=d["a"][:, 0, 0]), ValueError, "a must have at least 3"),
+    ("b rank 2", lambda d: d.update(b=d["b"][0, 0]), ValueError, "b must have at least 3"),
+    ("T == 0", lambda d: d.update(a=d["a"][:0], b=d["b"][:0]), ValueError, "T == 0"),
+    ("T differs", lambda d: d.update(b=d["b"][:1]), ValueError, "time steps"),
+    ("batch differs", lambda d: d.update(b=d["b"][:, :2]), ValueError, "batch dims"),
+    ("batch rank differs", lambda d: d.update(b=d["b"][:, 0]), ValueError, "batch dims"),
+    ("K differs", lambda d: d.update(b=d["b"][:, :, :4]), ValueError, "inner dims"),
+    ("scale 2 elements", lambda d: d.update(scale=torch.ones(2)), ValueError, "scale must"),
+    ("scale int", lambda d: d.update(scale=torch.ones(1, dtype=torch.int32)), TypeError, "scale"),
+    ("scale float", lambda d: d.update(scale=0.5), TypeError, "scale must be a torch.Tensor"),
+    (
+        "a_acc shape",
+        lambda d: d.update(a_acc=torch.zeros(3, 5, 4, dtype=torch.int8)),
+        ValueError,
+        "a_acc must have shape",
+    ),
+    (
+        "b_acc dtype",
+        lambda d: d.update(b_acc=torch.zeros(3, 5, 6, dtype=torch.int32)),
+        TypeError,
+        "b_acc must have dtype",
+    ),
+    (
+        "a_acc device",
+        lambda d: d.update(a_acc=torch.zeros(3, 4, 5, dtype=torch.int8, device="meta")),
+        ValueError,
+        "a_acc is on meta",
+    ),
+    ("b device", lambda d: d.update(b=d["b"].to("meta")), ValueError, "b is on meta"),
+]
+
+
+@pytest.mark.parametrize(
+    ("change", "exc", "match"), [c[1:] for c in BAD_INPUTS], ids=[c[0] for c in BAD_INPUTS]
+)
+def test_bad_inputs(gen, change, exc, match):
+    kwargs = _good(gen)
+    change(kwargs)
+    with pytest.raises(exc, match=match):
+        spikekernels.spike_matmul(**kwargs)
+
+
+def test_validate_catches_bad_data(gen):
+    kwargs = _good(gen)
+    spikekernels.spike_matmul(**kwargs, validate=True)
+    bad = dict(kwargs, a=kwargs["a"].clone())
+    bad["a"][1, 0, 0, 0] = 2
+    with pytest.raises(ValueError, match="a must hold ternary spikes"):
+        spikekernels.spike_matmul(**bad, validate=True)
+    bad = dict(kwargs, b=kwargs["b"].clone())
+    bad["b"][0, 2, 1, 1] = -3
+    with pytest.raises(ValueError, match="b must hold ternary spikes"):
+        spikekernels.spike_matmul(**bad, validate=True)
+    # 127 + 1 leaves int8 (the kernel would wrap): only validate=True reads the data to see it.
+    b = kwargs["b"].clone()
+    b[:, 1, 2, 3] = 1
+    b_acc = torch.zeros(3, 5, 6, dtype=torch.int8)
+    b_acc[1, 2, 3] = 126
+    spikekernels.spike_matmul(kwargs["a"], b, kwargs["scale"], None, b_acc)
+    with pytest.raises(ValueError, match="running count of b"):
+        spikekernels.spike_matmul(kwargs["a"], b, kwargs["scale"], None, b_acc, validate=True)
+    a = kwargs["a"].clone()
+    a[:, 0, 0, 0] = -1
+    a_acc = torch.full((3, 4, 5), -127, dtype=torch.int8)
+    with pytest.raises(ValueError, match="running count of a"):
+        spikekernels.spike_matmul(a, kwargs["b"], kwargs["scale"], a_acc, validate=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(gen, device):
+    a = _spikes(gen, 3, (2,), 5, 8, group_dim=-2).to(device)
+    keys = _spikes(gen, 3, (2,), 6, 8, group_dim=-2).to(device)
+    scale = _scale(gen, device)
+    b_acc = _counts(gen, (2, 8, 6)).to(device)
+    for args in [
+        (a, keys.transpose(-1, -2), scale),
+        (a, keys.transpose(-1, -2), scale, None, b_acc),
+    ]:
+        torch.library.opcheck(torch.ops.spikekernels.spike_matmul.default, args)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_compile_fullgraph(gen, device):
+    a = _spikes(gen, 3, (2,), 5, 8, group_dim=-2).to(device)
+    keys = _spikes(gen, 3, (2,), 6, 8, group_dim=-2).to(device)
+    scale = _scale(gen, device)
+
+    def scores(q, k, scale):
+        out, q_acc, k_acc = spikekernels.spike_matmul(q, k.transpose(-1, -2), scale * 0.5)
+        return -out, q_acc, k_acc
+
+    got = torch.compile(scores, fullgraph=True)(a, keys, scale)
+    _assert_same(got, [t.cpu() for t in scores(a, keys, scale)])
