@@ -275,6 +275,5 @@ def test_cpp_cpu_kernel_bit_exact(gen, dtype, float_out, with_state):
     x = _inputs(gen, 7, (3, 1500), 0.23, dtype=dtype)
     v = torch.rand(3, 1500, generator=gen) if with_state else None
     s = torch.randint(-5, 6, (3, 1500), generator=gen, dtype=torch.int16) if with_state else None
-    count_dtype = reference.count_dtype(n_min, p_max)
-    got = torch.ops.spikekernels._st_bif_cpu(x, theta, n_min, p_max, v, s, float_out, count_dtype)
+    got = torch.ops.spikekernels.st_bif_cpu(x, theta, n_min, p_max, v, s, float_out)
     _assert_same(got, reference.st_bif(x, theta, n_min, p_max, v, s, float_out))

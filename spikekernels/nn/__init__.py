@@ -3,5 +3,6 @@
 from spikekernels.nn.layernorm import SpikeLayerNorm
 from spikekernels.nn.linear import SpikeLinear
 from spikekernels.nn.neuron import STBIF
+from spikekernels.nn.softmax import SpikeSoftmax
 
-__all__ = ["STBIF", "SpikeLayerNorm", "SpikeLinear"]
+__all__ = ["STBIF", "SpikeLayerNorm", "SpikeLinear", "SpikeSoftmax"]

@@ -6,7 +6,8 @@ friendly Python face (keyword arguments, optional validation of data).
 
 from spikekernels.ops.layernorm import spike_layernorm
 from spikekernels.ops.neuron import st_bif
+from spikekernels.ops.softmax import spike_softmax
 from spikekernels.ops.spike_linear import spike_linear
 from spikekernels.ops.spike_matmul import spike_matmul
 
-__all__ = ["st_bif", "spike_layernorm", "spike_linear", "spike_matmul"]
+__all__ = ["st_bif", "spike_layernorm", "spike_linear", "spike_matmul", "spike_softmax"]

@@ -58,9 +58,7 @@ def _st_bif_op(
 
         return st_bif_triton(launcher, x, threshold, n_min, p_max, v, s, float_out, count_dtype)
     if HAS_EXTENSION and x.device.type == "cpu":
-        return torch.ops.spikekernels._st_bif_cpu(
-            x, threshold, n_min, p_max, v, s, float_out, count_dtype
-        )
+        return torch.ops.spikekernels.st_bif_cpu(x, threshold, n_min, p_max, v, s, float_out)
     return reference.st_bif(x, threshold, n_min, p_max, v, s, float_out)
 
 
@@ -74,8 +72,9 @@ def _(x, threshold, n_min, p_max, v=None, s=None, float_out=False):
 
 if HAS_EXTENSION:
 
-    @torch.library.register_fake("spikekernels::_st_bif_cpu")
-    def _(x, threshold, n_min, p_max, v, s, float_out, count_dtype):
+    @torch.library.register_fake("spikekernels::st_bif_cpu")
+    def _(x, threshold, n_min, p_max, v=None, s=None, float_out=False):
+        count_dtype = _check_st_bif(x, threshold, n_min, p_max, v, s)
         shape = x.shape[1:]
         out = x.new_empty(x.shape, dtype=x.dtype if float_out else torch.int8)
         return out, x.new_empty(shape, dtype=torch.float32), x.new_empty(shape, dtype=count_dtype)

@@ -1,0 +1,87 @@
+"""Spike-Softmax (SPEC.md §3): the C++/CUDA op vs the per-step reference vs one dense
+``torch.softmax`` of the accumulated input (what the QANN does once) vs SpikingJelly's
+``TDSoftmax`` (cumsum, softmax of every prefix, diff) where SpikingJelly is installed.
+
+Shapes are attention scores ``[T, B, heads, L, L]``: ViT-S/B/L (L = 197, 6/12/16 heads) and
+RoBERTa (L = 50, 128, 12 heads) on a GPU; small ones on a CPU, plus ViT-S at batch 8, T = 16,
+the case behind DESIGN.md's CPU claim (>= 3x the per-step reference).
+
+Bytes moved: the input read once and the output written once per step, plus the fresh state
+(float32 ``x_acc`` and ``y_prev``) written once. DESIGN.md's GPU targets: >= 80% of the
+measured copy bandwidth and >= 10x the per-step reference.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import DEVICE, ON_GPU, copy_bandwidth_gbps, median_time, record, synchronized
+
+import spikekernels
+from spikekernels import reference
+
+try:
+    from spikingjelly.activation_based.ann2snn.operators import TDSoftmax
+except ImportError:  # SpikingJelly is optional: its ratio is left out
+    TDSoftmax = None
+
+# (name, T, [B, heads, L, L], dtype)
+if ON_GPU:
+    CASES = [("vit_s_b64", T, (64, 6, 197, 197), torch.float32) for T in (1, 8, 16, 32, 64)] + [
+        ("vit_b_b32", 16, (32, 12, 197, 197), torch.float32),
+        ("vit_b_b32", 16, (32, 12, 197, 197), torch.bfloat16),
+        ("vit_l_b8", 16, (8, 16, 197, 197), torch.float32),
+        ("roberta_l50_b64", 16, (64, 12, 50, 50), torch.float32),
+        ("roberta_l128_b64", 16, (64, 12, 128, 128), torch.float32),
+    ]
+else:
+    CASES = [("vit_s_b1", T, (1, 6, 197, 197), torch.float32) for T in (1, 8, 16, 32, 64)] + [
+        ("vit_s_b8", 16, (8, 6, 197, 197), torch.float32),
+        ("roberta_l50_b8", 16, (8, 12, 50, 50), torch.float32),
+        ("roberta_l128_b8", 16, (8, 12, 128, 128), torch.bfloat16),
+    ]
+
+
+def _case_id(case) -> str:
+    name, T, _, dtype = case
+    return f"{name}-T{T}-{str(dtype).removeprefix('torch.')}"
+
+
+@pytest.mark.parametrize("case", CASES, ids=[_case_id(c) for c in CASES])
+def test_spike_softmax(benchmark, case):
+    name, T, shape, dtype = case
+    gen = torch.Generator(device=DEVICE)
+    gen.manual_seed(0)
+    # attention-score increments: a large first step, smaller corrections after
+    x = torch.randn((T, *shape), device=DEVICE, generator=gen)
+    x[0] *= 4.0
+    x = x.to(dtype)
+    step_numel = x[0].numel()
+    fused = synchronized(lambda: spikekernels.spike_softmax(x))
+    moved = 2 * x.numel() * x.element_size() + 2 * step_numel * 4
+
+    benchmark.group = f"spike_softmax {name}"
+    benchmark.pedantic(fused, warmup_rounds=2, rounds=10 if ON_GPU else 5)
+    seconds = median_time(fused)
+    per_step = median_time(synchronized(lambda: reference.spike_softmax(x)), warmup=1, reps=3)
+    x_total = x.to(torch.float32).sum(0)
+    dense = median_time(synchronized(lambda: torch.softmax(x_total, dim=-1)))
+    gbps = moved / seconds / 1e9
+    info = dict(
+        shape=[T, *shape],
+        dtype=str(dtype),
+        gbps=gbps,
+        fraction_of_copy_bandwidth=gbps / copy_bandwidth_gbps(),
+        speedup_vs_per_step_reference=per_step / seconds,
+        time_ratio_vs_one_dense_softmax=seconds / dense,
+    )
+    if TDSoftmax is not None:
+        jelly = TDSoftmax(dim=-1, step_mode="m")
+
+        def spikingjelly_run():
+            jelly.reset()
+            return jelly(x)
+
+        jelly_seconds = median_time(synchronized(spikingjelly_run), warmup=1, reps=3)
+        info["speedup_vs_spikingjelly"] = jelly_seconds / seconds
+    record(benchmark, seconds, **info)

@@ -1,0 +1,31 @@
+"""``SpikeSoftmax``: multi-step Spike-Softmax as a stateful module (SPEC.md §3)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from spikekernels.ops.softmax import spike_softmax
+
+
+class SpikeSoftmax(nn.Module):
+    """Spike-Softmax over the last dim of ``[T, *rows, N]``, state kept between calls.
+
+    Each call continues the running sum ``X`` and the last softmax ``Y_prev`` (float32,
+    ``[*rows, N]``) from the previous call until ``reset()``, so feeding time in chunks gives
+    the same outputs as one whole call. ``forward`` returns ``Y_t - Y_{t-1}`` per step, in the
+    input dtype. ``-inf`` entries are masked; a fully masked row gives zeros. Inference only.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reset()
+
+    def reset(self) -> None:
+        """Back to the fresh state (``X = 0``, ``Y_prev = 0``): call between inputs."""
+        self.x_acc: torch.Tensor | None = None
+        self.y_prev: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, self.x_acc, self.y_prev = spike_softmax(x, self.x_acc, self.y_prev)
+        return out

@@ -1,0 +1,87 @@
+"""``torch.ops.spikekernels.spike_softmax``: multi-step Spike-Softmax (SPEC.md §3).
+
+The op's schema and its CPU and CUDA kernels are C++ (csrc/spike_softmax.cpp,
+csrc/cuda/spike_softmax.cu, loaded with ``spikekernels._C``). This module adds the fake impl
+for torch.compile and, where no compiled kernel exists for a device (extension not built, or
+built without CUDA), registers the per-step reference with the same checks, so the op works
+everywhere.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from spikekernels import _extension, reference
+from spikekernels.ops._checks import FLOAT_DTYPES, check_state, check_tensor, check_time_major
+
+QUALNAME = "spikekernels::spike_softmax"
+SCHEMA = (
+    "(Tensor x, Tensor? x_acc=None, Tensor? y_prev=None) "
+    "-> (Tensor out, Tensor x_acc, Tensor y_prev)"
+)
+
+
+def _check_spike_softmax(
+    x: torch.Tensor, x_acc: torch.Tensor | None, y_prev: torch.Tensor | None
+) -> None:
+    """Metadata checks, the same (and in the same order) as the C++ op's."""
+    check_tensor(x, "x", dtypes=FLOAT_DTYPES, min_ndim=2)
+    check_time_major(x, "x")
+    shape = x.shape[1:]
+    check_state(x_acc, "x_acc", shape, (torch.float32,), x, "x")
+    check_state(y_prev, "y_prev", shape, (torch.float32,), x, "x")
+
+
+def spike_softmax_reference(
+    x: torch.Tensor, x_acc: torch.Tensor | None = None, y_prev: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The op on a device without a compiled kernel: checks, then the per-step reference."""
+    _check_spike_softmax(x, x_acc, y_prev)
+    return reference.spike_softmax(x.contiguous(), x_acc, y_prev)
+
+
+if not _extension.HAS_EXTENSION:
+    torch.library.define(QUALNAME, SCHEMA)
+    torch.library.impl(QUALNAME, ("cpu", "cuda"), spike_softmax_reference)
+elif not torch._C._dispatch_has_kernel_for_dispatch_key(QUALNAME, "CUDA"):
+    torch.library.impl(QUALNAME, "cuda", spike_softmax_reference)
+
+
+@torch.library.register_fake(QUALNAME)
+def _(x, x_acc=None, y_prev=None):
+    _check_spike_softmax(x, x_acc, y_prev)
+    shape = x.shape[1:]
+    out = x.new_empty(x.shape)
+    return out, x.new_empty(shape, dtype=torch.float32), x.new_empty(shape, dtype=torch.float32)
+
+
+def spike_softmax(
+    x: torch.Tensor,
+    x_acc: torch.Tensor | None = None,
+    y_prev: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Multi-step Spike-Softmax over the last dim (SPEC.md §3), all T steps in one kernel.
+
+    Per row, with state ``X`` (running sum of the inputs) and ``Y_prev``, both float32 and
+    zero when fresh, each step computes ``X = X + x_t; Y = softmax(X); out_t = Y - Y_prev;
+    Y_prev = Y``. So the outputs up to step ``t`` sum to ``softmax(X_t)``, and the first output
+    is the whole ``softmax(x_0)``. ``-inf`` entries are masked out; a row whose entries are all
+    ``-inf`` gives ``Y = 0`` (never NaN).
+
+    Args:
+        x: ``[T, *rows, N]`` float32, float16 or bfloat16 input increments, ``T >= 1``
+            (made contiguous if it is not). The math is float32 whatever the input dtype.
+        x_acc, y_prev: optional incoming state, float32 ``[*rows, N]`` on ``x``'s device
+            (each may be given alone; a missing one is zeros).
+
+    Returns:
+        ``(out [T, *rows, N] in x.dtype, x_acc, y_prev)``. The state is fresh, never an alias
+        of an input, so chunked time (feeding the state back) equals a whole run.
+
+    Accuracy: within 2x of the float32 per-step PyTorch loop's own error against a float64
+    reference (SPEC.md §8). Kernels: C++ on CPU (threads over rows, T loop inside), CUDA on GPU
+    (a warp per row up to N = 1024, a block per row beyond), the per-step reference where no
+    kernel was built. Bad arguments raise ``TypeError`` (dtype) or ``ValueError`` (rank,
+    ``T == 0``, state shape or device), naming the argument. Inference only: no autograd.
+    """
+    return torch.ops.spikekernels.spike_softmax(x, x_acc, y_prev)

@@ -1,0 +1,237 @@
+"""spike_softmax (SPEC.md §3): the C++/CUDA op against a float64 per-step reference.
+
+Tolerance, flash-attention style: on every element the op's error against the float64
+reference must be within 2x of the error the float32 per-step PyTorch loop makes on the same
+input (its worst element), plus 1e-6 absolute.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import spikekernels
+from spikekernels import reference
+from spikekernels.nn import SpikeSoftmax
+from spikekernels.ops.softmax import spike_softmax_reference
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+NEG_INF = float("-inf")
+
+
+def _inputs(gen, T, rows, n, dtype=torch.float32, device="cpu"):
+    """Attention-score-like increments: a large first step, smaller corrections after."""
+    x = torch.randn((T, *rows, n), generator=gen)
+    x[0] *= 4.0
+    return x.to(device=device, dtype=dtype)
+
+
+def _state(gen, rows, n, device="cpu"):
+    """A plausible incoming state: some running sum and its softmax."""
+    x_acc = torch.randn((*rows, n), generator=gen) * 3.0
+    return x_acc.to(device), torch.softmax(x_acc, dim=-1).to(device)
+
+
+def _abs_err(got: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
+    """|got - want| in float64, 0 where both are the same infinity; NaN fails loudly."""
+    got = got.double().cpu()
+    err = torch.where(got == want, 0.0, (got - want).abs())
+    assert not err.isnan().any(), f"{int(err.isnan().sum())} NaN elements"
+    return err
+
+
+def _assert_matches_reference(got, x, x_acc=None, y_prev=None):
+    x, x_acc, y_prev = (None if t is None else t.cpu() for t in (x, x_acc, y_prev))
+    want64 = reference.spike_softmax(
+        x.double(),
+        None if x_acc is None else x_acc.double(),
+        None if y_prev is None else y_prev.double(),
+        dtype=torch.float64,
+    )
+    want32 = reference.spike_softmax(x, x_acc, y_prev)
+    for name, g, w32, w64 in zip(("out", "x_acc", "y_prev"), got, want32, want64, strict=True):
+        assert g.dtype == w32.dtype, f"{name}: dtype {g.dtype} != {w32.dtype}"
+        assert g.shape == w32.shape, f"{name}: shape {tuple(g.shape)} != {tuple(w32.shape)}"
+        tol = 2.0 * _abs_err(w32, w64).max().item() + 1e-6
+        err = _abs_err(g, w64)
+        bad = int((err > tol).sum())
+        assert bad == 0, f"{name}: {bad} elements off by more than {tol:.3g} (max {err.max():.3g})"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("n", [1, 3, 197, 1000, 1024, 1025, 4097])
+@pytest.mark.parametrize("T", [1, 16])
+def test_matches_reference(gen, device, T, n):
+    rows = (2, 3) if n <= 197 else (2,)
+    x = _inputs(gen, T, rows, n, device=device)
+    _assert_matches_reference(spikekernels.spike_softmax(x), x)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("n", [50, 128, 197])
+def test_incoming_state(gen, device, n):
+    x = _inputs(gen, 6, (3, 2), n, device=device)
+    x_acc, y_prev = _state(gen, (3, 2), n, device)
+    for acc_in, prev_in in [(x_acc, y_prev), (x_acc, None), (None, y_prev)]:
+        got = spikekernels.spike_softmax(x, acc_in, prev_in)
+        _assert_matches_reference(got, x, acc_in, prev_in)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n", [3, 128, 197, 1500])
+def test_half_precision_inputs(gen, device, dtype, n):
+    x = _inputs(gen, 8, (4,), n, dtype=dtype, device=device)
+    got = spikekernels.spike_softmax(x)
+    assert got[0].dtype == dtype
+    _assert_matches_reference(got, x)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("n", [7, 197, 1500])
+def test_masks(gen, device, n):
+    """-inf entries from the start, entries masked later, rows fully masked from the start and
+    rows that become fully masked mid-run: zeros where masked, never NaN."""
+    T, rows = 10, 6
+    x = _inputs(gen, T, (rows,), n)
+    x[:, 0].masked_fill_(torch.rand(n, generator=gen) < 0.3, NEG_INF)
+    x[4:, 1].masked_fill_(torch.rand(n, generator=gen) < 0.5, NEG_INF)
+    x[:, 2] = NEG_INF
+    x[0, 3, : n // 2] = NEG_INF
+    x[3, 3, n // 2 :] = NEG_INF
+    x[5:, 4] = NEG_INF
+    x = x.to(device)
+    got = spikekernels.spike_softmax(x)
+    _assert_matches_reference(got, x)
+    out, _, y_prev = (t.cpu() for t in got)
+    assert (out[:, 2] == 0).all() and (y_prev[2] == 0).all()
+    assert (y_prev[3:5] == 0).all()
+    torch.testing.assert_close(out[:, 4].sum(0), torch.zeros(n), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("n", [5, 197, 4097])
+def test_chunked_equals_whole(gen, device, n):
+    x = _inputs(gen, 12, (3,), n, device=device)
+    whole = spikekernels.spike_softmax(x)
+    outs, x_acc, y_prev = [], None, None
+    for chunk in x.split([5, 1, 6]):
+        out, x_acc, y_prev = spikekernels.spike_softmax(chunk, x_acc, y_prev)
+        outs.append(out)
+    for g, w in zip((torch.cat(outs), x_acc, y_prev), whole, strict=True):
+        assert torch.equal(g, w)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_state_is_fresh_and_inputs_untouched(gen, device):
+    x = _inputs(gen, 4, (3,), 33, device=device)
+    x_acc, y_prev = _state(gen, (3,), 33, device)
+    saved = [t.clone() for t in (x, x_acc, y_prev)]
+    out, acc_out, prev_out = spikekernels.spike_softmax(x, x_acc, y_prev)
+    inputs = {t.data_ptr() for t in (x, x_acc, y_prev)}
+    assert not inputs & {t.data_ptr() for t in (out, acc_out, prev_out)}
+    for t, s in zip((x, x_acc, y_prev), saved, strict=True):
+        assert torch.equal(t, s)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_non_contiguous_and_empty(gen, device):
+    base = _inputs(gen, 3, (40,), 5, device=device)
+    x = base.transpose(1, 2)  # [3, 5, 40], rows of 40 strided
+    _assert_matches_reference(spikekernels.spike_softmax(x), x.contiguous())
+    empty = torch.zeros((3, 0, 7), device=device)
+    out, x_acc, y_prev = spikekernels.spike_softmax(empty)
+    assert out.shape == (3, 0, 7) and x_acc.shape == y_prev.shape == (0, 7)
+
+
+def test_module_chunked(gen):
+    x = _inputs(gen, 9, (2, 3), 50)
+    module = SpikeSoftmax()
+    chunks = [module(chunk) for chunk in x.split([4, 5])]
+    whole = spikekernels.spike_softmax(x)
+    assert torch.equal(torch.cat(chunks), whole[0])
+    assert torch.equal(module.x_acc, whole[1]) and torch.equal(module.y_prev, whole[2])
+    module.reset()
+    assert module.x_acc is None and module.y_prev is None
+    assert torch.equal(module(x), whole[0])
+
+
+BAD_INPUTS = [
+    ("rank 1", lambda x, s: (x[0, 0],), ValueError, "x must"),
+    ("int dtype", lambda x, s: (x.to(torch.int32),), TypeError, "x must have dtype"),
+    ("float64", lambda x, s: (x.double(),), TypeError, "x must have dtype"),
+    ("T == 0", lambda x, s: (x[:0],), ValueError, "T == 0"),
+    ("x_acc shape", lambda x, s: (x, s[:, :-1]), ValueError, "x_acc must have shape"),
+    ("x_acc dtype", lambda x, s: (x, s.half()), TypeError, "x_acc must have dtype"),
+    ("y_prev shape", lambda x, s: (x, None, s[None]), ValueError, "y_prev must have shape"),
+    ("y_prev dtype", lambda x, s: (x, s, s.double()), TypeError, "y_prev must have dtype"),
+    ("y_prev device", lambda x, s: (x, s, s.to("meta")), ValueError, "y_prev is on meta"),
+]
+
+
+@pytest.mark.parametrize(
+    "op", [spikekernels.spike_softmax, spike_softmax_reference], ids=["op", "fallback"]
+)
+@pytest.mark.parametrize(
+    "make, error, words", [b[1:] for b in BAD_INPUTS], ids=[b[0] for b in BAD_INPUTS]
+)
+def test_bad_inputs(op, make, error, words):
+    x = torch.randn(2, 3, 4)
+    with pytest.raises(error, match=words):
+        op(*make(x, torch.zeros(3, 4)))
+
+
+def test_cpu_result_independent_of_alignment(gen):
+    """The CPU kernel sums in fixed lanes: where a row sits in memory changes nothing."""
+    x = _inputs(gen, 4, (5,), 67)
+    shifted = torch.empty(x.numel() + 3)[3:].view(x.shape).copy_(x)
+    for a, b in zip(
+        spikekernels.spike_softmax(x), spikekernels.spike_softmax(shifted), strict=True
+    ):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_cuda_unaligned_rows(gen, dtype):
+    """Rows of 128 take 16-byte packs when aligned; a tensor starting one element off takes
+    the scalar path (a different summation order, so not bit-identical) and is as accurate."""
+    x = _inputs(gen, 5, (6,), 128, dtype=dtype, device="cuda")
+    storage = torch.empty(x.numel() + 1, dtype=dtype, device="cuda")
+    shifted = storage[1:].view(x.shape).copy_(x)
+    x_acc, y_prev = _state(gen, (6,), 128, "cuda")
+    aligned = spikekernels.spike_softmax(x, x_acc, y_prev)
+    unaligned = spikekernels.spike_softmax(shifted, x_acc, y_prev)
+    _assert_matches_reference(aligned, x, x_acc, y_prev)
+    _assert_matches_reference(unaligned, x, x_acc, y_prev)
+
+
+@pytest.mark.cuda
+def test_cuda_state_on_another_device():
+    x = torch.randn(2, 3, 4, device="cuda")
+    with pytest.raises(ValueError, match="x_acc is on cpu"):
+        spikekernels.spike_softmax(x, torch.zeros(3, 4))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(gen, device):
+    op = torch.ops.spikekernels.spike_softmax.default
+    x = _inputs(gen, 3, (2,), 19, device=device)
+    x_acc, y_prev = _state(gen, (2,), 19, device)
+    torch.library.opcheck(op, (x,))
+    torch.library.opcheck(op, (x.half(), x_acc, y_prev))
+    torch.library.opcheck(op, (x, None, y_prev))
+
+
+def test_torch_compile_fullgraph(gen):
+    x = _inputs(gen, 4, (3,), 23)
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def softmax_then_scale(x):
+        out, x_acc, y_prev = spikekernels.spike_softmax(x)
+        return out * 2.0, x_acc, y_prev
+
+    got = softmax_then_scale(x)
+    want = spikekernels.spike_softmax(x)
+    assert torch.equal(got[0], want[0] * 2.0)
+    assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])
