@@ -51,7 +51,7 @@ bench: $(VENV)/.built
 cuda-check: $(VENV)/.toolchain
 	@for f in $(CU_SOURCES); do \
 	  echo "nvcc -c $$f (sm_90)"; \
-	  nvcc -c -arch=sm_90 -std=c++17 --expt-relaxed-constexpr -DC10_CUDA_NO_CMAKE_CONFIGURE_FILE \
+	  nvcc -c -arch=sm_90 -std=c++20 --expt-relaxed-constexpr -DC10_CUDA_NO_CMAKE_CONFIGURE_FILE \
 	    $(TORCH_INC) $(PY_INC) -o /tmp/spikekernels_$$(basename $$f).o $$f || exit 1; \
 	done
 

@@ -28,7 +28,7 @@ def _want_cuda() -> bool:
 def _extension():
     cpp_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     # -ffp-contract=off: the neuron must round exactly like the reference (no fused multiply-add).
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp", "-ffp-contract=off"]
+    cxx_flags = ["-O3", "-fopenmp", "-ffp-contract=off"]
     if _want_cuda():
         cu_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
         return CUDAExtension(
@@ -36,10 +36,11 @@ def _extension():
             cpp_sources + cu_sources,
             extra_compile_args={
                 "cxx": cxx_flags + ["-DSPIKEKERNELS_WITH_CUDA"],
-                "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"],
+                "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo"],
             },
             extra_link_args=["-fopenmp"],
         )
+    # The C++ standard is left to torch.utils.cpp_extension, which matches the installed torch.
     return CppExtension(
         "spikekernels._C",
         cpp_sources,
