@@ -35,8 +35,9 @@ $(VENV)/.built: $(VENV)/.toolchain setup.py pyproject.toml $(CU_SOURCES) $(CXX_S
 	$(PIP) install --no-build-isolation --no-deps -e .
 	touch $@
 
+# The demo runs the real paths too: Triton on a GPU, the C++/PyTorch CPU kernels otherwise.
 demo: $(VENV)/.built
-	TRITON_INTERPRET=$(INTERPRET) $(VPY) python/demo.py $(ARGS)
+	TRITON_INTERPRET=0 $(VPY) python/demo.py $(ARGS)
 
 test: $(VENV)/.built
 	TRITON_INTERPRET=$(INTERPRET) $(VPY) -m pytest tests -q $(ARGS)

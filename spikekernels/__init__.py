@@ -6,8 +6,16 @@ Nothing is computed or compiled at import.
 """
 
 from spikekernels import _extension  # noqa: F401  (loads the C++/CUDA ops when built)
+from spikekernels.convert import convert
 from spikekernels.ops import spike_layernorm, spike_linear, spike_matmul, spike_softmax, st_bif
 
 __version__ = "0.1.0"
 
-__all__ = ["st_bif", "spike_layernorm", "spike_linear", "spike_matmul", "spike_softmax"]
+__all__ = [
+    "convert",
+    "spike_matmul",
+    "st_bif",
+    "spike_layernorm",
+    "spike_linear",
+    "spike_softmax",
+]

@@ -31,8 +31,9 @@ class SpikeLayerNorm(nn.Module):
         for name, t in (("weight", weight), ("bias", bias)):
             if t is not None and tuple(t.shape) != (num_channels,):
                 raise ValueError(f"{name} must have shape ({num_channels},), got {tuple(t.shape)}")
-        self.register_buffer("weight", None if weight is None else weight.detach().clone())
-        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        # detach(), not clone(): a converted network shares the QANN's weights (one copy).
+        self.register_buffer("weight", None if weight is None else weight.detach())
+        self.register_buffer("bias", None if bias is None else bias.detach())
         self.reset()
 
     @classmethod

@@ -33,10 +33,11 @@ class SpikeLinear(nn.Module):
             raise ValueError(f"bias_steps must be >= 1, got {bias_steps}")
         self.out_features, self.in_features = weight.shape
         self.bias_steps = bias_steps
-        self.register_buffer("weight", weight.detach().clone())
-        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        # detach(), not clone(): a converted network shares the QANN's weights (one copy).
+        self.register_buffer("weight", weight.detach())
+        self.register_buffer("bias", None if bias is None else bias.detach())
         self.register_buffer(
-            "weight_scale", None if weight_scale is None else weight_scale.detach().clone()
+            "weight_scale", None if weight_scale is None else weight_scale.detach()
         )
         theta = torch.as_tensor(threshold, dtype=torch.float32).detach().clone().reshape(())
         self.register_buffer("threshold", theta)

@@ -10,4 +10,4 @@ from spikekernels.ops.softmax import spike_softmax
 from spikekernels.ops.spike_linear import spike_linear
 from spikekernels.ops.spike_matmul import spike_matmul
 
-__all__ = ["st_bif", "spike_layernorm", "spike_linear", "spike_matmul", "spike_softmax"]
+__all__ = ["spike_matmul", "st_bif", "spike_layernorm", "spike_linear", "spike_softmax"]

@@ -1,0 +1,1 @@
+"""Drop-in classes under the official SpikeZIP-TF names (``spikekernels.compat.spikezip``)."""

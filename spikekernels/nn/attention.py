@@ -1,0 +1,201 @@
+"""``SpikeAttention``: the spiking self-attention (SESA) block, multi-step (SPEC.md §5, §7).
+
+Also ``StepOps``, the small seam through which a composite spiking module runs its stateful
+parts: by default each part is simply called (the fused ops); the runner in
+``spikekernels.convert`` passes a subclass that also records which samples fired, or one
+that runs the per-step reference ops with its own state.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from spikekernels.nn.linear import SpikeLinear
+from spikekernels.nn.neuron import STBIF
+from spikekernels.nn.softmax import SpikeSoftmax
+from spikekernels.ops.spike_matmul import spike_matmul
+
+__all__ = [
+    "SpikeAttention",
+    "StepOps",
+    "neuron_from_quantizer",
+]
+
+
+class StepOps:
+    """How a composite spiking module runs its stateful parts (default: call them).
+
+    ``neuron(m, x)``, ``linear(m, s)``, ``layernorm(m, x)``, ``softmax(m, x)`` run an
+    ``STBIF``, ``SpikeLinear``, ``SpikeLayerNorm``, ``SpikeSoftmax`` on a ``[T, B, ...]``
+    chunk; ``matmul(owner, name, a, b, scale)`` runs a spike product whose running counts
+    ``owner`` keeps in the attribute ``name`` (a pair ``(a_acc, b_acc)``, None when fresh).
+    """
+
+    def neuron(self, m: STBIF, x: torch.Tensor) -> torch.Tensor:
+        return m(x)
+
+    def linear(self, m: nn.Module, s: torch.Tensor) -> torch.Tensor:
+        return m(s)
+
+    def layernorm(self, m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return m(x)
+
+    def softmax(self, m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return m(x)
+
+    def matmul(
+        self, owner: nn.Module, name: str, a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor
+    ) -> torch.Tensor:
+        a_acc, b_acc = getattr(owner, name)
+        out, a_acc, b_acc = spike_matmul(a, b, scale, a_acc, b_acc)
+        setattr(owner, name, (a_acc, b_acc))
+        return out
+
+
+DEFAULT_OPS = StepOps()
+
+
+def neuron_from_quantizer(quantizer: nn.Module, *, float_out: bool = False) -> STBIF:
+    """The ST-BIF neuron that replaces a QANN quantizer: threshold ``s``, the same bounds.
+
+    Accepts ``spikekernels.nn.Quantizer`` and anything with the official ``MyQuan``
+    attributes (``s``, ``level``, ``sym``). A disabled quantizer (the float network) has no
+    spiking equivalent: ValueError.
+    """
+    if not hasattr(quantizer, "s") or not (
+        hasattr(quantizer, "signed") or hasattr(quantizer, "sym")
+    ):
+        raise TypeError(f"expected a quantizer with a step `s`, got {type(quantizer).__name__}")
+    if not getattr(quantizer, "enabled", True):
+        raise ValueError("a disabled quantizer (float network) has no spiking equivalent")
+    signed = bool(getattr(quantizer, "signed", getattr(quantizer, "sym", False)))
+    return STBIF(quantizer.s.detach(), int(quantizer.level), signed, float_out=float_out)
+
+
+class SpikeAttention(nn.Module):
+    """Multi-head spiking self-attention, ``[T, B, N, C]`` spikes in, ``[T, B, N, C]`` out.
+
+    Per step (SPEC.md §7), with ``H`` heads of ``Dh = C / H`` channels:
+
+    1. ``qkv``: spike linear of the input spikes (threshold ``in_threshold``, the norm1
+       neuron's), its bias at global step 0 -> ``[T, B, N, 3C]`` float32.
+    2. ``q_if``, ``k_if``, ``v_if``: signed ST-BIF neurons (thresholds of ``quan_q/k/v``).
+       They run on the token-major slices ``[T, B, N, C]`` of the qkv output (no float
+       transpose); their counts viewed ``[B, N, H, Dh]`` and transposed are the QANN's
+       ``[B, H, N, Dh]`` integers. The int8 spikes are then laid out head-major.
+    3. scores: spike product ``q @ k^T`` with scale ``theta_q * theta_k * head_dim^-0.5``
+       (the QANN's ``scale``), then ``SpikeSoftmax`` over the keys.
+    4. ``attn_if``: unsigned neuron (``attn_quan``) on ``[T, B, H, N, N]``.
+    5. context: spike product ``attn @ v`` with scale ``theta_attn * theta_v``, then
+       ``after_attn_if`` (signed, ``after_attn_quan``) on ``[T, B, H, N, Dh]``.
+    6. merge heads -> ``proj`` spike linear (threshold ``theta_after_attn``, bias at step 0)
+       -> ``proj_if`` (signed, ``quan_proj``).
+
+    The output is ``proj_if``'s: int8 spikes, or ``spikes * theta`` (float32, the residual
+    increment) when built with ``float_out=True``. State (neurons, softmax, linear steps, the
+    two products' running counts) is kept between calls until ``reset()``, so chunked time
+    equals a whole run. Thresholds stay tensors: no host sync. Inference only.
+    """
+
+    def __init__(
+        self,
+        qkv: nn.Module,
+        q_if: STBIF,
+        k_if: STBIF,
+        v_if: STBIF,
+        softmax: nn.Module,
+        attn_if: STBIF,
+        after_attn_if: STBIF,
+        proj: nn.Module,
+        proj_if: STBIF,
+        dim: int,
+        num_heads: int,
+        scale: float,
+    ) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
+        self.dim = int(dim)
+        self.qkv, self.proj = qkv, proj
+        self.q_if, self.k_if, self.v_if = q_if, k_if, v_if
+        self.softmax = softmax
+        self.attn_if, self.after_attn_if, self.proj_if = attn_if, after_attn_if, proj_if
+        self.num_heads = int(num_heads)
+        self.scale = float(scale)
+        self.register_buffer("score_scale", q_if.threshold * k_if.threshold * self.scale)
+        self.register_buffer("context_scale", attn_if.threshold * v_if.threshold)
+        self.reset()
+
+    @classmethod
+    def from_quant(
+        cls, qattn: nn.Module, in_threshold: torch.Tensor, *, float_out: bool = False
+    ) -> SpikeAttention:
+        """Build from a QANN attention (``QuantAttention`` or the official ``QAttention``).
+
+        ``in_threshold``: the threshold of the neuron whose spikes come in (the norm1
+        quantizer's step). The linear weights are shared with ``qattn``, not copied.
+        """
+        for name in ("qkv", "proj", "quan_q", "quan_k", "quan_v", "attn_quan",
+                     "after_attn_quan", "quan_proj", "num_heads", "scale"):  # fmt: skip
+            if not hasattr(qattn, name):
+                raise TypeError(
+                    f"SpikeAttention.from_quant: {type(qattn).__name__} has no `{name}`; "
+                    "expected a QuantAttention / QAttention"
+                )
+        if getattr(qattn, "is_softmax", True) is False:
+            raise ValueError("SpikeAttention supports softmax attention only (is_softmax=True)")
+        in_threshold = torch.as_tensor(in_threshold, dtype=torch.float32).detach()
+        after_attn_if = neuron_from_quantizer(qattn.after_attn_quan)
+        return cls(
+            qkv=SpikeLinear.from_linear(qattn.qkv, in_threshold),
+            q_if=neuron_from_quantizer(qattn.quan_q),
+            k_if=neuron_from_quantizer(qattn.quan_k),
+            v_if=neuron_from_quantizer(qattn.quan_v),
+            softmax=SpikeSoftmax(),
+            attn_if=neuron_from_quantizer(qattn.attn_quan),
+            after_attn_if=after_attn_if,
+            proj=SpikeLinear.from_linear(qattn.proj, after_attn_if.threshold),
+            proj_if=neuron_from_quantizer(qattn.quan_proj, float_out=float_out),
+            dim=qattn.proj.weight.shape[0],
+            num_heads=qattn.num_heads,
+            scale=qattn.scale,
+        )
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    def reset(self) -> None:
+        """Back to the fresh state, every part included: call between inputs."""
+        self.scores_acc: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
+        self.context_acc: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
+        for m in (self.qkv, self.q_if, self.k_if, self.v_if, self.softmax, self.attn_if,
+                  self.after_attn_if, self.proj, self.proj_if):  # fmt: skip
+            m.reset()
+
+    def forward(self, s: torch.Tensor, ops: StepOps = DEFAULT_OPS) -> torch.Tensor:
+        """``s``: ``[T, B, N, C]`` int8 spikes of the input neuron. ``ops``: see ``StepOps``."""
+        if s.dim() != 4:
+            raise ValueError(f"SpikeAttention expects s of shape [T, B, N, C], got {list(s.shape)}")
+        t, b, n, c = s.shape
+        h = self.num_heads
+        if c != self.dim:
+            raise ValueError(f"s has {c} channels, the attention expects {self.dim}")
+        dh = c // h
+        qkv = ops.linear(self.qkv, s).view(t, b, n, 3, c)
+        q = ops.neuron(self.q_if, qkv[:, :, :, 0].contiguous())
+        k = ops.neuron(self.k_if, qkv[:, :, :, 1].contiguous())
+        v = ops.neuron(self.v_if, qkv[:, :, :, 2].contiguous())
+        q = q.view(t, b, n, h, dh).transpose(2, 3).contiguous()  # [T, B, H, N, Dh]
+        k_t = k.view(t, b, n, h, dh).permute(0, 1, 3, 4, 2)  # [T, B, H, Dh, N], strided
+        v = v.view(t, b, n, h, dh).transpose(2, 3)  # [T, B, H, N, Dh], strided
+        scores = ops.matmul(self, "scores_acc", q, k_t, self.score_scale)
+        attn = ops.neuron(self.attn_if, ops.softmax(self.softmax, scores))
+        context = ops.matmul(self, "context_acc", attn, v, self.context_scale)
+        context = ops.neuron(self.after_attn_if, context)  # [T, B, H, N, Dh]
+        merged = context.transpose(2, 3).reshape(t, b, n, c)
+        return ops.neuron(self.proj_if, ops.linear(self.proj, merged))
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, num_heads={self.num_heads}, scale={self.scale:.4g}"

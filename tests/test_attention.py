@@ -1,0 +1,154 @@
+"""SpikeAttention (SPEC.md §7) against the quantized attention it was converted from."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import spikekernels.kernels
+from spikekernels.models import QuantAttention, calibrate
+from spikekernels.nn import SpikeAttention
+from spikekernels.reference import level_bounds
+
+# Within this distance of a rounding boundary (in units of the step) the QANN's integer and a
+# neuron's count may differ legitimately: the SNN sums the same value in another float order.
+TIE = 1e-4
+
+
+def make_attention(dim, heads, level, batch, tokens, gen):
+    """A quantized attention with random weights, calibrated on a random quantized input.
+
+    Returns ``(qattn, in_theta, counts)``: ``counts`` ``[B, N, D]`` is the input as integers of
+    the norm1 quantizer (step ``in_theta``), i.e. what the norm1 neuron's spikes sum to.
+    """
+    qattn = QuantAttention(dim, heads, level)
+    with torch.no_grad():
+        for lin in (qattn.qkv, qattn.proj):
+            lin.weight.copy_(torch.randn(lin.weight.shape, generator=gen) / dim**0.5)
+            lin.bias.copy_(0.1 * torch.randn(lin.bias.shape, generator=gen))
+    in_theta = 0.05 + torch.rand((), generator=gen)
+    n_min, p_max = level_bounds(level, signed=True)
+    counts = torch.randint(n_min, p_max + 1, (batch, tokens, dim), generator=gen)
+    calibrate(qattn, in_theta * counts)
+    return qattn, in_theta, counts
+
+
+def spike_train(counts: torch.Tensor, steps: int) -> torch.Tensor:
+    """``[steps, *shape]`` int8 spikes: ``sign(c)`` on the first ``|c|`` steps."""
+    t = torch.arange(steps).view(-1, *([1] * counts.dim()))
+    return (torch.sign(counts) * (t < counts.abs())).to(torch.int8)
+
+
+def quantizer_integers(qattn: QuantAttention, x: torch.Tensor):
+    """Run the QANN; per quantizer name, ``(integer, tie mask)`` of its input."""
+    seen = {}
+
+    def hook(name):
+        def record(module, inputs, output):
+            u = inputs[0].detach() / module.s.detach() + 0.5
+            seen[name] = (module.integer(inputs[0]), (u - torch.round(u)).abs() > 0.5 - TIE)
+
+        return record
+
+    names = ("quan_q", "quan_k", "quan_v", "attn_quan", "after_attn_quan", "quan_proj")
+    handles = [getattr(qattn, n).register_forward_hook(hook(n)) for n in names]
+    with torch.no_grad():
+        out = qattn(x)
+    for h in handles:
+        h.remove()
+    return out, seen
+
+
+def snn_counts(attn: SpikeAttention, heads: int) -> dict[str, torch.Tensor]:
+    """The neurons' counts in the QANN's layouts (q/k/v run token-major: [B, N, D])."""
+
+    def head_major(c):
+        b, n, d = c.shape
+        return c.view(b, n, heads, d // heads).transpose(1, 2)
+
+    return {
+        "quan_q": head_major(attn.q_if.count),
+        "quan_k": head_major(attn.k_if.count),
+        "quan_v": head_major(attn.v_if.count),
+        "attn_quan": attn.attn_if.count,
+        "after_attn_quan": attn.after_attn_if.count,
+        "quan_proj": attn.proj_if.count,
+    }
+
+
+def neurons(attn: SpikeAttention):
+    return (attn.q_if, attn.k_if, attn.v_if, attn.attn_if, attn.after_attn_if, attn.proj_if)
+
+
+def run(attn: SpikeAttention, s: torch.Tensor, chunk: int) -> torch.Tensor:
+    attn.reset()
+    return torch.cat([attn(part) for part in s.split(chunk)])
+
+
+def check_against_qann(dim, heads, level, batch, tokens, steps, gen):
+    qattn, in_theta, counts = make_attention(dim, heads, level, batch, tokens, gen)
+    attn = SpikeAttention.from_quant(qattn, in_theta, float_out=True)
+    s = spike_train(counts, steps)
+    out = run(attn, s, chunk=steps)
+    assert all(bool(n.silent()) for n in neurons(attn)), f"not silent after {steps} steps"
+
+    expected, ints = quantizer_integers(qattn, in_theta * counts)
+    got = snn_counts(attn, heads)
+    report, total, agree = [], 0, 0
+    for name, (integer, tie) in ints.items():
+        same = got[name].to(torch.int64) == integer.to(torch.int64)
+        report.append(f"{name}: {same.float().mean().item():.6f} ({int(tie.sum())} ties)")
+        total += same.numel()
+        agree += int(same.sum())
+        assert bool((same | tie).all()), "count != QANN integer off a tie: " + "; ".join(report)
+    summary = f"agreement {agree / total:.6f} over {total} neurons: " + "; ".join(report)
+    assert agree == total, summary
+
+    proj_theta = attn.proj_if.threshold
+    torch.testing.assert_close(proj_theta * attn.proj_if.count.float(), expected.float())
+    torch.testing.assert_close(out.sum(0), expected, rtol=1e-5, atol=1e-5 * float(proj_theta))
+    return attn, s, out
+
+
+@pytest.mark.parametrize(("heads", "tokens"), [(2, 17), (3, 20)])
+def test_attention_settles_to_qann(heads, tokens, gen):
+    check_against_qann(
+        dim=8 * heads, heads=heads, level=8, batch=2, tokens=tokens, steps=40, gen=gen
+    )
+
+
+def test_attention_chunked_equals_whole(gen):
+    attn, s, whole = check_against_qann(dim=16, heads=2, level=8, batch=2, tokens=17, steps=40,
+                                        gen=gen)  # fmt: skip
+    counts = {k: v.clone() for k, v in snn_counts(attn, 2).items()}
+    for chunk in (3, 7):
+        assert torch.equal(run(attn, s, chunk), whole), f"chunk {chunk} != whole"
+        for name, c in snn_counts(attn, 2).items():
+            assert torch.equal(c, counts[name]), f"{name} counts differ at chunk {chunk}"
+
+
+def test_attention_large_cpu_runtime(gen, monkeypatch):
+    """ViT-S-like heads and tokens on the CPU runtime path (vectorised reference ops)."""
+    monkeypatch.setattr(spikekernels.kernels, "INTERPRET", False)
+    check_against_qann(dim=48, heads=6, level=16, batch=1, tokens=197, steps=80, gen=gen)
+
+
+def test_attention_int8_output_and_state(gen):
+    qattn, in_theta, counts = make_attention(16, 2, 8, 2, 17, gen)
+    attn = SpikeAttention.from_quant(qattn, in_theta)
+    out = attn(spike_train(counts, 6))
+    assert out.dtype == torch.int8 and out.shape == (6, 2, 17, 16)
+    assert attn.qkv.weight.data_ptr() == qattn.qkv.weight.data_ptr(), "weights must be shared"
+    attn.reset()
+    assert attn.q_if.count is None and attn.scores_acc == (None, None)
+
+
+def test_attention_bad_input(gen):
+    qattn, in_theta, _ = make_attention(16, 2, 8, 1, 5, gen)
+    attn = SpikeAttention.from_quant(qattn, in_theta)
+    with pytest.raises(ValueError, match=r"\[T, B, N, C\]"):
+        attn(torch.zeros(2, 5, 16, dtype=torch.int8))
+    with pytest.raises(ValueError, match="channels"):
+        attn(torch.zeros(2, 1, 5, 12, dtype=torch.int8))
+    with pytest.raises(TypeError, match="has no `qkv`"):
+        SpikeAttention.from_quant(torch.nn.Linear(2, 2), in_theta)

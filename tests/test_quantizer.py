@@ -1,0 +1,158 @@
+"""Quantizer (SPEC.md §1): the reference's rounding and bounds, LSQ gradients, integer()."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from spikekernels import reference
+from spikekernels.nn import Quantizer
+
+LEVELS = [2, 8, 16, 32]
+
+
+def _quantizer(level, signed, step):
+    q = Quantizer(level, signed)
+    q.set_step(step)
+    return q
+
+
+@pytest.mark.parametrize("signed", [True, False])
+@pytest.mark.parametrize("level", LEVELS)
+def test_forward_matches_reference_bit_for_bit(gen, level, signed):
+    step = 0.37
+    q = _quantizer(level, signed, step)
+    x = torch.randn(4, 33, generator=gen) * level * step
+    ties = torch.randint(-level, level, (4, 33), generator=gen) * step + step / 2
+    for inp in (x, ties):
+        want = reference.quantize(inp, torch.tensor(step), q.n_min, q.p_max)
+        assert torch.equal(q(inp), want)
+
+
+@pytest.mark.parametrize("signed", [True, False])
+@pytest.mark.parametrize("level", LEVELS)
+def test_bounds_are_level_bounds(level, signed):
+    q = _quantizer(level, signed, 0.5)
+    assert (q.n_min, q.p_max) == reference.level_bounds(level, signed)
+    assert (q.level, q.signed) == (level, signed)
+    assert (q.neg_min, q.pos_max, q.sym) == (q.n_min, q.p_max, signed)
+    big = torch.tensor([-1e6, -3.0, 0.0, 3.0, 1e6])
+    ints = q.integer(big)
+    assert ints.min().item() == q.n_min and ints.max().item() == q.p_max
+
+
+def test_ties_round_half_up():
+    q = _quantizer(16, True, 1.0)
+    x = torch.tensor([-2.5, -1.5, -0.5, 0.5, 1.5, 2.5])
+    assert q.integer(x).tolist() == [-2, -1, 0, 1, 2, 3]
+    assert q(x).tolist() == [-2.0, -1.0, 0.0, 1.0, 2.0, 3.0]
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_integer_is_the_count_the_neuron_reaches(gen, signed):
+    q = _quantizer(16, signed, 0.25)
+    x = torch.randn(64, generator=gen) * 3
+    ints = q.integer(x)
+    assert ints.dtype == reference.count_dtype(q.n_min, q.p_max) == torch.int8
+    assert torch.equal(q.s.detach() * ints.to(torch.float32), q(x).detach())
+
+
+def _official_lsq(x, s, n_min, p_max):
+    """The official MyQuan's autograd formulation (grad_scale, floor_pass), for comparison."""
+    g = 1.0 / math.sqrt(x.numel() * p_max)
+    s_scaled = (s - s * g).detach() + s * g
+    v = x / s_scaled + 0.5
+    floored = (v.floor() - v).detach() + v
+    return torch.clamp(floored, n_min, p_max) * s_scaled
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_lsq_gradients_match_the_official_formulation(gen, signed):
+    q = _quantizer(8, signed, 0.3)
+    x = (torch.randn(5, 17, generator=gen) * 1.5).requires_grad_()
+    upstream = torch.randn(5, 17, generator=gen)
+    (q(x) * upstream).sum().backward()
+
+    s = torch.tensor(0.3, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_()
+    (_official_lsq(x2, s, q.n_min, q.p_max) * upstream).sum().backward()
+
+    inside = (torch.floor(x.detach() / 0.3 + 0.5) >= q.n_min) & (
+        torch.floor(x.detach() / 0.3 + 0.5) <= q.p_max
+    )
+    assert not inside.all() and inside.any(), "the input must reach both sides of the clamp"
+    assert torch.equal(x.grad, upstream * inside)
+    torch.testing.assert_close(x.grad, x2.grad)
+    torch.testing.assert_close(q.s.grad, s.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_step_learns():
+    q = _quantizer(16, False, 0.01)
+    x = torch.rand(256) * 4
+    opt = torch.optim.SGD(q.parameters(), lr=1.0)
+    before = ((q(x) - x) ** 2).mean().item()
+    for _ in range(50):
+        opt.zero_grad()
+        ((q(x) - x) ** 2).mean().backward()
+        opt.step()
+    assert ((q(x) - x) ** 2).mean().item() < 0.1 * before
+
+
+def test_first_training_forward_initializes_once(gen):
+    q = Quantizer(16, True)
+    q.eval()
+    x = torch.randn(100, generator=gen)
+    q(x)
+    assert not q.initialized and q.s.item() == 1.0, "eval must not touch the step"
+    q.train()
+    q(x)
+    want = 2 * x.abs().mean().item() / math.sqrt(q.p_max)
+    assert q.initialized and q.s.item() == pytest.approx(want)
+    q(x * 10)
+    assert q.s.item() == pytest.approx(want), "only the first training forward initializes"
+
+
+def test_loading_a_step_counts_as_initialized():
+    q = Quantizer(8, False)
+    q.load_state_dict({"s": torch.tensor(0.2)})
+    assert q.initialized and list(q.state_dict()) == ["s"]
+    q.train()
+    q(torch.ones(3) * 50)
+    assert q.s.item() == pytest.approx(0.2)
+
+
+def test_disabled_is_identity(gen):
+    q = _quantizer(8, True, 0.5)
+    q.enabled = False
+    x = torch.randn(10, generator=gen)
+    assert q(x) is x
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_calibrated_step_beats_lsq_init(gen, signed):
+    q = Quantizer(16, signed)
+    x = torch.randn(5000, generator=gen).abs() if not signed else torch.randn(5000, generator=gen)
+    x = x**3  # heavy tails
+    step = q.calibrate_step(x)
+    lsq = 2 * x.abs().mean() / math.sqrt(q.p_max)
+
+    def err(s):
+        return ((reference.quantize(x, s, q.n_min, q.p_max) - x) ** 2).sum()
+
+    assert step > 0 and torch.isfinite(step)
+    assert err(step) <= err(lsq)
+    assert q.calibrate_step(torch.zeros(7)).item() == 1.0
+
+
+def test_bad_step_is_rejected():
+    q = Quantizer(8, True)
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="positive and finite"):
+            q.set_step(bad)
+
+
+def test_level_below_two_is_rejected():
+    with pytest.raises(ValueError, match="level"):
+        Quantizer(1, True)
