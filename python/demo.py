@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+import spikekernels
 from spikekernels import models
 from spikekernels.models import QuantViT, calibrate, quantizers
 
@@ -184,12 +185,6 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     return (pred == y).float().mean().item(), pred, seconds
 
 
-def snn_available() -> bool:
-    import spikekernels
-
-    return callable(getattr(spikekernels, "convert", None))
-
-
 @dataclass
 class SNNResult:
     accuracy: float
@@ -219,13 +214,6 @@ def run_snn(
     """Phase 3: convert, run each batch until silent (``snn(x, max_steps, chunk)``), time it,
     then (``curve``) rerun with the trace for the accuracy-vs-step curve and (``reference``) time
     the per-step reference SNN (``reference=True``: one step at a time, a sync per step)."""
-    if not snn_available():
-        raise RuntimeError(
-            "spikekernels.convert is not available in this checkout yet: the QANN part of the "
-            "demo ran; the SNN part needs the converter (spikekernels/convert.py)."
-        )
-    import spikekernels
-
     device = next(qann.parameters()).device
     snn = spikekernels.convert(qann)
     batches = [(x[i : i + batch_size].to(device), i) for i in range(0, len(x), batch_size)]
@@ -337,10 +325,6 @@ def digits_demo(args: argparse.Namespace) -> None:
     print(f"float ViT accuracy     {100 * float_acc:6.2f} %")
     print(f"QANN accuracy          {100 * qann_acc:6.2f} %  (level {args.level})")
 
-    if not snn_available():
-        print("SNN: skipped, spikekernels.convert is not available in this checkout yet.")
-        print(f"time per image: QANN          {1e3 * qann_seconds:8.3f} ms")
-        return
     n = len(y_test) if args.snn_images is None else args.snn_images
     if n < len(y_test):
         qann_acc, qann_pred, _ = evaluate(model, x_test[:n], y_test[:n])
@@ -366,10 +350,6 @@ def synthetic_demo(args: argparse.Namespace) -> None:
     unlabeled = torch.zeros(args.batch, dtype=torch.int64)
     _, qann_pred, qann_seconds = evaluate(model, x, unlabeled, batch_size=args.batch)
     print(f"quantizers (-> neurons) {len(list(quantizers(model)))}")
-    if not snn_available():
-        print("SNN: skipped, spikekernels.convert is not available in this checkout yet.")
-        print(f"time per image: QANN          {1e3 * qann_seconds:8.3f} ms")
-        return
     # No labels: the QANN's predictions stand in, so "accuracy" is the agreement.
     result = run_snn(
         model, x, qann_pred, max_steps=args.max_steps, chunk=args.chunk,

@@ -18,10 +18,6 @@ demo = importlib.util.module_from_spec(_spec)
 sys.modules[_spec.name] = demo  # dataclasses look their module up there
 _spec.loader.exec_module(demo)
 
-needs_snn = pytest.mark.skipif(
-    not demo.snn_available(), reason="spikekernels.convert is not in this checkout yet"
-)
-
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
@@ -99,14 +95,6 @@ def test_plot_writes_png(tmp_path):
     assert Path(path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.mark.skipif(demo.snn_available(), reason="the converter is present: see the SNN test")
-def test_snn_part_says_what_is_missing(small):
-    _, _, x, y = small
-    with pytest.raises(RuntimeError, match="spikekernels.convert"):
-        demo.run_snn(_model(), x, y)
-
-
-@needs_snn
 def test_snn_part_agrees_with_qann(small):
     _, _, x, y = small
     # The smallest network with every SNN part: under the Triton interpreter (CPU CI) the
