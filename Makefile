@@ -23,7 +23,7 @@ PY_INC      = $(shell $(VPY) -c "import sysconfig; print('-I' + sysconfig.get_pa
 CU_SOURCES  := $(shell find csrc -name '*.cu' 2>/dev/null)
 CXX_SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cuh' 2>/dev/null)
 
-.PHONY: demo test bench cuda-check lint format clean
+.PHONY: demo test bench wheels cuda-check lint format clean
 
 $(VENV)/.toolchain:
 	$(PYTHON) -m venv --system-site-packages $(VENV)
@@ -47,6 +47,11 @@ test: $(VENV)/.built
 bench: $(VENV)/.built
 	$(PIP) install --no-deps $(BENCH_DEPS)
 	$(VPY) -m pytest bench -q $(ARGS)
+
+# The GPU machine has no network: put the baseline's wheels where bench/device_check.sh finds
+# them, then carry bench/.wheels to the machine with the run.
+wheels: $(VENV)/.toolchain
+	$(PIP) download --no-deps -d bench/.wheels spikingjelly==2.0.0 loguru
 
 # Compile-only check of every CUDA source for sm_90 against the installed torch's headers.
 cuda-check: $(VENV)/.toolchain

@@ -7,7 +7,8 @@
 #   BENCH=bench/bench_neuron.py bash bench/device_check.sh   # one suite
 #
 # SpikingJelly (a baseline) is installed from bench/.wheels/ when that ignored folder holds its
-# wheel (carry it to the machine); without it the SpikingJelly ratios are left out.
+# wheel (`make wheels`, then carry bench/.wheels to the machine); without it the SpikingJelly
+# ratios are left out.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
