@@ -39,8 +39,14 @@ $(VENV)/.built: $(VENV)/.toolchain setup.py pyproject.toml $(CU_SOURCES) $(CXX_S
 demo: $(VENV)/.built
 	TRITON_INTERPRET=0 $(VPY) python/demo.py $(ARGS)
 
+# Two passes without a GPU: the CPU runtime paths (C++ kernels, PyTorch; ops registered as
+# triton_op), then the Triton kernels themselves through the interpreter. One pass on a GPU.
 test: $(VENV)/.built
-	TRITON_INTERPRET=$(INTERPRET) $(VPY) -m pytest tests -q $(ARGS)
+	TRITON_INTERPRET=0 $(VPY) -m pytest tests -q $(ARGS)
+	@if [ "$(INTERPRET)" = 1 ]; then \
+	  echo "== again with the Triton kernels on CPU (TRITON_INTERPRET=1)"; \
+	  TRITON_INTERPRET=1 $(VPY) -m pytest tests -q $(ARGS); \
+	fi
 
 # SpikingJelly brings its own torch pin: --no-deps keeps ours.
 # Benchmarks time the real paths: CPU kernels on a CPU machine, never the interpreter.
