@@ -12,7 +12,7 @@ TORCH_PIN   := torch==2.13.0
 # triton 3.6 is the GPU machine's version; its CPU interpreter needs numpy < 2.4.
 TOOLCHAIN   := triton==3.6.0 "numpy<2.4" pybind11 ninja setuptools wheel
 DEMO_DEPS   := scikit-learn matplotlib tqdm
-TEST_DEPS   := pytest pytest-benchmark expecttest hypothesis ruff
+TEST_DEPS   := pytest pytest-benchmark expecttest hypothesis ruff==0.17.6
 BENCH_DEPS  := spikingjelly==2.0.0 loguru tqdm scipy
 
 # Without a GPU the Triton kernels run through the interpreter (set before any kernel is defined).

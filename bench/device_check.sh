@@ -1,10 +1,17 @@
 #!/usr/bin/env bash
 # GPU check, run on a lent GPU machine (no network there): builds the CUDA extension with that
-# machine's own python3/torch/triton, runs the `cuda` tests and the benchmarks at paper sizes,
-# writes bench/results/<gpu>-<date>.json and prints a short table last. Budget: < 8 minutes.
+# machine's own python3/torch/triton, runs the GPU tests and the benchmarks at paper sizes,
+# writes bench/results/<gpu>-<date>.json and prints a short table last. Budget: < 8 minutes,
+# enforced: every stage runs under a timeout cut from one deadline (BUDGET_S, default 450 s),
+# and an overrun stops pytest with SIGINT (so it still prints what it has), then SIGKILL 20 s
+# later (a kernel that hangs). Each benchmark suite is its own run, so finished suites are kept.
+#
+# GPU tests: `-k cuda` selects the `cuda`-marked tests and every test parametrised over
+# conftest.DEVICES with "cuda" (its id holds "cuda"), which `-m cuda` alone would leave out.
 #
 #   bash bench/device_check.sh            # everything
 #   BENCH=bench/bench_neuron.py bash bench/device_check.sh   # one suite
+#   TESTS=tests/test_spike_matmul.py bash bench/device_check.sh   # one test file
 #
 # SpikingJelly (a baseline) is installed from bench/.wheels/ when that ignored folder holds its
 # wheel (`make wheels`, then carry bench/.wheels to the machine); without it the SpikingJelly
@@ -13,6 +20,11 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET
+
+deadline=$(( $(date +%s) + ${BUDGET_S:-450} ))
+# seconds left before the deadline, less $1 kept for the stages after this one (at least 10)
+left() { local s=$(( deadline - $(date +%s) - ${1:-0} )); echo $(( s < 10 ? 10 : s )); }
+limit() { timeout -s INT -k 20 "$@"; }
 
 python3 -c "import torch; assert torch.cuda.is_available(), 'no CUDA GPU here'" || exit 1
 gpu=$(python3 -c "import torch, re; print(re.sub(r'[^a-z0-9]+', '-', torch.cuda.get_device_name().lower()).strip('-'))")
@@ -23,22 +35,72 @@ log="bench/results/${gpu}-${day}.log"
 
 echo "== build (CUDA extension) on ${gpu}"
 start=$(date +%s)
-SPIKEKERNELS_CUDA=1 MAX_JOBS=16 python3 -m pip install --no-build-isolation --no-deps -e . -q 2>&1 | tail -5
-echo "   build took $(( $(date +%s) - start ))s"
-if [ -d bench/.wheels ]; then
-  python3 -m pip install -q --no-deps --no-index --find-links bench/.wheels spikingjelly loguru 2>&1 | tail -2
+SPIKEKERNELS_CUDA=1 MAX_JOBS=16 timeout -k 10 "$(left 300)" \
+  python3 -m pip install --no-build-isolation --no-deps -e . -q 2>&1 | tail -5
+build_rc=${PIPESTATUS[0]}
+echo "   build took $(( $(date +%s) - start ))s (rc=${build_rc})"
+if [ "$build_rc" -ne 0 ]; then
+  echo "BUILD FAILED: not testing a stale or CPU-only extension" >&2
+  exit 1
 fi
-python3 -m spikekernels.info
+if [ -d bench/.wheels ]; then
+  timeout 60 python3 -m pip install -q --no-deps --no-index --find-links bench/.wheels \
+    spikingjelly loguru 2>&1 | tail -2
+fi
+timeout 60 python3 -m spikekernels.info
+# The op falls back to the PyTorch reference on CUDA when the extension lacks the kernel: make
+# sure the tests and benchmarks below exercise csrc/cuda/spike_softmax.cu.
+timeout 60 python3 - <<'PY' || exit 1
+import sys
+import torch
+import spikekernels  # noqa: F401
+dump = torch._C._dispatch_dump("spikekernels::spike_softmax")
+line = next((l for l in dump.splitlines() if l.startswith("CUDA:")), "CUDA: (none)")
+print("   spike_softmax", line)
+if "spike_softmax.cu" not in line:
+    sys.exit("the CUDA Spike-Softmax kernel is not registered: the build has no CUDA kernels")
+PY
 
-echo "== cuda tests"
-timeout 180 python3 -m pytest tests -m cuda -q -p no:cacheprovider 2>&1 | tee "$log" | tail -15
+echo "== GPU tests (-k ${SELECT:-cuda})"
+limit "$(left 200)" python3 -m pytest "${TESTS:-tests}" -k "${SELECT:-cuda}" -q \
+  -p no:cacheprovider 2>&1 | tee "$log" | tail -25
 tests_rc=${PIPESTATUS[0]}
 
 echo "== benchmarks"
-timeout 300 python3 -m pytest "${BENCH:-bench}" -q -p no:cacheprovider \
-  --benchmark-json="$json" --benchmark-min-rounds=5 2>&1 | tee -a "$log" \
-  | sed -n '/spikekernels benchmarks on/,$p'
-bench_rc=${PIPESTATUS[0]}
+# One pytest run per suite, each with its own JSON, merged below: pytest-benchmark writes its
+# JSON only when a run ends cleanly, so a suite cut short by the deadline loses only itself.
+parts=$(mktemp -d)
+rm -f "$json"
+bench_rc=0
+for suite in ${BENCH:-bench/bench_*.py}; do
+  if [ $(( deadline - $(date +%s) )) -lt 45 ]; then
+    echo "   ${suite}: skipped, out of time"
+    bench_rc=1
+    continue
+  fi
+  limit "$(left 15)" python3 -m pytest "$suite" -q -p no:cacheprovider \
+    --benchmark-json="${parts}/$(basename "$suite" .py).json" --benchmark-min-rounds=5 2>&1 \
+    | tee -a "$log" | sed -n '/spikekernels benchmarks on/,$p'
+  rc=${PIPESTATUS[0]}
+  if [ "$rc" -ne 0 ]; then bench_rc=$rc; fi
+done
+python3 - "$json" "$parts"/*.json <<'PY'
+import json, sys
+merged = None
+for path in sys.argv[2:]:
+    try:
+        data = json.load(open(path))
+    except (OSError, ValueError):
+        print(f"   {path}: no results (cut short?)")
+        continue
+    if merged is None:
+        merged = data
+    else:
+        merged["benchmarks"] += data["benchmarks"]
+if merged is not None:
+    with open(sys.argv[1], "w") as f:
+        json.dump(merged, f, indent=2)
+PY
 
 echo "== summary (${json})"
 python3 - "$json" <<'PY'

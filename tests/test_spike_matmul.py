@@ -335,3 +335,35 @@ def test_torch_compile_fullgraph(gen, device):
 
     got = torch.compile(scores, fullgraph=True)(a, keys, scale)
     _assert_same(got, [t.cpu() for t in scores(a, keys, scale)])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("k", [64, 197], ids=["scores-fused", "context-split"])
+def test_cuda_attention_size(gen, k):
+    """ViT-S attention (2 images x 6 heads x 197 tokens, head dim 64) with incoming counts:
+    scores ``Q K^T`` (K = 64: the fused kernel, b a transposed view, rows and columns not
+    multiples of the tile) and context ``P V`` (K = 197 keys: running counts + split-K),
+    bit for bit against the CPU path."""
+    T, batch, n_tok, d = 4, (2, 6), 197, 64
+    a = _spikes(gen, T, batch, n_tok, k, group_dim=-2)
+    if k == d:
+        b = _spikes(gen, T, batch, n_tok, d, group_dim=-2).transpose(-1, -2)
+    else:
+        b = _spikes(gen, T, batch, k, d, group_dim=-1)
+    scale = _scale(gen)
+    a_acc, b_acc = _counts(gen, a.shape[1:]), _counts(gen, b.shape[1:])
+    got = spikekernels.spike_matmul(a.cuda(), b.cuda(), scale.cuda(), a_acc.cuda(), b_acc.cuda())
+    _assert_same(got, spike_matmul_dense(a, b, scale, a_acc, b_acc))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs a second GPU")
+def test_cuda_second_device(gen):
+    """Triton launches on the current device: tensors on cuda:1 while cuda:0 is current."""
+    a = _spikes(gen, 3, (2,), 70, 130, group_dim=-2)
+    b = _spikes(gen, 3, (2,), 130, 9, group_dim=-1)
+    scale = _scale(gen)
+    with torch.cuda.device(0):
+        got = spikekernels.spike_matmul(a.to("cuda:1"), b.to("cuda:1"), scale.to("cuda:1"))
+    assert got[0].device == torch.device("cuda:1")
+    _assert_same(got, spike_matmul_dense(a, b, scale))

@@ -178,9 +178,46 @@ def layernorm_cases() -> list[Case]:
                 signature,
                 constexprs,
                 num_warps=num_warps,
-                ptx_must_contain=["sqrt.rn.f32"],
+                # mean and variance divide by C correctly rounded, never approximately
+                ptx_must_contain=["sqrt.rn.f32", "div.rn.f32"],
+                ptx_must_not_contain=["div.full.f32", "div.approx"],
             )
         )
+    # Triton specialises an integer argument equal to 1 into a constant: C == 1 and R == 1.
+    block_c, rows, num_warps = layernorm.launch_config(1)
+    signature = {
+        "x_ptr": "*fp32",
+        "w_ptr": "*fp32",
+        "b_ptr": "*fp32",
+        "x_acc_in_ptr": "*fp32",
+        "y_prev_in_ptr": "*fp32",
+        "out_ptr": "*fp32",
+        "x_acc_out_ptr": "*fp32",
+        "y_prev_out_ptr": "*fp32",
+        "T": "i32",
+        "eps": "fp32",
+    }
+    constexprs = dict(
+        R=1,
+        C=1,
+        HAS_WEIGHT=False,
+        HAS_BIAS=False,
+        HAS_X_ACC=False,
+        HAS_Y_PREV=False,
+        OUT_BF16_BITS=False,
+        ROWS=rows,
+        BLOCK_C=block_c,
+    )
+    cases.append(
+        Case(
+            "spike_layernorm x=fp32 C=1 R=1",
+            layernorm.spike_layernorm_kernel,
+            signature,
+            constexprs,
+            num_warps=num_warps,
+            ptx_must_not_contain=["div.full.f32", "div.approx"],
+        )
+    )
     return cases
 
 

@@ -6,7 +6,9 @@ this package was imported, so kernels run on CPU tensors through the numpy inter
 
 from __future__ import annotations
 
+import functools
 import os
+from collections.abc import Callable
 
 import torch
 
@@ -25,3 +27,28 @@ def use_triton(t: torch.Tensor) -> bool:
     if not TRITON_AVAILABLE:
         return False
     return t.is_cuda or (INTERPRET and t.device.type == "cpu")
+
+
+def on_device(host_fn: Callable) -> Callable:
+    """Decorator for a kernel's host function ``f(launch, x, ...)``: the launches run with
+    ``x``'s GPU as the current device.
+
+    Triton launches on ``torch.cuda.current_device()`` (and its current stream), not on the
+    device of the arguments: tensors on ``cuda:1`` while ``cuda:0`` is current would hand
+    device-1 pointers to a kernel running on device 0. A no-op on CPU, when the device is
+    already current (the usual case), and while torch.compile traces (the code it generates
+    holds its own device guard).
+    """
+
+    @functools.wraps(host_fn)
+    def wrapper(launch, x, *args, **kwargs):
+        if (
+            x.is_cuda
+            and not torch.compiler.is_compiling()
+            and x.device.index != torch.cuda.current_device()
+        ):
+            with torch.cuda.device(x.device):
+                return host_fn(launch, x, *args, **kwargs)
+        return host_fn(launch, x, *args, **kwargs)
+
+    return wrapper

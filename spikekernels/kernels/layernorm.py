@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from spikekernels.kernels import on_device
 from spikekernels.kernels.neuron import _bf16_bits_rtne
 
 # A program holds ROWS x BLOCK_C = 2048 elements per state tensor: 16 per thread at 4 warps,
@@ -62,7 +63,11 @@ def spike_layernorm_kernel(
     col_mask = cols < C
     mask = (rows < R)[:, None] & col_mask[None, :]
     offs = rows[:, None] * C + cols[None, :]
-    step = R * C
+    # int64: R * C in int32 would wrap for a step of 2^31 elements or more.
+    step = tl.cast(R, tl.int64) * C
+    # C as a float (exact below 2^24) for the correctly rounded divisions by it: Triton's `/`
+    # on float32 is the approximate div.full.f32 on NVIDIA GPUs (the interpreter rounds).
+    c_f = tl.cast(C, tl.float32)
 
     if HAS_WEIGHT:
         w = tl.load(w_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
@@ -85,9 +90,9 @@ def spike_layernorm_kernel(
         x_ptrs += step
         x_next = tl.load(x_ptrs, mask=mask & (t + 1 < T), other=0.0)
         x_acc = x_acc + h
-        mean = tl.sum(x_acc, axis=1) / C
+        mean = tl.div_rn(tl.sum(x_acc, axis=1), c_f)
         diff = tl.where(col_mask[None, :], x_acc - mean[:, None], 0.0)
-        var = tl.sum(diff * diff, axis=1) / C
+        var = tl.div_rn(tl.sum(diff * diff, axis=1), c_f)
         rstd = tl.div_rn(1.0, tl.sqrt_rn(var + eps))
         y = diff * rstd[:, None]
         if HAS_WEIGHT:
@@ -106,6 +111,7 @@ def spike_layernorm_kernel(
     tl.store(y_prev_out_ptr + offs, y_prev, mask=mask)
 
 
+@on_device
 def spike_layernorm_triton(
     launch,
     x: torch.Tensor,

@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from spikekernels.kernels import on_device
+
 # BLOCK=1024, 4 warps: 8 neurons per thread, so a step loads 32 B of fp32 and stores 8 B of
 # int8 per thread (vectorised). Untuned on hardware so far: see bench/results/.
 BLOCK = 1024
@@ -84,6 +86,7 @@ def st_bif_kernel(
     tl.store(s_out_ptr + offs, s.to(s_out_ptr.dtype.element_ty), mask=mask)
 
 
+@on_device
 def st_bif_triton(
     launch,
     x: torch.Tensor,

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from spikekernels.kernels import INTERPRET
+from spikekernels.kernels import INTERPRET, on_device
 
 # Tile shapes per weight dtype, (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). Chosen for
 # Hopper wgmma (BLOCK_M = 64 per warpgroup, K-major weight operand) and a fine skip
@@ -134,6 +134,7 @@ def spike_linear_kernel(
     tl.store(out_ptrs, y, mask=row_mask[:, None] & col_mask[None, :])
 
 
+@on_device
 def spike_linear_triton(
     launch,
     s: torch.Tensor,

@@ -29,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+from spikekernels.kernels import on_device
+
 # One K tile up to 64 (the head dim of ViT-S/B/L: the scores Q K^T); longer K (the context
 # P V, K = 197 keys) takes the split path. Compiled for sm_90 with Triton 3.6 (ptxas -v), the
 # fused kernel at 64 x 64 x 64 and 8 warps uses 200 registers (b = k^T) to 254 (b with N = 197
@@ -336,6 +338,7 @@ def _running_counts(
     return counts, final
 
 
+@on_device
 def spike_matmul_triton(
     launch,
     a: torch.Tensor,
