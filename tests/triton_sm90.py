@@ -3,8 +3,12 @@
 The interpreter checks what a kernel computes, not whether it lowers to GPU code: dtype
 mismatches, int8 `tl.dot` shapes and constexpr misuse only show up in the real compiler. This
 script runs the compiler (TTIR -> PTX -> cubin with Triton's bundled ptxas) for each kernel at
-the specialisations its launcher uses, and checks a few properties of the PTX. Run it with
-TRITON_INTERPRET unset: tests/test_triton_sm90.py does that in a subprocess.
+the specialisations its launcher uses, and checks a few properties of the PTX and that no
+register spills to local memory (``ptxas -v``). As a real launch does, pointers are marked
+16-byte aligned and the integer arguments named in ``aligned`` divisible by 16 (true at the
+ViT shapes): without those hints Triton neither vectorises nor pipelines loads, and the
+register counts mean nothing. Run it with TRITON_INTERPRET unset: tests/test_triton_sm90.py
+does that in a subprocess.
 
 Usage: python tests/triton_sm90.py  (exit status 0 when all compile)
 """
@@ -12,7 +16,10 @@ Usage: python tests/triton_sm90.py  (exit status 0 when all compile)
 from __future__ import annotations
 
 import os
+import re
+import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass, field
 
 if os.environ.get("TRITON_INTERPRET", "0") == "1":
@@ -24,6 +31,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
+PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 
 
 @dataclass
@@ -33,8 +41,30 @@ class Case:
     signature: dict[str, str]
     constexprs: dict[str, object]
     num_warps: int = 4
+    num_stages: int = 3
     ptx_must_contain: list[str] = field(default_factory=list)
     ptx_must_not_contain: list[str] = field(default_factory=list)
+    aligned: list[str] = field(default_factory=list)  # int arguments divisible by 16
+
+
+def _attrs(case: Case) -> dict:
+    """Divisibility hints as a launch derives them: every pointer, and ``case.aligned``."""
+    names = case.kernel.arg_names
+    hinted = [k for k, ty in case.signature.items() if ty.startswith("*")] + case.aligned
+    return {(names.index(k),): [["tt.divisibility", 16]] for k in hinted}
+
+
+def _ptxas_usage(ptx: str) -> tuple[int, int]:
+    """``(registers, spill bytes)`` of the kernel, from ``ptxas -v``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        cmd = [PTXAS, "-v", "--gpu-name", "sm_90a", path, "-o", os.devnull]
+        report = subprocess.run(cmd, capture_output=True, text=True, check=True).stderr
+    regs = int(re.search(r"Used (\d+) registers", report).group(1))
+    spills = sum(int(n) for n in re.findall(r"(\d+) bytes spill", report))
+    return regs, spills
 
 
 def _with_constexprs(signature: dict[str, str], constexprs: dict[str, object]) -> dict[str, str]:
@@ -77,6 +107,7 @@ def neuron_cases() -> list[Case]:
                 signature,
                 constexprs,
                 num_warps=neuron.NUM_WARPS,
+                aligned=["numel"],
                 # SPEC.md §2: a correctly rounded division, never the approximate one.
                 ptx_must_contain=["div.rn.f32"],
                 ptx_must_not_contain=["div.full.f32", "div.approx"],
@@ -96,6 +127,7 @@ def spike_linear_cases() -> list[Case]:
             {"s_ptr": "*i8", "flag_ptr": "*i32", "R": "i32", "K": "i32"},
             dict(BLOCK_M=block_m, BLOCK_K=block_k),
             num_warps=num_warps,
+            aligned=["R", "K"],
         )
     ]
     for w_dtype, w_ty in [
@@ -104,7 +136,7 @@ def spike_linear_cases() -> list[Case]:
         (torch.bfloat16, "bf16"),
         (torch.float32, "fp32"),
     ]:
-        block_m, block_n, block_k, num_warps, _ = spike_linear.tile_config(w_dtype)
+        block_m, block_n, block_k, num_warps, num_stages = spike_linear.tile_config(w_dtype)
         signature = {
             "s_ptr": "*i8",
             "w_ptr": f"*{w_ty}",
@@ -135,6 +167,8 @@ def spike_linear_cases() -> list[Case]:
                 signature,
                 constexprs,
                 num_warps=num_warps,
+                num_stages=num_stages,
+                aligned=["R", "N", "K"],
                 ptx_must_contain=tensor_cores,
             )
         )
@@ -178,6 +212,7 @@ def layernorm_cases() -> list[Case]:
                 signature,
                 constexprs,
                 num_warps=num_warps,
+                aligned=["R"] + (["C"] if c % 16 == 0 else []),
                 # mean and variance divide by C correctly rounded, never approximately
                 ptx_must_contain=["sqrt.rn.f32", "div.rn.f32"],
                 ptx_must_not_contain=["div.full.f32", "div.approx"],
@@ -298,32 +333,37 @@ def spike_matmul_cases() -> list[Case]:
 CASE_FACTORIES = [neuron_cases, spike_linear_cases, layernorm_cases, spike_matmul_cases]
 
 
-def compile_case(case: Case) -> list[str]:
-    """Compile one case; return the problems found (empty when fine)."""
+def compile_case(case: Case) -> tuple[list[str], str]:
+    """Compile one case; return the problems found (empty when fine) and a usage note."""
     src = ASTSource(
         fn=case.kernel,
         signature=_with_constexprs(case.signature, case.constexprs),
         constexprs=case.constexprs,
+        attrs=_attrs(case),
     )
+    options = {"num_warps": case.num_warps, "num_stages": case.num_stages}
     try:
-        compiled = triton.compile(src, target=TARGET, options={"num_warps": case.num_warps})
+        compiled = triton.compile(src, target=TARGET, options=options)
     except Exception as exc:  # the compiler's own message is the useful part
-        return [f"does not compile for sm_90: {type(exc).__name__}: {exc}"]
+        return [f"does not compile for sm_90: {type(exc).__name__}: {exc}"], ""
     ptx = compiled.asm["ptx"]
     problems = [f"PTX lacks {s!r}" for s in case.ptx_must_contain if s not in ptx]
     problems += [f"PTX contains {s!r}" for s in case.ptx_must_not_contain if s in ptx]
     if not compiled.asm.get("cubin"):
         problems.append("no cubin produced")
-    return problems
+    regs, spills = _ptxas_usage(ptx)
+    if spills:
+        problems.append(f"{spills} bytes of register spills")
+    return problems, f"{regs} registers, {spills} B spilled"
 
 
 def main() -> int:
     failures = 0
     for factory in CASE_FACTORIES:
         for case in factory():
-            problems = compile_case(case)
+            problems, usage = compile_case(case)
             status = "ok" if not problems else "FAIL"
-            print(f"[{status}] {case.name}")
+            print(f"[{status}] {case.name}: {usage}")
             for problem in problems:
                 print(f"    {problem}")
             failures += bool(problems)

@@ -59,7 +59,9 @@ def spike_tile_any_kernel(
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < R
     cols = tl.arange(0, BLOCK_K)
-    seen = tl.zeros([BLOCK_M, BLOCK_K], tl.int32)
+    # Reduced per K tile into one flag per row: a [BLOCK_M, BLOCK_K] accumulator would hold a
+    # register per element across the loop (and spilled at 64 x 128).
+    seen = tl.zeros([BLOCK_M], tl.int32)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + cols
         s = tl.load(
@@ -67,8 +69,8 @@ def spike_tile_any_kernel(
             mask=row_mask[:, None] & (ks[None, :] < K),
             other=0,
         )
-        seen = seen | (s != 0).to(tl.int32)
-    tl.store(flag_ptr + pid, tl.max(tl.max(seen, axis=1), axis=0))
+        seen = tl.maximum(seen, tl.max((s != 0).to(tl.int32), axis=1))
+    tl.store(flag_ptr + pid, tl.max(seen, axis=0))
 
 
 @triton.jit
@@ -104,22 +106,24 @@ def spike_linear_kernel(
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    if tl.load(flag_ptr + pid_m) != 0:
-        s_ptrs = s_ptr + rows[:, None] * K + ks[None, :]
-        # the weight tile is read as [BLOCK_K, BLOCK_N] straight from [N, K] (K-major B)
-        w_ptrs = w_ptr + cols[None, :] * K + ks[:, None]
-        for k0 in range(0, K, BLOCK_K):
-            k_mask = (k0 + ks) < K
-            s = tl.load(s_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0)
-            w = tl.load(w_ptrs, mask=k_mask[:, None] & col_mask[None, :], other=0)
-            if INT8_W:
-                acc = tl.dot(s, w, acc, out_dtype=tl.int32)
-            elif DOT_FP32:
-                acc = tl.dot(s.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(s.to(w.dtype), w, acc, out_dtype=tl.float32)
-            s_ptrs += BLOCK_K
-            w_ptrs += BLOCK_K
+    # A silent row tile runs the K loop zero times (no weight reads, no MMA). A loop bound
+    # rather than an `if` around the loop, so that the compiler still pipelines the loop.
+    k_end = tl.where(tl.load(flag_ptr + pid_m) != 0, K, 0)
+    s_ptrs = s_ptr + rows[:, None] * K + ks[None, :]
+    # the weight tile is read as [BLOCK_K, BLOCK_N] straight from [N, K] (K-major B)
+    w_ptrs = w_ptr + cols[None, :] * K + ks[:, None]
+    for k0 in range(0, k_end, BLOCK_K):
+        k_mask = (k0 + ks) < K
+        s = tl.load(s_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0)
+        w = tl.load(w_ptrs, mask=k_mask[:, None] & col_mask[None, :], other=0)
+        if INT8_W:
+            acc = tl.dot(s, w, acc, out_dtype=tl.int32)
+        elif DOT_FP32:
+            acc = tl.dot(s.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(s.to(w.dtype), w, acc, out_dtype=tl.float32)
+        s_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
 
     theta = tl.load(theta_ptr).to(tl.float32)
     if INT8_W:

@@ -48,12 +48,13 @@ def fused_config(k: int) -> tuple[int, int, int, int]:
 
     BLOCK_K is K padded to a power of two >= 32 (int8 mma wants a K tile of 32); 64 x 64
     output tiles feed a Hopper wgmma (M = 64 a warpgroup). A program holds four int8 tiles
-    across the T loop (counts A, B and spikes a_t, b_t); 8 warps at K = 64 keep them in
-    registers. Untuned on hardware so far: bench/bench_sesa.py records ``n_regs`` and
-    ``n_spills`` next to the timings.
+    across the T loop (counts A, B and spikes a_t, b_t); 8 warps keep them in registers
+    (4 warps spilled 520 B a thread at K = 32; tests/triton_sm90.py checks for spills).
+    Untuned on hardware so far: bench/bench_sesa.py records ``n_regs`` and ``n_spills`` next
+    to the timings.
     """
     block_k = max(32, triton.next_power_of_2(k))
-    return 64, 64, block_k, 4 if block_k <= 32 else 8
+    return 64, 64, block_k, 8
 
 
 def split_config() -> tuple[int, int, int, int]:
