@@ -26,9 +26,12 @@ def report() -> str:
     else:
         lines.append("triton: not installed (CUDA ops fall back to PyTorch)")
     if EXTENSION_ERROR is None:
-        cuda_ops = hasattr(
-            torch.ops.spikekernels, "spike_softmax"
-        ) and torch._C._dispatch_has_kernel_for_dispatch_key("spikekernels::spike_softmax", "CUDA")
+        # Where the CUDA kernel of Spike-Softmax was registered: the .cu when the extension was
+        # built with CUDA, else the Python fallback of spikekernels/ops/softmax.py.
+        dump = torch._C._dispatch_dump("spikekernels::spike_softmax")
+        cuda_ops = any(
+            line.startswith("CUDA:") and "spike_softmax.cu" in line for line in dump.splitlines()
+        )
         lines.append(f"extension spikekernels._C: loaded (CUDA kernels: {cuda_ops})")
     else:
         lines.append(f"extension spikekernels._C: NOT loaded ({EXTENSION_ERROR})")
