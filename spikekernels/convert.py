@@ -76,7 +76,7 @@ class _ActivityOps(StepOps):
 class _ReferenceOps(_ActivityOps):
     """The per-step reference ops of ``spikekernels.reference``, state kept here.
 
-    Neuron state is also written back into the ``STBIF`` modules (``v``, ``s``, ``fired``) so
+    Neuron state is also written back into the ``STBIF`` modules (``v``, ``s``, ``last_spikes``) so
     that counts can be read after a reference run the same way as after a fast one.
     """
 
@@ -87,7 +87,7 @@ class _ReferenceOps(_ActivityOps):
         out, m.v, m.s = reference.st_bif(
             x, m.threshold, m.n_min, m.p_max, m.v, m.s, float_out=m.float_out
         )
-        m.fired = out[-1] != 0
+        m.last_spikes = out[-1]
         return self._record(out)
 
     def linear(self, m: nn.Module, s: torch.Tensor) -> torch.Tensor:

@@ -40,7 +40,9 @@ class STBIF(nn.Module):
         """Back to the fresh state (``v = 0.5``, ``s = 0``): call between inputs."""
         self.v: torch.Tensor | None = None
         self.s: torch.Tensor | None = None
-        self.fired: torch.Tensor | None = None  # bool, [B, ...]: spiked at the last step
+        # The last step's spikes, a view of the output (no work on the hot path): silence
+        # is derived from it only when asked.
+        self.last_spikes: torch.Tensor | None = None  # [B, ...]
 
     @property
     def count(self) -> torch.Tensor | None:
@@ -51,20 +53,20 @@ class STBIF(nn.Module):
         spikes, self.v, self.s = st_bif(
             x, self.threshold, self.n_min, self.p_max, self.v, self.s, float_out=self.float_out
         )
-        self.fired = spikes[-1] != 0
+        self.last_spikes = spikes[-1]
         return spikes
 
     def silent(self) -> torch.Tensor:
         """0-d bool tensor: no element fired at the last step (True before any input)."""
-        if self.fired is None:
+        if self.last_spikes is None:
             return torch.ones((), dtype=torch.bool, device=self.threshold.device)
-        return ~self.fired.any()
+        return ~self.last_spikes.any()
 
     def active_samples(self) -> torch.Tensor | None:
         """``[B]`` bool: which samples (dim 0 of a step) fired at the last step."""
-        if self.fired is None:
+        if self.last_spikes is None:
             return None
-        return self.fired.reshape(self.fired.shape[0], -1).any(dim=1)
+        return self.last_spikes.reshape(self.last_spikes.shape[0], -1).any(dim=1)
 
     def extra_repr(self) -> str:
         return (
