@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from spikekernels.kernels import on_device
-from spikekernels.kernels.neuron import _bf16_bits_rtne
+from spikekernels.kernels.rounding import bf16_bits_rtne
 
 # A program holds ROWS x BLOCK_C = 2048 elements per state tensor: 16 per thread at 4 warps,
 # so X, Y_prev, the prefetched input and temporaries stay in registers with room for several
@@ -102,7 +102,7 @@ def spike_layernorm_kernel(
         delta = y - y_prev
         y_prev = y
         if OUT_BF16_BITS:
-            delta = _bf16_bits_rtne(delta)
+            delta = bf16_bits_rtne(delta)
         else:
             delta = delta.to(out_ptr.dtype.element_ty)
         tl.store(out_ptrs, delta, mask=mask)

@@ -12,23 +12,12 @@ import triton
 import triton.language as tl
 
 from spikekernels.kernels import on_device
+from spikekernels.kernels.rounding import bf16_bits_rtne
 
 # BLOCK=1024, 4 warps: 8 neurons per thread, so a step loads 32 B of fp32 and stores 8 B of
 # int8 per thread (vectorised). Untuned on hardware so far: see bench/results/.
 BLOCK = 1024
 NUM_WARPS = 4
-
-
-@triton.jit
-def _bf16_bits_rtne(f):
-    """float32 -> bfloat16 bits (int16), round to nearest even, for finite ``f``.
-
-    Done by hand because the CPU interpreter truncates on a bf16 cast; the GPU's own cast
-    rounds the same way as this.
-    """
-    bits = f.to(tl.uint32, bitcast=True)
-    bits = bits + 0x7FFF + ((bits >> 16) & 1)
-    return (bits >> 16).to(tl.uint16).to(tl.int16, bitcast=True)
 
 
 @triton.jit
@@ -74,7 +63,7 @@ def st_bif_kernel(
         s = s + sigma
         v = v - sigma.to(tl.float32)
         if OUT_BF16_BITS:
-            spike = _bf16_bits_rtne(sigma.to(tl.float32) * theta)
+            spike = bf16_bits_rtne(sigma.to(tl.float32) * theta)
         elif FLOAT_OUT:
             spike = (sigma.to(tl.float32) * theta).to(out_ptr.dtype.element_ty)
         else:
