@@ -224,18 +224,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> spike_softmax_cpu(
     const std::optional<at::Tensor>& x_acc_in,
     const std::optional<at::Tensor>& y_prev_in) {
   const SoftmaxDims dims = check_spike_softmax_args(x_in, x_acc_in, y_prev_in);
-  const at::Tensor x = x_in.contiguous();
-  std::optional<at::Tensor> x_acc, y_prev;
-  if (x_acc_in.has_value()) {
-    x_acc = x_acc_in->contiguous();
-  }
-  if (y_prev_in.has_value()) {
-    y_prev = y_prev_in->contiguous();
-  }
-  const auto state_shape = x.sizes().slice(1);
-  at::Tensor out = at::empty(x.sizes(), x.options());
-  at::Tensor acc = at::empty(state_shape, x.options().dtype(at::kFloat));
-  at::Tensor y = at::empty(state_shape, x.options().dtype(at::kFloat));
+  // Named references, not a structured binding: lambdas below capture them (C++17 builds).
+  SoftmaxBuffers buffers = make_spike_softmax_buffers(x_in, x_acc_in, y_prev_in);
+  const at::Tensor& x = buffers.x;
+  const std::optional<at::Tensor>& x_acc = buffers.x_acc;
+  const std::optional<at::Tensor>& y_prev = buffers.y_prev;
+  at::Tensor& out = buffers.out;
+  at::Tensor& acc = buffers.acc;
+  at::Tensor& y = buffers.y;
   if (dims.rows == 0 || dims.row_len == 0) {
     return {out, acc, y};
   }

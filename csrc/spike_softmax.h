@@ -5,6 +5,7 @@
 #include <optional>
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 
 namespace spikekernels {
 
@@ -21,5 +22,35 @@ SoftmaxDims check_spike_softmax_args(
     const at::Tensor& x,
     const std::optional<at::Tensor>& x_acc,
     const std::optional<at::Tensor>& y_prev);
+
+// The inputs a kernel reads (contiguous) and the tensors it writes (fresh, uninitialised):
+// ``out`` like x, the outgoing state ``acc`` (running sum X) and ``y`` (Y_prev), float32.
+struct SoftmaxBuffers {
+  at::Tensor x;
+  std::optional<at::Tensor> x_acc;
+  std::optional<at::Tensor> y_prev;
+  at::Tensor out;
+  at::Tensor acc;
+  at::Tensor y;
+};
+
+inline SoftmaxBuffers make_spike_softmax_buffers(
+    const at::Tensor& x_in,
+    const std::optional<at::Tensor>& x_acc_in,
+    const std::optional<at::Tensor>& y_prev_in) {
+  SoftmaxBuffers b;
+  b.x = x_in.contiguous();
+  if (x_acc_in.has_value()) {
+    b.x_acc = x_acc_in->contiguous();
+  }
+  if (y_prev_in.has_value()) {
+    b.y_prev = y_prev_in->contiguous();
+  }
+  const auto state_shape = b.x.sizes().slice(1);
+  b.out = at::empty(b.x.sizes(), b.x.options());
+  b.acc = at::empty(state_shape, b.x.options().dtype(at::kFloat));
+  b.y = at::empty(state_shape, b.x.options().dtype(at::kFloat));
+  return b;
+}
 
 }  // namespace spikekernels
