@@ -1,8 +1,8 @@
 """SPEC.md in plain PyTorch, step by step: the oracle for every kernel and the CPU fallback.
 
 Each function follows its SPEC.md section literally, one time step at a time, so that a reader
-can check it against the contract line by line. Nothing here depends on the rest of
-spikekernels. All ops are inference only (no autograd).
+can check it against the contract line by line. It imports only the shared level definitions
+(``spikekernels.levels``); nothing in the library imports it at run time. Inference only.
 
 Tensors that carry time are time-major, ``[T, *shape]``. State tensors have ``shape`` and
 are returned as fresh tensors (never aliases of an input).
@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from spikekernels.levels import count_dtype, level_bounds, quantize
 
 __all__ = [
     "level_bounds",
@@ -24,36 +26,6 @@ __all__ = [
     "spike_matmul",
     "spike_linear",
 ]
-
-
-def level_bounds(level: int, signed: bool) -> tuple[int, int]:
-    """Integer bounds ``(n_min, p_max)`` of a quantizer with ``level`` levels (SPEC.md §1).
-
-    Signed: ``[-(L // 2), L // 2 - 1]``; unsigned: ``[0, L - 1]``.
-    """
-    if level < 2:
-        raise ValueError(f"level must be >= 2, got {level}")
-    if signed:
-        return -(level // 2), level // 2 - 1
-    return 0, level - 1
-
-
-def quantize(x: torch.Tensor, s: torch.Tensor, n_min: int, p_max: int) -> torch.Tensor:
-    """``s * clamp(floor(x / s + 1/2), n_min, p_max)``: round half up (SPEC.md §1)."""
-    return s * torch.clamp(torch.floor(x / s + 0.5), n_min, p_max)
-
-
-def count_dtype(n_min: int, p_max: int) -> torch.dtype:
-    """The narrowest signed integer dtype that holds every count in ``[n_min, p_max]``.
-
-    Fresh ST-BIF state uses it: int8 for every level the paper uses, which is also what the
-    spike product needs for its running counts.
-    """
-    for dtype in (torch.int8, torch.int16, torch.int32):
-        info = torch.iinfo(dtype)
-        if info.min <= n_min and p_max <= info.max:
-            return dtype
-    return torch.int64
 
 
 def st_bif_step(

@@ -48,7 +48,7 @@ from spikekernels.nn.quantizer import Quantizer
 from spikekernels.ops import spike_matmul, st_bif
 from spikekernels.ops.layernorm import spike_layernorm
 from spikekernels.ops.softmax import spike_softmax
-from spikekernels.reference import count_dtype
+from spikekernels.levels import count_dtype
 
 __all__ = [
     "IFNeuron",

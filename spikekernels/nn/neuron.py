@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from spikekernels.ops.neuron import st_bif
-from spikekernels.reference import level_bounds
+from spikekernels.levels import level_bounds
 
 
 class STBIF(nn.Module):

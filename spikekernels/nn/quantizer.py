@@ -13,7 +13,7 @@ import math
 import torch
 from torch import nn
 
-from spikekernels.reference import count_dtype, level_bounds, quantize
+from spikekernels.levels import count_dtype, level_bounds, quantize
 
 __all__ = ["Quantizer"]
 
@@ -25,7 +25,7 @@ _CALIB_SAMPLE = 1 << 16
 
 
 class _LSQQuantize(torch.autograd.Function):
-    """Forward: exactly ``reference.quantize``. Backward: LSQ's straight-through estimator.
+    """Forward: exactly ``levels.quantize``. Backward: LSQ's straight-through estimator.
 
     With ``v = x / s`` and ``r = floor(v + 1/2)``: ``dy/dx = 1`` where ``n_min <= r <= p_max``
     (else 0); ``dy/ds = g * (r - v)`` inside, ``g * clamp(r)`` outside.
@@ -55,7 +55,7 @@ class _LSQQuantize(torch.autograd.Function):
 class Quantizer(nn.Module):
     """``s * clamp(floor(x / s + 1/2), n_min, p_max)`` with a learned 0-d step ``s`` (SPEC.md §1).
 
-    Round half up. ``level`` L gives the bounds (``reference.level_bounds``): signed
+    Round half up. ``level`` L gives the bounds (``levels.level_bounds``): signed
     ``[-(L // 2), L // 2 - 1]``, unsigned ``[0, L - 1]``. Any shape and float dtype in, the same
     out. The state_dict holds only ``s``, like the official ``MyQuan``, so official QANN
     checkpoints load as they are.
@@ -113,7 +113,7 @@ class Quantizer(nn.Module):
         return _LSQQuantize.apply(x, self.s, grad_scale, self.n_min, self.p_max)
 
     def integer(self, x: torch.Tensor) -> torch.Tensor:
-        """``clamp(floor(x / s + 1/2), n_min, p_max)`` as integers (``reference.count_dtype``)."""
+        """``clamp(floor(x / s + 1/2), n_min, p_max)`` as integers (``levels.count_dtype``)."""
         s = self.s.detach()
         q = torch.clamp(torch.floor(x.detach() / s + 0.5), self.n_min, self.p_max)
         return q.to(count_dtype(self.n_min, self.p_max))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from spikekernels import reference
+from spikekernels import levels, reference
 from spikekernels._extension import HAS_EXTENSION
 from spikekernels.kernels import use_triton
 from spikekernels.ops._checks import (
@@ -33,7 +33,7 @@ def _check_st_bif(x, threshold, n_min, p_max, v, s) -> torch.dtype:
     shape = x.shape[1:]
     check_state(v, "v", shape, (torch.float32,), x, "x")
     check_state(s, "s", shape, COUNT_DTYPES, x, "x")
-    count_dtype = reference.count_dtype(n_min, p_max) if s is None else s.dtype
+    count_dtype = levels.count_dtype(n_min, p_max) if s is None else s.dtype
     info = torch.iinfo(count_dtype)
     if n_min < info.min or p_max > info.max:
         raise ValueError(
@@ -101,7 +101,7 @@ def st_bif(
         x: ``[T, *shape]`` float32, float16 or bfloat16 input increments (math in float32).
         threshold: one-element float tensor ``theta`` (the quantizer step), read on the device.
         n_min, p_max: integer count bounds, ``n_min <= 0 <= p_max``
-            (see ``reference.level_bounds``).
+            (see ``levels.level_bounds``).
         v, s: optional incoming state of shape ``shape`` (both or neither): ``v`` float32,
             ``s`` an integer dtype. Fresh state is ``v = 0.5``, ``s = 0`` with
             ``s.dtype = reference.count_dtype(n_min, p_max)`` (int8 for levels up to 256).

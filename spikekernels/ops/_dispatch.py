@@ -1,0 +1,75 @@
+"""Which backend runs an op on a tensor: decided here, in one place, for every op.
+
+Backends:
+
+- ``"triton"``: the Triton kernels (CUDA tensors; CPU tensors under ``TRITON_INTERPRET=1``);
+- ``"cpp"``: the C++ CPU kernels of ``spikekernels._C``;
+- ``"torch"``: vectorised PyTorch (the CPU path of ops without a C++ kernel, and any device);
+- ``"reference"``: ``spikekernels.reference``, SPEC.md step by step. Never chosen by default:
+  only under ``force_backend("reference")`` (the slow per-step baseline and the tests' oracle
+  runs). It is imported only then, so the oracle is no run-time dependency of the library.
+
+``force_backend(name)`` pins the choice for every op called inside it (tests, benchmarks, the
+reference runner). An op that lacks the forced backend falls back to ``"torch"`` (for example
+``"cpp"`` on a CUDA tensor), never to a different kernel family silently: that is what the
+fallback order below says.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from spikekernels._extension import HAS_EXTENSION
+from spikekernels.kernels import use_triton
+
+BACKENDS = ("triton", "cpp", "torch", "reference")
+
+_forced: str | None = None
+
+
+@contextlib.contextmanager
+def force_backend(name: str | None) -> Iterator[None]:
+    """Run every op inside the ``with`` block on backend ``name`` (None: the default choice)."""
+    global _forced
+    if name is not None and name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS} or None, got {name!r}")
+    previous, _forced = _forced, name
+    try:
+        yield
+    finally:
+        _forced = previous
+
+
+def forced_backend() -> str | None:
+    """The backend pinned by an enclosing ``force_backend``, or None."""
+    return _forced
+
+
+def backend_for(t: torch.Tensor, available: Sequence[str] = ("triton", "cpp", "torch")) -> str:
+    """The backend that runs an op on ``t``, among the op's ``available`` ones.
+
+    Default order: Triton where it runs on ``t``'s device, then the C++ kernel for CPU
+    tensors when the extension is built, then PyTorch. A forced backend wins where it can run
+    on ``t`` (``"reference"`` always can); otherwise ``"torch"``.
+    """
+    if _forced is not None:
+        if _forced == "reference":
+            return "reference"
+        if _forced in available and _can_run(_forced, t):
+            return _forced
+        return "torch"
+    for name in available:
+        if _can_run(name, t):
+            return name
+    return "torch"
+
+
+def _can_run(name: str, t: torch.Tensor) -> bool:
+    if name == "triton":
+        return use_triton(t)
+    if name == "cpp":
+        return HAS_EXTENSION and t.device.type == "cpu"
+    return True
