@@ -137,6 +137,12 @@ class QuantViT(nn.Module):
         global_pool: bool = False,
     ) -> None:
         super().__init__()
+        # The constructor arguments: what save_checkpoint stores to rebuild the model.
+        self.config = dict(
+            img_size=img_size, patch_size=patch_size, in_chans=in_chans,
+            num_classes=num_classes, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
+            mlp_ratio=mlp_ratio, level=level, global_pool=global_pool,
+        )  # fmt: skip
         if img_size % patch_size:
             raise ValueError(
                 f"img_size ({img_size}) must be a multiple of patch_size ({patch_size})"
