@@ -7,6 +7,8 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 
+#include "poison.h"
+
 namespace spikekernels {
 
 // x viewed as [T, R, N]: T steps, R = prod(*rows) rows, N entries per row.
@@ -23,7 +25,8 @@ SoftmaxDims check_spike_softmax_args(
     const std::optional<at::Tensor>& x_acc,
     const std::optional<at::Tensor>& y_prev);
 
-// The inputs a kernel reads (contiguous) and the tensors it writes (fresh, uninitialised):
+// The inputs a kernel reads (contiguous) and the tensors it writes (fresh, uninitialised, or
+// poisoned under SPIKEKERNELS_POISON=1, see poison.h):
 // ``out`` like x, the outgoing state ``acc`` (running sum X) and ``y`` (Y_prev), float32.
 struct SoftmaxBuffers {
   at::Tensor x;
@@ -47,9 +50,9 @@ inline SoftmaxBuffers make_spike_softmax_buffers(
     b.y_prev = y_prev_in->contiguous();
   }
   const auto state_shape = b.x.sizes().slice(1);
-  b.out = at::empty(b.x.sizes(), b.x.options());
-  b.acc = at::empty(state_shape, b.x.options().dtype(at::kFloat));
-  b.y = at::empty(state_shape, b.x.options().dtype(at::kFloat));
+  b.out = poisoned(at::empty(b.x.sizes(), b.x.options()));
+  b.acc = poisoned(at::empty(state_shape, b.x.options().dtype(at::kFloat)));
+  b.y = poisoned(at::empty(state_shape, b.x.options().dtype(at::kFloat)));
   return b;
 }
 

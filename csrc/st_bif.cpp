@@ -25,6 +25,8 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include "poison.h"
+
 namespace spikekernels {
 namespace {
 
@@ -233,9 +235,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> st_bif_cpu(
   }
   // reference.st_bif: theta = threshold.to(float32).
   const float theta = threshold.to(at::kFloat).item<float>();
-  at::Tensor out = at::empty(x.sizes(), x.options().dtype(float_out ? dtype : at::kChar));
-  at::Tensor v = at::empty(shape, x.options().dtype(at::kFloat));
-  at::Tensor s = at::empty(shape, x.options().dtype(s_dtype));
+  at::Tensor out =
+      poisoned(at::empty(x.sizes(), x.options().dtype(float_out ? dtype : at::kChar)));
+  at::Tensor v = poisoned(at::empty(shape, x.options().dtype(at::kFloat)));
+  at::Tensor s = poisoned(at::empty(shape, x.options().dtype(s_dtype)));
   if (x.numel() == 0) {
     return {out, v, s};
   }

@@ -25,6 +25,9 @@ __all__ = [
     "spike_layernorm",
     "spike_matmul",
     "spike_linear",
+    "target_spikes_step",
+    "target_spikes",
+    "exact_linear",
 ]
 
 
@@ -145,6 +148,11 @@ def spike_layernorm(
     return torch.stack(outs), x_acc.clone(), y_prev.clone()
 
 
+def _exact_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Integer matmul as float64 products (exact below 2^53), back to int64."""
+    return torch.matmul(a.to(torch.float64), b.to(torch.float64)).to(torch.int64)
+
+
 def spike_matmul(
     a: torch.Tensor,
     b: torch.Tensor,
@@ -156,8 +164,12 @@ def spike_matmul(
     ``b`` ``[T, *, K, N]``.
 
     ``out_t = scale * (a_t @ B_t + A_{t-1} @ b_t)`` with ``B_t = B_{t-1} + b_t``: the increment
-    of the product of the running counts. The integer part is exact (int32), scaled once in
-    float32. Returns ``(out float32, a_acc int8, b_acc int8)``.
+    of the product of the running counts. The integer part is exact, scaled once in float32.
+    Returns ``(out float32, a_acc int8, b_acc int8)``.
+
+    The integer products are float64 matmuls of the integer counts: exact while every partial
+    sum stays below 2^53 in magnitude (``2 * K * 2^31`` at worst, far beyond any count this
+    op holds), and they run on every device (CUDA has no integer matmul).
     """
     a_cnt = (
         torch.zeros(a.shape[1:], dtype=torch.int32, device=a.device)
@@ -174,7 +186,7 @@ def spike_matmul(
     for t in range(a.shape[0]):
         a_t, b_t = a[t].to(torch.int32), b[t].to(torch.int32)
         b_cnt = b_cnt + b_t
-        integer = torch.matmul(a_t, b_cnt) + torch.matmul(a_cnt, b_t)
+        integer = _exact_matmul(a_t, b_cnt) + _exact_matmul(a_cnt, b_t)
         a_cnt = a_cnt + a_t
         outs.append(scale32 * integer.to(torch.float32))
     return torch.stack(outs), a_cnt.to(torch.int8), b_cnt.to(torch.int8)
@@ -207,3 +219,81 @@ def spike_linear(
             out = out + share
         outs.append(out)
     return torch.stack(outs)
+
+
+def _per_channel(theta: torch.Tensor) -> torch.Tensor:
+    """A threshold in float32 that broadcasts over ``[*, C]``: 0-d, or ``[C]`` per channel."""
+    theta = theta.to(torch.float32)
+    return theta.reshape(()) if theta.numel() == 1 else theta
+
+
+def target_spikes_step(
+    y: torch.Tensor,
+    theta: torch.Tensor,
+    n_min: int,
+    p_max: int,
+    c: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One target-driven neuron step (SPEC.md §9.3). Returns ``(sigma int8, c int8)``.
+
+    ``target = clamp(floor(y / theta + 1/2), n_min, p_max)`` in float32 (``/`` correctly
+    rounded, round half up as ``quantize``); ``sigma = sign(target - c)``; ``c += sigma``.
+    ``theta`` has one element or one per channel (last dim). A NaN ``y`` gives ``sigma = 0``.
+    """
+    target = torch.clamp(torch.floor(y.to(torch.float32) / _per_channel(theta) + 0.5), n_min, p_max)
+    sigma = torch.sign(target - c.to(torch.float32)).nan_to_num(0.0).to(torch.int8)
+    return sigma, c + sigma
+
+
+def target_spikes(
+    value: torch.Tensor,
+    theta: torch.Tensor,
+    n_min: int,
+    p_max: int,
+    count: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Multi-step target-driven neuron over current values ``value`` ``[T, *shape]``
+    (SPEC.md §9.3). Fresh count is 0 (int8). Returns ``(spikes int8, count int8)``."""
+    c = torch.zeros(value.shape[1:], dtype=torch.int8, device=value.device)
+    c = c if count is None else count.clone()
+    spikes = []
+    for t in range(value.shape[0]):
+        sigma, c = target_spikes_step(value[t], theta, n_min, p_max, c)
+        spikes.append(sigma)
+    return torch.stack(spikes), c
+
+
+def exact_linear(
+    s: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    in_threshold: torch.Tensor,
+    threshold: torch.Tensor,
+    n_min: int,
+    p_max: int,
+    acc: torch.Tensor | None = None,
+    count: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Exact linear + target-driven neuron (SPEC.md §9.2-§9.4), step by step.
+
+    ``s`` ``[T, *, K]`` ternary, ``weight`` ``[N, K]`` integer (int8), ``weight_scale`` ``[N]``.
+    Per step: ``acc += s_t @ W^T`` (exact: float64 products of integers, then int32);
+    ``y = fl32(fl32(m * fl32(acc)) + b)`` with ``m = fl32(theta_in * ws)``; then
+    ``target_spikes_step(y, threshold, ...)``. Fresh ``acc`` is 0 (int32), ``count`` 0 (int8).
+    Returns ``(spikes int8 [T, *, N], acc, count)``.
+    """
+    shape = (*s.shape[1:-1], weight.shape[0])
+    acc = torch.zeros(shape, dtype=torch.int32, device=s.device) if acc is None else acc.clone()
+    c = torch.zeros(shape, dtype=torch.int8, device=s.device) if count is None else count.clone()
+    m = in_threshold.to(torch.float32).reshape(()) * weight_scale.to(torch.float32)
+    w = weight.to(torch.float64)
+    spikes = []
+    for t in range(s.shape[0]):
+        acc = acc + torch.matmul(s[t].to(torch.float64), w.t()).to(torch.int32)
+        y = m * acc.to(torch.float32)
+        if bias is not None:
+            y = y + bias.to(torch.float32)
+        sigma, c = target_spikes_step(y, threshold, n_min, p_max, c)
+        spikes.append(sigma)
+    return torch.stack(spikes), acc, c

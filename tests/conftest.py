@@ -32,3 +32,21 @@ def gen() -> torch.Generator:
     g = torch.Generator()
     g.manual_seed(1234)
     return g
+
+
+@pytest.fixture
+def poisoned_allocations(monkeypatch):
+    """Every fresh output is allocated poisoned, on every allocation path: Python's
+    ``torch.empty``/``empty_like`` (Triton host code, PyTorch paths) return NaN-filled (float)
+    or 77-filled (integer) tensors, and ``SPIKEKERNELS_POISON=1`` makes the C++/CUDA kernels
+    fill their ``at::empty`` outputs (csrc/poison.h), which no Python patch reaches. An element
+    a kernel fails to write then shows up in the result."""
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+
+    def poison(t):
+        return t.fill_(float("nan") if t.is_floating_point() else 77)
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: poison(real_empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(real_empty_like(*a, **k)))
+    monkeypatch.setenv("SPIKEKERNELS_POISON", "1")
+    yield

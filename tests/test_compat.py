@@ -210,3 +210,31 @@ def test_snnwrapper_and_reset_model(gen):
     with pytest.raises(ValueError, match="Encoding_type"):
         SNNWrapper(qvit, None, 64, "rate", level=8, neuron_type="ST-BIF", model_name="vit",
                    is_softmax=True)  # fmt: skip
+
+
+def test_reset_model_resets_every_stateful_module(gen):
+    """SpikeLinear, SpikeLayerNorm and SpikeSoftmax used to keep their x_acc and t0 through
+    a reset: every module with a ``reset()`` is reset, ours, the compat ones and a user's."""
+    from spikekernels.nn import SpikeLayerNorm, SpikeLinear, SpikeSoftmax
+
+    class UserState(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.calls = 0
+
+        def reset(self):
+            self.calls += 1
+
+    linear = SpikeLinear.from_linear(nn.Linear(6, 4), 0.5)
+    norm = SpikeLayerNorm.from_layernorm(nn.LayerNorm(4))
+    softmax = SpikeSoftmax()
+    user = UserState()
+    model = nn.Sequential(linear, norm, softmax, user)
+    s = torch.randint(-1, 2, (3, 2, 6), generator=gen, dtype=torch.int8)
+    model[2](model[1](model[0](s)))
+    assert linear.t0 == 3 and norm.x_acc is not None and softmax.x_acc is not None
+    reset_model(model)
+    assert linear.t0 == 0, "SpikeLinear.t0 survived reset_model"
+    assert norm.x_acc is None and norm.y_prev is None, "SpikeLayerNorm state survived"
+    assert softmax.x_acc is None and softmax.y_prev is None, "SpikeSoftmax state survived"
+    assert user.calls == 1

@@ -88,20 +88,15 @@ def test_state_is_not_aliased(gen, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_unwritten_outputs_show(gen, device, monkeypatch):
-    """Outputs are allocated poisoned: any element the kernel fails to write shows up."""
-    real_empty = torch.empty
-
-    def poisoned_empty(*args, **kwargs):
-        t = real_empty(*args, **kwargs)
-        return t.fill_(77 if not t.is_floating_point() else float("nan"))
-
+@pytest.mark.parametrize("float_out", [False, True])
+def test_unwritten_outputs_show(gen, device, float_out, poisoned_allocations):
+    """Outputs are allocated poisoned on every path (the C++ kernel's at::empty included):
+    any element the kernel fails to write shows up."""
     theta = torch.tensor(0.3, device=device)
     x = _inputs(gen, 4, (1000,), 0.3, device)
-    monkeypatch.setattr(torch, "empty", poisoned_empty)
-    got = spikekernels.st_bif(x, theta, -16, 15)
-    monkeypatch.undo()
-    _assert_same([t.cpu() for t in got], reference.st_bif(x.cpu(), theta.cpu(), -16, 15))
+    got = spikekernels.st_bif(x, theta, -16, 15, float_out=float_out)
+    want = reference.st_bif(x.cpu(), theta.cpu(), -16, 15, float_out=float_out)
+    _assert_same([t.cpu() for t in got], want)
 
 
 @pytest.mark.parametrize("signed", [True, False])
@@ -205,16 +200,21 @@ def test_opcheck(gen, with_state):
 
 
 def test_torch_compile_fullgraph(gen):
+    """The neuron is bit-exact on every path, compiled included: its outputs are compared
+    bit for bit; the float code around it as values (Inductor may reorder it)."""
     x = _inputs(gen, 4, (3, 17), 0.4)
     theta = torch.tensor(0.4)
 
     def step(x):
         spikes, v, s = spikekernels.st_bif(x * 2, theta, -8, 7)
-        return spikes.float().sum(0) + v, s
+        return spikes, v, s, spikes.float().sum(0) + v
 
-    compiled = torch.compile(step, fullgraph=True)
-    got, want = compiled(x), step(x)
-    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    got, want = torch.compile(step, fullgraph=True)(x), step(x)
+    for name, g, w in zip(("spikes", "v", "s"), got[:3], want[:3], strict=True):
+        torch.testing.assert_close(
+            g, w, rtol=0, atol=0, equal_nan=True, msg=lambda m, n=name: f"{n}: {m}"
+        )
+    torch.testing.assert_close(got[3], want[3])
 
 
 class TestSTBIFModule:
@@ -277,3 +277,53 @@ def test_cpp_cpu_kernel_bit_exact(gen, dtype, float_out, with_state):
     s = torch.randint(-5, 6, (3, 1500), generator=gen, dtype=torch.int16) if with_state else None
     got = torch.ops.spikekernels.st_bif_cpu(x, theta, n_min, p_max, v, s, float_out)
     _assert_same(got, reference.st_bif(x, theta, n_min, p_max, v, s, float_out))
+
+
+@pytest.mark.parametrize(
+    ("n_min", "p_max", "error", "words"),
+    [
+        (-8.0, 7, TypeError, "n_min must be an int, got float"),
+        (-8, 7.5, TypeError, "p_max must be an int, got float"),
+        (False, 7, TypeError, "n_min must be an int, got bool"),
+        (-8, 2**70, ValueError, "p_max must be in"),
+    ],
+)
+def test_bound_types_named_before_dispatch(n_min, p_max, error, words):
+    """Used to reach the dispatcher: "Expected a value of type 'int' for argument 'p_max'
+    but instead found type 'int'"."""
+    with pytest.raises(error, match=words):
+        spikekernels.st_bif(torch.zeros(2, 4), torch.tensor(0.5), n_min, p_max)
+
+
+@pytest.mark.parametrize("validate", [False, True])
+@pytest.mark.parametrize("count", [100, -9])
+def test_state_outside_the_bounds_is_rejected(validate, count):
+    """``s = 100`` with ``p_max = 7`` used to be accepted and returned out of bounds."""
+    v = torch.full((4,), 0.5)
+    s = torch.zeros(4, dtype=torch.int8)
+    s[2] = count
+    with pytest.raises(ValueError, match=r"s must lie in \[-8, 7\]"):
+        spikekernels.st_bif(torch.zeros(2, 4), torch.tensor(0.5), -8, 7, v, s, validate=validate)
+
+
+@pytest.mark.parametrize("validate", [False, True])
+@pytest.mark.parametrize("theta", [1e-45, 0.0, float("nan"), float("inf")])
+def test_degenerate_threshold_is_rejected(validate, theta):
+    """A denormal threshold (1e-45) gave NaN membranes; NaN, inf and 0 are no thresholds."""
+    with pytest.raises(ValueError, match="threshold must be positive, finite"):
+        spikekernels.st_bif(torch.ones(2, 4), torch.tensor(theta), -8, 7, validate=validate)
+
+
+@pytest.mark.parametrize(
+    ("args", "error", "words"),
+    [
+        ((0.5, 16.5, True), TypeError, "level must be an int"),
+        ((0.5, 16, 1), TypeError, "signed must be a bool"),
+        ((torch.tensor([0.5, 0.5]), 16, True), ValueError, r"threshold must be one value.*\(2,\)"),
+        (("0.5", 16, True), TypeError, "threshold must be a float"),
+        ((-0.5, 16, True), ValueError, "threshold must be positive"),
+    ],
+)
+def test_module_rejects_bad_construction(args, error, words):
+    with pytest.raises(error, match=words):
+        STBIF(*args)

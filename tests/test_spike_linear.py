@@ -242,16 +242,24 @@ def test_opcheck(gen, dtype):
     torch.library.opcheck(torch.ops.spikekernels.spike_linear.default, args)
 
 
-def test_torch_compile_fullgraph(gen):
+@pytest.mark.parametrize("wdtype", [torch.float32, torch.int8])
+def test_torch_compile_fullgraph(gen, wdtype):
+    """Compiled outputs meet the op's contract: the integer oracle bit for bit for int8
+    weights, the float32 summation bound for float weights. The surrounding float code is
+    compared as values: Inductor may reorder it (the sum over steps moved 1 ulp on another
+    machine when this test demanded bit equality)."""
     s = _spikes(gen, 3, (4,), 16)
-    w, _ = _weight(gen, 9, 16, torch.float32)
+    w, w_scale = _weight(gen, 9, 16, wdtype)
     theta, bias = torch.tensor(0.4), torch.randn(9, generator=gen)
 
     def layer(s):
-        return spikekernels.spike_linear(s, w, theta, bias).sum(0) * 2
+        out = spikekernels.spike_linear(s, w, theta, bias, weight_scale=w_scale)
+        return out, out.sum(0) * 2
 
     got, want = torch.compile(layer, fullgraph=True)(s), layer(s)
-    assert torch.equal(got, want)
+    _assert_linear(got[0], s, w, w_scale, theta, bias, 0, 1)
+    _assert_linear(want[0], s, w, w_scale, theta, bias, 0, 1)
+    torch.testing.assert_close(got[1], want[1], rtol=16 * U, atol=16 * U)
 
 
 class TestSpikeLinearModule:
@@ -295,3 +303,44 @@ def test_cuda_at_vit_size(gen, dtype):
     )
     # tensor-core float32 accumulation may truncate instead of round: twice the bound
     _assert_linear(got, s, w, ws, theta, bias, 0, 1, slack=2.0)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "words"),
+    [
+        (dict(bias_steps=2.0), TypeError, "bias_steps must be an int, got float"),
+        (dict(bias_steps=True), TypeError, "bias_steps must be an int, got bool"),
+        (dict(t0=1.0), TypeError, "t0 must be an int, got float"),
+        (dict(t0=2**70), ValueError, "t0 must be in"),
+    ],
+)
+def test_python_types_named_before_dispatch(gen, kwargs, error, words):
+    s = _spikes(gen, 2, (3,), 8)
+    with pytest.raises(error, match=words):
+        spikekernels.spike_linear(s, torch.randn(4, 8), torch.tensor(0.5), **kwargs)
+
+
+@pytest.mark.parametrize("validate", [False, True])
+@pytest.mark.parametrize("value", [0.0, float("nan"), float("inf")])
+def test_bad_scales_rejected_on_cpu(gen, validate, value):
+    """Thresholds and int8 weight scales of 0, NaN or inf: rejected on CPU tensors always
+    (no sync), on a GPU with ``validate=True``."""
+    s = _spikes(gen, 2, (3,), 8)
+    w, w_scale = _weight(gen, 4, 8, torch.int8)
+    with pytest.raises(ValueError, match="threshold must be positive, finite"):
+        spikekernels.spike_linear(
+            s, w, torch.tensor(value), weight_scale=w_scale, validate=validate
+        )
+    w_scale = w_scale.clone()
+    w_scale[1] = value
+    with pytest.raises(ValueError, match="weight_scale must be finite and nonzero"):
+        spikekernels.spike_linear(s, w, torch.tensor(0.5), weight_scale=w_scale, validate=validate)
+
+
+@pytest.mark.parametrize("validate", [False, True])
+@pytest.mark.parametrize("value", [-128, 2])
+def test_non_ternary_spikes_rejected_on_cpu(gen, validate, value):
+    s = _spikes(gen, 2, (3,), 8)
+    s[1, 2, 3] = value
+    with pytest.raises(ValueError, match="s must hold ternary spikes"):
+        spikekernels.spike_linear(s, torch.randn(4, 8), torch.tensor(0.5), validate=validate)

@@ -45,6 +45,9 @@ class Case:
     ptx_must_contain: list[str] = field(default_factory=list)
     ptx_must_not_contain: list[str] = field(default_factory=list)
     aligned: list[str] = field(default_factory=list)  # int arguments divisible by 16
+    # every float32 FMA in the PTX is fma(a, b, +0.0), i.e. a lone product: no multiply was
+    # contracted with an add (SPEC.md §9.2: one rounding per operation)
+    no_contracted_fma: bool = False
 
 
 def _attrs(case: Case) -> dict:
@@ -330,7 +333,117 @@ def spike_matmul_cases() -> list[Case]:
     return cases
 
 
-CASE_FACTORIES = [neuron_cases, spike_linear_cases, layernorm_cases, spike_matmul_cases]
+def target_cases() -> list[Case]:
+    from spikekernels.kernels import target
+
+    cases = []
+    for value_ty, has_count, per_channel in [
+        ("fp32", False, False),
+        ("fp32", True, True),
+        ("bf16", True, False),
+    ]:
+        signature = {
+            "value_ptr": f"*{value_ty}",
+            "theta_ptr": "*fp32",
+            "count_in_ptr": "*i8",
+            "out_ptr": "*i8",
+            "count_out_ptr": "*i8",
+            "numel": "i32",
+            "T": "i32",
+            "C": "i32",
+            "n_min": "i32",
+            "p_max": "i32",
+        }
+        constexprs = dict(HAS_COUNT=has_count, PER_CHANNEL=per_channel, BLOCK=target.BLOCK)
+        cases.append(
+            Case(
+                f"target_spikes value={value_ty} count={has_count} per_channel={per_channel}",
+                target.target_spikes_kernel,
+                signature,
+                constexprs,
+                num_warps=target.NUM_WARPS,
+                aligned=["numel", "C"],
+                # SPEC.md §9.3: y / theta correctly rounded, never the approximate division,
+                # and subnormal quotients kept (no flush to zero), as on the CPU
+                ptx_must_contain=["div.rn.f32"],
+                ptx_must_not_contain=["div.full.f32", "div.approx", "div.rn.ftz"],
+            )
+        )
+    return cases
+
+
+def exact_linear_cases() -> list[Case]:
+    from spikekernels.kernels import exact_linear as el
+
+    block_m, block_n, block_k, num_warps, num_stages = el.tile_config()
+    cases = [
+        Case(
+            "exact_linear step_tile_any",
+            el.step_tile_any_kernel,
+            {"s_ptr": "*i8", "flag_ptr": "*i32", "rows": "i32", "K": "i32", "num_m": "i32"},
+            dict(BLOCK_M=block_m, BLOCK_K=el.FLAG_BLOCK_K),
+            num_warps=num_warps,
+            aligned=["rows", "K"],
+        )
+    ]
+    signature = {
+        "s_ptr": "*i8",
+        "w_ptr": "*i8",
+        "ws_ptr": "*fp32",
+        "bias_ptr": "*fp32",
+        "theta_in_ptr": "*fp32",
+        "theta_ptr": "*fp32",
+        "flag_ptr": "*i32",
+        "acc_in_ptr": "*i32",
+        "count_in_ptr": "*i8",
+        "out_ptr": "*i8",
+        "acc_out_ptr": "*i32",
+        "count_out_ptr": "*i8",
+        "T": "i32",
+        "rows": "i32",
+        "N": "i32",
+        "K": "i32",
+        "num_m": "i32",
+        "n_min": "i32",
+        "p_max": "i32",
+    }
+    for state, per_channel in [(False, False), (True, True)]:
+        constexprs = dict(
+            HAS_BIAS=True,
+            HAS_ACC=state,
+            HAS_COUNT=state,
+            PER_CHANNEL=per_channel,
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+            BLOCK_K=block_k,
+        )
+        cases.append(
+            Case(
+                f"exact_linear state={state} per_channel={per_channel}",
+                el.exact_linear_kernel,
+                signature,
+                constexprs,
+                num_warps=num_warps,
+                num_stages=num_stages,
+                aligned=["rows", "N", "K"],
+                # int8 wgmma (exact int32 sums), and the neuron's correctly rounded
+                # division without flush to zero (SPEC.md §9.2-§9.3)
+                ptx_must_contain=["wgmma", ".s32.s8.s8", "div.rn.f32"],
+                ptx_must_not_contain=["div.full.f32", "div.approx", "div.rn.ftz"],
+                no_contracted_fma=True,
+            )
+        )
+    return cases
+
+
+CASE_FACTORIES = [
+    neuron_cases,
+    spike_linear_cases,
+    layernorm_cases,
+    spike_matmul_cases,
+    target_cases,
+    exact_linear_cases,
+]
 
 
 def compile_case(case: Case) -> tuple[list[str], str]:
@@ -349,6 +462,11 @@ def compile_case(case: Case) -> tuple[list[str], str]:
     ptx = compiled.asm["ptx"]
     problems = [f"PTX lacks {s!r}" for s in case.ptx_must_contain if s not in ptx]
     problems += [f"PTX contains {s!r}" for s in case.ptx_must_not_contain if s in ptx]
+    if case.no_contracted_fma:
+        fmas = re.findall(r"fma\.rn(?:\.ftz)?\.f32[^;]*;", ptx)
+        contracted = [f for f in fmas if not f.endswith("0f00000000;")]
+        if contracted:
+            problems.append(f"{len(contracted)} contracted multiply-adds, e.g. {contracted[0]!r}")
     if not compiled.asm.get("cubin"):
         problems.append("no cubin produced")
     regs, spills = _ptxas_usage(ptx)

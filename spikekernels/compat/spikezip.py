@@ -44,11 +44,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from spikekernels.levels import count_dtype
 from spikekernels.nn.quantizer import Quantizer
 from spikekernels.ops import spike_matmul, st_bif
 from spikekernels.ops.layernorm import spike_layernorm
 from spikekernels.ops.softmax import spike_softmax
-from spikekernels.levels import count_dtype
 
 __all__ = [
     "IFNeuron",
@@ -376,16 +376,13 @@ class SAttention(nn.Module):
 
 
 def reset_model(model: nn.Module) -> None:
-    """``reset()`` every stateful spiking module in ``model`` (compat ones and ours)."""
-    from spikekernels.convert import SpikingViT
-    from spikekernels.nn.attention import SpikeAttention
-    from spikekernels.nn.neuron import STBIF
-
-    stateful = (IFNeuron, LLLinear, SAttention, Spiking_LayerNorm, spiking_softmax,
-                STBIF, SpikeAttention, SpikingViT)  # fmt: skip
+    """``reset()`` every module in ``model`` that has one: the compat classes, ours
+    (neurons, spike linears, Spike-LayerNorm/Softmax, attention, the SNN itself), and any
+    other stateful module a user adds."""
     for m in list(model.modules()):
-        if isinstance(m, stateful) or isinstance(m, SNNWrapper):
-            m.reset()
+        reset = getattr(m, "reset", None)
+        if callable(reset):
+            reset()
 
 
 def _is_block(m: nn.Module) -> bool:

@@ -39,6 +39,8 @@ class SpikeLayerNorm(nn.Module):
     @classmethod
     def from_layernorm(cls, ln: nn.LayerNorm) -> SpikeLayerNorm:
         """From a QANN ``nn.LayerNorm`` over one (the last) dim; eps copied from it."""
+        if not isinstance(ln, nn.LayerNorm):
+            raise TypeError(f"ln must be an nn.LayerNorm, got {type(ln).__name__}")
         if len(ln.normalized_shape) != 1:
             raise ValueError(
                 f"SpikeLayerNorm normalizes the last dim only; got normalized_shape "

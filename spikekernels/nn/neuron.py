@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from spikekernels.ops.neuron import st_bif
 from spikekernels.levels import level_bounds
+from spikekernels.ops._checks import check_positive
+from spikekernels.ops.neuron import st_bif
 
 
 class STBIF(nn.Module):
@@ -16,8 +17,11 @@ class STBIF(nn.Module):
     ``forward`` returns int8 spikes in {-1, 0, 1} (``float_out=False``) or ``sigma * theta``
     in the input dtype. ``count`` is the spike count ``s`` (after silence it equals the
     quantizer's integer), ``silent()`` / ``active_samples()`` report as tensors whether the
-    neuron fired at the last step (no host sync). Inference only.
+    neuron fired at the last step (no host sync). ``fanout``: synaptic operations one spike
+    causes downstream (set by ``spikekernels.convert``; for SOP counts). Inference only.
     """
+
+    fanout: int = 0
 
     def __init__(
         self,
@@ -28,11 +32,24 @@ class STBIF(nn.Module):
         float_out: bool = False,
     ) -> None:
         super().__init__()
+        if not isinstance(signed, bool):
+            raise TypeError(f"signed must be a bool, got {type(signed).__name__}")
+        self.n_min, self.p_max = level_bounds(level, signed)  # TypeError for a float level
         self.level = level
         self.signed = signed
-        self.n_min, self.p_max = level_bounds(level, signed)
         self.float_out = float_out
-        theta = torch.as_tensor(threshold, dtype=torch.float32).detach().clone().reshape(())
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float, torch.Tensor)):
+            raise TypeError(
+                f"threshold must be a float or a one-element tensor, got {type(threshold).__name__}"
+            )
+        theta = torch.as_tensor(threshold, dtype=torch.float32).detach().clone()
+        if theta.numel() != 1:
+            raise ValueError(
+                f"threshold must be one value (a float or a one-element tensor), got shape "
+                f"{tuple(theta.shape)}"
+            )
+        theta = theta.reshape(())
+        check_positive(theta, "threshold")  # data read: on CPU tensors only (no GPU sync)
         self.register_buffer("threshold", theta)
         self.reset()
 

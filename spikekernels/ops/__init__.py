@@ -4,10 +4,20 @@ Each op is registered as ``torch.ops.spikekernels.<name>``; the functions here a
 friendly Python face (keyword arguments, optional validation of data).
 """
 
+from spikekernels.ops.exact_linear import exact_linear
 from spikekernels.ops.layernorm import spike_layernorm
 from spikekernels.ops.neuron import st_bif
 from spikekernels.ops.softmax import spike_softmax
 from spikekernels.ops.spike_linear import spike_linear
 from spikekernels.ops.spike_matmul import spike_matmul
+from spikekernels.ops.target import target_spikes
 
-__all__ = ["spike_matmul", "st_bif", "spike_layernorm", "spike_linear", "spike_softmax"]
+__all__ = [
+    "spike_matmul",
+    "st_bif",
+    "spike_layernorm",
+    "spike_linear",
+    "spike_softmax",
+    "target_spikes",
+    "exact_linear",
+]

@@ -1,9 +1,10 @@
 """Input checks shared by the ops. Each error names the argument and what was expected.
 
 Metadata checks (type, dtype, rank, shape, device) are free and run everywhere, fake tensors
-included. Checks that read data (a threshold's sign, spikes being ternary) would sync a GPU, so
-they run on CPU tensors, or on any device when the caller asks for validation, and never while
-torch.compile traces.
+included. Checks that read data (a threshold's sign and range, a scale being finite, spikes
+being ternary, state inside its bounds, counts fitting int8) would sync a GPU, so they run on
+CPU tensors always, on a GPU only when the caller asks for validation (``validate=True``), and
+never while torch.compile traces.
 """
 
 from __future__ import annotations
@@ -77,21 +78,83 @@ def check_state(
     check_same_device(like_name, like, name, t)
 
 
+def check_int(value: object, name: str, *, lo: int | None = None, hi: int | None = None) -> int:
+    """A Python int (not bool, not float) in ``[lo, hi]``; default range: int64, what the op
+    schemas take. Checked before dispatch, whose own error for a float is obscure."""
+    if isinstance(value, torch.SymInt):  # traced with dynamic shapes: checked when run
+        return value
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    lo = -(2**63) if lo is None else lo
+    hi = 2**63 - 1 if hi is None else hi
+    if not lo <= value <= hi:
+        raise ValueError(f"{name} must be in [{lo}, {hi}], got {value}")
+    return value
+
+
+def check_float(value: object, name: str) -> float:
+    """A real Python number (int or float, not bool), returned as a float."""
+    if isinstance(value, torch.SymFloat):
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__} {value!r}")
+    return float(value)
+
+
 def may_read_data(t: torch.Tensor, validate: bool) -> bool:
     """Whether a data-reading check may run: CPU (no sync) or asked for, never while tracing."""
     if torch.compiler.is_compiling():
         return False
     if isinstance(t, torch._subclasses.fake_tensor.FakeTensor):
         return False
+    if isinstance(t, torch._subclasses.functional_tensor.FunctionalTensor):
+        return False
     return validate or t.device.type == "cpu"
 
 
 def check_positive(t: torch.Tensor, name: str, validate: bool = False) -> None:
-    if may_read_data(t, validate) and not bool((t > 0).all()):
-        raise ValueError(f"{name} must be positive, got {t.reshape(-1).tolist()}")
+    """A threshold: finite, positive and a normal float32 (CPU always; GPU when validating).
+
+    A denormal threshold (e.g. 1e-45) overflows ``u / theta`` to inf and the membrane to NaN.
+    """
+    if not may_read_data(t, validate):
+        return
+    t32 = t.to(torch.float32)
+    tiny = torch.finfo(torch.float32).tiny
+    if not bool((torch.isfinite(t32) & (t32 >= tiny)).all()):
+        raise ValueError(
+            f"{name} must be positive, finite and at least {tiny:g} (the smallest normal "
+            f"float32), got {t.reshape(-1).tolist()}"
+        )
+
+
+def check_finite_nonzero(t: torch.Tensor, name: str, validate: bool = False) -> None:
+    """A scale: finite and nonzero (CPU always; GPU when validating)."""
+    if may_read_data(t, validate) and not bool(
+        (torch.isfinite(t.to(torch.float32)) & (t != 0)).all()
+    ):
+        values = t.reshape(-1).tolist()
+        shown = values if len(values) <= 8 else f"{len(values)} values, some 0 or not finite"
+        raise ValueError(f"{name} must be finite and nonzero, got {shown}")
 
 
 def check_ternary(t: torch.Tensor, name: str, validate: bool) -> None:
-    """Only when asked: a full read of the spikes costs as much as a kernel pass."""
-    if validate and may_read_data(t, validate) and not bool((t.abs() <= 1).all()):
-        raise ValueError(f"{name} must hold ternary spikes in {{-1, 0, 1}}")
+    """Spikes in {-1, 0, 1}: on CPU tensors always (one cheap pass, no sync), on a GPU only
+    when asked (a host sync). A range test, not ``abs``: int8 ``abs(-128)`` is -128."""
+    if may_read_data(t, validate) and t.numel() > 0:
+        lo, hi = (int(v) for v in torch.aminmax(t))
+        if lo < -1 or hi > 1:
+            raise ValueError(
+                f"{name} must hold ternary spikes in {{-1, 0, 1}}, got values in [{lo}, {hi}]"
+            )
+
+
+def check_in_bounds(
+    t: torch.Tensor | None, name: str, lo: int, hi: int, validate: bool = False
+) -> None:
+    """Incoming integer state inside ``[lo, hi]`` (CPU always; GPU when validating)."""
+    if t is None or not may_read_data(t, validate) or t.numel() == 0:
+        return
+    got_lo, got_hi = (int(v) for v in torch.aminmax(t))
+    if got_lo < lo or got_hi > hi:
+        raise ValueError(f"{name} must lie in [{lo}, {hi}], got values in [{got_lo}, {got_hi}]")

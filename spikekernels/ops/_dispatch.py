@@ -48,28 +48,34 @@ def forced_backend() -> str | None:
     return _forced
 
 
-def backend_for(t: torch.Tensor, available: Sequence[str] = ("triton", "cpp", "torch")) -> str:
+def backend_for(
+    t: torch.Tensor,
+    available: Sequence[str] = ("triton", "cpp", "torch"),
+    *,
+    cpp_devices: Sequence[str] = ("cpu",),
+) -> str:
     """The backend that runs an op on ``t``, among the op's ``available`` ones.
 
-    Default order: Triton where it runs on ``t``'s device, then the C++ kernel for CPU
-    tensors when the extension is built, then PyTorch. A forced backend wins where it can run
-    on ``t`` (``"reference"`` always can); otherwise ``"torch"``.
+    Default order: the order of ``available`` (Triton where it runs on ``t``'s device, then
+    the extension's kernel where the op has one for ``t``'s device type, listed in
+    ``cpp_devices``, then PyTorch). A forced backend wins where it can run on ``t``
+    (``"reference"`` always can); otherwise ``"torch"``.
     """
     if _forced is not None:
         if _forced == "reference":
             return "reference"
-        if _forced in available and _can_run(_forced, t):
+        if _forced in available and _can_run(_forced, t, cpp_devices):
             return _forced
         return "torch"
     for name in available:
-        if _can_run(name, t):
+        if _can_run(name, t, cpp_devices):
             return name
     return "torch"
 
 
-def _can_run(name: str, t: torch.Tensor) -> bool:
+def _can_run(name: str, t: torch.Tensor, cpp_devices: Sequence[str]) -> bool:
     if name == "triton":
         return use_triton(t)
     if name == "cpp":
-        return HAS_EXTENSION and t.device.type == "cpu"
+        return HAS_EXTENSION and t.device.type in cpp_devices
     return True

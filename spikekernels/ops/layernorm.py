@@ -5,16 +5,17 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
-from spikekernels import reference
-from spikekernels.kernels import use_triton
 from spikekernels.ops._checks import (
     FLOAT_DTYPES,
+    check_float,
     check_same_device,
     check_state,
     check_tensor,
     check_time_major,
 )
+from spikekernels.ops._dispatch import backend_for
 from spikekernels.ops._registry import kernel_op, launcher
 
 
@@ -34,7 +35,8 @@ def _check_spike_layernorm(x, weight, bias, eps, x_acc, y_prev) -> None:
         if t.shape[0] != c:
             raise ValueError(f"{name} must have shape ({c},) (x's last dim), got {tuple(t.shape)}")
         check_same_device("x", x, name, t)
-    if not (isinstance(eps, float) and math.isfinite(eps) and eps >= 0.0):
+    check_float(eps, "eps")
+    if isinstance(eps, (int, float)) and not (math.isfinite(eps) and eps >= 0.0):
         raise ValueError(f"eps must be a finite float >= 0, got {eps!r}")
     shape = x.shape[1:]
     check_state(x_acc, "x_acc", shape, (torch.float32,), x, "x")
@@ -51,11 +53,58 @@ def _spike_layernorm_op(
     y_prev: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     _check_spike_layernorm(x, weight, bias, eps, x_acc, y_prev)
-    if use_triton(x):
+    backend = backend_for(x, ("triton", "torch"))
+    if backend == "triton":
         from spikekernels.kernels.layernorm import spike_layernorm_triton
 
         return spike_layernorm_triton(launcher, x, weight, bias, eps, x_acc, y_prev)
-    return reference.spike_layernorm(x, weight, bias, eps, x_acc, y_prev)
+    if backend == "reference":
+        from spikekernels import reference
+
+        return reference.spike_layernorm(x, weight, bias, eps, x_acc, y_prev)
+    return spike_layernorm_torch(x, weight, bias, eps, x_acc, y_prev)
+
+
+def running_sums(x: torch.Tensor, x_acc: torch.Tensor | None) -> torch.Tensor:
+    """``X_t = X_init + x_0 + ... + x_t`` for every step, float32 ``[T, *shape]``.
+
+    One float32 add per step, in time order: exactly the rounding of the per-step rule, so
+    the outgoing ``X`` (the last slab) equals the reference's and chunked time equals whole.
+    (``torch.cumsum`` would not do: on CPU it accumulates float32 in float64, so a chunked
+    run, which restarts from the rounded state, would differ from a whole one.)
+    """
+    sums = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    acc = None if x_acc is None else x_acc.to(torch.float32)
+    for t in range(x.shape[0]):
+        step = x[t].to(torch.float32)
+        acc = step if acc is None else acc + step
+        sums[t] = acc
+    return sums
+
+
+def step_differences(
+    y: torch.Tensor, y_prev: torch.Tensor | None, dtype: torch.dtype
+) -> torch.Tensor:
+    """``out_t = Y_t - Y_{t-1}`` for every step at once (``Y_{-1} = y_prev``, zero when None)."""
+    out = torch.empty(y.shape, dtype=dtype, device=y.device)
+    out[0] = y[0] if y_prev is None else y[0] - y_prev
+    if y.shape[0] > 1:
+        out[1:] = y[1:] - y[:-1]
+    return out
+
+
+def spike_layernorm_torch(x, weight, bias, eps, x_acc, y_prev):
+    """The PyTorch path (CPU, or forced): running sums step by step (cheap adds), then one
+    ``layer_norm`` over all ``T`` steps at once and the differences of consecutive steps.
+    Every row is normalised by the same float32 ``layer_norm`` as a per-step run, so the
+    error is PyTorch's own float32 layer norm error (SPEC.md §8)."""
+    c = x.shape[-1]
+    sums = running_sums(x, x_acc)
+    w = None if weight is None else weight.to(torch.float32)
+    b = None if bias is None else bias.to(torch.float32)
+    y = F.layer_norm(sums, (c,), w, b, eps)
+    out = step_differences(y, None if y_prev is None else y_prev.to(torch.float32), x.dtype)
+    return out, sums[-1].clone(), y[-1].clone()
 
 
 @_spike_layernorm_op.register_fake
@@ -99,10 +148,14 @@ def spike_layernorm(
     float64 evaluation is within 2x of ``reference.spike_layernorm``'s float32 error (the
     reductions sum in a different order; sqrt and division are correctly rounded).
 
-    Dispatch: CUDA tensors run the Triton kernel (state in registers across the T loop, one
-    read of ``x`` and one write of ``out``); CPU tensors run the reference, vectorised across
-    rows (the Triton kernel under ``TRITON_INTERPRET=1``). Inference only: no autograd.
+    Bad input: ``TypeError``/``ValueError`` naming the argument (``eps`` must be a real
+    number, not a bool or a tensor), before dispatch.
+
+    Dispatch (``ops._dispatch.backend_for``): CUDA tensors run the Triton kernel (state in
+    registers across the T loop, one read of ``x`` and one write of ``out``); CPU tensors run
+    ``spike_layernorm_torch`` (running sums, then one ``layer_norm`` over all steps; the
+    Triton kernel under ``TRITON_INTERPRET=1``). Inference only: no autograd.
     """
-    if isinstance(eps, int) and not isinstance(eps, bool):
-        eps = float(eps)
+    eps = check_float(eps, "eps")
+    _check_spike_layernorm(x, weight, bias, eps, x_acc, y_prev)
     return torch.ops.spikekernels.spike_layernorm(x, weight, bias, eps, x_acc, y_prev)

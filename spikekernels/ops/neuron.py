@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import torch
 
-from spikekernels import levels, reference
+from spikekernels import levels
 from spikekernels._extension import HAS_EXTENSION
-from spikekernels.kernels import use_triton
 from spikekernels.ops._checks import (
     COUNT_DTYPES,
     FLOAT_DTYPES,
+    check_in_bounds,
+    check_int,
     check_positive,
     check_scalar_tensor,
     check_state,
     check_tensor,
     check_time_major,
 )
+from spikekernels.ops._dispatch import backend_for
 from spikekernels.ops._registry import kernel_op, launcher
 
 
@@ -24,6 +26,8 @@ def _check_st_bif(x, threshold, n_min, p_max, v, s) -> torch.dtype:
     check_tensor(x, "x", dtypes=FLOAT_DTYPES)
     check_time_major(x, "x")
     check_scalar_tensor(threshold, "threshold", x, "x")
+    check_int(n_min, "n_min")
+    check_int(p_max, "p_max")
     if n_min > p_max:
         raise ValueError(f"level bounds inverted: n_min={n_min} > p_max={p_max}")
     if n_min > 0 or p_max < 0:
@@ -53,13 +57,48 @@ def _st_bif_op(
     float_out: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     count_dtype = _check_st_bif(x, threshold, n_min, p_max, v, s)
-    if use_triton(x):
+    backend = backend_for(x, ("triton", "cpp", "torch"))
+    if backend == "triton":
         from spikekernels.kernels.neuron import st_bif_triton
 
         return st_bif_triton(launcher, x, threshold, n_min, p_max, v, s, float_out, count_dtype)
-    if HAS_EXTENSION and x.device.type == "cpu":
+    if backend == "cpp":
         return torch.ops.spikekernels.st_bif_cpu(x, threshold, n_min, p_max, v, s, float_out)
-    return reference.st_bif(x, threshold, n_min, p_max, v, s, float_out)
+    if backend == "reference":
+        from spikekernels import reference
+
+        out, v_out, s_out = reference.st_bif(x, threshold, n_min, p_max, v, s, float_out)
+        return out, v_out, s_out.to(count_dtype)
+    return st_bif_torch(x, threshold, n_min, p_max, v, s, float_out, count_dtype)
+
+
+def st_bif_torch(x, threshold, n_min, p_max, v, s, float_out, count_dtype):
+    """The PyTorch path (no extension, or forced): SPEC.md §2 over all elements, one step
+    at a time (the rule is sequential in time), in place on fresh state tensors."""
+    shape = x.shape[1:]
+    theta = threshold.to(torch.float32).reshape(())
+    v_cur = (
+        torch.full(shape, 0.5, dtype=torch.float32, device=x.device)
+        if v is None
+        else v.to(torch.float32, copy=True)
+    )
+    s_cur = (
+        torch.zeros(shape, dtype=count_dtype, device=x.device)
+        if s is None
+        else s.to(count_dtype, copy=True)
+    )
+    spikes = torch.empty(x.shape, dtype=torch.int8, device=x.device)
+    for t in range(x.shape[0]):
+        v_cur += x[t].to(torch.float32) / theta
+        sigma = ((v_cur >= 1.0) & (s_cur < p_max)).to(torch.int8) - (
+            (v_cur < 0.0) & (s_cur > n_min)
+        ).to(torch.int8)
+        s_cur += sigma.to(count_dtype)
+        v_cur -= sigma.to(torch.float32)
+        spikes[t] = sigma
+    if float_out:
+        spikes = (spikes.to(torch.float32) * theta).to(x.dtype)
+    return spikes, v_cur, s_cur
 
 
 @_st_bif_op.register_fake
@@ -106,18 +145,23 @@ def st_bif(
             ``s`` an integer dtype. Fresh state is ``v = 0.5``, ``s = 0`` with
             ``s.dtype = reference.count_dtype(n_min, p_max)`` (int8 for levels up to 256).
         float_out: return ``sigma * theta`` in ``x.dtype`` instead of int8 spikes.
-        validate: also check the threshold's sign on a GPU (a host sync). On CPU it is always
-            checked.
+        validate: also check on a GPU (a host sync) what is always checked on CPU tensors:
+            the threshold is finite, positive and a normal float32 (a denormal one gives NaN
+            membranes), and the incoming ``s`` lies in ``[n_min, p_max]``.
 
     Returns:
         ``(spikes [T, *shape], v, s)``; the state is fresh, never an alias of ``v``/``s``, so
         chunked time (feeding the state back) equals a whole run bit for bit.
 
-    Dispatch: CUDA tensors run the Triton kernel; CPU tensors run the C++ kernel of the
-    extension (the Triton kernel under ``TRITON_INTERPRET=1``; the vectorised reference when
-    the extension is not built). Bit-exact with ``reference.st_bif`` on
+    Bad input: ``TypeError``/``ValueError`` naming the argument (a float, bool or out-of-int64
+    ``n_min``/``p_max`` included), before dispatch.
+
+    Dispatch (``ops._dispatch.backend_for``): CUDA tensors run the Triton kernel; CPU tensors
+    run the C++ kernel of the extension (the Triton kernel under ``TRITON_INTERPRET=1``; a
+    PyTorch loop when the extension is not built). Bit-exact with ``reference.st_bif`` on
     every path. Inference only: no autograd.
     """
-    check_tensor(threshold, "threshold", dtypes=FLOAT_DTYPES + (torch.float64,))
+    _check_st_bif(x, threshold, n_min, p_max, v, s)
     check_positive(threshold, "threshold", validate)
+    check_in_bounds(s, "s", n_min, p_max, validate)
     return torch.ops.spikekernels.st_bif(x, threshold, n_min, p_max, v, s, float_out)

@@ -2,17 +2,18 @@
 
 The op's schema and its CPU and CUDA kernels are C++ (csrc/spike_softmax.cpp,
 csrc/cuda/spike_softmax.cu, loaded with ``spikekernels._C``). This module adds the fake impl
-for torch.compile and, where no compiled kernel exists for a device (extension not built, or
-built without CUDA), registers the per-step reference with the same checks, so the op works
-everywhere.
+for torch.compile, a vectorised PyTorch implementation (``spike_softmax_torch``) and, where no
+compiled kernel exists for a device (extension not built, or built without CUDA), registers
+that implementation with the same checks, so the op works everywhere.
 """
 
 from __future__ import annotations
 
 import torch
 
-from spikekernels import _extension, reference
+from spikekernels import _extension
 from spikekernels.ops._checks import FLOAT_DTYPES, check_state, check_tensor, check_time_major
+from spikekernels.ops.layernorm import running_sums, step_differences
 
 QUALNAME = "spikekernels::spike_softmax"
 SCHEMA = (
@@ -32,19 +33,35 @@ def _check_spike_softmax(
     check_state(y_prev, "y_prev", shape, (torch.float32,), x, "x")
 
 
-def spike_softmax_reference(
+def _masked_softmax(x: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dim where a fully ``-inf`` row gives zeros, not NaN."""
+    dead = (x == float("-inf")).all(dim=-1, keepdim=True)
+    return torch.softmax(x.masked_fill(dead, 0.0), dim=-1).masked_fill(dead, 0.0)
+
+
+def spike_softmax_torch(
     x: torch.Tensor, x_acc: torch.Tensor | None = None, y_prev: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The op on a device without a compiled kernel: checks, then the per-step reference."""
+    """The PyTorch path (no compiled kernel for the device, or forced): checks, running sums
+    step by step (cheap float32 adds in time order), then one masked softmax over all ``T``
+    steps at once and the differences of consecutive steps. Each row goes through PyTorch's
+    own float32 softmax, so the error is that of the per-step float32 rule (SPEC.md §8)."""
     _check_spike_softmax(x, x_acc, y_prev)
-    return reference.spike_softmax(x.contiguous(), x_acc, y_prev)
+    sums = running_sums(x, x_acc)
+    y = _masked_softmax(sums)
+    out = step_differences(y, None if y_prev is None else y_prev.to(torch.float32), x.dtype)
+    return out, sums[-1].clone(), y[-1].clone()
 
 
 if not _extension.HAS_EXTENSION:
     torch.library.define(QUALNAME, SCHEMA)
-    torch.library.impl(QUALNAME, ("cpu", "cuda"), spike_softmax_reference)
+    torch.library.impl(QUALNAME, ("cpu", "cuda"), spike_softmax_torch)
+    _CPP_DEVICES: tuple[str, ...] = ()
 elif not torch._C._dispatch_has_kernel_for_dispatch_key(QUALNAME, "CUDA"):
-    torch.library.impl(QUALNAME, "cuda", spike_softmax_reference)
+    torch.library.impl(QUALNAME, "cuda", spike_softmax_torch)
+    _CPP_DEVICES = ("cpu",)
+else:
+    _CPP_DEVICES = ("cpu", "cuda")
 
 
 @torch.library.register_fake(QUALNAME)
@@ -80,7 +97,7 @@ def spike_softmax(
 
     Accuracy: within 2x of the float32 per-step PyTorch loop's own error against a float64
     reference (SPEC.md §8). Kernels: C++ on CPU (threads over rows, T loop inside), CUDA on GPU
-    (a warp per row up to N = 1024, a block per row beyond), the per-step reference where no
+    (a warp per row up to N = 1024, a block per row beyond), ``spike_softmax_torch`` where no
     kernel was built. Bad arguments raise ``TypeError`` (dtype) or ``ValueError`` (rank,
     ``T == 0``, state shape or device), naming the argument. Inference only: no autograd.
     """

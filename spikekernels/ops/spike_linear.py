@@ -6,9 +6,10 @@ import math
 
 import torch
 
-from spikekernels.kernels import use_triton
 from spikekernels.ops._checks import (
     FLOAT_DTYPES,
+    check_finite_nonzero,
+    check_int,
     check_positive,
     check_same_device,
     check_scalar_tensor,
@@ -16,6 +17,7 @@ from spikekernels.ops._checks import (
     check_ternary,
     check_time_major,
 )
+from spikekernels.ops._dispatch import backend_for
 from spikekernels.ops._registry import kernel_op, launcher
 
 WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.int8)
@@ -55,6 +57,8 @@ def _check_spike_linear(s, weight, threshold, bias, t0, bias_steps, weight_scale
         raise ValueError(
             f"weight_scale is only for int8 weights; weight is {weight.dtype}, so pass None"
         )
+    check_int(t0, "t0")
+    check_int(bias_steps, "bias_steps")
     if t0 < 0:
         raise ValueError(f"t0 (the global index of the first step) must be >= 0, got {t0}")
     if bias_steps < 1:
@@ -115,7 +119,15 @@ def _spike_linear_op(
     weight_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     _check_spike_linear(s, weight, threshold, bias, t0, bias_steps, weight_scale)
-    if use_triton(s):
+    backend = backend_for(s, ("triton", "torch"))
+    if backend == "reference":
+        from spikekernels import reference
+
+        w = weight
+        if weight.dtype == torch.int8:
+            w = weight.to(torch.float32) * weight_scale.to(torch.float32)[:, None]
+        return reference.spike_linear(s, w, threshold, bias, t0=t0, bias_steps=bias_steps)
+    if backend == "triton":
         from spikekernels.kernels.spike_linear import spike_linear_triton
 
         n, k = weight.shape
@@ -166,8 +178,9 @@ def spike_linear(
             equal one whole run.
         weight_scale: ``[N]`` float per-output-channel scale, for int8 weights only (float32
             math).
-        validate: check that ``s`` is ternary (a full read) and, on a GPU, the threshold's
-            sign (a host sync). On CPU the threshold is always checked.
+        validate: also check on a GPU (a host sync) what is always checked on CPU tensors:
+            ``s`` is ternary, the threshold finite, positive and a normal float32, and
+            ``weight_scale`` finite and nonzero.
 
     Returns:
         ``[T, *, N]`` float32.
@@ -186,14 +199,18 @@ def spike_linear(
           ``u = 2^-24``, not bitwise. The CPU path is the same matmul as the reference,
           over all steps at once.
 
-    Dispatch: CUDA tensors run the Triton kernel (``torch.ops.spikekernels.spike_linear``),
-    which skips tiles of 64 rows whose spikes are all zero (silent tokens/steps cost only the
-    bias write); CPU tensors run one vectorised float32 matmul (the Triton kernel under
-    ``TRITON_INTERPRET=1``). Inference only: no autograd.
+    Bad input: ``TypeError``/``ValueError`` naming the argument (a float or bool ``t0`` or
+    ``bias_steps`` included), before dispatch.
+
+    Dispatch (``ops._dispatch.backend_for``): CUDA tensors run the Triton kernel
+    (``torch.ops.spikekernels.spike_linear``), which skips tiles of 64 rows whose spikes are
+    all zero (silent tokens/steps cost only the bias write); CPU tensors run one vectorised
+    float32 matmul (the Triton kernel under ``TRITON_INTERPRET=1``). Inference only: no autograd.
     """
-    check_tensor(threshold, "threshold", dtypes=FLOAT_DTYPES + (torch.float64,))
+    _check_spike_linear(s, weight, threshold, bias, t0, bias_steps, weight_scale)
     check_positive(threshold, "threshold", validate)
-    check_tensor(s, "s", dtypes=(torch.int8,))
+    if weight_scale is not None:
+        check_finite_nonzero(weight_scale, "weight_scale", validate)
     check_ternary(s, "s", validate)
     return torch.ops.spikekernels.spike_linear(
         s, weight, threshold, bias, t0, bias_steps, weight_scale

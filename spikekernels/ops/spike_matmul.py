@@ -6,8 +6,8 @@ import math
 
 import torch
 
-from spikekernels.kernels import use_triton
 from spikekernels.ops._checks import (
+    check_finite_nonzero,
     check_same_device,
     check_scalar_tensor,
     check_state,
@@ -16,6 +16,7 @@ from spikekernels.ops._checks import (
     check_time_major,
     may_read_data,
 )
+from spikekernels.ops._dispatch import backend_for
 from spikekernels.ops._registry import kernel_op, launcher
 
 # float32 holds every integer below 2^24 exactly. An output element sums 2K products of an
@@ -107,10 +108,15 @@ def _spike_matmul_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     _check_spike_matmul(a, b, scale, a_acc, b_acc)
     m, k, n = a.shape[-2], a.shape[-1], b.shape[-1]
-    if use_triton(a) and min(math.prod(a.shape[1:-2]), m, k, n) > 0:
+    backend = backend_for(a, ("triton", "torch"))
+    if backend == "triton" and min(math.prod(a.shape[1:-2]), m, k, n) > 0:
         from spikekernels.kernels.spike_matmul import spike_matmul_triton
 
         return spike_matmul_triton(launcher, a, b, scale, a_acc, b_acc)
+    if backend == "reference":
+        from spikekernels import reference
+
+        return reference.spike_matmul(a, b, scale, a_acc, b_acc)
     return spike_matmul_dense(a, b, scale, a_acc, b_acc)
 
 
@@ -125,9 +131,12 @@ def _(a, b, scale, a_acc=None, b_acc=None):
     )
 
 
-def _check_counts_fit(x: torch.Tensor, init: torch.Tensor | None, name: str) -> None:
-    """The running count of ``x`` stays in int8 range at every step (reads all of ``x``)."""
-    if not may_read_data(x, True):
+def _check_counts_fit(
+    x: torch.Tensor, init: torch.Tensor | None, name: str, validate: bool
+) -> None:
+    """The running count of ``x`` stays in int8 range at every step (reads all of ``x``:
+    CPU tensors always, a GPU only with ``validate``)."""
+    if not may_read_data(x, validate) or x.numel() == 0:
         return
     running = torch.cumsum(x, 0, dtype=torch.int32)
     if init is not None:
@@ -170,8 +179,9 @@ def spike_matmul(
             on the device (never ``.item()``), used in float32.
         a_acc, b_acc: optional incoming running counts, int8 ``[*batch, M, K]`` and
             ``[*batch, K, N]``; zero when omitted.
-        validate: also check that the spikes are ternary and that every running count stays
-            in int8 range (reads all the data; a host sync on GPU).
+        validate: also check on a GPU (reads all the data; a host sync) what is always
+            checked on CPU tensors: the spikes are ternary, every running count stays in int8
+            range at every step, and ``scale`` is finite and nonzero.
 
     Returns:
         ``(out, a_acc, b_acc)``: ``out`` float32 ``[T, *batch, M, N]`` and the outgoing counts
@@ -184,8 +194,10 @@ def spike_matmul(
 
     Bounds: every running count must stay in int8, ``[-128, 127]``, at every step. That holds
     for the paper's quantizers (levels 8-32) and any level up to 256 signed / 128 unsigned,
-    since ST-BIF counts stay inside the level bounds. Counts outside it are not checked
-    unless ``validate=True`` (the GPU kernel would wrap them).
+    since ST-BIF counts stay inside the level bounds. A count that leaves int8 is a
+    ``ValueError`` on CPU tensors always and on a GPU with ``validate=True``. On a GPU
+    without ``validate`` it is not detected (that would need a host sync per call): the
+    Triton kernel then wraps the count in int8 and its answer is wrong.
 
     Dispatch: CUDA tensors run the Triton kernel (fused over T, silent tiles skipped; K > 64
     through a split-K path); CPU tensors run the batched dense path above (the Triton kernel
@@ -194,9 +206,9 @@ def spike_matmul(
     # Metadata only (free): a non-tensor argument would otherwise meet the dispatcher's
     # less helpful schema error first.
     _check_spike_matmul(a, b, scale, a_acc, b_acc)
-    if validate:
-        check_ternary(a, "a", validate)
-        check_ternary(b, "b", validate)
-        _check_counts_fit(a, a_acc, "a")
-        _check_counts_fit(b, b_acc, "b")
+    check_finite_nonzero(scale, "scale", validate)
+    check_ternary(a, "a", validate)
+    check_ternary(b, "b", validate)
+    _check_counts_fit(a, a_acc, "a", validate)
+    _check_counts_fit(b, b_acc, "b", validate)
     return torch.ops.spikekernels.spike_matmul(a, b, scale, a_acc, b_acc)

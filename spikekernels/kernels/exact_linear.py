@@ -1,0 +1,224 @@
+"""Fused exact linear + target-driven neuron (SPEC.md §9.2-§9.4): the T loop inside.
+
+Time-major spikes ``[T, rows, K]`` (int8, ternary) in, int8 spikes ``[T, rows, N]`` out; the
+int32 accumulator ``acc = q_in @ W^T`` and the int8 count stay in registers for the whole
+chunk, and only the final ones are written. Two launches:
+
+1. ``step_tile_any_kernel``: one program per (step, tile of ``BLOCK_M`` rows) reads that
+   step's spikes once (int8, the cheapest tensor here) and writes whether any is nonzero.
+2. ``exact_linear_kernel``: one program per (row tile, output tile). For each step:
+   ``acc += s_t @ W^T`` with ``tl.dot`` int8 x int8 -> int32 (exact; int8 tensor cores),
+   where a silent spike tile runs the K loop zero times (no weight traffic, no MMA); then
+   the value ``y = fl32(fl32(m[n] * fl32(acc)) + b[n])`` with ``m = fl32(theta_in * ws[n])``
+   and the §9.3 neuron on ``y`` (``kernels.target.target_step``). The product is formed as
+   ``fma(m, acc, +0.0)`` so that the compiler cannot contract it with the bias add into one
+   FMA (Triton fuses mul+add by default): two roundings, as SPEC.md §9.2 and the reference.
+   The epilogue runs on silent steps too: the neuron may still be moving toward its target.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from spikekernels.kernels import INTERPRET, on_device
+from spikekernels.kernels.target import target_step
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) on a GPU: BLOCK_M = 64 rows per
+# warpgroup for Hopper's int8 wgmma and a fine skip granularity; BLOCK_N = 64 because acc and
+# count (two int32 [BLOCK_M, BLOCK_N] tiles) live in registers across the T loop, and 128
+# columns spill (tests/triton_sm90.py checks). Untuned on hardware so far: see bench/results/.
+_GPU_TILES = (64, 64, 128, 4, 3)
+# Under the numpy interpreter: small tiles so that CPU tests cover several row, column and K
+# tiles (and silent and active tiles side by side) at small shapes.
+_INTERPRET_TILES = (16, 16, 32, 4, 1)
+# The flag pass reads whole rows of K; its K tile (no MMA there, so any power of two).
+FLAG_BLOCK_K = 128
+
+
+def tile_config() -> tuple[int, int, int, int, int]:
+    """``(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)``."""
+    return _INTERPRET_TILES if INTERPRET else _GPU_TILES
+
+
+@triton.jit
+def step_tile_any_kernel(
+    s_ptr,  # [T, rows, K] int8 spikes
+    flag_ptr,  # [T, num_m] int32: 1 where the step's row tile holds a nonzero spike
+    rows,
+    K,
+    num_m,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """flag[t, m] = any(s[t, m * BLOCK_M : (m + 1) * BLOCK_M, :] != 0)."""
+    t = tl.program_id(0).to(tl.int64)
+    pid_m = tl.program_id(1).to(tl.int64)
+    rs = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rs < rows
+    cols = tl.arange(0, BLOCK_K)
+    base = s_ptr + t * rows * K
+    # one flag per row, reduced per K tile: a [BLOCK_M, BLOCK_K] accumulator would hold a
+    # register per element across the loop
+    seen = tl.zeros([BLOCK_M], tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + cols
+        s = tl.load(
+            base + rs[:, None] * K + ks[None, :],
+            mask=row_mask[:, None] & (ks[None, :] < K),
+            other=0,
+        )
+        seen = tl.maximum(seen, tl.max((s != 0).to(tl.int32), axis=1))
+    tl.store(flag_ptr + t * num_m + pid_m, tl.max(seen, axis=0))
+
+
+@triton.jit
+def exact_linear_kernel(
+    s_ptr,  # [T, rows, K] int8 ternary spikes
+    w_ptr,  # [N, K] int8 integer weight W_int
+    ws_ptr,  # [N] float32 per-output-channel weight scale
+    bias_ptr,  # [N] float32 bias (HAS_BIAS only)
+    theta_in_ptr,  # [1] threshold of the neuron feeding the spikes (any float dtype)
+    theta_ptr,  # [1] or [N] threshold of the output neuron (any float dtype)
+    flag_ptr,  # [T, num_m] int32 from step_tile_any_kernel
+    acc_in_ptr,  # [rows, N] int32 incoming accumulator (HAS_ACC only)
+    count_in_ptr,  # [rows, N] int8 incoming count (HAS_COUNT only)
+    out_ptr,  # [T, rows, N] int8 spikes
+    acc_out_ptr,  # [rows, N] int32
+    count_out_ptr,  # [rows, N] int8
+    T,
+    rows,
+    N,
+    K,
+    num_m,
+    n_min,
+    p_max,
+    HAS_BIAS: tl.constexpr,
+    HAS_ACC: tl.constexpr,
+    HAS_COUNT: tl.constexpr,
+    PER_CHANNEL: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """acc += s_t @ W^T; y = fl32(fl32(m[n] * fl32(acc)) + b[n]); target-driven neuron on y."""
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_n = tl.program_id(1).to(tl.int64)
+    rs = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rs < rows
+    col_mask = cols < N
+    mask = row_mask[:, None] & col_mask[None, :]
+    ks = tl.arange(0, BLOCK_K)
+    state_offs = rs[:, None] * N + cols[None, :]
+
+    theta_in = tl.load(theta_in_ptr).to(tl.float32)
+    m = theta_in * tl.load(ws_ptr + cols, mask=col_mask, other=0.0)
+    if HAS_BIAS:
+        b = tl.load(bias_ptr + cols, mask=col_mask, other=0.0)
+    if PER_CHANNEL:
+        theta = tl.load(theta_ptr + cols, mask=col_mask, other=1.0).to(tl.float32)[None, :]
+    else:
+        theta = tl.load(theta_ptr).to(tl.float32)
+    if HAS_ACC:
+        acc = tl.load(acc_in_ptr + state_offs, mask=mask, other=0)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
+    if HAS_COUNT:
+        count = tl.load(count_in_ptr + state_offs, mask=mask, other=0).to(tl.int32)
+    else:
+        count = tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
+
+    # the weight tile is read as [BLOCK_K, BLOCK_N] straight from [N, K] (K-major B)
+    w_start = w_ptr + cols[None, :] * K + ks[:, None]
+    s_start = s_ptr + rs[:, None] * K + ks[None, :]
+    out_ptrs = out_ptr + state_offs
+    flag_ptrs = flag_ptr + pid_m
+    for _ in range(T):
+        # A silent spike tile runs the K loop zero times: a loop bound rather than an `if`
+        # around the loop, so that the compiler still pipelines the loop.
+        k_end = tl.where(tl.load(flag_ptrs) != 0, K, 0)
+        s_ptrs = s_start
+        w_ptrs = w_start
+        for k0 in range(0, k_end, BLOCK_K):
+            k_mask = (k0 + ks) < K
+            s = tl.load(s_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0)
+            w = tl.load(w_ptrs, mask=k_mask[:, None] & col_mask[None, :], other=0)
+            acc = tl.dot(s, w, acc, out_dtype=tl.int32)
+            s_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K
+        y = tl.fma(m[None, :], acc.to(tl.float32), 0.0)
+        if HAS_BIAS:
+            y = y + b[None, :]
+        sigma = target_step(y, theta, count, n_min, p_max)
+        count = count + sigma
+        tl.store(out_ptrs, sigma.to(tl.int8), mask=mask)
+        s_start += rows * K
+        out_ptrs += rows * N
+        flag_ptrs += num_m
+    tl.store(acc_out_ptr + state_offs, acc, mask=mask)
+    tl.store(count_out_ptr + state_offs, count.to(tl.int8), mask=mask)
+
+
+@on_device
+def exact_linear_triton(
+    launch,
+    s: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    in_threshold: torch.Tensor,
+    threshold: torch.Tensor,
+    n_min: int,
+    p_max: int,
+    acc: torch.Tensor | None,
+    count: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Host side: ``s`` ``[T, rows, K]`` int8, ``weight`` ``[N, K]`` int8, ``weight_scale``
+    and ``bias`` float32 ``[N]``, all contiguous; ``acc``/``count`` ``[rows, N]`` or None.
+    Returns fresh ``(spikes [T, rows, N] int8, acc [rows, N] int32, count [rows, N] int8)``."""
+    T, rows, K = s.shape
+    N = weight.shape[0]
+    out = torch.empty((T, rows, N), dtype=torch.int8, device=s.device)
+    acc_out = torch.empty((rows, N), dtype=torch.int32, device=s.device)
+    count_out = torch.empty((rows, N), dtype=torch.int8, device=s.device)
+    if rows == 0 or N == 0:
+        return out, acc_out, count_out
+    block_m, block_n, block_k, num_warps, num_stages = tile_config()
+    num_m = triton.cdiv(rows, block_m)
+    flags = torch.empty((T, num_m), dtype=torch.int32, device=s.device)
+    launch(step_tile_any_kernel)[(T, num_m)](
+        s, flags, rows, K, num_m, BLOCK_M=block_m, BLOCK_K=FLAG_BLOCK_K, num_warps=num_warps
+    )
+    launch(exact_linear_kernel)[(num_m, triton.cdiv(N, block_n))](
+        s,
+        weight,
+        weight_scale,
+        weight_scale if bias is None else bias,
+        in_threshold,
+        threshold.contiguous(),
+        flags,
+        acc_out if acc is None else acc,
+        count_out if count is None else count,
+        out,
+        acc_out,
+        count_out,
+        T,
+        rows,
+        N,
+        K,
+        num_m,
+        n_min,
+        p_max,
+        HAS_BIAS=bias is not None,
+        HAS_ACC=acc is not None,
+        HAS_COUNT=count is not None,
+        PER_CHANNEL=threshold.numel() > 1,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
+    return out, acc_out, count_out

@@ -1,0 +1,116 @@
+"""Fused multi-step target-driven neuron (SPEC.md §9.3): the whole T loop in one launch.
+
+Each program owns BLOCK neurons, keeps their int8 count in registers (as int32) for all T
+steps, reads each current value once and writes each spike once (int8). The threshold, one
+element or one per channel (the last dim), is read on the device: no host sync.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from spikekernels.kernels import on_device
+
+# BLOCK=1024, 4 warps: 8 neurons per thread, as the ST-BIF kernel (same traffic per step:
+# one float value in, one int8 spike out). Untuned on hardware so far: see bench/results/.
+BLOCK = 1024
+NUM_WARPS = 4
+
+
+@triton.jit
+def target_step(y, theta, c, n_min, p_max):
+    """One §9.3 step on float32 values ``y`` and int32 counts ``c``: returns int32 sigma.
+
+    ``target = clamp(floor(y / theta + 1/2), n_min, p_max)`` with a correctly rounded
+    division (div_rn: Triton's ``/`` on fp32 is approximate on NVIDIA GPUs) and round half up,
+    as ``levels.quantize``; ``sigma = sign(target - c)``. The GPU floor flushes subnormals,
+    which is harmless: a nonzero ``q + 1/2`` is at least 2^-25 in magnitude for any float32
+    ``q``. The clamp is written with selects, not min/max: a NaN value keeps target NaN, both
+    comparisons fail and sigma is 0 (GPU ``max.f32`` would instead return the bound and fire).
+    """
+    f = tl.floor(tl.div_rn(y, theta) + 0.5)
+    target = tl.where(f > p_max, p_max, tl.where(f < n_min, n_min, f))
+    cf = c.to(tl.float32)
+    return (target > cf).to(tl.int32) - (target < cf).to(tl.int32)
+
+
+@triton.jit
+def target_spikes_kernel(
+    value_ptr,  # [T, numel] float32 / float16 / bfloat16 current values y_t
+    theta_ptr,  # [1] or [C] threshold (any float dtype)
+    count_in_ptr,  # [numel] int8 count, read when HAS_COUNT
+    out_ptr,  # [T, numel] int8 spikes
+    count_out_ptr,  # [numel] int8 count
+    numel,
+    T,
+    C,  # channels (last dim); the threshold of element i is theta[i % C] when PER_CHANNEL
+    n_min,
+    p_max,
+    HAS_COUNT: tl.constexpr,
+    PER_CHANNEL: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """target = clamp(floor(y_t / theta + 1/2), n_min, p_max); sigma = sign(target - c);
+    c += sigma; out_t = sigma (int8)."""
+    pid = tl.program_id(0).to(tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    if PER_CHANNEL:
+        theta = tl.load(theta_ptr + offs % C, mask=mask, other=1.0).to(tl.float32)
+    else:
+        theta = tl.load(theta_ptr).to(tl.float32)
+    if HAS_COUNT:
+        c = tl.load(count_in_ptr + offs, mask=mask, other=0).to(tl.int32)
+    else:
+        c = tl.zeros([BLOCK], tl.int32)
+    value_ptrs = value_ptr + offs
+    out_ptrs = out_ptr + offs
+    for _ in range(T):
+        y = tl.load(value_ptrs, mask=mask, other=0.0).to(tl.float32)
+        sigma = target_step(y, theta, c, n_min, p_max)
+        c = c + sigma
+        tl.store(out_ptrs, sigma.to(tl.int8), mask=mask)
+        value_ptrs += numel
+        out_ptrs += numel
+    tl.store(count_out_ptr + offs, c.to(tl.int8), mask=mask)
+
+
+@on_device
+def target_spikes_triton(
+    launch,
+    value: torch.Tensor,
+    theta: torch.Tensor,
+    n_min: int,
+    p_max: int,
+    count: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Host side: allocate fresh outputs and launch ``target_spikes_kernel`` over contiguous
+    ``value``; ``theta`` has one element or ``value.shape[-1]``."""
+    value = value.contiguous()
+    shape = value.shape[1:]
+    numel = value[0].numel()
+    out = torch.empty(value.shape, dtype=torch.int8, device=value.device)
+    count_out = torch.empty(shape, dtype=torch.int8, device=value.device)
+    if numel == 0:
+        return out, count_out
+    per_channel = theta.numel() > 1
+    has_count = count is not None
+    launch(target_spikes_kernel)[(triton.cdiv(numel, BLOCK),)](
+        value,
+        theta.contiguous(),
+        count.contiguous() if has_count else count_out,
+        out,
+        count_out,
+        numel,
+        value.shape[0],
+        shape[-1] if per_channel else 1,
+        n_min,
+        p_max,
+        HAS_COUNT=has_count,
+        PER_CHANNEL=per_channel,
+        BLOCK=BLOCK,
+        num_warps=NUM_WARPS,
+    )
+    return out, count_out

@@ -1,0 +1,235 @@
+"""``torch.ops.spikekernels.exact_linear``: integer-weight linear fused with the target-driven
+neuron (exact mode, SPEC.md §9.2-§9.4)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from spikekernels.exact_math import linear_value
+from spikekernels.ops._checks import (
+    check_same_device,
+    check_state,
+    check_tensor,
+    check_ternary,
+    check_time_major,
+    may_read_data,
+)
+from spikekernels.ops._dispatch import backend_for
+from spikekernels.ops._registry import kernel_op, launcher
+from spikekernels.ops.target import (
+    check_bounds,
+    check_threshold,
+    check_threshold_values,
+    target_spikes_torch,
+)
+
+# acc = q_in @ W^T with |q_in| <= 128 and |W| <= 127 stays inside int32 while K < 2^17; the
+# same bound keeps every per-step sum of the float32 CPU path (|.| <= 127 K) below 2^24.
+MAX_K = 2**17 - 1
+
+
+def _check_exact_linear(
+    s, weight, weight_scale, bias, in_threshold, threshold, n_min, p_max, acc, count
+) -> None:
+    """Metadata checks (no data read)."""
+    check_tensor(s, "s", dtypes=(torch.int8,))
+    check_time_major(s, "s")
+    if s.dim() < 2:
+        raise ValueError(f"s must be [T, *, K] with at least 2 dims, got shape {tuple(s.shape)}")
+    check_tensor(weight, "weight", dtypes=(torch.int8,), ndim=2)
+    check_same_device("s", s, "weight", weight)
+    n, k = weight.shape
+    if s.shape[-1] != k:
+        raise ValueError(
+            f"s has K={s.shape[-1]} input features (last dim) but weight [N, K] has K={k}"
+        )
+    if k > MAX_K:
+        raise ValueError(
+            f"weight has K={k} input features; at most {MAX_K} keep the int32 accumulator exact"
+        )
+    check_tensor(weight_scale, "weight_scale", dtypes=(torch.float32,), ndim=1)
+    if weight_scale.shape[0] != n:
+        raise ValueError(
+            f"weight_scale must have shape ({n},) (weight's N), got {tuple(weight_scale.shape)}"
+        )
+    check_same_device("s", s, "weight_scale", weight_scale)
+    if bias is not None:
+        check_tensor(bias, "bias", dtypes=(torch.float32,), ndim=1)
+        if bias.shape[0] != n:
+            raise ValueError(f"bias must have shape ({n},) (weight's N), got {tuple(bias.shape)}")
+        check_same_device("s", s, "bias", bias)
+    check_threshold(in_threshold, "in_threshold", None, s, "s")
+    check_threshold(threshold, "threshold", n, s, "s")
+    check_bounds(n_min, p_max)
+    shape = (*s.shape[1:-1], n)
+    check_state(acc, "acc", shape, (torch.int32,), s, "s")
+    check_state(count, "count", shape, (torch.int8,), s, "s")
+
+
+def _check_data(s, weight, weight_scale, in_threshold, threshold, validate) -> None:
+    """Data checks: on CPU tensors always, on a GPU when ``validate`` (host syncs)."""
+    check_threshold_values(in_threshold, "in_threshold", validate)
+    check_threshold_values(threshold, "threshold", validate)
+    check_ternary(s, "s", validate)
+    if may_read_data(weight_scale, validate):
+        if not bool((torch.isfinite(weight_scale) & (weight_scale > 0)).all()):
+            raise ValueError("weight_scale must be finite and positive (SPEC.md §9.1)")
+    if may_read_data(weight, validate) and bool((weight == -128).any()):
+        raise ValueError("weight must lie in [-127, 127] (symmetric int8, SPEC.md §9.1)")
+
+
+def exact_linear_torch(
+    s: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    in_threshold: torch.Tensor,
+    threshold: torch.Tensor,
+    n_min: int,
+    p_max: int,
+    acc: torch.Tensor | None,
+    count: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Vectorised PyTorch (any device): one float32 matmul over all ``T * rows`` rows, a
+    cumulative sum over T in int32 plus the incoming ``acc``, the value formula, then the
+    target neuron (sequential in T, vectorised per step).
+
+    Exact: every partial sum of ``s_t @ W^T`` is an integer of magnitude ``<= 127 K < 2^24``,
+    so the float32 matmul is exact in any order (TF32 or bf16 operands hold int8 exactly too),
+    and the running sums are integer arithmetic.
+    """
+    n, k = weight.shape
+    steps, lead = s.shape[0], s.shape[1:-1]
+    rows = math.prod(lead)
+    step = torch.matmul(s.reshape(steps * rows, k).to(torch.float32), weight.to(torch.float32).t())
+    acc_t = torch.cumsum(step.to(torch.int32).reshape(steps, *lead, n), dim=0, dtype=torch.int32)
+    if acc is not None:
+        acc_t += acc
+    m = in_threshold.to(torch.float32).reshape(()) * weight_scale
+    spikes, count_out = target_spikes_torch(
+        linear_value(acc_t, m, bias), threshold, n_min, p_max, count
+    )
+    return spikes, acc_t[-1].clone(), count_out
+
+
+@kernel_op("exact_linear")
+def _exact_linear_op(
+    s: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    in_threshold: torch.Tensor,
+    threshold: torch.Tensor,
+    n_min: int,
+    p_max: int,
+    acc: torch.Tensor | None = None,
+    count: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    args = (s, weight, weight_scale, bias, in_threshold, threshold, n_min, p_max, acc, count)
+    _check_exact_linear(*args)
+    backend = backend_for(s, ("triton", "torch"))
+    if backend == "triton":
+        from spikekernels.kernels.exact_linear import exact_linear_triton
+
+        n, k = weight.shape
+        lead = s.shape[1:-1]
+        rows = math.prod(lead)
+        spikes, acc_out, count_out = exact_linear_triton(
+            launcher,
+            s.contiguous().reshape(s.shape[0], rows, k),
+            weight.contiguous(),
+            weight_scale.contiguous(),
+            None if bias is None else bias.contiguous(),
+            in_threshold,
+            threshold,
+            n_min,
+            p_max,
+            None if acc is None else acc.contiguous().reshape(rows, n),
+            None if count is None else count.contiguous().reshape(rows, n),
+        )
+        shape = (*lead, n)
+        return spikes.reshape(s.shape[0], *shape), acc_out.reshape(shape), count_out.reshape(shape)
+    if backend == "reference":
+        from spikekernels import reference
+
+        return reference.exact_linear(*args)
+    return exact_linear_torch(*args)
+
+
+@_exact_linear_op.register_fake
+def _(s, weight, weight_scale, bias, in_threshold, threshold, n_min, p_max, acc=None, count=None):
+    _check_exact_linear(
+        s, weight, weight_scale, bias, in_threshold, threshold, n_min, p_max, acc, count
+    )
+    shape = (*s.shape[1:-1], weight.shape[0])
+    return (
+        s.new_empty((s.shape[0], *shape), dtype=torch.int8),
+        s.new_empty(shape, dtype=torch.int32),
+        s.new_empty(shape, dtype=torch.int8),
+    )
+
+
+def exact_linear(
+    s: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    in_threshold: torch.Tensor,
+    threshold: torch.Tensor,
+    n_min: int,
+    p_max: int,
+    acc: torch.Tensor | None = None,
+    count: torch.Tensor | None = None,
+    *,
+    validate: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Exact-mode spiking linear layer fused with its output neuron (SPEC.md §9.2-§9.4).
+
+    State: ``acc`` (int32, the running ``q_in @ W_int^T`` of the input counts, fresh 0) and
+    the output neuron's ``count`` (int8, fresh 0). Per step ``t``::
+
+        acc += s_t @ W^T                                  # exact, int32
+        m[n] = fl32(theta_in * ws[n])
+        y    = fl32(fl32(m[n] * fl32(acc)) + b[n])        # two roundings, no FMA
+        target = clamp(floor(y / theta + 1/2), n_min, p_max)
+        sigma  = sign(target - count);  count += sigma;  out_t = sigma
+
+    i.e. ``target_spikes`` (§9.3) on the linear's current value (§9.2). Only the int8 spikes
+    and the final ``acc`` and ``count`` are produced; the float value never leaves the kernel.
+
+    Args:
+        s: ``[T, *, K]`` int8 ternary spikes of the input neuron.
+        weight: ``[N, K]`` int8 integer weight ``W_int`` (SPEC.md §9.1: ``|w| <= 127``),
+            ``K <= 2^17 - 1`` (the int32 accumulator stays exact).
+        weight_scale: ``[N]`` float32 per-output-channel scale ``ws`` (positive).
+        bias: ``[N]`` float32 or None.
+        in_threshold: one-element float tensor ``theta_in``, the step of the neuron feeding
+            ``s`` (read as float32 on the device).
+        threshold: the output neuron's ``theta``: one element, or ``[N]`` per output channel
+            (one qkv output feeding the q, k and v neurons). Read as float32 on the device.
+        n_min, p_max: Python ints, ``n_min <= 0 <= p_max``, inside int8's ``[-128, 127]``.
+        acc, count: optional incoming state ``[*, N]``, int32 and int8 (each fresh when None).
+        validate: on a GPU also run the data checks (host syncs): thresholds positive, finite
+            and normal; ``weight_scale`` finite and positive; ``weight`` in ``[-127, 127]``;
+            ``s`` ternary. On CPU they always run.
+
+    Returns:
+        ``(spikes [T, *, N] int8, acc [*, N] int32, count [*, N] int8)``, fresh tensors, so
+        chunked time (feeding ``acc`` and ``count`` back) equals a whole run bit for bit.
+
+    Exactness: bit-identical to ``reference.exact_linear`` on every path and device. ``acc``
+    is integer arithmetic (int8 tensor cores on a GPU; an exact float32 matmul on the CPU),
+    the value has the two roundings above, and the neuron divides correctly rounded.
+
+    Dispatch (``ops._dispatch.backend_for``): CUDA tensors run the Triton kernel (one program
+    per row and output tile, the T loop inside with ``acc`` and ``count`` in registers, steps
+    whose spike tile is all zero skip the matmul); CPU tensors run vectorised PyTorch (the
+    Triton kernel under ``TRITON_INTERPRET=1``); ``force_backend("reference")`` runs the
+    oracle. Inference only: no autograd.
+    """
+    args = (s, weight, weight_scale, bias, in_threshold, threshold, n_min, p_max, acc, count)
+    _check_exact_linear(*args)
+    _check_data(s, weight, weight_scale, in_threshold, threshold, validate)
+    return torch.ops.spikekernels.exact_linear(*args)

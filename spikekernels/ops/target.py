@@ -1,0 +1,184 @@
+"""``torch.ops.spikekernels.target_spikes``: the target-driven neuron (exact mode, SPEC.md §9.3)."""
+
+from __future__ import annotations
+
+import torch
+
+from spikekernels.ops._checks import (
+    FLOAT_DTYPES,
+    check_same_device,
+    check_state,
+    check_tensor,
+    check_time_major,
+    may_read_data,
+)
+from spikekernels.ops._dispatch import backend_for
+from spikekernels.ops._registry import kernel_op, launcher
+
+THRESHOLD_DTYPES = FLOAT_DTYPES + (torch.float64,)
+_INT8 = torch.iinfo(torch.int8)
+
+
+def check_bounds(n_min: object, p_max: object) -> None:
+    """Integer bounds ``n_min <= 0 <= p_max`` whose counts fit the int8 count."""
+    for name, bound in (("n_min", n_min), ("p_max", p_max)):
+        if isinstance(bound, bool) or not isinstance(bound, int):
+            raise TypeError(f"{name} must be a Python int, got {type(bound).__name__}")
+    if n_min > p_max:
+        raise ValueError(f"level bounds inverted: n_min={n_min} > p_max={p_max}")
+    if n_min > 0 or p_max < 0:
+        raise ValueError(f"level bounds must contain 0 (the fresh count): [{n_min}, {p_max}]")
+    if n_min < _INT8.min or p_max > _INT8.max:
+        raise ValueError(
+            f"level bounds [{n_min}, {p_max}]: the int8 count would overflow; counts must lie "
+            f"in [{_INT8.min}, {_INT8.max}] (levels up to 128 unsigned, 256 signed)"
+        )
+
+
+def check_threshold(
+    threshold: object, name: str, channels: int | None, like: torch.Tensor, like_name: str
+) -> None:
+    """A float threshold on ``like``'s device: one element, or ``[channels]`` per channel
+    (``channels`` None: one element only)."""
+    check_tensor(threshold, name, dtypes=THRESHOLD_DTYPES)
+    if threshold.numel() != 1:
+        if channels is None:
+            raise ValueError(
+                f"{name} must have exactly one element, got shape {tuple(threshold.shape)}"
+            )
+        if threshold.dim() != 1 or threshold.shape[0] != channels:
+            raise ValueError(
+                f"{name} must have one element or shape ({channels},) (one per channel of the "
+                f"last dim), got shape {tuple(threshold.shape)}"
+            )
+    check_same_device(like_name, like, name, threshold)
+
+
+def check_threshold_values(threshold: torch.Tensor, name: str, validate: bool) -> None:
+    """Data check (CPU always; a GPU only when ``validate``): every element, in float32 as
+    the kernels read it, positive, finite and normal (a subnormal step would make
+    ``y / theta`` overflow or lose the correctly rounded quotient under flush-to-zero)."""
+    if not may_read_data(threshold, validate):
+        return
+    t = threshold.to(torch.float32)
+    ok = (t >= torch.finfo(torch.float32).tiny) & torch.isfinite(t)
+    if not bool(ok.all()):
+        raise ValueError(
+            f"{name} must be positive, finite and a normal float32, "
+            f"got {threshold.reshape(-1).tolist()}"
+        )
+
+
+def _check_target_spikes(value, threshold, n_min, p_max, count) -> None:
+    """Metadata checks (no data read)."""
+    check_tensor(value, "value", dtypes=FLOAT_DTYPES)
+    check_time_major(value, "value")
+    channels = value.shape[-1] if value.dim() >= 2 else None
+    check_threshold(threshold, "threshold", channels, value, "value")
+    check_bounds(n_min, p_max)
+    check_state(count, "count", value.shape[1:], (torch.int8,), value, "value")
+
+
+def target_spikes_torch(
+    value: torch.Tensor,
+    threshold: torch.Tensor,
+    n_min: int,
+    p_max: int,
+    count: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Vectorised PyTorch (any device): the targets of all T steps in one pass (elementwise,
+    so the same bits as step by step), then the sequential count update, one step at a time."""
+    theta = threshold.to(torch.float32)
+    theta = theta.reshape(()) if theta.numel() == 1 else theta
+    # torch.clamp keeps NaN, and NaN compares false both ways below: sigma = 0
+    target = torch.floor(value.to(torch.float32) / theta + 0.5).clamp_(n_min, p_max)
+    c = torch.zeros(value.shape[1:], dtype=torch.float32, device=value.device)
+    if count is not None:
+        c = count.to(torch.float32)
+    spikes = torch.empty(value.shape, dtype=torch.int8, device=value.device)
+    for t in range(value.shape[0]):
+        sigma = (target[t] > c).to(torch.int8) - (target[t] < c).to(torch.int8)
+        spikes[t] = sigma
+        c = c + sigma
+    return spikes, c.to(torch.int8)
+
+
+@kernel_op("target_spikes")
+def _target_spikes_op(
+    value: torch.Tensor,
+    threshold: torch.Tensor,
+    n_min: int,
+    p_max: int,
+    count: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_target_spikes(value, threshold, n_min, p_max, count)
+    backend = backend_for(value, ("triton", "torch"))
+    if backend == "triton":
+        from spikekernels.kernels.target import target_spikes_triton
+
+        return target_spikes_triton(launcher, value, threshold, n_min, p_max, count)
+    if backend == "reference":
+        from spikekernels import reference
+
+        return reference.target_spikes(value, threshold, n_min, p_max, count)
+    return target_spikes_torch(value, threshold, n_min, p_max, count)
+
+
+@_target_spikes_op.register_fake
+def _(value, threshold, n_min, p_max, count=None):
+    _check_target_spikes(value, threshold, n_min, p_max, count)
+    return (
+        value.new_empty(value.shape, dtype=torch.int8),
+        value.new_empty(value.shape[1:], dtype=torch.int8),
+    )
+
+
+def target_spikes(
+    value: torch.Tensor,
+    threshold: torch.Tensor,
+    n_min: int,
+    p_max: int,
+    count: torch.Tensor | None = None,
+    *,
+    validate: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Multi-step target-driven neuron (SPEC.md §9.3), all T steps in one fused kernel on GPU.
+
+    The state is the count ``c`` only. Per element and step, with the *current value* ``y_t``
+    of the neuron's input (not an increment)::
+
+        target = clamp(floor(y_t / theta + 1/2), n_min, p_max)   # float32
+        sigma  = sign(target - c);  c = c + sigma;  out_t = sigma
+
+    ``y_t / theta`` is a correctly rounded float32 division and the rounding is half up,
+    exactly as ``spikekernels.levels.quantize``. At most one spike per element per step; the
+    neuron is silent when ``target == c``. With a value held constant at ``y`` the count
+    reaches ``clamp(floor(y / theta + 1/2), n_min, p_max)`` within ``p_max - n_min`` steps
+    and stays there. A NaN value gives ``sigma = 0`` (the count holds): non-finite inputs are
+    the caller's (the runner's) to handle; ``+-inf`` drives the count to a bound.
+
+    Args:
+        value: ``[T, *shape]`` float32, float16 or bfloat16 current values (math in float32).
+        threshold: float tensor read on the device (no ``.item()``): one element, or ``[C]``
+            per channel with ``C == value.shape[-1]`` (one qkv output feeding the q, k and v
+            neurons: three thresholds, each repeated over its channel block). Read as float32.
+        n_min, p_max: Python ints, ``n_min <= 0 <= p_max``, inside int8's ``[-128, 127]``
+            (levels up to 128 unsigned, 256 signed); otherwise a ValueError.
+        count: optional incoming int8 count ``[*shape]``; fresh is 0.
+        validate: check the threshold's values on a GPU too (a host sync): positive, finite,
+            normal. On CPU they are always checked.
+
+    Returns:
+        ``(spikes [T, *shape] int8 in {-1, 0, 1}, count [*shape] int8)``, fresh tensors (never
+        an alias of ``count``), so chunked time (feeding the count back) equals a whole run
+        bit for bit.
+
+    Dispatch (``ops._dispatch.backend_for``): CUDA tensors run the Triton kernel (the T loop
+    inside, the count in registers); CPU tensors run vectorised PyTorch (the Triton kernel
+    under ``TRITON_INTERPRET=1``); ``force_backend("reference")`` runs
+    ``reference.target_spikes``. Bit-exact with the reference on every path and device.
+    Inference only: no autograd.
+    """
+    _check_target_spikes(value, threshold, n_min, p_max, count)
+    check_threshold_values(threshold, "threshold", validate)
+    return torch.ops.spikekernels.target_spikes(value, threshold, n_min, p_max, count)

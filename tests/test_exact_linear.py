@@ -1,0 +1,368 @@
+"""exact_linear (SPEC.md §9.2-§9.4): the fused integer linear + target-driven neuron against
+the step-by-step reference, bit for bit, on every backend (Triton through the interpreter,
+vectorised PyTorch, the oracle)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import DEVICES
+
+from spikekernels import reference
+from spikekernels.kernels import use_triton
+from spikekernels.ops import exact_linear
+from spikekernels.ops._dispatch import force_backend
+from spikekernels.ops.exact_linear import MAX_K
+
+
+def _layer(gen, n, k, *, per_channel=False, bias=True, device="cpu"):
+    """An integer-weight linear (SPEC.md §9.1) and the two thresholds around it, scaled so
+    that the output neuron's targets span several levels."""
+    weight = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
+    ws = 0.002 + 0.01 * torch.rand(n, generator=gen)
+    b = 0.5 * torch.randn(n, generator=gen) if bias else None
+    theta_in = torch.tensor(0.1 + torch.rand((), generator=gen).item())
+    if per_channel:  # a qkv output: three neurons, each threshold repeated over its block
+        theta = (0.05 + 0.3 * torch.rand(3, generator=gen)).repeat_interleave(-(-n // 3))[:n]
+    else:
+        theta = torch.tensor(0.05 + 0.3 * torch.rand((), generator=gen).item())
+    tensors = dict(weight=weight, weight_scale=ws, bias=b, in_threshold=theta_in, threshold=theta)
+    return {name: None if t is None else t.to(device) for name, t in tensors.items()}
+
+
+def _spikes(gen, T, lead, k, device="cpu", density=0.5):
+    """Ternary spikes with silent rows, a silent step (T > 2), and silent row tiles."""
+    s = torch.randint(-1, 2, (T, *lead, k), generator=gen, dtype=torch.int8)
+    s = s * (torch.rand((T, *lead, k), generator=gen) < density)
+    s = s * (torch.rand((T, *lead, 1), generator=gen) < 0.7)
+    if T > 2:
+        s[1] = 0
+    return s.to(device)
+
+
+def _assert_same(got, want):
+    for name, g, w in zip(("spikes", "acc", "count"), got, want, strict=True):
+        g = g.cpu()
+        assert g.dtype == w.dtype, f"{name}: dtype {g.dtype} != {w.dtype}"
+        assert g.shape == w.shape, f"{name}: shape {tuple(g.shape)} != {tuple(w.shape)}"
+        diff = (g != w).sum().item()
+        assert diff == 0, f"{name}: {diff} of {g.numel()} elements differ"
+
+
+def _reference(s, layer, n_min, p_max, acc=None, count=None):
+    def cpu(t):
+        return None if t is None else t.cpu()
+
+    return reference.exact_linear(
+        s.cpu(),
+        *(cpu(layer[name]) for name in ("weight", "weight_scale", "bias", "in_threshold")),
+        cpu(layer["threshold"]),
+        n_min,
+        p_max,
+        cpu(acc),
+        cpu(count),
+    )
+
+
+def _run(s, layer, n_min, p_max, acc=None, count=None, **kwargs):
+    return exact_linear(
+        s,
+        layer["weight"],
+        layer["weight_scale"],
+        layer["bias"],
+        layer["in_threshold"],
+        layer["threshold"],
+        n_min,
+        p_max,
+        acc,
+        count,
+        **kwargs,
+    )
+
+
+# (leading dims, K, N): K and N not multiples of 16, single rows/columns, several tiles
+SHAPES = [((1,), 1, 1), ((3,), 45, 37), ((2, 19), 33, 50), ((2, 3, 7), 16, 64), ((40,), 130, 17)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(("lead", "k", "n"), SHAPES)
+@pytest.mark.parametrize("T", [1, 5])
+@pytest.mark.parametrize(("n_min", "p_max"), [(-8, 7), (0, 15), (-128, 127)])
+def test_bit_exact(gen, device, n_min, p_max, T, lead, k, n):
+    layer = _layer(gen, n, k, device=device)
+    s = _spikes(gen, T, lead, k, device)
+    got = _run(s, layer, n_min, p_max)
+    _assert_same(got, _reference(s, layer, n_min, p_max))
+    assert set(got[0].unique().tolist()) <= {-1, 0, 1}
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch", "reference"])
+def test_every_backend_matches_the_reference(gen, backend):
+    """Each backend pinned in turn (one that cannot run here falls back to torch)."""
+    layer = _layer(gen, 37, 45, per_channel=True)
+    s = _spikes(gen, 4, (2, 9), 45)
+    acc = torch.randint(-3000, 3000, (2, 9, 37), generator=gen, dtype=torch.int32)
+    count = torch.randint(-8, 8, (2, 9, 37), generator=gen, dtype=torch.int8)
+    with force_backend(backend):
+        got = _run(s, layer, -8, 7, acc, count)
+    _assert_same(got, _reference(s, layer, -8, 7, acc, count))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_per_channel_thresholds(gen, device, bias):
+    layer = _layer(gen, 48, 40, per_channel=True, bias=bias, device=device)
+    s = _spikes(gen, 6, (3, 11), 40, device)
+    _assert_same(_run(s, layer, -16, 15), _reference(s, layer, -16, 15))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_chunked_equals_whole(gen, device):
+    layer = _layer(gen, 29, 70, per_channel=True, device=device)
+    s = _spikes(gen, 12, (2, 21), 70, device)
+    whole = _run(s, layer, -16, 15)
+    spikes, acc, count = [], None, None
+    for chunk in s.split([5, 1, 6]):
+        out, acc, count = _run(chunk, layer, -16, 15, acc, count)
+        spikes.append(out)
+    _assert_same((torch.cat(spikes), acc, count), [w.cpu() for w in whole])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_silent_input_still_moves_the_neuron(gen, device):
+    """All spike tiles silent: acc holds, but the neuron keeps stepping toward the target of
+    the value its incoming acc gives (the epilogue runs on silent steps)."""
+    layer = _layer(gen, 21, 50, device=device)
+    s = torch.zeros(6, 2, 17, 50, dtype=torch.int8, device=device)
+    acc = torch.randint(-5000, 5000, (2, 17, 21), generator=gen, dtype=torch.int32).to(device)
+    got = _run(s, layer, -8, 7, acc)
+    _assert_same(got, _reference(s, layer, -8, 7, acc))
+    assert torch.equal(got[1], acc)
+    assert got[0].any(), "the neurons must still fire toward their targets"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_mixed_silent_and_active_tiles(gen, device):
+    """Active rows only in some row tiles and some steps, next to wholly silent tiles."""
+    layer = _layer(gen, 40, 64, device=device)
+    s = torch.zeros(5, 70, 64, dtype=torch.int8, device=device)
+    s[0, 3] = 1
+    s[2, 40:45] = _spikes(gen, 1, (5,), 64, device, density=0.9)[0]
+    s[4, 69, ::3] = -1
+    _assert_same(_run(s, layer, -8, 7), _reference(s, layer, -8, 7))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_large_k_stays_exact(gen, device):
+    """Per-step sums of 127 K onto accumulators past 2^24 (odd, so float32 could not hold
+    them): integer arithmetic throughout, and fl32(acc) rounded once in the value."""
+    k = 3000
+    layer = _layer(gen, 18, k, device=device)
+    layer["weight"][:6] = 127
+    layer["weight_scale"][:6] = 1e-7
+    s = torch.ones(4, 3, k, dtype=torch.int8, device=device)
+    acc = torch.randint(-(2**20), 2**20, (3, 18), generator=gen, dtype=torch.int32)
+    acc[:, :6] = 2**28 + 1 + 2 * torch.arange(6, dtype=torch.int32)
+    got = _run(s, layer, -128, 127, acc.to(device))
+    _assert_same(got, _reference(s, layer, -128, 127, acc))
+    assert (got[1][:, :6].cpu() == acc[:, :6] + 4 * 127 * k).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_state_is_fresh_and_inputs_untouched(gen, device):
+    layer = _layer(gen, 20, 30, device=device)
+    s = _spikes(gen, 3, (4,), 30, device)
+    acc = torch.ones(4, 20, dtype=torch.int32, device=device)
+    count = torch.ones(4, 20, dtype=torch.int8, device=device)
+    before = (s.clone(), acc.clone(), count.clone())
+    _, acc_out, count_out = _run(s, layer, -8, 7, acc, count)
+    assert acc_out.data_ptr() != acc.data_ptr() and count_out.data_ptr() != count.data_ptr()
+    for t, b in zip((s, acc, count), before, strict=True):
+        assert torch.equal(t, b), "an input was modified"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_non_contiguous_spikes(gen, device):
+    layer = _layer(gen, 19, 24, device=device)
+    s = _spikes(gen, 4, (5, 3), 24, device).transpose(1, 2)
+    _assert_same(_run(s, layer, -8, 7), _reference(s, layer, -8, 7))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_unwritten_outputs_show(gen, device, monkeypatch):
+    """Outputs are allocated poisoned: any element the op fails to write shows up."""
+    real_empty = torch.empty
+
+    def poisoned_empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        return t.fill_(77 if not t.is_floating_point() else float("nan"))
+
+    layer = _layer(gen, 37, 45, device=device)
+    s = _spikes(gen, 4, (2, 19), 45, device)
+    want = _reference(s, layer, -8, 7)
+    monkeypatch.setattr(torch, "empty", poisoned_empty)
+    got = _run(s, layer, -8, 7)
+    monkeypatch.undo()
+    _assert_same(got, want)
+
+
+@pytest.mark.parametrize(("n_min", "p_max"), [(-8, 7), (0, 31)])
+def test_settles_to_the_qann_integer(gen, n_min, p_max):
+    """SPEC.md §9.4: after the input spikes stop, acc is the exact ``q_in @ W^T`` of the input
+    counts, and within ``p_max - n_min`` silent steps every count equals the QANN quantizer's
+    integer of the linear's value (§9.2), then stays there."""
+    layer = _layer(gen, 30, 40)
+    s_in = _spikes(gen, 6, (25,), 40)
+    T = 6 + p_max - n_min
+    s = torch.cat([s_in, torch.zeros(T - 6, 25, 40, dtype=torch.int8)])
+    spikes, acc, count = _run(s, layer, n_min, p_max)
+    q_in = s.sum(0, dtype=torch.int64)
+    assert torch.equal(acc.to(torch.int64), q_in @ layer["weight"].to(torch.int64).t())
+    m = layer["in_threshold"] * layer["weight_scale"]
+    y = m * acc.to(torch.float32) + layer["bias"]
+    integer = torch.clamp(torch.floor(y / layer["threshold"] + 0.5), n_min, p_max)
+    assert torch.equal(count.to(torch.float32), integer)
+    assert torch.equal(spikes.sum(0, dtype=torch.int32), count.to(torch.int32))
+    quiet = torch.zeros(3, 25, 40, dtype=torch.int8)
+    more, acc_more, held = _run(quiet, layer, n_min, p_max, acc, count)
+    assert not more.any() and torch.equal(held, count) and torch.equal(acc_more, acc)
+
+
+def _good_args() -> dict:
+    return dict(
+        s=torch.zeros(2, 3, 8, dtype=torch.int8),
+        weight=torch.ones(5, 8, dtype=torch.int8),
+        weight_scale=torch.ones(5),
+        bias=torch.zeros(5),
+        in_threshold=torch.tensor(1.0),
+        threshold=torch.tensor(1.0),
+        n_min=-4,
+        p_max=3,
+    )
+
+
+# (case, what replaces the good arguments, error type, words the message must contain)
+BAD_INPUTS = [
+    ("T == 0", dict(s=torch.zeros(0, 3, 8, dtype=torch.int8)), ValueError, "T == 0"),
+    ("s float", dict(s=torch.zeros(2, 3, 8)), TypeError, "s must have dtype"),
+    ("s 1-D", dict(s=torch.zeros(8, dtype=torch.int8)), ValueError, "at least 2 dims"),
+    ("s not ternary", dict(s=torch.full((2, 3, 8), 2, dtype=torch.int8)), ValueError, "ternary"),
+    ("weight float", dict(weight=torch.ones(5, 8)), TypeError, "weight must have dtype"),
+    ("weight 3-D", dict(weight=torch.ones(1, 5, 8, dtype=torch.int8)), ValueError, "weight must"),
+    ("K mismatch", dict(weight=torch.ones(5, 9, dtype=torch.int8)), ValueError, "K=8"),
+    ("weight -128", dict(weight=torch.full((5, 8), -128, dtype=torch.int8)), ValueError, "-127"),
+    ("ws fp16", dict(weight_scale=torch.ones(5, dtype=torch.float16)), TypeError, "weight_scale"),
+    ("ws shape", dict(weight_scale=torch.ones(4)), ValueError, r"weight_scale must have shape"),
+    ("ws zero", dict(weight_scale=torch.zeros(5)), ValueError, "weight_scale must be finite"),
+    ("ws nan", dict(weight_scale=torch.full((5,), float("nan"))), ValueError, "weight_scale"),
+    ("bias fp16", dict(bias=torch.zeros(5, dtype=torch.float16)), TypeError, "bias must have"),
+    ("bias shape", dict(bias=torch.zeros(6)), ValueError, r"bias must have shape \(5,\)"),
+    ("theta_in 2 elements", dict(in_threshold=torch.ones(2)), ValueError, "in_threshold must"),
+    ("theta_in <= 0", dict(in_threshold=torch.tensor(-1.0)), ValueError, "in_threshold must"),
+    ("theta_in int", dict(in_threshold=torch.tensor(1)), TypeError, "in_threshold must have"),
+    ("theta wrong N", dict(threshold=torch.ones(4)), ValueError, r"shape \(5,\)"),
+    ("theta inf", dict(threshold=torch.tensor(float("inf"))), ValueError, "finite"),
+    ("theta subnormal", dict(threshold=torch.tensor(1e-40)), ValueError, "normal"),
+    ("bounds inverted", dict(n_min=3, p_max=-4), ValueError, "n_min=3 > p_max=-4"),
+    ("int8 overflow", dict(n_min=0, p_max=255), ValueError, "int8 count would overflow"),
+    ("p_max float", dict(p_max=3.0), TypeError, "p_max must be a Python int"),
+    ("acc int64", dict(acc=torch.zeros(3, 5, dtype=torch.int64)), TypeError, "acc must have"),
+    ("acc shape", dict(acc=torch.zeros(3, 4, dtype=torch.int32)), ValueError, "acc must have"),
+    ("count int32", dict(count=torch.zeros(3, 5, dtype=torch.int32)), TypeError, "count must"),
+    ("count shape", dict(count=torch.zeros(5, dtype=torch.int8)), ValueError, "count must"),
+    (
+        "weight elsewhere",
+        dict(weight=torch.ones(5, 8, dtype=torch.int8, device="meta")),
+        ValueError,
+        "weight is on meta",
+    ),
+    (
+        "count elsewhere",
+        dict(count=torch.zeros(3, 5, dtype=torch.int8, device="meta")),
+        ValueError,
+        "count is on meta",
+    ),
+    (
+        "K too large",
+        dict(
+            s=torch.zeros(1, 1, MAX_K + 1, dtype=torch.int8),
+            weight=torch.zeros(5, MAX_K + 1, dtype=torch.int8),
+        ),
+        ValueError,
+        "int32 accumulator",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("case", "bad", "error", "words"), BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS]
+)
+def test_bad_input_is_rejected(case, bad, error, words):
+    args = {**_good_args(), **bad}
+    with pytest.raises(error, match=words):
+        exact_linear(**args)
+
+
+@pytest.mark.parametrize("case", ["fresh", "state", "per_channel_no_bias"])
+def test_opcheck(gen, case):
+    layer = _layer(gen, 20, 24, per_channel=case != "fresh", bias=case != "per_channel_no_bias")
+    s = _spikes(gen, 3, (2, 5), 24)
+    acc = torch.randint(-500, 500, (2, 5, 20), generator=gen, dtype=torch.int32)
+    count = torch.randint(-2, 3, (2, 5, 20), generator=gen, dtype=torch.int8)
+    state = (acc, count) if case == "state" else (None, None)
+    args = (
+        s,
+        layer["weight"],
+        layer["weight_scale"],
+        layer["bias"],
+        layer["in_threshold"],
+        layer["threshold"],
+        -8,
+        7,
+        *state,
+    )
+    torch.library.opcheck(torch.ops.spikekernels.exact_linear.default, args)
+
+
+def test_torch_compile_fullgraph(gen):
+    layer = _layer(gen, 20, 24, per_channel=True)
+    s = _spikes(gen, 4, (3, 5), 24)
+
+    def block(s):
+        spikes, acc, count = _run(s, layer, -8, 7)
+        return spikes.sum(0, dtype=torch.int32), acc, count
+
+    compiled = torch.compile(block, fullgraph=True)
+    got, want = compiled(s), block(s)
+    for g, w in zip(got, want, strict=True):
+        assert torch.equal(g, w)
+
+
+@pytest.mark.cuda
+def test_cuda_matches_cpu_reference(gen):
+    """Kernel on the GPU (int8 tensor cores) vs the reference on the CPU, at ViT-S size."""
+    layer = _layer(gen, 1152, 384, per_channel=True)
+    s = _spikes(gen, 8, (4, 197), 384, density=0.3)
+    got = _run(s.cuda(), {k: None if v is None else v.cuda() for k, v in layer.items()}, -8, 7)
+    _assert_same(got, _reference(s, layer, -8, 7))
+
+
+@pytest.mark.skipif(
+    not use_triton(torch.empty(0)), reason="the Triton kernels run on CPU only when interpreted"
+)
+def test_silent_tile_flags(gen):
+    """The flag pass marks exactly the (step, row tile) spike tiles holding a nonzero spike:
+    the main kernel skips the matmul of the others."""
+    from spikekernels.kernels.exact_linear import step_tile_any_kernel, tile_config
+
+    block_m = tile_config()[0]
+    s = torch.zeros(3, 5 * block_m - 3, 200, dtype=torch.int8)
+    s[0, 0, 199] = -1
+    s[0, 3 * block_m + 1, 7] = 1
+    s[2, -1, 0] = 1
+    num_m = 5
+    flags = torch.full((3, num_m), 9, dtype=torch.int32)
+    step_tile_any_kernel[(3, num_m)](s, flags, s.shape[1], 200, num_m, BLOCK_M=block_m, BLOCK_K=128)
+    want = torch.zeros(3, num_m, dtype=torch.int32)
+    want[0, 0] = want[0, 3] = want[2, 4] = 1
+    assert torch.equal(flags, want)

@@ -1,0 +1,327 @@
+"""target_spikes (SPEC.md §9.3): the fused kernel against the step-by-step reference, bit for
+bit, on every backend (Triton through the interpreter, vectorised PyTorch, the oracle)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import DEVICES
+
+import spikekernels
+from spikekernels import reference
+from spikekernels.ops._dispatch import force_backend
+
+# (n_min, p_max): levels 8, 16, 32 signed/unsigned as the paper, and the widest int8 bounds
+BOUNDS = [(-4, 3), (0, 15), (-16, 15), (-128, 127), (0, 127)]
+
+
+def _values(gen, T, shape, theta, device="cpu", dtype=torch.float32, span=20.0):
+    """Current values over ``[-span, span]`` thresholds: random, held constant over steps (so
+    counts settle), and exactly on rounding ties ``(k + 1/2) * theta``."""
+    theta = torch.as_tensor(theta, dtype=torch.float32)
+    y = (torch.rand((T, *shape), generator=gen) * 2 - 1) * span * theta
+    held = torch.rand(shape, generator=gen) < 0.3
+    y = torch.where(held, y[:1], y)
+    ties = torch.rand((T, *shape), generator=gen) < 0.15
+    halves = (torch.randint(-int(span), int(span), (T, *shape), generator=gen) + 0.5) * theta
+    y = torch.where(ties, halves, y)
+    return y.to(device=device, dtype=dtype)
+
+
+def _assert_same(got, want):
+    for name, g, w in zip(("spikes", "count"), got, want, strict=True):
+        g = g.cpu()
+        assert g.dtype == w.dtype, f"{name}: dtype {g.dtype} != {w.dtype}"
+        assert g.shape == w.shape, f"{name}: shape {tuple(g.shape)} != {tuple(w.shape)}"
+        diff = (g != w).sum().item()
+        assert diff == 0, f"{name}: {diff} of {g.numel()} elements differ"
+
+
+def _reference(value, theta, n_min, p_max, count=None):
+    count = None if count is None else count.cpu()
+    return reference.target_spikes(value.cpu(), theta.cpu(), n_min, p_max, count)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(), (1,), (7,), (3, 43), (2, 5, 129), (4097,)])
+@pytest.mark.parametrize("T", [1, 6])
+@pytest.mark.parametrize(("n_min", "p_max"), BOUNDS)
+def test_bit_exact_fp32(gen, device, n_min, p_max, T, shape):
+    theta = torch.tensor(0.05 + torch.rand((), generator=gen).item(), device=device)
+    value = _values(gen, T, shape, theta.item(), device, span=1.5 * max(p_max, -n_min) + 2)
+    got = spikekernels.target_spikes(value, theta, n_min, p_max)
+    _assert_same(got, _reference(value, theta, n_min, p_max))
+    assert set(got[0].unique().tolist()) <= {-1, 0, 1}
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch", "reference"])
+def test_every_backend_matches_the_reference(gen, backend):
+    """Each backend pinned in turn (one that cannot run here falls back to torch)."""
+    theta = torch.tensor(0.29)
+    value = _values(gen, 7, (5, 67), 0.29)
+    count = torch.randint(-8, 8, (5, 67), generator=gen, dtype=torch.int8)
+    with force_backend(backend):
+        got = spikekernels.target_spikes(value, theta, -8, 7, count)
+    _assert_same(got, _reference(value, theta, -8, 7, count))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_values(gen, device, dtype):
+    theta = torch.tensor(0.37, device=device)
+    value = _values(gen, 5, (3, 67), 0.37, device, dtype)
+    got = spikekernels.target_spikes(value, theta, -16, 15)
+    _assert_same(got, _reference(value, theta, -16, 15))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("theta_dtype", [torch.float64, torch.float16])
+def test_threshold_is_read_as_float32(gen, device, theta_dtype):
+    theta = torch.tensor(0.1234567, dtype=theta_dtype, device=device)
+    value = _values(gen, 4, (300,), 0.1234567, device)
+    got = spikekernels.target_spikes(value, theta, -16, 15)
+    _assert_same(got, _reference(value, theta.to(torch.float32), -16, 15))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_per_channel_thresholds(gen, device):
+    """One qkv output feeds three neurons: three thresholds, each repeated over its block.
+    Equal to running each block alone with its scalar threshold."""
+    block = 13
+    thetas = torch.tensor([0.11, 0.47, 0.029])
+    theta = thetas.repeat_interleave(block).to(device)
+    value = torch.cat(
+        [_values(gen, 6, (2, 5, block), t.item(), device) for t in thetas], dim=-1
+    ).contiguous()
+    got = spikekernels.target_spikes(value, theta, -8, 7)
+    _assert_same(got, _reference(value, theta, -8, 7))
+    for i, t in enumerate(thetas):
+        part = value[..., i * block : (i + 1) * block]
+        spikes, count = spikekernels.target_spikes(part, t.to(device), -8, 7)
+        assert torch.equal(spikes, got[0][..., i * block : (i + 1) * block])
+        assert torch.equal(count, got[1][..., i * block : (i + 1) * block])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_ties_round_half_up(device):
+    """Values exactly at ``(k + 1/2) * theta`` (exact in float32 with theta = 3/8) go up, as
+    ``levels.quantize`` rounds; the clamp holds at both bounds."""
+    theta = torch.tensor(0.375, device=device)
+    k = torch.arange(-10, 10, dtype=torch.float32)
+    y = ((k + 0.5) * 0.375).to(device)
+    value = y.expand(20, -1).contiguous()
+    spikes, count = spikekernels.target_spikes(value, theta, -8, 7)
+    want = torch.clamp(k + 1, -8, 7).to(torch.int8)
+    assert torch.equal(count.cpu(), want)
+    assert torch.equal(
+        count.cpu(), (reference.quantize(y.cpu(), theta.cpu(), -8, 7) / 0.375).to(torch.int8)
+    )
+    _assert_same((spikes, count), _reference(value, theta, -8, 7))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_non_finite_values(gen, device):
+    """NaN gives sigma = 0 (the count holds); +-inf drives the count to a bound."""
+    value = _values(gen, 6, (4, 33), 0.3, device)
+    special = torch.tensor([float("nan"), float("inf"), -float("inf")], device=device)
+    pick = torch.randint(0, 3, value.shape, generator=gen).to(device)
+    where = (torch.rand(value.shape, generator=gen) < 0.3).to(device)
+    value = torch.where(where, special[pick], value)
+    theta = torch.tensor(0.3, device=device)
+    count = torch.randint(-4, 4, (4, 33), generator=gen, dtype=torch.int8).to(device)
+    got = spikekernels.target_spikes(value, theta, -4, 3, count)
+    _assert_same(got, _reference(value, theta, -4, 3, count))
+    nan = value.isnan()
+    assert not got[0][nan].any(), "a NaN value must not fire"
+    all_nan = torch.full((3, 4, 33), float("nan"), device=device)
+    spikes, held = spikekernels.target_spikes(all_nan, theta, -4, 3, count)
+    assert not spikes.any() and torch.equal(held, count)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_chunked_equals_whole(gen, device):
+    theta = torch.tensor(0.2, device=device)
+    value = _values(gen, 12, (5, 41), 0.2, device)
+    whole = spikekernels.target_spikes(value, theta, -16, 15)
+    spikes, count = [], None
+    for chunk in value.split([5, 1, 6]):
+        out, count = spikekernels.target_spikes(chunk, theta, -16, 15, count)
+        spikes.append(out)
+    _assert_same((torch.cat(spikes), count), [w.cpu() for w in whole])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_count_is_fresh_and_input_untouched(gen, device):
+    theta = torch.tensor(0.5, device=device)
+    value = _values(gen, 3, (10,), 0.5, device)
+    count = torch.ones(10, dtype=torch.int8, device=device)
+    before = count.clone()
+    _, out = spikekernels.target_spikes(value, theta, -8, 7, count)
+    assert out.data_ptr() != count.data_ptr()
+    assert torch.equal(count, before), "the incoming count was modified"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_non_contiguous_value(gen, device):
+    theta = torch.tensor(0.3, device=device)
+    value = _values(gen, 4, (9, 6), 0.3, device).transpose(1, 2)
+    _assert_same(spikekernels.target_spikes(value, theta, -8, 7), _reference(value, theta, -8, 7))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_unwritten_outputs_show(gen, device, monkeypatch):
+    """Outputs are allocated poisoned: any element the op fails to write shows up."""
+    real_empty = torch.empty
+
+    def poisoned_empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        return t.fill_(77 if not t.is_floating_point() else float("nan"))
+
+    theta = torch.tensor(0.3, device=device)
+    value = _values(gen, 4, (1000,), 0.3, device)
+    want = _reference(value, theta, -16, 15)
+    monkeypatch.setattr(torch, "empty", poisoned_empty)
+    got = spikekernels.target_spikes(value, theta, -16, 15)
+    monkeypatch.undo()
+    _assert_same(got, want)
+
+
+@pytest.mark.parametrize(("n_min", "p_max"), BOUNDS)
+def test_constant_value_settles_to_the_quantizer(gen, n_min, p_max):
+    """SPEC.md §9.3: with the value held at y, from any count in bounds, within
+    ``p_max - n_min`` steps the count is the quantizer's integer
+    ``clamp(floor(y / theta + 1/2), n_min, p_max)``, moving one step a time toward it, and
+    then the neuron is silent. Exact: no tie tolerance."""
+    theta = torch.tensor(0.05 + torch.rand((), generator=gen).item())
+    numel = 3000
+    y = (torch.rand(numel, generator=gen) * 2 - 1) * 1.3 * max(p_max, -n_min) * theta
+    y[:200] = (torch.randint(-40, 40, (200,), generator=gen) + 0.5) * theta  # near ties
+    count = torch.randint(n_min, p_max + 1, (numel,), generator=gen, dtype=torch.int8)
+    T = p_max - n_min + 3
+    spikes, out = spikekernels.target_spikes(
+        y.expand(T, -1).contiguous(), theta, n_min, p_max, count
+    )
+    integer = torch.clamp(torch.floor(y / theta + 0.5), n_min, p_max)
+    assert torch.equal(out.to(torch.float32), integer)
+    assert torch.equal(theta * out.to(torch.float32), reference.quantize(y, theta, n_min, p_max))
+    distance = (integer - count.to(torch.float32)).abs()
+    step = torch.arange(T).unsqueeze(1)
+    moving = step < distance
+    direction = torch.sign(integer - count.to(torch.float32)).to(torch.int8)
+    assert torch.equal(spikes, torch.where(moving, direction, torch.zeros_like(direction)))
+    more, held = spikekernels.target_spikes(y.expand(3, -1).contiguous(), theta, n_min, p_max, out)
+    assert not more.any() and torch.equal(held, out), "a settled neuron must stay silent"
+
+
+def _good_args() -> dict:
+    return dict(value=torch.zeros(2, 3, 4), threshold=torch.tensor(1.0), n_min=-4, p_max=3)
+
+
+# (case, what replaces the good arguments, error type, words the message must contain)
+BAD_INPUTS = [
+    ("T == 0", dict(value=torch.zeros(0, 4)), ValueError, "T == 0"),
+    ("int value", dict(value=torch.zeros(2, 4, dtype=torch.int32)), TypeError, "value must"),
+    ("0-d value", dict(value=torch.tensor(1.0)), ValueError, "value must be time-major"),
+    ("value list", dict(value=[[1.0]]), TypeError, "value must be a torch.Tensor"),
+    ("theta float", dict(threshold=1.0), TypeError, "threshold must be a torch.Tensor"),
+    ("theta int", dict(threshold=torch.tensor(1)), TypeError, "threshold must have dtype"),
+    ("theta <= 0", dict(threshold=torch.tensor(-1.0)), ValueError, "threshold must be positive"),
+    ("theta 0", dict(threshold=torch.tensor(0.0)), ValueError, "threshold must be positive"),
+    ("theta nan", dict(threshold=torch.tensor(float("nan"))), ValueError, "finite"),
+    ("theta inf", dict(threshold=torch.tensor(float("inf"))), ValueError, "finite"),
+    ("theta subnormal", dict(threshold=torch.tensor(1e-40)), ValueError, "normal float32"),
+    (
+        "theta f64 underflow",
+        dict(threshold=torch.tensor(1e-50, dtype=torch.float64)),
+        ValueError,
+        "normal",
+    ),
+    (
+        "per-channel one bad",
+        dict(threshold=torch.tensor([1.0, 2.0, -1.0, 1.0])),
+        ValueError,
+        "positive",
+    ),
+    ("theta wrong C", dict(threshold=torch.ones(3)), ValueError, r"shape \(4,\)"),
+    ("theta 2-D", dict(threshold=torch.ones(1, 4)), ValueError, "one element or shape"),
+    (
+        "per-channel on [T]",
+        dict(value=torch.zeros(5), threshold=torch.ones(5)),
+        ValueError,
+        "threshold must have exactly one element",
+    ),
+    ("bounds inverted", dict(n_min=3, p_max=-4), ValueError, "n_min=3 > p_max=-4"),
+    ("bounds exclude 0", dict(n_min=1, p_max=4), ValueError, "must contain 0"),
+    ("unsigned 256", dict(n_min=0, p_max=255), ValueError, "int8 count would overflow"),
+    ("signed 512", dict(n_min=-256, p_max=255), ValueError, "int8 count would overflow"),
+    ("n_min float", dict(n_min=-4.0), TypeError, "n_min must be a Python int"),
+    ("p_max bool", dict(p_max=True), TypeError, "p_max must be a Python int"),
+    ("count float", dict(count=torch.zeros(3, 4)), TypeError, "count must have dtype"),
+    ("count int16", dict(count=torch.zeros(3, 4, dtype=torch.int16)), TypeError, "count must"),
+    (
+        "count shape",
+        dict(count=torch.zeros(4, dtype=torch.int8)),
+        ValueError,
+        "count must have shape",
+    ),
+    (
+        "count elsewhere",
+        dict(count=torch.zeros(3, 4, dtype=torch.int8, device="meta")),
+        ValueError,
+        "count is on meta",
+    ),
+    (
+        "theta elsewhere",
+        dict(threshold=torch.tensor(1.0, device="meta")),
+        ValueError,
+        "threshold is on",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("case", "bad", "error", "words"), BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS]
+)
+def test_bad_input_is_rejected(case, bad, error, words):
+    with pytest.raises(error, match=words):
+        spikekernels.target_spikes(**{**_good_args(), **bad})
+
+
+def test_validate_checks_threshold_values_on_request():
+    with pytest.raises(ValueError, match="threshold must be positive"):
+        spikekernels.target_spikes(torch.zeros(2, 4), torch.tensor(0.0), -4, 3, validate=True)
+
+
+@pytest.mark.parametrize("case", ["fresh", "count", "per_channel"])
+def test_opcheck(gen, case):
+    value = _values(gen, 3, (2, 9), 0.4)
+    theta = torch.tensor(0.4) if case != "per_channel" else 0.1 + torch.rand(9, generator=gen)
+    count = (
+        torch.randint(-2, 3, (2, 9), generator=gen, dtype=torch.int8) if case == "count" else None
+    )
+    torch.library.opcheck(
+        torch.ops.spikekernels.target_spikes.default, (value, theta, -8, 7, count)
+    )
+
+
+def test_torch_compile_fullgraph(gen):
+    value = _values(gen, 4, (3, 17), 0.4)
+    theta = torch.tensor(0.4)
+    count = torch.randint(-2, 3, (3, 17), generator=gen, dtype=torch.int8)
+
+    def layer(value, count):
+        spikes, count = spikekernels.target_spikes(value * 2, theta, -8, 7, count)
+        return spikes.sum(0, dtype=torch.int32), count
+
+    compiled = torch.compile(layer, fullgraph=True)
+    got, want = compiled(value, count), layer(value, count)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@pytest.mark.cuda
+def test_cuda_matches_cpu_reference(gen):
+    """Kernel on the GPU vs the reference on the CPU, at a size with many programs."""
+    theta = torch.tensor([0.3, 0.07, 1.1]).repeat_interleave(128)
+    value = _values(gen, 16, (1024, 384), 0.3)
+    got = spikekernels.target_spikes(value.cuda(), theta.cuda(), -8, 7, validate=True)
+    _assert_same(got, _reference(value, theta, -8, 7))
