@@ -5,9 +5,13 @@
 
 1. Train a tiny ReLU ViT on the 8x8 digits (1797 images, bundled with scikit-learn) with every
    quantizer off (the float network).
-2. Calibrate the quantizers on a training batch and fine-tune with them on (QAT, LSQ steps).
+2. Calibrate the quantizers on a training batch and fine-tune with them on (QAT, LSQ steps):
+   the QANN with float weights (W32). Then give every linear per-channel int8 weights
+   (``quantize_weights``) and fine-tune a few more epochs: the W8 QANN of exact mode.
+   ``--float-weights`` stops at W32 (float mode).
 3. Convert the QANN to an SNN (``spikekernels.convert``), feed each image at t = 0 and run
-   until the network is silent; the summed logits then equal the QANN's.
+   until the network is silent. Exact mode: the SNN's logits then equal the W8 QANN's bit for
+   bit; float mode: equal up to float rounding.
 
 Prints QANN and SNN accuracy, how often they predict the same class, the steps to silence and
 the time per image of the fused SNN, the per-step reference SNN and the QANN; saves accuracy
@@ -31,7 +35,7 @@ from tqdm import tqdm
 
 import spikekernels
 from spikekernels import models
-from spikekernels.models import QuantViT, calibrate, quantizers
+from spikekernels.models import QuantViT, calibrate, quantize_weights, quantizers
 
 OUT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
 SEED = 0
@@ -154,14 +158,17 @@ def qat(
     lr: float = 5e-4,
     batch_size: int = 32,
     calib_size: int = 512,
+    calibrate_steps: bool = True,
     seed: int = SEED,
     show_progress: bool = True,
 ) -> list[float]:
-    """Phase 2: calibrate every step on ``calib_size`` training images, then fine-tune the
-    QANN (weights and LSQ steps). Returns the loss per epoch (none when ``epochs == 0``)."""
+    """Phase 2: calibrate every step on ``calib_size`` training images (unless
+    ``calibrate_steps`` is False: fine-tuning a QANN further), then fine-tune the QANN
+    (weights and LSQ steps). Returns the loss per epoch (none when ``epochs == 0``)."""
     torch.manual_seed(seed)
     device = next(model.parameters()).device
-    calibrate(model, x[:calib_size].to(device))
+    if calibrate_steps:
+        calibrate(model, x[:calib_size].to(device))
     return _fit(
         model, x, y, epochs=epochs, lr=lr, batch_size=batch_size, desc=f"QAT (level {model.level})",
         seed=seed + 1, show_progress=show_progress,
@@ -196,6 +203,8 @@ class SNNResult:
     sample_steps: torch.Tensor | None = None  # [N]: the step each image fell silent
     reference_seconds_per_image: float | None = None
     reference_agreement: float | None = None  # fused vs reference predictions
+    exact: bool = False  # the SNN runs in exact mode (integer weights)
+    bitwise_equal: int | None = None  # exact mode: images whose logits equal the QANN's bits
 
 
 @torch.no_grad()
@@ -231,7 +240,13 @@ def run_snn(
     outputs, seconds = timed(desc="SNN (fused)")
     pred = torch.cat([logits.argmax(-1).cpu() for logits, _ in outputs])
     steps = max(s for _, s in outputs)
-    result = SNNResult((pred == y).float().mean().item(), pred, steps, seconds)
+    result = SNNResult((pred == y).float().mean().item(), pred, steps, seconds, exact=snn.exact)
+    if snn.exact:
+        qann.eval()
+        result.bitwise_equal = sum(
+            int((logits == qann(xb)).all(dim=-1).sum())
+            for (logits, _), (xb, _) in zip(outputs, batches, strict=True)
+        )
 
     if curve:
         traces, _ = timed(desc="SNN (trace)", return_trace=True)
@@ -285,6 +300,9 @@ def _report_snn(
     if labels:
         print(f"SNN accuracy           {100 * result.accuracy:6.2f} %")
     print(f"SNN/QANN agreement     {100 * agree:6.2f} % of predictions")
+    if result.bitwise_equal is not None:
+        n = len(result.predictions)
+        print(f"SNN logits == QANN's   {result.bitwise_equal} of {n} images, bit for bit")
     if result.sample_steps is not None:
         mean_steps = result.sample_steps.float().mean().item()
         print(f"steps to silence       {result.steps} (slowest image), {mean_steps:.1f} on average")
@@ -320,10 +338,16 @@ def digits_demo(args: argparse.Namespace) -> None:
     train(model, x_train, y_train, epochs=args.epochs)
     float_acc, _, _ = evaluate(model, x_test, y_test)
     qat(model, x_train, y_train, epochs=args.qat_epochs)
+    w32_acc, _, _ = evaluate(model, x_test, y_test)
+    if not args.float_weights:
+        quantize_weights(model)
+        qat(model, x_train, y_train, epochs=args.w8_epochs, calibrate_steps=False)
     print(f"training (float + QAT) {time.perf_counter() - start:6.1f} s")
     qann_acc, qann_pred, qann_seconds = evaluate(model, x_test, y_test)
     print(f"float ViT accuracy     {100 * float_acc:6.2f} %")
-    print(f"QANN accuracy          {100 * qann_acc:6.2f} %  (level {args.level})")
+    print(f"QANN accuracy (W32)    {100 * w32_acc:6.2f} %  (level {args.level}, float weights)")
+    if not args.float_weights:
+        print(f"QANN accuracy (W8)     {100 * qann_acc:6.2f} %  (int8 weights: exact mode)")
 
     n = len(y_test) if args.snn_images is None else args.snn_images
     if n < len(y_test):
@@ -336,17 +360,24 @@ def digits_demo(args: argparse.Namespace) -> None:
     _report_snn(result, qann_pred, qann_seconds, args.max_steps)
     path = plot_accuracy(result, qann_acc, os.path.join(OUT_DIR, "digits_accuracy_vs_step.png"))
     print(f"saved {path}")
+    if args.save_checkpoint:
+        print(f"saved {models.save_checkpoint(model, args.save_checkpoint)} (the QANN)")
 
 
 def synthetic_demo(args: argparse.Namespace) -> None:
     """Paper-size model on random (calibrated) weights and images: throughput only."""
     device = pick_device(args.device)
     torch.manual_seed(SEED)
-    model = getattr(models, args.model)(level=args.level).to(device)
+    weight_bits = None if args.float_weights else 8
+    model = getattr(models, args.model)(level=args.level, weight_bits=weight_bits).to(device)
     shape = (args.batch, model.in_chans, model.img_size, model.img_size)
     x = torch.randn(shape, generator=torch.Generator().manual_seed(SEED))
     calibrate(model, x.to(device))
-    print(f"{args.model} (random weights), level {args.level}, batch {args.batch}, device {device}")
+    mode = "float mode" if args.float_weights else "exact mode (int8 weights)"
+    print(
+        f"{args.model} (random weights), level {args.level}, {mode}, batch {args.batch}, "
+        f"device {device}"
+    )
     unlabeled = torch.zeros(args.batch, dtype=torch.int64)
     _, qann_pred, qann_seconds = evaluate(model, x, unlabeled, batch_size=args.batch)
     print(f"quantizers (-> neurons) {len(list(quantizers(model)))}")
@@ -364,12 +395,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--synthetic", action="store_true", help="random weights, timing only")
     parser.add_argument("--level", type=int, default=16, help="quantization levels (8, 16, 32)")
     parser.add_argument("--epochs", type=int, default=120, help="float training epochs")
-    parser.add_argument("--qat-epochs", type=int, default=30, help="QAT epochs")
+    parser.add_argument("--qat-epochs", type=int, default=30, help="QAT epochs (float weights)")
+    parser.add_argument("--w8-epochs", type=int, default=10, help="QAT epochs with int8 weights")
+    parser.add_argument(
+        "--float-weights", action="store_true", help="keep float weights: the float-mode SNN"
+    )
     parser.add_argument("--max-steps", type=int, default=64, help="SNN time steps at most")
     parser.add_argument("--chunk", type=int, default=8, help="SNN time steps per kernel call")
     parser.add_argument("--batch", type=int, default=None, help="synthetic batch size")
     parser.add_argument("--snn-images", type=int, default=None, help="test images for the SNN")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument(
+        "--save-checkpoint", metavar="PATH", help="save the QANN for python -m spikekernels.evaluate"
+    )
     parser.add_argument(
         "--no-reference", dest="reference", action="store_false", help="skip the per-step SNN"
     )

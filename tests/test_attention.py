@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-import spikekernels.kernels
+from spikekernels.levels import level_bounds
 from spikekernels.models import QuantAttention, calibrate
 from spikekernels.nn import SpikeAttention
-from spikekernels.reference import level_bounds
+from spikekernels.ops._dispatch import force_backend
 
 # Within this distance of a rounding boundary (in units of the step) the QANN's integer and a
 # neuron's count may differ legitimately: the SNN sums the same value in another float order.
@@ -127,10 +127,10 @@ def test_attention_chunked_equals_whole(gen):
             assert torch.equal(c, counts[name]), f"{name} counts differ at chunk {chunk}"
 
 
-def test_attention_large_cpu_runtime(gen, monkeypatch):
-    """ViT-S-like heads and tokens on the CPU runtime path (vectorised reference ops)."""
-    monkeypatch.setattr(spikekernels.kernels, "INTERPRET", False)
-    check_against_qann(dim=48, heads=6, level=16, batch=1, tokens=197, steps=80, gen=gen)
+def test_attention_large_cpu_runtime(gen):
+    """ViT-S-like heads and tokens on the CPU runtime path (C++ and vectorised PyTorch)."""
+    with force_backend("cpp"):
+        check_against_qann(dim=48, heads=6, level=16, batch=1, tokens=197, steps=80, gen=gen)
 
 
 def test_attention_int8_output_and_state(gen):
@@ -140,7 +140,7 @@ def test_attention_int8_output_and_state(gen):
     assert out.dtype == torch.int8 and out.shape == (6, 2, 17, 16)
     assert attn.qkv.weight.data_ptr() == qattn.qkv.weight.data_ptr(), "weights must be shared"
     attn.reset()
-    assert attn.q_if.count is None and attn.scores_acc == (None, None)
+    assert attn.q_if.count is None and attn.scores.a_acc is None and attn.context.b_acc is None
 
 
 def test_attention_bad_input(gen):

@@ -6,11 +6,13 @@ from spikekernels.models.vit import (
     QuantMlp,
     QuantViT,
     calibrate,
+    linear_weight_bits,
     load_checkpoint,
     quant_vit_base,
     quant_vit_large,
     quant_vit_small,
     quant_vit_tiny,
+    quantize_weights,
     quantizers,
 )
 
@@ -20,6 +22,8 @@ __all__ = [
     "QuantMlp",
     "QuantViT",
     "calibrate",
+    "linear_weight_bits",
+    "quantize_weights",
     "load_checkpoint",
     "quant_vit_base",
     "quant_vit_large",
@@ -27,3 +31,11 @@ __all__ = [
     "quant_vit_tiny",
     "quantizers",
 ]
+
+from spikekernels.models.checkpoint import (  # noqa: E402
+    float_to_quant_state_dict,
+    load_model,
+    save_checkpoint,
+)
+
+__all__ += ["float_to_quant_state_dict", "load_model", "save_checkpoint"]

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from spikekernels.nn.quant_linear import QuantLinear
 from spikekernels.nn.quantizer import Quantizer
 
 __all__ = [
@@ -24,6 +25,8 @@ __all__ = [
     "QuantMlp",
     "QuantViT",
     "calibrate",
+    "linear_weight_bits",
+    "quantize_weights",
     "quantizers",
     "load_checkpoint",
     "quant_vit_tiny",
@@ -121,6 +124,11 @@ class QuantViT(nn.Module):
 
     ``quantize(False)`` turns every quantizer into the identity (the float ReLU ViT, for
     training from scratch); ``spikekernels.models.calibrate`` sets the steps from one batch.
+
+    ``weight_bits=8`` (or ``quantize_weights(model)`` later) gives every linear per-channel
+    int8 weights (SPEC.md §9.1): evaluated without autograd, the model then computes the exact
+    integer forward of SPEC.md §9.2 (``spikekernels.models.exact_forward``), which its exact
+    SNN reproduces bit for bit.
     """
 
     def __init__(
@@ -135,13 +143,14 @@ class QuantViT(nn.Module):
         mlp_ratio: float = 4.0,
         level: int = 32,
         global_pool: bool = False,
+        weight_bits: int | None = None,
     ) -> None:
         super().__init__()
         # The constructor arguments: what save_checkpoint stores to rebuild the model.
         self.config = dict(
             img_size=img_size, patch_size=patch_size, in_chans=in_chans,
             num_classes=num_classes, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
-            mlp_ratio=mlp_ratio, level=level, global_pool=global_pool,
+            mlp_ratio=mlp_ratio, level=level, global_pool=global_pool, weight_bits=None,
         )  # fmt: skip
         if img_size % patch_size:
             raise ValueError(
@@ -172,6 +181,8 @@ class QuantViT(nn.Module):
             self.norm = _norm(embed_dim, level)
         self.head = nn.Linear(embed_dim, num_classes)
         self._init_weights()
+        if weight_bits is not None:
+            quantize_weights(self, weight_bits)
 
     @torch.no_grad()
     def _init_weights(self) -> None:
@@ -205,9 +216,21 @@ class QuantViT(nn.Module):
             x = block(x)
         if self.global_pool:
             return self.fc_norm(x[:, 1:].mean(dim=1))
-        return self.norm(x)[:, 0]
+        return self.norm(x[:, 0])  # per-token LayerNorm: only the class token is read
+
+    @property
+    def weight_bits(self) -> int | None:
+        """8 when every linear has integer weights (exact mode), None when all are float."""
+        return linear_weight_bits(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``[B, num_classes]``. With integer weights, outside training and autograd,
+        the exact integer forward of SPEC.md §9.2 (``exact_forward``); otherwise the float
+        (fake-quantized) forward that training uses."""
+        if self.weight_bits is not None and not self.training and not torch.is_grad_enabled():
+            from spikekernels.models.exact_forward import exact_forward
+
+            return exact_forward(self, x)
         return self.head(self.forward_features(x))
 
     def quantize(self, enabled: bool = True) -> QuantViT:
@@ -236,6 +259,71 @@ class QuantViT(nn.Module):
                     f"missing keys {missing}; unexpected keys {unexpected}"
                 )
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+
+_LINEAR_PATHS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2.0")
+
+
+def _linear_sites(model: QuantViT) -> list[tuple[str, nn.Module, str]]:
+    """``(path, parent, key)`` of every linear of a QuantViT, in execution order:
+    ``parent[key]`` (a Sequential index) or ``getattr(parent, key)`` is the linear."""
+    sites = []
+    for i, block in enumerate(model.blocks):
+        for path in _LINEAR_PATHS:
+            *parents, key = path.split(".")
+            parent = block
+            for part in parents:
+                parent = getattr(parent, part)
+            sites.append((f"blocks.{i}.{path}", parent, key))
+    sites.append(("head", model, "head"))
+    return sites
+
+
+def _get(parent: nn.Module, key: str) -> nn.Module:
+    return parent[int(key)] if key.isdigit() else getattr(parent, key)
+
+
+def linear_weight_bits(model: QuantViT) -> int | None:
+    """8 if every linear of ``model`` has int8 weights (``QuantLinear``), None if none has.
+
+    A model with some of each is neither a float nor an exact QANN: ValueError naming one of
+    each kind.
+    """
+    kinds: dict[bool, str] = {}
+    for path, parent, key in _linear_sites(model):
+        kinds.setdefault(isinstance(_get(parent, key), QuantLinear), path)
+    if len(kinds) > 1:
+        raise ValueError(
+            "the QANN mixes integer-weight and float linears (e.g. an integer "
+            f"`{kinds[True]}` and a float `{kinds[False]}`): call "
+            "spikekernels.models.quantize_weights(qann) to make every linear integer"
+        )
+    return QuantLinear.weight_bits if True in kinds else None
+
+
+def quantize_weights(model: QuantViT, bits: int = 8) -> QuantViT:
+    """Give every linear of ``model`` per-channel int8 weights (SPEC.md §9.1), in place.
+
+    Each ``nn.Linear`` (qkv, proj, fc1, fc2 and the head) becomes a ``QuantLinear`` sharing its
+    parameters: the state_dict keys and values do not change, QAT keeps training the float
+    weights through a straight-through rounding, and an evaluating model computes the exact
+    integer forward. ``spikekernels.convert`` then builds the exact SNN. The patch-embedding
+    conv sees the image, not spikes, and stays float. Returns ``model``.
+    """
+    if not isinstance(model, QuantViT):
+        raise TypeError(f"quantize_weights expects a QuantViT, got {type(model).__name__}")
+    if isinstance(bits, bool) or bits != 8:
+        raise ValueError(f"bits must be 8 (per-channel int8 weights), got {bits!r}")
+    for _, parent, key in _linear_sites(model):
+        linear = _get(parent, key)
+        if isinstance(linear, QuantLinear):
+            continue
+        if key.isdigit():
+            parent[int(key)] = QuantLinear.from_linear(linear)
+        else:
+            setattr(parent, key, QuantLinear.from_linear(linear))
+    model.config["weight_bits"] = bits
+    return model
 
 
 def quantizers(model: nn.Module) -> Iterator[Quantizer]:

@@ -1,17 +1,30 @@
 """Multi-step spiking modules (``[T, B, ...]`` in and out, state carried between calls)."""
 
 from spikekernels.nn.attention import SpikeAttention
+from spikekernels.nn.exact_attention import ExactAttention
+from spikekernels.nn.exact_layers import ExactLayerNorm, ExactLinear, ExactSoftmax
 from spikekernels.nn.layernorm import SpikeLayerNorm
 from spikekernels.nn.linear import SpikeLinear
 from spikekernels.nn.neuron import STBIF
+from spikekernels.nn.quant_linear import QuantLinear
 from spikekernels.nn.quantizer import Quantizer
 from spikekernels.nn.softmax import SpikeSoftmax
+from spikekernels.nn.spike_matmul import RunningSpikeMatmul, SpikeMatmul
+from spikekernels.nn.target_neuron import TargetNeuron
 
 __all__ = [
     "STBIF",
+    "ExactAttention",
+    "ExactLayerNorm",
+    "ExactLinear",
+    "ExactSoftmax",
+    "QuantLinear",
     "Quantizer",
+    "RunningSpikeMatmul",
     "SpikeAttention",
     "SpikeLayerNorm",
     "SpikeLinear",
+    "SpikeMatmul",
     "SpikeSoftmax",
+    "TargetNeuron",
 ]

@@ -1,76 +1,17 @@
-"""``SpikeAttention``: the spiking self-attention (SESA) block, multi-step (SPEC.md §5, §7).
-
-Also ``StepOps``, the small seam through which a composite spiking module runs its stateful
-parts: by default each part is simply called (the fused ops); the runner in
-``spikekernels.convert`` passes a subclass that also records which samples fired, or one
-that runs the per-step reference ops with its own state.
-"""
+"""``SpikeAttention``: the spiking self-attention (SESA) block, multi-step (SPEC.md §5, §7)."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from spikekernels.nn.conversion import neuron_from_quantizer
 from spikekernels.nn.linear import SpikeLinear
 from spikekernels.nn.neuron import STBIF
 from spikekernels.nn.softmax import SpikeSoftmax
-from spikekernels.ops.spike_matmul import spike_matmul
+from spikekernels.nn.spike_matmul import SpikeMatmul
 
-__all__ = [
-    "SpikeAttention",
-    "StepOps",
-    "neuron_from_quantizer",
-]
-
-
-class StepOps:
-    """How a composite spiking module runs its stateful parts (default: call them).
-
-    ``neuron(m, x)``, ``linear(m, s)``, ``layernorm(m, x)``, ``softmax(m, x)`` run an
-    ``STBIF``, ``SpikeLinear``, ``SpikeLayerNorm``, ``SpikeSoftmax`` on a ``[T, B, ...]``
-    chunk; ``matmul(owner, name, a, b, scale)`` runs a spike product whose running counts
-    ``owner`` keeps in the attribute ``name`` (a pair ``(a_acc, b_acc)``, None when fresh).
-    """
-
-    def neuron(self, m: STBIF, x: torch.Tensor) -> torch.Tensor:
-        return m(x)
-
-    def linear(self, m: nn.Module, s: torch.Tensor) -> torch.Tensor:
-        return m(s)
-
-    def layernorm(self, m: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        return m(x)
-
-    def softmax(self, m: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        return m(x)
-
-    def matmul(
-        self, owner: nn.Module, name: str, a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor
-    ) -> torch.Tensor:
-        a_acc, b_acc = getattr(owner, name)
-        out, a_acc, b_acc = spike_matmul(a, b, scale, a_acc, b_acc)
-        setattr(owner, name, (a_acc, b_acc))
-        return out
-
-
-DEFAULT_OPS = StepOps()
-
-
-def neuron_from_quantizer(quantizer: nn.Module, *, float_out: bool = False) -> STBIF:
-    """The ST-BIF neuron that replaces a QANN quantizer: threshold ``s``, the same bounds.
-
-    Accepts ``spikekernels.nn.Quantizer`` and anything with the official ``MyQuan``
-    attributes (``s``, ``level``, ``sym``). A disabled quantizer (the float network) has no
-    spiking equivalent: ValueError.
-    """
-    if not hasattr(quantizer, "s") or not (
-        hasattr(quantizer, "signed") or hasattr(quantizer, "sym")
-    ):
-        raise TypeError(f"expected a quantizer with a step `s`, got {type(quantizer).__name__}")
-    if not getattr(quantizer, "enabled", True):
-        raise ValueError("a disabled quantizer (float network) has no spiking equivalent")
-    signed = bool(getattr(quantizer, "signed", getattr(quantizer, "sym", False)))
-    return STBIF(quantizer.s.detach(), int(quantizer.level), signed, float_out=float_out)
+__all__ = ["SpikeAttention"]
 
 
 class SpikeAttention(nn.Module):
@@ -123,8 +64,8 @@ class SpikeAttention(nn.Module):
         self.attn_if, self.after_attn_if, self.proj_if = attn_if, after_attn_if, proj_if
         self.num_heads = int(num_heads)
         self.scale = float(scale)
-        self.register_buffer("score_scale", q_if.threshold * k_if.threshold * self.scale)
-        self.register_buffer("context_scale", attn_if.threshold * v_if.threshold)
+        self.scores = SpikeMatmul(q_if.threshold * k_if.threshold * self.scale)
+        self.context = SpikeMatmul(attn_if.threshold * v_if.threshold)
         self.reset()
 
     @classmethod
@@ -168,14 +109,13 @@ class SpikeAttention(nn.Module):
 
     def reset(self) -> None:
         """Back to the fresh state, every part included: call between inputs."""
-        self.scores_acc: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
-        self.context_acc: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
-        for m in (self.qkv, self.q_if, self.k_if, self.v_if, self.softmax, self.attn_if,
-                  self.after_attn_if, self.proj, self.proj_if):  # fmt: skip
+        for m in (self.qkv, self.q_if, self.k_if, self.v_if, self.scores, self.softmax,
+                  self.attn_if, self.context, self.after_attn_if, self.proj,
+                  self.proj_if):  # fmt: skip
             m.reset()
 
-    def forward(self, s: torch.Tensor, ops: StepOps = DEFAULT_OPS) -> torch.Tensor:
-        """``s``: ``[T, B, N, C]`` int8 spikes of the input neuron. ``ops``: see ``StepOps``."""
+    def forward(self, s: torch.Tensor) -> torch.Tensor:
+        """``s``: ``[T, B, N, C]`` int8 spikes of the input neuron."""
         if s.dim() != 4:
             raise ValueError(f"SpikeAttention expects s of shape [T, B, N, C], got {list(s.shape)}")
         t, b, n, c = s.shape
@@ -183,19 +123,17 @@ class SpikeAttention(nn.Module):
         if c != self.dim:
             raise ValueError(f"s has {c} channels, the attention expects {self.dim}")
         dh = c // h
-        qkv = ops.linear(self.qkv, s).view(t, b, n, 3, c)
-        q = ops.neuron(self.q_if, qkv[:, :, :, 0].contiguous())
-        k = ops.neuron(self.k_if, qkv[:, :, :, 1].contiguous())
-        v = ops.neuron(self.v_if, qkv[:, :, :, 2].contiguous())
+        qkv = self.qkv(s).view(t, b, n, 3, c)
+        q = self.q_if(qkv[:, :, :, 0].contiguous())
+        k = self.k_if(qkv[:, :, :, 1].contiguous())
+        v = self.v_if(qkv[:, :, :, 2].contiguous())
         q = q.view(t, b, n, h, dh).transpose(2, 3).contiguous()  # [T, B, H, N, Dh]
         k_t = k.view(t, b, n, h, dh).permute(0, 1, 3, 4, 2)  # [T, B, H, Dh, N], strided
         v = v.view(t, b, n, h, dh).transpose(2, 3)  # [T, B, H, N, Dh], strided
-        scores = ops.matmul(self, "scores_acc", q, k_t, self.score_scale)
-        attn = ops.neuron(self.attn_if, ops.softmax(self.softmax, scores))
-        context = ops.matmul(self, "context_acc", attn, v, self.context_scale)
-        context = ops.neuron(self.after_attn_if, context)  # [T, B, H, N, Dh]
+        attn = self.attn_if(self.softmax(self.scores(q, k_t)))
+        context = self.after_attn_if(self.context(attn, v))  # [T, B, H, N, Dh]
         merged = context.transpose(2, 3).reshape(t, b, n, c)
-        return ops.neuron(self.proj_if, ops.linear(self.proj, merged))
+        return self.proj_if(self.proj(merged))
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, num_heads={self.num_heads}, scale={self.scale:.4g}"

@@ -1,0 +1,437 @@
+"""The spiking twin of a quantized ViT and its runner (SPEC.md §7, §9); built by
+``spikekernels.convert``.
+
+Two modes share the runner:
+
+- **float mode** (§2-§7): ST-BIF neurons, float increments between layers, the residual stream
+  as float32 increments; the logits are summed over steps. Equal to the QANN up to float
+  rounding.
+- **exact mode** (§9): target-driven neurons, exact state (int32 accumulators and products, the
+  residual stream as a float64 sum of ``theta * count``), every value computed by the QANN's
+  own formulas; the logits are the head's current value. Equal to the QANN bit for bit.
+
+``snn(x, max_steps=64, chunk=8)`` feeds the image at t = 0 and runs ``chunk`` steps per module
+call (multi-step kernels), state carried between chunks, so memory is bounded by the chunk.
+
+Silence. After step 0 nothing new enters the network, and a step at which no neuron of a
+sample fires is a fixed point for that sample: every later step computes the same values from
+the same state. So the first step ``t >= 1`` with no spike settles the sample: its logits are
+final and ``steps`` counts the steps before it. Samples never interact, so this holds per
+sample; the batch stops with its slowest sample. The runner observes the neurons through
+forward hooks that OR each chunk's spikes into ``[T, B]`` flags on the device; it reads one
+integer per chunk (the one host sync), none per layer.
+
+Non-finite images: a neuron fed NaN never fires, so such a sample would settle with plausible
+logits. The runner gives it NaN logits instead (as the QANN does), decided on the device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from spikekernels import exact_math
+from spikekernels.nn.exact_attention import ExactAttention
+from spikekernels.nn.exact_layers import ExactLayerNorm, ExactLinear, ExactLinearNeuron
+from spikekernels.nn.neuron import STBIF
+from spikekernels.nn.target_neuron import TargetNeuron, running_counts
+from spikekernels.ops._dispatch import force_backend
+
+__all__ = [
+    "ExactBlock",
+    "ExactMlp",
+    "ExactPatchEmbed",
+    "ExactReadout",
+    "NeuronSite",
+    "SpikeBlock",
+    "SpikeMlp",
+    "SpikePatchEmbed",
+    "SpikeReadout",
+    "SpikeTrace",
+    "SpikingViT",
+]
+
+NEURON_TYPES = (STBIF, TargetNeuron)
+
+
+class SpikeTrace(NamedTuple):
+    """What ``SpikingViT(..., return_trace=True)`` returns third.
+
+    ``logits``: ``[steps, B, num_classes]``, the logits as of each step (``logits[-1]`` is the
+    final answer; the curve for an accuracy-vs-time plot). ``sample_steps``: ``[B]`` int64,
+    the step at which each sample fell silent (``max_steps`` if it did not).
+    """
+
+    logits: torch.Tensor
+    sample_steps: torch.Tensor
+
+
+class NeuronSite(NamedTuple):
+    """A QANN quantizer and the neuron that replaces it. ``to_qann(count)`` lays the neuron's
+    count ``[B, ...]`` out as the quantizer's integer in the QANN (see ``spikekernels.parity``).
+    """
+
+    name: str
+    neuron: nn.Module
+    to_qann: Callable[[torch.Tensor], torch.Tensor]
+
+
+# --- float mode (SPEC.md §2-§7) ----------------------------------------------------------
+
+
+class SpikePatchEmbed(nn.Module):
+    """Patch embedding: the QANN's conv (shared, with its bias) once, fed at global step 0
+    (zeros after) through a signed neuron; class token and position embedding join at step 0.
+    Returns the residual stream's increments ``[T, B, 1 + N_patches, D]`` float32."""
+
+    def __init__(
+        self, conv: nn.Conv2d, neuron: STBIF, cls_token: nn.Parameter, pos_embed: nn.Parameter
+    ) -> None:
+        super().__init__()
+        self.proj = conv
+        self.neuron = neuron
+        self.cls_token = cls_token
+        self.pos_embed = pos_embed
+
+    def first_step(self, img: torch.Tensor) -> torch.Tensor:
+        """The conv output ``[B, N_patches, D]`` (float, computed once per input)."""
+        return self.proj(img.to(self.proj.weight.dtype)).flatten(2).transpose(1, 2)
+
+    def reset(self) -> None:
+        self.neuron.reset()
+
+    def forward(self, patches: torch.Tensor, steps: int, t0: int) -> torch.Tensor:
+        batch, n, d = patches.shape
+        u = patches.new_zeros(steps, batch, n, d)
+        if t0 == 0:
+            u[0] = patches
+        p = self.neuron(u)
+        x = torch.cat((p.new_zeros(steps, batch, 1, d), p), dim=2)
+        if t0 == 0:
+            x[0, :, :1] += self.cls_token[0].to(x.dtype)
+            x[0] += self.pos_embed[0].to(x.dtype)
+        return x
+
+
+class SpikeMlp(nn.Module):
+    """``fc1`` spike linear -> unsigned neuron -> ``fc2`` spike linear -> signed neuron.
+
+    The QANN's ReLU after the unsigned quantizer is the identity on its output and is dropped.
+    """
+
+    def __init__(self, fc1: nn.Module, act_if: STBIF, fc2: nn.Module, fc2_if: STBIF) -> None:
+        super().__init__()
+        self.fc1, self.act_if, self.fc2, self.fc2_if = fc1, act_if, fc2, fc2_if
+
+    def reset(self) -> None:
+        for m in self.children():
+            m.reset()
+
+    def forward(self, s: torch.Tensor) -> torch.Tensor:
+        return self.fc2_if(self.fc2(self.act_if(self.fc1(s))))
+
+
+class SpikeBlock(nn.Module):
+    """``x + attn(norm1_if(norm1(x)))`` then ``x + mlp(norm2_if(norm2(x)))`` on increments."""
+
+    def __init__(
+        self,
+        norm1: nn.Module,
+        norm1_if: STBIF,
+        attn: nn.Module,
+        norm2: nn.Module,
+        norm2_if: STBIF,
+        mlp: SpikeMlp,
+    ) -> None:
+        super().__init__()
+        self.norm1, self.norm1_if, self.attn = norm1, norm1_if, attn
+        self.norm2, self.norm2_if, self.mlp = norm2, norm2_if, mlp
+
+    def reset(self) -> None:
+        for m in self.children():
+            m.reset()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1_if(self.norm1(x)))
+        return x + self.mlp(self.norm2_if(self.norm2(x)))
+
+
+class SpikeReadout(nn.Module):
+    """Final Spike-LayerNorm + signed neuron on the class token (or the mean of the patch
+    tokens with ``global_pool``), then the head: the logits' increments ``[T, B, classes]``."""
+
+    def __init__(self, norm: nn.Module, norm_if: STBIF, head: nn.Module, global_pool: bool):
+        super().__init__()
+        self.norm, self.norm_if, self.head = norm, norm_if, head
+        self.global_pool = global_pool
+
+    def reset(self) -> None:
+        for m in self.children():
+            m.reset()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feature = x[:, :, 1:].mean(dim=2) if self.global_pool else x[:, :, 0].contiguous()
+        return self.head(self.norm_if(self.norm(feature)))
+
+
+# --- exact mode (SPEC.md §9) -------------------------------------------------------------
+
+
+class ExactPatchEmbed(nn.Module):
+    """Patch embedding of exact mode: the conv output (computed once) is the patch neuron's
+    value at every step; returns the residual stream's spike-driven part
+    ``D = fl64(theta) * count`` ``[T, B, 1 + N, D]`` float64 (zero on the class-token row).
+    The constant part (class token, positions) is ``residual_constant``."""
+
+    def __init__(self, conv: nn.Conv2d, neuron: TargetNeuron, constant: torch.Tensor) -> None:
+        super().__init__()
+        self.proj = conv
+        self.neuron = neuron
+        self.register_buffer("residual_constant", constant)
+        self.register_buffer("theta", neuron.threshold.to(torch.float64).reshape(()))
+
+    def first_step(self, img: torch.Tensor) -> torch.Tensor:
+        return self.proj(img.to(self.proj.weight.dtype)).flatten(2).transpose(1, 2)
+
+    def reset(self) -> None:
+        self.neuron.reset()
+
+    def forward(self, patches: torch.Tensor, steps: int, t0: int) -> torch.Tensor:
+        batch, n, d = patches.shape
+        before = self.neuron.count
+        spikes = self.neuron(patches.expand(steps, batch, n, d))
+        counts = self.theta * running_counts(spikes, before).to(torch.float64)
+        return torch.cat((counts.new_zeros(steps, batch, 1, d), counts), dim=2)
+
+
+class ExactMlp(nn.Module):
+    """``fc1`` + unsigned neuron, then ``fc2`` + signed neuron: two fused exact linears."""
+
+    def __init__(self, fc1: ExactLinearNeuron, fc2: ExactLinearNeuron) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = fc1, fc2
+
+    def reset(self) -> None:
+        for m in self.children():
+            m.reset()
+
+    def forward(self, s: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.fc1(s))
+
+
+class ExactBlock(nn.Module):
+    """A Transformer block of exact mode on the residual stream's spike-driven part ``D``
+    ``[T, B, N, C]`` float64: each LayerNorm reads ``fl32(c + D)`` and each branch adds
+    ``fl64(theta) * count`` of its last neuron to ``D`` (exact in float64)."""
+
+    def __init__(
+        self,
+        norm1: ExactLayerNorm,
+        norm1_if: TargetNeuron,
+        attn: ExactAttention,
+        norm2: ExactLayerNorm,
+        norm2_if: TargetNeuron,
+        mlp: ExactMlp,
+        constant: torch.Tensor,
+    ) -> None:
+        super().__init__()
+        self.norm1, self.norm1_if, self.attn = norm1, norm1_if, attn
+        self.norm2, self.norm2_if, self.mlp = norm2, norm2_if, mlp
+        self.register_buffer("residual_constant", constant)
+
+    def reset(self) -> None:
+        for m in self.children():
+            m.reset()
+
+    @staticmethod
+    def _branch(branch: nn.Module, neuron: ExactLinearNeuron, s: torch.Tensor) -> torch.Tensor:
+        before = neuron.count
+        spikes = branch(s)
+        theta = neuron.threshold.to(torch.float64).reshape(())
+        return theta * running_counts(spikes, before).to(torch.float64)
+
+    def forward(self, d: torch.Tensor) -> torch.Tensor:
+        c = self.residual_constant
+        s1 = self.norm1_if(self.norm1(exact_math.residual_read(c, d)))
+        d = d + self._branch(self.attn, self.attn.proj, s1)
+        s2 = self.norm2_if(self.norm2(exact_math.residual_read(c, d)))
+        return d + self._branch(self.mlp, self.mlp.fc2, s2)
+
+
+class ExactReadout(nn.Module):
+    """Final LayerNorm + signed neuron on the class token (or the float64 mean of the patch
+    tokens with ``global_pool``), then the head's current value: ``[T, B, classes]``."""
+
+    def __init__(
+        self,
+        norm: ExactLayerNorm,
+        norm_if: TargetNeuron,
+        head: ExactLinear,
+        constant: torch.Tensor,
+        global_pool: bool,
+    ) -> None:
+        super().__init__()
+        self.norm, self.norm_if, self.head = norm, norm_if, head
+        self.register_buffer("residual_constant", constant)
+        self.global_pool = global_pool
+
+    def reset(self) -> None:
+        for m in self.children():
+            m.reset()
+
+    def forward(self, d: torch.Tensor) -> torch.Tensor:
+        c = self.residual_constant
+        if self.global_pool:
+            feature = exact_math.pool_patch_tokens(c, d)
+        else:
+            feature = exact_math.residual_read(c, d)[:, :, 0]
+        return self.head(self.norm_if(self.norm(feature)))
+
+
+# --- the network and its runner ------------------------------------------------------------
+
+
+class SpikingViT(nn.Module):
+    """The SNN of a quantized ViT; build it with ``spikekernels.convert(qann)``.
+
+    Call ``snn(x, max_steps=64, chunk=8)`` with images ``[B, C, H, W]``: returns
+    ``(logits [B, num_classes] float32, steps)``: the logits as of the last step (float mode:
+    summed over steps; exact mode: the head's current value) and the number of steps the batch
+    needed (its slowest sample's settle step, see the module docstring), or ``max_steps`` if it
+    did not fall silent by then. With ``return_trace=True`` a third element, a ``SpikeTrace``.
+    ``reference=True`` runs the same network one step at a time on the per-step reference ops
+    (``force_backend("reference")``): the slow baseline, and the tests' oracle.
+
+    ``exact`` says which mode; ``sites`` lists every QANN quantizer with its neuron. State is
+    reset at the start of each call; after a call every neuron's ``count`` holds its spike
+    count (after silence: the QANN quantizer's integer). Inference only.
+    """
+
+    def __init__(
+        self,
+        patch_embed: nn.Module,
+        blocks: list[nn.Module],
+        readout: nn.Module,
+        *,
+        exact: bool,
+        image_shape: tuple[int, int, int],
+        num_classes: int,
+        sites: list[NeuronSite],
+    ) -> None:
+        super().__init__()
+        self.patch_embed = patch_embed
+        self.blocks = nn.ModuleList(blocks)
+        self.readout = readout
+        self.exact = bool(exact)
+        self.image_shape = tuple(image_shape)
+        self.num_classes = num_classes
+        self.sites = list(sites)
+
+    def reset(self) -> None:
+        """Back to the fresh state: every neuron, accumulator, product and norm."""
+        self.patch_embed.reset()
+        for block in self.blocks:
+            block.reset()
+        self.readout.reset()
+
+    def neurons(self) -> list[nn.Module]:
+        """Every neuron module, in execution order."""
+        return [m for m in self.modules() if isinstance(m, NEURON_TYPES)]
+
+    def step_chunk(self, patches: torch.Tensor, steps: int, t0: int) -> torch.Tensor:
+        """Run ``steps`` time steps from global step ``t0``; ``patches`` is the conv output
+        ``patch_embed.first_step(img)``. Returns the logits of each step ``[steps, B, classes]``
+        (increments in float mode, current values in exact mode)."""
+        x = self.patch_embed(patches, steps, t0)
+        for block in self.blocks:
+            x = block(x)
+        return self.readout(x)
+
+    def _check_call(self, x: object, max_steps: object, chunk: object) -> None:
+        for name, value in (("max_steps", max_steps), ("chunk", chunk)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor of images, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"x must be a floating-point image batch, got dtype {x.dtype}")
+        if x.dim() != 4 or tuple(x.shape[1:]) != self.image_shape or x.shape[0] == 0:
+            expected = ", ".join(map(str, self.image_shape))
+            raise ValueError(
+                f"x must be images of shape [B, {expected}] with B >= 1, got {list(x.shape)}"
+            )
+        device = self.patch_embed.proj.weight.device
+        if x.device != device:
+            raise ValueError(f"x is on {x.device} but the model is on {device}")
+
+    @torch.no_grad()
+    def forward(
+        self,
+        x: torch.Tensor,
+        max_steps: int = 64,
+        chunk: int = 8,
+        *,
+        return_trace: bool = False,
+        reference: bool = False,
+    ):
+        self._check_call(x, max_steps, chunk)
+        self.reset()
+        backend = force_backend("reference") if reference else contextlib.nullcontext()
+        chunk = 1 if reference else chunk
+        batch, device = x.shape[0], x.device
+        finite = torch.isfinite(x.reshape(batch, -1)).all(dim=1)
+        flags: list[torch.Tensor] = []
+
+        def record(module, inputs, spikes):
+            flags[-1] |= spikes.reshape(spikes.shape[0], spikes.shape[1], -1).any(dim=-1)
+
+        handles = [n.register_forward_hook(record) for n in self.neurons()]
+        try:
+            with backend:
+                patches = self.patch_embed.first_step(x)
+                sample_steps = torch.full((batch,), max_steps, dtype=torch.int64, device=device)
+                total = torch.zeros(batch, self.num_classes, device=device)
+                trace = []
+                t0, steps = 0, max_steps
+                while t0 < max_steps:
+                    n = min(chunk, max_steps - t0)
+                    flags.append(torch.zeros(n, batch, dtype=torch.bool, device=device))
+                    logits = self.step_chunk(patches, n, t0)
+                    # Step by step, so that the rounding does not depend on the chunk size.
+                    for t in range(n):
+                        total = logits[t] if self.exact else total + logits[t]
+                        if return_trace:
+                            trace.append(total)
+                    sample_steps = _settle(sample_steps, flags.pop(), t0, max_steps)
+                    t0 += n
+                    steps = int(sample_steps.max())  # the one host sync per chunk
+                    if steps < max_steps:
+                        break
+        finally:
+            for h in handles:
+                h.remove()
+        nan = torch.tensor(float("nan"), device=device)
+        total = torch.where(finite[:, None], total, nan)
+        if not return_trace:
+            return total, steps
+        curve = torch.where(finite[None, :, None], torch.stack(trace[:steps]), nan)
+        return total, steps, SpikeTrace(curve, sample_steps)
+
+
+def _settle(
+    sample_steps: torch.Tensor, active: torch.Tensor, t0: int, max_steps: int
+) -> torch.Tensor:
+    """Update each sample's settle step (``max_steps`` = not yet) from a chunk's ``[T, B]``
+    fired flags: the first global step ``t >= 1`` at which none of its neurons fired."""
+    silent = ~active
+    if t0 == 0:
+        silent[0] = False  # the image and the biases enter at step 0
+    first = t0 + silent.to(torch.int8).argmax(dim=0)
+    newly = (sample_steps == max_steps) & silent.any(dim=0)
+    return torch.where(newly, first, sample_steps)

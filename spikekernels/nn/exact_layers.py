@@ -1,0 +1,181 @@
+"""Exact mode's stateful layers (SPEC.md §9.4): each turns exact state into the current value
+its neuron reads, by the formulas of ``spikekernels.exact_math``.
+
+- ``ExactLinear``: int8 weights, an int32 accumulator ``acc += s_t @ W_int^T`` (the head);
+- ``ExactLinearNeuron``: the same linear fused with the target-driven neuron it feeds (one
+  ``spikekernels.ops.exact_linear`` call: int8 spikes in, int8 spikes out);
+- ``ExactLayerNorm``: the LayerNorm row function of the residual stream's current value;
+- ``ExactSoftmax``: the softmax row function of the current scores ``g * S``.
+
+Values are float32 ``[T, ...]``: one per step, the current value (not an increment).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from spikekernels import exact_math
+from spikekernels.nn.target_neuron import TargetNeuron
+from spikekernels.ops.exact_linear import exact_linear
+from spikekernels.ops.spike_linear import spike_linear
+
+__all__ = ["ExactLayerNorm", "ExactLinear", "ExactLinearNeuron", "ExactSoftmax"]
+
+
+class ExactLinear(nn.Module):
+    """``[T, *, K]`` ternary spikes in, the linear's current value ``[T, *, N]`` float32 out.
+
+    ``acc`` (int32, ``[*, N]``) is the exact running ``q_in @ W_int^T`` of the input counts,
+    kept between calls until ``reset()``; the value is
+    ``fl32(fl32(m[n] * fl32(acc)) + b[n])`` with ``m = fl32(theta_in * ws)`` (SPEC.md §9.2).
+    ``weight`` int8 ``[N, K]``, ``weight_scale`` ``ws`` float32 ``[N]``; ``bias`` float32 or
+    None (shared with the QANN). The per-step products run ``spike_linear`` with int8 weights
+    and unit scale: integers below 2^24, exact.
+    """
+
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        weight_scale: torch.Tensor,
+        bias: torch.Tensor | None,
+        in_threshold: torch.Tensor,
+    ) -> None:
+        super().__init__()
+        if weight.dtype != torch.int8 or weight.dim() != 2:
+            raise TypeError(f"weight must be int8 [N, K], got {weight.dtype} {tuple(weight.shape)}")
+        n = weight.shape[0]
+        if weight_scale.shape != (n,):
+            raise ValueError(
+                f"weight_scale must have shape ({n},), got {tuple(weight_scale.shape)}"
+            )
+        self.out_features, self.in_features = weight.shape
+        self.register_buffer("weight", weight)
+        self.register_buffer("weight_scale", weight_scale.to(torch.float32))
+        self.register_buffer("bias", None if bias is None else bias.detach())
+        theta_in = torch.as_tensor(in_threshold, dtype=torch.float32).detach().reshape(())
+        self.register_buffer("in_threshold", theta_in.clone())
+        self.register_buffer("multiplier", theta_in * self.weight_scale)
+        self.register_buffer("unit_scale", torch.ones(n))
+        self.register_buffer("unit", torch.ones(()))
+        self.reset()
+
+    def reset(self) -> None:
+        """Back to a zero accumulator: call between inputs."""
+        self.acc: torch.Tensor | None = None
+
+    def forward(self, s: torch.Tensor) -> torch.Tensor:
+        step = spike_linear(s, self.weight, self.unit, weight_scale=self.unit_scale)
+        acc = torch.cumsum(step.to(torch.int32), dim=0, dtype=torch.int32)
+        if self.acc is not None:
+            acc += self.acc
+        self.acc = acc[-1].clone()
+        return exact_math.linear_value(acc, self.multiplier, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8"
+
+
+class ExactLinearNeuron(TargetNeuron):
+    """An ``ExactLinear`` and the target-driven neuron it feeds, as one fused op
+    (``spikekernels.ops.exact_linear``): ``[T, *, K]`` spikes in, ``[T, *, N]`` int8 spikes out.
+
+    It is a ``TargetNeuron`` (threshold, bounds, ``count``, ``fanout``; the runner's hooks see
+    its spikes) that also keeps the linear's int32 accumulator ``acc``; ``threshold`` may be
+    per output channel (the q, k, v neurons of one qkv linear). Inference only.
+    """
+
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        weight_scale: torch.Tensor,
+        bias: torch.Tensor | None,
+        in_threshold: torch.Tensor,
+        neuron: TargetNeuron,
+    ) -> None:
+        super().__init__(neuron.threshold, neuron.level, neuron.signed, fanout=neuron.fanout)
+        if weight.dtype != torch.int8 or weight.dim() != 2:
+            raise TypeError(f"weight must be int8 [N, K], got {weight.dtype} {tuple(weight.shape)}")
+        n = weight.shape[0]
+        if tuple(weight_scale.shape) != (n,):
+            raise ValueError(
+                f"weight_scale must have shape ({n},), got {tuple(weight_scale.shape)}"
+            )
+        self.out_features, self.in_features = weight.shape
+        self.register_buffer("weight", weight)
+        self.register_buffer("weight_scale", weight_scale.to(torch.float32))
+        self.register_buffer("bias", None if bias is None else bias.detach())
+        theta_in = torch.as_tensor(in_threshold, dtype=torch.float32).detach().reshape(())
+        self.register_buffer("in_threshold", theta_in.clone())
+
+    def reset(self) -> None:
+        """Back to a zero accumulator and count: call between inputs."""
+        super().reset()
+        self.acc: torch.Tensor | None = None
+
+    def forward(self, s: torch.Tensor) -> torch.Tensor:
+        spikes, self.acc, self.count = exact_linear(
+            s,
+            self.weight,
+            self.weight_scale,
+            self.bias,
+            self.in_threshold,
+            self.threshold,
+            self.n_min,
+            self.p_max,
+            self.acc,
+            self.count,
+        )
+        self.last_spikes = spikes[-1]
+        return spikes
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, int8, "
+            + super().extra_repr()
+        )
+
+
+class ExactLayerNorm(nn.Module):
+    """The LayerNorm row function (``exact_math.layer_norm_rows``) over the last dim of
+    ``[T, *rows, C]`` float32: each row gives the bits the QANN's does. Stateless: the
+    residual stream's exact state is kept by the blocks."""
+
+    def __init__(self, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float) -> None:
+        super().__init__()
+        self.register_buffer("weight", None if weight is None else weight.detach())
+        self.register_buffer("bias", None if bias is None else bias.detach())
+        self.eps = float(eps)
+
+    @classmethod
+    def from_layernorm(cls, ln: nn.LayerNorm) -> ExactLayerNorm:
+        if not isinstance(ln, nn.LayerNorm) or len(ln.normalized_shape) != 1:
+            raise TypeError(f"expected an nn.LayerNorm over the last dim, got {ln!r}")
+        return cls(ln.weight, ln.bias, ln.eps)
+
+    def reset(self) -> None:
+        """Nothing to reset (stateless); here so that every spiking module has ``reset()``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack(
+            [
+                exact_math.layer_norm_rows(x[t], self.weight, self.bias, self.eps)
+                for t in range(len(x))
+            ]
+        )
+
+
+class ExactSoftmax(nn.Module):
+    """Attention probabilities from the running integer scores ``S`` ``[T, *rows, N]`` int32:
+    ``softmax_rows(fl32(g * fl32(S)))``, ``g`` the score gain (``exact_math.score_gain``).
+    Stateless."""
+
+    def __init__(self, gain: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("gain", torch.as_tensor(gain, dtype=torch.float32).reshape(()))
+
+    def reset(self) -> None:
+        """Nothing to reset (stateless)."""
+
+    def forward(self, scores: torch.Tensor) -> torch.Tensor:
+        return exact_math.softmax_rows(exact_math.score_value(scores, self.gain))

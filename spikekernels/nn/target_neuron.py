@@ -1,0 +1,77 @@
+"""``TargetNeuron``: the target-driven ST-BIF neuron of exact mode (SPEC.md §9.3)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from spikekernels.levels import level_bounds
+from spikekernels.ops.target import target_spikes
+
+__all__ = ["TargetNeuron", "running_counts"]
+
+
+def running_counts(spikes: torch.Tensor, count: torch.Tensor | None) -> torch.Tensor:
+    """The count after each step, ``[T, *shape]`` int32: ``count + cumsum(spikes)``.
+
+    ``count`` is the count before the first of these steps (None: fresh, 0).
+    """
+    counts = torch.cumsum(spikes, dim=0, dtype=torch.int32)
+    return counts if count is None else counts + count.to(torch.int32)
+
+
+class TargetNeuron(nn.Module):
+    """Exact mode's neuron over ``[T, B, ...]``: it fires toward the quantizer's integer.
+
+    At each step, with ``y_t`` the *current value* of its input (not an increment):
+    ``target = clamp(floor(y_t / theta + 1/2), n_min, p_max)``; ``sigma = sign(target - c)``;
+    ``c += sigma``; output ``sigma`` (int8). Its state is the int8 count ``c`` only, kept
+    between calls until ``reset()``. ``threshold`` is one value or one per channel (last dim),
+    so one qkv output can feed the q, k and v neurons. With exact input this is SPEC.md §2's
+    ST-BIF rule; at silence ``count`` is the QANN quantizer's integer. ``fanout``: synaptic
+    operations one spike causes downstream (set by ``spikekernels.convert``; for SOP counts).
+    Inference only.
+    """
+
+    def __init__(
+        self, threshold: float | torch.Tensor, level: int, signed: bool, *, fanout: int = 0
+    ) -> None:
+        super().__init__()
+        self.level = level
+        self.signed = signed
+        self.n_min, self.p_max = level_bounds(level, signed)
+        if self.n_min < -128 or self.p_max > 127:
+            raise ValueError(
+                f"level {level} ({'signed' if signed else 'unsigned'}) needs counts in "
+                f"[{self.n_min}, {self.p_max}], which overflow the int8 count of exact mode "
+                "(levels up to 256 signed / 128 unsigned)"
+            )
+        theta = torch.as_tensor(threshold, dtype=torch.float32).detach().clone()
+        if theta.dim() > 1:
+            raise ValueError(
+                f"threshold must be one value or one per channel [C], got shape "
+                f"{tuple(theta.shape)}"
+            )
+        self.register_buffer("threshold", theta)
+        self.fanout = int(fanout)
+        self.reset()
+
+    def reset(self) -> None:
+        """Back to the fresh state (count 0): call between inputs."""
+        self.count: torch.Tensor | None = None
+        self.last_spikes: torch.Tensor | None = None
+
+    def forward(self, value: torch.Tensor) -> torch.Tensor:
+        spikes, self.count = target_spikes(
+            value, self.threshold, self.n_min, self.p_max, self.count
+        )
+        self.last_spikes = spikes[-1]
+        return spikes
+
+    def extra_repr(self) -> str:
+        theta = self.threshold
+        shown = f"{theta.item():.4g}" if theta.numel() == 1 else f"[{theta.numel()} channels]"
+        return (
+            f"threshold={shown}, level={self.level}, signed={self.signed}, "
+            f"bounds=[{self.n_min}, {self.p_max}]"
+        )
