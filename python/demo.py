@@ -406,7 +406,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--snn-images", type=int, default=None, help="test images for the SNN")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument(
-        "--save-checkpoint", metavar="PATH", help="save the QANN for python -m spikekernels.evaluate"
+        "--save-checkpoint", metavar="PATH", help="save the QANN (for spikekernels.evaluate)"
     )
     parser.add_argument(
         "--no-reference", dest="reference", action="store_false", help="skip the per-step SNN"

@@ -77,6 +77,9 @@ def save_checkpoint(qann: nn.Module, path: str | os.PathLike) -> str:
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(payload, f)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 -> what open() would have made
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
