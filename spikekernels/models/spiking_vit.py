@@ -389,7 +389,9 @@ class SpikingViT(nn.Module):
         flags: list[torch.Tensor] = []
 
         def record(module, inputs, spikes):
-            flags[-1] |= spikes.reshape(spikes.shape[0], spikes.shape[1], -1).any(dim=-1)
+            # amax of |spike| over each sample: several times faster than any() on CPU.
+            peak = spikes.reshape(spikes.shape[0], spikes.shape[1], -1).abs().amax(dim=-1)
+            flags[-1] |= peak != 0
 
         handles = [n.register_forward_hook(record) for n in self.neurons()]
         try:
