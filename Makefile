@@ -11,7 +11,7 @@ PIP    := $(VPY) -m pip
 TORCH_PIN   := torch==2.13.0
 # triton 3.6 is the GPU machine's version; its CPU interpreter needs numpy < 2.4.
 TOOLCHAIN   := triton==3.6.0 "numpy<2.4" pybind11 ninja setuptools wheel
-DEMO_DEPS   := scikit-learn matplotlib tqdm
+DEMO_DEPS   := scikit-learn matplotlib tqdm pillow
 TEST_DEPS   := pytest pytest-benchmark expecttest hypothesis ruff==0.17.6
 BENCH_DEPS  := spikingjelly==2.0.0 loguru tqdm scipy
 
@@ -41,12 +41,18 @@ demo: $(VENV)/.built
 
 # Two passes without a GPU: the CPU runtime paths (C++ kernels, PyTorch; ops registered as
 # triton_op), then the Triton kernels themselves through the interpreter. One pass on a GPU.
+# Both passes always run (a failure in the first must not hide the second); the target fails
+# at the end, naming each pass that failed.
 test: $(VENV)/.built
-	TRITON_INTERPRET=0 $(VPY) -m pytest tests -q $(ARGS)
-	@if [ "$(INTERPRET)" = 1 ]; then \
-	  echo "== again with the Triton kernels on CPU (TRITON_INTERPRET=1)"; \
-	  TRITON_INTERPRET=1 $(VPY) -m pytest tests -q $(ARGS); \
-	fi
+	@failed=""; \
+	echo "== pass 1: the CPU runtime paths (TRITON_INTERPRET=0)"; \
+	TRITON_INTERPRET=0 $(VPY) -m pytest tests -q $(ARGS) || failed="$$failed TRITON_INTERPRET=0"; \
+	if [ "$(INTERPRET)" = 1 ]; then \
+	  echo "== pass 2: again with the Triton kernels on CPU (TRITON_INTERPRET=1)"; \
+	  TRITON_INTERPRET=1 $(VPY) -m pytest tests -q $(ARGS) || failed="$$failed TRITON_INTERPRET=1"; \
+	fi; \
+	if [ -n "$$failed" ]; then echo "== make test FAILED in pass(es):$$failed" >&2; exit 1; fi; \
+	echo "== make test: all passes passed"
 
 # SpikingJelly brings its own torch pin: --no-deps keeps ours.
 # Benchmarks time the real paths: CPU kernels on a CPU machine, never the interpreter.

@@ -34,6 +34,7 @@ def _extension():
         return CUDAExtension(
             "spikekernels._C",
             cpp_sources + cu_sources,
+            # SPIKEKERNELS_WITH_CUDA: csrc/module.cpp exports it as spikekernels._C.with_cuda.
             extra_compile_args={
                 "cxx": cxx_flags + ["-DSPIKEKERNELS_WITH_CUDA"],
                 "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo"],

@@ -2,18 +2,28 @@
 
 On a GPU: ViT-S (``quant_vit_small``, 224 px, 197 tokens) at batch 64, random weights
 calibrated on random images (throughput only; ``python/demo.py`` checks accuracy on real
-data). The SNN runs ``snn(x, max_steps=64, chunk=8)``: chunks of 8 steps through the fused
-ops, one host sync per chunk, stop when every image is silent. The QANN baselines are its own
-forward in float32 and under bf16 autocast; ``snn_over_qann_*`` is the headline ratio (time
-of the SNN over the QANN's). An int8 QANN (``torch._int_mm`` linears) is not in the library
-yet, so there is no int8 baseline here. On a CPU: the tiny preset at batch 16.
+data), levels 16 and 32, in both modes:
+
+- ``exact``: int8 weights (``weight_bits=8``), the exact SNN (SPEC.md §9): its logits must
+  equal the exact QANN's bit for bit (``bitwise_equal``);
+- ``float``: float weights, the float SNN (§2-§7).
+
+The SNN runs ``snn(x, max_steps=64, chunk=8)``: chunks of 8 steps through the fused ops, one
+host sync per chunk, stop when every image is silent. The baselines are the same QANN's float
+forward (fake-quantized weights in exact mode) in float32 and under bf16 autocast;
+``snn_over_qann_bf16`` is the headline ratio (SNN time over the bf16 QANN's; the goal is 1.5),
+``speedup_vs_per_step_reference`` the fused runner against the same network one step at a time
+on ``spikekernels.reference``. It also reports the time per step of the first chunk and of the
+rest, and prints the ten largest lines of a profile of one chunk, so that the next bottleneck
+is in the record. On a CPU: the tiny preset at batch 16.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DEVICE, ON_GPU, median_time, record, synchronized
+from conftest import DEVICE, ON_GPU, median_time, record, synchronized, time_op
+from torch.profiler import ProfilerActivity, profile
 
 import spikekernels
 from spikekernels.models import calibrate, quant_vit_small, quant_vit_tiny
@@ -22,31 +32,57 @@ MODEL, BATCH = (quant_vit_small, 64) if ON_GPU else (quant_vit_tiny, 16)
 MAX_STEPS, CHUNK = 64, 8
 
 
+def _profile_one_chunk(snn, x) -> str:
+    """The ten largest kernels (device time on a GPU, CPU time otherwise) of one chunk."""
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if ON_GPU else [])
+    with profile(activities=activities) as prof:
+        snn(x, max_steps=CHUNK, chunk=CHUNK)
+        if ON_GPU:
+            torch.cuda.synchronize()
+    key = "self_cuda_time_total" if ON_GPU else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=key, row_limit=10)
+    print(f"\nprofile of one {CHUNK}-step chunk ({MODEL.__name__}, batch {BATCH}):\n{table}")
+    top = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)[:5]
+    return "; ".join(f"{e.key} {getattr(e, key) / 1e3:.2f} ms" for e in top)
+
+
 @pytest.mark.parametrize("level", [16, 32])
-def test_vit_end_to_end(benchmark, level):
+@pytest.mark.parametrize("mode", ["exact", "float"])
+def test_vit_end_to_end(benchmark, mode, level):
     torch.manual_seed(0)
-    qann = MODEL(level=level).to(DEVICE).eval()
+    weight_bits = 8 if mode == "exact" else None
+    qann = MODEL(level=level, weight_bits=weight_bits).to(DEVICE).eval()
     gen = torch.Generator(device=DEVICE)
     gen.manual_seed(0)
     shape = (BATCH, qann.in_chans, qann.img_size, qann.img_size)
     x = torch.randn(shape, device=DEVICE, generator=gen)
     calibrate(qann, x)
     snn = spikekernels.convert(qann)
+    assert snn.exact == (mode == "exact")
 
     with torch.no_grad():
         run = synchronized(lambda: snn(x, max_steps=MAX_STEPS, chunk=CHUNK))
-        logits, steps = run()
-        benchmark.group = f"vit end to end level={level}"
-        benchmark.pedantic(run, warmup_rounds=1, rounds=3)
-        seconds = median_time(run, warmup=0, reps=3)
-        qann_logits = qann(x)
-        qann_fp32 = median_time(synchronized(lambda: qann(x)))
+        logits, steps = run()  # the warm-up: it compiled every kernel
+        benchmark.group = f"vit end to end {mode} level={level}"
+        seconds = time_op(benchmark, run, warmup=0, reps=3)
+        first_chunk = median_time(
+            synchronized(lambda: snn(x, max_steps=CHUNK, chunk=CHUNK)), warmup=0, reps=3
+        )
+        reference = median_time(
+            synchronized(lambda: snn(x, max_steps=MAX_STEPS, reference=True)), warmup=0, reps=1
+        )
+        qann_logits = qann(x)  # exact mode: the exact integer forward
+        float_forward = lambda: qann.head(qann.forward_features(x))  # noqa: E731
+        qann_fp32 = median_time(synchronized(float_forward))
         with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
-            qann_bf16 = median_time(synchronized(lambda: qann(x)))
+            qann_bf16 = median_time(synchronized(float_forward))
+        breakdown = _profile_one_chunk(snn, x)
 
+    rest = (seconds - first_chunk) / max(steps - CHUNK, 1) if steps > CHUNK else None
     record(
         benchmark,
         seconds,
+        mode=mode,
         model=MODEL.__name__,
         batch=BATCH,
         level=level,
@@ -57,6 +93,13 @@ def test_vit_end_to_end(benchmark, level):
         qann_bf16_images_per_s=BATCH / qann_bf16,
         snn_over_qann_fp32=seconds / qann_fp32,
         snn_over_qann_bf16=seconds / qann_bf16,
+        speedup_vs_per_step_reference=reference / seconds,
+        seconds_per_step_first_chunk=first_chunk / min(CHUNK, steps),
+        seconds_per_step_after=rest,
         prediction_agreement=(logits.argmax(1) == qann_logits.argmax(1)).float().mean().item(),
         max_logit_difference=(logits - qann_logits).abs().max().item(),
+        bitwise_equal=bool(torch.equal(logits, qann_logits)),
+        profile_top5=breakdown,
     )
+    if mode == "exact":
+        assert torch.equal(logits, qann_logits), "exact mode must equal its QANN bit for bit"

@@ -1,9 +1,15 @@
 """Shared helpers for the pytest-benchmark suites in bench/.
 
-Every benchmark times the fused op with pytest-benchmark and, in the same test, its baselines
-with ``median_time``, then records achieved bandwidth/throughput and the ratios in
+Every benchmark times the fused op once, with ``time_op``: its per-call samples become the
+test's pytest-benchmark stats (the JSON's ``stats``) and their median the ``seconds`` that
+``record`` stores. Baselines are timed in the same test with ``median_time`` (the same
+``measure``); a baseline that cannot run is noted with ``baseline_error`` and its ratios left
+out, never the op's own figures. ``record`` puts bandwidth/throughput and the ratios in
 ``benchmark.extra_info`` (saved by ``--benchmark-json``; bench/device_check.sh keeps that file
-under bench/results/). GPU timings synchronise inside the timed call.
+under bench/results/).
+
+On a GPU a sample is one call's device time between CUDA events, L2 flushed before it (as
+``triton.testing.do_bench``); on a CPU it is ``time.perf_counter`` around the call.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 import os
 import statistics
 import time
+import warnings
 from collections.abc import Callable
 
 import pytest
@@ -43,12 +50,54 @@ def synchronized(fn: Callable[[], object]) -> Callable[[], object]:
     return call
 
 
-def median_time(fn: Callable[[], object], *, warmup: int = 2, reps: int = 10) -> float:
-    """Median seconds per call of ``fn`` (CUDA events on GPU, perf_counter on CPU)."""
-    if ON_GPU:
-        import triton.testing
+# GPU: calls cheaper than this budget / reps get more reps, up to MAX_GPU_REPS (event jitter).
+GPU_REP_BUDGET_S = 0.1
+MAX_GPU_REPS = 100
+_L2_FLUSH: torch.Tensor | None = None
 
-        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") / 1e3
+
+def _l2_flush() -> None:
+    """Overwrite 256 MiB (more than any GPU's L2) so that the next call starts from a cold L2."""
+    global _L2_FLUSH
+    if _L2_FLUSH is None:
+        _L2_FLUSH = torch.empty(256 << 20, dtype=torch.int8, device=DEVICE)
+    _L2_FLUSH.zero_()
+
+
+def _event_seconds(fn: Callable[[], object]) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    _l2_flush()
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3
+
+
+def measure(fn: Callable[[], object], *, warmup: int = 2, reps: int = 10) -> list[float]:
+    """Seconds of each of ``reps`` calls of ``fn``, after ``warmup`` untimed calls.
+
+    GPU: CUDA events around each call, L2 flushed before each; when a call is cheap (from the
+    last warmup call) it gets more reps, up to ``GPU_REP_BUDGET_S`` of calls. CPU: perf_counter.
+    """
+    if ON_GPU:
+        torch.cuda.synchronize()
+        for _ in range(warmup - 1):
+            fn()
+        if warmup > 0:
+            estimate = _event_seconds(fn)
+            reps = max(reps, min(MAX_GPU_REPS, int(GPU_REP_BUDGET_S / max(estimate, 1e-7))))
+        events = [
+            (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            for _ in range(reps)
+        ]
+        for start, end in events:
+            _l2_flush()
+            start.record()
+            fn()
+            end.record()
+        torch.cuda.synchronize()
+        return [start.elapsed_time(end) / 1e3 for start, end in events]
     for _ in range(warmup):
         fn()
     times = []
@@ -56,7 +105,45 @@ def median_time(fn: Callable[[], object], *, warmup: int = 2, reps: int = 10) ->
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return times
+
+
+def median_time(fn: Callable[[], object], *, warmup: int = 2, reps: int = 10) -> float:
+    """Median seconds per call of ``fn`` (``measure``): for baselines."""
+    return statistics.median(measure(fn, warmup=warmup, reps=reps))
+
+
+def time_op(benchmark, fn: Callable[[], object], *, warmup: int = 2, reps: int = 10) -> float:
+    """Time the op under test, once: ``measure``'s samples become this test's pytest-benchmark
+    stats (one round per sample, as ``benchmark.pedantic`` would record them, but with the
+    device timer on a GPU) and their median is returned, for ``record``.
+
+    Set ``benchmark.group`` before calling: pytest-benchmark copies it here.
+    """
+    samples = measure(fn, warmup=warmup, reps=reps)
+    if not benchmark.disabled:
+        # pytest-benchmark (5.x) has no public call that takes measured times: fill the stats
+        # that benchmark.pedantic would have filled, and mark the fixture as used.
+        benchmark._mode = "conftest.time_op(...)"
+        stats = benchmark._make_stats(1)
+        stats.options["timer"] = "cuda_events_cold_l2" if ON_GPU else "perf_counter"
+        stats.options["warmup"] = warmup
+        for seconds in samples:
+            stats.update(seconds)
+    return statistics.median(samples)
+
+
+def try_median_time(name: str, fn: Callable[[], object], info: dict, **kwargs) -> float | None:
+    """``median_time`` of a baseline, or ``None`` when it cannot run here: the error is noted
+    in ``info["baseline_error"][name]`` (for ``record``) so that the op's own figures are
+    kept and only the ratios to this baseline are left out."""
+    try:
+        return median_time(fn, **kwargs)
+    except Exception as exc:  # any failure of a baseline: cuBLAS refusing a layout, OOM, ...
+        message = f"{type(exc).__name__}: {exc}"[:300]
+        info.setdefault("baseline_error", {})[name] = message
+        warnings.warn(f"baseline {name} could not run: {message}", RuntimeWarning, stacklevel=2)
+        return None
 
 
 _RECORDED: list[tuple[str, dict]] = []

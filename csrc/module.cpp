@@ -6,4 +6,12 @@
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "spikekernels C++/CUDA ops; use them through torch.ops.spikekernels";
+  // Whether this build compiled the CUDA kernels (csrc/cuda/*.cu): setup.py defines
+  // SPIKEKERNELS_WITH_CUDA exactly when it adds them. The one source for that fact
+  // (spikekernels.info, bench/device_check.sh).
+#ifdef SPIKEKERNELS_WITH_CUDA
+  m.attr("with_cuda") = pybind11::bool_(true);
+#else
+  m.attr("with_cuda") = pybind11::bool_(false);
+#endif
 }

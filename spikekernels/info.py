@@ -26,13 +26,11 @@ def report() -> str:
     else:
         lines.append("triton: not installed (CUDA ops fall back to PyTorch)")
     if EXTENSION_ERROR is None:
-        # Where the CUDA kernel of Spike-Softmax was registered: the .cu when the extension was
-        # built with CUDA, else the Python fallback of spikekernels/ops/softmax.py.
-        dump = torch._C._dispatch_dump("spikekernels::spike_softmax")
-        cuda_ops = any(
-            line.startswith("CUDA:") and "spike_softmax.cu" in line for line in dump.splitlines()
-        )
-        lines.append(f"extension spikekernels._C: loaded (CUDA kernels: {cuda_ops})")
+        from spikekernels import _C
+
+        # Set at build time: whether setup.py compiled csrc/cuda/*.cu into this extension.
+        cuda = getattr(_C, "with_cuda", "unknown: built before _C.with_cuda, rebuild")
+        lines.append(f"extension spikekernels._C: loaded (CUDA kernels: {cuda})")
     else:
         lines.append(f"extension spikekernels._C: NOT loaded ({EXTENSION_ERROR})")
     return "\n".join(lines)
