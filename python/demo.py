@@ -59,20 +59,12 @@ def _sync(device: torch.device) -> None:
 def load_digits_tensors(test_fraction: float = 0.2, seed: int = SEED):
     """Digits as ``[N, 1, 8, 8]`` float32 (standardised) and int64 labels, split stratified.
 
-    Returns ``(x_train, y_train, x_test, y_test)``: 1437 training and 360 test images.
+    Returns ``(x_train, y_train, x_test, y_test)``: 1437 training and 360 test images, the
+    split that ``python -m spikekernels.evaluate --data digits`` evaluates.
     """
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
+    from spikekernels.evaluate.data import digits_split
 
-    digits = load_digits()
-    x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    y = torch.tensor(digits.target, dtype=torch.int64)
-    idx_train, idx_test = train_test_split(
-        torch.arange(len(y)).numpy(), test_size=test_fraction, random_state=seed, stratify=y
-    )
-    x_train, x_test = x[idx_train], x[idx_test]
-    mean, std = x_train.mean(), x_train.std()
-    return (x_train - mean) / std, y[idx_train], (x_test - mean) / std, y[idx_test]
+    return digits_split(test_fraction, seed)
 
 
 def _shift(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:

@@ -38,12 +38,12 @@ from spikekernels.models.spiking_vit import (
 )
 from spikekernels.nn.attention import SpikeAttention
 from spikekernels.nn.conversion import neuron_from_quantizer, target_neuron_from_quantizers
-from spikekernels.nn.exact_attention import ExactAttention
+from spikekernels.nn.exact_attention import ExactAttention, ExactAttentionProbs, ExactContext
 from spikekernels.nn.exact_layers import (
     ExactLayerNorm,
+    ExactLayerNormNeuron,
     ExactLinear,
     ExactLinearNeuron,
-    ExactSoftmax,
 )
 from spikekernels.nn.layernorm import SpikeLayerNorm
 from spikekernels.nn.linear import SpikeLinear
@@ -316,6 +316,13 @@ def _exact_linear(linear: QuantLinear, source: TargetNeuron, neuron: TargetNeuro
     return ExactLinearNeuron(w_int, ws, linear.bias, source.threshold, neuron)
 
 
+def _exact_norm(
+    ln: nn.LayerNorm, neuron: TargetNeuron, constant: torch.Tensor, *, pool: bool = False
+) -> ExactLayerNormNeuron:
+    """The QANN's LayerNorm fused with the neuron of the quantizer after it."""
+    return ExactLayerNormNeuron(ExactLayerNorm.from_layernorm(ln), neuron, constant, pool=pool)
+
+
 def _convert_exact(qann: nn.Module, c: _Walker) -> SpikingViT:
     conv, cls_token, pos_embed = _stem(c)
     constant = residual_constant(cls_token, pos_embed)
@@ -340,39 +347,29 @@ def _convert_exact(qann: nn.Module, c: _Walker) -> SpikingViT:
         attn_q = c.quantizer(f"{p}.attn.attn_quan", signed=False)
         after_q = c.quantizer(f"{p}.attn.after_attn_quan", signed=True)
         proj_q = c.quantizer(f"{p}.attn.quan_proj", signed=True)
-        norm1_if = target_neuron_from_quantizers([norm1_q])
-        qkv_if = _exact_linear(qkv, norm1_if, target_neuron_from_quantizers(qkv_q, (dim,) * 3))
-        attn_if = target_neuron_from_quantizers([attn_q])
-        after_if = target_neuron_from_quantizers([after_q])
-        proj_if = _exact_linear(proj, after_if, target_neuron_from_quantizers([proj_q]))
-        gain = exact_math.score_gain(qkv_q[0].s.detach(), qkv_q[1].s.detach(), dh)
-        attn = ExactAttention(
-            qkv_if,
-            ExactSoftmax(gain),
-            attn_if,
-            after_if,
-            proj_if,
-            num_heads=h,
-            theta_v=qkv_q[2].s.detach(),
+        norm1_if = _exact_norm(
+            c.get(f"{p}.norm1.0", nn.LayerNorm), target_neuron_from_quantizers([norm1_q]), constant
         )
-        norm2_if = c.target_neuron(f"{p}.norm2.1", signed=True)
+        qkv_if = _exact_linear(qkv, norm1_if, target_neuron_from_quantizers(qkv_q, (dim,) * 3))
+        gain = exact_math.score_gain(qkv_q[0].s.detach(), qkv_q[1].s.detach(), dh)
+        attn_if = ExactAttentionProbs(target_neuron_from_quantizers([attn_q]), gain)
+        after_if = ExactContext(
+            target_neuron_from_quantizers([after_q]), attn_if.threshold, qkv_q[2].s.detach()
+        )
+        proj_if = _exact_linear(proj, after_if, target_neuron_from_quantizers([proj_q]))
+        attn = ExactAttention(qkv_if, attn_if, after_if, proj_if, num_heads=h)
+        norm2_if = _exact_norm(
+            c.get(f"{p}.norm2.0", nn.LayerNorm),
+            c.target_neuron(f"{p}.norm2.1", signed=True),
+            constant,
+        )
         c.check_relu_identity(f"{p}.mlp.act")
         fc1 = c.get(f"{p}.mlp.fc1", QuantLinear)
         fc2 = c.get(f"{p}.mlp.fc2.0", QuantLinear)
         act_if = _exact_linear(fc1, norm2_if, c.target_neuron(f"{p}.mlp.act.0", signed=False))
         fc2_if = _exact_linear(fc2, act_if, c.target_neuron(f"{p}.mlp.fc2.1", signed=True))
         mlp = ExactMlp(act_if, fc2_if)
-        blocks.append(
-            ExactBlock(
-                ExactLayerNorm.from_layernorm(c.get(f"{p}.norm1.0", nn.LayerNorm)),
-                norm1_if,
-                attn,
-                ExactLayerNorm.from_layernorm(c.get(f"{p}.norm2.0", nn.LayerNorm)),
-                norm2_if,
-                mlp,
-                constant,
-            )
-        )
+        blocks.append(ExactBlock(norm1_if, attn, norm2_if, mlp))
         residual_steps += [proj_if.threshold, fc2_if.threshold]
         n = pos_embed.shape[1]
         norm1_if.fanout = 3 * dim
@@ -400,18 +397,20 @@ def _convert_exact(qann: nn.Module, c: _Walker) -> SpikingViT:
         ]
 
     final, global_pool = _final_norm_path(qann)
-    norm_if = c.target_neuron(f"{final}.1", signed=True)
-    norm = ExactLayerNorm.from_layernorm(c.get(f"{final}.0", nn.LayerNorm))
     head = c.get("head", QuantLinear)
+    norm_if = _exact_norm(
+        c.get(f"{final}.0", nn.LayerNorm),
+        c.target_neuron(f"{final}.1", signed=True),
+        constant if global_pool else constant[:, 0],
+        pool=global_pool,
+    )
     norm_if.fanout = head.out_features
     sites.append(NeuronSite(f"{final}.1", norm_if, _same))
-    readout = ExactReadout(
-        norm, norm_if, _exact_linear(head, norm_if), constant, global_pool
-    )
+    readout = ExactReadout(norm_if, _exact_linear(head, norm_if), global_pool)
     c.check_all_used()
     _check_residual_steps(torch.stack([s.reshape(()) for s in residual_steps]))
     return SpikingViT(
-        ExactPatchEmbed(conv, patch_if, constant),
+        ExactPatchEmbed(conv, patch_if),
         blocks,
         readout,
         exact=True,

@@ -5,8 +5,9 @@ exact SNN compute every float value a quantizer or a target-driven neuron reads 
 functions below, so the bits agree:
 
 - integer parts are exact (int32 state, or float64 products of small integers);
-- every float operation is one PyTorch elementwise op: one IEEE rounding (``+ - * /``,
-  ``sqrt``, ``floor`` are correctly rounded on every device), never a fused multiply-add
+- every float operation is one PyTorch elementwise op: one IEEE rounding (``+ - * /`` and
+  ``floor`` are correctly rounded on every device; ``sqrt`` is made so by ``sqrt_rn``), never
+  a fused multiply-add
   (eager PyTorch launches ``mul`` and ``add`` separately);
 - reductions are ``tree_sum``: halving additions whose order depends on the row length
   alone, and ``exp`` is ``exp_rows``'s polynomial of such operations. So LayerNorm and softmax
@@ -34,6 +35,7 @@ __all__ = [
     "score_gain",
     "score_value",
     "softmax_rows",
+    "sqrt_rn",
     "target",
     "tree_sum",
 ]
@@ -152,17 +154,34 @@ def pool_patch_tokens(c: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     return (tree_sum(patches, dim=-2).squeeze(-2) / patches.shape[-2]).to(torch.float32)
 
 
+def sqrt_rn(v: torch.Tensor) -> torch.Tensor:
+    """float32 ``sqrt``, correctly rounded on every device (SPEC.md §9.2 asks for one IEEE
+    rounding). ``torch.sqrt`` need not be: CPU builds of torch 2.13 (MKL) are an ulp off for
+    about one float32 in five. So the float64 root, rounded to float32, is corrected against
+    its two neighbouring float32 midpoints, whose squares are exact in float64 (at most 50
+    significant bits); a root is never exactly a midpoint."""
+    v = v.to(torch.float32)
+    s = torch.sqrt(v.to(torch.float64)).to(torch.float32)
+    v64 = v.to(torch.float64)
+    for direction in (float("inf"), float("-inf")):
+        other = torch.nextafter(s, torch.full_like(s, direction))
+        mid = (s.to(torch.float64) + other.to(torch.float64)) / 2
+        beyond = mid * mid < v64 if direction > 0 else (mid > 0) & (mid * mid > v64)
+        s = torch.where(beyond, other, s)
+    return s
+
+
 def layer_norm_rows(
     x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
 ) -> torch.Tensor:
     """LayerNorm over the last dim in float32: ``mean = tree_sum(x) / C``,
-    ``var = tree_sum((x - mean)^2) / C``, ``y = (x - mean) / sqrt(var + eps) * w + b``, one
-    rounding per operation (the row function of exact mode)."""
+    ``var = tree_sum((x - mean)^2) / C``, ``y = (x - mean) / sqrt_rn(var + eps) * w + b``,
+    one rounding per operation (the row function of exact mode)."""
     x = x.to(torch.float32)
     c = x.shape[-1]
     xc = x - tree_sum(x) / c
     var = tree_sum(xc * xc) / c
-    y = xc / torch.sqrt(var + eps)
+    y = xc / sqrt_rn(var + eps)
     if weight is not None:
         y = y * weight.to(torch.float32)
     if bias is not None:

@@ -28,6 +28,8 @@ __all__ = [
     "target_spikes_step",
     "target_spikes",
     "exact_linear",
+    "exact_layer_norm_rows",
+    "exact_layernorm_neuron",
 ]
 
 
@@ -297,3 +299,182 @@ def exact_linear(
         sigma, c = target_spikes_step(y, threshold, n_min, p_max, c)
         spikes.append(sigma)
     return torch.stack(spikes), acc, c
+
+
+def _tree_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum over the last dim (kept) in exact mode's fixed order: pad with zeros to a power of
+    two, then add the upper half to the lower half until one element is left."""
+    width = 1
+    while width < x.shape[-1]:
+        width *= 2
+    x = F.pad(x, (0, width - x.shape[-1]))
+    while x.shape[-1] > 1:
+        half = x.shape[-1] // 2
+        x = x[..., :half] + x[..., half:]
+    return x
+
+
+def _sqrt_rn(v: torch.Tensor) -> torch.Tensor:
+    """float32 ``sqrt``, correctly rounded on every device. ``torch.sqrt`` need not be (CPU
+    builds of torch 2.13 are an ulp off for about one float32 in five), so its float64 root,
+    rounded, is corrected against the neighbouring float32 midpoints, whose squares are exact
+    in float64 (at most 50 significant bits); a root is never a midpoint itself."""
+    s = torch.sqrt(v.to(torch.float64)).to(torch.float32)
+    v64 = v.to(torch.float64)
+    for direction in (float("inf"), float("-inf")):
+        other = torch.nextafter(s, torch.full_like(s, direction))
+        mid = (s.to(torch.float64) + other.to(torch.float64)) / 2
+        beyond = mid * mid < v64 if direction > 0 else (mid > 0) & (mid * mid > v64)
+        s = torch.where(beyond, other, s)
+    return s
+
+
+def exact_layer_norm_rows(
+    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
+) -> torch.Tensor:
+    """Exact mode's LayerNorm row function over the last dim of float32 ``x`` (SPEC.md §9.2),
+    one correctly rounded float32 operation at a time: ``mean = tree_sum(x) / C``,
+    ``xc = x - mean``, ``var = tree_sum(xc * xc) / C``, ``y = xc / sqrt(var + fl32(eps))``,
+    then ``y * w``, then ``+ b``."""
+    x = x.to(torch.float32)
+    channels = x.shape[-1]
+    xc = x - _tree_sum(x) / channels
+    var = _tree_sum(xc * xc) / channels
+    y = xc / _sqrt_rn(var + torch.tensor(eps, dtype=torch.float32, device=x.device))
+    if weight is not None:
+        y = y * weight.to(torch.float32)
+    if bias is not None:
+        y = y + bias.to(torch.float32)
+    return y
+
+
+def exact_layernorm_neuron(
+    d: torch.Tensor,
+    c: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    threshold: torch.Tensor,
+    n_min: int,
+    p_max: int,
+    count: torch.Tensor | None = None,
+    pool: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact mode's residual read, LayerNorm row function and target-driven neuron (SPEC.md
+    §9.2-§9.4), step by step.
+
+    ``d`` ``[T, *rows, C]`` float64 (the residual stream's spike-driven part ``D_t``), ``c``
+    float64 broadcastable to one step. Per step: ``r = c + D_t`` (float64); the row is
+    ``x = fl32(r)``, or with ``pool`` ``fl32(tree_sum(r[..., 1:, :] over tokens) / N)`` (the
+    float64 mean of the N patch tokens); ``y = exact_layer_norm_rows(x, weight, bias, eps)``;
+    then ``target_spikes_step(y, threshold, ...)``. Fresh ``count`` 0 (int8).
+    Returns ``(spikes int8 [T, *rows, C], count)``.
+    """
+    state = None if count is None else count.clone()
+    spikes = []
+    for t in range(d.shape[0]):
+        r = c + d[t]
+        if pool:
+            patches = r[..., 1:, :].movedim(-2, -1)
+            x = (_tree_sum(patches)[..., 0] / patches.shape[-1]).to(torch.float32)
+        else:
+            x = r.to(torch.float32)
+        y = exact_layer_norm_rows(x, weight, bias, eps)
+        if state is None:
+            state = torch.zeros(y.shape, dtype=torch.int8, device=d.device)
+        sigma, state = target_spikes_step(y, threshold, n_min, p_max, state)
+        spikes.append(sigma)
+    return torch.stack(spikes), state
+
+
+def _state_or_zeros(state, shape, dtype, device) -> torch.Tensor:
+    """Incoming state as a fresh ``dtype`` tensor (never an alias), or zeros when None."""
+    if state is None:
+        return torch.zeros(shape, dtype=dtype, device=device)
+    return state.to(dtype=dtype, copy=True)
+
+
+def _running_product_step(a_t, b_t, a_cnt, b_cnt, product):
+    """One step of the running product of the counts (SPEC.md §5, §9.4): ``B += b_t``;
+    ``S += a_t @ B + A @ b_t``; ``A += a_t``. Counts int32, ``S`` int64 (exact)."""
+    b_cnt = b_cnt + b_t.to(torch.int32)
+    product = product + _exact_matmul(a_t, b_cnt) + _exact_matmul(a_cnt, b_t)
+    return a_cnt + a_t.to(torch.int32), b_cnt, product
+
+
+def exact_attention_probs(
+    q: torch.Tensor,
+    k_t: torch.Tensor,
+    gain: torch.Tensor,
+    threshold: torch.Tensor,
+    n_min: int,
+    p_max: int,
+    q_acc: torch.Tensor | None = None,
+    k_acc: torch.Tensor | None = None,
+    scores: torch.Tensor | None = None,
+    count: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Exact-mode attention probabilities (SPEC.md §5, §9.2-§9.4), step by step.
+
+    ``q`` ``[T, *, M, D]`` and ``k_t`` ``[T, *, D, N]`` ternary. Per step:
+    ``S += q_t @ K_t + Q_{t-1} @ k_t`` (exact); ``p = softmax_rows(fl32(g * fl32(S)))``;
+    ``target_spikes_step(p, threshold, ...)``. The softmax is exact mode's row function,
+    ``spikekernels.exact_math.softmax_rows``: SPEC.md §9.2 defines the probabilities as that
+    code's bits (the QANN calls it too), so the oracle calls it rather than restating it.
+    Fresh counts and ``S`` are 0. Returns ``(spikes int8 [T, *, M, N], q_acc int8,
+    k_acc int8, scores int32, count int8)``.
+    """
+    from spikekernels.exact_math import softmax_rows
+
+    shape = (*q.shape[1:-1], k_t.shape[-1])
+    q_cnt = _state_or_zeros(q_acc, q.shape[1:], torch.int32, q.device)
+    k_cnt = _state_or_zeros(k_acc, k_t.shape[1:], torch.int32, q.device)
+    s = _state_or_zeros(scores, shape, torch.int64, q.device)
+    c = _state_or_zeros(count, shape, torch.int8, q.device)
+    g = gain.to(torch.float32).reshape(())
+    spikes = []
+    for t in range(q.shape[0]):
+        q_cnt, k_cnt, s = _running_product_step(q[t], k_t[t], q_cnt, k_cnt, s)
+        z = g * s.to(torch.int32).to(torch.float32)
+        p = softmax_rows(z) if z.numel() else z
+        sigma, c = target_spikes_step(p, threshold, n_min, p_max, c)
+        spikes.append(sigma)
+    return torch.stack(spikes), q_cnt.to(torch.int8), k_cnt.to(torch.int8), s.to(torch.int32), c
+
+
+def exact_context(
+    a: torch.Tensor,
+    v: torch.Tensor,
+    theta_a: torch.Tensor,
+    theta_v: torch.Tensor,
+    threshold: torch.Tensor,
+    n_min: int,
+    p_max: int,
+    a_acc: torch.Tensor | None = None,
+    v_acc: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    count: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Exact-mode attention context (SPEC.md §5, §9.2-§9.4), step by step.
+
+    ``a`` ``[T, *, M, N]`` and ``v`` ``[T, *, N, D]`` ternary. Per step:
+    ``Z += a_t @ V_t + A_{t-1} @ v_t`` (exact); ``y = fl32(fl32(theta_a * theta_v) *
+    fl32(Z))``; ``target_spikes_step(y, threshold, ...)``. Fresh counts and ``Z`` are 0.
+    Returns ``(spikes int8 [T, *, M, D], a_acc int8, v_acc int8, z int32, count int8)``.
+    """
+    shape = (*a.shape[1:-1], v.shape[-1])
+    a_cnt = _state_or_zeros(a_acc, a.shape[1:], torch.int32, a.device)
+    v_cnt = _state_or_zeros(v_acc, v.shape[1:], torch.int32, a.device)
+    zz = _state_or_zeros(z, shape, torch.int64, a.device)
+    c = _state_or_zeros(count, shape, torch.int8, a.device)
+    m = theta_a.to(torch.float32).reshape(()) * theta_v.to(torch.float32).reshape(())
+    spikes = []
+    for t in range(a.shape[0]):
+        a_cnt, v_cnt, zz = _running_product_step(a[t], v[t], a_cnt, v_cnt, zz)
+        y = m * zz.to(torch.int32).to(torch.float32)
+        sigma, c = target_spikes_step(y, threshold, n_min, p_max, c)
+        spikes.append(sigma)
+    return torch.stack(spikes), a_cnt.to(torch.int8), v_cnt.to(torch.int8), zz.to(torch.int32), c
+
+
+__all__ += ["exact_attention_probs", "exact_context"]

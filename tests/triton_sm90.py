@@ -436,6 +436,192 @@ def exact_linear_cases() -> list[Case]:
     return cases
 
 
+def exact_layernorm_cases() -> list[Case]:
+    from spikekernels.kernels import exact_layernorm as eln
+
+    cases = []
+    # ViT-S/B/L widths with the residual's constant part and count, the readout's pooled
+    # float32 rows without them, and a width that is not a power of two
+    for c, has_c, state in [(384, True, True), (768, True, False), (1024, True, True),
+                            (100, False, False)]:  # fmt: skip
+        block_c, rows, num_warps = eln.launch_config(c)
+        signature = {
+            "d_ptr": "*fp64" if has_c else "*fp32",
+            "c_ptr": "*fp64",
+            "w_ptr": "*fp32",
+            "b_ptr": "*fp32",
+            "theta_ptr": "*fp32",
+            "count_in_ptr": "*i8",
+            "out_ptr": "*i8",
+            "count_out_ptr": "*i8",
+            "T": "i32",
+            "R": "i32",
+            "C": "i32",
+            "RC": "i32",
+            "eps": "fp32",
+            "n_min": "i32",
+            "p_max": "i32",
+        }
+        constexprs = dict(
+            HAS_C=has_c,
+            HAS_WEIGHT=True,
+            HAS_BIAS=True,
+            HAS_COUNT=state,
+            PER_CHANNEL=not state,
+            ROWS=rows,
+            BLOCK_C=block_c,
+            LOG2_C=block_c.bit_length() - 1,
+        )
+        cases.append(
+            Case(
+                f"exact_layernorm_neuron C={c} residual={has_c} count={state}",
+                eln.exact_layernorm_neuron_kernel,
+                signature,
+                constexprs,
+                num_warps=num_warps,
+                aligned=["R", "RC"] + (["C"] if c % 16 == 0 else []),
+                # SPEC.md §9.2: the LayerNorm's divisions and root correctly rounded, no
+                # flush to zero, and no multiply contracted into an add
+                ptx_must_contain=["div.rn.f32", "sqrt.rn.f32"],
+                ptx_must_not_contain=["div.full.f32", "div.approx", "div.rn.ftz", "sqrt.approx"],
+                no_contracted_fma=True,
+            )
+        )
+    # Triton specialises integer arguments equal to 1 into constants: C == 1 (LOG2_C = 0, no
+    # tree level), one row, one constant row
+    block_c, rows, num_warps = eln.launch_config(1)
+    signature = {
+        name: ty for name, ty in cases[0].signature.items() if name not in ("R", "C", "RC")
+    }
+    cases.append(
+        Case(
+            "exact_layernorm_neuron C=1 R=1",
+            eln.exact_layernorm_neuron_kernel,
+            signature,
+            dict(cases[0].constexprs, R=1, C=1, RC=1, ROWS=rows, BLOCK_C=1, LOG2_C=0),
+            num_warps=num_warps,
+            ptx_must_not_contain=["div.full.f32", "div.approx", "div.rn.ftz", "sqrt.approx"],
+            no_contracted_fma=True,
+        )
+    )
+    # the row function alone (values out), as a QANN on the GPU would run it
+    block_c, rows, num_warps = eln.launch_config(384)
+    signature = {"x_ptr": "*fp32", "w_ptr": "*fp32", "b_ptr": "*fp32", "y_ptr": "*fp32"}
+    signature |= {"R": "i32", "C": "i32", "eps": "fp32"}
+    cases.append(
+        Case(
+            "exact layer_norm_rows C=384",
+            eln.layer_norm_rows_kernel,
+            signature,
+            dict(HAS_WEIGHT=True, HAS_BIAS=True, ROWS=rows, BLOCK_C=block_c, LOG2_C=9),
+            num_warps=num_warps,
+            aligned=["R", "C"],
+            ptx_must_contain=["div.rn.f32", "sqrt.rn.f32"],
+            ptx_must_not_contain=["div.full.f32", "div.approx", "div.rn.ftz", "sqrt.approx"],
+            no_contracted_fma=True,
+        )
+    )
+    return cases
+
+
+def exact_attention_cases() -> list[Case]:
+    from spikekernels.kernels import exact_attention as ea
+
+    checks = dict(
+        # int8 tensor cores (exact int32 sums); the softmax's and the neuron's divisions
+        # correctly rounded without flush to zero; no multiply contracted into an add, and no
+        # plain mul.f32 that ptxas could still contract (every product is fma(a, b, +0.0))
+        ptx_must_contain=["mma", ".s32.s8.s8", "div.rn.f32"],
+        ptx_must_not_contain=["div.full.f32", "div.approx", "div.rn.ftz", "mul.f32"],
+        no_contracted_fma=True,
+    )
+    cases = []
+    # ViT: 197 tokens (BLOCK_N 256), head dim 64. Keys as attention hands them over: the
+    # contiguous [D, N] copy of a head-split view (stride_kn = 1), or a plain transposed
+    # view k^T of [N, D] keys (stride_kd = 1); Triton specialises a stride of 1 as a launch
+    # does. Spike strides are multiples of 16 where the head dim makes them so.
+    block_m, block_n, block_d, num_warps = ea.probs_config(197)
+    for unit_stride, state in [("stride_kn", False), ("stride_kd", True)]:
+        strides = ["stride_qt", "stride_qb", "stride_qm", "stride_kt", "stride_kb"]
+        strides += [k for k in ("stride_kd", "stride_kn") if k != unit_stride]
+        signature = {
+            "q_ptr": "*i8",
+            "k_ptr": "*i8",
+            "q_prev_ptr": "*i8",
+            "k_cur_ptr": "*i8",
+            "gain_ptr": "*fp32",
+            "theta_ptr": "*fp32",
+            "s_in_ptr": "*i32",
+            "count_in_ptr": "*i8",
+            "out_ptr": "*i8",
+            "s_out_ptr": "*i32",
+            "count_out_ptr": "*i8",
+        }
+        signature |= {name: "i32" for name in ["T", "M", "N", "D", *strides, "n_min", "p_max"]}
+        constexprs = dict(
+            stride_qd=1,
+            HAS_S_IN=state,
+            HAS_COUNT=state,
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+            BLOCK_D=block_d,
+            LOG2_N=block_n.bit_length() - 1,
+        )
+        constexprs[unit_stride] = 1
+        cases.append(
+            Case(
+                f"exact_attention_probs N=197 D=64 {unit_stride}=1 state={state}",
+                ea.exact_attention_probs_kernel,
+                signature,
+                constexprs,
+                num_warps=num_warps,
+                aligned=["D", "stride_qt", "stride_qb", "stride_qm", "stride_kt", "stride_kb"]
+                + (["stride_kn"] if unit_stride == "stride_kd" else []),
+                **checks,
+            )
+        )
+    # the context: attention spikes [M, N] and values [N, D] contiguous, as they arrive
+    block_m, block_k, block_d, num_warps = ea.context_config(64)
+    signature = {
+        "a_ptr": "*i8",
+        "v_ptr": "*i8",
+        "a_prev_ptr": "*i8",
+        "v_cur_ptr": "*i8",
+        "theta_a_ptr": "*fp32",
+        "theta_v_ptr": "*fp32",
+        "theta_ptr": "*fp32",
+        "z_in_ptr": "*i32",
+        "count_in_ptr": "*i8",
+        "out_ptr": "*i8",
+        "z_out_ptr": "*i32",
+        "count_out_ptr": "*i8",
+    }
+    strides = ["stride_at", "stride_ab", "stride_am", "stride_vt", "stride_vb", "stride_vn"]
+    signature |= {name: "i32" for name in ["T", "M", "N", "D", *strides, "n_min", "p_max"]}
+    for state in (False, True):
+        constexprs = dict(
+            stride_an=1,
+            stride_vd=1,
+            HAS_Z_IN=state,
+            HAS_COUNT=state,
+            BLOCK_M=block_m,
+            BLOCK_K=block_k,
+            BLOCK_D=block_d,
+        )
+        cases.append(
+            Case(
+                f"exact_context N=197 D=64 state={state}",
+                ea.exact_context_kernel,
+                signature,
+                constexprs,
+                num_warps=num_warps,
+                aligned=["D", "stride_vt", "stride_vb", "stride_vn"],
+                **checks,
+            )
+        )
+    return cases
+
+
 CASE_FACTORIES = [
     neuron_cases,
     spike_linear_cases,
@@ -443,6 +629,8 @@ CASE_FACTORIES = [
     spike_matmul_cases,
     target_cases,
     exact_linear_cases,
+    exact_layernorm_cases,
+    exact_attention_cases,
 ]
 
 

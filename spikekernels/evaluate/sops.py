@@ -78,7 +78,14 @@ ENERGY_TABLES = {
 # divide = 5; LayerNorm: mean, subtract, square-sum, normalise, affine = 5) plus 2 for the
 # spiking form (float: add the increment to X, subtract Y_prev; exact: form the value from
 # the integer state, scale it).
-SNN_DENSE_OPS = {"SpikeSoftmax": 7, "SpikeLayerNorm": 7, "ExactSoftmax": 7, "ExactLayerNorm": 7}
+SNN_DENSE_OPS = {
+    "SpikeSoftmax": 7,
+    "SpikeLayerNorm": 7,
+    "ExactSoftmax": 7,
+    "ExactLayerNorm": 7,
+    "ExactLayerNormNeuron": 7,
+    "ExactAttentionProbs": 7,
+}
 QANN_DENSE_OPS = {"softmax": 5, "layernorm": 5}
 NEURON_CLASSES = ("STBIF", "TargetNeuron")
 
@@ -207,7 +214,7 @@ class SpikeCounter:
                 self.neuron_elements[name] = 0
                 self._offsets.append(0)
                 self._handles.append(m.register_forward_hook(self._neuron_hook(index, name)))
-            elif kind := _kind(m, SNN_DENSE_OPS):
+            if kind := _kind(m, SNN_DENSE_OPS):  # a fused norm + neuron is both
                 self.dense_ops[name] = SNN_DENSE_OPS[kind]
                 self.dense_elements[name] = 0
                 self._handles.append(m.register_forward_hook(self._dense_hook(name)))
@@ -250,8 +257,9 @@ class SpikeCounter:
     def _dense_hook(self, name: str):
         def hook(module, inputs, output):
             if self.enabled and not self.dense_elements[name]:
-                x = inputs[0]
-                self.dense_elements[name] = x[0, 0].numel()  # [T, B, ...]: one sample, one step
+                # [T, B, ...]: one sample, one step. The output has the rows the work is done
+                # on (a fused scores + softmax + neuron reads q and k but normalises N x N).
+                self.dense_elements[name] = output[0, 0].numel()
 
         return hook
 

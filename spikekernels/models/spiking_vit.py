@@ -34,9 +34,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from spikekernels import exact_math
 from spikekernels.nn.exact_attention import ExactAttention
-from spikekernels.nn.exact_layers import ExactLayerNorm, ExactLinear, ExactLinearNeuron
+from spikekernels.nn.exact_layers import ExactLayerNormNeuron, ExactLinear, ExactLinearNeuron
 from spikekernels.nn.neuron import STBIF
 from spikekernels.nn.target_neuron import TargetNeuron, running_counts
 from spikekernels.ops._dispatch import force_backend
@@ -185,13 +184,12 @@ class ExactPatchEmbed(nn.Module):
     """Patch embedding of exact mode: the conv output (computed once) is the patch neuron's
     value at every step; returns the residual stream's spike-driven part
     ``D = fl64(theta) * count`` ``[T, B, 1 + N, D]`` float64 (zero on the class-token row).
-    The constant part (class token, positions) is ``residual_constant``."""
+    The constant part (class token, positions) is added where the stream is read."""
 
-    def __init__(self, conv: nn.Conv2d, neuron: TargetNeuron, constant: torch.Tensor) -> None:
+    def __init__(self, conv: nn.Conv2d, neuron: TargetNeuron) -> None:
         super().__init__()
         self.proj = conv
         self.neuron = neuron
-        self.register_buffer("residual_constant", constant)
         self.register_buffer("theta", neuron.threshold.to(torch.float64).reshape(()))
 
     def first_step(self, img: torch.Tensor) -> torch.Tensor:
@@ -225,23 +223,19 @@ class ExactMlp(nn.Module):
 
 class ExactBlock(nn.Module):
     """A Transformer block of exact mode on the residual stream's spike-driven part ``D``
-    ``[T, B, N, C]`` float64: each LayerNorm reads ``fl32(c + D)`` and each branch adds
-    ``fl64(theta) * count`` of its last neuron to ``D`` (exact in float64)."""
+    ``[T, B, N, C]`` float64: ``norm1``/``norm2`` read ``fl32(c + D)`` and fire (fused
+    LayerNorm + neuron), and each branch adds ``fl64(theta) * count`` of its last neuron to
+    ``D`` (exact in float64)."""
 
     def __init__(
         self,
-        norm1: ExactLayerNorm,
-        norm1_if: TargetNeuron,
+        norm1: ExactLayerNormNeuron,
         attn: ExactAttention,
-        norm2: ExactLayerNorm,
-        norm2_if: TargetNeuron,
+        norm2: ExactLayerNormNeuron,
         mlp: ExactMlp,
-        constant: torch.Tensor,
     ) -> None:
         super().__init__()
-        self.norm1, self.norm1_if, self.attn = norm1, norm1_if, attn
-        self.norm2, self.norm2_if, self.mlp = norm2, norm2_if, mlp
-        self.register_buffer("residual_constant", constant)
+        self.norm1, self.attn, self.norm2, self.mlp = norm1, attn, norm2, mlp
 
     def reset(self) -> None:
         for m in self.children():
@@ -255,28 +249,18 @@ class ExactBlock(nn.Module):
         return theta * running_counts(spikes, before).to(torch.float64)
 
     def forward(self, d: torch.Tensor) -> torch.Tensor:
-        c = self.residual_constant
-        s1 = self.norm1_if(self.norm1(exact_math.residual_read(c, d)))
-        d = d + self._branch(self.attn, self.attn.proj, s1)
-        s2 = self.norm2_if(self.norm2(exact_math.residual_read(c, d)))
-        return d + self._branch(self.mlp, self.mlp.fc2, s2)
+        d = d + self._branch(self.attn, self.attn.proj, self.norm1(d))
+        return d + self._branch(self.mlp, self.mlp.fc2, self.norm2(d))
 
 
 class ExactReadout(nn.Module):
-    """Final LayerNorm + signed neuron on the class token (or the float64 mean of the patch
-    tokens with ``global_pool``), then the head's current value: ``[T, B, classes]``."""
+    """The final LayerNorm + signed neuron (fused) on the class token, or on the float64 mean
+    of the patch tokens with ``global_pool``, then the head's current value:
+    ``[T, B, classes]``."""
 
-    def __init__(
-        self,
-        norm: ExactLayerNorm,
-        norm_if: TargetNeuron,
-        head: ExactLinear,
-        constant: torch.Tensor,
-        global_pool: bool,
-    ) -> None:
+    def __init__(self, norm: ExactLayerNormNeuron, head: ExactLinear, global_pool: bool) -> None:
         super().__init__()
-        self.norm, self.norm_if, self.head = norm, norm_if, head
-        self.register_buffer("residual_constant", constant)
+        self.norm, self.head = norm, head
         self.global_pool = global_pool
 
     def reset(self) -> None:
@@ -284,12 +268,7 @@ class ExactReadout(nn.Module):
             m.reset()
 
     def forward(self, d: torch.Tensor) -> torch.Tensor:
-        c = self.residual_constant
-        if self.global_pool:
-            feature = exact_math.pool_patch_tokens(c, d)
-        else:
-            feature = exact_math.residual_read(c, d)[:, :, 0]
-        return self.head(self.norm_if(self.norm(feature)))
+        return self.head(self.norm(d if self.global_pool else d[:, :, 0]))
 
 
 # --- the network and its runner ------------------------------------------------------------

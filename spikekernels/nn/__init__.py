@@ -1,8 +1,14 @@
 """Multi-step spiking modules (``[T, B, ...]`` in and out, state carried between calls)."""
 
 from spikekernels.nn.attention import SpikeAttention
-from spikekernels.nn.exact_attention import ExactAttention
-from spikekernels.nn.exact_layers import ExactLayerNorm, ExactLinear, ExactSoftmax
+from spikekernels.nn.exact_attention import ExactAttention, ExactAttentionProbs, ExactContext
+from spikekernels.nn.exact_layers import (
+    ExactLayerNorm,
+    ExactLayerNormNeuron,
+    ExactLinear,
+    ExactLinearNeuron,
+    ExactSoftmax,
+)
 from spikekernels.nn.layernorm import SpikeLayerNorm
 from spikekernels.nn.linear import SpikeLinear
 from spikekernels.nn.neuron import STBIF
@@ -15,8 +21,12 @@ from spikekernels.nn.target_neuron import TargetNeuron
 __all__ = [
     "STBIF",
     "ExactAttention",
+    "ExactAttentionProbs",
+    "ExactContext",
     "ExactLayerNorm",
+    "ExactLayerNormNeuron",
     "ExactLinear",
+    "ExactLinearNeuron",
     "ExactSoftmax",
     "QuantLinear",
     "Quantizer",

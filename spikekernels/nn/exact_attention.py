@@ -1,30 +1,78 @@
-"""``ExactAttention``: spike-equivalent self-attention in exact mode (SPEC.md §9.2-9.4)."""
+"""Exact mode's attention (SPEC.md §9.2-9.4): the fused attention neurons and the block."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from spikekernels import exact_math
-from spikekernels.nn.exact_layers import ExactLinearNeuron, ExactSoftmax
-from spikekernels.nn.spike_matmul import RunningSpikeMatmul
+from spikekernels.nn.exact_layers import ExactLinearNeuron
 from spikekernels.nn.target_neuron import TargetNeuron
+from spikekernels.ops.exact_attention import exact_attention_probs, exact_context
 
-__all__ = ["ExactAttention"]
+__all__ = ["ExactAttention", "ExactAttentionProbs", "ExactContext"]
+
+
+class ExactAttentionProbs(TargetNeuron):
+    """Scores product, softmax and the attention-probability neuron, fused
+    (``spikekernels.ops.exact_attention_probs``): q ``[T, *batch, M, D]`` and k transposed
+    ``[T, *batch, D, N]`` spikes in, int8 spikes ``[T, *batch, M, N]`` out. Per step
+    ``S += q_t @ K_t + Q_{t-1} @ k_t`` (int32), the neuron reads
+    ``softmax_rows(fl32(g * fl32(S)))``. A ``TargetNeuron`` (``count``, ``fanout``) that also
+    keeps the running counts of q and k and the running scores ``S``."""
+
+    def __init__(self, neuron: TargetNeuron, gain: torch.Tensor) -> None:
+        super().__init__(neuron.threshold, neuron.level, neuron.signed, fanout=neuron.fanout)
+        self.register_buffer("gain", torch.as_tensor(gain, dtype=torch.float32).reshape(()))
+
+    def reset(self) -> None:
+        super().reset()
+        self.q_acc = self.k_acc = self.scores = None
+
+    def forward(self, q: torch.Tensor, k_t: torch.Tensor) -> torch.Tensor:
+        spikes, self.q_acc, self.k_acc, self.scores, self.count = exact_attention_probs(
+            q, k_t, self.gain, self.threshold, self.n_min, self.p_max,
+            self.q_acc, self.k_acc, self.scores, self.count,
+        )  # fmt: skip
+        self.last_spikes = spikes[-1]
+        return spikes
+
+
+class ExactContext(TargetNeuron):
+    """Context product and its neuron, fused (``spikekernels.ops.exact_context``): attention
+    ``[T, *batch, M, N]`` and v ``[T, *batch, N, Dh]`` spikes in, int8 spikes out. Per step
+    ``Z += a_t @ V_t + A_{t-1} @ v_t`` (int32), the neuron reads
+    ``fl32(fl32(theta_a * theta_v) * fl32(Z))``. A ``TargetNeuron`` that also keeps the
+    running counts and ``Z``."""
+
+    def __init__(self, neuron: TargetNeuron, theta_a: torch.Tensor, theta_v: torch.Tensor):
+        super().__init__(neuron.threshold, neuron.level, neuron.signed, fanout=neuron.fanout)
+        self.register_buffer("theta_a", torch.as_tensor(theta_a, dtype=torch.float32).reshape(()))
+        self.register_buffer("theta_v", torch.as_tensor(theta_v, dtype=torch.float32).reshape(()))
+
+    def reset(self) -> None:
+        super().reset()
+        self.a_acc = self.v_acc = self.z = None
+
+    def forward(self, a: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        spikes, self.a_acc, self.v_acc, self.z, self.count = exact_context(
+            a, v, self.theta_a, self.theta_v, self.threshold, self.n_min, self.p_max,
+            self.a_acc, self.v_acc, self.z, self.count,
+        )  # fmt: skip
+        self.last_spikes = spikes[-1]
+        return spikes
 
 
 class ExactAttention(nn.Module):
     """Multi-head attention of exact mode: ``[T, B, N, C]`` spikes in, ``proj``'s spikes out.
 
-    Per step, every value is the current one, computed from exact state:
+    Four fused layers, each a neuron with its exact state (every value the current one):
 
-    1. ``qkv``: ``ExactLinearNeuron`` (int32 accumulator fused with one target-driven neuron
-       with per-channel thresholds: the steps of ``quan_q``, ``quan_k``, ``quan_v``);
-    2. scores: ``S = Q @ K^T`` as a running int32 product, per head;
-    3. ``softmax``: ``softmax_rows(fl32(g * fl32(S)))`` -> ``attn_if`` (unsigned);
-    4. context: ``Z = A @ V`` running int32 -> ``fl32(fl32(theta_a * theta_v) * fl32(Z))``
-       -> ``after_attn_if`` (signed);
-    5. merge heads -> ``proj`` (``ExactLinearNeuron``, the ``quan_proj`` neuron).
+    1. ``qkv``: ``ExactLinearNeuron`` (int32 accumulator; one neuron with per-channel
+       thresholds, the steps of ``quan_q``, ``quan_k``, ``quan_v``);
+    2. ``probs``: ``ExactAttentionProbs`` (running ``S = Q K^T`` per head, softmax, the
+       ``attn_quan`` neuron);
+    3. ``context``: ``ExactContext`` (running ``Z = A V``, the ``after_attn_quan`` neuron);
+    4. merge heads -> ``proj``: ``ExactLinearNeuron`` (the ``quan_proj`` neuron).
 
     State lives in the parts until ``reset()``. Inference only.
     """
@@ -32,13 +80,11 @@ class ExactAttention(nn.Module):
     def __init__(
         self,
         qkv: ExactLinearNeuron,
-        softmax: ExactSoftmax,
-        attn_if: TargetNeuron,
-        after_attn_if: TargetNeuron,
+        probs: ExactAttentionProbs,
+        context: ExactContext,
         proj: ExactLinearNeuron,
         *,
         num_heads: int,
-        theta_v: torch.Tensor,
     ) -> None:
         super().__init__()
         self.dim = proj.out_features
@@ -48,13 +94,7 @@ class ExactAttention(nn.Module):
                 f"got {qkv.out_features}"
             )
         self.num_heads = int(num_heads)
-        self.qkv = qkv
-        self.scores, self.softmax, self.attn_if = RunningSpikeMatmul(), softmax, attn_if
-        self.context, self.after_attn_if = RunningSpikeMatmul(), after_attn_if
-        self.proj = proj
-        theta_a = attn_if.threshold.reshape(())
-        self.register_buffer("theta_a", theta_a.clone())
-        self.register_buffer("theta_v", torch.as_tensor(theta_v, dtype=torch.float32).reshape(()))
+        self.qkv, self.probs, self.context, self.proj = qkv, probs, context, proj
 
     @property
     def head_dim(self) -> int:
@@ -72,11 +112,8 @@ class ExactAttention(nn.Module):
         q = qkv[:, :, :, 0].transpose(2, 3)  # [T, B, H, N, Dh], strided views
         k_t = qkv[:, :, :, 1].permute(0, 1, 3, 4, 2)  # [T, B, H, Dh, N]
         v = qkv[:, :, :, 2].transpose(2, 3)
-        attn = self.attn_if(self.softmax(self.scores(q, k_t)))
-        z = self.context(attn, v)
-        context = self.after_attn_if(exact_math.context_value(z, self.theta_a, self.theta_v))
-        merged = context.transpose(2, 3).reshape(t, b, n, c)
-        return self.proj(merged)
+        context = self.context(self.probs(q, k_t), v)  # [T, B, H, N, Dh]
+        return self.proj(context.transpose(2, 3).reshape(t, b, n, c))
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, num_heads={self.num_heads}"

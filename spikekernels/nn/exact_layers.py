@@ -5,6 +5,8 @@ its neuron reads, by the formulas of ``spikekernels.exact_math``.
 - ``ExactLinearNeuron``: the same linear fused with the target-driven neuron it feeds (one
   ``spikekernels.ops.exact_linear`` call: int8 spikes in, int8 spikes out);
 - ``ExactLayerNorm``: the LayerNorm row function of the residual stream's current value;
+- ``ExactLayerNormNeuron``: residual read + LayerNorm fused with the neuron it feeds (one
+  ``spikekernels.ops.exact_layernorm_neuron`` call: float64 residual in, int8 spikes out);
 - ``ExactSoftmax``: the softmax row function of the current scores ``g * S``.
 
 Values are float32 ``[T, ...]``: one per step, the current value (not an increment).
@@ -17,10 +19,39 @@ from torch import nn
 
 from spikekernels import exact_math
 from spikekernels.nn.target_neuron import TargetNeuron
+from spikekernels.ops.exact_layernorm import exact_layernorm_neuron
 from spikekernels.ops.exact_linear import exact_linear
 from spikekernels.ops.spike_linear import spike_linear
 
-__all__ = ["ExactLayerNorm", "ExactLinear", "ExactLinearNeuron", "ExactSoftmax"]
+__all__ = [
+    "ExactLayerNorm",
+    "ExactLayerNormNeuron",
+    "ExactLinear",
+    "ExactLinearNeuron",
+    "ExactSoftmax",
+]
+
+
+def _register_int_linear(
+    module: nn.Module,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    in_threshold: torch.Tensor,
+) -> None:
+    """Check and register an integer linear's buffers: ``weight`` int8 ``[N, K]``,
+    ``weight_scale`` ``[N]``, ``bias``, ``in_threshold`` (the input neuron's step)."""
+    if weight.dtype != torch.int8 or weight.dim() != 2:
+        raise TypeError(f"weight must be int8 [N, K], got {weight.dtype} {tuple(weight.shape)}")
+    n = weight.shape[0]
+    if tuple(weight_scale.shape) != (n,):
+        raise ValueError(f"weight_scale must have shape ({n},), got {tuple(weight_scale.shape)}")
+    module.out_features, module.in_features = weight.shape
+    module.register_buffer("weight", weight)
+    module.register_buffer("weight_scale", weight_scale.to(torch.float32))
+    module.register_buffer("bias", None if bias is None else bias.detach())
+    theta_in = torch.as_tensor(in_threshold, dtype=torch.float32).detach().reshape(())
+    module.register_buffer("in_threshold", theta_in.clone())
 
 
 class ExactLinear(nn.Module):
@@ -42,21 +73,9 @@ class ExactLinear(nn.Module):
         in_threshold: torch.Tensor,
     ) -> None:
         super().__init__()
-        if weight.dtype != torch.int8 or weight.dim() != 2:
-            raise TypeError(f"weight must be int8 [N, K], got {weight.dtype} {tuple(weight.shape)}")
-        n = weight.shape[0]
-        if weight_scale.shape != (n,):
-            raise ValueError(
-                f"weight_scale must have shape ({n},), got {tuple(weight_scale.shape)}"
-            )
-        self.out_features, self.in_features = weight.shape
-        self.register_buffer("weight", weight)
-        self.register_buffer("weight_scale", weight_scale.to(torch.float32))
-        self.register_buffer("bias", None if bias is None else bias.detach())
-        theta_in = torch.as_tensor(in_threshold, dtype=torch.float32).detach().reshape(())
-        self.register_buffer("in_threshold", theta_in.clone())
-        self.register_buffer("multiplier", theta_in * self.weight_scale)
-        self.register_buffer("unit_scale", torch.ones(n))
+        _register_int_linear(self, weight, weight_scale, bias, in_threshold)
+        self.register_buffer("multiplier", self.in_threshold * self.weight_scale)
+        self.register_buffer("unit_scale", torch.ones(self.out_features))
         self.register_buffer("unit", torch.ones(()))
         self.reset()
 
@@ -94,19 +113,7 @@ class ExactLinearNeuron(TargetNeuron):
         neuron: TargetNeuron,
     ) -> None:
         super().__init__(neuron.threshold, neuron.level, neuron.signed, fanout=neuron.fanout)
-        if weight.dtype != torch.int8 or weight.dim() != 2:
-            raise TypeError(f"weight must be int8 [N, K], got {weight.dtype} {tuple(weight.shape)}")
-        n = weight.shape[0]
-        if tuple(weight_scale.shape) != (n,):
-            raise ValueError(
-                f"weight_scale must have shape ({n},), got {tuple(weight_scale.shape)}"
-            )
-        self.out_features, self.in_features = weight.shape
-        self.register_buffer("weight", weight)
-        self.register_buffer("weight_scale", weight_scale.to(torch.float32))
-        self.register_buffer("bias", None if bias is None else bias.detach())
-        theta_in = torch.as_tensor(in_threshold, dtype=torch.float32).detach().reshape(())
-        self.register_buffer("in_threshold", theta_in.clone())
+        _register_int_linear(self, weight, weight_scale, bias, in_threshold)
 
     def reset(self) -> None:
         """Back to a zero accumulator and count: call between inputs."""
@@ -163,6 +170,47 @@ class ExactLayerNorm(nn.Module):
                 for t in range(len(x))
             ]
         )
+
+
+class ExactLayerNormNeuron(TargetNeuron):
+    """Residual read, LayerNorm and the target-driven neuron they feed, as one fused op
+    (``spikekernels.ops.exact_layernorm_neuron``): the residual stream's spike-driven part
+    ``D`` ``[T, *rows, C]`` float64 in, int8 spikes out. Per step the neuron reads
+    ``layer_norm_rows(fl32(c + D))`` (or, with ``pool``, of the float64 mean over the patch
+    tokens of ``c + D``, ``[T, B, 1 + N, C]`` in): the QANN's value, bit for bit.
+
+    It is a ``TargetNeuron`` (``count``, ``fanout``; the runner's hooks see its spikes) that
+    also holds the LayerNorm's weight, bias and eps and the residual constant ``c``.
+    """
+
+    def __init__(
+        self, ln: ExactLayerNorm, neuron: TargetNeuron, constant: torch.Tensor, *, pool: bool
+    ) -> None:
+        super().__init__(neuron.threshold, neuron.level, neuron.signed, fanout=neuron.fanout)
+        self.register_buffer("weight", ln.weight)
+        self.register_buffer("bias", ln.bias)
+        self.eps = ln.eps
+        self.register_buffer("residual_constant", constant.to(torch.float64))
+        self.pool = bool(pool)
+
+    def forward(self, d: torch.Tensor) -> torch.Tensor:
+        spikes, self.count = exact_layernorm_neuron(
+            d,
+            self.residual_constant,
+            self.weight,
+            self.bias,
+            self.eps,
+            self.threshold,
+            self.n_min,
+            self.p_max,
+            self.count,
+            pool=self.pool,
+        )
+        self.last_spikes = spikes[-1]
+        return spikes
+
+    def extra_repr(self) -> str:
+        return f"eps={self.eps:g}, pool={self.pool}, " + super().extra_repr()
 
 
 class ExactSoftmax(nn.Module):

@@ -4,6 +4,8 @@ Each op is registered as ``torch.ops.spikekernels.<name>``; the functions here a
 friendly Python face (keyword arguments, optional validation of data).
 """
 
+from spikekernels.ops.exact_attention import exact_attention_probs, exact_context
+from spikekernels.ops.exact_layernorm import exact_layernorm_neuron
 from spikekernels.ops.exact_linear import exact_linear
 from spikekernels.ops.layernorm import spike_layernorm
 from spikekernels.ops.neuron import st_bif
@@ -20,4 +22,7 @@ __all__ = [
     "spike_softmax",
     "target_spikes",
     "exact_linear",
+    "exact_layernorm_neuron",
+    "exact_attention_probs",
+    "exact_context",
 ]

@@ -1,0 +1,521 @@
+"""Fused exact-mode attention (SPEC.md §5, §9.2-§9.4): the two spike products of SESA, each
+with what reads it, the T loop inside one launch.
+
+``exact_attention_probs_kernel`` (scores product + softmax + attention neuron): one program
+per (batch entry, block of ``BLOCK_M`` query rows), all ``N`` keys in one tile (padded to a
+power of two). The int32 scores ``S`` and the neuron's count stay in registers for the whole
+chunk. For each step:
+
+- ``S += q_t @ K_t + Q_{t-1} @ k_t``, over the head dim in ``BLOCK_D`` slices: int8
+  ``tl.dot`` into int32 (exact; int8 tensor cores), a slice whose spike tile is all zero
+  skips its dot and the read of the count tile it would multiply;
+- ``probs = softmax_rows(fl32(g * fl32(S)))`` by the operations of ``exact_math`` in their
+  order (``softmax_tile``): the row max, ``exp_rows``' Cody-Waite reduction and polynomial,
+  ``tree_sum``'s halving order, a correctly rounded division;
+- the §9.3 neuron on ``probs`` (``kernels.target.target_step``), int8 spikes out.
+
+``exact_context_kernel`` (context product + neuron): one program per (batch entry, block of
+query rows), all head channels in one tile, the keys (the contraction) in ``BLOCK_K`` slices:
+``Z += a_t @ V_t + A_{t-1} @ v_t`` (int32, in registers), ``y = fl32(fl32(theta_a * theta_v) *
+fl32(Z))``, the §9.3 neuron on ``y``.
+
+The running spike counts (``Q_{t-1}``, ``K_t``; ``A_{t-1}``, ``V_t``) come from
+``kernels.spike_matmul.running_count_kernel``, one pass each that writes the count of every
+step (int8, the size of the spikes) and the outgoing one. They are not carried in registers:
+at ViT sizes the key count is a ``[64, 256]`` int8 tile per program (16 KB), and every
+register-resident variant compiled for sm_90 spilled (800 B to 27 KB a thread over
+BLOCK_M 16-64, 4-16 warps), while the product reads a count tile only where the matching
+spike tile is active. Only the int8 spikes and the final ``S``/``Z`` and count are written.
+
+Rows past M, keys past N and channels past D are masked to zero (zero spikes and counts add
+nothing to the products). In the softmax the padded keys take no part in the row max and are
+exact zeros after ``exp``: ``tree_sum``'s own zero padding of the row to a power of two (any
+power of two at least the row's: the extra levels add ``+0.0`` to each lane, exactly).
+
+No contracted FMA: Triton lets LLVM fuse a multiply with the add after it into one FMA, and
+ptxas may do the same with a plain ``mul.f32`` (PTX without a rounding modifier), which
+rounds once where PyTorch rounds twice. So every float product here is ``fma(a, b, +0.0)``
+(``_mul``), which differs from ``a * b`` only in the sign of a zero product; no later
+operation here can see that sign (a zero product is added to a nonzero value, or divided
+into a neuron's target, where floor(+-0 + 1/2) agree). Divisions are ``div_rn`` (Triton's
+``/`` on float32 is approximate on NVIDIA GPUs). The GPU's floor flushes subnormals to zero,
+which changes nothing: every floor here is of a sum with 1/2, zero or at least 2^-26 in
+magnitude. tests/triton_sm90.py checks the PTX: no ``mul.f32``, no FMA with a nonzero
+addend, ``div.rn`` only.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from spikekernels.exact_math import _EXP_MIN, _EXP_POLY, _LN2_HI, _LN2_LO, _LOG2E
+from spikekernels.kernels import INTERPRET, on_device
+from spikekernels.kernels.spike_matmul import _any_spike, _flatten_batch, _running_counts
+from spikekernels.kernels.target import target_step
+
+
+def _f32(x: float) -> float:
+    """``x`` rounded to float32, as PyTorch rounds a Python scalar against a float32 tensor:
+    the kernels' constants are exactly those ``exact_math`` computes with."""
+    return torch.tensor(x, dtype=torch.float32).item()
+
+
+LOG2E = tl.constexpr(_f32(_LOG2E))
+LN2_HI = tl.constexpr(_f32(_LN2_HI))
+LN2_LO = tl.constexpr(_f32(_LN2_LO))
+EXP_MIN = tl.constexpr(_f32(_EXP_MIN))
+P0, P1, P2, P3, P4, P5 = (tl.constexpr(_f32(c)) for c in _EXP_POLY)
+
+# The scores kernel holds whole rows of keys in registers: up to 256 keys (ViT at 224 px with
+# patches of 16 has 197 tokens). The context kernel holds whole rows of head channels: up to
+# 64, the head dim of ViT-S/B/L (128 spilled 1.2 KB a thread on sm_90). Larger shapes take
+# the op's PyTorch path.
+MAX_KEYS = 256
+MAX_HEAD_DIM = 64
+
+# (BLOCK_M, BLOCK_D, num_warps) of the scores kernel on a GPU: 16 query rows x 256 keys keep
+# S, the count and the softmax's temporaries in registers at 8 warps (243-255 registers, no
+# spill; 4 warps, or 32 and 64 rows, spilled), and a 32-wide slice of the head dim (int8
+# mma's K) keeps the [32, 256] key tiles small. The product is mma.sync: a wgmma needs 64
+# rows. tests/triton_sm90.py records the register counts. Untuned on hardware so far.
+_PROBS_GPU = (16, 32, 8)
+# (BLOCK_M, BLOCK_K, num_warps) of the context kernel on a GPU: 64 rows x 64 channels
+# (a Hopper wgmma per warpgroup), keys in slices of 64.
+_CONTEXT_GPU = (64, 64, 4)
+# Under the numpy interpreter: small tiles, so that CPU tests cover several row blocks and
+# several slices of the contraction (silent and active ones side by side) at small shapes.
+_PROBS_INTERPRET = (16, 32, 4)
+_CONTEXT_INTERPRET = (16, 32, 4)
+
+
+def probs_config(n: int) -> tuple[int, int, int, int]:
+    """``(BLOCK_M, BLOCK_N, BLOCK_D, num_warps)`` of the scores kernel for ``n`` keys:
+    BLOCK_N is ``n`` padded to a power of two (at least 16, the tensor cores' N)."""
+    block_m, block_d, num_warps = _PROBS_INTERPRET if INTERPRET else _PROBS_GPU
+    return block_m, max(16, triton.next_power_of_2(n)), block_d, num_warps
+
+
+def context_config(d: int) -> tuple[int, int, int, int]:
+    """``(BLOCK_M, BLOCK_K, BLOCK_D, num_warps)`` of the context kernel for head dim ``d``:
+    BLOCK_D is ``d`` padded to a power of two (at least 16)."""
+    block_m, block_k, num_warps = _CONTEXT_INTERPRET if INTERPRET else _CONTEXT_GPU
+    return block_m, block_k, max(16, triton.next_power_of_2(d)), num_warps
+
+
+@triton.jit
+def _mul(a, b):
+    """``fl32(a * b)`` that the compiler cannot contract with a following add."""
+    return tl.fma(a, b, 0.0)
+
+
+@triton.jit
+def exp_rows(x):
+    """``exact_math.exp_rows`` for float32 ``x <= 0``, operation for operation:
+    ``k = floor(x log2e + 1/2)``, ``r = x - k ln2_hi - k ln2_lo``, Horner's polynomial,
+    ``y = p r^2 + r + 1``, times ``2^clamp(k, -126, 0)`` built from its bits; 0 below -87."""
+    k = tl.floor(_mul(x, LOG2E) + 0.5)
+    r = x - _mul(k, LN2_HI)
+    r = r - _mul(k, LN2_LO)
+    p = _mul(tl.full(r.shape, P0, tl.float32), r) + P1
+    p = _mul(p, r) + P2
+    p = _mul(p, r) + P3
+    p = _mul(p, r) + P4
+    p = _mul(p, r) + P5
+    y = _mul(p, _mul(r, r)) + r + 1.0
+    ki = tl.minimum(tl.maximum(k, -126.0), 0.0).to(tl.int32)
+    scale = ((ki + 127) << 23).to(tl.float32, bitcast=True)
+    return tl.where(x < EXP_MIN, 0.0, _mul(y, scale))
+
+
+@triton.jit
+def tree_sum_rows(x, ROWS: tl.constexpr, WIDTH: tl.constexpr, LOG2_WIDTH: tl.constexpr):
+    """``exact_math.tree_sum`` of each row of ``x`` ``[ROWS, WIDTH]`` (``WIDTH = 2^LOG2_WIDTH``,
+    lanes past the row's end zero): each level is ``x[:, :h] + x[:, h:]``, one add per
+    element. Returns ``[ROWS]``."""
+    for level in tl.static_range(LOG2_WIDTH):
+        # [ROWS, 2, h] row-major: element (r, j, i) is x[r, j * h + i], so the sum over j is
+        # lower half + upper half, a single add (a two-element sum has no other order)
+        x = tl.sum(tl.reshape(x, (ROWS, 2, WIDTH >> (level + 1))), axis=1)
+    return tl.reshape(x, (ROWS,))
+
+
+@triton.jit
+def softmax_tile(
+    s, gain, key_mask, ROWS: tl.constexpr, WIDTH: tl.constexpr, LOG2_WIDTH: tl.constexpr
+):
+    """``exact_math.softmax_rows(exact_math.score_value(s, gain))`` of each row of the int32
+    scores ``s`` ``[ROWS, WIDTH]``, over the lanes where ``key_mask`` ``[WIDTH]`` holds."""
+    z = _mul(gain, s.to(tl.float32))
+    peak = tl.max(tl.where(key_mask[None, :], z, float("-inf")), axis=1)  # exact in any order
+    peak = tl.where(peak == float("-inf"), 0.0, peak)
+    # padded keys: exp of 0 (no inf - inf on the way), then an exact zero
+    x = tl.where(key_mask[None, :], z - peak[:, None], 0.0)
+    e = tl.where(key_mask[None, :], exp_rows(x), 0.0)
+    total = tree_sum_rows(e, ROWS, WIDTH, LOG2_WIDTH)
+    total = tl.where(total > 0.0, total, 1.0)
+    return tl.div_rn(e, total[:, None])
+
+
+@triton.jit
+def exact_attention_probs_kernel(
+    q_ptr,  # [T, B, M, D] int8 query spikes q_t, any strides
+    k_ptr,  # [T, B, D, N] int8 key spikes k_t (transposed), any strides
+    q_prev_ptr,  # [T, B, M, D] int8 running query count before step t, Q_{t-1}, contiguous
+    k_cur_ptr,  # [T, B, D, N] int8 running key count after step t, K_t, contiguous
+    gain_ptr,  # [1] float32 score gain g
+    theta_ptr,  # [1] attention neuron's threshold (any float dtype)
+    s_in_ptr,  # [B, M, N] int32 incoming scores S (HAS_S_IN only)
+    count_in_ptr,  # [B, M, N] int8 incoming neuron count (HAS_COUNT only)
+    out_ptr,  # [T, B, M, N] int8 spikes
+    s_out_ptr,  # [B, M, N] int32
+    count_out_ptr,  # [B, M, N] int8
+    T,
+    M,
+    N,
+    D,
+    stride_qt,
+    stride_qb,
+    stride_qm,
+    stride_qd,
+    stride_kt,
+    stride_kb,
+    stride_kd,
+    stride_kn,
+    n_min,
+    p_max,
+    HAS_S_IN: tl.constexpr,
+    HAS_COUNT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    LOG2_N: tl.constexpr,
+):
+    """Per step: ``S += q_t @ K_t + Q_{t-1} @ k_t``; ``probs = softmax_rows(fl32(g *
+    fl32(S)))``; target-driven neuron on ``probs``."""
+    # One flat grid axis (axis 1 would cap the batch at 65535): the row blocks of one batch
+    # entry are neighbours, so they share its key tiles in L2.
+    num_m = tl.cdiv(M, BLOCK_M)
+    pid = tl.program_id(0)
+    bid = (pid // num_m).to(tl.int64)
+    nb = tl.num_programs(0) // num_m
+    offs_m = (pid % num_m) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    mask_s = mask_m[:, None] & mask_n[None, :]
+
+    # Scalar base pointers advance through batch and time; the tile offsets inside one
+    # [M, D] / [D, N] / [M, N] slab are int32 (the host guarantees they fit), which keeps
+    # per-element 64-bit pointers out of the loop-carried registers.
+    q_ptr += bid * stride_qb
+    k_ptr += bid * stride_kb
+    q_prev_ptr += bid * M * D
+    k_cur_ptr += bid * D * N
+    out_ptr += bid * M * N
+    s_offs = offs_m[:, None] * N + offs_n[None, :]
+    state_offs = bid * M * N + s_offs
+    step_q = nb.to(tl.int64) * M * D
+    step_k = nb.to(tl.int64) * D * N
+    step_s = nb.to(tl.int64) * M * N
+
+    if HAS_S_IN:
+        s = tl.load(s_in_ptr + state_offs, mask=mask_s, other=0)
+    else:
+        s = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+    if HAS_COUNT:
+        count = tl.load(count_in_ptr + state_offs, mask=mask_s, other=0).to(tl.int32)
+    else:
+        count = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+    gain = tl.load(gain_ptr)
+    theta = tl.load(theta_ptr).to(tl.float32)
+
+    for _ in range(T):
+        for d0 in range(0, D, BLOCK_D):
+            ds = d0 + offs_d
+            mask_q = mask_m[:, None] & (ds < D)[None, :]
+            mask_k = (ds < D)[:, None] & mask_n[None, :]
+            q_offs = offs_m[:, None] * stride_qm + ds[None, :] * stride_qd
+            k_offs = ds[:, None] * stride_kd + offs_n[None, :] * stride_kn
+            # a silent spike tile skips its dot and the read of the count it would multiply;
+            # the key term first, so that the key spike tile is dead before the key count
+            # tile is read (integer sums: the order is free)
+            k_t = tl.load(k_ptr + k_offs, mask=mask_k, other=0)
+            if _any_spike(k_t):
+                q_cnt = tl.load(
+                    q_prev_ptr + (offs_m[:, None] * D + ds[None, :]), mask=mask_q, other=0
+                )
+                s = tl.dot(q_cnt, k_t, s, out_dtype=tl.int32)
+            q_t = tl.load(q_ptr + q_offs, mask=mask_q, other=0)
+            if _any_spike(q_t):
+                k_cnt = tl.load(
+                    k_cur_ptr + (ds[:, None] * N + offs_n[None, :]), mask=mask_k, other=0
+                )
+                s = tl.dot(q_t, k_cnt, s, out_dtype=tl.int32)
+        # The softmax and the neuron run on silent steps too: the neuron may still be moving
+        # toward its target.
+        probs = softmax_tile(s, gain, mask_n, BLOCK_M, BLOCK_N, LOG2_N)
+        sigma = target_step(probs, theta, count, n_min, p_max)
+        count = count + sigma
+        tl.store(out_ptr + s_offs, sigma.to(tl.int8), mask=mask_s)
+        q_ptr += stride_qt
+        k_ptr += stride_kt
+        q_prev_ptr += step_q
+        k_cur_ptr += step_k
+        out_ptr += step_s
+
+    tl.store(s_out_ptr + state_offs, s, mask=mask_s)
+    tl.store(count_out_ptr + state_offs, count.to(tl.int8), mask=mask_s)
+
+
+@triton.jit
+def exact_context_kernel(
+    a_ptr,  # [T, B, M, N] int8 attention spikes a_t, any strides
+    v_ptr,  # [T, B, N, D] int8 value spikes v_t, any strides
+    a_prev_ptr,  # [T, B, M, N] int8 running attention count before step t, A_{t-1}, contiguous
+    v_cur_ptr,  # [T, B, N, D] int8 running value count after step t, V_t, contiguous
+    theta_a_ptr,  # [1] attention neuron's threshold (any float dtype)
+    theta_v_ptr,  # [1] value neuron's threshold (any float dtype)
+    theta_ptr,  # [1] output neuron's threshold (any float dtype)
+    z_in_ptr,  # [B, M, D] int32 incoming context Z (HAS_Z_IN only)
+    count_in_ptr,  # [B, M, D] int8 incoming neuron count (HAS_COUNT only)
+    out_ptr,  # [T, B, M, D] int8 spikes
+    z_out_ptr,  # [B, M, D] int32
+    count_out_ptr,  # [B, M, D] int8
+    T,
+    M,
+    N,
+    D,
+    stride_at,
+    stride_ab,
+    stride_am,
+    stride_an,
+    stride_vt,
+    stride_vb,
+    stride_vn,
+    stride_vd,
+    n_min,
+    p_max,
+    HAS_Z_IN: tl.constexpr,
+    HAS_COUNT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Per step: ``Z += a_t @ V_t + A_{t-1} @ v_t``; ``y = fl32(fl32(theta_a * theta_v) *
+    fl32(Z))``; target-driven neuron on ``y``."""
+    num_m = tl.cdiv(M, BLOCK_M)
+    pid = tl.program_id(0)
+    bid = (pid // num_m).to(tl.int64)
+    nb = tl.num_programs(0) // num_m
+    offs_m = (pid % num_m) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_m = offs_m < M
+    mask_d = offs_d < D
+    mask_z = mask_m[:, None] & mask_d[None, :]
+
+    a_ptr += bid * stride_ab
+    v_ptr += bid * stride_vb
+    a_prev_ptr += bid * M * N
+    v_cur_ptr += bid * N * D
+    out_ptr += bid * M * D
+    z_offs = offs_m[:, None] * D + offs_d[None, :]
+    state_offs = bid * M * D + z_offs
+    step_a = nb.to(tl.int64) * M * N
+    step_v = nb.to(tl.int64) * N * D
+    step_z = nb.to(tl.int64) * M * D
+
+    if HAS_Z_IN:
+        z = tl.load(z_in_ptr + state_offs, mask=mask_z, other=0)
+    else:
+        z = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.int32)
+    if HAS_COUNT:
+        count = tl.load(count_in_ptr + state_offs, mask=mask_z, other=0).to(tl.int32)
+    else:
+        count = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.int32)
+    m = _mul(tl.load(theta_a_ptr).to(tl.float32), tl.load(theta_v_ptr).to(tl.float32))
+    theta = tl.load(theta_ptr).to(tl.float32)
+
+    for _ in range(T):
+        for k0 in range(0, N, BLOCK_K):
+            ks = k0 + offs_k
+            mask_a = mask_m[:, None] & (ks < N)[None, :]
+            mask_v = (ks < N)[:, None] & mask_d[None, :]
+            # the value term first, so that the value spike tile is dead before the value
+            # count tile is read (integer sums: the order is free)
+            v_t = tl.load(
+                v_ptr + (ks[:, None] * stride_vn + offs_d[None, :] * stride_vd),
+                mask=mask_v,
+                other=0,
+            )
+            if _any_spike(v_t):
+                a_cnt = tl.load(
+                    a_prev_ptr + (offs_m[:, None] * N + ks[None, :]), mask=mask_a, other=0
+                )
+                z = tl.dot(a_cnt, v_t, z, out_dtype=tl.int32)
+            a_t = tl.load(
+                a_ptr + (offs_m[:, None] * stride_am + ks[None, :] * stride_an),
+                mask=mask_a,
+                other=0,
+            )
+            if _any_spike(a_t):
+                v_cnt = tl.load(
+                    v_cur_ptr + (ks[:, None] * D + offs_d[None, :]), mask=mask_v, other=0
+                )
+                z = tl.dot(a_t, v_cnt, z, out_dtype=tl.int32)
+        # the epilogue runs on silent steps too: the neuron may still be moving
+        y = _mul(m, z.to(tl.float32))
+        sigma = target_step(y, theta, count, n_min, p_max)
+        count = count + sigma
+        tl.store(out_ptr + z_offs, sigma.to(tl.int8), mask=mask_z)
+        a_ptr += stride_at
+        v_ptr += stride_vt
+        a_prev_ptr += step_a
+        v_cur_ptr += step_v
+        out_ptr += step_z
+
+    tl.store(z_out_ptr + state_offs, z, mask=mask_z)
+    tl.store(count_out_ptr + state_offs, count.to(tl.int8), mask=mask_z)
+
+
+def _state(t: torch.Tensor | None, shape: tuple[int, ...]) -> torch.Tensor | None:
+    """Incoming state as a contiguous ``[B, R, C]`` (a view for the usual contiguous one)."""
+    return None if t is None else t.reshape(shape).contiguous()
+
+
+@on_device
+def exact_attention_probs_triton(
+    launch,
+    q: torch.Tensor,
+    k_t: torch.Tensor,
+    gain: torch.Tensor,
+    threshold: torch.Tensor,
+    n_min: int,
+    p_max: int,
+    q_acc: torch.Tensor | None,
+    k_acc: torch.Tensor | None,
+    scores: torch.Tensor | None,
+    count: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Host side: ``q`` ``[T, *batch, M, D]``, ``k_t`` ``[T, *batch, D, N]`` int8 (any strides,
+    at least one batch entry, ``1 <= N <= MAX_KEYS``, ``M, D >= 1``). Returns fresh
+    ``(spikes [T, *batch, M, N] int8, q_acc, k_acc, scores int32, count int8)``."""
+    T, batch = q.shape[0], q.shape[1:-2]
+    m, d = q.shape[-2:]
+    n = k_t.shape[-1]
+    q4, k4 = _flatten_batch(q), _flatten_batch(k_t)
+    nb = q4.shape[1]
+    q_prev, q_out = _running_counts(launch, q4, _state(q_acc, (nb, m, d)), exclusive=True)
+    k_cur, k_out = _running_counts(launch, k4, _state(k_acc, (nb, d, n)), exclusive=False)
+    out = torch.empty((T, *batch, m, n), dtype=torch.int8, device=q.device)
+    s_out = torch.empty((*batch, m, n), dtype=torch.int32, device=q.device)
+    count_out = torch.empty((*batch, m, n), dtype=torch.int8, device=q.device)
+    s_in = _state(scores, (nb, m, n))
+    c_in = _state(count, (nb, m, n))
+    block_m, block_n, block_d, num_warps = probs_config(n)
+    launch(exact_attention_probs_kernel)[(triton.cdiv(m, block_m) * nb,)](
+        q4,
+        k4,
+        q_prev,
+        k_cur,
+        gain,
+        threshold,
+        s_out if s_in is None else s_in,
+        count_out if c_in is None else c_in,
+        out,
+        s_out,
+        count_out,
+        T,
+        m,
+        n,
+        d,
+        *q4.stride(),
+        *k4.stride(),
+        n_min,
+        p_max,
+        HAS_S_IN=s_in is not None,
+        HAS_COUNT=c_in is not None,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_D=block_d,
+        LOG2_N=block_n.bit_length() - 1,
+        num_warps=num_warps,
+    )
+    return (
+        out,
+        q_out.reshape(*batch, m, d),
+        k_out.reshape(*batch, d, n),
+        s_out,
+        count_out,
+    )
+
+
+@on_device
+def exact_context_triton(
+    launch,
+    a: torch.Tensor,
+    v: torch.Tensor,
+    theta_a: torch.Tensor,
+    theta_v: torch.Tensor,
+    threshold: torch.Tensor,
+    n_min: int,
+    p_max: int,
+    a_acc: torch.Tensor | None,
+    v_acc: torch.Tensor | None,
+    z: torch.Tensor | None,
+    count: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Host side: ``a`` ``[T, *batch, M, N]``, ``v`` ``[T, *batch, N, D]`` int8 (any strides,
+    at least one batch entry, ``1 <= D <= MAX_HEAD_DIM``, ``M, N >= 1``). Returns fresh
+    ``(spikes [T, *batch, M, D] int8, a_acc, v_acc, z int32, count int8)``."""
+    T, batch = a.shape[0], a.shape[1:-2]
+    m, n = a.shape[-2:]
+    d = v.shape[-1]
+    a4, v4 = _flatten_batch(a), _flatten_batch(v)
+    nb = a4.shape[1]
+    a_prev, a_out = _running_counts(launch, a4, _state(a_acc, (nb, m, n)), exclusive=True)
+    v_cur, v_out = _running_counts(launch, v4, _state(v_acc, (nb, n, d)), exclusive=False)
+    out = torch.empty((T, *batch, m, d), dtype=torch.int8, device=a.device)
+    z_out = torch.empty((*batch, m, d), dtype=torch.int32, device=a.device)
+    count_out = torch.empty((*batch, m, d), dtype=torch.int8, device=a.device)
+    z_in = _state(z, (nb, m, d))
+    c_in = _state(count, (nb, m, d))
+    block_m, block_k, block_d, num_warps = context_config(d)
+    launch(exact_context_kernel)[(triton.cdiv(m, block_m) * nb,)](
+        a4,
+        v4,
+        a_prev,
+        v_cur,
+        theta_a,
+        theta_v,
+        threshold,
+        z_out if z_in is None else z_in,
+        count_out if c_in is None else c_in,
+        out,
+        z_out,
+        count_out,
+        T,
+        m,
+        n,
+        d,
+        *a4.stride(),
+        *v4.stride(),
+        n_min,
+        p_max,
+        HAS_Z_IN=z_in is not None,
+        HAS_COUNT=c_in is not None,
+        BLOCK_M=block_m,
+        BLOCK_K=block_k,
+        BLOCK_D=block_d,
+        num_warps=num_warps,
+    )
+    return (
+        out,
+        a_out.reshape(*batch, m, n),
+        v_out.reshape(*batch, n, d),
+        z_out,
+        count_out,
+    )

@@ -1,0 +1,305 @@
+"""Fused exact-mode residual read + LayerNorm + target-driven neuron (SPEC.md §9.2-§9.4): the
+T loop inside one launch.
+
+Each program owns ``ROWS`` rows of ``C`` channels, padded with zero lanes to ``BLOCK_C``, the
+next power of two. The constant part ``c`` of the residual stream (float64) and the neuron's
+count (int8, as int32) stay in registers for all T steps; each step reads the spike-driven
+part ``D_t`` (float64) once, prefetched one step ahead, and writes int8 spikes once. No float
+value leaves the kernel.
+
+Per step, the operations of ``exact_math.residual_read`` and ``exact_math.layer_norm_rows``
+in their order, one rounding each, so the bits equal the QANN's row function:
+
+- ``x = fl32(c + D_t)`` (float64 add, one rounding to float32);
+- ``mean = tree_sum(x) / C``: ``tree_sum_rows`` halves the row ``log2(BLOCK_C)`` times, each
+  level adding the upper half to the lower half (``exact_math.tree_sum``'s order; the zero
+  lanes are its zero padding);
+- ``xc = x - mean`` (zero on the padding lanes), ``var = tree_sum(xc * xc) / C``;
+- ``y = xc / sqrt(var + eps)``, ``y = y * w``, ``y = y + b``;
+- the §9.3 neuron on ``y`` (``kernels.target.target_step``).
+
+Divisions are ``div_rn`` and the root ``sqrt_rn`` (Triton's ``/`` and ``sqrt`` on float32 are
+approximate on NVIDIA GPUs). Products that feed an add are formed as ``fma(a, b, +0.0)``:
+Triton lets the compiler contract a multiply with the add after it into one FMA, which would
+round once where PyTorch rounds twice (``xc * xc`` into the first level of the tree sum,
+``y * w`` into ``+ b``). ``fma(a, b, +0.0)`` differs from ``a * b`` only in the sign of a
+zero product, which no later operation here can see.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from spikekernels.kernels import on_device
+from spikekernels.kernels.target import target_step
+
+# A program holds ROWS x BLOCK_C = 1024 lanes: 8 per thread at 4 warps. c and the prefetched
+# D (float64), the count and a step's temporaries then take 96-120 registers on sm_90 (2048
+# lanes: 168-212, so fewer programs per SM to overlap the tree sums' shuffles and barriers with
+# loads; 4096 spills): tests/triton_sm90.py. Untuned on hardware so far: see bench/results/.
+ELEMENTS_PER_PROGRAM = 1024
+NUM_WARPS = 4
+
+
+def launch_config(c: int) -> tuple[int, int, int]:
+    """``(BLOCK_C, ROWS, num_warps)`` for rows of ``c`` channels (``c <= 1024``)."""
+    block_c = triton.next_power_of_2(c)
+    return block_c, max(1, ELEMENTS_PER_PROGRAM // block_c), NUM_WARPS
+
+
+@triton.jit
+def tree_sum_rows(x, ROWS: tl.constexpr, BLOCK_C: tl.constexpr, LOG2_C: tl.constexpr):
+    """``exact_math.tree_sum`` of each row of ``x`` ``[ROWS, BLOCK_C]`` (``BLOCK_C = 2^LOG2_C``,
+    lanes past the row's end zero): ``LOG2_C`` levels, each ``x[:, :h] + x[:, h:]`` with
+    ``h`` half the current width, one add per element. Returns ``[ROWS]``."""
+    for level in tl.static_range(LOG2_C):
+        # [ROWS, 2, h] row-major: element (r, j, i) is x[r, j * h + i], so the sum over j is
+        # lower half + upper half, a single add (a two-element sum has no other order)
+        x = tl.sum(tl.reshape(x, (ROWS, 2, BLOCK_C >> (level + 1))), axis=1)
+    return tl.reshape(x, (ROWS,))
+
+
+@triton.jit
+def load_affine(
+    w_ptr,
+    b_ptr,
+    cols,
+    col_mask,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """The LayerNorm's weight and bias as ``[1, BLOCK_C]`` float32 (zeros where absent: a
+    placeholder that ``layer_norm_rows_fp32`` does not read)."""
+    if HAS_WEIGHT:
+        w = tl.load(w_ptr + cols, mask=col_mask, other=0.0)[None, :]
+    else:
+        w = tl.zeros([1, BLOCK_C], tl.float32)
+    if HAS_BIAS:
+        b = tl.load(b_ptr + cols, mask=col_mask, other=0.0)[None, :]
+    else:
+        b = tl.zeros([1, BLOCK_C], tl.float32)
+    return w, b
+
+
+@triton.jit
+def layer_norm_rows_fp32(
+    x,  # [ROWS, BLOCK_C] float32 rows, zero past C
+    w,  # [1, BLOCK_C] float32 weight (HAS_WEIGHT only)
+    b,  # [1, BLOCK_C] float32 bias (HAS_BIAS only)
+    eps,  # float32
+    col_mask,  # [BLOCK_C] lanes < C
+    c_f,  # C as a float32
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    LOG2_C: tl.constexpr,
+):
+    """``exact_math.layer_norm_rows`` of each row, operation by operation:
+    ``mean = tree_sum(x) / C``; ``xc = x - mean``; ``var = tree_sum(xc * xc) / C``;
+    ``y = xc / sqrt(var + eps)``; ``y = y * w``; ``y = y + b``. Returns ``[ROWS, BLOCK_C]``
+    (the padding lanes hold 0, or ``b`` there: masked by the caller's stores)."""
+    mean = tl.div_rn(tree_sum_rows(x, ROWS, BLOCK_C, LOG2_C), c_f)
+    # zero padding lanes again: tree_sum pads xc * xc with zeros, not with mean^2
+    xc = tl.where(col_mask[None, :], x - mean[:, None], 0.0)
+    var = tl.div_rn(tree_sum_rows(tl.fma(xc, xc, 0.0), ROWS, BLOCK_C, LOG2_C), c_f)
+    y = tl.div_rn(xc, tl.sqrt_rn(var + eps)[:, None])
+    if HAS_WEIGHT:
+        y = tl.fma(y, w, 0.0)
+    if HAS_BIAS:
+        y = y + b
+    return y
+
+
+@triton.jit
+def exact_layernorm_neuron_kernel(
+    d_ptr,  # [T, R, C] float64 spike-driven residual D_t (float32 rows x_t when not HAS_C)
+    c_ptr,  # [RC, C] float64 constant part; row r of a step adds c[r % RC] (HAS_C only)
+    w_ptr,  # [C] float32 LayerNorm weight (HAS_WEIGHT only)
+    b_ptr,  # [C] float32 LayerNorm bias (HAS_BIAS only)
+    theta_ptr,  # [1] or [C] neuron threshold (any float dtype)
+    count_in_ptr,  # [R, C] int8 incoming count (HAS_COUNT only)
+    out_ptr,  # [T, R, C] int8 spikes
+    count_out_ptr,  # [R, C] int8
+    T,
+    R,
+    C,
+    RC,
+    eps,  # float32
+    n_min,
+    p_max,
+    HAS_C: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_COUNT: tl.constexpr,
+    PER_CHANNEL: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    LOG2_C: tl.constexpr,
+):
+    """x = fl32(c + D_t); y = layer_norm_rows(x); target-driven neuron on y."""
+    pid = tl.program_id(0).to(tl.int64)
+    rows = pid * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK_C)
+    col_mask = cols < C
+    mask = (rows < R)[:, None] & col_mask[None, :]
+    offs = rows[:, None] * C + cols[None, :]
+    # int64: R * C in int32 would wrap for a step of 2^31 elements or more
+    step = tl.cast(R, tl.int64) * C
+    # C as a float (exact: C <= 1024) for the correctly rounded divisions by it
+    c_f = tl.cast(C, tl.float32)
+
+    if HAS_C:
+        const = tl.load(c_ptr + (rows % RC)[:, None] * C + cols[None, :], mask=mask, other=0.0)
+    w, b = load_affine(w_ptr, b_ptr, cols, col_mask, HAS_WEIGHT, HAS_BIAS, BLOCK_C)
+    if PER_CHANNEL:
+        theta = tl.load(theta_ptr + cols, mask=col_mask, other=1.0).to(tl.float32)[None, :]
+    else:
+        theta = tl.load(theta_ptr).to(tl.float32)
+    if HAS_COUNT:
+        count = tl.load(count_in_ptr + offs, mask=mask, other=0).to(tl.int32)
+    else:
+        count = tl.zeros([ROWS, BLOCK_C], tl.int32)
+
+    d_ptrs = d_ptr + offs
+    out_ptrs = out_ptr + offs
+    d_next = tl.load(d_ptrs, mask=mask, other=0.0)
+    for t in range(T):
+        d = d_next
+        d_ptrs += step
+        d_next = tl.load(d_ptrs, mask=mask & (t + 1 < T), other=0.0)
+        # the padding lanes load 0 and stay 0: tree_sum's zero padding
+        if HAS_C:
+            x = (const + d).to(tl.float32)
+        else:
+            x = d.to(tl.float32)
+        y = layer_norm_rows_fp32(
+            x, w, b, eps, col_mask, c_f, HAS_WEIGHT, HAS_BIAS, ROWS, BLOCK_C, LOG2_C
+        )
+        sigma = target_step(y, theta, count, n_min, p_max)
+        count = count + sigma
+        tl.store(out_ptrs, sigma.to(tl.int8), mask=mask)
+        out_ptrs += step
+    tl.store(count_out_ptr + offs, count.to(tl.int8), mask=mask)
+
+
+@on_device
+def exact_layernorm_neuron_triton(
+    launch,
+    x: torch.Tensor,
+    c: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    threshold: torch.Tensor,
+    n_min: int,
+    p_max: int,
+    count: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Host side: ``x`` ``[T, R, C]`` contiguous, float64 ``D`` with ``c`` ``[RC, C]`` float64
+    (row ``r`` adds ``c[r % RC]``), or the float32 rows themselves with ``c`` None;
+    ``weight``/``bias`` ``[C]`` float32 contiguous or None; ``count`` ``[R, C]`` or None.
+    Returns fresh ``(spikes [T, R, C] int8, count [R, C] int8)``."""
+    T, R, C = x.shape
+    out = torch.empty((T, R, C), dtype=torch.int8, device=x.device)
+    count_out = torch.empty((R, C), dtype=torch.int8, device=x.device)
+    if R == 0:
+        return out, count_out
+    block_c, rows, num_warps = launch_config(C)
+    launch(exact_layernorm_neuron_kernel)[(triton.cdiv(R, rows),)](
+        x,
+        x if c is None else c,
+        x if weight is None else weight,
+        x if bias is None else bias,
+        threshold.contiguous(),
+        count_out if count is None else count,
+        out,
+        count_out,
+        T,
+        R,
+        C,
+        1 if c is None else c.shape[0],
+        eps,
+        n_min,
+        p_max,
+        HAS_C=c is not None,
+        HAS_WEIGHT=weight is not None,
+        HAS_BIAS=bias is not None,
+        HAS_COUNT=count is not None,
+        PER_CHANNEL=threshold.numel() > 1,
+        ROWS=rows,
+        BLOCK_C=block_c,
+        LOG2_C=block_c.bit_length() - 1,
+        num_warps=num_warps,
+    )
+    return out, count_out
+
+
+@triton.jit
+def layer_norm_rows_kernel(
+    x_ptr,  # [R, C] float32 rows
+    w_ptr,  # [C] float32 weight (HAS_WEIGHT only)
+    b_ptr,  # [C] float32 bias (HAS_BIAS only)
+    y_ptr,  # [R, C] float32
+    R,
+    C,
+    eps,  # float32
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    LOG2_C: tl.constexpr,
+):
+    """y = layer_norm_rows(x): the fused kernel's row function on its own, values out."""
+    pid = tl.program_id(0).to(tl.int64)
+    rows = pid * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK_C)
+    col_mask = cols < C
+    mask = (rows < R)[:, None] & col_mask[None, :]
+    offs = rows[:, None] * C + cols[None, :]
+    w, b = load_affine(w_ptr, b_ptr, cols, col_mask, HAS_WEIGHT, HAS_BIAS, BLOCK_C)
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+    y = layer_norm_rows_fp32(
+        x, w, b, eps, col_mask, tl.cast(C, tl.float32), HAS_WEIGHT, HAS_BIAS, ROWS, BLOCK_C, LOG2_C
+    )
+    tl.store(y_ptr + offs, y, mask=mask)
+
+
+@on_device
+def layer_norm_rows_triton(
+    launch,
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+) -> torch.Tensor:
+    """``exact_math.layer_norm_rows`` by the fused kernel's own row function: ``x``
+    ``[*, C]`` float32 (``C <= 1024``), ``weight``/``bias`` ``[C]`` float32 or None. The same
+    bits as ``exact_math.layer_norm_rows``; a QANN on a GPU can call it to share the SNN's
+    code, and the tests compare it bit for bit."""
+    x = x.contiguous()
+    C = x.shape[-1]
+    R = x.numel() // C if C else 0
+    y = torch.empty_like(x)
+    if R == 0:
+        return y
+    block_c, rows, num_warps = launch_config(C)
+    launch(layer_norm_rows_kernel)[(triton.cdiv(R, rows),)](
+        x,
+        x if weight is None else weight.contiguous(),
+        x if bias is None else bias.contiguous(),
+        y,
+        R,
+        C,
+        eps,
+        HAS_WEIGHT=weight is not None,
+        HAS_BIAS=bias is not None,
+        ROWS=rows,
+        BLOCK_C=block_c,
+        LOG2_C=block_c.bit_length() - 1,
+        num_warps=num_warps,
+    )
+    return y

@@ -1,0 +1,402 @@
+"""``torch.ops.spikekernels.exact_attention_probs`` and ``exact_context``: the two spike
+products of exact-mode attention, each fused with what reads it (SPEC.md §5, §9.2-§9.4)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from spikekernels.exact_math import context_value, score_value, softmax_rows
+from spikekernels.ops._checks import (
+    check_same_device,
+    check_state,
+    check_tensor,
+    check_ternary,
+    check_time_major,
+)
+from spikekernels.ops._dispatch import backend_for
+from spikekernels.ops._registry import kernel_op, launcher
+from spikekernels.ops.spike_matmul import _check_counts_fit, spike_matmul_dense
+from spikekernels.ops.target import (
+    check_bounds,
+    check_threshold,
+    check_threshold_values,
+    target_spikes_torch,
+)
+
+# The contraction (head dim D for the scores, keys N for the context) is at most 65535: a
+# step's increment sums 2 x 65535 products of a spike and an int8 count, below 2^24, so the
+# float32 matmuls of the PyTorch path are exact (as for RunningSpikeMatmul), and the running
+# product (at most 128 * 128 * 65535 in magnitude) fits int32.
+MAX_CONTRACTION = 2**16 - 1
+
+
+def _check_product(a, b, a_name, b_name, a_acc, b_acc, a_acc_name, b_acc_name) -> None:
+    """Two spike trains ``a`` ``[T, *batch, M, K]`` and ``b`` ``[T, *batch, K, N]``, int8, with
+    their optional running counts (metadata only)."""
+    check_tensor(a, a_name, dtypes=(torch.int8,), min_ndim=3)
+    check_tensor(b, b_name, dtypes=(torch.int8,), min_ndim=3)
+    check_time_major(a, a_name)
+    check_time_major(b, b_name)
+    check_same_device(a_name, a, b_name, b)
+    if b.shape[0] != a.shape[0]:
+        raise ValueError(f"{b_name} has T={b.shape[0]} time steps but {a_name} has T={a.shape[0]}")
+    if a.shape[1:-2] != b.shape[1:-2]:
+        raise ValueError(
+            f"{a_name} [T, *batch, M, K] and {b_name} [T, *batch, K, N] must have the same "
+            f"batch dims (no broadcasting), got {tuple(a.shape[1:-2])} and "
+            f"{tuple(b.shape[1:-2])}"
+        )
+    if a.shape[-1] != b.shape[-2]:
+        raise ValueError(
+            f"inner dims differ: {a_name} is [.., M, K={a.shape[-1]}] but {b_name} is "
+            f"[.., K={b.shape[-2]}, N]"
+        )
+    if a.shape[-1] > MAX_CONTRACTION:
+        raise ValueError(
+            f"the product contracts K={a.shape[-1]} ({a_name}'s last dim); at most "
+            f"{MAX_CONTRACTION} keep it exact"
+        )
+    check_state(a_acc, a_acc_name, a.shape[1:], (torch.int8,), a, a_name)
+    check_state(b_acc, b_acc_name, b.shape[1:], (torch.int8,), b, b_name)
+
+
+def _check_scalar(t: object, name: str, dtypes, like: torch.Tensor, like_name: str) -> None:
+    """A one-element tensor of ``dtypes`` on ``like``'s device."""
+    check_tensor(t, name, dtypes=dtypes)
+    if t.numel() != 1:
+        raise ValueError(f"{name} must have exactly one element, got shape {tuple(t.shape)}")
+    check_same_device(like_name, like, name, t)
+
+
+def _check_data(a, b, a_name, b_name, a_acc, b_acc, scalars, validate) -> None:
+    """Data checks: on CPU tensors always, on a GPU when ``validate`` (host syncs)."""
+    for t, name in scalars:
+        check_threshold_values(t, name, validate)
+    check_ternary(a, a_name, validate)
+    check_ternary(b, b_name, validate)
+    _check_counts_fit(a, a_acc, a_name, validate)
+    _check_counts_fit(b, b_acc, b_name, validate)
+
+
+def _running_product(a, b, a_acc, b_acc, product):
+    """``(S_t for every step [T, *batch, M, N] int32, a_acc, b_acc)``: the running product of
+    the counts, ``S_t = S_{t-1} + a_t @ B_t + A_{t-1} @ b_t``, exactly as
+    ``nn.RunningSpikeMatmul`` forms it (``spike_matmul``'s dense path at scale 1, exact
+    integers in float32, then an int32 cumulative sum onto the incoming ``product``)."""
+    unit = torch.ones((), dtype=torch.float32, device=a.device)
+    step, a_out, b_out = spike_matmul_dense(a, b, unit, a_acc, b_acc)
+    running = torch.cumsum(step.to(torch.int32), dim=0, dtype=torch.int32)
+    if product is not None:
+        running += product
+    return running, a_out, b_out
+
+
+# ---------------------------------------------------------------------------------------------
+# scores product + softmax + attention neuron
+
+
+def _check_probs(q, k_t, gain, threshold, n_min, p_max, q_acc, k_acc, scores, count) -> None:
+    """Metadata checks (no data read)."""
+    _check_product(q, k_t, "q", "k_t", q_acc, k_acc, "q_acc", "k_acc")
+    # float32 only: score_value multiplies in the gain's dtype
+    _check_scalar(gain, "gain", (torch.float32,), q, "q")
+    check_threshold(threshold, "threshold", None, q, "q")
+    check_bounds(n_min, p_max)
+    shape = (*q.shape[1:-1], k_t.shape[-1])
+    check_state(scores, "scores", shape, (torch.int32,), q, "q")
+    check_state(count, "count", shape, (torch.int8,), q, "q")
+
+
+def exact_attention_probs_torch(
+    q: torch.Tensor,
+    k_t: torch.Tensor,
+    gain: torch.Tensor,
+    threshold: torch.Tensor,
+    n_min: int,
+    p_max: int,
+    q_acc: torch.Tensor | None,
+    k_acc: torch.Tensor | None,
+    scores: torch.Tensor | None,
+    count: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Vectorised PyTorch (any device, any shape): what ``RunningSpikeMatmul``,
+    ``ExactSoftmax`` and ``TargetNeuron`` compute in a row, from the same functions."""
+    running, q_out, k_out = _running_product(q, k_t, q_acc, k_acc, scores)
+    if running.numel():
+        probs = softmax_rows(score_value(running, gain.reshape(())))
+    else:  # no keys or no rows: nothing to normalise
+        probs = running.to(torch.float32)
+    spikes, count_out = target_spikes_torch(probs, threshold, n_min, p_max, count)
+    return spikes, q_out, k_out, running[-1].clone(), count_out
+
+
+def _fused_probs_fits(q: torch.Tensor, k_t: torch.Tensor) -> bool:
+    """Whether the Triton kernel takes the shape: no empty dim, all keys in one tile."""
+    from spikekernels.kernels.exact_attention import MAX_KEYS
+
+    return min(math.prod(q.shape[1:-2]), *q.shape[-2:], k_t.shape[-1]) > 0 and (
+        k_t.shape[-1] <= MAX_KEYS
+    )
+
+
+@kernel_op("exact_attention_probs")
+def _exact_attention_probs_op(
+    q: torch.Tensor,
+    k_t: torch.Tensor,
+    gain: torch.Tensor,
+    threshold: torch.Tensor,
+    n_min: int,
+    p_max: int,
+    q_acc: torch.Tensor | None = None,
+    k_acc: torch.Tensor | None = None,
+    scores: torch.Tensor | None = None,
+    count: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    args = (q, k_t, gain, threshold, n_min, p_max, q_acc, k_acc, scores, count)
+    _check_probs(*args)
+    backend = backend_for(q, ("triton", "torch"))
+    if backend == "triton" and _fused_probs_fits(q, k_t):
+        from spikekernels.kernels.exact_attention import exact_attention_probs_triton
+
+        return exact_attention_probs_triton(launcher, *args)
+    if backend == "reference":
+        from spikekernels import reference
+
+        return reference.exact_attention_probs(*args)
+    return exact_attention_probs_torch(*args)
+
+
+@_exact_attention_probs_op.register_fake
+def _(q, k_t, gain, threshold, n_min, p_max, q_acc=None, k_acc=None, scores=None, count=None):
+    _check_probs(q, k_t, gain, threshold, n_min, p_max, q_acc, k_acc, scores, count)
+    shape = (*q.shape[1:-1], k_t.shape[-1])
+    return (
+        q.new_empty((q.shape[0], *shape), dtype=torch.int8),
+        q.new_empty(q.shape[1:], dtype=torch.int8),
+        k_t.new_empty(k_t.shape[1:], dtype=torch.int8),
+        q.new_empty(shape, dtype=torch.int32),
+        q.new_empty(shape, dtype=torch.int8),
+    )
+
+
+def exact_attention_probs(
+    q: torch.Tensor,
+    k_t: torch.Tensor,
+    gain: torch.Tensor,
+    threshold: torch.Tensor,
+    n_min: int,
+    p_max: int,
+    q_acc: torch.Tensor | None = None,
+    k_acc: torch.Tensor | None = None,
+    scores: torch.Tensor | None = None,
+    count: torch.Tensor | None = None,
+    *,
+    validate: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Exact-mode attention probabilities: the scores product, the softmax row function and
+    the attention neuron, fused (SPEC.md §5, §9.2-§9.4).
+
+    State: the running counts ``Q`` and ``K`` of the two spike trains (int8), the running
+    scores ``S = Q @ K`` (int32) and the attention neuron's ``count`` (int8); all fresh 0.
+    Per step ``t``::
+
+        S += q_t @ K_t + Q_{t-1} @ k_t                  # exact, int32 (K_t: after step t)
+        z  = fl32(g * fl32(S))                          # exact_math.score_value
+        p  = softmax_rows(z)                            # exact_math's row function
+        target = clamp(floor(p / theta + 1/2), n_min, p_max)
+        sigma  = sign(target - count);  count += sigma;  out_t = sigma
+
+    i.e. ``target_spikes`` (§9.3) on ``ExactSoftmax``'s value of ``RunningSpikeMatmul``'s
+    scores, bit for bit: ``softmax_rows`` is the row max, ``exp_rows``' polynomial and
+    ``tree_sum``'s halving order, one rounding per operation, no fused multiply-add and a
+    correctly rounded division, on every path. Only the int8 spikes and the final state
+    are produced; the scores and probabilities of a step never leave the kernel.
+
+    Args:
+        q: ``[T, *batch, M, D]`` int8 ternary query spikes, any strides.
+        k_t: ``[T, *batch, D, N]`` int8 ternary key spikes, any strides (a transposed view
+            such as ``k.transpose(-1, -2)`` is read in place). ``D <= 65535``.
+        gain: one-element float32 score gain ``g = fl32(fl32(theta_q * theta_k) *
+            fl32(D^-1/2))`` (``exact_math.score_gain``), read on the device.
+        threshold: one-element float tensor ``theta``, the attention neuron's step (read as
+            float32 on the device).
+        n_min, p_max: Python ints, ``n_min <= 0 <= p_max``, inside int8's ``[-128, 127]``
+            (the attention neuron is unsigned: ``0, level - 1``).
+        q_acc, k_acc: optional incoming int8 counts ``[*batch, M, D]`` and ``[*batch, D, N]``.
+        scores: optional incoming int32 ``S`` ``[*batch, M, N]``.
+        count: optional incoming int8 neuron count ``[*batch, M, N]``.
+        validate: on a GPU also run the data checks (host syncs): ``gain`` and ``threshold``
+            positive, finite and normal; the spikes ternary; every running count inside
+            int8. On CPU they always run.
+
+    Returns:
+        ``(spikes [T, *batch, M, N] int8, q_acc, k_acc, scores, count)``, fresh tensors, so
+        chunked time (feeding the state back) equals a whole run bit for bit.
+
+    Dispatch (``ops._dispatch.backend_for``): CUDA tensors run the Triton kernel (one program
+    per batch entry and block of query rows, all keys in one tile, the T loop inside with
+    ``S`` and the count in registers; int8 tensor-core products, silent spike tiles
+    skipped) when ``N <= 256``, the PyTorch path otherwise; CPU tensors run vectorised
+    PyTorch (the Triton kernel under ``TRITON_INTERPRET=1``); ``force_backend("reference")``
+    runs ``reference.exact_attention_probs``. Inference only: no autograd.
+    """
+    args = (q, k_t, gain, threshold, n_min, p_max, q_acc, k_acc, scores, count)
+    _check_probs(*args)
+    _check_data(
+        q, k_t, "q", "k_t", q_acc, k_acc, ((gain, "gain"), (threshold, "threshold")), validate
+    )
+    return torch.ops.spikekernels.exact_attention_probs(*args)
+
+
+# ---------------------------------------------------------------------------------------------
+# context product + neuron
+
+
+def _check_context(a, v, theta_a, theta_v, threshold, n_min, p_max, a_acc, v_acc, z, count):
+    """Metadata checks (no data read)."""
+    _check_product(a, v, "a", "v", a_acc, v_acc, "a_acc", "v_acc")
+    check_threshold(theta_a, "theta_a", None, a, "a")
+    check_threshold(theta_v, "theta_v", None, a, "a")
+    check_threshold(threshold, "threshold", None, a, "a")
+    check_bounds(n_min, p_max)
+    shape = (*a.shape[1:-1], v.shape[-1])
+    check_state(z, "z", shape, (torch.int32,), a, "a")
+    check_state(count, "count", shape, (torch.int8,), a, "a")
+
+
+def exact_context_torch(
+    a: torch.Tensor,
+    v: torch.Tensor,
+    theta_a: torch.Tensor,
+    theta_v: torch.Tensor,
+    threshold: torch.Tensor,
+    n_min: int,
+    p_max: int,
+    a_acc: torch.Tensor | None,
+    v_acc: torch.Tensor | None,
+    z: torch.Tensor | None,
+    count: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Vectorised PyTorch (any device, any shape): what ``RunningSpikeMatmul``,
+    ``exact_math.context_value`` and ``TargetNeuron`` compute in a row."""
+    running, a_out, v_out = _running_product(a, v, a_acc, v_acc, z)
+    y = context_value(running, theta_a.reshape(()), theta_v.reshape(()))
+    spikes, count_out = target_spikes_torch(y, threshold, n_min, p_max, count)
+    return spikes, a_out, v_out, running[-1].clone(), count_out
+
+
+def _fused_context_fits(a: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether the Triton kernel takes the shape: no empty dim, all head channels in one
+    tile."""
+    from spikekernels.kernels.exact_attention import MAX_HEAD_DIM
+
+    return min(math.prod(a.shape[1:-2]), *a.shape[-2:], v.shape[-1]) > 0 and (
+        v.shape[-1] <= MAX_HEAD_DIM
+    )
+
+
+@kernel_op("exact_context")
+def _exact_context_op(
+    a: torch.Tensor,
+    v: torch.Tensor,
+    theta_a: torch.Tensor,
+    theta_v: torch.Tensor,
+    threshold: torch.Tensor,
+    n_min: int,
+    p_max: int,
+    a_acc: torch.Tensor | None = None,
+    v_acc: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    count: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    args = (a, v, theta_a, theta_v, threshold, n_min, p_max, a_acc, v_acc, z, count)
+    _check_context(*args)
+    backend = backend_for(a, ("triton", "torch"))
+    if backend == "triton" and _fused_context_fits(a, v):
+        from spikekernels.kernels.exact_attention import exact_context_triton
+
+        return exact_context_triton(launcher, *args)
+    if backend == "reference":
+        from spikekernels import reference
+
+        return reference.exact_context(*args)
+    return exact_context_torch(*args)
+
+
+@_exact_context_op.register_fake
+def _(a, v, theta_a, theta_v, threshold, n_min, p_max, a_acc=None, v_acc=None, z=None, count=None):
+    _check_context(a, v, theta_a, theta_v, threshold, n_min, p_max, a_acc, v_acc, z, count)
+    shape = (*a.shape[1:-1], v.shape[-1])
+    return (
+        a.new_empty((a.shape[0], *shape), dtype=torch.int8),
+        a.new_empty(a.shape[1:], dtype=torch.int8),
+        v.new_empty(v.shape[1:], dtype=torch.int8),
+        a.new_empty(shape, dtype=torch.int32),
+        a.new_empty(shape, dtype=torch.int8),
+    )
+
+
+def exact_context(
+    a: torch.Tensor,
+    v: torch.Tensor,
+    theta_a: torch.Tensor,
+    theta_v: torch.Tensor,
+    threshold: torch.Tensor,
+    n_min: int,
+    p_max: int,
+    a_acc: torch.Tensor | None = None,
+    v_acc: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    count: torch.Tensor | None = None,
+    *,
+    validate: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Exact-mode attention context: the context product and the neuron after it, fused
+    (SPEC.md §5, §9.2-§9.4).
+
+    State: the running counts ``A`` (attention) and ``V`` (values), int8, the running
+    context ``Z = A @ V`` (int32) and the neuron's ``count`` (int8); all fresh 0. Per step::
+
+        Z += a_t @ V_t + A_{t-1} @ v_t                  # exact, int32 (V_t: after step t)
+        y  = fl32(fl32(theta_a * theta_v) * fl32(Z))    # exact_math.context_value
+        target = clamp(floor(y / theta + 1/2), n_min, p_max)
+        sigma  = sign(target - count);  count += sigma;  out_t = sigma
+
+    i.e. ``target_spikes`` (§9.3) on ``context_value`` of ``RunningSpikeMatmul``'s product,
+    bit for bit (two roundings, a correctly rounded division). Only the int8 spikes and the
+    final state are produced.
+
+    Args:
+        a: ``[T, *batch, M, N]`` int8 ternary attention spikes, any strides. ``N <= 65535``.
+        v: ``[T, *batch, N, D]`` int8 ternary value spikes, any strides (a head-split view
+            is read in place).
+        theta_a, theta_v: one-element float tensors, the steps of the attention and value
+            neurons (read as float32 on the device).
+        threshold: one-element float tensor ``theta``, the output neuron's step.
+        n_min, p_max: Python ints, ``n_min <= 0 <= p_max``, inside int8's ``[-128, 127]``
+            (the output neuron is signed: ``-(level // 2), level // 2 - 1``).
+        a_acc, v_acc: optional incoming int8 counts ``[*batch, M, N]`` and ``[*batch, N, D]``.
+        z: optional incoming int32 ``Z`` ``[*batch, M, D]``.
+        count: optional incoming int8 neuron count ``[*batch, M, D]``.
+        validate: on a GPU also run the data checks (host syncs): the three thresholds
+            positive, finite and normal; the spikes ternary; every running count inside
+            int8. On CPU they always run.
+
+    Returns:
+        ``(spikes [T, *batch, M, D] int8, a_acc, v_acc, z, count)``, fresh tensors, so
+        chunked time (feeding the state back) equals a whole run bit for bit.
+
+    Dispatch: CUDA tensors run the Triton kernel (one program per batch entry and block of
+    query rows, all head channels in one tile, the keys in slices; the T loop inside with
+    ``Z`` and the count in registers; int8 tensor-core products, silent spike tiles skipped)
+    when ``D <= 64``, the PyTorch path otherwise; CPU tensors run vectorised PyTorch (the
+    Triton kernel under ``TRITON_INTERPRET=1``); ``force_backend("reference")`` runs
+    ``reference.exact_context``. Inference only: no autograd.
+    """
+    args = (a, v, theta_a, theta_v, threshold, n_min, p_max, a_acc, v_acc, z, count)
+    _check_context(*args)
+    scalars = ((theta_a, "theta_a"), (theta_v, "theta_v"), (threshold, "threshold"))
+    _check_data(a, v, "a", "v", a_acc, v_acc, scalars, validate)
+    return torch.ops.spikekernels.exact_context(*args)

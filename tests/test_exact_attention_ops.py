@@ -1,0 +1,642 @@
+"""exact_attention_probs and exact_context (SPEC.md §5, §9.2-§9.4): the fused scores product +
+softmax + attention neuron and context product + neuron, bit for bit against the step-by-step
+reference and against the unfused modules they replace (RunningSpikeMatmul, ExactSoftmax /
+context_value, TargetNeuron), on every backend (Triton through the interpreter, vectorised
+PyTorch, the oracle)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import DEVICES
+
+from spikekernels import exact_math, reference
+from spikekernels.kernels import TRITON_AVAILABLE, use_triton
+from spikekernels.nn.exact_layers import ExactSoftmax
+from spikekernels.nn.spike_matmul import RunningSpikeMatmul
+from spikekernels.nn.target_neuron import TargetNeuron
+from spikekernels.ops import exact_attention_probs, exact_context
+from spikekernels.ops._dispatch import force_backend
+from spikekernels.ops.exact_attention import MAX_CONTRACTION
+
+# Level 16: the attention neuron is unsigned, the context neuron signed (SPEC.md §1).
+ATTN_LEVEL, ATTN_BOUNDS = 16, (0, 15)
+CTX_LEVEL, CTX_BOUNDS = 16, (-8, 7)
+# Row groups that fall silent together, so that some kernel tiles are silent and others not.
+GROUP = 16
+
+
+def _spikes(gen, shape, density=0.5, silent=0.3, group_dim=-2):
+    """Ternary int8 spikes; groups of GROUP rows (or columns) silent together, and a silent
+    step when T > 2."""
+    x = torch.randint(-1, 2, shape, generator=gen, dtype=torch.int8)
+    x = x * (torch.rand(shape, generator=gen) < density)
+    n = shape[group_dim]
+    keep = torch.rand((*shape[:-2], -(-n // GROUP)), generator=gen) >= silent
+    keep = keep.repeat_interleave(GROUP, dim=-1)[..., :n]
+    x = x * (keep.unsqueeze(-1) if group_dim == -2 else keep.unsqueeze(-2))
+    if shape[0] > 2:
+        x[1] = 0
+    return x
+
+
+def _cpu(t):
+    return None if t is None else t.cpu()
+
+
+def _to(t, device):
+    return None if t is None else t.to(device)
+
+
+def _assert_same(got, want, names):
+    for name, g, w in zip(names, got, want, strict=True):
+        g, w = g.cpu(), w.cpu()
+        assert g.dtype == w.dtype, f"{name}: dtype {g.dtype} != {w.dtype}"
+        assert g.shape == w.shape, f"{name}: shape {tuple(g.shape)} != {tuple(w.shape)}"
+        diff = (g != w).sum().item()
+        assert diff == 0, f"{name}: {diff} of {g.numel()} elements differ"
+
+
+# ---------------------------------------------------------------------------------------------
+# exact_attention_probs
+
+PROBS_NAMES = ("spikes", "q_acc", "k_acc", "scores", "count")
+
+
+def _probs_case(gen, T, batch, m, d, n, *, state=False, device="cpu"):
+    """Query and key spikes (``k_t`` a transposed view, as attention passes it), a score gain
+    from two steps (``exact_math.score_gain``) scaled so that the probabilities span the
+    neuron's levels, the neuron's threshold and optional incoming state."""
+    q = _spikes(gen, (T, *batch, m, d))
+    k = _spikes(gen, (T, *batch, n, d))
+    theta_q, theta_k = 0.5 + torch.rand(2, generator=gen)
+    case = dict(
+        q=q,
+        k_t=k.transpose(-1, -2),
+        gain=exact_math.score_gain(theta_q, theta_k, d) * 2,
+        threshold=torch.tensor(1 / 15 * (0.7 + 0.6 * torch.rand((), generator=gen).item())),
+    )
+    if state:
+        case |= dict(
+            q_acc=torch.randint(-4, 5, (*batch, m, d), generator=gen, dtype=torch.int8),
+            k_acc=torch.randint(-4, 5, (*batch, d, n), generator=gen, dtype=torch.int8),
+            scores=torch.randint(-200, 200, (*batch, m, n), generator=gen, dtype=torch.int32),
+            count=torch.randint(0, 16, (*batch, m, n), generator=gen, dtype=torch.int8),
+        )
+    return {name: t.to(device) for name, t in case.items()}
+
+
+def _run_probs(case, bounds=ATTN_BOUNDS, **kwargs):
+    c = dict(case)
+    return exact_attention_probs(
+        c.pop("q"), c.pop("k_t"), c.pop("gain"), c.pop("threshold"), *bounds, **c, **kwargs
+    )
+
+
+def _reference_probs(case, bounds=ATTN_BOUNDS):
+    c = {name: _cpu(t) for name, t in case.items()}
+    return reference.exact_attention_probs(
+        c.pop("q"), c.pop("k_t"), c.pop("gain"), c.pop("threshold"), *bounds, **c
+    )
+
+
+def _unfused_probs(case, chunks):
+    """What exact mode runs today, module by module, over the given chunks of time."""
+    scores = RunningSpikeMatmul()
+    softmax = ExactSoftmax(case["gain"])
+    neuron = TargetNeuron(case["threshold"], ATTN_LEVEL, signed=False)
+    spikes = [
+        neuron(softmax(scores(q, k)))
+        for q, k in zip(case["q"].split(chunks), case["k_t"].split(chunks), strict=True)
+    ]
+    return torch.cat(spikes), scores.a_acc, scores.b_acc, scores.product, neuron.count
+
+
+# (batch, M, D, N): M, D, N not multiples of 16; single rows, keys and channels; a head dim
+# over several slices of the contraction; N = 197 (ViT at 224 px: 256 keys a tile, padded)
+PROBS_SHAPES = [
+    ((1,), 1, 1, 1),
+    ((2,), 5, 7, 3),
+    ((2, 3), 17, 33, 20),
+    ((), 19, 70, 16),
+    ((1,), 21, 64, 197),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(("batch", "m", "d", "n"), PROBS_SHAPES)
+@pytest.mark.parametrize("T", [1, 5])
+def test_probs_bit_exact(gen, device, T, batch, m, d, n):
+    case = _probs_case(gen, T, batch, m, d, n, device=device)
+    got = _run_probs(case)
+    _assert_same(got, _reference_probs(case), PROBS_NAMES)
+    assert set(got[0].unique().tolist()) <= {-1, 0, 1}
+    assert got[0].any(), "the case should make the attention neuron fire"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(("batch", "m", "d", "n"), PROBS_SHAPES[1:])
+def test_probs_matches_the_unfused_modules(gen, device, batch, m, d, n):
+    """Chunk by chunk, the fused op gives the spikes and state that RunningSpikeMatmul ->
+    ExactSoftmax -> TargetNeuron give (what ExactAttention runs today)."""
+    case = _probs_case(gen, 7, batch, m, d, n, device=device)
+    chunks = [3, 1, 3]
+    want = _unfused_probs(case, chunks)
+    spikes, state = [], {}
+    for q, k in zip(case["q"].split(chunks), case["k_t"].split(chunks), strict=True):
+        chunk = dict(case, q=q, k_t=k, **state)
+        out, *rest = _run_probs(chunk)
+        spikes.append(out)
+        state = dict(zip(("q_acc", "k_acc", "scores", "count"), rest, strict=True))
+    _assert_same((torch.cat(spikes), *state.values()), want, PROBS_NAMES)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch", "reference"])
+def test_probs_every_backend_matches_the_reference(gen, backend):
+    """Each backend pinned in turn (one that cannot run here falls back to torch)."""
+    case = _probs_case(gen, 4, (2,), 18, 40, 37, state=True)
+    with force_backend(backend):
+        got = _run_probs(case)
+    _assert_same(got, _reference_probs(case), PROBS_NAMES)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_probs_chunked_equals_whole(gen, device):
+    case = _probs_case(gen, 12, (2,), 19, 36, 45, state=True, device=device)
+    whole = _run_probs(case)
+    spikes, state = [], {k: case[k] for k in ("q_acc", "k_acc", "scores", "count")}
+    for q, k in zip(case["q"].split([5, 1, 6]), case["k_t"].split([5, 1, 6]), strict=True):
+        out, *rest = _run_probs(dict(case, q=q, k_t=k, **state))
+        spikes.append(out)
+        state = dict(zip(state, rest, strict=True))
+    _assert_same((torch.cat(spikes), *state.values()), whole, PROBS_NAMES)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_probs_silent_input_still_moves_the_neuron(gen, device):
+    """Every spike tile silent: the counts and scores hold, but the softmax and the neuron
+    run every step, toward the targets of the incoming scores."""
+    case = _probs_case(gen, 6, (2,), 20, 24, 30, state=True, device=device)
+    case["q"].zero_()
+    case["k_t"].zero_()
+    case["scores"] = torch.randint(-2000, 2000, case["scores"].shape, generator=gen).to(
+        device=device, dtype=torch.int32
+    )
+    case["count"].zero_()
+    got = _run_probs(case)
+    _assert_same(got, _reference_probs(case), PROBS_NAMES)
+    assert torch.equal(got[3], case["scores"]) and torch.equal(got[1], case["q_acc"])
+    assert got[0].any(), "the neurons must still fire toward their targets"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_probs_mixed_silent_and_active_tiles(gen, device):
+    """Spikes in one row block of one step, one key slice of another, silence elsewhere."""
+    case = _probs_case(gen, 5, (3,), 40, 70, 50, device=device)
+    case["q"].zero_()
+    case["k_t"].zero_()
+    case["q"][0, 1, 17:20] = 1
+    case["k_t"][2, 2, 40:60, 3:9] = -1
+    case["q"][4, 0, 39, ::5] = 1
+    _assert_same(_run_probs(case), _reference_probs(case), PROBS_NAMES)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_probs_every_output_element_is_written(gen, device, poisoned_allocations):
+    case = _probs_case(gen, 3, (2,), 21, 33, 35, device=device)
+    want = _reference_probs(case)
+    _assert_same(_run_probs(case), want, PROBS_NAMES)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_probs_state_is_fresh_and_inputs_untouched(gen, device):
+    case = _probs_case(gen, 3, (2,), 9, 20, 11, state=True, device=device)
+    before = {name: t.clone() for name, t in case.items()}
+    got = _run_probs(case)
+    for name, t in zip(PROBS_NAMES[1:], got[1:], strict=True):
+        assert t.data_ptr() != case[name].data_ptr(), f"{name} aliases its input"
+    for name, t in case.items():
+        assert torch.equal(t, before[name]), f"{name} was modified"
+
+
+def test_probs_settle_to_the_qann_integers(gen):
+    """SPEC.md §9.4: once the spikes stop, S is the exact Q K^T of the counts, and within
+    p_max - n_min silent steps every count is the QANN quantizer's integer of
+    softmax_rows(fl32(g * fl32(S))), then stays there."""
+    case = _probs_case(gen, 5, (2,), 13, 24, 29)
+    quiet = torch.zeros(ATTN_BOUNDS[1] + 2, *case["q"].shape[1:], dtype=torch.int8)
+    case["q"] = torch.cat([case["q"], quiet])
+    case["k_t"] = torch.cat([case["k_t"], quiet.new_zeros(len(quiet), *case["k_t"].shape[1:])])
+    spikes, q_acc, k_acc, scores, count = _run_probs(case)
+    q_int, k_int = case["q"].sum(0, dtype=torch.int32), case["k_t"].sum(0, dtype=torch.int32)
+    assert torch.equal(scores, exact_math.int_matmul(q_int, k_int))
+    probs = exact_math.softmax_rows(exact_math.score_value(scores, case["gain"]))
+    integer = exact_math.target(probs, case["threshold"], *ATTN_BOUNDS)
+    assert torch.equal(count.to(torch.float32), integer)
+    assert torch.equal(spikes.sum(0, dtype=torch.int32), count.to(torch.int32))
+
+
+def _good_probs() -> dict:
+    return dict(
+        q=torch.zeros(2, 3, 4, 8, dtype=torch.int8),
+        k_t=torch.zeros(2, 3, 8, 5, dtype=torch.int8),
+        gain=torch.tensor(0.1),
+        threshold=torch.tensor(0.07),
+        n_min=0,
+        p_max=15,
+    )
+
+
+# (case, what replaces the good arguments, error type, words the message must contain)
+BAD_PROBS = [
+    ("T == 0", dict(q=torch.zeros(0, 3, 4, 8, dtype=torch.int8)), ValueError, "T == 0"),
+    ("q float", dict(q=torch.zeros(2, 3, 4, 8)), TypeError, "q must have dtype"),
+    ("k_t int32", dict(k_t=torch.zeros(2, 3, 8, 5, dtype=torch.int32)), TypeError, "k_t must"),
+    ("q 2-D", dict(q=torch.zeros(2, 8, dtype=torch.int8)), ValueError, "q must have at least"),
+    ("T differs", dict(k_t=torch.zeros(3, 3, 8, 5, dtype=torch.int8)), ValueError, "T=3"),
+    ("batch differs", dict(k_t=torch.zeros(2, 2, 8, 5, dtype=torch.int8)), ValueError, "batch"),
+    ("D differs", dict(k_t=torch.zeros(2, 3, 9, 5, dtype=torch.int8)), ValueError, "K=8"),
+    ("q not ternary", dict(q=torch.full((2, 3, 4, 8), 2, dtype=torch.int8)), ValueError, "q must"),
+    (
+        "k_t not ternary",
+        dict(k_t=torch.full((2, 3, 8, 5), -128, dtype=torch.int8)),
+        ValueError,
+        "k_t must hold ternary",
+    ),
+    ("gain float64", dict(gain=torch.tensor(0.1, dtype=torch.float64)), TypeError, "gain must"),
+    ("gain 2 elements", dict(gain=torch.ones(2)), ValueError, "gain must have exactly one"),
+    ("gain zero", dict(gain=torch.tensor(0.0)), ValueError, "gain must be positive"),
+    ("gain nan", dict(gain=torch.tensor(float("nan"))), ValueError, "gain must be positive"),
+    ("threshold 2", dict(threshold=torch.ones(2)), ValueError, "threshold must have exactly"),
+    ("threshold <= 0", dict(threshold=torch.tensor(-1.0)), ValueError, "threshold must be"),
+    ("threshold int", dict(threshold=torch.tensor(1)), TypeError, "threshold must have dtype"),
+    ("bounds inverted", dict(n_min=3, p_max=-4), ValueError, "n_min=3 > p_max=-4"),
+    ("int8 overflow", dict(p_max=255), ValueError, "int8 count would overflow"),
+    ("p_max float", dict(p_max=15.0), TypeError, "p_max must be a Python int"),
+    ("q_acc shape", dict(q_acc=torch.zeros(3, 4, 9, dtype=torch.int8)), ValueError, "q_acc must"),
+    ("k_acc int32", dict(k_acc=torch.zeros(3, 8, 5, dtype=torch.int32)), TypeError, "k_acc must"),
+    ("scores int8", dict(scores=torch.zeros(3, 4, 5, dtype=torch.int8)), TypeError, "scores must"),
+    ("scores shape", dict(scores=torch.zeros(3, 5, 4, dtype=torch.int32)), ValueError, "scores"),
+    ("count int32", dict(count=torch.zeros(3, 4, 5, dtype=torch.int32)), TypeError, "count must"),
+    (
+        "count elsewhere",
+        dict(count=torch.zeros(3, 4, 5, dtype=torch.int8, device="meta")),
+        ValueError,
+        "count is on meta",
+    ),
+    (
+        "counts leave int8",
+        dict(q=torch.ones(2, 3, 4, 8, dtype=torch.int8), q_acc=torch.full((3, 4, 8), 127).char()),
+        ValueError,
+        "running count of q",
+    ),
+    (
+        "D too large",
+        dict(
+            q=torch.zeros(1, 1, MAX_CONTRACTION + 1, dtype=torch.int8),
+            k_t=torch.zeros(1, MAX_CONTRACTION + 1, 1, dtype=torch.int8),
+        ),
+        ValueError,
+        "keep it exact",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("case", "bad", "error", "words"), BAD_PROBS, ids=[b[0] for b in BAD_PROBS]
+)
+def test_probs_bad_input_is_rejected(case, bad, error, words):
+    with pytest.raises(error, match=words):
+        exact_attention_probs(**{**_good_probs(), **bad})
+
+
+@pytest.mark.parametrize("state", [False, True])
+def test_probs_opcheck(gen, state):
+    case = _probs_case(gen, 3, (2,), 6, 20, 9, state=state)
+    c = dict(case)
+    args = [c.pop("q"), c.pop("k_t"), c.pop("gain"), c.pop("threshold"), *ATTN_BOUNDS]
+    args += [c.get(name) for name in ("q_acc", "k_acc", "scores", "count")]
+    torch.library.opcheck(torch.ops.spikekernels.exact_attention_probs.default, tuple(args))
+
+
+def test_probs_torch_compile_fullgraph(gen):
+    case = _probs_case(gen, 4, (2,), 7, 20, 9)
+
+    def block(q, k_t):
+        spikes, *state = _run_probs(dict(case, q=q, k_t=k_t))
+        return spikes.sum(0, dtype=torch.int32), *state
+
+    compiled = torch.compile(block, fullgraph=True)
+    got, want = compiled(case["q"], case["k_t"]), block(case["q"], case["k_t"])
+    for g, w in zip(got, want, strict=True):
+        assert torch.equal(g, w)
+
+
+# ---------------------------------------------------------------------------------------------
+# exact_context
+
+CONTEXT_NAMES = ("spikes", "a_acc", "v_acc", "z", "count")
+
+
+def _context_case(gen, T, batch, m, n, d, *, state=False, device="cpu"):
+    """Attention and value spikes (``v`` a head-split view, as attention passes it), the two
+    steps and the output neuron's threshold scaled so that the targets span its levels."""
+    a = _spikes(gen, (T, *batch, m, n), silent=0.3, group_dim=-1)
+    v = _spikes(gen, (T, *batch, d, n)).transpose(-1, -2)
+    case = dict(
+        a=a,
+        v=v,
+        theta_a=torch.tensor(1 / 15),
+        theta_v=torch.tensor(0.5 + torch.rand((), generator=gen).item()),
+        threshold=torch.tensor(0.02 + 0.02 * torch.rand((), generator=gen).item()),
+    )
+    if state:
+        case |= dict(
+            a_acc=torch.randint(0, 6, (*batch, m, n), generator=gen, dtype=torch.int8),
+            v_acc=torch.randint(-4, 5, (*batch, n, d), generator=gen, dtype=torch.int8),
+            z=torch.randint(-100, 100, (*batch, m, d), generator=gen, dtype=torch.int32),
+            count=torch.randint(-8, 8, (*batch, m, d), generator=gen, dtype=torch.int8),
+        )
+    return {name: t.to(device) for name, t in case.items()}
+
+
+def _run_context(case, bounds=CTX_BOUNDS, **kwargs):
+    c = dict(case)
+    head = [c.pop(name) for name in ("a", "v", "theta_a", "theta_v", "threshold")]
+    return exact_context(*head, *bounds, **c, **kwargs)
+
+
+def _reference_context(case, bounds=CTX_BOUNDS):
+    c = {name: _cpu(t) for name, t in case.items()}
+    head = [c.pop(name) for name in ("a", "v", "theta_a", "theta_v", "threshold")]
+    return reference.exact_context(*head, *bounds, **c)
+
+
+def _unfused_context(case, chunks):
+    context = RunningSpikeMatmul()
+    neuron = TargetNeuron(case["threshold"], CTX_LEVEL, signed=True)
+    spikes = [
+        neuron(exact_math.context_value(context(a, v), case["theta_a"], case["theta_v"]))
+        for a, v in zip(case["a"].split(chunks), case["v"].split(chunks), strict=True)
+    ]
+    return torch.cat(spikes), context.a_acc, context.b_acc, context.product, neuron.count
+
+
+# (batch, M, N, D): the contraction N over several key slices, N = 197 and D = 64 (ViT)
+CONTEXT_SHAPES = [
+    ((1,), 1, 1, 1),
+    ((2,), 5, 3, 7),
+    ((2, 3), 17, 20, 33),
+    ((), 19, 70, 16),
+    ((1,), 21, 197, 64),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(("batch", "m", "n", "d"), CONTEXT_SHAPES)
+@pytest.mark.parametrize("T", [1, 5])
+def test_context_bit_exact(gen, device, T, batch, m, n, d):
+    case = _context_case(gen, T, batch, m, n, d, device=device)
+    got = _run_context(case)
+    _assert_same(got, _reference_context(case), CONTEXT_NAMES)
+    assert set(got[0].unique().tolist()) <= {-1, 0, 1}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(("batch", "m", "n", "d"), CONTEXT_SHAPES[1:])
+def test_context_matches_the_unfused_modules(gen, device, batch, m, n, d):
+    """Chunk by chunk, the fused op gives the spikes and state that RunningSpikeMatmul ->
+    context_value -> TargetNeuron give (what ExactAttention runs today)."""
+    case = _context_case(gen, 7, batch, m, n, d, device=device)
+    chunks = [3, 1, 3]
+    want = _unfused_context(case, chunks)
+    spikes, state = [], {}
+    for a, v in zip(case["a"].split(chunks), case["v"].split(chunks), strict=True):
+        out, *rest = _run_context(dict(case, a=a, v=v, **state))
+        spikes.append(out)
+        state = dict(zip(("a_acc", "v_acc", "z", "count"), rest, strict=True))
+    _assert_same((torch.cat(spikes), *state.values()), want, CONTEXT_NAMES)
+    assert want[0].any(), "the case should make the context neuron fire"
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch", "reference"])
+def test_context_every_backend_matches_the_reference(gen, backend):
+    case = _context_case(gen, 4, (2,), 18, 45, 21, state=True)
+    with force_backend(backend):
+        got = _run_context(case)
+    _assert_same(got, _reference_context(case), CONTEXT_NAMES)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_context_chunked_equals_whole(gen, device):
+    case = _context_case(gen, 12, (2,), 19, 45, 36, state=True, device=device)
+    whole = _run_context(case)
+    spikes, state = [], {k: case[k] for k in ("a_acc", "v_acc", "z", "count")}
+    for a, v in zip(case["a"].split([5, 1, 6]), case["v"].split([5, 1, 6]), strict=True):
+        out, *rest = _run_context(dict(case, a=a, v=v, **state))
+        spikes.append(out)
+        state = dict(zip(state, rest, strict=True))
+    _assert_same((torch.cat(spikes), *state.values()), whole, CONTEXT_NAMES)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_context_silent_input_still_moves_the_neuron(gen, device):
+    case = _context_case(gen, 6, (2,), 20, 30, 24, state=True, device=device)
+    case["a"].zero_()
+    case["v"].zero_()
+    case["count"].zero_()
+    got = _run_context(case)
+    _assert_same(got, _reference_context(case), CONTEXT_NAMES)
+    assert torch.equal(got[3], case["z"]) and torch.equal(got[2], case["v_acc"])
+    assert got[0].any(), "the neurons must still fire toward their targets"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_context_mixed_silent_and_active_tiles(gen, device):
+    """Spikes in one key slice of one step, one row block of another, silence elsewhere."""
+    case = _context_case(gen, 5, (3,), 40, 70, 20, device=device)
+    case["a"].zero_()
+    case["v"].zero_()
+    case["a"][0, 1, 17:20, 33:40] = 1
+    case["v"][2, 2, 64:70] = -1
+    case["a"][4, 0, 39, ::5] = 1
+    _assert_same(_run_context(case), _reference_context(case), CONTEXT_NAMES)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_context_every_output_element_is_written(gen, device, poisoned_allocations):
+    case = _context_case(gen, 3, (2,), 21, 35, 33, device=device)
+    want = _reference_context(case)
+    _assert_same(_run_context(case), want, CONTEXT_NAMES)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_context_state_is_fresh_and_inputs_untouched(gen, device):
+    case = _context_case(gen, 3, (2,), 9, 11, 20, state=True, device=device)
+    before = {name: t.clone() for name, t in case.items()}
+    got = _run_context(case)
+    for name, t in zip(CONTEXT_NAMES[1:], got[1:], strict=True):
+        assert t.data_ptr() != case[name].data_ptr(), f"{name} aliases its input"
+    for name, t in case.items():
+        assert torch.equal(t, before[name]), f"{name} was modified"
+
+
+def _good_context() -> dict:
+    return dict(
+        a=torch.zeros(2, 3, 4, 5, dtype=torch.int8),
+        v=torch.zeros(2, 3, 5, 8, dtype=torch.int8),
+        theta_a=torch.tensor(0.07),
+        theta_v=torch.tensor(0.5),
+        threshold=torch.tensor(0.1),
+        n_min=-8,
+        p_max=7,
+    )
+
+
+BAD_CONTEXT = [
+    ("T == 0", dict(a=torch.zeros(0, 3, 4, 5, dtype=torch.int8)), ValueError, "T == 0"),
+    ("a float", dict(a=torch.zeros(2, 3, 4, 5)), TypeError, "a must have dtype"),
+    ("v int16", dict(v=torch.zeros(2, 3, 5, 8, dtype=torch.int16)), TypeError, "v must have"),
+    ("N differs", dict(v=torch.zeros(2, 3, 6, 8, dtype=torch.int8)), ValueError, "K=5"),
+    ("batch differs", dict(v=torch.zeros(2, 1, 5, 8, dtype=torch.int8)), ValueError, "batch"),
+    ("a not ternary", dict(a=torch.full((2, 3, 4, 5), 3, dtype=torch.int8)), ValueError, "a must"),
+    ("theta_a zero", dict(theta_a=torch.tensor(0.0)), ValueError, "theta_a must be positive"),
+    ("theta_v 2", dict(theta_v=torch.ones(2)), ValueError, "theta_v must have exactly one"),
+    ("theta_v int", dict(theta_v=torch.tensor(1)), TypeError, "theta_v must have dtype"),
+    ("threshold inf", dict(threshold=torch.tensor(float("inf"))), ValueError, "threshold"),
+    ("threshold subnormal", dict(threshold=torch.tensor(1e-40)), ValueError, "normal"),
+    ("bounds inverted", dict(n_min=1, p_max=0), ValueError, "bounds"),
+    ("n_min float", dict(n_min=-8.0), TypeError, "n_min must be a Python int"),
+    ("a_acc shape", dict(a_acc=torch.zeros(3, 5, 4, dtype=torch.int8)), ValueError, "a_acc must"),
+    ("v_acc int32", dict(v_acc=torch.zeros(3, 5, 8, dtype=torch.int32)), TypeError, "v_acc must"),
+    ("z int64", dict(z=torch.zeros(3, 4, 8, dtype=torch.int64)), TypeError, "z must have dtype"),
+    ("count shape", dict(count=torch.zeros(3, 4, 5, dtype=torch.int8)), ValueError, "count must"),
+    (
+        "v elsewhere",
+        dict(v=torch.zeros(2, 3, 5, 8, dtype=torch.int8, device="meta")),
+        ValueError,
+        "v is on meta",
+    ),
+    (
+        "counts leave int8",
+        dict(v=torch.ones(2, 3, 5, 8, dtype=torch.int8), v_acc=torch.full((3, 5, 8), 127).char()),
+        ValueError,
+        "running count of v",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("case", "bad", "error", "words"), BAD_CONTEXT, ids=[b[0] for b in BAD_CONTEXT]
+)
+def test_context_bad_input_is_rejected(case, bad, error, words):
+    with pytest.raises(error, match=words):
+        exact_context(**{**_good_context(), **bad})
+
+
+@pytest.mark.parametrize("state", [False, True])
+def test_context_opcheck(gen, state):
+    case = _context_case(gen, 3, (2,), 6, 9, 20, state=state)
+    c = dict(case)
+    args = [c.pop(name) for name in ("a", "v", "theta_a", "theta_v", "threshold")]
+    args += [*CTX_BOUNDS, *(c.get(name) for name in ("a_acc", "v_acc", "z", "count"))]
+    torch.library.opcheck(torch.ops.spikekernels.exact_context.default, tuple(args))
+
+
+def test_context_torch_compile_fullgraph(gen):
+    case = _context_case(gen, 4, (2,), 7, 9, 20)
+
+    def block(a, v):
+        spikes, *state = _run_context(dict(case, a=a, v=v))
+        return spikes.sum(0, dtype=torch.int32), *state
+
+    compiled = torch.compile(block, fullgraph=True)
+    got, want = compiled(case["a"], case["v"]), block(case["a"], case["v"])
+    for g, w in zip(got, want, strict=True):
+        assert torch.equal(g, w)
+
+
+# ---------------------------------------------------------------------------------------------
+# shapes past the fused kernels' one-tile rows, and empty ones: the PyTorch path on every device
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_past_the_fused_tiles(gen, device):
+    """More keys than the scores kernel holds in a tile (256), more head channels than the
+    context kernel's (64): the op takes its PyTorch path, with the same contract."""
+    probs = _probs_case(gen, 3, (1,), 5, 8, 300, state=True, device=device)
+    _assert_same(_run_probs(probs), _reference_probs(probs), PROBS_NAMES)
+    context = _context_case(gen, 3, (1,), 5, 9, 70, state=True, device=device)
+    _assert_same(_run_context(context), _reference_context(context), CONTEXT_NAMES)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("empty", ["batch", "rows", "keys", "head dim"])
+def test_empty_shapes(device, empty):
+    """A zero-size dim gives empty spikes and state of the right shapes, never an error."""
+    batch, m, d, n = (0 if empty == "batch" else 2,), 0 if empty == "rows" else 3, 4, 5
+    d = 0 if empty == "head dim" else d
+    n = 0 if empty == "keys" else n
+    q = torch.zeros(2, *batch, m, d, dtype=torch.int8, device=device)
+    k_t = torch.zeros(2, *batch, d, n, dtype=torch.int8, device=device)
+    gain, theta = torch.tensor(0.1, device=device), torch.tensor(0.07, device=device)
+    got = exact_attention_probs(q, k_t, gain, theta, *ATTN_BOUNDS)
+    shapes = [(2, *batch, m, n), (*batch, m, d), (*batch, d, n), (*batch, m, n), (*batch, m, n)]
+    assert [tuple(t.shape) for t in got] == shapes
+    a = torch.zeros(2, *batch, m, n, dtype=torch.int8, device=device)
+    v = torch.zeros(2, *batch, n, d, dtype=torch.int8, device=device)
+    got = exact_context(a, v, gain, gain, theta, *CTX_BOUNDS)
+    shapes = [(2, *batch, m, d), (*batch, m, n), (*batch, n, d), (*batch, m, d), (*batch, m, d)]
+    assert [tuple(t.shape) for t in got] == shapes
+
+
+# ---------------------------------------------------------------------------------------------
+# the pieces of the kernels
+
+if TRITON_AVAILABLE:
+    import triton
+    import triton.language as tl
+
+    from spikekernels.kernels.exact_attention import softmax_tile
+
+    @triton.jit
+    def _softmax_tile_kernel(s_ptr, g_ptr, out_ptr, N, ROWS: tl.constexpr, WIDTH: tl.constexpr):
+        """``softmax_tile`` of int32 scores ``[ROWS, N]``, the row padded to ``WIDTH``."""
+        rows, cols = tl.arange(0, ROWS), tl.arange(0, WIDTH)
+        keys = cols < N
+        offs = rows[:, None] * N + cols[None, :]
+        s = tl.load(s_ptr + offs, mask=keys[None, :], other=0)
+        probs = softmax_tile(s, tl.load(g_ptr), keys, ROWS, WIDTH, WIDTH.bit_length() - 1)
+        tl.store(out_ptr + offs, probs, mask=keys[None, :])
+
+
+@pytest.mark.skipif(
+    not use_triton(torch.empty(0)), reason="the Triton kernels run on CPU only when interpreted"
+)
+@pytest.mark.parametrize("n", [1, 5, 16, 100, 197, 256])
+def test_softmax_tile_is_exact_maths_row_function(gen, n):
+    """The kernels' softmax of int32 scores, rows padded to any power of two >= 16, gives
+    the bits of exact_math.softmax_rows(score_value(S, g)): tree_sum's order, exp_rows'
+    polynomial, the padding adding exact zeros. Includes exp's cut-off at -87 and ties."""
+    s = torch.randint(-3000, 3000, (16, n), generator=gen, dtype=torch.int32)
+    s[0] = 0  # a uniform row
+    s[1, : n // 2] = 10_000  # keys far below the peak: exp underflows to 0
+    s[2] = s[2, :1]  # ties
+    gain = torch.tensor(0.0123)
+    want = exact_math.softmax_rows(exact_math.score_value(s, gain))
+    for width in sorted({max(16, 1 << (n - 1).bit_length()), 512}):
+        out = torch.full((16, n), float("nan"))
+        _softmax_tile_kernel[(1,)](s, gain, out, n, ROWS=16, WIDTH=width)
+        assert torch.equal(out.view(torch.int32), want.view(torch.int32)), f"width {width}"
+
+
+@pytest.mark.cuda
+def test_cuda_matches_cpu_reference(gen):
+    """Kernels on the GPU (int8 tensor cores, GPU float arithmetic) vs the reference on the
+    CPU, at ViT-S size (197 tokens, head dim 64)."""
+    probs = _probs_case(gen, 6, (2, 6), 197, 64, 197, state=True)
+    got = _run_probs({name: t.cuda() for name, t in probs.items()})
+    _assert_same(got, _reference_probs(probs), PROBS_NAMES)
+    context = _context_case(gen, 6, (2, 6), 197, 197, 64, state=True)
+    got = _run_context({name: t.cuda() for name, t in context.items()})
+    _assert_same(got, _reference_context(context), CONTEXT_NAMES)

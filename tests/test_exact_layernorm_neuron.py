@@ -1,0 +1,456 @@
+"""exact_layernorm_neuron (SPEC.md §9.2-§9.4): the fused residual read + LayerNorm row function
++ target-driven neuron against the step-by-step reference and against exact mode's unfused
+chain, bit for bit, on every backend (Triton through the interpreter, vectorised PyTorch, the
+oracle)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import DEVICES
+
+from spikekernels import exact_math, reference
+from spikekernels.kernels import use_triton
+from spikekernels.nn.exact_layers import ExactLayerNorm
+from spikekernels.nn.target_neuron import TargetNeuron
+from spikekernels.ops import exact_layernorm_neuron
+from spikekernels.ops._dispatch import force_backend
+
+# NaN rows are deliberate here (0/0, NaN and inf inputs): numpy, under the interpreter, warns
+pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+
+EPS = 1e-6  # the QANN ViT's; not a float32, so fl32(eps) is what the variance gets
+
+
+def _residual(gen, T, batch, tokens, channels, device="cpu", scale=3.0):
+    """``(d [T, B, N, C], c [1, N, C])`` float64 as exact mode builds them: ``D`` a sum of
+    float32 steps times small integers (changing over steps), ``c`` a float32-ish constant."""
+    steps = (0.01 + 0.05 * torch.rand(4, generator=gen)).to(torch.float64)
+    counts = torch.randint(-20, 21, (T, batch, tokens, channels, 4), generator=gen)
+    d = (counts.to(torch.float64) * steps).sum(-1) * (scale / 3)
+    c = torch.randn(1, tokens, channels, generator=gen, dtype=torch.float64)
+    return d.to(device), c.to(device)
+
+
+def _norm(gen, channels, *, weight=True, bias=True, per_channel=False, device="cpu"):
+    """LayerNorm parameters and the neuron threshold, scaled so that the targets span several
+    levels (and reach the bounds) for the signed bounds the tests use."""
+    w = 0.5 + torch.rand(channels, generator=gen) if weight else None
+    b = 0.3 * torch.randn(channels, generator=gen) if bias else None
+    if per_channel:
+        theta = 0.1 + 0.3 * torch.rand(channels, generator=gen)
+    else:
+        theta = torch.tensor(0.1 + 0.3 * torch.rand((), generator=gen).item())
+    return {k: None if t is None else t.to(device) for k, t in dict(w=w, b=b, theta=theta).items()}
+
+
+def _run(d, c, norm, n_min, p_max, count=None, eps=EPS, **kwargs):
+    return exact_layernorm_neuron(
+        d, c, norm["w"], norm["b"], eps, norm["theta"], n_min, p_max, count, **kwargs
+    )
+
+
+def _reference(d, c, norm, n_min, p_max, count=None, eps=EPS, pool=False):
+    def cpu(t):
+        return None if t is None else t.cpu()
+
+    return reference.exact_layernorm_neuron(
+        d.cpu(),
+        c.cpu(),
+        cpu(norm["w"]),
+        cpu(norm["b"]),
+        eps,
+        norm["theta"].cpu(),
+        n_min,
+        p_max,
+        cpu(count),
+        pool,
+    )
+
+
+def _unfused(d, c, norm, level, eps=EPS, pool=False):
+    """Exact mode today: residual_read (or pool_patch_tokens) -> ExactLayerNorm ->
+    TargetNeuron (signed), on the CPU."""
+    d, c = d.cpu(), c.cpu()
+    x = exact_math.pool_patch_tokens(c, d) if pool else exact_math.residual_read(c, d)
+    cpu = {k: None if t is None else t.cpu() for k, t in norm.items()}
+    neuron = TargetNeuron(cpu["theta"], level, signed=True)
+    spikes = neuron(ExactLayerNorm(cpu["w"], cpu["b"], eps)(x))
+    return spikes, neuron.count
+
+
+def _assert_same(got, want):
+    for name, g, w in zip(("spikes", "count"), got, want, strict=True):
+        g = g.cpu()
+        assert g.dtype == w.dtype, f"{name}: dtype {g.dtype} != {w.dtype}"
+        assert g.shape == w.shape, f"{name}: shape {tuple(g.shape)} != {tuple(w.shape)}"
+        diff = (g != w).sum().item()
+        assert diff == 0, f"{name}: {diff} of {g.numel()} elements differ"
+
+
+# (batch, tokens, C): ViT-S's width, widths that are not powers of two, one channel
+SHAPES = [(2, 3, 384), (3, 5, 100), (1, 9, 7), (2, 2, 1), (1, 3, 1024)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(("batch", "tokens", "channels"), SHAPES)
+@pytest.mark.parametrize("T", [1, 4])
+@pytest.mark.parametrize(("n_min", "p_max"), [(-8, 7), (-16, 15)])
+def test_bit_exact(gen, device, n_min, p_max, T, batch, tokens, channels):
+    d, c = _residual(gen, T, batch, tokens, channels, device)
+    norm = _norm(gen, channels, device=device)
+    got = _run(d, c, norm, n_min, p_max)
+    _assert_same(got, _reference(d, c, norm, n_min, p_max))
+    assert set(got[0].unique().tolist()) <= {-1, 0, 1}
+    if channels > 1:
+        assert got[0].any(), "the neurons must fire (the test would be vacuous)"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(("channels", "level"), [(384, 16), (100, 32), (7, 8)])
+@pytest.mark.parametrize("affine", [True, False])
+def test_matches_the_unfused_chain(gen, device, channels, level, affine):
+    """The op equals what exact mode runs today: residual_read -> ExactLayerNorm ->
+    TargetNeuron, with the neuron's bounds from its level."""
+    d, c = _residual(gen, 5, 2, 4, channels, device)
+    norm = _norm(gen, channels, weight=affine, bias=affine, device=device)
+    want = _unfused(d, c, norm, level)
+    n_min, p_max = -(level // 2), level // 2 - 1
+    _assert_same(_run(d, c, norm, n_min, p_max), want)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch", "reference"])
+def test_every_backend_matches_the_reference(gen, backend):
+    """Each backend pinned in turn (one that cannot run here falls back to torch)."""
+    d, c = _residual(gen, 3, 2, 5, 100)
+    norm = _norm(gen, 100, per_channel=True)
+    count = torch.randint(-8, 8, (2, 5, 100), generator=gen, dtype=torch.int8)
+    with force_backend(backend):
+        got = _run(d, c, norm, -8, 7, count)
+    _assert_same(got, _reference(d, c, norm, -8, 7, count))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(("weight", "bias"), [(True, False), (False, True), (False, False)])
+def test_optional_affine_and_per_channel_threshold(gen, device, weight, bias):
+    d, c = _residual(gen, 3, 2, 3, 96, device)
+    norm = _norm(gen, 96, weight=weight, bias=bias, per_channel=True, device=device)
+    _assert_same(_run(d, c, norm, -8, 7), _reference(d, c, norm, -8, 7))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("pool", [False, True])
+def test_chunked_equals_whole(gen, device, pool):
+    d, c = _residual(gen, 10, 2, 6, 48, device)
+    norm = _norm(gen, 48, device=device)
+    whole = _run(d, c, norm, -16, 15, pool=pool)
+    spikes, count = [], None
+    for chunk in d.split([4, 1, 5]):
+        out, count = _run(chunk, c, norm, -16, 15, count, pool=pool)
+        spikes.append(out)
+    _assert_same((torch.cat(spikes), count), [w.cpu() for w in whole])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_summation_order_is_the_tree(gen, device):
+    """Rows whose sums cancel catastrophically: a sequential or blocked sum would round
+    differently (checked here), so matching the reference needs tree_sum's exact order."""
+    channels = 12
+    d, c = _residual(gen, 2, 3, 4, channels, device)
+    big = torch.tensor([2.0**24, 1.0, -(2.0**24), 1.0], dtype=torch.float64, device=device)
+    d[..., :4] += big * 16
+    x = exact_math.residual_read(c.cpu(), d.cpu())
+    assert not torch.equal(exact_math.tree_sum(x), x.sum(-1, keepdim=True))
+    norm = _norm(gen, channels, device=device)
+    _assert_same(_run(d, c, norm, -8, 7), _reference(d, c, norm, -8, 7))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_constant_rows(gen, device):
+    """Rows with one value (variance 0, or nearly: the mean need not equal the value) give
+    ``y = b`` up to that rounding; with ``eps == 0`` an exactly constant row is 0/0 = NaN and
+    its neurons stay silent. Both as the reference."""
+    d, c = _residual(gen, 3, 2, 4, 40, device)
+    c[:, 1:3] = 0.0
+    d[:, :, 1] = 0.75  # exact: the mean is 0.75, the variance 0
+    d[:, :, 2] = 0.1
+    norm = _norm(gen, 40, device=device)
+    for eps in (EPS, 0.0):
+        got = _run(d, c, norm, -8, 7, eps=eps)
+        _assert_same(got, _reference(d, c, norm, -8, 7, eps=eps))
+    assert not got[0][:, :, 1].any(), "0/0 rows must not fire"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_non_finite_rows_do_not_fire(gen, device):
+    d, c = _residual(gen, 3, 2, 3, 20, device)
+    d[1, 0, 1, 5] = float("nan")
+    d[:, 1, 2, 0] = float("inf")
+    norm = _norm(gen, 20, device=device)
+    count = torch.randint(-3, 4, (2, 3, 20), generator=gen, dtype=torch.int8).to(device)
+    got = _run(d, c, norm, -8, 7, count)
+    _assert_same(got, _reference(d, c, norm, -8, 7, count))
+    assert not got[0][1, 0, 1].any() and not got[0][:, 1, 2].any()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    "c_shape", [(5, 24), (24,), (), (2, 1, 24), (2, 5, 1), (1, 1, 24), (2, 5, 24)]
+)
+def test_constant_part_broadcasts(gen, device, c_shape):
+    """``c`` broadcast along any dims of a step (leading dims ride on row % Rc in the kernel;
+    others are expanded)."""
+    d, _ = _residual(gen, 3, 2, 5, 24, device)
+    c = torch.randn(c_shape, generator=gen, dtype=torch.float64).to(device)
+    norm = _norm(gen, 24, device=device)
+    _assert_same(_run(d, c, norm, -8, 7), _reference(d, c, norm, -8, 7))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(("batch", "tokens", "channels"), [(3, 5, 24), (2, 2, 100), (1, 17, 7)])
+@pytest.mark.parametrize("T", [1, 4])
+def test_pool_bit_exact(gen, device, T, batch, tokens, channels):
+    """``pool=True``: the global_pool readout of ViT-B/L (float64 mean of the patch tokens)."""
+    d, c = _residual(gen, T, batch, tokens, channels, device)
+    norm = _norm(gen, channels, device=device)
+    got = _run(d, c, norm, -8, 7, pool=True)
+    _assert_same(got, _reference(d, c, norm, -8, 7, pool=True))
+    _assert_same(got, _unfused(d, c, norm, 16, pool=True))
+    assert got[0].shape == (T, batch, channels)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_class_token_readout(gen, device):
+    """ViT-S's readout: the class-token row of the stream, a non-contiguous slice of ``d``."""
+    d, c = _residual(gen, 4, 3, 6, 32, device)
+    norm = _norm(gen, 32, device=device)
+    got = _run(d[:, :, 0], c[:, 0], norm, -8, 7)
+    want = _unfused(d[:, :, 0], c[:, 0], norm, 16)
+    _assert_same(got, want)
+    x = exact_math.residual_read(c.cpu(), d.cpu())[:, :, 0]
+    assert torch.equal(x, exact_math.residual_read(c[:, 0].cpu(), d[:, :, 0].cpu())), (
+        "the slice reads the same row"
+    )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_settles_to_the_qann_integer(gen, device):
+    """With the stream held at ``D``, within ``p_max - n_min`` steps every count equals the
+    QANN quantizer's integer of ``layer_norm_rows(fl32(c + D))`` and then stays there."""
+    n_min, p_max = -8, 7
+    d, c = _residual(gen, 1, 2, 4, 64, device)
+    norm = _norm(gen, 64, device=device)
+    held = d.expand(p_max - n_min, *d.shape[1:])
+    spikes, count = _run(held, c, norm, n_min, p_max)
+    x = exact_math.residual_read(c.cpu(), d[0].cpu())
+    cpu = {k: None if t is None else t.cpu() for k, t in norm.items()}
+    y = exact_math.layer_norm_rows(x, cpu["w"], cpu["b"], EPS)
+    assert torch.equal(count.cpu().float(), exact_math.target(y, cpu["theta"], n_min, p_max))
+    more, again = _run(held[:3], c, norm, n_min, p_max, count)
+    assert not more.any() and torch.equal(again, count)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_state_is_fresh_and_inputs_untouched(gen, device):
+    d, c = _residual(gen, 3, 2, 4, 16, device)
+    norm = _norm(gen, 16, device=device)
+    count = torch.ones(2, 4, 16, dtype=torch.int8, device=device)
+    before = (d.clone(), c.clone(), count.clone())
+    _, count_out = _run(d, c, norm, -8, 7, count)
+    assert count_out.data_ptr() != count.data_ptr()
+    for t, b in zip((d, c, count), before, strict=True):
+        assert torch.equal(t, b), "an input was modified"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("pool", [False, True])
+def test_every_output_element_is_written(gen, device, pool, poisoned_allocations):
+    d, c = _residual(gen, 3, 5, 3, 100, device)
+    norm = _norm(gen, 100, device=device)
+    count = torch.randint(-3, 4, (5, 100) if pool else (5, 3, 100), generator=gen)
+    count = count.to(device=device, dtype=torch.int8)
+    got = _run(d, c, norm, -8, 7, count, pool=pool)
+    _assert_same(got, _reference(d, c, norm, -8, 7, count, pool=pool))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_batch(device):
+    d = torch.zeros(2, 0, 3, 8, dtype=torch.float64, device=device)
+    c = torch.zeros(1, 3, 8, dtype=torch.float64, device=device)
+    spikes, count = exact_layernorm_neuron(d, c, None, None, EPS, torch.tensor(1.0), -4, 3)
+    assert spikes.shape == (2, 0, 3, 8) and count.shape == (0, 3, 8)
+
+
+def _hard_rows(gen, rows, channels):
+    """float32 rows whose sums round differently in every other order: cancelling giants
+    beside small values, constant rows, spans of many binades, and random rows."""
+    x = torch.randn(rows, channels, generator=gen) * torch.exp2(
+        torch.randint(-8, 9, (rows, 1), generator=gen).float()
+    )
+    giants = torch.randint(-1, 2, (rows, channels), generator=gen) * 2.0**20
+    x = torch.where(torch.rand(rows, channels, generator=gen) < 0.2, x + giants, x)
+    x[0] = 0.1
+    x[1, ::2] = 3.0e4
+    x[2] = torch.linspace(-1e3, 1e-3, channels)
+    return x
+
+
+@pytest.mark.skipif(
+    not use_triton(torch.empty(0)) and not torch.cuda.is_available(),
+    reason="the Triton kernels run on CPU only when interpreted",
+)
+@pytest.mark.parametrize("channels", [1, 2, 7, 100, 384, 1000])
+@pytest.mark.parametrize("affine", [True, False])
+def test_row_function_is_bitwise_layer_norm_rows(gen, channels, affine):
+    """The kernel's LayerNorm row function on its own (``layer_norm_rows_triton``, values
+    out) against the reference's on the CPU: every float32 bit, NaN included.
+    The spikes alone would hide a 1-ulp difference away from a rounding tie; this does not
+    (a pairwise or sequential sum fails it)."""
+    from spikekernels.kernels.exact_layernorm import layer_norm_rows_triton
+    from spikekernels.ops._registry import launcher
+
+    x = _hard_rows(gen, 11, channels)
+    w = 0.5 + torch.rand(channels, generator=gen) if affine else None
+    b = torch.randn(channels, generator=gen) if affine else None
+    device = "cpu" if use_triton(x) else "cuda"
+
+    def on(t):
+        return None if t is None else t.to(device)
+
+    for eps in (EPS, 1e-5, 0.0):
+        want = reference.exact_layer_norm_rows(x, w, b, eps)
+        got = layer_norm_rows_triton(launcher, on(x), on(w), on(b), eps).cpu()
+        _assert_same_bits(got, want, f"eps={eps}")
+
+
+def test_exact_math_row_function_is_correctly_rounded(gen):
+    x = _hard_rows(gen, 64, 384)
+    want = reference.exact_layer_norm_rows(x, None, None, EPS)
+    _assert_same_bits(exact_math.layer_norm_rows(x, None, None, EPS), want, "exact_math")
+
+
+def _assert_same_bits(got, want, what):
+    same = (got.view(torch.int32) == want.view(torch.int32)) | (got.isnan() & want.isnan())
+    assert same.all(), f"{what}: {(~same).sum().item()} of {same.numel()} values differ"
+
+
+def _good_args() -> dict:
+    return dict(
+        d=torch.zeros(2, 3, 4, 8, dtype=torch.float64),
+        c=torch.zeros(1, 4, 8, dtype=torch.float64),
+        weight=torch.ones(8),
+        bias=torch.zeros(8),
+        eps=EPS,
+        threshold=torch.tensor(1.0),
+        n_min=-4,
+        p_max=3,
+    )
+
+
+# (case, what replaces the good arguments, error type, words the message must contain)
+BAD_INPUTS = [
+    ("T == 0", dict(d=torch.zeros(0, 3, 4, 8, dtype=torch.float64)), ValueError, "T == 0"),
+    ("d float32", dict(d=torch.zeros(2, 3, 4, 8)), TypeError, "d must have dtype"),
+    ("d 1-D", dict(d=torch.zeros(8, dtype=torch.float64)), ValueError, "at least 2 dims"),
+    ("d too wide", dict(d=torch.zeros(1, 2, 1025, dtype=torch.float64)), ValueError, "1024"),
+    ("c float32", dict(c=torch.zeros(1, 4, 8)), TypeError, "c must have dtype"),
+    ("c list", dict(c=[0.0] * 8), TypeError, "c must be a torch.Tensor"),
+    ("c shape", dict(c=torch.zeros(5, 8, dtype=torch.float64)), ValueError, "c must broadcast"),
+    ("c larger", dict(c=torch.zeros(2, 3, 4, 8, dtype=torch.float64)), ValueError, "broadcast"),
+    ("weight fp64", dict(weight=torch.ones(8, dtype=torch.float64)), TypeError, "weight must"),
+    ("weight shape", dict(weight=torch.ones(7)), ValueError, r"weight must have shape \(8,\)"),
+    ("bias 2-D", dict(bias=torch.zeros(1, 8)), ValueError, "bias must have 1 dims"),
+    ("eps str", dict(eps="1e-6"), TypeError, "eps must be a float"),
+    ("eps < 0", dict(eps=-1.0), ValueError, "eps must be finite and >= 0"),
+    ("eps nan", dict(eps=float("nan")), ValueError, "eps must be finite"),
+    ("theta wrong C", dict(threshold=torch.ones(4)), ValueError, r"shape \(8,\)"),
+    ("theta int", dict(threshold=torch.tensor(1)), TypeError, "threshold must have dtype"),
+    ("theta <= 0", dict(threshold=torch.tensor(0.0)), ValueError, "threshold must be positive"),
+    ("theta inf", dict(threshold=torch.tensor(float("inf"))), ValueError, "finite"),
+    ("bounds inverted", dict(n_min=3, p_max=-4), ValueError, "n_min=3 > p_max=-4"),
+    ("int8 overflow", dict(n_min=0, p_max=255), ValueError, "int8 count would overflow"),
+    ("n_min float", dict(n_min=-4.0), TypeError, "n_min must be a Python int"),
+    ("count int32", dict(count=torch.zeros(3, 4, 8, dtype=torch.int32)), TypeError, "count"),
+    ("count shape", dict(count=torch.zeros(4, 8, dtype=torch.int8)), ValueError, "count must"),
+    (
+        "pool count",
+        dict(count=torch.zeros(3, 4, 8, dtype=torch.int8), pool=True),
+        ValueError,
+        r"count must have shape \(3, 8\)",
+    ),
+    (
+        "pool one token",
+        dict(
+            d=torch.zeros(2, 3, 1, 8, dtype=torch.float64),
+            c=torch.zeros(1, 8, dtype=torch.float64),
+            pool=True,
+        ),
+        ValueError,
+        "one patch token",
+    ),
+    (
+        "pool 2-D",
+        dict(
+            d=torch.zeros(2, 8, dtype=torch.float64),
+            c=torch.zeros(8, dtype=torch.float64),
+            pool=True,
+        ),
+        ValueError,
+        "at least 3 dims",
+    ),
+    ("pool int", dict(pool=1), TypeError, "pool must be a bool"),
+    (
+        "c elsewhere",
+        dict(c=torch.zeros(1, 4, 8, dtype=torch.float64, device="meta")),
+        ValueError,
+        "c is on meta",
+    ),
+    ("bias elsewhere", dict(bias=torch.zeros(8, device="meta")), ValueError, "bias is on meta"),
+]
+
+
+@pytest.mark.parametrize(
+    ("case", "bad", "error", "words"), BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS]
+)
+def test_bad_input_is_rejected(case, bad, error, words):
+    args = {**_good_args(), **bad}
+    with pytest.raises(error, match=words):
+        exact_layernorm_neuron(**args)
+
+
+@pytest.mark.parametrize("case", ["fresh", "state_per_channel", "no_affine", "pool"])
+def test_opcheck(gen, case):
+    d, c = _residual(gen, 3, 2, 4, 12)
+    norm = _norm(gen, 12, per_channel=case == "state_per_channel", weight=case != "no_affine")
+    if case == "no_affine":
+        norm["b"] = None
+    pool = case == "pool"
+    count = None
+    if case == "state_per_channel":
+        count = torch.randint(-2, 3, (2, 4, 12), generator=gen, dtype=torch.int8)
+    args = (d, c, norm["w"], norm["b"], EPS, norm["theta"], -8, 7, count, pool)
+    torch.library.opcheck(torch.ops.spikekernels.exact_layernorm_neuron.default, args)
+
+
+def test_torch_compile_fullgraph(gen):
+    d, c = _residual(gen, 4, 2, 3, 24)
+    norm = _norm(gen, 24)
+
+    def layer(d, c):
+        spikes, count = _run(d + 0.0, c, norm, -8, 7)
+        return spikes.sum(0, dtype=torch.int32), count
+
+    compiled = torch.compile(layer, fullgraph=True)
+    got, want = compiled(d, c), layer(d, c)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("pool", [False, True])
+def test_cuda_matches_cpu_reference(gen, pool):
+    """Kernel on the GPU vs the reference on the CPU, at ViT-S size (batch 4, 197 tokens)."""
+    d, c = _residual(gen, 8, 4, 197, 384)
+    norm = _norm(gen, 384)
+    cuda = {k: None if t is None else t.cuda() for k, t in norm.items()}
+    got = _run(d.cuda(), c.cuda(), cuda, -8, 7, pool=pool, validate=True)
+    _assert_same(got, _reference(d, c, norm, -8, 7, pool=pool))
