@@ -15,9 +15,10 @@ import torch
 from torch import nn
 
 from spikekernels import convert, parity
-from spikekernels.models import QuantViT, calibrate, quant_vit_small, quantize_weights
-from spikekernels.nn import QuantLinear, TargetNeuron
 from spikekernels.exact_math import int_weights
+from spikekernels.models import QuantViT, calibrate, quant_vit_small, quantize_weights
+from spikekernels.nn import ExactLinear, QuantLinear, TargetNeuron
+from spikekernels.ops import exact_linear
 from spikekernels.ops._dispatch import force_backend
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -130,6 +131,21 @@ def test_bad_weights_are_rejected(gen):
         qann.weight_bits  # noqa: B018
     with pytest.raises(TypeError, match="exact must be"):
         convert(QuantViT(**TINY, level=8), exact="yes")
+
+
+def test_mismatched_weight_dtypes_are_rejected():
+    """Exact mode's layers and op take int8 weights and float32 scales, nothing else."""
+    w = torch.randint(-127, 128, (6, 4), dtype=torch.int8)
+    ws, theta = torch.ones(6), torch.tensor(0.5)
+    with pytest.raises(TypeError, match="weight must be int8"):
+        ExactLinear(w.float(), ws, None, theta)
+    with pytest.raises(ValueError, match=r"weight_scale must have shape \(6,\)"):
+        ExactLinear(w, torch.ones(5), None, theta)
+    s = torch.zeros(2, 3, 4, dtype=torch.int8)
+    with pytest.raises(TypeError, match="weight"):
+        exact_linear(s, w.to(torch.int16), ws, None, theta, theta, -8, 7)
+    with pytest.raises(TypeError, match="weight_scale"):
+        exact_linear(s, w, ws.to(torch.int32), None, theta, theta, -8, 7)
 
 
 def test_count_overflow_above_int8_is_rejected():
