@@ -52,6 +52,7 @@ import triton.language as tl
 
 from spikekernels.exact_math import _EXP_MIN, _EXP_POLY, _LN2_HI, _LN2_LO, _LOG2E
 from spikekernels.kernels import INTERPRET, on_device
+from spikekernels.kernels.exact_rows import tree_sum_rows
 from spikekernels.kernels.spike_matmul import _any_spike, _flatten_batch, _running_counts
 from spikekernels.kernels.target import target_step
 
@@ -127,18 +128,6 @@ def exp_rows(x):
     ki = tl.minimum(tl.maximum(k, -126.0), 0.0).to(tl.int32)
     scale = ((ki + 127) << 23).to(tl.float32, bitcast=True)
     return tl.where(x < EXP_MIN, 0.0, _mul(y, scale))
-
-
-@triton.jit
-def tree_sum_rows(x, ROWS: tl.constexpr, WIDTH: tl.constexpr, LOG2_WIDTH: tl.constexpr):
-    """``exact_math.tree_sum`` of each row of ``x`` ``[ROWS, WIDTH]`` (``WIDTH = 2^LOG2_WIDTH``,
-    lanes past the row's end zero): each level is ``x[:, :h] + x[:, h:]``, one add per
-    element. Returns ``[ROWS]``."""
-    for level in tl.static_range(LOG2_WIDTH):
-        # [ROWS, 2, h] row-major: element (r, j, i) is x[r, j * h + i], so the sum over j is
-        # lower half + upper half, a single add (a two-element sum has no other order)
-        x = tl.sum(tl.reshape(x, (ROWS, 2, WIDTH >> (level + 1))), axis=1)
-    return tl.reshape(x, (ROWS,))
 
 
 @triton.jit

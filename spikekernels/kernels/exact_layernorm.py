@@ -33,6 +33,7 @@ import triton
 import triton.language as tl
 
 from spikekernels.kernels import on_device
+from spikekernels.kernels.exact_rows import tree_sum_rows
 from spikekernels.kernels.target import target_step
 
 # A program holds ROWS x BLOCK_C = 1024 lanes: 8 per thread at 4 warps. c and the prefetched
@@ -47,18 +48,6 @@ def launch_config(c: int) -> tuple[int, int, int]:
     """``(BLOCK_C, ROWS, num_warps)`` for rows of ``c`` channels (``c <= 1024``)."""
     block_c = triton.next_power_of_2(c)
     return block_c, max(1, ELEMENTS_PER_PROGRAM // block_c), NUM_WARPS
-
-
-@triton.jit
-def tree_sum_rows(x, ROWS: tl.constexpr, BLOCK_C: tl.constexpr, LOG2_C: tl.constexpr):
-    """``exact_math.tree_sum`` of each row of ``x`` ``[ROWS, BLOCK_C]`` (``BLOCK_C = 2^LOG2_C``,
-    lanes past the row's end zero): ``LOG2_C`` levels, each ``x[:, :h] + x[:, h:]`` with
-    ``h`` half the current width, one add per element. Returns ``[ROWS]``."""
-    for level in tl.static_range(LOG2_C):
-        # [ROWS, 2, h] row-major: element (r, j, i) is x[r, j * h + i], so the sum over j is
-        # lower half + upper half, a single add (a two-element sum has no other order)
-        x = tl.sum(tl.reshape(x, (ROWS, 2, BLOCK_C >> (level + 1))), axis=1)
-    return tl.reshape(x, (ROWS,))
 
 
 @triton.jit
