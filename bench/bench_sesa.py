@@ -51,7 +51,7 @@ from conftest import (
 import spikekernels
 from spikekernels import reference
 from spikekernels.kernels.spike_matmul import MAX_FUSED_K, fused_config, split_config
-from spikekernels.ops.spike_matmul import spike_matmul_dense
+from spikekernels.ops.spike_matmul import spike_matmul_torch
 
 if ON_GPU:
     BATCH, TOKENS, HEAD_DIM = 64, 197, 64
@@ -346,7 +346,7 @@ def test_sesa_run(benchmark, model, product, T):
     info.update(notes)
     dense_exact = try_median_time(
         "torch_dense_exact",
-        synchronized(lambda: spike_matmul_dense(a, b, scale)),
+        synchronized(lambda: spike_matmul_torch(a, b, scale)),
         info,
         reps=3,
     )

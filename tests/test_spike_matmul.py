@@ -10,7 +10,7 @@ from conftest import DEVICES
 
 import spikekernels
 from spikekernels import reference
-from spikekernels.ops.spike_matmul import spike_matmul_dense
+from spikekernels.ops.spike_matmul import spike_matmul_torch
 
 # The module, which the function of the same name shadows as an attribute of spikekernels.ops.
 ops_spike_matmul = importlib.import_module("spikekernels.ops.spike_matmul")
@@ -226,10 +226,10 @@ def test_dense_path_matches_reference(gen, monkeypatch):
     b = _spikes(gen, T, batch, n, k, group_dim=-2).transpose(-1, -2)
     args = (a, b, _scale(gen), _counts(gen, (*batch, m, k)), _counts(gen, (*batch, k, n)))
     want = reference.spike_matmul(*args)
-    _assert_same(spike_matmul_dense(*args), want)
+    _assert_same(spike_matmul_torch(*args), want)
     monkeypatch.setattr(ops_spike_matmul, "_FLOAT32_EXACT_MAX_K", 8)
     monkeypatch.setattr(ops_spike_matmul, "_DENSE_CHUNK_ELEMENTS", 4000)
-    _assert_same(spike_matmul_dense(*args), want)
+    _assert_same(spike_matmul_torch(*args), want)
 
 
 def _good(gen):
@@ -359,7 +359,7 @@ def test_reference_uses_no_integer_matmul(gen, monkeypatch):
 
     kwargs = _good(gen)
     kwargs["a_acc"] = _counts(gen, kwargs["a"].shape[1:], bound=120)
-    want = spike_matmul_dense(**kwargs)
+    want = spike_matmul_torch(**kwargs)
     monkeypatch.setattr(torch, "matmul", float_only_matmul)
     got = reference.spike_matmul(**kwargs)
     monkeypatch.undo()
@@ -416,7 +416,7 @@ def test_cuda_attention_size(gen, k):
     scale = _scale(gen)
     a_acc, b_acc = _counts(gen, a.shape[1:]), _counts(gen, b.shape[1:])
     got = spikekernels.spike_matmul(a.cuda(), b.cuda(), scale.cuda(), a_acc.cuda(), b_acc.cuda())
-    _assert_same(got, spike_matmul_dense(a, b, scale, a_acc, b_acc))
+    _assert_same(got, spike_matmul_torch(a, b, scale, a_acc, b_acc))
 
 
 @pytest.mark.cuda
@@ -429,4 +429,4 @@ def test_cuda_second_device(gen):
     with torch.cuda.device(0):
         got = spikekernels.spike_matmul(a.to("cuda:1"), b.to("cuda:1"), scale.to("cuda:1"))
     assert got[0].device == torch.device("cuda:1")
-    _assert_same(got, spike_matmul_dense(a, b, scale))
+    _assert_same(got, spike_matmul_torch(a, b, scale))

@@ -17,7 +17,7 @@ from spikekernels.ops._checks import (
 )
 from spikekernels.ops._dispatch import backend_for
 from spikekernels.ops._registry import kernel_op, launcher
-from spikekernels.ops.spike_matmul import _check_counts_fit, spike_matmul_dense
+from spikekernels.ops.spike_matmul import _check_counts_fit, spike_matmul_torch
 from spikekernels.ops.target import (
     check_bounds,
     check_threshold,
@@ -86,7 +86,7 @@ def _running_product(a, b, a_acc, b_acc, product):
     ``nn.RunningSpikeMatmul`` forms it (``spike_matmul``'s dense path at scale 1, exact
     integers in float32, then an int32 cumulative sum onto the incoming ``product``)."""
     unit = torch.ones((), dtype=torch.float32, device=a.device)
-    step, a_out, b_out = spike_matmul_dense(a, b, unit, a_acc, b_acc)
+    step, a_out, b_out = spike_matmul_torch(a, b, unit, a_acc, b_acc)
     running = torch.cumsum(step.to(torch.int32), dim=0, dtype=torch.int32)
     if product is not None:
         running += product

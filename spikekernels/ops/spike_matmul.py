@@ -52,7 +52,7 @@ def _check_spike_matmul(a, b, scale, a_acc, b_acc) -> None:
     check_state(b_acc, "b_acc", b.shape[1:], (torch.int8,), b, "b")
 
 
-def spike_matmul_dense(
+def spike_matmul_torch(
     a: torch.Tensor,
     b: torch.Tensor,
     scale: torch.Tensor,
@@ -117,7 +117,7 @@ def _spike_matmul_op(
         from spikekernels import reference
 
         return reference.spike_matmul(a, b, scale, a_acc, b_acc)
-    return spike_matmul_dense(a, b, scale, a_acc, b_acc)
+    return spike_matmul_torch(a, b, scale, a_acc, b_acc)
 
 
 @_spike_matmul_op.register_fake
