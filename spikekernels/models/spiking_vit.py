@@ -79,6 +79,19 @@ class NeuronSite(NamedTuple):
     to_qann: Callable[[torch.Tensor], torch.Tensor]
 
 
+class _Composite(nn.Module):
+    """A spiking module whose state lives in its children: ``reset()`` resets them all."""
+
+    def reset(self) -> None:
+        for m in self.children():
+            m.reset()
+
+
+def _patches(conv: nn.Conv2d, img: torch.Tensor) -> torch.Tensor:
+    """The patch conv's output as tokens ``[B, N_patches, D]`` (float, once per input)."""
+    return conv(img.to(conv.weight.dtype)).flatten(2).transpose(1, 2)
+
+
 # --- float mode (SPEC.md §2-§7) ----------------------------------------------------------
 
 
@@ -97,8 +110,7 @@ class SpikePatchEmbed(nn.Module):
         self.pos_embed = pos_embed
 
     def first_step(self, img: torch.Tensor) -> torch.Tensor:
-        """The conv output ``[B, N_patches, D]`` (float, computed once per input)."""
-        return self.proj(img.to(self.proj.weight.dtype)).flatten(2).transpose(1, 2)
+        return _patches(self.proj, img)
 
     def reset(self) -> None:
         self.neuron.reset()
@@ -116,7 +128,7 @@ class SpikePatchEmbed(nn.Module):
         return x
 
 
-class SpikeMlp(nn.Module):
+class SpikeMlp(_Composite):
     """``fc1`` spike linear -> unsigned neuron -> ``fc2`` spike linear -> signed neuron.
 
     The QANN's ReLU after the unsigned quantizer is the identity on its output and is dropped.
@@ -126,15 +138,11 @@ class SpikeMlp(nn.Module):
         super().__init__()
         self.fc1, self.act_if, self.fc2, self.fc2_if = fc1, act_if, fc2, fc2_if
 
-    def reset(self) -> None:
-        for m in self.children():
-            m.reset()
-
     def forward(self, s: torch.Tensor) -> torch.Tensor:
         return self.fc2_if(self.fc2(self.act_if(self.fc1(s))))
 
 
-class SpikeBlock(nn.Module):
+class SpikeBlock(_Composite):
     """``x + attn(norm1_if(norm1(x)))`` then ``x + mlp(norm2_if(norm2(x)))`` on increments."""
 
     def __init__(
@@ -150,16 +158,12 @@ class SpikeBlock(nn.Module):
         self.norm1, self.norm1_if, self.attn = norm1, norm1_if, attn
         self.norm2, self.norm2_if, self.mlp = norm2, norm2_if, mlp
 
-    def reset(self) -> None:
-        for m in self.children():
-            m.reset()
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.norm1_if(self.norm1(x)))
         return x + self.mlp(self.norm2_if(self.norm2(x)))
 
 
-class SpikeReadout(nn.Module):
+class SpikeReadout(_Composite):
     """Final Spike-LayerNorm + signed neuron on the class token (or the mean of the patch
     tokens with ``global_pool``), then the head: the logits' increments ``[T, B, classes]``."""
 
@@ -167,10 +171,6 @@ class SpikeReadout(nn.Module):
         super().__init__()
         self.norm, self.norm_if, self.head = norm, norm_if, head
         self.global_pool = global_pool
-
-    def reset(self) -> None:
-        for m in self.children():
-            m.reset()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         feature = x[:, :, 1:].mean(dim=2) if self.global_pool else x[:, :, 0].contiguous()
@@ -193,7 +193,7 @@ class ExactPatchEmbed(nn.Module):
         self.register_buffer("theta", neuron.threshold.to(torch.float64).reshape(()))
 
     def first_step(self, img: torch.Tensor) -> torch.Tensor:
-        return self.proj(img.to(self.proj.weight.dtype)).flatten(2).transpose(1, 2)
+        return _patches(self.proj, img)
 
     def reset(self) -> None:
         self.neuron.reset()
@@ -206,22 +206,18 @@ class ExactPatchEmbed(nn.Module):
         return torch.cat((counts.new_zeros(steps, batch, 1, d), counts), dim=2)
 
 
-class ExactMlp(nn.Module):
+class ExactMlp(_Composite):
     """``fc1`` + unsigned neuron, then ``fc2`` + signed neuron: two fused exact linears."""
 
     def __init__(self, fc1: ExactLinearNeuron, fc2: ExactLinearNeuron) -> None:
         super().__init__()
         self.fc1, self.fc2 = fc1, fc2
 
-    def reset(self) -> None:
-        for m in self.children():
-            m.reset()
-
     def forward(self, s: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.fc1(s))
 
 
-class ExactBlock(nn.Module):
+class ExactBlock(_Composite):
     """A Transformer block of exact mode on the residual stream's spike-driven part ``D``
     ``[T, B, N, C]`` float64: ``norm1``/``norm2`` read ``fl32(c + D)`` and fire (fused
     LayerNorm + neuron), and each branch adds ``fl64(theta) * count`` of its last neuron to
@@ -237,10 +233,6 @@ class ExactBlock(nn.Module):
         super().__init__()
         self.norm1, self.attn, self.norm2, self.mlp = norm1, attn, norm2, mlp
 
-    def reset(self) -> None:
-        for m in self.children():
-            m.reset()
-
     @staticmethod
     def _branch(branch: nn.Module, neuron: ExactLinearNeuron, s: torch.Tensor) -> torch.Tensor:
         before = neuron.count
@@ -253,7 +245,7 @@ class ExactBlock(nn.Module):
         return d + self._branch(self.mlp, self.mlp.fc2, self.norm2(d))
 
 
-class ExactReadout(nn.Module):
+class ExactReadout(_Composite):
     """The final LayerNorm + signed neuron (fused) on the class token, or on the float64 mean
     of the patch tokens with ``global_pool``, then the head's current value:
     ``[T, B, classes]``."""
@@ -262,10 +254,6 @@ class ExactReadout(nn.Module):
         super().__init__()
         self.norm, self.head = norm, head
         self.global_pool = global_pool
-
-    def reset(self) -> None:
-        for m in self.children():
-            m.reset()
 
     def forward(self, d: torch.Tensor) -> torch.Tensor:
         return self.head(self.norm(d if self.global_pool else d[:, :, 0]))
