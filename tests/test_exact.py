@@ -1,9 +1,8 @@
 """Exact mode (SPEC.md §9): integer weights, the exact QANN forward, and its SNN bit for bit.
 
-At ViT-S width (384, 6 heads) and depth 4 in the default suite: after silence every count
-equals the QANN's integer and the logits are bitwise equal, at chunk sizes 1, 3 and 8, at
-levels 8, 16 and 32, with ``global_pool`` and with the reference backend forced. The full
-ViT-S (depth 12, 224 px) is marked ``slow``.
+After silence every count equals the QANN's integer and the logits are bitwise equal: the
+paper's ViT-S (depth 12, 224 px); at ViT-S width (384, 6 heads) and depth 4, chunk sizes 1, 3
+and 8, levels 8, 16 and 32, ``global_pool``; and with the reference backend forced.
 """
 
 from __future__ import annotations
@@ -226,9 +225,9 @@ def test_float_mode_parity_is_reported_honestly(gen):
     assert 0.9 < report.agreement <= 1.0
 
 
-@pytest.mark.slow
+@NOT_UNDER_INTERPRETER
 def test_vit_s_full_depth_bitwise(gen):
-    """The paper's ViT-S: depth 12, 224 px, level 16 (about 2 minutes on 2 cores)."""
+    """The paper's ViT-S: depth 12, 224 px, level 16 (about 40 s on 2 cores)."""
     qann = make_exact(gen, **_vit_s(), level=16, batch_calib=2)
     assert_bitwise(qann, convert(qann), images(gen, qann, 2), chunk=8)
 
