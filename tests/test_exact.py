@@ -15,7 +15,13 @@ from torch import nn
 
 from spikekernels import convert, parity
 from spikekernels.exact_math import int_weights
-from spikekernels.models import QuantViT, calibrate, quant_vit_small, quantize_weights
+from spikekernels.models import (
+    QuantViT,
+    calibrate,
+    quant_vit_small,
+    quantize_weights,
+    quantizers,
+)
 from spikekernels.nn import ExactLinear, QuantLinear, TargetNeuron
 from spikekernels.ops import exact_linear
 from spikekernels.ops._dispatch import force_backend
@@ -53,6 +59,9 @@ def assert_bitwise(qann, snn, x, chunk=8) -> int:
     """After silence: 100% of counts equal the QANN's integers, logits bitwise equal."""
     report = parity(qann, snn, x, max_steps=96, chunk=chunk)
     assert report.steps < 96, f"not silent after 96 steps (chunk {chunk})"
+    active = sum(int(site.neuron.count.ne(0).sum()) for site in snn.sites)
+    total = sum(site.neuron.count.numel() for site in snn.sites)
+    assert active > total // 4, f"a mostly silent network proves little ({active} of {total})"
     assert report.agreement == 1.0 and report.local_agreement == 1.0, str(report)
     with torch.no_grad():
         assert torch.equal(report.qann_logits, qann(x)), "parity ran the QANN's own forward"
@@ -94,6 +103,14 @@ def test_quantize_weights_in_place_and_state_dict_round_trip(gen):
     x = torch.randn(3, 3, 8, 8, generator=gen)
     with torch.no_grad():
         assert torch.equal(again.eval()(x), qann.eval()(x))
+
+
+def test_calibrate_sets_the_steps_of_an_integer_weight_qann(gen):
+    """Its exact forward never calls the quantizers, so calibration runs the float one."""
+    qann = make_exact(gen, **TINY, level=16)
+    steps = torch.stack([q.s.detach() for q in quantizers(qann)])
+    assert not torch.any(steps == 1.0), "a quantizer kept its initial step"
+    assert len(set(steps.tolist())) > len(steps) // 2
 
 
 def test_exact_qann_trains_by_qat(gen):

@@ -351,7 +351,12 @@ def calibrate(model: nn.Module, x: torch.Tensor) -> nn.Module:
     for q in qs:
         q.enabled, q.calibrating = True, True
     try:
-        model(x)
+        if isinstance(model, QuantViT):
+            # The float (fake-quantized) forward: an integer-weight QANN's exact forward
+            # computes integers directly and never calls its quantizers.
+            model.head(model.forward_features(x))
+        else:
+            model(x)
     finally:
         for q in qs:
             q.calibrating = False
