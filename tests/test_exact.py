@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from spikekernels import convert, parity
-from spikekernels.exact_math import int_weights
+from spikekernels.exact_math import int_weights, layer_norm_rows, softmax_rows, tree_sum
 from spikekernels.models import (
     QuantViT,
     calibrate,
@@ -169,6 +169,24 @@ def test_count_overflow_above_int8_is_rejected():
     with pytest.raises(ValueError, match="int8"):
         TargetNeuron(0.5, 512, True)
     TargetNeuron(0.5, 256, True)  # [-128, 127] fits
+
+
+def test_row_functions_do_not_depend_on_batch_or_threads(gen):
+    """exact_math's row functions give a row the same bits alone, in a large batch, and with
+    one thread or several (torch's own softmax/LayerNorm need not: vectorised tails and
+    reductions split over threads depend on the tensor around the row)."""
+    z = 4 * torch.randn(64, 6, 197, generator=gen)
+    h = 3 * torch.randn(64, 197, 384, generator=gen) + 1
+    w, b = torch.randn(384, generator=gen), torch.randn(384, generator=gen)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one_probs, one_norm = softmax_rows(z[5:6]), layer_norm_rows(h[5:6], w, b, 1e-6)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(softmax_rows(z)[5:6], one_probs)
+    assert torch.equal(layer_norm_rows(h, w, b, 1e-6)[5:6], one_norm)
+    assert torch.equal(tree_sum(z, dim=1)[7], tree_sum(z[7:8], dim=1)[0])
 
 
 # --- the exact SNN -------------------------------------------------------------------------
