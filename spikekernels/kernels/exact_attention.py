@@ -46,6 +46,8 @@ addend, ``div.rn`` only.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -375,6 +377,56 @@ def _state(t: torch.Tensor | None, shape: tuple[int, ...]) -> torch.Tensor | Non
     return None if t is None else t.reshape(shape).contiguous()
 
 
+class _Launch(NamedTuple):
+    """The host-side pieces both kernels take: operands with one batch dim, their running
+    counts (``A_{t-1}`` exclusive, ``B_t`` inclusive) and outgoing counts, fresh outputs and
+    the incoming state (None when fresh)."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+    a_prev: torch.Tensor
+    b_cur: torch.Tensor
+    a_out: torch.Tensor
+    b_out: torch.Tensor
+    out: torch.Tensor
+    state_out: torch.Tensor
+    count_out: torch.Tensor
+    state_in: torch.Tensor | None
+    count_in: torch.Tensor | None
+
+
+def _prepare(launch, a, b, a_acc, b_acc, state, count) -> _Launch:
+    """``a`` ``[T, *batch, M, K]`` times ``b`` ``[T, *batch, K, N]`` (int8, any strides)."""
+    steps, batch = a.shape[0], a.shape[1:-2]
+    m, k = a.shape[-2:]
+    n = b.shape[-1]
+    a4, b4 = _flatten_batch(a), _flatten_batch(b)
+    nb = a4.shape[1]
+    a_prev, a_out = _running_counts(launch, a4, _state(a_acc, (nb, m, k)), exclusive=True)
+    b_cur, b_out = _running_counts(launch, b4, _state(b_acc, (nb, k, n)), exclusive=False)
+    return _Launch(
+        a4,
+        b4,
+        a_prev,
+        b_cur,
+        a_out.reshape(a.shape[1:]),
+        b_out.reshape(b.shape[1:]),
+        torch.empty((steps, *batch, m, n), dtype=torch.int8, device=a.device),
+        torch.empty((*batch, m, n), dtype=torch.int32, device=a.device),
+        torch.empty((*batch, m, n), dtype=torch.int8, device=a.device),
+        _state(state, (nb, m, n)),
+        _state(count, (nb, m, n)),
+    )
+
+
+def _grid(p: _Launch, block_m: int) -> tuple[int]:
+    return (triton.cdiv(p.a.shape[2], block_m) * p.a.shape[1],)
+
+
+def _results(p: _Launch) -> tuple[torch.Tensor, ...]:
+    return p.out, p.a_out, p.b_out, p.state_out, p.count_out
+
+
 @on_device
 def exact_attention_probs_triton(
     launch,
@@ -392,54 +444,39 @@ def exact_attention_probs_triton(
     """Host side: ``q`` ``[T, *batch, M, D]``, ``k_t`` ``[T, *batch, D, N]`` int8 (any strides,
     at least one batch entry, ``1 <= N <= MAX_KEYS``, ``M, D >= 1``). Returns fresh
     ``(spikes [T, *batch, M, N] int8, q_acc, k_acc, scores int32, count int8)``."""
-    T, batch = q.shape[0], q.shape[1:-2]
+    p = _prepare(launch, q, k_t, q_acc, k_acc, scores, count)
     m, d = q.shape[-2:]
     n = k_t.shape[-1]
-    q4, k4 = _flatten_batch(q), _flatten_batch(k_t)
-    nb = q4.shape[1]
-    q_prev, q_out = _running_counts(launch, q4, _state(q_acc, (nb, m, d)), exclusive=True)
-    k_cur, k_out = _running_counts(launch, k4, _state(k_acc, (nb, d, n)), exclusive=False)
-    out = torch.empty((T, *batch, m, n), dtype=torch.int8, device=q.device)
-    s_out = torch.empty((*batch, m, n), dtype=torch.int32, device=q.device)
-    count_out = torch.empty((*batch, m, n), dtype=torch.int8, device=q.device)
-    s_in = _state(scores, (nb, m, n))
-    c_in = _state(count, (nb, m, n))
     block_m, block_n, block_d, num_warps = probs_config(n)
-    launch(exact_attention_probs_kernel)[(triton.cdiv(m, block_m) * nb,)](
-        q4,
-        k4,
-        q_prev,
-        k_cur,
+    launch(exact_attention_probs_kernel)[_grid(p, block_m)](
+        p.a,
+        p.b,
+        p.a_prev,
+        p.b_cur,
         gain,
         threshold,
-        s_out if s_in is None else s_in,
-        count_out if c_in is None else c_in,
-        out,
-        s_out,
-        count_out,
-        T,
+        p.state_out if p.state_in is None else p.state_in,
+        p.count_out if p.count_in is None else p.count_in,
+        p.out,
+        p.state_out,
+        p.count_out,
+        q.shape[0],
         m,
         n,
         d,
-        *q4.stride(),
-        *k4.stride(),
+        *p.a.stride(),
+        *p.b.stride(),
         n_min,
         p_max,
-        HAS_S_IN=s_in is not None,
-        HAS_COUNT=c_in is not None,
+        HAS_S_IN=p.state_in is not None,
+        HAS_COUNT=p.count_in is not None,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_D=block_d,
         LOG2_N=block_n.bit_length() - 1,
         num_warps=num_warps,
     )
-    return (
-        out,
-        q_out.reshape(*batch, m, d),
-        k_out.reshape(*batch, d, n),
-        s_out,
-        count_out,
-    )
+    return _results(p)
 
 
 @on_device
@@ -460,51 +497,36 @@ def exact_context_triton(
     """Host side: ``a`` ``[T, *batch, M, N]``, ``v`` ``[T, *batch, N, D]`` int8 (any strides,
     at least one batch entry, ``1 <= D <= MAX_HEAD_DIM``, ``M, N >= 1``). Returns fresh
     ``(spikes [T, *batch, M, D] int8, a_acc, v_acc, z int32, count int8)``."""
-    T, batch = a.shape[0], a.shape[1:-2]
+    p = _prepare(launch, a, v, a_acc, v_acc, z, count)
     m, n = a.shape[-2:]
     d = v.shape[-1]
-    a4, v4 = _flatten_batch(a), _flatten_batch(v)
-    nb = a4.shape[1]
-    a_prev, a_out = _running_counts(launch, a4, _state(a_acc, (nb, m, n)), exclusive=True)
-    v_cur, v_out = _running_counts(launch, v4, _state(v_acc, (nb, n, d)), exclusive=False)
-    out = torch.empty((T, *batch, m, d), dtype=torch.int8, device=a.device)
-    z_out = torch.empty((*batch, m, d), dtype=torch.int32, device=a.device)
-    count_out = torch.empty((*batch, m, d), dtype=torch.int8, device=a.device)
-    z_in = _state(z, (nb, m, d))
-    c_in = _state(count, (nb, m, d))
     block_m, block_k, block_d, num_warps = context_config(d)
-    launch(exact_context_kernel)[(triton.cdiv(m, block_m) * nb,)](
-        a4,
-        v4,
-        a_prev,
-        v_cur,
+    launch(exact_context_kernel)[_grid(p, block_m)](
+        p.a,
+        p.b,
+        p.a_prev,
+        p.b_cur,
         theta_a,
         theta_v,
         threshold,
-        z_out if z_in is None else z_in,
-        count_out if c_in is None else c_in,
-        out,
-        z_out,
-        count_out,
-        T,
+        p.state_out if p.state_in is None else p.state_in,
+        p.count_out if p.count_in is None else p.count_in,
+        p.out,
+        p.state_out,
+        p.count_out,
+        a.shape[0],
         m,
         n,
         d,
-        *a4.stride(),
-        *v4.stride(),
+        *p.a.stride(),
+        *p.b.stride(),
         n_min,
         p_max,
-        HAS_Z_IN=z_in is not None,
-        HAS_COUNT=c_in is not None,
+        HAS_Z_IN=p.state_in is not None,
+        HAS_COUNT=p.count_in is not None,
         BLOCK_M=block_m,
         BLOCK_K=block_k,
         BLOCK_D=block_d,
         num_warps=num_warps,
     )
-    return (
-        out,
-        a_out.reshape(*batch, m, n),
-        v_out.reshape(*batch, n, d),
-        z_out,
-        count_out,
-    )
+    return _results(p)

@@ -93,6 +93,19 @@ def _running_product(a, b, a_acc, b_acc, product):
     return running, a_out, b_out
 
 
+def _fake_outputs(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Both ops' outputs, shapes only: spikes ``[T, *batch, M, N]`` int8, the two outgoing
+    counts (int8, the operands' step shapes), the running product int32 and the count int8."""
+    shape = (*a.shape[1:-1], b.shape[-1])
+    return (
+        a.new_empty((a.shape[0], *shape), dtype=torch.int8),
+        a.new_empty(a.shape[1:], dtype=torch.int8),
+        b.new_empty(b.shape[1:], dtype=torch.int8),
+        a.new_empty(shape, dtype=torch.int32),
+        a.new_empty(shape, dtype=torch.int8),
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # scores product + softmax + attention neuron
 
@@ -171,14 +184,7 @@ def _exact_attention_probs_op(
 @_exact_attention_probs_op.register_fake
 def _(q, k_t, gain, threshold, n_min, p_max, q_acc=None, k_acc=None, scores=None, count=None):
     _check_probs(q, k_t, gain, threshold, n_min, p_max, q_acc, k_acc, scores, count)
-    shape = (*q.shape[1:-1], k_t.shape[-1])
-    return (
-        q.new_empty((q.shape[0], *shape), dtype=torch.int8),
-        q.new_empty(q.shape[1:], dtype=torch.int8),
-        k_t.new_empty(k_t.shape[1:], dtype=torch.int8),
-        q.new_empty(shape, dtype=torch.int32),
-        q.new_empty(shape, dtype=torch.int8),
-    )
+    return _fake_outputs(q, k_t)
 
 
 def exact_attention_probs(
@@ -328,14 +334,7 @@ def _exact_context_op(
 @_exact_context_op.register_fake
 def _(a, v, theta_a, theta_v, threshold, n_min, p_max, a_acc=None, v_acc=None, z=None, count=None):
     _check_context(a, v, theta_a, theta_v, threshold, n_min, p_max, a_acc, v_acc, z, count)
-    shape = (*a.shape[1:-1], v.shape[-1])
-    return (
-        a.new_empty((a.shape[0], *shape), dtype=torch.int8),
-        a.new_empty(a.shape[1:], dtype=torch.int8),
-        v.new_empty(v.shape[1:], dtype=torch.int8),
-        a.new_empty(shape, dtype=torch.int32),
-        a.new_empty(shape, dtype=torch.int8),
-    )
+    return _fake_outputs(a, v)
 
 
 def exact_context(
