@@ -25,6 +25,7 @@ __all__ = [
     "spike_layernorm",
     "spike_matmul",
     "spike_linear",
+    "spike_linear_neuron",
     "target_spikes_step",
     "target_spikes",
     "exact_linear",
@@ -221,6 +222,46 @@ def spike_linear(
             out = out + share
         outs.append(out)
     return torch.stack(outs)
+
+
+def spike_linear_neuron(
+    s: torch.Tensor,
+    weight: torch.Tensor,
+    in_threshold: torch.Tensor,
+    threshold: torch.Tensor,
+    n_min: int,
+    p_max: int,
+    bias: torch.Tensor | None = None,
+    t0: int = 0,
+    bias_steps: int = 1,
+    v: torch.Tensor | None = None,
+    count: torch.Tensor | None = None,
+    *,
+    float_out: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``spike_linear`` (SPEC.md §6) followed by ``st_bif`` (§2) on its output, float mode.
+
+    ``weight`` ``[N, K]`` float; ``threshold`` one element or ``[N]`` per output channel: the
+    channels that share a threshold run as one ``st_bif`` (elementwise, so the same bits as
+    one neuron per channel). ``in_threshold`` scales the linear. Fresh ``v = 0.5``,
+    ``count = 0``. Returns ``(spikes [T, *, N], v, count)`` (spikes int8, or ``sigma * theta``
+    float32 when ``float_out``).
+    """
+    y = spike_linear(s, weight, in_threshold, bias, t0=t0, bias_steps=bias_steps)
+    shape = y.shape[1:]
+    if v is None:
+        v = torch.full(shape, 0.5, dtype=torch.float32, device=y.device)
+    if count is None:
+        count = torch.zeros(shape, dtype=count_dtype(n_min, p_max), device=y.device)
+    theta = threshold.to(torch.float32).reshape(-1).expand(shape[-1])
+    spikes = torch.empty_like(y, dtype=torch.float32 if float_out else torch.int8)
+    v_out, count_out = torch.empty_like(v), torch.empty_like(count)
+    for value in theta.unique():
+        cols = theta == value
+        spikes[..., cols], v_out[..., cols], count_out[..., cols] = st_bif(
+            y[..., cols], value, n_min, p_max, v[..., cols], count[..., cols], float_out
+        )
+    return spikes, v_out, count_out
 
 
 def _per_channel(theta: torch.Tensor) -> torch.Tensor:

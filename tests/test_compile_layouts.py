@@ -100,3 +100,16 @@ def test_spike_layernorm(gen, layout):
 def test_spike_softmax(gen, layout):
     x = _layout(torch.randn(4, 5, 23, generator=gen) * 3, layout)
     _run(lambda x: spikekernels.spike_softmax(x), x, exact=False)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("split", [False, True])
+def test_spike_linear_neuron(gen, layout, split):
+    s = _layout(_spikes(gen, (3, 4, 16)), layout)
+    w = torch.randint(-20, 21, (9, 16), generator=gen).to(torch.float32) / 256
+    w = spikekernels.ops.split_weight_bf16x3(w) if split else w
+    theta_in, bias = torch.tensor(0.4), torch.randn(9, generator=gen)
+    theta = torch.rand(9, generator=gen) * 0.05 + 0.02
+    out = lambda s: spikekernels.ops.spike_linear_neuron(s, w, theta_in, theta, -8, 7, bias)
+    # dyadic weights: every sum exact, so the same bits in any order
+    _run(out, s)

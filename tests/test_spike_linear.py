@@ -10,6 +10,8 @@ from conftest import DEVICES
 import spikekernels
 from spikekernels import reference
 from spikekernels.nn import SpikeLinear
+from spikekernels.ops import split_weight_bf16x3
+from spikekernels.ops._dispatch import force_backend
 from spikekernels.ops.spike_linear import spike_linear_torch
 
 U = 2.0**-24  # float32 unit roundoff
@@ -149,6 +151,24 @@ def test_silent_rows_and_steps_give_exactly_the_bias(gen, dtype):
     _assert_linear(got, s, w, ws, theta, bias, 0, 2)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ["triton", "torch", "reference"])
+def test_split_weight_form(gen, device, backend):
+    """The ``[3, N, K]`` bf16 split of a float32 weight: the float32 weight's bits wherever
+    the sums are exact (dyadic weights), its summation bound otherwise."""
+    s = _spikes(gen, 4, (2, 19), 45).to(device)
+    dyadic = torch.randint(-20, 21, (37, 45), generator=gen).to(torch.float32) / 256
+    theta, bias = torch.tensor(0.3).to(device), torch.randn(37, generator=gen).to(device)
+    with force_backend(backend):
+        got = spikekernels.spike_linear(s, split_weight_bf16x3(dyadic).to(device), theta, bias)
+    want = reference.spike_linear(s.cpu(), dyadic, theta.cpu(), bias.cpu())
+    assert torch.equal(got.cpu(), want)
+    w, _ = _weight(gen, 37, 45, torch.float32)
+    with force_backend(backend):
+        got = spikekernels.spike_linear(s, split_weight_bf16x3(w).to(device), theta, bias)
+    _assert_linear(got, s, w, None, theta, bias, 0, 1)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.int8], ids=str)
 def test_bias_none_and_late_chunk(gen, dtype):
     s = _spikes(gen, 3, (9,), 20)
@@ -204,6 +224,12 @@ BAD_INPUTS = [
     ("1-d s", dict(s=torch.zeros(4, dtype=torch.int8)), ValueError, r"s must be \[T, \*, K\]"),
     ("int32 weight", dict(weight=torch.zeros(5, 4, dtype=torch.int32)), TypeError, "weight"),
     ("3-d weight", dict(weight=torch.zeros(1, 5, 4)), ValueError, "weight must have 2 dims"),
+    (
+        "2-part split",
+        dict(weight=torch.zeros(2, 5, 4, dtype=torch.bfloat16)),
+        ValueError,
+        r"\[3, N, K\] bfloat16",
+    ),
     ("K mismatch", dict(weight=torch.zeros(5, 6)), ValueError, "K=4 .* K=6"),
     ("theta <= 0", dict(threshold=torch.tensor(0.0)), ValueError, "threshold must be positive"),
     ("theta 2 elements", dict(threshold=torch.ones(2)), ValueError, "threshold must have exactly"),

@@ -78,10 +78,11 @@ def neuron_cases() -> list[Case]:
     from spikekernels.kernels import neuron
 
     cases = []
-    for x_ty, s_ty, float_out, bf16 in [
-        ("fp32", "i8", False, False),
-        ("fp16", "i16", True, False),
-        ("bf16", "i32", True, True),
+    for x_ty, s_ty, float_out, bf16, active in [
+        ("fp32", "i8", False, False, False),
+        ("fp16", "i16", True, False, False),
+        ("bf16", "i32", True, True, False),
+        ("fp32", "i8", False, False, True),  # the runner's call: activity recorded
     ]:
         out_ty = "i16" if bf16 else (x_ty if float_out else "i8")
         signature = {
@@ -92,20 +93,25 @@ def neuron_cases() -> list[Case]:
             "out_ptr": f"*{out_ty}",
             "v_out_ptr": "*fp32",
             "s_out_ptr": f"*{s_ty}",
+            "active_ptr": "*i32",
             "numel": "i32",
             "T": "i32",
             "n_min": "i32",
             "p_max": "i32",
+            "B": "i32",
+            "per_sample": "i32",
         }
         constexprs = dict(
             HAS_STATE=s_ty != "i8",
             FLOAT_OUT=float_out,
             OUT_BF16_BITS=bf16,
+            HAS_ACTIVE=active,
+            WIDE_SAMPLES=True,
             BLOCK=neuron.BLOCK,
         )
         cases.append(
             Case(
-                f"st_bif x={x_ty} s={s_ty} float_out={float_out}",
+                f"st_bif x={x_ty} s={s_ty} float_out={float_out} active={active}",
                 neuron.st_bif_kernel,
                 signature,
                 constexprs,
@@ -137,12 +143,12 @@ def spike_linear_cases() -> list[Case]:
         (torch.int8, "i8"),
         (torch.float16, "fp16"),
         (torch.bfloat16, "bf16"),
-        (torch.float32, "fp32"),
+        (torch.float32, "bf16x3"),  # a float32 weight runs as its [3, N, K] bf16 split
     ]:
         block_m, block_n, block_k, num_warps, num_stages = spike_linear.tile_config(w_dtype)
         signature = {
             "s_ptr": "*i8",
-            "w_ptr": f"*{w_ty}",
+            "w_ptr": f"*{w_ty.removesuffix('x3')}",
             "theta_ptr": "*fp32",
             "w_scale_ptr": "*fp32",
             "bias_ptr": "*fp32",
@@ -152,17 +158,19 @@ def spike_linear_cases() -> list[Case]:
             "N": "i32",
             "K": "i32",
             "due_rows": "i32",
+            "part_stride": "i32",
         }
         constexprs = dict(
             HAS_BIAS=True,
             INT8_W=w_dtype == torch.int8,
-            DOT_FP32=w_dtype == torch.float32,
+            PARTS=3 if w_dtype == torch.float32 else 1,
+            DOT_FP32=False,
             BLOCK_M=block_m,
             BLOCK_N=block_n,
             BLOCK_K=block_k,
         )
-        # int8 and half weights must reach the tensor cores (wgmma on sm_90, or mma).
-        tensor_cores = ["mma"] if w_dtype != torch.float32 else []
+        # every weight reaches the tensor cores (wgmma on sm_90, or mma); float32 as bf16
+        tensor_cores = ["wgmma", ".f32.bf16.bf16"] if w_dtype == torch.float32 else ["mma"]
         cases.append(
             Case(
                 f"spike_linear weight={w_ty}",
@@ -171,7 +179,7 @@ def spike_linear_cases() -> list[Case]:
                 constexprs,
                 num_warps=num_warps,
                 num_stages=num_stages,
-                aligned=["R", "N", "K"],
+                aligned=["R", "N", "K", "part_stride"],
                 ptx_must_contain=tensor_cores,
             )
         )
@@ -337,10 +345,11 @@ def target_cases() -> list[Case]:
     from spikekernels.kernels import target
 
     cases = []
-    for value_ty, has_count, per_channel in [
-        ("fp32", False, False),
-        ("fp32", True, True),
-        ("bf16", True, False),
+    for value_ty, has_count, per_channel, active in [
+        ("fp32", False, False, False),
+        ("fp32", True, True, False),
+        ("bf16", True, False, False),
+        ("fp32", True, True, True),  # recording per-sample activity
     ]:
         signature = {
             "value_ptr": f"*{value_ty}",
@@ -348,16 +357,23 @@ def target_cases() -> list[Case]:
             "count_in_ptr": "*i8",
             "out_ptr": "*i8",
             "count_out_ptr": "*i8",
+            "active_ptr": "*i32",
             "numel": "i32",
             "T": "i32",
             "C": "i32",
             "n_min": "i32",
             "p_max": "i32",
+            "B": "i32",
+            "per_sample": "i32",
         }
-        constexprs = dict(HAS_COUNT=has_count, PER_CHANNEL=per_channel, BLOCK=target.BLOCK)
+        constexprs = dict(
+            HAS_COUNT=has_count, PER_CHANNEL=per_channel, HAS_ACTIVE=active, WIDE_SAMPLES=True,
+            BLOCK=target.BLOCK
+        )
         cases.append(
             Case(
-                f"target_spikes value={value_ty} count={has_count} per_channel={per_channel}",
+                f"target_spikes value={value_ty} count={has_count} per_channel={per_channel}"
+                f" active={active}",
                 target.target_spikes_kernel,
                 signature,
                 constexprs,
@@ -399,6 +415,7 @@ def exact_linear_cases() -> list[Case]:
         "out_ptr": "*i8",
         "acc_out_ptr": "*i32",
         "count_out_ptr": "*i8",
+        "active_ptr": "*i32",
         "T": "i32",
         "rows": "i32",
         "N": "i32",
@@ -406,20 +423,24 @@ def exact_linear_cases() -> list[Case]:
         "num_m": "i32",
         "n_min": "i32",
         "p_max": "i32",
+        "B": "i32",
+        "rows_per_sample": "i32",
     }
-    for state, per_channel in [(False, False), (True, True)]:
+    for state, per_channel, active in [(False, False, False), (True, True, False),
+                                       (True, True, True)]:  # fmt: skip
         constexprs = dict(
             HAS_BIAS=True,
             HAS_ACC=state,
             HAS_COUNT=state,
             PER_CHANNEL=per_channel,
+            HAS_ACTIVE=active,
             BLOCK_M=block_m,
             BLOCK_N=block_n,
             BLOCK_K=block_k,
         )
         cases.append(
             Case(
-                f"exact_linear state={state} per_channel={per_channel}",
+                f"exact_linear state={state} per_channel={per_channel} active={active}",
                 el.exact_linear_kernel,
                 signature,
                 constexprs,
@@ -442,8 +463,11 @@ def exact_layernorm_cases() -> list[Case]:
     cases = []
     # ViT-S/B/L widths with the residual's constant part and count, the readout's pooled
     # float32 rows without them, and a width that is not a power of two
-    for c, has_c, state in [(384, True, True), (768, True, False), (1024, True, True),
-                            (100, False, False)]:  # fmt: skip
+    # (and the widest rows again recording per-sample activity)
+    for c, has_c, state, active in [(384, True, True, False), (768, True, False, False),
+                                    (1024, True, True, False), (100, False, False, False),
+                                    (384, True, True, True), (1024, True, True, True),
+                                    (100, False, False, True)]:  # fmt: skip
         block_c, rows, num_warps = eln.launch_config(c)
         signature = {
             "d_ptr": "*fp64" if has_c else "*fp32",
@@ -454,6 +478,7 @@ def exact_layernorm_cases() -> list[Case]:
             "count_in_ptr": "*i8",
             "out_ptr": "*i8",
             "count_out_ptr": "*i8",
+            "active_ptr": "*i32",
             "T": "i32",
             "R": "i32",
             "C": "i32",
@@ -461,6 +486,8 @@ def exact_layernorm_cases() -> list[Case]:
             "eps": "fp32",
             "n_min": "i32",
             "p_max": "i32",
+            "B": "i32",
+            "rows_per_sample": "i32",
         }
         constexprs = dict(
             HAS_C=has_c,
@@ -468,13 +495,14 @@ def exact_layernorm_cases() -> list[Case]:
             HAS_BIAS=True,
             HAS_COUNT=state,
             PER_CHANNEL=not state,
+            HAS_ACTIVE=active,
             ROWS=rows,
             BLOCK_C=block_c,
             LOG2_C=block_c.bit_length() - 1,
         )
         cases.append(
             Case(
-                f"exact_layernorm_neuron C={c} residual={has_c} count={state}",
+                f"exact_layernorm_neuron C={c} residual={has_c} count={state} active={active}",
                 eln.exact_layernorm_neuron_kernel,
                 signature,
                 constexprs,
@@ -541,7 +569,12 @@ def exact_attention_cases() -> list[Case]:
     # view k^T of [N, D] keys (stride_kd = 1); Triton specialises a stride of 1 as a launch
     # does. Spike strides are multiples of 16 where the head dim makes them so.
     block_m, block_n, block_d, num_warps = ea.probs_config(197)
-    for unit_stride, state in [("stride_kn", False), ("stride_kd", True)]:
+    for unit_stride, state, active in [
+        ("stride_kn", False, False),
+        ("stride_kd", True, False),
+        ("stride_kn", False, True),  # recording per-sample activity
+        ("stride_kd", True, True),
+    ]:
         strides = ["stride_qt", "stride_qb", "stride_qm", "stride_kt", "stride_kb"]
         strides += [k for k in ("stride_kd", "stride_kn") if k != unit_stride]
         signature = {
@@ -556,12 +589,18 @@ def exact_attention_cases() -> list[Case]:
             "out_ptr": "*i8",
             "s_out_ptr": "*i32",
             "count_out_ptr": "*i8",
+            "active_ptr": "*i32",
         }
-        signature |= {name: "i32" for name in ["T", "M", "N", "D", *strides, "n_min", "p_max"]}
+        signature |= {
+            name: "i32"
+            for name in ["T", "M", "N", "D", *strides, "n_min", "p_max", "samples"]
+            + ["rows_per_sample"]
+        }
         constexprs = dict(
             stride_qd=1,
             HAS_S_IN=state,
             HAS_COUNT=state,
+            HAS_ACTIVE=active,
             BLOCK_M=block_m,
             BLOCK_N=block_n,
             BLOCK_D=block_d,
@@ -570,7 +609,7 @@ def exact_attention_cases() -> list[Case]:
         constexprs[unit_stride] = 1
         cases.append(
             Case(
-                f"exact_attention_probs N=197 D=64 {unit_stride}=1 state={state}",
+                f"exact_attention_probs N=197 D=64 {unit_stride}=1 state={state} active={active}",
                 ea.exact_attention_probs_kernel,
                 signature,
                 constexprs,
@@ -595,22 +634,27 @@ def exact_attention_cases() -> list[Case]:
         "out_ptr": "*i8",
         "z_out_ptr": "*i32",
         "count_out_ptr": "*i8",
+        "active_ptr": "*i32",
     }
     strides = ["stride_at", "stride_ab", "stride_am", "stride_vt", "stride_vb", "stride_vn"]
-    signature |= {name: "i32" for name in ["T", "M", "N", "D", *strides, "n_min", "p_max"]}
-    for state in (False, True):
+    signature |= {
+        name: "i32"
+        for name in ["T", "M", "N", "D", *strides, "n_min", "p_max", "samples", "rows_per_sample"]
+    }
+    for state, active in [(False, False), (True, False), (True, True)]:
         constexprs = dict(
             stride_an=1,
             stride_vd=1,
             HAS_Z_IN=state,
             HAS_COUNT=state,
+            HAS_ACTIVE=active,
             BLOCK_M=block_m,
             BLOCK_K=block_k,
             BLOCK_D=block_d,
         )
         cases.append(
             Case(
-                f"exact_context N=197 D=64 state={state}",
+                f"exact_context N=197 D=64 state={state} active={active}",
                 ea.exact_context_kernel,
                 signature,
                 constexprs,
@@ -622,9 +666,79 @@ def exact_attention_cases() -> list[Case]:
     return cases
 
 
+def spike_linear_neuron_cases() -> list[Case]:
+    from spikekernels.kernels import spike_linear_neuron as sln
+
+    block_m, block_n, block_k, num_warps, num_stages = sln.tile_config()
+    cases = []
+    for w_ty, parts, state, per_channel, float_out, active in [
+        ("bf16", 3, False, False, False, False),  # a float32 weight's split, fresh state
+        ("bf16", 3, True, True, True, False),
+        ("bf16", 3, True, True, False, True),  # the runner's call: activity recorded
+        ("fp16", 1, True, False, False, False),
+    ]:
+        signature = {
+            "s_ptr": "*i8",
+            "w_ptr": f"*{w_ty}",
+            "theta_in_ptr": "*fp32",
+            "bias_ptr": "*fp32",
+            "theta_ptr": "*fp32",
+            "flag_ptr": "*i32",
+            "v_in_ptr": "*fp32",
+            "count_in_ptr": "*i8",
+            "out_ptr": "*fp32" if float_out else "*i8",
+            "v_out_ptr": "*fp32",
+            "count_out_ptr": "*i8",
+            "active_ptr": "*i32",
+            "T": "i32",
+            "rows": "i32",
+            "N": "i32",
+            "K": "i32",
+            "num_m": "i32",
+            "due_steps": "i32",
+            "part_stride": "i32",
+            "n_min": "i32",
+            "p_max": "i32",
+            "B": "i32",
+            "rows_per_sample": "i32",
+        }
+        constexprs = dict(
+            HAS_BIAS=True,
+            HAS_STATE=state,
+            PER_CHANNEL=per_channel,
+            FLOAT_OUT=float_out,
+            HAS_ACTIVE=active,
+            INT8_W=False,
+            PARTS=parts,
+            DOT_FP32=False,
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+            BLOCK_K=block_k,
+        )
+        cases.append(
+            Case(
+                f"spike_linear_neuron weight={w_ty}x{parts} state={state} "
+                f"per_channel={per_channel} float_out={float_out} active={active}",
+                sln.spike_linear_neuron_kernel,
+                signature,
+                constexprs,
+                num_warps=num_warps,
+                num_stages=num_stages,
+                aligned=["rows", "N", "K", "part_stride"],
+                # tensor cores in the weight's dtype, and the neuron's correctly rounded
+                # division without flush to zero (SPEC.md §2)
+                ptx_must_contain=["wgmma", ".f32." + w_ty.replace("fp", "f") + ".", "div.rn.f32"],
+                ptx_must_not_contain=["div.full.f32", "div.approx", "div.rn.ftz"],
+                no_contracted_fma=True,
+            )
+        )
+    return cases
+
+
 CASE_FACTORIES = [
     neuron_cases,
     spike_linear_cases,
+    spike_linear_neuron_cases,
     layernorm_cases,
     spike_matmul_cases,
     target_cases,

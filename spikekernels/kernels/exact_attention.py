@@ -54,6 +54,7 @@ import triton.language as tl
 
 from spikekernels.exact_math import _EXP_MIN, _EXP_POLY, _LN2_HI, _LN2_LO, _LOG2E
 from spikekernels.kernels import INTERPRET, on_device
+from spikekernels.kernels.activity import active_layout, record_active_rows
 from spikekernels.kernels.exact_rows import tree_sum_rows
 from spikekernels.kernels.spike_matmul import _any_spike, _flatten_batch, _running_counts
 from spikekernels.kernels.target import target_step
@@ -162,6 +163,7 @@ def exact_attention_probs_kernel(
     out_ptr,  # [T, B, M, N] int8 spikes
     s_out_ptr,  # [B, M, N] int32
     count_out_ptr,  # [B, M, N] int8
+    active_ptr,  # [T, samples] int32 flags, set where a sample fires (HAS_ACTIVE only)
     T,
     M,
     N,
@@ -176,15 +178,19 @@ def exact_attention_probs_kernel(
     stride_kn,
     n_min,
     p_max,
+    samples,  # (HAS_ACTIVE only)
+    rows_per_sample,  # rows of the flattened [B * M] (HAS_ACTIVE only)
     HAS_S_IN: tl.constexpr,
     HAS_COUNT: tl.constexpr,
+    HAS_ACTIVE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     LOG2_N: tl.constexpr,
 ):
     """Per step: ``S += q_t @ K_t + Q_{t-1} @ k_t``; ``probs = softmax_rows(fl32(g *
-    fl32(S)))``; target-driven neuron on ``probs``."""
+    fl32(S)))``; target-driven neuron on ``probs``; ``active[t, row // rows_per_sample] = 1``
+    where a row fires."""
     # One flat grid axis (axis 1 would cap the batch at 65535): the row blocks of one batch
     # entry are neighbours, so they share its key tiles in L2.
     num_m = tl.cdiv(M, BLOCK_M)
@@ -222,6 +228,8 @@ def exact_attention_probs_kernel(
         count = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
     gain = tl.load(gain_ptr)
     theta = tl.load(theta_ptr).to(tl.float32)
+    if HAS_ACTIVE:
+        active_ptrs = active_ptr + (bid * M + offs_m) // rows_per_sample
 
     for _ in range(T):
         for d0 in range(0, D, BLOCK_D):
@@ -251,6 +259,9 @@ def exact_attention_probs_kernel(
         sigma = target_step(probs, theta, count, n_min, p_max)
         count = count + sigma
         tl.store(out_ptr + s_offs, sigma.to(tl.int8), mask=mask_s)
+        if HAS_ACTIVE:
+            record_active_rows(active_ptrs, sigma, mask_m, mask_n, BLOCK_M, BLOCK_N)
+            active_ptrs += samples
         q_ptr += stride_qt
         k_ptr += stride_kt
         q_prev_ptr += step_q
@@ -275,6 +286,7 @@ def exact_context_kernel(
     out_ptr,  # [T, B, M, D] int8 spikes
     z_out_ptr,  # [B, M, D] int32
     count_out_ptr,  # [B, M, D] int8
+    active_ptr,  # [T, samples] int32 flags, set where a sample fires (HAS_ACTIVE only)
     T,
     M,
     N,
@@ -289,14 +301,18 @@ def exact_context_kernel(
     stride_vd,
     n_min,
     p_max,
+    samples,  # (HAS_ACTIVE only)
+    rows_per_sample,  # rows of the flattened [B * M] (HAS_ACTIVE only)
     HAS_Z_IN: tl.constexpr,
     HAS_COUNT: tl.constexpr,
+    HAS_ACTIVE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
     """Per step: ``Z += a_t @ V_t + A_{t-1} @ v_t``; ``y = fl32(fl32(theta_a * theta_v) *
-    fl32(Z))``; target-driven neuron on ``y``."""
+    fl32(Z))``; target-driven neuron on ``y``; ``active[t, row // rows_per_sample] = 1``
+    where a row fires."""
     num_m = tl.cdiv(M, BLOCK_M)
     pid = tl.program_id(0)
     bid = (pid // num_m).to(tl.int64)
@@ -329,6 +345,8 @@ def exact_context_kernel(
         count = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.int32)
     m = _mul(tl.load(theta_a_ptr).to(tl.float32), tl.load(theta_v_ptr).to(tl.float32))
     theta = tl.load(theta_ptr).to(tl.float32)
+    if HAS_ACTIVE:
+        active_ptrs = active_ptr + (bid * M + offs_m) // rows_per_sample
 
     for _ in range(T):
         for k0 in range(0, N, BLOCK_K):
@@ -362,6 +380,9 @@ def exact_context_kernel(
         sigma = target_step(y, theta, count, n_min, p_max)
         count = count + sigma
         tl.store(out_ptr + z_offs, sigma.to(tl.int8), mask=mask_z)
+        if HAS_ACTIVE:
+            record_active_rows(active_ptrs, sigma, mask_m, mask_d, BLOCK_M, BLOCK_D)
+            active_ptrs += samples
         a_ptr += stride_at
         v_ptr += stride_vt
         a_prev_ptr += step_a
@@ -440,9 +461,11 @@ def exact_attention_probs_triton(
     k_acc: torch.Tensor | None,
     scores: torch.Tensor | None,
     count: torch.Tensor | None,
+    active: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Host side: ``q`` ``[T, *batch, M, D]``, ``k_t`` ``[T, *batch, D, N]`` int8 (any strides,
-    at least one batch entry, ``1 <= N <= MAX_KEYS``, ``M, D >= 1``). Returns fresh
+    at least one batch entry, ``1 <= N <= MAX_KEYS``, ``M, D >= 1``), ``active`` ``[T, B]``
+    int32 contiguous or None. Returns fresh
     ``(spikes [T, *batch, M, N] int8, q_acc, k_acc, scores int32, count int8)``."""
     p = _prepare(launch, q, k_t, q_acc, k_acc, scores, count)
     m, d = q.shape[-2:]
@@ -460,6 +483,7 @@ def exact_attention_probs_triton(
         p.out,
         p.state_out,
         p.count_out,
+        p.count_out if active is None else active,
         q.shape[0],
         m,
         n,
@@ -468,8 +492,10 @@ def exact_attention_probs_triton(
         *p.b.stride(),
         n_min,
         p_max,
+        *active_layout(active, p.a.shape[1] * m),
         HAS_S_IN=p.state_in is not None,
         HAS_COUNT=p.count_in is not None,
+        HAS_ACTIVE=active is not None,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_D=block_d,
@@ -493,9 +519,11 @@ def exact_context_triton(
     v_acc: torch.Tensor | None,
     z: torch.Tensor | None,
     count: torch.Tensor | None,
+    active: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Host side: ``a`` ``[T, *batch, M, N]``, ``v`` ``[T, *batch, N, D]`` int8 (any strides,
-    at least one batch entry, ``1 <= D <= MAX_HEAD_DIM``, ``M, N >= 1``). Returns fresh
+    at least one batch entry, ``1 <= D <= MAX_HEAD_DIM``, ``M, N >= 1``), ``active``
+    ``[T, B]`` int32 contiguous or None. Returns fresh
     ``(spikes [T, *batch, M, D] int8, a_acc, v_acc, z int32, count int8)``."""
     p = _prepare(launch, a, v, a_acc, v_acc, z, count)
     m, n = a.shape[-2:]
@@ -514,6 +542,7 @@ def exact_context_triton(
         p.out,
         p.state_out,
         p.count_out,
+        p.count_out if active is None else active,
         a.shape[0],
         m,
         n,
@@ -522,8 +551,10 @@ def exact_context_triton(
         *p.b.stride(),
         n_min,
         p_max,
+        *active_layout(active, p.a.shape[1] * m),
         HAS_Z_IN=p.state_in is not None,
         HAS_COUNT=p.count_in is not None,
+        HAS_ACTIVE=active is not None,
         BLOCK_M=block_m,
         BLOCK_K=block_k,
         BLOCK_D=block_d,

@@ -33,6 +33,7 @@ import triton
 import triton.language as tl
 
 from spikekernels.kernels import on_device
+from spikekernels.kernels.activity import active_layout, record_active_rows
 from spikekernels.kernels.exact_rows import tree_sum_rows
 from spikekernels.kernels.target import target_step
 
@@ -113,6 +114,7 @@ def exact_layernorm_neuron_kernel(
     count_in_ptr,  # [R, C] int8 incoming count (HAS_COUNT only)
     out_ptr,  # [T, R, C] int8 spikes
     count_out_ptr,  # [R, C] int8
+    active_ptr,  # [T, B] int32 per-sample flags, set where a sample fires (HAS_ACTIVE only)
     T,
     R,
     C,
@@ -120,16 +122,20 @@ def exact_layernorm_neuron_kernel(
     eps,  # float32
     n_min,
     p_max,
+    B,  # samples (HAS_ACTIVE only)
+    rows_per_sample,  # (HAS_ACTIVE only)
     HAS_C: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_COUNT: tl.constexpr,
     PER_CHANNEL: tl.constexpr,
+    HAS_ACTIVE: tl.constexpr,
     ROWS: tl.constexpr,
     BLOCK_C: tl.constexpr,
     LOG2_C: tl.constexpr,
 ):
-    """x = fl32(c + D_t); y = layer_norm_rows(x); target-driven neuron on y."""
+    """x = fl32(c + D_t); y = layer_norm_rows(x); target-driven neuron on y;
+    active[t, row // rows_per_sample] = 1 where a row fires."""
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK_C)
@@ -156,6 +162,8 @@ def exact_layernorm_neuron_kernel(
     d_ptrs = d_ptr + offs
     out_ptrs = out_ptr + offs
     d_next = tl.load(d_ptrs, mask=mask, other=0.0)
+    if HAS_ACTIVE:
+        active_ptrs = active_ptr + rows // rows_per_sample
     for t in range(T):
         d = d_next
         d_ptrs += step
@@ -171,6 +179,9 @@ def exact_layernorm_neuron_kernel(
         sigma = target_step(y, theta, count, n_min, p_max)
         count = count + sigma
         tl.store(out_ptrs, sigma.to(tl.int8), mask=mask)
+        if HAS_ACTIVE:
+            record_active_rows(active_ptrs, sigma, rows < R, col_mask, ROWS, BLOCK_C)
+            active_ptrs += B
         out_ptrs += step
     tl.store(count_out_ptr + offs, count.to(tl.int8), mask=mask)
 
@@ -187,10 +198,12 @@ def exact_layernorm_neuron_triton(
     n_min: int,
     p_max: int,
     count: torch.Tensor | None,
+    active: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Host side: ``x`` ``[T, R, C]`` contiguous, float64 ``D`` with ``c`` ``[RC, C]`` float64
     (row ``r`` adds ``c[r % RC]``), or the float32 rows themselves with ``c`` None;
-    ``weight``/``bias`` ``[C]`` float32 contiguous or None; ``count`` ``[R, C]`` or None.
+    ``weight``/``bias`` ``[C]`` float32 contiguous or None; ``count`` ``[R, C]`` or None;
+    ``active`` ``[T, B]`` int32 contiguous or None.
     Returns fresh ``(spikes [T, R, C] int8, count [R, C] int8)``."""
     T, R, C = x.shape
     out = torch.empty((T, R, C), dtype=torch.int8, device=x.device)
@@ -207,6 +220,7 @@ def exact_layernorm_neuron_triton(
         count_out if count is None else count,
         out,
         count_out,
+        count_out if active is None else active,
         T,
         R,
         C,
@@ -214,11 +228,13 @@ def exact_layernorm_neuron_triton(
         eps,
         n_min,
         p_max,
+        *active_layout(active, R),
         HAS_C=c is not None,
         HAS_WEIGHT=weight is not None,
         HAS_BIAS=bias is not None,
         HAS_COUNT=count is not None,
         PER_CHANNEL=threshold.numel() > 1,
+        HAS_ACTIVE=active is not None,
         ROWS=rows,
         BLOCK_C=block_c,
         LOG2_C=block_c.bit_length() - 1,

@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from spikekernels.kernels import INTERPRET, on_device
+from spikekernels.kernels.activity import active_layout, record_active_rows
 from spikekernels.kernels.target import target_step
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) on a GPU: BLOCK_M = 64 rows per
@@ -87,6 +88,7 @@ def exact_linear_kernel(
     out_ptr,  # [T, rows, N] int8 spikes
     acc_out_ptr,  # [rows, N] int32
     count_out_ptr,  # [rows, N] int8
+    active_ptr,  # [T, B] int32 per-sample flags, set where a sample fires (HAS_ACTIVE only)
     T,
     rows,
     N,
@@ -94,15 +96,19 @@ def exact_linear_kernel(
     num_m,
     n_min,
     p_max,
+    B,  # samples (HAS_ACTIVE only)
+    rows_per_sample,  # (HAS_ACTIVE only)
     HAS_BIAS: tl.constexpr,
     HAS_ACC: tl.constexpr,
     HAS_COUNT: tl.constexpr,
     PER_CHANNEL: tl.constexpr,
+    HAS_ACTIVE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """acc += s_t @ W^T; y = fl32(fl32(m[n] * fl32(acc)) + b[n]); target-driven neuron on y."""
+    """acc += s_t @ W^T; y = fl32(fl32(m[n] * fl32(acc)) + b[n]); target-driven neuron on y;
+    active[t, row // rows_per_sample] = 1 where a row fires."""
     pid_m = tl.program_id(0).to(tl.int64)
     pid_n = tl.program_id(1).to(tl.int64)
     rs = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -135,6 +141,8 @@ def exact_linear_kernel(
     s_start = s_ptr + rs[:, None] * K + ks[None, :]
     out_ptrs = out_ptr + state_offs
     flag_ptrs = flag_ptr + pid_m
+    if HAS_ACTIVE:
+        active_ptrs = active_ptr + rs // rows_per_sample
     for _ in range(T):
         # A silent spike tile runs the K loop zero times: a loop bound rather than an `if`
         # around the loop, so that the compiler still pipelines the loop.
@@ -154,6 +162,9 @@ def exact_linear_kernel(
         sigma = target_step(y, theta, count, n_min, p_max)
         count = count + sigma
         tl.store(out_ptrs, sigma.to(tl.int8), mask=mask)
+        if HAS_ACTIVE:
+            record_active_rows(active_ptrs, sigma, row_mask, col_mask, BLOCK_M, BLOCK_N)
+            active_ptrs += B
         s_start += rows * K
         out_ptrs += rows * N
         flag_ptrs += num_m
@@ -174,9 +185,11 @@ def exact_linear_triton(
     p_max: int,
     acc: torch.Tensor | None,
     count: torch.Tensor | None,
+    active: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Host side: ``s`` ``[T, rows, K]`` int8, ``weight`` ``[N, K]`` int8, ``weight_scale``
-    and ``bias`` float32 ``[N]``, all contiguous; ``acc``/``count`` ``[rows, N]`` or None.
+    and ``bias`` float32 ``[N]``, all contiguous; ``acc``/``count`` ``[rows, N]`` or None;
+    ``active`` ``[T, B]`` int32 contiguous or None.
     Returns fresh ``(spikes [T, rows, N] int8, acc [rows, N] int32, count [rows, N] int8)``."""
     T, rows, K = s.shape
     N = weight.shape[0]
@@ -204,6 +217,7 @@ def exact_linear_triton(
         out,
         acc_out,
         count_out,
+        flags if active is None else active,
         T,
         rows,
         N,
@@ -211,10 +225,12 @@ def exact_linear_triton(
         num_m,
         n_min,
         p_max,
+        *active_layout(active, rows),
         HAS_BIAS=bias is not None,
         HAS_ACC=acc is not None,
         HAS_COUNT=count is not None,
         PER_CHANNEL=threshold.numel() > 1,
+        HAS_ACTIVE=active is not None,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_K=block_k,

@@ -12,12 +12,28 @@ import triton
 import triton.language as tl
 
 from spikekernels.kernels import on_device
+from spikekernels.kernels.activity import (
+    active_layout,
+    block_samples,
+    record_active_elements,
+)
 from spikekernels.kernels.rounding import bf16_bits_rtne
 
 # BLOCK=1024, 4 warps: 8 neurons per thread, so a step loads 32 B of fp32 and stores 8 B of
 # int8 per thread (vectorised). Untuned on hardware so far: see bench/results/.
 BLOCK = 1024
 NUM_WARPS = 4
+
+
+@triton.jit
+def st_bif_step(u, theta, v, count, n_min, p_max):
+    """One SPEC.md §2 step on float32 inputs ``u``: returns ``(sigma, v, count)`` (int32
+    sigma and count). ``div_rn``: Triton's ``/`` on fp32 is an approximate division on NVIDIA
+    GPUs; SPEC.md asks for the correctly rounded one, so spikes match the reference bit for
+    bit."""
+    v = v + tl.div_rn(u, theta)
+    sigma = ((v >= 1.0) & (count < p_max)).to(tl.int32) - ((v < 0.0) & (count > n_min)).to(tl.int32)
+    return sigma, v - sigma.to(tl.float32), count + sigma
 
 
 @triton.jit
@@ -29,17 +45,22 @@ def st_bif_kernel(
     out_ptr,  # [T, numel] int8 spikes, or sigma * theta in x's dtype (int16 bits for bf16)
     v_out_ptr,  # [numel] float32
     s_out_ptr,  # [numel] integer count
+    active_ptr,  # [T, B] int32 per-sample flags, set where a sample fires (HAS_ACTIVE only)
     numel,
     T,
     n_min,
     p_max,
+    B,  # samples (HAS_ACTIVE only)
+    per_sample,  # elements of one sample in one step (HAS_ACTIVE only)
     HAS_STATE: tl.constexpr,
     FLOAT_OUT: tl.constexpr,
     OUT_BF16_BITS: tl.constexpr,
+    HAS_ACTIVE: tl.constexpr,
+    WIDE_SAMPLES: tl.constexpr,  # per_sample >= BLOCK (HAS_ACTIVE only)
     BLOCK: tl.constexpr,
 ):
     """v += u_t / theta (correctly rounded); fire +1 if v >= 1 and s < p_max, -1 if v < 0 and
-    s > n_min; s += sigma; v -= sigma."""
+    s > n_min; s += sigma; v -= sigma; active[t, i // per_sample] = 1 where sigma != 0."""
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
@@ -52,16 +73,19 @@ def st_bif_kernel(
         s = tl.zeros([BLOCK], tl.int32)
     x_ptrs = x_ptr + offs
     out_ptrs = out_ptr + offs
-    for _ in range(T):
-        u = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
-        # div_rn: Triton's `/` on fp32 is an approximate division on NVIDIA GPUs; SPEC.md asks
-        # for the correctly rounded one so that spikes match the reference bit for bit.
-        v = v + tl.div_rn(u, theta)
-        fire_pos = (v >= 1.0) & (s < p_max)
-        fire_neg = (v < 0.0) & (s > n_min)
-        sigma = fire_pos.to(tl.int32) - fire_neg.to(tl.int32)
-        s = s + sigma
-        v = v - sigma.to(tl.float32)
+    if HAS_ACTIVE:
+        first = pid * BLOCK // per_sample
+        active_ptr += first
+        split = ((first + 1) * per_sample - pid * BLOCK).to(tl.int32)  # lanes of `first`
+    # Software prefetch: step t + 1's input is requested before step t is computed, so two
+    # loads per thread are in flight (the loop is a chain of dependent steps, and Triton does
+    # not pipeline loads that feed no dot): the kernel streams, it should not wait on latency.
+    u_next = tl.load(x_ptrs, mask=mask & (T > 0), other=0.0)
+    for t in range(T):
+        u = u_next.to(tl.float32)
+        x_ptrs += numel
+        u_next = tl.load(x_ptrs, mask=mask & (t + 1 < T), other=0.0)
+        sigma, v, s = st_bif_step(u, theta, v, s, n_min, p_max)
         if OUT_BF16_BITS:
             spike = bf16_bits_rtne(sigma.to(tl.float32) * theta)
         elif FLOAT_OUT:
@@ -69,7 +93,11 @@ def st_bif_kernel(
         else:
             spike = sigma.to(tl.int8)
         tl.store(out_ptrs, spike, mask=mask)
-        x_ptrs += numel
+        if HAS_ACTIVE:
+            record_active_elements(
+                active_ptr, mask & (sigma != 0), split, per_sample, BLOCK, WIDE_SAMPLES
+            )
+            active_ptr += B
         out_ptrs += numel
     tl.store(v_out_ptr + offs, v, mask=mask)
     tl.store(s_out_ptr + offs, s.to(s_out_ptr.dtype.element_ty), mask=mask)
@@ -86,8 +114,10 @@ def st_bif_triton(
     s: torch.Tensor | None,
     float_out: bool,
     count_dtype: torch.dtype,
+    active: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Host side: allocate outputs and launch ``st_bif_kernel`` over contiguous ``x``."""
+    """Host side: allocate outputs and launch ``st_bif_kernel`` over contiguous ``x``;
+    ``active`` ``[T, B]`` int32 contiguous (checked by the op) or None."""
     x = x.contiguous()
     shape = x.shape[1:]
     numel = x[0].numel()
@@ -101,6 +131,7 @@ def st_bif_triton(
     s_in = s.contiguous() if has_state else s_out
     grid = (triton.cdiv(numel, BLOCK),)
     bf16_bits = float_out and x.dtype == torch.bfloat16
+    samples, per_sample = active_layout(active, numel)
     launch(st_bif_kernel)[grid](
         x,
         theta,
@@ -109,13 +140,18 @@ def st_bif_triton(
         out.view(torch.int16) if bf16_bits else out,
         v_out,
         s_out,
+        s_out if active is None else active,
         numel,
         x.shape[0],
         n_min,
         p_max,
+        samples,
+        per_sample,
         HAS_STATE=has_state,
         FLOAT_OUT=float_out,
         OUT_BF16_BITS=bf16_bits,
+        HAS_ACTIVE=active is not None,
+        WIDE_SAMPLES=block_samples(per_sample, BLOCK),
         BLOCK=BLOCK,
         num_warps=NUM_WARPS,
     )

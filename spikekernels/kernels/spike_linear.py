@@ -7,9 +7,11 @@ output ``[R, N]`` float32. Two launches:
    (int8, the cheapest tensor here) and writes whether any is nonzero.
 2. ``spike_linear_kernel``: one program per ``BLOCK_M x BLOCK_N`` output tile. A silent row
    tile skips the whole K loop (no weight traffic, no MMA) and writes only the bias where due.
-   Otherwise ``acc = s @ W^T`` with ``tl.dot``: int8 x int8 -> int32 (exact) for int8
-   weights, spikes cast to the weight dtype (exact: they are -1, 0, 1) with float32
-   accumulation for float16 / bfloat16, and IEEE float32 FMA (never tf32) for float32.
+   Otherwise ``acc = s @ W^T`` with ``tl.dot`` (``spike_dot``): int8 x int8 -> int32 (exact)
+   for int8 weights, spikes cast to the weight dtype (exact: they are -1, 0, 1) with float32
+   accumulation for float16 / bfloat16, and for a float32 weight three bf16 dots of its exact
+   split ``[3, N, K]`` (``ops.weight_split``) into one float32 accumulator: bf16 tensor cores,
+   the same exact products as an IEEE float32 dot, summed in another order.
 
 Epilogue: ``y = c[n] * float(acc)`` with ``c = theta * w_scale[n]`` (int8) or ``c = theta``,
 then ``y + bias_share[n]`` on rows of global steps ``< bias_steps``. The product is formed
@@ -27,13 +29,13 @@ from spikekernels.kernels import INTERPRET, on_device
 
 # Tile shapes per weight dtype, (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). Chosen for
 # Hopper wgmma (BLOCK_M = 64 per warpgroup, K-major weight operand) and a fine skip
-# granularity (64 rows); untuned on hardware so far: see bench/results/. float32 runs on
-# CUDA cores (IEEE FMA), hence the smaller tile.
+# granularity (64 rows); untuned on hardware so far: see bench/results/. A float32 weight
+# runs as its bf16 split: three B tiles per stage, hence one stage less.
 _GPU_TILES = {
     torch.int8: (64, 128, 128, 4, 4),
     torch.float16: (64, 128, 64, 4, 4),
     torch.bfloat16: (64, 128, 64, 4, 4),
-    torch.float32: (64, 64, 32, 4, 3),
+    torch.float32: (64, 128, 64, 4, 3),
 }
 # Under the numpy interpreter: small tiles so that CPU tests cover several row, column and K
 # tiles (and silent and active row tiles side by side) at small shapes.
@@ -41,8 +43,59 @@ _INTERPRET_TILES = (16, 16, 32, 4, 1)
 
 
 def tile_config(weight_dtype: torch.dtype) -> tuple[int, int, int, int, int]:
-    """``(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)`` for a weight dtype."""
+    """``(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)`` for a weight dtype (float32: its
+    bf16 split)."""
     return _INTERPRET_TILES if INTERPRET else _GPU_TILES[weight_dtype]
+
+
+def dot_flags(weight: torch.Tensor) -> dict[str, object]:
+    """The ``spike_dot`` constexprs for a kernel weight: ``[N, K]`` int8/float16/bfloat16, or
+    the ``[3, N, K]`` bf16 split of a float32 weight."""
+    return dict(
+        INT8_W=weight.dtype == torch.int8,
+        PARTS=weight.shape[0] if weight.dim() == 3 else 1,
+        # the interpreter's bfloat16 dot is wrong; bf16 -> fp32 is exact, so nothing changes
+        DOT_FP32=INTERPRET and weight.dtype == torch.bfloat16,
+    )
+
+
+@triton.jit
+def spike_dot(
+    acc,
+    s_ptrs,  # [BLOCK_M, BLOCK_K] pointers to the first K tile of the spikes (int8)
+    w_ptrs,  # [BLOCK_K, BLOCK_N] pointers to the first K tile of weight part 0 ([N, K])
+    row_mask,
+    col_mask,
+    K,
+    k_end,  # K, or 0 for a silent spike tile (the loop runs zero times)
+    part_stride,  # elements between weight parts (PARTS > 1)
+    INT8_W: tl.constexpr,
+    PARTS: tl.constexpr,  # 3: the bf16 split of a float32 weight, summed into one acc
+    DOT_FP32: tl.constexpr,  # IEEE float32 dot of upcast operands (bf16 in the interpreter)
+    BLOCK_K: tl.constexpr,
+):
+    """acc + s @ W^T over K: int32 for int8 weights, float32 otherwise (every product exact).
+
+    A loop bound (``k_end``) rather than an ``if`` around the loop, so that the compiler
+    still pipelines the loop.
+    """
+    ks = tl.arange(0, BLOCK_K)
+    for k0 in range(0, k_end, BLOCK_K):
+        k_mask = (k0 + ks) < K
+        s = tl.load(s_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0)
+        w_mask = k_mask[:, None] & col_mask[None, :]
+        if INT8_W:
+            acc = tl.dot(s, tl.load(w_ptrs, mask=w_mask, other=0), acc, out_dtype=tl.int32)
+        else:
+            for part in tl.static_range(PARTS):
+                w = tl.load(w_ptrs + part * part_stride, mask=w_mask, other=0)
+                if DOT_FP32:
+                    acc = tl.dot(s.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(s.to(w.dtype), w, acc, out_dtype=tl.float32)
+        s_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    return acc
 
 
 @triton.jit
@@ -76,7 +129,7 @@ def spike_tile_any_kernel(
 @triton.jit
 def spike_linear_kernel(
     s_ptr,  # [R, K] int8 ternary spikes, R = T * rows
-    w_ptr,  # [N, K] weight: int8, float16, bfloat16 or float32
+    w_ptr,  # [N, K] weight (int8, float16, bfloat16), or [PARTS, N, K] bf16 parts
     theta_ptr,  # [1] threshold (any float dtype), read on the device
     w_scale_ptr,  # [N] float32 per-output-channel scale (INT8_W only)
     bias_ptr,  # [N] float32 bias share per due step (HAS_BIAS only)
@@ -86,9 +139,11 @@ def spike_linear_kernel(
     N,
     K,
     due_rows,  # rows [0, due_rows) belong to global steps < bias_steps
+    part_stride,  # N * K: elements between weight parts (PARTS > 1)
     HAS_BIAS: tl.constexpr,
     INT8_W: tl.constexpr,
-    DOT_FP32: tl.constexpr,  # float32 IEEE dot (float32 weights; bf16 under the interpreter)
+    PARTS: tl.constexpr,
+    DOT_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -106,24 +161,23 @@ def spike_linear_kernel(
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    # A silent row tile runs the K loop zero times (no weight reads, no MMA). A loop bound
-    # rather than an `if` around the loop, so that the compiler still pipelines the loop.
+    # a silent row tile runs the K loop zero times (no weight reads, no MMA)
     k_end = tl.where(tl.load(flag_ptr + pid_m) != 0, K, 0)
-    s_ptrs = s_ptr + rows[:, None] * K + ks[None, :]
     # the weight tile is read as [BLOCK_K, BLOCK_N] straight from [N, K] (K-major B)
-    w_ptrs = w_ptr + cols[None, :] * K + ks[:, None]
-    for k0 in range(0, k_end, BLOCK_K):
-        k_mask = (k0 + ks) < K
-        s = tl.load(s_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0)
-        w = tl.load(w_ptrs, mask=k_mask[:, None] & col_mask[None, :], other=0)
-        if INT8_W:
-            acc = tl.dot(s, w, acc, out_dtype=tl.int32)
-        elif DOT_FP32:
-            acc = tl.dot(s.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(s.to(w.dtype), w, acc, out_dtype=tl.float32)
-        s_ptrs += BLOCK_K
-        w_ptrs += BLOCK_K
+    acc = spike_dot(
+        acc,
+        s_ptr + rows[:, None] * K + ks[None, :],
+        w_ptr + cols[None, :] * K + ks[:, None],
+        row_mask,
+        col_mask,
+        K,
+        k_end,
+        part_stride,
+        INT8_W,
+        PARTS,
+        DOT_FP32,
+        BLOCK_K,
+    )
 
     theta = tl.load(theta_ptr).to(tl.float32)
     if INT8_W:
@@ -148,25 +202,28 @@ def spike_linear_triton(
     weight_scale: torch.Tensor | None,
     due_rows: int,
 ) -> torch.Tensor:
-    """Host side: ``s`` ``[R, K]`` int8 and ``weight`` ``[N, K]`` contiguous; returns ``[R, N]``
-    float32. ``bias_share`` (float32 ``[N]``) goes on rows ``[0, due_rows)``."""
+    """Host side: ``s`` ``[R, K]`` int8 and ``weight`` contiguous, ``[N, K]`` int8 / float16 /
+    bfloat16 or the ``[3, N, K]`` bf16 split of a float32 weight; returns ``[R, N]`` float32.
+    ``bias_share`` (float32 ``[N]``) goes on rows ``[0, due_rows)``."""
     R, K = s.shape
-    N = weight.shape[0]
+    N = weight.shape[-2]
     out = torch.empty((R, N), dtype=torch.float32, device=s.device)
     if R == 0 or N == 0:
         return out
-    block_m, block_n, block_k, num_warps, num_stages = tile_config(weight.dtype)
+    split = weight.dim() == 3
+    block_m, block_n, block_k, num_warps, num_stages = tile_config(
+        torch.float32 if split else weight.dtype
+    )
     num_m = triton.cdiv(R, block_m)
     flags = torch.empty(num_m, dtype=torch.int32, device=s.device)
     launch(spike_tile_any_kernel)[(num_m,)](
         s, flags, R, K, BLOCK_M=block_m, BLOCK_K=block_k, num_warps=num_warps
     )
-    int8_w = weight.dtype == torch.int8
     launch(spike_linear_kernel)[(num_m, triton.cdiv(N, block_n))](
         s,
         weight,
         threshold,
-        weight_scale if int8_w else threshold,
+        threshold if weight_scale is None else weight_scale,
         out if bias_share is None else bias_share,
         flags,
         out,
@@ -174,10 +231,9 @@ def spike_linear_triton(
         N,
         K,
         due_rows,
+        N * K,
         HAS_BIAS=bias_share is not None,
-        INT8_W=int8_w,
-        # the interpreter's bfloat16 dot is wrong; bf16 -> fp32 is exact, so nothing changes
-        DOT_FP32=weight.dtype == torch.float32 or (INTERPRET and weight.dtype == torch.bfloat16),
+        **dot_flags(weight),
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_K=block_k,

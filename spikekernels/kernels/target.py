@@ -12,6 +12,11 @@ import triton
 import triton.language as tl
 
 from spikekernels.kernels import on_device
+from spikekernels.kernels.activity import (
+    active_layout,
+    block_samples,
+    record_active_elements,
+)
 
 # BLOCK=1024, 4 warps: 8 neurons per thread, as the ST-BIF kernel (same traffic per step:
 # one float value in, one int8 spike out). Untuned on hardware so far: see bench/results/.
@@ -43,17 +48,22 @@ def target_spikes_kernel(
     count_in_ptr,  # [numel] int8 count, read when HAS_COUNT
     out_ptr,  # [T, numel] int8 spikes
     count_out_ptr,  # [numel] int8 count
+    active_ptr,  # [T, B] int32 per-sample flags, set where a sample fires (HAS_ACTIVE only)
     numel,
     T,
     C,  # channels (last dim); the threshold of element i is theta[i % C] when PER_CHANNEL
     n_min,
     p_max,
+    B,  # samples (HAS_ACTIVE only)
+    per_sample,  # elements of one sample in one step (HAS_ACTIVE only)
     HAS_COUNT: tl.constexpr,
     PER_CHANNEL: tl.constexpr,
+    HAS_ACTIVE: tl.constexpr,
+    WIDE_SAMPLES: tl.constexpr,  # per_sample >= BLOCK (HAS_ACTIVE only)
     BLOCK: tl.constexpr,
 ):
     """target = clamp(floor(y_t / theta + 1/2), n_min, p_max); sigma = sign(target - c);
-    c += sigma; out_t = sigma (int8)."""
+    c += sigma; out_t = sigma (int8); active[t, i // per_sample] = 1 where sigma != 0."""
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
@@ -67,11 +77,20 @@ def target_spikes_kernel(
         c = tl.zeros([BLOCK], tl.int32)
     value_ptrs = value_ptr + offs
     out_ptrs = out_ptr + offs
+    if HAS_ACTIVE:
+        first = pid * BLOCK // per_sample
+        active_ptr += first
+        split = ((first + 1) * per_sample - pid * BLOCK).to(tl.int32)  # lanes of `first`
     for _ in range(T):
         y = tl.load(value_ptrs, mask=mask, other=0.0).to(tl.float32)
         sigma = target_step(y, theta, c, n_min, p_max)
         c = c + sigma
         tl.store(out_ptrs, sigma.to(tl.int8), mask=mask)
+        if HAS_ACTIVE:
+            record_active_elements(
+                active_ptr, mask & (sigma != 0), split, per_sample, BLOCK, WIDE_SAMPLES
+            )
+            active_ptr += B
         value_ptrs += numel
         out_ptrs += numel
     tl.store(count_out_ptr + offs, c.to(tl.int8), mask=mask)
@@ -85,9 +104,11 @@ def target_spikes_triton(
     n_min: int,
     p_max: int,
     count: torch.Tensor | None,
+    active: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Host side: allocate fresh outputs and launch ``target_spikes_kernel`` over contiguous
-    ``value``; ``theta`` has one element or ``value.shape[-1]``."""
+    ``value``; ``theta`` has one element or ``value.shape[-1]``; ``active`` ``[T, B]`` int32
+    contiguous (checked by the op) or None."""
     value = value.contiguous()
     shape = value.shape[1:]
     numel = value[0].numel()
@@ -97,19 +118,25 @@ def target_spikes_triton(
         return out, count_out
     per_channel = theta.numel() > 1
     has_count = count is not None
+    samples, per_sample = active_layout(active, numel)
     launch(target_spikes_kernel)[(triton.cdiv(numel, BLOCK),)](
         value,
         theta.contiguous(),
         count.contiguous() if has_count else count_out,
         out,
         count_out,
+        count_out if active is None else active,
         numel,
         value.shape[0],
         shape[-1] if per_channel else 1,
         n_min,
         p_max,
+        samples,
+        per_sample,
         HAS_COUNT=has_count,
         PER_CHANNEL=per_channel,
+        HAS_ACTIVE=active is not None,
+        WIDE_SAMPLES=block_samples(per_sample, BLOCK),
         BLOCK=BLOCK,
         num_warps=NUM_WARPS,
     )

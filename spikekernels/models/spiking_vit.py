@@ -17,9 +17,10 @@ Silence. After step 0 nothing new enters the network, and a step at which no neu
 sample fires is a fixed point for that sample: every later step computes the same values from
 the same state. So the first step ``t >= 1`` with no spike settles the sample: its logits are
 final and ``steps`` counts the steps before it. Samples never interact, so this holds per
-sample; the batch stops with its slowest sample. The runner observes the neurons through
-forward hooks that OR each chunk's spikes into ``[T, B]`` flags on the device; it reads one
-integer per chunk (the one host sync), none per layer.
+sample; the batch stops with its slowest sample. Each chunk has ``[T, B]`` int32 fired flags on
+the device, which every neuron is told to ``watch``: its fused kernel sets them while it writes
+the spikes, with no pass over the spikes. The runner reads one integer per chunk (the one host
+sync), none per layer.
 
 Non-finite images: a neuron fed NaN never fires, so such a sample would settle with plausible
 logits. The runner gives it NaN logits instead (as the QANN does), decided on the device.
@@ -353,14 +354,8 @@ class SpikingViT(nn.Module):
         chunk = 1 if reference else chunk
         batch, device = x.shape[0], x.device
         finite = torch.isfinite(x.reshape(batch, -1)).all(dim=1)
-        flags: list[torch.Tensor] = []
-
-        def record(module, inputs, spikes):
-            # amax of |spike| over each sample: several times faster than any() on CPU.
-            peak = spikes.reshape(spikes.shape[0], spikes.shape[1], -1).abs().amax(dim=-1)
-            flags[-1] |= peak != 0
-
-        handles = [n.register_forward_hook(record) for n in self.neurons()]
+        flags: list[torch.Tensor] = []  # the current chunk's [T, B] int32 fired flags
+        neurons = self.neurons()
         try:
             with backend:
                 patches = self.patch_embed.first_step(x)
@@ -370,21 +365,23 @@ class SpikingViT(nn.Module):
                 t0, steps = 0, max_steps
                 while t0 < max_steps:
                     n = min(chunk, max_steps - t0)
-                    flags.append(torch.zeros(n, batch, dtype=torch.bool, device=device))
+                    flags.append(torch.zeros(n, batch, dtype=torch.int32, device=device))
+                    for neuron in neurons:
+                        neuron.watch(flags[-1])
                     logits = self.step_chunk(patches, n, t0)
                     # Step by step, so that the rounding does not depend on the chunk size.
                     for t in range(n):
                         total = logits[t] if self.exact else total + logits[t]
                         if return_trace:
                             trace.append(total)
-                    sample_steps = _settle(sample_steps, flags.pop(), t0, max_steps)
+                    sample_steps = _settle(sample_steps, flags.pop() != 0, t0, max_steps)
                     t0 += n
                     steps = int(sample_steps.max())  # the one host sync per chunk
                     if steps < max_steps:
                         break
         finally:
-            for h in handles:
-                h.remove()
+            for neuron in neurons:
+                neuron.watch(None)
         nan = torch.tensor(float("nan"), device=device)
         total = torch.where(finite[:, None], total, nan)
         if not return_trace:

@@ -11,6 +11,7 @@ from spikekernels.nn.exact_layers import (
 )
 from spikekernels.nn.layernorm import SpikeLayerNorm
 from spikekernels.nn.linear import SpikeLinear
+from spikekernels.nn.linear_neuron import SpikeLinearNeuron
 from spikekernels.nn.neuron import STBIF
 from spikekernels.nn.quant_linear import QuantLinear
 from spikekernels.nn.quantizer import Quantizer
@@ -34,6 +35,7 @@ __all__ = [
     "SpikeAttention",
     "SpikeLayerNorm",
     "SpikeLinear",
+    "SpikeLinearNeuron",
     "SpikeMatmul",
     "SpikeSoftmax",
     "TargetNeuron",

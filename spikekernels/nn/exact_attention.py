@@ -31,7 +31,7 @@ class ExactAttentionProbs(TargetNeuron):
     def forward(self, q: torch.Tensor, k_t: torch.Tensor) -> torch.Tensor:
         spikes, self.q_acc, self.k_acc, self.scores, self.count = exact_attention_probs(
             q, k_t, self.gain, self.threshold, self.n_min, self.p_max,
-            self.q_acc, self.k_acc, self.scores, self.count,
+            self.q_acc, self.k_acc, self.scores, self.count, active=self.activity,
         )  # fmt: skip
         self.last_spikes = spikes[-1]
         return spikes
@@ -56,7 +56,7 @@ class ExactContext(TargetNeuron):
     def forward(self, a: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         spikes, self.a_acc, self.v_acc, self.z, self.count = exact_context(
             a, v, self.theta_a, self.theta_v, self.threshold, self.n_min, self.p_max,
-            self.a_acc, self.v_acc, self.z, self.count,
+            self.a_acc, self.v_acc, self.z, self.count, active=self.activity,
         )  # fmt: skip
         self.last_spikes = spikes[-1]
         return spikes

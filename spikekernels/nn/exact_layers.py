@@ -132,6 +132,7 @@ class ExactLinearNeuron(TargetNeuron):
             self.p_max,
             self.acc,
             self.count,
+            active=self.activity,
         )
         self.last_spikes = spikes[-1]
         return spikes
@@ -205,6 +206,7 @@ class ExactLayerNormNeuron(TargetNeuron):
             self.p_max,
             self.count,
             pool=self.pool,
+            active=self.activity,
         )
         self.last_spikes = spikes[-1]
         return spikes

@@ -10,14 +10,28 @@ from spikekernels.ops._checks import check_positive
 from spikekernels.ops.neuron import st_bif
 
 
-class STBIF(nn.Module):
+class ActivityWatcher:
+    """What a neuron module needs for ``watch``: the flags its op records into (``activity``,
+    passed as the op's ``active``), kept across ``reset()``."""
+
+    activity: torch.Tensor | None = None
+
+    def watch(self, flags: torch.Tensor | None) -> None:
+        """Record into ``flags`` (int32 ``[T, B]``, the next call's steps and batch) which
+        samples fired at which step: the op sets ``flags[t, b] = 1`` as its kernel writes the
+        spikes, so the runner needs no extra pass over them. None stops."""
+        self.activity = flags
+
+
+class STBIF(ActivityWatcher, nn.Module):
     """Multi-step ST-BIF neuron over ``[T, B, ...]``, state kept between calls until ``reset()``.
 
     Built from a QANN quantizer's step (``threshold``) and its ``level`` / ``signed`` bounds.
     ``forward`` returns int8 spikes in {-1, 0, 1} (``float_out=False``) or ``sigma * theta``
     in the input dtype. ``count`` is the spike count ``s`` (after silence it equals the
     quantizer's integer), ``silent()`` / ``active_samples()`` report as tensors whether the
-    neuron fired at the last step (no host sync). ``fanout``: synaptic operations one spike
+    neuron fired at the last step (no host sync); ``watch(flags)`` makes its op record which
+    samples fired (the runner's silence test). ``fanout``: synaptic operations one spike
     causes downstream (set by ``spikekernels.convert``; for SOP counts). Inference only.
     """
 
@@ -68,7 +82,14 @@ class STBIF(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         spikes, self.v, self.s = st_bif(
-            x, self.threshold, self.n_min, self.p_max, self.v, self.s, float_out=self.float_out
+            x,
+            self.threshold,
+            self.n_min,
+            self.p_max,
+            self.v,
+            self.s,
+            float_out=self.float_out,
+            active=self.activity,
         )
         self.last_spikes = spikes[-1]
         return spikes

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from spikekernels.levels import level_bounds
+from spikekernels.nn.neuron import ActivityWatcher
 from spikekernels.ops.target import target_spikes
 
 __all__ = ["TargetNeuron", "running_counts"]
@@ -20,7 +21,7 @@ def running_counts(spikes: torch.Tensor, count: torch.Tensor | None) -> torch.Te
     return counts if count is None else counts + count.to(torch.int32)
 
 
-class TargetNeuron(nn.Module):
+class TargetNeuron(ActivityWatcher, nn.Module):
     """Exact mode's neuron over ``[T, B, ...]``: it fires toward the quantizer's integer.
 
     At each step, with ``y_t`` the *current value* of its input (not an increment):
@@ -30,6 +31,7 @@ class TargetNeuron(nn.Module):
     so one qkv output can feed the q, k and v neurons. With exact input this is SPEC.md §2's
     ST-BIF rule; at silence ``count`` is the QANN quantizer's integer. ``fanout``: synaptic
     operations one spike causes downstream (set by ``spikekernels.convert``; for SOP counts).
+    ``watch(flags)`` makes its op record which samples fired (the runner's silence test).
     Inference only.
     """
 
@@ -57,13 +59,13 @@ class TargetNeuron(nn.Module):
         self.reset()
 
     def reset(self) -> None:
-        """Back to the fresh state (count 0): call between inputs."""
+        """Back to the fresh state (count 0): call between inputs. Keeps ``activity``."""
         self.count: torch.Tensor | None = None
         self.last_spikes: torch.Tensor | None = None
 
     def forward(self, value: torch.Tensor) -> torch.Tensor:
         spikes, self.count = target_spikes(
-            value, self.threshold, self.n_min, self.p_max, self.count
+            value, self.threshold, self.n_min, self.p_max, self.count, active=self.activity
         )
         self.last_spikes = spikes[-1]
         return spikes

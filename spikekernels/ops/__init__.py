@@ -11,14 +11,18 @@ from spikekernels.ops.layernorm import spike_layernorm
 from spikekernels.ops.neuron import st_bif
 from spikekernels.ops.softmax import spike_softmax
 from spikekernels.ops.spike_linear import spike_linear
+from spikekernels.ops.spike_linear_neuron import spike_linear_neuron
 from spikekernels.ops.spike_matmul import spike_matmul
 from spikekernels.ops.target import target_spikes
+from spikekernels.ops.weight_split import split_weight_bf16x3
 
 __all__ = [
     "spike_matmul",
     "st_bif",
     "spike_layernorm",
     "spike_linear",
+    "spike_linear_neuron",
+    "split_weight_bf16x3",
     "spike_softmax",
     "target_spikes",
     "exact_linear",

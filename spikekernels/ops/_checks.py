@@ -9,6 +9,7 @@ never while torch.compile traces.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -76,6 +77,42 @@ def check_state(
             f"got {tuple(t.shape)}"
         )
     check_same_device(like_name, like, name, t)
+
+
+def check_active(
+    active: torch.Tensor | None,
+    spikes_shape: Sequence[int],
+    like: torch.Tensor,
+    like_name: str,
+) -> None:
+    """Optional per-sample activity flags that a neuron op sets in place: int32 ``[T, B]``,
+    ``T`` and ``B`` the spikes' dims 0 and 1, contiguous (the kernels store into it), on
+    ``like``'s device, and the rows of one step (the spikes' dims 1 to -2 flattened) split
+    into ``B`` equal blocks, one per sample."""
+    if active is None:
+        return
+    check_tensor(active, "active", dtypes=(torch.int32,))
+    if len(spikes_shape) < 2:
+        raise ValueError(
+            f"active needs spikes [T, B, ...] with a batch dim, but the spikes have shape "
+            f"{tuple(spikes_shape)}"
+        )
+    steps, batch = spikes_shape[0], spikes_shape[1]
+    if tuple(active.shape) != (steps, batch):
+        raise ValueError(
+            f"active must have shape ({steps}, {batch}) (the spikes' steps and batch dim 1), "
+            f"got {tuple(active.shape)}"
+        )
+    check_same_device(like_name, like, "active", active)
+    if not active.is_contiguous():
+        raise ValueError("active must be contiguous: the op writes it in place")
+    rows = math.prod(spikes_shape[1:-1])
+    if batch and rows % batch:
+        raise ValueError(
+            f"active: the spikes' {rows} rows per step (dims 1 to -2 of shape "
+            f"{tuple(spikes_shape)}) do not split into {batch} samples (dim 1); give spikes "
+            "[T, B, ..., N]"
+        )
 
 
 def check_int(value: object, name: str, *, lo: int | None = None, hi: int | None = None) -> int:

@@ -9,7 +9,7 @@ passes both.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -19,14 +19,18 @@ NAMESPACE = "spikekernels"
 TRACEABLE_TRITON = TRITON_AVAILABLE and not INTERPRET
 
 
-def kernel_op(name: str) -> Callable:
-    """Decorator: register ``fn`` (type-annotated, no mutation) as ``spikekernels::<name>``."""
+def kernel_op(name: str, *, mutates_args: Sequence[str] = ()) -> Callable:
+    """Decorator: register ``fn`` (type-annotated) as ``spikekernels::<name>``.
+
+    ``mutates_args`` names the arguments the op writes in place (none by default), so that
+    functionalization and torch.compile keep the write and order it."""
     qualname = f"{NAMESPACE}::{name}"
+    mutates = tuple(mutates_args)
 
     def register(fn: Callable):
         if TRACEABLE_TRITON:
-            return torch.library.triton_op(qualname, fn, mutates_args=())
-        return torch.library.custom_op(qualname, fn, mutates_args=())
+            return torch.library.triton_op(qualname, fn, mutates_args=mutates)
+        return torch.library.custom_op(qualname, fn, mutates_args=mutates)
 
     return register
 

@@ -9,6 +9,7 @@ import torch
 
 from spikekernels.exact_math import context_value, score_value, softmax_rows
 from spikekernels.ops._checks import (
+    check_active,
     check_same_device,
     check_state,
     check_tensor,
@@ -22,6 +23,7 @@ from spikekernels.ops.target import (
     check_bounds,
     check_threshold,
     check_threshold_values,
+    record_active,
     target_spikes_torch,
 )
 
@@ -110,7 +112,9 @@ def _fake_outputs(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, ...]:
 # scores product + softmax + attention neuron
 
 
-def _check_probs(q, k_t, gain, threshold, n_min, p_max, q_acc, k_acc, scores, count) -> None:
+def _check_probs(
+    q, k_t, gain, threshold, n_min, p_max, q_acc, k_acc, scores, count, active
+) -> None:
     """Metadata checks (no data read)."""
     _check_product(q, k_t, "q", "k_t", q_acc, k_acc, "q_acc", "k_acc")
     # float32 only: score_value multiplies in the gain's dtype
@@ -120,6 +124,7 @@ def _check_probs(q, k_t, gain, threshold, n_min, p_max, q_acc, k_acc, scores, co
     shape = (*q.shape[1:-1], k_t.shape[-1])
     check_state(scores, "scores", shape, (torch.int32,), q, "q")
     check_state(count, "count", shape, (torch.int8,), q, "q")
+    check_active(active, (q.shape[0], *shape), q, "q")
 
 
 def exact_attention_probs_torch(
@@ -133,6 +138,7 @@ def exact_attention_probs_torch(
     k_acc: torch.Tensor | None,
     scores: torch.Tensor | None,
     count: torch.Tensor | None,
+    active: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Vectorised PyTorch (any device, any shape): what ``RunningSpikeMatmul``,
     ``ExactSoftmax`` and ``TargetNeuron`` compute in a row, from the same functions."""
@@ -141,7 +147,7 @@ def exact_attention_probs_torch(
         probs = softmax_rows(score_value(running, gain.reshape(())))
     else:  # no keys or no rows: nothing to normalise
         probs = running.to(torch.float32)
-    spikes, count_out = target_spikes_torch(probs, threshold, n_min, p_max, count)
+    spikes, count_out = target_spikes_torch(probs, threshold, n_min, p_max, count, active)
     return spikes, q_out, k_out, running[-1].clone(), count_out
 
 
@@ -154,7 +160,7 @@ def _fused_probs_fits(q: torch.Tensor, k_t: torch.Tensor) -> bool:
     )
 
 
-@kernel_op("exact_attention_probs")
+@kernel_op("exact_attention_probs", mutates_args=("active",))
 def _exact_attention_probs_op(
     q: torch.Tensor,
     k_t: torch.Tensor,
@@ -166,24 +172,30 @@ def _exact_attention_probs_op(
     k_acc: torch.Tensor | None = None,
     scores: torch.Tensor | None = None,
     count: torch.Tensor | None = None,
+    active: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     args = (q, k_t, gain, threshold, n_min, p_max, q_acc, k_acc, scores, count)
-    _check_probs(*args)
+    _check_probs(*args, active)
     backend = backend_for(q, ("triton", "torch"))
     if backend == "triton" and _fused_probs_fits(q, k_t):
         from spikekernels.kernels.exact_attention import exact_attention_probs_triton
 
-        return exact_attention_probs_triton(launcher, *args)
+        return exact_attention_probs_triton(launcher, *args, active)
     if backend == "reference":
         from spikekernels import reference
 
-        return reference.exact_attention_probs(*args)
-    return exact_attention_probs_torch(*args)
+        out = reference.exact_attention_probs(*args)
+        record_active(active, out[0])
+        return out
+    return exact_attention_probs_torch(*args, active)
 
 
 @_exact_attention_probs_op.register_fake
-def _(q, k_t, gain, threshold, n_min, p_max, q_acc=None, k_acc=None, scores=None, count=None):
-    _check_probs(q, k_t, gain, threshold, n_min, p_max, q_acc, k_acc, scores, count)
+def _(
+    q, k_t, gain, threshold, n_min, p_max, q_acc=None, k_acc=None, scores=None, count=None,
+    active=None,
+):  # fmt: skip
+    _check_probs(q, k_t, gain, threshold, n_min, p_max, q_acc, k_acc, scores, count, active)
     return _fake_outputs(q, k_t)
 
 
@@ -199,6 +211,7 @@ def exact_attention_probs(
     scores: torch.Tensor | None = None,
     count: torch.Tensor | None = None,
     *,
+    active: torch.Tensor | None = None,
     validate: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Exact-mode attention probabilities: the scores product, the softmax row function and
@@ -233,6 +246,10 @@ def exact_attention_probs(
         q_acc, k_acc: optional incoming int8 counts ``[*batch, M, D]`` and ``[*batch, D, N]``.
         scores: optional incoming int32 ``S`` ``[*batch, M, N]``.
         count: optional incoming int8 neuron count ``[*batch, M, N]``.
+        active: optional int32 ``[T, B]`` per-sample flags, ``B`` the spikes' dim 1 (the first
+            batch dim, e.g. the images of ``[T, B, heads, M, N]``), set in place as the
+            kernel writes the spikes (``target_spikes``' contract: ``active[t, b] = 1``
+            where sample ``b`` fires at step ``t``). Not returned.
         validate: on a GPU also run the data checks (host syncs): ``gain`` and ``threshold``
             positive, finite and normal; the spikes ternary; every running count inside
             int8. On CPU they always run.
@@ -249,18 +266,20 @@ def exact_attention_probs(
     runs ``reference.exact_attention_probs``. Inference only: no autograd.
     """
     args = (q, k_t, gain, threshold, n_min, p_max, q_acc, k_acc, scores, count)
-    _check_probs(*args)
+    _check_probs(*args, active)
     _check_data(
         q, k_t, "q", "k_t", q_acc, k_acc, ((gain, "gain"), (threshold, "threshold")), validate
     )
-    return torch.ops.spikekernels.exact_attention_probs(*args)
+    return torch.ops.spikekernels.exact_attention_probs(*args, active)
 
 
 # ---------------------------------------------------------------------------------------------
 # context product + neuron
 
 
-def _check_context(a, v, theta_a, theta_v, threshold, n_min, p_max, a_acc, v_acc, z, count):
+def _check_context(
+    a, v, theta_a, theta_v, threshold, n_min, p_max, a_acc, v_acc, z, count, active
+) -> None:
     """Metadata checks (no data read)."""
     _check_product(a, v, "a", "v", a_acc, v_acc, "a_acc", "v_acc")
     check_threshold(theta_a, "theta_a", None, a, "a")
@@ -270,6 +289,7 @@ def _check_context(a, v, theta_a, theta_v, threshold, n_min, p_max, a_acc, v_acc
     shape = (*a.shape[1:-1], v.shape[-1])
     check_state(z, "z", shape, (torch.int32,), a, "a")
     check_state(count, "count", shape, (torch.int8,), a, "a")
+    check_active(active, (a.shape[0], *shape), a, "a")
 
 
 def exact_context_torch(
@@ -284,12 +304,13 @@ def exact_context_torch(
     v_acc: torch.Tensor | None,
     z: torch.Tensor | None,
     count: torch.Tensor | None,
+    active: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Vectorised PyTorch (any device, any shape): what ``RunningSpikeMatmul``,
     ``exact_math.context_value`` and ``TargetNeuron`` compute in a row."""
     running, a_out, v_out = _running_product(a, v, a_acc, v_acc, z)
     y = context_value(running, theta_a.reshape(()), theta_v.reshape(()))
-    spikes, count_out = target_spikes_torch(y, threshold, n_min, p_max, count)
+    spikes, count_out = target_spikes_torch(y, threshold, n_min, p_max, count, active)
     return spikes, a_out, v_out, running[-1].clone(), count_out
 
 
@@ -303,7 +324,7 @@ def _fused_context_fits(a: torch.Tensor, v: torch.Tensor) -> bool:
     )
 
 
-@kernel_op("exact_context")
+@kernel_op("exact_context", mutates_args=("active",))
 def _exact_context_op(
     a: torch.Tensor,
     v: torch.Tensor,
@@ -316,24 +337,30 @@ def _exact_context_op(
     v_acc: torch.Tensor | None = None,
     z: torch.Tensor | None = None,
     count: torch.Tensor | None = None,
+    active: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     args = (a, v, theta_a, theta_v, threshold, n_min, p_max, a_acc, v_acc, z, count)
-    _check_context(*args)
+    _check_context(*args, active)
     backend = backend_for(a, ("triton", "torch"))
     if backend == "triton" and _fused_context_fits(a, v):
         from spikekernels.kernels.exact_attention import exact_context_triton
 
-        return exact_context_triton(launcher, *args)
+        return exact_context_triton(launcher, *args, active)
     if backend == "reference":
         from spikekernels import reference
 
-        return reference.exact_context(*args)
-    return exact_context_torch(*args)
+        out = reference.exact_context(*args)
+        record_active(active, out[0])
+        return out
+    return exact_context_torch(*args, active)
 
 
 @_exact_context_op.register_fake
-def _(a, v, theta_a, theta_v, threshold, n_min, p_max, a_acc=None, v_acc=None, z=None, count=None):
-    _check_context(a, v, theta_a, theta_v, threshold, n_min, p_max, a_acc, v_acc, z, count)
+def _(
+    a, v, theta_a, theta_v, threshold, n_min, p_max, a_acc=None, v_acc=None, z=None, count=None,
+    active=None,
+):  # fmt: skip
+    _check_context(a, v, theta_a, theta_v, threshold, n_min, p_max, a_acc, v_acc, z, count, active)
     return _fake_outputs(a, v)
 
 
@@ -350,6 +377,7 @@ def exact_context(
     z: torch.Tensor | None = None,
     count: torch.Tensor | None = None,
     *,
+    active: torch.Tensor | None = None,
     validate: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Exact-mode attention context: the context product and the neuron after it, fused
@@ -379,6 +407,8 @@ def exact_context(
         a_acc, v_acc: optional incoming int8 counts ``[*batch, M, N]`` and ``[*batch, N, D]``.
         z: optional incoming int32 ``Z`` ``[*batch, M, D]``.
         count: optional incoming int8 neuron count ``[*batch, M, D]``.
+        active: optional int32 ``[T, B]`` per-sample flags, ``B`` the spikes' dim 1, set in
+            place as the kernel writes the spikes (``target_spikes``' contract). Not returned.
         validate: on a GPU also run the data checks (host syncs): the three thresholds
             positive, finite and normal; the spikes ternary; every running count inside
             int8. On CPU they always run.
@@ -395,7 +425,7 @@ def exact_context(
     ``reference.exact_context``. Inference only: no autograd.
     """
     args = (a, v, theta_a, theta_v, threshold, n_min, p_max, a_acc, v_acc, z, count)
-    _check_context(*args)
+    _check_context(*args, active)
     scalars = ((theta_a, "theta_a"), (theta_v, "theta_v"), (threshold, "threshold"))
     _check_data(a, v, "a", "v", a_acc, v_acc, scalars, validate)
-    return torch.ops.spikekernels.exact_context(*args)
+    return torch.ops.spikekernels.exact_context(*args, active)

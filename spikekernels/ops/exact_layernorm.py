@@ -9,6 +9,7 @@ import torch
 
 from spikekernels.exact_math import layer_norm_rows, pool_patch_tokens, residual_read
 from spikekernels.ops._checks import (
+    check_active,
     check_float,
     check_same_device,
     check_state,
@@ -21,6 +22,7 @@ from spikekernels.ops.target import (
     check_bounds,
     check_threshold,
     check_threshold_values,
+    record_active,
     target_spikes_torch,
 )
 
@@ -36,7 +38,7 @@ def out_shape(d: torch.Tensor, pool: bool) -> tuple[int, ...]:
 
 
 def _check_exact_layernorm_neuron(
-    d, c, weight, bias, eps, threshold, n_min, p_max, count, pool
+    d, c, weight, bias, eps, threshold, n_min, p_max, count, pool, active
 ) -> None:
     """Metadata checks (no data read)."""
     if not isinstance(pool, bool):
@@ -84,6 +86,7 @@ def _check_exact_layernorm_neuron(
     check_threshold(threshold, "threshold", channels, d, "d")
     check_bounds(n_min, p_max)
     check_state(count, "count", out_shape(d, pool), (torch.int8,), d, "d")
+    check_active(active, (d.shape[0], *out_shape(d, pool)), d, "d")
 
 
 def _norm_input(d: torch.Tensor, c: torch.Tensor, pool: bool) -> torch.Tensor:
@@ -102,13 +105,14 @@ def exact_layernorm_neuron_torch(
     p_max: int,
     count: torch.Tensor | None,
     pool: bool,
+    active: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Vectorised PyTorch (any device): the unfused chain of exact mode over all T steps at
-    once (``residual_read`` or ``pool_patch_tokens``, ``layer_norm_rows``, the target neuron).
-    Every float operation is elementwise (``tree_sum`` included), so a whole chunk gives the
-    bits of one step at a time."""
+    once (``residual_read`` or ``pool_patch_tokens``, ``layer_norm_rows``, the target neuron,
+    which records ``active``). Every float operation is elementwise (``tree_sum`` included),
+    so a whole chunk gives the bits of one step at a time."""
     y = layer_norm_rows(_norm_input(d, c, pool), weight, bias, eps)
-    return target_spikes_torch(y, threshold, n_min, p_max, count)
+    return target_spikes_torch(y, threshold, n_min, p_max, count, active)
 
 
 def _constant_rows(c: torch.Tensor, step: tuple[int, ...]) -> torch.Tensor:
@@ -124,7 +128,7 @@ def _constant_rows(c: torch.Tensor, step: tuple[int, ...]) -> torch.Tensor:
     return c.expand(step).reshape(-1, step[-1]).contiguous()
 
 
-@kernel_op("exact_layernorm_neuron")
+@kernel_op("exact_layernorm_neuron", mutates_args=("active",))
 def _exact_layernorm_neuron_op(
     d: torch.Tensor,
     c: torch.Tensor,
@@ -136,9 +140,10 @@ def _exact_layernorm_neuron_op(
     p_max: int,
     count: torch.Tensor | None = None,
     pool: bool = False,
+    active: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     args = (d, c, weight, bias, eps, threshold, n_min, p_max, count, pool)
-    _check_exact_layernorm_neuron(*args)
+    _check_exact_layernorm_neuron(*args, active)
     backend = backend_for(d, ("triton", "torch"))
     if backend == "triton":
         from spikekernels.kernels.exact_layernorm import exact_layernorm_neuron_triton
@@ -163,18 +168,23 @@ def _exact_layernorm_neuron_op(
             n_min,
             p_max,
             None if count is None else count.contiguous().reshape(rows, channels),
+            active,
         )
         return spikes.reshape(steps, *shape), count_out.reshape(shape)
     if backend == "reference":
         from spikekernels import reference
 
-        return reference.exact_layernorm_neuron(*args)
-    return exact_layernorm_neuron_torch(*args)
+        out = reference.exact_layernorm_neuron(*args)
+        record_active(active, out[0])
+        return out
+    return exact_layernorm_neuron_torch(*args, active)
 
 
 @_exact_layernorm_neuron_op.register_fake
-def _(d, c, weight, bias, eps, threshold, n_min, p_max, count=None, pool=False):
-    _check_exact_layernorm_neuron(d, c, weight, bias, eps, threshold, n_min, p_max, count, pool)
+def _(d, c, weight, bias, eps, threshold, n_min, p_max, count=None, pool=False, active=None):
+    _check_exact_layernorm_neuron(
+        d, c, weight, bias, eps, threshold, n_min, p_max, count, pool, active
+    )
     shape = out_shape(d, pool)
     return (
         d.new_empty((d.shape[0], *shape), dtype=torch.int8),
@@ -194,6 +204,7 @@ def exact_layernorm_neuron(
     count: torch.Tensor | None = None,
     *,
     pool: bool = False,
+    active: torch.Tensor | None = None,
     validate: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact mode's residual read + LayerNorm + target-driven neuron, fused (SPEC.md §9.2-§9.4).
@@ -229,6 +240,9 @@ def exact_layernorm_neuron(
         n_min, p_max: Python ints, ``n_min <= 0 <= p_max``, inside int8's ``[-128, 127]``.
         count: optional incoming int8 count, shape of one step of the spikes; fresh 0.
         pool: read the pooled patch tokens instead of every row (see above).
+        active: optional int32 ``[T, B]`` per-sample flags, ``B`` the spikes' dim 1, set in
+            place as the kernel writes the spikes (``target_spikes``' contract:
+            ``active[t, b] = 1`` where sample ``b`` fires at step ``t``). Not returned.
         validate: on a GPU also check the threshold's values (a host sync): positive, finite,
             normal. On CPU always.
 
@@ -247,8 +261,8 @@ def exact_layernorm_neuron(
     runs the oracle. Inference only: no autograd.
     """
     args = (d, c, weight, bias, eps, threshold, n_min, p_max, count, pool)
-    _check_exact_layernorm_neuron(*args)
+    _check_exact_layernorm_neuron(*args, active)
     check_threshold_values(threshold, "threshold", validate)
     return torch.ops.spikekernels.exact_layernorm_neuron(
-        d, c, weight, bias, float(eps), threshold, n_min, p_max, count, pool
+        d, c, weight, bias, float(eps), threshold, n_min, p_max, count, pool, active
     )

@@ -9,6 +9,7 @@ import torch
 
 from spikekernels.exact_math import linear_value
 from spikekernels.ops._checks import (
+    check_active,
     check_same_device,
     check_state,
     check_tensor,
@@ -22,6 +23,7 @@ from spikekernels.ops.target import (
     check_bounds,
     check_threshold,
     check_threshold_values,
+    record_active,
     target_spikes_torch,
 )
 
@@ -31,7 +33,7 @@ MAX_K = 2**17 - 1
 
 
 def _check_exact_linear(
-    s, weight, weight_scale, bias, in_threshold, threshold, n_min, p_max, acc, count
+    s, weight, weight_scale, bias, in_threshold, threshold, n_min, p_max, acc, count, active
 ) -> None:
     """Metadata checks (no data read)."""
     check_tensor(s, "s", dtypes=(torch.int8,))
@@ -66,6 +68,7 @@ def _check_exact_linear(
     shape = (*s.shape[1:-1], n)
     check_state(acc, "acc", shape, (torch.int32,), s, "s")
     check_state(count, "count", shape, (torch.int8,), s, "s")
+    check_active(active, (s.shape[0], *shape), s, "s")
 
 
 def _check_data(s, weight, weight_scale, in_threshold, threshold, validate) -> None:
@@ -91,10 +94,11 @@ def exact_linear_torch(
     p_max: int,
     acc: torch.Tensor | None,
     count: torch.Tensor | None,
+    active: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Vectorised PyTorch (any device): one float32 matmul over all ``T * rows`` rows, a
     cumulative sum over T in int32 plus the incoming ``acc``, the value formula, then the
-    target neuron (sequential in T, vectorised per step).
+    target neuron (sequential in T, vectorised per step), which records ``active``.
 
     Exact: every partial sum of ``s_t @ W^T`` is an integer of magnitude ``<= 127 K < 2^24``,
     so the float32 matmul is exact in any order (TF32 or bf16 operands hold int8 exactly too),
@@ -109,12 +113,12 @@ def exact_linear_torch(
         acc_t += acc
     m = in_threshold.to(torch.float32).reshape(()) * weight_scale
     spikes, count_out = target_spikes_torch(
-        linear_value(acc_t, m, bias), threshold, n_min, p_max, count
+        linear_value(acc_t, m, bias), threshold, n_min, p_max, count, active
     )
     return spikes, acc_t[-1].clone(), count_out
 
 
-@kernel_op("exact_linear")
+@kernel_op("exact_linear", mutates_args=("active",))
 def _exact_linear_op(
     s: torch.Tensor,
     weight: torch.Tensor,
@@ -126,9 +130,10 @@ def _exact_linear_op(
     p_max: int,
     acc: torch.Tensor | None = None,
     count: torch.Tensor | None = None,
+    active: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     args = (s, weight, weight_scale, bias, in_threshold, threshold, n_min, p_max, acc, count)
-    _check_exact_linear(*args)
+    _check_exact_linear(*args, active)
     backend = backend_for(s, ("triton", "torch"))
     if backend == "triton":
         from spikekernels.kernels.exact_linear import exact_linear_triton
@@ -148,20 +153,35 @@ def _exact_linear_op(
             p_max,
             None if acc is None else acc.contiguous().reshape(rows, n),
             None if count is None else count.contiguous().reshape(rows, n),
+            active,
         )
         shape = (*lead, n)
         return spikes.reshape(s.shape[0], *shape), acc_out.reshape(shape), count_out.reshape(shape)
     if backend == "reference":
         from spikekernels import reference
 
-        return reference.exact_linear(*args)
-    return exact_linear_torch(*args)
+        out = reference.exact_linear(*args)
+        record_active(active, out[0])
+        return out
+    return exact_linear_torch(*args, active)
 
 
 @_exact_linear_op.register_fake
-def _(s, weight, weight_scale, bias, in_threshold, threshold, n_min, p_max, acc=None, count=None):
+def _(
+    s,
+    weight,
+    weight_scale,
+    bias,
+    in_threshold,
+    threshold,
+    n_min,
+    p_max,
+    acc=None,
+    count=None,
+    active=None,
+):
     _check_exact_linear(
-        s, weight, weight_scale, bias, in_threshold, threshold, n_min, p_max, acc, count
+        s, weight, weight_scale, bias, in_threshold, threshold, n_min, p_max, acc, count, active
     )
     shape = (*s.shape[1:-1], weight.shape[0])
     return (
@@ -183,6 +203,7 @@ def exact_linear(
     acc: torch.Tensor | None = None,
     count: torch.Tensor | None = None,
     *,
+    active: torch.Tensor | None = None,
     validate: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Exact-mode spiking linear layer fused with its output neuron (SPEC.md §9.2-§9.4).
@@ -211,6 +232,9 @@ def exact_linear(
             (one qkv output feeding the q, k and v neurons). Read as float32 on the device.
         n_min, p_max: Python ints, ``n_min <= 0 <= p_max``, inside int8's ``[-128, 127]``.
         acc, count: optional incoming state ``[*, N]``, int32 and int8 (each fresh when None).
+        active: optional int32 ``[T, B]`` per-sample flags, ``B = s.shape[1]``, set in place
+            as the kernel writes the spikes (``target_spikes``' contract: ``active[t, b] = 1``
+            where sample ``b`` fires at step ``t``, never cleared). Not returned.
         validate: on a GPU also run the data checks (host syncs): thresholds positive, finite
             and normal; ``weight_scale`` finite and positive; ``weight`` in ``[-127, 127]``;
             ``s`` ternary. On CPU they always run.
@@ -230,6 +254,6 @@ def exact_linear(
     oracle. Inference only: no autograd.
     """
     args = (s, weight, weight_scale, bias, in_threshold, threshold, n_min, p_max, acc, count)
-    _check_exact_linear(*args)
+    _check_exact_linear(*args, active)
     _check_data(s, weight, weight_scale, in_threshold, threshold, validate)
-    return torch.ops.spikekernels.exact_linear(*args)
+    return torch.ops.spikekernels.exact_linear(*args, active)

@@ -9,6 +9,7 @@ from spikekernels._extension import HAS_EXTENSION
 from spikekernels.ops._checks import (
     COUNT_DTYPES,
     FLOAT_DTYPES,
+    check_active,
     check_in_bounds,
     check_int,
     check_positive,
@@ -19,34 +20,45 @@ from spikekernels.ops._checks import (
 )
 from spikekernels.ops._dispatch import backend_for
 from spikekernels.ops._registry import kernel_op, launcher
+from spikekernels.ops.target import record_active
 
 
-def _check_st_bif(x, threshold, n_min, p_max, v, s) -> torch.dtype:
-    """Metadata checks (no data read); returns the dtype of the outgoing count."""
-    check_tensor(x, "x", dtypes=FLOAT_DTYPES)
-    check_time_major(x, "x")
-    check_scalar_tensor(threshold, "threshold", x, "x")
+def check_neuron_state(
+    n_min, p_max, v, count, shape, like, like_name, *, count_name: str = "count"
+) -> torch.dtype:
+    """ST-BIF bounds and optional incoming state ``v`` (float32) and count (an integer
+    dtype), both or neither, of shape ``shape``; returns the outgoing count's dtype:
+    ``count``'s, or ``levels.count_dtype(n_min, p_max)`` when fresh."""
     check_int(n_min, "n_min")
     check_int(p_max, "p_max")
     if n_min > p_max:
         raise ValueError(f"level bounds inverted: n_min={n_min} > p_max={p_max}")
     if n_min > 0 or p_max < 0:
         raise ValueError(f"level bounds must contain 0 (the fresh count): [{n_min}, {p_max}]")
-    if (v is None) != (s is None):
-        raise ValueError("give the incoming state as both v and s, or neither")
-    shape = x.shape[1:]
-    check_state(v, "v", shape, (torch.float32,), x, "x")
-    check_state(s, "s", shape, COUNT_DTYPES, x, "x")
-    count_dtype = levels.count_dtype(n_min, p_max) if s is None else s.dtype
-    info = torch.iinfo(count_dtype)
+    if (v is None) != (count is None):
+        raise ValueError(f"give the incoming state as both v and {count_name}, or neither")
+    check_state(v, "v", shape, (torch.float32,), like, like_name)
+    check_state(count, count_name, shape, COUNT_DTYPES, like, like_name)
+    dtype = levels.count_dtype(n_min, p_max) if count is None else count.dtype
+    info = torch.iinfo(dtype)
     if n_min < info.min or p_max > info.max:
         raise ValueError(
-            f"s has dtype {count_dtype}, which cannot hold counts in [{n_min}, {p_max}]"
+            f"{count_name} has dtype {dtype}, which cannot hold counts in [{n_min}, {p_max}]"
         )
+    return dtype
+
+
+def _check_st_bif(x, threshold, n_min, p_max, v, s, active=None) -> torch.dtype:
+    """Metadata checks (no data read); returns the dtype of the outgoing count."""
+    check_tensor(x, "x", dtypes=FLOAT_DTYPES)
+    check_time_major(x, "x")
+    check_scalar_tensor(threshold, "threshold", x, "x")
+    count_dtype = check_neuron_state(n_min, p_max, v, s, x.shape[1:], x, "x", count_name="s")
+    check_active(active, x.shape, x, "x")
     return count_dtype
 
 
-@kernel_op("st_bif")
+@kernel_op("st_bif", mutates_args=("active",))
 def _st_bif_op(
     x: torch.Tensor,
     threshold: torch.Tensor,
@@ -55,21 +67,27 @@ def _st_bif_op(
     v: torch.Tensor | None = None,
     s: torch.Tensor | None = None,
     float_out: bool = False,
+    active: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    count_dtype = _check_st_bif(x, threshold, n_min, p_max, v, s)
+    count_dtype = _check_st_bif(x, threshold, n_min, p_max, v, s, active)
     backend = backend_for(x, ("triton", "cpp", "torch"))
     if backend == "triton":
         from spikekernels.kernels.neuron import st_bif_triton
 
-        return st_bif_triton(launcher, x, threshold, n_min, p_max, v, s, float_out, count_dtype)
+        return st_bif_triton(
+            launcher, x, threshold, n_min, p_max, v, s, float_out, count_dtype, active
+        )
     if backend == "cpp":
-        return torch.ops.spikekernels.st_bif_cpu(x, threshold, n_min, p_max, v, s, float_out)
-    if backend == "reference":
+        out = torch.ops.spikekernels.st_bif_cpu(x, threshold, n_min, p_max, v, s, float_out)
+    elif backend == "reference":
         from spikekernels import reference
 
         out, v_out, s_out = reference.st_bif(x, threshold, n_min, p_max, v, s, float_out)
-        return out, v_out, s_out.to(count_dtype)
-    return st_bif_torch(x, threshold, n_min, p_max, v, s, float_out, count_dtype)
+        out = out, v_out, s_out.to(count_dtype)
+    else:
+        out = st_bif_torch(x, threshold, n_min, p_max, v, s, float_out, count_dtype)
+    record_active(active, out[0])  # a float_out spike is 0 exactly where sigma is
+    return out
 
 
 def st_bif_torch(x, threshold, n_min, p_max, v, s, float_out, count_dtype):
@@ -102,8 +120,8 @@ def st_bif_torch(x, threshold, n_min, p_max, v, s, float_out, count_dtype):
 
 
 @_st_bif_op.register_fake
-def _(x, threshold, n_min, p_max, v=None, s=None, float_out=False):
-    count_dtype = _check_st_bif(x, threshold, n_min, p_max, v, s)
+def _(x, threshold, n_min, p_max, v=None, s=None, float_out=False, active=None):
+    count_dtype = _check_st_bif(x, threshold, n_min, p_max, v, s, active)
     shape = x.shape[1:]
     out = x.new_empty(x.shape, dtype=x.dtype if float_out else torch.int8)
     return out, x.new_empty(shape, dtype=torch.float32), x.new_empty(shape, dtype=count_dtype)
@@ -128,6 +146,7 @@ def st_bif(
     s: torch.Tensor | None = None,
     *,
     float_out: bool = False,
+    active: torch.Tensor | None = None,
     validate: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Multi-step ST-BIF neuron (SPEC.md §2), all T steps in one fused kernel on GPU.
@@ -145,6 +164,10 @@ def st_bif(
             ``s`` an integer dtype. Fresh state is ``v = 0.5``, ``s = 0`` with
             ``s.dtype = reference.count_dtype(n_min, p_max)`` (int8 for levels up to 256).
         float_out: return ``sigma * theta`` in ``x.dtype`` instead of int8 spikes.
+        active: optional int32 ``[T, B]`` flags (``B = x.shape[1]``), set in place, never
+            cleared: ``active[t, b] = 1`` when any element of sample ``b`` (the ``b``-th of
+            ``B`` equal blocks of a step's elements) fires at step ``t``. The kernel records
+            it while it writes the spikes (no extra pass). Not returned.
         validate: also check on a GPU (a host sync) what is always checked on CPU tensors:
             the threshold is finite, positive and a normal float32 (a denormal one gives NaN
             membranes), and the incoming ``s`` lies in ``[n_min, p_max]``.
@@ -161,7 +184,7 @@ def st_bif(
     PyTorch loop when the extension is not built). Bit-exact with ``reference.st_bif`` on
     every path. Inference only: no autograd.
     """
-    _check_st_bif(x, threshold, n_min, p_max, v, s)
+    _check_st_bif(x, threshold, n_min, p_max, v, s, active)
     check_positive(threshold, "threshold", validate)
     check_in_bounds(s, "s", n_min, p_max, validate)
-    return torch.ops.spikekernels.st_bif(x, threshold, n_min, p_max, v, s, float_out)
+    return torch.ops.spikekernels.st_bif(x, threshold, n_min, p_max, v, s, float_out, active)

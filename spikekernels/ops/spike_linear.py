@@ -19,29 +19,54 @@ from spikekernels.ops._checks import (
 )
 from spikekernels.ops._dispatch import backend_for
 from spikekernels.ops._registry import kernel_op, launcher
+from spikekernels.ops.weight_split import SPLIT_DOC, bf16x3_parts, merge_bf16x3
 
 WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.int8)
 
 
-def _check_spike_linear(s, weight, threshold, bias, t0, bias_steps, weight_scale) -> None:
-    """Metadata checks (no data read)."""
+def check_weight(weight: object, dtypes) -> None:
+    """``[N, K]`` in one of ``dtypes``, or ``[3, N, K]`` bfloat16 (the float32 weight's split)."""
+    check_tensor(weight, "weight", dtypes=dtypes)
+    if weight.dim() == 3 and weight.dtype == torch.bfloat16 and weight.shape[0] == 3:
+        return
+    if weight.dim() != 2:
+        raise ValueError(
+            f"weight must have 2 dims ([N, K]), or be [3, N, K] bfloat16 ({SPLIT_DOC}); got "
+            f"{str(weight.dtype).removeprefix('torch.')} of shape {tuple(weight.shape)}"
+        )
+
+
+def check_linear_inputs(s, weight, threshold, threshold_name, bias, t0, bias_steps) -> int:
+    """Metadata checks shared with the fused ``spike_linear_neuron``; returns ``N``."""
     check_tensor(s, "s", dtypes=(torch.int8,))
     check_time_major(s, "s")
     if s.dim() < 2:
         raise ValueError(f"s must be [T, *, K] with at least 2 dims, got shape {tuple(s.shape)}")
-    check_tensor(weight, "weight", dtypes=WEIGHT_DTYPES, ndim=2)
     check_same_device("s", s, "weight", weight)
-    n, k = weight.shape
+    n, k = weight.shape[-2:]
     if s.shape[-1] != k:
         raise ValueError(
             f"s has K={s.shape[-1]} input features (last dim) but weight [N, K] has K={k}"
         )
-    check_scalar_tensor(threshold, "threshold", s, "s")
+    check_scalar_tensor(threshold, threshold_name, s, "s")
     if bias is not None:
         check_tensor(bias, "bias", dtypes=FLOAT_DTYPES, ndim=1)
         if bias.shape[0] != n:
             raise ValueError(f"bias must have shape ({n},) (weight's N), got {tuple(bias.shape)}")
         check_same_device("s", s, "bias", bias)
+    check_int(t0, "t0")
+    check_int(bias_steps, "bias_steps")
+    if t0 < 0:
+        raise ValueError(f"t0 (the global index of the first step) must be >= 0, got {t0}")
+    if bias_steps < 1:
+        raise ValueError(f"bias_steps must be >= 1, got {bias_steps}")
+    return n
+
+
+def _check_spike_linear(s, weight, threshold, bias, t0, bias_steps, weight_scale) -> None:
+    """Metadata checks (no data read)."""
+    check_weight(weight, WEIGHT_DTYPES)
+    n = check_linear_inputs(s, weight, threshold, "threshold", bias, t0, bias_steps)
     if weight.dtype == torch.int8:
         if weight_scale is None:
             raise ValueError(
@@ -57,15 +82,22 @@ def _check_spike_linear(s, weight, threshold, bias, t0, bias_steps, weight_scale
         raise ValueError(
             f"weight_scale is only for int8 weights; weight is {weight.dtype}, so pass None"
         )
-    check_int(t0, "t0")
-    check_int(bias_steps, "bias_steps")
-    if t0 < 0:
-        raise ValueError(f"t0 (the global index of the first step) must be >= 0, got {t0}")
-    if bias_steps < 1:
-        raise ValueError(f"bias_steps must be >= 1, got {bias_steps}")
 
 
-def _bias_share(bias: torch.Tensor | None, bias_steps: int) -> torch.Tensor | None:
+def float32_weight(weight: torch.Tensor) -> torch.Tensor:
+    """The weight as float32 ``[N, K]`` (a split merged back, exactly)."""
+    return merge_bf16x3(weight) if weight.dim() == 3 else weight.to(torch.float32)
+
+
+def tensor_core_weight(weight: torch.Tensor) -> torch.Tensor:
+    """What the kernels multiply by: a float32 ``[N, K]`` weight split into bf16 parts (per
+    call, unchecked: see ``spike_linear``), any other weight as it is, contiguous."""
+    if weight.dtype == torch.float32:
+        return bf16x3_parts(weight)
+    return weight.contiguous()
+
+
+def bias_share(bias: torch.Tensor | None, bias_steps: int) -> torch.Tensor | None:
     """What is added on each due step, in float32: exactly the reference's expression."""
     if bias is None:
         return None
@@ -73,7 +105,7 @@ def _bias_share(bias: torch.Tensor | None, bias_steps: int) -> torch.Tensor | No
     return share if bias_steps == 1 else share / bias_steps
 
 
-def _due_steps(t0: int, steps: int, bias_steps: int) -> int:
+def due_steps(t0: int, steps: int, bias_steps: int) -> int:
     """How many of this chunk's steps (global ``t0 ..``) still get a bias share."""
     return max(0, min(steps, bias_steps - t0))
 
@@ -93,18 +125,18 @@ def spike_linear_torch(
     times int8, ``K < 2^17``), so the float32 matmul is exact in any order and the result
     equals the Triton kernel's int32 path bit for bit.
     """
-    k = weight.shape[1]
+    n, k = weight.shape[-2:]
     theta = threshold.to(torch.float32).reshape(())
     rows = math.prod(s.shape[:-1])
-    acc = torch.matmul(s.reshape(rows, k).to(torch.float32), weight.to(torch.float32).t())
+    acc = torch.matmul(s.reshape(rows, k).to(torch.float32), float32_weight(weight).t())
     if weight.dtype == torch.int8:
         out = (theta * weight_scale.to(torch.float32)) * acc
     else:
         out = theta * acc
-    out = out.reshape(*s.shape[:-1], weight.shape[0])
-    due = _due_steps(t0, s.shape[0], bias_steps)
+    out = out.reshape(*s.shape[:-1], n)
+    due = due_steps(t0, s.shape[0], bias_steps)
     if bias is not None and due > 0:
-        out[:due] += _bias_share(bias, bias_steps)
+        out[:due] += bias_share(bias, bias_steps)
     return out
 
 
@@ -123,24 +155,24 @@ def _spike_linear_op(
     if backend == "reference":
         from spikekernels import reference
 
-        w = weight
+        w = float32_weight(weight)
         if weight.dtype == torch.int8:
-            w = weight.to(torch.float32) * weight_scale.to(torch.float32)[:, None]
+            w = w * weight_scale.to(torch.float32)[:, None]
         return reference.spike_linear(s, w, threshold, bias, t0=t0, bias_steps=bias_steps)
     if backend == "triton":
         from spikekernels.kernels.spike_linear import spike_linear_triton
 
-        n, k = weight.shape
+        n, k = weight.shape[-2:]
         rows = math.prod(s.shape[1:-1])
         ws = None if weight_scale is None else weight_scale.to(torch.float32).contiguous()
         out = spike_linear_triton(
             launcher,
             s.contiguous().reshape(s.shape[0] * rows, k),
-            weight.contiguous(),
+            tensor_core_weight(weight),
             threshold,
-            _bias_share(bias, bias_steps),
+            bias_share(bias, bias_steps),
             ws,
-            _due_steps(t0, s.shape[0], bias_steps) * rows,
+            due_steps(t0, s.shape[0], bias_steps) * rows,
         )
         return out.reshape(*s.shape[:-1], n)
     return spike_linear_torch(s, weight, threshold, bias, t0, bias_steps, weight_scale)
@@ -149,7 +181,7 @@ def _spike_linear_op(
 @_spike_linear_op.register_fake
 def _(s, weight, threshold, bias=None, t0=0, bias_steps=1, weight_scale=None):
     _check_spike_linear(s, weight, threshold, bias, t0, bias_steps, weight_scale)
-    return s.new_empty((*s.shape[:-1], weight.shape[0]), dtype=torch.float32)
+    return s.new_empty((*s.shape[:-1], weight.shape[-2]), dtype=torch.float32)
 
 
 def spike_linear(
@@ -168,7 +200,9 @@ def spike_linear(
     Args:
         s: ``[T, *, K]`` int8 ternary spikes in {-1, 0, 1} (the input neuron's output).
         weight: ``[N, K]``: float32, float16, bfloat16, or int8 with ``weight_scale``
-            (the dequantized weight is ``weight[n, k] * weight_scale[n]``).
+            (the dequantized weight is ``weight[n, k] * weight_scale[n]``); or ``[3, N, K]``
+            bfloat16, the three bf16 parts of a float32 weight, from ``split_weight_bf16x3``
+            (split once per layer; a 2-D float32 weight is split on every GPU call).
         threshold: one-element float tensor ``theta`` (the input neuron's threshold), read on
             the device (no host sync).
         bias: optional ``[N]`` float bias. Added ``bias`` at global step 0 when
@@ -193,11 +227,14 @@ def spike_linear(
           sum; we round once). Every path (Triton kernel, CPU) gives the same bits.
         - float32, float16, bfloat16: every product ``s * w`` is exact (spikes are -1, 0, 1
           and half weights widen exactly) and the sum is accumulated in float32, but in a
-          different order than ``reference.spike_linear`` (blocked, tensor-core MMA for
-          half weights, IEEE FMA for float32: never tf32). So equal to the reference within
-          float32 summation error, ``|err| <= ~2 K u theta (|s| @ |W|^T)`` with
-          ``u = 2^-24``, not bitwise. The CPU path is the same matmul as the reference,
-          over all steps at once.
+          different order than ``reference.spike_linear`` (blocked, tensor-core MMA: a
+          float32 weight as three bf16 dots of its exact split, never tf32). So equal to the
+          reference within float32 summation error, ``|err| <= ~2 K u theta (|s| @ |W|^T)``
+          with ``u = 2^-24``, not bitwise (bit-exact whenever every partial sum is exact,
+          e.g. dyadic weights). The CPU path is the same matmul as the reference, over all
+          steps at once (a split weight merged back to float32, exactly). The per-call split
+          of a 2-D float32 weight on a GPU is unchecked: a nonzero weight below 2^-103 in
+          magnitude may lose parts to flush-to-zero (``split_weight_bf16x3`` rejects it).
 
     Bad input: ``TypeError``/``ValueError`` naming the argument (a float or bool ``t0`` or
     ``bias_steps`` included), before dispatch.

@@ -6,6 +6,7 @@ import torch
 
 from spikekernels.ops._checks import (
     FLOAT_DTYPES,
+    check_active,
     check_same_device,
     check_state,
     check_tensor,
@@ -69,7 +70,7 @@ def check_threshold_values(threshold: torch.Tensor, name: str, validate: bool) -
         )
 
 
-def _check_target_spikes(value, threshold, n_min, p_max, count) -> None:
+def _check_target_spikes(value, threshold, n_min, p_max, count, active) -> None:
     """Metadata checks (no data read)."""
     check_tensor(value, "value", dtypes=FLOAT_DTYPES)
     check_time_major(value, "value")
@@ -77,6 +78,18 @@ def _check_target_spikes(value, threshold, n_min, p_max, count) -> None:
     check_threshold(threshold, "threshold", channels, value, "value")
     check_bounds(n_min, p_max)
     check_state(count, "count", value.shape[1:], (torch.int8,), value, "value")
+    check_active(active, value.shape, value, "value")
+
+
+def record_active(active: torch.Tensor | None, spikes: torch.Tensor) -> None:
+    """``active[t, b] = 1`` where sample ``b`` (the spikes' dim 1) fired at step ``t``; never
+    cleared. The PyTorch and reference paths' counterpart of the kernels' epilogue store."""
+    if active is None or spikes.numel() == 0:
+        return
+    # amax of |spike| per sample: several times faster than any() on CPU (ternary int8: no
+    # abs(-128) wrap)
+    peak = spikes.reshape(spikes.shape[0], spikes.shape[1], -1).abs().amax(dim=-1)
+    active.masked_fill_(peak != 0, 1)
 
 
 def target_spikes_torch(
@@ -85,9 +98,11 @@ def target_spikes_torch(
     n_min: int,
     p_max: int,
     count: torch.Tensor | None,
+    active: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Vectorised PyTorch (any device): the targets of all T steps in one pass (elementwise,
-    so the same bits as step by step), then the sequential count update, one step at a time."""
+    so the same bits as step by step), then the sequential count update, one step at a time;
+    ``active`` (``[T, B]`` int32 or None) records which samples fired (``record_active``)."""
     theta = threshold.to(torch.float32)
     theta = theta.reshape(()) if theta.numel() == 1 else theta
     # torch.clamp keeps NaN, and NaN compares false both ways below: sigma = 0
@@ -100,33 +115,37 @@ def target_spikes_torch(
         sigma = (target[t] > c).to(torch.int8) - (target[t] < c).to(torch.int8)
         spikes[t] = sigma
         c = c + sigma
+    record_active(active, spikes)
     return spikes, c.to(torch.int8)
 
 
-@kernel_op("target_spikes")
+@kernel_op("target_spikes", mutates_args=("active",))
 def _target_spikes_op(
     value: torch.Tensor,
     threshold: torch.Tensor,
     n_min: int,
     p_max: int,
     count: torch.Tensor | None = None,
+    active: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    _check_target_spikes(value, threshold, n_min, p_max, count)
+    _check_target_spikes(value, threshold, n_min, p_max, count, active)
     backend = backend_for(value, ("triton", "torch"))
     if backend == "triton":
         from spikekernels.kernels.target import target_spikes_triton
 
-        return target_spikes_triton(launcher, value, threshold, n_min, p_max, count)
+        return target_spikes_triton(launcher, value, threshold, n_min, p_max, count, active)
     if backend == "reference":
         from spikekernels import reference
 
-        return reference.target_spikes(value, threshold, n_min, p_max, count)
-    return target_spikes_torch(value, threshold, n_min, p_max, count)
+        out = reference.target_spikes(value, threshold, n_min, p_max, count)
+        record_active(active, out[0])
+        return out
+    return target_spikes_torch(value, threshold, n_min, p_max, count, active)
 
 
 @_target_spikes_op.register_fake
-def _(value, threshold, n_min, p_max, count=None):
-    _check_target_spikes(value, threshold, n_min, p_max, count)
+def _(value, threshold, n_min, p_max, count=None, active=None):
+    _check_target_spikes(value, threshold, n_min, p_max, count, active)
     return (
         value.new_empty(value.shape, dtype=torch.int8),
         value.new_empty(value.shape[1:], dtype=torch.int8),
@@ -140,6 +159,7 @@ def target_spikes(
     p_max: int,
     count: torch.Tensor | None = None,
     *,
+    active: torch.Tensor | None = None,
     validate: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Multi-step target-driven neuron (SPEC.md §9.3), all T steps in one fused kernel on GPU.
@@ -165,6 +185,12 @@ def target_spikes(
         n_min, p_max: Python ints, ``n_min <= 0 <= p_max``, inside int8's ``[-128, 127]``
             (levels up to 128 unsigned, 256 signed); otherwise a ValueError.
         count: optional incoming int8 count ``[*shape]``; fresh is 0.
+        active: optional int32 ``[T, B]`` flags, ``B = value.shape[1]``, set in place (never
+            cleared): ``active[t, b] = 1`` when any neuron of sample ``b`` fires at step
+            ``t``; sample ``b`` owns the ``b``-th of ``B`` equal blocks of one step's rows
+            (``value``'s dims 1 to -2, flattened).
+            The fused kernel records it as it writes the spikes (no extra pass), so a runner
+            can tell when a sample falls silent. Not returned.
         validate: check the threshold's values on a GPU too (a host sync): positive, finite,
             normal. On CPU they are always checked.
 
@@ -179,6 +205,6 @@ def target_spikes(
     ``reference.target_spikes``. Bit-exact with the reference on every path and device.
     Inference only: no autograd.
     """
-    _check_target_spikes(value, threshold, n_min, p_max, count)
+    _check_target_spikes(value, threshold, n_min, p_max, count, active)
     check_threshold_values(threshold, "threshold", validate)
-    return torch.ops.spikekernels.target_spikes(value, threshold, n_min, p_max, count)
+    return torch.ops.spikekernels.target_spikes(value, threshold, n_min, p_max, count, active)

@@ -1,0 +1,75 @@
+"""Per-sample activity flags, recorded by the neuron kernels as they write spikes.
+
+A runner needs to know, per step, which samples fired anywhere (a sample whose neurons are all
+quiet at a step has settled, see ``models.spiking_vit``). Re-reading every neuron's spikes for
+that costs a pass and a few launches per neuron; the kernels instead store the constant 1 into
+``active[t, b]`` where a spike of sample ``b`` is nonzero. Programs that share a sample race
+on its flag with the same value, harmlessly: no atomics.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+def active_layout(active: torch.Tensor | None, per_step: int) -> tuple[int, int]:
+    """``(B, per_sample)``: the samples of ``active`` ``[T, B]`` and how many of one step's
+    ``per_step`` rows (or elements) each owns; ``(1, 1)`` placeholders without ``active``."""
+    if active is None:
+        return 1, 1
+    samples = active.shape[1]
+    return samples, per_step // samples
+
+
+def block_samples(per_sample: int, block: int) -> bool:
+    """``WIDE`` for ``record_active_elements``: a sample spans at least a block, so a block of
+    an elementwise kernel touches at most two samples."""
+    return per_sample >= block
+
+
+@triton.jit
+def record_active_elements(
+    active_ptr, fired, split, per_sample, BLOCK: tl.constexpr, WIDE: tl.constexpr
+):
+    """Elementwise kernels: ``active_ptr[sample of lane i] = 1`` where ``fired[i]``, for a
+    block of ``BLOCK`` lanes whose first ``split`` lanes belong to the sample at
+    ``active_ptr`` and the rest to the following ones (``per_sample`` lanes each).
+
+    Samples are large (a whole image's neurons: ``WIDE``), so a block lies in one or two: a
+    reduction and one store each, and no per-lane sample index held in registers (that
+    doubled the neuron kernel's registers). Small samples: a store per later lane."""
+    lane = tl.arange(0, BLOCK)
+    head = lane < split
+    if WIDE:
+        # reduced per group of 8 adjacent lanes (a thread's own, no exchange between threads),
+        # then a store per group that fired: a whole-block reduction costs shared memory and a
+        # barrier every step
+        groups: tl.constexpr = BLOCK // 8
+        in_head = tl.max(tl.reshape((fired & head).to(tl.int32), [groups, 8]), axis=1)
+        in_tail = tl.max(tl.reshape((fired & ~head).to(tl.int32), [groups, 8]), axis=1)
+        at = active_ptr + tl.zeros([groups], tl.int32)
+        tl.store(at, 1, mask=in_head != 0)
+        tl.store(at + 1, 1, mask=in_tail != 0)
+    else:
+        sample = tl.where(head, 0, 1 + (lane - split) // per_sample)
+        tl.store(active_ptr + sample, 1, mask=fired)
+
+
+@triton.jit
+def record_active_rows(
+    active_ptrs, sigma, row_mask, col_mask, ROWS: tl.constexpr, COLS: tl.constexpr
+):
+    """Set ``*active_ptrs[r] = 1`` for each row ``r`` of the ``[ROWS, COLS]`` spike tile
+    ``sigma`` with a nonzero spike among the ``col_mask`` lanes (``active_ptrs`` and
+    ``row_mask`` are ``[ROWS]``, ``col_mask`` ``[COLS]``). A plain store of one constant:
+    programs (and column groups) that share a sample race on its flag, harmlessly, so no
+    atomics. The row is reduced in groups of 32 adjacent columns, a store per group that
+    fired: a whole-row reduction exchanges partials between warps, which spilled registers
+    in the scores kernel (tests/triton_sm90.py)."""
+    GROUP: tl.constexpr = COLS if COLS < 32 else 32
+    lanes = ((sigma != 0) & col_mask[None, :]).to(tl.int32)
+    fired = tl.max(tl.reshape(lanes, [ROWS, COLS // GROUP, GROUP]), axis=2) != 0
+    where = active_ptrs[:, None] + tl.zeros([1, COLS // GROUP], tl.int32)
+    tl.store(where, 1, mask=row_mask[:, None] & fired)

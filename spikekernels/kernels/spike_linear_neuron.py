@@ -1,0 +1,222 @@
+"""Fused spike linear + ST-BIF neuron (SPEC.md §6 then §2, float mode): the T loop inside.
+
+Time-major spikes ``[T, rows, K]`` (int8, ternary) in, the output neuron's spikes
+``[T, rows, N]`` out (int8, or ``sigma * theta`` float32); the membrane ``v`` (float32) and
+the count stay in registers for the whole chunk and only the final ones are written, so the
+float32 ``[T, rows, N]`` linear output never exists. Two launches:
+
+1. ``step_tile_any_kernel`` (shared with ``exact_linear``): whether each (step, row tile)
+   holds a nonzero spike.
+2. ``spike_linear_neuron_kernel``: one program per (row tile, output tile). For each step:
+   ``acc = s_t @ W^T`` from zero (float mode feeds increments), by ``spike_dot``: a float32
+   weight as three bf16 tensor-core dots of its exact split, half weights directly; a silent
+   spike tile runs the K loop zero times. Then the epilogue of ``spike_linear_kernel``,
+   ``y = fma(theta_in, acc, +0.0)`` (no contraction with the bias add) ``+ bias_share`` on
+   due steps, and the SPEC.md §2 step on ``y``. The epilogue runs on silent steps too: the
+   bias may be due, and a membrane left above 1 by a large step keeps firing.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from spikekernels.kernels import INTERPRET, on_device
+from spikekernels.kernels.activity import active_layout, record_active_rows
+from spikekernels.kernels.exact_linear import FLAG_BLOCK_K, step_tile_any_kernel
+from spikekernels.kernels.neuron import st_bif_step
+from spikekernels.kernels.spike_linear import dot_flags, spike_dot
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) on a GPU: BLOCK_M = 64 rows per
+# warpgroup for Hopper's wgmma and a fine skip granularity; BLOCK_N = 32 because v and the
+# count live in registers across the T loop next to the float32 accumulator and the three
+# weight parts' loads: 64 columns spill at 4 warps (tests/triton_sm90.py checks; 64 x 64 at
+# 8 warps also fits, with the same occupancy). Untuned on hardware so far: see bench/results/.
+_GPU_TILES = (64, 32, 64, 4, 3)
+# Under the numpy interpreter: small tiles so that CPU tests cover several row, column and K
+# tiles (and silent and active tiles side by side) at small shapes.
+_INTERPRET_TILES = (16, 16, 32, 4, 1)
+
+
+def tile_config() -> tuple[int, int, int, int, int]:
+    """``(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)``."""
+    return _INTERPRET_TILES if INTERPRET else _GPU_TILES
+
+
+@triton.jit
+def spike_linear_neuron_kernel(
+    s_ptr,  # [T, rows, K] int8 ternary spikes
+    w_ptr,  # [N, K] float16 / bfloat16, or [PARTS, N, K] bf16 parts of a float32 weight
+    theta_in_ptr,  # [1] threshold of the neuron feeding the spikes (any float dtype)
+    bias_ptr,  # [N] float32 bias share per due step (HAS_BIAS only)
+    theta_ptr,  # [1] or [N] threshold of the output neuron (any float dtype)
+    flag_ptr,  # [T, num_m] int32 from step_tile_any_kernel
+    v_in_ptr,  # [rows, N] float32 incoming membrane (HAS_STATE only)
+    count_in_ptr,  # [rows, N] integer incoming count (HAS_STATE only)
+    out_ptr,  # [T, rows, N] int8 spikes, or float32 sigma * theta (FLOAT_OUT)
+    v_out_ptr,  # [rows, N] float32
+    count_out_ptr,  # [rows, N] integer count
+    active_ptr,  # [T, B] int32 per-sample flags, set where a sample fires (HAS_ACTIVE only)
+    T,
+    rows,
+    N,
+    K,
+    num_m,
+    due_steps,  # this chunk's steps [0, due_steps) get the bias share
+    part_stride,  # N * K: elements between weight parts (PARTS > 1)
+    n_min,
+    p_max,
+    B,  # samples (HAS_ACTIVE only)
+    rows_per_sample,  # (HAS_ACTIVE only)
+    HAS_BIAS: tl.constexpr,
+    HAS_STATE: tl.constexpr,
+    PER_CHANNEL: tl.constexpr,
+    FLOAT_OUT: tl.constexpr,
+    HAS_ACTIVE: tl.constexpr,
+    INT8_W: tl.constexpr,  # always False: int8 weights are exact mode's (exact_linear)
+    PARTS: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """acc = s_t @ W^T; y = fl32(theta_in * acc) (+ share); v += y / theta; fire; v -= sigma."""
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_n = tl.program_id(1).to(tl.int64)
+    rs = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rs < rows
+    col_mask = cols < N
+    mask = row_mask[:, None] & col_mask[None, :]
+    ks = tl.arange(0, BLOCK_K)
+    state_offs = rs[:, None] * N + cols[None, :]
+
+    theta_in = tl.load(theta_in_ptr).to(tl.float32)
+    if HAS_BIAS:
+        share = tl.load(bias_ptr + cols, mask=col_mask, other=0.0)[None, :]
+    if PER_CHANNEL:
+        theta = tl.load(theta_ptr + cols, mask=col_mask, other=1.0).to(tl.float32)[None, :]
+    else:
+        theta = tl.load(theta_ptr).to(tl.float32)
+    if HAS_STATE:
+        v = tl.load(v_in_ptr + state_offs, mask=mask, other=0.5)
+        count = tl.load(count_in_ptr + state_offs, mask=mask, other=0).to(tl.int32)
+    else:
+        v = tl.full([BLOCK_M, BLOCK_N], 0.5, tl.float32)
+        count = tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
+
+    # the weight tile is read as [BLOCK_K, BLOCK_N] straight from [N, K] (K-major B)
+    w_start = w_ptr + cols[None, :] * K + ks[:, None]
+    s_start = s_ptr + rs[:, None] * K + ks[None, :]
+    out_ptrs = out_ptr + state_offs
+    flag_ptrs = flag_ptr + pid_m
+    if HAS_ACTIVE:
+        active_ptrs = active_ptr + rs // rows_per_sample
+    for t in range(T):
+        k_end = tl.where(tl.load(flag_ptrs) != 0, K, 0)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        acc = spike_dot(
+            acc,
+            s_start,
+            w_start,
+            row_mask,
+            col_mask,
+            K,
+            k_end,
+            part_stride,
+            INT8_W,
+            PARTS,
+            DOT_FP32,
+            BLOCK_K,
+        )
+        y = tl.fma(acc, theta_in, 0.0)
+        if HAS_BIAS:
+            y = tl.where(t < due_steps, y + share, y)
+        sigma, v, count = st_bif_step(y, theta, v, count, n_min, p_max)
+        if FLOAT_OUT:
+            tl.store(out_ptrs, sigma.to(tl.float32) * theta, mask=mask)
+        else:
+            tl.store(out_ptrs, sigma.to(tl.int8), mask=mask)
+        if HAS_ACTIVE:
+            record_active_rows(active_ptrs, sigma, row_mask, col_mask, BLOCK_M, BLOCK_N)
+            active_ptrs += B
+        s_start += rows * K
+        out_ptrs += rows * N
+        flag_ptrs += num_m
+    tl.store(v_out_ptr + state_offs, v, mask=mask)
+    tl.store(count_out_ptr + state_offs, count.to(count_out_ptr.dtype.element_ty), mask=mask)
+
+
+@on_device
+def spike_linear_neuron_triton(
+    launch,
+    s: torch.Tensor,
+    weight: torch.Tensor,
+    in_threshold: torch.Tensor,
+    threshold: torch.Tensor,
+    n_min: int,
+    p_max: int,
+    bias_share: torch.Tensor | None,
+    due_steps: int,
+    v: torch.Tensor | None,
+    count: torch.Tensor | None,
+    float_out: bool,
+    count_dtype: torch.dtype,
+    active: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Host side: ``s`` ``[T, rows, K]`` int8 and ``weight`` contiguous, ``[N, K]`` float16 /
+    bfloat16 or the ``[3, N, K]`` bf16 split of a float32 weight; ``bias_share`` float32
+    ``[N]`` added on the first ``due_steps`` steps; ``v``/``count`` ``[rows, N]`` or None;
+    ``active`` ``[T, B]`` int32 contiguous or None.
+    Returns fresh ``(spikes [T, rows, N], v [rows, N] float32, count [rows, N])``."""
+    T, rows, K = s.shape
+    N = weight.shape[-2]
+    out_dtype = torch.float32 if float_out else torch.int8
+    out = torch.empty((T, rows, N), dtype=out_dtype, device=s.device)
+    v_out = torch.empty((rows, N), dtype=torch.float32, device=s.device)
+    count_out = torch.empty((rows, N), dtype=count_dtype, device=s.device)
+    if rows == 0 or N == 0:
+        return out, v_out, count_out
+    block_m, block_n, block_k, num_warps, num_stages = tile_config()
+    num_m = triton.cdiv(rows, block_m)
+    flags = torch.empty((T, num_m), dtype=torch.int32, device=s.device)
+    launch(step_tile_any_kernel)[(T, num_m)](
+        s, flags, rows, K, num_m, BLOCK_M=block_m, BLOCK_K=FLAG_BLOCK_K, num_warps=num_warps
+    )
+    launch(spike_linear_neuron_kernel)[(num_m, triton.cdiv(N, block_n))](
+        s,
+        weight,
+        in_threshold,
+        in_threshold if bias_share is None else bias_share,
+        threshold.contiguous(),
+        flags,
+        v_out if v is None else v,
+        count_out if count is None else count,
+        out,
+        v_out,
+        count_out,
+        flags if active is None else active,
+        T,
+        rows,
+        N,
+        K,
+        num_m,
+        due_steps,
+        N * K,
+        n_min,
+        p_max,
+        *active_layout(active, rows),
+        HAS_BIAS=bias_share is not None,
+        HAS_STATE=v is not None,
+        PER_CHANNEL=threshold.numel() > 1,
+        FLOAT_OUT=float_out,
+        HAS_ACTIVE=active is not None,
+        **dot_flags(weight),
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
+    return out, v_out, count_out

@@ -1,0 +1,330 @@
+"""Per-sample activity (``active``) of every neuron op (float mode's ``st_bif`` and
+``spike_linear_neuron``, exact mode's five): each op sets ``active[t, b] = 1``
+where sample ``b`` fired at step ``t`` while it writes the spikes, on every backend, and the
+runner's silence test reads those flags instead of a pass over every neuron's spikes.
+
+The flags are checked against the op's own spikes (``spikes.reshape(T, B, -1) != 0`` per
+sample), OR-ed into flags that were already set; the spikes and state must be the same bits
+with and without ``active``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import pytest
+import torch
+from test_exact import TINY, images, make_exact
+from test_exact_attention_ops import _context_case, _probs_case
+from test_exact_layernorm_neuron import EPS, _norm, _residual
+from test_exact_linear import _layer, _spikes
+
+from spikekernels import convert
+from spikekernels.nn import TargetNeuron
+from spikekernels.ops import (
+    exact_attention_probs,
+    exact_context,
+    exact_layernorm_neuron,
+    exact_linear,
+    spike_linear_neuron,
+    st_bif,
+    target_spikes,
+)
+from spikekernels.ops._dispatch import force_backend
+
+B = 3  # samples (dim 1 of every op's spikes)
+SILENT = 1  # the sample whose input is zero: it never fires
+
+
+class Case(NamedTuple):
+    """``inputs``: the time-major tensors (sliced for chunked calls); ``call(*inputs, state,
+    active)`` runs the public op from ``state`` (None: fresh) and returns ``(outputs, state)``;
+    ``op_args(active)`` the registered op's arguments for the whole run from fresh state."""
+
+    inputs: tuple[torch.Tensor, ...]
+    call: Callable
+    op: object
+    op_args: Callable
+
+
+def _target(gen, T, shape=(5, 7)) -> Case:
+    value = (torch.rand(T, B, *shape, generator=gen) * 2 - 1) * 1.5
+    value[:, SILENT] = 0
+    theta = torch.tensor(0.3)
+
+    def call(value, state, active):
+        out = target_spikes(value, theta, -4, 3, *(state or (None,)), active=active)
+        return out, out[1:]
+
+    args = lambda active: (value, theta, -4, 3, None, active)  # noqa: E731
+    return Case((value,), call, torch.ops.spikekernels.target_spikes.default, args)
+
+
+def _st_bif(gen, T, shape=(5, 7)) -> Case:
+    # fresh v = 0.5 and zero input: the silent sample never fires. (30, 50): a sample spans
+    # more than the kernel's block, and blocks straddle samples (its two-sample path)
+    x = (torch.rand(T, B, *shape, generator=gen) * 2 - 1) * 0.8
+    x[:, SILENT] = 0
+    theta = torch.tensor(0.3)
+
+    def call(x, state, active):
+        out = st_bif(x, theta, -4, 3, *(state or (None, None)), active=active)
+        return out, out[1:]
+
+    args = lambda active: (x, theta, -4, 3, None, None, False, active)  # noqa: E731
+    return Case((x,), call, torch.ops.spikekernels.st_bif.default, args)
+
+
+def _linear_neuron(gen, T) -> Case:
+    # no bias: a sample with no input spikes keeps v = 0.5 and never fires
+    s = _spikes(gen, T, (B, 5), 45)
+    s[:, SILENT] = 0
+    weight = torch.randn(37, 45, generator=gen) / 4
+    in_theta = torch.tensor(0.4)
+    theta = 0.2 + torch.rand(37, generator=gen)
+
+    def call(s, state, active):
+        v, count = state or (None, None)
+        out = spike_linear_neuron(
+            s, weight, in_theta, theta, -4, 3, v=v, count=count, active=active
+        )
+        return out, out[1:]
+
+    args = lambda active: (s, weight, in_theta, theta, -4, 3, None, 0, 1, None, None, False, active)  # noqa: E731, E501
+    return Case((s,), call, torch.ops.spikekernels.spike_linear_neuron.default, args)
+
+
+def _linear(gen, T) -> Case:
+    # no bias: a sample with no input spikes then has value 0 and stays silent
+    layer = list(_layer(gen, 37, 45, bias=False).values())
+    s = _spikes(gen, T, (B, 5), 45)
+    s[:, SILENT] = 0
+
+    def call(s, state, active):
+        out = exact_linear(s, *layer, -8, 7, *(state or (None, None)), active=active)
+        return out, out[1:]
+
+    args = lambda active: (s, *layer, -8, 7, None, None, active)  # noqa: E731
+    return Case((s,), call, torch.ops.spikekernels.exact_linear.default, args)
+
+
+def _layernorm(gen, T, pool=False) -> Case:
+    d, c = _residual(gen, T, B, 5, 24)
+    c = c.expand(B, -1, -1).clone()
+    d[:, SILENT], c[SILENT] = 0, 0  # a zero row normalises to 0: no bias, no spike
+    norm = _norm(gen, 24, bias=False)
+    head = (c, norm["w"], None, EPS, norm["theta"], -8, 7)
+
+    def call(d, state, active):
+        out = exact_layernorm_neuron(d, *head, *(state or (None,)), pool=pool, active=active)
+        return out, out[1:]
+
+    args = lambda active: (d, *head, None, pool, active)  # noqa: E731
+    return Case((d,), call, torch.ops.spikekernels.exact_layernorm_neuron.default, args)
+
+
+def _probs(gen, T) -> Case:
+    # 37 keys and theta 1/15: the uniform probabilities of a silent sample round to 0
+    case = _probs_case(gen, T, (B, 2), 5, 9, 37)
+    q, k_t = case["q"].clone(), case["k_t"].clone()
+    q[:, SILENT], k_t[:, SILENT] = 0, 0
+    head = (case["gain"], torch.tensor(1 / 15), 0, 15)
+
+    def call(q, k_t, state, active):
+        out = exact_attention_probs(q, k_t, *head, *(state or (None,) * 4), active=active)
+        return out, out[1:]
+
+    args = lambda active: (q, k_t, *head, None, None, None, None, active)  # noqa: E731
+    return Case((q, k_t), call, torch.ops.spikekernels.exact_attention_probs.default, args)
+
+
+def _context(gen, T) -> Case:
+    case = _context_case(gen, T, (B, 2), 5, 11, 9)
+    a, v = case["a"].clone(), case["v"]
+    a[:, SILENT], v[:, SILENT] = 0, 0
+    head = (case["theta_a"], case["theta_v"], case["threshold"], -8, 7)
+
+    def call(a, v, state, active):
+        out = exact_context(a, v, *head, *(state or (None,) * 4), active=active)
+        return out, out[1:]
+
+    args = lambda active: (a, v, *head, None, None, None, None, active)  # noqa: E731
+    return Case((a, v), call, torch.ops.spikekernels.exact_context.default, args)
+
+
+CASES = {
+    "st_bif": _st_bif,
+    "st_bif wide": lambda gen, T: _st_bif(gen, T, shape=(30, 50)),
+    "spike_linear_neuron": _linear_neuron,
+    "target_spikes": _target,
+    "target_spikes wide": lambda gen, T: _target(gen, T, shape=(30, 50)),
+    "exact_linear": _linear,
+    "exact_layernorm_neuron": _layernorm,
+    "exact_layernorm_neuron pool": lambda gen, T: _layernorm(gen, T, pool=True),
+    "exact_attention_probs": _probs,
+    "exact_context": _context,
+}
+
+
+def _fired(spikes: torch.Tensor) -> torch.Tensor:
+    """The contract, from the op's own spikes: ``[T, B]`` int32, 1 where a sample fired."""
+    return spikes.reshape(spikes.shape[0], spikes.shape[1], -1).ne(0).any(-1).to(torch.int32)
+
+
+def _flags(T: int) -> torch.Tensor:
+    return torch.zeros(T, B, dtype=torch.int32)
+
+
+def _assert_equal(got, want):
+    for i, (g, w) in enumerate(zip(got, want, strict=True)):
+        assert g.dtype == w.dtype and torch.equal(g, w), f"output {i} differs"
+
+
+@pytest.mark.parametrize("T", [1, 5])
+@pytest.mark.parametrize("name", CASES)
+def test_flags_are_the_samples_that_fired(gen, name, T):
+    """Set where a sample fired, kept where already set, the outputs bit for bit unchanged."""
+    case = CASES[name](gen, T)
+    plain, _ = case.call(*case.inputs, None, None)
+    preset = (torch.rand(T, B, generator=gen) < 0.4).to(torch.int32)
+    preset[:, SILENT] = 0
+    active = preset.clone()
+    got, _ = case.call(*case.inputs, None, active)
+    _assert_equal(got, plain)
+    fired = _fired(got[0])
+    assert fired.any(), "no sample fired: the case proves little"
+    assert torch.equal(active, preset | fired)
+    assert not active[:, SILENT].any(), "a silent sample was flagged"
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_chunked_calls(gen, name):
+    """Each chunk's flags are its own steps' (state carried between calls)."""
+    case = CASES[name](gen, 7)
+    whole, _ = case.call(*case.inputs, None, None)
+    state, spikes, flags = None, [], []
+    for t0, n in ((0, 3), (3, 1), (4, 3)):
+        active = _flags(n)
+        out, state = case.call(*(x[t0 : t0 + n] for x in case.inputs), state, active)
+        spikes.append(out[0])
+        flags.append(active)
+    assert torch.equal(torch.cat(spikes), whole[0])
+    assert torch.equal(torch.cat(flags), _fired(whole[0]))
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch", "reference"])
+@pytest.mark.parametrize("name", CASES)
+def test_every_backend_records(gen, name, backend):
+    """Each backend pinned in turn (one that cannot run here falls back to torch)."""
+    case = CASES[name](gen, 4)
+    active = _flags(4)
+    with force_backend(backend):
+        out, _ = case.call(*case.inputs, None, active)
+    assert torch.equal(active, _fired(out[0]))
+
+
+BAD_ACTIVE = [
+    ("int64", lambda a: a.to(torch.int64), TypeError, "active must have dtype"),
+    ("bool", lambda a: a.bool(), TypeError, "active must have dtype"),
+    ("list", lambda a: a.tolist(), TypeError, "active must be a torch.Tensor"),
+    ("samples", lambda a: a[:, :-1], ValueError, r"active must have shape \(\d+, 3\)"),
+    ("steps", lambda a: a[:-1], ValueError, "active must have shape"),
+    ("3-D", lambda a: a[..., None], ValueError, "active must have shape"),
+    ("strided", lambda a: torch.zeros(a.shape[::-1], dtype=a.dtype).t(), ValueError, "contig"),
+    ("device", lambda a: a.to("meta"), ValueError, "active is on meta"),
+]
+
+
+@pytest.mark.parametrize(
+    ("bad", "error", "words"), [b[1:] for b in BAD_ACTIVE], ids=[b[0] for b in BAD_ACTIVE]
+)
+@pytest.mark.parametrize("name", CASES)
+def test_bad_active_is_rejected(gen, name, bad, error, words):
+    case = CASES[name](gen, 2)
+    with pytest.raises(error, match=words):
+        case.call(*case.inputs, None, bad(_flags(2)))
+
+
+def test_rows_must_split_into_samples(gen):
+    """``[T, N]`` spikes have one row a step: it cannot be shared by N > 1 samples."""
+    with pytest.raises(ValueError, match="active: the spikes' 1 rows"):
+        target_spikes(
+            torch.zeros(2, 6), torch.tensor(1.0), -4, 3, active=torch.zeros(2, 6, dtype=torch.int32)
+        )
+    layer = list(_layer(gen, 5, 8).values())
+    with pytest.raises(ValueError, match="do not split into 5 samples"):
+        exact_linear(
+            _spikes(gen, 2, (), 8), *layer, -8, 7, active=torch.zeros(2, 5, dtype=torch.int32)
+        )
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_opcheck(gen, name):
+    """The schema declares the write to ``active``; the fake impl leaves it alone."""
+    case = CASES[name](gen, 3)
+    torch.library.opcheck(case.op, case.op_args(_flags(3)))
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_torch_compile_fullgraph(gen, name):
+    case = CASES[name](gen, 3)
+
+    def run(active, *inputs):
+        return case.call(*inputs, None, active)[0]
+
+    torch._dynamo.reset()
+    want_active, got_active = _flags(3), _flags(3)
+    want = run(want_active, *case.inputs)
+    got = torch.compile(run, fullgraph=True)(got_active, *case.inputs)
+    _assert_equal(got, want)
+    assert torch.equal(got_active, want_active) and want_active.any()
+
+
+def test_neuron_watch_records_until_stopped(gen):
+    """``watch`` is module state: kept across ``reset()``, None stops it."""
+    neuron = TargetNeuron(0.3, 8, signed=True)
+    value = (torch.rand(4, B, 5, generator=gen) * 2 - 1) * 1.5
+    value[:, SILENT] = 0
+    flags = _flags(4)
+    neuron.watch(flags)
+    neuron.reset()
+    spikes = neuron(value)
+    assert torch.equal(flags, _fired(spikes)) and flags.any()
+    neuron.watch(None)
+    neuron.reset()
+    neuron(value)
+    assert neuron.activity is None
+
+
+def test_runner_settles_as_a_hook_recount(gen):
+    """The runner's flags from the kernels give the settle steps that a forward hook on every
+    neuron, counting spikes itself, finds: the first step t >= 1 at which no neuron of the
+    sample fired."""
+    qann = make_exact(gen, **TINY, level=16)
+    snn = convert(qann)
+    x = torch.cat((images(gen, qann, 2), torch.zeros(1, 3, 8, 8)))
+    fired = []
+
+    def hook(module, inputs, spikes):
+        fired.append(_fired(spikes).bool())
+
+    neurons = snn.neurons()
+    assert neurons and all(hasattr(n, "watch") for n in neurons)
+    for chunk in (1, 3, 8):
+        handles = [n.register_forward_hook(hook) for n in neurons]
+        try:
+            _, steps, trace = snn(x, max_steps=40, chunk=chunk, return_trace=True)
+        finally:
+            for h in handles:
+                h.remove()
+        assert all(n.activity is None for n in neurons), "the runner left a neuron watching"
+        per_chunk = [torch.stack(fired[i : i + len(neurons)]).any(0) for i in
+                     range(0, len(fired), len(neurons))]  # fmt: skip
+        active = torch.cat(per_chunk)
+        fired.clear()
+        silent = ~active
+        silent[0] = False
+        want = torch.where(silent.any(0), silent.to(torch.int8).argmax(0), 40)
+        assert torch.equal(trace.sample_steps, want), (chunk, trace.sample_steps, want)
+        assert steps == int(want.max()) < 40
