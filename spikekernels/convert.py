@@ -25,7 +25,6 @@ from spikekernels import exact_math
 from spikekernels.models.exact_forward import residual_constant
 from spikekernels.models.spiking_vit import (
     ExactBlock,
-    ExactMlp,
     ExactPatchEmbed,
     ExactReadout,
     NeuronSite,
@@ -47,6 +46,7 @@ from spikekernels.nn.exact_layers import (
 )
 from spikekernels.nn.layernorm import SpikeLayerNorm
 from spikekernels.nn.linear import SpikeLinear
+from spikekernels.nn.linear_neuron import SpikeLinearNeuron
 from spikekernels.nn.quant_linear import QuantLinear
 from spikekernels.nn.target_neuron import TargetNeuron
 
@@ -227,6 +227,40 @@ def _final_norm_path(qann: nn.Module) -> tuple[str, bool]:
     return ("fc_norm" if global_pool else "norm"), global_pool
 
 
+def _block_sites(p: str, h: int, dim: int, neurons: dict[str, nn.Module]) -> list[NeuronSite]:
+    """A block's quantizers and their neurons (both modes): ``neurons`` maps ``norm1``,
+    ``qkv`` (the fused q, k, v neuron: three channel blocks of ``dim``), ``attn``, ``after``,
+    ``proj``, ``norm2``, ``act`` and ``fc2`` to the modules that hold the counts."""
+
+    def qkv_part(t, j):
+        return _heads_to_qann(t[..., j * dim : (j + 1) * dim], h)
+
+    n = neurons
+    return [
+        NeuronSite(f"{p}.norm1.1", n["norm1"], _same),
+        NeuronSite(f"{p}.attn.quan_q", n["qkv"], lambda t: qkv_part(t, 0)),
+        NeuronSite(f"{p}.attn.quan_k", n["qkv"], lambda t: qkv_part(t, 1)),
+        NeuronSite(f"{p}.attn.quan_v", n["qkv"], lambda t: qkv_part(t, 2)),
+        NeuronSite(f"{p}.attn.attn_quan", n["attn"], _same),
+        NeuronSite(f"{p}.attn.after_attn_quan", n["after"], _same),
+        NeuronSite(f"{p}.attn.quan_proj", n["proj"], _same),
+        NeuronSite(f"{p}.norm2.1", n["norm2"], _same),
+        NeuronSite(f"{p}.mlp.act.0", n["act"], _same),
+        NeuronSite(f"{p}.mlp.fc2.1", n["fc2"], _same),
+    ]
+
+
+def _set_block_fanouts(tokens: int, dim: int, dh: int, hidden: int, n: dict[str, nn.Module]):
+    """Synaptic operations one spike of each neuron causes downstream (SOP counts)."""
+    n["norm1"].fanout = 3 * dim
+    # q spikes meet N keys, k spikes N queries, v spikes N queries (SPEC.md §5).
+    n["qkv"].fanout = tokens
+    n["attn"].fanout = dh
+    n["after"].fanout = dim
+    n["norm2"].fanout = hidden
+    n["act"].fanout = dim
+
+
 def _convert_float(qann: nn.Module, c: _Walker) -> SpikingViT:
     conv, cls_token, pos_embed = _stem(c)
     patch_if = c.neuron("patch_embed.proj.1", signed=True, float_out=True)
@@ -240,21 +274,18 @@ def _convert_float(qann: nn.Module, c: _Walker) -> SpikingViT:
         qattn = c.get(f"{p}.attn")
         for name in ("quan_q", "quan_k", "quan_v", "attn_quan", "after_attn_quan", "quan_proj"):
             c.quantizer(f"{p}.attn.{name}")  # checks each and marks it converted
-        qkv, proj = c.get(f"{p}.attn.qkv", nn.Linear), c.get(f"{p}.attn.proj", nn.Linear)
+        c.get(f"{p}.attn.qkv", nn.Linear), c.get(f"{p}.attn.proj", nn.Linear)
         attn = SpikeAttention.from_quant(qattn, norm1_if.threshold, float_out=True)
-        if isinstance(qkv, QuantLinear):
-            attn.qkv = _float_linear(qkv, norm1_if.threshold)
-            attn.proj = _float_linear(proj, attn.after_attn_if.threshold)
         norm2_if = c.neuron(f"{p}.norm2.1", signed=True)
         act_if = c.neuron(f"{p}.mlp.act.0", signed=False)
         c.check_relu_identity(f"{p}.mlp.act")
-        fc1 = c.get(f"{p}.mlp.fc1", nn.Linear)
-        fc2 = c.get(f"{p}.mlp.fc2.0", nn.Linear)
-        mlp = SpikeMlp(
-            _float_linear(fc1, norm2_if.threshold),
-            act_if,
-            _float_linear(fc2, act_if.threshold),
+        fc1 = SpikeLinearNeuron.from_linear_and_neuron(
+            c.get(f"{p}.mlp.fc1", nn.Linear), act_if, norm2_if.threshold
+        )
+        fc2 = SpikeLinearNeuron.from_linear_and_neuron(
+            c.get(f"{p}.mlp.fc2.0", nn.Linear),
             c.neuron(f"{p}.mlp.fc2.1", signed=True, float_out=True),
+            act_if.threshold,
         )
         blocks.append(
             SpikeBlock(
@@ -263,29 +294,13 @@ def _convert_float(qann: nn.Module, c: _Walker) -> SpikingViT:
                 attn,
                 SpikeLayerNorm.from_layernorm(c.get(f"{p}.norm2.0", nn.LayerNorm)),
                 norm2_if,
-                mlp,
+                SpikeMlp(fc1, fc2),
             )
         )
-        h, n = attn.num_heads, pos_embed.shape[1]
-        norm1_if.fanout = 3 * attn.dim
-        attn.q_if.fanout = attn.k_if.fanout = attn.v_if.fanout = n
-        attn.attn_if.fanout = attn.head_dim
-        attn.after_attn_if.fanout = attn.dim
-        norm2_if.fanout = fc1.out_features
-        act_if.fanout = fc2.out_features
-        heads = lambda t, h=h: _heads_to_qann(t, h)  # noqa: E731
-        sites += [
-            NeuronSite(f"{p}.norm1.1", norm1_if, _same),
-            NeuronSite(f"{p}.attn.quan_q", attn.q_if, heads),
-            NeuronSite(f"{p}.attn.quan_k", attn.k_if, heads),
-            NeuronSite(f"{p}.attn.quan_v", attn.v_if, heads),
-            NeuronSite(f"{p}.attn.attn_quan", attn.attn_if, _same),
-            NeuronSite(f"{p}.attn.after_attn_quan", attn.after_attn_if, _same),
-            NeuronSite(f"{p}.attn.quan_proj", attn.proj_if, _same),
-            NeuronSite(f"{p}.norm2.1", norm2_if, _same),
-            NeuronSite(f"{p}.mlp.act.0", act_if, _same),
-            NeuronSite(f"{p}.mlp.fc2.1", mlp.fc2_if, _same),
-        ]
+        neurons = dict(norm1=norm1_if, qkv=attn.qkv, attn=attn.attn_if, after=attn.after_attn_if,
+                       proj=attn.proj, norm2=norm2_if, act=fc1, fc2=fc2)  # fmt: skip
+        _set_block_fanouts(pos_embed.shape[1], attn.dim, attn.head_dim, fc1.out_features, neurons)
+        sites += _block_sites(p, attn.num_heads, attn.dim, neurons)
 
     final, global_pool = _final_norm_path(qann)
     norm_if = c.neuron(f"{final}.1", signed=True)
@@ -368,33 +383,13 @@ def _convert_exact(qann: nn.Module, c: _Walker) -> SpikingViT:
         fc2 = c.get(f"{p}.mlp.fc2.0", QuantLinear)
         act_if = _exact_linear(fc1, norm2_if, c.target_neuron(f"{p}.mlp.act.0", signed=False))
         fc2_if = _exact_linear(fc2, act_if, c.target_neuron(f"{p}.mlp.fc2.1", signed=True))
-        mlp = ExactMlp(act_if, fc2_if)
+        mlp = SpikeMlp(act_if, fc2_if)
         blocks.append(ExactBlock(norm1_if, attn, norm2_if, mlp))
         residual_steps += [proj_if.threshold, fc2_if.threshold]
-        n = pos_embed.shape[1]
-        norm1_if.fanout = 3 * dim
-        # q spikes meet N keys, k spikes N queries, v spikes N queries (SPEC.md §5).
-        qkv_if.fanout = n
-        attn_if.fanout = dh
-        after_if.fanout = dim
-        norm2_if.fanout = fc1.out_features
-        act_if.fanout = fc2.out_features
-
-        def qkv_part(t, j, h=h, dim=dim):
-            return _heads_to_qann(t[..., j * dim : (j + 1) * dim], h)
-
-        sites += [
-            NeuronSite(f"{p}.norm1.1", norm1_if, _same),
-            NeuronSite(f"{p}.attn.quan_q", qkv_if, lambda t, f=qkv_part: f(t, 0)),
-            NeuronSite(f"{p}.attn.quan_k", qkv_if, lambda t, f=qkv_part: f(t, 1)),
-            NeuronSite(f"{p}.attn.quan_v", qkv_if, lambda t, f=qkv_part: f(t, 2)),
-            NeuronSite(f"{p}.attn.attn_quan", attn_if, _same),
-            NeuronSite(f"{p}.attn.after_attn_quan", after_if, _same),
-            NeuronSite(f"{p}.attn.quan_proj", proj_if, _same),
-            NeuronSite(f"{p}.norm2.1", norm2_if, _same),
-            NeuronSite(f"{p}.mlp.act.0", act_if, _same),
-            NeuronSite(f"{p}.mlp.fc2.1", fc2_if, _same),
-        ]
+        neurons = dict(norm1=norm1_if, qkv=qkv_if, attn=attn_if, after=after_if, proj=proj_if,
+                       norm2=norm2_if, act=act_if, fc2=fc2_if)  # fmt: skip
+        _set_block_fanouts(pos_embed.shape[1], dim, dh, fc1.out_features, neurons)
+        sites += _block_sites(p, h, dim, neurons)
 
     final, global_pool = _final_norm_path(qann)
     head = c.get("head", QuantLinear)

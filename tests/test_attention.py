@@ -60,24 +60,26 @@ def quantizer_integers(qattn: QuantAttention, x: torch.Tensor):
 
 
 def snn_counts(attn: SpikeAttention, heads: int) -> dict[str, torch.Tensor]:
-    """The neurons' counts in the QANN's layouts (q/k/v run token-major: [B, N, D])."""
+    """The neurons' counts in the QANN's layouts (q/k/v run token-major, as the channel
+    blocks of the fused qkv neuron: [B, N, 3D])."""
 
     def head_major(c):
         b, n, d = c.shape
         return c.view(b, n, heads, d // heads).transpose(1, 2)
 
+    q, k, v = attn.qkv.count.chunk(3, dim=-1)
     return {
-        "quan_q": head_major(attn.q_if.count),
-        "quan_k": head_major(attn.k_if.count),
-        "quan_v": head_major(attn.v_if.count),
+        "quan_q": head_major(q),
+        "quan_k": head_major(k),
+        "quan_v": head_major(v),
         "attn_quan": attn.attn_if.count,
         "after_attn_quan": attn.after_attn_if.count,
-        "quan_proj": attn.proj_if.count,
+        "quan_proj": attn.proj.count,
     }
 
 
 def neurons(attn: SpikeAttention):
-    return (attn.q_if, attn.k_if, attn.v_if, attn.attn_if, attn.after_attn_if, attn.proj_if)
+    return (attn.qkv, attn.attn_if, attn.after_attn_if, attn.proj)
 
 
 def run(attn: SpikeAttention, s: torch.Tensor, chunk: int) -> torch.Tensor:
@@ -104,8 +106,8 @@ def check_against_qann(dim, heads, level, batch, tokens, steps, gen):
     summary = f"agreement {agree / total:.6f} over {total} neurons: " + "; ".join(report)
     assert agree == total, summary
 
-    proj_theta = attn.proj_if.threshold
-    torch.testing.assert_close(proj_theta * attn.proj_if.count.float(), expected.float())
+    proj_theta = attn.proj.threshold
+    torch.testing.assert_close(proj_theta * attn.proj.count.float(), expected.float())
     torch.testing.assert_close(out.sum(0), expected, rtol=1e-5, atol=1e-5 * float(proj_theta))
     return attn, s, out
 
@@ -140,7 +142,7 @@ def test_attention_int8_output_and_state(gen):
     assert out.dtype == torch.int8 and out.shape == (6, 2, 17, 16)
     assert attn.qkv.weight.data_ptr() == qattn.qkv.weight.data_ptr(), "weights must be shared"
     attn.reset()
-    assert attn.q_if.count is None and attn.scores.a_acc is None and attn.context.b_acc is None
+    assert attn.qkv.count is None and attn.scores.a_acc is None and attn.context.b_acc is None
 
 
 def test_attention_bad_input(gen):

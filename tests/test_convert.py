@@ -167,11 +167,11 @@ def test_fanout_set_for_sop_counts(qann):
     snn = convert(qann)
     block, n = snn.blocks[0], qann.pos_embed.shape[1]
     assert block.norm1_if.fanout == 3 * 16
-    assert block.attn.q_if.fanout == block.attn.k_if.fanout == n
+    assert block.attn.qkv.fanout == n  # the fused q, k, v neuron: each spike meets N tokens
     assert block.attn.attn_if.fanout == 8  # head_dim
-    assert block.norm2_if.fanout == 64 and block.mlp.act_if.fanout == 16
+    assert block.norm2_if.fanout == 64 and block.mlp.fc1.fanout == 16
     assert snn.readout.norm_if.fanout == 5
-    assert block.attn.proj_if.fanout == 0, "it feeds only the residual stream"
+    assert block.attn.proj.fanout == block.mlp.fc2.fanout == 0, "they feed only the residual"
 
 
 def test_bad_inputs(qann, images):

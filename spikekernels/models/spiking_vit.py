@@ -43,7 +43,6 @@ from spikekernels.ops._dispatch import force_backend
 
 __all__ = [
     "ExactBlock",
-    "ExactMlp",
     "ExactPatchEmbed",
     "ExactReadout",
     "NeuronSite",
@@ -130,17 +129,17 @@ class SpikePatchEmbed(nn.Module):
 
 
 class SpikeMlp(_Composite):
-    """``fc1`` spike linear -> unsigned neuron -> ``fc2`` spike linear -> signed neuron.
+    """``fc1`` fused with its unsigned neuron, then ``fc2`` fused with its signed neuron: two
+    linear + neuron layers, int8 spikes between them (float mode: ``SpikeLinearNeuron``,
+    exact mode: ``ExactLinearNeuron``). The QANN's ReLU after the unsigned quantizer is the
+    identity on its output and is dropped."""
 
-    The QANN's ReLU after the unsigned quantizer is the identity on its output and is dropped.
-    """
-
-    def __init__(self, fc1: nn.Module, act_if: STBIF, fc2: nn.Module, fc2_if: STBIF) -> None:
+    def __init__(self, fc1: nn.Module, fc2: nn.Module) -> None:
         super().__init__()
-        self.fc1, self.act_if, self.fc2, self.fc2_if = fc1, act_if, fc2, fc2_if
+        self.fc1, self.fc2 = fc1, fc2
 
     def forward(self, s: torch.Tensor) -> torch.Tensor:
-        return self.fc2_if(self.fc2(self.act_if(self.fc1(s))))
+        return self.fc2(self.fc1(s))
 
 
 class SpikeBlock(_Composite):
@@ -207,17 +206,6 @@ class ExactPatchEmbed(nn.Module):
         return torch.cat((counts.new_zeros(steps, batch, 1, d), counts), dim=2)
 
 
-class ExactMlp(_Composite):
-    """``fc1`` + unsigned neuron, then ``fc2`` + signed neuron: two fused exact linears."""
-
-    def __init__(self, fc1: ExactLinearNeuron, fc2: ExactLinearNeuron) -> None:
-        super().__init__()
-        self.fc1, self.fc2 = fc1, fc2
-
-    def forward(self, s: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.fc1(s))
-
-
 class ExactBlock(_Composite):
     """A Transformer block of exact mode on the residual stream's spike-driven part ``D``
     ``[T, B, N, C]`` float64: ``norm1``/``norm2`` read ``fl32(c + D)`` and fire (fused
@@ -229,7 +217,7 @@ class ExactBlock(_Composite):
         norm1: ExactLayerNormNeuron,
         attn: ExactAttention,
         norm2: ExactLayerNormNeuron,
-        mlp: ExactMlp,
+        mlp: SpikeMlp,
     ) -> None:
         super().__init__()
         self.norm1, self.attn, self.norm2, self.mlp = norm1, attn, norm2, mlp

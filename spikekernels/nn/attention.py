@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from spikekernels.nn.conversion import neuron_from_quantizer
-from spikekernels.nn.linear import SpikeLinear
+from spikekernels.nn.linear_neuron import SpikeLinearNeuron
 from spikekernels.nn.neuron import STBIF
 from spikekernels.nn.softmax import SpikeSoftmax
 from spikekernels.nn.spike_matmul import SpikeMatmul
@@ -20,20 +20,20 @@ class SpikeAttention(nn.Module):
     Per step (SPEC.md §7), with ``H`` heads of ``Dh = C / H`` channels:
 
     1. ``qkv``: spike linear of the input spikes (threshold ``in_threshold``, the norm1
-       neuron's), its bias at global step 0 -> ``[T, B, N, 3C]`` float32.
-    2. ``q_if``, ``k_if``, ``v_if``: signed ST-BIF neurons (thresholds of ``quan_q/k/v``).
-       They run on the token-major slices ``[T, B, N, C]`` of the qkv output (no float
-       transpose); their counts viewed ``[B, N, H, Dh]`` and transposed are the QANN's
-       ``[B, H, N, Dh]`` integers. The int8 spikes are then laid out head-major.
-    3. scores: spike product ``q @ k^T`` with scale ``theta_q * theta_k * head_dim^-0.5``
+       neuron's), its bias at global step 0, fused with the q, k and v signed ST-BIF neurons
+       (``SpikeLinearNeuron`` with per-channel thresholds: ``quan_q/k/v``'s steps over their
+       channel blocks): int8 spikes ``[T, B, N, 3C]``, no float32 linear output in memory.
+       The count's channel blocks viewed ``[B, N, H, Dh]`` and transposed are the QANN's
+       ``[B, H, N, Dh]`` integers.
+    2. scores: spike product ``q @ k^T`` with scale ``theta_q * theta_k * head_dim^-0.5``
        (the QANN's ``scale``), then ``SpikeSoftmax`` over the keys.
-    4. ``attn_if``: unsigned neuron (``attn_quan``) on ``[T, B, H, N, N]``.
-    5. context: spike product ``attn @ v`` with scale ``theta_attn * theta_v``, then
+    3. ``attn_if``: unsigned neuron (``attn_quan``) on ``[T, B, H, N, N]``.
+    4. context: spike product ``attn @ v`` with scale ``theta_attn * theta_v``, then
        ``after_attn_if`` (signed, ``after_attn_quan``) on ``[T, B, H, N, Dh]``.
-    6. merge heads -> ``proj`` spike linear (threshold ``theta_after_attn``, bias at step 0)
-       -> ``proj_if`` (signed, ``quan_proj``).
+    5. merge heads -> ``proj``: spike linear (threshold ``theta_after_attn``, bias at step 0)
+       fused with the signed ``quan_proj`` neuron (``SpikeLinearNeuron``).
 
-    The output is ``proj_if``'s: int8 spikes, or ``spikes * theta`` (float32, the residual
+    The output is ``proj``'s: int8 spikes, or ``spikes * theta`` (float32, the residual
     increment) when built with ``float_out=True``. State (neurons, softmax, linear steps, the
     two products' running counts) is kept between calls until ``reset()``, so chunked time
     equals a whole run. Thresholds stay tensors: no host sync. Inference only.
@@ -41,31 +41,30 @@ class SpikeAttention(nn.Module):
 
     def __init__(
         self,
-        qkv: nn.Module,
-        q_if: STBIF,
-        k_if: STBIF,
-        v_if: STBIF,
+        qkv: SpikeLinearNeuron,
         softmax: nn.Module,
         attn_if: STBIF,
         after_attn_if: STBIF,
-        proj: nn.Module,
-        proj_if: STBIF,
-        dim: int,
+        proj: SpikeLinearNeuron,
         num_heads: int,
         scale: float,
     ) -> None:
         super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
+        dim = proj.out_features
+        if qkv.out_features != 3 * dim or dim % num_heads:
+            raise ValueError(
+                f"qkv must have 3 * dim outputs and dim ({dim}) be divisible by num_heads "
+                f"({num_heads}); got qkv with {qkv.out_features} outputs"
+            )
         self.dim = int(dim)
         self.qkv, self.proj = qkv, proj
-        self.q_if, self.k_if, self.v_if = q_if, k_if, v_if
         self.softmax = softmax
-        self.attn_if, self.after_attn_if, self.proj_if = attn_if, after_attn_if, proj_if
+        self.attn_if, self.after_attn_if = attn_if, after_attn_if
         self.num_heads = int(num_heads)
         self.scale = float(scale)
-        self.scores = SpikeMatmul(q_if.threshold * k_if.threshold * self.scale)
-        self.context = SpikeMatmul(attn_if.threshold * v_if.threshold)
+        theta_q, theta_k, theta_v = qkv.threshold.expand(3 * dim)[::dim]
+        self.scores = SpikeMatmul(theta_q * theta_k * self.scale)
+        self.context = SpikeMatmul(attn_if.threshold * theta_v)
         self.reset()
 
     @classmethod
@@ -75,7 +74,8 @@ class SpikeAttention(nn.Module):
         """Build from a QANN attention (``QuantAttention`` or the official ``QAttention``).
 
         ``in_threshold``: the threshold of the neuron whose spikes come in (the norm1
-        quantizer's step). The linear weights are shared with ``qattn``, not copied.
+        quantizer's step). The linear weights are shared with ``qattn``, not copied (a
+        ``QuantLinear``'s int8 weight is dequantized: float mode of an integer QANN).
         """
         for name in ("qkv", "proj", "quan_q", "quan_k", "quan_v", "attn_quan",
                      "after_attn_quan", "quan_proj", "num_heads", "scale"):  # fmt: skip
@@ -87,18 +87,17 @@ class SpikeAttention(nn.Module):
         if getattr(qattn, "is_softmax", True) is False:
             raise ValueError("SpikeAttention supports softmax attention only (is_softmax=True)")
         in_threshold = torch.as_tensor(in_threshold, dtype=torch.float32).detach()
+        qkv_neurons = [neuron_from_quantizer(getattr(qattn, f"quan_{x}")) for x in "qkv"]
         after_attn_if = neuron_from_quantizer(qattn.after_attn_quan)
+        proj_if = neuron_from_quantizer(qattn.quan_proj, float_out=float_out)
         return cls(
-            qkv=SpikeLinear.from_linear(qattn.qkv, in_threshold),
-            q_if=neuron_from_quantizer(qattn.quan_q),
-            k_if=neuron_from_quantizer(qattn.quan_k),
-            v_if=neuron_from_quantizer(qattn.quan_v),
+            qkv=SpikeLinearNeuron.from_linear_and_neuron(qattn.qkv, qkv_neurons, in_threshold),
             softmax=SpikeSoftmax(),
             attn_if=neuron_from_quantizer(qattn.attn_quan),
             after_attn_if=after_attn_if,
-            proj=SpikeLinear.from_linear(qattn.proj, after_attn_if.threshold),
-            proj_if=neuron_from_quantizer(qattn.quan_proj, float_out=float_out),
-            dim=qattn.proj.weight.shape[0],
+            proj=SpikeLinearNeuron.from_linear_and_neuron(
+                qattn.proj, proj_if, after_attn_if.threshold
+            ),
             num_heads=qattn.num_heads,
             scale=qattn.scale,
         )
@@ -109,9 +108,8 @@ class SpikeAttention(nn.Module):
 
     def reset(self) -> None:
         """Back to the fresh state, every part included: call between inputs."""
-        for m in (self.qkv, self.q_if, self.k_if, self.v_if, self.scores, self.softmax,
-                  self.attn_if, self.context, self.after_attn_if, self.proj,
-                  self.proj_if):  # fmt: skip
+        for m in (self.qkv, self.scores, self.softmax, self.attn_if, self.context,
+                  self.after_attn_if, self.proj):  # fmt: skip
             m.reset()
 
     def forward(self, s: torch.Tensor) -> torch.Tensor:
@@ -123,17 +121,14 @@ class SpikeAttention(nn.Module):
         if c != self.dim:
             raise ValueError(f"s has {c} channels, the attention expects {self.dim}")
         dh = c // h
-        qkv = self.qkv(s).view(t, b, n, 3, c)
-        q = self.q_if(qkv[:, :, :, 0].contiguous())
-        k = self.k_if(qkv[:, :, :, 1].contiguous())
-        v = self.v_if(qkv[:, :, :, 2].contiguous())
-        q = q.view(t, b, n, h, dh).transpose(2, 3).contiguous()  # [T, B, H, N, Dh]
-        k_t = k.view(t, b, n, h, dh).permute(0, 1, 3, 4, 2)  # [T, B, H, Dh, N], strided
-        v = v.view(t, b, n, h, dh).transpose(2, 3)  # [T, B, H, N, Dh], strided
+        qkv = self.qkv(s).view(t, b, n, 3, h, dh)
+        q = qkv[:, :, :, 0].transpose(2, 3).contiguous()  # [T, B, H, N, Dh]
+        k_t = qkv[:, :, :, 1].permute(0, 1, 3, 4, 2)  # [T, B, H, Dh, N], strided
+        v = qkv[:, :, :, 2].transpose(2, 3)  # [T, B, H, N, Dh], strided
         attn = self.attn_if(self.softmax(self.scores(q, k_t)))
         context = self.after_attn_if(self.context(attn, v))  # [T, B, H, N, Dh]
         merged = context.transpose(2, 3).reshape(t, b, n, c)
-        return self.proj_if(self.proj(merged))
+        return self.proj(merged)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, num_heads={self.num_heads}, scale={self.scale:.4g}"
