@@ -1,5 +1,7 @@
 """Spike linear (SPEC.md §6): the fused op vs the per-step dense float matmul (what the
-official SNN code does) vs one dense QANN product (int8 ``torch._int_mm``, bf16 matmul).
+official SNN code does) vs one dense QANN product (int8 ``torch._int_mm``, bf16 matmul); and
+float mode's spike linear fused with its neuron (``spike_linear_neuron``, float32 weights as
+their bf16 split on tensor cores) vs the same two ops unfused.
 
 Shapes are the ViT-S/B qkv and MLP layers at batch 64 x 197 tokens. Spikes are genuine:
 quantized activations run through ``spikekernels.st_bif``, so the silent-row fraction (what
@@ -48,7 +50,7 @@ def _silent_row_fraction(s: torch.Tensor) -> float:
     return (s == 0).all(dim=-1).float().mean().item()
 
 
-@pytest.mark.parametrize("weight_dtype", [torch.int8, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("weight_dtype", [torch.int8, torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize(("K", "N"), SHAPES, ids=lambda v: str(v))
 @pytest.mark.parametrize("T", STEPS)
 def test_spike_linear(benchmark, T, K, N, weight_dtype):
@@ -62,6 +64,8 @@ def test_spike_linear(benchmark, T, K, N, weight_dtype):
     w_int8 = torch.round(w_float / w_scale[:, None]).to(torch.int8)
     if weight_dtype == torch.int8:
         weight, scale = w_int8, w_scale
+    elif weight_dtype == torch.float32:  # as a module passes it: the cached bf16 split
+        weight, scale = spikekernels.ops.split_weight_bf16x3(w_float), None
     else:
         weight, scale = w_float.to(weight_dtype), None
     fused = synchronized(
@@ -98,6 +102,53 @@ def test_spike_linear(benchmark, T, K, N, weight_dtype):
     )
     if int8_qann is not None:
         info["time_ratio_vs_int8_qann"] = seconds / int8_qann
+    bf16_qann = try_median_time(
+        "bf16_qann", synchronized(lambda: F.linear(a_bf16, w_bf16, None)), info
+    )
+    if bf16_qann is not None:
+        info["time_ratio_vs_bf16_qann"] = seconds / bf16_qann
+    record(benchmark, seconds, **info)
+
+
+@pytest.mark.parametrize(("K", "N"), SHAPES, ids=lambda v: str(v))
+@pytest.mark.parametrize("T", STEPS)
+def test_spike_linear_neuron(benchmark, T, K, N):
+    """Float mode's layer: float32 weights (split once, as ``nn.SpikeLinearNeuron`` caches it),
+    the linear fused with its ST-BIF neuron vs ``spike_linear`` then ``st_bif``."""
+    s = _spikes(T, K)
+    theta_in = torch.tensor(THETA, device=DEVICE)
+    gen = torch.Generator(device=DEVICE)
+    gen.manual_seed(1)
+    w_float = torch.randn(N, K, device=DEVICE, generator=gen) * K**-0.5
+    bias = torch.randn(N, device=DEVICE, generator=gen) * 0.1
+    parts = spikekernels.ops.split_weight_bf16x3(w_float)
+    theta = torch.tensor(0.1, device=DEVICE)
+    n_min, p_max = reference.level_bounds(LEVEL, signed=True)
+    fused = synchronized(
+        lambda: spikekernels.ops.spike_linear_neuron(s, parts, theta_in, theta, n_min, p_max, bias)
+    )
+
+    def unfused():
+        y = spikekernels.spike_linear(s, parts, theta_in, bias)
+        return spikekernels.st_bif(y, theta, n_min, p_max)
+
+    benchmark.group = f"spike_linear_neuron T={T} K={K} N={N}"
+    seconds = time_op(benchmark, fused)
+    spikes = fused()[0]
+    info = dict(
+        T=T,
+        rows=ROWS,
+        K=K,
+        N=N,
+        silent_row_fraction=_silent_row_fraction(s),
+        output_spike_fraction=(spikes != 0).float().mean().item(),
+        dense_equiv_tops=2 * T * ROWS * K * N / seconds / 1e12,
+    )
+    separate = try_median_time("unfused", synchronized(unfused), info)
+    if separate is not None:
+        info["speedup_vs_unfused"] = separate / seconds
+    a_bf16 = torch.randint(-8, 8, (ROWS, K), device=DEVICE, generator=gen).to(torch.bfloat16)
+    w_bf16 = w_float.to(torch.bfloat16)
     bf16_qann = try_median_time(
         "bf16_qann", synchronized(lambda: F.linear(a_bf16, w_bf16, None)), info
     )

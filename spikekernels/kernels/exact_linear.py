@@ -172,6 +172,19 @@ def exact_linear_kernel(
     tl.store(count_out_ptr + state_offs, count.to(tl.int8), mask=mask)
 
 
+def step_tile_flags(launch, s: torch.Tensor, block_m: int, num_warps: int):
+    """``(flags [T, num_m] int32, num_m)``: whether each step's tile of ``block_m`` rows of
+    ``s`` ``[T, rows, K]`` holds a spike (``step_tile_any_kernel``), for the kernels that skip
+    silent tiles."""
+    T, rows, K = s.shape
+    num_m = triton.cdiv(rows, block_m)
+    flags = torch.empty((T, num_m), dtype=torch.int32, device=s.device)
+    launch(step_tile_any_kernel)[(T, num_m)](
+        s, flags, rows, K, num_m, BLOCK_M=block_m, BLOCK_K=FLAG_BLOCK_K, num_warps=num_warps
+    )
+    return flags, num_m
+
+
 @on_device
 def exact_linear_triton(
     launch,
@@ -199,11 +212,7 @@ def exact_linear_triton(
     if rows == 0 or N == 0:
         return out, acc_out, count_out
     block_m, block_n, block_k, num_warps, num_stages = tile_config()
-    num_m = triton.cdiv(rows, block_m)
-    flags = torch.empty((T, num_m), dtype=torch.int32, device=s.device)
-    launch(step_tile_any_kernel)[(T, num_m)](
-        s, flags, rows, K, num_m, BLOCK_M=block_m, BLOCK_K=FLAG_BLOCK_K, num_warps=num_warps
-    )
+    flags, num_m = step_tile_flags(launch, s, block_m, num_warps)
     launch(exact_linear_kernel)[(num_m, triton.cdiv(N, block_n))](
         s,
         weight,

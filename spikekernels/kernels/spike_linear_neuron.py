@@ -24,7 +24,7 @@ import triton.language as tl
 
 from spikekernels.kernels import INTERPRET, on_device
 from spikekernels.kernels.activity import active_layout, record_active_rows
-from spikekernels.kernels.exact_linear import FLAG_BLOCK_K, step_tile_any_kernel
+from spikekernels.kernels.exact_linear import step_tile_flags
 from spikekernels.kernels.neuron import st_bif_step
 from spikekernels.kernels.spike_linear import dot_flags, spike_dot
 
@@ -179,11 +179,7 @@ def spike_linear_neuron_triton(
     if rows == 0 or N == 0:
         return out, v_out, count_out
     block_m, block_n, block_k, num_warps, num_stages = tile_config()
-    num_m = triton.cdiv(rows, block_m)
-    flags = torch.empty((T, num_m), dtype=torch.int32, device=s.device)
-    launch(step_tile_any_kernel)[(T, num_m)](
-        s, flags, rows, K, num_m, BLOCK_M=block_m, BLOCK_K=FLAG_BLOCK_K, num_warps=num_warps
-    )
+    flags, num_m = step_tile_flags(launch, s, block_m, num_warps)
     launch(spike_linear_neuron_kernel)[(num_m, triton.cdiv(N, block_n))](
         s,
         weight,

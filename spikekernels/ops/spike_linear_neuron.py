@@ -63,16 +63,19 @@ def spike_linear_neuron_torch(
     """Vectorised PyTorch (any device): ``spike_linear``'s one float32 matmul over all steps,
     then the ST-BIF op on ``y / theta`` with threshold 1.
 
-    The same bits as the neuron on ``y`` with a per-channel ``theta``: ``v + (y / theta) / 1``
-    is ``v + y / theta`` (dividing by 1 is exact), so a per-channel threshold needs no
+    A per-channel ``theta`` runs the neuron on ``y / theta`` with threshold 1: the same bits,
+    since ``v + (y / theta) / 1`` is ``v + y / theta`` (dividing by 1 is exact), so it needs no
     per-channel neuron.
     """
     y = spike_linear_torch(s, weight, in_threshold, bias, t0, bias_steps, None)
     theta = threshold.to(torch.float32)
-    theta = theta.reshape(()) if theta.numel() == 1 else theta
-    one = torch.ones((), dtype=torch.float32, device=s.device)
+    if theta.numel() == 1:
+        theta = theta.reshape(())
+        u, neuron_theta = y, theta
+    else:
+        u, neuron_theta = y / theta, torch.ones((), dtype=torch.float32, device=s.device)
     spikes, v_out, count_out = torch.ops.spikekernels.st_bif(
-        y / theta, one, n_min, p_max, v, count, False, active
+        u, neuron_theta, n_min, p_max, v, count, False, active
     )
     if float_out:
         spikes = spikes.to(torch.float32) * theta
