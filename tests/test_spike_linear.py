@@ -9,6 +9,7 @@ from conftest import DEVICES
 
 import spikekernels
 from spikekernels import reference
+from spikekernels.kernels import use_triton
 from spikekernels.nn import SpikeLinear
 from spikekernels.ops import split_weight_bf16x3
 from spikekernels.ops._dispatch import force_backend
@@ -167,6 +168,25 @@ def test_split_weight_form(gen, device, backend):
     with force_backend(backend):
         got = spikekernels.spike_linear(s, split_weight_bf16x3(w).to(device), theta, bias)
     _assert_linear(got, s, w, None, theta, bias, 0, 1)
+
+
+def test_module_splits_float32_weight_once_and_follows_it(gen):
+    """``SpikeLinear`` hands the kernels its float32 weight's bf16 split, made once and remade
+    after an in-place update (``load_state_dict``): never stale; same output as the plain
+    weight's (dyadic weights: exact sums in any order)."""
+    weight = torch.randint(-64, 64, (12, 20), generator=gen).float() / 256
+    layer = SpikeLinear(weight, None, 0.5)
+    if not use_triton(weight):
+        pytest.skip("the split is made only where the Triton kernels run")
+    first = layer.kernel_weight()
+    assert layer.kernel_weight() is first
+    assert torch.equal(first, split_weight_bf16x3(weight))
+    new = torch.randint(-64, 64, (12, 20), generator=gen).float() / 256
+    layer.load_state_dict({"weight": new, "threshold": layer.threshold})
+    assert torch.equal(layer.kernel_weight(), split_weight_bf16x3(new))
+    s = torch.randint(-1, 2, (3, 4, 20), generator=gen, dtype=torch.int8)
+    want = reference.spike_linear(s, new, torch.tensor(0.5))
+    assert torch.equal(layer(s), want)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.int8], ids=str)

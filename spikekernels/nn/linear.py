@@ -5,10 +5,31 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from spikekernels.kernels import use_triton
 from spikekernels.ops.spike_linear import spike_linear
+from spikekernels.ops.weight_split import split_weight_bf16x3
 
 
-class SpikeLinear(nn.Module):
+class TensorCoreWeight:
+    """What a module with a float32 ``weight`` buffer passes to the spike linear ops: where the
+    Triton kernels run, its exact bf16 split (``split_weight_bf16x3``), made once and cached,
+    keyed by the weight's ``(data_ptr, _version, device)``, so that an in-place update
+    (``load_state_dict``, ``copy_``), a new tensor or a move re-splits; else the weight."""
+
+    _split_key: tuple | None = None
+    _split: torch.Tensor | None = None
+
+    def kernel_weight(self) -> torch.Tensor:
+        w = self.weight
+        if w.dtype != torch.float32 or not use_triton(w):
+            return w
+        key = (w.data_ptr(), w._version, w.device)
+        if key != self._split_key:
+            self._split, self._split_key = split_weight_bf16x3(w), key
+        return self._split
+
+
+class SpikeLinear(TensorCoreWeight, nn.Module):
     """Linear map of ternary spikes ``[T, B, ..., K]`` to float32 ``[T, B, ..., N]``.
 
     ``out_t = theta * (s_t @ W^T)`` plus the bias on the first ``bias_steps`` global steps
@@ -57,7 +78,7 @@ class SpikeLinear(nn.Module):
     def forward(self, s: torch.Tensor) -> torch.Tensor:
         out = spike_linear(
             s,
-            self.weight,
+            self.kernel_weight(),
             self.threshold,
             self.bias,
             t0=self.t0,

@@ -7,16 +7,14 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from spikekernels.kernels import use_triton
-from spikekernels.nn.linear import SpikeLinear
+from spikekernels.nn.linear import SpikeLinear, TensorCoreWeight
 from spikekernels.nn.neuron import STBIF
 from spikekernels.nn.quant_linear import QuantLinear
 from spikekernels.ops.spike_linear_neuron import spike_linear_neuron
 from spikekernels.ops.target import check_threshold, check_threshold_values
-from spikekernels.ops.weight_split import split_weight_bf16x3
 
 
-class SpikeLinearNeuron(STBIF):
+class SpikeLinearNeuron(TensorCoreWeight, STBIF):
     """``SpikeLinear`` followed by ``STBIF``, as one fused op (``ops.spike_linear_neuron``):
     ``[T, *, K]`` spikes in, the neuron's ``[T, *, N]`` spikes out.
 
@@ -56,8 +54,6 @@ class SpikeLinearNeuron(STBIF):
         self.register_buffer("bias", None if bias is None else bias.detach())
         in_theta = torch.as_tensor(in_threshold, dtype=torch.float32).detach().clone()
         self.register_buffer("in_threshold", in_theta.reshape(()))
-        self._split_key: tuple | None = None
-        self._split: torch.Tensor | None = None
 
     @classmethod
     def from_linear_and_neuron(
@@ -110,17 +106,6 @@ class SpikeLinearNeuron(STBIF):
         """Back to the fresh neuron and global step 0 (the bias is due again)."""
         super().reset()
         self.t0 = 0
-
-    def kernel_weight(self) -> torch.Tensor:
-        """The weight as the op takes it: a float32 weight's bf16 split where the Triton
-        kernels run (cached until the weight changes), else the weight itself."""
-        w = self.weight
-        if w.dtype != torch.float32 or not use_triton(w):
-            return w
-        key = (w.data_ptr(), w._version, w.device)
-        if key != self._split_key:
-            self._split, self._split_key = split_weight_bf16x3(w), key
-        return self._split
 
     def forward(self, s: torch.Tensor) -> torch.Tensor:
         spikes, self.v, self.s = spike_linear_neuron(
