@@ -151,6 +151,33 @@ def spike_layernorm(
     return torch.stack(outs), x_acc.clone(), y_prev.clone()
 
 
+def spike_layernorm_neuron(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    theta: torch.Tensor,
+    n_min: int,
+    p_max: int,
+    x_acc: torch.Tensor | None = None,
+    y_prev: torch.Tensor | None = None,
+    v: torch.Tensor | None = None,
+    count: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, ...]:
+    """``spike_layernorm`` (SPEC.md §4) then ``st_bif`` (§2) on its output, float mode: the
+    neuron's input at step ``t`` is the LayerNorm increment ``out_t`` in ``x.dtype``. The two
+    rules are sequential in time but the neuron at ``t`` reads only ``out_t``, so running
+    each over all steps is the step-by-step interleaving. Returns int8
+    ``(spikes, x_acc, y_prev, v, count)``.
+    """
+    u, x_acc, y_prev = spike_layernorm(x, weight, bias, eps, x_acc, y_prev)
+    spikes, v, count = st_bif(u, theta, n_min, p_max, v, count)
+    return spikes, x_acc, y_prev, v, count
+
+
+__all__ += ["spike_layernorm_neuron"]
+
+
 def _exact_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Integer matmul as float64 products (exact below 2^53), back to int64."""
     return torch.matmul(a.to(torch.float64), b.to(torch.float64)).to(torch.int64)
@@ -519,3 +546,28 @@ def exact_context(
 
 
 __all__ += ["exact_attention_probs", "exact_context"]
+
+
+def exact_residual_add(
+    d: torch.Tensor | None,
+    spikes: torch.Tensor,
+    threshold: torch.Tensor,
+    count: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Exact mode's residual update for one branch (SPEC.md §9.2, §9.4), step by step.
+
+    Per step: ``count += spikes[t]`` (int32, exact); ``out[t] = d[t] + fl64(theta) *
+    fl64(count)``, or the product alone when ``d`` is None. The fresh count is 0. Returns
+    ``out`` ``[T, *shape]`` float64.
+    """
+    theta = threshold.to(torch.float64).reshape(())
+    c = _state_or_zeros(count, spikes.shape[1:], torch.int32, spikes.device)
+    out = []
+    for t in range(spikes.shape[0]):
+        c = c + spikes[t].to(torch.int32)
+        product = theta * c.to(torch.float64)
+        out.append(product if d is None else d[t] + product)
+    return torch.stack(out)
+
+
+__all__ += ["exact_residual_add"]

@@ -1,7 +1,8 @@
-"""Per-sample activity (``active``) of every neuron op (float mode's ``st_bif`` and
-``spike_linear_neuron``, exact mode's five): each op sets ``active[t, b] = 1``
-where sample ``b`` fired at step ``t`` while it writes the spikes, on every backend, and the
-runner's silence test reads those flags instead of a pass over every neuron's spikes.
+"""Per-sample activity (``active``) of every neuron op (float mode's ``st_bif``,
+``spike_linear_neuron`` and ``spike_layernorm_neuron``, exact mode's five): each op sets
+``active[t, b] = 1`` where sample ``b`` fired at step ``t`` while it writes the spikes, on every
+backend, and the runner's silence test reads those flags instead of a pass over every
+neuron's spikes.
 
 The flags are checked against the op's own spikes (``spikes.reshape(T, B, -1) != 0`` per
 sample), OR-ed into flags that were already set; the spikes and state must be the same bits
@@ -27,6 +28,7 @@ from spikekernels.ops import (
     exact_context,
     exact_layernorm_neuron,
     exact_linear,
+    spike_layernorm_neuron,
     spike_linear_neuron,
     st_bif,
     target_spikes,
@@ -80,7 +82,8 @@ def _linear_neuron(gen, T) -> Case:
     # no bias: a sample with no input spikes keeps v = 0.5 and never fires
     s = _spikes(gen, T, (B, 5), 45)
     s[:, SILENT] = 0
-    weight = torch.randn(37, 45, generator=gen) / 4
+    # dyadic: every sum exact, so the bits do not depend on the (BLAS, tile) summation order
+    weight = torch.randint(-32, 33, (37, 45), generator=gen).float() / 128
     in_theta = torch.tensor(0.4)
     theta = 0.2 + torch.rand(37, generator=gen)
 
@@ -93,6 +96,22 @@ def _linear_neuron(gen, T) -> Case:
 
     args = lambda active: (s, weight, in_theta, theta, -4, 3, None, 0, 1, None, None, False, active)  # noqa: E731, E501
     return Case((s,), call, torch.ops.spikekernels.spike_linear_neuron.default, args)
+
+
+def _layernorm_neuron(gen, T) -> Case:
+    # no bias: the silent sample's zero rows normalise to 0 and its membranes stay at 0.5.
+    # Outputs compared: the spikes and count (bit for bit even where Inductor recompiles the
+    # LayerNorm's PyTorch body in its own order, which may move the float state by an ulp)
+    x = torch.randn(T, B, 5, 24, generator=gen) + 0.5
+    x[:, SILENT] = 0
+    head = (torch.randn(24, generator=gen), None, EPS, torch.tensor(0.3), -8, 7)
+
+    def call(x, state, active):
+        out = spike_layernorm_neuron(x, *head, *(state or (None,) * 4), active=active)
+        return (out[0], out[4]), out[1:]
+
+    args = lambda active: (x, *head, None, None, None, None, active)  # noqa: E731
+    return Case((x,), call, torch.ops.spikekernels.spike_layernorm_neuron.default, args)
 
 
 def _linear(gen, T) -> Case:
@@ -157,6 +176,7 @@ CASES = {
     "st_bif": _st_bif,
     "st_bif wide": lambda gen, T: _st_bif(gen, T, shape=(30, 50)),
     "spike_linear_neuron": _linear_neuron,
+    "spike_layernorm_neuron": _layernorm_neuron,
     "target_spikes": _target,
     "target_spikes wide": lambda gen, T: _target(gen, T, shape=(30, 50)),
     "exact_linear": _linear,

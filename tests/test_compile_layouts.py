@@ -97,6 +97,16 @@ def test_spike_layernorm(gen, layout):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
+def test_spike_layernorm_neuron(gen, layout):
+    x = _layout(torch.randn(4, 5, 24, generator=gen), layout)
+    w, b = torch.randn(24, generator=gen), torch.randn(24, generator=gen)
+    theta = torch.tensor(0.2)
+    out = lambda x: spikekernels.ops.spike_layernorm_neuron(x, w, b, 1e-6, theta, -8, 7)
+    # the float state as values (LayerNorm), the int8 spikes and count bit for bit
+    _run(out, x, exact=False)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
 def test_spike_softmax(gen, layout):
     x = _layout(torch.randn(4, 5, 23, generator=gen) * 3, layout)
     _run(lambda x: spikekernels.spike_softmax(x), x, exact=False)
@@ -113,3 +123,16 @@ def test_spike_linear_neuron(gen, layout, split):
     out = lambda s: spikekernels.ops.spike_linear_neuron(s, w, theta_in, theta, -8, 7, bias)
     # dyadic weights: every sum exact, so the same bits in any order
     _run(out, s)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("operand", ["d", "spikes"])
+def test_exact_residual_add(gen, layout, operand):
+    d = torch.randn(3, 5, 7, generator=gen, dtype=torch.float64)
+    s = _spikes(gen, (3, 5, 7))
+    if operand == "d":
+        d = _layout(d, layout)
+    else:
+        s = _layout(s, layout)
+    theta, count = torch.tensor([0.37]), _spikes(gen, (5, 7))
+    _run(lambda d, s: (spikekernels.ops.exact_residual_add(d, s, theta, count),), d, s)

@@ -215,6 +215,7 @@ def layernorm_cases() -> list[Case]:
             OUT_BF16_BITS=bf16,
             ROWS=rows,
             BLOCK_C=block_c,
+            LOG2_C=block_c.bit_length() - 1,
         )
         cases.append(
             Case(
@@ -253,6 +254,7 @@ def layernorm_cases() -> list[Case]:
         OUT_BF16_BITS=False,
         ROWS=rows,
         BLOCK_C=block_c,
+        LOG2_C=0,
     )
     cases.append(
         Case(
@@ -261,6 +263,74 @@ def layernorm_cases() -> list[Case]:
             signature,
             constexprs,
             num_warps=num_warps,
+            ptx_must_not_contain=["div.full.f32", "div.approx"],
+        )
+    )
+    return cases
+
+
+def spike_layernorm_neuron_cases() -> list[Case]:
+    from spikekernels.kernels import layernorm, layernorm_neuron
+
+    def signature(x_ty: str, count_ty: str) -> dict[str, str]:
+        pointers = ["w_ptr", "b_ptr", "x_acc_in_ptr", "y_prev_in_ptr", "out_ptr"]
+        pointers += ["x_acc_out_ptr", "y_prev_out_ptr", "theta_ptr", "v_in_ptr"]
+        pointers += ["count_in_ptr", "v_out_ptr", "count_out_ptr", "active_ptr"]
+        types = {"out_ptr": "*i8", "count_in_ptr": count_ty, "count_out_ptr": count_ty}
+        types["active_ptr"] = "*i32"
+        sig = {"x_ptr": f"*{x_ty}"} | {p: types.get(p, "*fp32") for p in pointers}
+        ints = ["T", "R", "C", "eps", "n_min", "p_max", "B", "rows_per_sample"]
+        return sig | {name: "fp32" if name == "eps" else "i32" for name in ints}
+
+    cases = []
+    # ViT-S/B widths and a width that is not a power of two; fresh and incoming state; the
+    # runner's call records per-sample activity
+    for x_ty, c, state, active in [
+        ("fp32", 384, False, False),
+        ("bf16", 768, True, True),
+        ("fp16", 1000, True, False),
+        ("fp32", 384, True, True),
+    ]:
+        block_c, rows, num_warps = layernorm.launch_config(c)
+        constexprs = dict(
+            HAS_WEIGHT=True,
+            HAS_BIAS=True,
+            HAS_X_ACC=state,
+            HAS_Y_PREV=state,
+            HAS_STATE=state,
+            X_BF16=x_ty == "bf16",
+            HAS_ACTIVE=active,
+            ROWS=rows,
+            BLOCK_C=block_c,
+            LOG2_C=block_c.bit_length() - 1,
+        )
+        cases.append(
+            Case(
+                f"spike_layernorm_neuron x={x_ty} C={c} state={state} active={active}",
+                layernorm_neuron.spike_layernorm_neuron_kernel,
+                signature(x_ty, "*i8"),
+                constexprs,
+                num_warps=num_warps,
+                aligned=["R"] + (["C"] if c % 16 == 0 else []),
+                # the LayerNorm's divisions and root and the neuron's division correctly
+                # rounded, as in the two kernels it fuses, and no product contracted into an
+                # add (that would depend on the layout: the same bits as spike_layernorm's)
+                ptx_must_contain=["sqrt.rn.f32", "div.rn.f32"],
+                ptx_must_not_contain=["div.full.f32", "div.approx"],
+                no_contracted_fma=True,
+            )
+        )
+    # Triton specialises an integer argument equal to 1 into a constant: C == 1 and R == 1.
+    block_c, rows, num_warps = layernorm.launch_config(1)
+    sig = {k: ty for k, ty in signature("fp32", "*i8").items() if k not in ("R", "C")}
+    cases.append(
+        Case(
+            "spike_layernorm_neuron x=fp32 C=1 R=1",
+            layernorm_neuron.spike_layernorm_neuron_kernel,
+            sig,
+            dict(cases[0].constexprs, R=1, C=1, ROWS=rows, BLOCK_C=block_c, LOG2_C=0),
+            num_warps=num_warps,
+            ptx_must_contain=["div.rn.f32"],
             ptx_must_not_contain=["div.full.f32", "div.approx"],
         )
     )
@@ -367,8 +437,11 @@ def target_cases() -> list[Case]:
             "per_sample": "i32",
         }
         constexprs = dict(
-            HAS_COUNT=has_count, PER_CHANNEL=per_channel, HAS_ACTIVE=active, WIDE_SAMPLES=True,
-            BLOCK=target.BLOCK
+            HAS_COUNT=has_count,
+            PER_CHANNEL=per_channel,
+            HAS_ACTIVE=active,
+            WIDE_SAMPLES=True,
+            BLOCK=target.BLOCK,
         )
         cases.append(
             Case(
@@ -735,16 +808,47 @@ def spike_linear_neuron_cases() -> list[Case]:
     return cases
 
 
+def exact_residual_cases() -> list[Case]:
+    from spikekernels.kernels import exact_residual as er
+
+    signature = {
+        "d_ptr": "*fp64",
+        "spikes_ptr": "*i8",
+        "theta_ptr": "*fp32",
+        "count_ptr": "*i8",
+        "out_ptr": "*fp64",
+        "numel": "i32",
+        "T": "i32",
+    }
+    return [
+        Case(
+            f"exact_residual_add d={has_d} count={has_count}",
+            er.exact_residual_add_kernel,
+            signature,
+            dict(HAS_D=has_d, HAS_COUNT=has_count, BLOCK=er.BLOCK),
+            num_warps=er.NUM_WARPS,
+            aligned=["numel"],
+            # the stream in 16-byte accesses; SPEC.md §9.2: the float64 product is not
+            # contracted into the add (one rounding per operation)
+            ptx_must_contain=["st.global.v2.b64"] + (["ld.global.v2.b64"] if has_d else []),
+            ptx_must_not_contain=["fma.rn.f64"],
+        )
+        for has_d, has_count in [(True, True), (True, False), (False, True)]
+    ]
+
+
 CASE_FACTORIES = [
     neuron_cases,
     spike_linear_cases,
     spike_linear_neuron_cases,
     layernorm_cases,
+    spike_layernorm_neuron_cases,
     spike_matmul_cases,
     target_cases,
     exact_linear_cases,
     exact_layernorm_cases,
     exact_attention_cases,
+    exact_residual_cases,
 ]
 
 

@@ -9,7 +9,7 @@ from spikekernels.nn.exact_layers import (
     ExactLinearNeuron,
     ExactSoftmax,
 )
-from spikekernels.nn.layernorm import SpikeLayerNorm
+from spikekernels.nn.layernorm import SpikeLayerNorm, SpikeLayerNormNeuron
 from spikekernels.nn.linear import SpikeLinear
 from spikekernels.nn.linear_neuron import SpikeLinearNeuron
 from spikekernels.nn.neuron import STBIF
@@ -34,6 +34,7 @@ __all__ = [
     "RunningSpikeMatmul",
     "SpikeAttention",
     "SpikeLayerNorm",
+    "SpikeLayerNormNeuron",
     "SpikeLinear",
     "SpikeLinearNeuron",
     "SpikeMatmul",

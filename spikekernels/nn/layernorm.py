@@ -1,11 +1,20 @@
-"""``SpikeLayerNorm``: multi-step Spike-LayerNorm as a stateful module (SPEC.md §4)."""
+"""``SpikeLayerNorm``: multi-step Spike-LayerNorm as a stateful module (SPEC.md §4), and
+``SpikeLayerNormNeuron``, the same fused with the ST-BIF neuron it feeds (§4 then §2)."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from spikekernels.nn.neuron import STBIF
 from spikekernels.ops.layernorm import spike_layernorm
+from spikekernels.ops.layernorm_neuron import spike_layernorm_neuron
+
+
+def _check_affine(num_channels: int, weight: torch.Tensor | None, bias: torch.Tensor | None):
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and tuple(t.shape) != (num_channels,):
+            raise ValueError(f"{name} must have shape ({num_channels},), got {tuple(t.shape)}")
 
 
 class SpikeLayerNorm(nn.Module):
@@ -28,9 +37,7 @@ class SpikeLayerNorm(nn.Module):
         super().__init__()
         self.num_channels = num_channels
         self.eps = float(eps)
-        for name, t in (("weight", weight), ("bias", bias)):
-            if t is not None and tuple(t.shape) != (num_channels,):
-                raise ValueError(f"{name} must have shape ({num_channels},), got {tuple(t.shape)}")
+        _check_affine(num_channels, weight, bias)
         # detach(), not clone(): a converted network shares the QANN's weights (one copy).
         self.register_buffer("weight", None if weight is None else weight.detach())
         self.register_buffer("bias", None if bias is None else bias.detach())
@@ -63,4 +70,88 @@ class SpikeLayerNorm(nn.Module):
         return (
             f"{self.num_channels}, eps={self.eps:g}, affine="
             f"{self.weight is not None}, bias={self.bias is not None}"
+        )
+
+
+class SpikeLayerNormNeuron(STBIF):
+    """``SpikeLayerNorm`` followed by ``STBIF``, as one fused op (``ops.spike_layernorm_neuron``):
+    ``[T, B, ..., C]`` increments in, the neuron's int8 ``[T, B, ..., C]`` spikes out, the
+    same bits as the two modules in turn.
+
+    It is an ``STBIF`` (threshold, bounds, ``count``, ``fanout``, ``silent()``, ``watch()``;
+    code that walks neurons finds it) that also holds the LayerNorm's ``weight``, ``bias``
+    and ``eps`` and its state ``x_acc``, ``y_prev`` until ``reset()``. Build it with
+    ``from_layernorm_and_neuron``. Inference only.
+    """
+
+    def __init__(
+        self,
+        num_channels: int,
+        threshold: float | torch.Tensor,
+        level: int,
+        signed: bool,
+        *,
+        eps: float = 1e-6,
+        weight: torch.Tensor | None = None,
+        bias: torch.Tensor | None = None,
+    ) -> None:
+        super().__init__(threshold, level, signed)
+        _check_affine(num_channels, weight, bias)
+        self.num_channels = num_channels
+        self.eps = float(eps)
+        # detach(), not clone(): a converted network shares the QANN's weights (one copy).
+        self.register_buffer("weight", None if weight is None else weight.detach())
+        self.register_buffer("bias", None if bias is None else bias.detach())
+
+    @classmethod
+    def from_layernorm_and_neuron(
+        cls, ln: nn.LayerNorm | SpikeLayerNorm, neuron: STBIF
+    ) -> SpikeLayerNormNeuron:
+        """From a QANN ``nn.LayerNorm`` (eps copied, as ``SpikeLayerNorm.from_layernorm``) or
+        a ``SpikeLayerNorm``, and the neuron it feeds (int8 spikes: not ``float_out``)."""
+        norm = ln if isinstance(ln, SpikeLayerNorm) else SpikeLayerNorm.from_layernorm(ln)
+        if not isinstance(neuron, STBIF):
+            raise TypeError(f"neuron must be an STBIF, got {type(neuron).__name__}")
+        if neuron.float_out:
+            raise ValueError("the fused op writes int8 spikes: neuron must not be float_out")
+        module = cls(
+            norm.num_channels,
+            neuron.threshold,
+            neuron.level,
+            neuron.signed,
+            eps=norm.eps,
+            weight=norm.weight,
+            bias=norm.bias,
+        )
+        module.fanout = neuron.fanout
+        return module
+
+    def reset(self) -> None:
+        """Back to the fresh state (``X = 0``, ``Y_prev = 0``, ``v = 0.5``, count 0)."""
+        super().reset()
+        self.x_acc: torch.Tensor | None = None
+        self.y_prev: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        spikes, self.x_acc, self.y_prev, self.v, self.s = spike_layernorm_neuron(
+            x,
+            self.weight,
+            self.bias,
+            self.eps,
+            self.threshold,
+            self.n_min,
+            self.p_max,
+            self.x_acc,
+            self.y_prev,
+            self.v,
+            self.s,
+            active=self.activity,
+        )
+        self.last_spikes = spikes[-1]
+        return spikes
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_channels}, eps={self.eps:g}, affine={self.weight is not None}, "
+            f"bias={self.bias is not None}, {super().extra_repr()}"
         )

@@ -7,7 +7,9 @@ friendly Python face (keyword arguments, optional validation of data).
 from spikekernels.ops.exact_attention import exact_attention_probs, exact_context
 from spikekernels.ops.exact_layernorm import exact_layernorm_neuron
 from spikekernels.ops.exact_linear import exact_linear
+from spikekernels.ops.exact_residual import exact_residual_add
 from spikekernels.ops.layernorm import spike_layernorm
+from spikekernels.ops.layernorm_neuron import spike_layernorm_neuron
 from spikekernels.ops.neuron import st_bif
 from spikekernels.ops.softmax import spike_softmax
 from spikekernels.ops.spike_linear import spike_linear
@@ -20,6 +22,7 @@ __all__ = [
     "spike_matmul",
     "st_bif",
     "spike_layernorm",
+    "spike_layernorm_neuron",
     "spike_linear",
     "spike_linear_neuron",
     "split_weight_bf16x3",
@@ -27,6 +30,7 @@ __all__ = [
     "target_spikes",
     "exact_linear",
     "exact_layernorm_neuron",
+    "exact_residual_add",
     "exact_attention_probs",
     "exact_context",
 ]

@@ -19,7 +19,7 @@ from spikekernels.ops._dispatch import backend_for
 from spikekernels.ops._registry import kernel_op, launcher
 
 
-def _check_spike_layernorm(x, weight, bias, eps, x_acc, y_prev) -> None:
+def check_spike_layernorm(x, weight, bias, eps, x_acc, y_prev) -> None:
     """Metadata checks (no data read)."""
     check_tensor(x, "x", dtypes=FLOAT_DTYPES)
     check_time_major(x, "x")
@@ -52,7 +52,7 @@ def _spike_layernorm_op(
     x_acc: torch.Tensor | None = None,
     y_prev: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    _check_spike_layernorm(x, weight, bias, eps, x_acc, y_prev)
+    check_spike_layernorm(x, weight, bias, eps, x_acc, y_prev)
     backend = backend_for(x, ("triton", "torch"))
     if backend == "triton":
         from spikekernels.kernels.layernorm import spike_layernorm_triton
@@ -109,7 +109,7 @@ def spike_layernorm_torch(x, weight, bias, eps, x_acc, y_prev):
 
 @_spike_layernorm_op.register_fake
 def _(x, weight, bias, eps, x_acc=None, y_prev=None):
-    _check_spike_layernorm(x, weight, bias, eps, x_acc, y_prev)
+    check_spike_layernorm(x, weight, bias, eps, x_acc, y_prev)
     shape = x.shape[1:]
     return (
         torch.empty_like(x, memory_format=torch.contiguous_format),
@@ -157,5 +157,5 @@ def spike_layernorm(
     Triton kernel under ``TRITON_INTERPRET=1``). Inference only: no autograd.
     """
     eps = check_float(eps, "eps")
-    _check_spike_layernorm(x, weight, bias, eps, x_acc, y_prev)
+    check_spike_layernorm(x, weight, bias, eps, x_acc, y_prev)
     return torch.ops.spikekernels.spike_layernorm(x, weight, bias, eps, x_acc, y_prev)

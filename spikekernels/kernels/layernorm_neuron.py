@@ -1,0 +1,167 @@
+"""Fused multi-step Spike-LayerNorm + ST-BIF neuron (SPEC.md §4 then §2, float mode).
+
+``spike_layernorm_kernel``'s T loop with the neuron it feeds in its epilogue: each step's
+LayerNorm increment goes straight into the membrane instead of through a ``[T, rows, C]``
+tensor in memory, and only the int8 spikes are written. The two halves are the existing
+kernels' own jit code (``layernorm_step``, ``st_bif_step``), launched at the same
+``launch_config``, so the bits are those of ``spike_layernorm`` followed by ``st_bif``: the
+increment is rounded to ``x``'s dtype first, as ``spike_layernorm`` stores it.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from spikekernels.kernels import on_device
+from spikekernels.kernels.activity import active_layout, record_active_rows
+from spikekernels.kernels.layernorm import (
+    layernorm_launch,
+    layernorm_step,
+    load_affine,
+    load_state,
+    row_tile,
+)
+from spikekernels.kernels.neuron import st_bif_step
+from spikekernels.kernels.rounding import bf16_bits_rtne
+
+
+@triton.jit
+def rounded_to_input_dtype(f, x_ptr, X_BF16: tl.constexpr):
+    """float32 ``f`` rounded to ``x``'s dtype and back: what ``st_bif`` reads from
+    ``spike_layernorm``'s output. bfloat16 by hand (the interpreter truncates on a cast)."""
+    if X_BF16:
+        f = (bf16_bits_rtne(f).to(tl.int32) << 16).to(tl.float32, bitcast=True)
+    else:
+        f = f.to(x_ptr.dtype.element_ty).to(tl.float32)
+    return f
+
+
+@triton.jit
+def spike_layernorm_neuron_kernel(
+    x_ptr,  # [T, R, C] float32 / float16 / bfloat16 increments h_t
+    w_ptr,  # [C] weight (HAS_WEIGHT)
+    b_ptr,  # [C] bias (HAS_BIAS)
+    x_acc_in_ptr,  # [R, C] float32 running sum X (HAS_X_ACC)
+    y_prev_in_ptr,  # [R, C] float32 previous LayerNorm output Y (HAS_Y_PREV)
+    out_ptr,  # [T, R, C] int8 spikes
+    x_acc_out_ptr,  # [R, C] float32
+    y_prev_out_ptr,  # [R, C] float32
+    T,
+    R,
+    C,
+    eps,
+    theta_ptr,  # [1] threshold (any float dtype)
+    v_in_ptr,  # [R, C] float32 membrane (HAS_STATE)
+    count_in_ptr,  # [R, C] integer count (HAS_STATE)
+    v_out_ptr,  # [R, C] float32
+    count_out_ptr,  # [R, C] integer count
+    active_ptr,  # [T, B] int32 per-sample flags, set where a sample fires (HAS_ACTIVE only)
+    n_min,
+    p_max,
+    B,  # samples (HAS_ACTIVE only)
+    rows_per_sample,  # (HAS_ACTIVE only)
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_X_ACC: tl.constexpr,
+    HAS_Y_PREV: tl.constexpr,
+    HAS_STATE: tl.constexpr,
+    X_BF16: tl.constexpr,
+    HAS_ACTIVE: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    LOG2_C: tl.constexpr,  # log2(BLOCK_C)
+):
+    """X += h_t; Y = layer_norm(X); u = fl(Y - Y_prev) in x's dtype; Y_prev = Y;
+    v += u / theta; fire; count += sigma; v -= sigma."""
+    rows, col_mask, mask, offs = row_tile(R, C, ROWS, BLOCK_C)
+    # int64: R * C in int32 would wrap for a step of 2^31 elements or more.
+    step = tl.cast(R, tl.int64) * C
+    x_acc = load_state(x_acc_in_ptr, offs, mask, HAS_X_ACC, ROWS, BLOCK_C)
+    y_prev = load_state(y_prev_in_ptr, offs, mask, HAS_Y_PREV, ROWS, BLOCK_C)
+    theta = tl.load(theta_ptr).to(tl.float32)
+    if HAS_STATE:
+        v = tl.load(v_in_ptr + offs, mask=mask, other=0.5)
+        count = tl.load(count_in_ptr + offs, mask=mask, other=0).to(tl.int32)
+    else:
+        v = tl.full([ROWS, BLOCK_C], 0.5, tl.float32)
+        count = tl.zeros([ROWS, BLOCK_C], tl.int32)
+    if HAS_ACTIVE:
+        active_ptrs = active_ptr + rows // rows_per_sample
+
+    x_ptrs = x_ptr + offs
+    out_ptrs = out_ptr + offs
+    x_next = tl.load(x_ptrs, mask=mask, other=0.0)
+    for t in range(T):
+        h = x_next.to(tl.float32)
+        x_ptrs += step
+        x_next = tl.load(x_ptrs, mask=mask & (t + 1 < T), other=0.0)
+        # weight and bias re-read each step (from L1): held across the loop next to the
+        # neuron's state, they spilled registers (tests/triton_sm90.py)
+        w, b = load_affine(w_ptr, b_ptr, C, HAS_WEIGHT, HAS_BIAS, BLOCK_C)
+        x_acc, y = layernorm_step(
+            x_acc, h, w, b, col_mask, C, eps, HAS_WEIGHT, HAS_BIAS, ROWS, BLOCK_C, LOG2_C
+        )
+        u = rounded_to_input_dtype(y - y_prev, x_ptr, X_BF16)
+        y_prev = y
+        sigma, v, count = st_bif_step(u, theta, v, count, n_min, p_max)
+        tl.store(out_ptrs, sigma.to(tl.int8), mask=mask)
+        if HAS_ACTIVE:
+            record_active_rows(active_ptrs, sigma, rows < R, col_mask, ROWS, BLOCK_C)
+            active_ptrs += B
+        out_ptrs += step
+    tl.store(x_acc_out_ptr + offs, x_acc, mask=mask)
+    tl.store(y_prev_out_ptr + offs, y_prev, mask=mask)
+    tl.store(v_out_ptr + offs, v, mask=mask)
+    tl.store(count_out_ptr + offs, count.to(count_out_ptr.dtype.element_ty), mask=mask)
+
+
+@on_device
+def spike_layernorm_neuron_triton(
+    launch,
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    threshold: torch.Tensor,
+    n_min: int,
+    p_max: int,
+    x_acc: torch.Tensor | None,
+    y_prev: torch.Tensor | None,
+    v: torch.Tensor | None,
+    count: torch.Tensor | None,
+    count_dtype: torch.dtype,
+    active: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, ...]:
+    """Host side: allocate outputs and launch ``spike_layernorm_neuron_kernel`` over
+    contiguous ``x``; ``active`` ``[T, B]`` int32 contiguous (checked by the op) or None.
+    Returns fresh ``(spikes, x_acc, y_prev, v, count)``."""
+    x = x.contiguous()
+    shape = x.shape[1:]
+    spikes = torch.empty(x.shape, dtype=torch.int8, device=x.device)
+    v_out = torch.empty(shape, dtype=torch.float32, device=x.device)
+    count_out = torch.empty(shape, dtype=count_dtype, device=x.device)
+    x_acc_out, y_prev_out, n_rows, args, meta = layernorm_launch(
+        x, weight, bias, eps, x_acc, y_prev, spikes
+    )
+    if n_rows == 0:
+        return spikes, x_acc_out, y_prev_out, v_out, count_out
+    has_state = v is not None
+    launch(spike_layernorm_neuron_kernel)[(triton.cdiv(n_rows, meta["ROWS"]),)](
+        *args,
+        threshold,
+        v.contiguous() if has_state else v_out,
+        count.contiguous() if has_state else count_out,
+        v_out,
+        count_out,
+        count_out if active is None else active,
+        n_min,
+        p_max,
+        *active_layout(active, n_rows),
+        **meta,
+        HAS_STATE=has_state,
+        X_BF16=x.dtype == torch.bfloat16,
+        HAS_ACTIVE=active is not None,
+    )
+    return spikes, x_acc_out, y_prev_out, v_out, count_out

@@ -1,0 +1,332 @@
+"""spike_layernorm_neuron (float mode, SPEC.md §4 then §2): on every backend the same bits as
+``spike_layernorm`` followed by ``st_bif``, and the reference composition itself on the
+reference backend; chunked time equal to a whole run; every output written; bad input named."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import DEVICES
+
+from spikekernels import reference
+from spikekernels.nn import STBIF, SpikeLayerNorm, SpikeLayerNormNeuron
+from spikekernels.ops import spike_layernorm, spike_layernorm_neuron, st_bif
+from spikekernels.ops._dispatch import force_backend
+
+EPS = 1e-6
+BACKENDS = ["triton", "torch", "cpp", "reference"]
+# (rows, C): odd widths (a single channel, a row narrower than a warp, ViT-S's 384) and
+# row counts that leave a program's last rows empty
+SHAPES = [((2, 5), 1), ((3, 7), 5), ((11,), 100), ((3,), 384)]
+
+
+def _inputs(gen, T, rows, C, dtype=torch.float32):
+    """Increments around a nonzero mean, with silent steps and silent channels."""
+    x = torch.randn((T, *rows, C), generator=gen) + 0.5
+    x *= torch.rand((T, *rows, C), generator=gen) < 0.7
+    if T > 2:
+        x[1] = 0.0
+    return x.to(dtype)
+
+
+def _norm(gen, C, *, weight=True, bias=True):
+    """LayerNorm parameters and a threshold at which a unit-sized increment fires."""
+    return dict(
+        weight=torch.randn(C, generator=gen) * 0.5 + 1.0 if weight else None,
+        bias=torch.randn(C, generator=gen) * 0.1 if bias else None,
+        eps=EPS,
+        threshold=torch.tensor(0.15),
+        n_min=-8,
+        p_max=7,
+    )
+
+
+def _state(gen, rows, C):
+    shape = (*rows, C)
+    return dict(
+        x_acc=torch.randn(shape, generator=gen),
+        y_prev=torch.randn(shape, generator=gen),
+        v=torch.rand(shape, generator=gen) * 1.5 - 0.25,
+        count=torch.randint(-8, 8, shape, generator=gen, dtype=torch.int16),
+    )
+
+
+def _composition(x, norm, x_acc=None, y_prev=None, v=None, count=None):
+    """The two ops in turn, on whatever backend is in force."""
+    u, x_acc, y_prev = spike_layernorm(x, norm["weight"], norm["bias"], norm["eps"], x_acc, y_prev)
+    spikes, v, count = st_bif(u, norm["threshold"], norm["n_min"], norm["p_max"], v, count)
+    return spikes, x_acc, y_prev, v, count
+
+
+def _fused(x, norm, device="cpu", **kwargs):
+    def dev(t):
+        return t.to(device) if isinstance(t, torch.Tensor) else t
+
+    norm = {key: dev(value) for key, value in norm.items()}
+    kwargs = {key: dev(value) for key, value in kwargs.items()}
+    return spike_layernorm_neuron(dev(x), **norm, **kwargs)
+
+
+NAMES = ("spikes", "x_acc", "y_prev", "v", "count")
+
+
+def _assert_same(got, want):
+    for name, g, w in zip(NAMES, got, want, strict=True):
+        g, w = g.cpu(), w.cpu()
+        assert g.dtype == w.dtype, f"{name}: dtype {g.dtype} != {w.dtype}"
+        assert g.shape == w.shape, f"{name}: shape {tuple(g.shape)} != {tuple(w.shape)}"
+        diff = (g != w).sum().item()
+        assert diff == 0, f"{name}: {diff} of {g.numel()} elements differ"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(("rows", "C"), SHAPES)
+@pytest.mark.parametrize("T", [1, 6])
+def test_each_backend_is_layernorm_then_neuron(gen, backend, dtype, rows, C, T):
+    x = _inputs(gen, T, rows, C, dtype)
+    norm = _norm(gen, C)
+    with force_backend(backend):
+        got = _fused(x, norm)
+        want = _composition(x, norm)
+    _assert_same(got, want)
+    assert got[0].dtype == torch.int8
+    assert got[4].dtype == torch.int8, "fresh count: levels.count_dtype(-8, 7)"
+    if C > 1:
+        assert got[0].abs().sum() > 0, "a test with no spikes out checks little"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    ("with_weight", "with_bias"), [(True, True), (False, False), (True, False), (False, True)]
+)
+def test_incoming_state_and_optional_affine(gen, backend, with_weight, with_bias):
+    x = _inputs(gen, 4, (3, 5), 33)
+    norm = _norm(gen, 33, weight=with_weight, bias=with_bias)
+    state = _state(gen, (3, 5), 33)
+    with force_backend(backend):
+        got = _fused(x, norm, **state)
+        want = _composition(x, norm, **state)
+    _assert_same(got, want)
+    assert got[4].dtype == torch.int16, "the incoming count's dtype is kept"
+    for given, back in zip(state.values(), got[1:], strict=True):
+        assert back.data_ptr() != given.data_ptr(), "state is never aliased"
+
+
+def test_reference_backend_is_the_reference_composition(gen):
+    x = _inputs(gen, 5, (4, 3), 40, torch.bfloat16)
+    norm = _norm(gen, 40)
+    state = _state(gen, (4, 3), 40)
+    with force_backend("reference"):
+        got = _fused(x, norm, **state)
+    want = reference.spike_layernorm_neuron(x, *norm.values(), *state.values())
+    _assert_same(got, want)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_default_path_against_the_reference(gen, device):
+    """The default path's LayerNorm sums in its own order (``spike_layernorm``'s contract:
+    within 2x of float32 error), so against the reference: the running sum bit for bit, and
+    the spikes wherever the reference membrane is clear of a firing threshold."""
+    x = _inputs(gen, 6, (9,), 100)
+    norm = _norm(gen, 100)
+    spikes, x_acc, y_prev, v, count = (t.cpu() for t in _fused(x, norm, device))
+    want = reference.spike_layernorm_neuron(x, *norm.values())
+    assert torch.equal(x_acc, want[1])
+    torch.testing.assert_close(y_prev, want[2], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(v, want[3], rtol=1e-4, atol=1e-4)
+    clear = ((want[3] - 1).abs() > 1e-3) & (want[3].abs() > 1e-3)
+    assert clear.float().mean() > 0.9
+    assert torch.equal(count[clear], want[4][clear])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_chunked_equals_whole(gen, device, dtype):
+    x = _inputs(gen, 9, (2, 3), 130, dtype)
+    norm = _norm(gen, 130)
+    whole = _fused(x, norm, device)
+    parts, state = [], {}
+    for chunk in x.split([4, 1, 4]):
+        spikes, *values = _fused(chunk, norm, device, **state)
+        state = dict(zip(("x_acc", "y_prev", "v", "count"), values, strict=True))
+        parts.append(spikes)
+    _assert_same((torch.cat(parts), *state.values()), whole)
+
+
+def test_fresh_state_is_both_ops_fresh_state(gen):
+    """Fresh: ``X = 0``, ``Y_prev = 0`` (the first increment is the whole ``layer_norm(x_0)``),
+    ``v = 0.5``, count 0; the same bits as passing that state explicitly."""
+    x = _inputs(gen, 3, (4,), 12)
+    norm = _norm(gen, 12)
+    zeros = torch.zeros(4, 12)
+    fresh = dict(
+        x_acc=zeros,
+        y_prev=zeros,
+        v=torch.full((4, 12), 0.5),
+        count=torch.zeros(4, 12, dtype=torch.int8),
+    )
+    _assert_same(_fused(x, norm), _fused(x, norm, **fresh))
+
+
+def test_every_output_element_is_written(gen, poisoned_allocations):
+    """Poison every allocation path (NaN or 77 in fresh tensors): any element the kernel
+    skips shows up."""
+    x = _inputs(gen, 5, (7,), 33)
+    norm = _norm(gen, 33)
+    with force_backend("reference"):
+        want = _fused(x, norm)
+    for backend in ("triton", "torch", "cpp"):
+        with force_backend(backend):
+            got, plain = _fused(x, norm), _composition(x, norm)
+        _assert_same(got, plain)
+        assert not any(t.is_floating_point() and t.isnan().any() for t in got)
+        assert torch.equal(got[1], want[1]), "the running sum is the same float32 adds"
+
+
+def _good_args() -> dict:
+    return dict(
+        x=torch.zeros(2, 3, 4),
+        weight=torch.ones(4),
+        bias=torch.zeros(4),
+        eps=EPS,
+        threshold=torch.tensor(0.25),
+        n_min=-8,
+        p_max=7,
+    )
+
+
+def _state_of(shape, count_dtype=torch.int8, count_value=0) -> dict:
+    return dict(v=torch.zeros(shape), count=torch.full(shape, count_value, dtype=count_dtype))
+
+
+BAD_INPUTS = [  # (case, what replaces the good arguments, error type, words in the message)
+    ("T == 0", dict(x=torch.zeros(0, 3, 4)), ValueError, "T == 0"),
+    ("int x", dict(x=torch.zeros(2, 3, 4, dtype=torch.int8)), TypeError, "x must have dtype"),
+    ("1-d x", dict(x=torch.zeros(4)), ValueError, r"x must be \[T, \*, C\]"),
+    ("C == 0", dict(x=torch.zeros(2, 3, 0), weight=None, bias=None), ValueError, "C == 0"),
+    ("weight wrong C", dict(weight=torch.ones(5)), ValueError, r"weight must have shape \(4,\)"),
+    ("bias int", dict(bias=torch.zeros(4, dtype=torch.int32)), TypeError, "bias must have"),
+    ("negative eps", dict(eps=-1e-6), ValueError, "eps must be"),
+    ("bool eps", dict(eps=True), TypeError, "eps must be a float"),
+    ("x_acc wrong shape", dict(x_acc=torch.zeros(3, 5)), ValueError, "x_acc must have shape"),
+    ("y_prev fp16", dict(y_prev=torch.zeros(3, 4).half()), TypeError, "y_prev must have dtype"),
+    ("weight elsewhere", dict(weight=torch.ones(4, device="meta")), ValueError, "weight is on"),
+    ("2 thresholds", dict(threshold=torch.ones(2)), ValueError, "threshold must have exactly"),
+    ("int threshold", dict(threshold=torch.tensor(1)), TypeError, "threshold must have dtype"),
+    ("float threshold", dict(threshold=0.25), TypeError, "threshold must be a torch.Tensor"),
+    ("threshold 0", dict(threshold=torch.tensor(0.0)), ValueError, "threshold must be positive"),
+    ("inverted bounds", dict(n_min=1, p_max=0), ValueError, "inverted"),
+    ("float bound", dict(p_max=7.0), TypeError, "p_max must be an int"),
+    ("v only", dict(v=torch.zeros(3, 4)), ValueError, "both v and count"),
+    ("v shape", _state_of((3, 5)), ValueError, "v must have shape"),
+    ("count float", dict(v=torch.zeros(3, 4), count=torch.zeros(3, 4)), TypeError, "count must"),
+    ("count out of bounds", _state_of((3, 4), count_value=9), ValueError, "count must lie in"),
+    ("count too narrow", dict(n_min=-200, **_state_of((3, 4))), ValueError, "cannot hold"),
+    ("active shape", dict(active=torch.zeros(2, 4, dtype=torch.int32)), ValueError, "active"),
+]
+
+
+@pytest.mark.parametrize(
+    ("case", "bad", "error", "words"), BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS]
+)
+def test_bad_input_is_rejected(case, bad, error, words):
+    with pytest.raises(error, match=words):
+        spike_layernorm_neuron(**{**_good_args(), **bad})
+
+
+@pytest.mark.parametrize("with_state", [False, True])
+def test_opcheck(gen, with_state):
+    x = _inputs(gen, 3, (2, 5), 12)
+    norm = _norm(gen, 12)
+    state = _state(gen, (2, 5), 12) if with_state else dict.fromkeys(("a", "b", "c", "d"))
+    active = torch.zeros(3, 2, dtype=torch.int32)
+    args = (x, *norm.values(), *state.values(), active)
+    torch.library.opcheck(torch.ops.spikekernels.spike_layernorm_neuron.default, args)
+
+
+def test_torch_compile_fullgraph(gen):
+    """Compiled == eager: the spikes and count bit for bit, the float state as values (on a
+    CPU without the interpreter Inductor compiles the LayerNorm's PyTorch body in its own
+    order, see test_layernorm.py)."""
+    x = _inputs(gen, 4, (3,), 24)
+    norm = _norm(gen, 24)
+
+    def run(x):
+        out = spike_layernorm_neuron(x * 2, *norm.values())
+        return (*out, out[0].sum(0) + out[4])
+
+    torch._dynamo.reset()
+    got, want = torch.compile(run, fullgraph=True)(x), run(x)
+    for i in (0, 4, 5):
+        assert torch.equal(got[i], want[i]), f"output {i}"
+    for i in (1, 2, 3):
+        torch.testing.assert_close(got[i], want[i], rtol=4 * 2.0**-24, atol=1e-6)
+
+
+class TestSpikeLayerNormNeuronModule:
+    def _qann(self, gen, C=40, eps=1e-6):
+        ln = torch.nn.LayerNorm(C, eps=eps)
+        with torch.no_grad():
+            ln.weight.copy_(torch.randn(C, generator=gen))
+            ln.bias.copy_(torch.randn(C, generator=gen) * 0.1)
+        neuron = STBIF(0.12, 16, True)
+        neuron.fanout = 3
+        return ln, neuron
+
+    @pytest.mark.parametrize("source", ["nn.LayerNorm", "SpikeLayerNorm"])
+    def test_is_the_two_modules_in_one(self, gen, source):
+        ln, neuron = self._qann(gen)
+        norm = SpikeLayerNorm.from_layernorm(ln)
+        fused = SpikeLayerNormNeuron.from_layernorm_and_neuron(
+            ln if source == "nn.LayerNorm" else norm, neuron
+        )
+        assert isinstance(fused, STBIF) and fused.fanout == 3
+        assert fused.eps == 1e-6 and fused.weight.data_ptr() == ln.weight.data_ptr()
+        x = _inputs(gen, 7, (2, 3), 40)
+        want = neuron(norm(x))
+        chunks = torch.cat([fused(c) for c in x.split([3, 1, 3])])
+        _assert_same(
+            (chunks, fused.x_acc, fused.y_prev, fused.v, fused.count),
+            (want, norm.x_acc, norm.y_prev, neuron.v, neuron.count),
+        )
+        assert bool(fused.silent()) == (not bool(want[-1].any()))
+        fused.reset()
+        assert fused.count is None and fused.x_acc is None and fused.y_prev is None
+        assert torch.equal(fused(x), want)
+
+    def test_watch_records_which_samples_fired(self, gen):
+        ln, neuron = self._qann(gen)
+        fused = SpikeLayerNormNeuron.from_layernorm_and_neuron(ln, neuron)
+        x = _inputs(gen, 4, (3, 5), 40)
+        x[:, 1] = 0  # normalised to the bias alone: fires at step 0 only, if at all
+        flags = torch.zeros(4, 3, dtype=torch.int32)
+        fused.watch(flags)
+        spikes = fused(x)
+        fired = spikes.reshape(4, 3, -1).ne(0).any(-1).to(torch.int32)
+        assert torch.equal(flags, fired) and flags.any()
+
+    def test_bad_construction(self, gen):
+        ln, neuron = self._qann(gen)
+        with pytest.raises(TypeError, match="ln must be an nn.LayerNorm"):
+            SpikeLayerNormNeuron.from_layernorm_and_neuron(torch.nn.Linear(3, 3), neuron)
+        with pytest.raises(TypeError, match="neuron must be an STBIF"):
+            SpikeLayerNormNeuron.from_layernorm_and_neuron(ln, torch.nn.ReLU())
+        with pytest.raises(ValueError, match="float_out"):
+            SpikeLayerNormNeuron.from_layernorm_and_neuron(ln, STBIF(0.1, 16, True, float_out=True))
+        with pytest.raises(ValueError, match=r"bias must have shape \(40,\)"):
+            SpikeLayerNormNeuron(40, 0.1, 16, True, bias=torch.zeros(39))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_cuda_is_layernorm_then_neuron_at_vit_size(gen, dtype):
+    """The fused kernel against the two kernels it fuses, at ViT-S/B widths: the same launch
+    configuration, so the same reduction order."""
+    for C in (384, 768):
+        x = _inputs(gen, 8, (2, 197), C, dtype).cuda()
+        norm = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in _norm(gen, C).items()}
+        active = torch.zeros(8, 2, dtype=torch.int32, device="cuda")
+        got = spike_layernorm_neuron(x, *norm.values(), active=active)
+        _assert_same(got, _composition(x, norm))
+        assert torch.equal(active, got[0].reshape(8, 2, -1).ne(0).any(-1).to(torch.int32))
