@@ -44,7 +44,7 @@ from spikekernels.nn.exact_layers import (
     ExactLinear,
     ExactLinearNeuron,
 )
-from spikekernels.nn.layernorm import SpikeLayerNorm
+from spikekernels.nn.layernorm import SpikeLayerNormNeuron
 from spikekernels.nn.linear import SpikeLinear
 from spikekernels.nn.linear_neuron import SpikeLinearNeuron
 from spikekernels.nn.quant_linear import QuantLinear
@@ -221,6 +221,13 @@ def _float_linear(linear: nn.Module, in_threshold: torch.Tensor) -> SpikeLinear:
     return SpikeLinear.from_linear(linear, in_threshold)
 
 
+def _float_norm(c: _Walker, path: str) -> SpikeLayerNormNeuron:
+    """The QANN's ``path`` = ``Sequential(LayerNorm, quantizer)`` as one fused Spike-LayerNorm
+    + signed neuron."""
+    neuron = c.neuron(f"{path}.1", signed=True)
+    return SpikeLayerNormNeuron.from_layernorm_and_neuron(c.get(f"{path}.0", nn.LayerNorm), neuron)
+
+
 def _final_norm_path(qann: nn.Module) -> tuple[str, bool]:
     pool = getattr(qann, "global_pool", False)
     global_pool = pool is True or pool == "avg"
@@ -270,13 +277,13 @@ def _convert_float(qann: nn.Module, c: _Walker) -> SpikingViT:
     for i in range(len(c.get("blocks", (nn.ModuleList, nn.Sequential)))):
         p = f"blocks.{i}"
         c.container(p)
-        norm1_if = c.neuron(f"{p}.norm1.1", signed=True)
+        norm1_if = _float_norm(c, f"{p}.norm1")
         qattn = c.get(f"{p}.attn")
         for name in ("quan_q", "quan_k", "quan_v", "attn_quan", "after_attn_quan", "quan_proj"):
             c.quantizer(f"{p}.attn.{name}")  # checks each and marks it converted
         c.get(f"{p}.attn.qkv", nn.Linear), c.get(f"{p}.attn.proj", nn.Linear)
         attn = SpikeAttention.from_quant(qattn, norm1_if.threshold, float_out=True)
-        norm2_if = c.neuron(f"{p}.norm2.1", signed=True)
+        norm2_if = _float_norm(c, f"{p}.norm2")
         act_if = c.neuron(f"{p}.mlp.act.0", signed=False)
         c.check_relu_identity(f"{p}.mlp.act")
         fc1 = SpikeLinearNeuron.from_linear_and_neuron(
@@ -287,30 +294,18 @@ def _convert_float(qann: nn.Module, c: _Walker) -> SpikingViT:
             c.neuron(f"{p}.mlp.fc2.1", signed=True, float_out=True),
             act_if.threshold,
         )
-        blocks.append(
-            SpikeBlock(
-                SpikeLayerNorm.from_layernorm(c.get(f"{p}.norm1.0", nn.LayerNorm)),
-                norm1_if,
-                attn,
-                SpikeLayerNorm.from_layernorm(c.get(f"{p}.norm2.0", nn.LayerNorm)),
-                norm2_if,
-                SpikeMlp(fc1, fc2),
-            )
-        )
+        blocks.append(SpikeBlock(norm1_if, attn, norm2_if, SpikeMlp(fc1, fc2)))
         neurons = dict(norm1=norm1_if, qkv=attn.qkv, attn=attn.attn_if, after=attn.after_attn_if,
                        proj=attn.proj, norm2=norm2_if, act=fc1, fc2=fc2)  # fmt: skip
         _set_block_fanouts(pos_embed.shape[1], attn.dim, attn.head_dim, fc1.out_features, neurons)
         sites += _block_sites(p, attn.num_heads, attn.dim, neurons)
 
     final, global_pool = _final_norm_path(qann)
-    norm_if = c.neuron(f"{final}.1", signed=True)
-    norm = SpikeLayerNorm.from_layernorm(c.get(f"{final}.0", nn.LayerNorm))
+    norm_if = _float_norm(c, final)
     head_linear = c.get("head", nn.Linear)
     norm_if.fanout = head_linear.out_features
     sites.append(NeuronSite(f"{final}.1", norm_if, _same))
-    readout = SpikeReadout(
-        norm, norm_if, _float_linear(head_linear, norm_if.threshold), global_pool
-    )
+    readout = SpikeReadout(norm_if, _float_linear(head_linear, norm_if.threshold), global_pool)
     c.check_all_used()
     return SpikingViT(
         SpikePatchEmbed(conv, patch_if, cls_token, pos_embed),

@@ -206,7 +206,7 @@ def test_snnwrapper_and_reset_model(gen):
     assert per_step.shape == (count, 2, 5) and torch.equal(per_step[-1], logits)
     assert list(wrapper.state_dict()) == ["model." + k for k in qvit.state_dict()]
     reset_model(wrapper)
-    assert wrapper.snn.blocks[0].norm1_if.count is None
+    assert wrapper.snn.blocks[0].norm1.count is None
     with pytest.raises(ValueError, match="Encoding_type"):
         SNNWrapper(qvit, None, 64, "rate", level=8, neuron_type="ST-BIF", model_name="vit",
                    is_softmax=True)  # fmt: skip

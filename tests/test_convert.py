@@ -166,11 +166,11 @@ def test_fanout_set_for_sop_counts(qann):
     """Each neuron knows the synaptic operations one of its spikes causes downstream."""
     snn = convert(qann)
     block, n = snn.blocks[0], qann.pos_embed.shape[1]
-    assert block.norm1_if.fanout == 3 * 16
+    assert block.norm1.fanout == 3 * 16
     assert block.attn.qkv.fanout == n  # the fused q, k, v neuron: each spike meets N tokens
     assert block.attn.attn_if.fanout == 8  # head_dim
-    assert block.norm2_if.fanout == 64 and block.mlp.fc1.fanout == 16
-    assert snn.readout.norm_if.fanout == 5
+    assert block.norm2.fanout == 64 and block.mlp.fc1.fanout == 16
+    assert snn.readout.norm.fanout == 5
     assert block.attn.proj.fanout == block.mlp.fc2.fanout == 0, "they feed only the residual"
 
 

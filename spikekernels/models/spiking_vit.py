@@ -33,13 +33,15 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from spikekernels.nn.exact_attention import ExactAttention
 from spikekernels.nn.exact_layers import ExactLayerNormNeuron, ExactLinear, ExactLinearNeuron
 from spikekernels.nn.neuron import STBIF
-from spikekernels.nn.target_neuron import TargetNeuron, running_counts
+from spikekernels.nn.target_neuron import TargetNeuron
 from spikekernels.ops._dispatch import force_backend
+from spikekernels.ops.exact_residual import exact_residual_add
 
 __all__ = [
     "ExactBlock",
@@ -143,41 +145,40 @@ class SpikeMlp(_Composite):
 
 
 class SpikeBlock(_Composite):
-    """``x + attn(norm1_if(norm1(x)))`` then ``x + mlp(norm2_if(norm2(x)))`` on increments."""
+    """``x + attn(norm1(x))`` then ``x + mlp(norm2(x))`` on the residual stream's increments;
+    ``norm1``/``norm2`` are Spike-LayerNorm fused with the neuron after it
+    (``SpikeLayerNormNeuron``: float increments in, int8 spikes out)."""
 
-    def __init__(
-        self,
-        norm1: nn.Module,
-        norm1_if: STBIF,
-        attn: nn.Module,
-        norm2: nn.Module,
-        norm2_if: STBIF,
-        mlp: SpikeMlp,
-    ) -> None:
+    def __init__(self, norm1: nn.Module, attn: nn.Module, norm2: nn.Module, mlp: SpikeMlp):
         super().__init__()
-        self.norm1, self.norm1_if, self.attn = norm1, norm1_if, attn
-        self.norm2, self.norm2_if, self.mlp = norm2, norm2_if, mlp
+        self.norm1, self.attn, self.norm2, self.mlp = norm1, attn, norm2, mlp
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1_if(self.norm1(x)))
-        return x + self.mlp(self.norm2_if(self.norm2(x)))
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
 
 
 class SpikeReadout(_Composite):
-    """Final Spike-LayerNorm + signed neuron on the class token (or the mean of the patch
-    tokens with ``global_pool``), then the head: the logits' increments ``[T, B, classes]``."""
+    """Final Spike-LayerNorm fused with its signed neuron on the class token (or the mean of
+    the patch tokens with ``global_pool``), then the head: the logits' increments
+    ``[T, B, classes]``."""
 
-    def __init__(self, norm: nn.Module, norm_if: STBIF, head: nn.Module, global_pool: bool):
+    def __init__(self, norm: nn.Module, head: nn.Module, global_pool: bool):
         super().__init__()
-        self.norm, self.norm_if, self.head = norm, norm_if, head
+        self.norm, self.head = norm, head
         self.global_pool = global_pool
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         feature = x[:, :, 1:].mean(dim=2) if self.global_pool else x[:, :, 0].contiguous()
-        return self.head(self.norm_if(self.norm(feature)))
+        return self.head(self.norm(feature))
 
 
 # --- exact mode (SPEC.md §9) -------------------------------------------------------------
+
+
+def _with_class_row(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with a zero class-token row in front of its tokens (dim -2)."""
+    return F.pad(t, (0, 0, 1, 0))
 
 
 class ExactPatchEmbed(nn.Module):
@@ -190,7 +191,6 @@ class ExactPatchEmbed(nn.Module):
         super().__init__()
         self.proj = conv
         self.neuron = neuron
-        self.register_buffer("theta", neuron.threshold.to(torch.float64).reshape(()))
 
     def first_step(self, img: torch.Tensor) -> torch.Tensor:
         return _patches(self.proj, img)
@@ -202,15 +202,21 @@ class ExactPatchEmbed(nn.Module):
         batch, n, d = patches.shape
         before = self.neuron.count
         spikes = self.neuron(patches.expand(steps, batch, n, d))
-        counts = self.theta * running_counts(spikes, before).to(torch.float64)
-        return torch.cat((counts.new_zeros(steps, batch, 1, d), counts), dim=2)
+        # The class-token row joins the int8 spikes and count (zero: theta * 0 = +0.0, as a
+        # zero row), not the 8-byte output: no float64 concatenation.
+        return exact_residual_add(
+            None,
+            _with_class_row(spikes),
+            self.neuron.threshold,
+            None if before is None else _with_class_row(before),
+        )
 
 
 class ExactBlock(_Composite):
     """A Transformer block of exact mode on the residual stream's spike-driven part ``D``
     ``[T, B, N, C]`` float64: ``norm1``/``norm2`` read ``fl32(c + D)`` and fire (fused
     LayerNorm + neuron), and each branch adds ``fl64(theta) * count`` of its last neuron to
-    ``D`` (exact in float64)."""
+    ``D`` (exact in float64), in one pass over ``D`` (``exact_residual_add``)."""
 
     def __init__(
         self,
@@ -223,15 +229,17 @@ class ExactBlock(_Composite):
         self.norm1, self.attn, self.norm2, self.mlp = norm1, attn, norm2, mlp
 
     @staticmethod
-    def _branch(branch: nn.Module, neuron: ExactLinearNeuron, s: torch.Tensor) -> torch.Tensor:
+    def _branch(
+        d: torch.Tensor, branch: nn.Module, neuron: ExactLinearNeuron, s: torch.Tensor
+    ) -> torch.Tensor:
+        """``d`` plus ``fl64(theta) * count`` of the branch's last neuron, from its count
+        before the branch runs and its spikes."""
         before = neuron.count
-        spikes = branch(s)
-        theta = neuron.threshold.to(torch.float64).reshape(())
-        return theta * running_counts(spikes, before).to(torch.float64)
+        return exact_residual_add(d, branch(s), neuron.threshold, before)
 
     def forward(self, d: torch.Tensor) -> torch.Tensor:
-        d = d + self._branch(self.attn, self.attn.proj, self.norm1(d))
-        return d + self._branch(self.mlp, self.mlp.fc2, self.norm2(d))
+        d = self._branch(d, self.attn, self.attn.proj, self.norm1(d))
+        return self._branch(d, self.mlp, self.mlp.fc2, self.norm2(d))
 
 
 class ExactReadout(_Composite):

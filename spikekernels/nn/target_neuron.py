@@ -9,16 +9,7 @@ from spikekernels.levels import level_bounds
 from spikekernels.nn.neuron import ActivityWatcher
 from spikekernels.ops.target import target_spikes
 
-__all__ = ["TargetNeuron", "running_counts"]
-
-
-def running_counts(spikes: torch.Tensor, count: torch.Tensor | None) -> torch.Tensor:
-    """The count after each step, ``[T, *shape]`` int32: ``count + cumsum(spikes)``.
-
-    ``count`` is the count before the first of these steps (None: fresh, 0).
-    """
-    counts = torch.cumsum(spikes, dim=0, dtype=torch.int32)
-    return counts if count is None else counts + count.to(torch.int32)
+__all__ = ["TargetNeuron"]
 
 
 class TargetNeuron(ActivityWatcher, nn.Module):
