@@ -1,5 +1,6 @@
 """Spike-LayerNorm (SPEC.md §4): the fused op vs the per-step reference vs one dense
-``F.layer_norm`` (what the QANN does once).
+``F.layer_norm`` (what the QANN does once); and float mode's Spike-LayerNorm fused with its
+ST-BIF neuron (``spike_layernorm_neuron``) vs the two ops one after the other.
 
 Bytes moved: the input read once and the output written once per step, plus the fresh state
 (float32 ``x_acc`` and ``y_prev``) written once. On a GPU the figure of merit is the fraction
@@ -30,16 +31,22 @@ STEPS = [8, 16, 32] if ON_GPU else [4]
 EPS = 1e-6
 
 
-@pytest.mark.parametrize("C", CHANNELS)
-@pytest.mark.parametrize("T", STEPS)
-def test_spike_layernorm(benchmark, T, C):
+def _settling_input(T: int, C: int):
+    """``(x, weight, bias)``: increments of a settling residual stream (most are zero after
+    t = 0) and a LayerNorm's affine parameters."""
     gen = torch.Generator(device=DEVICE)
     gen.manual_seed(0)
     x = torch.randn(T, ROWS, C, device=DEVICE, generator=gen)
-    # settling input: most increments after t = 0 are zero
     x[1:] *= torch.rand(T - 1, ROWS, C, device=DEVICE, generator=gen) < 0.3
     weight = torch.randn(C, device=DEVICE, generator=gen) * 0.1 + 1.0
     bias = torch.randn(C, device=DEVICE, generator=gen) * 0.1
+    return x, weight, bias
+
+
+@pytest.mark.parametrize("C", CHANNELS)
+@pytest.mark.parametrize("T", STEPS)
+def test_spike_layernorm(benchmark, T, C):
+    x, weight, bias = _settling_input(T, C)
     fused = synchronized(lambda: spikekernels.spike_layernorm(x, weight, bias, EPS))
     moved = 2 * x.numel() * x.element_size() + 2 * ROWS * C * 4
 
@@ -63,4 +70,31 @@ def test_spike_layernorm(benchmark, T, C):
     )
     if dense is not None:
         info["time_ratio_vs_one_dense_layer_norm"] = seconds / dense
+    record(benchmark, seconds, **info)
+
+
+@pytest.mark.parametrize("C", CHANNELS)
+@pytest.mark.parametrize("T", STEPS)
+def test_spike_layernorm_neuron(benchmark, T, C):
+    x, weight, bias = _settling_input(T, C)
+    theta = torch.tensor(0.1, device=DEVICE)
+    n_min, p_max = reference.level_bounds(16, signed=True)
+    fused = synchronized(
+        lambda: spikekernels.ops.spike_layernorm_neuron(x, weight, bias, EPS, theta, n_min, p_max)
+    )
+
+    def unfused():
+        y, _, _ = spikekernels.spike_layernorm(x, weight, bias, EPS)
+        return spikekernels.st_bif(y, theta, n_min, p_max)
+
+    # float32 input read and int8 spikes written per step, four float32 state tensors out
+    moved = x.numel() * (x.element_size() + 1) + 4 * ROWS * C * 4
+    benchmark.group = f"spike_layernorm_neuron C={C}"
+    seconds = time_op(benchmark, fused)
+    info = dict(T=T, rows=ROWS, C=C, gbps=moved / seconds / 1e9)
+    if ON_GPU:
+        info["fraction_of_copy_bandwidth"] = info["gbps"] / copy_bandwidth_gbps()
+    separate = try_median_time("unfused", synchronized(unfused), info)
+    if separate is not None:
+        info["speedup_vs_unfused"] = separate / seconds
     record(benchmark, seconds, **info)
