@@ -417,7 +417,7 @@ def exact_layer_norm_rows(
 
 
 def exact_layernorm_neuron(
-    d: torch.Tensor,
+    d: torch.Tensor | None,
     c: torch.Tensor,
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
@@ -427,17 +427,26 @@ def exact_layernorm_neuron(
     p_max: int,
     count: torch.Tensor | None = None,
     pool: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    branch_spikes: torch.Tensor | None = None,
+    branch_threshold: torch.Tensor | None = None,
+    branch_count: torch.Tensor | None = None,
+    residual_out: bool = False,
+) -> tuple[torch.Tensor, ...]:
     """Exact mode's residual read, LayerNorm row function and target-driven neuron (SPEC.md
     §9.2-§9.4), step by step.
 
-    ``d`` ``[T, *rows, C]`` float64 (the residual stream's spike-driven part ``D_t``), ``c``
-    float64 broadcastable to one step. Per step: ``r = c + D_t`` (float64); the row is
+    ``d`` ``[T, *rows, C]`` float64 (the residual stream's spike-driven part), ``c``
+    float64 broadcastable to one step. A pending branch (``branch_spikes``, its neuron's
+    ``branch_threshold`` and ``branch_count`` before these steps) is added first by
+    ``exact_residual_add``: ``D = exact_residual_add(d, branch_spikes, ...)`` (``d`` may then
+    be None); else ``D = d``. Per step: ``r = c + D_t`` (float64); the row is
     ``x = fl32(r)``, or with ``pool`` ``fl32(tree_sum(r[..., 1:, :] over tokens) / N)`` (the
     float64 mean of the N patch tokens); ``y = exact_layer_norm_rows(x, weight, bias, eps)``;
     then ``target_spikes_step(y, threshold, ...)``. Fresh ``count`` 0 (int8).
-    Returns ``(spikes int8 [T, *rows, C], count)``.
+    Returns ``(spikes int8 [T, *rows, C], count)``, and ``D`` third with ``residual_out``.
     """
+    if branch_spikes is not None:
+        d = exact_residual_add(d, branch_spikes, branch_threshold, branch_count)
     state = None if count is None else count.clone()
     spikes = []
     for t in range(d.shape[0]):
@@ -452,6 +461,8 @@ def exact_layernorm_neuron(
             state = torch.zeros(y.shape, dtype=torch.int8, device=d.device)
         sigma, state = target_spikes_step(y, threshold, n_min, p_max, state)
         spikes.append(sigma)
+    if residual_out:
+        return torch.stack(spikes), state, d
     return torch.stack(spikes), state
 
 

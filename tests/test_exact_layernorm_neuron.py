@@ -92,6 +92,136 @@ def _assert_same(got, want):
 SHAPES = [(2, 3, 384), (3, 5, 100), (1, 9, 7), (2, 2, 1), (1, 3, 1024)]
 
 
+def _branch(gen, shape, device="cpu", fresh=False):
+    """A pending branch for a stream of ``shape`` ``[T, *step]``: ternary int8 spikes, the
+    branch neuron's float32 step, and its int8 count before them (None when ``fresh``)."""
+    spikes = torch.randint(-1, 2, shape, generator=gen, dtype=torch.int8)
+    theta = torch.tensor(0.02 + 0.1 * torch.rand((), generator=gen).item())
+    count = None if fresh else torch.randint(-30, 31, shape[1:], generator=gen).to(torch.int8)
+    return tuple(None if t is None else t.to(device) for t in (spikes, theta, count))
+
+
+def _run_branch(d, c, norm, branch, count=None, **kwargs):
+    spikes, theta, before = branch
+    return _run(
+        d, c, norm, -8, 7, count,
+        branch_spikes=spikes, branch_threshold=theta, branch_count=before, **kwargs,
+    )  # fmt: skip
+
+
+def _composition(d, c, norm, branch, count=None, pool=False):
+    """What the fused branch replaces: ``exact_residual_add`` then ``exact_layernorm_neuron``,
+    the reference of each, on the CPU. Returns ``(spikes, count, D)``."""
+    spikes, theta, before = (None if t is None else t.cpu() for t in branch)
+    D = reference.exact_residual_add(None if d is None else d.cpu(), spikes, theta, before)
+    return (*_reference(D, c, norm, -8, 7, count, pool=pool), D)
+
+
+def _assert_same_residual(got, want):
+    got = got.cpu()
+    assert got.dtype == torch.float64 and got.shape == want.shape, (got.dtype, got.shape)
+    diff = (got.view(torch.int64) != want.view(torch.int64)).sum().item()
+    assert diff == 0, f"D: {diff} of {got.numel()} values differ in their bits"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(("batch", "tokens", "channels"), [(2, 3, 384), (3, 5, 100), (1, 4, 7)])
+@pytest.mark.parametrize("T", [1, 4])
+@pytest.mark.parametrize("with_d", [True, False])
+@pytest.mark.parametrize("pool", [False, True])
+def test_pending_branch_is_the_composition(gen, device, pool, with_d, T, batch, tokens, channels):
+    """The branch's update fused in: the spikes, the count and every bit of ``D`` as
+    ``exact_residual_add`` followed by the op on its output (``d`` None: the patch
+    embedding's case; ``pool``: the update reaches every token before the mean)."""
+    d, c = _residual(gen, T, batch, tokens, channels, device)
+    d = d if with_d else None
+    norm = _norm(gen, channels, device=device)
+    branch = _branch(gen, (T, batch, tokens, channels), device, fresh=not with_d)
+    spikes, count, D = _run_branch(d, c, norm, branch, pool=pool, residual_out=True)
+    want = _composition(d, c, norm, branch, pool=pool)
+    _assert_same((spikes, count), want[:2])
+    _assert_same_residual(D, want[2])
+    if channels > 1:
+        assert spikes.any(), "the neurons must fire (the test would be vacuous)"
+    two = _run_branch(d, c, norm, branch, pool=pool)
+    assert len(two) == 2, "without residual_out the op returns (spikes, count)"
+    _assert_same(two, want[:2])
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch", "reference"])
+@pytest.mark.parametrize("pool", [False, True])
+def test_pending_branch_every_backend(gen, backend, pool):
+    d, c = _residual(gen, 3, 2, 5, 100)
+    norm = _norm(gen, 100, per_channel=True)
+    branch = _branch(gen, d.shape)
+    count = torch.randint(-8, 8, (2, 100) if pool else (2, 5, 100), generator=gen)
+    count = count.to(torch.int8)
+    with force_backend(backend):
+        *got, D = _run_branch(d, c, norm, branch, count, pool=pool, residual_out=True)
+    want = _composition(d, c, norm, branch, count, pool=pool)
+    _assert_same(got, want[:2])
+    _assert_same_residual(D, want[2])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("with_d", [True, False])
+def test_pending_branch_chunked_equals_whole(gen, device, with_d):
+    """Feeding both counts back (the norm's, and the branch neuron's advanced by the chunk's
+    spikes) gives the whole run's spikes, count and ``D``."""
+    d, c = _residual(gen, 10, 2, 6, 48, device)
+    d = d if with_d else None
+    norm = _norm(gen, 48, device=device)
+    spikes_b, theta, before = _branch(gen, (10, 2, 6, 48), device)
+    whole = _run_branch(d, c, norm, (spikes_b, theta, before), residual_out=True)
+    parts, count = [], None
+    for t0, n in ((0, 4), (4, 1), (5, 5)):
+        chunk = None if d is None else d[t0 : t0 + n]
+        *out, count, D = _run_branch(
+            chunk, c, norm, (spikes_b[t0 : t0 + n], theta, before), count, residual_out=True
+        )
+        parts.append((out[0], D))
+        before = (before.to(torch.int32) + spikes_b[t0 : t0 + n].sum(0)).to(torch.int8)
+    _assert_same((torch.cat([p[0] for p in parts]), count), [w.cpu() for w in whole[:2]])
+    _assert_same_residual(torch.cat([p[1] for p in parts]), whole[2].cpu())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_pending_branch_on_the_class_row(gen, device):
+    """The readout: the class-token row of ``d``, the branch spikes and count, all slices."""
+    d, c = _residual(gen, 4, 3, 6, 32, device)
+    norm = _norm(gen, 32, device=device)
+    spikes, theta, before = _branch(gen, d.shape, device)
+    branch = (spikes[:, :, 0], theta, before[:, 0])
+    got = _run_branch(d[:, :, 0], c[:, 0], norm, branch)
+    _assert_same(got, _composition(d[:, :, 0], c[:, 0], norm, branch)[:2])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("pool", [False, True])
+def test_pending_branch_writes_every_output(gen, device, pool, poisoned_allocations):
+    d, c = _residual(gen, 3, 5, 3, 100, device)
+    norm = _norm(gen, 100, device=device)
+    branch = _branch(gen, d.shape, device)
+    count = torch.randint(-3, 4, (5, 100) if pool else (5, 3, 100), generator=gen)
+    count = count.to(device=device, dtype=torch.int8)
+    *got, D = _run_branch(d, c, norm, branch, count, pool=pool, residual_out=True)
+    want = _composition(d, c, norm, branch, count, pool=pool)
+    _assert_same(got, want[:2])
+    _assert_same_residual(D, want[2])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_pending_branch_inputs_untouched(gen, device):
+    d, c = _residual(gen, 3, 2, 4, 16, device)
+    norm = _norm(gen, 16, device=device)
+    branch = _branch(gen, d.shape, device)
+    before = [t.clone() for t in (d, *branch)]
+    _, _, D = _run_branch(d, c, norm, branch, residual_out=True)
+    assert D.data_ptr() != d.data_ptr()
+    for t, b in zip((d, *branch), before, strict=True):
+        assert torch.equal(t, b), "an input was modified"
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(("batch", "tokens", "channels"), SHAPES)
 @pytest.mark.parametrize("T", [1, 4])
@@ -406,6 +536,64 @@ BAD_INPUTS = [
         "c is on meta",
     ),
     ("bias elsewhere", dict(bias=torch.zeros(8, device="meta")), ValueError, "bias is on meta"),
+    ("no stream", dict(d=None), ValueError, "d and branch_spikes are both None"),
+    ("branch fp", dict(branch_spikes=torch.zeros(2, 3, 4, 8)), TypeError, "branch_spikes must"),
+    (
+        "branch shape",
+        dict(branch_spikes=torch.zeros(2, 3, 4, 7, dtype=torch.int8)),
+        ValueError,
+        "branch_spikes must have the shape of d",
+    ),
+    (
+        "branch not ternary",
+        dict(branch_spikes=torch.full((2, 3, 4, 8), 2, dtype=torch.int8)),
+        ValueError,
+        "branch_spikes",
+    ),
+    (
+        "branch no threshold",
+        dict(branch_spikes=torch.zeros(2, 3, 4, 8, dtype=torch.int8), branch_threshold=None),
+        ValueError,
+        "needs branch_threshold",
+    ),
+    ("branch theta 2", dict(branch_threshold=torch.ones(2)), ValueError, "branch_threshold must"),
+    (
+        "branch count shape",
+        dict(branch_count=torch.zeros(4, 8, dtype=torch.int8)),
+        ValueError,
+        "branch_count must",
+    ),
+    (
+        "branch count int32",
+        dict(branch_count=torch.zeros(3, 4, 8, dtype=torch.int32)),
+        TypeError,
+        "branch_count",
+    ),
+    (
+        "branch-only spikes 1-D",
+        dict(d=None, branch_spikes=torch.zeros(8, dtype=torch.int8)),
+        ValueError,
+        "branch_spikes must be .* at least 2 dims",
+    ),
+    (
+        "threshold without branch",
+        dict(branch_spikes=None),
+        ValueError,
+        "branch_threshold needs branch_spikes",
+    ),
+    (
+        "count without branch",
+        dict(branch_spikes=None, branch_threshold=None, branch_count=torch.zeros(3, 4, 8)),
+        ValueError,
+        "branch_count needs branch_spikes",
+    ),
+    (
+        "residual_out without branch",
+        dict(branch_spikes=None, branch_threshold=None, residual_out=True),
+        ValueError,
+        "residual_out needs branch_spikes",
+    ),
+    ("residual_out int", dict(residual_out=1), TypeError, "residual_out must be a bool"),
 ]
 
 
@@ -414,11 +602,19 @@ BAD_INPUTS = [
 )
 def test_bad_input_is_rejected(case, bad, error, words):
     args = {**_good_args(), **bad}
+    if "branch_spikes" not in bad and any(k.startswith("branch_") for k in bad):
+        args["branch_spikes"] = torch.zeros(2, 3, 4, 8, dtype=torch.int8)
+    if "branch_spikes" in args and "branch_threshold" not in bad:
+        args["branch_threshold"] = torch.tensor(0.5)
+    args = {k: v for k, v in args.items() if v is not None or k == "d"}
     with pytest.raises(error, match=words):
         exact_layernorm_neuron(**args)
 
 
-@pytest.mark.parametrize("case", ["fresh", "state_per_channel", "no_affine", "pool"])
+@pytest.mark.parametrize(
+    "case",
+    ["fresh", "state_per_channel", "no_affine", "pool", "branch", "branch_only", "pool_branch"],
+)
 def test_opcheck(gen, case):
     d, c = _residual(gen, 3, 2, 4, 12)
     norm = _norm(gen, 12, per_channel=case == "state_per_channel", weight=case != "no_affine")
@@ -429,6 +625,10 @@ def test_opcheck(gen, case):
     if case == "state_per_channel":
         count = torch.randint(-2, 3, (2, 4, 12), generator=gen, dtype=torch.int8)
     args = (d, c, norm["w"], norm["b"], EPS, norm["theta"], -8, 7, count, pool)
+    if "branch" in case:
+        spikes, theta, before = _branch(gen, d.shape)
+        d = None if case == "branch_only" else d
+        args = (d, *args[1:], None, spikes, theta, before, not pool)
     torch.library.opcheck(torch.ops.spikekernels.exact_layernorm_neuron.default, args)
 
 

@@ -537,13 +537,22 @@ def exact_layernorm_cases() -> list[Case]:
     # ViT-S/B/L widths with the residual's constant part and count, the readout's pooled
     # float32 rows without them, and a width that is not a power of two
     # (and the widest rows again recording per-sample activity)
-    for c, has_c, state, active in [(384, True, True, False), (768, True, False, False),
-                                    (1024, True, True, False), (100, False, False, False),
-                                    (384, True, True, True), (1024, True, True, True),
-                                    (100, False, False, True)]:  # fmt: skip
+    # branch: 0 none, 1 d + pending branch with D written (a block's norms), 2 the branch
+    # alone, fresh, D written (block 0's norm1), 3 d + branch, no D (the readout)
+    for c, has_c, state, active, branch in [
+        (384, True, True, False, 0), (768, True, False, False, 0), (1024, True, True, False, 0),
+        (100, False, False, False, 0), (384, True, True, True, 0), (1024, True, True, True, 0),
+        (100, False, False, True, 0), (384, True, True, False, 1), (384, True, True, True, 1),
+        (1024, True, True, True, 1), (768, True, False, False, 1), (384, True, False, True, 2),
+        (1024, True, True, True, 3),
+    ]:  # fmt: skip
         block_c, rows, num_warps = eln.launch_config(c)
         signature = {
             "d_ptr": "*fp64" if has_c else "*fp32",
+            "branch_ptr": "*i8",
+            "branch_theta_ptr": "*fp32",
+            "branch_count_ptr": "*i8",
+            "residual_out_ptr": "*fp64",
             "c_ptr": "*fp64",
             "w_ptr": "*fp32",
             "b_ptr": "*fp32",
@@ -563,6 +572,10 @@ def exact_layernorm_cases() -> list[Case]:
             "rows_per_sample": "i32",
         }
         constexprs = dict(
+            HAS_D=branch != 2,
+            HAS_BRANCH=branch != 0,
+            HAS_BRANCH_COUNT=branch in (1, 3),
+            RESIDUAL_OUT=branch in (1, 2),
             HAS_C=has_c,
             HAS_WEIGHT=True,
             HAS_BIAS=True,
@@ -575,16 +588,24 @@ def exact_layernorm_cases() -> list[Case]:
         )
         cases.append(
             Case(
-                f"exact_layernorm_neuron C={c} residual={has_c} count={state} active={active}",
+                f"exact_layernorm_neuron C={c} residual={has_c} count={state} active={active} "
+                f"branch={branch}",
                 eln.exact_layernorm_neuron_kernel,
                 signature,
                 constexprs,
                 num_warps=num_warps,
                 aligned=["R", "RC"] + (["C"] if c % 16 == 0 else []),
                 # SPEC.md §9.2: the LayerNorm's divisions and root correctly rounded, no
-                # flush to zero, and no multiply contracted into an add
+                # flush to zero, and no multiply contracted into an add (the branch's
+                # theta * count into D's add included)
                 ptx_must_contain=["div.rn.f32", "sqrt.rn.f32"],
-                ptx_must_not_contain=["div.full.f32", "div.approx", "div.rn.ftz", "sqrt.approx"],
+                ptx_must_not_contain=[
+                    "div.full.f32",
+                    "div.approx",
+                    "div.rn.ftz",
+                    "sqrt.approx",
+                    "fma.rn.f64",
+                ],  # fmt: skip
                 no_contracted_fma=True,
             )
         )

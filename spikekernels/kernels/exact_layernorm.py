@@ -10,6 +10,10 @@ value leaves the kernel.
 Per step, the operations of ``exact_math.residual_read`` and ``exact_math.layer_norm_rows``
 in their order, one rounding each, so the bits equal the QANN's row function:
 
+- with a pending branch, ``D_t = d_t + fl64(theta_b) * count_b`` by ``exact_residual_add``'s
+  own jit piece (``kernels.exact_residual.residual_value``: the same bits, no FMA), the
+  branch's int8 spikes read and its count kept in registers, ``D_t`` stored when asked
+  (``RESIDUAL_OUT``); else ``D_t = d_t``;
 - ``x = fl32(c + D_t)`` (float64 add, one rounding to float32);
 - ``mean = tree_sum(x) / C``: ``tree_sum_rows`` halves the row ``log2(BLOCK_C)`` times, each
   level adding the upper half to the lower half (``exact_math.tree_sum``'s order; the zero
@@ -34,11 +38,13 @@ import triton.language as tl
 
 from spikekernels.kernels import on_device
 from spikekernels.kernels.activity import active_layout, record_active_rows
+from spikekernels.kernels.exact_residual import residual_value
 from spikekernels.kernels.exact_rows import tree_sum_rows
 from spikekernels.kernels.target import target_step
 
 # A program holds ROWS x BLOCK_C = 1024 lanes: 8 per thread at 4 warps. c and the prefetched
-# D (float64), the count and a step's temporaries then take 96-120 registers on sm_90 (2048
+# D (float64), the count and a step's temporaries then take 96-120 registers on sm_90, 128-158
+# with a pending branch (its count, prefetched spikes and theta besides) (2048
 # lanes: 168-212, so fewer programs per SM to overlap the tree sums' shuffles and barriers with
 # loads; 4096 spills): tests/triton_sm90.py. Untuned on hardware so far: see bench/results/.
 ELEMENTS_PER_PROGRAM = 1024
@@ -106,7 +112,11 @@ def layer_norm_rows_fp32(
 
 @triton.jit
 def exact_layernorm_neuron_kernel(
-    d_ptr,  # [T, R, C] float64 spike-driven residual D_t (float32 rows x_t when not HAS_C)
+    d_ptr,  # [T, R, C] float64 spike-driven residual d_t (float32 rows x_t when not HAS_C)
+    branch_ptr,  # [T, R, C] int8 spikes of the pending branch (HAS_BRANCH only)
+    branch_theta_ptr,  # [1] the branch neuron's threshold (HAS_BRANCH only)
+    branch_count_ptr,  # [R, C] int8 the branch neuron's count before T (HAS_BRANCH_COUNT only)
+    residual_out_ptr,  # [T, R, C] float64 D_t written out (RESIDUAL_OUT only)
     c_ptr,  # [RC, C] float64 constant part; row r of a step adds c[r % RC] (HAS_C only)
     w_ptr,  # [C] float32 LayerNorm weight (HAS_WEIGHT only)
     b_ptr,  # [C] float32 LayerNorm bias (HAS_BIAS only)
@@ -124,6 +134,10 @@ def exact_layernorm_neuron_kernel(
     p_max,
     B,  # samples (HAS_ACTIVE only)
     rows_per_sample,  # (HAS_ACTIVE only)
+    HAS_D: tl.constexpr,
+    HAS_BRANCH: tl.constexpr,
+    HAS_BRANCH_COUNT: tl.constexpr,
+    RESIDUAL_OUT: tl.constexpr,
     HAS_C: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
@@ -134,8 +148,9 @@ def exact_layernorm_neuron_kernel(
     BLOCK_C: tl.constexpr,
     LOG2_C: tl.constexpr,
 ):
-    """x = fl32(c + D_t); y = layer_norm_rows(x); target-driven neuron on y;
-    active[t, row // rows_per_sample] = 1 where a row fires."""
+    """D_t = d_t + fl64(theta_b) * count_b (with a pending branch: ``residual_value``, stored
+    when RESIDUAL_OUT), else d_t; x = fl32(c + D_t); y = layer_norm_rows(x); target-driven
+    neuron on y; active[t, row // rows_per_sample] = 1 where a row fires."""
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK_C)
@@ -161,13 +176,33 @@ def exact_layernorm_neuron_kernel(
 
     d_ptrs = d_ptr + offs
     out_ptrs = out_ptr + offs
-    d_next = tl.load(d_ptrs, mask=mask, other=0.0)
+    d_next = 0.0  # a placeholder residual_value does not read
+    if HAS_D:
+        d_next = tl.load(d_ptrs, mask=mask, other=0.0)
+    if HAS_BRANCH:
+        branch_theta = tl.load(branch_theta_ptr).to(tl.float64)
+        if HAS_BRANCH_COUNT:
+            branch_count = tl.load(branch_count_ptr + offs, mask=mask, other=0).to(tl.int32)
+        else:
+            branch_count = tl.zeros([ROWS, BLOCK_C], tl.int32)
+        branch_ptrs = branch_ptr + offs
+        sigma_next = tl.load(branch_ptrs, mask=mask, other=0)
+        residual_out_ptrs = residual_out_ptr + offs
     if HAS_ACTIVE:
         active_ptrs = active_ptr + rows // rows_per_sample
     for t in range(T):
         d = d_next
-        d_ptrs += step
-        d_next = tl.load(d_ptrs, mask=mask & (t + 1 < T), other=0.0)
+        if HAS_D:
+            d_ptrs += step
+            d_next = tl.load(d_ptrs, mask=mask & (t + 1 < T), other=0.0)
+        if HAS_BRANCH:
+            branch_count += sigma_next.to(tl.int32)
+            branch_ptrs += step
+            sigma_next = tl.load(branch_ptrs, mask=mask & (t + 1 < T), other=0)
+            d = residual_value(d, branch_theta, branch_count, mask, HAS_D)
+            if RESIDUAL_OUT:
+                tl.store(residual_out_ptrs, d, mask=mask)
+                residual_out_ptrs += step
         # the padding lanes load 0 and stay 0: tree_sum's zero padding
         if HAS_C:
             x = (const + d).to(tl.float32)
@@ -189,33 +224,46 @@ def exact_layernorm_neuron_kernel(
 @on_device
 def exact_layernorm_neuron_triton(
     launch,
-    x: torch.Tensor,
+    threshold: torch.Tensor,
+    x: torch.Tensor | None,
     c: torch.Tensor | None,
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
     eps: float,
-    threshold: torch.Tensor,
     n_min: int,
     p_max: int,
     count: torch.Tensor | None,
     active: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Host side: ``x`` ``[T, R, C]`` contiguous, float64 ``D`` with ``c`` ``[RC, C]`` float64
-    (row ``r`` adds ``c[r % RC]``), or the float32 rows themselves with ``c`` None;
-    ``weight``/``bias`` ``[C]`` float32 contiguous or None; ``count`` ``[R, C]`` or None;
-    ``active`` ``[T, B]`` int32 contiguous or None.
-    Returns fresh ``(spikes [T, R, C] int8, count [R, C] int8)``."""
-    T, R, C = x.shape
-    out = torch.empty((T, R, C), dtype=torch.int8, device=x.device)
-    count_out = torch.empty((R, C), dtype=torch.int8, device=x.device)
+    branch: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None,
+    residual_out: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Host side (``threshold`` first: ``on_device`` takes the device from it, as ``x`` may be
+    None): ``threshold`` ``[1]`` or ``[C]`` on the device; ``x`` ``[T, R, C]`` contiguous,
+    float64 ``d`` with ``c`` ``[RC, C]`` float64 (row ``r`` adds ``c[r % RC]``), or the
+    float32 rows themselves with ``c`` None (and no branch); ``x`` None when the pending
+    branch is all of ``D``; ``branch`` None or ``(spikes [T, R, C] int8 contiguous,
+    threshold [1], count [R, C] int8 or None)``; ``weight``/``bias`` ``[C]`` float32
+    contiguous or None; ``count`` ``[R, C]`` or None; ``active`` ``[T, B]`` int32 contiguous
+    or None. Returns fresh ``(spikes [T, R, C] int8, count [R, C] int8, D)``, ``D``
+    ``[T, R, C]`` float64 with ``residual_out``, else None."""
+    T, R, C = (x if branch is None else branch[0]).shape
+    device = threshold.device
+    out = torch.empty((T, R, C), dtype=torch.int8, device=device)
+    count_out = torch.empty((R, C), dtype=torch.int8, device=device)
+    d_out = torch.empty((T, R, C), dtype=torch.float64, device=device) if residual_out else None
     if R == 0:
-        return out, count_out
+        return out, count_out, d_out
     block_c, rows, num_warps = launch_config(C)
+    b_spikes, b_theta, b_count = (out, out, None) if branch is None else branch
     launch(exact_layernorm_neuron_kernel)[(triton.cdiv(R, rows),)](
-        x,
-        x if c is None else c,
-        x if weight is None else weight,
-        x if bias is None else bias,
+        out if x is None else x,
+        b_spikes,
+        b_theta,
+        count_out if b_count is None else b_count,
+        out if d_out is None else d_out,
+        out if c is None else c,
+        out if weight is None else weight,
+        out if bias is None else bias,
         threshold.contiguous(),
         count_out if count is None else count,
         out,
@@ -229,6 +277,10 @@ def exact_layernorm_neuron_triton(
         n_min,
         p_max,
         *active_layout(active, R),
+        HAS_D=x is not None,
+        HAS_BRANCH=branch is not None,
+        HAS_BRANCH_COUNT=b_count is not None,
+        RESIDUAL_OUT=d_out is not None,
         HAS_C=c is not None,
         HAS_WEIGHT=weight is not None,
         HAS_BIAS=bias is not None,
@@ -240,7 +292,7 @@ def exact_layernorm_neuron_triton(
         LOG2_C=block_c.bit_length() - 1,
         num_warps=num_warps,
     )
-    return out, count_out
+    return out, count_out, d_out
 
 
 @triton.jit

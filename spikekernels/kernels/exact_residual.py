@@ -32,6 +32,17 @@ NUM_WARPS = 4
 
 
 @triton.jit
+def residual_value(d, theta, count, mask, HAS_D: tl.constexpr):
+    """``D_t + fl64(theta) * fl64(count)`` (or the product alone), one rounding each: the
+    select keeps the product out of an FMA with the add (module docstring). Zero where
+    ``mask`` is off. Shared with the fused LayerNorm neuron, which forms ``D_t`` the same way."""
+    value = tl.where(mask, theta * count.to(tl.float64), 0.0)
+    if HAS_D:
+        value = d + value
+    return value
+
+
+@triton.jit
 def exact_residual_add_kernel(
     d_ptr,  # [T, numel] float64 spike-driven residual D_t (HAS_D only)
     spikes_ptr,  # [T, numel] int8 spikes of the branch neuron
@@ -57,16 +68,15 @@ def exact_residual_add_kernel(
     d_ptrs = d_ptr + offs
     out_ptrs = out_ptr + offs
     sigma_next = tl.load(spikes_ptrs, mask=mask, other=0)
+    d_next = 0.0  # a placeholder residual_value does not read
     if HAS_D:
         d_next = tl.load(d_ptrs, mask=mask, other=0.0)
     for t in range(T):
         count += sigma_next.to(tl.int32)
         spikes_ptrs += numel
         sigma_next = tl.load(spikes_ptrs, mask=mask & (t + 1 < T), other=0)
-        # the select keeps the product out of an FMA with the add (module docstring)
-        value = tl.where(mask, theta * count.to(tl.float64), 0.0)
+        value = residual_value(d_next, theta, count, mask, HAS_D)
         if HAS_D:
-            value = d_next + value
             d_ptrs += numel
             d_next = tl.load(d_ptrs, mask=mask & (t + 1 < T), other=0.0)
         tl.store(out_ptrs, value, mask=mask)

@@ -41,13 +41,13 @@ from spikekernels.nn.exact_layers import ExactLayerNormNeuron, ExactLinear, Exac
 from spikekernels.nn.neuron import STBIF
 from spikekernels.nn.target_neuron import TargetNeuron
 from spikekernels.ops._dispatch import force_backend
-from spikekernels.ops.exact_residual import exact_residual_add
 
 __all__ = [
     "ExactBlock",
     "ExactPatchEmbed",
     "ExactReadout",
     "NeuronSite",
+    "Residual",
     "SpikeBlock",
     "SpikeMlp",
     "SpikePatchEmbed",
@@ -181,11 +181,30 @@ def _with_class_row(t: torch.Tensor) -> torch.Tensor:
     return F.pad(t, (0, 0, 1, 0))
 
 
+class Residual(NamedTuple):
+    """Exact mode's residual stream between modules: ``D = d + fl64(threshold) * count`` of
+    one *pending* branch, whose update the next LayerNorm neuron makes in registers (and
+    writes out only when a later reader needs ``D``), so ``D`` is not written by one launch
+    and read back by the next.
+
+    ``d``: ``[T, B, N, C]`` float64 before the branch, or None (the patch embedding: ``D`` is
+    the branch term alone). ``spikes``: the branch neuron's int8 spikes, the same shape.
+    ``threshold``: its step (one element). ``count_before``: its int8 count before these
+    steps, ``[B, N, C]``, or None (fresh). The field order is ``ExactLayerNormNeuron``'s.
+    """
+
+    d: torch.Tensor | None
+    spikes: torch.Tensor
+    threshold: torch.Tensor
+    count_before: torch.Tensor | None
+
+
 class ExactPatchEmbed(nn.Module):
     """Patch embedding of exact mode: the conv output (computed once) is the patch neuron's
-    value at every step; returns the residual stream's spike-driven part
-    ``D = fl64(theta) * count`` ``[T, B, 1 + N, D]`` float64 (zero on the class-token row).
-    The constant part (class token, positions) is added where the stream is read."""
+    value at every step; returns the residual stream ``D = fl64(theta) * count``
+    ``[T, B, 1 + N, D]`` as a pending branch (``Residual`` with no ``d``; zero spikes and
+    count on the class-token row). The constant part (class token, positions) is added where
+    the stream is read."""
 
     def __init__(self, conv: nn.Conv2d, neuron: TargetNeuron) -> None:
         super().__init__()
@@ -198,13 +217,13 @@ class ExactPatchEmbed(nn.Module):
     def reset(self) -> None:
         self.neuron.reset()
 
-    def forward(self, patches: torch.Tensor, steps: int, t0: int) -> torch.Tensor:
+    def forward(self, patches: torch.Tensor, steps: int, t0: int) -> Residual:
         batch, n, d = patches.shape
         before = self.neuron.count
         spikes = self.neuron(patches.expand(steps, batch, n, d))
         # The class-token row joins the int8 spikes and count (zero: theta * 0 = +0.0, as a
-        # zero row), not the 8-byte output: no float64 concatenation.
-        return exact_residual_add(
+        # zero row), never a float64 tensor.
+        return Residual(
             None,
             _with_class_row(spikes),
             self.neuron.threshold,
@@ -213,10 +232,13 @@ class ExactPatchEmbed(nn.Module):
 
 
 class ExactBlock(_Composite):
-    """A Transformer block of exact mode on the residual stream's spike-driven part ``D``
-    ``[T, B, N, C]`` float64: ``norm1``/``norm2`` read ``fl32(c + D)`` and fire (fused
-    LayerNorm + neuron), and each branch adds ``fl64(theta) * count`` of its last neuron to
-    ``D`` (exact in float64), in one pass over ``D`` (``exact_residual_add``)."""
+    """A Transformer block of exact mode on the residual stream (``Residual``: ``D`` as
+    ``d`` plus one pending branch): ``norm1``/``norm2`` read ``fl32(c + D)`` and fire (fused
+    LayerNorm + neuron), and each branch's ``fl64(theta) * count`` (its last neuron's, exact
+    in float64) is added to ``D`` by the norm after it, which also writes the updated ``D``
+    out for the next branch's sum: the attention branch is pending at ``norm2``, the MLP
+    branch leaves the block pending. Per norm and element-step: ``d`` and the spikes read,
+    ``D`` written (17 bytes), where a separate ``exact_residual_add`` took 17 + 8."""
 
     def __init__(
         self,
@@ -231,29 +253,39 @@ class ExactBlock(_Composite):
     @staticmethod
     def _branch(
         d: torch.Tensor, branch: nn.Module, neuron: ExactLinearNeuron, s: torch.Tensor
-    ) -> torch.Tensor:
-        """``d`` plus ``fl64(theta) * count`` of the branch's last neuron, from its count
-        before the branch runs and its spikes."""
+    ) -> Residual:
+        """``d`` with the branch pending: its last neuron's spikes, step and count before."""
         before = neuron.count
-        return exact_residual_add(d, branch(s), neuron.threshold, before)
+        return Residual(d, branch(s), neuron.threshold, before)
 
-    def forward(self, d: torch.Tensor) -> torch.Tensor:
-        d = self._branch(d, self.attn, self.attn.proj, self.norm1(d))
-        return self._branch(d, self.mlp, self.mlp.fc2, self.norm2(d))
+    def forward(self, x: Residual) -> Residual:
+        s = self.norm1(*x, residual_out=True)
+        x = self._branch(self.norm1.take_residual(), self.attn, self.attn.proj, s)
+        s = self.norm2(*x, residual_out=True)
+        return self._branch(self.norm2.take_residual(), self.mlp, self.mlp.fc2, s)
 
 
 class ExactReadout(_Composite):
     """The final LayerNorm + signed neuron (fused) on the class token, or on the float64 mean
     of the patch tokens with ``global_pool``, then the head's current value:
-    ``[T, B, classes]``."""
+    ``[T, B, classes]``. The last block's MLP branch is still pending: the norm adds it (on
+    the class row only without ``global_pool``) and writes no ``D``."""
 
     def __init__(self, norm: ExactLayerNormNeuron, head: ExactLinear, global_pool: bool) -> None:
         super().__init__()
         self.norm, self.head = norm, head
         self.global_pool = global_pool
 
-    def forward(self, d: torch.Tensor) -> torch.Tensor:
-        return self.head(self.norm(d if self.global_pool else d[:, :, 0]))
+    def forward(self, x: Residual) -> torch.Tensor:
+        if not self.global_pool:
+            d, spikes, threshold, before = x
+            x = Residual(
+                None if d is None else d[:, :, 0],
+                spikes[:, :, 0],
+                threshold,
+                None if before is None else before[:, 0],
+            )
+        return self.head(self.norm(*x))
 
 
 # --- the network and its runner ------------------------------------------------------------

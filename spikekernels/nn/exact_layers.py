@@ -182,6 +182,11 @@ class ExactLayerNormNeuron(TargetNeuron):
 
     It is a ``TargetNeuron`` (``count``, ``fanout``; the runner's hooks see its spikes) that
     also holds the LayerNorm's weight, bias and eps and the residual constant ``c``.
+
+    The stream may come with a pending branch (its last neuron's spikes, threshold and count
+    before them): the op adds it to ``d`` in registers, and with ``residual_out`` writes the
+    updated ``D`` in the same pass, which the caller takes with ``take_residual()`` (the
+    output stays the spikes, which the runner's hooks count).
     """
 
     def __init__(
@@ -194,8 +199,27 @@ class ExactLayerNormNeuron(TargetNeuron):
         self.register_buffer("residual_constant", constant.to(torch.float64))
         self.pool = bool(pool)
 
-    def forward(self, d: torch.Tensor) -> torch.Tensor:
-        spikes, self.count = exact_layernorm_neuron(
+    def reset(self) -> None:
+        super().reset()
+        self.residual: torch.Tensor | None = None
+
+    def take_residual(self) -> torch.Tensor:
+        """The ``D`` of the last ``residual_out`` call, released here (it is a whole stream)."""
+        residual, self.residual = self.residual, None
+        if residual is None:
+            raise RuntimeError("no residual stream: call with residual_out=True first")
+        return residual
+
+    def forward(
+        self,
+        d: torch.Tensor | None,
+        branch_spikes: torch.Tensor | None = None,
+        branch_threshold: torch.Tensor | None = None,
+        branch_count: torch.Tensor | None = None,
+        *,
+        residual_out: bool = False,
+    ) -> torch.Tensor:
+        out = exact_layernorm_neuron(
             d,
             self.residual_constant,
             self.weight,
@@ -207,7 +231,13 @@ class ExactLayerNormNeuron(TargetNeuron):
             self.count,
             pool=self.pool,
             active=self.activity,
+            branch_spikes=branch_spikes,
+            branch_threshold=branch_threshold,
+            branch_count=branch_count,
+            residual_out=residual_out,
         )
+        spikes, self.count = out[:2]
+        self.residual = out[2] if residual_out else None
         self.last_spikes = spikes[-1]
         return spikes
 

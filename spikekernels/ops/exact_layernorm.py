@@ -12,12 +12,15 @@ from spikekernels.ops._checks import (
     check_active,
     check_float,
     check_same_device,
+    check_scalar_tensor,
     check_state,
     check_tensor,
+    check_ternary,
     check_time_major,
 )
 from spikekernels.ops._dispatch import backend_for
 from spikekernels.ops._registry import kernel_op, launcher
+from spikekernels.ops.exact_residual import exact_residual_add_torch
 from spikekernels.ops.target import (
     check_bounds,
     check_threshold,
@@ -37,56 +40,110 @@ def out_shape(d: torch.Tensor, pool: bool) -> tuple[int, ...]:
     return (*step[:-2], step[-1]) if pool else step
 
 
+def _stream(d: torch.Tensor | None, branch_spikes: torch.Tensor | None) -> tuple[str, object]:
+    """The tensor that gives the residual stream's shape and device, and its name: ``d``, or
+    the pending branch's spikes when ``D`` is only the branch term."""
+    return ("d", d) if d is not None else ("branch_spikes", branch_spikes)
+
+
+def _check_branch(
+    name, stream, branch_spikes, branch_threshold, branch_count, residual_out
+) -> None:
+    """The pending branch: all of it or none (``branch_count`` may be None: fresh)."""
+    if not isinstance(residual_out, bool):
+        raise TypeError(f"residual_out must be a bool, got {type(residual_out).__name__}")
+    if branch_spikes is None:
+        for arg, value in (
+            ("branch_threshold", branch_threshold),
+            ("branch_count", branch_count),
+            ("residual_out", residual_out or None),
+        ):
+            if value is not None:
+                raise ValueError(f"{arg} needs branch_spikes (the pending branch)")
+        return
+    check_tensor(branch_spikes, "branch_spikes", dtypes=(torch.int8,))
+    if name == "d":
+        if branch_spikes.shape != stream.shape:
+            raise ValueError(
+                f"branch_spikes must have the shape of d {tuple(stream.shape)}, got "
+                f"{tuple(branch_spikes.shape)}"
+            )
+        check_same_device("d", stream, "branch_spikes", branch_spikes)
+    if branch_threshold is None:
+        raise ValueError("branch_spikes needs branch_threshold (the branch neuron's step)")
+    check_scalar_tensor(branch_threshold, "branch_threshold", stream, name)
+    check_state(branch_count, "branch_count", stream.shape[1:], (torch.int8,), stream, name)
+
+
 def _check_exact_layernorm_neuron(
-    d, c, weight, bias, eps, threshold, n_min, p_max, count, pool, active
+    d,
+    c,
+    weight,
+    bias,
+    eps,
+    threshold,
+    n_min,
+    p_max,
+    count,
+    pool,
+    active,
+    branch_spikes=None,
+    branch_threshold=None,
+    branch_count=None,
+    residual_out=False,
 ) -> None:
     """Metadata checks (no data read)."""
     if not isinstance(pool, bool):
         raise TypeError(f"pool must be a bool, got {type(pool).__name__}")
-    check_tensor(d, "d", dtypes=(torch.float64,))
-    check_time_major(d, "d")
+    if d is None and branch_spikes is None:
+        raise ValueError("d and branch_spikes are both None: give the residual stream")
+    name, x = _stream(d, branch_spikes)
+    check_tensor(x, name, dtypes=(torch.float64,) if name == "d" else (torch.int8,))
+    check_time_major(x, name)
+    _check_branch(name, x, branch_spikes, branch_threshold, branch_count, residual_out)
     min_dims = 3 if pool else 2
-    if d.dim() < min_dims:
+    if x.dim() < min_dims:
         layout = "[T, *rows, tokens, C]" if pool else "[T, *rows, C]"
         raise ValueError(
-            f"d must be {layout} with at least {min_dims} dims, got shape {tuple(d.shape)}"
+            f"{name} must be {layout} with at least {min_dims} dims, got shape {tuple(x.shape)}"
         )
-    channels = d.shape[-1]
+    channels = x.shape[-1]
     if not 1 <= channels <= MAX_CHANNELS:
         raise ValueError(
-            f"d has C={channels} channels (last dim); the fused LayerNorm takes 1 to "
+            f"{name} has C={channels} channels (last dim); the fused LayerNorm takes 1 to "
             f"{MAX_CHANNELS} (a row is held in registers)"
         )
-    if pool and d.shape[-2] < 2:
+    if pool and x.shape[-2] < 2:
         raise ValueError(
-            f"pool=True needs the class token and at least one patch token in d's dim -2, got "
-            f"{d.shape[-2]} tokens"
+            f"pool=True needs the class token and at least one patch token in {name}'s dim -2, "
+            f"got {x.shape[-2]} tokens"
         )
     check_tensor(c, "c", dtypes=(torch.float64,))
-    check_same_device("d", d, "c", c)
+    check_same_device(name, x, "c", c)
     try:
-        broadcast = torch.broadcast_shapes(c.shape, d.shape[1:])
+        broadcast = torch.broadcast_shapes(c.shape, x.shape[1:])
     except RuntimeError:
         broadcast = None
-    if broadcast != d.shape[1:]:
+    if broadcast != x.shape[1:]:
         raise ValueError(
-            f"c must broadcast to one step of d {tuple(d.shape[1:])}, got shape {tuple(c.shape)}"
+            f"c must broadcast to one step of {name} {tuple(x.shape[1:])}, got shape "
+            f"{tuple(c.shape)}"
         )
-    for name, t in (("weight", weight), ("bias", bias)):
+    for arg, t in (("weight", weight), ("bias", bias)):
         if t is not None:
-            check_tensor(t, name, dtypes=(torch.float32,), ndim=1)
+            check_tensor(t, arg, dtypes=(torch.float32,), ndim=1)
             if t.shape[0] != channels:
                 raise ValueError(
-                    f"{name} must have shape ({channels},) (d's C), got {tuple(t.shape)}"
+                    f"{arg} must have shape ({channels},) ({name}'s C), got {tuple(t.shape)}"
                 )
-            check_same_device("d", d, name, t)
+            check_same_device(name, x, arg, t)
     check_float(eps, "eps")
     if not (math.isfinite(eps) and eps >= 0):
         raise ValueError(f"eps must be finite and >= 0, got {eps}")
-    check_threshold(threshold, "threshold", channels, d, "d")
+    check_threshold(threshold, "threshold", channels, x, name)
     check_bounds(n_min, p_max)
-    check_state(count, "count", out_shape(d, pool), (torch.int8,), d, "d")
-    check_active(active, (d.shape[0], *out_shape(d, pool)), d, "d")
+    check_state(count, "count", out_shape(x, pool), (torch.int8,), x, name)
+    check_active(active, (x.shape[0], *out_shape(x, pool)), x, name)
 
 
 def _norm_input(d: torch.Tensor, c: torch.Tensor, pool: bool) -> torch.Tensor:
@@ -94,8 +151,13 @@ def _norm_input(d: torch.Tensor, c: torch.Tensor, pool: bool) -> torch.Tensor:
     return pool_patch_tokens(c, d) if pool else residual_read(c, d)
 
 
+def _no_residual(like: torch.Tensor) -> torch.Tensor:
+    """The op's third output when ``residual_out`` is False (a fixed return schema)."""
+    return like.new_empty((0,), dtype=torch.float64)
+
+
 def exact_layernorm_neuron_torch(
-    d: torch.Tensor,
+    d: torch.Tensor | None,
     c: torch.Tensor,
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
@@ -106,13 +168,21 @@ def exact_layernorm_neuron_torch(
     count: torch.Tensor | None,
     pool: bool,
     active: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    branch_spikes: torch.Tensor | None = None,
+    branch_threshold: torch.Tensor | None = None,
+    branch_count: torch.Tensor | None = None,
+    residual_out: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Vectorised PyTorch (any device): the unfused chain of exact mode over all T steps at
-    once (``residual_read`` or ``pool_patch_tokens``, ``layer_norm_rows``, the target neuron,
-    which records ``active``). Every float operation is elementwise (``tree_sum`` included),
-    so a whole chunk gives the bits of one step at a time."""
+    once (the pending branch by ``exact_residual_add``'s PyTorch path, then ``residual_read``
+    or ``pool_patch_tokens``, ``layer_norm_rows``, the target neuron, which records
+    ``active``). Every float operation is elementwise (``tree_sum`` included), so a whole
+    chunk gives the bits of one step at a time."""
+    if branch_spikes is not None:
+        d = exact_residual_add_torch(d, branch_spikes, branch_threshold, branch_count)
     y = layer_norm_rows(_norm_input(d, c, pool), weight, bias, eps)
-    return target_spikes_torch(y, threshold, n_min, p_max, count, active)
+    spikes, count_out = target_spikes_torch(y, threshold, n_min, p_max, count, active)
+    return spikes, count_out, d if residual_out else _no_residual(d)
 
 
 def _constant_rows(c: torch.Tensor, step: tuple[int, ...]) -> torch.Tensor:
@@ -130,7 +200,7 @@ def _constant_rows(c: torch.Tensor, step: tuple[int, ...]) -> torch.Tensor:
 
 @kernel_op("exact_layernorm_neuron", mutates_args=("active",))
 def _exact_layernorm_neuron_op(
-    d: torch.Tensor,
+    d: torch.Tensor | None,
     c: torch.Tensor,
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
@@ -141,59 +211,106 @@ def _exact_layernorm_neuron_op(
     count: torch.Tensor | None = None,
     pool: bool = False,
     active: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    branch_spikes: torch.Tensor | None = None,
+    branch_threshold: torch.Tensor | None = None,
+    branch_count: torch.Tensor | None = None,
+    residual_out: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     args = (d, c, weight, bias, eps, threshold, n_min, p_max, count, pool)
-    _check_exact_layernorm_neuron(*args, active)
-    backend = backend_for(d, ("triton", "torch"))
+    branch = (branch_spikes, branch_threshold, branch_count)
+    _check_exact_layernorm_neuron(*args, active, *branch, residual_out)
+    name, x = _stream(d, branch_spikes)
+    backend = backend_for(x, ("triton", "torch"))
     if backend == "triton":
         from spikekernels.kernels.exact_layernorm import exact_layernorm_neuron_triton
+        from spikekernels.kernels.exact_residual import exact_residual_add_triton
 
-        steps, channels = d.shape[0], d.shape[-1]
-        shape = out_shape(d, pool)
+        steps, channels = x.shape[0], x.shape[-1]
+        shape = out_shape(x, pool)
         rows = math.prod(shape[:-1])
-        if pool:
-            # The readout's one pooled row per sample: its float64 token sum runs in PyTorch
-            # (elementwise adds, the bits of exact_math), the LayerNorm and neuron fused.
-            x, rows_c = pool_patch_tokens(c, d).reshape(steps, rows, channels), None
-        else:
-            x, rows_c = d.contiguous().reshape(steps, rows, channels), _constant_rows(c, shape)
-        spikes, count_out = exact_layernorm_neuron_triton(
-            launcher,
-            x,
-            rows_c,
+        head = (
             None if weight is None else weight.contiguous(),
             None if bias is None else bias.contiguous(),
             eps,
-            threshold,
             n_min,
             p_max,
-            None if count is None else count.contiguous().reshape(rows, channels),
-            active,
         )
-        return spikes.reshape(steps, *shape), count_out.reshape(shape)
+        count_in = None if count is None else count.contiguous().reshape(rows, channels)
+        flat = None if branch_spikes is None else (steps, -1, channels)
+        if pool:
+            # The readout's one pooled row per sample: the pending branch's update and the
+            # float64 token sum run first (the residual kernel, then elementwise PyTorch: the
+            # bits of exact_math), the LayerNorm and neuron fused.
+            if branch_spikes is not None:
+                d = d_out = exact_residual_add_triton(
+                    launcher, branch_spikes, d, branch_threshold, branch_count
+                )
+            pooled = pool_patch_tokens(c, d).reshape(steps, rows, channels)
+            spikes, count_out, _ = exact_layernorm_neuron_triton(
+                launcher, threshold, pooled, None, *head, count_in, active
+            )
+        else:
+            spikes, count_out, d_out = exact_layernorm_neuron_triton(
+                launcher,
+                threshold,
+                None if d is None else d.contiguous().reshape(steps, rows, channels),
+                _constant_rows(c, shape),
+                *head,
+                count_in,
+                active,
+                None
+                if flat is None
+                else (
+                    branch_spikes.contiguous().reshape(flat),
+                    branch_threshold,
+                    None if branch_count is None else branch_count.contiguous(),
+                ),
+                residual_out,
+            )
+        d_out = d_out.reshape(x.shape) if residual_out else _no_residual(x)
+        return spikes.reshape(steps, *shape), count_out.reshape(shape), d_out
     if backend == "reference":
         from spikekernels import reference
 
-        out = reference.exact_layernorm_neuron(*args)
+        out = reference.exact_layernorm_neuron(*args, *branch, residual_out)
         record_active(active, out[0])
-        return out
-    return exact_layernorm_neuron_torch(*args, active)
+        return out if residual_out else (*out, _no_residual(x))
+    return exact_layernorm_neuron_torch(*args, active, *branch, residual_out)
 
 
 @_exact_layernorm_neuron_op.register_fake
-def _(d, c, weight, bias, eps, threshold, n_min, p_max, count=None, pool=False, active=None):
+def _(
+    d,
+    c,
+    weight,
+    bias,
+    eps,
+    threshold,
+    n_min,
+    p_max,
+    count=None,
+    pool=False,
+    active=None,
+    branch_spikes=None,
+    branch_threshold=None,
+    branch_count=None,
+    residual_out=False,
+):
+    args = (d, c, weight, bias, eps, threshold, n_min, p_max, count, pool, active)
     _check_exact_layernorm_neuron(
-        d, c, weight, bias, eps, threshold, n_min, p_max, count, pool, active
+        *args, branch_spikes, branch_threshold, branch_count, residual_out
     )
-    shape = out_shape(d, pool)
+    _, x = _stream(d, branch_spikes)
+    shape = out_shape(x, pool)
     return (
-        d.new_empty((d.shape[0], *shape), dtype=torch.int8),
-        d.new_empty(shape, dtype=torch.int8),
+        x.new_empty((x.shape[0], *shape), dtype=torch.int8),
+        x.new_empty(shape, dtype=torch.int8),
+        x.new_empty(x.shape, dtype=torch.float64) if residual_out else _no_residual(x),
     )
 
 
 def exact_layernorm_neuron(
-    d: torch.Tensor,
+    d: torch.Tensor | None,
     c: torch.Tensor,
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
@@ -205,13 +322,25 @@ def exact_layernorm_neuron(
     *,
     pool: bool = False,
     active: torch.Tensor | None = None,
+    branch_spikes: torch.Tensor | None = None,
+    branch_threshold: torch.Tensor | None = None,
+    branch_count: torch.Tensor | None = None,
+    residual_out: bool = False,
     validate: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact mode's residual read + LayerNorm + target-driven neuron, fused (SPEC.md §9.2-§9.4).
+) -> tuple[torch.Tensor, ...]:
+    """Exact mode's residual read + LayerNorm + target-driven neuron, fused (SPEC.md §9.2-§9.4),
+    optionally with the residual update of the branch that feeds it.
 
     State: the neuron's ``count`` (int8, fresh 0); the residual stream's exact state ``D`` is
-    the caller's. Per step ``t``, with ``D_t = d[t]`` and ``C`` channels::
+    the caller's. The stream arrives as ``d`` plus at most one *pending branch* (the spikes of
+    the last neuron of the branch before this norm: attention's ``proj``, the MLP's ``fc2``,
+    the patch neuron), whose update ``exact_residual_add`` would otherwise write to memory and
+    this op read back. Per step ``t``, with ``C`` channels::
 
+        count_b += branch_spikes[t]                 # int32, from branch_count (fresh 0)
+        D_t = d[t] + fl64(theta_b) * fl64(count_b)  # exact_residual_add, bit for bit
+                                                    # (D_t = d[t] without a branch,
+                                                    #  the product alone without d)
         x = fl32(fl64(c + D_t))                     # exact_math.residual_read
         mean = fl32(tree_sum(x) / C)                # exact_math.layer_norm_rows, op by op
         xc = x - mean;  var = fl32(tree_sum(xc * xc) / C)
@@ -223,13 +352,16 @@ def exact_layernorm_neuron(
     lower half until one element is left; every operation rounds once (no fused multiply-add;
     ``sqrt`` and ``/`` correctly rounded). With ``pool=True`` (the ``global_pool`` readout of
     ViT-B/L) the row is instead ``exact_math.pool_patch_tokens(c, D_t)``: the float64 mean of
-    the patch tokens (dim -2, the class token at index 0 excluded), then ``fl32``. Only the
-    int8 spikes and the final count are produced.
+    the patch tokens (dim -2, the class token at index 0 excluded), then ``fl32``. With
+    ``residual_out`` the op also returns ``D`` for the next reader, so a block moves 17 bytes
+    per element and step through memory (``d`` and the branch in, ``D`` out) instead of
+    ``exact_residual_add``'s 17 plus a read of 8 in a second launch.
 
     Args:
         d: ``[T, *rows, C]`` float64 (``[T, *rows, tokens, C]`` with ``pool``): the residual
-            stream's spike-driven part ``D`` at each step (current values, not increments).
-            ``1 <= C <= 1024``.
+            stream's spike-driven part before the pending branch at each step (current
+            values, not increments), or None when the branch is all of it (the patch
+            embedding). ``1 <= C <= 1024``.
         c: float64 constant part (class token and position embedding), broadcastable to one
             step of ``d`` (e.g. ``[1, N, C]`` against ``d`` ``[T, B, N, C]``).
         weight, bias: ``[C]`` float32 or None: the LayerNorm's affine parameters.
@@ -239,30 +371,60 @@ def exact_layernorm_neuron(
             per channel. Read as float32 on the device (no host sync).
         n_min, p_max: Python ints, ``n_min <= 0 <= p_max``, inside int8's ``[-128, 127]``.
         count: optional incoming int8 count, shape of one step of the spikes; fresh 0.
-        pool: read the pooled patch tokens instead of every row (see above).
+        pool: read the pooled patch tokens instead of every row (see above; the branch's
+            update applies to every token first).
         active: optional int32 ``[T, B]`` per-sample flags, ``B`` the spikes' dim 1, set in
             place as the kernel writes the spikes (``target_spikes``' contract:
             ``active[t, b] = 1`` where sample ``b`` fires at step ``t``). Not returned.
-        validate: on a GPU also check the threshold's values (a host sync): positive, finite,
-            normal. On CPU always.
+        branch_spikes: optional int8 ``[T, *shape of d]`` in ``{-1, 0, 1}``, the pending
+            branch neuron's spikes (checked ternary on CPU, on a GPU with ``validate``).
+        branch_threshold: that neuron's step, a one-element float tensor (needed with
+            ``branch_spikes``).
+        branch_count: optional int8, one step of ``branch_spikes``: that neuron's count before
+            these steps (fresh 0).
+        residual_out: also return ``D`` (needs ``branch_spikes``; without a branch ``D`` is
+            ``d``).
+        validate: on a GPU also check the threshold's values and the branch's spikes (a host
+            sync). On CPU always.
 
     Returns:
-        ``(spikes [T, *rows, C] int8 in {-1, 0, 1}, count [*rows, C] int8)``, fresh tensors,
-        so chunked time (feeding ``count`` back) equals a whole run bit for bit.
+        ``(spikes [T, *rows, C] int8 in {-1, 0, 1}, count [*rows, C] int8)``, and with
+        ``residual_out`` a third, ``D`` ``[T, *shape of d]`` float64; fresh tensors, so
+        chunked time (feeding ``count`` and ``branch_count`` back) equals a whole run bit for
+        bit. (The registered op always returns three tensors, a fixed schema: the third is
+        an empty ``[0]`` float64 when ``residual_out`` is False.)
 
     Exactness: bit-identical to ``reference.exact_layernorm_neuron`` and to the unfused chain
-    ``residual_read`` -> ``ExactLayerNorm`` -> ``TargetNeuron`` on every path and device.
-    A row with NaN gives NaN values and no spikes; a constant row with ``eps == 0`` likewise.
+    ``exact_residual_add`` -> ``residual_read`` -> ``ExactLayerNorm`` -> ``TargetNeuron`` on
+    every path and device. A row with NaN gives NaN values and no spikes; a constant row with
+    ``eps == 0`` likewise.
 
     Dispatch (``ops._dispatch.backend_for``): CUDA tensors run the Triton kernel (one program
-    per block of rows, whole rows in registers, the T loop inside with the count in
-    registers; with ``pool`` the token mean runs in PyTorch first); CPU tensors run vectorised
-    PyTorch (the Triton kernel under ``TRITON_INTERPRET=1``); ``force_backend("reference")``
-    runs the oracle. Inference only: no autograd.
+    per block of rows, whole rows in registers, the T loop inside with both counts in
+    registers; with ``pool`` the branch's update (``exact_residual_add``'s kernel) and the
+    token mean run first); CPU tensors run vectorised PyTorch (the Triton kernel under
+    ``TRITON_INTERPRET=1``); ``force_backend("reference")`` runs the oracle. Inference only:
+    no autograd.
     """
     args = (d, c, weight, bias, eps, threshold, n_min, p_max, count, pool)
-    _check_exact_layernorm_neuron(*args, active)
+    branch = (branch_spikes, branch_threshold, branch_count)
+    _check_exact_layernorm_neuron(*args, active, *branch, residual_out)
     check_threshold_values(threshold, "threshold", validate)
-    return torch.ops.spikekernels.exact_layernorm_neuron(
-        d, c, weight, bias, float(eps), threshold, n_min, p_max, count, pool, active
+    if branch_spikes is not None:
+        check_ternary(branch_spikes, "branch_spikes", validate)
+    out = torch.ops.spikekernels.exact_layernorm_neuron(
+        d,
+        c,
+        weight,
+        bias,
+        float(eps),
+        threshold,
+        n_min,
+        p_max,
+        count,
+        pool,
+        active,
+        *branch,
+        residual_out,
     )
+    return out if residual_out else out[:2]
