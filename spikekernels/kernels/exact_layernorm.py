@@ -40,7 +40,7 @@ from spikekernels.kernels import on_device
 from spikekernels.kernels.activity import active_layout, record_active_rows
 from spikekernels.kernels.exact_residual import residual_value
 from spikekernels.kernels.exact_rows import tree_sum_rows
-from spikekernels.kernels.target import target_step
+from spikekernels.kernels.target import load_threshold, target_step
 
 # A program holds ROWS x BLOCK_C = 1024 lanes: 8 per thread at 4 warps. c and the prefetched
 # D (float64), the count and a step's temporaries then take 96-120 registers on sm_90, 128-158
@@ -165,10 +165,7 @@ def exact_layernorm_neuron_kernel(
     if HAS_C:
         const = tl.load(c_ptr + (rows % RC)[:, None] * C + cols[None, :], mask=mask, other=0.0)
     w, b = load_affine(w_ptr, b_ptr, cols, col_mask, HAS_WEIGHT, HAS_BIAS, BLOCK_C)
-    if PER_CHANNEL:
-        theta = tl.load(theta_ptr + cols, mask=col_mask, other=1.0).to(tl.float32)[None, :]
-    else:
-        theta = tl.load(theta_ptr).to(tl.float32)
+    theta = load_threshold(theta_ptr, cols, col_mask, PER_CHANNEL)
     if HAS_COUNT:
         count = tl.load(count_in_ptr + offs, mask=mask, other=0).to(tl.int32)
     else:

@@ -24,7 +24,7 @@ import triton.language as tl
 
 from spikekernels.kernels import INTERPRET, on_device
 from spikekernels.kernels.activity import active_layout, record_active_rows
-from spikekernels.kernels.target import target_step
+from spikekernels.kernels.target import load_threshold, target_step
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) on a GPU: BLOCK_M = 64 rows per
 # warpgroup for Hopper's int8 wgmma and a fine skip granularity; BLOCK_N = 64 because acc and
@@ -123,10 +123,7 @@ def exact_linear_kernel(
     m = theta_in * tl.load(ws_ptr + cols, mask=col_mask, other=0.0)
     if HAS_BIAS:
         b = tl.load(bias_ptr + cols, mask=col_mask, other=0.0)
-    if PER_CHANNEL:
-        theta = tl.load(theta_ptr + cols, mask=col_mask, other=1.0).to(tl.float32)[None, :]
-    else:
-        theta = tl.load(theta_ptr).to(tl.float32)
+    theta = load_threshold(theta_ptr, cols, col_mask, PER_CHANNEL)
     if HAS_ACC:
         acc = tl.load(acc_in_ptr + state_offs, mask=mask, other=0)
     else:

@@ -27,6 +27,7 @@ from spikekernels.kernels.activity import active_layout, record_active_rows
 from spikekernels.kernels.exact_linear import step_tile_flags
 from spikekernels.kernels.neuron import st_bif_step
 from spikekernels.kernels.spike_linear import dot_flags, spike_dot
+from spikekernels.kernels.target import load_threshold
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) on a GPU: BLOCK_M = 64 rows per
 # warpgroup for Hopper's wgmma and a fine skip granularity; BLOCK_N = 32 because v and the
@@ -95,10 +96,7 @@ def spike_linear_neuron_kernel(
     theta_in = tl.load(theta_in_ptr).to(tl.float32)
     if HAS_BIAS:
         share = tl.load(bias_ptr + cols, mask=col_mask, other=0.0)[None, :]
-    if PER_CHANNEL:
-        theta = tl.load(theta_ptr + cols, mask=col_mask, other=1.0).to(tl.float32)[None, :]
-    else:
-        theta = tl.load(theta_ptr).to(tl.float32)
+    theta = load_threshold(theta_ptr, cols, col_mask, PER_CHANNEL)
     if HAS_STATE:
         v = tl.load(v_in_ptr + state_offs, mask=mask, other=0.5)
         count = tl.load(count_in_ptr + state_offs, mask=mask, other=0).to(tl.int32)

@@ -42,6 +42,17 @@ def target_step(y, theta, c, n_min, p_max):
 
 
 @triton.jit
+def load_threshold(theta_ptr, cols, col_mask, PER_CHANNEL: tl.constexpr):
+    """An output tile's threshold in float32: ``[1, BLOCK_N]`` per column ``cols`` (one per
+    channel), or the one scalar."""
+    if PER_CHANNEL:
+        theta = tl.load(theta_ptr + cols, mask=col_mask, other=1.0).to(tl.float32)[None, :]
+    else:
+        theta = tl.load(theta_ptr).to(tl.float32)
+    return theta
+
+
+@triton.jit
 def target_spikes_kernel(
     value_ptr,  # [T, numel] float32 / float16 / bfloat16 current values y_t
     theta_ptr,  # [1] or [C] threshold (any float dtype)

@@ -8,6 +8,7 @@ import math
 import torch
 
 from spikekernels.exact_math import context_value, score_value, softmax_rows
+from spikekernels.ops._activity import record_active
 from spikekernels.ops._checks import (
     check_active,
     check_same_device,
@@ -23,7 +24,6 @@ from spikekernels.ops.target import (
     check_bounds,
     check_threshold,
     check_threshold_values,
-    record_active,
     target_spikes_torch,
 )
 

@@ -8,6 +8,7 @@ import math
 import torch
 
 from spikekernels.exact_math import layer_norm_rows, pool_patch_tokens, residual_read
+from spikekernels.ops._activity import record_active
 from spikekernels.ops._checks import (
     check_active,
     check_float,
@@ -25,7 +26,6 @@ from spikekernels.ops.target import (
     check_bounds,
     check_threshold,
     check_threshold_values,
-    record_active,
     target_spikes_torch,
 )
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from spikekernels.ops._activity import record_active
 from spikekernels.ops._checks import (
     check_active,
     check_float,
@@ -16,7 +17,6 @@ from spikekernels.ops._dispatch import backend_for
 from spikekernels.ops._registry import kernel_op, launcher
 from spikekernels.ops.layernorm import check_spike_layernorm
 from spikekernels.ops.neuron import check_neuron_state
-from spikekernels.ops.target import record_active
 
 
 def _check_spike_layernorm_neuron(

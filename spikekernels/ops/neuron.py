@@ -6,6 +6,7 @@ import torch
 
 from spikekernels import levels
 from spikekernels._extension import HAS_EXTENSION
+from spikekernels.ops._activity import record_active
 from spikekernels.ops._checks import (
     COUNT_DTYPES,
     FLOAT_DTYPES,
@@ -20,7 +21,6 @@ from spikekernels.ops._checks import (
 )
 from spikekernels.ops._dispatch import backend_for
 from spikekernels.ops._registry import kernel_op, launcher
-from spikekernels.ops.target import record_active
 
 
 def check_neuron_state(

@@ -7,6 +7,7 @@ import math
 
 import torch
 
+from spikekernels.ops._activity import record_active
 from spikekernels.ops._checks import (
     FLOAT_DTYPES,
     check_active,
@@ -25,7 +26,7 @@ from spikekernels.ops.spike_linear import (
     spike_linear_torch,
     tensor_core_weight,
 )
-from spikekernels.ops.target import check_threshold, check_threshold_values, record_active
+from spikekernels.ops.target import check_threshold, check_threshold_values
 
 
 def _check_spike_linear_neuron(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from spikekernels.ops._activity import record_active
 from spikekernels.ops._checks import (
     FLOAT_DTYPES,
     check_active,
@@ -79,17 +80,6 @@ def _check_target_spikes(value, threshold, n_min, p_max, count, active) -> None:
     check_bounds(n_min, p_max)
     check_state(count, "count", value.shape[1:], (torch.int8,), value, "value")
     check_active(active, value.shape, value, "value")
-
-
-def record_active(active: torch.Tensor | None, spikes: torch.Tensor) -> None:
-    """``active[t, b] = 1`` where sample ``b`` (the spikes' dim 1) fired at step ``t``; never
-    cleared. The PyTorch and reference paths' counterpart of the kernels' epilogue store."""
-    if active is None or spikes.numel() == 0:
-        return
-    # amax of |spike| per sample: several times faster than any() on CPU (ternary int8: no
-    # abs(-128) wrap)
-    peak = spikes.reshape(spikes.shape[0], spikes.shape[1], -1).abs().amax(dim=-1)
-    active.masked_fill_(peak != 0, 1)
 
 
 def target_spikes_torch(
