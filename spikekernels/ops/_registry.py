@@ -1,14 +1,26 @@
-"""How a Python-defined op becomes ``torch.ops.spikekernels.<name>``.
+"""How a Python-defined op becomes ``torch.ops.spikekernels.<name>``, and how it is called.
 
 On a normal run an op that launches Triton kernels is a ``torch.library.triton_op`` and
 launches through ``wrap_triton``, so ``torch.compile`` sees (and can fuse around) the kernel.
 Under ``TRITON_INTERPRET=1`` (or without triton) it is a plain ``custom_op``: opcheck and
 torch.compile cannot trace an interpreted ``triton_op``, while a ``custom_op`` with a fake impl
 passes both.
+
+Calling. The public faces call ``call_op(name, *args)``. In plain eager mode it runs the op's
+body directly; anything else (torch.compile, a dispatch mode such as FakeTensorMode or
+functionalization, functorch transforms, tensor subclasses, inputs that need autograd) goes
+through ``torch.ops.spikekernels.<name>``. Why: the Python ``custom_op``/``triton_op``
+machinery costs about 80 us a call on this project's CPU machine (``fill_defaults`` alone
+about 35 us for an op with a mutated argument; ``bench/bench_host.py`` measures it), and
+the exact ViT-S runner makes about 180 op calls per chunk: milliseconds of host time per
+chunk, as much as the fused kernels' GPU time. The body is the same function either way,
+so the two paths are bit-identical (``tests/test_registry.py``).
 """
 
 from __future__ import annotations
 
+import inspect
+import threading
 from collections.abc import Callable, Sequence
 
 import torch
@@ -18,9 +30,17 @@ from spikekernels.kernels import INTERPRET, TRITON_AVAILABLE
 NAMESPACE = "spikekernels"
 TRACEABLE_TRITON = TRITON_AVAILABLE and not INTERPRET
 
+# name -> (body, positions of the arguments it mutates)
+_BODIES: dict[str, tuple[Callable, tuple[int, ...]]] = {}
+# Set while a body runs outside the dispatcher: its launches need no wrap_triton (whose
+# higher-order-op dispatch exists for tracing and costs far more than the launch).
+_direct = threading.local()
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+
 
 def kernel_op(name: str, *, mutates_args: Sequence[str] = ()) -> Callable:
-    """Decorator: register ``fn`` (type-annotated) as ``spikekernels::<name>``.
+    """Decorator: register ``fn`` (type-annotated) as ``spikekernels::<name>``; ``call_op``
+    calls it.
 
     ``mutates_args`` names the arguments the op writes in place (none by default), so that
     functionalization and torch.compile keep the write and order it."""
@@ -28,6 +48,8 @@ def kernel_op(name: str, *, mutates_args: Sequence[str] = ()) -> Callable:
     mutates = tuple(mutates_args)
 
     def register(fn: Callable):
+        params = list(inspect.signature(fn).parameters)
+        _BODIES[name] = (fn, tuple(params.index(arg) for arg in mutates))
         if TRACEABLE_TRITON:
             return torch.library.triton_op(qualname, fn, mutates_args=mutates)
         return torch.library.custom_op(qualname, fn, mutates_args=mutates)
@@ -36,7 +58,45 @@ def kernel_op(name: str, *, mutates_args: Sequence[str] = ()) -> Callable:
 
 
 def launcher(kernel):
-    """The callable to index with a grid: ``wrap_triton(kernel)`` inside a triton_op."""
-    if TRACEABLE_TRITON:
+    """The callable to index with a grid: ``wrap_triton(kernel)`` inside a triton_op, the
+    kernel itself when ``call_op`` runs the body directly."""
+    if TRACEABLE_TRITON and not getattr(_direct, "on", False):
         return torch.library.wrap_triton(kernel)
     return kernel
+
+
+def runs_directly(args: Sequence[object]) -> bool:
+    """Whether ``call_op`` may skip the dispatcher for ``args``: plain eager mode, plain
+    tensors, no autograd needed. (The fake impls, opcheck and torch.compile always see the
+    registered op.)"""
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
+        return False
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        return False
+    grad = torch.is_grad_enabled()
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            if type(a) not in _PLAIN_TENSORS or (grad and a.requires_grad):
+                return False
+    return True
+
+
+def call_op(name: str, *args):
+    """``torch.ops.spikekernels.<name>(*args)``, by the shortest path that gives the same
+    result (see the module docstring)."""
+    if not runs_directly(args):
+        return getattr(torch.ops.spikekernels, name)(*args)
+    body, mutated = _BODIES[name]
+    outer, _direct.on = getattr(_direct, "on", False), True
+    try:
+        if torch.autograd._profiler_enabled():  # keep the op's line in profiles
+            with torch.profiler.record_function(f"{NAMESPACE}::{name}"):
+                out = body(*args)
+        else:
+            out = body(*args)
+    finally:
+        _direct.on = outer
+    for i in mutated:
+        if i < len(args) and args[i] is not None:
+            torch.autograd.graph.increment_version(args[i])
+    return out

@@ -18,7 +18,7 @@ from spikekernels.ops._checks import (
     check_time_major,
 )
 from spikekernels.ops._dispatch import backend_for
-from spikekernels.ops._registry import kernel_op, launcher
+from spikekernels.ops._registry import call_op, kernel_op, launcher
 from spikekernels.ops.spike_matmul import _check_counts_fit, spike_matmul_torch
 from spikekernels.ops.target import (
     check_bounds,
@@ -270,7 +270,7 @@ def exact_attention_probs(
     _check_data(
         q, k_t, "q", "k_t", q_acc, k_acc, ((gain, "gain"), (threshold, "threshold")), validate
     )
-    return torch.ops.spikekernels.exact_attention_probs(*args, active)
+    return call_op("exact_attention_probs", *args, active)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -428,4 +428,4 @@ def exact_context(
     _check_context(*args, active)
     scalars = ((theta_a, "theta_a"), (theta_v, "theta_v"), (threshold, "threshold"))
     _check_data(a, v, "a", "v", a_acc, v_acc, scalars, validate)
-    return torch.ops.spikekernels.exact_context(*args, active)
+    return call_op("exact_context", *args, active)

@@ -20,7 +20,7 @@ from spikekernels.ops._checks import (
     check_time_major,
 )
 from spikekernels.ops._dispatch import backend_for
-from spikekernels.ops._registry import kernel_op, launcher
+from spikekernels.ops._registry import call_op, kernel_op, launcher
 from spikekernels.ops.exact_residual import exact_residual_add_torch
 from spikekernels.ops.target import (
     check_bounds,
@@ -412,7 +412,8 @@ def exact_layernorm_neuron(
     check_threshold_values(threshold, "threshold", validate)
     if branch_spikes is not None:
         check_ternary(branch_spikes, "branch_spikes", validate)
-    out = torch.ops.spikekernels.exact_layernorm_neuron(
+    out = call_op(
+        "exact_layernorm_neuron",
         d,
         c,
         weight,

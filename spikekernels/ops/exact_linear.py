@@ -19,7 +19,7 @@ from spikekernels.ops._checks import (
     may_read_data,
 )
 from spikekernels.ops._dispatch import backend_for
-from spikekernels.ops._registry import kernel_op, launcher
+from spikekernels.ops._registry import call_op, kernel_op, launcher
 from spikekernels.ops.target import (
     check_bounds,
     check_threshold,
@@ -256,4 +256,4 @@ def exact_linear(
     args = (s, weight, weight_scale, bias, in_threshold, threshold, n_min, p_max, acc, count)
     _check_exact_linear(*args, active)
     _check_data(s, weight, weight_scale, in_threshold, threshold, validate)
-    return torch.ops.spikekernels.exact_linear(*args, active)
+    return call_op("exact_linear", *args, active)

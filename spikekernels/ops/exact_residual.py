@@ -14,7 +14,7 @@ from spikekernels.ops._checks import (
     check_time_major,
 )
 from spikekernels.ops._dispatch import backend_for
-from spikekernels.ops._registry import kernel_op, launcher
+from spikekernels.ops._registry import call_op, kernel_op, launcher
 
 
 def _check_exact_residual_add(d, spikes, threshold, count) -> None:
@@ -121,4 +121,4 @@ def exact_residual_add(
     """
     _check_exact_residual_add(d, spikes, threshold, count)
     check_ternary(spikes, "spikes", validate)
-    return torch.ops.spikekernels.exact_residual_add(d, spikes, threshold, count)
+    return call_op("exact_residual_add", d, spikes, threshold, count)

@@ -16,7 +16,7 @@ from spikekernels.ops._checks import (
     check_time_major,
 )
 from spikekernels.ops._dispatch import backend_for
-from spikekernels.ops._registry import kernel_op, launcher
+from spikekernels.ops._registry import call_op, kernel_op, launcher
 
 
 def check_spike_layernorm(x, weight, bias, eps, x_acc, y_prev) -> None:
@@ -158,4 +158,4 @@ def spike_layernorm(
     """
     eps = check_float(eps, "eps")
     check_spike_layernorm(x, weight, bias, eps, x_acc, y_prev)
-    return torch.ops.spikekernels.spike_layernorm(x, weight, bias, eps, x_acc, y_prev)
+    return call_op("spike_layernorm", x, weight, bias, eps, x_acc, y_prev)

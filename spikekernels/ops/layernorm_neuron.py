@@ -14,7 +14,7 @@ from spikekernels.ops._checks import (
     check_scalar_tensor,
 )
 from spikekernels.ops._dispatch import backend_for
-from spikekernels.ops._registry import kernel_op, launcher
+from spikekernels.ops._registry import call_op, kernel_op, launcher
 from spikekernels.ops.layernorm import check_spike_layernorm
 from spikekernels.ops.neuron import check_neuron_state
 
@@ -66,11 +66,9 @@ def spike_layernorm_neuron_torch(
     """Without the fused kernel: the two ops in turn, each on its own backend for ``x``
     (the LayerNorm's PyTorch path, the neuron's C++ kernel on CPU), so the same bits as
     calling them, at the cost of the ``[T, *, C]`` increments in memory."""
-    u, x_acc_out, y_prev_out = torch.ops.spikekernels.spike_layernorm(
-        x, weight, bias, eps, x_acc, y_prev
-    )
-    spikes, v_out, count_out = torch.ops.spikekernels.st_bif(
-        u, threshold, n_min, p_max, v, count, False, active
+    u, x_acc_out, y_prev_out = call_op("spike_layernorm", x, weight, bias, eps, x_acc, y_prev)
+    spikes, v_out, count_out = call_op(
+        "st_bif", u, threshold, n_min, p_max, v, count, False, active
     )
     return spikes, x_acc_out, y_prev_out, v_out, count_out
 
@@ -164,4 +162,4 @@ def spike_layernorm_neuron(
     _check_spike_layernorm_neuron(*args, active)
     check_positive(threshold, "threshold", validate)
     check_in_bounds(count, "count", n_min, p_max, validate)
-    return torch.ops.spikekernels.spike_layernorm_neuron(*args, active)
+    return call_op("spike_layernorm_neuron", *args, active)

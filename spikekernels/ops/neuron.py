@@ -20,7 +20,7 @@ from spikekernels.ops._checks import (
     check_time_major,
 )
 from spikekernels.ops._dispatch import backend_for
-from spikekernels.ops._registry import kernel_op, launcher
+from spikekernels.ops._registry import call_op, kernel_op, launcher
 
 
 def check_neuron_state(
@@ -187,4 +187,4 @@ def st_bif(
     _check_st_bif(x, threshold, n_min, p_max, v, s, active)
     check_positive(threshold, "threshold", validate)
     check_in_bounds(s, "s", n_min, p_max, validate)
-    return torch.ops.spikekernels.st_bif(x, threshold, n_min, p_max, v, s, float_out, active)
+    return call_op("st_bif", x, threshold, n_min, p_max, v, s, float_out, active)

@@ -18,7 +18,7 @@ from spikekernels.ops._checks import (
     check_time_major,
 )
 from spikekernels.ops._dispatch import backend_for
-from spikekernels.ops._registry import kernel_op, launcher
+from spikekernels.ops._registry import call_op, kernel_op, launcher
 from spikekernels.ops.weight_split import SPLIT_DOC, bf16x3_parts, merge_bf16x3
 
 WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.int8)
@@ -249,6 +249,4 @@ def spike_linear(
     if weight_scale is not None:
         check_finite_nonzero(weight_scale, "weight_scale", validate)
     check_ternary(s, "s", validate)
-    return torch.ops.spikekernels.spike_linear(
-        s, weight, threshold, bias, t0, bias_steps, weight_scale
-    )
+    return call_op("spike_linear", s, weight, threshold, bias, t0, bias_steps, weight_scale)

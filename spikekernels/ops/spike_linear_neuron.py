@@ -15,7 +15,7 @@ from spikekernels.ops._checks import (
     check_ternary,
 )
 from spikekernels.ops._dispatch import backend_for
-from spikekernels.ops._registry import kernel_op, launcher
+from spikekernels.ops._registry import call_op, kernel_op, launcher
 from spikekernels.ops.neuron import check_neuron_state
 from spikekernels.ops.spike_linear import (
     bias_share,
@@ -75,8 +75,8 @@ def spike_linear_neuron_torch(
         u, neuron_theta = y, theta
     else:
         u, neuron_theta = y / theta, torch.ones((), dtype=torch.float32, device=s.device)
-    spikes, v_out, count_out = torch.ops.spikekernels.st_bif(
-        u, neuron_theta, n_min, p_max, v, count, False, active
+    spikes, v_out, count_out = call_op(
+        "st_bif", u, neuron_theta, n_min, p_max, v, count, False, active
     )
     if float_out:
         spikes = spikes.to(torch.float32) * theta
@@ -241,4 +241,4 @@ def spike_linear_neuron(
     check_threshold_values(threshold, "threshold", validate)
     check_ternary(s, "s", validate)
     check_in_bounds(count, "count", n_min, p_max, validate)
-    return torch.ops.spikekernels.spike_linear_neuron(*args, float_out, active)
+    return call_op("spike_linear_neuron", *args, float_out, active)

@@ -17,7 +17,7 @@ from spikekernels.ops._checks import (
     may_read_data,
 )
 from spikekernels.ops._dispatch import backend_for
-from spikekernels.ops._registry import kernel_op, launcher
+from spikekernels.ops._registry import call_op, kernel_op, launcher
 
 # float32 holds every integer below 2^24 exactly. An output element sums 2K products of an
 # int8 count (|c| <= 128) and a spike, so the float32 matmuls of the dense path are exact
@@ -211,4 +211,4 @@ def spike_matmul(
     check_ternary(b, "b", validate)
     _check_counts_fit(a, a_acc, "a", validate)
     _check_counts_fit(b, b_acc, "b", validate)
-    return torch.ops.spikekernels.spike_matmul(a, b, scale, a_acc, b_acc)
+    return call_op("spike_matmul", a, b, scale, a_acc, b_acc)

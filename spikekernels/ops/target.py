@@ -15,7 +15,7 @@ from spikekernels.ops._checks import (
     may_read_data,
 )
 from spikekernels.ops._dispatch import backend_for
-from spikekernels.ops._registry import kernel_op, launcher
+from spikekernels.ops._registry import call_op, kernel_op, launcher
 
 THRESHOLD_DTYPES = FLOAT_DTYPES + (torch.float64,)
 _INT8 = torch.iinfo(torch.int8)
@@ -197,4 +197,4 @@ def target_spikes(
     """
     _check_target_spikes(value, threshold, n_min, p_max, count, active)
     check_threshold_values(threshold, "threshold", validate)
-    return torch.ops.spikekernels.target_spikes(value, threshold, n_min, p_max, count, active)
+    return call_op("target_spikes", value, threshold, n_min, p_max, count, active)

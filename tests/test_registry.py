@@ -1,0 +1,131 @@
+"""ops._registry.call_op: plain eager calls run the op's body directly, everything else goes
+through ``torch.ops.spikekernels.*``, and both give the same bits and the same in-place writes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import DEVICES
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from spikekernels import ops
+from spikekernels.ops import _registry
+
+
+@pytest.fixture
+def counted_st_bif(monkeypatch):
+    """How many times ``call_op`` ran st_bif's body directly (the dispatcher's copy of the
+    body is registered separately, so it does not count)."""
+    body, mutated = _registry._BODIES["st_bif"]
+    calls = []
+
+    def counting(*args):
+        calls.append(1)
+        return body(*args)
+
+    monkeypatch.setitem(_registry._BODIES, "st_bif", (counting, mutated))
+    return calls
+
+
+def _st_bif_args(gen, device="cpu", T=3, n=37):
+    x = (torch.randn(T, 2, n, generator=gen) * 1.5).to(device)
+    theta = torch.tensor([0.5], device=device)
+    active = torch.zeros(T, 2, dtype=torch.int32, device=device)
+    return x, theta, -8, 7, None, None, False, active
+
+
+def test_every_registered_op_has_a_body():
+    names = {"st_bif", "target_spikes", "spike_linear", "spike_linear_neuron", "spike_matmul"}
+    names |= {"spike_layernorm", "spike_layernorm_neuron", "exact_linear", "exact_context"}
+    names |= {"exact_layernorm_neuron", "exact_residual_add", "exact_attention_probs"}
+    assert names <= set(_registry._BODIES)
+    for name in _registry._BODIES:
+        assert hasattr(torch.ops.spikekernels, name), name
+
+
+def test_plain_eager_runs_the_body_directly(gen, counted_st_bif):
+    ops.st_bif(*_st_bif_args(gen)[:4])
+    assert counted_st_bif == [1]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_direct_equals_dispatcher(gen, device, counted_st_bif):
+    args = _st_bif_args(gen, device)
+    x, theta, n_min, p_max, _, _, _, active = args
+    active_op = active.clone()
+    want = torch.ops.spikekernels.st_bif(x, theta, n_min, p_max, None, None, False, active_op)
+    assert counted_st_bif == []
+    version = active._version
+    got = ops.st_bif(x, theta, n_min, p_max, active=active)
+    assert counted_st_bif == [1]
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == w.dtype and torch.equal(g, w)
+    assert torch.equal(active, active_op) and bool(active.any())
+    assert active._version > version, "an in-place write must bump the version counter"
+
+
+def test_inference_mode(gen, counted_st_bif):
+    """Inference tensors have no version counter: the direct path must not try to bump one."""
+    with torch.inference_mode():
+        args = _st_bif_args(gen)
+        spikes, _, count = ops.st_bif(*args[:4], active=args[-1])
+    assert counted_st_bif == [1]
+    assert torch.equal(count, spikes.sum(0, dtype=torch.int8))
+
+
+def test_autograd_inputs_use_the_dispatcher(gen, counted_st_bif):
+    x, theta, n_min, p_max = _st_bif_args(gen)[:4]
+    ops.st_bif(x.requires_grad_(), theta, n_min, p_max)
+    assert counted_st_bif == []
+    with torch.no_grad():  # no autograd needed: direct again
+        ops.st_bif(x, theta, n_min, p_max)
+    assert counted_st_bif == [1]
+
+
+def test_fake_tensors_use_the_dispatcher(gen, counted_st_bif):
+    args = _st_bif_args(gen)[:4]
+    with FakeTensorMode() as mode:
+        x = mode.from_tensor(args[0])
+        theta = mode.from_tensor(args[1])
+        spikes, v, count = ops.st_bif(x, theta, args[2], args[3])
+    assert counted_st_bif == []
+    assert spikes.shape == args[0].shape and spikes.dtype == torch.int8
+    assert v.shape == count.shape == args[0].shape[1:]
+
+
+def test_compile_uses_the_dispatcher(gen, counted_st_bif):
+    args = _st_bif_args(gen)[:4]
+    compiled = torch.compile(lambda x: ops.st_bif(x, *args[1:]), backend="eager", fullgraph=True)
+    got = compiled(args[0])
+    assert counted_st_bif == []
+    want = ops.st_bif(*args)
+    for g, w in zip(got, want, strict=True):
+        assert torch.equal(g, w)
+
+
+def test_launcher_skips_wrap_triton_only_inside_a_direct_call():
+    triton = pytest.importorskip("triton")
+
+    @triton.jit
+    def noop_kernel(x_ptr):
+        pass
+
+    seen = []
+
+    def body(*args):
+        seen.append(_registry.launcher(noop_kernel))
+        raise RuntimeError("stop")
+
+    _registry._BODIES["_test_launcher"] = (body, ())
+    try:
+        with pytest.raises(RuntimeError, match="stop"):
+            _registry.call_op("_test_launcher", torch.zeros(1))
+    finally:
+        del _registry._BODIES["_test_launcher"]
+    assert seen == [noop_kernel]  # direct: the kernel itself
+    outside = _registry.launcher(noop_kernel)  # restored after the exception
+    if _registry.TRACEABLE_TRITON:
+        assert isinstance(outside, type(torch.library.wrap_triton(noop_kernel)))
+        assert outside is not noop_kernel
+    else:  # interpreter: a custom_op, never wrapped
+        assert outside is noop_kernel
