@@ -15,7 +15,9 @@ forward (fake-quantized weights in exact mode) in float32 and under bf16 autocas
 ``speedup_vs_per_step_reference`` the fused runner against the same network one step at a time
 on ``spikekernels.reference``. It also reports the time per step of the first chunk and of the
 rest, and prints the ten largest lines of a profile of one chunk, so that the next bottleneck
-is in the record. On a CPU: the tiny preset at batch 16.
+is in the record; on a GPU ``device_busy_fraction_first_chunk`` is that chunk's kernel time
+over its wall time (well under 1: the GPU waits for the host, and launch overhead is the next
+bottleneck, see ``bench_host.py``). On a CPU: the tiny preset at batch 16.
 
 SpikingJelly 2.0's own SpikeZIP-TF path is the field's baseline (``spikingjelly_spikezip.py``
 says what its recipe needs and how it runs): ``SpikeZIPTFQANNRecipe(model_family="vit")``
@@ -48,6 +50,7 @@ from conftest import (
     time_op,
     try_median_time,
 )
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 import spikekernels
@@ -58,8 +61,10 @@ MAX_STEPS, CHUNK = 64, 8
 SJ_CHECK_IMAGES = 8  # SpikingJelly's settled-logits check: on the first few images
 
 
-def _profile_one_chunk(snn, x) -> str:
-    """The ten largest kernels (device time on a GPU, CPU time otherwise) of one chunk."""
+def _profile_one_chunk(snn, x) -> tuple[str, float | None]:
+    """The ten largest kernels (device time on a GPU, CPU time otherwise) of one chunk, and on
+    a GPU the chunk's device busy time in seconds: the sum of its kernels' times (None on a
+    CPU). Busy time well under the chunk's wall time means the GPU waits for the host."""
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if ON_GPU else [])
     with profile(activities=activities) as prof:
         snn(x, max_steps=CHUNK, chunk=CHUNK)
@@ -69,7 +74,15 @@ def _profile_one_chunk(snn, x) -> str:
     table = prof.key_averages().table(sort_by=key, row_limit=10)
     print(f"\nprofile of one {CHUNK}-step chunk ({MODEL.__name__}, batch {BATCH}):\n{table}")
     top = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)[:5]
-    return "; ".join(f"{e.key} {getattr(e, key) / 1e3:.2f} ms" for e in top)
+    busy = None
+    if ON_GPU:  # kernels only: record_function annotations on the GPU timeline would count twice
+        kernels = [
+            e
+            for e in prof.events()
+            if e.device_type == DeviceType.CUDA and not e.is_user_annotation
+        ]
+        busy = sum(e.self_device_time_total for e in kernels) / 1e6
+    return "; ".join(f"{e.key} {getattr(e, key) / 1e3:.2f} ms" for e in top), busy
 
 
 def _spikingjelly(qann, x, steps: int, level: int, reference_logits, ours: float, info: dict):
@@ -162,7 +175,7 @@ def test_vit_end_to_end(benchmark, mode, level):
         qann_fp32 = median_time(synchronized(float_forward))
         with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
             qann_bf16 = median_time(synchronized(float_forward))
-        breakdown = _profile_one_chunk(snn, x)
+        breakdown, device_busy = _profile_one_chunk(snn, x)
         info: dict = {}  # baseline_error, when a baseline cannot run here
         spikingjelly = _spikingjelly(qann, x, steps, level, qann_float_logits, seconds, info)
 
@@ -184,6 +197,7 @@ def test_vit_end_to_end(benchmark, mode, level):
         speedup_vs_per_step_reference=reference / seconds,
         seconds_per_step_first_chunk=first_chunk / min(CHUNK, steps),
         seconds_per_step_after=rest,
+        device_busy_fraction_first_chunk=None if device_busy is None else device_busy / first_chunk,
         prediction_agreement=(logits.argmax(1) == qann_logits.argmax(1)).float().mean().item(),
         max_logit_difference=(logits - qann_logits).abs().max().item(),
         bitwise_equal=bool(torch.equal(logits, qann_logits)),
