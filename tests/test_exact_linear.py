@@ -40,6 +40,12 @@ def _spikes(gen, T, lead, k, device="cpu", density=0.5):
     return s.to(device)
 
 
+def _random_state(gen, shape):
+    """An incoming ``(acc, count)`` mid-run: accumulators of a few thousand, counts in +-8."""
+    acc = torch.randint(-3000, 3000, shape, generator=gen, dtype=torch.int32)
+    return acc, torch.randint(-8, 8, shape, generator=gen, dtype=torch.int8)
+
+
 def _assert_same(got, want):
     for name, g, w in zip(("spikes", "acc", "count"), got, want, strict=True):
         g = g.cpu()
@@ -101,8 +107,7 @@ def test_every_backend_matches_the_reference(gen, backend):
     """Each backend pinned in turn (one that cannot run here falls back to torch)."""
     layer = _layer(gen, 37, 45, per_channel=True)
     s = _spikes(gen, 4, (2, 9), 45)
-    acc = torch.randint(-3000, 3000, (2, 9, 37), generator=gen, dtype=torch.int32)
-    count = torch.randint(-8, 8, (2, 9, 37), generator=gen, dtype=torch.int8)
+    acc, count = _random_state(gen, (2, 9, 37))
     with force_backend(backend):
         got = _run(s, layer, -8, 7, acc, count)
     _assert_same(got, _reference(s, layer, -8, 7, acc, count))
@@ -126,6 +131,40 @@ def test_chunked_equals_whole(gen, device):
         out, acc, count = _run(chunk, layer, -16, 15, acc, count)
         spikes.append(out)
     _assert_same((torch.cat(spikes), acc, count), [w.cpu() for w in whole])
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch", "reference"])
+@pytest.mark.parametrize("poisoned", [False, True])
+def test_inplace_equals_fresh(gen, backend, poisoned, request):
+    """``inplace=True``: chunks fed back in place give the whole run's bits, and the state
+    stays the same tensors at the same addresses (what a CUDA graph replays)."""
+    if poisoned:
+        request.getfixturevalue("poisoned_allocations")
+    layer = _layer(gen, 29, 70, per_channel=True)
+    s = _spikes(gen, 9, (2, 21), 70)
+    acc0, count0 = _random_state(gen, (2, 21, 29))
+    with force_backend(backend):
+        whole = _run(s, layer, -16, 15, acc0, count0)
+        acc, count = acc0.clone(), count0.clone()
+        where = (acc.data_ptr(), count.data_ptr())
+        spikes = []
+        for chunk in s.split([4, 1, 4]):
+            out = _run(chunk, layer, -16, 15, acc, count, inplace=True)
+            assert out[1] is acc and out[2] is count
+            spikes.append(out[0])
+    assert (acc.data_ptr(), count.data_ptr()) == where
+    _assert_same((torch.cat(spikes), acc, count), whole)
+    _assert_same(whole, _reference(s, layer, -16, 15, acc0, count0))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_inplace_single_step(gen, device):
+    layer = _layer(gen, 5, 3, device=device)
+    s = _spikes(gen, 1, (1,), 3, device)
+    acc = torch.zeros(1, 5, dtype=torch.int32, device=device)
+    count = torch.zeros(1, 5, dtype=torch.int8, device=device)
+    got = _run(s, layer, -8, 7, acc, count, inplace=True)
+    _assert_same([t.cpu() for t in got], _reference(s, layer, -8, 7))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -294,6 +333,41 @@ BAD_INPUTS = [
 ]
 
 
+_ACC = torch.zeros(3, 5, dtype=torch.int32)
+_COUNT = torch.zeros(3, 5, dtype=torch.int8)
+BAD_INPUTS += [
+    ("inplace int", dict(acc=_ACC, count=_COUNT, inplace=1), TypeError, "inplace must be a bool"),
+    ("inplace without acc", dict(count=_COUNT, inplace=True), ValueError, "needs acc"),
+    ("inplace without count", dict(acc=_ACC, inplace=True), ValueError, "needs count"),
+    (
+        "inplace strided acc",
+        dict(acc=torch.zeros(5, 3, dtype=torch.int32).t(), count=_COUNT, inplace=True),
+        ValueError,
+        "acc must be contiguous",
+    ),
+    (
+        "inplace count in s",
+        dict(
+            s=torch.zeros(2, 3, 8, dtype=torch.int8),
+            count=torch.zeros(2, 3, 8, dtype=torch.int8)[0, :, :5],
+            acc=_ACC,
+            inplace=True,
+        ),
+        ValueError,
+        "count must be contiguous",
+    ),
+]
+
+
+def test_inplace_state_sharing_an_input_is_rejected():
+    args = _good_args()
+    buffer = torch.zeros(2 * 3 * 8, dtype=torch.int8)
+    args["s"] = buffer.view(2, 3, 8)
+    count = buffer[:15].view(3, 5)  # contiguous, but inside s
+    with pytest.raises(ValueError, match="count shares memory"):
+        exact_linear(**args, acc=torch.zeros(3, 5, dtype=torch.int32), count=count, inplace=True)
+
+
 @pytest.mark.parametrize(
     ("case", "bad", "error", "words"), BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS]
 )
@@ -303,13 +377,13 @@ def test_bad_input_is_rejected(case, bad, error, words):
         exact_linear(**args)
 
 
-@pytest.mark.parametrize("case", ["fresh", "state", "per_channel_no_bias"])
+@pytest.mark.parametrize("case", ["fresh", "state", "per_channel_no_bias", "inplace"])
 def test_opcheck(gen, case):
     layer = _layer(gen, 20, 24, per_channel=case != "fresh", bias=case != "per_channel_no_bias")
     s = _spikes(gen, 3, (2, 5), 24)
     acc = torch.randint(-500, 500, (2, 5, 20), generator=gen, dtype=torch.int32)
     count = torch.randint(-2, 3, (2, 5, 20), generator=gen, dtype=torch.int8)
-    state = (acc, count) if case == "state" else (None, None)
+    state = (acc, count) if case in ("state", "inplace") else (None, None)
     args = (
         s,
         layer["weight"],
@@ -320,6 +394,8 @@ def test_opcheck(gen, case):
         -8,
         7,
         *state,
+        None,
+        case == "inplace",
     )
     torch.library.opcheck(torch.ops.spikekernels.exact_linear.default, args)
 

@@ -196,16 +196,23 @@ def exact_linear_triton(
     acc: torch.Tensor | None,
     count: torch.Tensor | None,
     active: torch.Tensor | None = None,
+    *,
+    inplace: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Host side: ``s`` ``[T, rows, K]`` int8, ``weight`` ``[N, K]`` int8, ``weight_scale``
     and ``bias`` float32 ``[N]``, all contiguous; ``acc``/``count`` ``[rows, N]`` or None;
     ``active`` ``[T, B]`` int32 contiguous or None.
-    Returns fresh ``(spikes [T, rows, N] int8, acc [rows, N] int32, count [rows, N] int8)``."""
+    Returns ``(spikes [T, rows, N] int8, acc [rows, N] int32, count [rows, N] int8)``: fresh,
+    or with ``inplace`` the given ``acc`` and ``count`` (views of the caller's contiguous
+    state), written by the program that read them."""
     T, rows, K = s.shape
     N = weight.shape[0]
     out = torch.empty((T, rows, N), dtype=torch.int8, device=s.device)
-    acc_out = torch.empty((rows, N), dtype=torch.int32, device=s.device)
-    count_out = torch.empty((rows, N), dtype=torch.int8, device=s.device)
+    if inplace:
+        acc_out, count_out = acc, count
+    else:
+        acc_out = torch.empty((rows, N), dtype=torch.int32, device=s.device)
+        count_out = torch.empty((rows, N), dtype=torch.int8, device=s.device)
     if rows == 0 or N == 0:
         return out, acc_out, count_out
     block_m, block_n, block_k, num_warps, num_stages = tile_config()

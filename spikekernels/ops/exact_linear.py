@@ -19,6 +19,7 @@ from spikekernels.ops._checks import (
     may_read_data,
 )
 from spikekernels.ops._dispatch import backend_for
+from spikekernels.ops._inplace import check_inplace, own_state, placeholder, state_result
 from spikekernels.ops._registry import call_op, kernel_op, launcher
 from spikekernels.ops.target import (
     check_bounds,
@@ -33,7 +34,18 @@ MAX_K = 2**17 - 1
 
 
 def _check_exact_linear(
-    s, weight, weight_scale, bias, in_threshold, threshold, n_min, p_max, acc, count, active
+    s,
+    weight,
+    weight_scale,
+    bias,
+    in_threshold,
+    threshold,
+    n_min,
+    p_max,
+    acc,
+    count,
+    active,
+    inplace,
 ) -> None:
     """Metadata checks (no data read)."""
     check_tensor(s, "s", dtypes=(torch.int8,))
@@ -69,6 +81,8 @@ def _check_exact_linear(
     check_state(acc, "acc", shape, (torch.int32,), s, "s")
     check_state(count, "count", shape, (torch.int8,), s, "s")
     check_active(active, (s.shape[0], *shape), s, "s")
+    inputs = (s, weight, weight_scale, bias, in_threshold, threshold, active)
+    check_inplace(inplace, (("acc", acc), ("count", count)), inputs)
 
 
 def _check_data(s, weight, weight_scale, in_threshold, threshold, validate) -> None:
@@ -118,7 +132,7 @@ def exact_linear_torch(
     return spikes, acc_t[-1].clone(), count_out
 
 
-@kernel_op("exact_linear", mutates_args=("active",))
+@kernel_op("exact_linear", mutates_args=("acc", "count", "active"))
 def _exact_linear_op(
     s: torch.Tensor,
     weight: torch.Tensor,
@@ -131,9 +145,10 @@ def _exact_linear_op(
     acc: torch.Tensor | None = None,
     count: torch.Tensor | None = None,
     active: torch.Tensor | None = None,
+    inplace: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     args = (s, weight, weight_scale, bias, in_threshold, threshold, n_min, p_max, acc, count)
-    _check_exact_linear(*args, active)
+    _check_exact_linear(*args, active, inplace)
     backend = backend_for(s, ("triton", "torch"))
     if backend == "triton":
         from spikekernels.kernels.exact_linear import exact_linear_triton
@@ -141,6 +156,8 @@ def _exact_linear_op(
         n, k = weight.shape
         lead = s.shape[1:-1]
         rows = math.prod(lead)
+        acc_in = None if acc is None else acc.contiguous().reshape(rows, n)
+        count_in = None if count is None else count.contiguous().reshape(rows, n)
         spikes, acc_out, count_out = exact_linear_triton(
             launcher,
             s.contiguous().reshape(s.shape[0], rows, k),
@@ -151,19 +168,24 @@ def _exact_linear_op(
             threshold,
             n_min,
             p_max,
-            None if acc is None else acc.contiguous().reshape(rows, n),
-            None if count is None else count.contiguous().reshape(rows, n),
+            acc_in,
+            count_in,
             active,
+            inplace=inplace,
         )
         shape = (*lead, n)
-        return spikes.reshape(s.shape[0], *shape), acc_out.reshape(shape), count_out.reshape(shape)
+        spikes = spikes.reshape(s.shape[0], *shape)
+        if inplace:
+            return spikes, placeholder(acc), placeholder(count)
+        return spikes, acc_out.reshape(shape), count_out.reshape(shape)
     if backend == "reference":
         from spikekernels import reference
 
         out = reference.exact_linear(*args)
         record_active(active, out[0])
-        return out
-    return exact_linear_torch(*args, active)
+    else:
+        out = exact_linear_torch(*args, active)
+    return out[0], state_result(inplace, out[1], acc), state_result(inplace, out[2], count)
 
 
 @_exact_linear_op.register_fake
@@ -179,11 +201,17 @@ def _(
     acc=None,
     count=None,
     active=None,
+    inplace=False,
 ):
-    _check_exact_linear(
-        s, weight, weight_scale, bias, in_threshold, threshold, n_min, p_max, acc, count, active
-    )
+    args = (s, weight, weight_scale, bias, in_threshold, threshold, n_min, p_max, acc, count)
+    _check_exact_linear(*args, active, inplace)
     shape = (*s.shape[1:-1], weight.shape[0])
+    if inplace:
+        return (
+            s.new_empty((s.shape[0], *shape), dtype=torch.int8),
+            placeholder(acc),
+            placeholder(count),
+        )
     return (
         s.new_empty((s.shape[0], *shape), dtype=torch.int8),
         s.new_empty(shape, dtype=torch.int32),
@@ -204,6 +232,7 @@ def exact_linear(
     count: torch.Tensor | None = None,
     *,
     active: torch.Tensor | None = None,
+    inplace: bool = False,
     validate: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Exact-mode spiking linear layer fused with its output neuron (SPEC.md §9.2-§9.4).
@@ -235,13 +264,17 @@ def exact_linear(
         active: optional int32 ``[T, B]`` per-sample flags, ``B = s.shape[1]``, set in place
             as the kernel writes the spikes (``target_spikes``' contract: ``active[t, b] = 1``
             where sample ``b`` fires at step ``t``, never cleared). Not returned.
+        inplace: write the new ``acc`` and ``count`` into the given ones (both required,
+            contiguous, sharing no memory with an input) and return those same tensors
+            (``ops._inplace``): a state at a fixed address, as a CUDA graph replays it.
         validate: on a GPU also run the data checks (host syncs): thresholds positive, finite
             and normal; ``weight_scale`` finite and positive; ``weight`` in ``[-127, 127]``;
             ``s`` ternary. On CPU they always run.
 
     Returns:
-        ``(spikes [T, *, N] int8, acc [*, N] int32, count [*, N] int8)``, fresh tensors, so
-        chunked time (feeding ``acc`` and ``count`` back) equals a whole run bit for bit.
+        ``(spikes [T, *, N] int8, acc [*, N] int32, count [*, N] int8)``, fresh tensors
+        (with ``inplace``: the given ``acc`` and ``count``, updated), so chunked time
+        (feeding ``acc`` and ``count`` back) equals a whole run bit for bit.
 
     Exactness: bit-identical to ``reference.exact_linear`` on every path and device. ``acc``
     is integer arithmetic (int8 tensor cores on a GPU; an exact float32 matmul on the CPU),
@@ -254,6 +287,7 @@ def exact_linear(
     oracle. Inference only: no autograd.
     """
     args = (s, weight, weight_scale, bias, in_threshold, threshold, n_min, p_max, acc, count)
-    _check_exact_linear(*args, active)
+    _check_exact_linear(*args, active, inplace)
     _check_data(s, weight, weight_scale, in_threshold, threshold, validate)
-    return call_op("exact_linear", *args, active)
+    out = call_op("exact_linear", *args, active, inplace)
+    return own_state(out, (1, 2), (acc, count)) if inplace else out

@@ -1,0 +1,91 @@
+"""In-place state for the stateful exact-mode ops (``inplace=True``).
+
+By default an op returns its new state as fresh tensors. With ``inplace=True`` it writes the
+new state into the state tensors it was given (all of them must be given) and returns those
+same tensor objects. A kernel reads each state tile once, at the start of its program, and
+writes it at the end of the same program, so the write-back needs no second buffer. What it
+is for: a state that stays at one address from chunk to chunk is what a CUDA graph replays
+(``SpikingViT(..., cuda_graph=True)``), and no allocation is made per call.
+
+The registered op (``torch.ops.spikekernels.<name>``) declares the state arguments mutated and
+returns a zero-size placeholder in each state position when ``inplace`` (an op's output may not
+alias its input); the public face returns the given tensors there instead (``own_state``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from spikekernels.ops._checks import may_read_data
+
+
+def check_inplace(
+    inplace: object,
+    states: Sequence[tuple[str, torch.Tensor | None]],
+    inputs: Sequence[torch.Tensor | None],
+) -> None:
+    """``inplace`` is a bool; when True every state in ``states`` (``(name, tensor)``) is
+    given and contiguous, and shares no memory with an input or another state (the kernels
+    read inputs while they write state). Shapes and dtypes are ``check_state``'s job."""
+    if not isinstance(inplace, bool):
+        raise TypeError(f"inplace must be a bool, got {type(inplace).__name__}")
+    if not inplace:
+        return
+    for name, t in states:
+        if t is None:
+            raise ValueError(f"inplace=True needs {name}: the op writes the new state into it")
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous with inplace=True")
+    for i, (name, t) in enumerate(states):
+        if not may_read_data(t, True):  # no storage behind fake tensors
+            continue
+        others = [x for x in inputs if x is not None] + [s for _, s in states[i + 1 :]]
+        for other in others:
+            if may_read_data(other, True) and _shares_memory(t, other):
+                raise ValueError(
+                    f"{name} shares memory with another argument; inplace=True writes into it"
+                )
+
+
+def _shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether the byte ranges of ``a`` and ``b`` overlap (a conservative test: extents)."""
+    if a.numel() == 0 or b.numel() == 0 or a.device != b.device:
+        return False
+    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+
+    def extent(t: torch.Tensor) -> tuple[int, int]:
+        start = t.data_ptr()
+        span = sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride(), strict=True))
+        return start, start + (span + 1) * t.element_size()
+
+    (a0, a1), (b0, b1) = extent(a), extent(b)
+    return a0 < b1 and b0 < a1
+
+
+def state_result(inplace: bool, fresh: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
+    """What a registered op returns in one state position: ``fresh``, or with ``inplace``
+    ``fresh`` copied into ``target`` and a zero-size placeholder (for the paths that compute
+    a fresh state first; the Triton paths write into ``target`` directly)."""
+    if not inplace:
+        return fresh
+    target.copy_(fresh)
+    return placeholder(target)
+
+
+def placeholder(like: torch.Tensor) -> torch.Tensor:
+    """The zero-size tensor a registered op returns in a state position written in place."""
+    return like.new_empty(0)
+
+
+def own_state(
+    out: tuple[torch.Tensor, ...], positions: Sequence[int], states: Sequence[torch.Tensor]
+) -> tuple[torch.Tensor, ...]:
+    """The public face's result with ``inplace``: the registered op's ``out`` with the given
+    state tensors in ``positions`` (where the op returned placeholders)."""
+    out = list(out)
+    for i, t in zip(positions, states, strict=True):
+        out[i] = t
+    return tuple(out)
