@@ -281,6 +281,77 @@ def test_chunked_equals_whole(gen, device, pool):
     _assert_same((torch.cat(spikes), count), [w.cpu() for w in whole])
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch", "reference"])
+@pytest.mark.parametrize("pool", [False, True])
+@pytest.mark.parametrize("poisoned", [False, True])
+def test_inplace_equals_fresh(gen, backend, pool, poisoned, request):
+    """``inplace=True``: chunks fed back in place give the whole run's bits, and the count
+    stays the same tensor at the same address (what a CUDA graph replays)."""
+    if poisoned:
+        request.getfixturevalue("poisoned_allocations")
+    d, c = _residual(gen, 7, 3, 5, 20)
+    norm = _norm(gen, 20, per_channel=True)
+    count0 = torch.randint(-8, 8, (3, 20) if pool else (3, 5, 20), generator=gen)
+    count0 = count0.to(torch.int8)
+    with force_backend(backend):
+        whole = _run(d, c, norm, -8, 7, count0, pool=pool)
+        count = count0.clone()
+        where = count.data_ptr()
+        spikes = []
+        for chunk in d.split([3, 1, 3]):
+            out = _run(chunk, c, norm, -8, 7, count, pool=pool, inplace=True)
+            assert len(out) == 2 and out[1] is count
+            spikes.append(out[0])
+    assert count.data_ptr() == where
+    _assert_same((torch.cat(spikes), count), whole)
+    _assert_same(whole, _reference(d, c, norm, -8, 7, count0, pool=pool))
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch", "reference"])
+@pytest.mark.parametrize(("with_d", "pool"), [(True, False), (False, False), (True, True)])
+def test_inplace_pending_branch(gen, backend, with_d, pool):
+    """In place with a pending branch: the count is written, ``branch_count`` and ``d`` are
+    inputs (untouched), and ``D`` is still returned fresh."""
+    d, c = _residual(gen, 5, 2, 3, 9)
+    d = d if with_d else None
+    norm = _norm(gen, 9)
+    spikes_b, theta, before = _branch(gen, (5, 2, 3, 9))
+    count0 = torch.randint(-8, 8, (2, 9) if pool else (2, 3, 9), generator=gen)
+    count0 = count0.to(torch.int8)
+    inputs = (d, spikes_b, before)
+    kept = [None if t is None else t.clone() for t in inputs]
+    with force_backend(backend):
+        branch = (spikes_b, theta, before)
+        whole = _run_branch(d, c, norm, branch, count0, pool=pool, residual_out=True)
+        count = count0.clone()
+        parts = []
+        for t0, n in ((0, 2), (2, 3)):
+            chunk = None if d is None else d[t0 : t0 + n]
+            branch = (spikes_b[t0 : t0 + n], theta, before)
+            out = _run_branch(
+                chunk, c, norm, branch, count, pool=pool, residual_out=True, inplace=True
+            )
+            assert len(out) == 3 and out[1] is count
+            parts.append(out)
+            before = (before.to(torch.int32) + spikes_b[t0 : t0 + n].sum(0)).to(torch.int8)
+    _assert_same((torch.cat([p[0] for p in parts]), count), whole[:2])
+    _assert_same_residual(torch.cat([p[2] for p in parts]), whole[2])
+    want = _composition(d, c, norm, (spikes_b, theta, kept[2]), count0, pool=pool)
+    _assert_same(whole[:2], want[:2])
+    for t, k in zip(inputs, kept, strict=True):
+        assert t is None or torch.equal(t, k), "an input was modified"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_inplace_single_step(gen, device):
+    d, c = _residual(gen, 1, 1, 3, 7, device)
+    norm = _norm(gen, 7, device=device)
+    count = torch.zeros(1, 3, 7, dtype=torch.int8, device=device)
+    spikes, got = _run(d, c, norm, -8, 7, count, inplace=True)
+    assert got is count
+    _assert_same((spikes, count), _reference(d, c, norm, -8, 7))
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_summation_order_is_the_tree(gen, device):
     """Rows whose sums cancel catastrophically: a sequential or blocked sum would round
@@ -594,7 +665,39 @@ BAD_INPUTS = [
         "residual_out needs branch_spikes",
     ),
     ("residual_out int", dict(residual_out=1), TypeError, "residual_out must be a bool"),
+    (
+        "inplace int",
+        dict(count=torch.zeros(3, 4, 8, dtype=torch.int8), inplace=1),
+        TypeError,
+        "inplace must be a bool",
+    ),
+    ("inplace without count", dict(inplace=True), ValueError, "inplace=True needs count"),
+    (
+        "inplace strided count",
+        dict(count=torch.zeros(3, 8, 4, dtype=torch.int8).transpose(1, 2), inplace=True),
+        ValueError,
+        "count must be contiguous",
+    ),
 ]
+
+
+@pytest.mark.parametrize("other", ["d", "branch_count", "active"])
+def test_inplace_count_sharing_an_input_is_rejected(other):
+    """A contiguous count inside the storage of an input the kernel reads (or writes)."""
+    args = _good_args()
+    buffer = torch.zeros(2 * 3 * 4 * 8, dtype=torch.float64)
+    if other == "d":
+        args["d"] = buffer.view(2, 3, 4, 8)
+    elif other == "branch_count":
+        args["branch_spikes"] = torch.zeros(2, 3, 4, 8, dtype=torch.int8)
+        args["branch_threshold"] = torch.tensor(0.5)
+        args["branch_count"] = buffer.view(torch.int8)[:96].view(3, 4, 8)
+    else:
+        args["active"] = buffer.view(torch.int32)[:6].view(2, 3)
+    count = buffer.view(torch.int8)[:96].view(3, 4, 8)  # contiguous, but inside the other
+    with pytest.raises(ValueError, match="count shares memory"):
+        exact_layernorm_neuron(**args, count=count, inplace=True)
+    assert not buffer.any(), "a rejected call must not write"
 
 
 @pytest.mark.parametrize(
@@ -613,22 +716,37 @@ def test_bad_input_is_rejected(case, bad, error, words):
 
 @pytest.mark.parametrize(
     "case",
-    ["fresh", "state_per_channel", "no_affine", "pool", "branch", "branch_only", "pool_branch"],
+    [
+        "fresh",
+        "state_per_channel",
+        "no_affine",
+        "pool",
+        "branch",
+        "branch_only",
+        "pool_branch",
+        "inplace",
+        "branch_inplace",
+        "pool_inplace",
+    ],
 )
 def test_opcheck(gen, case):
     d, c = _residual(gen, 3, 2, 4, 12)
     norm = _norm(gen, 12, per_channel=case == "state_per_channel", weight=case != "no_affine")
     if case == "no_affine":
         norm["b"] = None
-    pool = case == "pool"
+    pool = case in ("pool", "pool_inplace")
+    inplace = case.endswith("inplace")
     count = None
-    if case == "state_per_channel":
-        count = torch.randint(-2, 3, (2, 4, 12), generator=gen, dtype=torch.int8)
-    args = (d, c, norm["w"], norm["b"], EPS, norm["theta"], -8, 7, count, pool)
+    if case == "state_per_channel" or inplace:
+        count = torch.randint(-2, 3, (2, 12) if pool else (2, 4, 12), generator=gen)
+        count = count.to(torch.int8)
+    branch = (None, None, None)
     if "branch" in case:
-        spikes, theta, before = _branch(gen, d.shape)
+        branch = _branch(gen, d.shape)
         d = None if case == "branch_only" else d
-        args = (d, *args[1:], None, spikes, theta, before, not pool)
+    residual_out = "branch" in case and not pool
+    args = (d, c, norm["w"], norm["b"], EPS, norm["theta"], -8, 7, count, pool, None)
+    args = (*args, *branch, residual_out, inplace)
     torch.library.opcheck(torch.ops.spikekernels.exact_layernorm_neuron.default, args)
 
 

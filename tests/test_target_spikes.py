@@ -150,6 +150,49 @@ def test_chunked_equals_whole(gen, device):
     _assert_same((torch.cat(spikes), count), [w.cpu() for w in whole])
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch", "reference"])
+@pytest.mark.parametrize("shape", [(), (7,), (3, 43)])
+@pytest.mark.parametrize("poisoned", [False, True])
+def test_inplace_equals_fresh(gen, backend, shape, poisoned, request):
+    """``inplace=True``: chunks fed back in place give the whole run's bits, and the count
+    stays the same tensor at the same address (what a CUDA graph replays)."""
+    if poisoned:
+        request.getfixturevalue("poisoned_allocations")
+    theta = 0.1 + 0.3 * torch.rand(shape[-1:], generator=gen) if shape else torch.tensor(0.29)
+    value = _values(gen, 9, shape, 0.2)
+    count0 = torch.randint(-8, 8, shape, generator=gen, dtype=torch.int8)
+    # the activity flags still recorded in place (they need a batch dim)
+    active = torch.zeros(9, shape[0], dtype=torch.int32) if len(shape) == 2 else None
+    with force_backend(backend):
+        whole = spikekernels.target_spikes(value, theta, -8, 7, count0)
+        count = count0.clone()
+        where = count.data_ptr()
+        spikes = []
+        for t0, n in ((0, 4), (4, 1), (5, 4)):
+            part = None if active is None else active[t0 : t0 + n]
+            out = spikekernels.target_spikes(
+                value[t0 : t0 + n], theta, -8, 7, count, active=part, inplace=True
+            )
+            assert out[1] is count
+            spikes.append(out[0])
+    assert count.data_ptr() == where
+    _assert_same((torch.cat(spikes), count), whole)
+    _assert_same(whole, _reference(value, theta, -8, 7, count0))
+    if active is not None:
+        want = (whole[0] != 0).reshape(9, active.shape[1], -1).any(-1).to(torch.int32)
+        assert torch.equal(active, want)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_inplace_single_step(gen, device):
+    theta = torch.tensor(0.3, device=device)
+    value = _values(gen, 1, (5, 3), 0.3, device)
+    count = torch.zeros(5, 3, dtype=torch.int8, device=device)
+    spikes, got = spikekernels.target_spikes(value, theta, -8, 7, count, inplace=True)
+    assert got is count
+    _assert_same((spikes, count), _reference(value, theta, -8, 7))
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_count_is_fresh_and_input_untouched(gen, device):
     theta = torch.tensor(0.5, device=device)
@@ -276,7 +319,35 @@ BAD_INPUTS = [
         ValueError,
         "threshold is on",
     ),
+    (
+        "inplace int",
+        dict(count=torch.zeros(3, 4, dtype=torch.int8), inplace=1),
+        TypeError,
+        "inplace must be a bool",
+    ),
+    ("inplace without count", dict(inplace=True), ValueError, "inplace=True needs count"),
+    (
+        "inplace strided count",
+        dict(count=torch.zeros(4, 3, dtype=torch.int8).t(), inplace=True),
+        ValueError,
+        "count must be contiguous",
+    ),
 ]
+
+
+@pytest.mark.parametrize("other", ["value", "active"])
+def test_inplace_count_sharing_an_input_is_rejected(other):
+    """A contiguous count inside the storage of an input the kernel reads (or writes)."""
+    args = _good_args()
+    buffer = torch.zeros(24, dtype=torch.float32)
+    if other == "value":
+        args["value"] = buffer.view(2, 3, 4)
+    else:
+        args["active"] = buffer.view(torch.int32)[:6].view(2, 3)
+    count = buffer.view(torch.int8)[:12].view(3, 4)  # contiguous, but inside the other
+    with pytest.raises(ValueError, match="count shares memory"):
+        spikekernels.target_spikes(**args, count=count, inplace=True)
+    assert not buffer.any(), "a rejected call must not write"
 
 
 @pytest.mark.parametrize(
@@ -292,15 +363,16 @@ def test_validate_checks_threshold_values_on_request():
         spikekernels.target_spikes(torch.zeros(2, 4), torch.tensor(0.0), -4, 3, validate=True)
 
 
-@pytest.mark.parametrize("case", ["fresh", "count", "per_channel"])
+@pytest.mark.parametrize("case", ["fresh", "count", "per_channel", "inplace"])
 def test_opcheck(gen, case):
     value = _values(gen, 3, (2, 9), 0.4)
     theta = torch.tensor(0.4) if case != "per_channel" else 0.1 + torch.rand(9, generator=gen)
-    count = (
-        torch.randint(-2, 3, (2, 9), generator=gen, dtype=torch.int8) if case == "count" else None
-    )
+    count = None
+    if case in ("count", "inplace"):
+        count = torch.randint(-2, 3, (2, 9), generator=gen, dtype=torch.int8)
     torch.library.opcheck(
-        torch.ops.spikekernels.target_spikes.default, (value, theta, -8, 7, count)
+        torch.ops.spikekernels.target_spikes.default,
+        (value, theta, -8, 7, count, None, case == "inplace"),
     )
 
 

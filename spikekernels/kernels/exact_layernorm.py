@@ -233,6 +233,8 @@ def exact_layernorm_neuron_triton(
     active: torch.Tensor | None = None,
     branch: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None,
     residual_out: bool = False,
+    *,
+    inplace: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Host side (``threshold`` first: ``on_device`` takes the device from it, as ``x`` may be
     None): ``threshold`` ``[1]`` or ``[C]`` on the device; ``x`` ``[T, R, C]`` contiguous,
@@ -241,12 +243,17 @@ def exact_layernorm_neuron_triton(
     branch is all of ``D``; ``branch`` None or ``(spikes [T, R, C] int8 contiguous,
     threshold [1], count [R, C] int8 or None)``; ``weight``/``bias`` ``[C]`` float32
     contiguous or None; ``count`` ``[R, C]`` or None; ``active`` ``[T, B]`` int32 contiguous
-    or None. Returns fresh ``(spikes [T, R, C] int8, count [R, C] int8, D)``, ``D``
-    ``[T, R, C]`` float64 with ``residual_out``, else None."""
+    or None. Returns ``(spikes [T, R, C] int8, count [R, C] int8, D)``, ``D``
+    ``[T, R, C]`` float64 with ``residual_out``, else None: fresh, or with ``inplace`` the
+    given ``count`` (a view of the caller's contiguous state), written by the program that
+    read it."""
     T, R, C = (x if branch is None else branch[0]).shape
     device = threshold.device
     out = torch.empty((T, R, C), dtype=torch.int8, device=device)
-    count_out = torch.empty((R, C), dtype=torch.int8, device=device)
+    if inplace:
+        count_out = count
+    else:
+        count_out = torch.empty((R, C), dtype=torch.int8, device=device)
     d_out = torch.empty((T, R, C), dtype=torch.float64, device=device) if residual_out else None
     if R == 0:
         return out, count_out, d_out

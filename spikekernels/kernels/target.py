@@ -116,15 +116,22 @@ def target_spikes_triton(
     p_max: int,
     count: torch.Tensor | None,
     active: torch.Tensor | None = None,
+    *,
+    inplace: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Host side: allocate fresh outputs and launch ``target_spikes_kernel`` over contiguous
     ``value``; ``theta`` has one element or ``value.shape[-1]``; ``active`` ``[T, B]`` int32
-    contiguous (checked by the op) or None."""
+    contiguous (checked by the op) or None. Returns ``(spikes [T, *shape] int8, count
+    [*shape] int8)``: fresh, or with ``inplace`` the given ``count`` (contiguous, checked by
+    the op), written by the program that read it."""
     value = value.contiguous()
     shape = value.shape[1:]
     numel = value[0].numel()
     out = torch.empty(value.shape, dtype=torch.int8, device=value.device)
-    count_out = torch.empty(shape, dtype=torch.int8, device=value.device)
+    if inplace:
+        count_out = count
+    else:
+        count_out = torch.empty(shape, dtype=torch.int8, device=value.device)
     if numel == 0:
         return out, count_out
     per_channel = theta.numel() > 1

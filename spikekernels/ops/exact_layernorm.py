@@ -20,6 +20,7 @@ from spikekernels.ops._checks import (
     check_time_major,
 )
 from spikekernels.ops._dispatch import backend_for
+from spikekernels.ops._inplace import check_inplace, own_state, placeholder, state_result
 from spikekernels.ops._registry import call_op, kernel_op, launcher
 from spikekernels.ops.exact_residual import exact_residual_add_torch
 from spikekernels.ops.target import (
@@ -91,6 +92,7 @@ def _check_exact_layernorm_neuron(
     branch_threshold=None,
     branch_count=None,
     residual_out=False,
+    inplace=False,
 ) -> None:
     """Metadata checks (no data read)."""
     if not isinstance(pool, bool):
@@ -144,6 +146,8 @@ def _check_exact_layernorm_neuron(
     check_bounds(n_min, p_max)
     check_state(count, "count", out_shape(x, pool), (torch.int8,), x, name)
     check_active(active, (x.shape[0], *out_shape(x, pool)), x, name)
+    inputs = (d, c, weight, bias, threshold, active, branch_spikes, branch_threshold, branch_count)
+    check_inplace(inplace, (("count", count),), inputs)
 
 
 def _norm_input(d: torch.Tensor, c: torch.Tensor, pool: bool) -> torch.Tensor:
@@ -198,7 +202,7 @@ def _constant_rows(c: torch.Tensor, step: tuple[int, ...]) -> torch.Tensor:
     return c.expand(step).reshape(-1, step[-1]).contiguous()
 
 
-@kernel_op("exact_layernorm_neuron", mutates_args=("active",))
+@kernel_op("exact_layernorm_neuron", mutates_args=("count", "active"))
 def _exact_layernorm_neuron_op(
     d: torch.Tensor | None,
     c: torch.Tensor,
@@ -215,10 +219,11 @@ def _exact_layernorm_neuron_op(
     branch_threshold: torch.Tensor | None = None,
     branch_count: torch.Tensor | None = None,
     residual_out: bool = False,
+    inplace: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     args = (d, c, weight, bias, eps, threshold, n_min, p_max, count, pool)
     branch = (branch_spikes, branch_threshold, branch_count)
-    _check_exact_layernorm_neuron(*args, active, *branch, residual_out)
+    _check_exact_layernorm_neuron(*args, active, *branch, residual_out, inplace)
     name, x = _stream(d, branch_spikes)
     backend = backend_for(x, ("triton", "torch"))
     if backend == "triton":
@@ -247,7 +252,7 @@ def _exact_layernorm_neuron_op(
                 )
             pooled = pool_patch_tokens(c, d).reshape(steps, rows, channels)
             spikes, count_out, _ = exact_layernorm_neuron_triton(
-                launcher, threshold, pooled, None, *head, count_in, active
+                launcher, threshold, pooled, None, *head, count_in, active, inplace=inplace
             )
         else:
             spikes, count_out, d_out = exact_layernorm_neuron_triton(
@@ -266,16 +271,20 @@ def _exact_layernorm_neuron_op(
                     None if branch_count is None else branch_count.contiguous(),
                 ),
                 residual_out,
+                inplace=inplace,
             )
         d_out = d_out.reshape(x.shape) if residual_out else _no_residual(x)
-        return spikes.reshape(steps, *shape), count_out.reshape(shape), d_out
+        count_out = placeholder(count) if inplace else count_out.reshape(shape)
+        return spikes.reshape(steps, *shape), count_out, d_out
     if backend == "reference":
         from spikekernels import reference
 
         out = reference.exact_layernorm_neuron(*args, *branch, residual_out)
         record_active(active, out[0])
-        return out if residual_out else (*out, _no_residual(x))
-    return exact_layernorm_neuron_torch(*args, active, *branch, residual_out)
+        out = out if residual_out else (*out, _no_residual(x))
+    else:
+        out = exact_layernorm_neuron_torch(*args, active, *branch, residual_out)
+    return out[0], state_result(inplace, out[1], count), out[2]
 
 
 @_exact_layernorm_neuron_op.register_fake
@@ -295,16 +304,17 @@ def _(
     branch_threshold=None,
     branch_count=None,
     residual_out=False,
+    inplace=False,
 ):
     args = (d, c, weight, bias, eps, threshold, n_min, p_max, count, pool, active)
     _check_exact_layernorm_neuron(
-        *args, branch_spikes, branch_threshold, branch_count, residual_out
+        *args, branch_spikes, branch_threshold, branch_count, residual_out, inplace
     )
     _, x = _stream(d, branch_spikes)
     shape = out_shape(x, pool)
     return (
         x.new_empty((x.shape[0], *shape), dtype=torch.int8),
-        x.new_empty(shape, dtype=torch.int8),
+        placeholder(count) if inplace else x.new_empty(shape, dtype=torch.int8),
         x.new_empty(x.shape, dtype=torch.float64) if residual_out else _no_residual(x),
     )
 
@@ -326,6 +336,7 @@ def exact_layernorm_neuron(
     branch_threshold: torch.Tensor | None = None,
     branch_count: torch.Tensor | None = None,
     residual_out: bool = False,
+    inplace: bool = False,
     validate: bool = False,
 ) -> tuple[torch.Tensor, ...]:
     """Exact mode's residual read + LayerNorm + target-driven neuron, fused (SPEC.md §9.2-§9.4),
@@ -384,15 +395,21 @@ def exact_layernorm_neuron(
             these steps (fresh 0).
         residual_out: also return ``D`` (needs ``branch_spikes``; without a branch ``D`` is
             ``d``).
+        inplace: write the new ``count`` into the given one (required, contiguous, sharing
+            no memory with an input) and return that same tensor (``ops._inplace``): a state
+            at a fixed address, as a CUDA graph replays it. ``branch_count`` is an input, not
+            written (the caller advances it by the chunk's branch spikes).
         validate: on a GPU also check the threshold's values and the branch's spikes (a host
             sync). On CPU always.
 
     Returns:
         ``(spikes [T, *rows, C] int8 in {-1, 0, 1}, count [*rows, C] int8)``, and with
-        ``residual_out`` a third, ``D`` ``[T, *shape of d]`` float64; fresh tensors, so
-        chunked time (feeding ``count`` and ``branch_count`` back) equals a whole run bit for
-        bit. (The registered op always returns three tensors, a fixed schema: the third is
-        an empty ``[0]`` float64 when ``residual_out`` is False.)
+        ``residual_out`` a third, ``D`` ``[T, *shape of d]`` float64; fresh tensors (with
+        ``inplace`` the count is the given ``count``, updated), so chunked time (feeding
+        ``count`` and ``branch_count`` back) equals a whole run bit for bit. (The registered
+        op always returns three tensors, a fixed schema: the third is an empty ``[0]``
+        float64 when ``residual_out`` is False; with ``inplace`` the second is a zero-size
+        placeholder, the public face returning ``count`` itself there.)
 
     Exactness: bit-identical to ``reference.exact_layernorm_neuron`` and to the unfused chain
     ``exact_residual_add`` -> ``residual_read`` -> ``ExactLayerNorm`` -> ``TargetNeuron`` on
@@ -408,7 +425,7 @@ def exact_layernorm_neuron(
     """
     args = (d, c, weight, bias, eps, threshold, n_min, p_max, count, pool)
     branch = (branch_spikes, branch_threshold, branch_count)
-    _check_exact_layernorm_neuron(*args, active, *branch, residual_out)
+    _check_exact_layernorm_neuron(*args, active, *branch, residual_out, inplace)
     check_threshold_values(threshold, "threshold", validate)
     if branch_spikes is not None:
         check_ternary(branch_spikes, "branch_spikes", validate)
@@ -427,5 +444,8 @@ def exact_layernorm_neuron(
         active,
         *branch,
         residual_out,
+        inplace,
     )
+    if inplace:
+        out = own_state(out, (1,), (count,))
     return out if residual_out else out[:2]

@@ -15,6 +15,7 @@ from spikekernels.ops._checks import (
     may_read_data,
 )
 from spikekernels.ops._dispatch import backend_for
+from spikekernels.ops._inplace import check_inplace, own_state, placeholder, state_result
 from spikekernels.ops._registry import call_op, kernel_op, launcher
 
 THRESHOLD_DTYPES = FLOAT_DTYPES + (torch.float64,)
@@ -71,7 +72,7 @@ def check_threshold_values(threshold: torch.Tensor, name: str, validate: bool) -
         )
 
 
-def _check_target_spikes(value, threshold, n_min, p_max, count, active) -> None:
+def _check_target_spikes(value, threshold, n_min, p_max, count, active, inplace) -> None:
     """Metadata checks (no data read)."""
     check_tensor(value, "value", dtypes=FLOAT_DTYPES)
     check_time_major(value, "value")
@@ -80,6 +81,7 @@ def _check_target_spikes(value, threshold, n_min, p_max, count, active) -> None:
     check_bounds(n_min, p_max)
     check_state(count, "count", value.shape[1:], (torch.int8,), value, "value")
     check_active(active, value.shape, value, "value")
+    check_inplace(inplace, (("count", count),), (value, threshold, active))
 
 
 def target_spikes_torch(
@@ -109,7 +111,7 @@ def target_spikes_torch(
     return spikes, c.to(torch.int8)
 
 
-@kernel_op("target_spikes", mutates_args=("active",))
+@kernel_op("target_spikes", mutates_args=("count", "active"))
 def _target_spikes_op(
     value: torch.Tensor,
     threshold: torch.Tensor,
@@ -117,29 +119,34 @@ def _target_spikes_op(
     p_max: int,
     count: torch.Tensor | None = None,
     active: torch.Tensor | None = None,
+    inplace: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    _check_target_spikes(value, threshold, n_min, p_max, count, active)
+    _check_target_spikes(value, threshold, n_min, p_max, count, active, inplace)
     backend = backend_for(value, ("triton", "torch"))
     if backend == "triton":
         from spikekernels.kernels.target import target_spikes_triton
 
-        return target_spikes_triton(launcher, value, threshold, n_min, p_max, count, active)
+        spikes, count_out = target_spikes_triton(
+            launcher, value, threshold, n_min, p_max, count, active, inplace=inplace
+        )
+        return spikes, placeholder(count) if inplace else count_out
     if backend == "reference":
         from spikekernels import reference
 
         out = reference.target_spikes(value, threshold, n_min, p_max, count)
         record_active(active, out[0])
-        return out
-    return target_spikes_torch(value, threshold, n_min, p_max, count, active)
+    else:
+        out = target_spikes_torch(value, threshold, n_min, p_max, count, active)
+    return out[0], state_result(inplace, out[1], count)
 
 
 @_target_spikes_op.register_fake
-def _(value, threshold, n_min, p_max, count=None, active=None):
-    _check_target_spikes(value, threshold, n_min, p_max, count, active)
-    return (
-        value.new_empty(value.shape, dtype=torch.int8),
-        value.new_empty(value.shape[1:], dtype=torch.int8),
-    )
+def _(value, threshold, n_min, p_max, count=None, active=None, inplace=False):
+    _check_target_spikes(value, threshold, n_min, p_max, count, active, inplace)
+    spikes = value.new_empty(value.shape, dtype=torch.int8)
+    if inplace:
+        return spikes, placeholder(count)
+    return spikes, value.new_empty(value.shape[1:], dtype=torch.int8)
 
 
 def target_spikes(
@@ -150,6 +157,7 @@ def target_spikes(
     count: torch.Tensor | None = None,
     *,
     active: torch.Tensor | None = None,
+    inplace: bool = False,
     validate: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Multi-step target-driven neuron (SPEC.md §9.3), all T steps in one fused kernel on GPU.
@@ -181,13 +189,16 @@ def target_spikes(
             (``value``'s dims 1 to -2, flattened).
             The fused kernel records it as it writes the spikes (no extra pass), so a runner
             can tell when a sample falls silent. Not returned.
+        inplace: write the new count into the given ``count`` (required, contiguous,
+            sharing no memory with an input) and return that same tensor
+            (``ops._inplace``): a state at a fixed address, as a CUDA graph replays it.
         validate: check the threshold's values on a GPU too (a host sync): positive, finite,
             normal. On CPU they are always checked.
 
     Returns:
         ``(spikes [T, *shape] int8 in {-1, 0, 1}, count [*shape] int8)``, fresh tensors (never
-        an alias of ``count``), so chunked time (feeding the count back) equals a whole run
-        bit for bit.
+        an alias of ``count``; with ``inplace``: the given ``count``, updated), so chunked
+        time (feeding the count back) equals a whole run bit for bit.
 
     Dispatch (``ops._dispatch.backend_for``): CUDA tensors run the Triton kernel (the T loop
     inside, the count in registers); CPU tensors run vectorised PyTorch (the Triton kernel
@@ -195,6 +206,7 @@ def target_spikes(
     ``reference.target_spikes``. Bit-exact with the reference on every path and device.
     Inference only: no autograd.
     """
-    _check_target_spikes(value, threshold, n_min, p_max, count, active)
+    _check_target_spikes(value, threshold, n_min, p_max, count, active, inplace)
     check_threshold_values(threshold, "threshold", validate)
-    return call_op("target_spikes", value, threshold, n_min, p_max, count, active)
+    out = call_op("target_spikes", value, threshold, n_min, p_max, count, active, inplace)
+    return own_state(out, (1,), (count,)) if inplace else out
