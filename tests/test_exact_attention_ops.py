@@ -557,6 +557,173 @@ def test_context_torch_compile_fullgraph(gen):
 
 
 # ---------------------------------------------------------------------------------------------
+# inplace=True: the new state written into the given state tensors (ops._inplace)
+
+# op -> (case maker, runner, output names, registered op); shapes as the maker takes them
+_OPS = {
+    "probs": (_probs_case, _run_probs, PROBS_NAMES, "exact_attention_probs"),
+    "context": (_context_case, _run_context, CONTEXT_NAMES, "exact_context"),
+}
+# (batch, M, contraction or keys, ...): single elements, odd sizes, several row blocks
+INPLACE_SHAPES = [((1,), 1, 1, 1), ((2,), 5, 7, 3), ((), 19, 33, 20)]
+
+
+def _states(case, names):
+    """Copies of the case's state, each a contiguous view into a larger buffer whose guard
+    elements (one before, one after) show a write outside the state."""
+    states = {}
+    for name in names:
+        t = case[name]
+        buf = torch.full((t.numel() + 2,), 99, dtype=t.dtype, device=t.device)
+        states[name] = buf[1:-1].view(t.shape).copy_(t)
+    return states
+
+
+def _assert_guards(states):
+    for name, t in states.items():
+        flat = t._base
+        assert flat[0].item() == 99 and flat[-1].item() == 99, f"{name}: wrote outside"
+
+
+def _run_inplace(run, names, case, states):
+    ptrs = [t.data_ptr() for t in states.values()]
+    out = run(dict(case, **states), inplace=True)
+    for name, got, given, ptr in zip(names[1:], out[1:], states.values(), ptrs, strict=True):
+        assert got is given, f"{name}: not the given tensor"
+        assert given.data_ptr() == ptr, f"{name} moved"
+    return out
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch", "reference"])
+@pytest.mark.parametrize("shape", INPLACE_SHAPES)
+@pytest.mark.parametrize("T", [1, 4])
+@pytest.mark.parametrize("op", _OPS)
+def test_inplace_equals_fresh(gen, op, T, shape, backend):
+    make, run, names, _ = _OPS[op]
+    case = make(gen, T, *shape, state=True)
+    with force_backend(backend):
+        want = run(case)
+        states = _states(case, names[1:])
+        got = _run_inplace(run, names, case, states)
+    _assert_same(got, want, names)
+    _assert_guards(states)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ["triton", "torch", "reference"])
+@pytest.mark.parametrize("op", _OPS)
+def test_inplace_chunks_equal_whole(gen, op, backend, device):
+    """Two chunks, the state fed back in place, give the whole run's spikes and state."""
+    make, run, names, _ = _OPS[op]
+    case = make(gen, 6, (2,), 17, 35, 20, state=True, device=device)
+    a, b = list(case)[:2]
+    with force_backend(backend):
+        whole = run(case)
+        states = _states(case, names[1:])
+        spikes = [
+            _run_inplace(run, names, dict(case, **{a: x, b: y}), states)[0]
+            for x, y in zip(case[a].split([4, 2]), case[b].split([4, 2]), strict=True)
+        ]
+    _assert_same((torch.cat(spikes), *states.values()), whole, names)
+    _assert_guards(states)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("op", _OPS)
+def test_inplace_every_output_element_is_written(gen, op, device, poisoned_allocations):
+    """Fresh buffers (the spikes, the running counts of every step) poisoned: the in-place
+    state still comes out right."""
+    make, run, names, _ = _OPS[op]
+    case = make(gen, 3, (2,), 21, 35, 33, state=True, device=device)
+    want = _reference_probs(case) if op == "probs" else _reference_context(case)
+    states = _states(case, names[1:])
+    _assert_same(_run_inplace(run, names, case, states), want, names)
+    _assert_guards(states)
+
+
+def _inplace_good(op) -> dict:
+    """The good arguments of ``_good_probs`` / ``_good_context`` with zero state, inplace."""
+    if op == "probs":
+        good, shapes = _good_probs(), ((3, 4, 8), (3, 8, 5), (3, 4, 5), (3, 4, 5))
+    else:
+        good, shapes = _good_context(), ((3, 4, 5), (3, 5, 8), (3, 4, 8), (3, 4, 8))
+    dtypes = (torch.int8, torch.int8, torch.int32, torch.int8)
+    names = _OPS[op][2][1:]
+    for name, shape, dtype in zip(names, shapes, dtypes, strict=True):
+        good[name] = torch.zeros(shape, dtype=dtype)
+    return good | dict(inplace=True)
+
+
+def _set(**kwargs):
+    return lambda c: c | {k: f(c) if callable(f) else f for k, f in kwargs.items()}
+
+
+# (case, op, what changes the good arguments, error type, words the message must contain)
+BAD_INPLACE = [
+    ("probs no scores", "probs", _set(scores=None), ValueError, "inplace=True needs scores"),
+    ("probs no q_acc", "probs", _set(q_acc=None), ValueError, "inplace=True needs q_acc"),
+    ("context no z", "context", _set(z=None), ValueError, "inplace=True needs z"),
+    ("context no count", "context", _set(count=None), ValueError, "inplace=True needs count"),
+    (
+        "probs count strided",
+        "probs",
+        _set(count=lambda c: torch.zeros(3, 5, 4, dtype=torch.int8).transpose(-1, -2)),
+        ValueError,
+        "count must be contiguous",
+    ),
+    (
+        "context v_acc strided",
+        "context",
+        _set(v_acc=lambda c: torch.zeros(3, 5, 16, dtype=torch.int8)[..., ::2]),
+        ValueError,
+        "v_acc must be contiguous",
+    ),
+    (
+        "probs q_acc is q",
+        "probs",
+        _set(q_acc=lambda c: c["q"][1]),
+        ValueError,
+        "q_acc shares memory",
+    ),
+    (
+        "context v_acc is v",
+        "context",
+        _set(v_acc=lambda c: c["v"][0]),
+        ValueError,
+        "v_acc shares memory",
+    ),
+    (
+        "probs k_acc under count",
+        "probs",
+        _set(count=lambda c: c["k_acc"].view(-1)[:60].view(3, 4, 5)),
+        ValueError,
+        "k_acc shares memory",
+    ),
+    ("probs inplace=1", "probs", _set(inplace=1), TypeError, "inplace must be a bool"),
+    ("context inplace=None", "context", _set(inplace=None), TypeError, "inplace must be"),
+]
+
+
+@pytest.mark.parametrize(
+    ("case", "op", "bad", "error", "words"), BAD_INPLACE, ids=[b[0] for b in BAD_INPLACE]
+)
+def test_inplace_bad_input_is_rejected(case, op, bad, error, words):
+    fn = exact_attention_probs if op == "probs" else exact_context
+    with pytest.raises(error, match=words):
+        fn(**bad(_inplace_good(op)))
+
+
+@pytest.mark.parametrize("op", _OPS)
+def test_inplace_opcheck(gen, op):
+    make, _, names, name = _OPS[op]
+    c = make(gen, 3, (2,), 6, 9, 20, state=True)
+    head = [c.pop(k) for k in list(c)[: len(c) - 4]]
+    bounds = ATTN_BOUNDS if op == "probs" else CTX_BOUNDS
+    args = (*head, *bounds, *(c[k] for k in names[1:]), None, True)
+    torch.library.opcheck(getattr(torch.ops.spikekernels, name).default, args)
+
+
+# ---------------------------------------------------------------------------------------------
 # shapes past the fused kernels' one-tile rows, and empty ones: the PyTorch path on every device
 
 

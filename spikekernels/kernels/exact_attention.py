@@ -26,6 +26,10 @@ at ViT sizes the key count is a ``[64, 256]`` int8 tile per program (16 KB), and
 register-resident variant compiled for sm_90 spilled (800 B to 27 KB a thread over
 BLOCK_M 16-64, 4-16 warps), while the product reads a count tile only where the matching
 spike tile is active. Only the int8 spikes and the final ``S``/``Z`` and count are written.
+With ``inplace`` the final state goes into the caller's state buffers, no second buffer: a
+program reads its tile of ``S``/``Z`` and the count (its rows, all columns) at its start and
+writes the same tile at its end, and ``running_count_kernel`` does the same per block of a
+running count; no other program touches those elements.
 
 Rows past M, keys past N and channels past D are masked to zero (zero spikes and counts add
 nothing to the products). In the softmax the padded keys take no part in the row max and are
@@ -400,8 +404,10 @@ def _state(t: torch.Tensor | None, shape: tuple[int, ...]) -> torch.Tensor | Non
 
 class _Launch(NamedTuple):
     """The host-side pieces both kernels take: operands with one batch dim, their running
-    counts (``A_{t-1}`` exclusive, ``B_t`` inclusive) and outgoing counts, fresh outputs and
-    the incoming state (None when fresh)."""
+    counts (``A_{t-1}`` exclusive, ``B_t`` inclusive) and outgoing counts, the outputs and
+    the incoming state (None when fresh). The outgoing state is fresh, or with ``inplace``
+    views of the caller's (contiguous) state: ``state_out is state_in`` and ``count_out is
+    count_in``."""
 
     a: torch.Tensor
     b: torch.Tensor
@@ -416,15 +422,28 @@ class _Launch(NamedTuple):
     count_in: torch.Tensor | None
 
 
-def _prepare(launch, a, b, a_acc, b_acc, state, count) -> _Launch:
-    """``a`` ``[T, *batch, M, K]`` times ``b`` ``[T, *batch, K, N]`` (int8, any strides)."""
+def _prepare(launch, a, b, a_acc, b_acc, state, count, inplace) -> _Launch:
+    """``a`` ``[T, *batch, M, K]`` times ``b`` ``[T, *batch, K, N]`` (int8, any strides).
+    With ``inplace`` all four states are given and contiguous (the op checks), so ``_state``
+    gives views of them, and each kernel writes the new state where it read the old."""
     steps, batch = a.shape[0], a.shape[1:-2]
     m, k = a.shape[-2:]
     n = b.shape[-1]
     a4, b4 = _flatten_batch(a), _flatten_batch(b)
     nb = a4.shape[1]
-    a_prev, a_out = _running_counts(launch, a4, _state(a_acc, (nb, m, k)), exclusive=True)
-    b_cur, b_out = _running_counts(launch, b4, _state(b_acc, (nb, k, n)), exclusive=False)
+    a_in, b_in = _state(a_acc, (nb, m, k)), _state(b_acc, (nb, k, n))
+    state_in, count_in = _state(state, (nb, m, n)), _state(count, (nb, m, n))
+    a_prev, a_out = _running_counts(
+        launch, a4, a_in, exclusive=True, final=a_in if inplace else None
+    )
+    b_cur, b_out = _running_counts(
+        launch, b4, b_in, exclusive=False, final=b_in if inplace else None
+    )
+    if inplace:
+        state_out, count_out = state_in, count_in
+    else:
+        state_out = torch.empty((nb, m, n), dtype=torch.int32, device=a.device)
+        count_out = torch.empty((nb, m, n), dtype=torch.int8, device=a.device)
     return _Launch(
         a4,
         b4,
@@ -433,10 +452,10 @@ def _prepare(launch, a, b, a_acc, b_acc, state, count) -> _Launch:
         a_out.reshape(a.shape[1:]),
         b_out.reshape(b.shape[1:]),
         torch.empty((steps, *batch, m, n), dtype=torch.int8, device=a.device),
-        torch.empty((*batch, m, n), dtype=torch.int32, device=a.device),
-        torch.empty((*batch, m, n), dtype=torch.int8, device=a.device),
-        _state(state, (nb, m, n)),
-        _state(count, (nb, m, n)),
+        state_out,
+        count_out,
+        state_in,
+        count_in,
     )
 
 
@@ -445,7 +464,8 @@ def _grid(p: _Launch, block_m: int) -> tuple[int]:
 
 
 def _results(p: _Launch) -> tuple[torch.Tensor, ...]:
-    return p.out, p.a_out, p.b_out, p.state_out, p.count_out
+    shape = p.out.shape[1:]
+    return p.out, p.a_out, p.b_out, p.state_out.reshape(shape), p.count_out.reshape(shape)
 
 
 @on_device
@@ -462,12 +482,16 @@ def exact_attention_probs_triton(
     scores: torch.Tensor | None,
     count: torch.Tensor | None,
     active: torch.Tensor | None = None,
+    *,
+    inplace: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Host side: ``q`` ``[T, *batch, M, D]``, ``k_t`` ``[T, *batch, D, N]`` int8 (any strides,
     at least one batch entry, ``1 <= N <= MAX_KEYS``, ``M, D >= 1``), ``active`` ``[T, B]``
-    int32 contiguous or None. Returns fresh
-    ``(spikes [T, *batch, M, N] int8, q_acc, k_acc, scores int32, count int8)``."""
-    p = _prepare(launch, q, k_t, q_acc, k_acc, scores, count)
+    int32 contiguous or None. Returns
+    ``(spikes [T, *batch, M, N] int8, q_acc, k_acc, scores int32, count int8)``: the state
+    fresh, or with ``inplace`` (all four states given, contiguous) views of the given ones,
+    written by the program that read them."""
+    p = _prepare(launch, q, k_t, q_acc, k_acc, scores, count, inplace)
     m, d = q.shape[-2:]
     n = k_t.shape[-1]
     block_m, block_n, block_d, num_warps = probs_config(n)
@@ -520,12 +544,16 @@ def exact_context_triton(
     z: torch.Tensor | None,
     count: torch.Tensor | None,
     active: torch.Tensor | None = None,
+    *,
+    inplace: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Host side: ``a`` ``[T, *batch, M, N]``, ``v`` ``[T, *batch, N, D]`` int8 (any strides,
     at least one batch entry, ``1 <= D <= MAX_HEAD_DIM``, ``M, N >= 1``), ``active``
-    ``[T, B]`` int32 contiguous or None. Returns fresh
-    ``(spikes [T, *batch, M, D] int8, a_acc, v_acc, z int32, count int8)``."""
-    p = _prepare(launch, a, v, a_acc, v_acc, z, count)
+    ``[T, B]`` int32 contiguous or None. Returns
+    ``(spikes [T, *batch, M, D] int8, a_acc, v_acc, z int32, count int8)``: the state fresh,
+    or with ``inplace`` (all four states given, contiguous) views of the given ones, written
+    by the program that read them."""
+    p = _prepare(launch, a, v, a_acc, v_acc, z, count, inplace)
     m, n = a.shape[-2:]
     d = v.shape[-1]
     block_m, block_k, block_d, num_warps = context_config(d)

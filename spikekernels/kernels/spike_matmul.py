@@ -314,11 +314,16 @@ def _running_counts(
     x: torch.Tensor,
     init: torch.Tensor | None,
     exclusive: bool,
+    final: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Running counts of ``x`` ``[T, B, R, C]`` for every step, and the outgoing count."""
+    """Running counts of ``x`` ``[T, B, R, C]`` for every step, and the outgoing count:
+    into ``final`` (``[B, R, C]`` int8, contiguous) when given, else a fresh tensor.
+    ``final`` may be ``init`` itself (a state updated in place): each element is read at
+    the start and written at the end of the one program that owns it."""
     T, nb, r, c = x.shape
     counts = torch.empty((T, nb, r, c), dtype=torch.int8, device=x.device)
-    final = torch.empty((nb, r, c), dtype=torch.int8, device=x.device)
+    if final is None:
+        final = torch.empty((nb, r, c), dtype=torch.int8, device=x.device)
     has_init = init is not None
     grid = (triton.cdiv(r * c, COUNT_BLOCK) * nb,)
     launch(running_count_kernel)[grid](

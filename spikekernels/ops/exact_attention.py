@@ -18,6 +18,7 @@ from spikekernels.ops._checks import (
     check_time_major,
 )
 from spikekernels.ops._dispatch import backend_for
+from spikekernels.ops._inplace import check_inplace, own_state, placeholder, state_result
 from spikekernels.ops._registry import call_op, kernel_op, launcher
 from spikekernels.ops.spike_matmul import _check_counts_fit, spike_matmul_torch
 from spikekernels.ops.target import (
@@ -95,10 +96,14 @@ def _running_product(a, b, a_acc, b_acc, product):
     return running, a_out, b_out
 
 
-def _fake_outputs(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, ...]:
+def _fake_outputs(a: torch.Tensor, b: torch.Tensor, states, inplace) -> tuple[torch.Tensor, ...]:
     """Both ops' outputs, shapes only: spikes ``[T, *batch, M, N]`` int8, the two outgoing
-    counts (int8, the operands' step shapes), the running product int32 and the count int8."""
+    counts (int8, the operands' step shapes), the running product int32 and the count int8;
+    with ``inplace`` a placeholder for each of the four ``states``."""
     shape = (*a.shape[1:-1], b.shape[-1])
+    if inplace:
+        spikes = a.new_empty((a.shape[0], *shape), dtype=torch.int8)
+        return spikes, *(placeholder(t) for t in states)
     return (
         a.new_empty((a.shape[0], *shape), dtype=torch.int8),
         a.new_empty(a.shape[1:], dtype=torch.int8),
@@ -108,12 +113,27 @@ def _fake_outputs(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, ...]:
     )
 
 
+def _state_results(out, states, inplace) -> tuple[torch.Tensor, ...]:
+    """A fresh result of the PyTorch or reference path as the registered op returns it: with
+    ``inplace`` the new state copied into the given ``states`` and placeholders returned."""
+    spikes, *fresh = out
+    return spikes, *(state_result(inplace, f, t) for f, t in zip(fresh, states, strict=True))
+
+
+def _triton_results(out, states, inplace) -> tuple[torch.Tensor, ...]:
+    """A Triton path's result as the registered op returns it: with ``inplace`` the kernels
+    wrote the new state into the given ``states``, and placeholders are returned."""
+    if not inplace:
+        return out
+    return out[0], *(placeholder(t) for t in states)
+
+
 # ---------------------------------------------------------------------------------------------
 # scores product + softmax + attention neuron
 
 
 def _check_probs(
-    q, k_t, gain, threshold, n_min, p_max, q_acc, k_acc, scores, count, active
+    q, k_t, gain, threshold, n_min, p_max, q_acc, k_acc, scores, count, active, inplace
 ) -> None:
     """Metadata checks (no data read)."""
     _check_product(q, k_t, "q", "k_t", q_acc, k_acc, "q_acc", "k_acc")
@@ -125,6 +145,8 @@ def _check_probs(
     check_state(scores, "scores", shape, (torch.int32,), q, "q")
     check_state(count, "count", shape, (torch.int8,), q, "q")
     check_active(active, (q.shape[0], *shape), q, "q")
+    states = (("q_acc", q_acc), ("k_acc", k_acc), ("scores", scores), ("count", count))
+    check_inplace(inplace, states, (q, k_t, gain, threshold, active))
 
 
 def exact_attention_probs_torch(
@@ -160,7 +182,7 @@ def _fused_probs_fits(q: torch.Tensor, k_t: torch.Tensor) -> bool:
     )
 
 
-@kernel_op("exact_attention_probs", mutates_args=("active",))
+@kernel_op("exact_attention_probs", mutates_args=("q_acc", "k_acc", "scores", "count", "active"))
 def _exact_attention_probs_op(
     q: torch.Tensor,
     k_t: torch.Tensor,
@@ -173,30 +195,35 @@ def _exact_attention_probs_op(
     scores: torch.Tensor | None = None,
     count: torch.Tensor | None = None,
     active: torch.Tensor | None = None,
+    inplace: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     args = (q, k_t, gain, threshold, n_min, p_max, q_acc, k_acc, scores, count)
-    _check_probs(*args, active)
+    _check_probs(*args, active, inplace)
+    states = (q_acc, k_acc, scores, count)
     backend = backend_for(q, ("triton", "torch"))
     if backend == "triton" and _fused_probs_fits(q, k_t):
         from spikekernels.kernels.exact_attention import exact_attention_probs_triton
 
-        return exact_attention_probs_triton(launcher, *args, active)
+        out = exact_attention_probs_triton(launcher, *args, active, inplace=inplace)
+        return _triton_results(out, states, inplace)
     if backend == "reference":
         from spikekernels import reference
 
         out = reference.exact_attention_probs(*args)
         record_active(active, out[0])
-        return out
-    return exact_attention_probs_torch(*args, active)
+    else:
+        out = exact_attention_probs_torch(*args, active)
+    return _state_results(out, states, inplace)
 
 
 @_exact_attention_probs_op.register_fake
 def _(
     q, k_t, gain, threshold, n_min, p_max, q_acc=None, k_acc=None, scores=None, count=None,
-    active=None,
+    active=None, inplace=False,
 ):  # fmt: skip
-    _check_probs(q, k_t, gain, threshold, n_min, p_max, q_acc, k_acc, scores, count, active)
-    return _fake_outputs(q, k_t)
+    args = (q, k_t, gain, threshold, n_min, p_max, q_acc, k_acc, scores, count)
+    _check_probs(*args, active, inplace)
+    return _fake_outputs(q, k_t, (q_acc, k_acc, scores, count), inplace)
 
 
 def exact_attention_probs(
@@ -212,6 +239,7 @@ def exact_attention_probs(
     count: torch.Tensor | None = None,
     *,
     active: torch.Tensor | None = None,
+    inplace: bool = False,
     validate: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Exact-mode attention probabilities: the scores product, the softmax row function and
@@ -250,13 +278,18 @@ def exact_attention_probs(
             batch dim, e.g. the images of ``[T, B, heads, M, N]``), set in place as the
             kernel writes the spikes (``target_spikes``' contract: ``active[t, b] = 1``
             where sample ``b`` fires at step ``t``). Not returned.
+        inplace: write the new ``q_acc``, ``k_acc``, ``scores`` and ``count`` into the given
+            ones (all four required, contiguous, sharing no memory with an input or with
+            each other) and return those same tensors (``ops._inplace``): a state at a fixed
+            address, as a CUDA graph replays it.
         validate: on a GPU also run the data checks (host syncs): ``gain`` and ``threshold``
             positive, finite and normal; the spikes ternary; every running count inside
             int8. On CPU they always run.
 
     Returns:
-        ``(spikes [T, *batch, M, N] int8, q_acc, k_acc, scores, count)``, fresh tensors, so
-        chunked time (feeding the state back) equals a whole run bit for bit.
+        ``(spikes [T, *batch, M, N] int8, q_acc, k_acc, scores, count)``, fresh tensors
+        (with ``inplace``: the given state tensors, updated), so chunked time (feeding the
+        state back) equals a whole run bit for bit.
 
     Dispatch (``ops._dispatch.backend_for``): CUDA tensors run the Triton kernel (one program
     per batch entry and block of query rows, all keys in one tile, the T loop inside with
@@ -266,11 +299,12 @@ def exact_attention_probs(
     runs ``reference.exact_attention_probs``. Inference only: no autograd.
     """
     args = (q, k_t, gain, threshold, n_min, p_max, q_acc, k_acc, scores, count)
-    _check_probs(*args, active)
+    _check_probs(*args, active, inplace)
     _check_data(
         q, k_t, "q", "k_t", q_acc, k_acc, ((gain, "gain"), (threshold, "threshold")), validate
     )
-    return call_op("exact_attention_probs", *args, active)
+    out = call_op("exact_attention_probs", *args, active, inplace)
+    return own_state(out, (1, 2, 3, 4), (q_acc, k_acc, scores, count)) if inplace else out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -278,7 +312,7 @@ def exact_attention_probs(
 
 
 def _check_context(
-    a, v, theta_a, theta_v, threshold, n_min, p_max, a_acc, v_acc, z, count, active
+    a, v, theta_a, theta_v, threshold, n_min, p_max, a_acc, v_acc, z, count, active, inplace
 ) -> None:
     """Metadata checks (no data read)."""
     _check_product(a, v, "a", "v", a_acc, v_acc, "a_acc", "v_acc")
@@ -290,6 +324,8 @@ def _check_context(
     check_state(z, "z", shape, (torch.int32,), a, "a")
     check_state(count, "count", shape, (torch.int8,), a, "a")
     check_active(active, (a.shape[0], *shape), a, "a")
+    states = (("a_acc", a_acc), ("v_acc", v_acc), ("z", z), ("count", count))
+    check_inplace(inplace, states, (a, v, theta_a, theta_v, threshold, active))
 
 
 def exact_context_torch(
@@ -324,7 +360,7 @@ def _fused_context_fits(a: torch.Tensor, v: torch.Tensor) -> bool:
     )
 
 
-@kernel_op("exact_context", mutates_args=("active",))
+@kernel_op("exact_context", mutates_args=("a_acc", "v_acc", "z", "count", "active"))
 def _exact_context_op(
     a: torch.Tensor,
     v: torch.Tensor,
@@ -338,30 +374,35 @@ def _exact_context_op(
     z: torch.Tensor | None = None,
     count: torch.Tensor | None = None,
     active: torch.Tensor | None = None,
+    inplace: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     args = (a, v, theta_a, theta_v, threshold, n_min, p_max, a_acc, v_acc, z, count)
-    _check_context(*args, active)
+    _check_context(*args, active, inplace)
+    states = (a_acc, v_acc, z, count)
     backend = backend_for(a, ("triton", "torch"))
     if backend == "triton" and _fused_context_fits(a, v):
         from spikekernels.kernels.exact_attention import exact_context_triton
 
-        return exact_context_triton(launcher, *args, active)
+        out = exact_context_triton(launcher, *args, active, inplace=inplace)
+        return _triton_results(out, states, inplace)
     if backend == "reference":
         from spikekernels import reference
 
         out = reference.exact_context(*args)
         record_active(active, out[0])
-        return out
-    return exact_context_torch(*args, active)
+    else:
+        out = exact_context_torch(*args, active)
+    return _state_results(out, states, inplace)
 
 
 @_exact_context_op.register_fake
 def _(
     a, v, theta_a, theta_v, threshold, n_min, p_max, a_acc=None, v_acc=None, z=None, count=None,
-    active=None,
+    active=None, inplace=False,
 ):  # fmt: skip
-    _check_context(a, v, theta_a, theta_v, threshold, n_min, p_max, a_acc, v_acc, z, count, active)
-    return _fake_outputs(a, v)
+    args = (a, v, theta_a, theta_v, threshold, n_min, p_max, a_acc, v_acc, z, count)
+    _check_context(*args, active, inplace)
+    return _fake_outputs(a, v, (a_acc, v_acc, z, count), inplace)
 
 
 def exact_context(
@@ -378,6 +419,7 @@ def exact_context(
     count: torch.Tensor | None = None,
     *,
     active: torch.Tensor | None = None,
+    inplace: bool = False,
     validate: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Exact-mode attention context: the context product and the neuron after it, fused
@@ -409,13 +451,18 @@ def exact_context(
         count: optional incoming int8 neuron count ``[*batch, M, D]``.
         active: optional int32 ``[T, B]`` per-sample flags, ``B`` the spikes' dim 1, set in
             place as the kernel writes the spikes (``target_spikes``' contract). Not returned.
+        inplace: write the new ``a_acc``, ``v_acc``, ``z`` and ``count`` into the given ones
+            (all four required, contiguous, sharing no memory with an input or with each
+            other) and return those same tensors (``ops._inplace``): a state at a fixed
+            address, as a CUDA graph replays it.
         validate: on a GPU also run the data checks (host syncs): the three thresholds
             positive, finite and normal; the spikes ternary; every running count inside
             int8. On CPU they always run.
 
     Returns:
-        ``(spikes [T, *batch, M, D] int8, a_acc, v_acc, z, count)``, fresh tensors, so
-        chunked time (feeding the state back) equals a whole run bit for bit.
+        ``(spikes [T, *batch, M, D] int8, a_acc, v_acc, z, count)``, fresh tensors (with
+        ``inplace``: the given state tensors, updated), so chunked time (feeding the state
+        back) equals a whole run bit for bit.
 
     Dispatch: CUDA tensors run the Triton kernel (one program per batch entry and block of
     query rows, all head channels in one tile, the keys in slices; the T loop inside with
@@ -425,7 +472,8 @@ def exact_context(
     ``reference.exact_context``. Inference only: no autograd.
     """
     args = (a, v, theta_a, theta_v, threshold, n_min, p_max, a_acc, v_acc, z, count)
-    _check_context(*args, active)
+    _check_context(*args, active, inplace)
     scalars = ((theta_a, "theta_a"), (theta_v, "theta_v"), (threshold, "threshold"))
     _check_data(a, v, "a", "v", a_acc, v_acc, scalars, validate)
-    return call_op("exact_context", *args, active)
+    out = call_op("exact_context", *args, active, inplace)
+    return own_state(out, (1, 2, 3, 4), (a_acc, v_acc, z, count)) if inplace else out
