@@ -17,7 +17,10 @@ on ``spikekernels.reference``. It also reports the time per step of the first ch
 rest, and prints the ten largest lines of a profile of one chunk, so that the next bottleneck
 is in the record; on a GPU ``device_busy_fraction_first_chunk`` is that chunk's kernel time
 over its wall time (well under 1: the GPU waits for the host, and launch overhead is the next
-bottleneck, see ``bench_host.py``). On a CPU: the tiny preset at batch 16.
+bottleneck, see ``bench_host.py``). In exact mode on a GPU the run is timed again with
+``cuda_graph=True`` (every full chunk one CUDA graph replay): ``cuda_graph_seconds``,
+``cuda_graph_snn_over_qann_bf16`` and ``cuda_graph_bitwise_equal``. On a CPU: the tiny preset
+at batch 16.
 
 SpikingJelly 2.0's own SpikeZIP-TF path is the field's baseline (``spikingjelly_spikezip.py``
 says what its recipe needs and how it runs): ``SpikeZIPTFQANNRecipe(model_family="vit")``
@@ -83,6 +86,31 @@ def _profile_one_chunk(snn, x) -> tuple[str, float | None]:
         ]
         busy = sum(e.self_device_time_total for e in kernels) / 1e6
     return "; ".join(f"{e.key} {getattr(e, key) / 1e3:.2f} ms" for e in top), busy
+
+
+def _cuda_graph(snn, x, qann_logits, qann_bf16: float, info: dict) -> dict:
+    """Exact mode on a GPU, the whole run again with every full chunk a CUDA graph replay
+    (``cuda_graph=True``; the capture is the warm-up call): its time, its ratio to the bf16
+    QANN and whether its logits are still the QANN's bit for bit. Empty on a CPU; a failure is
+    noted in ``info["baseline_error"]["cuda_graph"]`` and the eager figures are kept."""
+    if not ON_GPU:
+        return {}
+    run = synchronized(lambda: snn(x, max_steps=MAX_STEPS, chunk=CHUNK, cuda_graph=True))
+    try:
+        logits, _ = run()  # captures the graph
+        seconds = median_time(run, warmup=0, reps=3)
+    except Exception as exc:  # a blind first capture must not cost the eager figures
+        message = f"{type(exc).__name__}: {exc}"[:300]
+        info.setdefault("baseline_error", {})["cuda_graph"] = message
+        return {}
+    finally:
+        snn.release_chunk_graphs()
+    return dict(
+        cuda_graph_seconds=seconds,
+        cuda_graph_images_per_s=x.shape[0] / seconds,
+        cuda_graph_snn_over_qann_bf16=seconds / qann_bf16,
+        cuda_graph_bitwise_equal=bool(torch.equal(logits, qann_logits)),
+    )
 
 
 def _spikingjelly(qann, x, steps: int, level: int, reference_logits, ours: float, info: dict):
@@ -178,6 +206,7 @@ def test_vit_end_to_end(benchmark, mode, level):
         breakdown, device_busy = _profile_one_chunk(snn, x)
         info: dict = {}  # baseline_error, when a baseline cannot run here
         spikingjelly = _spikingjelly(qann, x, steps, level, qann_float_logits, seconds, info)
+        graphed = _cuda_graph(snn, x, qann_logits, qann_bf16, info) if mode == "exact" else {}
 
     rest = (seconds - first_chunk) / max(steps - CHUNK, 1) if steps > CHUNK else None
     record(
@@ -203,6 +232,7 @@ def test_vit_end_to_end(benchmark, mode, level):
         bitwise_equal=bool(torch.equal(logits, qann_logits)),
         profile_top5=breakdown,
         **spikingjelly,
+        **graphed,
         **info,
     )
     if mode == "exact":

@@ -30,7 +30,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # Width 384 through the Triton interpreter takes minutes per run: the CPU pass of `make test`
 # runs these; the interpreter pass runs the exact SNN's kernels on the tiny model below.
 NOT_UNDER_INTERPRETER = pytest.mark.skipif(
-    INTERPRET, reason="width 384 is too slow through the Triton interpreter; the CPU pass runs it"
+    INTERPRET, reason="too slow through the Triton interpreter; the CPU pass runs it"
 )
 TINY = dict(img_size=8, patch_size=4, in_chans=3, num_classes=5, embed_dim=16, depth=2,
             num_heads=2)  # fmt: skip

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from spikekernels.models.chunk_graph import ChunkGraph, CudaGraph
 from spikekernels.nn.exact_attention import ExactAttention
 from spikekernels.nn.exact_layers import ExactLayerNormNeuron, ExactLinear, ExactLinearNeuron
 from spikekernels.nn.neuron import STBIF
@@ -176,6 +177,12 @@ class SpikeReadout(_Composite):
 # --- exact mode (SPEC.md §9) -------------------------------------------------------------
 
 
+def _count_before(neuron: TargetNeuron) -> torch.Tensor | None:
+    """A copy of ``neuron``'s count before its next call (which updates it in place), or
+    None while it is fresh."""
+    return None if neuron.count is None else neuron.count.clone()
+
+
 def _with_class_row(t: torch.Tensor) -> torch.Tensor:
     """``t`` with a zero class-token row in front of its tokens (dim -2)."""
     return F.pad(t, (0, 0, 1, 0))
@@ -219,7 +226,7 @@ class ExactPatchEmbed(nn.Module):
 
     def forward(self, patches: torch.Tensor, steps: int, t0: int) -> Residual:
         batch, n, d = patches.shape
-        before = self.neuron.count
+        before = _count_before(self.neuron)
         spikes = self.neuron(patches.expand(steps, batch, n, d))
         # The class-token row joins the int8 spikes and count (zero: theta * 0 = +0.0, as a
         # zero row), never a float64 tensor.
@@ -255,7 +262,7 @@ class ExactBlock(_Composite):
         d: torch.Tensor, branch: nn.Module, neuron: ExactLinearNeuron, s: torch.Tensor
     ) -> Residual:
         """``d`` with the branch pending: its last neuron's spikes, step and count before."""
-        before = neuron.count
+        before = _count_before(neuron)
         return Residual(d, branch(s), neuron.threshold, before)
 
     def forward(self, x: Residual) -> Residual:
@@ -326,6 +333,7 @@ class SpikingViT(nn.Module):
         self.image_shape = tuple(image_shape)
         self.num_classes = num_classes
         self.sites = list(sites)
+        self._chunk_graphs: dict = {}  # (image shape, chunk, device) -> ChunkGraph
 
     def reset(self) -> None:
         """Back to the fresh state: every neuron, accumulator, product and norm."""
@@ -366,6 +374,32 @@ class SpikingViT(nn.Module):
         if x.device != device:
             raise ValueError(f"x is on {x.device} but the model is on {device}")
 
+    def capture_chunk_graph(self, x: torch.Tensor, chunk: int = 8, *, graph_type=None):
+        """The CUDA graph of one ``chunk``-step chunk for images shaped like ``x``, captured on
+        first use and kept (``models.chunk_graph.ChunkGraph``; exact mode only).
+        ``forward(..., cuda_graph=True)`` calls this. ``graph_type``: the graph class (default
+        ``chunk_graph.CudaGraph``; the tests pass a CPU stand-in)."""
+        key = (tuple(x.shape), chunk, x.device)
+        graph = self._chunk_graphs.get(key)
+        if graph is None:
+            if not self.exact:
+                raise ValueError(
+                    "cuda_graph=True needs exact mode: float mode's inputs depend on the step "
+                    "(biases released over steps), which a replayed chunk cannot follow"
+                )
+            if graph_type is None:
+                if x.device.type != "cuda":
+                    raise ValueError(
+                        f"cuda_graph=True needs a CUDA device, got images on {x.device}"
+                    )
+                graph_type = CudaGraph
+            graph = self._chunk_graphs[key] = ChunkGraph(self, x, chunk, graph_type)
+        return graph
+
+    def release_chunk_graphs(self) -> None:
+        """Free every captured chunk graph with its state buffers and memory pool."""
+        self._chunk_graphs.clear()
+
     @torch.no_grad()
     def forward(
         self,
@@ -375,40 +409,40 @@ class SpikingViT(nn.Module):
         *,
         return_trace: bool = False,
         reference: bool = False,
+        cuda_graph: bool = False,
     ):
         self._check_call(x, max_steps, chunk)
-        self.reset()
+        if not isinstance(cuda_graph, bool):
+            raise TypeError(f"cuda_graph must be a bool, got {type(cuda_graph).__name__}")
+        if cuda_graph and reference:
+            raise ValueError("cuda_graph=True replays the fused ops; it cannot run reference=True")
         backend = force_backend("reference") if reference else contextlib.nullcontext()
         chunk = 1 if reference else chunk
         batch, device = x.shape[0], x.device
         finite = torch.isfinite(x.reshape(batch, -1)).all(dim=1)
-        flags: list[torch.Tensor] = []  # the current chunk's [T, B] int32 fired flags
-        neurons = self.neurons()
+        chunks = self.capture_chunk_graph(x, chunk) if cuda_graph else _EagerChunks(self)
         try:
             with backend:
-                patches = self.patch_embed.first_step(x)
+                chunks.start(x)
                 sample_steps = torch.full((batch,), max_steps, dtype=torch.int64, device=device)
                 total = torch.zeros(batch, self.num_classes, device=device)
                 trace = []
                 t0, steps = 0, max_steps
                 while t0 < max_steps:
                     n = min(chunk, max_steps - t0)
-                    flags.append(torch.zeros(n, batch, dtype=torch.int32, device=device))
-                    for neuron in neurons:
-                        neuron.watch(flags[-1])
-                    logits = self.step_chunk(patches, n, t0)
+                    logits, fired = chunks.step(n, t0)
                     # Step by step, so that the rounding does not depend on the chunk size.
                     for t in range(n):
                         total = logits[t] if self.exact else total + logits[t]
                         if return_trace:
                             trace.append(total)
-                    sample_steps = _settle(sample_steps, flags.pop() != 0, t0, max_steps)
+                    sample_steps = _settle(sample_steps, fired != 0, t0, max_steps)
                     t0 += n
                     steps = int(sample_steps.max())  # the one host sync per chunk
                     if steps < max_steps:
                         break
         finally:
-            for neuron in neurons:
+            for neuron in self.neurons():
                 neuron.watch(None)
         nan = torch.tensor(float("nan"), device=device)
         total = torch.where(finite[:, None], total, nan)
@@ -416,6 +450,26 @@ class SpikingViT(nn.Module):
             return total, steps
         curve = torch.where(finite[None, :, None], torch.stack(trace[:steps]), nan)
         return total, steps, SpikeTrace(curve, sample_steps)
+
+
+class _EagerChunks:
+    """The runner's default way through a chunk (``ChunkGraph``'s interface): a fresh state
+    per call, every chunk through the modules, fresh ``[n, B]`` fired flags that every neuron
+    is told to watch."""
+
+    def __init__(self, snn: SpikingViT) -> None:
+        self.snn = snn
+        self.neurons = snn.neurons()
+
+    def start(self, x: torch.Tensor) -> None:
+        self.snn.reset()
+        self.patches = self.snn.patch_embed.first_step(x)
+
+    def step(self, n: int, t0: int) -> tuple[torch.Tensor, torch.Tensor]:
+        flags = torch.zeros(n, self.patches.shape[0], dtype=torch.int32, device=self.patches.device)
+        for neuron in self.neurons:
+            neuron.watch(flags)
+        return self.snn.step_chunk(self.patches, n, t0), flags
 
 
 def _settle(

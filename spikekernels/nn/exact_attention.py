@@ -28,10 +28,14 @@ class ExactAttentionProbs(TargetNeuron):
         super().reset()
         self.q_acc = self.k_acc = self.scores = None
 
+    def state(self) -> dict[str, torch.Tensor | None]:
+        return {**super().state(), "q_acc": self.q_acc, "k_acc": self.k_acc, "scores": self.scores}
+
     def forward(self, q: torch.Tensor, k_t: torch.Tensor) -> torch.Tensor:
         spikes, self.q_acc, self.k_acc, self.scores, self.count = exact_attention_probs(
             q, k_t, self.gain, self.threshold, self.n_min, self.p_max,
             self.q_acc, self.k_acc, self.scores, self.count, active=self.activity,
+            inplace=self.stateful_call(),
         )  # fmt: skip
         self.last_spikes = spikes[-1]
         return spikes
@@ -53,10 +57,14 @@ class ExactContext(TargetNeuron):
         super().reset()
         self.a_acc = self.v_acc = self.z = None
 
+    def state(self) -> dict[str, torch.Tensor | None]:
+        return {**super().state(), "a_acc": self.a_acc, "v_acc": self.v_acc, "z": self.z}
+
     def forward(self, a: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         spikes, self.a_acc, self.v_acc, self.z, self.count = exact_context(
             a, v, self.theta_a, self.theta_v, self.threshold, self.n_min, self.p_max,
             self.a_acc, self.v_acc, self.z, self.count, active=self.activity,
+            inplace=self.stateful_call(),
         )  # fmt: skip
         self.last_spikes = spikes[-1]
         return spikes

@@ -83,12 +83,18 @@ class ExactLinear(nn.Module):
         """Back to a zero accumulator: call between inputs."""
         self.acc: torch.Tensor | None = None
 
+    def state(self) -> dict[str, torch.Tensor | None]:
+        """``{"acc": ...}``, updated in place after the first call (see ``TargetNeuron.state``)."""
+        return {"acc": self.acc}
+
     def forward(self, s: torch.Tensor) -> torch.Tensor:
         step = spike_linear(s, self.weight, self.unit, weight_scale=self.unit_scale)
         acc = torch.cumsum(step.to(torch.int32), dim=0, dtype=torch.int32)
-        if self.acc is not None:
+        if self.acc is None:
+            self.acc = acc[-1].clone()
+        else:
             acc += self.acc
-        self.acc = acc[-1].clone()
+            self.acc.copy_(acc[-1])
         return exact_math.linear_value(acc, self.multiplier, self.bias)
 
     def extra_repr(self) -> str:
@@ -120,6 +126,9 @@ class ExactLinearNeuron(TargetNeuron):
         super().reset()
         self.acc: torch.Tensor | None = None
 
+    def state(self) -> dict[str, torch.Tensor | None]:
+        return {**super().state(), "acc": self.acc}
+
     def forward(self, s: torch.Tensor) -> torch.Tensor:
         spikes, self.acc, self.count = exact_linear(
             s,
@@ -133,6 +142,7 @@ class ExactLinearNeuron(TargetNeuron):
             self.acc,
             self.count,
             active=self.activity,
+            inplace=self.stateful_call(),
         )
         self.last_spikes = spikes[-1]
         return spikes
@@ -235,6 +245,7 @@ class ExactLayerNormNeuron(TargetNeuron):
             branch_threshold=branch_threshold,
             branch_count=branch_count,
             residual_out=residual_out,
+            inplace=self.stateful_call(),
         )
         spikes, self.count = out[:2]
         self.residual = out[2] if residual_out else None

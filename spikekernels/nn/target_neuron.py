@@ -54,9 +54,26 @@ class TargetNeuron(ActivityWatcher, nn.Module):
         self.count: torch.Tensor | None = None
         self.last_spikes: torch.Tensor | None = None
 
+    def state(self) -> dict[str, torch.Tensor | None]:
+        """The state tensors by name, None before the first call. Every call after the first
+        updates them in place (the ops' ``inplace=True``), so they keep their addresses until
+        ``reset()``: a CUDA graph can replay the module (``SpikingViT(..., cuda_graph=True)``).
+        Zeroing them in place is the fresh state too."""
+        return {"count": self.count}
+
+    def stateful_call(self) -> bool:
+        """Whether this call updates the state in place (it exists) or creates it."""
+        return all(t is not None for t in self.state().values())
+
     def forward(self, value: torch.Tensor) -> torch.Tensor:
         spikes, self.count = target_spikes(
-            value, self.threshold, self.n_min, self.p_max, self.count, active=self.activity
+            value,
+            self.threshold,
+            self.n_min,
+            self.p_max,
+            self.count,
+            active=self.activity,
+            inplace=self.stateful_call(),
         )
         self.last_spikes = spikes[-1]
         return spikes

@@ -1,0 +1,109 @@
+"""``SpikingViT(..., cuda_graph=True)`` (models/chunk_graph.py): one captured chunk replayed.
+
+On a CPU the protocol runs with ``EagerGraph``, a stand-in for ``torch.cuda.CUDAGraph`` that
+runs the captured function again at each replay and copies into the captured outputs, as a
+replay rewrites the captured memory. A replay reads the addresses it captured, so these tests
+also check what the stand-in cannot: the state stays the same tensors at the same addresses,
+and nothing else carries from chunk to chunk. The `cuda` test runs a real CUDA graph.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_exact import NOT_UNDER_INTERPRETER, TINY, images, make_exact
+
+from spikekernels import convert
+from spikekernels.models import QuantViT, calibrate
+
+
+class EagerGraph:
+    """CPU stand-in for ``models.chunk_graph.CudaGraph``."""
+
+    def capture(self, fn):
+        self.fn = fn
+        self.out = fn()
+        return self.out
+
+    def replay(self):
+        out = self.fn()
+        if self.out is not None:
+            self.out.copy_(out)
+
+
+def _addresses(graph):
+    return [(name, tensor.data_ptr()) for _, name, tensor in graph.state]
+
+
+def _assert_state_in_place(graph, where):
+    for module, name, tensor in graph.state:
+        assert getattr(module, name) is tensor, f"{type(module).__name__}.{name} was replaced"
+    assert _addresses(graph) == where, "a state tensor moved"
+
+
+@pytest.mark.parametrize(
+    ("max_steps", "chunk"),
+    [pytest.param(64, 4, marks=NOT_UNDER_INTERPRETER), (10, 3)],
+)
+def test_replayed_chunks_equal_the_eager_runner(gen, max_steps, chunk):
+    """Bit for bit, call after call, with a partial last chunk (10 = 3 + 3 + 3 + 1) and an
+    eager call in between (it resets the modules' state; the graph puts its own back)."""
+    qann = make_exact(gen, **TINY, level=16)
+    snn = convert(qann)
+    x = images(gen, qann, 3)
+    graph = snn.capture_chunk_graph(x, chunk, graph_type=EagerGraph)
+    where = _addresses(graph)
+    assert len(where) > 10
+    for batch in (x, images(gen, qann, 3), x):
+        want = snn(batch, max_steps, chunk, return_trace=True)
+        got = snn(batch, max_steps, chunk, return_trace=True, cuda_graph=True)
+        _assert_state_in_place(graph, where)
+        assert got[1] == want[1]
+        assert torch.equal(got[0], want[0])
+        assert torch.equal(got[2].logits, want[2].logits)
+        assert torch.equal(got[2].sample_steps, want[2].sample_steps)
+    assert snn.capture_chunk_graph(x, chunk) is graph  # kept for the shape
+    snn.release_chunk_graphs()
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        snn(x, max_steps, chunk, cuda_graph=True)
+
+
+def test_outputs_do_not_alias_the_graph(gen):
+    """What a call returns survives the next call's replays."""
+    qann = make_exact(gen, **TINY, level=16)
+    snn = convert(qann)
+    x, y = images(gen, qann, 2), images(gen, qann, 2)
+    snn.capture_chunk_graph(x, 8, graph_type=EagerGraph)
+    first, _ = snn(x, cuda_graph=True)
+    kept = first.clone()
+    snn(y, cuda_graph=True)
+    assert torch.equal(first, kept)
+
+
+def test_bad_calls_are_rejected(gen):
+    qann = make_exact(gen, **TINY, level=16)
+    snn = convert(qann)
+    x = images(gen, qann, 2)
+    with pytest.raises(TypeError, match="cuda_graph must be a bool"):
+        snn(x, cuda_graph=1)
+    with pytest.raises(ValueError, match="reference"):
+        snn(x, cuda_graph=True, reference=True)
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        snn(x, cuda_graph=True)
+    float_snn = convert(calibrate(QuantViT(**TINY, level=16), images(gen, qann, 4)))
+    assert not float_snn.exact
+    with pytest.raises(ValueError, match="exact mode"):
+        float_snn.capture_chunk_graph(x, 8, graph_type=EagerGraph)
+
+
+@pytest.mark.cuda
+def test_cuda_graph_equals_eager_on_the_gpu(gen):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    qann = make_exact(gen, **TINY, level=16).cuda()
+    snn = convert(qann)
+    for batch in (images(gen, qann, 3), images(gen, qann, 3)):
+        x = batch.cuda()
+        want = snn(x, 64, 4)
+        got = snn(x, 64, 4, cuda_graph=True)
+        assert got[1] == want[1] and torch.equal(got[0], want[0])
