@@ -308,6 +308,8 @@ class SpikingViT(nn.Module):
     did not fall silent by then. With ``return_trace=True`` a third element, a ``SpikeTrace``.
     ``reference=True`` runs the same network one step at a time on the per-step reference ops
     (``force_backend("reference")``): the slow baseline, and the tests' oracle.
+    ``cuda_graph=True`` (exact mode on a GPU) replays one captured chunk for every full chunk
+    (``capture_chunk_graph``, ``models.chunk_graph``): the same bits, no host work per op.
 
     ``exact`` says which mode; ``sites`` lists every QANN quantizer with its neuron. State is
     reset at the start of each call; after a call every neuron's ``count`` holds its spike
