@@ -428,8 +428,10 @@ def test_cuda_matches_cpu_reference(gen):
 )
 def test_silent_tile_flags(gen):
     """The flag pass marks exactly the (step, row tile) spike tiles holding a nonzero spike:
-    the main kernel skips the matmul of the others."""
-    from spikekernels.kernels.exact_linear import step_tile_any_kernel, tile_config
+    the main kernel skips the matmul of the others. Spikes in the first K tile (the pass
+    stops there), only in the last one (it reads on), and none (it reads every K tile)."""
+    from spikekernels.kernels.exact_linear import tile_config
+    from spikekernels.kernels.tile_flags import step_tile_any_kernel
 
     block_m = tile_config()[0]
     s = torch.zeros(3, 5 * block_m - 3, 200, dtype=torch.int8)

@@ -128,17 +128,7 @@ def neuron_cases() -> list[Case]:
 def spike_linear_cases() -> list[Case]:
     from spikekernels.kernels import spike_linear
 
-    block_m, _, block_k, num_warps, _ = spike_linear.tile_config(torch.int8)
-    cases = [
-        Case(
-            "spike_tile_any",
-            spike_linear.spike_tile_any_kernel,
-            {"s_ptr": "*i8", "flag_ptr": "*i32", "R": "i32", "K": "i32"},
-            dict(BLOCK_M=block_m, BLOCK_K=block_k),
-            num_warps=num_warps,
-            aligned=["R", "K"],
-        )
-    ]
+    cases = []
     for w_dtype, w_ty in [
         (torch.int8, "i8"),
         (torch.float16, "fp16"),
@@ -463,14 +453,15 @@ def target_cases() -> list[Case]:
 
 def exact_linear_cases() -> list[Case]:
     from spikekernels.kernels import exact_linear as el
+    from spikekernels.kernels import tile_flags
 
     block_m, block_n, block_k, num_warps, num_stages = el.tile_config()
     cases = [
         Case(
-            "exact_linear step_tile_any",
-            el.step_tile_any_kernel,
+            "tile_flags step_tile_any (early exit)",
+            tile_flags.step_tile_any_kernel,
             {"s_ptr": "*i8", "flag_ptr": "*i32", "rows": "i32", "K": "i32", "num_m": "i32"},
-            dict(BLOCK_M=block_m, BLOCK_K=el.FLAG_BLOCK_K),
+            dict(BLOCK_M=block_m, BLOCK_K=tile_flags.FLAG_BLOCK_K),
             num_warps=num_warps,
             aligned=["rows", "K"],
         )

@@ -4,8 +4,8 @@ Time-major spikes ``[T, rows, K]`` (int8, ternary) in, int8 spikes ``[T, rows, N
 int32 accumulator ``acc = q_in @ W^T`` and the int8 count stay in registers for the whole
 chunk, and only the final ones are written. Two launches:
 
-1. ``step_tile_any_kernel``: one program per (step, tile of ``BLOCK_M`` rows) reads that
-   step's spikes once (int8, the cheapest tensor here) and writes whether any is nonzero.
+1. ``kernels.tile_flags.step_tile_any_kernel``: whether each (step, tile of ``BLOCK_M``
+   rows) holds a spike (reading K tiles only up to the first spike).
 2. ``exact_linear_kernel``: one program per (row tile, output tile). For each step:
    ``acc += s_t @ W^T`` with ``tl.dot`` int8 x int8 -> int32 (exact; int8 tensor cores),
    where a silent spike tile runs the K loop zero times (no weight traffic, no MMA); then
@@ -25,6 +25,7 @@ import triton.language as tl
 from spikekernels.kernels import INTERPRET, on_device
 from spikekernels.kernels.activity import active_layout, record_active_rows
 from spikekernels.kernels.target import load_threshold, target_step
+from spikekernels.kernels.tile_flags import step_tile_flags
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) on a GPU: BLOCK_M = 64 rows per
 # warpgroup for Hopper's int8 wgmma and a fine skip granularity; BLOCK_N = 64 because acc and
@@ -34,44 +35,11 @@ _GPU_TILES = (64, 64, 128, 4, 3)
 # Under the numpy interpreter: small tiles so that CPU tests cover several row, column and K
 # tiles (and silent and active tiles side by side) at small shapes.
 _INTERPRET_TILES = (16, 16, 32, 4, 1)
-# The flag pass reads whole rows of K; its K tile (no MMA there, so any power of two).
-FLAG_BLOCK_K = 128
 
 
 def tile_config() -> tuple[int, int, int, int, int]:
     """``(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)``."""
     return _INTERPRET_TILES if INTERPRET else _GPU_TILES
-
-
-@triton.jit
-def step_tile_any_kernel(
-    s_ptr,  # [T, rows, K] int8 spikes
-    flag_ptr,  # [T, num_m] int32: 1 where the step's row tile holds a nonzero spike
-    rows,
-    K,
-    num_m,
-    BLOCK_M: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-):
-    """flag[t, m] = any(s[t, m * BLOCK_M : (m + 1) * BLOCK_M, :] != 0)."""
-    t = tl.program_id(0).to(tl.int64)
-    pid_m = tl.program_id(1).to(tl.int64)
-    rs = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_mask = rs < rows
-    cols = tl.arange(0, BLOCK_K)
-    base = s_ptr + t * rows * K
-    # one flag per row, reduced per K tile: a [BLOCK_M, BLOCK_K] accumulator would hold a
-    # register per element across the loop
-    seen = tl.zeros([BLOCK_M], tl.int32)
-    for k0 in range(0, K, BLOCK_K):
-        ks = k0 + cols
-        s = tl.load(
-            base + rs[:, None] * K + ks[None, :],
-            mask=row_mask[:, None] & (ks[None, :] < K),
-            other=0,
-        )
-        seen = tl.maximum(seen, tl.max((s != 0).to(tl.int32), axis=1))
-    tl.store(flag_ptr + t * num_m + pid_m, tl.max(seen, axis=0))
 
 
 @triton.jit
@@ -167,19 +135,6 @@ def exact_linear_kernel(
         flag_ptrs += num_m
     tl.store(acc_out_ptr + state_offs, acc, mask=mask)
     tl.store(count_out_ptr + state_offs, count.to(tl.int8), mask=mask)
-
-
-def step_tile_flags(launch, s: torch.Tensor, block_m: int, num_warps: int):
-    """``(flags [T, num_m] int32, num_m)``: whether each step's tile of ``block_m`` rows of
-    ``s`` ``[T, rows, K]`` holds a spike (``step_tile_any_kernel``), for the kernels that skip
-    silent tiles."""
-    T, rows, K = s.shape
-    num_m = triton.cdiv(rows, block_m)
-    flags = torch.empty((T, num_m), dtype=torch.int32, device=s.device)
-    launch(step_tile_any_kernel)[(T, num_m)](
-        s, flags, rows, K, num_m, BLOCK_M=block_m, BLOCK_K=FLAG_BLOCK_K, num_warps=num_warps
-    )
-    return flags, num_m
 
 
 @on_device

@@ -3,8 +3,8 @@
 Time and the leading dims are flattened into rows: spikes ``[R, K]`` with ``R = T * rows``,
 output ``[R, N]`` float32. Two launches:
 
-1. ``spike_tile_any_kernel``: one program per tile of ``BLOCK_M`` rows reads its spikes once
-   (int8, the cheapest tensor here) and writes whether any is nonzero.
+1. ``kernels.tile_flags.step_tile_any_kernel`` (the rows as one step): whether each tile of
+   ``BLOCK_M`` rows holds a spike.
 2. ``spike_linear_kernel``: one program per ``BLOCK_M x BLOCK_N`` output tile. A silent row
    tile skips the whole K loop (no weight traffic, no MMA) and writes only the bias where due.
    Otherwise ``acc = s @ W^T`` with ``tl.dot`` (``spike_dot``): int8 x int8 -> int32 (exact)
@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from spikekernels.kernels import INTERPRET, on_device
+from spikekernels.kernels.tile_flags import step_tile_flags
 
 # Tile shapes per weight dtype, (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). Chosen for
 # Hopper wgmma (BLOCK_M = 64 per warpgroup, K-major weight operand) and a fine skip
@@ -99,41 +100,13 @@ def spike_dot(
 
 
 @triton.jit
-def spike_tile_any_kernel(
-    s_ptr,  # [R, K] int8 spikes
-    flag_ptr,  # [cdiv(R, BLOCK_M)] int32: 1 where the row tile holds a nonzero spike
-    R,
-    K,
-    BLOCK_M: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-):
-    """flag[m] = any(s[m * BLOCK_M : (m + 1) * BLOCK_M, :] != 0)."""
-    pid = tl.program_id(0).to(tl.int64)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_mask = rows < R
-    cols = tl.arange(0, BLOCK_K)
-    # Reduced per K tile into one flag per row: a [BLOCK_M, BLOCK_K] accumulator would hold a
-    # register per element across the loop (and spilled at 64 x 128).
-    seen = tl.zeros([BLOCK_M], tl.int32)
-    for k0 in range(0, K, BLOCK_K):
-        ks = k0 + cols
-        s = tl.load(
-            s_ptr + rows[:, None] * K + ks[None, :],
-            mask=row_mask[:, None] & (ks[None, :] < K),
-            other=0,
-        )
-        seen = tl.maximum(seen, tl.max((s != 0).to(tl.int32), axis=1))
-    tl.store(flag_ptr + pid, tl.max(seen, axis=0))
-
-
-@triton.jit
 def spike_linear_kernel(
     s_ptr,  # [R, K] int8 ternary spikes, R = T * rows
     w_ptr,  # [N, K] weight (int8, float16, bfloat16), or [PARTS, N, K] bf16 parts
     theta_ptr,  # [1] threshold (any float dtype), read on the device
     w_scale_ptr,  # [N] float32 per-output-channel scale (INT8_W only)
     bias_ptr,  # [N] float32 bias share per due step (HAS_BIAS only)
-    flag_ptr,  # [cdiv(R, BLOCK_M)] int32 from spike_tile_any_kernel
+    flag_ptr,  # [cdiv(R, BLOCK_M)] int32 from kernels.tile_flags.step_tile_any_kernel
     out_ptr,  # [R, N] float32
     R,
     N,
@@ -214,11 +187,7 @@ def spike_linear_triton(
     block_m, block_n, block_k, num_warps, num_stages = tile_config(
         torch.float32 if split else weight.dtype
     )
-    num_m = triton.cdiv(R, block_m)
-    flags = torch.empty(num_m, dtype=torch.int32, device=s.device)
-    launch(spike_tile_any_kernel)[(num_m,)](
-        s, flags, R, K, BLOCK_M=block_m, BLOCK_K=block_k, num_warps=num_warps
-    )
+    flags, num_m = step_tile_flags(launch, s[None], block_m, num_warps)  # one "step": all rows
     launch(spike_linear_kernel)[(num_m, triton.cdiv(N, block_n))](
         s,
         weight,

@@ -5,7 +5,7 @@ Time-major spikes ``[T, rows, K]`` (int8, ternary) in, the output neuron's spike
 the count stay in registers for the whole chunk and only the final ones are written, so the
 float32 ``[T, rows, N]`` linear output never exists. Two launches:
 
-1. ``step_tile_any_kernel`` (shared with ``exact_linear``): whether each (step, row tile)
+1. ``kernels.tile_flags.step_tile_any_kernel``: whether each (step, row tile)
    holds a nonzero spike.
 2. ``spike_linear_neuron_kernel``: one program per (row tile, output tile). For each step:
    ``acc = s_t @ W^T`` from zero (float mode feeds increments), by ``spike_dot``: a float32
@@ -24,10 +24,10 @@ import triton.language as tl
 
 from spikekernels.kernels import INTERPRET, on_device
 from spikekernels.kernels.activity import active_layout, record_active_rows
-from spikekernels.kernels.exact_linear import step_tile_flags
 from spikekernels.kernels.neuron import st_bif_step
 from spikekernels.kernels.spike_linear import dot_flags, spike_dot
 from spikekernels.kernels.target import load_threshold
+from spikekernels.kernels.tile_flags import step_tile_flags
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) on a GPU: BLOCK_M = 64 rows per
 # warpgroup for Hopper's wgmma and a fine skip granularity; BLOCK_N = 32 because v and the
