@@ -11,7 +11,8 @@ in a row, one sync at the end, per call.
   plain eager mode) and through ``torch.ops.spikekernels.<name>`` (the ``custom_op`` /
   ``triton_op`` machinery); ``dispatcher_over_direct`` is the saving.
 - ``test_runner_chunk``: one 8-step chunk of the tiny exact ViT at batch 1, the runner as
-  shipped against the same runner with every op sent through the dispatcher.
+  shipped against the same runner with every op sent through the dispatcher, and on a GPU
+  against the chunk as one CUDA graph replay (``cuda_graph=True``).
 """
 
 from __future__ import annotations
@@ -100,6 +101,14 @@ def test_runner_chunk(benchmark, monkeypatch):
         routed_logits, _ = chunk()
     logits, _ = chunk()
     assert torch.equal(logits, routed_logits), "both paths run the same bodies"
+    graphed = {}
+    if DEVICE.type == "cuda":  # the same chunk as one CUDA graph replay
+        replay = lambda: snn(x, max_steps=8, chunk=8, cuda_graph=True)  # noqa: E731
+        graph_logits, _ = replay()  # captures
+        assert torch.equal(graph_logits, logits), "a replay gives the eager bits"
+        graph = _per_call(replay, calls=5)
+        graphed = dict(cuda_graph_ms=graph * 1e3, direct_over_cuda_graph=direct / graph)
+        snn.release_chunk_graphs()
     benchmark.group = "host time per runner chunk"
     benchmark.pedantic(chunk, rounds=1, iterations=1)
     record(
@@ -108,4 +117,5 @@ def test_runner_chunk(benchmark, monkeypatch):
         model="quant_vit_tiny exact, batch 1, one 8-step chunk",
         dispatcher_ms=dispatcher * 1e3,
         dispatcher_over_direct=dispatcher / direct,
+        **graphed,
     )
