@@ -414,6 +414,27 @@ def test_torch_compile_fullgraph(gen):
         assert torch.equal(g, w)
 
 
+def test_torch_compile_inplace(gen):
+    """Compiled, the in-place write still lands in the caller's state (functionalization
+    must copy it back), and the bits are eager's."""
+    layer = _layer(gen, 20, 24, per_channel=True)
+    s = _spikes(gen, 4, (3, 5), 24)
+    acc0, count0 = _random_state(gen, (3, 5, 20))
+
+    def block(s, acc, count):
+        spikes, _, _ = _run(s, layer, -8, 7, acc, count, inplace=True)
+        return spikes.sum(0, dtype=torch.int32)
+
+    torch._dynamo.reset()
+    acc, count = acc0.clone(), count0.clone()
+    got = torch.compile(block, fullgraph=True)(s, acc, count)
+    want_acc, want_count = acc0.clone(), count0.clone()
+    want = block(s, want_acc, want_count)
+    assert torch.equal(got, want)
+    assert torch.equal(acc, want_acc) and torch.equal(count, want_count)
+    assert not torch.equal(acc, acc0), "the state must have moved"
+
+
 @pytest.mark.cuda
 def test_cuda_matches_cpu_reference(gen):
     """Kernel on the GPU (int8 tensor cores) vs the reference on the CPU, at ViT-S size."""
