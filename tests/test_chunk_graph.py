@@ -63,6 +63,8 @@ def test_replayed_chunks_equal_the_eager_runner(gen, max_steps, chunk):
         assert torch.equal(got[2].logits, want[2].logits)
         assert torch.equal(got[2].sample_steps, want[2].sample_steps)
     assert snn.capture_chunk_graph(x, chunk) is graph  # kept for the shape
+    other = snn.capture_chunk_graph(x.double(), chunk, graph_type=EagerGraph)
+    assert other is not graph  # another dtype is another capture
     snn.release_chunk_graphs()
     with pytest.raises(ValueError, match="needs a CUDA device"):
         snn(x, max_steps, chunk, cuda_graph=True)

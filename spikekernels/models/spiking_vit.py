@@ -335,7 +335,7 @@ class SpikingViT(nn.Module):
         self.image_shape = tuple(image_shape)
         self.num_classes = num_classes
         self.sites = list(sites)
-        self._chunk_graphs: dict = {}  # (image shape, chunk, device) -> ChunkGraph
+        self._chunk_graphs: dict = {}  # (image shape, dtype, chunk, device) -> ChunkGraph
 
     def reset(self) -> None:
         """Back to the fresh state: every neuron, accumulator, product and norm."""
@@ -381,7 +381,7 @@ class SpikingViT(nn.Module):
         first use and kept (``models.chunk_graph.ChunkGraph``; exact mode only).
         ``forward(..., cuda_graph=True)`` calls this. ``graph_type``: the graph class (default
         ``chunk_graph.CudaGraph``; the tests pass a CPU stand-in)."""
-        key = (tuple(x.shape), chunk, x.device)
+        key = (tuple(x.shape), x.dtype, chunk, x.device)
         graph = self._chunk_graphs.get(key)
         if graph is None:
             if not self.exact:
@@ -399,7 +399,9 @@ class SpikingViT(nn.Module):
         return graph
 
     def release_chunk_graphs(self) -> None:
-        """Free every captured chunk graph with its state buffers and memory pool."""
+        """Free every captured chunk graph with its state buffers and memory pool. Call it
+        after moving the model or replacing a weight tensor: a graph reads the addresses it
+        captured (weights changed in place, e.g. by ``load_state_dict``, are seen)."""
         self._chunk_graphs.clear()
 
     @torch.no_grad()
