@@ -424,9 +424,9 @@ class SpikingViT(nn.Module):
         chunk = 1 if reference else chunk
         batch, device = x.shape[0], x.device
         finite = torch.isfinite(x.reshape(batch, -1)).all(dim=1)
-        chunks = self.capture_chunk_graph(x, chunk) if cuda_graph else _EagerChunks(self)
         try:
             with backend:
+                chunks = self.capture_chunk_graph(x, chunk) if cuda_graph else _EagerChunks(self)
                 chunks.start(x)
                 sample_steps = torch.full((batch,), max_steps, dtype=torch.int64, device=device)
                 total = torch.zeros(batch, self.num_classes, device=device)
