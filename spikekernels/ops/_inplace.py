@@ -18,8 +18,6 @@ from collections.abc import Sequence
 
 import torch
 
-from spikekernels.ops._checks import may_read_data
-
 
 def check_inplace(
     inplace: object,
@@ -38,22 +36,30 @@ def check_inplace(
             raise ValueError(f"inplace=True needs {name}: the op writes the new state into it")
         if not t.is_contiguous():
             raise ValueError(f"{name} must be contiguous with inplace=True")
-    for i, (name, t) in enumerate(states):
-        if not may_read_data(t, True):  # no storage behind fake tensors
-            continue
-        others = [x for x in inputs if x is not None] + [s for _, s in states[i + 1 :]]
-        for other in others:
-            if may_read_data(other, True) and _shares_memory(t, other):
+    if torch.compiler.is_compiling():
+        return  # fake tensors: no memory to compare
+    # Storage pointers once per tensor (this runs on every call of a stateful op, twice).
+    seen = [(x, _storage(x)) for x in inputs if x is not None]
+    for name, t in reversed(states):  # each state against the inputs and the states after it
+        where = _storage(t)
+        for other, other_where in seen:
+            if where is not None and where == other_where and _overlap(t, other):
                 raise ValueError(
                     f"{name} shares memory with another argument; inplace=True writes into it"
                 )
+        seen.append((t, where))
 
 
-def _shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether the byte ranges of ``a`` and ``b`` overlap (a conservative test: extents)."""
-    if a.numel() == 0 or b.numel() == 0 or a.device != b.device:
-        return False
-    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+def _storage(t: torch.Tensor) -> int | None:
+    """``t``'s storage address, or None for an empty tensor or one without real memory."""
+    if type(t) not in (torch.Tensor, torch.nn.Parameter) or t.numel() == 0:
+        return None
+    return t.untyped_storage().data_ptr()
+
+
+def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether the byte extents of ``a`` and ``b`` (one storage) overlap: conservative."""
+    if a.device != b.device:
         return False
 
     def extent(t: torch.Tensor) -> tuple[int, int]:
