@@ -10,8 +10,8 @@ Calling. The public faces call ``call_op(name, *args)``. In plain eager mode it 
 body directly; anything else (torch.compile, a dispatch mode such as FakeTensorMode or
 functionalization, functorch transforms, tensor subclasses, inputs that need autograd) goes
 through ``torch.ops.spikekernels.<name>``. Why: the Python ``custom_op``/``triton_op``
-machinery costs about 80 us a call on this project's CPU machine (``fill_defaults`` alone
-about 35 us for an op with a mutated argument; ``bench/bench_host.py`` measures it), and
+machinery adds 50-100 us to a call on this project's CPU machine (``bench/bench_host.py``;
+under cProfile ``fill_defaults`` stands out, for the ops with a mutated argument), and
 the exact ViT-S runner makes about 180 op calls per chunk: milliseconds of host time per
 chunk, as much as the fused kernels' GPU time. The body is the same function either way,
 so the two paths are bit-identical (``tests/test_registry.py``).
