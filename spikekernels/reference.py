@@ -430,6 +430,9 @@ def exact_layernorm_neuron(
     branch_spikes: torch.Tensor | None = None,
     branch_threshold: torch.Tensor | None = None,
     branch_count: torch.Tensor | None = None,
+    branch2_spikes: torch.Tensor | None = None,
+    branch2_threshold: torch.Tensor | None = None,
+    branch2_count: torch.Tensor | None = None,
     residual_out: bool = False,
 ) -> tuple[torch.Tensor, ...]:
     """Exact mode's residual read, LayerNorm row function and target-driven neuron (SPEC.md
@@ -439,14 +442,17 @@ def exact_layernorm_neuron(
     float64 broadcastable to one step. A pending branch (``branch_spikes``, its neuron's
     ``branch_threshold`` and ``branch_count`` before these steps) is added first by
     ``exact_residual_add``: ``D = exact_residual_add(d, branch_spikes, ...)`` (``d`` may then
-    be None); else ``D = d``. Per step: ``r = c + D_t`` (float64); the row is
-    ``x = fl32(r)``, or with ``pool`` ``fl32(tree_sum(r[..., 1:, :] over tokens) / N)`` (the
-    float64 mean of the N patch tokens); ``y = exact_layer_norm_rows(x, weight, bias, eps)``;
-    then ``target_spikes_step(y, threshold, ...)``. Fresh ``count`` 0 (int8).
+    be None), then a second one (``branch2_*``) likewise to that; else ``D = d``. Per step:
+    ``r = c + D_t`` (float64); the row is ``x = fl32(r)``, or with ``pool``
+    ``fl32(tree_sum(r[..., 1:, :] over tokens) / N)`` (the float64 mean of the N patch
+    tokens); ``y = exact_layer_norm_rows(x, weight, bias, eps)``; then
+    ``target_spikes_step(y, threshold, ...)``. Fresh ``count`` 0 (int8).
     Returns ``(spikes int8 [T, *rows, C], count)``, and ``D`` third with ``residual_out``.
     """
     if branch_spikes is not None:
         d = exact_residual_add(d, branch_spikes, branch_threshold, branch_count)
+    if branch2_spikes is not None:
+        d = exact_residual_add(d, branch2_spikes, branch2_threshold, branch2_count)
     state = None if count is None else count.clone()
     spikes = []
     for t in range(d.shape[0]):

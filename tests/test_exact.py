@@ -202,6 +202,30 @@ def test_exact_snn_tiny_bitwise_every_chunk(gen):
     assert len(set(steps.values())) == 1, f"the settle step depends on the chunk: {steps}"
 
 
+def test_exact_blocks_write_the_residual_stream_once(gen, monkeypatch):
+    """Each block writes ``D`` once, at ``norm1``, which adds the two branches pending since
+    (the previous block's attention and MLP; the patch embedding's in block 0); ``norm2`` and
+    the readout add theirs in registers and write nothing. Bitwise all the same."""
+    import spikekernels.nn.exact_layers as exact_layers
+
+    calls = []
+    op = exact_layers.exact_layernorm_neuron
+
+    def recording(*args, **kwargs):
+        branches = sum(kwargs[f"{b}_spikes"] is not None for b in ("branch", "branch2"))
+        calls.append((branches, kwargs["residual_out"], args[0] is None))
+        return op(*args, **kwargs)
+
+    monkeypatch.setattr(exact_layers, "exact_layernorm_neuron", recording)
+    qann = make_exact(gen, **{**TINY, "depth": 3}, level=16)
+    snn = convert(qann)
+    steps = assert_bitwise(qann, snn, images(gen, qann, 3), chunk=4)
+    block0 = [(1, True, True), (1, False, False)]
+    per_chunk = block0 + [(2, True, False), (1, False, False)] * 2 + [(2, False, False)]
+    chunks = len(calls) // len(per_chunk)
+    assert chunks >= -(-steps // 4) and calls == per_chunk * chunks, calls[: len(per_chunk)]
+
+
 def test_exact_snn_reference_backend(gen):
     qann = make_exact(gen, **TINY, level=8)
     snn = convert(qann)

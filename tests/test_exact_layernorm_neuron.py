@@ -101,19 +101,26 @@ def _branch(gen, shape, device="cpu", fresh=False):
     return tuple(None if t is None else t.to(device) for t in (spikes, theta, count))
 
 
-def _run_branch(d, c, norm, branch, count=None, **kwargs):
+def _run_branch(d, c, norm, branch, count=None, branch2=None, **kwargs):
     spikes, theta, before = branch
+    if branch2 is not None:
+        names = ("branch2_spikes", "branch2_threshold", "branch2_count")
+        kwargs.update(zip(names, branch2, strict=True))
     return _run(
         d, c, norm, -8, 7, count,
         branch_spikes=spikes, branch_threshold=theta, branch_count=before, **kwargs,
     )  # fmt: skip
 
 
-def _composition(d, c, norm, branch, count=None, pool=False):
-    """What the fused branch replaces: ``exact_residual_add`` then ``exact_layernorm_neuron``,
-    the reference of each, on the CPU. Returns ``(spikes, count, D)``."""
-    spikes, theta, before = (None if t is None else t.cpu() for t in branch)
-    D = reference.exact_residual_add(None if d is None else d.cpu(), spikes, theta, before)
+def _composition(d, c, norm, branch, count=None, pool=False, branch2=None):
+    """What the fused branches replace: ``exact_residual_add`` for each (in order), then
+    ``exact_layernorm_neuron``, the reference of each, on the CPU. Returns
+    ``(spikes, count, D)``."""
+    D = None if d is None else d.cpu()
+    for pending in (branch, branch2):
+        if pending is not None:
+            spikes, theta, before = (None if t is None else t.cpu() for t in pending)
+            D = reference.exact_residual_add(D, spikes, theta, before)
     return (*_reference(D, c, norm, -8, 7, count, pool=pool), D)
 
 
@@ -219,6 +226,120 @@ def test_pending_branch_inputs_untouched(gen, device):
     _, _, D = _run_branch(d, c, norm, branch, residual_out=True)
     assert D.data_ptr() != d.data_ptr()
     for t, b in zip((d, *branch), before, strict=True):
+        assert torch.equal(t, b), "an input was modified"
+
+
+# --- two pending branches (a block's norm1: the previous block's attention and MLP) --------
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(("batch", "tokens", "channels"), [(2, 3, 384), (1, 4, 7)])
+@pytest.mark.parametrize("T", [1, 4])
+@pytest.mark.parametrize("with_d", [True, False])
+@pytest.mark.parametrize("pool", [False, True])
+def test_two_branches_are_the_composition(gen, device, pool, with_d, T, batch, tokens, channels):
+    """Both updates fused in: the spikes, the count and every bit of ``D`` as
+    ``exact_residual_add`` of the first branch, then of the second, then the op; and as the
+    oracle called with both branches."""
+    d, c = _residual(gen, T, batch, tokens, channels, device)
+    d = d if with_d else None
+    norm = _norm(gen, channels, device=device)
+    shape = (T, batch, tokens, channels)
+    first = _branch(gen, shape, device, fresh=not with_d)
+    second = _branch(gen, shape, device)
+    spikes, count, D = _run_branch(d, c, norm, first, branch2=second, pool=pool, residual_out=True)
+    want = _composition(d, c, norm, first, pool=pool, branch2=second)
+    _assert_same((spikes, count), want[:2])
+    _assert_same_residual(D, want[2])
+    if channels > 1:
+        assert spikes.any(), "the neurons must fire (the test would be vacuous)"
+    with force_backend("reference"):
+        oracle = _run_branch(d, c, norm, first, branch2=second, pool=pool)
+    _assert_same(oracle, want[:2])
+    one = _run_branch(d, c, norm, first, pool=pool, residual_out=True)
+    assert not torch.equal(one[2].cpu(), want[2]), "the second branch must change D"
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch", "reference"])
+@pytest.mark.parametrize("pool", [False, True])
+def test_two_branches_every_backend(gen, backend, pool):
+    d, c = _residual(gen, 3, 2, 5, 100)
+    norm = _norm(gen, 100, per_channel=True)
+    first, second = _branch(gen, d.shape), _branch(gen, d.shape)
+    count = torch.randint(-8, 8, (2, 100) if pool else (2, 5, 100), generator=gen)
+    count = count.to(torch.int8)
+    with force_backend(backend):
+        *got, D = _run_branch(
+            d, c, norm, first, count, branch2=second, pool=pool, residual_out=True
+        )
+    want = _composition(d, c, norm, first, count, pool=pool, branch2=second)
+    _assert_same(got, want[:2])
+    _assert_same_residual(D, want[2])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("inplace", [False, True])
+def test_two_branches_chunked_equals_whole(gen, device, inplace):
+    """Feeding every count back (the norm's, and each branch neuron's advanced by the
+    chunk's spikes), in place or not, gives the whole run's spikes, count and ``D``."""
+    d, c = _residual(gen, 10, 2, 6, 48, device)
+    norm = _norm(gen, 48, device=device)
+    branches = [list(_branch(gen, d.shape, device)) for _ in range(2)]
+    whole = _run_branch(d, c, norm, branches[0], branch2=branches[1], residual_out=True)
+    parts = []
+    count = torch.zeros(2, 6, 48, dtype=torch.int8, device=device)
+    for t0, n in ((0, 4), (4, 1), (5, 5)):
+        chunk = [(s[t0 : t0 + n], theta, before) for s, theta, before in branches]
+        *out, new_count, D = _run_branch(
+            d[t0 : t0 + n], c, norm, chunk[0], count, branch2=chunk[1],
+            residual_out=True, inplace=inplace,
+        )  # fmt: skip
+        assert (new_count is count) == inplace
+        count = new_count
+        parts.append((out[0], D))
+        for branch in branches:
+            advanced = branch[2].to(torch.int32) + branch[0][t0 : t0 + n].sum(0)
+            branch[2] = advanced.to(torch.int8)
+    _assert_same((torch.cat([p[0] for p in parts]), count), [w.cpu() for w in whole[:2]])
+    _assert_same_residual(torch.cat([p[1] for p in parts]), whole[2].cpu())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_two_branches_on_the_class_row(gen, device):
+    """The readout of exact mode: the class-token row of ``d`` and of both branches."""
+    d, c = _residual(gen, 4, 3, 6, 32, device)
+    norm = _norm(gen, 32, device=device)
+    rows = []
+    for _ in range(2):
+        spikes, theta, before = _branch(gen, d.shape, device)
+        rows.append((spikes[:, :, 0], theta, before[:, 0]))
+    got = _run_branch(d[:, :, 0], c[:, 0], norm, rows[0], branch2=rows[1])
+    want = _composition(d[:, :, 0], c[:, 0], norm, rows[0], branch2=rows[1])
+    _assert_same(got, want[:2])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("pool", [False, True])
+def test_two_branches_write_every_output(gen, device, pool, poisoned_allocations):
+    d, c = _residual(gen, 3, 5, 3, 100, device)
+    norm = _norm(gen, 100, device=device)
+    first, second = _branch(gen, d.shape, device), _branch(gen, d.shape, device, fresh=True)
+    count = torch.randint(-3, 4, (5, 100) if pool else (5, 3, 100), generator=gen)
+    count = count.to(device=device, dtype=torch.int8)
+    *got, D = _run_branch(d, c, norm, first, count, branch2=second, pool=pool, residual_out=True)
+    want = _composition(d, c, norm, first, count, pool=pool, branch2=second)
+    _assert_same(got, want[:2])
+    _assert_same_residual(D, want[2])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_two_branches_inputs_untouched(gen, device):
+    d, c = _residual(gen, 3, 2, 4, 16, device)
+    norm = _norm(gen, 16, device=device)
+    first, second = _branch(gen, d.shape, device), _branch(gen, d.shape, device)
+    before = [t.clone() for t in (d, *first, *second)]
+    _run_branch(d, c, norm, first, branch2=second, residual_out=True)
+    for t, b in zip((d, *first, *second), before, strict=True):
         assert torch.equal(t, b), "an input was modified"
 
 
@@ -549,6 +670,9 @@ def _good_args() -> dict:
 
 
 # (case, what replaces the good arguments, error type, words the message must contain)
+_SPIKES = torch.zeros(2, 3, 4, 8, dtype=torch.int8)  # a branch's spikes for _good_args' d
+_THETA2 = dict(branch2_threshold=torch.tensor(0.25))
+
 BAD_INPUTS = [
     ("T == 0", dict(d=torch.zeros(0, 3, 4, 8, dtype=torch.float64)), ValueError, "T == 0"),
     ("d float32", dict(d=torch.zeros(2, 3, 4, 8)), TypeError, "d must have dtype"),
@@ -666,6 +790,72 @@ BAD_INPUTS = [
     ),
     ("residual_out int", dict(residual_out=1), TypeError, "residual_out must be a bool"),
     (
+        "branch2 without branch",
+        dict(branch2_spikes=torch.zeros(2, 3, 4, 8, dtype=torch.int8)),
+        ValueError,
+        "branch2_spikes needs branch_spikes",
+    ),
+    (
+        "branch2 fp",
+        dict(branch_spikes=_SPIKES, branch2_spikes=torch.zeros(2, 3, 4, 8), **_THETA2),
+        TypeError,
+        "branch2_spikes must",
+    ),
+    (
+        "branch2 shape",
+        dict(
+            branch_spikes=_SPIKES,
+            branch2_spikes=torch.zeros(2, 3, 4, 7, dtype=torch.int8),
+            **_THETA2,
+        ),
+        ValueError,
+        "branch2_spikes must have the shape of d",
+    ),
+    (
+        "branch2 shape, no d",
+        dict(
+            d=None,
+            branch_spikes=_SPIKES,
+            branch2_spikes=torch.zeros(2, 3, 5, 8, dtype=torch.int8),
+            **_THETA2,
+        ),
+        ValueError,
+        "branch2_spikes must have the shape of branch_spikes",
+    ),
+    (
+        "branch2 not ternary",
+        dict(
+            branch_spikes=_SPIKES,
+            branch2_spikes=torch.full((2, 3, 4, 8), -2, dtype=torch.int8),
+            **_THETA2,
+        ),
+        ValueError,
+        "branch2_spikes",
+    ),
+    (
+        "branch2 no threshold",
+        dict(branch_spikes=_SPIKES, branch2_spikes=_SPIKES),
+        ValueError,
+        "needs branch2_threshold",
+    ),
+    (
+        "branch2 threshold without spikes",
+        dict(branch_spikes=_SPIKES, **_THETA2),
+        ValueError,
+        "branch2_threshold needs branch2_spikes",
+    ),
+    (
+        "branch2 count shape",
+        dict(
+            branch_spikes=_SPIKES,
+            branch2_spikes=_SPIKES,
+            branch2_count=torch.zeros(3, 4, 9, dtype=torch.int8),
+            **_THETA2,
+        ),
+        ValueError,
+        "branch2_count must",
+    ),
+    (
         "inplace int",
         dict(count=torch.zeros(3, 4, 8, dtype=torch.int8), inplace=1),
         TypeError,
@@ -681,17 +871,20 @@ BAD_INPUTS = [
 ]
 
 
-@pytest.mark.parametrize("other", ["d", "branch_count", "active"])
+@pytest.mark.parametrize("other", ["d", "branch_count", "branch2_count", "active"])
 def test_inplace_count_sharing_an_input_is_rejected(other):
     """A contiguous count inside the storage of an input the kernel reads (or writes)."""
     args = _good_args()
     buffer = torch.zeros(2 * 3 * 4 * 8, dtype=torch.float64)
     if other == "d":
         args["d"] = buffer.view(2, 3, 4, 8)
-    elif other == "branch_count":
+    elif other.startswith("branch"):
         args["branch_spikes"] = torch.zeros(2, 3, 4, 8, dtype=torch.int8)
         args["branch_threshold"] = torch.tensor(0.5)
-        args["branch_count"] = buffer.view(torch.int8)[:96].view(3, 4, 8)
+        if other == "branch2_count":
+            args["branch2_spikes"] = torch.zeros(2, 3, 4, 8, dtype=torch.int8)
+            args["branch2_threshold"] = torch.tensor(0.25)
+        args[other] = buffer.view(torch.int8)[:96].view(3, 4, 8)
     else:
         args["active"] = buffer.view(torch.int32)[:6].view(2, 3)
     count = buffer.view(torch.int8)[:96].view(3, 4, 8)  # contiguous, but inside the other
@@ -727,6 +920,9 @@ def test_bad_input_is_rejected(case, bad, error, words):
         "inplace",
         "branch_inplace",
         "pool_inplace",
+        "two_branches",
+        "two_branches_only",
+        "pool_two_branches",
     ],
 )
 def test_opcheck(gen, case):
@@ -740,13 +936,15 @@ def test_opcheck(gen, case):
     if case == "state_per_channel" or inplace:
         count = torch.randint(-2, 3, (2, 12) if pool else (2, 4, 12), generator=gen)
         count = count.to(torch.int8)
-    branch = (None, None, None)
+    branch = branch2 = (None, None, None)
     if "branch" in case:
         branch = _branch(gen, d.shape)
-        d = None if case == "branch_only" else d
+    if "two_branches" in case:
+        branch2 = _branch(gen, d.shape, fresh=True)
+    d = None if case.endswith("_only") else d
     residual_out = "branch" in case and not pool
     args = (d, c, norm["w"], norm["b"], EPS, norm["theta"], -8, 7, count, pool, None)
-    args = (*args, *branch, residual_out, inplace)
+    args = (*args, *branch, *branch2, residual_out, inplace)
     torch.library.opcheck(torch.ops.spikekernels.exact_layernorm_neuron.default, args)
 
 

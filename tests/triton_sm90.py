@@ -528,14 +528,16 @@ def exact_layernorm_cases() -> list[Case]:
     # ViT-S/B/L widths with the residual's constant part and count, the readout's pooled
     # float32 rows without them, and a width that is not a power of two
     # (and the widest rows again recording per-sample activity)
-    # branch: 0 none, 1 d + pending branch with D written (a block's norms), 2 the branch
-    # alone, fresh, D written (block 0's norm1), 3 d + branch, no D (the readout)
+    # branch: 0 none, 1 d + pending branch with D written, 2 the branch alone, fresh, D
+    # written (block 0's norm1), 3 d + branch, no D (a block's norm2), 4 d + two branches, D
+    # written (a later block's norm1), 5 d + two branches, no D (the readout)
     for c, has_c, state, active, branch in [
         (384, True, True, False, 0), (768, True, False, False, 0), (1024, True, True, False, 0),
         (100, False, False, False, 0), (384, True, True, True, 0), (1024, True, True, True, 0),
         (100, False, False, True, 0), (384, True, True, False, 1), (384, True, True, True, 1),
         (1024, True, True, True, 1), (768, True, False, False, 1), (384, True, False, True, 2),
-        (1024, True, True, True, 3),
+        (1024, True, True, True, 3), (384, True, True, True, 4), (768, True, False, False, 4),
+        (1024, True, True, True, 4), (384, True, True, True, 5), (1024, True, True, True, 5),
     ]:  # fmt: skip
         block_c, rows, num_warps = eln.launch_config(c)
         signature = {
@@ -543,6 +545,9 @@ def exact_layernorm_cases() -> list[Case]:
             "branch_ptr": "*i8",
             "branch_theta_ptr": "*fp32",
             "branch_count_ptr": "*i8",
+            "branch2_ptr": "*i8",
+            "branch2_theta_ptr": "*fp32",
+            "branch2_count_ptr": "*i8",
             "residual_out_ptr": "*fp64",
             "c_ptr": "*fp64",
             "w_ptr": "*fp32",
@@ -565,8 +570,10 @@ def exact_layernorm_cases() -> list[Case]:
         constexprs = dict(
             HAS_D=branch != 2,
             HAS_BRANCH=branch != 0,
-            HAS_BRANCH_COUNT=branch in (1, 3),
-            RESIDUAL_OUT=branch in (1, 2),
+            HAS_BRANCH_COUNT=branch in (1, 3, 4, 5),
+            HAS_BRANCH2=branch in (4, 5),
+            HAS_BRANCH2_COUNT=branch in (4, 5),
+            RESIDUAL_OUT=branch in (1, 2, 4),
             HAS_C=has_c,
             HAS_WEIGHT=True,
             HAS_BIAS=True,

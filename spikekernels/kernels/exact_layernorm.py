@@ -12,8 +12,9 @@ in their order, one rounding each, so the bits equal the QANN's row function:
 
 - with a pending branch, ``D_t = d_t + fl64(theta_b) * count_b`` by ``exact_residual_add``'s
   own jit piece (``kernels.exact_residual.residual_value``: the same bits, no FMA), the
-  branch's int8 spikes read and its count kept in registers, ``D_t`` stored when asked
-  (``RESIDUAL_OUT``); else ``D_t = d_t``;
+  branch's int8 spikes read and its count kept in registers; with a second pending branch
+  its term is added to that the same way (``D_t + fl64(theta_b2) * count_b2``); ``D_t``
+  stored when asked (``RESIDUAL_OUT``); else ``D_t = d_t``;
 - ``x = fl32(c + D_t)`` (float64 add, one rounding to float32);
 - ``mean = tree_sum(x) / C``: ``tree_sum_rows`` halves the row ``log2(BLOCK_C)`` times, each
   level adding the upper half to the lower half (``exact_math.tree_sum``'s order; the zero
@@ -44,7 +45,7 @@ from spikekernels.kernels.target import load_threshold, target_step
 
 # A program holds ROWS x BLOCK_C = 1024 lanes: 8 per thread at 4 warps. c and the prefetched
 # D (float64), the count and a step's temporaries then take 96-120 registers on sm_90, 128-158
-# with a pending branch (its count, prefetched spikes and theta besides) (2048
+# with a pending branch (its count, prefetched spikes and theta besides), 151-162 with two (2048
 # lanes: 168-212, so fewer programs per SM to overlap the tree sums' shuffles and barriers with
 # loads; 4096 spills): tests/triton_sm90.py. Untuned on hardware so far: see bench/results/.
 ELEMENTS_PER_PROGRAM = 1024
@@ -116,6 +117,9 @@ def exact_layernorm_neuron_kernel(
     branch_ptr,  # [T, R, C] int8 spikes of the pending branch (HAS_BRANCH only)
     branch_theta_ptr,  # [1] the branch neuron's threshold (HAS_BRANCH only)
     branch_count_ptr,  # [R, C] int8 the branch neuron's count before T (HAS_BRANCH_COUNT only)
+    branch2_ptr,  # [T, R, C] int8 spikes of a second pending branch (HAS_BRANCH2 only)
+    branch2_theta_ptr,  # [1] its neuron's threshold (HAS_BRANCH2 only)
+    branch2_count_ptr,  # [R, C] int8 its neuron's count before T (HAS_BRANCH2_COUNT only)
     residual_out_ptr,  # [T, R, C] float64 D_t written out (RESIDUAL_OUT only)
     c_ptr,  # [RC, C] float64 constant part; row r of a step adds c[r % RC] (HAS_C only)
     w_ptr,  # [C] float32 LayerNorm weight (HAS_WEIGHT only)
@@ -137,6 +141,8 @@ def exact_layernorm_neuron_kernel(
     HAS_D: tl.constexpr,
     HAS_BRANCH: tl.constexpr,
     HAS_BRANCH_COUNT: tl.constexpr,
+    HAS_BRANCH2: tl.constexpr,
+    HAS_BRANCH2_COUNT: tl.constexpr,
     RESIDUAL_OUT: tl.constexpr,
     HAS_C: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
@@ -148,8 +154,9 @@ def exact_layernorm_neuron_kernel(
     BLOCK_C: tl.constexpr,
     LOG2_C: tl.constexpr,
 ):
-    """D_t = d_t + fl64(theta_b) * count_b (with a pending branch: ``residual_value``, stored
-    when RESIDUAL_OUT), else d_t; x = fl32(c + D_t); y = layer_norm_rows(x); target-driven
+    """D_t = d_t + fl64(theta_b) * count_b (with a pending branch: ``residual_value``), then
+    + fl64(theta_b2) * count_b2 (with a second), stored when RESIDUAL_OUT; else d_t;
+    x = fl32(c + D_t); y = layer_norm_rows(x); target-driven
     neuron on y; active[t, row // rows_per_sample] = 1 where a row fires."""
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * ROWS + tl.arange(0, ROWS)
@@ -185,6 +192,14 @@ def exact_layernorm_neuron_kernel(
         branch_ptrs = branch_ptr + offs
         sigma_next = tl.load(branch_ptrs, mask=mask, other=0)
         residual_out_ptrs = residual_out_ptr + offs
+    if HAS_BRANCH2:
+        branch2_theta = tl.load(branch2_theta_ptr).to(tl.float64)
+        if HAS_BRANCH2_COUNT:
+            branch2_count = tl.load(branch2_count_ptr + offs, mask=mask, other=0).to(tl.int32)
+        else:
+            branch2_count = tl.zeros([ROWS, BLOCK_C], tl.int32)
+        branch2_ptrs = branch2_ptr + offs
+        sigma2_next = tl.load(branch2_ptrs, mask=mask, other=0)
     if HAS_ACTIVE:
         active_ptrs = active_ptr + rows // rows_per_sample
     for t in range(T):
@@ -197,6 +212,11 @@ def exact_layernorm_neuron_kernel(
             branch_ptrs += step
             sigma_next = tl.load(branch_ptrs, mask=mask & (t + 1 < T), other=0)
             d = residual_value(d, branch_theta, branch_count, mask, HAS_D)
+            if HAS_BRANCH2:
+                branch2_count += sigma2_next.to(tl.int32)
+                branch2_ptrs += step
+                sigma2_next = tl.load(branch2_ptrs, mask=mask & (t + 1 < T), other=0)
+                d = residual_value(d, branch2_theta, branch2_count, mask, True)
             if RESIDUAL_OUT:
                 tl.store(residual_out_ptrs, d, mask=mask)
                 residual_out_ptrs += step
@@ -234,6 +254,7 @@ def exact_layernorm_neuron_triton(
     branch: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None,
     residual_out: bool = False,
     *,
+    branch2: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None,
     inplace: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Host side (``threshold`` first: ``on_device`` takes the device from it, as ``x`` may be
@@ -241,7 +262,8 @@ def exact_layernorm_neuron_triton(
     float64 ``d`` with ``c`` ``[RC, C]`` float64 (row ``r`` adds ``c[r % RC]``), or the
     float32 rows themselves with ``c`` None (and no branch); ``x`` None when the pending
     branch is all of ``D``; ``branch`` None or ``(spikes [T, R, C] int8 contiguous,
-    threshold [1], count [R, C] int8 or None)``; ``weight``/``bias`` ``[C]`` float32
+    threshold [1], count [R, C] int8 or None)``; ``branch2`` None or a second pending branch
+    of the same form, added after the first (which it needs); ``weight``/``bias`` ``[C]`` float32
     contiguous or None; ``count`` ``[R, C]`` or None; ``active`` ``[T, B]`` int32 contiguous
     or None. Returns ``(spikes [T, R, C] int8, count [R, C] int8, D)``, ``D``
     ``[T, R, C]`` float64 with ``residual_out``, else None: fresh, or with ``inplace`` the
@@ -259,11 +281,15 @@ def exact_layernorm_neuron_triton(
         return out, count_out, d_out
     block_c, rows, num_warps = launch_config(C)
     b_spikes, b_theta, b_count = (out, out, None) if branch is None else branch
+    b2_spikes, b2_theta, b2_count = (out, out, None) if branch2 is None else branch2
     launch(exact_layernorm_neuron_kernel)[(triton.cdiv(R, rows),)](
         out if x is None else x,
         b_spikes,
         b_theta,
         count_out if b_count is None else b_count,
+        b2_spikes,
+        b2_theta,
+        count_out if b2_count is None else b2_count,
         out if d_out is None else d_out,
         out if c is None else c,
         out if weight is None else weight,
@@ -284,6 +310,8 @@ def exact_layernorm_neuron_triton(
         HAS_D=x is not None,
         HAS_BRANCH=branch is not None,
         HAS_BRANCH_COUNT=b_count is not None,
+        HAS_BRANCH2=branch2 is not None,
+        HAS_BRANCH2_COUNT=b2_count is not None,
         RESIDUAL_OUT=d_out is not None,
         HAS_C=c is not None,
         HAS_WEIGHT=weight is not None,

@@ -44,6 +44,7 @@ from spikekernels.nn.target_neuron import TargetNeuron
 from spikekernels.ops._dispatch import force_backend
 
 __all__ = [
+    "Branch",
     "ExactBlock",
     "ExactPatchEmbed",
     "ExactReadout",
@@ -188,22 +189,43 @@ def _with_class_row(t: torch.Tensor) -> torch.Tensor:
     return F.pad(t, (0, 0, 1, 0))
 
 
-class Residual(NamedTuple):
-    """Exact mode's residual stream between modules: ``D = d + fl64(threshold) * count`` of
-    one *pending* branch, whose update the next LayerNorm neuron makes in registers (and
-    writes out only when a later reader needs ``D``), so ``D`` is not written by one launch
-    and read back by the next.
+class Branch(NamedTuple):
+    """A *pending* branch of exact mode's residual stream: the term ``fl64(threshold) *
+    count`` of its last neuron, not yet added to any ``D`` in memory. ``spikes``: that
+    neuron's int8 spikes ``[T, B, N, C]``; ``threshold``: its step (one element);
+    ``count_before``: its int8 count before these steps, ``[B, N, C]``, or None (fresh). The
+    field order is ``ExactLayerNormNeuron``'s per branch."""
 
-    ``d``: ``[T, B, N, C]`` float64 before the branch, or None (the patch embedding: ``D`` is
-    the branch term alone). ``spikes``: the branch neuron's int8 spikes, the same shape.
-    ``threshold``: its step (one element). ``count_before``: its int8 count before these
-    steps, ``[B, N, C]``, or None (fresh). The field order is ``ExactLayerNormNeuron``'s.
-    """
-
-    d: torch.Tensor | None
     spikes: torch.Tensor
     threshold: torch.Tensor
     count_before: torch.Tensor | None
+
+    def class_row(self) -> Branch:
+        """The branch on the class-token row only (dim 2 of the spikes)."""
+        before = self.count_before
+        return Branch(
+            self.spikes[:, :, 0], self.threshold, None if before is None else before[:, 0]
+        )
+
+
+class Residual(NamedTuple):
+    """Exact mode's residual stream between modules: ``D = d`` plus one or two pending
+    branches (in order), whose updates the next LayerNorm neuron makes in registers, writing
+    ``D`` out only where a later reader needs it. So ``D`` is not written by one launch and
+    read back by the next, and a block writes it once: its ``norm2`` adds the attention
+    branch and writes nothing, the next ``norm1`` adds both branches to the same ``d`` and
+    writes ``D``.
+
+    ``d``: ``[T, B, N, C]`` float64 before the branches, or None (the patch embedding: ``D``
+    is the branch term alone). ``pending``: the ``Branch``es, earliest first.
+    """
+
+    d: torch.Tensor | None
+    pending: tuple[Branch, ...]
+
+    def norm_args(self) -> tuple[torch.Tensor | None, ...]:
+        """``ExactLayerNormNeuron``'s positional arguments: ``d``, then each branch's fields."""
+        return (self.d, *(field for branch in self.pending for field in branch))
 
 
 class ExactPatchEmbed(nn.Module):
@@ -230,22 +252,28 @@ class ExactPatchEmbed(nn.Module):
         spikes = self.neuron(patches.expand(steps, batch, n, d))
         # The class-token row joins the int8 spikes and count (zero: theta * 0 = +0.0, as a
         # zero row), never a float64 tensor.
-        return Residual(
-            None,
+        branch = Branch(
             _with_class_row(spikes),
             self.neuron.threshold,
             None if before is None else _with_class_row(before),
         )
+        return Residual(None, (branch,))
 
 
 class ExactBlock(_Composite):
     """A Transformer block of exact mode on the residual stream (``Residual``: ``D`` as
-    ``d`` plus one pending branch): ``norm1``/``norm2`` read ``fl32(c + D)`` and fire (fused
-    LayerNorm + neuron), and each branch's ``fl64(theta) * count`` (its last neuron's, exact
-    in float64) is added to ``D`` by the norm after it, which also writes the updated ``D``
-    out for the next branch's sum: the attention branch is pending at ``norm2``, the MLP
-    branch leaves the block pending. Per norm and element-step: ``d`` and the spikes read,
-    ``D`` written (17 bytes), where a separate ``exact_residual_add`` took 17 + 8."""
+    ``d`` plus pending branches): ``norm1``/``norm2`` read ``fl32(c + D)`` and fire (fused
+    LayerNorm + neuron). Each branch's ``fl64(theta) * count`` (its last neuron's, exact in
+    float64) is added in registers by the norms after it:
+
+    - ``norm1`` adds the incoming branches (the previous block's attention and MLP, or the
+      patch embedding) to ``d`` and writes that ``D``: the block's new ``d``;
+    - ``norm2`` adds the attention branch to it and writes nothing;
+    - the block leaves ``d`` with the attention and MLP branches pending.
+
+    Per element-step a block moves 27 bytes of the stream: ``norm1`` reads ``d`` (8) and two
+    branches' spikes (2) and writes ``D`` (8), ``norm2`` reads ``d`` and one branch (9);
+    writing ``D`` at both norms took 34."""
 
     def __init__(
         self,
@@ -258,25 +286,24 @@ class ExactBlock(_Composite):
         self.norm1, self.attn, self.norm2, self.mlp = norm1, attn, norm2, mlp
 
     @staticmethod
-    def _branch(
-        d: torch.Tensor, branch: nn.Module, neuron: ExactLinearNeuron, s: torch.Tensor
-    ) -> Residual:
-        """``d`` with the branch pending: its last neuron's spikes, step and count before."""
+    def _branch(branch: nn.Module, neuron: ExactLinearNeuron, s: torch.Tensor) -> Branch:
+        """The branch run on ``s``, pending: its last neuron's spikes, step and count before."""
         before = _count_before(neuron)
-        return Residual(d, branch(s), neuron.threshold, before)
+        return Branch(branch(s), neuron.threshold, before)
 
     def forward(self, x: Residual) -> Residual:
-        s = self.norm1(*x, residual_out=True)
-        x = self._branch(self.norm1.take_residual(), self.attn, self.attn.proj, s)
-        s = self.norm2(*x, residual_out=True)
-        return self._branch(self.norm2.take_residual(), self.mlp, self.mlp.fc2, s)
+        s = self.norm1(*x.norm_args(), residual_out=True)
+        d = self.norm1.take_residual()
+        attn = self._branch(self.attn, self.attn.proj, s)
+        s = self.norm2(*Residual(d, (attn,)).norm_args())
+        return Residual(d, (attn, self._branch(self.mlp, self.mlp.fc2, s)))
 
 
 class ExactReadout(_Composite):
     """The final LayerNorm + signed neuron (fused) on the class token, or on the float64 mean
     of the patch tokens with ``global_pool``, then the head's current value:
-    ``[T, B, classes]``. The last block's MLP branch is still pending: the norm adds it (on
-    the class row only without ``global_pool``) and writes no ``D``."""
+    ``[T, B, classes]``. The last block's attention and MLP branches are still pending: the
+    norm adds them (on the class row only without ``global_pool``) and writes no ``D``."""
 
     def __init__(self, norm: ExactLayerNormNeuron, head: ExactLinear, global_pool: bool) -> None:
         super().__init__()
@@ -285,14 +312,11 @@ class ExactReadout(_Composite):
 
     def forward(self, x: Residual) -> torch.Tensor:
         if not self.global_pool:
-            d, spikes, threshold, before = x
             x = Residual(
-                None if d is None else d[:, :, 0],
-                spikes[:, :, 0],
-                threshold,
-                None if before is None else before[:, 0],
+                None if x.d is None else x.d[:, :, 0],
+                tuple(branch.class_row() for branch in x.pending),
             )
-        return self.head(self.norm(*x))
+        return self.head(self.norm(*x.norm_args()))
 
 
 # --- the network and its runner ------------------------------------------------------------

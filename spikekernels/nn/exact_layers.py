@@ -193,10 +193,10 @@ class ExactLayerNormNeuron(TargetNeuron):
     It is a ``TargetNeuron`` (``count``, ``fanout``; the runner's hooks see its spikes) that
     also holds the LayerNorm's weight, bias and eps and the residual constant ``c``.
 
-    The stream may come with a pending branch (its last neuron's spikes, threshold and count
-    before them): the op adds it to ``d`` in registers, and with ``residual_out`` writes the
-    updated ``D`` in the same pass, which the caller takes with ``take_residual()`` (the
-    output stays the spikes, which the runner's hooks count).
+    The stream may come with one or two pending branches (each its last neuron's spikes,
+    threshold and count before them; ``branch2_*`` the later one): the op adds them to ``d``
+    in registers, and with ``residual_out`` writes the updated ``D`` in the same pass, which
+    the caller takes with ``take_residual()`` (the output stays the spikes).
     """
 
     def __init__(
@@ -226,6 +226,9 @@ class ExactLayerNormNeuron(TargetNeuron):
         branch_spikes: torch.Tensor | None = None,
         branch_threshold: torch.Tensor | None = None,
         branch_count: torch.Tensor | None = None,
+        branch2_spikes: torch.Tensor | None = None,
+        branch2_threshold: torch.Tensor | None = None,
+        branch2_count: torch.Tensor | None = None,
         *,
         residual_out: bool = False,
     ) -> torch.Tensor:
@@ -244,6 +247,9 @@ class ExactLayerNormNeuron(TargetNeuron):
             branch_spikes=branch_spikes,
             branch_threshold=branch_threshold,
             branch_count=branch_count,
+            branch2_spikes=branch2_spikes,
+            branch2_threshold=branch2_threshold,
+            branch2_count=branch2_count,
             residual_out=residual_out,
             inplace=self.stateful_call(),
         )

@@ -47,33 +47,40 @@ def _stream(d: torch.Tensor | None, branch_spikes: torch.Tensor | None) -> tuple
     return ("d", d) if d is not None else ("branch_spikes", branch_spikes)
 
 
-def _check_branch(
-    name, stream, branch_spikes, branch_threshold, branch_count, residual_out
-) -> None:
-    """The pending branch: all of it or none (``branch_count`` may be None: fresh)."""
+def _check_branch(prefix, name, stream, spikes, threshold, count) -> None:
+    """One pending branch (``prefix`` ``branch`` or ``branch2``): all of it or none (its
+    count may be None: fresh)."""
+    if spikes is None:
+        for arg, value in ((f"{prefix}_threshold", threshold), (f"{prefix}_count", count)):
+            if value is not None:
+                raise ValueError(f"{arg} needs {prefix}_spikes (the pending branch)")
+        return
+    check_tensor(spikes, f"{prefix}_spikes", dtypes=(torch.int8,))
+    if spikes is not stream:
+        if spikes.shape != stream.shape:
+            raise ValueError(
+                f"{prefix}_spikes must have the shape of {name} {tuple(stream.shape)}, got "
+                f"{tuple(spikes.shape)}"
+            )
+        check_same_device(name, stream, f"{prefix}_spikes", spikes)
+    if threshold is None:
+        raise ValueError(f"{prefix}_spikes needs {prefix}_threshold (the branch neuron's step)")
+    check_scalar_tensor(threshold, f"{prefix}_threshold", stream, name)
+    check_state(count, f"{prefix}_count", stream.shape[1:], (torch.int8,), stream, name)
+
+
+def _check_branches(name, stream, branch, branch2, residual_out) -> None:
+    """The pending branches: the first, then optionally a second (which needs the first);
+    ``residual_out`` needs a branch."""
     if not isinstance(residual_out, bool):
         raise TypeError(f"residual_out must be a bool, got {type(residual_out).__name__}")
-    if branch_spikes is None:
-        for arg, value in (
-            ("branch_threshold", branch_threshold),
-            ("branch_count", branch_count),
-            ("residual_out", residual_out or None),
-        ):
-            if value is not None:
-                raise ValueError(f"{arg} needs branch_spikes (the pending branch)")
-        return
-    check_tensor(branch_spikes, "branch_spikes", dtypes=(torch.int8,))
-    if name == "d":
-        if branch_spikes.shape != stream.shape:
-            raise ValueError(
-                f"branch_spikes must have the shape of d {tuple(stream.shape)}, got "
-                f"{tuple(branch_spikes.shape)}"
-            )
-        check_same_device("d", stream, "branch_spikes", branch_spikes)
-    if branch_threshold is None:
-        raise ValueError("branch_spikes needs branch_threshold (the branch neuron's step)")
-    check_scalar_tensor(branch_threshold, "branch_threshold", stream, name)
-    check_state(branch_count, "branch_count", stream.shape[1:], (torch.int8,), stream, name)
+    if branch[0] is None:
+        if residual_out:
+            raise ValueError("residual_out needs branch_spikes (the pending branch)")
+        if any(t is not None for t in branch2):
+            raise ValueError("branch2_spikes needs branch_spikes (the first pending branch)")
+    _check_branch("branch", name, stream, *branch)
+    _check_branch("branch2", name, stream, *branch2)
 
 
 def _check_exact_layernorm_neuron(
@@ -91,6 +98,9 @@ def _check_exact_layernorm_neuron(
     branch_spikes=None,
     branch_threshold=None,
     branch_count=None,
+    branch2_spikes=None,
+    branch2_threshold=None,
+    branch2_count=None,
     residual_out=False,
     inplace=False,
 ) -> None:
@@ -102,7 +112,9 @@ def _check_exact_layernorm_neuron(
     name, x = _stream(d, branch_spikes)
     check_tensor(x, name, dtypes=(torch.float64,) if name == "d" else (torch.int8,))
     check_time_major(x, name)
-    _check_branch(name, x, branch_spikes, branch_threshold, branch_count, residual_out)
+    branch = (branch_spikes, branch_threshold, branch_count)
+    branch2 = (branch2_spikes, branch2_threshold, branch2_count)
+    _check_branches(name, x, branch, branch2, residual_out)
     min_dims = 3 if pool else 2
     if x.dim() < min_dims:
         layout = "[T, *rows, tokens, C]" if pool else "[T, *rows, C]"
@@ -146,7 +158,7 @@ def _check_exact_layernorm_neuron(
     check_bounds(n_min, p_max)
     check_state(count, "count", out_shape(x, pool), (torch.int8,), x, name)
     check_active(active, (x.shape[0], *out_shape(x, pool)), x, name)
-    inputs = (d, c, weight, bias, threshold, active, branch_spikes, branch_threshold, branch_count)
+    inputs = (d, c, weight, bias, threshold, active, *branch, *branch2)
     check_inplace(inplace, (("count", count),), inputs)
 
 
@@ -175,18 +187,33 @@ def exact_layernorm_neuron_torch(
     branch_spikes: torch.Tensor | None = None,
     branch_threshold: torch.Tensor | None = None,
     branch_count: torch.Tensor | None = None,
+    branch2_spikes: torch.Tensor | None = None,
+    branch2_threshold: torch.Tensor | None = None,
+    branch2_count: torch.Tensor | None = None,
     residual_out: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Vectorised PyTorch (any device): the unfused chain of exact mode over all T steps at
-    once (the pending branch by ``exact_residual_add``'s PyTorch path, then ``residual_read``
+    once (the pending branches by ``exact_residual_add``'s PyTorch path, then ``residual_read``
     or ``pool_patch_tokens``, ``layer_norm_rows``, the target neuron, which records
     ``active``). Every float operation is elementwise (``tree_sum`` included), so a whole
     chunk gives the bits of one step at a time."""
     if branch_spikes is not None:
         d = exact_residual_add_torch(d, branch_spikes, branch_threshold, branch_count)
+    if branch2_spikes is not None:
+        d = exact_residual_add_torch(d, branch2_spikes, branch2_threshold, branch2_count)
     y = layer_norm_rows(_norm_input(d, c, pool), weight, bias, eps)
     spikes, count_out = target_spikes_torch(y, threshold, n_min, p_max, count, active)
     return spikes, count_out, d if residual_out else _no_residual(d)
+
+
+def _flat_branch(branch, steps: int, channels: int):
+    """A pending branch as the kernel takes it: ``(spikes [T, R, C] contiguous, threshold,
+    count [R, C] contiguous or None)``, or None without one."""
+    spikes, threshold, count = branch
+    if spikes is None:
+        return None
+    flat = spikes.contiguous().reshape(steps, -1, channels)
+    return flat, threshold, None if count is None else count.contiguous().reshape(-1, channels)
 
 
 def _constant_rows(c: torch.Tensor, step: tuple[int, ...]) -> torch.Tensor:
@@ -218,12 +245,16 @@ def _exact_layernorm_neuron_op(
     branch_spikes: torch.Tensor | None = None,
     branch_threshold: torch.Tensor | None = None,
     branch_count: torch.Tensor | None = None,
+    branch2_spikes: torch.Tensor | None = None,
+    branch2_threshold: torch.Tensor | None = None,
+    branch2_count: torch.Tensor | None = None,
     residual_out: bool = False,
     inplace: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     args = (d, c, weight, bias, eps, threshold, n_min, p_max, count, pool)
     branch = (branch_spikes, branch_threshold, branch_count)
-    _check_exact_layernorm_neuron(*args, active, *branch, residual_out, inplace)
+    branch2 = (branch2_spikes, branch2_threshold, branch2_count)
+    _check_exact_layernorm_neuron(*args, active, *branch, *branch2, residual_out, inplace)
     name, x = _stream(d, branch_spikes)
     backend = backend_for(x, ("triton", "torch"))
     if backend == "triton":
@@ -241,15 +272,13 @@ def _exact_layernorm_neuron_op(
             p_max,
         )
         count_in = None if count is None else count.contiguous().reshape(rows, channels)
-        flat = None if branch_spikes is None else (steps, -1, channels)
         if pool:
-            # The readout's one pooled row per sample: the pending branch's update and the
+            # The readout's one pooled row per sample: the pending branches' updates and the
             # float64 token sum run first (the residual kernel, then elementwise PyTorch: the
             # bits of exact_math), the LayerNorm and neuron fused.
-            if branch_spikes is not None:
-                d = d_out = exact_residual_add_triton(
-                    launcher, branch_spikes, d, branch_threshold, branch_count
-                )
+            for spikes_b, theta_b, count_b in (branch, branch2):
+                if spikes_b is not None:
+                    d = d_out = exact_residual_add_triton(launcher, spikes_b, d, theta_b, count_b)
             pooled = pool_patch_tokens(c, d).reshape(steps, rows, channels)
             spikes, count_out, _ = exact_layernorm_neuron_triton(
                 launcher, threshold, pooled, None, *head, count_in, active, inplace=inplace
@@ -263,14 +292,9 @@ def _exact_layernorm_neuron_op(
                 *head,
                 count_in,
                 active,
-                None
-                if flat is None
-                else (
-                    branch_spikes.contiguous().reshape(flat),
-                    branch_threshold,
-                    None if branch_count is None else branch_count.contiguous(),
-                ),
+                _flat_branch(branch, steps, channels),
                 residual_out,
+                branch2=_flat_branch(branch2, steps, channels),
                 inplace=inplace,
             )
         d_out = d_out.reshape(x.shape) if residual_out else _no_residual(x)
@@ -279,11 +303,11 @@ def _exact_layernorm_neuron_op(
     if backend == "reference":
         from spikekernels import reference
 
-        out = reference.exact_layernorm_neuron(*args, *branch, residual_out)
+        out = reference.exact_layernorm_neuron(*args, *branch, *branch2, residual_out)
         record_active(active, out[0])
         out = out if residual_out else (*out, _no_residual(x))
     else:
-        out = exact_layernorm_neuron_torch(*args, active, *branch, residual_out)
+        out = exact_layernorm_neuron_torch(*args, active, *branch, *branch2, residual_out)
     return out[0], state_result(inplace, out[1], count), out[2]
 
 
@@ -303,13 +327,20 @@ def _(
     branch_spikes=None,
     branch_threshold=None,
     branch_count=None,
+    branch2_spikes=None,
+    branch2_threshold=None,
+    branch2_count=None,
     residual_out=False,
     inplace=False,
 ):
     args = (d, c, weight, bias, eps, threshold, n_min, p_max, count, pool, active)
-    _check_exact_layernorm_neuron(
-        *args, branch_spikes, branch_threshold, branch_count, residual_out, inplace
+    branches = (
+        branch_spikes,
+        branch_threshold,
+        branch_count,
+        *(branch2_spikes, branch2_threshold, branch2_count),
     )
+    _check_exact_layernorm_neuron(*args, *branches, residual_out, inplace)
     _, x = _stream(d, branch_spikes)
     shape = out_shape(x, pool)
     return (
@@ -335,23 +366,28 @@ def exact_layernorm_neuron(
     branch_spikes: torch.Tensor | None = None,
     branch_threshold: torch.Tensor | None = None,
     branch_count: torch.Tensor | None = None,
+    branch2_spikes: torch.Tensor | None = None,
+    branch2_threshold: torch.Tensor | None = None,
+    branch2_count: torch.Tensor | None = None,
     residual_out: bool = False,
     inplace: bool = False,
     validate: bool = False,
 ) -> tuple[torch.Tensor, ...]:
     """Exact mode's residual read + LayerNorm + target-driven neuron, fused (SPEC.md §9.2-§9.4),
-    optionally with the residual update of the branch that feeds it.
+    optionally with the residual updates of the branches that feed it.
 
     State: the neuron's ``count`` (int8, fresh 0); the residual stream's exact state ``D`` is
-    the caller's. The stream arrives as ``d`` plus at most one *pending branch* (the spikes of
-    the last neuron of the branch before this norm: attention's ``proj``, the MLP's ``fc2``,
-    the patch neuron), whose update ``exact_residual_add`` would otherwise write to memory and
-    this op read back. Per step ``t``, with ``C`` channels::
+    the caller's. The stream arrives as ``d`` plus at most two *pending branches* (the spikes
+    of the last neuron of each branch since ``d`` was written: attention's ``proj``, the MLP's
+    ``fc2``, the patch neuron), whose updates ``exact_residual_add`` would otherwise write to
+    memory and this op read back. Per step ``t``, with ``C`` channels::
 
         count_b += branch_spikes[t]                 # int32, from branch_count (fresh 0)
         D_t = d[t] + fl64(theta_b) * fl64(count_b)  # exact_residual_add, bit for bit
                                                     # (D_t = d[t] without a branch,
                                                     #  the product alone without d)
+        count_b2 += branch2_spikes[t]               # with a second branch, likewise:
+        D_t = D_t + fl64(theta_b2) * fl64(count_b2) # exact_residual_add of D_t
         x = fl32(fl64(c + D_t))                     # exact_math.residual_read
         mean = fl32(tree_sum(x) / C)                # exact_math.layer_norm_rows, op by op
         xc = x - mean;  var = fl32(tree_sum(xc * xc) / C)
@@ -364,14 +400,18 @@ def exact_layernorm_neuron(
     ``sqrt`` and ``/`` correctly rounded). With ``pool=True`` (the ``global_pool`` readout of
     ViT-B/L) the row is instead ``exact_math.pool_patch_tokens(c, D_t)``: the float64 mean of
     the patch tokens (dim -2, the class token at index 0 excluded), then ``fl32``. With
-    ``residual_out`` the op also returns ``D`` for the next reader, so a block moves 17 bytes
-    per element and step through memory (``d`` and the branch in, ``D`` out) instead of
-    ``exact_residual_add``'s 17 plus a read of 8 in a second launch.
+    ``residual_out`` the op also returns ``D`` for the next reader. A ViT block writes ``D``
+    once: its ``norm2`` reads ``d`` and the attention branch and writes nothing, the next
+    ``norm1`` reads ``d`` and both branches and writes ``D``: 27 bytes per element and step
+    for the block, where one write per norm took 34 (and separate ``exact_residual_add``
+    launches 50). Every path adds the first branch, then the second; in a converted model
+    the order does not matter (each term and partial sum is exact in float64: SPEC.md §9.2,
+    checked at conversion).
 
     Args:
         d: ``[T, *rows, C]`` float64 (``[T, *rows, tokens, C]`` with ``pool``): the residual
-            stream's spike-driven part before the pending branch at each step (current
-            values, not increments), or None when the branch is all of it (the patch
+            stream's spike-driven part before the pending branches at each step (current
+            values, not increments), or None when the branches are all of it (the patch
             embedding). ``1 <= C <= 1024``.
         c: float64 constant part (class token and position embedding), broadcastable to one
             step of ``d`` (e.g. ``[1, N, C]`` against ``d`` ``[T, B, N, C]``).
@@ -393,12 +433,15 @@ def exact_layernorm_neuron(
             ``branch_spikes``).
         branch_count: optional int8, one step of ``branch_spikes``: that neuron's count before
             these steps (fresh 0).
-        residual_out: also return ``D`` (needs ``branch_spikes``; without a branch ``D`` is
-            ``d``).
+        branch2_spikes, branch2_threshold, branch2_count: optional second pending branch (the
+            later one), as the first; it needs the first.
+        residual_out: also return ``D`` with both branches added (needs ``branch_spikes``;
+            without a branch ``D`` is ``d``).
         inplace: write the new ``count`` into the given one (required, contiguous, sharing
             no memory with an input) and return that same tensor (``ops._inplace``): a state
-            at a fixed address, as a CUDA graph replays it. ``branch_count`` is an input, not
-            written (the caller advances it by the chunk's branch spikes).
+            at a fixed address, as a CUDA graph replays it. ``branch_count`` and
+            ``branch2_count`` are inputs, not written (the caller advances them by the
+            chunk's branch spikes).
         validate: on a GPU also check the threshold's values and the branch's spikes (a host
             sync). On CPU always.
 
@@ -418,17 +461,19 @@ def exact_layernorm_neuron(
 
     Dispatch (``ops._dispatch.backend_for``): CUDA tensors run the Triton kernel (one program
     per block of rows, whole rows in registers, the T loop inside with both counts in
-    registers; with ``pool`` the branch's update (``exact_residual_add``'s kernel) and the
+    registers; with ``pool`` the branches' updates (``exact_residual_add``'s kernel) and the
     token mean run first); CPU tensors run vectorised PyTorch (the Triton kernel under
     ``TRITON_INTERPRET=1``); ``force_backend("reference")`` runs the oracle. Inference only:
     no autograd.
     """
     args = (d, c, weight, bias, eps, threshold, n_min, p_max, count, pool)
-    branch = (branch_spikes, branch_threshold, branch_count)
-    _check_exact_layernorm_neuron(*args, active, *branch, residual_out, inplace)
+    branches = (branch_spikes, branch_threshold, branch_count)
+    branches += (branch2_spikes, branch2_threshold, branch2_count)
+    _check_exact_layernorm_neuron(*args, active, *branches, residual_out, inplace)
     check_threshold_values(threshold, "threshold", validate)
-    if branch_spikes is not None:
-        check_ternary(branch_spikes, "branch_spikes", validate)
+    for name, spikes in (("branch_spikes", branch_spikes), ("branch2_spikes", branch2_spikes)):
+        if spikes is not None:
+            check_ternary(spikes, name, validate)
     out = call_op(
         "exact_layernorm_neuron",
         d,
@@ -442,7 +487,7 @@ def exact_layernorm_neuron(
         count,
         pool,
         active,
-        *branch,
+        *branches,
         residual_out,
         inplace,
     )
