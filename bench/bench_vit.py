@@ -19,8 +19,12 @@ is in the record; on a GPU ``device_busy_fraction_first_chunk`` is that chunk's 
 over its wall time (well under 1: the GPU waits for the host, and launch overhead is the next
 bottleneck, see ``bench_host.py``). In exact mode on a GPU the run is timed again with
 ``cuda_graph=True`` (every full chunk one CUDA graph replay): ``cuda_graph_seconds``,
-``cuda_graph_snn_over_qann_bf16`` and ``cuda_graph_bitwise_equal``. On a CPU: the tiny preset
-at batch 16.
+``cuda_graph_snn_over_qann_bf16`` and ``cuda_graph_bitwise_equal``, and then with other chunk
+sizes and schedules (``GRAPH_CHUNKS``): ``cuda_graph_seconds_by_chunk``. Each chunk reads and
+writes every layer's state once (by my count about 6 GB at ViT-S, batch 64: the int32
+accumulators most of it) and the steps past silence in the last chunk are computed for
+nothing, so longer first chunks and a short tail may pay; these figures say which. On a CPU:
+the tiny preset at batch 16.
 
 SpikingJelly 2.0's own SpikeZIP-TF path is the field's baseline (``spikingjelly_spikezip.py``
 says what its recipe needs and how it runs): ``SpikeZIPTFQANNRecipe(model_family="vit")``
@@ -61,6 +65,8 @@ from spikekernels.models import calibrate, quant_vit_small, quant_vit_tiny
 
 MODEL, BATCH = (quant_vit_small, 64) if ON_GPU else (quant_vit_tiny, 16)
 MAX_STEPS, CHUNK = 64, 8
+# chunk sizes and schedules (first chunks, the last size repeating) timed under CUDA graphs
+GRAPH_CHUNKS = (16, 32, (16, 4), (24, 4))
 SJ_CHECK_IMAGES = 8  # SpikingJelly's settled-logits check: on the first few images
 
 
@@ -95,22 +101,30 @@ def _cuda_graph(snn, x, qann_logits, qann_bf16: float, info: dict) -> dict:
     noted in ``info["baseline_error"]["cuda_graph"]`` and the eager figures are kept."""
     if not ON_GPU:
         return {}
-    run = synchronized(lambda: snn(x, max_steps=MAX_STEPS, chunk=CHUNK, cuda_graph=True))
-    try:
-        logits, _ = run()  # captures the graph
-        seconds = median_time(run, warmup=0, reps=3)
-    except Exception as exc:  # a blind first capture must not cost the eager figures
-        message = f"{type(exc).__name__}: {exc}"[:300]
-        info.setdefault("baseline_error", {})["cuda_graph"] = message
-        return {}
-    finally:
-        snn.release_chunk_graphs()
-    return dict(
-        cuda_graph_seconds=seconds,
-        cuda_graph_images_per_s=x.shape[0] / seconds,
-        cuda_graph_snn_over_qann_bf16=seconds / qann_bf16,
-        cuda_graph_bitwise_equal=bool(torch.equal(logits, qann_logits)),
-    )
+    figures, by_chunk = {}, {}
+    for chunk in (CHUNK, *GRAPH_CHUNKS):
+        run = synchronized(lambda c=chunk: snn(x, max_steps=MAX_STEPS, chunk=c, cuda_graph=True))
+        try:
+            logits, _ = run()  # captures the graphs
+            seconds = median_time(run, warmup=0, reps=3)
+        except Exception as exc:  # a blind first capture must not cost the eager figures
+            message = f"{type(exc).__name__}: {exc}"[:300]
+            info.setdefault("baseline_error", {})[f"cuda_graph chunk={chunk}"] = message
+            continue
+        finally:
+            snn.release_chunk_graphs()
+        by_chunk[str(chunk)] = seconds
+        if chunk == CHUNK:
+            figures = dict(
+                cuda_graph_seconds=seconds,
+                cuda_graph_images_per_s=x.shape[0] / seconds,
+                cuda_graph_snn_over_qann_bf16=seconds / qann_bf16,
+                cuda_graph_bitwise_equal=bool(torch.equal(logits, qann_logits)),
+            )
+        elif not torch.equal(logits, qann_logits):
+            info.setdefault("baseline_error", {})[f"cuda_graph chunk={chunk}"] = "not bitwise"
+    print(f"\nCUDA graph seconds by chunk (batch {x.shape[0]}): {by_chunk}")
+    return {**figures, "cuda_graph_seconds_by_chunk": by_chunk} if by_chunk else {}
 
 
 def _spikingjelly(qann, x, steps: int, level: int, reference_logits, ours: float, info: dict):

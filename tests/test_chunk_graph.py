@@ -43,11 +43,12 @@ def _assert_state_in_place(graph, where):
 
 @pytest.mark.parametrize(
     ("max_steps", "chunk"),
-    [pytest.param(64, 4, marks=NOT_UNDER_INTERPRETER), (10, 3)],
+    [pytest.param(64, 4, marks=NOT_UNDER_INTERPRETER), (10, 3), (11, (5, 2)), (9, [2, 4, 3])],
 )
 def test_replayed_chunks_equal_the_eager_runner(gen, max_steps, chunk):
-    """Bit for bit, call after call, with a partial last chunk (10 = 3 + 3 + 3 + 1) and an
-    eager call in between (it resets the modules' state; the graph puts its own back)."""
+    """Bit for bit, call after call, with a partial last chunk (10 = 3 + 3 + 3 + 1), with
+    schedules (11 = 5 + 2 + 2 + 2: two graphs on one state; 9 = 2 + 4 + 3), and an eager call
+    in between (it resets the modules' state; the graph puts its own back)."""
     qann = make_exact(gen, **TINY, level=16)
     snn = convert(qann)
     x = images(gen, qann, 3)
@@ -62,6 +63,8 @@ def test_replayed_chunks_equal_the_eager_runner(gen, max_steps, chunk):
         assert torch.equal(got[0], want[0])
         assert torch.equal(got[2].logits, want[2].logits)
         assert torch.equal(got[2].sample_steps, want[2].sample_steps)
+    sizes = (chunk,) if isinstance(chunk, int) else chunk
+    assert sorted(graph.graphs) == sorted(set(sizes)), "one graph per chunk size"
     assert snn.capture_chunk_graph(x, chunk) is graph  # kept for the shape
     other = snn.capture_chunk_graph(x.double(), chunk, graph_type=EagerGraph)
     assert other is not graph  # another dtype is another capture

@@ -79,15 +79,15 @@ def test_global_pool_variant(gen, images):
 
 @pytest.mark.parametrize("backend", ["cpp", None])
 def test_chunk_sizes_identical(qann, images, backend):
-    """Chunk 1, 3, 8: the same steps and counts, bit for bit; the logits to float32 rounding
-    (the spike linear's float32 sums may be blocked by rows, and a row's block depends on the
-    chunk size). ``cpp``: the CPU runtime path; None: the default (the Triton kernels through
-    the interpreter in the second pass of ``make test``)."""
+    """Chunk 1, 3, 8 and a schedule (5, 2): the same steps and counts, bit for bit; the
+    logits to float32 rounding (the spike linear's float32 sums may be blocked by rows, and a
+    row's block depends on the chunk size). ``cpp``: the CPU runtime path; None: the default
+    (the Triton kernels through the interpreter in the second pass of ``make test``)."""
     snn = convert(qann)
     with force_backend(backend):
         base, base_steps, base_trace = snn(images, chunk=8, return_trace=True)
         base_counts = counts(snn)
-        for chunk in (1, 3):
+        for chunk in (1, 3, (5, 2)):
             logits, steps, trace = snn(images, chunk=chunk, return_trace=True)
             assert steps == base_steps, f"chunk {chunk}: {steps} steps, chunk 8: {base_steps}"
             assert torch.equal(trace.sample_steps, base_trace.sample_steps)
@@ -180,6 +180,10 @@ def test_bad_inputs(qann, images):
         (dict(max_steps=0), ValueError, "max_steps must be >= 1"),
         (dict(chunk=0), ValueError, "chunk must be >= 1"),
         (dict(chunk=2.0), TypeError, "chunk must be an int"),
+        (dict(chunk=()), ValueError, "chunk must not be an empty sequence"),
+        (dict(chunk=(4, 0)), ValueError, "chunk sizes must be >= 1"),
+        (dict(chunk=(4, 2.0)), TypeError, "chunk sizes must be ints"),
+        (dict(chunk="8"), TypeError, "chunk must be an int or a sequence"),
         (dict(max_steps=True), TypeError, "max_steps must be an int"),
     ):
         with pytest.raises(err, match=match):

@@ -198,7 +198,7 @@ def test_exact_snn_tiny_bitwise_every_chunk(gen):
     snn = convert(qann)
     assert snn.exact
     x = images(gen, qann, 3)
-    steps = {chunk: assert_bitwise(qann, snn, x, chunk) for chunk in (1, 3, 8)}
+    steps = {chunk: assert_bitwise(qann, snn, x, chunk) for chunk in (1, 3, 8, (5, 2))}
     assert len(set(steps.values())) == 1, f"the settle step depends on the chunk: {steps}"
 
 

@@ -6,25 +6,28 @@ while the fused kernels of an 8-step chunk may take about as long on an H200 (th
 of a step is tens of microseconds at the roofline). A captured chunk is one replay.
 
 How. Exact mode has no per-step constant that depends on ``t0`` (the patch neuron sees the
-same conv value at every step), and its fresh state is all zeros, so one graph serves every
-full chunk of every call at one batch shape:
+same conv value at every step), and its fresh state is all zeros, so one graph per chunk size
+serves every full chunk of that size of every call at one batch shape:
 
 - the modules keep their state at fixed addresses: after their first call every exact op
   runs with ``inplace=True`` (``TargetNeuron.state``);
 - the static inputs are the conv patches and the ``[chunk, B]`` fired flags, the output the
-  chunk's logits; a second, tiny graph zeroes the state (a fresh start for the next images);
-- warm-up (two eager chunks: the first creates the state, the second compiles the in-place
-  kernels) runs before the capture, on a side stream, as ``torch.cuda.graph`` asks.
+  chunk's logits; a tiny graph zeroes the state (a fresh start for the next images);
+- a schedule of chunk sizes (``chunk=(24, 4)``) gets one graph per size, all on the same
+  state tensors, so the runner can switch sizes between chunks;
+- warm-up runs before the capture, on a side stream, as ``torch.cuda.graph`` asks: one eager
+  chunk creates the state, then one chunk per size updates it in place (the in-place kernels
+  compile for each size: Triton specialises on the step count).
 
-A partial last chunk (``max_steps`` not a multiple of ``chunk``) runs eagerly on the same
-state. Each captured shape keeps its state and its graph's memory until
+A partial last chunk (``max_steps`` reached mid-chunk) runs eagerly on the same state. Each
+captured shape keeps its state and its graphs' memory until
 ``SpikingViT.release_chunk_graphs()``.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -67,21 +70,27 @@ def _side_stream(device: torch.device):
 
 
 class ChunkGraph:
-    """One chunk of ``snn`` (exact mode) captured for images shaped like ``x`` and ``chunk``
-    steps. ``start(x)`` begins a call (zero state, these images); ``step(n, t0)`` runs the
-    next ``n`` steps and returns ``(logits [n, B, classes], fired flags [n, B])``, fresh
-    tensors: a replay when ``n == chunk``, the eager modules otherwise."""
+    """The chunks of ``snn`` (exact mode) captured for images shaped like ``x``, one graph for
+    each chunk size in ``sizes``. ``start(x)`` begins a call (zero state, these images);
+    ``step(n, t0)`` runs the next ``n`` steps and returns ``(logits [n, B, classes], fired
+    flags [n, B])``, fresh tensors: a replay when ``n`` is a captured size, the eager modules
+    otherwise."""
 
-    def __init__(self, snn: nn.Module, x: torch.Tensor, chunk: int, graph_type=CudaGraph):
-        self.snn, self.chunk = snn, chunk
+    def __init__(
+        self, snn: nn.Module, x: torch.Tensor, sizes: Sequence[int], graph_type=CudaGraph
+    ) -> None:
+        self.snn = snn
+        self.sizes = sorted(set(sizes))
         self.neurons = snn.neurons()
         self.patches = snn.patch_embed.first_step(x)  # static input: copied into per call
-        self.flags = torch.zeros(chunk, x.shape[0], dtype=torch.int32, device=x.device)
+        self.flags = torch.zeros(self.sizes[-1], x.shape[0], dtype=torch.int32, device=x.device)
         with _side_stream(x.device):
             snn.reset()
+            # the state is created, then updated in place at every size
+            for n in (self.sizes[0], *self.sizes):
+                self._watch(self.flags[:n])
+                snn.step_chunk(self.patches, n, n)
             self._watch(self.flags)
-            for t0 in (0, chunk):  # the state is created, then updated in place
-                snn.step_chunk(self.patches, chunk, t0)
         self.state = [
             (module, name, tensor)
             for module in snn.modules()
@@ -92,8 +101,11 @@ class ChunkGraph:
             raise RuntimeError("a module has no state after two chunks: cannot capture")
         self.zero_graph = graph_type()
         self.zero_graph.capture(self._zero_state)
-        self.graph = graph_type()
-        self.logits = self.graph.capture(self._chunk)
+        self.graphs = {}  # size -> (graph, its logits)
+        for n in self.sizes:
+            graph = graph_type()
+            self.graphs[n] = (graph, graph.capture(lambda n=n: self._chunk(n)))
+        self._watch(self.flags)
 
     def _watch(self, flags: torch.Tensor | None) -> None:
         for neuron in self.neurons:
@@ -103,9 +115,11 @@ class ChunkGraph:
         for _, _, tensor in self.state:
             tensor.zero_()
 
-    def _chunk(self) -> torch.Tensor:
-        self.flags.zero_()
-        return self.snn.step_chunk(self.patches, self.chunk, self.chunk)
+    def _chunk(self, n: int) -> torch.Tensor:
+        flags = self.flags[:n]  # a view at the flags' own address, whatever the size
+        flags.zero_()
+        self._watch(flags)
+        return self.snn.step_chunk(self.patches, n, n)
 
     def start(self, x: torch.Tensor) -> None:
         """A fresh start on images ``x`` (the captured shape): the captured state tensors back
@@ -117,9 +131,10 @@ class ChunkGraph:
         self._watch(self.flags)
 
     def step(self, n: int, t0: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if n == self.chunk:
-            self.graph.replay()
-            return self.logits.clone(), self.flags.clone()
+        if n in self.graphs:
+            graph, logits = self.graphs[n]
+            graph.replay()
+            return logits.clone(), self.flags[:n].clone()
         flags = self.flags[:n]
         flags.zero_()
         self._watch(flags)

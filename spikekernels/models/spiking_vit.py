@@ -29,7 +29,7 @@ logits. The runner gives it NaN logits instead (as the QANN does), decided on th
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -330,10 +330,19 @@ class SpikingViT(nn.Module):
     summed over steps; exact mode: the head's current value) and the number of steps the batch
     needed (its slowest sample's settle step, see the module docstring), or ``max_steps`` if it
     did not fall silent by then. With ``return_trace=True`` a third element, a ``SpikeTrace``.
+
+    ``chunk`` is the number of steps per module call (the fused kernels loop over them; the
+    memory held is that of one chunk), or a schedule: a sequence of sizes for the first chunks
+    in order, its last size repeating. ``chunk=(24, 4)`` runs 24 steps, then 4 at a time: a
+    long chunk while every sample is busy (each chunk reads and writes every layer's state
+    once), short ones near silence (steps past the settle step are computed for nothing).
+    The bits do not depend on the chunking.
+
     ``reference=True`` runs the same network one step at a time on the per-step reference ops
     (``force_backend("reference")``): the slow baseline, and the tests' oracle.
-    ``cuda_graph=True`` (exact mode on a GPU) replays one captured chunk for every full chunk
-    (``capture_chunk_graph``, ``models.chunk_graph``): the same bits, no host work per op.
+    ``cuda_graph=True`` (exact mode on a GPU) replays a captured chunk for every full chunk,
+    one graph per size in the schedule (``capture_chunk_graph``, ``models.chunk_graph``): the
+    same bits, no host work per op.
 
     ``exact`` says which mode; ``sites`` lists every QANN quantizer with its neuron. State is
     reset at the start of each call; after a call every neuron's ``count`` holds its spike
@@ -381,12 +390,11 @@ class SpikingViT(nn.Module):
             x = block(x)
         return self.readout(x)
 
-    def _check_call(self, x: object, max_steps: object, chunk: object) -> None:
-        for name, value in (("max_steps", max_steps), ("chunk", chunk)):
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-            if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
+    def _check_call(self, x: object, max_steps: object) -> None:
+        if isinstance(max_steps, bool) or not isinstance(max_steps, int):
+            raise TypeError(f"max_steps must be an int, got {type(max_steps).__name__}")
+        if max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1, got {max_steps}")
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a torch.Tensor of images, got {type(x).__name__}")
         if not x.is_floating_point():
@@ -400,12 +408,16 @@ class SpikingViT(nn.Module):
         if x.device != device:
             raise ValueError(f"x is on {x.device} but the model is on {device}")
 
-    def capture_chunk_graph(self, x: torch.Tensor, chunk: int = 8, *, graph_type=None):
-        """The CUDA graph of one ``chunk``-step chunk for images shaped like ``x``, captured on
-        first use and kept (``models.chunk_graph.ChunkGraph``; exact mode only).
-        ``forward(..., cuda_graph=True)`` calls this. ``graph_type``: the graph class (default
+    def capture_chunk_graph(
+        self, x: torch.Tensor, chunk: int | Sequence[int] = 8, *, graph_type=None
+    ) -> ChunkGraph:
+        """The CUDA graphs of the chunks of ``chunk`` (a size or a schedule, as ``forward``
+        takes it: one graph per size) for images shaped like ``x``, captured on first use and
+        kept (``models.chunk_graph.ChunkGraph``; exact mode only). ``forward(...,
+        cuda_graph=True)`` calls this. ``graph_type``: the graph class (default
         ``chunk_graph.CudaGraph``; the tests pass a CPU stand-in)."""
-        key = (tuple(x.shape), x.dtype, chunk, x.device)
+        sizes = _chunk_sizes(chunk)
+        key = (tuple(x.shape), x.dtype, sizes, x.device)
         graph = self._chunk_graphs.get(key)
         if graph is None:
             if not self.exact:
@@ -419,7 +431,7 @@ class SpikingViT(nn.Module):
                         f"cuda_graph=True needs a CUDA device, got images on {x.device}"
                     )
                 graph_type = CudaGraph
-            graph = self._chunk_graphs[key] = ChunkGraph(self, x, chunk, graph_type)
+            graph = self._chunk_graphs[key] = ChunkGraph(self, x, sizes, graph_type)
         return graph
 
     def release_chunk_graphs(self) -> None:
@@ -433,31 +445,32 @@ class SpikingViT(nn.Module):
         self,
         x: torch.Tensor,
         max_steps: int = 64,
-        chunk: int = 8,
+        chunk: int | Sequence[int] = 8,
         *,
         return_trace: bool = False,
         reference: bool = False,
         cuda_graph: bool = False,
     ):
-        self._check_call(x, max_steps, chunk)
+        self._check_call(x, max_steps)
+        sizes = (1,) if reference else _chunk_sizes(chunk)
         if not isinstance(cuda_graph, bool):
             raise TypeError(f"cuda_graph must be a bool, got {type(cuda_graph).__name__}")
         if cuda_graph and reference:
             raise ValueError("cuda_graph=True replays the fused ops; it cannot run reference=True")
         backend = force_backend("reference") if reference else contextlib.nullcontext()
-        chunk = 1 if reference else chunk
         batch, device = x.shape[0], x.device
         finite = torch.isfinite(x.reshape(batch, -1)).all(dim=1)
         try:
             with backend:
-                chunks = self.capture_chunk_graph(x, chunk) if cuda_graph else _EagerChunks(self)
+                chunks = self.capture_chunk_graph(x, sizes) if cuda_graph else _EagerChunks(self)
                 chunks.start(x)
                 sample_steps = torch.full((batch,), max_steps, dtype=torch.int64, device=device)
                 total = torch.zeros(batch, self.num_classes, device=device)
                 trace = []
-                t0, steps = 0, max_steps
+                t0, steps, index = 0, max_steps, 0
                 while t0 < max_steps:
-                    n = min(chunk, max_steps - t0)
+                    n = min(sizes[min(index, len(sizes) - 1)], max_steps - t0)
+                    index += 1
                     logits, fired = chunks.step(n, t0)
                     # Step by step, so that the rounding does not depend on the chunk size.
                     for t in range(n):
@@ -478,6 +491,25 @@ class SpikingViT(nn.Module):
             return total, steps
         curve = torch.where(finite[None, :, None], torch.stack(trace[:steps]), nan)
         return total, steps, SpikeTrace(curve, sample_steps)
+
+
+def _chunk_sizes(chunk: object) -> tuple[int, ...]:
+    """``chunk`` as a schedule: ``(chunk,)`` for one size, else the sizes of the first chunks
+    in order (the last repeating). Raises ``TypeError``/``ValueError`` naming ``chunk``."""
+    if isinstance(chunk, int) and not isinstance(chunk, bool):
+        if chunk < 1:
+            raise ValueError(f"chunk must be >= 1, got {chunk}")
+        return (chunk,)
+    if isinstance(chunk, (str, bytes)) or not isinstance(chunk, Sequence):
+        raise TypeError(f"chunk must be an int or a sequence of ints, got {type(chunk).__name__}")
+    if len(chunk) == 0:
+        raise ValueError("chunk must not be an empty sequence")
+    for size in chunk:
+        if isinstance(size, bool) or not isinstance(size, int):
+            raise TypeError(f"chunk sizes must be ints, got {type(size).__name__}")
+        if size < 1:
+            raise ValueError(f"chunk sizes must be >= 1, got {size}")
+    return tuple(chunk)
 
 
 class _EagerChunks:
