@@ -43,7 +43,12 @@ def _assert_state_in_place(graph, where):
 
 @pytest.mark.parametrize(
     ("max_steps", "chunk"),
-    [pytest.param(64, 4, marks=NOT_UNDER_INTERPRETER), (10, 3), (11, (5, 2)), (9, [2, 4, 3])],
+    [
+        pytest.param(64, 4, marks=NOT_UNDER_INTERPRETER),
+        (10, 3),
+        (11, (5, 2)),
+        pytest.param(9, [2, 4, 3], marks=NOT_UNDER_INTERPRETER),
+    ],
 )
 def test_replayed_chunks_equal_the_eager_runner(gen, max_steps, chunk):
     """Bit for bit, call after call, with a partial last chunk (10 = 3 + 3 + 3 + 1), with
