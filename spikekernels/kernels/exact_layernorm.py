@@ -112,6 +112,33 @@ def layer_norm_rows_fp32(
 
 
 @triton.jit
+def _branch_start(
+    spikes_ptr, theta_ptr, count_ptr, offs, mask, HAS_COUNT: tl.constexpr, ROWS: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    """A pending branch at the first step: its neuron's step (float64), its count before
+    (int32; fresh 0), the pointers to its spikes and the first step's spikes, prefetched."""
+    theta = tl.load(theta_ptr).to(tl.float64)
+    if HAS_COUNT:
+        count = tl.load(count_ptr + offs, mask=mask, other=0).to(tl.int32)
+    else:
+        count = tl.zeros([ROWS, BLOCK_C], tl.int32)
+    ptrs = spikes_ptr + offs
+    return theta, count, ptrs, tl.load(ptrs, mask=mask, other=0)
+
+
+@triton.jit
+def _branch_step(d, theta, count, ptrs, spikes, next_mask, step, mask, HAS_D: tl.constexpr):
+    """One step of a pending branch: its count advanced by this step's ``spikes``, the next
+    step's prefetched (``next_mask``), and ``D_t = d + fl64(theta) * count``
+    (``residual_value``). Returns ``(D_t, count, ptrs, next spikes)``."""
+    count += spikes.to(tl.int32)
+    ptrs += step
+    spikes = tl.load(ptrs, mask=next_mask, other=0)
+    return residual_value(d, theta, count, mask, HAS_D), count, ptrs, spikes
+
+
+@triton.jit
 def exact_layernorm_neuron_kernel(
     d_ptr,  # [T, R, C] float64 spike-driven residual d_t (float32 rows x_t when not HAS_C)
     branch_ptr,  # [T, R, C] int8 spikes of the pending branch (HAS_BRANCH only)
@@ -184,22 +211,16 @@ def exact_layernorm_neuron_kernel(
     if HAS_D:
         d_next = tl.load(d_ptrs, mask=mask, other=0.0)
     if HAS_BRANCH:
-        branch_theta = tl.load(branch_theta_ptr).to(tl.float64)
-        if HAS_BRANCH_COUNT:
-            branch_count = tl.load(branch_count_ptr + offs, mask=mask, other=0).to(tl.int32)
-        else:
-            branch_count = tl.zeros([ROWS, BLOCK_C], tl.int32)
-        branch_ptrs = branch_ptr + offs
-        sigma_next = tl.load(branch_ptrs, mask=mask, other=0)
+        b_theta, b_count, b_ptrs, b_next = _branch_start(
+            branch_ptr, branch_theta_ptr, branch_count_ptr, offs, mask, HAS_BRANCH_COUNT,
+            ROWS, BLOCK_C,
+        )  # fmt: skip
         residual_out_ptrs = residual_out_ptr + offs
     if HAS_BRANCH2:
-        branch2_theta = tl.load(branch2_theta_ptr).to(tl.float64)
-        if HAS_BRANCH2_COUNT:
-            branch2_count = tl.load(branch2_count_ptr + offs, mask=mask, other=0).to(tl.int32)
-        else:
-            branch2_count = tl.zeros([ROWS, BLOCK_C], tl.int32)
-        branch2_ptrs = branch2_ptr + offs
-        sigma2_next = tl.load(branch2_ptrs, mask=mask, other=0)
+        b2_theta, b2_count, b2_ptrs, b2_next = _branch_start(
+            branch2_ptr, branch2_theta_ptr, branch2_count_ptr, offs, mask, HAS_BRANCH2_COUNT,
+            ROWS, BLOCK_C,
+        )  # fmt: skip
     if HAS_ACTIVE:
         active_ptrs = active_ptr + rows // rows_per_sample
     for t in range(T):
@@ -208,15 +229,13 @@ def exact_layernorm_neuron_kernel(
             d_ptrs += step
             d_next = tl.load(d_ptrs, mask=mask & (t + 1 < T), other=0.0)
         if HAS_BRANCH:
-            branch_count += sigma_next.to(tl.int32)
-            branch_ptrs += step
-            sigma_next = tl.load(branch_ptrs, mask=mask & (t + 1 < T), other=0)
-            d = residual_value(d, branch_theta, branch_count, mask, HAS_D)
+            d, b_count, b_ptrs, b_next = _branch_step(
+                d, b_theta, b_count, b_ptrs, b_next, mask & (t + 1 < T), step, mask, HAS_D
+            )
             if HAS_BRANCH2:
-                branch2_count += sigma2_next.to(tl.int32)
-                branch2_ptrs += step
-                sigma2_next = tl.load(branch2_ptrs, mask=mask & (t + 1 < T), other=0)
-                d = residual_value(d, branch2_theta, branch2_count, mask, True)
+                d, b2_count, b2_ptrs, b2_next = _branch_step(
+                    d, b2_theta, b2_count, b2_ptrs, b2_next, mask & (t + 1 < T), step, mask, True
+                )
             if RESIDUAL_OUT:
                 tl.store(residual_out_ptrs, d, mask=mask)
                 residual_out_ptrs += step
