@@ -32,9 +32,6 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from spikekernels.nn.exact_layers import ExactLinear
-from spikekernels.nn.target_neuron import TargetNeuron
-
 
 class CudaGraph:
     """``torch.cuda.CUDAGraph`` as ``capture(fn) -> fn's outputs`` and ``replay()``.
@@ -91,12 +88,7 @@ class ChunkGraph:
                 self._watch(self.flags[:n])
                 snn.step_chunk(self.patches, n, n)
             self._watch(self.flags)
-        self.state = [
-            (module, name, tensor)
-            for module in snn.modules()
-            if isinstance(module, (TargetNeuron, ExactLinear))
-            for name, tensor in module.state().items()
-        ]
+        self.state = snn.state_tensors()
         if any(tensor is None for _, _, tensor in self.state):
             raise RuntimeError("a module has no state after two chunks: cannot capture")
         self.zero_graph = graph_type()

@@ -381,6 +381,18 @@ class SpikingViT(nn.Module):
         """Every neuron module, in execution order."""
         return [m for m in self.modules() if isinstance(m, NEURON_TYPES)]
 
+    def state_tensors(self) -> list[tuple[nn.Module, str, torch.Tensor | None]]:
+        """Exact mode's state as ``(module, name, tensor)`` for every entry of every module's
+        ``state()`` (None before the first call; empty in float mode). After their first call
+        the modules update these in place (``TargetNeuron.state``); each chunk reads and
+        writes all of it once."""
+        return [
+            (module, name, tensor)
+            for module in self.modules()
+            if isinstance(module, (TargetNeuron, ExactLinear))
+            for name, tensor in module.state().items()
+        ]
+
     def step_chunk(self, patches: torch.Tensor, steps: int, t0: int) -> torch.Tensor:
         """Run ``steps`` time steps from global step ``t0``; ``patches`` is the conv output
         ``patch_embed.first_step(img)``. Returns the logits of each step ``[steps, B, classes]``
