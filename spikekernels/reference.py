@@ -496,25 +496,25 @@ def exact_attention_probs(
     p_max: int,
     q_acc: torch.Tensor | None = None,
     k_acc: torch.Tensor | None = None,
-    scores: torch.Tensor | None = None,
     count: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Exact-mode attention probabilities (SPEC.md §5, §9.2-§9.4), step by step.
 
-    ``q`` ``[T, *, M, D]`` and ``k_t`` ``[T, *, D, N]`` ternary. Per step:
+    ``q`` ``[T, *, M, D]`` and ``k_t`` ``[T, *, D, N]`` ternary. ``S = Q @ K`` of the incoming
+    counts (exact; S is not state, always the product of the counts), then per step:
     ``S += q_t @ K_t + Q_{t-1} @ k_t`` (exact); ``p = softmax_rows(fl32(g * fl32(S)))``;
     ``target_spikes_step(p, threshold, ...)``. The softmax is exact mode's row function,
     ``spikekernels.exact_math.softmax_rows``: SPEC.md §9.2 defines the probabilities as that
     code's bits (the QANN calls it too), so the oracle calls it rather than restating it.
-    Fresh counts and ``S`` are 0. Returns ``(spikes int8 [T, *, M, N], q_acc int8,
-    k_acc int8, scores int32, count int8)``.
+    Fresh counts are 0. Returns ``(spikes int8 [T, *, M, N], q_acc int8, k_acc int8,
+    count int8)``.
     """
     from spikekernels.exact_math import softmax_rows
 
     shape = (*q.shape[1:-1], k_t.shape[-1])
     q_cnt = _state_or_zeros(q_acc, q.shape[1:], torch.int32, q.device)
     k_cnt = _state_or_zeros(k_acc, k_t.shape[1:], torch.int32, q.device)
-    s = _state_or_zeros(scores, shape, torch.int64, q.device)
+    s = _exact_matmul(q_cnt, k_cnt)
     c = _state_or_zeros(count, shape, torch.int8, q.device)
     g = gain.to(torch.float32).reshape(())
     spikes = []
@@ -524,7 +524,7 @@ def exact_attention_probs(
         p = softmax_rows(z) if z.numel() else z
         sigma, c = target_spikes_step(p, threshold, n_min, p_max, c)
         spikes.append(sigma)
-    return torch.stack(spikes), q_cnt.to(torch.int8), k_cnt.to(torch.int8), s.to(torch.int32), c
+    return torch.stack(spikes), q_cnt.to(torch.int8), k_cnt.to(torch.int8), c
 
 
 def exact_context(
@@ -537,29 +537,29 @@ def exact_context(
     p_max: int,
     a_acc: torch.Tensor | None = None,
     v_acc: torch.Tensor | None = None,
-    z: torch.Tensor | None = None,
     count: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Exact-mode attention context (SPEC.md §5, §9.2-§9.4), step by step.
 
-    ``a`` ``[T, *, M, N]`` and ``v`` ``[T, *, N, D]`` ternary. Per step:
+    ``a`` ``[T, *, M, N]`` and ``v`` ``[T, *, N, D]`` ternary. ``Z = A @ V`` of the incoming
+    counts (exact; Z is not state, always the product of the counts), then per step:
     ``Z += a_t @ V_t + A_{t-1} @ v_t`` (exact); ``y = fl32(fl32(theta_a * theta_v) *
-    fl32(Z))``; ``target_spikes_step(y, threshold, ...)``. Fresh counts and ``Z`` are 0.
-    Returns ``(spikes int8 [T, *, M, D], a_acc int8, v_acc int8, z int32, count int8)``.
+    fl32(Z))``; ``target_spikes_step(y, threshold, ...)``. Fresh counts are 0. Returns
+    ``(spikes int8 [T, *, M, D], a_acc int8, v_acc int8, count int8)``.
     """
     shape = (*a.shape[1:-1], v.shape[-1])
     a_cnt = _state_or_zeros(a_acc, a.shape[1:], torch.int32, a.device)
     v_cnt = _state_or_zeros(v_acc, v.shape[1:], torch.int32, a.device)
-    zz = _state_or_zeros(z, shape, torch.int64, a.device)
+    z = _exact_matmul(a_cnt, v_cnt)
     c = _state_or_zeros(count, shape, torch.int8, a.device)
     m = theta_a.to(torch.float32).reshape(()) * theta_v.to(torch.float32).reshape(())
     spikes = []
     for t in range(a.shape[0]):
-        a_cnt, v_cnt, zz = _running_product_step(a[t], v[t], a_cnt, v_cnt, zz)
-        y = m * zz.to(torch.int32).to(torch.float32)
+        a_cnt, v_cnt, z = _running_product_step(a[t], v[t], a_cnt, v_cnt, z)
+        y = m * z.to(torch.int32).to(torch.float32)
         sigma, c = target_spikes_step(y, threshold, n_min, p_max, c)
         spikes.append(sigma)
-    return torch.stack(spikes), a_cnt.to(torch.int8), v_cnt.to(torch.int8), zz.to(torch.int32), c
+    return torch.stack(spikes), a_cnt.to(torch.int8), v_cnt.to(torch.int8), c
 
 
 __all__ += ["exact_attention_probs", "exact_context"]

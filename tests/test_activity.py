@@ -151,10 +151,10 @@ def _probs(gen, T) -> Case:
     head = (case["gain"], torch.tensor(1 / 15), 0, 15)
 
     def call(q, k_t, state, active):
-        out = exact_attention_probs(q, k_t, *head, *(state or (None,) * 4), active=active)
+        out = exact_attention_probs(q, k_t, *head, *(state or (None,) * 3), active=active)
         return out, out[1:]
 
-    args = lambda active: (q, k_t, *head, None, None, None, None, active)  # noqa: E731
+    args = lambda active: (q, k_t, *head, None, None, None, active)  # noqa: E731
     return Case((q, k_t), call, torch.ops.spikekernels.exact_attention_probs.default, args)
 
 
@@ -165,10 +165,10 @@ def _context(gen, T) -> Case:
     head = (case["theta_a"], case["theta_v"], case["threshold"], -8, 7)
 
     def call(a, v, state, active):
-        out = exact_context(a, v, *head, *(state or (None,) * 4), active=active)
+        out = exact_context(a, v, *head, *(state or (None,) * 3), active=active)
         return out, out[1:]
 
-    args = lambda active: (a, v, *head, None, None, None, None, active)  # noqa: E731
+    args = lambda active: (a, v, *head, None, None, None, active)  # noqa: E731
     return Case((a, v), call, torch.ops.spikekernels.exact_context.default, args)
 
 

@@ -60,7 +60,7 @@ def _assert_same(got, want, names):
 # ---------------------------------------------------------------------------------------------
 # exact_attention_probs
 
-PROBS_NAMES = ("spikes", "q_acc", "k_acc", "scores", "count")
+PROBS_NAMES = ("spikes", "q_acc", "k_acc", "count")
 
 
 def _probs_case(gen, T, batch, m, d, n, *, state=False, device="cpu"):
@@ -80,7 +80,6 @@ def _probs_case(gen, T, batch, m, d, n, *, state=False, device="cpu"):
         case |= dict(
             q_acc=torch.randint(-4, 5, (*batch, m, d), generator=gen, dtype=torch.int8),
             k_acc=torch.randint(-4, 5, (*batch, d, n), generator=gen, dtype=torch.int8),
-            scores=torch.randint(-200, 200, (*batch, m, n), generator=gen, dtype=torch.int32),
             count=torch.randint(0, 16, (*batch, m, n), generator=gen, dtype=torch.int8),
         )
     return {name: t.to(device) for name, t in case.items()}
@@ -109,7 +108,7 @@ def _unfused_probs(case, chunks):
         neuron(softmax(scores(q, k)))
         for q, k in zip(case["q"].split(chunks), case["k_t"].split(chunks), strict=True)
     ]
-    return torch.cat(spikes), scores.a_acc, scores.b_acc, scores.product, neuron.count
+    return torch.cat(spikes), scores.a_acc, scores.b_acc, neuron.count
 
 
 # (batch, M, D, N): M, D, N not multiples of 16; single rows, keys and channels; a head dim
@@ -147,7 +146,7 @@ def test_probs_matches_the_unfused_modules(gen, device, batch, m, d, n):
         chunk = dict(case, q=q, k_t=k, **state)
         out, *rest = _run_probs(chunk)
         spikes.append(out)
-        state = dict(zip(("q_acc", "k_acc", "scores", "count"), rest, strict=True))
+        state = dict(zip(("q_acc", "k_acc", "count"), rest, strict=True))
     _assert_same((torch.cat(spikes), *state.values()), want, PROBS_NAMES)
 
 
@@ -164,7 +163,7 @@ def test_probs_every_backend_matches_the_reference(gen, backend):
 def test_probs_chunked_equals_whole(gen, device):
     case = _probs_case(gen, 12, (2,), 19, 36, 45, state=True, device=device)
     whole = _run_probs(case)
-    spikes, state = [], {k: case[k] for k in ("q_acc", "k_acc", "scores", "count")}
+    spikes, state = [], {k: case[k] for k in ("q_acc", "k_acc", "count")}
     for q, k in zip(case["q"].split([5, 1, 6]), case["k_t"].split([5, 1, 6]), strict=True):
         out, *rest = _run_probs(dict(case, q=q, k_t=k, **state))
         spikes.append(out)
@@ -174,18 +173,17 @@ def test_probs_chunked_equals_whole(gen, device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_probs_silent_input_still_moves_the_neuron(gen, device):
-    """Every spike tile silent: the counts and scores hold, but the softmax and the neuron
-    run every step, toward the targets of the incoming scores."""
+    """Every spike tile silent: the counts (so the scores) hold, but the softmax and the
+    neuron run every step, toward the targets of the scores the incoming counts give."""
     case = _probs_case(gen, 6, (2,), 20, 24, 30, state=True, device=device)
     case["q"].zero_()
     case["k_t"].zero_()
-    case["scores"] = torch.randint(-2000, 2000, case["scores"].shape, generator=gen).to(
-        device=device, dtype=torch.int32
-    )
+    for name in ("q_acc", "k_acc"):  # wide counts: scores in the thousands
+        case[name] = torch.randint(-30, 31, case[name].shape, generator=gen).to(case[name])
     case["count"].zero_()
     got = _run_probs(case)
     _assert_same(got, _reference_probs(case), PROBS_NAMES)
-    assert torch.equal(got[3], case["scores"]) and torch.equal(got[1], case["q_acc"])
+    assert torch.equal(got[1], case["q_acc"]) and torch.equal(got[2], case["k_acc"])
     assert got[0].any(), "the neurons must still fire toward their targets"
 
 
@@ -220,16 +218,17 @@ def test_probs_state_is_fresh_and_inputs_untouched(gen, device):
 
 
 def test_probs_settle_to_the_qann_integers(gen):
-    """SPEC.md §9.4: once the spikes stop, S is the exact Q K^T of the counts, and within
-    p_max - n_min silent steps every count is the QANN quantizer's integer of
-    softmax_rows(fl32(g * fl32(S))), then stays there."""
+    """SPEC.md §9.4: once the spikes stop, the counts are the QANN's integers, and within
+    p_max - n_min silent steps every neuron count is the QANN quantizer's integer of
+    softmax_rows(fl32(g * fl32(S))), S the exact Q K^T of the counts, then stays there."""
     case = _probs_case(gen, 5, (2,), 13, 24, 29)
     quiet = torch.zeros(ATTN_BOUNDS[1] + 2, *case["q"].shape[1:], dtype=torch.int8)
     case["q"] = torch.cat([case["q"], quiet])
     case["k_t"] = torch.cat([case["k_t"], quiet.new_zeros(len(quiet), *case["k_t"].shape[1:])])
-    spikes, q_acc, k_acc, scores, count = _run_probs(case)
+    spikes, q_acc, k_acc, count = _run_probs(case)
     q_int, k_int = case["q"].sum(0, dtype=torch.int32), case["k_t"].sum(0, dtype=torch.int32)
-    assert torch.equal(scores, exact_math.int_matmul(q_int, k_int))
+    assert torch.equal(q_acc.to(torch.int32), q_int) and torch.equal(k_acc.to(torch.int32), k_int)
+    scores = exact_math.int_matmul(q_int, k_int)
     probs = exact_math.softmax_rows(exact_math.score_value(scores, case["gain"]))
     integer = exact_math.target(probs, case["threshold"], *ATTN_BOUNDS)
     assert torch.equal(count.to(torch.float32), integer)
@@ -275,8 +274,6 @@ BAD_PROBS = [
     ("p_max float", dict(p_max=15.0), TypeError, "p_max must be a Python int"),
     ("q_acc shape", dict(q_acc=torch.zeros(3, 4, 9, dtype=torch.int8)), ValueError, "q_acc must"),
     ("k_acc int32", dict(k_acc=torch.zeros(3, 8, 5, dtype=torch.int32)), TypeError, "k_acc must"),
-    ("scores int8", dict(scores=torch.zeros(3, 4, 5, dtype=torch.int8)), TypeError, "scores must"),
-    ("scores shape", dict(scores=torch.zeros(3, 5, 4, dtype=torch.int32)), ValueError, "scores"),
     ("count int32", dict(count=torch.zeros(3, 4, 5, dtype=torch.int32)), TypeError, "count must"),
     (
         "count elsewhere",
@@ -315,7 +312,7 @@ def test_probs_opcheck(gen, state):
     case = _probs_case(gen, 3, (2,), 6, 20, 9, state=state)
     c = dict(case)
     args = [c.pop("q"), c.pop("k_t"), c.pop("gain"), c.pop("threshold"), *ATTN_BOUNDS]
-    args += [c.get(name) for name in ("q_acc", "k_acc", "scores", "count")]
+    args += [c.get(name) for name in ("q_acc", "k_acc", "count")]
     torch.library.opcheck(torch.ops.spikekernels.exact_attention_probs.default, tuple(args))
 
 
@@ -335,7 +332,7 @@ def test_probs_torch_compile_fullgraph(gen):
 # ---------------------------------------------------------------------------------------------
 # exact_context
 
-CONTEXT_NAMES = ("spikes", "a_acc", "v_acc", "z", "count")
+CONTEXT_NAMES = ("spikes", "a_acc", "v_acc", "count")
 
 
 def _context_case(gen, T, batch, m, n, d, *, state=False, device="cpu"):
@@ -354,7 +351,6 @@ def _context_case(gen, T, batch, m, n, d, *, state=False, device="cpu"):
         case |= dict(
             a_acc=torch.randint(0, 6, (*batch, m, n), generator=gen, dtype=torch.int8),
             v_acc=torch.randint(-4, 5, (*batch, n, d), generator=gen, dtype=torch.int8),
-            z=torch.randint(-100, 100, (*batch, m, d), generator=gen, dtype=torch.int32),
             count=torch.randint(-8, 8, (*batch, m, d), generator=gen, dtype=torch.int8),
         )
     return {name: t.to(device) for name, t in case.items()}
@@ -379,7 +375,7 @@ def _unfused_context(case, chunks):
         neuron(exact_math.context_value(context(a, v), case["theta_a"], case["theta_v"]))
         for a, v in zip(case["a"].split(chunks), case["v"].split(chunks), strict=True)
     ]
-    return torch.cat(spikes), context.a_acc, context.b_acc, context.product, neuron.count
+    return torch.cat(spikes), context.a_acc, context.b_acc, neuron.count
 
 
 # (batch, M, N, D): the contraction N over several key slices, N = 197 and D = 64 (ViT)
@@ -414,7 +410,7 @@ def test_context_matches_the_unfused_modules(gen, device, batch, m, n, d):
     for a, v in zip(case["a"].split(chunks), case["v"].split(chunks), strict=True):
         out, *rest = _run_context(dict(case, a=a, v=v, **state))
         spikes.append(out)
-        state = dict(zip(("a_acc", "v_acc", "z", "count"), rest, strict=True))
+        state = dict(zip(("a_acc", "v_acc", "count"), rest, strict=True))
     _assert_same((torch.cat(spikes), *state.values()), want, CONTEXT_NAMES)
     assert want[0].any(), "the case should make the context neuron fire"
 
@@ -431,7 +427,7 @@ def test_context_every_backend_matches_the_reference(gen, backend):
 def test_context_chunked_equals_whole(gen, device):
     case = _context_case(gen, 12, (2,), 19, 45, 36, state=True, device=device)
     whole = _run_context(case)
-    spikes, state = [], {k: case[k] for k in ("a_acc", "v_acc", "z", "count")}
+    spikes, state = [], {k: case[k] for k in ("a_acc", "v_acc", "count")}
     for a, v in zip(case["a"].split([5, 1, 6]), case["v"].split([5, 1, 6]), strict=True):
         out, *rest = _run_context(dict(case, a=a, v=v, **state))
         spikes.append(out)
@@ -447,7 +443,7 @@ def test_context_silent_input_still_moves_the_neuron(gen, device):
     case["count"].zero_()
     got = _run_context(case)
     _assert_same(got, _reference_context(case), CONTEXT_NAMES)
-    assert torch.equal(got[3], case["z"]) and torch.equal(got[2], case["v_acc"])
+    assert torch.equal(got[1], case["a_acc"]) and torch.equal(got[2], case["v_acc"])
     assert got[0].any(), "the neurons must still fire toward their targets"
 
 
@@ -509,7 +505,6 @@ BAD_CONTEXT = [
     ("n_min float", dict(n_min=-8.0), TypeError, "n_min must be a Python int"),
     ("a_acc shape", dict(a_acc=torch.zeros(3, 5, 4, dtype=torch.int8)), ValueError, "a_acc must"),
     ("v_acc int32", dict(v_acc=torch.zeros(3, 5, 8, dtype=torch.int32)), TypeError, "v_acc must"),
-    ("z int64", dict(z=torch.zeros(3, 4, 8, dtype=torch.int64)), TypeError, "z must have dtype"),
     ("count shape", dict(count=torch.zeros(3, 4, 5, dtype=torch.int8)), ValueError, "count must"),
     (
         "v elsewhere",
@@ -539,7 +534,7 @@ def test_context_opcheck(gen, state):
     case = _context_case(gen, 3, (2,), 6, 9, 20, state=state)
     c = dict(case)
     args = [c.pop(name) for name in ("a", "v", "theta_a", "theta_v", "threshold")]
-    args += [*CTX_BOUNDS, *(c.get(name) for name in ("a_acc", "v_acc", "z", "count"))]
+    args += [*CTX_BOUNDS, *(c.get(name) for name in ("a_acc", "v_acc", "count"))]
     torch.library.opcheck(torch.ops.spikekernels.exact_context.default, tuple(args))
 
 
@@ -613,16 +608,19 @@ def test_inplace_equals_fresh(gen, op, T, shape, backend):
 @pytest.mark.parametrize("backend", ["triton", "torch", "reference"])
 @pytest.mark.parametrize("op", _OPS)
 def test_inplace_chunks_equal_whole(gen, op, backend, device):
-    """Two chunks, the state fed back in place, give the whole run's spikes and state."""
+    """Three chunks (one a single step) from nonzero incoming counts, the state fed back in
+    place, give the whole run's spikes and state: each chunk's starting product, formed
+    from the counts the previous chunk wrote, is the one the whole run carries."""
     make, run, names, _ = _OPS[op]
-    case = make(gen, 6, (2,), 17, 35, 20, state=True, device=device)
+    case = make(gen, 10, (2,), 17, 35, 20, state=True, device=device)
     a, b = list(case)[:2]
+    chunks = [4, 1, 5]
     with force_backend(backend):
         whole = run(case)
         states = _states(case, names[1:])
         spikes = [
             _run_inplace(run, names, dict(case, **{a: x, b: y}), states)[0]
-            for x, y in zip(case[a].split([4, 2]), case[b].split([4, 2]), strict=True)
+            for x, y in zip(case[a].split(chunks), case[b].split(chunks), strict=True)
         ]
     _assert_same((torch.cat(spikes), *states.values()), whole, names)
     _assert_guards(states)
@@ -644,13 +642,11 @@ def test_inplace_every_output_element_is_written(gen, op, device, poisoned_alloc
 def _inplace_good(op) -> dict:
     """The good arguments of ``_good_probs`` / ``_good_context`` with zero state, inplace."""
     if op == "probs":
-        good, shapes = _good_probs(), ((3, 4, 8), (3, 8, 5), (3, 4, 5), (3, 4, 5))
+        good, shapes = _good_probs(), ((3, 4, 8), (3, 8, 5), (3, 4, 5))
     else:
-        good, shapes = _good_context(), ((3, 4, 5), (3, 5, 8), (3, 4, 8), (3, 4, 8))
-    dtypes = (torch.int8, torch.int8, torch.int32, torch.int8)
-    names = _OPS[op][2][1:]
-    for name, shape, dtype in zip(names, shapes, dtypes, strict=True):
-        good[name] = torch.zeros(shape, dtype=dtype)
+        good, shapes = _good_context(), ((3, 4, 5), (3, 5, 8), (3, 4, 8))
+    for name, shape in zip(_OPS[op][2][1:], shapes, strict=True):
+        good[name] = torch.zeros(shape, dtype=torch.int8)
     return good | dict(inplace=True)
 
 
@@ -660,9 +656,9 @@ def _set(**kwargs):
 
 # (case, op, what changes the good arguments, error type, words the message must contain)
 BAD_INPLACE = [
-    ("probs no scores", "probs", _set(scores=None), ValueError, "inplace=True needs scores"),
+    ("probs no k_acc", "probs", _set(k_acc=None), ValueError, "inplace=True needs k_acc"),
     ("probs no q_acc", "probs", _set(q_acc=None), ValueError, "inplace=True needs q_acc"),
-    ("context no z", "context", _set(z=None), ValueError, "inplace=True needs z"),
+    ("context no a_acc", "context", _set(a_acc=None), ValueError, "inplace=True needs a_acc"),
     ("context no count", "context", _set(count=None), ValueError, "inplace=True needs count"),
     (
         "probs count strided",
@@ -717,7 +713,7 @@ def test_inplace_bad_input_is_rejected(case, op, bad, error, words):
 def test_inplace_opcheck(gen, op):
     make, _, names, name = _OPS[op]
     c = make(gen, 3, (2,), 6, 9, 20, state=True)
-    head = [c.pop(k) for k in list(c)[: len(c) - 4]]
+    head = [c.pop(k) for k in list(c)[: len(c) - 3]]
     bounds = ATTN_BOUNDS if op == "probs" else CTX_BOUNDS
     args = (*head, *bounds, *(c[k] for k in names[1:]), None, True)
     torch.library.opcheck(getattr(torch.ops.spikekernels, name).default, args)
@@ -748,12 +744,12 @@ def test_empty_shapes(device, empty):
     k_t = torch.zeros(2, *batch, d, n, dtype=torch.int8, device=device)
     gain, theta = torch.tensor(0.1, device=device), torch.tensor(0.07, device=device)
     got = exact_attention_probs(q, k_t, gain, theta, *ATTN_BOUNDS)
-    shapes = [(2, *batch, m, n), (*batch, m, d), (*batch, d, n), (*batch, m, n), (*batch, m, n)]
+    shapes = [(2, *batch, m, n), (*batch, m, d), (*batch, d, n), (*batch, m, n)]
     assert [tuple(t.shape) for t in got] == shapes
     a = torch.zeros(2, *batch, m, n, dtype=torch.int8, device=device)
     v = torch.zeros(2, *batch, n, d, dtype=torch.int8, device=device)
     got = exact_context(a, v, gain, gain, theta, *CTX_BOUNDS)
-    shapes = [(2, *batch, m, d), (*batch, m, n), (*batch, n, d), (*batch, m, d), (*batch, m, d)]
+    shapes = [(2, *batch, m, d), (*batch, m, n), (*batch, n, d), (*batch, m, d)]
     assert [tuple(t.shape) for t in got] == shapes
 
 

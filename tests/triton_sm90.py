@@ -676,10 +676,8 @@ def exact_attention_cases() -> list[Case]:
             "k_cur_ptr": "*i8",
             "gain_ptr": "*fp32",
             "theta_ptr": "*fp32",
-            "s_in_ptr": "*i32",
             "count_in_ptr": "*i8",
             "out_ptr": "*i8",
-            "s_out_ptr": "*i32",
             "count_out_ptr": "*i8",
             "active_ptr": "*i32",
         }
@@ -690,7 +688,7 @@ def exact_attention_cases() -> list[Case]:
         }
         constexprs = dict(
             stride_qd=1,
-            HAS_S_IN=state,
+            HAS_ACC=state,
             HAS_COUNT=state,
             HAS_ACTIVE=active,
             BLOCK_M=block_m,
@@ -721,10 +719,8 @@ def exact_attention_cases() -> list[Case]:
         "theta_a_ptr": "*fp32",
         "theta_v_ptr": "*fp32",
         "theta_ptr": "*fp32",
-        "z_in_ptr": "*i32",
         "count_in_ptr": "*i8",
         "out_ptr": "*i8",
-        "z_out_ptr": "*i32",
         "count_out_ptr": "*i8",
         "active_ptr": "*i32",
     }
@@ -737,7 +733,7 @@ def exact_attention_cases() -> list[Case]:
         constexprs = dict(
             stride_an=1,
             stride_vd=1,
-            HAS_Z_IN=state,
+            HAS_ACC=state,
             HAS_COUNT=state,
             HAS_ACTIVE=active,
             BLOCK_M=block_m,

@@ -4,7 +4,9 @@ with what reads it, the T loop inside one launch.
 ``exact_attention_probs_kernel`` (scores product + softmax + attention neuron): one program
 per (batch entry, block of ``BLOCK_M`` query rows), all ``N`` keys in one tile (padded to a
 power of two). The int32 scores ``S`` and the neuron's count stay in registers for the whole
-chunk. For each step:
+chunk. ``S`` is not state: it always equals ``Q K^T`` of the running counts, so a program
+starts from ``Q_{-1} @ K_{-1}`` of the incoming counts (int8 ``tl.dot`` into int32, exact)
+and never writes it. For each step:
 
 - ``S += q_t @ K_t + Q_{t-1} @ k_t``, over the head dim in ``BLOCK_D`` slices: int8
   ``tl.dot`` into int32 (exact; int8 tensor cores), a slice whose spike tile is all zero
@@ -16,8 +18,9 @@ chunk. For each step:
 
 ``exact_context_kernel`` (context product + neuron): one program per (batch entry, block of
 query rows), all head channels in one tile, the keys (the contraction) in ``BLOCK_K`` slices:
-``Z += a_t @ V_t + A_{t-1} @ v_t`` (int32, in registers), ``y = fl32(fl32(theta_a * theta_v) *
-fl32(Z))``, the §9.3 neuron on ``y``.
+``Z += a_t @ V_t + A_{t-1} @ v_t`` (int32, in registers, starting from ``A_{-1} @ V_{-1}`` of
+the incoming counts), ``y = fl32(fl32(theta_a * theta_v) * fl32(Z))``, the §9.3 neuron on
+``y``.
 
 The running spike counts (``Q_{t-1}``, ``K_t``; ``A_{t-1}``, ``V_t``) come from
 ``kernels.spike_matmul.running_count_kernel``, one pass each that writes the count of every
@@ -25,11 +28,16 @@ step (int8, the size of the spikes) and the outgoing one. They are not carried i
 at ViT sizes the key count is a ``[64, 256]`` int8 tile per program (16 KB), and every
 register-resident variant compiled for sm_90 spilled (800 B to 27 KB a thread over
 BLOCK_M 16-64, 4-16 warps), while the product reads a count tile only where the matching
-spike tile is active. Only the int8 spikes and the final ``S``/``Z`` and count are written.
-With ``inplace`` the final state goes into the caller's state buffers, no second buffer: a
-program reads its tile of ``S``/``Z`` and the count (its rows, all columns) at its start and
-writes the same tile at its end, and ``running_count_kernel`` does the same per block of a
-running count; no other program touches those elements.
+spike tile is active. Only the int8 spikes, the outgoing counts and the neuron's count are
+written. The starting ``S``/``Z`` reads the incoming counts from those per-step counts, not
+from the state: with ``inplace`` the count pass has already overwritten the state with the
+outgoing count. The exclusive count's step 0 is the incoming ``Q_{-1}`` (``A_{-1}``); the
+inclusive one's step 0 less the first spikes is ``K_{-1} = K_0 - k_0`` (int8, exact: the op
+checks that every running count fits). With ``inplace`` the final state goes into the
+caller's state buffers, no second buffer: a program reads its tile of the neuron's count
+(its rows, all columns) at its start and writes the same tile at its end, and
+``running_count_kernel`` does the same per block of a running count; no other program
+touches those elements.
 
 Rows past M, keys past N and channels past D are masked to zero (zero spikes and counts add
 nothing to the products). In the softmax the padded keys take no part in the row max and are
@@ -162,10 +170,8 @@ def exact_attention_probs_kernel(
     k_cur_ptr,  # [T, B, D, N] int8 running key count after step t, K_t, contiguous
     gain_ptr,  # [1] float32 score gain g
     theta_ptr,  # [1] attention neuron's threshold (any float dtype)
-    s_in_ptr,  # [B, M, N] int32 incoming scores S (HAS_S_IN only)
     count_in_ptr,  # [B, M, N] int8 incoming neuron count (HAS_COUNT only)
     out_ptr,  # [T, B, M, N] int8 spikes
-    s_out_ptr,  # [B, M, N] int32
     count_out_ptr,  # [B, M, N] int8
     active_ptr,  # [T, samples] int32 flags, set where a sample fires (HAS_ACTIVE only)
     T,
@@ -184,7 +190,7 @@ def exact_attention_probs_kernel(
     p_max,
     samples,  # (HAS_ACTIVE only)
     rows_per_sample,  # rows of the flattened [B * M] (HAS_ACTIVE only)
-    HAS_S_IN: tl.constexpr,
+    HAS_ACC: tl.constexpr,  # both incoming counts given: S starts at Q_{-1} @ K_{-1}
     HAS_COUNT: tl.constexpr,
     HAS_ACTIVE: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -192,9 +198,9 @@ def exact_attention_probs_kernel(
     BLOCK_D: tl.constexpr,
     LOG2_N: tl.constexpr,
 ):
-    """Per step: ``S += q_t @ K_t + Q_{t-1} @ k_t``; ``probs = softmax_rows(fl32(g *
-    fl32(S)))``; target-driven neuron on ``probs``; ``active[t, row // rows_per_sample] = 1``
-    where a row fires."""
+    """``S = Q_{-1} @ K_{-1}``, then per step: ``S += q_t @ K_t + Q_{t-1} @ k_t``; ``probs =
+    softmax_rows(fl32(g * fl32(S)))``; target-driven neuron on ``probs``;
+    ``active[t, row // rows_per_sample] = 1`` where a row fires."""
     # One flat grid axis (axis 1 would cap the batch at 65535): the row blocks of one batch
     # entry are neighbours, so they share its key tiles in L2.
     num_m = tl.cdiv(M, BLOCK_M)
@@ -222,10 +228,19 @@ def exact_attention_probs_kernel(
     step_k = nb.to(tl.int64) * D * N
     step_s = nb.to(tl.int64) * M * N
 
-    if HAS_S_IN:
-        s = tl.load(s_in_ptr + state_offs, mask=mask_s, other=0)
-    else:
-        s = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+    s = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+    if HAS_ACC:
+        # the incoming counts from step 0 of the running ones (module docstring): Q_{-1}
+        # directly, K_{-1} = K_0 - k_0
+        for d0 in range(0, D, BLOCK_D):
+            ds = d0 + offs_d
+            mask_q = mask_m[:, None] & (ds < D)[None, :]
+            mask_k = (ds < D)[:, None] & mask_n[None, :]
+            q_cnt = tl.load(q_prev_ptr + (offs_m[:, None] * D + ds[None, :]), mask=mask_q, other=0)
+            k_cnt = tl.load(k_cur_ptr + (ds[:, None] * N + offs_n[None, :]), mask=mask_k, other=0)
+            k_offs = ds[:, None] * stride_kd + offs_n[None, :] * stride_kn
+            k_cnt -= tl.load(k_ptr + k_offs, mask=mask_k, other=0)
+            s = tl.dot(q_cnt, k_cnt, s, out_dtype=tl.int32)
     if HAS_COUNT:
         count = tl.load(count_in_ptr + state_offs, mask=mask_s, other=0).to(tl.int32)
     else:
@@ -272,7 +287,6 @@ def exact_attention_probs_kernel(
         k_cur_ptr += step_k
         out_ptr += step_s
 
-    tl.store(s_out_ptr + state_offs, s, mask=mask_s)
     tl.store(count_out_ptr + state_offs, count.to(tl.int8), mask=mask_s)
 
 
@@ -285,10 +299,8 @@ def exact_context_kernel(
     theta_a_ptr,  # [1] attention neuron's threshold (any float dtype)
     theta_v_ptr,  # [1] value neuron's threshold (any float dtype)
     theta_ptr,  # [1] output neuron's threshold (any float dtype)
-    z_in_ptr,  # [B, M, D] int32 incoming context Z (HAS_Z_IN only)
     count_in_ptr,  # [B, M, D] int8 incoming neuron count (HAS_COUNT only)
     out_ptr,  # [T, B, M, D] int8 spikes
-    z_out_ptr,  # [B, M, D] int32
     count_out_ptr,  # [B, M, D] int8
     active_ptr,  # [T, samples] int32 flags, set where a sample fires (HAS_ACTIVE only)
     T,
@@ -307,16 +319,16 @@ def exact_context_kernel(
     p_max,
     samples,  # (HAS_ACTIVE only)
     rows_per_sample,  # rows of the flattened [B * M] (HAS_ACTIVE only)
-    HAS_Z_IN: tl.constexpr,
+    HAS_ACC: tl.constexpr,  # both incoming counts given: Z starts at A_{-1} @ V_{-1}
     HAS_COUNT: tl.constexpr,
     HAS_ACTIVE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """Per step: ``Z += a_t @ V_t + A_{t-1} @ v_t``; ``y = fl32(fl32(theta_a * theta_v) *
-    fl32(Z))``; target-driven neuron on ``y``; ``active[t, row // rows_per_sample] = 1``
-    where a row fires."""
+    """``Z = A_{-1} @ V_{-1}``, then per step: ``Z += a_t @ V_t + A_{t-1} @ v_t``; ``y =
+    fl32(fl32(theta_a * theta_v) * fl32(Z))``; target-driven neuron on ``y``;
+    ``active[t, row // rows_per_sample] = 1`` where a row fires."""
     num_m = tl.cdiv(M, BLOCK_M)
     pid = tl.program_id(0)
     bid = (pid // num_m).to(tl.int64)
@@ -339,10 +351,19 @@ def exact_context_kernel(
     step_v = nb.to(tl.int64) * N * D
     step_z = nb.to(tl.int64) * M * D
 
-    if HAS_Z_IN:
-        z = tl.load(z_in_ptr + state_offs, mask=mask_z, other=0)
-    else:
-        z = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.int32)
+    z = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.int32)
+    if HAS_ACC:
+        # the incoming counts from step 0 of the running ones (module docstring): A_{-1}
+        # directly, V_{-1} = V_0 - v_0
+        for k0 in range(0, N, BLOCK_K):
+            ks = k0 + offs_k
+            mask_a = mask_m[:, None] & (ks < N)[None, :]
+            mask_v = (ks < N)[:, None] & mask_d[None, :]
+            a_cnt = tl.load(a_prev_ptr + (offs_m[:, None] * N + ks[None, :]), mask=mask_a, other=0)
+            v_cnt = tl.load(v_cur_ptr + (ks[:, None] * D + offs_d[None, :]), mask=mask_v, other=0)
+            v_offs = ks[:, None] * stride_vn + offs_d[None, :] * stride_vd
+            v_cnt -= tl.load(v_ptr + v_offs, mask=mask_v, other=0)
+            z = tl.dot(a_cnt, v_cnt, z, out_dtype=tl.int32)
     if HAS_COUNT:
         count = tl.load(count_in_ptr + state_offs, mask=mask_z, other=0).to(tl.int32)
     else:
@@ -393,7 +414,6 @@ def exact_context_kernel(
         v_cur_ptr += step_v
         out_ptr += step_z
 
-    tl.store(z_out_ptr + state_offs, z, mask=mask_z)
     tl.store(count_out_ptr + state_offs, count.to(tl.int8), mask=mask_z)
 
 
@@ -404,10 +424,10 @@ def _state(t: torch.Tensor | None, shape: tuple[int, ...]) -> torch.Tensor | Non
 
 class _Launch(NamedTuple):
     """The host-side pieces both kernels take: operands with one batch dim, their running
-    counts (``A_{t-1}`` exclusive, ``B_t`` inclusive) and outgoing counts, the outputs and
-    the incoming state (None when fresh). The outgoing state is fresh, or with ``inplace``
-    views of the caller's (contiguous) state: ``state_out is state_in`` and ``count_out is
-    count_in``."""
+    counts (``A_{t-1}`` exclusive, ``B_t`` inclusive) and outgoing counts, whether both
+    incoming counts are given (the product starts from theirs), the outputs and the incoming
+    neuron count (None when fresh). The outgoing state is fresh, or with ``inplace`` views of
+    the caller's (contiguous) state: ``count_out is count_in``."""
 
     a: torch.Tensor
     b: torch.Tensor
@@ -415,16 +435,15 @@ class _Launch(NamedTuple):
     b_cur: torch.Tensor
     a_out: torch.Tensor
     b_out: torch.Tensor
+    has_acc: bool
     out: torch.Tensor
-    state_out: torch.Tensor
     count_out: torch.Tensor
-    state_in: torch.Tensor | None
     count_in: torch.Tensor | None
 
 
-def _prepare(launch, a, b, a_acc, b_acc, state, count, inplace) -> _Launch:
+def _prepare(launch, a, b, a_acc, b_acc, count, inplace) -> _Launch:
     """``a`` ``[T, *batch, M, K]`` times ``b`` ``[T, *batch, K, N]`` (int8, any strides).
-    With ``inplace`` all four states are given and contiguous (the op checks), so ``_state``
+    With ``inplace`` all three states are given and contiguous (the op checks), so ``_state``
     gives views of them, and each kernel writes the new state where it read the old."""
     steps, batch = a.shape[0], a.shape[1:-2]
     m, k = a.shape[-2:]
@@ -432,7 +451,7 @@ def _prepare(launch, a, b, a_acc, b_acc, state, count, inplace) -> _Launch:
     a4, b4 = _flatten_batch(a), _flatten_batch(b)
     nb = a4.shape[1]
     a_in, b_in = _state(a_acc, (nb, m, k)), _state(b_acc, (nb, k, n))
-    state_in, count_in = _state(state, (nb, m, n)), _state(count, (nb, m, n))
+    count_in = _state(count, (nb, m, n))
     a_prev, a_out = _running_counts(
         launch, a4, a_in, exclusive=True, final=a_in if inplace else None
     )
@@ -440,9 +459,8 @@ def _prepare(launch, a, b, a_acc, b_acc, state, count, inplace) -> _Launch:
         launch, b4, b_in, exclusive=False, final=b_in if inplace else None
     )
     if inplace:
-        state_out, count_out = state_in, count_in
+        count_out = count_in
     else:
-        state_out = torch.empty((nb, m, n), dtype=torch.int32, device=a.device)
         count_out = torch.empty((nb, m, n), dtype=torch.int8, device=a.device)
     return _Launch(
         a4,
@@ -451,10 +469,9 @@ def _prepare(launch, a, b, a_acc, b_acc, state, count, inplace) -> _Launch:
         b_cur,
         a_out.reshape(a.shape[1:]),
         b_out.reshape(b.shape[1:]),
+        a_in is not None and b_in is not None,
         torch.empty((steps, *batch, m, n), dtype=torch.int8, device=a.device),
-        state_out,
         count_out,
-        state_in,
         count_in,
     )
 
@@ -465,7 +482,7 @@ def _grid(p: _Launch, block_m: int) -> tuple[int]:
 
 def _results(p: _Launch) -> tuple[torch.Tensor, ...]:
     shape = p.out.shape[1:]
-    return p.out, p.a_out, p.b_out, p.state_out.reshape(shape), p.count_out.reshape(shape)
+    return p.out, p.a_out, p.b_out, p.count_out.reshape(shape)
 
 
 @on_device
@@ -479,19 +496,17 @@ def exact_attention_probs_triton(
     p_max: int,
     q_acc: torch.Tensor | None,
     k_acc: torch.Tensor | None,
-    scores: torch.Tensor | None,
     count: torch.Tensor | None,
     active: torch.Tensor | None = None,
     *,
     inplace: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Host side: ``q`` ``[T, *batch, M, D]``, ``k_t`` ``[T, *batch, D, N]`` int8 (any strides,
     at least one batch entry, ``1 <= N <= MAX_KEYS``, ``M, D >= 1``), ``active`` ``[T, B]``
-    int32 contiguous or None. Returns
-    ``(spikes [T, *batch, M, N] int8, q_acc, k_acc, scores int32, count int8)``: the state
-    fresh, or with ``inplace`` (all four states given, contiguous) views of the given ones,
-    written by the program that read them."""
-    p = _prepare(launch, q, k_t, q_acc, k_acc, scores, count, inplace)
+    int32 contiguous or None. Returns ``(spikes [T, *batch, M, N] int8, q_acc, k_acc,
+    count int8)``: the state fresh, or with ``inplace`` (all three states given, contiguous)
+    views of the given ones, written by the program that read them."""
+    p = _prepare(launch, q, k_t, q_acc, k_acc, count, inplace)
     m, d = q.shape[-2:]
     n = k_t.shape[-1]
     block_m, block_n, block_d, num_warps = probs_config(n)
@@ -502,10 +517,8 @@ def exact_attention_probs_triton(
         p.b_cur,
         gain,
         threshold,
-        p.state_out if p.state_in is None else p.state_in,
         p.count_out if p.count_in is None else p.count_in,
         p.out,
-        p.state_out,
         p.count_out,
         p.count_out if active is None else active,
         q.shape[0],
@@ -517,7 +530,7 @@ def exact_attention_probs_triton(
         n_min,
         p_max,
         *active_layout(active, p.a.shape[1] * m),
-        HAS_S_IN=p.state_in is not None,
+        HAS_ACC=p.has_acc,
         HAS_COUNT=p.count_in is not None,
         HAS_ACTIVE=active is not None,
         BLOCK_M=block_m,
@@ -541,19 +554,17 @@ def exact_context_triton(
     p_max: int,
     a_acc: torch.Tensor | None,
     v_acc: torch.Tensor | None,
-    z: torch.Tensor | None,
     count: torch.Tensor | None,
     active: torch.Tensor | None = None,
     *,
     inplace: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Host side: ``a`` ``[T, *batch, M, N]``, ``v`` ``[T, *batch, N, D]`` int8 (any strides,
     at least one batch entry, ``1 <= D <= MAX_HEAD_DIM``, ``M, N >= 1``), ``active``
-    ``[T, B]`` int32 contiguous or None. Returns
-    ``(spikes [T, *batch, M, D] int8, a_acc, v_acc, z int32, count int8)``: the state fresh,
-    or with ``inplace`` (all four states given, contiguous) views of the given ones, written
-    by the program that read them."""
-    p = _prepare(launch, a, v, a_acc, v_acc, z, count, inplace)
+    ``[T, B]`` int32 contiguous or None. Returns ``(spikes [T, *batch, M, D] int8, a_acc,
+    v_acc, count int8)``: the state fresh, or with ``inplace`` (all three states given,
+    contiguous) views of the given ones, written by the program that read them."""
+    p = _prepare(launch, a, v, a_acc, v_acc, count, inplace)
     m, n = a.shape[-2:]
     d = v.shape[-1]
     block_m, block_k, block_d, num_warps = context_config(d)
@@ -565,10 +576,8 @@ def exact_context_triton(
         theta_a,
         theta_v,
         threshold,
-        p.state_out if p.state_in is None else p.state_in,
         p.count_out if p.count_in is None else p.count_in,
         p.out,
-        p.state_out,
         p.count_out,
         p.count_out if active is None else active,
         a.shape[0],
@@ -580,7 +589,7 @@ def exact_context_triton(
         n_min,
         p_max,
         *active_layout(active, p.a.shape[1] * m),
-        HAS_Z_IN=p.state_in is not None,
+        HAS_ACC=p.has_acc,
         HAS_COUNT=p.count_in is not None,
         HAS_ACTIVE=active is not None,
         BLOCK_M=block_m,

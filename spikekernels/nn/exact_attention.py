@@ -18,7 +18,8 @@ class ExactAttentionProbs(TargetNeuron):
     ``[T, *batch, D, N]`` spikes in, int8 spikes ``[T, *batch, M, N]`` out. Per step
     ``S += q_t @ K_t + Q_{t-1} @ k_t`` (int32), the neuron reads
     ``softmax_rows(fl32(g * fl32(S)))``. A ``TargetNeuron`` (``count``, ``fanout``) that also
-    keeps the running counts of q and k and the running scores ``S``."""
+    keeps the running counts of q and k (``S = Q K^T`` of them, formed at each call's start,
+    is not kept)."""
 
     def __init__(self, neuron: TargetNeuron, gain: torch.Tensor) -> None:
         super().__init__(neuron.threshold, neuron.level, neuron.signed, fanout=neuron.fanout)
@@ -26,15 +27,15 @@ class ExactAttentionProbs(TargetNeuron):
 
     def reset(self) -> None:
         super().reset()
-        self.q_acc = self.k_acc = self.scores = None
+        self.q_acc = self.k_acc = None
 
     def state(self) -> dict[str, torch.Tensor | None]:
-        return {**super().state(), "q_acc": self.q_acc, "k_acc": self.k_acc, "scores": self.scores}
+        return {**super().state(), "q_acc": self.q_acc, "k_acc": self.k_acc}
 
     def forward(self, q: torch.Tensor, k_t: torch.Tensor) -> torch.Tensor:
-        spikes, self.q_acc, self.k_acc, self.scores, self.count = exact_attention_probs(
+        spikes, self.q_acc, self.k_acc, self.count = exact_attention_probs(
             q, k_t, self.gain, self.threshold, self.n_min, self.p_max,
-            self.q_acc, self.k_acc, self.scores, self.count, active=self.activity,
+            self.q_acc, self.k_acc, self.count, active=self.activity,
             inplace=self.stateful_call(),
         )  # fmt: skip
         self.last_spikes = spikes[-1]
@@ -46,7 +47,7 @@ class ExactContext(TargetNeuron):
     ``[T, *batch, M, N]`` and v ``[T, *batch, N, Dh]`` spikes in, int8 spikes out. Per step
     ``Z += a_t @ V_t + A_{t-1} @ v_t`` (int32), the neuron reads
     ``fl32(fl32(theta_a * theta_v) * fl32(Z))``. A ``TargetNeuron`` that also keeps the
-    running counts and ``Z``."""
+    running counts (``Z = A V`` of them, formed at each call's start, is not kept)."""
 
     def __init__(self, neuron: TargetNeuron, theta_a: torch.Tensor, theta_v: torch.Tensor):
         super().__init__(neuron.threshold, neuron.level, neuron.signed, fanout=neuron.fanout)
@@ -55,15 +56,15 @@ class ExactContext(TargetNeuron):
 
     def reset(self) -> None:
         super().reset()
-        self.a_acc = self.v_acc = self.z = None
+        self.a_acc = self.v_acc = None
 
     def state(self) -> dict[str, torch.Tensor | None]:
-        return {**super().state(), "a_acc": self.a_acc, "v_acc": self.v_acc, "z": self.z}
+        return {**super().state(), "a_acc": self.a_acc, "v_acc": self.v_acc}
 
     def forward(self, a: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        spikes, self.a_acc, self.v_acc, self.z, self.count = exact_context(
+        spikes, self.a_acc, self.v_acc, self.count = exact_context(
             a, v, self.theta_a, self.theta_v, self.threshold, self.n_min, self.p_max,
-            self.a_acc, self.v_acc, self.z, self.count, active=self.activity,
+            self.a_acc, self.v_acc, self.count, active=self.activity,
             inplace=self.stateful_call(),
         )  # fmt: skip
         self.last_spikes = spikes[-1]

@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from spikekernels.exact_math import context_value, score_value, softmax_rows
+from spikekernels.exact_math import context_value, int_matmul, score_value, softmax_rows
 from spikekernels.ops._activity import record_active
 from spikekernels.ops._checks import (
     check_active,
@@ -83,23 +83,24 @@ def _check_data(a, b, a_name, b_name, a_acc, b_acc, scalars, validate) -> None:
     _check_counts_fit(b, b_acc, b_name, validate)
 
 
-def _running_product(a, b, a_acc, b_acc, product):
+def _running_product(a, b, a_acc, b_acc):
     """``(S_t for every step [T, *batch, M, N] int32, a_acc, b_acc)``: the running product of
     the counts, ``S_t = S_{t-1} + a_t @ B_t + A_{t-1} @ b_t``, exactly as
     ``nn.RunningSpikeMatmul`` forms it (``spike_matmul``'s dense path at scale 1, exact
-    integers in float32, then an int32 cumulative sum onto the incoming ``product``)."""
+    integers in float32, then an int32 cumulative sum) onto ``S_{-1} = A_{-1} @ B_{-1}`` of
+    the incoming counts (``int_matmul``, exact)."""
     unit = torch.ones((), dtype=torch.float32, device=a.device)
     step, a_out, b_out = spike_matmul_torch(a, b, unit, a_acc, b_acc)
     running = torch.cumsum(step.to(torch.int32), dim=0, dtype=torch.int32)
-    if product is not None:
-        running += product
+    if a_acc is not None and b_acc is not None:
+        running += int_matmul(a_acc, b_acc)
     return running, a_out, b_out
 
 
 def _fake_outputs(a: torch.Tensor, b: torch.Tensor, states, inplace) -> tuple[torch.Tensor, ...]:
     """Both ops' outputs, shapes only: spikes ``[T, *batch, M, N]`` int8, the two outgoing
-    counts (int8, the operands' step shapes), the running product int32 and the count int8;
-    with ``inplace`` a placeholder for each of the four ``states``."""
+    counts (int8, the operands' step shapes) and the neuron's count int8; with ``inplace`` a
+    placeholder for each of the three ``states``."""
     shape = (*a.shape[1:-1], b.shape[-1])
     if inplace:
         spikes = a.new_empty((a.shape[0], *shape), dtype=torch.int8)
@@ -108,7 +109,6 @@ def _fake_outputs(a: torch.Tensor, b: torch.Tensor, states, inplace) -> tuple[to
         a.new_empty((a.shape[0], *shape), dtype=torch.int8),
         a.new_empty(a.shape[1:], dtype=torch.int8),
         b.new_empty(b.shape[1:], dtype=torch.int8),
-        a.new_empty(shape, dtype=torch.int32),
         a.new_empty(shape, dtype=torch.int8),
     )
 
@@ -133,7 +133,7 @@ def _triton_results(out, states, inplace) -> tuple[torch.Tensor, ...]:
 
 
 def _check_probs(
-    q, k_t, gain, threshold, n_min, p_max, q_acc, k_acc, scores, count, active, inplace
+    q, k_t, gain, threshold, n_min, p_max, q_acc, k_acc, count, active, inplace
 ) -> None:
     """Metadata checks (no data read)."""
     _check_product(q, k_t, "q", "k_t", q_acc, k_acc, "q_acc", "k_acc")
@@ -142,10 +142,9 @@ def _check_probs(
     check_threshold(threshold, "threshold", None, q, "q")
     check_bounds(n_min, p_max)
     shape = (*q.shape[1:-1], k_t.shape[-1])
-    check_state(scores, "scores", shape, (torch.int32,), q, "q")
     check_state(count, "count", shape, (torch.int8,), q, "q")
     check_active(active, (q.shape[0], *shape), q, "q")
-    states = (("q_acc", q_acc), ("k_acc", k_acc), ("scores", scores), ("count", count))
+    states = (("q_acc", q_acc), ("k_acc", k_acc), ("count", count))
     check_inplace(inplace, states, (q, k_t, gain, threshold, active))
 
 
@@ -158,19 +157,18 @@ def exact_attention_probs_torch(
     p_max: int,
     q_acc: torch.Tensor | None,
     k_acc: torch.Tensor | None,
-    scores: torch.Tensor | None,
     count: torch.Tensor | None,
     active: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Vectorised PyTorch (any device, any shape): what ``RunningSpikeMatmul``,
     ``ExactSoftmax`` and ``TargetNeuron`` compute in a row, from the same functions."""
-    running, q_out, k_out = _running_product(q, k_t, q_acc, k_acc, scores)
+    running, q_out, k_out = _running_product(q, k_t, q_acc, k_acc)
     if running.numel():
         probs = softmax_rows(score_value(running, gain.reshape(())))
     else:  # no keys or no rows: nothing to normalise
         probs = running.to(torch.float32)
     spikes, count_out = target_spikes_torch(probs, threshold, n_min, p_max, count, active)
-    return spikes, q_out, k_out, running[-1].clone(), count_out
+    return spikes, q_out, k_out, count_out
 
 
 def _fused_probs_fits(q: torch.Tensor, k_t: torch.Tensor) -> bool:
@@ -182,7 +180,7 @@ def _fused_probs_fits(q: torch.Tensor, k_t: torch.Tensor) -> bool:
     )
 
 
-@kernel_op("exact_attention_probs", mutates_args=("q_acc", "k_acc", "scores", "count", "active"))
+@kernel_op("exact_attention_probs", mutates_args=("q_acc", "k_acc", "count", "active"))
 def _exact_attention_probs_op(
     q: torch.Tensor,
     k_t: torch.Tensor,
@@ -192,14 +190,13 @@ def _exact_attention_probs_op(
     p_max: int,
     q_acc: torch.Tensor | None = None,
     k_acc: torch.Tensor | None = None,
-    scores: torch.Tensor | None = None,
     count: torch.Tensor | None = None,
     active: torch.Tensor | None = None,
     inplace: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    args = (q, k_t, gain, threshold, n_min, p_max, q_acc, k_acc, scores, count)
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    args = (q, k_t, gain, threshold, n_min, p_max, q_acc, k_acc, count)
     _check_probs(*args, active, inplace)
-    states = (q_acc, k_acc, scores, count)
+    states = (q_acc, k_acc, count)
     backend = backend_for(q, ("triton", "torch"))
     if backend == "triton" and _fused_probs_fits(q, k_t):
         from spikekernels.kernels.exact_attention import exact_attention_probs_triton
@@ -218,12 +215,12 @@ def _exact_attention_probs_op(
 
 @_exact_attention_probs_op.register_fake
 def _(
-    q, k_t, gain, threshold, n_min, p_max, q_acc=None, k_acc=None, scores=None, count=None,
-    active=None, inplace=False,
+    q, k_t, gain, threshold, n_min, p_max, q_acc=None, k_acc=None, count=None, active=None,
+    inplace=False,
 ):  # fmt: skip
-    args = (q, k_t, gain, threshold, n_min, p_max, q_acc, k_acc, scores, count)
+    args = (q, k_t, gain, threshold, n_min, p_max, q_acc, k_acc, count)
     _check_probs(*args, active, inplace)
-    return _fake_outputs(q, k_t, (q_acc, k_acc, scores, count), inplace)
+    return _fake_outputs(q, k_t, (q_acc, k_acc, count), inplace)
 
 
 def exact_attention_probs(
@@ -235,19 +232,19 @@ def exact_attention_probs(
     p_max: int,
     q_acc: torch.Tensor | None = None,
     k_acc: torch.Tensor | None = None,
-    scores: torch.Tensor | None = None,
     count: torch.Tensor | None = None,
     *,
     active: torch.Tensor | None = None,
     inplace: bool = False,
     validate: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Exact-mode attention probabilities: the scores product, the softmax row function and
     the attention neuron, fused (SPEC.md §5, §9.2-§9.4).
 
-    State: the running counts ``Q`` and ``K`` of the two spike trains (int8), the running
-    scores ``S = Q @ K`` (int32) and the attention neuron's ``count`` (int8); all fresh 0.
-    Per step ``t``::
+    State: the running counts ``Q`` and ``K`` of the two spike trains (int8) and the
+    attention neuron's ``count`` (int8); all fresh 0. The running scores are not state:
+    ``S = Q @ K`` of the counts, so each call starts from ``S = Q_{-1} @ K_{-1}`` of the
+    incoming ones (exact, int32). Per step ``t``::
 
         S += q_t @ K_t + Q_{t-1} @ k_t                  # exact, int32 (K_t: after step t)
         z  = fl32(g * fl32(S))                          # exact_math.score_value
@@ -271,40 +268,41 @@ def exact_attention_probs(
             float32 on the device).
         n_min, p_max: Python ints, ``n_min <= 0 <= p_max``, inside int8's ``[-128, 127]``
             (the attention neuron is unsigned: ``0, level - 1``).
-        q_acc, k_acc: optional incoming int8 counts ``[*batch, M, D]`` and ``[*batch, D, N]``.
-        scores: optional incoming int32 ``S`` ``[*batch, M, N]``.
+        q_acc, k_acc: optional incoming int8 counts ``[*batch, M, D]`` and ``[*batch, D, N]``
+            (the starting ``S`` is their product; zero when either is None).
         count: optional incoming int8 neuron count ``[*batch, M, N]``.
         active: optional int32 ``[T, B]`` per-sample flags, ``B`` the spikes' dim 1 (the first
             batch dim, e.g. the images of ``[T, B, heads, M, N]``), set in place as the
             kernel writes the spikes (``target_spikes``' contract: ``active[t, b] = 1``
             where sample ``b`` fires at step ``t``). Not returned.
-        inplace: write the new ``q_acc``, ``k_acc``, ``scores`` and ``count`` into the given
-            ones (all four required, contiguous, sharing no memory with an input or with
-            each other) and return those same tensors (``ops._inplace``): a state at a fixed
-            address, as a CUDA graph replays it.
+        inplace: write the new ``q_acc``, ``k_acc`` and ``count`` into the given ones (all
+            three required, contiguous, sharing no memory with an input or with each other)
+            and return those same tensors (``ops._inplace``): a state at a fixed address, as
+            a CUDA graph replays it.
         validate: on a GPU also run the data checks (host syncs): ``gain`` and ``threshold``
             positive, finite and normal; the spikes ternary; every running count inside
             int8. On CPU they always run.
 
     Returns:
-        ``(spikes [T, *batch, M, N] int8, q_acc, k_acc, scores, count)``, fresh tensors
+        ``(spikes [T, *batch, M, N] int8, q_acc, k_acc, count)``, fresh tensors
         (with ``inplace``: the given state tensors, updated), so chunked time (feeding the
         state back) equals a whole run bit for bit.
 
     Dispatch (``ops._dispatch.backend_for``): CUDA tensors run the Triton kernel (one program
-    per batch entry and block of query rows, all keys in one tile, the T loop inside with
-    ``S`` and the count in registers; int8 tensor-core products, silent spike tiles
-    skipped) when ``N <= 256``, the PyTorch path otherwise; CPU tensors run vectorised
-    PyTorch (the Triton kernel under ``TRITON_INTERPRET=1``); ``force_backend("reference")``
-    runs ``reference.exact_attention_probs``. Inference only: no autograd.
+    per batch entry and block of query rows, all keys in one tile, ``S`` formed from the
+    incoming counts, then the T loop inside with ``S`` and the count in registers; int8
+    tensor-core products, silent spike tiles skipped) when ``N <= 256``, the PyTorch path
+    otherwise; CPU tensors run vectorised PyTorch (the Triton kernel under
+    ``TRITON_INTERPRET=1``); ``force_backend("reference")`` runs
+    ``reference.exact_attention_probs``. Inference only: no autograd.
     """
-    args = (q, k_t, gain, threshold, n_min, p_max, q_acc, k_acc, scores, count)
+    args = (q, k_t, gain, threshold, n_min, p_max, q_acc, k_acc, count)
     _check_probs(*args, active, inplace)
     _check_data(
         q, k_t, "q", "k_t", q_acc, k_acc, ((gain, "gain"), (threshold, "threshold")), validate
     )
     out = call_op("exact_attention_probs", *args, active, inplace)
-    return own_state(out, (1, 2, 3, 4), (q_acc, k_acc, scores, count)) if inplace else out
+    return own_state(out, (1, 2, 3), (q_acc, k_acc, count)) if inplace else out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -312,7 +310,7 @@ def exact_attention_probs(
 
 
 def _check_context(
-    a, v, theta_a, theta_v, threshold, n_min, p_max, a_acc, v_acc, z, count, active, inplace
+    a, v, theta_a, theta_v, threshold, n_min, p_max, a_acc, v_acc, count, active, inplace
 ) -> None:
     """Metadata checks (no data read)."""
     _check_product(a, v, "a", "v", a_acc, v_acc, "a_acc", "v_acc")
@@ -321,10 +319,9 @@ def _check_context(
     check_threshold(threshold, "threshold", None, a, "a")
     check_bounds(n_min, p_max)
     shape = (*a.shape[1:-1], v.shape[-1])
-    check_state(z, "z", shape, (torch.int32,), a, "a")
     check_state(count, "count", shape, (torch.int8,), a, "a")
     check_active(active, (a.shape[0], *shape), a, "a")
-    states = (("a_acc", a_acc), ("v_acc", v_acc), ("z", z), ("count", count))
+    states = (("a_acc", a_acc), ("v_acc", v_acc), ("count", count))
     check_inplace(inplace, states, (a, v, theta_a, theta_v, threshold, active))
 
 
@@ -338,16 +335,15 @@ def exact_context_torch(
     p_max: int,
     a_acc: torch.Tensor | None,
     v_acc: torch.Tensor | None,
-    z: torch.Tensor | None,
     count: torch.Tensor | None,
     active: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Vectorised PyTorch (any device, any shape): what ``RunningSpikeMatmul``,
     ``exact_math.context_value`` and ``TargetNeuron`` compute in a row."""
-    running, a_out, v_out = _running_product(a, v, a_acc, v_acc, z)
+    running, a_out, v_out = _running_product(a, v, a_acc, v_acc)
     y = context_value(running, theta_a.reshape(()), theta_v.reshape(()))
     spikes, count_out = target_spikes_torch(y, threshold, n_min, p_max, count, active)
-    return spikes, a_out, v_out, running[-1].clone(), count_out
+    return spikes, a_out, v_out, count_out
 
 
 def _fused_context_fits(a: torch.Tensor, v: torch.Tensor) -> bool:
@@ -360,7 +356,7 @@ def _fused_context_fits(a: torch.Tensor, v: torch.Tensor) -> bool:
     )
 
 
-@kernel_op("exact_context", mutates_args=("a_acc", "v_acc", "z", "count", "active"))
+@kernel_op("exact_context", mutates_args=("a_acc", "v_acc", "count", "active"))
 def _exact_context_op(
     a: torch.Tensor,
     v: torch.Tensor,
@@ -371,14 +367,13 @@ def _exact_context_op(
     p_max: int,
     a_acc: torch.Tensor | None = None,
     v_acc: torch.Tensor | None = None,
-    z: torch.Tensor | None = None,
     count: torch.Tensor | None = None,
     active: torch.Tensor | None = None,
     inplace: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    args = (a, v, theta_a, theta_v, threshold, n_min, p_max, a_acc, v_acc, z, count)
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    args = (a, v, theta_a, theta_v, threshold, n_min, p_max, a_acc, v_acc, count)
     _check_context(*args, active, inplace)
-    states = (a_acc, v_acc, z, count)
+    states = (a_acc, v_acc, count)
     backend = backend_for(a, ("triton", "torch"))
     if backend == "triton" and _fused_context_fits(a, v):
         from spikekernels.kernels.exact_attention import exact_context_triton
@@ -397,12 +392,12 @@ def _exact_context_op(
 
 @_exact_context_op.register_fake
 def _(
-    a, v, theta_a, theta_v, threshold, n_min, p_max, a_acc=None, v_acc=None, z=None, count=None,
+    a, v, theta_a, theta_v, threshold, n_min, p_max, a_acc=None, v_acc=None, count=None,
     active=None, inplace=False,
 ):  # fmt: skip
-    args = (a, v, theta_a, theta_v, threshold, n_min, p_max, a_acc, v_acc, z, count)
+    args = (a, v, theta_a, theta_v, threshold, n_min, p_max, a_acc, v_acc, count)
     _check_context(*args, active, inplace)
-    return _fake_outputs(a, v, (a_acc, v_acc, z, count), inplace)
+    return _fake_outputs(a, v, (a_acc, v_acc, count), inplace)
 
 
 def exact_context(
@@ -415,18 +410,19 @@ def exact_context(
     p_max: int,
     a_acc: torch.Tensor | None = None,
     v_acc: torch.Tensor | None = None,
-    z: torch.Tensor | None = None,
     count: torch.Tensor | None = None,
     *,
     active: torch.Tensor | None = None,
     inplace: bool = False,
     validate: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Exact-mode attention context: the context product and the neuron after it, fused
     (SPEC.md §5, §9.2-§9.4).
 
-    State: the running counts ``A`` (attention) and ``V`` (values), int8, the running
-    context ``Z = A @ V`` (int32) and the neuron's ``count`` (int8); all fresh 0. Per step::
+    State: the running counts ``A`` (attention) and ``V`` (values), int8, and the neuron's
+    ``count`` (int8); all fresh 0. The running context is not state: ``Z = A @ V`` of the
+    counts, so each call starts from ``Z = A_{-1} @ V_{-1}`` of the incoming ones (exact,
+    int32). Per step::
 
         Z += a_t @ V_t + A_{t-1} @ v_t                  # exact, int32 (V_t: after step t)
         y  = fl32(fl32(theta_a * theta_v) * fl32(Z))    # exact_math.context_value
@@ -446,34 +442,35 @@ def exact_context(
         threshold: one-element float tensor ``theta``, the output neuron's step.
         n_min, p_max: Python ints, ``n_min <= 0 <= p_max``, inside int8's ``[-128, 127]``
             (the output neuron is signed: ``-(level // 2), level // 2 - 1``).
-        a_acc, v_acc: optional incoming int8 counts ``[*batch, M, N]`` and ``[*batch, N, D]``.
-        z: optional incoming int32 ``Z`` ``[*batch, M, D]``.
+        a_acc, v_acc: optional incoming int8 counts ``[*batch, M, N]`` and ``[*batch, N, D]``
+            (the starting ``Z`` is their product; zero when either is None).
         count: optional incoming int8 neuron count ``[*batch, M, D]``.
         active: optional int32 ``[T, B]`` per-sample flags, ``B`` the spikes' dim 1, set in
             place as the kernel writes the spikes (``target_spikes``' contract). Not returned.
-        inplace: write the new ``a_acc``, ``v_acc``, ``z`` and ``count`` into the given ones
-            (all four required, contiguous, sharing no memory with an input or with each
-            other) and return those same tensors (``ops._inplace``): a state at a fixed
-            address, as a CUDA graph replays it.
+        inplace: write the new ``a_acc``, ``v_acc`` and ``count`` into the given ones (all
+            three required, contiguous, sharing no memory with an input or with each other)
+            and return those same tensors (``ops._inplace``): a state at a fixed address, as
+            a CUDA graph replays it.
         validate: on a GPU also run the data checks (host syncs): the three thresholds
             positive, finite and normal; the spikes ternary; every running count inside
             int8. On CPU they always run.
 
     Returns:
-        ``(spikes [T, *batch, M, D] int8, a_acc, v_acc, z, count)``, fresh tensors (with
+        ``(spikes [T, *batch, M, D] int8, a_acc, v_acc, count)``, fresh tensors (with
         ``inplace``: the given state tensors, updated), so chunked time (feeding the state
         back) equals a whole run bit for bit.
 
     Dispatch: CUDA tensors run the Triton kernel (one program per batch entry and block of
-    query rows, all head channels in one tile, the keys in slices; the T loop inside with
-    ``Z`` and the count in registers; int8 tensor-core products, silent spike tiles skipped)
-    when ``D <= 64``, the PyTorch path otherwise; CPU tensors run vectorised PyTorch (the
-    Triton kernel under ``TRITON_INTERPRET=1``); ``force_backend("reference")`` runs
-    ``reference.exact_context``. Inference only: no autograd.
+    query rows, all head channels in one tile, the keys in slices; ``Z`` formed from the
+    incoming counts, then the T loop inside with ``Z`` and the count in registers; int8
+    tensor-core products, silent spike tiles skipped) when ``D <= 64``, the PyTorch path
+    otherwise; CPU tensors run vectorised PyTorch (the Triton kernel under
+    ``TRITON_INTERPRET=1``); ``force_backend("reference")`` runs ``reference.exact_context``.
+    Inference only: no autograd.
     """
-    args = (a, v, theta_a, theta_v, threshold, n_min, p_max, a_acc, v_acc, z, count)
+    args = (a, v, theta_a, theta_v, threshold, n_min, p_max, a_acc, v_acc, count)
     _check_context(*args, active, inplace)
     scalars = ((theta_a, "theta_a"), (theta_v, "theta_v"), (threshold, "threshold"))
     _check_data(a, v, "a", "v", a_acc, v_acc, scalars, validate)
     out = call_op("exact_context", *args, active, inplace)
-    return own_state(out, (1, 2, 3, 4), (a_acc, v_acc, z, count)) if inplace else out
+    return own_state(out, (1, 2, 3), (a_acc, v_acc, count)) if inplace else out
