@@ -25,6 +25,7 @@ from spikekernels import exact_math
 from spikekernels.models.exact_forward import residual_constant
 from spikekernels.models.spiking_vit import (
     ExactBlock,
+    ExactMlp,
     ExactPatchEmbed,
     ExactReadout,
     NeuronSite,
@@ -378,7 +379,7 @@ def _convert_exact(qann: nn.Module, c: _Walker) -> SpikingViT:
         fc2 = c.get(f"{p}.mlp.fc2.0", QuantLinear)
         act_if = _exact_linear(fc1, norm2_if, c.target_neuron(f"{p}.mlp.act.0", signed=False))
         fc2_if = _exact_linear(fc2, act_if, c.target_neuron(f"{p}.mlp.fc2.1", signed=True))
-        mlp = SpikeMlp(act_if, fc2_if)
+        mlp = ExactMlp(act_if, fc2_if)
         blocks.append(ExactBlock(norm1_if, attn, norm2_if, mlp))
         residual_steps += [proj_if.threshold, fc2_if.threshold]
         neurons = dict(norm1=norm1_if, qkv=qkv_if, attn=attn_if, after=after_if, proj=proj_if,

@@ -342,22 +342,29 @@ def exact_linear(
     threshold: torch.Tensor,
     n_min: int,
     p_max: int,
-    acc: torch.Tensor | None = None,
+    s_count: torch.Tensor | None = None,
     count: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact linear + target-driven neuron (SPEC.md §9.2-§9.4), step by step.
 
     ``s`` ``[T, *, K]`` ternary, ``weight`` ``[N, K]`` integer (int8), ``weight_scale`` ``[N]``.
-    Per step: ``acc += s_t @ W^T`` (exact: float64 products of integers, then int32);
-    ``y = fl32(fl32(m * fl32(acc)) + b)`` with ``m = fl32(theta_in * ws)``; then
-    ``target_spikes_step(y, threshold, ...)``. Fresh ``acc`` is 0 (int32), ``count`` 0 (int8).
-    Returns ``(spikes int8 [T, *, N], acc, count)``.
+    ``acc = S @ W^T`` of the input count ``S`` before these steps, ``s_count`` (the input
+    neuron's count after them) less the spikes of ``s`` (``acc`` is not state: always the
+    product of the count); then per step: ``acc += s_t @ W^T`` (exact: float64 products of
+    integers, then int32); ``y = fl32(fl32(m * fl32(acc)) + b)`` with ``m = fl32(theta_in *
+    ws)``; then ``target_spikes_step(y, threshold, ...)``. Fresh ``count`` is 0 (int8); no
+    ``s_count``, no earlier input. Returns ``(spikes int8 [T, *, N], count)``.
     """
     shape = (*s.shape[1:-1], weight.shape[0])
-    acc = torch.zeros(shape, dtype=torch.int32, device=s.device) if acc is None else acc.clone()
+    w = weight.to(torch.float64)
+    acc = torch.zeros(shape, dtype=torch.int32, device=s.device)
+    if s_count is not None:
+        before = s_count.to(torch.int32)
+        for t in range(s.shape[0]):
+            before = before - s[t].to(torch.int32)
+        acc = torch.matmul(before.to(torch.float64), w.t()).to(torch.int32)
     c = torch.zeros(shape, dtype=torch.int8, device=s.device) if count is None else count.clone()
     m = in_threshold.to(torch.float32).reshape(()) * weight_scale.to(torch.float32)
-    w = weight.to(torch.float64)
     spikes = []
     for t in range(s.shape[0]):
         acc = acc + torch.matmul(s[t].to(torch.float64), w.t()).to(torch.int32)
@@ -366,7 +373,7 @@ def exact_linear(
             y = y + bias.to(torch.float32)
         sigma, c = target_spikes_step(y, threshold, n_min, p_max, c)
         spikes.append(sigma)
-    return torch.stack(spikes), acc, c
+    return torch.stack(spikes), c
 
 
 def _tree_sum(x: torch.Tensor) -> torch.Tensor:

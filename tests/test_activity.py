@@ -121,8 +121,11 @@ def _linear(gen, T) -> Case:
     s[:, SILENT] = 0
 
     def call(s, state, active):
-        out = exact_linear(s, *layer, -8, 7, *(state or (None, None)), active=active)
-        return out, out[1:]
+        # state: the input's count before this chunk (the caller's), and the output count
+        before, count = state or (0, None)
+        s_count = (before + s.sum(0, dtype=torch.int32)).to(torch.int8)
+        out = exact_linear(s, *layer, -8, 7, s_count, count, active=active)
+        return out, (s_count.to(torch.int32), out[1])
 
     args = lambda active: (s, *layer, -8, 7, None, None, active)  # noqa: E731
     return Case((s,), call, torch.ops.spikekernels.exact_linear.default, args)

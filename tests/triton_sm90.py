@@ -474,10 +474,9 @@ def exact_linear_cases() -> list[Case]:
         "theta_in_ptr": "*fp32",
         "theta_ptr": "*fp32",
         "flag_ptr": "*i32",
-        "acc_in_ptr": "*i32",
+        "s_count_ptr": "*i8",
         "count_in_ptr": "*i8",
         "out_ptr": "*i8",
-        "acc_out_ptr": "*i32",
         "count_out_ptr": "*i8",
         "active_ptr": "*i32",
         "T": "i32",
@@ -494,7 +493,7 @@ def exact_linear_cases() -> list[Case]:
                                        (True, True, True)]:  # fmt: skip
         constexprs = dict(
             HAS_BIAS=True,
-            HAS_ACC=state,
+            HAS_S_COUNT=state,
             HAS_COUNT=state,
             PER_CHANNEL=per_channel,
             HAS_ACTIVE=active,

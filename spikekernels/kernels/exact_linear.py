@@ -2,7 +2,12 @@
 
 Time-major spikes ``[T, rows, K]`` (int8, ternary) in, int8 spikes ``[T, rows, N]`` out; the
 int32 accumulator ``acc = q_in @ W^T`` and the int8 count stay in registers for the whole
-chunk, and only the final ones are written. Two launches:
+chunk, and only the final count is written. The accumulator is not state: it is always the
+input count times ``W^T``, so a program starts it from ``S_{-1} @ W^T``, ``S_{-1}`` the input
+count before these steps, which it forms from the input neuron's count after them less the
+chunk's spikes (read back to front, so every partial value is a count of some step and
+fits int8). At ViT-S, batch 64, an int32 accumulator read and written per chunk was 4.2 GB
+of traffic; the prologue is one dense int8 step of the layer instead. Two launches:
 
 1. ``kernels.tile_flags.step_tile_any_kernel``: whether each (step, tile of ``BLOCK_M``
    rows) holds a spike (reading K tiles only up to the first spike).
@@ -51,10 +56,9 @@ def exact_linear_kernel(
     theta_in_ptr,  # [1] threshold of the neuron feeding the spikes (any float dtype)
     theta_ptr,  # [1] or [N] threshold of the output neuron (any float dtype)
     flag_ptr,  # [T, num_m] int32 from step_tile_any_kernel
-    acc_in_ptr,  # [rows, N] int32 incoming accumulator (HAS_ACC only)
+    s_count_ptr,  # [rows, K] int8 input neuron's count after these steps (HAS_S_COUNT only)
     count_in_ptr,  # [rows, N] int8 incoming count (HAS_COUNT only)
     out_ptr,  # [T, rows, N] int8 spikes
-    acc_out_ptr,  # [rows, N] int32
     count_out_ptr,  # [rows, N] int8
     active_ptr,  # [T, B] int32 per-sample flags, set where a sample fires (HAS_ACTIVE only)
     T,
@@ -67,7 +71,7 @@ def exact_linear_kernel(
     B,  # samples (HAS_ACTIVE only)
     rows_per_sample,  # (HAS_ACTIVE only)
     HAS_BIAS: tl.constexpr,
-    HAS_ACC: tl.constexpr,
+    HAS_S_COUNT: tl.constexpr,
     HAS_COUNT: tl.constexpr,
     PER_CHANNEL: tl.constexpr,
     HAS_ACTIVE: tl.constexpr,
@@ -75,7 +79,8 @@ def exact_linear_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """acc += s_t @ W^T; y = fl32(fl32(m[n] * fl32(acc)) + b[n]); target-driven neuron on y;
+    """acc = (s_count - sum_t s_t) @ W^T, then per step acc += s_t @ W^T;
+    y = fl32(fl32(m[n] * fl32(acc)) + b[n]); target-driven neuron on y;
     active[t, row // rows_per_sample] = 1 where a row fires."""
     pid_m = tl.program_id(0).to(tl.int64)
     pid_n = tl.program_id(1).to(tl.int64)
@@ -92,18 +97,31 @@ def exact_linear_kernel(
     if HAS_BIAS:
         b = tl.load(bias_ptr + cols, mask=col_mask, other=0.0)
     theta = load_threshold(theta_ptr, cols, col_mask, PER_CHANNEL)
-    if HAS_ACC:
-        acc = tl.load(acc_in_ptr + state_offs, mask=mask, other=0)
-    else:
-        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
+    # the weight tile is read as [BLOCK_K, BLOCK_N] straight from [N, K] (K-major B)
+    w_start = w_ptr + cols[None, :] * K + ks[:, None]
+    s_start = s_ptr + rs[:, None] * K + ks[None, :]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
+    if HAS_S_COUNT:
+        # S_{-1} = s_count - s_{T-1} - ... - s_0, a K tile at a time; a tile of zero counts
+        # skips its weight read and dot (the first chunk's are all zero)
+        c_ptrs = s_count_ptr + rs[:, None] * K + ks[None, :]
+        last = tl.cast(T - 1, tl.int64) * rows * K
+        for k0 in range(0, K, BLOCK_K):
+            k_mask = (k0 + ks) < K
+            tile_mask = row_mask[:, None] & k_mask[None, :]
+            before = tl.load(c_ptrs + k0, mask=tile_mask, other=0)
+            s_ptrs = s_start + k0 + last
+            for _ in range(T):
+                before -= tl.load(s_ptrs, mask=tile_mask, other=0)
+                s_ptrs -= rows * K
+            if tl.max(tl.abs(before.to(tl.int32))) != 0:
+                w = tl.load(w_start + k0, mask=k_mask[:, None] & col_mask[None, :], other=0)
+                acc = tl.dot(before, w, acc, out_dtype=tl.int32)
     if HAS_COUNT:
         count = tl.load(count_in_ptr + state_offs, mask=mask, other=0).to(tl.int32)
     else:
         count = tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
 
-    # the weight tile is read as [BLOCK_K, BLOCK_N] straight from [N, K] (K-major B)
-    w_start = w_ptr + cols[None, :] * K + ks[:, None]
-    s_start = s_ptr + rs[:, None] * K + ks[None, :]
     out_ptrs = out_ptr + state_offs
     flag_ptrs = flag_ptr + pid_m
     if HAS_ACTIVE:
@@ -133,7 +151,6 @@ def exact_linear_kernel(
         s_start += rows * K
         out_ptrs += rows * N
         flag_ptrs += num_m
-    tl.store(acc_out_ptr + state_offs, acc, mask=mask)
     tl.store(count_out_ptr + state_offs, count.to(tl.int8), mask=mask)
 
 
@@ -148,28 +165,27 @@ def exact_linear_triton(
     threshold: torch.Tensor,
     n_min: int,
     p_max: int,
-    acc: torch.Tensor | None,
+    s_count: torch.Tensor | None,
     count: torch.Tensor | None,
     active: torch.Tensor | None = None,
     *,
     inplace: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Host side: ``s`` ``[T, rows, K]`` int8, ``weight`` ``[N, K]`` int8, ``weight_scale``
-    and ``bias`` float32 ``[N]``, all contiguous; ``acc``/``count`` ``[rows, N]`` or None;
-    ``active`` ``[T, B]`` int32 contiguous or None.
-    Returns ``(spikes [T, rows, N] int8, acc [rows, N] int32, count [rows, N] int8)``: fresh,
-    or with ``inplace`` the given ``acc`` and ``count`` (views of the caller's contiguous
-    state), written by the program that read them."""
+    and ``bias`` float32 ``[N]``, all contiguous; ``s_count`` ``[rows, K]`` int8 contiguous or
+    None; ``count`` ``[rows, N]`` or None; ``active`` ``[T, B]`` int32 contiguous or None.
+    Returns ``(spikes [T, rows, N] int8, count [rows, N] int8)``: fresh, or with ``inplace``
+    the given ``count`` (a view of the caller's contiguous state), written by the program
+    that read it."""
     T, rows, K = s.shape
     N = weight.shape[0]
     out = torch.empty((T, rows, N), dtype=torch.int8, device=s.device)
     if inplace:
-        acc_out, count_out = acc, count
+        count_out = count
     else:
-        acc_out = torch.empty((rows, N), dtype=torch.int32, device=s.device)
         count_out = torch.empty((rows, N), dtype=torch.int8, device=s.device)
     if rows == 0 or N == 0:
-        return out, acc_out, count_out
+        return out, count_out
     block_m, block_n, block_k, num_warps, num_stages = tile_config()
     flags, num_m = step_tile_flags(launch, s, block_m, num_warps)
     launch(exact_linear_kernel)[(num_m, triton.cdiv(N, block_n))](
@@ -180,10 +196,9 @@ def exact_linear_triton(
         in_threshold,
         threshold.contiguous(),
         flags,
-        acc_out if acc is None else acc,
+        s if s_count is None else s_count,
         count_out if count is None else count,
         out,
-        acc_out,
         count_out,
         flags if active is None else active,
         T,
@@ -195,7 +210,7 @@ def exact_linear_triton(
         p_max,
         *active_layout(active, rows),
         HAS_BIAS=bias is not None,
-        HAS_ACC=acc is not None,
+        HAS_S_COUNT=s_count is not None,
         HAS_COUNT=count is not None,
         PER_CHANNEL=threshold.numel() > 1,
         HAS_ACTIVE=active is not None,
@@ -205,4 +220,4 @@ def exact_linear_triton(
         num_warps=num_warps,
         num_stages=num_stages,
     )
-    return out, acc_out, count_out
+    return out, count_out

@@ -46,6 +46,7 @@ from spikekernels.ops._dispatch import force_backend
 __all__ = [
     "Branch",
     "ExactBlock",
+    "ExactMlp",
     "ExactPatchEmbed",
     "ExactReadout",
     "NeuronSite",
@@ -144,6 +145,14 @@ class SpikeMlp(_Composite):
 
     def forward(self, s: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.fc1(s))
+
+
+class ExactMlp(SpikeMlp):
+    """``SpikeMlp`` of exact mode: each ``ExactLinearNeuron`` also takes the count of the
+    neuron that fed it (``fc2``'s is ``fc1``'s), from which it forms its accumulator."""
+
+    def forward(self, s: torch.Tensor, s_count: torch.Tensor | None = None) -> torch.Tensor:
+        return self.fc2(self.fc1(s, s_count), self.fc1.count)
 
 
 class SpikeBlock(_Composite):
@@ -280,23 +289,26 @@ class ExactBlock(_Composite):
         norm1: ExactLayerNormNeuron,
         attn: ExactAttention,
         norm2: ExactLayerNormNeuron,
-        mlp: SpikeMlp,
+        mlp: ExactMlp,
     ) -> None:
         super().__init__()
         self.norm1, self.attn, self.norm2, self.mlp = norm1, attn, norm2, mlp
 
     @staticmethod
-    def _branch(branch: nn.Module, neuron: ExactLinearNeuron, s: torch.Tensor) -> Branch:
-        """The branch run on ``s``, pending: its last neuron's spikes, step and count before."""
+    def _branch(
+        branch: nn.Module, neuron: ExactLinearNeuron, norm: ExactLayerNormNeuron, s: torch.Tensor
+    ) -> Branch:
+        """The branch run on ``norm``'s spikes ``s`` (and its count), pending: its last
+        neuron's spikes, step and count before."""
         before = _count_before(neuron)
-        return Branch(branch(s), neuron.threshold, before)
+        return Branch(branch(s, norm.count), neuron.threshold, before)
 
     def forward(self, x: Residual) -> Residual:
         s = self.norm1(*x.norm_args(), residual_out=True)
         d = self.norm1.take_residual()
-        attn = self._branch(self.attn, self.attn.proj, s)
+        attn = self._branch(self.attn, self.attn.proj, self.norm1, s)
         s = self.norm2(*Residual(d, (attn,)).norm_args())
-        return Residual(d, (attn, self._branch(self.mlp, self.mlp.fc2, s)))
+        return Residual(d, (attn, self._branch(self.mlp, self.mlp.fc2, self.norm2, s)))
 
 
 class ExactReadout(_Composite):

@@ -113,16 +113,19 @@ class ExactAttention(nn.Module):
         for m in self.children():
             m.reset()
 
-    def forward(self, s: torch.Tensor) -> torch.Tensor:
-        """``s``: ``[T, B, N, C]`` int8 spikes. Returns the ``quan_proj`` neuron's spikes."""
+    def forward(self, s: torch.Tensor, s_count: torch.Tensor | None = None) -> torch.Tensor:
+        """``s``: ``[T, B, N, C]`` int8 spikes; ``s_count``: ``[B, N, C]`` int8, the count of
+        their neuron after these steps (None only on a fresh input: see
+        ``ExactLinearNeuron``). Returns the ``quan_proj`` neuron's spikes."""
         t, b, n, c = s.shape
         h, dh = self.num_heads, self.head_dim
-        qkv = self.qkv(s).view(t, b, n, 3, h, dh)
+        qkv = self.qkv(s, s_count).view(t, b, n, 3, h, dh)
         q = qkv[:, :, :, 0].transpose(2, 3)  # [T, B, H, N, Dh], strided views
         k_t = qkv[:, :, :, 1].permute(0, 1, 3, 4, 2)  # [T, B, H, Dh, N]
         v = qkv[:, :, :, 2].transpose(2, 3)
         context = self.context(self.probs(q, k_t), v)  # [T, B, H, N, Dh]
-        return self.proj(context.transpose(2, 3).reshape(t, b, n, c))
+        merged = self.context.count.transpose(1, 2).reshape(b, n, c)  # its heads merged too
+        return self.proj(context.transpose(2, 3).reshape(t, b, n, c), merged)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, num_heads={self.num_heads}"

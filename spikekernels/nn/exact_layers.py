@@ -105,9 +105,11 @@ class ExactLinearNeuron(TargetNeuron):
     """An ``ExactLinear`` and the target-driven neuron it feeds, as one fused op
     (``spikekernels.ops.exact_linear``): ``[T, *, K]`` spikes in, ``[T, *, N]`` int8 spikes out.
 
-    It is a ``TargetNeuron`` (threshold, bounds, ``count``, ``fanout``; the runner's hooks see
-    its spikes) that also keeps the linear's int32 accumulator ``acc``; ``threshold`` may be
-    per output channel (the q, k, v neurons of one qkv linear). Inference only.
+    It is a ``TargetNeuron`` (threshold, bounds, ``count``, ``fanout``); ``threshold`` may be
+    per output channel (the q, k, v neurons of one qkv linear). The linear's int32
+    accumulator is not kept: each call forms it from ``s_count``, the count of the neuron
+    that produced ``s`` after these steps (that neuron's ``count``, which it has just
+    updated), less the spikes of ``s``. Inference only.
     """
 
     def __init__(
@@ -121,16 +123,16 @@ class ExactLinearNeuron(TargetNeuron):
         super().__init__(neuron.threshold, neuron.level, neuron.signed, fanout=neuron.fanout)
         _register_int_linear(self, weight, weight_scale, bias, in_threshold)
 
-    def reset(self) -> None:
-        """Back to a zero accumulator and count: call between inputs."""
-        super().reset()
-        self.acc: torch.Tensor | None = None
-
-    def state(self) -> dict[str, torch.Tensor | None]:
-        return {**super().state(), "acc": self.acc}
-
-    def forward(self, s: torch.Tensor) -> torch.Tensor:
-        spikes, self.acc, self.count = exact_linear(
+    def forward(self, s: torch.Tensor, s_count: torch.Tensor | None = None) -> torch.Tensor:
+        """``s``: ``[T, *, K]`` int8 spikes; ``s_count``: ``[*, K]`` int8, the count of the
+        neuron that produced them, after these steps; None only on a fresh input (the first
+        call after ``reset()``, when it is the sum of ``s``)."""
+        if s_count is None and self.count is not None:
+            raise ValueError(
+                "s_count is None after the first call: give the input neuron's count (the "
+                "accumulator is formed from it)"
+            )
+        spikes, self.count = exact_linear(
             s,
             self.weight,
             self.weight_scale,
@@ -139,7 +141,7 @@ class ExactLinearNeuron(TargetNeuron):
             self.threshold,
             self.n_min,
             self.p_max,
-            self.acc,
+            s_count,
             self.count,
             active=self.activity,
             inplace=self.stateful_call(),

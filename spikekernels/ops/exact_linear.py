@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from spikekernels.exact_math import linear_value
+from spikekernels.exact_math import int_matmul, linear_value
 from spikekernels.ops._activity import record_active
 from spikekernels.ops._checks import (
     check_active,
@@ -42,7 +42,7 @@ def _check_exact_linear(
     threshold,
     n_min,
     p_max,
-    acc,
+    s_count,
     count,
     active,
     inplace,
@@ -78,18 +78,30 @@ def _check_exact_linear(
     check_threshold(threshold, "threshold", n, s, "s")
     check_bounds(n_min, p_max)
     shape = (*s.shape[1:-1], n)
-    check_state(acc, "acc", shape, (torch.int32,), s, "s")
+    check_state(s_count, "s_count", s.shape[1:], (torch.int8,), s, "s")
     check_state(count, "count", shape, (torch.int8,), s, "s")
     check_active(active, (s.shape[0], *shape), s, "s")
-    inputs = (s, weight, weight_scale, bias, in_threshold, threshold, active)
-    check_inplace(inplace, (("acc", acc), ("count", count)), inputs)
+    inputs = (s, weight, weight_scale, bias, in_threshold, threshold, s_count, active)
+    check_inplace(inplace, (("count", count),), inputs)
 
 
-def _check_data(s, weight, weight_scale, in_threshold, threshold, validate) -> None:
+def _count_before(s: torch.Tensor, s_count: torch.Tensor) -> torch.Tensor:
+    """The input count before these steps, ``s_count - sum_t s_t``, as int32."""
+    return s_count.to(torch.int32) - s.sum(0, dtype=torch.int32)
+
+
+def _check_data(s, weight, weight_scale, in_threshold, threshold, s_count, validate) -> None:
     """Data checks: on CPU tensors always, on a GPU when ``validate`` (host syncs)."""
     check_threshold_values(in_threshold, "in_threshold", validate)
     check_threshold_values(threshold, "threshold", validate)
     check_ternary(s, "s", validate)
+    if s_count is not None and may_read_data(s_count, validate):
+        before = _count_before(s, s_count)
+        if bool(((before < -128) | (before > 127)).any()):
+            raise ValueError(
+                "s_count less the spikes of s is not an int8 count: s_count must be the input "
+                "neuron's count after these steps"
+            )
     if may_read_data(weight_scale, validate):
         if not bool((torch.isfinite(weight_scale) & (weight_scale > 0)).all()):
             raise ValueError("weight_scale must be finite and positive (SPEC.md §9.1)")
@@ -106,13 +118,14 @@ def exact_linear_torch(
     threshold: torch.Tensor,
     n_min: int,
     p_max: int,
-    acc: torch.Tensor | None,
+    s_count: torch.Tensor | None,
     count: torch.Tensor | None,
     active: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Vectorised PyTorch (any device): one float32 matmul over all ``T * rows`` rows, a
-    cumulative sum over T in int32 plus the incoming ``acc``, the value formula, then the
-    target neuron (sequential in T, vectorised per step), which records ``active``.
+    cumulative sum over T in int32 plus the starting ``(s_count - sum_t s_t) @ W^T``
+    (``exact_math.int_matmul``), the value formula, then the target neuron (sequential in T,
+    vectorised per step), which records ``active``.
 
     Exact: every partial sum of ``s_t @ W^T`` is an integer of magnitude ``<= 127 K < 2^24``,
     so the float32 matmul is exact in any order (TF32 or bf16 operands hold int8 exactly too),
@@ -123,16 +136,13 @@ def exact_linear_torch(
     rows = math.prod(lead)
     step = torch.matmul(s.reshape(steps * rows, k).to(torch.float32), weight.to(torch.float32).t())
     acc_t = torch.cumsum(step.to(torch.int32).reshape(steps, *lead, n), dim=0, dtype=torch.int32)
-    if acc is not None:
-        acc_t += acc
+    if s_count is not None:
+        acc_t += int_matmul(_count_before(s, s_count), weight.t())
     m = in_threshold.to(torch.float32).reshape(()) * weight_scale
-    spikes, count_out = target_spikes_torch(
-        linear_value(acc_t, m, bias), threshold, n_min, p_max, count, active
-    )
-    return spikes, acc_t[-1].clone(), count_out
+    return target_spikes_torch(linear_value(acc_t, m, bias), threshold, n_min, p_max, count, active)
 
 
-@kernel_op("exact_linear", mutates_args=("acc", "count", "active"))
+@kernel_op("exact_linear", mutates_args=("count", "active"))
 def _exact_linear_op(
     s: torch.Tensor,
     weight: torch.Tensor,
@@ -142,12 +152,12 @@ def _exact_linear_op(
     threshold: torch.Tensor,
     n_min: int,
     p_max: int,
-    acc: torch.Tensor | None = None,
+    s_count: torch.Tensor | None = None,
     count: torch.Tensor | None = None,
     active: torch.Tensor | None = None,
     inplace: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    args = (s, weight, weight_scale, bias, in_threshold, threshold, n_min, p_max, acc, count)
+) -> tuple[torch.Tensor, torch.Tensor]:
+    args = (s, weight, weight_scale, bias, in_threshold, threshold, n_min, p_max, s_count, count)
     _check_exact_linear(*args, active, inplace)
     backend = backend_for(s, ("triton", "torch"))
     if backend == "triton":
@@ -156,9 +166,9 @@ def _exact_linear_op(
         n, k = weight.shape
         lead = s.shape[1:-1]
         rows = math.prod(lead)
-        acc_in = None if acc is None else acc.contiguous().reshape(rows, n)
+        s_count_in = None if s_count is None else s_count.contiguous().reshape(rows, k)
         count_in = None if count is None else count.contiguous().reshape(rows, n)
-        spikes, acc_out, count_out = exact_linear_triton(
+        spikes, count_out = exact_linear_triton(
             launcher,
             s.contiguous().reshape(s.shape[0], rows, k),
             weight.contiguous(),
@@ -168,16 +178,14 @@ def _exact_linear_op(
             threshold,
             n_min,
             p_max,
-            acc_in,
+            s_count_in,
             count_in,
             active,
             inplace=inplace,
         )
         shape = (*lead, n)
         spikes = spikes.reshape(s.shape[0], *shape)
-        if inplace:
-            return spikes, placeholder(acc), placeholder(count)
-        return spikes, acc_out.reshape(shape), count_out.reshape(shape)
+        return spikes, placeholder(count) if inplace else count_out.reshape(shape)
     if backend == "reference":
         from spikekernels import reference
 
@@ -185,7 +193,7 @@ def _exact_linear_op(
         record_active(active, out[0])
     else:
         out = exact_linear_torch(*args, active)
-    return out[0], state_result(inplace, out[1], acc), state_result(inplace, out[2], count)
+    return out[0], state_result(inplace, out[1], count)
 
 
 @_exact_linear_op.register_fake
@@ -198,24 +206,17 @@ def _(
     threshold,
     n_min,
     p_max,
-    acc=None,
+    s_count=None,
     count=None,
     active=None,
     inplace=False,
 ):
-    args = (s, weight, weight_scale, bias, in_threshold, threshold, n_min, p_max, acc, count)
+    args = (s, weight, weight_scale, bias, in_threshold, threshold, n_min, p_max, s_count, count)
     _check_exact_linear(*args, active, inplace)
     shape = (*s.shape[1:-1], weight.shape[0])
-    if inplace:
-        return (
-            s.new_empty((s.shape[0], *shape), dtype=torch.int8),
-            placeholder(acc),
-            placeholder(count),
-        )
     return (
         s.new_empty((s.shape[0], *shape), dtype=torch.int8),
-        s.new_empty(shape, dtype=torch.int32),
-        s.new_empty(shape, dtype=torch.int8),
+        placeholder(count) if inplace else s.new_empty(shape, dtype=torch.int8),
     )
 
 
@@ -228,17 +229,20 @@ def exact_linear(
     threshold: torch.Tensor,
     n_min: int,
     p_max: int,
-    acc: torch.Tensor | None = None,
+    s_count: torch.Tensor | None = None,
     count: torch.Tensor | None = None,
     *,
     active: torch.Tensor | None = None,
     inplace: bool = False,
     validate: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact-mode spiking linear layer fused with its output neuron (SPEC.md §9.2-§9.4).
 
-    State: ``acc`` (int32, the running ``q_in @ W_int^T`` of the input counts, fresh 0) and
-    the output neuron's ``count`` (int8, fresh 0). Per step ``t``::
+    State: the output neuron's ``count`` (int8, fresh 0). The accumulator ``acc = q_in @
+    W_int^T`` of the input counts is not state: it starts at the input count before these
+    steps times ``W^T``, and that count is ``s_count`` (the input neuron's count after these
+    steps, which its own op has just written) less the spikes of ``s``. So a layer reads no
+    int32 state and writes none. Then per step ``t``::
 
         acc += s_t @ W^T                                  # exact, int32
         m[n] = fl32(theta_in * ws[n])
@@ -247,7 +251,7 @@ def exact_linear(
         sigma  = sign(target - count);  count += sigma;  out_t = sigma
 
     i.e. ``target_spikes`` (§9.3) on the linear's current value (§9.2). Only the int8 spikes
-    and the final ``acc`` and ``count`` are produced; the float value never leaves the kernel.
+    and the final ``count`` are produced; the float value never leaves the kernel.
 
     Args:
         s: ``[T, *, K]`` int8 ternary spikes of the input neuron.
@@ -260,34 +264,39 @@ def exact_linear(
         threshold: the output neuron's ``theta``: one element, or ``[N]`` per output channel
             (one qkv output feeding the q, k and v neurons). Read as float32 on the device.
         n_min, p_max: Python ints, ``n_min <= 0 <= p_max``, inside int8's ``[-128, 127]``.
-        acc, count: optional incoming state ``[*, N]``, int32 and int8 (each fresh when None).
+        s_count: optional int8 ``[*, K]``: the count of the neuron that produced ``s``, after
+            these steps (so ``s_count - sum_t s_t`` is its count before them, an int8 count:
+            checked on CPU, on a GPU with ``validate``). None: ``s`` has no earlier steps
+            (the same as ``s.sum(0)``).
+        count: optional incoming state ``[*, N]`` int8 (fresh when None).
         active: optional int32 ``[T, B]`` per-sample flags, ``B = s.shape[1]``, set in place
             as the kernel writes the spikes (``target_spikes``' contract: ``active[t, b] = 1``
             where sample ``b`` fires at step ``t``, never cleared). Not returned.
-        inplace: write the new ``acc`` and ``count`` into the given ones (both required,
-            contiguous, sharing no memory with an input) and return those same tensors
-            (``ops._inplace``): a state at a fixed address, as a CUDA graph replays it.
+        inplace: write the new ``count`` into the given one (required, contiguous, sharing no
+            memory with an input) and return that same tensor (``ops._inplace``): a state at
+            a fixed address, as a CUDA graph replays it.
         validate: on a GPU also run the data checks (host syncs): thresholds positive, finite
             and normal; ``weight_scale`` finite and positive; ``weight`` in ``[-127, 127]``;
-            ``s`` ternary. On CPU they always run.
+            ``s`` ternary; ``s_count`` consistent with ``s``. On CPU they always run.
 
     Returns:
-        ``(spikes [T, *, N] int8, acc [*, N] int32, count [*, N] int8)``, fresh tensors
-        (with ``inplace``: the given ``acc`` and ``count``, updated), so chunked time
-        (feeding ``acc`` and ``count`` back) equals a whole run bit for bit.
+        ``(spikes [T, *, N] int8, count [*, N] int8)``, fresh tensors (with ``inplace``: the
+        given ``count``, updated), so chunked time (feeding ``count`` back, and the input
+        neuron's count as ``s_count``) equals a whole run bit for bit.
 
     Exactness: bit-identical to ``reference.exact_linear`` on every path and device. ``acc``
-    is integer arithmetic (int8 tensor cores on a GPU; an exact float32 matmul on the CPU),
-    the value has the two roundings above, and the neuron divides correctly rounded.
+    is integer arithmetic (int8 tensor cores on a GPU; exact float32 and float64 matmuls on
+    the CPU), the value has the two roundings above, and the neuron divides correctly rounded.
 
     Dispatch (``ops._dispatch.backend_for``): CUDA tensors run the Triton kernel (one program
-    per row and output tile, the T loop inside with ``acc`` and ``count`` in registers, steps
-    whose spike tile is all zero skip the matmul); CPU tensors run vectorised PyTorch (the
-    Triton kernel under ``TRITON_INTERPRET=1``); ``force_backend("reference")`` runs the
-    oracle. Inference only: no autograd.
+    per row and output tile: a prologue forms the starting ``acc`` from ``s_count`` less the
+    chunk's spikes, K tile by K tile, skipping tiles of zero counts; then the T loop with
+    ``acc`` and ``count`` in registers, steps whose spike tile is all zero skip the matmul);
+    CPU tensors run vectorised PyTorch (the Triton kernel under ``TRITON_INTERPRET=1``);
+    ``force_backend("reference")`` runs the oracle. Inference only: no autograd.
     """
-    args = (s, weight, weight_scale, bias, in_threshold, threshold, n_min, p_max, acc, count)
+    args = (s, weight, weight_scale, bias, in_threshold, threshold, n_min, p_max, s_count, count)
     _check_exact_linear(*args, active, inplace)
-    _check_data(s, weight, weight_scale, in_threshold, threshold, validate)
+    _check_data(s, weight, weight_scale, in_threshold, threshold, s_count, validate)
     out = call_op("exact_linear", *args, active, inplace)
-    return own_state(out, (1, 2), (acc, count)) if inplace else out
+    return own_state(out, (1,), (count,)) if inplace else out
