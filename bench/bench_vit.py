@@ -21,9 +21,9 @@ bottleneck, see ``bench_host.py``). In exact mode on a GPU the run is timed agai
 ``cuda_graph=True`` (every full chunk one CUDA graph replay): ``cuda_graph_seconds``,
 ``cuda_graph_snn_over_qann_bf16`` and ``cuda_graph_bitwise_equal``, and then with other chunk
 sizes and schedules (``GRAPH_CHUNKS``): ``cuda_graph_seconds_by_chunk``. Each chunk reads and
-writes every layer's state once (by my count about 6 GB at ViT-S, batch 64: the int32
-accumulators most of it) and the steps past silence in the last chunk are computed for
-nothing, so longer first chunks and a short tail may pay; these figures say which. On a CPU:
+writes every layer's state once (``state_bytes``: 1.2 GB at ViT-S, batch 64) and the steps
+past silence in the last chunk are computed for nothing, so longer first chunks and a short
+tail may pay; these figures say which. On a CPU:
 the tiny preset at batch 16.
 
 SpikingJelly 2.0's own SpikeZIP-TF path is the field's baseline (``spikingjelly_spikezip.py``
@@ -223,6 +223,9 @@ def test_vit_end_to_end(benchmark, mode, level):
         graphed = _cuda_graph(snn, x, qann_logits, qann_bf16, info) if mode == "exact" else {}
 
     rest = (seconds - first_chunk) / max(steps - CHUNK, 1) if steps > CHUNK else None
+    # exact mode: what each chunk reads and writes once besides its steps' traffic
+    state = [t for _, _, t in snn.state_tensors() if t is not None]
+    state_bytes = sum(t.numel() * t.element_size() for t in state) if snn.exact else None
     record(
         benchmark,
         seconds,
@@ -240,6 +243,7 @@ def test_vit_end_to_end(benchmark, mode, level):
         speedup_vs_per_step_reference=reference / seconds,
         seconds_per_step_first_chunk=first_chunk / min(CHUNK, steps),
         seconds_per_step_after=rest,
+        state_bytes=state_bytes,
         device_busy_fraction_first_chunk=None if device_busy is None else device_busy / first_chunk,
         prediction_agreement=(logits.argmax(1) == qann_logits.argmax(1)).float().mean().item(),
         max_logit_difference=(logits - qann_logits).abs().max().item(),
