@@ -10,6 +10,7 @@ from conftest import DEVICES
 
 from spikekernels import reference
 from spikekernels.kernels import use_triton
+from spikekernels.nn import ExactLinearNeuron, TargetNeuron
 from spikekernels.ops import exact_linear
 from spikekernels.ops._dispatch import force_backend
 from spikekernels.ops.exact_linear import MAX_K
@@ -496,3 +497,21 @@ def test_silent_tile_flags(gen):
     want = torch.zeros(3, num_m, dtype=torch.int32)
     want[0, 0] = want[0, 3] = want[2, 4] = 1
     assert torch.equal(flags, want)
+
+
+def test_module_needs_the_input_count_after_its_first_call(gen):
+    """``nn.ExactLinearNeuron`` forms its accumulator from the input neuron's count: chunks
+    with it equal the whole run; a later call without it is refused, not silently fresh."""
+    layer = _layer(gen, 21, 30, per_channel=True)
+    neuron = TargetNeuron(layer["threshold"], 16, signed=True)
+    module = ExactLinearNeuron(
+        layer["weight"], layer["weight_scale"], layer["bias"], layer["in_threshold"], neuron
+    )
+    s = _spikes(gen, 7, (2, 5), 30)
+    whole = module(s)
+    count = module.count.clone()
+    module.reset()
+    parts = [module(chunk, s_count) for chunk, s_count in _chunks(s, [3, 4])]
+    assert torch.equal(torch.cat(parts), whole) and torch.equal(module.count, count)
+    with pytest.raises(ValueError, match="s_count is None after the first call"):
+        module(s[:1])
