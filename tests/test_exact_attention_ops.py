@@ -171,6 +171,26 @@ def test_probs_chunked_equals_whole(gen, device):
     _assert_same((torch.cat(spikes), *state.values()), whole, PROBS_NAMES)
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch", "reference"])
+def test_probs_quiet_tiles_wake_up(gen, backend):
+    """With incoming state a tile whose scores hold and whose neurons stopped firing skips
+    its softmax (the kernel's quiet path): long silences with the neurons settled, then a
+    spike again at a late step, where the tile must compute again. The reference's bits."""
+    case = _probs_case(gen, 30, (2,), 20, 24, 30, state=True)
+    q, k = case["q"].clone(), case["k_t"].clone()
+    q[1:].zero_()
+    k[1:].zero_()
+    q[24, :, 3, 5] = 1  # one query spike late in the run: S changes in one row tile
+    k[27, 1, 7, :4] = -1  # and key spikes later still, for one batch entry
+    case |= dict(q=q, k_t=k)
+    with force_backend(backend):
+        got = _run_probs(case)
+    want = _reference_probs(case)
+    _assert_same(got, want, PROBS_NAMES)
+    late = want[0][20:24].abs().sum().item(), want[0][24:].abs().sum().item()
+    assert late[0] == 0 and late[1] > 0, f"settled before step 24, woken after: {late}"
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_probs_silent_input_still_moves_the_neuron(gen, device):
     """Every spike tile silent: the counts (so the scores) hold, but the softmax and the

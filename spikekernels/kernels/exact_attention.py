@@ -14,7 +14,10 @@ and never writes it. For each step:
 - ``probs = softmax_rows(fl32(g * fl32(S)))`` by the operations of ``exact_math`` in their
   order (``softmax_tile``): the row max, ``exp_rows``' Cody-Waite reduction and polynomial,
   ``tree_sum``'s halving order, a correctly rounded division;
-- the §9.3 neuron on ``probs`` (``kernels.target.target_step``), int8 spikes out.
+- the §9.3 neuron on ``probs`` (``kernels.target.target_step``), int8 spikes out;
+- with incoming state, a *quiet* tile (no dot this step, no spike at the last) skips the
+  softmax and the neuron: its targets equal its counts, so its spikes are 0, bit for bit.
+  Late chunks, where most of a run's steps are, are mostly quiet tiles.
 
 ``exact_context_kernel`` (context product + neuron): one program per (batch entry, block of
 query rows), all head channels in one tile, the keys (the contraction) in ``BLOCK_K`` slices:
@@ -163,6 +166,16 @@ def softmax_tile(
 
 
 @triton.jit
+def _attention_neuron(
+    s, gain, mask_n, theta, count, n_min, p_max, ROWS: tl.constexpr, WIDTH: tl.constexpr,
+    LOG2_WIDTH: tl.constexpr,
+):  # fmt: skip
+    """The attention neuron's step on the softmax of the scores ``s``: sigma (int32)."""
+    probs = softmax_tile(s, gain, mask_n, ROWS, WIDTH, LOG2_WIDTH)
+    return target_step(probs, theta, count, n_min, p_max)
+
+
+@triton.jit
 def exact_attention_probs_kernel(
     q_ptr,  # [T, B, M, D] int8 query spikes q_t, any strides
     k_ptr,  # [T, B, D, N] int8 key spikes k_t (transposed), any strides
@@ -250,7 +263,10 @@ def exact_attention_probs_kernel(
     if HAS_ACTIVE:
         active_ptrs = active_ptr + (bid * M + offs_m) // rows_per_sample
 
+    if HAS_COUNT:  # whether the tile fired at the last step (at first: unknown, so yes)
+        fired = tl.full((), 1, tl.int32)
     for _ in range(T):
+        moved = tl.full((), 0, tl.int32)  # whether S changed at this step
         for d0 in range(0, D, BLOCK_D):
             ds = d0 + offs_d
             mask_q = mask_m[:, None] & (ds < D)[None, :]
@@ -261,21 +277,38 @@ def exact_attention_probs_kernel(
             # the key term first, so that the key spike tile is dead before the key count
             # tile is read (integer sums: the order is free)
             k_t = tl.load(k_ptr + k_offs, mask=mask_k, other=0)
-            if _any_spike(k_t):
+            k_any = _any_spike(k_t)
+            if k_any:
                 q_cnt = tl.load(
                     q_prev_ptr + (offs_m[:, None] * D + ds[None, :]), mask=mask_q, other=0
                 )
                 s = tl.dot(q_cnt, k_t, s, out_dtype=tl.int32)
             q_t = tl.load(q_ptr + q_offs, mask=mask_q, other=0)
-            if _any_spike(q_t):
+            q_any = _any_spike(q_t)
+            if q_any:
                 k_cnt = tl.load(
                     k_cur_ptr + (ds[:, None] * N + offs_n[None, :]), mask=mask_k, other=0
                 )
                 s = tl.dot(q_t, k_cnt, s, out_dtype=tl.int32)
-        # The softmax and the neuron run on silent steps too: the neuron may still be moving
-        # toward its target.
-        probs = softmax_tile(s, gain, mask_n, BLOCK_M, BLOCK_N, LOG2_N)
-        sigma = target_step(probs, theta, count, n_min, p_max)
+            moved = moved | k_any.to(tl.int32) | q_any.to(tl.int32)
+        # The softmax and the neuron run on silent steps too (the neuron may still be moving
+        # toward its target), unless the tile is quiet: S did not change and no neuron fired
+        # at the last step, so every target equals its count (sigma = sign(target - count)
+        # was 0 for the same target) and sigma is 0 again, bit for bit. Only with incoming
+        # state: a run's first chunk is busy, and its variant has no registers to spare.
+        if HAS_COUNT:
+            if (moved | fired) != 0:
+                sigma = _attention_neuron(
+                    s, gain, mask_n, theta, count, n_min, p_max, BLOCK_M, BLOCK_N, LOG2_N
+                )
+                fired = tl.max(tl.abs(tl.where(mask_s, sigma, 0)))
+            else:
+                sigma = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+                fired = tl.full((), 0, tl.int32)
+        else:
+            sigma = _attention_neuron(
+                s, gain, mask_n, theta, count, n_min, p_max, BLOCK_M, BLOCK_N, LOG2_N
+            )
         count = count + sigma
         tl.store(out_ptr + s_offs, sigma.to(tl.int8), mask=mask_s)
         if HAS_ACTIVE:
