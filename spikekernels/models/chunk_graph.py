@@ -90,7 +90,7 @@ class ChunkGraph:
             self._watch(self.flags)
         self.state = snn.state_tensors()
         if any(tensor is None for _, _, tensor in self.state):
-            raise RuntimeError("a module has no state after two chunks: cannot capture")
+            raise RuntimeError("a module has no state after the warm-up chunks: cannot capture")
         self.zero_graph = graph_type()
         self.zero_graph.capture(self._zero_state)
         self.graphs = {}  # size -> (graph, its logits)

@@ -3,7 +3,8 @@ its neuron reads, by the formulas of ``spikekernels.exact_math``.
 
 - ``ExactLinear``: int8 weights, an int32 accumulator ``acc += s_t @ W_int^T`` (the head);
 - ``ExactLinearNeuron``: the same linear fused with the target-driven neuron it feeds (one
-  ``spikekernels.ops.exact_linear`` call: int8 spikes in, int8 spikes out);
+  ``spikekernels.ops.exact_linear`` call: int8 spikes in, int8 spikes out; the accumulator
+  formed per call from the input neuron's count, not kept);
 - ``ExactLayerNorm``: the LayerNorm row function of the residual stream's current value;
 - ``ExactLayerNormNeuron``: residual read + LayerNorm fused with the neuron it feeds (one
   ``spikekernels.ops.exact_layernorm_neuron`` call: float64 residual in, int8 spikes out);
