@@ -171,6 +171,37 @@ def test_probs_chunked_equals_whole(gen, device):
     _assert_same((torch.cat(spikes), *state.values()), whole, PROBS_NAMES)
 
 
+def _key_layout(k: torch.Tensor, layout: str) -> torch.Tensor:
+    """``k`` ``[T, B, H, N, D]`` as ``k_t`` ``[T, B, H, D, N]`` in the given memory layout."""
+    if layout == "transposed view":  # D contiguous: read in place
+        return k.transpose(-1, -2)
+    if layout == "contiguous":  # N contiguous: the host copies it D-contiguous
+        return k.transpose(-1, -2).contiguous()
+    # as ExactAttention slices it from qkv [T, B, N, 3, H, D]: batch dims that do not merge
+    t, b, h, n, d = k.shape
+    qkv = torch.zeros(t, b, n, 3, h, d, dtype=k.dtype, device=k.device)
+    qkv[:, :, :, 1] = k.permute(0, 1, 3, 2, 4)
+    return qkv[:, :, :, 1].permute(0, 1, 3, 4, 2)
+
+
+@pytest.mark.parametrize("layout", ["transposed view", "contiguous", "qkv slice"])
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_probs_any_operand_layout(gen, backend, layout):
+    """The kernel reads keys and queries D-contiguous; other layouts (a contiguous k_t, the
+    model's slices of qkv, a strided q) give the same bits, and the state keeps its layout."""
+    case = _probs_case(gen, 4, (2, 3), 18, 40, 37, state=True)
+    k = case["k_t"].transpose(-1, -2)
+    laid_out = dict(
+        case,
+        k_t=_key_layout(k, layout),
+        q=case["q"].transpose(-1, -2).contiguous().transpose(-1, -2),  # D strided
+    )
+    with force_backend(backend):
+        got = _run_probs(laid_out)
+    _assert_same(got, _reference_probs(case), PROBS_NAMES)
+    assert all(t.is_contiguous() for t in got[1:])
+
+
 @pytest.mark.parametrize("backend", ["triton", "torch", "reference"])
 def test_probs_quiet_tiles_wake_up(gen, backend):
     """With incoming state a tile whose scores hold and whose neurons stopped firing skips
@@ -780,27 +811,29 @@ if TRITON_AVAILABLE:
     import triton
     import triton.language as tl
 
-    from spikekernels.kernels.exact_attention import softmax_tile
+    from spikekernels.kernels.exact_attention import softmax_columns
 
     @triton.jit
-    def _softmax_tile_kernel(s_ptr, g_ptr, out_ptr, N, ROWS: tl.constexpr, WIDTH: tl.constexpr):
-        """``softmax_tile`` of int32 scores ``[ROWS, N]``, the row padded to ``WIDTH``."""
-        rows, cols = tl.arange(0, ROWS), tl.arange(0, WIDTH)
-        keys = cols < N
-        offs = rows[:, None] * N + cols[None, :]
-        s = tl.load(s_ptr + offs, mask=keys[None, :], other=0)
-        probs = softmax_tile(s, tl.load(g_ptr), keys, ROWS, WIDTH, WIDTH.bit_length() - 1)
-        tl.store(out_ptr + offs, probs, mask=keys[None, :])
+    def _softmax_columns_kernel(s_ptr, g_ptr, out_ptr, N, ROWS: tl.constexpr, WIDTH: tl.constexpr):
+        """``softmax_columns`` of int32 scores ``[ROWS, N]`` read transposed, ``[WIDTH, ROWS]``
+        with the keys padded to ``WIDTH``, as the scores kernel holds them."""
+        keys, rows = tl.arange(0, WIDTH), tl.arange(0, ROWS)
+        mask = keys < N
+        offs = rows[None, :] * N + keys[:, None]
+        s = tl.load(s_ptr + offs, mask=mask[:, None], other=0)
+        probs = softmax_columns(s, tl.load(g_ptr), mask, WIDTH, ROWS, WIDTH.bit_length() - 1)
+        tl.store(out_ptr + offs, probs, mask=mask[:, None])
 
 
 @pytest.mark.skipif(
     not use_triton(torch.empty(0)), reason="the Triton kernels run on CPU only when interpreted"
 )
 @pytest.mark.parametrize("n", [1, 5, 16, 100, 197, 256])
-def test_softmax_tile_is_exact_maths_row_function(gen, n):
-    """The kernels' softmax of int32 scores, rows padded to any power of two >= 16, gives
-    the bits of exact_math.softmax_rows(score_value(S, g)): tree_sum's order, exp_rows'
-    polynomial, the padding adding exact zeros. Includes exp's cut-off at -87 and ties."""
+def test_softmax_columns_is_exact_maths_row_function(gen, n):
+    """The kernels' softmax of int32 scores, each query's keys padded to any power of two
+    >= 16, gives the bits of exact_math.softmax_rows(score_value(S, g)): tree_sum's order,
+    exp_rows' polynomial, the padding adding exact zeros. Includes exp's cut-off at -87 and
+    ties."""
     s = torch.randint(-3000, 3000, (16, n), generator=gen, dtype=torch.int32)
     s[0] = 0  # a uniform row
     s[1, : n // 2] = 10_000  # keys far below the peak: exp underflows to 0
@@ -809,7 +842,7 @@ def test_softmax_tile_is_exact_maths_row_function(gen, n):
     want = exact_math.softmax_rows(exact_math.score_value(s, gain))
     for width in sorted({max(16, 1 << (n - 1).bit_length()), 512}):
         out = torch.full((16, n), float("nan"))
-        _softmax_tile_kernel[(1,)](s, gain, out, n, ROWS=16, WIDTH=width)
+        _softmax_columns_kernel[(1,)](s, gain, out, n, ROWS=16, WIDTH=width)
         assert torch.equal(out.view(torch.int32), want.view(torch.int32)), f"width {width}"
 
 

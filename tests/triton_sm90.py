@@ -388,7 +388,7 @@ def spike_matmul_cases() -> list[Case]:
     signature |= {
         name: "i32"
         for name in ["T", "R", "C", "stride_xt", "stride_xb", "stride_xr", "stride_xc"]
-        + ["stride_ct"]
+        + ["stride_ct", "stride_sb", "stride_sr", "stride_sc"]
     }
     cases.append(
         Case(
@@ -655,19 +655,13 @@ def exact_attention_cases() -> list[Case]:
         no_contracted_fma=True,
     )
     cases = []
-    # ViT: 197 tokens (BLOCK_N 256), head dim 64. Keys as attention hands them over: the
-    # contiguous [D, N] copy of a head-split view (stride_kn = 1), or a plain transposed
-    # view k^T of [N, D] keys (stride_kd = 1); Triton specialises a stride of 1 as a launch
-    # does. Spike strides are multiples of 16 where the head dim makes them so.
+    # ViT: 197 tokens (BLOCK_N 256), head dim 64. The host hands keys and queries over with
+    # the head dim contiguous (copying other layouts), which Triton specialises as a launch
+    # does; spike strides are multiples of 16 where the head dim makes them so. The tile is
+    # transposed, [keys, queries], so that the 256 keys are wgmma's M.
     block_m, block_n, block_d, num_warps = ea.probs_config(197)
-    for unit_stride, state, active in [
-        ("stride_kn", False, False),
-        ("stride_kd", True, False),
-        ("stride_kn", False, True),  # recording per-sample activity
-        ("stride_kd", True, True),
-    ]:
-        strides = ["stride_qt", "stride_qb", "stride_qm", "stride_kt", "stride_kb"]
-        strides += [k for k in ("stride_kd", "stride_kn") if k != unit_stride]
+    for state, active in [(False, False), (True, False), (False, True), (True, True)]:
+        strides = ["stride_qt", "stride_qb", "stride_qm", "stride_kt", "stride_kb", "stride_kn"]
         signature = {
             "q_ptr": "*i8",
             "k_ptr": "*i8",
@@ -687,6 +681,7 @@ def exact_attention_cases() -> list[Case]:
         }
         constexprs = dict(
             stride_qd=1,
+            stride_kd=1,
             HAS_ACC=state,
             HAS_COUNT=state,
             HAS_ACTIVE=active,
@@ -695,17 +690,15 @@ def exact_attention_cases() -> list[Case]:
             BLOCK_D=block_d,
             LOG2_N=block_n.bit_length() - 1,
         )
-        constexprs[unit_stride] = 1
         cases.append(
             Case(
-                f"exact_attention_probs N=197 D=64 {unit_stride}=1 state={state} active={active}",
+                f"exact_attention_probs N=197 D=64 state={state} active={active}",
                 ea.exact_attention_probs_kernel,
                 signature,
                 constexprs,
                 num_warps=num_warps,
-                aligned=["D", "stride_qt", "stride_qb", "stride_qm", "stride_kt", "stride_kb"]
-                + (["stride_kn"] if unit_stride == "stride_kd" else []),
-                **checks,
+                aligned=["D", *strides],
+                **dict(checks, ptx_must_contain=["wgmma", *checks["ptx_must_contain"]]),
             )
         )
     # the context: attention spikes [M, N] and values [N, D] contiguous, as they arrive

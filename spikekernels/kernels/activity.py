@@ -73,3 +73,17 @@ def record_active_rows(
     fired = tl.max(tl.reshape(lanes, [ROWS, COLS // GROUP, GROUP]), axis=2) != 0
     where = active_ptrs[:, None] + tl.zeros([1, COLS // GROUP], tl.int32)
     tl.store(where, 1, mask=row_mask[:, None] & fired)
+
+
+@triton.jit
+def record_active_columns(
+    active_ptrs, sigma, row_mask, col_mask, ROWS: tl.constexpr, COLS: tl.constexpr
+):
+    """``record_active_rows`` of a transposed tile: ``*active_ptrs[c] = 1`` for each column
+    ``c`` of ``sigma`` ``[ROWS, COLS]`` with a nonzero spike among the ``row_mask`` lanes
+    (``active_ptrs`` and ``col_mask`` are ``[COLS]``), reduced in groups of 32 rows."""
+    GROUP: tl.constexpr = ROWS if ROWS < 32 else 32
+    lanes = ((sigma != 0) & row_mask[:, None]).to(tl.int32)
+    fired = tl.max(tl.reshape(lanes, [ROWS // GROUP, GROUP, COLS]), axis=1) != 0
+    where = active_ptrs[None, :] + tl.zeros([ROWS // GROUP, 1], tl.int32)
+    tl.store(where, 1, mask=col_mask[None, :] & fired)

@@ -3,17 +3,20 @@ with what reads it, the T loop inside one launch.
 
 ``exact_attention_probs_kernel`` (scores product + softmax + attention neuron): one program
 per (batch entry, block of ``BLOCK_M`` query rows), all ``N`` keys in one tile (padded to a
-power of two). The int32 scores ``S`` and the neuron's count stay in registers for the whole
-chunk. ``S`` is not state: it always equals ``Q K^T`` of the running counts, so a program
-starts from ``Q_{-1} @ K_{-1}`` of the incoming counts (int8 ``tl.dot`` into int32, exact)
-and never writes it. For each step:
+power of two). The tile is transposed, ``[keys, queries]``: it holds ``S^T = K Q^T``, so that
+the keys are the tensor cores' M (a Hopper wgmma needs 64 rows a warpgroup; 64 query rows of
+256 keys do not fit the registers, 16 rows do) and each query's softmax runs down a column.
+The int32 scores and the neuron's count stay in registers for the whole chunk. ``S`` is not
+state: it always equals ``Q K^T`` of the running counts, so a program starts from
+``K_{-1} Q_{-1}^T`` of the incoming counts (int8 ``tl.dot`` into int32, exact) and never
+writes it. For each step:
 
-- ``S += q_t @ K_t + Q_{t-1} @ k_t``, over the head dim in ``BLOCK_D`` slices: int8
-  ``tl.dot`` into int32 (exact; int8 tensor cores), a slice whose spike tile is all zero
-  skips its dot and the read of the count tile it would multiply;
+- ``S^T += K_t q_t^T + k_t Q_{t-1}^T``, over the head dim in ``BLOCK_D`` slices: int8
+  ``tl.dot`` into int32 (exact; int8 wgmma), a slice whose spike tile is all zero skips its
+  dot and the read of the count tile it would multiply;
 - ``probs = softmax_rows(fl32(g * fl32(S)))`` by the operations of ``exact_math`` in their
-  order (``softmax_tile``): the row max, ``exp_rows``' Cody-Waite reduction and polynomial,
-  ``tree_sum``'s halving order, a correctly rounded division;
+  order (``softmax_columns``): the max over the keys, ``exp_rows``' Cody-Waite reduction and
+  polynomial, ``tree_sum``'s halving order, a correctly rounded division;
 - the §9.3 neuron on ``probs`` (``kernels.target.target_step``), int8 spikes out;
 - with incoming state, a *quiet* tile (no dot this step, no spike at the last) skips the
   softmax and the neuron: its targets equal its counts, so its spikes are 0, bit for bit.
@@ -31,16 +34,19 @@ step (int8, the size of the spikes) and the outgoing one. They are not carried i
 at ViT sizes the key count is a ``[64, 256]`` int8 tile per program (16 KB), and every
 register-resident variant compiled for sm_90 spilled (800 B to 27 KB a thread over
 BLOCK_M 16-64, 4-16 warps), while the product reads a count tile only where the matching
-spike tile is active. Only the int8 spikes, the outgoing counts and the neuron's count are
-written. The starting ``S``/``Z`` reads the incoming counts from those per-step counts, not
-from the state: with ``inplace`` the count pass has already overwritten the state with the
-outgoing count. The exclusive count's step 0 is the incoming ``Q_{-1}`` (``A_{-1}``); the
-inclusive one's step 0 less the first spikes is ``K_{-1} = K_0 - k_0`` (int8, exact: the op
-checks that every running count fits). With ``inplace`` the final state goes into the
-caller's state buffers, no second buffer: a program reads its tile of the neuron's count
-(its rows, all columns) at its start and writes the same tile at its end, and
-``running_count_kernel`` does the same per block of a running count; no other program
-touches those elements.
+spike tile is active. The scores kernel reads keys (spikes and counts) as ``[N, D]`` and
+queries as ``[M, D]``, the head dim contiguous (K-major, as int8 wgmma takes both operands):
+the host copies other layouts, and keeps the key count's state ``[D, N]`` (the op's layout),
+read and written through its transpose once per call. Only the int8 spikes, the outgoing
+counts and the neuron's count are written. The starting ``S``/``Z`` reads the incoming
+counts from those per-step counts, not from the state: with ``inplace`` the count pass has
+already overwritten the state with the outgoing count. The exclusive count's step 0 is the
+incoming ``Q_{-1}`` (``A_{-1}``); the inclusive one's step 0 less the first spikes is
+``K_{-1} = K_0 - k_0`` (int8, exact: the op checks that every running count fits). With
+``inplace`` the final state goes into the caller's state buffers, no second buffer: a
+program reads its tile of the neuron's count (its rows, all columns) at its start and writes
+the same tile at its end, and ``running_count_kernel`` does the same per block of a running
+count; no other program touches those elements.
 
 Rows past M, keys past N and channels past D are masked to zero (zero spikes and counts add
 nothing to the products). In the softmax the padded keys take no part in the row max and are
@@ -69,8 +75,8 @@ import triton.language as tl
 
 from spikekernels.exact_math import _EXP_MIN, _EXP_POLY, _LN2_HI, _LN2_LO, _LOG2E
 from spikekernels.kernels import INTERPRET, on_device
-from spikekernels.kernels.activity import active_layout, record_active_rows
-from spikekernels.kernels.exact_rows import tree_sum_rows
+from spikekernels.kernels.activity import active_layout, record_active_columns, record_active_rows
+from spikekernels.kernels.exact_rows import tree_sum_columns
 from spikekernels.kernels.spike_matmul import _any_spike, _flatten_batch, _running_counts
 from spikekernels.kernels.target import target_step
 
@@ -94,11 +100,12 @@ P0, P1, P2, P3, P4, P5 = (tl.constexpr(_f32(c)) for c in _EXP_POLY)
 MAX_KEYS = 256
 MAX_HEAD_DIM = 64
 
-# (BLOCK_M, BLOCK_D, num_warps) of the scores kernel on a GPU: 16 query rows x 256 keys keep
-# S, the count and the softmax's temporaries in registers at 8 warps (243-255 registers, no
-# spill; 4 warps, or 32 and 64 rows, spilled), and a 32-wide slice of the head dim (int8
-# mma's K) keeps the [32, 256] key tiles small. The product is mma.sync: a wgmma needs 64
-# rows. tests/triton_sm90.py records the register counts. Untuned on hardware so far.
+# (BLOCK_M, BLOCK_D, num_warps) of the scores kernel on a GPU: 256 keys x 16 query rows keep
+# S^T, the count and the softmax's temporaries in registers at 8 warps (236-254 registers, no
+# spill; 64 query rows spilled 4 KB a thread, 32 rows 1 KB), and a 32-wide slice of the head
+# dim (int8 wgmma's K) keeps the [256, 32] key tiles small. The keys are the wgmma's M (two
+# warpgroups of 128), the 16 queries its N. tests/triton_sm90.py records the register
+# counts. Untuned on hardware so far.
 _PROBS_GPU = (16, 32, 8)
 # (BLOCK_M, BLOCK_K, num_warps) of the context kernel on a GPU: 64 rows x 64 channels
 # (a Hopper wgmma per warpgroup), keys in slices of 64.
@@ -149,38 +156,39 @@ def exp_rows(x):
 
 
 @triton.jit
-def softmax_tile(
-    s, gain, key_mask, ROWS: tl.constexpr, WIDTH: tl.constexpr, LOG2_WIDTH: tl.constexpr
+def softmax_columns(
+    s, gain, key_mask, KEYS: tl.constexpr, COLS: tl.constexpr, LOG2_KEYS: tl.constexpr
 ):
-    """``exact_math.softmax_rows(exact_math.score_value(s, gain))`` of each row of the int32
-    scores ``s`` ``[ROWS, WIDTH]``, over the lanes where ``key_mask`` ``[WIDTH]`` holds."""
+    """``exact_math.softmax_rows(exact_math.score_value(s, gain))`` of each column of the
+    int32 transposed scores ``s`` ``[KEYS, COLS]`` (a column is one query's row of scores),
+    over the lanes where ``key_mask`` ``[KEYS]`` holds."""
     z = _mul(gain, s.to(tl.float32))
-    peak = tl.max(tl.where(key_mask[None, :], z, float("-inf")), axis=1)  # exact in any order
+    peak = tl.max(tl.where(key_mask[:, None], z, float("-inf")), axis=0)  # exact in any order
     peak = tl.where(peak == float("-inf"), 0.0, peak)
     # padded keys: exp of 0 (no inf - inf on the way), then an exact zero
-    x = tl.where(key_mask[None, :], z - peak[:, None], 0.0)
-    e = tl.where(key_mask[None, :], exp_rows(x), 0.0)
-    total = tree_sum_rows(e, ROWS, WIDTH, LOG2_WIDTH)
+    x = tl.where(key_mask[:, None], z - peak[None, :], 0.0)
+    e = tl.where(key_mask[:, None], exp_rows(x), 0.0)
+    total = tree_sum_columns(e, KEYS, COLS, LOG2_KEYS)
     total = tl.where(total > 0.0, total, 1.0)
-    return tl.div_rn(e, total[:, None])
+    return tl.div_rn(e, total[None, :])
 
 
 @triton.jit
 def _attention_neuron(
-    s, gain, mask_n, theta, count, n_min, p_max, ROWS: tl.constexpr, WIDTH: tl.constexpr,
-    LOG2_WIDTH: tl.constexpr,
+    s, gain, mask_n, theta, count, n_min, p_max, KEYS: tl.constexpr, COLS: tl.constexpr,
+    LOG2_KEYS: tl.constexpr,
 ):  # fmt: skip
-    """The attention neuron's step on the softmax of the scores ``s``: sigma (int32)."""
-    probs = softmax_tile(s, gain, mask_n, ROWS, WIDTH, LOG2_WIDTH)
+    """The attention neuron's step on the softmax of the transposed scores ``s``: sigma."""
+    probs = softmax_columns(s, gain, mask_n, KEYS, COLS, LOG2_KEYS)
     return target_step(probs, theta, count, n_min, p_max)
 
 
 @triton.jit
 def exact_attention_probs_kernel(
     q_ptr,  # [T, B, M, D] int8 query spikes q_t, any strides
-    k_ptr,  # [T, B, D, N] int8 key spikes k_t (transposed), any strides
+    k_ptr,  # [T, B, N, D] int8 key spikes k_t, any strides
     q_prev_ptr,  # [T, B, M, D] int8 running query count before step t, Q_{t-1}, contiguous
-    k_cur_ptr,  # [T, B, D, N] int8 running key count after step t, K_t, contiguous
+    k_cur_ptr,  # [T, B, N, D] int8 running key count after step t, K_t, contiguous
     gain_ptr,  # [1] float32 score gain g
     theta_ptr,  # [1] attention neuron's threshold (any float dtype)
     count_in_ptr,  # [B, M, N] int8 incoming neuron count (HAS_COUNT only)
@@ -197,13 +205,13 @@ def exact_attention_probs_kernel(
     stride_qd,
     stride_kt,
     stride_kb,
-    stride_kd,
     stride_kn,
+    stride_kd,
     n_min,
     p_max,
     samples,  # (HAS_ACTIVE only)
     rows_per_sample,  # rows of the flattened [B * M] (HAS_ACTIVE only)
-    HAS_ACC: tl.constexpr,  # both incoming counts given: S starts at Q_{-1} @ K_{-1}
+    HAS_ACC: tl.constexpr,  # both incoming counts given: S starts at Q_{-1} @ K_{-1}^T
     HAS_COUNT: tl.constexpr,
     HAS_ACTIVE: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -211,10 +219,11 @@ def exact_attention_probs_kernel(
     BLOCK_D: tl.constexpr,
     LOG2_N: tl.constexpr,
 ):
-    """``S = Q_{-1} @ K_{-1}``, then per step: ``S += q_t @ K_t + Q_{t-1} @ k_t``; ``probs =
-    softmax_rows(fl32(g * fl32(S)))``; target-driven neuron on ``probs``;
-    ``active[t, row // rows_per_sample] = 1`` where a row fires."""
-    # One flat grid axis (axis 1 would cap the batch at 65535): the row blocks of one batch
+    """``S^T = K_{-1} @ Q_{-1}^T``, then per step: ``S^T += K_t @ q_t^T + k_t @ Q_{t-1}^T``;
+    ``probs = softmax_rows(fl32(g * fl32(S)))``; target-driven neuron on ``probs``;
+    ``active[t, row // rows_per_sample] = 1`` where a query row fires. Tiles are transposed,
+    ``[BLOCK_N keys, BLOCK_M queries]`` (module docstring)."""
+    # One flat grid axis (axis 1 would cap the batch at 65535): the query blocks of one batch
     # entry are neighbours, so they share its key tiles in L2.
     num_m = tl.cdiv(M, BLOCK_M)
     pid = tl.program_id(0)
@@ -225,39 +234,39 @@ def exact_attention_probs_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    mask_s = mask_m[:, None] & mask_n[None, :]
+    mask_s = mask_n[:, None] & mask_m[None, :]
 
     # Scalar base pointers advance through batch and time; the tile offsets inside one
-    # [M, D] / [D, N] / [M, N] slab are int32 (the host guarantees they fit), which keeps
+    # [M, D] / [N, D] / [M, N] slab are int32 (the host guarantees they fit), which keeps
     # per-element 64-bit pointers out of the loop-carried registers.
     q_ptr += bid * stride_qb
     k_ptr += bid * stride_kb
     q_prev_ptr += bid * M * D
-    k_cur_ptr += bid * D * N
+    k_cur_ptr += bid * N * D
     out_ptr += bid * M * N
-    s_offs = offs_m[:, None] * N + offs_n[None, :]
+    s_offs = offs_m[None, :] * N + offs_n[:, None]  # element (key n, query m) of [M, N]
     state_offs = bid * M * N + s_offs
     step_q = nb.to(tl.int64) * M * D
-    step_k = nb.to(tl.int64) * D * N
+    step_k = nb.to(tl.int64) * N * D
     step_s = nb.to(tl.int64) * M * N
 
-    s = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+    s = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.int32)
     if HAS_ACC:
         # the incoming counts from step 0 of the running ones (module docstring): Q_{-1}
         # directly, K_{-1} = K_0 - k_0
         for d0 in range(0, D, BLOCK_D):
             ds = d0 + offs_d
-            mask_q = mask_m[:, None] & (ds < D)[None, :]
-            mask_k = (ds < D)[:, None] & mask_n[None, :]
-            q_cnt = tl.load(q_prev_ptr + (offs_m[:, None] * D + ds[None, :]), mask=mask_q, other=0)
-            k_cnt = tl.load(k_cur_ptr + (ds[:, None] * N + offs_n[None, :]), mask=mask_k, other=0)
-            k_offs = ds[:, None] * stride_kd + offs_n[None, :] * stride_kn
+            mask_q = (ds < D)[:, None] & mask_m[None, :]
+            mask_k = mask_n[:, None] & (ds < D)[None, :]
+            q_cnt = tl.load(q_prev_ptr + (offs_m[None, :] * D + ds[:, None]), mask=mask_q, other=0)
+            k_cnt = tl.load(k_cur_ptr + (offs_n[:, None] * D + ds[None, :]), mask=mask_k, other=0)
+            k_offs = offs_n[:, None] * stride_kn + ds[None, :] * stride_kd
             k_cnt -= tl.load(k_ptr + k_offs, mask=mask_k, other=0)
-            s = tl.dot(q_cnt, k_cnt, s, out_dtype=tl.int32)
+            s = tl.dot(k_cnt, q_cnt, s, out_dtype=tl.int32)
     if HAS_COUNT:
         count = tl.load(count_in_ptr + state_offs, mask=mask_s, other=0).to(tl.int32)
     else:
-        count = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+        count = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.int32)
     gain = tl.load(gain_ptr)
     theta = tl.load(theta_ptr).to(tl.float32)
     if HAS_ACTIVE:
@@ -269,50 +278,56 @@ def exact_attention_probs_kernel(
         moved = tl.full((), 0, tl.int32)  # whether S changed at this step
         for d0 in range(0, D, BLOCK_D):
             ds = d0 + offs_d
-            mask_q = mask_m[:, None] & (ds < D)[None, :]
-            mask_k = (ds < D)[:, None] & mask_n[None, :]
-            q_offs = offs_m[:, None] * stride_qm + ds[None, :] * stride_qd
-            k_offs = ds[:, None] * stride_kd + offs_n[None, :] * stride_kn
+            mask_q = (ds < D)[:, None] & mask_m[None, :]
+            mask_k = mask_n[:, None] & (ds < D)[None, :]
             # a silent spike tile skips its dot and the read of the count it would multiply;
             # the key term first, so that the key spike tile is dead before the key count
             # tile is read (integer sums: the order is free)
-            k_t = tl.load(k_ptr + k_offs, mask=mask_k, other=0)
+            k_t = tl.load(
+                k_ptr + (offs_n[:, None] * stride_kn + ds[None, :] * stride_kd),
+                mask=mask_k,
+                other=0,
+            )
             k_any = _any_spike(k_t)
             if k_any:
                 q_cnt = tl.load(
-                    q_prev_ptr + (offs_m[:, None] * D + ds[None, :]), mask=mask_q, other=0
+                    q_prev_ptr + (offs_m[None, :] * D + ds[:, None]), mask=mask_q, other=0
                 )
-                s = tl.dot(q_cnt, k_t, s, out_dtype=tl.int32)
-            q_t = tl.load(q_ptr + q_offs, mask=mask_q, other=0)
+                s = tl.dot(k_t, q_cnt, s, out_dtype=tl.int32)
+            q_t = tl.load(
+                q_ptr + (offs_m[None, :] * stride_qm + ds[:, None] * stride_qd),
+                mask=mask_q,
+                other=0,
+            )
             q_any = _any_spike(q_t)
             if q_any:
                 k_cnt = tl.load(
-                    k_cur_ptr + (ds[:, None] * N + offs_n[None, :]), mask=mask_k, other=0
+                    k_cur_ptr + (offs_n[:, None] * D + ds[None, :]), mask=mask_k, other=0
                 )
-                s = tl.dot(q_t, k_cnt, s, out_dtype=tl.int32)
+                s = tl.dot(k_cnt, q_t, s, out_dtype=tl.int32)
             moved = moved | k_any.to(tl.int32) | q_any.to(tl.int32)
         # The softmax and the neuron run on silent steps too (the neuron may still be moving
         # toward its target), unless the tile is quiet: S did not change and no neuron fired
         # at the last step, so every target equals its count (sigma = sign(target - count)
         # was 0 for the same target) and sigma is 0 again, bit for bit. Only with incoming
-        # state: a run's first chunk is busy, and its variant has no registers to spare.
+        # state: a run's first chunk is busy.
         if HAS_COUNT:
             if (moved | fired) != 0:
                 sigma = _attention_neuron(
-                    s, gain, mask_n, theta, count, n_min, p_max, BLOCK_M, BLOCK_N, LOG2_N
+                    s, gain, mask_n, theta, count, n_min, p_max, BLOCK_N, BLOCK_M, LOG2_N
                 )
                 fired = tl.max(tl.abs(tl.where(mask_s, sigma, 0)))
             else:
-                sigma = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+                sigma = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.int32)
                 fired = tl.full((), 0, tl.int32)
         else:
             sigma = _attention_neuron(
-                s, gain, mask_n, theta, count, n_min, p_max, BLOCK_M, BLOCK_N, LOG2_N
+                s, gain, mask_n, theta, count, n_min, p_max, BLOCK_N, BLOCK_M, LOG2_N
             )
         count = count + sigma
         tl.store(out_ptr + s_offs, sigma.to(tl.int8), mask=mask_s)
         if HAS_ACTIVE:
-            record_active_rows(active_ptrs, sigma, mask_m, mask_n, BLOCK_M, BLOCK_N)
+            record_active_columns(active_ptrs, sigma, mask_n, mask_m, BLOCK_N, BLOCK_M)
             active_ptrs += samples
         q_ptr += stride_qt
         k_ptr += stride_kt
@@ -474,23 +489,42 @@ class _Launch(NamedTuple):
     count_in: torch.Tensor | None
 
 
-def _prepare(launch, a, b, a_acc, b_acc, count, inplace) -> _Launch:
+def _unit_inner_stride(x: torch.Tensor) -> torch.Tensor:
+    """``x`` itself when its last dim is contiguous (the tensor cores' K-major operand), else a
+    contiguous copy."""
+    return x if x.stride(-1) == 1 or x.shape[-1] == 1 else x.contiguous()
+
+
+def _prepare(launch, a, b, a_acc, b_acc, count, inplace, *, transpose_b=False) -> _Launch:
     """``a`` ``[T, *batch, M, K]`` times ``b`` ``[T, *batch, K, N]`` (int8, any strides).
     With ``inplace`` all three states are given and contiguous (the op checks), so ``_state``
-    gives views of them, and each kernel writes the new state where it read the old."""
+    gives views of them, and each kernel writes the new state where it read the old.
+
+    ``transpose_b``: the kernel reads ``b``'s transpose ``[T, B, N, K]`` with K contiguous (a
+    copy only where the flattening copies anyway, or where K is strided), and its running
+    counts in that layout; the state stays ``[B, K, N]``, read and written through its
+    transposed view once per call."""
     steps, batch = a.shape[0], a.shape[1:-2]
     m, k = a.shape[-2:]
     n = b.shape[-1]
-    a4, b4 = _flatten_batch(a), _flatten_batch(b)
+    a4 = _flatten_batch(a)
     nb = a4.shape[1]
     a_in, b_in = _state(a_acc, (nb, m, k)), _state(b_acc, (nb, k, n))
     count_in = _state(count, (nb, m, n))
+    b_final = b_in if inplace else torch.empty((nb, k, n), dtype=torch.int8, device=a.device)
+    if transpose_b:
+        a4 = _unit_inner_stride(a4)
+        b4 = _unit_inner_stride(_flatten_batch(b.transpose(-1, -2)))
+        b_in = None if b_in is None else b_in.transpose(-1, -2)
+        b_final = b_final.transpose(-1, -2)
+    else:
+        b4 = _flatten_batch(b)
     a_prev, a_out = _running_counts(
         launch, a4, a_in, exclusive=True, final=a_in if inplace else None
     )
-    b_cur, b_out = _running_counts(
-        launch, b4, b_in, exclusive=False, final=b_in if inplace else None
-    )
+    b_cur, b_out = _running_counts(launch, b4, b_in, exclusive=False, final=b_final)
+    if transpose_b:
+        b_out = b_out.transpose(-1, -2)
     if inplace:
         count_out = count_in
     else:
@@ -539,7 +573,7 @@ def exact_attention_probs_triton(
     int32 contiguous or None. Returns ``(spikes [T, *batch, M, N] int8, q_acc, k_acc,
     count int8)``: the state fresh, or with ``inplace`` (all three states given, contiguous)
     views of the given ones, written by the program that read them."""
-    p = _prepare(launch, q, k_t, q_acc, k_acc, count, inplace)
+    p = _prepare(launch, q, k_t, q_acc, k_acc, count, inplace, transpose_b=True)
     m, d = q.shape[-2:]
     n = k_t.shape[-1]
     block_m, block_n, block_d, num_warps = probs_config(n)

@@ -16,3 +16,15 @@ def tree_sum_rows(x, ROWS: tl.constexpr, BLOCK_C: tl.constexpr, LOG2_C: tl.const
         # lower half + upper half, a single add (a two-element sum has no other order)
         x = tl.sum(tl.reshape(x, (ROWS, 2, BLOCK_C >> (level + 1))), axis=1)
     return tl.reshape(x, (ROWS,))
+
+
+@triton.jit
+def tree_sum_columns(x, ROWS: tl.constexpr, COLS: tl.constexpr, LOG2_ROWS: tl.constexpr):
+    """``tree_sum_rows`` of ``x``'s transpose: ``exact_math.tree_sum`` of each column of
+    ``x`` ``[ROWS, COLS]`` (``ROWS = 2^LOG2_ROWS``, lanes past the column's end zero), each
+    level ``x[:h] + x[h:]``. Returns ``[COLS]``."""
+    for level in tl.static_range(LOG2_ROWS):
+        # [2, h, COLS]: element (j, i, c) is x[j * h + i, c], so the sum over j is upper half
+        # + lower half, a single add
+        x = tl.sum(tl.reshape(x, (2, ROWS >> (level + 1), COLS)), axis=0)
+    return tl.reshape(x, (COLS,))

@@ -185,9 +185,9 @@ def spike_matmul_kernel(
 @triton.jit
 def running_count_kernel(
     x_ptr,  # [T, B, R, C] int8 spikes, any strides
-    init_ptr,  # [B, R, C] int8 incoming count, contiguous; read when HAS_INIT
+    init_ptr,  # [B, R, C] int8 incoming count, final's strides; read when HAS_INIT
     counts_ptr,  # [T, B, R, C] int8 running counts, contiguous
-    final_ptr,  # [B, R, C] int8 outgoing count, contiguous
+    final_ptr,  # [B, R, C] int8 outgoing count, any strides
     T,
     R,
     C,
@@ -196,6 +196,9 @@ def running_count_kernel(
     stride_xr,
     stride_xc,
     stride_ct,  # B * R * C
+    stride_sb,  # the strides of init and final
+    stride_sr,
+    stride_sc,
     EXCLUSIVE: tl.constexpr,
     HAS_INIT: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -209,8 +212,9 @@ def running_count_kernel(
     row, col = (offs // C).to(tl.int64), (offs % C).to(tl.int64)
     x_ptrs = x_ptr + bid * stride_xb + row * stride_xr + col * stride_xc
     cnt_offs = bid * R * C + offs
+    state_offs = bid * stride_sb + row * stride_sr + col * stride_sc
     if HAS_INIT:
-        cnt = tl.load(init_ptr + cnt_offs, mask=mask, other=0)
+        cnt = tl.load(init_ptr + state_offs, mask=mask, other=0)
     else:
         cnt = tl.zeros([BLOCK], dtype=tl.int8)
     c_ptrs = counts_ptr + cnt_offs
@@ -224,7 +228,7 @@ def running_count_kernel(
             tl.store(c_ptrs, cnt, mask=mask)
         x_ptrs += stride_xt
         c_ptrs += stride_ct
-    tl.store(final_ptr + cnt_offs, cnt, mask=mask)
+    tl.store(final_ptr + state_offs, cnt, mask=mask)
 
 
 @triton.jit
@@ -316,10 +320,11 @@ def _running_counts(
     exclusive: bool,
     final: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Running counts of ``x`` ``[T, B, R, C]`` for every step, and the outgoing count:
-    into ``final`` (``[B, R, C]`` int8, contiguous) when given, else a fresh tensor.
-    ``final`` may be ``init`` itself (a state updated in place): each element is read at
-    the start and written at the end of the one program that owns it."""
+    """Running counts of ``x`` ``[T, B, R, C]`` for every step (contiguous), and the
+    outgoing count: into ``final`` (``[B, R, C]`` int8, any strides) when given, else a fresh
+    contiguous tensor. ``init`` (``[B, R, C]`` int8) has ``final``'s strides; ``final`` may
+    be ``init`` itself (a state updated in place): each element is read at the start and
+    written at the end of the one program that owns it."""
     T, nb, r, c = x.shape
     counts = torch.empty((T, nb, r, c), dtype=torch.int8, device=x.device)
     if final is None:
@@ -336,6 +341,7 @@ def _running_counts(
         c,
         *x.stride(),
         nb * r * c,
+        *final.stride(),
         EXCLUSIVE=exclusive,
         HAS_INIT=has_init,
         BLOCK=COUNT_BLOCK,
