@@ -171,17 +171,22 @@ def test_probs_chunked_equals_whole(gen, device):
     _assert_same((torch.cat(spikes), *state.values()), whole, PROBS_NAMES)
 
 
+def _packed_slice(x: torch.Tensor, part: int) -> torch.Tensor:
+    """``x`` ``[T, B, H, R, C]`` as ``ExactAttention`` slices q, k or v (``part``) from the
+    qkv linear's packed output ``[T, B, R, 3, H, C]``: batch dims that do not merge."""
+    t, b, h, r, c = x.shape
+    qkv = torch.zeros(t, b, r, 3, h, c, dtype=x.dtype, device=x.device)
+    qkv[:, :, :, part] = x.permute(0, 1, 3, 2, 4)
+    return qkv[:, :, :, part].transpose(2, 3)
+
+
 def _key_layout(k: torch.Tensor, layout: str) -> torch.Tensor:
     """``k`` ``[T, B, H, N, D]`` as ``k_t`` ``[T, B, H, D, N]`` in the given memory layout."""
     if layout == "transposed view":  # D contiguous: read in place
         return k.transpose(-1, -2)
     if layout == "contiguous":  # N contiguous: the host copies it D-contiguous
         return k.transpose(-1, -2).contiguous()
-    # as ExactAttention slices it from qkv [T, B, N, 3, H, D]: batch dims that do not merge
-    t, b, h, n, d = k.shape
-    qkv = torch.zeros(t, b, n, 3, h, d, dtype=k.dtype, device=k.device)
-    qkv[:, :, :, 1] = k.permute(0, 1, 3, 2, 4)
-    return qkv[:, :, :, 1].permute(0, 1, 3, 4, 2)
+    return _packed_slice(k, 1).transpose(-1, -2)
 
 
 @pytest.mark.parametrize("layout", ["transposed view", "contiguous", "qkv slice"])
@@ -191,15 +196,48 @@ def test_probs_any_operand_layout(gen, backend, layout):
     model's slices of qkv, a strided q) give the same bits, and the state keeps its layout."""
     case = _probs_case(gen, 4, (2, 3), 18, 40, 37, state=True)
     k = case["k_t"].transpose(-1, -2)
+    q = case["q"]
     laid_out = dict(
         case,
         k_t=_key_layout(k, layout),
-        q=case["q"].transpose(-1, -2).contiguous().transpose(-1, -2),  # D strided
+        q=_packed_slice(q, 0) if layout == "qkv slice" else q.mT.contiguous().mT,  # D strided
     )
     with force_backend(backend):
         got = _run_probs(laid_out)
     _assert_same(got, _reference_probs(case), PROBS_NAMES)
     assert all(t.is_contiguous() for t in got[1:])
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_context_reads_a_packed_value_slice(gen, backend):
+    """v sliced from a packed qkv, as the model passes it: the same bits as a plain view."""
+    case = _context_case(gen, 4, (2, 3), 18, 37, 40, state=True)
+    with force_backend(backend):
+        got = _run_context(dict(case, v=_packed_slice(case["v"], 2)))
+    _assert_same(got, _reference_context(case), CONTEXT_NAMES)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_probs_three_batch_dims(gen, backend):
+    """Batch dims beyond two are merged (a view here) into the kernels' outer batch."""
+    case = _probs_case(gen, 3, (2, 2, 3), 9, 20, 11, state=True)
+    with force_backend(backend):
+        got = _run_probs(case)
+    _assert_same(got, _reference_probs(case), PROBS_NAMES)
+
+
+def test_split_batch_reads_packed_slices_in_place():
+    """The model's q/k/v slices of the packed qkv spikes reach the kernels as views (no copy
+    per chunk); more batch dims merge into the outer one; a lone [T, R, C] gains two."""
+    from spikekernels.kernels.spike_matmul import _split_batch
+
+    x = torch.zeros(3, 2, 4, 5, 6, dtype=torch.int8)
+    packed = _packed_slice(x, 1)
+    split = _split_batch(packed)
+    assert split.shape == (3, 2, 4, 5, 6)
+    assert split.data_ptr() == packed.data_ptr()  # a copy would have its own memory
+    assert _split_batch(torch.zeros(3, 2, 2, 4, 5, 6)).shape == (3, 4, 4, 5, 6)
+    assert _split_batch(torch.zeros(3, 5, 6)).shape == (3, 1, 1, 5, 6)
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch", "reference"])

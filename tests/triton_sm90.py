@@ -387,8 +387,8 @@ def spike_matmul_cases() -> list[Case]:
     signature = {"x_ptr": "*i8", "init_ptr": "*i8", "counts_ptr": "*i8", "final_ptr": "*i8"}
     signature |= {
         name: "i32"
-        for name in ["T", "R", "C", "stride_xt", "stride_xb", "stride_xr", "stride_xc"]
-        + ["stride_ct", "stride_sb", "stride_sr", "stride_sc"]
+        for name in ["T", "R", "C", "H", "stride_xt", "stride_xb", "stride_xh", "stride_xr"]
+        + ["stride_xc", "stride_ct", "stride_sb", "stride_sr", "stride_sc"]
     }
     cases.append(
         Case(
@@ -661,7 +661,8 @@ def exact_attention_cases() -> list[Case]:
     # transposed, [keys, queries], so that the 256 keys are wgmma's M.
     block_m, block_n, block_d, num_warps = ea.probs_config(197)
     for state, active in [(False, False), (True, False), (False, True), (True, True)]:
-        strides = ["stride_qt", "stride_qb", "stride_qm", "stride_kt", "stride_kb", "stride_kn"]
+        strides = ["stride_qt", "stride_qb", "stride_qh", "stride_qm"]
+        strides += ["stride_kt", "stride_kb", "stride_kh", "stride_kn"]
         signature = {
             "q_ptr": "*i8",
             "k_ptr": "*i8",
@@ -676,7 +677,7 @@ def exact_attention_cases() -> list[Case]:
         }
         signature |= {
             name: "i32"
-            for name in ["T", "M", "N", "D", *strides, "n_min", "p_max", "samples"]
+            for name in ["T", "M", "N", "D", "H", *strides, "n_min", "p_max", "samples"]
             + ["rows_per_sample"]
         }
         constexprs = dict(
@@ -716,10 +717,12 @@ def exact_attention_cases() -> list[Case]:
         "count_out_ptr": "*i8",
         "active_ptr": "*i32",
     }
-    strides = ["stride_at", "stride_ab", "stride_am", "stride_vt", "stride_vb", "stride_vn"]
+    strides = ["stride_at", "stride_ab", "stride_ah", "stride_am"]
+    strides += ["stride_vt", "stride_vb", "stride_vh", "stride_vn"]
     signature |= {
         name: "i32"
-        for name in ["T", "M", "N", "D", *strides, "n_min", "p_max", "samples", "rows_per_sample"]
+        for name in ["T", "M", "N", "D", "H", *strides, "n_min", "p_max", "samples"]
+        + ["rows_per_sample"]
     }
     for state, active in [(False, False), (True, False), (True, True)]:
         constexprs = dict(
@@ -739,7 +742,7 @@ def exact_attention_cases() -> list[Case]:
                 signature,
                 constexprs,
                 num_warps=num_warps,
-                aligned=["D", "stride_vt", "stride_vb", "stride_vn"],
+                aligned=["D", "stride_vt", "stride_vb", "stride_vh", "stride_vn"],
                 **checks,
             )
         )

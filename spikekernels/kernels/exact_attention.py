@@ -32,16 +32,18 @@ The running spike counts (``Q_{t-1}``, ``K_t``; ``A_{t-1}``, ``V_t``) come from
 ``kernels.spike_matmul.running_count_kernel``, one pass each that writes the count of every
 step (int8, the size of the spikes) and the outgoing one. They are not carried in registers:
 at ViT sizes the key count is a ``[64, 256]`` int8 tile per program (16 KB), and every
-register-resident variant compiled for sm_90 spilled (800 B to 27 KB a thread over
-BLOCK_M 16-64, 4-16 warps), while the product reads a count tile only where the matching
-spike tile is active. The scores kernel reads keys (spikes and counts) as ``[N, D]`` and
-queries as ``[M, D]``, the head dim contiguous (K-major, as int8 wgmma takes both operands):
-the host copies other layouts, and keeps the key count's state ``[D, N]`` (the op's layout),
-read and written through its transpose once per call. Only the int8 spikes, the outgoing
-counts and the neuron's count are written. The starting ``S``/``Z`` reads the incoming
-counts from those per-step counts, not from the state: with ``inplace`` the count pass has
-already overwritten the state with the outgoing count. The exclusive count's step 0 is the
-incoming ``Q_{-1}`` (``A_{-1}``); the inclusive one's step 0 less the first spikes is
+register-resident variant compiled for sm_90 spilled (800 B to 27 KB a thread over BLOCK_M
+16-64, 4-16 warps), while the product reads a count tile only where the matching spike tile
+is active. The scores kernel reads keys (spikes and counts) as ``[N, D]`` and queries as
+``[M, D]``, the head dim contiguous (K-major, as int8 wgmma takes both operands): the host
+copies a layout whose head dim is strided, and keeps the key count's state ``[D, N]`` (the
+op's layout), read and written through its transpose once per call. Spikes take two batch
+dims with their own strides (``kernels.spike_matmul._split_batch``), so the model's q, k and
+v, strided slices of the packed qkv spikes, are read in place. Only the int8 spikes, the
+outgoing counts and the neuron's count are written. The starting ``S``/``Z`` reads the
+incoming counts from those per-step counts, not from the state: with ``inplace`` the count
+pass has already overwritten the state with the outgoing count. The exclusive count's step 0
+is the incoming ``Q_{-1}`` (``A_{-1}``); the inclusive one's step 0 less the first spikes is
 ``K_{-1} = K_0 - k_0`` (int8, exact: the op checks that every running count fits). With
 ``inplace`` the final state goes into the caller's state buffers, no second buffer: a
 program reads its tile of the neuron's count (its rows, all columns) at its start and writes
@@ -77,7 +79,7 @@ from spikekernels.exact_math import _EXP_MIN, _EXP_POLY, _LN2_HI, _LN2_LO, _LOG2
 from spikekernels.kernels import INTERPRET, on_device
 from spikekernels.kernels.activity import active_layout, record_active_columns, record_active_rows
 from spikekernels.kernels.exact_rows import tree_sum_columns
-from spikekernels.kernels.spike_matmul import _any_spike, _flatten_batch, _running_counts
+from spikekernels.kernels.spike_matmul import _any_spike, _running_counts, _split_batch
 from spikekernels.kernels.target import target_step
 
 
@@ -185,8 +187,8 @@ def _attention_neuron(
 
 @triton.jit
 def exact_attention_probs_kernel(
-    q_ptr,  # [T, B, M, D] int8 query spikes q_t, any strides
-    k_ptr,  # [T, B, N, D] int8 key spikes k_t, any strides
+    q_ptr,  # [T, B, H, M, D] int8 query spikes q_t, any strides (the batch flat: B * H)
+    k_ptr,  # [T, B, H, N, D] int8 key spikes k_t, any strides
     q_prev_ptr,  # [T, B, M, D] int8 running query count before step t, Q_{t-1}, contiguous
     k_cur_ptr,  # [T, B, N, D] int8 running key count after step t, K_t, contiguous
     gain_ptr,  # [1] float32 score gain g
@@ -199,12 +201,15 @@ def exact_attention_probs_kernel(
     M,
     N,
     D,
+    H,
     stride_qt,
     stride_qb,
+    stride_qh,
     stride_qm,
     stride_qd,
     stride_kt,
     stride_kb,
+    stride_kh,
     stride_kn,
     stride_kd,
     n_min,
@@ -239,8 +244,8 @@ def exact_attention_probs_kernel(
     # Scalar base pointers advance through batch and time; the tile offsets inside one
     # [M, D] / [N, D] / [M, N] slab are int32 (the host guarantees they fit), which keeps
     # per-element 64-bit pointers out of the loop-carried registers.
-    q_ptr += bid * stride_qb
-    k_ptr += bid * stride_kb
+    q_ptr += (bid // H) * stride_qb + (bid % H) * stride_qh
+    k_ptr += (bid // H) * stride_kb + (bid % H) * stride_kh
     q_prev_ptr += bid * M * D
     k_cur_ptr += bid * N * D
     out_ptr += bid * M * N
@@ -340,8 +345,8 @@ def exact_attention_probs_kernel(
 
 @triton.jit
 def exact_context_kernel(
-    a_ptr,  # [T, B, M, N] int8 attention spikes a_t, any strides
-    v_ptr,  # [T, B, N, D] int8 value spikes v_t, any strides
+    a_ptr,  # [T, B, H, M, N] int8 attention spikes a_t, any strides (the batch flat: B * H)
+    v_ptr,  # [T, B, H, N, D] int8 value spikes v_t, any strides
     a_prev_ptr,  # [T, B, M, N] int8 running attention count before step t, A_{t-1}, contiguous
     v_cur_ptr,  # [T, B, N, D] int8 running value count after step t, V_t, contiguous
     theta_a_ptr,  # [1] attention neuron's threshold (any float dtype)
@@ -355,12 +360,15 @@ def exact_context_kernel(
     M,
     N,
     D,
+    H,
     stride_at,
     stride_ab,
+    stride_ah,
     stride_am,
     stride_an,
     stride_vt,
     stride_vb,
+    stride_vh,
     stride_vn,
     stride_vd,
     n_min,
@@ -388,8 +396,8 @@ def exact_context_kernel(
     mask_d = offs_d < D
     mask_z = mask_m[:, None] & mask_d[None, :]
 
-    a_ptr += bid * stride_ab
-    v_ptr += bid * stride_vb
+    a_ptr += (bid // H) * stride_ab + (bid % H) * stride_ah
+    v_ptr += (bid // H) * stride_vb + (bid % H) * stride_vh
     a_prev_ptr += bid * M * N
     v_cur_ptr += bid * N * D
     out_ptr += bid * M * D
@@ -471,7 +479,7 @@ def _state(t: torch.Tensor | None, shape: tuple[int, ...]) -> torch.Tensor | Non
 
 
 class _Launch(NamedTuple):
-    """The host-side pieces both kernels take: operands with one batch dim, their running
+    """The host-side pieces both kernels take: operands ``[T, B, H, R, C]``, their running
     counts (``A_{t-1}`` exclusive, ``B_t`` inclusive) and outgoing counts, whether both
     incoming counts are given (the product starts from theirs), the outputs and the incoming
     neuron count (None when fresh). The outgoing state is fresh, or with ``inplace`` views of
@@ -507,18 +515,18 @@ def _prepare(launch, a, b, a_acc, b_acc, count, inplace, *, transpose_b=False) -
     steps, batch = a.shape[0], a.shape[1:-2]
     m, k = a.shape[-2:]
     n = b.shape[-1]
-    a4 = _flatten_batch(a)
-    nb = a4.shape[1]
+    a4 = _split_batch(a)
+    nb = a4.shape[1] * a4.shape[2]
     a_in, b_in = _state(a_acc, (nb, m, k)), _state(b_acc, (nb, k, n))
     count_in = _state(count, (nb, m, n))
     b_final = b_in if inplace else torch.empty((nb, k, n), dtype=torch.int8, device=a.device)
     if transpose_b:
         a4 = _unit_inner_stride(a4)
-        b4 = _unit_inner_stride(_flatten_batch(b.transpose(-1, -2)))
+        b4 = _unit_inner_stride(_split_batch(b.transpose(-1, -2)))
         b_in = None if b_in is None else b_in.transpose(-1, -2)
         b_final = b_final.transpose(-1, -2)
     else:
-        b4 = _flatten_batch(b)
+        b4 = _split_batch(b)
     a_prev, a_out = _running_counts(
         launch, a4, a_in, exclusive=True, final=a_in if inplace else None
     )
@@ -543,8 +551,13 @@ def _prepare(launch, a, b, a_acc, b_acc, count, inplace, *, transpose_b=False) -
     )
 
 
+def _batch(p: _Launch) -> int:
+    """The flat batch ``B * H`` of the operands ``[T, B, H, R, C]``."""
+    return p.a.shape[1] * p.a.shape[2]
+
+
 def _grid(p: _Launch, block_m: int) -> tuple[int]:
-    return (triton.cdiv(p.a.shape[2], block_m) * p.a.shape[1],)
+    return (triton.cdiv(p.a.shape[3], block_m) * _batch(p),)
 
 
 def _results(p: _Launch) -> tuple[torch.Tensor, ...]:
@@ -592,11 +605,12 @@ def exact_attention_probs_triton(
         m,
         n,
         d,
+        p.a.shape[2],
         *p.a.stride(),
         *p.b.stride(),
         n_min,
         p_max,
-        *active_layout(active, p.a.shape[1] * m),
+        *active_layout(active, _batch(p) * m),
         HAS_ACC=p.has_acc,
         HAS_COUNT=p.count_in is not None,
         HAS_ACTIVE=active is not None,
@@ -651,11 +665,12 @@ def exact_context_triton(
         m,
         n,
         d,
+        p.a.shape[2],
         *p.a.stride(),
         *p.b.stride(),
         n_min,
         p_max,
-        *active_layout(active, p.a.shape[1] * m),
+        *active_layout(active, _batch(p) * m),
         HAS_ACC=p.has_acc,
         HAS_COUNT=p.count_in is not None,
         HAS_ACTIVE=active is not None,

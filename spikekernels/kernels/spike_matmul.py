@@ -184,18 +184,20 @@ def spike_matmul_kernel(
 
 @triton.jit
 def running_count_kernel(
-    x_ptr,  # [T, B, R, C] int8 spikes, any strides
+    x_ptr,  # [T, B, H, R, C] int8 spikes, any strides (the batch flat: B * H entries)
     init_ptr,  # [B, R, C] int8 incoming count, final's strides; read when HAS_INIT
     counts_ptr,  # [T, B, R, C] int8 running counts, contiguous
     final_ptr,  # [B, R, C] int8 outgoing count, any strides
     T,
     R,
     C,
+    H,
     stride_xt,
     stride_xb,
+    stride_xh,
     stride_xr,
     stride_xc,
-    stride_ct,  # B * R * C
+    stride_ct,  # B * H * R * C
     stride_sb,  # the strides of init and final
     stride_sr,
     stride_sc,
@@ -210,7 +212,8 @@ def running_count_kernel(
     offs = (pid % num_blocks) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < R * C
     row, col = (offs // C).to(tl.int64), (offs % C).to(tl.int64)
-    x_ptrs = x_ptr + bid * stride_xb + row * stride_xr + col * stride_xc
+    x_ptrs = x_ptr + (bid // H) * stride_xb + (bid % H) * stride_xh
+    x_ptrs += row * stride_xr + col * stride_xc
     cnt_offs = bid * R * C + offs
     state_offs = bid * stride_sb + row * stride_sr + col * stride_sc
     if HAS_INIT:
@@ -313,6 +316,19 @@ def _flatten_batch(x: torch.Tensor) -> torch.Tensor:
     return x if span < 2**31 else x.contiguous()
 
 
+def _split_batch(x: torch.Tensor) -> torch.Tensor:
+    """``[T, *batch, R, C]`` -> ``[T, B, H, R, C]``, ``H`` the last batch dim (1 without
+    one) and ``B`` the others: a view whenever the leading batch dims merge, so the heads of
+    a packed ``qkv`` slice (``[T, B, H, N, Dh]`` with the heads inside a token's row) are read
+    in place; a copy otherwise, and in the rare layout whose offsets inside one ``[R, C]``
+    slab would not fit the kernels' int32 tile offsets. Kernels take the flat batch index
+    ``i`` as ``(i // H, i % H)``."""
+    batch = x.shape[1:-2]
+    x = x.reshape(x.shape[0], -1, batch[-1] if batch else 1, x.shape[-2], x.shape[-1])
+    span = (x.shape[-2] - 1) * x.stride(-2) + (x.shape[-1] - 1) * x.stride(-1)
+    return x if span < 2**31 else x.contiguous()
+
+
 def _running_counts(
     launch,
     x: torch.Tensor,
@@ -320,12 +336,12 @@ def _running_counts(
     exclusive: bool,
     final: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Running counts of ``x`` ``[T, B, R, C]`` for every step (contiguous), and the
-    outgoing count: into ``final`` (``[B, R, C]`` int8, any strides) when given, else a fresh
-    contiguous tensor. ``init`` (``[B, R, C]`` int8) has ``final``'s strides; ``final`` may
-    be ``init`` itself (a state updated in place): each element is read at the start and
-    written at the end of the one program that owns it."""
-    T, nb, r, c = x.shape
+    """Running counts of ``x`` ``[T, B, H, R, C]`` for every step (``[T, B * H, R, C]``,
+    contiguous), and the outgoing count: into ``final`` (``[B * H, R, C]`` int8, any strides)
+    when given, else a fresh contiguous tensor. ``init`` (``[B * H, R, C]`` int8) has
+    ``final``'s strides; ``final`` may be ``init`` itself (a state updated in place): each
+    element is read at the start and written at the end of the one program that owns it."""
+    T, nb, r, c = x.shape[0], x.shape[1] * x.shape[2], x.shape[3], x.shape[4]
     counts = torch.empty((T, nb, r, c), dtype=torch.int8, device=x.device)
     if final is None:
         final = torch.empty((nb, r, c), dtype=torch.int8, device=x.device)
@@ -339,6 +355,7 @@ def _running_counts(
         T,
         r,
         c,
+        x.shape[2],
         *x.stride(),
         nb * r * c,
         *final.stride(),
@@ -406,8 +423,8 @@ def spike_matmul_triton(
         )
         return out, a_out, b_out
 
-    a_prev, a_out = _running_counts(launch, a4, a_in, exclusive=True)
-    b_cur, b_out = _running_counts(launch, b4, b_in, exclusive=False)
+    a_prev, a_out = _running_counts(launch, a4.unsqueeze(2), a_in, exclusive=True)
+    b_cur, b_out = _running_counts(launch, b4.unsqueeze(2), b_in, exclusive=False)
     block_m, block_n, block_k, num_warps = split_config()
     grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n) * nb,)
     launch(spike_matmul_split_kernel)[grid](
