@@ -12,12 +12,15 @@ TORCH_PIN   := torch==2.13.0
 # triton 3.6 is the GPU machine's version; its CPU interpreter needs numpy < 2.4.
 TOOLCHAIN   := triton==3.6.0 "numpy<2.4" pybind11 ninja setuptools wheel
 DEMO_DEPS   := scikit-learn matplotlib tqdm pillow
-TEST_DEPS   := pytest pytest-benchmark expecttest hypothesis ruff==0.17.6
+TEST_DEPS   := pytest pytest-benchmark pytest-xdist expecttest hypothesis ruff==0.17.6
 BENCH_DEPS  := spikingjelly==2.0.0 loguru tqdm scipy
 
 # Without a GPU the Triton kernels run through the interpreter (set before any kernel is defined).
 HAS_CUDA    = $(shell $(VPY) -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null || echo 0)
 INTERPRET   = $(if $(filter 1,$(HAS_CUDA)),0,1)
+# Without a GPU the tests spread over the CPU's cores (pytest-xdist, when the venv has it; each
+# test makes its own data, so order does not matter); with one, one process owns the GPU.
+XDIST       = $(if $(filter 1,$(HAS_CUDA)),,$(shell $(VPY) -c "import xdist" 2>/dev/null && printf '%s' '-n auto'))
 TORCH_INC   = $(shell $(VPY) -c "from torch.utils.cpp_extension import include_paths; print(' '.join('-I'+p for p in include_paths()))")
 PY_INC      = $(shell $(VPY) -c "import sysconfig; print('-I' + sysconfig.get_paths()['include'])")
 CU_SOURCES  := $(shell find csrc -name '*.cu' 2>/dev/null)
@@ -46,10 +49,10 @@ demo: $(VENV)/.built
 test: $(VENV)/.built
 	@failed=""; \
 	echo "== pass 1: the CPU runtime paths (TRITON_INTERPRET=0)"; \
-	TRITON_INTERPRET=0 $(VPY) -m pytest tests -q $(ARGS) || failed="$$failed TRITON_INTERPRET=0"; \
+	TRITON_INTERPRET=0 $(VPY) -m pytest tests -q $(XDIST) $(ARGS) || failed="$$failed TRITON_INTERPRET=0"; \
 	if [ "$(INTERPRET)" = 1 ]; then \
 	  echo "== pass 2: again with the Triton kernels on CPU (TRITON_INTERPRET=1)"; \
-	  TRITON_INTERPRET=1 $(VPY) -m pytest tests -q $(ARGS) || failed="$$failed TRITON_INTERPRET=1"; \
+	  TRITON_INTERPRET=1 $(VPY) -m pytest tests -q $(XDIST) $(ARGS) || failed="$$failed TRITON_INTERPRET=1"; \
 	fi; \
 	if [ -n "$$failed" ]; then echo "== make test FAILED in pass(es):$$failed" >&2; exit 1; fi; \
 	echo "== make test: all passes passed"

@@ -15,6 +15,12 @@ HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Under pytest-xdist (`make test` without a GPU) each worker gets its share of the cores:
+# PyTorch's default of one thread per core in every worker would oversubscribe them.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    workers = int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
 # Where the kernels under test run: CPU always (interpreter or reference), CUDA when present.
 DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
 
