@@ -21,7 +21,7 @@ bottleneck, see ``bench_host.py``). In exact mode on a GPU the run is timed agai
 ``cuda_graph=True`` (every full chunk one CUDA graph replay): ``cuda_graph_seconds``,
 ``cuda_graph_snn_over_qann_bf16`` and ``cuda_graph_bitwise_equal``, and then with other chunk
 sizes and schedules (``GRAPH_CHUNKS``): ``cuda_graph_seconds_by_chunk``. Each chunk reads and
-writes every layer's state once (``state_bytes``: 1.2 GB at ViT-S, batch 64) and the steps
+writes every layer's state once (``state_bytes``: 0.9 GB at ViT-S, batch 64) and the steps
 past silence in the last chunk are computed for nothing, so longer first chunks and a short
 tail may pay; these figures say which. On a CPU:
 the tiny preset at batch 16.

@@ -479,6 +479,14 @@ def exact_layernorm_neuron(
     return torch.stack(spikes), state
 
 
+def _count_before(x: torch.Tensor, after: torch.Tensor | None) -> torch.Tensor:
+    """The count of the neuron behind spikes ``x`` ``[T, ...]`` before these steps, int32:
+    its count ``after`` them less the spikes (0 when ``after`` is None)."""
+    if after is None:
+        return torch.zeros(x.shape[1:], dtype=torch.int32, device=x.device)
+    return after.to(torch.int32) - x.to(torch.int32).sum(0)
+
+
 def _state_or_zeros(state, shape, dtype, device) -> torch.Tensor:
     """Incoming state as a fresh ``dtype`` tensor (never an alias), or zeros when None."""
     if state is None:
@@ -501,26 +509,26 @@ def exact_attention_probs(
     threshold: torch.Tensor,
     n_min: int,
     p_max: int,
-    q_acc: torch.Tensor | None = None,
-    k_acc: torch.Tensor | None = None,
+    q_count: torch.Tensor | None = None,
+    k_count: torch.Tensor | None = None,
     count: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact-mode attention probabilities (SPEC.md §5, §9.2-§9.4), step by step.
 
-    ``q`` ``[T, *, M, D]`` and ``k_t`` ``[T, *, D, N]`` ternary. ``S = Q @ K`` of the incoming
-    counts (exact; S is not state, always the product of the counts), then per step:
+    ``q`` ``[T, *, M, D]`` and ``k_t`` ``[T, *, D, N]`` ternary, with the counts of their
+    neurons after these steps (``q_count``, ``k_count``; None: 0 before them). ``S = Q @ K``
+    of the counts before these steps, the counts after less the spikes (exact; S is not
+    state, always the product of the counts), then per step:
     ``S += q_t @ K_t + Q_{t-1} @ k_t`` (exact); ``p = softmax_rows(fl32(g * fl32(S)))``;
     ``target_spikes_step(p, threshold, ...)``. The softmax is exact mode's row function,
     ``spikekernels.exact_math.softmax_rows``: SPEC.md §9.2 defines the probabilities as that
     code's bits (the QANN calls it too), so the oracle calls it rather than restating it.
-    Fresh counts are 0. Returns ``(spikes int8 [T, *, M, N], q_acc int8, k_acc int8,
-    count int8)``.
+    A fresh neuron count is 0. Returns ``(spikes int8 [T, *, M, N], count int8)``.
     """
     from spikekernels.exact_math import softmax_rows
 
     shape = (*q.shape[1:-1], k_t.shape[-1])
-    q_cnt = _state_or_zeros(q_acc, q.shape[1:], torch.int32, q.device)
-    k_cnt = _state_or_zeros(k_acc, k_t.shape[1:], torch.int32, q.device)
+    q_cnt, k_cnt = _count_before(q, q_count), _count_before(k_t, k_count)
     s = _exact_matmul(q_cnt, k_cnt)
     c = _state_or_zeros(count, shape, torch.int8, q.device)
     g = gain.to(torch.float32).reshape(())
@@ -531,7 +539,7 @@ def exact_attention_probs(
         p = softmax_rows(z) if z.numel() else z
         sigma, c = target_spikes_step(p, threshold, n_min, p_max, c)
         spikes.append(sigma)
-    return torch.stack(spikes), q_cnt.to(torch.int8), k_cnt.to(torch.int8), c
+    return torch.stack(spikes), c
 
 
 def exact_context(
@@ -542,21 +550,21 @@ def exact_context(
     threshold: torch.Tensor,
     n_min: int,
     p_max: int,
-    a_acc: torch.Tensor | None = None,
-    v_acc: torch.Tensor | None = None,
+    a_count: torch.Tensor | None = None,
+    v_count: torch.Tensor | None = None,
     count: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact-mode attention context (SPEC.md §5, §9.2-§9.4), step by step.
 
-    ``a`` ``[T, *, M, N]`` and ``v`` ``[T, *, N, D]`` ternary. ``Z = A @ V`` of the incoming
-    counts (exact; Z is not state, always the product of the counts), then per step:
-    ``Z += a_t @ V_t + A_{t-1} @ v_t`` (exact); ``y = fl32(fl32(theta_a * theta_v) *
-    fl32(Z))``; ``target_spikes_step(y, threshold, ...)``. Fresh counts are 0. Returns
-    ``(spikes int8 [T, *, M, D], a_acc int8, v_acc int8, count int8)``.
+    ``a`` ``[T, *, M, N]`` and ``v`` ``[T, *, N, D]`` ternary, with the counts of their
+    neurons after these steps (``a_count``, ``v_count``; None: 0 before them). ``Z = A @ V``
+    of the counts before these steps (exact; Z is not state, always the product of the
+    counts), then per step: ``Z += a_t @ V_t + A_{t-1} @ v_t`` (exact); ``y =
+    fl32(fl32(theta_a * theta_v) * fl32(Z))``; ``target_spikes_step(y, threshold, ...)``. A
+    fresh neuron count is 0. Returns ``(spikes int8 [T, *, M, D], count int8)``.
     """
     shape = (*a.shape[1:-1], v.shape[-1])
-    a_cnt = _state_or_zeros(a_acc, a.shape[1:], torch.int32, a.device)
-    v_cnt = _state_or_zeros(v_acc, v.shape[1:], torch.int32, a.device)
+    a_cnt, v_cnt = _count_before(a, a_count), _count_before(v, v_count)
     z = _exact_matmul(a_cnt, v_cnt)
     c = _state_or_zeros(count, shape, torch.int8, a.device)
     m = theta_a.to(torch.float32).reshape(()) * theta_v.to(torch.float32).reshape(())
@@ -566,7 +574,7 @@ def exact_context(
         y = m * z.to(torch.int32).to(torch.float32)
         sigma, c = target_spikes_step(y, threshold, n_min, p_max, c)
         spikes.append(sigma)
-    return torch.stack(spikes), a_cnt.to(torch.int8), v_cnt.to(torch.int8), c
+    return torch.stack(spikes), c
 
 
 __all__ += ["exact_attention_probs", "exact_context"]

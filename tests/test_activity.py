@@ -146,6 +146,17 @@ def _layernorm(gen, T, pool=False) -> Case:
     return Case((d,), call, torch.ops.spikekernels.exact_layernorm_neuron.default, args)
 
 
+def _counts_after(operands, state):
+    """The operands' counts after these steps, from the ones after the last call (``state``
+    ``(*counts, neuron count)``, None when fresh), and the neuron's count."""
+    before, count = (None, None) if state is None else (state[:-1], state[-1])
+    counts = [
+        (x.sum(0, dtype=torch.int32) + (0 if before is None else b.to(torch.int32))).char()
+        for x, b in zip(operands, before or (None, None), strict=True)
+    ]
+    return counts, count
+
+
 def _probs(gen, T) -> Case:
     # 37 keys and theta 1/15: the uniform probabilities of a silent sample round to 0
     case = _probs_case(gen, T, (B, 2), 5, 9, 37)
@@ -154,8 +165,9 @@ def _probs(gen, T) -> Case:
     head = (case["gain"], torch.tensor(1 / 15), 0, 15)
 
     def call(q, k_t, state, active):
-        out = exact_attention_probs(q, k_t, *head, *(state or (None,) * 3), active=active)
-        return out, out[1:]
+        counts, count = _counts_after((q, k_t), state)
+        out = exact_attention_probs(q, k_t, *head, *counts, count, active=active)
+        return out, (*counts, out[1])
 
     args = lambda active: (q, k_t, *head, None, None, None, active)  # noqa: E731
     return Case((q, k_t), call, torch.ops.spikekernels.exact_attention_probs.default, args)
@@ -168,8 +180,9 @@ def _context(gen, T) -> Case:
     head = (case["theta_a"], case["theta_v"], case["threshold"], -8, 7)
 
     def call(a, v, state, active):
-        out = exact_context(a, v, *head, *(state or (None,) * 3), active=active)
-        return out, out[1:]
+        counts, count = _counts_after((a, v), state)
+        out = exact_context(a, v, *head, *counts, count, active=active)
+        return out, (*counts, out[1])
 
     args = lambda active: (a, v, *head, None, None, None, active)  # noqa: E731
     return Case((a, v), call, torch.ops.spikekernels.exact_context.default, args)

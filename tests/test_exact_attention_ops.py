@@ -12,6 +12,7 @@ from conftest import DEVICES
 
 from spikekernels import exact_math, reference
 from spikekernels.kernels import TRITON_AVAILABLE, use_triton
+from spikekernels.nn.exact_attention import ExactAttentionProbs, ExactContext
 from spikekernels.nn.exact_layers import ExactSoftmax
 from spikekernels.nn.spike_matmul import RunningSpikeMatmul
 from spikekernels.nn.target_neuron import TargetNeuron
@@ -48,6 +49,29 @@ def _to(t, device):
     return None if t is None else t.to(device)
 
 
+def _after(x: torch.Tensor, before: torch.Tensor) -> torch.Tensor:
+    """The count after spikes ``x`` ``[T, ...]`` of a neuron whose count before them was
+    ``before``: what the ops take as ``*_count``."""
+    return (before.to(torch.int32) + x.sum(0, dtype=torch.int32)).to(torch.int8)
+
+
+def _chunks(case, operands, sizes):
+    """``case`` split in time into chunks of ``sizes`` steps: for each operand (``(spikes
+    name, count name)``) the chunk's spikes and the count of their neuron after that chunk
+    (the count before the run, the case's count after it less all its spikes, or 0, plus the
+    spikes so far)."""
+    chunks = [dict(case) for _ in sizes]
+    for name, count_name in operands:
+        x = case[name]
+        running = torch.zeros(x.shape[1:], dtype=torch.int32, device=x.device)
+        if case.get(count_name) is not None:
+            running = case[count_name].to(torch.int32) - x.sum(0, dtype=torch.int32)
+        for chunk, part in zip(chunks, x.split(sizes), strict=True):
+            running = running + part.sum(0, dtype=torch.int32)
+            chunk[name], chunk[count_name] = part, running.to(torch.int8)
+    return chunks
+
+
 def _assert_same(got, want, names):
     for name, g, w in zip(names, got, want, strict=True):
         g, w = g.cpu(), w.cpu()
@@ -60,13 +84,15 @@ def _assert_same(got, want, names):
 # ---------------------------------------------------------------------------------------------
 # exact_attention_probs
 
-PROBS_NAMES = ("spikes", "q_acc", "k_acc", "count")
+PROBS_NAMES = ("spikes", "count")
+PROBS_OPERANDS = (("q", "q_count"), ("k_t", "k_count"))
 
 
 def _probs_case(gen, T, batch, m, d, n, *, state=False, device="cpu"):
     """Query and key spikes (``k_t`` a transposed view, as attention passes it), a score gain
     from two steps (``exact_math.score_gain``) scaled so that the probabilities span the
-    neuron's levels, the neuron's threshold and optional incoming state."""
+    neuron's levels, the neuron's threshold and optionally nonzero counts before the run
+    (given as the counts after it, ``q_count``/``k_count``) and an incoming neuron count."""
     q = _spikes(gen, (T, *batch, m, d))
     k = _spikes(gen, (T, *batch, n, d))
     theta_q, theta_k = 0.5 + torch.rand(2, generator=gen)
@@ -77,9 +103,11 @@ def _probs_case(gen, T, batch, m, d, n, *, state=False, device="cpu"):
         threshold=torch.tensor(1 / 15 * (0.7 + 0.6 * torch.rand((), generator=gen).item())),
     )
     if state:
+        q_before = torch.randint(-4, 5, (*batch, m, d), generator=gen, dtype=torch.int8)
+        k_before = torch.randint(-4, 5, (*batch, d, n), generator=gen, dtype=torch.int8)
         case |= dict(
-            q_acc=torch.randint(-4, 5, (*batch, m, d), generator=gen, dtype=torch.int8),
-            k_acc=torch.randint(-4, 5, (*batch, d, n), generator=gen, dtype=torch.int8),
+            q_count=_after(case["q"], q_before),
+            k_count=_after(case["k_t"], k_before),
             count=torch.randint(0, 16, (*batch, m, n), generator=gen, dtype=torch.int8),
         )
     return {name: t.to(device) for name, t in case.items()}
@@ -108,7 +136,7 @@ def _unfused_probs(case, chunks):
         neuron(softmax(scores(q, k)))
         for q, k in zip(case["q"].split(chunks), case["k_t"].split(chunks), strict=True)
     ]
-    return torch.cat(spikes), scores.a_acc, scores.b_acc, neuron.count
+    return torch.cat(spikes), neuron.count
 
 
 # (batch, M, D, N): M, D, N not multiples of 16; single rows, keys and channels; a head dim
@@ -141,13 +169,11 @@ def test_probs_matches_the_unfused_modules(gen, device, batch, m, d, n):
     case = _probs_case(gen, 7, batch, m, d, n, device=device)
     chunks = [3, 1, 3]
     want = _unfused_probs(case, chunks)
-    spikes, state = [], {}
-    for q, k in zip(case["q"].split(chunks), case["k_t"].split(chunks), strict=True):
-        chunk = dict(case, q=q, k_t=k, **state)
-        out, *rest = _run_probs(chunk)
+    spikes, count = [], None
+    for chunk in _chunks(case, PROBS_OPERANDS, chunks):
+        out, count = _run_probs(dict(chunk, count=count))
         spikes.append(out)
-        state = dict(zip(("q_acc", "k_acc", "count"), rest, strict=True))
-    _assert_same((torch.cat(spikes), *state.values()), want, PROBS_NAMES)
+    _assert_same((torch.cat(spikes), count), want, PROBS_NAMES)
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch", "reference"])
@@ -163,12 +189,11 @@ def test_probs_every_backend_matches_the_reference(gen, backend):
 def test_probs_chunked_equals_whole(gen, device):
     case = _probs_case(gen, 12, (2,), 19, 36, 45, state=True, device=device)
     whole = _run_probs(case)
-    spikes, state = [], {k: case[k] for k in ("q_acc", "k_acc", "count")}
-    for q, k in zip(case["q"].split([5, 1, 6]), case["k_t"].split([5, 1, 6]), strict=True):
-        out, *rest = _run_probs(dict(case, q=q, k_t=k, **state))
+    spikes, count = [], case["count"]
+    for chunk in _chunks(case, PROBS_OPERANDS, [5, 1, 6]):
+        out, count = _run_probs(dict(chunk, count=count))
         spikes.append(out)
-        state = dict(zip(state, rest, strict=True))
-    _assert_same((torch.cat(spikes), *state.values()), whole, PROBS_NAMES)
+    _assert_same((torch.cat(spikes), count), whole, PROBS_NAMES)
 
 
 def _packed_slice(x: torch.Tensor, part: int) -> torch.Tensor:
@@ -193,7 +218,7 @@ def _key_layout(k: torch.Tensor, layout: str) -> torch.Tensor:
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_probs_any_operand_layout(gen, backend, layout):
     """The kernel reads keys and queries D-contiguous; other layouts (a contiguous k_t, the
-    model's slices of qkv, a strided q) give the same bits, and the state keeps its layout."""
+    model's slices of qkv, a strided q, counts given as strided views) give the same bits."""
     case = _probs_case(gen, 4, (2, 3), 18, 40, 37, state=True)
     k = case["k_t"].transpose(-1, -2)
     q = case["q"]
@@ -201,11 +226,12 @@ def test_probs_any_operand_layout(gen, backend, layout):
         case,
         k_t=_key_layout(k, layout),
         q=_packed_slice(q, 0) if layout == "qkv slice" else q.mT.contiguous().mT,  # D strided
+        q_count=case["q_count"].mT.contiguous().mT,
+        k_count=case["k_count"].mT.contiguous().mT,
     )
     with force_backend(backend):
         got = _run_probs(laid_out)
     _assert_same(got, _reference_probs(case), PROBS_NAMES)
-    assert all(t.is_contiguous() for t in got[1:])
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
@@ -267,12 +293,11 @@ def test_probs_silent_input_still_moves_the_neuron(gen, device):
     case = _probs_case(gen, 6, (2,), 20, 24, 30, state=True, device=device)
     case["q"].zero_()
     case["k_t"].zero_()
-    for name in ("q_acc", "k_acc"):  # wide counts: scores in the thousands
+    for name in ("q_count", "k_count"):  # wide counts: scores in the thousands
         case[name] = torch.randint(-30, 31, case[name].shape, generator=gen).to(case[name])
     case["count"].zero_()
     got = _run_probs(case)
     _assert_same(got, _reference_probs(case), PROBS_NAMES)
-    assert torch.equal(got[1], case["q_acc"]) and torch.equal(got[2], case["k_acc"])
     assert got[0].any(), "the neurons must still fire toward their targets"
 
 
@@ -314,14 +339,18 @@ def test_probs_settle_to_the_qann_integers(gen):
     quiet = torch.zeros(ATTN_BOUNDS[1] + 2, *case["q"].shape[1:], dtype=torch.int8)
     case["q"] = torch.cat([case["q"], quiet])
     case["k_t"] = torch.cat([case["k_t"], quiet.new_zeros(len(quiet), *case["k_t"].shape[1:])])
-    spikes, q_acc, k_acc, count = _run_probs(case)
+    spikes, count = _run_probs(case)
     q_int, k_int = case["q"].sum(0, dtype=torch.int32), case["k_t"].sum(0, dtype=torch.int32)
-    assert torch.equal(q_acc.to(torch.int32), q_int) and torch.equal(k_acc.to(torch.int32), k_int)
     scores = exact_math.int_matmul(q_int, k_int)
     probs = exact_math.softmax_rows(exact_math.score_value(scores, case["gain"]))
     integer = exact_math.target(probs, case["threshold"], *ATTN_BOUNDS)
     assert torch.equal(count.to(torch.float32), integer)
     assert torch.equal(spikes.sum(0, dtype=torch.int32), count.to(torch.int32))
+
+
+def _up_down(shape) -> torch.Tensor:
+    """Two steps of int8 spikes, all +1 then all -1."""
+    return torch.stack([torch.ones(shape[1:]), -torch.ones(shape[1:])]).char()
 
 
 def _good_probs() -> dict:
@@ -361,8 +390,8 @@ BAD_PROBS = [
     ("bounds inverted", dict(n_min=3, p_max=-4), ValueError, "n_min=3 > p_max=-4"),
     ("int8 overflow", dict(p_max=255), ValueError, "int8 count would overflow"),
     ("p_max float", dict(p_max=15.0), TypeError, "p_max must be a Python int"),
-    ("q_acc shape", dict(q_acc=torch.zeros(3, 4, 9, dtype=torch.int8)), ValueError, "q_acc must"),
-    ("k_acc int32", dict(k_acc=torch.zeros(3, 8, 5, dtype=torch.int32)), TypeError, "k_acc must"),
+    ("q_count shape", dict(q_count=torch.zeros(3, 4, 9).char()), ValueError, "q_count must"),
+    ("k_count int32", dict(k_count=torch.zeros(3, 8, 5).int()), TypeError, "k_count must"),
     ("count int32", dict(count=torch.zeros(3, 4, 5, dtype=torch.int32)), TypeError, "count must"),
     (
         "count elsewhere",
@@ -371,10 +400,16 @@ BAD_PROBS = [
         "count is on meta",
     ),
     (
-        "counts leave int8",
-        dict(q=torch.ones(2, 3, 4, 8, dtype=torch.int8), q_acc=torch.full((3, 4, 8), 127).char()),
+        "counts leave int8",  # +1 then -1 onto 127: 128 on the way
+        dict(q=_up_down((2, 3, 4, 8)), q_count=torch.full((3, 4, 8), 127).char()),
         ValueError,
-        "running count of q",
+        r"running count of q reaches \[127, 128\]",
+    ),
+    (
+        "count before leaves int8",  # -127 after two +1: -129 before
+        dict(q=torch.ones(2, 3, 4, 8).char(), q_count=torch.full((3, 4, 8), -127).char()),
+        ValueError,
+        r"reaches \[-129, -127\].*q_count must be the count after them",
     ),
     (
         "D too large",
@@ -401,7 +436,7 @@ def test_probs_opcheck(gen, state):
     case = _probs_case(gen, 3, (2,), 6, 20, 9, state=state)
     c = dict(case)
     args = [c.pop("q"), c.pop("k_t"), c.pop("gain"), c.pop("threshold"), *ATTN_BOUNDS]
-    args += [c.get(name) for name in ("q_acc", "k_acc", "count")]
+    args += [c.get(name) for name in ("q_count", "k_count", "count")]
     torch.library.opcheck(torch.ops.spikekernels.exact_attention_probs.default, tuple(args))
 
 
@@ -421,7 +456,8 @@ def test_probs_torch_compile_fullgraph(gen):
 # ---------------------------------------------------------------------------------------------
 # exact_context
 
-CONTEXT_NAMES = ("spikes", "a_acc", "v_acc", "count")
+CONTEXT_NAMES = ("spikes", "count")
+CONTEXT_OPERANDS = (("a", "a_count"), ("v", "v_count"))
 
 
 def _context_case(gen, T, batch, m, n, d, *, state=False, device="cpu"):
@@ -437,9 +473,11 @@ def _context_case(gen, T, batch, m, n, d, *, state=False, device="cpu"):
         threshold=torch.tensor(0.02 + 0.02 * torch.rand((), generator=gen).item()),
     )
     if state:
+        a_before = torch.randint(0, 6, (*batch, m, n), generator=gen, dtype=torch.int8)
+        v_before = torch.randint(-4, 5, (*batch, n, d), generator=gen, dtype=torch.int8)
         case |= dict(
-            a_acc=torch.randint(0, 6, (*batch, m, n), generator=gen, dtype=torch.int8),
-            v_acc=torch.randint(-4, 5, (*batch, n, d), generator=gen, dtype=torch.int8),
+            a_count=_after(a, a_before),
+            v_count=_after(v, v_before),
             count=torch.randint(-8, 8, (*batch, m, d), generator=gen, dtype=torch.int8),
         )
     return {name: t.to(device) for name, t in case.items()}
@@ -464,7 +502,7 @@ def _unfused_context(case, chunks):
         neuron(exact_math.context_value(context(a, v), case["theta_a"], case["theta_v"]))
         for a, v in zip(case["a"].split(chunks), case["v"].split(chunks), strict=True)
     ]
-    return torch.cat(spikes), context.a_acc, context.b_acc, neuron.count
+    return torch.cat(spikes), neuron.count
 
 
 # (batch, M, N, D): the contraction N over several key slices, N = 197 and D = 64 (ViT)
@@ -495,12 +533,11 @@ def test_context_matches_the_unfused_modules(gen, device, batch, m, n, d):
     case = _context_case(gen, 7, batch, m, n, d, device=device)
     chunks = [3, 1, 3]
     want = _unfused_context(case, chunks)
-    spikes, state = [], {}
-    for a, v in zip(case["a"].split(chunks), case["v"].split(chunks), strict=True):
-        out, *rest = _run_context(dict(case, a=a, v=v, **state))
+    spikes, count = [], None
+    for chunk in _chunks(case, CONTEXT_OPERANDS, chunks):
+        out, count = _run_context(dict(chunk, count=count))
         spikes.append(out)
-        state = dict(zip(("a_acc", "v_acc", "count"), rest, strict=True))
-    _assert_same((torch.cat(spikes), *state.values()), want, CONTEXT_NAMES)
+    _assert_same((torch.cat(spikes), count), want, CONTEXT_NAMES)
     assert want[0].any(), "the case should make the context neuron fire"
 
 
@@ -516,12 +553,11 @@ def test_context_every_backend_matches_the_reference(gen, backend):
 def test_context_chunked_equals_whole(gen, device):
     case = _context_case(gen, 12, (2,), 19, 45, 36, state=True, device=device)
     whole = _run_context(case)
-    spikes, state = [], {k: case[k] for k in ("a_acc", "v_acc", "count")}
-    for a, v in zip(case["a"].split([5, 1, 6]), case["v"].split([5, 1, 6]), strict=True):
-        out, *rest = _run_context(dict(case, a=a, v=v, **state))
+    spikes, count = [], case["count"]
+    for chunk in _chunks(case, CONTEXT_OPERANDS, [5, 1, 6]):
+        out, count = _run_context(dict(chunk, count=count))
         spikes.append(out)
-        state = dict(zip(state, rest, strict=True))
-    _assert_same((torch.cat(spikes), *state.values()), whole, CONTEXT_NAMES)
+    _assert_same((torch.cat(spikes), count), whole, CONTEXT_NAMES)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -532,7 +568,6 @@ def test_context_silent_input_still_moves_the_neuron(gen, device):
     case["count"].zero_()
     got = _run_context(case)
     _assert_same(got, _reference_context(case), CONTEXT_NAMES)
-    assert torch.equal(got[1], case["a_acc"]) and torch.equal(got[2], case["v_acc"])
     assert got[0].any(), "the neurons must still fire toward their targets"
 
 
@@ -592,8 +627,8 @@ BAD_CONTEXT = [
     ("threshold subnormal", dict(threshold=torch.tensor(1e-40)), ValueError, "normal"),
     ("bounds inverted", dict(n_min=1, p_max=0), ValueError, "bounds"),
     ("n_min float", dict(n_min=-8.0), TypeError, "n_min must be a Python int"),
-    ("a_acc shape", dict(a_acc=torch.zeros(3, 5, 4, dtype=torch.int8)), ValueError, "a_acc must"),
-    ("v_acc int32", dict(v_acc=torch.zeros(3, 5, 8, dtype=torch.int32)), TypeError, "v_acc must"),
+    ("a_count shape", dict(a_count=torch.zeros(3, 5, 4).char()), ValueError, "a_count must"),
+    ("v_count int32", dict(v_count=torch.zeros(3, 5, 8).int()), TypeError, "v_count must"),
     ("count shape", dict(count=torch.zeros(3, 4, 5, dtype=torch.int8)), ValueError, "count must"),
     (
         "v elsewhere",
@@ -603,7 +638,7 @@ BAD_CONTEXT = [
     ),
     (
         "counts leave int8",
-        dict(v=torch.ones(2, 3, 5, 8, dtype=torch.int8), v_acc=torch.full((3, 5, 8), 127).char()),
+        dict(v=_up_down((2, 3, 5, 8)), v_count=torch.full((3, 5, 8), 127).char()),
         ValueError,
         "running count of v",
     ),
@@ -623,7 +658,7 @@ def test_context_opcheck(gen, state):
     case = _context_case(gen, 3, (2,), 6, 9, 20, state=state)
     c = dict(case)
     args = [c.pop(name) for name in ("a", "v", "theta_a", "theta_v", "threshold")]
-    args += [*CTX_BOUNDS, *(c.get(name) for name in ("a_acc", "v_acc", "count"))]
+    args += [*CTX_BOUNDS, *(c.get(name) for name in ("a_count", "v_count", "count"))]
     torch.library.opcheck(torch.ops.spikekernels.exact_context.default, tuple(args))
 
 
@@ -640,13 +675,39 @@ def test_context_torch_compile_fullgraph(gen):
         assert torch.equal(g, w)
 
 
-# ---------------------------------------------------------------------------------------------
-# inplace=True: the new state written into the given state tensors (ops._inplace)
+@pytest.mark.parametrize("op", ["probs", "context"])
+def test_modules_need_their_operands_counts_after_the_first_call(gen, op):
+    """``ExactAttentionProbs`` / ``ExactContext`` take their operands' neuron counts after
+    each chunk: chunks with them equal the whole run; a later call without them is refused,
+    not silently fresh."""
+    if op == "probs":
+        case, operands = _probs_case(gen, 7, (2,), 9, 20, 11), PROBS_OPERANDS
+        neuron = TargetNeuron(case["threshold"], ATTN_LEVEL, signed=False)
+        module = ExactAttentionProbs(neuron, case["gain"])
+    else:
+        case, operands = _context_case(gen, 7, (2,), 9, 11, 20), CONTEXT_OPERANDS
+        neuron = TargetNeuron(case["threshold"], CTX_LEVEL, signed=True)
+        module = ExactContext(neuron, case["theta_a"], case["theta_v"])
+    names = [name for pair in operands for name in pair]  # a, a_count, b, b_count
+    whole = module(case[names[0]], case[names[2]])
+    count = module.count.clone()
+    module.reset()
+    parts = [
+        module(*(c[name] for name in names[::2]), *(c[n] for n in names[1::2]))
+        for c in _chunks(case, operands, [3, 4])
+    ]
+    assert torch.equal(torch.cat(parts), whole) and torch.equal(module.count, count)
+    with pytest.raises(ValueError, match=f"{names[1]} is None after the first call"):
+        module(case[names[0]][:1], case[names[2]][:1])
 
-# op -> (case maker, runner, output names, registered op); shapes as the maker takes them
+
+# ---------------------------------------------------------------------------------------------
+# inplace=True: the new neuron count written into the given one (ops._inplace)
+
+# op -> (case maker, runner, output names, the operands with their count arguments)
 _OPS = {
-    "probs": (_probs_case, _run_probs, PROBS_NAMES, "exact_attention_probs"),
-    "context": (_context_case, _run_context, CONTEXT_NAMES, "exact_context"),
+    "probs": (_probs_case, _run_probs, PROBS_NAMES, PROBS_OPERANDS),
+    "context": (_context_case, _run_context, CONTEXT_NAMES, CONTEXT_OPERANDS),
 }
 # (batch, M, contraction or keys, ...): single elements, odd sizes, several row blocks
 INPLACE_SHAPES = [((1,), 1, 1, 1), ((2,), 5, 7, 3), ((), 19, 33, 20)]
@@ -697,19 +758,18 @@ def test_inplace_equals_fresh(gen, op, T, shape, backend):
 @pytest.mark.parametrize("backend", ["triton", "torch", "reference"])
 @pytest.mark.parametrize("op", _OPS)
 def test_inplace_chunks_equal_whole(gen, op, backend, device):
-    """Three chunks (one a single step) from nonzero incoming counts, the state fed back in
-    place, give the whole run's spikes and state: each chunk's starting product, formed
-    from the counts the previous chunk wrote, is the one the whole run carries."""
-    make, run, names, _ = _OPS[op]
+    """Three chunks (one a single step) from nonzero counts before the run, the neuron's
+    count fed back in place, give the whole run's spikes and count: each chunk's starting
+    product, formed from its operands' counts after it less its spikes, is the one the
+    whole run carries."""
+    make, run, names, operands = _OPS[op]
     case = make(gen, 10, (2,), 17, 35, 20, state=True, device=device)
-    a, b = list(case)[:2]
-    chunks = [4, 1, 5]
     with force_backend(backend):
         whole = run(case)
         states = _states(case, names[1:])
         spikes = [
-            _run_inplace(run, names, dict(case, **{a: x, b: y}), states)[0]
-            for x, y in zip(case[a].split(chunks), case[b].split(chunks), strict=True)
+            _run_inplace(run, names, chunk, states)[0]
+            for chunk in _chunks(case, operands, [4, 1, 5])
         ]
     _assert_same((torch.cat(spikes), *states.values()), whole, names)
     _assert_guards(states)
@@ -729,12 +789,13 @@ def test_inplace_every_output_element_is_written(gen, op, device, poisoned_alloc
 
 
 def _inplace_good(op) -> dict:
-    """The good arguments of ``_good_probs`` / ``_good_context`` with zero state, inplace."""
+    """The good arguments of ``_good_probs`` / ``_good_context`` with zero counts, inplace."""
     if op == "probs":
         good, shapes = _good_probs(), ((3, 4, 8), (3, 8, 5), (3, 4, 5))
     else:
         good, shapes = _good_context(), ((3, 4, 5), (3, 5, 8), (3, 4, 8))
-    for name, shape in zip(_OPS[op][2][1:], shapes, strict=True):
+    names = [count for _, count in _OPS[op][3]] + ["count"]
+    for name, shape in zip(names, shapes, strict=True):
         good[name] = torch.zeros(shape, dtype=torch.int8)
     return good | dict(inplace=True)
 
@@ -745,9 +806,7 @@ def _set(**kwargs):
 
 # (case, op, what changes the good arguments, error type, words the message must contain)
 BAD_INPLACE = [
-    ("probs no k_acc", "probs", _set(k_acc=None), ValueError, "inplace=True needs k_acc"),
-    ("probs no q_acc", "probs", _set(q_acc=None), ValueError, "inplace=True needs q_acc"),
-    ("context no a_acc", "context", _set(a_acc=None), ValueError, "inplace=True needs a_acc"),
+    ("probs no count", "probs", _set(count=None), ValueError, "inplace=True needs count"),
     ("context no count", "context", _set(count=None), ValueError, "inplace=True needs count"),
     (
         "probs count strided",
@@ -757,32 +816,32 @@ BAD_INPLACE = [
         "count must be contiguous",
     ),
     (
-        "context v_acc strided",
+        "context count strided",
         "context",
-        _set(v_acc=lambda c: torch.zeros(3, 5, 16, dtype=torch.int8)[..., ::2]),
+        _set(count=lambda c: torch.zeros(3, 4, 16, dtype=torch.int8)[..., ::2]),
         ValueError,
-        "v_acc must be contiguous",
+        "count must be contiguous",
     ),
     (
-        "probs q_acc is q",
+        "probs count over q",
         "probs",
-        _set(q_acc=lambda c: c["q"][1]),
+        _set(count=lambda c: c["q"].view(-1)[:60].view(3, 4, 5)),
         ValueError,
-        "q_acc shares memory",
+        "count shares memory",
     ),
     (
-        "context v_acc is v",
+        "probs count over k_count",
+        "probs",
+        _set(count=lambda c: c["k_count"].view(-1)[:60].view(3, 4, 5)),
+        ValueError,
+        "count shares memory",
+    ),
+    (
+        "context count over v_count",
         "context",
-        _set(v_acc=lambda c: c["v"][0]),
+        _set(count=lambda c: c["v_count"].view(-1)[:96].view(3, 4, 8)),
         ValueError,
-        "v_acc shares memory",
-    ),
-    (
-        "probs k_acc under count",
-        "probs",
-        _set(count=lambda c: c["k_acc"].view(-1)[:60].view(3, 4, 5)),
-        ValueError,
-        "k_acc shares memory",
+        "count shares memory",
     ),
     ("probs inplace=1", "probs", _set(inplace=1), TypeError, "inplace must be a bool"),
     ("context inplace=None", "context", _set(inplace=None), TypeError, "inplace must be"),
@@ -800,11 +859,13 @@ def test_inplace_bad_input_is_rejected(case, op, bad, error, words):
 
 @pytest.mark.parametrize("op", _OPS)
 def test_inplace_opcheck(gen, op):
-    make, _, names, name = _OPS[op]
+    make, _, _, operands = _OPS[op]
+    name = "exact_attention_probs" if op == "probs" else "exact_context"
     c = make(gen, 3, (2,), 6, 9, 20, state=True)
     head = [c.pop(k) for k in list(c)[: len(c) - 3]]
     bounds = ATTN_BOUNDS if op == "probs" else CTX_BOUNDS
-    args = (*head, *bounds, *(c[k] for k in names[1:]), None, True)
+    counts = [c[count] for _, count in operands]
+    args = (*head, *bounds, *counts, c["count"], None, True)
     torch.library.opcheck(getattr(torch.ops.spikekernels, name).default, args)
 
 
@@ -825,21 +886,20 @@ def test_past_the_fused_tiles(gen, device):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("empty", ["batch", "rows", "keys", "head dim"])
 def test_empty_shapes(device, empty):
-    """A zero-size dim gives empty spikes and state of the right shapes, never an error."""
+    """A zero-size dim gives empty spikes and count of the right shapes, never an error."""
     batch, m, d, n = (0 if empty == "batch" else 2,), 0 if empty == "rows" else 3, 4, 5
     d = 0 if empty == "head dim" else d
     n = 0 if empty == "keys" else n
     q = torch.zeros(2, *batch, m, d, dtype=torch.int8, device=device)
     k_t = torch.zeros(2, *batch, d, n, dtype=torch.int8, device=device)
     gain, theta = torch.tensor(0.1, device=device), torch.tensor(0.07, device=device)
-    got = exact_attention_probs(q, k_t, gain, theta, *ATTN_BOUNDS)
-    shapes = [(2, *batch, m, n), (*batch, m, d), (*batch, d, n), (*batch, m, n)]
-    assert [tuple(t.shape) for t in got] == shapes
+    counts = dict(q_count=q.sum(0).char(), k_count=k_t.sum(0).char())
+    got = exact_attention_probs(q, k_t, gain, theta, *ATTN_BOUNDS, **counts)
+    assert [tuple(t.shape) for t in got] == [(2, *batch, m, n), (*batch, m, n)]
     a = torch.zeros(2, *batch, m, n, dtype=torch.int8, device=device)
     v = torch.zeros(2, *batch, n, d, dtype=torch.int8, device=device)
     got = exact_context(a, v, gain, gain, theta, *CTX_BOUNDS)
-    shapes = [(2, *batch, m, d), (*batch, m, n), (*batch, n, d), (*batch, m, d)]
-    assert [tuple(t.shape) for t in got] == shapes
+    assert [tuple(t.shape) for t in got] == [(2, *batch, m, d), (*batch, m, d)]
 
 
 # ---------------------------------------------------------------------------------------------

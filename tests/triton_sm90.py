@@ -384,20 +384,24 @@ def spike_matmul_cases() -> list[Case]:
             ptx_must_contain=["mma", ".s8"],
         )
     )
-    signature = {"x_ptr": "*i8", "init_ptr": "*i8", "counts_ptr": "*i8", "final_ptr": "*i8"}
+    signature = {"x_ptr": "*i8", "known_ptr": "*i8", "counts_ptr": "*i8", "final_ptr": "*i8"}
     signature |= {
         name: "i32"
         for name in ["T", "R", "C", "H", "stride_xt", "stride_xb", "stride_xh", "stride_xr"]
-        + ["stride_xc", "stride_ct", "stride_sb", "stride_sr", "stride_sc"]
+        + ["stride_xc", "stride_ct", "stride_sb", "stride_sh", "stride_sr", "stride_sc"]
     }
-    cases.append(
-        Case(
-            "running_count",
-            sm.running_count_kernel,
-            signature,
-            dict(EXCLUSIVE=True, HAS_INIT=True, BLOCK=sm.COUNT_BLOCK),
+    # from the count after the steps, backwards (exact attention), and forward from the
+    # count before them with the outgoing one written (spike_matmul's split path)
+    for after in (True, False):
+        constexprs = dict(EXCLUSIVE=True, HAS_KNOWN=True, FROM_AFTER=after)
+        cases.append(
+            Case(
+                f"running_count from_after={after}",
+                sm.running_count_kernel,
+                signature,
+                dict(constexprs, WRITE_FINAL=not after, BLOCK=sm.COUNT_BLOCK),
+            )
         )
-    )
     return cases
 
 

@@ -30,25 +30,23 @@ the incoming counts), ``y = fl32(fl32(theta_a * theta_v) * fl32(Z))``, the §9.3
 
 The running spike counts (``Q_{t-1}``, ``K_t``; ``A_{t-1}``, ``V_t``) come from
 ``kernels.spike_matmul.running_count_kernel``, one pass each that writes the count of every
-step (int8, the size of the spikes) and the outgoing one. They are not carried in registers:
-at ViT sizes the key count is a ``[64, 256]`` int8 tile per program (16 KB), and every
-register-resident variant compiled for sm_90 spilled (800 B to 27 KB a thread over BLOCK_M
-16-64, 4-16 warps), while the product reads a count tile only where the matching spike tile
-is active. The scores kernel reads keys (spikes and counts) as ``[N, D]`` and queries as
-``[M, D]``, the head dim contiguous (K-major, as int8 wgmma takes both operands): the host
-copies a layout whose head dim is strided, and keeps the key count's state ``[D, N]`` (the
-op's layout), read and written through its transpose once per call. Spikes take two batch
-dims with their own strides (``kernels.spike_matmul._split_batch``), so the model's q, k and
-v, strided slices of the packed qkv spikes, are read in place. Only the int8 spikes, the
-outgoing counts and the neuron's count are written. The starting ``S``/``Z`` reads the
-incoming counts from those per-step counts, not from the state: with ``inplace`` the count
-pass has already overwritten the state with the outgoing count. The exclusive count's step 0
-is the incoming ``Q_{-1}`` (``A_{-1}``); the inclusive one's step 0 less the first spikes is
-``K_{-1} = K_0 - k_0`` (int8, exact: the op checks that every running count fits). With
-``inplace`` the final state goes into the caller's state buffers, no second buffer: a
-program reads its tile of the neuron's count (its rows, all columns) at its start and writes
-the same tile at its end, and ``running_count_kernel`` does the same per block of a running
-count; no other program touches those elements.
+step (int8, the size of the spikes). It starts from the operand's neuron count after the
+chunk (the op's ``*_count``, that neuron's own state, read in place through its strides) and
+walks the steps backwards, so the ops keep no copy of those counts. They are not carried in
+registers: at ViT sizes the key count is a ``[256, 64]`` int8 tile per program (16 KB), and
+every register-resident variant compiled for sm_90 spilled (800 B to 27 KB a thread over
+BLOCK_M 16-64, 4-16 warps), while the product reads a count tile only where the matching
+spike tile is active. The scores kernel reads keys (spikes and counts) as ``[N, D]`` and
+queries as ``[M, D]``, the head dim contiguous (K-major, as int8 wgmma takes both operands):
+the host copies a layout whose head dim is strided. Spikes take two batch dims with their
+own strides (``kernels.spike_matmul._split_batch``), so the model's q, k and v, strided
+slices of the packed qkv spikes, are read in place. Only the int8 spikes and the neuron's
+count are written. The starting ``S``/``Z`` reads the counts before the chunk from the
+per-step counts: the exclusive count's step 0 is ``Q_{-1}`` (``A_{-1}``); the inclusive
+one's step 0 less the first spikes is ``K_{-1} = K_0 - k_0`` (int8, exact: the op checks
+that every running count fits). With ``inplace`` the new neuron count goes into the
+caller's buffer: a program reads its tile of it (its rows, all columns) at its start and
+writes the same tile at its end; no other program touches those elements.
 
 Rows past M, keys past N and channels past D are masked to zero (zero spikes and counts add
 nothing to the products). In the softmax the padded keys take no part in the row max and are
@@ -79,7 +77,12 @@ from spikekernels.exact_math import _EXP_MIN, _EXP_POLY, _LN2_HI, _LN2_LO, _LOG2
 from spikekernels.kernels import INTERPRET, on_device
 from spikekernels.kernels.activity import active_layout, record_active_columns, record_active_rows
 from spikekernels.kernels.exact_rows import tree_sum_columns
-from spikekernels.kernels.spike_matmul import _any_spike, _running_counts, _split_batch
+from spikekernels.kernels.spike_matmul import (
+    _any_spike,
+    _running_counts,
+    _split_batch,
+    _split_state,
+)
 from spikekernels.kernels.target import target_step
 
 
@@ -473,24 +476,18 @@ def exact_context_kernel(
     tl.store(count_out_ptr + state_offs, count.to(tl.int8), mask=mask_z)
 
 
-def _state(t: torch.Tensor | None, shape: tuple[int, ...]) -> torch.Tensor | None:
-    """Incoming state as a contiguous ``[B, R, C]`` (a view for the usual contiguous one)."""
-    return None if t is None else t.reshape(shape).contiguous()
-
-
 class _Launch(NamedTuple):
     """The host-side pieces both kernels take: operands ``[T, B, H, R, C]``, their running
-    counts (``A_{t-1}`` exclusive, ``B_t`` inclusive) and outgoing counts, whether both
-    incoming counts are given (the product starts from theirs), the outputs and the incoming
-    neuron count (None when fresh). The outgoing state is fresh, or with ``inplace`` views of
-    the caller's (contiguous) state: ``count_out is count_in``."""
+    counts (``A_{t-1}`` exclusive, ``B_t`` inclusive, ``[T, B * H, R, C]``), whether both
+    operands' counts are given (the product then starts from their incoming counts), the
+    spikes out, the outgoing neuron count and the incoming one (None when fresh). The
+    outgoing count is fresh, or with ``inplace`` a view of the caller's (contiguous) one:
+    ``count_out is count_in``."""
 
     a: torch.Tensor
     b: torch.Tensor
     a_prev: torch.Tensor
     b_cur: torch.Tensor
-    a_out: torch.Tensor
-    b_out: torch.Tensor
     has_acc: bool
     out: torch.Tensor
     count_out: torch.Tensor
@@ -503,48 +500,40 @@ def _unit_inner_stride(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 or x.shape[-1] == 1 else x.contiguous()
 
 
-def _prepare(launch, a, b, a_acc, b_acc, count, inplace, *, transpose_b=False) -> _Launch:
-    """``a`` ``[T, *batch, M, K]`` times ``b`` ``[T, *batch, K, N]`` (int8, any strides).
-    With ``inplace`` all three states are given and contiguous (the op checks), so ``_state``
-    gives views of them, and each kernel writes the new state where it read the old.
+def _prepare(launch, a, b, a_count, b_count, count, inplace, *, transpose_b=False) -> _Launch:
+    """``a`` ``[T, *batch, M, K]`` times ``b`` ``[T, *batch, K, N]`` (int8, any strides), with
+    the counts of their neurons after these steps (``[*batch, M, K]``, ``[*batch, K, N]``,
+    any strides; None: zero before them). With ``inplace`` the neuron's ``count`` is given
+    and contiguous (the op checks), so the kernel writes the new count where it read the
+    old.
 
-    ``transpose_b``: the kernel reads ``b``'s transpose ``[T, B, N, K]`` with K contiguous (a
-    copy only where the flattening copies anyway, or where K is strided), and its running
-    counts in that layout; the state stays ``[B, K, N]``, read and written through its
-    transposed view once per call."""
+    ``transpose_b``: the kernel reads ``b``'s transpose ``[T, B, H, N, K]`` with K contiguous
+    (a copy only where K is strided) and its running counts in that layout."""
     steps, batch = a.shape[0], a.shape[1:-2]
-    m, k = a.shape[-2:]
-    n = b.shape[-1]
-    a4 = _split_batch(a)
-    nb = a4.shape[1] * a4.shape[2]
-    a_in, b_in = _state(a_acc, (nb, m, k)), _state(b_acc, (nb, k, n))
-    count_in = _state(count, (nb, m, n))
-    b_final = b_in if inplace else torch.empty((nb, k, n), dtype=torch.int8, device=a.device)
+    m, n = a.shape[-2], b.shape[-1]
+    a5 = _split_batch(a)
+    nb = a5.shape[1] * a5.shape[2]
+    a_after = None if a_count is None else _split_state(a_count)
+    b_after = None if b_count is None else _split_state(b_count)
     if transpose_b:
-        a4 = _unit_inner_stride(a4)
-        b4 = _unit_inner_stride(_split_batch(b.transpose(-1, -2)))
-        b_in = None if b_in is None else b_in.transpose(-1, -2)
-        b_final = b_final.transpose(-1, -2)
+        a5 = _unit_inner_stride(a5)
+        b5 = _unit_inner_stride(_split_batch(b.transpose(-1, -2)))
+        b_after = None if b_after is None else b_after.transpose(-1, -2)
     else:
-        b4 = _split_batch(b)
-    a_prev, a_out = _running_counts(
-        launch, a4, a_in, exclusive=True, final=a_in if inplace else None
-    )
-    b_cur, b_out = _running_counts(launch, b4, b_in, exclusive=False, final=b_final)
-    if transpose_b:
-        b_out = b_out.transpose(-1, -2)
+        b5 = _split_batch(b)
+    a_prev = _running_counts(launch, a5, a_after, exclusive=True, after=a_after is not None)
+    b_cur = _running_counts(launch, b5, b_after, exclusive=False, after=b_after is not None)
+    count_in = None if count is None else count.reshape(nb, m, n).contiguous()
     if inplace:
         count_out = count_in
     else:
         count_out = torch.empty((nb, m, n), dtype=torch.int8, device=a.device)
     return _Launch(
-        a4,
-        b4,
+        a5,
+        b5,
         a_prev,
         b_cur,
-        a_out.reshape(a.shape[1:]),
-        b_out.reshape(b.shape[1:]),
-        a_in is not None and b_in is not None,
+        a_count is not None and b_count is not None,
         torch.empty((steps, *batch, m, n), dtype=torch.int8, device=a.device),
         count_out,
         count_in,
@@ -560,9 +549,8 @@ def _grid(p: _Launch, block_m: int) -> tuple[int]:
     return (triton.cdiv(p.a.shape[3], block_m) * _batch(p),)
 
 
-def _results(p: _Launch) -> tuple[torch.Tensor, ...]:
-    shape = p.out.shape[1:]
-    return p.out, p.a_out, p.b_out, p.count_out.reshape(shape)
+def _results(p: _Launch) -> tuple[torch.Tensor, torch.Tensor]:
+    return p.out, p.count_out.reshape(p.out.shape[1:])
 
 
 @on_device
@@ -574,19 +562,19 @@ def exact_attention_probs_triton(
     threshold: torch.Tensor,
     n_min: int,
     p_max: int,
-    q_acc: torch.Tensor | None,
-    k_acc: torch.Tensor | None,
+    q_count: torch.Tensor | None,
+    k_count: torch.Tensor | None,
     count: torch.Tensor | None,
     active: torch.Tensor | None = None,
     *,
     inplace: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Host side: ``q`` ``[T, *batch, M, D]``, ``k_t`` ``[T, *batch, D, N]`` int8 (any strides,
-    at least one batch entry, ``1 <= N <= MAX_KEYS``, ``M, D >= 1``), ``active`` ``[T, B]``
-    int32 contiguous or None. Returns ``(spikes [T, *batch, M, N] int8, q_acc, k_acc,
-    count int8)``: the state fresh, or with ``inplace`` (all three states given, contiguous)
-    views of the given ones, written by the program that read them."""
-    p = _prepare(launch, q, k_t, q_acc, k_acc, count, inplace, transpose_b=True)
+    at least one batch entry, ``1 <= N <= MAX_KEYS``, ``M, D >= 1``), their neurons' counts
+    after these steps (any strides, or None), ``active`` ``[T, B]`` int32 contiguous or None.
+    Returns ``(spikes [T, *batch, M, N] int8, count int8)``: the count fresh, or with
+    ``inplace`` a view of the given one, written by the program that read it."""
+    p = _prepare(launch, q, k_t, q_count, k_count, count, inplace, transpose_b=True)
     m, d = q.shape[-2:]
     n = k_t.shape[-1]
     block_m, block_n, block_d, num_warps = probs_config(n)
@@ -633,19 +621,19 @@ def exact_context_triton(
     threshold: torch.Tensor,
     n_min: int,
     p_max: int,
-    a_acc: torch.Tensor | None,
-    v_acc: torch.Tensor | None,
+    a_count: torch.Tensor | None,
+    v_count: torch.Tensor | None,
     count: torch.Tensor | None,
     active: torch.Tensor | None = None,
     *,
     inplace: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Host side: ``a`` ``[T, *batch, M, N]``, ``v`` ``[T, *batch, N, D]`` int8 (any strides,
-    at least one batch entry, ``1 <= D <= MAX_HEAD_DIM``, ``M, N >= 1``), ``active``
-    ``[T, B]`` int32 contiguous or None. Returns ``(spikes [T, *batch, M, D] int8, a_acc,
-    v_acc, count int8)``: the state fresh, or with ``inplace`` (all three states given,
-    contiguous) views of the given ones, written by the program that read them."""
-    p = _prepare(launch, a, v, a_acc, v_acc, count, inplace)
+    at least one batch entry, ``1 <= D <= MAX_HEAD_DIM``, ``M, N >= 1``), their neurons'
+    counts after these steps (any strides, or None), ``active`` ``[T, B]`` int32 contiguous
+    or None. Returns ``(spikes [T, *batch, M, D] int8, count int8)``: the count fresh, or
+    with ``inplace`` a view of the given one, written by the program that read it."""
+    p = _prepare(launch, a, v, a_count, v_count, count, inplace)
     m, n = a.shape[-2:]
     d = v.shape[-1]
     block_m, block_k, block_d, num_warps = context_config(d)

@@ -185,9 +185,9 @@ def spike_matmul_kernel(
 @triton.jit
 def running_count_kernel(
     x_ptr,  # [T, B, H, R, C] int8 spikes, any strides (the batch flat: B * H entries)
-    init_ptr,  # [B, R, C] int8 incoming count, final's strides; read when HAS_INIT
-    counts_ptr,  # [T, B, R, C] int8 running counts, contiguous
-    final_ptr,  # [B, R, C] int8 outgoing count, any strides
+    known_ptr,  # [B, H, R, C] int8 count before (or, FROM_AFTER, after) the T steps; HAS_KNOWN
+    counts_ptr,  # [T, B * H, R, C] int8 running counts, contiguous
+    final_ptr,  # [B, H, R, C] int8 outgoing count, known's strides (WRITE_FINAL only)
     T,
     R,
     C,
@@ -198,40 +198,59 @@ def running_count_kernel(
     stride_xr,
     stride_xc,
     stride_ct,  # B * H * R * C
-    stride_sb,  # the strides of init and final
+    stride_sb,  # the strides of known and final
+    stride_sh,
     stride_sr,
     stride_sc,
     EXCLUSIVE: tl.constexpr,
-    HAS_INIT: tl.constexpr,
+    HAS_KNOWN: tl.constexpr,
+    FROM_AFTER: tl.constexpr,
+    WRITE_FINAL: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """``counts[t] = X_{t-1}`` (EXCLUSIVE) or ``X_t``, with ``X_t = init + sum_{tau<=t} x_tau``."""
+    """``counts[t] = X_{t-1}`` (EXCLUSIVE) or ``X_t``, with ``X_t = X_{-1} + sum_{tau<=t}
+    x_tau``, from a known count: ``X_{-1}`` (0 without one), or with ``FROM_AFTER`` the count
+    after the steps, ``X_{T-1}``, walking the steps backwards (``X_{t-1} = X_t - x_t``)."""
     num_blocks = tl.cdiv(R * C, BLOCK)
     pid = tl.program_id(0)
     bid = (pid // num_blocks).to(tl.int64)
     offs = (pid % num_blocks) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < R * C
     row, col = (offs // C).to(tl.int64), (offs % C).to(tl.int64)
-    x_ptrs = x_ptr + (bid // H) * stride_xb + (bid % H) * stride_xh
-    x_ptrs += row * stride_xr + col * stride_xc
-    cnt_offs = bid * R * C + offs
-    state_offs = bid * stride_sb + row * stride_sr + col * stride_sc
-    if HAS_INIT:
-        cnt = tl.load(init_ptr + state_offs, mask=mask, other=0)
+    b, h = bid // H, bid % H
+    x_ptrs = x_ptr + b * stride_xb + h * stride_xh + row * stride_xr + col * stride_xc
+    c_ptrs = counts_ptr + bid * R * C + offs
+    state_offs = b * stride_sb + h * stride_sh + row * stride_sr + col * stride_sc
+    if HAS_KNOWN:
+        cnt = tl.load(known_ptr + state_offs, mask=mask, other=0)
     else:
         cnt = tl.zeros([BLOCK], dtype=tl.int8)
-    c_ptrs = counts_ptr + cnt_offs
-    for _ in range(T):
-        x = tl.load(x_ptrs, mask=mask, other=0)
-        if EXCLUSIVE:
-            tl.store(c_ptrs, cnt, mask=mask)
-            cnt += x
-        else:
-            cnt += x
-            tl.store(c_ptrs, cnt, mask=mask)
-        x_ptrs += stride_xt
-        c_ptrs += stride_ct
-    tl.store(final_ptr + state_offs, cnt, mask=mask)
+    if FROM_AFTER:
+        x_ptrs += (T - 1) * stride_xt
+        c_ptrs += (T - 1) * stride_ct
+        for _ in range(T):
+            x = tl.load(x_ptrs, mask=mask, other=0)
+            if EXCLUSIVE:
+                cnt -= x
+                tl.store(c_ptrs, cnt, mask=mask)
+            else:
+                tl.store(c_ptrs, cnt, mask=mask)
+                cnt -= x
+            x_ptrs -= stride_xt
+            c_ptrs -= stride_ct
+    else:
+        for _ in range(T):
+            x = tl.load(x_ptrs, mask=mask, other=0)
+            if EXCLUSIVE:
+                tl.store(c_ptrs, cnt, mask=mask)
+                cnt += x
+            else:
+                cnt += x
+                tl.store(c_ptrs, cnt, mask=mask)
+            x_ptrs += stride_xt
+            c_ptrs += stride_ct
+        if WRITE_FINAL:
+            tl.store(final_ptr + state_offs, cnt, mask=mask)
 
 
 @triton.jit
@@ -329,42 +348,53 @@ def _split_batch(x: torch.Tensor) -> torch.Tensor:
     return x if span < 2**31 else x.contiguous()
 
 
+def _split_state(x: torch.Tensor) -> torch.Tensor:
+    """A count ``[*batch, R, C]`` as ``[B, H, R, C]``, split as ``_split_batch`` splits the
+    spikes: a view whenever the leading batch dims merge, a copy otherwise."""
+    batch = x.shape[:-2]
+    return x.reshape(-1, batch[-1] if batch else 1, x.shape[-2], x.shape[-1])
+
+
 def _running_counts(
     launch,
     x: torch.Tensor,
-    init: torch.Tensor | None,
+    known: torch.Tensor | None,
     exclusive: bool,
+    *,
+    after: bool = False,
     final: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Running counts of ``x`` ``[T, B, H, R, C]`` for every step (``[T, B * H, R, C]``,
-    contiguous), and the outgoing count: into ``final`` (``[B * H, R, C]`` int8, any strides)
-    when given, else a fresh contiguous tensor. ``init`` (``[B * H, R, C]`` int8) has
-    ``final``'s strides; ``final`` may be ``init`` itself (a state updated in place): each
-    element is read at the start and written at the end of the one program that owns it."""
+) -> torch.Tensor:
+    """Running counts of ``x`` ``[T, B, H, R, C]`` for every step, ``[T, B * H, R, C]``
+    contiguous, from a known count ``[B, H, R, C]`` (int8, any strides): the count before
+    the steps (zero when None), or with ``after`` the count after them. ``final``
+    (``[B, H, R, C]``, ``known``'s strides) receives the outgoing count when given (not with
+    ``after``: the caller has it); it may be ``known`` itself (a state updated in place):
+    each element is read at the start and written at the end of the one program that owns
+    it."""
     T, nb, r, c = x.shape[0], x.shape[1] * x.shape[2], x.shape[3], x.shape[4]
     counts = torch.empty((T, nb, r, c), dtype=torch.int8, device=x.device)
-    if final is None:
-        final = torch.empty((nb, r, c), dtype=torch.int8, device=x.device)
-    has_init = init is not None
+    strides = next((t.stride() for t in (known, final) if t is not None), (0, 0, 0, 0))
     grid = (triton.cdiv(r * c, COUNT_BLOCK) * nb,)
     launch(running_count_kernel)[grid](
         x,
-        init if has_init else final,
+        counts if known is None else known,
         counts,
-        final,
+        counts if final is None else final,
         T,
         r,
         c,
         x.shape[2],
         *x.stride(),
         nb * r * c,
-        *final.stride(),
+        *strides,
         EXCLUSIVE=exclusive,
-        HAS_INIT=has_init,
+        HAS_KNOWN=known is not None,
+        FROM_AFTER=after,
+        WRITE_FINAL=final is not None,
         BLOCK=COUNT_BLOCK,
         num_warps=4,
     )
-    return counts, final
+    return counts
 
 
 @on_device
@@ -423,8 +453,12 @@ def spike_matmul_triton(
         )
         return out, a_out, b_out
 
-    a_prev, a_out = _running_counts(launch, a4.unsqueeze(2), a_in, exclusive=True)
-    b_cur, b_out = _running_counts(launch, b4.unsqueeze(2), b_in, exclusive=False)
+    a_out = torch.empty((nb, 1, m, k), dtype=torch.int8, device=a.device)
+    b_out = torch.empty((nb, 1, k, n), dtype=torch.int8, device=a.device)
+    a_known = None if a_in is None else a_in.unsqueeze(1)
+    b_known = None if b_in is None else b_in.unsqueeze(1)
+    a_prev = _running_counts(launch, a4.unsqueeze(2), a_known, exclusive=True, final=a_out)
+    b_cur = _running_counts(launch, b4.unsqueeze(2), b_known, exclusive=False, final=b_out)
     block_m, block_n, block_k, num_warps = split_config()
     grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n) * nb,)
     launch(spike_matmul_split_kernel)[grid](

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from spikekernels.nn.exact_layers import ExactLinearNeuron
+from spikekernels.nn.exact_layers import ExactLinearNeuron, require_input_counts
 from spikekernels.nn.target_neuron import TargetNeuron
 from spikekernels.ops.exact_attention import exact_attention_probs, exact_context
 
@@ -17,25 +17,27 @@ class ExactAttentionProbs(TargetNeuron):
     (``spikekernels.ops.exact_attention_probs``): q ``[T, *batch, M, D]`` and k transposed
     ``[T, *batch, D, N]`` spikes in, int8 spikes ``[T, *batch, M, N]`` out. Per step
     ``S += q_t @ K_t + Q_{t-1} @ k_t`` (int32), the neuron reads
-    ``softmax_rows(fl32(g * fl32(S)))``. A ``TargetNeuron`` (``count``, ``fanout``) that also
-    keeps the running counts of q and k (``S = Q K^T`` of them, formed at each call's start,
-    is not kept)."""
+    ``softmax_rows(fl32(g * fl32(S)))``. A ``TargetNeuron`` (``count``, ``fanout``): the
+    running counts of q and k are their neurons' (each call takes them after its steps), and
+    ``S = Q K^T`` of them is formed at each call's start, not kept."""
 
     def __init__(self, neuron: TargetNeuron, gain: torch.Tensor) -> None:
         super().__init__(neuron.threshold, neuron.level, neuron.signed, fanout=neuron.fanout)
         self.register_buffer("gain", torch.as_tensor(gain, dtype=torch.float32).reshape(()))
 
-    def reset(self) -> None:
-        super().reset()
-        self.q_acc = self.k_acc = None
-
-    def state(self) -> dict[str, torch.Tensor | None]:
-        return {**super().state(), "q_acc": self.q_acc, "k_acc": self.k_acc}
-
-    def forward(self, q: torch.Tensor, k_t: torch.Tensor) -> torch.Tensor:
-        spikes, self.q_acc, self.k_acc, self.count = exact_attention_probs(
+    def forward(
+        self,
+        q: torch.Tensor,
+        k_t: torch.Tensor,
+        q_count: torch.Tensor | None = None,
+        k_count: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``q_count`` ``[*batch, M, D]`` and ``k_count`` ``[*batch, D, N]``: the counts of the
+        q and k neurons after these steps (any strides); None only on a fresh input."""
+        require_input_counts(self, q_count=q_count, k_count=k_count)
+        spikes, self.count = exact_attention_probs(
             q, k_t, self.gain, self.threshold, self.n_min, self.p_max,
-            self.q_acc, self.k_acc, self.count, active=self.activity,
+            q_count, k_count, self.count, active=self.activity,
             inplace=self.stateful_call(),
         )  # fmt: skip
         self.last_spikes = spikes[-1]
@@ -46,25 +48,29 @@ class ExactContext(TargetNeuron):
     """Context product and its neuron, fused (``spikekernels.ops.exact_context``): attention
     ``[T, *batch, M, N]`` and v ``[T, *batch, N, Dh]`` spikes in, int8 spikes out. Per step
     ``Z += a_t @ V_t + A_{t-1} @ v_t`` (int32), the neuron reads
-    ``fl32(fl32(theta_a * theta_v) * fl32(Z))``. A ``TargetNeuron`` that also keeps the
-    running counts (``Z = A V`` of them, formed at each call's start, is not kept)."""
+    ``fl32(fl32(theta_a * theta_v) * fl32(Z))``. A ``TargetNeuron``: the running counts of a
+    and v are their neurons' (each call takes them after its steps), and ``Z = A V`` of them
+    is formed at each call's start, not kept."""
 
     def __init__(self, neuron: TargetNeuron, theta_a: torch.Tensor, theta_v: torch.Tensor):
         super().__init__(neuron.threshold, neuron.level, neuron.signed, fanout=neuron.fanout)
         self.register_buffer("theta_a", torch.as_tensor(theta_a, dtype=torch.float32).reshape(()))
         self.register_buffer("theta_v", torch.as_tensor(theta_v, dtype=torch.float32).reshape(()))
 
-    def reset(self) -> None:
-        super().reset()
-        self.a_acc = self.v_acc = None
-
-    def state(self) -> dict[str, torch.Tensor | None]:
-        return {**super().state(), "a_acc": self.a_acc, "v_acc": self.v_acc}
-
-    def forward(self, a: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        spikes, self.a_acc, self.v_acc, self.count = exact_context(
+    def forward(
+        self,
+        a: torch.Tensor,
+        v: torch.Tensor,
+        a_count: torch.Tensor | None = None,
+        v_count: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``a_count`` ``[*batch, M, N]`` and ``v_count`` ``[*batch, N, D]``: the counts of the
+        attention and value neurons after these steps (any strides); None only on a fresh
+        input."""
+        require_input_counts(self, a_count=a_count, v_count=v_count)
+        spikes, self.count = exact_context(
             a, v, self.theta_a, self.theta_v, self.threshold, self.n_min, self.p_max,
-            self.a_acc, self.v_acc, self.count, active=self.activity,
+            a_count, v_count, self.count, active=self.activity,
             inplace=self.stateful_call(),
         )  # fmt: skip
         self.last_spikes = spikes[-1]
@@ -76,8 +82,9 @@ class ExactAttention(nn.Module):
 
     Four fused layers, each a neuron with its exact state (every value the current one):
 
-    1. ``qkv``: ``ExactLinearNeuron`` (int32 accumulator; one neuron with per-channel
-       thresholds, the steps of ``quan_q``, ``quan_k``, ``quan_v``);
+    1. ``qkv``: ``ExactLinearNeuron`` (int32 accumulator formed per call; one neuron with
+       per-channel thresholds, the steps of ``quan_q``, ``quan_k``, ``quan_v``, whose count
+       is the running count of q, k and v the next two layers read);
     2. ``probs``: ``ExactAttentionProbs`` (running ``S = Q K^T`` per head, softmax, the
        ``attn_quan`` neuron);
     3. ``context``: ``ExactContext`` (running ``Z = A V``, the ``after_attn_quan`` neuron);
@@ -123,7 +130,13 @@ class ExactAttention(nn.Module):
         q = qkv[:, :, :, 0].transpose(2, 3)  # [T, B, H, N, Dh], strided views
         k_t = qkv[:, :, :, 1].permute(0, 1, 3, 4, 2)  # [T, B, H, Dh, N]
         v = qkv[:, :, :, 2].transpose(2, 3)
-        context = self.context(self.probs(q, k_t), v)  # [T, B, H, N, Dh]
+        # the running counts of q, k, v are the qkv neuron's count, as views of one layout
+        counts = self.qkv.count.view(b, n, 3, h, dh)
+        q_count = counts[:, :, 0].transpose(1, 2)  # [B, H, N, Dh]
+        k_count = counts[:, :, 1].permute(0, 2, 3, 1)  # [B, H, Dh, N]
+        v_count = counts[:, :, 2].transpose(1, 2)
+        a = self.probs(q, k_t, q_count, k_count)  # [T, B, H, N, N]
+        context = self.context(a, v, self.probs.count, v_count)  # [T, B, H, N, Dh]
         merged = self.context.count.transpose(1, 2).reshape(b, n, c)  # its heads merged too
         return self.proj(context.transpose(2, 3).reshape(t, b, n, c), merged)
 

@@ -102,6 +102,20 @@ class ExactLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"
 
 
+def require_input_counts(neuron: TargetNeuron, **counts: torch.Tensor | None) -> None:
+    """After a neuron's first call (its ``count`` exists) the counts of the neurons feeding
+    it are required: the layer forms its products from them, and None would silently mean a
+    fresh input."""
+    if neuron.count is None:
+        return
+    for name, count in counts.items():
+        if count is None:
+            raise ValueError(
+                f"{name} is None after the first call: give the input neuron's count after "
+                "these steps (the layer's products are formed from it)"
+            )
+
+
 class ExactLinearNeuron(TargetNeuron):
     """An ``ExactLinear`` and the target-driven neuron it feeds, as one fused op
     (``spikekernels.ops.exact_linear``): ``[T, *, K]`` spikes in, ``[T, *, N]`` int8 spikes out.
@@ -128,11 +142,7 @@ class ExactLinearNeuron(TargetNeuron):
         """``s``: ``[T, *, K]`` int8 spikes; ``s_count``: ``[*, K]`` int8, the count of the
         neuron that produced them, after these steps; None only on a fresh input (the first
         call after ``reset()``, when it is the sum of ``s``)."""
-        if s_count is None and self.count is not None:
-            raise ValueError(
-                "s_count is None after the first call: give the input neuron's count (the "
-                "accumulator is formed from it)"
-            )
+        require_input_counts(self, s_count=s_count)
         spikes, self.count = exact_linear(
             s,
             self.weight,

@@ -16,11 +16,12 @@ from spikekernels.ops._checks import (
     check_tensor,
     check_ternary,
     check_time_major,
+    may_read_data,
 )
 from spikekernels.ops._dispatch import backend_for
 from spikekernels.ops._inplace import check_inplace, own_state, placeholder, state_result
 from spikekernels.ops._registry import call_op, kernel_op, launcher
-from spikekernels.ops.spike_matmul import _check_counts_fit, spike_matmul_torch
+from spikekernels.ops.spike_matmul import spike_matmul_torch
 from spikekernels.ops.target import (
     check_bounds,
     check_threshold,
@@ -35,9 +36,15 @@ from spikekernels.ops.target import (
 MAX_CONTRACTION = 2**16 - 1
 
 
-def _check_product(a, b, a_name, b_name, a_acc, b_acc, a_acc_name, b_acc_name) -> None:
+def _count_name(name: str) -> str:
+    """The argument that carries the count of spikes ``name``: ``q_count`` for ``q``,
+    ``k_count`` for ``k_t``."""
+    return name.removesuffix("_t") + "_count"
+
+
+def _check_product(a, b, a_name, b_name, a_count, b_count) -> None:
     """Two spike trains ``a`` ``[T, *batch, M, K]`` and ``b`` ``[T, *batch, K, N]``, int8, with
-    their optional running counts (metadata only)."""
+    the optional counts of their neurons after these steps (metadata only)."""
     check_tensor(a, a_name, dtypes=(torch.int8,), min_ndim=3)
     check_tensor(b, b_name, dtypes=(torch.int8,), min_ndim=3)
     check_time_major(a, a_name)
@@ -61,8 +68,8 @@ def _check_product(a, b, a_name, b_name, a_acc, b_acc, a_acc_name, b_acc_name) -
             f"the product contracts K={a.shape[-1]} ({a_name}'s last dim); at most "
             f"{MAX_CONTRACTION} keep it exact"
         )
-    check_state(a_acc, a_acc_name, a.shape[1:], (torch.int8,), a, a_name)
-    check_state(b_acc, b_acc_name, b.shape[1:], (torch.int8,), b, b_name)
+    check_state(a_count, _count_name(a_name), a.shape[1:], (torch.int8,), a, a_name)
+    check_state(b_count, _count_name(b_name), b.shape[1:], (torch.int8,), b, b_name)
 
 
 def _check_scalar(t: object, name: str, dtypes, like: torch.Tensor, like_name: str) -> None:
@@ -73,59 +80,76 @@ def _check_scalar(t: object, name: str, dtypes, like: torch.Tensor, like_name: s
     check_same_device(like_name, like, name, t)
 
 
-def _check_data(a, b, a_name, b_name, a_acc, b_acc, scalars, validate) -> None:
+def count_before(x: torch.Tensor, after: torch.Tensor | None) -> torch.Tensor | None:
+    """The count of the neuron behind spikes ``x`` ``[T, ...]`` before these steps, from its
+    count ``after`` them: ``after - sum_t x_t`` (int32; None when ``after`` is None, i.e. 0)."""
+    return None if after is None else after.to(torch.int32) - x.sum(0, dtype=torch.int32)
+
+
+def _check_counts_consistent(x, after, name: str, validate: bool) -> None:
+    """The running count of ``x`` from its count before these steps (``after`` less the
+    spikes, or 0) stays in int8 at every step, that count included (reads all of ``x``: CPU
+    tensors always, a GPU only with ``validate``)."""
+    if not may_read_data(x, validate) or x.numel() == 0:
+        return
+    running = torch.cumsum(x, 0, dtype=torch.int32)
+    before = count_before(x, after)
+    if before is not None:
+        running = torch.cat([before[None], running + before])
+    lo, hi = (int(v) for v in torch.aminmax(running))
+    info = torch.iinfo(torch.int8)
+    if lo < info.min or hi > info.max:
+        detail = "" if after is None else f"; {_count_name(name)} must be the count after them"
+        raise ValueError(
+            f"the running count of {name} reaches [{lo}, {hi}], outside int8 "
+            f"[{info.min}, {info.max}]: the spike product holds counts in int8{detail}"
+        )
+
+
+def _check_data(a, b, a_name, b_name, a_count, b_count, scalars, validate) -> None:
     """Data checks: on CPU tensors always, on a GPU when ``validate`` (host syncs)."""
     for t, name in scalars:
         check_threshold_values(t, name, validate)
     check_ternary(a, a_name, validate)
     check_ternary(b, b_name, validate)
-    _check_counts_fit(a, a_acc, a_name, validate)
-    _check_counts_fit(b, b_acc, b_name, validate)
+    _check_counts_consistent(a, a_count, a_name, validate)
+    _check_counts_consistent(b, b_count, b_name, validate)
 
 
-def _running_product(a, b, a_acc, b_acc):
-    """``(S_t for every step [T, *batch, M, N] int32, a_acc, b_acc)``: the running product of
-    the counts, ``S_t = S_{t-1} + a_t @ B_t + A_{t-1} @ b_t``, exactly as
-    ``nn.RunningSpikeMatmul`` forms it (``spike_matmul``'s dense path at scale 1, exact
-    integers in float32, then an int32 cumulative sum) onto ``S_{-1} = A_{-1} @ B_{-1}`` of
-    the incoming counts (``int_matmul``, exact)."""
+def _running_product(a, b, a_count, b_count) -> torch.Tensor:
+    """``S_t`` for every step ``[T, *batch, M, N]`` int32: the running product of the counts,
+    ``S_t = S_{t-1} + a_t @ B_t + A_{t-1} @ b_t``, exactly as ``nn.RunningSpikeMatmul`` forms
+    it (``spike_matmul``'s dense path at scale 1, exact integers in float32, then an int32
+    cumulative sum) onto ``S_{-1} = A_{-1} @ B_{-1}`` of the counts before these steps
+    (``int_matmul``, exact), which are the counts after them less the spikes."""
+    a_in, b_in = count_before(a, a_count), count_before(b, b_count)
     unit = torch.ones((), dtype=torch.float32, device=a.device)
-    step, a_out, b_out = spike_matmul_torch(a, b, unit, a_acc, b_acc)
+    to_int8 = lambda t: None if t is None else t.to(torch.int8)  # noqa: E731
+    step, _, _ = spike_matmul_torch(a, b, unit, to_int8(a_in), to_int8(b_in))
     running = torch.cumsum(step.to(torch.int32), dim=0, dtype=torch.int32)
-    if a_acc is not None and b_acc is not None:
-        running += int_matmul(a_acc, b_acc)
-    return running, a_out, b_out
+    if a_in is not None and b_in is not None:
+        running += int_matmul(a_in.to(torch.int8), b_in.to(torch.int8))
+    return running
 
 
-def _fake_outputs(a: torch.Tensor, b: torch.Tensor, states, inplace) -> tuple[torch.Tensor, ...]:
-    """Both ops' outputs, shapes only: spikes ``[T, *batch, M, N]`` int8, the two outgoing
-    counts (int8, the operands' step shapes) and the neuron's count int8; with ``inplace`` a
-    placeholder for each of the three ``states``."""
+def _fake_outputs(a: torch.Tensor, b: torch.Tensor, count, inplace) -> tuple[torch.Tensor, ...]:
+    """Both ops' outputs, shapes only: spikes ``[T, *batch, M, N]`` int8 and the neuron's
+    count int8 (with ``inplace`` a placeholder for ``count``)."""
     shape = (*a.shape[1:-1], b.shape[-1])
-    if inplace:
-        spikes = a.new_empty((a.shape[0], *shape), dtype=torch.int8)
-        return spikes, *(placeholder(t) for t in states)
-    return (
-        a.new_empty((a.shape[0], *shape), dtype=torch.int8),
-        a.new_empty(a.shape[1:], dtype=torch.int8),
-        b.new_empty(b.shape[1:], dtype=torch.int8),
-        a.new_empty(shape, dtype=torch.int8),
-    )
+    spikes = a.new_empty((a.shape[0], *shape), dtype=torch.int8)
+    return spikes, placeholder(count) if inplace else a.new_empty(shape, dtype=torch.int8)
 
 
-def _state_results(out, states, inplace) -> tuple[torch.Tensor, ...]:
+def _state_result(out, count, inplace) -> tuple[torch.Tensor, torch.Tensor]:
     """A fresh result of the PyTorch or reference path as the registered op returns it: with
-    ``inplace`` the new state copied into the given ``states`` and placeholders returned."""
-    spikes, *fresh = out
-    return spikes, *(state_result(inplace, f, t) for f, t in zip(fresh, states, strict=True))
+    ``inplace`` the new count copied into the given ``count`` and a placeholder returned."""
+    return out[0], state_result(inplace, out[1], count)
 
 
-def _triton_results(out, states, inplace) -> tuple[torch.Tensor, ...]:
-    """A Triton path's result as the registered op returns it: with ``inplace`` the kernels
-    wrote the new state into the given ``states``, and placeholders are returned."""
-    if not inplace:
-        return out
-    return out[0], *(placeholder(t) for t in states)
+def _triton_result(out, count, inplace) -> tuple[torch.Tensor, torch.Tensor]:
+    """A Triton path's result as the registered op returns it: with ``inplace`` the kernel
+    wrote the new count into ``count``, and a placeholder is returned."""
+    return (out[0], placeholder(count)) if inplace else out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,10 +157,10 @@ def _triton_results(out, states, inplace) -> tuple[torch.Tensor, ...]:
 
 
 def _check_probs(
-    q, k_t, gain, threshold, n_min, p_max, q_acc, k_acc, count, active, inplace
+    q, k_t, gain, threshold, n_min, p_max, q_count, k_count, count, active, inplace
 ) -> None:
     """Metadata checks (no data read)."""
-    _check_product(q, k_t, "q", "k_t", q_acc, k_acc, "q_acc", "k_acc")
+    _check_product(q, k_t, "q", "k_t", q_count, k_count)
     # float32 only: score_value multiplies in the gain's dtype
     _check_scalar(gain, "gain", (torch.float32,), q, "q")
     check_threshold(threshold, "threshold", None, q, "q")
@@ -144,8 +168,7 @@ def _check_probs(
     shape = (*q.shape[1:-1], k_t.shape[-1])
     check_state(count, "count", shape, (torch.int8,), q, "q")
     check_active(active, (q.shape[0], *shape), q, "q")
-    states = (("q_acc", q_acc), ("k_acc", k_acc), ("count", count))
-    check_inplace(inplace, states, (q, k_t, gain, threshold, active))
+    check_inplace(inplace, (("count", count),), (q, k_t, gain, threshold, q_count, k_count, active))
 
 
 def exact_attention_probs_torch(
@@ -155,20 +178,19 @@ def exact_attention_probs_torch(
     threshold: torch.Tensor,
     n_min: int,
     p_max: int,
-    q_acc: torch.Tensor | None,
-    k_acc: torch.Tensor | None,
+    q_count: torch.Tensor | None,
+    k_count: torch.Tensor | None,
     count: torch.Tensor | None,
     active: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Vectorised PyTorch (any device, any shape): what ``RunningSpikeMatmul``,
     ``ExactSoftmax`` and ``TargetNeuron`` compute in a row, from the same functions."""
-    running, q_out, k_out = _running_product(q, k_t, q_acc, k_acc)
+    running = _running_product(q, k_t, q_count, k_count)
     if running.numel():
         probs = softmax_rows(score_value(running, gain.reshape(())))
     else:  # no keys or no rows: nothing to normalise
         probs = running.to(torch.float32)
-    spikes, count_out = target_spikes_torch(probs, threshold, n_min, p_max, count, active)
-    return spikes, q_out, k_out, count_out
+    return target_spikes_torch(probs, threshold, n_min, p_max, count, active)
 
 
 def _fused_probs_fits(q: torch.Tensor, k_t: torch.Tensor) -> bool:
@@ -180,7 +202,7 @@ def _fused_probs_fits(q: torch.Tensor, k_t: torch.Tensor) -> bool:
     )
 
 
-@kernel_op("exact_attention_probs", mutates_args=("q_acc", "k_acc", "count", "active"))
+@kernel_op("exact_attention_probs", mutates_args=("count", "active"))
 def _exact_attention_probs_op(
     q: torch.Tensor,
     k_t: torch.Tensor,
@@ -188,21 +210,20 @@ def _exact_attention_probs_op(
     threshold: torch.Tensor,
     n_min: int,
     p_max: int,
-    q_acc: torch.Tensor | None = None,
-    k_acc: torch.Tensor | None = None,
+    q_count: torch.Tensor | None = None,
+    k_count: torch.Tensor | None = None,
     count: torch.Tensor | None = None,
     active: torch.Tensor | None = None,
     inplace: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    args = (q, k_t, gain, threshold, n_min, p_max, q_acc, k_acc, count)
+) -> tuple[torch.Tensor, torch.Tensor]:
+    args = (q, k_t, gain, threshold, n_min, p_max, q_count, k_count, count)
     _check_probs(*args, active, inplace)
-    states = (q_acc, k_acc, count)
     backend = backend_for(q, ("triton", "torch"))
     if backend == "triton" and _fused_probs_fits(q, k_t):
         from spikekernels.kernels.exact_attention import exact_attention_probs_triton
 
         out = exact_attention_probs_triton(launcher, *args, active, inplace=inplace)
-        return _triton_results(out, states, inplace)
+        return _triton_result(out, count, inplace)
     if backend == "reference":
         from spikekernels import reference
 
@@ -210,17 +231,17 @@ def _exact_attention_probs_op(
         record_active(active, out[0])
     else:
         out = exact_attention_probs_torch(*args, active)
-    return _state_results(out, states, inplace)
+    return _state_result(out, count, inplace)
 
 
 @_exact_attention_probs_op.register_fake
 def _(
-    q, k_t, gain, threshold, n_min, p_max, q_acc=None, k_acc=None, count=None, active=None,
-    inplace=False,
+    q, k_t, gain, threshold, n_min, p_max, q_count=None, k_count=None, count=None,
+    active=None, inplace=False,
 ):  # fmt: skip
-    args = (q, k_t, gain, threshold, n_min, p_max, q_acc, k_acc, count)
+    args = (q, k_t, gain, threshold, n_min, p_max, q_count, k_count, count)
     _check_probs(*args, active, inplace)
-    return _fake_outputs(q, k_t, (q_acc, k_acc, count), inplace)
+    return _fake_outputs(q, k_t, count, inplace)
 
 
 def exact_attention_probs(
@@ -230,21 +251,23 @@ def exact_attention_probs(
     threshold: torch.Tensor,
     n_min: int,
     p_max: int,
-    q_acc: torch.Tensor | None = None,
-    k_acc: torch.Tensor | None = None,
+    q_count: torch.Tensor | None = None,
+    k_count: torch.Tensor | None = None,
     count: torch.Tensor | None = None,
     *,
     active: torch.Tensor | None = None,
     inplace: bool = False,
     validate: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact-mode attention probabilities: the scores product, the softmax row function and
     the attention neuron, fused (SPEC.md §5, §9.2-§9.4).
 
-    State: the running counts ``Q`` and ``K`` of the two spike trains (int8) and the
-    attention neuron's ``count`` (int8); all fresh 0. The running scores are not state:
-    ``S = Q @ K`` of the counts, so each call starts from ``S = Q_{-1} @ K_{-1}`` of the
-    incoming ones (exact, int32). Per step ``t``::
+    State: the attention neuron's ``count`` (int8, fresh 0). The running counts ``Q`` and
+    ``K`` of the two spike trains are the counts of the neurons that produced them, which the
+    op takes after these steps (``q_count``, ``k_count``: that neuron's own count, no copy
+    kept here); their counts before the steps are those less the spikes. The running scores
+    are not state either: ``S = Q @ K`` of the counts, so each call starts from
+    ``S = Q_{-1} @ K_{-1}`` (exact, int32). Per step ``t``::
 
         S += q_t @ K_t + Q_{t-1} @ k_t                  # exact, int32 (K_t: after step t)
         z  = fl32(g * fl32(S))                          # exact_math.score_value
@@ -255,7 +278,7 @@ def exact_attention_probs(
     i.e. ``target_spikes`` (§9.3) on ``ExactSoftmax``'s value of ``RunningSpikeMatmul``'s
     scores, bit for bit: ``softmax_rows`` is the row max, ``exp_rows``' polynomial and
     ``tree_sum``'s halving order, one rounding per operation, no fused multiply-add and a
-    correctly rounded division, on every path. Only the int8 spikes and the final state
+    correctly rounded division, on every path. Only the int8 spikes and the final count
     are produced; the scores and probabilities of a step never leave the kernel.
 
     Args:
@@ -268,25 +291,26 @@ def exact_attention_probs(
             float32 on the device).
         n_min, p_max: Python ints, ``n_min <= 0 <= p_max``, inside int8's ``[-128, 127]``
             (the attention neuron is unsigned: ``0, level - 1``).
-        q_acc, k_acc: optional incoming int8 counts ``[*batch, M, D]`` and ``[*batch, D, N]``
-            (the starting ``S`` is their product; zero when either is None).
+        q_count, k_count: optional int8 counts ``[*batch, M, D]`` and ``[*batch, D, N]``
+            (any strides) of the q and k neurons after these steps; None: that count was 0
+            before them (a fresh run). The starting ``S`` is the product of the counts
+            before the steps; with either None it is 0.
         count: optional incoming int8 neuron count ``[*batch, M, N]``.
         active: optional int32 ``[T, B]`` per-sample flags, ``B`` the spikes' dim 1 (the first
             batch dim, e.g. the images of ``[T, B, heads, M, N]``), set in place as the
             kernel writes the spikes (``target_spikes``' contract: ``active[t, b] = 1``
             where sample ``b`` fires at step ``t``). Not returned.
-        inplace: write the new ``q_acc``, ``k_acc`` and ``count`` into the given ones (all
-            three required, contiguous, sharing no memory with an input or with each other)
-            and return those same tensors (``ops._inplace``): a state at a fixed address, as
-            a CUDA graph replays it.
+        inplace: write the new ``count`` into the given one (required, contiguous, sharing
+            no memory with an input) and return that same tensor (``ops._inplace``): a state
+            at a fixed address, as a CUDA graph replays it.
         validate: on a GPU also run the data checks (host syncs): ``gain`` and ``threshold``
-            positive, finite and normal; the spikes ternary; every running count inside
-            int8. On CPU they always run.
+            positive, finite and normal; the spikes ternary; every running count, from the
+            count before the steps on, inside int8. On CPU they always run.
 
     Returns:
-        ``(spikes [T, *batch, M, N] int8, q_acc, k_acc, count)``, fresh tensors
-        (with ``inplace``: the given state tensors, updated), so chunked time (feeding the
-        state back) equals a whole run bit for bit.
+        ``(spikes [T, *batch, M, N] int8, count)``, fresh tensors (with ``inplace``: the
+        given ``count``, updated), so chunked time (feeding the count back, with each
+        chunk's ``q_count``/``k_count``) equals a whole run bit for bit.
 
     Dispatch (``ops._dispatch.backend_for``): CUDA tensors run the Triton kernel (one program
     per batch entry and block of query rows, all keys in one tile, ``S`` formed from the
@@ -296,13 +320,12 @@ def exact_attention_probs(
     ``TRITON_INTERPRET=1``); ``force_backend("reference")`` runs
     ``reference.exact_attention_probs``. Inference only: no autograd.
     """
-    args = (q, k_t, gain, threshold, n_min, p_max, q_acc, k_acc, count)
+    args = (q, k_t, gain, threshold, n_min, p_max, q_count, k_count, count)
     _check_probs(*args, active, inplace)
-    _check_data(
-        q, k_t, "q", "k_t", q_acc, k_acc, ((gain, "gain"), (threshold, "threshold")), validate
-    )
+    scalars = ((gain, "gain"), (threshold, "threshold"))
+    _check_data(q, k_t, "q", "k_t", q_count, k_count, scalars, validate)
     out = call_op("exact_attention_probs", *args, active, inplace)
-    return own_state(out, (1, 2, 3), (q_acc, k_acc, count)) if inplace else out
+    return own_state(out, (1,), (count,)) if inplace else out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -310,10 +333,10 @@ def exact_attention_probs(
 
 
 def _check_context(
-    a, v, theta_a, theta_v, threshold, n_min, p_max, a_acc, v_acc, count, active, inplace
+    a, v, theta_a, theta_v, threshold, n_min, p_max, a_count, v_count, count, active, inplace
 ) -> None:
     """Metadata checks (no data read)."""
-    _check_product(a, v, "a", "v", a_acc, v_acc, "a_acc", "v_acc")
+    _check_product(a, v, "a", "v", a_count, v_count)
     check_threshold(theta_a, "theta_a", None, a, "a")
     check_threshold(theta_v, "theta_v", None, a, "a")
     check_threshold(threshold, "threshold", None, a, "a")
@@ -321,8 +344,8 @@ def _check_context(
     shape = (*a.shape[1:-1], v.shape[-1])
     check_state(count, "count", shape, (torch.int8,), a, "a")
     check_active(active, (a.shape[0], *shape), a, "a")
-    states = (("a_acc", a_acc), ("v_acc", v_acc), ("count", count))
-    check_inplace(inplace, states, (a, v, theta_a, theta_v, threshold, active))
+    inputs = (a, v, theta_a, theta_v, threshold, a_count, v_count, active)
+    check_inplace(inplace, (("count", count),), inputs)
 
 
 def exact_context_torch(
@@ -333,17 +356,16 @@ def exact_context_torch(
     threshold: torch.Tensor,
     n_min: int,
     p_max: int,
-    a_acc: torch.Tensor | None,
-    v_acc: torch.Tensor | None,
+    a_count: torch.Tensor | None,
+    v_count: torch.Tensor | None,
     count: torch.Tensor | None,
     active: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Vectorised PyTorch (any device, any shape): what ``RunningSpikeMatmul``,
     ``exact_math.context_value`` and ``TargetNeuron`` compute in a row."""
-    running, a_out, v_out = _running_product(a, v, a_acc, v_acc)
+    running = _running_product(a, v, a_count, v_count)
     y = context_value(running, theta_a.reshape(()), theta_v.reshape(()))
-    spikes, count_out = target_spikes_torch(y, threshold, n_min, p_max, count, active)
-    return spikes, a_out, v_out, count_out
+    return target_spikes_torch(y, threshold, n_min, p_max, count, active)
 
 
 def _fused_context_fits(a: torch.Tensor, v: torch.Tensor) -> bool:
@@ -356,7 +378,7 @@ def _fused_context_fits(a: torch.Tensor, v: torch.Tensor) -> bool:
     )
 
 
-@kernel_op("exact_context", mutates_args=("a_acc", "v_acc", "count", "active"))
+@kernel_op("exact_context", mutates_args=("count", "active"))
 def _exact_context_op(
     a: torch.Tensor,
     v: torch.Tensor,
@@ -365,21 +387,20 @@ def _exact_context_op(
     threshold: torch.Tensor,
     n_min: int,
     p_max: int,
-    a_acc: torch.Tensor | None = None,
-    v_acc: torch.Tensor | None = None,
+    a_count: torch.Tensor | None = None,
+    v_count: torch.Tensor | None = None,
     count: torch.Tensor | None = None,
     active: torch.Tensor | None = None,
     inplace: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    args = (a, v, theta_a, theta_v, threshold, n_min, p_max, a_acc, v_acc, count)
+) -> tuple[torch.Tensor, torch.Tensor]:
+    args = (a, v, theta_a, theta_v, threshold, n_min, p_max, a_count, v_count, count)
     _check_context(*args, active, inplace)
-    states = (a_acc, v_acc, count)
     backend = backend_for(a, ("triton", "torch"))
     if backend == "triton" and _fused_context_fits(a, v):
         from spikekernels.kernels.exact_attention import exact_context_triton
 
         out = exact_context_triton(launcher, *args, active, inplace=inplace)
-        return _triton_results(out, states, inplace)
+        return _triton_result(out, count, inplace)
     if backend == "reference":
         from spikekernels import reference
 
@@ -387,17 +408,17 @@ def _exact_context_op(
         record_active(active, out[0])
     else:
         out = exact_context_torch(*args, active)
-    return _state_results(out, states, inplace)
+    return _state_result(out, count, inplace)
 
 
 @_exact_context_op.register_fake
 def _(
-    a, v, theta_a, theta_v, threshold, n_min, p_max, a_acc=None, v_acc=None, count=None,
+    a, v, theta_a, theta_v, threshold, n_min, p_max, a_count=None, v_count=None, count=None,
     active=None, inplace=False,
 ):  # fmt: skip
-    args = (a, v, theta_a, theta_v, threshold, n_min, p_max, a_acc, v_acc, count)
+    args = (a, v, theta_a, theta_v, threshold, n_min, p_max, a_count, v_count, count)
     _check_context(*args, active, inplace)
-    return _fake_outputs(a, v, (a_acc, v_acc, count), inplace)
+    return _fake_outputs(a, v, count, inplace)
 
 
 def exact_context(
@@ -408,21 +429,22 @@ def exact_context(
     threshold: torch.Tensor,
     n_min: int,
     p_max: int,
-    a_acc: torch.Tensor | None = None,
-    v_acc: torch.Tensor | None = None,
+    a_count: torch.Tensor | None = None,
+    v_count: torch.Tensor | None = None,
     count: torch.Tensor | None = None,
     *,
     active: torch.Tensor | None = None,
     inplace: bool = False,
     validate: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact-mode attention context: the context product and the neuron after it, fused
     (SPEC.md §5, §9.2-§9.4).
 
-    State: the running counts ``A`` (attention) and ``V`` (values), int8, and the neuron's
-    ``count`` (int8); all fresh 0. The running context is not state: ``Z = A @ V`` of the
-    counts, so each call starts from ``Z = A_{-1} @ V_{-1}`` of the incoming ones (exact,
-    int32). Per step::
+    State: the neuron's ``count`` (int8, fresh 0). The running counts ``A`` (attention) and
+    ``V`` (values) are their neurons' counts, which the op takes after these steps
+    (``a_count``, ``v_count``); their counts before the steps are those less the spikes.
+    The running context is not state either: ``Z = A @ V`` of the counts, so each call
+    starts from ``Z = A_{-1} @ V_{-1}`` (exact, int32). Per step::
 
         Z += a_t @ V_t + A_{t-1} @ v_t                  # exact, int32 (V_t: after step t)
         y  = fl32(fl32(theta_a * theta_v) * fl32(Z))    # exact_math.context_value
@@ -431,7 +453,7 @@ def exact_context(
 
     i.e. ``target_spikes`` (§9.3) on ``context_value`` of ``RunningSpikeMatmul``'s product,
     bit for bit (two roundings, a correctly rounded division). Only the int8 spikes and the
-    final state are produced.
+    final count are produced.
 
     Args:
         a: ``[T, *batch, M, N]`` int8 ternary attention spikes, any strides. ``N <= 65535``.
@@ -442,23 +464,24 @@ def exact_context(
         threshold: one-element float tensor ``theta``, the output neuron's step.
         n_min, p_max: Python ints, ``n_min <= 0 <= p_max``, inside int8's ``[-128, 127]``
             (the output neuron is signed: ``-(level // 2), level // 2 - 1``).
-        a_acc, v_acc: optional incoming int8 counts ``[*batch, M, N]`` and ``[*batch, N, D]``
-            (the starting ``Z`` is their product; zero when either is None).
+        a_count, v_count: optional int8 counts ``[*batch, M, N]`` and ``[*batch, N, D]``
+            (any strides) of the attention and value neurons after these steps; None: that
+            count was 0 before them. The starting ``Z`` is the product of the counts before
+            the steps; with either None it is 0.
         count: optional incoming int8 neuron count ``[*batch, M, D]``.
         active: optional int32 ``[T, B]`` per-sample flags, ``B`` the spikes' dim 1, set in
             place as the kernel writes the spikes (``target_spikes``' contract). Not returned.
-        inplace: write the new ``a_acc``, ``v_acc`` and ``count`` into the given ones (all
-            three required, contiguous, sharing no memory with an input or with each other)
-            and return those same tensors (``ops._inplace``): a state at a fixed address, as
-            a CUDA graph replays it.
+        inplace: write the new ``count`` into the given one (required, contiguous, sharing
+            no memory with an input) and return that same tensor (``ops._inplace``): a state
+            at a fixed address, as a CUDA graph replays it.
         validate: on a GPU also run the data checks (host syncs): the three thresholds
-            positive, finite and normal; the spikes ternary; every running count inside
-            int8. On CPU they always run.
+            positive, finite and normal; the spikes ternary; every running count, from the
+            count before the steps on, inside int8. On CPU they always run.
 
     Returns:
-        ``(spikes [T, *batch, M, D] int8, a_acc, v_acc, count)``, fresh tensors (with
-        ``inplace``: the given state tensors, updated), so chunked time (feeding the state
-        back) equals a whole run bit for bit.
+        ``(spikes [T, *batch, M, D] int8, count)``, fresh tensors (with ``inplace``: the
+        given ``count``, updated), so chunked time (feeding the count back, with each
+        chunk's ``a_count``/``v_count``) equals a whole run bit for bit.
 
     Dispatch: CUDA tensors run the Triton kernel (one program per batch entry and block of
     query rows, all head channels in one tile, the keys in slices; ``Z`` formed from the
@@ -468,9 +491,9 @@ def exact_context(
     ``TRITON_INTERPRET=1``); ``force_backend("reference")`` runs ``reference.exact_context``.
     Inference only: no autograd.
     """
-    args = (a, v, theta_a, theta_v, threshold, n_min, p_max, a_acc, v_acc, count)
+    args = (a, v, theta_a, theta_v, threshold, n_min, p_max, a_count, v_count, count)
     _check_context(*args, active, inplace)
     scalars = ((theta_a, "theta_a"), (theta_v, "theta_v"), (threshold, "threshold"))
-    _check_data(a, v, "a", "v", a_acc, v_acc, scalars, validate)
+    _check_data(a, v, "a", "v", a_count, v_count, scalars, validate)
     out = call_op("exact_context", *args, active, inplace)
-    return own_state(out, (1, 2, 3), (a_acc, v_acc, count)) if inplace else out
+    return own_state(out, (1,), (count,)) if inplace else out
