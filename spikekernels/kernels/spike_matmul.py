@@ -226,8 +226,9 @@ def running_count_kernel(
     else:
         cnt = tl.zeros([BLOCK], dtype=tl.int8)
     if FROM_AFTER:
-        x_ptrs += (T - 1) * stride_xt
-        c_ptrs += (T - 1) * stride_ct
+        last = (T - 1).to(tl.int64)  # the offset of the last step may pass 2^31
+        x_ptrs += last * stride_xt
+        c_ptrs += last * stride_ct
         for _ in range(T):
             x = tl.load(x_ptrs, mask=mask, other=0)
             if EXCLUSIVE:
