@@ -204,6 +204,24 @@ def test_silent_input_still_moves_the_neuron(gen, device):
     assert got[0].any(), "the neurons must still fire toward their targets"
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch", "reference"])
+def test_quiet_tiles_wake_up(gen, backend):
+    """A tile whose input is silent and whose neurons stopped firing skips its epilogue (the
+    kernel's quiet path): after a long silence with the neurons settled, spikes in one row
+    at a late step and in another row tile later still must move the neurons again."""
+    layer = _layer(gen, 40, 64)
+    s = torch.zeros(30, 70, 64, dtype=torch.int8)
+    s[0] = _spikes(gen, 1, (70,), 64, "cpu", density=0.9)[0]
+    s[24, 3, ::2] = 1
+    s[27, 50, :10] = -1
+    with force_backend(backend):
+        got = _run(s, layer, -8, 7)
+    want = _reference(s, layer, -8, 7)
+    _assert_same(got, want)
+    late = want[0][20:24].abs().sum().item(), want[0][24:].abs().sum().item()
+    assert late[0] == 0 and late[1] > 0, f"settled before step 24, woken after: {late}"
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_mixed_silent_and_active_tiles(gen, device):
     """Active rows only in some row tiles and some steps, next to wholly silent tiles."""

@@ -18,7 +18,12 @@ of traffic; the prologue is one dense int8 step of the layer instead. Two launch
    and the §9.3 neuron on ``y`` (``kernels.target.target_step``). The product is formed as
    ``fma(m, acc, +0.0)`` so that the compiler cannot contract it with the bias add into one
    FMA (Triton fuses mul+add by default): two roundings, as SPEC.md §9.2 and the reference.
-   The epilogue runs on silent steps too: the neuron may still be moving toward its target.
+   The epilogue runs on silent steps too (the neuron may still be moving toward its target),
+   unless the tile is *quiet*: no spike in its rows this step (so ``acc`` held) and none fired
+   from it at the last step. Then every target equals its count (``sigma = sign(target -
+   count)`` was 0 for the same target; a NaN target gives 0 always) and ``sigma`` is 0 again,
+   bit for bit, without the value and the division. Late chunks, where most of a run's steps
+   are, are mostly quiet tiles.
 """
 
 from __future__ import annotations
@@ -126,10 +131,12 @@ def exact_linear_kernel(
     flag_ptrs = flag_ptr + pid_m
     if HAS_ACTIVE:
         active_ptrs = active_ptr + rs // rows_per_sample
+    fired = tl.full((), 1, tl.int32)  # whether the tile fired at the last step (at first: yes)
     for _ in range(T):
         # A silent spike tile runs the K loop zero times: a loop bound rather than an `if`
         # around the loop, so that the compiler still pipelines the loop.
-        k_end = tl.where(tl.load(flag_ptrs) != 0, K, 0)
+        moved = tl.load(flag_ptrs)  # whether acc changes at this step
+        k_end = tl.where(moved != 0, K, 0)
         s_ptrs = s_start
         w_ptrs = w_start
         for k0 in range(0, k_end, BLOCK_K):
@@ -139,10 +146,15 @@ def exact_linear_kernel(
             acc = tl.dot(s, w, acc, out_dtype=tl.int32)
             s_ptrs += BLOCK_K
             w_ptrs += BLOCK_K
-        y = tl.fma(m[None, :], acc.to(tl.float32), 0.0)
-        if HAS_BIAS:
-            y = y + b[None, :]
-        sigma = target_step(y, theta, count, n_min, p_max)
+        if (moved | fired) != 0:
+            y = tl.fma(m[None, :], acc.to(tl.float32), 0.0)
+            if HAS_BIAS:
+                y = y + b[None, :]
+            sigma = target_step(y, theta, count, n_min, p_max)
+            fired = tl.max(tl.abs(tl.where(mask, sigma, 0)))
+        else:  # quiet (module docstring): sigma is 0, bit for bit
+            sigma = tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
+            fired = tl.full((), 0, tl.int32)
         count = count + sigma
         tl.store(out_ptrs, sigma.to(tl.int8), mask=mask)
         if HAS_ACTIVE:
