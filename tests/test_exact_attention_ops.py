@@ -560,6 +560,27 @@ def test_context_chunked_equals_whole(gen, device):
     _assert_same((torch.cat(spikes), count), whole, CONTEXT_NAMES)
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch", "reference"])
+def test_context_quiet_tiles_wake_up(gen, backend):
+    """With incoming state a tile whose context holds and whose neurons stopped firing skips
+    its neuron (the kernel's quiet path): long silences with the neurons settled, then late
+    attention and value spikes, where the tiles must compute again. The reference's bits."""
+    case = _context_case(gen, 30, (2,), 20, 30, 24, state=True)
+    before = {x: case[f"{x}_count"] - case[x].sum(0) for x in ("a", "v")}
+    a, v = case["a"].clone(), case["v"].clone()
+    a[1:].zero_()
+    v[1:].zero_()
+    a[24, 0, 3, :5] = 1  # attention spikes late in the run: Z changes in one row tile
+    v[27, 1, 7, ::2] = -1  # and value spikes later still, for the other batch entry
+    case |= dict(a=a, v=v, a_count=_after(a, before["a"]), v_count=_after(v, before["v"]))
+    with force_backend(backend):
+        got = _run_context(case)
+    want = _reference_context(case)
+    _assert_same(got, want, CONTEXT_NAMES)
+    late = want[0][20:24].abs().sum().item(), want[0][24:].abs().sum().item()
+    assert late[0] == 0 and late[1] > 0, f"settled before step 24, woken after: {late}"
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_context_silent_input_still_moves_the_neuron(gen, device):
     case = _context_case(gen, 6, (2,), 20, 30, 24, state=True, device=device)

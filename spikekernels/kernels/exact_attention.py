@@ -26,7 +26,7 @@ writes it. For each step:
 query rows), all head channels in one tile, the keys (the contraction) in ``BLOCK_K`` slices:
 ``Z += a_t @ V_t + A_{t-1} @ v_t`` (int32, in registers, starting from ``A_{-1} @ V_{-1}`` of
 the incoming counts), ``y = fl32(fl32(theta_a * theta_v) * fl32(Z))``, the §9.3 neuron on
-``y``.
+``y``; with incoming state a quiet tile skips the value and the neuron, as above.
 
 The running spike counts (``Q_{t-1}``, ``K_t``; ``A_{t-1}``, ``V_t``) come from
 ``kernels.spike_matmul.running_count_kernel``, one pass each that writes the count of every
@@ -432,7 +432,10 @@ def exact_context_kernel(
     if HAS_ACTIVE:
         active_ptrs = active_ptr + (bid * M + offs_m) // rows_per_sample
 
+    if HAS_COUNT:  # whether the tile fired at the last step (at first: unknown, so yes)
+        fired = tl.full((), 1, tl.int32)
     for _ in range(T):
+        moved = tl.full((), 0, tl.int32)  # whether Z changed at this step
         for k0 in range(0, N, BLOCK_K):
             ks = k0 + offs_k
             mask_a = mask_m[:, None] & (ks < N)[None, :]
@@ -444,7 +447,8 @@ def exact_context_kernel(
                 mask=mask_v,
                 other=0,
             )
-            if _any_spike(v_t):
+            v_any = _any_spike(v_t)
+            if v_any:
                 a_cnt = tl.load(
                     a_prev_ptr + (offs_m[:, None] * N + ks[None, :]), mask=mask_a, other=0
                 )
@@ -454,14 +458,26 @@ def exact_context_kernel(
                 mask=mask_a,
                 other=0,
             )
-            if _any_spike(a_t):
+            a_any = _any_spike(a_t)
+            if a_any:
                 v_cnt = tl.load(
                     v_cur_ptr + (ks[:, None] * D + offs_d[None, :]), mask=mask_v, other=0
                 )
                 z = tl.dot(a_t, v_cnt, z, out_dtype=tl.int32)
-        # the epilogue runs on silent steps too: the neuron may still be moving
-        y = _mul(m, z.to(tl.float32))
-        sigma = target_step(y, theta, count, n_min, p_max)
+            moved = moved | v_any.to(tl.int32) | a_any.to(tl.int32)
+        # The epilogue runs on silent steps too (the neuron may still be moving), unless the
+        # tile is quiet, as in the scores kernel: Z did not change and no neuron fired at the
+        # last step, so sigma is 0 again, bit for bit. Only with incoming state: the fresh
+        # variant (a run's first chunk, busy anyway) has no registers to spare.
+        if HAS_COUNT:
+            if (moved | fired) != 0:
+                sigma = target_step(_mul(m, z.to(tl.float32)), theta, count, n_min, p_max)
+                fired = tl.max(tl.abs(tl.where(mask_z, sigma, 0)))
+            else:
+                sigma = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.int32)
+                fired = tl.full((), 0, tl.int32)
+        else:
+            sigma = target_step(_mul(m, z.to(tl.float32)), theta, count, n_min, p_max)
         count = count + sigma
         tl.store(out_ptr + z_offs, sigma.to(tl.int8), mask=mask_z)
         if HAS_ACTIVE:
