@@ -581,6 +581,22 @@ def test_context_quiet_tiles_wake_up(gen, backend):
     assert late[0] == 0 and late[1] > 0, f"settled before step 24, woken after: {late}"
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch", "reference"])
+@pytest.mark.parametrize("batch", [(3,), (2, 3)])
+def test_context_merge_heads(gen, backend, batch, poisoned_allocations):
+    """``merge_heads=True``: the spikes with the last batch dim merged into the channels,
+    ``[T, *batch[:-1], M, H * D]``, the same bits as the plain output merged (the kernel
+    writes that layout directly; every element, fresh buffers poisoned)."""
+    case = _context_case(gen, 5, batch, 18, 37, 20, state=True)
+    with force_backend(backend):
+        plain = _run_context(case)
+        merged = _run_context(case, merge_heads=True)
+    t, *_, m, d = plain[0].shape
+    want = plain[0].movedim(-3, -2).reshape(t, *batch[:-1], m, batch[-1] * d)
+    assert merged[0].is_contiguous()
+    _assert_same(merged, (want, plain[1]), CONTEXT_NAMES)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_context_silent_input_still_moves_the_neuron(gen, device):
     case = _context_case(gen, 6, (2,), 20, 30, 24, state=True, device=device)
@@ -648,6 +664,17 @@ BAD_CONTEXT = [
     ("threshold subnormal", dict(threshold=torch.tensor(1e-40)), ValueError, "normal"),
     ("bounds inverted", dict(n_min=1, p_max=0), ValueError, "bounds"),
     ("n_min float", dict(n_min=-8.0), TypeError, "n_min must be a Python int"),
+    ("merge_heads 1", dict(merge_heads=1), TypeError, "merge_heads must be a bool"),
+    (
+        "merge_heads, no heads",
+        dict(
+            a=torch.zeros(2, 4, 5, dtype=torch.int8),
+            v=torch.zeros(2, 5, 8, dtype=torch.int8),
+            merge_heads=True,
+        ),
+        ValueError,
+        "a needs one",
+    ),
     ("a_count shape", dict(a_count=torch.zeros(3, 5, 4).char()), ValueError, "a_count must"),
     ("v_count int32", dict(v_count=torch.zeros(3, 5, 8).int()), TypeError, "v_count must"),
     ("count shape", dict(count=torch.zeros(3, 4, 5, dtype=torch.int8)), ValueError, "count must"),
@@ -674,12 +701,13 @@ def test_context_bad_input_is_rejected(case, bad, error, words):
         exact_context(**{**_good_context(), **bad})
 
 
-@pytest.mark.parametrize("state", [False, True])
-def test_context_opcheck(gen, state):
+@pytest.mark.parametrize(("state", "merge_heads"), [(False, False), (True, False), (True, True)])
+def test_context_opcheck(gen, state, merge_heads):
     case = _context_case(gen, 3, (2,), 6, 9, 20, state=state)
     c = dict(case)
     args = [c.pop(name) for name in ("a", "v", "theta_a", "theta_v", "threshold")]
     args += [*CTX_BOUNDS, *(c.get(name) for name in ("a_count", "v_count", "count"))]
+    args += [None, False, merge_heads]  # active, inplace
     torch.library.opcheck(torch.ops.spikekernels.exact_context.default, tuple(args))
 
 

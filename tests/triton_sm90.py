@@ -723,6 +723,7 @@ def exact_attention_cases() -> list[Case]:
     }
     strides = ["stride_at", "stride_ab", "stride_ah", "stride_am"]
     strides += ["stride_vt", "stride_vb", "stride_vh", "stride_vn"]
+    strides += ["stride_ot", "stride_ob", "stride_oh", "stride_om"]
     signature |= {
         name: "i32"
         for name in ["T", "M", "N", "D", "H", *strides, "n_min", "p_max", "samples"]
@@ -746,7 +747,8 @@ def exact_attention_cases() -> list[Case]:
                 signature,
                 constexprs,
                 num_warps=num_warps,
-                aligned=["D", "stride_vt", "stride_vb", "stride_vh", "stride_vn"],
+                aligned=["D", "stride_vt", "stride_vb", "stride_vh", "stride_vn"]
+                + ["stride_ot", "stride_ob", "stride_oh", "stride_om"],
                 **checks,
             )
         )

@@ -356,7 +356,7 @@ def exact_context_kernel(
     theta_v_ptr,  # [1] value neuron's threshold (any float dtype)
     theta_ptr,  # [1] output neuron's threshold (any float dtype)
     count_in_ptr,  # [B, M, D] int8 incoming neuron count (HAS_COUNT only)
-    out_ptr,  # [T, B, M, D] int8 spikes
+    out_ptr,  # [T, B, H, M, D] int8 spikes, any strides but a contiguous D
     count_out_ptr,  # [B, M, D] int8
     active_ptr,  # [T, samples] int32 flags, set where a sample fires (HAS_ACTIVE only)
     T,
@@ -374,6 +374,10 @@ def exact_context_kernel(
     stride_vh,
     stride_vn,
     stride_vd,
+    stride_ot,
+    stride_ob,
+    stride_oh,
+    stride_om,
     n_min,
     p_max,
     samples,  # (HAS_ACTIVE only)
@@ -403,12 +407,11 @@ def exact_context_kernel(
     v_ptr += (bid // H) * stride_vb + (bid % H) * stride_vh
     a_prev_ptr += bid * M * N
     v_cur_ptr += bid * N * D
-    out_ptr += bid * M * D
-    z_offs = offs_m[:, None] * D + offs_d[None, :]
-    state_offs = bid * M * D + z_offs
+    out_ptr += (bid // H) * stride_ob + (bid % H) * stride_oh
+    out_offs = offs_m[:, None] * stride_om + offs_d[None, :]
+    state_offs = bid * M * D + offs_m[:, None] * D + offs_d[None, :]
     step_a = nb.to(tl.int64) * M * N
     step_v = nb.to(tl.int64) * N * D
-    step_z = nb.to(tl.int64) * M * D
 
     z = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.int32)
     if HAS_ACC:
@@ -479,7 +482,7 @@ def exact_context_kernel(
         else:
             sigma = target_step(_mul(m, z.to(tl.float32)), theta, count, n_min, p_max)
         count = count + sigma
-        tl.store(out_ptr + z_offs, sigma.to(tl.int8), mask=mask_z)
+        tl.store(out_ptr + out_offs, sigma.to(tl.int8), mask=mask_z)
         if HAS_ACTIVE:
             record_active_rows(active_ptrs, sigma, mask_m, mask_d, BLOCK_M, BLOCK_D)
             active_ptrs += samples
@@ -487,7 +490,7 @@ def exact_context_kernel(
         v_ptr += stride_vt
         a_prev_ptr += step_a
         v_cur_ptr += step_v
-        out_ptr += step_z
+        out_ptr += stride_ot
 
     tl.store(count_out_ptr + state_offs, count.to(tl.int8), mask=mask_z)
 
@@ -496,9 +499,10 @@ class _Launch(NamedTuple):
     """The host-side pieces both kernels take: operands ``[T, B, H, R, C]``, their running
     counts (``A_{t-1}`` exclusive, ``B_t`` inclusive, ``[T, B * H, R, C]``), whether both
     operands' counts are given (the product then starts from their incoming counts), the
-    spikes out, the outgoing neuron count and the incoming one (None when fresh). The
-    outgoing count is fresh, or with ``inplace`` a view of the caller's (contiguous) one:
-    ``count_out is count_in``."""
+    spikes out (and the same as ``[T, B, H, M, N]``, strided where the heads are merged into
+    the channels), the outgoing neuron count and the incoming one (None when fresh), and the
+    count's shape. The outgoing count is fresh, or with ``inplace`` a view of the caller's
+    (contiguous) one: ``count_out is count_in``."""
 
     a: torch.Tensor
     b: torch.Tensor
@@ -506,8 +510,10 @@ class _Launch(NamedTuple):
     b_cur: torch.Tensor
     has_acc: bool
     out: torch.Tensor
+    out5: torch.Tensor
     count_out: torch.Tensor
     count_in: torch.Tensor | None
+    count_shape: tuple[int, ...]
 
 
 def _unit_inner_stride(x: torch.Tensor) -> torch.Tensor:
@@ -516,7 +522,9 @@ def _unit_inner_stride(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 or x.shape[-1] == 1 else x.contiguous()
 
 
-def _prepare(launch, a, b, a_count, b_count, count, inplace, *, transpose_b=False) -> _Launch:
+def _prepare(
+    launch, a, b, a_count, b_count, count, inplace, *, transpose_b=False, merge_heads=False
+) -> _Launch:
     """``a`` ``[T, *batch, M, K]`` times ``b`` ``[T, *batch, K, N]`` (int8, any strides), with
     the counts of their neurons after these steps (``[*batch, M, K]``, ``[*batch, K, N]``,
     any strides; None: zero before them). With ``inplace`` the neuron's ``count`` is given
@@ -524,7 +532,9 @@ def _prepare(launch, a, b, a_count, b_count, count, inplace, *, transpose_b=Fals
     old.
 
     ``transpose_b``: the kernel reads ``b``'s transpose ``[T, B, H, N, K]`` with K contiguous
-    (a copy only where K is strided) and its running counts in that layout."""
+    (a copy only where K is strided) and its running counts in that layout. ``merge_heads``:
+    the spikes come out ``[T, *batch[:-1], M, H * N]``, the last batch dim ``H`` merged into
+    the channels."""
     steps, batch = a.shape[0], a.shape[1:-2]
     m, n = a.shape[-2], b.shape[-1]
     a5 = _split_batch(a)
@@ -544,15 +554,24 @@ def _prepare(launch, a, b, a_count, b_count, count, inplace, *, transpose_b=Fals
         count_out = count_in
     else:
         count_out = torch.empty((nb, m, n), dtype=torch.int8, device=a.device)
+    h = a5.shape[2]
+    if merge_heads:
+        out = torch.empty((steps, *batch[:-1], m, h * n), dtype=torch.int8, device=a.device)
+        out5 = out.view(steps, -1, m, h, n).transpose(2, 3)
+    else:
+        out = torch.empty((steps, *batch, m, n), dtype=torch.int8, device=a.device)
+        out5 = out.view(steps, -1, h, m, n)
     return _Launch(
         a5,
         b5,
         a_prev,
         b_cur,
         a_count is not None and b_count is not None,
-        torch.empty((steps, *batch, m, n), dtype=torch.int8, device=a.device),
+        out,
+        out5,
         count_out,
         count_in,
+        (*batch, m, n),
     )
 
 
@@ -566,7 +585,7 @@ def _grid(p: _Launch, block_m: int) -> tuple[int]:
 
 
 def _results(p: _Launch) -> tuple[torch.Tensor, torch.Tensor]:
-    return p.out, p.count_out.reshape(p.out.shape[1:])
+    return p.out, p.count_out.reshape(p.count_shape)
 
 
 @on_device
@@ -643,13 +662,16 @@ def exact_context_triton(
     active: torch.Tensor | None = None,
     *,
     inplace: bool = False,
+    merge_heads: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Host side: ``a`` ``[T, *batch, M, N]``, ``v`` ``[T, *batch, N, D]`` int8 (any strides,
     at least one batch entry, ``1 <= D <= MAX_HEAD_DIM``, ``M, N >= 1``), their neurons'
     counts after these steps (any strides, or None), ``active`` ``[T, B]`` int32 contiguous
-    or None. Returns ``(spikes [T, *batch, M, D] int8, count int8)``: the count fresh, or
-    with ``inplace`` a view of the given one, written by the program that read it."""
-    p = _prepare(launch, a, v, a_count, v_count, count, inplace)
+    or None. Returns ``(spikes [T, *batch, M, D] int8, count int8)``, or with
+    ``merge_heads`` the spikes ``[T, *batch[:-1], M, H * D]`` (written there directly): the
+    count fresh, or with ``inplace`` a view of the given one, written by the program that
+    read it."""
+    p = _prepare(launch, a, v, a_count, v_count, count, inplace, merge_heads=merge_heads)
     m, n = a.shape[-2:]
     d = v.shape[-1]
     block_m, block_k, block_d, num_warps = context_config(d)
@@ -662,7 +684,7 @@ def exact_context_triton(
         theta_v,
         threshold,
         p.count_out if p.count_in is None else p.count_in,
-        p.out,
+        p.out5,
         p.count_out,
         p.count_out if active is None else active,
         a.shape[0],
@@ -672,6 +694,7 @@ def exact_context_triton(
         p.a.shape[2],
         *p.a.stride(),
         *p.b.stride(),
+        *p.out5.stride()[:4],
         n_min,
         p_max,
         *active_layout(active, _batch(p) * m),

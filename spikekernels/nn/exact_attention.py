@@ -63,15 +63,18 @@ class ExactContext(TargetNeuron):
         v: torch.Tensor,
         a_count: torch.Tensor | None = None,
         v_count: torch.Tensor | None = None,
+        *,
+        merge_heads: bool = False,
     ) -> torch.Tensor:
         """``a_count`` ``[*batch, M, N]`` and ``v_count`` ``[*batch, N, D]``: the counts of the
         attention and value neurons after these steps (any strides); None only on a fresh
-        input."""
+        input. ``merge_heads``: spikes ``[T, *batch[:-1], M, H * D]``, the last batch dim
+        merged into the channels (``ops.exact_context``)."""
         require_input_counts(self, a_count=a_count, v_count=v_count)
         spikes, self.count = exact_context(
             a, v, self.theta_a, self.theta_v, self.threshold, self.n_min, self.p_max,
             a_count, v_count, self.count, active=self.activity,
-            inplace=self.stateful_call(),
+            inplace=self.stateful_call(), merge_heads=merge_heads,
         )  # fmt: skip
         self.last_spikes = spikes[-1]
         return spikes
@@ -136,9 +139,10 @@ class ExactAttention(nn.Module):
         k_count = counts[:, :, 1].permute(0, 2, 3, 1)  # [B, H, Dh, N]
         v_count = counts[:, :, 2].transpose(1, 2)
         a = self.probs(q, k_t, q_count, k_count)  # [T, B, H, N, N]
-        context = self.context(a, v, self.probs.count, v_count)  # [T, B, H, N, Dh]
+        # [T, B, N, C]: the kernel writes the heads merged, as proj reads them
+        context = self.context(a, v, self.probs.count, v_count, merge_heads=True)
         merged = self.context.count.transpose(1, 2).reshape(b, n, c)  # its heads merged too
-        return self.proj(context.transpose(2, 3).reshape(t, b, n, c), merged)
+        return self.proj(context, merged)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, num_heads={self.num_heads}"

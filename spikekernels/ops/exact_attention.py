@@ -332,10 +332,24 @@ def exact_attention_probs(
 # context product + neuron
 
 
+def _merge_heads(spikes: torch.Tensor) -> torch.Tensor:
+    """``[T, *batch, M, D]`` -> ``[T, *batch[:-1], M, H * D]``, ``H = batch[-1]``."""
+    t, *batch, m, d = spikes.shape
+    return spikes.movedim(-3, -2).reshape(t, *batch[:-1], m, batch[-1] * d)
+
+
 def _check_context(
-    a, v, theta_a, theta_v, threshold, n_min, p_max, a_count, v_count, count, active, inplace
-) -> None:
+    a, v, theta_a, theta_v, threshold, n_min, p_max, a_count, v_count, count, active, inplace,
+    merge_heads,
+) -> None:  # fmt: skip
     """Metadata checks (no data read)."""
+    if not isinstance(merge_heads, bool):
+        raise TypeError(f"merge_heads must be a bool, got {type(merge_heads).__name__}")
+    if merge_heads and a.dim() < 4:
+        raise ValueError(
+            "merge_heads=True merges the last batch dim (the heads) into the channels: "
+            f"a needs one, [T, *batch, M, N], got shape {tuple(a.shape)}"
+        )
     _check_product(a, v, "a", "v", a_count, v_count)
     check_threshold(theta_a, "theta_a", None, a, "a")
     check_threshold(theta_v, "theta_v", None, a, "a")
@@ -392,14 +406,17 @@ def _exact_context_op(
     count: torch.Tensor | None = None,
     active: torch.Tensor | None = None,
     inplace: bool = False,
+    merge_heads: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     args = (a, v, theta_a, theta_v, threshold, n_min, p_max, a_count, v_count, count)
-    _check_context(*args, active, inplace)
+    _check_context(*args, active, inplace, merge_heads)
     backend = backend_for(a, ("triton", "torch"))
     if backend == "triton" and _fused_context_fits(a, v):
         from spikekernels.kernels.exact_attention import exact_context_triton
 
-        out = exact_context_triton(launcher, *args, active, inplace=inplace)
+        out = exact_context_triton(
+            launcher, *args, active, inplace=inplace, merge_heads=merge_heads
+        )
         return _triton_result(out, count, inplace)
     if backend == "reference":
         from spikekernels import reference
@@ -408,17 +425,20 @@ def _exact_context_op(
         record_active(active, out[0])
     else:
         out = exact_context_torch(*args, active)
+    if merge_heads:
+        out = (_merge_heads(out[0]), out[1])
     return _state_result(out, count, inplace)
 
 
 @_exact_context_op.register_fake
 def _(
     a, v, theta_a, theta_v, threshold, n_min, p_max, a_count=None, v_count=None, count=None,
-    active=None, inplace=False,
+    active=None, inplace=False, merge_heads=False,
 ):  # fmt: skip
     args = (a, v, theta_a, theta_v, threshold, n_min, p_max, a_count, v_count, count)
-    _check_context(*args, active, inplace)
-    return _fake_outputs(a, v, count, inplace)
+    _check_context(*args, active, inplace, merge_heads)
+    spikes, count_out = _fake_outputs(a, v, count, inplace)
+    return (_merge_heads(spikes) if merge_heads else spikes), count_out
 
 
 def exact_context(
@@ -435,6 +455,7 @@ def exact_context(
     *,
     active: torch.Tensor | None = None,
     inplace: bool = False,
+    merge_heads: bool = False,
     validate: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact-mode attention context: the context product and the neuron after it, fused
@@ -474,14 +495,18 @@ def exact_context(
         inplace: write the new ``count`` into the given one (required, contiguous, sharing
             no memory with an input) and return that same tensor (``ops._inplace``): a state
             at a fixed address, as a CUDA graph replays it.
+        merge_heads: return the spikes with the last batch dim (the heads, ``H``) merged
+            into the channels, ``[T, *batch[:-1], M, H * D]``: what the attention's
+            projection reads. The kernel writes them there, no copy.
         validate: on a GPU also run the data checks (host syncs): the three thresholds
             positive, finite and normal; the spikes ternary; every running count, from the
             count before the steps on, inside int8. On CPU they always run.
 
     Returns:
-        ``(spikes [T, *batch, M, D] int8, count)``, fresh tensors (with ``inplace``: the
-        given ``count``, updated), so chunked time (feeding the count back, with each
-        chunk's ``a_count``/``v_count``) equals a whole run bit for bit.
+        ``(spikes [T, *batch, M, D] int8, count)`` (with ``merge_heads`` the spikes
+        ``[T, *batch[:-1], M, H * D]``), fresh tensors (with ``inplace``: the given
+        ``count``, updated), so chunked time (feeding the count back, with each chunk's
+        ``a_count``/``v_count``) equals a whole run bit for bit.
 
     Dispatch: CUDA tensors run the Triton kernel (one program per batch entry and block of
     query rows, all head channels in one tile, the keys in slices; ``Z`` formed from the
@@ -492,8 +517,8 @@ def exact_context(
     Inference only: no autograd.
     """
     args = (a, v, theta_a, theta_v, threshold, n_min, p_max, a_count, v_count, count)
-    _check_context(*args, active, inplace)
+    _check_context(*args, active, inplace, merge_heads)
     scalars = ((theta_a, "theta_a"), (theta_v, "theta_v"), (threshold, "threshold"))
     _check_data(a, v, "a", "v", a_count, v_count, scalars, validate)
-    out = call_op("exact_context", *args, active, inplace)
+    out = call_op("exact_context", *args, active, inplace, merge_heads)
     return own_state(out, (1,), (count,)) if inplace else out
