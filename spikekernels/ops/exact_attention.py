@@ -21,6 +21,7 @@ from spikekernels.ops._checks import (
 from spikekernels.ops._dispatch import backend_for
 from spikekernels.ops._inplace import check_inplace, own_state, placeholder, state_result
 from spikekernels.ops._registry import call_op, kernel_op, launcher
+from spikekernels.ops.exact_linear import _count_before
 from spikekernels.ops.spike_matmul import spike_matmul_torch
 from spikekernels.ops.target import (
     check_bounds,
@@ -80,10 +81,10 @@ def _check_scalar(t: object, name: str, dtypes, like: torch.Tensor, like_name: s
     check_same_device(like_name, like, name, t)
 
 
-def count_before(x: torch.Tensor, after: torch.Tensor | None) -> torch.Tensor | None:
-    """The count of the neuron behind spikes ``x`` ``[T, ...]`` before these steps, from its
-    count ``after`` them: ``after - sum_t x_t`` (int32; None when ``after`` is None, i.e. 0)."""
-    return None if after is None else after.to(torch.int32) - x.sum(0, dtype=torch.int32)
+def _before(x: torch.Tensor, after: torch.Tensor | None) -> torch.Tensor | None:
+    """The count before these steps (int32) of the neuron behind spikes ``x``, from its count
+    ``after`` them; None (a count of 0) when ``after`` is None."""
+    return None if after is None else _count_before(x, after)
 
 
 def _check_counts_consistent(x, after, name: str, validate: bool) -> None:
@@ -93,7 +94,7 @@ def _check_counts_consistent(x, after, name: str, validate: bool) -> None:
     if not may_read_data(x, validate) or x.numel() == 0:
         return
     running = torch.cumsum(x, 0, dtype=torch.int32)
-    before = count_before(x, after)
+    before = _before(x, after)
     if before is not None:
         running = torch.cat([before[None], running + before])
     lo, hi = (int(v) for v in torch.aminmax(running))
@@ -122,7 +123,7 @@ def _running_product(a, b, a_count, b_count) -> torch.Tensor:
     it (``spike_matmul``'s dense path at scale 1, exact integers in float32, then an int32
     cumulative sum) onto ``S_{-1} = A_{-1} @ B_{-1}`` of the counts before these steps
     (``int_matmul``, exact), which are the counts after them less the spikes."""
-    a_in, b_in = count_before(a, a_count), count_before(b, b_count)
+    a_in, b_in = _before(a, a_count), _before(b, b_count)
     unit = torch.ones((), dtype=torch.float32, device=a.device)
     to_int8 = lambda t: None if t is None else t.to(torch.int8)  # noqa: E731
     step, _, _ = spike_matmul_torch(a, b, unit, to_int8(a_in), to_int8(b_in))
