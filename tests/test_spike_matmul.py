@@ -98,6 +98,23 @@ def test_transposed_view(gen, device, k):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("k", [64, 300])
+def test_packed_qkv_slices(gen, device, k):
+    """q, k^T and v as ``SpikeAttention`` slices them from the packed qkv spikes ``[T, B, N,
+    3, H, d]`` (batch dims that do not merge, read in place): the scores (the fused path at
+    d = 64, the split path at d = 300) and a context-like product of the value slice."""
+    T, b, h, n_tok = 3, 2, 3, 9
+    qkv = _spikes(gen, T, (b, n_tok, 3, h), 1, k, group_dim=-2)[..., 0, :].to(device)
+    q = qkv[:, :, :, 0].transpose(2, 3)  # [T, B, H, N, d]
+    keys_t = qkv[:, :, :, 1].permute(0, 1, 3, 4, 2)  # [T, B, H, d, N]
+    assert not q.is_contiguous() and not keys_t.is_contiguous()
+    _check(q, keys_t, _scale(gen, device), None, _counts(gen, keys_t.shape[1:]).to(device))
+    values = qkv[:, :, :, 2].transpose(2, 3)  # [T, B, H, N, d]: N = 9 is the contraction
+    attn = _spikes(gen, T, (b, h), 5, n_tok, group_dim=-1).to(device)
+    _check(attn, values, _scale(gen, device), _counts(gen, attn.shape[1:]).to(device), None)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_197_tokens(gen, device):
     """ViT's 197 tokens: four 64-row tiles, the last one 5 rows, some of them silent."""
     a = _spikes(gen, 2, (1,), 197, 33, group_dim=-2, silent=0.5).to(device)

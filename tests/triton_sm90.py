@@ -330,8 +330,8 @@ def spike_layernorm_neuron_cases() -> list[Case]:
 def spike_matmul_cases() -> list[Case]:
     from spikekernels.kernels import spike_matmul as sm
 
-    strides = ["stride_at", "stride_ab", "stride_am", "stride_ak"]
-    strides += ["stride_bt", "stride_bb", "stride_bk", "stride_bn", "stride_ot"]
+    strides = ["H", "stride_at", "stride_ab", "stride_ah", "stride_am", "stride_ak"]
+    strides += ["stride_bt", "stride_bb", "stride_bh", "stride_bk", "stride_bn", "stride_ot"]
     cases = []
     # Scores (b = k^T, a strided view) with K = 64 and a context-like plain b with K = 32.
     for k, transposed_b in [(64, True), (32, False)]:

@@ -78,8 +78,8 @@ def _load_k(ptrs, mask_k, EVEN_K: tl.constexpr):
 
 @triton.jit
 def spike_matmul_kernel(
-    a_ptr,  # [T, B, M, K] int8 spikes a_t, any strides
-    b_ptr,  # [T, B, K, N] int8 spikes b_t, any strides
+    a_ptr,  # [T, B, H, M, K] int8 spikes a_t, any strides (the batch flat: B * H)
+    b_ptr,  # [T, B, H, K, N] int8 spikes b_t, any strides
     scale_ptr,  # [1] float scale (theta_a * theta_b * extra)
     a_in_ptr,  # [B, M, K] int8 incoming count A, contiguous; read when HAS_A_IN
     b_in_ptr,  # [B, K, N] int8 incoming count B, contiguous; read when HAS_B_IN
@@ -90,15 +90,18 @@ def spike_matmul_kernel(
     M,
     N,
     K,
+    H,
     stride_at,
     stride_ab,
+    stride_ah,
     stride_am,
     stride_ak,
     stride_bt,
     stride_bb,
+    stride_bh,
     stride_bk,
     stride_bn,
-    stride_ot,  # B * M * N
+    stride_ot,  # B * H * M * N
     HAS_A_IN: tl.constexpr,
     HAS_B_IN: tl.constexpr,
     EVEN_M: tl.constexpr,  # M % BLOCK_M == 0
@@ -133,8 +136,8 @@ def spike_matmul_kernel(
     # Scalar base pointers advance through time and batch; the tile offsets inside one
     # [M, K] / [K, N] / [M, N] slab are loop-invariant int32 (the host guarantees they fit),
     # which keeps per-element pointers out of the loop-carried registers.
-    a_ptr += bid * stride_ab
-    b_ptr += bid * stride_bb
+    a_ptr += (bid // H) * stride_ab + (bid % H) * stride_ah
+    b_ptr += (bid // H) * stride_bb + (bid % H) * stride_bh
     out_ptr += bid * M * N
     a_offs = rows[:, None] * stride_am + offs_k[None, :] * stride_ak
     b_offs = offs_k[:, None] * stride_bk + cols[None, :] * stride_bn
@@ -256,8 +259,8 @@ def running_count_kernel(
 
 @triton.jit
 def spike_matmul_split_kernel(
-    a_ptr,  # [T, B, M, K] int8 spikes a_t, any strides
-    b_ptr,  # [T, B, K, N] int8 spikes b_t, any strides
+    a_ptr,  # [T, B, H, M, K] int8 spikes a_t, any strides (the batch flat: B * H)
+    b_ptr,  # [T, B, H, K, N] int8 spikes b_t, any strides
     a_prev_ptr,  # [T, B, M, K] int8 A_{t-1}, contiguous
     b_cur_ptr,  # [T, B, K, N] int8 B_t, contiguous
     scale_ptr,  # [1] float scale
@@ -266,12 +269,15 @@ def spike_matmul_split_kernel(
     M,
     N,
     K,
+    H,
     stride_at,
     stride_ab,
+    stride_ah,
     stride_am,
     stride_ak,
     stride_bt,
     stride_bb,
+    stride_bh,
     stride_bk,
     stride_bn,
     stride_ot,  # B * M * N
@@ -298,8 +304,10 @@ def spike_matmul_split_kernel(
     mask_o = mask_m[:, None] & mask_n[None, :]
 
     # Spike strides are arbitrary (views): their offsets in int64.
-    a_base = a_ptr + bid * stride_ab + offs_m.to(tl.int64)[:, None] * stride_am
-    b_base = b_ptr + bid * stride_bb + offs_n.to(tl.int64)[None, :] * stride_bn
+    a_ptr += (bid // H) * stride_ab + (bid % H) * stride_ah
+    b_ptr += (bid // H) * stride_bb + (bid % H) * stride_bh
+    a_base = a_ptr + offs_m.to(tl.int64)[:, None] * stride_am
+    b_base = b_ptr + offs_n.to(tl.int64)[None, :] * stride_bn
     a_cnt_base = a_prev_ptr + bid * M * K + offs_m[:, None] * K
     b_cnt_base = b_cur_ptr + bid * K * N + offs_n[None, :]
     out_ptrs = out_ptr + bid * M * N + offs_m[:, None] * N + offs_n[None, :]
@@ -325,15 +333,6 @@ def spike_matmul_split_kernel(
         a_cnt_base += stride_a_prev_t
         b_cnt_base += stride_b_cur_t
         out_ptrs += stride_ot
-
-
-def _flatten_batch(x: torch.Tensor) -> torch.Tensor:
-    """``[T, *batch, R, C]`` -> ``[T, B, R, C]``: a view whenever the batch dims allow it (a
-    transposed ``k`` does), a copy otherwise; also a copy in the rare layout whose offsets
-    inside one ``[R, C]`` slab would not fit the kernels' int32 tile offsets."""
-    x = x.reshape(x.shape[0], -1, x.shape[-2], x.shape[-1])
-    span = (x.shape[-2] - 1) * x.stride(-2) + (x.shape[-1] - 1) * x.stride(-1)
-    return x if span < 2**31 else x.contiguous()
 
 
 def _split_batch(x: torch.Tensor) -> torch.Tensor:
@@ -407,7 +406,8 @@ def spike_matmul_triton(
     a_acc: torch.Tensor | None,
     b_acc: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Host side: flatten the batch dims (no copy for the usual views), allocate, launch.
+    """Host side: split the batch dims (``_split_batch``: no copy for the usual views, the
+    head slices of a packed qkv included), allocate, launch.
 
     Needs ``M, N, K >= 1`` and at least one batch entry; the op handles empty shapes.
     """
@@ -415,8 +415,8 @@ def spike_matmul_triton(
     batch = a.shape[1:-2]
     m, k = a.shape[-2:]
     n = b.shape[-1]
-    a4, b4 = _flatten_batch(a), _flatten_batch(b)
-    nb = a4.shape[1]
+    a5, b5 = _split_batch(a), _split_batch(b)
+    nb = a5.shape[1] * a5.shape[2]
     out = torch.empty((T, *batch, m, n), dtype=torch.float32, device=a.device)
     a_in = None if a_acc is None else a_acc.reshape(nb, m, k).contiguous()
     b_in = None if b_acc is None else b_acc.reshape(nb, k, n).contiguous()
@@ -427,8 +427,8 @@ def spike_matmul_triton(
         b_out = torch.empty((*batch, k, n), dtype=torch.int8, device=a.device)
         grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n) * nb,)
         launch(spike_matmul_kernel)[grid](
-            a4,
-            b4,
+            a5,
+            b5,
             scale,
             a_out if a_in is None else a_in,
             b_out if b_in is None else b_in,
@@ -439,8 +439,9 @@ def spike_matmul_triton(
             m,
             n,
             k,
-            *a4.stride(),
-            *b4.stride(),
+            a5.shape[2],
+            *a5.stride(),
+            *b5.stride(),
             nb * m * n,
             HAS_A_IN=a_in is not None,
             HAS_B_IN=b_in is not None,
@@ -454,17 +455,19 @@ def spike_matmul_triton(
         )
         return out, a_out, b_out
 
-    a_out = torch.empty((nb, 1, m, k), dtype=torch.int8, device=a.device)
-    b_out = torch.empty((nb, 1, k, n), dtype=torch.int8, device=a.device)
-    a_known = None if a_in is None else a_in.unsqueeze(1)
-    b_known = None if b_in is None else b_in.unsqueeze(1)
-    a_prev = _running_counts(launch, a4.unsqueeze(2), a_known, exclusive=True, final=a_out)
-    b_cur = _running_counts(launch, b4.unsqueeze(2), b_known, exclusive=False, final=b_out)
+    # the counts [B, H, R, C], split as the spikes are
+    split = a5.shape[1:3]
+    a_out = torch.empty((*split, m, k), dtype=torch.int8, device=a.device)
+    b_out = torch.empty((*split, k, n), dtype=torch.int8, device=a.device)
+    a_known = None if a_in is None else a_in.view(*split, m, k)
+    b_known = None if b_in is None else b_in.view(*split, k, n)
+    a_prev = _running_counts(launch, a5, a_known, exclusive=True, final=a_out)
+    b_cur = _running_counts(launch, b5, b_known, exclusive=False, final=b_out)
     block_m, block_n, block_k, num_warps = split_config()
     grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n) * nb,)
     launch(spike_matmul_split_kernel)[grid](
-        a4,
-        b4,
+        a5,
+        b5,
         a_prev,
         b_cur,
         scale,
@@ -473,8 +476,9 @@ def spike_matmul_triton(
         m,
         n,
         k,
-        *a4.stride(),
-        *b4.stride(),
+        a5.shape[2],
+        *a5.stride(),
+        *b5.stride(),
         nb * m * n,
         nb * m * k,
         nb * k * n,

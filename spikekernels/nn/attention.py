@@ -122,9 +122,10 @@ class SpikeAttention(nn.Module):
             raise ValueError(f"s has {c} channels, the attention expects {self.dim}")
         dh = c // h
         qkv = self.qkv(s).view(t, b, n, 3, h, dh)
-        q = qkv[:, :, :, 0].transpose(2, 3).contiguous()  # [T, B, H, N, Dh]
-        k_t = qkv[:, :, :, 1].permute(0, 1, 3, 4, 2)  # [T, B, H, Dh, N], strided
-        v = qkv[:, :, :, 2].transpose(2, 3)  # [T, B, H, N, Dh], strided
+        # strided views of the packed qkv, read in place by the spike products
+        q = qkv[:, :, :, 0].transpose(2, 3)  # [T, B, H, N, Dh]
+        k_t = qkv[:, :, :, 1].permute(0, 1, 3, 4, 2)  # [T, B, H, Dh, N]
+        v = qkv[:, :, :, 2].transpose(2, 3)  # [T, B, H, N, Dh]
         attn = self.attn_if(self.softmax(self.scores(q, k_t)))
         context = self.after_attn_if(self.context(attn, v))  # [T, B, H, N, Dh]
         merged = context.transpose(2, 3).reshape(t, b, n, c)
