@@ -335,6 +335,11 @@ def spike_matmul_split_kernel(
         out_ptrs += stride_ot
 
 
+def _split_dims(batch: tuple[int, ...]) -> tuple[int, int]:
+    """The kernels' two batch dims ``(-1, H)``: ``H`` the last batch dim (1 without one)."""
+    return -1, batch[-1] if batch else 1
+
+
 def _split_batch(x: torch.Tensor) -> torch.Tensor:
     """``[T, *batch, R, C]`` -> ``[T, B, H, R, C]``, ``H`` the last batch dim (1 without
     one) and ``B`` the others: a view whenever the leading batch dims merge, so the heads of
@@ -342,8 +347,7 @@ def _split_batch(x: torch.Tensor) -> torch.Tensor:
     in place; a copy otherwise, and in the rare layout whose offsets inside one ``[R, C]``
     slab would not fit the kernels' int32 tile offsets. Kernels take the flat batch index
     ``i`` as ``(i // H, i % H)``."""
-    batch = x.shape[1:-2]
-    x = x.reshape(x.shape[0], -1, batch[-1] if batch else 1, x.shape[-2], x.shape[-1])
+    x = x.reshape(x.shape[0], *_split_dims(x.shape[1:-2]), x.shape[-2], x.shape[-1])
     span = (x.shape[-2] - 1) * x.stride(-2) + (x.shape[-1] - 1) * x.stride(-1)
     return x if span < 2**31 else x.contiguous()
 
@@ -351,8 +355,7 @@ def _split_batch(x: torch.Tensor) -> torch.Tensor:
 def _split_state(x: torch.Tensor) -> torch.Tensor:
     """A count ``[*batch, R, C]`` as ``[B, H, R, C]``, split as ``_split_batch`` splits the
     spikes: a view whenever the leading batch dims merge, a copy otherwise."""
-    batch = x.shape[:-2]
-    return x.reshape(-1, batch[-1] if batch else 1, x.shape[-2], x.shape[-1])
+    return x.reshape(*_split_dims(x.shape[:-2]), x.shape[-2], x.shape[-1])
 
 
 def _running_counts(
