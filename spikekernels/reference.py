@@ -580,6 +580,47 @@ def exact_context(
 __all__ += ["exact_attention_probs", "exact_context"]
 
 
+def spike_attention_probs(
+    q: torch.Tensor,
+    k_t: torch.Tensor,
+    scale: torch.Tensor,
+    threshold: torch.Tensor,
+    n_min: int,
+    p_max: int,
+    q_count: torch.Tensor | None = None,
+    k_count: torch.Tensor | None = None,
+    state: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Float-mode attention probabilities (SPEC.md §5, §3, §2), step by step: the scores
+    spike product of ``q`` ``[T, *, M, D]`` and ``k_t`` ``[T, *, D, N]`` (their running
+    counts start from their neurons' counts after these steps less the spikes; None: 0),
+    Spike-Softmax over the keys, and the ST-BIF neuron on its differences. The softmax is the
+    library's row function, ``exact_math.softmax_rows``, which the fused kernel implements
+    operation for operation. ``state``: ``(X, Y_prev, v, s)`` ``[*, M, N]`` (float32 x3,
+    int8), fresh ``(0, 0, 0.5, 0)``. Returns ``(spikes int8 [T, *, M, N], state)``."""
+    from spikekernels.exact_math import softmax_rows
+
+    e, _, _ = spike_matmul(q, k_t, scale, _count_before(q, q_count), _count_before(k_t, k_count))
+    shape = e.shape[1:]
+    if state is None:
+        x = torch.zeros(shape, dtype=torch.float32, device=q.device)
+        y, v = x.clone(), torch.full_like(x, 0.5)
+        s = torch.zeros(shape, dtype=torch.int8, device=q.device)
+    else:
+        x, y, v, s = (t.clone() for t in state)
+    spikes = []
+    for t in range(e.shape[0]):
+        x = x + e[t]
+        y_new = softmax_rows(x) if x.numel() else x
+        sigma, v, s = st_bif_step(y_new - y, threshold, n_min, p_max, v, s)
+        y = y_new
+        spikes.append(sigma)
+    return torch.stack(spikes), (x, y, v, s)
+
+
+__all__ += ["spike_attention_probs"]
+
+
 def exact_residual_add(
     d: torch.Tensor | None,
     spikes: torch.Tensor,

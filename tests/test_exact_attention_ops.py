@@ -958,17 +958,18 @@ if TRITON_AVAILABLE:
     import triton
     import triton.language as tl
 
-    from spikekernels.kernels.exact_attention import softmax_columns
+    from spikekernels.kernels.exact_attention import _mul, softmax_columns
 
     @triton.jit
     def _softmax_columns_kernel(s_ptr, g_ptr, out_ptr, N, ROWS: tl.constexpr, WIDTH: tl.constexpr):
-        """``softmax_columns`` of int32 scores ``[ROWS, N]`` read transposed, ``[WIDTH, ROWS]``
-        with the keys padded to ``WIDTH``, as the scores kernel holds them."""
+        """``softmax_columns`` of the values of int32 scores ``[ROWS, N]`` read transposed,
+        ``[WIDTH, ROWS]`` with the keys padded to ``WIDTH``, as the scores kernel holds them."""
         keys, rows = tl.arange(0, WIDTH), tl.arange(0, ROWS)
         mask = keys < N
         offs = rows[None, :] * N + keys[:, None]
         s = tl.load(s_ptr + offs, mask=mask[:, None], other=0)
-        probs = softmax_columns(s, tl.load(g_ptr), mask, WIDTH, ROWS, WIDTH.bit_length() - 1)
+        z = _mul(tl.load(g_ptr), s.to(tl.float32))
+        probs = softmax_columns(z, mask, WIDTH, ROWS, WIDTH.bit_length() - 1)
         tl.store(out_ptr + offs, probs, mask=mask[:, None])
 
 

@@ -853,6 +853,54 @@ def exact_residual_cases() -> list[Case]:
     ]
 
 
+def spike_attention_cases() -> list[Case]:
+    from spikekernels.kernels import spike_attention as sa
+
+    # ViT: 197 tokens (BLOCK_N 256), head dim 64, the operands head-dim contiguous as the
+    # host hands them over (see exact_attention_cases); int8 wgmma for the scores, the
+    # softmax and the neuron's divisions correctly rounded, no contracted multiply-add
+    block_m, block_n, block_d, num_warps = sa.probs_config(197)
+    strides = ["stride_qt", "stride_qb", "stride_qh", "stride_qm"]
+    strides += ["stride_kt", "stride_kb", "stride_kh", "stride_kn"]
+    signature = {name: "*i8" for name in ["q_ptr", "k_ptr", "q_prev_ptr", "k_cur_ptr"]}
+    signature |= {"scale_ptr": "*fp32", "theta_ptr": "*fp32"}
+    signature |= {name: "*fp32" for name in ["x_in_ptr", "y_in_ptr", "v_in_ptr"]}
+    signature |= {"s_in_ptr": "*i8", "out_ptr": "*i8"}
+    signature |= {name: "*fp32" for name in ["x_out_ptr", "y_out_ptr", "v_out_ptr"]}
+    signature |= {"s_out_ptr": "*i8", "active_ptr": "*i32"}
+    signature |= {
+        name: "i32"
+        for name in ["T", "M", "N", "D", "H", *strides, "n_min", "p_max", "samples"]
+        + ["rows_per_sample"]
+    }
+    cases = []
+    for state, active in [(False, False), (True, False), (False, True), (True, True)]:
+        constexprs = dict(
+            stride_qd=1,
+            stride_kd=1,
+            HAS_STATE=state,
+            HAS_ACTIVE=active,
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+            BLOCK_D=block_d,
+            LOG2_N=block_n.bit_length() - 1,
+        )
+        cases.append(
+            Case(
+                f"spike_attention_probs N=197 D=64 state={state} active={active}",
+                sa.spike_attention_probs_kernel,
+                signature,
+                constexprs,
+                num_warps=num_warps,
+                aligned=["D", *strides],
+                ptx_must_contain=["wgmma", ".s32.s8.s8", "div.rn.f32"],
+                ptx_must_not_contain=["div.full.f32", "div.approx", "div.rn.ftz", "mul.f32"],
+                no_contracted_fma=True,
+            )
+        )
+    return cases
+
+
 CASE_FACTORIES = [
     neuron_cases,
     spike_linear_cases,
@@ -864,6 +912,7 @@ CASE_FACTORIES = [
     exact_linear_cases,
     exact_layernorm_cases,
     exact_attention_cases,
+    spike_attention_cases,
     exact_residual_cases,
 ]
 

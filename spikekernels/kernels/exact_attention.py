@@ -161,13 +161,10 @@ def exp_rows(x):
 
 
 @triton.jit
-def softmax_columns(
-    s, gain, key_mask, KEYS: tl.constexpr, COLS: tl.constexpr, LOG2_KEYS: tl.constexpr
-):
-    """``exact_math.softmax_rows(exact_math.score_value(s, gain))`` of each column of the
-    int32 transposed scores ``s`` ``[KEYS, COLS]`` (a column is one query's row of scores),
-    over the lanes where ``key_mask`` ``[KEYS]`` holds."""
-    z = _mul(gain, s.to(tl.float32))
+def softmax_columns(z, key_mask, KEYS: tl.constexpr, COLS: tl.constexpr, LOG2_KEYS: tl.constexpr):
+    """``exact_math.softmax_rows`` of each column of the float32 transposed scores ``z``
+    ``[KEYS, COLS]`` (a column is one query's row of scores), over the lanes where
+    ``key_mask`` ``[KEYS]`` holds."""
     peak = tl.max(tl.where(key_mask[:, None], z, float("-inf")), axis=0)  # exact in any order
     peak = tl.where(peak == float("-inf"), 0.0, peak)
     # padded keys: exp of 0 (no inf - inf on the way), then an exact zero
@@ -184,8 +181,49 @@ def _attention_neuron(
     LOG2_KEYS: tl.constexpr,
 ):  # fmt: skip
     """The attention neuron's step on the softmax of the transposed scores ``s``: sigma."""
-    probs = softmax_columns(s, gain, mask_n, KEYS, COLS, LOG2_KEYS)
+    # exact_math.score_value, then the row function
+    probs = softmax_columns(_mul(gain, s.to(tl.float32)), mask_n, KEYS, COLS, LOG2_KEYS)
     return target_step(probs, theta, count, n_min, p_max)
+
+
+@triton.jit
+def scores_step(
+    s, q_ptr, k_ptr, q_prev_ptr, k_cur_ptr, offs_m, offs_n, offs_d, mask_m, mask_n, D,
+    stride_qm, stride_qd, stride_kn, stride_kd, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """One step of the transposed scores product: ``s += K_t @ q_t^T + k_t @ Q_{t-1}^T``
+    (``[keys, queries]`` int32, exact) over the head dim in ``BLOCK_D`` slices, the pointers
+    at this step's spikes (``stride_*``) and running counts (contiguous ``[R, D]``). Returns
+    ``(s, moved)``: ``moved`` is nonzero when any slice held a spike (else ``s`` is
+    unchanged)."""
+    moved = tl.full((), 0, tl.int32)
+    for d0 in range(0, D, BLOCK_D):
+        ds = d0 + offs_d
+        mask_q = (ds < D)[:, None] & mask_m[None, :]
+        mask_k = mask_n[:, None] & (ds < D)[None, :]
+        # a silent spike tile skips its dot and the read of the count it would multiply;
+        # the key term first, so that the key spike tile is dead before the key count
+        # tile is read (integer sums: the order is free)
+        k_t = tl.load(
+            k_ptr + (offs_n[:, None] * stride_kn + ds[None, :] * stride_kd),
+            mask=mask_k,
+            other=0,
+        )
+        k_any = _any_spike(k_t)
+        if k_any:
+            q_cnt = tl.load(q_prev_ptr + (offs_m[None, :] * D + ds[:, None]), mask=mask_q, other=0)
+            s = tl.dot(k_t, q_cnt, s, out_dtype=tl.int32)
+        q_t = tl.load(
+            q_ptr + (offs_m[None, :] * stride_qm + ds[:, None] * stride_qd),
+            mask=mask_q,
+            other=0,
+        )
+        q_any = _any_spike(q_t)
+        if q_any:
+            k_cnt = tl.load(k_cur_ptr + (offs_n[:, None] * D + ds[None, :]), mask=mask_k, other=0)
+            s = tl.dot(k_cnt, q_t, s, out_dtype=tl.int32)
+        moved = moved | k_any.to(tl.int32) | q_any.to(tl.int32)
+    return s, moved
 
 
 @triton.jit
@@ -283,37 +321,10 @@ def exact_attention_probs_kernel(
     if HAS_COUNT:  # whether the tile fired at the last step (at first: unknown, so yes)
         fired = tl.full((), 1, tl.int32)
     for _ in range(T):
-        moved = tl.full((), 0, tl.int32)  # whether S changed at this step
-        for d0 in range(0, D, BLOCK_D):
-            ds = d0 + offs_d
-            mask_q = (ds < D)[:, None] & mask_m[None, :]
-            mask_k = mask_n[:, None] & (ds < D)[None, :]
-            # a silent spike tile skips its dot and the read of the count it would multiply;
-            # the key term first, so that the key spike tile is dead before the key count
-            # tile is read (integer sums: the order is free)
-            k_t = tl.load(
-                k_ptr + (offs_n[:, None] * stride_kn + ds[None, :] * stride_kd),
-                mask=mask_k,
-                other=0,
-            )
-            k_any = _any_spike(k_t)
-            if k_any:
-                q_cnt = tl.load(
-                    q_prev_ptr + (offs_m[None, :] * D + ds[:, None]), mask=mask_q, other=0
-                )
-                s = tl.dot(k_t, q_cnt, s, out_dtype=tl.int32)
-            q_t = tl.load(
-                q_ptr + (offs_m[None, :] * stride_qm + ds[:, None] * stride_qd),
-                mask=mask_q,
-                other=0,
-            )
-            q_any = _any_spike(q_t)
-            if q_any:
-                k_cnt = tl.load(
-                    k_cur_ptr + (offs_n[:, None] * D + ds[None, :]), mask=mask_k, other=0
-                )
-                s = tl.dot(k_cnt, q_t, s, out_dtype=tl.int32)
-            moved = moved | k_any.to(tl.int32) | q_any.to(tl.int32)
+        s, moved = scores_step(
+            s, q_ptr, k_ptr, q_prev_ptr, k_cur_ptr, offs_m, offs_n, offs_d, mask_m, mask_n, D,
+            stride_qm, stride_qd, stride_kn, stride_kd, BLOCK_D,
+        )  # fmt: skip
         # The softmax and the neuron run on silent steps too (the neuron may still be moving
         # toward its target), unless the tile is quiet: S did not change and no neuron fired
         # at the last step, so every target equals its count (sigma = sign(target - count)

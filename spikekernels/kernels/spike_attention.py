@@ -1,0 +1,256 @@
+"""Fused float-mode attention probabilities (SPEC.md §5, §3, §2): the scores spike product,
+Spike-Softmax and the attention neuron, the T loop inside one launch.
+
+Unfused, float mode writes the scores increments ``[T, B, H, N, N]`` in float32, Spike-Softmax
+reads them and writes its float32 differences, and the neuron reads those: about 17 bytes
+per score element and step at ViT sizes, the largest term of float-mode attention. Here
+only the int8 spikes leave the kernel each step; the state (running scores ``X``, last
+softmax ``Y``, membrane ``v``: float32; count ``s``: int8) is read once and written once per
+call.
+
+One program per (batch entry, block of ``BLOCK_M`` query rows), all ``N`` keys in one tile,
+transposed (``[keys, queries]``) as in ``kernels.exact_attention``, for the same reason: the
+keys are the tensor cores' M and each query's softmax runs down a column. Per step:
+
+- ``delta^T = K_t q_t^T + k_t Q_{t-1}^T``, int8 ``tl.dot`` into int32 (exact), silent spike
+  slices skipped (``exact_attention.scores_step``);
+- ``X += fl32(scale * fl32(delta))`` (``spike_matmul``'s one scaling, then Spike-Softmax's
+  running sum);
+- ``Y = softmax_rows(X)``: the library's row function (``exact_math.softmax_rows``, the same
+  code as exact mode's: max, ``exp_rows``, ``tree_sum``'s order, a correctly rounded
+  division), so every device gives the same bits; within SPEC.md §8's softmax tolerance;
+- ``u = Y - Y_prev``, then the ST-BIF step on ``u`` (``kernels.neuron.st_bif_step``);
+- unlike exact mode's kernel, no step skips the softmax and the neuron on a *quiet* tile
+  (no spike this step, none fired at the last): the float state holds three more tiles
+  than exact mode's count, and every variant of that branch spilled on sm_90 (8-120 B a
+  thread at 16 query rows, 8 warps), while 8 query rows lose wgmma. The softmax is about
+  60 ALU operations per element and step.
+
+The running counts ``Q_{t-1}``, ``K_t`` come from ``running_count_kernel`` as in exact mode.
+Products feeding an add are ``fma(a, b, +0.0)`` (no contraction), divisions ``div_rn``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from spikekernels.kernels import INTERPRET, on_device
+from spikekernels.kernels.activity import active_layout
+from spikekernels.kernels.exact_attention import (
+    MAX_KEYS,
+    _batch,
+    _grid,
+    _mul,
+    _prepare,
+    scores_step,
+    softmax_columns,
+)
+from spikekernels.kernels.neuron import st_bif_step
+
+__all__ = ["MAX_KEYS", "spike_attention_probs_triton"]
+
+# (BLOCK_M, BLOCK_D, num_warps): the float state adds three [keys, queries] float32 tiles
+# (X, Y, v) to what exact mode's kernel holds, so 8 query rows a program on a GPU (a wgmma
+# N of 8) keep them in registers; tests/triton_sm90.py records the count. Untuned.
+_GPU = (16, 32, 8)
+_INTERPRET = (16, 32, 4)
+
+
+def probs_config(n: int) -> tuple[int, int, int, int]:
+    """``(BLOCK_M, BLOCK_N, BLOCK_D, num_warps)`` for ``n`` keys (padded to a power of two,
+    at least 16)."""
+    block_m, block_d, num_warps = _INTERPRET if INTERPRET else _GPU
+    return block_m, max(16, triton.next_power_of_2(n)), block_d, num_warps
+
+
+@triton.jit
+def _softmax_neuron(x, y, v, count, mask_n, theta, n_min, p_max, KEYS, COLS, LOG2_KEYS):
+    """Spike-Softmax's difference and the ST-BIF step on it: ``(sigma, Y, v, count)``."""
+    y_new = softmax_columns(x, mask_n, KEYS, COLS, LOG2_KEYS)
+    sigma, v, count = st_bif_step(y_new - y, theta, v, count.to(tl.int32), n_min, p_max)
+    return sigma, y_new, v, count.to(tl.int8)
+
+
+@triton.jit
+def spike_attention_probs_kernel(
+    q_ptr,  # [T, B, H, M, D] int8 query spikes q_t, any strides (the batch flat: B * H)
+    k_ptr,  # [T, B, H, N, D] int8 key spikes k_t, any strides
+    q_prev_ptr,  # [T, B, M, D] int8 running query count before step t, Q_{t-1}, contiguous
+    k_cur_ptr,  # [T, B, N, D] int8 running key count after step t, K_t, contiguous
+    scale_ptr,  # [1] float32 scores scale
+    theta_ptr,  # [1] attention neuron's threshold (any float dtype)
+    x_in_ptr,  # [B, M, N] float32 running scores X (HAS_STATE only)
+    y_in_ptr,  # [B, M, N] float32 last softmax Y (HAS_STATE only)
+    v_in_ptr,  # [B, M, N] float32 membrane (HAS_STATE only)
+    s_in_ptr,  # [B, M, N] int8 count (HAS_STATE only)
+    out_ptr,  # [T, B, M, N] int8 spikes
+    x_out_ptr,
+    y_out_ptr,
+    v_out_ptr,
+    s_out_ptr,
+    active_ptr,  # [T, samples] int32 flags, set where a sample fires (HAS_ACTIVE only)
+    T,
+    M,
+    N,
+    D,
+    H,
+    stride_qt,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_qd,
+    stride_kt,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_kd,
+    n_min,
+    p_max,
+    samples,  # (HAS_ACTIVE only)
+    rows_per_sample,  # rows of the flattened [B * M] (HAS_ACTIVE only)
+    HAS_STATE: tl.constexpr,
+    HAS_ACTIVE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    LOG2_N: tl.constexpr,
+):
+    """Per step: ``X += fl32(scale * fl32(K_t q_t^T + k_t Q_{t-1}^T))``; ``Y =
+    softmax_rows(X)``; ST-BIF on ``Y - Y_prev``; ``active[t, row // rows_per_sample] = 1``
+    where a query row fires. Tiles are transposed, ``[BLOCK_N keys, BLOCK_M queries]``."""
+    num_m = tl.cdiv(M, BLOCK_M)
+    pid = tl.program_id(0)
+    bid = (pid // num_m).to(tl.int64)
+    nb = tl.num_programs(0) // num_m
+    offs_m = (pid % num_m) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    mask_s = mask_n[:, None] & mask_m[None, :]
+
+    q_ptr += (bid // H) * stride_qb + (bid % H) * stride_qh
+    k_ptr += (bid // H) * stride_kb + (bid % H) * stride_kh
+    q_prev_ptr += bid * M * D
+    k_cur_ptr += bid * N * D
+    out_ptr += bid * M * N
+    s_offs = offs_m[None, :] * N + offs_n[:, None]  # element (key n, query m) of [M, N]
+    # scalar 64-bit bases, int32 tile offsets: no 64-bit offset tile lives across the loop
+    state = bid * M * N
+    step_q = nb.to(tl.int64) * M * D
+    step_k = nb.to(tl.int64) * N * D
+    step_s = nb.to(tl.int64) * M * N
+
+    if HAS_STATE:
+        x = tl.load((x_in_ptr + state) + s_offs, mask=mask_s, other=0.0)
+        y = tl.load((y_in_ptr + state) + s_offs, mask=mask_s, other=0.0)
+        v = tl.load((v_in_ptr + state) + s_offs, mask=mask_s, other=0.5)
+        count = tl.load((s_in_ptr + state) + s_offs, mask=mask_s, other=0)
+    else:
+        x = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        y = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        v = tl.full([BLOCK_N, BLOCK_M], 0.5, tl.float32)
+        count = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.int8)
+    scale = tl.load(scale_ptr)
+    theta = tl.load(theta_ptr).to(tl.float32)
+    if HAS_ACTIVE:
+        # A program's query rows belong to one batch entry and head, hence to one sample:
+        # its flag is one store of the tile's ``fired``, no per-column reduction.
+        active_ptr += bid * M // rows_per_sample
+
+    for _ in range(T):
+        delta, moved = scores_step(  # every step runs the softmax: `moved` unused
+            tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.int32), q_ptr, k_ptr, q_prev_ptr, k_cur_ptr,
+            offs_m, offs_n, offs_d, mask_m, mask_n, D, stride_qm, stride_qd, stride_kn,
+            stride_kd, BLOCK_D,
+        )  # fmt: skip
+        x = x + _mul(scale, delta.to(tl.float32))
+        sigma, y, v, count = _softmax_neuron(
+            x, y, v, count, mask_n, theta, n_min, p_max, BLOCK_N, BLOCK_M, LOG2_N
+        )
+        if HAS_ACTIVE:
+            fired = tl.max(tl.abs(tl.where(mask_s, sigma, 0)))
+        tl.store(out_ptr + s_offs, sigma.to(tl.int8), mask=mask_s)
+        if HAS_ACTIVE:
+            if fired != 0:
+                tl.store(active_ptr, 1)
+            active_ptr += samples
+        q_ptr += stride_qt
+        k_ptr += stride_kt
+        q_prev_ptr += step_q
+        k_cur_ptr += step_k
+        out_ptr += step_s
+
+    tl.store((x_out_ptr + state) + s_offs, x, mask=mask_s)
+    tl.store((y_out_ptr + state) + s_offs, y, mask=mask_s)
+    tl.store((v_out_ptr + state) + s_offs, v, mask=mask_s)
+    tl.store((s_out_ptr + state) + s_offs, count, mask=mask_s)
+
+
+@on_device
+def spike_attention_probs_triton(
+    launch,
+    q: torch.Tensor,
+    k_t: torch.Tensor,
+    scale: torch.Tensor,
+    threshold: torch.Tensor,
+    n_min: int,
+    p_max: int,
+    q_count: torch.Tensor | None,
+    k_count: torch.Tensor | None,
+    state: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None,
+    active: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, ...]:
+    """Host side: ``q`` ``[T, *batch, M, D]``, ``k_t`` ``[T, *batch, D, N]`` int8 (any
+    strides, at least one batch entry, ``1 <= N <= MAX_KEYS``, ``M, D >= 1``), their
+    neurons' counts after these steps (any strides, or None), ``state`` ``(X, Y, v, s)``
+    ``[*batch, M, N]`` or None, ``active`` ``[T, B]`` int32 contiguous or None. Returns
+    ``(spikes [T, *batch, M, N] int8, X, Y, v, s)``, the state fresh tensors."""
+    s_in = None if state is None else state[3]
+    p = _prepare(launch, q, k_t, q_count, k_count, s_in, False, transpose_b=True)
+    m, d = q.shape[-2:]
+    n = k_t.shape[-1]
+    nb = _batch(p)
+    floats = [torch.empty((nb, m, n), dtype=torch.float32, device=q.device) for _ in range(3)]
+    if state is None:
+        x_in, y_in, v_in = floats
+    else:
+        x_in, y_in, v_in = (t.reshape(nb, m, n).contiguous() for t in state[:3])
+    block_m, block_n, block_d, num_warps = probs_config(n)
+    launch(spike_attention_probs_kernel)[_grid(p, block_m)](
+        p.a,
+        p.b,
+        p.a_prev,
+        p.b_cur,
+        scale,
+        threshold,
+        x_in,
+        y_in,
+        v_in,
+        p.count_out if p.count_in is None else p.count_in,
+        p.out,
+        *floats,
+        p.count_out,
+        p.count_out if active is None else active,
+        q.shape[0],
+        m,
+        n,
+        d,
+        p.a.shape[2],
+        *p.a.stride(),
+        *p.b.stride(),
+        n_min,
+        p_max,
+        *active_layout(active, nb * m),
+        HAS_STATE=state is not None,
+        HAS_ACTIVE=active is not None,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_D=block_d,
+        LOG2_N=block_n.bit_length() - 1,
+        num_warps=num_warps,
+    )
+    shape = p.count_shape
+    return (p.out, *(t.reshape(shape) for t in floats), p.count_out.reshape(shape))

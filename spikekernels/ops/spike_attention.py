@@ -1,0 +1,189 @@
+"""``torch.ops.spikekernels.spike_attention_probs``: float mode's scores spike product,
+Spike-Softmax and attention neuron, fused (SPEC.md §5, §3, §2)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from spikekernels.exact_math import softmax_rows
+from spikekernels.ops._activity import record_active
+from spikekernels.ops._checks import check_active, check_in_bounds, check_state
+from spikekernels.ops._dispatch import backend_for
+from spikekernels.ops._registry import call_op, kernel_op, launcher
+from spikekernels.ops.exact_attention import _before, _check_data, _check_product, _check_scalar
+from spikekernels.ops.neuron import st_bif_torch
+from spikekernels.ops.spike_matmul import spike_matmul_torch
+from spikekernels.ops.target import check_bounds, check_threshold
+
+_STATE = (("x_acc", torch.float32), ("y_prev", torch.float32), ("v", torch.float32),
+          ("s", torch.int8))  # fmt: skip
+
+
+def _check_probs(q, k_t, scale, threshold, n_min, p_max, q_count, k_count, state, active):
+    """Metadata checks (no data read); ``state`` the four state tensors or Nones."""
+    _check_product(q, k_t, "q", "k_t", q_count, k_count)
+    _check_scalar(scale, "scale", (torch.float32,), q, "q")
+    check_threshold(threshold, "threshold", None, q, "q")
+    check_bounds(n_min, p_max)
+    shape = (*q.shape[1:-1], k_t.shape[-1])
+    given = [t is not None for t in state]
+    if any(given) and not all(given):
+        raise ValueError(
+            "state: give all of x_acc, y_prev, v and s (the state a previous call returned) "
+            "or none (a fresh input)"
+        )
+    for t, (name, dtype) in zip(state, _STATE, strict=True):
+        check_state(t, name, shape, (dtype,), q, "q")
+    check_active(active, (q.shape[0], *shape), q, "q")
+
+
+def spike_attention_probs_torch(
+    q, k_t, scale, threshold, n_min, p_max, q_count, k_count, state, active=None
+) -> tuple[torch.Tensor, ...]:
+    """Vectorised PyTorch (any device, any shape): ``spike_matmul``'s dense path for the
+    increments, Spike-Softmax's running sum and ``exact_math.softmax_rows`` step by step,
+    then the ST-BIF loop; the same operations as the kernel, so the same bits."""
+    e, _, _ = spike_matmul_torch(q, k_t, scale, _before(q, q_count), _before(k_t, k_count))
+    shape = e.shape[1:]
+    if state is None:
+        x = torch.zeros(shape, dtype=torch.float32, device=q.device)
+        y, v, s = x.clone(), None, None
+    else:
+        x, y, v, s = state
+    x, y = x.clone(), y.clone()
+    u = torch.empty_like(e)
+    for t in range(e.shape[0]):
+        x += e[t]
+        y_new = softmax_rows(x) if x.numel() else x.clone()
+        torch.sub(y_new, y, out=u[t])
+        y = y_new
+    spikes, v, s = st_bif_torch(u, threshold, n_min, p_max, v, s, False, torch.int8)
+    record_active(active, spikes)
+    return spikes, x, y, v, s
+
+
+def _fused_fits(q: torch.Tensor, k_t: torch.Tensor) -> bool:
+    """Whether the Triton kernel takes the shape: no empty dim, all keys in one tile."""
+    from spikekernels.kernels.spike_attention import MAX_KEYS
+
+    return min(math.prod(q.shape[1:-2]), *q.shape[-2:], k_t.shape[-1]) > 0 and (
+        k_t.shape[-1] <= MAX_KEYS
+    )
+
+
+@kernel_op("spike_attention_probs", mutates_args=("active",))
+def _spike_attention_probs_op(
+    q: torch.Tensor,
+    k_t: torch.Tensor,
+    scale: torch.Tensor,
+    threshold: torch.Tensor,
+    n_min: int,
+    p_max: int,
+    q_count: torch.Tensor | None = None,
+    k_count: torch.Tensor | None = None,
+    x_acc: torch.Tensor | None = None,
+    y_prev: torch.Tensor | None = None,
+    v: torch.Tensor | None = None,
+    s: torch.Tensor | None = None,
+    active: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    args = (q, k_t, scale, threshold, n_min, p_max, q_count, k_count)
+    _check_probs(*args, (x_acc, y_prev, v, s), active)
+    state = None if x_acc is None else (x_acc, y_prev, v, s)
+    backend = backend_for(q, ("triton", "torch"))
+    if backend == "triton" and _fused_fits(q, k_t):
+        from spikekernels.kernels.spike_attention import spike_attention_probs_triton
+
+        return spike_attention_probs_triton(launcher, *args, state, active)
+    if backend == "reference":
+        from spikekernels import reference
+
+        spikes, state = reference.spike_attention_probs(*args, state)
+        record_active(active, spikes)
+        return spikes, *state
+    return spike_attention_probs_torch(*args, state, active)
+
+
+@_spike_attention_probs_op.register_fake
+def _(
+    q, k_t, scale, threshold, n_min, p_max, q_count=None, k_count=None, x_acc=None,
+    y_prev=None, v=None, s=None, active=None,
+):  # fmt: skip
+    args = (q, k_t, scale, threshold, n_min, p_max, q_count, k_count)
+    _check_probs(*args, (x_acc, y_prev, v, s), active)
+    shape = (*q.shape[1:-1], k_t.shape[-1])
+    spikes = q.new_empty((q.shape[0], *shape), dtype=torch.int8)
+    return spikes, *(q.new_empty(shape, dtype=dtype) for _, dtype in _STATE)
+
+
+def spike_attention_probs(
+    q: torch.Tensor,
+    k_t: torch.Tensor,
+    scale: torch.Tensor,
+    threshold: torch.Tensor,
+    n_min: int,
+    p_max: int,
+    q_count: torch.Tensor | None = None,
+    k_count: torch.Tensor | None = None,
+    state: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    *,
+    active: torch.Tensor | None = None,
+    validate: bool = False,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Float-mode attention probabilities: the scores spike product, Spike-Softmax and the
+    attention neuron (ST-BIF), fused (SPEC.md §5, §3, §2).
+
+    Per step ``t``, with ``Q``, ``K`` the running counts of the two spike trains::
+
+        e_t = fl32(scale * fl32(q_t @ K_t + Q_{t-1} @ k_t))   # spike_matmul, exact integers
+        X  += e_t;  Y = softmax_rows(X);  u = Y - Y_prev;  Y_prev = Y   # Spike-Softmax
+        v  += u / theta;  sigma = ST-BIF fire rule;  s += sigma;  v -= sigma
+
+    bit for bit ``spike_matmul``, ``spike_softmax`` and ``st_bif`` in a row, except that the
+    softmax is the library's row function ``exact_math.softmax_rows`` (the row max,
+    ``exp_rows``' polynomial, ``tree_sum``'s halving order, a correctly rounded division:
+    the same bits on every device; within SPEC.md §8's softmax tolerance of
+    ``torch.softmax``). On a GPU the scores, softmax and membrane of a step never leave the
+    kernel: only int8 spikes are written per step, the state once per call.
+
+    Args:
+        q: ``[T, *batch, M, D]`` int8 ternary query spikes, any strides.
+        k_t: ``[T, *batch, D, N]`` int8 ternary key spikes, any strides (a transposed view
+            such as ``k.transpose(-1, -2)`` is read in place). ``D <= 65535``.
+        scale: one-element float32 scores scale (``theta_q * theta_k / sqrt(D)``), read on
+            the device.
+        threshold: one-element float tensor, the attention neuron's step.
+        n_min, p_max: Python ints, ``n_min <= 0 <= p_max``, inside int8's ``[-128, 127]``.
+        q_count, k_count: optional int8 counts ``[*batch, M, D]`` and ``[*batch, D, N]``
+            (any strides) of the q and k neurons *after* these steps; None: 0 before them.
+            The op keeps no copy of them.
+        state: ``(x_acc, y_prev, v, s)`` ``[*batch, M, N]`` as a previous call returned it
+            (float32 running scores, float32 last softmax, float32 membrane, int8 count),
+            or None for a fresh input (``0, 0, 0.5, 0``).
+        active: optional int32 ``[T, B]`` per-sample flags (``B`` the spikes' dim 1), set in
+            place where a sample fires.
+        validate: also check on a GPU (host syncs) what is checked on CPU tensors: ternary
+            spikes, counts consistent with the spikes and in int8, a positive, finite
+            ``scale`` and ``threshold``, the incoming ``s`` inside the bounds.
+
+    Returns:
+        ``(spikes int8 [T, *batch, M, N], state)``, the state fresh tensors (never aliases
+        of the given ones): feeding it back makes a chunked run equal a whole one, bit for
+        bit.
+
+    Dispatch: CUDA tensors run the Triton kernel for up to ``kernels.spike_attention.
+    MAX_KEYS`` keys (256), the PyTorch path above otherwise and on CPU (the kernel under
+    ``TRITON_INTERPRET=1``). Inference only: no autograd.
+    """
+    args = (q, k_t, scale, threshold, n_min, p_max, q_count, k_count)
+    if state is not None and (not isinstance(state, (tuple, list)) or len(state) != 4):
+        raise TypeError("state must be None or the tuple (x_acc, y_prev, v, s) a call returned")
+    parts = (None,) * 4 if state is None else tuple(state)
+    _check_probs(*args, parts, active)
+    scalars = ((scale, "scale"), (threshold, "threshold"))
+    _check_data(q, k_t, "q", "k_t", q_count, k_count, scalars, validate)
+    check_in_bounds(parts[3], "s", n_min, p_max, validate)
+    spikes, *new_state = call_op("spike_attention_probs", *args, *parts, active)
+    return spikes, tuple(new_state)

@@ -1,0 +1,304 @@
+"""spike_attention_probs (float mode, SPEC.md §5, §3, §2): the fused scores spike product,
+Spike-Softmax and attention neuron, bit for bit against the step-by-step reference on every
+backend (Triton through the interpreter, vectorised PyTorch, the oracle), and against the
+unfused ops it replaces (spike_matmul, Spike-Softmax, st_bif) given the same row function."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import DEVICES
+from test_exact_attention_ops import _after, _assert_same, _chunks, _packed_slice, _spikes
+
+from spikekernels import exact_math, reference
+from spikekernels.ops import spike_attention_probs, spike_matmul, st_bif
+from spikekernels.ops._dispatch import force_backend
+
+# Level 16: the attention neuron is unsigned (SPEC.md §1).
+BOUNDS = (0, 15)
+NAMES = ("spikes", "x_acc", "y_prev", "v", "s")
+OPERANDS = (("q", "q_count"), ("k_t", "k_count"))
+
+
+def _case(gen, T, batch, m, d, n, *, state=False, device="cpu"):
+    """Query and key spikes (``k_t`` a transposed view, as attention passes it), a scores
+    scale that makes the probabilities span the neuron's levels, its threshold, and
+    optionally the q/k neurons' counts and an incoming state (running scores, a softmax of
+    them, membranes, counts)."""
+    q = _spikes(gen, (T, *batch, m, d))
+    k = _spikes(gen, (T, *batch, n, d))
+    case = dict(
+        q=q,
+        k_t=k.transpose(-1, -2),
+        scale=torch.tensor((0.5 + torch.rand((), generator=gen).item()) * 2 / d**0.5),
+        threshold=torch.tensor(1 / 15 * (0.7 + 0.6 * torch.rand((), generator=gen).item())),
+    )
+    if state:
+        q_before = torch.randint(-4, 5, (*batch, m, d), generator=gen, dtype=torch.int8)
+        k_before = torch.randint(-4, 5, (*batch, d, n), generator=gen, dtype=torch.int8)
+        x = 3 * torch.randn((*batch, m, n), generator=gen)
+        case |= dict(
+            q_count=_after(case["q"], q_before),
+            k_count=_after(case["k_t"], k_before),
+            state=(
+                x,
+                exact_math.softmax_rows(x),
+                torch.rand((*batch, m, n), generator=gen),
+                torch.randint(0, 16, (*batch, m, n), generator=gen, dtype=torch.int8),
+            ),
+        )
+    return {
+        name: tuple(s.to(device) for s in t) if name == "state" else t.to(device)
+        for name, t in case.items()
+    }
+
+
+def _run(case, **kwargs):
+    c = dict(case)
+    spikes, state = spike_attention_probs(
+        c.pop("q"), c.pop("k_t"), c.pop("scale"), c.pop("threshold"), *BOUNDS, **c, **kwargs
+    )
+    return (spikes, *state)
+
+
+def _reference(case):
+    c = {n: tuple(s.cpu() for s in t) if n == "state" else t.cpu() for n, t in case.items()}
+    spikes, state = reference.spike_attention_probs(
+        c.pop("q"), c.pop("k_t"), c.pop("scale"), c.pop("threshold"), *BOUNDS, **c
+    )
+    return (spikes, *state)
+
+
+# (batch, M, D, N): M, D, N not multiples of 16; single rows, keys and channels; a head dim
+# over several slices of the contraction; N = 197 (ViT at 224 px: 256 keys a tile, padded)
+SHAPES = [
+    ((1,), 1, 1, 1),
+    ((2,), 5, 7, 3),
+    ((2, 3), 17, 33, 20),
+    ((), 19, 70, 16),
+    ((1,), 21, 64, 197),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(("batch", "m", "d", "n"), SHAPES)
+@pytest.mark.parametrize("T", [1, 5])
+@pytest.mark.parametrize("state", [False, True])
+def test_bit_exact(gen, device, T, batch, m, d, n, state):
+    case = _case(gen, T, batch, m, d, n, state=state, device=device)
+    got = _run(case)
+    _assert_same(got, _reference(case), NAMES)
+    assert set(got[0].unique().tolist()) <= {-1, 0, 1}
+    if n > 1 or not state:  # one key: the incoming softmax is already 1, nothing moves
+        assert got[0].any(), "the case should make the attention neuron fire"
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch", "reference"])
+def test_every_backend_matches_the_reference(gen, backend):
+    """Each backend pinned in turn (one that cannot run here falls back to torch)."""
+    case = _case(gen, 4, (2,), 18, 40, 37, state=True)
+    with force_backend(backend):
+        got = _run(case)
+    _assert_same(got, _reference(case), NAMES)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_matches_the_unfused_ops(gen, device):
+    """spike_matmul's increments, Spike-Softmax's running sum and differences (SPEC.md §3)
+    with the library's row function, then st_bif: the same bits as the fused op."""
+    case = _case(gen, 6, (2, 3), 17, 40, 29, state=True, device=device)
+    x, y, v, s = case["state"]
+    q_before, k_before = (
+        (case[count].int() - case[name].sum(0, dtype=torch.int32)).char()
+        for name, count in OPERANDS
+    )
+    e, _, _ = spike_matmul(case["q"], case["k_t"], case["scale"], q_before, k_before)
+    u = torch.empty_like(e)
+    for t in range(e.shape[0]):
+        x = x + e[t]
+        y_new = exact_math.softmax_rows(x)
+        u[t] = y_new - y
+        y = y_new
+    spikes, v, s = st_bif(u, case["threshold"], *BOUNDS, v, s)
+    _assert_same(_run(case), (spikes, x, y, v, s), NAMES)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_chunked_equals_whole(gen, device):
+    case = _case(gen, 12, (2,), 19, 36, 45, state=True, device=device)
+    whole = _run(case)
+    spikes, state = [], case["state"]
+    for chunk in _chunks(case, OPERANDS, [5, 1, 6]):
+        out, *state = _run(dict(chunk, state=state))
+        spikes.append(out)
+    _assert_same((torch.cat(spikes), *state), whole, NAMES)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_any_operand_layout(gen, backend):
+    """The model's packed qkv slices, a D-strided q, a contiguous k_t and counts given as
+    strided views all give the same bits as plain views."""
+    case = _case(gen, 4, (2, 3), 18, 40, 37, state=True)
+    laid_out = dict(
+        case,
+        q=_packed_slice(case["q"], 0),
+        k_t=case["k_t"].contiguous(),
+        q_count=case["q_count"].mT.contiguous().mT,
+        k_count=case["k_count"].mT.contiguous().mT,
+    )
+    strided_q = dict(case, q=case["q"].mT.contiguous().mT)
+    with force_backend(backend):
+        got = [_run(laid_out), _run(strided_q)]
+    want = _reference(case)
+    for g in got:
+        _assert_same(g, want, NAMES)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_silent_and_active_tiles(gen, device):
+    """Spikes in one row block of one step, one key slice of another, silence elsewhere
+    (and whole silent steps, where the neuron still moves toward the softmax)."""
+    case = _case(gen, 6, (3,), 40, 70, 50, state=True, device=device)
+    case["q"].zero_()
+    case["k_t"].zero_()
+    case["q"][0, 1, 17:20] = 1
+    case["k_t"][2, 2, 40:60, 3:9] = -1
+    case["q"][4, 0, 39, ::5] = 1
+    _assert_same(_run(case), _reference(case), NAMES)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_active_flags(gen, device):
+    """Which samples fired at which step: the flags every backend records while it writes
+    the spikes, and only those (set, never cleared)."""
+    case = _case(gen, 5, (3, 2), 20, 24, 30, state=True, device=device)
+    case["q"][:, 1].zero_()  # sample 1 gets no spike, but its neurons may still settle
+    case["k_t"][:, 1].zero_()
+    want = _reference(case)[0].cpu()
+    expect = want.reshape(5, 3, -1).ne(0).any(-1).int()
+    for backend in ["triton", "torch", "reference"]:
+        active = torch.zeros(5, 3, dtype=torch.int32, device=device)
+        with force_backend(backend):
+            got = _run(case, active=active)
+        _assert_same(got[:1], (want,), NAMES[:1])
+        assert torch.equal(active.cpu(), expect), backend
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_every_output_element_is_written(gen, device, poisoned_allocations):
+    for state in (False, True):
+        case = _case(gen, 3, (2,), 21, 33, 35, state=state, device=device)
+        _assert_same(_run(case), _reference(case), NAMES)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_state_is_fresh_and_inputs_untouched(gen, device):
+    case = _case(gen, 3, (2,), 9, 20, 11, state=True, device=device)
+    inputs = {n: t for n, t in case.items() if n != "state"}
+    inputs |= {f"state[{i}]": t for i, t in enumerate(case["state"])}
+    before = {n: t.clone() for n, t in inputs.items()}
+    got = _run(case)
+    for name, out, given in zip(NAMES[1:], got[1:], case["state"], strict=True):
+        assert out.data_ptr() != given.data_ptr(), f"{name} aliases its input"
+    for name, t in inputs.items():
+        assert torch.equal(t, before[name]), f"{name} was modified"
+
+
+def test_softmax_within_the_float_tolerance(gen):
+    """SPEC.md §8: the fused op's probabilities (its ``y_prev`` after the run) are within 2x
+    the error torch.softmax shows in float32, against float64, on the same running scores."""
+    case = _case(gen, 6, (2, 3), 17, 64, 197)
+    _, x, y, _, _ = _run(case)
+    exact = torch.softmax(x.double(), dim=-1)
+    ours = (y.double() - exact).abs().max().item()
+    torchs = (torch.softmax(x, dim=-1).double() - exact).abs().max().item()
+    assert ours <= 2 * max(torchs, 2**-24), (ours, torchs)
+    assert torch.allclose(y.sum(-1), torch.ones(()), atol=1e-5)
+
+
+def _good() -> dict:
+    return dict(
+        q=torch.zeros(2, 3, 4, 8, dtype=torch.int8),
+        k_t=torch.zeros(2, 3, 8, 5, dtype=torch.int8),
+        scale=torch.tensor(0.1),
+        threshold=torch.tensor(0.07),
+        n_min=0,
+        p_max=15,
+    )
+
+
+def _state(**bad):
+    good = dict(
+        x_acc=torch.zeros(3, 4, 5),
+        y_prev=torch.zeros(3, 4, 5),
+        v=torch.zeros(3, 4, 5),
+        s=torch.zeros(3, 4, 5, dtype=torch.int8),
+    )
+    return tuple({**good, **bad}.values())
+
+
+# (case, what replaces the good arguments, error type, words the message must contain)
+BAD = [
+    ("T == 0", dict(q=torch.zeros(0, 3, 4, 8, dtype=torch.int8)), ValueError, "T == 0"),
+    ("q float", dict(q=torch.zeros(2, 3, 4, 8)), TypeError, "q must have dtype"),
+    ("k_t int32", dict(k_t=torch.zeros(2, 3, 8, 5, dtype=torch.int32)), TypeError, "k_t must"),
+    ("D differs", dict(k_t=torch.zeros(2, 3, 9, 5, dtype=torch.int8)), ValueError, "K=8"),
+    ("q not ternary", dict(q=torch.full((2, 3, 4, 8), 2, dtype=torch.int8)), ValueError, "q must"),
+    ("scale float64", dict(scale=torch.tensor(0.1, dtype=torch.float64)), TypeError, "scale must"),
+    ("scale 2 elements", dict(scale=torch.ones(2)), ValueError, "scale must have exactly one"),
+    ("scale nan", dict(scale=torch.tensor(float("nan"))), ValueError, "scale must be positive"),
+    ("threshold <= 0", dict(threshold=torch.tensor(-1.0)), ValueError, "threshold must be"),
+    ("bounds inverted", dict(n_min=3, p_max=-4), ValueError, "n_min=3 > p_max=-4"),
+    ("int8 overflow", dict(p_max=255), ValueError, "int8 count would overflow"),
+    ("q_count shape", dict(q_count=torch.zeros(3, 4, 9).char()), ValueError, "q_count must"),
+    ("state a tensor", dict(state=torch.zeros(3, 4, 5)), TypeError, "state must be None or"),
+    ("state 3 parts", dict(state=_state()[:3]), TypeError, "state must be None or"),
+    ("state partial", dict(state=_state(v=None)), ValueError, "give all of x_acc"),
+    ("x_acc float64", dict(state=_state(x_acc=torch.zeros(3, 4, 5).double())), TypeError, "x_acc"),
+    ("y_prev shape", dict(state=_state(y_prev=torch.zeros(3, 4, 6))), ValueError, "y_prev must"),
+    ("s int32", dict(state=_state(s=torch.zeros(3, 4, 5).int())), TypeError, "s must have dtype"),
+    (
+        "s out of bounds",
+        dict(state=_state(s=torch.full((3, 4, 5), 16).char())),
+        ValueError,
+        "s must lie",
+    ),
+    ("active shape", dict(active=torch.zeros(2, 2, dtype=torch.int32)), ValueError, "active"),
+]
+
+
+@pytest.mark.parametrize(("case", "bad", "error", "words"), BAD, ids=[b[0] for b in BAD])
+def test_bad_input_is_rejected(case, bad, error, words):
+    with pytest.raises(error, match=words):
+        spike_attention_probs(**{**_good(), **bad})
+
+
+@pytest.mark.parametrize("state", [False, True])
+def test_opcheck(gen, state):
+    case = _case(gen, 3, (2,), 6, 20, 9, state=state)
+    c = dict(case)
+    args = [c.pop("q"), c.pop("k_t"), c.pop("scale"), c.pop("threshold"), *BOUNDS]
+    args += [c.get("q_count"), c.get("k_count"), *c.get("state", (None,) * 4)]
+    torch.library.opcheck(torch.ops.spikekernels.spike_attention_probs.default, tuple(args))
+
+
+def test_torch_compile_fullgraph(gen):
+    case = _case(gen, 4, (2,), 7, 20, 9)
+
+    def block(q, k_t):
+        spikes, *state = _run(dict(case, q=q, k_t=k_t))
+        return spikes.sum(0, dtype=torch.int32), *state
+
+    compiled = torch.compile(block, fullgraph=True)
+    got, want = compiled(case["q"], case["k_t"]), block(case["q"], case["k_t"])
+    for g, w in zip(got, want, strict=True):
+        assert torch.equal(g, w)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("state", [False, True])
+def test_cuda_matches_cpu_reference_at_vit_size(gen, state):
+    """The kernel on the GPU (int8 tensor cores, GPU float arithmetic) against the reference
+    on the CPU, at ViT-S size (197 tokens, head dim 64, 6 heads)."""
+    case = _case(gen, 6, (2, 6), 197, 64, 197, state=state, device="cuda")
+    _assert_same(_run(case), _reference(case), NAMES)
