@@ -132,7 +132,10 @@ def _run_qann(qann, images, exact: bool, override: dict | None):
     """``(logits, {name: (integer, value)})`` of the QANN, with integers overridden downstream."""
     names = {id(m): n for n, m in qann.named_modules()}
     record: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    if exact:
+    # A QANN with integer weights computes the exact integer forward (QuantViT.forward under
+    # no_grad), whichever mode the SNN runs in (float mode of it: the dequantized weights),
+    # and that forward calls no quantizer module that a hook could see.
+    if exact or getattr(qann, "weight_bits", None) is not None:
         from spikekernels.models.exact_forward import exact_forward
 
         logits = exact_forward(qann, images, record=record, override=override)

@@ -307,6 +307,19 @@ def test_float_mode_parity_is_reported_honestly(gen):
     assert 0.9 < report.agreement <= 1.0
 
 
+def test_parity_of_float_mode_of_an_integer_qann(gen):
+    """convert(qann, exact=False) on integer weights runs float mode on the dequantized
+    weights; parity compares it with what the QANN computes, its exact integer forward (whose
+    quantizers no module hook sees): it reports, and finds no bug."""
+    qann = make_exact(gen, **TINY)
+    x = images(gen, qann, 3)
+    report = parity(qann, convert(qann, exact=False), x, max_steps=96)
+    assert report.mode == "float" and report.unexplained == 0, str(report)
+    with torch.no_grad():
+        assert torch.equal(report.qann_logits, qann(x))
+    assert report.agreement > 0.9
+
+
 @NOT_UNDER_INTERPRETER
 def test_vit_s_full_depth_bitwise(gen):
     """The paper's ViT-S: depth 12, 224 px, level 16 (about 40 s on 2 cores)."""
