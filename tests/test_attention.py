@@ -142,7 +142,7 @@ def test_attention_int8_output_and_state(gen):
     assert out.dtype == torch.int8 and out.shape == (6, 2, 17, 16)
     assert attn.qkv.weight.data_ptr() == qattn.qkv.weight.data_ptr(), "weights must be shared"
     attn.reset()
-    assert attn.qkv.count is None and attn.scores.a_acc is None and attn.context.b_acc is None
+    assert attn.qkv.count is None and attn.attn_if.x_acc is None and attn.context.b_acc is None
 
 
 def test_attention_bad_input(gen):

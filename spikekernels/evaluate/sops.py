@@ -13,10 +13,10 @@
   N keys, a k spike N queries, an attention-probability spike Dh values, a v spike N
   queries); 0 where it feeds only the residual stream (whose adds are the LayerNorm's input).
   SOPs = spikes x fan-out, per neuron and per step;
-- dense, non-spike work per step: Spike-Softmax / Spike-LayerNorm (float mode) and
-  ExactSoftmax / ExactLayerNorm (exact mode) are charged ``ops per element`` (the table
-  ``SNN_DENSE_OPS``) times their input's elements per sample and step, for every step a
-  sample runs (its steps to silence). Shapes only: no device work;
+- dense, non-spike work per step: Spike-Softmax / Spike-LayerNorm (float mode; the softmax
+  inside ``SpikeAttentionProbs``) and ExactSoftmax / ExactLayerNorm (exact mode) are charged
+  ``ops per element`` (the table ``SNN_DENSE_OPS``) times their input's elements per sample
+  and step, for every step a sample runs (its steps to silence). Shapes only: no device work;
 - dense MACs the SNN still does: ``nn.Conv2d`` / ``nn.Linear`` modules it calls (the patch
   embedding, which sees the analog image once at t = 0).
 
@@ -85,6 +85,7 @@ SNN_DENSE_OPS = {
     "ExactLayerNorm": 7,
     "ExactLayerNormNeuron": 7,
     "ExactAttentionProbs": 7,
+    "SpikeAttentionProbs": 7,
 }
 QANN_DENSE_OPS = {"softmax": 5, "layernorm": 5}
 NEURON_CLASSES = ("STBIF", "TargetNeuron")

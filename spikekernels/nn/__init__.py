@@ -1,6 +1,6 @@
 """Multi-step spiking modules (``[T, B, ...]`` in and out, state carried between calls)."""
 
-from spikekernels.nn.attention import SpikeAttention
+from spikekernels.nn.attention import SpikeAttention, SpikeAttentionProbs
 from spikekernels.nn.exact_attention import ExactAttention, ExactAttentionProbs, ExactContext
 from spikekernels.nn.exact_layers import (
     ExactLayerNorm,
@@ -33,6 +33,7 @@ __all__ = [
     "Quantizer",
     "RunningSpikeMatmul",
     "SpikeAttention",
+    "SpikeAttentionProbs",
     "SpikeLayerNorm",
     "SpikeLayerNormNeuron",
     "SpikeLinear",

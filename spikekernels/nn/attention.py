@@ -6,12 +6,56 @@ import torch
 from torch import nn
 
 from spikekernels.nn.conversion import neuron_from_quantizer
+from spikekernels.nn.exact_layers import require_input_counts
 from spikekernels.nn.linear_neuron import SpikeLinearNeuron
 from spikekernels.nn.neuron import STBIF
-from spikekernels.nn.softmax import SpikeSoftmax
 from spikekernels.nn.spike_matmul import SpikeMatmul
+from spikekernels.ops.spike_attention import spike_attention_probs
 
-__all__ = ["SpikeAttention"]
+__all__ = ["SpikeAttention", "SpikeAttentionProbs"]
+
+
+class SpikeAttentionProbs(STBIF):
+    """Scores spike product, Spike-Softmax and the attention-probability neuron, fused
+    (``spikekernels.ops.spike_attention_probs``): q ``[T, *batch, M, D]`` and k transposed
+    ``[T, *batch, D, N]`` spikes in, int8 spikes ``[T, *batch, M, N]`` out. Per step
+    ``X += scale * (q_t @ K_t + Q_{t-1} @ k_t)``, the neuron reads ``Y - Y_prev``, ``Y`` the
+    softmax of ``X`` by the library's row function (``exact_math.softmax_rows``).
+
+    An ``STBIF`` (``threshold``, bounds, ``v``, ``count``, ``fanout``, ``watch``) whose state
+    also holds ``X`` and ``Y_prev`` (``x_acc``, ``y_prev``). The running counts of q and k
+    are their neurons' (each call takes them after its steps). Inference only."""
+
+    def __init__(self, neuron: STBIF, scale: torch.Tensor) -> None:
+        super().__init__(neuron.threshold, neuron.level, neuron.signed)
+        if neuron.float_out:
+            raise ValueError("the attention neuron feeds a spike product: int8 spikes out")
+        self.fanout = neuron.fanout
+        self.register_buffer("scale", torch.as_tensor(scale, dtype=torch.float32).reshape(()))
+
+    def reset(self) -> None:
+        """Back to the fresh state (``X = Y_prev = 0``, ``v = 0.5``, ``s = 0``)."""
+        super().reset()
+        self.x_acc: torch.Tensor | None = None
+        self.y_prev: torch.Tensor | None = None
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k_t: torch.Tensor,
+        q_count: torch.Tensor | None = None,
+        k_count: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``q_count`` ``[*batch, M, D]`` and ``k_count`` ``[*batch, D, N]``: the counts of the
+        q and k neurons after these steps (any strides); None only on a fresh input."""
+        require_input_counts(self, q_count=q_count, k_count=k_count)
+        state = None if self.s is None else (self.x_acc, self.y_prev, self.v, self.s)
+        spikes, (self.x_acc, self.y_prev, self.v, self.s) = spike_attention_probs(
+            q, k_t, self.scale, self.threshold, self.n_min, self.p_max, q_count, k_count,
+            state, active=self.activity,
+        )  # fmt: skip
+        self.last_spikes = spikes[-1]
+        return spikes
 
 
 class SpikeAttention(nn.Module):
@@ -25,24 +69,27 @@ class SpikeAttention(nn.Module):
        channel blocks): int8 spikes ``[T, B, N, 3C]``, no float32 linear output in memory.
        The count's channel blocks viewed ``[B, N, H, Dh]`` and transposed are the QANN's
        ``[B, H, N, Dh]`` integers.
-    2. scores: spike product ``q @ k^T`` with scale ``theta_q * theta_k * head_dim^-0.5``
-       (the QANN's ``scale``), then ``SpikeSoftmax`` over the keys.
-    3. ``attn_if``: unsigned neuron (``attn_quan``) on ``[T, B, H, N, N]``.
-    4. context: spike product ``attn @ v`` with scale ``theta_attn * theta_v``, then
+    2. ``attn_if`` (``SpikeAttentionProbs``): the scores spike product ``q @ k^T`` with scale
+       ``theta_q * theta_k * head_dim^-0.5`` (the QANN's ``scale``), Spike-Softmax over the
+       keys and the unsigned ``attn_quan`` neuron, fused: int8 spikes ``[T, B, H, N, N]``.
+       It reads q, k and their counts (the qkv neuron's) in place.
+    3. context: spike product ``attn @ v`` with scale ``theta_attn * theta_v``, then
        ``after_attn_if`` (signed, ``after_attn_quan``) on ``[T, B, H, N, Dh]``.
-    5. merge heads -> ``proj``: spike linear (threshold ``theta_after_attn``, bias at step 0)
+    4. merge heads -> ``proj``: spike linear (threshold ``theta_after_attn``, bias at step 0)
        fused with the signed ``quan_proj`` neuron (``SpikeLinearNeuron``).
 
     The output is ``proj``'s: int8 spikes, or ``spikes * theta`` (float32, the residual
     increment) when built with ``float_out=True``. State (neurons, softmax, linear steps, the
-    two products' running counts) is kept between calls until ``reset()``, so chunked time
-    equals a whole run. Thresholds stay tensors: no host sync. Inference only.
+    context product's running counts) is kept between calls until ``reset()``, so chunked
+    time equals a whole run. Thresholds stay tensors: no host sync. Inference only.
+
+    ``attn_if`` may be given as the plain attention neuron (an ``STBIF``): it is wrapped in a
+    ``SpikeAttentionProbs`` with the scores scale.
     """
 
     def __init__(
         self,
         qkv: SpikeLinearNeuron,
-        softmax: nn.Module,
         attn_if: STBIF,
         after_attn_if: STBIF,
         proj: SpikeLinearNeuron,
@@ -58,12 +105,12 @@ class SpikeAttention(nn.Module):
             )
         self.dim = int(dim)
         self.qkv, self.proj = qkv, proj
-        self.softmax = softmax
-        self.attn_if, self.after_attn_if = attn_if, after_attn_if
         self.num_heads = int(num_heads)
         self.scale = float(scale)
         theta_q, theta_k, theta_v = qkv.threshold.expand(3 * dim)[::dim]
-        self.scores = SpikeMatmul(theta_q * theta_k * self.scale)
+        if not isinstance(attn_if, SpikeAttentionProbs):
+            attn_if = SpikeAttentionProbs(attn_if, theta_q * theta_k * self.scale)
+        self.attn_if, self.after_attn_if = attn_if, after_attn_if
         self.context = SpikeMatmul(attn_if.threshold * theta_v)
         self.reset()
 
@@ -92,7 +139,6 @@ class SpikeAttention(nn.Module):
         proj_if = neuron_from_quantizer(qattn.quan_proj, float_out=float_out)
         return cls(
             qkv=SpikeLinearNeuron.from_linear_and_neuron(qattn.qkv, qkv_neurons, in_threshold),
-            softmax=SpikeSoftmax(),
             attn_if=neuron_from_quantizer(qattn.attn_quan),
             after_attn_if=after_attn_if,
             proj=SpikeLinearNeuron.from_linear_and_neuron(
@@ -108,8 +154,7 @@ class SpikeAttention(nn.Module):
 
     def reset(self) -> None:
         """Back to the fresh state, every part included: call between inputs."""
-        for m in (self.qkv, self.scores, self.softmax, self.attn_if, self.context,
-                  self.after_attn_if, self.proj):  # fmt: skip
+        for m in (self.qkv, self.attn_if, self.context, self.after_attn_if, self.proj):
             m.reset()
 
     def forward(self, s: torch.Tensor) -> torch.Tensor:
@@ -126,7 +171,11 @@ class SpikeAttention(nn.Module):
         q = qkv[:, :, :, 0].transpose(2, 3)  # [T, B, H, N, Dh]
         k_t = qkv[:, :, :, 1].permute(0, 1, 3, 4, 2)  # [T, B, H, Dh, N]
         v = qkv[:, :, :, 2].transpose(2, 3)  # [T, B, H, N, Dh]
-        attn = self.attn_if(self.softmax(self.scores(q, k_t)))
+        # the running counts of q and k are the qkv neuron's count, in the same layouts
+        counts = self.qkv.count.view(b, n, 3, h, dh)
+        q_count = counts[:, :, 0].transpose(1, 2)  # [B, H, N, Dh]
+        k_count = counts[:, :, 1].permute(0, 2, 3, 1)  # [B, H, Dh, N]
+        attn = self.attn_if(q, k_t, q_count, k_count)
         context = self.after_attn_if(self.context(attn, v))  # [T, B, H, N, Dh]
         merged = context.transpose(2, 3).reshape(t, b, n, c)
         return self.proj(merged)

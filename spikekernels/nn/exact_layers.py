@@ -102,7 +102,7 @@ class ExactLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"
 
 
-def require_input_counts(neuron: TargetNeuron, **counts: torch.Tensor | None) -> None:
+def require_input_counts(neuron: nn.Module, **counts: torch.Tensor | None) -> None:
     """After a neuron's first call (its ``count`` exists) the counts of the neurons feeding
     it are required: the layer forms its products from them, and None would silently mean a
     fresh input."""
