@@ -16,6 +16,10 @@ tiles silent with that probability) and incoming counts. DESIGN.md: at 90% silen
 faster than the same step done densely (``speedup_vs_dense`` is against the official three
 fp32 matmuls; the int8 and bf16 dense steps are recorded too).
 
+``test_float_attention_probs``: float mode's fused scores + Spike-Softmax + neuron against the
+three ops unfused (``speedup_vs_unfused``; ``matches_unfused_spikes``: the fraction of equal
+spikes, below 1 only where the two softmax implementations round a tie apart).
+
 ``test_sesa_run``: a whole run of T steps. DESIGN.md: within 2x of one dense int8 QANN product
 of the same shape (``ratio_to_int8_dense``). The op writes a dense float32 output every step,
 so a run moves at least T times the QANN's output bytes: ``gbps`` and
@@ -437,6 +441,52 @@ def test_sesa_step(benchmark, model, product, silent):
     )
     if bf16_step is not None:
         info["speedup_vs_bf16_dense_step"] = bf16_step / seconds
+    record(benchmark, seconds, **info)
+
+
+PROBS_STEPS = [8, 16] if ON_GPU else [16]
+PROBS_CASES = [(name, T) for name in MODELS for T in PROBS_STEPS]
+
+
+@pytest.mark.parametrize(("model", "T"), PROBS_CASES, ids=[f"{m}-T{t}" for m, t in PROBS_CASES])
+def test_float_attention_probs(benchmark, model, T):
+    """Float mode's scores product + Spike-Softmax + attention neuron: the fused op
+    (``ops.spike_attention_probs``, one kernel, int8 spikes out) against the same three ops
+    unfused (``spike_matmul`` writing float32 scores, ``spike_softmax`` reading them and
+    writing float32 differences, ``st_bif`` reading those), on the genuine q/k trains."""
+    from spikekernels.ops import spike_attention_probs
+
+    heads = MODELS[model]
+    q_all, k_all, _, _ = _trains(heads, "scores")
+    q, k_t = q_all[:T], k_all[:T]
+    q_count, k_count = q.sum(0, dtype=torch.int8), k_t.sum(0, dtype=torch.int8)
+    scale = torch.full((1,), 0.125, device=DEVICE)
+    theta = torch.full((1,), 1 / (LEVEL - 1), device=DEVICE)
+    bounds = reference.level_bounds(LEVEL, signed=False)
+
+    def fused():
+        return spike_attention_probs(q, k_t, scale, theta, *bounds, q_count, k_count)
+
+    def unfused():
+        scores, _, _ = spikekernels.spike_matmul(q, k_t, scale)
+        probs, _, _ = spikekernels.spike_softmax(scores)
+        return spikekernels.st_bif(probs, theta, *bounds)
+
+    benchmark.group = f"float attention probs {model}"
+    seconds = time_op(benchmark, synchronized(fused), warmup=1, reps=ROUNDS)
+    spikes, _ = fused()
+    batch, m, _, n = _shapes(heads, "scores")
+    info = dict(
+        model=model,
+        T=T,
+        shape=[*batch, m, HEAD_DIM, n],
+        seconds_per_step=seconds / T,
+        spike_density=spikes.ne(0).float().mean().item(),
+        matches_unfused_spikes=spikes.eq(unfused()[0]).float().mean().item(),
+    )
+    split = try_median_time("unfused", synchronized(unfused), info, reps=3)
+    if split is not None:
+        info["speedup_vs_unfused"] = split / seconds
     record(benchmark, seconds, **info)
 
 
