@@ -618,7 +618,29 @@ def spike_attention_probs(
     return torch.stack(spikes), (x, y, v, s)
 
 
-__all__ += ["spike_attention_probs"]
+def spike_context(
+    a: torch.Tensor,
+    v: torch.Tensor,
+    scale: torch.Tensor,
+    threshold: torch.Tensor,
+    n_min: int,
+    p_max: int,
+    a_count: torch.Tensor | None = None,
+    v_count: torch.Tensor | None = None,
+    state: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """Float-mode attention context (SPEC.md §5, §2), step by step: the spike product of
+    ``a`` ``[T, *, M, N]`` and ``v`` ``[T, *, N, D]`` (their running counts start from their
+    neurons' counts after these steps less the spikes; None: 0), then the ST-BIF neuron on
+    its increments. ``state``: ``(membrane, count)`` ``[*, M, D]``, fresh ``(0.5, 0)``.
+    Returns ``(spikes int8 [T, *, M, D], state)``."""
+    e, _, _ = spike_matmul(a, v, scale, _count_before(a, a_count), _count_before(v, v_count))
+    membrane, count = (None, None) if state is None else state
+    spikes, membrane, count = st_bif(e, threshold, n_min, p_max, membrane, count)
+    return spikes, (membrane, count)
+
+
+__all__ += ["spike_attention_probs", "spike_context"]
 
 
 def exact_residual_add(

@@ -142,7 +142,8 @@ def test_attention_int8_output_and_state(gen):
     assert out.dtype == torch.int8 and out.shape == (6, 2, 17, 16)
     assert attn.qkv.weight.data_ptr() == qattn.qkv.weight.data_ptr(), "weights must be shared"
     attn.reset()
-    assert attn.qkv.count is None and attn.attn_if.x_acc is None and attn.context.b_acc is None
+    assert attn.qkv.count is None and attn.attn_if.x_acc is None
+    assert attn.after_attn_if.count is None
 
 
 def test_attention_bad_input(gen):

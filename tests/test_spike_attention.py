@@ -1,7 +1,8 @@
-"""spike_attention_probs (float mode, SPEC.md §5, §3, §2): the fused scores spike product,
-Spike-Softmax and attention neuron, bit for bit against the step-by-step reference on every
-backend (Triton through the interpreter, vectorised PyTorch, the oracle), and against the
-unfused ops it replaces (spike_matmul, Spike-Softmax, st_bif) given the same row function."""
+"""spike_attention_probs and spike_context (float mode, SPEC.md §5, §3, §2): the fused scores
+spike product + Spike-Softmax + attention neuron and context product + neuron, bit for bit
+against the step-by-step reference on every backend (Triton through the interpreter,
+vectorised PyTorch, the oracle), and against the unfused ops they replace (spike_matmul,
+Spike-Softmax with the same row function, st_bif)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from conftest import DEVICES
 from test_exact_attention_ops import _after, _assert_same, _chunks, _packed_slice, _spikes
 
 from spikekernels import exact_math, reference
-from spikekernels.ops import spike_attention_probs, spike_matmul, st_bif
+from spikekernels.ops import spike_attention_probs, spike_context, spike_matmul, st_bif
 from spikekernels.ops._dispatch import force_backend
 
 # Level 16: the attention neuron is unsigned (SPEC.md §1).
@@ -302,3 +303,243 @@ def test_cuda_matches_cpu_reference_at_vit_size(gen, state):
     on the CPU, at ViT-S size (197 tokens, head dim 64, 6 heads)."""
     case = _case(gen, 6, (2, 6), 197, 64, 197, state=state, device="cuda")
     _assert_same(_run(case), _reference(case), NAMES)
+
+
+# ---------------------------------------------------------------------------------------------
+# spike_context
+
+CTX_BOUNDS = (-8, 7)  # level 16, signed
+
+
+def _merged(spikes: torch.Tensor) -> torch.Tensor:
+    """``[T, *batch, M, D]`` with the last batch dim (the heads) merged into the channels."""
+    t, *batch, m, d = spikes.shape
+    return spikes.movedim(-3, -2).reshape(t, *batch[:-1], m, batch[-1] * d)
+
+
+CTX_NAMES = ("spikes", "membrane", "count")
+CTX_OPERANDS = (("a", "a_count"), ("v", "v_count"))
+
+
+def _ctx_case(gen, T, batch, m, n, d, *, state=False, device="cpu"):
+    """Attention and value spikes (``v`` a head-split view, as attention passes it), a scale
+    and threshold that make the context span the neuron's levels, optionally the two
+    neurons' counts and an incoming state."""
+    v = _spikes(gen, (T, *batch, d, n), group_dim=-1).transpose(-1, -2)
+    case = dict(
+        a=_spikes(gen, (T, *batch, m, n)),
+        v=v,
+        scale=torch.tensor(0.5 / n**0.5),
+        threshold=torch.tensor(0.05 + 0.1 * torch.rand((), generator=gen).item()),
+    )
+    if state:
+        a_before = torch.randint(0, 16, (*batch, m, n), generator=gen, dtype=torch.int8)
+        v_before = torch.randint(-8, 8, (*batch, n, d), generator=gen, dtype=torch.int8)
+        case |= dict(
+            a_count=_after(case["a"], a_before),
+            v_count=_after(case["v"], v_before),
+            state=(
+                torch.rand((*batch, m, d), generator=gen),
+                torch.randint(-8, 8, (*batch, m, d), generator=gen, dtype=torch.int8),
+            ),
+        )
+    return {
+        name: tuple(s.to(device) for s in t) if name == "state" else t.to(device)
+        for name, t in case.items()
+    }
+
+
+def _run_ctx(case, **kwargs):
+    c = dict(case)
+    spikes, state = spike_context(
+        c.pop("a"), c.pop("v"), c.pop("scale"), c.pop("threshold"), *CTX_BOUNDS, **c, **kwargs
+    )
+    return (spikes, *state)
+
+
+def _reference_ctx(case):
+    c = {n: tuple(s.cpu() for s in t) if n == "state" else t.cpu() for n, t in case.items()}
+    spikes, state = reference.spike_context(
+        c.pop("a"), c.pop("v"), c.pop("scale"), c.pop("threshold"), *CTX_BOUNDS, **c
+    )
+    return (spikes, *state)
+
+
+# (batch, M, N, D): odd sizes, single rows/keys/channels, keys over several slices of the
+# contraction, ViT's 197 keys and head dim 64
+CTX_SHAPES = [
+    ((1,), 1, 1, 1),
+    ((2,), 5, 3, 7),
+    ((2, 3), 17, 40, 33),
+    ((), 19, 70, 16),
+    ((1,), 21, 197, 64),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(("batch", "m", "n", "d"), CTX_SHAPES)
+@pytest.mark.parametrize("T", [1, 5])
+@pytest.mark.parametrize("state", [False, True])
+def test_context_bit_exact(gen, device, T, batch, m, n, d, state):
+    case = _ctx_case(gen, T, batch, m, n, d, state=state, device=device)
+    got = _run_ctx(case)
+    _assert_same(got, _reference_ctx(case), CTX_NAMES)
+    assert set(got[0].unique().tolist()) <= {-1, 0, 1}
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch", "reference"])
+@pytest.mark.parametrize("merge_heads", [False, True])
+def test_context_every_backend_matches_the_reference(gen, backend, merge_heads):
+    """Each backend pinned in turn; with ``merge_heads`` the spikes come out [T, B, M, H * D],
+    the same bits."""
+    case = _ctx_case(gen, 4, (2, 3), 18, 37, 40, state=True)
+    with force_backend(backend):
+        got = _run_ctx(case, merge_heads=merge_heads)
+    want = _reference_ctx(case)
+    if merge_heads:
+        want = (_merged(want[0]), *want[1:])
+    _assert_same(got, want, CTX_NAMES)
+    assert got[0].any()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_context_matches_the_unfused_ops(gen, device):
+    """spike_matmul's increments, then st_bif on them: the same bits as the fused op."""
+    case = _ctx_case(gen, 6, (2, 3), 17, 29, 40, state=True, device=device)
+    a_before, v_before = (
+        (case[count].int() - case[name].sum(0, dtype=torch.int32)).char()
+        for name, count in CTX_OPERANDS
+    )
+    e, _, _ = spike_matmul(case["a"], case["v"], case["scale"], a_before, v_before)
+    want = st_bif(e, case["threshold"], *CTX_BOUNDS, *case["state"])
+    _assert_same(_run_ctx(case), want, CTX_NAMES)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_context_chunked_equals_whole(gen, device):
+    case = _ctx_case(gen, 12, (2,), 19, 45, 36, state=True, device=device)
+    whole = _run_ctx(case)
+    spikes, state = [], case["state"]
+    for chunk in _chunks(case, CTX_OPERANDS, [5, 1, 6]):
+        out, *state = _run_ctx(dict(chunk, state=state))
+        spikes.append(out)
+    _assert_same((torch.cat(spikes), *state), whole, CTX_NAMES)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_context_reads_a_packed_value_slice(gen, backend):
+    """v sliced from a packed qkv and counts as strided views, as the model passes them."""
+    case = _ctx_case(gen, 4, (2, 3), 18, 37, 40, state=True)
+    laid_out = dict(
+        case,
+        v=_packed_slice(case["v"], 2),
+        a_count=case["a_count"].mT.contiguous().mT,
+        v_count=case["v_count"].mT.contiguous().mT,
+    )
+    with force_backend(backend):
+        got = _run_ctx(laid_out)
+    _assert_same(got, _reference_ctx(case), CTX_NAMES)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_context_silent_and_active_tiles(gen, device):
+    """Spikes in one row block of one step, one key slice of another, silence elsewhere."""
+    case = _ctx_case(gen, 6, (3,), 40, 70, 50, state=True, device=device)
+    case["a"].zero_()
+    case["v"].zero_()
+    case["a"][0, 1, 17:20] = 1
+    case["v"][2, 2, 40:60, 3:9] = -1
+    case["a"][4, 0, 39, ::5] = 1
+    _assert_same(_run_ctx(case), _reference_ctx(case), CTX_NAMES)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_context_active_flags(gen, device):
+    case = _ctx_case(gen, 5, (3, 2), 20, 30, 24, state=True, device=device)
+    case["a"][:, 1].zero_()
+    case["v"][:, 1].zero_()
+    want = _reference_ctx(case)[0].cpu()
+    expect = want.reshape(5, 3, -1).ne(0).any(-1).int()
+    assert 0 < expect.sum() < expect.numel(), "some samples fire, some not"
+    for backend in ["triton", "torch", "reference"]:
+        active = torch.zeros(5, 3, dtype=torch.int32, device=device)
+        with force_backend(backend):
+            got = _run_ctx(case, active=active)
+        _assert_same(got[:1], (want,), CTX_NAMES[:1])
+        assert torch.equal(active.cpu(), expect), backend
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_context_every_output_element_is_written(gen, device, poisoned_allocations):
+    for state in (False, True):
+        for merge_heads in (False, True):
+            case = _ctx_case(gen, 3, (2, 2), 21, 35, 33, state=state, device=device)
+            want = _reference_ctx(case)
+            if merge_heads:
+                want = (_merged(want[0]), *want[1:])
+            _assert_same(_run_ctx(case, merge_heads=merge_heads), want, CTX_NAMES)
+
+
+def _good_ctx() -> dict:
+    return dict(
+        a=torch.zeros(2, 3, 4, 8, dtype=torch.int8),
+        v=torch.zeros(2, 3, 8, 5, dtype=torch.int8),
+        scale=torch.tensor(0.1),
+        threshold=torch.tensor(0.07),
+        n_min=-8,
+        p_max=7,
+    )
+
+
+BAD_CTX = [
+    ("a float", dict(a=torch.zeros(2, 3, 4, 8)), TypeError, "a must have dtype"),
+    ("N differs", dict(v=torch.zeros(2, 3, 9, 5, dtype=torch.int8)), ValueError, "K=8"),
+    ("v not ternary", dict(v=torch.full((2, 3, 8, 5), 3, dtype=torch.int8)), ValueError, "v must"),
+    ("scale int", dict(scale=torch.tensor(1)), TypeError, "scale must"),
+    ("threshold 0", dict(threshold=torch.tensor(0.0)), ValueError, "threshold must be"),
+    ("v_count shape", dict(v_count=torch.zeros(3, 8, 6).char()), ValueError, "v_count must"),
+    ("state a tensor", dict(state=torch.zeros(3, 4, 5)), TypeError, "state must be None or"),
+    ("state half", dict(state=(torch.zeros(3, 4, 5), None)), ValueError, "give both"),
+    (
+        "membrane float64",
+        dict(state=(torch.zeros(3, 4, 5).double(), torch.zeros(3, 4, 5).char())),
+        TypeError,
+        "membrane must",
+    ),
+    (
+        "count out of bounds",
+        dict(state=(torch.zeros(3, 4, 5), torch.full((3, 4, 5), 9).char())),
+        ValueError,
+        "count must lie",
+    ),
+    ("merge_heads int", dict(merge_heads=1), TypeError, "merge_heads must be a bool"),
+    (
+        "merge_heads without heads",
+        dict(a=torch.zeros(2, 4, 8).char(), v=torch.zeros(2, 8, 5).char(), merge_heads=True),
+        ValueError,
+        "merge_heads=True",
+    ),
+]
+
+
+@pytest.mark.parametrize(("case", "bad", "error", "words"), BAD_CTX, ids=[b[0] for b in BAD_CTX])
+def test_context_bad_input_is_rejected(case, bad, error, words):
+    with pytest.raises(error, match=words):
+        spike_context(**{**_good_ctx(), **bad})
+
+
+@pytest.mark.parametrize(("state", "merge_heads"), [(False, False), (True, True)])
+def test_context_opcheck(gen, state, merge_heads):
+    case = _ctx_case(gen, 3, (2, 2), 6, 9, 20, state=state)
+    c = dict(case)
+    args = [c.pop("a"), c.pop("v"), c.pop("scale"), c.pop("threshold"), *CTX_BOUNDS]
+    args += [c.get("a_count"), c.get("v_count"), *c.get("state", (None,) * 2)]
+    args += [None, merge_heads]  # active
+    torch.library.opcheck(torch.ops.spikekernels.spike_context.default, tuple(args))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("state", [False, True])
+def test_context_cuda_matches_cpu_reference_at_vit_size(gen, state):
+    case = _ctx_case(gen, 6, (2, 6), 197, 197, 64, state=state, device="cuda")
+    _assert_same(_run_ctx(case), _reference_ctx(case), CTX_NAMES)

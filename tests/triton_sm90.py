@@ -873,6 +873,11 @@ def spike_attention_cases() -> list[Case]:
         for name in ["T", "M", "N", "D", "H", *strides, "n_min", "p_max", "samples"]
         + ["rows_per_sample"]
     }
+    checks = dict(
+        ptx_must_contain=["wgmma", ".s32.s8.s8", "div.rn.f32"],
+        ptx_must_not_contain=["div.full.f32", "div.approx", "div.rn.ftz", "mul.f32"],
+        no_contracted_fma=True,
+    )
     cases = []
     for state, active in [(False, False), (True, False), (False, True), (True, True)]:
         constexprs = dict(
@@ -893,9 +898,43 @@ def spike_attention_cases() -> list[Case]:
                 constexprs,
                 num_warps=num_warps,
                 aligned=["D", *strides],
-                ptx_must_contain=["wgmma", ".s32.s8.s8", "div.rn.f32"],
-                ptx_must_not_contain=["div.full.f32", "div.approx", "div.rn.ftz", "mul.f32"],
-                no_contracted_fma=True,
+                **checks,
+            )
+        )
+    # the context: attention spikes [M, N] and values [N, D] contiguous, as they arrive
+    block_m, block_k, block_d, num_warps = sa.context_config(64)
+    signature = {name: "*i8" for name in ["a_ptr", "v_ptr", "a_prev_ptr", "v_cur_ptr"]}
+    signature |= {"scale_ptr": "*fp32", "theta_ptr": "*fp32", "mem_in_ptr": "*fp32"}
+    signature |= {"s_in_ptr": "*i8", "out_ptr": "*i8", "mem_out_ptr": "*fp32"}
+    signature |= {"s_out_ptr": "*i8", "active_ptr": "*i32"}
+    strides = ["stride_at", "stride_ab", "stride_ah", "stride_am"]
+    strides += ["stride_vt", "stride_vb", "stride_vh", "stride_vn"]
+    strides += ["stride_ot", "stride_ob", "stride_oh", "stride_om"]
+    signature |= {
+        name: "i32"
+        for name in ["T", "M", "N", "D", "H", *strides, "n_min", "p_max", "samples"]
+        + ["rows_per_sample"]
+    }
+    for state, active in [(False, False), (True, False), (False, True), (True, True)]:
+        constexprs = dict(
+            stride_an=1,
+            stride_vd=1,
+            HAS_STATE=state,
+            HAS_ACTIVE=active,
+            BLOCK_M=block_m,
+            BLOCK_K=block_k,
+            BLOCK_D=block_d,
+        )
+        cases.append(
+            Case(
+                f"spike_context N=197 D=64 state={state} active={active}",
+                sa.spike_context_kernel,
+                signature,
+                constexprs,
+                num_warps=num_warps,
+                aligned=["D", "stride_vt", "stride_vb", "stride_vh", "stride_vn"]
+                + ["stride_ot", "stride_ob", "stride_oh", "stride_om"],
+                **dict(checks, ptx_must_contain=["wgmma", ".s32.s8.s8", "div.rn.f32"]),
             )
         )
     return cases

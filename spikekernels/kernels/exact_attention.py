@@ -358,6 +358,45 @@ def exact_attention_probs_kernel(
 
 
 @triton.jit
+def context_step(
+    z, a_ptr, v_ptr, a_prev_ptr, v_cur_ptr, offs_m, offs_k, offs_d, mask_m, mask_d, N, D,
+    stride_am, stride_an, stride_vn, stride_vd, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """One step of the context product: ``z += a_t @ V_t + A_{t-1} @ v_t`` (``[rows,
+    channels]`` int32, exact) over the keys in ``BLOCK_K`` slices, the pointers at this step's
+    spikes (``stride_*``) and running counts (contiguous ``[M, N]``, ``[N, D]``). Returns
+    ``(z, moved)``: ``moved`` is nonzero when any slice held a spike (else ``z`` is
+    unchanged)."""
+    moved = tl.full((), 0, tl.int32)
+    for k0 in range(0, N, BLOCK_K):
+        ks = k0 + offs_k
+        mask_a = mask_m[:, None] & (ks < N)[None, :]
+        mask_v = (ks < N)[:, None] & mask_d[None, :]
+        # the value term first, so that the value spike tile is dead before the value count
+        # tile is read (integer sums: the order is free)
+        v_t = tl.load(
+            v_ptr + (ks[:, None] * stride_vn + offs_d[None, :] * stride_vd),
+            mask=mask_v,
+            other=0,
+        )
+        v_any = _any_spike(v_t)
+        if v_any:
+            a_cnt = tl.load(a_prev_ptr + (offs_m[:, None] * N + ks[None, :]), mask=mask_a, other=0)
+            z = tl.dot(a_cnt, v_t, z, out_dtype=tl.int32)
+        a_t = tl.load(
+            a_ptr + (offs_m[:, None] * stride_am + ks[None, :] * stride_an),
+            mask=mask_a,
+            other=0,
+        )
+        a_any = _any_spike(a_t)
+        if a_any:
+            v_cnt = tl.load(v_cur_ptr + (ks[:, None] * D + offs_d[None, :]), mask=mask_v, other=0)
+            z = tl.dot(a_t, v_cnt, z, out_dtype=tl.int32)
+        moved = moved | v_any.to(tl.int32) | a_any.to(tl.int32)
+    return z, moved
+
+
+@triton.jit
 def exact_context_kernel(
     a_ptr,  # [T, B, H, M, N] int8 attention spikes a_t, any strides (the batch flat: B * H)
     v_ptr,  # [T, B, H, N, D] int8 value spikes v_t, any strides
@@ -449,36 +488,10 @@ def exact_context_kernel(
     if HAS_COUNT:  # whether the tile fired at the last step (at first: unknown, so yes)
         fired = tl.full((), 1, tl.int32)
     for _ in range(T):
-        moved = tl.full((), 0, tl.int32)  # whether Z changed at this step
-        for k0 in range(0, N, BLOCK_K):
-            ks = k0 + offs_k
-            mask_a = mask_m[:, None] & (ks < N)[None, :]
-            mask_v = (ks < N)[:, None] & mask_d[None, :]
-            # the value term first, so that the value spike tile is dead before the value
-            # count tile is read (integer sums: the order is free)
-            v_t = tl.load(
-                v_ptr + (ks[:, None] * stride_vn + offs_d[None, :] * stride_vd),
-                mask=mask_v,
-                other=0,
-            )
-            v_any = _any_spike(v_t)
-            if v_any:
-                a_cnt = tl.load(
-                    a_prev_ptr + (offs_m[:, None] * N + ks[None, :]), mask=mask_a, other=0
-                )
-                z = tl.dot(a_cnt, v_t, z, out_dtype=tl.int32)
-            a_t = tl.load(
-                a_ptr + (offs_m[:, None] * stride_am + ks[None, :] * stride_an),
-                mask=mask_a,
-                other=0,
-            )
-            a_any = _any_spike(a_t)
-            if a_any:
-                v_cnt = tl.load(
-                    v_cur_ptr + (ks[:, None] * D + offs_d[None, :]), mask=mask_v, other=0
-                )
-                z = tl.dot(a_t, v_cnt, z, out_dtype=tl.int32)
-            moved = moved | v_any.to(tl.int32) | a_any.to(tl.int32)
+        z, moved = context_step(
+            z, a_ptr, v_ptr, a_prev_ptr, v_cur_ptr, offs_m, offs_k, offs_d, mask_m, mask_d, N,
+            D, stride_am, stride_an, stride_vn, stride_vd, BLOCK_K,
+        )  # fmt: skip
         # The epilogue runs on silent steps too (the neuron may still be moving), unless the
         # tile is quiet, as in the scores kernel: Z did not change and no neuron fired at the
         # last step, so sigma is 0 again, bit for bit. Only with incoming state: the fresh

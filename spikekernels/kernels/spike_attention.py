@@ -1,5 +1,8 @@
-"""Fused float-mode attention probabilities (SPEC.md §5, §3, §2): the scores spike product,
-Spike-Softmax and the attention neuron, the T loop inside one launch.
+"""Fused float-mode attention (SPEC.md §5, §3, §2): the two spike products of SESA, each with
+what reads it, the T loop inside one launch. ``spike_attention_probs_kernel``: the scores
+product, Spike-Softmax and the attention neuron; ``spike_context_kernel``: the context
+product and the neuron after it (``u = fl32(scale * fl32(a_t @ V_t + A_{t-1} @ v_t))``, then
+``st_bif_step``; the spikes may be written with the heads merged, as in exact mode).
 
 Unfused, float mode writes the scores increments ``[T, B, H, N, N]`` in float32, Spike-Softmax
 reads them and writes its float32 differences, and the neuron reads those: about 17 bytes
@@ -8,9 +11,10 @@ only the int8 spikes leave the kernel each step; the state (running scores ``X``
 softmax ``Y``, membrane ``v``: float32; count ``s``: int8) is read once and written once per
 call.
 
-One program per (batch entry, block of ``BLOCK_M`` query rows), all ``N`` keys in one tile,
-transposed (``[keys, queries]``) as in ``kernels.exact_attention``, for the same reason: the
-keys are the tensor cores' M and each query's softmax runs down a column. Per step:
+The scores kernel: one program per (batch entry, block of ``BLOCK_M`` query rows), all ``N``
+keys in one tile, transposed (``[keys, queries]``) as in ``kernels.exact_attention``, for the
+same reason: the keys are the tensor cores' M and each query's softmax runs down a column.
+Per step:
 
 - ``delta^T = K_t q_t^T + k_t Q_{t-1}^T``, int8 ``tl.dot`` into int32 (exact), silent spike
   slices skipped (``exact_attention.scores_step``);
@@ -26,7 +30,14 @@ keys are the tensor cores' M and each query's softmax runs down a column. Per st
   thread at 16 query rows, 8 warps), while 8 query rows lose wgmma. The softmax is about
   60 ALU operations per element and step.
 
-The running counts ``Q_{t-1}``, ``K_t`` come from ``running_count_kernel`` as in exact mode.
+The context kernel: one program per (batch entry, block of rows), all head channels in one
+tile, the keys (the contraction) in slices (``exact_attention.context_step``); the membrane
+and count stay in registers for the chunk. Its neuron (a division and two compares per
+element) also runs every step.
+
+The running counts (``Q_{t-1}``, ``K_t``; ``A_{t-1}``, ``V_t``) come from
+``running_count_kernel`` as in exact mode. A program's rows lie in one batch entry and head,
+so in one sample: its activity flag is one store of the tile's reduction.
 Products feeding an add are ``fma(a, b, +0.0)`` (no contraction), divisions ``div_rn``.
 """
 
@@ -39,17 +50,19 @@ import triton.language as tl
 from spikekernels.kernels import INTERPRET, on_device
 from spikekernels.kernels.activity import active_layout
 from spikekernels.kernels.exact_attention import (
+    MAX_HEAD_DIM,
     MAX_KEYS,
     _batch,
     _grid,
     _mul,
     _prepare,
+    context_step,
     scores_step,
     softmax_columns,
 )
 from spikekernels.kernels.neuron import st_bif_step
 
-__all__ = ["MAX_KEYS", "spike_attention_probs_triton"]
+__all__ = ["MAX_HEAD_DIM", "MAX_KEYS", "spike_attention_probs_triton", "spike_context_triton"]
 
 # (BLOCK_M, BLOCK_D, num_warps): the float state adds three [keys, queries] float32 tiles
 # (X, Y, v) to what exact mode's kernel holds, so 8 query rows a program on a GPU (a wgmma
@@ -254,3 +267,183 @@ def spike_attention_probs_triton(
     )
     shape = p.count_shape
     return (p.out, *(t.reshape(shape) for t in floats), p.count_out.reshape(shape))
+
+
+# (BLOCK_M, BLOCK_K, num_warps) of the context kernel: 64 rows x 64 channels (a Hopper wgmma
+# per warpgroup), keys in slices of 64, as exact mode's; 8 warps hold the membrane too.
+_CONTEXT_GPU = (64, 64, 8)
+_CONTEXT_INTERPRET = (16, 32, 4)
+
+
+def context_config(d: int) -> tuple[int, int, int, int]:
+    """``(BLOCK_M, BLOCK_K, BLOCK_D, num_warps)`` for head dim ``d`` (padded to a power of
+    two, at least 16)."""
+    block_m, block_k, num_warps = _CONTEXT_INTERPRET if INTERPRET else _CONTEXT_GPU
+    return block_m, block_k, max(16, triton.next_power_of_2(d)), num_warps
+
+
+@triton.jit
+def spike_context_kernel(
+    a_ptr,  # [T, B, H, M, N] int8 attention spikes a_t, any strides (the batch flat: B * H)
+    v_ptr,  # [T, B, H, N, D] int8 value spikes v_t, any strides
+    a_prev_ptr,  # [T, B, M, N] int8 running attention count before step t, A_{t-1}, contiguous
+    v_cur_ptr,  # [T, B, N, D] int8 running value count after step t, V_t, contiguous
+    scale_ptr,  # [1] float32 product scale (theta_a * theta_v)
+    theta_ptr,  # [1] output neuron's threshold (any float dtype)
+    mem_in_ptr,  # [B, M, D] float32 membrane (HAS_STATE only)
+    s_in_ptr,  # [B, M, D] int8 count (HAS_STATE only)
+    out_ptr,  # [T, B, H, M, D] int8 spikes, any strides but a contiguous D
+    mem_out_ptr,
+    s_out_ptr,
+    active_ptr,  # [T, samples] int32 flags, set where a sample fires (HAS_ACTIVE only)
+    T,
+    M,
+    N,
+    D,
+    H,
+    stride_at,
+    stride_ab,
+    stride_ah,
+    stride_am,
+    stride_an,
+    stride_vt,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_vd,
+    stride_ot,
+    stride_ob,
+    stride_oh,
+    stride_om,
+    n_min,
+    p_max,
+    samples,  # (HAS_ACTIVE only)
+    rows_per_sample,  # rows of the flattened [B * M] (HAS_ACTIVE only)
+    HAS_STATE: tl.constexpr,
+    HAS_ACTIVE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Per step: ``u = fl32(scale * fl32(a_t @ V_t + A_{t-1} @ v_t))``; ST-BIF on ``u``;
+    ``active[t, sample] = 1`` where the tile fires."""
+    num_m = tl.cdiv(M, BLOCK_M)
+    pid = tl.program_id(0)
+    bid = (pid // num_m).to(tl.int64)
+    nb = tl.num_programs(0) // num_m
+    offs_m = (pid % num_m) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_m = offs_m < M
+    mask_d = offs_d < D
+    mask_z = mask_m[:, None] & mask_d[None, :]
+
+    a_ptr += (bid // H) * stride_ab + (bid % H) * stride_ah
+    v_ptr += (bid // H) * stride_vb + (bid % H) * stride_vh
+    a_prev_ptr += bid * M * N
+    v_cur_ptr += bid * N * D
+    out_ptr += (bid // H) * stride_ob + (bid % H) * stride_oh
+    out_offs = offs_m[:, None] * stride_om + offs_d[None, :]
+    z_offs = offs_m[:, None] * D + offs_d[None, :]
+    state = bid * M * D
+    step_a = nb.to(tl.int64) * M * N
+    step_v = nb.to(tl.int64) * N * D
+
+    if HAS_STATE:
+        mem = tl.load((mem_in_ptr + state) + z_offs, mask=mask_z, other=0.5)
+        count = tl.load((s_in_ptr + state) + z_offs, mask=mask_z, other=0).to(tl.int32)
+    else:
+        mem = tl.full([BLOCK_M, BLOCK_D], 0.5, tl.float32)
+        count = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.int32)
+    scale = tl.load(scale_ptr)
+    theta = tl.load(theta_ptr).to(tl.float32)
+    if HAS_ACTIVE:  # one (batch entry, head): one sample, as in the scores kernel
+        active_ptr += bid * M // rows_per_sample
+
+    for _ in range(T):
+        delta, moved = context_step(  # every step runs the neuron: `moved` unused
+            tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.int32), a_ptr, v_ptr, a_prev_ptr, v_cur_ptr,
+            offs_m, offs_k, offs_d, mask_m, mask_d, N, D, stride_am, stride_an, stride_vn,
+            stride_vd, BLOCK_K,
+        )  # fmt: skip
+        sigma, mem, count = st_bif_step(
+            _mul(scale, delta.to(tl.float32)), theta, mem, count, n_min, p_max
+        )
+        tl.store(out_ptr + out_offs, sigma.to(tl.int8), mask=mask_z)
+        if HAS_ACTIVE:
+            if tl.max(tl.abs(tl.where(mask_z, sigma, 0))) != 0:
+                tl.store(active_ptr, 1)
+            active_ptr += samples
+        a_ptr += stride_at
+        v_ptr += stride_vt
+        a_prev_ptr += step_a
+        v_cur_ptr += step_v
+        out_ptr += stride_ot
+
+    tl.store((mem_out_ptr + state) + z_offs, mem, mask=mask_z)
+    tl.store((s_out_ptr + state) + z_offs, count.to(tl.int8), mask=mask_z)
+
+
+@on_device
+def spike_context_triton(
+    launch,
+    a: torch.Tensor,
+    v: torch.Tensor,
+    scale: torch.Tensor,
+    threshold: torch.Tensor,
+    n_min: int,
+    p_max: int,
+    a_count: torch.Tensor | None,
+    v_count: torch.Tensor | None,
+    state: tuple[torch.Tensor, torch.Tensor] | None,
+    active: torch.Tensor | None = None,
+    *,
+    merge_heads: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Host side: ``a`` ``[T, *batch, M, N]``, ``v`` ``[T, *batch, N, D]`` int8 (any strides,
+    at least one batch entry, ``1 <= D <= MAX_HEAD_DIM``, ``M, N >= 1``), their neurons'
+    counts after these steps (any strides, or None), ``state`` ``(membrane, count)``
+    ``[*batch, M, D]`` or None, ``active`` ``[T, B]`` int32 contiguous or None. Returns
+    ``(spikes, membrane, count)``: spikes ``[T, *batch, M, D]``, or with ``merge_heads``
+    ``[T, *batch[:-1], M, H * D]`` (written there directly); the state fresh tensors."""
+    s_in = None if state is None else state[1]
+    p = _prepare(launch, a, v, a_count, v_count, s_in, False, merge_heads=merge_heads)
+    m, n = a.shape[-2:]
+    d = v.shape[-1]
+    nb = _batch(p)
+    mem_out = torch.empty((nb, m, d), dtype=torch.float32, device=a.device)
+    mem_in = mem_out if state is None else state[0].reshape(nb, m, d).contiguous()
+    block_m, block_k, block_d, num_warps = context_config(d)
+    launch(spike_context_kernel)[_grid(p, block_m)](
+        p.a,
+        p.b,
+        p.a_prev,
+        p.b_cur,
+        scale,
+        threshold,
+        mem_in,
+        p.count_out if p.count_in is None else p.count_in,
+        p.out5,
+        mem_out,
+        p.count_out,
+        p.count_out if active is None else active,
+        a.shape[0],
+        m,
+        n,
+        d,
+        p.a.shape[2],
+        *p.a.stride(),
+        *p.b.stride(),
+        *p.out5.stride()[:4],
+        n_min,
+        p_max,
+        *active_layout(active, nb * m),
+        HAS_STATE=state is not None,
+        HAS_ACTIVE=active is not None,
+        BLOCK_M=block_m,
+        BLOCK_K=block_k,
+        BLOCK_D=block_d,
+        num_warps=num_warps,
+    )
+    shape = p.count_shape
+    return p.out, mem_out.reshape(shape), p.count_out.reshape(shape)

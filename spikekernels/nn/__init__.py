@@ -1,6 +1,6 @@
 """Multi-step spiking modules (``[T, B, ...]`` in and out, state carried between calls)."""
 
-from spikekernels.nn.attention import SpikeAttention, SpikeAttentionProbs
+from spikekernels.nn.attention import SpikeAttention, SpikeAttentionProbs, SpikeContext
 from spikekernels.nn.exact_attention import ExactAttention, ExactAttentionProbs, ExactContext
 from spikekernels.nn.exact_layers import (
     ExactLayerNorm,
@@ -34,6 +34,7 @@ __all__ = [
     "RunningSpikeMatmul",
     "SpikeAttention",
     "SpikeAttentionProbs",
+    "SpikeContext",
     "SpikeLayerNorm",
     "SpikeLayerNormNeuron",
     "SpikeLinear",

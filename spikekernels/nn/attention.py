@@ -9,10 +9,9 @@ from spikekernels.nn.conversion import neuron_from_quantizer
 from spikekernels.nn.exact_layers import require_input_counts
 from spikekernels.nn.linear_neuron import SpikeLinearNeuron
 from spikekernels.nn.neuron import STBIF
-from spikekernels.nn.spike_matmul import SpikeMatmul
-from spikekernels.ops.spike_attention import spike_attention_probs
+from spikekernels.ops.spike_attention import spike_attention_probs, spike_context
 
-__all__ = ["SpikeAttention", "SpikeAttentionProbs"]
+__all__ = ["SpikeAttention", "SpikeAttentionProbs", "SpikeContext"]
 
 
 class SpikeAttentionProbs(STBIF):
@@ -58,6 +57,44 @@ class SpikeAttentionProbs(STBIF):
         return spikes
 
 
+class SpikeContext(STBIF):
+    """Context spike product and the neuron after it, fused (``spikekernels.ops.
+    spike_context``): attention ``[T, *batch, M, N]`` and v ``[T, *batch, N, Dh]`` spikes
+    in, int8 spikes out. Per step the neuron reads ``scale * (a_t @ V_t + A_{t-1} @ v_t)``.
+
+    An ``STBIF`` (``threshold``, bounds, ``v``, ``count``, ``fanout``, ``watch``); the
+    running counts of a and v are their neurons' (each call takes them after its steps).
+    Inference only."""
+
+    def __init__(self, neuron: STBIF, scale: torch.Tensor) -> None:
+        super().__init__(neuron.threshold, neuron.level, neuron.signed)
+        if neuron.float_out:
+            raise ValueError("the context neuron feeds a spike linear: int8 spikes out")
+        self.fanout = neuron.fanout
+        self.register_buffer("scale", torch.as_tensor(scale, dtype=torch.float32).reshape(()))
+
+    def forward(
+        self,
+        a: torch.Tensor,
+        v: torch.Tensor,
+        a_count: torch.Tensor | None = None,
+        v_count: torch.Tensor | None = None,
+        *,
+        merge_heads: bool = False,
+    ) -> torch.Tensor:
+        """``a_count`` ``[*batch, M, N]`` and ``v_count`` ``[*batch, N, D]``: the counts of the
+        attention and value neurons after these steps (any strides); None only on a fresh
+        input. ``merge_heads``: spikes ``[T, *batch[:-1], M, H * D]`` (``ops.spike_context``)."""
+        require_input_counts(self, a_count=a_count, v_count=v_count)
+        state = None if self.s is None else (self.v, self.s)
+        spikes, (self.v, self.s) = spike_context(
+            a, v, self.scale, self.threshold, self.n_min, self.p_max, a_count, v_count, state,
+            active=self.activity, merge_heads=merge_heads,
+        )  # fmt: skip
+        self.last_spikes = spikes[-1]
+        return spikes
+
+
 class SpikeAttention(nn.Module):
     """Multi-head spiking self-attention, ``[T, B, N, C]`` spikes in, ``[T, B, N, C]`` out.
 
@@ -73,18 +110,20 @@ class SpikeAttention(nn.Module):
        ``theta_q * theta_k * head_dim^-0.5`` (the QANN's ``scale``), Spike-Softmax over the
        keys and the unsigned ``attn_quan`` neuron, fused: int8 spikes ``[T, B, H, N, N]``.
        It reads q, k and their counts (the qkv neuron's) in place.
-    3. context: spike product ``attn @ v`` with scale ``theta_attn * theta_v``, then
-       ``after_attn_if`` (signed, ``after_attn_quan``) on ``[T, B, H, N, Dh]``.
-    4. merge heads -> ``proj``: spike linear (threshold ``theta_after_attn``, bias at step 0)
-       fused with the signed ``quan_proj`` neuron (``SpikeLinearNeuron``).
+    3. ``after_attn_if`` (``SpikeContext``): the context spike product ``attn @ v`` with
+       scale ``theta_attn * theta_v`` and the signed ``after_attn_quan`` neuron, fused; its
+       spikes come out with the heads merged, ``[T, B, N, C]``.
+    4. ``proj``: spike linear (threshold ``theta_after_attn``, bias at step 0) fused with the
+       signed ``quan_proj`` neuron (``SpikeLinearNeuron``).
 
     The output is ``proj``'s: int8 spikes, or ``spikes * theta`` (float32, the residual
-    increment) when built with ``float_out=True``. State (neurons, softmax, linear steps, the
-    context product's running counts) is kept between calls until ``reset()``, so chunked
-    time equals a whole run. Thresholds stay tensors: no host sync. Inference only.
+    increment) when built with ``float_out=True``. State (neurons, softmax, linear steps) is
+    kept between calls until ``reset()``, so chunked time equals a whole run; the products'
+    running counts are the neurons' own counts, read in place. Thresholds stay tensors: no
+    host sync. Inference only.
 
-    ``attn_if`` may be given as the plain attention neuron (an ``STBIF``): it is wrapped in a
-    ``SpikeAttentionProbs`` with the scores scale.
+    ``attn_if`` and ``after_attn_if`` may be given as the plain neurons (``STBIF``): they are
+    wrapped in a ``SpikeAttentionProbs`` and a ``SpikeContext`` with the products' scales.
     """
 
     def __init__(
@@ -110,8 +149,9 @@ class SpikeAttention(nn.Module):
         theta_q, theta_k, theta_v = qkv.threshold.expand(3 * dim)[::dim]
         if not isinstance(attn_if, SpikeAttentionProbs):
             attn_if = SpikeAttentionProbs(attn_if, theta_q * theta_k * self.scale)
+        if not isinstance(after_attn_if, SpikeContext):
+            after_attn_if = SpikeContext(after_attn_if, attn_if.threshold * theta_v)
         self.attn_if, self.after_attn_if = attn_if, after_attn_if
-        self.context = SpikeMatmul(attn_if.threshold * theta_v)
         self.reset()
 
     @classmethod
@@ -154,7 +194,7 @@ class SpikeAttention(nn.Module):
 
     def reset(self) -> None:
         """Back to the fresh state, every part included: call between inputs."""
-        for m in (self.qkv, self.attn_if, self.context, self.after_attn_if, self.proj):
+        for m in (self.qkv, self.attn_if, self.after_attn_if, self.proj):
             m.reset()
 
     def forward(self, s: torch.Tensor) -> torch.Tensor:
@@ -171,14 +211,15 @@ class SpikeAttention(nn.Module):
         q = qkv[:, :, :, 0].transpose(2, 3)  # [T, B, H, N, Dh]
         k_t = qkv[:, :, :, 1].permute(0, 1, 3, 4, 2)  # [T, B, H, Dh, N]
         v = qkv[:, :, :, 2].transpose(2, 3)  # [T, B, H, N, Dh]
-        # the running counts of q and k are the qkv neuron's count, in the same layouts
+        # the running counts of q, k, v are the qkv neuron's count, in the same layouts
         counts = self.qkv.count.view(b, n, 3, h, dh)
         q_count = counts[:, :, 0].transpose(1, 2)  # [B, H, N, Dh]
         k_count = counts[:, :, 1].permute(0, 2, 3, 1)  # [B, H, Dh, N]
-        attn = self.attn_if(q, k_t, q_count, k_count)
-        context = self.after_attn_if(self.context(attn, v))  # [T, B, H, N, Dh]
-        merged = context.transpose(2, 3).reshape(t, b, n, c)
-        return self.proj(merged)
+        v_count = counts[:, :, 2].transpose(1, 2)
+        attn = self.attn_if(q, k_t, q_count, k_count)  # [T, B, H, N, N]
+        # [T, B, N, C]: the kernel writes the heads merged, as proj reads them
+        context = self.after_attn_if(attn, v, self.attn_if.count, v_count, merge_heads=True)
+        return self.proj(context)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, num_heads={self.num_heads}, scale={self.scale:.4g}"

@@ -12,7 +12,7 @@ from spikekernels.ops.layernorm import spike_layernorm
 from spikekernels.ops.layernorm_neuron import spike_layernorm_neuron
 from spikekernels.ops.neuron import st_bif
 from spikekernels.ops.softmax import spike_softmax
-from spikekernels.ops.spike_attention import spike_attention_probs
+from spikekernels.ops.spike_attention import spike_attention_probs, spike_context
 from spikekernels.ops.spike_linear import spike_linear
 from spikekernels.ops.spike_linear_neuron import spike_linear_neuron
 from spikekernels.ops.spike_matmul import spike_matmul
@@ -29,6 +29,7 @@ __all__ = [
     "split_weight_bf16x3",
     "spike_softmax",
     "spike_attention_probs",
+    "spike_context",
     "target_spikes",
     "exact_linear",
     "exact_layernorm_neuron",

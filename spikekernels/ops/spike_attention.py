@@ -1,5 +1,6 @@
-"""``torch.ops.spikekernels.spike_attention_probs``: float mode's scores spike product,
-Spike-Softmax and attention neuron, fused (SPEC.md §5, §3, §2)."""
+"""``torch.ops.spikekernels.spike_attention_probs`` and ``spike_context``: float mode's two
+spike products of SESA attention, each fused with what reads it (SPEC.md §5, §3, §2): the
+scores with Spike-Softmax and the attention neuron, the context with its neuron."""
 
 from __future__ import annotations
 
@@ -12,7 +13,13 @@ from spikekernels.ops._activity import record_active
 from spikekernels.ops._checks import check_active, check_in_bounds, check_state
 from spikekernels.ops._dispatch import backend_for
 from spikekernels.ops._registry import call_op, kernel_op, launcher
-from spikekernels.ops.exact_attention import _before, _check_data, _check_product, _check_scalar
+from spikekernels.ops.exact_attention import (
+    _before,
+    _check_data,
+    _check_product,
+    _check_scalar,
+    _merge_heads,
+)
 from spikekernels.ops.neuron import st_bif_torch
 from spikekernels.ops.spike_matmul import spike_matmul_torch
 from spikekernels.ops.target import check_bounds, check_threshold
@@ -187,3 +194,172 @@ def spike_attention_probs(
     check_in_bounds(parts[3], "s", n_min, p_max, validate)
     spikes, *new_state = call_op("spike_attention_probs", *args, *parts, active)
     return spikes, tuple(new_state)
+
+
+# ---------------------------------------------------------------------------------------------
+# context product + neuron
+
+_CONTEXT_STATE = (("membrane", torch.float32), ("count", torch.int8))
+
+
+def _check_context(
+    a, v, scale, threshold, n_min, p_max, a_count, v_count, state, active, merge_heads
+) -> None:
+    """Metadata checks (no data read); ``state`` the two state tensors or Nones."""
+    if not isinstance(merge_heads, bool):
+        raise TypeError(f"merge_heads must be a bool, got {type(merge_heads).__name__}")
+    if merge_heads and a.dim() < 4:
+        raise ValueError(
+            "merge_heads=True merges the last batch dim (the heads) into the channels: "
+            f"a needs one, [T, *batch, M, N], got shape {tuple(a.shape)}"
+        )
+    _check_product(a, v, "a", "v", a_count, v_count)
+    _check_scalar(scale, "scale", (torch.float32,), a, "a")
+    check_threshold(threshold, "threshold", None, a, "a")
+    check_bounds(n_min, p_max)
+    shape = (*a.shape[1:-1], v.shape[-1])
+    if (state[0] is None) != (state[1] is None):
+        raise ValueError(
+            "state: give both membrane and count (the state a previous call returned) or "
+            "neither (a fresh input)"
+        )
+    for t, (name, dtype) in zip(state, _CONTEXT_STATE, strict=True):
+        check_state(t, name, shape, (dtype,), a, "a")
+    check_active(active, (a.shape[0], *shape), a, "a")
+
+
+def spike_context_torch(
+    a, v, scale, threshold, n_min, p_max, a_count, v_count, state, active=None
+) -> tuple[torch.Tensor, ...]:
+    """Vectorised PyTorch (any device, any shape): ``spike_matmul``'s dense path, then the
+    ST-BIF loop; the same operations as the kernel, so the same bits."""
+    e, _, _ = spike_matmul_torch(a, v, scale, _before(a, a_count), _before(v, v_count))
+    membrane, count = (None, None) if state is None else state
+    spikes, membrane, count = st_bif_torch(
+        e, threshold, n_min, p_max, membrane, count, False, torch.int8
+    )
+    record_active(active, spikes)
+    return spikes, membrane, count
+
+
+def _fused_context_fits(a: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether the Triton kernel takes the shape: no empty dim, all head channels in one
+    tile."""
+    from spikekernels.kernels.spike_attention import MAX_HEAD_DIM
+
+    return min(math.prod(a.shape[1:-2]), *a.shape[-2:], v.shape[-1]) > 0 and (
+        v.shape[-1] <= MAX_HEAD_DIM
+    )
+
+
+@kernel_op("spike_context", mutates_args=("active",))
+def _spike_context_op(
+    a: torch.Tensor,
+    v: torch.Tensor,
+    scale: torch.Tensor,
+    threshold: torch.Tensor,
+    n_min: int,
+    p_max: int,
+    a_count: torch.Tensor | None = None,
+    v_count: torch.Tensor | None = None,
+    membrane: torch.Tensor | None = None,
+    count: torch.Tensor | None = None,
+    active: torch.Tensor | None = None,
+    merge_heads: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    args = (a, v, scale, threshold, n_min, p_max, a_count, v_count)
+    _check_context(*args, (membrane, count), active, merge_heads)
+    state = None if membrane is None else (membrane, count)
+    backend = backend_for(a, ("triton", "torch"))
+    if backend == "triton" and _fused_context_fits(a, v):
+        from spikekernels.kernels.spike_attention import spike_context_triton
+
+        return spike_context_triton(launcher, *args, state, active, merge_heads=merge_heads)
+    if backend == "reference":
+        from spikekernels import reference
+
+        spikes, (membrane, count) = reference.spike_context(*args, state)
+        record_active(active, spikes)
+    else:
+        spikes, membrane, count = spike_context_torch(*args, state, active)
+    return (_merge_heads(spikes) if merge_heads else spikes), membrane, count
+
+
+@_spike_context_op.register_fake
+def _(
+    a, v, scale, threshold, n_min, p_max, a_count=None, v_count=None, membrane=None,
+    count=None, active=None, merge_heads=False,
+):  # fmt: skip
+    args = (a, v, scale, threshold, n_min, p_max, a_count, v_count)
+    _check_context(*args, (membrane, count), active, merge_heads)
+    shape = (*a.shape[1:-1], v.shape[-1])
+    spikes = a.new_empty((a.shape[0], *shape), dtype=torch.int8)
+    state = (a.new_empty(shape, dtype=dtype) for _, dtype in _CONTEXT_STATE)
+    return (_merge_heads(spikes) if merge_heads else spikes), *state
+
+
+def spike_context(
+    a: torch.Tensor,
+    v: torch.Tensor,
+    scale: torch.Tensor,
+    threshold: torch.Tensor,
+    n_min: int,
+    p_max: int,
+    a_count: torch.Tensor | None = None,
+    v_count: torch.Tensor | None = None,
+    state: tuple[torch.Tensor, torch.Tensor] | None = None,
+    *,
+    active: torch.Tensor | None = None,
+    merge_heads: bool = False,
+    validate: bool = False,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """Float-mode attention context: the context spike product and the neuron after it
+    (ST-BIF), fused (SPEC.md §5, §2).
+
+    Per step ``t``, with ``A``, ``V`` the running counts of the two spike trains::
+
+        u_t = fl32(scale * fl32(a_t @ V_t + A_{t-1} @ v_t))   # spike_matmul, exact integers
+        v  += u_t / theta;  sigma = ST-BIF fire rule;  s += sigma;  v -= sigma
+
+    bit for bit ``spike_matmul`` then ``st_bif``. On a GPU the context of a step never
+    leaves the kernel: only int8 spikes are written per step, the state once per call.
+
+    Args:
+        a: ``[T, *batch, M, N]`` int8 ternary attention spikes, any strides.
+        v: ``[T, *batch, N, D]`` int8 ternary value spikes, any strides (the model's slice of
+            the packed qkv spikes is read in place). ``N <= 65535``.
+        scale: one-element float32 product scale (``theta_a * theta_v``), read on the device.
+        threshold: one-element float tensor, the output neuron's step.
+        n_min, p_max: Python ints, ``n_min <= 0 <= p_max``, inside int8's ``[-128, 127]``.
+        a_count, v_count: optional int8 counts ``[*batch, M, N]`` and ``[*batch, N, D]``
+            (any strides) of the attention and value neurons *after* these steps; None: 0
+            before them. The op keeps no copy of them.
+        state: ``(membrane, count)`` ``[*batch, M, D]`` as a previous call returned it
+            (float32, int8), or None for a fresh input (``0.5, 0``).
+        active: optional int32 ``[T, B]`` per-sample flags (``B`` the spikes' dim 1), set in
+            place where a sample fires.
+        merge_heads: return the spikes ``[T, *batch[:-1], M, H * D]``, the last batch dim
+            ``H`` (the heads) merged into the channels, as the projection reads them (the
+            kernel writes them there; no copy).
+        validate: also check on a GPU (host syncs) what is checked on CPU tensors: ternary
+            spikes, counts consistent with the spikes and in int8, a positive, finite
+            ``scale`` and ``threshold``, the incoming count inside the bounds.
+
+    Returns:
+        ``(spikes int8, (membrane, count))``, the state fresh tensors: feeding it back makes
+        a chunked run equal a whole one, bit for bit.
+
+    Dispatch: CUDA tensors run the Triton kernel for head dims up to
+    ``kernels.spike_attention.MAX_HEAD_DIM`` (64), the PyTorch path above otherwise and on
+    CPU (the kernel under ``TRITON_INTERPRET=1``). Inference only: no autograd.
+    """
+    args = (a, v, scale, threshold, n_min, p_max, a_count, v_count)
+    if state is not None and (not isinstance(state, (tuple, list)) or len(state) != 2):
+        raise TypeError("state must be None or the tuple (membrane, count) a call returned")
+    parts = (None, None) if state is None else tuple(state)
+    _check_context(*args, parts, active, merge_heads)
+    scalars = ((scale, "scale"), (threshold, "threshold"))
+    _check_data(a, v, "a", "v", a_count, v_count, scalars, validate)
+    check_in_bounds(parts[1], "count", n_min, p_max, validate)
+    spikes, membrane, count = call_op("spike_context", *args, *parts, active, merge_heads)
+    return spikes, (membrane, count)
