@@ -7,7 +7,7 @@ import torch
 
 from spikekernels.levels import level_bounds
 from spikekernels.models import QuantAttention, calibrate
-from spikekernels.nn import SpikeAttention
+from spikekernels.nn import STBIF, SpikeAttention, SpikeAttentionProbs, SpikeContext
 from spikekernels.ops._dispatch import force_backend
 
 # Within this distance of a rounding boundary (in units of the step) the QANN's integer and a
@@ -155,3 +155,31 @@ def test_attention_bad_input(gen):
         attn(torch.zeros(2, 1, 5, 12, dtype=torch.int8))
     with pytest.raises(TypeError, match="has no `qkv`"):
         SpikeAttention.from_quant(torch.nn.Linear(2, 2), in_theta)
+
+
+def test_fused_attention_modules_own_their_state(gen):
+    """SpikeAttentionProbs and SpikeContext are neurons (count, fanout, watch) that read
+    their operands' counts from the producing neurons: a later call without them is refused
+    (None would silently mean a fresh input), reset() clears the float state too, and a plain
+    neuron with float output cannot feed a spike product."""
+    qattn, in_theta, counts = make_attention(16, 2, 8, 2, 17, gen)
+    attn = SpikeAttention.from_quant(qattn, in_theta)
+    assert isinstance(attn.attn_if, SpikeAttentionProbs)
+    assert isinstance(attn.after_attn_if, SpikeContext)
+    s = spike_train(counts, 6)
+    attn(s[:3])
+    probs, context = attn.attn_if, attn.after_attn_if
+    assert probs.x_acc.shape == probs.y_prev.shape == probs.count.shape == (2, 2, 17, 17)
+    assert context.count.shape == (2, 2, 17, 8)
+    q = torch.zeros(1, 2, 2, 17, 8, dtype=torch.int8)
+    with pytest.raises(ValueError, match="q_count is None after the first call"):
+        probs(q, q.transpose(-1, -2))
+    with pytest.raises(ValueError, match="a_count is None after the first call"):
+        context(torch.zeros(1, 2, 2, 17, 17, dtype=torch.int8), q)
+    attn.reset()
+    assert probs.x_acc is None and probs.y_prev is None and probs.count is None
+    assert context.count is None
+    with pytest.raises(ValueError, match="int8 spikes out"):
+        SpikeAttentionProbs(STBIF(0.1, 8, signed=False, float_out=True), torch.tensor(0.5))
+    with pytest.raises(ValueError, match="int8 spikes out"):
+        SpikeContext(STBIF(0.1, 8, signed=True, float_out=True), torch.tensor(0.5))
