@@ -184,6 +184,67 @@ def test_every_output_element_is_written(gen, poisoned_allocations):
         assert torch.equal(got[1], want[1]), "the running sum is the same float32 adds"
 
 
+def _branch(gen, x, theta):
+    """A pending branch on the stream ``x``: ternary int8 spikes shaped like it, its step."""
+    spikes = torch.randint(-1, 2, x.shape, generator=gen, dtype=torch.int8)
+    return spikes * (torch.rand(x.shape, generator=gen) < 0.4), torch.tensor(theta)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("branches", [1, 2])
+@pytest.mark.parametrize("residual_out", [False, True])
+def test_pending_branches_are_the_residual_adds(gen, backend, branches, residual_out):
+    """With pending branches the op is the model's residual adds (``x + sigma * theta`` per
+    branch, in order, in float32) and then the op on that stream, bit for bit on each
+    backend; ``residual_out`` returns that stream."""
+    x = _inputs(gen, 6, (3, 5), 100)
+    norm = _norm(gen, 100)
+    state = _state(gen, (3, 5), 100)
+    pending = [_branch(gen, x, 0.13), _branch(gen, x, 0.071)][:branches]
+    h = x
+    for spikes, theta in pending:
+        h = h + spikes.to(torch.float32) * theta
+    kwargs = {}
+    for prefix, (spikes, theta) in zip(("branch", "branch2")[:branches], pending, strict=True):
+        kwargs |= {f"{prefix}_spikes": spikes, f"{prefix}_threshold": theta}
+    with force_backend(backend):
+        got = _fused(x, norm, **state, **kwargs, residual_out=residual_out)
+        want = _fused(h, norm, **state)
+    _assert_same(got[:5], want)
+    assert len(got) == 5 + residual_out
+    if residual_out:
+        assert torch.equal(got[5], h), "the stream with the branches"
+    assert not torch.equal(want[0], _fused(x, norm, **state)[0]), "the branches matter here"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_pending_branches_chunked_and_poisoned(gen, device, poisoned_allocations):
+    """Chunked time with branches equals a whole run, and every element of the spikes and
+    of the written stream is written (fresh allocations poisoned)."""
+    x = _inputs(gen, 9, (2, 3), 130)
+    norm = _norm(gen, 130)
+    (b1, t1), (b2, t2) = _branch(gen, x, 0.2), _branch(gen, x, 0.05)
+
+    def run(x, b1, b2, **state):
+        return _fused(
+            x, norm, device, **state, branch_spikes=b1, branch_threshold=t1,
+            branch2_spikes=b2, branch2_threshold=t2, residual_out=True,
+        )  # fmt: skip
+
+    whole = run(x, b1, b2)
+    parts, streams, state = [], [], {}
+    sizes = [4, 1, 4]
+    chunks = zip(x.split(sizes), b1.split(sizes), b2.split(sizes), strict=True)
+    for xs, b1s, b2s in chunks:
+        spikes, *values, stream = run(xs, b1s, b2s, **state)
+        state = dict(zip(("x_acc", "y_prev", "v", "count"), values, strict=True))
+        parts.append(spikes)
+        streams.append(stream)
+    _assert_same((torch.cat(parts), *state.values()), whole[:5])
+    assert torch.equal(torch.cat(streams), whole[5])
+    assert not whole[5].isnan().any()
+
+
 def _good_args() -> dict:
     return dict(
         x=torch.zeros(2, 3, 4),
@@ -224,6 +285,54 @@ BAD_INPUTS = [  # (case, what replaces the good arguments, error type, words in 
     ("count out of bounds", _state_of((3, 4), count_value=9), ValueError, "count must lie in"),
     ("count too narrow", dict(n_min=-200, **_state_of((3, 4))), ValueError, "cannot hold"),
     ("active shape", dict(active=torch.zeros(2, 4, dtype=torch.int32)), ValueError, "active"),
+    (
+        "branch without threshold",
+        dict(branch_spikes=torch.zeros(2, 3, 4, dtype=torch.int8)),
+        ValueError,
+        "branch_spikes and branch_threshold go together",
+    ),
+    (
+        "branch float",
+        dict(branch_spikes=torch.zeros(2, 3, 4), branch_threshold=torch.tensor(0.1)),
+        TypeError,
+        "branch_spikes must have dtype",
+    ),
+    (
+        "branch shape",
+        dict(branch_spikes=torch.zeros(2, 3, 5).char(), branch_threshold=torch.tensor(0.1)),
+        ValueError,
+        "branch_spikes must have x's shape",
+    ),
+    (
+        "branch not ternary",
+        dict(branch_spikes=torch.full((2, 3, 4), 2).char(), branch_threshold=torch.tensor(0.1)),
+        ValueError,
+        "branch_spikes must hold ternary",
+    ),
+    (
+        "branch threshold 0",
+        dict(branch_spikes=torch.zeros(2, 3, 4).char(), branch_threshold=torch.tensor(0.0)),
+        ValueError,
+        "branch_threshold must be positive",
+    ),
+    (
+        "branch on a bf16 stream",
+        dict(
+            x=torch.zeros(2, 3, 4).bfloat16(),
+            branch_spikes=torch.zeros(2, 3, 4).char(),
+            branch_threshold=torch.tensor(0.1),
+        ),
+        TypeError,
+        "x must be float32",
+    ),
+    (
+        "branch2 alone",
+        dict(branch2_spikes=torch.zeros(2, 3, 4).char(), branch2_threshold=torch.tensor(0.1)),
+        ValueError,
+        "branch2_spikes needs branch_spikes",
+    ),
+    ("residual_out alone", dict(residual_out=True), ValueError, "residual_out needs branch"),
+    ("residual_out int", dict(residual_out=1), TypeError, "residual_out must be a bool"),
 ]
 
 
@@ -242,6 +351,9 @@ def test_opcheck(gen, with_state):
     state = _state(gen, (2, 5), 12) if with_state else dict.fromkeys(("a", "b", "c", "d"))
     active = torch.zeros(3, 2, dtype=torch.int32)
     args = (x, *norm.values(), *state.values(), active)
+    torch.library.opcheck(torch.ops.spikekernels.spike_layernorm_neuron.default, args)
+    (b1, t1), (b2, t2) = _branch(gen, x, 0.2), _branch(gen, x, 0.05)
+    args += (b1, t1, b2, t2, with_state)  # residual_out with the state: both schemas' halves
     torch.library.opcheck(torch.ops.spikekernels.spike_layernorm_neuron.default, args)
 
 

@@ -270,19 +270,26 @@ def spike_layernorm_neuron_cases() -> list[Case]:
         types["active_ptr"] = "*i32"
         sig = {"x_ptr": f"*{x_ty}"} | {p: types.get(p, "*fp32") for p in pointers}
         ints = ["T", "R", "C", "eps", "n_min", "p_max", "B", "rows_per_sample"]
-        return sig | {name: "fp32" if name == "eps" else "i32" for name in ints}
+        sig |= {name: "fp32" if name == "eps" else "i32" for name in ints}
+        sig |= {"branch_ptr": "*i8", "branch_theta_ptr": "*fp32", "branch2_ptr": "*i8"}
+        return sig | {"branch2_theta_ptr": "*fp32", "residual_ptr": "*fp32"}
 
     cases = []
     # ViT-S/B widths and a width that is not a power of two; fresh and incoming state; the
-    # runner's call records per-sample activity
-    for x_ty, c, state, active in [
-        ("fp32", 384, False, False),
-        ("bf16", 768, True, True),
-        ("fp16", 1000, True, False),
-        ("fp32", 384, True, True),
+    # runner's calls record per-sample activity and add one or two pending branches (the
+    # first block's norm2 and every later norm, norm1 writing the stream)
+    for x_ty, c, state, active, branches, residual_out in [
+        ("fp32", 384, False, False, 0, False),
+        ("bf16", 768, True, True, 0, False),
+        ("fp16", 1000, True, False, 0, False),
+        ("fp32", 384, True, True, 1, False),
+        ("fp32", 384, True, True, 2, True),
+        ("fp32", 768, False, True, 2, True),
     ]:
         block_c, rows, num_warps = layernorm.launch_config(c)
         constexprs = dict(
+            BRANCHES=branches,
+            RESIDUAL_OUT=residual_out,
             HAS_WEIGHT=True,
             HAS_BIAS=True,
             HAS_X_ACC=state,
@@ -296,7 +303,8 @@ def spike_layernorm_neuron_cases() -> list[Case]:
         )
         cases.append(
             Case(
-                f"spike_layernorm_neuron x={x_ty} C={c} state={state} active={active}",
+                f"spike_layernorm_neuron x={x_ty} C={c} state={state} active={active} "
+                f"branches={branches} residual_out={residual_out}",
                 layernorm_neuron.spike_layernorm_neuron_kernel,
                 signature(x_ty, "*i8"),
                 constexprs,

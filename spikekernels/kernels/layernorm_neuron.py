@@ -6,6 +6,13 @@ tensor in memory, and only the int8 spikes are written. The two halves are the e
 kernels' own jit code (``layernorm_step``, ``st_bif_step``), launched at the same
 ``launch_config``, so the bits are those of ``spike_layernorm`` followed by ``st_bif``: the
 increment is rounded to ``x``'s dtype first, as ``spike_layernorm`` stores it.
+
+The residual stream's pending branches: float mode's blocks add the attention and MLP
+outputs, ``sigma * theta`` of their last neurons, to the stream of float32 increments. Given
+up to two branches' int8 spikes, the kernel forms ``h_t = fl32(fl32(x_t + sigma1 * theta1) +
+sigma2 * theta2)`` in registers (``sigma * theta`` is exact: 0 or ``+-theta``, formed by a
+select), normalises that, and with ``RESIDUAL_OUT`` writes
+``h`` for the stream's later readers. The branch outputs never exist as float32 tensors.
 """
 
 from __future__ import annotations
@@ -39,6 +46,13 @@ def rounded_to_input_dtype(f, x_ptr, X_BF16: tl.constexpr):
 
 
 @triton.jit
+def branch_value(spikes, theta):
+    """``sigma * theta`` of int8 spikes, exactly (+-theta or +0.0), with no multiply that the
+    compiler could contract into the add after it."""
+    return tl.where(spikes > 0, theta, tl.where(spikes < 0, -theta, 0.0))
+
+
+@triton.jit
 def spike_layernorm_neuron_kernel(
     x_ptr,  # [T, R, C] float32 / float16 / bfloat16 increments h_t
     w_ptr,  # [C] weight (HAS_WEIGHT)
@@ -62,6 +76,13 @@ def spike_layernorm_neuron_kernel(
     p_max,
     B,  # samples (HAS_ACTIVE only)
     rows_per_sample,  # (HAS_ACTIVE only)
+    branch_ptr,  # [T, R, C] int8 spikes of the first pending branch (BRANCHES >= 1)
+    branch_theta_ptr,  # [1] its neuron's threshold
+    branch2_ptr,  # [T, R, C] int8 spikes of the second (BRANCHES == 2)
+    branch2_theta_ptr,  # [1]
+    residual_ptr,  # [T, R, C] float32 h_t, the stream with the branches (RESIDUAL_OUT)
+    BRANCHES: tl.constexpr,  # 0, 1 or 2 pending branches (x float32 when any)
+    RESIDUAL_OUT: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_X_ACC: tl.constexpr,
@@ -73,8 +94,9 @@ def spike_layernorm_neuron_kernel(
     BLOCK_C: tl.constexpr,
     LOG2_C: tl.constexpr,  # log2(BLOCK_C)
 ):
-    """X += h_t; Y = layer_norm(X); u = fl(Y - Y_prev) in x's dtype; Y_prev = Y;
-    v += u / theta; fire; count += sigma; v -= sigma."""
+    """h_t = x_t + the branches' sigma * theta, in order; X += h_t; Y = layer_norm(X);
+    u = fl(Y - Y_prev) in x's dtype; Y_prev = Y; v += u / theta; fire; count += sigma;
+    v -= sigma."""
     rows, col_mask, mask, offs = row_tile(R, C, ROWS, BLOCK_C)
     # int64: R * C in int32 would wrap for a step of 2^31 elements or more.
     step = tl.cast(R, tl.int64) * C
@@ -89,6 +111,14 @@ def spike_layernorm_neuron_kernel(
         count = tl.zeros([ROWS, BLOCK_C], tl.int32)
     if HAS_ACTIVE:
         active_ptrs = active_ptr + rows // rows_per_sample
+    if BRANCHES >= 1:
+        theta1 = tl.load(branch_theta_ptr).to(tl.float32)
+        branch_ptrs = branch_ptr + offs
+    if BRANCHES == 2:
+        theta2 = tl.load(branch2_theta_ptr).to(tl.float32)
+        branch2_ptrs = branch2_ptr + offs
+    if RESIDUAL_OUT:
+        residual_ptrs = residual_ptr + offs
 
     x_ptrs = x_ptr + offs
     out_ptrs = out_ptr + offs
@@ -97,6 +127,15 @@ def spike_layernorm_neuron_kernel(
         h = x_next.to(tl.float32)
         x_ptrs += step
         x_next = tl.load(x_ptrs, mask=mask & (t + 1 < T), other=0.0)
+        if BRANCHES >= 1:
+            h = h + branch_value(tl.load(branch_ptrs, mask=mask, other=0), theta1)
+            branch_ptrs += step
+        if BRANCHES == 2:
+            h = h + branch_value(tl.load(branch2_ptrs, mask=mask, other=0), theta2)
+            branch2_ptrs += step
+        if RESIDUAL_OUT:
+            tl.store(residual_ptrs, h, mask=mask)
+            residual_ptrs += step
         # weight and bias re-read each step (from L1): held across the loop next to the
         # neuron's state, they spilled registers (tests/triton_sm90.py)
         w, b = load_affine(w_ptr, b_ptr, C, HAS_WEIGHT, HAS_BIAS, BLOCK_C)
@@ -133,20 +172,27 @@ def spike_layernorm_neuron_triton(
     count: torch.Tensor | None,
     count_dtype: torch.dtype,
     active: torch.Tensor | None = None,
+    branches: tuple[tuple[torch.Tensor, torch.Tensor], ...] = (),
+    residual_out: bool = False,
 ) -> tuple[torch.Tensor, ...]:
     """Host side: allocate outputs and launch ``spike_layernorm_neuron_kernel`` over
-    contiguous ``x``; ``active`` ``[T, B]`` int32 contiguous (checked by the op) or None.
-    Returns fresh ``(spikes, x_acc, y_prev, v, count)``."""
+    contiguous ``x``; ``active`` ``[T, B]`` int32 contiguous (checked by the op) or None;
+    ``branches``: up to two ``(spikes like x, threshold)`` pending branches, in order.
+    Returns fresh ``(spikes, x_acc, y_prev, v, count, residual)``, ``residual`` the stream
+    with the branches (float32 like ``x``) or an empty tensor without ``residual_out``."""
     x = x.contiguous()
     shape = x.shape[1:]
     spikes = torch.empty(x.shape, dtype=torch.int8, device=x.device)
     v_out = torch.empty(shape, dtype=torch.float32, device=x.device)
     count_out = torch.empty(shape, dtype=count_dtype, device=x.device)
+    residual = torch.empty(x.shape if residual_out else 0, dtype=x.dtype, device=x.device)
     x_acc_out, y_prev_out, n_rows, args, meta = layernorm_launch(
         x, weight, bias, eps, x_acc, y_prev, spikes
     )
     if n_rows == 0:
-        return spikes, x_acc_out, y_prev_out, v_out, count_out
+        return spikes, x_acc_out, y_prev_out, v_out, count_out, residual
+    flat = [(b.contiguous(), theta) for b, theta in branches]
+    flat += [(spikes, threshold)] * (2 - len(flat))  # placeholders, never read
     has_state = v is not None
     launch(spike_layernorm_neuron_kernel)[(triton.cdiv(n_rows, meta["ROWS"]),)](
         *args,
@@ -159,9 +205,14 @@ def spike_layernorm_neuron_triton(
         n_min,
         p_max,
         *active_layout(active, n_rows),
+        *flat[0],
+        *flat[1],
+        residual if residual_out else x_acc_out,
+        BRANCHES=len(branches),
+        RESIDUAL_OUT=residual_out,
         **meta,
         HAS_STATE=has_state,
         X_BF16=x.dtype == torch.bfloat16,
         HAS_ACTIVE=active is not None,
     )
-    return spikes, x_acc_out, y_prev_out, v_out, count_out
+    return spikes, x_acc_out, y_prev_out, v_out, count_out, residual

@@ -11,7 +11,10 @@ from spikekernels.ops._checks import (
     check_float,
     check_in_bounds,
     check_positive,
+    check_same_device,
     check_scalar_tensor,
+    check_tensor,
+    check_ternary,
 )
 from spikekernels.ops._dispatch import backend_for
 from spikekernels.ops._registry import call_op, kernel_op, launcher
@@ -19,14 +22,66 @@ from spikekernels.ops.layernorm import check_spike_layernorm
 from spikekernels.ops.neuron import check_neuron_state
 
 
+def _check_branches(x, branch, branch2, residual_out) -> None:
+    """The pending branches ``(spikes, threshold)``: each whole or absent, the second only
+    after the first, spikes int8 shaped like ``x`` (float32: the stream's dtype);
+    ``residual_out`` needs a branch (without one the stream is ``x`` itself)."""
+    if not isinstance(residual_out, bool):
+        raise TypeError(f"residual_out must be a bool, got {type(residual_out).__name__}")
+    for prefix, (spikes, threshold) in (("branch", branch), ("branch2", branch2)):
+        if (spikes is None) != (threshold is None):
+            raise ValueError(
+                f"{prefix}_spikes and {prefix}_threshold go together (the pending branch's "
+                "spikes and its neuron's step)"
+            )
+        if spikes is None:
+            continue
+        check_tensor(spikes, f"{prefix}_spikes", dtypes=(torch.int8,))
+        if spikes.shape != x.shape:
+            raise ValueError(
+                f"{prefix}_spikes must have x's shape {tuple(x.shape)}, got {tuple(spikes.shape)}"
+            )
+        check_same_device("x", x, f"{prefix}_spikes", spikes)
+        check_scalar_tensor(threshold, f"{prefix}_threshold", x, "x")
+        if x.dtype != torch.float32:
+            raise TypeError(
+                f"pending branches add to a float32 stream: x must be float32, got {x.dtype}"
+            )
+    if branch[0] is None:
+        if branch2[0] is not None:
+            raise ValueError("branch2_spikes needs branch_spikes (the first pending branch)")
+        if residual_out:
+            raise ValueError("residual_out needs branch_spikes (without one the stream is x)")
+
+
 def _check_spike_layernorm_neuron(
-    x, weight, bias, eps, threshold, n_min, p_max, x_acc, y_prev, v, count, active
-) -> torch.dtype:
+    x, weight, bias, eps, threshold, n_min, p_max, x_acc, y_prev, v, count, active,
+    branch=(None, None), branch2=(None, None), residual_out=False,
+) -> torch.dtype:  # fmt: skip
     """Metadata checks (no data read), both ops' own; returns the outgoing count's dtype."""
     check_spike_layernorm(x, weight, bias, eps, x_acc, y_prev)
     check_scalar_tensor(threshold, "threshold", x, "x")
     check_active(active, x.shape, x, "x")
+    _check_branches(x, branch, branch2, residual_out)
     return check_neuron_state(n_min, p_max, v, count, x.shape[1:], x, "x")
+
+
+def _branches(branch, branch2) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
+    """The given pending branches, in order."""
+    return tuple(b for b in (branch, branch2) if b[0] is not None)
+
+
+def with_branches(x: torch.Tensor, branches) -> torch.Tensor:
+    """``x`` plus each branch's ``sigma * theta`` in order, one float32 rounding per add: the
+    residual stream the model's adds form (``sigma * theta`` is exact)."""
+    for spikes, threshold in branches:
+        x = x + spikes.to(torch.float32) * threshold.to(torch.float32).reshape(())
+    return x
+
+
+def _no_residual(x: torch.Tensor) -> torch.Tensor:
+    """The op's sixth output without ``residual_out`` (a fixed return schema)."""
+    return x.new_empty(0)
 
 
 @kernel_op("spike_layernorm_neuron", mutates_args=("active",))
@@ -43,21 +98,33 @@ def _spike_layernorm_neuron_op(
     v: torch.Tensor | None = None,
     count: torch.Tensor | None = None,
     active: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    branch_spikes: torch.Tensor | None = None,
+    branch_threshold: torch.Tensor | None = None,
+    branch2_spikes: torch.Tensor | None = None,
+    branch2_threshold: torch.Tensor | None = None,
+    residual_out: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     args = (x, weight, bias, eps, threshold, n_min, p_max, x_acc, y_prev, v, count)
-    count_dtype = _check_spike_layernorm_neuron(*args, active)
+    branch, branch2 = (branch_spikes, branch_threshold), (branch2_spikes, branch2_threshold)
+    count_dtype = _check_spike_layernorm_neuron(*args, active, branch, branch2, residual_out)
+    branches = _branches(branch, branch2)
     backend = backend_for(x, ("triton", "torch"))
     if backend == "triton":
         from spikekernels.kernels.layernorm_neuron import spike_layernorm_neuron_triton
 
-        return spike_layernorm_neuron_triton(launcher, *args, count_dtype, active)
+        return spike_layernorm_neuron_triton(
+            launcher, *args, count_dtype, active, branches, residual_out
+        )
+    h = with_branches(x, branches)
     if backend == "reference":
         from spikekernels import reference
 
-        *out, count_out = reference.spike_layernorm_neuron(*args)
+        *out, count_out = reference.spike_layernorm_neuron(h, *args[1:])
         record_active(active, out[0])
-        return (*out, count_out.to(count_dtype))
-    return spike_layernorm_neuron_torch(*args, active)
+        out = (*out, count_out.to(count_dtype))
+    else:
+        out = spike_layernorm_neuron_torch(h, *args[1:], active)
+    return (*out, h if residual_out else _no_residual(h))
 
 
 def spike_layernorm_neuron_torch(
@@ -87,9 +154,15 @@ def _(
     v=None,
     count=None,
     active=None,
+    branch_spikes=None,
+    branch_threshold=None,
+    branch2_spikes=None,
+    branch2_threshold=None,
+    residual_out=False,
 ):
     args = (x, weight, bias, eps, threshold, n_min, p_max, x_acc, y_prev, v, count)
-    count_dtype = _check_spike_layernorm_neuron(*args, active)
+    branch, branch2 = (branch_spikes, branch_threshold), (branch2_spikes, branch2_threshold)
+    count_dtype = _check_spike_layernorm_neuron(*args, active, branch, branch2, residual_out)
     shape = x.shape[1:]
     return (
         x.new_empty(x.shape, dtype=torch.int8),
@@ -97,6 +170,7 @@ def _(
         x.new_empty(shape, dtype=torch.float32),
         x.new_empty(shape, dtype=torch.float32),
         x.new_empty(shape, dtype=count_dtype),
+        x.new_empty(x.shape if residual_out else 0),
     )
 
 
@@ -113,22 +187,35 @@ def spike_layernorm_neuron(
     v: torch.Tensor | None = None,
     count: torch.Tensor | None = None,
     *,
+    branch_spikes: torch.Tensor | None = None,
+    branch_threshold: torch.Tensor | None = None,
+    branch2_spikes: torch.Tensor | None = None,
+    branch2_threshold: torch.Tensor | None = None,
+    residual_out: bool = False,
     active: torch.Tensor | None = None,
     validate: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Spike-LayerNorm fused with the ST-BIF neuron it feeds (float mode: SPEC.md §4, §2).
+) -> tuple[torch.Tensor, ...]:
+    """Spike-LayerNorm fused with the ST-BIF neuron it feeds (float mode: SPEC.md §4, §2),
+    optionally on the residual stream with up to two pending branches.
 
     Per step, per row of ``C`` channels::
 
-        X = X + x_t;  Y = layer_norm(X, weight, bias, eps);  u = Y - Y_prev;  Y_prev = Y
+        h_t = x_t (+ branch_t * theta_b) (+ branch2_t * theta_b2)   # in order, float32
+        X = X + h_t;  Y = layer_norm(X, weight, bias, eps);  u = Y - Y_prev;  Y_prev = Y
         v = v + u / theta                                   # correctly rounded division
         sigma = +1 if v >= 1 and count < p_max; -1 if v < 0 and count > n_min; else 0
         count += sigma;  v -= sigma;  out_t = sigma
 
-    i.e. ``spike_layernorm`` then ``st_bif``, bit for bit on every backend (``u`` is rounded
-    to ``x.dtype``, as ``spike_layernorm`` returns it), without the ``[T, *, C]`` increments
-    in memory: on a GPU one kernel keeps ``X``, ``Y_prev``, ``v`` and the count in registers
-    for the whole chunk.
+    i.e. the residual adds, ``spike_layernorm`` then ``st_bif``, bit for bit on every
+    backend (``u`` is rounded to ``x.dtype``, as ``spike_layernorm`` returns it), without the
+    ``[T, *, C]`` increments in memory: on a GPU one kernel keeps ``X``, ``Y_prev``, ``v``
+    and the count in registers for the whole chunk.
+
+    Pending branches: float mode's blocks add the attention and MLP outputs (``sigma *
+    theta`` of their last neurons) to the residual stream. Given those neurons' int8 spikes
+    and steps, the op adds them in registers (``x + sigma * theta``, one rounding per add, as
+    the model's adds of the float outputs), so the branch outputs never exist as float32
+    tensors and the stream is written only with ``residual_out``.
 
     Args:
         x: ``[T, *, C]`` float32, float16 or bfloat16 increments (math in float32).
@@ -140,6 +227,11 @@ def spike_layernorm_neuron(
         v, count: optional incoming neuron state ``x.shape[1:]`` (both or neither): ``v``
             float32, ``count`` an integer dtype. Fresh: ``v = 0.5``, count 0 with dtype
             ``levels.count_dtype(n_min, p_max)``.
+        branch_spikes, branch_threshold: optional pending branch: int8 spikes shaped like
+            ``x`` and the step of the neuron that fired them (one element); ``x`` must then
+            be float32 (the stream). ``branch2_*``: a second one, added after the first.
+        residual_out: also return ``h``, the stream with the branches, ``[T, *, C]`` float32
+            (needs a branch).
         active: optional int32 ``[T, B]`` flags (``B = x.shape[1]``), set in place, never
             cleared: ``active[t, b] = 1`` when any neuron of sample ``b`` (the ``b``-th of
             ``B`` equal blocks of a step's rows) fires at step ``t``. The kernel records it
@@ -148,8 +240,9 @@ def spike_layernorm_neuron(
             finite and normal, ``count`` inside the bounds. On CPU they always run.
 
     Returns:
-        ``(spikes [T, *, C] int8, x_acc, y_prev, v, count)``, fresh tensors (never aliases of
-        the state given), so chunked time (feeding the state back) equals a whole run.
+        ``(spikes [T, *, C] int8, x_acc, y_prev, v, count)``, and ``h`` last with
+        ``residual_out``: fresh tensors (never aliases of the state given), so chunked time
+        (feeding the state back) equals a whole run.
 
     Bad input: ``TypeError``/``ValueError`` naming the argument, before dispatch.
 
@@ -159,7 +252,15 @@ def spike_layernorm_neuron(
     """
     eps = check_float(eps, "eps")
     args = (x, weight, bias, eps, threshold, n_min, p_max, x_acc, y_prev, v, count)
-    _check_spike_layernorm_neuron(*args, active)
+    branch, branch2 = (branch_spikes, branch_threshold), (branch2_spikes, branch2_threshold)
+    _check_spike_layernorm_neuron(*args, active, branch, branch2, residual_out)
     check_positive(threshold, "threshold", validate)
     check_in_bounds(count, "count", n_min, p_max, validate)
-    return call_op("spike_layernorm_neuron", *args, active)
+    for prefix, (spikes, theta) in (("branch", branch), ("branch2", branch2)):
+        if spikes is not None:
+            check_positive(theta, f"{prefix}_threshold", validate)
+            check_ternary(spikes, f"{prefix}_spikes", validate)
+    *out, residual = call_op(
+        "spike_layernorm_neuron", *args, active, *branch, *branch2, residual_out
+    )
+    return (*out, residual) if residual_out else tuple(out)
