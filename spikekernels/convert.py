@@ -283,7 +283,7 @@ def _convert_float(qann: nn.Module, c: _Walker) -> SpikingViT:
         for name in ("quan_q", "quan_k", "quan_v", "attn_quan", "after_attn_quan", "quan_proj"):
             c.quantizer(f"{p}.attn.{name}")  # checks each and marks it converted
         c.get(f"{p}.attn.qkv", nn.Linear), c.get(f"{p}.attn.proj", nn.Linear)
-        attn = SpikeAttention.from_quant(qattn, norm1_if.threshold, float_out=True)
+        attn = SpikeAttention.from_quant(qattn, norm1_if.threshold)
         norm2_if = _float_norm(c, f"{p}.norm2")
         act_if = c.neuron(f"{p}.mlp.act.0", signed=False)
         c.check_relu_identity(f"{p}.mlp.act")
@@ -292,7 +292,7 @@ def _convert_float(qann: nn.Module, c: _Walker) -> SpikingViT:
         )
         fc2 = SpikeLinearNeuron.from_linear_and_neuron(
             c.get(f"{p}.mlp.fc2.0", nn.Linear),
-            c.neuron(f"{p}.mlp.fc2.1", signed=True, float_out=True),
+            c.neuron(f"{p}.mlp.fc2.1", signed=True),
             act_if.threshold,
         )
         blocks.append(SpikeBlock(norm1_if, attn, norm2_if, SpikeMlp(fc1, fc2)))

@@ -42,6 +42,7 @@ from spikekernels.nn.exact_layers import ExactLayerNormNeuron, ExactLinear, Exac
 from spikekernels.nn.neuron import STBIF
 from spikekernels.nn.target_neuron import TargetNeuron
 from spikekernels.ops._dispatch import force_backend
+from spikekernels.ops.layernorm_neuron import with_branches
 
 __all__ = [
     "Branch",
@@ -56,6 +57,7 @@ __all__ = [
     "SpikePatchEmbed",
     "SpikeReadout",
     "SpikeTrace",
+    "Stream",
     "SpikingViT",
 ]
 
@@ -100,10 +102,33 @@ def _patches(conv: nn.Conv2d, img: torch.Tensor) -> torch.Tensor:
 # --- float mode (SPEC.md §2-§7) ----------------------------------------------------------
 
 
+class Stream(NamedTuple):
+    """Float mode's residual stream between modules: the float32 increments ``d``
+    ``[T, B, N, C]`` plus up to two pending branches ``(int8 spikes, threshold)``, the last
+    neurons of the attention and the MLP, whose ``sigma * theta`` are added in order, one
+    float32 rounding per add, by the next LayerNorm neuron in registers (the same bits as
+    adding the branches' float outputs). So no branch output exists as a float32 tensor and
+    a block writes the stream once: per element-step ``norm1`` reads ``d`` (4 bytes) and two
+    branches (2) and writes the new ``d`` (4), ``norm2`` reads ``d`` and one branch (5), 15
+    bytes where float outputs and separate adds moved 40."""
+
+    d: torch.Tensor
+    pending: tuple[tuple[torch.Tensor, torch.Tensor], ...] = ()
+
+    def rows(self, index) -> Stream:
+        """The stream on the token rows ``index`` (dim 2) only."""
+        return Stream(self.d[:, :, index], tuple((s[:, :, index], t) for s, t in self.pending))
+
+    def materialize(self) -> torch.Tensor:
+        """``d`` with the pending branches added (``ops.layernorm_neuron.with_branches``)."""
+        return with_branches(self.d, self.pending)
+
+
 class SpikePatchEmbed(nn.Module):
     """Patch embedding: the QANN's conv (shared, with its bias) once, fed at global step 0
     (zeros after) through a signed neuron; class token and position embedding join at step 0.
-    Returns the residual stream's increments ``[T, B, 1 + N_patches, D]`` float32."""
+    Returns the residual stream's increments ``[T, B, 1 + N_patches, D]`` float32 (a
+    ``Stream`` with nothing pending)."""
 
     def __init__(
         self, conv: nn.Conv2d, neuron: STBIF, cls_token: nn.Parameter, pos_embed: nn.Parameter
@@ -120,7 +145,7 @@ class SpikePatchEmbed(nn.Module):
     def reset(self) -> None:
         self.neuron.reset()
 
-    def forward(self, patches: torch.Tensor, steps: int, t0: int) -> torch.Tensor:
+    def forward(self, patches: torch.Tensor, steps: int, t0: int) -> Stream:
         batch, n, d = patches.shape
         u = patches.new_zeros(steps, batch, n, d)
         if t0 == 0:
@@ -130,7 +155,7 @@ class SpikePatchEmbed(nn.Module):
         if t0 == 0:
             x[0, :, :1] += self.cls_token[0].to(x.dtype)
             x[0] += self.pos_embed[0].to(x.dtype)
-        return x
+        return Stream(x)
 
 
 class SpikeMlp(_Composite):
@@ -156,17 +181,25 @@ class ExactMlp(SpikeMlp):
 
 
 class SpikeBlock(_Composite):
-    """``x + attn(norm1(x))`` then ``x + mlp(norm2(x))`` on the residual stream's increments;
-    ``norm1``/``norm2`` are Spike-LayerNorm fused with the neuron after it
-    (``SpikeLayerNormNeuron``: float increments in, int8 spikes out)."""
+    """``x + attn(norm1(x))`` then ``x + mlp(norm2(x))`` on the residual stream's increments
+    (``Stream``); ``norm1``/``norm2`` are Spike-LayerNorm fused with the neuron after it
+    (``SpikeLayerNormNeuron``: float increments in, int8 spikes out). The attention and MLP
+    end in int8 spikes (their last neurons' ``sigma``), added as pending branches:
+
+    - ``norm1`` adds the incoming branches (the previous block's) and writes that stream;
+    - ``norm2`` adds the attention branch to it and writes nothing;
+    - the block leaves the stream with the attention and MLP branches pending."""
 
     def __init__(self, norm1: nn.Module, attn: nn.Module, norm2: nn.Module, mlp: SpikeMlp):
         super().__init__()
         self.norm1, self.attn, self.norm2, self.mlp = norm1, attn, norm2, mlp
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+    def forward(self, x: Stream) -> Stream:
+        s = self.norm1(x.d, *x.pending, residual_out=bool(x.pending))
+        d = self.norm1.take_residual() if x.pending else x.d
+        attn = (self.attn(s), self.attn.proj.threshold)
+        s = self.norm2(d, attn)
+        return Stream(d, (attn, (self.mlp(s), self.mlp.fc2.threshold)))
 
 
 class SpikeReadout(_Composite):
@@ -179,8 +212,11 @@ class SpikeReadout(_Composite):
         self.norm, self.head = norm, head
         self.global_pool = global_pool
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        feature = x[:, :, 1:].mean(dim=2) if self.global_pool else x[:, :, 0].contiguous()
+    def forward(self, x: Stream) -> torch.Tensor:
+        if self.global_pool:
+            feature = x.materialize()[:, :, 1:].mean(dim=2)
+        else:
+            feature = x.rows(0).materialize().contiguous()
         return self.head(self.norm(feature))
 
 

@@ -131,9 +131,31 @@ class SpikeLayerNormNeuron(STBIF):
         super().reset()
         self.x_acc: torch.Tensor | None = None
         self.y_prev: torch.Tensor | None = None
+        self.residual: torch.Tensor | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        spikes, self.x_acc, self.y_prev, self.v, self.s = spike_layernorm_neuron(
+    def take_residual(self) -> torch.Tensor:
+        """The stream of the last ``residual_out`` call, released here (a whole stream)."""
+        residual, self.residual = self.residual, None
+        if residual is None:
+            raise RuntimeError("no residual stream: call with residual_out=True first")
+        return residual
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        *branches: tuple[torch.Tensor, torch.Tensor],
+        residual_out: bool = False,
+    ) -> torch.Tensor:
+        """``x``: ``[T, *, C]`` increments; ``branches``: up to two pending residual branches
+        ``(int8 spikes like x, threshold)`` added to ``x`` in order before the LayerNorm
+        (``ops.spike_layernorm_neuron``); with ``residual_out`` the stream with them is kept
+        for ``take_residual()``. Returns the int8 spikes."""
+        if len(branches) > 2:
+            raise ValueError(f"at most two pending branches, got {len(branches)}")
+        kwargs = {}
+        for prefix, (spikes, theta) in zip(("branch", "branch2"), branches, strict=False):
+            kwargs |= {f"{prefix}_spikes": spikes, f"{prefix}_threshold": theta}
+        spikes, self.x_acc, self.y_prev, self.v, self.s, *residual = spike_layernorm_neuron(
             x,
             self.weight,
             self.bias,
@@ -145,8 +167,12 @@ class SpikeLayerNormNeuron(STBIF):
             self.y_prev,
             self.v,
             self.s,
+            **kwargs,
+            residual_out=residual_out,
             active=self.activity,
         )
+        if residual_out:
+            self.residual = residual[0]
         self.last_spikes = spikes[-1]
         return spikes
 
