@@ -433,6 +433,25 @@ class TestSpikeLayerNormNeuronModule:
         fired = spikes.reshape(4, 3, -1).ne(0).any(-1).to(torch.int32)
         assert torch.equal(flags, fired) and flags.any()
 
+    def test_pending_branches_and_the_written_stream(self, gen):
+        """Branches are added before the LayerNorm, in order; the stream they make is kept
+        for take_residual() (once), only when asked."""
+        ln, neuron = self._qann(gen)
+        fused = SpikeLayerNormNeuron.from_layernorm_and_neuron(ln, neuron)
+        plain = SpikeLayerNormNeuron.from_layernorm_and_neuron(ln, STBIF(0.12, 16, True))
+        x = _inputs(gen, 5, (2, 3), 40)
+        b1, b2 = _branch(gen, x, 0.2), _branch(gen, x, 0.07)
+        h = (x + b1[0].float() * b1[1]) + b2[0].float() * b2[1]
+        assert torch.equal(fused(x, b1, b2, residual_out=True), plain(h))
+        assert torch.equal(fused.take_residual(), h)
+        with pytest.raises(RuntimeError, match="no residual stream"):
+            fused.take_residual()
+        fused(x, b1)
+        with pytest.raises(RuntimeError, match="no residual stream"):
+            fused.take_residual()
+        with pytest.raises(ValueError, match="at most two pending branches"):
+            fused(x, b1, b2, b1)
+
     def test_bad_construction(self, gen):
         ln, neuron = self._qann(gen)
         with pytest.raises(TypeError, match="ln must be an nn.LayerNorm"):
