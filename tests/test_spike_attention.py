@@ -499,7 +499,7 @@ BAD_CTX = [
     ("threshold 0", dict(threshold=torch.tensor(0.0)), ValueError, "threshold must be"),
     ("v_count shape", dict(v_count=torch.zeros(3, 8, 6).char()), ValueError, "v_count must"),
     ("state a tensor", dict(state=torch.zeros(3, 4, 5)), TypeError, "state must be None or"),
-    ("state half", dict(state=(torch.zeros(3, 4, 5), None)), ValueError, "give both"),
+    ("state half", dict(state=(torch.zeros(3, 4, 5), None)), ValueError, "give all of membrane"),
     (
         "membrane float64",
         dict(state=(torch.zeros(3, 4, 5).double(), torch.zeros(3, 4, 5).char())),

@@ -28,22 +28,32 @@ _STATE = (("x_acc", torch.float32), ("y_prev", torch.float32), ("v", torch.float
           ("s", torch.int8))  # fmt: skip
 
 
-def _check_probs(q, k_t, scale, threshold, n_min, p_max, q_count, k_count, state, active):
-    """Metadata checks (no data read); ``state`` the four state tensors or Nones."""
-    _check_product(q, k_t, "q", "k_t", q_count, k_count)
-    _check_scalar(scale, "scale", (torch.float32,), q, "q")
-    check_threshold(threshold, "threshold", None, q, "q")
+def _check_fused(a, b, names, scale, threshold, n_min, p_max, a_count, b_count, state, spec,
+                 active) -> None:  # fmt: skip
+    """Both ops' metadata checks (no data read): the spike trains ``a``, ``b`` (``names``)
+    and their counts, the scale and threshold, the bounds, the state (all of it or none;
+    ``spec``: its names and dtypes) and the activity flags."""
+    a_name, b_name = names
+    _check_product(a, b, a_name, b_name, a_count, b_count)
+    _check_scalar(scale, "scale", (torch.float32,), a, a_name)
+    check_threshold(threshold, "threshold", None, a, a_name)
     check_bounds(n_min, p_max)
-    shape = (*q.shape[1:-1], k_t.shape[-1])
+    shape = (*a.shape[1:-1], b.shape[-1])
     given = [t is not None for t in state]
     if any(given) and not all(given):
         raise ValueError(
-            "state: give all of x_acc, y_prev, v and s (the state a previous call returned) "
-            "or none (a fresh input)"
+            f"state: give all of {', '.join(name for name, _ in spec)} (the state a previous "
+            "call returned) or none (a fresh input)"
         )
-    for t, (name, dtype) in zip(state, _STATE, strict=True):
-        check_state(t, name, shape, (dtype,), q, "q")
-    check_active(active, (q.shape[0], *shape), q, "q")
+    for t, (name, dtype) in zip(state, spec, strict=True):
+        check_state(t, name, shape, (dtype,), a, a_name)
+    check_active(active, (a.shape[0], *shape), a, a_name)
+
+
+def _check_probs(q, k_t, scale, threshold, n_min, p_max, q_count, k_count, state, active):
+    """Metadata checks (no data read); ``state`` the four state tensors or Nones."""
+    _check_fused(q, k_t, ("q", "k_t"), scale, threshold, n_min, p_max, q_count, k_count, state,
+                 _STATE, active)  # fmt: skip
 
 
 def spike_attention_probs_torch(
@@ -213,19 +223,8 @@ def _check_context(
             "merge_heads=True merges the last batch dim (the heads) into the channels: "
             f"a needs one, [T, *batch, M, N], got shape {tuple(a.shape)}"
         )
-    _check_product(a, v, "a", "v", a_count, v_count)
-    _check_scalar(scale, "scale", (torch.float32,), a, "a")
-    check_threshold(threshold, "threshold", None, a, "a")
-    check_bounds(n_min, p_max)
-    shape = (*a.shape[1:-1], v.shape[-1])
-    if (state[0] is None) != (state[1] is None):
-        raise ValueError(
-            "state: give both membrane and count (the state a previous call returned) or "
-            "neither (a fresh input)"
-        )
-    for t, (name, dtype) in zip(state, _CONTEXT_STATE, strict=True):
-        check_state(t, name, shape, (dtype,), a, "a")
-    check_active(active, (a.shape[0], *shape), a, "a")
+    _check_fused(a, v, ("a", "v"), scale, threshold, n_min, p_max, a_count, v_count, state,
+                 _CONTEXT_STATE, active)  # fmt: skip
 
 
 def spike_context_torch(
