@@ -3,9 +3,9 @@
 
 Two modes share the runner:
 
-- **float mode** (§2-§7): ST-BIF neurons, float increments between layers, the residual stream
-  as float32 increments; the logits are summed over steps. Equal to the QANN up to float
-  rounding.
+- **float mode** (§2-§7): ST-BIF neurons, int8 spikes between layers, the residual stream as
+  float32 increments with the branches pending as int8 spikes (``Stream``); the logits are
+  summed over steps. Equal to the QANN up to float rounding.
 - **exact mode** (§9): target-driven neurons, exact state (int32 accumulators and products, the
   residual stream as a float64 sum of ``theta * count``), every value computed by the QANN's
   own formulas; the logits are the head's current value. Equal to the QANN bit for bit.

@@ -1,4 +1,7 @@
-"""``SpikeAttention``: the spiking self-attention (SESA) block, multi-step (SPEC.md §5, §7)."""
+"""Float mode's spiking self-attention (SESA), multi-step (SPEC.md §5, §7): the block
+``SpikeAttention`` and its two fused layers, ``SpikeAttentionProbs`` (scores product,
+Spike-Softmax and the attention neuron) and ``SpikeContext`` (context product and its
+neuron)."""
 
 from __future__ import annotations
 
