@@ -64,9 +64,10 @@ from spikekernels.kernels.neuron import st_bif_step
 
 __all__ = ["MAX_HEAD_DIM", "MAX_KEYS", "spike_attention_probs_triton", "spike_context_triton"]
 
-# (BLOCK_M, BLOCK_D, num_warps): the float state adds three [keys, queries] float32 tiles
-# (X, Y, v) to what exact mode's kernel holds, so 8 query rows a program on a GPU (a wgmma
-# N of 8) keep them in registers; tests/triton_sm90.py records the count. Untuned.
+# (BLOCK_M, BLOCK_D, num_warps) on a GPU, as exact mode's scores kernel: 256 keys x 16 query
+# rows at 8 warps. The float state adds three [keys, queries] float32 tiles (X, Y, v), which
+# fit (252-254 registers, no spill) with the count held as int8 and no quiet-tile branch;
+# 8 query rows lose wgmma, 16 warps spill. tests/triton_sm90.py records it. Untuned.
 _GPU = (16, 32, 8)
 _INTERPRET = (16, 32, 4)
 
