@@ -4,8 +4,6 @@ scores with Spike-Softmax and the attention neuron, the context with its neuron.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from spikekernels.exact_math import softmax_rows
@@ -13,11 +11,13 @@ from spikekernels.ops._activity import record_active
 from spikekernels.ops._checks import check_active, check_in_bounds, check_state
 from spikekernels.ops._dispatch import backend_for
 from spikekernels.ops._registry import call_op, kernel_op, launcher
-from spikekernels.ops.exact_attention import (
+from spikekernels.ops.exact_attention import (  # both modes' kernels share tiles and limits
     _before,
     _check_data,
     _check_product,
     _check_scalar,
+    _fused_context_fits,
+    _fused_probs_fits,
     _merge_heads,
 )
 from spikekernels.ops.neuron import st_bif_torch
@@ -81,15 +81,6 @@ def spike_attention_probs_torch(
     return spikes, x, y, v, s
 
 
-def _fused_fits(q: torch.Tensor, k_t: torch.Tensor) -> bool:
-    """Whether the Triton kernel takes the shape: no empty dim, all keys in one tile."""
-    from spikekernels.kernels.spike_attention import MAX_KEYS
-
-    return min(math.prod(q.shape[1:-2]), *q.shape[-2:], k_t.shape[-1]) > 0 and (
-        k_t.shape[-1] <= MAX_KEYS
-    )
-
-
 @kernel_op("spike_attention_probs", mutates_args=("active",))
 def _spike_attention_probs_op(
     q: torch.Tensor,
@@ -110,7 +101,7 @@ def _spike_attention_probs_op(
     _check_probs(*args, (x_acc, y_prev, v, s), active)
     state = None if x_acc is None else (x_acc, y_prev, v, s)
     backend = backend_for(q, ("triton", "torch"))
-    if backend == "triton" and _fused_fits(q, k_t):
+    if backend == "triton" and _fused_probs_fits(q, k_t):
         from spikekernels.kernels.spike_attention import spike_attention_probs_triton
 
         return spike_attention_probs_triton(launcher, *args, state, active)
@@ -239,16 +230,6 @@ def spike_context_torch(
     )
     record_active(active, spikes)
     return spikes, membrane, count
-
-
-def _fused_context_fits(a: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether the Triton kernel takes the shape: no empty dim, all head channels in one
-    tile."""
-    from spikekernels.kernels.spike_attention import MAX_HEAD_DIM
-
-    return min(math.prod(a.shape[1:-2]), *a.shape[-2:], v.shape[-1]) > 0 and (
-        v.shape[-1] <= MAX_HEAD_DIM
-    )
 
 
 @kernel_op("spike_context", mutates_args=("active",))
