@@ -207,7 +207,10 @@ def test_state_is_fresh_and_inputs_untouched(gen, device):
 
 def test_softmax_within_the_float_tolerance(gen):
     """SPEC.md §8: the fused op's probabilities (its ``y_prev`` after the run) are within 2x
-    the error torch.softmax shows in float32, against float64, on the same running scores."""
+    the error torch.softmax shows in float32, against float64, on the same running scores.
+    The op's bits are the same on every device, torch's error is not (its vectorised exp):
+    the floor of 2^-24 (about 2 ulp of these probabilities) keeps the bound from depending
+    on this CPU, and still fails a softmax several ulp off (ours is 1.1 ulp here)."""
     case = _case(gen, 6, (2, 3), 17, 64, 197)
     _, x, y, _, _ = _run(case)
     exact = torch.softmax(x.double(), dim=-1)
