@@ -344,6 +344,7 @@ def exact_linear(
     p_max: int,
     s_count: torch.Tensor | None = None,
     count: torch.Tensor | None = None,
+    counts_out: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact linear + target-driven neuron (SPEC.md §9.2-§9.4), step by step.
 
@@ -353,7 +354,8 @@ def exact_linear(
     product of the count); then per step: ``acc += s_t @ W^T`` (exact: float64 products of
     integers, then int32); ``y = fl32(fl32(m * fl32(acc)) + b)`` with ``m = fl32(theta_in *
     ws)``; then ``target_spikes_step(y, threshold, ...)``. Fresh ``count`` is 0 (int8); no
-    ``s_count``, no earlier input. Returns ``(spikes int8 [T, *, N], count)``.
+    ``s_count``, no earlier input. Returns ``(spikes int8 [T, *, N], count)``; with
+    ``counts_out`` the count after each step in place of the spikes.
     """
     shape = (*s.shape[1:-1], weight.shape[0])
     w = weight.to(torch.float64)
@@ -372,7 +374,7 @@ def exact_linear(
         if bias is not None:
             y = y + bias.to(torch.float32)
         sigma, c = target_spikes_step(y, threshold, n_min, p_max, c)
-        spikes.append(sigma)
+        spikes.append(c if counts_out else sigma)
     return torch.stack(spikes), c
 
 
@@ -512,6 +514,8 @@ def exact_attention_probs(
     q_count: torch.Tensor | None = None,
     k_count: torch.Tensor | None = None,
     count: torch.Tensor | None = None,
+    counts_in: bool = False,
+    counts_out: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact-mode attention probabilities (SPEC.md §5, §9.2-§9.4), step by step.
 
@@ -524,6 +528,10 @@ def exact_attention_probs(
     ``spikekernels.exact_math.softmax_rows``: SPEC.md §9.2 defines the probabilities as that
     code's bits (the QANN calls it too), so the oracle calls it rather than restating it.
     A fresh neuron count is 0. Returns ``(spikes int8 [T, *, M, N], count int8)``.
+
+    ``counts_in``: ``q`` and ``k_t`` are the running counts ``Q_t``, ``K_t`` after each step
+    (``q_count``, ``k_count`` unused), and ``S = Q_t @ K_t`` at each step, the same integers.
+    ``counts_out``: the neuron's count after each step comes out in place of its spikes.
     """
     from spikekernels.exact_math import softmax_rows
 
@@ -534,11 +542,14 @@ def exact_attention_probs(
     g = gain.to(torch.float32).reshape(())
     spikes = []
     for t in range(q.shape[0]):
-        q_cnt, k_cnt, s = _running_product_step(q[t], k_t[t], q_cnt, k_cnt, s)
+        if counts_in:
+            s = _exact_matmul(q[t], k_t[t])
+        else:
+            q_cnt, k_cnt, s = _running_product_step(q[t], k_t[t], q_cnt, k_cnt, s)
         z = g * s.to(torch.int32).to(torch.float32)
         p = softmax_rows(z) if z.numel() else z
         sigma, c = target_spikes_step(p, threshold, n_min, p_max, c)
-        spikes.append(sigma)
+        spikes.append(c if counts_out else sigma)
     return torch.stack(spikes), c
 
 
@@ -553,6 +564,7 @@ def exact_context(
     a_count: torch.Tensor | None = None,
     v_count: torch.Tensor | None = None,
     count: torch.Tensor | None = None,
+    counts_in: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact-mode attention context (SPEC.md §5, §9.2-§9.4), step by step.
 
@@ -562,6 +574,8 @@ def exact_context(
     counts), then per step: ``Z += a_t @ V_t + A_{t-1} @ v_t`` (exact); ``y =
     fl32(fl32(theta_a * theta_v) * fl32(Z))``; ``target_spikes_step(y, threshold, ...)``. A
     fresh neuron count is 0. Returns ``(spikes int8 [T, *, M, D], count int8)``.
+    ``counts_in``: ``a`` and ``v`` are the running counts ``A_t``, ``V_t`` after each step
+    (``a_count``, ``v_count`` unused), and ``Z = A_t @ V_t`` at each step.
     """
     shape = (*a.shape[1:-1], v.shape[-1])
     a_cnt, v_cnt = _count_before(a, a_count), _count_before(v, v_count)
@@ -570,7 +584,10 @@ def exact_context(
     m = theta_a.to(torch.float32).reshape(()) * theta_v.to(torch.float32).reshape(())
     spikes = []
     for t in range(a.shape[0]):
-        a_cnt, v_cnt, z = _running_product_step(a[t], v[t], a_cnt, v_cnt, z)
+        if counts_in:
+            z = _exact_matmul(a[t], v[t])
+        else:
+            a_cnt, v_cnt, z = _running_product_step(a[t], v[t], a_cnt, v_cnt, z)
         y = m * z.to(torch.int32).to(torch.float32)
         sigma, c = target_spikes_step(y, threshold, n_min, p_max, c)
         spikes.append(sigma)

@@ -501,21 +501,25 @@ def exact_linear_cases() -> list[Case]:
         "B": "i32",
         "rows_per_sample": "i32",
     }
-    for state, per_channel, active in [(False, False, False), (True, True, False),
-                                       (True, True, True)]:  # fmt: skip
+    # counts_out: the qkv layer, whose per-step counts the attention reads
+    variants = [(False, False, False, False), (True, True, False, False),
+                (True, True, True, False), (True, True, True, True)]  # fmt: skip
+    for state, per_channel, active, counts_out in variants:
         constexprs = dict(
             HAS_BIAS=True,
             HAS_S_COUNT=state,
             HAS_COUNT=state,
             PER_CHANNEL=per_channel,
             HAS_ACTIVE=active,
+            COUNTS_OUT=counts_out,
             BLOCK_M=block_m,
             BLOCK_N=block_n,
             BLOCK_K=block_k,
         )
         cases.append(
             Case(
-                f"exact_linear state={state} per_channel={per_channel} active={active}",
+                f"exact_linear state={state} per_channel={per_channel} active={active} "
+                f"counts_out={counts_out}",
                 el.exact_linear_kernel,
                 signature,
                 constexprs,
@@ -672,7 +676,11 @@ def exact_attention_cases() -> list[Case]:
     # does; spike strides are multiples of 16 where the head dim makes them so. The tile is
     # transposed, [keys, queries], so that the 256 keys are wgmma's M.
     block_m, block_n, block_d, num_warps = ea.probs_config(197)
-    for state, active in [(False, False), (True, False), (False, True), (True, True)]:
+    # counts_in: q and k arrive as running counts (the qkv neuron's per-step counts) and the
+    # attention neuron's counts go out, as ExactAttention wires them
+    variants = [(False, False, False), (True, False, False), (False, True, False),
+                (True, True, False), (False, False, True), (True, True, True)]  # fmt: skip
+    for state, active, counts_in in variants:
         strides = ["stride_qt", "stride_qb", "stride_qh", "stride_qm"]
         strides += ["stride_kt", "stride_kb", "stride_kh", "stride_kn"]
         signature = {
@@ -695,9 +703,11 @@ def exact_attention_cases() -> list[Case]:
         constexprs = dict(
             stride_qd=1,
             stride_kd=1,
-            HAS_ACC=state,
+            HAS_ACC=state and not counts_in,
             HAS_COUNT=state,
             HAS_ACTIVE=active,
+            COUNTS_IN=counts_in,
+            COUNTS_OUT=counts_in,
             BLOCK_M=block_m,
             BLOCK_N=block_n,
             BLOCK_D=block_d,
@@ -705,7 +715,8 @@ def exact_attention_cases() -> list[Case]:
         )
         cases.append(
             Case(
-                f"exact_attention_probs N=197 D=64 state={state} active={active}",
+                f"exact_attention_probs N=197 D=64 state={state} active={active} "
+                f"counts_in/out={counts_in}",
                 ea.exact_attention_probs_kernel,
                 signature,
                 constexprs,
@@ -737,20 +748,23 @@ def exact_attention_cases() -> list[Case]:
         for name in ["T", "M", "N", "D", "H", *strides, "n_min", "p_max", "samples"]
         + ["rows_per_sample"]
     }
-    for state, active in [(False, False), (True, False), (True, True)]:
+    variants = [(False, False, False), (True, False, False), (True, True, False),
+                (False, False, True), (True, True, True)]  # fmt: skip
+    for state, active, counts_in in variants:
         constexprs = dict(
             stride_an=1,
             stride_vd=1,
-            HAS_ACC=state,
+            HAS_ACC=state and not counts_in,
             HAS_COUNT=state,
             HAS_ACTIVE=active,
+            COUNTS_IN=counts_in,
             BLOCK_M=block_m,
             BLOCK_K=block_k,
             BLOCK_D=block_d,
         )
         cases.append(
             Case(
-                f"exact_context N=197 D=64 state={state} active={active}",
+                f"exact_context N=197 D=64 state={state} active={active} counts_in={counts_in}",
                 ea.exact_context_kernel,
                 signature,
                 constexprs,

@@ -6,7 +6,9 @@
   number of its outputs that are nonzero (a +1 *or* a -1 spike; float-output neurons emit
   ``sigma * theta``) per time step into a ``[neurons, max_steps]`` int64 tensor on the
   device: one ``count_nonzero`` and one in-place add per neuron call (a call covers a chunk
-  of steps). The tensor is read once, at the end;
+  of steps). The tensor is read once, at the end. A neuron that returns its running count
+  (``counts_out``, exact mode's qkv and attention neurons) is counted by the steps'
+  differences;
 - a spike's **fan-out** is the neuron's ``fanout`` attribute, set by ``convert``: the
   synaptic operations (accumulates) one spike causes downstream. The consuming linear's
   ``out_features``; in the SESA spike products the other operand's dimension (a q spike meets
@@ -41,6 +43,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from spikekernels.ops._activity import spikes_of_counts
 
 __all__ = [
     "ENERGY_TABLES",
@@ -192,6 +196,9 @@ class SpikeCounter:
         self.macs: dict[str, int] = {}
         self._handles = []
         self._offsets: list[int] = []
+        # a counts_out neuron's count after the last step it returned: its next output's
+        # first difference (None: 0, a fresh run)
+        self._last_counts: list[torch.Tensor | None] = []
         self.enabled = False
         sites: dict[int, list[str]] = {}
         for site in getattr(snn, "sites", None) or []:
@@ -214,6 +221,7 @@ class SpikeCounter:
                 self.fanouts.append(fanout)
                 self.neuron_elements[name] = 0
                 self._offsets.append(0)
+                self._last_counts.append(None)
                 self._handles.append(m.register_forward_hook(self._neuron_hook(index, name)))
             if kind := _kind(m, SNN_DENSE_OPS):  # a fused norm + neuron is both
                 self.dense_ops[name] = SNN_DENSE_OPS[kind]
@@ -235,6 +243,7 @@ class SpikeCounter:
     def counting(self) -> Iterator[None]:
         """Count inside this block: one SNN call (one batch), from global step 0."""
         self._offsets = [0] * len(self._offsets)
+        self._last_counts = [None] * len(self._last_counts)
         self.enabled = True
         try:
             yield
@@ -247,6 +256,9 @@ class SpikeCounter:
                 return
             steps = output.shape[0]
             start = self._offsets[index]
+            if getattr(module, "counts_out", False):
+                # the output is the count after each step: its spikes are the differences
+                output = self._spikes_of_counts(index, output)
             counts = _count_per_step(output.reshape(steps, -1))
             self.spikes[index, start : start + steps] += counts
             self._offsets[index] = start + steps
@@ -254,6 +266,12 @@ class SpikeCounter:
                 self.neuron_elements[name] = output[0, 0].numel()
 
         return hook
+
+    def _spikes_of_counts(self, index: int, counts: torch.Tensor) -> torch.Tensor:
+        before = self._last_counts[index]
+        # a copy: a CUDA graph's output buffer is overwritten by the next replay
+        self._last_counts[index] = counts[-1].clone()
+        return spikes_of_counts(counts, before)
 
     def _dense_hook(self, name: str):
         def hook(module, inputs, output):

@@ -48,6 +48,15 @@ that every running count fits). With ``inplace`` the new neuron count goes into 
 caller's buffer: a program reads its tile of it (its rows, all columns) at its start and
 writes the same tile at its end; no other program touches those elements.
 
+With ``COUNTS_IN`` the operands are the running counts themselves (the producing kernels'
+``COUNTS_OUT``: the neuron's count after each step, the same bytes as its spikes), and each
+step forms the product directly, ``S^T = K_t Q_t^T`` and ``Z = A_t V_t``: no running-count
+pass, no product carried in from the incoming counts, one dense int8 dot per step instead of
+two sparse ones. The quiet test then compares the product with the last step's (equal
+integers: the same softmax and the same targets), so the skip is as fine as the tile. At ViT-S
+(batch 64) the passes this removes moved about 60 MB per block and step; the added dense
+dots are about 4 GOP per block and step, under 5 us on int8 tensor cores.
+
 Rows past M, keys past N and channels past D are masked to zero (zero spikes and counts add
 nothing to the products). In the softmax the padded keys take no part in the row max and are
 exact zeros after ``exp``: ``tree_sum``'s own zero padding of the row to a power of two (any
@@ -227,9 +236,33 @@ def scores_step(
 
 
 @triton.jit
+def scores_of_counts(
+    q_ptr, k_ptr, offs_m, offs_n, offs_d, mask_m, mask_n, D, stride_qm, stride_qd, stride_kn,
+    stride_kd, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """``S^T = K_t @ Q_t^T`` (``[keys, queries]`` int32, exact) of this step's running counts
+    (``COUNTS_IN``), dense, over the head dim in ``BLOCK_D`` slices."""
+    s = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.int32)
+    for d0 in range(0, D, BLOCK_D):
+        ds = d0 + offs_d
+        k_cnt = tl.load(
+            k_ptr + (offs_n[:, None] * stride_kn + ds[None, :] * stride_kd),
+            mask=mask_n[:, None] & (ds < D)[None, :],
+            other=0,
+        )
+        q_cnt = tl.load(
+            q_ptr + (offs_m[None, :] * stride_qm + ds[:, None] * stride_qd),
+            mask=(ds < D)[:, None] & mask_m[None, :],
+            other=0,
+        )
+        s = tl.dot(k_cnt, q_cnt, s, out_dtype=tl.int32)
+    return s
+
+
+@triton.jit
 def exact_attention_probs_kernel(
-    q_ptr,  # [T, B, H, M, D] int8 query spikes q_t, any strides (the batch flat: B * H)
-    k_ptr,  # [T, B, H, N, D] int8 key spikes k_t, any strides
+    q_ptr,  # [T, B, H, M, D] int8 query spikes q_t (COUNTS_IN: counts Q_t), any strides
+    k_ptr,  # [T, B, H, N, D] int8 key spikes k_t (COUNTS_IN: counts K_t), any strides
     q_prev_ptr,  # [T, B, M, D] int8 running query count before step t, Q_{t-1}, contiguous
     k_cur_ptr,  # [T, B, N, D] int8 running key count after step t, K_t, contiguous
     gain_ptr,  # [1] float32 score gain g
@@ -260,15 +293,17 @@ def exact_attention_probs_kernel(
     HAS_ACC: tl.constexpr,  # both incoming counts given: S starts at Q_{-1} @ K_{-1}^T
     HAS_COUNT: tl.constexpr,
     HAS_ACTIVE: tl.constexpr,
+    COUNTS_IN: tl.constexpr,  # q_ptr, k_ptr hold running counts: S^T = K_t @ Q_t^T per step
+    COUNTS_OUT: tl.constexpr,  # write the neuron's count after each step, not its spikes
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     LOG2_N: tl.constexpr,
 ):
-    """``S^T = K_{-1} @ Q_{-1}^T``, then per step: ``S^T += K_t @ q_t^T + k_t @ Q_{t-1}^T``;
-    ``probs = softmax_rows(fl32(g * fl32(S)))``; target-driven neuron on ``probs``;
-    ``active[t, row // rows_per_sample] = 1`` where a query row fires. Tiles are transposed,
-    ``[BLOCK_N keys, BLOCK_M queries]`` (module docstring)."""
+    """``S^T = K_{-1} @ Q_{-1}^T``, then per step: ``S^T += K_t @ q_t^T + k_t @ Q_{t-1}^T``
+    (``COUNTS_IN``: ``S^T = K_t @ Q_t^T``); ``probs = softmax_rows(fl32(g * fl32(S)))``;
+    target-driven neuron on ``probs``; ``active[t, row // rows_per_sample] = 1`` where a query
+    row fires. Tiles are transposed, ``[BLOCK_N keys, BLOCK_M queries]`` (module docstring)."""
     # One flat grid axis (axis 1 would cap the batch at 65535): the query blocks of one batch
     # entry are neighbours, so they share its key tiles in L2.
     num_m = tl.cdiv(M, BLOCK_M)
@@ -321,10 +356,18 @@ def exact_attention_probs_kernel(
     if HAS_COUNT:  # whether the tile fired at the last step (at first: unknown, so yes)
         fired = tl.full((), 1, tl.int32)
     for _ in range(T):
-        s, moved = scores_step(
-            s, q_ptr, k_ptr, q_prev_ptr, k_cur_ptr, offs_m, offs_n, offs_d, mask_m, mask_n, D,
-            stride_qm, stride_qd, stride_kn, stride_kd, BLOCK_D,
-        )  # fmt: skip
+        if COUNTS_IN:
+            s_now = scores_of_counts(
+                q_ptr, k_ptr, offs_m, offs_n, offs_d, mask_m, mask_n, D, stride_qm, stride_qd,
+                stride_kn, stride_kd, BLOCK_M, BLOCK_N, BLOCK_D,
+            )  # fmt: skip
+            moved = tl.max((s_now != s).to(tl.int32))
+            s = s_now
+        else:
+            s, moved = scores_step(
+                s, q_ptr, k_ptr, q_prev_ptr, k_cur_ptr, offs_m, offs_n, offs_d, mask_m, mask_n,
+                D, stride_qm, stride_qd, stride_kn, stride_kd, BLOCK_D,
+            )  # fmt: skip
         # The softmax and the neuron run on silent steps too (the neuron may still be moving
         # toward its target), unless the tile is quiet: S did not change and no neuron fired
         # at the last step, so every target equals its count (sigma = sign(target - count)
@@ -344,7 +387,10 @@ def exact_attention_probs_kernel(
                 s, gain, mask_n, theta, count, n_min, p_max, BLOCK_N, BLOCK_M, LOG2_N
             )
         count = count + sigma
-        tl.store(out_ptr + s_offs, sigma.to(tl.int8), mask=mask_s)
+        if COUNTS_OUT:
+            tl.store(out_ptr + s_offs, count.to(tl.int8), mask=mask_s)
+        else:
+            tl.store(out_ptr + s_offs, sigma.to(tl.int8), mask=mask_s)
         if HAS_ACTIVE:
             record_active_columns(active_ptrs, sigma, mask_n, mask_m, BLOCK_N, BLOCK_M)
             active_ptrs += samples
@@ -397,9 +443,33 @@ def context_step(
 
 
 @triton.jit
+def context_of_counts(
+    a_ptr, v_ptr, offs_m, offs_k, offs_d, mask_m, mask_d, N, stride_am, stride_an, stride_vn,
+    stride_vd, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """``Z = A_t @ V_t`` (``[rows, channels]`` int32, exact) of this step's running counts
+    (``COUNTS_IN``), dense, over the keys in ``BLOCK_K`` slices."""
+    z = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.int32)
+    for k0 in range(0, N, BLOCK_K):
+        ks = k0 + offs_k
+        a_cnt = tl.load(
+            a_ptr + (offs_m[:, None] * stride_am + ks[None, :] * stride_an),
+            mask=mask_m[:, None] & (ks < N)[None, :],
+            other=0,
+        )
+        v_cnt = tl.load(
+            v_ptr + (ks[:, None] * stride_vn + offs_d[None, :] * stride_vd),
+            mask=(ks < N)[:, None] & mask_d[None, :],
+            other=0,
+        )
+        z = tl.dot(a_cnt, v_cnt, z, out_dtype=tl.int32)
+    return z
+
+
+@triton.jit
 def exact_context_kernel(
-    a_ptr,  # [T, B, H, M, N] int8 attention spikes a_t, any strides (the batch flat: B * H)
-    v_ptr,  # [T, B, H, N, D] int8 value spikes v_t, any strides
+    a_ptr,  # [T, B, H, M, N] int8 attention spikes a_t (COUNTS_IN: counts A_t), any strides
+    v_ptr,  # [T, B, H, N, D] int8 value spikes v_t (COUNTS_IN: counts V_t), any strides
     a_prev_ptr,  # [T, B, M, N] int8 running attention count before step t, A_{t-1}, contiguous
     v_cur_ptr,  # [T, B, N, D] int8 running value count after step t, V_t, contiguous
     theta_a_ptr,  # [1] attention neuron's threshold (any float dtype)
@@ -435,13 +505,15 @@ def exact_context_kernel(
     HAS_ACC: tl.constexpr,  # both incoming counts given: Z starts at A_{-1} @ V_{-1}
     HAS_COUNT: tl.constexpr,
     HAS_ACTIVE: tl.constexpr,
+    COUNTS_IN: tl.constexpr,  # a_ptr, v_ptr hold running counts: Z = A_t @ V_t per step
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """``Z = A_{-1} @ V_{-1}``, then per step: ``Z += a_t @ V_t + A_{t-1} @ v_t``; ``y =
-    fl32(fl32(theta_a * theta_v) * fl32(Z))``; target-driven neuron on ``y``;
-    ``active[t, row // rows_per_sample] = 1`` where a row fires."""
+    """``Z = A_{-1} @ V_{-1}``, then per step: ``Z += a_t @ V_t + A_{t-1} @ v_t``
+    (``COUNTS_IN``: ``Z = A_t @ V_t``); ``y = fl32(fl32(theta_a * theta_v) * fl32(Z))``;
+    target-driven neuron on ``y``; ``active[t, row // rows_per_sample] = 1`` where a row
+    fires."""
     num_m = tl.cdiv(M, BLOCK_M)
     pid = tl.program_id(0)
     bid = (pid // num_m).to(tl.int64)
@@ -488,10 +560,18 @@ def exact_context_kernel(
     if HAS_COUNT:  # whether the tile fired at the last step (at first: unknown, so yes)
         fired = tl.full((), 1, tl.int32)
     for _ in range(T):
-        z, moved = context_step(
-            z, a_ptr, v_ptr, a_prev_ptr, v_cur_ptr, offs_m, offs_k, offs_d, mask_m, mask_d, N,
-            D, stride_am, stride_an, stride_vn, stride_vd, BLOCK_K,
-        )  # fmt: skip
+        if COUNTS_IN:
+            z_now = context_of_counts(
+                a_ptr, v_ptr, offs_m, offs_k, offs_d, mask_m, mask_d, N, stride_am, stride_an,
+                stride_vn, stride_vd, BLOCK_M, BLOCK_K, BLOCK_D,
+            )  # fmt: skip
+            moved = tl.max((z_now != z).to(tl.int32))
+            z = z_now
+        else:
+            z, moved = context_step(
+                z, a_ptr, v_ptr, a_prev_ptr, v_cur_ptr, offs_m, offs_k, offs_d, mask_m, mask_d,
+                N, D, stride_am, stride_an, stride_vn, stride_vd, BLOCK_K,
+            )  # fmt: skip
         # The epilogue runs on silent steps too (the neuron may still be moving), unless the
         # tile is quiet, as in the scores kernel: Z did not change and no neuron fired at the
         # last step, so sigma is 0 again, bit for bit. Only with incoming state: the fresh
@@ -547,8 +627,9 @@ def _unit_inner_stride(x: torch.Tensor) -> torch.Tensor:
 
 
 def _prepare(
-    launch, a, b, a_count, b_count, count, inplace, *, transpose_b=False, merge_heads=False
-) -> _Launch:
+    launch, a, b, a_count, b_count, count, inplace, *, transpose_b=False, merge_heads=False,
+    counts_in=False,
+) -> _Launch:  # fmt: skip
     """``a`` ``[T, *batch, M, K]`` times ``b`` ``[T, *batch, K, N]`` (int8, any strides), with
     the counts of their neurons after these steps (``[*batch, M, K]``, ``[*batch, K, N]``,
     any strides; None: zero before them). With ``inplace`` the neuron's ``count`` is given
@@ -558,7 +639,9 @@ def _prepare(
     ``transpose_b``: the kernel reads ``b``'s transpose ``[T, B, H, N, K]`` with K contiguous
     (a copy only where K is strided) and its running counts in that layout. ``merge_heads``:
     the spikes come out ``[T, *batch[:-1], M, H * N]``, the last batch dim ``H`` merged into
-    the channels."""
+    the channels. ``counts_in``: ``a`` and ``b`` are the operands' running counts (no counts
+    after the steps given), so no running-count pass runs and the kernel reads no
+    ``a_prev``/``b_cur`` (the operands stand in for those pointers)."""
     steps, batch = a.shape[0], a.shape[1:-2]
     m, n = a.shape[-2], b.shape[-1]
     a5 = _split_batch(a)
@@ -571,8 +654,11 @@ def _prepare(
         b_after = None if b_after is None else b_after.transpose(-1, -2)
     else:
         b5 = _split_batch(b)
-    a_prev = _running_counts(launch, a5, a_after, exclusive=True, after=a_after is not None)
-    b_cur = _running_counts(launch, b5, b_after, exclusive=False, after=b_after is not None)
+    if counts_in:
+        a_prev, b_cur = a5, b5
+    else:
+        a_prev = _running_counts(launch, a5, a_after, exclusive=True, after=a_after is not None)
+        b_cur = _running_counts(launch, b5, b_after, exclusive=False, after=b_after is not None)
     count_in = None if count is None else count.reshape(nb, m, n).contiguous()
     if inplace:
         count_out = count_in
@@ -627,13 +713,19 @@ def exact_attention_probs_triton(
     active: torch.Tensor | None = None,
     *,
     inplace: bool = False,
+    counts_in: bool = False,
+    counts_out: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Host side: ``q`` ``[T, *batch, M, D]``, ``k_t`` ``[T, *batch, D, N]`` int8 (any strides,
     at least one batch entry, ``1 <= N <= MAX_KEYS``, ``M, D >= 1``), their neurons' counts
     after these steps (any strides, or None), ``active`` ``[T, B]`` int32 contiguous or None.
+    ``counts_in``: ``q`` and ``k_t`` are running counts (``q_count``, ``k_count`` None);
+    ``counts_out``: the neuron's count after each step comes out instead of its spikes.
     Returns ``(spikes [T, *batch, M, N] int8, count int8)``: the count fresh, or with
     ``inplace`` a view of the given one, written by the program that read it."""
-    p = _prepare(launch, q, k_t, q_count, k_count, count, inplace, transpose_b=True)
+    p = _prepare(
+        launch, q, k_t, q_count, k_count, count, inplace, transpose_b=True, counts_in=counts_in
+    )
     m, d = q.shape[-2:]
     n = k_t.shape[-1]
     block_m, block_n, block_d, num_warps = probs_config(n)
@@ -661,6 +753,8 @@ def exact_attention_probs_triton(
         HAS_ACC=p.has_acc,
         HAS_COUNT=p.count_in is not None,
         HAS_ACTIVE=active is not None,
+        COUNTS_IN=counts_in,
+        COUNTS_OUT=counts_out,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_D=block_d,
@@ -687,6 +781,7 @@ def exact_context_triton(
     *,
     inplace: bool = False,
     merge_heads: bool = False,
+    counts_in: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Host side: ``a`` ``[T, *batch, M, N]``, ``v`` ``[T, *batch, N, D]`` int8 (any strides,
     at least one batch entry, ``1 <= D <= MAX_HEAD_DIM``, ``M, N >= 1``), their neurons'
@@ -694,8 +789,12 @@ def exact_context_triton(
     or None. Returns ``(spikes [T, *batch, M, D] int8, count int8)``, or with
     ``merge_heads`` the spikes ``[T, *batch[:-1], M, H * D]`` (written there directly): the
     count fresh, or with ``inplace`` a view of the given one, written by the program that
-    read it."""
-    p = _prepare(launch, a, v, a_count, v_count, count, inplace, merge_heads=merge_heads)
+    read it. ``counts_in``: ``a`` and ``v`` are running counts (``a_count``, ``v_count``
+    None)."""
+    p = _prepare(
+        launch, a, v, a_count, v_count, count, inplace, merge_heads=merge_heads,
+        counts_in=counts_in,
+    )  # fmt: skip
     m, n = a.shape[-2:]
     d = v.shape[-1]
     block_m, block_k, block_d, num_warps = context_config(d)
@@ -725,6 +824,7 @@ def exact_context_triton(
         HAS_ACC=p.has_acc,
         HAS_COUNT=p.count_in is not None,
         HAS_ACTIVE=active is not None,
+        COUNTS_IN=counts_in,
         BLOCK_M=block_m,
         BLOCK_K=block_k,
         BLOCK_D=block_d,

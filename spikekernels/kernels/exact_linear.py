@@ -63,7 +63,7 @@ def exact_linear_kernel(
     flag_ptr,  # [T, num_m] int32 from step_tile_any_kernel
     s_count_ptr,  # [rows, K] int8 input neuron's count after these steps (HAS_S_COUNT only)
     count_in_ptr,  # [rows, N] int8 incoming count (HAS_COUNT only)
-    out_ptr,  # [T, rows, N] int8 spikes
+    out_ptr,  # [T, rows, N] int8 spikes (COUNTS_OUT: the count after each step)
     count_out_ptr,  # [rows, N] int8
     active_ptr,  # [T, B] int32 per-sample flags, set where a sample fires (HAS_ACTIVE only)
     T,
@@ -80,6 +80,7 @@ def exact_linear_kernel(
     HAS_COUNT: tl.constexpr,
     PER_CHANNEL: tl.constexpr,
     HAS_ACTIVE: tl.constexpr,
+    COUNTS_OUT: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -123,9 +124,9 @@ def exact_linear_kernel(
                 w = tl.load(w_start + k0, mask=k_mask[:, None] & col_mask[None, :], other=0)
                 acc = tl.dot(before, w, acc, out_dtype=tl.int32)
     if HAS_COUNT:
-        count = tl.load(count_in_ptr + state_offs, mask=mask, other=0).to(tl.int32)
+        count = tl.load(count_in_ptr + state_offs, mask=mask, other=0)
     else:
-        count = tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
+        count = tl.zeros([BLOCK_M, BLOCK_N], tl.int8)
 
     out_ptrs = out_ptr + state_offs
     flag_ptrs = flag_ptr + pid_m
@@ -155,8 +156,11 @@ def exact_linear_kernel(
         else:  # quiet (module docstring): sigma is 0, bit for bit
             sigma = tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
             fired = tl.full((), 0, tl.int32)
-        count = count + sigma
-        tl.store(out_ptrs, sigma.to(tl.int8), mask=mask)
+        count = count + sigma.to(tl.int8)
+        if COUNTS_OUT:
+            tl.store(out_ptrs, count, mask=mask)
+        else:
+            tl.store(out_ptrs, sigma.to(tl.int8), mask=mask)
         if HAS_ACTIVE:
             record_active_rows(active_ptrs, sigma, row_mask, col_mask, BLOCK_M, BLOCK_N)
             active_ptrs += B
@@ -182,13 +186,15 @@ def exact_linear_triton(
     active: torch.Tensor | None = None,
     *,
     inplace: bool = False,
+    counts_out: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Host side: ``s`` ``[T, rows, K]`` int8, ``weight`` ``[N, K]`` int8, ``weight_scale``
     and ``bias`` float32 ``[N]``, all contiguous; ``s_count`` ``[rows, K]`` int8 contiguous or
     None; ``count`` ``[rows, N]`` or None; ``active`` ``[T, B]`` int32 contiguous or None.
     Returns ``(spikes [T, rows, N] int8, count [rows, N] int8)``: fresh, or with ``inplace``
     the given ``count`` (a view of the caller's contiguous state), written by the program
-    that read it."""
+    that read it. ``counts_out``: the count after each step comes out instead of the
+    spikes."""
     T, rows, K = s.shape
     N = weight.shape[0]
     out = torch.empty((T, rows, N), dtype=torch.int8, device=s.device)
@@ -226,6 +232,7 @@ def exact_linear_triton(
         HAS_COUNT=count is not None,
         PER_CHANNEL=threshold.numel() > 1,
         HAS_ACTIVE=active is not None,
+        COUNTS_OUT=counts_out,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_K=block_k,

@@ -19,11 +19,24 @@ class ExactAttentionProbs(TargetNeuron):
     ``S += q_t @ K_t + Q_{t-1} @ k_t`` (int32), the neuron reads
     ``softmax_rows(fl32(g * fl32(S)))``. A ``TargetNeuron`` (``count``, ``fanout``): the
     running counts of q and k are their neurons' (each call takes them after its steps), and
-    ``S = Q K^T`` of them is formed at each call's start, not kept."""
+    ``S = Q K^T`` of them is formed at each call's start, not kept.
 
-    def __init__(self, neuron: TargetNeuron, gain: torch.Tensor) -> None:
+    ``counts_in``: q and k arrive as their running counts after each step (``S = Q_t K_t^T``
+    per step; no ``q_count``/``k_count``); ``counts_out``: the neuron's count after each step
+    goes out instead of its spikes (``last_spikes`` is then not kept). ``ExactAttention``
+    sets both: running counts are what its products read."""
+
+    def __init__(
+        self,
+        neuron: TargetNeuron,
+        gain: torch.Tensor,
+        *,
+        counts_in: bool = False,
+        counts_out: bool = False,
+    ) -> None:
         super().__init__(neuron.threshold, neuron.level, neuron.signed, fanout=neuron.fanout)
         self.register_buffer("gain", torch.as_tensor(gain, dtype=torch.float32).reshape(()))
+        self.counts_in, self.counts_out = bool(counts_in), bool(counts_out)
 
     def forward(
         self,
@@ -33,14 +46,16 @@ class ExactAttentionProbs(TargetNeuron):
         k_count: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``q_count`` ``[*batch, M, D]`` and ``k_count`` ``[*batch, D, N]``: the counts of the
-        q and k neurons after these steps (any strides); None only on a fresh input."""
-        require_input_counts(self, q_count=q_count, k_count=k_count)
+        q and k neurons after these steps (any strides); None only on a fresh input, and
+        always with ``counts_in``."""
+        if not self.counts_in:
+            require_input_counts(self, q_count=q_count, k_count=k_count)
         spikes, self.count = exact_attention_probs(
             q, k_t, self.gain, self.threshold, self.n_min, self.p_max,
             q_count, k_count, self.count, active=self.activity,
-            inplace=self.stateful_call(),
+            inplace=self.stateful_call(), counts_in=self.counts_in, counts_out=self.counts_out,
         )  # fmt: skip
-        self.last_spikes = spikes[-1]
+        self.last_spikes = None if self.counts_out else spikes[-1]
         return spikes
 
 
@@ -50,12 +65,22 @@ class ExactContext(TargetNeuron):
     ``Z += a_t @ V_t + A_{t-1} @ v_t`` (int32), the neuron reads
     ``fl32(fl32(theta_a * theta_v) * fl32(Z))``. A ``TargetNeuron``: the running counts of a
     and v are their neurons' (each call takes them after its steps), and ``Z = A V`` of them
-    is formed at each call's start, not kept."""
+    is formed at each call's start, not kept. ``counts_in``: a and v arrive as their running
+    counts after each step (``Z = A_t V_t`` per step; no ``a_count``/``v_count``), as
+    ``ExactAttention`` wires it."""
 
-    def __init__(self, neuron: TargetNeuron, theta_a: torch.Tensor, theta_v: torch.Tensor):
+    def __init__(
+        self,
+        neuron: TargetNeuron,
+        theta_a: torch.Tensor,
+        theta_v: torch.Tensor,
+        *,
+        counts_in: bool = False,
+    ) -> None:
         super().__init__(neuron.threshold, neuron.level, neuron.signed, fanout=neuron.fanout)
         self.register_buffer("theta_a", torch.as_tensor(theta_a, dtype=torch.float32).reshape(()))
         self.register_buffer("theta_v", torch.as_tensor(theta_v, dtype=torch.float32).reshape(()))
+        self.counts_in = bool(counts_in)
 
     def forward(
         self,
@@ -68,13 +93,14 @@ class ExactContext(TargetNeuron):
     ) -> torch.Tensor:
         """``a_count`` ``[*batch, M, N]`` and ``v_count`` ``[*batch, N, D]``: the counts of the
         attention and value neurons after these steps (any strides); None only on a fresh
-        input. ``merge_heads``: spikes ``[T, *batch[:-1], M, H * D]``, the last batch dim
-        merged into the channels (``ops.exact_context``)."""
-        require_input_counts(self, a_count=a_count, v_count=v_count)
+        input, and always with ``counts_in``. ``merge_heads``: spikes ``[T, *batch[:-1], M,
+        H * D]``, the last batch dim merged into the channels (``ops.exact_context``)."""
+        if not self.counts_in:
+            require_input_counts(self, a_count=a_count, v_count=v_count)
         spikes, self.count = exact_context(
             a, v, self.theta_a, self.theta_v, self.threshold, self.n_min, self.p_max,
             a_count, v_count, self.count, active=self.activity,
-            inplace=self.stateful_call(), merge_heads=merge_heads,
+            inplace=self.stateful_call(), merge_heads=merge_heads, counts_in=self.counts_in,
         )  # fmt: skip
         self.last_spikes = spikes[-1]
         return spikes
@@ -86,12 +112,18 @@ class ExactAttention(nn.Module):
     Four fused layers, each a neuron with its exact state (every value the current one):
 
     1. ``qkv``: ``ExactLinearNeuron`` (int32 accumulator formed per call; one neuron with
-       per-channel thresholds, the steps of ``quan_q``, ``quan_k``, ``quan_v``, whose count
-       is the running count of q, k and v the next two layers read);
-    2. ``probs``: ``ExactAttentionProbs`` (running ``S = Q K^T`` per head, softmax, the
+       per-channel thresholds, the steps of ``quan_q``, ``quan_k``, ``quan_v``);
+    2. ``probs``: ``ExactAttentionProbs`` (``S = Q K^T`` per head, softmax, the
        ``attn_quan`` neuron);
-    3. ``context``: ``ExactContext`` (running ``Z = A V``, the ``after_attn_quan`` neuron);
+    3. ``context``: ``ExactContext`` (``Z = A V``, the ``after_attn_quan`` neuron);
     4. merge heads -> ``proj``: ``ExactLinearNeuron`` (the ``quan_proj`` neuron).
+
+    Between the first three the currency is running counts, not spikes: ``qkv`` and
+    ``probs`` write their neurons' count after each step (``counts_out``), and ``probs`` and
+    ``context`` read them (``counts_in``) and form ``S_t = Q_t K_t^T`` and ``Z_t = A_t V_t``
+    directly. The same bytes as spikes, the same integers as the running sums, and no pass
+    that turns spikes back into running counts (about 60 MB per block and step at ViT-S,
+    batch 64). The constructor sets those flags on the parts.
 
     State lives in the parts until ``reset()``. Inference only.
     """
@@ -114,6 +146,7 @@ class ExactAttention(nn.Module):
             )
         self.num_heads = int(num_heads)
         self.qkv, self.probs, self.context, self.proj = qkv, probs, context, proj
+        qkv.counts_out = probs.counts_in = probs.counts_out = context.counts_in = True
 
     @property
     def head_dim(self) -> int:
@@ -129,18 +162,14 @@ class ExactAttention(nn.Module):
         ``ExactLinearNeuron``). Returns the ``quan_proj`` neuron's spikes."""
         t, b, n, c = s.shape
         h, dh = self.num_heads, self.head_dim
+        # the running counts of q, k, v after each step, as strided views of one layout
         qkv = self.qkv(s, s_count).view(t, b, n, 3, h, dh)
-        q = qkv[:, :, :, 0].transpose(2, 3)  # [T, B, H, N, Dh], strided views
+        q = qkv[:, :, :, 0].transpose(2, 3)  # [T, B, H, N, Dh]
         k_t = qkv[:, :, :, 1].permute(0, 1, 3, 4, 2)  # [T, B, H, Dh, N]
         v = qkv[:, :, :, 2].transpose(2, 3)
-        # the running counts of q, k, v are the qkv neuron's count, as views of one layout
-        counts = self.qkv.count.view(b, n, 3, h, dh)
-        q_count = counts[:, :, 0].transpose(1, 2)  # [B, H, N, Dh]
-        k_count = counts[:, :, 1].permute(0, 2, 3, 1)  # [B, H, Dh, N]
-        v_count = counts[:, :, 2].transpose(1, 2)
-        a = self.probs(q, k_t, q_count, k_count)  # [T, B, H, N, N]
-        # [T, B, N, C]: the kernel writes the heads merged, as proj reads them
-        context = self.context(a, v, self.probs.count, v_count, merge_heads=True)
+        a = self.probs(q, k_t)  # [T, B, H, N, N] running attention counts
+        # [T, B, N, C] spikes: the kernel writes the heads merged, as proj reads them
+        context = self.context(a, v, merge_heads=True)
         merged = self.context.count.transpose(1, 2).reshape(b, n, c)  # its heads merged too
         return self.proj(context, merged)
 

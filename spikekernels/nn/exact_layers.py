@@ -124,7 +124,11 @@ class ExactLinearNeuron(TargetNeuron):
     per output channel (the q, k, v neurons of one qkv linear). The linear's int32
     accumulator is not kept: each call forms it from ``s_count``, the count of the neuron
     that produced ``s`` after these steps (that neuron's ``count``, which it has just
-    updated), less the spikes of ``s``. Inference only.
+    updated), less the spikes of ``s``.
+
+    ``counts_out``: the layer returns its neuron's count after each step instead of its
+    spikes (``ops.exact_linear``'s ``counts_out``), for readers that take running counts (the
+    attention products, ``ExactAttention``); ``last_spikes`` is then not kept. Inference only.
     """
 
     def __init__(
@@ -134,9 +138,12 @@ class ExactLinearNeuron(TargetNeuron):
         bias: torch.Tensor | None,
         in_threshold: torch.Tensor,
         neuron: TargetNeuron,
+        *,
+        counts_out: bool = False,
     ) -> None:
         super().__init__(neuron.threshold, neuron.level, neuron.signed, fanout=neuron.fanout)
         _register_int_linear(self, weight, weight_scale, bias, in_threshold)
+        self.counts_out = bool(counts_out)
 
     def forward(self, s: torch.Tensor, s_count: torch.Tensor | None = None) -> torch.Tensor:
         """``s``: ``[T, *, K]`` int8 spikes; ``s_count``: ``[*, K]`` int8, the count of the
@@ -156,13 +163,15 @@ class ExactLinearNeuron(TargetNeuron):
             self.count,
             active=self.activity,
             inplace=self.stateful_call(),
+            counts_out=self.counts_out,
         )
-        self.last_spikes = spikes[-1]
+        self.last_spikes = None if self.counts_out else spikes[-1]
         return spikes
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, int8, "
+            + ("counts_out=True, " if self.counts_out else "")
             + super().extra_repr()
         )
 

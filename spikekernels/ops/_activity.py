@@ -21,3 +21,18 @@ def record_active(active: torch.Tensor | None, spikes: torch.Tensor) -> None:
     # abs(-128) wrap)
     peak = spikes.reshape(spikes.shape[0], spikes.shape[1], -1).abs().amax(dim=-1)
     active.masked_fill_(peak != 0, 1)
+
+
+def spikes_of_counts(counts: torch.Tensor, before: torch.Tensor | None) -> torch.Tensor:
+    """A neuron's spikes ``[T, ...]`` int8 from its count after each step (an op's
+    ``counts_out``) and its count ``before`` the steps (``[...]``; None: 0)."""
+    first = torch.zeros_like(counts[:1]) if before is None else before.to(counts.dtype)[None]
+    return torch.diff(counts, dim=0, prepend=first)
+
+
+def record_active_counts(
+    active: torch.Tensor | None, counts: torch.Tensor, before: torch.Tensor | None
+) -> None:
+    """``record_active`` from a neuron's count after each step and before them."""
+    if active is not None and counts.numel():
+        record_active(active, spikes_of_counts(counts, before))

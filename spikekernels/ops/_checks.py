@@ -138,6 +138,12 @@ def check_float(value: object, name: str) -> float:
     return float(value)
 
 
+def check_flag(value: object, name: str) -> None:
+    """A Python bool (an int or a tensor would pass ``if`` and mean something else)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+
+
 def may_read_data(t: torch.Tensor, validate: bool) -> bool:
     """Whether a data-reading check may run: CPU (no sync) or asked for, never while tracing."""
     if torch.compiler.is_compiling():

@@ -8,9 +8,10 @@ import math
 import torch
 
 from spikekernels.exact_math import context_value, int_matmul, score_value, softmax_rows
-from spikekernels.ops._activity import record_active
+from spikekernels.ops._activity import record_active, record_active_counts
 from spikekernels.ops._checks import (
     check_active,
+    check_flag,
     check_same_device,
     check_state,
     check_tensor,
@@ -107,22 +108,41 @@ def _check_counts_consistent(x, after, name: str, validate: bool) -> None:
         )
 
 
-def _check_data(a, b, a_name, b_name, a_count, b_count, scalars, validate) -> None:
-    """Data checks: on CPU tensors always, on a GPU when ``validate`` (host syncs)."""
+def _check_data(a, b, a_name, b_name, a_count, b_count, scalars, validate, counts_in=False) -> None:
+    """Data checks: on CPU tensors always, on a GPU when ``validate`` (host syncs). Running
+    counts (``counts_in``) need none: any int8 counts give an exact product."""
     for t, name in scalars:
         check_threshold_values(t, name, validate)
+    if counts_in:
+        return
     check_ternary(a, a_name, validate)
     check_ternary(b, b_name, validate)
     _check_counts_consistent(a, a_count, a_name, validate)
     _check_counts_consistent(b, b_count, b_name, validate)
 
 
-def _running_product(a, b, a_count, b_count) -> torch.Tensor:
+def _check_counts_in(counts_in: object, a_count, b_count, a_name: str, b_name: str) -> None:
+    """``counts_in`` is a bool; with it the operands are the running counts themselves, so
+    the counts after the steps are not taken."""
+    check_flag(counts_in, "counts_in")
+    if counts_in:
+        for t, name in ((a_count, a_name), (b_count, b_name)):
+            if t is not None:
+                raise ValueError(
+                    f"{_count_name(name)} must be None with counts_in=True: {name} is then the "
+                    "running count itself"
+                )
+
+
+def _running_product(a, b, a_count, b_count, counts_in=False) -> torch.Tensor:
     """``S_t`` for every step ``[T, *batch, M, N]`` int32: the running product of the counts,
     ``S_t = S_{t-1} + a_t @ B_t + A_{t-1} @ b_t``, exactly as ``nn.RunningSpikeMatmul`` forms
     it (``spike_matmul``'s dense path at scale 1, exact integers in float32, then an int32
     cumulative sum) onto ``S_{-1} = A_{-1} @ B_{-1}`` of the counts before these steps
-    (``int_matmul``, exact), which are the counts after them less the spikes."""
+    (``int_matmul``, exact), which are the counts after them less the spikes.
+    ``counts_in``: ``a`` and ``b`` are the running counts, and ``S_t = A_t @ B_t``."""
+    if counts_in:
+        return int_matmul(a, b)
     a_in, b_in = _before(a, a_count), _before(b, b_count)
     unit = torch.ones((), dtype=torch.float32, device=a.device)
     to_int8 = lambda t: None if t is None else t.to(torch.int8)  # noqa: E731
@@ -158,9 +178,12 @@ def _triton_result(out, count, inplace) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _check_probs(
-    q, k_t, gain, threshold, n_min, p_max, q_count, k_count, count, active, inplace
-) -> None:
+    q, k_t, gain, threshold, n_min, p_max, q_count, k_count, count, active, inplace, counts_in,
+    counts_out,
+) -> None:  # fmt: skip
     """Metadata checks (no data read)."""
+    _check_counts_in(counts_in, q_count, k_count, "q", "k_t")
+    check_flag(counts_out, "counts_out")
     _check_product(q, k_t, "q", "k_t", q_count, k_count)
     # float32 only: score_value multiplies in the gain's dtype
     _check_scalar(gain, "gain", (torch.float32,), q, "q")
@@ -183,15 +206,17 @@ def exact_attention_probs_torch(
     k_count: torch.Tensor | None,
     count: torch.Tensor | None,
     active: torch.Tensor | None = None,
+    counts_in: bool = False,
+    counts_out: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Vectorised PyTorch (any device, any shape): what ``RunningSpikeMatmul``,
     ``ExactSoftmax`` and ``TargetNeuron`` compute in a row, from the same functions."""
-    running = _running_product(q, k_t, q_count, k_count)
+    running = _running_product(q, k_t, q_count, k_count, counts_in)
     if running.numel():
         probs = softmax_rows(score_value(running, gain.reshape(())))
     else:  # no keys or no rows: nothing to normalise
         probs = running.to(torch.float32)
-    return target_spikes_torch(probs, threshold, n_min, p_max, count, active)
+    return target_spikes_torch(probs, threshold, n_min, p_max, count, active, counts_out)
 
 
 def _fused_probs_fits(q: torch.Tensor, k_t: torch.Tensor) -> bool:
@@ -216,32 +241,40 @@ def _exact_attention_probs_op(
     count: torch.Tensor | None = None,
     active: torch.Tensor | None = None,
     inplace: bool = False,
+    counts_in: bool = False,
+    counts_out: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     args = (q, k_t, gain, threshold, n_min, p_max, q_count, k_count, count)
-    _check_probs(*args, active, inplace)
+    flags = (counts_in, counts_out)
+    _check_probs(*args, active, inplace, *flags)
     backend = backend_for(q, ("triton", "torch"))
     if backend == "triton" and _fused_probs_fits(q, k_t):
         from spikekernels.kernels.exact_attention import exact_attention_probs_triton
 
-        out = exact_attention_probs_triton(launcher, *args, active, inplace=inplace)
+        out = exact_attention_probs_triton(
+            launcher, *args, active, inplace=inplace, counts_in=counts_in, counts_out=counts_out
+        )
         return _triton_result(out, count, inplace)
     if backend == "reference":
         from spikekernels import reference
 
-        out = reference.exact_attention_probs(*args)
-        record_active(active, out[0])
+        out = reference.exact_attention_probs(*args, *flags)
+        if counts_out:
+            record_active_counts(active, out[0], count)
+        else:
+            record_active(active, out[0])
     else:
-        out = exact_attention_probs_torch(*args, active)
+        out = exact_attention_probs_torch(*args, active, *flags)
     return _state_result(out, count, inplace)
 
 
 @_exact_attention_probs_op.register_fake
 def _(
     q, k_t, gain, threshold, n_min, p_max, q_count=None, k_count=None, count=None,
-    active=None, inplace=False,
+    active=None, inplace=False, counts_in=False, counts_out=False,
 ):  # fmt: skip
     args = (q, k_t, gain, threshold, n_min, p_max, q_count, k_count, count)
-    _check_probs(*args, active, inplace)
+    _check_probs(*args, active, inplace, counts_in, counts_out)
     return _fake_outputs(q, k_t, count, inplace)
 
 
@@ -258,6 +291,8 @@ def exact_attention_probs(
     *,
     active: torch.Tensor | None = None,
     inplace: bool = False,
+    counts_in: bool = False,
+    counts_out: bool = False,
     validate: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact-mode attention probabilities: the scores product, the softmax row function and
@@ -304,9 +339,18 @@ def exact_attention_probs(
         inplace: write the new ``count`` into the given one (required, contiguous, sharing
             no memory with an input) and return that same tensor (``ops._inplace``): a state
             at a fixed address, as a CUDA graph replays it.
+        counts_in: ``q`` and ``k_t`` are the running counts ``Q_t``, ``K_t`` of the q and k
+            neurons after each step (int8, any strides; ``exact_linear``'s ``counts_out``),
+            not their spikes; ``q_count`` and ``k_count`` must be None. Then ``S = Q_t @ K_t``
+            at each step, the same integers as the running sum: no pass forms the running
+            counts, and nothing but the neuron's count is carried between calls.
+        counts_out: return the attention neuron's count after each step ``[T, *batch, M,
+            N]`` int8 in place of its spikes (what ``exact_context`` takes with
+            ``counts_in``).
         validate: on a GPU also run the data checks (host syncs): ``gain`` and ``threshold``
             positive, finite and normal; the spikes ternary; every running count, from the
-            count before the steps on, inside int8. On CPU they always run.
+            count before the steps on, inside int8 (spikes only: running counts need no
+            check). On CPU they always run.
 
     Returns:
         ``(spikes [T, *batch, M, N] int8, count)``, fresh tensors (with ``inplace``: the
@@ -322,10 +366,10 @@ def exact_attention_probs(
     ``reference.exact_attention_probs``. Inference only: no autograd.
     """
     args = (q, k_t, gain, threshold, n_min, p_max, q_count, k_count, count)
-    _check_probs(*args, active, inplace)
+    _check_probs(*args, active, inplace, counts_in, counts_out)
     scalars = ((gain, "gain"), (threshold, "threshold"))
-    _check_data(q, k_t, "q", "k_t", q_count, k_count, scalars, validate)
-    out = call_op("exact_attention_probs", *args, active, inplace)
+    _check_data(q, k_t, "q", "k_t", q_count, k_count, scalars, validate, counts_in)
+    out = call_op("exact_attention_probs", *args, active, inplace, counts_in, counts_out)
     return own_state(out, (1,), (count,)) if inplace else out
 
 
@@ -341,11 +385,11 @@ def _merge_heads(spikes: torch.Tensor) -> torch.Tensor:
 
 def _check_context(
     a, v, theta_a, theta_v, threshold, n_min, p_max, a_count, v_count, count, active, inplace,
-    merge_heads,
+    merge_heads, counts_in,
 ) -> None:  # fmt: skip
     """Metadata checks (no data read)."""
-    if not isinstance(merge_heads, bool):
-        raise TypeError(f"merge_heads must be a bool, got {type(merge_heads).__name__}")
+    check_flag(merge_heads, "merge_heads")
+    _check_counts_in(counts_in, a_count, v_count, "a", "v")
     if merge_heads and a.dim() < 4:
         raise ValueError(
             "merge_heads=True merges the last batch dim (the heads) into the channels: "
@@ -375,10 +419,11 @@ def exact_context_torch(
     v_count: torch.Tensor | None,
     count: torch.Tensor | None,
     active: torch.Tensor | None = None,
+    counts_in: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Vectorised PyTorch (any device, any shape): what ``RunningSpikeMatmul``,
     ``exact_math.context_value`` and ``TargetNeuron`` compute in a row."""
-    running = _running_product(a, v, a_count, v_count)
+    running = _running_product(a, v, a_count, v_count, counts_in)
     y = context_value(running, theta_a.reshape(()), theta_v.reshape(()))
     return target_spikes_torch(y, threshold, n_min, p_max, count, active)
 
@@ -408,24 +453,26 @@ def _exact_context_op(
     active: torch.Tensor | None = None,
     inplace: bool = False,
     merge_heads: bool = False,
+    counts_in: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     args = (a, v, theta_a, theta_v, threshold, n_min, p_max, a_count, v_count, count)
-    _check_context(*args, active, inplace, merge_heads)
+    _check_context(*args, active, inplace, merge_heads, counts_in)
     backend = backend_for(a, ("triton", "torch"))
     if backend == "triton" and _fused_context_fits(a, v):
         from spikekernels.kernels.exact_attention import exact_context_triton
 
         out = exact_context_triton(
-            launcher, *args, active, inplace=inplace, merge_heads=merge_heads
-        )
+            launcher, *args, active, inplace=inplace, merge_heads=merge_heads,
+            counts_in=counts_in,
+        )  # fmt: skip
         return _triton_result(out, count, inplace)
     if backend == "reference":
         from spikekernels import reference
 
-        out = reference.exact_context(*args)
+        out = reference.exact_context(*args, counts_in)
         record_active(active, out[0])
     else:
-        out = exact_context_torch(*args, active)
+        out = exact_context_torch(*args, active, counts_in)
     if merge_heads:
         out = (_merge_heads(out[0]), out[1])
     return _state_result(out, count, inplace)
@@ -434,10 +481,10 @@ def _exact_context_op(
 @_exact_context_op.register_fake
 def _(
     a, v, theta_a, theta_v, threshold, n_min, p_max, a_count=None, v_count=None, count=None,
-    active=None, inplace=False, merge_heads=False,
+    active=None, inplace=False, merge_heads=False, counts_in=False,
 ):  # fmt: skip
     args = (a, v, theta_a, theta_v, threshold, n_min, p_max, a_count, v_count, count)
-    _check_context(*args, active, inplace, merge_heads)
+    _check_context(*args, active, inplace, merge_heads, counts_in)
     spikes, count_out = _fake_outputs(a, v, count, inplace)
     return (_merge_heads(spikes) if merge_heads else spikes), count_out
 
@@ -457,6 +504,7 @@ def exact_context(
     active: torch.Tensor | None = None,
     inplace: bool = False,
     merge_heads: bool = False,
+    counts_in: bool = False,
     validate: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact-mode attention context: the context product and the neuron after it, fused
@@ -499,9 +547,14 @@ def exact_context(
         merge_heads: return the spikes with the last batch dim (the heads, ``H``) merged
             into the channels, ``[T, *batch[:-1], M, H * D]``: what the attention's
             projection reads. The kernel writes them there, no copy.
+        counts_in: ``a`` and ``v`` are the running counts ``A_t``, ``V_t`` of the attention
+            and value neurons after each step (int8, any strides; the ``counts_out`` of
+            ``exact_attention_probs`` and ``exact_linear``), not their spikes; ``a_count``
+            and ``v_count`` must be None. Then ``Z = A_t @ V_t`` at each step, the same
+            integers as the running sum.
         validate: on a GPU also run the data checks (host syncs): the three thresholds
             positive, finite and normal; the spikes ternary; every running count, from the
-            count before the steps on, inside int8. On CPU they always run.
+            count before the steps on, inside int8 (spikes only). On CPU they always run.
 
     Returns:
         ``(spikes [T, *batch, M, D] int8, count)`` (with ``merge_heads`` the spikes
@@ -518,8 +571,8 @@ def exact_context(
     Inference only: no autograd.
     """
     args = (a, v, theta_a, theta_v, threshold, n_min, p_max, a_count, v_count, count)
-    _check_context(*args, active, inplace, merge_heads)
+    _check_context(*args, active, inplace, merge_heads, counts_in)
     scalars = ((theta_a, "theta_a"), (theta_v, "theta_v"), (threshold, "threshold"))
-    _check_data(a, v, "a", "v", a_count, v_count, scalars, validate)
-    out = call_op("exact_context", *args, active, inplace, merge_heads)
+    _check_data(a, v, "a", "v", a_count, v_count, scalars, validate, counts_in)
+    out = call_op("exact_context", *args, active, inplace, merge_heads, counts_in)
     return own_state(out, (1,), (count,)) if inplace else out

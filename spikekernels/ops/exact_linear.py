@@ -8,9 +8,10 @@ import math
 import torch
 
 from spikekernels.exact_math import int_matmul, linear_value
-from spikekernels.ops._activity import record_active
+from spikekernels.ops._activity import record_active, record_active_counts
 from spikekernels.ops._checks import (
     check_active,
+    check_flag,
     check_same_device,
     check_state,
     check_tensor,
@@ -46,8 +47,10 @@ def _check_exact_linear(
     count,
     active,
     inplace,
+    counts_out,
 ) -> None:
     """Metadata checks (no data read)."""
+    check_flag(counts_out, "counts_out")
     check_tensor(s, "s", dtypes=(torch.int8,))
     check_time_major(s, "s")
     if s.dim() < 2:
@@ -121,6 +124,7 @@ def exact_linear_torch(
     s_count: torch.Tensor | None,
     count: torch.Tensor | None,
     active: torch.Tensor | None = None,
+    counts_out: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Vectorised PyTorch (any device): one float32 matmul over all ``T * rows`` rows, a
     cumulative sum over T in int32 plus the starting ``(s_count - sum_t s_t) @ W^T``
@@ -139,7 +143,8 @@ def exact_linear_torch(
     if s_count is not None:
         acc_t += int_matmul(_count_before(s, s_count), weight.t())
     m = in_threshold.to(torch.float32).reshape(()) * weight_scale
-    return target_spikes_torch(linear_value(acc_t, m, bias), threshold, n_min, p_max, count, active)
+    value = linear_value(acc_t, m, bias)
+    return target_spikes_torch(value, threshold, n_min, p_max, count, active, counts_out)
 
 
 @kernel_op("exact_linear", mutates_args=("count", "active"))
@@ -156,9 +161,10 @@ def _exact_linear_op(
     count: torch.Tensor | None = None,
     active: torch.Tensor | None = None,
     inplace: bool = False,
+    counts_out: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     args = (s, weight, weight_scale, bias, in_threshold, threshold, n_min, p_max, s_count, count)
-    _check_exact_linear(*args, active, inplace)
+    _check_exact_linear(*args, active, inplace, counts_out)
     backend = backend_for(s, ("triton", "torch"))
     if backend == "triton":
         from spikekernels.kernels.exact_linear import exact_linear_triton
@@ -182,6 +188,7 @@ def _exact_linear_op(
             count_in,
             active,
             inplace=inplace,
+            counts_out=counts_out,
         )
         shape = (*lead, n)
         spikes = spikes.reshape(s.shape[0], *shape)
@@ -189,10 +196,13 @@ def _exact_linear_op(
     if backend == "reference":
         from spikekernels import reference
 
-        out = reference.exact_linear(*args)
-        record_active(active, out[0])
+        out = reference.exact_linear(*args, counts_out)
+        if counts_out:
+            record_active_counts(active, out[0], count)
+        else:
+            record_active(active, out[0])
     else:
-        out = exact_linear_torch(*args, active)
+        out = exact_linear_torch(*args, active, counts_out)
     return out[0], state_result(inplace, out[1], count)
 
 
@@ -210,9 +220,10 @@ def _(
     count=None,
     active=None,
     inplace=False,
+    counts_out=False,
 ):
     args = (s, weight, weight_scale, bias, in_threshold, threshold, n_min, p_max, s_count, count)
-    _check_exact_linear(*args, active, inplace)
+    _check_exact_linear(*args, active, inplace, counts_out)
     shape = (*s.shape[1:-1], weight.shape[0])
     return (
         s.new_empty((s.shape[0], *shape), dtype=torch.int8),
@@ -234,6 +245,7 @@ def exact_linear(
     *,
     active: torch.Tensor | None = None,
     inplace: bool = False,
+    counts_out: bool = False,
     validate: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact-mode spiking linear layer fused with its output neuron (SPEC.md §9.2-§9.4).
@@ -275,6 +287,10 @@ def exact_linear(
         inplace: write the new ``count`` into the given one (required, contiguous, sharing no
             memory with an input) and return that same tensor (``ops._inplace``): a state at
             a fixed address, as a CUDA graph replays it.
+        counts_out: return the neuron's count after each step, ``[T, *, N]`` int8 (the
+            running count, what ``exact_attention_probs`` and ``exact_context`` take with
+            ``counts_in``), in place of its spikes. The same bytes as the spikes: a reader
+            that needs the running counts then needs no pass to form them.
         validate: on a GPU also run the data checks (host syncs): thresholds positive, finite
             and normal; ``weight_scale`` finite and positive; ``weight`` in ``[-127, 127]``;
             ``s`` ternary; ``s_count`` consistent with ``s``. On CPU they always run.
@@ -296,7 +312,7 @@ def exact_linear(
     ``force_backend("reference")`` runs the oracle. Inference only: no autograd.
     """
     args = (s, weight, weight_scale, bias, in_threshold, threshold, n_min, p_max, s_count, count)
-    _check_exact_linear(*args, active, inplace)
+    _check_exact_linear(*args, active, inplace, counts_out)
     _check_data(s, weight, weight_scale, in_threshold, threshold, s_count, validate)
-    out = call_op("exact_linear", *args, active, inplace)
+    out = call_op("exact_linear", *args, active, inplace, counts_out)
     return own_state(out, (1,), (count,)) if inplace else out

@@ -91,10 +91,12 @@ def target_spikes_torch(
     p_max: int,
     count: torch.Tensor | None,
     active: torch.Tensor | None = None,
+    counts_out: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Vectorised PyTorch (any device): the targets of all T steps in one pass (elementwise,
     so the same bits as step by step), then the sequential count update, one step at a time;
-    ``active`` (``[T, B]`` int32 or None) records which samples fired (``record_active``)."""
+    ``active`` (``[T, B]`` int32 or None) records which samples fired (``record_active``).
+    ``counts_out``: the count after each step comes out in place of the spikes."""
     theta = threshold.to(torch.float32)
     theta = theta.reshape(()) if theta.numel() == 1 else theta
     # torch.clamp keeps NaN, and NaN compares false both ways below: sigma = 0
@@ -103,12 +105,15 @@ def target_spikes_torch(
     if count is not None:
         c = count.to(torch.float32)
     spikes = torch.empty(value.shape, dtype=torch.int8, device=value.device)
+    counts = torch.empty_like(spikes) if counts_out else None
     for t in range(value.shape[0]):
         sigma = (target[t] > c).to(torch.int8) - (target[t] < c).to(torch.int8)
         spikes[t] = sigma
         c = c + sigma
+        if counts_out:
+            counts[t] = c
     record_active(active, spikes)
-    return spikes, c.to(torch.int8)
+    return spikes if counts is None else counts, c.to(torch.int8)
 
 
 @kernel_op("target_spikes", mutates_args=("count", "active"))

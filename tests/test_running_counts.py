@@ -1,0 +1,304 @@
+"""Running counts between exact-mode layers: ``exact_linear`` and ``exact_attention_probs``
+with ``counts_out`` write the neuron's count after each step instead of its spikes, and the
+two attention products with ``counts_in`` read those counts (``S = Q_t K_t``, ``Z = A_t V_t``)
+instead of spikes and the counts after a chunk. Both are the same integers as the spike form,
+so every output must equal the spike form's bit for bit, on every backend, and against the
+reference's own ``counts_in``/``counts_out`` loop."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import DEVICES
+from test_exact_attention_ops import (
+    ATTN_BOUNDS,
+    CTX_BOUNDS,
+    _context_case,
+    _probs_case,
+    _reference_context,
+    _reference_probs,
+    _run_context,
+    _run_probs,
+)
+from test_exact_linear import _layer, _random_state, _reference, _run, _spikes
+
+from spikekernels.ops._dispatch import force_backend
+
+BACKENDS = ["triton", "torch", "reference"]
+# (T, batch, M, D, N) and (T, batch, M, N, D): T = 1, single elements, odd sizes, several
+# tiles and slices of the contraction
+PROBS_SHAPES = [(1, (2,), 5, 7, 3), (5, (2, 3), 18, 40, 37)]
+CONTEXT_SHAPES = [(1, (1,), 1, 1, 1), (5, (2, 3), 17, 70, 33)]
+
+
+def _running(x: torch.Tensor, after: torch.Tensor | None) -> torch.Tensor:
+    """The count after each step ``[T, ...]`` int8 of the neuron behind spikes ``x``, whose
+    count after all of them is ``after`` (None: 0 before them)."""
+    running = torch.cumsum(x, 0, dtype=torch.int32)
+    if after is not None:
+        running += (after.to(torch.int32) - x.sum(0, dtype=torch.int32))[None]
+    return running.to(torch.int8)
+
+
+def _assert_equal(got, want, names):
+    for name, g, w in zip(names, got, want, strict=True):
+        g, w = g.cpu(), w.cpu()
+        assert g.dtype == w.dtype and g.shape == w.shape, f"{name}: {g.dtype}{tuple(g.shape)}"
+        diff = (g != w).sum().item()
+        assert diff == 0, f"{name}: {diff} of {g.numel()} elements differ"
+
+
+# ---------------------------------------------------------------------------------------------
+# exact_linear(counts_out=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("T", [1, 6])
+@pytest.mark.parametrize("state", [False, True])
+def test_linear_counts_out_are_the_running_spike_counts(gen, backend, T, state):
+    """Per-channel thresholds (a qkv layer), odd shapes, several tiles; with ``active``."""
+    layer = _layer(gen, 37, 45, per_channel=True)
+    s = _spikes(gen, T, (2, 19), 45)
+    s_count, count = _random_state(gen, s, 37) if state else (None, None)
+    want_spikes, want_count = _reference(s, layer, -8, 7, s_count, count)
+    flags = {}
+    with force_backend(backend):
+        for counts_out in (False, True):
+            flags[counts_out] = torch.zeros(T, 2, dtype=torch.int32)
+            got = _run(s, layer, -8, 7, s_count, count, counts_out=counts_out,
+                       active=flags[counts_out])  # fmt: skip
+            want = _running(want_spikes, want_count) if counts_out else want_spikes
+            _assert_equal(got, (want, want_count), ("out", "count"))
+    assert torch.equal(flags[True], flags[False]), "counts_out records other active flags"
+    assert flags[True].any(), "no sample fired: the flags test nothing"
+
+
+def test_linear_counts_out_reference_loop(gen):
+    """The oracle's own counts_out loop against its spikes."""
+    layer = _layer(gen, 20, 33)
+    s = _spikes(gen, 5, (7,), 33)
+    s_count, count = _random_state(gen, s, 20)
+    spikes, c = _reference(s, layer, 0, 15, s_count, count)
+    from spikekernels import reference
+
+    counts, c2 = reference.exact_linear(
+        s, *(layer[k] for k in ("weight", "weight_scale", "bias", "in_threshold", "threshold")),
+        0, 15, s_count, count, counts_out=True,
+    )  # fmt: skip
+    _assert_equal((counts, c2), (_running(spikes, c), c), ("out", "count"))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_linear_counts_out_inplace_and_poisoned(gen, device, poisoned_allocations):
+    layer = _layer(gen, 50, 33, device=device)
+    s = _spikes(gen, 4, (3, 5), 33, device=device)
+    s_count, count = _random_state(gen, s, 50)
+    want = _reference(s, layer, -8, 7, s_count, count)
+    state = count.clone()
+    out, got_count = _run(s, layer, -8, 7, s_count, state, counts_out=True, inplace=True)
+    assert got_count is state
+    _assert_equal((out, state), (_running(want[0].to(device), want[1]), want[1]), ("out", "c"))
+
+
+# ---------------------------------------------------------------------------------------------
+# exact_attention_probs(counts_in=True, counts_out=True)
+
+
+def _probs_counts_case(case):
+    """The same run with q and k as their running counts (no counts after the chunk)."""
+    c = dict(case)
+    c["q"] = _running(c["q"], c.pop("q_count", None))
+    c["k_t"] = _running(c["k_t"], c.pop("k_count", None))
+    return c
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("T", "batch", "m", "d", "n"), PROBS_SHAPES)
+@pytest.mark.parametrize("state", [False, True])
+def test_probs_counts_in_equal_the_spike_form(gen, backend, T, batch, m, d, n, state):
+    case = _probs_case(gen, T, batch, m, d, n, state=state)
+    want_spikes, want_count = _reference_probs(case)
+    counts = _probs_counts_case(case)
+    with force_backend(backend):
+        got = _run_probs(counts, counts_in=True)
+        _assert_equal(got, (want_spikes, want_count), ("spikes", "count"))
+        got = _run_probs(counts, counts_in=True, counts_out=True)
+        _assert_equal(got, (_running(want_spikes, want_count), want_count), ("counts", "count"))
+        got = _run_probs(case, counts_out=True)
+        _assert_equal(got, (_running(want_spikes, want_count), want_count), ("counts", "count"))
+
+
+def test_probs_reference_counts_loop(gen):
+    """The oracle's counts_in loop (``S = Q_t K_t``) against its spike loop."""
+    from spikekernels import reference
+
+    case = _probs_case(gen, 6, (2,), 9, 12, 11, state=True)
+    want = _reference_probs(case)
+    c = _probs_counts_case(case)
+    got = reference.exact_attention_probs(
+        c.pop("q"), c.pop("k_t"), c.pop("gain"), c.pop("threshold"), *ATTN_BOUNDS, **c,
+        counts_in=True, counts_out=True,
+    )  # fmt: skip
+    _assert_equal(got, (_running(want[0], want[1]), want[1]), ("counts", "count"))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_probs_counts_in_quiet_tiles_wake_up(gen, backend):
+    """Counts that hold for many steps (the kernel's quiet tiles: scores equal to the last
+    step's, no spike) and then move again, with incoming state and ``active``."""
+    case = _probs_case(gen, 30, (2,), 20, 24, 30, state=True)
+    q, k = case["q"].clone(), case["k_t"].clone()
+    q[1:].zero_()
+    k[1:].zero_()
+    q[24, :, 3, 5] = 1
+    k[27, 1, 7, :4] = -1
+    case |= dict(q=q, k_t=k)
+    want = _reference_probs(case)
+    active = torch.zeros(30, 2, dtype=torch.int32)
+    with force_backend(backend):
+        got = _run_probs(_probs_counts_case(case), counts_in=True, counts_out=True, active=active)
+    _assert_equal(got, (_running(want[0], want[1]), want[1]), ("counts", "count"))
+    fired = (want[0] != 0).flatten(2).any(-1).to(torch.int32)
+    assert torch.equal(active, fired)
+    assert fired[20:24].sum() == 0 and fired[24:].sum() > 0, "the case must settle, then wake"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_probs_counts_chunked_equals_whole(gen, device, poisoned_allocations):
+    case = _probs_case(gen, 12, (2,), 19, 36, 45, state=True, device=device)
+    counts = _probs_counts_case(case)
+    whole = _run_probs(counts, counts_in=True, counts_out=True)
+    outs, count = [], counts["count"]
+    for q, k in zip(counts["q"].split([5, 1, 6]), counts["k_t"].split([5, 1, 6]), strict=True):
+        out, count = _run_probs(dict(counts, q=q, k_t=k, count=count), counts_in=True,
+                                counts_out=True)  # fmt: skip
+        outs.append(out)
+    _assert_equal((torch.cat(outs), count), whole, ("counts", "count"))
+
+
+# ---------------------------------------------------------------------------------------------
+# exact_context(counts_in=True)
+
+
+def _context_counts_case(case):
+    c = dict(case)
+    c["a"] = _running(c["a"], c.pop("a_count", None))
+    c["v"] = _running(c["v"], c.pop("v_count", None))
+    return c
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("T", "batch", "m", "n", "d"), CONTEXT_SHAPES)
+@pytest.mark.parametrize("state", [False, True])
+def test_context_counts_in_equal_the_spike_form(gen, backend, T, batch, m, n, d, state):
+    case = _context_case(gen, T, batch, m, n, d, state=state)
+    want = _reference_context(case)
+    with force_backend(backend):
+        got = _run_context(_context_counts_case(case), counts_in=True)
+        merged = _run_context(_context_counts_case(case), counts_in=True, merge_heads=True)
+    _assert_equal(got, want, ("spikes", "count"))
+    t, *b, mm, dd = want[0].shape
+    heads = want[0].movedim(-3, -2).reshape(t, *b[:-1], mm, b[-1] * dd)
+    _assert_equal(merged, (heads, want[1]), ("merged spikes", "count"))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_context_counts_in_quiet_tiles_wake_up(gen, backend):
+    case = _context_case(gen, 24, (2,), 20, 30, 16, state=True)
+    a, v = case["a"].clone(), case["v"].clone()
+    a[1:].zero_()
+    v[1:].zero_()
+    a[20, 1, 4, :3] = 1
+    case |= dict(a=a, v=v)
+    want = _reference_context(case)
+    with force_backend(backend):
+        got = _run_context(_context_counts_case(case), counts_in=True)
+    _assert_equal(got, want, ("spikes", "count"))
+    late = want[0][16:20].abs().sum().item(), want[0][20:].abs().sum().item()
+    assert late[0] == 0 and late[1] > 0, f"settled before step 20, woken after: {late}"
+
+
+def test_context_reference_counts_loop(gen):
+    case = _context_case(gen, 6, (2,), 9, 12, 11, state=True)
+    want = _reference_context(case)
+    from spikekernels import reference
+
+    c = _context_counts_case(case)
+    head = [c.pop(name) for name in ("a", "v", "theta_a", "theta_v", "threshold")]
+    got = reference.exact_context(*head, *CTX_BOUNDS, **c, counts_in=True)
+    _assert_equal(got, want, ("spikes", "count"))
+
+
+# ---------------------------------------------------------------------------------------------
+# bad arguments
+
+
+def test_counts_in_with_counts_after_is_rejected(gen):
+    case = _probs_case(gen, 3, (2,), 5, 7, 3, state=True)
+    with pytest.raises(ValueError, match="q_count must be None with counts_in=True"):
+        _run_probs(case, counts_in=True)
+    ctx = _context_case(gen, 3, (2,), 5, 7, 3, state=True)
+    with pytest.raises(ValueError, match="a_count must be None with counts_in=True"):
+        _run_context(ctx, counts_in=True)
+
+
+@pytest.mark.parametrize("flag", ["counts_in", "counts_out"])
+def test_flags_must_be_bools(gen, flag):
+    case = _probs_case(gen, 2, (2,), 5, 7, 3)
+    with pytest.raises(TypeError, match=f"{flag} must be a bool"):
+        _run_probs(case, **{flag: 1})
+    if flag == "counts_in":
+        with pytest.raises(TypeError, match="counts_in must be a bool"):
+            _run_context(_context_case(gen, 2, (2,), 5, 7, 3), counts_in="yes")
+    else:
+        layer = _layer(gen, 4, 5)
+        with pytest.raises(TypeError, match="counts_out must be a bool"):
+            _run(_spikes(gen, 2, (3,), 5), layer, -8, 7, counts_out=None)
+
+
+# ---------------------------------------------------------------------------------------------
+# modules: what reads a counts_out neuron's output sees its spikes
+
+
+def test_spike_counter_counts_spikes_of_a_counts_out_layer(gen):
+    """``SpikeCounter`` charges a ``counts_out`` layer the spikes behind its counts, chunk
+    after chunk: the same per-step totals as the same layer returning spikes."""
+    from torch import nn
+
+    from spikekernels.evaluate.sops import SpikeCounter
+    from spikekernels.nn import ExactLinearNeuron, TargetNeuron
+
+    layer = _layer(gen, 30, 40, per_channel=True)
+    s = _spikes(gen, 9, (2, 5), 40)
+    totals = {}
+    for counts_out in (False, True):
+        neuron = TargetNeuron(layer["threshold"], 16, signed=True, fanout=3)
+        m = ExactLinearNeuron(
+            layer["weight"], layer["weight_scale"], layer["bias"], layer["in_threshold"],
+            neuron, counts_out=counts_out,
+        )  # fmt: skip
+        counter = SpikeCounter(nn.Sequential(m), max_steps=12)
+        with counter.counting():
+            done = torch.zeros(s.shape[1:], dtype=torch.int32)
+            for part in s.split([4, 1, 4]):
+                done += part.sum(0, dtype=torch.int32)
+                m(part, done.to(torch.int8))
+        totals[counts_out] = counter.spikes.clone()
+        counter.close()
+    assert totals[False].sum() > 0, "no spikes: the comparison tests nothing"
+    assert torch.equal(totals[True], totals[False])
+
+
+@pytest.mark.cuda
+def test_cuda_counts_form_matches_cpu_reference(gen):
+    """The counts_in/counts_out kernels on the GPU (int8 wgmma, GPU float arithmetic) vs the
+    reference's spike form on the CPU, at ViT-S size (197 tokens, head dim 64)."""
+    probs = _probs_case(gen, 6, (2, 6), 197, 64, 197, state=True)
+    want = _reference_probs(probs)
+    counts = {name: t.cuda() for name, t in _probs_counts_case(probs).items()}
+    got = _run_probs(counts, counts_in=True, counts_out=True)
+    _assert_equal(got, (_running(want[0], want[1]), want[1]), ("counts", "count"))
+    context = _context_case(gen, 6, (2, 6), 197, 197, 64, state=True)
+    want = _reference_context(context)
+    counts = {name: t.cuda() for name, t in _context_counts_case(context).items()}
+    _assert_equal(_run_context(counts, counts_in=True), want, ("spikes", "count"))
