@@ -20,6 +20,10 @@ fp32 matmuls; the int8 and bf16 dense steps are recorded too).
 three ops unfused (``speedup_vs_unfused``; ``matches_unfused_spikes``: the fraction of equal
 spikes, below 1 only where the two softmax implementations round a tie apart).
 
+``test_exact_attention_counts``: exact mode's scores + softmax + neuron and context + neuron on
+running counts, as ``ExactAttention`` runs them, against the same ops on spikes
+(``speedup_vs_spike_form``).
+
 ``test_sesa_run``: a whole run of T steps. DESIGN.md: within 2x of one dense int8 QANN product
 of the same shape (``ratio_to_int8_dense``). The op writes a dense float32 output every step,
 so a run moves at least T times the QANN's output bytes: ``gbps`` and
@@ -487,6 +491,57 @@ def test_float_attention_probs(benchmark, model, T):
     split = try_median_time("unfused", synchronized(unfused), info, reps=3)
     if split is not None:
         info["speedup_vs_unfused"] = split / seconds
+    record(benchmark, seconds, **info)
+
+
+@pytest.mark.parametrize(("model", "T"), PROBS_CASES, ids=[f"{m}-T{t}" for m, t in PROBS_CASES])
+def test_exact_attention_counts(benchmark, model, T):
+    """Exact mode's two attention layers as ``ExactAttention`` runs them, on running counts
+    (``exact_attention_probs(counts_in=True, counts_out=True)`` then ``exact_context(counts_in=
+    True)``: ``S_t = Q_t K_t^T`` and ``Z_t = A_t V_t`` per step), against the same two ops on
+    spikes and the counts after the chunk (each op forms the running counts of its operands in
+    a pass of its own). ``speedup_vs_spike_form``; ``matches_spike_form``: 1.0 when the
+    context spikes of both forms agree bit for bit (they must)."""
+    from spikekernels.exact_math import score_gain
+    from spikekernels.ops import exact_attention_probs, exact_context
+
+    heads = MODELS[model]
+    q_all, k_all, _, _ = _trains(heads, "scores")
+    q, k_t = q_all[:T], k_all[:T]
+    v = _trains(heads, "context")[1][:T]
+    counts = [torch.cumsum(x, 0, dtype=torch.int8) for x in (q, k_t, v)]
+    gain = score_gain(torch.tensor(1.0), torch.tensor(1.0), HEAD_DIM).to(DEVICE)
+    theta_a = torch.full((1,), 1 / (LEVEL - 1), device=DEVICE)
+    theta_v, theta_out = torch.ones(1, device=DEVICE), torch.full((1,), 0.5, device=DEVICE)
+    probs_bounds = reference.level_bounds(LEVEL, signed=False)
+    context_bounds = reference.level_bounds(LEVEL, signed=True)
+    scalars = (theta_a, theta_v, theta_out, *context_bounds)
+
+    def count_form():
+        a, _ = exact_attention_probs(
+            counts[0], counts[1], gain, theta_a, *probs_bounds, counts_in=True, counts_out=True
+        )
+        return exact_context(a, counts[2], *scalars, counts_in=True)[0]
+
+    def spike_form():
+        a, a_count = exact_attention_probs(
+            q, k_t, gain, theta_a, *probs_bounds, counts[0][-1], counts[1][-1]
+        )
+        return exact_context(a, v, *scalars, a_count, counts[2][-1])[0]
+
+    benchmark.group = f"exact attention {model}"
+    seconds = time_op(benchmark, synchronized(count_form), warmup=1, reps=ROUNDS)
+    out = count_form()
+    info = dict(
+        model=model,
+        T=T,
+        seconds_per_step=seconds / T,
+        spike_density=out.ne(0).float().mean().item(),
+        matches_spike_form=out.eq(spike_form()).float().mean().item(),
+    )
+    split = try_median_time("spike form", synchronized(spike_form), info, reps=3)
+    if split is not None:
+        info["speedup_vs_spike_form"] = split / seconds
     record(benchmark, seconds, **info)
 
 
