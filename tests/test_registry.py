@@ -38,6 +38,7 @@ def test_every_registered_op_has_a_body():
     names = {"st_bif", "target_spikes", "spike_linear", "spike_linear_neuron", "spike_matmul"}
     names |= {"spike_layernorm", "spike_layernorm_neuron", "exact_linear", "exact_context"}
     names |= {"exact_layernorm_neuron", "exact_residual_add", "exact_attention_probs"}
+    names |= {"exact_attention"}
     assert names <= set(_registry._BODIES)
     for name in _registry._BODIES:
         assert hasattr(torch.ops.spikekernels, name), name

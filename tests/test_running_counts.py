@@ -302,3 +302,208 @@ def test_cuda_counts_form_matches_cpu_reference(gen):
     want = _reference_context(context)
     counts = {name: t.cuda() for name, t in _context_counts_case(context).items()}
     _assert_equal(_run_context(counts, counts_in=True), want, ("spikes", "count"))
+
+
+# ---------------------------------------------------------------------------------------------
+# exact_attention: the two layers in one kernel, the attention counts never in memory
+
+
+def _attention_case(gen, T, batch, m, d, n, dv, *, state=False):
+    """Running counts of q, k and v (from genuine spike trains) and both neurons' steps and
+    incoming counts: the probs case and a context case over the same keys."""
+    probs = _probs_counts_case(_probs_case(gen, T, batch, m, d, n, state=state))
+    ctx = _context_case(gen, T, batch, m, n, dv, state=state)
+    case = dict(
+        q=probs["q"],
+        k_t=probs["k_t"],
+        v=_running(ctx["v"], ctx.get("v_count")),
+        gain=probs["gain"],
+        attn_threshold=probs["threshold"],
+        theta_a=ctx["theta_a"],
+        theta_v=ctx["theta_v"],
+        threshold=ctx["threshold"],
+    )
+    if state:
+        case |= dict(attn_count=probs["count"], count=ctx["count"])
+    return case
+
+
+def _run_attention(case, **kwargs):
+    from spikekernels.ops import exact_attention
+
+    c = dict(case)
+    head = [c.pop(name) for name in ("q", "k_t", "v", "gain", "attn_threshold")]
+    scalars = [c.pop(name) for name in ("theta_a", "theta_v", "threshold")]
+    return exact_attention(
+        *head, *ATTN_BOUNDS, *scalars, *CTX_BOUNDS, c.get("attn_count"), c.get("count"),
+        **kwargs,
+    )  # fmt: skip
+
+
+def _composed(case, merge_heads=False):
+    """The oracle: the reference probs on counts, then the reference context on its counts."""
+    from spikekernels import reference
+
+    c = {name: _cpu(t) for name, t in case.items()}
+    a, attn_count = reference.exact_attention_probs(
+        c["q"], c["k_t"], c["gain"], c["attn_threshold"], *ATTN_BOUNDS, None, None,
+        c.get("attn_count"), counts_in=True, counts_out=True,
+    )  # fmt: skip
+    spikes, count = reference.exact_context(
+        a, c["v"], c["theta_a"], c["theta_v"], c["threshold"], *CTX_BOUNDS, None, None,
+        c.get("count"), counts_in=True,
+    )  # fmt: skip
+    if merge_heads:
+        t, *b, m, dv = spikes.shape
+        spikes = spikes.movedim(-3, -2).reshape(t, *b[:-1], m, b[-1] * dv)
+    return spikes, attn_count, count, a
+
+
+def _cpu(t):
+    return None if t is None else t.cpu()
+
+
+ATTENTION_NAMES = ("spikes", "attn_count", "count")
+# (T, batch, M, D, N, DV): T = 1, single elements, odd sizes, several query blocks and head
+# dim slices, N = 197 keys
+ATTENTION_SHAPES = [(1, (1,), 1, 1, 1, 1), (5, (2, 3), 18, 40, 37, 20), (3, (2,), 21, 16, 197, 64)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("T", "batch", "m", "d", "n", "dv"), ATTENTION_SHAPES)
+@pytest.mark.parametrize("state", [False, True])
+def test_attention_equals_the_two_layers(gen, backend, T, batch, m, d, n, dv, state):
+    case = _attention_case(gen, T, batch, m, d, n, dv, state=state)
+    spikes, attn_count, count, a = _composed(case)
+    flags = torch.zeros(T, batch[0], dtype=torch.int32), torch.zeros(T, batch[0], dtype=torch.int32)
+    with force_backend(backend):
+        got = _run_attention(case, attn_active=flags[0], active=flags[1])
+    _assert_equal(got, (spikes, attn_count, count), ATTENTION_NAMES)
+    before = case.get("attn_count")
+    from spikekernels.ops._activity import spikes_of_counts
+
+    attn_spikes = spikes_of_counts(a, before)
+    for got_flags, s in zip(flags, (attn_spikes, spikes), strict=True):
+        want = s.reshape(T, batch[0], -1).ne(0).any(-1).to(torch.int32)
+        assert torch.equal(got_flags, want)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_attention_merge_heads_inplace_poisoned(gen, backend, poisoned_allocations):
+    case = _attention_case(gen, 4, (2, 3), 17, 24, 30, 16, state=True)
+    spikes, attn_count, count, _ = _composed(case, merge_heads=True)
+    states = case["attn_count"].clone(), case["count"].clone()
+    with force_backend(backend):
+        got = _run_attention(dict(case, attn_count=states[0], count=states[1]), inplace=True,
+                             merge_heads=True)  # fmt: skip
+    assert got[1] is states[0] and got[2] is states[1]
+    _assert_equal(got, (spikes, attn_count, count), ATTENTION_NAMES)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_attention_chunked_equals_whole(gen, device):
+    case = _attention_case(gen, 12, (2,), 19, 36, 45, 24, state=True)
+    case = {name: t.to(device) for name, t in case.items()}
+    whole = _run_attention(case)
+    outs, attn_count, count = [], case["attn_count"], case["count"]
+    for q, k, v in zip(*(case[n].split([5, 1, 6]) for n in ("q", "k_t", "v")), strict=True):
+        out, attn_count, count = _run_attention(
+            dict(case, q=q, k_t=k, v=v, attn_count=attn_count, count=count)
+        )
+        outs.append(out)
+    _assert_equal((torch.cat(outs), attn_count, count), whole, ATTENTION_NAMES)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_attention_quiet_tiles_wake_up(gen, backend):
+    """Counts that hold for many steps (both products equal to the last step's: the kernel's
+    quiet paths), then move again late in the run."""
+    T = 50
+    probs = _probs_case(gen, T, (2,), 20, 24, 30, state=True)
+    q, k = probs["q"].clone(), probs["k_t"].clone()
+    q[1:].zero_()
+    k[1:].zero_()
+    q[44, :, 3, 5] = 1
+    k[47, 1, 7, :4] = -1
+    probs |= dict(q=q, k_t=k)
+    case = _attention_case(gen, T, (2,), 20, 24, 30, 16, state=True)
+    case |= {name: t for name, t in _probs_counts_case(probs).items() if name in ("q", "k_t")}
+    case["v"] = case["v"][:1].expand(T, *case["v"].shape[1:])  # values settled from step 0
+    want = _composed(case)
+    with force_backend(backend):
+        got = _run_attention(case)
+    _assert_equal(got, want[:3], ATTENTION_NAMES)
+    late = want[0][36:44].abs().sum().item(), want[0][44:].abs().sum().item()
+    assert late[0] == 0 and late[1] > 0, f"settled before step 44, woken after: {late}"
+
+
+@pytest.mark.parametrize(
+    ("change", "error", "words"),
+    [
+        (dict(count=None), ValueError, "attn_count and count go together"),
+        (dict(v="short"), ValueError, "v must be [T, *batch, N, DV]"),
+        (dict(attn_active="bad"), ValueError, "attn_active must have shape"),
+        (dict(v="float"), TypeError, "v"),
+    ],
+)
+def test_attention_bad_input_is_rejected(gen, change, error, words):
+    case = _attention_case(gen, 3, (2,), 5, 7, 6, 4, state=True)
+    kwargs = {}
+    for name, value in change.items():
+        if value == "short":
+            case["v"] = case["v"][..., :-1, :]
+        elif value == "float":
+            case["v"] = case["v"].float()
+        elif value == "bad":
+            kwargs["attn_active"] = torch.zeros(2, 2, dtype=torch.int32)
+        else:
+            case[name] = value
+    with pytest.raises(error, match=words.replace("[", r"\[").replace("*", r"\*")):
+        _run_attention(case, **kwargs)
+
+
+def test_attention_opcheck(gen):
+    case = _attention_case(gen, 3, (2, 2), 5, 8, 6, 4, state=True)
+    c = dict(case)
+    args = [c.pop(n) for n in ("q", "k_t", "v", "gain", "attn_threshold")]
+    args += [*ATTN_BOUNDS, c.pop("theta_a"), c.pop("theta_v"), c.pop("threshold"), *CTX_BOUNDS]
+    args += [c.pop("attn_count"), c.pop("count")]
+    torch.library.opcheck(torch.ops.spikekernels.exact_attention, (*args, None, None, False, True))
+
+
+@pytest.mark.parametrize("chunk", [1, 3])
+def test_exact_attention_module_fused_equals_the_two_modules(gen, chunk):
+    """``ExactAttention`` runs ``probs`` and ``context`` as one op unless a hook watches
+    either; both ways give the same logits and the same state of every neuron, chunk after
+    chunk, and a hook still sees its module's output."""
+    from test_exact import TINY, images, make_exact
+
+    from spikekernels.convert import convert
+
+    qann = make_exact(gen, **TINY, level=16)
+    x = images(gen, qann, 2)
+    runs = []
+    for hooked in (False, True):
+        snn = convert(qann)
+        seen = []
+        if hooked:
+            snn.blocks[1].attn.probs.register_forward_hook(
+                lambda m, i, out, seen=seen: seen.append(out)
+            )
+        logits, steps = snn(x, max_steps=40, chunk=chunk)
+        counts = [site.neuron.count.clone() for site in snn.sites]
+        runs.append((logits, steps, counts))
+        assert bool(seen) == hooked, "the hook must see the module called (and only then)"
+    (l0, s0, c0), (l1, s1, c1) = runs
+    assert s0 == s1 and torch.equal(l0.view(torch.int32), l1.view(torch.int32))
+    assert all(torch.equal(a, b) for a, b in zip(c0, c1, strict=True))
+
+
+@pytest.mark.cuda
+def test_cuda_fused_attention_matches_cpu_reference(gen):
+    """The fused attention kernel on the GPU against the two oracles on the CPU, at ViT-S
+    size (197 tokens, head dim 64), heads merged as proj reads them."""
+    case = _attention_case(gen, 6, (2, 6), 197, 64, 197, 64, state=True)
+    want = _composed(case, merge_heads=True)[:3]
+    got = _run_attention({name: t.cuda() for name, t in case.items()}, merge_heads=True)
+    _assert_equal(got, want, ATTENTION_NAMES)

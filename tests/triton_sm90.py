@@ -725,6 +725,53 @@ def exact_attention_cases() -> list[Case]:
                 **dict(checks, ptx_must_contain=["wgmma", *checks["ptx_must_contain"]]),
             )
         )
+    # the whole attention on running counts: the scores tile, then V_t^T @ A_t^T
+    block_m, block_n, block_d, block_dv, num_warps = ea.attention_config(197, 64)
+    strides = ["stride_qt", "stride_qb", "stride_qh", "stride_qm"]
+    strides += ["stride_kt", "stride_kb", "stride_kh", "stride_kn"]
+    strides += ["stride_vt", "stride_vb", "stride_vh", "stride_vn"]
+    strides += ["stride_ot", "stride_ob", "stride_oh", "stride_om"]
+    signature = {name: "*i8" for name in ("q_ptr", "k_ptr", "v_ptr")}
+    signature |= {
+        name: "*fp32"
+        for name in ("gain_ptr", "attn_theta_ptr", "theta_a_ptr", "theta_v_ptr", "theta_ptr")
+    }
+    signature |= {
+        name: "*i8"
+        for name in ("attn_count_in_ptr", "count_in_ptr", "out_ptr", "attn_count_out_ptr")
+        + ("count_out_ptr",)
+    }
+    signature |= {"attn_active_ptr": "*i32", "active_ptr": "*i32"}
+    signature |= {
+        name: "i32"
+        for name in ["T", "M", "N", "D", "DV", "H", *strides, "attn_n_min", "attn_p_max"]
+        + ["n_min", "p_max", "samples", "rows_per_sample"]
+    }
+    for state, active in [(False, False), (True, True)]:
+        constexprs = dict(
+            stride_qd=1,
+            stride_kd=1,
+            stride_vd=1,
+            HAS_COUNT=state,
+            HAS_ATTN_ACTIVE=active,
+            HAS_ACTIVE=active,
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+            BLOCK_D=block_d,
+            BLOCK_DV=block_dv,
+            LOG2_N=block_n.bit_length() - 1,
+        )
+        cases.append(
+            Case(
+                f"exact_attention (fused) N=197 D=64 state={state} active={active}",
+                ea.exact_attention_kernel,
+                signature,
+                constexprs,
+                num_warps=num_warps,
+                aligned=["D", "DV", *strides],
+                **dict(checks, ptx_must_contain=["wgmma", *checks["ptx_must_contain"]]),
+            )
+        )
     # the context: attention spikes [M, N] and values [N, D] contiguous, as they arrive
     block_m, block_k, block_d, num_warps = ea.context_config(64)
     signature = {

@@ -599,6 +599,156 @@ def exact_context_kernel(
     tl.store(count_out_ptr + state_offs, count.to(tl.int8), mask=mask_z)
 
 
+@triton.jit
+def exact_attention_kernel(
+    q_ptr,  # [T, B, H, M, D] int8 running query counts Q_t, any strides (the batch flat: B * H)
+    k_ptr,  # [T, B, H, N, D] int8 running key counts K_t, any strides
+    v_ptr,  # [T, B, H, N, DV] int8 running value counts V_t, any strides
+    gain_ptr,  # [1] float32 score gain g
+    attn_theta_ptr,  # [1] attention neuron's threshold (any float dtype)
+    theta_a_ptr,  # [1] the attention step in the context value (any float dtype)
+    theta_v_ptr,  # [1] the value step (any float dtype)
+    theta_ptr,  # [1] context neuron's threshold (any float dtype)
+    attn_count_in_ptr,  # [B, M, N] int8 incoming attention neuron count (HAS_COUNT only)
+    count_in_ptr,  # [B, M, DV] int8 incoming context neuron count (HAS_COUNT only)
+    out_ptr,  # [T, B, H, M, DV] int8 context spikes, any strides but a contiguous DV
+    attn_count_out_ptr,  # [B, M, N] int8
+    count_out_ptr,  # [B, M, DV] int8
+    attn_active_ptr,  # [T, samples] int32 flags of the attention neuron (HAS_ATTN_ACTIVE only)
+    active_ptr,  # [T, samples] int32 flags of the context neuron (HAS_ACTIVE only)
+    T,
+    M,
+    N,
+    D,
+    DV,
+    H,
+    stride_qt,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_qd,
+    stride_kt,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_kd,
+    stride_vt,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_vd,
+    stride_ot,
+    stride_ob,
+    stride_oh,
+    stride_om,
+    attn_n_min,
+    attn_p_max,
+    n_min,
+    p_max,
+    samples,  # (HAS_ATTN_ACTIVE or HAS_ACTIVE only)
+    rows_per_sample,  # rows of the flattened [B * M] (HAS_ATTN_ACTIVE or HAS_ACTIVE only)
+    HAS_COUNT: tl.constexpr,  # both incoming counts given
+    HAS_ATTN_ACTIVE: tl.constexpr,
+    HAS_ACTIVE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    LOG2_N: tl.constexpr,
+):
+    """Per step: ``S^T = K_t @ Q_t^T``; the attention neuron on ``softmax_rows(fl32(g *
+    fl32(S)))``, its count ``A_t`` kept in registers; ``Z^T = V_t^T @ A_t^T``; the context
+    neuron on ``fl32(fl32(theta_a * theta_v) * fl32(Z))``; its spikes out. Tiles are
+    transposed, ``[keys, queries]`` and ``[channels, queries]`` (module docstring)."""
+    num_m = tl.cdiv(M, BLOCK_M)
+    pid = tl.program_id(0)
+    bid = (pid // num_m).to(tl.int64)
+    offs_m = (pid % num_m) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    mask_dv = offs_dv < DV
+    mask_s = mask_n[:, None] & mask_m[None, :]
+    mask_z = mask_dv[:, None] & mask_m[None, :]
+
+    q_ptr += (bid // H) * stride_qb + (bid % H) * stride_qh
+    k_ptr += (bid // H) * stride_kb + (bid % H) * stride_kh
+    v_ptr += (bid // H) * stride_vb + (bid % H) * stride_vh
+    out_ptr += (bid // H) * stride_ob + (bid % H) * stride_oh
+    v_offs = offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd
+    out_offs = offs_m[None, :] * stride_om + offs_dv[:, None]
+    a_offs = bid * M * N + offs_m[None, :] * N + offs_n[:, None]
+    c_offs = bid * M * DV + offs_m[None, :] * DV + offs_dv[:, None]
+
+    # the counts as int8 tiles: A_t is the context product's int8 operand as it stands
+    if HAS_COUNT:
+        attn_count = tl.load(attn_count_in_ptr + a_offs, mask=mask_s, other=0)
+        count = tl.load(count_in_ptr + c_offs, mask=mask_z, other=0)
+    else:
+        attn_count = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.int8)
+        count = tl.zeros([BLOCK_DV, BLOCK_M], dtype=tl.int8)
+    gain = tl.load(gain_ptr)
+    attn_theta = tl.load(attn_theta_ptr).to(tl.float32)
+    m = _mul(tl.load(theta_a_ptr).to(tl.float32), tl.load(theta_v_ptr).to(tl.float32))
+    theta = tl.load(theta_ptr).to(tl.float32)
+    if HAS_ATTN_ACTIVE:
+        attn_active_ptrs = attn_active_ptr + (bid * M + offs_m) // rows_per_sample
+    if HAS_ACTIVE:
+        active_ptrs = active_ptr + (bid * M + offs_m) // rows_per_sample
+
+    # Quiet tiles, as in the two kernels: a product equal to the last step's, with no spike
+    # from its neuron at the last step, gives sigma = 0 again, bit for bit (at the first
+    # step with incoming state: unknown, so computed).
+    s = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.int32)
+    z = tl.zeros([BLOCK_DV, BLOCK_M], dtype=tl.int32)
+    attn_fired = tl.full((), 1, tl.int32)
+    fired = tl.full((), 1, tl.int32)
+    for _ in range(T):
+        s_now = scores_of_counts(
+            q_ptr, k_ptr, offs_m, offs_n, offs_d, mask_m, mask_n, D, stride_qm, stride_qd,
+            stride_kn, stride_kd, BLOCK_M, BLOCK_N, BLOCK_D,
+        )  # fmt: skip
+        if (tl.max((s_now != s).to(tl.int32)) | attn_fired) != 0:
+            sigma = _attention_neuron(
+                s_now, gain, mask_n, attn_theta, attn_count, attn_n_min, attn_p_max, BLOCK_N,
+                BLOCK_M, LOG2_N,
+            )  # fmt: skip
+            attn_fired = tl.max(tl.abs(tl.where(mask_s, sigma, 0)))
+        else:
+            sigma = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.int32)
+            attn_fired = tl.full((), 0, tl.int32)
+        s = s_now
+        attn_count = attn_count + sigma.to(tl.int8)
+        if HAS_ATTN_ACTIVE:
+            record_active_columns(attn_active_ptrs, sigma, mask_n, mask_m, BLOCK_N, BLOCK_M)
+            attn_active_ptrs += samples
+
+        # Z^T = V_t^T @ A_t^T over all keys at once (int8 wgmma, exact int32)
+        v = tl.load(v_ptr + v_offs, mask=mask_n[:, None] & mask_dv[None, :], other=0)
+        z_now = tl.dot(tl.trans(v), attn_count, out_dtype=tl.int32)
+        if (tl.max((z_now != z).to(tl.int32)) | fired) != 0:
+            sigma_c = target_step(_mul(m, z_now.to(tl.float32)), theta, count, n_min, p_max)
+            fired = tl.max(tl.abs(tl.where(mask_z, sigma_c, 0)))
+        else:
+            sigma_c = tl.zeros([BLOCK_DV, BLOCK_M], dtype=tl.int32)
+            fired = tl.full((), 0, tl.int32)
+        z = z_now
+        count = count + sigma_c.to(tl.int8)
+        tl.store(out_ptr + out_offs, sigma_c.to(tl.int8), mask=mask_z)
+        if HAS_ACTIVE:
+            record_active_columns(active_ptrs, sigma_c, mask_dv, mask_m, BLOCK_DV, BLOCK_M)
+            active_ptrs += samples
+        q_ptr += stride_qt
+        k_ptr += stride_kt
+        v_ptr += stride_vt
+        out_ptr += stride_ot
+
+    tl.store(attn_count_out_ptr + a_offs, attn_count, mask=mask_s)
+    tl.store(count_out_ptr + c_offs, count, mask=mask_z)
+
+
 class _Launch(NamedTuple):
     """The host-side pieces both kernels take: operands ``[T, B, H, R, C]``, their running
     counts (``A_{t-1}`` exclusive, ``B_t`` inclusive, ``[T, B * H, R, C]``), whether both
@@ -831,3 +981,111 @@ def exact_context_triton(
         num_warps=num_warps,
     )
     return _results(p)
+
+
+def attention_config(n: int, dv: int) -> tuple[int, int, int, int, int]:
+    """``(BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, num_warps)`` of the fused attention kernel: the
+    scores kernel's tile for ``n`` keys, and ``dv`` value channels padded to a power of two
+    (at least 16)."""
+    block_m, block_n, block_d, num_warps = probs_config(n)
+    return block_m, block_n, block_d, max(16, triton.next_power_of_2(dv)), num_warps
+
+
+def _state(count: torch.Tensor | None, nb: int, rows: int, cols: int, inplace: bool, like):
+    """A neuron count ``[nb, rows, cols]`` in (None when fresh) and out (the same with
+    ``inplace``, else fresh)."""
+    count_in = None if count is None else count.reshape(nb, rows, cols).contiguous()
+    if inplace:
+        return count_in, count_in
+    return count_in, torch.empty((nb, rows, cols), dtype=torch.int8, device=like.device)
+
+
+@on_device
+def exact_attention_triton(
+    launch,
+    q: torch.Tensor,
+    k_t: torch.Tensor,
+    v: torch.Tensor,
+    gain: torch.Tensor,
+    attn_threshold: torch.Tensor,
+    attn_n_min: int,
+    attn_p_max: int,
+    theta_a: torch.Tensor,
+    theta_v: torch.Tensor,
+    threshold: torch.Tensor,
+    n_min: int,
+    p_max: int,
+    attn_count: torch.Tensor | None,
+    count: torch.Tensor | None,
+    attn_active: torch.Tensor | None = None,
+    active: torch.Tensor | None = None,
+    *,
+    inplace: bool = False,
+    merge_heads: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Host side: running counts ``q`` ``[T, *batch, M, D]``, ``k_t`` ``[T, *batch, D, N]``,
+    ``v`` ``[T, *batch, N, DV]`` int8 (any strides, at least one batch entry, ``1 <= N <=
+    MAX_KEYS``, ``1 <= DV <= MAX_HEAD_DIM``, ``M, D >= 1``), the two neurons' counts (both or
+    neither), ``attn_active``/``active`` ``[T, B]`` int32 contiguous or None. Returns
+    ``(spikes [T, *batch, M, DV] int8 (merge_heads: [T, *batch[:-1], M, H * DV]), attn_count,
+    count)``, the counts fresh or, with ``inplace``, views of the given ones."""
+    steps, batch = q.shape[0], q.shape[1:-2]
+    m, d = q.shape[-2:]
+    n, dv = k_t.shape[-1], v.shape[-1]
+    q5 = _unit_inner_stride(_split_batch(q))
+    k5 = _unit_inner_stride(_split_batch(k_t.transpose(-1, -2)))
+    v5 = _unit_inner_stride(_split_batch(v))
+    h = q5.shape[2]
+    nb = q5.shape[1] * h
+    attn_in, attn_out = _state(attn_count, nb, m, n, inplace, q)
+    count_in, count_out = _state(count, nb, m, dv, inplace, q)
+    if merge_heads:
+        out = torch.empty((steps, *batch[:-1], m, h * dv), dtype=torch.int8, device=q.device)
+        out5 = out.view(steps, -1, m, h, dv).transpose(2, 3)
+    else:
+        out = torch.empty((steps, *batch, m, dv), dtype=torch.int8, device=q.device)
+        out5 = out.view(steps, -1, h, m, dv)
+    block_m, block_n, block_d, block_dv, num_warps = attention_config(n, dv)
+    flags = active if active is not None else attn_active
+    launch(exact_attention_kernel)[(triton.cdiv(m, block_m) * nb,)](
+        q5,
+        k5,
+        v5,
+        gain,
+        attn_threshold,
+        theta_a,
+        theta_v,
+        threshold,
+        attn_out if attn_in is None else attn_in,
+        count_out if count_in is None else count_in,
+        out5,
+        attn_out,
+        count_out,
+        attn_out if attn_active is None else attn_active,
+        attn_out if active is None else active,
+        steps,
+        m,
+        n,
+        d,
+        dv,
+        h,
+        *q5.stride(),
+        *k5.stride(),
+        *v5.stride(),
+        *out5.stride()[:4],
+        attn_n_min,
+        attn_p_max,
+        n_min,
+        p_max,
+        *active_layout(flags, nb * m),
+        HAS_COUNT=attn_in is not None,
+        HAS_ATTN_ACTIVE=attn_active is not None,
+        HAS_ACTIVE=active is not None,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_D=block_d,
+        BLOCK_DV=block_dv,
+        LOG2_N=block_n.bit_length() - 1,
+        num_warps=num_warps,
+    )
+    return out, attn_out.reshape(*batch, m, n), count_out.reshape(*batch, m, dv)

@@ -7,7 +7,11 @@ from torch import nn
 
 from spikekernels.nn.exact_layers import ExactLinearNeuron, require_input_counts
 from spikekernels.nn.target_neuron import TargetNeuron
-from spikekernels.ops.exact_attention import exact_attention_probs, exact_context
+from spikekernels.ops.exact_attention import (
+    exact_attention,
+    exact_attention_probs,
+    exact_context,
+)
 
 __all__ = ["ExactAttention", "ExactAttentionProbs", "ExactContext"]
 
@@ -125,6 +129,13 @@ class ExactAttention(nn.Module):
     that turns spikes back into running counts (about 60 MB per block and step at ViT-S,
     batch 64). The constructor sets those flags on the parts.
 
+    ``probs`` and ``context`` then run as one kernel (``ops.exact_attention``), which keeps
+    the attention counts ``[T, B, H, N, N]`` in registers instead of writing them for the
+    context to read (another 30 MB per block and step): their state and activity flags are
+    the modules', updated in place, and the bits are the two modules'. When either module
+    has a forward hook (a ``SpikeCounter``, a user's probe) the two are called one after the
+    other instead, so that the hook sees what it hooks.
+
     State lives in the parts until ``reset()``. Inference only.
     """
 
@@ -167,11 +178,51 @@ class ExactAttention(nn.Module):
         q = qkv[:, :, :, 0].transpose(2, 3)  # [T, B, H, N, Dh]
         k_t = qkv[:, :, :, 1].permute(0, 1, 3, 4, 2)  # [T, B, H, Dh, N]
         v = qkv[:, :, :, 2].transpose(2, 3)
-        a = self.probs(q, k_t)  # [T, B, H, N, N] running attention counts
-        # [T, B, N, C] spikes: the kernel writes the heads merged, as proj reads them
-        context = self.context(a, v, merge_heads=True)
+        if self._fusable():
+            context = self._fused(q, k_t, v)
+        else:
+            a = self.probs(q, k_t)  # [T, B, H, N, N] running attention counts
+            # [T, B, N, C] spikes: the kernel writes the heads merged, as proj reads them
+            context = self.context(a, v, merge_heads=True)
         merged = self.context.count.transpose(1, 2).reshape(b, n, c)  # its heads merged too
         return self.proj(context, merged)
 
+    def _fusable(self) -> bool:
+        """Whether ``probs`` and ``context`` may run as one op: no hook on either, and their
+        states both fresh or both there (one op updates both)."""
+        probs, context = self.probs, self.context
+        return (
+            not _hooked(probs)
+            and not _hooked(context)
+            and probs.stateful_call() == context.stateful_call()
+        )
+
+    def _fused(self, q: torch.Tensor, k_t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """``probs`` then ``context`` as one op, on the modules' own state."""
+        probs, context = self.probs, self.context
+        stateful = probs.stateful_call()
+        spikes, attn_count, count = exact_attention(
+            q, k_t, v, probs.gain, probs.threshold, probs.n_min, probs.p_max,
+            context.theta_a, context.theta_v, context.threshold, context.n_min, context.p_max,
+            probs.count if stateful else None, context.count if stateful else None,
+            attn_active=probs.activity, active=context.activity, inplace=stateful,
+            merge_heads=True,
+        )  # fmt: skip
+        probs.count, context.count = attn_count, count
+        probs.last_spikes, context.last_spikes = None, spikes[-1]
+        return spikes
+
     def extra_repr(self) -> str:
         return f"dim={self.dim}, num_heads={self.num_heads}"
+
+
+def _hooked(module: nn.Module) -> bool:
+    """Whether a forward hook or pre-hook would see ``module`` called (its own or global)."""
+    from torch.nn.modules import module as torch_module
+
+    return bool(
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or torch_module._global_forward_hooks
+        or torch_module._global_forward_pre_hooks
+    )

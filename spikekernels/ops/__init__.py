@@ -4,7 +4,11 @@ Each op is registered as ``torch.ops.spikekernels.<name>``; the functions here a
 friendly Python face (keyword arguments, optional validation of data).
 """
 
-from spikekernels.ops.exact_attention import exact_attention_probs, exact_context
+from spikekernels.ops.exact_attention import (
+    exact_attention,
+    exact_attention_probs,
+    exact_context,
+)
 from spikekernels.ops.exact_layernorm import exact_layernorm_neuron
 from spikekernels.ops.exact_linear import exact_linear
 from spikekernels.ops.exact_residual import exact_residual_add
@@ -34,6 +38,7 @@ __all__ = [
     "exact_linear",
     "exact_layernorm_neuron",
     "exact_residual_add",
+    "exact_attention",
     "exact_attention_probs",
     "exact_context",
 ]

@@ -84,6 +84,7 @@ def check_active(
     spikes_shape: Sequence[int],
     like: torch.Tensor,
     like_name: str,
+    name: str = "active",
 ) -> None:
     """Optional per-sample activity flags that a neuron op sets in place: int32 ``[T, B]``,
     ``T`` and ``B`` the spikes' dims 0 and 1, contiguous (the kernels store into it), on
@@ -91,25 +92,25 @@ def check_active(
     into ``B`` equal blocks, one per sample."""
     if active is None:
         return
-    check_tensor(active, "active", dtypes=(torch.int32,))
+    check_tensor(active, name, dtypes=(torch.int32,))
     if len(spikes_shape) < 2:
         raise ValueError(
-            f"active needs spikes [T, B, ...] with a batch dim, but the spikes have shape "
+            f"{name} needs spikes [T, B, ...] with a batch dim, but the spikes have shape "
             f"{tuple(spikes_shape)}"
         )
     steps, batch = spikes_shape[0], spikes_shape[1]
     if tuple(active.shape) != (steps, batch):
         raise ValueError(
-            f"active must have shape ({steps}, {batch}) (the spikes' steps and batch dim 1), "
+            f"{name} must have shape ({steps}, {batch}) (the spikes' steps and batch dim 1), "
             f"got {tuple(active.shape)}"
         )
-    check_same_device(like_name, like, "active", active)
+    check_same_device(like_name, like, name, active)
     if not active.is_contiguous():
-        raise ValueError("active must be contiguous: the op writes it in place")
+        raise ValueError(f"{name} must be contiguous: the op writes it in place")
     rows = math.prod(spikes_shape[1:-1])
     if batch and rows % batch:
         raise ValueError(
-            f"active: the spikes' {rows} rows per step (dims 1 to -2 of shape "
+            f"{name}: the spikes' {rows} rows per step (dims 1 to -2 of shape "
             f"{tuple(spikes_shape)}) do not split into {batch} samples (dim 1); give spikes "
             "[T, B, ..., N]"
         )

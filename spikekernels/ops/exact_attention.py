@@ -576,3 +576,223 @@ def exact_context(
     _check_data(a, v, "a", "v", a_count, v_count, scalars, validate, counts_in)
     out = call_op("exact_context", *args, active, inplace, merge_heads, counts_in)
     return own_state(out, (1,), (count,)) if inplace else out
+
+
+# ---------------------------------------------------------------------------------------------
+# the whole of it: scores product + softmax + attention neuron + context product + neuron
+
+
+def _check_attention(
+    q, k_t, v, gain, attn_threshold, attn_n_min, attn_p_max, theta_a, theta_v, threshold, n_min,
+    p_max, attn_count, count, attn_active, active, inplace, merge_heads,
+) -> None:  # fmt: skip
+    """Metadata checks (no data read)."""
+    check_flag(merge_heads, "merge_heads")
+    _check_product(q, k_t, "q", "k_t", None, None)
+    attn_shape = (q.shape[0], *q.shape[1:-1], k_t.shape[-1])
+    check_tensor(v, "v", dtypes=(torch.int8,), min_ndim=3)
+    check_time_major(v, "v")
+    check_same_device("q", q, "v", v)
+    if tuple(v.shape[:-1]) != (q.shape[0], *q.shape[1:-2], k_t.shape[-1]):
+        raise ValueError(
+            f"v must be [T, *batch, N, DV] with q's T and batch dims and k_t's N keys: "
+            f"expected {(q.shape[0], *q.shape[1:-2], k_t.shape[-1], 'DV')}, got "
+            f"{tuple(v.shape)}"
+        )
+    if k_t.shape[-1] > MAX_CONTRACTION:
+        raise ValueError(
+            f"the context product contracts N={k_t.shape[-1]} keys; at most {MAX_CONTRACTION} "
+            "keep it exact"
+        )
+    if merge_heads and q.dim() < 4:
+        raise ValueError(
+            "merge_heads=True merges the last batch dim (the heads) into the channels: "
+            f"q needs one, [T, *batch, M, D], got shape {tuple(q.shape)}"
+        )
+    _check_scalar(gain, "gain", (torch.float32,), q, "q")
+    for t, name in ((attn_threshold, "attn_threshold"), (theta_a, "theta_a"),
+                    (theta_v, "theta_v"), (threshold, "threshold")):  # fmt: skip
+        check_threshold(t, name, None, q, "q")
+    check_bounds(attn_n_min, attn_p_max)
+    check_bounds(n_min, p_max)
+    out_shape = (*q.shape[1:-1], v.shape[-1])
+    check_state(attn_count, "attn_count", attn_shape[1:], (torch.int8,), q, "q")
+    check_state(count, "count", out_shape, (torch.int8,), q, "q")
+    if (attn_count is None) != (count is None):
+        raise ValueError(
+            "attn_count and count go together: both neurons' counts (a later call), or "
+            "neither (a fresh run)"
+        )
+    check_active(attn_active, attn_shape, q, "q", "attn_active")
+    check_active(active, (q.shape[0], *out_shape), q, "q")
+    inputs = (q, k_t, v, gain, attn_threshold, theta_a, theta_v, threshold, attn_active, active)
+    check_inplace(inplace, (("attn_count", attn_count), ("count", count)), inputs)
+
+
+def exact_attention_torch(
+    q, k_t, v, gain, attn_threshold, attn_n_min, attn_p_max, theta_a, theta_v, threshold, n_min,
+    p_max, attn_count, count, attn_active=None, active=None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Vectorised PyTorch (any device, any shape): the two ops' PyTorch paths in a row, the
+    attention neuron's counts between them."""
+    a, attn_count = exact_attention_probs_torch(
+        q, k_t, gain, attn_threshold, attn_n_min, attn_p_max, None, None, attn_count,
+        attn_active, counts_in=True, counts_out=True,
+    )  # fmt: skip
+    spikes, count = exact_context_torch(
+        a, v, theta_a, theta_v, threshold, n_min, p_max, None, None, count, active, counts_in=True
+    )
+    return spikes, attn_count, count
+
+
+def _fused_attention_fits(q: torch.Tensor, k_t: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether the Triton kernel takes the shape: the scores kernel's and the context
+    kernel's limits together."""
+    return _fused_probs_fits(q, k_t) and _fused_context_fits(q, v)
+
+
+@kernel_op("exact_attention", mutates_args=("attn_count", "count", "attn_active", "active"))
+def _exact_attention_op(
+    q: torch.Tensor,
+    k_t: torch.Tensor,
+    v: torch.Tensor,
+    gain: torch.Tensor,
+    attn_threshold: torch.Tensor,
+    attn_n_min: int,
+    attn_p_max: int,
+    theta_a: torch.Tensor,
+    theta_v: torch.Tensor,
+    threshold: torch.Tensor,
+    n_min: int,
+    p_max: int,
+    attn_count: torch.Tensor | None = None,
+    count: torch.Tensor | None = None,
+    attn_active: torch.Tensor | None = None,
+    active: torch.Tensor | None = None,
+    inplace: bool = False,
+    merge_heads: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    args = (q, k_t, v, gain, attn_threshold, attn_n_min, attn_p_max, theta_a, theta_v,
+            threshold, n_min, p_max, attn_count, count)  # fmt: skip
+    _check_attention(*args, attn_active, active, inplace, merge_heads)
+    backend = backend_for(q, ("triton", "torch"))
+    if backend == "triton" and _fused_attention_fits(q, k_t, v):
+        from spikekernels.kernels.exact_attention import exact_attention_triton
+
+        out = exact_attention_triton(
+            launcher, *args, attn_active, active, inplace=inplace, merge_heads=merge_heads
+        )
+        if inplace:
+            return out[0], placeholder(attn_count), placeholder(count)
+        return out
+    if backend == "reference":
+        from spikekernels import reference
+
+        a, new_attn = reference.exact_attention_probs(
+            q, k_t, gain, attn_threshold, attn_n_min, attn_p_max, None, None, attn_count,
+            counts_in=True, counts_out=True,
+        )  # fmt: skip
+        record_active_counts(attn_active, a, attn_count)
+        spikes, new_count = reference.exact_context(
+            a, v, theta_a, theta_v, threshold, n_min, p_max, None, None, count, counts_in=True
+        )
+        record_active(active, spikes)
+    else:
+        spikes, new_attn, new_count = exact_attention_torch(*args, attn_active, active)
+    if merge_heads:
+        spikes = _merge_heads(spikes)
+    return (
+        spikes,
+        state_result(inplace, new_attn, attn_count),
+        state_result(inplace, new_count, count),
+    )
+
+
+@_exact_attention_op.register_fake
+def _(
+    q, k_t, v, gain, attn_threshold, attn_n_min, attn_p_max, theta_a, theta_v, threshold, n_min,
+    p_max, attn_count=None, count=None, attn_active=None, active=None, inplace=False,
+    merge_heads=False,
+):  # fmt: skip
+    args = (q, k_t, v, gain, attn_threshold, attn_n_min, attn_p_max, theta_a, theta_v,
+            threshold, n_min, p_max, attn_count, count)  # fmt: skip
+    _check_attention(*args, attn_active, active, inplace, merge_heads)
+    steps, *batch, m, _ = q.shape
+    spikes = q.new_empty((steps, *batch, m, v.shape[-1]), dtype=torch.int8)
+    spikes = _merge_heads(spikes) if merge_heads else spikes
+    if inplace:
+        return spikes, placeholder(attn_count), placeholder(count)
+    attn = q.new_empty((*batch, m, k_t.shape[-1]), dtype=torch.int8)
+    return spikes, attn, q.new_empty((*batch, m, v.shape[-1]), dtype=torch.int8)
+
+
+def exact_attention(
+    q: torch.Tensor,
+    k_t: torch.Tensor,
+    v: torch.Tensor,
+    gain: torch.Tensor,
+    attn_threshold: torch.Tensor,
+    attn_n_min: int,
+    attn_p_max: int,
+    theta_a: torch.Tensor,
+    theta_v: torch.Tensor,
+    threshold: torch.Tensor,
+    n_min: int,
+    p_max: int,
+    attn_count: torch.Tensor | None = None,
+    count: torch.Tensor | None = None,
+    *,
+    attn_active: torch.Tensor | None = None,
+    active: torch.Tensor | None = None,
+    inplace: bool = False,
+    merge_heads: bool = False,
+    validate: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Exact-mode self-attention between ``qkv`` and ``proj``, fused: the scores product, the
+    softmax, the attention neuron, the context product and its neuron, on running counts
+    (SPEC.md §5, §9.2-§9.4).
+
+    ``exact_attention_probs(q, k_t, ..., counts_in=True, counts_out=True)`` then
+    ``exact_context(a, v, ..., counts_in=True)``, bit for bit, without the attention
+    neuron's counts ``[T, *batch, M, N]`` ever leaving the kernel: a program keeps its
+    queries' row of them in registers and multiplies it with ``V_t`` there. Per step::
+
+        S = Q_t @ K_t                                   # exact, int32
+        attention neuron on softmax_rows(fl32(g * fl32(S)))  ->  A_t (its count)
+        Z = A_t @ V_t                                   # exact, int32
+        y = fl32(fl32(theta_a * theta_v) * fl32(Z));  context neuron on y  ->  out_t
+
+    Args:
+        q, k_t, v: int8 running counts after each step of the q, k and v neurons, ``[T,
+            *batch, M, D]``, ``[T, *batch, D, N]``, ``[T, *batch, N, DV]`` (any strides;
+            ``exact_linear``'s ``counts_out``, as views of the qkv layout).
+        gain: one-element float32 score gain (``exact_math.score_gain``).
+        attn_threshold, attn_n_min, attn_p_max: the attention neuron's step and bounds.
+        theta_a, theta_v: the steps in the context value (the attention and value neurons').
+        threshold, n_min, p_max: the context neuron's step and bounds.
+        attn_count, count: the two neurons' incoming int8 counts, ``[*batch, M, N]`` and
+            ``[*batch, M, DV]``: both (a later call) or neither (fresh).
+        attn_active, active: optional int32 ``[T, B]`` flags of the two neurons
+            (``target_spikes``' contract), set in place.
+        inplace: write the new counts into the given ones (both required, contiguous).
+        merge_heads: the spikes ``[T, *batch[:-1], M, H * DV]``, as ``proj`` reads them.
+        validate: on a GPU also check the thresholds and the gain (host syncs); on CPU always.
+
+    Returns:
+        ``(spikes, attn_count, count)``: the context neuron's int8 spikes and the two new
+        counts (with ``inplace``: the given ones, updated).
+
+    Dispatch: CUDA tensors run one Triton kernel (per batch entry and block of 16 queries:
+    all keys, the head's value channels; int8 wgmma for both products, the T loop inside,
+    both counts in registers) when ``N <= 256`` and ``DV <= 64``, else the two ops' PyTorch
+    paths in a row; CPU tensors run those (the Triton kernel under ``TRITON_INTERPRET=1``);
+    ``force_backend("reference")`` runs the two oracles in a row. Inference only.
+    """
+    args = (q, k_t, v, gain, attn_threshold, attn_n_min, attn_p_max, theta_a, theta_v,
+            threshold, n_min, p_max, attn_count, count)  # fmt: skip
+    _check_attention(*args, attn_active, active, inplace, merge_heads)
+    for t, name in ((gain, "gain"), (attn_threshold, "attn_threshold"), (theta_a, "theta_a"),
+                    (theta_v, "theta_v"), (threshold, "threshold")):  # fmt: skip
+        check_threshold_values(t, name, validate)
+    out = call_op("exact_attention", *args, attn_active, active, inplace, merge_heads)
+    return own_state(out, (1, 2), (attn_count, count)) if inplace else out
