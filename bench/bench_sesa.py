@@ -20,9 +20,9 @@ fp32 matmuls; the int8 and bf16 dense steps are recorded too).
 three ops unfused (``speedup_vs_unfused``; ``matches_unfused_spikes``: the fraction of equal
 spikes, below 1 only where the two softmax implementations round a tie apart).
 
-``test_exact_attention_counts``: exact mode's scores + softmax + neuron and context + neuron on
-running counts, as ``ExactAttention`` runs them, against the same ops on spikes
-(``speedup_vs_spike_form``).
+``test_exact_attention_counts``: exact mode's scores + softmax + neuron + context + neuron in
+one kernel on running counts, as ``ExactAttention`` runs them, against the two ops on running
+counts (``speedup_vs_two_ops``) and on spikes (``speedup_vs_spike_form``).
 
 ``test_sesa_run``: a whole run of T steps. DESIGN.md: within 2x of one dense int8 QANN product
 of the same shape (``ratio_to_int8_dense``). The op writes a dense float32 output every step,
@@ -496,14 +496,16 @@ def test_float_attention_probs(benchmark, model, T):
 
 @pytest.mark.parametrize(("model", "T"), PROBS_CASES, ids=[f"{m}-T{t}" for m, t in PROBS_CASES])
 def test_exact_attention_counts(benchmark, model, T):
-    """Exact mode's two attention layers as ``ExactAttention`` runs them, on running counts
-    (``exact_attention_probs(counts_in=True, counts_out=True)`` then ``exact_context(counts_in=
-    True)``: ``S_t = Q_t K_t^T`` and ``Z_t = A_t V_t`` per step), against the same two ops on
-    spikes and the counts after the chunk (each op forms the running counts of its operands in
-    a pass of its own). ``speedup_vs_spike_form``; ``matches_spike_form``: 1.0 when the
-    context spikes of both forms agree bit for bit (they must)."""
+    """Exact mode's attention between qkv and proj as ``ExactAttention`` runs it: one kernel
+    on running counts (``ops.exact_attention``: the attention counts stay in registers),
+    against the same two layers as two ops on running counts (``exact_attention_probs(
+    counts_in=True, counts_out=True)`` then ``exact_context(counts_in=True)``: the attention
+    counts written and read back) and as two ops on spikes and the counts after the chunk
+    (each op forms the running counts of its operands in a pass of its own).
+    ``speedup_vs_two_ops``, ``speedup_vs_spike_form``; ``matches_*``: 1.0 when the context
+    spikes agree bit for bit (they must)."""
     from spikekernels.exact_math import score_gain
-    from spikekernels.ops import exact_attention_probs, exact_context
+    from spikekernels.ops import exact_attention, exact_attention_probs, exact_context
 
     heads = MODELS[model]
     q_all, k_all, _, _ = _trains(heads, "scores")
@@ -516,6 +518,11 @@ def test_exact_attention_counts(benchmark, model, T):
     probs_bounds = reference.level_bounds(LEVEL, signed=False)
     context_bounds = reference.level_bounds(LEVEL, signed=True)
     scalars = (theta_a, theta_v, theta_out, *context_bounds)
+
+    def fused():
+        return exact_attention(*counts, gain, theta_a, *probs_bounds, *scalars, merge_heads=False)[
+            0
+        ]
 
     def count_form():
         a, _ = exact_attention_probs(
@@ -530,18 +537,20 @@ def test_exact_attention_counts(benchmark, model, T):
         return exact_context(a, v, *scalars, a_count, counts[2][-1])[0]
 
     benchmark.group = f"exact attention {model}"
-    seconds = time_op(benchmark, synchronized(count_form), warmup=1, reps=ROUNDS)
-    out = count_form()
+    seconds = time_op(benchmark, synchronized(fused), warmup=1, reps=ROUNDS)
+    out = fused()
     info = dict(
         model=model,
         T=T,
         seconds_per_step=seconds / T,
         spike_density=out.ne(0).float().mean().item(),
+        matches_two_ops=out.eq(count_form()).float().mean().item(),
         matches_spike_form=out.eq(spike_form()).float().mean().item(),
     )
-    split = try_median_time("spike form", synchronized(spike_form), info, reps=3)
-    if split is not None:
-        info["speedup_vs_spike_form"] = split / seconds
+    for name, baseline in (("two_ops", count_form), ("spike_form", spike_form)):
+        other = try_median_time(name, synchronized(baseline), info, reps=3)
+        if other is not None:
+            info[f"speedup_vs_{name}"] = other / seconds
     record(benchmark, seconds, **info)
 
 
