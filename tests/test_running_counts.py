@@ -472,28 +472,39 @@ def test_attention_opcheck(gen):
 
 
 @pytest.mark.parametrize("chunk", [1, 3])
-def test_exact_attention_module_fused_equals_the_two_modules(gen, chunk):
+def test_exact_attention_module_fused_equals_the_two_modules(gen, chunk, monkeypatch):
     """``ExactAttention`` runs ``probs`` and ``context`` as one op unless a hook watches
     either; both ways give the same logits and the same state of every neuron, chunk after
     chunk, and a hook still sees its module's output."""
     from test_exact import TINY, images, make_exact
 
+    import spikekernels.nn.exact_attention as module
     from spikekernels.convert import convert
 
+    fused_calls = []
+    real = module.exact_attention
+
+    def counted(*args, **kwargs):
+        fused_calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, "exact_attention", counted)
     qann = make_exact(gen, **TINY, level=16)
     x = images(gen, qann, 2)
-    runs = []
+    runs, calls = [], []
     for hooked in (False, True):
         snn = convert(qann)
         seen = []
-        if hooked:
+        if hooked:  # the last block's probs: the first block stays fused
             snn.blocks[1].attn.probs.register_forward_hook(
                 lambda m, i, out, seen=seen: seen.append(out)
             )
+        fused_calls.clear()
         logits, steps = snn(x, max_steps=40, chunk=chunk)
-        counts = [site.neuron.count.clone() for site in snn.sites]
-        runs.append((logits, steps, counts))
+        calls.append(len(fused_calls))
+        runs.append((logits, steps, [site.neuron.count.clone() for site in snn.sites]))
         assert bool(seen) == hooked, "the hook must see the module called (and only then)"
+    assert calls[0] == 2 * calls[1] > 0, f"fused calls, unhooked vs hooked: {calls}"
     (l0, s0, c0), (l1, s1, c1) = runs
     assert s0 == s1 and torch.equal(l0.view(torch.int32), l1.view(torch.int32))
     assert all(torch.equal(a, b) for a, b in zip(c0, c1, strict=True))
