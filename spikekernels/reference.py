@@ -345,6 +345,7 @@ def exact_linear(
     s_count: torch.Tensor | None = None,
     count: torch.Tensor | None = None,
     counts_out: bool = False,
+    s_before: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact linear + target-driven neuron (SPEC.md §9.2-§9.4), step by step.
 
@@ -355,15 +356,18 @@ def exact_linear(
     integers, then int32); ``y = fl32(fl32(m * fl32(acc)) + b)`` with ``m = fl32(theta_in *
     ws)``; then ``target_spikes_step(y, threshold, ...)``. Fresh ``count`` is 0 (int8); no
     ``s_count``, no earlier input. Returns ``(spikes int8 [T, *, N], count)``; with
-    ``counts_out`` the count after each step in place of the spikes.
+    ``counts_out`` the count after each step in place of the spikes. ``s_before``: the input
+    count before these steps given directly (instead of ``s_count``).
     """
     shape = (*s.shape[1:-1], weight.shape[0])
     w = weight.to(torch.float64)
     acc = torch.zeros(shape, dtype=torch.int32, device=s.device)
+    before = None if s_before is None else s_before.to(torch.int32)
     if s_count is not None:
         before = s_count.to(torch.int32)
         for t in range(s.shape[0]):
             before = before - s[t].to(torch.int32)
+    if before is not None:
         acc = torch.matmul(before.to(torch.float64), w.t()).to(torch.int32)
     c = torch.zeros(shape, dtype=torch.int8, device=s.device) if count is None else count.clone()
     m = in_threshold.to(torch.float32).reshape(()) * weight_scale.to(torch.float32)

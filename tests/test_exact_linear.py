@@ -386,6 +386,19 @@ BAD_INPUTS = [
 
 _COUNT = torch.zeros(3, 5, dtype=torch.int8)
 BAD_INPUTS += [
+    (
+        "s_count and s_before",
+        dict(s_count=torch.zeros(3, 8).char(), s_before=torch.zeros(3, 8).char()),
+        ValueError,
+        "s_count .* or s_before .*, not both",
+    ),
+    ("s_before shape", dict(s_before=torch.zeros(3, 5, dtype=torch.int8)), ValueError, "s_before"),
+    (
+        "s_before not before s",
+        dict(s=torch.ones(2, 3, 8, dtype=torch.int8), s_before=torch.full((3, 8), 127).char()),
+        ValueError,
+        "s_before plus the spikes of s is not an int8 count",
+    ),
     ("inplace int", dict(count=_COUNT, inplace=1), TypeError, "inplace must be a bool"),
     ("inplace without count", dict(inplace=True), ValueError, "needs count"),
     (
@@ -429,11 +442,18 @@ def test_bad_input_is_rejected(case, bad, error, words):
         exact_linear(**args)
 
 
-@pytest.mark.parametrize("case", ["fresh", "state", "per_channel_no_bias", "inplace"])
+@pytest.mark.parametrize(
+    "case", ["fresh", "state", "per_channel_no_bias", "inplace", "counts_out_s_before"]
+)
 def test_opcheck(gen, case):
     layer = _layer(gen, 20, 24, per_channel=case != "fresh", bias=case != "per_channel_no_bias")
     s = _spikes(gen, 3, (2, 5), 24)
-    state = _random_state(gen, s, 20) if case in ("state", "inplace") else (None, None)
+    stateful = case in ("state", "inplace", "counts_out_s_before")
+    state = _random_state(gen, s, 20) if stateful else (None, None)
+    extra = ()
+    if case == "counts_out_s_before":  # the count before the steps instead of after them
+        before = (state[0].to(torch.int32) - s.sum(0, dtype=torch.int32)).to(torch.int8)
+        state, extra = (None, state[1]), (True, before)
     args = (
         s,
         layer["weight"],
@@ -446,6 +466,7 @@ def test_opcheck(gen, case):
         *state,
         None,
         case == "inplace",
+        *extra,
     )
     torch.library.opcheck(torch.ops.spikekernels.exact_linear.default, args)
 
@@ -533,3 +554,23 @@ def test_module_needs_the_input_count_after_its_first_call(gen):
     assert torch.equal(torch.cat(parts), whole) and torch.equal(module.count, count)
     with pytest.raises(ValueError, match="s_count is None after the first call"):
         module(s[:1])
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch", "reference"])
+@pytest.mark.parametrize("T", [1, 5])
+def test_s_before_equals_s_count(gen, backend, T):
+    """The input count before the steps (``s_before``) gives the same bits as the count after
+    them (``s_count``), chunk after chunk, with per-channel thresholds and in place."""
+    layer = _layer(gen, 37, 45, per_channel=True)
+    s = _spikes(gen, 3 * T, (2, 19), 45)
+    before = torch.randint(-40, 41, s.shape[1:], generator=gen, dtype=torch.int32)
+    with force_backend(backend):
+        whole = _run(s, layer, -8, 7, (before + s.sum(0, dtype=torch.int32)).char())
+        outs, count = [], None
+        for part, _ in _chunks(s, [T, T, T], before):
+            given = before.to(torch.int8)
+            out, count = _run(part, layer, -8, 7, None, count, s_before=given,
+                              inplace=count is not None)  # fmt: skip
+            before = before + part.sum(0, dtype=torch.int32)
+            outs.append(out)
+    _assert_same((torch.cat(outs), count.cpu()), tuple(t.cpu() for t in whole))

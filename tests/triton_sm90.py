@@ -501,13 +501,15 @@ def exact_linear_cases() -> list[Case]:
         "B": "i32",
         "rows_per_sample": "i32",
     }
-    # counts_out: the qkv layer, whose per-step counts the attention reads
+    # counts_out: the qkv layer, whose per-step counts the attention reads (with its input
+    # count before the steps given, as ExactAttention passes it)
     variants = [(False, False, False, False), (True, True, False, False),
                 (True, True, True, False), (True, True, True, True)]  # fmt: skip
     for state, per_channel, active, counts_out in variants:
         constexprs = dict(
             HAS_BIAS=True,
             HAS_S_COUNT=state,
+            S_BEFORE=counts_out,
             HAS_COUNT=state,
             PER_CHANNEL=per_channel,
             HAS_ACTIVE=active,
@@ -519,7 +521,7 @@ def exact_linear_cases() -> list[Case]:
         cases.append(
             Case(
                 f"exact_linear state={state} per_channel={per_channel} active={active} "
-                f"counts_out={counts_out}",
+                f"counts_out={counts_out} s_before={counts_out}",
                 el.exact_linear_kernel,
                 signature,
                 constexprs,

@@ -61,7 +61,8 @@ def exact_linear_kernel(
     theta_in_ptr,  # [1] threshold of the neuron feeding the spikes (any float dtype)
     theta_ptr,  # [1] or [N] threshold of the output neuron (any float dtype)
     flag_ptr,  # [T, num_m] int32 from step_tile_any_kernel
-    s_count_ptr,  # [rows, K] int8 input neuron's count after these steps (HAS_S_COUNT only)
+    s_count_ptr,  # [rows, K] int8 input neuron's count after these steps, or before them
+    # (S_BEFORE) (HAS_S_COUNT only)
     count_in_ptr,  # [rows, N] int8 incoming count (HAS_COUNT only)
     out_ptr,  # [T, rows, N] int8 spikes (COUNTS_OUT: the count after each step)
     count_out_ptr,  # [rows, N] int8
@@ -77,6 +78,7 @@ def exact_linear_kernel(
     rows_per_sample,  # (HAS_ACTIVE only)
     HAS_BIAS: tl.constexpr,
     HAS_S_COUNT: tl.constexpr,
+    S_BEFORE: tl.constexpr,
     HAS_COUNT: tl.constexpr,
     PER_CHANNEL: tl.constexpr,
     HAS_ACTIVE: tl.constexpr,
@@ -108,18 +110,19 @@ def exact_linear_kernel(
     s_start = s_ptr + rs[:, None] * K + ks[None, :]
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
     if HAS_S_COUNT:
-        # S_{-1} = s_count - s_{T-1} - ... - s_0, a K tile at a time; a tile of zero counts
-        # skips its weight read and dot (the first chunk's are all zero)
+        # S_{-1} = s_count - s_{T-1} - ... - s_0 (S_BEFORE: given), a K tile at a time; a
+        # tile of zero counts skips its weight read and dot (the first chunk's are all zero)
         c_ptrs = s_count_ptr + rs[:, None] * K + ks[None, :]
         last = tl.cast(T - 1, tl.int64) * rows * K
         for k0 in range(0, K, BLOCK_K):
             k_mask = (k0 + ks) < K
             tile_mask = row_mask[:, None] & k_mask[None, :]
             before = tl.load(c_ptrs + k0, mask=tile_mask, other=0)
-            s_ptrs = s_start + k0 + last
-            for _ in range(T):
-                before -= tl.load(s_ptrs, mask=tile_mask, other=0)
-                s_ptrs -= rows * K
+            if not S_BEFORE:
+                s_ptrs = s_start + k0 + last
+                for _ in range(T):
+                    before -= tl.load(s_ptrs, mask=tile_mask, other=0)
+                    s_ptrs -= rows * K
             if tl.max(tl.abs(before.to(tl.int32))) != 0:
                 w = tl.load(w_start + k0, mask=k_mask[:, None] & col_mask[None, :], other=0)
                 acc = tl.dot(before, w, acc, out_dtype=tl.int32)
@@ -187,6 +190,7 @@ def exact_linear_triton(
     *,
     inplace: bool = False,
     counts_out: bool = False,
+    s_before: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Host side: ``s`` ``[T, rows, K]`` int8, ``weight`` ``[N, K]`` int8, ``weight_scale``
     and ``bias`` float32 ``[N]``, all contiguous; ``s_count`` ``[rows, K]`` int8 contiguous or
@@ -194,7 +198,7 @@ def exact_linear_triton(
     Returns ``(spikes [T, rows, N] int8, count [rows, N] int8)``: fresh, or with ``inplace``
     the given ``count`` (a view of the caller's contiguous state), written by the program
     that read it. ``counts_out``: the count after each step comes out instead of the
-    spikes."""
+    spikes. ``s_before``: ``s_count`` is the input count before the steps, not after."""
     T, rows, K = s.shape
     N = weight.shape[0]
     out = torch.empty((T, rows, N), dtype=torch.int8, device=s.device)
@@ -229,6 +233,7 @@ def exact_linear_triton(
         *active_layout(active, rows),
         HAS_BIAS=bias is not None,
         HAS_S_COUNT=s_count is not None,
+        S_BEFORE=s_before,
         HAS_COUNT=count is not None,
         PER_CHANNEL=threshold.numel() > 1,
         HAS_ACTIVE=active is not None,

@@ -174,10 +174,20 @@ class SpikeMlp(_Composite):
 
 class ExactMlp(SpikeMlp):
     """``SpikeMlp`` of exact mode: each ``ExactLinearNeuron`` also takes the count of the
-    neuron that fed it (``fc2``'s is ``fc1``'s), from which it forms its accumulator."""
+    neuron that fed it (``fc2``'s is ``fc1``'s, taken before ``fc1``'s call), from which it
+    forms its accumulator."""
 
-    def forward(self, s: torch.Tensor, s_count: torch.Tensor | None = None) -> torch.Tensor:
-        return self.fc2(self.fc1(s, s_count), self.fc1.count)
+    def forward(
+        self,
+        s: torch.Tensor,
+        s_count: torch.Tensor | None = None,
+        *,
+        s_before: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``s_count`` (after these steps) or ``s_before`` (before them): the count of the
+        neuron behind ``s``, as ``ExactLinearNeuron`` takes it."""
+        fc1_before = _count_before(self.fc1)
+        return self.fc2(self.fc1(s, s_count, s_before=s_before), s_before=fc1_before)
 
 
 class SpikeBlock(_Composite):
@@ -332,19 +342,23 @@ class ExactBlock(_Composite):
 
     @staticmethod
     def _branch(
-        branch: nn.Module, neuron: ExactLinearNeuron, norm: ExactLayerNormNeuron, s: torch.Tensor
+        branch: nn.Module, neuron: ExactLinearNeuron, s: torch.Tensor, s_before: torch.Tensor
     ) -> Branch:
-        """The branch run on ``norm``'s spikes ``s`` (and its count), pending: its last
-        neuron's spikes, step and count before."""
+        """The branch run on a norm's spikes ``s`` (and that norm's count before them),
+        pending: its last neuron's spikes, step and count before."""
         before = _count_before(neuron)
-        return Branch(branch(s, norm.count), neuron.threshold, before)
+        return Branch(branch(s, s_before=s_before), neuron.threshold, before)
 
     def forward(self, x: Residual) -> Residual:
+        # each norm's count before its call: what the linear after it starts from (a copy per
+        # chunk instead of reading the chunk's spikes back in the linear)
+        before = _count_before(self.norm1)
         s = self.norm1(*x.norm_args(), residual_out=True)
         d = self.norm1.take_residual()
-        attn = self._branch(self.attn, self.attn.proj, self.norm1, s)
+        attn = self._branch(self.attn, self.attn.proj, s, before)
+        before = _count_before(self.norm2)
         s = self.norm2(*Residual(d, (attn,)).norm_args())
-        return Residual(d, (attn, self._branch(self.mlp, self.mlp.fc2, self.norm2, s)))
+        return Residual(d, (attn, self._branch(self.mlp, self.mlp.fc2, s, before)))
 
 
 class ExactReadout(_Composite):

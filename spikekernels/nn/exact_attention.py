@@ -167,14 +167,26 @@ class ExactAttention(nn.Module):
         for m in self.children():
             m.reset()
 
-    def forward(self, s: torch.Tensor, s_count: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        s: torch.Tensor,
+        s_count: torch.Tensor | None = None,
+        *,
+        s_before: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """``s``: ``[T, B, N, C]`` int8 spikes; ``s_count``: ``[B, N, C]`` int8, the count of
-        their neuron after these steps (None only on a fresh input: see
-        ``ExactLinearNeuron``). Returns the ``quan_proj`` neuron's spikes."""
+        their neuron after these steps, or ``s_before``, before them (neither only on a fresh
+        input: see ``ExactLinearNeuron``). Returns the ``quan_proj`` neuron's spikes."""
         t, b, n, c = s.shape
         h, dh = self.num_heads, self.head_dim
+        # proj starts from the context neuron's count before these steps, heads merged (a
+        # copy: the attention updates that count in place)
+        context_before = None
+        if self.context.count is not None:
+            merged = self.context.count.transpose(1, 2)
+            context_before = merged.clone(memory_format=torch.contiguous_format).view(b, n, c)
         # the running counts of q, k, v after each step, as strided views of one layout
-        qkv = self.qkv(s, s_count).view(t, b, n, 3, h, dh)
+        qkv = self.qkv(s, s_count, s_before=s_before).view(t, b, n, 3, h, dh)
         q = qkv[:, :, :, 0].transpose(2, 3)  # [T, B, H, N, Dh]
         k_t = qkv[:, :, :, 1].permute(0, 1, 3, 4, 2)  # [T, B, H, Dh, N]
         v = qkv[:, :, :, 2].transpose(2, 3)
@@ -184,8 +196,7 @@ class ExactAttention(nn.Module):
             a = self.probs(q, k_t)  # [T, B, H, N, N] running attention counts
             # [T, B, N, C] spikes: the kernel writes the heads merged, as proj reads them
             context = self.context(a, v, merge_heads=True)
-        merged = self.context.count.transpose(1, 2).reshape(b, n, c)  # its heads merged too
-        return self.proj(context, merged)
+        return self.proj(context, s_before=context_before)
 
     def _fusable(self) -> bool:
         """Whether ``probs`` and ``context`` may run as one op: no hook on either, and their

@@ -145,11 +145,19 @@ class ExactLinearNeuron(TargetNeuron):
         _register_int_linear(self, weight, weight_scale, bias, in_threshold)
         self.counts_out = bool(counts_out)
 
-    def forward(self, s: torch.Tensor, s_count: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        s: torch.Tensor,
+        s_count: torch.Tensor | None = None,
+        *,
+        s_before: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """``s``: ``[T, *, K]`` int8 spikes; ``s_count``: ``[*, K]`` int8, the count of the
-        neuron that produced them, after these steps; None only on a fresh input (the first
-        call after ``reset()``, when it is the sum of ``s``)."""
-        require_input_counts(self, s_count=s_count)
+        neuron that produced them, after these steps, or ``s_before``, its count before them
+        (cheaper: the kernel then reads the chunk's spikes once); neither only on a fresh
+        input (the first call after ``reset()``)."""
+        if s_before is None:
+            require_input_counts(self, s_count=s_count)
         spikes, self.count = exact_linear(
             s,
             self.weight,
@@ -164,6 +172,7 @@ class ExactLinearNeuron(TargetNeuron):
             active=self.activity,
             inplace=self.stateful_call(),
             counts_out=self.counts_out,
+            s_before=s_before,
         )
         self.last_spikes = None if self.counts_out else spikes[-1]
         return spikes

@@ -48,9 +48,14 @@ def _check_exact_linear(
     active,
     inplace,
     counts_out,
+    s_before=None,
 ) -> None:
     """Metadata checks (no data read)."""
     check_flag(counts_out, "counts_out")
+    if s_count is not None and s_before is not None:
+        raise ValueError(
+            "give s_count (the input count after these steps) or s_before (before them), not both"
+        )
     check_tensor(s, "s", dtypes=(torch.int8,))
     check_time_major(s, "s")
     if s.dim() < 2:
@@ -82,9 +87,10 @@ def _check_exact_linear(
     check_bounds(n_min, p_max)
     shape = (*s.shape[1:-1], n)
     check_state(s_count, "s_count", s.shape[1:], (torch.int8,), s, "s")
+    check_state(s_before, "s_before", s.shape[1:], (torch.int8,), s, "s")
     check_state(count, "count", shape, (torch.int8,), s, "s")
     check_active(active, (s.shape[0], *shape), s, "s")
-    inputs = (s, weight, weight_scale, bias, in_threshold, threshold, s_count, active)
+    inputs = (s, weight, weight_scale, bias, in_threshold, threshold, s_count, s_before, active)
     check_inplace(inplace, (("count", count),), inputs)
 
 
@@ -93,7 +99,9 @@ def _count_before(s: torch.Tensor, s_count: torch.Tensor) -> torch.Tensor:
     return s_count.to(torch.int32) - s.sum(0, dtype=torch.int32)
 
 
-def _check_data(s, weight, weight_scale, in_threshold, threshold, s_count, validate) -> None:
+def _check_data(
+    s, weight, weight_scale, in_threshold, threshold, s_count, validate, s_before=None
+) -> None:
     """Data checks: on CPU tensors always, on a GPU when ``validate`` (host syncs)."""
     check_threshold_values(in_threshold, "in_threshold", validate)
     check_threshold_values(threshold, "threshold", validate)
@@ -104,6 +112,13 @@ def _check_data(s, weight, weight_scale, in_threshold, threshold, s_count, valid
             raise ValueError(
                 "s_count less the spikes of s is not an int8 count: s_count must be the input "
                 "neuron's count after these steps"
+            )
+    if s_before is not None and may_read_data(s_before, validate):
+        after = s_before.to(torch.int32) + s.sum(0, dtype=torch.int32)
+        if bool(((after < -128) | (after > 127)).any()):
+            raise ValueError(
+                "s_before plus the spikes of s is not an int8 count: s_before must be the "
+                "input neuron's count before these steps"
             )
     if may_read_data(weight_scale, validate):
         if not bool((torch.isfinite(weight_scale) & (weight_scale > 0)).all()):
@@ -125,6 +140,7 @@ def exact_linear_torch(
     count: torch.Tensor | None,
     active: torch.Tensor | None = None,
     counts_out: bool = False,
+    s_before: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Vectorised PyTorch (any device): one float32 matmul over all ``T * rows`` rows, a
     cumulative sum over T in int32 plus the starting ``(s_count - sum_t s_t) @ W^T``
@@ -140,8 +156,9 @@ def exact_linear_torch(
     rows = math.prod(lead)
     step = torch.matmul(s.reshape(steps * rows, k).to(torch.float32), weight.to(torch.float32).t())
     acc_t = torch.cumsum(step.to(torch.int32).reshape(steps, *lead, n), dim=0, dtype=torch.int32)
-    if s_count is not None:
-        acc_t += int_matmul(_count_before(s, s_count), weight.t())
+    before = _count_before(s, s_count) if s_count is not None else s_before
+    if before is not None:
+        acc_t += int_matmul(before, weight.t())
     m = in_threshold.to(torch.float32).reshape(()) * weight_scale
     value = linear_value(acc_t, m, bias)
     return target_spikes_torch(value, threshold, n_min, p_max, count, active, counts_out)
@@ -162,9 +179,10 @@ def _exact_linear_op(
     active: torch.Tensor | None = None,
     inplace: bool = False,
     counts_out: bool = False,
+    s_before: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     args = (s, weight, weight_scale, bias, in_threshold, threshold, n_min, p_max, s_count, count)
-    _check_exact_linear(*args, active, inplace, counts_out)
+    _check_exact_linear(*args, active, inplace, counts_out, s_before)
     backend = backend_for(s, ("triton", "torch"))
     if backend == "triton":
         from spikekernels.kernels.exact_linear import exact_linear_triton
@@ -172,7 +190,8 @@ def _exact_linear_op(
         n, k = weight.shape
         lead = s.shape[1:-1]
         rows = math.prod(lead)
-        s_count_in = None if s_count is None else s_count.contiguous().reshape(rows, k)
+        given = s_count if s_before is None else s_before
+        s_count_in = None if given is None else given.contiguous().reshape(rows, k)
         count_in = None if count is None else count.contiguous().reshape(rows, n)
         spikes, count_out = exact_linear_triton(
             launcher,
@@ -189,6 +208,7 @@ def _exact_linear_op(
             active,
             inplace=inplace,
             counts_out=counts_out,
+            s_before=s_before is not None,
         )
         shape = (*lead, n)
         spikes = spikes.reshape(s.shape[0], *shape)
@@ -196,13 +216,13 @@ def _exact_linear_op(
     if backend == "reference":
         from spikekernels import reference
 
-        out = reference.exact_linear(*args, counts_out)
+        out = reference.exact_linear(*args, counts_out, s_before)
         if counts_out:
             record_active_counts(active, out[0], count)
         else:
             record_active(active, out[0])
     else:
-        out = exact_linear_torch(*args, active, counts_out)
+        out = exact_linear_torch(*args, active, counts_out, s_before)
     return out[0], state_result(inplace, out[1], count)
 
 
@@ -221,9 +241,10 @@ def _(
     active=None,
     inplace=False,
     counts_out=False,
+    s_before=None,
 ):
     args = (s, weight, weight_scale, bias, in_threshold, threshold, n_min, p_max, s_count, count)
-    _check_exact_linear(*args, active, inplace, counts_out)
+    _check_exact_linear(*args, active, inplace, counts_out, s_before)
     shape = (*s.shape[1:-1], weight.shape[0])
     return (
         s.new_empty((s.shape[0], *shape), dtype=torch.int8),
@@ -246,6 +267,7 @@ def exact_linear(
     active: torch.Tensor | None = None,
     inplace: bool = False,
     counts_out: bool = False,
+    s_before: torch.Tensor | None = None,
     validate: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact-mode spiking linear layer fused with its output neuron (SPEC.md §9.2-§9.4).
@@ -291,6 +313,11 @@ def exact_linear(
             running count, what ``exact_attention_probs`` and ``exact_context`` take with
             ``counts_in``), in place of its spikes. The same bytes as the spikes: a reader
             that needs the running counts then needs no pass to form them.
+        s_before: the input neuron's count *before* these steps, ``[*, K]`` int8, in place of
+            ``s_count`` (give one or neither): the starting accumulator is then its product
+            directly, and the kernel's prologue does not read the chunk's spikes back to
+            subtract them (T reads of the input less per chunk, for one copy of that count
+            the caller takes before the input neuron's call).
         validate: on a GPU also run the data checks (host syncs): thresholds positive, finite
             and normal; ``weight_scale`` finite and positive; ``weight`` in ``[-127, 127]``;
             ``s`` ternary; ``s_count`` consistent with ``s``. On CPU they always run.
@@ -312,7 +339,7 @@ def exact_linear(
     ``force_backend("reference")`` runs the oracle. Inference only: no autograd.
     """
     args = (s, weight, weight_scale, bias, in_threshold, threshold, n_min, p_max, s_count, count)
-    _check_exact_linear(*args, active, inplace, counts_out)
-    _check_data(s, weight, weight_scale, in_threshold, threshold, s_count, validate)
-    out = call_op("exact_linear", *args, active, inplace, counts_out)
+    _check_exact_linear(*args, active, inplace, counts_out, s_before)
+    _check_data(s, weight, weight_scale, in_threshold, threshold, s_count, validate, s_before)
+    out = call_op("exact_linear", *args, active, inplace, counts_out, s_before)
     return own_state(out, (1,), (count,)) if inplace else out
