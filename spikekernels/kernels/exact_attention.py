@@ -48,6 +48,13 @@ that every running count fits). With ``inplace`` the new neuron count goes into 
 caller's buffer: a program reads its tile of it (its rows, all columns) at its start and
 writes the same tile at its end; no other program touches those elements.
 
+``exact_attention_kernel`` (the two in one, on running counts; what ``ExactAttention`` runs):
+the scores kernel's program and tile, then per step, with the attention neuron's count
+``A_t^T`` ``[keys, queries]`` int8 in registers, ``Z^T = V_t^T A_t^T`` (``[channels,
+queries]``, one int8 dot over all keys) and the context neuron on it, its count in registers
+too. The attention counts never leave the kernel; only the context spikes (heads merged when
+asked) and the two final counts are written. Each neuron's quiet tiles are skipped as below.
+
 With ``COUNTS_IN`` the operands are the running counts themselves (the producing kernels'
 ``COUNTS_OUT``: the neuron's count after each step, the same bytes as its spikes), and each
 step forms the product directly, ``S^T = K_t Q_t^T`` and ``Z = A_t V_t``: no running-count
@@ -236,6 +243,13 @@ def scores_step(
 
 
 @triton.jit
+def _changed(now, last):
+    """Nonzero when the integer product tile ``now`` differs from the last step's anywhere
+    (``COUNTS_IN``'s quiet test: equal products give equal values, so equal targets)."""
+    return tl.max((now != last).to(tl.int32))
+
+
+@triton.jit
 def scores_of_counts(
     q_ptr, k_ptr, offs_m, offs_n, offs_d, mask_m, mask_n, D, stride_qm, stride_qd, stride_kn,
     stride_kd, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -361,7 +375,7 @@ def exact_attention_probs_kernel(
                 q_ptr, k_ptr, offs_m, offs_n, offs_d, mask_m, mask_n, D, stride_qm, stride_qd,
                 stride_kn, stride_kd, BLOCK_M, BLOCK_N, BLOCK_D,
             )  # fmt: skip
-            moved = tl.max((s_now != s).to(tl.int32))
+            moved = _changed(s_now, s)
             s = s_now
         else:
             s, moved = scores_step(
@@ -565,7 +579,7 @@ def exact_context_kernel(
                 a_ptr, v_ptr, offs_m, offs_k, offs_d, mask_m, mask_d, N, stride_am, stride_an,
                 stride_vn, stride_vd, BLOCK_M, BLOCK_K, BLOCK_D,
             )  # fmt: skip
-            moved = tl.max((z_now != z).to(tl.int32))
+            moved = _changed(z_now, z)
             z = z_now
         else:
             z, moved = context_step(
@@ -710,7 +724,7 @@ def exact_attention_kernel(
             q_ptr, k_ptr, offs_m, offs_n, offs_d, mask_m, mask_n, D, stride_qm, stride_qd,
             stride_kn, stride_kd, BLOCK_M, BLOCK_N, BLOCK_D,
         )  # fmt: skip
-        if (tl.max((s_now != s).to(tl.int32)) | attn_fired) != 0:
+        if (_changed(s_now, s) | attn_fired) != 0:
             sigma = _attention_neuron(
                 s_now, gain, mask_n, attn_theta, attn_count, attn_n_min, attn_p_max, BLOCK_N,
                 BLOCK_M, LOG2_N,
@@ -728,7 +742,7 @@ def exact_attention_kernel(
         # Z^T = V_t^T @ A_t^T over all keys at once (int8 wgmma, exact int32)
         v = tl.load(v_ptr + v_offs, mask=mask_n[:, None] & mask_dv[None, :], other=0)
         z_now = tl.dot(tl.trans(v), attn_count, out_dtype=tl.int32)
-        if (tl.max((z_now != z).to(tl.int32)) | fired) != 0:
+        if (_changed(z_now, z) | fired) != 0:
             sigma_c = target_step(_mul(m, z_now.to(tl.float32)), theta, count, n_min, p_max)
             fired = tl.max(tl.abs(tl.where(mask_z, sigma_c, 0)))
         else:

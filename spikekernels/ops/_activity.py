@@ -30,9 +30,12 @@ def spikes_of_counts(counts: torch.Tensor, before: torch.Tensor | None) -> torch
     return torch.diff(counts, dim=0, prepend=first)
 
 
-def record_active_counts(
-    active: torch.Tensor | None, counts: torch.Tensor, before: torch.Tensor | None
+def record_active_of(
+    active: torch.Tensor | None, out: torch.Tensor, before: torch.Tensor | None, counts: bool
 ) -> None:
-    """``record_active`` from a neuron's count after each step and before them."""
-    if active is not None and counts.numel():
-        record_active(active, spikes_of_counts(counts, before))
+    """``record_active`` from a neuron op's output: its spikes, or with ``counts`` (the op's
+    ``counts_out``) its count after each step, whose differences from ``before`` (its count
+    before the steps; None: 0) are the spikes."""
+    if counts and active is not None and out.numel():
+        out = spikes_of_counts(out, before)
+    record_active(active, out)

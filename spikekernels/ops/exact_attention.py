@@ -8,7 +8,7 @@ import math
 import torch
 
 from spikekernels.exact_math import context_value, int_matmul, score_value, softmax_rows
-from spikekernels.ops._activity import record_active, record_active_counts
+from spikekernels.ops._activity import record_active, record_active_of
 from spikekernels.ops._checks import (
     check_active,
     check_flag,
@@ -259,10 +259,7 @@ def _exact_attention_probs_op(
         from spikekernels import reference
 
         out = reference.exact_attention_probs(*args, *flags)
-        if counts_out:
-            record_active_counts(active, out[0], count)
-        else:
-            record_active(active, out[0])
+        record_active_of(active, out[0], count, counts_out)
     else:
         out = exact_attention_probs_torch(*args, active, *flags)
     return _state_result(out, count, inplace)
@@ -692,7 +689,7 @@ def _exact_attention_op(
             q, k_t, gain, attn_threshold, attn_n_min, attn_p_max, None, None, attn_count,
             counts_in=True, counts_out=True,
         )  # fmt: skip
-        record_active_counts(attn_active, a, attn_count)
+        record_active_of(attn_active, a, attn_count, counts=True)
         spikes, new_count = reference.exact_context(
             a, v, theta_a, theta_v, threshold, n_min, p_max, None, None, count, counts_in=True
         )

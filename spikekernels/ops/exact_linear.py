@@ -8,7 +8,7 @@ import math
 import torch
 
 from spikekernels.exact_math import int_matmul, linear_value
-from spikekernels.ops._activity import record_active, record_active_counts
+from spikekernels.ops._activity import record_active_of
 from spikekernels.ops._checks import (
     check_active,
     check_flag,
@@ -217,10 +217,7 @@ def _exact_linear_op(
         from spikekernels import reference
 
         out = reference.exact_linear(*args, counts_out, s_before)
-        if counts_out:
-            record_active_counts(active, out[0], count)
-        else:
-            record_active(active, out[0])
+        record_active_of(active, out[0], count, counts_out)
     else:
         out = exact_linear_torch(*args, active, counts_out, s_before)
     return out[0], state_result(inplace, out[1], count)
