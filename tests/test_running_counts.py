@@ -471,6 +471,30 @@ def test_attention_opcheck(gen):
     torch.library.opcheck(torch.ops.spikekernels.exact_attention, (*args, None, None, False, True))
 
 
+@pytest.mark.parametrize("inplace", [False, True])
+def test_attention_torch_compile_fullgraph(gen, inplace):
+    """The fused op under ``torch.compile(fullgraph=True)``: the eager bits, the counts
+    updated in place when asked."""
+    case = _attention_case(gen, 4, (2, 2), 7, 20, 9, 8, state=True)
+    states = {name: case[name].clone() for name in ("attn_count", "count")}
+
+    def block(q, k_t, v, attn_count, count):
+        spikes, *new = _run_attention(
+            dict(case, q=q, k_t=k_t, v=v, attn_count=attn_count, count=count),
+            inplace=inplace, merge_heads=True,
+        )  # fmt: skip
+        return spikes.sum(0, dtype=torch.int32), *new
+
+    eager = block(case["q"], case["k_t"], case["v"], *(t.clone() for t in states.values()))
+    compiled = torch.compile(block, fullgraph=True)
+    got = compiled(case["q"], case["k_t"], case["v"], states["attn_count"], states["count"])
+    for g, w in zip(got, eager, strict=True):
+        assert torch.equal(g, w)
+    if inplace:
+        assert torch.equal(states["attn_count"], eager[1])
+        assert torch.equal(states["count"], eager[2])
+
+
 @pytest.mark.parametrize("chunk", [1, 3])
 def test_exact_attention_module_fused_equals_the_two_modules(gen, chunk, monkeypatch):
     """``ExactAttention`` runs ``probs`` and ``context`` as one op unless a hook watches
