@@ -3,7 +3,9 @@ with ``counts_out`` write the neuron's count after each step instead of its spik
 two attention products with ``counts_in`` read those counts (``S = Q_t K_t``, ``Z = A_t V_t``)
 instead of spikes and the counts after a chunk. Both are the same integers as the spike form,
 so every output must equal the spike form's bit for bit, on every backend, and against the
-reference's own ``counts_in``/``counts_out`` loop."""
+reference's own ``counts_in``/``counts_out`` loop. ``exact_attention`` runs the two attention
+layers on counts in one kernel: it must equal the two in a row. ``exact_linear``'s
+``s_before`` is tested with the linear (test_exact_linear.py)."""
 
 from __future__ import annotations
 
@@ -38,6 +40,10 @@ def _running(x: torch.Tensor, after: torch.Tensor | None) -> torch.Tensor:
     if after is not None:
         running += (after.to(torch.int32) - x.sum(0, dtype=torch.int32))[None]
     return running.to(torch.int8)
+
+
+def _cpu(t):
+    return None if t is None else t.cpu()
 
 
 def _assert_equal(got, want, names):
@@ -357,10 +363,6 @@ def _composed(case, merge_heads=False):
         t, *b, m, dv = spikes.shape
         spikes = spikes.movedim(-3, -2).reshape(t, *b[:-1], m, b[-1] * dv)
     return spikes, attn_count, count, a
-
-
-def _cpu(t):
-    return None if t is None else t.cpu()
 
 
 ATTENTION_NAMES = ("spikes", "attn_count", "count")
