@@ -322,6 +322,70 @@ def _bytes(T: int, batch: tuple[int, ...], m: int, k: int, n: int) -> int:
 RUN_CASES = [(name, product, T) for name in MODELS for product in PRODUCTS for T in STEPS]
 
 
+PROBS_STEPS = [8, 16] if ON_GPU else [16]
+PROBS_CASES = [(name, T) for name in MODELS for T in PROBS_STEPS]
+
+
+@pytest.mark.parametrize(("model", "T"), PROBS_CASES, ids=[f"{m}-T{t}" for m, t in PROBS_CASES])
+def test_exact_attention_counts(benchmark, model, T):
+    """Exact mode's attention between qkv and proj as ``ExactAttention`` runs it: one kernel
+    on running counts (``ops.exact_attention``: the attention counts stay in registers),
+    against the same two layers as two ops on running counts (``exact_attention_probs(
+    counts_in=True, counts_out=True)`` then ``exact_context(counts_in=True)``: the attention
+    counts written and read back) and as two ops on spikes and the counts after the chunk
+    (each op forms the running counts of its operands in a pass of its own).
+    ``speedup_vs_two_ops``, ``speedup_vs_spike_form``; ``matches_*``: 1.0 when the context
+    spikes agree bit for bit (they must)."""
+    from spikekernels.exact_math import score_gain
+    from spikekernels.ops import exact_attention, exact_attention_probs, exact_context
+
+    heads = MODELS[model]
+    q_all, k_all, _, _ = _trains(heads, "scores")
+    q, k_t = q_all[:T], k_all[:T]
+    v = _trains(heads, "context")[1][:T]
+    counts = [torch.cumsum(x, 0, dtype=torch.int8) for x in (q, k_t, v)]
+    gain = score_gain(torch.tensor(1.0), torch.tensor(1.0), HEAD_DIM).to(DEVICE)
+    theta_a = torch.full((1,), 1 / (LEVEL - 1), device=DEVICE)
+    theta_v, theta_out = torch.ones(1, device=DEVICE), torch.full((1,), 0.5, device=DEVICE)
+    probs_bounds = reference.level_bounds(LEVEL, signed=False)
+    context_bounds = reference.level_bounds(LEVEL, signed=True)
+    scalars = (theta_a, theta_v, theta_out, *context_bounds)
+
+    def fused():
+        return exact_attention(*counts, gain, theta_a, *probs_bounds, *scalars, merge_heads=False)[
+            0
+        ]
+
+    def count_form():
+        a, _ = exact_attention_probs(
+            counts[0], counts[1], gain, theta_a, *probs_bounds, counts_in=True, counts_out=True
+        )
+        return exact_context(a, counts[2], *scalars, counts_in=True)[0]
+
+    def spike_form():
+        a, a_count = exact_attention_probs(
+            q, k_t, gain, theta_a, *probs_bounds, counts[0][-1], counts[1][-1]
+        )
+        return exact_context(a, v, *scalars, a_count, counts[2][-1])[0]
+
+    benchmark.group = f"exact attention {model}"
+    seconds = time_op(benchmark, synchronized(fused), warmup=1, reps=ROUNDS)
+    out = fused()
+    info = dict(
+        model=model,
+        T=T,
+        seconds_per_step=seconds / T,
+        spike_density=out.ne(0).float().mean().item(),
+        matches_two_ops=out.eq(count_form()).float().mean().item(),
+        matches_spike_form=out.eq(spike_form()).float().mean().item(),
+    )
+    for name, baseline in (("two_ops", count_form), ("spike_form", spike_form)):
+        other = try_median_time(name, synchronized(baseline), info, reps=3)
+        if other is not None:
+            info[f"speedup_vs_{name}"] = other / seconds
+    record(benchmark, seconds, **info)
+
+
 @pytest.mark.parametrize(
     ("model", "product", "T"), RUN_CASES, ids=[f"{m}-{p}-T{t}" for m, p, t in RUN_CASES]
 )
@@ -448,10 +512,6 @@ def test_sesa_step(benchmark, model, product, silent):
     record(benchmark, seconds, **info)
 
 
-PROBS_STEPS = [8, 16] if ON_GPU else [16]
-PROBS_CASES = [(name, T) for name in MODELS for T in PROBS_STEPS]
-
-
 @pytest.mark.parametrize(("model", "T"), PROBS_CASES, ids=[f"{m}-T{t}" for m, t in PROBS_CASES])
 def test_float_attention_probs(benchmark, model, T):
     """Float mode's scores product + Spike-Softmax + attention neuron: the fused op
@@ -491,66 +551,6 @@ def test_float_attention_probs(benchmark, model, T):
     split = try_median_time("unfused", synchronized(unfused), info, reps=3)
     if split is not None:
         info["speedup_vs_unfused"] = split / seconds
-    record(benchmark, seconds, **info)
-
-
-@pytest.mark.parametrize(("model", "T"), PROBS_CASES, ids=[f"{m}-T{t}" for m, t in PROBS_CASES])
-def test_exact_attention_counts(benchmark, model, T):
-    """Exact mode's attention between qkv and proj as ``ExactAttention`` runs it: one kernel
-    on running counts (``ops.exact_attention``: the attention counts stay in registers),
-    against the same two layers as two ops on running counts (``exact_attention_probs(
-    counts_in=True, counts_out=True)`` then ``exact_context(counts_in=True)``: the attention
-    counts written and read back) and as two ops on spikes and the counts after the chunk
-    (each op forms the running counts of its operands in a pass of its own).
-    ``speedup_vs_two_ops``, ``speedup_vs_spike_form``; ``matches_*``: 1.0 when the context
-    spikes agree bit for bit (they must)."""
-    from spikekernels.exact_math import score_gain
-    from spikekernels.ops import exact_attention, exact_attention_probs, exact_context
-
-    heads = MODELS[model]
-    q_all, k_all, _, _ = _trains(heads, "scores")
-    q, k_t = q_all[:T], k_all[:T]
-    v = _trains(heads, "context")[1][:T]
-    counts = [torch.cumsum(x, 0, dtype=torch.int8) for x in (q, k_t, v)]
-    gain = score_gain(torch.tensor(1.0), torch.tensor(1.0), HEAD_DIM).to(DEVICE)
-    theta_a = torch.full((1,), 1 / (LEVEL - 1), device=DEVICE)
-    theta_v, theta_out = torch.ones(1, device=DEVICE), torch.full((1,), 0.5, device=DEVICE)
-    probs_bounds = reference.level_bounds(LEVEL, signed=False)
-    context_bounds = reference.level_bounds(LEVEL, signed=True)
-    scalars = (theta_a, theta_v, theta_out, *context_bounds)
-
-    def fused():
-        return exact_attention(*counts, gain, theta_a, *probs_bounds, *scalars, merge_heads=False)[
-            0
-        ]
-
-    def count_form():
-        a, _ = exact_attention_probs(
-            counts[0], counts[1], gain, theta_a, *probs_bounds, counts_in=True, counts_out=True
-        )
-        return exact_context(a, counts[2], *scalars, counts_in=True)[0]
-
-    def spike_form():
-        a, a_count = exact_attention_probs(
-            q, k_t, gain, theta_a, *probs_bounds, counts[0][-1], counts[1][-1]
-        )
-        return exact_context(a, v, *scalars, a_count, counts[2][-1])[0]
-
-    benchmark.group = f"exact attention {model}"
-    seconds = time_op(benchmark, synchronized(fused), warmup=1, reps=ROUNDS)
-    out = fused()
-    info = dict(
-        model=model,
-        T=T,
-        seconds_per_step=seconds / T,
-        spike_density=out.ne(0).float().mean().item(),
-        matches_two_ops=out.eq(count_form()).float().mean().item(),
-        matches_spike_form=out.eq(spike_form()).float().mean().item(),
-    )
-    for name, baseline in (("two_ops", count_form), ("spike_form", spike_form)):
-        other = try_median_time(name, synchronized(baseline), info, reps=3)
-        if other is not None:
-            info[f"speedup_vs_{name}"] = other / seconds
     record(benchmark, seconds, **info)
 
 
