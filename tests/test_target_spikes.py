@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 from conftest import DEVICES
 
 import spikekernels
 from spikekernels import reference
+from spikekernels.kernels import INTERPRET
+from spikekernels.kernels.target import inverse_threshold, target_estimate
 from spikekernels.ops._dispatch import force_backend
 
 # (n_min, p_max): levels 8, 16, 32 signed/unsigned as the paper, and the widest int8 bounds
@@ -117,6 +121,107 @@ def test_ties_round_half_up(device):
         count.cpu(), (reference.quantize(y.cpu(), theta.cpu(), -8, 7) / 0.375).to(torch.int8)
     )
     _assert_same((spikes, count), _reference(value, theta, -8, 7))
+
+
+def _near_rounding_steps(gen, theta, n_min, p_max, ulps):
+    """Values within ``ulps`` float32 steps of each rounding step ``(m - 1/2) * theta`` of
+    the target, ``n_min < m <= p_max``, shuffled, with counts ``m - 1`` or ``m`` at random:
+    each value decides whether its neuron fires. There the kernels' division-free estimate
+    of the target must give way to the correctly rounded division
+    (kernels.target.target_estimate)."""
+    m = torch.arange(n_min + 1, p_max + 1)
+    edge = ((m.to(torch.float64) - 0.5) * float(theta)).to(torch.float32)
+    up, down, values = edge, edge, [edge]
+    for _ in range(ulps):
+        up = torch.nextafter(up, torch.tensor(float("inf")))
+        down = torch.nextafter(down, torch.tensor(-float("inf")))
+        values += [up, down]
+    values, m = torch.cat(values), m.repeat(2 * ulps + 1)
+    order = torch.randperm(m.numel(), generator=gen)
+    count = m[order] - torch.randint(0, 2, order.shape, generator=gen)
+    return values[order], count.to(torch.int8)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("theta", [0.1, 0.375, 3.0e-7, 6.1e4, 1.0 / 3.0, 13.7])
+@pytest.mark.parametrize(("n_min", "p_max"), [(-128, 127), (0, 15)])
+def test_values_next_to_rounding_steps(gen, device, theta, n_min, p_max):
+    """Every float32 within 32 steps of each rounding step of the target, with the count
+    that the step decides: bit-exact against the reference (the kernels round the target
+    from fl(y * fl(1/theta)) except near such a step, where only the division is exact)."""
+    theta = torch.tensor(theta, dtype=torch.float32)
+    value, count = _near_rounding_steps(gen, theta, n_min, p_max, 32)
+    got = spikekernels.target_spikes(value[None].to(device), theta.to(device), n_min, p_max,
+                                     count.to(device))  # fmt: skip
+    _assert_same(got, _reference(value[None], theta, n_min, p_max, count))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_per_channel_values_next_to_rounding_steps(gen, device):
+    """As above with one threshold per channel, each channel's values at its own steps."""
+    theta = torch.exp(torch.randn(5, generator=gen) * 4).to(torch.float32)
+    pairs = [_near_rounding_steps(gen, t, -16, 15, 16) for t in theta]
+    value = torch.stack([v for v, _ in pairs], dim=-1)[None]
+    count = torch.stack([c for _, c in pairs], dim=-1)
+    got = spikekernels.target_spikes(value.to(device), theta.to(device), -16, 15,
+                                     count.to(device))  # fmt: skip
+    _assert_same(got, _reference(value, theta, -16, 15, count))
+
+
+@triton.jit
+def _estimate_kernel(y_ptr, theta_ptr, c_ptr, sigma_ptr, unsure_ptr, n, n_min, p_max,
+                     BLOCK: tl.constexpr):  # fmt: skip
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    y = tl.load(y_ptr + offs, mask=mask, other=0.0)
+    c = tl.load(c_ptr + offs, mask=mask, other=0).to(tl.int32)
+    sigma, unsure = target_estimate(y, inverse_threshold(tl.load(theta_ptr)), c, n_min, p_max)
+    tl.store(sigma_ptr + offs, sigma, mask=mask)
+    tl.store(unsure_ptr + offs, unsure, mask=mask)
+
+
+def _estimate(value, theta, count, n_min, p_max):
+    """``kernels.target.target_estimate`` lane by lane: ``(sigma, unsure)``."""
+    sigma = torch.empty(value.shape, dtype=torch.int32, device=value.device)
+    unsure = torch.empty_like(sigma)
+    n = value.numel()
+    _estimate_kernel[(triton.cdiv(n, 1024),)](
+        value, theta, count, sigma, unsure, n, n_min, p_max, BLOCK=1024
+    )
+    return sigma, unsure.bool()
+
+
+@pytest.mark.skipif(
+    not (INTERPRET or torch.cuda.is_available()), reason="runs a Triton kernel: interpreter or GPU"
+)
+@pytest.mark.parametrize("theta", [0.1, 0.375, 3.0e-7, 6.1e4, 1.0 / 3.0, 13.7])
+def test_estimate_is_exact_wherever_it_is_sure(gen, theta):
+    """The division-free estimate, lane by lane (the kernels fall back to the division for a
+    whole tile when any lane is unsure, which would hide a wrong sure lane): where it is sure
+    it equals the exact step, next to every rounding step; it is unsure of few lanes of
+    values spread over the levels, and of every non-finite value or threshold."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    theta = torch.tensor(theta, dtype=torch.float32)
+    value, count = _near_rounding_steps(gen, theta, -128, 127, 32)
+    exact = reference.target_spikes(value[None], theta, -128, 127, count)[0][0].to(torch.int32)
+    sigma, unsure = _estimate(value.to(device), theta.to(device), count.to(device), -128, 127)
+    sigma, unsure = sigma.cpu(), unsure.cpu()
+    wrong = (sigma != exact) & ~unsure
+    assert not wrong.any(), f"{int(wrong.sum())} sure lanes differ from the exact step"
+    assert (sigma != exact).any(), "no lane needed the division: the test lost its edge"
+
+    spread = (torch.rand(1 << 16, generator=gen) * 40 - 20) * theta
+    count = torch.randint(-20, 21, spread.shape, generator=gen, dtype=torch.int8)
+    _, unsure = _estimate(spread.to(device), theta.to(device), count.to(device), -128, 127)
+    assert unsure.float().mean() < 1e-3
+
+    special = torch.tensor([float("nan"), float("inf"), -float("inf")], device=device)
+    _, unsure = _estimate(special, theta.to(device), torch.zeros(3, dtype=torch.int8), -4, 3)
+    assert unsure.all()
+    for bad in (0.0, float("inf"), float("nan"), 1e-40):
+        bad = torch.tensor(bad, device=device)
+        _, unsure = _estimate(spread[:64].to(device), bad, count[:64].to(device), -4, 3)
+        assert unsure.all(), f"threshold {bad.item()}"
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -3,6 +3,10 @@
 Each program owns BLOCK neurons, keeps their int8 count in registers (as int32) for all T
 steps, reads each current value once and writes each spike once (int8). The threshold, one
 element or one per channel (the last dim), is read on the device: no host sync.
+
+The neuron step (``target_tile``) is shared by every exact-mode kernel: a division-free
+estimate of the target, exact outside a small margin around each rounding step, and the
+correctly rounded division for a whole tile only when a lane fell inside it.
 """
 
 from __future__ import annotations
@@ -39,6 +43,82 @@ def target_step(y, theta, c, n_min, p_max):
     target = tl.where(f > p_max, p_max, tl.where(f < n_min, n_min, f))
     cf = c.to(tl.float32)
     return (target > cf).to(tl.int32) - (target < cf).to(tl.int32)
+
+
+# The division-free estimate (target_estimate) trusts floor(fl(q) + 1/2), q = fl(y * r) and
+# r = fl(1/theta), unless q lies within (|q| + 2) * 2^-19 of a half-integer. Why that is
+# exact: q is within 2^-23 |q| (1 + 2^-22) of x = y / theta (two roundings). The exact target
+# floor(fl(fl(x) + 1/2)) reaches m where x crosses a point within 2^-21.6 (|m| + 0.3) of
+# m - 1/2 (the rounding of fl(x) + 1/2 to m, then of x to that float). So when q is farther
+# than 2^-21.1 |q| + 2^-20.9 from every half-integer, no step lies between q and x and both
+# targets agree. The test's own roundings (of q + 1/2, of the gap, of the margin) are below
+# 2^-24 (|q| + 1); the margin used is about four times the total.
+_UNSURE_SLOPE = tl.constexpr(-(2.0**-19))
+_UNSURE_EDGE = tl.constexpr(0.5 - 2.0**-18)  # 1/2 less the margin at q = 0
+_MIN_NORMAL = tl.constexpr(2.0**-126)
+
+
+@triton.jit
+def inverse_threshold(theta):
+    """``fl(1 / theta)`` for ``target_estimate``, or NaN where that is not a normal float
+    (theta zero, huge, subnormal or not finite): every estimate is then unsure, so such a
+    threshold always takes the exact division."""
+    r = tl.div_rn(tl.full(theta.shape, 1.0, tl.float32), theta)
+    return tl.where((tl.abs(r) >= _MIN_NORMAL) & (tl.abs(r) < float("inf")), r, float("nan"))
+
+
+@triton.jit
+def target_estimate(y, inv_theta, c, n_min, p_max):
+    """``target_step`` without its division: returns ``(sigma, unsure)``, both int32.
+
+    Where ``unsure`` is 0, sigma equals ``target_step``'s bit for bit (the margin above);
+    where it is 1 (within the margin of a rounding step, or a value or threshold that is not
+    finite), sigma is meaningless and must be recomputed by ``target_step``. On values spread
+    over the levels that is a few lanes in 10^5. ``inv_theta`` is ``inverse_threshold(theta)``,
+    formed once per tile. A sure lane has a finite target, so the clamp may use min/max.
+    """
+    q = tl.fma(y, inv_theta, 0.0)  # one rounding (a plain product), never contracted
+    s = q + 0.5
+    f = tl.floor(s)
+    # |frac(s) - 1/2|: exact (Sterbenz) but where frac(s) < 1/4, whose rounding (at most
+    # 2^-26) the margin covers; NaN for a non-finite q, so unsure. |q| * 2^-19 is exact: an
+    # fma with a nonzero addend is kept out of exact kernels (tests/triton_sm90.py).
+    half_gap = tl.abs((s - f) - 0.5)
+    sure = half_gap < tl.fma(tl.abs(q), _UNSURE_SLOPE, 0.0) + _UNSURE_EDGE
+    target = tl.minimum(tl.maximum(f, n_min * 1.0), p_max * 1.0)  # (an int may be constexpr)
+    cf = c.to(tl.float32)
+    sigma = (target > cf).to(tl.int32) - (target < cf).to(tl.int32)
+    return sigma, (~sure).to(tl.int32)
+
+
+@triton.jit
+def target_estimate_tile(y, inv_theta, c, n_min, p_max, mask):
+    """``target_estimate`` of a tile and one reduction over the ``mask`` lanes: ``(sigma,
+    code)``. ``code`` 0 or 1: sigma is exact and ``code`` says whether a lane fired; ``code``
+    2 or 3: a lane was unsure, so the tile takes ``target_exact_tile`` instead (about one
+    tile of 4096 values in ten: a division is about ten instructions a lane on a GPU, more
+    than the rest of the neuron)."""
+    sigma, unsure = target_estimate(y, inv_theta, c, n_min, p_max)
+    return sigma, tl.max(tl.where(mask, tl.abs(sigma) | (unsure << 1), 0))
+
+
+@triton.jit
+def target_exact_tile(y, theta, c, n_min, p_max, mask):
+    """``target_step`` of a tile: ``(sigma, fired)``, ``fired`` (int32 0/1) whether a lane in
+    ``mask`` has a nonzero sigma."""
+    sigma = target_step(y, theta, c, n_min, p_max)
+    return sigma, tl.max(tl.where(mask, tl.abs(sigma), 0))
+
+
+@triton.jit
+def target_tile(y, theta, inv_theta, c, n_min, p_max, mask):
+    """The §9.3 step on a tile, ``(sigma, fired)`` as ``target_exact_tile``, by
+    ``target_estimate_tile`` and the division only when a lane was unsure. ``y`` stays live
+    until then: a kernel short of registers recomputes it instead (``exact_linear``)."""
+    sigma, fired = target_estimate_tile(y, inv_theta, c, n_min, p_max, mask)
+    if fired > 1:
+        sigma, fired = target_exact_tile(y, theta, c, n_min, p_max, mask)
+    return sigma, fired
 
 
 @triton.jit
@@ -82,6 +162,7 @@ def target_spikes_kernel(
         theta = tl.load(theta_ptr + offs % C, mask=mask, other=1.0).to(tl.float32)
     else:
         theta = tl.load(theta_ptr).to(tl.float32)
+    inv_theta = inverse_threshold(theta)
     if HAS_COUNT:
         c = tl.load(count_in_ptr + offs, mask=mask, other=0).to(tl.int32)
     else:
@@ -94,7 +175,7 @@ def target_spikes_kernel(
         split = ((first + 1) * per_sample - pid * BLOCK).to(tl.int32)  # lanes of `first`
     for _ in range(T):
         y = tl.load(value_ptrs, mask=mask, other=0.0).to(tl.float32)
-        sigma = target_step(y, theta, c, n_min, p_max)
+        sigma, _ = target_tile(y, theta, inv_theta, c, n_min, p_max, mask)
         c = c + sigma
         tl.store(out_ptrs, sigma.to(tl.int8), mask=mask)
         if HAS_ACTIVE:
