@@ -141,6 +141,34 @@ def test_per_channel_thresholds(gen, device, bias):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_values_on_rounding_steps(gen, device):
+    """Thresholds of twice the value scale, ``theta = 2 fl(theta_in ws)``, and biases of
+    whole multiples of that scale put every odd accumulator (plus the bias's multiple) within
+    an ulp of a rounding tie of the target, where the kernels' division-free estimate must
+    give way to the division (kernels.target). Input spikes at the first step only and
+    weights in {-1, 0, 1} hold each accumulator small and fixed, so the counts reach their
+    targets and the late steps decide ties only; channels of ordinary thresholds share the
+    tiles. Bit-exact against the reference."""
+    layer = _layer(gen, 50, 24, per_channel=True)
+    layer["weight"] = torch.randint(-1, 2, (50, 24), generator=gen, dtype=torch.int8)
+    scale = (layer["in_threshold"].float() * layer["weight_scale"].float()).float()
+    on_ties = torch.arange(50) % 2 == 0
+    layer["threshold"] = torch.where(on_ties, 2 * scale, layer["threshold"])
+    shift = torch.randint(-3, 4, (50,), generator=gen)  # a bias of whole value steps
+    layer["bias"] = torch.where(on_ties, scale * shift, layer["bias"])
+    layer = {name: None if t is None else t.to(device) for name, t in layer.items()}
+    s = torch.zeros(16, 3, 11, 24, dtype=torch.int8)
+    s[0] = torch.randint(-1, 2, (3, 11, 24), generator=gen, dtype=torch.int8)
+    want = _reference(s, layer, -128, 127)
+    _assert_same(_run(s.to(device), layer, -128, 127), want)
+    acc = torch.matmul(s[0].double(), layer["weight"].double().cpu().T) + shift
+    acc = acc[..., on_ties]
+    assert (acc % 2 == 1).float().mean() > 0.3, "too few values on a tie"
+    # every count settled at one side of its tie (which side is the exact rounding's call)
+    assert ((want[1][..., on_ties].double() - acc / 2).abs() <= 0.5).all(), "unsettled"
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("fresh", [True, False])
 def test_chunked_equals_whole(gen, device, fresh):
     """Each chunk forms its accumulator from the input count after it less its spikes: the

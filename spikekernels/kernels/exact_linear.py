@@ -15,7 +15,7 @@ of traffic; the prologue is one dense int8 step of the layer instead. Two launch
    ``acc += s_t @ W^T`` with ``tl.dot`` int8 x int8 -> int32 (exact; int8 tensor cores),
    where a silent spike tile runs the K loop zero times (no weight traffic, no MMA); then
    the value ``y = fl32(fl32(m[n] * fl32(acc)) + b[n])`` with ``m = fl32(theta_in * ws[n])``
-   and the §9.3 neuron on ``y`` (``kernels.target.target_step``). The product is formed as
+   and the §9.3 neuron on ``y`` (``kernels.target.target_tile``). The product is formed as
    ``fma(m, acc, +0.0)`` so that the compiler cannot contract it with the bias add into one
    FMA (Triton fuses mul+add by default): two roundings, as SPEC.md §9.2 and the reference.
    The epilogue runs on silent steps too (the neuron may still be moving toward its target),
@@ -34,7 +34,12 @@ import triton.language as tl
 
 from spikekernels.kernels import INTERPRET, on_device
 from spikekernels.kernels.activity import active_layout, record_active_rows
-from spikekernels.kernels.target import load_threshold, target_step
+from spikekernels.kernels.target import (
+    inverse_threshold,
+    load_threshold,
+    target_estimate_tile,
+    target_exact_tile,
+)
 from spikekernels.kernels.tile_flags import step_tile_flags
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) on a GPU: BLOCK_M = 64 rows per
@@ -104,7 +109,7 @@ def exact_linear_kernel(
     m = theta_in * tl.load(ws_ptr + cols, mask=col_mask, other=0.0)
     if HAS_BIAS:
         b = tl.load(bias_ptr + cols, mask=col_mask, other=0.0)
-    theta = load_threshold(theta_ptr, cols, col_mask, PER_CHANNEL)
+    inv_theta = inverse_threshold(load_threshold(theta_ptr, cols, col_mask, PER_CHANNEL))
     # the weight tile is read as [BLOCK_K, BLOCK_N] straight from [N, K] (K-major B)
     w_start = w_ptr + cols[None, :] * K + ks[:, None]
     s_start = s_ptr + rs[:, None] * K + ks[None, :]
@@ -154,8 +159,15 @@ def exact_linear_kernel(
             y = tl.fma(m[None, :], acc.to(tl.float32), 0.0)
             if HAS_BIAS:
                 y = y + b[None, :]
-            sigma = target_step(y, theta, count, n_min, p_max)
-            fired = tl.max(tl.abs(tl.where(mask, sigma, 0)))
+            sigma, fired = target_estimate_tile(y, inv_theta, count, n_min, p_max, mask)
+            if fired > 1:  # a lane next to a rounding step: the division, for the tile
+                # y again rather than kept live through the reduction (registers: no spill
+                # at 255); `fired >> 8` is 0 but keeps the compiler from reusing the first y
+                y = tl.fma(m[None, :], (acc + (fired >> 8)).to(tl.float32), 0.0)
+                if HAS_BIAS:
+                    y = y + b[None, :]
+                theta = load_threshold(theta_ptr, cols, col_mask, PER_CHANNEL)
+                sigma, fired = target_exact_tile(y, theta, count, n_min, p_max, mask)
         else:  # quiet (module docstring): sigma is 0, bit for bit
             sigma = tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
             fired = tl.full((), 0, tl.int32)
