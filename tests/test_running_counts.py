@@ -224,6 +224,32 @@ def test_context_counts_in_quiet_tiles_wake_up(gen, backend):
     assert late[0] == 0 and late[1] > 0, f"settled before step 20, woken after: {late}"
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_context_counts_in_on_rounding_ties(gen, device):
+    """A threshold of twice the value scale, ``2 fl(theta_a theta_v)``, puts every odd
+    context within an ulp of a rounding tie of the target, where the kernel's division-free
+    estimate must give way to the division (kernels.target); spikes at the first step only
+    hold the contexts fixed, so the late steps decide ties only. Bit-exact against the
+    reference."""
+    case = _context_case(gen, 12, (2,), 9, 12, 16)
+    a, v = torch.zeros_like(case["a"]), torch.zeros_like(case["v"])
+    a[0] = torch.randint(0, 2, a[0].shape, generator=gen, dtype=torch.int8)
+    v[0] = torch.randint(-1, 2, v[0].shape, generator=gen, dtype=torch.int8)
+    # theta_v = 0.52: the estimate alone rounds some of these ties the wrong way (checked)
+    case |= dict(a=a, v=v, theta_a=torch.tensor(1 / 15), theta_v=torch.tensor(0.52))
+    scale = (case["theta_a"] * case["theta_v"]).float()
+    case["threshold"] = 2 * scale
+    want = _reference_context(case)
+    counts = {name: t.to(device) for name, t in _context_counts_case(case).items()}
+    _assert_equal(_run_context(counts, counts_in=True), want, ("spikes", "count"))
+    z = torch.matmul(case["a"][0].double(), case["v"][0].double())
+    assert (z % 2 == 1).float().mean() > 0.2, "too few contexts on a tie"
+    assert ((want[1].double() - z / 2).abs() <= 0.5).all(), "unsettled"
+    y = scale * z.float()
+    estimate = torch.floor(y * (1 / case["threshold"]) + 0.5)
+    assert (estimate != torch.floor(y / case["threshold"] + 0.5)).any(), "no edge"
+
+
 def test_context_reference_counts_loop(gen):
     case = _context_case(gen, 6, (2,), 9, 12, 11, state=True)
     want = _reference_context(case)
@@ -414,6 +440,29 @@ def test_attention_chunked_equals_whole(gen, device):
         )
         outs.append(out)
     _assert_equal((torch.cat(outs), attn_count, count), whole, ATTENTION_NAMES)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_attention_probs_on_rounding_ties(gen, device):
+    """Silent queries make every softmax uniform, ``p = fl(1/N)``, and an attention
+    threshold of ``fl(2p / (2j + 1))`` puts every target within an ulp of the tie
+    ``j + 1/2``, where the fused kernel's division-free estimate must give way to the
+    division (kernels.target). Over key counts where the estimate alone rounds the tie the
+    wrong way (all but the last), bit-exact against the reference, every count settled at
+    the exact rounding's side."""
+    for n, j in ((5, 1), (7, 2), (11, 6), (67, 3), (197, 3)):
+        case = _attention_case(gen, 8, (2,), 9, 16, n, 8)
+        case["q"] = torch.zeros_like(case["q"])
+        p = torch.tensor(1.0 / n, dtype=torch.float32)
+        theta = (2 * p / (2 * j + 1)).float()
+        case["attn_threshold"] = theta
+        want = _composed(case)
+        got = _run_attention({name: t.to(device) for name, t in case.items()})
+        _assert_equal(got, want[:3], ATTENTION_NAMES)
+        exact = torch.floor(p / theta + 0.5)
+        assert torch.equal(want[1].unique(), exact.to(torch.int8).reshape(1))
+        estimate = torch.floor(p * (1 / theta) + 0.5)
+        assert (estimate != exact) == (n != 197), f"N = {n}: the case lost its edge"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

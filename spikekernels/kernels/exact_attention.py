@@ -17,7 +17,7 @@ writes it. For each step:
 - ``probs = softmax_rows(fl32(g * fl32(S)))`` by the operations of ``exact_math`` in their
   order (``softmax_columns``): the max over the keys, ``exp_rows``' Cody-Waite reduction and
   polynomial, ``tree_sum``'s halving order, a correctly rounded division;
-- the §9.3 neuron on ``probs`` (``kernels.target.target_step``), int8 spikes out;
+- the §9.3 neuron on ``probs`` (``kernels.target.target_tile``), int8 spikes out;
 - with incoming state, a *quiet* tile (no dot this step, no spike at the last) skips the
   softmax and the neuron: its targets equal its counts, so its spikes are 0, bit for bit.
   Late chunks, where most of a run's steps are, are mostly quiet tiles.
@@ -69,6 +69,12 @@ nothing to the products). In the softmax the padded keys take no part in the row
 exact zeros after ``exp``: ``tree_sum``'s own zero padding of the row to a power of two (any
 power of two at least the row's: the extra levels add ``+0.0`` to each lane, exactly).
 
+The neurons take ``kernels.target``'s division-free estimate, and the division only for a
+tile with a lane next to a rounding step (``_attention_neuron``), except where registers are
+short: the fused kernel's context neuron (four values a lane) and the spike-form variants
+(without ``COUNTS_IN``, which hold the running-count tiles too) divide outright; both spilled
+with the estimate's branch on sm_90.
+
 No contracted FMA: Triton lets LLVM fuse a multiply with the add after it into one FMA, and
 ptxas may do the same with a plain ``mul.f32`` (PTX without a rounding modifier), which
 rounds once where PyTorch rounds twice. So every float product here is ``fma(a, b, +0.0)``
@@ -99,7 +105,11 @@ from spikekernels.kernels.spike_matmul import (
     _split_batch,
     _split_state,
 )
-from spikekernels.kernels.target import target_step
+from spikekernels.kernels.target import (
+    inverse_threshold,
+    target_estimate_tile,
+    target_exact_tile,
+)
 
 
 def _f32(x: float) -> float:
@@ -193,13 +203,40 @@ def softmax_columns(z, key_mask, KEYS: tl.constexpr, COLS: tl.constexpr, LOG2_KE
 
 @triton.jit
 def _attention_neuron(
-    s, gain, mask_n, theta, count, n_min, p_max, KEYS: tl.constexpr, COLS: tl.constexpr,
-    LOG2_KEYS: tl.constexpr,
+    s, gain, mask_n, mask_s, theta, inv_theta, count, n_min, p_max, KEYS: tl.constexpr,
+    COLS: tl.constexpr, LOG2_KEYS: tl.constexpr, ESTIMATE: tl.constexpr,
 ):  # fmt: skip
-    """The attention neuron's step on the softmax of the transposed scores ``s``: sigma."""
+    """The attention neuron's step on the softmax of the transposed scores ``s``: ``(sigma,
+    fired)``, as ``kernels.target.target_tile``, but the rare tile that needs the division
+    forms the softmax again rather than keep it live through the reduction (registers:
+    no spill at 255). Without ``ESTIMATE``, the division outright (module docstring)."""
     # exact_math.score_value, then the row function
     probs = softmax_columns(_mul(gain, s.to(tl.float32)), mask_n, KEYS, COLS, LOG2_KEYS)
-    return target_step(probs, theta, count, n_min, p_max)
+    if not ESTIMATE:
+        return target_exact_tile(probs, theta, count, n_min, p_max, mask_s)
+    sigma, fired = target_estimate_tile(probs, inv_theta, count, n_min, p_max, mask_s)
+    if fired > 1:
+        # `fired >> 8` is 0 but keeps the compiler from reusing the first softmax
+        z = _mul(gain, (s + (fired >> 8)).to(tl.float32))
+        probs = softmax_columns(z, mask_n, KEYS, COLS, LOG2_KEYS)
+        sigma, fired = target_exact_tile(probs, theta, count, n_min, p_max, mask_s)
+    return sigma, fired
+
+
+@triton.jit
+def _context_neuron(z, m, theta, inv_theta, count, n_min, p_max, mask, ESTIMATE: tl.constexpr):
+    """The context neuron's step on the integer context ``z``: ``(sigma, fired)``, as
+    ``_attention_neuron`` (the value formed again for the rare tile that needs the
+    division)."""
+    if not ESTIMATE:
+        return target_exact_tile(_mul(m, z.to(tl.float32)), theta, count, n_min, p_max, mask)
+    sigma, fired = target_estimate_tile(
+        _mul(m, z.to(tl.float32)), inv_theta, count, n_min, p_max, mask
+    )
+    if fired > 1:
+        y = _mul(m, (z + (fired >> 8)).to(tl.float32))
+        sigma, fired = target_exact_tile(y, theta, count, n_min, p_max, mask)
+    return sigma, fired
 
 
 @triton.jit
@@ -364,6 +401,7 @@ def exact_attention_probs_kernel(
         count = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.int32)
     gain = tl.load(gain_ptr)
     theta = tl.load(theta_ptr).to(tl.float32)
+    inv_theta = inverse_threshold(theta)
     if HAS_ACTIVE:
         active_ptrs = active_ptr + (bid * M + offs_m) // rows_per_sample
 
@@ -389,17 +427,18 @@ def exact_attention_probs_kernel(
         # state: a run's first chunk is busy.
         if HAS_COUNT:
             if (moved | fired) != 0:
-                sigma = _attention_neuron(
-                    s, gain, mask_n, theta, count, n_min, p_max, BLOCK_N, BLOCK_M, LOG2_N
-                )
-                fired = tl.max(tl.abs(tl.where(mask_s, sigma, 0)))
+                sigma, fired = _attention_neuron(
+                    s, gain, mask_n, mask_s, theta, inv_theta, count, n_min, p_max, BLOCK_N,
+                    BLOCK_M, LOG2_N, COUNTS_IN,
+                )  # fmt: skip
             else:
                 sigma = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.int32)
                 fired = tl.full((), 0, tl.int32)
         else:
-            sigma = _attention_neuron(
-                s, gain, mask_n, theta, count, n_min, p_max, BLOCK_N, BLOCK_M, LOG2_N
-            )
+            sigma, _ = _attention_neuron(
+                s, gain, mask_n, mask_s, theta, inv_theta, count, n_min, p_max, BLOCK_N,
+                BLOCK_M, LOG2_N, COUNTS_IN,
+            )  # fmt: skip
         count = count + sigma
         if COUNTS_OUT:
             tl.store(out_ptr + s_offs, count.to(tl.int8), mask=mask_s)
@@ -568,6 +607,7 @@ def exact_context_kernel(
         count = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.int32)
     m = _mul(tl.load(theta_a_ptr).to(tl.float32), tl.load(theta_v_ptr).to(tl.float32))
     theta = tl.load(theta_ptr).to(tl.float32)
+    inv_theta = inverse_threshold(theta)
     if HAS_ACTIVE:
         active_ptrs = active_ptr + (bid * M + offs_m) // rows_per_sample
 
@@ -592,13 +632,16 @@ def exact_context_kernel(
         # variant (a run's first chunk, busy anyway) has no registers to spare.
         if HAS_COUNT:
             if (moved | fired) != 0:
-                sigma = target_step(_mul(m, z.to(tl.float32)), theta, count, n_min, p_max)
-                fired = tl.max(tl.abs(tl.where(mask_z, sigma, 0)))
+                sigma, fired = _context_neuron(
+                    z, m, theta, inv_theta, count, n_min, p_max, mask_z, COUNTS_IN
+                )
             else:
                 sigma = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.int32)
                 fired = tl.full((), 0, tl.int32)
         else:
-            sigma = target_step(_mul(m, z.to(tl.float32)), theta, count, n_min, p_max)
+            sigma, _ = _context_neuron(
+                z, m, theta, inv_theta, count, n_min, p_max, mask_z, COUNTS_IN
+            )
         count = count + sigma
         tl.store(out_ptr + out_offs, sigma.to(tl.int8), mask=mask_z)
         if HAS_ACTIVE:
@@ -705,6 +748,7 @@ def exact_attention_kernel(
         count = tl.zeros([BLOCK_DV, BLOCK_M], dtype=tl.int8)
     gain = tl.load(gain_ptr)
     attn_theta = tl.load(attn_theta_ptr).to(tl.float32)
+    attn_inv_theta = inverse_threshold(attn_theta)
     m = _mul(tl.load(theta_a_ptr).to(tl.float32), tl.load(theta_v_ptr).to(tl.float32))
     theta = tl.load(theta_ptr).to(tl.float32)
     if HAS_ATTN_ACTIVE:
@@ -725,11 +769,10 @@ def exact_attention_kernel(
             stride_kn, stride_kd, BLOCK_M, BLOCK_N, BLOCK_D,
         )  # fmt: skip
         if (_changed(s_now, s) | attn_fired) != 0:
-            sigma = _attention_neuron(
-                s_now, gain, mask_n, attn_theta, attn_count, attn_n_min, attn_p_max, BLOCK_N,
-                BLOCK_M, LOG2_N,
+            sigma, attn_fired = _attention_neuron(
+                s_now, gain, mask_n, mask_s, attn_theta, attn_inv_theta, attn_count, attn_n_min,
+                attn_p_max, BLOCK_N, BLOCK_M, LOG2_N, True,
             )  # fmt: skip
-            attn_fired = tl.max(tl.abs(tl.where(mask_s, sigma, 0)))
         else:
             sigma = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.int32)
             attn_fired = tl.full((), 0, tl.int32)
@@ -743,8 +786,10 @@ def exact_attention_kernel(
         v = tl.load(v_ptr + v_offs, mask=mask_n[:, None] & mask_dv[None, :], other=0)
         z_now = tl.dot(tl.trans(v), attn_count, out_dtype=tl.int32)
         if (_changed(z_now, z) | fired) != 0:
-            sigma_c = target_step(_mul(m, z_now.to(tl.float32)), theta, count, n_min, p_max)
-            fired = tl.max(tl.abs(tl.where(mask_z, sigma_c, 0)))
+            # the division outright: 4 values a lane here, and the estimate's branch would
+            # spill (255 registers)
+            y = _mul(m, z_now.to(tl.float32))
+            sigma_c, fired = target_exact_tile(y, theta, count, n_min, p_max, mask_z)
         else:
             sigma_c = tl.zeros([BLOCK_DV, BLOCK_M], dtype=tl.int32)
             fired = tl.full((), 0, tl.int32)
