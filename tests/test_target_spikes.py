@@ -169,25 +169,30 @@ def test_per_channel_values_next_to_rounding_steps(gen, device):
 
 
 @triton.jit
-def _estimate_kernel(y_ptr, theta_ptr, c_ptr, sigma_ptr, unsure_ptr, n, n_min, p_max,
-                     BLOCK: tl.constexpr):  # fmt: skip
+def _estimate_kernel(y_ptr, theta_ptr, c_ptr, sigma_ptr, unsure_ptr, n, n_min, p_max, t_ptr,
+                     NESTED: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     y = tl.load(y_ptr + offs, mask=mask, other=0.0)
     c = tl.load(c_ptr + offs, mask=mask, other=0).to(tl.int32)
-    sigma, unsure = target_estimate(y, inverse_threshold(tl.load(theta_ptr)), c, n_min, p_max)
+    inv = inverse_threshold(tl.load(theta_ptr))
+    if NESTED:  # the target of fl(y / t), as the attention neuron's on fl(e / total)
+        inv = tl.fma(inverse_threshold(tl.load(t_ptr)), inv, 0.0)
+    sigma, unsure = target_estimate(y, inv, c, n_min, p_max)
     tl.store(sigma_ptr + offs, sigma, mask=mask)
     tl.store(unsure_ptr + offs, unsure, mask=mask)
 
 
-def _estimate(value, theta, count, n_min, p_max):
-    """``kernels.target.target_estimate`` lane by lane: ``(sigma, unsure)``."""
+def _estimate(value, theta, count, n_min, p_max, t=None):
+    """``kernels.target.target_estimate`` lane by lane: ``(sigma, unsure)``; with ``t``, of
+    the target of ``fl(value / t)``."""
     sigma = torch.empty(value.shape, dtype=torch.int32, device=value.device)
     unsure = torch.empty_like(sigma)
     n = value.numel()
     _estimate_kernel[(triton.cdiv(n, 1024),)](
-        value, theta, count, sigma, unsure, n, n_min, p_max, BLOCK=1024
-    )
+        value, theta, count, sigma, unsure, n, n_min, p_max, theta if t is None else t,
+        NESTED=t is not None, BLOCK=1024,
+    )  # fmt: skip
     return sigma, unsure.bool()
 
 
@@ -222,6 +227,27 @@ def test_estimate_is_exact_wherever_it_is_sure(gen, theta):
         bad = torch.tensor(bad, device=device)
         _, unsure = _estimate(spread[:64].to(device), bad, count[:64].to(device), -4, 3)
         assert unsure.all(), f"threshold {bad.item()}"
+
+
+@pytest.mark.skipif(
+    not (INTERPRET or torch.cuda.is_available()), reason="runs a Triton kernel: interpreter or GPU"
+)
+@pytest.mark.parametrize("total", [1.0, 7.0, 36.61, 196.999])
+def test_estimate_of_two_divisions_is_exact_wherever_it_is_sure(gen, total):
+    """The estimate of the attention neuron's target on a softmax, ``floor(fl(fl(e / t) /
+    theta) + 1/2)``, from ``e`` and ``fl(fl(1/t) fl(1/theta))``, lane by lane next to every
+    rounding step: exact wherever it is sure."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    t = torch.tensor(total, dtype=torch.float32)
+    for theta in (0.01, 0.0371, 0.13):
+        theta = torch.tensor(theta, dtype=torch.float32)
+        e, count = _near_rounding_steps(gen, (t * theta).float(), 0, 15, 32)
+        probs = (e / t).float()
+        exact = reference.target_spikes(probs[None], theta, 0, 15, count)[0][0]
+        sigma, unsure = _estimate(*(x.to(device) for x in (e, theta, count)), 0, 15, t.to(device))
+        wrong = (sigma.cpu() != exact.to(torch.int32)) & ~unsure.cpu()
+        assert not wrong.any(), f"theta {theta.item()}: {int(wrong.sum())} sure lanes differ"
+        assert unsure.any(), "no lane near a step: the test lost its edge"
 
 
 @pytest.mark.parametrize("device", DEVICES)

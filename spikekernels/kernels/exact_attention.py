@@ -191,14 +191,21 @@ def softmax_columns(z, key_mask, KEYS: tl.constexpr, COLS: tl.constexpr, LOG2_KE
     """``exact_math.softmax_rows`` of each column of the float32 transposed scores ``z``
     ``[KEYS, COLS]`` (a column is one query's row of scores), over the lanes where
     ``key_mask`` ``[KEYS]`` holds."""
+    e, total = softmax_terms(z, key_mask, KEYS, COLS, LOG2_KEYS)
+    return tl.div_rn(e, total[None, :])
+
+
+@triton.jit
+def softmax_terms(z, key_mask, KEYS: tl.constexpr, COLS: tl.constexpr, LOG2_KEYS: tl.constexpr):
+    """``softmax_columns`` before its division: ``(e [KEYS, COLS], total [COLS])``, the
+    softmax being ``fl(e / total)``; ``total`` is positive (1 for a column of no keys)."""
     peak = tl.max(tl.where(key_mask[:, None], z, float("-inf")), axis=0)  # exact in any order
     peak = tl.where(peak == float("-inf"), 0.0, peak)
     # padded keys: exp of 0 (no inf - inf on the way), then an exact zero
     x = tl.where(key_mask[:, None], z - peak[None, :], 0.0)
     e = tl.where(key_mask[:, None], exp_rows(x), 0.0)
     total = tree_sum_columns(e, KEYS, COLS, LOG2_KEYS)
-    total = tl.where(total > 0.0, total, 1.0)
-    return tl.div_rn(e, total[None, :])
+    return e, tl.where(total > 0.0, total, 1.0)
 
 
 @triton.jit
@@ -207,14 +214,19 @@ def _attention_neuron(
     COLS: tl.constexpr, LOG2_KEYS: tl.constexpr, ESTIMATE: tl.constexpr,
 ):  # fmt: skip
     """The attention neuron's step on the softmax of the transposed scores ``s``: ``(sigma,
-    fired)``, as ``kernels.target.target_tile``, but the rare tile that needs the division
-    forms the softmax again rather than keep it live through the reduction (registers:
-    no spill at 255). Without ``ESTIMATE``, the division outright (module docstring)."""
+    fired)``, as ``kernels.target.target_tile`` on the softmax but without the softmax's
+    division either; the rare tile that needs the divisions forms the softmax again rather
+    than keep it live through the reduction (registers: no spill at 255). Without
+    ``ESTIMATE``, the divisions outright (module docstring)."""
     # exact_math.score_value, then the row function
-    probs = softmax_columns(_mul(gain, s.to(tl.float32)), mask_n, KEYS, COLS, LOG2_KEYS)
     if not ESTIMATE:
+        probs = softmax_columns(_mul(gain, s.to(tl.float32)), mask_n, KEYS, COLS, LOG2_KEYS)
         return target_exact_tile(probs, theta, count, n_min, p_max, mask_s)
-    sigma, fired = target_estimate_tile(probs, inv_theta, count, n_min, p_max, mask_s)
+    # Neither division: the target of fl(e / total) is estimated from e and one reciprocal
+    # per query, fl(fl(1/total) fl(1/theta)) (kernels.target: a target of two divisions)
+    e, total = softmax_terms(_mul(gain, s.to(tl.float32)), mask_n, KEYS, COLS, LOG2_KEYS)
+    inv = _mul(inverse_threshold(total), inv_theta)
+    sigma, fired = target_estimate_tile(e, inv[None, :], count, n_min, p_max, mask_s)
     if fired > 1:
         # `fired >> 8` is 0 but keeps the compiler from reusing the first softmax
         z = _mul(gain, (s + (fired >> 8)).to(tl.float32))

@@ -4,9 +4,10 @@ Each program owns BLOCK neurons, keeps their int8 count in registers (as int32) 
 steps, reads each current value once and writes each spike once (int8). The threshold, one
 element or one per channel (the last dim), is read on the device: no host sync.
 
-The neuron step (``target_tile``) is shared by every exact-mode kernel: a division-free
-estimate of the target, exact outside a small margin around each rounding step, and the
-correctly rounded division for a whole tile only when a lane fell inside it.
+The neuron step here (``target_step``) is that of every exact-mode kernel. Most of them take
+it by ``target_tile``: a division-free estimate of the target, exact outside a small margin
+around each rounding step, and the correctly rounded division for a whole tile only when a
+lane fell inside it.
 """
 
 from __future__ import annotations
@@ -53,6 +54,13 @@ def target_step(y, theta, c, n_min, p_max):
 # than 2^-21.1 |q| + 2^-20.9 from every half-integer, no step lies between q and x and both
 # targets agree. The test's own roundings (of q + 1/2, of the gap, of the margin) are below
 # 2^-24 (|q| + 1); the margin used is about four times the total.
+#
+# A target of two nested divisions, floor(fl(fl(y / t) / theta) + 1/2) (the attention neuron
+# on the softmax fl(e / total)), takes the same estimate with inv_theta = fl(fl(1/t)
+# fl(1/theta)): q is then within 2^-22 |q| of y / (t theta) (four roundings), and each step
+# lies within 2^-20.9 (|m| + 0.4) of m - 1/2 (one more rounding to cross), which the margin
+# still covers 2.3 times over. (Brute-force searches for the steps of both targets found
+# them within 2^-23.4 (|m| + 0.4).)
 _UNSURE_SLOPE = tl.constexpr(-(2.0**-19))
 _UNSURE_EDGE = tl.constexpr(0.5 - 2.0**-18)  # 1/2 less the margin at q = 0
 _MIN_NORMAL = tl.constexpr(2.0**-126)
