@@ -180,7 +180,7 @@ def _estimate_kernel(y_ptr, theta_ptr, c_ptr, sigma_ptr, unsure_ptr, n, n_min, p
         inv = tl.fma(inverse_threshold(tl.load(t_ptr)), inv, 0.0)
     sigma, unsure = target_estimate(y, inv, c, n_min, p_max)
     tl.store(sigma_ptr + offs, sigma, mask=mask)
-    tl.store(unsure_ptr + offs, unsure, mask=mask)
+    tl.store(unsure_ptr + offs, unsure.to(tl.int32), mask=mask)
 
 
 def _estimate(value, theta, count, n_min, p_max, t=None):

@@ -77,10 +77,10 @@ def inverse_threshold(theta):
 
 @triton.jit
 def target_estimate(y, inv_theta, c, n_min, p_max):
-    """``target_step`` without its division: returns ``(sigma, unsure)``, both int32.
+    """``target_step`` without its division: returns ``(sigma, unsure)``, int32 and bool.
 
-    Where ``unsure`` is 0, sigma equals ``target_step``'s bit for bit (the margin above);
-    where it is 1 (within the margin of a rounding step, or a value or threshold that is not
+    Where ``unsure`` is clear, sigma equals ``target_step``'s bit for bit (the margin above);
+    where it is set (within the margin of a rounding step, or a value or threshold that is not
     finite), sigma is meaningless and must be recomputed by ``target_step``. On values spread
     over the levels that is a few lanes in 10^5. ``inv_theta`` is ``inverse_threshold(theta)``,
     formed once per tile. A sure lane has a finite target, so the clamp may use min/max.
@@ -95,8 +95,8 @@ def target_estimate(y, inv_theta, c, n_min, p_max):
     sure = half_gap < tl.fma(tl.abs(q), _UNSURE_SLOPE, 0.0) + _UNSURE_EDGE
     target = tl.minimum(tl.maximum(f, n_min * 1.0), p_max * 1.0)  # (an int may be constexpr)
     cf = c.to(tl.float32)
-    sigma = (target > cf).to(tl.int32) - (target < cf).to(tl.int32)
-    return sigma, (~sure).to(tl.int32)
+    sigma = tl.where(target > cf, 1, tl.where(target < cf, -1, 0))
+    return sigma, ~sure
 
 
 @triton.jit
@@ -107,7 +107,7 @@ def target_estimate_tile(y, inv_theta, c, n_min, p_max, mask):
     tile of 4096 values in ten: a division is about ten instructions a lane on a GPU, more
     than the rest of the neuron)."""
     sigma, unsure = target_estimate(y, inv_theta, c, n_min, p_max)
-    return sigma, tl.max(tl.where(mask, tl.abs(sigma) | (unsure << 1), 0))
+    return sigma, tl.max(tl.where(mask, tl.where(unsure, 2, sigma != 0), 0))
 
 
 @triton.jit
