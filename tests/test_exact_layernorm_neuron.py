@@ -88,6 +88,25 @@ def _assert_same(got, want):
         assert diff == 0, f"{name}: {diff} of {g.numel()} elements differ"
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_values_next_to_rounding_steps(gen, device):
+    """Per-channel thresholds of ``fl(2 y / (2k + 1))`` for a fixed stream's LayerNorm ``y``
+    put every target within an ulp of a tie, where the kernel's division-free estimate must
+    give way to the division (kernels.target); the stream held over the steps, the counts
+    reach their ties. Bit-exact against the reference."""
+    d, c = _residual(gen, 1, 2, 3, 96)
+    d = d.expand(12, -1, -1, -1).contiguous()
+    norm = _norm(gen, 96, per_channel=True)
+    y = exact_math.layer_norm_rows(exact_math.residual_read(c, d[0]), norm["w"], norm["b"], EPS)
+    k = torch.randint(0, 6, (96,), generator=gen)
+    norm["theta"] = (2 * y[0, 0].abs() / (2 * k + 1)).float()  # channel ties of the first row
+    norm = {name: t.to(device) for name, t in norm.items()}
+    want = _reference(d, c, norm, -8, 7)
+    _assert_same(_run(d.to(device), c.to(device), norm, -8, 7), want)
+    settled = want[1][0, 0].double() * y[0, 0].sign()
+    assert ((settled - (k + 0.5)).abs() <= 0.5).all(), "the first row's counts missed its ties"
+
+
 # (batch, tokens, C): ViT-S's width, widths that are not powers of two, one channel
 SHAPES = [(2, 3, 384), (3, 5, 100), (1, 9, 7), (2, 2, 1), (1, 3, 1024)]
 

@@ -21,7 +21,7 @@ in their order, one rounding each, so the bits equal the QANN's row function:
   lanes are its zero padding);
 - ``xc = x - mean`` (zero on the padding lanes), ``var = tree_sum(xc * xc) / C``;
 - ``y = xc / sqrt(var + eps)``, ``y = y * w``, ``y = y + b``;
-- the §9.3 neuron on ``y`` (``kernels.target.target_step``).
+- the §9.3 neuron on ``y`` (``kernels.target.target_tile``).
 
 Divisions are ``div_rn`` and the root ``sqrt_rn`` (Triton's ``/`` and ``sqrt`` on float32 are
 approximate on NVIDIA GPUs). Products that feed an add are formed as ``fma(a, b, +0.0)``:
@@ -41,7 +41,7 @@ from spikekernels.kernels import on_device
 from spikekernels.kernels.activity import active_layout, record_active_rows
 from spikekernels.kernels.exact_residual import residual_value
 from spikekernels.kernels.exact_rows import tree_sum_rows
-from spikekernels.kernels.target import load_threshold, target_step
+from spikekernels.kernels.target import inverse_threshold, load_threshold, target_tile
 
 # A program holds ROWS x BLOCK_C = 1024 lanes: 8 per thread at 4 warps. c and the prefetched
 # D (float64), the count and a step's temporaries then take 96-120 registers on sm_90, 128-158
@@ -200,6 +200,7 @@ def exact_layernorm_neuron_kernel(
         const = tl.load(c_ptr + (rows % RC)[:, None] * C + cols[None, :], mask=mask, other=0.0)
     w, b = load_affine(w_ptr, b_ptr, cols, col_mask, HAS_WEIGHT, HAS_BIAS, BLOCK_C)
     theta = load_threshold(theta_ptr, cols, col_mask, PER_CHANNEL)
+    inv_theta = inverse_threshold(theta)
     if HAS_COUNT:
         count = tl.load(count_in_ptr + offs, mask=mask, other=0).to(tl.int32)
     else:
@@ -247,7 +248,7 @@ def exact_layernorm_neuron_kernel(
         y = layer_norm_rows_fp32(
             x, w, b, eps, col_mask, c_f, HAS_WEIGHT, HAS_BIAS, ROWS, BLOCK_C, LOG2_C
         )
-        sigma = target_step(y, theta, count, n_min, p_max)
+        sigma, _ = target_tile(y, theta, inv_theta, count, n_min, p_max, mask)
         count = count + sigma
         tl.store(out_ptrs, sigma.to(tl.int8), mask=mask)
         if HAS_ACTIVE:
