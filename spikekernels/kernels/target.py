@@ -48,12 +48,13 @@ def target_step(y, theta, c, n_min, p_max):
 
 # The division-free estimate (target_estimate) trusts floor(fl(q) + 1/2), q = fl(y * r) and
 # r = fl(1/theta), unless q lies within (|q| + 2) * 2^-19 of a half-integer. Why that is
-# exact: q is within 2^-23 |q| (1 + 2^-22) of x = y / theta (two roundings). The exact target
-# floor(fl(fl(x) + 1/2)) reaches m where x crosses a point within 2^-21.6 (|m| + 0.3) of
-# m - 1/2 (the rounding of fl(x) + 1/2 to m, then of x to that float). So when q is farther
-# than 2^-21.1 |q| + 2^-20.9 from every half-integer, no step lies between q and x and both
-# targets agree. The test's own roundings (of q + 1/2, of the gap, of the margin) are below
-# 2^-24 (|q| + 1); the margin used is about four times the total.
+# exact: q is within 2^-23 |q| (1 + 2^-22) of x = y / theta (two roundings; or both are below
+# 2^-125, where both targets are 0). The exact target floor(fl(fl(x) + 1/2)) reaches m where
+# x crosses a point within 2^-21.6 (|m| + 0.3) of m - 1/2 (the rounding of fl(x) + 1/2 to m,
+# then of x to that float). So when q is farther than 2^-21.1 |q| + 2^-20.9 from every
+# half-integer, no step lies between q and x and both targets agree. The test's own roundings
+# (of q + 1/2, of the gap, of the margin) are below 2^-24 (|q| + 1); the margin used is at
+# least 3.7 times the total.
 #
 # A target of two nested divisions, floor(fl(fl(y / t) / theta) + 1/2) (the attention neuron
 # on the softmax fl(e / total)), takes the same estimate with inv_theta = fl(fl(1/t)
