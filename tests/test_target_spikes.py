@@ -196,16 +196,19 @@ def _estimate(value, theta, count, n_min, p_max, t=None):
     return sigma, unsure.bool()
 
 
-@pytest.mark.skipif(
-    not (INTERPRET or torch.cuda.is_available()), reason="runs a Triton kernel: interpreter or GPU"
-)
+def _needs_triton(device):
+    if device == "cpu" and not INTERPRET:
+        pytest.skip("a Triton kernel on the CPU needs the interpreter")
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("theta", [0.1, 0.375, 3.0e-7, 6.1e4, 1.0 / 3.0, 13.7])
-def test_estimate_is_exact_wherever_it_is_sure(gen, theta):
+def test_estimate_is_exact_wherever_it_is_sure(gen, device, theta):
     """The division-free estimate, lane by lane (the kernels fall back to the division for a
     whole tile when any lane is unsure, which would hide a wrong sure lane): where it is sure
     it equals the exact step, next to every rounding step; it is unsure of few lanes of
     values spread over the levels, and of every non-finite value or threshold."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    _needs_triton(device)
     theta = torch.tensor(theta, dtype=torch.float32)
     value, count = _near_rounding_steps(gen, theta, -128, 127, 32)
     exact = reference.target_spikes(value[None], theta, -128, 127, count)[0][0].to(torch.int32)
@@ -230,15 +233,13 @@ def test_estimate_is_exact_wherever_it_is_sure(gen, theta):
         assert unsure.all(), f"threshold {bad.item()}"
 
 
-@pytest.mark.skipif(
-    not (INTERPRET or torch.cuda.is_available()), reason="runs a Triton kernel: interpreter or GPU"
-)
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("total", [1.0, 7.0, 36.61, 196.999])
-def test_estimate_of_two_divisions_is_exact_wherever_it_is_sure(gen, total):
+def test_estimate_of_two_divisions_is_exact_wherever_it_is_sure(gen, device, total):
     """The estimate of the attention neuron's target on a softmax, ``floor(fl(fl(e / t) /
     theta) + 1/2)``, from ``e`` and ``fl(fl(1/t) fl(1/theta))``, lane by lane next to every
     rounding step: exact wherever it is sure."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    _needs_triton(device)
     t = torch.tensor(total, dtype=torch.float32)
     for theta in (0.01, 0.0371, 0.13):
         theta = torch.tensor(theta, dtype=torch.float32)
