@@ -9,10 +9,10 @@ functions below, so the bits agree:
   ``floor`` are correctly rounded on every device; ``sqrt`` is made so by ``sqrt_rn``), never
   a fused multiply-add
   (eager PyTorch launches ``mul`` and ``add`` separately);
-- reductions are ``tree_sum``: halving additions whose order depends on the row length
-  alone, and ``exp`` is ``exp_rows``'s polynomial of such operations. So LayerNorm and softmax
-  give the same bits for a row whatever the batch, the number of time steps, the thread count
-  or the vectorisation around it, on CPU and GPU alike; a fused kernel reproduces them by
+- reductions are ``tree_sum``: pairwise additions of neighbours whose order depends on the row
+  length alone, and ``exp`` is ``exp_rows``'s polynomial of such operations. So LayerNorm and
+  softmax give the same bits for a row whatever the batch, the number of time steps, the thread
+  count or the vectorisation around it, on CPU and GPU alike; a fused kernel reproduces them by
   running the same operations in the same order.
 
 Not for autograd: the QANN trains through its float path (``QuantLinear`` in training mode).
@@ -107,16 +107,20 @@ def residual_read(c: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
 
 def tree_sum(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """Sum over ``dim`` (kept, size 1) in a fixed order: pad with zeros to a power of two,
-    then add the upper half to the lower half until one element is left. Each level is one
-    elementwise add, so the result depends on the values and the length only."""
+    then add neighbours, ``x[2i] + x[2i + 1]``, until one element is left. Each level is one
+    elementwise add, so the result depends on the values and the length only.
+
+    Neighbours first because a kernel holds a row's adjacent elements in one thread (its
+    vectorised loads): the first levels are a thread's own adds, and only the last ones
+    cross threads, each with one value a thread (the upper-half-plus-lower-half order crossed
+    warps first, with every element still live)."""
     x = x.movedim(dim, -1)
     n = x.shape[-1]
     width = 1 << max(n - 1, 0).bit_length()
     if width != n:
         x = torch.cat((x, x.new_zeros(*x.shape[:-1], width - n)), dim=-1)
     while x.shape[-1] > 1:
-        half = x.shape[-1] // 2
-        x = x[..., :half] + x[..., half:]
+        x = x[..., 0::2] + x[..., 1::2]
     return x.movedim(-1, dim)
 
 

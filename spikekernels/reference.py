@@ -384,14 +384,13 @@ def exact_linear(
 
 def _tree_sum(x: torch.Tensor) -> torch.Tensor:
     """Sum over the last dim (kept) in exact mode's fixed order: pad with zeros to a power of
-    two, then add the upper half to the lower half until one element is left."""
+    two, then add neighbours, ``x[2i] + x[2i + 1]``, until one element is left."""
     width = 1
     while width < x.shape[-1]:
         width *= 2
     x = F.pad(x, (0, width - x.shape[-1]))
     while x.shape[-1] > 1:
-        half = x.shape[-1] // 2
-        x = x[..., :half] + x[..., half:]
+        x = x[..., 0::2] + x[..., 1::2]
     return x
 
 

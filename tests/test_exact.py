@@ -189,6 +189,21 @@ def test_row_functions_do_not_depend_on_batch_or_threads(gen):
     assert torch.equal(tree_sum(z, dim=1)[7], tree_sum(z[7:8], dim=1)[0])
 
 
+def test_tree_sum_adds_neighbours_first():
+    """tree_sum's order is part of exact mode's row functions (the kernels reproduce it): pad
+    to a power of two, then ``x[2i] + x[2i + 1]`` per level. Rows where another order rounds
+    differently: ``(2^24 + 1) + (1 - 2^24)`` is 1 in float32, while upper-half-plus-lower-half,
+    ``(2^24 - 2^24) + (1 + 1)``, is 2."""
+    big = 2.0**24
+    row = torch.tensor([big, 1.0, -big, 1.0])
+    assert tree_sum(row).item() == 1.0
+    assert (row[:2] + row[2:]).sum().item() == 2.0  # the other order, for contrast
+    # padded with zeros to 8: the same as 4, then + 0 twice; and along another dim
+    five = torch.tensor([big, 1.0, -big, 1.0, 3.0])
+    assert tree_sum(five).item() == 4.0
+    assert torch.equal(tree_sum(five[:, None].expand(5, 3), dim=0), torch.full((1, 3), 4.0))
+
+
 # --- the exact SNN -------------------------------------------------------------------------
 
 

@@ -958,19 +958,38 @@ if TRITON_AVAILABLE:
     import triton
     import triton.language as tl
 
-    from spikekernels.kernels.exact_attention import _mul, softmax_columns
+    from spikekernels.kernels.exact_attention import _mul, key_order, softmax_columns
+    from spikekernels.kernels.exact_rows import bit_order_codes, permuted_rows
 
     @triton.jit
-    def _softmax_columns_kernel(s_ptr, g_ptr, out_ptr, N, ROWS: tl.constexpr, WIDTH: tl.constexpr):
+    def _softmax_columns_kernel(
+        s_ptr, g_ptr, out_ptr, N, ROWS: tl.constexpr, WIDTH: tl.constexpr,
+        KEY_PERM: tl.constexpr, KEY_TREE: tl.constexpr,
+    ):  # fmt: skip
         """``softmax_columns`` of the values of int32 scores ``[ROWS, N]`` read transposed,
-        ``[WIDTH, ROWS]`` with the keys padded to ``WIDTH``, as the scores kernel holds them."""
-        keys, rows = tl.arange(0, WIDTH), tl.arange(0, ROWS)
+        ``[WIDTH, ROWS]`` with the keys padded to ``WIDTH`` and tile row ``p`` holding key
+        ``permuted_rows(p)``, as the scores kernels hold them."""
+        keys = permuted_rows(tl.arange(0, WIDTH), WIDTH.bit_length() - 1, KEY_PERM)
+        rows = tl.arange(0, ROWS)
         mask = keys < N
         offs = rows[None, :] * N + keys[:, None]
         s = tl.load(s_ptr + offs, mask=mask[:, None], other=0)
         z = _mul(tl.load(g_ptr), s.to(tl.float32))
-        probs = softmax_columns(z, mask, WIDTH, ROWS, WIDTH.bit_length() - 1)
+        probs = softmax_columns(z, mask, WIDTH, ROWS, WIDTH.bit_length() - 1, KEY_TREE)
         tl.store(out_ptr + offs, probs, mask=mask[:, None])
+
+
+def _key_orders(width: int) -> dict[str, tuple[int, ...]]:
+    """Orders of the keys in a tile of ``width`` rows: row order, the kernels' own at 8 and 4
+    warps, and a random one (fixed seed)."""
+    bits = width.bit_length() - 1
+    shuffled = torch.randperm(bits, generator=torch.Generator().manual_seed(width)).tolist()
+    return {
+        "rows": tuple(range(bits)),
+        "8 warps": key_order(width, 8),
+        "4 warps": key_order(width, 4),
+        "random": tuple(shuffled),
+    }
 
 
 @pytest.mark.skipif(
@@ -979,9 +998,9 @@ if TRITON_AVAILABLE:
 @pytest.mark.parametrize("n", [1, 5, 16, 100, 197, 256])
 def test_softmax_columns_is_exact_maths_row_function(gen, n):
     """The kernels' softmax of int32 scores, each query's keys padded to any power of two
-    >= 16, gives the bits of exact_math.softmax_rows(score_value(S, g)): tree_sum's order,
-    exp_rows' polynomial, the padding adding exact zeros. Includes exp's cut-off at -87 and
-    ties."""
+    >= 16 and held in any order of the tile's rows, gives the bits of
+    exact_math.softmax_rows(score_value(S, g)): tree_sum's order, exp_rows' polynomial, the
+    padding adding exact zeros. Includes exp's cut-off at -87 and ties."""
     s = torch.randint(-3000, 3000, (16, n), generator=gen, dtype=torch.int32)
     s[0] = 0  # a uniform row
     s[1, : n // 2] = 10_000  # keys far below the peak: exp underflows to 0
@@ -989,9 +1008,49 @@ def test_softmax_columns_is_exact_maths_row_function(gen, n):
     gain = torch.tensor(0.0123)
     want = exact_math.softmax_rows(exact_math.score_value(s, gain))
     for width in sorted({max(16, 1 << (n - 1).bit_length()), 512}):
-        out = torch.full((16, n), float("nan"))
-        _softmax_columns_kernel[(1,)](s, gain, out, n, ROWS=16, WIDTH=width)
-        assert torch.equal(out.view(torch.int32), want.view(torch.int32)), f"width {width}"
+        for name, order in _key_orders(width).items():
+            perm, tree = bit_order_codes(order)
+            out = torch.full((16, n), float("nan"))
+            _softmax_columns_kernel[(1,)](
+                s, gain, out, n, ROWS=16, WIDTH=width, KEY_PERM=perm, KEY_TREE=tree
+            )
+            got = out.view(torch.int32)
+            assert torch.equal(got, want.view(torch.int32)), f"width {width}, {name}"
+
+
+@pytest.mark.skipif(
+    not use_triton(torch.empty(0)), reason="the Triton kernels run on CPU only when interpreted"
+)
+def test_softmax_columns_needs_the_tree_of_its_key_order(gen):
+    """The tree must follow the tile's key order: keys held in the kernels' order but summed
+    as if in row order give other bits (so the test above can tell the orders apart)."""
+    n = width = 256
+    s = torch.randint(-3000, 3000, (16, n), generator=gen, dtype=torch.int32)
+    gain = torch.tensor(0.0123)
+    want = exact_math.softmax_rows(exact_math.score_value(s, gain))
+    perm, _ = bit_order_codes(key_order(width, 8))
+    _, row_tree = bit_order_codes(tuple(range(8)))
+    out = torch.full((16, n), float("nan"))
+    _softmax_columns_kernel[(1,)](
+        s, gain, out, n, ROWS=16, WIDTH=width, KEY_PERM=perm, KEY_TREE=row_tree
+    )
+    assert not torch.equal(out.view(torch.int32), want.view(torch.int32))
+
+
+@pytest.mark.skipif(not TRITON_AVAILABLE, reason="needs Triton")
+def test_bit_order_codes():
+    """The codes of an order: four bits a level, the row bit, then its position among the
+    bits left; anything but a permutation is refused."""
+    from spikekernels.kernels.exact_rows import bit_order_codes
+
+    assert bit_order_codes((0, 1, 2)) == (0x210, 0)
+    # (3, 7, 0, 1, 2, 6, 5, 4): positions 3, 6 (bit 3 gone), then 0, 0, 0, 2, 1, 0
+    perm, tree = bit_order_codes((3, 7, 0, 1, 2, 6, 5, 4))
+    assert perm == 0x45621073
+    assert tree == 0x01200063
+    for bad in [(0, 0), (1, 2), (0, 2, 1, 4)]:
+        with pytest.raises(ValueError, match="order must be a permutation"):
+            bit_order_codes(bad)
 
 
 @pytest.mark.cuda

@@ -465,6 +465,65 @@ def test_attention_probs_on_rounding_ties(gen, device):
         assert (estimate != exact) == (n != 197), f"N = {n}: the case lost its edge"
 
 
+def _sum_in_tile_rows(e: torch.Tensor, order: tuple[int, ...]) -> torch.Tensor:
+    """tree_sum of each row of ``e`` ``[R, N]`` taken in the order of a scores tile's rows
+    (``exact_attention.key_order``) instead of the keys': what a kernel that held its keys
+    in that order but summed its rows neighbours-first would get."""
+    from spikekernels import exact_math
+
+    width = 1 << len(order)
+    rows = torch.arange(width)
+    keys = sum(((rows >> bit) & 1) << i for i, bit in enumerate(order))
+    padded = torch.nn.functional.pad(e, (0, width - e.shape[-1]))
+    return exact_math.tree_sum(padded[:, keys])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_attention_sum_order_decides_a_target(gen, device):
+    """The fused kernel's softmax sums each query's keys in tree_sum's order although its
+    tile holds them in ``key_order``'s: a lane whose probability takes another value when the
+    tile's rows are summed in row order, and an attention threshold that puts the two values
+    on either side of a rounding step, with the count already at the right target, so that
+    only the exact order leaves it silent."""
+    from spikekernels import exact_math
+    from spikekernels.kernels.exact_attention import key_order, probs_config
+
+    case = _attention_case(gen, 1, (1,), 16, 16, 197, 8, state=True)
+    _, block_n, _, num_warps = probs_config(197)
+    z = exact_math.score_value(
+        exact_math.int_matmul(case["q"][0, 0], case["k_t"][0, 0]), case["gain"]
+    )
+    e = exact_math.exp_rows(z - z.amax(-1, keepdim=True))
+    right = e / exact_math.tree_sum(e)
+    wrong = e / _sum_in_tile_rows(e, key_order(block_n, num_warps))
+    row, key = ((right != wrong) & (e == e.amax(-1, keepdim=True))).nonzero()[0].tolist()
+    p, p_wrong = right[row, key], wrong[row, key]
+
+    def target(prob, theta):
+        return torch.floor(prob / theta + 0.5).item()
+
+    for k in range(1, ATTN_BOUNDS[1]):
+        theta = ((p.double() + p_wrong.double()) / (2 * k + 1)).float()
+        if target(p, theta) != target(p_wrong, theta):
+            break
+    else:
+        raise AssertionError("no threshold separates the two sums")
+    case["attn_threshold"] = theta
+    case["attn_count"][0, row, key] = int(target(p, theta))
+    want = _composed(case)
+    assert want[1][0, row, key] == int(target(p, theta))  # silent there: the case's edge
+    on_device = {name: t.to(device) for name, t in case.items()}
+    _assert_equal(_run_attention(on_device), want[:3], ATTENTION_NAMES)
+    # the scores kernel on its own, from the same counts
+    from spikekernels.ops import exact_attention_probs
+
+    got = exact_attention_probs(
+        *(on_device[name] for name in ("q", "k_t", "gain", "attn_threshold")), *ATTN_BOUNDS,
+        None, None, on_device["attn_count"], counts_in=True, counts_out=True,
+    )  # fmt: skip
+    _assert_equal(got, (want[3], want[1]), ("counts", "attn_count"))
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_attention_quiet_tiles_wake_up(gen, backend):
     """Counts that hold for many steps (both products equal to the last step's: the kernel's

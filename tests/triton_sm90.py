@@ -714,6 +714,7 @@ def exact_attention_cases() -> list[Case]:
             BLOCK_N=block_n,
             BLOCK_D=block_d,
             LOG2_N=block_n.bit_length() - 1,
+            **ea.key_codes(block_n, num_warps),
         )
         cases.append(
             Case(
@@ -762,6 +763,7 @@ def exact_attention_cases() -> list[Case]:
             BLOCK_D=block_d,
             BLOCK_DV=block_dv,
             LOG2_N=block_n.bit_length() - 1,
+            **ea.key_codes(block_n, num_warps),
         )
         cases.append(
             Case(
@@ -925,6 +927,7 @@ def exact_residual_cases() -> list[Case]:
 
 
 def spike_attention_cases() -> list[Case]:
+    from spikekernels.kernels import exact_attention as ea
     from spikekernels.kernels import spike_attention as sa
 
     # ViT: 197 tokens (BLOCK_N 256), head dim 64, the operands head-dim contiguous as the
@@ -960,6 +963,7 @@ def spike_attention_cases() -> list[Case]:
             BLOCK_N=block_n,
             BLOCK_D=block_d,
             LOG2_N=block_n.bit_length() - 1,
+            **ea.key_codes(block_n, num_warps, by_layout=False),
         )
         cases.append(
             Case(

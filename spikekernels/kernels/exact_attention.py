@@ -16,7 +16,7 @@ writes it. For each step:
   dot and the read of the count tile it would multiply;
 - ``probs = softmax_rows(fl32(g * fl32(S)))`` by the operations of ``exact_math`` in their
   order (``softmax_columns``): the max over the keys, ``exp_rows``' Cody-Waite reduction and
-  polynomial, ``tree_sum``'s halving order, a correctly rounded division;
+  polynomial, ``tree_sum``'s pairwise order, a correctly rounded division;
 - the §9.3 neuron on ``probs`` (``kernels.target.target_tile``), int8 spikes out;
 - with incoming state, a *quiet* tile (no dot this step, no spike at the last) skips the
   softmax and the neuron: its targets equal its counts, so its spikes are 0, bit for bit.
@@ -69,6 +69,12 @@ nothing to the products). In the softmax the padded keys take no part in the row
 exact zeros after ``exp``: ``tree_sum``'s own zero padding of the row to a power of two (any
 power of two at least the row's: the extra levels add ``+0.0`` to each lane, exactly).
 
+The keys sit in the scores tile's rows in ``key_order``'s order, not in row order: row ``p``
+holds key ``permuted_rows(p)`` (every load, store and mask indexes keys through it, so only
+the tree sum sees the difference), and ``tree_sum_columns`` adds the rows in the order that
+makes its levels ``tree_sum``'s, neighbouring keys first. Chosen so that the levels inside a
+thread come first and those across warps last (``key_order``).
+
 The neurons take ``kernels.target``'s division-free estimate, and the division only for a
 tile with a lane next to a rounding step (``_attention_neuron``), except where registers are
 short: the fused kernel's context neuron (four values a lane) and the spike-form variants
@@ -98,7 +104,7 @@ import triton.language as tl
 from spikekernels.exact_math import _EXP_MIN, _EXP_POLY, _LN2_HI, _LN2_LO, _LOG2E
 from spikekernels.kernels import INTERPRET, on_device
 from spikekernels.kernels.activity import active_layout, record_active_columns, record_active_rows
-from spikekernels.kernels.exact_rows import tree_sum_columns
+from spikekernels.kernels.exact_rows import bit_order_codes, permuted_rows, tree_sum_columns
 from spikekernels.kernels.spike_matmul import (
     _any_spike,
     _running_counts,
@@ -154,6 +160,35 @@ def probs_config(n: int) -> tuple[int, int, int, int]:
     return block_m, max(16, triton.next_power_of_2(n)), block_d, num_warps
 
 
+def key_order(block_n: int, num_warps: int) -> tuple[int, ...]:
+    """The order of the keys in the scores tile ``[BLOCK_N keys, BLOCK_M queries]``, as
+    ``exact_rows.bit_order_codes`` takes it: tile row ``p`` holds key ``sum_i bit(p, order[i])
+    << i``. ``tree_sum`` adds neighbouring keys first, so its levels take the row bits in this
+    order: those in a thread's registers first, then those across lanes, then those across
+    warps, each later level with fewer values a thread to exchange.
+
+    In sm_90's int8 wgmma accumulator (keys as M) row bits 0-2 are lanes, bit 3 a register,
+    the next ``log2(num_warps)`` bits warps and any above registers again. The warp bits go
+    from the highest: the order that compiled without a spill in every variant (from the
+    lowest, the fused kernel spilled 8 B). The bits do not depend on the order (the sum's
+    order is the keys', whatever the rows); at ViT-S on sm_90 this one takes about 90
+    instructions a step fewer than the keys in row order (a tenth of them in the tree sum)."""
+    bits = block_n.bit_length() - 1
+    warp_bits = num_warps.bit_length() - 1
+    registers = [3, *range(4 + warp_bits, bits)]
+    lanes = [0, 1, 2]
+    warps = list(range(min(4 + warp_bits, bits) - 1, 3, -1))
+    return tuple(bit for bit in registers + lanes + warps if bit < bits)
+
+
+def key_codes(block_n: int, num_warps: int, *, by_layout: bool = True) -> dict[str, int]:
+    """``KEY_PERM`` and ``KEY_TREE`` of the scores kernels: for ``key_order``, or without
+    ``by_layout`` for the keys in row order."""
+    order = key_order(block_n, num_warps) if by_layout else tuple(range(block_n.bit_length() - 1))
+    perm, tree = bit_order_codes(order)
+    return {"KEY_PERM": perm, "KEY_TREE": tree}
+
+
 def context_config(d: int) -> tuple[int, int, int, int]:
     """``(BLOCK_M, BLOCK_K, BLOCK_D, num_warps)`` of the context kernel for head dim ``d``:
     BLOCK_D is ``d`` padded to a power of two (at least 16)."""
@@ -187,16 +222,23 @@ def exp_rows(x):
 
 
 @triton.jit
-def softmax_columns(z, key_mask, KEYS: tl.constexpr, COLS: tl.constexpr, LOG2_KEYS: tl.constexpr):
+def softmax_columns(
+    z, key_mask, KEYS: tl.constexpr, COLS: tl.constexpr, LOG2_KEYS: tl.constexpr,
+    KEY_TREE: tl.constexpr,
+):  # fmt: skip
     """``exact_math.softmax_rows`` of each column of the float32 transposed scores ``z``
-    ``[KEYS, COLS]`` (a column is one query's row of scores), over the lanes where
-    ``key_mask`` ``[KEYS]`` holds."""
-    e, total = softmax_terms(z, key_mask, KEYS, COLS, LOG2_KEYS)
+    ``[KEYS, COLS]`` (a column is one query's row of scores, its keys in the order of
+    ``key_order``, whose ``TREE_CODE`` is ``KEY_TREE``), over the lanes where ``key_mask``
+    ``[KEYS]`` holds."""
+    e, total = softmax_terms(z, key_mask, KEYS, COLS, LOG2_KEYS, KEY_TREE)
     return tl.div_rn(e, total[None, :])
 
 
 @triton.jit
-def softmax_terms(z, key_mask, KEYS: tl.constexpr, COLS: tl.constexpr, LOG2_KEYS: tl.constexpr):
+def softmax_terms(
+    z, key_mask, KEYS: tl.constexpr, COLS: tl.constexpr, LOG2_KEYS: tl.constexpr,
+    KEY_TREE: tl.constexpr,
+):  # fmt: skip
     """``softmax_columns`` before its division: ``(e [KEYS, COLS], total [COLS])``, the
     softmax being ``fl(e / total)``; ``total`` is positive (1 for a column of no keys)."""
     peak = tl.max(tl.where(key_mask[:, None], z, float("-inf")), axis=0)  # exact in any order
@@ -204,14 +246,14 @@ def softmax_terms(z, key_mask, KEYS: tl.constexpr, COLS: tl.constexpr, LOG2_KEYS
     # padded keys: exp of 0 (no inf - inf on the way), then an exact zero
     x = tl.where(key_mask[:, None], z - peak[None, :], 0.0)
     e = tl.where(key_mask[:, None], exp_rows(x), 0.0)
-    total = tree_sum_columns(e, KEYS, COLS, LOG2_KEYS)
+    total = tree_sum_columns(e, KEYS, COLS, LOG2_KEYS, KEY_TREE)
     return e, tl.where(total > 0.0, total, 1.0)
 
 
 @triton.jit
 def _attention_neuron(
     s, gain, mask_n, mask_s, theta, inv_theta, count, n_min, p_max, KEYS: tl.constexpr,
-    COLS: tl.constexpr, LOG2_KEYS: tl.constexpr, ESTIMATE: tl.constexpr,
+    COLS: tl.constexpr, LOG2_KEYS: tl.constexpr, KEY_TREE: tl.constexpr, ESTIMATE: tl.constexpr,
 ):  # fmt: skip
     """The attention neuron's step on the softmax of the transposed scores ``s``: ``(sigma,
     fired)``, as ``kernels.target.target_tile`` on the softmax but without the softmax's
@@ -220,17 +262,19 @@ def _attention_neuron(
     ``ESTIMATE``, the divisions outright (module docstring)."""
     # exact_math.score_value, then the row function
     if not ESTIMATE:
-        probs = softmax_columns(_mul(gain, s.to(tl.float32)), mask_n, KEYS, COLS, LOG2_KEYS)
+        z = _mul(gain, s.to(tl.float32))
+        probs = softmax_columns(z, mask_n, KEYS, COLS, LOG2_KEYS, KEY_TREE)
         return target_exact_tile(probs, theta, count, n_min, p_max, mask_s)
     # Neither division: the target of fl(e / total) is estimated from e and one reciprocal
     # per query, fl(fl(1/total) fl(1/theta)) (kernels.target: a target of two divisions)
-    e, total = softmax_terms(_mul(gain, s.to(tl.float32)), mask_n, KEYS, COLS, LOG2_KEYS)
+    z = _mul(gain, s.to(tl.float32))
+    e, total = softmax_terms(z, mask_n, KEYS, COLS, LOG2_KEYS, KEY_TREE)
     inv = _mul(inverse_threshold(total), inv_theta)
     sigma, fired = target_estimate_tile(e, inv[None, :], count, n_min, p_max, mask_s)
     if fired > 1:
         # `fired >> 8` is 0 but keeps the compiler from reusing the first softmax
         z = _mul(gain, (s + (fired >> 8)).to(tl.float32))
-        probs = softmax_columns(z, mask_n, KEYS, COLS, LOG2_KEYS)
+        probs = softmax_columns(z, mask_n, KEYS, COLS, LOG2_KEYS, KEY_TREE)
         sigma, fired = target_exact_tile(probs, theta, count, n_min, p_max, mask_s)
     return sigma, fired
 
@@ -362,6 +406,8 @@ def exact_attention_probs_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     LOG2_N: tl.constexpr,
+    KEY_PERM: tl.constexpr,  # key_order's codes: tile row p holds key permuted_rows(p)
+    KEY_TREE: tl.constexpr,
 ):
     """``S^T = K_{-1} @ Q_{-1}^T``, then per step: ``S^T += K_t @ q_t^T + k_t @ Q_{t-1}^T``
     (``COUNTS_IN``: ``S^T = K_t @ Q_t^T``); ``probs = softmax_rows(fl32(g * fl32(S)))``;
@@ -374,7 +420,7 @@ def exact_attention_probs_kernel(
     bid = (pid // num_m).to(tl.int64)
     nb = tl.num_programs(0) // num_m
     offs_m = (pid % num_m) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
+    offs_n = permuted_rows(tl.arange(0, BLOCK_N), LOG2_N, KEY_PERM)
     offs_d = tl.arange(0, BLOCK_D)
     mask_m = offs_m < M
     mask_n = offs_n < N
@@ -389,7 +435,8 @@ def exact_attention_probs_kernel(
     k_cur_ptr += bid * N * D
     out_ptr += bid * M * N
     s_offs = offs_m[None, :] * N + offs_n[:, None]  # element (key n, query m) of [M, N]
-    state_offs = bid * M * N + s_offs
+    count_in_ptr += bid * M * N
+    count_out_ptr += bid * M * N
     step_q = nb.to(tl.int64) * M * D
     step_k = nb.to(tl.int64) * N * D
     step_s = nb.to(tl.int64) * M * N
@@ -408,7 +455,7 @@ def exact_attention_probs_kernel(
             k_cnt -= tl.load(k_ptr + k_offs, mask=mask_k, other=0)
             s = tl.dot(k_cnt, q_cnt, s, out_dtype=tl.int32)
     if HAS_COUNT:
-        count = tl.load(count_in_ptr + state_offs, mask=mask_s, other=0).to(tl.int32)
+        count = tl.load(count_in_ptr + s_offs, mask=mask_s, other=0).to(tl.int32)
     else:
         count = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.int32)
     gain = tl.load(gain_ptr)
@@ -441,7 +488,7 @@ def exact_attention_probs_kernel(
             if (moved | fired) != 0:
                 sigma, fired = _attention_neuron(
                     s, gain, mask_n, mask_s, theta, inv_theta, count, n_min, p_max, BLOCK_N,
-                    BLOCK_M, LOG2_N, COUNTS_IN,
+                    BLOCK_M, LOG2_N, KEY_TREE, COUNTS_IN,
                 )  # fmt: skip
             else:
                 sigma = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.int32)
@@ -449,7 +496,7 @@ def exact_attention_probs_kernel(
         else:
             sigma, _ = _attention_neuron(
                 s, gain, mask_n, mask_s, theta, inv_theta, count, n_min, p_max, BLOCK_N,
-                BLOCK_M, LOG2_N, COUNTS_IN,
+                BLOCK_M, LOG2_N, KEY_TREE, COUNTS_IN,
             )  # fmt: skip
         count = count + sigma
         if COUNTS_OUT:
@@ -465,7 +512,7 @@ def exact_attention_probs_kernel(
         k_cur_ptr += step_k
         out_ptr += step_s
 
-    tl.store(count_out_ptr + state_offs, count.to(tl.int8), mask=mask_s)
+    tl.store(count_out_ptr + s_offs, count.to(tl.int8), mask=mask_s)
 
 
 @triton.jit
@@ -724,6 +771,8 @@ def exact_attention_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr,
     LOG2_N: tl.constexpr,
+    KEY_PERM: tl.constexpr,  # key_order's codes: tile row p holds key permuted_rows(p)
+    KEY_TREE: tl.constexpr,
 ):
     """Per step: ``S^T = K_t @ Q_t^T``; the attention neuron on ``softmax_rows(fl32(g *
     fl32(S)))``, its count ``A_t`` kept in registers; ``Z^T = V_t^T @ A_t^T``; the context
@@ -733,7 +782,7 @@ def exact_attention_kernel(
     pid = tl.program_id(0)
     bid = (pid // num_m).to(tl.int64)
     offs_m = (pid % num_m) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
+    offs_n = permuted_rows(tl.arange(0, BLOCK_N), LOG2_N, KEY_PERM)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     mask_m = offs_m < M
@@ -783,7 +832,7 @@ def exact_attention_kernel(
         if (_changed(s_now, s) | attn_fired) != 0:
             sigma, attn_fired = _attention_neuron(
                 s_now, gain, mask_n, mask_s, attn_theta, attn_inv_theta, attn_count, attn_n_min,
-                attn_p_max, BLOCK_N, BLOCK_M, LOG2_N, True,
+                attn_p_max, BLOCK_N, BLOCK_M, LOG2_N, KEY_TREE, True,
             )  # fmt: skip
         else:
             sigma = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.int32)
@@ -980,6 +1029,7 @@ def exact_attention_probs_triton(
         BLOCK_N=block_n,
         BLOCK_D=block_d,
         LOG2_N=block_n.bit_length() - 1,
+        **key_codes(block_n, num_warps),
         num_warps=num_warps,
     )
     return _results(p)
@@ -1157,6 +1207,7 @@ def exact_attention_triton(
         BLOCK_D=block_d,
         BLOCK_DV=block_dv,
         LOG2_N=block_n.bit_length() - 1,
+        **key_codes(block_n, num_warps),
         num_warps=num_warps,
     )
     return out, attn_out.reshape(*batch, m, n), count_out.reshape(*batch, m, dv)

@@ -17,8 +17,8 @@ in their order, one rounding each, so the bits equal the QANN's row function:
   stored when asked (``RESIDUAL_OUT``); else ``D_t = d_t``;
 - ``x = fl32(c + D_t)`` (float64 add, one rounding to float32);
 - ``mean = tree_sum(x) / C``: ``tree_sum_rows`` halves the row ``log2(BLOCK_C)`` times, each
-  level adding the upper half to the lower half (``exact_math.tree_sum``'s order; the zero
-  lanes are its zero padding);
+  level adding neighbours (``exact_math.tree_sum``'s order; the zero lanes are its zero
+  padding);
 - ``xc = x - mean`` (zero on the padding lanes), ``var = tree_sum(xc * xc) / C``;
 - ``y = xc / sqrt(var + eps)``, ``y = y * w``, ``y = y + b``;
 - the §9.3 neuron on ``y`` (``kernels.target.target_tile``).

@@ -6,25 +6,72 @@ import triton
 import triton.language as tl
 
 
+def bit_order_codes(order: tuple[int, ...]) -> tuple[int, int]:
+    """A tile whose row ``p`` holds element ``k(p) = sum_i bit(p, order[i]) << i`` of each
+    column: ``(PERM_CODE, TREE_CODE)``, the constexprs of ``permuted_rows`` and
+    ``tree_sum_columns``, four bits a level: ``order[i]``, and its position among the row
+    bits not yet summed at level ``i``. The identity order gives ``TREE_CODE`` 0."""
+    if sorted(order) != list(range(len(order))):
+        raise ValueError(f"order must be a permutation of 0..{len(order) - 1}, got {order}")
+    perm = tree = 0
+    for i, bit in enumerate(order):
+        perm |= bit << (4 * i)
+        tree |= (bit - sum(b < bit for b in order[:i])) << (4 * i)
+    return perm, tree
+
+
+@triton.jit
+def permuted_rows(p, LOG2_ROWS: tl.constexpr, PERM_CODE: tl.constexpr):
+    """``k(p)`` of ``bit_order_codes``: the element that tile row ``p`` holds."""
+    k = tl.zeros_like(p)
+    for i in tl.static_range(LOG2_ROWS):
+        k |= ((p >> ((PERM_CODE >> (4 * i)) & 15)) & 1) << i
+    return k
+
+
 @triton.jit
 def tree_sum_rows(x, ROWS: tl.constexpr, BLOCK_C: tl.constexpr, LOG2_C: tl.constexpr):
     """``exact_math.tree_sum`` of each row of ``x`` ``[ROWS, BLOCK_C]`` (``BLOCK_C = 2^LOG2_C``,
-    lanes past the row's end zero): ``LOG2_C`` levels, each ``x[:, :h] + x[:, h:]`` with
-    ``h`` half the current width, one add per element. Returns ``[ROWS]``."""
+    lanes past the row's end zero): ``LOG2_C`` levels, each adding neighbours, one add per
+    pair. Returns ``[ROWS]``.
+
+    A row's adjacent lanes sit in one thread (vectorised loads: 8 on sm_90 at 4 warps), so the
+    first levels are that thread's own adds and each later level exchanges one value a
+    thread. (Upper half plus lower half, the order before, crossed warps first with all 8
+    values a thread live: about 110 more instructions a tree sum on sm_90.)"""
     for level in tl.static_range(LOG2_C):
-        # [ROWS, 2, h] row-major: element (r, j, i) is x[r, j * h + i], so the sum over j is
-        # lower half + upper half, a single add (a two-element sum has no other order)
-        x = tl.sum(tl.reshape(x, (ROWS, 2, BLOCK_C >> (level + 1))), axis=1)
+        # [ROWS, h, 2] row-major: element (r, i, j) is x[r, 2 * i + j], so the sum over j is
+        # a pair of neighbours, a single add (a two-element sum has no other order)
+        x = tl.sum(tl.reshape(x, (ROWS, BLOCK_C >> (level + 1), 2)), axis=2)
     return tl.reshape(x, (ROWS,))
 
 
 @triton.jit
-def tree_sum_columns(x, ROWS: tl.constexpr, COLS: tl.constexpr, LOG2_ROWS: tl.constexpr):
-    """``tree_sum_rows`` of ``x``'s transpose: ``exact_math.tree_sum`` of each column of
-    ``x`` ``[ROWS, COLS]`` (``ROWS = 2^LOG2_ROWS``, lanes past the column's end zero), each
-    level ``x[:h] + x[h:]``. Returns ``[COLS]``."""
+def tree_sum_columns(
+    x, ROWS: tl.constexpr, COLS: tl.constexpr, LOG2_ROWS: tl.constexpr, TREE_CODE: tl.constexpr
+):
+    """``exact_math.tree_sum`` of each column of ``x`` ``[ROWS, COLS]`` (``ROWS =
+    2^LOG2_ROWS``, lanes past the column's end zero) whose rows hold the column's elements in
+    ``bit_order_codes``' order: level ``i`` adds the two rows that differ in row bit
+    ``order[i]``, which are neighbouring elements ``2j, 2j + 1`` of the level. ``TREE_CODE``
+    0: rows in element order. Returns ``[COLS]``.
+
+    The order lets a kernel sum a tile's column in whatever order of threads, lanes and warps
+    its layout puts the rows (``exact_attention.key_order``)."""
     for level in tl.static_range(LOG2_ROWS):
-        # [2, h, COLS]: element (j, i, c) is x[j * h + i, c], so the sum over j is upper half
-        # + lower half, a single add
-        x = tl.sum(tl.reshape(x, (2, ROWS >> (level + 1), COLS)), axis=0)
+        # [hi, 2, lo, COLS], lo = 2^(position of the level's bit among the rows left): the
+        # sum over the 2 adds the pair of rows that differ in that bit, a single add
+        x = tl.sum(
+            tl.reshape(
+                x,
+                (
+                    (ROWS >> (level + 1)) >> ((TREE_CODE >> (4 * level)) & 15),
+                    2,
+                    1 << ((TREE_CODE >> (4 * level)) & 15),
+                    COLS,
+                ),
+            ),
+            axis=1,
+        )
+        x = tl.reshape(x, (ROWS >> (level + 1), COLS))
     return tl.reshape(x, (COLS,))

@@ -57,9 +57,11 @@ from spikekernels.kernels.exact_attention import (
     _mul,
     _prepare,
     context_step,
+    key_codes,
     scores_step,
     softmax_columns,
 )
+from spikekernels.kernels.exact_rows import permuted_rows
 from spikekernels.kernels.neuron import st_bif_step
 
 __all__ = ["MAX_HEAD_DIM", "MAX_KEYS", "spike_attention_probs_triton", "spike_context_triton"]
@@ -80,9 +82,9 @@ def probs_config(n: int) -> tuple[int, int, int, int]:
 
 
 @triton.jit
-def _softmax_neuron(x, y, v, count, mask_n, theta, n_min, p_max, KEYS, COLS, LOG2_KEYS):
+def _softmax_neuron(x, y, v, count, mask_n, theta, n_min, p_max, KEYS, COLS, LOG2_KEYS, KEY_TREE):
     """Spike-Softmax's difference and the ST-BIF step on it: ``(sigma, Y, v, count)``."""
-    y_new = softmax_columns(x, mask_n, KEYS, COLS, LOG2_KEYS)
+    y_new = softmax_columns(x, mask_n, KEYS, COLS, LOG2_KEYS, KEY_TREE)
     sigma, v, count = st_bif_step(y_new - y, theta, v, count.to(tl.int32), n_min, p_max)
     return sigma, y_new, v, count.to(tl.int8)
 
@@ -130,6 +132,8 @@ def spike_attention_probs_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     LOG2_N: tl.constexpr,
+    KEY_PERM: tl.constexpr,  # exact_attention.key_codes: tile row p holds key permuted_rows(p)
+    KEY_TREE: tl.constexpr,
 ):
     """Per step: ``X += fl32(scale * fl32(K_t q_t^T + k_t Q_{t-1}^T))``; ``Y =
     softmax_rows(X)``; ST-BIF on ``Y - Y_prev``; ``active[t, row // rows_per_sample] = 1``
@@ -139,7 +143,7 @@ def spike_attention_probs_kernel(
     bid = (pid // num_m).to(tl.int64)
     nb = tl.num_programs(0) // num_m
     offs_m = (pid % num_m) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
+    offs_n = permuted_rows(tl.arange(0, BLOCK_N), LOG2_N, KEY_PERM)
     offs_d = tl.arange(0, BLOCK_D)
     mask_m = offs_m < M
     mask_n = offs_n < N
@@ -182,7 +186,7 @@ def spike_attention_probs_kernel(
         )  # fmt: skip
         x = x + _mul(scale, delta.to(tl.float32))
         sigma, y, v, count = _softmax_neuron(
-            x, y, v, count, mask_n, theta, n_min, p_max, BLOCK_N, BLOCK_M, LOG2_N
+            x, y, v, count, mask_n, theta, n_min, p_max, BLOCK_N, BLOCK_M, LOG2_N, KEY_TREE
         )
         if HAS_ACTIVE:
             fired = tl.max(tl.abs(tl.where(mask_s, sigma, 0)))
@@ -264,6 +268,8 @@ def spike_attention_probs_triton(
         BLOCK_N=block_n,
         BLOCK_D=block_d,
         LOG2_N=block_n.bit_length() - 1,
+        # keys in row order: exact mode's layout order spilled 52 B here (the float state)
+        **key_codes(block_n, num_warps, by_layout=False),
         num_warps=num_warps,
     )
     shape = p.count_shape

@@ -310,7 +310,7 @@ def exact_attention_probs(
 
     i.e. ``target_spikes`` (§9.3) on ``ExactSoftmax``'s value of ``RunningSpikeMatmul``'s
     scores, bit for bit: ``softmax_rows`` is the row max, ``exp_rows``' polynomial and
-    ``tree_sum``'s halving order, one rounding per operation, no fused multiply-add and a
+    ``tree_sum``'s pairwise order, one rounding per operation, no fused multiply-add and a
     correctly rounded division, on every path. Only the int8 spikes and the final count
     are produced; the scores and probabilities of a step never leave the kernel.
 

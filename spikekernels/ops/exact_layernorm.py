@@ -395,10 +395,11 @@ def exact_layernorm_neuron(
         target = clamp(floor(y / theta + 1/2), n_min, p_max)
         sigma  = sign(target - count);  count += sigma;  out_t = sigma
 
-    ``tree_sum`` pads the row with zeros to a power of two and adds the upper half to the
-    lower half until one element is left; every operation rounds once (no fused multiply-add;
-    ``sqrt`` and ``/`` correctly rounded). With ``pool=True`` (the ``global_pool`` readout of
-    ViT-B/L) the row is instead ``exact_math.pool_patch_tokens(c, D_t)``: the float64 mean of
+    ``tree_sum`` pads the row with zeros to a power of two and adds neighbours,
+    ``x[2i] + x[2i + 1]``, until one element is left; every operation rounds once (no fused
+    multiply-add; ``sqrt`` and ``/`` correctly rounded). With ``pool=True`` (the
+    ``global_pool`` readout of ViT-B/L) the row is instead
+    ``exact_math.pool_patch_tokens(c, D_t)``: the float64 mean of
     the patch tokens (dim -2, the class token at index 0 excluded), then ``fl32``. With
     ``residual_out`` the op also returns ``D`` for the next reader. A ViT block writes ``D``
     once: its ``norm2`` reads ``d`` and the attention branch and writes nothing, the next

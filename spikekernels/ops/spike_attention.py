@@ -151,7 +151,7 @@ def spike_attention_probs(
 
     bit for bit ``spike_matmul``, ``spike_softmax`` and ``st_bif`` in a row, except that the
     softmax is the library's row function ``exact_math.softmax_rows`` (the row max,
-    ``exp_rows``' polynomial, ``tree_sum``'s halving order, a correctly rounded division:
+    ``exp_rows``' polynomial, ``tree_sum``'s pairwise order, a correctly rounded division:
     the same bits on every device; within SPEC.md §8's softmax tolerance of
     ``torch.softmax``). On a GPU the scores, softmax and membrane of a step never leave the
     kernel: only int8 spikes are written per step, the state once per call.
