@@ -6,10 +6,22 @@ spikekernels is imported, so it is set here at collection time.
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 
-import pytest
-import torch
+# torch.compile's on-disk caches (Inductor's FX graph cache, AOTAutograd's) key a compiled
+# graph on the graph and the configuration, not on the Python bodies of the custom ops it
+# calls: a cache left by an earlier checkout of this code returned the old tree_sum's bits
+# for a compiled spike_attention_probs. So each test session compiles into a directory of
+# its own (pytest-xdist's workers inherit it), removed at the end.
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="spikekernels-inductor-")
+    atexit.register(shutil.rmtree, os.environ["TORCHINDUCTOR_CACHE_DIR"], ignore_errors=True)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
