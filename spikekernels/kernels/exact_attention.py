@@ -95,6 +95,7 @@ addend, ``div.rn`` only.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -185,9 +186,16 @@ def key_order(block_n: int, num_warps: int) -> tuple[int, ...]:
 def key_codes(block_n: int, num_warps: int, *, by_layout: bool = True) -> dict[str, int]:
     """``KEY_PERM`` and ``KEY_TREE`` of the scores kernels: for ``key_order``, or without
     ``by_layout`` for the keys in row order."""
-    order = key_order(block_n, num_warps) if by_layout else tuple(range(block_n.bit_length() - 1))
-    perm, tree = bit_order_codes(order)
+    perm, tree = _key_codes(block_n, num_warps, by_layout)
     return {"KEY_PERM": perm, "KEY_TREE": tree}
+
+
+@functools.cache
+def _key_codes(block_n: int, num_warps: int, by_layout: bool) -> tuple[int, int]:
+    """``key_codes``' pair, once per tile shape: a launch pays a dict, not the derivation
+    (about 6 us, a dozen attention launches a chunk)."""
+    order = key_order(block_n, num_warps) if by_layout else tuple(range(block_n.bit_length() - 1))
+    return bit_order_codes(order)
 
 
 def context_config(d: int) -> tuple[int, int, int, int]:
