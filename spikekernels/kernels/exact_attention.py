@@ -809,13 +809,14 @@ def exact_attention_kernel(
     a_offs = bid * M * N + offs_m[None, :] * N + offs_n[:, None]
     c_offs = bid * M * DV + offs_m[None, :] * DV + offs_dv[:, None]
 
-    # the counts as int8 tiles: A_t is the context product's int8 operand as it stands
+    # the counts held wider than int8, whose tile adds unpack and repack bytes: A_t as int16
+    # (int32 spilled), converted for the context product's int8 operand
     if HAS_COUNT:
-        attn_count = tl.load(attn_count_in_ptr + a_offs, mask=mask_s, other=0)
-        count = tl.load(count_in_ptr + c_offs, mask=mask_z, other=0)
+        attn_count = tl.load(attn_count_in_ptr + a_offs, mask=mask_s, other=0).to(tl.int16)
+        count = tl.load(count_in_ptr + c_offs, mask=mask_z, other=0).to(tl.int32)
     else:
-        attn_count = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.int8)
-        count = tl.zeros([BLOCK_DV, BLOCK_M], dtype=tl.int8)
+        attn_count = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.int16)
+        count = tl.zeros([BLOCK_DV, BLOCK_M], dtype=tl.int32)
     gain = tl.load(gain_ptr)
     attn_theta = tl.load(attn_theta_ptr).to(tl.float32)
     attn_inv_theta = inverse_threshold(attn_theta)
@@ -847,14 +848,14 @@ def exact_attention_kernel(
             sigma = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.int32)
             attn_fired = tl.full((), 0, tl.int32)
         s = s_now
-        attn_count = attn_count + sigma.to(tl.int8)
+        attn_count = attn_count + sigma.to(tl.int16)
         if HAS_ATTN_ACTIVE:
             record_active_columns(attn_active_ptrs, sigma, mask_n, mask_m, BLOCK_N, BLOCK_M)
             attn_active_ptrs += samples
 
         # Z^T = V_t^T @ A_t^T over all keys at once (int8 wgmma, exact int32)
         v = tl.load(v_ptr + v_offs, mask=mask_n[:, None] & mask_dv[None, :], other=0)
-        z_now = tl.dot(tl.trans(v), attn_count, out_dtype=tl.int32)
+        z_now = tl.dot(tl.trans(v), attn_count.to(tl.int8), out_dtype=tl.int32)
         if (_changed(z_now, z) | fired) != 0:
             # the division outright: 4 values a lane here, and the estimate's branch would
             # spill (255 registers)
@@ -864,7 +865,7 @@ def exact_attention_kernel(
             sigma_c = tl.zeros([BLOCK_DV, BLOCK_M], dtype=tl.int32)
             fired = tl.full((), 0, tl.int32)
         z = z_now
-        count = count + sigma_c.to(tl.int8)
+        count = count + sigma_c
         tl.store(out_ptr + out_offs, sigma_c.to(tl.int8), mask=mask_z)
         if HAS_ACTIVE:
             record_active_columns(active_ptrs, sigma_c, mask_dv, mask_m, BLOCK_DV, BLOCK_M)
@@ -874,8 +875,8 @@ def exact_attention_kernel(
         v_ptr += stride_vt
         out_ptr += stride_ot
 
-    tl.store(attn_count_out_ptr + a_offs, attn_count, mask=mask_s)
-    tl.store(count_out_ptr + c_offs, count, mask=mask_z)
+    tl.store(attn_count_out_ptr + a_offs, attn_count.to(tl.int8), mask=mask_s)
+    tl.store(count_out_ptr + c_offs, count.to(tl.int8), mask=mask_z)
 
 
 class _Launch(NamedTuple):

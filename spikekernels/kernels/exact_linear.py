@@ -1,7 +1,7 @@
 """Fused exact linear + target-driven neuron (SPEC.md §9.2-§9.4): the T loop inside.
 
 Time-major spikes ``[T, rows, K]`` (int8, ternary) in, int8 spikes ``[T, rows, N]`` out; the
-int32 accumulator ``acc = q_in @ W^T`` and the int8 count stay in registers for the whole
+int32 accumulator ``acc = q_in @ W^T`` and the count stay in registers for the whole
 chunk, and only the final count is written. The accumulator is not state: it is always the
 input count times ``W^T``, so a program starts it from ``S_{-1} @ W^T``, ``S_{-1}`` the input
 count before these steps, which it forms from the input neuron's count after them less the
@@ -44,8 +44,8 @@ from spikekernels.kernels.tile_flags import step_tile_flags
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) on a GPU: BLOCK_M = 64 rows per
 # warpgroup for Hopper's int8 wgmma and a fine skip granularity; BLOCK_N = 64 because acc and
-# count (two int32 [BLOCK_M, BLOCK_N] tiles) live in registers across the T loop, and 128
-# columns spill (tests/triton_sm90.py checks). Untuned on hardware so far: see bench/results/.
+# count ([BLOCK_M, BLOCK_N] tiles) live in registers across the T loop, and 128 columns spill
+# (tests/triton_sm90.py checks). Untuned on hardware so far: see bench/results/.
 _GPU_TILES = (64, 64, 128, 4, 3)
 # Under the numpy interpreter: small tiles so that CPU tests cover several row, column and K
 # tiles (and silent and active tiles side by side) at small shapes.
@@ -131,10 +131,12 @@ def exact_linear_kernel(
             if tl.max(tl.abs(before.to(tl.int32))) != 0:
                 w = tl.load(w_start + k0, mask=k_mask[:, None] & col_mask[None, :], other=0)
                 acc = tl.dot(before, w, acc, out_dtype=tl.int32)
+    # the count as int16: an int8 tile's add unpacks and repacks bytes (sm_90: 155 instructions
+    # a thread-step at 32 lanes, 95 as int16); int32 spilled
     if HAS_COUNT:
-        count = tl.load(count_in_ptr + state_offs, mask=mask, other=0)
+        count = tl.load(count_in_ptr + state_offs, mask=mask, other=0).to(tl.int16)
     else:
-        count = tl.zeros([BLOCK_M, BLOCK_N], tl.int8)
+        count = tl.zeros([BLOCK_M, BLOCK_N], tl.int16)
 
     out_ptrs = out_ptr + state_offs
     flag_ptrs = flag_ptr + pid_m
@@ -171,9 +173,9 @@ def exact_linear_kernel(
         else:  # quiet (module docstring): sigma is 0, bit for bit
             sigma = tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
             fired = tl.full((), 0, tl.int32)
-        count = count + sigma.to(tl.int8)
+        count = count + sigma.to(tl.int16)
         if COUNTS_OUT:
-            tl.store(out_ptrs, count, mask=mask)
+            tl.store(out_ptrs, count.to(tl.int8), mask=mask)
         else:
             tl.store(out_ptrs, sigma.to(tl.int8), mask=mask)
         if HAS_ACTIVE:

@@ -89,11 +89,11 @@ def target_estimate(y, inv_theta, c, n_min, p_max):
     q = tl.fma(y, inv_theta, 0.0)  # one rounding (a plain product), never contracted
     s = q + 0.5
     f = tl.floor(s)
-    # |frac(s) - 1/2|: exact (Sterbenz) but where frac(s) < 1/4, whose rounding (at most
-    # 2^-26) the margin covers; NaN for a non-finite q, so unsure. |q| * 2^-19 is exact: an
-    # fma with a nonzero addend is kept out of exact kernels (tests/triton_sm90.py).
-    half_gap = tl.abs((s - f) - 0.5)
-    sure = half_gap < tl.fma(tl.abs(q), _UNSURE_SLOPE, 0.0) + _UNSURE_EDGE
+    # |q - round(q)|, 1/2 less q's distance to the nearest rounding step: exact (f is an
+    # integer next to q, Sterbenz), and NaN for a non-finite q, so unsure. The margin is one
+    # fma whose product |q| 2^-19 is exact, so fused (GPU) or not (interpreter) the same.
+    half_gap = tl.abs(q - f)
+    sure = half_gap < tl.fma(tl.abs(q), _UNSURE_SLOPE, _UNSURE_EDGE)
     target = tl.minimum(tl.maximum(f, n_min * 1.0), p_max * 1.0)  # (an int may be constexpr)
     cf = c.to(tl.float32)
     sigma = tl.where(target > cf, 1, tl.where(target < cf, -1, 0))
