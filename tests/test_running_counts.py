@@ -360,6 +360,11 @@ def _attention_case(gen, T, batch, m, d, n, dv, *, state=False):
     return case
 
 
+def _fired(spikes):
+    """``[T, B]`` int32: 1 where a sample has a nonzero spike at a step."""
+    return spikes.reshape(*spikes.shape[:2], -1).ne(0).any(-1).to(torch.int32)
+
+
 def _run_attention(case, **kwargs):
     from spikekernels.ops import exact_attention
 
@@ -412,8 +417,36 @@ def test_attention_equals_the_two_layers(gen, backend, T, batch, m, d, n, dv, st
 
     attn_spikes = spikes_of_counts(a, before)
     for got_flags, s in zip(flags, (attn_spikes, spikes), strict=True):
-        want = s.reshape(T, batch[0], -1).ne(0).any(-1).to(torch.int32)
-        assert torch.equal(got_flags, want)
+        assert torch.equal(got_flags, _fired(s))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shared", [False, True])
+def test_attention_flags_leave_a_silent_sample_alone(gen, backend, shared):
+    """Flags per sample from tiles that are one head of one sample: a sample with no spikes
+    (zero counts: uniform probabilities of 1/37 round to target 0 at theta 1/15, and a zero
+    context) is never flagged, by either neuron, while the other fires. ``shared``: both
+    neurons record into one array, as the runner has them."""
+    T = 4
+    case = _attention_case(gen, T, (2, 3), 18, 16, 37, 16)
+    for name in ("q", "k_t", "v"):
+        case[name] = case[name].clone()
+        case[name][:, 1] = 0
+    case["attn_threshold"] = torch.tensor(1 / 15)
+    spikes, _, _, a = _composed(case)
+    from spikekernels.ops._activity import spikes_of_counts
+
+    wants = [_fired(s) for s in (spikes_of_counts(a, None), spikes)]
+    for want in wants:
+        assert want[:, 0].any() and not want[:, 1].any(), "the case proves little"
+    flags = [torch.zeros(T, 2, dtype=torch.int32) for _ in range(2)]
+    if shared:
+        flags[1] = flags[0]
+        wants = [wants[0] | wants[1]] * 2
+    with force_backend(backend):
+        _run_attention(case, attn_active=flags[0], active=flags[1])
+    for got, want in zip(flags, wants, strict=True):
+        assert torch.equal(got, want)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -76,14 +76,9 @@ def record_active_rows(
 
 
 @triton.jit
-def record_active_columns(
-    active_ptrs, sigma, row_mask, col_mask, ROWS: tl.constexpr, COLS: tl.constexpr
-):
-    """``record_active_rows`` of a transposed tile: ``*active_ptrs[c] = 1`` for each column
-    ``c`` of ``sigma`` ``[ROWS, COLS]`` with a nonzero spike among the ``row_mask`` lanes
-    (``active_ptrs`` and ``col_mask`` are ``[COLS]``), reduced in groups of 32 rows."""
-    GROUP: tl.constexpr = ROWS if ROWS < 32 else 32
-    lanes = ((sigma != 0) & row_mask[:, None]).to(tl.int32)
-    fired = tl.max(tl.reshape(lanes, [ROWS // GROUP, GROUP, COLS]), axis=1) != 0
-    where = active_ptrs[None, :] + tl.zeros([ROWS // GROUP, 1], tl.int32)
-    tl.store(where, 1, mask=col_mask[None, :] & fired)
+def record_active_tile(active_ptr, fired):
+    """``*active_ptr = 1`` where the scalar ``fired`` is nonzero: a tile whose lanes all
+    belong to one sample (an attention tile holds queries of one head of one sample), whose
+    neuron step already reduced whether any lane fired. One store, no reduction of its own
+    (a per-column one cost about 100 instructions a thread-step in the scores kernels)."""
+    tl.store(active_ptr, 1, mask=fired != 0)

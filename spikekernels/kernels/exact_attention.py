@@ -104,7 +104,7 @@ import triton.language as tl
 
 from spikekernels.exact_math import _EXP_MIN, _EXP_POLY, _LN2_HI, _LN2_LO, _LOG2E
 from spikekernels.kernels import INTERPRET, on_device
-from spikekernels.kernels.activity import active_layout, record_active_columns, record_active_rows
+from spikekernels.kernels.activity import active_layout, record_active_tile
 from spikekernels.kernels.exact_rows import bit_order_codes, permuted_rows, tree_sum_columns
 from spikekernels.kernels.spike_matmul import (
     _any_spike,
@@ -470,8 +470,8 @@ def exact_attention_probs_kernel(
     gain = tl.load(gain_ptr)
     theta = tl.load(theta_ptr).to(tl.float32)
     inv_theta = inverse_threshold(theta)
-    if HAS_ACTIVE:
-        active_ptrs = active_ptr + (bid * M + offs_m) // rows_per_sample
+    if HAS_ACTIVE:  # the tile's sample (all its queries are one head's)
+        active_ptr += (bid * M) // rows_per_sample
 
     if HAS_COUNT:  # whether the tile fired at the last step (at first: unknown, so yes)
         fired = tl.full((), 1, tl.int32)
@@ -503,7 +503,7 @@ def exact_attention_probs_kernel(
                 sigma = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.int32)
                 fired = tl.full((), 0, tl.int32)
         else:
-            sigma, _ = _attention_neuron(
+            sigma, fired = _attention_neuron(
                 s, gain, mask_n, mask_s, theta, inv_theta, count, n_min, p_max, BLOCK_N,
                 BLOCK_M, LOG2_N, KEY_TREE, COUNTS_IN,
             )  # fmt: skip
@@ -513,8 +513,8 @@ def exact_attention_probs_kernel(
         else:
             tl.store(out_ptr + s_offs, sigma.to(tl.int8), mask=mask_s)
         if HAS_ACTIVE:
-            record_active_columns(active_ptrs, sigma, mask_n, mask_m, BLOCK_N, BLOCK_M)
-            active_ptrs += samples
+            record_active_tile(active_ptr, fired)
+            active_ptr += samples
         q_ptr += stride_qt
         k_ptr += stride_kt
         q_prev_ptr += step_q
@@ -676,8 +676,8 @@ def exact_context_kernel(
     m = _mul(tl.load(theta_a_ptr).to(tl.float32), tl.load(theta_v_ptr).to(tl.float32))
     theta = tl.load(theta_ptr).to(tl.float32)
     inv_theta = inverse_threshold(theta)
-    if HAS_ACTIVE:
-        active_ptrs = active_ptr + (bid * M + offs_m) // rows_per_sample
+    if HAS_ACTIVE:  # the tile's sample (all its rows are one head's)
+        active_ptr += (bid * M) // rows_per_sample
 
     if HAS_COUNT:  # whether the tile fired at the last step (at first: unknown, so yes)
         fired = tl.full((), 1, tl.int32)
@@ -707,14 +707,14 @@ def exact_context_kernel(
                 sigma = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.int32)
                 fired = tl.full((), 0, tl.int32)
         else:
-            sigma, _ = _context_neuron(
+            sigma, fired = _context_neuron(
                 z, m, theta, inv_theta, count, n_min, p_max, mask_z, COUNTS_IN
             )
         count = count + sigma
         tl.store(out_ptr + out_offs, sigma.to(tl.int8), mask=mask_z)
         if HAS_ACTIVE:
-            record_active_rows(active_ptrs, sigma, mask_m, mask_d, BLOCK_M, BLOCK_D)
-            active_ptrs += samples
+            record_active_tile(active_ptr, fired)
+            active_ptr += samples
         a_ptr += stride_at
         v_ptr += stride_vt
         a_prev_ptr += step_a
@@ -822,10 +822,11 @@ def exact_attention_kernel(
     attn_inv_theta = inverse_threshold(attn_theta)
     m = _mul(tl.load(theta_a_ptr).to(tl.float32), tl.load(theta_v_ptr).to(tl.float32))
     theta = tl.load(theta_ptr).to(tl.float32)
+    # the tile's sample (all its queries are one head's)
     if HAS_ATTN_ACTIVE:
-        attn_active_ptrs = attn_active_ptr + (bid * M + offs_m) // rows_per_sample
+        attn_active_ptr += (bid * M) // rows_per_sample
     if HAS_ACTIVE:
-        active_ptrs = active_ptr + (bid * M + offs_m) // rows_per_sample
+        active_ptr += (bid * M) // rows_per_sample
 
     # Quiet tiles, as in the two kernels: a product equal to the last step's, with no spike
     # from its neuron at the last step, gives sigma = 0 again, bit for bit (at the first
@@ -850,8 +851,8 @@ def exact_attention_kernel(
         s = s_now
         attn_count = attn_count + sigma.to(tl.int16)
         if HAS_ATTN_ACTIVE:
-            record_active_columns(attn_active_ptrs, sigma, mask_n, mask_m, BLOCK_N, BLOCK_M)
-            attn_active_ptrs += samples
+            record_active_tile(attn_active_ptr, attn_fired)
+            attn_active_ptr += samples
 
         # Z^T = V_t^T @ A_t^T over all keys at once (int8 wgmma, exact int32)
         v = tl.load(v_ptr + v_offs, mask=mask_n[:, None] & mask_dv[None, :], other=0)
@@ -868,8 +869,8 @@ def exact_attention_kernel(
         count = count + sigma_c
         tl.store(out_ptr + out_offs, sigma_c.to(tl.int8), mask=mask_z)
         if HAS_ACTIVE:
-            record_active_columns(active_ptrs, sigma_c, mask_dv, mask_m, BLOCK_DV, BLOCK_M)
-            active_ptrs += samples
+            record_active_tile(active_ptr, fired)
+            active_ptr += samples
         q_ptr += stride_qt
         k_ptr += stride_kt
         v_ptr += stride_vt
