@@ -7,10 +7,18 @@ from __future__ import annotations
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 from conftest import DEVICES
 
 from spikekernels import exact_math, reference
 from spikekernels.kernels import use_triton
+from spikekernels.kernels.exact_layernorm import (
+    _LN_SLOPE,
+    layer_norm_estimate,
+    layer_norm_estimate_edge,
+)
+from spikekernels.kernels.target import inverse_threshold, target_estimate
 from spikekernels.nn.exact_layers import ExactLayerNorm
 from spikekernels.nn.target_neuron import TargetNeuron
 from spikekernels.ops import exact_layernorm_neuron
@@ -636,10 +644,13 @@ def _hard_rows(gen, rows, channels):
     return x
 
 
-@pytest.mark.skipif(
+_needs_triton = pytest.mark.skipif(
     not use_triton(torch.empty(0)) and not torch.cuda.is_available(),
     reason="the Triton kernels run on CPU only when interpreted",
 )
+
+
+@_needs_triton
 @pytest.mark.parametrize("channels", [1, 2, 7, 100, 384, 1000])
 @pytest.mark.parametrize("affine", [True, False])
 def test_row_function_is_bitwise_layer_norm_rows(gen, channels, affine):
@@ -662,6 +673,101 @@ def test_row_function_is_bitwise_layer_norm_rows(gen, channels, affine):
         want = reference.exact_layer_norm_rows(x, w, b, eps)
         got = layer_norm_rows_triton(launcher, on(x), on(w), on(b), eps).cpu()
         _assert_same_bits(got, want, f"eps={eps}")
+
+
+@triton.jit
+def _estimate_kernel(xc_ptr, sd_ptr, w_ptr, b_ptr, theta_ptr, c_ptr, sigma_ptr, unsure_ptr,
+                     n_min, p_max, C: tl.constexpr):  # fmt: skip
+    """The LayerNorm neuron's division-free path on one row a program (``xc``, ``sd``, the
+    affine and per-channel thresholds given): ``(sigma, unsure)`` lane by lane."""
+    offs = tl.program_id(0) * C + tl.arange(0, C)[None, :]
+    cols = tl.arange(0, C)[None, :]
+    xc = tl.load(xc_ptr + offs)
+    sd = tl.load(sd_ptr + tl.program_id(0) + tl.zeros([1], tl.int32))
+    w, b = tl.load(w_ptr + cols), tl.load(b_ptr + cols)
+    inv = inverse_threshold(tl.load(theta_ptr + cols))
+    edge = layer_norm_estimate_edge(w, b, inv, True, True, C)
+    y = layer_norm_estimate(xc, sd, w, b, True, True)
+    sigma, unsure = target_estimate(y, inv, tl.load(c_ptr + offs).to(tl.int32), n_min, p_max,
+                                    _LN_SLOPE, edge)  # fmt: skip
+    tl.store(sigma_ptr + offs, sigma)
+    tl.store(unsure_ptr + offs, unsure.to(tl.int32))
+
+
+def _ln_estimate(xc, sd, w, b, theta, count, n_min, p_max):
+    device = "cpu" if use_triton(xc) else "cuda"
+    args = [t.to(device) for t in (xc, sd, w, b, theta, count)]
+    sigma = torch.empty(xc.shape, dtype=torch.int32, device=device)
+    unsure = torch.empty_like(sigma)
+    _estimate_kernel[(xc.shape[0],)](*args, sigma, unsure, n_min, p_max, C=xc.shape[1])
+    return sigma.cpu(), unsure.cpu().bool()
+
+
+def _exact_sigma(xc, sd, w, b, theta, count, n_min, p_max):
+    """The row function's own steps from its division on, in float32, then the §9.3 step."""
+    y = (xc / sd[:, None]) * w + b  # fl32 at each operation: PyTorch rounds every one
+    return reference.target_spikes(y[None], theta, n_min, p_max, count)[0][0].to(torch.int32)
+
+
+def _rows_at_steps(gen, rows, C, n_min, p_max, bias, theta, ulps):
+    """``(xc, sd, w, b, count)``: rows whose value ``fl(fl(xc / sd) w) + b`` sits within
+    ``ulps`` ulps of ``xc`` of a rounding step ``(m - 1/2) theta`` of the target, ``n_min <
+    m <= p_max``, with the count ``m - 1`` or ``m`` (the step decides whether it fires)."""
+    sd = torch.exp(torch.randn(rows, generator=gen) * 2)
+    w = (0.2 + torch.rand(C, generator=gen)) * torch.randn(C, generator=gen).sign()
+    b = bias * torch.randn(C, generator=gen).sign()
+    m = torch.randint(n_min + 1, p_max + 1, (rows, C), generator=gen)
+    y = ((m - 0.5) * theta - b) / w  # the value whose y w + b is at the step
+    xc = (y * sd[:, None]).float()
+    off = (ulps * (2 * torch.rand(rows, C, generator=gen) - 1)).round().to(torch.int32)
+    xc = (xc.view(torch.int32) + off).view(torch.float32)
+    count = (m - torch.randint(0, 2, (rows, C), generator=gen)).to(torch.int8)
+    return xc, sd, w, b, count
+
+
+@_needs_triton
+@pytest.mark.parametrize(
+    ("bias", "n_min", "p_max"),
+    # no bias: the margin's slope and edge; a bias of 30 to 60 steps cancelled by y w down to
+    # targets 0 and 1, where the row function's error is largest against q: its bias term
+    [(0.0, -8, 7), (3.0, -1, 1)],
+)
+def test_estimate_on_the_row_function_is_exact_wherever_it_is_sure(gen, bias, n_min, p_max):
+    """The LayerNorm neuron's division-free path (an estimate of the row function's value,
+    then the target's estimate with the wider margin, ``kernels.exact_layernorm``), lane by
+    lane (the kernel takes the division for a whole tile when any lane is unsure, which
+    would hide a wrong sure lane): values a few to a few hundred ulps off a rounding step.
+    Where it is sure it equals the exact step; it is unsure of few lanes of spread values,
+    and of every lane of a row with a non-finite or huge weight, bias or threshold."""
+    rows, C = 64, 128
+    theta = 0.05 + 0.05 * torch.rand(C, generator=gen)
+    ulps = torch.where(torch.rand(rows, C, generator=gen) < 0.5, 8, 400)
+    xc, sd, w, b, count = _rows_at_steps(gen, rows, C, n_min, p_max, bias, theta, ulps)
+    exact = _exact_sigma(xc, sd, w, b, theta, count, n_min, p_max)
+    sigma, unsure = _ln_estimate(xc, sd, w, b, theta, count, n_min, p_max)
+    wrong = (sigma != exact) & ~unsure
+    assert not wrong.any(), f"{int(wrong.sum())} sure lanes differ from the exact step"
+    # the case's edge: a plain fl(xc * fl(1/sd)) target is wrong on some lanes, and the
+    # margin leaves some lanes sure
+    plain = reference.target_spikes(
+        ((xc * (1 / sd)[:, None]) * w + b)[None], theta, n_min, p_max, count
+    )[0][0].to(torch.int32)
+    assert (plain != exact).any(), "no lane needed the exact path: the test lost its edge"
+    assert not unsure.all(), "every lane unsure: the test shows nothing"
+
+    spread = torch.randn(rows, C, generator=gen) * sd[:, None]
+    count = torch.randint(n_min, p_max + 1, (rows, C), generator=gen, dtype=torch.int8)
+    _, unsure = _ln_estimate(spread, sd, w, b, theta, count, n_min, p_max)
+    assert unsure.float().mean() < 1e-3
+
+    for name, bad in (("w", float("nan")), ("w", 1e35), ("b", float("inf")), ("theta", 0.0)):
+        args = dict(w=w, b=b, theta=theta)
+        args[name] = args[name].clone()
+        args[name][5] = bad
+        _, unsure = _ln_estimate(
+            spread, sd, args["w"], args["b"], args["theta"], count, n_min, p_max
+        )
+        assert unsure.all(), f"{name} = {bad}"
 
 
 def test_exact_math_row_function_is_correctly_rounded(gen):

@@ -54,8 +54,8 @@ class Case:
 def _lone_or_exact_product(fma: str) -> bool:
     """Whether a PTX ``fma.rn.f32 d, a, b, c;`` rounds once as written: ``c`` is +0.0 (a lone
     product), or ``a`` or ``b`` is an immediate power of two, so that ``a * b`` is exact but
-    below 2^-126. In the one use, ``target_estimate``'s margin ``1/2 - 2^-18 - |q| 2^-19``, a
-    product that small vanishes beside the 1/2 fused or not."""
+    below 2^-126. In its uses, ``target_estimate``'s margins (``edge - |q| 2^-19`` or ``2^-18``,
+    the edge near 1/2), a product that small vanishes beside the edge fused or not."""
     *_, a, b, c = (x.strip() for x in fma.rstrip(";").split(","))
     if c == "0f00000000":
         return True

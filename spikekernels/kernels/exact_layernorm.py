@@ -21,7 +21,9 @@ in their order, one rounding each, so the bits equal the QANN's row function:
   padding);
 - ``xc = x - mean`` (zero on the padding lanes), ``var = tree_sum(xc * xc) / C``;
 - ``y = xc / sqrt(var + eps)``, ``y = y * w``, ``y = y + b``;
-- the §9.3 neuron on ``y`` (``kernels.target.target_tile``).
+- the §9.3 neuron on ``y``, by the division-free estimate of ``kernels.target`` on an
+  estimate of ``y`` itself (``layer_norm_estimate``: no division a lane), and on ``y`` and
+  with the division only for a tile where a lane fell within the margin.
 
 Divisions are ``div_rn`` and the root ``sqrt_rn`` (Triton's ``/`` and ``sqrt`` on float32 are
 approximate on NVIDIA GPUs). Products that feed an add are formed as ``fma(a, b, +0.0)``:
@@ -41,7 +43,12 @@ from spikekernels.kernels import on_device
 from spikekernels.kernels.activity import active_layout, record_active_rows
 from spikekernels.kernels.exact_residual import residual_value
 from spikekernels.kernels.exact_rows import tree_sum_rows
-from spikekernels.kernels.target import inverse_threshold, load_threshold, target_tile
+from spikekernels.kernels.target import (
+    inverse_threshold,
+    load_threshold,
+    target_estimate_tile,
+    target_exact_tile,
+)
 
 # A program holds ROWS x BLOCK_C = 1024 lanes: 8 per thread at 4 warps. c and the prefetched
 # D (float64), the count and a step's temporaries then take 96-120 registers on sm_90, 128-158
@@ -99,11 +106,80 @@ def layer_norm_rows_fp32(
     ``mean = tree_sum(x) / C``; ``xc = x - mean``; ``var = tree_sum(xc * xc) / C``;
     ``y = xc / sqrt(var + eps)``; ``y = y * w``; ``y = y + b``. Returns ``[ROWS, BLOCK_C]``
     (the padding lanes hold 0, or ``b`` there: masked by the caller's stores)."""
+    xc, sd = layer_norm_moments(x, eps, col_mask, c_f, ROWS, BLOCK_C, LOG2_C)
+    return layer_norm_scale(xc, sd, w, b, HAS_WEIGHT, HAS_BIAS)
+
+
+@triton.jit
+def layer_norm_moments(
+    x, eps, col_mask, c_f, ROWS: tl.constexpr, BLOCK_C: tl.constexpr, LOG2_C: tl.constexpr
+):
+    """``layer_norm_rows_fp32`` up to its division: ``(xc [ROWS, BLOCK_C], sd [ROWS])``,
+    ``sd = sqrt(var + eps)``."""
     mean = tl.div_rn(tree_sum_rows(x, ROWS, BLOCK_C, LOG2_C), c_f)
     # zero padding lanes again: tree_sum pads xc * xc with zeros, not with mean^2
     xc = tl.where(col_mask[None, :], x - mean[:, None], 0.0)
     var = tl.div_rn(tree_sum_rows(tl.fma(xc, xc, 0.0), ROWS, BLOCK_C, LOG2_C), c_f)
-    y = tl.div_rn(xc, tl.sqrt_rn(var + eps)[:, None])
+    return xc, tl.sqrt_rn(var + eps)
+
+
+@triton.jit
+def layer_norm_scale(xc, sd, w, b, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """``layer_norm_rows_fp32`` from its division on: ``y = xc / sd``, ``y * w``, ``+ b``."""
+    y = tl.div_rn(xc, sd[:, None])
+    if HAS_WEIGHT:
+        y = tl.fma(y, w, 0.0)
+    if HAS_BIAS:
+        y = y + b
+    return y
+
+
+# The neuron's division-free path (kernels.target.target_estimate) on an estimate of the row
+# function's value: y' = fl(xc * fl(1/sd)) in place of fl(xc / sd), then w and b as the row
+# function has them, z' = fl(fl(y' w) + b). Per lane that is one multiply for the division's
+# ten-odd instructions (sd is one per row). Why the wider margin keeps it exact: y' is within
+# 3 * 2^-24 |y| of y (three roundings against one), so z' is within 5 * 2^-24 |y w| + 2^-23 |z|
+# of z, and |y w| <= |z| + |b| to first order. In steps of theta, on top of q's own 2^-23 |q|:
+# about 9 * 2^-24 |q| + 5 * 2^-24 |b| / theta. Added to the rounding steps' spread (kernels.
+# target), the target is exact when q is farther than about 2^-20 |q| + 2^-21.7 |b / theta| +
+# 2^-21.9 from every half-integer; the margin is 2^-18 |q| + 2^-19 |b / theta| + 2^-18, at
+# least 4 times that. Values below 2^-126 lose relative accuracy: their absolute errors, a few
+# 2^-149 (|w| + 1) / theta, stay under 2^-47 in the margin's slack where (|w| + 1) / theta <=
+# 2^100. The bias term is the largest of the program's columns: one edge a program, in one
+# register (a per-column edge was recomputed every step on sm_90).
+_LN_SLOPE = tl.constexpr(-(2.0**-18))
+_LN_EDGE = tl.constexpr(0.5 - 2.0**-18)
+_B_SLOPE = tl.constexpr(2.0**-19)
+_W_MAX = tl.constexpr(2.0**100)
+
+
+@triton.jit
+def layer_norm_estimate_edge(
+    w, b, inv_theta, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_C: tl.constexpr
+):
+    """The ``edge`` of ``target_estimate``'s margin for ``layer_norm_estimate``'s values, one
+    for the columns of ``w``, ``b`` ``[1, BLOCK_C]`` and ``inv_theta``
+    (``inverse_threshold``'s, scalar or ``[1, BLOCK_C]``), formed once; its slope is
+    ``_LN_SLOPE``. A column with a weight past the bound above, or a non-finite weight, bias or
+    threshold, makes the edge -1/2: every lane unsure, so the exact path."""
+    inv = tl.abs(inv_theta) + tl.zeros([1, BLOCK_C], tl.float32)
+    if HAS_BIAS:
+        term = tl.fma(tl.fma(tl.abs(b), _B_SLOPE, 0.0), inv, 0.0)
+    else:
+        term = tl.zeros([1, BLOCK_C], tl.float32)
+    if HAS_WEIGHT:
+        scale = tl.fma(tl.abs(w) + 1.0, inv, 0.0)
+    else:
+        scale = tl.fma(inv, 2.0, 0.0)
+    ok = (term <= 1.0) & (scale <= _W_MAX)  # false for NaN
+    return _LN_EDGE - tl.max(tl.where(ok, term, 1.0))
+
+
+@triton.jit
+def layer_norm_estimate(xc, sd, w, b, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """``layer_norm_scale`` with ``xc * fl(1 / sd)`` for its division: the value the neuron's
+    estimate takes (the margin above)."""
+    y = tl.fma(xc, tl.div_rn(tl.full(sd.shape, 1.0, tl.float32), sd)[:, None], 0.0)
     if HAS_WEIGHT:
         y = tl.fma(y, w, 0.0)
     if HAS_BIAS:
@@ -201,6 +277,7 @@ def exact_layernorm_neuron_kernel(
     w, b = load_affine(w_ptr, b_ptr, cols, col_mask, HAS_WEIGHT, HAS_BIAS, BLOCK_C)
     theta = load_threshold(theta_ptr, cols, col_mask, PER_CHANNEL)
     inv_theta = inverse_threshold(theta)
+    edge = layer_norm_estimate_edge(w, b, inv_theta, HAS_WEIGHT, HAS_BIAS, BLOCK_C)
     if HAS_COUNT:
         count = tl.load(count_in_ptr + offs, mask=mask, other=0).to(tl.int32)
     else:
@@ -245,10 +322,17 @@ def exact_layernorm_neuron_kernel(
             x = (const + d).to(tl.float32)
         else:
             x = d.to(tl.float32)
-        y = layer_norm_rows_fp32(
-            x, w, b, eps, col_mask, c_f, HAS_WEIGHT, HAS_BIAS, ROWS, BLOCK_C, LOG2_C
+        # the neuron on an estimate of the row function's value, and only where a lane is
+        # unsure on the row function itself (the margin above): one multiply a lane, not a
+        # division
+        xc, sd = layer_norm_moments(x, eps, col_mask, c_f, ROWS, BLOCK_C, LOG2_C)
+        y = layer_norm_estimate(xc, sd, w, b, HAS_WEIGHT, HAS_BIAS)
+        sigma, fired = target_estimate_tile(
+            y, inv_theta, count, n_min, p_max, mask, _LN_SLOPE, edge
         )
-        sigma, _ = target_tile(y, theta, inv_theta, count, n_min, p_max, mask)
+        if fired > 1:
+            y = layer_norm_scale(xc, sd, w, b, HAS_WEIGHT, HAS_BIAS)
+            sigma, fired = target_exact_tile(y, theta, count, n_min, p_max, mask)
         count = count + sigma
         tl.store(out_ptrs, sigma.to(tl.int8), mask=mask)
         if HAS_ACTIVE:

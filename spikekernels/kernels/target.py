@@ -77,7 +77,7 @@ def inverse_threshold(theta):
 
 
 @triton.jit
-def target_estimate(y, inv_theta, c, n_min, p_max):
+def target_estimate(y, inv_theta, c, n_min, p_max, slope=_UNSURE_SLOPE, edge=_UNSURE_EDGE):
     """``target_step`` without its division: returns ``(sigma, unsure)``, int32 and bool.
 
     Where ``unsure`` is clear, sigma equals ``target_step``'s bit for bit (the margin above);
@@ -85,6 +85,8 @@ def target_estimate(y, inv_theta, c, n_min, p_max):
     finite), sigma is meaningless and must be recomputed by ``target_step``. On values spread
     over the levels that is a few lanes in 10^5. ``inv_theta`` is ``inverse_threshold(theta)``,
     formed once per tile. A sure lane has a finite target, so the clamp may use min/max.
+    ``slope`` (a negative power of two) and ``edge``: a wider margin, ``edge + slope |q|``
+    below the half gap, for a ``y`` that is itself estimated (``kernels.exact_layernorm``).
     """
     q = tl.fma(y, inv_theta, 0.0)  # one rounding (a plain product), never contracted
     s = q + 0.5
@@ -93,7 +95,7 @@ def target_estimate(y, inv_theta, c, n_min, p_max):
     # integer next to q, Sterbenz), and NaN for a non-finite q, so unsure. The margin is one
     # fma whose product |q| 2^-19 is exact, so fused (GPU) or not (interpreter) the same.
     half_gap = tl.abs(q - f)
-    sure = half_gap < tl.fma(tl.abs(q), _UNSURE_SLOPE, _UNSURE_EDGE)
+    sure = half_gap < tl.fma(tl.abs(q), slope, edge)
     target = tl.minimum(tl.maximum(f, n_min * 1.0), p_max * 1.0)  # (an int may be constexpr)
     cf = c.to(tl.float32)
     sigma = tl.where(target > cf, 1, tl.where(target < cf, -1, 0))
@@ -101,13 +103,15 @@ def target_estimate(y, inv_theta, c, n_min, p_max):
 
 
 @triton.jit
-def target_estimate_tile(y, inv_theta, c, n_min, p_max, mask):
+def target_estimate_tile(
+    y, inv_theta, c, n_min, p_max, mask, slope=_UNSURE_SLOPE, edge=_UNSURE_EDGE
+):
     """``target_estimate`` of a tile and one reduction over the ``mask`` lanes: ``(sigma,
     code)``. ``code`` 0 or 1: sigma is exact and ``code`` says whether a lane fired; ``code``
     2 or 3: a lane was unsure, so the tile takes ``target_exact_tile`` instead (about one
     tile of 4096 values in ten: a division is about ten instructions a lane on a GPU, more
     than the rest of the neuron)."""
-    sigma, unsure = target_estimate(y, inv_theta, c, n_min, p_max)
+    sigma, unsure = target_estimate(y, inv_theta, c, n_min, p_max, slope, edge)
     return sigma, tl.max(tl.where(mask, tl.where(unsure, 2, sigma != 0), 0))
 
 
