@@ -105,8 +105,10 @@ def _run(s, layer, n_min, p_max, s_count=None, count=None, **kwargs):
     )
 
 
-# (leading dims, K, N): K and N not multiples of 16, single rows/columns, several tiles
-SHAPES = [((1,), 1, 1), ((3,), 45, 37), ((2, 19), 33, 50), ((2, 3, 7), 16, 64), ((40,), 130, 17)]
+# (leading dims, K, N): K and N not multiples of 16, single rows/columns, several tiles, and
+# every dim a multiple of its tile (the K loop without masks)
+SHAPES = [((1,), 1, 1), ((3,), 45, 37), ((2, 19), 33, 50), ((2, 3, 7), 16, 64), ((40,), 130, 17),
+          ((2, 16), 64, 48)]  # fmt: skip
 
 
 @pytest.mark.parametrize("device", DEVICES)

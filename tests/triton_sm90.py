@@ -518,9 +518,12 @@ def exact_linear_cases() -> list[Case]:
     }
     # counts_out: the qkv layer, whose per-step counts the attention reads (with its input
     # count before the steps given, as ExactAttention passes it)
-    variants = [(False, False, False, False), (True, True, False, False),
-                (True, True, True, False), (True, True, True, True)]  # fmt: skip
-    for state, per_channel, active, counts_out in variants:
+    # even: ViT-S at batch 64, every dim a multiple of its tile (no mask in the K loop); the
+    # last variant again with every load of the K loop masked
+    variants = [(False, False, False, False, True), (True, True, False, False, True),
+                (True, True, True, False, True), (True, True, True, True, True),
+                (True, True, True, True, False)]  # fmt: skip
+    for state, per_channel, active, counts_out, even in variants:
         constexprs = dict(
             HAS_BIAS=True,
             HAS_S_COUNT=state,
@@ -532,11 +535,14 @@ def exact_linear_cases() -> list[Case]:
             BLOCK_M=block_m,
             BLOCK_N=block_n,
             BLOCK_K=block_k,
+            EVEN_M=even,
+            EVEN_N=even,
+            EVEN_K=even,
         )
         cases.append(
             Case(
                 f"exact_linear state={state} per_channel={per_channel} active={active} "
-                f"counts_out={counts_out} s_before={counts_out}",
+                f"counts_out={counts_out} s_before={counts_out}" + ("" if even else " masked"),
                 el.exact_linear_kernel,
                 signature,
                 constexprs,
