@@ -85,6 +85,7 @@ CASES = [  # (T, rows, K, N)
     (1, (50,), 33, 5),
     (4, (2, 7), 100, 37),
     (2, (19,), 64, 100),
+    (2, (16,), 64, 32),  # every dim a multiple of its tile: the K loop without masks
 ]
 
 

@@ -101,8 +101,9 @@ def _assert_same(got, want):
         assert diff == 0, f"{name}: {diff} of {g.numel()} elements differ"
 
 
-# (leading dims, K, N): K and N not multiples of the tile, rows not a multiple of BLOCK_M
-SHAPES = [((1,), 1, 1), ((3,), 45, 37), ((2, 19), 33, 50), ((40,), 70, 17)]
+# (leading dims, K, N): K and N not multiples of the tile, rows not a multiple of BLOCK_M,
+# and every dim a multiple of its tile (the K loop without masks)
+SHAPES = [((1,), 1, 1), ((3,), 45, 37), ((2, 19), 33, 50), ((40,), 70, 17), ((2, 16), 64, 48)]
 
 
 class TestWeightSplit:

@@ -34,6 +34,7 @@ import triton.language as tl
 
 from spikekernels.kernels import INTERPRET, on_device
 from spikekernels.kernels.activity import active_layout, record_active_rows
+from spikekernels.kernels.spike_linear import even_tiles
 from spikekernels.kernels.target import (
     inverse_threshold,
     load_threshold,
@@ -91,9 +92,7 @@ def exact_linear_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    # rows % BLOCK_M, N % BLOCK_N, K % BLOCK_K == 0: the K loop's loads need no mask on that
-    # dim (about 10 instructions a thread and K tile each on sm_90)
-    EVEN_M: tl.constexpr,
+    EVEN_M: tl.constexpr,  # spike_linear.even_tiles
     EVEN_N: tl.constexpr,
     EVEN_K: tl.constexpr,
 ):
@@ -260,9 +259,7 @@ def exact_linear_triton(
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
-        EVEN_M=rows % block_m == 0,
-        EVEN_N=N % block_n == 0,
-        EVEN_K=K % block_k == 0,
+        **even_tiles(rows, N, K, block_m, block_n, block_k),
         num_warps=num_warps,
         num_stages=num_stages,
     )

@@ -25,7 +25,7 @@ import triton.language as tl
 from spikekernels.kernels import INTERPRET, on_device
 from spikekernels.kernels.activity import active_layout, record_active_rows
 from spikekernels.kernels.neuron import st_bif_step
-from spikekernels.kernels.spike_linear import dot_flags, spike_dot
+from spikekernels.kernels.spike_linear import dot_flags, even_tiles, spike_dot
 from spikekernels.kernels.target import load_threshold
 from spikekernels.kernels.tile_flags import step_tile_flags
 
@@ -78,6 +78,9 @@ def spike_linear_neuron_kernel(
     INT8_W: tl.constexpr,  # always False: int8 weights are exact mode's (exact_linear)
     PARTS: tl.constexpr,
     DOT_FP32: tl.constexpr,
+    EVEN_M: tl.constexpr,  # spike_linear.even_tiles'
+    EVEN_N: tl.constexpr,
+    EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -126,6 +129,9 @@ def spike_linear_neuron_kernel(
             INT8_W,
             PARTS,
             DOT_FP32,
+            EVEN_M,
+            EVEN_N,
+            EVEN_K,
             BLOCK_K,
         )
         y = tl.fma(acc, theta_in, 0.0)
@@ -207,6 +213,7 @@ def spike_linear_neuron_triton(
         FLOAT_OUT=float_out,
         HAS_ACTIVE=active is not None,
         **dot_flags(weight),
+        **even_tiles(rows, N, K, block_m, block_n, block_k),
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
