@@ -60,6 +60,14 @@ def dot_flags(weight: torch.Tensor) -> dict[str, object]:
     )
 
 
+def dot_spikes(s: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The spikes as ``spike_dot`` reads them: ``s`` itself for int8 weights, else converted
+    once to the weight's dtype (bfloat16 for a split float32 weight). Every output tile would
+    otherwise convert each int8 spike tile for the tensor cores, about four instructions an
+    element on sm_90 (half the K loop's), N / BLOCK_N times over."""
+    return s if weight.dtype == torch.int8 else s.to(weight.dtype)
+
+
 def even_tiles(rows: int, n: int, k: int, block_m: int, block_n: int, block_k: int) -> dict:
     """``EVEN_M``, ``EVEN_N``, ``EVEN_K``: whether ``rows``, ``n``, ``k`` are multiples of their
     tiles, so that a K loop's loads need no mask on that dim (about 10 instructions a thread
@@ -111,7 +119,7 @@ def spike_dot(
 
 @triton.jit
 def spike_linear_kernel(
-    s_ptr,  # [R, K] int8 ternary spikes, R = T * rows
+    s_ptr,  # [R, K] ternary spikes, R = T * rows: int8, or the weight's dtype (dot_spikes)
     w_ptr,  # [N, K] weight (int8, float16, bfloat16), or [PARTS, N, K] bf16 parts
     theta_ptr,  # [1] threshold (any float dtype), read on the device
     w_scale_ptr,  # [N] float32 per-output-channel scale (INT8_W only)
@@ -205,7 +213,7 @@ def spike_linear_triton(
     )
     flags, num_m = step_tile_flags(launch, s[None], block_m, num_warps)  # one "step": all rows
     launch(spike_linear_kernel)[(num_m, triton.cdiv(N, block_n))](
-        s,
+        dot_spikes(s, weight),
         weight,
         threshold,
         threshold if weight_scale is None else weight_scale,

@@ -25,7 +25,7 @@ import triton.language as tl
 from spikekernels.kernels import INTERPRET, on_device
 from spikekernels.kernels.activity import active_layout, record_active_rows
 from spikekernels.kernels.neuron import st_bif_step
-from spikekernels.kernels.spike_linear import dot_flags, even_tiles, spike_dot
+from spikekernels.kernels.spike_linear import dot_flags, dot_spikes, even_tiles, spike_dot
 from spikekernels.kernels.target import load_threshold
 from spikekernels.kernels.tile_flags import step_tile_flags
 
@@ -47,7 +47,7 @@ def tile_config() -> tuple[int, int, int, int, int]:
 
 @triton.jit
 def spike_linear_neuron_kernel(
-    s_ptr,  # [T, rows, K] int8 ternary spikes
+    s_ptr,  # [T, rows, K] ternary spikes in the weight's dtype (spike_linear.dot_spikes)
     w_ptr,  # [N, K] float16 / bfloat16, or [PARTS, N, K] bf16 parts of a float32 weight
     theta_in_ptr,  # [1] threshold of the neuron feeding the spikes (any float dtype)
     bias_ptr,  # [N] float32 bias share per due step (HAS_BIAS only)
@@ -185,7 +185,7 @@ def spike_linear_neuron_triton(
     block_m, block_n, block_k, num_warps, num_stages = tile_config()
     flags, num_m = step_tile_flags(launch, s, block_m, num_warps)
     launch(spike_linear_neuron_kernel)[(num_m, triton.cdiv(N, block_n))](
-        s,
+        dot_spikes(s, weight),
         weight,
         in_threshold,
         in_threshold if bias_share is None else bias_share,
