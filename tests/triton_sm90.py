@@ -856,7 +856,6 @@ def exact_attention_cases() -> list[Case]:
 def spike_linear_neuron_cases() -> list[Case]:
     from spikekernels.kernels import spike_linear_neuron as sln
 
-    block_m, block_n, block_k, num_warps, num_stages = sln.tile_config()
     cases = []
     for w_ty, parts, state, per_channel, float_out, active in [
         ("bf16", 3, False, False, False, False),  # a float32 weight's split, fresh state
@@ -889,6 +888,7 @@ def spike_linear_neuron_cases() -> list[Case]:
             "B": "i32",
             "rows_per_sample": "i32",
         }
+        block_m, block_n, block_k, num_warps, num_stages = sln.tile_config(float_out)
         constexprs = dict(
             HAS_BIAS=True,
             HAS_STATE=state,

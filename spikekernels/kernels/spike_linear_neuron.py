@@ -30,19 +30,24 @@ from spikekernels.kernels.target import load_threshold
 from spikekernels.kernels.tile_flags import step_tile_flags
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) on a GPU: BLOCK_M = 64 rows per
-# warpgroup for Hopper's wgmma and a fine skip granularity; BLOCK_N = 32 because v and the
-# count live in registers across the T loop next to the float32 accumulator and the three
-# weight parts' loads: 64 columns spill at 4 warps (tests/triton_sm90.py checks; 64 x 64 at
-# 8 warps also fits, with the same occupancy). Untuned on hardware so far: see bench/results/.
-_GPU_TILES = (64, 32, 64, 4, 3)
+# warpgroup for Hopper's wgmma and a fine skip granularity; BLOCK_N = 64 (the spikes arrive
+# in the weight's dtype, so no conversion in registers: spike_linear.dot_spikes), and 32 for
+# float_out, whose float spikes' stores spilled at 64 (tests/triton_sm90.py checks). v and
+# the count live in registers across the T loop next to the float32 accumulator and the
+# three weight parts' loads. Untuned on hardware so far: see bench/results/.
+_GPU_TILES = (64, 64, 64, 4, 3)
+_GPU_TILES_FLOAT_OUT = (64, 32, 64, 4, 3)
 # Under the numpy interpreter: small tiles so that CPU tests cover several row, column and K
 # tiles (and silent and active tiles side by side) at small shapes.
 _INTERPRET_TILES = (16, 16, 32, 4, 1)
 
 
-def tile_config() -> tuple[int, int, int, int, int]:
-    """``(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)``."""
-    return _INTERPRET_TILES if INTERPRET else _GPU_TILES
+def tile_config(float_out: bool = False) -> tuple[int, int, int, int, int]:
+    """``(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)``, for int8 spikes out or
+    ``float_out``."""
+    if INTERPRET:
+        return _INTERPRET_TILES
+    return _GPU_TILES_FLOAT_OUT if float_out else _GPU_TILES
 
 
 @triton.jit
@@ -182,7 +187,7 @@ def spike_linear_neuron_triton(
     count_out = torch.empty((rows, N), dtype=count_dtype, device=s.device)
     if rows == 0 or N == 0:
         return out, v_out, count_out
-    block_m, block_n, block_k, num_warps, num_stages = tile_config()
+    block_m, block_n, block_k, num_warps, num_stages = tile_config(float_out)
     flags, num_m = step_tile_flags(launch, s, block_m, num_warps)
     launch(spike_linear_neuron_kernel)[(num_m, triton.cdiv(N, block_n))](
         dot_spikes(s, weight),
