@@ -107,7 +107,6 @@ from spikekernels.kernels import INTERPRET, on_device
 from spikekernels.kernels.activity import active_layout, record_active_tile
 from spikekernels.kernels.exact_rows import bit_order_codes, permuted_rows, tree_sum_columns
 from spikekernels.kernels.spike_matmul import (
-    _any_spike,
     _running_counts,
     _split_batch,
     _split_state,
@@ -117,6 +116,7 @@ from spikekernels.kernels.target import (
     target_estimate_tile,
     target_exact_tile,
 )
+from spikekernels.kernels.tile_flags import any_nonzero
 
 
 def _f32(x: float) -> float:
@@ -328,7 +328,7 @@ def scores_step(
             mask=mask_k,
             other=0,
         )
-        k_any = _any_spike(k_t)
+        k_any = any_nonzero(k_t)
         if k_any:
             q_cnt = tl.load(q_prev_ptr + (offs_m[None, :] * D + ds[:, None]), mask=mask_q, other=0)
             s = tl.dot(k_t, q_cnt, s, out_dtype=tl.int32)
@@ -337,7 +337,7 @@ def scores_step(
             mask=mask_q,
             other=0,
         )
-        q_any = _any_spike(q_t)
+        q_any = any_nonzero(q_t)
         if q_any:
             k_cnt = tl.load(k_cur_ptr + (offs_n[:, None] * D + ds[None, :]), mask=mask_k, other=0)
             s = tl.dot(k_cnt, q_t, s, out_dtype=tl.int32)
@@ -547,7 +547,7 @@ def context_step(
             mask=mask_v,
             other=0,
         )
-        v_any = _any_spike(v_t)
+        v_any = any_nonzero(v_t)
         if v_any:
             a_cnt = tl.load(a_prev_ptr + (offs_m[:, None] * N + ks[None, :]), mask=mask_a, other=0)
             z = tl.dot(a_cnt, v_t, z, out_dtype=tl.int32)
@@ -556,7 +556,7 @@ def context_step(
             mask=mask_a,
             other=0,
         )
-        a_any = _any_spike(a_t)
+        a_any = any_nonzero(a_t)
         if a_any:
             v_cnt = tl.load(v_cur_ptr + (ks[:, None] * D + offs_d[None, :]), mask=mask_v, other=0)
             z = tl.dot(a_t, v_cnt, z, out_dtype=tl.int32)

@@ -41,7 +41,7 @@ from spikekernels.kernels.target import (
     target_estimate_tile,
     target_exact_tile,
 )
-from spikekernels.kernels.tile_flags import step_tile_flags
+from spikekernels.kernels.tile_flags import any_nonzero, step_tile_flags
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) on a GPU: BLOCK_M = 64 rows per
 # warpgroup for Hopper's int8 wgmma and a fine skip granularity; BLOCK_N = 64 because acc and
@@ -132,7 +132,7 @@ def exact_linear_kernel(
                 for _ in range(T):
                     before -= tl.load(s_ptrs, mask=tile_mask, other=0)
                     s_ptrs -= rows * K
-            if tl.max(tl.abs(before.to(tl.int32))) != 0:
+            if any_nonzero(before):
                 w = tl.load(w_start + k0, mask=k_mask[:, None] & col_mask[None, :], other=0)
                 acc = tl.dot(before, w, acc, out_dtype=tl.int32)
     # the count as int16: an int8 tile's add unpacks and repacks bytes (sm_90: 155 instructions

@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from spikekernels.kernels import on_device
+from spikekernels.kernels.tile_flags import any_nonzero
 
 # One K tile up to 64 (the head dim of ViT-S/B/L: the scores Q K^T); longer K (the context
 # P V, K = 197 keys) takes the split path. Compiled for sm_90 with Triton 3.6 (ptxas -v), the
@@ -60,12 +61,6 @@ def fused_config(k: int) -> tuple[int, int, int, int]:
 def split_config() -> tuple[int, int, int, int]:
     """``(BLOCK_M, BLOCK_N, BLOCK_K, num_warps)`` of the split-K path (same register rule)."""
     return 64, 64, SPLIT_BLOCK_K, 8
-
-
-@triton.jit
-def _any_spike(tile):
-    """Whether a ternary int8 tile holds any spike: one block reduction, a scalar."""
-    return tl.max(tl.abs(tile)) != 0
 
 
 @triton.jit
@@ -165,9 +160,9 @@ def spike_matmul_kernel(
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
         # A silent spike tile skips its dot (and the count's trip through shared memory); a
         # program whose two tiles are silent only stores the scaled zero tile.
-        if _any_spike(a_t):
+        if any_nonzero(a_t):
             acc = tl.dot(a_t, b_cnt, acc, out_dtype=tl.int32)
-        if _any_spike(b_t):
+        if any_nonzero(b_t):
             acc = tl.dot(a_cnt, b_t, acc, out_dtype=tl.int32)
         a_cnt += a_t
         # scale * float(int) for every element, zeros included: a negative scale gives -0.0
@@ -321,10 +316,10 @@ def spike_matmul_split_kernel(
             mask_b = (ks[:, None] < K) & mask_n[None, :]
             a_t = tl.load(a_base + ks.to(tl.int64)[None, :] * stride_ak, mask=mask_a, other=0)
             b_t = tl.load(b_base + ks.to(tl.int64)[:, None] * stride_bk, mask=mask_b, other=0)
-            if _any_spike(a_t):
+            if any_nonzero(a_t):
                 b_cnt = tl.load(b_cnt_base + ks[:, None] * N, mask=mask_b, other=0)
                 acc = tl.dot(a_t, b_cnt, acc, out_dtype=tl.int32)
-            if _any_spike(b_t):
+            if any_nonzero(b_t):
                 a_cnt = tl.load(a_cnt_base + ks[None, :], mask=mask_a, other=0)
                 acc = tl.dot(a_cnt, b_t, acc, out_dtype=tl.int32)
         tl.store(out_ptrs, scale * acc.to(tl.float32), mask=mask_o)
