@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 from conftest import DEVICES
 
 from spikekernels import reference
 from spikekernels.kernels import use_triton
+from spikekernels.kernels.tile_flags import any_nonzero
 from spikekernels.nn import ExactLinearNeuron, TargetNeuron
 from spikekernels.ops import exact_linear
 from spikekernels.ops._dispatch import force_backend
@@ -566,6 +569,30 @@ def test_silent_tile_flags(gen):
     want = torch.zeros(3, num_m, dtype=torch.int32)
     want[0, 0] = want[0, 3] = want[2, 4] = 1
     assert torch.equal(flags, want)
+
+
+@triton.jit
+def _any_nonzero_kernel(x_ptr, out_ptr, OR_REDUCE: tl.constexpr, R: tl.constexpr, C: tl.constexpr):
+    offs = tl.program_id(0) * R * C + tl.arange(0, R)[:, None] * C + tl.arange(0, C)[None, :]
+    tl.store(out_ptr + tl.program_id(0), any_nonzero(tl.load(x_ptr + offs), OR_REDUCE).to(tl.int32))
+
+
+@pytest.mark.skipif(
+    not use_triton(torch.empty(0)), reason="the Triton kernels run on CPU only when interpreted"
+)
+@pytest.mark.parametrize("or_reduce", [True, False])
+def test_any_nonzero_both_reductions(gen, or_reduce):
+    """``tile_flags.any_nonzero`` by either reduction (the GPU's bitwise or, the
+    interpreter's maximum): true exactly for the tiles holding a nonzero int8, any value."""
+    tiles = torch.zeros(6, 4, 8, dtype=torch.int8)
+    tiles[1, 3, 7] = -1
+    tiles[2, 0, 0] = 1
+    tiles[3, 2, 5] = -128
+    tiles[4] = torch.randint(-1, 2, (4, 8), generator=gen, dtype=torch.int8)
+    tiles[4, 0, 0] = 1
+    got = torch.full((6,), 7, dtype=torch.int32)
+    _any_nonzero_kernel[(6,)](tiles, got, OR_REDUCE=or_reduce, R=4, C=8)
+    assert torch.equal(got, tiles.reshape(6, -1).ne(0).any(-1).to(torch.int32))
 
 
 def test_module_needs_the_input_count_after_its_first_call(gen):

@@ -15,8 +15,15 @@ import torch
 import triton
 import triton.language as tl
 
+from spikekernels.kernels import INTERPRET
+
 # K tile of the flag pass (no MMA here, so any power of two).
 FLAG_BLOCK_K = 128
+
+
+# any_nonzero's reduction: a bitwise or on a GPU; the maximum of absolute values under the
+# numpy interpreter, which runs a custom combine in Python (about 100x slower there)
+_OR_REDUCE = tl.constexpr(not INTERPRET)
 
 
 @triton.jit
@@ -25,11 +32,13 @@ def _bit_or(a, b):
 
 
 @triton.jit
-def any_nonzero(tile):
+def any_nonzero(tile, OR_REDUCE: tl.constexpr = _OR_REDUCE):
     """Whether an integer tile (spikes, counts) holds a nonzero value: a scalar, by one
     bitwise-or reduction. (The maximum of the absolute values unpacked every int8 byte: on
     sm_90 more instructions than the rest of a spike-form product step.)"""
-    return tl.reduce(tile.to(tl.int32), None, _bit_or) != 0
+    if OR_REDUCE:
+        return tl.reduce(tile.to(tl.int32), None, _bit_or) != 0
+    return tl.max(tl.abs(tile.to(tl.int32))) != 0
 
 
 @triton.jit
