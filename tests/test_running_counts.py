@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import DEVICES
+from test_activity import _fired
 from test_exact_attention_ops import (
     ATTN_BOUNDS,
     CTX_BOUNDS,
@@ -358,11 +359,6 @@ def _attention_case(gen, T, batch, m, d, n, dv, *, state=False):
     if state:
         case |= dict(attn_count=probs["count"], count=ctx["count"])
     return case
-
-
-def _fired(spikes):
-    """``[T, B]`` int32: 1 where a sample has a nonzero spike at a step."""
-    return spikes.reshape(*spikes.shape[:2], -1).ne(0).any(-1).to(torch.int32)
 
 
 def _run_attention(case, **kwargs):
