@@ -958,7 +958,7 @@ if TRITON_AVAILABLE:
     import triton
     import triton.language as tl
 
-    from spikekernels.kernels.exact_attention import _mul, key_order, softmax_columns
+    from spikekernels.kernels.exact_attention import _mul, exp_rows, key_order, softmax_columns
     from spikekernels.kernels.exact_rows import bit_order_codes, permuted_rows
 
     @triton.jit
@@ -977,6 +977,13 @@ if TRITON_AVAILABLE:
         z = _mul(tl.load(g_ptr), s.to(tl.float32))
         probs = softmax_columns(z, mask, WIDTH, ROWS, WIDTH.bit_length() - 1, KEY_TREE)
         tl.store(out_ptr + offs, probs, mask=mask[:, None])
+
+    @triton.jit
+    def _exp_rows_kernel(x_ptr, out_ptr, N, BLOCK: tl.constexpr):
+        """The kernels' ``exp_rows`` of float32 ``x`` ``[N]``."""
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        x = tl.load(x_ptr + offs, mask=offs < N, other=0.0)
+        tl.store(out_ptr + offs, exp_rows(x), mask=offs < N)
 
 
 def _key_orders(width: int) -> dict[str, tuple[int, ...]]:
@@ -1016,6 +1023,38 @@ def test_softmax_columns_is_exact_maths_row_function(gen, n):
             )
             got = out.view(torch.int32)
             assert torch.equal(got, want.view(torch.int32)), f"width {width}, {name}"
+
+
+@pytest.mark.skipif(
+    not use_triton(torch.empty(0)), reason="the Triton kernels run on CPU only when interpreted"
+)
+def test_exp_rows_is_exact_maths(gen):
+    """The kernels' exp_rows gives exact_math.exp_rows' bits for every x <= 0 a softmax can
+    hand it: spread values, integers, every float32 next to the cut-off at -87 (where the
+    kernels leave out the clamp of the exponent) and next to each step of k, and values far
+    below the cut-off (0)."""
+    f32 = torch.float32
+
+    def near(v: float, n: int) -> torch.Tensor:  # the float32 v and its n neighbours each side
+        bits = torch.tensor(v, dtype=f32).view(torch.int32) + torch.arange(-n, n + 1)
+        return bits.to(torch.int32).view(f32)
+
+    # x log2e + 1/2 crossing an integer: k's steps, in [-125.5, 0]
+    steps = (torch.arange(-126, 1, dtype=torch.float64) - 0.5) / 1.4426950408889634
+    x = torch.cat(
+        [
+            -torch.rand(20_000, generator=gen) * 100.0,
+            -torch.arange(0, 130, dtype=f32),
+            near(-87.0, 64),
+            *(near(v, 4) for v in steps.tolist()),
+            torch.tensor([-0.0, -1e-30, -1e-6, -1e3, -1e6]),
+        ]
+    ).clamp(max=0.0)
+    want = exact_math.exp_rows(x)
+    got = torch.full_like(x, float("nan"))
+    _exp_rows_kernel[(triton.cdiv(x.numel(), 1024),)](x, got, x.numel(), BLOCK=1024)
+    assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+    assert (want[x < -87] == 0).all() and (want[x >= -87] > 0).all()
 
 
 @pytest.mark.skipif(

@@ -216,7 +216,8 @@ def exp_rows(x):
     """``exact_math.exp_rows`` for float32 ``x <= 0``, operation for operation:
     ``k = floor(x log2e + 1/2)``, ``r = x - k ln2_hi - k ln2_lo``, Horner's polynomial,
     ``y = p r^2 + r + 1``, times ``2^clamp(k, -126, 0)`` built from its bits; 0 below -87.
-    ``k <= 0`` for every ``x <= 0``, so the clamp's upper bound is left out (the same bits)."""
+    The clamp is left out, the same bits: ``k <= 0`` for every ``x <= 0``, and ``k >= -126``
+    for ``x >= -87`` (``x log2e >= -125.52``), below which the result is 0 whatever ``k``."""
     k = tl.floor(_mul(x, LOG2E) + 0.5)
     r = x - _mul(k, LN2_HI)
     r = r - _mul(k, LN2_LO)
@@ -226,8 +227,7 @@ def exp_rows(x):
     p = _mul(p, r) + P4
     p = _mul(p, r) + P5
     y = _mul(p, _mul(r, r)) + r + 1.0
-    ki = tl.maximum(k, -126.0).to(tl.int32)
-    scale = ((ki + 127) << 23).to(tl.float32, bitcast=True)
+    scale = ((k.to(tl.int32) + 127) << 23).to(tl.float32, bitcast=True)
     return tl.where(x < EXP_MIN, 0.0, _mul(y, scale))
 
 
