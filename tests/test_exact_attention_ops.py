@@ -958,8 +958,15 @@ if TRITON_AVAILABLE:
     import triton
     import triton.language as tl
 
-    from spikekernels.kernels.exact_attention import _mul, exp_rows, key_order, softmax_columns
+    from spikekernels.kernels.exact_attention import (
+        _attention_neuron,
+        _mul,
+        exp_rows,
+        key_order,
+        softmax_columns,
+    )
     from spikekernels.kernels.exact_rows import bit_order_codes, permuted_rows
+    from spikekernels.kernels.target import inverse_threshold
 
     @triton.jit
     def _softmax_columns_kernel(
@@ -984,6 +991,33 @@ if TRITON_AVAILABLE:
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         x = tl.load(x_ptr + offs, mask=offs < N, other=0.0)
         tl.store(out_ptr + offs, exp_rows(x), mask=offs < N)
+
+    @triton.jit
+    def _attention_neuron_kernel(
+        s_ptr, count_ptr, g_ptr, theta_ptr, sigma_ptr, fired_ptr, N, M, n_min, p_max,
+        KEYS: tl.constexpr, COLS: tl.constexpr, KEY_PERM: tl.constexpr, KEY_TREE: tl.constexpr,
+        ESTIMATE: tl.constexpr,
+    ):  # fmt: skip
+        """``_attention_neuron`` on int32 scores ``[M, N]`` and counts, held as the kernels
+        hold them (transposed, ``[KEYS, COLS]``, keys in ``KEY_PERM``'s order, the count as
+        float32 with ``ESTIMATE``, else int32); every lane's sigma out, the padded ones too
+        (``sigma`` ``[COLS, KEYS]``), and the tile's ``fired``."""
+        keys = permuted_rows(tl.arange(0, KEYS), KEYS.bit_length() - 1, KEY_PERM)
+        cols = tl.arange(0, COLS)
+        mask_n = keys < N
+        mask_m = cols < M
+        mask = mask_n[:, None] & mask_m[None, :]
+        offs = cols[None, :] * N + keys[:, None]
+        s = tl.load(s_ptr + offs, mask=mask, other=0)
+        count = tl.load(count_ptr + offs, mask=mask, other=0)
+        count = count.to(tl.float32) if ESTIMATE else count.to(tl.int32)
+        theta = tl.load(theta_ptr)
+        sigma, fired = _attention_neuron(
+            s, tl.load(g_ptr), mask_n, mask_m, theta, inverse_threshold(theta), count, n_min,
+            p_max, KEYS, COLS, KEYS.bit_length() - 1, KEY_TREE, ESTIMATE,
+        )  # fmt: skip
+        tl.store(sigma_ptr + cols[None, :] * KEYS + keys[:, None], sigma.to(tl.int32))
+        tl.store(fired_ptr, fired)
 
 
 def _key_orders(width: int) -> dict[str, tuple[int, ...]]:
@@ -1055,6 +1089,45 @@ def test_exp_rows_is_exact_maths(gen):
     _exp_rows_kernel[(triton.cdiv(x.numel(), 1024),)](x, got, x.numel(), BLOCK=1024)
     assert torch.equal(got.view(torch.int32), want.view(torch.int32))
     assert (want[x < -87] == 0).all() and (want[x >= -87] > 0).all()
+
+
+@pytest.mark.skipif(
+    not use_triton(torch.empty(0)), reason="the Triton kernels run on CPU only when interpreted"
+)
+@pytest.mark.parametrize("estimate", [True, False])
+@pytest.mark.parametrize(
+    "theta", [0.5, 0.013, 1e-40], ids=["ties", "spread", "subnormal"]
+)  # fmt: skip
+def test_attention_neuron_lanes(gen, estimate, theta):
+    """The attention neuron of the scores kernels, lane by lane: sigma as the reference
+    neuron on exact_math's softmax, and ``fired`` whether a real lane fired. With the
+    estimate, sigma is also 0 on every padded lane (keys past N, queries past M), which the
+    count held in registers relies on, whichever path the tile takes: the estimate (its
+    padded queries get a zero reciprocal, not a mask) or the divisions (a tile with a lane on
+    a rounding step: theta 0.5 on a uniform row of 4 keys, where every probability is 1/4; a
+    subnormal theta, whose reciprocal is no normal float). Without it (the spike-form
+    kernels, which store only real lanes) padded lanes are left as they come."""
+    keys, cols, n_min, p_max = 16, 16, 0, 15
+    perm, tree = bit_order_codes(key_order(keys, 4))
+    for n, m in [(4, 5), (13, 16), (16, 1)]:
+        s = torch.randint(-40, 40, (m, n), generator=gen, dtype=torch.int32)
+        s[0] = 0  # a uniform row
+        count = torch.randint(n_min, p_max + 1, (m, n), generator=gen, dtype=torch.int8)
+        count[0] = 1  # on the tie: its target is 1
+        gain = torch.tensor(0.0123)
+        th = torch.tensor(theta)
+        probs = exact_math.softmax_rows(exact_math.score_value(s, gain))
+        want, _ = reference.target_spikes_step(probs, th, n_min, p_max, count)
+        sigma = torch.full((cols, keys), 7, dtype=torch.int32)
+        fired = torch.full((1,), -1, dtype=torch.int32)
+        _attention_neuron_kernel[(1,)](
+            s, count, gain, th, sigma, fired, n, m, n_min, p_max, KEYS=keys, COLS=cols,
+            KEY_PERM=perm, KEY_TREE=tree, ESTIMATE=estimate,
+        )  # fmt: skip
+        assert torch.equal(sigma[:m, :n], want.to(torch.int32)), (n, m)
+        if estimate:
+            assert (sigma[m:] == 0).all() and (sigma[:, n:] == 0).all(), (n, m)
+        assert fired.item() == int(bool(want.any())), (n, m)
 
 
 @pytest.mark.skipif(

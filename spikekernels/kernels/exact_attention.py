@@ -76,10 +76,13 @@ makes its levels ``tree_sum``'s, neighbouring keys first. Chosen so that the lev
 thread come first and those across warps last (``key_order``).
 
 The neurons take ``kernels.target``'s division-free estimate, and the division only for a
-tile with a lane next to a rounding step (``_attention_neuron``), except where registers are
-short: the fused kernel's context neuron (four values a lane) and the spike-form variants
-(without ``COUNTS_IN``, which hold the running-count tiles too) divide outright; both spilled
-with the estimate's branch on sm_90.
+tile with a lane next to a rounding step (``_attention_neuron``, ``_context_neuron``), except
+in the spike-form variants (without ``COUNTS_IN``, which hold the running-count tiles too):
+they divide outright, as the estimate's branch spilled there on sm_90. The attention neuron's
+count is held as float32 where it takes the estimate: its sigma (``target - count`` clamped
+to +-1, exact on integers), its update and its comparison with the target then take no
+conversion (on sm_90 about 90 instructions a thread-step fewer than an int16 count in the
+fused kernel, 80 fewer than int32 in the scores kernel).
 
 No contracted FMA: Triton lets LLVM fuse a multiply with the add after it into one FMA, and
 ptxas may do the same with a plain ``mul.f32`` (PTX without a rounding modifier), which
@@ -262,7 +265,7 @@ def softmax_terms(
 
 @triton.jit
 def _attention_neuron(
-    s, gain, mask_n, mask_s, theta, inv_theta, count, n_min, p_max, KEYS: tl.constexpr,
+    s, gain, mask_n, mask_m, theta, inv_theta, count, n_min, p_max, KEYS: tl.constexpr,
     COLS: tl.constexpr, LOG2_KEYS: tl.constexpr, KEY_TREE: tl.constexpr, ESTIMATE: tl.constexpr,
 ):  # fmt: skip
     """The attention neuron's step on the softmax of the transposed scores ``s``: ``(sigma,
@@ -270,22 +273,27 @@ def _attention_neuron(
     division either; the rare tile that needs the divisions forms the softmax again rather
     than keep it live through the reduction (registers: no spill at 255). Without
     ``ESTIMATE``, the divisions outright (module docstring)."""
+    mask_s = mask_n[:, None] & mask_m[None, :]
     # exact_math.score_value, then the row function
     if not ESTIMATE:
         z = _mul(gain, s.to(tl.float32))
         probs = softmax_columns(z, mask_n, KEYS, COLS, LOG2_KEYS, KEY_TREE)
         return target_exact_tile(probs, theta, count, n_min, p_max, mask_s)
     # Neither division: the target of fl(e / total) is estimated from e and one reciprocal
-    # per query, fl(fl(1/total) fl(1/theta)) (kernels.target: a target of two divisions)
+    # per query, fl(fl(1/total) fl(1/theta)) (kernels.target: a target of two divisions).
+    # No lane mask: a padded key's e is 0 and a padded query's reciprocal is made 0, so
+    # their estimate is a sure target 0 (n_min <= 0 <= p_max), which their count (0: masked
+    # in, and the divisions below leave it alone) matches: sigma 0.
     z = _mul(gain, s.to(tl.float32))
     e, total = softmax_terms(z, mask_n, KEYS, COLS, LOG2_KEYS, KEY_TREE)
-    inv = _mul(inverse_threshold(total), inv_theta)
-    sigma, fired = target_estimate_tile(e, inv[None, :], count, n_min, p_max, mask_s)
+    inv = tl.where(mask_m, _mul(inverse_threshold(total), inv_theta), 0.0)
+    sigma, fired = target_estimate_tile(e, inv[None, :], count, n_min, p_max, True)
     if fired > 1:
         # `fired >> 8` is 0 but keeps the compiler from reusing the first softmax
         z = _mul(gain, (s + (fired >> 8)).to(tl.float32))
         probs = softmax_columns(z, mask_n, KEYS, COLS, LOG2_KEYS, KEY_TREE)
         sigma, fired = target_exact_tile(probs, theta, count, n_min, p_max, mask_s)
+        sigma = tl.where(mask_s, sigma, 0)
     return sigma, fired
 
 
@@ -348,8 +356,11 @@ def scores_step(
 @triton.jit
 def _changed(now, last):
     """Nonzero when the integer product tile ``now`` differs from the last step's anywhere
-    (``COUNTS_IN``'s quiet test: equal products give equal values, so equal targets)."""
-    return tl.max((now != last).to(tl.int32))
+    (``COUNTS_IN``'s quiet test: equal products give equal values, so equal targets): one
+    xor and one or-reduction, two operations a lane. (Under the interpreter's reduction,
+    the maximum of absolute values, an xor of exactly -2^31 would read as zero: it cannot
+    occur, since the products stay below 2^30 in magnitude.)"""
+    return any_nonzero(now ^ last).to(tl.int32)
 
 
 @triton.jit
@@ -464,10 +475,14 @@ def exact_attention_probs_kernel(
             k_offs = offs_n[:, None] * stride_kn + ds[None, :] * stride_kd
             k_cnt -= tl.load(k_ptr + k_offs, mask=mask_k, other=0)
             s = tl.dot(k_cnt, q_cnt, s, out_dtype=tl.int32)
+    # the neuron's count: float32 where the neuron takes the estimate (its sigma, the count's
+    # update and the comparison with the target need no conversion), else int32 (float32
+    # spilled there, holding the running-count tiles too)
+    count_dtype = tl.float32 if COUNTS_IN else tl.int32
     if HAS_COUNT:
-        count = tl.load(count_in_ptr + s_offs, mask=mask_s, other=0).to(tl.int32)
+        count = tl.load(count_in_ptr + s_offs, mask=mask_s, other=0).to(count_dtype)
     else:
-        count = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.int32)
+        count = tl.zeros([BLOCK_N, BLOCK_M], dtype=count_dtype)
     gain = tl.load(gain_ptr)
     theta = tl.load(theta_ptr).to(tl.float32)
     inv_theta = inverse_threshold(theta)
@@ -497,15 +512,15 @@ def exact_attention_probs_kernel(
         if HAS_COUNT:
             if (moved | fired) != 0:
                 sigma, fired = _attention_neuron(
-                    s, gain, mask_n, mask_s, theta, inv_theta, count, n_min, p_max, BLOCK_N,
+                    s, gain, mask_n, mask_m, theta, inv_theta, count, n_min, p_max, BLOCK_N,
                     BLOCK_M, LOG2_N, KEY_TREE, COUNTS_IN,
                 )  # fmt: skip
             else:
-                sigma = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.int32)
+                sigma = tl.zeros([BLOCK_N, BLOCK_M], dtype=count_dtype)
                 fired = tl.full((), 0, tl.int32)
         else:
             sigma, fired = _attention_neuron(
-                s, gain, mask_n, mask_s, theta, inv_theta, count, n_min, p_max, BLOCK_N,
+                s, gain, mask_n, mask_m, theta, inv_theta, count, n_min, p_max, BLOCK_N,
                 BLOCK_M, LOG2_N, KEY_TREE, COUNTS_IN,
             )  # fmt: skip
         count = count + sigma
@@ -810,19 +825,21 @@ def exact_attention_kernel(
     a_offs = bid * M * N + offs_m[None, :] * N + offs_n[:, None]
     c_offs = bid * M * DV + offs_m[None, :] * DV + offs_dv[:, None]
 
-    # the counts held wider than int8, whose tile adds unpack and repack bytes: A_t as int16
-    # (int32 spilled), converted for the context product's int8 operand
+    # the counts held wider than int8 (a tile add on int8 unpacks and repacks bytes): A_t as
+    # float32 (module docstring), converted for the context product's int8 operand; the
+    # context count as int32 (float32 took more instructions there)
     if HAS_COUNT:
-        attn_count = tl.load(attn_count_in_ptr + a_offs, mask=mask_s, other=0).to(tl.int16)
+        attn_count = tl.load(attn_count_in_ptr + a_offs, mask=mask_s, other=0).to(tl.float32)
         count = tl.load(count_in_ptr + c_offs, mask=mask_z, other=0).to(tl.int32)
     else:
-        attn_count = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.int16)
+        attn_count = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
         count = tl.zeros([BLOCK_DV, BLOCK_M], dtype=tl.int32)
     gain = tl.load(gain_ptr)
     attn_theta = tl.load(attn_theta_ptr).to(tl.float32)
     attn_inv_theta = inverse_threshold(attn_theta)
     m = _mul(tl.load(theta_a_ptr).to(tl.float32), tl.load(theta_v_ptr).to(tl.float32))
     theta = tl.load(theta_ptr).to(tl.float32)
+    inv_theta = inverse_threshold(theta)
     # the tile's sample (all its queries are one head's)
     if HAS_ATTN_ACTIVE:
         attn_active_ptr += (bid * M) // rows_per_sample
@@ -843,14 +860,14 @@ def exact_attention_kernel(
         )  # fmt: skip
         if (_changed(s_now, s) | attn_fired) != 0:
             sigma, attn_fired = _attention_neuron(
-                s_now, gain, mask_n, mask_s, attn_theta, attn_inv_theta, attn_count, attn_n_min,
+                s_now, gain, mask_n, mask_m, attn_theta, attn_inv_theta, attn_count, attn_n_min,
                 attn_p_max, BLOCK_N, BLOCK_M, LOG2_N, KEY_TREE, True,
             )  # fmt: skip
         else:
-            sigma = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.int32)
+            sigma = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
             attn_fired = tl.full((), 0, tl.int32)
         s = s_now
-        attn_count = attn_count + sigma.to(tl.int16)
+        attn_count = attn_count + sigma
         if HAS_ATTN_ACTIVE:
             record_active_tile(attn_active_ptr, attn_fired)
             attn_active_ptr += samples
@@ -859,10 +876,9 @@ def exact_attention_kernel(
         v = tl.load(v_ptr + v_offs, mask=mask_n[:, None] & mask_dv[None, :], other=0)
         z_now = tl.dot(tl.trans(v), attn_count.to(tl.int8), out_dtype=tl.int32)
         if (_changed(z_now, z) | fired) != 0:
-            # the division outright: 4 values a lane here, and the estimate's branch would
-            # spill (255 registers)
-            y = _mul(m, z_now.to(tl.float32))
-            sigma_c, fired = target_exact_tile(y, theta, count, n_min, p_max, mask_z)
+            sigma_c, fired = _context_neuron(
+                z_now, m, theta, inv_theta, count, n_min, p_max, mask_z, True
+            )
         else:
             sigma_c = tl.zeros([BLOCK_DV, BLOCK_M], dtype=tl.int32)
             fired = tl.full((), 0, tl.int32)

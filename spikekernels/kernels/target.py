@@ -30,8 +30,22 @@ NUM_WARPS = 4
 
 
 @triton.jit
+def _sign(target, c):
+    """``sign(target - c)`` for the float32 ``target`` and the count ``c``, in the count's
+    dtype (a count held as float32 takes its sigma without a conversion either way); 0 for a
+    NaN target."""
+    if c.dtype == tl.float32:
+        sigma = tl.where(target > c, 1.0, tl.where(target < c, -1.0, 0.0))
+    else:
+        cf = c.to(tl.float32)
+        sigma = tl.where(target > cf, 1, tl.where(target < cf, -1, 0))
+    return sigma
+
+
+@triton.jit
 def target_step(y, theta, c, n_min, p_max):
-    """One §9.3 step on float32 values ``y`` and int32 counts ``c``: returns int32 sigma.
+    """One §9.3 step on float32 values ``y`` and integer (or float32) counts ``c``: returns
+    sigma, int32 (float32).
 
     ``target = clamp(floor(y / theta + 1/2), n_min, p_max)`` with a correctly rounded
     division (div_rn: Triton's ``/`` on fp32 is approximate on NVIDIA GPUs) and round half up,
@@ -42,8 +56,7 @@ def target_step(y, theta, c, n_min, p_max):
     """
     f = tl.floor(tl.div_rn(y, theta) + 0.5)
     target = tl.where(f > p_max, p_max, tl.where(f < n_min, n_min, f))
-    cf = c.to(tl.float32)
-    return (target > cf).to(tl.int32) - (target < cf).to(tl.int32)
+    return _sign(target, c)
 
 
 # The division-free estimate (target_estimate) trusts floor(fl(q) + 1/2), q = fl(y * r) and
@@ -78,7 +91,8 @@ def inverse_threshold(theta):
 
 @triton.jit
 def target_estimate(y, inv_theta, c, n_min, p_max, slope=_UNSURE_SLOPE, edge=_UNSURE_EDGE):
-    """``target_step`` without its division: returns ``(sigma, unsure)``, int32 and bool.
+    """``target_step`` without its division: returns ``(sigma, unsure)``, sigma in the
+    count's dtype (int32, or float32 for a float32 count), ``unsure`` bool.
 
     Where ``unsure`` is clear, sigma equals ``target_step``'s bit for bit (the margin above);
     where it is set (within the margin of a rounding step, or a value or threshold that is not
@@ -97,8 +111,10 @@ def target_estimate(y, inv_theta, c, n_min, p_max, slope=_UNSURE_SLOPE, edge=_UN
     half_gap = tl.abs(q - f)
     sure = half_gap < tl.fma(tl.abs(q), slope, edge)
     target = tl.minimum(tl.maximum(f, n_min * 1.0), p_max * 1.0)  # (an int may be constexpr)
-    cf = c.to(tl.float32)
-    sigma = tl.where(target > cf, 1, tl.where(target < cf, -1, 0))
+    if c.dtype == tl.float32:  # a difference of integers, exact; fewer instructions
+        sigma = tl.minimum(tl.maximum(target - c, -1.0), 1.0)
+    else:
+        sigma = _sign(target, c)
     return sigma, ~sure
 
 
@@ -112,7 +128,11 @@ def target_estimate_tile(
     tile of 4096 values in ten: a division is about ten instructions a lane on a GPU, more
     than the rest of the neuron)."""
     sigma, unsure = target_estimate(y, inv_theta, c, n_min, p_max, slope, edge)
-    return sigma, tl.max(tl.where(mask, tl.where(unsure, 2, sigma != 0), 0))
+    if c.dtype == tl.float32:
+        code = tl.max(tl.where(mask, tl.where(unsure, 2.0, tl.abs(sigma)), 0.0)).to(tl.int32)
+    else:
+        code = tl.max(tl.where(mask, tl.where(unsure, 2, sigma != 0), 0))
+    return sigma, code
 
 
 @triton.jit
@@ -120,7 +140,7 @@ def target_exact_tile(y, theta, c, n_min, p_max, mask):
     """``target_step`` of a tile: ``(sigma, fired)``, ``fired`` (int32 0/1) whether a lane in
     ``mask`` has a nonzero sigma."""
     sigma = target_step(y, theta, c, n_min, p_max)
-    return sigma, tl.max(tl.where(mask, tl.abs(sigma), 0))
+    return sigma, tl.max(tl.where(mask & (sigma != 0), 1, 0))
 
 
 @triton.jit
