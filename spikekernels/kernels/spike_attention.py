@@ -63,6 +63,7 @@ from spikekernels.kernels.exact_attention import (
 )
 from spikekernels.kernels.exact_rows import permuted_rows
 from spikekernels.kernels.neuron import st_bif_step
+from spikekernels.kernels.tile_flags import any_nonzero
 
 __all__ = ["MAX_HEAD_DIM", "MAX_KEYS", "spike_attention_probs_triton", "spike_context_triton"]
 
@@ -189,10 +190,10 @@ def spike_attention_probs_kernel(
             x, y, v, count, mask_n, theta, n_min, p_max, BLOCK_N, BLOCK_M, LOG2_N, KEY_TREE
         )
         if HAS_ACTIVE:
-            fired = tl.max(tl.abs(tl.where(mask_s, sigma, 0)))
+            fired = any_nonzero(tl.where(mask_s, sigma, 0))
         tl.store(out_ptr + s_offs, sigma.to(tl.int8), mask=mask_s)
         if HAS_ACTIVE:
-            if fired != 0:
+            if fired:
                 tl.store(active_ptr, 1)
             active_ptr += samples
         q_ptr += stride_qt
@@ -378,7 +379,7 @@ def spike_context_kernel(
         )
         tl.store(out_ptr + out_offs, sigma.to(tl.int8), mask=mask_z)
         if HAS_ACTIVE:
-            if tl.max(tl.abs(tl.where(mask_z, sigma, 0))) != 0:
+            if any_nonzero(tl.where(mask_z, sigma, 0)):
                 tl.store(active_ptr, 1)
             active_ptr += samples
         a_ptr += stride_at
