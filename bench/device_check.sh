@@ -72,7 +72,7 @@ parts=$(mktemp -d)
 rm -f "$json"
 bench_rc=0
 # Most telling first, in case the deadline cuts the last ones.
-SUITES="bench/bench_neuron.py bench/bench_vit.py bench/bench_host.py bench/bench_sesa.py bench/bench_softmax.py bench/bench_linear.py bench/bench_layernorm.py"
+SUITES="bench/bench_neuron.py bench/bench_vit.py bench/bench_host.py bench/bench_sesa.py bench/bench_softmax.py bench/bench_linear.py bench/bench_layernorm.py bench/bench_tiles.py"
 for suite in ${BENCH:-$SUITES}; do
   if [ $(( deadline - $(date +%s) )) -lt 45 ]; then
     echo "   ${suite}: skipped, out of time"

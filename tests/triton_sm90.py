@@ -1043,6 +1043,41 @@ def spike_attention_cases() -> list[Case]:
     return cases
 
 
+def tile_candidate_cases() -> list[Case]:
+    """The hot kernels at each alternative tile shape that bench/bench_tiles.py times
+    (``TILE_CANDIDATES`` beside each default): each must compile without a spill, as the
+    defaults do. The module constant is set while the kernel's cases are built (they read it
+    through the launchers' config functions), then restored."""
+    from spikekernels.kernels import exact_attention as ea
+    from spikekernels.kernels import exact_layernorm as eln
+    from spikekernels.kernels import exact_linear as el
+    from spikekernels.kernels import spike_linear_neuron as sln
+
+    hot = [
+        (el, "_GPU_TILES", exact_linear_cases, "exact_linear state=True per_channel=True "
+         "active=True counts_out=False s_before=False"),
+        (ea, "_PROBS_GPU", exact_attention_cases,
+         "exact_attention (fused) N=197 D=64 state=True active=True"),
+        (eln, "ELEMENTS_PER_PROGRAM", exact_layernorm_cases,
+         "exact_layernorm_neuron C=384 residual=True count=True active=True branch=1"),
+        (sln, "_GPU_TILES", spike_linear_neuron_cases, "spike_linear_neuron weight=bf16x3 "
+         "state=True per_channel=True float_out=False active=True"),
+    ]  # fmt: skip
+    cases = []
+    for module, constant, factory, name in hot:
+        default = getattr(module, constant)
+        assert module.TILE_CANDIDATES[0] == default, f"{module.__name__}: default first"
+        for candidate in module.TILE_CANDIDATES[1:]:
+            setattr(module, constant, candidate)
+            try:
+                (case,) = [c for c in factory() if c.name == name]
+            finally:
+                setattr(module, constant, default)
+            case.name = f"{name} tiles={candidate}"
+            cases.append(case)
+    return cases
+
+
 CASE_FACTORIES = [
     neuron_cases,
     spike_linear_cases,
@@ -1056,6 +1091,7 @@ CASE_FACTORIES = [
     exact_attention_cases,
     spike_attention_cases,
     exact_residual_cases,
+    tile_candidate_cases,
 ]
 
 

@@ -148,6 +148,10 @@ MAX_HEAD_DIM = 64
 # warpgroups of 128), the 16 queries its N. tests/triton_sm90.py records the register
 # counts. Untuned on hardware so far.
 _PROBS_GPU = (16, 32, 8)
+# The default and the alternatives that compile without a spill in the fused kernel (a 64-wide
+# head-dim slice: one dot a step), for bench/bench_tiles.py; tests/triton_sm90.py compiles
+# each. (16 query rows at 4 or 16 warps, or 32 rows, spill; a 16-wide slice does not compile.)
+TILE_CANDIDATES = [_PROBS_GPU, (16, 64, 8)]
 # (BLOCK_M, BLOCK_K, num_warps) of the context kernel on a GPU: 64 rows x 64 channels
 # (a Hopper wgmma per warpgroup), keys in slices of 64.
 _CONTEXT_GPU = (64, 64, 4)

@@ -57,6 +57,9 @@ from spikekernels.kernels.target import (
 # loads; 4096 spills): tests/triton_sm90.py. Untuned on hardware so far: see bench/results/.
 ELEMENTS_PER_PROGRAM = 1024
 NUM_WARPS = 4
+# The default and the alternatives (96 and 255 registers with one pending branch, no spill),
+# for bench/bench_tiles.py to time; tests/triton_sm90.py compiles each.
+TILE_CANDIDATES = [ELEMENTS_PER_PROGRAM, 512, 2048]
 
 
 def launch_config(c: int) -> tuple[int, int, int]:

@@ -48,6 +48,13 @@ from spikekernels.kernels.tile_flags import any_nonzero, step_tile_flags
 # count ([BLOCK_M, BLOCK_N] tiles) live in registers across the T loop, and 128 columns spill
 # (tests/triton_sm90.py checks). Untuned on hardware so far: see bench/results/.
 _GPU_TILES = (64, 64, 128, 4, 3)
+# The default and the alternatives that also compile for sm_90 without a spill (32 columns:
+# 171 registers, so three programs an SM; 128 x 64 at 8 warps; shorter and longer K tiles;
+# fewer stages), for bench/bench_tiles.py to time on a GPU. tests/triton_sm90.py compiles each.
+TILE_CANDIDATES = [
+    _GPU_TILES, (64, 32, 128, 4, 3), (128, 64, 128, 8, 3), (64, 64, 64, 4, 4), (64, 64, 128, 4, 2),
+    (64, 64, 256, 4, 2),
+]  # fmt: skip
 # Under the numpy interpreter: small tiles so that CPU tests cover several row, column and K
 # tiles (and silent and active tiles side by side) at small shapes.
 _INTERPRET_TILES = (16, 16, 32, 4, 1)

@@ -37,6 +37,10 @@ from spikekernels.kernels.tile_flags import step_tile_flags
 # three weight parts' loads. Untuned on hardware so far: see bench/results/.
 _GPU_TILES = (64, 64, 64, 4, 3)
 _GPU_TILES_FLOAT_OUT = (64, 32, 64, 4, 3)
+# The default (int8 spikes out) and the alternatives that also compile for sm_90 without a
+# spill (32 columns: 162 registers; 128 rows at 8 warps; a 32-wide K tile with a stage more),
+# for bench/bench_tiles.py to time; tests/triton_sm90.py compiles each.
+TILE_CANDIDATES = [_GPU_TILES, (64, 32, 64, 4, 3), (128, 64, 64, 8, 3), (64, 64, 32, 4, 4)]
 # Under the numpy interpreter: small tiles so that CPU tests cover several row, column and K
 # tiles (and silent and active tiles side by side) at small shapes.
 _INTERPRET_TILES = (16, 16, 32, 4, 1)
