@@ -494,6 +494,37 @@ def test_attention_probs_on_rounding_ties(gen, device):
         assert (estimate != exact) == (n != 197), f"N = {n}: the case lost its edge"
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_attention_context_on_rounding_ties(gen, device):
+    """The fused kernel's context neuron on ties: silent queries and an attention threshold
+    of ``fl(1/N)`` make every attention count 1 from the first step, so the context is the
+    sum of the value counts over the keys, held fixed by value spikes at the first step only;
+    a threshold of ``2 fl(theta_a theta_v)`` then puts every odd context within an ulp of a
+    tie, where the division-free estimate must give way to the division (kernels.target).
+    Bit-exact against the reference, every count settled on the exact rounding's side."""
+    T, m, n, dv = 10, 9, 13, 16
+    case = _attention_case(gen, T, (2,), m, 8, n, dv)
+    case["q"] = torch.zeros_like(case["q"])
+    spikes = torch.zeros_like(case["v"])
+    spikes[0] = torch.randint(-1, 2, spikes[0].shape, generator=gen, dtype=torch.int8)
+    case["v"] = _running(spikes, None)
+    case["attn_threshold"] = torch.tensor(1.0 / n, dtype=torch.float32)
+    # theta_v = 0.52: the estimate alone rounds some of these ties the wrong way (checked)
+    case |= dict(theta_a=torch.tensor(1 / 15), theta_v=torch.tensor(0.52))
+    scale = (case["theta_a"] * case["theta_v"]).float()
+    case["threshold"] = 2 * scale
+    want = _composed(case)
+    got = _run_attention({name: t.to(device) for name, t in case.items()})
+    _assert_equal(got, want[:3], ATTENTION_NAMES)
+    assert (want[1] == 1).all(), "the attention counts are not all 1"
+    z = case["v"][-1].to(torch.int32).sum(-2, keepdim=True).double()  # [B, 1, DV]
+    assert (z % 2 == 1).float().mean() > 0.2, "too few contexts on a tie"
+    assert ((want[2].double() - z / 2).abs() <= 0.5).all(), "unsettled"
+    y = scale * z.float()
+    estimate = torch.floor(y * (1 / case["threshold"]) + 0.5)
+    assert (estimate != torch.floor(y / case["threshold"] + 0.5)).any(), "no edge"
+
+
 def _sum_in_tile_rows(e: torch.Tensor, order: tuple[int, ...]) -> torch.Tensor:
     """tree_sum of each row of ``e`` ``[R, N]`` taken in the order of a scores tile's rows
     (``exact_attention.key_order``) instead of the keys': what a kernel that held its keys
