@@ -24,16 +24,18 @@ Per step:
   code as exact mode's: max, ``exp_rows``, ``tree_sum``'s order, a correctly rounded
   division), so every device gives the same bits; within SPEC.md §8's softmax tolerance;
 - ``u = Y - Y_prev``, then the ST-BIF step on ``u`` (``kernels.neuron.st_bif_step``);
-- unlike exact mode's kernel, no step skips the softmax and the neuron on a *quiet* tile
-  (no spike this step, none fired at the last): the float state holds three more tiles
-  than exact mode's count, and every variant of that branch spilled on sm_90 (8-120 B a
-  thread at 16 query rows, 8 warps), while 8 query rows lose wgmma. The softmax is about
-  60 ALU operations per element and step.
+- a *quiet* tile (no spike slice this step, so ``delta`` is 0, and no lane fired at the
+  last step) skips the softmax and the neuron, as exact mode's kernels do: ``X`` is
+  unchanged, so ``Y`` is ``Y_prev`` bit for bit and ``u`` is 0, and a neuron that did not
+  fire on its ``(v, count)`` does not fire on the same again; sigma is 0 and the state stays
+  as it is (the reference adds ``+0.0`` to ``X`` and ``v``, which changes only an incoming
+  ``-0.0`` to ``+0.0``). The first step of a call always computes. (Sessions before this
+  branch fitted spilled 8-120 B a thread; it now compiles at 250 registers.) The softmax is
+  about 60 ALU operations per element and step.
 
 The context kernel: one program per (batch entry, block of rows), all head channels in one
 tile, the keys (the contraction) in slices (``exact_attention.context_step``); the membrane
-and count stay in registers for the chunk. Its neuron (a division and two compares per
-element) also runs every step.
+and count stay in registers for the chunk. Its neuron skips quiet tiles the same way.
 
 The running counts (``Q_{t-1}``, ``K_t``; ``A_{t-1}``, ``V_t``) come from
 ``running_count_kernel`` as in exact mode. A program's rows lie in one batch entry and head,
@@ -179,18 +181,21 @@ def spike_attention_probs_kernel(
         # its flag is one store of the tile's ``fired``, no per-column reduction.
         active_ptr += bid * M // rows_per_sample
 
+    fired = tl.full((), 1, tl.int32)  # whether the tile fired at the last step (at first: yes)
     for _ in range(T):
-        delta, moved = scores_step(  # every step runs the softmax: `moved` unused
+        delta, moved = scores_step(
             tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.int32), q_ptr, k_ptr, q_prev_ptr, k_cur_ptr,
             offs_m, offs_n, offs_d, mask_m, mask_n, D, stride_qm, stride_qd, stride_kn,
             stride_kd, BLOCK_D,
         )  # fmt: skip
-        x = x + _mul(scale, delta.to(tl.float32))
-        sigma, y, v, count = _softmax_neuron(
-            x, y, v, count, mask_n, theta, n_min, p_max, BLOCK_N, BLOCK_M, LOG2_N, KEY_TREE
-        )
-        if HAS_ACTIVE:
-            fired = any_nonzero(tl.where(mask_s, sigma, 0))
+        if (moved | fired) != 0:
+            x = x + _mul(scale, delta.to(tl.float32))
+            sigma, y, v, count = _softmax_neuron(
+                x, y, v, count, mask_n, theta, n_min, p_max, BLOCK_N, BLOCK_M, LOG2_N, KEY_TREE
+            )
+            fired = any_nonzero(tl.where(mask_s, sigma, 0)).to(tl.int32)
+        else:  # quiet (module docstring): sigma is 0, the state as it is
+            sigma = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.int32)
         tl.store(out_ptr + s_offs, sigma.to(tl.int8), mask=mask_s)
         if HAS_ACTIVE:
             if fired:
@@ -368,18 +373,23 @@ def spike_context_kernel(
     if HAS_ACTIVE:  # one (batch entry, head): one sample, as in the scores kernel
         active_ptr += bid * M // rows_per_sample
 
+    fired = tl.full((), 1, tl.int32)  # whether the tile fired at the last step (at first: yes)
     for _ in range(T):
-        delta, moved = context_step(  # every step runs the neuron: `moved` unused
+        delta, moved = context_step(
             tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.int32), a_ptr, v_ptr, a_prev_ptr, v_cur_ptr,
             offs_m, offs_k, offs_d, mask_m, mask_d, N, D, stride_am, stride_an, stride_vn,
             stride_vd, BLOCK_K,
         )  # fmt: skip
-        sigma, mem, count = st_bif_step(
-            _mul(scale, delta.to(tl.float32)), theta, mem, count, n_min, p_max
-        )
+        if (moved | fired) != 0:
+            sigma, mem, count = st_bif_step(
+                _mul(scale, delta.to(tl.float32)), theta, mem, count, n_min, p_max
+            )
+            fired = any_nonzero(tl.where(mask_z, sigma, 0)).to(tl.int32)
+        else:  # quiet (module docstring): sigma is 0, the state as it is
+            sigma = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.int32)
         tl.store(out_ptr + out_offs, sigma.to(tl.int8), mask=mask_z)
         if HAS_ACTIVE:
-            if any_nonzero(tl.where(mask_z, sigma, 0)):
+            if fired:
                 tl.store(active_ptr, 1)
             active_ptr += samples
         a_ptr += stride_at
