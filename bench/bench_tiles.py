@@ -96,6 +96,7 @@ def test_tile_sweep(benchmark, monkeypatch, mode):
     snn = spikekernels.convert(qann)
     families = CANDIDATES[mode]
     run = synchronized(lambda: snn(x, max_steps=MAX_STEPS, chunk=CHUNK))
+    benchmark.group = f"tile sweep {mode} level={LEVEL}"
 
     by_set, first_logits, default_seconds = {}, None, None
     with torch.no_grad():
