@@ -35,6 +35,13 @@ if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
 
 # Where the kernels under test run: CPU always (interpreter or reference), CUDA when present.
 DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
+# Where a test that launches pieces of the Triton kernels runs them: the GPU when there is one,
+# else the CPU through the interpreter, else nowhere (an empty parameter set: skipped). A
+# parameter rather than a skipif so that on a GPU the test's id says "cuda": that is how
+# bench/device_check.sh selects the GPU tests (-k cuda).
+TRITON_DEVICES = (
+    ["cuda"] if HAS_CUDA else ["cpu"] if os.environ.get("TRITON_INTERPRET") == "1" else []
+)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -42,6 +49,22 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords and not HAS_CUDA:
             item.add_marker(skip_cuda)
+
+
+_BITS = {torch.float64: torch.int64, torch.float32: torch.int32, torch.float16: torch.int16,
+         torch.bfloat16: torch.int16}  # fmt: skip
+
+
+def assert_same_bits(got: torch.Tensor, want: torch.Tensor, name: str = "output") -> None:
+    """Same dtype, shape and bit pattern (floats viewed as integers of their width: -0.0 is
+    not 0.0, and a NaN equals the same NaN), for an op that promises its bits."""
+    assert got.dtype == want.dtype, f"{name}: dtype {got.dtype} != {want.dtype}"
+    assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    got, want = got.cpu(), want.cpu()
+    if got.is_floating_point():
+        got, want = got.view(_BITS[got.dtype]), want.view(_BITS[want.dtype])
+    diff = int((got != want).sum())
+    assert diff == 0, f"{name}: {diff} of {got.numel()} elements differ in their bits"
 
 
 @pytest.fixture

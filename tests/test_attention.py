@@ -11,7 +11,8 @@ from spikekernels.nn import STBIF, SpikeAttention, SpikeAttentionProbs, SpikeCon
 from spikekernels.ops._dispatch import force_backend
 
 # Within this distance of a rounding boundary (in units of the step) the QANN's integer and a
-# neuron's count may differ legitimately: the SNN sums the same value in another float order.
+# neuron's count may differ legitimately: the SNN sums the same value in another float order
+# (float mode, SPEC.md §8). Far above that float error, far below the values' spacing.
 TIE = 1e-4
 
 
@@ -39,23 +40,32 @@ def spike_train(counts: torch.Tensor, steps: int) -> torch.Tensor:
     return (torch.sign(counts) * (t < counts.abs())).to(torch.int8)
 
 
-def quantizer_integers(qattn: QuantAttention, x: torch.Tensor):
-    """Run the QANN; per quantizer name, ``(integer, tie mask)`` of its input."""
+def quantizer_integers(qattn: QuantAttention, x: torch.Tensor, override=None):
+    """Run the QANN; per quantizer name, ``(integer, tie mask)`` of its input. With
+    ``override`` (name -> counts in the QANN's layout) each quantizer outputs ``s * counts``
+    instead of its own integers, so each integer is the QANN's formula applied to those
+    upstream counts (SPEC.md §8, local agreement)."""
     seen = {}
 
     def hook(name):
         def record(module, inputs, output):
             u = inputs[0].detach() / module.s.detach() + 0.5
-            seen[name] = (module.integer(inputs[0]), (u - torch.round(u)).abs() > 0.5 - TIE)
+            # the integer floor(u) (clamped) changes where u crosses an integer
+            seen[name] = (module.integer(inputs[0]), (u - torch.round(u)).abs() < TIE)
+            if override is not None:
+                return (module.s.detach() * override[name]).to(output.dtype)
+            return None
 
         return record
 
     names = ("quan_q", "quan_k", "quan_v", "attn_quan", "after_attn_quan", "quan_proj")
     handles = [getattr(qattn, n).register_forward_hook(hook(n)) for n in names]
-    with torch.no_grad():
-        out = qattn(x)
-    for h in handles:
-        h.remove()
+    try:
+        with torch.no_grad():
+            out = qattn(x)
+    finally:
+        for h in handles:
+            h.remove()
     return out, seen
 
 
@@ -96,19 +106,26 @@ def check_against_qann(dim, heads, level, batch, tokens, steps, gen):
 
     expected, ints = quantizer_integers(qattn, in_theta * counts)
     got = snn_counts(attn, heads)
-    report, total, agree = [], 0, 0
-    for name, (integer, tie) in ints.items():
-        same = got[name].to(torch.int64) == integer.to(torch.int64)
-        report.append(f"{name}: {same.float().mean().item():.6f} ({int(tie.sum())} ties)")
-        total += same.numel()
-        agree += int(same.sum())
-        assert bool((same | tie).all()), "count != QANN integer off a tie: " + "; ".join(report)
-    summary = f"agreement {agree / total:.6f} over {total} neurons: " + "; ".join(report)
-    assert agree == total, summary
+    # Local agreement: each count is the QANN's formula on the SNN's own upstream counts,
+    # except within float error of a rounding boundary. This holds whatever float order
+    # either side sums in; a wrong count off a tie is a bug.
+    _, local = quantizer_integers(qattn, in_theta * counts, override=got)
+    for name, (target, tie) in local.items():
+        off_tie = (got[name].to(torch.int64) != target.to(torch.int64)) & ~tie
+        assert not off_tie.any(), f"{name}: {int(off_tie.sum())} counts != local target"
 
+    # Against the QANN's own integers a count may flip at a tie and the flip cascades
+    # (SPEC.md §8). With no QANN value within TIE of a boundary, by induction over the
+    # quantizers every count equals its integer; otherwise only the local check holds.
     proj_theta = attn.proj.threshold
-    torch.testing.assert_close(proj_theta * attn.proj.count.float(), expected.float())
-    torch.testing.assert_close(out.sum(0), expected, rtol=1e-5, atol=1e-5 * float(proj_theta))
+    if not any(bool(tie.any()) for _, tie in ints.values()):
+        for name, (integer, _) in ints.items():
+            same = got[name].to(torch.int64) == integer.to(torch.int64)
+            assert same.all(), f"{name}: {int((~same).sum())} counts != QANN integer, no tie"
+        torch.testing.assert_close(proj_theta * attn.proj.count.float(), expected.float())
+    torch.testing.assert_close(
+        out.sum(0), proj_theta * attn.proj.count.float(), rtol=1e-5, atol=1e-5 * float(proj_theta)
+    )
     return attn, s, out
 
 

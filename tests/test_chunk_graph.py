@@ -109,9 +109,9 @@ def test_bad_calls_are_rejected(gen):
 
 
 @pytest.mark.cuda
-def test_cuda_graph_equals_eager_on_the_gpu(gen):
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
+def test_cuda_graph_equals_eager_on_the_gpu(gen, monkeypatch):
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     qann = make_exact(gen, **TINY, level=16).cuda()
     snn = convert(qann)
     for batch in (images(gen, qann, 3), images(gen, qann, 3)):

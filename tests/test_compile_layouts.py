@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import assert_same_bits
 
 import spikekernels
 
@@ -43,7 +44,7 @@ def _spikes(gen, shape):
 def _compare(got, want, exact: bool):
     for i, (g, w) in enumerate(zip(got, want, strict=True)):
         if exact:
-            torch.testing.assert_close(g, w, rtol=0, atol=0, msg=lambda m, i=i: f"output {i}: {m}")
+            assert_same_bits(g, w, f"output {i}")
         else:
             torch.testing.assert_close(
                 g, w, rtol=4 * 2.0**-24, atol=1e-6, msg=lambda m, i=i: f"output {i}: {m}"

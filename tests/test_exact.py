@@ -182,11 +182,15 @@ def test_row_functions_do_not_depend_on_batch_or_threads(gen):
     try:
         torch.set_num_threads(1)
         one_probs, one_norm = softmax_rows(z[5:6]), layer_norm_rows(h[5:6], w, b, 1e-6)
+        one_sum = tree_sum(z[7:8], dim=1)[0]
+        # several threads even where pytest-xdist gave this worker one (conftest)
+        torch.set_num_threads(max(2, threads))
+        probs, norm, sums = softmax_rows(z), layer_norm_rows(h, w, b, 1e-6), tree_sum(z, dim=1)
     finally:
         torch.set_num_threads(threads)
-    assert torch.equal(softmax_rows(z)[5:6], one_probs)
-    assert torch.equal(layer_norm_rows(h, w, b, 1e-6)[5:6], one_norm)
-    assert torch.equal(tree_sum(z, dim=1)[7], tree_sum(z[7:8], dim=1)[0])
+    assert torch.equal(probs[5:6], one_probs)
+    assert torch.equal(norm[5:6], one_norm)
+    assert torch.equal(sums[7], one_sum)
 
 
 def test_tree_sum_adds_neighbours_first():
@@ -343,10 +347,10 @@ def test_vit_s_full_depth_bitwise(gen):
 
 
 @pytest.mark.cuda
-def test_exact_bitwise_on_cuda(gen):
+def test_exact_bitwise_on_cuda(gen, monkeypatch):
     """On the GPU too (TF32 off), through the Triton kernels and the CUDA extension."""
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     qann = make_exact(gen, **{**_vit_s(), "depth": 4}, level=16, batch_calib=2).cuda()
     x = images(gen, qann, 4).cuda()
     for chunk in (3, 8):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DEVICES
+from conftest import DEVICES, assert_same_bits
 
 import spikekernels
 from spikekernels import reference
@@ -211,9 +211,7 @@ def test_torch_compile_fullgraph(gen):
 
     got, want = torch.compile(step, fullgraph=True)(x), step(x)
     for name, g, w in zip(("spikes", "v", "s"), got[:3], want[:3], strict=True):
-        torch.testing.assert_close(
-            g, w, rtol=0, atol=0, equal_nan=True, msg=lambda m, n=name: f"{n}: {m}"
-        )
+        assert_same_bits(g, w, name)
     torch.testing.assert_close(got[3], want[3])
 
 
@@ -247,10 +245,17 @@ class TestSTBIFModule:
         neuron.reset()
         assert neuron.count is None and bool(neuron.silent())
 
-    def test_threshold_moves_with_the_module(self):
+    def test_threshold_moves_with_the_module(self, gen):
+        """The threshold is a buffer: ``.to(float64)`` casts it with the module, and the
+        neuron still runs on it, with the reference's bits for a float32 input."""
         neuron = STBIF(0.5, level=8, signed=True).to(torch.float64)
         assert "threshold" in dict(neuron.named_buffers())
+        assert neuron.threshold.dtype == torch.float64 and neuron.threshold.item() == 0.5
         assert neuron.n_min == -4 and neuron.p_max == 3
+        x = _inputs(gen, 5, (2, 7), 0.5)
+        spikes = neuron(x)
+        want = reference.st_bif(x, torch.tensor(0.5), -4, 3)
+        _assert_same((spikes, neuron.v, neuron.count), want)
 
 
 @pytest.mark.cuda

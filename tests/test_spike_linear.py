@@ -201,22 +201,26 @@ def test_bias_none_and_late_chunk(gen, dtype):
     assert torch.equal(no_bias, late), "no bias is due after step bias_steps - 1"
 
 
-def test_every_output_element_is_written(gen, monkeypatch):
-    """Poison the allocator: NaN in fresh float tensors, zeros (= "silent") in the tile
-    flags. Any output element or flag the kernels fail to write shows up."""
-    s = _spikes(gen, 3, (21,), 50, density=0.9)
-    w, _ = _weight(gen, 35, 50, torch.float32)
+@pytest.mark.parametrize("dtype", WEIGHT_DTYPES, ids=str)
+def test_every_output_element_is_written(gen, monkeypatch, dtype):
+    """Poison the allocator: NaN in fresh float tensors, zeros (= "silent") in fresh integer
+    ones, the tile flags. Any output element or flag the kernels fail to write shows up (a
+    flag poisoned "active", as ``poisoned_allocations``' 77, would hide: the tile would just
+    be computed). Every weight dtype (its own kernel variant); rows over several row tiles,
+    the last one partial."""
+    s = _spikes(gen, 3, (45,), 50, density=0.9)
+    w, ws = _weight(gen, 35, 50, dtype)
     theta, bias = torch.tensor(0.3), torch.randn(35, generator=gen)
-    real_empty = torch.empty
+    real_empty, real_empty_like = torch.empty, torch.empty_like
 
-    def poisoned(*args, **kwargs):
-        t = real_empty(*args, **kwargs)
+    def poison(t):
         return t.fill_(float("nan") if t.is_floating_point() else 0)
 
-    monkeypatch.setattr(torch, "empty", poisoned)
-    got = spikekernels.spike_linear(s, w, theta, bias)
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: poison(real_empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(real_empty_like(*a, **k)))
+    got = spikekernels.spike_linear(s, w, theta, bias, weight_scale=ws)
     monkeypatch.undo()
-    _assert_linear(got, s, w, None, theta, bias, 0, 1)
+    _assert_linear(got, s, w, ws, theta, bias, 0, 1)
 
 
 def test_non_contiguous_spikes_and_threshold_dtypes(gen):

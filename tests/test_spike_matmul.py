@@ -200,19 +200,23 @@ def test_single_step_and_state_not_aliased(gen, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("k", [16, 270])
-def test_every_element_written(gen, device, k):
-    """With a negative scale a silent step is -0.0 everywhere: memory the op left unwritten
-    (allocated after freeing a NaN-filled block of the same size) would show."""
+@pytest.mark.parametrize("k", [16, 270], ids=["fused", "split-k"])
+@pytest.mark.parametrize("incoming", [False, True], ids=["fresh", "with-counts"])
+def test_every_element_written(gen, device, k, incoming, poisoned_allocations):
+    """Every fresh output is allocated poisoned (NaN floats, 77 in the int8 counts): an
+    element of ``out``, ``a_acc`` or ``b_acc`` the op leaves unwritten differs from the
+    reference. Several row and column tiles, neither a multiple of the tile (the outgoing
+    counts are written by one program per row or column block); small K (the fused kernel)
+    and large K (split-K); fresh and incoming counts. A negative scale makes a silent step
+    -0.0 everywhere, which the bitwise comparison also checks."""
     T, batch, m, n = 2, (2,), 70, 67
     a = _spikes(gen, T, batch, m, k, group_dim=-2).to(device)
     b = _spikes(gen, T, batch, k, n, group_dim=-1).to(device)
     a[1] = 0
     b[1] = 0
     scale = -_scale(gen, device)
-    poison = torch.full((T, *batch, m, n), float("nan"), device=device)
-    del poison
-    out, _, _ = _check(a, b, scale, _counts(gen, (*batch, m, k)).to(device))
+    counts = [_counts(gen, (*batch, m, k)), _counts(gen, (*batch, k, n))] if incoming else []
+    out, _, _ = _check(a, b, scale, *(c.to(device) for c in counts))
     assert torch.signbit(out[1]).all()
 
 
@@ -423,7 +427,7 @@ def test_cuda_attention_size(gen, k):
     """ViT-S attention (2 images x 6 heads x 197 tokens, head dim 64) with incoming counts:
     scores ``Q K^T`` (K = 64: the fused kernel, b a transposed view, rows and columns not
     multiples of the tile) and context ``P V`` (K = 197 keys: running counts + split-K),
-    bit for bit against the CPU path."""
+    bit for bit against the reference."""
     T, batch, n_tok, d = 4, (2, 6), 197, 64
     a = _spikes(gen, T, batch, n_tok, k, group_dim=-2)
     if k == d:
@@ -433,7 +437,7 @@ def test_cuda_attention_size(gen, k):
     scale = _scale(gen)
     a_acc, b_acc = _counts(gen, a.shape[1:]), _counts(gen, b.shape[1:])
     got = spikekernels.spike_matmul(a.cuda(), b.cuda(), scale.cuda(), a_acc.cuda(), b_acc.cuda())
-    _assert_same(got, spike_matmul_torch(a, b, scale, a_acc, b_acc))
+    _assert_same(got, reference.spike_matmul(a, b, scale, a_acc, b_acc))
 
 
 @pytest.mark.cuda
@@ -446,4 +450,4 @@ def test_cuda_second_device(gen):
     with torch.cuda.device(0):
         got = spikekernels.spike_matmul(a.to("cuda:1"), b.to("cuda:1"), scale.to("cuda:1"))
     assert got[0].device == torch.device("cuda:1")
-    _assert_same(got, spike_matmul_torch(a, b, scale))
+    _assert_same(got, reference.spike_matmul(a, b, scale))
