@@ -115,3 +115,30 @@ def test_snn_part_agrees_with_qann(small):
 def test_synthetic_main_runs(capsys):
     demo.main(["--synthetic", "--batch", "2", "--max-steps", "4", "--chunk", "2"])
     assert "quant_vit_tiny" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("model", ["quant_vit_small", "quant_vit_base", "quant_vit_large"])
+def test_other_presets_need_synthetic(model, capsys):
+    # Rejected by the parser, before any data or model: the digits fit only quant_vit_tiny.
+    with pytest.raises(SystemExit) as exc:
+        demo.main(["--model", model])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert f"--model {model} needs --synthetic" in err and "quant_vit_tiny" in err
+    assert "Traceback" not in err
+
+
+def test_unknown_preset_rejected(capsys):
+    with pytest.raises(SystemExit) as exc:
+        demo.main(["--model", "vit_huge", "--synthetic"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "--model: invalid choice" in err and "vit_huge" in err
+
+
+def test_shown_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    inside = str(tmp_path / "out" / "curve.png")
+    assert demo.shown_path(inside) == str(Path("out") / "curve.png")
+    outside = str(tmp_path.parent / "elsewhere.png")
+    assert demo.shown_path(outside) == outside

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DEVICES
+from conftest import DEVICES, TRITON_DEVICES, assert_same_bits
 
 from spikekernels import exact_math, reference
-from spikekernels.kernels import TRITON_AVAILABLE, use_triton
+from spikekernels.kernels import TRITON_AVAILABLE
 from spikekernels.nn.exact_attention import ExactAttentionProbs, ExactContext
 from spikekernels.nn.exact_layers import ExactSoftmax
 from spikekernels.nn.spike_matmul import RunningSpikeMatmul
@@ -74,11 +74,7 @@ def _chunks(case, operands, sizes):
 
 def _assert_same(got, want, names):
     for name, g, w in zip(names, got, want, strict=True):
-        g, w = g.cpu(), w.cpu()
-        assert g.dtype == w.dtype, f"{name}: dtype {g.dtype} != {w.dtype}"
-        assert g.shape == w.shape, f"{name}: shape {tuple(g.shape)} != {tuple(w.shape)}"
-        diff = (g != w).sum().item()
-        assert diff == 0, f"{name}: {diff} of {g.numel()} elements differ"
+        assert_same_bits(g, w, name)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -389,7 +385,7 @@ BAD_PROBS = [
     ("threshold int", dict(threshold=torch.tensor(1)), TypeError, "threshold must have dtype"),
     ("bounds inverted", dict(n_min=3, p_max=-4), ValueError, "n_min=3 > p_max=-4"),
     ("int8 overflow", dict(p_max=255), ValueError, "int8 count would overflow"),
-    ("p_max float", dict(p_max=15.0), TypeError, "p_max must be a Python int"),
+    ("p_max float", dict(p_max=15.0), TypeError, "p_max must be an int"),
     ("q_count shape", dict(q_count=torch.zeros(3, 4, 9).char()), ValueError, "q_count must"),
     ("k_count int32", dict(k_count=torch.zeros(3, 8, 5).int()), TypeError, "k_count must"),
     ("count int32", dict(count=torch.zeros(3, 4, 5, dtype=torch.int32)), TypeError, "count must"),
@@ -663,7 +659,7 @@ BAD_CONTEXT = [
     ("threshold inf", dict(threshold=torch.tensor(float("inf"))), ValueError, "threshold"),
     ("threshold subnormal", dict(threshold=torch.tensor(1e-40)), ValueError, "normal"),
     ("bounds inverted", dict(n_min=1, p_max=0), ValueError, "bounds"),
-    ("n_min float", dict(n_min=-8.0), TypeError, "n_min must be a Python int"),
+    ("n_min float", dict(n_min=-8.0), TypeError, "n_min must be an int"),
     ("merge_heads 1", dict(merge_heads=1), TypeError, "merge_heads must be a bool"),
     (
         "merge_heads, no heads",
@@ -1020,6 +1016,11 @@ if TRITON_AVAILABLE:
         tl.store(fired_ptr, fired)
 
 
+# The lane tests launch the kernels' pieces directly: on the GPU where there is one (where the
+# compiler may contract a multiply and an add into an FMA, which exact_math's bits forbid),
+# else on the CPU through the interpreter (conftest.TRITON_DEVICES).
+
+
 def _key_orders(width: int) -> dict[str, tuple[int, ...]]:
     """Orders of the keys in a tile of ``width`` rows: row order, the kernels' own at 8 and 4
     warps, and a random one (fixed seed)."""
@@ -1033,11 +1034,9 @@ def _key_orders(width: int) -> dict[str, tuple[int, ...]]:
     }
 
 
-@pytest.mark.skipif(
-    not use_triton(torch.empty(0)), reason="the Triton kernels run on CPU only when interpreted"
-)
+@pytest.mark.parametrize("device", TRITON_DEVICES)
 @pytest.mark.parametrize("n", [1, 5, 16, 100, 197, 256])
-def test_softmax_columns_is_exact_maths_row_function(gen, n):
+def test_softmax_columns_is_exact_maths_row_function(gen, device, n):
     """The kernels' softmax of int32 scores, each query's keys padded to any power of two
     >= 16 and held in any order of the tile's rows, gives the bits of
     exact_math.softmax_rows(score_value(S, g)): tree_sum's order, exp_rows' polynomial, the
@@ -1051,18 +1050,17 @@ def test_softmax_columns_is_exact_maths_row_function(gen, n):
     for width in sorted({max(16, 1 << (n - 1).bit_length()), 512}):
         for name, order in _key_orders(width).items():
             perm, tree = bit_order_codes(order)
-            out = torch.full((16, n), float("nan"))
+            out = torch.full((16, n), float("nan"), device=device)
             _softmax_columns_kernel[(1,)](
-                s, gain, out, n, ROWS=16, WIDTH=width, KEY_PERM=perm, KEY_TREE=tree
-            )
-            got = out.view(torch.int32)
+                s.to(device), gain.to(device), out, n, ROWS=16, WIDTH=width, KEY_PERM=perm,
+                KEY_TREE=tree,
+            )  # fmt: skip
+            got = out.cpu().view(torch.int32)
             assert torch.equal(got, want.view(torch.int32)), f"width {width}, {name}"
 
 
-@pytest.mark.skipif(
-    not use_triton(torch.empty(0)), reason="the Triton kernels run on CPU only when interpreted"
-)
-def test_exp_rows_is_exact_maths(gen):
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_exp_rows_is_exact_maths(gen, device):
     """The kernels' exp_rows gives exact_math.exp_rows' bits for every x <= 0 a softmax can
     hand it: spread values, integers, every float32 next to the cut-off at -87 (where the
     kernels leave out the clamp of the exponent) and next to each step of k, and values far
@@ -1085,20 +1083,18 @@ def test_exp_rows_is_exact_maths(gen):
         ]
     ).clamp(max=0.0)
     want = exact_math.exp_rows(x)
-    got = torch.full_like(x, float("nan"))
-    _exp_rows_kernel[(triton.cdiv(x.numel(), 1024),)](x, got, x.numel(), BLOCK=1024)
-    assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+    got = torch.full_like(x, float("nan"), device=device)
+    _exp_rows_kernel[(triton.cdiv(x.numel(), 1024),)](x.to(got.device), got, x.numel(), BLOCK=1024)
+    assert torch.equal(got.cpu().view(torch.int32), want.view(torch.int32))
     assert (want[x < -87] == 0).all() and (want[x >= -87] > 0).all()
 
 
-@pytest.mark.skipif(
-    not use_triton(torch.empty(0)), reason="the Triton kernels run on CPU only when interpreted"
-)
+@pytest.mark.parametrize("device", TRITON_DEVICES)
 @pytest.mark.parametrize("estimate", [True, False])
 @pytest.mark.parametrize(
     "theta", [0.5, 0.013, 1e-40], ids=["ties", "spread", "subnormal"]
 )  # fmt: skip
-def test_attention_neuron_lanes(gen, estimate, theta):
+def test_attention_neuron_lanes(gen, device, estimate, theta):
     """The attention neuron of the scores kernels, lane by lane: sigma as the reference
     neuron on exact_math's softmax, and ``fired`` whether a real lane fired. With the
     estimate, sigma is also 0 on every padded lane (keys past N, queries past M), which the
@@ -1118,22 +1114,21 @@ def test_attention_neuron_lanes(gen, estimate, theta):
         th = torch.tensor(theta)
         probs = exact_math.softmax_rows(exact_math.score_value(s, gain))
         want, _ = reference.target_spikes_step(probs, th, n_min, p_max, count)
-        sigma = torch.full((cols, keys), 7, dtype=torch.int32)
-        fired = torch.full((1,), -1, dtype=torch.int32)
+        sigma = torch.full((cols, keys), 7, dtype=torch.int32, device=device)
+        fired = torch.full((1,), -1, dtype=torch.int32, device=device)
         _attention_neuron_kernel[(1,)](
-            s, count, gain, th, sigma, fired, n, m, n_min, p_max, KEYS=keys, COLS=cols,
-            KEY_PERM=perm, KEY_TREE=tree, ESTIMATE=estimate,
+            s.to(device), count.to(device), gain.to(device), th.to(device), sigma, fired, n, m,
+            n_min, p_max, KEYS=keys, COLS=cols, KEY_PERM=perm, KEY_TREE=tree, ESTIMATE=estimate,
         )  # fmt: skip
+        sigma = sigma.cpu()
         assert torch.equal(sigma[:m, :n], want.to(torch.int32)), (n, m)
         if estimate:
             assert (sigma[m:] == 0).all() and (sigma[:, n:] == 0).all(), (n, m)
         assert fired.item() == int(bool(want.any())), (n, m)
 
 
-@pytest.mark.skipif(
-    not use_triton(torch.empty(0)), reason="the Triton kernels run on CPU only when interpreted"
-)
-def test_softmax_columns_needs_the_tree_of_its_key_order(gen):
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_softmax_columns_needs_the_tree_of_its_key_order(gen, device):
     """The tree must follow the tile's key order: keys held in the kernels' order but summed
     as if in row order give other bits (so the test above can tell the orders apart)."""
     n = width = 256
@@ -1142,11 +1137,12 @@ def test_softmax_columns_needs_the_tree_of_its_key_order(gen):
     want = exact_math.softmax_rows(exact_math.score_value(s, gain))
     perm, _ = bit_order_codes(key_order(width, 8))
     _, row_tree = bit_order_codes(tuple(range(8)))
-    out = torch.full((16, n), float("nan"))
+    out = torch.full((16, n), float("nan"), device=device)
     _softmax_columns_kernel[(1,)](
-        s, gain, out, n, ROWS=16, WIDTH=width, KEY_PERM=perm, KEY_TREE=row_tree
-    )
-    assert not torch.equal(out.view(torch.int32), want.view(torch.int32))
+        s.to(device), gain.to(device), out, n, ROWS=16, WIDTH=width, KEY_PERM=perm,
+        KEY_TREE=row_tree,
+    )  # fmt: skip
+    assert not torch.equal(out.cpu().view(torch.int32), want.view(torch.int32))
 
 
 @pytest.mark.skipif(not TRITON_AVAILABLE, reason="needs Triton")

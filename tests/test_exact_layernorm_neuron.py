@@ -9,10 +9,9 @@ import pytest
 import torch
 import triton
 import triton.language as tl
-from conftest import DEVICES
+from conftest import DEVICES, TRITON_DEVICES, assert_same_bits
 
 from spikekernels import exact_math, reference
-from spikekernels.kernels import use_triton
 from spikekernels.kernels.exact_layernorm import (
     _LN_SLOPE,
     layer_norm_estimate,
@@ -89,11 +88,7 @@ def _unfused(d, c, norm, level, eps=EPS, pool=False):
 
 def _assert_same(got, want):
     for name, g, w in zip(("spikes", "count"), got, want, strict=True):
-        g = g.cpu()
-        assert g.dtype == w.dtype, f"{name}: dtype {g.dtype} != {w.dtype}"
-        assert g.shape == w.shape, f"{name}: shape {tuple(g.shape)} != {tuple(w.shape)}"
-        diff = (g != w).sum().item()
-        assert diff == 0, f"{name}: {diff} of {g.numel()} elements differ"
+        assert_same_bits(g, w, name)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -509,7 +504,15 @@ def test_summation_order_is_the_tree(gen, device):
     big = torch.tensor([2.0**24, 1.0, -(2.0**24), 1.0], dtype=torch.float64, device=device)
     d[..., :4] += big * 16
     x = exact_math.residual_read(c.cpu(), d.cpu())
-    assert not torch.equal(exact_math.tree_sum(x), x.sum(-1, keepdim=True))
+    # the premise in explicit orders (torch's own sum's order depends on the CPU): left to
+    # right, and left to right over blocks of 4 each summed left to right
+    tree, column = exact_math.tree_sum(x), list(x.split(1, dim=-1))
+    sequential, blocked = column[0], column[0] + column[1] + column[2] + column[3]
+    for j in range(1, channels):
+        sequential = sequential + column[j]
+    for j in range(4, channels, 4):
+        blocked = blocked + (column[j] + column[j + 1] + column[j + 2] + column[j + 3])
+    assert (tree != sequential).all() and (tree != blocked).all()
     norm = _norm(gen, channels, device=device)
     _assert_same(_run(d, c, norm, -8, 7), _reference(d, c, norm, -8, 7))
 
@@ -644,16 +647,10 @@ def _hard_rows(gen, rows, channels):
     return x
 
 
-_needs_triton = pytest.mark.skipif(
-    not use_triton(torch.empty(0)) and not torch.cuda.is_available(),
-    reason="the Triton kernels run on CPU only when interpreted",
-)
-
-
-@_needs_triton
+@pytest.mark.parametrize("device", TRITON_DEVICES)
 @pytest.mark.parametrize("channels", [1, 2, 7, 100, 384, 1000])
 @pytest.mark.parametrize("affine", [True, False])
-def test_row_function_is_bitwise_layer_norm_rows(gen, channels, affine):
+def test_row_function_is_bitwise_layer_norm_rows(gen, device, channels, affine):
     """The kernel's LayerNorm row function on its own (``layer_norm_rows_triton``, values
     out) against the reference's on the CPU: every float32 bit, NaN included.
     The spikes alone would hide a 1-ulp difference away from a rounding tie; this does not
@@ -664,7 +661,6 @@ def test_row_function_is_bitwise_layer_norm_rows(gen, channels, affine):
     x = _hard_rows(gen, 11, channels)
     w = 0.5 + torch.rand(channels, generator=gen) if affine else None
     b = torch.randn(channels, generator=gen) if affine else None
-    device = "cpu" if use_triton(x) else "cuda"
 
     def on(t):
         return None if t is None else t.to(device)
@@ -694,8 +690,7 @@ def _estimate_kernel(xc_ptr, sd_ptr, w_ptr, b_ptr, theta_ptr, c_ptr, sigma_ptr, 
     tl.store(unsure_ptr + offs, unsure.to(tl.int32))
 
 
-def _ln_estimate(xc, sd, w, b, theta, count, n_min, p_max):
-    device = "cpu" if use_triton(xc) else "cuda"
+def _ln_estimate(device, xc, sd, w, b, theta, count, n_min, p_max):
     args = [t.to(device) for t in (xc, sd, w, b, theta, count)]
     sigma = torch.empty(xc.shape, dtype=torch.int32, device=device)
     unsure = torch.empty_like(sigma)
@@ -725,14 +720,14 @@ def _rows_at_steps(gen, rows, C, n_min, p_max, bias, theta, ulps):
     return xc, sd, w, b, count
 
 
-@_needs_triton
+@pytest.mark.parametrize("device", TRITON_DEVICES)
 @pytest.mark.parametrize(
     ("bias", "n_min", "p_max"),
     # no bias: the margin's slope and edge; a bias of 30 to 60 steps cancelled by y w down to
     # targets 0 and 1, where the row function's error is largest against q: its bias term
     [(0.0, -8, 7), (3.0, -1, 1)],
 )
-def test_estimate_on_the_row_function_is_exact_wherever_it_is_sure(gen, bias, n_min, p_max):
+def test_estimate_on_the_row_function_is_exact_wherever_it_is_sure(gen, device, bias, n_min, p_max):
     """The LayerNorm neuron's division-free path (an estimate of the row function's value,
     then the target's estimate with the wider margin, ``kernels.exact_layernorm``), lane by
     lane (the kernel takes the division for a whole tile when any lane is unsure, which
@@ -744,7 +739,7 @@ def test_estimate_on_the_row_function_is_exact_wherever_it_is_sure(gen, bias, n_
     ulps = torch.where(torch.rand(rows, C, generator=gen) < 0.5, 8, 400)
     xc, sd, w, b, count = _rows_at_steps(gen, rows, C, n_min, p_max, bias, theta, ulps)
     exact = _exact_sigma(xc, sd, w, b, theta, count, n_min, p_max)
-    sigma, unsure = _ln_estimate(xc, sd, w, b, theta, count, n_min, p_max)
+    sigma, unsure = _ln_estimate(device, xc, sd, w, b, theta, count, n_min, p_max)
     wrong = (sigma != exact) & ~unsure
     assert not wrong.any(), f"{int(wrong.sum())} sure lanes differ from the exact step"
     # the case's edge: a plain fl(xc * fl(1/sd)) target is wrong on some lanes, and the
@@ -757,7 +752,7 @@ def test_estimate_on_the_row_function_is_exact_wherever_it_is_sure(gen, bias, n_
 
     spread = torch.randn(rows, C, generator=gen) * sd[:, None]
     count = torch.randint(n_min, p_max + 1, (rows, C), generator=gen, dtype=torch.int8)
-    _, unsure = _ln_estimate(spread, sd, w, b, theta, count, n_min, p_max)
+    _, unsure = _ln_estimate(device, spread, sd, w, b, theta, count, n_min, p_max)
     assert unsure.float().mean() < 1e-3
 
     for name, bad in (("w", float("nan")), ("w", 1e35), ("b", float("inf")), ("theta", 0.0)):
@@ -765,7 +760,7 @@ def test_estimate_on_the_row_function_is_exact_wherever_it_is_sure(gen, bias, n_
         args[name] = args[name].clone()
         args[name][5] = bad
         _, unsure = _ln_estimate(
-            spread, sd, args["w"], args["b"], args["theta"], count, n_min, p_max
+            device, spread, sd, args["w"], args["b"], args["theta"], count, n_min, p_max
         )
         assert unsure.all(), f"{name} = {bad}"
 
@@ -819,7 +814,7 @@ BAD_INPUTS = [
     ("theta inf", dict(threshold=torch.tensor(float("inf"))), ValueError, "finite"),
     ("bounds inverted", dict(n_min=3, p_max=-4), ValueError, "n_min=3 > p_max=-4"),
     ("int8 overflow", dict(n_min=0, p_max=255), ValueError, "int8 count would overflow"),
-    ("n_min float", dict(n_min=-4.0), TypeError, "n_min must be a Python int"),
+    ("n_min float", dict(n_min=-4.0), TypeError, "n_min must be an int"),
     ("count int32", dict(count=torch.zeros(3, 4, 8, dtype=torch.int32)), TypeError, "count"),
     ("count shape", dict(count=torch.zeros(4, 8, dtype=torch.int8)), ValueError, "count must"),
     (

@@ -8,10 +8,9 @@ import pytest
 import torch
 import triton
 import triton.language as tl
-from conftest import DEVICES
+from conftest import DEVICES, TRITON_DEVICES, assert_same_bits
 
 from spikekernels import reference
-from spikekernels.kernels import use_triton
 from spikekernels.kernels.tile_flags import any_nonzero
 from spikekernels.nn import ExactLinearNeuron, TargetNeuron
 from spikekernels.ops import exact_linear
@@ -70,11 +69,7 @@ def _chunks(s, sizes, before=None):
 
 def _assert_same(got, want):
     for name, g, w in zip(("spikes", "count"), got, want, strict=True):
-        g = g.cpu()
-        assert g.dtype == w.dtype, f"{name}: dtype {g.dtype} != {w.dtype}"
-        assert g.shape == w.shape, f"{name}: shape {tuple(g.shape)} != {tuple(w.shape)}"
-        diff = (g != w).sum().item()
-        assert diff == 0, f"{name}: {diff} of {g.numel()} elements differ"
+        assert_same_bits(g, w, name)
 
 
 def _reference(s, layer, n_min, p_max, s_count=None, count=None):
@@ -382,7 +377,7 @@ BAD_INPUTS = [
     ("theta subnormal", dict(threshold=torch.tensor(1e-40)), ValueError, "normal"),
     ("bounds inverted", dict(n_min=3, p_max=-4), ValueError, "n_min=3 > p_max=-4"),
     ("int8 overflow", dict(n_min=0, p_max=255), ValueError, "int8 count would overflow"),
-    ("p_max float", dict(p_max=3.0), TypeError, "p_max must be a Python int"),
+    ("p_max float", dict(p_max=3.0), TypeError, "p_max must be an int"),
     ("s_count int32", dict(s_count=torch.zeros(3, 8, dtype=torch.int32)), TypeError, "s_count"),
     ("s_count shape", dict(s_count=torch.zeros(3, 5, dtype=torch.int8)), ValueError, "s_count"),
     (
@@ -393,6 +388,7 @@ BAD_INPUTS = [
     ),
     ("count int32", dict(count=torch.zeros(3, 5, dtype=torch.int32)), TypeError, "count must"),
     ("count shape", dict(count=torch.zeros(5, dtype=torch.int8)), ValueError, "count must"),
+    ("count > p_max", dict(count=torch.full((3, 5), 4).char()), ValueError, "count must lie in"),
     (
         "weight elsewhere",
         dict(weight=torch.ones(5, 8, dtype=torch.int8, device="meta")),
@@ -548,10 +544,8 @@ def test_cuda_matches_cpu_reference(gen):
     _assert_same(got, _reference(s, layer, -8, 7))
 
 
-@pytest.mark.skipif(
-    not use_triton(torch.empty(0)), reason="the Triton kernels run on CPU only when interpreted"
-)
-def test_silent_tile_flags(gen):
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_silent_tile_flags(gen, device):
     """The flag pass marks exactly the (step, row tile) spike tiles holding a nonzero spike:
     the main kernel skips the matmul of the others. Spikes in the first K tile (the pass
     stops there), only in the last one (it reads on), and none (it reads every K tile)."""
@@ -564,11 +558,13 @@ def test_silent_tile_flags(gen):
     s[0, 3 * block_m + 1, 7] = 1
     s[2, -1, 0] = 1
     num_m = 5
-    flags = torch.full((3, num_m), 9, dtype=torch.int32)
-    step_tile_any_kernel[(3, num_m)](s, flags, s.shape[1], 200, num_m, BLOCK_M=block_m, BLOCK_K=128)
+    flags = torch.full((3, num_m), 9, dtype=torch.int32, device=device)
+    step_tile_any_kernel[(3, num_m)](
+        s.to(device), flags, s.shape[1], 200, num_m, BLOCK_M=block_m, BLOCK_K=128
+    )
     want = torch.zeros(3, num_m, dtype=torch.int32)
     want[0, 0] = want[0, 3] = want[2, 4] = 1
-    assert torch.equal(flags, want)
+    assert torch.equal(flags.cpu(), want)
 
 
 @triton.jit
@@ -577,11 +573,9 @@ def _any_nonzero_kernel(x_ptr, out_ptr, OR_REDUCE: tl.constexpr, R: tl.constexpr
     tl.store(out_ptr + tl.program_id(0), any_nonzero(tl.load(x_ptr + offs), OR_REDUCE).to(tl.int32))
 
 
-@pytest.mark.skipif(
-    not use_triton(torch.empty(0)), reason="the Triton kernels run on CPU only when interpreted"
-)
+@pytest.mark.parametrize("device", TRITON_DEVICES)
 @pytest.mark.parametrize("or_reduce", [True, False])
-def test_any_nonzero_both_reductions(gen, or_reduce):
+def test_any_nonzero_both_reductions(gen, device, or_reduce):
     """``tile_flags.any_nonzero`` by either reduction (the GPU's bitwise or, the
     interpreter's maximum): true exactly for the tiles holding a nonzero int8, any value."""
     tiles = torch.zeros(6, 4, 8, dtype=torch.int8)
@@ -590,9 +584,9 @@ def test_any_nonzero_both_reductions(gen, or_reduce):
     tiles[3, 2, 5] = -128
     tiles[4] = torch.randint(-1, 2, (4, 8), generator=gen, dtype=torch.int8)
     tiles[4, 0, 0] = 1
-    got = torch.full((6,), 7, dtype=torch.int32)
-    _any_nonzero_kernel[(6,)](tiles, got, OR_REDUCE=or_reduce, R=4, C=8)
-    assert torch.equal(got, tiles.reshape(6, -1).ne(0).any(-1).to(torch.int32))
+    got = torch.full((6,), 7, dtype=torch.int32, device=device)
+    _any_nonzero_kernel[(6,)](tiles.to(device), got, OR_REDUCE=or_reduce, R=4, C=8)
+    assert torch.equal(got.cpu(), tiles.reshape(6, -1).ne(0).any(-1).to(torch.int32))
 
 
 def test_module_needs_the_input_count_after_its_first_call(gen):

@@ -184,6 +184,9 @@ BAD_INPUTS = [
     ("theta int", dict(threshold=torch.tensor(1)), TypeError, "threshold must have dtype"),
     ("theta float", dict(threshold=0.5), TypeError, "threshold must be a torch.Tensor"),
     ("theta elsewhere", dict(threshold=torch.ones(1, device="meta")), ValueError, "threshold"),
+    ("theta nan", dict(threshold=torch.tensor(float("nan"))), ValueError, "threshold must be posi"),
+    ("theta < 0", dict(threshold=torch.tensor(-2.0)), ValueError, "threshold must be positive"),
+    ("theta subnormal", dict(threshold=torch.tensor(1e-40)), ValueError, "normal float32"),
     ("count int32", dict(count=torch.zeros(3, 8, dtype=torch.int32)), TypeError, "count"),
     ("count shape", dict(count=torch.zeros(2, 3, 8, dtype=torch.int8)), ValueError, "count must"),
 ]

@@ -430,8 +430,8 @@ BAD_INPUTS = [
     ("bounds exclude 0", dict(n_min=1, p_max=4), ValueError, "must contain 0"),
     ("unsigned 256", dict(n_min=0, p_max=255), ValueError, "int8 count would overflow"),
     ("signed 512", dict(n_min=-256, p_max=255), ValueError, "int8 count would overflow"),
-    ("n_min float", dict(n_min=-4.0), TypeError, "n_min must be a Python int"),
-    ("p_max bool", dict(p_max=True), TypeError, "p_max must be a Python int"),
+    ("n_min float", dict(n_min=-4.0), TypeError, "n_min must be an int"),
+    ("p_max bool", dict(p_max=True), TypeError, "p_max must be an int"),
     ("count float", dict(count=torch.zeros(3, 4)), TypeError, "count must have dtype"),
     ("count int16", dict(count=torch.zeros(3, 4, dtype=torch.int16)), TypeError, "count must"),
     (
@@ -440,6 +440,13 @@ BAD_INPUTS = [
         ValueError,
         "count must have shape",
     ),
+    (
+        "count above p_max",
+        dict(count=torch.full((3, 4), 50, dtype=torch.int8)),
+        ValueError,
+        r"count must lie in \[-4, 3\], got values in \[50, 50\]",
+    ),
+    ("count below n_min", dict(count=torch.full((3, 4), -5).char()), ValueError, "count must lie"),
     (
         "count elsewhere",
         dict(count=torch.zeros(3, 4, dtype=torch.int8, device="meta")),

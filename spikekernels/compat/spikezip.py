@@ -16,7 +16,8 @@ function names, constructor arguments and the attributes other code reads, compu
 - ``SNNWrapper(ann_model, cfg, time_step, Encoding_type, level=..., neuron_type=...,
   model_name=..., is_softmax=...)``: runs a QANN ViT as an SNN until silent, through
   ``spikekernels.convert`` (multi-step chunks, early stop), returning ``(logits, steps)`` or,
-  with ``verbose=True``, also the logits summed up to each step.
+  with ``verbose=True``, also the logits as of each step (float mode: summed up to it;
+  exact mode: the head's current value).
 - ``reset_model(model)``, ``myquan_replace(model, level, weight_bit=32, is_softmax=True)``.
 
 Step-for-step the outputs equal the official modules' (bit for bit for the neuron; to float
@@ -441,7 +442,8 @@ class SNNWrapper(nn.Module):
     ``spikekernels.convert(model)`` and runs in chunks of ``chunk`` steps (default 8; the
     official loop is chunk 1). ``forward(x, verbose=False)`` returns ``(logits, T)`` with ``T``
     counted as the official loop does (the steps run, the first silent one included, at most
-    ``time_step``), and with ``verbose`` also ``[T, B, classes]`` logits summed up to each step.
+    ``time_step``), and with ``verbose`` also ``[T, B, classes]``, the logits as of each step
+    (float mode: summed up to it; exact mode: the head's current value).
     """
 
     def __init__(

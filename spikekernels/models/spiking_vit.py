@@ -6,9 +6,10 @@ Two modes share the runner:
 - **float mode** (§2-§7): ST-BIF neurons, int8 spikes between layers, the residual stream as
   float32 increments with the branches pending as int8 spikes (``Stream``); the logits are
   summed over steps. Equal to the QANN up to float rounding.
-- **exact mode** (§9): target-driven neurons, exact state (int32 accumulators and products, the
-  residual stream as a float64 sum of ``theta * count``), every value computed by the QANN's
-  own formulas; the logits are the head's current value. Equal to the QANN bit for bit.
+- **exact mode** (§9): target-driven neurons, exact state (each neuron's int8 count; the
+  residual stream ``D`` as a float64 sum of ``theta * count``; the head's int32 accumulator),
+  every value computed by the QANN's own formulas; the logits are the head's current value.
+  Equal to the QANN bit for bit.
 
 ``snn(x, max_steps=64, chunk=8)`` feeds the image at t = 0 and runs ``chunk`` steps per module
 call (multi-step kernels), state carried between chunks, so memory is bounded by the chunk.
@@ -433,7 +434,7 @@ class SpikingViT(nn.Module):
         self._chunk_graphs: dict = {}  # (image shape, dtype, chunk, device) -> ChunkGraph
 
     def reset(self) -> None:
-        """Back to the fresh state: every neuron, accumulator, product and norm."""
+        """Back to the fresh state: every neuron, norm and residual stream."""
         self.patch_embed.reset()
         for block in self.blocks:
             block.reset()

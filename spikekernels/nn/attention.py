@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from spikekernels.nn.conversion import neuron_from_quantizer
-from spikekernels.nn.exact_layers import require_input_counts
+from spikekernels.nn.exact_layers import check_token_spikes, require_input_counts
 from spikekernels.nn.linear_neuron import SpikeLinearNeuron
 from spikekernels.nn.neuron import STBIF
 from spikekernels.ops.spike_attention import spike_attention_probs, spike_context
@@ -51,8 +51,8 @@ class SpikeAttentionProbs(STBIF):
         """``q_count`` ``[*batch, M, D]`` and ``k_count`` ``[*batch, D, N]``: the counts of the
         q and k neurons after these steps (any strides); None only on a fresh input."""
         require_input_counts(self, q_count=q_count, k_count=k_count)
-        state = None if self.s is None else (self.x_acc, self.y_prev, self.v, self.s)
-        spikes, (self.x_acc, self.y_prev, self.v, self.s) = spike_attention_probs(
+        state = None if self.count is None else (self.x_acc, self.y_prev, self.v, self.count)
+        spikes, (self.x_acc, self.y_prev, self.v, self.count) = spike_attention_probs(
             q, k_t, self.scale, self.threshold, self.n_min, self.p_max, q_count, k_count,
             state, active=self.activity,
         )  # fmt: skip
@@ -89,8 +89,8 @@ class SpikeContext(STBIF):
         attention and value neurons after these steps (any strides); None only on a fresh
         input. ``merge_heads``: spikes ``[T, *batch[:-1], M, H * D]`` (``ops.spike_context``)."""
         require_input_counts(self, a_count=a_count, v_count=v_count)
-        state = None if self.s is None else (self.v, self.s)
-        spikes, (self.v, self.s) = spike_context(
+        state = None if self.count is None else (self.v, self.count)
+        spikes, (self.v, self.count) = spike_context(
             a, v, self.scale, self.threshold, self.n_min, self.p_max, a_count, v_count, state,
             active=self.activity, merge_heads=merge_heads,
         )  # fmt: skip
@@ -202,12 +202,9 @@ class SpikeAttention(nn.Module):
 
     def forward(self, s: torch.Tensor) -> torch.Tensor:
         """``s``: ``[T, B, N, C]`` int8 spikes of the input neuron."""
-        if s.dim() != 4:
-            raise ValueError(f"SpikeAttention expects s of shape [T, B, N, C], got {list(s.shape)}")
+        check_token_spikes(s, self.dim, "SpikeAttention")
         t, b, n, c = s.shape
         h = self.num_heads
-        if c != self.dim:
-            raise ValueError(f"s has {c} channels, the attention expects {self.dim}")
         dh = c // h
         qkv = self.qkv(s).view(t, b, n, 3, h, dh)
         # strided views of the packed qkv, read in place by the spike products

@@ -5,7 +5,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from spikekernels.nn.exact_layers import ExactLinearNeuron, require_input_counts
+from spikekernels.nn.exact_layers import (
+    ExactLinearNeuron,
+    check_token_spikes,
+    require_input_counts,
+)
 from spikekernels.nn.target_neuron import TargetNeuron
 from spikekernels.ops.exact_attention import (
     exact_attention,
@@ -177,16 +181,18 @@ class ExactAttention(nn.Module):
         """``s``: ``[T, B, N, C]`` int8 spikes; ``s_count``: ``[B, N, C]`` int8, the count of
         their neuron after these steps, or ``s_before``, before them (neither only on a fresh
         input: see ``ExactLinearNeuron``). Returns the ``quan_proj`` neuron's spikes."""
+        check_token_spikes(s, self.dim, "ExactAttention")
         t, b, n, c = s.shape
         h, dh = self.num_heads, self.head_dim
+        # the running counts of q, k, v after each step, as strided views of one layout (the
+        # qkv neuron first: it names a shape that differs from its state's)
+        qkv = self.qkv(s, s_count, s_before=s_before).view(t, b, n, 3, h, dh)
         # proj starts from the context neuron's count before these steps, heads merged (a
         # copy: the attention updates that count in place)
         context_before = None
         if self.context.count is not None:
             merged = self.context.count.transpose(1, 2)
             context_before = merged.clone(memory_format=torch.contiguous_format).view(b, n, c)
-        # the running counts of q, k, v after each step, as strided views of one layout
-        qkv = self.qkv(s, s_count, s_before=s_before).view(t, b, n, 3, h, dh)
         q = qkv[:, :, :, 0].transpose(2, 3)  # [T, B, H, N, Dh]
         k_t = qkv[:, :, :, 1].permute(0, 1, 3, 4, 2)  # [T, B, H, Dh, N]
         v = qkv[:, :, :, 2].transpose(2, 3)

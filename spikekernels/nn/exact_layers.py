@@ -116,6 +116,16 @@ def require_input_counts(neuron: nn.Module, **counts: torch.Tensor | None) -> No
             )
 
 
+def check_token_spikes(s: object, channels: int, owner: str) -> None:
+    """An attention module's input: int8 spikes ``[T, B, N, C]`` with ``C == channels``."""
+    if not isinstance(s, torch.Tensor):
+        raise TypeError(f"s must be a torch.Tensor, got {type(s).__name__}")
+    if s.dim() != 4:
+        raise ValueError(f"{owner} expects s of shape [T, B, N, C], got {list(s.shape)}")
+    if s.shape[-1] != channels:
+        raise ValueError(f"s has {s.shape[-1]} channels, the attention expects {channels}")
+
+
 class ExactLinearNeuron(TargetNeuron):
     """An ``ExactLinear`` and the target-driven neuron it feeds, as one fused op
     (``spikekernels.ops.exact_linear``): ``[T, *, K]`` spikes in, ``[T, *, N]`` int8 spikes out.

@@ -3,18 +3,35 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
 from spikekernels.nn.neuron import STBIF
+from spikekernels.ops._checks import check_float, check_int, check_tensor
 from spikekernels.ops.layernorm import spike_layernorm
 from spikekernels.ops.layernorm_neuron import spike_layernorm_neuron
 
 
-def _check_affine(num_channels: int, weight: torch.Tensor | None, bias: torch.Tensor | None):
+def _check_norm(num_channels: object, eps: object, weight: object, bias: object) -> None:
+    """The constructor's arguments, named in each error (the op checks them again per call,
+    but a module built wrong should fail where it is built)."""
+    if check_int(num_channels, "num_channels") < 1:
+        raise ValueError(f"num_channels must be >= 1, got {num_channels}")
+    if not (math.isfinite(check_float(eps, "eps")) and eps >= 0):
+        raise ValueError(f"eps must be a finite float >= 0, got {eps!r}")
     for name, t in (("weight", weight), ("bias", bias)):
-        if t is not None and tuple(t.shape) != (num_channels,):
+        if t is not None and tuple(check_tensor(t, name).shape) != (num_channels,):
             raise ValueError(f"{name} must have shape ({num_channels},), got {tuple(t.shape)}")
+
+
+def _check_channels(x: object, num_channels: int) -> None:
+    """``x``'s last dim is the module's channels (an unaffine norm would take any)."""
+    if isinstance(x, torch.Tensor) and x.dim() >= 1 and x.shape[-1] != num_channels:
+        raise ValueError(
+            f"x must have {num_channels} channels (last dim), got shape {tuple(x.shape)}"
+        )
 
 
 class SpikeLayerNorm(nn.Module):
@@ -35,9 +52,9 @@ class SpikeLayerNorm(nn.Module):
         bias: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
+        _check_norm(num_channels, eps, weight, bias)
         self.num_channels = num_channels
         self.eps = float(eps)
-        _check_affine(num_channels, weight, bias)
         # detach(), not clone(): a converted network shares the QANN's weights (one copy).
         self.register_buffer("weight", None if weight is None else weight.detach())
         self.register_buffer("bias", None if bias is None else bias.detach())
@@ -61,6 +78,7 @@ class SpikeLayerNorm(nn.Module):
         self.y_prev: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_channels(x, self.num_channels)
         out, self.x_acc, self.y_prev = spike_layernorm(
             x, self.weight, self.bias, self.eps, self.x_acc, self.y_prev
         )
@@ -96,7 +114,7 @@ class SpikeLayerNormNeuron(STBIF):
         bias: torch.Tensor | None = None,
     ) -> None:
         super().__init__(threshold, level, signed)
-        _check_affine(num_channels, weight, bias)
+        _check_norm(num_channels, eps, weight, bias)
         self.num_channels = num_channels
         self.eps = float(eps)
         # detach(), not clone(): a converted network shares the QANN's weights (one copy).
@@ -150,12 +168,13 @@ class SpikeLayerNormNeuron(STBIF):
         ``(int8 spikes like x, threshold)`` added to ``x`` in order before the LayerNorm
         (``ops.spike_layernorm_neuron``); with ``residual_out`` the stream with them is kept
         for ``take_residual()``. Returns the int8 spikes."""
+        _check_channels(x, self.num_channels)
         if len(branches) > 2:
             raise ValueError(f"at most two pending branches, got {len(branches)}")
         kwargs = {}
         for prefix, (spikes, theta) in zip(("branch", "branch2"), branches, strict=False):
             kwargs |= {f"{prefix}_spikes": spikes, f"{prefix}_threshold": theta}
-        spikes, self.x_acc, self.y_prev, self.v, self.s, *residual = spike_layernorm_neuron(
+        spikes, self.x_acc, self.y_prev, self.v, self.count, *residual = spike_layernorm_neuron(
             x,
             self.weight,
             self.bias,
@@ -166,7 +185,7 @@ class SpikeLayerNormNeuron(STBIF):
             self.x_acc,
             self.y_prev,
             self.v,
-            self.s,
+            self.count,
             **kwargs,
             residual_out=residual_out,
             active=self.activity,

@@ -6,6 +6,8 @@ import torch
 from torch import nn
 
 from spikekernels.kernels import use_triton
+from spikekernels.nn.neuron import threshold_tensor
+from spikekernels.ops._checks import check_int, check_tensor
 from spikekernels.ops.spike_linear import spike_linear
 from spikekernels.ops.weight_split import split_weight_bf16x3
 
@@ -50,8 +52,9 @@ class SpikeLinear(TensorCoreWeight, nn.Module):
         weight_scale: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
-        if bias_steps < 1:
+        if check_int(bias_steps, "bias_steps") < 1:
             raise ValueError(f"bias_steps must be >= 1, got {bias_steps}")
+        check_tensor(weight, "weight", ndim=2)
         self.out_features, self.in_features = weight.shape
         self.bias_steps = bias_steps
         # detach(), not clone(): a converted network shares the QANN's weights (one copy).
@@ -60,8 +63,8 @@ class SpikeLinear(TensorCoreWeight, nn.Module):
         self.register_buffer(
             "weight_scale", None if weight_scale is None else weight_scale.detach()
         )
-        theta = torch.as_tensor(threshold, dtype=torch.float32).detach().clone().reshape(())
-        self.register_buffer("threshold", theta)
+        # the feeding neuron's step
+        self.register_buffer("threshold", threshold_tensor(threshold))
         self.reset()
 
     @classmethod

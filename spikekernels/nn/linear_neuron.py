@@ -10,8 +10,13 @@ from torch import nn
 from spikekernels.nn.linear import SpikeLinear, TensorCoreWeight
 from spikekernels.nn.neuron import STBIF
 from spikekernels.nn.quant_linear import QuantLinear
+from spikekernels.ops._checks import (
+    check_int,
+    check_tensor,
+    check_threshold,
+    check_threshold_values,
+)
 from spikekernels.ops.spike_linear_neuron import spike_linear_neuron
-from spikekernels.ops.target import check_threshold, check_threshold_values
 
 
 class SpikeLinearNeuron(TensorCoreWeight, STBIF):
@@ -43,8 +48,9 @@ class SpikeLinearNeuron(TensorCoreWeight, STBIF):
         theta = theta.reshape(()) if theta.numel() == 1 else theta
         # STBIF checks the bounds and one threshold; the per-channel ones are checked below
         super().__init__(theta.reshape(-1)[0], level, signed, float_out=float_out)
-        if bias_steps < 1:
+        if check_int(bias_steps, "bias_steps") < 1:
             raise ValueError(f"bias_steps must be >= 1, got {bias_steps}")
+        check_tensor(weight, "weight", ndim=2)
         self.out_features, self.in_features = weight.shape
         check_threshold(theta, "threshold", self.out_features, theta, "threshold")
         check_threshold_values(theta, "threshold", validate=False)
@@ -108,7 +114,7 @@ class SpikeLinearNeuron(TensorCoreWeight, STBIF):
         self.t0 = 0
 
     def forward(self, s: torch.Tensor) -> torch.Tensor:
-        spikes, self.v, self.s = spike_linear_neuron(
+        spikes, self.v, self.count = spike_linear_neuron(
             s,
             self.kernel_weight(),
             self.in_threshold,
@@ -119,7 +125,7 @@ class SpikeLinearNeuron(TensorCoreWeight, STBIF):
             t0=self.t0,
             bias_steps=self.bias_steps,
             v=self.v,
-            count=self.s,
+            count=self.count,
             float_out=self.float_out,
             active=self.activity,
         )

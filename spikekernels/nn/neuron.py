@@ -6,8 +6,30 @@ import torch
 from torch import nn
 
 from spikekernels.levels import level_bounds
-from spikekernels.ops._checks import check_positive
+from spikekernels.ops._checks import check_flag, check_threshold_values
 from spikekernels.ops.neuron import st_bif
+
+
+def threshold_tensor(value: object, name: str = "threshold", *, per_channel: bool = False):
+    """A module's threshold as a float32 copy: from a Python number or a tensor, one value
+    (0-d), or with ``per_channel`` one value or one per channel (``[C]``, kept as given);
+    positive, finite and normal (a data read: checked on CPU tensors only, no GPU sync)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, torch.Tensor)):
+        raise TypeError(f"{name} must be a float or a tensor, got {type(value).__name__}")
+    theta = torch.as_tensor(value, dtype=torch.float32).detach().clone()
+    if per_channel and theta.dim() > 1:
+        raise ValueError(
+            f"{name} must be one value or one per channel [C], got shape {tuple(theta.shape)}"
+        )
+    if not per_channel:
+        if theta.numel() != 1:
+            raise ValueError(
+                f"{name} must be one value (a float or a one-element tensor), got shape "
+                f"{tuple(theta.shape)}"
+            )
+        theta = theta.reshape(())
+    check_threshold_values(theta, name)
+    return theta
 
 
 class ActivityWatcher:
@@ -28,7 +50,7 @@ class STBIF(ActivityWatcher, nn.Module):
 
     Built from a QANN quantizer's step (``threshold``) and its ``level`` / ``signed`` bounds.
     ``forward`` returns int8 spikes in {-1, 0, 1} (``float_out=False``) or ``sigma * theta``
-    in the input dtype. ``count`` is the spike count ``s`` (after silence it equals the
+    in the input dtype. ``count`` is the spike count (after silence it equals the
     quantizer's integer), ``silent()`` / ``active_samples()`` report as tensors whether the
     neuron fired at the last step (no host sync); ``watch(flags)`` makes its op record which
     samples fired (the runner's silence test). ``fanout``: synaptic operations one spike
@@ -46,48 +68,31 @@ class STBIF(ActivityWatcher, nn.Module):
         float_out: bool = False,
     ) -> None:
         super().__init__()
-        if not isinstance(signed, bool):
-            raise TypeError(f"signed must be a bool, got {type(signed).__name__}")
+        check_flag(signed, "signed")
+        check_flag(float_out, "float_out")
         self.n_min, self.p_max = level_bounds(level, signed)  # TypeError for a float level
         self.level = level
         self.signed = signed
         self.float_out = float_out
-        if isinstance(threshold, bool) or not isinstance(threshold, (int, float, torch.Tensor)):
-            raise TypeError(
-                f"threshold must be a float or a one-element tensor, got {type(threshold).__name__}"
-            )
-        theta = torch.as_tensor(threshold, dtype=torch.float32).detach().clone()
-        if theta.numel() != 1:
-            raise ValueError(
-                f"threshold must be one value (a float or a one-element tensor), got shape "
-                f"{tuple(theta.shape)}"
-            )
-        theta = theta.reshape(())
-        check_positive(theta, "threshold")  # data read: on CPU tensors only (no GPU sync)
-        self.register_buffer("threshold", theta)
+        self.register_buffer("threshold", threshold_tensor(threshold))
         self.reset()
 
     def reset(self) -> None:
-        """Back to the fresh state (``v = 0.5``, ``s = 0``): call between inputs."""
+        """Back to the fresh state (``v = 0.5``, count 0): call between inputs."""
         self.v: torch.Tensor | None = None
-        self.s: torch.Tensor | None = None
+        self.count: torch.Tensor | None = None  # the spike count (integer), None when fresh
         # The last step's spikes, a view of the output (no work on the hot path): silence
         # is derived from it only when asked.
         self.last_spikes: torch.Tensor | None = None  # [B, ...]
 
-    @property
-    def count(self) -> torch.Tensor | None:
-        """The spike count ``s`` (integer), or None before the first call."""
-        return self.s
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        spikes, self.v, self.s = st_bif(
+        spikes, self.v, self.count = st_bif(
             x,
             self.threshold,
             self.n_min,
             self.p_max,
             self.v,
-            self.s,
+            self.count,
             float_out=self.float_out,
             active=self.activity,
         )

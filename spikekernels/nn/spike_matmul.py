@@ -1,8 +1,10 @@
 """The spike products of SESA attention as modules that own their running counts (SPEC.md §5).
 
 ``SpikeMatmul`` (float mode) emits the scaled increment of the product of the running values
-per step; ``RunningSpikeMatmul`` (exact mode, SPEC.md §9.4) emits the running integer product
-itself, ``A_t @ B_t`` as int32. Both run ``spikekernels.ops.spike_matmul``.
+per step; ``RunningSpikeMatmul`` (exact mode's arithmetic, SPEC.md §9.4) emits the running
+integer product itself, ``A_t @ B_t`` as int32. Both run ``spikekernels.ops.spike_matmul``.
+The converted models run the fused attention ops instead (``ops.spike_attention_probs``,
+``ops.exact_attention``); these are the unfused building blocks.
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from spikekernels.levels import level_bounds
-from spikekernels.nn.neuron import ActivityWatcher
+from spikekernels.nn.neuron import ActivityWatcher, threshold_tensor
+from spikekernels.ops._checks import check_flag
 from spikekernels.ops.target import target_spikes
 
 __all__ = ["TargetNeuron"]
@@ -30,22 +31,17 @@ class TargetNeuron(ActivityWatcher, nn.Module):
         self, threshold: float | torch.Tensor, level: int, signed: bool, *, fanout: int = 0
     ) -> None:
         super().__init__()
+        check_flag(signed, "signed")
         self.level = level
         self.signed = signed
-        self.n_min, self.p_max = level_bounds(level, signed)
+        self.n_min, self.p_max = level_bounds(level, signed)  # TypeError for a float level
         if self.n_min < -128 or self.p_max > 127:
             raise ValueError(
                 f"level {level} ({'signed' if signed else 'unsigned'}) needs counts in "
                 f"[{self.n_min}, {self.p_max}], which overflow the int8 count of exact mode "
                 "(levels up to 256 signed / 128 unsigned)"
             )
-        theta = torch.as_tensor(threshold, dtype=torch.float32).detach().clone()
-        if theta.dim() > 1:
-            raise ValueError(
-                f"threshold must be one value or one per channel [C], got shape "
-                f"{tuple(theta.shape)}"
-            )
-        self.register_buffer("threshold", theta)
+        self.register_buffer("threshold", threshold_tensor(threshold, per_channel=True))
         self.fanout = int(fanout)
         self.reset()
 

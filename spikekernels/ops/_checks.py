@@ -16,6 +16,7 @@ import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 COUNT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64)
+THRESHOLD_DTYPES = FLOAT_DTYPES + (torch.float64,)
 
 
 def check_tensor(
@@ -51,12 +52,91 @@ def check_same_device(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor
         raise ValueError(f"{name_b} is on {b.device} but {name_a} is on {a.device}")
 
 
-def check_scalar_tensor(t: object, name: str, like: torch.Tensor, like_name: str) -> None:
-    """A one-element floating tensor on ``like``'s device (a threshold or a scale)."""
-    check_tensor(t, name, dtypes=FLOAT_DTYPES + (torch.float64,))
+def check_scalar_tensor(
+    t: object,
+    name: str,
+    like: torch.Tensor,
+    like_name: str,
+    dtypes: Sequence[torch.dtype] = THRESHOLD_DTYPES,
+) -> None:
+    """A one-element tensor of ``dtypes`` (any float by default: a threshold or a scale) on
+    ``like``'s device."""
+    check_tensor(t, name, dtypes=dtypes)
     if t.numel() != 1:
         raise ValueError(f"{name} must have exactly one element, got shape {tuple(t.shape)}")
     check_same_device(like_name, like, name, t)
+
+
+def check_threshold(
+    threshold: object, name: str, channels: int | None, like: torch.Tensor, like_name: str
+) -> None:
+    """A float threshold on ``like``'s device: one element, or ``[channels]`` per channel
+    (``channels`` None: one element only). Its values: ``check_threshold_values``."""
+    check_tensor(threshold, name, dtypes=THRESHOLD_DTYPES)
+    if threshold.numel() != 1:
+        if channels is None:
+            raise ValueError(
+                f"{name} must have exactly one element, got shape {tuple(threshold.shape)}"
+            )
+        if threshold.dim() != 1 or threshold.shape[0] != channels:
+            raise ValueError(
+                f"{name} must have one element or shape ({channels},) (one per channel of the "
+                f"last dim), got shape {tuple(threshold.shape)}"
+            )
+    check_same_device(like_name, like, name, threshold)
+
+
+def check_bounds(
+    n_min: object,
+    p_max: object,
+    count_dtype: torch.dtype = torch.int8,
+    *,
+    names: tuple[str, str] = ("n_min", "p_max"),
+    count_name: str | None = None,
+) -> None:
+    """Integer level bounds ``n_min <= 0 <= p_max`` (``names``: the arguments that carry
+    them) whose counts fit ``count_dtype``, the exact-mode neurons' int8 by default
+    (``count_name``: the incoming count that brings its own dtype)."""
+    check_int(n_min, names[0])
+    check_int(p_max, names[1])
+    if n_min > p_max:
+        raise ValueError(f"level bounds inverted: {names[0]}={n_min} > {names[1]}={p_max}")
+    if n_min > 0 or p_max < 0:
+        raise ValueError(f"level bounds must contain 0 (the fresh count): [{n_min}, {p_max}]")
+    info = torch.iinfo(count_dtype)
+    if n_min < info.min or p_max > info.max:
+        dtype = str(count_dtype).removeprefix("torch.")
+        if count_name is not None:
+            raise ValueError(
+                f"{count_name} has dtype {dtype}, which cannot hold counts in [{n_min}, {p_max}]"
+            )
+        raise ValueError(
+            f"level bounds [{n_min}, {p_max}]: the {dtype} count would overflow; counts must "
+            f"lie in [{info.min}, {info.max}]"
+        )
+
+
+def check_spike_pair(a: object, b: object, a_name: str, b_name: str) -> None:
+    """The two spike trains of a spike product: ``a`` ``[T, *batch, M, K]`` and ``b``
+    ``[T, *batch, K, N]``, int8, on one device, the same steps and batch dims."""
+    check_tensor(a, a_name, dtypes=(torch.int8,), min_ndim=3)
+    check_tensor(b, b_name, dtypes=(torch.int8,), min_ndim=3)
+    check_time_major(a, a_name)
+    check_time_major(b, b_name)
+    check_same_device(a_name, a, b_name, b)
+    if b.shape[0] != a.shape[0]:
+        raise ValueError(f"{b_name} has T={b.shape[0]} time steps but {a_name} has T={a.shape[0]}")
+    if a.shape[1:-2] != b.shape[1:-2]:
+        raise ValueError(
+            f"{a_name} [T, *batch, M, K] and {b_name} [T, *batch, K, N] must have the same "
+            f"batch dims (no broadcasting), got {tuple(a.shape[1:-2])} and "
+            f"{tuple(b.shape[1:-2])}"
+        )
+    if a.shape[-1] != b.shape[-2]:
+        raise ValueError(
+            f"inner dims differ: {a_name} is [.., M, K={a.shape[-1]}] but {b_name} is "
+            f"[.., K={b.shape[-2]}, N]"
+        )
 
 
 def check_state(
@@ -156,19 +236,17 @@ def may_read_data(t: torch.Tensor, validate: bool) -> bool:
     return validate or t.device.type == "cpu"
 
 
-def check_positive(t: torch.Tensor, name: str, validate: bool = False) -> None:
-    """A threshold: finite, positive and a normal float32 (CPU always; GPU when validating).
-
-    A denormal threshold (e.g. 1e-45) overflows ``u / theta`` to inf and the membrane to NaN.
-    """
+def check_threshold_values(t: torch.Tensor, name: str, validate: bool = False) -> None:
+    """A threshold's data (CPU always; a GPU only when ``validate``): every element, in
+    float32 as the kernels read it, positive, finite and normal. A subnormal step makes
+    ``y / theta`` overflow to inf (a NaN membrane) or loses the correctly rounded quotient
+    under flush-to-zero."""
     if not may_read_data(t, validate):
         return
     t32 = t.to(torch.float32)
-    tiny = torch.finfo(torch.float32).tiny
-    if not bool((torch.isfinite(t32) & (t32 >= tiny)).all()):
+    if not bool(((t32 >= torch.finfo(torch.float32).tiny) & torch.isfinite(t32)).all()):
         raise ValueError(
-            f"{name} must be positive, finite and at least {tiny:g} (the smallest normal "
-            f"float32), got {t.reshape(-1).tolist()}"
+            f"{name} must be positive, finite and a normal float32, got {t.reshape(-1).tolist()}"
         )
 
 
@@ -202,3 +280,25 @@ def check_in_bounds(
     got_lo, got_hi = (int(v) for v in torch.aminmax(t))
     if got_lo < lo or got_hi > hi:
         raise ValueError(f"{name} must lie in [{lo}, {hi}], got values in [{got_lo}, {got_hi}]")
+
+
+def check_running_counts(
+    x: torch.Tensor, before: torch.Tensor | None, name: str, validate: bool, hint: str = ""
+) -> None:
+    """The running count of spikes ``x`` from its count ``before`` the steps (None: 0), that
+    count included, stays in int8 at every step: the spike products hold counts in int8.
+    Reads all of ``x`` (CPU tensors always, a GPU only with ``validate``); ``hint`` ends the
+    message."""
+    if not may_read_data(x, validate) or x.numel() == 0:
+        return
+    running = torch.cumsum(x, 0, dtype=torch.int32)
+    if before is not None:
+        before = before.to(torch.int32)
+        running = torch.cat([before[None], running + before])
+    lo, hi = (int(v) for v in torch.aminmax(running))
+    info = torch.iinfo(torch.int8)
+    if lo < info.min or hi > info.max:
+        raise ValueError(
+            f"the running count of {name} reaches [{lo}, {hi}], outside int8 "
+            f"[{info.min}, {info.max}]: the spike product holds counts in int8{hint}"
+        )

@@ -43,11 +43,6 @@ def force_backend(name: str | None) -> Iterator[None]:
         _forced = previous
 
 
-def forced_backend() -> str | None:
-    """The backend pinned by an enclosing ``force_backend``, or None."""
-    return _forced
-
-
 def backend_for(
     t: torch.Tensor,
     available: Sequence[str] = ("triton", "cpp", "torch"),

@@ -11,25 +11,26 @@ from spikekernels.exact_math import context_value, int_matmul, score_value, soft
 from spikekernels.ops._activity import record_active, record_active_of
 from spikekernels.ops._checks import (
     check_active,
+    check_bounds,
     check_flag,
+    check_in_bounds,
+    check_running_counts,
     check_same_device,
+    check_scalar_tensor,
+    check_spike_pair,
     check_state,
     check_tensor,
     check_ternary,
+    check_threshold,
+    check_threshold_values,
     check_time_major,
-    may_read_data,
 )
 from spikekernels.ops._dispatch import backend_for
 from spikekernels.ops._inplace import check_inplace, own_state, placeholder, state_result
 from spikekernels.ops._registry import call_op, kernel_op, launcher
 from spikekernels.ops.exact_linear import _count_before
 from spikekernels.ops.spike_matmul import spike_matmul_torch
-from spikekernels.ops.target import (
-    check_bounds,
-    check_threshold,
-    check_threshold_values,
-    target_spikes_torch,
-)
+from spikekernels.ops.target import target_spikes_torch
 
 # The contraction (head dim D for the scores, keys N for the context) is at most 65535: a
 # step's increment sums 2 x 65535 products of a spike and an int8 count, below 2^24, so the
@@ -47,24 +48,7 @@ def _count_name(name: str) -> str:
 def _check_product(a, b, a_name, b_name, a_count, b_count) -> None:
     """Two spike trains ``a`` ``[T, *batch, M, K]`` and ``b`` ``[T, *batch, K, N]``, int8, with
     the optional counts of their neurons after these steps (metadata only)."""
-    check_tensor(a, a_name, dtypes=(torch.int8,), min_ndim=3)
-    check_tensor(b, b_name, dtypes=(torch.int8,), min_ndim=3)
-    check_time_major(a, a_name)
-    check_time_major(b, b_name)
-    check_same_device(a_name, a, b_name, b)
-    if b.shape[0] != a.shape[0]:
-        raise ValueError(f"{b_name} has T={b.shape[0]} time steps but {a_name} has T={a.shape[0]}")
-    if a.shape[1:-2] != b.shape[1:-2]:
-        raise ValueError(
-            f"{a_name} [T, *batch, M, K] and {b_name} [T, *batch, K, N] must have the same "
-            f"batch dims (no broadcasting), got {tuple(a.shape[1:-2])} and "
-            f"{tuple(b.shape[1:-2])}"
-        )
-    if a.shape[-1] != b.shape[-2]:
-        raise ValueError(
-            f"inner dims differ: {a_name} is [.., M, K={a.shape[-1]}] but {b_name} is "
-            f"[.., K={b.shape[-2]}, N]"
-        )
+    check_spike_pair(a, b, a_name, b_name)
     if a.shape[-1] > MAX_CONTRACTION:
         raise ValueError(
             f"the product contracts K={a.shape[-1]} ({a_name}'s last dim); at most "
@@ -72,14 +56,6 @@ def _check_product(a, b, a_name, b_name, a_count, b_count) -> None:
         )
     check_state(a_count, _count_name(a_name), a.shape[1:], (torch.int8,), a, a_name)
     check_state(b_count, _count_name(b_name), b.shape[1:], (torch.int8,), b, b_name)
-
-
-def _check_scalar(t: object, name: str, dtypes, like: torch.Tensor, like_name: str) -> None:
-    """A one-element tensor of ``dtypes`` on ``like``'s device."""
-    check_tensor(t, name, dtypes=dtypes)
-    if t.numel() != 1:
-        raise ValueError(f"{name} must have exactly one element, got shape {tuple(t.shape)}")
-    check_same_device(like_name, like, name, t)
 
 
 def _before(x: torch.Tensor, after: torch.Tensor | None) -> torch.Tensor | None:
@@ -90,22 +66,9 @@ def _before(x: torch.Tensor, after: torch.Tensor | None) -> torch.Tensor | None:
 
 def _check_counts_consistent(x, after, name: str, validate: bool) -> None:
     """The running count of ``x`` from its count before these steps (``after`` less the
-    spikes, or 0) stays in int8 at every step, that count included (reads all of ``x``: CPU
-    tensors always, a GPU only with ``validate``)."""
-    if not may_read_data(x, validate) or x.numel() == 0:
-        return
-    running = torch.cumsum(x, 0, dtype=torch.int32)
-    before = _before(x, after)
-    if before is not None:
-        running = torch.cat([before[None], running + before])
-    lo, hi = (int(v) for v in torch.aminmax(running))
-    info = torch.iinfo(torch.int8)
-    if lo < info.min or hi > info.max:
-        detail = "" if after is None else f"; {_count_name(name)} must be the count after them"
-        raise ValueError(
-            f"the running count of {name} reaches [{lo}, {hi}], outside int8 "
-            f"[{info.min}, {info.max}]: the spike product holds counts in int8{detail}"
-        )
+    spikes, or 0) stays in int8 at every step, that count included."""
+    hint = "" if after is None else f"; {_count_name(name)} must be the count after them"
+    check_running_counts(x, _before(x, after), name, validate, hint)
 
 
 def _check_data(a, b, a_name, b_name, a_count, b_count, scalars, validate, counts_in=False) -> None:
@@ -186,7 +149,7 @@ def _check_probs(
     check_flag(counts_out, "counts_out")
     _check_product(q, k_t, "q", "k_t", q_count, k_count)
     # float32 only: score_value multiplies in the gain's dtype
-    _check_scalar(gain, "gain", (torch.float32,), q, "q")
+    check_scalar_tensor(gain, "gain", q, "q", (torch.float32,))
     check_threshold(threshold, "threshold", None, q, "q")
     check_bounds(n_min, p_max)
     shape = (*q.shape[1:-1], k_t.shape[-1])
@@ -347,7 +310,7 @@ def exact_attention_probs(
         validate: on a GPU also run the data checks (host syncs): ``gain`` and ``threshold``
             positive, finite and normal; the spikes ternary; every running count, from the
             count before the steps on, inside int8 (spikes only: running counts need no
-            check). On CPU they always run.
+            check); ``count`` inside ``[n_min, p_max]``. On CPU they always run.
 
     Returns:
         ``(spikes [T, *batch, M, N] int8, count)``, fresh tensors (with ``inplace``: the
@@ -366,6 +329,7 @@ def exact_attention_probs(
     _check_probs(*args, active, inplace, counts_in, counts_out)
     scalars = ((gain, "gain"), (threshold, "threshold"))
     _check_data(q, k_t, "q", "k_t", q_count, k_count, scalars, validate, counts_in)
+    check_in_bounds(count, "count", n_min, p_max, validate)
     out = call_op("exact_attention_probs", *args, active, inplace, counts_in, counts_out)
     return own_state(out, (1,), (count,)) if inplace else out
 
@@ -551,7 +515,8 @@ def exact_context(
             integers as the running sum.
         validate: on a GPU also run the data checks (host syncs): the three thresholds
             positive, finite and normal; the spikes ternary; every running count, from the
-            count before the steps on, inside int8 (spikes only). On CPU they always run.
+            count before the steps on, inside int8 (spikes only); ``count`` inside ``[n_min,
+            p_max]``. On CPU they always run.
 
     Returns:
         ``(spikes [T, *batch, M, D] int8, count)`` (with ``merge_heads`` the spikes
@@ -571,6 +536,7 @@ def exact_context(
     _check_context(*args, active, inplace, merge_heads, counts_in)
     scalars = ((theta_a, "theta_a"), (theta_v, "theta_v"), (threshold, "threshold"))
     _check_data(a, v, "a", "v", a_count, v_count, scalars, validate, counts_in)
+    check_in_bounds(count, "count", n_min, p_max, validate)
     out = call_op("exact_context", *args, active, inplace, merge_heads, counts_in)
     return own_state(out, (1,), (count,)) if inplace else out
 
@@ -606,7 +572,7 @@ def _check_attention(
             "merge_heads=True merges the last batch dim (the heads) into the channels: "
             f"q needs one, [T, *batch, M, D], got shape {tuple(q.shape)}"
         )
-    _check_scalar(gain, "gain", (torch.float32,), q, "q")
+    check_scalar_tensor(gain, "gain", q, "q", (torch.float32,))
     for t, name in ((attn_threshold, "attn_threshold"), (theta_a, "theta_a"),
                     (theta_v, "theta_v"), (threshold, "threshold")):  # fmt: skip
         check_threshold(t, name, None, q, "q")
@@ -773,7 +739,8 @@ def exact_attention(
             (``target_spikes``' contract), set in place.
         inplace: write the new counts into the given ones (both required, contiguous).
         merge_heads: the spikes ``[T, *batch[:-1], M, H * DV]``, as ``proj`` reads them.
-        validate: on a GPU also check the thresholds and the gain (host syncs); on CPU always.
+        validate: on a GPU also check the thresholds and the gain, and that the incoming
+            counts lie inside their bounds (host syncs); on CPU always.
 
     Returns:
         ``(spikes, attn_count, count)``: the context neuron's int8 spikes and the two new
@@ -791,5 +758,7 @@ def exact_attention(
     for t, name in ((gain, "gain"), (attn_threshold, "attn_threshold"), (theta_a, "theta_a"),
                     (theta_v, "theta_v"), (threshold, "threshold")):  # fmt: skip
         check_threshold_values(t, name, validate)
+    check_in_bounds(attn_count, "attn_count", attn_n_min, attn_p_max, validate)
+    check_in_bounds(count, "count", n_min, p_max, validate)
     out = call_op("exact_attention", *args, attn_active, active, inplace, merge_heads)
     return own_state(out, (1, 2), (attn_count, count)) if inplace else out

@@ -11,24 +11,23 @@ from spikekernels.exact_math import layer_norm_rows, pool_patch_tokens, residual
 from spikekernels.ops._activity import record_active
 from spikekernels.ops._checks import (
     check_active,
+    check_bounds,
     check_float,
+    check_in_bounds,
     check_same_device,
     check_scalar_tensor,
     check_state,
     check_tensor,
     check_ternary,
+    check_threshold,
+    check_threshold_values,
     check_time_major,
 )
 from spikekernels.ops._dispatch import backend_for
 from spikekernels.ops._inplace import check_inplace, own_state, placeholder, state_result
 from spikekernels.ops._registry import call_op, kernel_op, launcher
 from spikekernels.ops.exact_residual import exact_residual_add_torch
-from spikekernels.ops.target import (
-    check_bounds,
-    check_threshold,
-    check_threshold_values,
-    target_spikes_torch,
-)
+from spikekernels.ops.target import target_spikes_torch
 
 # The Triton kernel holds whole rows in registers (padded to the next power of two): ViT-L's
 # width, 1024, is the widest row it takes. The other paths follow the same contract.
@@ -443,8 +442,9 @@ def exact_layernorm_neuron(
             at a fixed address, as a CUDA graph replays it. ``branch_count`` and
             ``branch2_count`` are inputs, not written (the caller advances them by the
             chunk's branch spikes).
-        validate: on a GPU also check the threshold's values and the branch's spikes (a host
-            sync). On CPU always.
+        validate: on a GPU also check the thresholds' values (the branches' too), the
+            branches' spikes and that ``count`` lies inside ``[n_min, p_max]`` (a host sync).
+            On CPU always.
 
     Returns:
         ``(spikes [T, *rows, C] int8 in {-1, 0, 1}, count [*rows, C] int8)``, and with
@@ -472,9 +472,14 @@ def exact_layernorm_neuron(
     branches += (branch2_spikes, branch2_threshold, branch2_count)
     _check_exact_layernorm_neuron(*args, active, *branches, residual_out, inplace)
     check_threshold_values(threshold, "threshold", validate)
-    for name, spikes in (("branch_spikes", branch_spikes), ("branch2_spikes", branch2_spikes)):
+    check_in_bounds(count, "count", n_min, p_max, validate)
+    for prefix, spikes, theta in (
+        ("branch", branch_spikes, branch_threshold),
+        ("branch2", branch2_spikes, branch2_threshold),
+    ):
         if spikes is not None:
-            check_ternary(spikes, name, validate)
+            check_threshold_values(theta, f"{prefix}_threshold", validate)
+            check_ternary(spikes, f"{prefix}_spikes", validate)
     out = call_op(
         "exact_layernorm_neuron",
         d,

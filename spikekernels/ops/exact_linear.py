@@ -11,23 +11,22 @@ from spikekernels.exact_math import int_matmul, linear_value
 from spikekernels.ops._activity import record_active_of
 from spikekernels.ops._checks import (
     check_active,
+    check_bounds,
     check_flag,
+    check_in_bounds,
     check_same_device,
     check_state,
     check_tensor,
     check_ternary,
+    check_threshold,
+    check_threshold_values,
     check_time_major,
     may_read_data,
 )
 from spikekernels.ops._dispatch import backend_for
 from spikekernels.ops._inplace import check_inplace, own_state, placeholder, state_result
 from spikekernels.ops._registry import call_op, kernel_op, launcher
-from spikekernels.ops.target import (
-    check_bounds,
-    check_threshold,
-    check_threshold_values,
-    target_spikes_torch,
-)
+from spikekernels.ops.target import target_spikes_torch
 
 # acc = q_in @ W^T with |q_in| <= 128 and |W| <= 127 stays inside int32 while K < 2^17; the
 # same bound keeps every per-step sum of the float32 CPU path (|.| <= 127 K) below 2^24.
@@ -317,7 +316,8 @@ def exact_linear(
             the caller takes before the input neuron's call).
         validate: on a GPU also run the data checks (host syncs): thresholds positive, finite
             and normal; ``weight_scale`` finite and positive; ``weight`` in ``[-127, 127]``;
-            ``s`` ternary; ``s_count`` consistent with ``s``. On CPU they always run.
+            ``s`` ternary; ``s_count`` consistent with ``s``; ``count`` inside ``[n_min,
+            p_max]``. On CPU they always run.
 
     Returns:
         ``(spikes [T, *, N] int8, count [*, N] int8)``, fresh tensors (with ``inplace``: the
@@ -338,5 +338,6 @@ def exact_linear(
     args = (s, weight, weight_scale, bias, in_threshold, threshold, n_min, p_max, s_count, count)
     _check_exact_linear(*args, active, inplace, counts_out, s_before)
     _check_data(s, weight, weight_scale, in_threshold, threshold, s_count, validate, s_before)
+    check_in_bounds(count, "count", n_min, p_max, validate)
     out = call_op("exact_linear", *args, active, inplace, counts_out, s_before)
     return own_state(out, (1,), (count,)) if inplace else out

@@ -11,6 +11,7 @@ from spikekernels.ops._checks import (
     check_state,
     check_tensor,
     check_ternary,
+    check_threshold_values,
     check_time_major,
 )
 from spikekernels.ops._dispatch import backend_for
@@ -103,8 +104,8 @@ def exact_residual_add(
         count: optional int8 ``[*shape]``, the neuron's count before the first of these steps
             (fresh: 0). Its count after them is the neuron's own (``TargetNeuron.count``), so
             it is not returned.
-        validate: also check that the spikes are ternary on a GPU (a host sync); on CPU they
-            are always checked.
+        validate: also check on a GPU (a host sync) that the threshold is positive, finite
+            and a normal float32 and the spikes are ternary; on CPU always.
 
     Returns:
         ``out`` ``[T, *shape]`` float64, a fresh tensor: chunked time (feeding ``count``
@@ -120,5 +121,6 @@ def exact_residual_add(
     oracle. Inference only: no autograd.
     """
     _check_exact_residual_add(d, spikes, threshold, count)
+    check_threshold_values(threshold, "threshold", validate)
     check_ternary(spikes, "spikes", validate)
     return call_op("exact_residual_add", d, spikes, threshold, count)

@@ -10,11 +10,11 @@ from spikekernels.ops._checks import (
     check_active,
     check_float,
     check_in_bounds,
-    check_positive,
     check_same_device,
     check_scalar_tensor,
     check_tensor,
     check_ternary,
+    check_threshold_values,
 )
 from spikekernels.ops._dispatch import backend_for
 from spikekernels.ops._registry import call_op, kernel_op, launcher
@@ -254,11 +254,11 @@ def spike_layernorm_neuron(
     args = (x, weight, bias, eps, threshold, n_min, p_max, x_acc, y_prev, v, count)
     branch, branch2 = (branch_spikes, branch_threshold), (branch2_spikes, branch2_threshold)
     _check_spike_layernorm_neuron(*args, active, branch, branch2, residual_out)
-    check_positive(threshold, "threshold", validate)
+    check_threshold_values(threshold, "threshold", validate)
     check_in_bounds(count, "count", n_min, p_max, validate)
     for prefix, (spikes, theta) in (("branch", branch), ("branch2", branch2)):
         if spikes is not None:
-            check_positive(theta, f"{prefix}_threshold", validate)
+            check_threshold_values(theta, f"{prefix}_threshold", validate)
             check_ternary(spikes, f"{prefix}_spikes", validate)
     *out, residual = call_op(
         "spike_layernorm_neuron", *args, active, *branch, *branch2, residual_out

@@ -11,12 +11,13 @@ from spikekernels.ops._checks import (
     COUNT_DTYPES,
     FLOAT_DTYPES,
     check_active,
+    check_bounds,
+    check_flag,
     check_in_bounds,
-    check_int,
-    check_positive,
     check_scalar_tensor,
     check_state,
     check_tensor,
+    check_threshold_values,
     check_time_major,
 )
 from spikekernels.ops._dispatch import backend_for
@@ -29,23 +30,15 @@ def check_neuron_state(
     """ST-BIF bounds and optional incoming state ``v`` (float32) and count (an integer
     dtype), both or neither, of shape ``shape``; returns the outgoing count's dtype:
     ``count``'s, or ``levels.count_dtype(n_min, p_max)`` when fresh."""
-    check_int(n_min, "n_min")
-    check_int(p_max, "p_max")
-    if n_min > p_max:
-        raise ValueError(f"level bounds inverted: n_min={n_min} > p_max={p_max}")
-    if n_min > 0 or p_max < 0:
-        raise ValueError(f"level bounds must contain 0 (the fresh count): [{n_min}, {p_max}]")
+    check_bounds(n_min, p_max, torch.int64)
     if (v is None) != (count is None):
         raise ValueError(f"give the incoming state as both v and {count_name}, or neither")
     check_state(v, "v", shape, (torch.float32,), like, like_name)
     check_state(count, count_name, shape, COUNT_DTYPES, like, like_name)
-    dtype = levels.count_dtype(n_min, p_max) if count is None else count.dtype
-    info = torch.iinfo(dtype)
-    if n_min < info.min or p_max > info.max:
-        raise ValueError(
-            f"{count_name} has dtype {dtype}, which cannot hold counts in [{n_min}, {p_max}]"
-        )
-    return dtype
+    if count is None:
+        return levels.count_dtype(n_min, p_max)
+    check_bounds(n_min, p_max, count.dtype, count_name=count_name)
+    return count.dtype
 
 
 def _check_st_bif(x, threshold, n_min, p_max, v, s, active=None) -> torch.dtype:
@@ -162,7 +155,7 @@ def st_bif(
             (see ``levels.level_bounds``).
         v, s: optional incoming state of shape ``shape`` (both or neither): ``v`` float32,
             ``s`` an integer dtype. Fresh state is ``v = 0.5``, ``s = 0`` with
-            ``s.dtype = reference.count_dtype(n_min, p_max)`` (int8 for levels up to 256).
+            ``s.dtype = levels.count_dtype(n_min, p_max)`` (int8 for levels up to 256).
         float_out: return ``sigma * theta`` in ``x.dtype`` instead of int8 spikes.
         active: optional int32 ``[T, B]`` flags (``B = x.shape[1]``), set in place, never
             cleared: ``active[t, b] = 1`` when any element of sample ``b`` (the ``b``-th of
@@ -185,6 +178,7 @@ def st_bif(
     every path. Inference only: no autograd.
     """
     _check_st_bif(x, threshold, n_min, p_max, v, s, active)
-    check_positive(threshold, "threshold", validate)
+    check_flag(float_out, "float_out")
+    check_threshold_values(threshold, "threshold", validate)
     check_in_bounds(s, "s", n_min, p_max, validate)
     return call_op("st_bif", x, threshold, n_min, p_max, v, s, float_out, active)

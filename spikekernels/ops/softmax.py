@@ -99,6 +99,8 @@ def spike_softmax(
     reference (SPEC.md §8). Kernels: C++ on CPU (threads over rows, T loop inside), CUDA on GPU
     (a warp per row up to N = 1024, a block per row beyond), ``spike_softmax_torch`` where no
     kernel was built. Bad arguments raise ``TypeError`` (dtype) or ``ValueError`` (rank,
-    ``T == 0``, state shape or device), naming the argument. Inference only: no autograd.
+    ``T == 0``, state shape or device), naming the argument, before dispatch (whose own error
+    for a non-tensor names no argument). Inference only: no autograd.
     """
+    _check_spike_softmax(x, x_acc, y_prev)
     return torch.ops.spikekernels.spike_softmax(x, x_acc, y_prev)

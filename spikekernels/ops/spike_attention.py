@@ -8,21 +8,26 @@ import torch
 
 from spikekernels.exact_math import softmax_rows
 from spikekernels.ops._activity import record_active
-from spikekernels.ops._checks import check_active, check_in_bounds, check_state
+from spikekernels.ops._checks import (
+    check_active,
+    check_bounds,
+    check_in_bounds,
+    check_scalar_tensor,
+    check_state,
+    check_threshold,
+)
 from spikekernels.ops._dispatch import backend_for
 from spikekernels.ops._registry import call_op, kernel_op, launcher
 from spikekernels.ops.exact_attention import (  # both modes' kernels share tiles and limits
     _before,
     _check_data,
     _check_product,
-    _check_scalar,
     _fused_context_fits,
     _fused_probs_fits,
     _merge_heads,
 )
 from spikekernels.ops.neuron import st_bif_torch
 from spikekernels.ops.spike_matmul import spike_matmul_torch
-from spikekernels.ops.target import check_bounds, check_threshold
 
 _STATE = (("x_acc", torch.float32), ("y_prev", torch.float32), ("v", torch.float32),
           ("s", torch.int8))  # fmt: skip
@@ -35,7 +40,7 @@ def _check_fused(a, b, names, scale, threshold, n_min, p_max, a_count, b_count, 
     ``spec``: its names and dtypes) and the activity flags."""
     a_name, b_name = names
     _check_product(a, b, a_name, b_name, a_count, b_count)
-    _check_scalar(scale, "scale", (torch.float32,), a, a_name)
+    check_scalar_tensor(scale, "scale", a, a_name, (torch.float32,))
     check_threshold(threshold, "threshold", None, a, a_name)
     check_bounds(n_min, p_max)
     shape = (*a.shape[1:-1], b.shape[-1])

@@ -10,11 +10,11 @@ from spikekernels.ops._checks import (
     FLOAT_DTYPES,
     check_finite_nonzero,
     check_int,
-    check_positive,
     check_same_device,
     check_scalar_tensor,
     check_tensor,
     check_ternary,
+    check_threshold_values,
     check_time_major,
 )
 from spikekernels.ops._dispatch import backend_for
@@ -245,7 +245,7 @@ def spike_linear(
     float32 matmul (the Triton kernel under ``TRITON_INTERPRET=1``). Inference only: no autograd.
     """
     _check_spike_linear(s, weight, threshold, bias, t0, bias_steps, weight_scale)
-    check_positive(threshold, "threshold", validate)
+    check_threshold_values(threshold, "threshold", validate)
     if weight_scale is not None:
         check_finite_nonzero(weight_scale, "weight_scale", validate)
     check_ternary(s, "s", validate)

@@ -11,8 +11,11 @@ from spikekernels.ops._activity import record_active
 from spikekernels.ops._checks import (
     FLOAT_DTYPES,
     check_active,
+    check_flag,
     check_in_bounds,
     check_ternary,
+    check_threshold,
+    check_threshold_values,
 )
 from spikekernels.ops._dispatch import backend_for
 from spikekernels.ops._registry import call_op, kernel_op, launcher
@@ -26,7 +29,6 @@ from spikekernels.ops.spike_linear import (
     spike_linear_torch,
     tensor_core_weight,
 )
-from spikekernels.ops.target import check_threshold, check_threshold_values
 
 
 def _check_spike_linear_neuron(
@@ -237,6 +239,7 @@ def spike_linear_neuron(
     """
     args = (s, weight, in_threshold, threshold, n_min, p_max, bias, t0, bias_steps, v, count)
     _check_spike_linear_neuron(*args, active)
+    check_flag(float_out, "float_out")
     check_threshold_values(in_threshold, "in_threshold", validate)
     check_threshold_values(threshold, "threshold", validate)
     check_ternary(s, "s", validate)

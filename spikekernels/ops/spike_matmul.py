@@ -8,13 +8,11 @@ import torch
 
 from spikekernels.ops._checks import (
     check_finite_nonzero,
-    check_same_device,
+    check_running_counts,
     check_scalar_tensor,
+    check_spike_pair,
     check_state,
-    check_tensor,
     check_ternary,
-    check_time_major,
-    may_read_data,
 )
 from spikekernels.ops._dispatch import backend_for
 from spikekernels.ops._registry import call_op, kernel_op, launcher
@@ -31,22 +29,7 @@ _DENSE_CHUNK_ELEMENTS = 1 << 25
 
 def _check_spike_matmul(a, b, scale, a_acc, b_acc) -> None:
     """Metadata checks (no data read), for the op body and its fake alike."""
-    check_tensor(a, "a", dtypes=(torch.int8,), min_ndim=3)
-    check_tensor(b, "b", dtypes=(torch.int8,), min_ndim=3)
-    check_time_major(a, "a")
-    check_time_major(b, "b")
-    check_same_device("a", a, "b", b)
-    if b.shape[0] != a.shape[0]:
-        raise ValueError(f"b has T={b.shape[0]} time steps but a has T={a.shape[0]}")
-    if a.shape[1:-2] != b.shape[1:-2]:
-        raise ValueError(
-            f"a [T, *batch, M, K] and b [T, *batch, K, N] must have the same batch dims "
-            f"(no broadcasting), got {tuple(a.shape[1:-2])} and {tuple(b.shape[1:-2])}"
-        )
-    if a.shape[-1] != b.shape[-2]:
-        raise ValueError(
-            f"inner dims differ: a is [.., M, K={a.shape[-1]}] but b is [.., K={b.shape[-2]}, N]"
-        )
+    check_spike_pair(a, b, "a", "b")
     check_scalar_tensor(scale, "scale", a, "a")
     check_state(a_acc, "a_acc", a.shape[1:], (torch.int8,), a, "a")
     check_state(b_acc, "b_acc", b.shape[1:], (torch.int8,), b, "b")
@@ -131,25 +114,6 @@ def _(a, b, scale, a_acc=None, b_acc=None):
     )
 
 
-def _check_counts_fit(
-    x: torch.Tensor, init: torch.Tensor | None, name: str, validate: bool
-) -> None:
-    """The running count of ``x`` stays in int8 range at every step (reads all of ``x``:
-    CPU tensors always, a GPU only with ``validate``)."""
-    if not may_read_data(x, validate) or x.numel() == 0:
-        return
-    running = torch.cumsum(x, 0, dtype=torch.int32)
-    if init is not None:
-        running += init.to(torch.int32)
-    lo, hi = (int(v) for v in torch.aminmax(running))
-    info = torch.iinfo(torch.int8)
-    if lo < info.min or hi > info.max:
-        raise ValueError(
-            f"the running count of {name} reaches [{lo}, {hi}], outside int8 "
-            f"[{info.min}, {info.max}]: the spike product holds counts in int8"
-        )
-
-
 def spike_matmul(
     a: torch.Tensor,
     b: torch.Tensor,
@@ -209,6 +173,6 @@ def spike_matmul(
     check_finite_nonzero(scale, "scale", validate)
     check_ternary(a, "a", validate)
     check_ternary(b, "b", validate)
-    _check_counts_fit(a, a_acc, "a", validate)
-    _check_counts_fit(b, b_acc, "b", validate)
+    check_running_counts(a, a_acc, "a", validate)
+    check_running_counts(b, b_acc, "b", validate)
     return call_op("spike_matmul", a, b, scale, a_acc, b_acc)

@@ -8,68 +8,17 @@ from spikekernels.ops._activity import record_active
 from spikekernels.ops._checks import (
     FLOAT_DTYPES,
     check_active,
-    check_same_device,
+    check_bounds,
+    check_in_bounds,
     check_state,
     check_tensor,
+    check_threshold,
+    check_threshold_values,
     check_time_major,
-    may_read_data,
 )
 from spikekernels.ops._dispatch import backend_for
 from spikekernels.ops._inplace import check_inplace, own_state, placeholder, state_result
 from spikekernels.ops._registry import call_op, kernel_op, launcher
-
-THRESHOLD_DTYPES = FLOAT_DTYPES + (torch.float64,)
-_INT8 = torch.iinfo(torch.int8)
-
-
-def check_bounds(n_min: object, p_max: object) -> None:
-    """Integer bounds ``n_min <= 0 <= p_max`` whose counts fit the int8 count."""
-    for name, bound in (("n_min", n_min), ("p_max", p_max)):
-        if isinstance(bound, bool) or not isinstance(bound, int):
-            raise TypeError(f"{name} must be a Python int, got {type(bound).__name__}")
-    if n_min > p_max:
-        raise ValueError(f"level bounds inverted: n_min={n_min} > p_max={p_max}")
-    if n_min > 0 or p_max < 0:
-        raise ValueError(f"level bounds must contain 0 (the fresh count): [{n_min}, {p_max}]")
-    if n_min < _INT8.min or p_max > _INT8.max:
-        raise ValueError(
-            f"level bounds [{n_min}, {p_max}]: the int8 count would overflow; counts must lie "
-            f"in [{_INT8.min}, {_INT8.max}] (levels up to 128 unsigned, 256 signed)"
-        )
-
-
-def check_threshold(
-    threshold: object, name: str, channels: int | None, like: torch.Tensor, like_name: str
-) -> None:
-    """A float threshold on ``like``'s device: one element, or ``[channels]`` per channel
-    (``channels`` None: one element only)."""
-    check_tensor(threshold, name, dtypes=THRESHOLD_DTYPES)
-    if threshold.numel() != 1:
-        if channels is None:
-            raise ValueError(
-                f"{name} must have exactly one element, got shape {tuple(threshold.shape)}"
-            )
-        if threshold.dim() != 1 or threshold.shape[0] != channels:
-            raise ValueError(
-                f"{name} must have one element or shape ({channels},) (one per channel of the "
-                f"last dim), got shape {tuple(threshold.shape)}"
-            )
-    check_same_device(like_name, like, name, threshold)
-
-
-def check_threshold_values(threshold: torch.Tensor, name: str, validate: bool) -> None:
-    """Data check (CPU always; a GPU only when ``validate``): every element, in float32 as
-    the kernels read it, positive, finite and normal (a subnormal step would make
-    ``y / theta`` overflow or lose the correctly rounded quotient under flush-to-zero)."""
-    if not may_read_data(threshold, validate):
-        return
-    t = threshold.to(torch.float32)
-    ok = (t >= torch.finfo(torch.float32).tiny) & torch.isfinite(t)
-    if not bool(ok.all()):
-        raise ValueError(
-            f"{name} must be positive, finite and a normal float32, "
-            f"got {threshold.reshape(-1).tolist()}"
-        )
 
 
 def _check_target_spikes(value, threshold, n_min, p_max, count, active, inplace) -> None:
@@ -197,8 +146,8 @@ def target_spikes(
         inplace: write the new count into the given ``count`` (required, contiguous,
             sharing no memory with an input) and return that same tensor
             (``ops._inplace``): a state at a fixed address, as a CUDA graph replays it.
-        validate: check the threshold's values on a GPU too (a host sync): positive, finite,
-            normal. On CPU they are always checked.
+        validate: check on a GPU too (a host sync) that the threshold is positive, finite
+            and normal, and the incoming ``count`` inside ``[n_min, p_max]``. On CPU always.
 
     Returns:
         ``(spikes [T, *shape] int8 in {-1, 0, 1}, count [*shape] int8)``, fresh tensors (never
@@ -213,5 +162,6 @@ def target_spikes(
     """
     _check_target_spikes(value, threshold, n_min, p_max, count, active, inplace)
     check_threshold_values(threshold, "threshold", validate)
+    check_in_bounds(count, "count", n_min, p_max, validate)
     out = call_op("target_spikes", value, threshold, n_min, p_max, count, active, inplace)
     return own_state(out, (1,), (count,)) if inplace else out

@@ -1,0 +1,131 @@
+"""The modules reject bad arguments where they are built or called, with a ``TypeError`` or
+``ValueError`` that names the argument (not a later unpacking, view or dispatcher error, and
+not a silent run on the wrong shape)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from spikekernels.nn import (
+    STBIF,
+    SpikeLayerNorm,
+    SpikeLayerNormNeuron,
+    SpikeLinear,
+    SpikeLinearNeuron,
+    TargetNeuron,
+)
+
+# (case, constructor, error type, words the message must contain)
+BAD_CONSTRUCTIONS = [
+    ("STBIF float_out str", lambda: STBIF(0.5, 8, True, float_out="no"), TypeError, "float_out"),
+    ("STBIF signed int", lambda: STBIF(0.5, 8, 1), TypeError, "signed must be a bool"),
+    ("target theta < 0", lambda: TargetNeuron(-1.0, 8, True), ValueError, "threshold must be"),
+    ("target theta nan", lambda: TargetNeuron(float("nan"), 8, True), ValueError, "finite"),
+    (
+        "target theta one bad channel",
+        lambda: TargetNeuron(torch.tensor([0.5, 0.0]), 8, True),
+        ValueError,
+        "threshold must be positive",
+    ),
+    ("target theta str", lambda: TargetNeuron("0.5", 8, True), TypeError, "threshold must be"),
+    ("target signed int", lambda: TargetNeuron(0.5, 8, 1), TypeError, "signed must be a bool"),
+    ("linear weight 1-D", lambda: SpikeLinear(torch.ones(4), None, 0.5), ValueError, "weight"),
+    (
+        "linear theta per channel",
+        lambda: SpikeLinear(torch.ones(3, 4), None, torch.ones(2)),
+        ValueError,
+        "threshold must be one value",
+    ),
+    ("linear theta < 0", lambda: SpikeLinear(torch.ones(3, 4), None, -1.0), ValueError, "posit"),
+    (
+        "linear bias_steps float",
+        lambda: SpikeLinear(torch.ones(3, 4), None, 0.5, bias_steps=1.5),
+        TypeError,
+        "bias_steps must be an int",
+    ),
+    (
+        "linear bias_steps 0",
+        lambda: SpikeLinear(torch.ones(3, 4), None, 0.5, bias_steps=0),
+        ValueError,
+        "bias_steps must be >= 1",
+    ),
+    (
+        "linear neuron bias_steps float",
+        lambda: SpikeLinearNeuron(torch.ones(3, 4), None, 0.5, 0.5, 8, True, bias_steps=2.0),
+        TypeError,
+        "bias_steps must be an int",
+    ),
+    (
+        "linear neuron weight 1-D",
+        lambda: SpikeLinearNeuron(torch.ones(4), None, 0.5, 0.5, 8, True),
+        ValueError,
+        "weight must have 2 dims",
+    ),
+    ("norm channels 0", lambda: SpikeLayerNorm(0), ValueError, "num_channels must be >= 1"),
+    ("norm channels float", lambda: SpikeLayerNorm(4.0), TypeError, "num_channels must be"),
+    ("norm eps < 0", lambda: SpikeLayerNorm(4, eps=-1.0), ValueError, "eps must be"),
+    ("norm eps nan", lambda: SpikeLayerNorm(4, eps=float("nan")), ValueError, "eps must be"),
+    (
+        "norm weight shape",
+        lambda: SpikeLayerNorm(4, weight=torch.ones(3)),
+        ValueError,
+        r"weight must have shape \(4,\)",
+    ),
+    (
+        "norm neuron eps < 0",
+        lambda: SpikeLayerNormNeuron(4, 0.5, 8, True, eps=-1.0),
+        ValueError,
+        "eps must be",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("case", "build", "error", "words"), BAD_CONSTRUCTIONS, ids=[b[0] for b in BAD_CONSTRUCTIONS]
+)
+def test_bad_construction_is_rejected(case, build, error, words):
+    with pytest.raises(error, match=words):
+        build()
+
+
+@pytest.mark.parametrize(
+    "module",
+    [lambda: SpikeLayerNorm(4), lambda: SpikeLayerNormNeuron(4, 0.5, 8, True)],
+    ids=["norm", "norm_neuron"],
+)
+def test_unaffine_norm_checks_its_channels(module):
+    """Without an affine weight nothing else ties the module to its width: a row of 7
+    channels into a norm of 4 must not run."""
+    with pytest.raises(ValueError, match=r"x must have 4 channels .* got shape \(2, 2, 7\)"):
+        module()(torch.randn(2, 2, 7))
+
+
+def _exact_attention(gen):
+    from test_exact import TINY, make_exact
+
+    from spikekernels.convert import convert
+
+    return convert(make_exact(gen, **TINY, level=16)).blocks[0].attn
+
+
+def test_exact_attention_checks_its_input(gen):
+    attn = _exact_attention(gen)
+    c = attn.dim
+    with pytest.raises(ValueError, match=r"ExactAttention expects s of shape \[T, B, N, C\]"):
+        attn(torch.zeros(2, 5, c, dtype=torch.int8))
+    with pytest.raises(ValueError, match=f"s has {c + 1} channels, the attention expects {c}"):
+        attn(torch.zeros(2, 1, 5, c + 1, dtype=torch.int8))
+    with pytest.raises(TypeError, match="s must be a torch.Tensor"):
+        attn([[0]])
+
+
+def test_exact_attention_names_a_changed_batch(gen):
+    """A second call whose batch differs from the state's: the qkv neuron names the shape
+    (it used to fail in a ``view`` of the context count)."""
+    attn = _exact_attention(gen)
+    c = attn.dim
+    s = torch.zeros(1, 2, 5, c, dtype=torch.int8)
+    attn(s)
+    with pytest.raises(ValueError, match=r"count must have shape \(3, 5, \d+\)"):
+        attn(torch.zeros(1, 3, 5, c, dtype=torch.int8), torch.zeros(3, 5, c, dtype=torch.int8))
