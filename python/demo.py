@@ -43,6 +43,14 @@ SEED = 0
 # images it reached 98.9% float / 98.6% QANN at level 16, against 97.2% / 96.1% for the
 # preset's 2x2 patches (17 tokens), whose attention suffers more from 16 levels.
 DIGITS_OVERRIDES = {"quant_vit_tiny": {"patch_size": 4, "embed_dim": 64}}
+PRESETS = ("quant_vit_tiny", "quant_vit_small", "quant_vit_base", "quant_vit_large")
+DIGITS_PRESET = "quant_vit_tiny"  # the one preset built for 8x8 single-channel images
+
+
+def shown_path(path: str) -> str:
+    """``path`` relative to the working directory when it lies under it, else as given."""
+    rel = os.path.relpath(os.path.abspath(path))
+    return path if rel == os.pardir or rel.startswith(os.pardir + os.sep) else rel
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -351,7 +359,7 @@ def digits_demo(args: argparse.Namespace) -> None:
     )  # fmt: skip
     _report_snn(result, qann_pred, qann_seconds, args.max_steps)
     path = plot_accuracy(result, qann_acc, os.path.join(OUT_DIR, "digits_accuracy_vs_step.png"))
-    print(f"saved {path}")
+    print(f"saved {shown_path(path)}")
     if args.save_checkpoint:
         print(f"saved {models.save_checkpoint(model, args.save_checkpoint)} (the QANN)")
 
@@ -383,7 +391,10 @@ def synthetic_demo(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="quant_vit_tiny", help="a spikekernels.models preset")
+    parser.add_argument(
+        "--model", default=DIGITS_PRESET, choices=PRESETS,
+        help=f"the spikekernels.models preset: {DIGITS_PRESET} on the digits; any with --synthetic",
+    )  # fmt: skip
     parser.add_argument("--synthetic", action="store_true", help="random weights, timing only")
     parser.add_argument("--level", type=int, default=16, help="quantization levels (8, 16, 32)")
     parser.add_argument("--epochs", type=int, default=120, help="float training epochs")
@@ -404,6 +415,11 @@ def main(argv: list[str] | None = None) -> None:
         "--no-reference", dest="reference", action="store_false", help="skip the per-step SNN"
     )
     args = parser.parse_args(argv)
+    if args.model != DIGITS_PRESET and not args.synthetic:
+        parser.error(
+            f"--model {args.model} needs --synthetic: the digits (8x8, one channel) fit only "
+            f"{DIGITS_PRESET}"
+        )
     torch.manual_seed(SEED)
     if args.synthetic:
         if args.batch is None:
