@@ -3,24 +3,29 @@ products of exact-mode attention, each fused with what reads it (SPEC.md §5, §
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from spikekernels.exact_math import context_value, int_matmul, score_value, softmax_rows
 from spikekernels.ops._activity import record_active, record_active_of
+from spikekernels.ops._attention import (
+    MAX_CONTRACTION,
+    check_data,
+    check_product,
+    count_before_steps,
+    count_name,
+    fused_context_fits,
+    fused_probs_fits,
+    heads_merged,
+)
 from spikekernels.ops._checks import (
     check_active,
     check_bounds,
     check_flag,
     check_in_bounds,
-    check_running_counts,
     check_same_device,
     check_scalar_tensor,
-    check_spike_pair,
     check_state,
     check_tensor,
-    check_ternary,
     check_threshold,
     check_threshold_values,
     check_time_major,
@@ -28,60 +33,8 @@ from spikekernels.ops._checks import (
 from spikekernels.ops._dispatch import backend_for
 from spikekernels.ops._inplace import check_inplace, own_state, placeholder, state_result
 from spikekernels.ops._registry import call_op, kernel_op, launcher
-from spikekernels.ops.exact_linear import _count_before
 from spikekernels.ops.spike_matmul import spike_matmul_torch
 from spikekernels.ops.target import target_spikes_torch
-
-# The contraction (head dim D for the scores, keys N for the context) is at most 65535: a
-# step's increment sums 2 x 65535 products of a spike and an int8 count, below 2^24, so the
-# float32 matmuls of the PyTorch path are exact (as for RunningSpikeMatmul), and the running
-# product (at most 128 * 128 * 65535 in magnitude) fits int32.
-MAX_CONTRACTION = 2**16 - 1
-
-
-def _count_name(name: str) -> str:
-    """The argument that carries the count of spikes ``name``: ``q_count`` for ``q``,
-    ``k_count`` for ``k_t``."""
-    return name.removesuffix("_t") + "_count"
-
-
-def _check_product(a, b, a_name, b_name, a_count, b_count) -> None:
-    """Two spike trains ``a`` ``[T, *batch, M, K]`` and ``b`` ``[T, *batch, K, N]``, int8, with
-    the optional counts of their neurons after these steps (metadata only)."""
-    check_spike_pair(a, b, a_name, b_name)
-    if a.shape[-1] > MAX_CONTRACTION:
-        raise ValueError(
-            f"the product contracts K={a.shape[-1]} ({a_name}'s last dim); at most "
-            f"{MAX_CONTRACTION} keep it exact"
-        )
-    check_state(a_count, _count_name(a_name), a.shape[1:], (torch.int8,), a, a_name)
-    check_state(b_count, _count_name(b_name), b.shape[1:], (torch.int8,), b, b_name)
-
-
-def _before(x: torch.Tensor, after: torch.Tensor | None) -> torch.Tensor | None:
-    """The count before these steps (int32) of the neuron behind spikes ``x``, from its count
-    ``after`` them; None (a count of 0) when ``after`` is None."""
-    return None if after is None else _count_before(x, after)
-
-
-def _check_counts_consistent(x, after, name: str, validate: bool) -> None:
-    """The running count of ``x`` from its count before these steps (``after`` less the
-    spikes, or 0) stays in int8 at every step, that count included."""
-    hint = "" if after is None else f"; {_count_name(name)} must be the count after them"
-    check_running_counts(x, _before(x, after), name, validate, hint)
-
-
-def _check_data(a, b, a_name, b_name, a_count, b_count, scalars, validate, counts_in=False) -> None:
-    """Data checks: on CPU tensors always, on a GPU when ``validate`` (host syncs). Running
-    counts (``counts_in``) need none: any int8 counts give an exact product."""
-    for t, name in scalars:
-        check_threshold_values(t, name, validate)
-    if counts_in:
-        return
-    check_ternary(a, a_name, validate)
-    check_ternary(b, b_name, validate)
-    _check_counts_consistent(a, a_count, a_name, validate)
-    _check_counts_consistent(b, b_count, b_name, validate)
 
 
 def _check_counts_in(counts_in: object, a_count, b_count, a_name: str, b_name: str) -> None:
@@ -92,7 +45,7 @@ def _check_counts_in(counts_in: object, a_count, b_count, a_name: str, b_name: s
         for t, name in ((a_count, a_name), (b_count, b_name)):
             if t is not None:
                 raise ValueError(
-                    f"{_count_name(name)} must be None with counts_in=True: {name} is then the "
+                    f"{count_name(name)} must be None with counts_in=True: {name} is then the "
                     "running count itself"
                 )
 
@@ -106,7 +59,7 @@ def _running_product(a, b, a_count, b_count, counts_in=False) -> torch.Tensor:
     ``counts_in``: ``a`` and ``b`` are the running counts, and ``S_t = A_t @ B_t``."""
     if counts_in:
         return int_matmul(a, b)
-    a_in, b_in = _before(a, a_count), _before(b, b_count)
+    a_in, b_in = count_before_steps(a, a_count), count_before_steps(b, b_count)
     unit = torch.ones((), dtype=torch.float32, device=a.device)
     to_int8 = lambda t: None if t is None else t.to(torch.int8)  # noqa: E731
     step, _, _ = spike_matmul_torch(a, b, unit, to_int8(a_in), to_int8(b_in))
@@ -147,7 +100,7 @@ def _check_probs(
     """Metadata checks (no data read)."""
     _check_counts_in(counts_in, q_count, k_count, "q", "k_t")
     check_flag(counts_out, "counts_out")
-    _check_product(q, k_t, "q", "k_t", q_count, k_count)
+    check_product(q, k_t, "q", "k_t", q_count, k_count)
     # float32 only: score_value multiplies in the gain's dtype
     check_scalar_tensor(gain, "gain", q, "q", (torch.float32,))
     check_threshold(threshold, "threshold", None, q, "q")
@@ -182,15 +135,6 @@ def exact_attention_probs_torch(
     return target_spikes_torch(probs, threshold, n_min, p_max, count, active, counts_out)
 
 
-def _fused_probs_fits(q: torch.Tensor, k_t: torch.Tensor) -> bool:
-    """Whether the Triton kernel takes the shape: no empty dim, all keys in one tile."""
-    from spikekernels.kernels.exact_attention import MAX_KEYS
-
-    return min(math.prod(q.shape[1:-2]), *q.shape[-2:], k_t.shape[-1]) > 0 and (
-        k_t.shape[-1] <= MAX_KEYS
-    )
-
-
 @kernel_op("exact_attention_probs", mutates_args=("count", "active"))
 def _exact_attention_probs_op(
     q: torch.Tensor,
@@ -211,7 +155,7 @@ def _exact_attention_probs_op(
     flags = (counts_in, counts_out)
     _check_probs(*args, active, inplace, *flags)
     backend = backend_for(q, ("triton", "torch"))
-    if backend == "triton" and _fused_probs_fits(q, k_t):
+    if backend == "triton" and fused_probs_fits(q, k_t):
         from spikekernels.kernels.exact_attention import exact_attention_probs_triton
 
         out = exact_attention_probs_triton(
@@ -328,7 +272,7 @@ def exact_attention_probs(
     args = (q, k_t, gain, threshold, n_min, p_max, q_count, k_count, count)
     _check_probs(*args, active, inplace, counts_in, counts_out)
     scalars = ((gain, "gain"), (threshold, "threshold"))
-    _check_data(q, k_t, "q", "k_t", q_count, k_count, scalars, validate, counts_in)
+    check_data(q, k_t, "q", "k_t", q_count, k_count, scalars, validate, counts_in)
     check_in_bounds(count, "count", n_min, p_max, validate)
     out = call_op("exact_attention_probs", *args, active, inplace, counts_in, counts_out)
     return own_state(out, (1,), (count,)) if inplace else out
@@ -336,12 +280,6 @@ def exact_attention_probs(
 
 # ---------------------------------------------------------------------------------------------
 # context product + neuron
-
-
-def _merge_heads(spikes: torch.Tensor) -> torch.Tensor:
-    """``[T, *batch, M, D]`` -> ``[T, *batch[:-1], M, H * D]``, ``H = batch[-1]``."""
-    t, *batch, m, d = spikes.shape
-    return spikes.movedim(-3, -2).reshape(t, *batch[:-1], m, batch[-1] * d)
 
 
 def _check_context(
@@ -356,7 +294,7 @@ def _check_context(
             "merge_heads=True merges the last batch dim (the heads) into the channels: "
             f"a needs one, [T, *batch, M, N], got shape {tuple(a.shape)}"
         )
-    _check_product(a, v, "a", "v", a_count, v_count)
+    check_product(a, v, "a", "v", a_count, v_count)
     check_threshold(theta_a, "theta_a", None, a, "a")
     check_threshold(theta_v, "theta_v", None, a, "a")
     check_threshold(threshold, "threshold", None, a, "a")
@@ -389,16 +327,6 @@ def exact_context_torch(
     return target_spikes_torch(y, threshold, n_min, p_max, count, active)
 
 
-def _fused_context_fits(a: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether the Triton kernel takes the shape: no empty dim, all head channels in one
-    tile."""
-    from spikekernels.kernels.exact_attention import MAX_HEAD_DIM
-
-    return min(math.prod(a.shape[1:-2]), *a.shape[-2:], v.shape[-1]) > 0 and (
-        v.shape[-1] <= MAX_HEAD_DIM
-    )
-
-
 @kernel_op("exact_context", mutates_args=("count", "active"))
 def _exact_context_op(
     a: torch.Tensor,
@@ -419,7 +347,7 @@ def _exact_context_op(
     args = (a, v, theta_a, theta_v, threshold, n_min, p_max, a_count, v_count, count)
     _check_context(*args, active, inplace, merge_heads, counts_in)
     backend = backend_for(a, ("triton", "torch"))
-    if backend == "triton" and _fused_context_fits(a, v):
+    if backend == "triton" and fused_context_fits(a, v):
         from spikekernels.kernels.exact_attention import exact_context_triton
 
         out = exact_context_triton(
@@ -435,7 +363,7 @@ def _exact_context_op(
     else:
         out = exact_context_torch(*args, active, counts_in)
     if merge_heads:
-        out = (_merge_heads(out[0]), out[1])
+        out = (heads_merged(out[0]), out[1])
     return _state_result(out, count, inplace)
 
 
@@ -447,7 +375,7 @@ def _(
     args = (a, v, theta_a, theta_v, threshold, n_min, p_max, a_count, v_count, count)
     _check_context(*args, active, inplace, merge_heads, counts_in)
     spikes, count_out = _fake_outputs(a, v, count, inplace)
-    return (_merge_heads(spikes) if merge_heads else spikes), count_out
+    return (heads_merged(spikes) if merge_heads else spikes), count_out
 
 
 def exact_context(
@@ -535,7 +463,7 @@ def exact_context(
     args = (a, v, theta_a, theta_v, threshold, n_min, p_max, a_count, v_count, count)
     _check_context(*args, active, inplace, merge_heads, counts_in)
     scalars = ((theta_a, "theta_a"), (theta_v, "theta_v"), (threshold, "threshold"))
-    _check_data(a, v, "a", "v", a_count, v_count, scalars, validate, counts_in)
+    check_data(a, v, "a", "v", a_count, v_count, scalars, validate, counts_in)
     check_in_bounds(count, "count", n_min, p_max, validate)
     out = call_op("exact_context", *args, active, inplace, merge_heads, counts_in)
     return own_state(out, (1,), (count,)) if inplace else out
@@ -551,7 +479,7 @@ def _check_attention(
 ) -> None:  # fmt: skip
     """Metadata checks (no data read)."""
     check_flag(merge_heads, "merge_heads")
-    _check_product(q, k_t, "q", "k_t", None, None)
+    check_product(q, k_t, "q", "k_t", None, None)
     attn_shape = (q.shape[0], *q.shape[1:-1], k_t.shape[-1])
     check_tensor(v, "v", dtypes=(torch.int8,), min_ndim=3)
     check_time_major(v, "v")
@@ -611,7 +539,7 @@ def exact_attention_torch(
 def _fused_attention_fits(q: torch.Tensor, k_t: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether the Triton kernel takes the shape: the scores kernel's and the context
     kernel's limits together."""
-    return _fused_probs_fits(q, k_t) and _fused_context_fits(q, v)
+    return fused_probs_fits(q, k_t) and fused_context_fits(q, v)
 
 
 @kernel_op("exact_attention", mutates_args=("attn_count", "count", "attn_active", "active"))
@@ -663,7 +591,7 @@ def _exact_attention_op(
     else:
         spikes, new_attn, new_count = exact_attention_torch(*args, attn_active, active)
     if merge_heads:
-        spikes = _merge_heads(spikes)
+        spikes = heads_merged(spikes)
     return (
         spikes,
         state_result(inplace, new_attn, attn_count),
@@ -682,7 +610,7 @@ def _(
     _check_attention(*args, attn_active, active, inplace, merge_heads)
     steps, *batch, m, _ = q.shape
     spikes = q.new_empty((steps, *batch, m, v.shape[-1]), dtype=torch.int8)
-    spikes = _merge_heads(spikes) if merge_heads else spikes
+    spikes = heads_merged(spikes) if merge_heads else spikes
     if inplace:
         return spikes, placeholder(attn_count), placeholder(count)
     attn = q.new_empty((*batch, m, k_t.shape[-1]), dtype=torch.int8)

@@ -8,6 +8,14 @@ import torch
 
 from spikekernels.exact_math import softmax_rows
 from spikekernels.ops._activity import record_active
+from spikekernels.ops._attention import (
+    check_data,
+    check_product,
+    count_before_steps,
+    fused_context_fits,
+    fused_probs_fits,
+    heads_merged,
+)
 from spikekernels.ops._checks import (
     check_active,
     check_bounds,
@@ -18,14 +26,6 @@ from spikekernels.ops._checks import (
 )
 from spikekernels.ops._dispatch import backend_for
 from spikekernels.ops._registry import call_op, kernel_op, launcher
-from spikekernels.ops.exact_attention import (  # both modes' kernels share tiles and limits
-    _before,
-    _check_data,
-    _check_product,
-    _fused_context_fits,
-    _fused_probs_fits,
-    _merge_heads,
-)
 from spikekernels.ops.neuron import st_bif_torch
 from spikekernels.ops.spike_matmul import spike_matmul_torch
 
@@ -39,7 +39,7 @@ def _check_fused(a, b, names, scale, threshold, n_min, p_max, a_count, b_count, 
     and their counts, the scale and threshold, the bounds, the state (all of it or none;
     ``spec``: its names and dtypes) and the activity flags."""
     a_name, b_name = names
-    _check_product(a, b, a_name, b_name, a_count, b_count)
+    check_product(a, b, a_name, b_name, a_count, b_count)
     check_scalar_tensor(scale, "scale", a, a_name, (torch.float32,))
     check_threshold(threshold, "threshold", None, a, a_name)
     check_bounds(n_min, p_max)
@@ -67,7 +67,9 @@ def spike_attention_probs_torch(
     """Vectorised PyTorch (any device, any shape): ``spike_matmul``'s dense path for the
     increments, Spike-Softmax's running sum and ``exact_math.softmax_rows`` step by step,
     then the ST-BIF loop; the same operations as the kernel, so the same bits."""
-    e, _, _ = spike_matmul_torch(q, k_t, scale, _before(q, q_count), _before(k_t, k_count))
+    e, _, _ = spike_matmul_torch(
+        q, k_t, scale, count_before_steps(q, q_count), count_before_steps(k_t, k_count)
+    )
     shape = e.shape[1:]
     if state is None:
         x = torch.zeros(shape, dtype=torch.float32, device=q.device)
@@ -106,7 +108,7 @@ def _spike_attention_probs_op(
     _check_probs(*args, (x_acc, y_prev, v, s), active)
     state = None if x_acc is None else (x_acc, y_prev, v, s)
     backend = backend_for(q, ("triton", "torch"))
-    if backend == "triton" and _fused_probs_fits(q, k_t):
+    if backend == "triton" and fused_probs_fits(q, k_t):
         from spikekernels.kernels.spike_attention import spike_attention_probs_triton
 
         return spike_attention_probs_triton(launcher, *args, state, active)
@@ -196,7 +198,7 @@ def spike_attention_probs(
     parts = (None,) * 4 if state is None else tuple(state)
     _check_probs(*args, parts, active)
     scalars = ((scale, "scale"), (threshold, "threshold"))
-    _check_data(q, k_t, "q", "k_t", q_count, k_count, scalars, validate)
+    check_data(q, k_t, "q", "k_t", q_count, k_count, scalars, validate)
     check_in_bounds(parts[3], "s", n_min, p_max, validate)
     spikes, *new_state = call_op("spike_attention_probs", *args, *parts, active)
     return spikes, tuple(new_state)
@@ -228,7 +230,9 @@ def spike_context_torch(
 ) -> tuple[torch.Tensor, ...]:
     """Vectorised PyTorch (any device, any shape): ``spike_matmul``'s dense path, then the
     ST-BIF loop; the same operations as the kernel, so the same bits."""
-    e, _, _ = spike_matmul_torch(a, v, scale, _before(a, a_count), _before(v, v_count))
+    e, _, _ = spike_matmul_torch(
+        a, v, scale, count_before_steps(a, a_count), count_before_steps(v, v_count)
+    )
     membrane, count = (None, None) if state is None else state
     spikes, membrane, count = st_bif_torch(
         e, threshold, n_min, p_max, membrane, count, False, torch.int8
@@ -256,7 +260,7 @@ def _spike_context_op(
     _check_context(*args, (membrane, count), active, merge_heads)
     state = None if membrane is None else (membrane, count)
     backend = backend_for(a, ("triton", "torch"))
-    if backend == "triton" and _fused_context_fits(a, v):
+    if backend == "triton" and fused_context_fits(a, v):
         from spikekernels.kernels.spike_attention import spike_context_triton
 
         return spike_context_triton(launcher, *args, state, active, merge_heads=merge_heads)
@@ -267,7 +271,7 @@ def _spike_context_op(
         record_active(active, spikes)
     else:
         spikes, membrane, count = spike_context_torch(*args, state, active)
-    return (_merge_heads(spikes) if merge_heads else spikes), membrane, count
+    return (heads_merged(spikes) if merge_heads else spikes), membrane, count
 
 
 @_spike_context_op.register_fake
@@ -280,7 +284,7 @@ def _(
     shape = (*a.shape[1:-1], v.shape[-1])
     spikes = a.new_empty((a.shape[0], *shape), dtype=torch.int8)
     state = (a.new_empty(shape, dtype=dtype) for _, dtype in _CONTEXT_STATE)
-    return (_merge_heads(spikes) if merge_heads else spikes), *state
+    return (heads_merged(spikes) if merge_heads else spikes), *state
 
 
 def spike_context(
@@ -344,7 +348,7 @@ def spike_context(
     parts = (None, None) if state is None else tuple(state)
     _check_context(*args, parts, active, merge_heads)
     scalars = ((scale, "scale"), (threshold, "threshold"))
-    _check_data(a, v, "a", "v", a_count, v_count, scalars, validate)
+    check_data(a, v, "a", "v", a_count, v_count, scalars, validate)
     check_in_bounds(parts[1], "count", n_min, p_max, validate)
     spikes, membrane, count = call_op("spike_context", *args, *parts, active, merge_heads)
     return spikes, (membrane, count)
