@@ -7,7 +7,6 @@ from spikekernels.models.vit import (
     QuantViT,
     calibrate,
     linear_weight_bits,
-    load_checkpoint,
     quant_vit_base,
     quant_vit_large,
     quant_vit_small,
@@ -34,6 +33,7 @@ __all__ = [
 
 from spikekernels.models.checkpoint import (  # noqa: E402
     float_to_quant_state_dict,
+    load_checkpoint,
     load_model,
     save_checkpoint,
 )

@@ -31,6 +31,7 @@ __all__ = [
     "FORMAT",
     "check_state_dict",
     "float_to_quant_state_dict",
+    "load_checkpoint",
     "load_model",
     "read_checkpoint",
     "save_checkpoint",
@@ -131,6 +132,21 @@ def unwrap_state_dict(obj: Mapping[str, Any], path: str = "checkpoint") -> dict[
     if not state:
         raise ValueError(f"{path}: the state_dict is empty")
     return state
+
+
+def load_checkpoint(
+    model: nn.Module, checkpoint: Mapping[str, Any] | str | os.PathLike, strict: bool = True
+):
+    """Load a QANN checkpoint (a file path, or its dict) into ``model``: an official
+    SpikeZIP-TF file (the state_dict under ``"model"``), one of ours, or a bare state_dict
+    (``unwrap_state_dict``: also under ``state_dict``/``model_ema``, wrapper prefixes
+    removed). Returns ``model.load_state_dict``'s result."""
+    if isinstance(checkpoint, (str, os.PathLike)):
+        path = os.fspath(checkpoint)
+        checkpoint = read_checkpoint(path)
+    else:
+        path = "checkpoint"
+    return model.load_state_dict(unwrap_state_dict(checkpoint, path), strict=strict)
 
 
 def check_state_dict(

@@ -28,7 +28,6 @@ __all__ = [
     "linear_weight_bits",
     "quantize_weights",
     "quantizers",
-    "load_checkpoint",
     "quant_vit_tiny",
     "quant_vit_small",
     "quant_vit_base",
@@ -361,18 +360,6 @@ def calibrate(model: nn.Module, x: torch.Tensor) -> nn.Module:
         for q in qs:
             q.calibrating = False
     return model
-
-
-def load_checkpoint(model: nn.Module, checkpoint: Mapping[str, Any] | str, strict: bool = True):
-    """Load an official QANN checkpoint (a file path, or its dict) into ``model``.
-
-    Official files hold the state_dict under ``"model"``; a bare state_dict works too.
-    """
-    if isinstance(checkpoint, str):
-        checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    if "model" in checkpoint and isinstance(checkpoint["model"], Mapping):
-        checkpoint = checkpoint["model"]
-    return model.load_state_dict(checkpoint, strict=strict)
 
 
 def quant_vit_tiny(**kwargs: Any) -> QuantViT:
