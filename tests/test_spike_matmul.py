@@ -6,10 +6,11 @@ import importlib
 
 import pytest
 import torch
-from conftest import DEVICES
+from conftest import DEVICES, assert_same_bits
 
 import spikekernels
 from spikekernels import reference
+from spikekernels.nn import SpikeMatmul
 from spikekernels.ops.spike_matmul import spike_matmul_torch
 
 # The module, which the function of the same name shadows as an attribute of spikekernels.ops.
@@ -45,13 +46,7 @@ def _scale(gen, device="cpu", dtype=torch.float32):
 def _assert_same(got, want):
     """Same dtype, shape and bits (so -0.0 != 0.0 and NaN == NaN)."""
     for name, g, w in zip(("out", "a_acc", "b_acc"), got, want, strict=True):
-        g = g.cpu()
-        assert g.dtype == w.dtype, f"{name}: dtype {g.dtype} != {w.dtype}"
-        assert g.shape == w.shape, f"{name}: shape {tuple(g.shape)} != {tuple(w.shape)}"
-        if g.dtype == torch.float32:
-            g, w = g.view(torch.int32), w.view(torch.int32)
-        diff = (g != w).sum().item()
-        assert diff == 0, f"{name}: {diff} of {g.numel()} elements differ"
+        assert_same_bits(g, w, name)
 
 
 def _check(a, b, scale, a_acc=None, b_acc=None):
@@ -166,6 +161,23 @@ def test_chunked_equals_whole(gen, device, k):
         out, a_acc, b_acc = spikekernels.spike_matmul(a_c, b_c, scale, a_acc, b_acc)
         outs.append(out)
     _assert_same((torch.cat(outs), a_acc, b_acc), [t.cpu() for t in whole])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_module_owns_its_running_counts(gen, device):
+    """``nn.SpikeMatmul`` keeps the running counts between calls: chunks equal the op on the
+    whole train (bit for bit) and the reference, and ``reset()`` starts a new input."""
+    T, batch, m, k, n = 6, (2,), 9, 40, 5
+    a = _spikes(gen, T, batch, m, k, group_dim=-2).to(device)
+    b = _spikes(gen, T, batch, k, n, group_dim=-1).to(device)
+    scale = _scale(gen, device)
+    module = SpikeMatmul(scale)
+    first = torch.cat([module(a_c, b_c) for a_c, b_c in zip(a.split(4), b.split(4), strict=True)])
+    want = reference.spike_matmul(a.cpu(), b.cpu(), scale.cpu())
+    _assert_same((first, module.a_acc, module.b_acc), want)
+    module.reset()
+    assert module.a_acc is None and module.b_acc is None
+    assert_same_bits(module(a, b), want[0], "out after reset")
 
 
 @pytest.mark.parametrize("device", DEVICES)
