@@ -614,6 +614,8 @@ def test_attention_quiet_tiles_wake_up(gen, backend):
         (dict(v="short"), ValueError, "v must be [T, *batch, N, DV]"),
         (dict(attn_active="bad"), ValueError, "attn_active must have shape"),
         (dict(v="float"), TypeError, "v"),
+        (dict(attn_count="over"), ValueError, "attn_count must lie in [0, 15]"),
+        (dict(count="over"), ValueError, "count must lie in [-8, 7], got values in [100, 100]"),
     ],
 )
 def test_attention_bad_input_is_rejected(gen, change, error, words):
@@ -626,6 +628,8 @@ def test_attention_bad_input_is_rejected(gen, change, error, words):
             case["v"] = case["v"].float()
         elif value == "bad":
             kwargs["attn_active"] = torch.zeros(2, 2, dtype=torch.int32)
+        elif value == "over":  # outside the neuron's bounds (ATTN_BOUNDS, CTX_BOUNDS)
+            case[name] = torch.full_like(case[name], 100)
         else:
             case[name] = value
     with pytest.raises(error, match=words.replace("[", r"\[").replace("*", r"\*")):

@@ -504,7 +504,7 @@ def _check_attention(
     for t, name in ((attn_threshold, "attn_threshold"), (theta_a, "theta_a"),
                     (theta_v, "theta_v"), (threshold, "threshold")):  # fmt: skip
         check_threshold(t, name, None, q, "q")
-    check_bounds(attn_n_min, attn_p_max)
+    check_bounds(attn_n_min, attn_p_max, names=("attn_n_min", "attn_p_max"))
     check_bounds(n_min, p_max)
     out_shape = (*q.shape[1:-1], v.shape[-1])
     check_state(attn_count, "attn_count", attn_shape[1:], (torch.int8,), q, "q")
