@@ -118,7 +118,8 @@ def check_against_qann(dim, heads, level, batch, tokens, steps, gen):
     # (SPEC.md §8). With no QANN value within TIE of a boundary, by induction over the
     # quantizers every count equals its integer; otherwise only the local check holds.
     proj_theta = attn.proj.threshold
-    if not any(bool(tie.any()) for _, tie in ints.values()):
+    tie_free = not any(bool(tie.any()) for _, tie in ints.values())
+    if tie_free:
         for name, (integer, _) in ints.items():
             same = got[name].to(torch.int64) == integer.to(torch.int64)
             assert same.all(), f"{name}: {int((~same).sum())} counts != QANN integer, no tie"
@@ -126,7 +127,7 @@ def check_against_qann(dim, heads, level, batch, tokens, steps, gen):
     torch.testing.assert_close(
         out.sum(0), proj_theta * attn.proj.count.float(), rtol=1e-5, atol=1e-5 * float(proj_theta)
     )
-    return attn, s, out
+    return attn, s, out, tie_free
 
 
 @pytest.mark.parametrize(("heads", "tokens"), [(2, 17), (3, 20)])
@@ -137,8 +138,11 @@ def test_attention_settles_to_qann(heads, tokens, gen):
 
 
 def test_attention_chunked_equals_whole(gen):
-    attn, s, whole = check_against_qann(dim=16, heads=2, level=8, batch=2, tokens=17, steps=40,
-                                        gen=gen)  # fmt: skip
+    attn, s, whole, tie_free = check_against_qann(dim=16, heads=2, level=8, batch=2, tokens=17,
+                                                  steps=40, gen=gen)  # fmt: skip
+    # the premise that keeps the full comparison with the QANN alive in this file: no QANN
+    # value of this case lies within TIE of a rounding boundary (a margin 1000x the float error)
+    assert tie_free, "this case has QANN values on a tie: pick a seed or shape without"
     counts = {k: v.clone() for k, v in snn_counts(attn, 2).items()}
     for chunk in (3, 7):
         assert torch.equal(run(attn, s, chunk), whole), f"chunk {chunk} != whole"
