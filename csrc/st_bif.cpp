@@ -1,7 +1,8 @@
 // ST-BIF neuron (SPEC.md §2), C++ CPU kernel: the internal op spikekernels::st_bif_cpu, the
 // CPU runtime path of spikekernels.st_bif when the Triton interpreter is off.
 //
-// Per element, membrane v (float32, in units of the threshold) and count s (an integer):
+// Per element, membrane v (float32, in units of the threshold) and count s (an integer; the
+// op's argument `count`):
 //   v = v + u_t / theta            (float32, a correctly rounded division)
 //   sigma = +1 if v >= 1 and s < p_max; -1 if v < 0 and s > n_min; else 0
 //   s = s + sigma;  v = v - sigma; output sigma (int8) or sigma * theta (x.dtype)
@@ -162,7 +163,7 @@ void run_scalar(
       run_count<scalar_t, int64_t>(x, v_in, s_in, out, v, s, theta, n_min, p_max, float_out);
       break;
     default:
-      TORCH_CHECK_TYPE(false, "st_bif_cpu: s must have an integer dtype, got ", s.scalar_type());
+      TORCH_CHECK_TYPE(false, "st_bif_cpu: count must have an integer dtype, got ", s.scalar_type());
   }
 }
 
@@ -200,7 +201,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> st_bif_cpu(
       "st_bif_cpu: level bounds must contain 0 (the fresh count): [", n_min, ", ", p_max, "]");
   TORCH_CHECK_VALUE(
       v_in_opt.has_value() == s_in_opt.has_value(),
-      "st_bif_cpu: give the incoming state as both v and s, or neither");
+      "st_bif_cpu: give the incoming state as both v and count, or neither");
   const auto shape = x_in.sizes().slice(1);
   if (v_in_opt.has_value()) {
     const at::Tensor& v = *v_in_opt;
@@ -209,22 +210,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> st_bif_cpu(
         v.scalar_type() == at::kFloat, "st_bif_cpu: v must have dtype float32, got ",
         v.scalar_type());
     TORCH_CHECK_TYPE(
-        is_count_dtype(s.scalar_type()), "st_bif_cpu: s must have an integer dtype, got ",
+        is_count_dtype(s.scalar_type()), "st_bif_cpu: count must have an integer dtype, got ",
         s.scalar_type());
     TORCH_CHECK_VALUE(
         v.sizes() == shape, "st_bif_cpu: v must have shape ", shape, ", got ", v.sizes());
     TORCH_CHECK_VALUE(
-        s.sizes() == shape, "st_bif_cpu: s must have shape ", shape, ", got ", s.sizes());
+        s.sizes() == shape, "st_bif_cpu: count must have shape ", shape, ", got ", s.sizes());
     TORCH_CHECK_VALUE(
         v.device() == x_in.device() && s.device() == x_in.device(),
-        "st_bif_cpu: v and s must be on x's device ", x_in.device());
+        "st_bif_cpu: v and count must be on x's device ", x_in.device());
   }
   const at::ScalarType s_dtype =
       s_in_opt.has_value() ? s_in_opt->scalar_type() : count_dtype(n_min, p_max);
   // Counts are compared in s's dtype: the bounds must fit it.
   TORCH_CHECK_VALUE(
       at::elementSize(count_dtype(n_min, p_max)) <= at::elementSize(s_dtype),
-      "st_bif_cpu: s has dtype ", s_dtype, ", which cannot hold counts in [", n_min, ", ",
+      "st_bif_cpu: count has dtype ", s_dtype, ", which cannot hold counts in [", n_min, ", ",
       p_max, "]");
 
   const at::Tensor x = x_in.contiguous();
@@ -265,7 +266,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> st_bif_cpu(
 TORCH_LIBRARY_FRAGMENT(spikekernels, m) {
   m.def(
       "st_bif_cpu(Tensor x, Tensor threshold, int n_min, int p_max, Tensor? v=None, "
-      "Tensor? s=None, bool float_out=False) -> (Tensor, Tensor, Tensor)");
+      "Tensor? count=None, bool float_out=False) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(spikekernels, CPU, m) {

@@ -35,9 +35,14 @@ BAD_CONSTRUCTIONS = [
         "linear theta per channel",
         lambda: SpikeLinear(torch.ones(3, 4), None, torch.ones(2)),
         ValueError,
-        "threshold must be one value",
+        "in_threshold must be one value",
     ),
-    ("linear theta < 0", lambda: SpikeLinear(torch.ones(3, 4), None, -1.0), ValueError, "posit"),
+    (
+        "linear theta < 0",
+        lambda: SpikeLinear(torch.ones(3, 4), None, -1.0),
+        ValueError,
+        "in_threshold must be posit",
+    ),
     (
         "linear bias_steps float",
         lambda: SpikeLinear(torch.ones(3, 4), None, 0.5, bias_steps=1.5),

@@ -26,7 +26,7 @@ def _inputs(gen, T, shape, theta, device="cpu", dtype=torch.float32):
 
 
 def _assert_same(got, want):
-    for name, g, w in zip(("spikes", "v", "s"), got, want, strict=True):
+    for name, g, w in zip(("spikes", "v", "count"), got, want, strict=True):
         assert g.dtype == w.dtype, f"{name}: dtype {g.dtype} != {w.dtype}"
         assert g.shape == w.shape, f"{name}: shape {tuple(g.shape)} != {tuple(w.shape)}"
         diff = (g != w).sum().item()
@@ -144,10 +144,10 @@ def _good_args() -> dict:
     return dict(x=torch.zeros(2, 4), threshold=torch.tensor(1.0), n_min=-4, p_max=3)
 
 
-def _state(v=None, s=None) -> dict:
+def _state(v=None, count=None) -> dict:
     return dict(
         v=torch.zeros(4) if v is None else v,
-        s=torch.zeros(4, dtype=torch.int8) if s is None else s,
+        count=torch.zeros(4, dtype=torch.int8) if count is None else count,
     )
 
 
@@ -164,9 +164,9 @@ BAD_INPUTS = [
     ("bounds exclude 0", dict(n_min=1, p_max=4), ValueError, "must contain 0"),
     ("v wrong shape", _state(v=torch.zeros(5)), ValueError, "v must have shape"),
     ("v fp16", _state(v=torch.zeros(4, dtype=torch.float16)), TypeError, "v must have dtype"),
-    ("s float", _state(s=torch.zeros(4)), TypeError, "s must have dtype"),
-    ("s too narrow", dict(p_max=255, n_min=0, **_state()), ValueError, "cannot hold"),
-    ("v without s", dict(v=torch.zeros(4)), ValueError, "both v and s"),
+    ("count float", _state(count=torch.zeros(4)), TypeError, "count must have dtype"),
+    ("count too narrow", dict(p_max=255, n_min=0, **_state()), ValueError, "cannot hold"),
+    ("v without count", dict(v=torch.zeros(4)), ValueError, "both v and count"),
     ("v elsewhere", _state(v=torch.zeros(4, device="meta")), ValueError, "v is on meta"),
     (
         "theta elsewhere",
@@ -210,7 +210,7 @@ def test_torch_compile_fullgraph(gen):
         return spikes, v, s, spikes.float().sum(0) + v
 
     got, want = torch.compile(step, fullgraph=True)(x), step(x)
-    for name, g, w in zip(("spikes", "v", "s"), got[:3], want[:3], strict=True):
+    for name, g, w in zip(("spikes", "v", "count"), got[:3], want[:3], strict=True):
         assert_same_bits(g, w, name)
     torch.testing.assert_close(got[3], want[3])
 
@@ -303,11 +303,11 @@ def test_bound_types_named_before_dispatch(n_min, p_max, error, words):
 @pytest.mark.parametrize("validate", [False, True])
 @pytest.mark.parametrize("count", [100, -9])
 def test_state_outside_the_bounds_is_rejected(validate, count):
-    """``s = 100`` with ``p_max = 7`` used to be accepted and returned out of bounds."""
+    """``count = 100`` with ``p_max = 7`` used to be accepted and returned out of bounds."""
     v = torch.full((4,), 0.5)
     s = torch.zeros(4, dtype=torch.int8)
     s[2] = count
-    with pytest.raises(ValueError, match=r"s must lie in \[-8, 7\]"):
+    with pytest.raises(ValueError, match=r"count must lie in \[-8, 7\]"):
         spikekernels.st_bif(torch.zeros(2, 4), torch.tensor(0.5), -8, 7, v, s, validate=validate)
 
 

@@ -17,7 +17,7 @@ from spikekernels.ops._dispatch import force_backend
 
 # Level 16: the attention neuron is unsigned (SPEC.md §1).
 BOUNDS = (0, 15)
-NAMES = ("spikes", "x_acc", "y_prev", "v", "s")
+NAMES = ("spikes", "x_acc", "y_prev", "membrane", "count")
 OPERANDS = (("q", "q_count"), ("k_t", "k_count"))
 
 
@@ -235,8 +235,8 @@ def _state(**bad):
     good = dict(
         x_acc=torch.zeros(3, 4, 5),
         y_prev=torch.zeros(3, 4, 5),
-        v=torch.zeros(3, 4, 5),
-        s=torch.zeros(3, 4, 5, dtype=torch.int8),
+        membrane=torch.zeros(3, 4, 5),
+        count=torch.zeros(3, 4, 5, dtype=torch.int8),
     )
     return tuple({**good, **bad}.values())
 
@@ -257,15 +257,20 @@ BAD = [
     ("q_count shape", dict(q_count=torch.zeros(3, 4, 9).char()), ValueError, "q_count must"),
     ("state a tensor", dict(state=torch.zeros(3, 4, 5)), TypeError, "state must be None or"),
     ("state 3 parts", dict(state=_state()[:3]), TypeError, "state must be None or"),
-    ("state partial", dict(state=_state(v=None)), ValueError, "give all of x_acc"),
+    ("state partial", dict(state=_state(membrane=None)), ValueError, "give all of x_acc"),
     ("x_acc float64", dict(state=_state(x_acc=torch.zeros(3, 4, 5).double())), TypeError, "x_acc"),
     ("y_prev shape", dict(state=_state(y_prev=torch.zeros(3, 4, 6))), ValueError, "y_prev must"),
-    ("s int32", dict(state=_state(s=torch.zeros(3, 4, 5).int())), TypeError, "s must have dtype"),
     (
-        "s out of bounds",
-        dict(state=_state(s=torch.full((3, 4, 5), 16).char())),
+        "count int32",
+        dict(state=_state(count=torch.zeros(3, 4, 5).int())),
+        TypeError,
+        "count must have dtype",
+    ),
+    (
+        "count out of bounds",
+        dict(state=_state(count=torch.full((3, 4, 5), 16).char())),
         ValueError,
-        "s must lie",
+        "count must lie",
     ),
     ("active shape", dict(active=torch.zeros(2, 2, dtype=torch.int32)), ValueError, "active"),
 ]

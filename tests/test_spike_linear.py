@@ -183,7 +183,7 @@ def test_module_splits_float32_weight_once_and_follows_it(gen):
     assert layer.kernel_weight() is first
     assert torch.equal(first, split_weight_bf16x3(weight))
     new = torch.randint(-64, 64, (12, 20), generator=gen).float() / 256
-    layer.load_state_dict({"weight": new, "threshold": layer.threshold})
+    layer.load_state_dict({"weight": new, "in_threshold": layer.in_threshold})
     assert torch.equal(layer.kernel_weight(), split_weight_bf16x3(new))
     s = torch.randint(-1, 2, (3, 4, 20), generator=gen, dtype=torch.int8)
     want = reference.spike_linear(s, new, torch.tensor(0.5))
@@ -235,7 +235,7 @@ def _good_args() -> dict:
     return dict(
         s=torch.zeros(2, 3, 4, dtype=torch.int8),
         weight=torch.zeros(5, 4),
-        threshold=torch.tensor(0.5),
+        in_threshold=torch.tensor(0.5),
         bias=torch.zeros(5),
     )
 
@@ -256,9 +256,9 @@ BAD_INPUTS = [
         r"\[3, N, K\] bfloat16",
     ),
     ("K mismatch", dict(weight=torch.zeros(5, 6)), ValueError, "K=4 .* K=6"),
-    ("theta <= 0", dict(threshold=torch.tensor(0.0)), ValueError, "threshold must be positive"),
-    ("theta 2 elements", dict(threshold=torch.ones(2)), ValueError, "threshold must have exactly"),
-    ("theta float", dict(threshold=0.5), TypeError, "threshold must be a torch.Tensor"),
+    ("theta <= 0", dict(in_threshold=torch.tensor(0.0)), ValueError, "in_threshold must be pos"),
+    ("theta 2 elements", dict(in_threshold=torch.ones(2)), ValueError, "in_threshold must have"),
+    ("theta float", dict(in_threshold=0.5), TypeError, "in_threshold must be a torch.Tensor"),
     ("bias wrong N", dict(bias=torch.zeros(4)), ValueError, r"bias must have shape \(5,\)"),
     ("bias int", dict(bias=torch.zeros(5, dtype=torch.int32)), TypeError, "bias must have"),
     ("scale missing", _I8, ValueError, "weight_scale"),
@@ -335,7 +335,12 @@ class TestSpikeLinearModule:
         assert not torch.equal(layer(s), first)
         layer.reset()
         assert torch.equal(layer(s), first)
-        assert set(dict(layer.named_buffers())) == {"weight", "bias", "weight_scale", "threshold"}
+        assert set(dict(layer.named_buffers())) == {
+            "weight",
+            "bias",
+            "weight_scale",
+            "in_threshold",
+        }
 
 
 @pytest.mark.cuda
@@ -378,7 +383,7 @@ def test_bad_scales_rejected_on_cpu(gen, validate, value):
     (no sync), on a GPU with ``validate=True``."""
     s = _spikes(gen, 2, (3,), 8)
     w, w_scale = _weight(gen, 4, 8, torch.int8)
-    with pytest.raises(ValueError, match="threshold must be positive, finite"):
+    with pytest.raises(ValueError, match="in_threshold must be positive, finite"):
         spikekernels.spike_linear(
             s, w, torch.tensor(value), weight_scale=w_scale, validate=validate
         )

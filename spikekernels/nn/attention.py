@@ -36,7 +36,7 @@ class SpikeAttentionProbs(STBIF):
         self.register_buffer("scale", torch.as_tensor(scale, dtype=torch.float32).reshape(()))
 
     def reset(self) -> None:
-        """Back to the fresh state (``X = Y_prev = 0``, ``v = 0.5``, ``s = 0``)."""
+        """Back to the fresh state (``X = Y_prev = 0``, ``v = 0.5``, ``count = 0``)."""
         super().reset()
         self.x_acc: torch.Tensor | None = None
         self.y_prev: torch.Tensor | None = None

@@ -36,17 +36,17 @@ class SpikeLinear(TensorCoreWeight, nn.Module):
 
     ``out_t = theta * (s_t @ W^T)`` plus the bias on the first ``bias_steps`` global steps
     (all of it at step 0 when ``bias_steps == 1``, the ViT rule; ``bias / bias_steps`` per step
-    otherwise). ``theta`` is the threshold of the neuron that produced the spikes. The module
-    counts the steps it has seen (``t0``), so feeding time in chunks equals one whole call;
-    ``reset()`` starts a new input. ``weight`` may be float32/float16/bfloat16, or int8 with a
-    per-output-channel ``weight_scale``. Inference only.
+    otherwise). ``theta`` (``in_threshold``) is the threshold of the neuron that produced the
+    spikes. The module counts the steps it has seen (``t0``), so feeding time in chunks equals
+    one whole call; ``reset()`` starts a new input. ``weight`` may be float32/float16/bfloat16,
+    or int8 with a per-output-channel ``weight_scale``. Inference only.
     """
 
     def __init__(
         self,
         weight: torch.Tensor,
         bias: torch.Tensor | None,
-        threshold: float | torch.Tensor,
+        in_threshold: float | torch.Tensor,
         *,
         bias_steps: int = 1,
         weight_scale: torch.Tensor | None = None,
@@ -64,7 +64,7 @@ class SpikeLinear(TensorCoreWeight, nn.Module):
             "weight_scale", None if weight_scale is None else weight_scale.detach()
         )
         # the feeding neuron's step
-        self.register_buffer("threshold", threshold_tensor(threshold))
+        self.register_buffer("in_threshold", threshold_tensor(in_threshold, "in_threshold"))
         self.reset()
 
     @classmethod
@@ -82,7 +82,7 @@ class SpikeLinear(TensorCoreWeight, nn.Module):
         out = spike_linear(
             s,
             self.kernel_weight(),
-            self.threshold,
+            self.in_threshold,
             self.bias,
             t0=self.t0,
             bias_steps=self.bias_steps,

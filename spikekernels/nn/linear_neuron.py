@@ -76,7 +76,7 @@ class SpikeLinearNeuron(TensorCoreWeight, STBIF):
         if isinstance(linear, SpikeLinear):
             if linear.weight_scale is not None:
                 raise TypeError("int8 weights are exact mode's: use nn.ExactLinearNeuron")
-            in_threshold = linear.threshold if in_threshold is None else in_threshold
+            in_threshold = linear.in_threshold if in_threshold is None else in_threshold
             bias_steps = linear.bias_steps if bias_steps is None else bias_steps
         elif in_threshold is None:
             raise ValueError("give in_threshold (the feeding neuron's) with an nn.Linear")

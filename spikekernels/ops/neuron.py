@@ -24,29 +24,27 @@ from spikekernels.ops._dispatch import backend_for
 from spikekernels.ops._registry import call_op, kernel_op, launcher
 
 
-def check_neuron_state(
-    n_min, p_max, v, count, shape, like, like_name, *, count_name: str = "count"
-) -> torch.dtype:
+def check_neuron_state(n_min, p_max, v, count, shape, like, like_name) -> torch.dtype:
     """ST-BIF bounds and optional incoming state ``v`` (float32) and count (an integer
     dtype), both or neither, of shape ``shape``; returns the outgoing count's dtype:
     ``count``'s, or ``levels.count_dtype(n_min, p_max)`` when fresh."""
     check_bounds(n_min, p_max, torch.int64)
     if (v is None) != (count is None):
-        raise ValueError(f"give the incoming state as both v and {count_name}, or neither")
+        raise ValueError("give the incoming state as both v and count, or neither")
     check_state(v, "v", shape, (torch.float32,), like, like_name)
-    check_state(count, count_name, shape, COUNT_DTYPES, like, like_name)
+    check_state(count, "count", shape, COUNT_DTYPES, like, like_name)
     if count is None:
         return levels.count_dtype(n_min, p_max)
-    check_bounds(n_min, p_max, count.dtype, count_name=count_name)
+    check_bounds(n_min, p_max, count.dtype, count_name="count")
     return count.dtype
 
 
-def _check_st_bif(x, threshold, n_min, p_max, v, s, active=None) -> torch.dtype:
+def _check_st_bif(x, threshold, n_min, p_max, v, count, active=None) -> torch.dtype:
     """Metadata checks (no data read); returns the dtype of the outgoing count."""
     check_tensor(x, "x", dtypes=FLOAT_DTYPES)
     check_time_major(x, "x")
     check_scalar_tensor(threshold, "threshold", x, "x")
-    count_dtype = check_neuron_state(n_min, p_max, v, s, x.shape[1:], x, "x", count_name="s")
+    count_dtype = check_neuron_state(n_min, p_max, v, count, x.shape[1:], x, "x")
     check_active(active, x.shape, x, "x")
     return count_dtype
 
@@ -58,32 +56,32 @@ def _st_bif_op(
     n_min: int,
     p_max: int,
     v: torch.Tensor | None = None,
-    s: torch.Tensor | None = None,
+    count: torch.Tensor | None = None,
     float_out: bool = False,
     active: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    count_dtype = _check_st_bif(x, threshold, n_min, p_max, v, s, active)
+    count_dtype = _check_st_bif(x, threshold, n_min, p_max, v, count, active)
     backend = backend_for(x, ("triton", "cpp", "torch"))
     if backend == "triton":
         from spikekernels.kernels.neuron import st_bif_triton
 
         return st_bif_triton(
-            launcher, x, threshold, n_min, p_max, v, s, float_out, count_dtype, active
+            launcher, x, threshold, n_min, p_max, v, count, float_out, count_dtype, active
         )
     if backend == "cpp":
-        out = torch.ops.spikekernels.st_bif_cpu(x, threshold, n_min, p_max, v, s, float_out)
+        out = torch.ops.spikekernels.st_bif_cpu(x, threshold, n_min, p_max, v, count, float_out)
     elif backend == "reference":
         from spikekernels import reference
 
-        out, v_out, s_out = reference.st_bif(x, threshold, n_min, p_max, v, s, float_out)
+        out, v_out, s_out = reference.st_bif(x, threshold, n_min, p_max, v, count, float_out)
         out = out, v_out, s_out.to(count_dtype)
     else:
-        out = st_bif_torch(x, threshold, n_min, p_max, v, s, float_out, count_dtype)
+        out = st_bif_torch(x, threshold, n_min, p_max, v, count, float_out, count_dtype)
     record_active(active, out[0])  # a float_out spike is 0 exactly where sigma is
     return out
 
 
-def st_bif_torch(x, threshold, n_min, p_max, v, s, float_out, count_dtype):
+def st_bif_torch(x, threshold, n_min, p_max, v, count, float_out, count_dtype):
     """The PyTorch path (no extension, or forced): SPEC.md §2 over all elements, one step
     at a time (the rule is sequential in time), in place on fresh state tensors."""
     shape = x.shape[1:]
@@ -95,8 +93,8 @@ def st_bif_torch(x, threshold, n_min, p_max, v, s, float_out, count_dtype):
     )
     s_cur = (
         torch.zeros(shape, dtype=count_dtype, device=x.device)
-        if s is None
-        else s.to(count_dtype, copy=True)
+        if count is None
+        else count.to(count_dtype, copy=True)
     )
     spikes = torch.empty(x.shape, dtype=torch.int8, device=x.device)
     for t in range(x.shape[0]):
@@ -113,8 +111,8 @@ def st_bif_torch(x, threshold, n_min, p_max, v, s, float_out, count_dtype):
 
 
 @_st_bif_op.register_fake
-def _(x, threshold, n_min, p_max, v=None, s=None, float_out=False, active=None):
-    count_dtype = _check_st_bif(x, threshold, n_min, p_max, v, s, active)
+def _(x, threshold, n_min, p_max, v=None, count=None, float_out=False, active=None):
+    count_dtype = _check_st_bif(x, threshold, n_min, p_max, v, count, active)
     shape = x.shape[1:]
     out = x.new_empty(x.shape, dtype=x.dtype if float_out else torch.int8)
     return out, x.new_empty(shape, dtype=torch.float32), x.new_empty(shape, dtype=count_dtype)
@@ -123,8 +121,8 @@ def _(x, threshold, n_min, p_max, v=None, s=None, float_out=False, active=None):
 if HAS_EXTENSION:
 
     @torch.library.register_fake("spikekernels::st_bif_cpu")
-    def _(x, threshold, n_min, p_max, v=None, s=None, float_out=False):
-        count_dtype = _check_st_bif(x, threshold, n_min, p_max, v, s)
+    def _(x, threshold, n_min, p_max, v=None, count=None, float_out=False):
+        count_dtype = _check_st_bif(x, threshold, n_min, p_max, v, count)
         shape = x.shape[1:]
         out = x.new_empty(x.shape, dtype=x.dtype if float_out else torch.int8)
         return out, x.new_empty(shape, dtype=torch.float32), x.new_empty(shape, dtype=count_dtype)
@@ -136,7 +134,7 @@ def st_bif(
     n_min: int,
     p_max: int,
     v: torch.Tensor | None = None,
-    s: torch.Tensor | None = None,
+    count: torch.Tensor | None = None,
     *,
     float_out: bool = False,
     active: torch.Tensor | None = None,
@@ -144,18 +142,19 @@ def st_bif(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Multi-step ST-BIF neuron (SPEC.md §2), all T steps in one fused kernel on GPU.
 
-    Per element, with membrane ``v`` (float32, in units of the threshold) and count ``s``:
-    ``v += u_t / theta`` (correctly rounded); ``sigma = +1`` if ``v >= 1`` and ``s < p_max``,
-    ``-1`` if ``v < 0`` and ``s > n_min``, else 0; ``s += sigma``; ``v -= sigma``.
+    Per element, with membrane ``v`` (float32, in units of the threshold) and ``count``
+    (SPEC's ``s``): ``v += u_t / theta`` (correctly rounded); ``sigma = +1`` if ``v >= 1`` and
+    ``count < p_max``, ``-1`` if ``v < 0`` and ``count > n_min``, else 0; ``count += sigma``;
+    ``v -= sigma``.
 
     Args:
         x: ``[T, *shape]`` float32, float16 or bfloat16 input increments (math in float32).
         threshold: one-element float tensor ``theta`` (the quantizer step), read on the device.
         n_min, p_max: integer count bounds, ``n_min <= 0 <= p_max``
             (see ``levels.level_bounds``).
-        v, s: optional incoming state of shape ``shape`` (both or neither): ``v`` float32,
-            ``s`` an integer dtype. Fresh state is ``v = 0.5``, ``s = 0`` with
-            ``s.dtype = levels.count_dtype(n_min, p_max)`` (int8 for levels up to 256).
+        v, count: optional incoming state of shape ``shape`` (both or neither): ``v``
+            float32, ``count`` an integer dtype. Fresh state is ``v = 0.5``, ``count = 0``
+            with ``count.dtype = levels.count_dtype(n_min, p_max)`` (int8 up to level 256).
         float_out: return ``sigma * theta`` in ``x.dtype`` instead of int8 spikes.
         active: optional int32 ``[T, B]`` flags (``B = x.shape[1]``), set in place, never
             cleared: ``active[t, b] = 1`` when any element of sample ``b`` (the ``b``-th of
@@ -163,11 +162,11 @@ def st_bif(
             it while it writes the spikes (no extra pass). Not returned.
         validate: also check on a GPU (a host sync) what is always checked on CPU tensors:
             the threshold is finite, positive and a normal float32 (a denormal one gives NaN
-            membranes), and the incoming ``s`` lies in ``[n_min, p_max]``.
+            membranes), and the incoming ``count`` lies in ``[n_min, p_max]``.
 
     Returns:
-        ``(spikes [T, *shape], v, s)``; the state is fresh, never an alias of ``v``/``s``, so
-        chunked time (feeding the state back) equals a whole run bit for bit.
+        ``(spikes [T, *shape], v, count)``; the state is fresh, never an alias of the given
+        ``v``/``count``, so chunked time (feeding the state back) equals a whole run bit for bit.
 
     Bad input: ``TypeError``/``ValueError`` naming the argument (a float, bool or out-of-int64
     ``n_min``/``p_max`` included), before dispatch.
@@ -177,8 +176,8 @@ def st_bif(
     PyTorch loop when the extension is not built). Bit-exact with ``reference.st_bif`` on
     every path. Inference only: no autograd.
     """
-    _check_st_bif(x, threshold, n_min, p_max, v, s, active)
+    _check_st_bif(x, threshold, n_min, p_max, v, count, active)
     check_flag(float_out, "float_out")
     check_threshold_values(threshold, "threshold", validate)
-    check_in_bounds(s, "s", n_min, p_max, validate)
-    return call_op("st_bif", x, threshold, n_min, p_max, v, s, float_out, active)
+    check_in_bounds(count, "count", n_min, p_max, validate)
+    return call_op("st_bif", x, threshold, n_min, p_max, v, count, float_out, active)

@@ -29,8 +29,8 @@ from spikekernels.ops._registry import call_op, kernel_op, launcher
 from spikekernels.ops.neuron import st_bif_torch
 from spikekernels.ops.spike_matmul import spike_matmul_torch
 
-_STATE = (("x_acc", torch.float32), ("y_prev", torch.float32), ("v", torch.float32),
-          ("s", torch.int8))  # fmt: skip
+_STATE = (("x_acc", torch.float32), ("y_prev", torch.float32), ("membrane", torch.float32),
+          ("count", torch.int8))  # fmt: skip
 
 
 def _check_fused(a, b, names, scale, threshold, n_min, p_max, a_count, b_count, state, spec,
@@ -73,9 +73,9 @@ def spike_attention_probs_torch(
     shape = e.shape[1:]
     if state is None:
         x = torch.zeros(shape, dtype=torch.float32, device=q.device)
-        y, v, s = x.clone(), None, None
+        y, membrane, count = x.clone(), None, None
     else:
-        x, y, v, s = state
+        x, y, membrane, count = state
     x, y = x.clone(), y.clone()
     u = torch.empty_like(e)
     for t in range(e.shape[0]):
@@ -83,9 +83,11 @@ def spike_attention_probs_torch(
         y_new = softmax_rows(x) if x.numel() else x.clone()
         torch.sub(y_new, y, out=u[t])
         y = y_new
-    spikes, v, s = st_bif_torch(u, threshold, n_min, p_max, v, s, False, torch.int8)
+    spikes, membrane, count = st_bif_torch(
+        u, threshold, n_min, p_max, membrane, count, False, torch.int8
+    )
     record_active(active, spikes)
-    return spikes, x, y, v, s
+    return spikes, x, y, membrane, count
 
 
 @kernel_op("spike_attention_probs", mutates_args=("active",))
@@ -100,13 +102,13 @@ def _spike_attention_probs_op(
     k_count: torch.Tensor | None = None,
     x_acc: torch.Tensor | None = None,
     y_prev: torch.Tensor | None = None,
-    v: torch.Tensor | None = None,
-    s: torch.Tensor | None = None,
+    membrane: torch.Tensor | None = None,
+    count: torch.Tensor | None = None,
     active: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     args = (q, k_t, scale, threshold, n_min, p_max, q_count, k_count)
-    _check_probs(*args, (x_acc, y_prev, v, s), active)
-    state = None if x_acc is None else (x_acc, y_prev, v, s)
+    _check_probs(*args, (x_acc, y_prev, membrane, count), active)
+    state = None if x_acc is None else (x_acc, y_prev, membrane, count)
     backend = backend_for(q, ("triton", "torch"))
     if backend == "triton" and fused_probs_fits(q, k_t):
         from spikekernels.kernels.spike_attention import spike_attention_probs_triton
@@ -124,10 +126,10 @@ def _spike_attention_probs_op(
 @_spike_attention_probs_op.register_fake
 def _(
     q, k_t, scale, threshold, n_min, p_max, q_count=None, k_count=None, x_acc=None,
-    y_prev=None, v=None, s=None, active=None,
+    y_prev=None, membrane=None, count=None, active=None,
 ):  # fmt: skip
     args = (q, k_t, scale, threshold, n_min, p_max, q_count, k_count)
-    _check_probs(*args, (x_acc, y_prev, v, s), active)
+    _check_probs(*args, (x_acc, y_prev, membrane, count), active)
     shape = (*q.shape[1:-1], k_t.shape[-1])
     spikes = q.new_empty((q.shape[0], *shape), dtype=torch.int8)
     return spikes, *(q.new_empty(shape, dtype=dtype) for _, dtype in _STATE)
@@ -154,7 +156,7 @@ def spike_attention_probs(
 
         e_t = fl32(scale * fl32(q_t @ K_t + Q_{t-1} @ k_t))   # spike_matmul, exact integers
         X  += e_t;  Y = softmax_rows(X);  u = Y - Y_prev;  Y_prev = Y   # Spike-Softmax
-        v  += u / theta;  sigma = ST-BIF fire rule;  s += sigma;  v -= sigma
+        membrane += u / theta;  sigma = ST-BIF fire rule;  count += sigma;  membrane -= sigma
 
     bit for bit ``spike_matmul``, ``spike_softmax`` and ``st_bif`` in a row, except that the
     softmax is the library's row function ``exact_math.softmax_rows`` (the row max,
@@ -174,14 +176,14 @@ def spike_attention_probs(
         q_count, k_count: optional int8 counts ``[*batch, M, D]`` and ``[*batch, D, N]``
             (any strides) of the q and k neurons *after* these steps; None: 0 before them.
             The op keeps no copy of them.
-        state: ``(x_acc, y_prev, v, s)`` ``[*batch, M, N]`` as a previous call returned it
-            (float32 running scores, float32 last softmax, float32 membrane, int8 count),
-            or None for a fresh input (``0, 0, 0.5, 0``).
+        state: ``(x_acc, y_prev, membrane, count)`` ``[*batch, M, N]`` as a previous call
+            returned it (float32 running scores, float32 last softmax, float32 membrane, int8
+            count), or None for a fresh input (``0, 0, 0.5, 0``).
         active: optional int32 ``[T, B]`` per-sample flags (``B`` the spikes' dim 1), set in
             place where a sample fires.
         validate: also check on a GPU (host syncs) what is checked on CPU tensors: ternary
             spikes, counts consistent with the spikes and in int8, a positive, finite
-            ``scale`` and ``threshold``, the incoming ``s`` inside the bounds.
+            ``scale`` and ``threshold``, the incoming ``count`` inside the bounds.
 
     Returns:
         ``(spikes int8 [T, *batch, M, N], state)``, the state fresh tensors (never aliases
@@ -194,12 +196,14 @@ def spike_attention_probs(
     """
     args = (q, k_t, scale, threshold, n_min, p_max, q_count, k_count)
     if state is not None and (not isinstance(state, (tuple, list)) or len(state) != 4):
-        raise TypeError("state must be None or the tuple (x_acc, y_prev, v, s) a call returned")
+        raise TypeError(
+            "state must be None or the tuple (x_acc, y_prev, membrane, count) a call returned"
+        )
     parts = (None,) * 4 if state is None else tuple(state)
     _check_probs(*args, parts, active)
     scalars = ((scale, "scale"), (threshold, "threshold"))
     check_data(q, k_t, "q", "k_t", q_count, k_count, scalars, validate)
-    check_in_bounds(parts[3], "s", n_min, p_max, validate)
+    check_in_bounds(parts[3], "count", n_min, p_max, validate)
     spikes, *new_state = call_op("spike_attention_probs", *args, *parts, active)
     return spikes, tuple(new_state)
 
@@ -308,7 +312,7 @@ def spike_context(
     Per step ``t``, with ``A``, ``V`` the running counts of the two spike trains::
 
         u_t = fl32(scale * fl32(a_t @ V_t + A_{t-1} @ v_t))   # spike_matmul, exact integers
-        v  += u_t / theta;  sigma = ST-BIF fire rule;  s += sigma;  v -= sigma
+        membrane += u_t / theta;  sigma = ST-BIF fire rule;  count += sigma;  membrane -= sigma
 
     bit for bit ``spike_matmul`` then ``st_bif``. On a GPU the context of a step never
     leaves the kernel: only int8 spikes are written per step, the state once per call.

@@ -36,7 +36,7 @@ def check_weight(weight: object, dtypes) -> None:
         )
 
 
-def check_linear_inputs(s, weight, threshold, threshold_name, bias, t0, bias_steps) -> int:
+def check_linear_inputs(s, weight, in_threshold, bias, t0, bias_steps) -> int:
     """Metadata checks shared with the fused ``spike_linear_neuron``; returns ``N``."""
     check_tensor(s, "s", dtypes=(torch.int8,))
     check_time_major(s, "s")
@@ -48,7 +48,7 @@ def check_linear_inputs(s, weight, threshold, threshold_name, bias, t0, bias_ste
         raise ValueError(
             f"s has K={s.shape[-1]} input features (last dim) but weight [N, K] has K={k}"
         )
-    check_scalar_tensor(threshold, threshold_name, s, "s")
+    check_scalar_tensor(in_threshold, "in_threshold", s, "s")
     if bias is not None:
         check_tensor(bias, "bias", dtypes=FLOAT_DTYPES, ndim=1)
         if bias.shape[0] != n:
@@ -63,10 +63,10 @@ def check_linear_inputs(s, weight, threshold, threshold_name, bias, t0, bias_ste
     return n
 
 
-def _check_spike_linear(s, weight, threshold, bias, t0, bias_steps, weight_scale) -> None:
+def _check_spike_linear(s, weight, in_threshold, bias, t0, bias_steps, weight_scale) -> None:
     """Metadata checks (no data read)."""
     check_weight(weight, WEIGHT_DTYPES)
-    n = check_linear_inputs(s, weight, threshold, "threshold", bias, t0, bias_steps)
+    n = check_linear_inputs(s, weight, in_threshold, bias, t0, bias_steps)
     if weight.dtype == torch.int8:
         if weight_scale is None:
             raise ValueError(
@@ -113,7 +113,7 @@ def due_steps(t0: int, steps: int, bias_steps: int) -> int:
 def spike_linear_torch(
     s: torch.Tensor,
     weight: torch.Tensor,
-    threshold: torch.Tensor,
+    in_threshold: torch.Tensor,
     bias: torch.Tensor | None,
     t0: int,
     bias_steps: int,
@@ -126,7 +126,7 @@ def spike_linear_torch(
     equals the Triton kernel's int32 path bit for bit.
     """
     n, k = weight.shape[-2:]
-    theta = threshold.to(torch.float32).reshape(())
+    theta = in_threshold.to(torch.float32).reshape(())
     rows = math.prod(s.shape[:-1])
     acc = torch.matmul(s.reshape(rows, k).to(torch.float32), float32_weight(weight).t())
     if weight.dtype == torch.int8:
@@ -144,13 +144,13 @@ def spike_linear_torch(
 def _spike_linear_op(
     s: torch.Tensor,
     weight: torch.Tensor,
-    threshold: torch.Tensor,
+    in_threshold: torch.Tensor,
     bias: torch.Tensor | None = None,
     t0: int = 0,
     bias_steps: int = 1,
     weight_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    _check_spike_linear(s, weight, threshold, bias, t0, bias_steps, weight_scale)
+    _check_spike_linear(s, weight, in_threshold, bias, t0, bias_steps, weight_scale)
     backend = backend_for(s, ("triton", "torch"))
     if backend == "reference":
         from spikekernels import reference
@@ -158,7 +158,7 @@ def _spike_linear_op(
         w = float32_weight(weight)
         if weight.dtype == torch.int8:
             w = w * weight_scale.to(torch.float32)[:, None]
-        return reference.spike_linear(s, w, threshold, bias, t0=t0, bias_steps=bias_steps)
+        return reference.spike_linear(s, w, in_threshold, bias, t0=t0, bias_steps=bias_steps)
     if backend == "triton":
         from spikekernels.kernels.spike_linear import spike_linear_triton
 
@@ -169,25 +169,25 @@ def _spike_linear_op(
             launcher,
             s.contiguous().reshape(s.shape[0] * rows, k),
             tensor_core_weight(weight),
-            threshold,
+            in_threshold,
             bias_share(bias, bias_steps),
             ws,
             due_steps(t0, s.shape[0], bias_steps) * rows,
         )
         return out.reshape(*s.shape[:-1], n)
-    return spike_linear_torch(s, weight, threshold, bias, t0, bias_steps, weight_scale)
+    return spike_linear_torch(s, weight, in_threshold, bias, t0, bias_steps, weight_scale)
 
 
 @_spike_linear_op.register_fake
-def _(s, weight, threshold, bias=None, t0=0, bias_steps=1, weight_scale=None):
-    _check_spike_linear(s, weight, threshold, bias, t0, bias_steps, weight_scale)
+def _(s, weight, in_threshold, bias=None, t0=0, bias_steps=1, weight_scale=None):
+    _check_spike_linear(s, weight, in_threshold, bias, t0, bias_steps, weight_scale)
     return s.new_empty((*s.shape[:-1], weight.shape[-2]), dtype=torch.float32)
 
 
 def spike_linear(
     s: torch.Tensor,
     weight: torch.Tensor,
-    threshold: torch.Tensor,
+    in_threshold: torch.Tensor,
     bias: torch.Tensor | None = None,
     *,
     t0: int = 0,
@@ -203,8 +203,8 @@ def spike_linear(
             (the dequantized weight is ``weight[n, k] * weight_scale[n]``); or ``[3, N, K]``
             bfloat16, the three bf16 parts of a float32 weight, from ``split_weight_bf16x3``
             (split once per layer; a 2-D float32 weight is split on every GPU call).
-        threshold: one-element float tensor ``theta`` (the input neuron's threshold), read on
-            the device (no host sync).
+        in_threshold: one-element float tensor ``theta``, the threshold of the neuron that
+            produced ``s``, read on the device (no host sync).
         bias: optional ``[N]`` float bias. Added ``bias`` at global step 0 when
             ``bias_steps == 1`` (ViT), else ``bias / bias_steps`` on each global step
             ``< bias_steps`` (the RoBERTa variant).
@@ -213,7 +213,7 @@ def spike_linear(
         weight_scale: ``[N]`` float per-output-channel scale, for int8 weights only (float32
             math).
         validate: also check on a GPU (a host sync) what is always checked on CPU tensors:
-            ``s`` is ternary, the threshold finite, positive and a normal float32, and
+            ``s`` is ternary, ``in_threshold`` finite, positive and a normal float32, and
             ``weight_scale`` finite and nonzero.
 
     Returns:
@@ -244,9 +244,9 @@ def spike_linear(
     all zero (silent tokens/steps cost only the bias write); CPU tensors run one vectorised
     float32 matmul (the Triton kernel under ``TRITON_INTERPRET=1``). Inference only: no autograd.
     """
-    _check_spike_linear(s, weight, threshold, bias, t0, bias_steps, weight_scale)
-    check_threshold_values(threshold, "threshold", validate)
+    _check_spike_linear(s, weight, in_threshold, bias, t0, bias_steps, weight_scale)
+    check_threshold_values(in_threshold, "in_threshold", validate)
     if weight_scale is not None:
         check_finite_nonzero(weight_scale, "weight_scale", validate)
     check_ternary(s, "s", validate)
-    return call_op("spike_linear", s, weight, threshold, bias, t0, bias_steps, weight_scale)
+    return call_op("spike_linear", s, weight, in_threshold, bias, t0, bias_steps, weight_scale)

@@ -41,7 +41,7 @@ def _check_spike_linear_neuron(
             "(fused with the target-driven neuron) instead"
         )
     check_weight(weight, FLOAT_DTYPES)
-    n = check_linear_inputs(s, weight, in_threshold, "in_threshold", bias, t0, bias_steps)
+    n = check_linear_inputs(s, weight, in_threshold, bias, t0, bias_steps)
     check_threshold(threshold, "threshold", n, s, "s")
     shape = (*s.shape[1:-1], n)
     check_active(active, (s.shape[0], *shape), s, "s")
