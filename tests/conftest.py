@@ -26,6 +26,20 @@ import torch  # noqa: E402
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+if INTERPRETED:
+    from triton_interpreter import patch_language_once_per_launch  # noqa: E402
+
+    patch_language_once_per_launch()
+
+# The interpreter pass (`make test`'s second pass) is there to run the Triton kernels on a
+# CPU; the first pass runs every test on the CPU runtime paths, and a GPU runs every test on
+# the real kernels. A model-level test that takes minutes through the interpreter runs there
+# on a subset that still reaches each kernel path it covers (fewer chunk sizes, batches),
+# or not at all when the rest of the interpreter pass reaches those paths already.
+CPU_PASS_ONLY = pytest.mark.skipif(
+    INTERPRETED, reason="too slow through the Triton interpreter; the CPU pass runs it"
+)
 
 # Under pytest-xdist (`make test` without a GPU) each worker gets its share of the cores:
 # PyTorch's default of one thread per core in every worker would oversubscribe them.

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_exact import NOT_UNDER_INTERPRETER, TINY, images, make_exact
+from conftest import CPU_PASS_ONLY
+from test_exact import TINY, images, make_exact
 
 from spikekernels import convert
 from spikekernels.models import QuantViT, calibrate
@@ -44,12 +45,12 @@ def _assert_state_in_place(graph, where):
 @pytest.mark.parametrize(
     ("max_steps", "chunk"),
     [
-        pytest.param(64, 4, marks=NOT_UNDER_INTERPRETER),
+        pytest.param(64, 4, marks=CPU_PASS_ONLY),
         (10, 3),
         # schedules: the same kernels as int chunks, so the CPU pass suffices (a minute each
         # through the interpreter)
-        pytest.param(11, (5, 2), marks=NOT_UNDER_INTERPRETER),
-        pytest.param(9, [2, 4, 3], marks=NOT_UNDER_INTERPRETER),
+        pytest.param(11, (5, 2), marks=CPU_PASS_ONLY),
+        pytest.param(9, [2, 4, 3], marks=CPU_PASS_ONLY),
     ],
 )
 def test_replayed_chunks_equal_the_eager_runner(gen, max_steps, chunk):

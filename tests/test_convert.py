@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import CPU_PASS_ONLY, INTERPRETED
 from torch import nn
 
 from spikekernels import convert, parity
@@ -84,10 +85,12 @@ def test_chunk_sizes_identical(qann, images, backend):
     row's block depends on the chunk size). ``cpp``: the CPU runtime path; None: the default
     (the Triton kernels through the interpreter in the second pass of ``make test``)."""
     snn = convert(qann)
+    # the interpreter: two chunkings across chunk boundaries (conftest.CPU_PASS_ONLY)
+    chunks = (3, (5, 2)) if INTERPRETED and backend is None else (1, 3, (5, 2))
     with force_backend(backend):
         base, base_steps, base_trace = snn(images, chunk=8, return_trace=True)
         base_counts = counts(snn)
-        for chunk in (1, 3, (5, 2)):
+        for chunk in chunks:
             logits, steps, trace = snn(images, chunk=chunk, return_trace=True)
             assert steps == base_steps, f"chunk {chunk}: {steps} steps, chunk 8: {base_steps}"
             assert torch.equal(trace.sample_steps, base_trace.sample_steps)
@@ -143,6 +146,7 @@ def test_per_sample_silence(qann, images):
     assert len(set(trace.sample_steps.tolist())) > 1, "the samples should settle at different steps"
 
 
+@CPU_PASS_ONLY  # the runner's loop: no kernel path of its own
 def test_max_steps_honoured(qann, images):
     snn = convert(qann)
     _, full_steps, trace = snn(images, return_trace=True)

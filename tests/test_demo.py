@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import CPU_PASS_ONLY
 
 from spikekernels.models import quant_vit_tiny, quantizers
 
@@ -112,6 +113,7 @@ def test_snn_part_agrees_with_qann(small):
     assert result.sample_steps.shape == (2,) and int(result.sample_steps.max()) == result.steps
 
 
+@CPU_PASS_ONLY  # the command line's flow; test_snn_part_agrees_with_qann runs the SNN part
 def test_synthetic_main_runs(capsys):
     demo.main(["--synthetic", "--batch", "2", "--max-steps", "4", "--chunk", "2"])
     assert "quant_vit_tiny" in capsys.readouterr().out

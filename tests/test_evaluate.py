@@ -2,7 +2,8 @@
 on an ImageFolder, torchrun on gloo against one process, checkpoints, and every bad input.
 
 The tool is not a kernel: its runs use the CPU runtime path (``force_backend("cpp")`` here,
-``TRITON_INTERPRET=0`` for subprocesses) in both passes of ``make test``.
+``TRITON_INTERPRET=0`` for subprocesses), so the interpreter pass of ``make test`` would only
+repeat them: they run in the CPU pass (and on a GPU).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import CPU_PASS_ONLY
 from torch import nn
 
 import spikekernels
@@ -33,6 +35,8 @@ from spikekernels.ops._dispatch import force_backend
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(level=8, depth=1, patch_size=4, embed_dim=16, num_heads=2)
+pytestmark = CPU_PASS_ONLY
+
 RUN = dict(max_steps=24, chunk=8, batch_size=16, progress=False)
 PNG = b"\x89PNG\r\n\x1a\n"
 

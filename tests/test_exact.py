@@ -7,10 +7,9 @@ and 8, levels 8, 16 and 32, ``global_pool``; and with the reference backend forc
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
+from conftest import CPU_PASS_ONLY, INTERPRETED
 from torch import nn
 
 from spikekernels import convert, parity
@@ -26,12 +25,9 @@ from spikekernels.nn import ExactLinear, QuantLinear, TargetNeuron
 from spikekernels.ops import exact_linear
 from spikekernels.ops._dispatch import force_backend
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # Width 384 through the Triton interpreter takes minutes per run: the CPU pass of `make test`
-# runs these; the interpreter pass runs the exact SNN's kernels on the tiny model below.
-NOT_UNDER_INTERPRETER = pytest.mark.skipif(
-    INTERPRET, reason="too slow through the Triton interpreter; the CPU pass runs it"
-)
+# runs those tests (CPU_PASS_ONLY); the interpreter pass runs the exact SNN's kernels on the
+# tiny model below.
 TINY = dict(img_size=8, patch_size=4, in_chans=3, num_classes=5, embed_dim=16, depth=2,
             num_heads=2)  # fmt: skip
 
@@ -212,12 +208,14 @@ def test_tree_sum_adds_neighbours_first():
 
 
 def test_exact_snn_tiny_bitwise_every_chunk(gen):
-    """Through the default backend: in the interpreter pass, the Triton kernels."""
+    """Through the default backend: in the interpreter pass, the Triton kernels, on two
+    chunkings that cross chunk boundaries (conftest.CPU_PASS_ONLY)."""
     qann = make_exact(gen, **TINY, level=16)
     snn = convert(qann)
     assert snn.exact
     x = images(gen, qann, 3)
-    steps = {chunk: assert_bitwise(qann, snn, x, chunk) for chunk in (1, 3, 8, (5, 2))}
+    chunks = (3, (5, 2)) if INTERPRETED else (1, 3, 8, (5, 2))
+    steps = {chunk: assert_bitwise(qann, snn, x, chunk) for chunk in chunks}
     assert len(set(steps.values())) == 1, f"the settle step depends on the chunk: {steps}"
 
 
@@ -291,14 +289,14 @@ def test_exact_snn_trace_and_silence(gen):
         assert torch.equal(trace.logits[s - 1 :, i], logits[i].expand(steps - s + 1, -1))
 
 
-@NOT_UNDER_INTERPRETER
+@CPU_PASS_ONLY
 def test_vit_s_width_depth4_224px_bitwise(gen):
     """ViT-S width and resolution (384, 6 heads, 197 tokens) at depth 4, level 16."""
     qann = make_exact(gen, **{**_vit_s(), "depth": 4}, level=16, batch_calib=2)
     assert_bitwise(qann, convert(qann), images(gen, qann, 2), chunk=8)
 
 
-@NOT_UNDER_INTERPRETER
+@CPU_PASS_ONLY
 @pytest.mark.parametrize(
     "level, global_pool, chunks",
     [(16, False, (1, 3, 8)), (8, False, (8,)), (32, False, (3,)), (16, True, (8,))],
@@ -314,7 +312,7 @@ def test_vit_s_width_depth4_bitwise(gen, level, global_pool, chunks):
     assert len(set(steps.values())) == 1, f"the settle step depends on the chunk: {steps}"
 
 
-@NOT_UNDER_INTERPRETER
+@CPU_PASS_ONLY
 def test_float_mode_parity_is_reported_honestly(gen):
     """The same network with float weights: parity reports its agreement (float rounding
     puts some counts on the other side of a tie, SPEC.md §8) and finds no bug."""
@@ -339,7 +337,7 @@ def test_parity_of_float_mode_of_an_integer_qann(gen):
     assert report.agreement > 0.9
 
 
-@NOT_UNDER_INTERPRETER
+@CPU_PASS_ONLY
 def test_vit_s_full_depth_bitwise(gen):
     """The paper's ViT-S: depth 12, 224 px, level 16 (about 40 s on 2 cores)."""
     qann = make_exact(gen, **_vit_s(), level=16, batch_calib=2)

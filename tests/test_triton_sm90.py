@@ -7,9 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+from conftest import CPU_PASS_ONLY
+
 SCRIPT = Path(__file__).with_name("triton_sm90.py")
 
 
+@CPU_PASS_ONLY  # the same compile in either pass (TRITON_INTERPRET=0 in the subprocess)
 def test_triton_kernels_compile_for_sm90():
     env = {**os.environ, "TRITON_INTERPRET": "0"}
     result = subprocess.run(
