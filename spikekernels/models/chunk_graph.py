@@ -5,9 +5,9 @@ checks, a dispatch and one or two Triton launches: milliseconds of host time per
 while the fused kernels of an 8-step chunk may take about as long on an H200 (the int8 work
 of a step is tens of microseconds at the roofline). A captured chunk is one replay.
 
-How. Exact mode has no per-step constant that depends on ``t0`` (the patch neuron sees the
-same conv value at every step), and its fresh state is all zeros, so one graph per chunk size
-serves every full chunk of that size of every call at one batch shape:
+How. Exact mode has no per-step constant that depends on the global step (the patch neuron
+sees the same conv value at every step), and its fresh state is all zeros, so one graph per
+chunk size serves every full chunk of that size of every call at one batch shape:
 
 - the modules keep their state at fixed addresses: after their first call every exact op
   runs with ``inplace=True`` (``TargetNeuron.state``);
@@ -69,7 +69,7 @@ def _side_stream(device: torch.device):
 class ChunkGraph:
     """The chunks of ``snn`` (exact mode) captured for images shaped like ``x``, one graph for
     each chunk size in ``sizes``. ``start(x)`` begins a call (zero state, these images);
-    ``step(n, t0)`` runs the next ``n`` steps and returns ``(logits [n, B, classes], fired
+    ``step(n)`` runs the next ``n`` steps and returns ``(logits [n, B, classes], fired
     flags [n, B])``, fresh tensors: a replay when ``n`` is a captured size, the eager modules
     otherwise."""
 
@@ -86,7 +86,7 @@ class ChunkGraph:
             # the state is created, then updated in place at every size
             for n in (self.sizes[0], *self.sizes):
                 self._watch(self.flags[:n])
-                snn.step_chunk(self.patches, n, n)
+                snn.step_chunk(self.patches, n)
             self._watch(self.flags)
         self.state = snn.state_tensors()
         if any(tensor is None for _, _, tensor in self.state):
@@ -111,7 +111,7 @@ class ChunkGraph:
         flags = self.flags[:n]  # a view at the flags' own address, whatever the size
         flags.zero_()
         self._watch(flags)
-        return self.snn.step_chunk(self.patches, n, n)
+        return self.snn.step_chunk(self.patches, n)
 
     def start(self, x: torch.Tensor) -> None:
         """A fresh start on images ``x`` (the captured shape): the captured state tensors back
@@ -122,7 +122,7 @@ class ChunkGraph:
         self.patches.copy_(self.snn.patch_embed.first_step(x))
         self._watch(self.flags)
 
-    def step(self, n: int, t0: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def step(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         if n in self.graphs:
             graph, logits = self.graphs[n]
             graph.replay()
@@ -131,6 +131,6 @@ class ChunkGraph:
         flags.zero_()
         self._watch(flags)
         try:
-            return self.snn.step_chunk(self.patches, n, t0), flags.clone()
+            return self.snn.step_chunk(self.patches, n), flags.clone()
         finally:
             self._watch(self.flags)

@@ -129,7 +129,8 @@ class SpikePatchEmbed(nn.Module):
     """Patch embedding: the QANN's conv (shared, with its bias) once, fed at global step 0
     (zeros after) through a signed neuron; class token and position embedding join at step 0.
     Returns the residual stream's increments ``[T, B, 1 + N_patches, D]`` float32 (a
-    ``Stream`` with nothing pending)."""
+    ``Stream`` with nothing pending). Like ``SpikeLinear``, it counts the steps it has seen
+    (``t0``), so chunks equal one whole call; ``reset()`` starts a new input."""
 
     def __init__(
         self, conv: nn.Conv2d, neuron: STBIF, cls_token: nn.Parameter, pos_embed: nn.Parameter
@@ -139,23 +140,27 @@ class SpikePatchEmbed(nn.Module):
         self.neuron = neuron
         self.cls_token = cls_token
         self.pos_embed = pos_embed
+        self.t0 = 0
 
     def first_step(self, img: torch.Tensor) -> torch.Tensor:
         return _patches(self.proj, img)
 
     def reset(self) -> None:
         self.neuron.reset()
+        self.t0 = 0
 
-    def forward(self, patches: torch.Tensor, steps: int, t0: int) -> Stream:
+    def forward(self, patches: torch.Tensor, steps: int) -> Stream:
         batch, n, d = patches.shape
+        first = self.t0 == 0
         u = patches.new_zeros(steps, batch, n, d)
-        if t0 == 0:
+        if first:
             u[0] = patches
         p = self.neuron(u)
         x = torch.cat((p.new_zeros(steps, batch, 1, d), p), dim=2)
-        if t0 == 0:
+        if first:
             x[0, :, :1] += self.cls_token[0].to(x.dtype)
             x[0] += self.pos_embed[0].to(x.dtype)
+        self.t0 += steps
         return Stream(x)
 
 
@@ -302,7 +307,7 @@ class ExactPatchEmbed(nn.Module):
     def reset(self) -> None:
         self.neuron.reset()
 
-    def forward(self, patches: torch.Tensor, steps: int, t0: int) -> Residual:
+    def forward(self, patches: torch.Tensor, steps: int) -> Residual:
         batch, n, d = patches.shape
         before = _count_before(self.neuron)
         spikes = self.neuron(patches.expand(steps, batch, n, d))
@@ -456,11 +461,12 @@ class SpikingViT(nn.Module):
             for name, tensor in module.state().items()
         ]
 
-    def step_chunk(self, patches: torch.Tensor, steps: int, t0: int) -> torch.Tensor:
-        """Run ``steps`` time steps from global step ``t0``; ``patches`` is the conv output
-        ``patch_embed.first_step(img)``. Returns the logits of each step ``[steps, B, classes]``
-        (increments in float mode, current values in exact mode)."""
-        x = self.patch_embed(patches, steps, t0)
+    def step_chunk(self, patches: torch.Tensor, steps: int) -> torch.Tensor:
+        """Run the next ``steps`` time steps (the modules count the steps they have seen since
+        ``reset()``); ``patches`` is the conv output ``patch_embed.first_step(img)``. Returns
+        the logits of each step ``[steps, B, classes]`` (increments in float mode, current
+        values in exact mode)."""
+        x = self.patch_embed(patches, steps)
         for block in self.blocks:
             x = block(x)
         return self.readout(x)
@@ -546,7 +552,7 @@ class SpikingViT(nn.Module):
                 while t0 < max_steps:
                     n = min(sizes[min(index, len(sizes) - 1)], max_steps - t0)
                     index += 1
-                    logits, fired = chunks.step(n, t0)
+                    logits, fired = chunks.step(n)
                     # Step by step, so that the rounding does not depend on the chunk size.
                     for t in range(n):
                         total = logits[t] if self.exact else total + logits[t]
@@ -600,11 +606,11 @@ class _EagerChunks:
         self.snn.reset()
         self.patches = self.snn.patch_embed.first_step(x)
 
-    def step(self, n: int, t0: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def step(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         flags = torch.zeros(n, self.patches.shape[0], dtype=torch.int32, device=self.patches.device)
         for neuron in self.neurons:
             neuron.watch(flags)
-        return self.snn.step_chunk(self.patches, n, t0), flags
+        return self.snn.step_chunk(self.patches, n), flags
 
 
 def _settle(
