@@ -48,7 +48,7 @@ from spikekernels.nn.exact_layers import (
 from spikekernels.nn.layernorm import SpikeLayerNormNeuron
 from spikekernels.nn.linear import SpikeLinear
 from spikekernels.nn.linear_neuron import SpikeLinearNeuron
-from spikekernels.nn.quant_linear import QuantLinear
+from spikekernels.nn.quant_linear import QuantLinear, all_integer
 from spikekernels.nn.target_neuron import TargetNeuron
 
 __all__ = ["SpikeTrace", "SpikingViT", "convert"]
@@ -145,20 +145,6 @@ class _Walker:
             )
 
 
-def _weight_mode(c: _Walker) -> bool:
-    """True when every linear is integer (exact mode), False when every one is float."""
-    kinds: dict[bool, str] = {}
-    for name, m in c.linears():
-        kinds.setdefault(isinstance(m, QuantLinear), name)
-    if len(kinds) > 1:
-        raise ValueError(
-            f"convert: the QANN mixes integer-weight linears (e.g. `{kinds[True]}`) and float "
-            f"ones (e.g. `{kinds[False]}`): call spikekernels.models.quantize_weights(qann) "
-            "to make every linear integer"
-        )
-    return True in kinds
-
-
 def _image_shape(qann: nn.Module, conv: nn.Conv2d, pos_embed: torch.Tensor):
     side = int(round((pos_embed.shape[1] - 1) ** 0.5)) * conv.stride[0]
     size = getattr(qann, "img_size", side)
@@ -198,7 +184,7 @@ def convert(qann: nn.Module, exact: bool | None = None) -> SpikingViT:
     if exact is not None and not isinstance(exact, bool):
         raise TypeError(f"exact must be True, False or None, got {type(exact).__name__}")
     c = _Walker(qann)
-    integer = _weight_mode(c)
+    integer = all_integer(c.linears())  # exact mode's weights; ValueError for a mix
     if exact and not integer:
         raise ValueError(
             "convert(exact=True) needs integer weights: call "

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from spikekernels.nn.quant_linear import QuantLinear
+from spikekernels.nn.quant_linear import QuantLinear, all_integer
 from spikekernels.nn.quantizer import Quantizer
 
 __all__ = [
@@ -283,21 +283,10 @@ def _get(parent: nn.Module, key: str) -> nn.Module:
 
 
 def linear_weight_bits(model: QuantViT) -> int | None:
-    """8 if every linear of ``model`` has int8 weights (``QuantLinear``), None if none has.
-
-    A model with some of each is neither a float nor an exact QANN: ValueError naming one of
-    each kind.
-    """
-    kinds: dict[bool, str] = {}
-    for path, parent, key in _linear_sites(model):
-        kinds.setdefault(isinstance(_get(parent, key), QuantLinear), path)
-    if len(kinds) > 1:
-        raise ValueError(
-            "the QANN mixes integer-weight and float linears (e.g. an integer "
-            f"`{kinds[True]}` and a float `{kinds[False]}`): call "
-            "spikekernels.models.quantize_weights(qann) to make every linear integer"
-        )
-    return QuantLinear.weight_bits if True in kinds else None
+    """8 if every linear of ``model`` has int8 weights (``QuantLinear``), None if none has;
+    ValueError for a mix (``nn.quant_linear.all_integer``)."""
+    linears = ((path, _get(parent, key)) for path, parent, key in _linear_sites(model))
+    return QuantLinear.weight_bits if all_integer(linears) else None
 
 
 def quantize_weights(model: QuantViT, bits: int = 8) -> QuantViT:

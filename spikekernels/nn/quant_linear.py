@@ -2,13 +2,31 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from spikekernels.exact_math import int_weights
 
-__all__ = ["QuantLinear"]
+__all__ = ["QuantLinear", "all_integer"]
+
+
+def all_integer(linears: Iterable[tuple[str, nn.Module]]) -> bool:
+    """True when every one of the named ``linears`` is a ``QuantLinear`` (an exact QANN's),
+    False when none is. A model with some of each is neither a float nor an exact QANN:
+    ValueError naming one of each kind."""
+    kinds: dict[bool, str] = {}
+    for name, module in linears:
+        kinds.setdefault(isinstance(module, QuantLinear), name)
+    if len(kinds) > 1:
+        raise ValueError(
+            f"the QANN mixes integer-weight linears (e.g. `{kinds[True]}`) and float ones "
+            f"(e.g. `{kinds[False]}`): call spikekernels.models.quantize_weights(qann) to make "
+            "every linear integer"
+        )
+    return True in kinds
 
 
 class QuantLinear(nn.Linear):
