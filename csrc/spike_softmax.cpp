@@ -85,10 +85,11 @@ constexpr int kSumLanes = 16;
 // exp(v) for v <= 0 (softmax's v - max), written without branches or library calls so the
 // loops below vectorise: Cephes' expf (range reduction by ln 2 in two parts, degree-5
 // polynomial, 2^n by building the exponent bits), ~1 ulp. exp(-inf) is exactly 0 (masked
-// entries contribute nothing); NaN propagates.
+// entries contribute nothing); NaN propagates (a NaN v computes on kLow, never casts a NaN
+// to an integer, and returns v).
 inline float exp_nonpositive(float v) {
   constexpr float kLow = -87.33654f;  // below this expf is denormal; flushed to 0
-  const float c = v < kLow ? kLow : (v > 0.0f ? 0.0f : v);
+  const float c = v >= kLow ? (v > 0.0f ? 0.0f : v) : kLow;
   // Round c * log2(e) to the nearest integer with the 1.5 * 2^23 trick (exact for |n| < 2^22).
   const float n = (c * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
   float r = c - n * 0.693359375f;
@@ -103,7 +104,7 @@ inline float exp_nonpositive(float v) {
   const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
-  return v < kLow ? 0.0f : y * scale;
+  return v >= kLow ? y * scale : (v < kLow ? 0.0f : v);
 }
 
 // One step of one row, all float32: X += x_t; Y = softmax(X); out = Y - Y_prev; Y_prev = Y.
@@ -127,13 +128,15 @@ SPIKEKERNELS_CPU_CLONES void softmax_step_row(
     float* __restrict__ out,
     int64_t n) {
   float max = kNegInf;
-#pragma omp simd reduction(max : max)
+  int nan_seen = 0;  // the max skips NaN: a NaN row must not pass for a masked one
+#pragma omp simd reduction(max : max) reduction(| : nan_seen)
   for (int64_t i = 0; i < n; ++i) {
     const float a = acc[i] + x_t[i];
     acc[i] = a;
     max = a > max ? a : max;
+    nan_seen |= a != a;
   }
-  if (max == kNegInf) {  // every entry -inf (or n == 0): Y = 0
+  if (max == kNegInf && !nan_seen) {  // every entry -inf (or n == 0): Y = 0
     for (int64_t i = 0; i < n; ++i) {
       out[i] = 0.0f - y_prev[i];
       y_prev[i] = 0.0f;

@@ -270,3 +270,28 @@ def test_every_output_element_is_written(gen, device, n, poisoned_allocations):
     x = _inputs(gen, 3, (4,), n, device=device)
     x_acc, y_prev = _state(gen, (4,), n, device)
     _assert_matches_reference(spikekernels.spike_softmax(x, x_acc, y_prev), x, x_acc, y_prev)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", [None, "torch"])
+@pytest.mark.parametrize("n", [5, 67, 1025])
+def test_nan_rows_stay_nan(gen, device, backend, n):
+    """A row with a NaN entry gives NaN, as the reference does, also when its other entries
+    are -inf: a NaN must not pass for a fully masked row (zeros), which the row max (it skips
+    NaN) used to make it. Masked and finite rows beside it are unaffected."""
+    from spikekernels.ops._dispatch import force_backend
+
+    x = _inputs(gen, 2, (5,), n).to(device)
+    x[0, 0] = float("nan")  # all NaN
+    x[0, 1] = NEG_INF
+    x[0, 1, n // 2] = float("nan")  # NaN among -inf
+    x[0, 2, 0] = float("nan")  # NaN among finite values
+    x[:, 3] = NEG_INF  # masked at every step
+    with force_backend(backend):
+        out, x_acc, y_prev = spikekernels.spike_softmax(x)
+    assert reference.spike_softmax(x.cpu())[0][:, :3].isnan().all(), "the oracle's NaN rows"
+    for t in range(2):
+        assert out[t, :3].isnan().all(), f"step {t}: a NaN row gave numbers"
+        assert torch.equal(out[t, 3].cpu(), torch.zeros(n)), f"step {t}: the masked row"
+    assert y_prev[:3].isnan().all() and torch.equal(y_prev[3].cpu(), torch.zeros(n))
+    _assert_matches_reference((out[:, 4:], x_acc[4:], y_prev[4:]), x[:, 4:])

@@ -3,7 +3,8 @@
 //
 // Per row, with state X (running sum) and Y_prev, both float32:
 //   X = X + e_t;  Y = softmax(X);  out_t = Y - Y_prev;  Y_prev = Y
-// A row whose entries are all -inf gives Y = 0 (reference._masked_softmax), never NaN.
+// A row whose entries are all -inf gives Y = 0 (reference._masked_softmax), never NaN; a row
+// with a NaN entry gives NaN, as in the reference, even when its other entries are -inf.
 //
 // Rows of up to 1024 entries (attention rows: 50..1024): one warp per row, the whole T loop
 // inside the kernel, X and Y_prev in registers, so the input is read once and the output
@@ -148,7 +149,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * kWarpSize) spike_softmax_warp
       }
     }
     max = warp_max(max);
-    const bool dead = max == neg_inf();  // every entry -inf: Y = 0
+    const bool masked = max == neg_inf();  // no finite entry (fmaxf skips NaN)
 
     float e[kItems][kVec];
     float sum = 0.0f;
@@ -156,12 +157,15 @@ __global__ void __launch_bounds__(kWarpsPerBlock * kWarpSize) spike_softmax_warp
     for (int k = 0; k < kItems; ++k) {
 #pragma unroll
       for (int j = 0; j < kVec; ++j) {
-        // Invalid slots and -inf entries give exp(-inf) = 0; a dead row skips exp entirely.
-        e[k][j] = (valid[k] && !dead) ? expf(acc[k][j] - max) : 0.0f;
+        // Invalid slots and -inf entries give exp(-inf) = 0. A row with no finite entry
+        // skips exp, but keeps its NaN entries: a NaN row is NaN, not a masked row.
+        const float a = acc[k][j];
+        e[k][j] = !valid[k] ? 0.0f : !masked ? expf(a - max) : (a != a ? a : 0.0f);
         sum += e[k][j];
       }
     }
     sum = warp_sum(sum);
+    const bool dead = masked && sum == 0.0f;  // every entry -inf: Y = 0
     const float inv = dead ? 0.0f : 1.0f / sum;
 
     scalar_t* out_t = out + t * step_stride + row_off;
@@ -253,14 +257,14 @@ __global__ void __launch_bounds__(kBlockThreads) spike_softmax_block_kernel(
       max = fmaxf(max, a);
     }
     max = block_reduce<true>(max, max_scratch);
-    const bool dead = max == neg_inf();
+    const bool masked = max == neg_inf();  // no finite entry (fmaxf skips NaN)
     float sum = 0.0f;
-    if (!dead) {
-      for (int i = threadIdx.x; i < n; i += kBlockThreads) {
-        sum += expf(acc[i] - max);
-      }
+    for (int i = threadIdx.x; i < n; i += kBlockThreads) {
+      // as in the warp kernel: a row with no finite entry keeps its NaN entries
+      sum += !masked ? expf(acc[i] - max) : (acc[i] != acc[i] ? acc[i] : 0.0f);
     }
     sum = block_reduce<false>(sum, sum_scratch);
+    const bool dead = masked && sum == 0.0f;  // every entry -inf: Y = 0
     const float inv = dead ? 0.0f : 1.0f / sum;
     scalar_t* out_t = out + t * step_stride + row_off;
     for (int i = threadIdx.x; i < n; i += kBlockThreads) {
