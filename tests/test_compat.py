@@ -212,6 +212,29 @@ def test_snnwrapper_and_reset_model(gen):
                    is_softmax=True)  # fmt: skip
 
 
+def test_snnwrapper_follows_a_loaded_checkpoint(gen):
+    """Loading a state_dict after wrapping (a resumed or evaluated checkpoint) used to leave
+    the SNN on the old thresholds: its logits were those of neither model."""
+
+    def qann():
+        qvit = QuantViT(img_size=8, patch_size=4, in_chans=3, num_classes=5, embed_dim=16,
+                        depth=1, num_heads=2, level=8)  # fmt: skip
+        return calibrate(qvit, torch.randn(8, 3, 8, 8, generator=gen))
+
+    a, b = qann(), qann()
+    first = {k: v.clone() for k, v in a.state_dict().items()}
+    images = torch.randn(2, 3, 8, 8, generator=gen)
+    want, _ = convert(b)(images)
+    wrapper = SNNWrapper(a, None, 64, "analog")
+    before, _ = wrapper(images)
+    assert not torch.equal(before, want), "the two checkpoints should differ"
+    wrapper.load_state_dict({"model." + k: v for k, v in b.state_dict().items()})
+    after, _ = wrapper(images)
+    torch.testing.assert_close(after, want, rtol=0, atol=0)
+    wrapper.model.load_state_dict(first)  # back, through the QANN itself
+    torch.testing.assert_close(wrapper(images)[0], before, rtol=0, atol=0)
+
+
 def test_reset_model_resets_every_stateful_module(gen):
     """SpikeLinear, SpikeLayerNorm and SpikeSoftmax used to keep their x_acc and t0 through
     a reset: every module with a ``reset()`` is reset, ours, the compat ones and a user's."""

@@ -444,6 +444,11 @@ class SNNWrapper(nn.Module):
     counted as the official loop does (the steps run, the first silent one included, at most
     ``time_step``), and with ``verbose`` also ``[T, B, classes]``, the logits as of each step
     (float mode: summed up to it; exact mode: the head's current value).
+
+    The SNN copies the QANN's thresholds (and, in exact mode, its integer weights) when it is
+    built, so loading a state_dict into the wrapper or into ``model`` (a resumed or evaluated
+    checkpoint) makes the next ``forward`` rebuild it. Other in-place edits of the QANN's
+    parameters are not seen: build a new wrapper after them.
     """
 
     def __init__(
@@ -473,6 +478,11 @@ class SNNWrapper(nn.Module):
         # Held outside the module tree: it shares the QANN's weights, and the state_dict stays
         # the QANN's (model.*), loadable from an official checkpoint.
         object.__setattr__(self, "snn", convert(ann_model))
+        self._stale = False
+        ann_model.register_load_state_dict_post_hook(self._mark_stale)
+
+    def _mark_stale(self, module, incompatible_keys) -> None:
+        self._stale = True
 
     def _apply(self, fn, recurse=True):
         self.snn._apply(fn, recurse)
@@ -482,6 +492,11 @@ class SNNWrapper(nn.Module):
         self.snn.reset()
 
     def forward(self, x: torch.Tensor, verbose: bool = False):
+        if self._stale:  # a checkpoint was loaded: its thresholds and weights
+            from spikekernels.convert import convert
+
+            object.__setattr__(self, "snn", convert(self.model))
+            self._stale = False
         logits, steps, trace = self.snn(x, max_steps=self.T, chunk=self.chunk, return_trace=True)
         count = min(steps + 1, self.T)
         self.max_T = max(self.max_T, count)
