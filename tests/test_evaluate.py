@@ -23,11 +23,13 @@ import spikekernels
 from spikekernels.evaluate import sops
 from spikekernels.evaluate.data import digits_split
 from spikekernels.models import (
+    QuantViT,
     calibrate,
     float_to_quant_state_dict,
     load_checkpoint,
     load_model,
     quant_vit_tiny,
+    quantize_weights,
     save_checkpoint,
 )
 from spikekernels.nn import STBIF, SpikeLayerNorm, SpikeSoftmax
@@ -173,6 +175,22 @@ def test_sops_by_hand():
     assert counter.dense_ops == {"softmax": 7, "norm": 7}
     assert counter.macs == {"patch": 24}
     assert counter.neuron_elements["attn_if"] == 9
+    counter.close()
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_every_norm_and_softmax_is_charged(gen, exact):
+    """Float mode's fused LayerNorm + neuron (an STBIF, not a SpikeLayerNorm) used to be left
+    out of the dense ops: its energy was not counted."""
+    qann = QuantViT(img_size=8, patch_size=4, in_chans=3, num_classes=5, embed_dim=16, depth=2,
+                    num_heads=2, level=8)  # fmt: skip
+    if exact:
+        quantize_weights(qann)
+    calibrate(qann, torch.randn(8, 3, 8, 8, generator=gen))
+    counter = sops.SpikeCounter(spikekernels.convert(qann), max_steps=8)
+    norms = [f"blocks.{b}.{n}.1" for b in range(2) for n in ("norm1", "norm2")] + ["norm.1"]
+    softmaxes = [f"blocks.{b}.attn.attn_quan" for b in range(2)]
+    assert sorted(counter.dense_ops) == sorted(norms + softmaxes)
     counter.close()
 
 
@@ -418,6 +436,27 @@ def test_bad_data_and_out(trained, tmp_path):
         spikekernels.evaluate(trained, out=a_file / "sub", **RUN)
     with pytest.raises(ValueError, match="exists and is not a directory"):
         spikekernels.evaluate(trained, out=a_file, **RUN)
+
+
+@pytest.mark.parametrize(
+    ("bad", "error", "words"),
+    [
+        (dict(data=None), TypeError, "data must be"),
+        (dict(energy_table=["x"]), ValueError, "energy_table must be"),
+        (dict(weight_bits=4), ValueError, "weight_bits must be"),
+        (dict(weight_bits=8.0), ValueError, "weight_bits must be"),
+        (dict(parity="False"), TypeError, "parity must be a bool"),
+        (dict(progress=1), TypeError, "progress must be a bool"),
+        (dict(device="gpu"), ValueError, "device must be auto, cpu or cuda"),
+        (dict(device="meta"), ValueError, "device must be auto, cpu or cuda"),
+    ],
+    ids=lambda v: str(v) if not isinstance(v, type) else v.__name__,
+)
+def test_bad_arguments_are_named(trained, bad, error, words):
+    """Before any work, each a TypeError/ValueError naming the argument: a list energy table
+    used to fail on hashing, None data on os.fspath, a bad device in torch.device."""
+    with pytest.raises(error, match=words):
+        spikekernels.evaluate(trained, **{**RUN, **bad})
 
 
 def test_failure_while_writing_leaves_nothing(trained, tmp_path, monkeypatch):

@@ -99,12 +99,21 @@ class DistContext:
 def _pick_device(name: str | None, local_rank: int) -> torch.device:
     if name in (None, "auto"):
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError) as exc:  # "gpu", "cuda:x", 3: torch's own message
+        raise ValueError(f"device must be auto, cpu or cuda[:N], got {name!r}") from exc
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be auto, cpu or cuda[:N], got {name!r}")
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"device {name!r} asked for, but CUDA is not available here")
         if device.index is None:
             device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        if device.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+            )
         torch.cuda.set_device(device)
     return device
 

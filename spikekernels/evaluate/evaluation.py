@@ -199,7 +199,15 @@ def evaluate(
         limit = _check_int("limit", limit)
     if calibrate is not None:
         calibrate = _check_int("calibrate", calibrate, 0)
-    if energy_table not in ENERGY_TABLES:
+    for name, flag in (("float_top1", float_top1), ("parity", parity),
+                       ("measure_overhead", measure_overhead), ("progress", progress)):  # fmt: skip
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+    if weight_bits is not None and (type(weight_bits) is not int or weight_bits != 8):
+        raise ValueError(f"weight_bits must be None (float weights) or 8, got {weight_bits!r}")
+    if not isinstance(data, (str, os.PathLike)):
+        raise TypeError(f"data must be 'digits' or a folder path, got {type(data).__name__}")
+    if not isinstance(energy_table, str) or energy_table not in ENERGY_TABLES:
         raise ValueError(
             f"energy_table must be one of {sorted(ENERGY_TABLES)}, got {energy_table!r}"
         )

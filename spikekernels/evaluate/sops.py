@@ -85,6 +85,7 @@ ENERGY_TABLES = {
 SNN_DENSE_OPS = {
     "SpikeSoftmax": 7,
     "SpikeLayerNorm": 7,
+    "SpikeLayerNormNeuron": 7,  # float mode's fused norm + neuron: an STBIF, not a SpikeLayerNorm
     "ExactSoftmax": 7,
     "ExactLayerNorm": 7,
     "ExactLayerNormNeuron": 7,
