@@ -22,17 +22,23 @@ import time
 
 import pytest
 import torch
-from conftest import DEVICE, record
+from conftest import DEVICE, device_name, record, set_stats
 
 import spikekernels
 from spikekernels.models import calibrate, quant_vit_tiny
 from spikekernels.ops import _registry
+from spikekernels.ops.weight_split import split_weight_bf16x3
 
 CALLS = 200
 
 
 def _per_call(fn, calls: int = CALLS, reps: int = 5) -> float:
     """Median over ``reps`` of (wall time of ``calls`` calls, then one sync) / ``calls``."""
+    return statistics.median(_per_call_samples(fn, calls, reps))
+
+
+def _per_call_samples(fn, calls: int = CALLS, reps: int = 5) -> list[float]:
+    """``reps`` samples of (wall time of ``calls`` calls, then one sync) / ``calls``."""
     fn()
     samples = []
     for _ in range(reps):
@@ -44,6 +50,14 @@ def _per_call(fn, calls: int = CALLS, reps: int = 5) -> float:
         if DEVICE.type == "cuda":
             torch.cuda.synchronize()
         samples.append((time.perf_counter() - start) / calls)
+    return samples
+
+
+def _time_direct(benchmark, fn, calls: int = CALLS) -> float:
+    """The figure under test: its samples become the test's stats; returns their median."""
+    benchmark.extra_info["device"] = device_name()
+    samples = _per_call_samples(fn, calls)
+    set_stats(benchmark, samples, timer=f"perf_counter / {calls} calls", warmup=1)
     return statistics.median(samples)
 
 
@@ -64,6 +78,8 @@ def _op_args(name: str, gen: torch.Generator) -> tuple:
         return (spikes, w, ws, None, theta, theta, -8, 7, None, None, active)
     if name == "spike_linear_neuron":
         w = torch.randn(n, k, generator=gen).div(8).to(DEVICE)
+        if DEVICE.type == "cuda":  # as SpikeLinearNeuron hands it over: split once
+            w = split_weight_bf16x3(w)
         return (spikes, w, theta, theta, -8, 7, None, 0, 1, None, None, False, active)
     raise ValueError(name)
 
@@ -72,11 +88,10 @@ def _op_args(name: str, gen: torch.Generator) -> tuple:
 def test_op_call(benchmark, rng, name):
     args = _op_args(name, rng)
     op = getattr(torch.ops.spikekernels, name)
-    with torch.no_grad():
-        direct = _per_call(lambda: _registry.call_op(name, *args))
-        dispatcher = _per_call(lambda: op(*args))
     benchmark.group = "host time per op call"
-    benchmark.pedantic(lambda: _registry.call_op(name, *args), rounds=1, iterations=1)
+    with torch.no_grad():
+        direct = _time_direct(benchmark, lambda: _registry.call_op(name, *args))
+        dispatcher = _per_call(lambda: op(*args))
     record(
         benchmark,
         direct,
@@ -94,7 +109,8 @@ def test_runner_chunk(benchmark, monkeypatch):
     snn = spikekernels.convert(qann)
     x = images[:1]
     chunk = lambda: snn(x, max_steps=8, chunk=8)  # noqa: E731
-    direct = _per_call(chunk, calls=5)
+    benchmark.group = "host time per runner chunk"
+    direct = _time_direct(benchmark, chunk, calls=5)
     with monkeypatch.context() as patch:
         patch.setattr(_registry, "runs_directly", lambda args: False)
         dispatcher = _per_call(chunk, calls=5)
@@ -109,8 +125,6 @@ def test_runner_chunk(benchmark, monkeypatch):
         graph = _per_call(replay, calls=5)
         graphed = dict(cuda_graph_ms=graph * 1e3, direct_over_cuda_graph=direct / graph)
         snn.release_chunk_graphs()
-    benchmark.group = "host time per runner chunk"
-    benchmark.pedantic(chunk, rounds=1, iterations=1)
     record(
         benchmark,
         direct,

@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEVICE, ON_GPU, record, synchronized, time_op, try_median_time
+from conftest import DEVICE, ON_GPU, record, time_op, try_median_time
 
 import spikekernels
 from spikekernels import reference
@@ -68,9 +68,7 @@ def test_spike_linear(benchmark, T, K, N, weight_dtype):
         weight, scale = spikekernels.ops.split_weight_bf16x3(w_float), None
     else:
         weight, scale = w_float.to(weight_dtype), None
-    fused = synchronized(
-        lambda: spikekernels.spike_linear(s, weight, theta, bias, weight_scale=scale)
-    )
+    fused = lambda: spikekernels.spike_linear(s, weight, theta, bias, weight_scale=scale)
 
     benchmark.group = f"spike_linear T={T} K={K} N={N}"
     seconds = time_op(benchmark, fused)
@@ -94,17 +92,13 @@ def test_spike_linear(benchmark, T, K, N, weight_dtype):
     a_int8 = torch.randint(-8, 8, (ROWS, K), dtype=torch.int8, device=DEVICE, generator=gen)
     a_bf16 = a_int8.to(torch.bfloat16)
     w_int8_t, w_bf16 = w_int8.t(), w_float.to(torch.bfloat16)
-    per_step = try_median_time("per_step_dense_fp32", synchronized(per_step_dense), info, reps=3)
+    per_step = try_median_time("per_step_dense_fp32", per_step_dense, info, reps=3)
     if per_step is not None:
         info["speedup_vs_per_step_dense_fp32"] = per_step / seconds
-    int8_qann = try_median_time(
-        "int8_qann", synchronized(lambda: torch._int_mm(a_int8, w_int8_t)), info
-    )
+    int8_qann = try_median_time("int8_qann", lambda: torch._int_mm(a_int8, w_int8_t), info)
     if int8_qann is not None:
         info["time_ratio_vs_int8_qann"] = seconds / int8_qann
-    bf16_qann = try_median_time(
-        "bf16_qann", synchronized(lambda: F.linear(a_bf16, w_bf16, None)), info
-    )
+    bf16_qann = try_median_time("bf16_qann", lambda: F.linear(a_bf16, w_bf16, None), info)
     if bf16_qann is not None:
         info["time_ratio_vs_bf16_qann"] = seconds / bf16_qann
     record(benchmark, seconds, **info)
@@ -124,8 +118,8 @@ def test_spike_linear_neuron(benchmark, T, K, N):
     parts = spikekernels.ops.split_weight_bf16x3(w_float)
     theta = torch.tensor(0.1, device=DEVICE)
     n_min, p_max = reference.level_bounds(LEVEL, signed=True)
-    fused = synchronized(
-        lambda: spikekernels.ops.spike_linear_neuron(s, parts, theta_in, theta, n_min, p_max, bias)
+    fused = lambda: spikekernels.ops.spike_linear_neuron(
+        s, parts, theta_in, theta, n_min, p_max, bias
     )
 
     def unfused():
@@ -144,14 +138,12 @@ def test_spike_linear_neuron(benchmark, T, K, N):
         output_spike_fraction=(spikes != 0).float().mean().item(),
         dense_equiv_tops=2 * T * ROWS * K * N / seconds / 1e12,
     )
-    separate = try_median_time("unfused", synchronized(unfused), info)
+    separate = try_median_time("unfused", unfused, info)
     if separate is not None:
         info["speedup_vs_unfused"] = separate / seconds
     a_bf16 = torch.randint(-8, 8, (ROWS, K), device=DEVICE, generator=gen).to(torch.bfloat16)
     w_bf16 = w_float.to(torch.bfloat16)
-    bf16_qann = try_median_time(
-        "bf16_qann", synchronized(lambda: F.linear(a_bf16, w_bf16, None)), info
-    )
+    bf16_qann = try_median_time("bf16_qann", lambda: F.linear(a_bf16, w_bf16, None), info)
     if bf16_qann is not None:
         info["time_ratio_vs_bf16_qann"] = seconds / bf16_qann
     record(benchmark, seconds, **info)

@@ -12,9 +12,9 @@ and zeros after, so each neuron fires its quantized count in its first steps and
 silent; the fraction of output tiles whose two spike tiles are silent is recorded per step.
 
 ``test_sesa_step``: one step with a controlled fraction of silent spike tiles (each operand's
-tiles silent with that probability) and incoming counts. DESIGN.md: at 90% silent, >= 3x
-faster than the same step done densely (``speedup_vs_dense`` is against the official three
-fp32 matmuls; the int8 and bf16 dense steps are recorded too).
+tiles silent with that probability) and incoming counts. DESIGN.md: at 90% silent, at least
+as fast as one dense int8 step (``speedup_vs_int8_dense_step`` >= 1); ``speedup_vs_dense`` is
+against the official three fp32 matmuls, and the bf16 dense step is recorded too.
 
 ``test_float_attention_probs``: float mode's fused scores + Spike-Softmax + neuron against the
 three ops unfused (``speedup_vs_unfused``; ``matches_unfused_spikes``: the fraction of equal
@@ -24,10 +24,10 @@ spikes, below 1 only where the two softmax implementations round a tie apart).
 one kernel on running counts, as ``ExactAttention`` runs them, against the two ops on running
 counts (``speedup_vs_two_ops``) and on spikes (``speedup_vs_spike_form``).
 
-``test_sesa_run``: a whole run of T steps. DESIGN.md: within 2x of one dense int8 QANN product
-of the same shape (``ratio_to_int8_dense``). The op writes a dense float32 output every step,
-so a run moves at least T times the QANN's output bytes: ``gbps`` and
-``fraction_of_copy_bandwidth`` say how close the run is to that floor.
+``test_sesa_run``: a whole run of T steps, against one dense int8 QANN product of the same
+shape (``ratio_to_int8_dense``; DESIGN.md sets no target for it). The op writes a dense
+float32 output every step, so a run moves at least T times the QANN's output bytes: ``gbps``
+and ``fraction_of_copy_bandwidth`` say how close the run is to that floor.
 
 torch has no batched int8 matmul: the int8 baseline is one ``torch._int_mm`` of
 ``[batch * heads * M, K] @ [K, N]`` (padded: rows > 16, K and N multiples of 8), the same
@@ -51,7 +51,6 @@ from conftest import (
     ON_GPU,
     copy_bandwidth_gbps,
     record,
-    synchronized,
     time_op,
     try_median_time,
 )
@@ -112,11 +111,13 @@ _TRAINS: dict = {}
 def _trains(heads: int, product: str) -> tuple[torch.Tensor, ...]:
     """``(a, b, a_int, b_int)`` for max(STEPS) steps; ``b`` is a view for the scores.
 
-    Only the latest (heads, product) is kept: the parametrization runs them in order.
+    Both products of the latest model are kept (the exact attention case reads both for each
+    of its cases); another model's trains replace them.
     """
     key = (heads, product)
     if key not in _TRAINS:
-        _TRAINS.clear()
+        if any(h != heads for h, _ in _TRAINS):
+            _TRAINS.clear()
         gen = _gen(0)
         T = max(STEPS)
         qkv = (BATCH, heads, TOKENS, HEAD_DIM)
@@ -261,11 +262,9 @@ def _dense_baselines(heads: int, product: str) -> tuple[dict, dict]:
         notes: dict = {}
         dense = {
             "official_step": try_median_time(
-                "official_step", synchronized(_official_step(heads, product)), notes
+                "official_step", _official_step(heads, product), notes
             ),
-            "bf16_qann": try_median_time(
-                "bf16_qann", synchronized(lambda: torch.matmul(a_bf16, b_bf16)), notes
-            ),
+            "bf16_qann": try_median_time("bf16_qann", lambda: torch.matmul(a_bf16, b_bf16), notes),
             "int8_qann": None,
         }
         try:
@@ -273,7 +272,7 @@ def _dense_baselines(heads: int, product: str) -> tuple[dict, dict]:
         except RuntimeError as exc:
             notes.setdefault("baseline_error", {})["int8_qann"] = str(exc)[:1000]
         else:
-            dense["int8_qann"] = try_median_time("int8_qann", synchronized(int8_product), notes)
+            dense["int8_qann"] = try_median_time("int8_qann", int8_product, notes)
         _BASELINES[key] = (dense, notes)
     dense, notes = _BASELINES[key]
     return dense, {k: dict(v) if isinstance(v, dict) else v for k, v in notes.items()}
@@ -369,7 +368,7 @@ def test_exact_attention_counts(benchmark, model, T):
         return exact_context(a, v, *scalars, a_count, counts[2][-1])[0]
 
     benchmark.group = f"exact attention {model}"
-    seconds = time_op(benchmark, synchronized(fused), warmup=1, reps=ROUNDS)
+    seconds = time_op(benchmark, fused, warmup=1, reps=ROUNDS)
     out = fused()
     info = dict(
         model=model,
@@ -380,7 +379,7 @@ def test_exact_attention_counts(benchmark, model, T):
         matches_spike_form=out.eq(spike_form()).float().mean().item(),
     )
     for name, baseline in (("two_ops", count_form), ("spike_form", spike_form)):
-        other = try_median_time(name, synchronized(baseline), info, reps=3)
+        other = try_median_time(name, baseline, info, reps=3)
         if other is not None:
             info[f"speedup_vs_{name}"] = other / seconds
     record(benchmark, seconds, **info)
@@ -395,7 +394,7 @@ def test_sesa_run(benchmark, model, product, T):
     a_all, b_all, _, _ = _trains(heads, product)
     a, b = a_all[:T], b_all[:T]
     scale = torch.full((1,), 0.125, device=DEVICE)
-    fused = synchronized(lambda: spikekernels.spike_matmul(a, b, scale))
+    fused = lambda: spikekernels.spike_matmul(a, b, scale)
 
     benchmark.group = f"sesa run {model} {product}"
     seconds = time_op(benchmark, fused, warmup=1, reps=ROUNDS)
@@ -416,11 +415,11 @@ def test_sesa_run(benchmark, model, product, T):
     )
     dense, notes = _dense_baselines(heads, product)
     info.update(notes)
-    dense_exact = try_median_time(
-        "torch_dense_exact",
-        synchronized(lambda: spike_matmul_torch(a, b, scale)),
-        info,
-        reps=3,
+    # on a CPU the op *is* this PyTorch path: a ratio there would time it against itself
+    dense_exact = (
+        try_median_time("torch_dense_exact", lambda: spike_matmul_torch(a, b, scale), info, reps=3)
+        if ON_GPU
+        else None
     )
     if dense["official_step"] is not None:
         info["speedup_vs_dense"] = T * dense["official_step"] / seconds
@@ -435,7 +434,9 @@ def test_sesa_run(benchmark, model, product, T):
 
 def _step_inputs(heads: int, product: str, silent: float):
     """One step whose spike tiles (row blocks of a, column blocks of b) are silent with
-    probability ``silent``; the rest hold ternary spikes at 30% density. Counts in level 16."""
+    probability ``silent``; the rest hold ternary spikes at 30% density. Counts in level 16.
+    For the scores ``b`` and its counts are transposed views of ``[N, K]`` tensors, as the
+    model's ``k.transpose(-1, -2)`` is."""
     batch, m, k, n = _shapes(heads, product)
     block_m, block_n = _output_tile(k)
     gen = _gen(4)
@@ -449,8 +450,12 @@ def _step_inputs(heads: int, product: str, silent: float):
         return x * (live.unsqueeze(-1) if dim == -2 else live.unsqueeze(-2))
 
     a = spikes((1, *batch, m, k), block_m, -2)
-    b = spikes((1, *batch, k, n), block_n, -1)
     a_acc = torch.randint(-8, 8, (*batch, m, k), device=DEVICE, generator=gen, dtype=torch.int8)
+    if product == "scores":
+        b = spikes((1, *batch, n, k), block_n, -2).transpose(-1, -2)
+        b_acc = torch.randint(-8, 8, (*batch, n, k), device=DEVICE, generator=gen, dtype=torch.int8)
+        return a, b, a_acc, b_acc.transpose(-1, -2)
+    b = spikes((1, *batch, k, n), block_n, -1)
     b_acc = torch.randint(-8, 8, (*batch, k, n), device=DEVICE, generator=gen, dtype=torch.int8)
     return a, b, a_acc, b_acc
 
@@ -468,7 +473,7 @@ def test_sesa_step(benchmark, model, product, silent):
     batch, m, k, n = _shapes(heads, product)
     a, b, a_acc, b_acc = _step_inputs(heads, product, silent)
     scale = torch.full((1,), 0.125, device=DEVICE)
-    fused = synchronized(lambda: spikekernels.spike_matmul(a, b, scale, a_acc, b_acc))
+    fused = lambda: spikekernels.spike_matmul(a, b, scale, a_acc, b_acc)
 
     benchmark.group = f"sesa step {model} {product}"
     seconds = time_op(benchmark, fused, warmup=1, reps=ROUNDS)
@@ -484,7 +489,7 @@ def test_sesa_step(benchmark, model, product, silent):
         gbps=gbps,
         fraction_of_copy_bandwidth=gbps / copy_bandwidth_gbps(),
     )
-    official = try_median_time("official_step", synchronized(_official_step(heads, product)), info)
+    official = try_median_time("official_step", _official_step(heads, product), info)
     if official is not None:
         info["speedup_vs_dense"] = official / seconds
     # the same step densely in the QANN's arithmetic: two int8 products (a_t @ B_t, A @ b_t)
@@ -495,7 +500,7 @@ def test_sesa_step(benchmark, model, product, silent):
     else:
         int8_step = try_median_time(
             "int8_dense_step",
-            synchronized(lambda: (a_int8() + b_int8()).float() * scale),
+            lambda: (a_int8() + b_int8()).float() * scale,
             info,
         )
         if int8_step is not None:
@@ -504,7 +509,7 @@ def test_sesa_step(benchmark, model, product, silent):
     acc_a, acc_b = a_acc.to(torch.bfloat16), b_acc.to(torch.bfloat16)
     bf16_step = try_median_time(
         "bf16_dense_step",
-        synchronized(lambda: (a_bf16 @ acc_b + acc_a @ b_bf16).float() * scale),
+        lambda: (a_bf16 @ acc_b + acc_a @ b_bf16).float() * scale,
         info,
     )
     if bf16_step is not None:
@@ -537,7 +542,7 @@ def test_float_attention_probs(benchmark, model, T):
         return spikekernels.st_bif(probs, theta, *bounds)
 
     benchmark.group = f"float attention probs {model}"
-    seconds = time_op(benchmark, synchronized(fused), warmup=1, reps=ROUNDS)
+    seconds = time_op(benchmark, fused, warmup=1, reps=ROUNDS)
     spikes, _ = fused()
     batch, m, _, n = _shapes(heads, "scores")
     info = dict(
@@ -548,7 +553,7 @@ def test_float_attention_probs(benchmark, model, T):
         spike_density=spikes.ne(0).float().mean().item(),
         matches_unfused_spikes=spikes.eq(unfused()[0]).float().mean().item(),
     )
-    split = try_median_time("unfused", synchronized(unfused), info, reps=3)
+    split = try_median_time("unfused", unfused, info, reps=3)
     if split is not None:
         info["speedup_vs_unfused"] = split / seconds
     record(benchmark, seconds, **info)

@@ -3,8 +3,8 @@
 ``TDSoftmax`` (cumsum, softmax of every prefix, diff) where SpikingJelly is installed.
 
 Shapes are attention scores ``[T, B, heads, L, L]``: ViT-S/B/L (L = 197, 6/12/16 heads) and
-RoBERTa (L = 50, 128, 12 heads) on a GPU; small ones on a CPU, plus ViT-S at batch 8, T = 16,
-the case behind DESIGN.md's CPU claim (>= 3x the per-step reference).
+RoBERTa (L = 50, 128, 12 heads) on a GPU; small ones on a CPU, plus ViT-S at batch 8, T = 16
+(DESIGN.md sets no CPU speed target: the CPU figures are for the record).
 
 ``speedup_vs_official_loop`` is against what SpikeZIP-TF's own ``spiking_softmax`` does, one
 call per step (``X = x_t + X; Y = softmax(X); out = Y - Y_pre``, each step's output its own
@@ -12,8 +12,8 @@ tensor, no ``-inf`` row handling): leaner than ``reference.spike_softmax``, whic
 guards fully masked rows and stacks the steps into one ``[T, ...]`` tensor.
 
 Bytes moved: the input read once and the output written once per step, plus the fresh state
-(float32 ``x_acc`` and ``y_prev``) written once. DESIGN.md's GPU targets: >= 80% of the
-measured copy bandwidth and >= 10x the per-step reference.
+(float32 ``x_acc`` and ``y_prev``) written once. DESIGN.md's GPU target: >= 80% of the
+measured copy bandwidth (``fraction_of_copy_bandwidth``).
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from conftest import (
     DEVICE,
     ON_GPU,
     copy_bandwidth_gbps,
+    note_missing_baseline,
     record,
-    synchronized,
     time_op,
     try_median_time,
 )
@@ -81,7 +81,7 @@ def test_spike_softmax(benchmark, case):
     x[0] *= 4.0
     x = x.to(dtype)
     step_numel = x[0].numel()
-    fused = synchronized(lambda: spikekernels.spike_softmax(x))
+    fused = lambda: spikekernels.spike_softmax(x)
     moved = 2 * x.numel() * x.element_size() + 2 * step_numel * 4
 
     benchmark.group = f"spike_softmax {name}"
@@ -95,22 +95,18 @@ def test_spike_softmax(benchmark, case):
     )
     per_step = try_median_time(
         "per_step_reference",
-        synchronized(lambda: reference.spike_softmax(x)),
+        lambda: reference.spike_softmax(x),
         info,
         warmup=1,
         reps=3,
     )
     if per_step is not None:
         info["speedup_vs_per_step_reference"] = per_step / seconds
-    official = try_median_time(
-        "official_loop", synchronized(lambda: _official_loop(x)), info, warmup=1, reps=3
-    )
+    official = try_median_time("official_loop", lambda: _official_loop(x), info, warmup=1, reps=3)
     if official is not None:
         info["speedup_vs_official_loop"] = official / seconds
     x_total = x.to(torch.float32).sum(0)
-    dense = try_median_time(
-        "dense_softmax", synchronized(lambda: torch.softmax(x_total, dim=-1)), info
-    )
+    dense = try_median_time("dense_softmax", lambda: torch.softmax(x_total, dim=-1), info)
     if dense is not None:
         info["time_ratio_vs_one_dense_softmax"] = seconds / dense
     if TDSoftmax is not None:
@@ -120,9 +116,9 @@ def test_spike_softmax(benchmark, case):
             jelly.reset()
             return jelly(x)
 
-        jelly_seconds = try_median_time(
-            "spikingjelly", synchronized(spikingjelly_run), info, warmup=1, reps=3
-        )
+        jelly_seconds = try_median_time("spikingjelly", spikingjelly_run, info, warmup=1, reps=3)
         if jelly_seconds is not None:
             info["speedup_vs_spikingjelly"] = jelly_seconds / seconds
+    else:
+        note_missing_baseline("spikingjelly", info)
     record(benchmark, seconds, **info)

@@ -26,7 +26,7 @@ from collections import defaultdict
 
 import pytest
 import torch
-from conftest import DEVICE, ON_GPU, median_time, record, synchronized, time_op
+from conftest import DEVICE, ON_GPU, median_time, record, time_op
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
@@ -95,7 +95,7 @@ def test_tile_sweep(benchmark, monkeypatch, mode):
     calibrate(qann, x)
     snn = spikekernels.convert(qann)
     families = CANDIDATES[mode]
-    run = synchronized(lambda: snn(x, max_steps=MAX_STEPS, chunk=CHUNK))
+    run = lambda: snn(x, max_steps=MAX_STEPS, chunk=CHUNK)
     benchmark.group = f"tile sweep {mode} level={LEVEL}"
 
     by_set, first_logits, default_seconds = {}, None, None

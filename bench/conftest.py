@@ -9,7 +9,10 @@ out, never the op's own figures. ``record`` puts bandwidth/throughput and the ra
 under bench/results/).
 
 On a GPU a sample is one call's device time between CUDA events, L2 flushed before it (as
-``triton.testing.do_bench``); on a CPU it is ``time.perf_counter`` around the call.
+``triton.testing.do_bench``), with no host synchronize inside it: the end event is queued
+behind the call's work, so a sync there would only add the host's wake-up to every sample
+(several microseconds: much of a small kernel's time). On a CPU it is ``time.perf_counter``
+around the call.
 """
 
 from __future__ import annotations
@@ -35,19 +38,6 @@ def device_name() -> str:
     if ON_GPU:
         return torch.cuda.get_device_name(DEVICE)
     return f"cpu ({os.cpu_count()} cores)"
-
-
-def synchronized(fn: Callable[[], object]) -> Callable[[], object]:
-    """Wrap ``fn`` so that one call includes waiting for the GPU to finish it."""
-    if not ON_GPU:
-        return fn
-
-    def call():
-        out = fn()
-        torch.cuda.synchronize()
-        return out
-
-    return call
 
 
 # GPU: calls cheaper than this budget / reps get more reps, up to MAX_GPU_REPS (event jitter).
@@ -120,17 +110,28 @@ def time_op(benchmark, fn: Callable[[], object], *, warmup: int = 2, reps: int =
 
     Set ``benchmark.group`` before calling: pytest-benchmark copies it here.
     """
+    # the device first: an entry whose test fails after this still says where it ran
+    benchmark.extra_info["device"] = device_name()
     samples = measure(fn, warmup=warmup, reps=reps)
-    if not benchmark.disabled:
-        # pytest-benchmark (5.x) has no public call that takes measured times: fill the stats
-        # that benchmark.pedantic would have filled, and mark the fixture as used.
-        benchmark._mode = "conftest.time_op(...)"
-        stats = benchmark._make_stats(1)
-        stats.options["timer"] = "cuda_events_cold_l2" if ON_GPU else "perf_counter"
-        stats.options["warmup"] = warmup
-        for seconds in samples:
-            stats.update(seconds)
+    timer = "cuda_events_cold_l2" if ON_GPU else "perf_counter"
+    set_stats(benchmark, samples, timer=timer, warmup=warmup)
     return statistics.median(samples)
+
+
+def set_stats(benchmark, samples: list[float], *, timer: str, warmup: int) -> None:
+    """Make ``samples`` (seconds) this test's pytest-benchmark stats, one round each, as
+    ``benchmark.pedantic`` would record its own: for benchmarks that time with their own
+    clock (``time_op``'s device timer, ``bench_host``'s per-call wall time)."""
+    if benchmark.disabled:
+        return
+    # pytest-benchmark (5.x) has no public call that takes measured times: fill the stats
+    # that benchmark.pedantic would have filled, and mark the fixture as used.
+    benchmark._mode = "conftest.set_stats(...)"
+    stats = benchmark._make_stats(1)
+    stats.options["timer"] = timer
+    stats.options["warmup"] = warmup
+    for seconds in samples:
+        stats.update(seconds)
 
 
 def try_median_time(name: str, fn: Callable[[], object], info: dict, **kwargs) -> float | None:
@@ -144,6 +145,12 @@ def try_median_time(name: str, fn: Callable[[], object], info: dict, **kwargs) -
         info.setdefault("baseline_error", {})[name] = message
         warnings.warn(f"baseline {name} could not run: {message}", RuntimeWarning, stacklevel=2)
         return None
+
+
+def note_missing_baseline(name: str, info: dict) -> None:
+    """A baseline whose package is not installed: said in the results, not left out silently."""
+    message = "not installed here (`make bench` installs it)"
+    info.setdefault("baseline_error", {})[name] = message
 
 
 _RECORDED: list[tuple[str, dict]] = []

@@ -4,7 +4,9 @@
 # writes bench/results/<gpu>-<date>.json and prints a short table last. Budget: < 8 minutes,
 # enforced: every stage runs under a timeout cut from one deadline (BUDGET_S, default 450 s),
 # and an overrun stops pytest with SIGINT (so it still prints what it has), then SIGKILL 20 s
-# later (a kernel that hangs). Each benchmark suite is its own run, so finished suites are kept.
+# later (a kernel that hangs). Each benchmark suite is its own run, so finished suites are kept,
+# and gets at most SUITE_S seconds (default 180). The JSON and the log are also copied to $OUT
+# (what the device tool brings back), whatever the exit.
 #
 # GPU tests: `-k cuda` selects the `cuda`-marked tests and every test parametrised over
 # conftest.DEVICES with "cuda" (its id holds "cuda"), which `-m cuda` alone would leave out.
@@ -24,6 +26,9 @@ unset TRITON_INTERPRET
 deadline=$(( $(date +%s) + ${BUDGET_S:-450} ))
 # seconds left before the deadline, less $1 kept for the stages after this one (at least 10)
 left() { local s=$(( deadline - $(date +%s) - ${1:-0} )); echo $(( s < 10 ? 10 : s )); }
+# a benchmark suite's share: what is left, but at most SUITE_S (one slow suite must not
+# starve the ones after it)
+suite_limit() { local s; s=$(left 15); local c=${SUITE_S:-180}; echo $(( s < c ? s : c )); }
 limit() { timeout -s INT -k 20 "$@"; }
 
 python3 -c "import torch; assert torch.cuda.is_available(), 'no CUDA GPU here'" || exit 1
@@ -32,6 +37,9 @@ day=$(date +%Y-%m-%d)
 mkdir -p bench/results
 json="bench/results/${gpu}-${day}.json"
 log="bench/results/${gpu}-${day}.log"
+# Through the device tool only what is under $OUT comes back: hand the results over on any
+# exit, a failed or cut-short run included.
+trap '[ -n "${OUT:-}" ] && cp -f "$json" "$log" "$OUT"/ 2>/dev/null' EXIT
 
 echo "== build (CUDA extension) on ${gpu}"
 start=$(date +%s)
@@ -79,7 +87,7 @@ for suite in ${BENCH:-$SUITES}; do
     bench_rc=1
     continue
   fi
-  limit "$(left 15)" python3 -m pytest "$suite" -q -p no:cacheprovider \
+  limit "$(suite_limit)" python3 -m pytest "$suite" -q -p no:cacheprovider \
     --benchmark-json="${parts}/$(basename "$suite" .py).json" 2>&1 \
     | tee -a "$log" | sed -n '/spikekernels benchmarks on/,$p'
   rc=${PIPESTATUS[0]}
@@ -110,13 +118,15 @@ try:
     data = json.load(open(sys.argv[1]))
 except (OSError, ValueError) as exc:
     sys.exit(f"no benchmark results: {exc}")
-keys = ("gbps", "fraction_of_copy_bandwidth", "speedup_vs_per_step_reference",
-        "speedup_vs_spikingjelly", "speedup_vs_dense", "ratio_to_int8_dense")
+def shown(value):  # bools (bitwise_equal, settled) and ints (steps) as they are
+    return str(value) if isinstance(value, int) else f"{value:.3g}"
+
+
 print(f"{'benchmark':58s} {'us':>9s}  figures")
 for b in data["benchmarks"]:
     info = b.get("extra_info", {})
-    figs = ", ".join(f"{k}={v:.3g}" for k, v in info.items()
-                     if isinstance(v, float) and k != "seconds")
+    figs = ", ".join(f"{k}={shown(v)}" for k, v in info.items()
+                     if isinstance(v, (bool, int, float)) and k != "seconds")
     us = info.get("seconds", b["stats"]["median"]) * 1e6
     print(f"{b['name'][:58]:58s} {us:9.1f}  {figs}")
     for name, error in info.get("baseline_error", {}).items():
