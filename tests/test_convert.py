@@ -227,6 +227,21 @@ def test_unknown_model_names_the_module(gen):
         convert(nn.Sequential(nn.Linear(2, 2)))
 
 
+def test_drop_path_is_ignored(gen, images):
+    """timm's DropPath (the official scripts train with --drop_path 0.1) is the identity in
+    evaluation: a block holding one converts, and the SNN is the same."""
+
+    class DropPath(nn.Module):  # timm's name; timm is not a dependency
+        def forward(self, x):
+            return x
+
+    qann = make_qann(gen, depth=1)
+    want, _ = convert(qann)(images)
+    qann.blocks[0].drop_path = DropPath()
+    got, _ = convert(qann)(images)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 @pytest.mark.cuda
 def test_snn_equals_qann_cuda(qann, images):
     """The Triton kernels and the CUDA softmax end to end: counts, logits, chunk invariance."""
