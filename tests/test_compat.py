@@ -212,6 +212,14 @@ def test_snnwrapper_and_reset_model(gen):
                    is_softmax=True)  # fmt: skip
 
 
+def test_sattention_level_fits_its_int8_counts():
+    """At level 256 the attention neuron's count reaches 255: the spike products' int8
+    running counts used to fail mid-run (CPU) or wrap (GPU), naming an internal operand."""
+    with pytest.raises(ValueError, match=r"level must be an int in \[2, 128\]"):
+        SAttention(dim=8, num_heads=2, level=256)
+    assert SAttention(dim=8, num_heads=2, level=128).level == 128
+
+
 def test_snnwrapper_follows_a_loaded_checkpoint(gen):
     """Loading a state_dict after wrapping (a resumed or evaluated checkpoint) used to leave
     the SNN on the old thresholds: its logits were those of neither model."""

@@ -34,7 +34,10 @@ rounding where the official code computes in a different order). Differences we 
   first, as the official scripts do); ``steps`` counts like the official loop (the settled
   step included). ``myquan_replace`` supports ``weight_bit=32`` (no weight quantization).
 - ``MyQuan`` is ``spikekernels.nn.Quantizer`` (``pos_max``/``neg_min`` are ints; ``level >=
-  512`` means no quantization, as the official ``'full'``).
+  512`` means no quantization, as the official ``'full'``). An odd signed level has the bounds
+  of SPEC.md §1, ``[-(L // 2), L // 2 - 1]``; the official ``-level//2`` is ``(-L) // 2`` in
+  Python, one lower (-8 for L = 15). The paper's levels are even, where both agree.
+- ``SAttention`` takes levels up to 128: its spike products keep int8 running counts.
 
 Inference only.
 """
@@ -296,6 +299,9 @@ class SAttention(nn.Module):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
+        if isinstance(level, bool) or not isinstance(level, int) or not 2 <= level <= 128:
+            # the unsigned attention neuron counts up to level - 1 in int8 running counts
+            raise ValueError(f"level must be an int in [2, 128] (int8 spike counts), got {level!r}")
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.scale = self.head_dim**-0.5
