@@ -20,6 +20,14 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 def _want_cuda() -> bool:
     forced = os.environ.get("SPIKEKERNELS_CUDA")
+    if forced not in (None, "0", "1"):
+        raise SystemExit(f"SPIKEKERNELS_CUDA must be 0 or 1 (or unset), got {forced!r}")
+    if forced == "1" and (torch.version.cuda is None or CUDA_HOME is None):
+        raise SystemExit(
+            "SPIKEKERNELS_CUDA=1, but "
+            + ("this torch has no CUDA" if torch.version.cuda is None else "no CUDA toolkit")
+            + " (CUDA_HOME / nvcc not found)"
+        )
     if forced is not None:
         return forced == "1"
     return torch.version.cuda is not None and CUDA_HOME is not None

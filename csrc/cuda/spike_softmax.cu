@@ -5,6 +5,9 @@
 //   X = X + e_t;  Y = softmax(X);  out_t = Y - Y_prev;  Y_prev = Y
 // A row whose entries are all -inf gives Y = 0 (reference._masked_softmax), never NaN; a row
 // with a NaN entry gives NaN, as in the reference, even when its other entries are -inf.
+// Unlike the CPU kernel's, the bits of a row's sum may depend on where the tensors start in
+// memory (the 4-wide path needs 16-byte alignment and sums in another order): within SPEC.md
+// §8's softmax tolerance, and the same for every chunk of one run (its alignment is fixed).
 //
 // Rows of up to 1024 entries (attention rows: 50..1024): one warp per row, the whole T loop
 // inside the kernel, X and Y_prev in registers, so the input is read once and the output
