@@ -31,6 +31,16 @@ def patch_language_once_per_launch() -> bool:
         return False
     if not all(hasattr(interpreter, name) for name in ("_patch_lang", "_LangPatchScope")):
         return False
+    # The protocol this relies on (triton 3.6): a launch restores the scope _patch_lang
+    # returned to it, and a device function call patches without restoring. Another version
+    # may do otherwise: then leave the interpreter as it is.
+    try:
+        launch = inspect.getsource(interpreter.GridExecutor.__call__)
+        call = inspect.getsource(interpreter.InterpretedFunction.__call__)
+    except (AttributeError, OSError, TypeError):
+        return False
+    if "patch_scope.restore()" not in launch or "_patch_lang(self.fn)" not in call:
+        return False
     if getattr(interpreter, "_spikekernels_patched", False):
         return True
 
