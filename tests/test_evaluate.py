@@ -332,6 +332,16 @@ def test_torchrun_two_ranks_equal_one_process(trained, tmp_path):
     assert {k: v for k, v in a.items() if k not in varying} == {
         k: v for k, v in b.items() if k not in varying
     }
+    # A bad --out stops every rank before any work (only rank 0 used to check it).
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    bad = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "spikekernels.evaluate", *args, "--out", str(not_a_dir)],
+        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert bad.returncode != 0
+    assert bad.stderr.count("exists and is not a directory") == 2, bad.stderr[-3000:]
 
 
 # --- checkpoints ----------------------------------------------------------------------------

@@ -242,7 +242,10 @@ def evaluate(
             )
         dataset = _dataset(data, qann, **image_opts)
         _check_fits(dataset, qann)
-        outdir = _prepare_out(out) if out is not None and ctx.is_main else None
+        # every rank checks --out (unique probe names), so a bad one stops them all now, not
+        # after the whole evaluation; only rank 0 writes there
+        outdir = _prepare_out(out) if out is not None else None
+        outdir = outdir if ctx.is_main else None
 
         if float_top1:
             float_net = _FloatNetwork(qann, copy_weights=weight_bits is not None)
