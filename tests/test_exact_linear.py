@@ -559,7 +559,7 @@ def test_silent_tile_flags(gen, device):
     s[2, -1, 0] = 1
     num_m = 5
     flags = torch.full((3, num_m), 9, dtype=torch.int32, device=device)
-    step_tile_any_kernel[(3, num_m)](
+    step_tile_any_kernel[(num_m, 3)](
         s.to(device), flags, s.shape[1], 200, num_m, BLOCK_M=block_m, BLOCK_K=128
     )
     want = torch.zeros(3, num_m, dtype=torch.int32)

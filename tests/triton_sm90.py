@@ -429,6 +429,16 @@ def spike_matmul_cases() -> list[Case]:
                 dict(constexprs, WRITE_FINAL=not after, BLOCK=sm.COUNT_BLOCK),
             )
         )
+        # Triton specialises an integer argument equal to 1 into a constant: one step (a
+        # chunk of 1) and one head. `(T - 1).to(...)` failed to compile there.
+        cases.append(
+            Case(
+                f"running_count from_after={after} T=1 H=1",
+                sm.running_count_kernel,
+                {name: ty for name, ty in signature.items() if name not in ("T", "H")},
+                dict(constexprs, T=1, H=1, WRITE_FINAL=not after, BLOCK=sm.COUNT_BLOCK),
+            )
+        )
     return cases
 
 
@@ -515,6 +525,8 @@ def exact_linear_cases() -> list[Case]:
         "N": "i32",
         "K": "i32",
         "num_m": "i32",
+        "s_step": "i32",
+        "out_step": "i32",
         "n_min": "i32",
         "p_max": "i32",
         "B": "i32",
@@ -552,7 +564,7 @@ def exact_linear_cases() -> list[Case]:
                 constexprs,
                 num_warps=num_warps,
                 num_stages=num_stages,
-                aligned=["rows", "N", "K"],
+                aligned=["rows", "N", "K", "s_step", "out_step"],
                 # int8 wgmma (exact int32 sums), and the neuron's correctly rounded
                 # division without flush to zero (SPEC.md §9.2-§9.3)
                 ptx_must_contain=["wgmma", ".s32.s8.s8", "div.rn.f32"],
@@ -881,6 +893,8 @@ def spike_linear_neuron_cases() -> list[Case]:
             "N": "i32",
             "K": "i32",
             "num_m": "i32",
+            "s_step": "i32",
+            "out_step": "i32",
             "due_steps": "i32",
             "part_stride": "i32",
             "n_min": "i32",
@@ -914,7 +928,7 @@ def spike_linear_neuron_cases() -> list[Case]:
                 constexprs,
                 num_warps=num_warps,
                 num_stages=num_stages,
-                aligned=["rows", "N", "K", "part_stride"],
+                aligned=["rows", "N", "K", "s_step", "out_step", "part_stride"],
                 # tensor cores in the weight's dtype, and the neuron's correctly rounded
                 # division without flush to zero (SPEC.md §2)
                 ptx_must_contain=["wgmma", ".f32." + w_ty.replace("fp", "f") + ".", "div.rn.f32"],

@@ -85,6 +85,8 @@ def exact_linear_kernel(
     N,
     K,
     num_m,
+    s_step,  # rows * K, out_step: rows * N: elements between two steps of s and of out (host
+    out_step,  # ints: i64 arguments from 2^31 on, where an in-kernel rows * K would wrap)
     n_min,
     p_max,
     B,  # samples (HAS_ACTIVE only)
@@ -129,7 +131,7 @@ def exact_linear_kernel(
         # S_{-1} = s_count - s_{T-1} - ... - s_0 (S_BEFORE: given), a K tile at a time; a
         # tile of zero counts skips its weight read and dot (the first chunk's are all zero)
         c_ptrs = s_count_ptr + rs[:, None] * K + ks[None, :]
-        last = tl.cast(T - 1, tl.int64) * rows * K
+        last = tl.cast(T - 1, tl.int64) * s_step
         for k0 in range(0, K, BLOCK_K):
             k_mask = (k0 + ks) < K
             tile_mask = row_mask[:, None] & k_mask[None, :]
@@ -138,7 +140,7 @@ def exact_linear_kernel(
                 s_ptrs = s_start + k0 + last
                 for _ in range(T):
                     before -= tl.load(s_ptrs, mask=tile_mask, other=0)
-                    s_ptrs -= rows * K
+                    s_ptrs -= s_step
             if any_nonzero(before):
                 w = tl.load(w_start + k0, mask=k_mask[:, None] & col_mask[None, :], other=0)
                 acc = tl.dot(before, w, acc, out_dtype=tl.int32)
@@ -192,8 +194,8 @@ def exact_linear_kernel(
         if HAS_ACTIVE:
             record_active_rows(active_ptrs, sigma, row_mask, col_mask, BLOCK_M, BLOCK_N)
             active_ptrs += B
-        s_start += rows * K
-        out_ptrs += rows * N
+        s_start += s_step
+        out_ptrs += out_step
         flag_ptrs += num_m
     tl.store(count_out_ptr + state_offs, count.to(tl.int8), mask=mask)
 
@@ -253,6 +255,8 @@ def exact_linear_triton(
         N,
         K,
         num_m,
+        rows * K,
+        rows * N,
         n_min,
         p_max,
         *active_layout(active, rows),

@@ -73,6 +73,8 @@ def spike_linear_neuron_kernel(
     N,
     K,
     num_m,
+    s_step,  # rows * K, out_step: rows * N: elements between two steps of s and of out (host
+    out_step,  # ints: i64 arguments from 2^31 on, where an in-kernel rows * K would wrap)
     due_steps,  # this chunk's steps [0, due_steps) get the bias share
     part_stride,  # N * K: elements between weight parts (PARTS > 1)
     n_min,
@@ -154,8 +156,8 @@ def spike_linear_neuron_kernel(
         if HAS_ACTIVE:
             record_active_rows(active_ptrs, sigma, row_mask, col_mask, BLOCK_M, BLOCK_N)
             active_ptrs += B
-        s_start += rows * K
-        out_ptrs += rows * N
+        s_start += s_step
+        out_ptrs += out_step
         flag_ptrs += num_m
     tl.store(v_out_ptr + state_offs, v, mask=mask)
     tl.store(count_out_ptr + state_offs, count.to(count_out_ptr.dtype.element_ty), mask=mask)
@@ -211,6 +213,8 @@ def spike_linear_neuron_triton(
         N,
         K,
         num_m,
+        rows * K,
+        rows * N,
         due_steps,
         N * K,
         n_min,

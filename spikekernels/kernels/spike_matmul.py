@@ -224,7 +224,9 @@ def running_count_kernel(
     else:
         cnt = tl.zeros([BLOCK], dtype=tl.int8)
     if FROM_AFTER:
-        last = (T - 1).to(tl.int64)  # the offset of the last step may pass 2^31
+        # the offset of the last step may pass 2^31; tl.cast, not .to: T == 1 is specialised
+        # into a Python int, which has no .to (a compile error on the GPU only)
+        last = tl.cast(T - 1, tl.int64)
         x_ptrs += last * stride_xt
         c_ptrs += last * stride_ct
         for _ in range(T):

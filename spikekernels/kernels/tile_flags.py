@@ -52,8 +52,8 @@ def step_tile_any_kernel(
     BLOCK_K: tl.constexpr,
 ):
     """flag[t, m] = any(s[t, m * BLOCK_M : (m + 1) * BLOCK_M, :] != 0)."""
-    t = tl.program_id(0).to(tl.int64)
-    pid_m = tl.program_id(1).to(tl.int64)
+    pid_m = tl.program_id(0).to(tl.int64)  # grid axis 0: the row tiles can pass 65,535
+    t = tl.program_id(1).to(tl.int64)
     rs = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rs < rows
     cols = tl.arange(0, BLOCK_K)
@@ -80,7 +80,7 @@ def step_tile_flags(launch, s: torch.Tensor, block_m: int, num_warps: int):
     T, rows, K = s.shape
     num_m = triton.cdiv(rows, block_m)
     flags = torch.empty((T, num_m), dtype=torch.int32, device=s.device)
-    launch(step_tile_any_kernel)[(T, num_m)](
+    launch(step_tile_any_kernel)[(num_m, T)](
         s, flags, rows, K, num_m, BLOCK_M=block_m, BLOCK_K=FLAG_BLOCK_K, num_warps=num_warps
     )
     return flags, num_m
