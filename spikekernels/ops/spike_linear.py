@@ -110,6 +110,14 @@ def due_steps(t0: int, steps: int, bias_steps: int) -> int:
     return max(0, min(steps, bias_steps - t0))
 
 
+def weight_offsets_fit(weight: torch.Tensor) -> bool:
+    """Whether the Triton kernels' int32 offsets reach every element of ``weight``'s tensor
+    core form (a float32 weight as three bf16 parts): below 2^31 elements. Beyond that (an
+    LLM-sized head) the PyTorch path runs."""
+    n, k = weight.shape[-2:]
+    return 3 * n * k < 2**31
+
+
 def spike_linear_torch(
     s: torch.Tensor,
     weight: torch.Tensor,
@@ -159,7 +167,7 @@ def _spike_linear_op(
         if weight.dtype == torch.int8:
             w = w * weight_scale.to(torch.float32)[:, None]
         return reference.spike_linear(s, w, in_threshold, bias, t0=t0, bias_steps=bias_steps)
-    if backend == "triton":
+    if backend == "triton" and weight_offsets_fit(weight):
         from spikekernels.kernels.spike_linear import spike_linear_triton
 
         n, k = weight.shape[-2:]
@@ -241,8 +249,9 @@ def spike_linear(
 
     Dispatch (``ops._dispatch.backend_for``): CUDA tensors run the Triton kernel
     (``torch.ops.spikekernels.spike_linear``), which skips tiles of 64 rows whose spikes are
-    all zero (silent tokens/steps cost only the bias write); CPU tensors run one vectorised
-    float32 matmul (the Triton kernel under ``TRITON_INTERPRET=1``). Inference only: no autograd.
+    all zero (silent tokens/steps cost only the bias write), unless the weight is too big for
+    its int32 offsets (``weight_offsets_fit``); CPU tensors run one vectorised float32 matmul
+    (the Triton kernel under ``TRITON_INTERPRET=1``). Inference only: no autograd.
     """
     _check_spike_linear(s, weight, in_threshold, bias, t0, bias_steps, weight_scale)
     check_threshold_values(in_threshold, "in_threshold", validate)

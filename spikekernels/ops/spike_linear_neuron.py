@@ -28,6 +28,7 @@ from spikekernels.ops.spike_linear import (
     float32_weight,
     spike_linear_torch,
     tensor_core_weight,
+    weight_offsets_fit,
 )
 
 
@@ -104,7 +105,7 @@ def _spike_linear_neuron_op(
     args = (s, weight, in_threshold, threshold, n_min, p_max, bias, t0, bias_steps, v, count)
     count_dtype = _check_spike_linear_neuron(*args, active)
     backend = backend_for(s, ("triton", "torch"))
-    if backend == "triton":
+    if backend == "triton" and weight_offsets_fit(weight):
         from spikekernels.kernels.spike_linear_neuron import spike_linear_neuron_triton
 
         n, k = weight.shape[-2:]
@@ -233,7 +234,8 @@ def spike_linear_neuron(
     SPEC.md §2 exactly: given ``y``, bit for bit.
 
     Dispatch (``ops._dispatch.backend_for``): CUDA tensors run the Triton kernel (one program
-    per row and output tile, the T loop inside, silent spike tiles skip the matmul); CPU
+    per row and output tile, the T loop inside, silent spike tiles skip the matmul; a weight
+    too big for its int32 offsets, ``spike_linear.weight_offsets_fit``: the CPU path); CPU
     tensors run one float32 matmul over all steps and the ST-BIF op (the Triton kernel under
     ``TRITON_INTERPRET=1``); ``force_backend("reference")`` runs the oracle. Inference only.
     """

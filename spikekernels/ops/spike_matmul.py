@@ -92,7 +92,10 @@ def _spike_matmul_op(
     _check_spike_matmul(a, b, scale, a_acc, b_acc)
     m, k, n = a.shape[-2], a.shape[-1], b.shape[-1]
     backend = backend_for(a, ("triton", "torch"))
-    if backend == "triton" and min(math.prod(a.shape[1:-2]), m, k, n) > 0:
+    # The kernels' offsets inside one [M, K], [K, N] or [M, N] slab are int32 (attention over
+    # more than 46K tokens passes 2^31): such products take the PyTorch path.
+    fits = max(m * k, k * n, m * n) < 2**31
+    if backend == "triton" and fits and min(math.prod(a.shape[1:-2]), m, k, n) > 0:
         from spikekernels.kernels.spike_matmul import spike_matmul_triton
 
         return spike_matmul_triton(launcher, a, b, scale, a_acc, b_acc)
@@ -164,8 +167,9 @@ def spike_matmul(
     Triton kernel then wraps the count in int8 and its answer is wrong.
 
     Dispatch: CUDA tensors run the Triton kernel (fused over T, silent tiles skipped; K > 64
-    through a split-K path); CPU tensors run the batched dense path above (the Triton kernel
-    under ``TRITON_INTERPRET=1``). Inference only: no autograd.
+    through a split-K path), unless one operand or output slab holds 2^31 elements or more
+    (its int32 offsets), which takes the dense path; CPU tensors run the batched dense path
+    above (the Triton kernel under ``TRITON_INTERPRET=1``). Inference only: no autograd.
     """
     # Metadata only (free): a non-tensor argument would otherwise meet the dispatcher's
     # less helpful schema error first.
