@@ -27,10 +27,13 @@ HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+# whether tests/triton_interpreter.py's patch is in place (this triton's interpreter may
+# follow another protocol: then it is left alone, and so is its test)
+INTERPRETER_PATCHED = False
 if INTERPRETED:
     from triton_interpreter import patch_language_once_per_launch  # noqa: E402
 
-    patch_language_once_per_launch()
+    INTERPRETER_PATCHED = patch_language_once_per_launch()
 
 # The interpreter pass (`make test`'s second pass) is there to run the Triton kernels on a
 # CPU; the first pass runs every test on the CPU runtime paths, and a GPU runs every test on

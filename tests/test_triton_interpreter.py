@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import INTERPRETED
+from conftest import INTERPRETER_PATCHED
 
 import spikekernels
 
-pytestmark = pytest.mark.skipif(not INTERPRETED, reason="the Triton interpreter's own patch")
+pytestmark = pytest.mark.skipif(
+    not INTERPRETER_PATCHED, reason="the Triton interpreter's patch is not in place here"
+)
 
 
 def _language():

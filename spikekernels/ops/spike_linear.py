@@ -112,10 +112,11 @@ def due_steps(t0: int, steps: int, bias_steps: int) -> int:
 
 def weight_offsets_fit(weight: torch.Tensor) -> bool:
     """Whether the Triton kernels' int32 offsets reach every element of ``weight``'s tensor
-    core form (a float32 weight as three bf16 parts): below 2^31 elements. Beyond that (an
-    LLM-sized head) the PyTorch path runs."""
+    core form (a float32 weight as three bf16 parts, a split one as its parts, any other as
+    itself): below 2^31 elements. Beyond that (an LLM-sized head) the PyTorch path runs."""
     n, k = weight.shape[-2:]
-    return 3 * n * k < 2**31
+    parts = 3 if weight.dtype == torch.float32 else weight.shape[0] if weight.dim() == 3 else 1
+    return parts * n * k < 2**31
 
 
 def spike_linear_torch(
