@@ -85,6 +85,24 @@ def test_lllinear_bias_at_first_step(gen):
     assert not bool(layer(torch.zeros(3, 6)).any()) and not bool(layer.is_work)
 
 
+def test_lllinear_if_mode_as_official(gen):
+    """The official IF path: the plain linear on a nonzero step; an all-zero step gives the bias
+    once (realize_time), then zeros."""
+    linear = nn.Linear(6, 4)
+    layer = LLLinear(linear, neuron_type="IF", level=8)
+    x = torch.randn(3, 6, generator=gen)
+    zero = torch.zeros(3, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), linear(x), rtol=0, atol=0)
+        assert bool(layer.is_work) and layer.realize_time == 1
+        torch.testing.assert_close(layer(zero), linear.bias.expand(3, 4), rtol=0, atol=0)
+        assert bool(layer.is_work) and layer.realize_time == 0
+        assert torch.equal(layer(zero), torch.zeros(3, 4)) and not bool(layer.is_work)
+        torch.testing.assert_close(layer(x), linear(x), rtol=0, atol=0)
+    layer.reset()
+    assert layer.realize_time == 1
+
+
 def make_qattention(gen, dim=16, heads=2, level=8, tokens=9, batch=2):
     qattn = QAttention(dim, num_heads=heads, qkv_bias=True, level=level)
     with torch.no_grad():

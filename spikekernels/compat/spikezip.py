@@ -177,8 +177,10 @@ class LLLinear(nn.Module):
 
     ``LLLinear(linear, neuron_type="ST-BIF", level=...)``: ``linear`` is kept (shared) as the
     attribute ``linear``. ST-BIF: ``x @ W^T`` every step plus ``bias / steps`` on the first
-    ``steps = 1`` steps (``realize_time`` counts down); ``neuron_type="IF"``: the plain linear
-    every step. ``is_work``: the input had a nonzero or the bias was released.
+    ``steps = 1`` steps (``realize_time`` counts down); ``neuron_type="IF"``: the plain linear,
+    bias included, on every step with a nonzero input, and on an all-zero step zeros plus the
+    bias while ``realize_time`` lasts (as the official class; it checks the input on the host).
+    ``is_work``: the input had a nonzero or the bias was released.
     """
 
     def __init__(self, linear: nn.Linear, **kwargs) -> None:
@@ -197,8 +199,17 @@ class LLLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.neuron_type == "IF":
-            self.is_work = (x != 0).any()
-            return self.linear(x)
+            # The official IF path: the plain linear (bias included) on a step with a nonzero
+            # input; an all-zero step gives zeros, plus the bias once while realize_time lasts.
+            self.is_work = bool((x != 0).any())
+            if self.is_work:
+                return self.linear(x)
+            out = x.new_zeros(*x.shape[:-1], self.linear.out_features)
+            if self.realize_time > 0 and self.linear.bias is not None:
+                out = out + self.linear.bias / self.steps
+                self.realize_time -= 1
+                self.is_work = True
+            return out
         out = F.linear(x, self.linear.weight)
         self.is_work = (x != 0).any()
         if self.realize_time > 0 and self.linear.bias is not None:
