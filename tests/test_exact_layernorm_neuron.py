@@ -603,6 +603,51 @@ def test_settles_to_the_qann_integer(gen, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("via", ["d", "branch", "branch2"])
+def test_quiet_rows_wake_up(gen, device, via):
+    """A held stream settles (its tiles go quiet: with an incoming count the kernel skips
+    them), then one row's input moves at a late step, through ``d`` or either pending branch:
+    that row answers at once, as the reference does, whole and in chunks."""
+    T, batch, tokens, channels = 24, 2, 9, 96
+    d, c = _residual(gen, 1, batch, tokens, channels)
+    d = d.expand(T, -1, -1, -1).clone()
+    norm = _norm(gen, channels)
+    zeros = torch.zeros((T, batch, tokens, channels), dtype=torch.int8)
+    branch = (zeros.clone(), torch.tensor(0.05), torch.zeros(zeros.shape[1:], dtype=torch.int8))
+    branch2 = (zeros.clone(), torch.tensor(0.07), torch.zeros(zeros.shape[1:], dtype=torch.int8))
+    late, row = 19, (1, 7)  # the last row tile of the second sample
+    if via == "d":
+        d[late:, row[0], row[1], ::3] += 0.5  # not every channel: LayerNorm ignores a shift
+    else:
+        spikes = (branch if via == "branch" else branch2)[0]
+        spikes[late, row[0], row[1], ::3] = 1
+    want = _composition(d, c, norm, branch, branch2=branch2)[:2]
+    assert not want[0][late - 3 : late].any(), "the stream must be settled before it moves"
+    assert want[0][late, row[0], row[1]].any(), "the moved row must fire (else vacuous)"
+    assert want[0][late].count_nonzero() == want[0][late, row[0], row[1]].count_nonzero()
+    to = [t.to(device) for t in (d, c)]
+    norm = {k: t.to(device) for k, t in norm.items()}
+    branch, branch2 = (tuple(t.to(device) for t in b) for b in (branch, branch2))
+    _assert_same(_run_branch(*to, norm, branch, branch2=branch2), want)
+    # an incoming count (zeros, the fresh state): the variant that skips quiet tiles
+    zero = torch.zeros(zeros.shape[1:], dtype=torch.int8, device=device)
+    _assert_same(_run_branch(*to, norm, branch, zero, branch2=branch2), want)
+    # chunks: the branch counts advance by each chunk's spikes, the norm's count carries; the
+    # last chunk is quiet for two steps before the row moves
+    parts, count, before, before2 = [], None, branch[2], branch2[2]
+    for t0, n in ((0, 7), (7, 10), (17, 7)):
+        window = slice(t0, t0 + n)
+        out, count = _run_branch(
+            to[0][window], to[1], norm, (branch[0][window], branch[1], before), count,
+            branch2=(branch2[0][window], branch2[1], before2),
+        )  # fmt: skip
+        parts.append(out)
+        before = (before.to(torch.int32) + branch[0][window].sum(0)).to(torch.int8)
+        before2 = (before2.to(torch.int32) + branch2[0][window].sum(0)).to(torch.int8)
+    _assert_same((torch.cat(parts), count), want)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_state_is_fresh_and_inputs_untouched(gen, device):
     d, c = _residual(gen, 3, 2, 4, 16, device)
     norm = _norm(gen, 16, device=device)
