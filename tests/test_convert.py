@@ -166,6 +166,29 @@ def test_weights_shared_not_copied(qann):
     assert snn.readout.norm.eps == qann.norm[0].eps == 1e-6
 
 
+@pytest.mark.parametrize("exact", [False, True])
+def test_thresholds_copied_not_shared(gen, exact):
+    """Thresholds, gains and scales are the quantizers' steps as of conversion (convert's
+    promise): no SNN tensor shares storage with a quantizer step, so recalibrating the QANN
+    afterwards leaves the SNN as it was (a shared step would move only part of it)."""
+    qann = make_qann(gen, weight_bits=8 if exact else None)
+    snn = convert(qann.eval())
+    assert snn.exact == exact
+    steps = {q.s.untyped_storage().data_ptr() for q in quantizers(qann)}
+    shared = [
+        name
+        for name, t in [*snn.named_buffers(), *snn.named_parameters()]
+        if t.untyped_storage().data_ptr() in steps
+    ]
+    assert not shared, f"SNN tensors share a quantizer step: {shared}"
+    images = torch.randn(2, 3, 8, 8, generator=gen)
+    before = snn(images, max_steps=64)[0]
+    with torch.no_grad():
+        for q in quantizers(qann):
+            q.s.mul_(1.5)
+    torch.testing.assert_close(snn(images, max_steps=64)[0], before, rtol=0, atol=0)
+
+
 def test_fanout_set_for_sop_counts(qann):
     """Each neuron knows the synaptic operations one of its spikes causes downstream."""
     snn = convert(qann)

@@ -11,7 +11,7 @@ from torch import nn
 from spikekernels.nn.conversion import neuron_from_quantizer
 from spikekernels.nn.exact_layers import check_token_spikes, require_input_counts
 from spikekernels.nn.linear_neuron import SpikeLinearNeuron
-from spikekernels.nn.neuron import STBIF
+from spikekernels.nn.neuron import STBIF, scalar_tensor
 from spikekernels.ops.spike_attention import spike_attention_probs, spike_context
 
 __all__ = ["SpikeAttention", "SpikeAttentionProbs", "SpikeContext"]
@@ -33,7 +33,7 @@ class SpikeAttentionProbs(STBIF):
         if neuron.float_out:
             raise ValueError("the attention neuron feeds a spike product: int8 spikes out")
         self.fanout = neuron.fanout
-        self.register_buffer("scale", torch.as_tensor(scale, dtype=torch.float32).reshape(()))
+        self.register_buffer("scale", scalar_tensor(scale, "scale"))
 
     def reset(self) -> None:
         """Back to the fresh state (``X = Y_prev = 0``, ``v = 0.5``, ``count = 0``)."""
@@ -74,7 +74,7 @@ class SpikeContext(STBIF):
         if neuron.float_out:
             raise ValueError("the context neuron feeds a spike linear: int8 spikes out")
         self.fanout = neuron.fanout
-        self.register_buffer("scale", torch.as_tensor(scale, dtype=torch.float32).reshape(()))
+        self.register_buffer("scale", scalar_tensor(scale, "scale"))
 
     def forward(
         self,

@@ -10,6 +10,7 @@ from spikekernels.nn.exact_layers import (
     check_token_spikes,
     require_input_counts,
 )
+from spikekernels.nn.neuron import scalar_tensor, threshold_tensor
 from spikekernels.nn.target_neuron import TargetNeuron
 from spikekernels.ops.exact_attention import (
     exact_attention,
@@ -43,7 +44,7 @@ class ExactAttentionProbs(TargetNeuron):
         counts_out: bool = False,
     ) -> None:
         super().__init__(neuron.threshold, neuron.level, neuron.signed, fanout=neuron.fanout)
-        self.register_buffer("gain", torch.as_tensor(gain, dtype=torch.float32).reshape(()))
+        self.register_buffer("gain", scalar_tensor(gain, "gain"))
         self.counts_in, self.counts_out = bool(counts_in), bool(counts_out)
 
     def forward(
@@ -86,8 +87,9 @@ class ExactContext(TargetNeuron):
         counts_in: bool = False,
     ) -> None:
         super().__init__(neuron.threshold, neuron.level, neuron.signed, fanout=neuron.fanout)
-        self.register_buffer("theta_a", torch.as_tensor(theta_a, dtype=torch.float32).reshape(()))
-        self.register_buffer("theta_v", torch.as_tensor(theta_v, dtype=torch.float32).reshape(()))
+        # copies: the thresholds as of conversion, as every neuron's own
+        self.register_buffer("theta_a", threshold_tensor(theta_a, "theta_a"))
+        self.register_buffer("theta_v", threshold_tensor(theta_v, "theta_v"))
         self.counts_in = bool(counts_in)
 
     def forward(

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from spikekernels import exact_math
+from spikekernels.nn.neuron import scalar_tensor
 from spikekernels.nn.target_neuron import TargetNeuron
 from spikekernels.ops.exact_layernorm import exact_layernorm_neuron
 from spikekernels.ops.exact_linear import exact_linear
@@ -310,7 +311,7 @@ class ExactSoftmax(nn.Module):
 
     def __init__(self, gain: torch.Tensor) -> None:
         super().__init__()
-        self.register_buffer("gain", torch.as_tensor(gain, dtype=torch.float32).reshape(()))
+        self.register_buffer("gain", scalar_tensor(gain, "gain"))
 
     def reset(self) -> None:
         """Nothing to reset (stateless)."""

@@ -10,24 +10,34 @@ from spikekernels.ops._checks import check_flag, check_threshold_values
 from spikekernels.ops.neuron import st_bif
 
 
+def scalar_tensor(value: object, name: str) -> torch.Tensor:
+    """One value as a 0-d float32 copy (a module's scale or gain): never the caller's storage,
+    so that later edits of a QANN parameter leave a converted module alone."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, torch.Tensor)):
+        raise TypeError(f"{name} must be a float or a tensor, got {type(value).__name__}")
+    theta = torch.as_tensor(value, dtype=torch.float32).detach().clone()
+    if theta.numel() != 1:
+        raise ValueError(
+            f"{name} must be one value (a float or a one-element tensor), got shape "
+            f"{tuple(theta.shape)}"
+        )
+    return theta.reshape(())
+
+
 def threshold_tensor(value: object, name: str = "threshold", *, per_channel: bool = False):
     """A module's threshold as a float32 copy: from a Python number or a tensor, one value
     (0-d), or with ``per_channel`` one value or one per channel (``[C]``, kept as given);
     positive, finite and normal (a data read: checked on CPU tensors only, no GPU sync)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, torch.Tensor)):
-        raise TypeError(f"{name} must be a float or a tensor, got {type(value).__name__}")
-    theta = torch.as_tensor(value, dtype=torch.float32).detach().clone()
-    if per_channel and theta.dim() > 1:
-        raise ValueError(
-            f"{name} must be one value or one per channel [C], got shape {tuple(theta.shape)}"
-        )
     if not per_channel:
-        if theta.numel() != 1:
+        theta = scalar_tensor(value, name)
+    else:
+        if isinstance(value, bool) or not isinstance(value, (int, float, torch.Tensor)):
+            raise TypeError(f"{name} must be a float or a tensor, got {type(value).__name__}")
+        theta = torch.as_tensor(value, dtype=torch.float32).detach().clone()
+        if theta.dim() > 1:
             raise ValueError(
-                f"{name} must be one value (a float or a one-element tensor), got shape "
-                f"{tuple(theta.shape)}"
+                f"{name} must be one value or one per channel [C], got shape {tuple(theta.shape)}"
             )
-        theta = theta.reshape(())
     check_threshold_values(theta, name)
     return theta
 

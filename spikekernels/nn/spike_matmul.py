@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from spikekernels.nn.neuron import scalar_tensor
 from spikekernels.ops.spike_matmul import spike_matmul
 
 __all__ = ["RunningSpikeMatmul", "SpikeMatmul"]
@@ -25,7 +26,7 @@ class SpikeMatmul(nn.Module):
 
     def __init__(self, scale: torch.Tensor) -> None:
         super().__init__()
-        self.register_buffer("scale", torch.as_tensor(scale, dtype=torch.float32).reshape(()))
+        self.register_buffer("scale", scalar_tensor(scale, "scale"))
         self.reset()
 
     def reset(self) -> None:
