@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from spikekernels import reference
+from spikekernels.models import calibrate, quant_vit_tiny
 from spikekernels.nn import Quantizer
 
 LEVELS = [2, 8, 16, 32]
@@ -144,6 +145,24 @@ def test_calibrated_step_beats_lsq_init(gen, signed):
     assert step > 0 and torch.isfinite(step)
     assert err(step) <= err(lsq)
     assert q.calibrate_step(torch.zeros(7)).item() == 1.0
+
+
+def test_calibration_refuses_what_it_cannot_measure(gen):
+    """A NaN would pass for an all-zero input (step 1) and spread to every later quantizer."""
+    q = Quantizer(16, True)
+    x = torch.randn(1000, generator=gen)
+    for bad in (float("nan"), float("inf")):
+        y = x.clone()
+        y[17] = bad
+        with pytest.raises(ValueError, match="non-finite"):
+            q.calibrate_step(y)
+    with pytest.raises(ValueError, match="empty"):
+        q.calibrate_step(torch.zeros(0))
+    qann = quant_vit_tiny(level=8)
+    images = torch.randn(2, 1, 8, 8, generator=gen)
+    images[1, 0, 3, 3] = float("nan")
+    with pytest.raises(ValueError, match="calibrate: x has non-finite"):
+        calibrate(qann, images)
 
 
 def test_bad_step_is_rejected():

@@ -8,7 +8,7 @@ import torch
 from conftest import DEVICES
 
 import spikekernels
-from spikekernels import reference
+from spikekernels import ops, reference
 from spikekernels.kernels import use_triton
 from spikekernels.nn import SpikeLinear
 from spikekernels.ops import split_weight_bf16x3
@@ -151,6 +151,32 @@ def test_silent_rows_and_steps_give_exactly_the_bias(gen, dtype):
     quiet[3] = False
     assert torch.equal(got[1][quiet], share.expand(39, N))
     _assert_linear(got, s, w, ws, theta, bias, 0, 2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["strided", "expanded"])
+def test_bias_of_any_layout(gen, device, layout):
+    """A strided or expanded (stride 0) bias gives the contiguous bias's bits on every path,
+    the module's and the neuron op's too (the kernels read the bias by column)."""
+    s = _spikes(gen, 3, (2, 7), 20).to(device)
+    w, _ = _weight(gen, 12, 20, torch.float32)
+    w, theta = w.to(device), torch.tensor(0.3, device=device)
+    if layout == "strided":
+        bias = torch.randn(24, generator=gen).to(device)[::2]
+    else:
+        bias = torch.randn((), generator=gen).to(device).expand(12)
+    assert not bias.is_contiguous()
+    plain = bias.contiguous()
+    for bias_steps in (1, 3):
+        got = spikekernels.spike_linear(s, w, theta, bias, bias_steps=bias_steps)
+        want = spikekernels.spike_linear(s, w, theta, plain, bias_steps=bias_steps)
+        assert torch.equal(got, want), f"bias_steps={bias_steps}"
+    out_theta = torch.tensor(0.2, device=device)
+    got = ops.spike_linear_neuron(s, w, theta, out_theta, -8, 7, bias)
+    want = ops.spike_linear_neuron(s, w, theta, out_theta, -8, 7, plain)
+    for g, x in zip(got, want, strict=True):
+        assert torch.equal(g, x)
+    assert torch.equal(SpikeLinear(w, bias, theta)(s), SpikeLinear(w, plain, theta)(s))
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -109,7 +109,7 @@ class Quantizer(nn.Module):
             self.set_step(self.calibrate_step(x))
         elif self.training and not self.initialized:
             self.set_step(2.0 * x.detach().abs().mean() / math.sqrt(self._q_max))
-        grad_scale = 1.0 / math.sqrt(x.numel() * self._q_max)
+        grad_scale = 1.0 / math.sqrt(max(x.numel(), 1) * self._q_max)  # an empty batch: any
         return _LSQQuantize.apply(x, self.s, grad_scale, self.n_min, self.p_max)
 
     def integer(self, x: torch.Tensor) -> torch.Tensor:
@@ -133,9 +133,17 @@ class Quantizer(nn.Module):
 
         Candidates are ``k / 64`` (k = 1..64) of the step that maps the observed range onto the
         integer bounds, evaluated on up to 65536 elements (an evenly strided subsample). An
-        all-zero input gives the step 1 (any positive step is exact there).
+        all-zero input gives the step 1 (any positive step is exact there); an empty or
+        non-finite one raises ``ValueError`` (a NaN would pass for all-zero, step 1).
         """
         flat = x.detach().reshape(-1).to(torch.float32)
+        if flat.numel() == 0:
+            raise ValueError("calibration input is empty: no step can be chosen from it")
+        if not bool(torch.isfinite(flat).all()):
+            raise ValueError(
+                "calibration input has non-finite values (NaN or inf): no step can be chosen "
+                "from it"
+            )
         if flat.numel() > _CALIB_SAMPLE:
             stride = flat.numel() // _CALIB_SAMPLE
             flat = flat[::stride][:_CALIB_SAMPLE]

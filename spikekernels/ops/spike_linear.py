@@ -98,11 +98,13 @@ def tensor_core_weight(weight: torch.Tensor) -> torch.Tensor:
 
 
 def bias_share(bias: torch.Tensor | None, bias_steps: int) -> torch.Tensor | None:
-    """What is added on each due step, in float32: exactly the reference's expression."""
+    """What is added on each due step, in float32: exactly the reference's expression,
+    contiguous (the kernels read it by column index; a strided or expanded bias passes the
+    checks)."""
     if bias is None:
         return None
     share = bias.to(torch.float32)
-    return share if bias_steps == 1 else share / bias_steps
+    return (share if bias_steps == 1 else share / bias_steps).contiguous()
 
 
 def due_steps(t0: int, steps: int, bias_steps: int) -> int:
