@@ -262,6 +262,25 @@ def test_torch_path_matches_oracle(gen, n, with_state):
     assert_same_bits(second[2], got[2], "y_prev")
 
 
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_forced_backend_runs(gen, monkeypatch, backend):
+    """force_backend reaches the softmax as every other op: "torch" runs the PyTorch path and
+    "reference" the oracle, never the compiled kernel (the reference runner's baseline)."""
+    from spikekernels import reference as oracle
+    from spikekernels.ops import softmax
+    from spikekernels.ops._dispatch import force_backend
+
+    calls = []
+    target = (softmax, "spike_softmax_torch") if backend == "torch" else (oracle, "spike_softmax")
+    real = getattr(*target)
+    monkeypatch.setattr(*target, lambda *a, **k: calls.append(1) or real(*a, **k))
+    x = _inputs(gen, 3, (2,), 9)
+    with force_backend(backend):
+        got = spikekernels.spike_softmax(x)
+    assert calls, f"force_backend({backend!r}) did not run its implementation"
+    _assert_matches_reference(got, x)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("n", [1, 67, 1025])
 def test_every_output_element_is_written(gen, device, n, poisoned_allocations):

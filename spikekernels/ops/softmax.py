@@ -13,6 +13,7 @@ import torch
 
 from spikekernels import _extension
 from spikekernels.ops._checks import FLOAT_DTYPES, check_state, check_tensor, check_time_major
+from spikekernels.ops._dispatch import backend_for
 from spikekernels.ops.layernorm import running_sums, step_differences
 
 QUALNAME = "spikekernels::spike_softmax"
@@ -98,9 +99,17 @@ def spike_softmax(
     Accuracy: within 2x of the float32 per-step PyTorch loop's own error against a float64
     reference (SPEC.md §8). Kernels: C++ on CPU (threads over rows, T loop inside), CUDA on GPU
     (a warp per row up to N = 1024, a block per row beyond), ``spike_softmax_torch`` where no
-    kernel was built. Bad arguments raise ``TypeError`` (dtype) or ``ValueError`` (rank,
+    kernel was built (or under ``force_backend("torch")``; ``"reference"`` runs the oracle).
+    Bad arguments raise ``TypeError`` (dtype) or ``ValueError`` (rank,
     ``T == 0``, state shape or device), naming the argument, before dispatch (whose own error
     for a non-tensor names no argument). Inference only: no autograd.
     """
     _check_spike_softmax(x, x_acc, y_prev)
+    backend = backend_for(x, ("cpp", "torch"), cpp_devices=_CPP_DEVICES)
+    if backend == "reference":  # force_backend("reference"): the per-step oracle
+        from spikekernels import reference
+
+        return reference.spike_softmax(x.contiguous(), x_acc, y_prev)
+    if backend == "torch":
+        return spike_softmax_torch(x, x_acc, y_prev)
     return torch.ops.spikekernels.spike_softmax(x, x_acc, y_prev)
