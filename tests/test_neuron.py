@@ -166,6 +166,7 @@ BAD_INPUTS = [
     ("v fp16", _state(v=torch.zeros(4, dtype=torch.float16)), TypeError, "v must have dtype"),
     ("count float", _state(count=torch.zeros(4)), TypeError, "count must have dtype"),
     ("count too narrow", dict(p_max=255, n_min=0, **_state()), ValueError, "cannot hold"),
+    ("bounds past int32", dict(n_min=0, p_max=2**31), ValueError, "int32 count would overflow"),
     ("v without count", dict(v=torch.zeros(4)), ValueError, "both v and count"),
     ("v elsewhere", _state(v=torch.zeros(4, device="meta")), ValueError, "v is on meta"),
     (

@@ -27,8 +27,9 @@ from spikekernels.ops._registry import call_op, kernel_op, launcher
 def check_neuron_state(n_min, p_max, v, count, shape, like, like_name) -> torch.dtype:
     """ST-BIF bounds and optional incoming state ``v`` (float32) and count (an integer
     dtype), both or neither, of shape ``shape``; returns the outgoing count's dtype:
-    ``count``'s, or ``levels.count_dtype(n_min, p_max)`` when fresh."""
-    check_bounds(n_min, p_max, torch.int64)
+    ``count``'s, or ``levels.count_dtype(n_min, p_max)`` when fresh. The bounds fit int32:
+    the Triton kernels count in int32 (an int64 count beyond it would wrap there alone)."""
+    check_bounds(n_min, p_max, torch.int32)
     if (v is None) != (count is None):
         raise ValueError("give the incoming state as both v and count, or neither")
     check_state(v, "v", shape, (torch.float32,), like, like_name)
