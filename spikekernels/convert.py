@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from spikekernels import exact_math
-from spikekernels.models.exact_forward import residual_constant
+from spikekernels.models.exact_forward import check_exact_attention, residual_constant
 from spikekernels.models.spiking_vit import (
     ExactBlock,
     ExactMlp,
@@ -341,6 +341,7 @@ def _convert_exact(qann: nn.Module, c: _Walker) -> SpikingViT:
         qkv, proj = c.get(f"{p}.attn.qkv", QuantLinear), c.get(f"{p}.attn.proj", QuantLinear)
         h, dim = int(qattn.num_heads), proj.out_features
         dh = dim // h
+        check_exact_attention(qattn, f"{p}.attn", dh)
         norm1_q = c.quantizer(f"{p}.norm1.1", signed=True)
         qkv_q = [c.quantizer(f"{p}.attn.{n}", signed=True) for n in ("quan_q", "quan_k", "quan_v")]
         attn_q = c.quantizer(f"{p}.attn.attn_quan", signed=False)

@@ -250,6 +250,24 @@ def test_unknown_model_names_the_module(gen):
         convert(nn.Sequential(nn.Linear(2, 2)))
 
 
+@pytest.mark.parametrize("change", ["scale", "is_softmax"])
+def test_exact_mode_refuses_another_attention(gen, images, change):
+    """Exact mode's scores are scaled by head_dim^-1/2 through softmax (SPEC.md §9.2): an
+    attention with another scale or without softmax is refused, naming it, by the converter
+    and by the QANN's exact forward alike (both used to run the standard attention)."""
+    qann = make_qann(gen, weight_bits=8)
+    setattr(qann.blocks[1].attn, change, 0.05 if change == "scale" else False)
+    with pytest.raises(ValueError, match=rf"`blocks\.1\.attn`: exact mode .*{change[:5]}"):
+        convert(qann)
+    with torch.no_grad(), pytest.raises(ValueError, match=r"`blocks\.1\.attn`"):
+        qann(images)
+    if change == "scale":
+        convert(qann, exact=False)  # float mode follows the module's own scale
+    else:
+        with pytest.raises(ValueError, match="softmax attention only"):
+            convert(qann, exact=False)
+
+
 def test_drop_path_is_ignored(gen, images):
     """timm's DropPath (the official scripts train with --drop_path 0.1) is the identity in
     evaluation: a block holding one converts, and the SNN is the same."""

@@ -29,7 +29,21 @@ import torch
 from spikekernels import exact_math
 from spikekernels.nn.quantizer import Quantizer
 
-__all__ = ["exact_forward", "residual_constant"]
+__all__ = ["check_exact_attention", "exact_forward", "residual_constant"]
+
+
+def check_exact_attention(attn: object, name: str, head_dim: int) -> None:
+    """Exact mode's attention (SPEC.md §9.2): softmax attention whose scores are scaled by
+    ``head_dim^-1/2`` (the score gain's factor). Another ``scale`` or ``is_softmax=False``
+    raises ``ValueError`` naming the module, rather than run a different attention."""
+    if getattr(attn, "is_softmax", True) is False:
+        raise ValueError(f"`{name}`: exact mode supports softmax attention only (is_softmax=True)")
+    scale = getattr(attn, "scale", None)
+    if scale is not None and float(scale) != head_dim**-0.5:
+        raise ValueError(
+            f"`{name}`: exact mode scales the scores by head_dim^-1/2 = {head_dim**-0.5!r}; "
+            f"this attention's scale is {float(scale)!r}"
+        )
 
 
 def residual_constant(cls_token: torch.Tensor, pos_embed: torch.Tensor) -> torch.Tensor:
@@ -92,7 +106,8 @@ def exact_forward(
         dim=1,
     )
     c = residual_constant(model.cls_token, model.pos_embed)
-    for block in model.blocks:
+    for i, block in enumerate(model.blocks):
+        check_exact_attention(block.attn, f"blocks.{i}.attn", block.attn.head_dim)
         d = _block(block, c, d, integer)
     final = model.fc_norm if model.global_pool else model.norm
     if model.global_pool:
