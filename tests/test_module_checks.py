@@ -9,6 +9,7 @@ import torch
 
 from spikekernels.nn import (
     STBIF,
+    ExactLinear,
     SpikeLayerNorm,
     SpikeLayerNormNeuron,
     SpikeLinear,
@@ -67,6 +68,23 @@ BAD_CONSTRUCTIONS = [
         ValueError,
         "weight must have 2 dims",
     ),
+    *[
+        (
+            f"exact linear in_threshold {bad}",
+            lambda bad=bad: ExactLinear(
+                torch.ones(3, 4, dtype=torch.int8), torch.ones(3), None, bad
+            ),
+            ValueError,
+            "in_threshold must be positive",
+        )
+        for bad in (-0.5, 0.0, float("nan"))
+    ],
+    (
+        "exact linear bias shape",
+        lambda: ExactLinear(torch.ones(3, 4, dtype=torch.int8), torch.ones(3), torch.ones(2), 0.5),
+        ValueError,
+        r"bias must be float32 \(3,\)",
+    ),
     ("norm channels 0", lambda: SpikeLayerNorm(0), ValueError, "num_channels must be >= 1"),
     ("norm channels float", lambda: SpikeLayerNorm(4.0), TypeError, "num_channels must be"),
     ("norm eps < 0", lambda: SpikeLayerNorm(4, eps=-1.0), ValueError, "eps must be"),
@@ -104,6 +122,21 @@ def test_unaffine_norm_checks_its_channels(module):
     channels into a norm of 4 must not run."""
     with pytest.raises(ValueError, match=r"x must have 4 channels .* got shape \(2, 2, 7\)"):
         module()(torch.randn(2, 2, 7))
+
+
+def test_exact_linear_state_and_loaded_steps(gen):
+    """ExactLinear names a batch that differs from its accumulator's, and its value follows a
+    loaded in_threshold (it kept a product of the two formed at construction)."""
+    weight = torch.randint(-127, 128, (3, 4), generator=gen, dtype=torch.int8)
+    layer = ExactLinear(weight, torch.rand(3, generator=gen) + 0.1, None, 0.5)
+    s = torch.randint(-1, 2, (2, 5, 4), generator=gen, dtype=torch.int8)
+    layer(s)
+    with pytest.raises(ValueError, match=r"accumulator holds \[5, 3\].*reset\(\)"):
+        layer(s[:, :4])
+    other = ExactLinear(weight, layer.weight_scale, None, 0.25)
+    other.load_state_dict(layer.state_dict())
+    layer.reset()
+    assert torch.equal(other(s), layer(s))
 
 
 def _exact_attention(gen):

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from spikekernels import exact_math
-from spikekernels.nn.neuron import scalar_tensor
+from spikekernels.nn.neuron import scalar_tensor, threshold_tensor
 from spikekernels.nn.target_neuron import TargetNeuron
 from spikekernels.ops.exact_layernorm import exact_layernorm_neuron
 from spikekernels.ops.exact_linear import exact_linear
@@ -48,12 +48,13 @@ def _register_int_linear(
     n = weight.shape[0]
     if tuple(weight_scale.shape) != (n,):
         raise ValueError(f"weight_scale must have shape ({n},), got {tuple(weight_scale.shape)}")
+    if bias is not None and (bias.dtype != torch.float32 or tuple(bias.shape) != (n,)):
+        raise ValueError(f"bias must be float32 ({n},), got {bias.dtype} {tuple(bias.shape)}")
     module.out_features, module.in_features = weight.shape
     module.register_buffer("weight", weight)
     module.register_buffer("weight_scale", weight_scale.to(torch.float32))
     module.register_buffer("bias", None if bias is None else bias.detach())
-    theta_in = torch.as_tensor(in_threshold, dtype=torch.float32).detach().reshape(())
-    module.register_buffer("in_threshold", theta_in.clone())
+    module.register_buffer("in_threshold", threshold_tensor(in_threshold, "in_threshold"))
 
 
 class ExactLinear(nn.Module):
@@ -76,7 +77,6 @@ class ExactLinear(nn.Module):
     ) -> None:
         super().__init__()
         _register_int_linear(self, weight, weight_scale, bias, in_threshold)
-        self.register_buffer("multiplier", self.in_threshold * self.weight_scale)
         self.register_buffer("unit_scale", torch.ones(self.out_features))
         self.register_buffer("unit", torch.ones(()))
         self.reset()
@@ -95,9 +95,15 @@ class ExactLinear(nn.Module):
         if self.acc is None:
             self.acc = acc[-1].clone()
         else:
+            if acc.shape[1:] != self.acc.shape:
+                raise ValueError(
+                    f"s has shape {list(s.shape)}, but the accumulator holds "
+                    f"{list(self.acc.shape)} from the last call: reset() between inputs"
+                )
             acc += self.acc
             self.acc.copy_(acc[-1])
-        return exact_math.linear_value(acc, self.multiplier, self.bias)
+        # m = fl32(theta_in * ws), formed per call: a loaded in_threshold or weight_scale counts
+        return exact_math.linear_value(acc, self.in_threshold * self.weight_scale, self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"
