@@ -32,7 +32,7 @@ from spikekernels.models import (
     quantize_weights,
     save_checkpoint,
 )
-from spikekernels.nn import STBIF, SpikeLayerNorm, SpikeSoftmax
+from spikekernels.nn import STBIF, Quantizer, SpikeLayerNorm, SpikeSoftmax
 from spikekernels.ops._dispatch import force_backend
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -354,6 +354,32 @@ def test_save_checkpoint_round_trip(trained):
     for (k, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items(), strict=True):
         assert torch.equal(a, b), k
     assert model.config == {**quant_vit_tiny(**TINY).config}
+
+
+def test_save_checkpoint_keeps_quantizer_levels(tmp_path, gen):
+    """A quantizer's level set after construction (not in the config or the state_dict) comes
+    back with load_model, and the logits with it; an entry naming no quantizer is refused."""
+    model = quant_vit_tiny(level=16)
+    model.blocks[0].attn.attn_quan = Quantizer(8, signed=False)
+    images = torch.randn(4, 1, 8, 8, generator=gen)
+    calibrate(model, images)
+    path = save_checkpoint(model, tmp_path / "mixed.pth")
+    loaded = load_model(path)
+    assert (
+        loaded.blocks[0].attn.attn_quan.level == 8 and loaded.blocks[1].attn.attn_quan.level == 16
+    )
+    assert (loaded.blocks[0].attn.attn_quan.n_min, loaded.blocks[0].attn.attn_quan.p_max) == (0, 7)
+    with torch.no_grad():
+        assert torch.equal(loaded(images), model(images))
+    payload = torch.load(path, weights_only=False)
+    payload["quantizers"]["blocks.9.attn.attn_quan"] = {
+        "level": 8,
+        "signed": False,
+        "enabled": True,
+    }
+    torch.save(payload, tmp_path / "bad.pth")
+    with pytest.raises(ValueError, match=r"quantizers the model lacks: .*blocks\.9"):
+        load_model(tmp_path / "bad.pth")
 
 
 def _to_timm(state: dict) -> dict:

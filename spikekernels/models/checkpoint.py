@@ -1,7 +1,8 @@
 """QANN checkpoints: our own files (config + weights), official ones, and float timm ViTs.
 
-- ``save_checkpoint(qann, path)`` writes ``{"format", "version", "config", "model"}``: the
-  constructor arguments (``QuantViT.config``) beside the state_dict, so ``load_model(path)``
+- ``save_checkpoint(qann, path)`` writes ``{"format", "version", "config", "model",
+  "quantizers"}``: the constructor arguments (``QuantViT.config``) beside the state_dict, and
+  each quantizer's level, sign and on/off (not in a state_dict), so ``load_model(path)``
   rebuilds the model with no other argument. The weights sit under ``"model"`` as in the
   official SpikeZIP-TF files, so ``load_checkpoint(qann, path)`` reads ours too.
 - ``load_model(path)``: the QuantViT of such a file, every key and shape checked.
@@ -25,7 +26,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from spikekernels.levels import level_bounds
 from spikekernels.models.vit import QuantViT
+from spikekernels.nn.quantizer import Quantizer
 
 __all__ = [
     "FORMAT",
@@ -71,6 +74,13 @@ def save_checkpoint(qann: nn.Module, path: str | os.PathLike) -> str:
         "class": type(qann).__name__,
         "config": dict(config),
         "model": state,
+        # not in the state_dict (which holds only each step s, as the official files): a
+        # quantizer whose level differs from the config's (set after construction) keeps it
+        "quantizers": {
+            name: {"level": q.level, "signed": q.signed, "enabled": q.enabled}
+            for name, q in qann.named_modules()
+            if isinstance(q, Quantizer)
+        },
     }
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
@@ -211,7 +221,30 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
     state = unwrap_state_dict(obj, path)
     check_state_dict(model, state, path)
     model.load_state_dict(state)
+    _restore_quantizers(model, obj.get("quantizers", {}), path)
     return model.to(map_location).eval()
+
+
+def _restore_quantizers(model: nn.Module, saved: object, path: str) -> None:
+    """Each quantizer's level, sign and on/off as saved (files from before this entry keep
+    the config's)."""
+    if not isinstance(saved, Mapping):
+        raise ValueError(f"checkpoint {path}: `quantizers` must be a dict, got {type(saved)}")
+    found = {name: q for name, q in model.named_modules() if isinstance(q, Quantizer)}
+    unknown = sorted(set(saved) - set(found))
+    if unknown:
+        raise ValueError(f"checkpoint {path}: quantizers the model lacks: {_listing(unknown)}")
+    for name, entry in saved.items():
+        q = found[name]
+        try:
+            level, signed, enabled = int(entry["level"]), bool(entry["signed"]), entry["enabled"]
+            bounds = level_bounds(level, signed)
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(
+                f"checkpoint {path}: quantizer `{name}`: bad entry {entry!r}"
+            ) from None
+        q.level, q.signed, q.enabled = level, signed, bool(enabled)
+        q.n_min, q.p_max = bounds
 
 
 def float_to_quant_state_dict(
