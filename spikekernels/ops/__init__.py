@@ -4,6 +4,7 @@ Each op is registered as ``torch.ops.spikekernels.<name>``; the functions here a
 friendly Python face (keyword arguments, optional validation of data).
 """
 
+from spikekernels.ops._dispatch import force_backend
 from spikekernels.ops.exact_attention import (
     exact_attention,
     exact_attention_probs,
@@ -24,6 +25,7 @@ from spikekernels.ops.target import target_spikes
 from spikekernels.ops.weight_split import split_weight_bf16x3
 
 __all__ = [
+    "force_backend",
     "spike_matmul",
     "st_bif",
     "spike_layernorm",
