@@ -665,21 +665,20 @@ __all__ += ["spike_attention_probs", "spike_context"]
 
 def exact_residual_add(
     d: torch.Tensor | None,
-    spikes: torch.Tensor,
-    threshold: torch.Tensor,
-    count: torch.Tensor | None = None,
+    branch_spikes: torch.Tensor,
+    branch_threshold: torch.Tensor,
+    branch_count: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Exact mode's residual update for one branch (SPEC.md §9.2, §9.4), step by step.
 
-    Per step: ``count += spikes[t]`` (int32, exact); ``out[t] = d[t] + fl64(theta) *
-    fl64(count)``, or the product alone when ``d`` is None. The fresh count is 0. Returns
-    ``out`` ``[T, *shape]`` float64.
-    """
-    theta = threshold.to(torch.float64).reshape(())
-    c = _state_or_zeros(count, spikes.shape[1:], torch.int32, spikes.device)
+    Per step: ``count += branch_spikes[t]`` (int32, exact, from ``branch_count``); ``out[t] =
+    d[t] + fl64(theta) * fl64(count)``, or the product alone when ``d`` is None. The fresh
+    count is 0. Returns ``out`` ``[T, *shape]`` float64."""
+    theta = branch_threshold.to(torch.float64).reshape(())
+    c = _state_or_zeros(branch_count, branch_spikes.shape[1:], torch.int32, branch_spikes.device)
     out = []
-    for t in range(spikes.shape[0]):
-        c = c + spikes[t].to(torch.int32)
+    for t in range(branch_spikes.shape[0]):
+        c = c + branch_spikes[t].to(torch.int32)
         product = theta * c.to(torch.float64)
         out.append(product if d is None else d[t] + product)
     return torch.stack(out)

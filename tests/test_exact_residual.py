@@ -149,28 +149,33 @@ def test_empty_step(device):
 def _good_args() -> dict:
     return dict(
         d=torch.zeros(2, 3, 8, dtype=torch.float64),
-        spikes=torch.zeros(2, 3, 8, dtype=torch.int8),
-        threshold=torch.tensor([0.5]),
-        count=torch.zeros(3, 8, dtype=torch.int8),
+        branch_spikes=torch.zeros(2, 3, 8, dtype=torch.int8),
+        branch_threshold=torch.tensor([0.5]),
+        branch_count=torch.zeros(3, 8, dtype=torch.int8),
     )
 
 
 # (case, what replaces the good arguments, error type, words the message must contain)
 BAD_INPUTS = [
-    ("spikes list", dict(spikes=[0, 1]), TypeError, "spikes must be a torch.Tensor"),
-    ("spikes int16", dict(spikes=torch.zeros(2, 3, 8, dtype=torch.int16)), TypeError, "spikes"),
-    ("spikes 0-d", dict(spikes=torch.tensor(0, dtype=torch.int8)), ValueError, "0-d"),
+    ("spikes list", dict(branch_spikes=[0, 1]), TypeError, "branch_spikes must be a torch.Tensor"),
+    (
+        "spikes int16",
+        dict(branch_spikes=torch.zeros(2, 3, 8, dtype=torch.int16)),
+        TypeError,
+        "branch_spikes",
+    ),
+    ("spikes 0-d", dict(branch_spikes=torch.tensor(0, dtype=torch.int8)), ValueError, "0-d"),
     (
         "T == 0",
-        dict(d=None, spikes=torch.zeros(0, 3, 8, dtype=torch.int8)),
+        dict(d=None, branch_spikes=torch.zeros(0, 3, 8, dtype=torch.int8)),
         ValueError,
         "T == 0",
     ),
     (
         "spikes not ternary",
-        dict(spikes=torch.full((2, 3, 8), 2, dtype=torch.int8)),
+        dict(branch_spikes=torch.full((2, 3, 8), 2, dtype=torch.int8)),
         ValueError,
-        "spikes must hold ternary",
+        "branch_spikes must hold ternary",
     ),
     ("d float32", dict(d=torch.zeros(2, 3, 8)), TypeError, "d must have dtype"),
     ("d shape", dict(d=torch.zeros(3, 3, 8, dtype=torch.float64)), ValueError, "d must have"),
@@ -180,15 +185,55 @@ BAD_INPUTS = [
         ValueError,
         "d is on meta",
     ),
-    ("theta two", dict(threshold=torch.ones(2)), ValueError, "threshold must have exactly one"),
-    ("theta int", dict(threshold=torch.tensor(1)), TypeError, "threshold must have dtype"),
-    ("theta float", dict(threshold=0.5), TypeError, "threshold must be a torch.Tensor"),
-    ("theta elsewhere", dict(threshold=torch.ones(1, device="meta")), ValueError, "threshold"),
-    ("theta nan", dict(threshold=torch.tensor(float("nan"))), ValueError, "threshold must be posi"),
-    ("theta < 0", dict(threshold=torch.tensor(-2.0)), ValueError, "threshold must be positive"),
-    ("theta subnormal", dict(threshold=torch.tensor(1e-40)), ValueError, "normal float32"),
-    ("count int32", dict(count=torch.zeros(3, 8, dtype=torch.int32)), TypeError, "count"),
-    ("count shape", dict(count=torch.zeros(2, 3, 8, dtype=torch.int8)), ValueError, "count must"),
+    (
+        "theta two",
+        dict(branch_threshold=torch.ones(2)),
+        ValueError,
+        "branch_threshold must have exactly one",
+    ),
+    (
+        "theta int",
+        dict(branch_threshold=torch.tensor(1)),
+        TypeError,
+        "branch_threshold must have dtype",
+    ),
+    (
+        "theta float",
+        dict(branch_threshold=0.5),
+        TypeError,
+        "branch_threshold must be a torch.Tensor",
+    ),
+    (
+        "theta elsewhere",
+        dict(branch_threshold=torch.ones(1, device="meta")),
+        ValueError,
+        "branch_threshold",
+    ),
+    (
+        "theta nan",
+        dict(branch_threshold=torch.tensor(float("nan"))),
+        ValueError,
+        "branch_threshold must be posi",
+    ),
+    (
+        "theta < 0",
+        dict(branch_threshold=torch.tensor(-2.0)),
+        ValueError,
+        "branch_threshold must be positive",
+    ),
+    ("theta subnormal", dict(branch_threshold=torch.tensor(1e-40)), ValueError, "normal float32"),
+    (
+        "count int32",
+        dict(branch_count=torch.zeros(3, 8, dtype=torch.int32)),
+        TypeError,
+        "branch_count",
+    ),
+    (
+        "count shape",
+        dict(branch_count=torch.zeros(2, 3, 8, dtype=torch.int8)),
+        ValueError,
+        "branch_count must",
+    ),
 ]
 
 
