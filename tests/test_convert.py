@@ -189,6 +189,18 @@ def test_thresholds_copied_not_shared(gen, exact):
     torch.testing.assert_close(snn(images, max_steps=64)[0], before, rtol=0, atol=0)
 
 
+def test_snn_refuses_dtype_casts(qann, images):
+    """The converted network keeps its dtypes (exact mode's float64 stream, the float32
+    steps): a cast is refused before it changes anything; device moves work."""
+    snn = convert(qann)
+    before = snn(images, max_steps=64)[0]
+    for cast in (lambda m: m.half(), lambda m: m.float(), lambda m: m.to(torch.bfloat16)):
+        with pytest.raises(TypeError, match="SpikingViT keeps the dtypes"):
+            cast(snn)
+    snn.to("cpu")
+    torch.testing.assert_close(snn(images, max_steps=64)[0], before, rtol=0, atol=0)
+
+
 def test_fanout_set_for_sop_counts(qann):
     """Each neuron knows the synaptic operations one of its spikes causes downstream."""
     snn = convert(qann)

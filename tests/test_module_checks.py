@@ -139,6 +139,20 @@ def test_exact_linear_state_and_loaded_steps(gen):
     assert torch.equal(other(s), layer(s))
 
 
+@pytest.mark.parametrize("cast", ["half", "bfloat16", "double"])
+def test_neuron_steps_survive_module_casts(gen, cast):
+    """``module.half()`` (or a parent's cast) keeps a neuron's step float32: a threshold
+    rounded to half fired other spikes. Half inputs still run, against the float32 step."""
+    theta = torch.tensor([0.1, 0.3, 0.7])
+    for neuron in (STBIF(theta[0], 8, True), TargetNeuron(theta, 8, True)):
+        getattr(neuron, cast)()
+        assert neuron.threshold.dtype == torch.float32
+        assert torch.equal(neuron.threshold, theta[0] if isinstance(neuron, STBIF) else theta)
+    x = torch.randn(6, 4, 3, generator=gen)
+    cast_one, plain = STBIF(0.1, 8, True).half(), STBIF(0.1, 8, True)
+    assert torch.equal(cast_one(x.half()), plain(x.half()))
+
+
 def _exact_attention(gen):
     from test_exact import TINY, make_exact
 

@@ -438,6 +438,19 @@ class SpikingViT(nn.Module):
         self.sites = list(sites)
         self._chunk_graphs: dict = {}  # (image shape, dtype, chunk, device) -> ChunkGraph
 
+    def _apply(self, fn, recurse=True):
+        # Device moves only: the network runs in the dtypes conversion gave it (exact mode's
+        # float64 stream and float32 steps, float mode's weights), so a cast is refused
+        # before it changes anything. Cast the images instead.
+        for dtype in (torch.float32, torch.float64):
+            if fn(torch.zeros((), dtype=dtype)).dtype != dtype:
+                raise TypeError(
+                    "SpikingViT keeps the dtypes its conversion gave it (.half(), .double(), "
+                    ".float() and .to(dtype) would change its bits): move it with .to(device) "
+                    "and cast the images instead"
+                )
+        return super()._apply(fn, recurse)
+
     def reset(self) -> None:
         """Back to the fresh state: every neuron, norm and residual stream."""
         self.patch_embed.reset()

@@ -42,6 +42,23 @@ def threshold_tensor(value: object, name: str = "threshold", *, per_channel: boo
     return theta
 
 
+class FixedStepDtypes:
+    """Module casts (``.half()``, ``.to(torch.bfloat16)``, a parent's ``.to(...)``) move a
+    neuron's steps but keep their float32: a threshold rounded to half would change which
+    spikes fire (the ops take half inputs with float32 steps). Devices move as usual."""
+
+    _STEP_BUFFERS = ("threshold", "in_threshold", "scale", "gain", "theta_a", "theta_v")
+
+    def _apply(self, fn, recurse=True):
+        kept = {name: self._buffers.get(name) for name in self._STEP_BUFFERS}
+        super()._apply(fn, recurse)
+        for name, old in kept.items():
+            new = self._buffers.get(name)
+            if old is not None and new is not None and new.dtype != old.dtype:
+                self._buffers[name] = old.to(device=new.device)
+        return self
+
+
 class ActivityWatcher:
     """What a neuron module needs for ``watch``: the flags its op records into (``activity``,
     passed as the op's ``active``), kept across ``reset()``."""
@@ -55,7 +72,7 @@ class ActivityWatcher:
         self.activity = flags
 
 
-class STBIF(ActivityWatcher, nn.Module):
+class STBIF(FixedStepDtypes, ActivityWatcher, nn.Module):
     """Multi-step ST-BIF neuron over ``[T, B, ...]``, state kept between calls until ``reset()``.
 
     Built from a QANN quantizer's step (``threshold``) and its ``level`` / ``signed`` bounds.
