@@ -203,13 +203,6 @@ def _stem(c: _Walker):
     return conv, c.get("cls_token", nn.Parameter), c.get("pos_embed", nn.Parameter)
 
 
-def _float_linear(linear: nn.Module, in_threshold: torch.Tensor) -> SpikeLinear:
-    if isinstance(linear, QuantLinear):
-        w_int, ws = linear.int_weights()
-        return SpikeLinear(w_int, linear.bias, in_threshold, weight_scale=ws)
-    return SpikeLinear.from_linear(linear, in_threshold)
-
-
 def _float_norm(c: _Walker, path: str) -> SpikeLayerNormNeuron:
     """The QANN's ``path`` = ``Sequential(LayerNorm, quantizer)`` as one fused Spike-LayerNorm
     + signed neuron."""
@@ -294,7 +287,8 @@ def _convert_float(qann: nn.Module, c: _Walker) -> SpikingViT:
     head_linear = c.get("head", nn.Linear)
     norm_if.fanout = head_linear.out_features
     sites.append(NeuronSite(f"{final}.1", norm_if, _same))
-    readout = SpikeReadout(norm_if, _float_linear(head_linear, norm_if.threshold), global_pool)
+    head = SpikeLinear.from_linear(head_linear, norm_if.threshold)
+    readout = SpikeReadout(norm_if, head, global_pool)
     c.check_all_used()
     return SpikingViT(
         SpikePatchEmbed(conv, patch_if, cls_token, pos_embed),

@@ -426,3 +426,20 @@ def test_non_ternary_spikes_rejected_on_cpu(gen, validate, value):
     s[1, 2, 3] = value
     with pytest.raises(ValueError, match="s must hold ternary spikes"):
         spikekernels.spike_linear(s, torch.randn(4, 8), torch.tensor(0.5), validate=validate)
+
+
+def test_from_linear_takes_a_quant_linears_integer_weight(gen):
+    """``SpikeLinear.from_linear`` of a ``QuantLinear`` computes with the int8 weight and its
+    scale, as that QANN does (it used to take the float parameter it was trained from)."""
+    from spikekernels.nn import QuantLinear
+
+    qlin = QuantLinear.from_linear(torch.nn.Linear(20, 6))
+    w_int, ws = qlin.int_weights()
+    layer = SpikeLinear.from_linear(qlin, 0.25)
+    assert layer.weight.dtype == torch.int8 and torch.equal(layer.weight, w_int)
+    s = _spikes(gen, 4, (3,), 20)
+    out = layer(s)
+    assert torch.equal(out, _int_oracle(s, w_int, ws, torch.tensor(0.25), qlin.bias, 0, 1))
+    with torch.no_grad():  # over the steps: the QANN layer on the input's value
+        total = qlin(0.25 * s.sum(0).float())
+    torch.testing.assert_close(out.sum(0), total, rtol=1e-5, atol=1e-5)

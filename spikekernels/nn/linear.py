@@ -7,6 +7,7 @@ from torch import nn
 
 from spikekernels.kernels import use_triton
 from spikekernels.nn.neuron import threshold_tensor
+from spikekernels.nn.quant_linear import QuantLinear
 from spikekernels.ops._checks import check_int, check_tensor
 from spikekernels.ops.spike_linear import spike_linear
 from spikekernels.ops.weight_split import split_weight_bf16x3
@@ -71,7 +72,12 @@ class SpikeLinear(TensorCoreWeight, nn.Module):
     def from_linear(
         cls, linear: nn.Linear, in_threshold: float | torch.Tensor, bias_steps: int = 1
     ) -> SpikeLinear:
-        """From a QANN ``nn.Linear`` and the threshold of the neuron feeding it."""
+        """From a QANN ``nn.Linear`` and the threshold of the neuron feeding it. A
+        ``QuantLinear`` (int8 weights) keeps its integer weight and per-channel scale, the
+        weight its QANN computes with (not the float parameter it was trained from)."""
+        if isinstance(linear, QuantLinear):
+            w_int, ws = linear.int_weights()
+            return cls(w_int, linear.bias, in_threshold, bias_steps=bias_steps, weight_scale=ws)
         return cls(linear.weight, linear.bias, in_threshold, bias_steps=bias_steps)
 
     def reset(self) -> None:
