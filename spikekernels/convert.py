@@ -105,6 +105,11 @@ class _Walker:
         if signed is not None and is_signed != signed:
             kind = "signed" if signed else "unsigned"
             raise ValueError(f"convert: quantizer `{path}` must be {kind} (SPEC.md §7)")
+        if getattr(q.s, "numel", lambda: 1)() != 1:
+            raise ValueError(
+                f"convert: quantizer `{path}` has a step s of shape {tuple(q.s.shape)}; a "
+                "neuron takes one step per quantizer"
+            )
         return q
 
     def neuron(self, path: str, *, signed: bool | None = None, float_out: bool = False):
@@ -344,6 +349,14 @@ def _convert_exact(qann: nn.Module, c: _Walker) -> SpikingViT:
         norm1_if = _exact_norm(
             c.get(f"{p}.norm1.0", nn.LayerNorm), target_neuron_from_quantizers([norm1_q]), constant
         )
+        if (
+            len({(q.level, bool(getattr(q, "signed", getattr(q, "sym", False)))) for q in qkv_q})
+            != 1
+        ):
+            raise ValueError(
+                f"convert: `{p}.attn.quan_q`, `quan_k` and `quan_v` must share one level: they "
+                "feed one qkv neuron"
+            )
         qkv_if = _exact_linear(qkv, norm1_if, target_neuron_from_quantizers(qkv_q, (dim,) * 3))
         gain = exact_math.score_gain(qkv_q[0].s.detach(), qkv_q[1].s.detach(), dh)
         attn_if = ExactAttentionProbs(target_neuron_from_quantizers([attn_q]), gain)

@@ -10,6 +10,7 @@ from torch import nn
 from spikekernels import convert, parity
 from spikekernels.models import QuantViT, calibrate, quantizers
 from spikekernels.models.spiking_vit import SpikingViT
+from spikekernels.nn import Quantizer
 from spikekernels.ops._dispatch import force_backend
 
 CONFIG = dict(img_size=8, patch_size=4, in_chans=3, num_classes=5, embed_dim=16, depth=2,
@@ -256,6 +257,16 @@ def test_unknown_model_names_the_module(gen):
     qann = make_qann(gen, depth=1)
     qann.blocks[0].attn.quan_k.enabled = False
     with pytest.raises(ValueError, match=r"`blocks\.0\.attn\.quan_k`: a disabled quantizer"):
+        convert(qann)
+
+    qann = make_qann(gen, depth=1)
+    qann.blocks[0].mlp.act[0].s = nn.Parameter(torch.ones(4))  # a per-channel step
+    with pytest.raises(ValueError, match=r"`blocks\.0\.mlp\.act\.0` has a step s of shape"):
+        convert(qann)
+
+    qann = make_qann(gen, depth=1, weight_bits=8)
+    qann.blocks[0].attn.quan_v = Quantizer(16, signed=True)
+    with pytest.raises(ValueError, match=r"`blocks\.0\.attn\.quan_q`, `quan_k` and `quan_v`"):
         convert(qann)
 
     with pytest.raises(TypeError, match="no `patch_embed`"):

@@ -9,7 +9,9 @@ import torch
 
 from spikekernels.nn import (
     STBIF,
+    ExactLayerNorm,
     ExactLinear,
+    Quantizer,
     SpikeLayerNorm,
     SpikeLayerNormNeuron,
     SpikeLinear,
@@ -84,6 +86,20 @@ BAD_CONSTRUCTIONS = [
         lambda: ExactLinear(torch.ones(3, 4, dtype=torch.int8), torch.ones(3), torch.ones(2), 0.5),
         ValueError,
         r"bias must be float32 \(3,\)",
+    ),
+    (
+        "linear neuron in_threshold per channel",
+        lambda: SpikeLinearNeuron(torch.ones(3, 4), None, torch.ones(2), 0.5, 8, True),
+        ValueError,
+        "in_threshold must be one value",
+    ),
+    ("quantizer level float", lambda: Quantizer(8.0, True), TypeError, "level must be an int"),
+    ("quantizer level bool", lambda: Quantizer(True, True), TypeError, "level must be an int"),
+    (
+        "exact norm channels",
+        lambda: ExactLayerNorm(torch.ones(4), None, 1e-6)(torch.randn(2, 3, 5)),
+        ValueError,
+        r"x must have 4 channels",
     ),
     ("norm channels 0", lambda: SpikeLayerNorm(0), ValueError, "num_channels must be >= 1"),
     ("norm channels float", lambda: SpikeLayerNorm(4.0), TypeError, "num_channels must be"),

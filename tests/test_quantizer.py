@@ -165,6 +165,14 @@ def test_calibration_refuses_what_it_cannot_measure(gen):
         calibrate(qann, images)
 
 
+def test_empty_batch_in_training_leaves_the_step_alone():
+    """LSQ's first-forward init has nothing to average on an empty batch: it waits."""
+    q = Quantizer(8, True).train()
+    assert q(torch.zeros(0, 4)).shape == (0, 4) and not q.initialized
+    q(torch.ones(3))
+    assert q.initialized and torch.isfinite(q.s)
+
+
 def test_bad_step_is_rejected():
     q = Quantizer(8, True)
     for bad in (0.0, -1.0, float("nan"), float("inf")):

@@ -223,6 +223,9 @@ class ExactLayerNorm(nn.Module):
         """Nothing to reset (stateless); here so that every spiking module has ``reset()``."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        channels = next((t.shape[0] for t in (self.weight, self.bias) if t is not None), None)
+        if channels is not None and x.shape[-1] != channels:
+            raise ValueError(f"x must have {channels} channels (last dim), got {list(x.shape)}")
         return torch.stack(
             [
                 exact_math.layer_norm_rows(x[t], self.weight, self.bias, self.eps)

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from spikekernels.nn.linear import SpikeLinear, TensorCoreWeight
-from spikekernels.nn.neuron import STBIF
+from spikekernels.nn.neuron import STBIF, threshold_tensor
 from spikekernels.nn.quant_linear import QuantLinear
 from spikekernels.ops._checks import (
     check_int,
@@ -58,8 +58,7 @@ class SpikeLinearNeuron(TensorCoreWeight, STBIF):
         self.bias_steps = bias_steps
         self.register_buffer("weight", weight.detach())
         self.register_buffer("bias", None if bias is None else bias.detach())
-        in_theta = torch.as_tensor(in_threshold, dtype=torch.float32).detach().clone()
-        self.register_buffer("in_threshold", in_theta.reshape(()))
+        self.register_buffer("in_threshold", threshold_tensor(in_threshold, "in_threshold"))
 
     @classmethod
     def from_linear_and_neuron(

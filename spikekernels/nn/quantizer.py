@@ -9,6 +9,7 @@ does: a straight-through floor and a gradient scale ``g = 1 / sqrt(numel * p_max
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch import nn
@@ -76,6 +77,8 @@ class Quantizer(nn.Module):
 
     def __init__(self, level: int, signed: bool) -> None:
         super().__init__()
+        if isinstance(level, bool) or not isinstance(level, numbers.Integral):
+            raise TypeError(f"level must be an int, got {type(level).__name__}")
         self.level = int(level)
         self.signed = bool(signed)
         self.n_min, self.p_max = level_bounds(self.level, self.signed)
@@ -107,7 +110,7 @@ class Quantizer(nn.Module):
             return x
         if self.calibrating:
             self.set_step(self.calibrate_step(x))
-        elif self.training and not self.initialized:
+        elif self.training and not self.initialized and x.numel():
             self.set_step(2.0 * x.detach().abs().mean() / math.sqrt(self._q_max))
         grad_scale = 1.0 / math.sqrt(max(x.numel(), 1) * self._q_max)  # an empty batch: any
         return _LSQQuantize.apply(x, self.s, grad_scale, self.n_min, self.p_max)
