@@ -84,6 +84,14 @@ def assert_same_bits(got: torch.Tensor, want: torch.Tensor, name: str = "output"
     assert diff == 0, f"{name}: {diff} of {got.numel()} elements differ in their bits"
 
 
+@pytest.fixture(autouse=True)
+def _seeded_global_generator() -> None:
+    """Modules draw their initial weights from torch's global generator: seeded for every
+    test, so that no test's data depend on the order the tests run in (or the xdist
+    worker)."""
+    torch.manual_seed(1234)
+
+
 @pytest.fixture
 def gen() -> torch.Generator:
     """A fixed-seed CPU generator: fresh random data, the same on every run."""

@@ -4,14 +4,26 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
+from conftest import assert_same_bits
 
 from spikekernels import reference
 from spikekernels.models import calibrate, quant_vit_tiny
 from spikekernels.nn import Quantizer
 
 LEVELS = [2, 8, 16, 32]
+
+
+def _quantize_oracle(x: torch.Tensor, step: float, n_min: int, p_max: int) -> torch.Tensor:
+    """SPEC.md §1 in float64 numpy, rounded to float32 after each operation (float64 holds
+    each exact result of two float32 operands, so one rounding gives float32's own): an
+    oracle that shares no code with the library."""
+    s = np.float64(np.float32(step))
+    q = (x.double().numpy() / s).astype(np.float32).astype(np.float64)
+    k = np.clip(np.floor((q + 0.5).astype(np.float32)), n_min, p_max)
+    return torch.from_numpy((k * s).astype(np.float32))
 
 
 def _quantizer(level, signed, step):
@@ -28,14 +40,17 @@ def test_forward_matches_reference_bit_for_bit(gen, level, signed):
     x = torch.randn(4, 33, generator=gen) * level * step
     ties = torch.randint(-level, level, (4, 33), generator=gen) * step + step / 2
     for inp in (x, ties):
+        assert_same_bits(q(inp).detach(), _quantize_oracle(inp, step, q.n_min, q.p_max))
         want = reference.quantize(inp, torch.tensor(step), q.n_min, q.p_max)
-        assert torch.equal(q(inp), want)
+        assert_same_bits(want, _quantize_oracle(inp, step, q.n_min, q.p_max), "reference")
 
 
 @pytest.mark.parametrize("signed", [True, False])
 @pytest.mark.parametrize("level", LEVELS)
 def test_bounds_are_level_bounds(level, signed):
     q = _quantizer(level, signed, 0.5)
+    # SPEC.md §1: signed [-(L // 2), L // 2 - 1], unsigned [0, L - 1]
+    assert (q.n_min, q.p_max) == ((-(level // 2), level // 2 - 1) if signed else (0, level - 1))
     assert (q.n_min, q.p_max) == reference.level_bounds(level, signed)
     assert (q.level, q.signed) == (level, signed)
     assert (q.neg_min, q.pos_max, q.sym) == (q.n_min, q.p_max, signed)
