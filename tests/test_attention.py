@@ -161,6 +161,10 @@ def test_attention_int8_output_and_state(gen):
     attn = SpikeAttention.from_quant(qattn, in_theta)
     out = attn(spike_train(counts, 6))
     assert out.dtype == torch.int8 and out.shape == (6, 2, 17, 16)
+    assert out.any(), "the projection must fire (else the value check below is vacuous)"
+    # the same spikes as the float-output module's sigma * theta (exact: sigma is ternary)
+    floats = SpikeAttention.from_quant(qattn, in_theta, float_out=True)(spike_train(counts, 6))
+    assert torch.equal(out.float() * attn.proj.threshold, floats)
     assert attn.qkv.weight.data_ptr() == qattn.qkv.weight.data_ptr(), "weights must be shared"
     attn.reset()
     assert attn.qkv.count is None and attn.attn_if.x_acc is None

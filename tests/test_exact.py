@@ -81,6 +81,11 @@ def test_int_weights_follow_spec(gen):
     expected = torch.clamp(torch.round(w / expected_ws[:, None]), -127, 127)
     assert torch.equal(w_int.to(torch.float32), expected)
     assert int(w_int.abs().max()) == 127 and not w_int[3].any()
+    # hand-worked ties (max |w| = 127, so ws = 1 and w / ws is exact): half to even
+    ties = torch.tensor([[127.0, 0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 126.5]])
+    w_int, ws = int_weights(ties)
+    assert ws.tolist() == [1.0]
+    assert w_int.tolist() == [[127, 0, 2, 2, 0, -2, -2, 126]]
 
 
 def test_quantize_weights_in_place_and_state_dict_round_trip(gen):
