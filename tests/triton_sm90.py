@@ -590,7 +590,7 @@ def exact_layernorm_cases() -> list[Case]:
         (100, False, False, False, 0), (384, True, True, True, 0), (1024, True, True, True, 0),
         (100, False, False, True, 0), (384, True, True, False, 1), (384, True, True, True, 1),
         (1024, True, True, True, 1), (768, True, False, False, 1), (384, True, False, True, 2),
-        (384, True, True, True, 2),
+        (384, True, True, True, 2), (384, True, False, True, 3), (384, True, False, True, 4),
         (1024, True, True, True, 3), (384, True, True, True, 4), (768, True, False, False, 4),
         (1024, True, True, True, 4), (384, True, True, True, 5), (1024, True, True, True, 5),
     ]:  # fmt: skip
