@@ -349,10 +349,7 @@ def _convert_exact(qann: nn.Module, c: _Walker) -> SpikingViT:
         norm1_if = _exact_norm(
             c.get(f"{p}.norm1.0", nn.LayerNorm), target_neuron_from_quantizers([norm1_q]), constant
         )
-        if (
-            len({(q.level, bool(getattr(q, "signed", getattr(q, "sym", False)))) for q in qkv_q})
-            != 1
-        ):
+        if len({int(q.level) for q in qkv_q}) != 1:  # all signed (c.quantizer checks)
             raise ValueError(
                 f"convert: `{p}.attn.quan_q`, `quan_k` and `quan_v` must share one level: they "
                 "feed one qkv neuron"

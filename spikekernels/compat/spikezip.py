@@ -201,8 +201,8 @@ class LLLinear(nn.Module):
         if self.neuron_type == "IF":
             # The official IF path: the plain linear (bias included) on a step with a nonzero
             # input; an all-zero step gives zeros, plus the bias once while realize_time lasts.
-            self.is_work = bool((x != 0).any())
-            if self.is_work:
+            self.is_work = (x != 0).any()
+            if bool(self.is_work):
                 return self.linear(x)
             out = x.new_zeros(*x.shape[:-1], self.linear.out_features)
             if self.realize_time > 0 and self.linear.bias is not None:
