@@ -84,6 +84,21 @@ def assert_same_bits(got: torch.Tensor, want: torch.Tensor, name: str = "output"
     assert diff == 0, f"{name}: {diff} of {got.numel()} elements differ in their bits"
 
 
+def st_bif_margin(u: torch.Tensor, threshold: torch.Tensor, n_min: int, p_max: int) -> float:
+    """How close the reference ST-BIF's membrane on the inputs ``u`` ``[T, ...]`` comes to a
+    decision point (1 and 0, SPEC.md §2) before it decides: two runs whose ``u`` agree
+    within ``e`` (in units of the threshold, summed over the steps) fire the same spikes when
+    the margin exceeds ``e``. A test that compares such runs' spikes asserts it first."""
+    from spikekernels import reference
+
+    v, count, margin = None, None, float("inf")
+    for t in range(u.shape[0]):
+        pre = (torch.full(u.shape[1:], 0.5) if v is None else v) + u[t] / threshold
+        margin = min(margin, float(torch.minimum((pre - 1).abs(), pre.abs()).min()))
+        _, v, count = reference.st_bif(u[t : t + 1], threshold, n_min, p_max, v, count)
+    return margin
+
+
 @pytest.fixture(autouse=True)
 def _seeded_global_generator() -> None:
     """Modules draw their initial weights from torch's global generator: seeded for every

@@ -16,13 +16,13 @@ from typing import NamedTuple
 
 import pytest
 import torch
-from conftest import INTERPRETED
+from conftest import INTERPRETED, st_bif_margin
 from test_exact import TINY, images, make_exact
 from test_exact_attention_ops import _context_case, _probs_case
 from test_exact_layernorm_neuron import EPS, _norm, _residual
 from test_exact_linear import _layer, _spikes
 
-from spikekernels import convert
+from spikekernels import convert, reference
 from spikekernels.nn import TargetNeuron
 from spikekernels.ops import (
     exact_attention_probs,
@@ -106,6 +106,11 @@ def _layernorm_neuron(gen, T) -> Case:
     x = torch.randn(T, B, 5, 24, generator=gen) + 0.5
     x[:, SILENT] = 0
     head = (torch.randn(24, generator=gen), None, EPS, torch.tensor(0.3), -8, 7)
+    # the premise of comparing spikes bit for bit: u within 4 ulps of max|u| a step, summed
+    # over the steps, stays clear of every decision
+    u = reference.spike_layernorm(x, head[0], None, EPS)[0]
+    error = 4 * T * float(u.abs().max()) * 2.0**-23 / 0.3
+    assert st_bif_margin(u, head[3], -8, 7) > 2 * error, "data too close to a decision"
 
     def call(x, state, active):
         out = spike_layernorm_neuron(x, *head, *(state or (None,) * 4), active=active)

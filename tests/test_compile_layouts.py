@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_same_bits
+from conftest import assert_same_bits, st_bif_margin
 
 import spikekernels
 from spikekernels import reference
@@ -116,12 +116,7 @@ def test_spike_layernorm_neuron(gen, layout):
     # change the order), within a few ulps of |Y| per step, and the membrane sums T of them
     # divided by theta. The spikes hold only while no membrane comes that close to a decision
     # (v + u / theta against 1 and 0), which this data must show first.
-    u = reference.spike_layernorm(x.contiguous(), w, b, 1e-6)[0]
-    v, count, margin = None, None, float("inf")
-    for t in range(u.shape[0]):
-        pre = (torch.full(u.shape[1:], 0.5) if v is None else v) + u[t] / theta
-        margin = min(margin, float(torch.minimum((pre - 1).abs(), pre.abs()).min()))
-        _, v, count = reference.st_bif(u[t : t + 1], theta, -8, 7, v, count)
+    margin = st_bif_margin(reference.spike_layernorm(x.contiguous(), w, b, 1e-6)[0], theta, -8, 7)
     assert margin > 2 * MEMBRANE_ATOL, f"data too close to a decision: margin {margin:.3g}"
     _compare((got[0], got[4]), (want[0], want[4]), exact=True)
     _compare(got[1:3], want[1:3], exact=False)

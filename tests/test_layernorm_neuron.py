@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DEVICES, assert_same_bits
+from conftest import DEVICES, assert_same_bits, st_bif_margin
 
 from spikekernels import reference
 from spikekernels.nn import STBIF, SpikeLayerNorm, SpikeLayerNormNeuron
@@ -383,12 +383,7 @@ def test_torch_compile_fullgraph(gen):
         return (*out, out[0].sum(0) + out[4])
 
     u = reference.spike_layernorm(x * 2, norm["weight"], norm["bias"], EPS)[0]
-    v, count = torch.full(u.shape[1:], 0.5), None
-    margin = float("inf")
-    for t in range(u.shape[0]):  # the decisions compare v after the increment with 1 and 0
-        pre = v + u[t] / theta
-        margin = min(margin, float(torch.minimum((pre - 1).abs(), pre.abs()).min()))
-        _, v, count = reference.st_bif(u[t : t + 1], norm["threshold"], -8, 7, v, count)
+    margin = st_bif_margin(u, norm["threshold"], -8, 7)
     assert margin > 2 * v_error, f"data too close to a threshold: margin {margin:.3g}"
 
     torch._dynamo.reset()
