@@ -44,6 +44,57 @@ def _settling_input(T: int, C: int):
     return x, weight, bias
 
 
+# Exact mode's layer first: bench/device_check.sh caps each suite's time.
+@pytest.mark.parametrize("C", CHANNELS)
+@pytest.mark.parametrize("T", STEPS)
+def test_exact_layernorm_neuron(benchmark, T, C):
+    """A block's norm at ViT-S batch 64 (on a GPU): the float64 stream ``d`` read and int8
+    spikes written per step (9 bytes an element-step), the count read and written once. Timed
+    on a busy chunk (a fresh neuron climbing to its targets on a moving stream) and on a
+    settled one (the stream held, the count at its targets: every tile quiet after the first
+    step), so the record shows what the quiet skip saves and how close each is to copy
+    bandwidth."""
+    tokens = 197 if ON_GPU else 16
+    gen = torch.Generator(device=DEVICE)
+    gen.manual_seed(0)
+    shape = (ROWS // tokens, tokens, C)
+    c = torch.randn(1, tokens, C, device=DEVICE, generator=gen, dtype=torch.float64)
+    moving = torch.randn(T, *shape, device=DEVICE, generator=gen, dtype=torch.float64) * 0.1
+    held = moving[:1].expand(T, *shape).contiguous()
+    weight = torch.randn(C, device=DEVICE, generator=gen) * 0.1 + 1.0
+    bias = torch.randn(C, device=DEVICE, generator=gen) * 0.1
+    theta = torch.tensor(0.1, device=DEVICE)
+    n_min, p_max = reference.level_bounds(16, signed=True)
+    norm = (weight, bias, EPS, theta, n_min, p_max)
+    op = spikekernels.ops.exact_layernorm_neuron
+    fresh = torch.zeros(shape, dtype=torch.int8, device=DEVICE)
+    # settle on the held stream: p_max - n_min steps reach every target
+    settled = op(held[:1].expand(p_max - n_min, *shape).contiguous(), c, *norm)[1]
+    quiet = op(held, c, *norm, settled)
+    assert not quiet[0].any(), "the settled chunk must be silent"
+
+    busy_call = lambda: op(moving, c, *norm, fresh)  # noqa: E731 (a state in: the skip's variant)
+    quiet_call = lambda: op(held, c, *norm, settled)  # noqa: E731
+    moved = moving.numel() * (8 + 1) + 2 * fresh.numel()
+    benchmark.group = f"exact_layernorm_neuron C={C}"
+    seconds = time_op(benchmark, busy_call)
+    info = dict(T=T, rows=ROWS, C=C, gbps=moved / seconds / 1e9)
+    quiet_seconds = try_median_time("settled", quiet_call, info)
+    if quiet_seconds is not None:
+        info["quiet_over_busy"] = quiet_seconds / seconds
+        info["settled_gbps"] = moved / quiet_seconds / 1e9
+    if ON_GPU:
+        info["fraction_of_copy_bandwidth"] = info["gbps"] / copy_bandwidth_gbps()
+    dense = try_median_time(
+        "dense_layer_norm",
+        lambda: F.layer_norm(moving[0].float(), (C,), weight, bias, EPS),
+        info,
+    )
+    if dense is not None:
+        info["time_ratio_vs_one_dense_layer_norm"] = seconds / dense
+    record(benchmark, seconds, **info)
+
+
 @pytest.mark.parametrize("C", CHANNELS)
 @pytest.mark.parametrize("T", STEPS)
 def test_spike_layernorm(benchmark, T, C):
@@ -99,54 +150,4 @@ def test_spike_layernorm_neuron(benchmark, T, C):
     separate = try_median_time("unfused", unfused, info)
     if separate is not None:
         info["speedup_vs_unfused"] = separate / seconds
-    record(benchmark, seconds, **info)
-
-
-@pytest.mark.parametrize("C", CHANNELS)
-@pytest.mark.parametrize("T", STEPS)
-def test_exact_layernorm_neuron(benchmark, T, C):
-    """A block's norm at ViT-S batch 64 (on a GPU): the float64 stream ``d`` read and int8
-    spikes written per step (9 bytes an element-step), the count read and written once. Timed
-    on a busy chunk (a fresh neuron climbing to its targets on a moving stream) and on a
-    settled one (the stream held, the count at its targets: every tile quiet after the first
-    step), so the record shows what the quiet skip saves and how close each is to copy
-    bandwidth."""
-    tokens = 197 if ON_GPU else 16
-    gen = torch.Generator(device=DEVICE)
-    gen.manual_seed(0)
-    shape = (ROWS // tokens, tokens, C)
-    c = torch.randn(1, tokens, C, device=DEVICE, generator=gen, dtype=torch.float64)
-    moving = torch.randn(T, *shape, device=DEVICE, generator=gen, dtype=torch.float64) * 0.1
-    held = moving[:1].expand(T, *shape).contiguous()
-    weight = torch.randn(C, device=DEVICE, generator=gen) * 0.1 + 1.0
-    bias = torch.randn(C, device=DEVICE, generator=gen) * 0.1
-    theta = torch.tensor(0.1, device=DEVICE)
-    n_min, p_max = reference.level_bounds(16, signed=True)
-    norm = (weight, bias, EPS, theta, n_min, p_max)
-    op = spikekernels.ops.exact_layernorm_neuron
-    fresh = torch.zeros(shape, dtype=torch.int8, device=DEVICE)
-    # settle on the held stream: p_max - n_min steps reach every target
-    settled = op(held[:1].expand(p_max - n_min, *shape).contiguous(), c, *norm)[1]
-    quiet = op(held, c, *norm, settled)
-    assert not quiet[0].any(), "the settled chunk must be silent"
-
-    busy_call = lambda: op(moving, c, *norm, fresh)  # noqa: E731 (a state in: the skip's variant)
-    quiet_call = lambda: op(held, c, *norm, settled)  # noqa: E731
-    moved = moving.numel() * (8 + 1) + 2 * fresh.numel()
-    benchmark.group = f"exact_layernorm_neuron C={C}"
-    seconds = time_op(benchmark, busy_call)
-    info = dict(T=T, rows=ROWS, C=C, gbps=moved / seconds / 1e9)
-    quiet_seconds = try_median_time("settled", quiet_call, info)
-    if quiet_seconds is not None:
-        info["quiet_over_busy"] = quiet_seconds / seconds
-        info["settled_gbps"] = moved / quiet_seconds / 1e9
-    if ON_GPU:
-        info["fraction_of_copy_bandwidth"] = info["gbps"] / copy_bandwidth_gbps()
-    dense = try_median_time(
-        "dense_layer_norm",
-        lambda: F.layer_norm(moving[0].float(), (C,), weight, bias, EPS),
-        info,
-    )
-    if dense is not None:
-        info["time_ratio_vs_one_dense_layer_norm"] = seconds / dense
     record(benchmark, seconds, **info)

@@ -1,7 +1,9 @@
 """Spike linear (SPEC.md §6): the fused op vs the per-step dense float matmul (what the
-official SNN code does) vs one dense QANN product (int8 ``torch._int_mm``, bf16 matmul); and
+official SNN code does) vs one dense QANN product (int8 ``torch._int_mm``, bf16 matmul);
 float mode's spike linear fused with its neuron (``spike_linear_neuron``, float32 weights as
-their bf16 split on tensor cores) vs the same two ops unfused.
+their bf16 split on tensor cores) vs the same two ops unfused; and exact mode's int8 linear
+with its neuron (``exact_linear``) on a settling chunk and on a settled one (every tile quiet:
+``quiet_over_busy``), against one dense int8 step.
 
 Shapes are the ViT-S/B qkv and MLP layers at batch 64 x 197 tokens. Spikes are genuine:
 quantized activations run through ``spikekernels.st_bif``, so the silent-row fraction (what
@@ -48,6 +50,57 @@ def _spikes(T: int, K: int) -> torch.Tensor:
 
 def _silent_row_fraction(s: torch.Tensor) -> float:
     return (s == 0).all(dim=-1).float().mean().item()
+
+
+# Exact mode's layer first: bench/device_check.sh caps each suite's time.
+@pytest.mark.parametrize(("K", "N"), SHAPES, ids=lambda v: str(v))
+@pytest.mark.parametrize("T", STEPS)
+def test_exact_linear(benchmark, T, K, N):
+    """Exact mode's layer as the runner calls it (int8 weights and scale, the input count
+    before the chunk, the output count in): a chunk of a settling layer, and a chunk after it
+    settled (no input spike, every target reached: each tile quiet after the first step, so
+    neither MMA nor epilogue runs). One dense int8 step is the QANN's whole layer."""
+    s = _spikes(T, K)
+    gen = torch.Generator(device=DEVICE)
+    gen.manual_seed(1)
+    w_float = torch.randn(N, K, device=DEVICE, generator=gen) * K**-0.5
+    w_int8, w_scale = spikekernels.exact_math.int_weights(w_float)
+    bias = torch.randn(N, device=DEVICE, generator=gen) * 0.1
+    theta_in, theta = torch.tensor(THETA, device=DEVICE), torch.tensor(0.1, device=DEVICE)
+    n_min, p_max = reference.level_bounds(LEVEL, signed=True)
+    layer = (w_int8, w_scale, bias, theta_in, theta, n_min, p_max)
+    op = spikekernels.ops.exact_linear
+    before = torch.zeros(ROWS, K, dtype=torch.int8, device=DEVICE)
+    fresh = torch.zeros(ROWS, N, dtype=torch.int8, device=DEVICE)
+    # settle: the chunk, then silent steps until every target is reached
+    after = s.sum(0, dtype=torch.int32).to(torch.int8)
+    count = op(s, *layer, count=fresh, s_before=before)[1]
+    silent = torch.zeros(p_max - n_min, ROWS, K, dtype=torch.int8, device=DEVICE)
+    settled = op(silent, *layer, count=count, s_before=after)[1]
+    quiet_input = silent[:1].expand(T, ROWS, K).contiguous()
+    assert not op(quiet_input, *layer, count=settled, s_before=after)[0].any(), "not settled"
+
+    busy_call = lambda: op(s, *layer, count=fresh, s_before=before)  # noqa: E731
+    quiet_call = lambda: op(quiet_input, *layer, count=settled, s_before=after)  # noqa: E731
+    benchmark.group = f"exact_linear T={T} K={K} N={N}"
+    seconds = time_op(benchmark, busy_call)
+    info = dict(
+        T=T,
+        rows=ROWS,
+        K=K,
+        N=N,
+        silent_row_fraction=_silent_row_fraction(s),
+        dense_equiv_tops=2 * T * ROWS * K * N / seconds / 1e12,
+    )
+    quiet_seconds = try_median_time("settled", quiet_call, info)
+    if quiet_seconds is not None:
+        info["quiet_over_busy"] = quiet_seconds / seconds
+    a_int8 = torch.randint(-8, 8, (ROWS, K), dtype=torch.int8, device=DEVICE, generator=gen)
+    w_int8_t = w_int8.t()
+    int8_qann = try_median_time("int8_qann", lambda: torch._int_mm(a_int8, w_int8_t), info)
+    if int8_qann is not None:
+        info["time_ratio_vs_int8_qann"] = seconds / int8_qann
+    record(benchmark, seconds, **info)
 
 
 @pytest.mark.parametrize("weight_dtype", [torch.int8, torch.bfloat16, torch.float32], ids=str)
