@@ -22,6 +22,7 @@ from torch import nn
 import spikekernels
 from spikekernels.evaluate import sops
 from spikekernels.evaluate.data import digits_split
+from spikekernels.evaluate.model import load_qann
 from spikekernels.models import (
     QuantViT,
     calibrate,
@@ -371,15 +372,25 @@ def test_save_checkpoint_keeps_quantizer_levels(tmp_path, gen):
     assert (loaded.blocks[0].attn.attn_quan.n_min, loaded.blocks[0].attn.attn_quan.p_max) == (0, 7)
     with torch.no_grad():
         assert torch.equal(loaded(images), model(images))
+    # the evaluator's loader and load_checkpoint read it too; a compiled model saves its names
+    assert load_qann(checkpoint=path)[0].blocks[0].attn.attn_quan.level == 8
+    again = quant_vit_tiny(level=16)
+    load_checkpoint(again, str(path))
+    assert again.blocks[0].attn.attn_quan.level == 8
+    compiled = save_checkpoint(torch.compile(model), tmp_path / "compiled.pth")
+    assert load_model(compiled).blocks[0].attn.attn_quan.level == 8
     payload = torch.load(path, weights_only=False)
-    payload["quantizers"]["blocks.9.attn.attn_quan"] = {
-        "level": 8,
-        "signed": False,
-        "enabled": True,
-    }
-    torch.save(payload, tmp_path / "bad.pth")
-    with pytest.raises(ValueError, match=r"quantizers the model lacks: .*blocks\.9"):
-        load_model(tmp_path / "bad.pth")
+    entry = {"level": 8, "signed": False, "enabled": True}
+    for name, bad, words in [
+        ("blocks.9.attn.attn_quan", entry, r"quantizers the model lacks: .*blocks\.9"),
+        ("blocks.0.attn.attn_quan", {**entry, "level": 8.7}, "expected"),
+        ("blocks.0.attn.attn_quan", {**entry, "signed": "False"}, "expected"),
+        ("blocks.0.attn.attn_quan", "level 8", "expected"),
+    ]:
+        broken = {**payload, "quantizers": {**payload["quantizers"], name: bad}}
+        torch.save(broken, tmp_path / "bad.pth")
+        with pytest.raises(ValueError, match=words):
+            load_model(tmp_path / "bad.pth")
 
 
 def _to_timm(state: dict) -> dict:

@@ -27,6 +27,7 @@ from spikekernels.models.checkpoint import (
     check_state_dict,
     float_to_quant_state_dict,
     read_checkpoint,
+    restore_quantizers,
     unwrap_state_dict,
 )
 
@@ -77,6 +78,7 @@ def load_qann(
             source = "official"
         check_state_dict(qann, state, path)
         qann.load_state_dict(state)
+        restore_quantizers(qann, obj, path)
     else:
         path = os.fspath(float_checkpoint)
         state = unwrap_state_dict(read_checkpoint(path), path)

@@ -37,6 +37,7 @@ __all__ = [
     "load_checkpoint",
     "load_model",
     "read_checkpoint",
+    "restore_quantizers",
     "save_checkpoint",
     "unwrap_state_dict",
 ]
@@ -77,7 +78,7 @@ def save_checkpoint(qann: nn.Module, path: str | os.PathLike) -> str:
         # not in the state_dict (which holds only each step s, as the official files): a
         # quantizer whose level differs from the config's (set after construction) keeps it
         "quantizers": {
-            name: {"level": q.level, "signed": q.signed, "enabled": q.enabled}
+            _unwrapped(name): {"level": q.level, "signed": q.signed, "enabled": q.enabled}
             for name, q in qann.named_modules()
             if isinstance(q, Quantizer)
         },
@@ -135,13 +136,18 @@ def unwrap_state_dict(obj: Mapping[str, Any], path: str = "checkpoint") -> dict[
                 f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor: not a "
                 "state_dict (expected the weights, bare or under 'model' / 'state_dict')"
             )
-        for prefix in _WRAPPER_PREFIXES:
-            if key.startswith(prefix):
-                key = key[len(prefix) :]
-        state[key] = value
+        state[_unwrapped(key)] = value
     if not state:
         raise ValueError(f"{path}: the state_dict is empty")
     return state
+
+
+def _unwrapped(name: str) -> str:
+    """A key or module name without the prefixes wrappers put on it."""
+    for prefix in _WRAPPER_PREFIXES:
+        if name.startswith(prefix):
+            name = name[len(prefix) :]
+    return name
 
 
 def load_checkpoint(
@@ -150,13 +156,16 @@ def load_checkpoint(
     """Load a QANN checkpoint (a file path, or its dict) into ``model``: an official
     SpikeZIP-TF file (the state_dict under ``"model"``), one of ours, or a bare state_dict
     (``unwrap_state_dict``: also under ``state_dict``/``model_ema``, wrapper prefixes
-    removed). Returns ``model.load_state_dict``'s result."""
+    removed; one of ours also restores its quantizers' levels, ``restore_quantizers``).
+    Returns ``model.load_state_dict``'s result."""
     if isinstance(checkpoint, (str, os.PathLike)):
         path = os.fspath(checkpoint)
         checkpoint = read_checkpoint(path)
     else:
         path = "checkpoint"
-    return model.load_state_dict(unwrap_state_dict(checkpoint, path), strict=strict)
+    result = model.load_state_dict(unwrap_state_dict(checkpoint, path), strict=strict)
+    restore_quantizers(model, checkpoint, path)
+    return result
 
 
 def check_state_dict(
@@ -221,30 +230,39 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
     state = unwrap_state_dict(obj, path)
     check_state_dict(model, state, path)
     model.load_state_dict(state)
-    _restore_quantizers(model, obj.get("quantizers", {}), path)
+    restore_quantizers(model, obj, path)
     return model.to(map_location).eval()
 
 
-def _restore_quantizers(model: nn.Module, saved: object, path: str) -> None:
-    """Each quantizer's level, sign and on/off as saved (files from before this entry keep
-    the config's)."""
+def restore_quantizers(model: nn.Module, obj: Mapping[str, Any], path: str = "checkpoint") -> None:
+    """Each quantizer's level, sign and on/off as ``save_checkpoint`` wrote them (its
+    ``quantizers`` entry; not in a state_dict). A file without the entry (official ones, ours
+    from before it) leaves the model's own."""
+    saved = obj.get("quantizers") if obj.get("format") == FORMAT else None
+    if saved is None:
+        return
     if not isinstance(saved, Mapping):
         raise ValueError(f"checkpoint {path}: `quantizers` must be a dict, got {type(saved)}")
-    found = {name: q for name, q in model.named_modules() if isinstance(q, Quantizer)}
+    found = {_unwrapped(name): q for name, q in model.named_modules() if isinstance(q, Quantizer)}
     unknown = sorted(set(saved) - set(found))
     if unknown:
         raise ValueError(f"checkpoint {path}: quantizers the model lacks: {_listing(unknown)}")
     for name, entry in saved.items():
-        q = found[name]
-        try:
-            level, signed, enabled = int(entry["level"]), bool(entry["signed"]), entry["enabled"]
-            bounds = level_bounds(level, signed)
-        except (KeyError, TypeError, ValueError):
+        valid = (
+            isinstance(entry, Mapping)
+            and type(entry.get("level")) is int  # not a bool, not a float
+            and entry["level"] >= 2
+            and isinstance(entry.get("signed"), bool)
+            and isinstance(entry.get("enabled"), bool)
+        )
+        if not valid:
             raise ValueError(
-                f"checkpoint {path}: quantizer `{name}`: bad entry {entry!r}"
-            ) from None
-        q.level, q.signed, q.enabled = level, signed, bool(enabled)
-        q.n_min, q.p_max = bounds
+                f"checkpoint {path}: quantizer `{name}`: expected {{'level': int >= 2, "
+                f"'signed': bool, 'enabled': bool}}, got {entry!r}"
+            )
+        q = found[name]
+        q.level, q.signed, q.enabled = entry["level"], entry["signed"], entry["enabled"]
+        q.n_min, q.p_max = level_bounds(q.level, q.signed)
 
 
 def float_to_quant_state_dict(
