@@ -603,11 +603,12 @@ def test_settles_to_the_qann_integer(gen, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("via", ["d", "branch", "branch2"])
+@pytest.mark.parametrize("via", ["d", "sign", "branch", "branch2"])
 def test_quiet_rows_wake_up(gen, device, via):
     """A held stream settles (its tiles go quiet: with an incoming count the kernel skips
-    them), then one row's input moves at a late step, through ``d`` or either pending branch:
-    that row answers at once, as the reference does, whole and in chunks."""
+    them), then one row's input moves at a late step, through ``d`` (also in its values' signs
+    alone) or either pending branch: that row answers at once, as the reference does, whole
+    and in chunks."""
     T, batch, tokens, channels = 24, 2, 9, 96
     d, c = _residual(gen, 1, batch, tokens, channels)
     d = d.expand(T, -1, -1, -1).clone()
@@ -618,6 +619,9 @@ def test_quiet_rows_wake_up(gen, device, via):
     late, row = 19, (1, 7)  # the last row tile of the second sample
     if via == "d":
         d[late:, row[0], row[1], ::3] += 0.5  # not every channel: LayerNorm ignores a shift
+    elif via == "sign":  # x = fl32(c + d) changes in its sign bits alone
+        d[:, row[0], row[1]] = 0.0
+        d[late:, row[0], row[1], ::3] = -2 * c[0, row[1], ::3]
     else:
         spikes = (branch if via == "branch" else branch2)[0]
         spikes[late, row[0], row[1], ::3] = 1

@@ -361,9 +361,7 @@ def scores_step(
 def _changed(now, last):
     """Nonzero when the integer product tile ``now`` differs from the last step's anywhere
     (``COUNTS_IN``'s quiet test: equal products give equal values, so equal targets): one
-    xor and one or-reduction, two operations a lane. (Under the interpreter's reduction,
-    the maximum of absolute values, an xor of exactly -2^31 would read as zero: it cannot
-    occur, since the products stay below 2^30 in magnitude.)"""
+    xor and one or-reduction, two operations a lane."""
     return any_nonzero(now ^ last).to(tl.int32)
 
 

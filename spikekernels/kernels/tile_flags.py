@@ -21,8 +21,10 @@ from spikekernels.kernels import INTERPRET
 FLAG_BLOCK_K = 128
 
 
-# any_nonzero's reduction: a bitwise or on a GPU; the maximum of absolute values under the
-# numpy interpreter, which runs a custom combine in Python (about 100x slower there)
+# any_nonzero's reduction: a bitwise or on a GPU; under the numpy interpreter, which runs a
+# custom combine in Python (about 100x slower there), the maximum of the tile's != 0 (not of
+# its absolute values: abs(-2^31) is -2^31, which an xor of float bits that differ in the
+# sign alone gives)
 _OR_REDUCE = tl.constexpr(not INTERPRET)
 
 
@@ -38,7 +40,7 @@ def any_nonzero(tile, OR_REDUCE: tl.constexpr = _OR_REDUCE):
     sm_90 more instructions than the rest of a spike-form product step.)"""
     if OR_REDUCE:
         return tl.reduce(tile.to(tl.int32), None, _bit_or) != 0
-    return tl.max(tl.abs(tile.to(tl.int32))) != 0
+    return tl.max((tile != 0).to(tl.int32)) != 0
 
 
 @triton.jit
