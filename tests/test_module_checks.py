@@ -11,11 +11,13 @@ from spikekernels.nn import (
     STBIF,
     ExactLayerNorm,
     ExactLinear,
+    ExactSoftmax,
     Quantizer,
     SpikeLayerNorm,
     SpikeLayerNormNeuron,
     SpikeLinear,
     SpikeLinearNeuron,
+    SpikeMatmul,
     TargetNeuron,
 )
 
@@ -167,6 +169,37 @@ def test_neuron_steps_survive_module_casts(gen, cast):
     x = torch.randn(6, 4, 3, generator=gen)
     cast_one, plain = STBIF(0.1, 8, True).half(), STBIF(0.1, 8, True)
     assert torch.equal(cast_one(x.half()), plain(x.half()))
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: SpikeLinear(torch.randn(3, 4), None, 0.1234567),
+        lambda: SpikeLinear(
+            torch.ones(3, 4, dtype=torch.int8), None, 0.3, weight_scale=torch.rand(3)
+        ),
+        lambda: ExactLinear(
+            torch.ones(3, 4, dtype=torch.int8), torch.rand(3) + 0.1, torch.randn(3), 0.3
+        ),
+        lambda: ExactLayerNorm(torch.rand(4) + 0.5, torch.randn(4), 1e-6),
+        lambda: SpikeMatmul(torch.tensor(0.1234567)),
+        lambda: ExactSoftmax(torch.tensor(0.1234567)),
+    ],
+    ids=["spike_linear", "spike_linear_int8", "exact_linear", "exact_norm", "matmul", "softmax"],
+)
+def test_steps_and_scales_survive_module_casts(build):
+    """Every module holding a step, a scale or exact mode's float32 operands keeps their
+    dtype (and bits) under ``.half()``; other float buffers (a float weight) still cast."""
+    module = build()
+    before = {name: t.clone() for name, t in module.named_buffers()}
+    module.half()
+    kept = [name for name in type(module)._FIXED_DTYPE if name in before]
+    assert kept, "the module holds none of the buffers the rule keeps"
+    for name in kept:
+        after = getattr(module, name)
+        assert after.dtype == before[name].dtype and torch.equal(after, before[name]), name
+    if isinstance(module, SpikeLinear) and before["weight"].is_floating_point():
+        assert module.weight.dtype == torch.float16
 
 
 def _exact_attention(gen):

@@ -247,7 +247,7 @@ class TestSTBIFModule:
 
     def test_threshold_moves_with_the_module(self, gen):
         """The threshold is a buffer (in the state_dict, moved with the module), but a module
-        cast such as ``.to(float64)`` keeps it float32 (``nn.neuron.FixedStepDtypes``): the
+        cast such as ``.to(float64)`` keeps it float32 (``nn.neuron.FixedDtypeBuffers``): the
         neuron runs on it with the reference's bits for a float32 input."""
         neuron = STBIF(0.5, level=8, signed=True).to(torch.float64)
         assert "threshold" in dict(neuron.named_buffers())

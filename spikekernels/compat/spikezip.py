@@ -208,14 +208,14 @@ class LLLinear(nn.Module):
             if self.realize_time > 0 and self.linear.bias is not None:
                 out = out + self.linear.bias / self.steps
                 self.realize_time -= 1
-                self.is_work = True
+                self.is_work = torch.ones((), dtype=torch.bool, device=x.device)
             return out
         out = F.linear(x, self.linear.weight)
         self.is_work = (x != 0).any()
         if self.realize_time > 0 and self.linear.bias is not None:
             out = out + self.linear.bias / self.steps
             self.realize_time -= 1
-            self.is_work = True
+            self.is_work = torch.ones((), dtype=torch.bool, device=x.device)
         self.first = False
         return out
 

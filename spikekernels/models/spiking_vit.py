@@ -441,7 +441,8 @@ class SpikingViT(nn.Module):
     def _apply(self, fn, recurse=True):
         # Device moves only: the network runs in the dtypes conversion gave it (exact mode's
         # float64 stream and float32 steps, float mode's weights), so a cast is refused
-        # before it changes anything. Cast the images instead.
+        # before it changes the SNN (a parent module's earlier children may have taken it).
+        # Cast the images instead.
         for dtype in (torch.float32, torch.float64):
             if fn(torch.zeros((), dtype=dtype)).dtype != dtype:
                 raise TypeError(

@@ -335,8 +335,10 @@ def calibrate(model: nn.Module, x: torch.Tensor) -> nn.Module:
     qs = list(quantizers(model))
     if not qs:
         raise ValueError("calibrate: the model has no Quantizer")
-    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.numel() == 0:
-        raise TypeError("calibrate: x must be a non-empty floating-point batch of inputs")
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise TypeError("calibrate: x must be a floating-point batch of inputs")
+    if x.numel() == 0:
+        raise ValueError("calibrate: x is empty")
     if not bool(torch.isfinite(x).all()):
         raise ValueError("calibrate: x has non-finite values (NaN or inf)")
     model.eval()

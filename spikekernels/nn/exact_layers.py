@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from spikekernels import exact_math
-from spikekernels.nn.neuron import scalar_tensor, threshold_tensor
+from spikekernels.nn.neuron import FixedDtypeBuffers, scalar_tensor, threshold_tensor
 from spikekernels.nn.target_neuron import TargetNeuron
 from spikekernels.ops.exact_layernorm import exact_layernorm_neuron
 from spikekernels.ops.exact_linear import exact_linear
@@ -57,7 +57,7 @@ def _register_int_linear(
     module.register_buffer("in_threshold", threshold_tensor(in_threshold, "in_threshold"))
 
 
-class ExactLinear(nn.Module):
+class ExactLinear(FixedDtypeBuffers, nn.Module):
     """``[T, *, K]`` ternary spikes in, the linear's current value ``[T, *, N]`` float32 out.
 
     ``acc`` (int32, ``[*, N]``) is the exact running ``q_in @ W_int^T`` of the input counts,
@@ -202,10 +202,12 @@ class ExactLinearNeuron(TargetNeuron):
         )
 
 
-class ExactLayerNorm(nn.Module):
+class ExactLayerNorm(FixedDtypeBuffers, nn.Module):
     """The LayerNorm row function (``exact_math.layer_norm_rows``) over the last dim of
     ``[T, *rows, C]`` float32: each row gives the bits the QANN's does. Stateless: the
     residual stream's exact state is kept by the blocks."""
+
+    _FIXED_DTYPE = ("weight", "bias")  # the row function's float32 operands
 
     def __init__(self, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float) -> None:
         super().__init__()
@@ -313,7 +315,7 @@ class ExactLayerNormNeuron(TargetNeuron):
         return f"eps={self.eps:g}, pool={self.pool}, " + super().extra_repr()
 
 
-class ExactSoftmax(nn.Module):
+class ExactSoftmax(FixedDtypeBuffers, nn.Module):
     """Attention probabilities from the running integer scores ``S`` ``[T, *rows, N]`` int32:
     ``softmax_rows(fl32(g * fl32(S)))``, ``g`` the score gain (``exact_math.score_gain``).
     Stateless."""

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from spikekernels.kernels import use_triton
-from spikekernels.nn.neuron import threshold_tensor
+from spikekernels.nn.neuron import FixedDtypeBuffers, threshold_tensor
 from spikekernels.nn.quant_linear import QuantLinear
 from spikekernels.ops._checks import check_int, check_tensor
 from spikekernels.ops.spike_linear import spike_linear
@@ -32,7 +32,7 @@ class TensorCoreWeight:
         return self._split
 
 
-class SpikeLinear(TensorCoreWeight, nn.Module):
+class SpikeLinear(FixedDtypeBuffers, TensorCoreWeight, nn.Module):
     """Linear map of ternary spikes ``[T, B, ..., K]`` to float32 ``[T, B, ..., N]``.
 
     ``out_t = theta * (s_t @ W^T)`` plus the bias on the first ``bias_steps`` global steps

@@ -42,15 +42,20 @@ def threshold_tensor(value: object, name: str = "threshold", *, per_channel: boo
     return theta
 
 
-class FixedStepDtypes:
-    """Module casts (``.half()``, ``.to(torch.bfloat16)``, a parent's ``.to(...)``) move a
-    neuron's steps but keep their float32: a threshold rounded to half would change which
-    spikes fire (the ops take half inputs with float32 steps). Devices move as usual."""
+class FixedDtypeBuffers:
+    """Module casts (``.half()``, ``.to(torch.bfloat16)``, a parent's ``.to(...)``) move the
+    buffers named in ``_FIXED_DTYPE`` but keep their dtype: a neuron's steps, a product's
+    scale or gain, an int8 weight's scale, exact mode's float64 residual constant. A step
+    rounded to half would change which spikes fire (the ops take half inputs with float32
+    steps). Devices move as usual."""
 
-    _STEP_BUFFERS = ("threshold", "in_threshold", "scale", "gain", "theta_a", "theta_v")
+    _FIXED_DTYPE: tuple[str, ...] = (
+        "threshold", "in_threshold", "scale", "gain", "theta_a", "theta_v", "weight_scale",
+        "residual_constant",
+    )  # fmt: skip
 
     def _apply(self, fn, recurse=True):
-        kept = {name: self._buffers.get(name) for name in self._STEP_BUFFERS}
+        kept = {name: self._buffers.get(name) for name in self._FIXED_DTYPE}
         super()._apply(fn, recurse)
         for name, old in kept.items():
             new = self._buffers.get(name)
@@ -72,7 +77,7 @@ class ActivityWatcher:
         self.activity = flags
 
 
-class STBIF(FixedStepDtypes, ActivityWatcher, nn.Module):
+class STBIF(FixedDtypeBuffers, ActivityWatcher, nn.Module):
     """Multi-step ST-BIF neuron over ``[T, B, ...]``, state kept between calls until ``reset()``.
 
     Built from a QANN quantizer's step (``threshold``) and its ``level`` / ``signed`` bounds.

@@ -12,13 +12,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from spikekernels.nn.neuron import scalar_tensor
+from spikekernels.nn.neuron import FixedDtypeBuffers, scalar_tensor
 from spikekernels.ops.spike_matmul import spike_matmul
 
 __all__ = ["RunningSpikeMatmul", "SpikeMatmul"]
 
 
-class SpikeMatmul(nn.Module):
+class SpikeMatmul(FixedDtypeBuffers, nn.Module):
     """``out_t = scale * (a_t @ B_t + A_{t-1} @ b_t)`` over ``[T, *batch, M, K]`` x
     ``[T, *batch, K, N]`` ternary int8 spikes; the running counts ``A``, ``B`` are kept
     between calls until ``reset()``. ``scale``: one-element tensor (a buffer). Float32 out.

@@ -6,14 +6,14 @@ import torch
 from torch import nn
 
 from spikekernels.levels import level_bounds
-from spikekernels.nn.neuron import ActivityWatcher, FixedStepDtypes, threshold_tensor
+from spikekernels.nn.neuron import ActivityWatcher, FixedDtypeBuffers, threshold_tensor
 from spikekernels.ops._checks import check_flag
 from spikekernels.ops.target import target_spikes
 
 __all__ = ["TargetNeuron"]
 
 
-class TargetNeuron(FixedStepDtypes, ActivityWatcher, nn.Module):
+class TargetNeuron(FixedDtypeBuffers, ActivityWatcher, nn.Module):
     """Exact mode's neuron over ``[T, B, ...]``: it fires toward the quantizer's integer.
 
     At each step, with ``y_t`` the *current value* of its input (not an increment):
