@@ -52,6 +52,21 @@ def _silent_row_fraction(s: torch.Tensor) -> float:
     return (s == 0).all(dim=-1).float().mean().item()
 
 
+def _layer_info(s: torch.Tensor, N: int, seconds: float, **extra) -> dict:
+    """A layer's figures: its shape, the silent-row fraction of its input spikes ``s``
+    ``[T, rows, K]``, and the dense-equivalent TOPS (skipped work counted)."""
+    T, rows, K = s.shape
+    return dict(
+        T=T,
+        rows=rows,
+        K=K,
+        N=N,
+        **extra,
+        silent_row_fraction=_silent_row_fraction(s),
+        dense_equiv_tops=2 * T * rows * K * N / seconds / 1e12,
+    )
+
+
 # Exact mode's layer first: bench/device_check.sh caps each suite's time.
 @pytest.mark.parametrize(("K", "N"), SHAPES, ids=lambda v: str(v))
 @pytest.mark.parametrize("T", STEPS)
@@ -84,14 +99,7 @@ def test_exact_linear(benchmark, T, K, N):
     quiet_call = lambda: op(quiet_input, *layer, count=settled, s_before=after)  # noqa: E731
     benchmark.group = f"exact_linear T={T} K={K} N={N}"
     seconds = time_op(benchmark, busy_call)
-    info = dict(
-        T=T,
-        rows=ROWS,
-        K=K,
-        N=N,
-        silent_row_fraction=_silent_row_fraction(s),
-        dense_equiv_tops=2 * T * ROWS * K * N / seconds / 1e12,
-    )
+    info = _layer_info(s, N, seconds)
     quiet_seconds = try_median_time("settled", quiet_call, info)
     if quiet_seconds is not None:
         info["quiet_over_busy"] = quiet_seconds / seconds
@@ -125,15 +133,7 @@ def test_spike_linear(benchmark, T, K, N, weight_dtype):
 
     benchmark.group = f"spike_linear T={T} K={K} N={N}"
     seconds = time_op(benchmark, fused)
-    info = dict(
-        T=T,
-        rows=ROWS,
-        K=K,
-        N=N,
-        weight_dtype=str(weight_dtype).removeprefix("torch."),
-        silent_row_fraction=_silent_row_fraction(s),
-        dense_equiv_tops=2 * T * ROWS * K * N / seconds / 1e12,
-    )
+    info = _layer_info(s, N, seconds, weight_dtype=str(weight_dtype).removeprefix("torch."))
 
     def per_step_dense():
         # the official LLLinear: float spikes (sigma * theta), one fp32 GEMM per step
@@ -182,15 +182,7 @@ def test_spike_linear_neuron(benchmark, T, K, N):
     benchmark.group = f"spike_linear_neuron T={T} K={K} N={N}"
     seconds = time_op(benchmark, fused)
     spikes = fused()[0]
-    info = dict(
-        T=T,
-        rows=ROWS,
-        K=K,
-        N=N,
-        silent_row_fraction=_silent_row_fraction(s),
-        output_spike_fraction=(spikes != 0).float().mean().item(),
-        dense_equiv_tops=2 * T * ROWS * K * N / seconds / 1e12,
-    )
+    info = _layer_info(s, N, seconds, output_spike_fraction=(spikes != 0).float().mean().item())
     separate = try_median_time("unfused", unfused, info)
     if separate is not None:
         info["speedup_vs_unfused"] = separate / seconds
