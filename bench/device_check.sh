@@ -6,7 +6,9 @@
 # and an overrun stops pytest with SIGINT (so it still prints what it has), then SIGKILL 20 s
 # later (a kernel that hangs). Each benchmark suite is its own run, so finished suites are kept,
 # and gets at most SUITE_S seconds (default 180). The JSON and the log are also copied to $OUT
-# (what the device tool brings back), whatever the exit.
+# (what the device tool brings back), whatever the exit. After bench_vit, when the machine has
+# Nsight Compute, `ncu` profiles one block of the exact ViT-S (bench/kernel_profile.py) into
+# bench/results/<gpu>-<date>.ncu.txt (also copied to $OUT) and prints a line a kernel.
 #
 # GPU tests: `-k cuda` selects the `cuda`-marked tests and every test parametrised over
 # conftest.DEVICES with "cuda" (its id holds "cuda"), which `-m cuda` alone would leave out.
@@ -37,9 +39,10 @@ day=$(date +%Y-%m-%d)
 mkdir -p bench/results
 json="bench/results/${gpu}-${day}.json"
 log="bench/results/${gpu}-${day}.log"
+ncu_report="bench/results/${gpu}-${day}.ncu.txt"
 # Through the device tool only what is under $OUT comes back: hand the results over on any
 # exit, a failed or cut-short run included.
-trap '[ -n "${OUT:-}" ] && cp -f "$json" "$log" "$OUT"/ 2>/dev/null' EXIT
+trap '[ -n "${OUT:-}" ] && cp -f "$json" "$log" "$ncu_report" "$OUT"/ 2>/dev/null' EXIT
 
 echo "== build (CUDA extension) on ${gpu}"
 start=$(date +%s)
@@ -79,9 +82,64 @@ echo "== benchmarks"
 parts=$(mktemp -d)
 rm -f "$json"
 bench_rc=0
-# Most telling first, in case the deadline cuts the last ones.
-SUITES="bench/bench_neuron.py bench/bench_vit.py bench/bench_host.py bench/bench_sesa.py bench/bench_softmax.py bench/bench_linear.py bench/bench_layernorm.py bench/bench_tiles.py"
+# Nsight Compute on one block of the exact ViT-S, busy and settled (bench/kernel_profile.py):
+# what bounds each fused kernel (roofline, occupancy, warp stalls). Best effort: skipped when
+# the machine has no ncu or too little time is left, and never fails the check.
+ncu_stage() {
+  local ncu="${NCU:-}"
+  if [ -z "$ncu" ]; then
+    ncu=$(command -v ncu || ls "$(dirname "$(command -v nvcc 2>/dev/null || echo /x/x)")/ncu" \
+      /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+  fi
+  if [ -z "$ncu" ] || [ ! -x "$ncu" ]; then
+    echo "   ncu: not on this machine, no kernel profile"
+    return 0
+  fi
+  local budget; budget=$(left 60); budget=$(( budget < ${NCU_S:-150} ? budget : ${NCU_S:-150} ))
+  if [ "$budget" -lt 60 ]; then
+    echo "   ncu: skipped, out of time"
+    return 0
+  fi
+  echo "   ncu (${ncu}, at most ${budget}s) -> ${ncu_report}"
+  timeout -k 10 "$budget" "$ncu" --profile-from-start off --target-processes all \
+    --section SpeedOfLight --section LaunchStats --section Occupancy \
+    --section WarpStateStats --section SchedulerStats --section MemoryWorkloadAnalysis \
+    python3 bench/kernel_profile.py > "$ncu_report" 2>&1
+  local rc=$?
+  echo "   ncu rc=${rc}; one line a profiled launch (the full report is the file):"
+  ncu_summary < "$ncu_report"
+}
+
+# ncu's text report, one line a kernel launch: its name, then the first value of each metric
+# below as it appears in the sections (unit included).
+ncu_summary() {
+  awk '
+    BEGIN {
+      split("Duration|Registers Per Thread|Achieved Occupancy|Compute (SM) Throughput|" \
+            "Memory Throughput", label, "|")
+      split("time|regs|occupancy|sm|memory", short, "|")
+    }
+    function flush() { if (name != "") print "     " name line }
+    /^  [A-Za-z_][A-Za-z0-9_]* \(/ { flush(); name = sprintf("%-32s", $1); line = ""; split("", seen); next }
+    name == "" { next }
+    {
+      for (i = 1; i <= 5; i++) {
+        if (index($0, "    " label[i] " ") != 1 || seen[i]++) continue
+        unit = $(NF - 1)
+        if (unit ~ /\//) unit = ""  # register/thread
+        line = line "  " short[i] "=" $NF unit
+      }
+    }
+    END { flush() }'
+}
+
+# Most telling first, in case the deadline cuts the last ones ("ncu": the stage above).
+SUITES="bench/bench_neuron.py bench/bench_vit.py ncu bench/bench_host.py bench/bench_sesa.py bench/bench_softmax.py bench/bench_linear.py bench/bench_layernorm.py bench/bench_tiles.py"
 for suite in ${BENCH:-$SUITES}; do
+  if [ "$suite" = ncu ]; then
+    ncu_stage
+    continue
+  fi
   if [ $(( deadline - $(date +%s) )) -lt 45 ]; then
     echo "   ${suite}: skipped, out of time"
     bench_rc=1
