@@ -495,26 +495,72 @@ def test_inplace_single_step(gen, device):
     _assert_same((spikes, count), _reference(d, c, norm, -8, 7))
 
 
+def _layer_norm_in_order(x, norm, order):
+    """``exact_math.layer_norm_rows`` with its two row sums in another explicit order:
+    ``"sequential"`` (left to right) or ``"blocked"`` (blocks of 4, each left to right, added
+    left to right). Elementwise float32 only, so the same bits on any machine."""
+
+    def total(v):
+        cols = list(v.split(1, dim=-1))
+        if order == "sequential":
+            parts = cols
+        else:
+            parts = [
+                cols[j] + cols[j + 1] + cols[j + 2] + cols[j + 3] for j in range(0, len(cols), 4)
+            ]
+        out = parts[0]
+        for part in parts[1:]:
+            out = out + part
+        return out
+
+    c = x.shape[-1]
+    xc = x - total(x) / c
+    var = total(xc * xc) / c
+    return xc / exact_math.sqrt_rn(var + EPS) * norm["w"] + norm["b"]
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_summation_order_is_the_tree(gen, device):
-    """Rows whose sums cancel catastrophically: a sequential or blocked sum would round
-    differently (checked here), so matching the reference needs tree_sum's exact order."""
+    """Rows whose sums cancel (two values of +-2^24) get other LayerNorm values from a
+    sequential or a blocked sum. A per-channel threshold puts a rounding step between the
+    tree's value and the sequential one's at one lane of each channel where they differ, and
+    the stream is held until the counts settle on their targets; then the counts of either
+    other order differ from the tree's (checked), so matching the reference needs tree_sum's
+    exact order."""
     channels = 12
-    d, c = _residual(gen, 2, 3, 4, channels, device)
-    big = torch.tensor([2.0**24, 1.0, -(2.0**24), 1.0], dtype=torch.float64, device=device)
-    d[..., :4] += big * 16
-    x = exact_math.residual_read(c.cpu(), d.cpu())
-    # the premise in explicit orders (torch's own sum's order depends on the CPU): left to
-    # right, and left to right over blocks of 4 each summed left to right
-    tree, column = exact_math.tree_sum(x), list(x.split(1, dim=-1))
-    sequential, blocked = column[0], column[0] + column[1] + column[2] + column[3]
-    for j in range(1, channels):
-        sequential = sequential + column[j]
-    for j in range(4, channels, 4):
-        blocked = blocked + (column[j] + column[j + 1] + column[j + 2] + column[j + 3])
-    assert (tree != sequential).all() and (tree != blocked).all()
-    norm = _norm(gen, channels, device=device)
-    _assert_same(_run(d, c, norm, -8, 7), _reference(d, c, norm, -8, 7))
+    d, c = _residual(gen, 1, 2, 4, channels)
+    d[..., :4] += torch.tensor([2.0**24, 1.0, -(2.0**24), 1.0], dtype=torch.float64)
+    d = d.expand(10, -1, -1, -1).contiguous()  # held: 10 steps reach any target in [-8, 7]
+    norm = _norm(gen, channels, per_channel=True)
+    x = exact_math.residual_read(c, d[0]).to(torch.float32)
+    y = exact_math.layer_norm_rows(x, norm["w"], norm["b"], EPS)
+    others = {order: _layer_norm_in_order(x, norm, order) for order in ("sequential", "blocked")}
+    theta = norm["theta"].clone()
+    for j in range(channels):
+        lanes = (y[..., j] != others["sequential"][..., j]).nonzero()
+        if len(lanes) == 0:
+            continue
+        a, o = y[(*lanes[0], j)], others["sequential"][(*lanes[0], j)]
+        # a step (k + 1/2) theta between a and o: the first candidate near their middle
+        middle = (a.abs() + o.abs()) / 2
+        for k, nudge in ((k, n) for k in range(1, 6) for n in range(-4, 5)):
+            t = (middle / (k + 0.5)).float()
+            toward = torch.tensor(float("inf") if nudge > 0 else 0.0)
+            for _ in range(abs(nudge)):
+                t = torch.nextafter(t, toward)
+            if exact_math.target(a, t, -8, 7) != exact_math.target(o, t, -8, 7):
+                theta[j] = t
+                break
+    norm["theta"] = theta
+    settled = exact_math.target(y, theta, -8, 7)
+    for order, value in others.items():
+        assert (exact_math.target(value, theta, -8, 7) != settled).any(), (
+            f"{order} sum: same counts"
+        )
+    norm = {name: t.to(device) for name, t in norm.items()}
+    want = _reference(d, c, norm, -8, 7)
+    assert torch.equal(want[1].float(), settled), "the counts did not settle on their targets"
+    _assert_same(_run(d.to(device), c.to(device), norm, -8, 7), want)
 
 
 @pytest.mark.parametrize("device", DEVICES)
