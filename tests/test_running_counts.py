@@ -226,6 +226,31 @@ def test_context_counts_in_quiet_tiles_wake_up(gen, backend):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_probs_counts_in_on_rounding_ties(gen, device):
+    """The scores op's neuron on ties, as ``test_attention_probs_on_rounding_ties`` the fused
+    kernel's: silent queries make every softmax uniform, ``p = fl(1/N)``, and a threshold of
+    ``fl(2p / (2j + 1))`` puts every target within an ulp of the tie ``j + 1/2``, where the
+    division-free estimate (the counts-in kernel's) must give way to the division. Over key
+    counts where the estimate alone rounds the tie the wrong way (all but the last),
+    bit-exact against the reference in both forms, every count settled at the exact
+    rounding's side."""
+    for n, j in ((5, 1), (7, 2), (11, 6), (67, 3), (197, 3)):
+        case = _probs_case(gen, 8, (2,), 9, 16, n)
+        case["q"] = torch.zeros_like(case["q"])
+        p = torch.tensor(1.0 / n, dtype=torch.float32)
+        case["threshold"] = theta = (2 * p / (2 * j + 1)).float()
+        want = _reference_probs(case)
+        on_device = {name: t.to(device) for name, t in case.items()}
+        _assert_equal(_run_probs(on_device), want, ("spikes", "count"))
+        counts = _probs_counts_case(on_device)
+        _assert_equal(_run_probs(counts, counts_in=True), want, ("spikes", "count"))
+        exact = torch.floor(p / theta + 0.5)
+        assert torch.equal(want[1].unique(), exact.to(torch.int8).reshape(1)), "unsettled"
+        estimate = torch.floor(p * (1 / theta) + 0.5)
+        assert (estimate != exact) == (n != 197), f"N = {n}: the case lost its edge"
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_context_counts_in_on_rounding_ties(gen, device):
     """A threshold of twice the value scale, ``2 fl(theta_a theta_v)``, puts every odd
     context within an ulp of a rounding tie of the target, where the kernel's division-free
