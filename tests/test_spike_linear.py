@@ -114,6 +114,21 @@ def test_cpu_runtime_path(gen, dtype):
         _assert_linear(got, s, w, ws, theta, bias, t0, bias_steps)
 
 
+def test_int8_weights_exact_past_float32s_integers(gen):
+    """int8 weights over K = 2^22 inputs: sums near 2^29, past float32's exact integers
+    (2^24). The CPU path still gives the integer oracle's bits (one rounding of the exact
+    integer, as the Triton kernel's int32 sum); a float32 matmul rounds its partial sums.
+    The CPU path only: through the interpreter this K takes minutes."""
+    K = 1 << 22
+    s = torch.ones(1, 2, K, dtype=torch.int8)
+    s[0, 1] = torch.randint(-1, 2, (K,), generator=gen, dtype=torch.int8)
+    w = torch.randint(100, 128, (3, K), generator=gen, dtype=torch.int8)
+    w[2] = torch.randint(-128, 128, (K,), generator=gen, dtype=torch.int8)
+    ws, theta = torch.tensor([1e-3, 2e-3, 3e-3]), torch.tensor(0.7)
+    got = spike_linear_torch(s, w, theta, None, 0, 1, ws)
+    _assert_linear(got, s, w, ws, theta, None, 0, 1)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.int8], ids=str)
 @pytest.mark.parametrize("bias_steps", [1, 3, 20])
 def test_chunked_equals_whole(gen, dtype, bias_steps):
@@ -282,6 +297,14 @@ BAD_INPUTS = [
         r"\[3, N, K\] bfloat16",
     ),
     ("K mismatch", dict(weight=torch.zeros(5, 6)), ValueError, "K=4 .* K=6"),
+    # a silent row skips its product on a GPU: 0 * inf would make the answer the backend's
+    ("inf weight", dict(weight=torch.full((5, 4), float("inf"))), ValueError, "weight must be fin"),
+    (
+        "NaN in a split",
+        dict(weight=torch.full((3, 5, 4), float("nan"), dtype=torch.bfloat16)),
+        ValueError,
+        "weight must be finite",
+    ),
     ("theta <= 0", dict(in_threshold=torch.tensor(0.0)), ValueError, "in_threshold must be pos"),
     ("theta 2 elements", dict(in_threshold=torch.ones(2)), ValueError, "in_threshold must have"),
     ("theta float", dict(in_threshold=0.5), TypeError, "in_threshold must be a torch.Tensor"),

@@ -292,6 +292,7 @@ BAD_INPUTS = [  # (case, what replaces the good arguments, error type, words in 
         "split_weight_bf16x3",
     ),
     ("K mismatch", dict(weight=torch.zeros(5, 6)), ValueError, "K=4 .* K=6"),
+    ("NaN weight", dict(weight=torch.full((5, 4), float("nan"))), ValueError, "weight must be fin"),
     ("float s", dict(s=torch.zeros(2, 3, 4)), TypeError, "s must have dtype"),
     ("T == 0", dict(s=torch.zeros(0, 3, 4, dtype=torch.int8)), ValueError, "T == 0"),
     ("2 in thresholds", dict(in_threshold=torch.ones(2)), ValueError, "in_threshold must have"),

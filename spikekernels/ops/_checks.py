@@ -260,6 +260,15 @@ def check_finite_nonzero(t: torch.Tensor, name: str, validate: bool = False) -> 
         raise ValueError(f"{name} must be finite and nonzero, got {shown}")
 
 
+def check_finite_weight(weight: torch.Tensor, validate: bool = False) -> None:
+    """A float weight (or its bf16 parts): finite (CPU always; GPU when validating). A silent
+    row skips its product on the GPU (SPEC.md §6: zero), where ``0 * inf`` would be NaN: a
+    non-finite weight would make the answer depend on the backend."""
+    if weight.is_floating_point() and may_read_data(weight, validate):
+        if not bool(torch.isfinite(weight).all()):
+            raise ValueError("weight must be finite (it holds inf or NaN)")
+
+
 def check_ternary(t: torch.Tensor, name: str, validate: bool) -> None:
     """Spikes in {-1, 0, 1}: on CPU tensors always (one cheap pass, no sync), on a GPU only
     when asked (a host sync). A range test, not ``abs``: int8 ``abs(-128)`` is -128."""

@@ -9,6 +9,7 @@ import torch
 from spikekernels.ops._checks import (
     FLOAT_DTYPES,
     check_finite_nonzero,
+    check_finite_weight,
     check_int,
     check_same_device,
     check_scalar_tensor,
@@ -132,14 +133,18 @@ def spike_linear_torch(
 ) -> torch.Tensor:
     """The CPU path: one float32 matmul over all ``T * rows`` rows, then the bias schedule.
 
-    For int8 weights every partial sum is an integer below 2^24 in magnitude (ternary spikes
-    times int8, ``K < 2^17``), so the float32 matmul is exact in any order and the result
-    equals the Triton kernel's int32 path bit for bit.
+    For int8 weights every partial sum is an integer of magnitude at most ``128 K``: below
+    2^24 while ``K < 2^17``, so the float32 matmul is exact in any order; longer K multiplies
+    in float64 (exact to 2^53) and rounds the integer to float32 once, as the Triton kernel's
+    int32 path does. Either way the same bits as that path.
     """
     n, k = weight.shape[-2:]
     theta = in_threshold.to(torch.float32).reshape(())
     rows = math.prod(s.shape[:-1])
-    acc = torch.matmul(s.reshape(rows, k).to(torch.float32), float32_weight(weight).t())
+    if weight.dtype == torch.int8 and 128 * k >= 1 << 24:
+        acc = torch.matmul(s.reshape(rows, k).double(), weight.double().t()).float()
+    else:
+        acc = torch.matmul(s.reshape(rows, k).to(torch.float32), float32_weight(weight).t())
     if weight.dtype == torch.int8:
         out = (theta * weight_scale.to(torch.float32)) * acc
     else:
@@ -224,8 +229,8 @@ def spike_linear(
         weight_scale: ``[N]`` float per-output-channel scale, for int8 weights only (float32
             math).
         validate: also check on a GPU (a host sync) what is always checked on CPU tensors:
-            ``s`` is ternary, ``in_threshold`` finite, positive and a normal float32, and
-            ``weight_scale`` finite and nonzero.
+            ``s`` is ternary, ``in_threshold`` finite, positive and a normal float32,
+            ``weight_scale`` finite and nonzero, and a float ``weight`` finite.
 
     Returns:
         ``[T, *, N]`` float32.
@@ -260,5 +265,6 @@ def spike_linear(
     check_threshold_values(in_threshold, "in_threshold", validate)
     if weight_scale is not None:
         check_finite_nonzero(weight_scale, "weight_scale", validate)
+    check_finite_weight(weight, validate)
     check_ternary(s, "s", validate)
     return call_op("spike_linear", s, weight, in_threshold, bias, t0, bias_steps, weight_scale)

@@ -11,6 +11,7 @@ from spikekernels.ops._activity import record_active
 from spikekernels.ops._checks import (
     FLOAT_DTYPES,
     check_active,
+    check_finite_weight,
     check_flag,
     check_in_bounds,
     check_ternary,
@@ -219,8 +220,8 @@ def spike_linear_neuron(
             ``b``-th of ``B`` equal blocks of a step's rows) fires at step ``t``. The kernel
             records it while it writes the spikes (no extra pass). Not returned.
         validate: on a GPU also run the data checks (host syncs): thresholds positive,
-            finite and normal; ``s`` ternary; ``count`` inside the bounds. On CPU they always
-            run.
+            finite and normal; ``s`` ternary; a float ``weight`` finite; ``count`` inside the
+            bounds. On CPU they always run.
 
     Returns:
         ``(spikes [T, *, N], v [*, N] float32, count [*, N])``, fresh tensors, so chunked time
@@ -244,6 +245,7 @@ def spike_linear_neuron(
     check_flag(float_out, "float_out")
     check_threshold_values(in_threshold, "in_threshold", validate)
     check_threshold_values(threshold, "threshold", validate)
+    check_finite_weight(weight, validate)
     check_ternary(s, "s", validate)
     check_in_bounds(count, "count", n_min, p_max, validate)
     return call_op("spike_linear_neuron", *args, float_out, active)
