@@ -18,10 +18,13 @@ SOP counting.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import nn
 
 from spikekernels import exact_math
+from spikekernels.levels import level_bounds
 from spikekernels.models.exact_forward import check_exact_attention, residual_constant
 from spikekernels.models.spiking_vit import (
     ExactBlock,
@@ -65,6 +68,7 @@ class _Walker:
     def __init__(self, qann: nn.Module) -> None:
         self.qann = qann
         self.used: set[int] = set()
+        self.exact = False  # the mode being built: exact mode's counts are int8
 
     def get(self, path: str, types: type | tuple[type, ...] | None = None) -> nn.Module:
         obj: object = self.qann
@@ -110,6 +114,19 @@ class _Walker:
                 f"convert: quantizer `{path}` has a step s of shape {tuple(q.s.shape)}; a "
                 "neuron takes one step per quantizer"
             )
+        step = float(torch.as_tensor(q.s).detach().to(torch.float32).reshape(()))
+        if not torch.finfo(torch.float32).tiny <= step < float("inf"):
+            raise ValueError(
+                f"convert: quantizer `{path}` has step s = {step}: a neuron's threshold must be "
+                "positive, finite and a normal float32 (calibrate, or load a sound checkpoint)"
+            )
+        n_min, p_max = level_bounds(int(q.level), is_signed)
+        if self.exact and (n_min < -128 or p_max > 127):
+            raise ValueError(
+                f"convert: quantizer `{path}` has level {int(q.level)} "
+                f"({'signed' if is_signed else 'unsigned'}): its counts [{n_min}, {p_max}] "
+                "overflow exact mode's int8 counts (levels up to 256 signed / 128 unsigned)"
+            )
         return q
 
     def neuron(self, path: str, *, signed: bool | None = None, float_out: bool = False):
@@ -150,6 +167,20 @@ class _Walker:
                 f"convert: cannot convert module `{name}` ({type(m).__name__}): it has no "
                 "place in the SpikeZIP-TF ViT (SPEC.md §7)"
             )
+        # A container's own tensors (a layer scale `gamma_1` on a block, an extra token) would
+        # be dropped without a word: only the class token and the position embedding belong.
+        for name, m in self.qann.named_modules():
+            if not any(True for _ in m.children()):
+                continue  # a leaf's tensors are what its conversion reads
+            own = itertools.chain(m.named_parameters(recurse=False), m.named_buffers(recurse=False))
+            for tensor_name, _ in own:
+                if name == "" and tensor_name in ("cls_token", "pos_embed"):
+                    continue
+                full = f"{name}.{tensor_name}" if name else tensor_name
+                raise TypeError(
+                    f"convert: cannot convert `{full}` (a tensor of {type(m).__name__} itself): "
+                    "it has no place in the SpikeZIP-TF ViT (SPEC.md §7) and would be ignored"
+                )
 
 
 def _image_shape(qann: nn.Module, conv: nn.Conv2d, pos_embed: torch.Tensor):
@@ -184,7 +215,10 @@ def convert(qann: nn.Module, exact: bool | None = None) -> SpikingViT:
     integer QANN builds the float SNN with the dequantized int8 weights. A QANN that mixes
     both kinds of linear raises a ValueError. Thresholds are the quantizers' steps at
     conversion time (copied). Raises TypeError naming the first module it cannot convert (a
-    missing quantizer, a GELU, an unknown layer) and ValueError for a disabled quantizer.
+    missing quantizer, a GELU, an unknown layer, a tensor held by a container such as a layer
+    scale) and ValueError naming the quantizer or tensor for a disabled quantizer, a step that
+    is not a positive normal float32, a level whose counts overflow exact mode's int8, or a
+    QANN that is not float32.
     """
     if not isinstance(qann, nn.Module):
         raise TypeError(f"convert expects an nn.Module (a QANN ViT), got {type(qann).__name__}")
@@ -197,8 +231,14 @@ def convert(qann: nn.Module, exact: bool | None = None) -> SpikingViT:
             "convert(exact=True) needs integer weights: call "
             "spikekernels.models.quantize_weights(qann) first (per-channel int8, SPEC.md §9.1)"
         )
-    use_exact = integer if exact is None else exact
-    return (_convert_exact if use_exact else _convert_float)(qann, c)
+    for name, t in itertools.chain(qann.named_parameters(), qann.named_buffers()):
+        if t.is_floating_point() and t.dtype != torch.float32:
+            raise ValueError(
+                f"convert: `{name}` is {t.dtype}: conversion takes a float32 QANN (the SNN's "
+                "stream and state are float32; call qann.float() first)"
+            )
+    c.exact = integer if exact is None else exact
+    return (_convert_exact if c.exact else _convert_float)(qann, c)
 
 
 def _stem(c: _Walker):
@@ -269,7 +309,10 @@ def _convert_float(qann: nn.Module, c: _Walker) -> SpikingViT:
         for name in ("quan_q", "quan_k", "quan_v", "attn_quan", "after_attn_quan", "quan_proj"):
             c.quantizer(f"{p}.attn.{name}")  # checks each and marks it converted
         c.get(f"{p}.attn.qkv", nn.Linear), c.get(f"{p}.attn.proj", nn.Linear)
-        attn = SpikeAttention.from_quant(qattn, norm1_if.threshold)
+        try:
+            attn = SpikeAttention.from_quant(qattn, norm1_if.threshold)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"convert: cannot convert module `{p}.attn`: {exc}") from exc
         norm2_if = _float_norm(c, f"{p}.norm2")
         act_if = c.neuron(f"{p}.mlp.act.0", signed=False)
         c.check_relu_identity(f"{p}.mlp.act")

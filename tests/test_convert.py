@@ -81,9 +81,9 @@ def test_global_pool_variant(gen, images):
 
 @pytest.mark.parametrize("backend", ["cpp", None])
 def test_chunk_sizes_identical(qann, images, backend):
-    """Chunk 1, 3, 8 and a schedule (5, 2): the same steps and counts, bit for bit; the
-    logits to float32 rounding (the spike linear's float32 sums may be blocked by rows, and a
-    row's block depends on the chunk size). ``cpp``: the CPU runtime path; None: the default
+    """Chunk 1, 3, 8 and a schedule (5, 2): the same steps, counts and logits, bit for bit
+    (float mode: the CPU path's spike linears multiply a step per call, since a BLAS may
+    order its sums by the call's shape). ``cpp``: the CPU runtime path; None: the default
     (the Triton kernels through the interpreter in the second pass of ``make test``)."""
     snn = convert(qann)
     # the interpreter: two chunkings across chunk boundaries (conftest.CPU_PASS_ONLY)
@@ -97,8 +97,8 @@ def test_chunk_sizes_identical(qann, images, backend):
             assert torch.equal(trace.sample_steps, base_trace.sample_steps)
             for site, c, c8 in zip(snn.sites, counts(snn), base_counts, strict=True):
                 assert torch.equal(c, c8), f"chunk {chunk}: counts of {site.name} differ"
-            torch.testing.assert_close(logits, base, rtol=1e-6, atol=1e-6)
-            torch.testing.assert_close(trace.logits, base_trace.logits, rtol=1e-6, atol=1e-6)
+            assert torch.equal(logits, base), f"chunk {chunk}: other logits"
+            assert torch.equal(trace.logits, base_trace.logits), f"chunk {chunk}: other trace"
 
 
 def test_reference_mode_equals_fast(qann, images):
@@ -271,6 +271,44 @@ def test_unknown_model_names_the_module(gen):
 
     with pytest.raises(TypeError, match="no `patch_embed`"):
         convert(nn.Sequential(nn.Linear(2, 2)))
+
+
+def _stray_gamma(qann):
+    qann.blocks[0].gamma_1 = nn.Parameter(torch.ones(16))  # a layer scale, as BEiT / DeiT-III
+
+
+def _zero_step(qann):
+    qann.blocks[0].attn.quan_k.s.data.zero_()  # a damaged checkpoint
+
+
+def _unsigned_256(qann):
+    qann.blocks[0].mlp.act[0].level = 256  # counts [0, 255]: past exact mode's int8
+
+
+@pytest.mark.parametrize(
+    ("weight_bits", "change", "error", "words"),
+    [
+        (None, _stray_gamma, TypeError, r"`blocks\.0\.gamma_1` \(a tensor of QuantBlock"),
+        (8, _stray_gamma, TypeError, r"`blocks\.0\.gamma_1`"),
+        (None, _zero_step, ValueError, r"`blocks\.0\.attn\.quan_k` has step s = 0\.0"),
+        (8, _zero_step, ValueError, r"`blocks\.0\.attn\.quan_k` has step s = 0\.0"),
+        (8, _unsigned_256, ValueError, r"`blocks\.0\.mlp\.act\.0` has level 256 \(unsigned\)"),
+        (None, lambda q: q.double(), ValueError, r"`cls_token` is torch\.float64: .*qann\.float"),
+        (8, lambda q: q.half(), ValueError, r"is torch\.float16: .*qann\.float"),
+        (None, lambda q: q.bfloat16(), ValueError, r"is torch\.bfloat16"),
+    ],
+    ids=["gamma float", "gamma exact", "step 0 float", "step 0 exact", "level 256 exact",
+         "float64", "float16 exact", "bfloat16"],
+)  # fmt: skip
+def test_conversion_errors_name_the_tensor(gen, weight_bits, change, error, words):
+    """What convert cannot take faithfully is refused, naming the tensor or the quantizer:
+    a container's own tensor (it would have been ignored: the SNN computed the model without
+    it), a step that is no threshold, a level exact mode's int8 counts cannot hold, a QANN that
+    is not float32 (whose SNN failed on every call, and refuses casts)."""
+    qann = make_qann(gen, depth=1, weight_bits=weight_bits)
+    qann = change(qann) or qann
+    with pytest.raises(error, match=words):
+        convert(qann)
 
 
 @pytest.mark.parametrize("change", ["scale", "is_softmax"])
