@@ -131,7 +131,9 @@ def spike_linear_torch(
     bias_steps: int,
     weight_scale: torch.Tensor | None,
 ) -> torch.Tensor:
-    """The CPU path: one float32 matmul over all ``T * rows`` rows, then the bias schedule.
+    """The CPU path: one float32 matmul per step (all of the step's rows), then the bias
+    schedule. A BLAS may order a float sum by the shape of its call, so a call per step keeps
+    a float weight's bits independent of how the steps are chunked.
 
     For int8 weights every partial sum is an integer of magnitude at most ``128 K``: below
     2^24 while ``K < 2^17``, so the float32 matmul is exact in any order; longer K multiplies
@@ -140,11 +142,16 @@ def spike_linear_torch(
     """
     n, k = weight.shape[-2:]
     theta = in_threshold.to(torch.float32).reshape(())
-    rows = math.prod(s.shape[:-1])
+    steps, rows = s.shape[0], math.prod(s.shape[1:-1])
     if weight.dtype == torch.int8 and 128 * k >= 1 << 24:
-        acc = torch.matmul(s.reshape(rows, k).double(), weight.double().t()).float()
+        dtype, w = torch.float64, weight.double().t()
     else:
-        acc = torch.matmul(s.reshape(rows, k).to(torch.float32), float32_weight(weight).t())
+        dtype, w = torch.float32, float32_weight(weight).t()
+    x = s.reshape(steps, rows, k).to(dtype)
+    acc = torch.empty((steps, rows, n), dtype=dtype, device=s.device)
+    for t in range(steps):
+        torch.matmul(x[t], w, out=acc[t])
+    acc = acc.to(torch.float32)
     if weight.dtype == torch.int8:
         out = (theta * weight_scale.to(torch.float32)) * acc
     else:
@@ -258,8 +265,9 @@ def spike_linear(
     Dispatch (``ops._dispatch.backend_for``): CUDA tensors run the Triton kernel
     (``torch.ops.spikekernels.spike_linear``), which skips tiles of 64 rows whose spikes are
     all zero (silent tokens/steps cost only the bias write), unless the weight is too big for
-    its int32 offsets (``weight_offsets_fit``); CPU tensors run one vectorised float32 matmul
-    (the Triton kernel under ``TRITON_INTERPRET=1``). Inference only: no autograd.
+    its int32 offsets (``weight_offsets_fit``); CPU tensors run a float32 matmul a step (the
+    Triton kernel under ``TRITON_INTERPRET=1``). Either way the bits do not depend on how the
+    steps are split into calls. Inference only: no autograd.
     """
     _check_spike_linear(s, weight, in_threshold, bias, t0, bias_steps, weight_scale)
     check_threshold_values(in_threshold, "in_threshold", validate)

@@ -65,8 +65,8 @@ def spike_linear_neuron_torch(
     float_out,
     active,
 ):
-    """Vectorised PyTorch (any device): ``spike_linear``'s one float32 matmul over all steps,
-    then the ST-BIF op on ``y / theta`` with threshold 1.
+    """Vectorised PyTorch (any device): ``spike_linear``'s float32 matmul a step, then the
+    ST-BIF op on ``y / theta`` with threshold 1.
 
     A per-channel ``theta`` runs the neuron on ``y / theta`` with threshold 1: the same bits,
     since ``v + (y / theta) / 1`` is ``v + y / theta`` (dividing by 1 is exact), so it needs no
@@ -237,7 +237,7 @@ def spike_linear_neuron(
     Dispatch (``ops._dispatch.backend_for``): CUDA tensors run the Triton kernel (one program
     per row and output tile, the T loop inside, silent spike tiles skip the matmul; a weight
     too big for its int32 offsets, ``spike_linear.weight_offsets_fit``: the CPU path); CPU
-    tensors run one float32 matmul over all steps and the ST-BIF op (the Triton kernel under
+    tensors run a float32 matmul a step and the ST-BIF op (the Triton kernel under
     ``TRITON_INTERPRET=1``); ``force_backend("reference")`` runs the oracle. Inference only.
     """
     args = (s, weight, in_threshold, threshold, n_min, p_max, bias, t0, bias_steps, v, count)
