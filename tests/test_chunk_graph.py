@@ -103,6 +103,12 @@ def test_bad_calls_are_rejected(gen):
         snn(x, cuda_graph=True, reference=True)
     with pytest.raises(ValueError, match="needs a CUDA device"):
         snn(x, cuda_graph=True)
+    # a forward hook (a SpikeCounter) would see the capture only: refused, naming the module
+    handle = snn.blocks[0].mlp.register_forward_hook(lambda *args: None)
+    with pytest.raises(ValueError, match=r"hooks would run at capture only: `blocks\.0\.mlp`"):
+        snn.capture_chunk_graph(x, 8, graph_type=EagerGraph)
+        snn(x, cuda_graph=True)
+    handle.remove()
     float_snn = convert(calibrate(QuantViT(**TINY, level=16), images(gen, qann, 4)))
     assert not float_snn.exact
     with pytest.raises(ValueError, match="exact mode"):

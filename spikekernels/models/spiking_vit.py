@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from spikekernels.models.chunk_graph import ChunkGraph, CudaGraph
-from spikekernels.nn.exact_attention import ExactAttention
+from spikekernels.nn.exact_attention import ExactAttention, has_forward_hooks
 from spikekernels.nn.exact_layers import ExactLayerNormNeuron, ExactLinear, ExactLinearNeuron
 from spikekernels.nn.neuron import STBIF
 from spikekernels.nn.target_neuron import TargetNeuron
@@ -552,6 +552,16 @@ class SpikingViT(nn.Module):
             raise TypeError(f"cuda_graph must be a bool, got {type(cuda_graph).__name__}")
         if cuda_graph and reference:
             raise ValueError("cuda_graph=True replays the fused ops; it cannot run reference=True")
+        if cuda_graph:
+            # a replay runs no Python: a hook (a SpikeCounter, a probe) would see the capture
+            # only, and any tensor work it does would be replayed with the capture's operands
+            hooked = [name for name, m in self.named_modules() if has_forward_hooks(m)]
+            if hooked:
+                raise ValueError(
+                    f"cuda_graph=True replays captured kernels, so forward hooks would run at "
+                    f"capture only: `{hooked[0] or type(self).__name__}` has one; run without "
+                    "cuda_graph (or remove the hooks)"
+                )
         backend = force_backend("reference") if reference else contextlib.nullcontext()
         batch, device = x.shape[0], x.device
         finite = torch.isfinite(x.reshape(batch, -1)).all(dim=1)

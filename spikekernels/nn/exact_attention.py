@@ -211,8 +211,8 @@ class ExactAttention(nn.Module):
         states both fresh or both there (one op updates both)."""
         probs, context = self.probs, self.context
         return (
-            not _hooked(probs)
-            and not _hooked(context)
+            not has_forward_hooks(probs)
+            and not has_forward_hooks(context)
             and probs.stateful_call() == context.stateful_call()
         )
 
@@ -235,7 +235,7 @@ class ExactAttention(nn.Module):
         return f"dim={self.dim}, num_heads={self.num_heads}"
 
 
-def _hooked(module: nn.Module) -> bool:
+def has_forward_hooks(module: nn.Module) -> bool:
     """Whether a forward hook or pre-hook would see ``module`` called (its own or global)."""
     from torch.nn.modules import module as torch_module
 
