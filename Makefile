@@ -66,7 +66,7 @@ bench: $(VENV)/.built
 # The GPU machine has no network: put the baseline's wheels where bench/device_check.sh finds
 # them, then carry bench/.wheels to the machine with the run.
 wheels: $(VENV)/.toolchain
-	$(PIP) download --no-deps -d bench/.wheels spikingjelly==2.0.0 loguru
+	$(PIP) download --no-deps -d bench/.wheels spikingjelly==2.0.0 loguru tqdm
 
 # Compile-only check of every CUDA source for sm_90 against the installed torch's headers.
 cuda-check: $(VENV)/.toolchain

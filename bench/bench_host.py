@@ -1,6 +1,6 @@
 """Host time per op call: ``call_op``'s direct path against the ``torch.ops`` dispatcher.
 
-The fused runner makes about 15 op calls per block per chunk (ViT-S: about 180), so the
+The exact runner makes 7 op calls per block per chunk (ViT-S: about 90), so the
 Python cost of one call multiplies into milliseconds of host time per chunk, which only
 hides behind the GPU while it is smaller than the chunk's kernels. Shapes here are tiny on
 purpose: the kernels take microseconds, so a call costs what the host spends on it (checks,

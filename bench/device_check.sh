@@ -6,7 +6,8 @@
 # and an overrun stops pytest with SIGINT (so it still prints what it has), then SIGKILL 20 s
 # later (a kernel that hangs). Each benchmark suite is its own run, so finished suites are kept,
 # and gets at most SUITE_S seconds (default 180). The JSON and the log are also copied to $OUT
-# (what the device tool brings back), whatever the exit. After bench_vit, when the machine has
+# (what the device tool brings back) after every stage and again at the exit, so a run killed
+# from outside still returns what it finished. After bench_vit, when the machine has
 # Nsight Compute, `ncu` profiles one block of the exact ViT-S (bench/kernel_profile.py) into
 # bench/results/<gpu>-<date>.ncu.txt (also copied to $OUT) and prints a line a kernel.
 #
@@ -30,8 +31,11 @@ deadline=$(( $(date +%s) + ${BUDGET_S:-450} ))
 left() { local s=$(( deadline - $(date +%s) - ${1:-0} )); echo $(( s < 10 ? 10 : s )); }
 # a benchmark suite's share: what is left, but at most SUITE_S (one slow suite must not
 # starve the ones after it)
-suite_limit() { local s; s=$(left 15); local c=${SUITE_S:-180}; echo $(( s < c ? s : c )); }
-limit() { timeout -s INT -k 20 "$@"; }
+# (reserve: seconds kept for the ncu stage until it has run)
+reserve=0
+suite_limit() { local s; s=$(left $(( 15 + reserve ))); local c=${SUITE_S:-180}; echo $(( s < c ? s : c )); }
+# SIGINT first: pytest then reports and pytest-benchmark still saves the finished cases
+limit() { timeout -s INT -k 30 "$@"; }
 
 python3 -c "import torch; assert torch.cuda.is_available(), 'no CUDA GPU here'" || exit 1
 gpu=$(python3 -c "import torch, re; print(re.sub(r'[^a-z0-9]+', '-', torch.cuda.get_device_name().lower()).strip('-'))")
@@ -42,7 +46,8 @@ log="bench/results/${gpu}-${day}.log"
 ncu_report="bench/results/${gpu}-${day}.ncu.txt"
 # Through the device tool only what is under $OUT comes back: hand the results over on any
 # exit, a failed or cut-short run included.
-trap '[ -n "${OUT:-}" ] && cp -f "$json" "$log" "$ncu_report" "$OUT"/ 2>/dev/null' EXIT
+save_out() { [ -n "${OUT:-}" ] && cp -f "$json" "$log" "$ncu_report" "$OUT"/ 2>/dev/null; return 0; }
+trap save_out EXIT
 
 echo "== build (CUDA extension) on ${gpu}"
 start=$(date +%s)
@@ -56,7 +61,7 @@ if [ "$build_rc" -ne 0 ]; then
 fi
 if [ -d bench/.wheels ]; then
   timeout 60 python3 -m pip install -q --no-deps --no-index --find-links bench/.wheels \
-    spikingjelly loguru 2>&1 | tail -2
+    spikingjelly loguru tqdm 2>&1 | tail -2
 fi
 timeout 60 python3 -m spikekernels.info
 # Spike-Softmax falls back to the PyTorch reference on CUDA when the extension lacks its CUDA
@@ -75,23 +80,49 @@ echo "== GPU tests (-k ${SELECT:-cuda})"
 limit "$(left 200)" python3 -m pytest "${TESTS:-tests}" -k "${SELECT:-cuda}" -q \
   -p no:cacheprovider 2>&1 | tee "$log" | tail -25
 tests_rc=${PIPESTATUS[0]}
+save_out
 
 echo "== benchmarks"
-# One pytest run per suite, each with its own JSON, merged below: pytest-benchmark writes its
-# JSON only when a run ends cleanly, so a suite cut short by the deadline loses only itself.
+# One pytest run per suite, each with its own JSON, merged after each: a suite stopped by the
+# deadline (SIGINT) still saves its finished cases; one killed 30 s later loses only itself.
 parts=$(mktemp -d)
 rm -f "$json"
 bench_rc=0
+merge_json() {
+  ls "$parts"/*.json > /dev/null 2>&1 || return 0
+  python3 - "$json" "$parts"/*.json <<'PY'
+import json, sys
+merged = None
+for path in sys.argv[2:]:
+    try:
+        data = json.load(open(path))
+    except (OSError, ValueError):
+        print(f"   {path}: no results (cut short?)")
+        continue
+    if merged is None:
+        merged = data
+    else:
+        merged["benchmarks"] += data["benchmarks"]
+if merged is not None:
+    with open(sys.argv[1], "w") as f:
+        json.dump(merged, f, indent=2)
+PY
+}
 # Nsight Compute on one block of the exact ViT-S, busy and settled (bench/kernel_profile.py):
 # what bounds each fused kernel (roofline, occupancy, warp stalls). Best effort: skipped when
 # the machine has no ncu or too little time is left, and never fails the check.
-ncu_stage() {
+find_ncu() {
   local ncu="${NCU:-}"
   if [ -z "$ncu" ]; then
     ncu=$(command -v ncu || ls "$(dirname "$(command -v nvcc 2>/dev/null || echo /x/x)")/ncu" \
       /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
   fi
-  if [ -z "$ncu" ] || [ ! -x "$ncu" ]; then
+  [ -n "$ncu" ] && [ -x "$ncu" ] && echo "$ncu"
+  return 0
+}
+ncu_stage() {
+  local ncu; ncu=$(find_ncu)
+  if [ -z "$ncu" ]; then
     echo "   ncu: not on this machine, no kernel profile"
     return 0
   fi
@@ -135,9 +166,14 @@ ncu_summary() {
 
 # Most telling first, in case the deadline cuts the last ones ("ncu": the stage above).
 SUITES="bench/bench_neuron.py bench/bench_vit.py ncu bench/bench_host.py bench/bench_sesa.py bench/bench_softmax.py bench/bench_linear.py bench/bench_layernorm.py bench/bench_tiles.py"
-for suite in ${BENCH:-$SUITES}; do
+suites=${BENCH:-$SUITES}
+# the suites before the ncu stage leave it NCU_RESERVE seconds (when the machine has ncu)
+case " $suites " in *" ncu "*) [ -n "$(find_ncu)" ] && reserve=${NCU_RESERVE:-90} ;; esac
+for suite in $suites; do
   if [ "$suite" = ncu ]; then
+    reserve=0
     ncu_stage
+    save_out
     continue
   fi
   if [ $(( deadline - $(date +%s) )) -lt 45 ]; then
@@ -150,24 +186,9 @@ for suite in ${BENCH:-$SUITES}; do
     | tee -a "$log" | sed -n '/spikekernels benchmarks on/,$p'
   rc=${PIPESTATUS[0]}
   if [ "$rc" -ne 0 ]; then bench_rc=$rc; fi
+  merge_json
+  save_out
 done
-python3 - "$json" "$parts"/*.json <<'PY'
-import json, sys
-merged = None
-for path in sys.argv[2:]:
-    try:
-        data = json.load(open(path))
-    except (OSError, ValueError):
-        print(f"   {path}: no results (cut short?)")
-        continue
-    if merged is None:
-        merged = data
-    else:
-        merged["benchmarks"] += data["benchmarks"]
-if merged is not None:
-    with open(sys.argv[1], "w") as f:
-        json.dump(merged, f, indent=2)
-PY
 
 echo "== summary (${json})"
 python3 - "$json" <<'PY'

@@ -1,6 +1,6 @@
 """CUDA graphs over a chunk of exact mode: ``SpikingViT(..., cuda_graph=True)``.
 
-Why. A chunk of the exact ViT-S is about 180 op calls (15 per block), each a few Python
+Why. A chunk of the exact ViT-S is about 90 op calls (7 per block), each a few Python
 checks, a dispatch and one or two Triton launches: milliseconds of host time per chunk,
 while the fused kernels of an 8-step chunk may take about as long on an H200 (the int8 work
 of a step is tens of microseconds at the roofline). A captured chunk is one replay.

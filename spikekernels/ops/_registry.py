@@ -12,7 +12,7 @@ functionalization, functorch transforms, tensor subclasses, inputs that need aut
 through ``torch.ops.spikekernels.<name>``. Why: the Python ``custom_op``/``triton_op``
 machinery adds 50-100 us to a call on this project's CPU machine (``bench/bench_host.py``;
 under cProfile ``fill_defaults`` stands out, for the ops with a mutated argument), and
-the exact ViT-S runner makes about 180 op calls per chunk: milliseconds of host time per
+the exact ViT-S runner makes about 90 op calls per chunk: milliseconds of host time per
 chunk, as much as the fused kernels' GPU time. The body is the same function either way,
 so the two paths are bit-identical (``tests/test_registry.py``).
 """
