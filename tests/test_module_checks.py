@@ -10,7 +10,9 @@ import torch
 from spikekernels.nn import (
     STBIF,
     ExactLayerNorm,
+    ExactLayerNormNeuron,
     ExactLinear,
+    ExactLinearNeuron,
     ExactSoftmax,
     Quantizer,
     SpikeLayerNorm,
@@ -119,6 +121,12 @@ BAD_CONSTRUCTIONS = [
         ValueError,
         "eps must be",
     ),
+    (  # one step's sum, up to 127 K, would pass float32's exact integers
+        "exact linear K past MAX_K",
+        lambda: ExactLinear(torch.zeros(2, 131072, dtype=torch.int8), torch.ones(2), None, 0.5),
+        ValueError,
+        "K=131072 input features; at most 131071",
+    ),
 ]
 
 
@@ -140,6 +148,20 @@ def test_unaffine_norm_checks_its_channels(module):
     channels into a norm of 4 must not run."""
     with pytest.raises(ValueError, match=r"x must have 4 channels .* got shape \(2, 2, 7\)"):
         module()(torch.randn(2, 2, 7))
+
+
+@pytest.mark.parametrize(
+    ("x", "words"),
+    [
+        (torch.zeros(0, 2, 4), "T == 0"),
+        (torch.zeros(()), "at least 2 dims"),
+        (1.0, "a torch.Tensor"),
+    ],
+    ids=["T == 0", "0-d", "float"],
+)
+def test_exact_norm_checks_its_input(x, words):
+    with pytest.raises((TypeError, ValueError), match=rf"x (must|has) .*{words}"):
+        ExactLayerNorm(torch.rand(4) + 0.5, torch.randn(4), 1e-6)(x)
 
 
 def test_exact_linear_state_and_loaded_steps(gen):
@@ -181,12 +203,23 @@ def test_neuron_steps_survive_module_casts(gen, cast):
         lambda: ExactLinear(
             torch.ones(3, 4, dtype=torch.int8), torch.rand(3) + 0.1, torch.randn(3), 0.3
         ),
+        lambda: ExactLinearNeuron(
+            torch.ones(3, 4, dtype=torch.int8), torch.rand(3) + 0.1, torch.randn(3), 0.3,
+            TargetNeuron(0.1234567, 8, True),
+        ),
         lambda: ExactLayerNorm(torch.rand(4) + 0.5, torch.randn(4), 1e-6),
+        lambda: ExactLayerNormNeuron(
+            ExactLayerNorm(torch.rand(4) + 0.5, torch.randn(4), 1e-6),
+            TargetNeuron(0.1234567, 8, True),
+            torch.randn(1, 2, 4, dtype=torch.float64),
+            pool=False,
+        ),
         lambda: SpikeMatmul(torch.tensor(0.1234567)),
         lambda: ExactSoftmax(torch.tensor(0.1234567)),
     ],
-    ids=["spike_linear", "spike_linear_int8", "exact_linear", "exact_norm", "matmul", "softmax"],
-)
+    ids=["spike_linear", "spike_linear_int8", "exact_linear", "exact_linear_neuron", "exact_norm",
+         "exact_norm_neuron", "matmul", "softmax"],
+)  # fmt: skip
 def test_steps_and_scales_survive_module_casts(build):
     """Every module holding a step, a scale or exact mode's float32 operands keeps their
     dtype (and bits) under ``.half()``; other float buffers (a float weight) still cast."""
@@ -198,6 +231,10 @@ def test_steps_and_scales_survive_module_casts(build):
     for name in kept:
         after = getattr(module, name)
         assert after.dtype == before[name].dtype and torch.equal(after, before[name]), name
+    # exact mode's modules hold no float buffer the cast may take: every one keeps its bits
+    if type(module).__name__.startswith("Exact"):
+        cast = [n for n, t in module.named_buffers() if t.dtype != before[n].dtype]
+        assert not cast, f"{cast} took the cast"
     if isinstance(module, SpikeLinear) and before["weight"].is_floating_point():
         assert module.weight.dtype == torch.float16
 

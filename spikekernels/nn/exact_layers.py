@@ -21,8 +21,9 @@ from torch import nn
 from spikekernels import exact_math
 from spikekernels.nn.neuron import FixedDtypeBuffers, scalar_tensor, threshold_tensor
 from spikekernels.nn.target_neuron import TargetNeuron
+from spikekernels.ops._checks import check_tensor, check_time_major
 from spikekernels.ops.exact_layernorm import exact_layernorm_neuron
-from spikekernels.ops.exact_linear import exact_linear
+from spikekernels.ops.exact_linear import MAX_K, exact_linear
 from spikekernels.ops.spike_linear import spike_linear
 
 __all__ = [
@@ -45,7 +46,9 @@ def _register_int_linear(
     ``weight_scale`` ``[N]``, ``bias``, ``in_threshold`` (the input neuron's step)."""
     if weight.dtype != torch.int8 or weight.dim() != 2:
         raise TypeError(f"weight must be int8 [N, K], got {weight.dtype} {tuple(weight.shape)}")
-    n = weight.shape[0]
+    n, k = weight.shape
+    if k > MAX_K:  # one step's sum, 127 K, must stay a float32 integer (and acc an int32)
+        raise ValueError(f"weight has K={k} input features; at most {MAX_K} keep the sums exact")
     if tuple(weight_scale.shape) != (n,):
         raise ValueError(f"weight_scale must have shape ({n},), got {tuple(weight_scale.shape)}")
     if bias is not None and (bias.dtype != torch.float32 or tuple(bias.shape) != (n,)):
@@ -65,8 +68,11 @@ class ExactLinear(FixedDtypeBuffers, nn.Module):
     ``fl32(fl32(m[n] * fl32(acc)) + b[n])`` with ``m = fl32(theta_in * ws)`` (SPEC.md §9.2).
     ``weight`` int8 ``[N, K]``, ``weight_scale`` ``ws`` float32 ``[N]``; ``bias`` float32 or
     None (shared with the QANN). The per-step products run ``spike_linear`` with int8 weights
-    and unit scale: integers below 2^24, exact.
+    and unit scale: integers below 2^24 (``K <= ops.exact_linear.MAX_K``), exact.
     """
+
+    # the value's float32 operands, and spike_linear's unit scales, keep their dtype
+    _FIXED_DTYPE = FixedDtypeBuffers._FIXED_DTYPE + ("bias", "unit_scale", "unit")
 
     def __init__(
         self,
@@ -148,6 +154,8 @@ class ExactLinearNeuron(TargetNeuron):
     attention products, ``ExactAttention``); ``last_spikes`` is then not kept. Inference only.
     """
 
+    _FIXED_DTYPE = TargetNeuron._FIXED_DTYPE + ("bias",)  # the value's float32 operand
+
     def __init__(
         self,
         weight: torch.Tensor,
@@ -225,6 +233,8 @@ class ExactLayerNorm(FixedDtypeBuffers, nn.Module):
         """Nothing to reset (stateless); here so that every spiking module has ``reset()``."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_tensor(x, "x", min_ndim=2)
+        check_time_major(x, "x")
         channels = next((t.shape[0] for t in (self.weight, self.bias) if t is not None), None)
         if channels is not None and x.shape[-1] != channels:
             raise ValueError(f"x must have {channels} channels (last dim), got {list(x.shape)}")
@@ -251,6 +261,9 @@ class ExactLayerNormNeuron(TargetNeuron):
     in registers, and with ``residual_out`` writes the updated ``D`` in the same pass, which
     the caller takes with ``take_residual()`` (the output stays the spikes).
     """
+
+    # the row function's float32 operands
+    _FIXED_DTYPE = TargetNeuron._FIXED_DTYPE + ("weight", "bias")
 
     def __init__(
         self, ln: ExactLayerNorm, neuron: TargetNeuron, constant: torch.Tensor, *, pool: bool
