@@ -432,6 +432,34 @@ def test_float_checkpoint_maps_and_calibrates(tmp_path):
 # --- bad input ------------------------------------------------------------------------------
 
 
+class _NotPlainData:  # a pickled object beyond the weights (module level: picklable)
+    pass
+
+
+def test_training_script_checkpoints_load(trained, tmp_path):
+    """The official SpikeZIP-TF ``save_model`` (as MAE's, DeiT's, timm's) stores its
+    ``argparse.Namespace`` under ``"args"`` beside the weights: read as plain data. Any other
+    pickled object is refused naming what it is, and a model the weights do not fit gets a
+    ValueError naming the file and the keys (not ``load_state_dict``'s RuntimeError)."""
+    import argparse
+
+    state = load_model(trained).state_dict()
+    official = tmp_path / "official.pth"
+    args = argparse.Namespace(model="vit_small_patch16", level=16, lr=1e-3)
+    torch.save({"model": state, "optimizer": {}, "epoch": 3, "args": args}, official)
+    again = quant_vit_tiny(**TINY)
+    load_checkpoint(again, official)
+    for (k, a), (_, b) in zip(state.items(), again.state_dict().items(), strict=True):
+        assert torch.equal(a, b), k
+    foreign = tmp_path / "foreign.pth"
+    torch.save({"model": state, "extra": _NotPlainData()}, foreign)
+    with pytest.raises(ValueError, match=r"foreign\.pth cannot be read: .*not plain data"):
+        load_checkpoint(quant_vit_tiny(**TINY), foreign)
+    deeper = quant_vit_tiny(**{**TINY, "depth": TINY.get("depth", 2) + 1})
+    with pytest.raises(ValueError, match=r"official\.pth does not fit .*missing keys"):
+        load_checkpoint(deeper, official)
+
+
 def test_missing_and_corrupt_checkpoints(trained, tmp_path):
     with pytest.raises(FileNotFoundError, match="checkpoint file not found"):
         spikekernels.evaluate(tmp_path / "nope.pth", **RUN)

@@ -17,6 +17,7 @@ for a state_dict that does not fit, every missing key, unexpected key and wrong 
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import tempfile
@@ -108,18 +109,29 @@ def read_checkpoint(path: str | os.PathLike) -> Mapping[str, Any]:
     if os.path.isdir(path):
         raise ValueError(f"checkpoint {path} is a directory, expected a file")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        # Training scripts (the official SpikeZIP-TF, MAE, DeiT, timm) store their
+        # argparse.Namespace under "args": plain data, allowed beside the tensors.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for a damaged or foreign file
-        # The first sentence only: torch's advice to retry with weights_only=False does not
-        # apply to a damaged file and would run arbitrary code from a foreign one.
-        reason = (str(err).strip().splitlines() or [""])[0].split(". ")[0]
-        raise ValueError(
-            f"checkpoint {path} cannot be read (corrupt, truncated, or not a PyTorch file): "
-            f"{type(err).__name__}: {reason}"
-        ) from None
+        raise ValueError(f"checkpoint {path} cannot be read: {_load_failure(err)}") from None
     if not isinstance(obj, Mapping):
         raise ValueError(f"checkpoint {path} holds a {type(obj).__name__}, expected a dict")
     return obj
+
+
+def _load_failure(err: Exception) -> str:
+    """Why ``torch.load`` refused a file, in one line. Never its advice to retry with
+    ``weights_only=False``: that would run arbitrary code from a foreign file."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    unsupported = next((line for line in lines if "Unsupported global" in line), None)
+    if unsupported is not None:  # a readable file that pickles an object beyond the weights
+        return (
+            f"it holds an object that is not plain data ({unsupported.split(' was not')[0]}); "
+            "save the state_dict alone"
+        )
+    reason = (lines or [""])[0].split(". ")[0]
+    return f"corrupt, truncated, or not a PyTorch file ({type(err).__name__}: {reason})"
 
 
 def unwrap_state_dict(obj: Mapping[str, Any], path: str = "checkpoint") -> dict[str, Any]:
@@ -163,7 +175,10 @@ def load_checkpoint(
         checkpoint = read_checkpoint(path)
     else:
         path = "checkpoint"
-    result = model.load_state_dict(unwrap_state_dict(checkpoint, path), strict=strict)
+    state = unwrap_state_dict(checkpoint, path)
+    if strict:  # a ValueError naming the file and every key, not load_state_dict's RuntimeError
+        check_state_dict(model, state, path)
+    result = model.load_state_dict(state, strict=strict)
     restore_quantizers(model, checkpoint, path)
     return result
 
