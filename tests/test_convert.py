@@ -202,6 +202,17 @@ def test_snn_refuses_dtype_casts(qann, images):
     torch.testing.assert_close(snn(images, max_steps=64)[0], before, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("weight_bits", [None, 8], ids=["float", "exact"])
+def test_snn_runs_float32_under_autocast(gen, images, weight_bits):
+    """The official evaluation loop calls the model under autocast: the SNN still computes
+    in float32 (bf16 patches failed the float32 stream's checks), the same bits."""
+    snn = convert(make_qann(gen, weight_bits=weight_bits))
+    want = snn(images)[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = snn(images)[0]
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+
+
 def test_fanout_set_for_sop_counts(qann):
     """Each neuron knows the synaptic operations one of its spikes causes downstream."""
     snn = convert(qann)

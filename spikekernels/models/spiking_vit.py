@@ -566,7 +566,9 @@ class SpikingViT(nn.Module):
         batch, device = x.shape[0], x.device
         finite = torch.isfinite(x.reshape(batch, -1)).all(dim=1)
         try:
-            with backend:
+            # float32 whatever autocast the caller runs under (the official evaluation loop
+            # wraps the model in one): the spikes and exact mode's bits are float32's
+            with backend, torch.autocast(device.type, enabled=False):
                 chunks = self.capture_chunk_graph(x, sizes) if cuda_graph else _EagerChunks(self)
                 chunks.start(x)
                 sample_steps = torch.full((batch,), max_steps, dtype=torch.int64, device=device)
