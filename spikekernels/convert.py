@@ -93,7 +93,11 @@ class _Walker:
             self.used.add(id(obj))
         return obj
 
-    def quantizer(self, path: str, *, signed: bool | None = None) -> nn.Module:
+    def quantizer(
+        self, path: str, *, signed: bool | None = None, int8_counts: bool = False
+    ) -> nn.Module:
+        """The quantizer at ``path``, checked. Its counts must fit int8 in exact mode, and
+        with ``int8_counts`` (float mode's spike-product operands)."""
         q = self.get(path)
         if not hasattr(q, "s") or not hasattr(q, "level"):
             raise TypeError(
@@ -121,11 +125,12 @@ class _Walker:
                 "positive, finite and a normal float32 (calibrate, or load a sound checkpoint)"
             )
         n_min, p_max = level_bounds(int(q.level), is_signed)
-        if self.exact and (n_min < -128 or p_max > 127):
+        if (self.exact or int8_counts) and (n_min < -128 or p_max > 127):
+            whose = "exact mode's" if self.exact else "the spike products'"
             raise ValueError(
                 f"convert: quantizer `{path}` has level {int(q.level)} "
                 f"({'signed' if is_signed else 'unsigned'}): its counts [{n_min}, {p_max}] "
-                "overflow exact mode's int8 counts (levels up to 256 signed / 128 unsigned)"
+                f"overflow {whose} int8 counts (levels up to 256 signed / 128 unsigned)"
             )
         return q
 
@@ -307,7 +312,11 @@ def _convert_float(qann: nn.Module, c: _Walker) -> SpikingViT:
         norm1_if = _float_norm(c, f"{p}.norm1")
         qattn = c.get(f"{p}.attn")
         for name in ("quan_q", "quan_k", "quan_v", "attn_quan", "after_attn_quan", "quan_proj"):
-            c.quantizer(f"{p}.attn.{name}")  # checks each and marks it converted
+            # checks each and marks it converted; the spike products' operands (q, k, v, the
+            # attention probabilities) and the context neuron fused with its product keep
+            # int8 counts
+            product = name != "quan_proj"
+            c.quantizer(f"{p}.attn.{name}", int8_counts=product)
         c.get(f"{p}.attn.qkv", nn.Linear), c.get(f"{p}.attn.proj", nn.Linear)
         try:
             attn = SpikeAttention.from_quant(qattn, norm1_if.threshold)

@@ -296,6 +296,10 @@ def _unsigned_256(qann):
     qann.blocks[0].mlp.act[0].level = 256  # counts [0, 255]: past exact mode's int8
 
 
+def _attention_256(qann):
+    qann.blocks[0].attn.attn_quan.level = 256  # float mode: the context product's int8 counts
+
+
 @pytest.mark.parametrize(
     ("weight_bits", "change", "error", "words"),
     [
@@ -304,11 +308,13 @@ def _unsigned_256(qann):
         (None, _zero_step, ValueError, r"`blocks\.0\.attn\.quan_k` has step s = 0\.0"),
         (8, _zero_step, ValueError, r"`blocks\.0\.attn\.quan_k` has step s = 0\.0"),
         (8, _unsigned_256, ValueError, r"`blocks\.0\.mlp\.act\.0` has level 256 \(unsigned\)"),
+        (None, _attention_256, ValueError, r"`blocks\.0\.attn\.attn_quan` has level 256 .* spike"),
         (None, lambda q: q.double(), ValueError, r"`cls_token` is torch\.float64: .*qann\.float"),
         (8, lambda q: q.half(), ValueError, r"is torch\.float16: .*qann\.float"),
         (None, lambda q: q.bfloat16(), ValueError, r"is torch\.bfloat16"),
     ],
     ids=["gamma float", "gamma exact", "step 0 float", "step 0 exact", "level 256 exact",
+         "attention level 256 float",
          "float64", "float16 exact", "bfloat16"],
 )  # fmt: skip
 def test_conversion_errors_name_the_tensor(gen, weight_bits, change, error, words):
