@@ -524,6 +524,10 @@ def test_bad_data_and_out(trained, tmp_path):
         (dict(progress=1), TypeError, "progress must be a bool"),
         (dict(device="gpu"), ValueError, "device must be auto, cpu or cuda"),
         (dict(device="meta"), ValueError, "device must be auto, cpu or cuda"),
+        (dict(crop_pct=0.0), ValueError, r"crop_pct must be in \(0, 1\]"),
+        # the digits are normalised by their own statistics: image options were ignored
+        (dict(mean=(0.5, 0.5)), ValueError, "mean and std normalise an image folder"),
+        (dict(std=(0.2,)), ValueError, "mean and std normalise an image folder"),
     ],
     ids=lambda v: str(v) if not isinstance(v, type) else v.__name__,
 )

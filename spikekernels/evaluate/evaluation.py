@@ -228,6 +228,14 @@ def evaluate(
         raise TypeError(f"qann must be an nn.Module or a path, got {type(qann).__name__}")
     if data != "digits":
         data = os.fspath(data)
+    if not 0 < crop_pct <= 1:
+        raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
+    folders = data != "digits" or (calib_data is not None and calib_data != "digits")
+    if not folders and (mean is not None or std is not None):
+        raise ValueError(
+            "mean and std normalise an image folder; the digits are normalised by their own "
+            "training statistics (give them with an image folder only)"
+        )
     image_opts = dict(crop_pct=crop_pct, mean=mean, std=std)
 
     ctx = distributed.setup(device)
