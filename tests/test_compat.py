@@ -7,7 +7,7 @@ import torch
 from conftest import assert_same_bits
 from torch import nn
 
-from spikekernels import convert, reference
+from spikekernels import convert, parity, reference
 from spikekernels.compat.spikezip import (
     IFNeuron,
     LLLinear,
@@ -201,6 +201,13 @@ class _TimmLikeViT(nn.Module):
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.head = nn.Linear(dim, 5)
 
+    def forward(self, x):  # timm's: the head reads token 0 after `norm` of every token
+        x = self.patch_embed.proj(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x)[:, 0])
+
 
 def test_myquan_replace_gives_official_qann_layout():
     model = myquan_replace(_TimmLikeViT(), level=8)
@@ -211,6 +218,21 @@ def test_myquan_replace_gives_official_qann_layout():
     qvit.load_state_dict(model.state_dict())
     with pytest.raises(ValueError, match="weight_bit"):
         myquan_replace(_TimmLikeViT(), level=8, weight_bit=8)
+
+
+def test_parity_compares_the_class_token_of_a_timm_layout_norm(gen):
+    """A timm-layout QANN's final norm quantizer sees every token, the SNN's neuron the class
+    token only: parity compares that row alone. It counted the patch rows too, filled in with
+    the QANN's own integers, as agreeing: a broken final neuron showed 95%."""
+    qann = myquan_replace(_TimmLikeViT(), level=8)
+    calibrate(qann, torch.randn(16, 3, 8, 8, generator=gen))
+    snn = convert(qann)
+    with torch.no_grad():
+        snn.readout.norm.threshold.mul_(3.0)  # the final neuron, broken
+    images = torch.randn(2, 3, 8, 8, generator=gen)
+    row = next(r for r in parity(qann, snn, images).rows if r.name == "norm.1")
+    assert row.numel == 2 * 16, "the class token's channels only"
+    assert row.agreement < 0.5, f"a broken neuron agrees on {row.agreement:.0%}"
 
 
 def test_snnwrapper_and_reset_model(gen):
