@@ -460,6 +460,21 @@ def test_training_script_checkpoints_load(trained, tmp_path):
         load_checkpoint(deeper, official)
 
 
+@pytest.mark.parametrize(
+    "prefix", ["module.", "_orig_mod.", "module._orig_mod.", "_orig_mod.module."]
+)
+def test_wrapper_prefixes_are_stripped(trained, tmp_path, prefix):
+    """A state_dict saved from a DDP-wrapped, a compiled, or a compiled DDP model (either
+    nesting) loads into the bare model."""
+    state = load_model(trained).state_dict()
+    path = tmp_path / "wrapped.pth"
+    torch.save({"model": {prefix + k: v for k, v in state.items()}}, path)
+    again = quant_vit_tiny(**TINY)
+    load_checkpoint(again, path)
+    for (k, a), (_, b) in zip(state.items(), again.state_dict().items(), strict=True):
+        assert torch.equal(a, b), k
+
+
 def test_missing_and_corrupt_checkpoints(trained, tmp_path):
     with pytest.raises(FileNotFoundError, match="checkpoint file not found"):
         spikekernels.evaluate(tmp_path / "nope.pth", **RUN)

@@ -156,9 +156,10 @@ def unwrap_state_dict(obj: Mapping[str, Any], path: str = "checkpoint") -> dict[
 
 def _unwrapped(name: str) -> str:
     """A key or module name without the prefixes wrappers put on it."""
-    for prefix in _WRAPPER_PREFIXES:
-        if name.startswith(prefix):
-            name = name[len(prefix) :]
+    # in any order and nesting: DDP of a compiled model is `module._orig_mod.`, the compiled
+    # DDP model `_orig_mod.module.`
+    while name.startswith(_WRAPPER_PREFIXES):
+        name = name[len(next(p for p in _WRAPPER_PREFIXES if name.startswith(p))) :]
     return name
 
 
