@@ -158,11 +158,13 @@ _RECORDED: list[tuple[str, dict]] = []
 
 def record(benchmark, seconds: float, **info) -> None:
     """Put the device and derived figures into the benchmark's extra_info (and the summary
-    table printed at the end of the run)."""
+    table printed at the end of the run). A test may add more figures to
+    ``benchmark.extra_info`` afterwards (the table shows them too): recording the main ones
+    first keeps them in the JSON if the deadline cuts the test short."""
     benchmark.extra_info["device"] = device_name()
     benchmark.extra_info["seconds"] = seconds
     benchmark.extra_info.update(info)
-    _RECORDED.append((benchmark.name, dict(benchmark.extra_info)))
+    _RECORDED.append((benchmark.name, benchmark.extra_info))
 
 
 def _fmt(value: object) -> str:

@@ -137,8 +137,10 @@ ncu_stage() {
     return 0
   fi
   echo "   ncu (${ncu}, at most ${budget}s) -> ${ncu_report}"
+  # our kernels only (not PyTorch's copies), a bounded count: ncu prints its report at exit
   timeout -k 10 "$budget" "$ncu" --profile-from-start off --target-processes all \
-    --section SpeedOfLight --section LaunchStats --section Occupancy \
+    --kernel-name "regex:(exact_|spike_|st_bif|step_tile|target_spikes|running_count|layer_norm_rows)" \
+    --launch-count 40 --section SpeedOfLight --section LaunchStats --section Occupancy \
     --section WarpStateStats --section SchedulerStats --section MemoryWorkloadAnalysis \
     python3 bench/kernel_profile.py > "$ncu_report" 2>&1
   local rc=$?
