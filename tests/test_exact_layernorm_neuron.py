@@ -17,7 +17,7 @@ from spikekernels.kernels.exact_layernorm import (
     layer_norm_estimate,
     layer_norm_estimate_edge,
 )
-from spikekernels.kernels.target import inverse_threshold, target_estimate
+from spikekernels.kernels.target import inverse_threshold, target_estimate_margin
 from spikekernels.nn.exact_layers import ExactLayerNorm
 from spikekernels.nn.target_neuron import TargetNeuron
 from spikekernels.ops import exact_layernorm_neuron
@@ -724,7 +724,8 @@ def test_every_output_element_is_written(gen, device, pool, poisoned_allocations
 def test_empty_batch(device):
     d = torch.zeros(2, 0, 3, 8, dtype=torch.float64, device=device)
     c = torch.zeros(1, 3, 8, dtype=torch.float64, device=device)
-    spikes, count = exact_layernorm_neuron(d, c, None, None, EPS, torch.tensor(1.0), -4, 3)
+    theta = torch.tensor(1.0, device=device)
+    spikes, count = exact_layernorm_neuron(d, c, None, None, EPS, theta, -4, 3)
     assert spikes.shape == (2, 0, 3, 8) and count.shape == (0, 3, 8)
 
 
@@ -779,8 +780,8 @@ def _estimate_kernel(xc_ptr, sd_ptr, w_ptr, b_ptr, theta_ptr, c_ptr, sigma_ptr, 
     inv = inverse_threshold(tl.load(theta_ptr + cols))
     edge = layer_norm_estimate_edge(w, b, inv, True, True, C)
     y = layer_norm_estimate(xc, sd, w, b, True, True)
-    sigma, unsure = target_estimate(y, inv, tl.load(c_ptr + offs).to(tl.int32), n_min, p_max,
-                                    _LN_SLOPE, edge)  # fmt: skip
+    sigma, unsure = target_estimate_margin(y, inv, tl.load(c_ptr + offs).to(tl.int32), n_min,
+                                           p_max, _LN_SLOPE, edge)  # fmt: skip
     tl.store(sigma_ptr + offs, sigma)
     tl.store(unsure_ptr + offs, unsure.to(tl.int32))
 

@@ -11,7 +11,7 @@ import triton.language as tl
 from conftest import DEVICES, TRITON_DEVICES, assert_same_bits
 
 from spikekernels import reference
-from spikekernels.kernels.tile_flags import any_nonzero
+from spikekernels.kernels.tile_flags import any_nonzero_by
 from spikekernels.nn import ExactLinearNeuron, TargetNeuron
 from spikekernels.ops import exact_linear
 from spikekernels.ops._dispatch import force_backend
@@ -570,7 +570,8 @@ def test_silent_tile_flags(gen, device):
 @triton.jit
 def _any_nonzero_kernel(x_ptr, out_ptr, OR_REDUCE: tl.constexpr, R: tl.constexpr, C: tl.constexpr):
     offs = tl.program_id(0) * R * C + tl.arange(0, R)[:, None] * C + tl.arange(0, C)[None, :]
-    tl.store(out_ptr + tl.program_id(0), any_nonzero(tl.load(x_ptr + offs), OR_REDUCE).to(tl.int32))
+    found = any_nonzero_by(tl.load(x_ptr + offs), OR_REDUCE)
+    tl.store(out_ptr + tl.program_id(0), found.to(tl.int32))
 
 
 @pytest.mark.parametrize("device", TRITON_DEVICES)

@@ -52,7 +52,7 @@ from spikekernels.kernels.exact_rows import tree_sum_rows
 from spikekernels.kernels.target import (
     inverse_threshold,
     load_threshold,
-    target_estimate_tile,
+    target_estimate_tile_margin,
     target_exact_tile,
 )
 from spikekernels.kernels.tile_flags import any_nonzero
@@ -236,7 +236,9 @@ def _layer_norm_neuron_step(
     lane unsure on the estimate (the margin above): one multiply a lane, not a division."""
     xc, sd = layer_norm_moments(x, eps, col_mask, c_f, ROWS, BLOCK_C, LOG2_C)
     y = layer_norm_estimate(xc, sd, w, b, HAS_WEIGHT, HAS_BIAS)
-    sigma, fired = target_estimate_tile(y, inv_theta, count, n_min, p_max, mask, _LN_SLOPE, edge)
+    sigma, fired = target_estimate_tile_margin(
+        y, inv_theta, count, n_min, p_max, mask, _LN_SLOPE, edge
+    )
     if fired > 1:
         y = layer_norm_scale(xc, sd, w, b, HAS_WEIGHT, HAS_BIAS)
         sigma, fired = target_exact_tile(y, theta, count, n_min, p_max, mask)

@@ -90,7 +90,15 @@ def inverse_threshold(theta):
 
 
 @triton.jit
-def target_estimate(y, inv_theta, c, n_min, p_max, slope=_UNSURE_SLOPE, edge=_UNSURE_EDGE):
+def target_estimate(y, inv_theta, c, n_min, p_max):
+    """``target_estimate_margin`` with the default margin. (The margin's globals are named in
+    the body, not as parameter defaults: torch.compile re-emits a user kernel's helpers with
+    the globals their bodies name, and a default's global was left out.)"""
+    return target_estimate_margin(y, inv_theta, c, n_min, p_max, _UNSURE_SLOPE, _UNSURE_EDGE)
+
+
+@triton.jit
+def target_estimate_margin(y, inv_theta, c, n_min, p_max, slope, edge):
     """``target_step`` without its division: returns ``(sigma, unsure)``, sigma in the
     count's dtype (int32, or float32 for a float32 count), ``unsure`` bool.
 
@@ -119,15 +127,21 @@ def target_estimate(y, inv_theta, c, n_min, p_max, slope=_UNSURE_SLOPE, edge=_UN
 
 
 @triton.jit
-def target_estimate_tile(
-    y, inv_theta, c, n_min, p_max, mask, slope=_UNSURE_SLOPE, edge=_UNSURE_EDGE
-):
-    """``target_estimate`` of a tile and one reduction over the ``mask`` lanes: ``(sigma,
+def target_estimate_tile(y, inv_theta, c, n_min, p_max, mask):
+    """``target_estimate_tile_margin`` with the default margin (``target_estimate``)."""
+    return target_estimate_tile_margin(
+        y, inv_theta, c, n_min, p_max, mask, _UNSURE_SLOPE, _UNSURE_EDGE
+    )
+
+
+@triton.jit
+def target_estimate_tile_margin(y, inv_theta, c, n_min, p_max, mask, slope, edge):
+    """``target_estimate_margin`` of a tile and one reduction over the ``mask`` lanes: ``(sigma,
     code)``. ``code`` 0 or 1: sigma is exact and ``code`` says whether a lane fired; ``code``
     2 or 3: a lane was unsure, so the tile takes ``target_exact_tile`` instead (about one
     tile of 4096 values in ten: a division is about ten instructions a lane on a GPU, more
     than the rest of the neuron)."""
-    sigma, unsure = target_estimate(y, inv_theta, c, n_min, p_max, slope, edge)
+    sigma, unsure = target_estimate_margin(y, inv_theta, c, n_min, p_max, slope, edge)
     if c.dtype == tl.float32:
         code = tl.max(tl.where(mask, tl.where(unsure, 2.0, tl.abs(sigma)), 0.0)).to(tl.int32)
     else:

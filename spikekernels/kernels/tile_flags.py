@@ -34,10 +34,18 @@ def _bit_or(a, b):
 
 
 @triton.jit
-def any_nonzero(tile, OR_REDUCE: tl.constexpr = _OR_REDUCE):
+def any_nonzero(tile):
     """Whether an integer tile (spikes, counts) holds a nonzero value: a scalar, by one
     bitwise-or reduction. (The maximum of the absolute values unpacked every int8 byte: on
-    sm_90 more instructions than the rest of a spike-form product step.)"""
+    sm_90 more instructions than the rest of a spike-form product step.) ``_OR_REDUCE`` is
+    named in the body, not as a default: torch.compile re-emits a user kernel's helpers with
+    the globals their bodies name, and a default's global was left out."""
+    return any_nonzero_by(tile, _OR_REDUCE)
+
+
+@triton.jit
+def any_nonzero_by(tile, OR_REDUCE: tl.constexpr):
+    """``any_nonzero`` with the reduction chosen: a bitwise or, or the maximum of ``!= 0``."""
     if OR_REDUCE:
         return tl.reduce(tile.to(tl.int32), None, _bit_or) != 0
     return tl.max((tile != 0).to(tl.int32)) != 0
