@@ -125,7 +125,7 @@ def _reference_probs(case, bounds=ATTN_BOUNDS):
 
 def _unfused_probs(case, chunks):
     """What exact mode runs today, module by module, over the given chunks of time."""
-    scores = RunningSpikeMatmul()
+    scores = RunningSpikeMatmul().to(case["q"].device)
     softmax = ExactSoftmax(case["gain"])
     neuron = TargetNeuron(case["threshold"], ATTN_LEVEL, signed=False)
     spikes = [
@@ -492,7 +492,7 @@ def _reference_context(case, bounds=CTX_BOUNDS):
 
 
 def _unfused_context(case, chunks):
-    context = RunningSpikeMatmul()
+    context = RunningSpikeMatmul().to(case["a"].device)
     neuron = TargetNeuron(case["threshold"], CTX_LEVEL, signed=True)
     spikes = [
         neuron(exact_math.context_value(context(a, v), case["theta_a"], case["theta_v"]))

@@ -164,6 +164,19 @@ def test_exact_norm_checks_its_input(x, words):
         ExactLayerNorm(torch.rand(4) + 0.5, torch.randn(4), 1e-6)(x)
 
 
+def test_exact_linear_buffers_follow_the_weight_device():
+    """convert() builds the SNN where the QANN is and moves nothing: a buffer the layer makes
+    itself (spike_linear's unit scales) must be on its weight's device (it was on the CPU,
+    and the exact head failed its first chunk on a GPU). "meta" stands in for the GPU."""
+    layer = ExactLinear(
+        torch.zeros(3, 4, dtype=torch.int8, device="meta"), torch.ones(3, device="meta"), None,
+        torch.tensor(0.5, device="meta"),
+    )  # fmt: skip
+    assert {name: t.device.type for name, t in layer.named_buffers()} == dict.fromkeys(
+        ("weight", "weight_scale", "in_threshold", "unit_scale", "unit"), "meta"
+    )
+
+
 def test_exact_linear_state_and_loaded_steps(gen):
     """ExactLinear names a batch that differs from its accumulator's, and its value follows a
     loaded in_threshold (it kept a product of the two formed at construction)."""

@@ -568,7 +568,12 @@ class SpikingViT(nn.Module):
         try:
             # float32 whatever autocast the caller runs under (the official evaluation loop
             # wraps the model in one): the spikes and exact mode's bits are float32's
-            with backend, torch.autocast(device.type, enabled=False):
+            no_autocast = (
+                torch.autocast(device.type, enabled=False)
+                if torch.amp.is_autocast_available(device.type)
+                else contextlib.nullcontext()
+            )
+            with backend, no_autocast:
                 chunks = self.capture_chunk_graph(x, sizes) if cuda_graph else _EagerChunks(self)
                 chunks.start(x)
                 sample_steps = torch.full((batch,), max_steps, dtype=torch.int64, device=device)

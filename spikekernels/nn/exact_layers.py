@@ -83,8 +83,9 @@ class ExactLinear(FixedDtypeBuffers, nn.Module):
     ) -> None:
         super().__init__()
         _register_int_linear(self, weight, weight_scale, bias, in_threshold)
-        self.register_buffer("unit_scale", torch.ones(self.out_features))
-        self.register_buffer("unit", torch.ones(()))
+        # on the weight's device: convert() builds the SNN where the QANN is and moves nothing
+        self.register_buffer("unit_scale", torch.ones(self.out_features, device=weight.device))
+        self.register_buffer("unit", torch.ones((), device=weight.device))
         self.reset()
 
     def reset(self) -> None:
