@@ -63,10 +63,11 @@ bench: $(VENV)/.built
 	$(PIP) install --no-deps $(BENCH_DEPS)
 	$(VPY) -m pytest bench -q $(ARGS)
 
-# The GPU machine has no network: put the baseline's wheels where bench/device_check.sh finds
-# them, then carry bench/.wheels to the machine with the run.
+# The GPU machine has no network: put the baseline's wheels (and pytest-xdist, for the GPU
+# tests' Triton compiles) where bench/device_check.sh finds them, then carry bench/.wheels
+# to the machine with the run.
 wheels: $(VENV)/.toolchain
-	$(PIP) download --no-deps -d bench/.wheels spikingjelly==2.0.0 loguru tqdm
+	$(PIP) download --no-deps -d bench/.wheels spikingjelly==2.0.0 loguru tqdm pytest-xdist execnet
 
 # Compile-only check of every CUDA source for sm_90 against the installed torch's headers.
 cuda-check: $(VENV)/.toolchain

@@ -62,6 +62,8 @@ fi
 if [ -d bench/.wheels ]; then
   timeout 60 python3 -m pip install -q --no-deps --no-index --find-links bench/.wheels \
     spikingjelly loguru tqdm 2>&1 | tail -2
+  timeout 60 python3 -m pip install -q --no-deps --no-index --find-links bench/.wheels \
+    pytest-xdist execnet 2>&1 | tail -2
 fi
 timeout 60 python3 -m spikekernels.info
 # Spike-Softmax falls back to the PyTorch reference on CUDA when the extension lacks its CUDA
@@ -80,9 +82,15 @@ tests_rc=0
 if [ "${TESTS:-tests}" = none ]; then
   echo "== GPU tests: skipped (TESTS=none)" | tee "$log"
 else
-  echo "== GPU tests (-k ${SELECT:-cuda})"
+  # several processes on the one GPU when pytest-xdist is there (from bench/.wheels): the
+  # stage is mostly Triton compiles on the CPU, which a single process does one at a time
+  workers=()
+  if [ "${TEST_WORKERS:-8}" != 0 ] && python3 -c "import xdist" 2> /dev/null; then
+    workers=(-n "${TEST_WORKERS:-8}")
+  fi
+  echo "== GPU tests (-k ${SELECT:-cuda}) ${workers[*]+${workers[*]}}"
   limit "$(left 200)" python3 -m pytest "${TESTS:-tests}" -k "${SELECT:-cuda}" -q \
-    -p no:cacheprovider 2>&1 | tee "$log" | tail -25
+    -p no:cacheprovider ${workers[@]+"${workers[@]}"} 2>&1 | tee "$log" | tail -25
   tests_rc=${PIPESTATUS[0]}
 fi
 save_out

@@ -233,7 +233,8 @@ def _float_tolerance(s, w, theta_in, theta, k):
 @pytest.mark.parametrize("form", ["float32", "split"])
 @pytest.mark.parametrize("device", DEVICES)
 def test_random_float32_weights_within_summation_error(gen, device, form):
-    _check_random_weights(gen, device, form, 1.0)
+    # tensor-core float32 accumulation may truncate instead of round: twice the bound there
+    _check_random_weights(gen, device, form, 2.0 if device == "cuda" else 1.0)
 
 
 def _check_random_weights(gen, device, form, slack, rows=(4, 37), k=200, n=70):
