@@ -202,6 +202,7 @@ def test_snn_refuses_dtype_casts(qann, images):
     torch.testing.assert_close(snn(images, max_steps=64)[0], before, rtol=0, atol=0)
 
 
+@CPU_PASS_ONLY  # the runner's autocast guard: no kernel path of its own
 @pytest.mark.parametrize("weight_bits", [None, 8], ids=["float", "exact"])
 def test_snn_runs_float32_under_autocast(gen, images, weight_bits):
     """The official evaluation loop calls the model under autocast: the SNN still computes
