@@ -147,11 +147,12 @@ def spike_linear_torch(
         dtype, w = torch.float64, weight.double().t()
     else:
         dtype, w = torch.float32, float32_weight(weight).t()
-    x = s.reshape(steps, rows, k).to(dtype)
-    acc = torch.empty((steps, rows, n), dtype=dtype, device=s.device)
+    x = s.reshape(steps, rows, k)
+    acc = torch.empty((steps, rows, n), dtype=torch.float32, device=s.device)
     for t in range(steps):
-        torch.matmul(x[t], w, out=acc[t])
-    acc = acc.to(torch.float32)
+        # fresh operands a step: the same shapes and alignment whatever the step's place in
+        # the chunk (a BLAS may pick its code path by either)
+        acc[t] = torch.matmul(x[t].to(dtype), w)
     if weight.dtype == torch.int8:
         out = (theta * weight_scale.to(torch.float32)) * acc
     else:
