@@ -53,6 +53,7 @@ from spikekernels.nn.linear import SpikeLinear
 from spikekernels.nn.linear_neuron import SpikeLinearNeuron
 from spikekernels.nn.quant_linear import QuantLinear, all_integer
 from spikekernels.nn.target_neuron import TargetNeuron
+from spikekernels.ops._checks import check_threshold_values
 
 __all__ = ["SpikeTrace", "SpikingViT", "convert"]
 
@@ -118,12 +119,8 @@ class _Walker:
                 f"convert: quantizer `{path}` has a step s of shape {tuple(q.s.shape)}; a "
                 "neuron takes one step per quantizer"
             )
-        step = float(torch.as_tensor(q.s).detach().to(torch.float32).reshape(()))
-        if not torch.finfo(torch.float32).tiny <= step < float("inf"):
-            raise ValueError(
-                f"convert: quantizer `{path}` has step s = {step}: a neuron's threshold must be "
-                "positive, finite and a normal float32 (calibrate, or load a sound checkpoint)"
-            )
+        # the ops' one threshold rule, named by the quantizer (a damaged checkpoint, say)
+        check_threshold_values(torch.as_tensor(q.s).detach(), f"convert: quantizer `{path}` step s")
         n_min, p_max = level_bounds(int(q.level), is_signed)
         if (self.exact or int8_counts) and (n_min < -128 or p_max > 127):
             whose = "exact mode's" if self.exact else "the spike products'"

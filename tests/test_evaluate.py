@@ -432,6 +432,14 @@ def test_float_checkpoint_maps_and_calibrates(tmp_path):
 # --- bad input ------------------------------------------------------------------------------
 
 
+def _assert_loads(state, path):
+    """``load_checkpoint`` of ``path`` into a fresh preset gives exactly ``state``."""
+    again = quant_vit_tiny(**TINY)
+    load_checkpoint(again, path)
+    for (k, a), (_, b) in zip(state.items(), again.state_dict().items(), strict=True):
+        assert torch.equal(a, b), k
+
+
 class _NotPlainData:  # a pickled object beyond the weights (module level: picklable)
     pass
 
@@ -447,15 +455,12 @@ def test_training_script_checkpoints_load(trained, tmp_path):
     official = tmp_path / "official.pth"
     args = argparse.Namespace(model="vit_small_patch16", level=16, lr=1e-3)
     torch.save({"model": state, "optimizer": {}, "epoch": 3, "args": args}, official)
-    again = quant_vit_tiny(**TINY)
-    load_checkpoint(again, official)
-    for (k, a), (_, b) in zip(state.items(), again.state_dict().items(), strict=True):
-        assert torch.equal(a, b), k
+    _assert_loads(state, official)
     foreign = tmp_path / "foreign.pth"
     torch.save({"model": state, "extra": _NotPlainData()}, foreign)
     with pytest.raises(ValueError, match=r"foreign\.pth cannot be read: .*not plain data"):
         load_checkpoint(quant_vit_tiny(**TINY), foreign)
-    deeper = quant_vit_tiny(**{**TINY, "depth": TINY.get("depth", 2) + 1})
+    deeper = quant_vit_tiny(**{**TINY, "depth": TINY["depth"] + 1})
     with pytest.raises(ValueError, match=r"official\.pth does not fit .*missing keys"):
         load_checkpoint(deeper, official)
 
@@ -469,10 +474,7 @@ def test_wrapper_prefixes_are_stripped(trained, tmp_path, prefix):
     state = load_model(trained).state_dict()
     path = tmp_path / "wrapped.pth"
     torch.save({"model": {prefix + k: v for k, v in state.items()}}, path)
-    again = quant_vit_tiny(**TINY)
-    load_checkpoint(again, path)
-    for (k, a), (_, b) in zip(state.items(), again.state_dict().items(), strict=True):
-        assert torch.equal(a, b), k
+    _assert_loads(state, path)
 
 
 def test_missing_and_corrupt_checkpoints(trained, tmp_path):
