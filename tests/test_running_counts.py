@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DEVICES
+from conftest import CPU_PASS_ONLY, DEVICES
 from test_activity import _fired
 from test_exact_attention_ops import (
     ATTN_BOUNDS,
@@ -703,6 +703,9 @@ def test_attention_torch_compile_fullgraph(gen, inplace):
         assert torch.equal(states["count"], eager[2])
 
 
+# the module's choice of one op or two: whether the fused kernel equals the two layers' kernels
+# is test_attention_equals_the_two_layers, which the interpreter pass runs (this would add 90 s)
+@CPU_PASS_ONLY
 @pytest.mark.parametrize("chunk", [1, 3])
 def test_exact_attention_module_fused_equals_the_two_modules(gen, chunk, monkeypatch):
     """``ExactAttention`` runs ``probs`` and ``context`` as one op unless a hook watches
