@@ -550,21 +550,38 @@ def test_silent_tile_flags(gen, device):
     the main kernel skips the matmul of the others. Spikes in the first K tile (the pass
     stops there), only in the last one (it reads on), and none (it reads every K tile)."""
     from spikekernels.kernels.exact_linear import tile_config
-    from spikekernels.kernels.tile_flags import step_tile_any_kernel
+    from spikekernels.kernels.tile_flags import step_tile_flags
 
     block_m = tile_config()[0]
     s = torch.zeros(3, 5 * block_m - 3, 200, dtype=torch.int8)
     s[0, 0, 199] = -1
     s[0, 3 * block_m + 1, 7] = 1
     s[2, -1, 0] = 1
-    num_m = 5
-    flags = torch.full((3, num_m), 9, dtype=torch.int32, device=device)
-    step_tile_any_kernel[(num_m, 3)](
-        s.to(device), flags, s.shape[1], 200, num_m, BLOCK_M=block_m, BLOCK_K=128
-    )
-    want = torch.zeros(3, num_m, dtype=torch.int32)
+    flags, num_m = step_tile_flags(lambda kernel: kernel, s.to(device), block_m, num_warps=4)
+    want = torch.zeros(3, 5, dtype=torch.int32)
     want[0, 0] = want[0, 3] = want[2, 4] = 1
-    assert torch.equal(flags.cpu(), want)
+    assert num_m == 5 and torch.equal(flags.cpu(), want)
+
+
+def test_tile_flag_grid_takes_any_number_of_steps():
+    """A chunk of more than 65,535 steps (a GPU grid's axis y and z limit) or of row tiles
+    still launches: the flag pass's grid is one axis. (The launch is recorded, not run.)"""
+    from spikekernels.kernels.tile_flags import step_tile_flags
+
+    grids = []
+
+    def record(kernel):
+        class Launch:
+            def __getitem__(self, grid):
+                grids.append(grid)
+                return lambda *args, **kwargs: None
+
+        return Launch()
+
+    for steps, rows in ((70_000, 64), (2, 70_000 * 64)):
+        s = torch.empty(steps, rows, 32, dtype=torch.int8, device="meta")
+        step_tile_flags(record, s, 64, num_warps=4)
+    assert grids == [(70_000,), (140_000,)]  # steps x row tiles, on axis x
 
 
 @triton.jit

@@ -62,8 +62,9 @@ def step_tile_any_kernel(
     BLOCK_K: tl.constexpr,
 ):
     """flag[t, m] = any(s[t, m * BLOCK_M : (m + 1) * BLOCK_M, :] != 0)."""
-    pid_m = tl.program_id(0).to(tl.int64)  # grid axis 0: the row tiles can pass 65,535
-    t = tl.program_id(1).to(tl.int64)
+    # one grid axis (x): the row tiles and the steps can each pass axis y's 65,535
+    pid = tl.program_id(0).to(tl.int64)
+    t, pid_m = pid // num_m, pid % num_m
     rs = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rs < rows
     cols = tl.arange(0, BLOCK_K)
@@ -90,7 +91,7 @@ def step_tile_flags(launch, s: torch.Tensor, block_m: int, num_warps: int):
     T, rows, K = s.shape
     num_m = triton.cdiv(rows, block_m)
     flags = torch.empty((T, num_m), dtype=torch.int32, device=s.device)
-    launch(step_tile_any_kernel)[(num_m, T)](
+    launch(step_tile_any_kernel)[(T * num_m,)](
         s, flags, rows, K, num_m, BLOCK_M=block_m, BLOCK_K=FLAG_BLOCK_K, num_warps=num_warps
     )
     return flags, num_m
