@@ -928,6 +928,21 @@ def test_past_the_fused_tiles(gen, device):
     _assert_same(_run_context(context), _reference_context(context), CONTEXT_NAMES)
 
 
+def test_slabs_past_int32_offsets_take_the_pytorch_path():
+    """The fused kernels address one (batch, head)'s [M, N] slab with int32 offsets: a slab
+    of 2^31 elements or more (46,341 tokens, or 2^23 queries against 256 keys) is the
+    PyTorch path's, one fewer token is the kernels'. (Shapes only: meta tensors.)"""
+    from spikekernels.ops._attention import fused_context_fits, fused_probs_fits
+
+    def meta(*shape):
+        return torch.empty(shape, dtype=torch.int8, device="meta")
+
+    for n, fits in ((46_340, True), (46_341, False)):
+        assert fused_context_fits(meta(1, 1, n, n), meta(1, 1, n, 64)) is fits
+    for m, fits in ((2**23 - 1, True), (2**23, False)):
+        assert fused_probs_fits(meta(1, 1, m, 64), meta(1, 1, 64, 256)) is fits
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("empty", ["batch", "rows", "keys", "head dim"])
 def test_empty_shapes(device, empty):

@@ -69,23 +69,29 @@ def check_data(a, b, a_name, b_name, a_count, b_count, scalars, validate, counts
     check_counts_consistent(b, b_count, b_name, validate)
 
 
+def slabs_fit(m: int, k: int, n: int) -> bool:
+    """Whether the product kernels' int32 tile offsets reach every element of one
+    ``[M, K]``, ``[K, N]`` and ``[M, N]`` slab (attention over more than 46K tokens passes
+    2^31): the host's side of the kernels' int32 offsets."""
+    return max(m * k, k * n, m * n) < 2**31
+
+
 def fused_probs_fits(q: torch.Tensor, k_t: torch.Tensor) -> bool:
-    """Whether the Triton kernel takes the shape: no empty dim, all keys in one tile."""
+    """Whether the Triton kernel takes the shape: no empty dim, all keys in one tile, and
+    int32 offsets within a slab."""
     from spikekernels.kernels.exact_attention import MAX_KEYS
 
-    return min(math.prod(q.shape[1:-2]), *q.shape[-2:], k_t.shape[-1]) > 0 and (
-        k_t.shape[-1] <= MAX_KEYS
-    )
+    m, d, n = q.shape[-2], q.shape[-1], k_t.shape[-1]
+    return min(math.prod(q.shape[1:-2]), m, d, n) > 0 and n <= MAX_KEYS and slabs_fit(m, d, n)
 
 
 def fused_context_fits(a: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether the Triton kernel takes the shape: no empty dim, all head channels in one
-    tile."""
+    tile, and int32 offsets within a slab."""
     from spikekernels.kernels.exact_attention import MAX_HEAD_DIM
 
-    return min(math.prod(a.shape[1:-2]), *a.shape[-2:], v.shape[-1]) > 0 and (
-        v.shape[-1] <= MAX_HEAD_DIM
-    )
+    m, n, d = a.shape[-2], a.shape[-1], v.shape[-1]
+    return min(math.prod(a.shape[1:-2]), m, n, d) > 0 and d <= MAX_HEAD_DIM and slabs_fit(m, n, d)
 
 
 def heads_merged(spikes: torch.Tensor) -> torch.Tensor:

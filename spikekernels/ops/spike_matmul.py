@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from spikekernels.ops._attention import slabs_fit
 from spikekernels.ops._checks import (
     check_finite_nonzero,
     check_running_counts,
@@ -92,10 +93,9 @@ def _spike_matmul_op(
     _check_spike_matmul(a, b, scale, a_acc, b_acc)
     m, k, n = a.shape[-2], a.shape[-1], b.shape[-1]
     backend = backend_for(a, ("triton", "torch"))
-    # The kernels' offsets inside one [M, K], [K, N] or [M, N] slab are int32 (attention over
-    # more than 46K tokens passes 2^31): such products take the PyTorch path.
-    fits = max(m * k, k * n, m * n) < 2**31
-    if backend == "triton" and fits and min(math.prod(a.shape[1:-2]), m, k, n) > 0:
+    # slabs past the kernels' int32 offsets take the PyTorch path
+    fits = slabs_fit(m, k, n) and min(math.prod(a.shape[1:-2]), m, k, n) > 0
+    if backend == "triton" and fits:
         from spikekernels.kernels.spike_matmul import spike_matmul_triton
 
         return spike_matmul_triton(launcher, a, b, scale, a_acc, b_acc)
