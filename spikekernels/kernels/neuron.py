@@ -79,7 +79,8 @@ def st_bif_kernel(
     if HAS_ACTIVE:
         first = pid * BLOCK // per_sample
         active_ptr += first
-        split = ((first + 1) * per_sample - pid * BLOCK).to(tl.int32)  # lanes of `first`
+        # lanes of `first` (clamped first: past 2^31 elements a sample, int32 would wrap)
+        split = tl.minimum((first + 1) * per_sample - pid * BLOCK, BLOCK).to(tl.int32)
     # Software prefetch: step t + 1's input is requested before step t is computed, so two
     # loads per thread are in flight (the loop is a chain of dependent steps, and Triton does
     # not pipeline loads that feed no dot): the kernel streams, it should not wait on latency.

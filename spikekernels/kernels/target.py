@@ -219,7 +219,8 @@ def target_spikes_kernel(
     if HAS_ACTIVE:
         first = pid * BLOCK // per_sample
         active_ptr += first
-        split = ((first + 1) * per_sample - pid * BLOCK).to(tl.int32)  # lanes of `first`
+        # lanes of `first` (clamped first: past 2^31 elements a sample, int32 would wrap)
+        split = tl.minimum((first + 1) * per_sample - pid * BLOCK, BLOCK).to(tl.int32)
     for _ in range(T):
         y = tl.load(value_ptrs, mask=mask, other=0.0).to(tl.float32)
         sigma, _ = target_tile(y, theta, inv_theta, c, n_min, p_max, mask)
