@@ -166,6 +166,8 @@ BAD_INPUTS = [
     ("int x", dict(x=torch.zeros(2, 3, 4, dtype=torch.int8)), TypeError, "x must have dtype"),
     ("1-d x", dict(x=torch.zeros(4)), ValueError, r"x must be \[T, \*, C\]"),
     ("C == 0", dict(x=torch.zeros(2, 3, 0), weight=None, bias=None), ValueError, "C == 0"),
+    # a row is one tile: Triton's largest is 2^20 lanes
+    ("C > 2^20", dict(x=torch.zeros(1, 1, 2**20 + 1), weight=None, bias=None), ValueError, "C = "),
     ("weight wrong C", dict(weight=torch.ones(5)), ValueError, r"weight must have shape \(4,\)"),
     ("bias int", dict(bias=torch.zeros(4, dtype=torch.int32)), TypeError, "bias must have"),
     ("negative eps", dict(eps=-1e-6), ValueError, "eps must be"),

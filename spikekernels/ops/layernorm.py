@@ -18,6 +18,9 @@ from spikekernels.ops._checks import (
 from spikekernels.ops._dispatch import backend_for
 from spikekernels.ops._registry import call_op, kernel_op, launcher
 
+# The kernels hold a row in one tile of next_power_of_2(C) lanes: Triton's largest.
+MAX_CHANNELS = 2**20
+
 
 def check_spike_layernorm(x, weight, bias, eps, x_acc, y_prev) -> None:
     """Metadata checks (no data read)."""
@@ -28,6 +31,11 @@ def check_spike_layernorm(x, weight, bias, eps, x_acc, y_prev) -> None:
     c = x.shape[-1]
     if c == 0:
         raise ValueError("x has C == 0 channels (last dim); layer norm needs at least one")
+    if c > MAX_CHANNELS:
+        raise ValueError(
+            f"x has C = {c} channels (last dim); at most {MAX_CHANNELS} (the kernels hold a "
+            "row in one tile)"
+        )
     for name, t in (("weight", weight), ("bias", bias)):
         if t is None:
             continue
