@@ -266,6 +266,27 @@ def test_every_backend_records(gen, name, backend):
     assert torch.equal(active, _fired(out[0]))
 
 
+@pytest.mark.parametrize("backend", ["triton", "cpp", "torch", "reference"])
+@pytest.mark.parametrize(("theta", "scale"), [(1e-8, 1e-6), (0.3, 0.6)])
+def test_float_out_flags_come_from_sigma(gen, backend, theta, scale):
+    """``st_bif(float_out=True)`` in float16: a spike of a threshold below float16's smallest
+    subnormal rounds to 0, and its sample fired all the same. Every backend reads the flags
+    off sigma, as the kernel does, and the float spikes are the bits of a call without
+    ``active``."""
+    x = ((torch.rand(3, B, 5, generator=gen) * 2 - 1) * scale).half()
+    x[:, SILENT] = 0
+    threshold = torch.tensor(theta)
+    active = _flags(3)
+    with force_backend(backend):
+        sigma = st_bif(x, threshold, -4, 3)[0]
+        plain = st_bif(x, threshold, -4, 3, float_out=True)
+        got = st_bif(x, threshold, -4, 3, float_out=True, active=active)
+    assert torch.equal(active, _fired(sigma)) and active.any()
+    _assert_equal(got, plain)
+    if theta < 2**-25:  # the premise: every float16 spike is 0
+        assert not plain[0].any()
+
+
 BAD_ACTIVE = [
     ("int64", lambda a: a.to(torch.int64), TypeError, "active must have dtype"),
     ("bool", lambda a: a.bool(), TypeError, "active must have dtype"),

@@ -69,6 +69,10 @@ def _st_bif_op(
         return st_bif_triton(
             launcher, x, threshold, n_min, p_max, v, count, float_out, count_dtype, active
         )
+    # `active` is read off the int8 spikes, as the kernel reads it off sigma: a float16 spike
+    # of a tiny threshold rounds to 0, and its sample still fired
+    scale_after = float_out and active is not None
+    float_out = float_out and not scale_after
     if backend == "cpp":
         out = torch.ops.spikekernels.st_bif_cpu(x, threshold, n_min, p_max, v, count, float_out)
     elif backend == "reference":
@@ -78,8 +82,15 @@ def _st_bif_op(
         out = out, v_out, s_out.to(count_dtype)
     else:
         out = st_bif_torch(x, threshold, n_min, p_max, v, count, float_out, count_dtype)
-    record_active(active, out[0])  # a float_out spike is 0 exactly where sigma is
+    record_active(active, out[0])
+    if scale_after:
+        out = float_spikes(out[0], threshold, x.dtype), *out[1:]
     return out
+
+
+def float_spikes(spikes: torch.Tensor, threshold: torch.Tensor, dtype: torch.dtype):
+    """``float_out``'s spikes: ``sigma * theta`` in float32, rounded once to ``dtype``."""
+    return (spikes.to(torch.float32) * threshold.to(torch.float32).reshape(())).to(dtype)
 
 
 def st_bif_torch(x, threshold, n_min, p_max, v, count, float_out, count_dtype):
@@ -107,7 +118,7 @@ def st_bif_torch(x, threshold, n_min, p_max, v, count, float_out, count_dtype):
         v_cur -= sigma.to(torch.float32)
         spikes[t] = sigma
     if float_out:
-        spikes = (spikes.to(torch.float32) * theta).to(x.dtype)
+        spikes = float_spikes(spikes, threshold, x.dtype)
     return spikes, v_cur, s_cur
 
 
