@@ -9,15 +9,16 @@ Backends:
   only under ``force_backend("reference")`` (the slow per-step baseline and the tests' oracle
   runs). It is imported only then, so the oracle is no run-time dependency of the library.
 
-``force_backend(name)`` pins the choice for every op called inside it (tests, benchmarks, the
-reference runner). An op that lacks the forced backend falls back to ``"torch"`` (for example
-``"cpp"`` on a CUDA tensor), never to a different kernel family silently: that is what the
-fallback order below says.
+``force_backend(name)`` pins the choice for every op its own thread calls inside it (tests,
+benchmarks, the reference runner). An op that lacks the forced backend falls back to
+``"torch"`` (for example ``"cpp"`` on a CUDA tensor), never to a different kernel family
+silently: that is what the fallback order below says.
 """
 
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -27,20 +28,27 @@ from spikekernels.kernels import use_triton
 
 BACKENDS = ("triton", "cpp", "torch", "reference")
 
-_forced: str | None = None
+# Per thread, not a global: another thread's `with` block neither changes this thread's
+# backend nor, exiting out of order, restores a stale one. (threading.local, not a
+# ContextVar: torch.compile traces its reads, and guards on them.)
+_thread = threading.local()
 
 
 @contextlib.contextmanager
 def force_backend(name: str | None) -> Iterator[None]:
-    """Run every op inside the ``with`` block on backend ``name`` (None: the default choice)."""
-    global _forced
+    """Run every op this thread calls inside the ``with`` block on backend ``name`` (None:
+    the default choice)."""
     if name is not None and name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS} or None, got {name!r}")
-    previous, _forced = _forced, name
+    previous, _thread.forced = _forced(), name
     try:
         yield
     finally:
-        _forced = previous
+        _thread.forced = previous
+
+
+def _forced() -> str | None:
+    return getattr(_thread, "forced", None)
 
 
 def backend_for(
@@ -56,11 +64,12 @@ def backend_for(
     ``cpp_devices``, then PyTorch). A forced backend wins where it can run on ``t``
     (``"reference"`` always can); otherwise ``"torch"``.
     """
-    if _forced is not None:
-        if _forced == "reference":
+    forced = _forced()
+    if forced is not None:
+        if forced == "reference":
             return "reference"
-        if _forced in available and _can_run(_forced, t, cpp_devices):
-            return _forced
+        if forced in available and _can_run(forced, t, cpp_devices):
+            return forced
         return "torch"
     for name in available:
         if _can_run(name, t, cpp_devices):

@@ -1,0 +1,66 @@
+"""ops._dispatch: ``force_backend`` pins the backend of the ops called inside its ``with``
+block, nested blocks restore the outer choice, and the choice belongs to the thread that
+made it."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from spikekernels.ops._dispatch import backend_for, force_backend
+
+AVAILABLE = ("triton", "cpp", "torch")
+
+
+def _backend() -> str:
+    return backend_for(torch.zeros(1), AVAILABLE)
+
+
+def test_nested_blocks_restore_the_outer_choice():
+    default = _backend()
+    with force_backend("reference"):
+        assert _backend() == "reference"
+        with force_backend("torch"):
+            assert _backend() == "torch"
+        with force_backend(None):
+            assert _backend() == default
+        assert _backend() == "reference"
+    assert _backend() == default
+
+
+def test_bad_name_is_rejected():
+    with pytest.raises(ValueError, match="backend must be one of"), force_backend("cuda"):
+        pass
+
+
+def test_another_threads_block_is_its_own():
+    """Two threads' blocks overlap and exit out of order: each thread sees only its own
+    choice, during and after (a process-wide setting leaked into the other thread and
+    ended pinned to the last restored value)."""
+    default = _backend()
+    entered, main_exited = threading.Event(), threading.Event()
+    seen = {}
+
+    def other():
+        with force_backend("reference"):
+            seen["other inside"] = _backend()
+            entered.set()
+            main_exited.wait(10)
+        seen["other after"] = _backend()
+
+    thread = threading.Thread(target=other)
+    with force_backend("torch"):
+        thread.start()
+        assert entered.wait(10)
+        seen["main inside"] = _backend()
+    main_exited.set()
+    thread.join(10)
+    seen["main after"] = _backend()
+    assert seen == {
+        "other inside": "reference",
+        "main inside": "torch",
+        "other after": default,
+        "main after": default,
+    }
