@@ -227,6 +227,18 @@ def test_opcheck(gen, device):
     torch.library.opcheck(op, (x, None, y_prev))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_backward_fails_loudly(gen, device):
+    """Inference only: the compiled kernels' outputs of an input that requires grad have a
+    backward that raises, rather than the dispatcher's warning and a ``grad`` left None."""
+    x = _inputs(gen, 3, (2,), 19, device=device).requires_grad_()
+    out = torch.ops.spikekernels.spike_softmax(x)[0]
+    with pytest.raises(RuntimeError, match="spike_softmax has no backward"):
+        out.sum().backward()
+    with torch.no_grad():
+        assert not torch.ops.spikekernels.spike_softmax(x)[0].requires_grad
+
+
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 def test_torch_compile_fullgraph(gen, backend):
     """Compiled outputs meet the op's contract (within 2x the float32 error against float64);

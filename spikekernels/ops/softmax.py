@@ -73,6 +73,18 @@ def _(x, x_acc=None, y_prev=None):
     return out, x.new_empty(shape, dtype=torch.float32), x.new_empty(shape, dtype=torch.float32)
 
 
+def _no_backward(ctx, *grads):
+    raise RuntimeError(
+        "spikekernels::spike_softmax has no backward: the op is inference only (call it "
+        "under torch.no_grad())"
+    )
+
+
+# Without an autograd kernel, the dispatcher's fallback only warns and backward leaves the
+# input's grad None: a silent wrong answer. This one fails loudly, as the Python ops' do.
+torch.library.register_autograd(QUALNAME, _no_backward)
+
+
 def spike_softmax(
     x: torch.Tensor,
     x_acc: torch.Tensor | None = None,
