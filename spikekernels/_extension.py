@@ -1,7 +1,7 @@
 """Loads the compiled extension (spikekernels._C), which registers the C++/CUDA ops.
 
-A missing or mismatched build is not fatal: it warns once, and every op that has a Triton or
-reference path keeps working. ``EXTENSION_ERROR`` says why the build could not be loaded.
+A missing or mismatched build is not fatal: it warns once, and every op keeps working on its
+Triton or PyTorch path. ``EXTENSION_ERROR`` says why the build could not be loaded.
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ try:
 except ImportError as exc:  # not built, or built against another torch
     EXTENSION_ERROR = str(exc)
     warnings.warn(
-        "spikekernels._C could not be loaded; Spike-Softmax falls back to the PyTorch "
-        f"reference. Rebuild with `pip install --no-build-isolation -e .` ({exc})",
+        "spikekernels._C could not be loaded; Spike-Softmax and st_bif on CPU fall back to "
+        "their PyTorch paths (slower). Rebuild with `pip install --no-build-isolation -e .` "
+        f"({exc})",
         RuntimeWarning,
         stacklevel=2,
     )
