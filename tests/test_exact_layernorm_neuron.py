@@ -580,6 +580,22 @@ def test_constant_rows(gen, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_first_step_is_never_quiet(gen, device):
+    """Rows that are exactly zero from the first step (a quiet tile is one whose input bits
+    did not change, and a fresh launch starts from zero bits) with an incoming count away
+    from the target: the neurons still move at step 0, as the reference's do. -0.0 too."""
+    norm = _norm(gen, 8, device=device)
+    norm["b"] = torch.full((8,), 1.5, device=device)  # a zero row's y is the bias: target 3+
+    count = torch.randint(-3, 2, (2, 3, 8), generator=gen, dtype=torch.int8).to(device)
+    for zero in (0.0, -0.0):
+        d = torch.full((2, 2, 3, 8), zero, dtype=torch.float64, device=device)
+        c = torch.zeros(3, 8, dtype=torch.float64, device=device)
+        want = _reference(d, c, norm, -8, 7, count)
+        assert want[0][0].all(), "every neuron must move at step 0 (else vacuous)"
+        _assert_same(_run(d, c, norm, -8, 7, count), want)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_non_finite_rows_do_not_fire(gen, device):
     d, c = _residual(gen, 3, 2, 3, 20, device)
     d[1, 0, 1, 5] = float("nan")
