@@ -61,6 +61,21 @@ def test_low_precision_inputs_and_float_out(gen, device, dtype, float_out):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_float_out_rounds_ties_to_even(device, dtype):
+    """``float_out`` rounds ``sigma * theta`` (float32) once to the input's dtype, ties to
+    even: thresholds halfway between two neighbours whose lower one is even (1 + half an
+    ulp: down) and odd (1 + 3 half ulps: up), spikes of both signs."""
+    half_ulp = torch.finfo(dtype).eps / 2  # at 1.0
+    for ties, want in ((1, 1.0), (3, 1 + 4 * half_ulp)):
+        theta = torch.tensor(1 + ties * half_ulp, dtype=torch.float32, device=device)
+        assert theta.to(dtype).item() == want  # the premise: a tie, rounded to even
+        x = torch.tensor([[2.0, -2.0, 0.0]], dtype=dtype, device=device)
+        got = spikekernels.st_bif(x, theta, -8, 7, float_out=True)[0]
+        assert got.dtype == dtype and got.cpu().float().tolist() == [[want, -want, 0.0]]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_chunked_equals_whole(gen, device):
     n_min, p_max = reference.level_bounds(32, True)
     theta = torch.tensor(0.2, device=device)
