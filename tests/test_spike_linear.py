@@ -447,7 +447,7 @@ def test_bad_scales_rejected_on_cpu(gen, validate, value):
 
 
 @pytest.mark.parametrize("validate", [False, True])
-@pytest.mark.parametrize("value", [-128, 2])
+@pytest.mark.parametrize("value", [-128, -2, 2])  # both sides of the range; abs(-128) < 0
 def test_non_ternary_spikes_rejected_on_cpu(gen, validate, value):
     s = _spikes(gen, 2, (3,), 8)
     s[1, 2, 3] = value

@@ -343,7 +343,7 @@ def test_validate_catches_bad_data(gen):
 
 
 @pytest.mark.parametrize("validate", [False, True])
-@pytest.mark.parametrize("value", [-128, 2, 127])
+@pytest.mark.parametrize("value", [-128, -2, 2, 127])
 def test_non_ternary_spike_rejected_on_cpu(gen, validate, value):
     """int8 ``abs(-128)`` is -128: a check by ``abs() <= 1`` let it through. On CPU tensors
     the check runs whether or not ``validate`` is asked for (it costs no sync there)."""
