@@ -93,6 +93,26 @@ def test_outputs_do_not_alias_the_graph(gen):
     assert torch.equal(first, kept)
 
 
+def test_capture_leaves_the_modules_free(gen):
+    """Captured inside ``inference_mode`` (its state tensors are inference tensors), the
+    graph is not the one a call outside it replays; and after a capture no neuron watches the
+    graph's flags, so a module call with another step count runs."""
+    qann = make_exact(gen, **TINY, level=16)
+    snn = convert(qann)
+    x = images(gen, qann, 3)
+    want = snn(x, 12, 4)
+    with torch.inference_mode():
+        snn.capture_chunk_graph(x, 4, graph_type=EagerGraph)
+        got = snn(x, 12, 4, cuda_graph=True)
+    assert got[1] == want[1] and torch.equal(got[0], want[0])
+    snn.capture_chunk_graph(x, 4, graph_type=EagerGraph)
+    assert all(neuron.activity is None for neuron in snn.neurons())
+    snn.reset()
+    snn.step_chunk(snn.patch_embed.first_step(x), 3)  # 3 steps: not the graph's flags' 4
+    got = snn(x, 12, 4, cuda_graph=True)
+    assert got[1] == want[1] and torch.equal(got[0], want[0])
+
+
 def test_bad_calls_are_rejected(gen):
     qann = make_exact(gen, **TINY, level=16)
     snn = convert(qann)

@@ -97,7 +97,7 @@ class ChunkGraph:
         for n in self.sizes:
             graph = graph_type()
             self.graphs[n] = (graph, graph.capture(lambda n=n: self._chunk(n)))
-        self._watch(self.flags)
+        self._watch(None)  # start() watches the flags for a call; a module call between gets none
 
     def _watch(self, flags: torch.Tensor | None) -> None:
         for neuron in self.neurons:

@@ -512,7 +512,9 @@ class SpikingViT(nn.Module):
         cuda_graph=True)`` calls this. ``graph_type``: the graph class (default
         ``chunk_graph.CudaGraph``; the tests pass a CPU stand-in)."""
         sizes = _chunk_sizes(chunk)
-        key = (tuple(x.shape), x.dtype, sizes, x.device)
+        # inference mode too: a capture inside it makes inference tensors, which a call
+        # outside it may not update in place
+        key = (tuple(x.shape), x.dtype, sizes, x.device, torch.is_inference_mode_enabled())
         graph = self._chunk_graphs.get(key)
         if graph is None:
             if not self.exact:
