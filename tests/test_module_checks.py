@@ -280,3 +280,32 @@ def test_exact_attention_names_a_changed_batch(gen):
     attn(s)
     with pytest.raises(ValueError, match=r"count must have shape \(3, 5, \d+\)"):
         attn(torch.zeros(1, 3, 5, c, dtype=torch.int8), torch.zeros(3, 5, c, dtype=torch.int8))
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_patch_embedding_checks_before_its_neuron_moves(gen, exact):
+    """A bad call (no steps, patches of the wrong width) is refused by name before the patch
+    neuron takes any state: the next good call runs as on a fresh model."""
+    from test_exact import TINY, images, make_exact
+
+    from spikekernels import convert
+    from spikekernels.models import QuantViT, calibrate
+
+    if exact:
+        qann = make_exact(gen, **TINY, level=16)
+    else:
+        qann = calibrate(QuantViT(**TINY, level=16), torch.randn(4, 3, 8, 8, generator=gen))
+    snn = convert(qann)
+    x = images(gen, qann, 2)
+    want = snn.step_chunk(snn.patch_embed.first_step(x), 3)
+    snn.reset()
+    patches = snn.patch_embed.first_step(x)
+    for bad, steps, error, words in (
+        (patches, 0, ValueError, "steps must be >= 1"),
+        (patches, 2.0, TypeError, "steps must be an int"),
+        (patches[..., :-1], 3, ValueError, r"patches must be \[B, "),
+        (patches[0], 3, ValueError, r"patches must be \[B, "),
+    ):
+        with pytest.raises(error, match=words):
+            snn.step_chunk(bad, steps)
+    assert torch.equal(snn.step_chunk(patches, 3), want)

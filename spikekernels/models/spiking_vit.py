@@ -125,6 +125,27 @@ class Stream(NamedTuple):
         return with_branches(self.d, self.pending)
 
 
+def _check_patches(
+    patches: object, steps: object, tokens: tuple[int | None, int], *, with_class_row: bool
+) -> None:
+    """A patch embedding's call, checked before its neuron's state moves: ``steps >= 1`` and
+    ``patches`` ``[B, N, D]`` for the model's ``tokens`` ``(N (+ 1 with_class_row), D)``
+    (None: any ``N``)."""
+    if isinstance(steps, bool) or not isinstance(steps, int):
+        raise TypeError(f"steps must be an int, got {type(steps).__name__}")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if not isinstance(patches, torch.Tensor):
+        raise TypeError(f"patches must be a torch.Tensor, got {type(patches).__name__}")
+    n, d = tokens
+    n = None if n is None else n - with_class_row
+    if patches.dim() != 3 or patches.shape[-1] != d or n not in (None, patches.shape[1]):
+        want = f"[B, {'N' if n is None else n}, {d}]"
+        raise ValueError(
+            f"patches must be {want} (patch_embed.first_step(images)), got {list(patches.shape)}"
+        )
+
+
 class SpikePatchEmbed(nn.Module):
     """Patch embedding: the QANN's conv (shared, with its bias) once, fed at global step 0
     (zeros after) through a signed neuron; class token and position embedding join at step 0.
@@ -150,6 +171,7 @@ class SpikePatchEmbed(nn.Module):
         self.t0 = 0
 
     def forward(self, patches: torch.Tensor, steps: int) -> Stream:
+        _check_patches(patches, steps, tuple(self.pos_embed.shape[1:]), with_class_row=True)
         batch, n, d = patches.shape
         first = self.t0 == 0
         u = patches.new_zeros(steps, batch, n, d)
@@ -308,6 +330,7 @@ class ExactPatchEmbed(nn.Module):
         self.neuron.reset()
 
     def forward(self, patches: torch.Tensor, steps: int) -> Residual:
+        _check_patches(patches, steps, (None, self.proj.out_channels), with_class_row=False)
         batch, n, d = patches.shape
         before = _count_before(self.neuron)
         spikes = self.neuron(patches.expand(steps, batch, n, d))
