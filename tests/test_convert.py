@@ -378,3 +378,33 @@ def test_snn_equals_qann_cuda(qann, images):
     logits3, steps3, trace3 = snn(images, chunk=3, return_trace=True)
     assert steps3 == steps and torch.equal(trace3.sample_steps, trace.sample_steps)
     torch.testing.assert_close(logits3, logits, rtol=1e-6, atol=1e-6)
+
+
+@CPU_PASS_ONLY  # the modules' references, whatever the backend
+@pytest.mark.parametrize("exact", [False, True])
+def test_no_module_keeps_a_chunks_output(gen, exact):
+    """After a call, no module holds its output of a chunk (a view of its last step kept the
+    whole ``[T, B, ...]`` tensor alive: every layer's, for a model's memory of one chunk)."""
+    import gc
+    import weakref
+
+    from test_exact import TINY, make_exact
+    from test_exact import images as exact_images
+
+    qann = make_exact(gen, **TINY, level=16) if exact else make_qann(gen)
+    snn = convert(qann)
+    outputs = []
+
+    def keep(module, inputs, out):
+        for t in out if isinstance(out, tuple) else (out,):
+            if isinstance(t, torch.Tensor):
+                outputs.append((type(module).__name__, weakref.ref(t)))
+
+    for module in snn.modules():
+        if module is not snn:
+            module.register_forward_hook(keep)
+    x = exact_images(gen, qann, 2) if exact else torch.randn(2, 3, 8, 8, generator=gen)
+    snn(x, 20, 4)  # the result dropped at once
+    gc.collect()
+    assert len(outputs) > 50
+    assert not sorted({name for name, ref in outputs if ref() is not None})

@@ -56,7 +56,7 @@ class SpikeAttentionProbs(STBIF):
             q, k_t, self.scale, self.threshold, self.n_min, self.p_max, q_count, k_count,
             state, active=self.activity,
         )  # fmt: skip
-        self.last_spikes = spikes[-1]
+        self.keep_last_step(spikes)
         return spikes
 
 
@@ -94,7 +94,7 @@ class SpikeContext(STBIF):
             a, v, self.scale, self.threshold, self.n_min, self.p_max, a_count, v_count, state,
             active=self.activity, merge_heads=merge_heads,
         )  # fmt: skip
-        self.last_spikes = spikes[-1]
+        self.keep_last_step(spikes)
         return spikes
 
 

@@ -32,7 +32,7 @@ class ExactAttentionProbs(TargetNeuron):
 
     ``counts_in``: q and k arrive as their running counts after each step (``S = Q_t K_t^T``
     per step; no ``q_count``/``k_count``); ``counts_out``: the neuron's count after each step
-    goes out instead of its spikes (``last_spikes`` is then not kept). ``ExactAttention``
+    goes out instead of its spikes. ``ExactAttention``
     sets both: running counts are what its products read."""
 
     def __init__(
@@ -64,7 +64,6 @@ class ExactAttentionProbs(TargetNeuron):
             q_count, k_count, self.count, active=self.activity,
             inplace=self.stateful_call(), counts_in=self.counts_in, counts_out=self.counts_out,
         )  # fmt: skip
-        self.last_spikes = None if self.counts_out else spikes[-1]
         return spikes
 
 
@@ -112,7 +111,6 @@ class ExactContext(TargetNeuron):
             a_count, v_count, self.count, active=self.activity,
             inplace=self.stateful_call(), merge_heads=merge_heads, counts_in=self.counts_in,
         )  # fmt: skip
-        self.last_spikes = spikes[-1]
         return spikes
 
 
@@ -228,7 +226,6 @@ class ExactAttention(nn.Module):
             merge_heads=True,
         )  # fmt: skip
         probs.count, context.count = attn_count, count
-        probs.last_spikes, context.last_spikes = None, spikes[-1]
         return spikes
 
     def extra_repr(self) -> str:

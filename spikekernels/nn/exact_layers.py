@@ -152,7 +152,7 @@ class ExactLinearNeuron(TargetNeuron):
 
     ``counts_out``: the layer returns its neuron's count after each step instead of its
     spikes (``ops.exact_linear``'s ``counts_out``), for readers that take running counts (the
-    attention products, ``ExactAttention``); ``last_spikes`` is then not kept. Inference only.
+    attention products, ``ExactAttention``). Inference only.
     """
 
     _FIXED_DTYPE = TargetNeuron._FIXED_DTYPE + ("bias",)  # the value's float32 operand
@@ -200,7 +200,6 @@ class ExactLinearNeuron(TargetNeuron):
             counts_out=self.counts_out,
             s_before=s_before,
         )
-        self.last_spikes = None if self.counts_out else spikes[-1]
         return spikes
 
     def extra_repr(self) -> str:
@@ -322,7 +321,6 @@ class ExactLayerNormNeuron(TargetNeuron):
         )
         spikes, self.count = out[:2]
         self.residual = out[2] if residual_out else None
-        self.last_spikes = spikes[-1]
         return spikes
 
     def extra_repr(self) -> str:

@@ -192,7 +192,7 @@ class SpikeLayerNormNeuron(STBIF):
         )
         if residual_out:
             self.residual = residual[0]
-        self.last_spikes = spikes[-1]
+        self.keep_last_step(spikes)
         return spikes
 
     def extra_repr(self) -> str:

@@ -129,7 +129,7 @@ class SpikeLinearNeuron(TensorCoreWeight, STBIF):
             active=self.activity,
         )
         self.t0 += s.shape[0]
-        self.last_spikes = spikes[-1]
+        self.keep_last_step(spikes)
         return spikes
 
     def extra_repr(self) -> str:

@@ -113,8 +113,7 @@ class STBIF(FixedDtypeBuffers, ActivityWatcher, nn.Module):
         """Back to the fresh state (``v = 0.5``, count 0): call between inputs."""
         self.v: torch.Tensor | None = None
         self.count: torch.Tensor | None = None  # the spike count (integer), None when fresh
-        # The last step's spikes, a view of the output (no work on the hot path): silence
-        # is derived from it only when asked.
+        # The last step's spikes (silence is derived from them only when asked).
         self.last_spikes: torch.Tensor | None = None  # [B, ...]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -128,8 +127,13 @@ class STBIF(FixedDtypeBuffers, ActivityWatcher, nn.Module):
             float_out=self.float_out,
             active=self.activity,
         )
-        self.last_spikes = spikes[-1]
+        self.keep_last_step(spikes)
         return spikes
+
+    def keep_last_step(self, spikes: torch.Tensor) -> None:
+        """Keep ``spikes[-1]`` for ``silent()``: a copy of the one step, since a view would
+        keep the whole chunk's ``[T, B, ...]`` output alive between calls."""
+        self.last_spikes = spikes[-1].clone()
 
     def silent(self) -> torch.Tensor:
         """0-d bool tensor: no element fired at the last step (True before any input)."""

@@ -48,7 +48,6 @@ class TargetNeuron(FixedDtypeBuffers, ActivityWatcher, nn.Module):
     def reset(self) -> None:
         """Back to the fresh state (count 0): call between inputs. Keeps ``activity``."""
         self.count: torch.Tensor | None = None
-        self.last_spikes: torch.Tensor | None = None
 
     def state(self) -> dict[str, torch.Tensor | None]:
         """The state tensors by name, None before the first call. Every call after the first
@@ -71,7 +70,6 @@ class TargetNeuron(FixedDtypeBuffers, ActivityWatcher, nn.Module):
             active=self.activity,
             inplace=self.stateful_call(),
         )
-        self.last_spikes = spikes[-1]
         return spikes
 
     def extra_repr(self) -> str:
