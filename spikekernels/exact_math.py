@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 
 __all__ = [
+    "INT32_MAX_TERMS",
     "INT8_WEIGHT_MAX",
     "context_value",
     "exp_rows",
@@ -41,6 +42,9 @@ __all__ = [
 ]
 
 INT8_WEIGHT_MAX = 127
+# A sum of products of 8-bit integers (|.| <= 128 each) stays inside int32 for up to this many
+# terms: 128 * 128 * (2^17 - 1) < 2^31.
+INT32_MAX_TERMS = 2**17 - 1
 
 
 def int_weights(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,12 +61,17 @@ def int_weights(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def int_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b`` of integer tensors, exact, as int32, on any device.
+    """``a @ b`` of 8-bit integer tensors (counts, int8 weights), exact, as int32, on any
+    device. Sums of more than ``INT32_MAX_TERMS`` terms could pass int32: refused.
 
-    float64 products: exact while every partial sum stays below 2^53 (counts of at most 8
-    bits times int8 weights, K < 2^37), which CPU and CUDA both run (torch has no int32
-    matmul on CUDA).
+    float64 products, exact far beyond int32's range, which CPU and CUDA both run (torch has
+    no int32 matmul on CUDA).
     """
+    if a.shape[-1] > INT32_MAX_TERMS:
+        raise ValueError(
+            f"int_matmul sums K = {a.shape[-1]} products; at most {INT32_MAX_TERMS} keep an "
+            "int32 result exact"
+        )
     return torch.matmul(a.to(torch.float64), b.to(torch.float64)).to(torch.int32)
 
 

@@ -1,8 +1,11 @@
 """SPEC.md in plain PyTorch, step by step: the oracle for every kernel and the CPU fallback.
 
 Each function follows its SPEC.md section literally, one time step at a time, so that a reader
-can check it against the contract line by line. It imports only the shared level definitions
-(``spikekernels.levels``); nothing in the library imports it at run time. Inference only.
+can check it against the contract line by line. It imports the shared level definitions
+(``spikekernels.levels``) and, for the attention neuron's value, the one row softmax that
+SPEC.md §9.2 defines (``exact_math.softmax_rows``: the kernels must equal its bits, so it is
+the definition, tested on its own against float64); nothing in the library imports it at run
+time. Inference only.
 
 Tensors that carry time are time-major, ``[T, *shape]``. State tensors have ``shape`` and
 are returned as fresh tensors (never aliases of an input).

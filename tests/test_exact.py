@@ -172,6 +172,30 @@ def test_count_overflow_above_int8_is_rejected():
     TargetNeuron(0.5, 256, True)  # [-128, 127] fits
 
 
+def test_softmax_rows_within_the_float_tolerance(gen):
+    """exact_math.softmax_rows, the one softmax of the oracle and the kernels (SPEC.md §9.2),
+    on its own against float64: within 2x the error of torch's float32 softmax (floor 2^-24,
+    about 2 ulp of these probabilities, so the bound does not depend on this CPU's exp)."""
+    z = 4 * torch.randn(64, 197, generator=gen)
+    exact = torch.softmax(z.double(), dim=-1)
+    ours = (softmax_rows(z).double() - exact).abs().max().item()
+    torchs = (torch.softmax(z, dim=-1).double() - exact).abs().max().item()
+    assert ours <= 2 * max(torchs, 2**-24), (ours, torchs)
+
+
+def test_int_matmul_refuses_sums_past_int32(gen):
+    """Int8 by int8 sums fit int32 up to INT32_MAX_TERMS terms; one more is refused by name,
+    not saturated (the exact QANN's linears call it with their K)."""
+    from spikekernels.exact_math import INT32_MAX_TERMS, int_matmul
+
+    k = INT32_MAX_TERMS
+    a = torch.full((1, k), -128, dtype=torch.int8)
+    b = torch.full((k, 1), -128, dtype=torch.int8)
+    assert int_matmul(a, b).item() == 128 * 128 * k
+    with pytest.raises(ValueError, match="int_matmul sums K = 131072"):
+        int_matmul(torch.ones(1, k + 1, dtype=torch.int8), torch.ones(k + 1, 1, dtype=torch.int8))
+
+
 def test_row_functions_do_not_depend_on_batch_or_threads(gen):
     """exact_math's row functions give a row the same bits alone, in a large batch, and with
     one thread or several (torch's own softmax/LayerNorm need not: vectorised tails and

@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from spikekernels.exact_math import int_matmul, linear_value
+from spikekernels.exact_math import INT32_MAX_TERMS, int_matmul, linear_value
 from spikekernels.ops._activity import record_active_of
 from spikekernels.ops._checks import (
     check_active,
@@ -30,7 +30,7 @@ from spikekernels.ops.target import target_spikes_torch
 
 # acc = q_in @ W^T with |q_in| <= 128 and |W| <= 127 stays inside int32 while K < 2^17; the
 # same bound keeps every per-step sum of the float32 CPU path (|.| <= 127 K) below 2^24.
-MAX_K = 2**17 - 1
+MAX_K = INT32_MAX_TERMS
 
 
 def _check_exact_linear(
