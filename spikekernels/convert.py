@@ -19,6 +19,7 @@ SOP counting.
 from __future__ import annotations
 
 import itertools
+from functools import partial
 
 import torch
 from torch import nn
@@ -199,6 +200,11 @@ def _heads_to_qann(t: torch.Tensor, h: int) -> torch.Tensor:
     return t.reshape(b, n, h, c // h).transpose(1, 2)
 
 
+def _qkv_part_to_qann(t: torch.Tensor, j: int, dim: int, h: int) -> torch.Tensor:
+    """Part ``j`` (q, k, v) of the fused qkv neuron's count ``[B, N, 3 dim]``, head-major."""
+    return _heads_to_qann(t[..., j * dim : (j + 1) * dim], h)
+
+
 def _patches_to_qann(t: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     """The patch neuron's ``[B, N, D]`` as the conv output's ``[B, D, H', W']``."""
     return t.transpose(1, 2).reshape(t.shape[0], t.shape[2], *grid)
@@ -266,17 +272,14 @@ def _final_norm_path(qann: nn.Module) -> tuple[str, bool]:
 def _block_sites(p: str, h: int, dim: int, neurons: dict[str, nn.Module]) -> list[NeuronSite]:
     """A block's quantizers and their neurons (both modes): ``neurons`` maps ``norm1``,
     ``qkv`` (the fused q, k, v neuron: three channel blocks of ``dim``), ``attn``, ``after``,
-    ``proj``, ``norm2``, ``act`` and ``fc2`` to the modules that hold the counts."""
-
-    def qkv_part(t, j):
-        return _heads_to_qann(t[..., j * dim : (j + 1) * dim], h)
-
+    ``proj``, ``norm2``, ``act`` and ``fc2`` to the modules that hold the counts. (Layouts are
+    partials of module-level functions, never lambdas: the SNN pickles, ``torch.save``.)"""
     n = neurons
     return [
         NeuronSite(f"{p}.norm1.1", n["norm1"], _same),
-        NeuronSite(f"{p}.attn.quan_q", n["qkv"], lambda t: qkv_part(t, 0)),
-        NeuronSite(f"{p}.attn.quan_k", n["qkv"], lambda t: qkv_part(t, 1)),
-        NeuronSite(f"{p}.attn.quan_v", n["qkv"], lambda t: qkv_part(t, 2)),
+        NeuronSite(f"{p}.attn.quan_q", n["qkv"], partial(_qkv_part_to_qann, j=0, dim=dim, h=h)),
+        NeuronSite(f"{p}.attn.quan_k", n["qkv"], partial(_qkv_part_to_qann, j=1, dim=dim, h=h)),
+        NeuronSite(f"{p}.attn.quan_v", n["qkv"], partial(_qkv_part_to_qann, j=2, dim=dim, h=h)),
         NeuronSite(f"{p}.attn.attn_quan", n["attn"], _same),
         NeuronSite(f"{p}.attn.after_attn_quan", n["after"], _same),
         NeuronSite(f"{p}.attn.quan_proj", n["proj"], _same),
@@ -301,7 +304,7 @@ def _convert_float(qann: nn.Module, c: _Walker) -> SpikingViT:
     conv, cls_token, pos_embed = _stem(c)
     patch_if = c.neuron("patch_embed.proj.1", signed=True, float_out=True)
     grid = (conv_grid := int(round((pos_embed.shape[1] - 1) ** 0.5)), conv_grid)
-    sites = [NeuronSite("patch_embed.proj.1", patch_if, lambda t: _patches_to_qann(t, grid))]
+    sites = [NeuronSite("patch_embed.proj.1", patch_if, partial(_patches_to_qann, grid=grid))]
     blocks = []
     for i in range(len(c.get("blocks", (nn.ModuleList, nn.Sequential)))):
         p = f"blocks.{i}"
@@ -376,7 +379,7 @@ def _convert_exact(qann: nn.Module, c: _Walker) -> SpikingViT:
     patch_q = c.quantizer("patch_embed.proj.1", signed=True)
     patch_if = target_neuron_from_quantizers([patch_q])
     grid = (conv_grid := int(round((pos_embed.shape[1] - 1) ** 0.5)), conv_grid)
-    sites = [NeuronSite("patch_embed.proj.1", patch_if, lambda t: _patches_to_qann(t, grid))]
+    sites = [NeuronSite("patch_embed.proj.1", patch_if, partial(_patches_to_qann, grid=grid))]
     residual_steps = [patch_if.threshold]
     blocks = []
     for i in range(len(c.get("blocks", (nn.ModuleList, nn.Sequential)))):

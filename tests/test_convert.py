@@ -408,3 +408,27 @@ def test_no_module_keeps_a_chunks_output(gen, exact):
     gc.collect()
     assert len(outputs) > 50
     assert not sorted({name for name, ref in outputs if ref() is not None})
+
+
+@CPU_PASS_ONLY  # pickling, whatever the backend
+@pytest.mark.parametrize("exact", [False, True])
+def test_snn_pickles(gen, exact):
+    """``torch.save(snn)`` and back: the same logits and the same parity layouts (the sites'
+    ``to_qann`` were lambdas, which pickle refused)."""
+    import io
+
+    from test_exact import TINY, make_exact
+    from test_exact import images as exact_images
+
+    qann = make_exact(gen, **TINY, level=16) if exact else make_qann(gen)
+    snn = convert(qann)
+    x = exact_images(gen, qann, 2) if exact else torch.randn(2, 3, 8, 8, generator=gen)
+    buffer = io.BytesIO()
+    torch.save(snn, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    want, got = snn(x, 20, 4), loaded(x, 20, 4)
+    assert got[1] == want[1] and torch.equal(got[0], want[0])
+    for mine, theirs in zip(snn.sites, loaded.sites, strict=True):
+        count = mine.neuron.count
+        assert torch.equal(theirs.to_qann(theirs.neuron.count), mine.to_qann(count))
