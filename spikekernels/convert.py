@@ -18,6 +18,7 @@ SOP counting.
 
 from __future__ import annotations
 
+import copy
 import itertools
 from functools import partial
 
@@ -217,6 +218,13 @@ def _same(t: torch.Tensor) -> torch.Tensor:
 def convert(qann: nn.Module, exact: bool | None = None) -> SpikingViT:
     """The SNN of a quantized ViT, sharing ``qann``'s weights where it can (no copies).
 
+    Sharing: the SNN's weight tensors are detached views of the QANN's (one copy in memory);
+    its thresholds are copies of the quantizers' steps and its modules are its own, so moving
+    or casting either model leaves the other where it was (a move ends the sharing). Change
+    the QANN's weights after conversion (training, ``load_state_dict``) only to convert again;
+    ``snn.load_state_dict`` writes the shared weights, the QANN's too (``copy.deepcopy`` one
+    of them first for two independent models).
+
     ``exact=None`` (default) picks the mode from the weights: exact when every linear has
     integer weights, float when none has. ``exact=True`` on a float QANN raises a ValueError
     that says to call ``spikekernels.models.quantize_weights`` first; ``exact=False`` on an
@@ -253,7 +261,17 @@ def _stem(c: _Walker):
     c.container("patch_embed")
     c.container("patch_embed.proj")
     conv = c.get("patch_embed.proj.0", nn.Conv2d)
-    return conv, c.get("cls_token", nn.Parameter), c.get("pos_embed", nn.Parameter)
+    return _own_conv(conv), c.get("cls_token", nn.Parameter), c.get("pos_embed", nn.Parameter)
+
+
+def _own_conv(conv: nn.Conv2d) -> nn.Conv2d:
+    """The SNN's own copy of the patch conv (small), without the QANN's hooks: a shared
+    module moved its weights with either model (``snn.to(device)`` left the QANN split
+    across devices)."""
+    own = copy.deepcopy(conv)
+    for hooks in (own._forward_hooks, own._forward_pre_hooks, own._backward_hooks):
+        hooks.clear()
+    return own
 
 
 def _float_norm(c: _Walker, path: str) -> SpikeLayerNormNeuron:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from conftest import CPU_PASS_ONLY, INTERPRETED
@@ -165,6 +167,34 @@ def test_weights_shared_not_copied(qann):
     assert snn.readout.norm.weight.data_ptr() == qann.norm[0].weight.data_ptr()
     assert snn.readout.head.weight.data_ptr() == qann.head.weight.data_ptr()
     assert snn.readout.norm.eps == qann.norm[0].eps == 1e-6
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_moving_one_model_leaves_the_other(gen, exact):
+    """The SNN shares the QANN's weight tensors, never its modules or Parameters: moving
+    either model (``meta`` standing in for a GPU) leaves the other whole where it was, and it
+    still runs (a shared patch conv and class token moved with both)."""
+    from test_exact import TINY, make_exact
+    from test_exact import images as exact_images
+
+    def model(seed):
+        g = torch.Generator().manual_seed(seed)
+        return make_exact(g, **TINY, level=16) if exact else make_qann(g)
+
+    x = exact_images(gen, model(0), 2)
+    for moved in ("snn", "qann"):
+        qann = model(0)
+        snn = convert(qann)
+        want_qann, want_snn = qann(x), snn(x, 20, 4)
+        (snn if moved == "snn" else qann).to("meta")
+        kept = qann if moved == "snn" else snn
+        where = {t.device.type for t in itertools.chain(kept.parameters(), kept.buffers())}
+        assert where == {"cpu"}, f"moving the {moved} moved the other's tensors"
+        if moved == "snn":
+            assert torch.equal(qann(x), want_qann)
+        else:
+            got = snn(x, 20, 4)
+            assert got[1] == want_snn[1] and torch.equal(got[0], want_snn[0])
 
 
 @pytest.mark.parametrize("exact", [False, True])

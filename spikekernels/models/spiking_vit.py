@@ -147,20 +147,22 @@ def _check_patches(
 
 
 class SpikePatchEmbed(nn.Module):
-    """Patch embedding: the QANN's conv (shared, with its bias) once, fed at global step 0
+    """Patch embedding: the QANN's conv (a copy, with its bias) once, fed at global step 0
     (zeros after) through a signed neuron; class token and position embedding join at step 0.
     Returns the residual stream's increments ``[T, B, 1 + N_patches, D]`` float32 (a
     ``Stream`` with nothing pending). Like ``SpikeLinear``, it counts the steps it has seen
     (``t0``), so chunks equal one whole call; ``reset()`` starts a new input."""
 
     def __init__(
-        self, conv: nn.Conv2d, neuron: STBIF, cls_token: nn.Parameter, pos_embed: nn.Parameter
+        self, conv: nn.Conv2d, neuron: STBIF, cls_token: torch.Tensor, pos_embed: torch.Tensor
     ) -> None:
         super().__init__()
         self.proj = conv
         self.neuron = neuron
-        self.cls_token = cls_token
-        self.pos_embed = pos_embed
+        # buffers over the QANN's tensors (detached views, as the linears' weights): a shared
+        # Parameter would move with either model
+        self.register_buffer("cls_token", cls_token.detach())
+        self.register_buffer("pos_embed", pos_embed.detach())
         self.t0 = 0
 
     def first_step(self, img: torch.Tensor) -> torch.Tensor:
