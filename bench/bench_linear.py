@@ -6,8 +6,9 @@ with its neuron (``exact_linear``) on a settling chunk and on a settled one (eve
 ``quiet_over_busy``), against one dense int8 step.
 
 Shapes are the ViT-S/B qkv and MLP layers at batch 64 x 197 tokens. Spikes are genuine:
-quantized activations run through ``spikekernels.st_bif``, so the silent-row fraction (what
-the kernel skips) is that of a settling layer and is recorded next to the times.
+quantized activations run through ``spikekernels.st_bif``, so the silent fractions are those
+of a settling layer, recorded next to the times: of rows, and of the (step, ``BLOCK_M``-row
+tile)s the kernel skips (``silent_tile_fraction``, at the kernel's own tile).
 ``dense_equiv_tops`` counts ``2 * T * rows * K * N`` operations, skipped ones included.
 """
 
@@ -20,6 +21,9 @@ from conftest import DEVICE, ON_GPU, record, time_op, try_median_time
 
 import spikekernels
 from spikekernels import reference
+from spikekernels.kernels.exact_linear import tile_config as exact_linear_tiles
+from spikekernels.kernels.spike_linear import tile_config as spike_linear_tiles
+from spikekernels.kernels.spike_linear_neuron import tile_config as linear_neuron_tiles
 
 ROWS = 64 * 197 if ON_GPU else 64
 STEPS = [8, 16] if ON_GPU else [4]
@@ -48,13 +52,26 @@ def _spikes(T: int, K: int) -> torch.Tensor:
     return spikes
 
 
-def _silent_row_fraction(s: torch.Tensor) -> float:
-    return (s == 0).all(dim=-1).float().mean().item()
+def _silent_fractions(s: torch.Tensor, block_m: int, flat: bool) -> dict[str, float]:
+    """Of the input spikes ``s`` ``[T, rows, K]``: the silent rows, and the silent (step,
+    ``block_m``-row tile)s, what the kernel skips (``tile_flags.step_tile_flags``; ``flat``:
+    tiles of the steps' rows end to end, as ``spike_linear`` reads them)."""
+    silent = (s == 0).all(dim=-1)
+    if flat:
+        silent = silent.reshape(1, -1)
+    tiles = F.pad(silent, (0, -silent.shape[1] % block_m), value=True)
+    return dict(
+        silent_row_fraction=silent.float().mean().item(),
+        silent_tile_fraction=tiles.reshape(len(tiles), -1, block_m).all(-1).float().mean().item(),
+    )
 
 
-def _layer_info(s: torch.Tensor, N: int, seconds: float, **extra) -> dict:
-    """A layer's figures: its shape, the silent-row fraction of its input spikes ``s``
-    ``[T, rows, K]``, and the dense-equivalent TOPS (skipped work counted)."""
+def _layer_info(
+    s: torch.Tensor, N: int, seconds: float, block_m: int, flat: bool = False, **extra
+) -> dict:
+    """A layer's figures: its shape, the silent fractions of its input spikes ``s``
+    ``[T, rows, K]`` at the kernel's ``block_m`` (``flat``: see ``_silent_fractions``), and the
+    dense-equivalent TOPS (skipped work counted)."""
     T, rows, K = s.shape
     return dict(
         T=T,
@@ -62,7 +79,7 @@ def _layer_info(s: torch.Tensor, N: int, seconds: float, **extra) -> dict:
         K=K,
         N=N,
         **extra,
-        silent_row_fraction=_silent_row_fraction(s),
+        **_silent_fractions(s, block_m, flat),
         dense_equiv_tops=2 * T * rows * K * N / seconds / 1e12,
     )
 
@@ -99,7 +116,7 @@ def test_exact_linear(benchmark, T, K, N):
     quiet_call = lambda: op(quiet_input, *layer, count=settled, s_before=after)  # noqa: E731
     benchmark.group = f"exact_linear T={T} K={K} N={N}"
     seconds = time_op(benchmark, busy_call)
-    info = _layer_info(s, N, seconds)
+    info = _layer_info(s, N, seconds, exact_linear_tiles()[0])
     quiet_seconds = try_median_time("settled", quiet_call, info)
     if quiet_seconds is not None:
         info["quiet_over_busy"] = quiet_seconds / seconds
@@ -133,7 +150,9 @@ def test_spike_linear(benchmark, T, K, N, weight_dtype):
 
     benchmark.group = f"spike_linear T={T} K={K} N={N}"
     seconds = time_op(benchmark, fused)
-    info = _layer_info(s, N, seconds, weight_dtype=str(weight_dtype).removeprefix("torch."))
+    block_m = spike_linear_tiles(weight_dtype)[0]
+    dtype = str(weight_dtype).removeprefix("torch.")
+    info = _layer_info(s, N, seconds, block_m, flat=True, weight_dtype=dtype)
 
     def per_step_dense():
         # the official LLLinear: float spikes (sigma * theta), one fp32 GEMM per step
@@ -182,7 +201,8 @@ def test_spike_linear_neuron(benchmark, T, K, N):
     benchmark.group = f"spike_linear_neuron T={T} K={K} N={N}"
     seconds = time_op(benchmark, fused)
     spikes = fused()[0]
-    info = _layer_info(s, N, seconds, output_spike_fraction=(spikes != 0).float().mean().item())
+    fired = (spikes != 0).float().mean().item()
+    info = _layer_info(s, N, seconds, linear_neuron_tiles()[0], output_spike_fraction=fired)
     separate = try_median_time("unfused", unfused, info)
     if separate is not None:
         info["speedup_vs_unfused"] = separate / seconds
