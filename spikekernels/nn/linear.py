@@ -15,20 +15,24 @@ from spikekernels.ops.weight_split import split_weight_bf16x3
 
 class TensorCoreWeight:
     """What a module with a float32 ``weight`` buffer passes to the spike linear ops: where the
-    Triton kernels run, its exact bf16 split (``split_weight_bf16x3``), made once and cached,
-    keyed by the weight's ``(data_ptr, _version, device)``, so that an in-place update
-    (``load_state_dict``, ``copy_``), a new tensor or a move re-splits; else the weight."""
+    Triton kernels run, its exact bf16 split (``split_weight_bf16x3``), made once and cached
+    for the weight tensor itself at its ``_version``, so that an in-place update
+    (``load_state_dict``, ``copy_``), a new tensor or a move re-splits; else the weight. (The
+    cache holds the tensor it split, not its address: a new weight allocated where a freed one
+    was, at the same version, is another tensor.)"""
 
-    _split_key: tuple | None = None
+    _split_of: torch.Tensor | None = None
+    _split_version: int | None = None
     _split: torch.Tensor | None = None
 
     def kernel_weight(self) -> torch.Tensor:
         w = self.weight
         if w.dtype != torch.float32 or not use_triton(w):
             return w
-        key = (w.data_ptr(), w._version, w.device)
-        if key != self._split_key:
-            self._split, self._split_key = split_weight_bf16x3(w), key
+        if self._split_of is not w or self._split_version != w._version:
+            self._split, self._split_of, self._split_version = (
+                split_weight_bf16x3(w), w, w._version
+            )  # fmt: skip
         return self._split
 
 
