@@ -64,3 +64,26 @@ def test_another_threads_block_is_its_own():
         "other after": default,
         "main after": default,
     }
+
+
+def test_compiled_code_refuses_a_forced_backend(monkeypatch):
+    """The backend is chosen in the op's body, which torch.compile traces once into the
+    graph: under ``force_backend`` a full graph is refused by name (compiled before or
+    inside the block), and a graph with breaks runs the op eagerly, on the forced backend."""
+    from spikekernels import reference
+    from spikekernels.ops import st_bif
+
+    calls = []
+    oracle = reference.st_bif
+    monkeypatch.setattr(reference, "st_bif", lambda *a, **k: calls.append(1) or oracle(*a, **k))
+    x, theta = torch.randn(3, 2, 5), torch.tensor(0.5)
+    compiled = torch.compile(lambda x: st_bif(x, theta, -4, 3)[0], fullgraph=True, backend="eager")
+    want = compiled(x)  # compiled outside the block: the default backend
+    for _ in range(2):  # the graph compiled outside, then one traced inside
+        with force_backend("reference"), pytest.raises(Exception, match="force_backend"):
+            compiled(x)
+    assert torch.equal(compiled(x), want) and not calls
+    partial = torch.compile(lambda x: st_bif(x, theta, -4, 3)[0], backend="eager")
+    with force_backend("reference"):
+        assert torch.equal(partial(x), want)
+    assert calls, "the forced backend must run"

@@ -30,7 +30,9 @@ BACKENDS = ("triton", "cpp", "torch", "reference")
 
 # Per thread, not a global: another thread's `with` block neither changes this thread's
 # backend nor, exiting out of order, restores a stale one. (threading.local, not a
-# ContextVar: torch.compile traces its reads, and guards on them.)
+# ContextVar: torch.compile traces its read in `call_op` and guards on it, so a compiled call
+# inside a block is traced again, and refused there: the op bodies, where the backend is
+# chosen, go into the graph once.)
 _thread = threading.local()
 
 
@@ -40,14 +42,14 @@ def force_backend(name: str | None) -> Iterator[None]:
     the default choice)."""
     if name is not None and name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS} or None, got {name!r}")
-    previous, _thread.forced = _forced(), name
+    previous, _thread.forced = forced_backend(), name
     try:
         yield
     finally:
         _thread.forced = previous
 
 
-def _forced() -> str | None:
+def forced_backend() -> str | None:
     return getattr(_thread, "forced", None)
 
 
@@ -64,7 +66,7 @@ def backend_for(
     ``cpp_devices``, then PyTorch). A forced backend wins where it can run on ``t``
     (``"reference"`` always can); otherwise ``"torch"``.
     """
-    forced = _forced()
+    forced = forced_backend()
     if forced is not None:
         if forced == "reference":
             return "reference"

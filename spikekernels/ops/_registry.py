@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from spikekernels.kernels import INTERPRET, TRITON_AVAILABLE
+from spikekernels.ops._dispatch import forced_backend
 
 NAMESPACE = "spikekernels"
 TRACEABLE_TRITON = TRITON_AVAILABLE and not INTERPRET
@@ -84,6 +85,12 @@ def runs_directly(args: Sequence[object]) -> bool:
 def call_op(name: str, *args):
     """``torch.ops.spikekernels.<name>(*args)``, by the shortest path that gives the same
     result (see the module docstring)."""
+    if torch.compiler.is_compiling() and forced_backend() is not None:
+        # the op's body, where the backend is chosen, is traced once into the graph, unguarded
+        raise RuntimeError(
+            f"force_backend({forced_backend()!r}) does not reach code compiled by torch.compile "
+            "(the graph keeps the backend chosen when it was traced): call the ops eagerly"
+        )
     if not runs_directly(args):
         return getattr(torch.ops.spikekernels, name)(*args)
     body, mutated = _BODIES[name]
