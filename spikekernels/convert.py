@@ -60,8 +60,8 @@ from spikekernels.ops._checks import check_threshold_values
 __all__ = ["SpikeTrace", "SpikingViT", "convert"]
 
 # Exact mode's residual sum is exact in float64 while the steps feeding it span at most
-# 2^16 (SPEC.md §9.2): a float32 step times a count of at most 8 bits, summed over < 2^6
-# terms, stays on a grid of 53 bits.
+# 2^16 (SPEC.md §9.2), and while the terms, the depth and the counts together fit 53 bits
+# (`_check_residual_sum`).
 _RESIDUAL_STEP_SPAN = 2.0**16
 
 
@@ -398,7 +398,7 @@ def _convert_exact(qann: nn.Module, c: _Walker) -> SpikingViT:
     patch_if = target_neuron_from_quantizers([patch_q])
     grid = (conv_grid := int(round((pos_embed.shape[1] - 1) ** 0.5)), conv_grid)
     sites = [NeuronSite("patch_embed.proj.1", patch_if, partial(_patches_to_qann, grid=grid))]
-    residual_steps = [patch_if.threshold]
+    residual_feeds = [patch_if]  # the neurons whose fl64(theta) * count the stream sums
     blocks = []
     for i in range(len(c.get("blocks", (nn.ModuleList, nn.Sequential)))):
         p = f"blocks.{i}"
@@ -444,7 +444,7 @@ def _convert_exact(qann: nn.Module, c: _Walker) -> SpikingViT:
         fc2_if = _exact_linear(fc2, act_if, c.target_neuron(f"{p}.mlp.fc2.1", signed=True))
         mlp = ExactMlp(act_if, fc2_if)
         blocks.append(ExactBlock(norm1_if, attn, norm2_if, mlp))
-        residual_steps += [proj_if.threshold, fc2_if.threshold]
+        residual_feeds += [proj_if, fc2_if]
         neurons = dict(norm1=norm1_if, qkv=qkv_if, attn=attn_if, after=after_if, proj=proj_if,
                        norm2=norm2_if, act=act_if, fc2=fc2_if)  # fmt: skip
         _set_block_fanouts(pos_embed.shape[1], dim, dh, fc1.out_features, neurons)
@@ -462,7 +462,7 @@ def _convert_exact(qann: nn.Module, c: _Walker) -> SpikingViT:
     sites.append(NeuronSite(f"{final}.1", norm_if, _same))
     readout = ExactReadout(norm_if, _exact_linear(head, norm_if), global_pool)
     c.check_all_used()
-    _check_residual_steps(torch.stack([s.reshape(()) for s in residual_steps]))
+    _check_residual_sum(residual_feeds)
     return SpikingViT(
         ExactPatchEmbed(conv, patch_if),
         blocks,
@@ -474,12 +474,25 @@ def _convert_exact(qann: nn.Module, c: _Walker) -> SpikingViT:
     )
 
 
-def _check_residual_steps(steps: torch.Tensor) -> None:
-    """SPEC.md §9.2: the residual sum is exact only while its steps span at most 2^16."""
+def _check_residual_sum(feeds: list[TargetNeuron]) -> None:
+    """SPEC.md §9.2: the residual sum is exact only while its steps span at most 2^16; and
+    while its terms fit float64's 53 bits: each ``fl64(theta) * count`` is an integer multiple
+    of the smallest step's float32 ulp, ``u``, below ``span * 2^24 * C`` of them (``C`` the
+    largest count), so ``n`` terms stay exact while ``n * C * span <= 2^29`` (2^16 span and
+    level-256 counts: 63 terms, depth 31)."""
+    steps = torch.stack([neuron.threshold.reshape(()) for neuron in feeds])
     span = float(steps.max() / steps.min())
     if not span <= _RESIDUAL_STEP_SPAN:
         raise ValueError(
             f"convert: the quantizer steps feeding the residual stream span {span:.3g}x "
             f"(more than 2^16), so exact mode's float64 residual sum would round: recalibrate "
             "or convert with exact=False"
+        )
+    largest = max(max(-neuron.n_min, neuron.p_max) for neuron in feeds)
+    if len(feeds) * largest * span > 2.0**29:
+        raise ValueError(
+            f"convert: {len(feeds)} quantizers feed the residual stream, with counts up to "
+            f"{largest} and steps spanning {span:.3g}x: past 2^29 together, exact mode's "
+            "float64 residual sum could round (fewer blocks, a lower level or steps closer "
+            "together; or convert with exact=False)"
         )
