@@ -81,6 +81,24 @@ def test_replayed_chunks_equal_the_eager_runner(gen, max_steps, chunk):
         snn(x, max_steps, chunk, cuda_graph=True)
 
 
+@CPU_PASS_ONLY  # the runner's flags; the kernels' in-place state is the (10, 3) case's
+def test_a_sample_settling_in_the_partial_last_chunk(gen):
+    """The last chunk shorter than the graph's runs eagerly on the graph's flags: they are
+    zeroed first, so a sample that settles there is seen to (stale flags of the replay before
+    kept it busy)."""
+    qann = make_exact(gen, **TINY, level=16)
+    snn = convert(qann)
+    x = images(gen, qann, 3)
+    settle = int(snn(x, 64, 8, return_trace=True)[2].sample_steps.min())
+    assert 1 < settle < 64
+    max_steps, chunk = settle + 1, settle  # a full chunk [0, S), then [S, S + 1) eagerly
+    want = snn(x, max_steps, chunk, return_trace=True)
+    snn.capture_chunk_graph(x, chunk, graph_type=EagerGraph)
+    got = snn(x, max_steps, chunk, return_trace=True, cuda_graph=True)
+    assert int(want[2].sample_steps.min()) == settle, "the premise: it settles in the last step"
+    assert torch.equal(got[2].sample_steps, want[2].sample_steps) and got[1] == want[1]
+
+
 def test_outputs_do_not_alias_the_graph(gen):
     """What a call returns survives the next call's replays."""
     qann = make_exact(gen, **TINY, level=16)

@@ -10,7 +10,7 @@ from conftest import CPU_PASS_ONLY, INTERPRETED
 from torch import nn
 
 from spikekernels import convert, parity
-from spikekernels.models import QuantViT, calibrate, quantizers
+from spikekernels.models import QuantViT, calibrate, quantize_weights, quantizers
 from spikekernels.models.spiking_vit import SpikingViT
 from spikekernels.nn import Quantizer
 from spikekernels.ops._dispatch import force_backend
@@ -244,16 +244,23 @@ def test_snn_runs_float32_under_autocast(gen, images, weight_bits):
     assert got.dtype == torch.float32 and torch.equal(got, want)
 
 
-def test_fanout_set_for_sop_counts(qann):
-    """Each neuron knows the synaptic operations one of its spikes causes downstream."""
+@pytest.mark.parametrize("exact", [False, True])
+def test_fanout_set_for_sop_counts(qann, exact):
+    """Each neuron knows the synaptic operations one of its spikes causes downstream, in
+    both modes (exact mode's attention neurons are ``probs`` and ``context``)."""
+    if exact:
+        quantize_weights(qann)
     snn = convert(qann)
     block, n = snn.blocks[0], qann.pos_embed.shape[1]
+    attn = block.attn
+    probs, context = (attn.probs, attn.context) if exact else (attn.attn_if, attn.after_attn_if)
     assert block.norm1.fanout == 3 * 16
-    assert block.attn.qkv.fanout == n  # the fused q, k, v neuron: each spike meets N tokens
-    assert block.attn.attn_if.fanout == 8  # head_dim
+    assert attn.qkv.fanout == n  # the fused q, k, v neuron: each spike meets N tokens
+    assert probs.fanout == 8  # head_dim
+    assert context.fanout == 16  # proj's inputs
     assert block.norm2.fanout == 64 and block.mlp.fc1.fanout == 16
     assert snn.readout.norm.fanout == 5
-    assert block.attn.proj.fanout == block.mlp.fc2.fanout == 0, "they feed only the residual"
+    assert attn.proj.fanout == block.mlp.fc2.fanout == 0, "they feed only the residual"
 
 
 def test_bad_inputs(qann, images):
@@ -274,6 +281,8 @@ def test_bad_inputs(qann, images):
         snn(torch.zeros(2, 3, 8, 7))
     with pytest.raises(ValueError, match=r"\[B, 3, 8, 8\]"):
         snn(torch.zeros(3, 8, 8))
+    with pytest.raises(ValueError, match=r"with B >= 1"):
+        snn(torch.zeros(0, 3, 8, 8))
     with pytest.raises(TypeError, match="floating-point"):
         snn(torch.zeros(2, 3, 8, 8, dtype=torch.int64))
     with pytest.raises(TypeError, match="nn.Module"):
@@ -330,8 +339,21 @@ def _unsigned_256(qann):
     qann.blocks[0].mlp.act[0].level = 256  # counts [0, 255]: past exact mode's int8
 
 
-def _attention_256(qann):
-    qann.blocks[0].attn.attn_quan.level = 256  # float mode: the context product's int8 counts
+def _attention_level(name, level):
+    def change(qann):  # float mode: the attention products' int8 counts
+        getattr(qann.blocks[0].attn, name).level = level
+
+    return change
+
+
+# the first level past int8 counts: 256 unsigned (the probabilities), 512 signed
+_ATTENTION_LEVELS = {"quan_q": 512, "quan_k": 512, "quan_v": 512, "attn_quan": 256,
+                     "after_attn_quan": 512}  # fmt: skip
+
+
+def _wide_residual_steps(qann):
+    with torch.no_grad():  # one step feeding the stream 2^20 below the others
+        qann.blocks[0].mlp.fc2[1].s.mul_(2.0**-20)
 
 
 @pytest.mark.parametrize(
@@ -342,13 +364,18 @@ def _attention_256(qann):
         (None, _zero_step, ValueError, _ZERO_STEP),
         (8, _zero_step, ValueError, _ZERO_STEP),
         (8, _unsigned_256, ValueError, r"`blocks\.0\.mlp\.act\.0` has level 256 \(unsigned\)"),
-        (None, _attention_256, ValueError, r"`blocks\.0\.attn\.attn_quan` has level 256 .* spike"),
+        *(
+            (None, _attention_level(q, n), ValueError, rf"attn\.{q}` has level {n} .*spike")
+            for q, n in _ATTENTION_LEVELS.items()
+        ),
+        (8, _wide_residual_steps, ValueError, r"residual stream span 1\.\d+e\+06x"),
         (None, lambda q: q.double(), ValueError, r"`cls_token` is torch\.float64: .*qann\.float"),
         (8, lambda q: q.half(), ValueError, r"is torch\.float16: .*qann\.float"),
         (None, lambda q: q.bfloat16(), ValueError, r"is torch\.bfloat16"),
     ],
     ids=["gamma float", "gamma exact", "step 0 float", "step 0 exact", "level 256 exact",
-         "attention level 256 float",
+         "q level 512 float", "k level 512 float", "v level 512 float",
+         "attention level 256 float", "context level 512 float", "residual span",
          "float64", "float16 exact", "bfloat16"],
 )  # fmt: skip
 def test_conversion_errors_name_the_tensor(gen, weight_bits, change, error, words):
@@ -462,3 +489,22 @@ def test_snn_pickles(gen, exact):
     for mine, theirs in zip(snn.sites, loaded.sites, strict=True):
         count = mine.neuron.count
         assert torch.equal(theirs.to_qann(theirs.neuron.count), mine.to_qann(count))
+
+
+@pytest.mark.parametrize(("depth", "refused"), [(31, False), (33, True)])
+def test_residual_sum_must_fit_float64(gen, depth, refused):
+    """Exact mode's float64 residual sum is exact while its terms fit 53 bits: with steps
+    spanning 2^16 (the span rule's limit) and level-256 counts, 63 terms (depth 31) do and 67
+    (depth 33) need not, so that model is refused by name (the span rule alone let it by)."""
+    qann = make_qann(gen, depth=depth, weight_bits=8)
+    feeds = [qann.patch_embed.proj[1]]
+    feeds += [q for b in qann.blocks for q in (b.attn.quan_proj, b.mlp.fc2[1])]
+    with torch.no_grad():
+        for i, q in enumerate(feeds):
+            q.level = 256
+            q.s.fill_(2.0**-16 if i == 1 else 1.0)
+    if refused:
+        with pytest.raises(ValueError, match=r"67 quantizers feed the residual stream"):
+            convert(qann)
+    else:
+        assert convert(qann).exact

@@ -22,7 +22,7 @@ from spikekernels.models import (
     quantizers,
 )
 from spikekernels.nn import ExactLinear, QuantLinear, TargetNeuron
-from spikekernels.ops import exact_linear
+from spikekernels.ops import exact_linear, st_bif
 from spikekernels.ops._dispatch import force_backend
 
 # Width 384 through the Triton interpreter takes minutes per run: the CPU pass of `make test`
@@ -166,10 +166,41 @@ def test_mismatched_weight_dtypes_are_rejected():
 
 
 def test_count_overflow_above_int8_is_rejected():
-    """Exact mode keeps counts in int8: a level above 256 (signed) cannot be converted."""
+    """Exact mode keeps counts in int8: a level above 256 (signed) or 128 (unsigned) cannot
+    be converted; the levels at the edge can."""
     with pytest.raises(ValueError, match="int8"):
         TargetNeuron(0.5, 512, True)
+    with pytest.raises(ValueError, match="int8"):
+        TargetNeuron(0.5, 256, False)  # [0, 255]
     TargetNeuron(0.5, 256, True)  # [-128, 127] fits
+    TargetNeuron(0.5, 128, False)  # [0, 127] fits
+
+
+def test_count_dtype_at_the_int8_edges():
+    """The narrowest integer that holds the bounds: int8 up to [-128, 127] exactly (every
+    backend's fresh count then has that dtype), int16 one past either end."""
+    from spikekernels.levels import count_dtype
+
+    assert count_dtype(-128, 127) == torch.int8
+    assert count_dtype(-129, 127) == count_dtype(0, 128) == torch.int16
+    x = torch.randn(2, 3, 5)
+    for backend in ("cpp", "torch", "reference"):
+        with force_backend(backend):
+            assert st_bif(x, torch.tensor(0.5), -128, 127)[2].dtype == torch.int8
+
+
+def test_exact_linear_takes_k_up_to_its_limit():
+    """``ExactLinear`` refuses K past ``MAX_K`` and takes ``MAX_K`` itself."""
+    from spikekernels.nn import ExactLinear
+    from spikekernels.ops.exact_linear import MAX_K
+
+    for k, fits in ((MAX_K, True), (MAX_K + 1, False)):
+        args = (torch.zeros(2, k, dtype=torch.int8), torch.ones(2), None, torch.tensor(0.5))
+        if fits:
+            assert ExactLinear(*args).in_features == MAX_K
+        else:
+            with pytest.raises(ValueError, match=f"K={k} input features"):
+                ExactLinear(*args)
 
 
 def test_softmax_rows_within_the_float_tolerance(gen):
@@ -351,6 +382,21 @@ def test_float_mode_parity_is_reported_honestly(gen):
     report = parity(floats.eval(), convert(floats), images(gen, qann, 2))
     assert report.mode == "float" and report.unexplained == 0, str(report)
     assert 0.9 < report.agreement <= 1.0
+
+
+@CPU_PASS_ONLY  # parity's bookkeeping, whatever the backend
+@pytest.mark.parametrize("exact", [True, False])
+def test_parity_finds_a_broken_neuron(gen, exact):
+    """One neuron's threshold 3% off: parity reports local mismatches no upstream count
+    explains, and that neuron's site as the first divergence (an oracle that compared the
+    SNN's counts with themselves reported 100%)."""
+    qann = make_exact(gen, **TINY)
+    snn = convert(qann, exact=exact)
+    with torch.no_grad():
+        snn.blocks[0].mlp.fc1.threshold.mul_(1.03)
+    report = parity(qann, snn, images(gen, qann, 3), max_steps=96)
+    assert report.unexplained > 0 and report.local_agreement < 1.0, str(report)
+    assert report.first_divergence == "blocks.0.mlp.act.0", str(report)
 
 
 def test_parity_of_float_mode_of_an_integer_qann(gen):

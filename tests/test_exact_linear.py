@@ -386,6 +386,12 @@ BAD_INPUTS = [
         ValueError,
         "s_count less the spikes of s is not an int8 count",
     ),
+    (
+        "s_count not after s (high)",
+        dict(s=-torch.ones(2, 3, 8, dtype=torch.int8), s_count=torch.full((3, 8), 127).char()),
+        ValueError,
+        "s_count less the spikes of s is not an int8 count",
+    ),
     ("count int32", dict(count=torch.zeros(3, 5, dtype=torch.int32)), TypeError, "count must"),
     ("count shape", dict(count=torch.zeros(5, dtype=torch.int8)), ValueError, "count must"),
     ("count > p_max", dict(count=torch.full((3, 5), 4).char()), ValueError, "count must lie in"),
@@ -425,6 +431,12 @@ BAD_INPUTS += [
     (
         "s_before not before s",
         dict(s=torch.ones(2, 3, 8, dtype=torch.int8), s_before=torch.full((3, 8), 127).char()),
+        ValueError,
+        "s_before plus the spikes of s is not an int8 count",
+    ),
+    (
+        "s_before not before s (low)",
+        dict(s=-torch.ones(2, 3, 8, dtype=torch.int8), s_before=torch.full((3, 8), -128).char()),
         ValueError,
         "s_before plus the spikes of s is not an int8 count",
     ),
