@@ -94,7 +94,17 @@ def test_chunk_sizes_identical(qann, images, backend):
         base, base_steps, base_trace = snn(images, chunk=8, return_trace=True)
         base_counts = counts(snn)
         for chunk in chunks:
-            logits, steps, trace = snn(images, chunk=chunk, return_trace=True)
+            sizes = []  # the steps of each call, as the readout sees them
+            hook = snn.readout.register_forward_hook(
+                lambda m, i, out, sizes=sizes: sizes.append(len(out))
+            )
+            try:
+                logits, steps, trace = snn(images, chunk=chunk, return_trace=True)
+            finally:
+                hook.remove()
+            schedule = (chunk,) if isinstance(chunk, int) else chunk
+            want = [*schedule, *[schedule[-1]] * len(sizes)][: len(sizes)]
+            assert sizes[:-1] == want[:-1] and 0 < sizes[-1] <= want[-1], (chunk, sizes)
             assert steps == base_steps, f"chunk {chunk}: {steps} steps, chunk 8: {base_steps}"
             assert torch.equal(trace.sample_steps, base_trace.sample_steps)
             for site, c, c8 in zip(snn.sites, counts(snn), base_counts, strict=True):
