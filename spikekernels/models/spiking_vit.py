@@ -125,16 +125,21 @@ class Stream(NamedTuple):
         return with_branches(self.d, self.pending)
 
 
+def _check_count(value: object, name: str) -> None:
+    """A number of steps: an int (not a bool) >= 1."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+
+
 def _check_patches(
     patches: object, steps: object, tokens: tuple[int | None, int], *, with_class_row: bool
 ) -> None:
     """A patch embedding's call, checked before its neuron's state moves: ``steps >= 1`` and
     ``patches`` ``[B, N, D]`` for the model's ``tokens`` ``(N (+ 1 with_class_row), D)``
     (None: any ``N``)."""
-    if isinstance(steps, bool) or not isinstance(steps, int):
-        raise TypeError(f"steps must be an int, got {type(steps).__name__}")
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
+    _check_count(steps, "steps")
     if not isinstance(patches, torch.Tensor):
         raise TypeError(f"patches must be a torch.Tensor, got {type(patches).__name__}")
     n, d = tokens
@@ -511,10 +516,7 @@ class SpikingViT(nn.Module):
         return self.readout(x)
 
     def _check_call(self, x: object, max_steps: object) -> None:
-        if isinstance(max_steps, bool) or not isinstance(max_steps, int):
-            raise TypeError(f"max_steps must be an int, got {type(max_steps).__name__}")
-        if max_steps < 1:
-            raise ValueError(f"max_steps must be >= 1, got {max_steps}")
+        _check_count(max_steps, "max_steps")
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a torch.Tensor of images, got {type(x).__name__}")
         if not x.is_floating_point():
