@@ -111,6 +111,7 @@ def test_outputs_do_not_alias_the_graph(gen):
     assert torch.equal(first, kept)
 
 
+@CPU_PASS_ONLY  # the graph cache and the neurons' flags, whatever the backend
 def test_capture_leaves_the_modules_free(gen):
     """Captured inside ``inference_mode`` (its state tensors are inference tensors), the
     graph is not the one a call outside it replays; and after a capture no neuron watches the

@@ -179,6 +179,7 @@ def test_weights_shared_not_copied(qann):
     assert snn.readout.norm.eps == qann.norm[0].eps == 1e-6
 
 
+@CPU_PASS_ONLY  # module ownership, whatever the backend
 @pytest.mark.parametrize("exact", [False, True])
 def test_moving_one_model_leaves_the_other(gen, exact):
     """The SNN shares the QANN's weight tensors, never its modules or Parameters: moving

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import CPU_PASS_ONLY
 
 from spikekernels.nn import (
     STBIF,
@@ -282,6 +283,7 @@ def test_exact_attention_names_a_changed_batch(gen):
         attn(torch.zeros(1, 3, 5, c, dtype=torch.int8), torch.zeros(3, 5, c, dtype=torch.int8))
 
 
+@CPU_PASS_ONLY  # the module's checks, whatever the backend
 @pytest.mark.parametrize("exact", [False, True])
 def test_patch_embedding_checks_before_its_neuron_moves(gen, exact):
     """A bad call (no steps, patches of the wrong width) is refused by name before the patch
