@@ -50,6 +50,7 @@ def force_backend(name: str | None) -> Iterator[None]:
 
 
 def forced_backend() -> str | None:
+    """The backend ``force_backend`` pins for this thread, or None."""
     return getattr(_thread, "forced", None)
 
 

@@ -88,7 +88,7 @@ def _st_bif_op(
     return out
 
 
-def float_spikes(spikes: torch.Tensor, threshold: torch.Tensor, dtype: torch.dtype):
+def float_spikes(spikes: torch.Tensor, threshold: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``float_out``'s spikes: ``sigma * theta`` in float32, rounded once to ``dtype``."""
     return (spikes.to(torch.float32) * threshold.to(torch.float32).reshape(())).to(dtype)
 
