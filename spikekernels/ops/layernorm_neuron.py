@@ -207,9 +207,12 @@ def spike_layernorm_neuron(
         count += sigma;  v -= sigma;  out_t = sigma
 
     i.e. the residual adds, ``spike_layernorm`` then ``st_bif``, bit for bit on every
-    backend (``u`` is rounded to ``x.dtype``, as ``spike_layernorm`` returns it), without the
-    ``[T, *, C]`` increments in memory: on a GPU one kernel keeps ``X``, ``Y_prev``, ``v``
-    and the count in registers for the whole chunk.
+    backend in eager mode (``u`` is rounded to ``x.dtype``, as ``spike_layernorm`` returns
+    it), without the ``[T, *, C]`` increments in memory: on a GPU one kernel keeps ``X``,
+    ``Y_prev``, ``v`` and the count in registers for the whole chunk. Under ``torch.compile``
+    on a CPU, Inductor compiles the PyTorch path's LayerNorm with its own reduction order:
+    ``y_prev`` and ``v`` may then differ by a few ulp (a membrane on a firing boundary could
+    flip a spike), within the LayerNorm's float tolerance.
 
     Pending branches: float mode's blocks add the attention and MLP outputs (``sigma *
     theta`` of their last neurons) to the residual stream. Given those neurons' int8 spikes
