@@ -9,6 +9,8 @@ and nothing else carries from chunk to chunk. The `cuda` test runs a real CUDA g
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from conftest import CPU_PASS_ONLY
@@ -20,6 +22,9 @@ from spikekernels.models import QuantViT, calibrate
 
 class EagerGraph:
     """CPU stand-in for ``models.chunk_graph.CudaGraph``."""
+
+    def __init__(self, device):
+        self.device = device
 
     def capture(self, fn):
         self.fn = fn
@@ -40,6 +45,18 @@ def _assert_state_in_place(graph, where):
     for module, name, tensor in graph.state:
         assert getattr(module, name) is tensor, f"{type(module).__name__}.{name} was replaced"
     assert _addresses(graph) == where, "a state tensor moved"
+
+
+def _check_state_at_finish(graph, where):
+    """At the end of each call, before the modules get their copies: the modules still hold
+    the captured state tensors, at their addresses (a replay reads those)."""
+    finish = graph.finish
+
+    def checked():
+        _assert_state_in_place(graph, where)
+        finish()
+
+    graph.finish = checked
 
 
 @pytest.mark.parametrize(
@@ -63,10 +80,10 @@ def test_replayed_chunks_equal_the_eager_runner(gen, max_steps, chunk):
     graph = snn.capture_chunk_graph(x, chunk, graph_type=EagerGraph)
     where = _addresses(graph)
     assert len(where) > 10
+    _check_state_at_finish(graph, where)
     for batch in (x, images(gen, qann, 3), x):
         want = snn(batch, max_steps, chunk, return_trace=True)
         got = snn(batch, max_steps, chunk, return_trace=True, cuda_graph=True)
-        _assert_state_in_place(graph, where)
         assert got[1] == want[1]
         assert torch.equal(got[0], want[0])
         assert torch.equal(got[2].logits, want[2].logits)
@@ -100,15 +117,23 @@ def test_a_sample_settling_in_the_partial_last_chunk(gen):
 
 
 def test_outputs_do_not_alias_the_graph(gen):
-    """What a call returns survives the next call's replays."""
+    """What a call returns, and the state its modules hold after it (every neuron's count),
+    survive the next call's replays, as after an eager call."""
     qann = make_exact(gen, **TINY, level=16)
     snn = convert(qann)
     x, y = images(gen, qann, 2), images(gen, qann, 2)
-    snn.capture_chunk_graph(x, 8, graph_type=EagerGraph)
+    graph = snn.capture_chunk_graph(x, 8, graph_type=EagerGraph)
     first, _ = snn(x, cuda_graph=True)
-    kept = first.clone()
+    held = [getattr(module, name) for module, name, _ in graph.state]
+    for t, (module, name, captured) in zip(held, graph.state, strict=True):
+        assert t is not captured, f"{type(module).__name__}.{name} is the graph's own tensor"
+        assert torch.equal(t, captured)
+    kept = [t.clone() for t in (first, *held)]
     snn(y, cuda_graph=True)
-    assert torch.equal(first, kept)
+    for now, then in zip((first, *held), kept, strict=True):
+        assert torch.equal(now, then)
+    now = [getattr(module, name) for module, name, _ in graph.state]
+    assert not all(map(torch.equal, now, held)), "the premise: the second images' state differs"
 
 
 @CPU_PASS_ONLY  # the graph cache and the neurons' flags, whatever the backend
@@ -152,6 +177,74 @@ def test_bad_calls_are_rejected(gen):
     assert not float_snn.exact
     with pytest.raises(ValueError, match="exact mode"):
         float_snn.capture_chunk_graph(x, 8, graph_type=EagerGraph)
+
+
+def test_a_move_releases_the_graphs(gen):
+    """A graph reads the addresses it captured: after ``.to(device)`` (there and back, to the
+    same cache key) they are freed memory, so the move drops the graphs."""
+    qann = make_exact(gen, **TINY, level=16)
+    snn = convert(qann)
+    x = images(gen, qann, 2)
+    graph = snn.capture_chunk_graph(x, 4, graph_type=EagerGraph)
+    assert snn.capture_chunk_graph(x, 4) is graph
+    snn.to("cpu")
+    assert snn.capture_chunk_graph(x, 4, graph_type=EagerGraph) is not graph
+
+
+def test_refused_under_a_forced_backend(gen):
+    """A replay runs the captured kernels whatever ``force_backend`` says, and a capture under
+    it would keep its backend for later calls: refused, naming it."""
+    from spikekernels.ops import force_backend
+
+    qann = make_exact(gen, **TINY, level=16)
+    snn = convert(qann)
+    x = images(gen, qann, 2)
+    with (
+        force_backend("reference"),
+        pytest.raises(ValueError, match=r"force_backend\('reference'\)"),
+    ):
+        snn.capture_chunk_graph(x, 4, graph_type=EagerGraph)
+    assert not snn._chunk_graphs
+
+
+def test_cuda_graph_runs_on_the_models_device(monkeypatch):
+    """``torch.cuda.graph``'s default capture stream is made on whichever device was current
+    at the process's first capture: a model on another GPU is captured on a stream of its own
+    device, with that device current, and replayed with it current. (Recorded with stand-ins
+    for torch.cuda's classes: the GPU machine has one device.)"""
+    from spikekernels.models.chunk_graph import CudaGraph
+
+    calls = []
+
+    class Stream:
+        def __init__(self, device):
+            self.device = device
+
+    class Graph:
+        def replay(self):
+            calls.append("replay")
+
+    @contextlib.contextmanager
+    def device(d):
+        calls.append(("device", d))
+        yield
+        calls.append("device exit")
+
+    @contextlib.contextmanager
+    def graph(cuda_graph, stream=None):
+        assert isinstance(cuda_graph, Graph)
+        calls.append(("capture on", None if stream is None else stream.device))
+        yield
+
+    for name, stand_in in (("CUDAGraph", Graph), ("Stream", Stream), ("device", device),
+                           ("graph", graph)):  # fmt: skip
+        monkeypatch.setattr(torch.cuda, name, stand_in)
+    gpu1 = torch.device("cuda", 1)
+    g = CudaGraph(gpu1)
+    assert g.capture(lambda: "out") == "out"
+    g.replay()
+    assert calls == [("device", gpu1), ("capture on", gpu1), "device exit",
+                     ("device", gpu1), "replay", "device exit"]  # fmt: skip
 
 
 @pytest.mark.cuda

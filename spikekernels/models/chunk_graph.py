@@ -34,20 +34,28 @@ from torch import nn
 
 
 class CudaGraph:
-    """``torch.cuda.CUDAGraph`` as ``capture(fn) -> fn's outputs`` and ``replay()``.
+    """``torch.cuda.CUDAGraph`` on ``device`` as ``capture(fn) -> fn's outputs`` and
+    ``replay()``.
 
-    (``ChunkGraph`` takes any class with these two methods: the tests run the whole protocol
-    on a CPU with one that calls ``fn`` again and copies into the captured outputs.)"""
+    (``ChunkGraph`` takes any class with these two methods, made with the images' device:
+    the tests run the whole protocol on a CPU with one that calls ``fn`` again and copies
+    into the captured outputs.)"""
 
-    def __init__(self) -> None:
+    def __init__(self, device: torch.device) -> None:
         self.graph = torch.cuda.CUDAGraph()
+        self.device = device
 
     def capture(self, fn: Callable[[], object]) -> object:
-        with torch.cuda.graph(self.graph):
+        # On a stream of the model's device: torch.cuda.graph's default capture stream is made
+        # once per process, on the device current at its first capture, and the work on
+        # another device's tensors would run on that device's own stream, outside the capture.
+        stream = torch.cuda.Stream(self.device)
+        with torch.cuda.device(self.device), torch.cuda.graph(self.graph, stream=stream):
             return fn()
 
     def replay(self) -> None:
-        self.graph.replay()
+        with torch.cuda.device(self.device):  # on the model's device's current stream
+            self.graph.replay()
 
 
 def _side_stream(device: torch.device):
@@ -71,7 +79,7 @@ class ChunkGraph:
     each chunk size in ``sizes``. ``start(x)`` begins a call (zero state, these images);
     ``step(n)`` runs the next ``n`` steps and returns ``(logits [n, B, classes], fired
     flags [n, B])``, fresh tensors: a replay when ``n`` is a captured size, the eager modules
-    otherwise."""
+    otherwise; ``finish()`` ends the call."""
 
     def __init__(
         self, snn: nn.Module, x: torch.Tensor, sizes: Sequence[int], graph_type=CudaGraph
@@ -91,11 +99,11 @@ class ChunkGraph:
         self.state = snn.state_tensors()
         if any(tensor is None for _, _, tensor in self.state):
             raise RuntimeError("a module has no state after the warm-up chunks: cannot capture")
-        self.zero_graph = graph_type()
+        self.zero_graph = graph_type(x.device)
         self.zero_graph.capture(self._zero_state)
         self.graphs = {}  # size -> (graph, its logits)
         for n in self.sizes:
-            graph = graph_type()
+            graph = graph_type(x.device)
             self.graphs[n] = (graph, graph.capture(lambda n=n: self._chunk(n)))
         self._watch(None)  # start() watches the flags for a call; a module call between gets none
 
@@ -121,6 +129,13 @@ class ChunkGraph:
         self.zero_graph.replay()
         self.patches.copy_(self.snn.patch_embed.first_step(x))
         self._watch(self.flags)
+
+    def finish(self) -> None:
+        """The end of a call: the modules get copies of the state. What a caller keeps of it
+        (a neuron's ``count``) is then not rewritten by the next call's replays, as after an
+        eager call; ``start`` puts the captured tensors back."""
+        for module, name, tensor in self.state:
+            setattr(module, name, tensor.clone())
 
     def step(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         if n in self.graphs:

@@ -42,7 +42,7 @@ from spikekernels.nn.exact_attention import ExactAttention, has_forward_hooks
 from spikekernels.nn.exact_layers import ExactLayerNormNeuron, ExactLinear, ExactLinearNeuron
 from spikekernels.nn.neuron import STBIF
 from spikekernels.nn.target_neuron import TargetNeuron
-from spikekernels.ops._dispatch import force_backend
+from spikekernels.ops._dispatch import force_backend, forced_backend
 from spikekernels.ops.layernorm_neuron import with_branches
 
 __all__ = [
@@ -480,6 +480,9 @@ class SpikingViT(nn.Module):
                     ".float() and .to(dtype) would change its bits): move it with .to(device) "
                     "and cast the images instead"
                 )
+        # a captured graph reads the addresses it captured: after a move (even there and
+        # back, to the same key) they are freed memory
+        self._chunk_graphs.clear()
         return super()._apply(fn, recurse)
 
     def reset(self) -> None:
@@ -542,6 +545,13 @@ class SpikingViT(nn.Module):
         # inference mode too: a capture inside it makes inference tensors, which a call
         # outside it may not update in place
         key = (tuple(x.shape), x.dtype, sizes, x.device, torch.is_inference_mode_enabled())
+        if forced_backend() not in (None, "triton"):
+            # a replay runs the captured kernels whatever the block says, and a capture under
+            # it would keep its backend for every later call
+            raise ValueError(
+                f"cuda_graph=True replays the captured Triton kernels: it cannot run under "
+                f"force_backend({forced_backend()!r}); call without cuda_graph"
+            )
         graph = self._chunk_graphs.get(key)
         if graph is None:
             if not self.exact:
@@ -560,8 +570,9 @@ class SpikingViT(nn.Module):
 
     def release_chunk_graphs(self) -> None:
         """Free every captured chunk graph with its state buffers and memory pool. Call it
-        after moving the model or replacing a weight tensor: a graph reads the addresses it
-        captured (weights changed in place, e.g. by ``load_state_dict``, are seen)."""
+        after replacing a weight tensor: a graph reads the addresses it captured (weights
+        changed in place, e.g. by ``load_state_dict``, are seen; moving the model with
+        ``.to(device)`` releases the graphs itself)."""
         self._chunk_graphs.clear()
 
     @torch.no_grad()
@@ -623,6 +634,7 @@ class SpikingViT(nn.Module):
                     steps = int(sample_steps.max())  # the one host sync per chunk
                     if steps < max_steps:
                         break
+                chunks.finish()
         finally:
             for neuron in self.neurons():
                 neuron.watch(None)
@@ -671,6 +683,9 @@ class _EagerChunks:
         for neuron in self.neurons:
             neuron.watch(flags)
         return self.snn.step_chunk(self.patches, n), flags
+
+    def finish(self) -> None:
+        """Nothing to hand over: the modules' state is this call's own."""
 
 
 def _settle(
