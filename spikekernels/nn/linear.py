@@ -19,7 +19,10 @@ class TensorCoreWeight:
     for the weight tensor itself at its ``_version``, so that an in-place update
     (``load_state_dict``, ``copy_``), a new tensor or a move re-splits; else the weight. (The
     cache holds the tensor it split, not its address: a new weight allocated where a freed one
-    was, at the same version, is another tensor.)"""
+    was, at the same version, is another tensor.) A write through ``weight.data`` is not
+    seen: torch gives ``.data`` a version counter of its own, so the split stays the old
+    weight's. Write the weight itself (``copy_`` under ``torch.no_grad()``) or assign a new
+    one."""
 
     _split_of: torch.Tensor | None = None
     _split_version: int | None = None
