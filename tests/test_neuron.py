@@ -183,6 +183,8 @@ BAD_INPUTS = [
     ("bounds past int32", dict(n_min=0, p_max=2**31), ValueError, "int32 count would overflow"),
     ("v without count", dict(v=torch.zeros(4)), ValueError, "both v and count"),
     ("v elsewhere", _state(v=torch.zeros(4, device="meta")), ValueError, "v is on meta"),
+    ("validate a str", dict(validate="no"), TypeError, "validate must be a bool"),
+    ("validate a tensor", dict(validate=torch.ones(2, dtype=torch.bool)), TypeError, "validate"),
     (
         "theta elsewhere",
         dict(threshold=torch.tensor(1.0, device="meta")),

@@ -140,6 +140,10 @@ class TestWeightSplit:
         with pytest.raises(ValueError, match=words):
             split_weight_bf16x3(weight)
 
+    def test_meta_weight_gives_the_parts_shape(self):
+        parts = split_weight_bf16x3(torch.empty(5, 7, device="meta"))
+        assert parts.is_meta and parts.shape == (3, 5, 7) and parts.dtype == torch.bfloat16
+
     def test_rejects_other_forms(self):
         with pytest.raises(TypeError, match="weight must have dtype"):
             split_weight_bf16x3(torch.ones(3, 4, dtype=torch.float16))

@@ -326,6 +326,16 @@ def test_inplace_single_step(gen, device):
     _assert_same((spikes, count), _reference(value, theta, -8, 7))
 
 
+def test_inplace_on_meta_tensors():
+    """Shapes only (meta tensors): the in-place state is not taken for an alias of the inputs
+    (every meta tensor's address is 0)."""
+    value = torch.empty(3, 5, 4, device="meta")
+    count = torch.empty(5, 4, dtype=torch.int8, device="meta")
+    theta = torch.tensor(0.3, device="meta")
+    spikes, got = spikekernels.target_spikes(value, theta, -8, 7, count, inplace=True)
+    assert got is count and spikes.shape == (3, 5, 4) and spikes.is_meta
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_count_is_fresh_and_input_untouched(gen, device):
     theta = torch.tensor(0.5, device=device)

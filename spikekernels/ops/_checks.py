@@ -4,7 +4,9 @@ Metadata checks (type, dtype, rank, shape, device) are free and run everywhere, 
 included. Checks that read data (a threshold's sign and range, a scale being finite, spikes
 being ternary, state inside its bounds, counts fitting int8) would sync a GPU, so they run on
 CPU tensors always, on a GPU only when the caller asks for validation (``validate=True``), and
-never while torch.compile traces.
+never while torch.compile traces. They run in the Python faces (``spikekernels.ops.<name>``):
+the registered ``torch.ops.spikekernels.<name>`` ops, which a face calls after its checks,
+check metadata only.
 """
 
 from __future__ import annotations
@@ -226,7 +228,9 @@ def check_flag(value: object, name: str) -> None:
 
 
 def may_read_data(t: torch.Tensor, validate: bool) -> bool:
-    """Whether a data-reading check may run: CPU (no sync) or asked for, never while tracing."""
+    """Whether a data-reading check may run: CPU (no sync) or asked for, never while tracing.
+    ``validate`` is the caller's flag: a bool, named if not."""
+    check_flag(validate, "validate")
     if torch.compiler.is_compiling():
         return False
     if isinstance(t, torch._subclasses.fake_tensor.FakeTensor):

@@ -51,8 +51,9 @@ def check_inplace(
 
 
 def _storage(t: torch.Tensor) -> int | None:
-    """``t``'s storage address, or None for an empty tensor or one without real memory."""
-    if type(t) not in (torch.Tensor, torch.nn.Parameter) or t.numel() == 0:
+    """``t``'s storage address, or None for an empty tensor or one without real memory
+    (a meta tensor's address is 0, whatever it is)."""
+    if type(t) not in (torch.Tensor, torch.nn.Parameter) or t.numel() == 0 or t.is_meta:
         return None
     return t.untyped_storage().data_ptr()
 

@@ -154,7 +154,11 @@ def spike_layernorm(
     Accuracy: ``x_acc`` is bit-identical to the reference (the same float32 adds in the same
     order). The outputs are float32 math rounded once to ``x.dtype``; their error against a
     float64 evaluation is within 2x of ``reference.spike_layernorm``'s float32 error (the
-    reductions sum in a different order; sqrt and division are correctly rounded).
+    reductions sum in a different order; sqrt and division are correctly rounded). That
+    holds while the sum of a row's squared deviations is finite in float32 (every
+    ``|x_acc - mean|`` below ``2^64 / sqrt(C)``, far past any model's values); past it no
+    path is accurate and they differ (PyTorch's ``layer_norm`` gives NaN, the kernel the
+    bias).
 
     Bad input: ``TypeError``/``ValueError`` naming the argument (``eps`` must be a real
     number, not a bool or a tensor), before dispatch.

@@ -247,6 +247,9 @@ def spike_layernorm_neuron(
         ``residual_out``: fresh tensors (never aliases of the state given), so chunked time
         (feeding the state back) equals a whole run.
 
+    Accuracy: ``spike_layernorm``'s, within its range (a row's sum of squared deviations
+    finite in float32).
+
     Bad input: ``TypeError``/``ValueError`` naming the argument, before dispatch.
 
     Dispatch (``ops._dispatch.backend_for``): CUDA tensors run the fused Triton kernel;

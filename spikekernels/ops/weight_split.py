@@ -59,6 +59,8 @@ def split_weight_bf16x3(weight: torch.Tensor) -> torch.Tensor:
     sync on a GPU, once per split).
     """
     check_tensor(weight, "weight", dtypes=(torch.float32,), ndim=2)
+    if weight.device.type == "meta":  # shapes only: no data to check
+        return bf16x3_parts(weight)
     if not bool(torch.isfinite(weight).all()):
         raise ValueError("weight must be finite to be split into bf16 parts")
     tiny = (weight != 0) & (weight.abs() < SMALLEST_SPLIT_WEIGHT)
