@@ -435,8 +435,7 @@ def exact_layernorm_neuron(
             these steps (fresh 0).
         branch2_spikes, branch2_threshold, branch2_count: optional second pending branch (the
             later one), as the first; it needs the first.
-        residual_out: also return ``D`` with both branches added (needs ``branch_spikes``;
-            without a branch ``D`` is ``d``).
+        residual_out: also return ``D`` with both branches added (needs ``branch_spikes``).
         inplace: write the new ``count`` into the given one (required, contiguous, sharing
             no memory with an input) and return that same tensor (``ops._inplace``): a state
             at a fixed address, as a CUDA graph replays it. ``branch_count`` and
