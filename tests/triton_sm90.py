@@ -132,8 +132,9 @@ def neuron_cases() -> list[Case]:
                 constexprs,
                 num_warps=neuron.NUM_WARPS,
                 aligned=["numel"],
-                # SPEC.md §2: a correctly rounded division, never the approximate one.
-                ptx_must_contain=["div.rn.f32"],
+                # SPEC.md §2: a correctly rounded division, never the approximate one; the
+                # steps' inputs pipelined (asynchronous copies a few steps ahead)
+                ptx_must_contain=["div.rn.f32", "cp.async"],
                 ptx_must_not_contain=["div.full.f32", "div.approx"],
             )
         )
@@ -1112,10 +1113,13 @@ CASE_FACTORIES = [
 
 def compile_case(case: Case) -> tuple[list[str], str]:
     """Compile one case; return the problems found (empty when fine) and a usage note."""
+    # a launch binds the constexpr parameters it omits to their defaults; ASTSource does not
+    defaults = {p.name: p.default for p in case.kernel.params if p.is_constexpr and p.has_default}
+    constexprs = {**defaults, **case.constexprs}
     src = ASTSource(
         fn=case.kernel,
-        signature=_with_constexprs(case.signature, case.constexprs),
-        constexprs=case.constexprs,
+        signature=_with_constexprs(case.signature, constexprs),
+        constexprs=constexprs,
         attrs=_attrs(case),
     )
     options = {"num_warps": case.num_warps, "num_stages": case.num_stages}
