@@ -752,6 +752,7 @@ def exact_attention_cases() -> list[Case]:
             BLOCK_M=block_m,
             BLOCK_N=block_n,
             BLOCK_D=block_d,
+            D_SLICES=triton.cdiv(64, block_d),
             LOG2_N=block_n.bit_length() - 1,
             **ea.key_codes(block_n, num_warps),
         )
@@ -800,6 +801,7 @@ def exact_attention_cases() -> list[Case]:
             BLOCK_M=block_m,
             BLOCK_N=block_n,
             BLOCK_D=block_d,
+            D_SLICES=triton.cdiv(64, block_d),
             BLOCK_DV=block_dv,
             LOG2_N=block_n.bit_length() - 1,
             **ea.key_codes(block_n, num_warps),

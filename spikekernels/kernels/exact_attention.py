@@ -142,15 +142,18 @@ MAX_KEYS = 256
 MAX_HEAD_DIM = 64
 
 # (BLOCK_M, BLOCK_D, num_warps) of the scores kernel on a GPU: 256 keys x 16 query rows keep
-# S^T, the count and the softmax's temporaries in registers at 8 warps (236-254 registers, no
+# S^T, the count and the softmax's temporaries in registers at 8 warps (230-255 registers, no
 # spill; 64 query rows spilled 4 KB a thread, 32 rows 1 KB), and a 32-wide slice of the head
-# dim (int8 wgmma's K) keeps the [256, 32] key tiles small. The keys are the wgmma's M (two
-# warpgroups of 128), the 16 queries its N. tests/triton_sm90.py records the register
-# counts. Untuned on hardware so far.
+# dim (int8 wgmma's K) keeps the [256, 32] key tiles small. On running counts the slices are
+# unrolled (D_SLICES), so Triton pipelines the step loop itself: the next steps' K and Q load
+# asynchronously while a step computes (about 70 KB of shared memory, which the one program
+# an SM its registers allow has). The keys are the wgmma's M (two warpgroups of 128), the 16
+# queries its N. tests/triton_sm90.py records the register counts. Untuned on hardware.
 _PROBS_GPU = (16, 32, 8)
 # The default and the alternatives that compile without a spill in the fused kernel (a 64-wide
-# head-dim slice: one dot a step), for bench/bench_tiles.py; tests/triton_sm90.py compiles
-# each. (16 query rows at 4 or 16 warps, or 32 rows, spill; a 16-wide slice does not compile.)
+# head-dim slice: one dot a step; the spike-form scores kernel spills 36 B at it), for
+# bench/bench_tiles.py; tests/triton_sm90.py compiles each. (16 query rows at 4 or 16 warps,
+# or 32 rows, spill; a 16-wide slice does not compile.)
 TILE_CANDIDATES = [_PROBS_GPU, (16, 64, 8)]
 # (BLOCK_M, BLOCK_K, num_warps) of the context kernel on a GPU: 64 rows x 64 channels
 # (a Hopper wgmma per warpgroup), keys in slices of 64.
@@ -369,11 +372,14 @@ def _changed(now, last):
 def scores_of_counts(
     q_ptr, k_ptr, offs_m, offs_n, offs_d, mask_m, mask_n, D, stride_qm, stride_qd, stride_kn,
     stride_kd, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    D_SLICES: tl.constexpr,
 ):  # fmt: skip
     """``S^T = K_t @ Q_t^T`` (``[keys, queries]`` int32, exact) of this step's running counts
-    (``COUNTS_IN``), dense, over the head dim in ``BLOCK_D`` slices."""
+    (``COUNTS_IN``), dense, over the head dim in ``D_SLICES`` slices of ``BLOCK_D``."""
     s = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.int32)
-    for d0 in range(0, D, BLOCK_D):
+    # unrolled (the slice count is a constant): with no loop inside the caller's step loop,
+    # Triton pipelines that one, loading the next steps' K and Q while a step computes
+    for d0 in tl.static_range(0, D_SLICES * BLOCK_D, BLOCK_D):
         ds = d0 + offs_d
         k_cnt = tl.load(
             k_ptr + (offs_n[:, None] * stride_kn + ds[None, :] * stride_kd),
@@ -428,6 +434,7 @@ def exact_attention_probs_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    D_SLICES: tl.constexpr,  # cdiv(D, BLOCK_D), for COUNTS_IN's unrolled slices
     LOG2_N: tl.constexpr,
     KEY_PERM: tl.constexpr,  # key_order's codes: tile row p holds key permuted_rows(p)
     KEY_TREE: tl.constexpr,
@@ -497,7 +504,7 @@ def exact_attention_probs_kernel(
         if COUNTS_IN:
             s_now = scores_of_counts(
                 q_ptr, k_ptr, offs_m, offs_n, offs_d, mask_m, mask_n, D, stride_qm, stride_qd,
-                stride_kn, stride_kd, BLOCK_M, BLOCK_N, BLOCK_D,
+                stride_kn, stride_kd, BLOCK_M, BLOCK_N, BLOCK_D, D_SLICES,
             )  # fmt: skip
             moved = _changed(s_now, s)
             s = s_now
@@ -796,6 +803,7 @@ def exact_attention_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    D_SLICES: tl.constexpr,  # cdiv(D, BLOCK_D): the scores' slices, unrolled
     BLOCK_DV: tl.constexpr,
     LOG2_N: tl.constexpr,
     KEY_PERM: tl.constexpr,  # key_order's codes: tile row p holds key permuted_rows(p)
@@ -858,7 +866,7 @@ def exact_attention_kernel(
     for _ in range(T):
         s_now = scores_of_counts(
             q_ptr, k_ptr, offs_m, offs_n, offs_d, mask_m, mask_n, D, stride_qm, stride_qd,
-            stride_kn, stride_kd, BLOCK_M, BLOCK_N, BLOCK_D,
+            stride_kn, stride_kd, BLOCK_M, BLOCK_N, BLOCK_D, D_SLICES,
         )  # fmt: skip
         if (_changed(s_now, s) | attn_fired) != 0:
             sigma, attn_fired = _attention_neuron(
@@ -1058,6 +1066,7 @@ def exact_attention_probs_triton(
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_D=block_d,
+        D_SLICES=triton.cdiv(d, block_d),
         LOG2_N=block_n.bit_length() - 1,
         **key_codes(block_n, num_warps),
         num_warps=num_warps,
@@ -1235,6 +1244,7 @@ def exact_attention_triton(
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_D=block_d,
+        D_SLICES=triton.cdiv(d, block_d),
         BLOCK_DV=block_dv,
         LOG2_N=block_n.bit_length() - 1,
         **key_codes(block_n, num_warps),
