@@ -41,6 +41,18 @@ TINY = dict(level=8, depth=1, patch_size=4, embed_dim=16, num_heads=2)
 pytestmark = CPU_PASS_ONLY
 
 RUN = dict(max_steps=24, chunk=8, batch_size=16, progress=False)
+# The QANN's MACs per image of TINY on 8x8 digits, by hand: 4x4 patches, N = 5 tokens,
+# D = 16, hidden 64, 10 classes.
+TINY_MACS = {
+    "patch_embed.proj.0": 4 * 16 * 16,
+    "blocks.0.attn.qkv": 5 * 48 * 16,
+    "blocks.0.attn.proj": 5 * 16 * 16,
+    "blocks.0.attn.scores": 5 * 5 * 16,
+    "blocks.0.attn.context": 5 * 5 * 16,
+    "blocks.0.mlp.fc1": 5 * 64 * 16,
+    "blocks.0.mlp.fc2.0": 5 * 16 * 64,
+    "head": 10 * 16,
+}
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
@@ -195,6 +207,35 @@ def test_every_norm_and_softmax_is_charged(gen, exact):
     counter.close()
 
 
+def test_counter_batches_are_independent(gen):
+    """Exact mode's neurons emit running counts (``counts_out``), whose spikes the counter
+    takes as differences from the count after the last step it saw: each ``counting()`` block
+    is a fresh run from count 0, so one counter over two batches counts what two counters,
+    one per batch, count together."""
+    qann = quant_vit_tiny(**TINY)
+    quantize_weights(qann, bits=8)
+    x = torch.randn(4, 1, 8, 8, generator=gen)
+    calibrate(qann, x)
+    snn = spikekernels.convert(qann.eval())
+    assert any(getattr(m, "counts_out", False) for m in snn.modules())
+
+    def count(counter, images):
+        with counter.counting():
+            snn(images, max_steps=24, chunk=8)
+
+    both = sops.SpikeCounter(snn, 24)
+    count(both, x[:2])
+    count(both, x[2:])
+    both.close()
+    one, two = sops.SpikeCounter(snn, 24), sops.SpikeCounter(snn, 24)
+    count(one, x[:2])
+    count(two, x[2:])
+    one.close()
+    two.close()
+    assert one.spikes.sum() > 0 and two.spikes.sum() > 0
+    assert torch.equal(both.spikes, one.spikes + two.spikes)
+
+
 def test_count_per_step_paths():
     """Every CPU strategy (small, row-sum, per-row; int8 and float views) counts the same."""
     gen = torch.Generator().manual_seed(0)
@@ -218,18 +259,8 @@ def test_energy_and_qann_macs_by_hand():
         qann_dense=0,
     )  # fmt: skip
     assert int8["snn_over_qann"] == pytest.approx(77 * 0.03 / 23)
-    # quant_vit_tiny, depth 1, 4x4 patches of 8x8: N = 5 tokens, D = 16, hidden 64, 10 classes.
     macs, dense = sops.profile_qann(quant_vit_tiny(**TINY).eval(), torch.zeros(1, 1, 8, 8))
-    assert macs == {
-        "patch_embed.proj.0": 4 * 16 * 16,
-        "blocks.0.attn.qkv": 5 * 48 * 16,
-        "blocks.0.attn.proj": 5 * 16 * 16,
-        "blocks.0.attn.scores": 5 * 5 * 16,
-        "blocks.0.attn.context": 5 * 5 * 16,
-        "blocks.0.mlp.fc1": 5 * 64 * 16,
-        "blocks.0.mlp.fc2.0": 5 * 16 * 64,
-        "head": 10 * 16,
-    }
+    assert macs == TINY_MACS
     assert dense["blocks.0.attn.softmax"] == 2 * 5 * 5 * 5
     assert dense["blocks.0.norm1.0"] == 5 * 16 * 5
 
@@ -246,10 +277,19 @@ def test_counter_needs_fanouts():
 
 
 def _check_results(r: dict, images: int) -> None:
+    """A run of TINY on ``images`` digits: the figures agree with each other, with the settle
+    histogram (an image silent at step ``s`` ran steps ``0 .. s-1``) and with the QANN's MACs
+    per image by hand."""
     assert r["images"] == images
     assert r["snn_top1"] == r["snn_top1_per_step"][-1]
     assert len(r["snn_top1_per_step"]) == r["steps_to_silence"]["max"]
-    assert sum(r["steps_to_silence"]["histogram"].values()) == images
+    hist = r["steps_to_silence"]["histogram"]
+    assert sum(hist.values()) == images
+    steps = sum(int(s) * n for s, n in hist.items())
+    assert r["steps_to_silence"]["mean"] == pytest.approx(steps / images)
+    dense = r["snn_dense_ops"]["per_layer"].values()
+    assert all(v["ops"] == v["elements_per_step"] * v["ops_per_element"] * steps for v in dense)
+    assert r["qann_macs"]["per_layer"] == {k: v * images for k, v in TINY_MACS.items()}
     assert r["agreement"] >= 0.9
     layers = r["sops"]["per_layer"]
     assert r["sops"]["total"] == sum(v["sops"] for v in layers.values()) > 0
@@ -263,11 +303,16 @@ def _check_results(r: dict, images: int) -> None:
 
 
 def test_digits_end_to_end(trained, tmp_path):
+    """Batches of 5 (the last of 2) fall silent at different steps: a batch that settles
+    early keeps its final answer in the later steps of the per-step accuracy (whose last
+    entry ``_check_results`` compares with the final top-1)."""
     out = tmp_path / "out"
     r = spikekernels.evaluate(
-        str(trained), "digits", limit=32, out=out, parity=True, parity_images=2, **RUN
-    )
+        str(trained), "digits", limit=32, out=out, parity=True, parity_images=2,
+        **{**RUN, "batch_size": 5},
+    )  # fmt: skip
     _check_results(r, 32)
+    assert len(r["steps_to_silence"]["histogram"]) > 1
     assert r["parity"]["images"] == 2 and "blocks.0.attn.quan_q" in r["parity"]["table"]
     # well above chance (0.1): images and labels go together; the figure itself moves with
     # the float order of the fixture's training (threads), so no tighter bound
@@ -407,7 +452,18 @@ def _to_timm(state: dict) -> dict:
 
 
 def test_float_checkpoint_maps_and_calibrates(tmp_path):
+    """A timm float ViT's keys land on QuantViT's, each weight on its own module: the final
+    ``norm`` of a class-token ViT and the ``fc_norm`` of a globally pooled one alike."""
     torch.manual_seed(0)
+    for global_pool in (False, True):
+        qann = QuantViT(img_size=8, in_chans=1, num_classes=10, global_pool=global_pool, **TINY)
+        state = {k: v for k, v in qann.state_dict().items() if not k.endswith(".s")}
+        timm = _to_timm(state)
+        final = "fc_norm" if global_pool else "norm"
+        assert f"{final}.weight" in timm and f"{final}.0.weight" in state
+        mapped = float_to_quant_state_dict(timm, qann)
+        assert sorted(mapped) == sorted(state)
+        assert all(torch.equal(mapped[k], v) for k, v in state.items())
     timm = _to_timm(quant_vit_tiny(level=8).state_dict())  # the preset's own architecture
     assert "blocks.0.mlp.fc2.weight" in timm and "norm.weight" in timm
     mapped = float_to_quant_state_dict(timm, quant_vit_tiny(level=8))

@@ -34,7 +34,7 @@ def _as64(t):
     return None if t is None else t.cpu().to(torch.float64)
 
 
-def _assert_within_2x(got, x, weight, bias, x_acc=None, y_prev=None):
+def _assert_within_2x(got, x, weight, bias, x_acc=None, y_prev=None, eps=EPS):
     """flash-attention style: ``|got - f64| <= 2 |ref32 - f64| + a few float32 ulps``, for the
     output and the outgoing ``y_prev``; ``x_acc`` bit-exact. Every element is compared."""
     out, x_acc_out, y_prev_out = (t.cpu() for t in got)
@@ -43,9 +43,9 @@ def _assert_within_2x(got, x, weight, bias, x_acc=None, y_prev=None):
     b32 = None if bias is None else bias.to(torch.float32)
     x_acc = None if x_acc is None else x_acc.cpu()
     y_prev = None if y_prev is None else y_prev.cpu()
-    ref32 = reference.spike_layernorm(x, w32, b32, EPS, x_acc, y_prev)
+    ref32 = reference.spike_layernorm(x, w32, b32, eps, x_acc, y_prev)
     ref64 = reference.spike_layernorm(
-        x.to(torch.float64), weight, bias, EPS, _as64(x_acc), _as64(y_prev), dtype=torch.float64
+        x.to(torch.float64), weight, bias, eps, _as64(x_acc), _as64(y_prev), dtype=torch.float64
     )
     assert out.dtype == x.dtype and out.shape == x.shape
     assert x_acc_out.dtype == y_prev_out.dtype == torch.float32
@@ -216,17 +216,22 @@ def test_torch_compile_fullgraph(gen):
 
 
 class TestSpikeLayerNormModule:
-    def test_from_layernorm_copies_eps_and_chunks_equal_whole(self, gen):
-        ln = torch.nn.LayerNorm(40, eps=1e-6)
+    @pytest.mark.parametrize("eps", [1e-6, 1e-3])
+    def test_from_layernorm_copies_eps_and_chunks_equal_whole(self, gen, eps):
+        """eps is the QANN LayerNorm's (the ViT's 1e-6, or any other), not a constant: the
+        outputs are checked against the reference at that eps (1e-3 moves them far more than
+        the tolerance)."""
+        ln = torch.nn.LayerNorm(40, eps=eps)
         with torch.no_grad():
             ln.weight.copy_(torch.randn(40, generator=gen))
             ln.bias.copy_(torch.randn(40, generator=gen))
         x = _inputs(gen, 7, (2, 3), 40)
         whole, chunked = SpikeLayerNorm.from_layernorm(ln), SpikeLayerNorm.from_layernorm(ln)
-        assert whole.eps == 1e-6, "eps is the QANN's, not the official SNN code's 1e-5"
+        assert whole.eps == eps, "eps is the QANN's, not the official SNN code's 1e-5"
         out = whole(x)
         assert torch.equal(torch.cat([chunked(c) for c in x.split([3, 4])]), out)
-        _assert_within_2x((out, whole.x_acc, whole.y_prev), x, ln.weight.detach(), ln.bias.detach())
+        w, b = ln.weight.detach(), ln.bias.detach()
+        _assert_within_2x((out, whole.x_acc, whole.y_prev), x, w, b, eps=eps)
 
     def test_reset_and_no_affine(self, gen):
         norm = SpikeLayerNorm.from_layernorm(torch.nn.LayerNorm(16, elementwise_affine=False))

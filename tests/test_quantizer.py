@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import assert_same_bits
+from conftest import CPU_PASS_ONLY, assert_same_bits
 
 from spikekernels import reference
 from spikekernels.models import calibrate, quant_vit_tiny
@@ -198,3 +198,40 @@ def test_bad_step_is_rejected():
 def test_level_below_two_is_rejected():
     with pytest.raises(ValueError, match="level"):
         Quantizer(1, True)
+
+
+@CPU_PASS_ONLY
+@pytest.mark.parametrize("signed", [True, False])
+@pytest.mark.parametrize("step", [0.125, 2.0])
+def test_calibration_finds_a_step_that_fills_the_bounds(gen, signed, step):
+    """The grid's last candidate is the full-range step itself (k = 64 of 64): data on the
+    integer grid of that step, reaching both bounds, quantize losslessly with it, while every
+    smaller candidate clamps an extreme. Power-of-two steps keep every product and quotient
+    exact."""
+    q = Quantizer(4, signed)
+    x = torch.randint(q.n_min, q.p_max + 1, (50,), generator=gen).to(torch.float32)
+    x[:2] = torch.tensor([q.n_min, q.p_max], dtype=torch.float32)
+    x *= step
+    got = q.calibrate_step(x)
+    assert got.item() == step
+    q.set_step(got)
+    assert torch.equal(q(x).detach(), x)
+
+
+@CPU_PASS_ONLY
+@pytest.mark.parametrize("level", [8, 16])
+def test_signed_calibration_covers_the_negative_side(gen, level):
+    """A signed quantizer's range is measured on both sides: when ``min / n_min`` exceeds
+    ``max / p_max`` (the negative side dominates), the calibrated step covers the negative
+    extreme. On data that is the integers ``n_min .. 1`` times a step, that step is lossless
+    and every smaller candidate clamps ``n_min``."""
+    q = Quantizer(level, True)
+    step = 0.25
+    x = torch.randint(q.n_min, 2, (60,), generator=gen).to(torch.float32)
+    x[:2] = torch.tensor([q.n_min, 1.0])
+    x *= step
+    assert x.min() / q.n_min > x.max() / q.p_max, "the negative side must dominate"
+    got = q.calibrate_step(x)
+    assert got.item() == step
+    q.set_step(got)
+    assert torch.equal(q(x).detach(), x)

@@ -11,6 +11,7 @@ from conftest import DEVICES, assert_same_bits
 import spikekernels
 from spikekernels import reference
 from spikekernels.nn import SpikeMatmul
+from spikekernels.nn.spike_matmul import RunningSpikeMatmul
 from spikekernels.ops.spike_matmul import spike_matmul_torch
 
 # The module, which the function of the same name shadows as an attribute of spikekernels.ops.
@@ -178,6 +179,28 @@ def test_module_owns_its_running_counts(gen, device):
     module.reset()
     assert module.a_acc is None and module.b_acc is None
     assert_same_bits(module(a, b), want[0], "out after reset")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_running_module_product_and_reset(gen, device):
+    """``RunningSpikeMatmul`` emits ``A_t @ B_t`` of the running counts (checked against an
+    int64 matmul of the cumulative sums), chunk by chunk, and ``reset()`` clears all of its
+    state, the running product included: the next input starts from zero, as in a fresh
+    module."""
+    T, batch, m, k, n = 6, (2,), 5, 24, 3
+    a = _spikes(gen, T, batch, m, k, group_dim=-2).to(device)
+    b = _spikes(gen, T, batch, k, n, group_dim=-1).to(device)
+    want = torch.cumsum(a.cpu().long(), 0) @ torch.cumsum(b.cpu().long(), 0)
+    module = RunningSpikeMatmul().to(device)
+    first = torch.cat([module(a_c, b_c) for a_c, b_c in zip(a.split(4), b.split(4), strict=True)])
+    assert first.dtype == torch.int32 and torch.equal(first.cpu().long(), want)
+    module.reset()
+    assert module.a_acc is None and module.b_acc is None and module.product is None
+    a2 = _spikes(gen, T, batch, m, k, group_dim=-2).to(device)
+    b2 = _spikes(gen, T, batch, k, n, group_dim=-1).to(device)
+    want2 = torch.cumsum(a2.cpu().long(), 0) @ torch.cumsum(b2.cpu().long(), 0)
+    assert torch.equal(module(a2, b2).cpu().long(), want2)
+    assert_same_bits(module.product, RunningSpikeMatmul().to(device)(a2, b2)[-1], "product")
 
 
 @pytest.mark.parametrize("device", DEVICES)
