@@ -266,6 +266,29 @@ def test_every_backend_records(gen, name, backend):
     assert torch.equal(active, _fired(out[0]))
 
 
+@pytest.mark.parametrize("backend", [None, "triton", "cpp", "torch", "reference"])
+def test_counts_out_flags_start_from_the_incoming_count(gen, backend):
+    """``exact_linear(counts_out=True)`` with an incoming count: the flags are the steps where
+    the count moved, from that count on (the first step's spikes are its count less the
+    incoming one, not less 0). A silent input and bias 0.5 / threshold 0.25: every neuron's
+    target is 2; sample 0 comes in at 2 and never fires, sample 1 comes in at 0 and fires at
+    steps 0 and 1 (counts 1, 2), then rests."""
+    t, b, k, n = 3, 2, 6, 4
+    s = torch.zeros(t, b, k, dtype=torch.int8)
+    w = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)
+    count = torch.zeros(b, n, dtype=torch.int8)
+    count[0] = 2
+    args = (s, w, torch.full((n,), 0.01), torch.full((n,), 0.5), torch.tensor(0.5))
+    active = torch.zeros(t, b, dtype=torch.int32)
+    with force_backend(backend):
+        counts, _ = exact_linear(
+            *args, torch.tensor(0.25), -8, 7, None, count, active=active, counts_out=True
+        )
+    want_counts = torch.tensor([[2, 1], [2, 2], [2, 2]], dtype=torch.int8)
+    assert torch.equal(counts, want_counts[..., None].expand(t, b, n))
+    assert torch.equal(active, torch.tensor([[0, 1], [0, 1], [0, 0]], dtype=torch.int32))
+
+
 @pytest.mark.parametrize("backend", ["triton", "cpp", "torch", "reference"])
 @pytest.mark.parametrize(("theta", "scale"), [(1e-8, 1e-6), (0.3, 0.6)])
 def test_float_out_flags_come_from_sigma(gen, backend, theta, scale):

@@ -8,6 +8,7 @@ import threading
 
 import pytest
 import torch
+from conftest import CPU_PASS_ONLY
 
 from spikekernels.ops._dispatch import backend_for, force_backend
 
@@ -87,3 +88,34 @@ def test_compiled_code_refuses_a_forced_backend(monkeypatch):
     with force_backend("reference"):
         assert torch.equal(partial(x), want)
     assert calls, "the forced backend must run"
+
+
+@CPU_PASS_ONLY
+def test_a_forced_backend_that_cannot_run_falls_back_to_torch():
+    """A forced backend the op lacks, or one that cannot run on the tensor (Triton on a CPU
+    tensor without the interpreter, the extension's kernel where the op has none for the
+    device), gives ``"torch"``: never another kernel family, never a failing launch."""
+    x = torch.zeros(1)
+    with force_backend("triton"):
+        assert backend_for(x, AVAILABLE) == "torch"
+        assert backend_for(x, ("triton", "torch")) == "torch"
+    with force_backend("cpp"):
+        assert backend_for(x, ("cpp", "torch"), cpp_devices=()) == "torch"
+        assert backend_for(x, ("triton", "torch")) == "torch"  # the op has no "cpp"
+    with force_backend("torch"):
+        assert backend_for(x, ("triton", "cpp")) == "torch"
+
+
+@CPU_PASS_ONLY
+def test_an_op_under_a_forced_backend_it_cannot_run_gives_the_default_result(gen):
+    """Through an op: ``force_backend("triton")`` / ``("cpp")`` on a CPU tensor without the
+    interpreter runs the op (on PyTorch) and gives the default result, bit for bit."""
+    from spikekernels import ops
+
+    x, theta = torch.randn(3, 2, 8, generator=gen), torch.tensor(0.5)
+    want = ops.target_spikes(x, theta, -4, 3)
+    for name in ("triton", "cpp"):
+        with force_backend(name):
+            got = ops.target_spikes(x, theta, -4, 3)
+        for g, w in zip(got, want, strict=True):
+            assert torch.equal(g, w), name

@@ -214,6 +214,21 @@ def test_softmax_rows_within_the_float_tolerance(gen):
     assert ours <= 2 * max(torchs, 2**-24), (ours, torchs)
 
 
+@CPU_PASS_ONLY
+def test_softmax_rows_masks_minus_inf():
+    """``-inf`` scores are masked out: their probability is exactly 0, a row with one finite
+    entry gives exactly 1 there, and a fully ``-inf`` row gives zeros (documented), never
+    NaN (its max, -inf, minus itself would be)."""
+    inf = float("inf")
+    z = torch.tensor([[-inf, -inf, -inf, -inf], [-inf, 3.0, -inf, -inf], [0.0, 1.0, -inf, 2.0]])
+    got = softmax_rows(z)
+    assert not got.isnan().any()
+    assert torch.equal(got[:2], torch.tensor([[0.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0]]))
+    assert got[2, 2].item() == 0.0
+    want = torch.softmax(torch.tensor([0.0, 1.0, 2.0], dtype=torch.float64), dim=0)
+    torch.testing.assert_close(got[2, [0, 1, 3]].double(), want, rtol=0, atol=2**-22)
+
+
 def test_int_matmul_refuses_sums_past_int32(gen):
     """Int8 by int8 sums fit int32 up to INT32_MAX_TERMS terms; one more is refused by name,
     not saturated (the exact QANN's linears call it with their K)."""

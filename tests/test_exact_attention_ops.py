@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DEVICES, TRITON_DEVICES, assert_same_bits
+from conftest import CPU_PASS_ONLY, DEVICES, TRITON_DEVICES, assert_same_bits
 
 from spikekernels import exact_math, reference
 from spikekernels.kernels import TRITON_AVAILABLE
@@ -16,7 +16,7 @@ from spikekernels.nn.exact_attention import ExactAttentionProbs, ExactContext
 from spikekernels.nn.exact_layers import ExactSoftmax
 from spikekernels.nn.spike_matmul import RunningSpikeMatmul
 from spikekernels.nn.target_neuron import TargetNeuron
-from spikekernels.ops import exact_attention_probs, exact_context
+from spikekernels.ops import exact_attention, exact_attention_probs, exact_context
 from spikekernels.ops._dispatch import force_backend
 from spikekernels.ops.exact_attention import MAX_CONTRACTION
 
@@ -383,6 +383,19 @@ BAD_PROBS = [
     ("threshold 2", dict(threshold=torch.ones(2)), ValueError, "threshold must have exactly"),
     ("threshold <= 0", dict(threshold=torch.tensor(-1.0)), ValueError, "threshold must be"),
     ("threshold int", dict(threshold=torch.tensor(1)), TypeError, "threshold must have dtype"),
+    # running counts (counts_in) skip the spike checks, never the scalars' values
+    (
+        "threshold <= 0, counts in",
+        dict(threshold=torch.tensor(-1.0), counts_in=True),
+        ValueError,
+        "threshold must be",
+    ),
+    (
+        "gain nan, counts in",
+        dict(gain=torch.tensor(float("nan")), counts_in=True),
+        ValueError,
+        "gain must be positive",
+    ),
     ("bounds inverted", dict(n_min=3, p_max=-4), ValueError, "n_min=3 > p_max=-4"),
     ("int8 overflow", dict(p_max=255), ValueError, "int8 count would overflow"),
     ("p_max float", dict(p_max=15.0), TypeError, "p_max must be an int"),
@@ -646,6 +659,30 @@ def _good_context() -> dict:
     )
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_context_value_rounds_in_the_documented_order(device):
+    """``y = fl32(fl32(theta_a * theta_v) * fl32(Z))`` (SPEC.md §9.2), in that order: an
+    element where it lands exactly on a rounding boundary of the neuron (y / theta = 2.5,
+    target 3) and the other order, ``theta_a * (theta_v * Z)``, one float32 ulp below it
+    (target 2). Running counts A = 1, V = 3 at every step: Z = 3, and the neuron, moving one
+    level a step from 0, settles at the documented order's target."""
+    f32 = torch.float32
+    theta_a, theta_v = torch.tensor(1 / 15, dtype=f32), torch.tensor(0.1234, dtype=f32)
+    threshold = torch.tensor(0.009872001595795155, dtype=f32)  # a float32, exactly
+    z = torch.tensor(3.0)
+    documented = torch.floor((theta_a * theta_v) * z / threshold + 0.5)
+    other = torch.floor(theta_a * (theta_v * z) / threshold + 0.5)
+    assert (documented.item(), other.item()) == (3.0, 2.0)  # the premise
+    a = torch.ones(8, 1, 1, 1, dtype=torch.int8, device=device)
+    v = torch.full((8, 1, 1, 1), 3, dtype=torch.int8, device=device)
+    spikes, count = exact_context(
+        a, v, *(t.to(device) for t in (theta_a, theta_v, threshold)), *CTX_BOUNDS,
+        counts_in=True,
+    )  # fmt: skip
+    assert count.flatten().tolist() == [3]
+    assert spikes.flatten().tolist() == [1, 1, 1, 0, 0, 0, 0, 0]
+
+
 BAD_CONTEXT = [
     ("T == 0", dict(a=torch.zeros(0, 3, 4, 5, dtype=torch.int8)), ValueError, "T == 0"),
     ("a float", dict(a=torch.zeros(2, 3, 4, 5)), TypeError, "a must have dtype"),
@@ -656,6 +693,12 @@ BAD_CONTEXT = [
     ("theta_a zero", dict(theta_a=torch.tensor(0.0)), ValueError, "theta_a must be positive"),
     ("theta_v 2", dict(theta_v=torch.ones(2)), ValueError, "theta_v must have exactly one"),
     ("theta_v int", dict(theta_v=torch.tensor(1)), TypeError, "theta_v must have dtype"),
+    (
+        "theta_v negative, counts in",
+        dict(theta_v=torch.tensor(-0.5), counts_in=True),
+        ValueError,
+        "theta_v must be positive",
+    ),
     ("threshold inf", dict(threshold=torch.tensor(float("inf"))), ValueError, "threshold"),
     ("threshold subnormal", dict(threshold=torch.tensor(1e-40)), ValueError, "normal"),
     ("bounds inverted", dict(n_min=1, p_max=0), ValueError, "bounds"),
@@ -902,6 +945,61 @@ def test_inplace_bad_input_is_rejected(case, op, bad, error, words):
         fn(**bad(_inplace_good(op)))
 
 
+def _attention_states_in_one_buffer(gen, gap: int):
+    """Running counts of q, k, v for ``ops.exact_attention`` (T=3, 2 heads, M=4, D=8, N=5,
+    DV=6) and both neurons' incoming counts (inside their bounds) as views of one int8 buffer:
+    ``attn_count`` first, ``count`` ``gap`` bytes after its end (negative: overlapping it)."""
+    t, h, m, d, n, dv = 3, 2, 4, 8, 5, 6
+    args = dict(
+        q=torch.randint(-3, 4, (t, h, m, d), generator=gen, dtype=torch.int8),
+        k_t=torch.randint(-3, 4, (t, h, d, n), generator=gen, dtype=torch.int8),
+        v=torch.randint(-3, 4, (t, h, n, dv), generator=gen, dtype=torch.int8),
+        gain=torch.tensor(0.05),
+        attn_threshold=torch.tensor(0.07),
+        attn_n_min=ATTN_BOUNDS[0],
+        attn_p_max=ATTN_BOUNDS[1],
+        theta_a=torch.tensor(0.07),
+        theta_v=torch.tensor(0.5),
+        threshold=torch.tensor(0.05),
+        n_min=CTX_BOUNDS[0],
+        p_max=CTX_BOUNDS[1],
+    )
+    na, nc = h * m * n, h * m * dv
+    buf = torch.zeros(na + max(gap, 0) + nc, dtype=torch.int8)
+    attn_count = buf[:na].view(h, m, n)
+    count = buf[na + gap : na + gap + nc].view(h, m, dv)
+    if gap >= 0:  # valid incoming counts (overlapping views keep the zeros: also valid)
+        attn_count.copy_(torch.randint(*ATTN_BOUNDS, (h, m, n), generator=gen))
+        count.copy_(torch.randint(*CTX_BOUNDS, (h, m, dv), generator=gen))
+    return args, attn_count, count
+
+
+@CPU_PASS_ONLY
+def test_attention_states_packed_back_to_back_are_taken(gen):
+    """``exact_attention(inplace=True)`` with its two states adjacent in one buffer (packed
+    back to back, no byte shared) takes them, and writes what separate buffers get."""
+    args, attn_count, count = _attention_states_in_one_buffer(gen, 0)
+    incoming = torch.cat([attn_count.flatten(), count.flatten()])
+    separate = attn_count.clone(), count.clone()
+    want = exact_attention(**args, attn_count=separate[0], count=separate[1], inplace=True)
+    got = exact_attention(**args, attn_count=attn_count, count=count, inplace=True)
+    assert got[1] is attn_count and got[2] is count
+    for name, g, w in zip(("spikes", "attn_count", "count"), got, want, strict=True):
+        assert_same_bits(g, w, name)
+    assert not torch.equal(torch.cat([attn_count.flatten(), count.flatten()]), incoming)
+
+
+@CPU_PASS_ONLY
+def test_attention_states_sharing_memory_are_refused(gen):
+    """``exact_attention(inplace=True)`` with ``attn_count`` and ``count`` overlapping in one
+    buffer is refused by name: the kernel would write one state over the other."""
+    args, attn_count, count = _attention_states_in_one_buffer(gen, -4)
+    before = attn_count.clone(), count.clone()
+    with pytest.raises(ValueError, match="shares memory"):
+        exact_attention(**args, attn_count=attn_count, count=count, inplace=True)
+    assert torch.equal(attn_count, before[0]) and torch.equal(count, before[1])
+
+
 @pytest.mark.parametrize("op", _OPS)
 def test_inplace_opcheck(gen, op):
     make, _, _, operands = _OPS[op]
@@ -926,6 +1024,33 @@ def test_past_the_fused_tiles(gen, device):
     _assert_same(_run_probs(probs), _reference_probs(probs), PROBS_NAMES)
     context = _context_case(gen, 3, (1,), 5, 9, 70, state=True, device=device)
     _assert_same(_run_context(context), _reference_context(context), CONTEXT_NAMES)
+
+
+@CPU_PASS_ONLY
+def test_the_contraction_goes_up_to_its_limit(gen):
+    """Both products take a contraction (head dim D, keys N) of ``MAX_CONTRACTION`` (65535,
+    the documented limit), with the reference's result, and refuse one more by name. (Tiny
+    other dims: the limit is the only large one.)"""
+    k = MAX_CONTRACTION
+    x = torch.randint(-1, 2, (2, 1, 2, k + 1), generator=gen, dtype=torch.int8)
+    y = torch.randint(-1, 2, (2, 1, k + 1, 3), generator=gen, dtype=torch.int8)
+    probs = dict(gain=torch.tensor(2e-3), threshold=torch.tensor(0.07))
+    context = dict(theta_a=torch.tensor(0.07), theta_v=torch.tensor(0.5 / 256))
+    context["threshold"] = torch.tensor(0.02)
+    _assert_same(
+        _run_probs(dict(probs, q=x[..., :k], k_t=y[..., :k, :])),
+        _reference_probs(dict(probs, q=x[..., :k], k_t=y[..., :k, :])),
+        PROBS_NAMES,
+    )
+    _assert_same(
+        _run_context(dict(context, a=x[..., :k], v=y[..., :k, :])),
+        _reference_context(dict(context, a=x[..., :k], v=y[..., :k, :])),
+        CONTEXT_NAMES,
+    )
+    with pytest.raises(ValueError, match=f"K={k + 1}.*keep it exact"):
+        _run_probs(dict(probs, q=x, k_t=y))
+    with pytest.raises(ValueError, match=f"K={k + 1}.*keep it exact"):
+        _run_context(dict(context, a=x, v=y))
 
 
 def test_slabs_past_int32_offsets_take_the_pytorch_path():

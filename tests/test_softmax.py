@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_same_bits
+from conftest import CPU_PASS_ONLY, assert_same_bits
 
 import spikekernels
 from spikekernels import reference
@@ -277,6 +277,29 @@ def test_torch_path_matches_oracle(gen, n, with_state):
     assert_same_bits(torch.cat([first[0], second[0]]), got[0], "out")
     assert_same_bits(second[1], got[1], "x_acc")
     assert_same_bits(second[2], got[2], "y_prev")
+
+
+@CPU_PASS_ONLY
+def test_cpu_default_runs_the_cpp_kernel(gen, monkeypatch):
+    """On a CPU tensor, by default, the op runs the C++ kernel (as documented), never the
+    slower PyTorch path: the PyTorch path made to fail is not called, and the result is the
+    C++ op's, bit for bit."""
+    from spikekernels._extension import HAS_EXTENSION
+    from spikekernels.ops import softmax
+
+    if not HAS_EXTENSION:
+        pytest.skip("the C++ extension is not built: the PyTorch path is the CPU default")
+
+    def fail(*args, **kwargs):
+        raise AssertionError("spike_softmax_torch ran on CPU with the extension present")
+
+    monkeypatch.setattr(softmax, "spike_softmax_torch", fail)
+    x = _inputs(gen, 3, (4,), 33)
+    x_acc, y_prev = _state(gen, (4,), 33)
+    got = spikekernels.spike_softmax(x, x_acc, y_prev)
+    want = torch.ops.spikekernels.spike_softmax(x, x_acc, y_prev)
+    for name, g, w in zip(("out", "x_acc", "y_prev"), got, want, strict=True):
+        assert_same_bits(g, w, name)
 
 
 @pytest.mark.parametrize("backend", ["torch", "reference"])
