@@ -19,6 +19,7 @@
 #   BENCH=bench/bench_neuron.py bash bench/device_check.sh   # one suite
 #   TESTS=tests/test_spike_matmul.py bash bench/device_check.sh   # one test file
 #   TESTS=none BENCH=ncu bash bench/device_check.sh   # only the Nsight Compute profile
+#   TESTS=none BENCH=bench/bench_vit.py BENCH_K=exact bash bench/device_check.sh   # pytest -k
 #
 # SpikingJelly (a baseline) is installed from bench/.wheels/ when that ignored folder holds its
 # wheel (`make wheels`, then carry bench/.wheels to the machine); without it the SpikingJelly
@@ -193,6 +194,7 @@ for suite in ${BENCH:-$SUITES}; do
     continue
   fi
   limit "$(suite_limit)" python3 -m pytest "$suite" -q -p no:cacheprovider \
+    ${BENCH_K:+-k "$BENCH_K"} \
     --benchmark-json="${parts}/$(basename "$suite" .py).json" 2>&1 \
     | tee -a "$log" | sed -n '/spikekernels benchmarks on/,$p'
   rc=${PIPESTATUS[0]}
