@@ -11,6 +11,7 @@ import triton.language as tl
 from conftest import DEVICES, TRITON_DEVICES, assert_same_bits
 
 from spikekernels import reference
+from spikekernels.kernels import exact_linear as el
 from spikekernels.kernels.tile_flags import any_nonzero_by
 from spikekernels.nn import ExactLinearNeuron, TargetNeuron
 from spikekernels.ops import exact_linear
@@ -248,6 +249,41 @@ def test_quiet_tiles_wake_up(gen, backend):
     _assert_same(got, want)
     late = want[0][20:24].abs().sum().item(), want[0][24:].abs().sum().item()
     assert late[0] == 0 and late[1] > 0, f"settled before step 24, woken after: {late}"
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("resident", [0, 8])
+@pytest.mark.parametrize(("lead", "k", "n"), [((3,), 45, 37), ((40,), 130, 17), ((2, 16), 64, 48)])
+@pytest.mark.parametrize("T", [1, 6])
+def test_resident_and_streamed_weights(gen, device, resident, T, lead, k, n, monkeypatch):
+    """The kernel's two weight paths (``kernels.exact_linear.weight_residency``): every K
+    tile held for the chunk, the step loop pipelined (``resident`` 8 here: at most 8 K
+    tiles), or streamed through the K loop (0). Each bit-exact mid-run, with silent steps and
+    row tiles, partial K tiles and per-channel thresholds, and chunked runs equal to whole."""
+    tiles = {name: getattr(el, name) for name in ("_INTERPRET_TILES", "_GPU_TILES")}
+    for name, config in tiles.items():
+        monkeypatch.setattr(el, name, (*config[:5], resident))
+    chosen = []
+    residency = el.weight_residency
+    monkeypatch.setattr(
+        el, "weight_residency", lambda *args: chosen.append(residency(*args)) or chosen[-1]
+    )
+    layer = _layer(gen, n, k, per_channel=True, device=device)
+    s = _spikes(gen, T, lead, k, device)
+    s.view(T, -1, k)[:, :16] = 0  # a silent row tile under the interpreter's 16-row tiles
+    s_count, count = _random_state(gen, s, n)
+    whole = _run(s, layer, -16, 15, s_count, count)
+    _assert_same(whole, _reference(s, layer, -16, 15, s_count, count))
+    assert whole[0].any(), "the case should make the neuron fire"
+    k_tiles = 0 if resident == 0 else -(-k // el.tile_config()[2])
+    assert chosen and all(c["K_TILES"] == k_tiles for c in chosen), chosen
+    if T > 1:
+        before = s_count.to(torch.int32) - s.sum(0, dtype=torch.int32)
+        spikes, out_count = [], count
+        for chunk, chunk_s_count in _chunks(s, [T // 2, T - T // 2], before):
+            out, out_count = _run(chunk, layer, -16, 15, chunk_s_count, out_count)
+            spikes.append(out)
+        _assert_same((torch.cat(spikes), out_count), whole)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -40,7 +40,8 @@ class _Watched:
         run = self.kernel[grid]
 
         def record(*args, **kwargs):
-            picked = ("num_warps", "BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_D", "BLOCK_DV")
+            picked = ("num_warps", "BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_D", "BLOCK_DV",
+                      "K_TILES")  # fmt: skip
             self.seen.append({name: kwargs[name] for name in picked if name in kwargs})
             return run(*args, **kwargs)
 
@@ -90,7 +91,10 @@ def test_exact_linear(gen, device, tiles, monkeypatch):
         got, exact_linear_tests._reference(s, layer, -8, 7, s_count, count)
     )
     assert got[0].any(), "the case should make the neuron fire"
-    _launched(seen, BLOCK_M=tiles[0], BLOCK_N=tiles[1], BLOCK_K=tiles[2], num_warps=tiles[3])
+    k_tiles = -(-300 // tiles[2])  # resident when at most tiles[5] K tiles, else streamed
+    k_tiles = k_tiles if k_tiles <= tiles[5] else 0
+    _launched(seen, BLOCK_M=tiles[0], BLOCK_N=tiles[1], BLOCK_K=tiles[2], num_warps=tiles[3],
+              K_TILES=k_tiles)  # fmt: skip
 
 
 @pytest.mark.parametrize("device", TRITON_DEVICES)

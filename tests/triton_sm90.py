@@ -49,6 +49,9 @@ class Case:
     # a power of two (exact, so fused or not the same sum): no multiply was contracted with an
     # add (SPEC.md §9.2: one rounding per operation)
     no_contracted_fma: bool = False
+    # software pipelining that the kernel's speed rests on: at least this many asynchronous
+    # global-to-shared copies in the TTGIR (an unpipelined loop has none of its own)
+    min_async_copies: int = 0
 
 
 def _lone_or_exact_product(fma: str) -> bool:
@@ -497,7 +500,7 @@ def exact_linear_cases() -> list[Case]:
     from spikekernels.kernels import exact_linear as el
     from spikekernels.kernels import tile_flags
 
-    block_m, block_n, block_k, num_warps, num_stages = el.tile_config()
+    block_m, block_n, block_k, num_warps, num_stages, resident = el.tile_config()
     cases = [
         Case(
             "tile_flags step_tile_any (early exit)",
@@ -536,11 +539,13 @@ def exact_linear_cases() -> list[Case]:
     # counts_out: the qkv layer, whose per-step counts the attention reads (with its input
     # count before the steps given, as ExactAttention passes it)
     # even: ViT-S at batch 64, every dim a multiple of its tile (no mask in the K loop); the
-    # last variant again with every load of the K loop masked
-    variants = [(False, False, False, False, True), (True, True, False, False, True),
-                (True, True, True, False, True), (True, True, True, True, True),
-                (True, True, True, True, False)]  # fmt: skip
-    for state, per_channel, active, counts_out, even in variants:
+    # fifth variant again with every load of the K loop masked. K: ViT-S's 384 (qkv, proj and
+    # fc1: weights resident at the default tiles) and its fc2's 1536 (streamed)
+    variants = [(False, False, False, False, True, 384), (True, True, False, False, True, 384),
+                (True, True, True, False, True, 384), (True, True, True, True, True, 384),
+                (True, True, True, True, False, 384),
+                (True, True, True, False, True, 1536)]  # fmt: skip
+    for state, per_channel, active, counts_out, even, k in variants:
         constexprs = dict(
             HAS_BIAS=True,
             HAS_S_COUNT=state,
@@ -555,11 +560,14 @@ def exact_linear_cases() -> list[Case]:
             EVEN_M=even,
             EVEN_N=even,
             EVEN_K=even,
+            **el.weight_residency(k, block_k, resident),
         )
         cases.append(
             Case(
                 f"exact_linear state={state} per_channel={per_channel} active={active} "
-                f"counts_out={counts_out} s_before={counts_out}" + ("" if even else " masked"),
+                f"counts_out={counts_out} s_before={counts_out}"
+                + ("" if even else " masked")
+                + ("" if k == 384 else f" K={k}"),
                 el.exact_linear_kernel,
                 signature,
                 constexprs,
@@ -571,6 +579,8 @@ def exact_linear_cases() -> list[Case]:
                 ptx_must_contain=["wgmma", ".s32.s8.s8", "div.rn.f32"],
                 ptx_must_not_contain=["div.full.f32", "div.approx", "div.rn.ftz"],
                 no_contracted_fma=True,
+                # resident weights: each spike tile copied in ahead (prologue and loop)
+                min_async_copies=2 * constexprs["K_TILES"],
             )
         )
     return cases
@@ -815,6 +825,9 @@ def exact_attention_cases() -> list[Case]:
                 num_warps=num_warps,
                 aligned=["D", "DV", *strides],
                 **dict(checks, ptx_must_contain=["wgmma", *checks["ptx_must_contain"]]),
+                # the step loop pipelined: the next steps' K and Q slices copied in ahead
+                # (unpipelined, only the head-dim loop's: 3)
+                min_async_copies=6,
             )
         )
     # the context: attention spikes [M, N] and values [N, D] contiguous, as they arrive
@@ -1137,6 +1150,9 @@ def compile_case(case: Case) -> tuple[list[str], str]:
         contracted = [f for f in fmas if not _lone_or_exact_product(f)]
         if contracted:
             problems.append(f"{len(contracted)} contracted multiply-adds, e.g. {contracted[0]!r}")
+    copies = compiled.asm["ttgir"].count("ttg.async_copy_global_to_local")
+    if copies < case.min_async_copies:
+        problems.append(f"{copies} asynchronous copies, not {case.min_async_copies}: unpipelined")
     if not compiled.asm.get("cubin"):
         problems.append("no cubin produced")
     regs, spills = _ptxas_usage(ptx)

@@ -13,11 +13,16 @@ of traffic; the prologue is one dense int8 step of the layer instead. Two launch
    rows) holds a spike (reading K tiles only up to the first spike).
 2. ``exact_linear_kernel``: one program per (row tile, output tile). For each step:
    ``acc += s_t @ W^T`` with ``tl.dot`` int8 x int8 -> int32 (exact; int8 tensor cores),
-   where a silent spike tile runs the K loop zero times (no weight traffic, no MMA); then
-   the value ``y = fl32(fl32(m[n] * fl32(acc)) + b[n])`` with ``m = fl32(theta_in * ws[n])``
-   and the §9.3 neuron on ``y`` (``kernels.target.target_tile``). The product is formed as
-   ``fma(m, acc, +0.0)`` so that the compiler cannot contract it with the bias add into one
-   FMA (Triton fuses mul+add by default): two roundings, as SPEC.md §9.2 and the reference.
+   where a silent spike tile runs the K loop zero times (no weight traffic, no MMA). A
+   weight of a few K tiles (ViT-S's K = 384) is instead resident: read once into shared
+   memory, so a busy step reads only its spike tiles, and the step loop is software-pipelined
+   two deep (the next step's flag is read while this step computes; its spike tiles are
+   copied straight to shared memory, masked off, so not read, on a silent step). Then the
+   value ``y = fl32(fl32(m[n] * fl32(acc)) + b[n])`` with ``m = fl32(theta_in * ws[n])``
+   and the §9.3 neuron on ``y`` (``kernels.target.target_tile``).
+   The product is formed as ``fma(m, acc, +0.0)`` so that the compiler cannot contract it
+   with the bias add into one FMA (Triton fuses mul+add by default): two roundings, as
+   SPEC.md §9.2 and the reference.
    The epilogue runs on silent steps too (the neuron may still be moving toward its target),
    unless the tile is *quiet*: no spike in its rows this step (so ``acc`` held) and none fired
    from it at the last step. Then every target equals its count (``sigma = sign(target -
@@ -43,26 +48,43 @@ from spikekernels.kernels.target import (
 )
 from spikekernels.kernels.tile_flags import any_nonzero, step_tile_flags
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) on a GPU: BLOCK_M = 64 rows per
-# warpgroup for Hopper's int8 wgmma and a fine skip granularity; BLOCK_N = 64 because acc and
-# count ([BLOCK_M, BLOCK_N] tiles) live in registers across the T loop, and 128 columns spill
-# (tests/triton_sm90.py checks). Untuned on hardware so far: see bench/results/.
-_GPU_TILES = (64, 64, 128, 4, 3)
-# The default and the alternatives that also compile for sm_90 without a spill (32 columns:
-# 171 registers, so three programs an SM; 128 x 64 at 8 warps; shorter and longer K tiles;
-# fewer stages), for bench/bench_tiles.py to time on a GPU. tests/triton_sm90.py compiles each.
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, RESIDENT_K_TILES) on a GPU: BLOCK_M = 64
+# rows per warpgroup for Hopper's int8 wgmma and a fine skip granularity; BLOCK_N = 64 because
+# acc and count ([BLOCK_M, BLOCK_N] tiles) live in registers across the T loop, and 128
+# columns spill (tests/triton_sm90.py checks). RESIDENT_K_TILES: a weight of at most this many
+# K tiles is read once and held in shared memory for the chunk (weight_residency): ViT-S's
+# qkv, proj and fc1 (K = 384, 24 KB a program; 78 KB of shared memory with the pipelined
+# spike tiles, so still two programs an SM), where a streamed weight tile was re-read from L2
+# at every busy step (as many bytes as the step's spikes); fc2 (K = 1536) streams. Untuned on
+# hardware so far: see bench/results/.
+_GPU_TILES = (64, 64, 128, 4, 3, 4)
+# The default and the alternatives that also compile for sm_90 without a spill (streamed
+# weights, as before residency; 32 columns: 167 registers, so three programs an SM; 128 x 64
+# at 8 warps; shorter and longer K tiles; fewer stages), for bench/bench_tiles.py to time on a
+# GPU. tests/triton_sm90.py compiles each. (256-deep K tiles resident spill.)
 TILE_CANDIDATES = [
-    _GPU_TILES, (64, 32, 128, 4, 3), (128, 64, 128, 8, 3), (64, 64, 64, 4, 4), (64, 64, 128, 4, 2),
-    (64, 64, 256, 4, 2),
+    _GPU_TILES, (64, 64, 128, 4, 3, 0), (64, 32, 128, 4, 3, 4), (128, 64, 128, 8, 3, 4),
+    (64, 64, 64, 4, 4, 8), (64, 64, 128, 4, 2, 0), (64, 64, 256, 4, 2, 0),
 ]  # fmt: skip
 # Under the numpy interpreter: small tiles so that CPU tests cover several row, column and K
-# tiles (and silent and active tiles side by side) at small shapes.
-_INTERPRET_TILES = (16, 16, 32, 4, 1)
+# tiles (and silent and active tiles side by side) at small shapes; K up to 128 resident.
+_INTERPRET_TILES = (16, 16, 32, 4, 1, 4)
 
 
-def tile_config() -> tuple[int, int, int, int, int]:
-    """``(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)``."""
+def tile_config() -> tuple[int, int, int, int, int, int]:
+    """``(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, RESIDENT_K_TILES)``."""
     return _INTERPRET_TILES if INTERPRET else _GPU_TILES
+
+
+def weight_residency(K: int, block_k: int, resident_k_tiles: int) -> dict[str, int]:
+    """The kernel's ``K_TILES`` and ``STEP_STAGES``: a weight of at most ``resident_k_tiles``
+    K tiles stays resident, its step loop pipelined two deep (three stages spill 12 B on
+    sm_90); a longer one streams through the K loop (``K_TILES=0``; that loop is pipelined,
+    the step loop not)."""
+    k_tiles = triton.cdiv(K, block_k)
+    if k_tiles > resident_k_tiles:
+        return dict(K_TILES=0, STEP_STAGES=1)
+    return dict(K_TILES=k_tiles, STEP_STAGES=2)
 
 
 @triton.jit
@@ -104,6 +126,8 @@ def exact_linear_kernel(
     EVEN_M: tl.constexpr,  # spike_linear.even_tiles
     EVEN_N: tl.constexpr,
     EVEN_K: tl.constexpr,
+    K_TILES: tl.constexpr,  # > 0: the weight's K tiles (all of them) resident; 0: streamed
+    STEP_STAGES: tl.constexpr,  # the step loop's software pipeline depth (1: none)
 ):
     """acc = (s_count - sum_t s_t) @ W^T, then per step acc += s_t @ W^T;
     y = fl32(fl32(m[n] * fl32(acc)) + b[n]); target-driven neuron on y;
@@ -151,25 +175,51 @@ def exact_linear_kernel(
     else:
         count = tl.zeros([BLOCK_M, BLOCK_N], tl.int16)
 
+    # Resident weights: the program's weight tiles read once, held in shared memory for the
+    # whole chunk (a busy step then reads only its spike tiles from L2, half the bytes)
+    w_tiles = ()
+    for i in tl.static_range(K_TILES):
+        k_mask = ((i * BLOCK_K + ks) < K) | EVEN_K
+        w_mask = k_mask[:, None] & (col_mask | EVEN_N)[None, :]
+        w_tiles = w_tiles + (tl.load(w_start + i * BLOCK_K, mask=w_mask, other=0),)
+    if K_TILES > 0 and not HAS_S_COUNT:
+        # acc from a product of zeros, not the zero constant: from a constant, Triton's layout
+        # pass carries acc and the whole neuron epilogue in two layouts (sm_90: 644-1324 B
+        # of spills). One MMA a program; exact (0 @ W = 0).
+        acc = tl.dot(tl.zeros([BLOCK_M, BLOCK_K], tl.int8), w_tiles[0], acc, out_dtype=tl.int32)
     out_ptrs = out_ptr + state_offs
     flag_ptrs = flag_ptr + pid_m
     if HAS_ACTIVE:
         active_ptrs = active_ptr + rs // rows_per_sample
     fired = tl.full((), 1, tl.int32)  # whether the tile fired at the last step (at first: yes)
-    for _ in range(T):
-        # A silent spike tile runs the K loop zero times: a loop bound rather than an `if`
-        # around the loop, so that the compiler still pipelines the loop.
+    for _ in tl.range(T, num_stages=STEP_STAGES):
         moved = tl.load(flag_ptrs)  # whether acc changes at this step
-        k_end = tl.where(moved != 0, K, 0)
-        s_ptrs = s_start
-        w_ptrs = w_start
-        for k0 in range(0, k_end, BLOCK_K):
-            k_mask = ((k0 + ks) < K) | EVEN_K
-            s = tl.load(s_ptrs, mask=(row_mask | EVEN_M)[:, None] & k_mask[None, :], other=0)
-            w = tl.load(w_ptrs, mask=k_mask[:, None] & (col_mask | EVEN_N)[None, :], other=0)
-            acc = tl.dot(s, w, acc, out_dtype=tl.int32)
-            s_ptrs += BLOCK_K
-            w_ptrs += BLOCK_K
+        if K_TILES > 0:
+            # The spike tiles load unconditionally, masked off on a silent step (no traffic),
+            # so that the step loop pipelines (an `if` around the loads would stop it). Their
+            # copies then start once the next step's flag is in: after this step's neuron at
+            # two stages; three would overlap them with it, but spill.
+            s_tiles = ()
+            for i in tl.static_range(K_TILES):
+                k_mask = ((i * BLOCK_K + ks) < K) | EVEN_K
+                s_mask = ((row_mask | EVEN_M) & (moved != 0))[:, None] & k_mask[None, :]
+                s_tiles = s_tiles + (tl.load(s_start + i * BLOCK_K, mask=s_mask, other=0),)
+            if moved != 0:
+                for i in tl.static_range(K_TILES):
+                    acc = tl.dot(s_tiles[i], w_tiles[i], acc, out_dtype=tl.int32)
+        else:
+            # A silent spike tile runs the K loop zero times: a loop bound rather than an
+            # `if` around the loop, so that the compiler still pipelines the loop.
+            k_end = tl.where(moved != 0, K, 0)
+            s_ptrs = s_start
+            w_ptrs = w_start
+            for k0 in range(0, k_end, BLOCK_K):
+                k_mask = ((k0 + ks) < K) | EVEN_K
+                s = tl.load(s_ptrs, mask=(row_mask | EVEN_M)[:, None] & k_mask[None, :], other=0)
+                w = tl.load(w_ptrs, mask=k_mask[:, None] & (col_mask | EVEN_N)[None, :], other=0)
+                acc = tl.dot(s, w, acc, out_dtype=tl.int32)
+                s_ptrs += BLOCK_K
+                w_ptrs += BLOCK_K
         if (moved | fired) != 0:
             y = tl.fma(m[None, :], acc.to(tl.float32), 0.0)
             if HAS_BIAS:
@@ -235,7 +285,7 @@ def exact_linear_triton(
         count_out = torch.empty((rows, N), dtype=torch.int8, device=s.device)
     if rows == 0 or N == 0:
         return out, count_out
-    block_m, block_n, block_k, num_warps, num_stages = tile_config()
+    block_m, block_n, block_k, num_warps, num_stages, resident_k_tiles = tile_config()
     flags, num_m = step_tile_flags(launch, s, block_m, num_warps)
     launch(exact_linear_kernel)[(num_m, triton.cdiv(N, block_n))](
         s,
@@ -271,6 +321,7 @@ def exact_linear_triton(
         BLOCK_N=block_n,
         BLOCK_K=block_k,
         **even_tiles(rows, N, K, block_m, block_n, block_k),
+        **weight_residency(K, block_k, resident_k_tiles),
         num_warps=num_warps,
         num_stages=num_stages,
     )
