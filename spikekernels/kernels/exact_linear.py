@@ -88,6 +88,21 @@ def weight_residency(K: int, block_k: int, resident_k_tiles: int) -> dict[str, i
 
 
 @triton.jit
+def _count_before(c_ptrs, s_start, k0, ks, row_mask, K, T, s_step, S_BEFORE: tl.constexpr):
+    """The input count before the chunk at K tile ``k0``: given (``S_BEFORE``), or the count
+    after it less the chunk's spikes, read back to front (so every partial value is a count
+    of some step and fits int8)."""
+    tile_mask = row_mask[:, None] & ((k0 + ks) < K)[None, :]
+    before = tl.load(c_ptrs + k0, mask=tile_mask, other=0)
+    if not S_BEFORE:
+        s_ptrs = s_start + k0 + tl.cast(T - 1, tl.int64) * s_step
+        for _ in range(T):
+            before -= tl.load(s_ptrs, mask=tile_mask, other=0)
+            s_ptrs -= s_step
+    return before
+
+
+@triton.jit
 def exact_linear_kernel(
     s_ptr,  # [T, rows, K] int8 ternary spikes
     w_ptr,  # [N, K] int8 integer weight W_int
@@ -151,30 +166,6 @@ def exact_linear_kernel(
     w_start = w_ptr + cols[None, :] * K + ks[:, None]
     s_start = s_ptr + rs[:, None] * K + ks[None, :]
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
-    if HAS_S_COUNT:
-        # S_{-1} = s_count - s_{T-1} - ... - s_0 (S_BEFORE: given), a K tile at a time; a
-        # tile of zero counts skips its weight read and dot (the first chunk's are all zero)
-        c_ptrs = s_count_ptr + rs[:, None] * K + ks[None, :]
-        last = tl.cast(T - 1, tl.int64) * s_step
-        for k0 in range(0, K, BLOCK_K):
-            k_mask = (k0 + ks) < K
-            tile_mask = row_mask[:, None] & k_mask[None, :]
-            before = tl.load(c_ptrs + k0, mask=tile_mask, other=0)
-            if not S_BEFORE:
-                s_ptrs = s_start + k0 + last
-                for _ in range(T):
-                    before -= tl.load(s_ptrs, mask=tile_mask, other=0)
-                    s_ptrs -= s_step
-            if any_nonzero(before):
-                w = tl.load(w_start + k0, mask=k_mask[:, None] & col_mask[None, :], other=0)
-                acc = tl.dot(before, w, acc, out_dtype=tl.int32)
-    # the count as int16: an int8 tile's add unpacks and repacks bytes (sm_90: 155 instructions
-    # a thread-step at 32 lanes, 95 as int16); int32 spilled
-    if HAS_COUNT:
-        count = tl.load(count_in_ptr + state_offs, mask=mask, other=0).to(tl.int16)
-    else:
-        count = tl.zeros([BLOCK_M, BLOCK_N], tl.int16)
-
     # Resident weights: the program's weight tiles read once, held in shared memory for the
     # whole chunk (a busy step then reads only its spike tiles from L2, half the bytes)
     w_tiles = ()
@@ -182,11 +173,36 @@ def exact_linear_kernel(
         k_mask = ((i * BLOCK_K + ks) < K) | EVEN_K
         w_mask = k_mask[:, None] & (col_mask | EVEN_N)[None, :]
         w_tiles = w_tiles + (tl.load(w_start + i * BLOCK_K, mask=w_mask, other=0),)
-    if K_TILES > 0 and not HAS_S_COUNT:
-        # acc from a product of zeros, not the zero constant: from a constant, Triton's layout
-        # pass carries acc and the whole neuron epilogue in two layouts (sm_90: 644-1324 B
-        # of spills). One MMA a program; exact (0 @ W = 0).
+    # With resident weights acc enters the step loop straight from a dot: from the zero
+    # constant or an `if`, Triton's layout pass carries acc and the whole neuron epilogue in
+    # two layouts (sm_90: 644-1808 B of spills). So every K tile's dot runs (a few MMAs once a
+    # chunk), and a fresh acc is a product of zeros (exact: 0 @ W = 0).
+    if HAS_S_COUNT:
+        # S_{-1} = s_count - s_{T-1} - ... - s_0 (S_BEFORE: given), a K tile at a time; a
+        # streamed tile of zero counts skips its weight read and dot (the first chunk's are
+        # all zero)
+        c_ptrs = s_count_ptr + rs[:, None] * K + ks[None, :]
+        if K_TILES > 0:
+            for i in tl.static_range(K_TILES):
+                before = _count_before(c_ptrs, s_start, i * BLOCK_K, ks, row_mask, K, T, s_step,
+                                       S_BEFORE)  # fmt: skip
+                acc = tl.dot(before, w_tiles[i], acc, out_dtype=tl.int32)
+        else:
+            for k0 in range(0, K, BLOCK_K):
+                before = _count_before(c_ptrs, s_start, k0, ks, row_mask, K, T, s_step, S_BEFORE)
+                if any_nonzero(before):
+                    k_mask = (k0 + ks) < K
+                    w = tl.load(w_start + k0, mask=k_mask[:, None] & col_mask[None, :], other=0)
+                    acc = tl.dot(before, w, acc, out_dtype=tl.int32)
+    elif K_TILES > 0:
         acc = tl.dot(tl.zeros([BLOCK_M, BLOCK_K], tl.int8), w_tiles[0], acc, out_dtype=tl.int32)
+    # the count as int16: an int8 tile's add unpacks and repacks bytes (sm_90: 155 instructions
+    # a thread-step at 32 lanes, 95 as int16); int32 spilled
+    if HAS_COUNT:
+        count = tl.load(count_in_ptr + state_offs, mask=mask, other=0).to(tl.int16)
+    else:
+        count = tl.zeros([BLOCK_M, BLOCK_N], tl.int16)
+
     out_ptrs = out_ptr + state_offs
     flag_ptrs = flag_ptr + pid_m
     if HAS_ACTIVE:
