@@ -17,7 +17,8 @@ chunk size serves every full chunk of that size of every call at one batch shape
   state tensors, so the runner can switch sizes between chunks;
 - warm-up runs before the capture, on a side stream, as ``torch.cuda.graph`` asks: one eager
   chunk creates the state, then one chunk per size updates it in place (the in-place kernels
-  compile for each size: Triton specialises on the step count).
+  may compile again for a size: Triton specialises an integer argument equal to 1 or
+  divisible by 16, the step count among them; no kernel compiles inside a capture).
 
 A partial last chunk (``max_steps`` reached mid-chunk) runs eagerly on the same state. Each
 captured shape keeps its state and its graphs' memory until
