@@ -158,21 +158,23 @@ ncu_stage() {
 }
 
 # ncu's text report, one line a kernel launch: its name, then the first value of each metric
-# below as it appears in the sections (unit included).
+# below as it appears in the sections (unit included). L2 and issue say which bound a fused
+# kernel meets: L2 bandwidth (re-read tiles) or instruction issue (the neuron's epilogue).
 ncu_summary() {
   awk '
     BEGIN {
-      split("Duration|Registers Per Thread|Achieved Occupancy|Compute (SM) Throughput|" \
-            "Memory Throughput", label, "|")
-      split("time|regs|occupancy|sm|memory", short, "|")
+      n = split("Duration|Registers Per Thread|Achieved Occupancy|Compute (SM) Throughput|" \
+                "Memory Throughput|L2 Cache Throughput|Issued Warp Per Scheduler", label, "|")
+      split("time|regs|occupancy|sm|memory|l2|issue", short, "|")
     }
     function flush() { if (name != "") print "     " name line }
     /^  [A-Za-z_][A-Za-z0-9_]* \(/ { flush(); name = sprintf("%-32s", $1); line = ""; split("", seen); next }
     name == "" { next }
     {
-      for (i = 1; i <= 5; i++) {
+      for (i = 1; i <= n; i++) {
         if (index($0, "    " label[i] " ") != 1 || seen[i]++) continue
-        unit = $(NF - 1)
+        # a unitless metric has its value right after the label
+        unit = NF > split(label[i], words, " ") + 1 ? $(NF - 1) : ""
         if (unit ~ /\//) unit = ""  # register/thread
         line = line "  " short[i] "=" $NF unit
       }
