@@ -540,11 +540,12 @@ def exact_linear_cases() -> list[Case]:
     # count before the steps given, as ExactAttention passes it)
     # even: ViT-S at batch 64, every dim a multiple of its tile (no mask in the K loop); the
     # fifth variant again with every load of the K loop masked. K: ViT-S's 384 (qkv, proj and
-    # fc1: weights resident at the default tiles) and its fc2's 1536 (streamed)
+    # fc1: weights resident at the default tiles), its fc2's 1536 (streamed) and ViT-Ti's 192
+    # (resident, a partial second K tile)
     variants = [(False, False, False, False, True, 384), (True, True, False, False, True, 384),
                 (True, True, True, False, True, 384), (True, True, True, True, True, 384),
-                (True, True, True, True, False, 384),
-                (True, True, True, False, True, 1536)]  # fmt: skip
+                (True, True, True, True, False, 384), (True, True, True, False, True, 1536),
+                (True, True, True, True, False, 192)]  # fmt: skip
     for state, per_channel, active, counts_out, even, k in variants:
         constexprs = dict(
             HAS_BIAS=True,

@@ -55,20 +55,22 @@ from spikekernels.kernels.tile_flags import any_nonzero, step_tile_flags
 # K tiles is read once and held in shared memory for the chunk (weight_residency): ViT-S's
 # qkv, proj and fc1 (K = 384, 24 KB a program; 78 KB of shared memory with the pipelined
 # spike tiles, so still two programs an SM), where a streamed weight tile was re-read from L2
-# at every busy step (as many bytes as the step's spikes); fc2 (K = 1536) streams. Untuned on
-# hardware so far: see bench/results/.
-_GPU_TILES = (64, 64, 128, 4, 3, 4)
+# at every busy step (as many bytes as the step's spikes); fc2 (K = 1536) streams. A fourth
+# resident tile (K up to 512) spills 24-96 B, so K <= 384 at these tiles. Untuned on hardware
+# so far: see bench/results/.
+_GPU_TILES = (64, 64, 128, 4, 3, 3)
 # The default and the alternatives that also compile for sm_90 without a spill (streamed
 # weights, as before residency; 32 columns: 167 registers, so three programs an SM; 128 x 64
-# at 8 warps; shorter and longer K tiles; fewer stages), for bench/bench_tiles.py to time on a
-# GPU. tests/triton_sm90.py compiles each. (256-deep K tiles resident spill.)
+# at 8 warps; shorter and longer K tiles; fewer stages), each resident up to K = 384 at most,
+# for bench/bench_tiles.py to time on a GPU. tests/triton_sm90.py compiles each at that K.
+# (256-deep K tiles resident spill.)
 TILE_CANDIDATES = [
-    _GPU_TILES, (64, 64, 128, 4, 3, 0), (64, 32, 128, 4, 3, 4), (128, 64, 128, 8, 3, 4),
-    (64, 64, 64, 4, 4, 8), (64, 64, 128, 4, 2, 0), (64, 64, 256, 4, 2, 0),
+    _GPU_TILES, (64, 64, 128, 4, 3, 0), (64, 32, 128, 4, 3, 3), (128, 64, 128, 8, 3, 3),
+    (64, 64, 64, 4, 4, 6), (64, 64, 128, 4, 2, 0), (64, 64, 256, 4, 2, 0),
 ]  # fmt: skip
 # Under the numpy interpreter: small tiles so that CPU tests cover several row, column and K
-# tiles (and silent and active tiles side by side) at small shapes; K up to 128 resident.
-_INTERPRET_TILES = (16, 16, 32, 4, 1, 4)
+# tiles (and silent and active tiles side by side) at small shapes; K up to 96 resident.
+_INTERPRET_TILES = (16, 16, 32, 4, 1, 3)
 
 
 def tile_config() -> tuple[int, int, int, int, int, int]:
@@ -78,11 +80,11 @@ def tile_config() -> tuple[int, int, int, int, int, int]:
 
 def weight_residency(K: int, block_k: int, resident_k_tiles: int) -> dict[str, int]:
     """The kernel's ``K_TILES`` and ``STEP_STAGES``: a weight of at most ``resident_k_tiles``
-    K tiles stays resident, its step loop pipelined two deep (three stages spill 12 B on
-    sm_90); a longer one streams through the K loop (``K_TILES=0``; that loop is pipelined,
-    the step loop not)."""
+    K tiles stays resident, its step loop pipelined two deep (three stages spill 8-24 B on
+    sm_90); a longer one (or none, K = 0) streams through the K loop (``K_TILES=0``; that loop
+    is pipelined, the step loop not)."""
     k_tiles = triton.cdiv(K, block_k)
-    if k_tiles > resident_k_tiles:
+    if k_tiles == 0 or k_tiles > resident_k_tiles:
         return dict(K_TILES=0, STEP_STAGES=1)
     return dict(K_TILES=k_tiles, STEP_STAGES=2)
 
