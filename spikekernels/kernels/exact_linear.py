@@ -80,9 +80,9 @@ def tile_config() -> tuple[int, int, int, int, int, int]:
 
 def weight_residency(K: int, block_k: int, resident_k_tiles: int) -> dict[str, int]:
     """The kernel's ``K_TILES`` and ``STEP_STAGES``: a weight of at most ``resident_k_tiles``
-    K tiles stays resident, its step loop pipelined two deep (three stages spill 8-24 B on
-    sm_90); a longer one (or none, K = 0) streams through the K loop (``K_TILES=0``; that loop
-    is pipelined, the step loop not)."""
+    K tiles stays resident, its step loop pipelined two deep (three stages spill 4-8 B on
+    sm_90 where activity is recorded); a longer one (or none, K = 0) streams through the K
+    loop (``K_TILES=0``; that loop is pipelined, the step loop not)."""
     k_tiles = triton.cdiv(K, block_k)
     if k_tiles == 0 or k_tiles > resident_k_tiles:
         return dict(K_TILES=0, STEP_STAGES=1)
