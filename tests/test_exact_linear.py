@@ -4,6 +4,8 @@ vectorised PyTorch, the oracle)."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import triton
@@ -15,7 +17,7 @@ from spikekernels.kernels import exact_linear as el
 from spikekernels.kernels.tile_flags import any_nonzero_by
 from spikekernels.nn import ExactLinearNeuron, TargetNeuron
 from spikekernels.ops import exact_linear
-from spikekernels.ops._dispatch import force_backend
+from spikekernels.ops._dispatch import backend_for, force_backend
 from spikekernels.ops.exact_linear import MAX_K
 
 
@@ -476,6 +478,36 @@ BAD_INPUTS += [
         ValueError,
         "s_before plus the spikes of s is not an int8 count",
     ),
+    (
+        "group_active dtype",
+        dict(group_active=torch.zeros(2, 3, 5, dtype=torch.int64)),
+        TypeError,
+        "group_active must have dtype",
+    ),
+    (
+        "group_active without groups",
+        dict(group_active=torch.zeros(2, 3, dtype=torch.int32)),
+        ValueError,
+        r"group_active must have shape \(2, 3, G\)",
+    ),
+    (
+        "group_active batch",
+        dict(group_active=torch.zeros(2, 4, 5, dtype=torch.int32)),
+        ValueError,
+        r"group_active must have shape \(2, 3, G\)",
+    ),
+    (
+        "group_active uneven groups",
+        dict(group_active=torch.zeros(2, 3, 2, dtype=torch.int32)),
+        ValueError,
+        "2 column groups .* split the 5 output channels",
+    ),
+    (
+        "group_active strided",
+        dict(group_active=torch.zeros(2, 5, 3, dtype=torch.int32).transpose(1, 2)),
+        ValueError,
+        "group_active must be contiguous",
+    ),
     ("inplace int", dict(count=_COUNT, inplace=1), TypeError, "inplace must be a bool"),
     ("inplace without count", dict(inplace=True), ValueError, "needs count"),
     (
@@ -691,3 +723,82 @@ def test_s_before_equals_s_count(gen, backend, T):
             before = before + part.sum(0, dtype=torch.int32)
             outs.append(out)
     _assert_same((torch.cat(outs), count.cpu()), tuple(t.cpu() for t in whole))
+
+
+def _settled_layer(gen, lead, k, n):
+    """A qkv-like layer (per-channel thresholds) mid-run, its neuron settled on an input that
+    fired once: ``(layer, count, before)``, the output count and the input count. Sparse new
+    spikes then move only some samples' outputs."""
+    layer = _layer(gen, n, k, per_channel=True)
+    warm = torch.zeros(12, *lead, k, dtype=torch.int8)
+    warm[0] = _spikes(gen, 1, lead, k)[0]
+    _, count = _run(warm, layer, -8, 7)
+    return layer, count, warm.sum(0, dtype=torch.int32)
+
+
+def _group_truth(spikes, groups):
+    """``group_active``'s truth: ``[T, B, G]``, whether sample ``b``'s spikes (dim 1) in
+    column group ``g`` are nonzero at step ``t``."""
+    steps, batch, n = spikes.shape[0], spikes.shape[1], spikes.shape[-1]
+    tiles = spikes.reshape(steps, batch, -1, groups, n // groups)
+    return (tiles != 0).any(dim=4).any(dim=2).to(torch.int32)
+
+
+def _tile_superset(spikes, groups, block_m, block_n):
+    """What the Triton kernel records (``activity.record_tile_groups``): every (sample,
+    group) that an output tile of ``[block_m, block_n]`` overlaps is set where the tile
+    fired."""
+    steps, batch, n = spikes.shape[0], spikes.shape[1], spikes.shape[-1]
+    flat = spikes.reshape(steps, -1, n)
+    rows = flat.shape[1]
+    per_sample, size = rows // batch, n // groups
+    want = torch.zeros(steps, batch, groups, dtype=torch.int32)
+    for r0 in range(0, rows, block_m):
+        for c0 in range(0, n, block_n):
+            fired = (flat[:, r0 : r0 + block_m, c0 : c0 + block_n] != 0).flatten(1).any(1)
+            b0, b1 = r0 // per_sample, (min(r0 + block_m, rows) - 1) // per_sample
+            g0, g1 = c0 // size, (min(c0 + block_n, n) - 1) // size
+            want[:, b0 : b1 + 1, g0 : g1 + 1] |= fired.to(torch.int32)[:, None, None]
+    return want
+
+
+# (leading dims, K, N, groups): groups narrower than a tile, wider than one, and tiles that
+# straddle samples and groups (the interpreter's 16 x 16 tiles)
+GROUP_SHAPES = [((3, 7), 33, 48, 6), ((2, 40), 45, 36, 3), ((2, 5), 16, 16, 16)]
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch", "reference"])
+@pytest.mark.parametrize(("lead", "k", "n", "groups"), GROUP_SHAPES)
+@pytest.mark.parametrize("T", [1, 5])
+@pytest.mark.parametrize("counts_out", [False, True])
+def test_group_active(gen, backend, lead, k, n, groups, T, counts_out):
+    """``group_active`` per (step, sample, column group): the spikes' truth on the PyTorch
+    paths, the fired output tiles' samples and groups on Triton's (a superset); the spikes,
+    count and ``active`` as without it; a flag already set stays set."""
+    layer, count, before = _settled_layer(gen, lead, k, n)
+    s = _spikes(gen, T, lead, k, density=0.02)
+    rows = math.prod(lead[1:])  # about two rows of a sample spike at a step
+    s = s * (torch.rand(T, *lead, 1, generator=gen) < 2 / rows)
+    s_count = (before + s.sum(0, dtype=torch.int32)).to(torch.int8)
+    flags = torch.zeros(T, lead[0], groups, dtype=torch.int32)
+    active, active_alone = (torch.zeros(T, lead[0], dtype=torch.int32) for _ in range(2))
+    with force_backend(backend):
+        ran = backend_for(s, ("triton", "torch")) if backend != "reference" else backend
+        want = _run(s, layer, -8, 7, s_count, count, counts_out=counts_out, active=active_alone)
+        truth = _group_truth(_run(s, layer, -8, 7, s_count, count)[0], groups)
+        quiet = truth == 0
+        kept = quiet & (torch.rand(quiet.shape, generator=gen) < 0.5)  # set before: stays
+        flags[kept] = 1
+        got = _run(s, layer, -8, 7, s_count, count, counts_out=counts_out, active=active,
+                   group_active=flags)  # fmt: skip
+    _assert_same(got, want)
+    assert torch.equal(active, active_alone)
+    if ran == "triton":
+        block_m, block_n = el.tile_config()[:2]
+        spikes = _run(s, layer, -8, 7, s_count, count)[0]
+        expected = _tile_superset(spikes, groups, block_m, block_n)
+    else:
+        expected = truth
+    assert torch.equal(flags, expected | kept.to(torch.int32))
+    if T > 1:  # the case makes quiet and busy groups both
+        assert 0 < int(truth.sum()) < truth.numel()

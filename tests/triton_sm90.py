@@ -524,6 +524,7 @@ def exact_linear_cases() -> list[Case]:
         "out_ptr": "*i8",
         "count_out_ptr": "*i8",
         "active_ptr": "*i32",
+        "group_active_ptr": "*i32",
         "T": "i32",
         "rows": "i32",
         "N": "i32",
@@ -535,9 +536,12 @@ def exact_linear_cases() -> list[Case]:
         "p_max": "i32",
         "B": "i32",
         "rows_per_sample": "i32",
+        "groups": "i32",
+        "group_size": "i32",
     }
     # counts_out: the qkv layer, whose per-step counts the attention reads (with its input
-    # count before the steps given, as ExactAttention passes it)
+    # count before the steps given, as ExactAttention passes it, and its activity per head's
+    # q, k and v recorded, group_active)
     # even: ViT-S at batch 64, every dim a multiple of its tile (no mask in the K loop); the
     # fifth variant again with every load of the K loop masked. K: ViT-S's 384 (qkv, proj and
     # fc1: weights resident at the default tiles), its fc2's 1536 (streamed) and ViT-Ti's 192
@@ -547,6 +551,7 @@ def exact_linear_cases() -> list[Case]:
                 (True, True, True, True, False, 384), (True, True, True, False, True, 1536),
                 (True, True, True, True, False, 192)]  # fmt: skip
     for state, per_channel, active, counts_out, even, k in variants:
+        groups = counts_out
         constexprs = dict(
             HAS_BIAS=True,
             HAS_S_COUNT=state,
@@ -554,6 +559,7 @@ def exact_linear_cases() -> list[Case]:
             HAS_COUNT=state,
             PER_CHANNEL=per_channel,
             HAS_ACTIVE=active,
+            HAS_GROUPS=groups,
             COUNTS_OUT=counts_out,
             BLOCK_M=block_m,
             BLOCK_N=block_n,
@@ -567,6 +573,7 @@ def exact_linear_cases() -> list[Case]:
             Case(
                 f"exact_linear state={state} per_channel={per_channel} active={active} "
                 f"counts_out={counts_out} s_before={counts_out}"
+                + (" group_active" if groups else "")
                 + ("" if even else " masked")
                 + ("" if k == 384 else f" K={k}"),
                 el.exact_linear_kernel,
@@ -574,7 +581,7 @@ def exact_linear_cases() -> list[Case]:
                 constexprs,
                 num_warps=num_warps,
                 num_stages=num_stages,
-                aligned=["rows", "N", "K", "s_step", "out_step"],
+                aligned=["rows", "N", "K", "s_step", "out_step", "group_size"],
                 # int8 wgmma (exact int32 sums), and the neuron's correctly rounded
                 # division without flush to zero (SPEC.md §9.2-§9.3)
                 ptx_must_contain=["wgmma", ".s32.s8.s8", "div.rn.f32"],

@@ -76,6 +76,36 @@ def record_active_rows(
 
 
 @triton.jit
+def tile_groups(
+    pid_m, pid_n, rows, cols, rows_per_sample, groups, group_size, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """``(first, samples, spread)`` for ``record_tile_groups``: the flag offset of the first
+    sample and column group that the ``[BLOCK_M, BLOCK_N]`` output tile (row tile ``pid_m``,
+    column tile ``pid_n`` of ``[rows, cols]``) overlaps, and how many samples
+    (``rows_per_sample`` rows each) and groups (``group_size`` columns each) it overlaps."""
+    first_row = pid_m * BLOCK_M
+    first_col = pid_n * BLOCK_N
+    b0 = first_row // rows_per_sample
+    g0 = first_col // group_size
+    b1 = (tl.minimum(first_row + BLOCK_M, rows) - 1) // rows_per_sample
+    g1 = (tl.minimum(first_col + BLOCK_N, cols) - 1) // group_size
+    return (b0 * groups + g0).to(tl.int32), (b1 - b0 + 1).to(tl.int32), (g1 - g0 + 1).to(tl.int32)
+
+
+@triton.jit
+def record_tile_groups(group_ptr, first, samples, spread, groups):
+    """For an output tile that fired: ``group_ptr[b * groups + g] = 1`` for every sample
+    ``b`` and column group ``g`` it overlaps (``tile_groups``). A flag per sample and group
+    set at the tile's granularity: where a tile straddles two samples it sets both, a
+    superset of the per-row truth, and a few scalars per program (a per-row record spilled
+    registers in ``exact_linear``)."""
+    for b in range(samples):
+        for g in range(spread):
+            tl.store(group_ptr + first + b * groups + g, 1)
+
+
+@triton.jit
 def record_active_tile(active_ptr, fired):
     """``*active_ptr = 1`` where the scalar ``fired`` is nonzero: a tile whose lanes all
     belong to one sample (an attention tile holds queries of one head of one sample), whose

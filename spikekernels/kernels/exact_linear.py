@@ -29,6 +29,11 @@ of traffic; the prologue is one dense int8 step of the layer instead. Two launch
    count)`` was 0 for the same target; a NaN target gives 0 always) and ``sigma`` is 0 again,
    bit for bit, without the value and the division. Late chunks, where most of a run's steps
    are, are mostly quiet tiles.
+
+With ``group_active`` a tile that fired also sets the flag of each (sample, column group) it
+overlaps: a few scalar stores, where the flags per row that ``active`` takes would hold a
+vector of them across the step loop (they spilled registers). A qkv layer's groups are its
+heads' q, k and v, which ``exact_attention`` reads back to skip what did not change.
 """
 
 from __future__ import annotations
@@ -38,7 +43,12 @@ import triton
 import triton.language as tl
 
 from spikekernels.kernels import INTERPRET, on_device
-from spikekernels.kernels.activity import active_layout, record_active_rows
+from spikekernels.kernels.activity import (
+    active_layout,
+    record_active_rows,
+    record_tile_groups,
+    tile_groups,
+)
 from spikekernels.kernels.spike_linear import even_tiles
 from spikekernels.kernels.target import (
     inverse_threshold,
@@ -63,7 +73,8 @@ _GPU_TILES = (64, 64, 128, 4, 3, 3)
 # weights, as before residency; 32 columns: 167 registers, so three programs an SM; 128 x 64
 # at 8 warps; shorter and longer K tiles; fewer stages), each resident up to K = 384 at most,
 # for bench/bench_tiles.py to time on a GPU. tests/triton_sm90.py compiles each at that K.
-# (256-deep K tiles resident spill.)
+# (256-deep K tiles resident spill; streamed, they spill 16 B in the qkv layer's variant,
+# which records group_active: the others compile it without.)
 TILE_CANDIDATES = [
     _GPU_TILES, (64, 64, 128, 4, 3, 0), (64, 32, 128, 4, 3, 3), (128, 64, 128, 8, 3, 3),
     (64, 64, 64, 4, 4, 6), (64, 64, 128, 4, 2, 0), (64, 64, 256, 4, 2, 0),
@@ -119,6 +130,7 @@ def exact_linear_kernel(
     out_ptr,  # [T, rows, N] int8 spikes (COUNTS_OUT: the count after each step)
     count_out_ptr,  # [rows, N] int8
     active_ptr,  # [T, B] int32 per-sample flags, set where a sample fires (HAS_ACTIVE only)
+    group_active_ptr,  # [T, B, groups] int32 flags per sample and column group (HAS_GROUPS)
     T,
     rows,
     N,
@@ -128,14 +140,17 @@ def exact_linear_kernel(
     out_step,  # ints: i64 arguments from 2^31 on, where an in-kernel rows * K would wrap)
     n_min,
     p_max,
-    B,  # samples (HAS_ACTIVE only)
-    rows_per_sample,  # (HAS_ACTIVE only)
+    B,  # samples (HAS_ACTIVE or HAS_GROUPS only)
+    rows_per_sample,  # (HAS_ACTIVE or HAS_GROUPS only)
+    groups,  # column groups of group_active (HAS_GROUPS only)
+    group_size,  # N // groups (HAS_GROUPS only)
     HAS_BIAS: tl.constexpr,
     HAS_S_COUNT: tl.constexpr,
     S_BEFORE: tl.constexpr,
     HAS_COUNT: tl.constexpr,
     PER_CHANNEL: tl.constexpr,
     HAS_ACTIVE: tl.constexpr,
+    HAS_GROUPS: tl.constexpr,
     COUNTS_OUT: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -148,7 +163,8 @@ def exact_linear_kernel(
 ):
     """acc = (s_count - sum_t s_t) @ W^T, then per step acc += s_t @ W^T;
     y = fl32(fl32(m[n] * fl32(acc)) + b[n]); target-driven neuron on y;
-    active[t, row // rows_per_sample] = 1 where a row fires."""
+    active[t, row // rows_per_sample] = 1 where a row fires; group_active[t, b, g] = 1 for
+    every sample b and column group g that a tile which fired overlaps."""
     pid_m = tl.program_id(0).to(tl.int64)
     pid_n = tl.program_id(1).to(tl.int64)
     rs = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -209,6 +225,10 @@ def exact_linear_kernel(
     flag_ptrs = flag_ptr + pid_m
     if HAS_ACTIVE:
         active_ptrs = active_ptr + rs // rows_per_sample
+    if HAS_GROUPS:
+        first_group, samples, spread = tile_groups(
+            pid_m, pid_n, rows, N, rows_per_sample, groups, group_size, BLOCK_M, BLOCK_N
+        )
     fired = tl.full((), 1, tl.int32)  # whether the tile fired at the last step (at first: yes)
     for _ in tl.range(T, num_stages=STEP_STAGES):
         moved = tl.load(flag_ptrs)  # whether acc changes at this step
@@ -262,6 +282,10 @@ def exact_linear_kernel(
         if HAS_ACTIVE:
             record_active_rows(active_ptrs, sigma, row_mask, col_mask, BLOCK_M, BLOCK_N)
             active_ptrs += B
+        if HAS_GROUPS:
+            if fired != 0:
+                record_tile_groups(group_active_ptr, first_group, samples, spread, groups)
+            group_active_ptr += B * groups
         s_start += s_step
         out_ptrs += out_step
         flag_ptrs += num_m
@@ -286,10 +310,12 @@ def exact_linear_triton(
     inplace: bool = False,
     counts_out: bool = False,
     s_before: bool = False,
+    group_active: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Host side: ``s`` ``[T, rows, K]`` int8, ``weight`` ``[N, K]`` int8, ``weight_scale``
     and ``bias`` float32 ``[N]``, all contiguous; ``s_count`` ``[rows, K]`` int8 contiguous or
-    None; ``count`` ``[rows, N]`` or None; ``active`` ``[T, B]`` int32 contiguous or None.
+    None; ``count`` ``[rows, N]`` or None; ``active`` ``[T, B]`` and ``group_active`` ``[T, B,
+    groups]`` (``groups`` dividing N) int32 contiguous or None.
     Returns ``(spikes [T, rows, N] int8, count [rows, N] int8)``: fresh, or with ``inplace``
     the given ``count`` (a view of the caller's contiguous state), written by the program
     that read it. ``counts_out``: the count after each step comes out instead of the
@@ -305,6 +331,7 @@ def exact_linear_triton(
         return out, count_out
     block_m, block_n, block_k, num_warps, num_stages, resident_k_tiles = tile_config()
     flags, num_m = step_tile_flags(launch, s, block_m, num_warps)
+    groups = 1 if group_active is None else group_active.shape[2]
     launch(exact_linear_kernel)[(num_m, triton.cdiv(N, block_n))](
         s,
         weight,
@@ -318,6 +345,7 @@ def exact_linear_triton(
         out,
         count_out,
         flags if active is None else active,
+        flags if group_active is None else group_active,
         T,
         rows,
         N,
@@ -327,13 +355,16 @@ def exact_linear_triton(
         rows * N,
         n_min,
         p_max,
-        *active_layout(active, rows),
+        *active_layout(active if group_active is None else group_active, rows),
+        groups,
+        N // groups,
         HAS_BIAS=bias is not None,
         HAS_S_COUNT=s_count is not None,
         S_BEFORE=s_before,
         HAS_COUNT=count is not None,
         PER_CHANNEL=threshold.numel() > 1,
         HAS_ACTIVE=active is not None,
+        HAS_GROUPS=group_active is not None,
         COUNTS_OUT=counts_out,
         BLOCK_M=block_m,
         BLOCK_N=block_n,

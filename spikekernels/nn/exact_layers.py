@@ -177,11 +177,14 @@ class ExactLinearNeuron(TargetNeuron):
         s_count: torch.Tensor | None = None,
         *,
         s_before: torch.Tensor | None = None,
+        group_active: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``s``: ``[T, *, K]`` int8 spikes; ``s_count``: ``[*, K]`` int8, the count of the
         neuron that produced them, after these steps, or ``s_before``, its count before them
         (cheaper: the kernel then reads the chunk's spikes once); neither only on a fresh
-        input (the first call after ``reset()``)."""
+        input (the first call after ``reset()``). ``group_active``: int32 ``[T, B, G]``
+        zeros, set where a sample fires in a group of ``N / G`` output channels
+        (``ops.exact_linear``)."""
         if s_before is None:
             require_input_counts(self, s_count=s_count)
         spikes, self.count = exact_linear(
@@ -199,6 +202,7 @@ class ExactLinearNeuron(TargetNeuron):
             inplace=self.stateful_call(),
             counts_out=self.counts_out,
             s_before=s_before,
+            group_active=group_active,
         )
         return spikes
 

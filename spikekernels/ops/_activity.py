@@ -4,7 +4,8 @@ Every neuron op takes an optional int32 ``active`` ``[T, B]`` and sets ``active[
 where sample ``b`` fired at step ``t``. The Triton kernels store it in their epilogue
 (``kernels/activity.py``); the PyTorch, C++ and reference paths call ``record_active`` on the
 spikes they return, so every backend gives the same flags. The argument is checked by
-``_checks.check_active``.
+``_checks.check_active``. ``exact_linear`` also takes ``group_active`` ``[T, B, G]``, the same
+per group of output columns (a head's q, k or v), which ``exact_attention`` reads back.
 """
 
 from __future__ import annotations
@@ -23,6 +24,16 @@ def record_active(active: torch.Tensor | None, spikes: torch.Tensor) -> None:
     active.masked_fill_((lo != 0) | (hi != 0), 1)
 
 
+def record_group_active(group_active: torch.Tensor | None, spikes: torch.Tensor) -> None:
+    """``group_active[t, b, g] = 1`` where sample ``b`` fired at step ``t`` in column group
+    ``g`` (``G`` groups of equal width over the spikes' last dim); never cleared."""
+    if group_active is None or spikes.numel() == 0:
+        return
+    steps, batch, groups = group_active.shape
+    tiles = spikes.reshape(steps, batch, -1, groups, spikes.shape[-1] // groups)
+    group_active.masked_fill_((tiles != 0).any(dim=4).any(dim=2), 1)
+
+
 def spikes_of_counts(counts: torch.Tensor, before: torch.Tensor | None) -> torch.Tensor:
     """A neuron's spikes ``[T, ...]`` int8 from its count after each step (an op's
     ``counts_out``) and its count ``before`` the steps (``[...]``; None: 0)."""
@@ -31,11 +42,18 @@ def spikes_of_counts(counts: torch.Tensor, before: torch.Tensor | None) -> torch
 
 
 def record_active_of(
-    active: torch.Tensor | None, out: torch.Tensor, before: torch.Tensor | None, counts: bool
+    active: torch.Tensor | None,
+    out: torch.Tensor,
+    before: torch.Tensor | None,
+    counts: bool,
+    group_active: torch.Tensor | None = None,
 ) -> None:
-    """``record_active`` from a neuron op's output: its spikes, or with ``counts`` (the op's
-    ``counts_out``) its count after each step, whose differences from ``before`` (its count
-    before the steps; None: 0) are the spikes."""
-    if counts and active is not None and out.numel():
+    """``record_active`` (and ``record_group_active``) from a neuron op's output: its spikes,
+    or with ``counts`` (the op's ``counts_out``) its count after each step, whose differences
+    from ``before`` (its count before the steps; None: 0) are the spikes."""
+    if active is None and group_active is None:
+        return
+    if counts and out.numel():
         out = spikes_of_counts(out, before)
     record_active(active, out)
+    record_group_active(group_active, out)

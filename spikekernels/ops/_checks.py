@@ -172,22 +172,56 @@ def check_active(
     ``T`` and ``B`` the spikes' dims 0 and 1, contiguous (the kernels store into it), on
     ``like``'s device, and the rows of one step (the spikes' dims 1 to -2 flattened) split
     into ``B`` equal blocks, one per sample."""
-    if active is None:
+    if active is not None:
+        _check_flags(active, (), spikes_shape, like, like_name, name)
+
+
+def check_group_active(
+    group_active: torch.Tensor | None,
+    spikes_shape: Sequence[int],
+    like: torch.Tensor,
+    like_name: str,
+    name: str = "group_active",
+) -> None:
+    """Optional activity flags per sample and column group: int32 ``[T, B, G]``, its ``[T,
+    B]`` as ``check_active``'s, and ``G >= 1`` groups of equal width over the spikes' last
+    dim."""
+    if group_active is None:
         return
-    check_tensor(active, name, dtypes=(torch.int32,))
+    if group_active.dim() == 3:
+        groups, channels = group_active.shape[2], spikes_shape[-1]
+        if groups == 0 or channels % groups:
+            raise ValueError(
+                f"{name}: its {groups} column groups (dim 2) must split the {channels} output "
+                "channels evenly"
+            )
+    _check_flags(group_active, ("G",), spikes_shape, like, like_name, name)
+
+
+def _check_flags(
+    flags: torch.Tensor,
+    extra: tuple[str, ...],
+    spikes_shape: Sequence[int],
+    like: torch.Tensor,
+    like_name: str,
+    name: str,
+) -> None:
+    """``check_active``'s checks of flags ``[T, B, *extra]``."""
+    check_tensor(flags, name, dtypes=(torch.int32,))
     if len(spikes_shape) < 2:
         raise ValueError(
             f"{name} needs spikes [T, B, ...] with a batch dim, but the spikes have shape "
             f"{tuple(spikes_shape)}"
         )
     steps, batch = spikes_shape[0], spikes_shape[1]
-    if tuple(active.shape) != (steps, batch):
+    if tuple(flags.shape[:2]) != (steps, batch) or flags.dim() != 2 + len(extra):
+        want = ", ".join((str(steps), str(batch), *extra))
         raise ValueError(
-            f"{name} must have shape ({steps}, {batch}) (the spikes' steps and batch dim 1), "
-            f"got {tuple(active.shape)}"
+            f"{name} must have shape ({want}) (the spikes' steps and batch dim 1), "
+            f"got {tuple(flags.shape)}"
         )
-    check_same_device(like_name, like, name, active)
-    if not active.is_contiguous():
+    check_same_device(like_name, like, name, flags)
+    if not flags.is_contiguous():
         raise ValueError(f"{name} must be contiguous: the op writes it in place")
     rows = math.prod(spikes_shape[1:-1])
     if batch and rows % batch:

@@ -13,6 +13,7 @@ from spikekernels.ops._checks import (
     check_active,
     check_bounds,
     check_flag,
+    check_group_active,
     check_in_bounds,
     check_same_device,
     check_state,
@@ -48,6 +49,7 @@ def _check_exact_linear(
     inplace,
     counts_out,
     s_before=None,
+    group_active=None,
 ) -> None:
     """Metadata checks (no data read)."""
     check_flag(counts_out, "counts_out")
@@ -89,7 +91,9 @@ def _check_exact_linear(
     check_state(s_before, "s_before", s.shape[1:], (torch.int8,), s, "s")
     check_state(count, "count", shape, (torch.int8,), s, "s")
     check_active(active, (s.shape[0], *shape), s, "s")
-    inputs = (s, weight, weight_scale, bias, in_threshold, threshold, s_count, s_before, active)
+    check_group_active(group_active, (s.shape[0], *shape), s, "s")
+    inputs = (s, weight, weight_scale, bias, in_threshold, threshold, s_count, s_before, active,
+              group_active)  # fmt: skip
     check_inplace(inplace, (("count", count),), inputs)
 
 
@@ -140,11 +144,12 @@ def exact_linear_torch(
     active: torch.Tensor | None = None,
     counts_out: bool = False,
     s_before: torch.Tensor | None = None,
+    group_active: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Vectorised PyTorch (any device): one float32 matmul over all ``T * rows`` rows, a
     cumulative sum over T in int32 plus the starting ``(s_count - sum_t s_t) @ W^T``
     (``exact_math.int_matmul``), the value formula, then the target neuron (sequential in T,
-    vectorised per step), which records ``active``.
+    vectorised per step), which records ``active`` (and ``group_active`` from its spikes).
 
     Exact: every partial sum of ``s_t @ W^T`` is an integer of magnitude ``<= 127 K < 2^24``,
     so the float32 matmul is exact in any order (TF32 or bf16 operands hold int8 exactly too),
@@ -160,10 +165,12 @@ def exact_linear_torch(
         acc_t += int_matmul(before, weight.t())
     m = in_threshold.to(torch.float32).reshape(()) * weight_scale
     value = linear_value(acc_t, m, bias)
-    return target_spikes_torch(value, threshold, n_min, p_max, count, active, counts_out)
+    out = target_spikes_torch(value, threshold, n_min, p_max, count, active, counts_out)
+    record_active_of(None, out[0], count, counts_out, group_active)
+    return out
 
 
-@kernel_op("exact_linear", mutates_args=("count", "active"))
+@kernel_op("exact_linear", mutates_args=("count", "active", "group_active"))
 def _exact_linear_op(
     s: torch.Tensor,
     weight: torch.Tensor,
@@ -179,9 +186,10 @@ def _exact_linear_op(
     inplace: bool = False,
     counts_out: bool = False,
     s_before: torch.Tensor | None = None,
+    group_active: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     args = (s, weight, weight_scale, bias, in_threshold, threshold, n_min, p_max, s_count, count)
-    _check_exact_linear(*args, active, inplace, counts_out, s_before)
+    _check_exact_linear(*args, active, inplace, counts_out, s_before, group_active)
     backend = backend_for(s, ("triton", "torch"))
     if backend == "triton":
         from spikekernels.kernels.exact_linear import exact_linear_triton
@@ -208,6 +216,7 @@ def _exact_linear_op(
             inplace=inplace,
             counts_out=counts_out,
             s_before=s_before is not None,
+            group_active=group_active,
         )
         shape = (*lead, n)
         spikes = spikes.reshape(s.shape[0], *shape)
@@ -216,9 +225,9 @@ def _exact_linear_op(
         from spikekernels import reference
 
         out = reference.exact_linear(*args, counts_out, s_before)
-        record_active_of(active, out[0], count, counts_out)
+        record_active_of(active, out[0], count, counts_out, group_active)
     else:
-        out = exact_linear_torch(*args, active, counts_out, s_before)
+        out = exact_linear_torch(*args, active, counts_out, s_before, group_active)
     return out[0], state_result(inplace, out[1], count)
 
 
@@ -238,9 +247,10 @@ def _(
     inplace=False,
     counts_out=False,
     s_before=None,
+    group_active=None,
 ):
     args = (s, weight, weight_scale, bias, in_threshold, threshold, n_min, p_max, s_count, count)
-    _check_exact_linear(*args, active, inplace, counts_out, s_before)
+    _check_exact_linear(*args, active, inplace, counts_out, s_before, group_active)
     shape = (*s.shape[1:-1], weight.shape[0])
     return (
         s.new_empty((s.shape[0], *shape), dtype=torch.int8),
@@ -264,6 +274,7 @@ def exact_linear(
     inplace: bool = False,
     counts_out: bool = False,
     s_before: torch.Tensor | None = None,
+    group_active: torch.Tensor | None = None,
     validate: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact-mode spiking linear layer fused with its output neuron (SPEC.md §9.2-§9.4).
@@ -314,6 +325,13 @@ def exact_linear(
             directly, and the kernel's prologue does not read the chunk's spikes back to
             subtract them (T reads of the input less per chunk, for one copy of that count
             the caller takes before the input neuron's call).
+        group_active: optional int32 ``[T, B, G]``: ``active`` per group of ``N / G``
+            adjacent output channels (``group_active[t, b, g] = 1`` where sample ``b`` fires
+            at step ``t`` in group ``g``; never cleared), set in place. The Triton kernel
+            sets it per output tile that fired, for every sample and group the tile overlaps
+            (a superset: a tile that straddles two samples sets both); the other paths from
+            the spikes. With one group per head's q, k and v (a qkv layer), they are
+            ``exact_attention``'s ``qkv_active``.
         validate: on a GPU also run the data checks (host syncs): thresholds positive, finite
             and normal; ``weight_scale`` finite and positive; ``weight`` in ``[-127, 127]``;
             ``s`` ternary; ``s_count`` consistent with ``s``; ``count`` inside ``[n_min,
@@ -336,8 +354,8 @@ def exact_linear(
     ``force_backend("reference")`` runs the oracle. Inference only: no autograd.
     """
     args = (s, weight, weight_scale, bias, in_threshold, threshold, n_min, p_max, s_count, count)
-    _check_exact_linear(*args, active, inplace, counts_out, s_before)
+    _check_exact_linear(*args, active, inplace, counts_out, s_before, group_active)
     _check_data(s, weight, weight_scale, in_threshold, threshold, s_count, validate, s_before)
     check_in_bounds(count, "count", n_min, p_max, validate)
-    out = call_op("exact_linear", *args, active, inplace, counts_out, s_before)
+    out = call_op("exact_linear", *args, active, inplace, counts_out, s_before, group_active)
     return own_state(out, (1,), (count,)) if inplace else out
