@@ -198,15 +198,19 @@ def test_exact_context(gen, device, monkeypatch):
 @pytest.mark.parametrize("tiles", ea.TILE_CANDIDATES, ids=str)
 def test_exact_attention(gen, device, tiles, monkeypatch):
     """The fused attention (scores, softmax, attention neuron, context, neuron in one kernel)
-    at each scores candidate: 197 keys, 35 queries, head dim 64, mid-run."""
+    at each scores candidate: 197 keys, 35 queries, head dim 64, mid-run; and again with
+    the qkv layer's flags, some operands held (the reads they let the kernel skip)."""
     names = ("_PROBS_INTERPRET", "_PROBS_GPU")
     seen = _set_tiles(monkeypatch, ea, tiles, names, "exact_attention_kernel")
     tests = running_counts_tests
-    case = tests._attention_case(gen, 3, (2,), 35, 64, 197, 64, state=True)
+    case = tests._hold(gen, tests._attention_case(gen, 4, (2,), 35, 64, 197, 64, state=True))
+    flags = tests._qkv_moved(case).to(device)
     case = {name: t.to(device) for name, t in case.items()}
     spikes, attn_count, count, _ = tests._composed(case)
     want = (spikes, attn_count, count)
     tests._assert_equal(tests._run_attention(case), want, tests.ATTENTION_NAMES)
+    got = tests._run_attention(case, qkv_active=flags)
+    tests._assert_equal(got, want, tests.ATTENTION_NAMES)
     _launched(
         seen, BLOCK_M=tiles[0], BLOCK_N=256, BLOCK_D=tiles[1], BLOCK_DV=64, num_warps=tiles[2]
     )

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import CPU_PASS_ONLY, DEVICES
+from conftest import CPU_PASS_ONLY, DEVICES, TRITON_DEVICES
 from test_activity import _fired
 from test_exact_attention_ops import (
     ATTN_BOUNDS,
@@ -632,9 +632,88 @@ def test_attention_quiet_tiles_wake_up(gen, backend):
     assert late[0] == 0 and late[1] > 0, f"settled before step 44, woken after: {late}"
 
 
+def _qkv_moved(case) -> torch.Tensor:
+    """``qkv_active``'s truth ``[T, *batch, 3]``: whether q's, k's and v's running counts of a
+    batch entry differ from the step before (set at step 0)."""
+    flags = []
+    for name in ("q", "k_t", "v"):
+        x = case[name]
+        moved = torch.ones(x.shape[:-2], dtype=torch.bool)
+        moved[1:] = (x[1:] != x[:-1]).flatten(-2).any(dim=-1)
+        flags.append(moved)
+    return torch.stack(flags, dim=-1).to(torch.int32)
+
+
+def _hold(gen, case, p: float = 0.6) -> dict:
+    """``case`` with q's, k's and v's counts of random (step, batch entry) held at the step
+    before: operands that did not change, which ``qkv_active`` lets the kernel skip."""
+    held = dict(case)
+    for name in ("q", "k_t", "v"):
+        x = case[name].clone()
+        hold = torch.rand(x.shape[:-2], generator=gen) < p
+        for t in range(1, x.shape[0]):
+            x[t][hold[t]] = x[t - 1][hold[t]]
+        held[name] = x
+    return held
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("T", "batch", "m", "d", "n", "dv"), ATTENTION_SHAPES)
+@pytest.mark.parametrize("state", [False, True])
+def test_attention_qkv_active_changes_no_bit(gen, backend, T, batch, m, d, n, dv, state):
+    """With the producer's flags (the truth, plus flags set where nothing changed, which the
+    contract allows) the bits, the counts and both neurons' activity are those without."""
+    case = _hold(gen, _attention_case(gen, T, batch, m, d, n, dv, state=state))
+    truth = _qkv_moved(case)
+    flags = truth | (torch.rand(truth.shape, generator=gen) < 0.2).to(torch.int32)
+    assert T == 1 or (truth == 0).any(), "the case proves little"
+    spikes, attn_count, count, _ = _composed(case, merge_heads=len(batch) > 1)
+    activity = [torch.zeros(T, batch[0], dtype=torch.int32) for _ in range(4)]
+    with force_backend(backend):
+        for qkv_active, (attn_active, active) in ((None, activity[:2]), (flags, activity[2:])):
+            got = _run_attention(case, attn_active=attn_active, active=active,
+                                 merge_heads=len(batch) > 1, qkv_active=qkv_active)  # fmt: skip
+            _assert_equal(got, (spikes, attn_count, count), ATTENTION_NAMES)
+    assert torch.equal(activity[0], activity[2]) and torch.equal(activity[1], activity[3])
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("state", [False, True])
+def test_attention_kernel_skips_what_the_flags_call_quiet(gen, device, state):
+    """The kernel reads q and k only at steps the flags mark: with every flag 0 after step 0
+    (the op's own check bypassed) it gives the bits of q and k frozen at step 0, whatever
+    they do later. v is held (its flag true): the attention neuron still climbs to its
+    targets for a few steps, and its moves alone must make the context read v again."""
+    from spikekernels.kernels.exact_attention import exact_attention_triton
+    from spikekernels.ops._registry import launcher
+
+    T = 6
+    case = _attention_case(gen, T, (2, 3), 18, 24, 37, 16, state=state)
+    case["v"] = case["v"][:1].expand_as(case["v"])
+    frozen = {name: case[name][:1].expand_as(case[name]) for name in ("q", "k_t")}
+    frozen = dict(case, **frozen)
+    spikes, attn_count, count, a = _composed(frozen)
+    assert (a[2:] != a[1:-1]).any(), "the attention neuron settles at once: proves little"
+    assert (_qkv_moved(case)[1:] != 0).any(), "the operands never move: proves little"
+    qkv_active = torch.zeros(T, 2, 3, 3, dtype=torch.int32)
+    qkv_active[0] = 1
+    on = {name: t.to(device) for name, t in case.items()}
+    c = dict(on)
+    head = [c.pop(name) for name in ("q", "k_t", "v", "gain", "attn_threshold")]
+    scalars = [c.pop(name) for name in ("theta_a", "theta_v", "threshold")]
+    got = exact_attention_triton(
+        launcher, *head, *ATTN_BOUNDS, *scalars, *CTX_BOUNDS, c.get("attn_count"),
+        c.get("count"), qkv_active=qkv_active.to(device),
+    )  # fmt: skip
+    _assert_equal(got, (spikes, attn_count, count), ATTENTION_NAMES)
+
+
 @pytest.mark.parametrize(
     ("change", "error", "words"),
     [
+        (dict(qkv_active="int64"), TypeError, "qkv_active must have dtype"),
+        (dict(qkv_active="narrow"), ValueError, "qkv_active must be [T, *batch, 3]"),
+        (dict(qkv_active="missed"), ValueError, "qkv_active[..., 1] is 0 at a step where k_t"),
         (dict(count=None), ValueError, "attn_count and count go together"),
         (dict(v="short"), ValueError, "v must be [T, *batch, N, DV]"),
         (dict(attn_active="bad"), ValueError, "attn_active must have shape"),
@@ -653,6 +732,14 @@ def test_attention_bad_input_is_rejected(gen, change, error, words):
             case["v"] = case["v"].float()
         elif value == "bad":
             kwargs["attn_active"] = torch.zeros(2, 2, dtype=torch.int32)
+        elif value == "int64":
+            kwargs[name] = torch.ones(3, 2, 3, dtype=torch.int64)
+        elif value == "narrow":
+            kwargs[name] = torch.ones(3, 2, 2, dtype=torch.int32)
+        elif value == "missed":  # k's flag cleared at a step where k moved
+            kwargs[name] = _qkv_moved(case)
+            moved = kwargs[name][1:, :, 1].nonzero()[0]
+            kwargs[name][1 + moved[0], moved[1], 1] = 0
         elif value == "over":  # outside the neuron's bounds (ATTN_BOUNDS, CTX_BOUNDS)
             case[name] = torch.full_like(case[name], 100)
         else:
@@ -661,13 +748,17 @@ def test_attention_bad_input_is_rejected(gen, change, error, words):
         _run_attention(case, **kwargs)
 
 
-def test_attention_opcheck(gen):
+@pytest.mark.parametrize("qkv_active", [False, True])
+def test_attention_opcheck(gen, qkv_active):
     case = _attention_case(gen, 3, (2, 2), 5, 8, 6, 4, state=True)
+    flags = _qkv_moved(case) if qkv_active else None
     c = dict(case)
     args = [c.pop(n) for n in ("q", "k_t", "v", "gain", "attn_threshold")]
     args += [*ATTN_BOUNDS, c.pop("theta_a"), c.pop("theta_v"), c.pop("threshold"), *CTX_BOUNDS]
     args += [c.pop("attn_count"), c.pop("count")]
-    torch.library.opcheck(torch.ops.spikekernels.exact_attention, (*args, None, None, False, True))
+    torch.library.opcheck(
+        torch.ops.spikekernels.exact_attention, (*args, None, None, False, True, flags)
+    )
 
 
 @pytest.mark.parametrize("inplace", [False, True])

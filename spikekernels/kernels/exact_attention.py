@@ -55,6 +55,17 @@ queries]``, one int8 dot over all keys) and the context neuron on it, its count 
 too. The attention counts never leave the kernel; only the context spikes (heads merged when
 asked) and the two final counts are written. Each neuron's quiet tiles are skipped as below.
 
+With ``qkv_active`` (the qkv layer's flags per step, sample, head and operand: whether q's,
+k's and v's counts moved) a step also skips reads. Where q and k did not move, their count
+tiles are not read (the loads are masked off, so the step loop still pipelines them) and
+``S`` is the last step's (the dots add zeros; the compare with the last step is skipped).
+V's load is masked by the flags alone, so it is issued ahead too; the context product runs
+only where v or the attention counts moved, and reads V again in the rare step where the
+attention neuron moved while q, k and v did not (still climbing to its targets). Every
+program re-reads its head's K and V (13 query blocks a head at ViT-S: about 30 KB a
+program-step from L2, the kernel's largest traffic), so late steps, where most heads are
+quiet, then read little more than the flags.
+
 With ``COUNTS_IN`` the operands are the running counts themselves (the producing kernels'
 ``COUNTS_OUT``: the neuron's count after each step, the same bytes as its spikes), and each
 step forms the product directly, ``S^T = K_t Q_t^T`` and ``Z = A_t V_t``: no running-count
@@ -112,6 +123,7 @@ from spikekernels.kernels.exact_rows import bit_order_codes, permuted_rows, tree
 from spikekernels.kernels.spike_matmul import (
     _running_counts,
     _split_batch,
+    _split_dims,
     _split_state,
 )
 from spikekernels.kernels.target import (
@@ -371,12 +383,20 @@ def _changed(now, last):
 @triton.jit
 def scores_of_counts(
     q_ptr, k_ptr, offs_m, offs_n, offs_d, mask_m, mask_n, D, stride_qm, stride_qd, stride_kn,
-    stride_kd, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    D_SLICES: tl.constexpr,
+    stride_kd, moved, s_last, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, D_SLICES: tl.constexpr, SKIP: tl.constexpr,
 ):  # fmt: skip
     """``S^T = K_t @ Q_t^T`` (``[keys, queries]`` int32, exact) of this step's running counts
-    (``COUNTS_IN``), dense, over the head dim in ``D_SLICES`` slices of ``BLOCK_D``."""
-    s = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.int32)
+    (``COUNTS_IN``), dense, over the head dim in ``D_SLICES`` slices of ``BLOCK_D``. With
+    ``SKIP``, where the scalar ``moved`` is false (Q and K as at the last step) it is
+    ``s_last`` instead, and the count tiles are not read: their loads are masked off, not
+    branched around, so that the step loop still pipelines them, and the dots add zeros."""
+    if SKIP:
+        s = tl.where(moved, tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.int32), s_last)
+        mask_n = mask_n & moved
+        mask_m = mask_m & moved
+    else:
+        s = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.int32)
     # unrolled (the slice count is a constant): with no loop inside the caller's step loop,
     # Triton pipelines that one, loading the next steps' K and Q while a step computes
     for d0 in tl.static_range(0, D_SLICES * BLOCK_D, BLOCK_D):
@@ -504,7 +524,7 @@ def exact_attention_probs_kernel(
         if COUNTS_IN:
             s_now = scores_of_counts(
                 q_ptr, k_ptr, offs_m, offs_n, offs_d, mask_m, mask_n, D, stride_qm, stride_qd,
-                stride_kn, stride_kd, BLOCK_M, BLOCK_N, BLOCK_D, D_SLICES,
+                stride_kn, stride_kd, True, s, BLOCK_M, BLOCK_N, BLOCK_D, D_SLICES, False,
             )  # fmt: skip
             moved = _changed(s_now, s)
             s = s_now
@@ -766,6 +786,7 @@ def exact_attention_kernel(
     count_out_ptr,  # [B, M, DV] int8
     attn_active_ptr,  # [T, samples] int32 flags of the attention neuron (HAS_ATTN_ACTIVE only)
     active_ptr,  # [T, samples] int32 flags of the context neuron (HAS_ACTIVE only)
+    qkv_active_ptr,  # [T, B, H, 3] int32 flags: Q, K, V changed at the step (HAS_QKV_ACTIVE)
     T,
     M,
     N,
@@ -791,6 +812,10 @@ def exact_attention_kernel(
     stride_ob,
     stride_oh,
     stride_om,
+    stride_flag_t,  # qkv_active's strides (HAS_QKV_ACTIVE only)
+    stride_flag_b,
+    stride_flag_h,
+    stride_flag_i,
     attn_n_min,
     attn_p_max,
     n_min,
@@ -800,6 +825,7 @@ def exact_attention_kernel(
     HAS_COUNT: tl.constexpr,  # both incoming counts given
     HAS_ATTN_ACTIVE: tl.constexpr,
     HAS_ACTIVE: tl.constexpr,
+    HAS_QKV_ACTIVE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -863,12 +889,32 @@ def exact_attention_kernel(
     z = tl.zeros([BLOCK_DV, BLOCK_M], dtype=tl.int32)
     attn_fired = tl.full((), 1, tl.int32)
     fired = tl.full((), 1, tl.int32)
-    for _ in range(T):
-        s_now = scores_of_counts(
-            q_ptr, k_ptr, offs_m, offs_n, offs_d, mask_m, mask_n, D, stride_qm, stride_qd,
-            stride_kn, stride_kd, BLOCK_M, BLOCK_N, BLOCK_D, D_SLICES,
-        )  # fmt: skip
-        if (_changed(s_now, s) | attn_fired) != 0:
+    if HAS_QKV_ACTIVE:
+        qkv_active_ptr += (bid // H) * stride_flag_b + (bid % H) * stride_flag_h
+    for t in range(T):
+        # With the producer's flags, a step whose Q and K did not change reads neither (S is
+        # the last step's), and one whose A and V did not change neither reads V nor forms
+        # Z (module docstring). The first step always computes: no product is carried in.
+        if HAS_QKV_ACTIVE:
+            first = t == 0
+            q_or_k = tl.load(qkv_active_ptr) | tl.load(qkv_active_ptr + stride_flag_i)
+            qk_moved = first | (q_or_k != 0)
+            v_moved = first | (tl.load(qkv_active_ptr + 2 * stride_flag_i) != 0)
+            qkv_active_ptr += stride_flag_t
+            s_now = scores_of_counts(
+                q_ptr, k_ptr, offs_m, offs_n, offs_d, mask_m, mask_n, D, stride_qm, stride_qd,
+                stride_kn, stride_kd, qk_moved, s, BLOCK_M, BLOCK_N, BLOCK_D, D_SLICES, True,
+            )  # fmt: skip
+            s_moved = tl.full((), 0, tl.int32)
+            if qk_moved:
+                s_moved = _changed(s_now, s)
+        else:
+            s_now = scores_of_counts(
+                q_ptr, k_ptr, offs_m, offs_n, offs_d, mask_m, mask_n, D, stride_qm, stride_qd,
+                stride_kn, stride_kd, True, s, BLOCK_M, BLOCK_N, BLOCK_D, D_SLICES, False,
+            )  # fmt: skip
+            s_moved = _changed(s_now, s)
+        if (s_moved | attn_fired) != 0:
             sigma, attn_fired = _attention_neuron(
                 s_now, gain, mask_n, mask_m, attn_theta, attn_inv_theta, attn_count, attn_n_min,
                 attn_p_max, BLOCK_N, BLOCK_M, LOG2_N, KEY_TREE, True,
@@ -882,17 +928,32 @@ def exact_attention_kernel(
             record_active_tile(attn_active_ptr, attn_fired)
             attn_active_ptr += samples
 
-        # Z^T = V_t^T @ A_t^T over all keys at once (int8 wgmma, exact int32)
-        v = tl.load(v_ptr + v_offs, mask=mask_n[:, None] & mask_dv[None, :], other=0)
-        z_now = tl.dot(tl.trans(v), attn_count.to(tl.int8), out_dtype=tl.int32)
-        if (_changed(z_now, z) | fired) != 0:
+        # Z^T = V_t^T @ A_t^T over all keys at once (int8 wgmma, exact int32). V's load is
+        # predicated on the flags alone, so that it is issued ahead like Q's and K's; A that
+        # moved while Q, K and V did not (its neuron still catching up) reads V again.
+        v_mask = mask_n[:, None] & mask_dv[None, :]
+        if HAS_QKV_ACTIVE:
+            v_ahead = v_moved | qk_moved
+            v = tl.load(v_ptr + v_offs, mask=v_mask & v_ahead, other=0)
+            z_moved = tl.full((), 0, tl.int32)
+            if v_moved | (attn_fired != 0):
+                if not v_ahead:
+                    v = tl.load(v_ptr + v_offs, mask=v_mask, other=0)
+                z_now = tl.dot(tl.trans(v), attn_count.to(tl.int8), out_dtype=tl.int32)
+                z_moved = _changed(z_now, z)
+                z = z_now
+        else:
+            v = tl.load(v_ptr + v_offs, mask=v_mask, other=0)
+            z_now = tl.dot(tl.trans(v), attn_count.to(tl.int8), out_dtype=tl.int32)
+            z_moved = _changed(z_now, z)
+            z = z_now
+        if (z_moved | fired) != 0:
             sigma_c, fired = _context_neuron(
-                z_now, m, theta, inv_theta, count, n_min, p_max, mask_z, True
+                z, m, theta, inv_theta, count, n_min, p_max, mask_z, True
             )
         else:
             sigma_c = tl.zeros([BLOCK_DV, BLOCK_M], dtype=tl.int32)
             fired = tl.full((), 0, tl.int32)
-        z = z_now
         count = count + sigma_c
         tl.store(out_ptr + out_offs, sigma_c.to(tl.int8), mask=mask_z)
         if HAS_ACTIVE:
@@ -1182,11 +1243,13 @@ def exact_attention_triton(
     *,
     inplace: bool = False,
     merge_heads: bool = False,
+    qkv_active: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Host side: running counts ``q`` ``[T, *batch, M, D]``, ``k_t`` ``[T, *batch, D, N]``,
     ``v`` ``[T, *batch, N, DV]`` int8 (any strides, at least one batch entry, ``1 <= N <=
     MAX_KEYS``, ``1 <= DV <= MAX_HEAD_DIM``, ``M, D >= 1``), the two neurons' counts (both or
-    neither), ``attn_active``/``active`` ``[T, B]`` int32 contiguous or None. Returns
+    neither), ``attn_active``/``active`` ``[T, B]`` int32 contiguous or None, ``qkv_active``
+    ``[T, *batch, 3]`` int32 (any strides) or None. Returns
     ``(spikes [T, *batch, M, DV] int8 (merge_heads: [T, *batch[:-1], M, H * DV]), attn_count,
     count)``, the counts fresh or, with ``inplace``, views of the given ones."""
     steps, batch = q.shape[0], q.shape[1:-2]
@@ -1207,6 +1270,8 @@ def exact_attention_triton(
         out5 = out.view(steps, -1, h, m, dv)
     block_m, block_n, block_d, block_dv, num_warps = attention_config(n, dv)
     flags = active if active is not None else attn_active
+    if qkv_active is not None:
+        qkv_active = qkv_active.reshape(steps, *_split_dims(batch), 3)
     launch(exact_attention_kernel)[(triton.cdiv(m, block_m) * nb,)](
         q5,
         k5,
@@ -1223,6 +1288,7 @@ def exact_attention_triton(
         count_out,
         attn_out if attn_active is None else attn_active,
         attn_out if active is None else active,
+        attn_out if qkv_active is None else qkv_active,
         steps,
         m,
         n,
@@ -1233,6 +1299,7 @@ def exact_attention_triton(
         *k5.stride(),
         *v5.stride(),
         *out5.stride()[:4],
+        *((0, 0, 0, 0) if qkv_active is None else qkv_active.stride()),
         attn_n_min,
         attn_p_max,
         n_min,
@@ -1241,6 +1308,7 @@ def exact_attention_triton(
         HAS_COUNT=attn_in is not None,
         HAS_ATTN_ACTIVE=attn_active is not None,
         HAS_ACTIVE=active is not None,
+        HAS_QKV_ACTIVE=qkv_active is not None,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_D=block_d,

@@ -136,7 +136,9 @@ class ExactAttention(nn.Module):
     ``probs`` and ``context`` then run as one kernel (``ops.exact_attention``), which keeps
     the attention counts ``[T, B, H, N, N]`` in registers instead of writing them for the
     context to read (another 30 MB per block and step): their state and activity flags are
-    the modules', updated in place, and the bits are the two modules'. When either module
+    the modules', updated in place, and the bits are the two modules'. ``qkv`` records which
+    of each sample's heads' q, k and v fired at each step (``group_active``), and the kernel
+    skips the reads of those that did not (``qkv_active``). When either module
     has a forward hook (a ``SpikeCounter``, a user's probe) the two are called one after the
     other instead, so that the hook sees what it hooks.
 
@@ -184,9 +186,14 @@ class ExactAttention(nn.Module):
         check_token_spikes(s, self.dim, "ExactAttention")
         t, b, n, c = s.shape
         h, dh = self.num_heads, self.head_dim
+        # which of each sample's heads' q, k and v fired at each step: the attention skips
+        # the reads of those that did not (ops.exact_attention's qkv_active)
+        fired = torch.zeros(t, b, 3 * h, dtype=torch.int32, device=s.device)
         # the running counts of q, k, v after each step, as strided views of one layout (the
         # qkv neuron first: it names a shape that differs from its state's)
-        qkv = self.qkv(s, s_count, s_before=s_before).view(t, b, n, 3, h, dh)
+        qkv = self.qkv(s, s_count, s_before=s_before, group_active=fired)
+        qkv = qkv.view(t, b, n, 3, h, dh)
+        qkv_active = fired.view(t, b, 3, h).transpose(2, 3)  # [T, B, H, 3]
         # proj starts from the context neuron's count before these steps, heads merged (a
         # copy: the attention updates that count in place)
         context_before = None
@@ -197,7 +204,7 @@ class ExactAttention(nn.Module):
         k_t = qkv[:, :, :, 1].permute(0, 1, 3, 4, 2)  # [T, B, H, Dh, N]
         v = qkv[:, :, :, 2].transpose(2, 3)
         if self._fusable():
-            context = self._fused(q, k_t, v)
+            context = self._fused(q, k_t, v, qkv_active)
         else:
             a = self.probs(q, k_t)  # [T, B, H, N, N] running attention counts
             # [T, B, N, C] spikes: the kernel writes the heads merged, as proj reads them
@@ -214,7 +221,9 @@ class ExactAttention(nn.Module):
             and probs.stateful_call() == context.stateful_call()
         )
 
-    def _fused(self, q: torch.Tensor, k_t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def _fused(
+        self, q: torch.Tensor, k_t: torch.Tensor, v: torch.Tensor, qkv_active: torch.Tensor
+    ) -> torch.Tensor:
         """``probs`` then ``context`` as one op, on the modules' own state."""
         probs, context = self.probs, self.context
         stateful = probs.stateful_call()
@@ -223,7 +232,7 @@ class ExactAttention(nn.Module):
             context.theta_a, context.theta_v, context.threshold, context.n_min, context.p_max,
             probs.count if stateful else None, context.count if stateful else None,
             attn_active=probs.activity, active=context.activity, inplace=stateful,
-            merge_heads=True,
+            merge_heads=True, qkv_active=qkv_active,
         )  # fmt: skip
         probs.count, context.count = attn_count, count
         return spikes

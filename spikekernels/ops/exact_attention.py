@@ -29,6 +29,7 @@ from spikekernels.ops._checks import (
     check_threshold,
     check_threshold_values,
     check_time_major,
+    may_read_data,
 )
 from spikekernels.ops._dispatch import backend_for
 from spikekernels.ops._inplace import check_inplace, own_state, placeholder, state_result
@@ -475,7 +476,7 @@ def exact_context(
 
 def _check_attention(
     q, k_t, v, gain, attn_threshold, attn_n_min, attn_p_max, theta_a, theta_v, threshold, n_min,
-    p_max, attn_count, count, attn_active, active, inplace, merge_heads,
+    p_max, attn_count, count, attn_active, active, inplace, merge_heads, qkv_active=None,
 ) -> None:  # fmt: skip
     """Metadata checks (no data read)."""
     check_flag(merge_heads, "merge_heads")
@@ -516,8 +517,33 @@ def _check_attention(
         )
     check_active(attn_active, attn_shape, q, "q", "attn_active")
     check_active(active, (q.shape[0], *out_shape), q, "q")
-    inputs = (q, k_t, v, gain, attn_threshold, theta_a, theta_v, threshold, attn_active, active)
+    if qkv_active is not None:
+        check_tensor(qkv_active, "qkv_active", dtypes=(torch.int32,))
+        want = (q.shape[0], *q.shape[1:-2], 3)
+        if tuple(qkv_active.shape) != want:
+            raise ValueError(
+                f"qkv_active must be [T, *batch, 3] (q's steps and batch dims; q, k, v), "
+                f"expected {want}, got {tuple(qkv_active.shape)}"
+            )
+        check_same_device("q", q, "qkv_active", qkv_active)
+    inputs = (q, k_t, v, gain, attn_threshold, theta_a, theta_v, threshold, attn_active, active,
+              qkv_active)  # fmt: skip
     check_inplace(inplace, (("attn_count", attn_count), ("count", count)), inputs)
+
+
+def _check_qkv_active(q, k_t, v, qkv_active, validate: bool) -> None:
+    """Data check of ``qkv_active`` (CPU always, a GPU with ``validate``): nonzero wherever
+    its operand's running count differs from the step before. (At the first step a kernel
+    reads every operand whatever the flag, so that step is not checked.)"""
+    if qkv_active is None or q.shape[0] < 2 or not may_read_data(qkv_active, validate):
+        return
+    for i, (x, name) in enumerate(((q, "q"), (k_t, "k_t"), (v, "v"))):
+        moved = (x[1:] != x[:-1]).flatten(-2).any(dim=-1)
+        if bool((moved & (qkv_active[1:, ..., i] == 0)).any()):
+            raise ValueError(
+                f"qkv_active[..., {i}] is 0 at a step where {name} changed: the flags must "
+                f"be set wherever {name}'s neuron fired (exact_linear's group_active)"
+            )
 
 
 def exact_attention_torch(
@@ -562,17 +588,19 @@ def _exact_attention_op(
     active: torch.Tensor | None = None,
     inplace: bool = False,
     merge_heads: bool = False,
+    qkv_active: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     args = (q, k_t, v, gain, attn_threshold, attn_n_min, attn_p_max, theta_a, theta_v,
             threshold, n_min, p_max, attn_count, count)  # fmt: skip
-    _check_attention(*args, attn_active, active, inplace, merge_heads)
+    _check_attention(*args, attn_active, active, inplace, merge_heads, qkv_active)
     backend = backend_for(q, ("triton", "torch"))
     if backend == "triton" and _fused_attention_fits(q, k_t, v):
         from spikekernels.kernels.exact_attention import exact_attention_triton
 
         out = exact_attention_triton(
-            launcher, *args, attn_active, active, inplace=inplace, merge_heads=merge_heads
-        )
+            launcher, *args, attn_active, active, inplace=inplace, merge_heads=merge_heads,
+            qkv_active=qkv_active,
+        )  # fmt: skip
         if inplace:
             return out[0], placeholder(attn_count), placeholder(count)
         return out
@@ -603,11 +631,11 @@ def _exact_attention_op(
 def _(
     q, k_t, v, gain, attn_threshold, attn_n_min, attn_p_max, theta_a, theta_v, threshold, n_min,
     p_max, attn_count=None, count=None, attn_active=None, active=None, inplace=False,
-    merge_heads=False,
+    merge_heads=False, qkv_active=None,
 ):  # fmt: skip
     args = (q, k_t, v, gain, attn_threshold, attn_n_min, attn_p_max, theta_a, theta_v,
             threshold, n_min, p_max, attn_count, count)  # fmt: skip
-    _check_attention(*args, attn_active, active, inplace, merge_heads)
+    _check_attention(*args, attn_active, active, inplace, merge_heads, qkv_active)
     steps, *batch, m, _ = q.shape
     spikes = q.new_empty((steps, *batch, m, v.shape[-1]), dtype=torch.int8)
     spikes = heads_merged(spikes) if merge_heads else spikes
@@ -637,6 +665,7 @@ def exact_attention(
     active: torch.Tensor | None = None,
     inplace: bool = False,
     merge_heads: bool = False,
+    qkv_active: torch.Tensor | None = None,
     validate: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Exact-mode self-attention between ``qkv`` and ``proj``, fused: the scores product, the
@@ -667,8 +696,17 @@ def exact_attention(
             (``target_spikes``' contract), set in place.
         inplace: write the new counts into the given ones (both required, contiguous).
         merge_heads: the spikes ``[T, *batch[:-1], M, H * DV]``, as ``proj`` reads them.
-        validate: on a GPU also check the thresholds and the gain, and that the incoming
-            counts lie inside their bounds (host syncs); on CPU always.
+        qkv_active: optional int32 ``[T, *batch, 3]`` (any strides), read only: nonzero
+            wherever q's, k's or v's neuron (index 0, 1, 2) fired at step ``t`` in that batch
+            entry, i.e. wherever its running count differs from the step before
+            (``exact_linear``'s ``group_active`` of the qkv layer, one group per head's q, k
+            and v, viewed). Then a step whose q and k did not change reads neither (the
+            scores are the last step's) and one whose v and attention counts did not change
+            neither reads v nor forms the context product: late steps mostly read only these
+            flags. A flag may be set where nothing changed; a zero where something did is
+            refused on CPU (and on a GPU with ``validate``): it would skip a change.
+        validate: on a GPU also check the thresholds and the gain, that the incoming counts
+            lie inside their bounds and ``qkv_active`` (host syncs); on CPU always.
 
     Returns:
         ``(spikes, attn_count, count)``: the context neuron's int8 spikes and the two new
@@ -682,11 +720,12 @@ def exact_attention(
     """
     args = (q, k_t, v, gain, attn_threshold, attn_n_min, attn_p_max, theta_a, theta_v,
             threshold, n_min, p_max, attn_count, count)  # fmt: skip
-    _check_attention(*args, attn_active, active, inplace, merge_heads)
+    _check_attention(*args, attn_active, active, inplace, merge_heads, qkv_active)
     for t, name in ((gain, "gain"), (attn_threshold, "attn_threshold"), (theta_a, "theta_a"),
                     (theta_v, "theta_v"), (threshold, "threshold")):  # fmt: skip
         check_threshold_values(t, name, validate)
     check_in_bounds(attn_count, "attn_count", attn_n_min, attn_p_max, validate)
     check_in_bounds(count, "count", n_min, p_max, validate)
-    out = call_op("exact_attention", *args, attn_active, active, inplace, merge_heads)
+    _check_qkv_active(q, k_t, v, qkv_active, validate)
+    out = call_op("exact_attention", *args, attn_active, active, inplace, merge_heads, qkv_active)
     return own_state(out, (1, 2), (attn_count, count)) if inplace else out
