@@ -20,8 +20,9 @@ from spikekernels.kernels.exact_layernorm import (
 from spikekernels.kernels.target import inverse_threshold, target_estimate_margin
 from spikekernels.nn.exact_layers import ExactLayerNorm
 from spikekernels.nn.target_neuron import TargetNeuron
+from spikekernels.ops import exact_layernorm as exact_layernorm_ops
 from spikekernels.ops import exact_layernorm_neuron
-from spikekernels.ops._dispatch import force_backend
+from spikekernels.ops._dispatch import backend_for, force_backend
 
 # NaN rows are deliberate here (0/0, NaN and inf inputs): numpy, under the interpreter, warns
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
@@ -905,7 +906,44 @@ def _good_args() -> dict:
 _SPIKES = torch.zeros(2, 3, 4, 8, dtype=torch.int8)  # a branch's spikes for _good_args' d
 _THETA2 = dict(branch2_threshold=torch.tensor(0.25))
 
+_FLAGS = torch.ones(2, 3, 4, dtype=torch.int32)  # one per row of _good_args' d and step
+
 BAD_INPUTS = [
+    ("d_moved int64", dict(d_moved=_FLAGS.long()), TypeError, "d_moved must have dtype"),
+    ("d_moved shape", dict(d_moved=_FLAGS[:, :, :3]), ValueError, "d_moved must have d's shape"),
+    ("d_moved pooled", dict(d_moved=_FLAGS, pool=True), ValueError, "d_moved needs d"),
+    (
+        "d_moved without d",
+        dict(d=None, d_moved=_FLAGS, branch_spikes=_SPIKES, branch_threshold=torch.tensor(0.5)),
+        ValueError,
+        "d_moved needs d",
+    ),
+    (
+        "d_moved missing a move",
+        dict(
+            d=torch.arange(2.0, dtype=torch.float64).reshape(2, 1, 1, 1).expand(2, 3, 4, 8),
+            d_moved=_FLAGS * 0,
+        ),
+        ValueError,
+        "d_moved is 0 at a row of d that differs",
+    ),  # fmt: skip
+    (
+        "residual_moved without residual_out",
+        dict(residual_moved=_FLAGS.clone()),
+        ValueError,
+        "residual_moved needs residual_out",
+    ),
+    (
+        "residual_moved strided",
+        dict(
+            residual_moved=torch.ones(2, 4, 3, dtype=torch.int32).transpose(1, 2),
+            branch_spikes=_SPIKES,
+            branch_threshold=torch.tensor(0.5),
+            residual_out=True,
+        ),
+        ValueError,
+        "residual_moved must be contiguous",
+    ),
     ("T == 0", dict(d=torch.zeros(0, 3, 4, 8, dtype=torch.float64)), ValueError, "T == 0"),
     ("d float32", dict(d=torch.zeros(2, 3, 4, 8)), TypeError, "d must have dtype"),
     ("d 1-D", dict(d=torch.zeros(8, dtype=torch.float64)), ValueError, "at least 2 dims"),
@@ -1155,6 +1193,7 @@ def test_bad_input_is_rejected(case, bad, error, words):
         "two_branches",
         "two_branches_only",
         "pool_two_branches",
+        "two_branches_moved",
     ],
 )
 def test_opcheck(gen, case):
@@ -1177,6 +1216,9 @@ def test_opcheck(gen, case):
     residual_out = "branch" in case and not pool
     args = (d, c, norm["w"], norm["b"], EPS, norm["theta"], -8, 7, count, pool, None)
     args = (*args, *branch, *branch2, residual_out, inplace)
+    if case.endswith("_moved"):  # the stream's row flags, read and written
+        d_moved = exact_layernorm_ops.rows_moved(d)
+        args = (*args, d_moved, torch.zeros_like(d_moved))
     torch.library.opcheck(torch.ops.spikekernels.exact_layernorm_neuron.default, args)
 
 
@@ -1202,3 +1244,97 @@ def test_cuda_matches_cpu_reference(gen, pool):
     cuda = {k: None if t is None else t.cuda() for k, t in norm.items()}
     got = _run(d.cuda(), c.cuda(), cuda, -8, 7, pool=pool, validate=True)
     _assert_same(got, _reference(d, c, norm, -8, 7, pool=pool))
+
+
+def _held(gen, d: torch.Tensor, p: float = 0.6) -> torch.Tensor:
+    """``d`` ``[T, *rows, C]`` with random rows held at the step before: rows that did not
+    move, which ``d_moved`` lets the kernel skip."""
+    d = d.clone()
+    hold = torch.rand(d.shape[:-1], generator=gen) < p
+    for t in range(1, d.shape[0]):
+        d[t][hold[t]] = d[t - 1][hold[t]]
+    return d
+
+
+def _sparse(branch, gen, p: float = 0.7):
+    """A pending branch whose spikes are zero in a random share ``p`` of (step, row)."""
+    spikes, theta, before = branch
+    quiet = torch.rand(spikes.shape[:-1], generator=gen) < p
+    return spikes.masked_fill(quiet[..., None], 0), theta, before
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch", "reference"])
+@pytest.mark.parametrize("T", [1, 5])
+@pytest.mark.parametrize("with_d", [True, False])
+@pytest.mark.parametrize("branches", [1, 2])
+def test_moved_flags(gen, backend, T, with_d, branches):
+    """``residual_moved`` (the writer's flags of ``D``) and ``d_moved`` (the reader's): the
+    flags are set at step 0 and wherever a row of ``D`` moved (the truth on the PyTorch
+    paths; on Triton's, where ``d``'s flag or a branch spike says so), and a reader given
+    ``d``'s flags (the truth plus spurious ones) gives the bits, count and ``D`` it gives
+    without them."""
+    d, c = _residual(gen, T, 2, 5, 100)
+    d = _held(gen, d) if with_d else None
+    norm = _norm(gen, 100)
+    shape = (T, 2, 5, 100)
+    branch = _sparse(_branch(gen, shape), gen)
+    branch2 = _sparse(_branch(gen, shape), gen) if branches == 2 else None
+    count = torch.randint(-8, 8, (2, 5, 100), generator=gen, dtype=torch.int8)
+    d_moved = None
+    if with_d:
+        truth = exact_layernorm_ops.rows_moved(d)
+        d_moved = truth | (torch.rand(truth.shape, generator=gen) < 0.2).to(torch.int32)
+        assert T == 1 or (truth == 0).any(), "the case proves little"
+    with force_backend(backend):
+        ran = backend_for(c, ("triton", "torch")) if backend != "reference" else backend
+        want = _run_branch(d, c, norm, branch, count, branch2, residual_out=True)
+        moved = torch.full((T, 2, 5), -1, dtype=torch.int32)  # poisoned: every flag written
+        got = _run_branch(d, c, norm, branch, count, branch2, residual_out=True,
+                          d_moved=d_moved, residual_moved=moved)  # fmt: skip
+    _assert_same(got[:2], want[:2])
+    _assert_same_residual(got[2], want[2])
+    truth = exact_layernorm_ops.rows_moved(want[2])
+    if ran == "triton":
+        expected = torch.ones_like(truth) if with_d else torch.zeros_like(truth)
+        if with_d:
+            expected = d_moved.clone()
+        for pending in (branch, branch2):
+            if pending is not None:
+                expected |= (pending[0] != 0).any(dim=-1).to(torch.int32)
+        expected[0] = 1
+    else:
+        expected = truth
+    assert torch.equal(moved, expected)
+    assert not ((truth != 0) & (moved == 0)).any()
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_kernel_skips_rows_the_flags_call_quiet(gen, device):
+    """The kernel reads a row of ``d`` only at steps its flag marks: with every flag 0 after
+    step 0 (the op's own check bypassed) it gives the bits of ``d`` frozen at step 0,
+    whatever ``d`` does later; the pending branch still moves ``D``."""
+    from spikekernels.kernels.exact_layernorm import exact_layernorm_neuron_triton
+    from spikekernels.ops._registry import launcher
+
+    T = 5
+    d, c = _residual(gen, T, 2, 5, 100)
+    norm = _norm(gen, 100)
+    branch = _sparse(_branch(gen, (T, 2, 5, 100)), gen)
+    count = torch.randint(-8, 8, (2, 5, 100), generator=gen, dtype=torch.int8)
+    frozen = d[:1].expand_as(d)
+    want = _run_branch(frozen, c, norm, branch, count, residual_out=True)
+    assert not torch.equal(_run_branch(d, c, norm, branch, count, residual_out=True)[0], want[0]), (
+        "d's later steps change nothing: proves little"
+    )
+    flags = torch.zeros(T, 10, dtype=torch.int32)
+    flags[0] = 1
+    on = [t.to(device) for t in (norm["theta"], d, c, norm["w"], norm["b"])]
+    spikes, theta, before = (t.reshape(T, 10, 100) if t.dim() == 4 else t for t in branch)
+    got = exact_layernorm_neuron_triton(
+        launcher, on[0], on[1].reshape(T, 10, 100), on[2].reshape(5, 100), on[3], on[4], EPS,
+        -8, 7, count.reshape(10, 100).to(device), None,
+        (spikes.to(device), theta.to(device), before.reshape(10, 100).to(device)), True,
+        d_moved=flags.to(device),
+    )  # fmt: skip
+    _assert_same((got[0].reshape(T, 2, 5, 100), got[1].reshape(2, 5, 100)), want[:2])
+    _assert_same_residual(got[2].reshape(T, 2, 5, 100), want[2])

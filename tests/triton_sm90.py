@@ -604,7 +604,7 @@ def exact_layernorm_cases() -> list[Case]:
     # branch: 0 none, 1 d + pending branch with D written, 2 the branch alone, fresh, D
     # written (block 0's norm1), 3 d + branch, no D (a block's norm2), 4 d + two branches, D
     # written (a later block's norm1), 5 d + two branches, no D (the readout)
-    for c, has_c, state, active, branch in [
+    variants = [
         (384, True, True, False, 0), (768, True, False, False, 0), (1024, True, True, False, 0),
         (100, False, False, False, 0), (384, True, True, True, 0), (1024, True, True, True, 0),
         (100, False, False, True, 0), (384, True, True, False, 1), (384, True, True, True, 1),
@@ -612,7 +612,16 @@ def exact_layernorm_cases() -> list[Case]:
         (384, True, True, True, 2), (384, True, False, True, 3), (384, True, False, True, 4),
         (1024, True, True, True, 3), (384, True, True, True, 4), (768, True, False, False, 4),
         (1024, True, True, True, 4), (384, True, True, True, 5), (1024, True, True, True, 5),
-    ]:  # fmt: skip
+    ]  # fmt: skip
+    # the model's calls with the stream's row flags: d_moved read where there is a d,
+    # residual_moved written where D is (ViT-S's norms of block 0, of later blocks and the
+    # readout, and ViT-L's norm1)
+    variants = [(*v, False) for v in variants] + [
+        (384, True, True, True, 2, True), (384, True, True, True, 4, True),
+        (384, True, True, True, 3, True), (384, True, True, True, 5, True),
+        (1024, True, True, True, 4, True),
+    ]  # fmt: skip
+    for c, has_c, state, active, branch, flags in variants:
         block_c, rows, num_warps = eln.launch_config(c)
         signature = {
             "d_ptr": "*fp64" if has_c else "*fp32",
@@ -631,6 +640,8 @@ def exact_layernorm_cases() -> list[Case]:
             "out_ptr": "*i8",
             "count_out_ptr": "*i8",
             "active_ptr": "*i32",
+            "d_moved_ptr": "*i32",
+            "moved_out_ptr": "*i32",
             "T": "i32",
             "R": "i32",
             "C": "i32",
@@ -654,6 +665,8 @@ def exact_layernorm_cases() -> list[Case]:
             HAS_COUNT=state,
             PER_CHANNEL=not state,
             HAS_ACTIVE=active,
+            HAS_D_MOVED=flags and branch != 2,
+            MOVED_OUT=flags and branch in (1, 2, 4),
             ROWS=rows,
             BLOCK_C=block_c,
             LOG2_C=block_c.bit_length() - 1,
@@ -661,7 +674,7 @@ def exact_layernorm_cases() -> list[Case]:
         cases.append(
             Case(
                 f"exact_layernorm_neuron C={c} residual={has_c} count={state} active={active} "
-                f"branch={branch}",
+                f"branch={branch}" + (" moved" if flags else ""),
                 eln.exact_layernorm_neuron_kernel,
                 signature,
                 constexprs,

@@ -29,7 +29,15 @@ in their order, one rounding each, so the bits equal the QANN's row function:
   target - count)`` was 0 for the same target) and ``sigma`` is 0 again, bit for bit: the
   tile skips the row function and the neuron (a compare a lane and one or-reduction). The
   first step of a launch is never quiet. Late chunks, where most of a run's steps are, are
-  mostly quiet rows; the float64 stream is still read and written for every row.
+  mostly quiet rows.
+
+The float64 stream is most of the kernel's traffic (a ViT block moves 27 bytes of it per
+element and step). With ``d``'s row flags (``HAS_D_MOVED``: its writer's ``MOVED_OUT``) a row
+whose flag is 0 at a step is not read: the step before's ``d`` is kept in registers, the load
+masked off (so still issued a step ahead, its flag read a step before that). A kernel that
+writes ``D`` can write those flags for it (``MOVED_OUT``): a row may have moved where ``d``'s
+flag says so (every row without flags) or a branch spike falls in it, and every row at the
+first step (a reader keeps nothing across launches). ``D`` itself is still written whole.
 
 Divisions are ``div_rn`` and the root ``sqrt_rn`` (Triton's ``/`` and ``sqrt`` on float32 are
 approximate on NVIDIA GPUs). Products that feed an add are formed as ``fma(a, b, +0.0)``:
@@ -65,7 +73,9 @@ from spikekernels.kernels.tile_flags import any_nonzero
 ELEMENTS_PER_PROGRAM = 1024
 NUM_WARPS = 4
 # The default and the alternatives (96 and 255 registers with one pending branch, no spill),
-# for bench/bench_tiles.py to time; tests/triton_sm90.py compiles each.
+# for bench/bench_tiles.py to time; tests/triton_sm90.py compiles each. (At 2048 lanes a
+# later block's norm1, two pending branches with D written, spills: 48 B, and 360 B with the
+# stream's row flags; 1024 lanes take it at 227 registers with them, 512 at 123.)
 TILE_CANDIDATES = [ELEMENTS_PER_PROGRAM, 512, 2048]
 
 
@@ -265,6 +275,8 @@ def exact_layernorm_neuron_kernel(
     out_ptr,  # [T, R, C] int8 spikes
     count_out_ptr,  # [R, C] int8
     active_ptr,  # [T, B] int32 per-sample flags, set where a sample fires (HAS_ACTIVE only)
+    d_moved_ptr,  # [T, R] int32 flags: row r of d_t may differ from d_{t-1} (HAS_D_MOVED only)
+    moved_out_ptr,  # [T, R] int32 the same flags of D_t, written (MOVED_OUT only)
     T,
     R,
     C,
@@ -286,6 +298,8 @@ def exact_layernorm_neuron_kernel(
     HAS_COUNT: tl.constexpr,
     PER_CHANNEL: tl.constexpr,
     HAS_ACTIVE: tl.constexpr,
+    HAS_D_MOVED: tl.constexpr,
+    MOVED_OUT: tl.constexpr,
     ROWS: tl.constexpr,
     BLOCK_C: tl.constexpr,
     LOG2_C: tl.constexpr,
@@ -318,9 +332,18 @@ def exact_layernorm_neuron_kernel(
 
     d_ptrs = d_ptr + offs
     out_ptrs = out_ptr + offs
+    row_ok = rows < R
     d_next = 0.0  # a placeholder residual_value does not read
     if HAS_D:
         d_next = tl.load(d_ptrs, mask=mask, other=0.0)
+    if HAS_D_MOVED:
+        # d's flags run one step ahead of its loads (which run one ahead of the step), so that
+        # a row's load is issued without waiting for its flag; step 0 is always read
+        flag_ptrs = d_moved_ptr + R + rows
+        flag_next = tl.load(flag_ptrs, mask=row_ok & (T > 1), other=0)
+        flag_now = tl.full([ROWS], 1, tl.int32)
+    if MOVED_OUT:
+        moved_out_ptrs = moved_out_ptr + rows
     if HAS_BRANCH:
         b_theta, b_count, b_ptrs, b_next = _branch_start(
             branch_ptr, branch_theta_ptr, branch_count_ptr, offs, mask, HAS_BRANCH_COUNT,
@@ -341,7 +364,33 @@ def exact_layernorm_neuron_kernel(
         d = d_next
         if HAS_D:
             d_ptrs += step
-            d_next = tl.load(d_ptrs, mask=mask & (t + 1 < T), other=0.0)
+            if HAS_D_MOVED:
+                # a row of d_{t+1} equal to d_t is not read: d_t is kept
+                flag_ptrs += R
+                flag_after = tl.load(flag_ptrs, mask=row_ok & (t + 2 < T), other=0)
+                fresh = (flag_next != 0)[:, None]
+                loaded = tl.load(d_ptrs, mask=mask & (t + 1 < T) & fresh, other=0.0)
+                d_next = tl.where(fresh, loaded, d)
+            else:
+                d_next = tl.load(d_ptrs, mask=mask & (t + 1 < T), other=0.0)
+        if MOVED_OUT:
+            # whether a row of D_t may differ from D_{t-1}: the first step, d's row moved (no
+            # flags: assumed), or a branch spike in the row
+            row_moved = tl.zeros([ROWS], tl.int32) + tl.where(t == 0, 1, 0)
+            if HAS_D:
+                if HAS_D_MOVED:
+                    row_moved = row_moved | (flag_now != 0).to(tl.int32)
+                else:
+                    row_moved = tl.full([ROWS], 1, tl.int32)
+            if HAS_BRANCH:
+                row_moved = row_moved | tl.max((b_next != 0).to(tl.int32), axis=1)
+            if HAS_BRANCH2:
+                row_moved = row_moved | tl.max((b2_next != 0).to(tl.int32), axis=1)
+            tl.store(moved_out_ptrs, row_moved, mask=row_ok)
+            moved_out_ptrs += R
+        if HAS_D_MOVED:
+            flag_now = flag_next
+            flag_next = flag_after
         if HAS_BRANCH:
             d, b_count, b_ptrs, b_next = _branch_step(
                 d, b_theta, b_count, b_ptrs, b_next, mask & (t + 1 < T), step, mask, HAS_D
@@ -405,6 +454,8 @@ def exact_layernorm_neuron_triton(
     *,
     branch2: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None,
     inplace: bool = False,
+    d_moved: torch.Tensor | None = None,
+    residual_moved: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Host side (``threshold`` first: ``on_device`` takes the device from it, as ``x`` may be
     None): ``threshold`` ``[1]`` or ``[C]`` on the device; ``x`` ``[T, R, C]`` contiguous,
@@ -414,7 +465,11 @@ def exact_layernorm_neuron_triton(
     threshold [1], count [R, C] int8 or None)``; ``branch2`` None or a second pending branch
     of the same form, added after the first (which it needs); ``weight``/``bias`` ``[C]`` float32
     contiguous or None; ``count`` ``[R, C]`` or None; ``active`` ``[T, B]`` int32 contiguous
-    or None. Returns ``(spikes [T, R, C] int8, count [R, C] int8, D)``, ``D``
+    or None; ``d_moved`` ``[T, R]`` int32 contiguous or None (with ``x`` float64 ``d``): 0
+    where a row of ``d`` equals the step before's, which is then not read;
+    ``residual_moved`` ``[T, R]`` int32 contiguous or None (with ``residual_out``): the same
+    flags of ``D``, written (1 at step 0, and where ``d``'s flag or a branch spike says the
+    row may have moved). Returns ``(spikes [T, R, C] int8, count [R, C] int8, D)``, ``D``
     ``[T, R, C]`` float64 with ``residual_out``, else None: fresh, or with ``inplace`` the
     given ``count`` (a view of the caller's contiguous state), written by the program that
     read it."""
@@ -448,6 +503,8 @@ def exact_layernorm_neuron_triton(
         out,
         count_out,
         count_out if active is None else active,
+        count_out if d_moved is None else d_moved,
+        count_out if residual_moved is None else residual_moved,
         T,
         R,
         C,
@@ -468,6 +525,8 @@ def exact_layernorm_neuron_triton(
         HAS_COUNT=count is not None,
         PER_CHANNEL=threshold.numel() > 1,
         HAS_ACTIVE=active is not None,
+        HAS_D_MOVED=d_moved is not None,
+        MOVED_OUT=residual_moved is not None,
         ROWS=rows,
         BLOCK_C=block_c,
         LOG2_C=block_c.bit_length() - 1,

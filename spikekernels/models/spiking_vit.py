@@ -307,11 +307,14 @@ class Residual(NamedTuple):
     writes ``D``.
 
     ``d``: ``[T, B, N, C]`` float64 before the branches, or None (the patch embedding: ``D``
-    is the branch term alone). ``pending``: the ``Branch``es, earliest first.
+    is the branch term alone). ``pending``: the ``Branch``es, earliest first. ``d_moved``:
+    int32 ``[T, B, N]``, set where a row of ``d`` moved from the step before (its writer's
+    ``residual_moved``), or None: the readers skip the rows that did not.
     """
 
     d: torch.Tensor | None
     pending: tuple[Branch, ...]
+    d_moved: torch.Tensor | None = None
 
     def norm_args(self) -> tuple[torch.Tensor | None, ...]:
         """``ExactLayerNormNeuron``'s positional arguments: ``d``, then each branch's fields."""
@@ -389,12 +392,15 @@ class ExactBlock(_Composite):
         # each norm's count before its call: what the linear after it starts from (a copy per
         # chunk instead of reading the chunk's spikes back in the linear)
         before = _count_before(self.norm1)
-        s = self.norm1(*x.norm_args(), residual_out=True)
+        # which rows of D move at each step: the later norms skip reading the others
+        stream = x.pending[0].spikes
+        moved = torch.empty(stream.shape[:-1], dtype=torch.int32, device=stream.device)
+        s = self.norm1(*x.norm_args(), residual_out=True, d_moved=x.d_moved, residual_moved=moved)
         d = self.norm1.take_residual()
         attn = self._branch(self.attn, self.attn.proj, s, before)
         before = _count_before(self.norm2)
-        s = self.norm2(*Residual(d, (attn,)).norm_args())
-        return Residual(d, (attn, self._branch(self.mlp, self.mlp.fc2, s, before)))
+        s = self.norm2(*Residual(d, (attn,)).norm_args(), d_moved=moved)
+        return Residual(d, (attn, self._branch(self.mlp, self.mlp.fc2, s, before)), moved)
 
 
 class ExactReadout(_Composite):
@@ -413,7 +419,9 @@ class ExactReadout(_Composite):
             x = Residual(
                 None if x.d is None else x.d[:, :, 0],
                 tuple(branch.class_row() for branch in x.pending),
+                None if x.d_moved is None else x.d_moved[:, :, 0],
             )
+            return self.head(self.norm(*x.norm_args(), d_moved=x.d_moved))
         return self.head(self.norm(*x.norm_args()))
 
 

@@ -301,7 +301,12 @@ class ExactLayerNormNeuron(TargetNeuron):
         branch2_count: torch.Tensor | None = None,
         *,
         residual_out: bool = False,
+        d_moved: torch.Tensor | None = None,
+        residual_moved: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """``d_moved``: int32 flags per step and row of ``d``, set where a row moved (its
+        writer's ``residual_moved``); ``residual_moved``: int32 ``[T, *rows]`` that receives
+        the same flags of ``D`` with ``residual_out`` (``ops.exact_layernorm_neuron``)."""
         out = exact_layernorm_neuron(
             d,
             self.residual_constant,
@@ -322,6 +327,8 @@ class ExactLayerNormNeuron(TargetNeuron):
             branch2_count=branch2_count,
             residual_out=residual_out,
             inplace=self.stateful_call(),
+            d_moved=d_moved,
+            residual_moved=residual_moved,
         )
         spikes, self.count = out[:2]
         self.residual = out[2] if residual_out else None

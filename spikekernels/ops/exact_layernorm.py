@@ -22,6 +22,7 @@ from spikekernels.ops._checks import (
     check_threshold,
     check_threshold_values,
     check_time_major,
+    may_read_data,
 )
 from spikekernels.ops._dispatch import backend_for
 from spikekernels.ops._inplace import check_inplace, own_state, placeholder, state_result
@@ -102,6 +103,8 @@ def _check_exact_layernorm_neuron(
     branch2_count=None,
     residual_out=False,
     inplace=False,
+    d_moved=None,
+    residual_moved=None,
 ) -> None:
     """Metadata checks (no data read)."""
     if not isinstance(pool, bool):
@@ -157,8 +160,49 @@ def _check_exact_layernorm_neuron(
     check_bounds(n_min, p_max)
     check_state(count, "count", out_shape(x, pool), (torch.int8,), x, name)
     check_active(active, (x.shape[0], *out_shape(x, pool)), x, name)
-    inputs = (d, c, weight, bias, threshold, active, *branch, *branch2)
+    _check_moved(d_moved, "d_moved", d is not None and not pool, "d (not pooled)", x, name)
+    _check_moved(residual_moved, "residual_moved", residual_out and not pool,
+                 "residual_out (not pooled)", x, name)  # fmt: skip
+    if residual_moved is not None and not residual_moved.is_contiguous():
+        raise ValueError("residual_moved must be contiguous: the op writes it in place")
+    inputs = (d, c, weight, bias, threshold, active, *branch, *branch2, d_moved)
     check_inplace(inplace, (("count", count),), inputs)
+
+
+def _check_moved(flags, arg: str, allowed: bool, needs: str, x, name: str) -> None:
+    """``d_moved`` / ``residual_moved``: int32, one flag per row of the stream ``x`` and
+    step (``x``'s shape without its channels), on its device, where the op can use them."""
+    if flags is None:
+        return
+    if not allowed:
+        raise ValueError(f"{arg} needs {needs}")
+    check_tensor(flags, arg, dtypes=(torch.int32,))
+    if tuple(flags.shape) != tuple(x.shape[:-1]):
+        raise ValueError(
+            f"{arg} must have {name}'s shape without its channels {tuple(x.shape[:-1])}, got "
+            f"{tuple(flags.shape)}"
+        )
+    check_same_device(name, x, arg, flags)
+
+
+def rows_moved(d: torch.Tensor) -> torch.Tensor:
+    """``residual_moved``'s truth for a stream ``d`` ``[T, *rows, C]``: int32 ``[T, *rows]``,
+    1 at step 0 and where a row differs from the step before."""
+    moved = torch.ones(d.shape[:-1], dtype=torch.int32, device=d.device)
+    moved[1:] = (d[1:] != d[:-1]).any(dim=-1).to(torch.int32)
+    return moved
+
+
+def _check_d_moved(d, d_moved, validate: bool) -> None:
+    """Data check of ``d_moved`` (CPU always, a GPU with ``validate``): set wherever a row of
+    ``d`` differs from the step before (step 0 is always read, so not checked)."""
+    if d_moved is None or d.shape[0] < 2 or not may_read_data(d_moved, validate):
+        return
+    if bool(((rows_moved(d)[1:] != 0) & (d_moved[1:] == 0)).any()):
+        raise ValueError(
+            "d_moved is 0 at a row of d that differs from the step before: the flags must be "
+            "set wherever d moved (the writer's residual_moved)"
+        )
 
 
 def _norm_input(d: torch.Tensor, c: torch.Tensor, pool: bool) -> torch.Tensor:
@@ -228,7 +272,7 @@ def _constant_rows(c: torch.Tensor, step: tuple[int, ...]) -> torch.Tensor:
     return c.expand(step).reshape(-1, step[-1]).contiguous()
 
 
-@kernel_op("exact_layernorm_neuron", mutates_args=("count", "active"))
+@kernel_op("exact_layernorm_neuron", mutates_args=("count", "active", "residual_moved"))
 def _exact_layernorm_neuron_op(
     d: torch.Tensor | None,
     c: torch.Tensor,
@@ -249,11 +293,14 @@ def _exact_layernorm_neuron_op(
     branch2_count: torch.Tensor | None = None,
     residual_out: bool = False,
     inplace: bool = False,
+    d_moved: torch.Tensor | None = None,
+    residual_moved: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     args = (d, c, weight, bias, eps, threshold, n_min, p_max, count, pool)
     branch = (branch_spikes, branch_threshold, branch_count)
     branch2 = (branch2_spikes, branch2_threshold, branch2_count)
-    _check_exact_layernorm_neuron(*args, active, *branch, *branch2, residual_out, inplace)
+    moved = (d_moved, residual_moved)
+    _check_exact_layernorm_neuron(*args, active, *branch, *branch2, residual_out, inplace, *moved)
     name, x = _stream(d, branch_spikes)
     backend = backend_for(x, ("triton", "torch"))
     if backend == "triton":
@@ -295,6 +342,8 @@ def _exact_layernorm_neuron_op(
                 residual_out,
                 branch2=_flat_branch(branch2, steps, channels),
                 inplace=inplace,
+                d_moved=None if d_moved is None else d_moved.contiguous().reshape(steps, rows),
+                residual_moved=None if residual_moved is None else residual_moved.view(steps, rows),
             )
         d_out = d_out.reshape(x.shape) if residual_out else _no_residual(x)
         count_out = placeholder(count) if inplace else count_out.reshape(shape)
@@ -307,6 +356,8 @@ def _exact_layernorm_neuron_op(
         out = out if residual_out else (*out, _no_residual(x))
     else:
         out = exact_layernorm_neuron_torch(*args, active, *branch, *branch2, residual_out)
+    if residual_moved is not None:  # these paths read every row: d_moved is not needed
+        residual_moved.copy_(rows_moved(out[2]))
     return out[0], state_result(inplace, out[1], count), out[2]
 
 
@@ -331,6 +382,8 @@ def _(
     branch2_count=None,
     residual_out=False,
     inplace=False,
+    d_moved=None,
+    residual_moved=None,
 ):
     args = (d, c, weight, bias, eps, threshold, n_min, p_max, count, pool, active)
     branches = (
@@ -339,7 +392,7 @@ def _(
         branch_count,
         *(branch2_spikes, branch2_threshold, branch2_count),
     )
-    _check_exact_layernorm_neuron(*args, *branches, residual_out, inplace)
+    _check_exact_layernorm_neuron(*args, *branches, residual_out, inplace, d_moved, residual_moved)
     _, x = _stream(d, branch_spikes)
     shape = out_shape(x, pool)
     return (
@@ -370,6 +423,8 @@ def exact_layernorm_neuron(
     branch2_count: torch.Tensor | None = None,
     residual_out: bool = False,
     inplace: bool = False,
+    d_moved: torch.Tensor | None = None,
+    residual_moved: torch.Tensor | None = None,
     validate: bool = False,
 ) -> tuple[torch.Tensor, ...]:
     """Exact mode's residual read + LayerNorm + target-driven neuron, fused (SPEC.md §9.2-§9.4),
@@ -441,9 +496,21 @@ def exact_layernorm_neuron(
             at a fixed address, as a CUDA graph replays it. ``branch_count`` and
             ``branch2_count`` are inputs, not written (the caller advances them by the
             chunk's branch spikes).
+        d_moved: optional int32 ``[T, *rows]`` (``d``'s shape without ``C``; not with
+            ``pool``), read only: nonzero wherever a row of ``d`` differs from the step
+            before (the writer's ``residual_moved``). The Triton kernel then does not read a
+            row of ``d`` whose flag is 0 but keeps the step before's: late steps, where most
+            rows are quiet, read little of the float64 stream. A flag may be set where
+            nothing moved; a zero where a row did is refused on CPU (and on a GPU with
+            ``validate``).
+        residual_moved: optional int32 ``[T, *rows]``, contiguous, with ``residual_out``
+            (not with ``pool``): written in place with ``D``'s flags, 1 at step 0 and
+            wherever a row of ``D`` may differ from the step before (the Triton kernel: a
+            row whose ``d`` flag is set, or that any branch spike falls in; the other paths:
+            where it does), for the next readers' ``d_moved``.
         validate: on a GPU also check the thresholds' values (the branches' too), the
-            branches' spikes and that ``count`` lies inside ``[n_min, p_max]`` (a host sync).
-            On CPU always.
+            branches' spikes, ``d_moved`` and that ``count`` lies inside ``[n_min, p_max]``
+            (a host sync). On CPU always.
 
     Returns:
         ``(spikes [T, *rows, C] int8 in {-1, 0, 1}, count [*rows, C] int8)``, and with
@@ -469,7 +536,10 @@ def exact_layernorm_neuron(
     args = (d, c, weight, bias, eps, threshold, n_min, p_max, count, pool)
     branches = (branch_spikes, branch_threshold, branch_count)
     branches += (branch2_spikes, branch2_threshold, branch2_count)
-    _check_exact_layernorm_neuron(*args, active, *branches, residual_out, inplace)
+    _check_exact_layernorm_neuron(
+        *args, active, *branches, residual_out, inplace, d_moved, residual_moved
+    )
+    _check_d_moved(d, d_moved, validate)
     check_threshold_values(threshold, "threshold", validate)
     check_in_bounds(count, "count", n_min, p_max, validate)
     for prefix, spikes, theta in (
@@ -495,6 +565,8 @@ def exact_layernorm_neuron(
         *branches,
         residual_out,
         inplace,
+        d_moved,
+        residual_moved,
     )
     if inplace:
         out = own_state(out, (1,), (count,))
