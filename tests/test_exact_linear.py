@@ -478,6 +478,7 @@ BAD_INPUTS += [
         ValueError,
         "s_before plus the spikes of s is not an int8 count",
     ),
+    ("group_active list", dict(group_active=[[[0]]]), TypeError, "group_active must be a torch"),
     (
         "group_active dtype",
         dict(group_active=torch.zeros(2, 3, 5, dtype=torch.int64)),

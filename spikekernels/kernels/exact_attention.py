@@ -893,8 +893,9 @@ def exact_attention_kernel(
         qkv_active_ptr += (bid // H) * stride_flag_b + (bid % H) * stride_flag_h
     for t in range(T):
         # With the producer's flags, a step whose Q and K did not change reads neither (S is
-        # the last step's), and one whose A and V did not change neither reads V nor forms
-        # Z (module docstring). The first step always computes: no product is carried in.
+        # the last step's), one whose A and V did not change does not form Z, and one where
+        # none of Q, K and V changed does not read V (module docstring). The first step
+        # always computes: no product is carried in.
         if HAS_QKV_ACTIVE:
             first = t == 0
             q_or_k = tl.load(qkv_active_ptr) | tl.load(qkv_active_ptr + stride_flag_i)

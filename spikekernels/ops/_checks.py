@@ -188,6 +188,7 @@ def check_group_active(
     dim."""
     if group_active is None:
         return
+    check_tensor(group_active, name, dtypes=(torch.int32,))
     if group_active.dim() == 3:
         groups, channels = group_active.shape[2], spikes_shape[-1]
         if groups == 0 or channels % groups:

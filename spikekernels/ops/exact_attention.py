@@ -701,10 +701,11 @@ def exact_attention(
             entry, i.e. wherever its running count differs from the step before
             (``exact_linear``'s ``group_active`` of the qkv layer, one group per head's q, k
             and v, viewed). Then a step whose q and k did not change reads neither (the
-            scores are the last step's) and one whose v and attention counts did not change
-            neither reads v nor forms the context product: late steps mostly read only these
-            flags. A flag may be set where nothing changed; a zero where something did is
-            refused on CPU (and on a GPU with ``validate``): it would skip a change.
+            scores are the last step's), one whose v and attention counts did not change
+            skips the context product, and one where none of q, k and v changed does not
+            read v either: late steps mostly read only these flags. A flag may be set
+            where nothing changed; a zero where something did is refused on CPU (and on a
+            GPU with ``validate``): it would skip a change.
         validate: on a GPU also check the thresholds and the gain, that the incoming counts
             lie inside their bounds and ``qkv_active`` (host syncs); on CPU always.
 
