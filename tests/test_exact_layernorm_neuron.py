@@ -911,22 +911,12 @@ _FLAGS = torch.ones(2, 3, 4, dtype=torch.int32)  # one per row of _good_args' d 
 BAD_INPUTS = [
     ("d_moved int64", dict(d_moved=_FLAGS.long()), TypeError, "d_moved must have dtype"),
     ("d_moved shape", dict(d_moved=_FLAGS[:, :, :3]), ValueError, "d_moved must have d's shape"),
-    ("d_moved pooled", dict(d_moved=_FLAGS, pool=True), ValueError, "d_moved needs d"),
     (
         "d_moved without d",
         dict(d=None, d_moved=_FLAGS, branch_spikes=_SPIKES, branch_threshold=torch.tensor(0.5)),
         ValueError,
         "d_moved needs d",
     ),
-    (
-        "d_moved missing a move",
-        dict(
-            d=torch.arange(2.0, dtype=torch.float64).reshape(2, 1, 1, 1).expand(2, 3, 4, 8),
-            d_moved=_FLAGS * 0,
-        ),
-        ValueError,
-        "d_moved is 0 at a row of d that differs",
-    ),  # fmt: skip
     (
         "residual_moved without residual_out",
         dict(residual_moved=_FLAGS.clone()),
@@ -1263,16 +1253,26 @@ def _sparse(branch, gen, p: float = 0.7):
     return spikes.masked_fill(quiet[..., None], 0), theta, before
 
 
+def _garbled(gen, d: torch.Tensor, d_moved: torch.Tensor) -> torch.Tensor:
+    """``d`` with garbage (NaN, infinities, huge values) in the rows whose flag is 0 after
+    step 0: what a reader must not read."""
+    garbage = torch.tensor([float("nan"), float("inf"), -1e300, 7.0], dtype=torch.float64)
+    pick = torch.randint(0, 4, d.shape, generator=gen)
+    quiet = (d_moved == 0).clone()
+    quiet[0] = False
+    return torch.where(quiet[..., None], garbage[pick], d)
+
+
 @pytest.mark.parametrize("backend", ["triton", "torch", "reference"])
 @pytest.mark.parametrize("T", [1, 5])
 @pytest.mark.parametrize("with_d", [True, False])
 @pytest.mark.parametrize("branches", [1, 2])
 def test_moved_flags(gen, backend, T, with_d, branches):
-    """``residual_moved`` (the writer's flags of ``D``) and ``d_moved`` (the reader's): the
-    flags are set at step 0 and wherever a row of ``D`` moved (the truth on the PyTorch
-    paths; on Triton's, where ``d``'s flag or a branch spike says so), and a reader given
-    ``d``'s flags (the truth plus spurious ones) gives the bits, count and ``D`` it gives
-    without them."""
+    """The stream's row flags. Written (``residual_moved``): 1 at step 0 and wherever a row of
+    ``D`` moved (the truth on the PyTorch paths; on Triton's, where ``d``'s flag or a branch
+    spike says so), and ``D`` with them is the stream (``filled``). Read (``d_moved``, the
+    truth plus spurious flags): a row whose flag is 0 is the step before's, so garbage there
+    changes no bit, count or ``D``."""
     d, c = _residual(gen, T, 2, 5, 100)
     d = _held(gen, d) if with_d else None
     norm = _norm(gen, 100)
@@ -1280,24 +1280,23 @@ def test_moved_flags(gen, backend, T, with_d, branches):
     branch = _sparse(_branch(gen, shape), gen)
     branch2 = _sparse(_branch(gen, shape), gen) if branches == 2 else None
     count = torch.randint(-8, 8, (2, 5, 100), generator=gen, dtype=torch.int8)
-    d_moved = None
+    d_moved, d_in = None, d
     if with_d:
         truth = exact_layernorm_ops.rows_moved(d)
         d_moved = truth | (torch.rand(truth.shape, generator=gen) < 0.2).to(torch.int32)
         assert T == 1 or (truth == 0).any(), "the case proves little"
+        d_in = _garbled(gen, d, d_moved)
     with force_backend(backend):
         ran = backend_for(c, ("triton", "torch")) if backend != "reference" else backend
         want = _run_branch(d, c, norm, branch, count, branch2, residual_out=True)
         moved = torch.full((T, 2, 5), -1, dtype=torch.int32)  # poisoned: every flag written
-        got = _run_branch(d, c, norm, branch, count, branch2, residual_out=True,
+        got = _run_branch(d_in, c, norm, branch, count, branch2, residual_out=True,
                           d_moved=d_moved, residual_moved=moved)  # fmt: skip
     _assert_same(got[:2], want[:2])
-    _assert_same_residual(got[2], want[2])
+    _assert_same_residual(exact_layernorm_ops.filled(got[2], moved), want[2])
     truth = exact_layernorm_ops.rows_moved(want[2])
     if ran == "triton":
-        expected = torch.ones_like(truth) if with_d else torch.zeros_like(truth)
-        if with_d:
-            expected = d_moved.clone()
+        expected = d_moved.clone() if with_d else torch.zeros_like(truth)
         for pending in (branch, branch2):
             if pending is not None:
                 expected |= (pending[0] != 0).any(dim=-1).to(torch.int32)
@@ -1308,33 +1307,27 @@ def test_moved_flags(gen, backend, T, with_d, branches):
     assert not ((truth != 0) & (moved == 0)).any()
 
 
-@pytest.mark.parametrize("device", TRITON_DEVICES)
-def test_kernel_skips_rows_the_flags_call_quiet(gen, device):
-    """The kernel reads a row of ``d`` only at steps its flag marks: with every flag 0 after
-    step 0 (the op's own check bypassed) it gives the bits of ``d`` frozen at step 0,
-    whatever ``d`` does later; the pending branch still moves ``D``."""
-    from spikekernels.kernels.exact_layernorm import exact_layernorm_neuron_triton
-    from spikekernels.ops._registry import launcher
-
+@pytest.mark.parametrize("backend", ["triton", "torch", "reference"])
+@pytest.mark.parametrize("pool", [False, True])
+def test_rows_flagged_quiet_are_the_step_befores(gen, backend, pool):
+    """With every flag 0 after step 0, ``d`` is its step 0 throughout, whatever it holds
+    later: the bits of ``d`` frozen at step 0 on every path (pooled too); the pending branch
+    still moves ``D``."""
     T = 5
     d, c = _residual(gen, T, 2, 5, 100)
     norm = _norm(gen, 100)
     branch = _sparse(_branch(gen, (T, 2, 5, 100)), gen)
-    count = torch.randint(-8, 8, (2, 5, 100), generator=gen, dtype=torch.int8)
-    frozen = d[:1].expand_as(d)
-    want = _run_branch(frozen, c, norm, branch, count, residual_out=True)
-    assert not torch.equal(_run_branch(d, c, norm, branch, count, residual_out=True)[0], want[0]), (
-        "d's later steps change nothing: proves little"
-    )
-    flags = torch.zeros(T, 10, dtype=torch.int32)
+    count = torch.randint(-8, 8, (2, 100) if pool else (2, 5, 100), generator=gen)
+    count = count.to(torch.int8)
+    flags = torch.zeros(T, 2, 5, dtype=torch.int32)
     flags[0] = 1
-    on = [t.to(device) for t in (norm["theta"], d, c, norm["w"], norm["b"])]
-    spikes, theta, before = (t.reshape(T, 10, 100) if t.dim() == 4 else t for t in branch)
-    got = exact_layernorm_neuron_triton(
-        launcher, on[0], on[1].reshape(T, 10, 100), on[2].reshape(5, 100), on[3], on[4], EPS,
-        -8, 7, count.reshape(10, 100).to(device), None,
-        (spikes.to(device), theta.to(device), before.reshape(10, 100).to(device)), True,
-        d_moved=flags.to(device),
-    )  # fmt: skip
-    _assert_same((got[0].reshape(T, 2, 5, 100), got[1].reshape(2, 5, 100)), want[:2])
-    _assert_same_residual(got[2].reshape(T, 2, 5, 100), want[2])
+    frozen = d[:1].expand_as(d)
+    kwargs = dict(pool=pool, residual_out=not pool)
+    with force_backend(backend):
+        want = _run_branch(frozen, c, norm, branch, count, **kwargs)
+        moving = _run_branch(d, c, norm, branch, count, **kwargs)
+        got = _run_branch(d, c, norm, branch, count, d_moved=flags, **kwargs)
+    assert not torch.equal(moving[0], want[0]), "d's later steps change nothing: proves little"
+    _assert_same(got[:2], want[:2])
+    if not pool:
+        _assert_same_residual(got[2], want[2])

@@ -32,12 +32,14 @@ in their order, one rounding each, so the bits equal the QANN's row function:
   mostly quiet rows.
 
 The float64 stream is most of the kernel's traffic (a ViT block moves 27 bytes of it per
-element and step). With ``d``'s row flags (``HAS_D_MOVED``: its writer's ``MOVED_OUT``) a row
-whose flag is 0 at a step is not read: the step before's ``d`` is kept in registers, the load
-masked off (so still issued a step ahead, its flag read a step before that). A kernel that
-writes ``D`` can write those flags for it (``MOVED_OUT``): a row may have moved where ``d``'s
-flag says so (every row without flags) or a branch spike falls in it, and every row at the
-first step (a reader keeps nothing across launches). ``D`` itself is still written whole.
+element and step). So it travels with row flags: with ``d``'s (``HAS_D_MOVED``) a row whose
+flag is 0 at a step *is* the step before's, and is not read: that ``d`` is kept in registers,
+the load masked off (so still issued a step ahead, its flag read a step before that). A
+kernel that writes ``D`` writes its flags too (``MOVED_OUT``): a row may have moved where
+``d``'s flag says so (every row without flags) or a branch spike falls in it, and every row
+at the first step (a reader keeps nothing across launches); the rows whose flag is 0 are not
+written. In late steps, where most rows are quiet, the stream then costs little more than
+its flags.
 
 Divisions are ``div_rn`` and the root ``sqrt_rn`` (Triton's ``/`` and ``sqrt`` on float32 are
 approximate on NVIDIA GPUs). Products that feed an add are formed as ``fma(a, b, +0.0)``:
@@ -75,7 +77,7 @@ NUM_WARPS = 4
 # The default and the alternatives (96 and 255 registers with one pending branch, no spill),
 # for bench/bench_tiles.py to time; tests/triton_sm90.py compiles each. (At 2048 lanes a
 # later block's norm1, two pending branches with D written, spills: 48 B, and 360 B with the
-# stream's row flags; 1024 lanes take it at 227 registers with them, 512 at 123.)
+# stream's row flags; 1024 lanes take it at 229 registers with them, 512 at 123.)
 TILE_CANDIDATES = [ELEMENTS_PER_PROGRAM, 512, 2048]
 
 
@@ -400,7 +402,10 @@ def exact_layernorm_neuron_kernel(
                     d, b2_theta, b2_count, b2_ptrs, b2_next, mask & (t + 1 < T), step, mask, True
                 )
             if RESIDUAL_OUT:
-                tl.store(residual_out_ptrs, d, mask=mask)
+                if MOVED_OUT:  # a row that did not move is not written (its flag says so)
+                    tl.store(residual_out_ptrs, d, mask=mask & (row_moved != 0)[:, None])
+                else:
+                    tl.store(residual_out_ptrs, d, mask=mask)
                 residual_out_ptrs += step
         # the padding lanes load 0 and stay 0: tree_sum's zero padding
         if HAS_C:

@@ -22,7 +22,6 @@ from spikekernels.ops._checks import (
     check_threshold,
     check_threshold_values,
     check_time_major,
-    may_read_data,
 )
 from spikekernels.ops._dispatch import backend_for
 from spikekernels.ops._inplace import check_inplace, own_state, placeholder, state_result
@@ -160,7 +159,7 @@ def _check_exact_layernorm_neuron(
     check_bounds(n_min, p_max)
     check_state(count, "count", out_shape(x, pool), (torch.int8,), x, name)
     check_active(active, (x.shape[0], *out_shape(x, pool)), x, name)
-    _check_moved(d_moved, "d_moved", d is not None and not pool, "d (not pooled)", x, name)
+    _check_moved(d_moved, "d_moved", d is not None, "d", x, name)
     _check_moved(residual_moved, "residual_moved", residual_out and not pool,
                  "residual_out (not pooled)", x, name)  # fmt: skip
     if residual_moved is not None and not residual_moved.is_contiguous():
@@ -193,16 +192,15 @@ def rows_moved(d: torch.Tensor) -> torch.Tensor:
     return moved
 
 
-def _check_d_moved(d, d_moved, validate: bool) -> None:
-    """Data check of ``d_moved`` (CPU always, a GPU with ``validate``): set wherever a row of
-    ``d`` differs from the step before (step 0 is always read, so not checked)."""
-    if d_moved is None or d.shape[0] < 2 or not may_read_data(d_moved, validate):
-        return
-    if bool(((rows_moved(d)[1:] != 0) & (d_moved[1:] == 0)).any()):
-        raise ValueError(
-            "d_moved is 0 at a row of d that differs from the step before: the flags must be "
-            "set wherever d moved (the writer's residual_moved)"
-        )
+def filled(d: torch.Tensor, d_moved: torch.Tensor) -> torch.Tensor:
+    """The stream ``d`` ``[T, *rows, C]`` that ``d_moved`` ``[T, *rows]`` describes: a row at a
+    step whose flag is 0 is the step before's (step 0 is ``d[0]``), whatever ``d`` holds
+    there."""
+    steps = torch.arange(d.shape[0], device=d.device).view(-1, *(1,) * (d_moved.dim() - 1))
+    source = torch.where(d_moved != 0, steps, 0)
+    source[0] = 0
+    source = torch.cummax(source, dim=0).values
+    return torch.gather(d, 0, source.unsqueeze(-1).expand(d.shape))
 
 
 def _norm_input(d: torch.Tensor, c: torch.Tensor, pool: bool) -> torch.Tensor:
@@ -303,6 +301,10 @@ def _exact_layernorm_neuron_op(
     _check_exact_layernorm_neuron(*args, active, *branch, *branch2, residual_out, inplace, *moved)
     name, x = _stream(d, branch_spikes)
     backend = backend_for(x, ("triton", "torch"))
+    if d_moved is not None and (pool or backend != "triton"):
+        # the paths that read every row take the stream the flags describe
+        d, d_moved = filled(d, d_moved), None
+        args = (d, *args[1:])
     if backend == "triton":
         from spikekernels.kernels.exact_layernorm import exact_layernorm_neuron_triton
         from spikekernels.kernels.exact_residual import exact_residual_add_triton
@@ -356,7 +358,7 @@ def _exact_layernorm_neuron_op(
         out = out if residual_out else (*out, _no_residual(x))
     else:
         out = exact_layernorm_neuron_torch(*args, active, *branch, *branch2, residual_out)
-    if residual_moved is not None:  # these paths read every row: d_moved is not needed
+    if residual_moved is not None:  # D whole: its flags where it moved
         residual_moved.copy_(rows_moved(out[2]))
     return out[0], state_result(inplace, out[1], count), out[2]
 
@@ -496,25 +498,28 @@ def exact_layernorm_neuron(
             at a fixed address, as a CUDA graph replays it. ``branch_count`` and
             ``branch2_count`` are inputs, not written (the caller advances them by the
             chunk's branch spikes).
-        d_moved: optional int32 ``[T, *rows]`` (``d``'s shape without ``C``; not with
-            ``pool``), read only: nonzero wherever a row of ``d`` differs from the step
-            before (the writer's ``residual_moved``). The Triton kernel then does not read a
-            row of ``d`` whose flag is 0 but keeps the step before's: late steps, where most
-            rows are quiet, read little of the float64 stream. A flag may be set where
-            nothing moved; a zero where a row did is refused on CPU (and on a GPU with
-            ``validate``).
+        d_moved: optional int32 ``[T, *rows]`` (``d``'s shape without ``C``), read only: the
+            stream's row flags (its writer's ``residual_moved``). A row of ``d`` at a step
+            ``t >= 1`` whose flag is 0 *is* the step before's, whatever its memory holds:
+            the Triton kernel does not read it (it keeps the step before's in registers),
+            the other paths and ``pool`` read ``filled(d, d_moved)``. A flag may be set
+            where nothing moved. Late steps, where most rows are quiet, then read little of
+            the float64 stream.
         residual_moved: optional int32 ``[T, *rows]``, contiguous, with ``residual_out``
-            (not with ``pool``): written in place with ``D``'s flags, 1 at step 0 and
+            (not with ``pool``): written in place with ``D``'s row flags, 1 at step 0 and
             wherever a row of ``D`` may differ from the step before (the Triton kernel: a
-            row whose ``d`` flag is set, or that any branch spike falls in; the other paths:
-            where it does), for the next readers' ``d_moved``.
+            row whose ``d`` flag is set, or that a branch spike falls in; the other paths:
+            where it does). The Triton kernel does not write ``D``'s rows whose flag is 0:
+            ``D`` is then the stream together with these flags, what the next readers take
+            as ``d`` and ``d_moved``.
         validate: on a GPU also check the thresholds' values (the branches' too), the
-            branches' spikes, ``d_moved`` and that ``count`` lies inside ``[n_min, p_max]``
-            (a host sync). On CPU always.
+            branches' spikes and that ``count`` lies inside ``[n_min, p_max]`` (a host
+            sync). On CPU always.
 
     Returns:
         ``(spikes [T, *rows, C] int8 in {-1, 0, 1}, count [*rows, C] int8)``, and with
-        ``residual_out`` a third, ``D`` ``[T, *shape of d]`` float64; fresh tensors (with
+        ``residual_out`` a third, ``D`` ``[T, *shape of d]`` float64 (with
+        ``residual_moved``: the stream it describes, see there); fresh tensors (with
         ``inplace`` the count is the given ``count``, updated), so chunked time (feeding
         ``count`` and ``branch_count`` back) equals a whole run bit for bit. (The registered
         op always returns three tensors, a fixed schema: the third is an empty ``[0]``
@@ -539,7 +544,6 @@ def exact_layernorm_neuron(
     _check_exact_layernorm_neuron(
         *args, active, *branches, residual_out, inplace, d_moved, residual_moved
     )
-    _check_d_moved(d, d_moved, validate)
     check_threshold_values(threshold, "threshold", validate)
     check_in_bounds(count, "count", n_min, p_max, validate)
     for prefix, spikes, theta in (
