@@ -284,7 +284,10 @@ class ExactLayerNormNeuron(TargetNeuron):
         self.residual: torch.Tensor | None = None
 
     def take_residual(self) -> torch.Tensor:
-        """The ``D`` of the last ``residual_out`` call, released here (it is a whole stream)."""
+        """The ``D`` of the last ``residual_out`` call, released here (it is a whole stream).
+        Called with ``residual_moved``, ``D`` is the stream together with those flags (rows
+        that did not move may be left unwritten): read it with them as ``d_moved``, or as
+        ``ops.exact_layernorm.filled(D, flags)``."""
         residual, self.residual = self.residual, None
         if residual is None:
             raise RuntimeError("no residual stream: call with residual_out=True first")
