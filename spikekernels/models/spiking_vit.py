@@ -367,7 +367,9 @@ class ExactBlock(_Composite):
 
     Per element-step a block moves 27 bytes of the stream: ``norm1`` reads ``d`` (8) and two
     branches' spikes (2) and writes ``D`` (8), ``norm2`` reads ``d`` and one branch (9);
-    writing ``D`` at both norms took 34."""
+    writing ``D`` at both norms took 34. ``D`` travels with its row flags (``norm1``'s
+    ``residual_moved``, the next readers' ``d_moved``): a row that did not move at a step is
+    neither written nor read there, so a quiet row costs 3 of those bytes."""
 
     def __init__(
         self,

@@ -461,7 +461,8 @@ def exact_layernorm_neuron(
     once: its ``norm2`` reads ``d`` and the attention branch and writes nothing, the next
     ``norm1`` reads ``d`` and both branches and writes ``D``: 27 bytes per element and step
     for the block, where one write per norm took 34 (and separate ``exact_residual_add``
-    launches 50). Every path adds the first branch, then the second; in a converted model
+    launches 50), and with the row flags (``d_moved``, ``residual_moved``) 3 for a row that
+    did not move. Every path adds the first branch, then the second; in a converted model
     the order does not matter (each term and partial sum is exact in float64: SPEC.md §9.2,
     checked at conversion).
 
