@@ -62,9 +62,9 @@ tiles are not read (the loads are masked off, so the step loop still pipelines t
 V's load is masked by the flags alone, so it is issued ahead too; the context product runs
 only where v or the attention counts moved, and reads V again in the rare step where the
 attention neuron moved while q, k and v did not (still climbing to its targets). Every
-program re-reads its head's K and V (13 query blocks a head at ViT-S: about 30 KB a
-program-step from L2, the kernel's largest traffic), so late steps, where most heads are
-quiet, then read little more than the flags.
+program re-reads its head's K and V (13 query blocks a head at ViT-S: about 26 KB a
+program-step from L2, the kernel's largest traffic), so a quiet head's step then reads
+little more than the flags (by count; unmeasured on a GPU).
 
 With ``COUNTS_IN`` the operands are the running counts themselves (the producing kernels'
 ``COUNTS_OUT``: the neuron's count after each step, the same bytes as its spikes), and each

@@ -38,8 +38,7 @@ the load masked off (so still issued a step ahead, its flag read a step before t
 kernel that writes ``D`` writes its flags too (``MOVED_OUT``): a row may have moved where
 ``d``'s flag says so (every row without flags) or a branch spike falls in it, and every row
 at the first step (a reader keeps nothing across launches); the rows whose flag is 0 are not
-written. In late steps, where most rows are quiet, the stream then costs little more than
-its flags.
+written. A quiet row then costs the stream little more than its flags.
 
 Divisions are ``div_rn`` and the root ``sqrt_rn`` (Triton's ``/`` and ``sqrt`` on float32 are
 approximate on NVIDIA GPUs). Products that feed an add are formed as ``fma(a, b, +0.0)``:

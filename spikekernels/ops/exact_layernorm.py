@@ -504,8 +504,7 @@ def exact_layernorm_neuron(
             ``t >= 1`` whose flag is 0 *is* the step before's, whatever its memory holds:
             the Triton kernel does not read it (it keeps the step before's in registers),
             the other paths and ``pool`` read ``filled(d, d_moved)``. A flag may be set
-            where nothing moved. Late steps, where most rows are quiet, then read little of
-            the float64 stream.
+            where nothing moved. Quiet rows then cost little of the float64 stream.
         residual_moved: optional int32 ``[T, *rows]``, contiguous, with ``residual_out``
             (not with ``pool``): written in place with ``D``'s row flags, 1 at step 0 and
             wherever a row of ``D`` may differ from the step before (the Triton kernel: a
