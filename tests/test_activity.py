@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 import pytest
 import torch
-from conftest import INTERPRETED, st_bif_margin
+from conftest import CPU_PASS_ONLY, INTERPRETED, st_bif_margin
 from test_exact import TINY, images, make_exact
 from test_exact_attention_ops import _context_case, _probs_case
 from test_exact_layernorm_neuron import EPS, _norm, _residual
@@ -421,3 +421,27 @@ def test_runner_settles_as_a_hook_recount(gen):
         want = torch.where(silent.any(0), silent.to(torch.int8).argmax(0), 40)
         assert torch.equal(trace.sample_steps, want), (chunk, trace.sample_steps, want)
         assert steps == int(want.max()) < 40
+
+
+@CPU_PASS_ONLY  # the guard is Python, and the CPU data check catches a flag passed on
+def test_row_flags_stop_at_a_hook_that_replaces_spikes(gen):
+    """A forward hook may replace a neuron's spikes; the row flags its op recorded
+    (``row_active``) then do not describe what the next linear reads, so the block passes
+    that linear none (a 0 on a row that now fires would be refused, or on a GPU skipped)."""
+    qann = make_exact(gen, **TINY, level=16)
+    x = images(gen, qann, 2)
+
+    def add_spikes(module, inputs, out):
+        out = out.clone()
+        out[-1, :, 0] = 1  # the class row fires at the chunk's last step
+        return out
+
+    logits = []
+    for hooked in (False, True):
+        snn = convert(qann)
+        if hooked:
+            block = snn.blocks[1]
+            for neuron in (block.norm1, block.norm2, block.mlp.fc1):
+                neuron.register_forward_hook(add_spikes)
+        logits.append(snn(x, max_steps=30, chunk=3)[0])
+    assert not torch.equal(logits[0], logits[1]), "the hooks changed nothing: proves little"

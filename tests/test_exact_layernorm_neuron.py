@@ -1206,9 +1206,9 @@ def test_opcheck(gen, case):
     residual_out = "branch" in case and not pool
     args = (d, c, norm["w"], norm["b"], EPS, norm["theta"], -8, 7, count, pool, None)
     args = (*args, *branch, *branch2, residual_out, inplace)
-    if case.endswith("_moved"):  # the stream's row flags, read and written
+    if case.endswith("_moved"):  # the stream's row flags, read and written; the output's
         d_moved = exact_layernorm_ops.rows_moved(d)
-        args = (*args, d_moved, torch.zeros_like(d_moved))
+        args = (*args, d_moved, torch.zeros_like(d_moved), torch.zeros_like(d_moved))
     torch.library.opcheck(torch.ops.spikekernels.exact_layernorm_neuron.default, args)
 
 
@@ -1272,7 +1272,8 @@ def test_moved_flags(gen, backend, T, with_d, branches):
     ``D`` moved (the truth on the PyTorch paths; on Triton's, where ``d``'s flag or a branch
     spike says so), and ``D`` with them is the stream (``filled``). Read (``d_moved``, the
     truth plus spurious flags): a row whose flag is 0 is the step before's, so garbage there
-    changes no bit, count or ``D``."""
+    changes no bit, count or ``D``. The output's row flags (``row_active``) are the spikes'
+    truth on every path, and a flag set before stays set."""
     d, c = _residual(gen, T, 2, 5, 100)
     d = _held(gen, d) if with_d else None
     norm = _norm(gen, 100)
@@ -1290,9 +1291,12 @@ def test_moved_flags(gen, backend, T, with_d, branches):
         ran = backend_for(c, ("triton", "torch")) if backend != "reference" else backend
         want = _run_branch(d, c, norm, branch, count, branch2, residual_out=True)
         moved = torch.full((T, 2, 5), -1, dtype=torch.int32)  # poisoned: every flag written
+        kept = (torch.rand(T, 2, 5, generator=gen) < 0.3).to(torch.int32)
+        fired = kept.clone()
         got = _run_branch(d_in, c, norm, branch, count, branch2, residual_out=True,
-                          d_moved=d_moved, residual_moved=moved)  # fmt: skip
+                          d_moved=d_moved, residual_moved=moved, row_active=fired)  # fmt: skip
     _assert_same(got[:2], want[:2])
+    assert torch.equal(fired, (want[0] != 0).any(dim=-1).to(torch.int32) | kept)
     _assert_same_residual(exact_layernorm_ops.filled(got[2], moved), want[2])
     truth = exact_layernorm_ops.rows_moved(want[2])
     if ran == "triton":
@@ -1305,6 +1309,28 @@ def test_moved_flags(gen, backend, T, with_d, branches):
         expected = truth
     assert torch.equal(moved, expected)
     assert not ((truth != 0) & (moved == 0)).any()
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch", "reference"])
+@pytest.mark.parametrize("pool", [False, True])
+def test_row_active_marks_the_rows_that_fire(gen, backend, pool):
+    """``row_active`` on a settled neuron: set where a row (a pooled row: a sample) fires,
+    never cleared, and left 0 on the rows that do not; the spikes and count as without it."""
+    d, c = _residual(gen, 5, 2, 5, 100)
+    d[:, 1] = d[0, 1]  # sample 1 held: its rows settle and stay quiet
+    norm = _norm(gen, 100)
+    with force_backend(backend):
+        warm = _run(d[:1].expand(16, -1, -1, -1).contiguous(), c, norm, -8, 7, pool=pool)
+        assert not warm[0][-1].any(), "not settled"
+        want = _run(d, c, norm, -8, 7, warm[1], pool=pool)
+        kept = torch.zeros(want[0].shape[:-1], dtype=torch.int32)
+        kept[2] = 1  # set before: stays
+        fired = kept.clone()
+        got = _run(d, c, norm, -8, 7, warm[1], pool=pool, row_active=fired)
+    _assert_same(got, want)
+    truth = (want[0] != 0).any(dim=-1).to(torch.int32)
+    assert truth[:, 0].any() and not truth[:, 1].any(), "the case proves little"
+    assert torch.equal(fired, truth | kept)
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch", "reference"])

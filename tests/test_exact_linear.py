@@ -509,6 +509,17 @@ BAD_INPUTS += [
         ValueError,
         "group_active must be contiguous",
     ),
+    ("row_active int64", dict(row_active=torch.zeros(2, 3).long()), TypeError, "row_active must"),
+    ("row_active shape", dict(row_active=torch.zeros(2, 5).int()), ValueError, r"shape \(2, 3\)"),
+    ("row_active strided", dict(row_active=torch.zeros(3, 2).int().t()), ValueError, "contiguous"),
+    ("s_row_active list", dict(s_row_active=[[1]]), TypeError, "s_row_active must be a torch"),
+    ("s_row_active shape", dict(s_row_active=torch.ones(2, 8).int()), ValueError, "s_row_active"),
+    (
+        "s_row_active 0 on a spike",
+        dict(s=torch.ones(2, 3, 8, dtype=torch.int8), s_row_active=torch.ones(3, 2).int().t() - 1),
+        ValueError,
+        "s_row_active is 0 where a row of s holds a spike",
+    ),
     ("inplace int", dict(count=_COUNT, inplace=1), TypeError, "inplace must be a bool"),
     ("inplace without count", dict(inplace=True), ValueError, "needs count"),
     (
@@ -553,7 +564,7 @@ def test_bad_input_is_rejected(case, bad, error, words):
 
 
 @pytest.mark.parametrize(
-    "case", ["fresh", "state", "per_channel_no_bias", "inplace", "counts_out_s_before"]
+    "case", ["fresh", "state", "per_channel_no_bias", "inplace", "counts_out_s_before", "flags"]
 )
 def test_opcheck(gen, case):
     layer = _layer(gen, 20, 24, per_channel=case != "fresh", bias=case != "per_channel_no_bias")
@@ -578,6 +589,11 @@ def test_opcheck(gen, case):
         case == "inplace",
         *extra,
     )
+    if case == "flags":  # the activity flags written (per sample, group, row) and the rows read
+        active, groups, rows = (torch.zeros(3, 2, *extra, dtype=torch.int32) for extra in
+                                ((), (4,), (5,)))  # fmt: skip
+        flags = (groups, rows, (s != 0).any(dim=-1).to(torch.int32))
+        args = (*args[:10], active, False, False, None, *flags)
     torch.library.opcheck(torch.ops.spikekernels.exact_linear.default, args)
 
 
@@ -802,3 +818,86 @@ def test_group_active(gen, backend, lead, k, n, groups, T, counts_out):
     assert torch.equal(flags, expected | kept.to(torch.int32))
     if T > 1:  # the case makes quiet and busy groups both
         assert 0 < int(truth.sum()) < truth.numel()
+
+
+def _row_tiles(spikes, block_m):
+    """What the Triton kernel records as ``row_active``: every row of a ``block_m``-row tile
+    (rows flattened over the spikes' dims 1 to -2) where any of the tile's spikes fired."""
+    flat = (spikes != 0).flatten(1, -2).any(dim=-1)  # [T, rows]
+    want = torch.zeros_like(flat)
+    for r0 in range(0, flat.shape[1], block_m):
+        want[:, r0 : r0 + block_m] = flat[:, r0 : r0 + block_m].any(dim=1, keepdim=True)
+    return want.reshape(spikes.shape[:-1]).to(torch.int32)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch", "reference"])
+@pytest.mark.parametrize(("lead", "k", "n"), [((3, 7), 33, 48), ((2, 40), 45, 20)])
+@pytest.mark.parametrize(("T", "counts_out"), [(1, False), (5, True)])
+def test_row_active(gen, backend, lead, k, n, T, counts_out):
+    """``row_active`` per (step, row): the spikes' truth on the PyTorch paths, every row of a
+    row tile that fired on Triton's (a superset); the spikes and count as without it; a flag
+    set before stays set."""
+    layer, count, before = _settled_layer(gen, lead, k, n)
+    s = _spikes(gen, T, lead, k, density=0.02)
+    s = s * (torch.rand(T, *lead, 1, generator=gen) < 2 / math.prod(lead[1:]))
+    s_count = (before + s.sum(0, dtype=torch.int32)).to(torch.int8)
+    with force_backend(backend):
+        ran = backend_for(s, ("triton", "torch")) if backend != "reference" else backend
+        want = _run(s, layer, -8, 7, s_count, count, counts_out=counts_out)
+        spikes = _run(s, layer, -8, 7, s_count, count)[0]
+        kept = (torch.rand(spikes.shape[:-1], generator=gen) < 0.2).to(torch.int32)
+        flags = kept.clone()
+        got = _run(s, layer, -8, 7, s_count, count, counts_out=counts_out, row_active=flags)
+    _assert_same(got, want)
+    truth = (spikes != 0).any(dim=-1).to(torch.int32)
+    block_m = el.tile_config()[0]
+    expected = _row_tiles(spikes, block_m) if ran == "triton" else truth
+    assert torch.equal(flags, expected | kept)
+    if T > 1:  # quiet and busy row tiles both
+        tiles = _row_tiles(spikes, block_m)
+        assert 0 < int(tiles.sum()) < tiles.numel(), "the case proves little"
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch", "reference"])
+@pytest.mark.parametrize("T", [1, 5])
+def test_s_row_active_changes_no_bit(gen, backend, T):
+    """The input's row flags (its producer's ``row_active``, plus spurious ones): the same
+    spikes, count, ``active`` and row flags as without them, on every path."""
+    lead, k, n = (2, 23), 40, 36
+    layer, count, before = _settled_layer(gen, lead, k, n)
+    s = _spikes(gen, T, lead, k, density=0.1)
+    s = s * (torch.rand(T, *lead, 1, generator=gen) < 0.2)
+    s_count = (before + s.sum(0, dtype=torch.int32)).to(torch.int8)
+    hint = (s != 0).any(dim=-1).to(torch.int32)
+    hint |= (torch.rand(hint.shape, generator=gen) < 0.2).to(torch.int32)
+    assert (hint == 0).any(), "the case proves little"
+    out = []
+    with force_backend(backend):
+        for given in (None, hint):
+            flags = [torch.zeros(T, lead[0], dtype=torch.int32), torch.zeros(T, *lead).int()]
+            got = _run(s, layer, -8, 7, s_count, count, active=flags[0], row_active=flags[1],
+                       s_row_active=given)  # fmt: skip
+            out.append((*got, *flags))
+    for name, got, want in zip(("spikes", "count", "active", "row_active"), *out, strict=True):
+        assert_same_bits(got, want, name)
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_kernel_skips_rows_flagged_silent(gen, device):
+    """The Triton kernel reads only the row tiles that ``s_row_active`` marks at a step: with
+    flags that hide spikes (the op's data check bypassed) it gives the bits of the spikes
+    with those tiles zeroed. (A row tile with one flag set is read whole.)"""
+    T, lead, k, n = 4, (3, 11), 24, 20
+    block_m = el.tile_config()[0]
+    layer = _layer(gen, n, k, per_channel=True)
+    s = _spikes(gen, T, lead, k)
+    flags = (torch.rand(T, *lead, generator=gen) < 0.05).to(torch.int32)
+    read = _row_tiles(flags[..., None], block_m) != 0
+    assert (~read & (s != 0).any(dim=-1)).any() and read.any(), "the case proves little"
+    want = _run(s * read[..., None], layer, -8, 7)
+    on = {name: None if t is None else t.to(device) for name, t in layer.items()}
+    args = (on["weight"], on["weight_scale"], on["bias"], on["in_threshold"], on["threshold"])
+    got = torch.ops.spikekernels.exact_linear(
+        s.to(device), *args, -8, 7, s_row_active=flags.to(device)
+    )
+    _assert_same(got, want)

@@ -80,7 +80,7 @@ def _silent_row_tile(s: torch.Tensor, rows: int) -> torch.Tensor:
 def test_exact_linear(gen, device, tiles, monkeypatch):
     """134 rows (three 64-row tiles, the last partial), K = 300 (a partial K slice at every
     candidate's depth), N = 150 (partial column tiles), per-channel thresholds, mid-run,
-    with its flags per sample and column group."""
+    with its flags per sample and column group and per row, and its input's row flags."""
     seen = _set_tiles(
         monkeypatch, el, tiles, ("_INTERPRET_TILES", "_GPU_TILES"), "exact_linear_kernel"
     )
@@ -89,13 +89,17 @@ def test_exact_linear(gen, device, tiles, monkeypatch):
     s_count, count = exact_linear_tests._random_state(gen, s, 150)
     # group_active in 6 groups of 25 columns, which straddle the column tiles
     flags = torch.zeros(4, 2, 6, dtype=torch.int32, device=device)
-    got = exact_linear_tests._run(s, layer, -8, 7, s_count, count, group_active=flags)
+    rows = torch.zeros(4, 2, 67, dtype=torch.int32, device=device)
+    hint = (s != 0).any(dim=-1).to(torch.int32)
+    got = exact_linear_tests._run(s, layer, -8, 7, s_count, count, group_active=flags,
+                                  row_active=rows, s_row_active=hint)  # fmt: skip
     exact_linear_tests._assert_same(
         got, exact_linear_tests._reference(s, layer, -8, 7, s_count, count)
     )
     assert got[0].any(), "the case should make the neuron fire"
     want = exact_linear_tests._tile_superset(got[0].cpu(), 6, tiles[0], tiles[1])
     assert torch.equal(flags.cpu(), want)
+    assert torch.equal(rows.cpu(), exact_linear_tests._row_tiles(got[0].cpu(), tiles[0]))
     k_tiles = -(-300 // tiles[2])  # resident when at most tiles[5] K tiles, else streamed
     k_tiles = k_tiles if k_tiles <= tiles[5] else 0
     _launched(seen, BLOCK_M=tiles[0], BLOCK_N=tiles[1], BLOCK_K=tiles[2], num_warps=tiles[3],

@@ -509,7 +509,16 @@ def exact_linear_cases() -> list[Case]:
             dict(BLOCK_M=block_m, BLOCK_K=tile_flags.FLAG_BLOCK_K),
             num_warps=num_warps,
             aligned=["rows", "K"],
-        )
+        ),
+        # the same pass over a producer's row flags ([T, rows, 1] int32: s_row_active)
+        Case(
+            "tile_flags step_tile_any (row flags)",
+            tile_flags.step_tile_any_kernel,
+            {"s_ptr": "*i32", "flag_ptr": "*i32", "rows": "i32", "num_m": "i32"},
+            dict(BLOCK_M=block_m, BLOCK_K=1, K=1),  # K = 1: a constant, as Triton passes it
+            num_warps=num_warps,
+            aligned=["rows"],
+        ),
     ]
     signature = {
         "s_ptr": "*i8",
@@ -525,6 +534,7 @@ def exact_linear_cases() -> list[Case]:
         "count_out_ptr": "*i8",
         "active_ptr": "*i32",
         "group_active_ptr": "*i32",
+        "row_active_ptr": "*i32",
         "T": "i32",
         "rows": "i32",
         "N": "i32",
@@ -545,12 +555,13 @@ def exact_linear_cases() -> list[Case]:
     # even: ViT-S at batch 64, every dim a multiple of its tile (no mask in the K loop); the
     # fifth variant again with every load of the K loop masked. K: ViT-S's 384 (qkv, proj and
     # fc1: weights resident at the default tiles), its fc2's 1536 (streamed) and ViT-Ti's 192
-    # (resident, a partial second K tile)
+    # (resident, a partial second K tile); the last, fc1's call, records its rows (row_active)
     variants = [(False, False, False, False, True, 384), (True, True, False, False, True, 384),
                 (True, True, True, False, True, 384), (True, True, True, True, True, 384),
                 (True, True, True, True, False, 384), (True, True, True, False, True, 1536),
                 (True, True, True, True, False, 192)]  # fmt: skip
-    for state, per_channel, active, counts_out, even, k in variants:
+    variants = [(*v, False) for v in variants] + [(True, False, True, False, True, 384, True)]
+    for state, per_channel, active, counts_out, even, k, rows_out in variants:
         groups = counts_out
         constexprs = dict(
             HAS_BIAS=True,
@@ -560,6 +571,7 @@ def exact_linear_cases() -> list[Case]:
             PER_CHANNEL=per_channel,
             HAS_ACTIVE=active,
             HAS_GROUPS=groups,
+            HAS_ROW_ACTIVE=rows_out,
             COUNTS_OUT=counts_out,
             BLOCK_M=block_m,
             BLOCK_N=block_n,
@@ -574,6 +586,7 @@ def exact_linear_cases() -> list[Case]:
                 f"exact_linear state={state} per_channel={per_channel} active={active} "
                 f"counts_out={counts_out} s_before={counts_out}"
                 + (" group_active" if groups else "")
+                + (" row_active" if rows_out else "")
                 + ("" if even else " masked")
                 + ("" if k == 384 else f" K={k}"),
                 el.exact_linear_kernel,
@@ -614,8 +627,9 @@ def exact_layernorm_cases() -> list[Case]:
         (1024, True, True, True, 4), (384, True, True, True, 5), (1024, True, True, True, 5),
     ]  # fmt: skip
     # the model's calls with the stream's row flags: d_moved read where there is a d,
-    # residual_moved written where D is (ViT-S's norms of block 0, of later blocks and the
-    # readout, and ViT-L's norm1)
+    # residual_moved written where D is, and the spikes' row flags (row_active) recorded for
+    # the linear after the norm (ViT-S's norms of block 0, of later blocks and the readout, and
+    # ViT-L's norm1)
     variants = [(*v, False) for v in variants] + [
         (384, True, True, True, 2, True), (384, True, True, True, 4, True),
         (384, True, True, True, 3, True), (384, True, True, True, 5, True),
@@ -642,6 +656,7 @@ def exact_layernorm_cases() -> list[Case]:
             "active_ptr": "*i32",
             "d_moved_ptr": "*i32",
             "moved_out_ptr": "*i32",
+            "row_active_ptr": "*i32",
             "T": "i32",
             "R": "i32",
             "C": "i32",
@@ -667,6 +682,7 @@ def exact_layernorm_cases() -> list[Case]:
             HAS_ACTIVE=active,
             HAS_D_MOVED=flags and branch != 2,
             MOVED_OUT=flags and branch in (1, 2, 4),
+            HAS_ROW_ACTIVE=flags and branch != 5,
             ROWS=rows,
             BLOCK_C=block_c,
             LOG2_C=block_c.bit_length() - 1,

@@ -238,11 +238,13 @@ def _branch_step(d, theta, count, ptrs, spikes, next_mask, step, mask, HAS_D: tl
 @triton.jit
 def _layer_norm_neuron_step(
     x, w, b, eps, theta, inv_theta, edge, count, n_min, p_max, mask, col_mask, c_f, active_ptrs,
-    row_mask, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ACTIVE: tl.constexpr,
-    ROWS: tl.constexpr, BLOCK_C: tl.constexpr, LOG2_C: tl.constexpr,
+    row_active_ptrs, row_mask, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_ACTIVE: tl.constexpr, HAS_ROW_ACTIVE: tl.constexpr, ROWS: tl.constexpr,
+    BLOCK_C: tl.constexpr, LOG2_C: tl.constexpr,
 ):  # fmt: skip
     """One step of the row function and the neuron on the float32 rows ``x``: ``(sigma, fired,
-    count)``, the sample flags set where a row fired (``HAS_ACTIVE``). The neuron takes an
+    count)``, the sample flags set where a row fired (``HAS_ACTIVE``), and the row flags
+    (``HAS_ROW_ACTIVE``). The neuron takes an
     estimate of the row function's value, and the row function itself only for a tile with a
     lane unsure on the estimate (the margin above): one multiply a lane, not a division."""
     xc, sd = layer_norm_moments(x, eps, col_mask, c_f, ROWS, BLOCK_C, LOG2_C)
@@ -255,6 +257,8 @@ def _layer_norm_neuron_step(
         sigma, fired = target_exact_tile(y, theta, count, n_min, p_max, mask)
     if HAS_ACTIVE:
         record_active_rows(active_ptrs, sigma, row_mask, col_mask, ROWS, BLOCK_C)
+    if HAS_ROW_ACTIVE:
+        record_active_rows(row_active_ptrs, sigma, row_mask, col_mask, ROWS, BLOCK_C)
     return sigma, fired, count + sigma
 
 
@@ -278,6 +282,7 @@ def exact_layernorm_neuron_kernel(
     active_ptr,  # [T, B] int32 per-sample flags, set where a sample fires (HAS_ACTIVE only)
     d_moved_ptr,  # [T, R] int32 flags: row r of d_t may differ from d_{t-1} (HAS_D_MOVED only)
     moved_out_ptr,  # [T, R] int32 the same flags of D_t, written (MOVED_OUT only)
+    row_active_ptr,  # [T, R] int32 flags per row, set where a row fires (HAS_ROW_ACTIVE only)
     T,
     R,
     C,
@@ -301,6 +306,7 @@ def exact_layernorm_neuron_kernel(
     HAS_ACTIVE: tl.constexpr,
     HAS_D_MOVED: tl.constexpr,
     MOVED_OUT: tl.constexpr,
+    HAS_ROW_ACTIVE: tl.constexpr,
     ROWS: tl.constexpr,
     BLOCK_C: tl.constexpr,
     LOG2_C: tl.constexpr,
@@ -308,7 +314,8 @@ def exact_layernorm_neuron_kernel(
     """D_t = d_t + fl64(theta_b) * count_b (with a pending branch: ``residual_value``), then
     + fl64(theta_b2) * count_b2 (with a second), stored when RESIDUAL_OUT; else d_t;
     x = fl32(c + D_t); y = layer_norm_rows(x); target-driven
-    neuron on y; active[t, row // rows_per_sample] = 1 where a row fires."""
+    neuron on y; active[t, row // rows_per_sample] = 1 and row_active[t, row] = 1 where a row
+    fires."""
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK_C)
@@ -359,6 +366,7 @@ def exact_layernorm_neuron_kernel(
     active_ptrs = active_ptr  # a placeholder that the step does not read without HAS_ACTIVE
     if HAS_ACTIVE:
         active_ptrs = active_ptr + rows // rows_per_sample
+    row_active_ptrs = row_active_ptr + rows  # read by the step with HAS_ROW_ACTIVE only
     fired = tl.full((), 1, tl.int32)  # whether the tile fired at the last step (at first: yes)
     last_bits = tl.zeros([ROWS, BLOCK_C], tl.int32)  # the last step's x, as bits
     for t in range(T):
@@ -422,8 +430,8 @@ def exact_layernorm_neuron_kernel(
             if (moved | fired) != 0:
                 sigma, fired, count = _layer_norm_neuron_step(
                     x, w, b, eps, theta, inv_theta, edge, count, n_min, p_max, mask, col_mask,
-                    c_f, active_ptrs, rows < R, HAS_WEIGHT, HAS_BIAS, HAS_ACTIVE, ROWS, BLOCK_C,
-                    LOG2_C,
+                    c_f, active_ptrs, row_active_ptrs, rows < R, HAS_WEIGHT, HAS_BIAS,
+                    HAS_ACTIVE, HAS_ROW_ACTIVE, ROWS, BLOCK_C, LOG2_C,
                 )  # fmt: skip
             else:
                 sigma = tl.zeros([ROWS, BLOCK_C], tl.int32)
@@ -431,11 +439,14 @@ def exact_layernorm_neuron_kernel(
         else:
             sigma, fired, count = _layer_norm_neuron_step(
                 x, w, b, eps, theta, inv_theta, edge, count, n_min, p_max, mask, col_mask, c_f,
-                active_ptrs, rows < R, HAS_WEIGHT, HAS_BIAS, HAS_ACTIVE, ROWS, BLOCK_C, LOG2_C,
+                active_ptrs, row_active_ptrs, rows < R, HAS_WEIGHT, HAS_BIAS, HAS_ACTIVE,
+                HAS_ROW_ACTIVE, ROWS, BLOCK_C, LOG2_C,
             )  # fmt: skip
         tl.store(out_ptrs, sigma.to(tl.int8), mask=mask)
         if HAS_ACTIVE:
             active_ptrs += B
+        if HAS_ROW_ACTIVE:
+            row_active_ptrs += R
         out_ptrs += step
     tl.store(count_out_ptr + offs, count.to(tl.int8), mask=mask)
 
@@ -460,6 +471,7 @@ def exact_layernorm_neuron_triton(
     inplace: bool = False,
     d_moved: torch.Tensor | None = None,
     residual_moved: torch.Tensor | None = None,
+    row_active: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Host side (``threshold`` first: ``on_device`` takes the device from it, as ``x`` may be
     None): ``threshold`` ``[1]`` or ``[C]`` on the device; ``x`` ``[T, R, C]`` contiguous,
@@ -473,7 +485,8 @@ def exact_layernorm_neuron_triton(
     where a row of ``d`` equals the step before's, which is then not read;
     ``residual_moved`` ``[T, R]`` int32 contiguous or None (with ``residual_out``): the same
     flags of ``D``, written (1 at step 0, and where ``d``'s flag or a branch spike says the
-    row may have moved). Returns ``(spikes [T, R, C] int8, count [R, C] int8, D)``, ``D``
+    row may have moved); ``row_active`` ``[T, R]`` int32 contiguous or None: set to 1 where
+    a row fires. Returns ``(spikes [T, R, C] int8, count [R, C] int8, D)``, ``D``
     ``[T, R, C]`` float64 with ``residual_out``, else None: fresh, or with ``inplace`` the
     given ``count`` (a view of the caller's contiguous state), written by the program that
     read it."""
@@ -509,6 +522,7 @@ def exact_layernorm_neuron_triton(
         count_out if active is None else active,
         count_out if d_moved is None else d_moved,
         count_out if residual_moved is None else residual_moved,
+        count_out if row_active is None else row_active,
         T,
         R,
         C,
@@ -531,6 +545,7 @@ def exact_layernorm_neuron_triton(
         HAS_ACTIVE=active is not None,
         HAS_D_MOVED=d_moved is not None,
         MOVED_OUT=residual_moved is not None,
+        HAS_ROW_ACTIVE=row_active is not None,
         ROWS=rows,
         BLOCK_C=block_c,
         LOG2_C=block_c.bit_length() - 1,

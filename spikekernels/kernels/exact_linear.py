@@ -34,6 +34,11 @@ With ``group_active`` a tile that fired also sets the flag of each (sample, colu
 overlaps: a few scalar stores, where the flags per row that ``active`` takes would hold a
 vector of them across the step loop (they spilled registers). A qkv layer's groups are its
 heads' q, k and v, which ``exact_attention`` reads back to skip what did not change.
+
+With ``row_active`` a tile that fired sets the flags of its rows (a superset of the rows that
+fired, at the tile's granularity: the next ``exact_linear`` skips whole row tiles anyway). That
+layer takes them as ``s_row_active``, and its flag pass then reads 4 bytes a row-step instead
+of the row's spikes (a silent row's whole K).
 """
 
 from __future__ import annotations
@@ -131,6 +136,7 @@ def exact_linear_kernel(
     count_out_ptr,  # [rows, N] int8
     active_ptr,  # [T, B] int32 per-sample flags, set where a sample fires (HAS_ACTIVE only)
     group_active_ptr,  # [T, B, groups] int32 flags per sample and column group (HAS_GROUPS)
+    row_active_ptr,  # [T, rows] int32 flags per row, set where its tile fires (HAS_ROW_ACTIVE)
     T,
     rows,
     N,
@@ -151,6 +157,7 @@ def exact_linear_kernel(
     PER_CHANNEL: tl.constexpr,
     HAS_ACTIVE: tl.constexpr,
     HAS_GROUPS: tl.constexpr,
+    HAS_ROW_ACTIVE: tl.constexpr,
     COUNTS_OUT: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -164,7 +171,8 @@ def exact_linear_kernel(
     """acc = (s_count - sum_t s_t) @ W^T, then per step acc += s_t @ W^T;
     y = fl32(fl32(m[n] * fl32(acc)) + b[n]); target-driven neuron on y;
     active[t, row // rows_per_sample] = 1 where a row fires; group_active[t, b, g] = 1 for
-    every sample b and column group g that a tile which fired overlaps."""
+    every sample b and column group g that a tile which fired overlaps; row_active[t, r] = 1
+    for every row r of a tile which fired."""
     pid_m = tl.program_id(0).to(tl.int64)
     pid_n = tl.program_id(1).to(tl.int64)
     rs = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -286,6 +294,12 @@ def exact_linear_kernel(
             if fired != 0:
                 record_tile_groups(group_active_ptr, first_group, samples, spread, groups)
             group_active_ptr += B * groups
+        if HAS_ROW_ACTIVE:
+            # the tile's rows, formed in the branch from the scalar base: no vector of
+            # pointers held across the step loop
+            if fired != 0:
+                tl.store(row_active_ptr + rs, 1, mask=row_mask)
+            row_active_ptr += rows
         s_start += s_step
         out_ptrs += out_step
         flag_ptrs += num_m
@@ -311,11 +325,15 @@ def exact_linear_triton(
     counts_out: bool = False,
     s_before: bool = False,
     group_active: torch.Tensor | None = None,
+    row_active: torch.Tensor | None = None,
+    s_row_active: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Host side: ``s`` ``[T, rows, K]`` int8, ``weight`` ``[N, K]`` int8, ``weight_scale``
     and ``bias`` float32 ``[N]``, all contiguous; ``s_count`` ``[rows, K]`` int8 contiguous or
     None; ``count`` ``[rows, N]`` or None; ``active`` ``[T, B]`` and ``group_active`` ``[T, B,
-    groups]`` (``groups`` dividing N) int32 contiguous or None.
+    groups]`` (``groups`` dividing N) and ``row_active`` ``[T, rows]`` int32 contiguous or
+    None; ``s_row_active`` ``[T, rows]`` int32 contiguous or None: 0 where a row of ``s`` is
+    silent at a step, which the flag pass then takes instead of reading the spikes.
     Returns ``(spikes [T, rows, N] int8, count [rows, N] int8)``: fresh, or with ``inplace``
     the given ``count`` (a view of the caller's contiguous state), written by the program
     that read it. ``counts_out``: the count after each step comes out instead of the
@@ -330,7 +348,8 @@ def exact_linear_triton(
     if rows == 0 or N == 0:
         return out, count_out
     block_m, block_n, block_k, num_warps, num_stages, resident_k_tiles = tile_config()
-    flags, num_m = step_tile_flags(launch, s, block_m, num_warps)
+    rows_or_spikes = s if s_row_active is None else s_row_active.view(T, rows, 1)
+    flags, num_m = step_tile_flags(launch, rows_or_spikes, block_m, num_warps)
     groups = 1 if group_active is None else group_active.shape[2]
     launch(exact_linear_kernel)[(num_m, triton.cdiv(N, block_n))](
         s,
@@ -346,6 +365,7 @@ def exact_linear_triton(
         count_out,
         flags if active is None else active,
         flags if group_active is None else group_active,
+        flags if row_active is None else row_active,
         T,
         rows,
         N,
@@ -365,6 +385,7 @@ def exact_linear_triton(
         PER_CHANNEL=threshold.numel() > 1,
         HAS_ACTIVE=active is not None,
         HAS_GROUPS=group_active is not None,
+        HAS_ROW_ACTIVE=row_active is not None,
         COUNTS_OUT=counts_out,
         BLOCK_M=block_m,
         BLOCK_N=block_n,

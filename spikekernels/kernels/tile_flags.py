@@ -1,6 +1,10 @@
 """Which spike tiles hold a spike: the flag pass before the kernels that skip silent tiles
 (``exact_linear``, ``spike_linear_neuron``, ``spike_linear``).
 
+Where the producer of the spikes recorded which rows fired (``exact_linear``'s
+``s_row_active``), the same pass reads those flags instead: ``4 * BLOCK_M`` bytes a tile-step,
+where a silent tile's rows of spikes are ``BLOCK_M * K``.
+
 One program per (step, tile of ``BLOCK_M`` rows) reads that step's int8 spikes of the tile and
 writes 1 if any is nonzero. It stops at the first K tile that holds a spike: spikes are dense
 enough while a network is active (about a quarter of them nonzero at ViT-S) that the first
@@ -87,11 +91,14 @@ def step_tile_any_kernel(
 
 def step_tile_flags(launch, s: torch.Tensor, block_m: int, num_warps: int):
     """``(flags [T, num_m] int32, num_m)``: whether each step's tile of ``block_m`` rows of
-    ``s`` ``[T, rows, K]`` (contiguous) holds a spike."""
+    ``s`` ``[T, rows, K]`` (contiguous) holds a nonzero value. ``s`` may be spikes, or a
+    producer's flags per row as ``[T, rows, 1]`` int32 (``exact_linear``'s ``s_row_active``):
+    then a tile is read as ``block_m`` flags, not its rows of spikes."""
     T, rows, K = s.shape
     num_m = triton.cdiv(rows, block_m)
     flags = torch.empty((T, num_m), dtype=torch.int32, device=s.device)
+    block_k = min(FLAG_BLOCK_K, triton.next_power_of_2(max(K, 1)))
     launch(step_tile_any_kernel)[(T * num_m,)](
-        s, flags, rows, K, num_m, BLOCK_M=block_m, BLOCK_K=FLAG_BLOCK_K, num_warps=num_warps
+        s, flags, rows, K, num_m, BLOCK_M=block_m, BLOCK_K=block_k, num_warps=num_warps
     )
     return flags, num_m

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from spikekernels.models.chunk_graph import ChunkGraph, CudaGraph
-from spikekernels.nn.exact_attention import ExactAttention, has_forward_hooks
+from spikekernels.nn.exact_attention import ExactAttention, has_forward_hooks, unless_hooked
 from spikekernels.nn.exact_layers import ExactLayerNormNeuron, ExactLinear, ExactLinearNeuron
 from spikekernels.nn.neuron import STBIF
 from spikekernels.nn.target_neuron import TargetNeuron
@@ -210,7 +210,8 @@ class SpikeMlp(_Composite):
 class ExactMlp(SpikeMlp):
     """``SpikeMlp`` of exact mode: each ``ExactLinearNeuron`` also takes the count of the
     neuron that fed it (``fc2``'s is ``fc1``'s, taken before ``fc1``'s call), from which it
-    forms its accumulator."""
+    forms its accumulator, and that neuron's row flags: ``fc1`` records which of its rows
+    fired (``row_active``), so that ``fc2`` finds its silent row tiles from them."""
 
     def forward(
         self,
@@ -218,11 +219,19 @@ class ExactMlp(SpikeMlp):
         s_count: torch.Tensor | None = None,
         *,
         s_before: torch.Tensor | None = None,
+        s_row_active: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``s_count`` (after these steps) or ``s_before`` (before them): the count of the
-        neuron behind ``s``, as ``ExactLinearNeuron`` takes it."""
+        neuron behind ``s``, and ``s_row_active`` its row flags, as ``ExactLinearNeuron``
+        takes them."""
         fc1_before = _count_before(self.fc1)
-        return self.fc2(self.fc1(s, s_count, s_before=s_before), s_before=fc1_before)
+        fired = torch.zeros(s.shape[:-1], dtype=torch.int32, device=s.device)
+        hidden = self.fc1(
+            s, s_count, s_before=s_before, s_row_active=s_row_active, row_active=fired
+        )
+        return self.fc2(
+            hidden, s_before=fc1_before, s_row_active=unless_hooked(fired, self.fc1, self.fc2)
+        )
 
 
 class SpikeBlock(_Composite):
@@ -369,7 +378,12 @@ class ExactBlock(_Composite):
     branches' spikes (2) and writes ``D`` (8), ``norm2`` reads ``d`` and one branch (9);
     writing ``D`` at both norms took 34. ``D`` travels with its row flags (``norm1``'s
     ``residual_moved``, the next readers' ``d_moved``): a row that did not move at a step is
-    neither written nor read there, so a quiet row costs 3 of those bytes."""
+    neither written nor read there, so a quiet row costs 3 of those bytes.
+
+    Each norm, and ``fc1``, also records which rows of its spikes fire (``row_active``), and
+    the linear after it (``qkv``, ``fc1``, ``fc2``) finds its silent row tiles from those
+    flags instead of scanning the spikes (``s_row_active``), unless a forward hook on the way
+    could replace the spikes (``unless_hooked``)."""
 
     def __init__(
         self,
@@ -383,12 +397,17 @@ class ExactBlock(_Composite):
 
     @staticmethod
     def _branch(
-        branch: nn.Module, neuron: ExactLinearNeuron, s: torch.Tensor, s_before: torch.Tensor
+        branch: nn.Module,
+        neuron: ExactLinearNeuron,
+        s: torch.Tensor,
+        s_before: torch.Tensor,
+        s_row_active: torch.Tensor | None,
     ) -> Branch:
-        """The branch run on a norm's spikes ``s`` (and that norm's count before them),
-        pending: its last neuron's spikes, step and count before."""
+        """The branch run on a norm's spikes ``s`` (and that norm's count before them, and its
+        row flags), pending: its last neuron's spikes, step and count before."""
         before = _count_before(neuron)
-        return Branch(branch(s, s_before=s_before), neuron.threshold, before)
+        spikes = branch(s, s_before=s_before, s_row_active=s_row_active)
+        return Branch(spikes, neuron.threshold, before)
 
     def forward(self, x: Residual) -> Residual:
         # each norm's count before its call: what the linear after it starts from (a copy per
@@ -397,12 +416,19 @@ class ExactBlock(_Composite):
         # which rows of D move at each step: the later norms skip reading the others
         stream = x.pending[0].spikes
         moved = torch.empty(stream.shape[:-1], dtype=torch.int32, device=stream.device)
-        s = self.norm1(*x.norm_args(), residual_out=True, d_moved=x.d_moved, residual_moved=moved)
+        # which rows of each norm's spikes fire at each step: the linear after it finds its
+        # silent row tiles from these flags instead of scanning the spikes
+        fired = torch.zeros((2, *moved.shape), dtype=torch.int32, device=stream.device)
+        s = self.norm1(*x.norm_args(), residual_out=True, d_moved=x.d_moved, residual_moved=moved,
+                       row_active=fired[0])  # fmt: skip
         d = self.norm1.take_residual()
-        attn = self._branch(self.attn, self.attn.proj, s, before)
+        hint = unless_hooked(fired[0], self.norm1, self.attn, self.attn.qkv)
+        attn = self._branch(self.attn, self.attn.proj, s, before, hint)
         before = _count_before(self.norm2)
-        s = self.norm2(*Residual(d, (attn,)).norm_args(), d_moved=moved)
-        return Residual(d, (attn, self._branch(self.mlp, self.mlp.fc2, s, before)), moved)
+        s = self.norm2(*Residual(d, (attn,)).norm_args(), d_moved=moved, row_active=fired[1])
+        hint = unless_hooked(fired[1], self.norm2, self.mlp, self.mlp.fc1)
+        mlp = self._branch(self.mlp, self.mlp.fc2, s, before, hint)
+        return Residual(d, (attn, mlp), moved)
 
 
 class ExactReadout(_Composite):

@@ -179,10 +179,13 @@ class ExactAttention(nn.Module):
         s_count: torch.Tensor | None = None,
         *,
         s_before: torch.Tensor | None = None,
+        s_row_active: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``s``: ``[T, B, N, C]`` int8 spikes; ``s_count``: ``[B, N, C]`` int8, the count of
         their neuron after these steps, or ``s_before``, before them (neither only on a fresh
-        input: see ``ExactLinearNeuron``). Returns the ``quan_proj`` neuron's spikes."""
+        input: see ``ExactLinearNeuron``); ``s_row_active``: int32 ``[T, B, N]``, that
+        neuron's ``row_active``, or None (``qkv`` takes it). Returns the ``quan_proj``
+        neuron's spikes."""
         check_token_spikes(s, self.dim, "ExactAttention")
         t, b, n, c = s.shape
         h, dh = self.num_heads, self.head_dim
@@ -191,9 +194,9 @@ class ExactAttention(nn.Module):
         fired = torch.zeros(t, b, 3 * h, dtype=torch.int32, device=s.device)
         # the running counts of q, k, v after each step, as strided views of one layout (the
         # qkv neuron first: it names a shape that differs from its state's)
-        qkv = self.qkv(s, s_count, s_before=s_before, group_active=fired)
+        qkv = self.qkv(s, s_count, s_before=s_before, group_active=fired, s_row_active=s_row_active)
         qkv = qkv.view(t, b, n, 3, h, dh)
-        qkv_active = fired.view(t, b, 3, h).transpose(2, 3)  # [T, B, H, 3]
+        qkv_active = unless_hooked(fired.view(t, b, 3, h).transpose(2, 3), self.qkv)  # [T,B,H,3]
         # proj starts from the context neuron's count before these steps, heads merged (a
         # copy: the attention updates that count in place)
         context_before = None
@@ -222,7 +225,11 @@ class ExactAttention(nn.Module):
         )
 
     def _fused(
-        self, q: torch.Tensor, k_t: torch.Tensor, v: torch.Tensor, qkv_active: torch.Tensor
+        self,
+        q: torch.Tensor,
+        k_t: torch.Tensor,
+        v: torch.Tensor,
+        qkv_active: torch.Tensor | None,
     ) -> torch.Tensor:
         """``probs`` then ``context`` as one op, on the modules' own state."""
         probs, context = self.probs, self.context
@@ -251,3 +258,10 @@ def has_forward_hooks(module: nn.Module) -> bool:
         or torch_module._global_forward_hooks
         or torch_module._global_forward_pre_hooks
     )
+
+
+def unless_hooked(flags: torch.Tensor, *modules: nn.Module) -> torch.Tensor | None:
+    """A producer's activity flags for its reader, or None where a forward hook or pre-hook
+    would see one of ``modules`` (the producer, the reader) called: a hook may replace the
+    spikes between them, and the flags would then not describe what the reader gets."""
+    return None if any(has_forward_hooks(m) for m in modules) else flags

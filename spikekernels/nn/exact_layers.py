@@ -178,13 +178,16 @@ class ExactLinearNeuron(TargetNeuron):
         *,
         s_before: torch.Tensor | None = None,
         group_active: torch.Tensor | None = None,
+        row_active: torch.Tensor | None = None,
+        s_row_active: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``s``: ``[T, *, K]`` int8 spikes; ``s_count``: ``[*, K]`` int8, the count of the
         neuron that produced them, after these steps, or ``s_before``, its count before them
         (cheaper: the kernel then reads the chunk's spikes once); neither only on a fresh
         input (the first call after ``reset()``). ``group_active``: int32 ``[T, B, G]``
-        zeros, set where a sample fires in a group of ``N / G`` output channels
-        (``ops.exact_linear``)."""
+        zeros, set where a sample fires in a group of ``N / G`` output channels;
+        ``row_active``: int32 ``[T, *]`` zeros, set where a row of the output fires;
+        ``s_row_active``: the input neuron's ``row_active``, or None (``ops.exact_linear``)."""
         if s_before is None:
             require_input_counts(self, s_count=s_count)
         spikes, self.count = exact_linear(
@@ -203,6 +206,8 @@ class ExactLinearNeuron(TargetNeuron):
             counts_out=self.counts_out,
             s_before=s_before,
             group_active=group_active,
+            row_active=row_active,
+            s_row_active=s_row_active,
         )
         return spikes
 
@@ -306,10 +311,12 @@ class ExactLayerNormNeuron(TargetNeuron):
         residual_out: bool = False,
         d_moved: torch.Tensor | None = None,
         residual_moved: torch.Tensor | None = None,
+        row_active: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``d_moved``: int32 flags per step and row of ``d``, set where a row moved (its
         writer's ``residual_moved``); ``residual_moved``: int32 ``[T, *rows]`` that receives
-        the same flags of ``D`` with ``residual_out`` (``ops.exact_layernorm_neuron``)."""
+        the same flags of ``D`` with ``residual_out``; ``row_active``: int32 zeros, one per
+        step and row of the output, set where the row fires (``ops.exact_layernorm_neuron``)."""
         out = exact_layernorm_neuron(
             d,
             self.residual_constant,
@@ -332,6 +339,7 @@ class ExactLayerNormNeuron(TargetNeuron):
             inplace=self.stateful_call(),
             d_moved=d_moved,
             residual_moved=residual_moved,
+            row_active=row_active,
         )
         spikes, self.count = out[:2]
         self.residual = out[2] if residual_out else None

@@ -5,7 +5,9 @@ where sample ``b`` fired at step ``t``. The Triton kernels store it in their epi
 (``kernels/activity.py``); the PyTorch, C++ and reference paths call ``record_active`` on the
 spikes they return, so every backend gives the same flags. The argument is checked by
 ``_checks.check_active``. ``exact_linear`` also takes ``group_active`` ``[T, B, G]``, the same
-per group of output columns (a head's q, k or v), which ``exact_attention`` reads back.
+per group of output columns (a head's q, k or v), which ``exact_attention`` reads back, and
+``row_active`` ``[T, *rows]``, the same per row of the spikes, which the next
+``exact_linear`` reads back (``s_row_active``) instead of scanning the spikes for silent tiles.
 """
 
 from __future__ import annotations
@@ -34,6 +36,14 @@ def record_group_active(group_active: torch.Tensor | None, spikes: torch.Tensor)
     group_active.masked_fill_((tiles != 0).any(dim=4).any(dim=2), 1)
 
 
+def record_row_active(row_active: torch.Tensor | None, spikes: torch.Tensor) -> None:
+    """``row_active[t, *r] = 1`` where row ``r`` of the spikes ``[T, *rows, C]`` fired at step
+    ``t``; never cleared."""
+    if row_active is None or spikes.numel() == 0:
+        return
+    row_active.masked_fill_((spikes != 0).any(dim=-1), 1)
+
+
 def spikes_of_counts(counts: torch.Tensor, before: torch.Tensor | None) -> torch.Tensor:
     """A neuron's spikes ``[T, ...]`` int8 from its count after each step (an op's
     ``counts_out``) and its count ``before`` the steps (``[...]``; None: 0)."""
@@ -47,13 +57,16 @@ def record_active_of(
     before: torch.Tensor | None,
     counts: bool,
     group_active: torch.Tensor | None = None,
+    row_active: torch.Tensor | None = None,
 ) -> None:
-    """``record_active`` (and ``record_group_active``) from a neuron op's output: its spikes,
-    or with ``counts`` (the op's ``counts_out``) its count after each step, whose differences
-    from ``before`` (its count before the steps; None: 0) are the spikes."""
-    if active is None and group_active is None:
+    """``record_active`` (and ``record_group_active``, ``record_row_active``) from a neuron
+    op's output: its spikes, or with ``counts`` (the op's ``counts_out``) its count after
+    each step, whose differences from ``before`` (its count before the steps; None: 0) are
+    the spikes."""
+    if active is None and group_active is None and row_active is None:
         return
     if counts and out.numel():
         out = spikes_of_counts(out, before)
     record_active(active, out)
     record_group_active(group_active, out)
+    record_row_active(row_active, out)

@@ -199,6 +199,47 @@ def check_group_active(
     _check_flags(group_active, ("G",), spikes_shape, like, like_name, name)
 
 
+def check_row_active(
+    flags: torch.Tensor | None,
+    spikes_shape: Sequence[int],
+    like: torch.Tensor,
+    like_name: str,
+    name: str = "row_active",
+    *,
+    written: bool = True,
+) -> None:
+    """Optional activity flags per step and row of spikes ``[T, *rows, C]``: int32 ``[T,
+    *rows]`` (the spikes' shape without its last dim) on ``like``'s device; contiguous where
+    the op writes them (``written``: a neuron op's ``row_active``; a reader's hint, such as
+    ``exact_linear``'s ``s_row_active``, may be strided)."""
+    if flags is None:
+        return
+    check_tensor(flags, name, dtypes=(torch.int32,))
+    want = tuple(spikes_shape[:-1])
+    if tuple(flags.shape) != want:
+        raise ValueError(
+            f"{name} must have shape {want} ({like_name}'s shape without its last dim), got "
+            f"{tuple(flags.shape)}"
+        )
+    check_same_device(like_name, like, name, flags)
+    if written and not flags.is_contiguous():
+        raise ValueError(f"{name} must be contiguous: the op writes it in place")
+
+
+def check_rows_flagged(
+    s: torch.Tensor, flags: torch.Tensor | None, name: str, s_name: str, validate: bool
+) -> None:
+    """Data check of a reader's row hint (CPU always, a GPU with ``validate``): a row flagged 0
+    at a step must hold no spike there (the kernel skips it unread)."""
+    if flags is None or not may_read_data(s, validate):
+        return
+    if bool(((flags == 0) & (s != 0).any(dim=-1)).any()):
+        raise ValueError(
+            f"{name} is 0 where a row of {s_name} holds a spike: a 0 promises the row is "
+            "silent at that step (give the producer's row_active, or None)"
+        )
+
+
 def _check_flags(
     flags: torch.Tensor,
     extra: tuple[str, ...],

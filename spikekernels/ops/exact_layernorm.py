@@ -8,12 +8,13 @@ import math
 import torch
 
 from spikekernels.exact_math import layer_norm_rows, pool_patch_tokens, residual_read
-from spikekernels.ops._activity import record_active
+from spikekernels.ops._activity import record_active, record_row_active
 from spikekernels.ops._checks import (
     check_active,
     check_bounds,
     check_float,
     check_in_bounds,
+    check_row_active,
     check_same_device,
     check_scalar_tensor,
     check_state,
@@ -104,6 +105,7 @@ def _check_exact_layernorm_neuron(
     inplace=False,
     d_moved=None,
     residual_moved=None,
+    row_active=None,
 ) -> None:
     """Metadata checks (no data read)."""
     if not isinstance(pool, bool):
@@ -164,7 +166,8 @@ def _check_exact_layernorm_neuron(
                  "residual_out (not pooled)", x, name)  # fmt: skip
     if residual_moved is not None and not residual_moved.is_contiguous():
         raise ValueError("residual_moved must be contiguous: the op writes it in place")
-    inputs = (d, c, weight, bias, threshold, active, *branch, *branch2, d_moved)
+    check_row_active(row_active, (x.shape[0], *out_shape(x, pool)), x, name)
+    inputs = (d, c, weight, bias, threshold, active, *branch, *branch2, d_moved, row_active)
     check_inplace(inplace, (("count", count),), inputs)
 
 
@@ -270,7 +273,9 @@ def _constant_rows(c: torch.Tensor, step: tuple[int, ...]) -> torch.Tensor:
     return c.expand(step).reshape(-1, step[-1]).contiguous()
 
 
-@kernel_op("exact_layernorm_neuron", mutates_args=("count", "active", "residual_moved"))
+@kernel_op(
+    "exact_layernorm_neuron", mutates_args=("count", "active", "residual_moved", "row_active")
+)
 def _exact_layernorm_neuron_op(
     d: torch.Tensor | None,
     c: torch.Tensor,
@@ -293,11 +298,12 @@ def _exact_layernorm_neuron_op(
     inplace: bool = False,
     d_moved: torch.Tensor | None = None,
     residual_moved: torch.Tensor | None = None,
+    row_active: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     args = (d, c, weight, bias, eps, threshold, n_min, p_max, count, pool)
     branch = (branch_spikes, branch_threshold, branch_count)
     branch2 = (branch2_spikes, branch2_threshold, branch2_count)
-    moved = (d_moved, residual_moved)
+    moved = (d_moved, residual_moved, row_active)
     _check_exact_layernorm_neuron(*args, active, *branch, *branch2, residual_out, inplace, *moved)
     name, x = _stream(d, branch_spikes)
     backend = backend_for(x, ("triton", "torch"))
@@ -312,6 +318,7 @@ def _exact_layernorm_neuron_op(
         steps, channels = x.shape[0], x.shape[-1]
         shape = out_shape(x, pool)
         rows = math.prod(shape[:-1])
+        rows_fired = None if row_active is None else row_active.view(steps, rows)
         head = (
             None if weight is None else weight.contiguous(),
             None if bias is None else bias.contiguous(),
@@ -329,8 +336,9 @@ def _exact_layernorm_neuron_op(
                     d = d_out = exact_residual_add_triton(launcher, spikes_b, d, theta_b, count_b)
             pooled = pool_patch_tokens(c, d).reshape(steps, rows, channels)
             spikes, count_out, _ = exact_layernorm_neuron_triton(
-                launcher, threshold, pooled, None, *head, count_in, active, inplace=inplace
-            )
+                launcher, threshold, pooled, None, *head, count_in, active, inplace=inplace,
+                row_active=rows_fired,
+            )  # fmt: skip
         else:
             spikes, count_out, d_out = exact_layernorm_neuron_triton(
                 launcher,
@@ -346,6 +354,7 @@ def _exact_layernorm_neuron_op(
                 inplace=inplace,
                 d_moved=None if d_moved is None else d_moved.contiguous().reshape(steps, rows),
                 residual_moved=None if residual_moved is None else residual_moved.view(steps, rows),
+                row_active=rows_fired,
             )
         d_out = d_out.reshape(x.shape) if residual_out else _no_residual(x)
         count_out = placeholder(count) if inplace else count_out.reshape(shape)
@@ -355,9 +364,11 @@ def _exact_layernorm_neuron_op(
 
         out = reference.exact_layernorm_neuron(*args, *branch, *branch2, residual_out)
         record_active(active, out[0])
+        record_row_active(row_active, out[0])
         out = out if residual_out else (*out, _no_residual(x))
     else:
         out = exact_layernorm_neuron_torch(*args, active, *branch, *branch2, residual_out)
+        record_row_active(row_active, out[0])
     if residual_moved is not None:  # D whole: its flags where it moved
         residual_moved.copy_(rows_moved(out[2]))
     return out[0], state_result(inplace, out[1], count), out[2]
@@ -386,6 +397,7 @@ def _(
     inplace=False,
     d_moved=None,
     residual_moved=None,
+    row_active=None,
 ):
     args = (d, c, weight, bias, eps, threshold, n_min, p_max, count, pool, active)
     branches = (
@@ -394,7 +406,8 @@ def _(
         branch_count,
         *(branch2_spikes, branch2_threshold, branch2_count),
     )
-    _check_exact_layernorm_neuron(*args, *branches, residual_out, inplace, d_moved, residual_moved)
+    flags = (d_moved, residual_moved, row_active)
+    _check_exact_layernorm_neuron(*args, *branches, residual_out, inplace, *flags)
     _, x = _stream(d, branch_spikes)
     shape = out_shape(x, pool)
     return (
@@ -427,6 +440,7 @@ def exact_layernorm_neuron(
     inplace: bool = False,
     d_moved: torch.Tensor | None = None,
     residual_moved: torch.Tensor | None = None,
+    row_active: torch.Tensor | None = None,
     validate: bool = False,
 ) -> tuple[torch.Tensor, ...]:
     """Exact mode's residual read + LayerNorm + target-driven neuron, fused (SPEC.md §9.2-§9.4),
@@ -512,6 +526,10 @@ def exact_layernorm_neuron(
             where it does). The Triton kernel does not write ``D``'s rows whose flag is 0:
             ``D`` is then the stream together with these flags, what the next readers take
             as ``d`` and ``d_moved``.
+        row_active: optional int32 ``[T, *rows]`` (the spikes' shape without ``C``),
+            contiguous: ``active`` per row of the output, set in place (``row_active[t, *r] =
+            1`` where row ``r`` fires at step ``t``; never cleared), on every path. The linear
+            after the norm takes them as ``exact_linear``'s ``s_row_active``.
         validate: on a GPU also check the thresholds' values (the branches' too), the
             branches' spikes and that ``count`` lies inside ``[n_min, p_max]`` (a host
             sync). On CPU always.
@@ -541,9 +559,8 @@ def exact_layernorm_neuron(
     args = (d, c, weight, bias, eps, threshold, n_min, p_max, count, pool)
     branches = (branch_spikes, branch_threshold, branch_count)
     branches += (branch2_spikes, branch2_threshold, branch2_count)
-    _check_exact_layernorm_neuron(
-        *args, active, *branches, residual_out, inplace, d_moved, residual_moved
-    )
+    flags = (d_moved, residual_moved, row_active)
+    _check_exact_layernorm_neuron(*args, active, *branches, residual_out, inplace, *flags)
     check_threshold_values(threshold, "threshold", validate)
     check_in_bounds(count, "count", n_min, p_max, validate)
     for prefix, spikes, theta in (
@@ -569,8 +586,7 @@ def exact_layernorm_neuron(
         *branches,
         residual_out,
         inplace,
-        d_moved,
-        residual_moved,
+        *flags,
     )
     if inplace:
         out = own_state(out, (1,), (count,))

@@ -15,6 +15,8 @@ from spikekernels.ops._checks import (
     check_flag,
     check_group_active,
     check_in_bounds,
+    check_row_active,
+    check_rows_flagged,
     check_same_device,
     check_state,
     check_tensor,
@@ -50,6 +52,8 @@ def _check_exact_linear(
     counts_out,
     s_before=None,
     group_active=None,
+    row_active=None,
+    s_row_active=None,
 ) -> None:
     """Metadata checks (no data read)."""
     check_flag(counts_out, "counts_out")
@@ -92,8 +96,10 @@ def _check_exact_linear(
     check_state(count, "count", shape, (torch.int8,), s, "s")
     check_active(active, (s.shape[0], *shape), s, "s")
     check_group_active(group_active, (s.shape[0], *shape), s, "s")
+    check_row_active(row_active, (s.shape[0], *shape), s, "s")
+    check_row_active(s_row_active, s.shape, s, "s", "s_row_active", written=False)
     inputs = (s, weight, weight_scale, bias, in_threshold, threshold, s_count, s_before, active,
-              group_active)  # fmt: skip
+              group_active, row_active, s_row_active)  # fmt: skip
     check_inplace(inplace, (("count", count),), inputs)
 
 
@@ -145,11 +151,13 @@ def exact_linear_torch(
     counts_out: bool = False,
     s_before: torch.Tensor | None = None,
     group_active: torch.Tensor | None = None,
+    row_active: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Vectorised PyTorch (any device): one float32 matmul over all ``T * rows`` rows, a
     cumulative sum over T in int32 plus the starting ``(s_count - sum_t s_t) @ W^T``
     (``exact_math.int_matmul``), the value formula, then the target neuron (sequential in T,
-    vectorised per step), which records ``active`` (and ``group_active`` from its spikes).
+    vectorised per step), which records ``active`` (and ``group_active``, ``row_active`` from
+    its spikes).
 
     Exact: every partial sum of ``s_t @ W^T`` is an integer of magnitude ``<= 127 K < 2^24``,
     so the float32 matmul is exact in any order (TF32 or bf16 operands hold int8 exactly too),
@@ -166,11 +174,11 @@ def exact_linear_torch(
     m = in_threshold.to(torch.float32).reshape(()) * weight_scale
     value = linear_value(acc_t, m, bias)
     out = target_spikes_torch(value, threshold, n_min, p_max, count, active, counts_out)
-    record_active_of(None, out[0], count, counts_out, group_active)
+    record_active_of(None, out[0], count, counts_out, group_active, row_active)
     return out
 
 
-@kernel_op("exact_linear", mutates_args=("count", "active", "group_active"))
+@kernel_op("exact_linear", mutates_args=("count", "active", "group_active", "row_active"))
 def _exact_linear_op(
     s: torch.Tensor,
     weight: torch.Tensor,
@@ -187,9 +195,12 @@ def _exact_linear_op(
     counts_out: bool = False,
     s_before: torch.Tensor | None = None,
     group_active: torch.Tensor | None = None,
+    row_active: torch.Tensor | None = None,
+    s_row_active: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     args = (s, weight, weight_scale, bias, in_threshold, threshold, n_min, p_max, s_count, count)
-    _check_exact_linear(*args, active, inplace, counts_out, s_before, group_active)
+    flags = (group_active, row_active, s_row_active)
+    _check_exact_linear(*args, active, inplace, counts_out, s_before, *flags)
     backend = backend_for(s, ("triton", "torch"))
     if backend == "triton":
         from spikekernels.kernels.exact_linear import exact_linear_triton
@@ -217,6 +228,10 @@ def _exact_linear_op(
             counts_out=counts_out,
             s_before=s_before is not None,
             group_active=group_active,
+            row_active=None if row_active is None else row_active.view(s.shape[0], rows),
+            s_row_active=(
+                None if s_row_active is None else s_row_active.contiguous().view(s.shape[0], rows)
+            ),
         )
         shape = (*lead, n)
         spikes = spikes.reshape(s.shape[0], *shape)
@@ -225,9 +240,9 @@ def _exact_linear_op(
         from spikekernels import reference
 
         out = reference.exact_linear(*args, counts_out, s_before)
-        record_active_of(active, out[0], count, counts_out, group_active)
+        record_active_of(active, out[0], count, counts_out, group_active, row_active)
     else:
-        out = exact_linear_torch(*args, active, counts_out, s_before, group_active)
+        out = exact_linear_torch(*args, active, counts_out, s_before, group_active, row_active)
     return out[0], state_result(inplace, out[1], count)
 
 
@@ -248,9 +263,12 @@ def _(
     counts_out=False,
     s_before=None,
     group_active=None,
+    row_active=None,
+    s_row_active=None,
 ):
     args = (s, weight, weight_scale, bias, in_threshold, threshold, n_min, p_max, s_count, count)
-    _check_exact_linear(*args, active, inplace, counts_out, s_before, group_active)
+    flags = (group_active, row_active, s_row_active)
+    _check_exact_linear(*args, active, inplace, counts_out, s_before, *flags)
     shape = (*s.shape[1:-1], weight.shape[0])
     return (
         s.new_empty((s.shape[0], *shape), dtype=torch.int8),
@@ -275,6 +293,8 @@ def exact_linear(
     counts_out: bool = False,
     s_before: torch.Tensor | None = None,
     group_active: torch.Tensor | None = None,
+    row_active: torch.Tensor | None = None,
+    s_row_active: torch.Tensor | None = None,
     validate: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact-mode spiking linear layer fused with its output neuron (SPEC.md §9.2-§9.4).
@@ -332,10 +352,22 @@ def exact_linear(
             (a superset: a tile that straddles two samples sets both); the other paths from
             the spikes. With one group per head's q, k and v (a qkv layer), they are
             ``exact_attention``'s ``qkv_active``.
+        row_active: optional int32 ``[T, *]`` (the spikes' shape without ``N``): ``active``
+            per row, set in place (``row_active[t, *r] = 1`` where row ``r`` fires at step
+            ``t``; never cleared). The Triton kernel sets every row of an output tile that
+            fired (a superset, at the granularity the next ``exact_linear`` skips at); the
+            other paths from the spikes. The next ``exact_linear`` takes them as
+            ``s_row_active``.
+        s_row_active: optional int32 ``[T, *]`` (``s``'s shape without ``K``), read only: the
+            input neuron's ``row_active``. A 0 promises that the row of ``s`` is silent at that
+            step (checked on CPU, and with ``validate``; 1 may stand for a silent row). The
+            Triton path then finds its silent row tiles from these flags (4 bytes a row-step)
+            instead of scanning the spikes (up to K bytes a row-step); the other paths ignore
+            them. No bit of the result depends on them.
         validate: on a GPU also run the data checks (host syncs): thresholds positive, finite
             and normal; ``weight_scale`` finite and positive; ``weight`` in ``[-127, 127]``;
             ``s`` ternary; ``s_count`` consistent with ``s``; ``count`` inside ``[n_min,
-            p_max]``. On CPU they always run.
+            p_max]``; ``s_row_active`` 0 only on silent rows. On CPU they always run.
 
     Returns:
         ``(spikes [T, *, N] int8, count [*, N] int8)``, fresh tensors (with ``inplace``: the
@@ -354,8 +386,10 @@ def exact_linear(
     ``force_backend("reference")`` runs the oracle. Inference only: no autograd.
     """
     args = (s, weight, weight_scale, bias, in_threshold, threshold, n_min, p_max, s_count, count)
-    _check_exact_linear(*args, active, inplace, counts_out, s_before, group_active)
+    flags = (group_active, row_active, s_row_active)
+    _check_exact_linear(*args, active, inplace, counts_out, s_before, *flags)
     _check_data(s, weight, weight_scale, in_threshold, threshold, s_count, validate, s_before)
+    check_rows_flagged(s, s_row_active, "s_row_active", "s", validate)
     check_in_bounds(count, "count", n_min, p_max, validate)
-    out = call_op("exact_linear", *args, active, inplace, counts_out, s_before, group_active)
+    out = call_op("exact_linear", *args, active, inplace, counts_out, s_before, *flags)
     return own_state(out, (1,), (count,)) if inplace else out
