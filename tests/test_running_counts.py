@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import CPU_PASS_ONLY, DEVICES, TRITON_DEVICES
 from test_activity import _fired
 from test_exact_attention_ops import (
@@ -25,7 +26,8 @@ from test_exact_attention_ops import (
 )
 from test_exact_linear import _layer, _random_state, _reference, _run, _spikes
 
-from spikekernels.ops._dispatch import force_backend
+from spikekernels.kernels.exact_attention import attention_config
+from spikekernels.ops._dispatch import backend_for, force_backend
 
 BACKENDS = ["triton", "torch", "reference"]
 # (T, batch, M, D, N) and (T, batch, M, N, D): T = 1, single elements, odd sizes, several
@@ -662,19 +664,35 @@ def _hold(gen, case, p: float = 0.6) -> dict:
 @pytest.mark.parametrize("state", [False, True])
 def test_attention_qkv_active_changes_no_bit(gen, backend, T, batch, m, d, n, dv, state):
     """With the producer's flags (the truth, plus flags set where nothing changed, which the
-    contract allows) the bits, the counts and both neurons' activity are those without."""
+    contract allows) the bits, the counts and both neurons' activity are those without. The
+    rows of the spikes that fire (``row_active``): the truth on the PyTorch paths, every row
+    of a block of queries that fired on Triton's; a flag set before stays set."""
     case = _hold(gen, _attention_case(gen, T, batch, m, d, n, dv, state=state))
     truth = _qkv_moved(case)
     flags = truth | (torch.rand(truth.shape, generator=gen) < 0.2).to(torch.int32)
     assert T == 1 or (truth == 0).any(), "the case proves little"
-    spikes, attn_count, count, _ = _composed(case, merge_heads=len(batch) > 1)
+    merge = len(batch) > 1
+    spikes, attn_count, count, _ = _composed(case, merge_heads=merge)
     activity = [torch.zeros(T, batch[0], dtype=torch.int32) for _ in range(4)]
+    kept = (torch.rand(spikes.shape[:-1], generator=gen) < 0.2).to(torch.int32)
+    rows = kept.clone()
     with force_backend(backend):
+        ran = backend_for(case["q"], ("triton", "torch")) if backend != "reference" else backend
         for qkv_active, (attn_active, active) in ((None, activity[:2]), (flags, activity[2:])):
-            got = _run_attention(case, attn_active=attn_active, active=active,
-                                 merge_heads=len(batch) > 1, qkv_active=qkv_active)  # fmt: skip
+            got = _run_attention(case, attn_active=attn_active, active=active, merge_heads=merge,
+                                 qkv_active=qkv_active, row_active=rows)  # fmt: skip
             _assert_equal(got, (spikes, attn_count, count), ATTENTION_NAMES)
     assert torch.equal(activity[0], activity[2]) and torch.equal(activity[1], activity[3])
+    # per head and block of queries (the kernel's program), then per row of the spikes
+    heads = spikes.reshape(*spikes.shape[:-1], -1, dv)  # [T, *rows, heads, DV]
+    if ran == "triton":
+        block_m = attention_config(n, dv)[0]
+        fired = (heads != 0).any(dim=-1).transpose(-1, -2).to(torch.int32)  # [T, .., heads, M]
+        blocks = F.pad(fired, (0, -m % block_m)).unflatten(-1, (-1, block_m)).amax(dim=-1)
+        want = blocks.repeat_interleave(block_m, dim=-1)[..., :m].amax(dim=-2)
+    else:
+        want = (heads != 0).flatten(-2).any(dim=-1)
+    assert torch.equal(rows, want.to(torch.int32) | kept)
 
 
 @pytest.mark.parametrize("device", TRITON_DEVICES)
@@ -720,6 +738,8 @@ def test_attention_kernel_skips_what_the_flags_call_quiet(gen, device, state):
         (dict(v="float"), TypeError, "v"),
         (dict(attn_count="over"), ValueError, "attn_count must lie in [0, 15]"),
         (dict(count="over"), ValueError, "count must lie in [-8, 7], got values in [100, 100]"),
+        (dict(row_active="heads"), ValueError, "row_active must have shape (3, 2, 5)"),
+        (dict(row_active="strided"), ValueError, "row_active must be contiguous"),
     ],
 )
 def test_attention_bad_input_is_rejected(gen, change, error, words):
@@ -736,6 +756,10 @@ def test_attention_bad_input_is_rejected(gen, change, error, words):
             kwargs[name] = torch.ones(3, 2, 3, dtype=torch.int64)
         elif value == "narrow":
             kwargs[name] = torch.ones(3, 2, 2, dtype=torch.int32)
+        elif value == "heads":  # a dim too many
+            kwargs[name] = torch.zeros(3, 2, 2, 5, dtype=torch.int32)
+        elif value == "strided":
+            kwargs[name] = torch.zeros(3, 5, 2, dtype=torch.int32).transpose(1, 2)
         elif value == "missed":  # k's flag cleared at a step where k moved
             kwargs[name] = _qkv_moved(case)
             moved = kwargs[name][1:, :, 1].nonzero()[0]
@@ -744,20 +768,22 @@ def test_attention_bad_input_is_rejected(gen, change, error, words):
             case[name] = torch.full_like(case[name], 100)
         else:
             case[name] = value
-    with pytest.raises(error, match=words.replace("[", r"\[").replace("*", r"\*")):
+    with pytest.raises(error, match=words.replace("[", r"\[").replace("*", r"\*").replace(
+            "(", r"\(").replace(")", r"\)")):  # fmt: skip
         _run_attention(case, **kwargs)
 
 
 @pytest.mark.parametrize("qkv_active", [False, True])
 def test_attention_opcheck(gen, qkv_active):
+    """With the flags: qkv_active read and row_active written."""
     case = _attention_case(gen, 3, (2, 2), 5, 8, 6, 4, state=True)
-    flags = _qkv_moved(case) if qkv_active else None
+    flags = (_qkv_moved(case), torch.zeros(3, 2, 5, dtype=torch.int32)) if qkv_active else ()
     c = dict(case)
     args = [c.pop(n) for n in ("q", "k_t", "v", "gain", "attn_threshold")]
     args += [*ATTN_BOUNDS, c.pop("theta_a"), c.pop("theta_v"), c.pop("threshold"), *CTX_BOUNDS]
     args += [c.pop("attn_count"), c.pop("count")]
     torch.library.opcheck(
-        torch.ops.spikekernels.exact_attention, (*args, None, None, False, True, flags)
+        torch.ops.spikekernels.exact_attention, (*args, None, None, False, True, *flags)
     )
 
 

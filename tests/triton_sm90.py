@@ -831,15 +831,19 @@ def exact_attention_cases() -> list[Case]:
         for name in ("attn_count_in_ptr", "count_in_ptr", "out_ptr", "attn_count_out_ptr")
         + ("count_out_ptr",)
     }
-    signature |= {"attn_active_ptr": "*i32", "active_ptr": "*i32", "qkv_active_ptr": "*i32"}
+    signature |= {
+        name: "*i32"
+        for name in ("attn_active_ptr", "active_ptr", "qkv_active_ptr", "row_active_ptr")
+    }
     signature |= {
         name: "i32"
-        for name in ["T", "M", "N", "D", "DV", "H", *strides, "stride_flag_t", "stride_flag_b"]
+        for name in ["T", "M", "N", "D", "DV", "H", "row_heads", "rows_per_step", *strides]
+        + ["stride_flag_t", "stride_flag_b"]
         + ["stride_flag_i", "attn_n_min", "attn_p_max", "n_min", "p_max", "samples"]
         + ["rows_per_sample"]
     }
-    # the model's call: state, activity and the qkv layer's flags (qkv_active, [T, B, 3, H]
-    # seen as [T, B, H, 3]: the head stride is 1)
+    # the model's call: state, activity, the qkv layer's flags (qkv_active, [T, B, 3, H]
+    # seen as [T, B, H, 3]: the head stride is 1) and the spikes' row flags (row_active)
     for state, active, qkv_active in [(False, False, False), (True, True, False),
                                       (True, True, True)]:  # fmt: skip
         constexprs = dict(
@@ -851,6 +855,7 @@ def exact_attention_cases() -> list[Case]:
             HAS_ATTN_ACTIVE=active,
             HAS_ACTIVE=active,
             HAS_QKV_ACTIVE=qkv_active,
+            HAS_ROW_ACTIVE=qkv_active,
             BLOCK_M=block_m,
             BLOCK_N=block_n,
             BLOCK_D=block_d,
@@ -862,7 +867,7 @@ def exact_attention_cases() -> list[Case]:
         cases.append(
             Case(
                 f"exact_attention (fused) N=197 D=64 state={state} active={active}"
-                + (" qkv_active" if qkv_active else ""),
+                + (" qkv_active row_active" if qkv_active else ""),
                 ea.exact_attention_kernel,
                 signature,
                 constexprs,
@@ -1134,7 +1139,7 @@ def tile_candidate_cases() -> list[Case]:
         (ea, "_PROBS_GPU", exact_attention_cases,
          "exact_attention (fused) N=197 D=64 state=True active=True"),
         (ea, "_PROBS_GPU", exact_attention_cases,
-         "exact_attention (fused) N=197 D=64 state=True active=True qkv_active"),
+         "exact_attention (fused) N=197 D=64 state=True active=True qkv_active row_active"),
         (eln, "ELEMENTS_PER_PROGRAM", exact_layernorm_cases,
          "exact_layernorm_neuron C=384 residual=True count=True active=True branch=1"),
         (sln, "_GPU_TILES", spike_linear_neuron_cases, "spike_linear_neuron weight=bf16x3 "

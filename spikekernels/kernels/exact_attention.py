@@ -787,12 +787,16 @@ def exact_attention_kernel(
     attn_active_ptr,  # [T, samples] int32 flags of the attention neuron (HAS_ATTN_ACTIVE only)
     active_ptr,  # [T, samples] int32 flags of the context neuron (HAS_ACTIVE only)
     qkv_active_ptr,  # [T, B, H, 3] int32 flags: Q, K, V changed at the step (HAS_QKV_ACTIVE)
+    row_active_ptr,  # [T, rows] int32 flags per row of the spikes, set where its query block
+    # fires (HAS_ROW_ACTIVE only)
     T,
     M,
     N,
     D,
     DV,
     H,
+    row_heads,  # batch entries whose spikes share a row: H with the heads merged, else 1
+    rows_per_step,  # rows of the spikes per step: B * H * M / row_heads (HAS_ROW_ACTIVE only)
     stride_qt,
     stride_qb,
     stride_qh,
@@ -826,6 +830,7 @@ def exact_attention_kernel(
     HAS_ATTN_ACTIVE: tl.constexpr,
     HAS_ACTIVE: tl.constexpr,
     HAS_QKV_ACTIVE: tl.constexpr,
+    HAS_ROW_ACTIVE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -837,7 +842,8 @@ def exact_attention_kernel(
 ):
     """Per step: ``S^T = K_t @ Q_t^T``; the attention neuron on ``softmax_rows(fl32(g *
     fl32(S)))``, its count ``A_t`` kept in registers; ``Z^T = V_t^T @ A_t^T``; the context
-    neuron on ``fl32(fl32(theta_a * theta_v) * fl32(Z))``; its spikes out. Tiles are
+    neuron on ``fl32(fl32(theta_a * theta_v) * fl32(Z))``; its spikes out, and with
+    ``HAS_ROW_ACTIVE`` every query row of a block whose context neuron fired flagged. Tiles are
     transposed, ``[keys, queries]`` and ``[channels, queries]`` (module docstring)."""
     num_m = tl.cdiv(M, BLOCK_M)
     pid = tl.program_id(0)
@@ -891,6 +897,8 @@ def exact_attention_kernel(
     fired = tl.full((), 1, tl.int32)
     if HAS_QKV_ACTIVE:
         qkv_active_ptr += (bid // H) * stride_flag_b + (bid % H) * stride_flag_h
+    if HAS_ROW_ACTIVE:
+        row_active_ptr += (bid // row_heads) * M
     for t in range(T):
         # With the producer's flags, a step whose Q and K did not change reads neither (S is
         # the last step's), one whose A and V did not change does not form Z, and one where
@@ -960,6 +968,11 @@ def exact_attention_kernel(
         if HAS_ACTIVE:
             record_active_tile(active_ptr, fired)
             active_ptr += samples
+        if HAS_ROW_ACTIVE:
+            # the block's query rows, from the scalar base in the branch (as exact_linear)
+            if fired != 0:
+                tl.store(row_active_ptr + offs_m, 1, mask=mask_m)
+            row_active_ptr += rows_per_step
         q_ptr += stride_qt
         k_ptr += stride_kt
         v_ptr += stride_vt
@@ -1245,12 +1258,15 @@ def exact_attention_triton(
     inplace: bool = False,
     merge_heads: bool = False,
     qkv_active: torch.Tensor | None = None,
+    row_active: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Host side: running counts ``q`` ``[T, *batch, M, D]``, ``k_t`` ``[T, *batch, D, N]``,
     ``v`` ``[T, *batch, N, DV]`` int8 (any strides, at least one batch entry, ``1 <= N <=
     MAX_KEYS``, ``1 <= DV <= MAX_HEAD_DIM``, ``M, D >= 1``), the two neurons' counts (both or
     neither), ``attn_active``/``active`` ``[T, B]`` int32 contiguous or None, ``qkv_active``
-    ``[T, *batch, 3]`` int32 (any strides) or None. Returns
+    ``[T, *batch, 3]`` int32 (any strides) or None, ``row_active`` int32 contiguous, one flag
+    per step and row of the spikes (``[T, *batch, M]``, merged: ``[T, *batch[:-1], M]``), or
+    None. Returns
     ``(spikes [T, *batch, M, DV] int8 (merge_heads: [T, *batch[:-1], M, H * DV]), attn_count,
     count)``, the counts fresh or, with ``inplace``, views of the given ones."""
     steps, batch = q.shape[0], q.shape[1:-2]
@@ -1290,12 +1306,15 @@ def exact_attention_triton(
         attn_out if attn_active is None else attn_active,
         attn_out if active is None else active,
         attn_out if qkv_active is None else qkv_active,
+        attn_out if row_active is None else row_active,
         steps,
         m,
         n,
         d,
         dv,
         h,
+        h if merge_heads else 1,
+        nb * m // (h if merge_heads else 1),
         *q5.stride(),
         *k5.stride(),
         *v5.stride(),
@@ -1310,6 +1329,7 @@ def exact_attention_triton(
         HAS_ATTN_ACTIVE=attn_active is not None,
         HAS_ACTIVE=active is not None,
         HAS_QKV_ACTIVE=qkv_active is not None,
+        HAS_ROW_ACTIVE=row_active is not None,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_D=block_d,

@@ -380,10 +380,10 @@ class ExactBlock(_Composite):
     ``residual_moved``, the next readers' ``d_moved``): a row that did not move at a step is
     neither written nor read there, so a quiet row costs 3 of those bytes.
 
-    Each norm, and ``fc1``, also records which rows of its spikes fire (``row_active``), and
-    the linear after it (``qkv``, ``fc1``, ``fc2``) finds its silent row tiles from those
-    flags instead of scanning the spikes (``s_row_active``), unless a forward hook on the way
-    could replace the spikes (``unless_hooked``)."""
+    Each norm, the attention and ``fc1`` also record which rows of their spikes fire
+    (``row_active``), and the linear after each (``qkv``, ``proj``, ``fc1``, ``fc2``) finds its
+    silent row tiles from those flags instead of scanning the spikes (``s_row_active``),
+    unless a forward hook on the way could replace the spikes (``unless_hooked``)."""
 
     def __init__(
         self,

@@ -138,7 +138,9 @@ class ExactAttention(nn.Module):
     context to read (another 30 MB per block and step): their state and activity flags are
     the modules', updated in place, and the bits are the two modules'. ``qkv`` records which
     of each sample's heads' q, k and v fired at each step (``group_active``), and the kernel
-    skips the reads of those that did not (``qkv_active``). When either module
+    skips the reads of those that did not (``qkv_active``); the kernel records which rows of
+    its spikes fire (``row_active``), from which ``proj`` finds its silent row tiles
+    (``s_row_active``), as ``qkv`` does from its input's. When either module
     has a forward hook (a ``SpikeCounter``, a user's probe) the two are called one after the
     other instead, so that the hook sees what it hooks.
 
@@ -206,13 +208,16 @@ class ExactAttention(nn.Module):
         q = qkv[:, :, :, 0].transpose(2, 3)  # [T, B, H, N, Dh]
         k_t = qkv[:, :, :, 1].permute(0, 1, 3, 4, 2)  # [T, B, H, Dh, N]
         v = qkv[:, :, :, 2].transpose(2, 3)
+        rows = None  # which rows of the context spikes fire: proj's s_row_active
         if self._fusable():
-            context = self._fused(q, k_t, v, qkv_active)
+            rows = torch.zeros(t, b, n, dtype=torch.int32, device=s.device)
+            context = self._fused(q, k_t, v, qkv_active, rows)
+            rows = unless_hooked(rows, self.proj)
         else:
             a = self.probs(q, k_t)  # [T, B, H, N, N] running attention counts
             # [T, B, N, C] spikes: the kernel writes the heads merged, as proj reads them
             context = self.context(a, v, merge_heads=True)
-        return self.proj(context, s_before=context_before)
+        return self.proj(context, s_before=context_before, s_row_active=rows)
 
     def _fusable(self) -> bool:
         """Whether ``probs`` and ``context`` may run as one op: no hook on either, and their
@@ -230,8 +235,10 @@ class ExactAttention(nn.Module):
         k_t: torch.Tensor,
         v: torch.Tensor,
         qkv_active: torch.Tensor | None,
+        row_active: torch.Tensor,
     ) -> torch.Tensor:
-        """``probs`` then ``context`` as one op, on the modules' own state."""
+        """``probs`` then ``context`` as one op, on the modules' own state; ``row_active``
+        receives the rows of the spikes that fire."""
         probs, context = self.probs, self.context
         stateful = probs.stateful_call()
         spikes, attn_count, count = exact_attention(
@@ -239,7 +246,7 @@ class ExactAttention(nn.Module):
             context.theta_a, context.theta_v, context.threshold, context.n_min, context.p_max,
             probs.count if stateful else None, context.count if stateful else None,
             attn_active=probs.activity, active=context.activity, inplace=stateful,
-            merge_heads=True, qkv_active=qkv_active,
+            merge_heads=True, qkv_active=qkv_active, row_active=row_active,
         )  # fmt: skip
         probs.count, context.count = attn_count, count
         return spikes

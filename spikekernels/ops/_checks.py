@@ -218,7 +218,7 @@ def check_row_active(
     want = tuple(spikes_shape[:-1])
     if tuple(flags.shape) != want:
         raise ValueError(
-            f"{name} must have shape {want} ({like_name}'s shape without its last dim), got "
+            f"{name} must have shape {want} (one flag per step and row of the spikes), got "
             f"{tuple(flags.shape)}"
         )
     check_same_device(like_name, like, name, flags)

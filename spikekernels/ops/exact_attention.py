@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from spikekernels.exact_math import context_value, int_matmul, score_value, softmax_rows
-from spikekernels.ops._activity import record_active, record_active_of
+from spikekernels.ops._activity import record_active, record_active_of, record_row_active
 from spikekernels.ops._attention import (
     MAX_CONTRACTION,
     check_data,
@@ -22,6 +22,7 @@ from spikekernels.ops._checks import (
     check_bounds,
     check_flag,
     check_in_bounds,
+    check_row_active,
     check_same_device,
     check_scalar_tensor,
     check_state,
@@ -477,6 +478,7 @@ def exact_context(
 def _check_attention(
     q, k_t, v, gain, attn_threshold, attn_n_min, attn_p_max, theta_a, theta_v, threshold, n_min,
     p_max, attn_count, count, attn_active, active, inplace, merge_heads, qkv_active=None,
+    row_active=None,
 ) -> None:  # fmt: skip
     """Metadata checks (no data read)."""
     check_flag(merge_heads, "merge_heads")
@@ -526,8 +528,10 @@ def _check_attention(
                 f"expected {want}, got {tuple(qkv_active.shape)}"
             )
         check_same_device("q", q, "qkv_active", qkv_active)
+    batch = q.shape[1:-3] if merge_heads else q.shape[1:-2]  # the spikes' (heads merged)
+    check_row_active(row_active, (q.shape[0], *batch, q.shape[-2], v.shape[-1]), q, "q")
     inputs = (q, k_t, v, gain, attn_threshold, theta_a, theta_v, threshold, attn_active, active,
-              qkv_active)  # fmt: skip
+              qkv_active, row_active)  # fmt: skip
     check_inplace(inplace, (("attn_count", attn_count), ("count", count)), inputs)
 
 
@@ -568,7 +572,10 @@ def _fused_attention_fits(q: torch.Tensor, k_t: torch.Tensor, v: torch.Tensor) -
     return fused_probs_fits(q, k_t) and fused_context_fits(q, v)
 
 
-@kernel_op("exact_attention", mutates_args=("attn_count", "count", "attn_active", "active"))
+@kernel_op(
+    "exact_attention",
+    mutates_args=("attn_count", "count", "attn_active", "active", "row_active"),
+)
 def _exact_attention_op(
     q: torch.Tensor,
     k_t: torch.Tensor,
@@ -589,17 +596,18 @@ def _exact_attention_op(
     inplace: bool = False,
     merge_heads: bool = False,
     qkv_active: torch.Tensor | None = None,
+    row_active: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     args = (q, k_t, v, gain, attn_threshold, attn_n_min, attn_p_max, theta_a, theta_v,
             threshold, n_min, p_max, attn_count, count)  # fmt: skip
-    _check_attention(*args, attn_active, active, inplace, merge_heads, qkv_active)
+    _check_attention(*args, attn_active, active, inplace, merge_heads, qkv_active, row_active)
     backend = backend_for(q, ("triton", "torch"))
     if backend == "triton" and _fused_attention_fits(q, k_t, v):
         from spikekernels.kernels.exact_attention import exact_attention_triton
 
         out = exact_attention_triton(
             launcher, *args, attn_active, active, inplace=inplace, merge_heads=merge_heads,
-            qkv_active=qkv_active,
+            qkv_active=qkv_active, row_active=row_active,
         )  # fmt: skip
         if inplace:
             return out[0], placeholder(attn_count), placeholder(count)
@@ -620,6 +628,7 @@ def _exact_attention_op(
         spikes, new_attn, new_count = exact_attention_torch(*args, attn_active, active)
     if merge_heads:
         spikes = heads_merged(spikes)
+    record_row_active(row_active, spikes)
     return (
         spikes,
         state_result(inplace, new_attn, attn_count),
@@ -631,11 +640,11 @@ def _exact_attention_op(
 def _(
     q, k_t, v, gain, attn_threshold, attn_n_min, attn_p_max, theta_a, theta_v, threshold, n_min,
     p_max, attn_count=None, count=None, attn_active=None, active=None, inplace=False,
-    merge_heads=False, qkv_active=None,
+    merge_heads=False, qkv_active=None, row_active=None,
 ):  # fmt: skip
     args = (q, k_t, v, gain, attn_threshold, attn_n_min, attn_p_max, theta_a, theta_v,
             threshold, n_min, p_max, attn_count, count)  # fmt: skip
-    _check_attention(*args, attn_active, active, inplace, merge_heads, qkv_active)
+    _check_attention(*args, attn_active, active, inplace, merge_heads, qkv_active, row_active)
     steps, *batch, m, _ = q.shape
     spikes = q.new_empty((steps, *batch, m, v.shape[-1]), dtype=torch.int8)
     spikes = heads_merged(spikes) if merge_heads else spikes
@@ -666,6 +675,7 @@ def exact_attention(
     inplace: bool = False,
     merge_heads: bool = False,
     qkv_active: torch.Tensor | None = None,
+    row_active: torch.Tensor | None = None,
     validate: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Exact-mode self-attention between ``qkv`` and ``proj``, fused: the scores product, the
@@ -706,6 +716,12 @@ def exact_attention(
             read v either: late steps mostly read only these flags. A flag may be set
             where nothing changed; a zero where something did is refused on CPU (and on a
             GPU with ``validate``): it would skip a change.
+        row_active: optional int32, one flag per step and row of the spikes (``[T, *batch,
+            M]``; with ``merge_heads`` ``[T, *batch[:-1], M]``), contiguous: ``active`` per
+            row, set in place where the row fires (never cleared). The Triton kernel sets
+            every row of a block of queries whose context neuron fired (a superset); the
+            other paths from the spikes. ``proj`` takes them as ``exact_linear``'s
+            ``s_row_active``.
         validate: on a GPU also check the thresholds and the gain, that the incoming counts
             lie inside their bounds and ``qkv_active`` (host syncs); on CPU always.
 
@@ -721,12 +737,14 @@ def exact_attention(
     """
     args = (q, k_t, v, gain, attn_threshold, attn_n_min, attn_p_max, theta_a, theta_v,
             threshold, n_min, p_max, attn_count, count)  # fmt: skip
-    _check_attention(*args, attn_active, active, inplace, merge_heads, qkv_active)
+    _check_attention(*args, attn_active, active, inplace, merge_heads, qkv_active, row_active)
     for t, name in ((gain, "gain"), (attn_threshold, "attn_threshold"), (theta_a, "theta_a"),
                     (theta_v, "theta_v"), (threshold, "threshold")):  # fmt: skip
         check_threshold_values(t, name, validate)
     check_in_bounds(attn_count, "attn_count", attn_n_min, attn_p_max, validate)
     check_in_bounds(count, "count", n_min, p_max, validate)
     _check_qkv_active(q, k_t, v, qkv_active, validate)
-    out = call_op("exact_attention", *args, attn_active, active, inplace, merge_heads, qkv_active)
+    out = call_op(
+        "exact_attention", *args, attn_active, active, inplace, merge_heads, qkv_active, row_active
+    )
     return own_state(out, (1, 2), (attn_count, count)) if inplace else out
