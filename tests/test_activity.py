@@ -424,24 +424,36 @@ def test_runner_settles_as_a_hook_recount(gen):
 
 
 @CPU_PASS_ONLY  # the guard is Python, and the CPU data check catches a flag passed on
-def test_row_flags_stop_at_a_hook_that_replaces_spikes(gen):
+@pytest.mark.parametrize("hooked", [("norm1", "mlp.fc1"), ("attn.proj", "mlp.fc2")], ids=str)
+def test_row_flags_stop_at_a_hook_that_replaces_spikes(gen, monkeypatch, hooked):
     """A forward hook may replace a neuron's spikes; the row flags its op recorded
-    (``row_active``) then do not describe what the next linear reads, so the block passes
-    that linear none (a 0 on a row that now fires would be refused, or on a GPU skipped)."""
+    (``row_active``) then do not describe what the next linear or LayerNorm reads, so the
+    block passes it none (a 0 on a row that now fires would be refused, or on a GPU
+    skipped): the run equals one that passes no row flags at all. Hooked: the producers of
+    the linears' inputs, or the branches' (the LayerNorms' inputs)."""
+    import spikekernels.models.spiking_vit as vit
+    import spikekernels.nn.exact_attention as attention
+
     qann = make_exact(gen, **TINY, level=16)
     x = images(gen, qann, 2)
+    calls = []
 
     def add_spikes(module, inputs, out):
+        calls.append(1)
         out = out.clone()
         out[-1, :, 0] = 1  # the class row fires at the chunk's last step
         return out
 
-    logits = []
-    for hooked in (False, True):
+    runs = []
+    for flags in (True, False):
+        if not flags:  # the oracle: no flags passed anywhere
+            for module in (vit, attention):
+                monkeypatch.setattr(module, "unless_hooked", lambda flags, *modules: None)
         snn = convert(qann)
-        if hooked:
-            block = snn.blocks[1]
-            for neuron in (block.norm1, block.norm2, block.mlp.fc1):
-                neuron.register_forward_hook(add_spikes)
-        logits.append(snn(x, max_steps=30, chunk=3)[0])
-    assert not torch.equal(logits[0], logits[1]), "the hooks changed nothing: proves little"
+        block = snn.blocks[1]
+        for name in hooked:
+            block.get_submodule(name).register_forward_hook(add_spikes)
+        runs.append(snn(x, max_steps=30, chunk=3))
+    assert calls, "the hooks never ran"
+    (l0, s0), (l1, s1) = runs
+    assert s0 == s1 and torch.equal(l0.view(torch.int32), l1.view(torch.int32))

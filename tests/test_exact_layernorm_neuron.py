@@ -934,6 +934,31 @@ BAD_INPUTS = [
         ValueError,
         "residual_moved must be contiguous",
     ),
+    ("row_active int64", dict(row_active=_FLAGS.long()), TypeError, "row_active must have"),
+    (
+        "row_active strided",
+        dict(row_active=torch.zeros(2, 4, 3, dtype=torch.int32).transpose(1, 2)),
+        ValueError,
+        "row_active must be contiguous",
+    ),
+    (
+        "branch_row_active shape",
+        dict(branch_row_active=_FLAGS[:, :, :3]),
+        ValueError,
+        r"branch_row_active must have shape \(2, 3, 4\)",
+    ),
+    (
+        "branch2_row_active without branch2",
+        dict(branch2_row_active=_FLAGS),
+        ValueError,
+        "branch2_row_active needs branch2_spikes",
+    ),
+    (
+        "branch_row_active 0 on a spike",
+        dict(branch_spikes=torch.ones(2, 3, 4, 8, dtype=torch.int8), branch_row_active=_FLAGS - 1),
+        ValueError,
+        "branch_row_active is 0 where a row of branch_spikes holds a spike",
+    ),
     ("T == 0", dict(d=torch.zeros(0, 3, 4, 8, dtype=torch.float64)), ValueError, "T == 0"),
     ("d float32", dict(d=torch.zeros(2, 3, 4, 8)), TypeError, "d must have dtype"),
     ("d 1-D", dict(d=torch.zeros(8, dtype=torch.float64)), ValueError, "at least 2 dims"),
@@ -1206,9 +1231,10 @@ def test_opcheck(gen, case):
     residual_out = "branch" in case and not pool
     args = (d, c, norm["w"], norm["b"], EPS, norm["theta"], -8, 7, count, pool, None)
     args = (*args, *branch, *branch2, residual_out, inplace)
-    if case.endswith("_moved"):  # the stream's row flags, read and written; the output's
+    if case.endswith("_moved"):  # the row flags: the stream's, the output's, the branches'
         d_moved = exact_layernorm_ops.rows_moved(d)
-        args = (*args, d_moved, torch.zeros_like(d_moved), torch.zeros_like(d_moved))
+        hints = [(b[0] != 0).any(dim=-1).to(torch.int32) for b in (branch, branch2)]
+        args = (*args, d_moved, torch.zeros_like(d_moved), torch.zeros_like(d_moved), *hints)
     torch.library.opcheck(torch.ops.spikekernels.exact_layernorm_neuron.default, args)
 
 
@@ -1273,7 +1299,9 @@ def test_moved_flags(gen, backend, T, with_d, branches):
     spike says so), and ``D`` with them is the stream (``filled``). Read (``d_moved``, the
     truth plus spurious flags): a row whose flag is 0 is the step before's, so garbage there
     changes no bit, count or ``D``. The output's row flags (``row_active``) are the spikes'
-    truth on every path, and a flag set before stays set."""
+    truth on every path, and a flag set before stays set. With two branches, each comes with
+    its row flags (the truth plus spurious ones), which change no bit either and stand for
+    the branch's spikes in ``residual_moved`` on Triton's path."""
     d, c = _residual(gen, T, 2, 5, 100)
     d = _held(gen, d) if with_d else None
     norm = _norm(gen, 100)
@@ -1287,6 +1315,12 @@ def test_moved_flags(gen, backend, T, with_d, branches):
         d_moved = truth | (torch.rand(truth.shape, generator=gen) < 0.2).to(torch.int32)
         assert T == 1 or (truth == 0).any(), "the case proves little"
         d_in = _garbled(gen, d, d_moved)
+    hints = {}  # the branches' row flags, with two
+    if branches == 2:
+        for name, pending in (("branch_row_active", branch), ("branch2_row_active", branch2)):
+            fired = (pending[0] != 0).any(dim=-1).to(torch.int32)
+            hints[name] = fired | (torch.rand(fired.shape, generator=gen) < 0.2).to(torch.int32)
+            assert (hints[name] == 0).any(), "the case proves little"
     with force_backend(backend):
         ran = backend_for(c, ("triton", "torch")) if backend != "reference" else backend
         want = _run_branch(d, c, norm, branch, count, branch2, residual_out=True)
@@ -1294,7 +1328,8 @@ def test_moved_flags(gen, backend, T, with_d, branches):
         kept = (torch.rand(T, 2, 5, generator=gen) < 0.3).to(torch.int32)
         fired = kept.clone()
         got = _run_branch(d_in, c, norm, branch, count, branch2, residual_out=True,
-                          d_moved=d_moved, residual_moved=moved, row_active=fired)  # fmt: skip
+                          d_moved=d_moved, residual_moved=moved, row_active=fired,
+                          **hints)  # fmt: skip
     _assert_same(got[:2], want[:2])
     assert torch.equal(fired, (want[0] != 0).any(dim=-1).to(torch.int32) | kept)
     _assert_same_residual(exact_layernorm_ops.filled(got[2], moved), want[2])
@@ -1304,11 +1339,42 @@ def test_moved_flags(gen, backend, T, with_d, branches):
         for pending in (branch, branch2):
             if pending is not None:
                 expected |= (pending[0] != 0).any(dim=-1).to(torch.int32)
+        for hint in hints.values():
+            expected |= hint
         expected[0] = 1
     else:
         expected = truth
     assert torch.equal(moved, expected)
     assert not ((truth != 0) & (moved == 0)).any()
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_kernel_skips_branch_rows_flagged_silent(gen, device):
+    """The Triton kernel reads a branch's spikes only in the rows its flags mark: with flags
+    that hide spikes (the op's data check bypassed) it gives the bits, count, ``D`` and
+    ``residual_moved`` of the branches with those rows zeroed."""
+    T, shape = 4, (4, 2, 5, 100)
+    d, c = _residual(gen, T, 2, 5, 100)
+    norm = _norm(gen, 100)
+    branches = [_branch(gen, shape), _branch(gen, shape)]
+    flags = [(torch.rand(shape[:-1], generator=gen) < 0.5).to(torch.int32) for _ in range(2)]
+    hidden = [
+        (b[0] * f[..., None].to(torch.int8), *b[1:]) for b, f in zip(branches, flags, strict=True)
+    ]
+    assert all(not torch.equal(b[0], h[0]) for b, h in zip(branches, hidden, strict=True))
+    count = torch.randint(-8, 8, (2, 5, 100), generator=gen, dtype=torch.int8)
+    on = [[None if t is None else t.to(device) for t in b] for b in branches]
+    moved = [torch.zeros(shape[:-1], dtype=torch.int32, device=device) for _ in range(2)]
+    want = _run_branch(d, c, norm, hidden[0], count, hidden[1], residual_out=True,
+                       residual_moved=moved[0])  # fmt: skip
+    got = torch.ops.spikekernels.exact_layernorm_neuron(
+        d.to(device), c.to(device), norm["w"].to(device), norm["b"].to(device), EPS,
+        norm["theta"].to(device), -8, 7, count.to(device), False, None, *on[0], *on[1], True,
+        False, None, moved[1], None, flags[0].to(device), flags[1].to(device),
+    )  # fmt: skip
+    _assert_same(got[:2], want[:2])
+    _assert_same_residual(got[2], want[2])
+    assert torch.equal(moved[0].cpu(), moved[1].cpu())
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch", "reference"])

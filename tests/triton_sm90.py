@@ -627,9 +627,9 @@ def exact_layernorm_cases() -> list[Case]:
         (1024, True, True, True, 4), (384, True, True, True, 5), (1024, True, True, True, 5),
     ]  # fmt: skip
     # the model's calls with the stream's row flags: d_moved read where there is a d,
-    # residual_moved written where D is, and the spikes' row flags (row_active) recorded for
-    # the linear after the norm (ViT-S's norms of block 0, of later blocks and the readout, and
-    # ViT-L's norm1)
+    # residual_moved written where D is, the spikes' row flags (row_active) recorded for the
+    # linear after the norm, and the branches' row flags read (ViT-S's norms of block 0, of
+    # later blocks and the readout, and ViT-L's norm1)
     variants = [(*v, False) for v in variants] + [
         (384, True, True, True, 2, True), (384, True, True, True, 4, True),
         (384, True, True, True, 3, True), (384, True, True, True, 5, True),
@@ -645,6 +645,8 @@ def exact_layernorm_cases() -> list[Case]:
             "branch2_ptr": "*i8",
             "branch2_theta_ptr": "*fp32",
             "branch2_count_ptr": "*i8",
+            "branch_rows_ptr": "*i32",
+            "branch2_rows_ptr": "*i32",
             "residual_out_ptr": "*fp64",
             "c_ptr": "*fp64",
             "w_ptr": "*fp32",
@@ -673,6 +675,9 @@ def exact_layernorm_cases() -> list[Case]:
             HAS_BRANCH_COUNT=branch in (1, 3, 4, 5),
             HAS_BRANCH2=branch in (4, 5),
             HAS_BRANCH2_COUNT=branch in (4, 5),
+            # the branches' row flags: proj's and fc2's (the patch embedding has none)
+            HAS_BRANCH_ROWS=flags and branch in (1, 3, 4, 5),
+            HAS_BRANCH2_ROWS=flags and branch in (4, 5),
             RESIDUAL_OUT=branch in (1, 2, 4),
             HAS_C=has_c,
             HAS_WEIGHT=True,

@@ -210,18 +210,46 @@ def layer_norm_estimate(xc, sd, w, b, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.con
 
 @triton.jit
 def _branch_start(
-    spikes_ptr, theta_ptr, count_ptr, offs, mask, HAS_COUNT: tl.constexpr, ROWS: tl.constexpr,
-    BLOCK_C: tl.constexpr,
+    spikes_ptr, theta_ptr, count_ptr, offs, mask, load_mask, HAS_COUNT: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     """A pending branch at the first step: its neuron's step (float64), its count before
-    (int32; fresh 0), the pointers to its spikes and the first step's spikes, prefetched."""
+    (int32; fresh 0), the pointers to its spikes and the first step's spikes, prefetched
+    (``load_mask``: the rows its row flags call silent masked off)."""
     theta = tl.load(theta_ptr).to(tl.float64)
     if HAS_COUNT:
         count = tl.load(count_ptr + offs, mask=mask, other=0).to(tl.int32)
     else:
         count = tl.zeros([ROWS, BLOCK_C], tl.int32)
     ptrs = spikes_ptr + offs
-    return theta, count, ptrs, tl.load(ptrs, mask=mask, other=0)
+    return theta, count, ptrs, tl.load(ptrs, mask=load_mask, other=0)
+
+
+@triton.jit
+def _row_flags_start(flags_ptr, rows, row_ok, R, T, HAS_FLAGS: tl.constexpr):
+    """A branch's row flags (``HAS_FLAGS``), which run a step ahead of its spikes' loads:
+    ``(pointers at step 1, step 0's flags, step 1's)``; without flags, every row set."""
+    if HAS_FLAGS:
+        ptrs = flags_ptr + R + rows
+        now = tl.load(ptrs - R, mask=row_ok, other=0)
+        ahead = tl.load(ptrs, mask=row_ok & (T > 1), other=0)
+    else:
+        ptrs = flags_ptr + rows
+        now = tl.full(rows.shape, 1, tl.int32)
+        ahead = now
+    return ptrs, now, ahead
+
+
+@triton.jit
+def _row_flags_step(ptrs, ahead, row_ok, R, t, T, HAS_FLAGS: tl.constexpr):
+    """The row flags a step on: ``(pointers, step t + 1's flags, step t + 2's)`` at the end of
+    step ``t`` (the new ones loaded here)."""
+    if HAS_FLAGS:
+        ptrs += R
+        after = tl.load(ptrs, mask=row_ok & (t + 2 < T), other=0)
+    else:
+        after = ahead
+    return ptrs, ahead, after
 
 
 @triton.jit
@@ -244,9 +272,9 @@ def _layer_norm_neuron_step(
 ):  # fmt: skip
     """One step of the row function and the neuron on the float32 rows ``x``: ``(sigma, fired,
     count)``, the sample flags set where a row fired (``HAS_ACTIVE``), and the row flags
-    (``HAS_ROW_ACTIVE``). The neuron takes an
-    estimate of the row function's value, and the row function itself only for a tile with a
-    lane unsure on the estimate (the margin above): one multiply a lane, not a division."""
+    (``HAS_ROW_ACTIVE``). The neuron takes an estimate of the row function's value, and the
+    row function itself only for a tile with a lane unsure on the estimate (the margin above):
+    one multiply a lane, not a division."""
     xc, sd = layer_norm_moments(x, eps, col_mask, c_f, ROWS, BLOCK_C, LOG2_C)
     y = layer_norm_estimate(xc, sd, w, b, HAS_WEIGHT, HAS_BIAS)
     sigma, fired = target_estimate_tile_margin(
@@ -271,6 +299,9 @@ def exact_layernorm_neuron_kernel(
     branch2_ptr,  # [T, R, C] int8 spikes of a second pending branch (HAS_BRANCH2 only)
     branch2_theta_ptr,  # [1] its neuron's threshold (HAS_BRANCH2 only)
     branch2_count_ptr,  # [R, C] int8 its neuron's count before T (HAS_BRANCH2_COUNT only)
+    branch_rows_ptr,  # [T, R] int32 flags: 0 where a row of the branch's spikes is silent
+    # (HAS_BRANCH_ROWS only)
+    branch2_rows_ptr,  # [T, R] int32 the same of the second branch (HAS_BRANCH2_ROWS only)
     residual_out_ptr,  # [T, R, C] float64 D_t written out (RESIDUAL_OUT only)
     c_ptr,  # [RC, C] float64 constant part; row r of a step adds c[r % RC] (HAS_C only)
     w_ptr,  # [C] float32 LayerNorm weight (HAS_WEIGHT only)
@@ -297,6 +328,8 @@ def exact_layernorm_neuron_kernel(
     HAS_BRANCH_COUNT: tl.constexpr,
     HAS_BRANCH2: tl.constexpr,
     HAS_BRANCH2_COUNT: tl.constexpr,
+    HAS_BRANCH_ROWS: tl.constexpr,
+    HAS_BRANCH2_ROWS: tl.constexpr,
     RESIDUAL_OUT: tl.constexpr,
     HAS_C: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
@@ -352,16 +385,24 @@ def exact_layernorm_neuron_kernel(
         flag_now = tl.full([ROWS], 1, tl.int32)
     if MOVED_OUT:
         moved_out_ptrs = moved_out_ptr + rows
+    # A branch's spikes in a row its flags call silent are not read (the load masked off, so
+    # still issued a step ahead; the flags read a step before that)
     if HAS_BRANCH:
+        bf_ptrs, bf_now, bf_next = _row_flags_start(
+            branch_rows_ptr, rows, row_ok, R, T, HAS_BRANCH_ROWS
+        )
         b_theta, b_count, b_ptrs, b_next = _branch_start(
-            branch_ptr, branch_theta_ptr, branch_count_ptr, offs, mask, HAS_BRANCH_COUNT,
-            ROWS, BLOCK_C,
+            branch_ptr, branch_theta_ptr, branch_count_ptr, offs, mask,
+            mask & (bf_now != 0)[:, None], HAS_BRANCH_COUNT, ROWS, BLOCK_C,
         )  # fmt: skip
         residual_out_ptrs = residual_out_ptr + offs
     if HAS_BRANCH2:
+        b2f_ptrs, b2f_now, b2f_next = _row_flags_start(
+            branch2_rows_ptr, rows, row_ok, R, T, HAS_BRANCH2_ROWS
+        )
         b2_theta, b2_count, b2_ptrs, b2_next = _branch_start(
-            branch2_ptr, branch2_theta_ptr, branch2_count_ptr, offs, mask, HAS_BRANCH2_COUNT,
-            ROWS, BLOCK_C,
+            branch2_ptr, branch2_theta_ptr, branch2_count_ptr, offs, mask,
+            mask & (b2f_now != 0)[:, None], HAS_BRANCH2_COUNT, ROWS, BLOCK_C,
         )  # fmt: skip
     active_ptrs = active_ptr  # a placeholder that the step does not read without HAS_ACTIVE
     if HAS_ACTIVE:
@@ -391,22 +432,37 @@ def exact_layernorm_neuron_kernel(
                     row_moved = row_moved | (flag_now != 0).to(tl.int32)
                 else:
                     row_moved = tl.full([ROWS], 1, tl.int32)
+            # (a branch's row flags where given: no reduction over the row)
             if HAS_BRANCH:
-                row_moved = row_moved | tl.max((b_next != 0).to(tl.int32), axis=1)
+                if HAS_BRANCH_ROWS:
+                    row_moved = row_moved | (bf_now != 0).to(tl.int32)
+                else:
+                    row_moved = row_moved | tl.max((b_next != 0).to(tl.int32), axis=1)
             if HAS_BRANCH2:
-                row_moved = row_moved | tl.max((b2_next != 0).to(tl.int32), axis=1)
+                if HAS_BRANCH2_ROWS:
+                    row_moved = row_moved | (b2f_now != 0).to(tl.int32)
+                else:
+                    row_moved = row_moved | tl.max((b2_next != 0).to(tl.int32), axis=1)
             tl.store(moved_out_ptrs, row_moved, mask=row_ok)
             moved_out_ptrs += R
         if HAS_D_MOVED:
             flag_now = flag_next
             flag_next = flag_after
         if HAS_BRANCH:
+            next_mask = mask & (t + 1 < T) & (bf_next != 0)[:, None]
             d, b_count, b_ptrs, b_next = _branch_step(
-                d, b_theta, b_count, b_ptrs, b_next, mask & (t + 1 < T), step, mask, HAS_D
+                d, b_theta, b_count, b_ptrs, b_next, next_mask, step, mask, HAS_D
+            )
+            bf_ptrs, bf_now, bf_next = _row_flags_step(
+                bf_ptrs, bf_next, row_ok, R, t, T, HAS_BRANCH_ROWS
             )
             if HAS_BRANCH2:
+                next_mask = mask & (t + 1 < T) & (b2f_next != 0)[:, None]
                 d, b2_count, b2_ptrs, b2_next = _branch_step(
-                    d, b2_theta, b2_count, b2_ptrs, b2_next, mask & (t + 1 < T), step, mask, True
+                    d, b2_theta, b2_count, b2_ptrs, b2_next, next_mask, step, mask, True
+                )
+                b2f_ptrs, b2f_now, b2f_next = _row_flags_step(
+                    b2f_ptrs, b2f_next, row_ok, R, t, T, HAS_BRANCH2_ROWS
                 )
             if RESIDUAL_OUT:
                 if MOVED_OUT:  # a row that did not move is not written (its flag says so)
@@ -472,6 +528,8 @@ def exact_layernorm_neuron_triton(
     d_moved: torch.Tensor | None = None,
     residual_moved: torch.Tensor | None = None,
     row_active: torch.Tensor | None = None,
+    branch_rows: torch.Tensor | None = None,
+    branch2_rows: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Host side (``threshold`` first: ``on_device`` takes the device from it, as ``x`` may be
     None): ``threshold`` ``[1]`` or ``[C]`` on the device; ``x`` ``[T, R, C]`` contiguous,
@@ -486,7 +544,9 @@ def exact_layernorm_neuron_triton(
     ``residual_moved`` ``[T, R]`` int32 contiguous or None (with ``residual_out``): the same
     flags of ``D``, written (1 at step 0, and where ``d``'s flag or a branch spike says the
     row may have moved); ``row_active`` ``[T, R]`` int32 contiguous or None: set to 1 where
-    a row fires. Returns ``(spikes [T, R, C] int8, count [R, C] int8, D)``, ``D``
+    a row fires; ``branch_rows``/``branch2_rows`` ``[T, R]`` int32 contiguous or None (with
+    that branch): 0 where a row of the branch's spikes is silent, which is then not read.
+    Returns ``(spikes [T, R, C] int8, count [R, C] int8, D)``, ``D``
     ``[T, R, C]`` float64 with ``residual_out``, else None: fresh, or with ``inplace`` the
     given ``count`` (a view of the caller's contiguous state), written by the program that
     read it."""
@@ -511,6 +571,8 @@ def exact_layernorm_neuron_triton(
         b2_spikes,
         b2_theta,
         count_out if b2_count is None else b2_count,
+        count_out if branch_rows is None else branch_rows,
+        count_out if branch2_rows is None else branch2_rows,
         out if d_out is None else d_out,
         out if c is None else c,
         out if weight is None else weight,
@@ -536,6 +598,8 @@ def exact_layernorm_neuron_triton(
         HAS_BRANCH_COUNT=b_count is not None,
         HAS_BRANCH2=branch2 is not None,
         HAS_BRANCH2_COUNT=b2_count is not None,
+        HAS_BRANCH_ROWS=branch_rows is not None,
+        HAS_BRANCH2_ROWS=branch2_rows is not None,
         RESIDUAL_OUT=d_out is not None,
         HAS_C=c is not None,
         HAS_WEIGHT=weight is not None,

@@ -211,7 +211,8 @@ class ExactMlp(SpikeMlp):
     """``SpikeMlp`` of exact mode: each ``ExactLinearNeuron`` also takes the count of the
     neuron that fed it (``fc2``'s is ``fc1``'s, taken before ``fc1``'s call), from which it
     forms its accumulator, and that neuron's row flags: ``fc1`` records which of its rows
-    fired (``row_active``), so that ``fc2`` finds its silent row tiles from them."""
+    fired (``row_active``; on a GPU per output tile), so that ``fc2`` finds its silent row
+    tiles from them."""
 
     def forward(
         self,
@@ -220,18 +221,19 @@ class ExactMlp(SpikeMlp):
         *,
         s_before: torch.Tensor | None = None,
         s_row_active: torch.Tensor | None = None,
+        row_active: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``s_count`` (after these steps) or ``s_before`` (before them): the count of the
         neuron behind ``s``, and ``s_row_active`` its row flags, as ``ExactLinearNeuron``
-        takes them."""
+        takes them; ``row_active``: int32 zeros that receive ``fc2``'s row flags."""
         fc1_before = _count_before(self.fc1)
         fired = torch.zeros(s.shape[:-1], dtype=torch.int32, device=s.device)
+        s_row_active = unless_hooked(s_row_active, self.fc1)  # a hook may replace the input
         hidden = self.fc1(
             s, s_count, s_before=s_before, s_row_active=s_row_active, row_active=fired
         )
-        return self.fc2(
-            hidden, s_before=fc1_before, s_row_active=unless_hooked(fired, self.fc1, self.fc2)
-        )
+        hint = unless_hooked(fired, self.fc1, self.fc2)
+        return self.fc2(hidden, s_before=fc1_before, s_row_active=hint, row_active=row_active)
 
 
 class SpikeBlock(_Composite):
@@ -293,17 +295,23 @@ class Branch(NamedTuple):
     count`` of its last neuron, not yet added to any ``D`` in memory. ``spikes``: that
     neuron's int8 spikes ``[T, B, N, C]``; ``threshold``: its step (one element);
     ``count_before``: its int8 count before these steps, ``[B, N, C]``, or None (fresh). The
-    field order is ``ExactLayerNormNeuron``'s per branch."""
+    first three fields are ``ExactLayerNormNeuron``'s positional arguments per branch.
+    ``row_active``: int32 ``[T, B, N]``, where a row of the spikes fired (the neuron's
+    ``row_active``), or None: the norm that adds the branch skips reading the others."""
 
     spikes: torch.Tensor
     threshold: torch.Tensor
     count_before: torch.Tensor | None
+    row_active: torch.Tensor | None = None
 
     def class_row(self) -> Branch:
         """The branch on the class-token row only (dim 2 of the spikes)."""
-        before = self.count_before
+        before, rows = self.count_before, self.row_active
         return Branch(
-            self.spikes[:, :, 0], self.threshold, None if before is None else before[:, 0]
+            self.spikes[:, :, 0],
+            self.threshold,
+            None if before is None else before[:, 0],
+            None if rows is None else rows[:, :, 0],
         )
 
 
@@ -326,8 +334,19 @@ class Residual(NamedTuple):
     d_moved: torch.Tensor | None = None
 
     def norm_args(self) -> tuple[torch.Tensor | None, ...]:
-        """``ExactLayerNormNeuron``'s positional arguments: ``d``, then each branch's fields."""
-        return (self.d, *(field for branch in self.pending for field in branch))
+        """``ExactLayerNormNeuron``'s positional arguments: ``d``, then each branch's spikes,
+        threshold and count before."""
+        return (self.d, *(field for branch in self.pending for field in branch[:3]))
+
+    def branch_flags(self, reader: nn.Module) -> dict[str, torch.Tensor | None]:
+        """The branches' row flags as ``reader`` (an ``ExactLayerNormNeuron``) takes them:
+        ``branch_row_active`` and ``branch2_row_active`` (None past a forward hook on the
+        reader, which may replace its inputs: ``unless_hooked``)."""
+        names = ("branch_row_active", "branch2_row_active")
+        return {
+            name: unless_hooked(branch.row_active, reader)
+            for name, branch in zip(names, self.pending, strict=False)
+        }
 
 
 class ExactPatchEmbed(nn.Module):
@@ -402,12 +421,14 @@ class ExactBlock(_Composite):
         s: torch.Tensor,
         s_before: torch.Tensor,
         s_row_active: torch.Tensor | None,
+        row_active: torch.Tensor,
     ) -> Branch:
         """The branch run on a norm's spikes ``s`` (and that norm's count before them, and its
-        row flags), pending: its last neuron's spikes, step and count before."""
+        row flags), pending: its last neuron's spikes, step, count before and row flags
+        (recorded into the zeros ``row_active``; None past a forward hook)."""
         before = _count_before(neuron)
-        spikes = branch(s, s_before=s_before, s_row_active=s_row_active)
-        return Branch(spikes, neuron.threshold, before)
+        spikes = branch(s, s_before=s_before, s_row_active=s_row_active, row_active=row_active)
+        return Branch(spikes, neuron.threshold, before, unless_hooked(row_active, branch, neuron))
 
     def forward(self, x: Residual) -> Residual:
         # each norm's count before its call: what the linear after it starts from (a copy per
@@ -418,16 +439,19 @@ class ExactBlock(_Composite):
         moved = torch.empty(stream.shape[:-1], dtype=torch.int32, device=stream.device)
         # which rows of each norm's spikes fire at each step: the linear after it finds its
         # silent row tiles from these flags instead of scanning the spikes
-        fired = torch.zeros((2, *moved.shape), dtype=torch.int32, device=stream.device)
-        s = self.norm1(*x.norm_args(), residual_out=True, d_moved=x.d_moved, residual_moved=moved,
-                       row_active=fired[0])  # fmt: skip
+        # (norm1's, norm2's, the attention branch's, the MLP branch's)
+        fired = torch.zeros((4, *moved.shape), dtype=torch.int32, device=stream.device)
+        s = self.norm1(*x.norm_args(), **x.branch_flags(self.norm1), residual_out=True,
+                       d_moved=x.d_moved, residual_moved=moved, row_active=fired[0])  # fmt: skip
         d = self.norm1.take_residual()
         hint = unless_hooked(fired[0], self.norm1, self.attn, self.attn.qkv)
-        attn = self._branch(self.attn, self.attn.proj, s, before, hint)
+        attn = self._branch(self.attn, self.attn.proj, s, before, hint, fired[2])
         before = _count_before(self.norm2)
-        s = self.norm2(*Residual(d, (attn,)).norm_args(), d_moved=moved, row_active=fired[1])
+        x = Residual(d, (attn,))
+        s = self.norm2(*x.norm_args(), **x.branch_flags(self.norm2), d_moved=moved,
+                       row_active=fired[1])  # fmt: skip
         hint = unless_hooked(fired[1], self.norm2, self.mlp, self.mlp.fc1)
-        mlp = self._branch(self.mlp, self.mlp.fc2, s, before, hint)
+        mlp = self._branch(self.mlp, self.mlp.fc2, s, before, hint, fired[3])
         return Residual(d, (attn, mlp), moved)
 
 
@@ -449,7 +473,8 @@ class ExactReadout(_Composite):
                 tuple(branch.class_row() for branch in x.pending),
                 None if x.d_moved is None else x.d_moved[:, :, 0],
             )
-            return self.head(self.norm(*x.norm_args(), d_moved=x.d_moved))
+            flags = x.branch_flags(self.norm)
+            return self.head(self.norm(*x.norm_args(), **flags, d_moved=x.d_moved))
         return self.head(self.norm(*x.norm_args()))
 
 

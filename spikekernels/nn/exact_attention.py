@@ -182,18 +182,21 @@ class ExactAttention(nn.Module):
         *,
         s_before: torch.Tensor | None = None,
         s_row_active: torch.Tensor | None = None,
+        row_active: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``s``: ``[T, B, N, C]`` int8 spikes; ``s_count``: ``[B, N, C]`` int8, the count of
         their neuron after these steps, or ``s_before``, before them (neither only on a fresh
         input: see ``ExactLinearNeuron``); ``s_row_active``: int32 ``[T, B, N]``, that
-        neuron's ``row_active``, or None (``qkv`` takes it). Returns the ``quan_proj``
-        neuron's spikes."""
+        neuron's ``row_active``, or None (``qkv`` takes it); ``row_active``: int32 zeros
+        ``[T, B, N]`` that receive ``proj``'s row flags. Returns the ``quan_proj`` neuron's
+        spikes."""
         check_token_spikes(s, self.dim, "ExactAttention")
         t, b, n, c = s.shape
         h, dh = self.num_heads, self.head_dim
         # which of each sample's heads' q, k and v fired at each step: the attention skips
         # the reads of those that did not (ops.exact_attention's qkv_active)
         fired = torch.zeros(t, b, 3 * h, dtype=torch.int32, device=s.device)
+        s_row_active = unless_hooked(s_row_active, self.qkv)  # a hook may replace the input
         # the running counts of q, k, v after each step, as strided views of one layout (the
         # qkv neuron first: it names a shape that differs from its state's)
         qkv = self.qkv(s, s_count, s_before=s_before, group_active=fired, s_row_active=s_row_active)
@@ -217,7 +220,7 @@ class ExactAttention(nn.Module):
             a = self.probs(q, k_t)  # [T, B, H, N, N] running attention counts
             # [T, B, N, C] spikes: the kernel writes the heads merged, as proj reads them
             context = self.context(a, v, merge_heads=True)
-        return self.proj(context, s_before=context_before, s_row_active=rows)
+        return self.proj(context, s_before=context_before, s_row_active=rows, row_active=row_active)
 
     def _fusable(self) -> bool:
         """Whether ``probs`` and ``context`` may run as one op: no hook on either, and their
@@ -267,7 +270,7 @@ def has_forward_hooks(module: nn.Module) -> bool:
     )
 
 
-def unless_hooked(flags: torch.Tensor, *modules: nn.Module) -> torch.Tensor | None:
+def unless_hooked(flags: torch.Tensor | None, *modules: nn.Module) -> torch.Tensor | None:
     """A producer's activity flags for its reader, or None where a forward hook or pre-hook
     would see one of ``modules`` (the producer, the reader) called: a hook may replace the
     spikes between them, and the flags would then not describe what the reader gets."""

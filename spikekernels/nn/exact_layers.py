@@ -186,7 +186,8 @@ class ExactLinearNeuron(TargetNeuron):
         (cheaper: the kernel then reads the chunk's spikes once); neither only on a fresh
         input (the first call after ``reset()``). ``group_active``: int32 ``[T, B, G]``
         zeros, set where a sample fires in a group of ``N / G`` output channels;
-        ``row_active``: int32 ``[T, *]`` zeros, set where a row of the output fires;
+        ``row_active``: int32 ``[T, *]`` zeros, set where a row of the output fires (on a
+        GPU: every row of an output tile that fired);
         ``s_row_active``: the input neuron's ``row_active``, or None (``ops.exact_linear``)."""
         if s_before is None:
             require_input_counts(self, s_count=s_count)
@@ -312,11 +313,15 @@ class ExactLayerNormNeuron(TargetNeuron):
         d_moved: torch.Tensor | None = None,
         residual_moved: torch.Tensor | None = None,
         row_active: torch.Tensor | None = None,
+        branch_row_active: torch.Tensor | None = None,
+        branch2_row_active: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``d_moved``: int32 flags per step and row of ``d``, set where a row moved (its
         writer's ``residual_moved``); ``residual_moved``: int32 ``[T, *rows]`` that receives
         the same flags of ``D`` with ``residual_out``; ``row_active``: int32 zeros, one per
-        step and row of the output, set where the row fires (``ops.exact_layernorm_neuron``)."""
+        step and row of the output, set where the row fires; ``branch_row_active``,
+        ``branch2_row_active``: each pending branch's neuron's ``row_active``, or None
+        (``ops.exact_layernorm_neuron``)."""
         out = exact_layernorm_neuron(
             d,
             self.residual_constant,
@@ -340,6 +345,8 @@ class ExactLayerNormNeuron(TargetNeuron):
             d_moved=d_moved,
             residual_moved=residual_moved,
             row_active=row_active,
+            branch_row_active=branch_row_active,
+            branch2_row_active=branch2_row_active,
         )
         spikes, self.count = out[:2]
         self.residual = out[2] if residual_out else None

@@ -6,8 +6,11 @@ where sample ``b`` fired at step ``t``. The Triton kernels store it in their epi
 spikes they return, so every backend gives the same flags. The argument is checked by
 ``_checks.check_active``. ``exact_linear`` also takes ``group_active`` ``[T, B, G]``, the same
 per group of output columns (a head's q, k or v), which ``exact_attention`` reads back, and
-``row_active`` ``[T, *rows]``, the same per row of the spikes, which the next
-``exact_linear`` reads back (``s_row_active``) instead of scanning the spikes for silent tiles.
+the exact ops ``row_active`` ``[T, *rows]``, the same per row of the spikes, which the next
+``exact_linear`` (``s_row_active``) or LayerNorm (``branch_row_active``) reads back instead of
+scanning the spikes. Those two are the truth here; the Triton kernels of ``exact_linear`` and
+``exact_attention`` record them per output tile that fired (a superset: the readers take
+them as hints, where a 0 promises silence and a 1 may stand for it).
 """
 
 from __future__ import annotations

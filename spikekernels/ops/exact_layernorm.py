@@ -15,6 +15,7 @@ from spikekernels.ops._checks import (
     check_float,
     check_in_bounds,
     check_row_active,
+    check_rows_flagged,
     check_same_device,
     check_scalar_tensor,
     check_state,
@@ -106,6 +107,8 @@ def _check_exact_layernorm_neuron(
     d_moved=None,
     residual_moved=None,
     row_active=None,
+    branch_row_active=None,
+    branch2_row_active=None,
 ) -> None:
     """Metadata checks (no data read)."""
     if not isinstance(pool, bool):
@@ -167,7 +170,14 @@ def _check_exact_layernorm_neuron(
     if residual_moved is not None and not residual_moved.is_contiguous():
         raise ValueError("residual_moved must be contiguous: the op writes it in place")
     check_row_active(row_active, (x.shape[0], *out_shape(x, pool)), x, name)
-    inputs = (d, c, weight, bias, threshold, active, *branch, *branch2, d_moved, row_active)
+    for prefix, spikes, flags in (("branch", branch[0], branch_row_active),
+                                  ("branch2", branch2[0], branch2_row_active)):  # fmt: skip
+        if flags is not None and spikes is None:
+            raise ValueError(f"{prefix}_row_active needs {prefix}_spikes (the pending branch)")
+        if flags is not None:
+            check_row_active(flags, spikes.shape, x, name, f"{prefix}_row_active", written=False)
+    inputs = (d, c, weight, bias, threshold, active, *branch, *branch2, d_moved, row_active,
+              branch_row_active, branch2_row_active)  # fmt: skip
     check_inplace(inplace, (("count", count),), inputs)
 
 
@@ -260,6 +270,11 @@ def _flat_branch(branch, steps: int, channels: int):
     return flat, threshold, None if count is None else count.contiguous().reshape(-1, channels)
 
 
+def _flat_rows(flags: torch.Tensor | None, steps: int) -> torch.Tensor | None:
+    """Row flags ``[T, *rows]`` as the kernel takes them: ``[T, R]`` contiguous (or None)."""
+    return None if flags is None else flags.contiguous().reshape(steps, -1)
+
+
 def _constant_rows(c: torch.Tensor, step: tuple[int, ...]) -> torch.Tensor:
     """``c`` as ``[Rc, C]`` rows, contiguous, such that row ``r`` of one step of ``d`` (flat
     ``[R, C]``) adds row ``r % Rc``: ``c``'s broadcast dims must lead (``[1, N, C]`` against
@@ -299,11 +314,13 @@ def _exact_layernorm_neuron_op(
     d_moved: torch.Tensor | None = None,
     residual_moved: torch.Tensor | None = None,
     row_active: torch.Tensor | None = None,
+    branch_row_active: torch.Tensor | None = None,
+    branch2_row_active: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     args = (d, c, weight, bias, eps, threshold, n_min, p_max, count, pool)
     branch = (branch_spikes, branch_threshold, branch_count)
     branch2 = (branch2_spikes, branch2_threshold, branch2_count)
-    moved = (d_moved, residual_moved, row_active)
+    moved = (d_moved, residual_moved, row_active, branch_row_active, branch2_row_active)
     _check_exact_layernorm_neuron(*args, active, *branch, *branch2, residual_out, inplace, *moved)
     name, x = _stream(d, branch_spikes)
     backend = backend_for(x, ("triton", "torch"))
@@ -355,6 +372,8 @@ def _exact_layernorm_neuron_op(
                 d_moved=None if d_moved is None else d_moved.contiguous().reshape(steps, rows),
                 residual_moved=None if residual_moved is None else residual_moved.view(steps, rows),
                 row_active=rows_fired,
+                branch_rows=_flat_rows(branch_row_active, steps),
+                branch2_rows=_flat_rows(branch2_row_active, steps),
             )
         d_out = d_out.reshape(x.shape) if residual_out else _no_residual(x)
         count_out = placeholder(count) if inplace else count_out.reshape(shape)
@@ -398,6 +417,8 @@ def _(
     d_moved=None,
     residual_moved=None,
     row_active=None,
+    branch_row_active=None,
+    branch2_row_active=None,
 ):
     args = (d, c, weight, bias, eps, threshold, n_min, p_max, count, pool, active)
     branches = (
@@ -406,7 +427,7 @@ def _(
         branch_count,
         *(branch2_spikes, branch2_threshold, branch2_count),
     )
-    flags = (d_moved, residual_moved, row_active)
+    flags = (d_moved, residual_moved, row_active, branch_row_active, branch2_row_active)
     _check_exact_layernorm_neuron(*args, *branches, residual_out, inplace, *flags)
     _, x = _stream(d, branch_spikes)
     shape = out_shape(x, pool)
@@ -441,6 +462,8 @@ def exact_layernorm_neuron(
     d_moved: torch.Tensor | None = None,
     residual_moved: torch.Tensor | None = None,
     row_active: torch.Tensor | None = None,
+    branch_row_active: torch.Tensor | None = None,
+    branch2_row_active: torch.Tensor | None = None,
     validate: bool = False,
 ) -> tuple[torch.Tensor, ...]:
     """Exact mode's residual read + LayerNorm + target-driven neuron, fused (SPEC.md §9.2-§9.4),
@@ -530,9 +553,16 @@ def exact_layernorm_neuron(
             contiguous: ``active`` per row of the output, set in place (``row_active[t, *r] =
             1`` where row ``r`` fires at step ``t``; never cleared), on every path. The linear
             after the norm takes them as ``exact_linear``'s ``s_row_active``.
+        branch_row_active, branch2_row_active: optional int32, one flag per step and row of
+            that branch's spikes (their shape without ``C``), read only: the branch neuron's
+            ``row_active``. A 0 promises that the row of its spikes is silent at that step
+            (checked on CPU, and with ``validate``; 1 may stand for a silent row). The
+            Triton kernel then does not read the branch's spikes in those rows (nor reduce
+            them for ``residual_moved``); ``pool`` and the other paths ignore them. No bit of
+            the result depends on them.
         validate: on a GPU also check the thresholds' values (the branches' too), the
-            branches' spikes and that ``count`` lies inside ``[n_min, p_max]`` (a host
-            sync). On CPU always.
+            branches' spikes and row flags, and that ``count`` lies inside ``[n_min, p_max]``
+            (a host sync). On CPU always.
 
     Returns:
         ``(spikes [T, *rows, C] int8 in {-1, 0, 1}, count [*rows, C] int8)``, and with
@@ -559,7 +589,7 @@ def exact_layernorm_neuron(
     args = (d, c, weight, bias, eps, threshold, n_min, p_max, count, pool)
     branches = (branch_spikes, branch_threshold, branch_count)
     branches += (branch2_spikes, branch2_threshold, branch2_count)
-    flags = (d_moved, residual_moved, row_active)
+    flags = (d_moved, residual_moved, row_active, branch_row_active, branch2_row_active)
     _check_exact_layernorm_neuron(*args, active, *branches, residual_out, inplace, *flags)
     check_threshold_values(threshold, "threshold", validate)
     check_in_bounds(count, "count", n_min, p_max, validate)
@@ -570,6 +600,9 @@ def exact_layernorm_neuron(
         if spikes is not None:
             check_threshold_values(theta, f"{prefix}_threshold", validate)
             check_ternary(spikes, f"{prefix}_spikes", validate)
+    for prefix, spikes, hint in (("branch", branch_spikes, branch_row_active),
+                                 ("branch2", branch2_spikes, branch2_row_active)):  # fmt: skip
+        check_rows_flagged(spikes, hint, f"{prefix}_row_active", f"{prefix}_spikes", validate)
     out = call_op(
         "exact_layernorm_neuron",
         d,
