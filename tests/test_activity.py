@@ -424,13 +424,14 @@ def test_runner_settles_as_a_hook_recount(gen):
 
 
 @CPU_PASS_ONLY  # the guard is Python, and the CPU data check catches a flag passed on
-@pytest.mark.parametrize("hooked", [("norm1", "mlp.fc1"), ("attn.proj", "mlp.fc2")], ids=str)
+@pytest.mark.parametrize("hooked", [("norm1", "mlp.fc1"), ("attn.proj", "mlp.fc2"), ("",)], ids=str)
 def test_row_flags_stop_at_a_hook_that_replaces_spikes(gen, monkeypatch, hooked):
     """A forward hook may replace a neuron's spikes; the row flags its op recorded
     (``row_active``) then do not describe what the next linear or LayerNorm reads, so the
     block passes it none (a 0 on a row that now fires would be refused, or on a GPU
     skipped): the run equals one that passes no row flags at all. Hooked: the producers of
-    the linears' inputs, or the branches' (the LayerNorms' inputs)."""
+    the linears' inputs, the branches' (the LayerNorms' inputs), or the block, whose output
+    (the stream with its pending branches) the hook changes."""
     import spikekernels.models.spiking_vit as vit
     import spikekernels.nn.exact_attention as attention
 
@@ -440,6 +441,10 @@ def test_row_flags_stop_at_a_hook_that_replaces_spikes(gen, monkeypatch, hooked)
 
     def add_spikes(module, inputs, out):
         calls.append(1)
+        if isinstance(out, vit.Residual):  # the block: to its attention branch's spikes
+            branch = out.pending[0]
+            spikes = add_spikes(module, inputs, branch.spikes)
+            return out._replace(pending=(branch._replace(spikes=spikes), *out.pending[1:]))
         out = out.clone()
         out[-1, :, 0] = 1  # the class row fires at the chunk's last step
         return out

@@ -282,14 +282,20 @@ def test_tree_sum_adds_neighbours_first():
 # --- the exact SNN -------------------------------------------------------------------------
 
 
-def test_exact_snn_tiny_bitwise_every_chunk(gen):
-    """Through the default backend: in the interpreter pass, the Triton kernels, on two
-    chunkings that cross chunk boundaries (conftest.CPU_PASS_ONLY)."""
-    qann = make_exact(gen, **TINY, level=16)
+@pytest.mark.parametrize("global_pool", [False, True])
+def test_exact_snn_tiny_bitwise_every_chunk(gen, global_pool):
+    """Through the default backend: in the interpreter pass, the Triton kernels, on
+    chunkings that cross chunk boundaries (conftest.CPU_PASS_ONLY); the pooled readout too
+    (it reads the last block's stream with its row flags: rows that did not move are not
+    written)."""
+    qann = make_exact(gen, **TINY, level=16, global_pool=global_pool)
     snn = convert(qann)
     assert snn.exact
     x = images(gen, qann, 3)
-    chunks = (3, (5, 2)) if INTERPRETED else (1, 3, 8, (5, 2))
+    if global_pool:
+        chunks = (3,) if INTERPRETED else (1, 3)
+    else:
+        chunks = (3, (5, 2)) if INTERPRETED else (1, 3, 8, (5, 2))
     steps = {chunk: assert_bitwise(qann, snn, x, chunk) for chunk in chunks}
     assert len(set(steps.values())) == 1, f"the settle step depends on the chunk: {steps}"
 

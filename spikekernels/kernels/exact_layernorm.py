@@ -36,8 +36,9 @@ element and step). So it travels with row flags: with ``d``'s (``HAS_D_MOVED``) 
 flag is 0 at a step *is* the step before's, and is not read: that ``d`` is kept in registers,
 the load masked off (so still issued a step ahead, its flag read a step before that). A
 kernel that writes ``D`` writes its flags too (``MOVED_OUT``): a row may have moved where
-``d``'s flag says so (every row without flags) or a branch spike falls in it, and every row
-at the first step (a reader keeps nothing across launches); the rows whose flag is 0 are not
+``d``'s flag says so (every row without flags) or a branch spike falls in it (the branch's
+row flag is set, where it comes with them: ``HAS_BRANCH_ROWS``), and every row at the first
+step (a reader keeps nothing across launches); the rows whose flag is 0 are not
 written. A quiet row then costs the stream little more than its flags.
 
 Divisions are ``div_rn`` and the root ``sqrt_rn`` (Triton's ``/`` and ``sqrt`` on float32 are
@@ -542,14 +543,14 @@ def exact_layernorm_neuron_triton(
     or None; ``d_moved`` ``[T, R]`` int32 contiguous or None (with ``x`` float64 ``d``): 0
     where a row of ``d`` equals the step before's, which is then not read;
     ``residual_moved`` ``[T, R]`` int32 contiguous or None (with ``residual_out``): the same
-    flags of ``D``, written (1 at step 0, and where ``d``'s flag or a branch spike says the
-    row may have moved); ``row_active`` ``[T, R]`` int32 contiguous or None: set to 1 where
-    a row fires; ``branch_rows``/``branch2_rows`` ``[T, R]`` int32 contiguous or None (with
-    that branch): 0 where a row of the branch's spikes is silent, which is then not read.
-    Returns ``(spikes [T, R, C] int8, count [R, C] int8, D)``, ``D``
-    ``[T, R, C]`` float64 with ``residual_out``, else None: fresh, or with ``inplace`` the
-    given ``count`` (a view of the caller's contiguous state), written by the program that
-    read it."""
+    flags of ``D``, written (1 at step 0, and where ``d``'s flag or a branch spike, or that
+    branch's row flag, says the row may have moved); ``row_active`` ``[T, R]`` int32
+    contiguous or None: set to 1 where a row fires; ``branch_rows``/``branch2_rows`` ``[T,
+    R]`` int32 contiguous or None (with that branch): 0 where a row of the branch's spikes
+    is silent, which is then not read. Returns ``(spikes [T, R, C] int8, count [R, C] int8,
+    D)``, ``D`` ``[T, R, C]`` float64 with ``residual_out``, else None: fresh, or with
+    ``inplace`` the given ``count`` (a view of the caller's contiguous state), written by the
+    program that read it."""
     T, R, C = (x if branch is None else branch[0]).shape
     device = threshold.device
     out = torch.empty((T, R, C), dtype=torch.int8, device=device)

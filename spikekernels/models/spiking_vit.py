@@ -338,13 +338,14 @@ class Residual(NamedTuple):
         threshold and count before."""
         return (self.d, *(field for branch in self.pending for field in branch[:3]))
 
-    def branch_flags(self, reader: nn.Module) -> dict[str, torch.Tensor | None]:
-        """The branches' row flags as ``reader`` (an ``ExactLayerNormNeuron``) takes them:
-        ``branch_row_active`` and ``branch2_row_active`` (None past a forward hook on the
-        reader, which may replace its inputs: ``unless_hooked``)."""
+    def branch_flags(self, *readers: nn.Module) -> dict[str, torch.Tensor | None]:
+        """The branches' row flags as the reader (an ``ExactLayerNormNeuron``, the first of
+        ``readers``; the rest: the modules it sits in) takes them: ``branch_row_active`` and
+        ``branch2_row_active``, None past a forward hook on any of ``readers``, which may
+        replace the stream on its way (``unless_hooked``)."""
         names = ("branch_row_active", "branch2_row_active")
         return {
-            name: unless_hooked(branch.row_active, reader)
+            name: unless_hooked(branch.row_active, *readers)
             for name, branch in zip(names, self.pending, strict=False)
         }
 
@@ -397,12 +398,15 @@ class ExactBlock(_Composite):
     branches' spikes (2) and writes ``D`` (8), ``norm2`` reads ``d`` and one branch (9);
     writing ``D`` at both norms took 34. ``D`` travels with its row flags (``norm1``'s
     ``residual_moved``, the next readers' ``d_moved``): a row that did not move at a step is
-    neither written nor read there, so a quiet row costs 3 of those bytes.
+    neither written nor read there, so a quiet row costs 3 of those bytes (its branches'
+    spikes), and none where the branches come with their row flags.
 
-    Each norm, the attention and ``fc1`` also record which rows of their spikes fire
-    (``row_active``), and the linear after each (``qkv``, ``proj``, ``fc1``, ``fc2``) finds its
-    silent row tiles from those flags instead of scanning the spikes (``s_row_active``),
-    unless a forward hook on the way could replace the spikes (``unless_hooked``)."""
+    Each norm, the attention, ``fc1``, ``proj`` and ``fc2`` also record which rows of their
+    spikes fire (``row_active``): the linear after each (``qkv``, ``proj``, ``fc1``, ``fc2``)
+    finds its silent row tiles from those flags instead of scanning the spikes
+    (``s_row_active``), and the norms that add the ``proj`` and ``fc2`` branches skip reading
+    their silent rows (``Branch.row_active``), unless a forward hook on the way could
+    replace the spikes (``unless_hooked``)."""
 
     def __init__(
         self,
@@ -414,8 +418,8 @@ class ExactBlock(_Composite):
         super().__init__()
         self.norm1, self.attn, self.norm2, self.mlp = norm1, attn, norm2, mlp
 
-    @staticmethod
     def _branch(
+        self,
         branch: nn.Module,
         neuron: ExactLinearNeuron,
         s: torch.Tensor,
@@ -425,10 +429,12 @@ class ExactBlock(_Composite):
     ) -> Branch:
         """The branch run on a norm's spikes ``s`` (and that norm's count before them, and its
         row flags), pending: its last neuron's spikes, step, count before and row flags
-        (recorded into the zeros ``row_active``; None past a forward hook)."""
+        (recorded into the zeros ``row_active``; None past a forward hook on the branch, its
+        neuron or this block, whose output the hook may replace)."""
         before = _count_before(neuron)
         spikes = branch(s, s_before=s_before, s_row_active=s_row_active, row_active=row_active)
-        return Branch(spikes, neuron.threshold, before, unless_hooked(row_active, branch, neuron))
+        flags = unless_hooked(row_active, branch, neuron, self)
+        return Branch(spikes, neuron.threshold, before, flags)
 
     def forward(self, x: Residual) -> Residual:
         # each norm's count before its call: what the linear after it starts from (a copy per
@@ -441,7 +447,7 @@ class ExactBlock(_Composite):
         # silent row tiles from these flags instead of scanning the spikes
         # (norm1's, norm2's, the attention branch's, the MLP branch's)
         fired = torch.zeros((4, *moved.shape), dtype=torch.int32, device=stream.device)
-        s = self.norm1(*x.norm_args(), **x.branch_flags(self.norm1), residual_out=True,
+        s = self.norm1(*x.norm_args(), **x.branch_flags(self.norm1, self), residual_out=True,
                        d_moved=x.d_moved, residual_moved=moved, row_active=fired[0])  # fmt: skip
         d = self.norm1.take_residual()
         hint = unless_hooked(fired[0], self.norm1, self.attn, self.attn.qkv)
@@ -473,9 +479,10 @@ class ExactReadout(_Composite):
                 tuple(branch.class_row() for branch in x.pending),
                 None if x.d_moved is None else x.d_moved[:, :, 0],
             )
-            flags = x.branch_flags(self.norm)
-            return self.head(self.norm(*x.norm_args(), **flags, d_moved=x.d_moved))
-        return self.head(self.norm(*x.norm_args()))
+        # D comes with its row flags (rows that did not move are not written): the pooled
+        # path reads the stream they describe (ops.exact_layernorm.filled)
+        flags = x.branch_flags(self.norm, self) if not self.global_pool else {}
+        return self.head(self.norm(*x.norm_args(), **flags, d_moved=x.d_moved))
 
 
 # --- the network and its runner ------------------------------------------------------------

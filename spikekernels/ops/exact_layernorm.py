@@ -545,7 +545,8 @@ def exact_layernorm_neuron(
         residual_moved: optional int32 ``[T, *rows]``, contiguous, with ``residual_out``
             (not with ``pool``): written in place with ``D``'s row flags, 1 at step 0 and
             wherever a row of ``D`` may differ from the step before (the Triton kernel: a
-            row whose ``d`` flag is set, or that a branch spike falls in; the other paths:
+            row whose ``d`` flag is set, or that a branch spike falls in, or whose branch row
+            flag is set; the other paths:
             where it does). The Triton kernel does not write ``D``'s rows whose flag is 0:
             ``D`` is then the stream together with these flags, what the next readers take
             as ``d`` and ``d_moved``.
