@@ -883,10 +883,13 @@ def test_s_row_active_changes_no_bit(gen, backend, T):
 
 
 @pytest.mark.parametrize("device", TRITON_DEVICES)
-def test_kernel_skips_rows_flagged_silent(gen, device):
+@pytest.mark.parametrize("mid_run", [False, True])
+def test_kernel_skips_rows_flagged_silent(gen, device, mid_run):
     """The Triton kernel reads only the row tiles that ``s_row_active`` marks at a step: with
     flags that hide spikes (the op's data check bypassed) it gives the bits of the spikes
-    with those tiles zeroed. (A row tile with one flag set is read whole.)"""
+    with those tiles zeroed. (A row tile with one flag set is read whole.) Mid-run, the
+    prologue that forms the input count before the chunk skips the same tiles: the count
+    after the chunk less only the spikes it reads."""
     T, lead, k, n = 4, (3, 11), 24, 20
     block_m = el.tile_config()[0]
     layer = _layer(gen, n, k, per_channel=True)
@@ -894,10 +897,13 @@ def test_kernel_skips_rows_flagged_silent(gen, device):
     flags = (torch.rand(T, *lead, generator=gen) < 0.05).to(torch.int32)
     read = _row_tiles(flags[..., None], block_m) != 0
     assert (~read & (s != 0).any(dim=-1)).any() and read.any(), "the case proves little"
-    want = _run(s * read[..., None], layer, -8, 7)
+    shown = s * read[..., None]
+    state = _random_state(gen, shown, n) if mid_run else (None, None)
+    want = _run(shown, layer, -8, 7, *state)
     on = {name: None if t is None else t.to(device) for name, t in layer.items()}
     args = (on["weight"], on["weight_scale"], on["bias"], on["in_threshold"], on["threshold"])
     got = torch.ops.spikekernels.exact_linear(
-        s.to(device), *args, -8, 7, s_row_active=flags.to(device)
-    )
+        s.to(device), *args, -8, 7, *(t if t is None else t.to(device) for t in state),
+        s_row_active=flags.to(device),
+    )  # fmt: skip
     _assert_same(got, want)

@@ -7,7 +7,8 @@ input count times ``W^T``, so a program starts it from ``S_{-1} @ W^T``, ``S_{-1
 count before these steps, which it forms from the input neuron's count after them less the
 chunk's spikes (read back to front, so every partial value is a count of some step and
 fits int8). At ViT-S, batch 64, an int32 accumulator read and written per chunk was 4.2 GB
-of traffic; the prologue is one dense int8 step of the layer instead. Two launches:
+of traffic; the prologue is one dense int8 step of the layer instead (reading the spikes of
+only the steps whose tile flag is set). Two launches:
 
 1. ``kernels.tile_flags.step_tile_any_kernel``: whether each (step, tile of ``BLOCK_M``
    rows) holds a spike (reading K tiles only up to the first spike).
@@ -106,17 +107,24 @@ def weight_residency(K: int, block_k: int, resident_k_tiles: int) -> dict[str, i
 
 
 @triton.jit
-def _count_before(c_ptrs, s_start, k0, ks, row_mask, K, T, s_step, S_BEFORE: tl.constexpr):
+def _count_before(
+    c_ptrs, s_start, flag_ptrs, num_m, k0, ks, row_mask, K, T, s_step, S_BEFORE: tl.constexpr
+):
     """The input count before the chunk at K tile ``k0``: given (``S_BEFORE``), or the count
     after it less the chunk's spikes, read back to front (so every partial value is a count
-    of some step and fits int8)."""
+    of some step and fits int8). A step whose tile flag is 0 is masked off, not read: in a
+    quiet late chunk the prologue reads one count tile, not the chunk's spikes, in each of the
+    layer's column programs."""
     tile_mask = row_mask[:, None] & ((k0 + ks) < K)[None, :]
     before = tl.load(c_ptrs + k0, mask=tile_mask, other=0)
     if not S_BEFORE:
         s_ptrs = s_start + k0 + tl.cast(T - 1, tl.int64) * s_step
+        flag_ptrs += tl.cast(T - 1, tl.int64) * num_m
         for _ in range(T):
-            before -= tl.load(s_ptrs, mask=tile_mask, other=0)
+            moved = tl.load(flag_ptrs)
+            before -= tl.load(s_ptrs, mask=tile_mask & (moved != 0), other=0)
             s_ptrs -= s_step
+            flag_ptrs -= num_m
     return before
 
 
@@ -210,12 +218,13 @@ def exact_linear_kernel(
         c_ptrs = s_count_ptr + rs[:, None] * K + ks[None, :]
         if K_TILES > 0:
             for i in tl.static_range(K_TILES):
-                before = _count_before(c_ptrs, s_start, i * BLOCK_K, ks, row_mask, K, T, s_step,
-                                       S_BEFORE)  # fmt: skip
+                before = _count_before(c_ptrs, s_start, flag_ptr + pid_m, num_m, i * BLOCK_K, ks,
+                                       row_mask, K, T, s_step, S_BEFORE)  # fmt: skip
                 acc = tl.dot(before, w_tiles[i], acc, out_dtype=tl.int32)
         else:
             for k0 in range(0, K, BLOCK_K):
-                before = _count_before(c_ptrs, s_start, k0, ks, row_mask, K, T, s_step, S_BEFORE)
+                before = _count_before(c_ptrs, s_start, flag_ptr + pid_m, num_m, k0, ks, row_mask,
+                                       K, T, s_step, S_BEFORE)  # fmt: skip
                 if any_nonzero(before):
                     k_mask = (k0 + ks) < K
                     w = tl.load(w_start + k0, mask=k_mask[:, None] & col_mask[None, :], other=0)
