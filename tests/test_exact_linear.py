@@ -520,6 +520,14 @@ BAD_INPUTS += [
         ValueError,
         "s_row_active is 0 where a row of s holds a spike",
     ),
+    ("row_settled int64", dict(row_settled=torch.ones(3).long()), TypeError, "row_settled must"),
+    ("row_settled shape", dict(row_settled=torch.ones(2, 3).int()), ValueError, r"shape \(3,\)"),
+    (
+        "row_settled on a moving row",  # fresh, the bias's target 2 is 2 spikes away
+        dict(bias=torch.full((5,), 2.0), row_settled=torch.tensor([0, 1, 0]).int()),
+        ValueError,
+        "row_settled marks a row whose neurons are not at their targets",
+    ),
     ("inplace int", dict(count=_COUNT, inplace=1), TypeError, "inplace must be a bool"),
     ("inplace without count", dict(inplace=True), ValueError, "needs count"),
     (
@@ -592,7 +600,9 @@ def test_opcheck(gen, case):
     if case == "flags":  # the activity flags written (per sample, group, row) and the rows read
         active, groups, rows = (torch.zeros(3, 2, *extra, dtype=torch.int32) for extra in
                                 ((), (4,), (5,)))  # fmt: skip
-        flags = (groups, rows, (s != 0).any(dim=-1).to(torch.int32))
+        # fresh, nothing settled: 0 never lies
+        settled = torch.zeros(2, 5, dtype=torch.int32)
+        flags = (groups, rows, (s != 0).any(dim=-1).to(torch.int32), settled)
         args = (*args[:10], active, False, False, None, *flags)
     torch.library.opcheck(torch.ops.spikekernels.exact_linear.default, args)
 
@@ -907,3 +917,75 @@ def test_kernel_skips_rows_flagged_silent(gen, device, mid_run):
         s_row_active=flags.to(device),
     )  # fmt: skip
     _assert_same(got, want)
+
+
+def _settled_rows(layer, count, before, n_min=-8, p_max=7):
+    """The truth of ``row_settled``: the rows none of whose neurons moves at a silent step
+    from this state (the input count ``before``, the output ``count``)."""
+    silent = torch.zeros(1, *before.shape, dtype=torch.int8)
+    spikes, _ = _run(silent, layer, n_min, p_max, None, count, s_before=before.to(torch.int8))
+    return (spikes[0] == 0).all(dim=-1).to(torch.int32)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch", "reference"])
+@pytest.mark.parametrize(("T", "counts_out"), [(1, False), (5, False), (5, True)])
+def test_row_settled_changes_no_bit(gen, backend, T, counts_out):
+    """A layer's settled rows (plus rows marked unsettled that are not): the same spikes,
+    count and flags as without them, on every path. On the Triton path, a sample a row tile:
+    0 settled and silent for the whole call, 1 settled until its input wakes after step 0,
+    2 and 3 not settled (their counts moved off their targets), silent at step 0 and for the
+    whole call."""
+    lead, k, n = (4, 16), 40, 36
+    layer, count, before = _settled_layer(gen, lead, k, n)
+    count[2:] = torch.randint(-8, 8, count[2:].shape, generator=gen, dtype=torch.int8)
+    hint = _settled_rows(layer, count, before)
+    hint[1, : lead[1] // 2] *= (torch.rand(lead[1] // 2, generator=gen) < 0.5).int()
+    assert hint[:2].any() and not hint[2:].all(), "the case proves little"
+    s = _spikes(gen, T, lead, k, density=0.1)
+    s[:, 0] = 0
+    s[0, 1:] = 0
+    s[:, 3] = 0
+    s_count = (before + s.sum(0, dtype=torch.int32)).to(torch.int8)
+    out = []
+    with force_backend(backend):
+        for given in (None, hint):
+            flags = [torch.zeros(T, lead[0], dtype=torch.int32), torch.zeros(T, *lead).int()]
+            got = _run(s, layer, -8, 7, s_count, count, active=flags[0], row_active=flags[1],
+                       counts_out=counts_out, row_settled=given)  # fmt: skip
+            out.append((*got, *flags))
+    for name, got, want in zip(("spikes", "count", "active", "row_active"), *out, strict=True):
+        assert_same_bits(got, want, name)
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("counts_out", [False, True])
+def test_kernel_trusts_row_settled(gen, device, counts_out):
+    """The Triton kernel takes ``row_settled`` at its word (the op's data check bypassed):
+    from a state that is not settled, a row tile marked settled and silent for the whole call
+    keeps its count and emits nothing, and one whose input wakes at step 1 skips step 0's
+    neuron; a tile whose input spikes at step 0 runs as without the hint."""
+    T, k, n = 4, 24, 20
+    block_m = el.tile_config()[0]
+    lead = (3, block_m)  # one row tile a sample: silent, spiking at step 0, waking at step 1
+    layer = _layer(gen, n, k)
+    s = _spikes(gen, T, lead, k, density=0.5)  # (step 1 silent)
+    s[:, 0] = 0
+    s[0, 1] = (s[0, 1] == 0).to(torch.int8)  # every row of sample 1 spikes at step 0
+    s[0, 2] = 0
+    s[1, 2] = torch.randint(-1, 2, (block_m, k), generator=gen, dtype=torch.int8)
+    s_count, count = _random_state(gen, s, n)
+    truth = _run(s, layer, -8, 7, s_count, count, counts_out=counts_out)
+    late = _run(s[1:], layer, -8, 7, s_count, count, counts_out=counts_out)
+    want_spikes, want_count = truth[0].clone(), truth[1].clone()
+    want_spikes[:, 0] = count[0] if counts_out else 0
+    want_count[0] = count[0]
+    want_spikes[0, 2] = count[2] if counts_out else 0
+    want_spikes[1:, 2], want_count[2] = late[0][:, 2], late[1][2]
+    assert not torch.equal(want_spikes, truth[0]), "the case proves little"
+    on = {name: None if t is None else t.to(device) for name, t in layer.items()}
+    args = (on["weight"], on["weight_scale"], on["bias"], on["in_threshold"], on["threshold"])
+    got = torch.ops.spikekernels.exact_linear(
+        s.to(device), *args, -8, 7, s_count.to(device), count.to(device),
+        counts_out=counts_out, row_settled=torch.ones(lead, dtype=torch.int32, device=device),
+    )  # fmt: skip
+    _assert_same(got, (want_spikes, want_count))

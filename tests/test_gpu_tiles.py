@@ -80,19 +80,29 @@ def _silent_row_tile(s: torch.Tensor, rows: int) -> torch.Tensor:
 def test_exact_linear(gen, device, tiles, monkeypatch):
     """134 rows (three 64-row tiles, the last partial), K = 300 (a partial K slice at every
     candidate's depth), N = 150 (partial column tiles), per-channel thresholds, mid-run,
-    with its flags per sample and column group and per row, and its input's row flags."""
+    with its flags per sample and column group and per row, its input's row flags, and its
+    settled rows (all but the last 3: the first row tile settled and silent for the whole
+    call, the last not settled and silent at the first step)."""
     seen = _set_tiles(
         monkeypatch, el, tiles, ("_INTERPRET_TILES", "_GPU_TILES"), "exact_linear_kernel"
     )
     layer = exact_linear_tests._layer(gen, 150, 300, per_channel=True, device=device)
     s = _silent_row_tile(exact_linear_tests._spikes(gen, 4, (2, 67), 300, device), tiles[0])
+    s.view(4, -1, 300)[0, 128:] = 0  # the last row tile silent at the first step
     s_count, count = exact_linear_tests._random_state(gen, s, 150)
+    before = (s_count.to(torch.int32) - s.sum(0, dtype=torch.int32)).to(torch.int8)
+    silent = torch.zeros(16, *s.shape[1:], dtype=torch.int8, device=device)
+    _, at_targets = exact_linear_tests._run(silent, layer, -8, 7, None, count, s_before=before)
+    count.view(-1, 150)[:131] = at_targets.view(-1, 150)[:131]
+    settled = exact_linear_tests._settled_rows(layer, count, before)
+    assert settled.view(-1)[: tiles[0]].all() and not settled.all(), "the case proves little"
     # group_active in 6 groups of 25 columns, which straddle the column tiles
     flags = torch.zeros(4, 2, 6, dtype=torch.int32, device=device)
     rows = torch.zeros(4, 2, 67, dtype=torch.int32, device=device)
     hint = (s != 0).any(dim=-1).to(torch.int32)
     got = exact_linear_tests._run(s, layer, -8, 7, s_count, count, group_active=flags,
-                                  row_active=rows, s_row_active=hint)  # fmt: skip
+                                  row_active=rows, s_row_active=hint,
+                                  row_settled=settled)  # fmt: skip
     exact_linear_tests._assert_same(
         got, exact_linear_tests._reference(s, layer, -8, 7, s_count, count)
     )

@@ -505,21 +505,39 @@ def exact_linear_cases() -> list[Case]:
         Case(
             "tile_flags step_tile_any (early exit)",
             tile_flags.step_tile_any_kernel,
-            {"s_ptr": "*i8", "flag_ptr": "*i32", "rows": "i32", "K": "i32", "num_m": "i32"},
+            {
+                "s_ptr": "*i8",
+                "flag_ptr": "*i32",
+                "rows": "i32",
+                "K": "i32",
+                "num_m": "i32",
+                "settled_ptr": "*i32",
+            },  # fmt: skip
             dict(BLOCK_M=block_m, BLOCK_K=tile_flags.FLAG_BLOCK_K),
             num_warps=num_warps,
             aligned=["rows", "K"],
         ),
-        # the same pass over a producer's row flags ([T, rows, 1] int32: s_row_active)
-        Case(
-            "tile_flags step_tile_any (row flags)",
-            tile_flags.step_tile_any_kernel,
-            {"s_ptr": "*i32", "flag_ptr": "*i32", "rows": "i32", "num_m": "i32"},
-            dict(BLOCK_M=block_m, BLOCK_K=1, K=1),  # K = 1: a constant, as Triton passes it
-            num_warps=num_warps,
-            aligned=["rows"],
-        ),
     ]
+    # the same pass over a producer's row flags ([T, rows, 1] int32: s_row_active), alone and
+    # with a layer's settled rows (exact_linear's row_settled)
+    for settled in (False, True):
+        cases.append(
+            Case(
+                "tile_flags step_tile_any (row flags" + (", settled rows)" if settled else ")"),
+                tile_flags.step_tile_any_kernel,
+                {
+                    "s_ptr": "*i32",
+                    "flag_ptr": "*i32",
+                    "rows": "i32",
+                    "num_m": "i32",
+                    "settled_ptr": "*i32",
+                },  # fmt: skip
+                # K = 1: a constant, as Triton passes it
+                dict(BLOCK_M=block_m, BLOCK_K=1, K=1, HAS_SETTLED=settled),
+                num_warps=num_warps,
+                aligned=["rows"],
+            )
+        )
     signature = {
         "s_ptr": "*i8",
         "w_ptr": "*i8",
@@ -535,6 +553,7 @@ def exact_linear_cases() -> list[Case]:
         "active_ptr": "*i32",
         "group_active_ptr": "*i32",
         "row_active_ptr": "*i32",
+        "unsettled_ptr": "*i32",
         "T": "i32",
         "rows": "i32",
         "N": "i32",
@@ -555,12 +574,19 @@ def exact_linear_cases() -> list[Case]:
     # even: ViT-S at batch 64, every dim a multiple of its tile (no mask in the K loop); the
     # fifth variant again with every load of the K loop masked. K: ViT-S's 384 (qkv, proj and
     # fc1: weights resident at the default tiles), its fc2's 1536 (streamed) and ViT-Ti's 192
-    # (resident, a partial second K tile); the last, fc1's call, records its rows (row_active)
+    # (resident, a partial second K tile). Then the model's calls, as ExactLinearNeuron makes
+    # them mid-run, recording its rows (row_active) and reading its settled rows
+    # (row_settled): proj and fc1, fc2, qkv (even and masked), and a per-channel layer
+    # without activity. (Per-channel thresholds with activity and row flags, a call no model
+    # makes, spill 8 B; 20 B without row_settled.)
     variants = [(False, False, False, False, True, 384), (True, True, False, False, True, 384),
                 (True, True, True, False, True, 384), (True, True, True, True, True, 384),
                 (True, True, True, True, False, 384), (True, True, True, False, True, 1536),
                 (True, True, True, True, False, 192)]  # fmt: skip
-    variants = [(*v, False) for v in variants] + [(True, False, True, False, True, 384, True)]
+    model_calls = [(True, False, True, False, True, 384), (True, False, True, False, True, 1536),
+                   (True, True, True, True, True, 384), (True, True, True, True, False, 384),
+                   (True, True, False, False, True, 384)]  # fmt: skip
+    variants = [(*v, False) for v in variants] + [(*v, True) for v in model_calls]
     for state, per_channel, active, counts_out, even, k, rows_out in variants:
         groups = counts_out
         constexprs = dict(
@@ -572,6 +598,7 @@ def exact_linear_cases() -> list[Case]:
             HAS_ACTIVE=active,
             HAS_GROUPS=groups,
             HAS_ROW_ACTIVE=rows_out,
+            HAS_SETTLED=rows_out,
             COUNTS_OUT=counts_out,
             BLOCK_M=block_m,
             BLOCK_N=block_n,
@@ -586,7 +613,7 @@ def exact_linear_cases() -> list[Case]:
                 f"exact_linear state={state} per_channel={per_channel} active={active} "
                 f"counts_out={counts_out} s_before={counts_out}"
                 + (" group_active" if groups else "")
-                + (" row_active" if rows_out else "")
+                + (" row_active row_settled" if rows_out else "")
                 + ("" if even else " masked")
                 + ("" if k == 384 else f" K={k}"),
                 el.exact_linear_kernel,

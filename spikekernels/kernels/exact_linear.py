@@ -31,6 +31,13 @@ only the steps whose tile flag is set). Two launches:
    bit for bit, without the value and the division. Late chunks, where most of a run's steps
    are, are mostly quiet tiles.
 
+With ``row_settled`` (the layer's own rows that did not fire at the step before these, so
+whose neurons sit at their targets) a settled tile is quiet from the first step, not only
+after it; and a tile that stays settled and silent for the whole call (the flag pass marks
+its unsettled tiles in a row ahead of the steps' flags: a reduction over the tile's rows here
+spilled registers) runs no prologue at all: it reads no weight tile and no count tile, writes
+zero spikes and passes its count through.
+
 With ``group_active`` a tile that fired also sets the flag of each (sample, column group) it
 overlaps: a few scalar stores, where the flags per row that ``active`` takes would hold a
 vector of them across the step loop (they spilled registers). A qkv layer's groups are its
@@ -129,6 +136,31 @@ def _count_before(
 
 
 @triton.jit
+def _quiet_chunk(
+    count_in_ptr, out_ptr, count_out_ptr, pid_m, pid_n, rows, N, T, out_step,
+    HAS_COUNT: tl.constexpr, COUNTS_OUT: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """A quiet tile's chunk: no neuron moves, so every step's spikes are 0 (``COUNTS_OUT``:
+    every step's count is the incoming one) and the count goes out as it came in. (Its
+    offsets formed here, not before the branch: held across the busy path, they spilled.)"""
+    rs = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (rs < rows)[:, None] & (cols < N)[None, :]
+    state_offs = rs[:, None] * N + cols[None, :]
+    if HAS_COUNT:
+        count = tl.load(count_in_ptr + state_offs, mask=mask, other=0)
+    else:
+        count = tl.zeros([BLOCK_M, BLOCK_N], tl.int8)
+    value = count if COUNTS_OUT else tl.zeros([BLOCK_M, BLOCK_N], tl.int8)
+    out_ptrs = out_ptr + state_offs
+    for _ in range(T):
+        tl.store(out_ptrs, value, mask=mask)
+        out_ptrs += out_step
+    tl.store(count_out_ptr + state_offs, count, mask=mask)
+
+
+@triton.jit
 def exact_linear_kernel(
     s_ptr,  # [T, rows, K] int8 ternary spikes
     w_ptr,  # [N, K] int8 integer weight W_int
@@ -145,6 +177,7 @@ def exact_linear_kernel(
     active_ptr,  # [T, B] int32 per-sample flags, set where a sample fires (HAS_ACTIVE only)
     group_active_ptr,  # [T, B, groups] int32 flags per sample and column group (HAS_GROUPS)
     row_active_ptr,  # [T, rows] int32 flags per row, set where its tile fires (HAS_ROW_ACTIVE)
+    unsettled_ptr,  # [num_m] int32: 1 where a row tile holds a row not settled (HAS_SETTLED)
     T,
     rows,
     N,
@@ -166,6 +199,7 @@ def exact_linear_kernel(
     HAS_ACTIVE: tl.constexpr,
     HAS_GROUPS: tl.constexpr,
     HAS_ROW_ACTIVE: tl.constexpr,
+    HAS_SETTLED: tl.constexpr,
     COUNTS_OUT: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -189,6 +223,16 @@ def exact_linear_kernel(
     col_mask = cols < N
     mask = row_mask[:, None] & col_mask[None, :]
     ks = tl.arange(0, BLOCK_K)
+    if HAS_SETTLED:
+        # A tile whose rows are settled and whose spikes are silent at every step is quiet
+        # throughout the chunk (module docstring): its outputs are known without the prologue
+        busy = tl.load(unsettled_ptr + pid_m) != 0
+        for t in range(T):
+            busy |= tl.load(flag_ptr + pid_m + t * num_m) != 0
+        if not busy:
+            _quiet_chunk(count_in_ptr, out_ptr, count_out_ptr, pid_m, pid_n, rows, N, T,
+                         out_step, HAS_COUNT, COUNTS_OUT, BLOCK_M, BLOCK_N)  # fmt: skip
+            return
     state_offs = rs[:, None] * N + cols[None, :]
 
     theta_in = tl.load(theta_in_ptr).to(tl.float32)
@@ -246,7 +290,12 @@ def exact_linear_kernel(
         first_group, samples, spread = tile_groups(
             pid_m, pid_n, rows, N, rows_per_sample, groups, group_size, BLOCK_M, BLOCK_N
         )
-    fired = tl.full((), 1, tl.int32)  # whether the tile fired at the last step (at first: yes)
+    # whether the tile fired at the last step (at first: where a row is not settled; unknown
+    # without row_settled, so yes)
+    if HAS_SETTLED:
+        fired = tl.load(unsettled_ptr + pid_m)
+    else:
+        fired = tl.full((), 1, tl.int32)
     for _ in tl.range(T, num_stages=STEP_STAGES):
         moved = tl.load(flag_ptrs)  # whether acc changes at this step
         if K_TILES > 0:
@@ -336,13 +385,16 @@ def exact_linear_triton(
     group_active: torch.Tensor | None = None,
     row_active: torch.Tensor | None = None,
     s_row_active: torch.Tensor | None = None,
+    row_settled: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Host side: ``s`` ``[T, rows, K]`` int8, ``weight`` ``[N, K]`` int8, ``weight_scale``
     and ``bias`` float32 ``[N]``, all contiguous; ``s_count`` ``[rows, K]`` int8 contiguous or
     None; ``count`` ``[rows, N]`` or None; ``active`` ``[T, B]`` and ``group_active`` ``[T, B,
     groups]`` (``groups`` dividing N) and ``row_active`` ``[T, rows]`` int32 contiguous or
     None; ``s_row_active`` ``[T, rows]`` int32 contiguous or None: 0 where a row of ``s`` is
-    silent at a step, which the flag pass then takes instead of reading the spikes.
+    silent at a step, which the flag pass then takes instead of reading the spikes;
+    ``row_settled`` ``[rows]`` int32 contiguous or None: 1 where the row's output neurons sit
+    at their targets before the steps, so that its tile may skip the first step's neuron.
     Returns ``(spikes [T, rows, N] int8, count [rows, N] int8)``: fresh, or with ``inplace``
     the given ``count`` (a view of the caller's contiguous state), written by the program
     that read it. ``counts_out``: the count after each step comes out instead of the
@@ -358,7 +410,10 @@ def exact_linear_triton(
         return out, count_out
     block_m, block_n, block_k, num_warps, num_stages, resident_k_tiles = tile_config()
     rows_or_spikes = s if s_row_active is None else s_row_active.view(T, rows, 1)
-    flags, num_m = step_tile_flags(launch, rows_or_spikes, block_m, num_warps)
+    flags, num_m = step_tile_flags(launch, rows_or_spikes, block_m, num_warps, row_settled)
+    unsettled = flags
+    if row_settled is not None:
+        unsettled, flags = flags[0], flags[1:]
     groups = 1 if group_active is None else group_active.shape[2]
     launch(exact_linear_kernel)[(num_m, triton.cdiv(N, block_n))](
         s,
@@ -375,6 +430,7 @@ def exact_linear_triton(
         flags if active is None else active,
         flags if group_active is None else group_active,
         flags if row_active is None else row_active,
+        unsettled,
         T,
         rows,
         N,
@@ -395,6 +451,7 @@ def exact_linear_triton(
         HAS_ACTIVE=active is not None,
         HAS_GROUPS=group_active is not None,
         HAS_ROW_ACTIVE=row_active is not None,
+        HAS_SETTLED=row_settled is not None,
         COUNTS_OUT=counts_out,
         BLOCK_M=block_m,
         BLOCK_N=block_n,

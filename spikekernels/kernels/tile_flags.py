@@ -3,7 +3,9 @@
 
 Where the producer of the spikes recorded which rows fired (``exact_linear``'s
 ``s_row_active``), the same pass reads those flags instead: ``4 * BLOCK_M`` bytes a tile-step,
-where a silent tile's rows of spikes are ``BLOCK_M * K``.
+where a silent tile's rows of spikes are ``BLOCK_M * K``. With a layer's settled rows
+(``exact_linear``'s ``row_settled``) it also flags each tile that holds a row not settled: a
+scalar for the main kernel, where a reduction over the tile's rows there spilled registers.
 
 One program per (step, tile of ``BLOCK_M`` rows) reads that step's int8 spikes of the tile and
 writes 1 if any is nonzero. It stops at the first K tile that holds a spike: spikes are dense
@@ -62,15 +64,25 @@ def step_tile_any_kernel(
     rows,
     K,
     num_m,
+    settled_ptr,  # [rows] int32 (HAS_SETTLED only)
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    HAS_SETTLED: tl.constexpr = False,
 ):
-    """flag[t, m] = any(s[t, m * BLOCK_M : (m + 1) * BLOCK_M, :] != 0)."""
+    """flag[t, m] = any(s[t, m * BLOCK_M : (m + 1) * BLOCK_M, :] != 0); with ``HAS_SETTLED``
+    the steps' flags are rows 1 to T, and row 0 is any(settled[m * BLOCK_M : ...] == 0)."""
     # one grid axis (x): the row tiles and the steps can each pass axis y's 65,535
     pid = tl.program_id(0).to(tl.int64)
     t, pid_m = pid // num_m, pid % num_m
     rs = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rs < rows
+    if HAS_SETTLED:
+        if t == 0:
+            settled = tl.load(settled_ptr + rs, mask=row_mask, other=1)
+            tl.store(flag_ptr + pid_m, any_nonzero(settled == 0).to(tl.int32))
+            return
+        flag_ptr += num_m
+        t -= 1
     cols = tl.arange(0, BLOCK_K)
     base = s_ptr + t * rows * K
     # Only scalars cross the loop (a carried [BLOCK_M, BLOCK_K] pointer tile would hold two
@@ -89,16 +101,22 @@ def step_tile_any_kernel(
     tl.store(flag_ptr + t * num_m + pid_m, seen)
 
 
-def step_tile_flags(launch, s: torch.Tensor, block_m: int, num_warps: int):
+def step_tile_flags(
+    launch, s: torch.Tensor, block_m: int, num_warps: int, settled: torch.Tensor | None = None
+):
     """``(flags [T, num_m] int32, num_m)``: whether each step's tile of ``block_m`` rows of
     ``s`` ``[T, rows, K]`` (contiguous) holds a nonzero value. ``s`` may be spikes, or a
     producer's flags per row as ``[T, rows, 1]`` int32 (``exact_linear``'s ``s_row_active``):
-    then a tile is read as ``block_m`` flags, not its rows of spikes."""
+    then a tile is read as ``block_m`` flags, not its rows of spikes. With ``settled`` (int32
+    ``[rows]``, contiguous) the flags are ``[1 + T, num_m]``: row 0 marks the tiles that hold
+    a 0 of ``settled``, rows 1 to T the steps."""
     T, rows, K = s.shape
     num_m = triton.cdiv(rows, block_m)
-    flags = torch.empty((T, num_m), dtype=torch.int32, device=s.device)
+    extra = 0 if settled is None else 1
+    flags = torch.empty((extra + T, num_m), dtype=torch.int32, device=s.device)
     block_k = min(FLAG_BLOCK_K, triton.next_power_of_2(max(K, 1)))
-    launch(step_tile_any_kernel)[(T * num_m,)](
-        s, flags, rows, K, num_m, BLOCK_M=block_m, BLOCK_K=block_k, num_warps=num_warps
-    )
+    launch(step_tile_any_kernel)[((extra + T) * num_m,)](
+        s, flags, rows, K, num_m, flags if settled is None else settled, BLOCK_M=block_m,
+        BLOCK_K=block_k, HAS_SETTLED=settled is not None, num_warps=num_warps,
+    )  # fmt: skip
     return flags, num_m

@@ -54,6 +54,7 @@ def _check_exact_linear(
     group_active=None,
     row_active=None,
     s_row_active=None,
+    row_settled=None,
 ) -> None:
     """Metadata checks (no data read)."""
     check_flag(counts_out, "counts_out")
@@ -98,8 +99,16 @@ def _check_exact_linear(
     check_group_active(group_active, (s.shape[0], *shape), s, "s")
     check_row_active(row_active, (s.shape[0], *shape), s, "s")
     check_row_active(s_row_active, s.shape, s, "s", "s_row_active", written=False)
+    if row_settled is not None:
+        check_tensor(row_settled, "row_settled", dtypes=(torch.int32,))
+        if row_settled.shape != s.shape[1:-1]:
+            raise ValueError(
+                f"row_settled must have shape {tuple(s.shape[1:-1])} (one flag per row of the "
+                f"output), got {tuple(row_settled.shape)}"
+            )
+        check_same_device("s", s, "row_settled", row_settled)
     inputs = (s, weight, weight_scale, bias, in_threshold, threshold, s_count, s_before, active,
-              group_active, row_active, s_row_active)  # fmt: skip
+              group_active, row_active, s_row_active, row_settled)  # fmt: skip
     check_inplace(inplace, (("count", count),), inputs)
 
 
@@ -134,6 +143,32 @@ def _check_data(
             raise ValueError("weight_scale must be finite and positive (SPEC.md §9.1)")
     if may_read_data(weight, validate) and bool((weight == -128).any()):
         raise ValueError("weight must lie in [-127, 127] (symmetric int8, SPEC.md §9.1)")
+
+
+def _check_settled(
+    s, weight, weight_scale, bias, in_threshold, threshold, n_min, p_max, s_count, count,
+    s_before, row_settled, validate,
+) -> None:  # fmt: skip
+    """Data check of ``row_settled`` (CPU always, a GPU with ``validate``): a row flagged
+    settled must hold no neuron that moves on the accumulator before these steps (the kernel
+    may skip its tile's neuron while its input is silent). One dense step of the layer."""
+    if row_settled is None or not may_read_data(row_settled, validate):
+        return
+    if s_count is not None:
+        before = _count_before(s, s_count)
+    elif s_before is not None:
+        before = s_before.to(torch.int32)
+    else:
+        before = torch.zeros(s.shape[1:], dtype=torch.int32, device=s.device)
+    m = in_threshold.to(torch.float32).reshape(()) * weight_scale
+    value = linear_value(int_matmul(before, weight.t())[None], m, bias)
+    sigma, _ = target_spikes_torch(value, threshold, n_min, p_max, count)
+    if bool(((row_settled != 0) & (sigma[0] != 0).any(dim=-1)).any()):
+        raise ValueError(
+            "row_settled marks a row whose neurons are not at their targets before these "
+            "steps: a 1 promises that none moves while its input is silent (give the layer's "
+            "own row_active of the step before these, as 0 where it fired, or None)"
+        )
 
 
 def exact_linear_torch(
@@ -197,9 +232,10 @@ def _exact_linear_op(
     group_active: torch.Tensor | None = None,
     row_active: torch.Tensor | None = None,
     s_row_active: torch.Tensor | None = None,
+    row_settled: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     args = (s, weight, weight_scale, bias, in_threshold, threshold, n_min, p_max, s_count, count)
-    flags = (group_active, row_active, s_row_active)
+    flags = (group_active, row_active, s_row_active, row_settled)
     _check_exact_linear(*args, active, inplace, counts_out, s_before, *flags)
     backend = backend_for(s, ("triton", "torch"))
     if backend == "triton":
@@ -232,6 +268,7 @@ def _exact_linear_op(
             s_row_active=(
                 None if s_row_active is None else s_row_active.contiguous().view(s.shape[0], rows)
             ),
+            row_settled=None if row_settled is None else row_settled.contiguous().view(rows),
         )
         shape = (*lead, n)
         spikes = spikes.reshape(s.shape[0], *shape)
@@ -265,9 +302,10 @@ def _(
     group_active=None,
     row_active=None,
     s_row_active=None,
+    row_settled=None,
 ):
     args = (s, weight, weight_scale, bias, in_threshold, threshold, n_min, p_max, s_count, count)
-    flags = (group_active, row_active, s_row_active)
+    flags = (group_active, row_active, s_row_active, row_settled)
     _check_exact_linear(*args, active, inplace, counts_out, s_before, *flags)
     shape = (*s.shape[1:-1], weight.shape[0])
     return (
@@ -295,6 +333,7 @@ def exact_linear(
     group_active: torch.Tensor | None = None,
     row_active: torch.Tensor | None = None,
     s_row_active: torch.Tensor | None = None,
+    row_settled: torch.Tensor | None = None,
     validate: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact-mode spiking linear layer fused with its output neuron (SPEC.md §9.2-§9.4).
@@ -364,10 +403,22 @@ def exact_linear(
             Triton path then finds its silent row tiles from these flags (4 bytes a row-step)
             instead of scanning the spikes (up to K bytes a row-step); the other paths ignore
             them. No bit of the result depends on them.
+        row_settled: optional int32 ``[*]`` (the output's shape without ``N``), read only:
+            nonzero where the row's output neurons sit at their targets before these steps
+            (on the accumulator of the input count before them, each neuron's target equals
+            its count: none would move while the row's input stays silent). A layer's own
+            ``row_active`` of the step before these, as 0 where it fired and 1 elsewhere,
+            is such a promise (checked on CPU, and with ``validate``: one dense step of the
+            layer). The Triton path then skips the neuron of a tile whose rows are settled
+            until its input first spikes, and a tile that stays settled and silent for the
+            whole call reads no weight and no count: it writes zero spikes (with
+            ``counts_out`` its unchanged count) and passes its count through. The other
+            paths ignore it. No bit of the result depends on it.
         validate: on a GPU also run the data checks (host syncs): thresholds positive, finite
             and normal; ``weight_scale`` finite and positive; ``weight`` in ``[-127, 127]``;
             ``s`` ternary; ``s_count`` consistent with ``s``; ``count`` inside ``[n_min,
-            p_max]``; ``s_row_active`` 0 only on silent rows. On CPU they always run.
+            p_max]``; ``s_row_active`` 0 only on silent rows; ``row_settled`` nonzero only on
+            settled rows. On CPU they always run.
 
     Returns:
         ``(spikes [T, *, N] int8, count [*, N] int8)``, fresh tensors (with ``inplace``: the
@@ -386,10 +437,11 @@ def exact_linear(
     ``force_backend("reference")`` runs the oracle. Inference only: no autograd.
     """
     args = (s, weight, weight_scale, bias, in_threshold, threshold, n_min, p_max, s_count, count)
-    flags = (group_active, row_active, s_row_active)
+    flags = (group_active, row_active, s_row_active, row_settled)
     _check_exact_linear(*args, active, inplace, counts_out, s_before, *flags)
     _check_data(s, weight, weight_scale, in_threshold, threshold, s_count, validate, s_before)
     check_rows_flagged(s, s_row_active, "s_row_active", "s", validate)
     check_in_bounds(count, "count", n_min, p_max, validate)
+    _check_settled(*args, s_before, row_settled, validate)
     out = call_op("exact_linear", *args, active, inplace, counts_out, s_before, *flags)
     return own_state(out, (1,), (count,)) if inplace else out
