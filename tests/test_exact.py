@@ -304,22 +304,26 @@ def test_exact_state_is_each_neurons_count_once(gen):
     """Exact mode's state between chunks is one int8 count per neuron, no copies of it (the
     products and the operands' running counts are formed per call): per block and image,
     the counts of norm1, qkv, context, proj, norm2, fc1, fc2 (12 C per token) and of the
-    attention neuron (H N^2). The head's int32 accumulator of the logits is the one other
-    entry."""
+    attention neuron (H N^2). Besides: each linear's settled rows (one int32 flag per token:
+    qkv, proj, fc1, fc2) and the head's int32 accumulator of the logits."""
     qann = make_exact(gen, **{**TINY, "depth": 3}, level=16)
     snn = convert(qann)
     batch = 2
     snn(images(gen, qann, batch), max_steps=4, chunk=2)
     entries = snn.state_tensors()
-    counts = [t for _, name, t in entries if name == "count"]
-    others = [(type(m).__name__, name, t.dtype) for m, name, t in entries if name != "count"]
-    assert all(t.dtype == torch.int8 for t in counts)
+    counts = [(m, t) for m, name, t in entries if name == "count"]
+    settled = [(type(m).__name__, tuple(t.shape), t.dtype) for m, name, t in entries
+               if name == "row_settled"]  # fmt: skip
+    others = [(type(m).__name__, name, t.dtype) for m, name, t in entries
+              if name not in ("count", "row_settled")]  # fmt: skip
+    assert all(t.dtype == torch.int8 for _, t in counts)
     assert others == [("ExactLinear", "acc", torch.int32)], others
     n = (TINY["img_size"] // TINY["patch_size"]) ** 2 + 1
+    assert settled == [("ExactLinearNeuron", (batch, n), torch.int32)] * (4 * 3), settled
     c, h = TINY["embed_dim"], TINY["num_heads"]
     per_block = batch * (n * 12 * c + h * n * n)
     in_blocks = {id(m) for block in snn.blocks for m in block.modules()}
-    block_bytes = sum(t.numel() for m, _, t in entries if id(m) in in_blocks)
+    block_bytes = sum(t.numel() for m, t in counts if id(m) in in_blocks)
     assert block_bytes == 3 * per_block
 
 

@@ -732,6 +732,54 @@ def test_module_needs_the_input_count_after_its_first_call(gen):
         module(s[:1])
 
 
+@pytest.mark.parametrize("own_flags", [False, True])
+def test_module_keeps_its_settled_rows(gen, monkeypatch, own_flags):
+    """``nn.ExactLinearNeuron`` keeps the rows that did not fire at its last step as
+    ``row_settled`` (from the caller's ``row_active``, or its own), in place after its first
+    call, passes them to its next call, and forgets them at ``reset()``; chunks still equal
+    the whole run."""
+    import spikekernels.nn.exact_layers as exact_layers
+
+    given = []
+
+    def spy(*args, **kwargs):
+        settled = kwargs["row_settled"]
+        given.append(None if settled is None else (settled.data_ptr(), settled.clone()))
+        return exact_linear(*args, **kwargs)
+
+    layer = _layer(gen, 21, 30)
+    neuron = TargetNeuron(layer["threshold"], 16, signed=True)
+    module = ExactLinearNeuron(
+        layer["weight"], layer["weight_scale"], layer["bias"], layer["in_threshold"], neuron
+    )
+    s = _spikes(gen, 24, (3, 16), 30, density=0.2)
+    s[4:] = 0  # the outputs settle (within 15 steps at level 16)
+    s[20:, 0] = _spikes(gen, 4, (16,), 30)  # sample 0 wakes again
+    whole = module(s)
+    module.reset()
+    assert module.row_settled is None
+    monkeypatch.setattr(exact_layers, "exact_linear", spy)
+    parts, last = [], []
+    for chunk, s_count in _chunks(s, [5, 14, 5]):
+        flags = torch.zeros(chunk.shape[:-1], dtype=torch.int32) if own_flags else None
+        parts.append(module(chunk, s_count, row_active=flags))
+        fired = (parts[-1][-1:] != 0).any(dim=-1).to(torch.int32)  # [1, *lead]
+        if backend_for(s, ("triton", "torch")) == "triton":  # every row of a tile that fired
+            fired = _row_tiles(parts[-1][-1:], el.tile_config()[0])
+        last.append((fired[0] == 0).to(torch.int32))
+        if own_flags:
+            assert torch.equal(module.row_settled, (flags[-1] == 0).to(torch.int32))
+    assert torch.equal(torch.cat(parts), whole)
+    assert given[0] is None
+    assert given[1][0] == given[2][0] == module.row_settled.data_ptr()  # in place
+    # the rows silent at the chunk's last step (the Triton kernel's: its silent row tiles)
+    for (_, settled), want in zip(given[1:], last[:-1], strict=True):
+        assert torch.equal(settled, want)
+    assert given[2][1].any() and not given[1][1].all(), "the case proves little"
+    module.reset()
+    assert module.row_settled is None and module.state() == {"count": None, "row_settled": None}
+
+
 @pytest.mark.parametrize("backend", ["triton", "torch", "reference"])
 @pytest.mark.parametrize("T", [1, 5])
 def test_s_before_equals_s_count(gen, backend, T):

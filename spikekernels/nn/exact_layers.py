@@ -153,6 +153,12 @@ class ExactLinearNeuron(TargetNeuron):
     ``counts_out``: the layer returns its neuron's count after each step instead of its
     spikes (``ops.exact_linear``'s ``counts_out``), for readers that take running counts (the
     attention products, ``ExactAttention``). Inference only.
+
+    State: ``count`` and ``row_settled`` (int32 ``[*]``, one flag per output row: 1 where no
+    neuron of the row fired at the last step, so that all sit at their targets; 0, the fresh
+    value, promises nothing). Each call records its rows that fire (``row_active``: the
+    caller's flags, or its own) and keeps the last step's as ``row_settled`` for the next
+    call, whose kernel then skips the neurons of settled rows until their input spikes.
     """
 
     _FIXED_DTYPE = TargetNeuron._FIXED_DTYPE + ("bias",)  # the value's float32 operand
@@ -171,6 +177,15 @@ class ExactLinearNeuron(TargetNeuron):
         _register_int_linear(self, weight, weight_scale, bias, in_threshold)
         self.counts_out = bool(counts_out)
 
+    def reset(self) -> None:
+        """Back to the fresh state: count 0, no row known settled."""
+        super().reset()
+        self.row_settled: torch.Tensor | None = None
+
+    def state(self) -> dict[str, torch.Tensor | None]:
+        """``count`` and ``row_settled`` (class docstring; see ``TargetNeuron.state``)."""
+        return {"count": self.count, "row_settled": self.row_settled}
+
     def forward(
         self,
         s: torch.Tensor,
@@ -187,10 +202,14 @@ class ExactLinearNeuron(TargetNeuron):
         input (the first call after ``reset()``). ``group_active``: int32 ``[T, B, G]``
         zeros, set where a sample fires in a group of ``N / G`` output channels;
         ``row_active``: int32 ``[T, *]`` zeros, set where a row of the output fires (on a
-        GPU: every row of an output tile that fired);
+        GPU: every row of an output tile that fired; None: the layer's own, for its
+        ``row_settled``);
         ``s_row_active``: the input neuron's ``row_active``, or None (``ops.exact_linear``)."""
         if s_before is None:
             require_input_counts(self, s_count=s_count)
+        if row_active is None and isinstance(s, torch.Tensor) and s.dim() >= 2:
+            row_active = torch.zeros(s.shape[:-1], dtype=torch.int32, device=s.device)
+        stateful = self.stateful_call()
         spikes, self.count = exact_linear(
             s,
             self.weight,
@@ -203,13 +222,21 @@ class ExactLinearNeuron(TargetNeuron):
             s_count,
             self.count,
             active=self.activity,
-            inplace=self.stateful_call(),
+            inplace=stateful,
             counts_out=self.counts_out,
             s_before=s_before,
             group_active=group_active,
             row_active=row_active,
             s_row_active=s_row_active,
+            row_settled=self.row_settled,
         )
+        # the next call's settled rows: none of the last step's fired (in place: the state
+        # keeps its address for a replayed graph)
+        last_quiet = row_active[-1] == 0
+        if stateful:
+            self.row_settled.copy_(last_quiet)
+        else:
+            self.row_settled = last_quiet.to(torch.int32)
         return spikes
 
     def extra_repr(self) -> str:
