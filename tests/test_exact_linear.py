@@ -929,15 +929,21 @@ def test_s_row_active_changes_no_bit(gen, backend, T):
     hint = (s != 0).any(dim=-1).to(torch.int32)
     hint |= (torch.rand(hint.shape, generator=gen) < 0.2).to(torch.int32)
     assert (hint == 0).any(), "the case proves little"
+    _assert_hint_changes_no_bit(backend, s, layer, s_count, count, "s_row_active", hint)
+
+
+def _assert_hint_changes_no_bit(backend, s, layer, s_count, count, name, hint, **kwargs):
+    """The spikes, count, ``active`` and ``row_active`` of a call with the hint ``name`` and
+    without it: the same bits."""
     out = []
     with force_backend(backend):
         for given in (None, hint):
-            flags = [torch.zeros(T, lead[0], dtype=torch.int32), torch.zeros(T, *lead).int()]
+            flags = [torch.zeros(s.shape[:2], dtype=torch.int32), torch.zeros(s.shape[:-1]).int()]
             got = _run(s, layer, -8, 7, s_count, count, active=flags[0], row_active=flags[1],
-                       s_row_active=given)  # fmt: skip
+                       **{name: given}, **kwargs)  # fmt: skip
             out.append((*got, *flags))
-    for name, got, want in zip(("spikes", "count", "active", "row_active"), *out, strict=True):
-        assert_same_bits(got, want, name)
+    for what, got, want in zip(("spikes", "count", "active", "row_active"), *out, strict=True):
+        assert_same_bits(got, want, what)
 
 
 @pytest.mark.parametrize("device", TRITON_DEVICES)
@@ -994,15 +1000,9 @@ def test_row_settled_changes_no_bit(gen, backend, T, counts_out):
     s[0, 1:] = 0
     s[:, 3] = 0
     s_count = (before + s.sum(0, dtype=torch.int32)).to(torch.int8)
-    out = []
-    with force_backend(backend):
-        for given in (None, hint):
-            flags = [torch.zeros(T, lead[0], dtype=torch.int32), torch.zeros(T, *lead).int()]
-            got = _run(s, layer, -8, 7, s_count, count, active=flags[0], row_active=flags[1],
-                       counts_out=counts_out, row_settled=given)  # fmt: skip
-            out.append((*got, *flags))
-    for name, got, want in zip(("spikes", "count", "active", "row_active"), *out, strict=True):
-        assert_same_bits(got, want, name)
+    _assert_hint_changes_no_bit(
+        backend, s, layer, s_count, count, "row_settled", hint, counts_out=counts_out
+    )
 
 
 @pytest.mark.parametrize("device", TRITON_DEVICES)
