@@ -755,7 +755,7 @@ def test_module_keeps_its_settled_rows(gen, monkeypatch, own_flags):
     s = _spikes(gen, 24, (3, 16), 30, density=0.2)
     s[4:] = 0  # the outputs settle (within 15 steps at level 16)
     s[20:, 0] = _spikes(gen, 4, (16,), 30)  # sample 0 wakes again
-    whole = module(s)
+    whole, count = module(s), module.count.clone()
     module.reset()
     assert module.row_settled is None
     monkeypatch.setattr(exact_layers, "exact_linear", spy)
@@ -769,7 +769,7 @@ def test_module_keeps_its_settled_rows(gen, monkeypatch, own_flags):
         last.append((fired[0] == 0).to(torch.int32))
         if own_flags:
             assert torch.equal(module.row_settled, (flags[-1] == 0).to(torch.int32))
-    assert torch.equal(torch.cat(parts), whole)
+    assert torch.equal(torch.cat(parts), whole) and torch.equal(module.count, count)
     assert given[0] is None
     assert given[1][0] == given[2][0] == module.row_settled.data_ptr()  # in place
     # the rows silent at the chunk's last step (the Triton kernel's: its silent row tiles)

@@ -594,6 +594,7 @@ def exact_linear_cases() -> list[Case]:
             HAS_S_COUNT=state,
             S_BEFORE=counts_out,
             HAS_COUNT=state,
+            COUNT_IN_PLACE=rows_out,  # the model's calls: the state in place
             PER_CHANNEL=per_channel,
             HAS_ACTIVE=active,
             HAS_GROUPS=groups,

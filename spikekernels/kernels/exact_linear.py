@@ -138,26 +138,28 @@ def _count_before(
 @triton.jit
 def _quiet_chunk(
     count_in_ptr, out_ptr, count_out_ptr, pid_m, pid_n, rows, N, T, out_step,
-    HAS_COUNT: tl.constexpr, COUNTS_OUT: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    HAS_COUNT: tl.constexpr, COUNTS_OUT: tl.constexpr, COUNT_IN_PLACE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """A quiet tile's chunk: no neuron moves, so every step's spikes are 0 (``COUNTS_OUT``:
-    every step's count is the incoming one) and the count goes out as it came in. (Its
-    offsets formed here, not before the branch: held across the busy path, they spilled.)"""
+    every step's count is the incoming one) and the count goes out as it came in (in place:
+    neither read nor written). (Its offsets formed here, not before the branch: held across
+    the busy path, they spilled.)"""
     rs = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = (rs < rows)[:, None] & (cols < N)[None, :]
     state_offs = rs[:, None] * N + cols[None, :]
-    if HAS_COUNT:
+    zero = tl.zeros([BLOCK_M, BLOCK_N], tl.int8)
+    count = zero
+    if HAS_COUNT and (COUNTS_OUT or not COUNT_IN_PLACE):
         count = tl.load(count_in_ptr + state_offs, mask=mask, other=0)
-    else:
-        count = tl.zeros([BLOCK_M, BLOCK_N], tl.int8)
-    value = count if COUNTS_OUT else tl.zeros([BLOCK_M, BLOCK_N], tl.int8)
+    value = count if COUNTS_OUT else zero
     out_ptrs = out_ptr + state_offs
     for _ in range(T):
         tl.store(out_ptrs, value, mask=mask)
         out_ptrs += out_step
-    tl.store(count_out_ptr + state_offs, count, mask=mask)
+    if not COUNT_IN_PLACE:
+        tl.store(count_out_ptr + state_offs, count, mask=mask)
 
 
 @triton.jit
@@ -195,6 +197,7 @@ def exact_linear_kernel(
     HAS_S_COUNT: tl.constexpr,
     S_BEFORE: tl.constexpr,
     HAS_COUNT: tl.constexpr,
+    COUNT_IN_PLACE: tl.constexpr,  # count_out is count_in (inplace)
     PER_CHANNEL: tl.constexpr,
     HAS_ACTIVE: tl.constexpr,
     HAS_GROUPS: tl.constexpr,
@@ -231,7 +234,8 @@ def exact_linear_kernel(
             busy |= tl.load(flag_ptr + pid_m + t * num_m) != 0
         if not busy:
             _quiet_chunk(count_in_ptr, out_ptr, count_out_ptr, pid_m, pid_n, rows, N, T,
-                         out_step, HAS_COUNT, COUNTS_OUT, BLOCK_M, BLOCK_N)  # fmt: skip
+                         out_step, HAS_COUNT, COUNTS_OUT, COUNT_IN_PLACE, BLOCK_M,
+                         BLOCK_N)  # fmt: skip
             return
     state_offs = rs[:, None] * N + cols[None, :]
 
@@ -447,6 +451,7 @@ def exact_linear_triton(
         HAS_S_COUNT=s_count is not None,
         S_BEFORE=s_before,
         HAS_COUNT=count is not None,
+        COUNT_IN_PLACE=inplace,
         PER_CHANNEL=threshold.numel() > 1,
         HAS_ACTIVE=active is not None,
         HAS_GROUPS=group_active is not None,
