@@ -425,13 +425,17 @@ def test_runner_settles_as_a_hook_recount(gen):
 
 @CPU_PASS_ONLY  # the guard is Python, and the CPU data check catches a flag passed on
 @pytest.mark.parametrize("hooked", [("norm1", "mlp.fc1"), ("attn.proj", "mlp.fc2"), ("",)], ids=str)
-def test_row_flags_stop_at_a_hook_that_replaces_spikes(gen, monkeypatch, hooked):
+@pytest.mark.parametrize("kind", ["add", "zero"])
+def test_row_flags_stop_at_a_hook_that_replaces_spikes(gen, monkeypatch, hooked, kind):
     """A forward hook may replace a neuron's spikes; the row flags its op recorded
     (``row_active``) then do not describe what the next linear or LayerNorm reads, so the
     block passes it none (a 0 on a row that now fires would be refused, or on a GPU
-    skipped): the run equals one that passes no row flags at all. Hooked: the producers of
-    the linears' inputs, the branches' (the LayerNorms' inputs), or the block, whose output
-    (the stream with its pending branches) the hook changes."""
+    skipped), and the next linear's input no longer continues its last call's, so it uses
+    no settled rows (``s_continues=False``: a 1 on a row the jump moves would be refused):
+    the run equals one that passes no row flags and no settled rows at all. Hooked: the
+    producers of the linears' inputs, the branches' (the LayerNorms' inputs), or the block,
+    whose output (the stream with its pending branches) the hook changes; the hook adds
+    spikes at the last step, or silences every step."""
     import spikekernels.models.spiking_vit as vit
     import spikekernels.nn.exact_attention as attention
 
@@ -445,15 +449,18 @@ def test_row_flags_stop_at_a_hook_that_replaces_spikes(gen, monkeypatch, hooked)
             branch = out.pending[0]
             spikes = add_spikes(module, inputs, branch.spikes)
             return out._replace(pending=(branch._replace(spikes=spikes), *out.pending[1:]))
+        if kind == "zero":
+            return torch.zeros_like(out)
         out = out.clone()
         out[-1, :, 0] = 1  # the class row fires at the chunk's last step
         return out
 
     runs = []
     for flags in (True, False):
-        if not flags:  # the oracle: no flags passed anywhere
+        if not flags:  # the oracle: no flags passed anywhere, no input said to continue
             for module in (vit, attention):
                 monkeypatch.setattr(module, "unless_hooked", lambda flags, *modules: None)
+                monkeypatch.setattr(module, "hooked", lambda *modules: True)
         snn = convert(qann)
         block = snn.blocks[1]
         for name in hooked:

@@ -938,7 +938,8 @@ def _assert_hint_changes_no_bit(backend, s, layer, s_count, count, name, hint, *
     out = []
     with force_backend(backend):
         for given in (None, hint):
-            flags = [torch.zeros(s.shape[:2], dtype=torch.int32), torch.zeros(s.shape[:-1]).int()]
+            flags = [torch.zeros(s.shape[:2], dtype=torch.int32, device=s.device),
+                     torch.zeros(s.shape[:-1], dtype=torch.int32, device=s.device)]  # fmt: skip
             got = _run(s, layer, -8, 7, s_count, count, active=flags[0], row_active=flags[1],
                        **{name: given}, **kwargs)  # fmt: skip
             out.append((*got, *flags))
@@ -976,20 +977,24 @@ def test_kernel_skips_rows_flagged_silent(gen, device, mid_run):
 def _settled_rows(layer, count, before, n_min=-8, p_max=7):
     """The truth of ``row_settled``: the rows none of whose neurons moves at a silent step
     from this state (the input count ``before``, the output ``count``)."""
-    silent = torch.zeros(1, *before.shape, dtype=torch.int8)
+    silent = torch.zeros(1, *before.shape, dtype=torch.int8, device=before.device)
     spikes, _ = _run(silent, layer, n_min, p_max, None, count, s_before=before.to(torch.int8))
     return (spikes[0] == 0).all(dim=-1).to(torch.int32)
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch", "reference"])
-@pytest.mark.parametrize(("T", "counts_out"), [(1, False), (5, False), (5, True)])
-def test_row_settled_changes_no_bit(gen, backend, T, counts_out):
+@pytest.mark.parametrize(
+    ("backend", "device"),
+    [("triton", d) for d in TRITON_DEVICES] + [("torch", "cpu"), ("reference", "cpu")],
+)
+@pytest.mark.parametrize(("T", "counts_out", "k"), [(1, False, 40), (5, False, 40),
+                                                    (5, True, 40), (5, False, 130)])  # fmt: skip
+def test_row_settled_changes_no_bit(gen, backend, device, T, counts_out, k):
     """A layer's settled rows (plus rows marked unsettled that are not): the same spikes,
-    count and flags as without them, on every path. On the Triton path, a sample a row tile:
-    0 settled and silent for the whole call, 1 settled until its input wakes after step 0,
-    2 and 3 not settled (their counts moved off their targets), silent at step 0 and for the
-    whole call."""
-    lead, k, n = (4, 16), 40, 36
+    count and flags as without them, on every path. On the Triton path, a sample a row tile
+    (of the interpreter's): 0 settled and silent for the whole call, 1 settled until its
+    input wakes after step 0, 2 and 3 not settled (their counts moved off their targets),
+    silent at step 0 and for the whole call; the weight resident (K = 40) or streamed."""
+    lead, n = (4, 16), 36
     layer, count, before = _settled_layer(gen, lead, k, n)
     count[2:] = torch.randint(-8, 8, count[2:].shape, generator=gen, dtype=torch.int8)
     hint = _settled_rows(layer, count, before)
@@ -1000,8 +1005,10 @@ def test_row_settled_changes_no_bit(gen, backend, T, counts_out):
     s[0, 1:] = 0
     s[:, 3] = 0
     s_count = (before + s.sum(0, dtype=torch.int32)).to(torch.int8)
+    on = [t.to(device) for t in (s, s_count, count, hint)]
+    layer = {name: None if t is None else t.to(device) for name, t in layer.items()}
     _assert_hint_changes_no_bit(
-        backend, s, layer, s_count, count, "row_settled", hint, counts_out=counts_out
+        backend, on[0], layer, *on[1:3], "row_settled", on[3], counts_out=counts_out
     )
 
 

@@ -61,6 +61,7 @@ def any_nonzero_by(tile, OR_REDUCE: tl.constexpr):
 def step_tile_any_kernel(
     s_ptr,  # [T, rows, K] int8 spikes
     flag_ptr,  # [T, num_m] int32: 1 where the step's row tile holds a nonzero spike
+    # ([1 + T, num_m] with HAS_SETTLED: row 0 the unsettled tiles)
     rows,
     K,
     num_m,

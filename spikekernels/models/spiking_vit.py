@@ -38,7 +38,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from spikekernels.models.chunk_graph import ChunkGraph, CudaGraph
-from spikekernels.nn.exact_attention import ExactAttention, has_forward_hooks, unless_hooked
+from spikekernels.nn.exact_attention import (
+    ExactAttention,
+    has_forward_hooks,
+    hooked,
+    unless_hooked,
+)
 from spikekernels.nn.exact_layers import ExactLayerNormNeuron, ExactLinear, ExactLinearNeuron
 from spikekernels.nn.neuron import STBIF
 from spikekernels.nn.target_neuron import TargetNeuron
@@ -222,18 +227,22 @@ class ExactMlp(SpikeMlp):
         s_before: torch.Tensor | None = None,
         s_row_active: torch.Tensor | None = None,
         row_active: torch.Tensor | None = None,
+        s_continues: bool = True,
     ) -> torch.Tensor:
         """``s_count`` (after these steps) or ``s_before`` (before them): the count of the
         neuron behind ``s``, and ``s_row_active`` its row flags, as ``ExactLinearNeuron``
-        takes them; ``row_active``: int32 zeros that receive ``fc2``'s row flags."""
+        takes them (and ``s_continues``); ``row_active``: int32 zeros that receive ``fc2``'s
+        row flags."""
         fc1_before = _count_before(self.fc1)
         fired = torch.zeros(s.shape[:-1], dtype=torch.int32, device=s.device)
         s_row_active = unless_hooked(s_row_active, self.fc1)  # a hook may replace the input
-        hidden = self.fc1(
-            s, s_count, s_before=s_before, s_row_active=s_row_active, row_active=fired
-        )
-        hint = unless_hooked(fired, self.fc1, self.fc2)
-        return self.fc2(hidden, s_before=fc1_before, s_row_active=hint, row_active=row_active)
+        continues = s_continues and not hooked(self.fc1)
+        hidden = self.fc1(s, s_count, s_before=s_before, s_row_active=s_row_active,
+                          row_active=fired, s_continues=continues)  # fmt: skip
+        continues = not hooked(self.fc1, self.fc2)
+        hint = fired if continues else None
+        return self.fc2(hidden, s_before=fc1_before, s_row_active=hint, row_active=row_active,
+                        s_continues=continues)  # fmt: skip
 
 
 class SpikeBlock(_Composite):
@@ -428,11 +437,13 @@ class ExactBlock(_Composite):
         row_active: torch.Tensor,
     ) -> Branch:
         """The branch run on a norm's spikes ``s`` (and that norm's count before them, and its
-        row flags), pending: its last neuron's spikes, step, count before and row flags
-        (recorded into the zeros ``row_active``; None past a forward hook on the branch, its
-        neuron or this block, whose output the hook may replace)."""
+        row flags: None past a hook, where ``s`` may not be the norm's, as the branch is told
+        by ``s_continues``), pending: its last neuron's spikes, step, count before and row
+        flags (recorded into the zeros ``row_active``; None past a forward hook on the
+        branch, its neuron or this block, whose output the hook may replace)."""
         before = _count_before(neuron)
-        spikes = branch(s, s_before=s_before, s_row_active=s_row_active, row_active=row_active)
+        spikes = branch(s, s_before=s_before, s_row_active=s_row_active, row_active=row_active,
+                        s_continues=s_row_active is not None)  # fmt: skip
         flags = unless_hooked(row_active, branch, neuron, self)
         return Branch(spikes, neuron.threshold, before, flags)
 

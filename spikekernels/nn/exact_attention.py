@@ -183,12 +183,14 @@ class ExactAttention(nn.Module):
         s_before: torch.Tensor | None = None,
         s_row_active: torch.Tensor | None = None,
         row_active: torch.Tensor | None = None,
+        s_continues: bool = True,
     ) -> torch.Tensor:
         """``s``: ``[T, B, N, C]`` int8 spikes; ``s_count``: ``[B, N, C]`` int8, the count of
         their neuron after these steps, or ``s_before``, before them (neither only on a fresh
         input: see ``ExactLinearNeuron``); ``s_row_active``: int32 ``[T, B, N]``, that
         neuron's ``row_active``, or None (``qkv`` takes it); ``row_active``: int32 zeros
-        ``[T, B, N]`` that receive ``proj``'s row flags. Returns the ``quan_proj`` neuron's
+        ``[T, B, N]`` that receive ``proj``'s row flags; ``s_continues``: False where a hook
+        may have replaced ``s`` (``ExactLinearNeuron``). Returns the ``quan_proj`` neuron's
         spikes."""
         check_token_spikes(s, self.dim, "ExactAttention")
         t, b, n, c = s.shape
@@ -199,7 +201,9 @@ class ExactAttention(nn.Module):
         s_row_active = unless_hooked(s_row_active, self.qkv)  # a hook may replace the input
         # the running counts of q, k, v after each step, as strided views of one layout (the
         # qkv neuron first: it names a shape that differs from its state's)
-        qkv = self.qkv(s, s_count, s_before=s_before, group_active=fired, s_row_active=s_row_active)
+        continues = s_continues and not hooked(self.qkv)
+        qkv = self.qkv(s, s_count, s_before=s_before, group_active=fired,
+                       s_row_active=s_row_active, s_continues=continues)  # fmt: skip
         qkv = qkv.view(t, b, n, 3, h, dh)
         qkv_active = unless_hooked(fired.view(t, b, 3, h).transpose(2, 3), self.qkv)  # [T,B,H,3]
         # proj starts from the context neuron's count before these steps, heads merged (a
@@ -220,7 +224,9 @@ class ExactAttention(nn.Module):
             a = self.probs(q, k_t)  # [T, B, H, N, N] running attention counts
             # [T, B, N, C] spikes: the kernel writes the heads merged, as proj reads them
             context = self.context(a, v, merge_heads=True)
-        return self.proj(context, s_before=context_before, s_row_active=rows, row_active=row_active)
+        continues = not hooked(self.context, self.proj)  # the context spikes are proj's input
+        return self.proj(context, s_before=context_before, s_row_active=rows,
+                         row_active=row_active, s_continues=continues)  # fmt: skip
 
     def _fusable(self) -> bool:
         """Whether ``probs`` and ``context`` may run as one op: no hook on either, and their
@@ -270,8 +276,14 @@ def has_forward_hooks(module: nn.Module) -> bool:
     )
 
 
+def hooked(*modules: nn.Module) -> bool:
+    """Whether a forward hook or pre-hook would see one of ``modules`` (a producer, its
+    reader) called: a hook may replace the spikes between them."""
+    return any(has_forward_hooks(m) for m in modules)
+
+
 def unless_hooked(flags: torch.Tensor | None, *modules: nn.Module) -> torch.Tensor | None:
-    """A producer's activity flags for its reader, or None where a forward hook or pre-hook
-    would see one of ``modules`` (the producer, the reader) called: a hook may replace the
-    spikes between them, and the flags would then not describe what the reader gets."""
-    return None if any(has_forward_hooks(m) for m in modules) else flags
+    """A producer's activity flags for its reader, or None where a hook may replace the
+    spikes between them (``hooked``): the flags would then not describe what the reader
+    gets."""
+    return None if hooked(*modules) else flags

@@ -155,10 +155,13 @@ class ExactLinearNeuron(TargetNeuron):
     attention products, ``ExactAttention``). Inference only.
 
     State: ``count`` and ``row_settled`` (int32 ``[*]``, one flag per output row: 1 where no
-    neuron of the row fired at the last step, so that all sit at their targets; 0, the fresh
-    value, promises nothing). Each call records its rows that fire (``row_active``: the
-    caller's flags, or its own) and keeps the last step's as ``row_settled`` for the next
-    call, whose kernel then skips the neurons of settled rows until their input spikes.
+    neuron of the row fired at the last step; 0, the fresh value, promises nothing). Each
+    call records its rows that fire (``row_active``: the caller's flags, or its own) and
+    keeps the last step's as ``row_settled``. The next call passes them to its kernel, which
+    skips the neurons of settled rows until their input spikes: they sit at their targets
+    where the call's input continues the last one's, its input count before the call (from
+    ``s_count`` or ``s_before``) the one the last call's spikes summed to. A caller whose
+    spikes a hook may have replaced says so (``s_continues=False``).
     """
 
     _FIXED_DTYPE = TargetNeuron._FIXED_DTYPE + ("bias",)  # the value's float32 operand
@@ -195,6 +198,7 @@ class ExactLinearNeuron(TargetNeuron):
         group_active: torch.Tensor | None = None,
         row_active: torch.Tensor | None = None,
         s_row_active: torch.Tensor | None = None,
+        s_continues: bool = True,
     ) -> torch.Tensor:
         """``s``: ``[T, *, K]`` int8 spikes; ``s_count``: ``[*, K]`` int8, the count of the
         neuron that produced them, after these steps, or ``s_before``, its count before them
@@ -204,7 +208,10 @@ class ExactLinearNeuron(TargetNeuron):
         ``row_active``: int32 ``[T, *]`` zeros, set where a row of the output fires (on a
         GPU: every row of an output tile that fired; None: the layer's own, for its
         ``row_settled``);
-        ``s_row_active``: the input neuron's ``row_active``, or None (``ops.exact_linear``)."""
+        ``s_row_active``: the input neuron's ``row_active``, or None (``ops.exact_linear``);
+        ``s_continues``: whether ``s`` are the spikes of the neuron whose count is given (False
+        where a hook may have replaced them: the input count before the call then need not
+        follow the last call's, and ``row_settled`` is not used for this call)."""
         if s_before is None:
             require_input_counts(self, s_count=s_count)
         if row_active is None and isinstance(s, torch.Tensor) and s.dim() >= 2:
@@ -228,7 +235,7 @@ class ExactLinearNeuron(TargetNeuron):
             group_active=group_active,
             row_active=row_active,
             s_row_active=s_row_active,
-            row_settled=self.row_settled,
+            row_settled=self.row_settled if s_continues else None,
         )
         # the next call's settled rows: none of the last step's fired (in place: the state
         # keeps its address for a replayed graph)

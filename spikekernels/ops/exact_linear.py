@@ -408,12 +408,14 @@ def exact_linear(
             (on the accumulator of the input count before them, each neuron's target equals
             its count: none would move while the row's input stays silent). A layer's own
             ``row_active`` of the step before these, as 0 where it fired and 1 elsewhere,
-            is such a promise (checked on CPU, and with ``validate``: one dense step of the
-            layer). The Triton path then skips the neuron of a tile whose rows are settled
-            until its input first spikes, and a tile that stays settled and silent for the
-            whole call reads no weight and no count: it writes zero spikes (with
-            ``counts_out`` its unchanged count) and passes its count through. The other
-            paths ignore it. No bit of the result depends on it.
+            is such a promise where this call's input continues that call's (its input
+            count before these steps is the one that call's spikes summed to; not where a
+            hook replaced spikes in between). Checked on CPU, and with ``validate`` (one
+            dense step of the layer). The Triton path then skips the neuron of a tile whose
+            rows are settled until its input first spikes, and a tile that stays settled and
+            silent for the whole call reads no weight and no count: it writes zero spikes
+            (with ``counts_out`` its unchanged count) and passes its count through. The
+            other paths ignore it. No bit of the result depends on a true one.
         validate: on a GPU also run the data checks (host syncs): thresholds positive, finite
             and normal; ``weight_scale`` finite and positive; ``weight`` in ``[-127, 127]``;
             ``s`` ternary; ``s_count`` consistent with ``s``; ``count`` inside ``[n_min,
