@@ -235,7 +235,7 @@ class ExactLinearNeuron(TargetNeuron):
             group_active=group_active,
             row_active=row_active,
             s_row_active=s_row_active,
-            row_settled=self.row_settled if s_continues else None,
+            row_settled=self.row_settled if stateful and s_continues else None,
         )
         # the next call's settled rows: none of the last step's fired (in place: the state
         # keeps its address for a replayed graph)
