@@ -91,7 +91,9 @@ def test_exact_linear(benchmark, T, K, N):
     """Exact mode's layer as the runner calls it (int8 weights and scale, the input count
     before the chunk, the output count in): a chunk of a settling layer, and a chunk after it
     settled (no input spike, every target reached: each tile quiet after the first step, so
-    neither MMA nor epilogue runs). One dense int8 step is the QANN's whole layer."""
+    neither MMA nor epilogue runs), without and with its settled rows (``row_settled``, as
+    ``ExactLinearNeuron`` passes them: every tile then exits before its prologue). One dense
+    int8 step is the QANN's whole layer."""
     s = _spikes(T, K)
     gen = torch.Generator(device=DEVICE)
     gen.manual_seed(1)
@@ -120,6 +122,13 @@ def test_exact_linear(benchmark, T, K, N):
     quiet_seconds = try_median_time("settled", quiet_call, info)
     if quiet_seconds is not None:
         info["quiet_over_busy"] = quiet_seconds / seconds
+    every_row = torch.ones(ROWS, dtype=torch.int32, device=DEVICE)
+    settled_call = lambda: op(  # noqa: E731
+        quiet_input, *layer, count=settled, s_before=after, row_settled=every_row
+    )
+    settled_seconds = try_median_time("settled_rows", settled_call, info)
+    if settled_seconds is not None:
+        info["settled_rows_over_busy"] = settled_seconds / seconds
     a_int8 = torch.randint(-8, 8, (ROWS, K), dtype=torch.int8, device=DEVICE, generator=gen)
     w_int8_t = w_int8.t()
     int8_qann = try_median_time("int8_qann", lambda: torch._int_mm(a_int8, w_int8_t), info)
