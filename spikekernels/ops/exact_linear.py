@@ -117,6 +117,16 @@ def _count_before(s: torch.Tensor, s_count: torch.Tensor) -> torch.Tensor:
     return s_count.to(torch.int32) - s.sum(0, dtype=torch.int32)
 
 
+def _input_before(s, s_count, s_before) -> torch.Tensor | None:
+    """The input count before these steps from ``s_count`` or ``s_before`` (None: fresh)."""
+    return _count_before(s, s_count) if s_count is not None else s_before
+
+
+def _value(acc, in_threshold, weight_scale, bias) -> torch.Tensor:
+    """The linear's current value of ``acc`` (SPEC.md §9.2), ``m = fl32(theta_in * ws)``."""
+    return linear_value(acc, in_threshold.to(torch.float32).reshape(()) * weight_scale, bias)
+
+
 def _check_data(
     s, weight, weight_scale, in_threshold, threshold, s_count, validate, s_before=None
 ) -> None:
@@ -154,14 +164,10 @@ def _check_settled(
     may skip its tile's neuron while its input is silent). One dense step of the layer."""
     if row_settled is None or not may_read_data(row_settled, validate):
         return
-    if s_count is not None:
-        before = _count_before(s, s_count)
-    elif s_before is not None:
-        before = s_before.to(torch.int32)
-    else:
+    before = _input_before(s, s_count, s_before)
+    if before is None:
         before = torch.zeros(s.shape[1:], dtype=torch.int32, device=s.device)
-    m = in_threshold.to(torch.float32).reshape(()) * weight_scale
-    value = linear_value(int_matmul(before, weight.t())[None], m, bias)
+    value = _value(int_matmul(before, weight.t())[None], in_threshold, weight_scale, bias)
     sigma, _ = target_spikes_torch(value, threshold, n_min, p_max, count)
     if bool(((row_settled != 0) & (sigma[0] != 0).any(dim=-1)).any()):
         raise ValueError(
@@ -203,11 +209,10 @@ def exact_linear_torch(
     rows = math.prod(lead)
     step = torch.matmul(s.reshape(steps * rows, k).to(torch.float32), weight.to(torch.float32).t())
     acc_t = torch.cumsum(step.to(torch.int32).reshape(steps, *lead, n), dim=0, dtype=torch.int32)
-    before = _count_before(s, s_count) if s_count is not None else s_before
+    before = _input_before(s, s_count, s_before)
     if before is not None:
         acc_t += int_matmul(before, weight.t())
-    m = in_threshold.to(torch.float32).reshape(()) * weight_scale
-    value = linear_value(acc_t, m, bias)
+    value = _value(acc_t, in_threshold, weight_scale, bias)
     out = target_spikes_torch(value, threshold, n_min, p_max, count, active, counts_out)
     record_active_of(None, out[0], count, counts_out, group_active, row_active)
     return out
