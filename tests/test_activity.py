@@ -430,9 +430,8 @@ def test_row_flags_stop_at_a_hook_that_replaces_spikes(gen, monkeypatch, hooked,
     """A forward hook may replace a neuron's spikes; the row flags its op recorded
     (``row_active``) then do not describe what the next linear or LayerNorm reads, so the
     block passes it none (a 0 on a row that now fires would be refused, or on a GPU
-    skipped), and the next linear's input no longer continues its last call's, so it uses
-    no settled rows (``s_continues=False``: a 1 on a row the jump moves would be refused):
-    the run equals one that passes no row flags and no settled rows at all. Hooked: the
+    skipped), and the next linear counts the spikes it receives (``s_continues=False``):
+    the run equals one that passes no row flags and counts every input itself. Hooked: the
     producers of the linears' inputs, the branches' (the LayerNorms' inputs), or the block,
     whose output (the stream with its pending branches) the hook changes; the hook adds
     spikes at the last step, or silences every step."""
@@ -469,3 +468,51 @@ def test_row_flags_stop_at_a_hook_that_replaces_spikes(gen, monkeypatch, hooked,
     assert calls, "the hooks never ran"
     (l0, s0), (l1, s1) = runs
     assert s0 == s1 and torch.equal(l0.view(torch.int32), l1.view(torch.int32))
+
+
+# the modules (name suffixes) whose spikes a hook replaces, on every block
+ABLATED = [
+    ("norm1", "fc1"),
+    ("proj", "fc2"),
+    ("attn.context",),
+    ("attn", "mlp"),
+    ("patch_embed.neuron",),
+]
+
+
+@CPU_PASS_ONLY  # model wiring; the kernels' settled rows are checked on CPU by their data
+@pytest.mark.parametrize("hooked", ABLATED, ids=str)
+def test_a_hook_that_replaces_spikes_gives_the_same_run_at_every_chunking(gen, hooked):
+    """An ablation: a forward hook silences a token row of a layer's spikes at every step.
+    The layers reading them integrate what they receive (``ExactLinearNeuron``'s
+    ``s_received``, the blocks' and the patch embedding's branch counts), not their
+    producer's count, so the run settles on the same bits at every chunking and equals the
+    per-step reference. Hooked: the inputs of linears (``qkv``/``fc1``, ``proj`` through the
+    unfused ``context``, ``fc2``), the branches the norms add, on every block."""
+    qann = make_exact(gen, **TINY, level=16)
+    x = images(gen, qann, 2)
+    calls = []
+
+    def silence_row(module, inputs, out):
+        calls.append(1)
+        out = out.clone()
+        out[:, :, 1] = 0
+        return out
+
+    runs = []
+    for chunk in (1, 3, (4, 1), 64, "reference", None):
+        snn = convert(qann)
+        for name, module in snn.named_modules():
+            if chunk is not None and name.endswith(hooked):  # None: unhooked, for contrast
+                module.register_forward_hook(silence_row)
+        if chunk == "reference":
+            runs.append(snn(x, max_steps=64, chunk=1, reference=True))
+        else:
+            runs.append(snn(x, max_steps=64, chunk=chunk or 3))
+    assert calls, "the hooks never ran"
+    *hooked_runs, (plain, _) = runs
+    logits, steps = hooked_runs[0]
+    assert steps < 64, "the run did not settle"
+    for got, got_steps in hooked_runs[1:]:
+        assert got_steps == steps and torch.equal(got.view(torch.int32), logits.view(torch.int32))
+    assert not torch.equal(plain, logits), "the hook changed nothing: the case proves little"

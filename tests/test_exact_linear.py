@@ -780,6 +780,78 @@ def test_module_keeps_its_settled_rows(gen, monkeypatch, own_flags):
     assert module.row_settled is None and module.state() == {"count": None, "row_settled": None}
 
 
+def _linear_neuron(layer):
+    neuron = TargetNeuron(layer["threshold"], 16, signed=True)
+    return ExactLinearNeuron(
+        layer["weight"], layer["weight_scale"], layer["bias"], layer["in_threshold"], neuron
+    )
+
+
+@pytest.mark.parametrize("hooked_from", [0, 1])
+def test_module_counts_what_a_hook_gave_it(gen, monkeypatch, hooked_from):
+    """Told ``s_continues=False`` (a hook may have replaced its input), ``ExactLinearNeuron``
+    integrates the spikes it receives (``s_received``), from its producer's ``s_before`` at
+    the first such call (the hook there from the start, or from the second call), and then
+    ignores a producer count that no longer sums them: the chunks equal one whole call on the
+    same spikes, and its settled rows still hold (the CPU check refuses a wrong 1). Back on
+    its producer's count the input jumps: no settled rows for that call, and the spikes equal
+    a layer given that jump with no settled rows."""
+    import spikekernels.nn.exact_layers as exact_layers
+
+    given = []
+
+    def spy(*args, **kwargs):
+        given.append(kwargs["row_settled"] is not None)
+        return exact_linear(*args, **kwargs)
+
+    layer = _layer(gen, 21, 30)
+    s = _spikes(gen, 16, (3, 16), 30, density=0.2)
+    s[6:] = 0  # the outputs settle, so the settled rows matter
+    s[14:, 0] = _spikes(gen, 2, (16,), 30)  # sample 0 wakes again
+    oracle = _linear_neuron(layer)
+    want = oracle(s)
+    module = _linear_neuron(layer)
+    monkeypatch.setattr(exact_layers, "exact_linear", spy)
+    parts, total = [], torch.zeros(s.shape[1:], dtype=torch.int32)
+    for i, (chunk, _) in enumerate(_chunks(s, [4, 7, 5])):
+        # the producer's count before: true up to the hook, then off by 3 (not what it sent)
+        producer = None if i == 0 else (total + 3 * (i > hooked_from)).clamp(-128, 127).char()
+        parts.append(module(chunk, s_before=producer, s_continues=i < hooked_from))
+        total += chunk.sum(0, dtype=torch.int32)
+        if i >= hooked_from:
+            assert torch.equal(module.s_received, total.char())
+    assert torch.equal(torch.cat(parts), want) and torch.equal(module.count, oracle.count)
+    assert given == [False, True, True], "the settled rows hold on the layer's own count"
+    assert module.row_settled.any(), "the case proves little"
+
+    # the hook goes: the producer's count (3 above what the layer received) is read again
+    jump = _spikes(gen, 3, (3, 16), 30, density=0.2)
+    producer = (total + 3).char()
+    got = module(jump, s_before=producer)
+    assert module.s_received is None and given[-1] is False
+    oracle.row_settled.zero_()  # 0 promises nothing
+    assert torch.equal(got, oracle(jump, s_before=producer))
+    assert torch.equal(module.count, oracle.count)
+
+
+def test_module_refuses_counts_a_hook_cannot_give(gen):
+    """``s_continues=False`` takes ``s_before`` at its first call: ``s_count`` less spikes
+    that are not its neuron's is not what the layer received. And spikes that sum past
+    int8 (no neuron's count does) are refused before any state moves."""
+    module = _linear_neuron(_layer(gen, 5, 8))
+    s = _spikes(gen, 3, (2,), 8)
+    with pytest.raises(ValueError, match="give s_before, not s_count, with s_continues=False"):
+        module(s, s.sum(0).char(), s_continues=False)
+    ones = torch.ones(130, 2, 8, dtype=torch.int8)
+    with pytest.raises(ValueError, match="spikes of s sum to a count outside int8"):
+        module(ones, s_continues=False)
+    assert module.count is None and module.s_received is None
+    with pytest.raises(ValueError, match=r"s_before must have shape \[2, 8\]"):
+        module(s, s_before=torch.zeros(2, 7, dtype=torch.int8), s_continues=False)
+    with pytest.raises(TypeError, match="s_before must have dtype"):
+        module(s, s_before=torch.zeros(2, 8), s_continues=False)
+
+
 @pytest.mark.parametrize("backend", ["triton", "torch", "reference"])
 @pytest.mark.parametrize("T", [1, 5])
 def test_s_before_equals_s_count(gen, backend, T):

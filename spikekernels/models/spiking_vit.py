@@ -44,7 +44,12 @@ from spikekernels.nn.exact_attention import (
     hooked,
     unless_hooked,
 )
-from spikekernels.nn.exact_layers import ExactLayerNormNeuron, ExactLinear, ExactLinearNeuron
+from spikekernels.nn.exact_layers import (
+    ExactLayerNormNeuron,
+    ExactLinear,
+    ExactLinearNeuron,
+    received_count,
+)
 from spikekernels.nn.neuron import STBIF
 from spikekernels.nn.target_neuron import TargetNeuron
 from spikekernels.ops._dispatch import force_backend, forced_backend
@@ -294,6 +299,25 @@ def _count_before(neuron: TargetNeuron) -> torch.Tensor | None:
     return None if neuron.count is None else neuron.count.clone()
 
 
+def _branch_before(
+    received: dict[str, torch.Tensor],
+    name: str,
+    before: torch.Tensor | None,
+    spikes: torch.Tensor,
+    replaced: bool,
+) -> torch.Tensor | None:
+    """The count before ``spikes`` that the stream adds for branch ``name``: its neuron's
+    ``before``, or where a hook may have ``replaced`` the spikes, the count of what the
+    stream received, kept in ``received`` (the owner's state) from the first such call, so
+    that the run does not depend on its chunking (``ExactLinearNeuron``'s ``s_continues``)."""
+    if not replaced:
+        received.pop(name, None)
+        return before
+    before = received.get(name, before)
+    received[name] = received_count(before, spikes, f"the {name} branch")
+    return before
+
+
 def _with_class_row(t: torch.Tensor) -> torch.Tensor:
     """``t`` with a zero class-token row in front of its tokens (dim -2)."""
     return F.pad(t, (0, 0, 1, 0))
@@ -364,24 +388,30 @@ class ExactPatchEmbed(nn.Module):
     value at every step; returns the residual stream ``D = fl64(theta) * count``
     ``[T, B, 1 + N, D]`` as a pending branch (``Residual`` with no ``d``; zero spikes and
     count on the class-token row). The constant part (class token, positions) is added where
-    the stream is read."""
+    the stream is read. Past a hook on the neuron, the branch's count is that of the spikes
+    the hook gave (kept as ``received``, as ``ExactBlock`` does)."""
 
     def __init__(self, conv: nn.Conv2d, neuron: TargetNeuron) -> None:
         super().__init__()
         self.proj = conv
         self.neuron = neuron
+        self.received: dict[str, torch.Tensor] = {}
 
     def first_step(self, img: torch.Tensor) -> torch.Tensor:
         return _patches(self.proj, img)
 
     def reset(self) -> None:
+        """Back to the fresh state: the neuron, and the count kept past a hook on it."""
         self.neuron.reset()
+        self.received = {}
 
     def forward(self, patches: torch.Tensor, steps: int) -> Residual:
         _check_patches(patches, steps, (None, self.proj.out_channels), with_class_row=False)
         batch, n, d = patches.shape
         before = _count_before(self.neuron)
         spikes = self.neuron(patches.expand(steps, batch, n, d))
+        replaced = hooked(self.neuron)
+        before = _branch_before(self.received, "patch", before, spikes, replaced)
         # The class-token row joins the int8 spikes and count (zero: theta * 0 = +0.0, as a
         # zero row), never a float64 tensor.
         branch = Branch(
@@ -415,7 +445,10 @@ class ExactBlock(_Composite):
     finds its silent row tiles from those flags instead of scanning the spikes
     (``s_row_active``), and the norms that add the ``proj`` and ``fc2`` branches skip reading
     their silent rows (``Branch.row_active``), unless a forward hook on the way could
-    replace the spikes (``unless_hooked``)."""
+    replace the spikes (``unless_hooked``). Past such a hook the readers count what they
+    receive instead of reading the producer's count: the linears by ``s_continues=False``,
+    the norms from the branch counts the block keeps (``received``), so that a hooked run
+    does not depend on its chunking."""
 
     def __init__(
         self,
@@ -426,6 +459,7 @@ class ExactBlock(_Composite):
     ) -> None:
         super().__init__()
         self.norm1, self.attn, self.norm2, self.mlp = norm1, attn, norm2, mlp
+        self.received: dict[str, torch.Tensor] = {}
 
     def _branch(
         self,
@@ -445,7 +479,14 @@ class ExactBlock(_Composite):
         spikes = branch(s, s_before=s_before, s_row_active=s_row_active, row_active=row_active,
                         s_continues=s_row_active is not None)  # fmt: skip
         flags = unless_hooked(row_active, branch, neuron, self)
+        name = "attn" if branch is self.attn else "mlp"
+        before = _branch_before(self.received, name, before, spikes, hooked(branch, neuron))
         return Branch(spikes, neuron.threshold, before, flags)
+
+    def reset(self) -> None:
+        """Back to the fresh state: the parts, and the branch counts kept past a hook."""
+        super().reset()
+        self.received = {}
 
     def forward(self, x: Residual) -> Residual:
         # each norm's count before its call: what the linear after it starts from (a copy per

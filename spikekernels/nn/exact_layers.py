@@ -130,6 +130,29 @@ def require_input_counts(neuron: nn.Module, **counts: torch.Tensor | None) -> No
             )
 
 
+def received_count(before: torch.Tensor | None, s: torch.Tensor, name: str) -> torch.Tensor:
+    """The count after the spikes ``s`` ``[T, *]`` of a reader that had received ``before``
+    (int8 ``[*]``, None: fresh), int8: what a layer integrates when a hook may have replaced
+    its producer's spikes. Refused where it leaves int8, which no neuron's count does (a hook
+    gave more spikes than a neuron can; this reads the data)."""
+    check_tensor(s, "s", dtypes=(torch.int8,), min_ndim=2)
+    after = s.sum(0, dtype=torch.int32)
+    if before is not None:
+        check_tensor(before, "s_before", dtypes=(torch.int8,))
+        if before.shape != after.shape:
+            raise ValueError(
+                f"s_before must have shape {list(after.shape)} (s without T), "
+                f"got {list(before.shape)}"
+            )
+        after += before
+    if bool(((after < -128) | (after > 127)).any()):
+        raise ValueError(
+            f"the spikes of {name} sum to a count outside int8: a hook that replaces a "
+            "neuron's spikes must keep their count within a neuron's"
+        )
+    return after.to(torch.int8)
+
+
 def check_token_spikes(s: object, channels: int, owner: str) -> None:
     """An attention module's input: int8 spikes ``[T, B, N, C]`` with ``C == channels``."""
     if not isinstance(s, torch.Tensor):
@@ -160,8 +183,14 @@ class ExactLinearNeuron(TargetNeuron):
     keeps the last step's as ``row_settled``. The next call passes them to its kernel, which
     skips the neurons of settled rows until their input spikes: they sit at their targets
     where the call's input continues the last one's, its input count before the call (from
-    ``s_count`` or ``s_before``) the one the last call's spikes summed to. A caller whose
-    spikes a hook may have replaced says so (``s_continues=False``).
+    ``s_count`` or ``s_before``) the one the last call's spikes summed to.
+
+    A caller whose spikes a hook may have replaced says so (``s_continues=False``): the
+    layer then integrates what it receives, as a spiking layer does, instead of reading its
+    producer's count, which no longer sums the spikes it got. It keeps that count
+    (``s_received``, int8 ``[*, K]``, from the producer's ``s_before`` at the first such
+    call) while its calls say so, so that the run does not depend on its chunking. It is
+    not in ``state()``: a run with hooks is never captured in a graph.
     """
 
     _FIXED_DTYPE = TargetNeuron._FIXED_DTYPE + ("bias",)  # the value's float32 operand
@@ -184,6 +213,7 @@ class ExactLinearNeuron(TargetNeuron):
         """Back to the fresh state: count 0, no row known settled."""
         super().reset()
         self.row_settled: torch.Tensor | None = None
+        self.s_received: torch.Tensor | None = None
 
     def state(self) -> dict[str, torch.Tensor | None]:
         """``count`` and ``row_settled`` (class docstring; see ``TargetNeuron.state``)."""
@@ -210,8 +240,22 @@ class ExactLinearNeuron(TargetNeuron):
         ``row_settled``);
         ``s_row_active``: the input neuron's ``row_active``, or None (``ops.exact_linear``);
         ``s_continues``: whether ``s`` are the spikes of the neuron whose count is given (False
-        where a hook may have replaced them: the input count before the call then need not
-        follow the last call's, and ``row_settled`` is not used for this call)."""
+        where a hook may have replaced them: the layer then counts what it receives, from
+        ``s_before`` at the first such call; ``s_count`` less spikes that are not its
+        neuron's is no count it received, so it is refused there)."""
+        # the input count before these steps must be the one the last call's spikes summed
+        # to for row_settled to hold: it is not where the input goes back to its producer's
+        # count after calls that counted their own
+        settled = not (s_continues and self.s_received is not None)
+        if not s_continues:
+            if self.s_received is not None:
+                s_count, s_before = None, self.s_received
+            elif s_count is not None:
+                raise ValueError(
+                    "give s_before, not s_count, with s_continues=False: s_count less spikes "
+                    "that are not its neuron's is not the count this layer received"
+                )
+            received = received_count(s_before, s, "s")  # refused before any state moves
         if s_before is None:
             require_input_counts(self, s_count=s_count)
         if row_active is None and isinstance(s, torch.Tensor) and s.dim() >= 2:
@@ -235,8 +279,9 @@ class ExactLinearNeuron(TargetNeuron):
             group_active=group_active,
             row_active=row_active,
             s_row_active=s_row_active,
-            row_settled=self.row_settled if stateful and s_continues else None,
+            row_settled=self.row_settled if stateful and settled else None,
         )
+        self.s_received = None if s_continues else received
         # the next call's settled rows: none of the last step's fired (in place: the state
         # keeps its address for a replayed graph)
         last_quiet = row_active[-1] == 0
