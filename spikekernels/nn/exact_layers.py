@@ -21,7 +21,7 @@ from torch import nn
 from spikekernels import exact_math
 from spikekernels.nn.neuron import FixedDtypeBuffers, scalar_tensor, threshold_tensor
 from spikekernels.nn.target_neuron import TargetNeuron
-from spikekernels.ops._checks import check_tensor, check_time_major
+from spikekernels.ops._checks import check_tensor, check_time_major, may_read_data
 from spikekernels.ops.exact_layernorm import exact_layernorm_neuron
 from spikekernels.ops.exact_linear import MAX_K, exact_linear
 from spikekernels.ops.spike_linear import spike_linear
@@ -134,7 +134,8 @@ def received_count(before: torch.Tensor | None, s: torch.Tensor, name: str) -> t
     """The count after the spikes ``s`` ``[T, *]`` of a reader that had received ``before``
     (int8 ``[*]``, None: fresh), int8: what a layer integrates when a hook may have replaced
     its producer's spikes. Refused where it leaves int8, which no neuron's count does (a hook
-    gave more spikes than a neuron can; this reads the data)."""
+    gave more spikes than a neuron can): a check that reads the data, so on CPU tensors only
+    (``may_read_data``; on a GPU such a count wraps, as a spike product's does)."""
     check_tensor(s, "s", dtypes=(torch.int8,), min_ndim=2)
     after = s.sum(0, dtype=torch.int32)
     if before is not None:
@@ -145,7 +146,8 @@ def received_count(before: torch.Tensor | None, s: torch.Tensor, name: str) -> t
                 f"got {list(before.shape)}"
             )
         after += before
-    if bool(((after < -128) | (after > 127)).any()):
+    outside = may_read_data(after, False) and bool(((after < -128) | (after > 127)).any())
+    if outside:
         raise ValueError(
             f"the spikes of {name} sum to a count outside int8: a hook that replaces a "
             "neuron's spikes must keep their count within a neuron's"
