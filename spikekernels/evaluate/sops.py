@@ -44,6 +44,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from spikekernels.nn.hooks import observer
 from spikekernels.ops._activity import spikes_of_counts
 
 __all__ = [
@@ -182,7 +183,9 @@ class SpikeCounter:
     ``counter = SpikeCounter(snn, max_steps)``; per batch ``with counter.counting(): snn(x)``
     (the context resets the step offsets; outside it the hooks do nothing, so the QANN, which
     shares the patch convolution with the SNN, is not counted here). ``close()`` removes the
-    hooks. Device tensors: ``spikes [neurons, max_steps]`` int64 (summed over the batch).
+    hooks, each an ``nn.observer`` (it only counts), so the counted SNN keeps its fast paths
+    (the activity flags between layers). Device tensors: ``spikes [neurons, max_steps]``
+    int64 (summed over the batch).
     Python ints (shape-derived): ``dense_elements[name]`` (per sample and step),
     ``neuron_elements[name]`` (per sample and step), ``macs[name]`` (summed over calls).
     """
@@ -266,7 +269,7 @@ class SpikeCounter:
             if not self.neuron_elements[name]:
                 self.neuron_elements[name] = output[0, 0].numel()
 
-        return hook
+        return observer(hook)
 
     def _spikes_of_counts(self, index: int, counts: torch.Tensor) -> torch.Tensor:
         before = self._last_counts[index]
@@ -281,14 +284,14 @@ class SpikeCounter:
                 # on (a fused scores + softmax + neuron reads q and k but normalises N x N).
                 self.dense_elements[name] = output[0, 0].numel()
 
-        return hook
+        return observer(hook)
 
     def _mac_hook(self, name: str):
         def hook(module, inputs, output):
             if self.enabled:
                 self.macs[name] += _linear_macs(module, output)
 
-        return hook
+        return observer(hook)
 
     def close(self) -> None:
         for h in self._handles:
@@ -336,14 +339,14 @@ class QannCounter:
             if self.enabled:
                 self.macs[name] += _linear_macs(module, output)
 
-        return hook
+        return observer(hook)
 
     def _norm_hook(self, name: str):
         def hook(module, inputs, output):
             if self.enabled:
                 self.dense_ops[name] += output.numel() * QANN_DENSE_OPS["layernorm"]
 
-        return hook
+        return observer(hook)
 
     def _attention_hook(self, name: str):
         def hook(module, inputs, output):
@@ -357,7 +360,7 @@ class QannCounter:
                 b * module.num_heads * n * n * QANN_DENSE_OPS["softmax"]
             )
 
-        return hook
+        return observer(hook)
 
     def close(self) -> None:
         for h in self._handles:

@@ -38,18 +38,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from spikekernels.models.chunk_graph import ChunkGraph, CudaGraph
-from spikekernels.nn.exact_attention import (
-    ExactAttention,
-    has_forward_hooks,
-    hooked,
-    unless_hooked,
-)
+from spikekernels.nn.exact_attention import ExactAttention
 from spikekernels.nn.exact_layers import (
     ExactLayerNormNeuron,
     ExactLinear,
     ExactLinearNeuron,
     received_count,
 )
+from spikekernels.nn.hooks import has_forward_hooks, hooked, unless_hooked
 from spikekernels.nn.neuron import STBIF
 from spikekernels.nn.target_neuron import TargetNeuron
 from spikekernels.ops._dispatch import force_backend, forced_backend

@@ -9,6 +9,7 @@ from spikekernels.nn.exact_layers import (
     ExactLinearNeuron,
     ExactSoftmax,
 )
+from spikekernels.nn.hooks import observer
 from spikekernels.nn.layernorm import SpikeLayerNorm, SpikeLayerNormNeuron
 from spikekernels.nn.linear import SpikeLinear
 from spikekernels.nn.linear_neuron import SpikeLinearNeuron
@@ -42,4 +43,5 @@ __all__ = [
     "SpikeMatmul",
     "SpikeSoftmax",
     "TargetNeuron",
+    "observer",
 ]

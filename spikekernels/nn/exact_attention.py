@@ -10,6 +10,7 @@ from spikekernels.nn.exact_layers import (
     check_token_spikes,
     require_input_counts,
 )
+from spikekernels.nn.hooks import has_forward_hooks, hooked, unless_hooked
 from spikekernels.nn.neuron import scalar_tensor, threshold_tensor
 from spikekernels.nn.target_neuron import TargetNeuron
 from spikekernels.ops.exact_attention import (
@@ -262,28 +263,3 @@ class ExactAttention(nn.Module):
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, num_heads={self.num_heads}"
-
-
-def has_forward_hooks(module: nn.Module) -> bool:
-    """Whether a forward hook or pre-hook would see ``module`` called (its own or global)."""
-    from torch.nn.modules import module as torch_module
-
-    return bool(
-        module._forward_hooks
-        or module._forward_pre_hooks
-        or torch_module._global_forward_hooks
-        or torch_module._global_forward_pre_hooks
-    )
-
-
-def hooked(*modules: nn.Module) -> bool:
-    """Whether a forward hook or pre-hook would see one of ``modules`` (a producer, its
-    reader) called: a hook may replace the spikes between them."""
-    return any(has_forward_hooks(m) for m in modules)
-
-
-def unless_hooked(flags: torch.Tensor | None, *modules: nn.Module) -> torch.Tensor | None:
-    """A producer's activity flags for its reader, or None where a hook may replace the
-    spikes between them (``hooked``): the flags would then not describe what the reader
-    gets."""
-    return None if hooked(*modules) else flags

@@ -1,0 +1,62 @@
+"""Forward hooks on spiking modules: which may replace spikes, and which only watch.
+
+A forward hook may return other spikes than a module made (an ablation). The exact-mode
+modules then stop passing the producer's activity flags to the reader (``unless_hooked``),
+and the reader counts the spikes it receives instead of reading the producer's count
+(``ExactLinearNeuron``'s ``s_continues``). A hook marked ``observer`` (the SOP counter's,
+a probe's) promises to change nothing, so the fast paths stay on; it still sees its module
+called (the fused attention splits for any hook, ``has_forward_hooks``).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+__all__ = ["has_forward_hooks", "hooked", "observer", "unless_hooked"]
+
+
+def observer(hook: Callable) -> Callable:
+    """``hook`` (a forward hook or pre-hook) marked as one that only watches: it returns
+    None (the wrapper drops what it returns) and changes no tensor in place. Its module's
+    reader then keeps the producer's activity flags and counts (``hooked`` ignores it)."""
+
+    @functools.wraps(hook)
+    def watching(*args, **kwargs) -> None:
+        hook(*args, **kwargs)
+
+    watching.observes_only = True
+    return watching
+
+
+def _all_hooks(module: nn.Module) -> list[Callable]:
+    """The forward hooks and pre-hooks that would see ``module`` called (its own, global)."""
+    from torch.nn.modules import module as torch_module
+
+    return [
+        *module._forward_hooks.values(),
+        *module._forward_pre_hooks.values(),
+        *torch_module._global_forward_hooks.values(),
+        *torch_module._global_forward_pre_hooks.values(),
+    ]
+
+
+def has_forward_hooks(module: nn.Module) -> bool:
+    """Whether a forward hook or pre-hook would see ``module`` called (its own or global)."""
+    return bool(_all_hooks(module))
+
+
+def hooked(*modules: nn.Module) -> bool:
+    """Whether a forward hook or pre-hook that is not an ``observer`` would see one of
+    ``modules`` (a producer, its reader) called: it may replace the spikes between them."""
+    return any(not getattr(hook, "observes_only", False) for m in modules for hook in _all_hooks(m))
+
+
+def unless_hooked(flags: torch.Tensor | None, *modules: nn.Module) -> torch.Tensor | None:
+    """A producer's activity flags for its reader, or None where a hook may replace the
+    spikes between them (``hooked``): the flags would then not describe what the reader
+    gets."""
+    return None if hooked(*modules) else flags

@@ -1,0 +1,89 @@
+"""Forward hooks on spiking modules (``spikekernels.nn.hooks``): a hook that may replace spikes
+turns off the producer's flags and counts for its reader; an ``observer`` changes nothing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import CPU_PASS_ONLY
+from test_exact import TINY, images, make_exact
+from torch import nn
+
+import spikekernels.nn.exact_layers as exact_layers
+from spikekernels import convert
+from spikekernels.evaluate.sops import SpikeCounter
+from spikekernels.nn import observer
+from spikekernels.nn.hooks import has_forward_hooks, hooked, unless_hooked
+
+
+@pytest.mark.parametrize("kind", ["forward", "pre", "global"])
+def test_an_observer_is_seen_but_replaces_nothing(kind):
+    """Any hook makes a module ``has_forward_hooks`` (it must be called to be seen); only one
+    that is not an ``observer`` makes it ``hooked`` (flags withheld). An observer's return
+    value is dropped, so it cannot replace the output."""
+    module, other = nn.Linear(3, 2), nn.Linear(3, 2)
+    flags = torch.ones(2, dtype=torch.int32)
+    register = {
+        "forward": module.register_forward_hook,
+        "pre": module.register_forward_pre_hook,
+        "global": nn.modules.module.register_module_forward_hook,
+    }[kind]
+    assert not has_forward_hooks(module) and not hooked(module, other)
+    replace = (lambda m, i, o: torch.zeros_like(o)) if kind != "pre" else (lambda m, i: (i[0] * 0,))
+    seen = []
+    with register(observer(lambda *args: seen.append(1) or replace(*args))):
+        assert has_forward_hooks(module) and not hooked(module, other)
+        assert unless_hooked(flags, module, other) is flags
+        x = torch.ones(1, 3)
+        assert torch.equal(module(x), nn.functional.linear(x, module.weight, module.bias))
+        assert seen, "the observer never ran"
+    with register(replace):
+        assert hooked(other, module) and unless_hooked(flags, other, module) is None
+        assert hooked(other) == (kind == "global")  # a global hook sees every module
+    assert not has_forward_hooks(module)
+
+
+@CPU_PASS_ONLY  # model wiring; the flags' truth is checked on CPU by the ops
+def test_the_spike_counter_keeps_the_fast_paths(gen, monkeypatch):
+    """The SOP counter's hooks are observers: a counted exact SNN still passes the row flags
+    and settled rows between its layers (as an uncounted one does), with the same bits; a
+    plain hook that returns nothing still turns them off on its way."""
+    qann = make_exact(gen, **TINY, level=16)
+    x = images(gen, qann, 2)
+    calls = []
+    original = exact_layers.exact_linear
+
+    def spy(*args, **kwargs):
+        calls.append((kwargs["s_row_active"] is not None, kwargs["row_settled"] is not None))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(exact_layers, "exact_linear", spy)
+    runs = {}
+    for how in ("plain", "counted", "hooked"):
+        snn = convert(qann)
+        calls.clear()
+        if how == "hooked":
+            snn.blocks[0].norm1.register_forward_hook(lambda *args: None)
+        counter = SpikeCounter(snn, 24) if how == "counted" else None
+        with counter.counting() if counter else torch.no_grad():
+            logits, steps = snn(x, max_steps=24, chunk=4)
+        runs[how] = (logits, steps, list(calls))
+        if counter:
+            assert int(counter.spikes.sum()) > 0, "the counter counted nothing"
+            counter.close()
+    (plain, plain_steps, plain_calls) = runs["plain"]
+    for how in ("counted", "hooked"):
+        logits, steps, _ = runs[how]
+        assert steps == plain_steps and torch.equal(
+            logits.view(torch.int32), plain.view(torch.int32)
+        )
+    # each block's exact_linear calls in order: qkv, proj, fc1, fc2; the counter watches the
+    # attention's probs and context, which then run as two ops that record no row flags for
+    # proj (ExactAttention): every other flag and settled row is as without the counter
+    counted = runs["counted"][2]
+    assert len(counted) == len(plain_calls) and any(settled for _, settled in plain_calls)
+    for i, (got, want) in enumerate(zip(counted, plain_calls, strict=True)):
+        assert got == (want if i % 4 != 1 else (False, want[1])), i
+    # block 0's qkv: its input's flags withheld past the plain hook on norm1
+    first_qkv = runs["hooked"][2][0]
+    assert first_qkv == (False, False) and plain_calls[0] == (True, False)
