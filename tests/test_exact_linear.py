@@ -846,7 +846,7 @@ def test_module_refuses_counts_a_hook_cannot_give(gen):
     with pytest.raises(ValueError, match="spikes of s sum to a count outside int8"):
         module(ones, s_continues=False)
     assert module.count is None and module.s_received is None
-    with pytest.raises(ValueError, match=r"s_before must have shape \[2, 8\]"):
+    with pytest.raises(ValueError, match=r"s_before must have shape \(2, 8\)"):
         module(s, s_before=torch.zeros(2, 7, dtype=torch.int8), s_continues=False)
     with pytest.raises(TypeError, match="s_before must have dtype"):
         module(s, s_before=torch.zeros(2, 8), s_continues=False)

@@ -21,7 +21,7 @@ from torch import nn
 from spikekernels import exact_math
 from spikekernels.nn.neuron import FixedDtypeBuffers, scalar_tensor, threshold_tensor
 from spikekernels.nn.target_neuron import TargetNeuron
-from spikekernels.ops._checks import check_tensor, check_time_major, may_read_data
+from spikekernels.ops._checks import check_state, check_tensor, check_time_major, may_read_data
 from spikekernels.ops.exact_layernorm import exact_layernorm_neuron
 from spikekernels.ops.exact_linear import MAX_K, exact_linear
 from spikekernels.ops.spike_linear import spike_linear
@@ -137,14 +137,9 @@ def received_count(before: torch.Tensor | None, s: torch.Tensor, name: str) -> t
     gave more spikes than a neuron can): a check that reads the data, so on CPU tensors only
     (``may_read_data``; on a GPU such a count wraps, as a spike product's does)."""
     check_tensor(s, "s", dtypes=(torch.int8,), min_ndim=2)
+    check_state(before, "s_before", s.shape[1:], (torch.int8,), s, "s")
     after = s.sum(0, dtype=torch.int32)
     if before is not None:
-        check_tensor(before, "s_before", dtypes=(torch.int8,))
-        if before.shape != after.shape:
-            raise ValueError(
-                f"s_before must have shape {list(after.shape)} (s without T), "
-                f"got {list(before.shape)}"
-            )
         after += before
     outside = may_read_data(after, False) and bool(((after < -128) | (after > 127)).any())
     if outside:
