@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import CPU_PASS_ONLY, DEVICES, TRITON_DEVICES, assert_same_bits
 
 from spikekernels import exact_math, reference
@@ -606,6 +607,41 @@ def test_context_merge_heads(gen, backend, batch, poisoned_allocations):
     _assert_same(merged, (want, plain[1]), CONTEXT_NAMES)
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch", "reference"])
+@pytest.mark.parametrize(("batch", "merge_heads"), [((3,), False), ((2, 3), True)])
+def test_context_row_active(gen, backend, batch, merge_heads):
+    """``row_active`` receives the rows of the spikes that fire at each step: the truth on the
+    PyTorch paths, every row of a block of query rows that fired (the kernel's program) on
+    Triton's, with or without incoming state and the heads merged; a flag set before stays
+    set, and no bit changes."""
+    from spikekernels.kernels.exact_attention import context_config
+    from spikekernels.ops._dispatch import backend_for
+
+    case = _context_case(gen, 18, batch, 37, 20, 24, state=True)
+    case["a"][3:] = 0  # the neurons settle: rows and whole blocks go quiet
+    case["v"][3:] = 0
+    case["a_count"] = _after(case["a"], case["a_count"] - case["a"].sum(0))
+    case["v_count"] = _after(case["v"], case["v_count"] - case["v"].sum(0))
+    with force_backend(backend):
+        ran = backend if backend == "reference" else backend_for(case["a"], ("triton", "torch"))
+        plain = _run_context(case, merge_heads=merge_heads)
+        kept = torch.rand(plain[0].shape[:-1], generator=gen) < 0.1
+        rows = kept.to(torch.int32)
+        got = _run_context(case, merge_heads=merge_heads, row_active=rows)
+    _assert_same(got, plain, CONTEXT_NAMES)
+    spikes = plain[0]  # [T, *batch, M, D], or [T, *batch[:-1], M, H * D]
+    heads = spikes.unflatten(-1, (batch[-1], -1)) if merge_heads else spikes[..., None, :]
+    fired = (heads != 0).any(dim=-1)  # [T, ..., M, heads]
+    if ran == "triton":  # per head and block of query rows, then per row
+        block_m = context_config(24)[0]
+        m = fired.shape[-2]
+        blocks = F.pad(fired.transpose(-1, -2), (0, -m % block_m)).unflatten(-1, (-1, block_m))
+        fired = blocks.any(dim=-1).repeat_interleave(block_m, dim=-1)[..., :m].transpose(-1, -2)
+    want = fired.any(dim=-1) | kept
+    assert torch.equal(rows, want.to(torch.int32))
+    assert not want[-1].all() and want[0].any(), "the case proves little"
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_context_silent_input_still_moves_the_neuron(gen, device):
     case = _context_case(gen, 6, (2,), 20, 30, 24, state=True, device=device)
@@ -718,6 +754,24 @@ BAD_CONTEXT = [
     ("v_count int32", dict(v_count=torch.zeros(3, 5, 8).int()), TypeError, "v_count must"),
     ("count shape", dict(count=torch.zeros(3, 4, 5, dtype=torch.int8)), ValueError, "count must"),
     (
+        "row_active shape",
+        dict(row_active=torch.zeros(2, 3, 4, 8, dtype=torch.int32)),
+        ValueError,
+        r"row_active must have shape \(2, 3, 4\)",
+    ),
+    (
+        "row_active strided",
+        dict(row_active=torch.zeros(2, 4, 3, dtype=torch.int32).transpose(1, 2)),
+        ValueError,
+        "row_active must be contiguous",
+    ),
+    (
+        "row_active int64",
+        dict(row_active=torch.zeros(2, 3, 4, dtype=torch.int64)),
+        TypeError,
+        "row_active must have dtype",
+    ),
+    (
         "v elsewhere",
         dict(v=torch.zeros(2, 3, 5, 8, dtype=torch.int8, device="meta")),
         ValueError,
@@ -741,12 +795,16 @@ def test_context_bad_input_is_rejected(case, bad, error, words):
 
 
 @pytest.mark.parametrize(("state", "merge_heads"), [(False, False), (True, False), (True, True)])
-def test_context_opcheck(gen, state, merge_heads):
+@pytest.mark.parametrize("rows", [False, True])
+def test_context_opcheck(gen, state, merge_heads, rows):
+    """With ``rows``: ``row_active`` written."""
     case = _context_case(gen, 3, (2,), 6, 9, 20, state=state)
     c = dict(case)
     args = [c.pop(name) for name in ("a", "v", "theta_a", "theta_v", "threshold")]
     args += [*CTX_BOUNDS, *(c.get(name) for name in ("a_count", "v_count", "count"))]
     args += [None, False, merge_heads]  # active, inplace
+    if rows:  # counts_in, row_active [T, rows of the spikes]
+        args += [False, torch.zeros(3, *((6,) if merge_heads else (2, 6)), dtype=torch.int32)]
     torch.library.opcheck(torch.ops.spikekernels.exact_context.default, tuple(args))
 
 
@@ -1055,8 +1113,9 @@ def test_the_contraction_goes_up_to_its_limit(gen):
 
 def test_slabs_past_int32_offsets_take_the_pytorch_path():
     """The fused kernels address one (batch, head)'s [M, N] slab with int32 offsets: a slab
-    of 2^31 elements or more (46,341 tokens, or 2^23 queries against 256 keys) is the
-    PyTorch path's, one fewer token is the kernels'. (Shapes only: meta tensors.)"""
+    within 2^16 of 2^31 elements or past it (46,341 tokens, or 2^23 - 256 queries against
+    256 keys) is the PyTorch path's, one fewer token is the kernels'. (Shapes only: meta
+    tensors.)"""
     from spikekernels.ops._attention import fused_context_fits, fused_probs_fits
 
     def meta(*shape):
@@ -1064,7 +1123,7 @@ def test_slabs_past_int32_offsets_take_the_pytorch_path():
 
     for n, fits in ((46_340, True), (46_341, False)):
         assert fused_context_fits(meta(1, 1, n, n), meta(1, 1, n, 64)) is fits
-    for m, fits in ((2**23 - 1, True), (2**23, False)):
+    for m, fits in ((2**23 - 257, True), (2**23 - 256, False)):
         assert fused_probs_fits(meta(1, 1, m, 64), meta(1, 1, 64, 256)) is fits
 
 

@@ -77,13 +77,9 @@ def test_the_spike_counter_keeps_the_fast_paths(gen, monkeypatch):
         assert steps == plain_steps and torch.equal(
             logits.view(torch.int32), plain.view(torch.int32)
         )
-    # each block's exact_linear calls in order: qkv, proj, fc1, fc2; the counter watches the
-    # attention's probs and context, which then run as two ops that record no row flags for
-    # proj (ExactAttention): every other flag and settled row is as without the counter
-    counted = runs["counted"][2]
-    assert len(counted) == len(plain_calls) and any(settled for _, settled in plain_calls)
-    for i, (got, want) in enumerate(zip(counted, plain_calls, strict=True)):
-        assert got == (want if i % 4 != 1 else (False, want[1])), i
+    # the counter watches the attention's probs and context, which then run as two ops (the
+    # context records proj's row flags): every flag and settled row as without the counter
+    assert runs["counted"][2] == plain_calls and any(settled for _, settled in plain_calls)
     # block 0's qkv: its input's flags withheld past the plain hook on norm1
     first_qkv = runs["hooked"][2][0]
     assert first_qkv == (False, False) and plain_calls[0] == (True, False)

@@ -926,18 +926,21 @@ def exact_attention_cases() -> list[Case]:
         "out_ptr": "*i8",
         "count_out_ptr": "*i8",
         "active_ptr": "*i32",
+        "row_active_ptr": "*i32",
     }
     strides = ["stride_at", "stride_ab", "stride_ah", "stride_am"]
     strides += ["stride_vt", "stride_vb", "stride_vh", "stride_vn"]
     strides += ["stride_ot", "stride_ob", "stride_oh", "stride_om"]
     signature |= {
         name: "i32"
-        for name in ["T", "M", "N", "D", "H", *strides, "n_min", "p_max", "samples"]
-        + ["rows_per_sample"]
+        for name in ["T", "M", "N", "D", "H", "row_heads", "rows_per_step", *strides]
+        + ["n_min", "p_max", "samples", "rows_per_sample"]
     }
-    variants = [(False, False, False), (True, False, False), (True, True, False),
-                (False, False, True), (True, True, True)]  # fmt: skip
-    for state, active, counts_in in variants:
+    # (state, active, counts_in, row_active); the last: the model's call past a hook
+    variants = [(False, False, False, False), (True, False, False, False),
+                (True, True, False, False), (False, False, True, False),
+                (True, True, True, False), (True, True, True, True)]  # fmt: skip
+    for state, active, counts_in, rows in variants:
         constexprs = dict(
             stride_an=1,
             stride_vd=1,
@@ -945,13 +948,15 @@ def exact_attention_cases() -> list[Case]:
             HAS_COUNT=state,
             HAS_ACTIVE=active,
             COUNTS_IN=counts_in,
+            HAS_ROW_ACTIVE=rows,
             BLOCK_M=block_m,
             BLOCK_K=block_k,
             BLOCK_D=block_d,
         )
         cases.append(
             Case(
-                f"exact_context N=197 D=64 state={state} active={active} counts_in={counts_in}",
+                f"exact_context N=197 D=64 state={state} active={active} counts_in={counts_in}"
+                f" row_active={rows}",
                 ea.exact_context_kernel,
                 signature,
                 constexprs,

@@ -645,11 +645,15 @@ def exact_context_kernel(
     out_ptr,  # [T, B, H, M, D] int8 spikes, any strides but a contiguous D
     count_out_ptr,  # [B, M, D] int8
     active_ptr,  # [T, samples] int32 flags, set where a sample fires (HAS_ACTIVE only)
+    row_active_ptr,  # [T, rows] int32 flags per row of the spikes, set where its block of
+    # query rows fires (HAS_ROW_ACTIVE only)
     T,
     M,
     N,
     D,
     H,
+    row_heads,  # heads per row of the spikes: H merged, else 1 (HAS_ROW_ACTIVE only)
+    rows_per_step,  # rows of the spikes per step: B * H * M / row_heads (HAS_ROW_ACTIVE only)
     stride_at,
     stride_ab,
     stride_ah,
@@ -672,6 +676,7 @@ def exact_context_kernel(
     HAS_COUNT: tl.constexpr,
     HAS_ACTIVE: tl.constexpr,
     COUNTS_IN: tl.constexpr,  # a_ptr, v_ptr hold running counts: Z = A_t @ V_t per step
+    HAS_ROW_ACTIVE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -679,7 +684,8 @@ def exact_context_kernel(
     """``Z = A_{-1} @ V_{-1}``, then per step: ``Z += a_t @ V_t + A_{t-1} @ v_t``
     (``COUNTS_IN``: ``Z = A_t @ V_t``); ``y = fl32(fl32(theta_a * theta_v) * fl32(Z))``;
     target-driven neuron on ``y``; ``active[t, row // rows_per_sample] = 1`` where a row
-    fires."""
+    fires; with ``HAS_ROW_ACTIVE`` every row of the spikes in a block of query rows that
+    fired flagged (as ``exact_attention_kernel``)."""
     num_m = tl.cdiv(M, BLOCK_M)
     pid = tl.program_id(0)
     bid = (pid // num_m).to(tl.int64)
@@ -723,6 +729,8 @@ def exact_context_kernel(
     inv_theta = inverse_threshold(theta)
     if HAS_ACTIVE:  # the tile's sample (all its rows are one head's)
         active_ptr += (bid * M) // rows_per_sample
+    if HAS_ROW_ACTIVE:
+        row_active_ptr += (bid // row_heads) * M
 
     if HAS_COUNT:  # whether the tile fired at the last step (at first: unknown, so yes)
         fired = tl.full((), 1, tl.int32)
@@ -760,6 +768,10 @@ def exact_context_kernel(
         if HAS_ACTIVE:
             record_active_tile(active_ptr, fired)
             active_ptr += samples
+        if HAS_ROW_ACTIVE:
+            if fired != 0:
+                tl.store(row_active_ptr + offs_m, 1, mask=mask_m)
+            row_active_ptr += rows_per_step
         a_ptr += stride_at
         v_ptr += stride_vt
         a_prev_ptr += step_a
@@ -1167,11 +1179,13 @@ def exact_context_triton(
     inplace: bool = False,
     merge_heads: bool = False,
     counts_in: bool = False,
+    row_active: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Host side: ``a`` ``[T, *batch, M, N]``, ``v`` ``[T, *batch, N, D]`` int8 (any strides,
     at least one batch entry, ``1 <= D <= MAX_HEAD_DIM``, ``M, N >= 1``), their neurons'
     counts after these steps (any strides, or None), ``active`` ``[T, B]`` int32 contiguous
-    or None. Returns ``(spikes [T, *batch, M, D] int8, count int8)``, or with
+    or None, ``row_active`` int32 contiguous, one flag per step and row of the spikes, or
+    None. Returns ``(spikes [T, *batch, M, D] int8, count int8)``, or with
     ``merge_heads`` the spikes ``[T, *batch[:-1], M, H * D]`` (written there directly): the
     count fresh, or with ``inplace`` a view of the given one, written by the program that
     read it. ``counts_in``: ``a`` and ``v`` are running counts (``a_count``, ``v_count``
@@ -1183,6 +1197,8 @@ def exact_context_triton(
     m, n = a.shape[-2:]
     d = v.shape[-1]
     block_m, block_k, block_d, num_warps = context_config(d)
+    h = p.a.shape[2]
+    row_heads = h if merge_heads else 1
     launch(exact_context_kernel)[_grid(p, block_m)](
         p.a,
         p.b,
@@ -1195,11 +1211,14 @@ def exact_context_triton(
         p.out5,
         p.count_out,
         p.count_out if active is None else active,
+        p.count_out if row_active is None else row_active,
         a.shape[0],
         m,
         n,
         d,
-        p.a.shape[2],
+        h,
+        row_heads,
+        _batch(p) * m // row_heads,
         *p.a.stride(),
         *p.b.stride(),
         *p.out5.stride()[:4],
@@ -1210,6 +1229,7 @@ def exact_context_triton(
         HAS_COUNT=p.count_in is not None,
         HAS_ACTIVE=active is not None,
         COUNTS_IN=counts_in,
+        HAS_ROW_ACTIVE=row_active is not None,
         BLOCK_M=block_m,
         BLOCK_K=block_k,
         BLOCK_D=block_d,

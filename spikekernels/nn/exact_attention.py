@@ -100,17 +100,20 @@ class ExactContext(TargetNeuron):
         v_count: torch.Tensor | None = None,
         *,
         merge_heads: bool = False,
+        row_active: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``a_count`` ``[*batch, M, N]`` and ``v_count`` ``[*batch, N, D]``: the counts of the
         attention and value neurons after these steps (any strides); None only on a fresh
         input, and always with ``counts_in``. ``merge_heads``: spikes ``[T, *batch[:-1], M,
-        H * D]``, the last batch dim merged into the channels (``ops.exact_context``)."""
+        H * D]``, the last batch dim merged into the channels; ``row_active``: int32 zeros,
+        one per step and row of the spikes, set where a row fires (``ops.exact_context``)."""
         if not self.counts_in:
             require_input_counts(self, a_count=a_count, v_count=v_count)
         spikes, self.count = exact_context(
             a, v, self.theta_a, self.theta_v, self.threshold, self.n_min, self.p_max,
             a_count, v_count, self.count, active=self.activity,
             inplace=self.stateful_call(), merge_heads=merge_heads, counts_in=self.counts_in,
+            row_active=row_active,
         )  # fmt: skip
         return spikes
 
@@ -143,7 +146,7 @@ class ExactAttention(nn.Module):
     its spikes fire (``row_active``), from which ``proj`` finds its silent row tiles
     (``s_row_active``), as ``qkv`` does from its input's. When either module
     has a forward hook (a ``SpikeCounter``, a user's probe) the two are called one after the
-    other instead, so that the hook sees what it hooks.
+    other instead, so that the hook sees what it hooks (``context`` then records the rows).
 
     State lives in the parts until ``reset()``. Inference only.
     """
@@ -216,15 +219,15 @@ class ExactAttention(nn.Module):
         q = qkv[:, :, :, 0].transpose(2, 3)  # [T, B, H, N, Dh]
         k_t = qkv[:, :, :, 1].permute(0, 1, 3, 4, 2)  # [T, B, H, Dh, N]
         v = qkv[:, :, :, 2].transpose(2, 3)
-        rows = None  # which rows of the context spikes fire: proj's s_row_active
+        # which rows of the context spikes fire: proj's s_row_active
+        rows = torch.zeros(t, b, n, dtype=torch.int32, device=s.device)
         if self._fusable():
-            rows = torch.zeros(t, b, n, dtype=torch.int32, device=s.device)
             context = self._fused(q, k_t, v, qkv_active, rows)
-            rows = unless_hooked(rows, self.proj)
         else:
             a = self.probs(q, k_t)  # [T, B, H, N, N] running attention counts
             # [T, B, N, C] spikes: the kernel writes the heads merged, as proj reads them
-            context = self.context(a, v, merge_heads=True)
+            context = self.context(a, v, merge_heads=True, row_active=rows)
+        rows = unless_hooked(rows, self.context, self.proj)
         continues = not hooked(self.context, self.proj)  # the context spikes are proj's input
         return self.proj(context, s_before=context_before, s_row_active=rows,
                          row_active=row_active, s_continues=continues)  # fmt: skip

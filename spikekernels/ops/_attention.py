@@ -69,11 +69,16 @@ def check_data(a, b, a_name, b_name, a_count, b_count, scalars, validate, counts
     check_counts_consistent(b, b_count, b_name, validate)
 
 
+# room past a slab's last element for the padded lanes of its last tile, whose int32 offsets
+# must not wrap either (the running count masks its blocks of 1024 by offset)
+_TILE_PADDING = 2**16
+
+
 def slabs_fit(m: int, k: int, n: int) -> bool:
     """Whether the product kernels' int32 tile offsets reach every element of one
-    ``[M, K]``, ``[K, N]`` and ``[M, N]`` slab (attention over more than 46K tokens passes
-    2^31): the host's side of the kernels' int32 offsets."""
-    return max(m * k, k * n, m * n) < 2**31
+    ``[M, K]``, ``[K, N]`` and ``[M, N]`` slab, and the padded lanes past it (attention over
+    more than 46K tokens passes 2^31): the host's side of the kernels' int32 offsets."""
+    return max(m * k, k * n, m * n) < 2**31 - _TILE_PADDING
 
 
 def fused_probs_fits(q: torch.Tensor, k_t: torch.Tensor) -> bool:

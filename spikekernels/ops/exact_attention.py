@@ -286,7 +286,7 @@ def exact_attention_probs(
 
 def _check_context(
     a, v, theta_a, theta_v, threshold, n_min, p_max, a_count, v_count, count, active, inplace,
-    merge_heads, counts_in,
+    merge_heads, counts_in, row_active=None,
 ) -> None:  # fmt: skip
     """Metadata checks (no data read)."""
     check_flag(merge_heads, "merge_heads")
@@ -304,7 +304,9 @@ def _check_context(
     shape = (*a.shape[1:-1], v.shape[-1])
     check_state(count, "count", shape, (torch.int8,), a, "a")
     check_active(active, (a.shape[0], *shape), a, "a")
-    inputs = (a, v, theta_a, theta_v, threshold, a_count, v_count, active)
+    batch = a.shape[1:-3] if merge_heads else a.shape[1:-2]  # the spikes' (heads merged)
+    check_row_active(row_active, (a.shape[0], *batch, a.shape[-2], v.shape[-1]), a, "a")
+    inputs = (a, v, theta_a, theta_v, threshold, a_count, v_count, active, row_active)
     check_inplace(inplace, (("count", count),), inputs)
 
 
@@ -329,7 +331,7 @@ def exact_context_torch(
     return target_spikes_torch(y, threshold, n_min, p_max, count, active)
 
 
-@kernel_op("exact_context", mutates_args=("count", "active"))
+@kernel_op("exact_context", mutates_args=("count", "active", "row_active"))
 def _exact_context_op(
     a: torch.Tensor,
     v: torch.Tensor,
@@ -345,16 +347,17 @@ def _exact_context_op(
     inplace: bool = False,
     merge_heads: bool = False,
     counts_in: bool = False,
+    row_active: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     args = (a, v, theta_a, theta_v, threshold, n_min, p_max, a_count, v_count, count)
-    _check_context(*args, active, inplace, merge_heads, counts_in)
+    _check_context(*args, active, inplace, merge_heads, counts_in, row_active)
     backend = backend_for(a, ("triton", "torch"))
     if backend == "triton" and fused_context_fits(a, v):
         from spikekernels.kernels.exact_attention import exact_context_triton
 
         out = exact_context_triton(
             launcher, *args, active, inplace=inplace, merge_heads=merge_heads,
-            counts_in=counts_in,
+            counts_in=counts_in, row_active=row_active,
         )  # fmt: skip
         return _triton_result(out, count, inplace)
     if backend == "reference":
@@ -366,16 +369,17 @@ def _exact_context_op(
         out = exact_context_torch(*args, active, counts_in)
     if merge_heads:
         out = (heads_merged(out[0]), out[1])
+    record_row_active(row_active, out[0])
     return _state_result(out, count, inplace)
 
 
 @_exact_context_op.register_fake
 def _(
     a, v, theta_a, theta_v, threshold, n_min, p_max, a_count=None, v_count=None, count=None,
-    active=None, inplace=False, merge_heads=False, counts_in=False,
+    active=None, inplace=False, merge_heads=False, counts_in=False, row_active=None,
 ):  # fmt: skip
     args = (a, v, theta_a, theta_v, threshold, n_min, p_max, a_count, v_count, count)
-    _check_context(*args, active, inplace, merge_heads, counts_in)
+    _check_context(*args, active, inplace, merge_heads, counts_in, row_active)
     spikes, count_out = _fake_outputs(a, v, count, inplace)
     return (heads_merged(spikes) if merge_heads else spikes), count_out
 
@@ -396,6 +400,7 @@ def exact_context(
     inplace: bool = False,
     merge_heads: bool = False,
     counts_in: bool = False,
+    row_active: torch.Tensor | None = None,
     validate: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact-mode attention context: the context product and the neuron after it, fused
@@ -443,6 +448,12 @@ def exact_context(
             ``exact_attention_probs`` and ``exact_linear``), not their spikes; ``a_count``
             and ``v_count`` must be None. Then ``Z = A_t @ V_t`` at each step, the same
             integers as the running sum.
+        row_active: optional int32 zeros, one flag per step and row of the spikes
+            (``[T, *batch, M]``, with ``merge_heads`` ``[T, *batch[:-1], M]``), contiguous,
+            set in place where a row fires: the truth on the PyTorch paths; the Triton kernel
+            flags every row of a block of query rows whose neuron fired (a superset, at the
+            granularity ``exact_linear`` skips at). What the projection takes as
+            ``s_row_active``. Never cleared.
         validate: on a GPU also run the data checks (host syncs): the three thresholds
             positive, finite and normal; the spikes ternary; every running count, from the
             count before the steps on, inside int8 (spikes only); ``count`` inside ``[n_min,
@@ -463,11 +474,11 @@ def exact_context(
     Inference only: no autograd.
     """
     args = (a, v, theta_a, theta_v, threshold, n_min, p_max, a_count, v_count, count)
-    _check_context(*args, active, inplace, merge_heads, counts_in)
+    _check_context(*args, active, inplace, merge_heads, counts_in, row_active)
     scalars = ((theta_a, "theta_a"), (theta_v, "theta_v"), (threshold, "threshold"))
     check_data(a, v, "a", "v", a_count, v_count, scalars, validate, counts_in)
     check_in_bounds(count, "count", n_min, p_max, validate)
-    out = call_op("exact_context", *args, active, inplace, merge_heads, counts_in)
+    out = call_op("exact_context", *args, active, inplace, merge_heads, counts_in, row_active)
     return own_state(out, (1,), (count,)) if inplace else out
 
 
