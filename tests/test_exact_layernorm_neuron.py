@@ -668,8 +668,8 @@ def test_settles_to_the_qann_integer(gen, device):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("via", ["d", "sign", "branch", "branch2"])
 def test_quiet_rows_wake_up(gen, device, via):
-    """A held stream settles (its tiles go quiet: with an incoming count the kernel skips
-    them), then one row's input moves at a late step, through ``d`` (also in its values' signs
+    """A held stream settles (its tiles go quiet: the kernel skips them), then one row's
+    input moves at a late step, through ``d`` (also in its values' signs
     alone) or either pending branch: that row answers at once, as the reference does, whole
     and in chunks."""
     T, batch, tokens, channels = 24, 2, 9, 96
@@ -696,7 +696,7 @@ def test_quiet_rows_wake_up(gen, device, via):
     norm = {k: t.to(device) for k, t in norm.items()}
     branch, branch2 = (tuple(t.to(device) for t in b) for b in (branch, branch2))
     _assert_same(_run_branch(*to, norm, branch, branch2=branch2), want)
-    # an incoming count (zeros, the fresh state): the variant that skips quiet tiles
+    # an incoming count of zeros: the fresh state, given
     zero = torch.zeros(zeros.shape[1:], dtype=torch.int8, device=device)
     _assert_same(_run_branch(*to, norm, branch, zero, branch2=branch2), want)
     # chunks: the branch counts advance by each chunk's spikes, the norm's count carries; the

@@ -639,9 +639,10 @@ def exact_layernorm_cases() -> list[Case]:
     from spikekernels.kernels import exact_layernorm as eln
 
     cases = []
-    # ViT-S/B/L widths with the residual's constant part and count, the readout's pooled
-    # float32 rows without them, and a width that is not a power of two
-    # (and the widest rows again recording per-sample activity)
+    # ViT-S/B/L widths with the residual's constant part (one threshold; a tuple's third
+    # entry False: per channel), the readout's pooled float32 rows without it, and a width
+    # that is not a power of two (and the widest rows again recording per-sample activity);
+    # a count is always read (zeros when fresh)
     # branch: 0 none, 1 d + pending branch with D written, 2 the branch alone, fresh, D
     # written (block 0's norm1), 3 d + branch, no D (a block's norm2), 4 d + two branches, D
     # written (a later block's norm1), 5 d + two branches, no D (the readout)
@@ -710,7 +711,6 @@ def exact_layernorm_cases() -> list[Case]:
             HAS_C=has_c,
             HAS_WEIGHT=True,
             HAS_BIAS=True,
-            HAS_COUNT=state,
             PER_CHANNEL=not state,
             HAS_ACTIVE=active,
             HAS_D_MOVED=flags and branch != 2,
@@ -722,8 +722,8 @@ def exact_layernorm_cases() -> list[Case]:
         )
         cases.append(
             Case(
-                f"exact_layernorm_neuron C={c} residual={has_c} count={state} active={active} "
-                f"branch={branch}" + (" moved" if flags else ""),
+                f"exact_layernorm_neuron C={c} residual={has_c} per_channel={not state} "
+                f"active={active} branch={branch}" + (" moved" if flags else ""),
                 eln.exact_layernorm_neuron_kernel,
                 signature,
                 constexprs,
@@ -1179,7 +1179,7 @@ def tile_candidate_cases() -> list[Case]:
         (ea, "_PROBS_GPU", exact_attention_cases,
          "exact_attention (fused) N=197 D=64 state=True active=True qkv_active row_active"),
         (eln, "ELEMENTS_PER_PROGRAM", exact_layernorm_cases,
-         "exact_layernorm_neuron C=384 residual=True count=True active=True branch=1"),
+         "exact_layernorm_neuron C=384 residual=True per_channel=False active=True branch=1"),
         (sln, "_GPU_TILES", spike_linear_neuron_cases, "spike_linear_neuron weight=bf16x3 "
          "state=True per_channel=True float_out=False active=True"),
     ]  # fmt: skip

@@ -29,7 +29,8 @@ in their order, one rounding each, so the bits equal the QANN's row function:
   target - count)`` was 0 for the same target) and ``sigma`` is 0 again, bit for bit: the
   tile skips the row function and the neuron (a compare a lane and one or-reduction). The
   first step of a launch is never quiet. Late chunks, where most of a run's steps are, are
-  mostly quiet rows.
+  mostly quiet rows, and so are the late steps of a long first chunk: a fresh count is zeros,
+  read as any other (one variant, no count-less one).
 
 The float64 stream is most of the kernel's traffic (a ViT block moves 27 bytes of it per
 element and step). So it travels with row flags: with ``d``'s (``HAS_D_MOVED``) a row whose
@@ -308,7 +309,7 @@ def exact_layernorm_neuron_kernel(
     w_ptr,  # [C] float32 LayerNorm weight (HAS_WEIGHT only)
     b_ptr,  # [C] float32 LayerNorm bias (HAS_BIAS only)
     theta_ptr,  # [1] or [C] neuron threshold (any float dtype)
-    count_in_ptr,  # [R, C] int8 incoming count (HAS_COUNT only)
+    count_in_ptr,  # [R, C] int8 incoming count (zeros when fresh)
     out_ptr,  # [T, R, C] int8 spikes
     count_out_ptr,  # [R, C] int8
     active_ptr,  # [T, B] int32 per-sample flags, set where a sample fires (HAS_ACTIVE only)
@@ -335,7 +336,6 @@ def exact_layernorm_neuron_kernel(
     HAS_C: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
-    HAS_COUNT: tl.constexpr,
     PER_CHANNEL: tl.constexpr,
     HAS_ACTIVE: tl.constexpr,
     HAS_D_MOVED: tl.constexpr,
@@ -367,10 +367,7 @@ def exact_layernorm_neuron_kernel(
     theta = load_threshold(theta_ptr, cols, col_mask, PER_CHANNEL)
     inv_theta = inverse_threshold(theta)
     edge = layer_norm_estimate_edge(w, b, inv_theta, HAS_WEIGHT, HAS_BIAS, BLOCK_C)
-    if HAS_COUNT:
-        count = tl.load(count_in_ptr + offs, mask=mask, other=0).to(tl.int32)
-    else:
-        count = tl.zeros([ROWS, BLOCK_C], tl.int32)
+    count = tl.load(count_in_ptr + offs, mask=mask, other=0).to(tl.int32)
 
     d_ptrs = d_ptr + offs
     out_ptrs = out_ptr + offs
@@ -478,27 +475,19 @@ def exact_layernorm_neuron_kernel(
             x = d.to(tl.float32)
         # A quiet tile (its rows' bits as at the last step, no lane fired then) has every
         # target equal to its count, so sigma 0 again, bit for bit: it skips the row function
-        # and the neuron (module docstring). Only with incoming state: a run's first chunk is
-        # busy (and the test's registers made the fresh variants spill on sm_90).
-        if HAS_COUNT:
-            bits = x.to(tl.int32, bitcast=True)
-            moved = any_nonzero(bits ^ last_bits).to(tl.int32)
-            last_bits = bits
-            if (moved | fired) != 0:
-                sigma, fired, count = _layer_norm_neuron_step(
-                    x, w, b, eps, theta, inv_theta, edge, count, n_min, p_max, mask, col_mask,
-                    c_f, active_ptrs, row_active_ptrs, rows < R, HAS_WEIGHT, HAS_BIAS,
-                    HAS_ACTIVE, HAS_ROW_ACTIVE, ROWS, BLOCK_C, LOG2_C,
-                )  # fmt: skip
-            else:
-                sigma = tl.zeros([ROWS, BLOCK_C], tl.int32)
-                fired = tl.full((), 0, tl.int32)
-        else:
+        # and the neuron (module docstring).
+        bits = x.to(tl.int32, bitcast=True)
+        moved = any_nonzero(bits ^ last_bits).to(tl.int32)
+        last_bits = bits
+        if (moved | fired) != 0:
             sigma, fired, count = _layer_norm_neuron_step(
                 x, w, b, eps, theta, inv_theta, edge, count, n_min, p_max, mask, col_mask, c_f,
                 active_ptrs, row_active_ptrs, rows < R, HAS_WEIGHT, HAS_BIAS, HAS_ACTIVE,
                 HAS_ROW_ACTIVE, ROWS, BLOCK_C, LOG2_C,
             )  # fmt: skip
+        else:
+            sigma = tl.zeros([ROWS, BLOCK_C], tl.int32)
+            fired = tl.full((), 0, tl.int32)
         tl.store(out_ptrs, sigma.to(tl.int8), mask=mask)
         if HAS_ACTIVE:
             active_ptrs += B
@@ -556,6 +545,11 @@ def exact_layernorm_neuron_triton(
     out = torch.empty((T, R, C), dtype=torch.int8, device=device)
     if inplace:
         count_out = count
+    elif count is None:
+        # a fresh count is zeros, read like any other (the kernel has no count-less variant,
+        # so a long first chunk skips its quiet tiles too); the program that reads a count
+        # tile writes it
+        count = count_out = torch.zeros((R, C), dtype=torch.int8, device=device)
     else:
         count_out = torch.empty((R, C), dtype=torch.int8, device=device)
     d_out = torch.empty((T, R, C), dtype=torch.float64, device=device) if residual_out else None
@@ -579,7 +573,7 @@ def exact_layernorm_neuron_triton(
         out if weight is None else weight,
         out if bias is None else bias,
         threshold.contiguous(),
-        count_out if count is None else count,
+        count,
         out,
         count_out,
         count_out if active is None else active,
@@ -605,7 +599,6 @@ def exact_layernorm_neuron_triton(
         HAS_C=c is not None,
         HAS_WEIGHT=weight is not None,
         HAS_BIAS=bias is not None,
-        HAS_COUNT=count is not None,
         PER_CHANNEL=threshold.numel() > 1,
         HAS_ACTIVE=active is not None,
         HAS_D_MOVED=d_moved is not None,
