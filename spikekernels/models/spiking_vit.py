@@ -583,6 +583,7 @@ class SpikingViT(nn.Module):
         self.num_classes = num_classes
         self.sites = list(sites)
         self._chunk_graphs: dict = {}  # (image shape, dtype, chunk, device) -> ChunkGraph
+        self.received: dict[str, torch.Tensor] = {}
 
     def _apply(self, fn, recurse=True):
         # Device moves only: the network runs in the dtypes conversion gave it (exact mode's
@@ -607,6 +608,7 @@ class SpikingViT(nn.Module):
         for block in self.blocks:
             block.reset()
         self.readout.reset()
+        self.received = {}
 
     def neurons(self) -> list[nn.Module]:
         """Every neuron module, in execution order."""
@@ -629,10 +631,29 @@ class SpikingViT(nn.Module):
         ``reset()``); ``patches`` is the conv output ``patch_embed.first_step(img)``. Returns
         the logits of each step ``[steps, B, classes]`` (increments in float mode, current
         values in exact mode)."""
-        x = self.patch_embed(patches, steps)
-        for block in self.blocks:
-            x = block(x)
+        x = self._as_received("patch_embed", self.patch_embed(patches, steps))
+        for i, block in enumerate(self.blocks):
+            x = self._as_received(f"blocks.{i}", block(x))
         return self.readout(x)
+
+    def _as_received(self, name: str, x: object) -> object:
+        """Exact mode's stream ``x`` from module ``name`` as the next module reads it: past a
+        hook there (which may replace the ``Residual``), each pending branch's count before
+        its spikes is that of the spikes the stream received, kept in ``received`` from the
+        first such chunk (as ``ExactBlock`` keeps its branches' past a hook inside it), so
+        that the run does not depend on its chunking. Float mode's stream has no counts."""
+        if not isinstance(x, Residual):
+            return x
+        replaced = hooked(self.get_submodule(name))
+        pending = tuple(
+            branch._replace(
+                count_before=_branch_before(
+                    self.received, f"{name}.{i}", branch.count_before, branch.spikes, replaced
+                )
+            )
+            for i, branch in enumerate(x.pending)
+        )
+        return x._replace(pending=pending)
 
     def _check_call(self, x: object, max_steps: object) -> None:
         _check_count(max_steps, "max_steps")
