@@ -478,20 +478,24 @@ ABLATED = [
     ("attn", "mlp"),
     ("patch_embed.neuron",),
     ("patch_embed", "blocks.0"),  # the modules that return the stream (a Residual)
+    ("pre", "norm1", "norm2", "readout.norm"),  # pre-hooks on the branches a norm adds
 ]
 
 
 @CPU_PASS_ONLY  # model wiring; the kernels' settled rows are checked on CPU by their data
 @pytest.mark.parametrize("hooked", ABLATED, ids=str)
 def test_a_hook_that_replaces_spikes_gives_the_same_run_at_every_chunking(gen, hooked):
-    """An ablation: a forward hook silences a token row of a layer's spikes at every step.
-    The layers reading them integrate what they receive (``ExactLinearNeuron``'s
-    ``s_received``, the blocks' and the patch embedding's branch counts), not their
-    producer's count, so the run settles on the same bits at every chunking and equals the
-    per-step reference. Hooked: the inputs of linears (``qkv``/``fc1``, ``proj`` through the
-    unfused ``context``, ``fc2``), the branches the norms add, on every block, or the stream
-    between blocks (its pending branches' spikes; ``SpikingViT`` keeps their counts)."""
+    """An ablation: a forward hook silences a token row of a layer's spikes at every step
+    (or a pre-hook, of the branches a LayerNorm neuron adds). The layers reading them
+    integrate what they receive (``ExactLinearNeuron``'s ``s_received``, the branch counts
+    the blocks, the patch embedding, the runner and the norms keep), not their producer's
+    count, so the run settles on the same bits at every chunking and equals the per-step
+    reference. Hooked: the inputs of linears (``qkv``/``fc1``, ``proj`` through the unfused
+    ``context``, ``fc2``), the branches the norms add, on every block, or the stream between
+    blocks (its pending branches' spikes)."""
     import spikekernels.models.spiking_vit as vit
+
+    pre = hooked[0] == "pre"
 
     qann = make_exact(gen, **TINY, level=16)
     x = images(gen, qann, 2)
@@ -508,12 +512,18 @@ def test_a_hook_that_replaces_spikes_gives_the_same_run_at_every_chunking(gen, h
         out[:, :, 1] = 0
         return out
 
+    def silence_branches(module, args):  # d, then each branch's spikes, step, count before
+        return tuple(silence_row(module, (), a) if i in (1, 4) else a for i, a in enumerate(args))
+
     runs = []
     for chunk in (1, 3, (4, 1), 64, "reference", None):
         snn = convert(qann)
         for name, module in snn.named_modules():
-            if chunk is not None and name.endswith(hooked):  # None: unhooked, for contrast
-                module.register_forward_hook(silence_row)
+            if chunk is not None and name.endswith(hooked[pre:]):  # None: unhooked, contrast
+                if pre:
+                    module.register_forward_pre_hook(silence_branches)
+                else:
+                    module.register_forward_hook(silence_row)
         if chunk == "reference":
             runs.append(snn(x, max_steps=64, chunk=1, reference=True))
         else:

@@ -43,7 +43,7 @@ from spikekernels.nn.exact_layers import (
     ExactLayerNormNeuron,
     ExactLinear,
     ExactLinearNeuron,
-    received_count,
+    count_received,
 )
 from spikekernels.nn.hooks import has_forward_hooks, hooked, unless_hooked
 from spikekernels.nn.neuron import STBIF
@@ -295,25 +295,6 @@ def _count_before(neuron: TargetNeuron) -> torch.Tensor | None:
     return None if neuron.count is None else neuron.count.clone()
 
 
-def _branch_before(
-    received: dict[str, torch.Tensor],
-    name: str,
-    before: torch.Tensor | None,
-    spikes: torch.Tensor,
-    replaced: bool,
-) -> torch.Tensor | None:
-    """The count before ``spikes`` that the stream adds for branch ``name``: its neuron's
-    ``before``, or where a hook may have ``replaced`` the spikes, the count of what the
-    stream received, kept in ``received`` (the owner's state) from the first such call, so
-    that the run does not depend on its chunking (``ExactLinearNeuron``'s ``s_continues``)."""
-    if not replaced:
-        received.pop(name, None)
-        return before
-    before = received.get(name, before)
-    received[name] = received_count(before, spikes, f"the {name} branch")
-    return before
-
-
 def _with_class_row(t: torch.Tensor) -> torch.Tensor:
     """``t`` with a zero class-token row in front of its tokens (dim -2)."""
     return F.pad(t, (0, 0, 1, 0))
@@ -407,7 +388,7 @@ class ExactPatchEmbed(nn.Module):
         before = _count_before(self.neuron)
         spikes = self.neuron(patches.expand(steps, batch, n, d))
         replaced = hooked(self.neuron)
-        before = _branch_before(self.received, "patch", before, spikes, replaced)
+        before = count_received(self.received, "patch", before, spikes, replaced)
         # The class-token row joins the int8 spikes and count (zero: theta * 0 = +0.0, as a
         # zero row), never a float64 tensor.
         branch = Branch(
@@ -476,7 +457,7 @@ class ExactBlock(_Composite):
                         s_continues=s_row_active is not None)  # fmt: skip
         flags = unless_hooked(row_active, branch, neuron, self)
         name = "attn" if branch is self.attn else "mlp"
-        before = _branch_before(self.received, name, before, spikes, hooked(branch, neuron))
+        before = count_received(self.received, name, before, spikes, hooked(branch, neuron))
         return Branch(spikes, neuron.threshold, before, flags)
 
     def reset(self) -> None:
@@ -647,7 +628,7 @@ class SpikingViT(nn.Module):
         replaced = hooked(self.get_submodule(name))
         pending = tuple(
             branch._replace(
-                count_before=_branch_before(
+                count_before=count_received(
                     self.received, f"{name}.{i}", branch.count_before, branch.spikes, replaced
                 )
             )

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from spikekernels import exact_math
+from spikekernels.nn.hooks import hooked
 from spikekernels.nn.neuron import FixedDtypeBuffers, scalar_tensor, threshold_tensor
 from spikekernels.nn.target_neuron import TargetNeuron
 from spikekernels.ops._checks import check_state, check_tensor, check_time_major, may_read_data
@@ -130,24 +131,48 @@ def require_input_counts(neuron: nn.Module, **counts: torch.Tensor | None) -> No
             )
 
 
-def received_count(before: torch.Tensor | None, s: torch.Tensor, name: str) -> torch.Tensor:
+def received_count(
+    before: torch.Tensor | None, s: torch.Tensor, names: tuple[str, str] = ("s", "s_before")
+) -> torch.Tensor:
     """The count after the spikes ``s`` ``[T, *]`` of a reader that had received ``before``
     (int8 ``[*]``, None: fresh), int8: what a layer integrates when a hook may have replaced
-    its producer's spikes. Refused where it leaves int8, which no neuron's count does (a hook
-    gave more spikes than a neuron can): a check that reads the data, so on CPU tensors only
-    (``may_read_data``; on a GPU such a count wraps, as a spike product's does)."""
-    check_tensor(s, "s", dtypes=(torch.int8,), min_ndim=2)
-    check_state(before, "s_before", s.shape[1:], (torch.int8,), s, "s")
+    its producer's spikes (``names``: the two as the caller's arguments). Refused where it
+    leaves int8, which no neuron's count does (a hook gave more spikes than a neuron can): a
+    check that reads the data, so on CPU tensors only (``may_read_data``; on a GPU such a
+    count wraps, as a spike product's does)."""
+    check_tensor(s, names[0], dtypes=(torch.int8,), min_ndim=2)
+    check_state(before, names[1], s.shape[1:], (torch.int8,), s, names[0])
     after = s.sum(0, dtype=torch.int32)
     if before is not None:
         after += before
     outside = may_read_data(after, False) and bool(((after < -128) | (after > 127)).any())
     if outside:
         raise ValueError(
-            f"the spikes of {name} sum to a count outside int8: a hook that replaces a "
+            f"the spikes of {names[0]} sum to a count outside int8: a hook that replaces a "
             "neuron's spikes must keep their count within a neuron's"
         )
     return after.to(torch.int8)
+
+
+def count_received(
+    received: dict[str, torch.Tensor],
+    key: str,
+    before: torch.Tensor | None,
+    spikes: torch.Tensor,
+    replaced: bool,
+    names: tuple[str, str] | None = None,
+) -> torch.Tensor | None:
+    """The count before ``spikes`` that a reader adds for its input ``key``: the producer's
+    ``before``, or where a hook may have ``replaced`` the spikes, the count of what the reader
+    received, kept in ``received`` (the reader's state) from the first such call, so that the
+    run does not depend on its chunking (``ExactLinearNeuron``'s ``s_continues``). ``names``:
+    the spikes and count as the caller's arguments, for errors (default: after ``key``)."""
+    if not replaced:
+        received.pop(key, None)
+        return before
+    before = received.get(key, before)
+    received[key] = received_count(before, spikes, names or (f"{key} spikes", f"{key} count"))
+    return before
 
 
 def check_token_spikes(s: object, channels: int, owner: str) -> None:
@@ -252,7 +277,7 @@ class ExactLinearNeuron(TargetNeuron):
                     "give s_before, not s_count, with s_continues=False: s_count less spikes "
                     "that are not its neuron's is not the count this layer received"
                 )
-            received = received_count(s_before, s, "s")  # refused before any state moves
+            received = received_count(s_before, s)  # refused before any state moves
         if s_before is None:
             require_input_counts(self, s_count=s_count)
         if row_active is None and isinstance(s, torch.Tensor) and s.dim() >= 2:
@@ -345,7 +370,9 @@ class ExactLayerNormNeuron(TargetNeuron):
     The stream may come with one or two pending branches (each its last neuron's spikes,
     threshold and count before them; ``branch2_*`` the later one): the op adds them to ``d``
     in registers, and with ``residual_out`` writes the updated ``D`` in the same pass, which
-    the caller takes with ``take_residual()`` (the output stays the spikes).
+    the caller takes with ``take_residual()`` (the output stays the spikes). Past a hook on
+    this module (a pre-hook may replace a branch's spikes) it adds the count of the spikes it
+    received instead of the branch's count before (``received``, kept across calls).
     """
 
     # the row function's float32 operands
@@ -364,6 +391,9 @@ class ExactLayerNormNeuron(TargetNeuron):
     def reset(self) -> None:
         super().reset()
         self.residual: torch.Tensor | None = None
+        # the pending branches' counts past a hook on this module (a pre-hook may replace
+        # their spikes): what it received, so that the run does not depend on its chunking
+        self.received: dict[str, torch.Tensor] = {}
 
     def take_residual(self) -> torch.Tensor:
         """The ``D`` of the last ``residual_out`` call, released here (it is a whole stream).
@@ -397,7 +427,16 @@ class ExactLayerNormNeuron(TargetNeuron):
         the same flags of ``D`` with ``residual_out``; ``row_active``: int32 zeros, one per
         step and row of the output, set where the row fires; ``branch_row_active``,
         ``branch2_row_active``: each pending branch's neuron's ``row_active``, or None
-        (``ops.exact_layernorm_neuron``)."""
+        (``ops.exact_layernorm_neuron``). Past a hook on this module the branches' counts
+        before are those of the spikes it received (``count_received``)."""
+        replaced = hooked(self)
+        if branch_spikes is not None:
+            branch_count = count_received(self.received, "branch", branch_count, branch_spikes,
+                                          replaced, ("branch_spikes", "branch_count"))  # fmt: skip
+        if branch2_spikes is not None:
+            branch2_count = count_received(self.received, "branch2", branch2_count,
+                                           branch2_spikes, replaced,
+                                           ("branch2_spikes", "branch2_count"))  # fmt: skip
         out = exact_layernorm_neuron(
             d,
             self.residual_constant,
