@@ -824,8 +824,7 @@ def exact_attention_cases() -> list[Case]:
         constexprs = dict(
             stride_qd=1,
             stride_kd=1,
-            HAS_ACC=state and not counts_in,
-            HAS_COUNT=state,
+            HAS_ACC=state and not counts_in,  # (a count is always read: zeros when fresh)
             HAS_ACTIVE=active,
             COUNTS_IN=counts_in,
             COUNTS_OUT=counts_in,
@@ -944,8 +943,7 @@ def exact_attention_cases() -> list[Case]:
         constexprs = dict(
             stride_an=1,
             stride_vd=1,
-            HAS_ACC=state and not counts_in,
-            HAS_COUNT=state,
+            HAS_ACC=state and not counts_in,  # (a count is always read: zeros when fresh)
             HAS_ACTIVE=active,
             COUNTS_IN=counts_in,
             HAS_ROW_ACTIVE=rows,

@@ -18,15 +18,16 @@ writes it. For each step:
   order (``softmax_columns``): the max over the keys, ``exp_rows``' Cody-Waite reduction and
   polynomial, ``tree_sum``'s pairwise order, a correctly rounded division;
 - the §9.3 neuron on ``probs`` (``kernels.target.target_tile``), int8 spikes out;
-- with incoming state, a *quiet* tile (no dot this step, no spike at the last) skips the
-  softmax and the neuron: its targets equal its counts, so its spikes are 0, bit for bit.
-  Late chunks, where most of a run's steps are, are mostly quiet tiles.
+- a *quiet* tile (no dot this step, no spike at the last) skips the softmax and the
+  neuron: its targets equal its counts, so its spikes are 0, bit for bit. Late chunks,
+  where most of a run's steps are, are mostly quiet tiles, and so are a long first chunk's
+  late steps (a fresh count is zeros, read as any other).
 
 ``exact_context_kernel`` (context product + neuron): one program per (batch entry, block of
 query rows), all head channels in one tile, the keys (the contraction) in ``BLOCK_K`` slices:
 ``Z += a_t @ V_t + A_{t-1} @ v_t`` (int32, in registers, starting from ``A_{-1} @ V_{-1}`` of
 the incoming counts), ``y = fl32(fl32(theta_a * theta_v) * fl32(Z))``, the §9.3 neuron on
-``y``; with incoming state a quiet tile skips the value and the neuron, as above.
+``y``; a quiet tile skips the value and the neuron, as above.
 
 The running spike counts (``Q_{t-1}``, ``K_t``; ``A_{t-1}``, ``V_t``) come from
 ``kernels.spike_matmul.running_count_kernel``, one pass each that writes the count of every
@@ -423,7 +424,7 @@ def exact_attention_probs_kernel(
     k_cur_ptr,  # [T, B, N, D] int8 running key count after step t, K_t, contiguous
     gain_ptr,  # [1] float32 score gain g
     theta_ptr,  # [1] attention neuron's threshold (any float dtype)
-    count_in_ptr,  # [B, M, N] int8 incoming neuron count (HAS_COUNT only)
+    count_in_ptr,  # [B, M, N] int8 incoming neuron count (zeros when fresh)
     out_ptr,  # [T, B, M, N] int8 spikes
     count_out_ptr,  # [B, M, N] int8
     active_ptr,  # [T, samples] int32 flags, set where a sample fires (HAS_ACTIVE only)
@@ -447,7 +448,6 @@ def exact_attention_probs_kernel(
     samples,  # (HAS_ACTIVE only)
     rows_per_sample,  # rows of the flattened [B * M] (HAS_ACTIVE only)
     HAS_ACC: tl.constexpr,  # both incoming counts given: S starts at Q_{-1} @ K_{-1}^T
-    HAS_COUNT: tl.constexpr,
     HAS_ACTIVE: tl.constexpr,
     COUNTS_IN: tl.constexpr,  # q_ptr, k_ptr hold running counts: S^T = K_t @ Q_t^T per step
     COUNTS_OUT: tl.constexpr,  # write the neuron's count after each step, not its spikes
@@ -508,18 +508,14 @@ def exact_attention_probs_kernel(
     # update and the comparison with the target need no conversion), else int32 (float32
     # spilled there, holding the running-count tiles too)
     count_dtype = tl.float32 if COUNTS_IN else tl.int32
-    if HAS_COUNT:
-        count = tl.load(count_in_ptr + s_offs, mask=mask_s, other=0).to(count_dtype)
-    else:
-        count = tl.zeros([BLOCK_N, BLOCK_M], dtype=count_dtype)
+    count = tl.load(count_in_ptr + s_offs, mask=mask_s, other=0).to(count_dtype)
     gain = tl.load(gain_ptr)
     theta = tl.load(theta_ptr).to(tl.float32)
     inv_theta = inverse_threshold(theta)
     if HAS_ACTIVE:  # the tile's sample (all its queries are one head's)
         active_ptr += (bid * M) // rows_per_sample
 
-    if HAS_COUNT:  # whether the tile fired at the last step (at first: unknown, so yes)
-        fired = tl.full((), 1, tl.int32)
+    fired = tl.full((), 1, tl.int32)  # whether the tile fired at the last step (at first: yes)
     for _ in range(T):
         if COUNTS_IN:
             s_now = scores_of_counts(
@@ -536,22 +532,16 @@ def exact_attention_probs_kernel(
         # The softmax and the neuron run on silent steps too (the neuron may still be moving
         # toward its target), unless the tile is quiet: S did not change and no neuron fired
         # at the last step, so every target equals its count (sigma = sign(target - count)
-        # was 0 for the same target) and sigma is 0 again, bit for bit. Only with incoming
-        # state: a run's first chunk is busy.
-        if HAS_COUNT:
-            if (moved | fired) != 0:
-                sigma, fired = _attention_neuron(
-                    s, gain, mask_n, mask_m, theta, inv_theta, count, n_min, p_max, BLOCK_N,
-                    BLOCK_M, LOG2_N, KEY_TREE, COUNTS_IN,
-                )  # fmt: skip
-            else:
-                sigma = tl.zeros([BLOCK_N, BLOCK_M], dtype=count_dtype)
-                fired = tl.full((), 0, tl.int32)
-        else:
+        # was 0 for the same target) and sigma is 0 again, bit for bit (a fresh count is
+        # zeros, read as any other: the first chunk skips too).
+        if (moved | fired) != 0:
             sigma, fired = _attention_neuron(
                 s, gain, mask_n, mask_m, theta, inv_theta, count, n_min, p_max, BLOCK_N,
                 BLOCK_M, LOG2_N, KEY_TREE, COUNTS_IN,
             )  # fmt: skip
+        else:
+            sigma = tl.zeros([BLOCK_N, BLOCK_M], dtype=count_dtype)
+            fired = tl.full((), 0, tl.int32)
         count = count + sigma
         if COUNTS_OUT:
             tl.store(out_ptr + s_offs, count.to(tl.int8), mask=mask_s)
@@ -641,7 +631,7 @@ def exact_context_kernel(
     theta_a_ptr,  # [1] attention neuron's threshold (any float dtype)
     theta_v_ptr,  # [1] value neuron's threshold (any float dtype)
     theta_ptr,  # [1] output neuron's threshold (any float dtype)
-    count_in_ptr,  # [B, M, D] int8 incoming neuron count (HAS_COUNT only)
+    count_in_ptr,  # [B, M, D] int8 incoming neuron count (zeros when fresh)
     out_ptr,  # [T, B, H, M, D] int8 spikes, any strides but a contiguous D
     count_out_ptr,  # [B, M, D] int8
     active_ptr,  # [T, samples] int32 flags, set where a sample fires (HAS_ACTIVE only)
@@ -673,7 +663,6 @@ def exact_context_kernel(
     samples,  # (HAS_ACTIVE only)
     rows_per_sample,  # rows of the flattened [B * M] (HAS_ACTIVE only)
     HAS_ACC: tl.constexpr,  # both incoming counts given: Z starts at A_{-1} @ V_{-1}
-    HAS_COUNT: tl.constexpr,
     HAS_ACTIVE: tl.constexpr,
     COUNTS_IN: tl.constexpr,  # a_ptr, v_ptr hold running counts: Z = A_t @ V_t per step
     HAS_ROW_ACTIVE: tl.constexpr,
@@ -720,10 +709,7 @@ def exact_context_kernel(
             v_offs = ks[:, None] * stride_vn + offs_d[None, :] * stride_vd
             v_cnt -= tl.load(v_ptr + v_offs, mask=mask_v, other=0)
             z = tl.dot(a_cnt, v_cnt, z, out_dtype=tl.int32)
-    if HAS_COUNT:
-        count = tl.load(count_in_ptr + state_offs, mask=mask_z, other=0).to(tl.int32)
-    else:
-        count = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.int32)
+    count = tl.load(count_in_ptr + state_offs, mask=mask_z, other=0).to(tl.int32)
     m = _mul(tl.load(theta_a_ptr).to(tl.float32), tl.load(theta_v_ptr).to(tl.float32))
     theta = tl.load(theta_ptr).to(tl.float32)
     inv_theta = inverse_threshold(theta)
@@ -732,8 +718,7 @@ def exact_context_kernel(
     if HAS_ROW_ACTIVE:
         row_active_ptr += (bid // row_heads) * M
 
-    if HAS_COUNT:  # whether the tile fired at the last step (at first: unknown, so yes)
-        fired = tl.full((), 1, tl.int32)
+    fired = tl.full((), 1, tl.int32)  # whether the tile fired at the last step (at first: yes)
     for _ in range(T):
         if COUNTS_IN:
             z_now = context_of_counts(
@@ -749,20 +734,15 @@ def exact_context_kernel(
             )  # fmt: skip
         # The epilogue runs on silent steps too (the neuron may still be moving), unless the
         # tile is quiet, as in the scores kernel: Z did not change and no neuron fired at the
-        # last step, so sigma is 0 again, bit for bit. Only with incoming state: the fresh
-        # variant (a run's first chunk, busy anyway) has no registers to spare.
-        if HAS_COUNT:
-            if (moved | fired) != 0:
-                sigma, fired = _context_neuron(
-                    z, m, theta, inv_theta, count, n_min, p_max, mask_z, COUNTS_IN
-                )
-            else:
-                sigma = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.int32)
-                fired = tl.full((), 0, tl.int32)
-        else:
+        # last step, so sigma is 0 again, bit for bit (a fresh count is zeros, read as any
+        # other: the first chunk skips too).
+        if (moved | fired) != 0:
             sigma, fired = _context_neuron(
                 z, m, theta, inv_theta, count, n_min, p_max, mask_z, COUNTS_IN
             )
+        else:
+            sigma = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.int32)
+            fired = tl.full((), 0, tl.int32)
         count = count + sigma
         tl.store(out_ptr + out_offs, sigma.to(tl.int8), mask=mask_z)
         if HAS_ACTIVE:
@@ -999,9 +979,9 @@ class _Launch(NamedTuple):
     counts (``A_{t-1}`` exclusive, ``B_t`` inclusive, ``[T, B * H, R, C]``), whether both
     operands' counts are given (the product then starts from their incoming counts), the
     spikes out (and the same as ``[T, B, H, M, N]``, strided where the heads are merged into
-    the channels), the outgoing neuron count and the incoming one (None when fresh), and the
+    the channels), the outgoing neuron count and the incoming one (zeros when fresh), and the
     count's shape. The outgoing count is fresh, or with ``inplace`` a view of the caller's
-    (contiguous) one: ``count_out is count_in``."""
+    (contiguous) one, or when fresh the zeros read: ``count_out is count_in``."""
 
     a: torch.Tensor
     b: torch.Tensor
@@ -1011,7 +991,7 @@ class _Launch(NamedTuple):
     out: torch.Tensor
     out5: torch.Tensor
     count_out: torch.Tensor
-    count_in: torch.Tensor | None
+    count_in: torch.Tensor
     count_shape: tuple[int, ...]
 
 
@@ -1054,11 +1034,14 @@ def _prepare(
     else:
         a_prev = _running_counts(launch, a5, a_after, exclusive=True, after=a_after is not None)
         b_cur = _running_counts(launch, b5, b_after, exclusive=False, after=b_after is not None)
-    count_in = None if count is None else count.reshape(nb, m, n).contiguous()
-    if inplace:
-        count_out = count_in
+    if count is None:
+        # a fresh count is zeros, read as any other (the kernels have no count-less variant,
+        # so a run's first chunk skips its quiet tiles too); the program that reads a count
+        # tile writes it
+        count_in = count_out = torch.zeros((nb, m, n), dtype=torch.int8, device=a.device)
     else:
-        count_out = torch.empty((nb, m, n), dtype=torch.int8, device=a.device)
+        count_in = count.reshape(nb, m, n).contiguous()
+        count_out = count_in if inplace else torch.empty_like(count_in)
     h = a5.shape[2]
     if merge_heads:
         out = torch.empty((steps, *batch[:-1], m, h * n), dtype=torch.int8, device=a.device)
@@ -1131,7 +1114,7 @@ def exact_attention_probs_triton(
         p.b_cur,
         gain,
         threshold,
-        p.count_out if p.count_in is None else p.count_in,
+        p.count_in,
         p.out,
         p.count_out,
         p.count_out if active is None else active,
@@ -1146,7 +1129,6 @@ def exact_attention_probs_triton(
         p_max,
         *active_layout(active, _batch(p) * m),
         HAS_ACC=p.has_acc,
-        HAS_COUNT=p.count_in is not None,
         HAS_ACTIVE=active is not None,
         COUNTS_IN=counts_in,
         COUNTS_OUT=counts_out,
@@ -1207,7 +1189,7 @@ def exact_context_triton(
         theta_a,
         theta_v,
         threshold,
-        p.count_out if p.count_in is None else p.count_in,
+        p.count_in,
         p.out5,
         p.count_out,
         p.count_out if active is None else active,
@@ -1226,7 +1208,6 @@ def exact_context_triton(
         p_max,
         *active_layout(active, _batch(p) * m),
         HAS_ACC=p.has_acc,
-        HAS_COUNT=p.count_in is not None,
         HAS_ACTIVE=active is not None,
         COUNTS_IN=counts_in,
         HAS_ROW_ACTIVE=row_active is not None,
