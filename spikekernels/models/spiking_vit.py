@@ -612,20 +612,22 @@ class SpikingViT(nn.Module):
         ``reset()``); ``patches`` is the conv output ``patch_embed.first_step(img)``. Returns
         the logits of each step ``[steps, B, classes]`` (increments in float mode, current
         values in exact mode)."""
-        x = self._as_received("patch_embed", self.patch_embed(patches, steps))
+        x = self._as_received("patch_embed", self.patch_embed, patches, steps)
         for i, block in enumerate(self.blocks):
-            x = self._as_received(f"blocks.{i}", block(x))
+            x = self._as_received(f"blocks.{i}", block, x)
         return self.readout(x)
 
-    def _as_received(self, name: str, x: object) -> object:
-        """Exact mode's stream ``x`` from module ``name`` as the next module reads it: past a
-        hook there (which may replace the ``Residual``), each pending branch's count before
-        its spikes is that of the spikes the stream received, kept in ``received`` from the
-        first such chunk (as ``ExactBlock`` keeps its branches' past a hook inside it), so
-        that the run does not depend on its chunking. Float mode's stream has no counts."""
+    def _as_received(self, name: str, module: nn.Module, *args: object) -> object:
+        """Exact mode's stream out of ``module`` (called on ``args``; ``name``: its key) as
+        the next module reads it: past a hook there (which may replace the ``Residual``),
+        each pending branch's count before its spikes is that of the spikes the stream
+        received, kept in ``received`` from the first such chunk (as ``ExactBlock`` keeps its
+        branches' past a hook inside it), so that the run does not depend on its chunking.
+        Float mode's stream has no counts."""
+        x = module(*args)
         if not isinstance(x, Residual):
             return x
-        replaced = hooked(self.get_submodule(name))
+        replaced = hooked(module)
         pending = tuple(
             branch._replace(
                 count_before=count_received(
