@@ -65,6 +65,22 @@ def test_direct_equals_dispatcher(gen, device, counted_st_bif):
     assert active._version > version, "an in-place write must bump the version counter"
 
 
+def test_dispatcher_bumps_what_it_writes_and_leaves_an_unset_write_alone(gen):
+    """Through ``torch.ops``, with autograd recording (the ADInplaceOrView kernel runs): a
+    mutated argument given by position or keyword bumps its version, and one left unset, which
+    the dispatcher drops, is skipped (torch 2.11's own kernel raised an IndexError there)."""
+    x, theta, n_min, p_max, *_, active = _st_bif_args(gen)
+    op = torch.ops.spikekernels.st_bif
+    spikes, _, count = op(x.requires_grad_(), theta, n_min, p_max)
+    assert torch.equal(count, spikes.sum(0, dtype=torch.int8))
+    version = active._version
+    op(x, theta, n_min, p_max, active=active)
+    assert active._version > version
+    version = active._version
+    op(x, theta, n_min, p_max, None, None, False, active)
+    assert active._version > version and bool(active.any())
+
+
 def test_inference_mode(gen, counted_st_bif):
     """Inference tensors have no version counter: the direct path must not try to bump one."""
     with torch.inference_mode():

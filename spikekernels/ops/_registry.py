@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import inspect
 import threading
+import warnings
 from collections.abc import Callable, Sequence
 
 import torch
@@ -52,10 +53,48 @@ def kernel_op(name: str, *, mutates_args: Sequence[str] = ()) -> Callable:
         params = list(inspect.signature(fn).parameters)
         _BODIES[name] = (fn, tuple(params.index(arg) for arg in mutates))
         if TRACEABLE_TRITON:
-            return torch.library.triton_op(qualname, fn, mutates_args=mutates)
-        return torch.library.custom_op(qualname, fn, mutates_args=mutates)
+            op = torch.library.triton_op(qualname, fn, mutates_args=mutates)
+        else:
+            op = torch.library.custom_op(qualname, fn, mutates_args=mutates)
+        if mutates:
+            _register_version_bump(name)
+        return op
 
     return register
+
+
+# Our own registrations over torch's (kept alive: a Library unregisters what it holds when freed).
+_OVERRIDES = torch.library.Library(NAMESPACE, "FRAGMENT")
+
+
+def _register_version_bump(name: str) -> None:
+    """The ADInplaceOrView kernel of a mutating op: bump the version of each mutated tensor it
+    is given, then go on to the op's kernels. Why ours: torch before 2.13 (the GPU machine has
+    2.11) registers one that indexes the mutated arguments in the positional arguments as the
+    dispatcher hands them over, and the dispatcher drops trailing arguments left at their
+    default; every mutated argument here is optional (None by default), so a call that leaves
+    the last of them unset failed with an IndexError under FakeTensorMode, torch.compile,
+    opcheck and with inputs that need autograd. torch 2.13 fills the defaults in first and
+    redispatches the same way (``CustomOpDef._register_mutation_version_bump``)."""
+    opoverload = getattr(torch.ops.spikekernels, name).default
+    arguments = opoverload._schema.arguments
+    positions = {a.name: i for i, a in enumerate(arguments)}
+    mutated = [a.name for a in arguments if a.alias_info is not None and a.alias_info.is_write]
+    after = torch._C._after_ADInplaceOrView_keyset
+
+    def version_bump(keyset, *args, **kwargs):
+        for arg in mutated:
+            i = positions[arg]
+            t = args[i] if i < len(args) else kwargs.get(arg)
+            if t is not None:
+                torch.autograd.graph.increment_version(t)
+        return opoverload.redispatch(keyset & after, *args, **kwargs)
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Overriding a previously registered kernel")
+        _OVERRIDES.impl(
+            name, version_bump, "ADInplaceOrView", with_keyset=True, allow_override=True
+        )
 
 
 def launcher(kernel):
