@@ -1,8 +1,10 @@
 """Builds spikekernels._C from csrc/ with torch.utils.cpp_extension (pybind11 module, ninja).
 
 C++ CPU kernels are always built. CUDA kernels (csrc/cuda/*.cu) are built when the installed
-torch has CUDA and nvcc is found; SPIKEKERNELS_CUDA=0/1 forces the choice. Nothing here probes
-for a GPU, so the same command works on a CPU-only build machine.
+torch has CUDA and nvcc is found; SPIKEKERNELS_CUDA=0/1 forces the choice. The GPU
+architectures are TORCH_CUDA_ARCH_LIST's; unset, those of the visible GPUs (torch's rule) or,
+on a build machine with none, every architecture the installed torch was built for, so the same
+command works on a CPU-only build machine and its extension runs wherever that torch runs.
 
 Install with ``pip install --no-build-isolation -e .``: an isolated build would fetch another
 torch and build against it.
@@ -33,11 +35,37 @@ def _want_cuda() -> bool:
     return torch.version.cuda is not None and CUDA_HOME is not None
 
 
+def _default_arch_list() -> str | None:
+    """TORCH_CUDA_ARCH_LIST for a machine with no visible GPU: the installed torch's own
+    architectures (``sm_90`` -> ``9.0``), PTX for the newest. Without it torch derives the list
+    from the visible GPUs, finds none and fails (an IndexError in torch 2.11)."""
+    try:
+        flags = torch._C._cuda_getArchFlags().split()  # what torch.cuda.get_arch_list() reads
+    except (AttributeError, RuntimeError):
+        flags = []
+    arches = sorted(
+        {(int(f[3:-1]), int(f[-1])) for f in flags if f.startswith("sm_") and f[3:].isdigit()}
+    )
+    if not arches:
+        return None
+    names = [f"{major}.{minor}" for major, minor in arches]
+    return ";".join(names[:-1] + [names[-1] + "+PTX"])
+
+
 def _extension():
     cpp_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     # -ffp-contract=off: the neuron must round exactly like the reference (no fused multiply-add).
     cxx_flags = ["-O3", "-fopenmp", "-ffp-contract=off"]
     if _want_cuda():
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST") and torch.cuda.device_count() == 0:
+            arch_list = _default_arch_list()
+            if arch_list is None:
+                raise SystemExit(
+                    "no GPU visible and this torch lists no CUDA architecture: set "
+                    "TORCH_CUDA_ARCH_LIST (e.g. '9.0') or build with SPIKEKERNELS_CUDA=0"
+                )
+            os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list
+            print(f"spikekernels: no GPU visible, building for TORCH_CUDA_ARCH_LIST={arch_list}")
         cu_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
         return CUDAExtension(
             "spikekernels._C",
