@@ -44,3 +44,14 @@ def test_inductor_emits_a_loadable_kernel(kernel, tmp_path):
     path.write_text("import triton\nimport triton.language as tl\n" + emit(kernel))
     spec = importlib.util.spec_from_file_location("emitted", path)
     spec.loader.exec_module(importlib.util.module_from_spec(spec))  # a NameError fails here
+
+
+@pytest.mark.parametrize("kernel", _kernels())
+def test_a_launch_passes_every_parameter(kernel):
+    """Under ``torch.compile`` torch works out which tensors a kernel writes (so that it copies
+    only those) by compiling the kernel from the launch's arguments alone: a parameter left to
+    a default fails that, and torch then only warns, takes every tensor argument as written and
+    copies each one at every call. ``st_bif_kernel``'s ``STAGES`` did (found tracing the ops on
+    fake CUDA tensors: tests/fake_cuda_check.py). No default, so every launch names them all."""
+    defaulted = [p.name for p in kernel.params if p.has_default]
+    assert not defaulted, f"parameters with a default: {defaulted}"

@@ -126,6 +126,7 @@ def neuron_cases() -> list[Case]:
             HAS_ACTIVE=active,
             WIDE_SAMPLES=True,
             BLOCK=neuron.BLOCK,
+            STAGES=neuron.STAGES,
         )
         cases.append(
             Case(
@@ -513,7 +514,7 @@ def exact_linear_cases() -> list[Case]:
                 "num_m": "i32",
                 "settled_ptr": "*i32",
             },  # fmt: skip
-            dict(BLOCK_M=block_m, BLOCK_K=tile_flags.FLAG_BLOCK_K),
+            dict(BLOCK_M=block_m, BLOCK_K=tile_flags.FLAG_BLOCK_K, HAS_SETTLED=False),
             num_warps=num_warps,
             aligned=["rows", "K"],
         ),
@@ -1215,9 +1216,7 @@ CASE_FACTORIES = [
 
 def compile_case(case: Case) -> tuple[list[str], str]:
     """Compile one case; return the problems found (empty when fine) and a usage note."""
-    # a launch binds the constexpr parameters it omits to their defaults; ASTSource does not
-    defaults = {p.name: p.default for p in case.kernel.params if p.is_constexpr and p.has_default}
-    constexprs = {**defaults, **case.constexprs}
+    constexprs = case.constexprs
     src = ASTSource(
         fn=case.kernel,
         signature=_with_constexprs(case.signature, constexprs),

@@ -23,6 +23,8 @@ from spikekernels.kernels.rounding import bf16_bits_rtne
 # int8 per thread (vectorised). Untuned on hardware so far: see bench/results/.
 BLOCK = 1024
 NUM_WARPS = 4
+# steps of input in flight, the computing one included (see the kernel's step loop)
+STAGES = 4
 
 
 @triton.jit
@@ -61,7 +63,7 @@ def st_bif_kernel(
     HAS_ACTIVE: tl.constexpr,
     WIDE_SAMPLES: tl.constexpr,  # per_sample >= BLOCK (HAS_ACTIVE only)
     BLOCK: tl.constexpr,
-    STAGES: tl.constexpr = 4,  # steps of input in flight, the computing one included
+    STAGES: tl.constexpr,
 ):
     """v += u_t / theta (correctly rounded); fire +1 if v >= 1 and s < p_max, -1 if v < 0 and
     s > n_min; s += sigma; v -= sigma; active[t, i // per_sample] = 1 where sigma != 0."""
@@ -158,6 +160,7 @@ def st_bif_triton(
         HAS_ACTIVE=active is not None,
         WIDE_SAMPLES=block_samples(per_sample, BLOCK),
         BLOCK=BLOCK,
+        STAGES=STAGES,
         num_warps=NUM_WARPS,
     )
     return out, v_out, s_out

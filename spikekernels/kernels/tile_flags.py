@@ -68,7 +68,7 @@ def step_tile_any_kernel(
     settled_ptr,  # [rows] int32 (HAS_SETTLED only)
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    HAS_SETTLED: tl.constexpr = False,
+    HAS_SETTLED: tl.constexpr,
 ):
     """flag[t, m] = any(s[t, m * BLOCK_M : (m + 1) * BLOCK_M, :] != 0); with ``HAS_SETTLED``
     the steps' flags are rows 1 to T, and row 0 is any(settled[m * BLOCK_M : ...] == 0)."""
