@@ -849,7 +849,6 @@ def exact_attention_cases() -> list[Case]:
             )
         )
     # the whole attention on running counts: the scores tile, then V_t^T @ A_t^T
-    block_m, block_n, block_d, block_dv, num_warps = ea.attention_config(197, 64)
     strides = ["stride_qt", "stride_qb", "stride_qh", "stride_qm"]
     strides += ["stride_kt", "stride_kb", "stride_kh", "stride_kn"]
     strides += ["stride_vt", "stride_vb", "stride_vh", "stride_vn"]
@@ -876,42 +875,49 @@ def exact_attention_cases() -> list[Case]:
         + ["rows_per_sample"]
     }
     # the model's call: state, activity, the qkv layer's flags (qkv_active, [T, B, 3, H]
-    # seen as [T, B, H, 3]: the head stride is 1) and the spikes' row flags (row_active)
-    for state, active, qkv_active in [(False, False, False), (True, True, False),
-                                      (True, True, True)]:  # fmt: skip
-        constexprs = dict(
-            stride_qd=1,
-            stride_kd=1,
-            stride_vd=1,
-            stride_flag_h=1,
-            HAS_COUNT=state,
-            HAS_ATTN_ACTIVE=active,
-            HAS_ACTIVE=active,
-            HAS_QKV_ACTIVE=qkv_active,
-            HAS_ROW_ACTIVE=qkv_active,
-            BLOCK_M=block_m,
-            BLOCK_N=block_n,
-            BLOCK_D=block_d,
-            D_SLICES=triton.cdiv(64, block_d),
-            BLOCK_DV=block_dv,
-            LOG2_N=block_n.bit_length() - 1,
-            **ea.key_codes(block_n, num_warps),
-        )
-        cases.append(
-            Case(
-                f"exact_attention (fused) N=197 D=64 state={state} active={active}"
-                + (" qkv_active row_active" if qkv_active else ""),
-                ea.exact_attention_kernel,
-                signature,
-                constexprs,
-                num_warps=num_warps,
-                aligned=["D", "DV", *strides],
-                **dict(checks, ptx_must_contain=["wgmma", *checks["ptx_must_contain"]]),
-                # the step loop pipelined: the next steps' K and Q slices copied in ahead
-                # (unpipelined, only the head-dim loop's: 3)
-                min_async_copies=6,
+    # seen as [T, B, H, 3]: the head stride is 1) and the spikes' row flags (row_active).
+    # At ViT-S, and at the smallest tile (5 tokens, head dim 8, as the tiny test models):
+    # 32 keys, the least an int8 dot contracts over (16 did not compile)
+    model_call = (True, True, True)
+    for n, d, variants in [(197, 64, [(False, False, False), (True, True, False), model_call]),
+                           (5, 8, [model_call])]:  # fmt: skip
+        block_m, block_n, block_d, block_dv, num_warps = ea.attention_config(n, d)
+        vit = n == 197
+        for state, active, qkv_active in variants:
+            constexprs = dict(
+                stride_qd=1,
+                stride_kd=1,
+                stride_vd=1,
+                stride_flag_h=1,
+                HAS_COUNT=state,
+                HAS_ATTN_ACTIVE=active,
+                HAS_ACTIVE=active,
+                HAS_QKV_ACTIVE=qkv_active,
+                HAS_ROW_ACTIVE=qkv_active,
+                BLOCK_M=block_m,
+                BLOCK_N=block_n,
+                BLOCK_D=block_d,
+                D_SLICES=triton.cdiv(d, block_d),
+                BLOCK_DV=block_dv,
+                LOG2_N=block_n.bit_length() - 1,
+                **ea.key_codes(block_n, num_warps),
             )
-        )
+            cases.append(
+                Case(
+                    f"exact_attention (fused) N={n} D={d} state={state} active={active}"
+                    + (" qkv_active row_active" if qkv_active else ""),
+                    ea.exact_attention_kernel,
+                    signature,
+                    constexprs,
+                    num_warps=num_warps,
+                    aligned=["D", "DV", *strides] if vit else [],
+                    # wgmma at ViT-S (the small tile's 32 keys are below its M)
+                    **dict(checks, ptx_must_contain=["wgmma"] * vit + checks["ptx_must_contain"]),
+                    # the step loop pipelined: the next steps' K and Q slices copied in ahead
+                    # (unpipelined, only the head-dim loop's: 3)
+                    min_async_copies=6 if vit else 0,
+                )
+            )
     # the context: attention spikes [M, N] and values [N, D] contiguous, as they arrive
     block_m, block_k, block_d, num_warps = ea.context_config(64)
     signature = {

@@ -1221,10 +1221,11 @@ def exact_context_triton(
 
 def attention_config(n: int, dv: int) -> tuple[int, int, int, int, int]:
     """``(BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, num_warps)`` of the fused attention kernel: the
-    scores kernel's tile for ``n`` keys, and ``dv`` value channels padded to a power of two
-    (at least 16)."""
+    scores kernel's tile for ``n`` keys, at least 32 keys (the context product contracts over
+    them, and an int8 ``tl.dot`` needs K >= 32: 16 did not compile for sm_90), and ``dv``
+    value channels padded to a power of two (at least 16)."""
     block_m, block_n, block_d, num_warps = probs_config(n)
-    return block_m, block_n, block_d, max(16, triton.next_power_of_2(dv)), num_warps
+    return block_m, max(32, block_n), block_d, max(16, triton.next_power_of_2(dv)), num_warps
 
 
 def _state(count: torch.Tensor | None, nb: int, rows: int, cols: int, inplace: bool, like):
