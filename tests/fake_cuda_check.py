@@ -2,17 +2,29 @@
 
 No CPU run takes the ``is_cuda`` branches: the ops' tile choice and launch code for a GPU, the
 modules' and the runner's CUDA paths. Under FakeTensorMode, ``cuda`` tensors need no GPU, and
-``wrap_triton`` launches do nothing, so this runs all of that Python down to every Triton
-launch, checks that it reaches them, and checks the outputs' shapes and dtypes against a real
-CPU run. Kernels do not run: their bits are the interpreter's and the GPU's business.
+``wrap_triton`` launches do nothing, so this
+
+1. runs all of that Python down to every Triton launch (each op of ``test_activity.CASES``;
+   the test models and the demo's, exact and float, whole and chunked), checks that it
+   reaches them, and checks the outputs' shapes and dtypes against a real CPU run;
+2. compiles every distinct launch it met for sm_90 (Triton's compiler needs no GPU): the tile
+   choices at these small shapes, which tests/triton_sm90.py's ViT-S cases do not take;
+3. traces each op under ``torch.compile(fullgraph=True)`` down to Triton's kernels, as
+   torch.compile does on a GPU, and checks that torch's analysis of which tensors each kernel
+   writes succeeded (when it fails, torch only warns, assumes every tensor argument written
+   and copies each one every call).
+
+Kernels do not run: their bits are the interpreter's and the GPU's business.
 
 It needs a CUDA build of torch (a CPU build refuses some ops on fake ``cuda`` tensors), so it
 is a script rather than a test: CI's torch is a CPU build, and on a GPU the real tests run.
 
     TRITON_INTERPRET=0 python tests/fake_cuda_check.py
 
-Checked this way with torch 2.11+cu130 on a machine with no GPU (session 24): every op in
-``test_activity.CASES`` and both tiny models, whole and chunked, reached their launches.
+Checked this way with torch 2.11+cu130 on a machine with no GPU. Session 24: part 1. Session
+25: parts 2 and 3 found the fused attention kernel's 16-key tile (the test models' 5 tokens)
+refused by the sm_90 compiler, and ``st_bif_kernel``'s defaulted parameter failing torch's
+analysis; both fixed.
 """
 
 from __future__ import annotations
@@ -24,30 +36,79 @@ from collections import Counter
 os.environ.setdefault("TRITON_INTERPRET", "0")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import logging  # noqa: E402
+
 import torch  # noqa: E402
+import triton  # noqa: E402
 from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
 
 import spikekernels.nn.linear  # noqa: E402
 from spikekernels import convert  # noqa: E402
-from spikekernels.models import QuantViT, calibrate  # noqa: E402
+from spikekernels.models import QuantViT, calibrate, quant_vit_tiny  # noqa: E402
 from spikekernels.ops import _registry  # noqa: E402
 
 LAUNCHES: Counter[str] = Counter()
+# one (kernel, args, kwargs) for each distinct specialisation launched: what part 2 compiles
+DISTINCT: dict[tuple, tuple] = {}
+
+
+class _Sm90Driver:
+    """What Triton asks its driver for when it compiles (part 2) or when torch traces a kernel
+    (part 3): an H200 as the current target, there being no GPU to ask."""
+
+    def get_current_target(self):
+        return GPUTarget("cuda", 90, 32)
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_active_torch_device(self):
+        return torch.device("cuda", 0)
+
+    def is_active(self):
+        return True
+
+
+def _specialisation(a) -> tuple:
+    """What Triton compiles an argument for: a tensor's dtype, an integer's 1 / multiple of 16
+    / 64-bit, any other value itself (constexprs)."""
+    if isinstance(a, torch.Tensor):
+        return ("tensor", a.dtype)
+    if isinstance(a, int) and not isinstance(a, bool):
+        return ("int", a == 1, a % 16 == 0, not -(2**31) <= a < 2**31)
+    return ("value", a)
 
 
 def _patch() -> None:
-    """What a fake run needs: launches counted, a current GPU to ask for, and the op bodies
-    themselves run through ``wrap_triton`` (not the ops' fake impls, nor raw launches)."""
+    """What a fake run needs: launches counted and recorded, a current GPU to ask for, and the
+    op bodies themselves run through ``wrap_triton`` (not the ops' fake impls, nor raw
+    launches)."""
     wrap_triton = torch.library.wrap_triton
 
-    def counted(kernel):
-        LAUNCHES[getattr(kernel, "fn", kernel).__name__] += 1
-        return wrap_triton(kernel)
+    def recorded(kernel):
+        name = kernel.fn.__name__
+        LAUNCHES[name] += 1
+
+        class Launch:
+            def __getitem__(self, grid):
+                def run(*args, **kwargs):
+                    key = (name, tuple(map(_specialisation, args)))
+                    key += tuple((k, _specialisation(v)) for k, v in sorted(kwargs.items()))
+                    DISTINCT.setdefault(key, (kernel, args, kwargs))
+                    return wrap_triton(kernel)[grid](*args, **kwargs)
+
+                return run
+
+        return Launch()
 
     class Never:  # call_op's "running directly" flag, which would skip wrap_triton
         on = property(lambda self: False, lambda self, value: None)
 
-    torch.library.wrap_triton = counted
+    torch.library.wrap_triton = recorded
     torch.cuda.current_device = lambda: 0
     _registry._direct = Never()
     _registry.runs_directly = lambda args: True
@@ -88,13 +149,15 @@ def check_ops(gen: torch.Generator) -> None:
         print(f"op {name}: ok")
 
 
-def check_model(gen: torch.Generator, mode: str, chunks: tuple[int, ...]) -> None:
-    from test_exact import TINY, images, make_exact
+def check_model(gen: torch.Generator, name: str, config: dict, mode: str, chunks) -> None:
+    from test_exact import images, make_exact
 
     if mode == "exact":
-        qann = make_exact(gen, **TINY, level=16)
+        qann = make_exact(gen, **config, level=16)
     else:
-        qann = calibrate(QuantViT(**TINY, level=16), torch.randn(4, 3, 8, 8, generator=gen))
+        qann = QuantViT(**config, level=16)
+        size = (4, qann.in_chans, qann.img_size, qann.img_size)
+        qann = calibrate(qann, torch.randn(size, generator=gen))
     snn = convert(qann)
     x = images(gen, qann, 2)
     with torch.no_grad():
@@ -106,22 +169,93 @@ def check_model(gen: torch.Generator, mode: str, chunks: tuple[int, ...]) -> Non
         snn = snn._apply(_fake)
         patches = snn.patch_embed.first_step(_fake(x))
         got = [snn.step_chunk(patches, steps) for steps in chunks]
+    what = f"{name} model, {mode}, chunks {chunks}"
     for g, w in zip(got, want, strict=True):
-        _same_form(g, w, f"{mode} model, chunks {chunks}")
+        _same_form(g, w, what)
     launched = dict(LAUNCHES - before)
-    assert launched, f"{mode} model: no Triton launch"
-    print(f"model {mode}, chunks {chunks}: ok, launches {launched}")
+    assert launched, f"{what}: no Triton launch"
+    print(f"{what}: ok, launches {launched}")
+
+
+def compile_launches() -> None:
+    """Part 2: each distinct launch, compiled for sm_90 as its first real launch would be
+    (pointer arguments stand in as small CPU tensors of the same dtype)."""
+
+    def stand_in(a):
+        return torch.empty(16, dtype=a.dtype) if isinstance(a, torch.Tensor) else a
+
+    failures = []
+    for (name, *_), (kernel, args, kwargs) in DISTINCT.items():
+        try:
+            kernel.warmup(
+                *map(stand_in, args), grid=(1,), **{k: stand_in(v) for k, v in kwargs.items()}
+            )
+        except Exception as exc:  # the compiler's last line names the problem
+            tiles = {k: v for k, v in kwargs.items() if k.startswith("BLOCK")}
+            failures.append(f"{name} {tiles}: {str(exc).strip().splitlines()[-1]}")
+    print(f"compiled {len(DISTINCT)} distinct launches for sm_90: {len(failures)} failed")
+    assert not failures, "\n".join(failures)
+
+
+class _Warnings(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def check_compiled_ops(gen: torch.Generator) -> None:
+    """Part 3: each op under ``torch.compile(fullgraph=True)``, traced through AOTAutograd (the
+    graph captured, not compiled further) down to its Triton kernels, and torch's analysis of
+    what each kernel writes done without a failure."""
+    import torch._higher_order_ops.triton_kernel_wrap as wrap
+    from test_activity import CASES, B
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs = []
+    backend = aot_autograd(fw_compiler=lambda gm, _: graphs.append(gm) or gm.forward)
+    warnings = _Warnings()
+    wrap.log.addHandler(warnings)  # the logger torch warns on (torch._dynamo)
+    torch.cuda.current_device = lambda: 0
+    for name, make in CASES.items():
+        case = make(gen, 3)
+        torch._dynamo.reset()
+        warnings.messages.clear()
+        with FakeTensorMode():
+            args = [_fake(a) for a in case.op_args(torch.zeros(3, B, dtype=torch.int32))]
+            torch.compile(case.op, backend=backend, fullgraph=True)(*args)
+        kernels = [n for n in graphs[-1].graph.nodes if "triton_kernel_wrapper" in str(n.target)]
+        assert kernels, f"{name}: no Triton kernel in the compiled graph"
+        failed = [m for m in warnings.messages if "assuming every input is mutated" in m]
+        assert not failed, f"{name}: torch could not tell what its kernels write: {failed}"
+        print(f"compiled op {name}: ok, {len(kernels)} kernels traced")
 
 
 def main() -> None:
     if _registry.INTERPRET or not _registry.TRACEABLE_TRITON:
         sys.exit("needs Triton, with TRITON_INTERPRET=0 (the ops as triton_op)")
-    _patch()
+    if not torch.backends.cuda.is_built():
+        sys.exit("needs a CUDA build of torch (a CPU build refuses ops on fake cuda tensors)")
+    triton.runtime.driver.set_active(_Sm90Driver())
     gen = torch.Generator().manual_seed(0)
+    check_compiled_ops(gen)  # first: the patches below stand in for what compiling does
+    _patch()
     check_ops(gen)
-    for mode in ("exact", "float"):
-        for chunks in ((3,), (2, 1, 4)):
-            check_model(gen, mode, chunks)
+    from test_exact import TINY
+
+    demo = {k: v for k, v in quant_vit_tiny().config.items() if k not in ("level", "weight_bits")}
+    models = [
+        ("tiny test", TINY, ((3,), (2, 1, 4))),  # 5 tokens, head dim 8
+        ("tiny test, global pool", {**TINY, "global_pool": True}, ((3,),)),
+        ("demo", demo, ((3,), (2, 1, 4))),  # 17 tokens, head dim 8
+    ]
+    for name, config, all_chunks in models:
+        for mode in ("exact", "float"):
+            for chunks in all_chunks:
+                check_model(gen, name, config, mode, chunks)
+    compile_launches()
 
 
 if __name__ == "__main__":
