@@ -233,6 +233,13 @@ def check_compiled_ops(gen: torch.Generator) -> None:
         print(f"compiled op {name}: ok, {len(kernels)} kernels traced")
 
 
+def vit(img_size: int, embed_dim: int, num_heads: int) -> dict:
+    """One block of a ViT of this width: patches of 16 (of 4 below 64 px), 3 channels."""
+    patch = 16 if img_size >= 64 else 4
+    return dict(img_size=img_size, patch_size=patch, in_chans=3, num_classes=1000,
+                embed_dim=embed_dim, depth=1, num_heads=num_heads)  # fmt: skip
+
+
 def main() -> None:
     if _registry.INTERPRET or not _registry.TRACEABLE_TRITON:
         sys.exit("needs Triton, with TRITON_INTERPRET=0 (the ops as triton_op)")
@@ -250,6 +257,9 @@ def main() -> None:
         ("tiny test", TINY, ((3,), (2, 1, 4))),  # 5 tokens, head dim 8
         ("tiny test, global pool", {**TINY, "global_pool": True}, ((3,),)),
         ("demo", demo, ((3,), (2, 1, 4))),  # 17 tokens, head dim 8
+        # one block of larger models: other tiles (keys, head-dim slices, value channels)
+        ("CIFAR-style", dict(vit(32, 384, 8), num_classes=10), ((3,),)),  # 65 tokens, dim 48
+        ("ViT-B/16 at 224", dict(vit(224, 768, 12), global_pool=True), ((3,),)),
     ]
     for name, config, all_chunks in models:
         for mode in ("exact", "float"):
