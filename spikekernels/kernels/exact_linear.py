@@ -284,7 +284,10 @@ def exact_linear_kernel(
     if HAS_COUNT:
         count = tl.load(count_in_ptr + state_offs, mask=mask, other=0).to(tl.int16)
     else:
-        count = tl.zeros([BLOCK_M, BLOCK_N], tl.int16)
+        # zero, from a load that never reads (T >= 1) rather than a constant tile: from the
+        # constant, sm_90's first chunk at ViT-S, batch 64 (qkv; proj and fc1) spilled 24 and
+        # 8 B at 255 registers, now none (qkv at rows not a multiple of BLOCK_M: 0 -> 12 B)
+        count = tl.load(count_in_ptr + state_offs, mask=mask & (T < 0), other=0).to(tl.int16)
 
     out_ptrs = out_ptr + state_offs
     flag_ptrs = flag_ptr + pid_m

@@ -115,8 +115,12 @@ def spike_linear_neuron_kernel(
         v = tl.load(v_in_ptr + state_offs, mask=mask, other=0.5)
         count = tl.load(count_in_ptr + state_offs, mask=mask, other=0).to(tl.int32)
     else:
-        v = tl.full([BLOCK_M, BLOCK_N], 0.5, tl.float32)
-        count = tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
+        # the fresh state, from loads that never read (T >= 1) rather than constant tiles: from
+        # the constants, sm_90's first chunk of a qkv layer (per-channel thresholds, activity)
+        # at rows not a multiple of BLOCK_M spilled 24-48 B at 255 registers, now 0-12 B
+        fresh = mask & (T < 0)
+        v = tl.load(v_in_ptr + state_offs, mask=fresh, other=0.5)
+        count = tl.load(count_in_ptr + state_offs, mask=fresh, other=0).to(tl.int32)
 
     # the weight tile is read as [BLOCK_K, BLOCK_N] straight from [N, K] (K-major B)
     w_start = w_ptr + cols[None, :] * K + ks[:, None]
