@@ -231,17 +231,18 @@ def test_exact_attention(gen, device, tiles, monkeypatch):
 
 
 @pytest.mark.parametrize("device", TRITON_DEVICES)
-def test_exact_attention_few_keys(gen, device, monkeypatch):
-    """The fused attention at the tiny models' shape (5 tokens, head dim 8) on the GPU tile:
-    32 keys, the fewest its int8 context product may contract over (16 did not compile for
-    sm_90), the padding silent."""
+@pytest.mark.parametrize("keys, block_n", [(5, 32), (40, 64), (65, 128)])
+def test_exact_attention_other_key_tiles(gen, device, keys, block_n, monkeypatch):
+    """The fused attention on the GPU tile at fewer keys than ViT's 197: the tiny models' 5
+    (32 keys a tile, the fewest its int8 context product may contract over: 16 did not
+    compile for sm_90), 40 and a CIFAR ViT's 65 (each tile's own key order across 8 warps),
+    head dim 8, the padding silent."""
     names = ("_PROBS_INTERPRET", "_PROBS_GPU")
     seen = _set_tiles(monkeypatch, ea, ea._PROBS_GPU, names, "exact_attention_kernel")
     tests = running_counts_tests
-    case = tests._attention_case(gen, 3, (2,), 5, 8, 5, 8, state=True)
+    case = tests._attention_case(gen, 3, (2,), 5, 8, keys, 8, state=True)
     case = {name: t.to(device) for name, t in case.items()}
     spikes, attn_count, count, _ = tests._composed(case)
-    tests._assert_equal(
-        tests._run_attention(case), (spikes, attn_count, count), tests.ATTENTION_NAMES
-    )
-    _launched(seen, BLOCK_N=32, BLOCK_DV=16, num_warps=ea._PROBS_GPU[2])
+    want = (spikes, attn_count, count)
+    tests._assert_equal(tests._run_attention(case), want, tests.ATTENTION_NAMES)
+    _launched(seen, BLOCK_N=block_n, BLOCK_DV=16, num_warps=ea._PROBS_GPU[2])
