@@ -41,6 +41,7 @@ from collections import Counter
 os.environ.setdefault("TRITON_INTERPRET", "0")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import contextlib  # noqa: E402
 import logging  # noqa: E402
 import re  # noqa: E402
 import subprocess  # noqa: E402
@@ -53,6 +54,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 
 import spikekernels.nn.linear  # noqa: E402
 from spikekernels import convert  # noqa: E402
+from spikekernels.evaluate.sops import SpikeCounter  # noqa: E402
 from spikekernels.models import QuantViT, calibrate, quant_vit_tiny  # noqa: E402
 from spikekernels.models.spiking_vit import _EagerChunks  # noqa: E402
 from spikekernels.ops import _registry  # noqa: E402
@@ -159,8 +161,10 @@ def check_ops(gen: torch.Generator) -> None:
 
 
 def check_model(
-    gen: torch.Generator, name: str, config: dict, mode: str, chunks, batch: int = 2
+    gen: torch.Generator, name: str, config: dict, mode: str, chunks, batch=2, counted=False
 ) -> None:
+    """``counted``: under ``evaluate``'s ``SpikeCounter`` (its hooks split the fused
+    attention so that they see the probabilities)."""
     from test_exact import images, make_exact
 
     if mode == "exact":
@@ -173,9 +177,15 @@ def check_model(
     x = images(gen, qann, batch)
 
     def run(snn, x):  # as the runner does: every neuron records the chunk's fired flags
-        chunk = _EagerChunks(snn)
-        chunk.start(x)
-        return [chunk.step(steps) for steps in chunks]
+        counter = SpikeCounter(snn, sum(chunks)) if counted else None
+        with counter.counting() if counted else contextlib.nullcontext():
+            chunk = _EagerChunks(snn)
+            chunk.start(x)
+            out = [chunk.step(steps) for steps in chunks]
+        if counted:
+            counter.close()
+            out.append(counter.spikes)
+        return out
 
     with torch.no_grad():
         want = run(snn, x)
@@ -312,11 +322,12 @@ def main() -> None:
         ("CIFAR-style", dict(vit(32, 384, 8), num_classes=10), ((3,),)),  # 65 tokens, dim 48
         ("ViT-B/16 at 224", dict(vit(224, 768, 12), global_pool=True), ((3,),)),
         ("ViT-S/16 at 224, batch 64", vit(224, 384, 6), ((3, 2),), 64),  # the benchmark's
+        ("demo, counted", demo, ((3, 2),), 2, True),  # evaluate's counter hooked in
     ]
-    for name, config, all_chunks, *batch in models:
+    for name, config, all_chunks, *options in models:
         for mode in ("exact", "float"):
             for chunks in all_chunks:
-                check_model(gen, name, config, mode, chunks, *batch)
+                check_model(gen, name, config, mode, chunks, *options)
     compile_launches()
 
 
