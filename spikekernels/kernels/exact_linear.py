@@ -173,7 +173,7 @@ def exact_linear_kernel(
     flag_ptr,  # [T, num_m] int32 from step_tile_any_kernel
     s_count_ptr,  # [rows, K] int8 input neuron's count after these steps, or before them
     # (S_BEFORE) (HAS_S_COUNT only)
-    count_in_ptr,  # [rows, N] int8 incoming count (HAS_COUNT only)
+    count_in_ptr,  # [rows, N] int8 incoming count (HAS_COUNT; else any int8 tensor, never read)
     out_ptr,  # [T, rows, N] int8 spikes (COUNTS_OUT: the count after each step)
     count_out_ptr,  # [rows, N] int8
     active_ptr,  # [T, B] int32 per-sample flags, set where a sample fires (HAS_ACTIVE only)

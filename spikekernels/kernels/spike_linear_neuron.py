@@ -62,8 +62,8 @@ def spike_linear_neuron_kernel(
     bias_ptr,  # [N] float32 bias share per due step (HAS_BIAS only)
     theta_ptr,  # [1] or [N] threshold of the output neuron (any float dtype)
     flag_ptr,  # [T, num_m] int32 from step_tile_any_kernel
-    v_in_ptr,  # [rows, N] float32 incoming membrane (HAS_STATE only)
-    count_in_ptr,  # [rows, N] integer incoming count (HAS_STATE only)
+    v_in_ptr,  # [rows, N] float32 incoming membrane (HAS_STATE; else never read)
+    count_in_ptr,  # [rows, N] integer incoming count (HAS_STATE; else never read)
     out_ptr,  # [T, rows, N] int8 spikes, or float32 sigma * theta (FLOAT_OUT)
     v_out_ptr,  # [rows, N] float32
     count_out_ptr,  # [rows, N] integer count
