@@ -23,13 +23,14 @@ is a script rather than a test: CI's torch is a CPU build, and on a GPU the real
 
     TRITON_INTERPRET=0 python tests/fake_cuda_check.py
 
-Checked this way with torch 2.11+cu130 on a machine with no GPU. Session 24: part 1. Session
-25: parts 2 and 3 found the fused attention kernel's 16-key tile (the test models' 5 tokens)
-refused by the sm_90 compiler, ``st_bif_kernel``'s defaulted parameter failing torch's
-analysis, and the first chunk's linears at ViT-S spilling 8-24 B (outside the step loop);
-all fixed. Spills it still lists: a qkv layer's at rows not a multiple of 64 (8-12 B, outside
-every loop), and the linears of ``test_activity``'s odd shapes, K = 45 (1-7 KB, in the step
-loop: a K that is not a multiple of 16 spills; no ViT has one).
+Checked this way on a machine with no GPU, with torch 2.11+cu130 and 2.15+cu132 (triton 3.6).
+Session 24: part 1. Session 25: parts 2 and 3 found the fused attention kernel's 16-key tile
+(the test models' 5 tokens) refused by the sm_90 compiler, ``st_bif_kernel``'s defaulted
+parameter failing torch's analysis, and the first chunk's linears at ViT-S spilling 8-24 B
+(outside the step loop); all fixed. Spills it still lists: a qkv layer's at rows not a
+multiple of 64 (8-12 B, outside every loop), and the linears of ``test_activity``'s odd
+shapes, K = 45 (1-7 KB, in the step loop: a K that is not a multiple of 16 spills; no ViT
+has one).
 """
 
 from __future__ import annotations
