@@ -10,7 +10,8 @@ modules' and the runner's CUDA paths. Under FakeTensorMode, ``cuda`` tensors nee
    reaches them, and checks the outputs' shapes and dtypes against a real CPU run;
 2. compiles every distinct launch it met for sm_90 (Triton's compiler needs no GPU): the tile
    choices and specialisations of real calls, which tests/triton_sm90.py's hand-made cases
-   may miss, and lists the ones that spill registers (ptxas);
+   may miss, and lists the ones that spill registers (ptxas), each with how many of its local
+   loads and stores sit inside a loop (SASS);
 3. traces each op under ``torch.compile(fullgraph=True)`` down to Triton's kernels, as
    torch.compile does on a GPU, and checks that torch's analysis of which tensors each kernel
    writes succeeded (when it fails, torch only warns, assumes every tensor argument written
@@ -51,7 +52,7 @@ import tempfile  # noqa: E402
 import torch  # noqa: E402
 import triton  # noqa: E402
 from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton_sm90 import PTXAS, TARGET, _ptxas_usage  # noqa: E402
 
 import spikekernels.nn.linear  # noqa: E402
 from spikekernels import convert  # noqa: E402
@@ -70,7 +71,7 @@ class _Sm90Driver:
     (part 3): an H200 as the current target, there being no GPU to ask."""
 
     def get_current_target(self):
-        return GPUTarget("cuda", 90, 32)
+        return TARGET
 
     def get_current_device(self):
         return 0
@@ -204,9 +205,7 @@ def check_model(
 def _local_accesses(cubin: bytes) -> tuple[int, int]:
     """``(local loads and stores, those inside a loop)`` in the SASS: a spill outside every
     loop costs a few instructions a program, one inside the step loop costs every step."""
-    nvdisasm = os.path.join(
-        os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm"
-    )
+    nvdisasm = os.path.join(os.path.dirname(PTXAS), "nvdisasm")  # Triton's, beside its ptxas
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
@@ -235,8 +234,6 @@ def compile_launches() -> None:
     def stand_in(a):
         return torch.empty(16, dtype=a.dtype) if isinstance(a, torch.Tensor) else a
 
-    from triton_sm90 import _ptxas_usage
-
     failures, spilled = [], []
     for (name, *_), (kernel, args, kwargs) in DISTINCT.items():
         tiles = {k: v for k, v in kwargs.items() if k.startswith("BLOCK")}
@@ -255,7 +252,7 @@ def compile_launches() -> None:
                 f"{total} local loads/stores ({looped} inside a loop)"
             )
     print(f"compiled {len(DISTINCT)} distinct launches for sm_90: {len(failures)} failed")
-    print(f"{len(spilled)} spill registers:", *spilled, sep="\n  ")
+    print(f"{len(spilled)} of them spill registers:", *spilled, sep="\n  ")
     assert not failures, "\n".join(failures)
 
 
