@@ -11,7 +11,7 @@ from torch import nn
 
 from spikekernels import convert, parity
 from spikekernels.models import QuantViT, calibrate, quantize_weights, quantizers
-from spikekernels.models.spiking_vit import SpikingViT
+from spikekernels.models.spiking_vit import SpikingViT, _EagerChunks
 from spikekernels.nn import Quantizer
 from spikekernels.ops._dispatch import force_backend
 
@@ -253,6 +253,27 @@ def test_snn_runs_float32_under_autocast(gen, images, weight_bits):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = snn(images)[0]
     assert got.dtype == torch.float32 and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_chunks_compile_to_one_graph(gen, images, exact):
+    """``torch.compile(fullgraph=True)`` traces the runner's whole chunk (every layer's ops,
+    the modules' state updates, the fired flags) without a graph break, first chunk and later
+    ones, and runs the eager chunks' bits. Where the Triton kernels run (the interpreter's pass
+    here, a GPU), float mode's linears once broke the graph at each layer (the check of their
+    cached weight split), and on torch 2.11 every block did (``bool`` of a tuple)."""
+    snn = convert(make_qann(gen, weight_bits=8 if exact else None))
+    chunks = _EagerChunks(snn)
+    with torch.no_grad():
+        chunks.start(images)
+        want = [chunks.step(3), chunks.step(2)]
+        torch._dynamo.reset()
+        step = torch.compile(chunks.step, fullgraph=True, backend="eager")
+        chunks.start(images)
+        got = [step(3), step(2)]
+    for (logits, fired), (want_logits, want_fired) in zip(got, want, strict=True):
+        assert torch.equal(logits, want_logits) and torch.equal(fired, want_fired)
+    assert want[0][1].any(), "a silent chunk would check little"
 
 
 @pytest.mark.parametrize("exact", [False, True])

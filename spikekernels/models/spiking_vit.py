@@ -261,7 +261,8 @@ class SpikeBlock(_Composite):
         self.norm1, self.attn, self.norm2, self.mlp = norm1, attn, norm2, mlp
 
     def forward(self, x: Stream) -> Stream:
-        s = self.norm1(x.d, *x.pending, residual_out=bool(x.pending))
+        # len(), not bool(): torch 2.11's torch.compile breaks the graph at bool() of a tuple
+        s = self.norm1(x.d, *x.pending, residual_out=len(x.pending) > 0)
         d = self.norm1.take_residual() if x.pending else x.d
         attn = (self.attn(s), self.attn.proj.threshold)
         s = self.norm2(d, attn)

@@ -22,7 +22,9 @@ class TensorCoreWeight:
     was, at the same version, is another tensor.) A write through ``weight.data`` is not
     seen: torch gives ``.data`` a version counter of its own, so the split stays the old
     weight's. Write the weight itself (``copy_`` under ``torch.no_grad()``) or assign a new
-    one."""
+    one. Under ``torch.compile``, the weight itself: the op splits it inside the graph at each
+    call (the same parts, unchecked: ``bf16x3_parts``), since a guard on ``_version`` would
+    break the graph at every layer."""
 
     _split_of: torch.Tensor | None = None
     _split_version: int | None = None
@@ -31,6 +33,8 @@ class TensorCoreWeight:
     def kernel_weight(self) -> torch.Tensor:
         w = self.weight
         if w.dtype != torch.float32 or not use_triton(w):
+            return w
+        if torch.compiler.is_compiling():  # a few weight-sized elementwise passes a call
             return w
         if self._split_of is not w or self._split_version != w._version:
             self._split, self._split_of, self._split_version = (
