@@ -15,7 +15,8 @@ modules' and the runner's CUDA paths. Under FakeTensorMode, ``cuda`` tensors nee
 3. traces each op under ``torch.compile(fullgraph=True)`` down to Triton's kernels, as
    torch.compile does on a GPU, and checks that torch's analysis of which tensors each kernel
    writes succeeded (when it fails, torch only warns, assumes every tensor argument written
-   and copies each one every call).
+   and copies each one every call); and the runner's whole chunk of the test model, exact
+   and float, into one graph.
 
 Kernels do not run: their bits are the interpreter's and the GPU's business.
 
@@ -25,13 +26,14 @@ is a script rather than a test: CI's torch is a CPU build, and on a GPU the real
     TRITON_INTERPRET=0 python tests/fake_cuda_check.py
 
 Checked this way on a machine with no GPU, with torch 2.11+cu130 and 2.15+cu132 (triton 3.6).
-Session 24: part 1. Session 25: parts 2 and 3 found the fused attention kernel's 16-key tile
-(the test models' 5 tokens) refused by the sm_90 compiler, ``st_bif_kernel``'s defaulted
+Session 24: part 1. Session 25: parts 2 and 3 found the fused attention kernel's 16-key
+tile (the test models' 5 tokens) refused by the sm_90 compiler, ``st_bif_kernel``'s defaulted
 parameter failing torch's analysis, and the first chunk's linears at ViT-S spilling 8-24 B
-(outside the step loop); all fixed. Spills it still lists: a qkv layer's at rows not a
-multiple of 64 (8-12 B, outside every loop), and the linears of ``test_activity``'s odd
-shapes, K = 45 (1-7 KB, in the step loop: a K that is not a multiple of 16 spills; no ViT
-has one).
+(outside the step loop). Session 26: the whole chunk in part 3 found float mode's linears,
+and torch 2.11's ``bool`` of a tuple, breaking the graph. All fixed. Spills it still lists: a
+qkv layer's at rows not a multiple of 64 (8-12 B, outside every loop), and the linears of
+``test_activity``'s odd shapes, K = 45 (1-7 KB, in the step loop: a K that is not a multiple
+of 16 spills; no ViT has one).
 """
 
 from __future__ import annotations
@@ -292,6 +294,45 @@ def check_compiled_ops(gen: torch.Generator) -> None:
         print(f"compiled op {name}: ok, {len(kernels)} kernels traced")
 
 
+def check_compiled_model(gen: torch.Generator) -> None:
+    """Part 3 too: the runner's chunk of the test model under ``torch.compile(fullgraph=True)``,
+    exact and float, first chunk and a later one: one graph each (float mode's linears once
+    broke it at every layer, torch 2.11 at every block), its Triton kernels traced as in
+    ``check_compiled_ops``."""
+    import torch._higher_order_ops.triton_kernel_wrap as wrap
+    from test_exact import TINY, images, make_exact
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs = []
+    backend = aot_autograd(fw_compiler=lambda gm, _: graphs.append(gm) or gm.forward)
+    warnings = _Warnings()
+    wrap.log.addHandler(warnings)
+    for mode in ("exact", "float"):
+        if mode == "exact":
+            qann = make_exact(gen, **TINY, level=16)
+        else:
+            qann = QuantViT(**TINY, level=16)
+            size = (4, qann.in_chans, qann.img_size, qann.img_size)
+            qann = calibrate(qann, torch.randn(size, generator=gen))
+        snn, x = convert(qann), images(gen, qann, 2)
+        torch._dynamo.reset()
+        graphs.clear()
+        warnings.messages.clear()
+        with FakeTensorMode(allow_non_fake_inputs=True), torch.no_grad():
+            chunks = _EagerChunks(snn._apply(_fake))
+            chunks.start(_fake(x))
+            step = torch.compile(chunks.step, backend=backend, fullgraph=True)
+            for steps in (3, 2):
+                step(steps)
+        kernels = [
+            n for gm in graphs for n in gm.graph.nodes if "triton_kernel_wrapper" in str(n.target)
+        ]
+        assert kernels, f"{mode} model: no Triton kernel in the compiled graphs"
+        failed = [m for m in warnings.messages if "assuming every input is mutated" in m]
+        assert not failed, f"{mode} model: torch could not tell what its kernels write: {failed}"
+        print(f"compiled {mode} model: ok, {len(graphs)} graphs, 2 chunks, {len(kernels)} kernels")
+
+
 def vit(img_size: int, embed_dim: int, num_heads: int) -> dict:
     """One block of a ViT of this width: patches of 16 (of 4 below 64 px), 3 channels."""
     patch = 16 if img_size >= 64 else 4
@@ -307,6 +348,7 @@ def main() -> None:
     triton.runtime.driver.set_active(_Sm90Driver())
     gen = torch.Generator().manual_seed(0)
     check_compiled_ops(gen)  # first: the patches below stand in for what compiling does
+    check_compiled_model(gen)
     _patch()
     check_ops(gen)
     from test_exact import TINY
