@@ -13,6 +13,7 @@ import spikekernels
 from spikekernels import reference
 from spikekernels.kernels import INTERPRET
 from spikekernels.kernels.target import inverse_threshold, target_estimate
+from spikekernels.nn import TargetNeuron
 from spikekernels.ops._dispatch import force_backend
 
 # (n_min, p_max): levels 8, 16, 32 signed/unsigned as the paper, and the widest int8 bounds
@@ -538,6 +539,21 @@ def test_torch_compile_fullgraph(gen):
     compiled = torch.compile(layer, fullgraph=True)
     got, want = compiled(value, count), layer(value, count)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_compiled_state_continues_in_place(gen):
+    """A neuron's count made by a compiled call feeds its next calls in place, compiled or
+    not, whatever layout the compiled code gave it: on the CPU path Inductor laid a fresh
+    count out as its transposed input, which the in-place call then refused."""
+    value = _values(gen, 6, (5, 3), 0.4).transpose(1, 2)  # [T, 3, 5], not contiguous
+    want = TargetNeuron(0.4, 16, signed=True)
+    want = [want(value[:2]), want(value[2:4]), want(value[4:]), want.count]
+    neuron = TargetNeuron(0.4, 16, signed=True)
+    torch._dynamo.reset()
+    compiled = torch.compile(neuron)
+    got = [compiled(value[:2]), neuron(value[2:4]), compiled(value[4:]), neuron.count]
+    for g, w in zip(got, want, strict=True):
+        assert torch.equal(g, w)
 
 
 @pytest.mark.cuda

@@ -60,10 +60,11 @@ class ExactAttentionProbs(TargetNeuron):
         always with ``counts_in``."""
         if not self.counts_in:
             require_input_counts(self, q_count=q_count, k_count=k_count)
+        stateful = self.stateful_call()  # first: it may replace the state with a copy
         spikes, self.count = exact_attention_probs(
             q, k_t, self.gain, self.threshold, self.n_min, self.p_max,
             q_count, k_count, self.count, active=self.activity,
-            inplace=self.stateful_call(), counts_in=self.counts_in, counts_out=self.counts_out,
+            inplace=stateful, counts_in=self.counts_in, counts_out=self.counts_out,
         )  # fmt: skip
         return spikes
 
@@ -109,10 +110,11 @@ class ExactContext(TargetNeuron):
         one per step and row of the spikes, set where a row fires (``ops.exact_context``)."""
         if not self.counts_in:
             require_input_counts(self, a_count=a_count, v_count=v_count)
+        stateful = self.stateful_call()  # first: it may replace the state with a copy
         spikes, self.count = exact_context(
             a, v, self.theta_a, self.theta_v, self.threshold, self.n_min, self.p_max,
             a_count, v_count, self.count, active=self.activity,
-            inplace=self.stateful_call(), merge_heads=merge_heads, counts_in=self.counts_in,
+            inplace=stateful, merge_heads=merge_heads, counts_in=self.counts_in,
             row_active=row_active,
         )  # fmt: skip
         return spikes
@@ -253,7 +255,7 @@ class ExactAttention(nn.Module):
         """``probs`` then ``context`` as one op, on the modules' own state; ``row_active``
         receives the rows of the spikes that fire."""
         probs, context = self.probs, self.context
-        stateful = probs.stateful_call()
+        stateful = probs.stateful_call() and context.stateful_call()
         spikes, attn_count, count = exact_attention(
             q, k_t, v, probs.gain, probs.threshold, probs.n_min, probs.p_max,
             context.theta_a, context.theta_v, context.threshold, context.n_min, context.p_max,

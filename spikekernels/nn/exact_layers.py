@@ -437,6 +437,7 @@ class ExactLayerNormNeuron(TargetNeuron):
             branch2_count = count_received(self.received, "branch2", branch2_count,
                                            branch2_spikes, replaced,
                                            ("branch2_spikes", "branch2_count"))  # fmt: skip
+        stateful = self.stateful_call()  # first: it may replace the state with a copy
         out = exact_layernorm_neuron(
             d,
             self.residual_constant,
@@ -456,7 +457,7 @@ class ExactLayerNormNeuron(TargetNeuron):
             branch2_threshold=branch2_threshold,
             branch2_count=branch2_count,
             residual_out=residual_out,
-            inplace=self.stateful_call(),
+            inplace=stateful,
             d_moved=d_moved,
             residual_moved=residual_moved,
             row_active=row_active,

@@ -57,10 +57,19 @@ class TargetNeuron(FixedDtypeBuffers, ActivityWatcher, nn.Module):
         return {"count": self.count}
 
     def stateful_call(self) -> bool:
-        """Whether this call updates the state in place (it exists) or creates it."""
-        return all(t is not None for t in self.state().values())
+        """Whether this call updates the state in place (it exists) or creates it. State that
+        is not contiguous is copied so first, as the in-place ops need: a compiled graph that
+        computed it (the CPU paths, fused by Inductor) may lay it out as its input was."""
+        state = self.state()
+        if any(t is None for t in state.values()):
+            return False
+        for name, t in state.items():
+            if not t.is_contiguous():
+                setattr(self, name, t.contiguous())
+        return True
 
     def forward(self, value: torch.Tensor) -> torch.Tensor:
+        stateful = self.stateful_call()  # first: it may replace the state with a copy
         spikes, self.count = target_spikes(
             value,
             self.threshold,
@@ -68,7 +77,7 @@ class TargetNeuron(FixedDtypeBuffers, ActivityWatcher, nn.Module):
             self.p_max,
             self.count,
             active=self.activity,
-            inplace=self.stateful_call(),
+            inplace=stateful,
         )
         return spikes
 
