@@ -6,8 +6,9 @@ modules' and the runner's CUDA paths. Under FakeTensorMode, ``cuda`` tensors nee
 
 1. runs all of that Python down to every Triton launch (each op of ``test_activity.CASES``;
    the test models and the demo's, one block of larger ViTs, ViT-S at the benchmark's batch
-   64, exact and float, whole and chunked, through the runner's chunks), checks that it
-   reaches them, and checks the outputs' shapes and dtypes against a real CPU run;
+   64, exact and float, whole and chunked, through the runner's chunks; ``compat.spikezip``'s
+   single-step modules), checks that it reaches them, and checks the outputs' shapes and
+   dtypes against a real CPU run;
 2. compiles every distinct launch it met for sm_90 (Triton's compiler needs no GPU): the tile
    choices and specialisations of real calls, which tests/triton_sm90.py's hand-made cases
    may miss, and lists the ones that spill registers (ptxas), each with how many of its local
@@ -33,7 +34,8 @@ parameter failing torch's analysis, and the first chunk's linears at ViT-S spill
 and torch 2.11's ``bool`` of a tuple, breaking the graph. All fixed. Spills it still lists: a
 qkv layer's at rows not a multiple of 64 (8-12 B, outside every loop), and the linears of
 ``test_activity``'s odd shapes, K = 45 (1-7 KB, in the step loop: a K that is not a multiple
-of 16 spills; no ViT has one).
+of 16 spills; no ViT has one), and the compat LayerNorm's fresh ``spike_layernorm`` at 16
+channels (8 B at 72 registers, outside every loop).
 """
 
 from __future__ import annotations
@@ -204,6 +206,32 @@ def check_model(
     print(f"{what}: ok, launches {launched}")
 
 
+def check_compat(gen: torch.Generator) -> None:
+    """The official-name single-step modules (``compat.spikezip``), as a SpikeZIP-TF script
+    steps them: the spiking attention over three steps, the neuron, the LayerNorm."""
+    from test_compat import make_qattention
+
+    from spikekernels.compat.spikezip import IFNeuron, SAttention, Spiking_LayerNorm, reset_model
+
+    qattn, theta, counts = make_qattention(gen)
+    sattn = SAttention.from_qattention(qattn, level=8)
+    spikes = (torch.sign(counts) * (torch.arange(3).view(-1, 1, 1, 1) < counts.abs())).float()
+    want = [sattn(spikes[t] * theta) for t in range(3)]
+    reset_model(sattn)  # its state is plain attributes, which a move leaves where they are
+    others = (IFNeuron(torch.tensor(0.3), 8, True), Spiking_LayerNorm(16))
+    before = Counter(LAUNCHES)
+    with FakeTensorMode(allow_non_fake_inputs=True), torch.no_grad():
+        sattn = sattn._apply(_fake)
+        for t in range(3):
+            _same_form(sattn(_fake(spikes[t]) * theta), want[t], f"SAttention step {t}")
+        x = torch.empty(2, 9, 16, device="cuda:0")
+        for module in others:
+            _same_form(module._apply(_fake)(x), x, type(module).__name__)
+    launched = dict(LAUNCHES - before)
+    assert launched, "compat: no Triton launch"
+    print(f"compat modules: ok, launches {launched}")
+
+
 def _local_accesses(cubin: bytes) -> tuple[int, int]:
     """``(local loads and stores, those inside a loop)`` in the SASS: a spill outside every
     loop costs a few instructions a program, one inside the step loop costs every step."""
@@ -368,6 +396,7 @@ def main() -> None:
         for mode in ("exact", "float"):
             for chunks in all_chunks:
                 check_model(gen, name, config, mode, chunks, *options)
+    check_compat(gen)
     compile_launches()
 
 
