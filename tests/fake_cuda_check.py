@@ -166,19 +166,25 @@ def check_ops(gen: torch.Generator) -> None:
         print(f"op {name}: ok")
 
 
+def _qann(gen: torch.Generator, config: dict, mode: str) -> QuantViT:
+    """A calibrated QANN of ``config`` at level 16: integer weights in exact mode."""
+    from test_exact import make_exact
+
+    if mode == "exact":
+        return make_exact(gen, **config, level=16)
+    qann = QuantViT(**config, level=16)
+    size = (4, qann.in_chans, qann.img_size, qann.img_size)
+    return calibrate(qann, torch.randn(size, generator=gen))
+
+
 def check_model(
     gen: torch.Generator, name: str, config: dict, mode: str, chunks, batch=2, counted=False
 ) -> None:
     """``counted``: under ``evaluate``'s ``SpikeCounter`` (its hooks split the fused
     attention so that they see the probabilities)."""
-    from test_exact import images, make_exact
+    from test_exact import images
 
-    if mode == "exact":
-        qann = make_exact(gen, **config, level=16)
-    else:
-        qann = QuantViT(**config, level=16)
-        size = (4, qann.in_chans, qann.img_size, qann.img_size)
-        qann = calibrate(qann, torch.randn(size, generator=gen))
+    qann = _qann(gen, config, mode)
     snn = convert(qann)
     x = images(gen, qann, batch)
 
@@ -295,18 +301,26 @@ class _Warnings(logging.Handler):
         self.messages.append(record.getMessage())
 
 
-def check_compiled_ops(gen: torch.Generator) -> None:
-    """Part 3: each op under ``torch.compile(fullgraph=True)``, traced through AOTAutograd (the
-    graph captured, not compiled further) down to its Triton kernels, and torch's analysis of
-    what each kernel writes done without a failure."""
+def _capture() -> tuple[list, object, _Warnings]:
+    """A torch.compile backend that keeps each graph AOTAutograd captured (compiling nothing
+    further), and the warnings torch gives while it traces user Triton kernels."""
     import torch._higher_order_ops.triton_kernel_wrap as wrap
-    from test_activity import CASES, B
     from torch._dynamo.backends.common import aot_autograd
 
     graphs = []
     backend = aot_autograd(fw_compiler=lambda gm, _: graphs.append(gm) or gm.forward)
     warnings = _Warnings()
     wrap.log.addHandler(warnings)  # the logger torch warns on (torch._dynamo)
+    return graphs, backend, warnings
+
+
+def check_compiled_ops(gen: torch.Generator) -> None:
+    """Part 3: each op under ``torch.compile(fullgraph=True)``, traced through AOTAutograd (the
+    graph captured, not compiled further) down to its Triton kernels, and torch's analysis of
+    what each kernel writes done without a failure."""
+    from test_activity import CASES, B
+
+    graphs, backend, warnings = _capture()
     torch.cuda.current_device = lambda: 0
     for name, make in CASES.items():
         case = make(gen, 3)
@@ -327,21 +341,11 @@ def check_compiled_model(gen: torch.Generator) -> None:
     exact and float, first chunk and a later one: one graph each (float mode's linears once
     broke it at every layer, torch 2.11 at every block), its Triton kernels traced as in
     ``check_compiled_ops``."""
-    import torch._higher_order_ops.triton_kernel_wrap as wrap
-    from test_exact import TINY, images, make_exact
-    from torch._dynamo.backends.common import aot_autograd
+    from test_exact import TINY, images
 
-    graphs = []
-    backend = aot_autograd(fw_compiler=lambda gm, _: graphs.append(gm) or gm.forward)
-    warnings = _Warnings()
-    wrap.log.addHandler(warnings)
+    graphs, backend, warnings = _capture()
     for mode in ("exact", "float"):
-        if mode == "exact":
-            qann = make_exact(gen, **TINY, level=16)
-        else:
-            qann = QuantViT(**TINY, level=16)
-            size = (4, qann.in_chans, qann.img_size, qann.img_size)
-            qann = calibrate(qann, torch.randn(size, generator=gen))
+        qann = _qann(gen, TINY, mode)
         snn, x = convert(qann), images(gen, qann, 2)
         torch._dynamo.reset()
         graphs.clear()
