@@ -305,7 +305,8 @@ def test_exact_state_is_each_neurons_count_once(gen):
     products and the operands' running counts are formed per call): per block and image,
     the counts of norm1, qkv, context, proj, norm2, fc1, fc2 (12 C per token) and of the
     attention neuron (H N^2). Besides: each linear's settled rows (one int32 flag per token:
-    qkv, proj, fc1, fc2) and the head's int32 accumulator of the logits."""
+    qkv, proj, fc1, fc2), the attention's and the context's settled query rows (one int32
+    flag per head and token each) and the head's int32 accumulator of the logits."""
     qann = make_exact(gen, **{**TINY, "depth": 3}, level=16)
     snn = convert(qann)
     batch = 2
@@ -319,8 +320,11 @@ def test_exact_state_is_each_neurons_count_once(gen):
     assert all(t.dtype == torch.int8 for _, t in counts)
     assert others == [("ExactLinear", "acc", torch.int32)], others
     n = (TINY["img_size"] // TINY["patch_size"]) ** 2 + 1
-    assert settled == [("ExactLinearNeuron", (batch, n), torch.int32)] * (4 * 3), settled
-    c, h = TINY["embed_dim"], TINY["num_heads"]
+    h = TINY["num_heads"]
+    linear = ("ExactLinearNeuron", (batch, n), torch.int32)
+    heads = [(name, (batch, h, n), torch.int32) for name in ("ExactAttentionProbs", "ExactContext")]
+    assert settled == [linear, *heads, linear, linear, linear] * 3, settled
+    c = TINY["embed_dim"]
     per_block = batch * (n * 12 * c + h * n * n)
     in_blocks = {id(m) for block in snn.blocks for m in block.modules()}
     block_bytes = sum(t.numel() for m, t in counts if id(m) in in_blocks)

@@ -726,6 +726,175 @@ def test_attention_kernel_skips_what_the_flags_call_quiet(gen, device, state):
     _assert_equal(got, (spikes, attn_count, count), ATTENTION_NAMES)
 
 
+def _settling_case(gen, T: int, batch=(2, 3), m=18, d=24, n=37, dv=16) -> dict:
+    """A run that starts settled (q, k and v held at their first step, both neurons' counts
+    at their fixed point: silent), then moves at step 17: one head's queries go to zero (a
+    scores product of zeros, which must not pass for an unformed one), another head's values
+    go to zero (the same of the context product)."""
+    case = _attention_case(gen, T, batch, m, d, n, dv, state=True)
+    for name in ("q", "k_t", "v"):
+        case[name] = case[name][:1].expand_as(case[name]).clone()
+    held = {name: x[:1].expand(40, *x.shape[1:]) for name, x in case.items()
+            if name in ("q", "k_t", "v")}  # fmt: skip
+    _, case["attn_count"], case["count"], _ = _composed(case | held)
+    case["q"][17:, 1, 0] = 0
+    case["v"][17:, 0, 2] = 0
+    return case
+
+
+def _run_chunks_settled(case, sizes, **kwargs) -> tuple[torch.Tensor, ...]:
+    """The op chunk by chunk as ``ExactAttention`` calls it: the counts carried, ``qkv_active``
+    the truth (at a chunk's first step: against the last chunk's last step) and the settled
+    flags the last chunk's row flags of its last step. Returns the spikes, the final counts
+    and every chunk's settled flags ``[chunks, *batch, M]``."""
+    truth = _qkv_moved(case)
+    parts, state, settled, seen, t0 = [], None, None, [], 0
+    batch_m = case["q"].shape[1:-1]
+    for size in sizes:
+        chunk = {name: x[t0 : t0 + size] if name in ("q", "k_t", "v") else x
+                 for name, x in case.items()}  # fmt: skip
+        if state is not None:
+            chunk |= dict(attn_count=state[0], count=state[1])
+        attn_rows = torch.zeros(size, *batch_m, dtype=torch.int32, device=case["q"].device)
+        rows = torch.zeros_like(attn_rows)
+        if settled is not None:
+            kwargs |= dict(attn_row_settled=settled[0], row_settled=settled[1])
+        got = _run_attention(
+            chunk, qkv_active=truth[t0 : t0 + size].to(attn_rows.device), row_active=rows,
+            attn_row_active=attn_rows, **kwargs,
+        )  # fmt: skip
+        parts.append(got[0])
+        state = got[1:]
+        settled = ((attn_rows[-1] == 0).to(torch.int32), (rows[-1] == 0).to(torch.int32))
+        seen.append(torch.stack(settled))
+        t0 += size
+    return torch.cat(parts), *state, torch.stack(seen)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_attention_settled_chunks_equal_whole(gen, backend):
+    """Chunks that pass the last chunk's quiet rows as settled give the whole run's bits: at
+    a chunk edge where every block has settled and its operands hold (the kernel skips them
+    from the first step), where products of zeros follow, and in chunks of one step."""
+    T = 32
+    case = _settling_case(gen, T)
+    want = _composed(case)[:3]
+    assert not want[0][:17].any() and want[0][17, 1, 0].any() and want[0][17, 0, 2].any()
+    for sizes in ((16, 16), (11, 5, 1, 15)):
+        with force_backend(backend):
+            *got, settled = _run_chunks_settled(case, sizes)
+        _assert_equal(got, want, ATTENTION_NAMES)
+        assert settled[:-1].all(), "every row settled before step 17: the edges' premise"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_attention_settled_scores_unsettled_context(gen, backend):
+    """A head whose attention neuron has settled (and whose q, k and v hold) while its
+    context neuron has not: the context product, not formed at the first step for the
+    attention, is formed for the context neuron there."""
+    case = _settling_case(gen, 3)
+    count = case["count"][0, 1]  # one head's, each one off its target
+    case["count"][0, 1] = torch.where(count > CTX_BOUNDS[0], count - 1, count + 1)
+    want = _composed(case)[:3]
+    settled = torch.ones(2, 3, 18, dtype=torch.int32)
+    row_settled = settled.clone()
+    row_settled[0, 1] = 0
+    fresh = ~row_settled.bool()
+    assert want[0][0, fresh].any() and not want[0][:, ~fresh].any(), "the case's premise"
+    with force_backend(backend):
+        got = _run_attention(
+            case, qkv_active=torch.zeros(3, 2, 3, 3, dtype=torch.int32),
+            attn_row_settled=settled, row_settled=row_settled,
+        )  # fmt: skip
+    _assert_equal(got, want, ATTENTION_NAMES)
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_attention_kernel_skips_settled_blocks(gen, device):
+    """The kernel trusts the settled flags: with q, k and v held at their first step and every
+    qkv flag 0, a block of queries whose rows are all flagged settled stays silent and keeps
+    its counts, whatever its neurons would do there (the op's own check bypassed); the other
+    blocks give the true bits, among them one where only some rows are flagged."""
+    from spikekernels.kernels.exact_attention import exact_attention_triton
+    from spikekernels.ops._registry import launcher
+
+    T, m, n, dv = 3, 18, 37, 16
+    case = _attention_case(gen, T, (2, 3), m, 24, n, dv, state=True)
+    for name in ("q", "k_t", "v"):
+        case[name] = case[name][:1].expand_as(case[name])
+    spikes, attn_count, count, _ = _composed(case)
+    block_m = attention_config(n, dv)[0]
+    settled = torch.zeros(2, 3, m, dtype=torch.int32)
+    settled[0, 1, :block_m] = 1  # a whole block
+    settled[1, 2, block_m:] = 1  # the last block, its rows past M masked
+    settled[1, 0, 1] = 1  # one row of a block: it runs
+    skipped = torch.zeros_like(settled, dtype=torch.bool)
+    skipped[0, 1, :block_m] = skipped[1, 2, block_m:] = True
+    assert (spikes[:, skipped] != 0).any(), "the skipped rows would be silent: proves little"
+    want_spikes = spikes.clone()
+    want_spikes[:, skipped] = 0
+    want_attn, want_count = attn_count.clone(), count.clone()
+    want_attn[skipped] = case["attn_count"][skipped]
+    want_count[skipped] = case["count"][skipped]
+    on = {name: t.to(device) for name, t in case.items()}
+    c = dict(on)
+    head = [c.pop(name) for name in ("q", "k_t", "v", "gain", "attn_threshold")]
+    scalars = [c.pop(name) for name in ("theta_a", "theta_v", "threshold")]
+    attn_rows = torch.zeros(T, 2, 3, m, dtype=torch.int32, device=device)
+    got = exact_attention_triton(
+        launcher, *head, *ATTN_BOUNDS, *scalars, *CTX_BOUNDS, c["attn_count"], c["count"],
+        qkv_active=torch.zeros(T, 2, 3, 3, dtype=torch.int32, device=device),
+        attn_row_active=attn_rows, attn_row_settled=settled.to(device),
+        row_settled=settled.to(device),
+    )  # fmt: skip
+    _assert_equal(got, (want_spikes, want_attn, want_count), ATTENTION_NAMES)
+    assert not attn_rows.cpu()[:, skipped].any() and attn_rows.any()
+
+
+def _settled_bad(gen, kind: str) -> tuple[dict, dict]:
+    """A case and the op's extra arguments with the settled flags wrong in one way."""
+    T = 3
+    case = _attention_case(gen, T, (2,), 5, 7, 6, 4, state=True)
+    ones = torch.ones(2, 5, dtype=torch.int32)
+    still = _qkv_moved(case)
+    still[0] = 0  # nothing moved since the step before: every settled block may skip
+    kwargs = dict(qkv_active=still, attn_row_settled=ones, row_settled=ones)
+    if kind == "alone":
+        del kwargs["row_settled"]
+    elif kind == "int64":
+        kwargs["row_settled"] = ones.long()
+    elif kind == "heads":
+        kwargs["attn_row_settled"] = torch.ones(2, 1, 5, dtype=torch.int32)
+    elif kind == "fresh":
+        del case["attn_count"], case["count"]
+    elif kind == "context":
+        # the attention neuron at its targets (silent at the first step), the context not
+        held = {name: x[:1].expand(16, *x.shape[1:]) for name, x in case.items()
+                if name in ("q", "k_t", "v")}  # fmt: skip
+        case["attn_count"] = _composed(case | held)[3][-1]
+        kwargs["attn_row_settled"] = torch.zeros_like(ones)
+    return case, kwargs
+
+
+@pytest.mark.parametrize(
+    ("kind", "error", "words"),
+    [
+        ("alone", ValueError, "attn_row_settled and row_settled go together"),
+        ("int64", TypeError, "row_settled must have dtype"),
+        ("heads", ValueError, "attn_row_settled must have shape (2, 5)"),
+        ("fresh", ValueError, "they need the incoming counts"),
+        ("attention", ValueError, "attn_row_settled marks a row whose attention neuron fires"),
+        ("context", ValueError, "row_settled marks a row whose context neuron fires"),
+    ],
+)
+def test_attention_bad_settled_flags_are_rejected(gen, kind, error, words):
+    """Flags of the wrong kind, and settled flags on rows whose neuron fires at the first
+    step where the kernel would skip it (checked on CPU: the data check runs one step)."""
+    case, kwargs = _settled_bad(gen, kind)
+    with pytest.raises(error, match=words.replace("(", r"\(").replace(")", r"\)")):
+        _run_attention(case, **kwargs)
+
+
 @pytest.mark.parametrize(
     ("change", "error", "words"),
     [
@@ -773,17 +942,23 @@ def test_attention_bad_input_is_rejected(gen, change, error, words):
         _run_attention(case, **kwargs)
 
 
-@pytest.mark.parametrize("qkv_active", [False, True])
-def test_attention_opcheck(gen, qkv_active):
-    """With the flags: qkv_active read and row_active written."""
+@pytest.mark.parametrize("flags", ["none", "qkv_active", "settled"])
+def test_attention_opcheck(gen, flags):
+    """With the flags: qkv_active read and row_active written; then also attn_row_active
+    written and the settled flags read."""
     case = _attention_case(gen, 3, (2, 2), 5, 8, 6, 4, state=True)
-    flags = (_qkv_moved(case), torch.zeros(3, 2, 5, dtype=torch.int32)) if qkv_active else ()
+    extra = ()
+    if flags != "none":
+        extra = (_qkv_moved(case), torch.zeros(3, 2, 5, dtype=torch.int32))
+    if flags == "settled":
+        quiet = torch.zeros(2, 2, 5, dtype=torch.int32)
+        extra += (torch.zeros(3, 2, 2, 5, dtype=torch.int32), quiet, quiet.clone())
     c = dict(case)
     args = [c.pop(n) for n in ("q", "k_t", "v", "gain", "attn_threshold")]
     args += [*ATTN_BOUNDS, c.pop("theta_a"), c.pop("theta_v"), c.pop("threshold"), *CTX_BOUNDS]
     args += [c.pop("attn_count"), c.pop("count")]
     torch.library.opcheck(
-        torch.ops.spikekernels.exact_attention, (*args, None, None, False, True, *flags)
+        torch.ops.spikekernels.exact_attention, (*args, None, None, False, True, *extra)
     )
 
 
@@ -856,6 +1031,12 @@ def test_exact_attention_module_fused_equals_the_two_modules(gen, chunk, monkeyp
         calls.append(len(fused_calls))
         runs.append((logits, steps, [site.neuron.count.clone() for site in snn.sites]))
         assert bool(seen) == hooked, "the hook must see the module called (and only then)"
+        # the fused call keeps its quiet rows for the next; a module called alone promises
+        # nothing (the run ends settled: the last step fired nowhere)
+        for block, fused in zip(snn.blocks, (True, not hooked), strict=True):
+            for part in (block.attn.probs, block.attn.context):
+                assert part.row_settled.shape == (2, TINY["num_heads"], part.count.shape[-2])
+                assert bool(part.row_settled.all()) == fused, (type(part).__name__, hooked)
     assert calls[0] == 2 * calls[1] > 0, f"fused calls, unhooked vs hooked: {calls}"
     (l0, s0, c0), (l1, s1, c1) = runs
     assert s0 == s1 and torch.equal(l0.view(torch.int32), l1.view(torch.int32))

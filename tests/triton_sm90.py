@@ -895,6 +895,7 @@ def exact_attention_cases() -> list[Case]:
     signature |= {
         name: "*i32"
         for name in ("attn_active_ptr", "active_ptr", "qkv_active_ptr", "row_active_ptr")
+        + ("attn_row_active_ptr", "attn_settled_ptr", "settled_ptr")
     }
     signature |= {
         name: "i32"
@@ -903,13 +904,13 @@ def exact_attention_cases() -> list[Case]:
         + ["stride_flag_i", "attn_n_min", "attn_p_max", "n_min", "p_max", "samples"]
         + ["rows_per_sample"]
     }
-    # the model's call: state, activity, the qkv layer's flags (qkv_active, [T, B, 3, H]
-    # seen as [T, B, H, 3]: the head stride is 1) and the spikes' row flags (row_active).
-    # At ViT-S, and at the smallest tile (5 tokens, head dim 8, as the tiny test models):
-    # 32 keys, the least an int8 dot contracts over (16 did not compile)
-    model_call = (True, True, True)
-    for n, d, variants in [(197, 64, [(False, False, False), (True, True, False), model_call]),
-                           (5, 8, [model_call])]:  # fmt: skip
+    # the model's calls: activity, the qkv layer's flags (qkv_active, [T, B, 3, H] seen as
+    # [T, B, H, 3]: the head stride is 1), both row flags, and after the first call the state
+    # and the settled flags. At ViT-S, and at the smallest tile (5 tokens, head dim 8, as the
+    # tiny test models): 32 keys, the least an int8 dot contracts over (16 did not compile)
+    model_calls = [(False, True, True), (True, True, True)]
+    for n, d, variants in [(197, 64, [(False, False, False), (True, True, False), *model_calls]),
+                           (5, 8, model_calls)]:  # fmt: skip
         block_m, block_n, block_d, block_dv, num_warps = ea.attention_config(n, d)
         vit = n == 197
         for state, active, qkv_active in variants:
@@ -923,6 +924,8 @@ def exact_attention_cases() -> list[Case]:
                 HAS_ACTIVE=active,
                 HAS_QKV_ACTIVE=qkv_active,
                 HAS_ROW_ACTIVE=qkv_active,
+                HAS_ATTN_ROW_ACTIVE=qkv_active,
+                HAS_SETTLED=state and qkv_active,
                 BLOCK_M=block_m,
                 BLOCK_N=block_n,
                 BLOCK_D=block_d,
@@ -934,7 +937,8 @@ def exact_attention_cases() -> list[Case]:
             cases.append(
                 Case(
                     f"exact_attention (fused) N={n} D={d} state={state} active={active}"
-                    + (" qkv_active row_active" if qkv_active else ""),
+                    + (" qkv_active row flags" if qkv_active else "")
+                    + (" settled" if state and qkv_active else ""),
                     ea.exact_attention_kernel,
                     signature,
                     constexprs,
@@ -1211,7 +1215,8 @@ def tile_candidate_cases() -> list[Case]:
         (ea, "_PROBS_GPU", exact_attention_cases,
          "exact_attention (fused) N=197 D=64 state=True active=True"),
         (ea, "_PROBS_GPU", exact_attention_cases,
-         "exact_attention (fused) N=197 D=64 state=True active=True qkv_active row_active"),
+         "exact_attention (fused) N=197 D=64 state=True active=True qkv_active row flags "
+         "settled"),
         (eln, "ELEMENTS_PER_PROGRAM", exact_layernorm_cases,
          "exact_layernorm_neuron C=384 residual=True per_channel=False active=True branch=1"),
         (sln, "_GPU_TILES", spike_linear_neuron_cases, "spike_linear_neuron weight=bf16x3 "

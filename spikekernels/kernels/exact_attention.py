@@ -67,6 +67,17 @@ program re-reads its head's K and V (13 query blocks a head at ViT-S: about 26 K
 program-step from L2, the kernel's largest traffic), so a quiet head's step then reads
 little more than the flags (by count; unmeasured on a GPU).
 
+No product is carried in, so without more a program forms both products at a call's first
+step and runs both neurons. With the settled flags (per query row: the attention or context
+neuron did not fire at the step before the call; with ``qkv_active`` and the incoming counts)
+a block whose rows are all settled starts as after a quiet step: where q and k did not move
+at the first step it neither forms ``S`` nor runs the attention neuron, and where v and its
+attention counts did not move either, the same for ``Z``. A product not yet formed is formed
+where its neuron must run, and then counts as moved (``s_known``, ``z_known``): compared with
+the placeholder, one of zeros would pass for unchanged. The kernel writes the attention
+neuron's row flags (``attn_row_active``, every row of a block that fired) from which the
+caller takes the next call's flags.
+
 With ``COUNTS_IN`` the operands are the running counts themselves (the producing kernels'
 ``COUNTS_OUT``: the neuron's count after each step, the same bytes as its spikes), and each
 step forms the product directly, ``S^T = K_t Q_t^T`` and ``Z = A_t V_t``: no running-count
@@ -781,6 +792,11 @@ def exact_attention_kernel(
     qkv_active_ptr,  # [T, B, H, 3] int32 flags: Q, K, V changed at the step (HAS_QKV_ACTIVE)
     row_active_ptr,  # [T, rows] int32 flags per row of the spikes, set where its query block
     # fires (HAS_ROW_ACTIVE only)
+    attn_row_active_ptr,  # [T, B * H * M] int32 flags per query row, set where its query
+    # block's attention neuron fires (HAS_ATTN_ROW_ACTIVE only)
+    attn_settled_ptr,  # [B * H * M] int32: 1 where the row's attention neuron did not fire at
+    # the step before these (HAS_SETTLED only)
+    settled_ptr,  # [B * H * M] int32: the same of the context neuron (HAS_SETTLED only)
     T,
     M,
     N,
@@ -823,6 +839,8 @@ def exact_attention_kernel(
     HAS_ACTIVE: tl.constexpr,
     HAS_QKV_ACTIVE: tl.constexpr,
     HAS_ROW_ACTIVE: tl.constexpr,
+    HAS_ATTN_ROW_ACTIVE: tl.constexpr,
+    HAS_SETTLED: tl.constexpr,  # both settled flags given (with HAS_QKV_ACTIVE and HAS_COUNT)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -881,26 +899,40 @@ def exact_attention_kernel(
         active_ptr += (bid * M) // rows_per_sample
 
     # Quiet tiles, as in the two kernels: a product equal to the last step's, with no spike
-    # from its neuron at the last step, gives sigma = 0 again, bit for bit (at the first
-    # step with incoming state: unknown, so computed).
+    # from its neuron at the last step, gives sigma = 0 again, bit for bit. No product is
+    # carried in (s_known, z_known: 0 until formed), so at the first step a neuron that may
+    # have fired at the step before (unknown without the settled flags: yes) needs its
+    # product, and the first product formed counts as moved.
     s = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.int32)
     z = tl.zeros([BLOCK_DV, BLOCK_M], dtype=tl.int32)
-    attn_fired = tl.full((), 1, tl.int32)
-    fired = tl.full((), 1, tl.int32)
+    s_known = tl.full((), 0, tl.int32)
+    z_known = tl.full((), 0, tl.int32)
+    if HAS_SETTLED:
+        # the block fired at the step before where one of its rows is not settled
+        row = bid * M + offs_m
+        attn_fired = tl.max((tl.load(attn_settled_ptr + row, mask=mask_m, other=1) == 0)
+                            .to(tl.int32), axis=0)  # fmt: skip
+        fired = tl.max((tl.load(settled_ptr + row, mask=mask_m, other=1) == 0).to(tl.int32),
+                       axis=0)  # fmt: skip
+    else:
+        attn_fired = tl.full((), 1, tl.int32)
+        fired = tl.full((), 1, tl.int32)
     if HAS_QKV_ACTIVE:
         qkv_active_ptr += (bid // H) * stride_flag_b + (bid % H) * stride_flag_h
     if HAS_ROW_ACTIVE:
         row_active_ptr += (bid // row_heads) * M
-    for t in range(T):
+    if HAS_ATTN_ROW_ACTIVE:
+        attn_row_active_ptr += bid * M
+    for _ in range(T):
         # With the producer's flags, a step whose Q and K did not change reads neither (S is
         # the last step's), one whose A and V did not change does not form Z, and one where
-        # none of Q, K and V changed does not read V (module docstring). The first step
-        # always computes: no product is carried in.
+        # none of Q, K and V changed does not read V (module docstring). A product not yet
+        # formed is formed where its neuron must run.
         if HAS_QKV_ACTIVE:
-            first = t == 0
             q_or_k = tl.load(qkv_active_ptr) | tl.load(qkv_active_ptr + stride_flag_i)
-            qk_moved = first | (q_or_k != 0)
-            v_moved = first | (tl.load(qkv_active_ptr + 2 * stride_flag_i) != 0)
+            qk_moved = (q_or_k != 0) | ((attn_fired & (s_known == 0)) != 0)
+            v_flag = tl.load(qkv_active_ptr + 2 * stride_flag_i)
+            v_moved = (v_flag != 0) | ((fired & (z_known == 0)) != 0)
             qkv_active_ptr += stride_flag_t
             s_now = scores_of_counts(
                 q_ptr, k_ptr, offs_m, offs_n, offs_d, mask_m, mask_n, D, stride_qm, stride_qd,
@@ -908,13 +940,15 @@ def exact_attention_kernel(
             )  # fmt: skip
             s_moved = tl.full((), 0, tl.int32)
             if qk_moved:
-                s_moved = _changed(s_now, s)
+                s_moved = _changed(s_now, s) | (s_known == 0).to(tl.int32)
+                s_known = tl.full((), 1, tl.int32)
         else:
             s_now = scores_of_counts(
                 q_ptr, k_ptr, offs_m, offs_n, offs_d, mask_m, mask_n, D, stride_qm, stride_qd,
                 stride_kn, stride_kd, True, s, BLOCK_M, BLOCK_N, BLOCK_D, D_SLICES, False,
             )  # fmt: skip
-            s_moved = _changed(s_now, s)
+            s_moved = _changed(s_now, s) | (s_known == 0).to(tl.int32)
+            s_known = tl.full((), 1, tl.int32)
         if (s_moved | attn_fired) != 0:
             sigma, attn_fired = _attention_neuron(
                 s_now, gain, mask_n, mask_m, attn_theta, attn_inv_theta, attn_count, attn_n_min,
@@ -928,6 +962,10 @@ def exact_attention_kernel(
         if HAS_ATTN_ACTIVE:
             record_active_tile(attn_active_ptr, attn_fired)
             attn_active_ptr += samples
+        if HAS_ATTN_ROW_ACTIVE:
+            if attn_fired != 0:
+                tl.store(attn_row_active_ptr + offs_m, 1, mask=mask_m)
+            attn_row_active_ptr += (tl.num_programs(0) // num_m) * M  # B * H * M
 
         # Z^T = V_t^T @ A_t^T over all keys at once (int8 wgmma, exact int32). V's load is
         # predicated on the flags alone, so that it is issued ahead like Q's and K's; A that
@@ -941,12 +979,14 @@ def exact_attention_kernel(
                 if not v_ahead:
                     v = tl.load(v_ptr + v_offs, mask=v_mask, other=0)
                 z_now = tl.dot(tl.trans(v), attn_count.to(tl.int8), out_dtype=tl.int32)
-                z_moved = _changed(z_now, z)
+                z_moved = _changed(z_now, z) | (z_known == 0).to(tl.int32)
+                z_known = tl.full((), 1, tl.int32)
                 z = z_now
         else:
             v = tl.load(v_ptr + v_offs, mask=v_mask, other=0)
             z_now = tl.dot(tl.trans(v), attn_count.to(tl.int8), out_dtype=tl.int32)
-            z_moved = _changed(z_now, z)
+            z_moved = _changed(z_now, z) | (z_known == 0).to(tl.int32)
+            z_known = tl.full((), 1, tl.int32)
             z = z_now
         if (z_moved | fired) != 0:
             sigma_c, fired = _context_neuron(
@@ -1261,6 +1301,9 @@ def exact_attention_triton(
     merge_heads: bool = False,
     qkv_active: torch.Tensor | None = None,
     row_active: torch.Tensor | None = None,
+    attn_row_active: torch.Tensor | None = None,
+    attn_row_settled: torch.Tensor | None = None,
+    row_settled: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Host side: running counts ``q`` ``[T, *batch, M, D]``, ``k_t`` ``[T, *batch, D, N]``,
     ``v`` ``[T, *batch, N, DV]`` int8 (any strides, at least one batch entry, ``1 <= N <=
@@ -1268,7 +1311,9 @@ def exact_attention_triton(
     neither), ``attn_active``/``active`` ``[T, B]`` int32 contiguous or None, ``qkv_active``
     ``[T, *batch, 3]`` int32 (any strides) or None, ``row_active`` int32 contiguous, one flag
     per step and row of the spikes (``[T, *batch, M]``, merged: ``[T, *batch[:-1], M]``), or
-    None. Returns
+    None, ``attn_row_active`` ``[T, *batch, M]`` int32 contiguous or None, the settled flags
+    ``[*batch, M]`` int32 contiguous, both or neither (read only with both counts and
+    ``qkv_active``: without those every product is formed at the first step anyway). Returns
     ``(spikes [T, *batch, M, DV] int8 (merge_heads: [T, *batch[:-1], M, H * DV]), attn_count,
     count)``, the counts fresh or, with ``inplace``, views of the given ones."""
     steps, batch = q.shape[0], q.shape[1:-2]
@@ -1291,6 +1336,7 @@ def exact_attention_triton(
     flags = active if active is not None else attn_active
     if qkv_active is not None:
         qkv_active = qkv_active.reshape(steps, *_split_dims(batch), 3)
+    settled = attn_row_settled is not None and qkv_active is not None and attn_in is not None
     launch(exact_attention_kernel)[(triton.cdiv(m, block_m) * nb,)](
         q5,
         k5,
@@ -1309,6 +1355,9 @@ def exact_attention_triton(
         attn_out if active is None else active,
         attn_out if qkv_active is None else qkv_active,
         attn_out if row_active is None else row_active,
+        attn_out if attn_row_active is None else attn_row_active,
+        attn_row_settled.contiguous() if settled else attn_out,
+        row_settled.contiguous() if settled else attn_out,
         steps,
         m,
         n,
@@ -1332,6 +1381,8 @@ def exact_attention_triton(
         HAS_ACTIVE=active is not None,
         HAS_QKV_ACTIVE=qkv_active is not None,
         HAS_ROW_ACTIVE=row_active is not None,
+        HAS_ATTN_ROW_ACTIVE=attn_row_active is not None,
+        HAS_SETTLED=settled,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_D=block_d,

@@ -22,7 +22,32 @@ from spikekernels.ops.exact_attention import (
 __all__ = ["ExactAttention", "ExactAttentionProbs", "ExactContext"]
 
 
-class ExactAttentionProbs(TargetNeuron):
+class _SettledRowsNeuron(TargetNeuron):
+    """A neuron of the fused attention: its state is ``count`` and ``row_settled`` (int32
+    ``[*batch, M]``, one flag per query row: 1 where the row did not fire at the last step; 0,
+    the fresh value, promises nothing). ``ExactAttention``'s fused call writes the flags and
+    passes them to the next (``ops.exact_attention``'s settled flags); a call of the module on
+    its own leaves zeros."""
+
+    def reset(self) -> None:
+        """Back to the fresh state: count 0, no row known settled."""
+        super().reset()
+        self.row_settled: torch.Tensor | None = None
+
+    def state(self) -> dict[str, torch.Tensor | None]:
+        """``count`` and ``row_settled`` (class docstring; see ``TargetNeuron.state``)."""
+        return {"count": self.count, "row_settled": self.row_settled}
+
+    def keep_settled(self, quiet: torch.Tensor) -> None:
+        """``row_settled = quiet`` (bool, broadcast to it), in place where it exists (the
+        state keeps its address for a replayed graph)."""
+        if self.row_settled is None:
+            self.row_settled = quiet.to(torch.int32).contiguous()
+        else:
+            self.row_settled.copy_(quiet)
+
+
+class ExactAttentionProbs(_SettledRowsNeuron):
     """Scores product, softmax and the attention-probability neuron, fused
     (``spikekernels.ops.exact_attention_probs``): q ``[T, *batch, M, D]`` and k transposed
     ``[T, *batch, D, N]`` spikes in, int8 spikes ``[T, *batch, M, N]`` out. Per step
@@ -34,7 +59,8 @@ class ExactAttentionProbs(TargetNeuron):
     ``counts_in``: q and k arrive as their running counts after each step (``S = Q_t K_t^T``
     per step; no ``q_count``/``k_count``); ``counts_out``: the neuron's count after each step
     goes out instead of its spikes. ``ExactAttention``
-    sets both: running counts are what its products read."""
+    sets both: running counts are what its products read. State: ``count`` and
+    ``row_settled`` (``_SettledRowsNeuron``)."""
 
     def __init__(
         self,
@@ -66,10 +92,11 @@ class ExactAttentionProbs(TargetNeuron):
             q_count, k_count, self.count, active=self.activity,
             inplace=stateful, counts_in=self.counts_in, counts_out=self.counts_out,
         )  # fmt: skip
+        self.keep_settled(torch.zeros((), dtype=torch.bool, device=q.device).expand(q.shape[1:-1]))
         return spikes
 
 
-class ExactContext(TargetNeuron):
+class ExactContext(_SettledRowsNeuron):
     """Context product and its neuron, fused (``spikekernels.ops.exact_context``): attention
     ``[T, *batch, M, N]`` and v ``[T, *batch, N, Dh]`` spikes in, int8 spikes out. Per step
     ``Z += a_t @ V_t + A_{t-1} @ v_t`` (int32), the neuron reads
@@ -77,7 +104,8 @@ class ExactContext(TargetNeuron):
     and v are their neurons' (each call takes them after its steps), and ``Z = A V`` of them
     is formed at each call's start, not kept. ``counts_in``: a and v arrive as their running
     counts after each step (``Z = A_t V_t`` per step; no ``a_count``/``v_count``), as
-    ``ExactAttention`` wires it."""
+    ``ExactAttention`` wires it. State: ``count`` and ``row_settled``
+    (``_SettledRowsNeuron``; per query row of each head, the heads not merged)."""
 
     def __init__(
         self,
@@ -117,6 +145,7 @@ class ExactContext(TargetNeuron):
             inplace=stateful, merge_heads=merge_heads, counts_in=self.counts_in,
             row_active=row_active,
         )  # fmt: skip
+        self.keep_settled(torch.zeros((), dtype=torch.bool, device=a.device).expand(a.shape[1:-1]))
         return spikes
 
 
@@ -253,17 +282,31 @@ class ExactAttention(nn.Module):
         row_active: torch.Tensor,
     ) -> torch.Tensor:
         """``probs`` then ``context`` as one op, on the modules' own state; ``row_active``
-        receives the rows of the spikes that fire."""
+        receives the rows of the spikes that fire. The rows whose neurons did not fire at the
+        last step are kept as the two modules' ``row_settled``, which the next call passes
+        back: with ``qkv_active`` a block of settled queries whose q, k and v did not move
+        skips its neurons from the first step on, not only from the second."""
         probs, context = self.probs, self.context
         stateful = probs.stateful_call() and context.stateful_call()
+        attn_rows = torch.zeros(q.shape[:-1], dtype=torch.int32, device=q.device)
         spikes, attn_count, count = exact_attention(
             q, k_t, v, probs.gain, probs.threshold, probs.n_min, probs.p_max,
             context.theta_a, context.theta_v, context.threshold, context.n_min, context.p_max,
             probs.count if stateful else None, context.count if stateful else None,
             attn_active=probs.activity, active=context.activity, inplace=stateful,
             merge_heads=True, qkv_active=qkv_active, row_active=row_active,
+            attn_row_active=attn_rows,
+            attn_row_settled=probs.row_settled if stateful else None,
+            row_settled=context.row_settled if stateful else None,
         )  # fmt: skip
         probs.count, context.count = attn_count, count
+        # Without qkv_active (a hook on qkv may have replaced its counts) the next call's
+        # first flags would not say whether q, k and v moved since what this call read: no
+        # row is promised settled then. The context's rows come merged over the heads: a
+        # row is settled in every head where no head's block of it fired.
+        known = qkv_active is not None
+        probs.keep_settled((attn_rows[-1] == 0) & known)
+        context.keep_settled(((row_active[-1] == 0) & known).unsqueeze(-2).expand(q.shape[1:-1]))
         return spikes
 
     def extra_repr(self) -> str:

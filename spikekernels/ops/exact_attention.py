@@ -489,7 +489,7 @@ def exact_context(
 def _check_attention(
     q, k_t, v, gain, attn_threshold, attn_n_min, attn_p_max, theta_a, theta_v, threshold, n_min,
     p_max, attn_count, count, attn_active, active, inplace, merge_heads, qkv_active=None,
-    row_active=None,
+    row_active=None, attn_row_active=None, attn_row_settled=None, row_settled=None,
 ) -> None:  # fmt: skip
     """Metadata checks (no data read)."""
     check_flag(merge_heads, "merge_heads")
@@ -541,15 +541,42 @@ def _check_attention(
         check_same_device("q", q, "qkv_active", qkv_active)
     batch = q.shape[1:-3] if merge_heads else q.shape[1:-2]  # the spikes' (heads merged)
     check_row_active(row_active, (q.shape[0], *batch, q.shape[-2], v.shape[-1]), q, "q")
+    check_row_active(attn_row_active, attn_shape, q, "q", "attn_row_active")
+    _check_settled_flags(q, attn_count, attn_row_settled, row_settled)
     inputs = (q, k_t, v, gain, attn_threshold, theta_a, theta_v, threshold, attn_active, active,
-              qkv_active, row_active)  # fmt: skip
+              qkv_active, row_active, attn_row_active, attn_row_settled, row_settled)  # fmt: skip
     check_inplace(inplace, (("attn_count", attn_count), ("count", count)), inputs)
+
+
+def _check_settled_flags(q, attn_count, attn_row_settled, row_settled) -> None:
+    """The settled flags: int32 ``[*batch, M]`` (one per query row), both or neither, only
+    with the incoming counts (a fresh call has no step before it)."""
+    if (attn_row_settled is None) != (row_settled is None):
+        raise ValueError(
+            "attn_row_settled and row_settled go together: both neurons' flags, or neither"
+        )
+    if attn_row_settled is None:
+        return
+    if attn_count is None:
+        raise ValueError(
+            "attn_row_settled and row_settled describe the step before these: they need the "
+            "incoming counts (attn_count, count), a fresh call has none"
+        )
+    for flags, name in ((attn_row_settled, "attn_row_settled"), (row_settled, "row_settled")):
+        check_tensor(flags, name, dtypes=(torch.int32,))
+        if tuple(flags.shape) != tuple(q.shape[1:-1]):
+            raise ValueError(
+                f"{name} must have shape {tuple(q.shape[1:-1])} (one flag per query row: q's "
+                f"batch dims and M), got {tuple(flags.shape)}"
+            )
+        check_same_device("q", q, name, flags)
 
 
 def _check_qkv_active(q, k_t, v, qkv_active, validate: bool) -> None:
     """Data check of ``qkv_active`` (CPU always, a GPU with ``validate``): nonzero wherever
-    its operand's running count differs from the step before. (At the first step a kernel
-    reads every operand whatever the flag, so that step is not checked.)"""
+    its operand's running count differs from the step before. (The first step's step before
+    is not in the op's input: without settled flags a kernel reads every operand there
+    whatever the flag, with them ``_check_settled`` checks what it skips.)"""
     if qkv_active is None or q.shape[0] < 2 or not may_read_data(qkv_active, validate):
         return
     for i, (x, name) in enumerate(((q, "q"), (k_t, "k_t"), (v, "v"))):
@@ -563,18 +590,53 @@ def _check_qkv_active(q, k_t, v, qkv_active, validate: bool) -> None:
 
 def exact_attention_torch(
     q, k_t, v, gain, attn_threshold, attn_n_min, attn_p_max, theta_a, theta_v, threshold, n_min,
-    p_max, attn_count, count, attn_active=None, active=None,
+    p_max, attn_count, count, attn_active=None, active=None, attn_row_active=None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """Vectorised PyTorch (any device, any shape): the two ops' PyTorch paths in a row, the
     attention neuron's counts between them."""
-    a, attn_count = exact_attention_probs_torch(
+    a, new_attn = exact_attention_probs_torch(
         q, k_t, gain, attn_threshold, attn_n_min, attn_p_max, None, None, attn_count,
         attn_active, counts_in=True, counts_out=True,
     )  # fmt: skip
+    record_active_of(None, a, attn_count, counts=True, row_active=attn_row_active)
     spikes, count = exact_context_torch(
         a, v, theta_a, theta_v, threshold, n_min, p_max, None, None, count, active, counts_in=True
     )
-    return spikes, attn_count, count
+    return spikes, new_attn, count
+
+
+def _check_settled(
+    q, k_t, v, gain, attn_threshold, attn_n_min, attn_p_max, theta_a, theta_v, threshold, n_min,
+    p_max, attn_count, count, qkv_active, attn_row_settled, row_settled, validate,
+) -> None:  # fmt: skip
+    """Data check of the settled flags (CPU always, a GPU with ``validate``; read only with
+    ``qkv_active``): where a row is flagged settled and its operands did not move at the first
+    step, its neuron must not fire there (the kernel skips it). One step of the op."""
+    if attn_row_settled is None or qkv_active is None:
+        return
+    if not may_read_data(attn_row_settled, validate) or q.shape[0] == 0:
+        return
+    first = (q[:1], k_t[:1], v[:1])
+    spikes, attn_after, _ = exact_attention_torch(
+        *first, gain, attn_threshold, attn_n_min, attn_p_max, theta_a, theta_v, threshold,
+        n_min, p_max, attn_count, count,
+    )  # fmt: skip
+    attn_fired = (attn_after != attn_count).any(dim=-1)  # [*batch, M]
+    still = qkv_active[0, ..., None] == 0  # [*batch, 3, 1]: q, k, v as before these steps
+    if bool(((attn_row_settled != 0) & still[..., 0, :] & still[..., 1, :] & attn_fired).any()):
+        raise ValueError(
+            "attn_row_settled marks a row whose attention neuron fires at the first step "
+            "though q and k did not move: a 1 promises that the row did not fire at the step "
+            "before these (give the last call's attn_row_active, as 0 where it fired, or None)"
+        )
+    context_fired = (spikes[0] != 0).any(dim=-1)
+    if bool(((row_settled != 0) & still[..., 2, :] & ~attn_fired & context_fired).any()):
+        raise ValueError(
+            "row_settled marks a row whose context neuron fires at the first step though v "
+            "and its attention counts did not move: a 1 promises that the row did not fire at "
+            "the step before these (give the last call's row_active, as 0 where it fired, or "
+            "None)"
+        )
 
 
 def _fused_attention_fits(q: torch.Tensor, k_t: torch.Tensor, v: torch.Tensor) -> bool:
@@ -585,7 +647,7 @@ def _fused_attention_fits(q: torch.Tensor, k_t: torch.Tensor, v: torch.Tensor) -
 
 @kernel_op(
     "exact_attention",
-    mutates_args=("attn_count", "count", "attn_active", "active", "row_active"),
+    mutates_args=("attn_count", "count", "attn_active", "active", "row_active", "attn_row_active"),
 )
 def _exact_attention_op(
     q: torch.Tensor,
@@ -608,17 +670,22 @@ def _exact_attention_op(
     merge_heads: bool = False,
     qkv_active: torch.Tensor | None = None,
     row_active: torch.Tensor | None = None,
+    attn_row_active: torch.Tensor | None = None,
+    attn_row_settled: torch.Tensor | None = None,
+    row_settled: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     args = (q, k_t, v, gain, attn_threshold, attn_n_min, attn_p_max, theta_a, theta_v,
             threshold, n_min, p_max, attn_count, count)  # fmt: skip
-    _check_attention(*args, attn_active, active, inplace, merge_heads, qkv_active, row_active)
+    rows = (row_active, attn_row_active, attn_row_settled, row_settled)
+    _check_attention(*args, attn_active, active, inplace, merge_heads, qkv_active, *rows)
     backend = backend_for(q, ("triton", "torch"))
     if backend == "triton" and _fused_attention_fits(q, k_t, v):
         from spikekernels.kernels.exact_attention import exact_attention_triton
 
         out = exact_attention_triton(
             launcher, *args, attn_active, active, inplace=inplace, merge_heads=merge_heads,
-            qkv_active=qkv_active, row_active=row_active,
+            qkv_active=qkv_active, row_active=row_active, attn_row_active=attn_row_active,
+            attn_row_settled=attn_row_settled, row_settled=row_settled,
         )  # fmt: skip
         if inplace:
             return out[0], placeholder(attn_count), placeholder(count)
@@ -630,13 +697,15 @@ def _exact_attention_op(
             q, k_t, gain, attn_threshold, attn_n_min, attn_p_max, None, None, attn_count,
             counts_in=True, counts_out=True,
         )  # fmt: skip
-        record_active_of(attn_active, a, attn_count, counts=True)
+        record_active_of(attn_active, a, attn_count, True, row_active=attn_row_active)
         spikes, new_count = reference.exact_context(
             a, v, theta_a, theta_v, threshold, n_min, p_max, None, None, count, counts_in=True
         )
         record_active(active, spikes)
     else:
-        spikes, new_attn, new_count = exact_attention_torch(*args, attn_active, active)
+        spikes, new_attn, new_count = exact_attention_torch(
+            *args, attn_active, active, attn_row_active
+        )
     if merge_heads:
         spikes = heads_merged(spikes)
     record_row_active(row_active, spikes)
@@ -651,11 +720,13 @@ def _exact_attention_op(
 def _(
     q, k_t, v, gain, attn_threshold, attn_n_min, attn_p_max, theta_a, theta_v, threshold, n_min,
     p_max, attn_count=None, count=None, attn_active=None, active=None, inplace=False,
-    merge_heads=False, qkv_active=None, row_active=None,
+    merge_heads=False, qkv_active=None, row_active=None, attn_row_active=None,
+    attn_row_settled=None, row_settled=None,
 ):  # fmt: skip
     args = (q, k_t, v, gain, attn_threshold, attn_n_min, attn_p_max, theta_a, theta_v,
             threshold, n_min, p_max, attn_count, count)  # fmt: skip
-    _check_attention(*args, attn_active, active, inplace, merge_heads, qkv_active, row_active)
+    rows = (row_active, attn_row_active, attn_row_settled, row_settled)
+    _check_attention(*args, attn_active, active, inplace, merge_heads, qkv_active, *rows)
     steps, *batch, m, _ = q.shape
     spikes = q.new_empty((steps, *batch, m, v.shape[-1]), dtype=torch.int8)
     spikes = heads_merged(spikes) if merge_heads else spikes
@@ -687,6 +758,9 @@ def exact_attention(
     merge_heads: bool = False,
     qkv_active: torch.Tensor | None = None,
     row_active: torch.Tensor | None = None,
+    attn_row_active: torch.Tensor | None = None,
+    attn_row_settled: torch.Tensor | None = None,
+    row_settled: torch.Tensor | None = None,
     validate: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Exact-mode self-attention between ``qkv`` and ``proj``, fused: the scores product, the
@@ -719,7 +793,8 @@ def exact_attention(
         merge_heads: the spikes ``[T, *batch[:-1], M, H * DV]``, as ``proj`` reads them.
         qkv_active: optional int32 ``[T, *batch, 3]`` (any strides), read only: nonzero
             wherever q's, k's or v's neuron (index 0, 1, 2) fired at step ``t`` in that batch
-            entry, i.e. wherever its running count differs from the step before
+            entry, i.e. wherever its running count differs from the step before (at the
+            first step: the last call's last; read there only with the settled flags)
             (``exact_linear``'s ``group_active`` of the qkv layer, one group per head's q, k
             and v, viewed). Then a step whose q and k did not change reads neither (the
             scores are the last step's), one whose v and attention counts did not change
@@ -733,8 +808,23 @@ def exact_attention(
             every row of a block of queries whose context neuron fired (a superset); the
             other paths from the spikes. ``proj`` takes them as ``exact_linear``'s
             ``s_row_active``.
+        attn_row_active: optional int32 ``[T, *batch, M]`` zeros, contiguous: the same for
+            the attention neuron, per query row (set where any of the row's keys fires; the
+            Triton kernel: every row of a block of queries that fired).
+        attn_row_settled, row_settled: optional int32 ``[*batch, M]`` (one per query row,
+            heads not merged), read only, both or neither, with the incoming counts: 1 where
+            the row's attention (context) neuron did not fire at the step before these, as
+            ``attn_row_active`` (``row_active``) of the last call's last step gives them; 0
+            promises nothing. With ``qkv_active``, whose first step then says whether q, k
+            and v moved since that step, a block of settled rows whose operands did not move
+            skips its neurons from the first step, as at every later one (without the flags
+            the first step forms the products and runs both neurons: a late chunk's whole
+            cost where the attention has settled). Checked on CPU (and on a GPU with
+            ``validate``): a settled row whose neuron fires at the first step although its
+            operands did not move is refused.
         validate: on a GPU also check the thresholds and the gain, that the incoming counts
-            lie inside their bounds and ``qkv_active`` (host syncs); on CPU always.
+            lie inside their bounds, ``qkv_active`` and the settled flags (host syncs); on
+            CPU always.
 
     Returns:
         ``(spikes, attn_count, count)``: the context neuron's int8 spikes and the two new
@@ -748,14 +838,16 @@ def exact_attention(
     """
     args = (q, k_t, v, gain, attn_threshold, attn_n_min, attn_p_max, theta_a, theta_v,
             threshold, n_min, p_max, attn_count, count)  # fmt: skip
-    _check_attention(*args, attn_active, active, inplace, merge_heads, qkv_active, row_active)
+    rows = (row_active, attn_row_active, attn_row_settled, row_settled)
+    _check_attention(*args, attn_active, active, inplace, merge_heads, qkv_active, *rows)
     for t, name in ((gain, "gain"), (attn_threshold, "attn_threshold"), (theta_a, "theta_a"),
                     (theta_v, "theta_v"), (threshold, "threshold")):  # fmt: skip
         check_threshold_values(t, name, validate)
     check_in_bounds(attn_count, "attn_count", attn_n_min, attn_p_max, validate)
     check_in_bounds(count, "count", n_min, p_max, validate)
     _check_qkv_active(q, k_t, v, qkv_active, validate)
+    _check_settled(*args, qkv_active, attn_row_settled, row_settled, validate)
     out = call_op(
-        "exact_attention", *args, attn_active, active, inplace, merge_heads, qkv_active, row_active
+        "exact_attention", *args, attn_active, active, inplace, merge_heads, qkv_active, *rows
     )
     return own_state(out, (1, 2), (attn_count, count)) if inplace else out
