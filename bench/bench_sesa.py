@@ -347,7 +347,11 @@ def test_exact_attention_counts(benchmark, model, T):
     counts written and read back) and as two ops on spikes and the counts after the chunk
     (each op forms the running counts of its operands in a pass of its own).
     ``speedup_vs_two_ops``, ``speedup_vs_spike_form``; ``matches_*``: 1.0 when the context
-    spikes agree bit for bit (they must)."""
+    spikes agree bit for bit (they must). Then a chunk after the attention settled (q, k and v
+    held, both neurons at their targets, every ``qkv_active`` flag 0), as a late chunk of a
+    run: without the settled flags (``quiet_over_busy``: every program still forms both
+    products and runs both neurons at the first step) and with them, every row settled, as
+    ``ExactAttention`` passes them (``settled_rows_over_busy``)."""
     from spikekernels.exact_math import score_gain
     from spikekernels.ops import exact_attention, exact_attention_probs, exact_context
 
@@ -395,7 +399,40 @@ def test_exact_attention_counts(benchmark, model, T):
         other = try_median_time(name, baseline, info, reps=3)
         if other is not None:
             info[f"speedup_vs_{name}"] = other / seconds
+    for name, quiet in _settled_attention_calls(counts, gain, theta_a, probs_bounds, scalars):
+        quiet_seconds = try_median_time(name, quiet, info, reps=3)
+        if quiet_seconds is not None:
+            info[f"{name}_over_busy"] = quiet_seconds / seconds
     record(benchmark, seconds, **info)
+
+
+def _settled_attention_calls(counts, gain, attn_threshold, probs_bounds, scalars):
+    """``(name, call)`` of a settled chunk of the fused attention: the chunk's last counts
+    held for its ``T`` steps, both neurons' counts at their targets (the chunk, then enough
+    held steps for the attention and then the context neuron to climb to every target),
+    every ``qkv_active`` flag 0; without the settled flags (``quiet``) and with them."""
+    from spikekernels.ops import exact_attention
+
+    steps = counts[0].shape[0]
+    batch, m = counts[0].shape[1:-2], counts[0].shape[-2]
+
+    def run(operands, state=(), **flags):
+        return exact_attention(*operands, gain, attn_threshold, *probs_bounds, *scalars, *state,
+                               **flags)  # fmt: skip
+
+    def held(n):
+        return [c[-1:].expand(n, *c.shape[1:]) for c in counts]
+
+    climb = probs_bounds[1] - probs_bounds[0] + scalars[-1] - scalars[-2] + 2
+    state = run(held(climb), run(counts)[1:])[1:]
+    still = torch.zeros(steps, *batch, 3, dtype=torch.int32, device=DEVICE)
+    every_row = torch.ones(*batch, m, dtype=torch.int32, device=DEVICE)
+    settled = dict(attn_row_settled=every_row, row_settled=every_row)
+    assert not run(held(steps), state, qkv_active=still)[0].any(), "not settled"
+    return [
+        ("quiet", lambda: run(held(steps), state, qkv_active=still)),
+        ("settled_rows", lambda: run(held(steps), state, qkv_active=still, **settled)),
+    ]
 
 
 @pytest.mark.parametrize(
