@@ -1044,6 +1044,18 @@ def test_exact_attention_module_fused_equals_the_two_modules(gen, chunk, monkeyp
 
 
 @pytest.mark.cuda
+def test_cuda_settled_chunks_match_cpu_reference(gen):
+    """The settled flags on the GPU at ViT-S size (197 tokens, head dim 64): chunks that pass
+    them give the CPU oracle's whole run, across a chunk edge where every block starts
+    quiet."""
+    case = _settling_case(gen, 32, batch=(2, 6), m=197, d=64, n=197, dv=64)
+    want = _composed(case)[:3]
+    *got, settled = _run_chunks_settled({name: t.cuda() for name, t in case.items()}, (16, 16))
+    _assert_equal(got, want, ATTENTION_NAMES)
+    assert settled[0].all(), "every row settled before step 17: the edge's premise"
+
+
+@pytest.mark.cuda
 def test_cuda_fused_attention_matches_cpu_reference(gen):
     """The fused attention kernel on the GPU against the two oracles on the CPU, at ViT-S
     size (197 tokens, head dim 64), heads merged as proj reads them."""
