@@ -1056,6 +1056,20 @@ def test_cuda_settled_chunks_match_cpu_reference(gen):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("kind", ["attention", "context"])
+def test_cuda_validate_refuses_bad_settled_flags(gen, kind):
+    """On a GPU the settled flags are trusted unless ``validate=True``, which runs the CPU's
+    check (one step of the op): a settled row whose neuron fires where the kernel would skip
+    it is refused, as on CPU."""
+    case, kwargs = _settled_bad(gen, kind)
+    case = {name: t.cuda() for name, t in case.items()}
+    kwargs = {name: t.cuda() for name, t in kwargs.items()}
+    _run_attention(case, **kwargs)  # trusted: no host sync, no check
+    with pytest.raises(ValueError, match=f"row_settled marks a row whose {kind} neuron fires"):
+        _run_attention(case, validate=True, **kwargs)
+
+
+@pytest.mark.cuda
 def test_cuda_fused_attention_matches_cpu_reference(gen):
     """The fused attention kernel on the GPU against the two oracles on the CPU, at ViT-S
     size (197 tokens, head dim 64), heads merged as proj reads them."""
