@@ -831,6 +831,7 @@ def test_attention_kernel_skips_settled_blocks(gen, device):
     skipped = torch.zeros_like(settled, dtype=torch.bool)
     skipped[0, 1, :block_m] = skipped[1, 2, block_m:] = True
     assert (spikes[:, skipped] != 0).any(), "the skipped rows would be silent: proves little"
+    assert (spikes[:, 1, 0, :block_m] != 0).any(), "the partly flagged block must fire"
     want_spikes = spikes.clone()
     want_spikes[:, skipped] = 0
     want_attn, want_count = attn_count.clone(), count.clone()
