@@ -426,8 +426,9 @@ def _settled_attention_calls(counts, gain, attn_threshold, probs_bounds, scalars
     climb = probs_bounds[1] - probs_bounds[0] + scalars[-1] - scalars[-2] + 2
     state = run(held(climb), run(counts)[1:])[1:]
     still = torch.zeros(steps, *batch, 3, dtype=torch.int32, device=DEVICE)
-    every_row = torch.ones(*batch, m, dtype=torch.int32, device=DEVICE)
-    settled = dict(attn_row_settled=every_row, row_settled=every_row)
+    # every row settled; the op writes the last step's back into them (settled again)
+    settled = {name: torch.ones(*batch, m, dtype=torch.int32, device=DEVICE)
+               for name in ("attn_row_settled", "row_settled")}  # fmt: skip
     assert not run(held(steps), state, qkv_active=still)[0].any(), "not settled"
     return [
         ("quiet", lambda: run(held(steps), state, qkv_active=still)),

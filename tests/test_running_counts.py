@@ -745,30 +745,42 @@ def _settling_case(gen, T: int, batch=(2, 3), m=18, d=24, n=37, dv=16) -> dict:
 def _run_chunks_settled(case, sizes, **kwargs) -> tuple[torch.Tensor, ...]:
     """The op chunk by chunk as ``ExactAttention`` calls it: the counts carried, ``qkv_active``
     the truth (at a chunk's first step: against the last chunk's last step) and the settled
-    flags the last chunk's row flags of its last step. Returns the spikes, the final counts
-    and every chunk's settled flags ``[chunks, *batch, M]``."""
+    flags carried too (zeros at first; each call reads them and writes its last step's).
+    Returns the spikes, the final counts and the flags after each chunk ``[chunks, 2, *batch,
+    M]`` (attention, context)."""
     truth = _qkv_moved(case)
-    parts, state, settled, seen, t0 = [], None, None, [], 0
-    batch_m = case["q"].shape[1:-1]
+    device = case["q"].device
+    flags = [torch.zeros(case["q"].shape[1:-1], dtype=torch.int32, device=device)
+             for _ in range(2)]  # fmt: skip
+    parts, state, seen, t0 = [], None, [], 0
     for size in sizes:
         chunk = {name: x[t0 : t0 + size] if name in ("q", "k_t", "v") else x
                  for name, x in case.items()}  # fmt: skip
         if state is not None:
             chunk |= dict(attn_count=state[0], count=state[1])
-        attn_rows = torch.zeros(size, *batch_m, dtype=torch.int32, device=case["q"].device)
-        rows = torch.zeros_like(attn_rows)
-        if settled is not None:
-            kwargs |= dict(attn_row_settled=settled[0], row_settled=settled[1])
         got = _run_attention(
-            chunk, qkv_active=truth[t0 : t0 + size].to(attn_rows.device), row_active=rows,
-            attn_row_active=attn_rows, **kwargs,
+            chunk, qkv_active=truth[t0 : t0 + size].to(device), attn_row_settled=flags[0],
+            row_settled=flags[1], **kwargs,
         )  # fmt: skip
         parts.append(got[0])
         state = got[1:]
-        settled = ((attn_rows[-1] == 0).to(torch.int32), (rows[-1] == 0).to(torch.int32))
-        seen.append(torch.stack(settled))
+        seen.append(torch.stack(flags).cpu())
         t0 += size
     return torch.cat(parts), *state, torch.stack(seen)
+
+
+def _assert_settled_flags(settled, sizes, want, before, superset):
+    """The flags written after each chunk against the oracle's run (``want``: spikes, counts,
+    and the attention counts after each step; ``before``: those before the run): 1 exactly
+    where the row's neuron did not fire at the chunk's last step, or (``superset``: the
+    kernel's blocks) only there."""
+    spikes, _, _, a = want
+    for flags, end in zip(settled, torch.tensor(sizes).cumsum(0).tolist(), strict=True):
+        attn_before = a[end - 2] if end > 1 else before
+        quiet = (~(a[end - 1] != attn_before).any(dim=-1), ~(spikes[end - 1] != 0).any(dim=-1))
+        for got, truth in zip(flags.bool(), quiet, strict=True):
+            assert not (got & ~truth).any(), "a row flagged settled fired"
+            assert superset or torch.equal(got, truth)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -780,13 +792,15 @@ def test_attention_settled_chunks_equal_whole(gen, backend, batch):
     one, two and three batch dims (the flags' rows are q's, flattened)."""
     T = 32
     case = _settling_case(gen, T, batch)
-    want = _composed(case)[:3]
+    want = _composed(case)
     assert not want[0][:17].any() and want[0][17, 1].any() and want[0][17, 0].any()
     for sizes in ((16, 16), (11, 5, 1, 15)):
         with force_backend(backend):
+            ran = backend_for(case["q"], ("triton", "torch")) if backend != "reference" else backend
             *got, settled = _run_chunks_settled(case, sizes)
-        _assert_equal(got, want, ATTENTION_NAMES)
+        _assert_equal(got, want[:3], ATTENTION_NAMES)
         assert settled[:-1].all(), "every row settled before step 17: the edges' premise"
+        _assert_settled_flags(settled, sizes, want, case["attn_count"], ran == "triton")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -843,15 +857,16 @@ def test_attention_kernel_skips_settled_blocks(gen, device):
     c = dict(on)
     head = [c.pop(name) for name in ("q", "k_t", "v", "gain", "attn_threshold")]
     scalars = [c.pop(name) for name in ("theta_a", "theta_v", "threshold")]
-    attn_rows = torch.zeros(T, 2, 3, m, dtype=torch.int32, device=device)
+    flags = [settled.to(device), settled.to(device)]
     got = exact_attention_triton(
         launcher, *head, *ATTN_BOUNDS, *scalars, *CTX_BOUNDS, c["attn_count"], c["count"],
         qkv_active=torch.zeros(T, 2, 3, 3, dtype=torch.int32, device=device),
-        attn_row_active=attn_rows, attn_row_settled=settled.to(device),
-        row_settled=settled.to(device),
+        attn_row_settled=flags[0], row_settled=flags[1],
     )  # fmt: skip
     _assert_equal(got, (want_spikes, want_attn, want_count), ATTENTION_NAMES)
-    assert not attn_rows.cpu()[:, skipped].any() and attn_rows.any()
+    # written back: the skipped blocks still settled, blocks that fired at the last step not
+    for written in flags:
+        assert written.cpu()[skipped].all() and not written.all()
 
 
 def _settled_bad(gen, kind: str) -> tuple[dict, dict]:
@@ -861,15 +876,17 @@ def _settled_bad(gen, kind: str) -> tuple[dict, dict]:
     ones = torch.ones(2, 5, dtype=torch.int32)
     still = _qkv_moved(case)
     still[0] = 0  # nothing moved since the step before: every settled block may skip
-    kwargs = dict(qkv_active=still, attn_row_settled=ones, row_settled=ones)
+    kwargs = dict(qkv_active=still, attn_row_settled=ones, row_settled=ones.clone())
     if kind == "alone":
         del kwargs["row_settled"]
     elif kind == "int64":
         kwargs["row_settled"] = ones.long()
     elif kind == "heads":
         kwargs["attn_row_settled"] = torch.ones(2, 1, 5, dtype=torch.int32)
-    elif kind == "fresh":
-        del case["attn_count"], case["count"]
+    elif kind == "shared":
+        kwargs["row_settled"] = ones
+    elif kind == "strided":
+        kwargs["row_settled"] = torch.ones(5, 2, dtype=torch.int32).t()
     elif kind == "context":
         # the attention neuron at its targets (silent at the first step), the context not
         held = {name: x[:1].expand(16, *x.shape[1:]) for name, x in case.items()
@@ -885,7 +902,8 @@ def _settled_bad(gen, kind: str) -> tuple[dict, dict]:
         ("alone", ValueError, "attn_row_settled and row_settled go together"),
         ("int64", TypeError, "row_settled must have dtype"),
         ("heads", ValueError, "attn_row_settled must have shape (2, 5)"),
-        ("fresh", ValueError, "they need the incoming counts"),
+        ("shared", ValueError, "row_settled shares memory with another argument"),
+        ("strided", ValueError, "row_settled must be contiguous"),
         ("attention", ValueError, "attn_row_settled marks a row whose attention neuron fires"),
         ("context", ValueError, "row_settled marks a row whose context neuron fires"),
     ],
@@ -947,15 +965,15 @@ def test_attention_bad_input_is_rejected(gen, change, error, words):
 
 @pytest.mark.parametrize("flags", ["none", "qkv_active", "settled"])
 def test_attention_opcheck(gen, flags):
-    """With the flags: qkv_active read and row_active written; then also attn_row_active
-    written and the settled flags read."""
+    """With the flags: qkv_active read and row_active written; then also the settled flags
+    read and written."""
     case = _attention_case(gen, 3, (2, 2), 5, 8, 6, 4, state=True)
     extra = ()
     if flags != "none":
         extra = (_qkv_moved(case), torch.zeros(3, 2, 5, dtype=torch.int32))
     if flags == "settled":
         quiet = torch.zeros(2, 2, 5, dtype=torch.int32)
-        extra += (torch.zeros(3, 2, 2, 5, dtype=torch.int32), quiet, quiet.clone())
+        extra += (quiet, quiet.clone())
     c = dict(case)
     args = [c.pop(n) for n in ("q", "k_t", "v", "gain", "attn_threshold")]
     args += [*ATTN_BOUNDS, c.pop("theta_a"), c.pop("theta_v"), c.pop("threshold"), *CTX_BOUNDS]

@@ -895,7 +895,7 @@ def exact_attention_cases() -> list[Case]:
     signature |= {
         name: "*i32"
         for name in ("attn_active_ptr", "active_ptr", "qkv_active_ptr", "row_active_ptr")
-        + ("attn_row_active_ptr", "attn_settled_ptr", "settled_ptr")
+        + ("attn_settled_ptr", "settled_ptr")
     }
     signature |= {
         name: "i32"
@@ -924,8 +924,8 @@ def exact_attention_cases() -> list[Case]:
                 HAS_ACTIVE=active,
                 HAS_QKV_ACTIVE=qkv_active,
                 HAS_ROW_ACTIVE=qkv_active,
-                HAS_ATTN_ROW_ACTIVE=qkv_active,
-                HAS_SETTLED=state and qkv_active,
+                READ_SETTLED=state and qkv_active,
+                WRITE_SETTLED=qkv_active,
                 BLOCK_M=block_m,
                 BLOCK_N=block_n,
                 BLOCK_D=block_d,

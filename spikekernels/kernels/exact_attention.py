@@ -74,9 +74,8 @@ a block whose rows are all settled starts as after a quiet step: where q and k d
 at the first step it neither forms ``S`` nor runs the attention neuron, and where v and its
 attention counts did not move either, the same for ``Z``. A product not yet formed is formed
 where its neuron must run, and then counts as moved (``s_known``, ``z_known``): compared with
-the placeholder, one of zeros would pass for unchanged. The kernel writes the attention
-neuron's row flags (``attn_row_active``, every row of a block that fired) from which the
-caller takes the next call's flags.
+the placeholder, one of zeros would pass for unchanged. At its end a program writes its rows'
+flags of the last step (every row of a block that fired: 0), in place, for the next call.
 
 With ``COUNTS_IN`` the operands are the running counts themselves (the producing kernels'
 ``COUNTS_OUT``: the neuron's count after each step, the same bytes as its spikes), and each
@@ -792,11 +791,10 @@ def exact_attention_kernel(
     qkv_active_ptr,  # [T, B, H, 3] int32 flags: Q, K, V changed at the step (HAS_QKV_ACTIVE)
     row_active_ptr,  # [T, rows] int32 flags per row of the spikes, set where its query block
     # fires (HAS_ROW_ACTIVE only)
-    attn_row_active_ptr,  # [T, B * H * M] int32 flags per query row, set where its query
-    # block's attention neuron fires (HAS_ATTN_ROW_ACTIVE only)
     attn_settled_ptr,  # [B * H * M] int32: 1 where the row's attention neuron did not fire at
-    # the step before these (HAS_SETTLED only)
-    settled_ptr,  # [B * H * M] int32: the same of the context neuron (HAS_SETTLED only)
+    # the step before these (read: READ_SETTLED), then at the last of them (written:
+    # WRITE_SETTLED)
+    settled_ptr,  # [B * H * M] int32: the same of the context neuron
     T,
     M,
     N,
@@ -839,8 +837,8 @@ def exact_attention_kernel(
     HAS_ACTIVE: tl.constexpr,
     HAS_QKV_ACTIVE: tl.constexpr,
     HAS_ROW_ACTIVE: tl.constexpr,
-    HAS_ATTN_ROW_ACTIVE: tl.constexpr,
-    HAS_SETTLED: tl.constexpr,  # both settled flags given (with HAS_QKV_ACTIVE and HAS_COUNT)
+    READ_SETTLED: tl.constexpr,  # the settled flags hold the step before's (with HAS_QKV_ACTIVE)
+    WRITE_SETTLED: tl.constexpr,  # write the last step's into them
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -907,9 +905,9 @@ def exact_attention_kernel(
     z = tl.zeros([BLOCK_DV, BLOCK_M], dtype=tl.int32)
     s_known = tl.full((), 0, tl.int32)
     z_known = tl.full((), 0, tl.int32)
-    if HAS_SETTLED:
+    row = bid * M + offs_m
+    if READ_SETTLED:
         # the block fired at the step before where one of its rows is not settled
-        row = bid * M + offs_m
         attn_fired = tl.max((tl.load(attn_settled_ptr + row, mask=mask_m, other=1) == 0)
                             .to(tl.int32), axis=0)  # fmt: skip
         fired = tl.max((tl.load(settled_ptr + row, mask=mask_m, other=1) == 0).to(tl.int32),
@@ -921,8 +919,6 @@ def exact_attention_kernel(
         qkv_active_ptr += (bid // H) * stride_flag_b + (bid % H) * stride_flag_h
     if HAS_ROW_ACTIVE:
         row_active_ptr += (bid // row_heads) * M
-    if HAS_ATTN_ROW_ACTIVE:
-        attn_row_active_ptr += bid * M
     for _ in range(T):
         # With the producer's flags, a step whose Q and K did not change reads neither (S is
         # the last step's), one whose A and V did not change does not form Z, and one where
@@ -962,10 +958,6 @@ def exact_attention_kernel(
         if HAS_ATTN_ACTIVE:
             record_active_tile(attn_active_ptr, attn_fired)
             attn_active_ptr += samples
-        if HAS_ATTN_ROW_ACTIVE:
-            if attn_fired != 0:
-                tl.store(attn_row_active_ptr + offs_m, 1, mask=mask_m)
-            attn_row_active_ptr += (tl.num_programs(0) // num_m) * M  # B * H * M
 
         # Z^T = V_t^T @ A_t^T over all keys at once (int8 wgmma, exact int32). V's load is
         # predicated on the flags alone, so that it is issued ahead like Q's and K's; A that
@@ -1012,6 +1004,12 @@ def exact_attention_kernel(
 
     tl.store(attn_count_out_ptr + a_offs, attn_count.to(tl.int8), mask=mask_s)
     tl.store(count_out_ptr + c_offs, count.to(tl.int8), mask=mask_z)
+    if WRITE_SETTLED:
+        # the block's rows: settled where the block did not fire at the last step (the
+        # program read these rows' flags, and no other program touches them)
+        quiet = tl.zeros([BLOCK_M], dtype=tl.int32)
+        tl.store(attn_settled_ptr + row, quiet + (attn_fired == 0).to(tl.int32), mask=mask_m)
+        tl.store(settled_ptr + row, quiet + (fired == 0).to(tl.int32), mask=mask_m)
 
 
 class _Launch(NamedTuple):
@@ -1301,7 +1299,6 @@ def exact_attention_triton(
     merge_heads: bool = False,
     qkv_active: torch.Tensor | None = None,
     row_active: torch.Tensor | None = None,
-    attn_row_active: torch.Tensor | None = None,
     attn_row_settled: torch.Tensor | None = None,
     row_settled: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -1311,9 +1308,9 @@ def exact_attention_triton(
     neither), ``attn_active``/``active`` ``[T, B]`` int32 contiguous or None, ``qkv_active``
     ``[T, *batch, 3]`` int32 (any strides) or None, ``row_active`` int32 contiguous, one flag
     per step and row of the spikes (``[T, *batch, M]``, merged: ``[T, *batch[:-1], M]``), or
-    None, ``attn_row_active`` ``[T, *batch, M]`` int32 contiguous or None, the settled flags
-    ``[*batch, M]`` int32 contiguous, both or neither (read only with both counts and
-    ``qkv_active``: without those every product is formed at the first step anyway). Returns
+    None, the settled flags ``[*batch, M]`` int32 contiguous, both or neither, written with the
+    last step's (read first only with both counts and ``qkv_active``: without those every
+    product is formed at the first step anyway). Returns
     ``(spikes [T, *batch, M, DV] int8 (merge_heads: [T, *batch[:-1], M, H * DV]), attn_count,
     count)``, the counts fresh or, with ``inplace``, views of the given ones."""
     steps, batch = q.shape[0], q.shape[1:-2]
@@ -1336,7 +1333,8 @@ def exact_attention_triton(
     flags = active if active is not None else attn_active
     if qkv_active is not None:
         qkv_active = qkv_active.reshape(steps, *_split_dims(batch), 3)
-    settled = attn_row_settled is not None and qkv_active is not None and attn_in is not None
+    has_settled = attn_row_settled is not None
+    read_settled = has_settled and qkv_active is not None and attn_in is not None
     launch(exact_attention_kernel)[(triton.cdiv(m, block_m) * nb,)](
         q5,
         k5,
@@ -1355,9 +1353,8 @@ def exact_attention_triton(
         attn_out if active is None else active,
         attn_out if qkv_active is None else qkv_active,
         attn_out if row_active is None else row_active,
-        attn_out if attn_row_active is None else attn_row_active,
-        attn_row_settled.contiguous() if settled else attn_out,
-        row_settled.contiguous() if settled else attn_out,
+        attn_row_settled if has_settled else attn_out,
+        row_settled if has_settled else attn_out,
         steps,
         m,
         n,
@@ -1381,8 +1378,8 @@ def exact_attention_triton(
         HAS_ACTIVE=active is not None,
         HAS_QKV_ACTIVE=qkv_active is not None,
         HAS_ROW_ACTIVE=row_active is not None,
-        HAS_ATTN_ROW_ACTIVE=attn_row_active is not None,
-        HAS_SETTLED=settled,
+        READ_SETTLED=read_settled,
+        WRITE_SETTLED=has_settled,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_D=block_d,

@@ -25,9 +25,9 @@ __all__ = ["ExactAttention", "ExactAttentionProbs", "ExactContext"]
 class _SettledRowsNeuron(TargetNeuron):
     """A neuron of the fused attention: its state is ``count`` and ``row_settled`` (int32
     ``[*batch, M]``, one flag per query row: 1 where the row did not fire at the last step; 0,
-    the fresh value, promises nothing). ``ExactAttention``'s fused call writes the flags and
-    passes them to the next (``ops.exact_attention``'s settled flags); a call of the module on
-    its own leaves zeros."""
+    the fresh value, promises nothing). ``ExactAttention``'s fused call passes the flags to
+    ``ops.exact_attention``, which reads them and writes the call's last step's in place; a
+    call of the module on its own leaves zeros."""
 
     def reset(self) -> None:
         """Back to the fresh state: count 0, no row known settled."""
@@ -38,13 +38,13 @@ class _SettledRowsNeuron(TargetNeuron):
         """``count`` and ``row_settled`` (class docstring; see ``TargetNeuron.state``)."""
         return {"count": self.count, "row_settled": self.row_settled}
 
-    def keep_settled(self, quiet: torch.Tensor) -> None:
-        """``row_settled = quiet`` (bool, broadcast to it), in place where it exists (the
+    def forget_settled(self, shape: torch.Size, device: torch.device) -> None:
+        """``row_settled`` zeros (no row promised settled), in place where it exists (the
         state keeps its address for a replayed graph)."""
         if self.row_settled is None:
-            self.row_settled = quiet.to(torch.int32).contiguous()
+            self.row_settled = torch.zeros(shape, dtype=torch.int32, device=device)
         else:
-            self.row_settled.copy_(quiet)
+            self.row_settled.zero_()
 
 
 class ExactAttentionProbs(_SettledRowsNeuron):
@@ -92,7 +92,7 @@ class ExactAttentionProbs(_SettledRowsNeuron):
             q_count, k_count, self.count, active=self.activity,
             inplace=stateful, counts_in=self.counts_in, counts_out=self.counts_out,
         )  # fmt: skip
-        self.keep_settled(torch.zeros((), dtype=torch.bool, device=q.device).expand(q.shape[1:-1]))
+        self.forget_settled(q.shape[1:-1], q.device)
         return spikes
 
 
@@ -145,7 +145,7 @@ class ExactContext(_SettledRowsNeuron):
             inplace=stateful, merge_heads=merge_heads, counts_in=self.counts_in,
             row_active=row_active,
         )  # fmt: skip
-        self.keep_settled(torch.zeros((), dtype=torch.bool, device=a.device).expand(a.shape[1:-1]))
+        self.forget_settled(a.shape[1:-1], a.device)
         return spikes
 
 
@@ -282,31 +282,29 @@ class ExactAttention(nn.Module):
         row_active: torch.Tensor,
     ) -> torch.Tensor:
         """``probs`` then ``context`` as one op, on the modules' own state; ``row_active``
-        receives the rows of the spikes that fire. The rows whose neurons did not fire at the
-        last step are kept as the two modules' ``row_settled``, which the next call passes
-        back: with ``qkv_active`` a block of settled queries whose q, k and v did not move
-        skips its neurons from the first step on, not only from the second."""
+        receives the rows of the spikes that fire. The two modules' ``row_settled`` go in and
+        come back as the op leaves them (the rows whose neurons did not fire at the last
+        step): with ``qkv_active`` the next call's blocks of settled queries whose q, k and v
+        did not move skip their neurons from the first step on, not only from the second."""
         probs, context = self.probs, self.context
+        for part in (probs, context):  # fresh: created (zeros), then written by the op
+            if part.row_settled is None:
+                part.forget_settled(q.shape[1:-1], q.device)
         stateful = probs.stateful_call() and context.stateful_call()
-        attn_rows = torch.zeros(q.shape[:-1], dtype=torch.int32, device=q.device)
         spikes, attn_count, count = exact_attention(
             q, k_t, v, probs.gain, probs.threshold, probs.n_min, probs.p_max,
             context.theta_a, context.theta_v, context.threshold, context.n_min, context.p_max,
             probs.count if stateful else None, context.count if stateful else None,
             attn_active=probs.activity, active=context.activity, inplace=stateful,
             merge_heads=True, qkv_active=qkv_active, row_active=row_active,
-            attn_row_active=attn_rows,
-            attn_row_settled=probs.row_settled if stateful else None,
-            row_settled=context.row_settled if stateful else None,
+            attn_row_settled=probs.row_settled, row_settled=context.row_settled,
         )  # fmt: skip
         probs.count, context.count = attn_count, count
-        # Without qkv_active (a hook on qkv may have replaced its counts) the next call's
-        # first flags would not say whether q, k and v moved since what this call read: no
-        # row is promised settled then. The context's rows come merged over the heads: a
-        # row is settled in every head where no head's block of it fired.
-        known = qkv_active is not None
-        probs.keep_settled((attn_rows[-1] == 0) & known)
-        context.keep_settled(((row_active[-1] == 0) & known).unsqueeze(-2).expand(q.shape[1:-1]))
+        if qkv_active is None:
+            # a hook on qkv may have replaced its counts: the next call's first flags would
+            # not say whether q, k and v moved since what this call read, so no promise
+            probs.forget_settled(q.shape[1:-1], q.device)
+            context.forget_settled(q.shape[1:-1], q.device)
         return spikes
 
     def extra_repr(self) -> str:

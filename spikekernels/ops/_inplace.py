@@ -36,6 +36,18 @@ def check_inplace(
             raise ValueError(f"inplace=True needs {name}: the op writes the new state into it")
         if not t.is_contiguous():
             raise ValueError(f"{name} must be contiguous with inplace=True")
+    _refuse_shared(states, inputs, "inplace=True writes into it")
+
+
+def check_written(
+    written: Sequence[tuple[str, torch.Tensor | None]], inputs: Sequence[torch.Tensor | None]
+) -> None:
+    """Tensors an op writes whatever ``inplace`` (``(name, tensor)``, None skipped) share no
+    memory with an input or with each other."""
+    _refuse_shared([(n, t) for n, t in written if t is not None], inputs, "the op writes into it")
+
+
+def _refuse_shared(states, inputs, why: str) -> None:
     if torch.compiler.is_compiling():
         return  # fake tensors: no memory to compare
     # Storage pointers once per tensor (this runs on every call of a stateful op, twice).
@@ -44,9 +56,7 @@ def check_inplace(
         where = _storage(t)
         for other, other_where in seen:
             if where is not None and where == other_where and _overlap(t, other):
-                raise ValueError(
-                    f"{name} shares memory with another argument; inplace=True writes into it"
-                )
+                raise ValueError(f"{name} shares memory with another argument; {why}")
         seen.append((t, where))
 
 

@@ -33,7 +33,13 @@ from spikekernels.ops._checks import (
     may_read_data,
 )
 from spikekernels.ops._dispatch import backend_for
-from spikekernels.ops._inplace import check_inplace, own_state, placeholder, state_result
+from spikekernels.ops._inplace import (
+    check_inplace,
+    check_written,
+    own_state,
+    placeholder,
+    state_result,
+)
 from spikekernels.ops._registry import call_op, kernel_op, launcher
 from spikekernels.ops.spike_matmul import spike_matmul_torch
 from spikekernels.ops.target import target_spikes_torch
@@ -489,7 +495,7 @@ def exact_context(
 def _check_attention(
     q, k_t, v, gain, attn_threshold, attn_n_min, attn_p_max, theta_a, theta_v, threshold, n_min,
     p_max, attn_count, count, attn_active, active, inplace, merge_heads, qkv_active=None,
-    row_active=None, attn_row_active=None, attn_row_settled=None, row_settled=None,
+    row_active=None, attn_row_settled=None, row_settled=None,
 ) -> None:  # fmt: skip
     """Metadata checks (no data read)."""
     check_flag(merge_heads, "merge_heads")
@@ -541,27 +547,24 @@ def _check_attention(
         check_same_device("q", q, "qkv_active", qkv_active)
     batch = q.shape[1:-3] if merge_heads else q.shape[1:-2]  # the spikes' (heads merged)
     check_row_active(row_active, (q.shape[0], *batch, q.shape[-2], v.shape[-1]), q, "q")
-    check_row_active(attn_row_active, attn_shape, q, "q", "attn_row_active")
-    _check_settled_flags(q, attn_count, attn_row_settled, row_settled)
+    _check_settled_flags(q, attn_row_settled, row_settled)
     inputs = (q, k_t, v, gain, attn_threshold, theta_a, theta_v, threshold, attn_active, active,
-              qkv_active, row_active, attn_row_active, attn_row_settled, row_settled)  # fmt: skip
-    check_inplace(inplace, (("attn_count", attn_count), ("count", count)), inputs)
+              qkv_active, row_active)  # fmt: skip
+    settled = (("attn_row_settled", attn_row_settled), ("row_settled", row_settled))
+    check_written(settled, (*inputs, attn_count, count))
+    check_inplace(inplace, (("attn_count", attn_count), ("count", count)),
+                  (*inputs, attn_row_settled, row_settled))  # fmt: skip
 
 
-def _check_settled_flags(q, attn_count, attn_row_settled, row_settled) -> None:
-    """The settled flags: int32 ``[*batch, M]`` (one per query row), both or neither, only
-    with the incoming counts (a fresh call has no step before it)."""
+def _check_settled_flags(q, attn_row_settled, row_settled) -> None:
+    """The settled flags: int32 ``[*batch, M]`` (one per query row), both or neither,
+    contiguous and apart (the op writes them)."""
     if (attn_row_settled is None) != (row_settled is None):
         raise ValueError(
             "attn_row_settled and row_settled go together: both neurons' flags, or neither"
         )
     if attn_row_settled is None:
         return
-    if attn_count is None:
-        raise ValueError(
-            "attn_row_settled and row_settled describe the step before these: they need the "
-            "incoming counts (attn_count, count), a fresh call has none"
-        )
     for flags, name in ((attn_row_settled, "attn_row_settled"), (row_settled, "row_settled")):
         check_tensor(flags, name, dtypes=(torch.int32,))
         if tuple(flags.shape) != tuple(q.shape[1:-1]):
@@ -570,6 +573,8 @@ def _check_settled_flags(q, attn_count, attn_row_settled, row_settled) -> None:
                 f"batch dims and M), got {tuple(flags.shape)}"
             )
         check_same_device("q", q, name, flags)
+        if not flags.is_contiguous():
+            raise ValueError(f"{name} must be contiguous: the op writes it in place")
 
 
 def _check_qkv_active(q, k_t, v, qkv_active, validate: bool) -> None:
@@ -590,7 +595,8 @@ def _check_qkv_active(q, k_t, v, qkv_active, validate: bool) -> None:
 
 def exact_attention_torch(
     q, k_t, v, gain, attn_threshold, attn_n_min, attn_p_max, theta_a, theta_v, threshold, n_min,
-    p_max, attn_count, count, attn_active=None, active=None, attn_row_active=None,
+    p_max, attn_count, count, attn_active=None, active=None, attn_row_settled=None,
+    row_settled=None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """Vectorised PyTorch (any device, any shape): the two ops' PyTorch paths in a row, the
     attention neuron's counts between them."""
@@ -598,11 +604,23 @@ def exact_attention_torch(
         q, k_t, gain, attn_threshold, attn_n_min, attn_p_max, None, None, attn_count,
         attn_active, counts_in=True, counts_out=True,
     )  # fmt: skip
-    record_active_of(None, a, attn_count, counts=True, row_active=attn_row_active)
     spikes, count = exact_context_torch(
         a, v, theta_a, theta_v, threshold, n_min, p_max, None, None, count, active, counts_in=True
     )
+    _record_settled(attn_row_settled, row_settled, a, attn_count, spikes)
     return spikes, new_attn, count
+
+
+def _record_settled(attn_row_settled, row_settled, a, attn_before, spikes) -> None:
+    """The settled flags of the last step, in place (the paths without the kernel): 1 where
+    the query row's attention neuron (its counts ``a`` after each step, ``attn_before``
+    before them) and the context neuron (``spikes``, heads not merged) did not fire."""
+    if attn_row_settled is None or a.shape[0] == 0:
+        return
+    before = a[-2] if a.shape[0] > 1 else attn_before
+    attn_fired = (a[-1] != (0 if before is None else before)).any(dim=-1)
+    attn_row_settled.copy_(~attn_fired)
+    row_settled.copy_(~(spikes[-1] != 0).any(dim=-1))
 
 
 def _check_settled(
@@ -612,7 +630,7 @@ def _check_settled(
     """Data check of the settled flags (CPU always, a GPU with ``validate``; read only with
     ``qkv_active``): where a row is flagged settled and its operands did not move at the first
     step, its neuron must not fire there (the kernel skips it). One step of the op."""
-    if attn_row_settled is None or qkv_active is None:
+    if attn_row_settled is None or qkv_active is None or attn_count is None:
         return
     if not may_read_data(attn_row_settled, validate) or q.shape[0] == 0:
         return
@@ -627,7 +645,7 @@ def _check_settled(
         raise ValueError(
             "attn_row_settled marks a row whose attention neuron fires at the first step "
             "though q and k did not move: a 1 promises that the row did not fire at the step "
-            "before these (give the last call's attn_row_active, as 0 where it fired, or None)"
+            "before these (give the flags the last call wrote, or None)"
         )
     context_fired = (spikes[0] != 0).any(dim=-1)
     if bool(((row_settled != 0) & still[..., 2, :] & ~attn_fired & context_fired).any()):
@@ -647,7 +665,15 @@ def _fused_attention_fits(q: torch.Tensor, k_t: torch.Tensor, v: torch.Tensor) -
 
 @kernel_op(
     "exact_attention",
-    mutates_args=("attn_count", "count", "attn_active", "active", "row_active", "attn_row_active"),
+    mutates_args=(
+        "attn_count",
+        "count",
+        "attn_active",
+        "active",
+        "row_active",
+        "attn_row_settled",
+        "row_settled",
+    ),
 )
 def _exact_attention_op(
     q: torch.Tensor,
@@ -670,13 +696,12 @@ def _exact_attention_op(
     merge_heads: bool = False,
     qkv_active: torch.Tensor | None = None,
     row_active: torch.Tensor | None = None,
-    attn_row_active: torch.Tensor | None = None,
     attn_row_settled: torch.Tensor | None = None,
     row_settled: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     args = (q, k_t, v, gain, attn_threshold, attn_n_min, attn_p_max, theta_a, theta_v,
             threshold, n_min, p_max, attn_count, count)  # fmt: skip
-    rows = (row_active, attn_row_active, attn_row_settled, row_settled)
+    rows = (row_active, attn_row_settled, row_settled)
     _check_attention(*args, attn_active, active, inplace, merge_heads, qkv_active, *rows)
     backend = backend_for(q, ("triton", "torch"))
     if backend == "triton" and _fused_attention_fits(q, k_t, v):
@@ -684,8 +709,8 @@ def _exact_attention_op(
 
         out = exact_attention_triton(
             launcher, *args, attn_active, active, inplace=inplace, merge_heads=merge_heads,
-            qkv_active=qkv_active, row_active=row_active, attn_row_active=attn_row_active,
-            attn_row_settled=attn_row_settled, row_settled=row_settled,
+            qkv_active=qkv_active, row_active=row_active, attn_row_settled=attn_row_settled,
+            row_settled=row_settled,
         )  # fmt: skip
         if inplace:
             return out[0], placeholder(attn_count), placeholder(count)
@@ -697,14 +722,15 @@ def _exact_attention_op(
             q, k_t, gain, attn_threshold, attn_n_min, attn_p_max, None, None, attn_count,
             counts_in=True, counts_out=True,
         )  # fmt: skip
-        record_active_of(attn_active, a, attn_count, True, row_active=attn_row_active)
+        record_active_of(attn_active, a, attn_count, counts=True)
         spikes, new_count = reference.exact_context(
             a, v, theta_a, theta_v, threshold, n_min, p_max, None, None, count, counts_in=True
         )
         record_active(active, spikes)
+        _record_settled(attn_row_settled, row_settled, a, attn_count, spikes)
     else:
         spikes, new_attn, new_count = exact_attention_torch(
-            *args, attn_active, active, attn_row_active
+            *args, attn_active, active, attn_row_settled, row_settled
         )
     if merge_heads:
         spikes = heads_merged(spikes)
@@ -720,12 +746,12 @@ def _exact_attention_op(
 def _(
     q, k_t, v, gain, attn_threshold, attn_n_min, attn_p_max, theta_a, theta_v, threshold, n_min,
     p_max, attn_count=None, count=None, attn_active=None, active=None, inplace=False,
-    merge_heads=False, qkv_active=None, row_active=None, attn_row_active=None,
-    attn_row_settled=None, row_settled=None,
+    merge_heads=False, qkv_active=None, row_active=None, attn_row_settled=None,
+    row_settled=None,
 ):  # fmt: skip
     args = (q, k_t, v, gain, attn_threshold, attn_n_min, attn_p_max, theta_a, theta_v,
             threshold, n_min, p_max, attn_count, count)  # fmt: skip
-    rows = (row_active, attn_row_active, attn_row_settled, row_settled)
+    rows = (row_active, attn_row_settled, row_settled)
     _check_attention(*args, attn_active, active, inplace, merge_heads, qkv_active, *rows)
     steps, *batch, m, _ = q.shape
     spikes = q.new_empty((steps, *batch, m, v.shape[-1]), dtype=torch.int8)
@@ -758,7 +784,6 @@ def exact_attention(
     merge_heads: bool = False,
     qkv_active: torch.Tensor | None = None,
     row_active: torch.Tensor | None = None,
-    attn_row_active: torch.Tensor | None = None,
     attn_row_settled: torch.Tensor | None = None,
     row_settled: torch.Tensor | None = None,
     validate: bool = False,
@@ -808,20 +833,18 @@ def exact_attention(
             every row of a block of queries whose context neuron fired (a superset); the
             other paths from the spikes. ``proj`` takes them as ``exact_linear``'s
             ``s_row_active``.
-        attn_row_active: optional int32 ``[T, *batch, M]`` zeros, contiguous: the same for
-            the attention neuron, per query row (set where any of the row's keys fires; the
-            Triton kernel: every row of a block of queries that fired).
         attn_row_settled, row_settled: optional int32 ``[*batch, M]`` (one per query row,
-            heads not merged), read only, both or neither, with the incoming counts: 1 where
-            the row's attention (context) neuron did not fire at the step before these, as
-            ``attn_row_active`` (``row_active``) of the last call's last step gives them; 0
-            promises nothing. With ``qkv_active``, whose first step then says whether q, k
-            and v moved since that step, a block of settled rows whose operands did not move
-            skips its neurons from the first step, as at every later one (without the flags
-            the first step forms the products and runs both neurons: a late chunk's whole
-            cost where the attention has settled). Checked on CPU (and on a GPU with
-            ``validate``): a settled row whose neuron fires at the first step although its
-            operands did not move is refused.
+            heads not merged), both or neither, contiguous, read and then written in place:
+            1 where the row's attention (context) neuron did not fire at the step before
+            these (0 promises nothing), and on return the same of the last of these steps
+            (the Triton kernel: 0 on every row of a block of queries that fired), which the
+            next call reads. They are read with the incoming counts and ``qkv_active``, whose
+            first step then says whether q, k and v moved since that step: a block of settled
+            rows whose operands did not move skips its neurons from the first step, as at
+            every later one (without the flags the first step forms the products and runs
+            both neurons: a late chunk's whole cost where the attention has settled).
+            Checked on CPU (and on a GPU with ``validate``): a settled row whose neuron fires
+            at the first step although its operands did not move is refused.
         validate: on a GPU also check the thresholds and the gain, that the incoming counts
             lie inside their bounds, ``qkv_active`` and the settled flags (host syncs); on
             CPU always.
@@ -838,7 +861,7 @@ def exact_attention(
     """
     args = (q, k_t, v, gain, attn_threshold, attn_n_min, attn_p_max, theta_a, theta_v,
             threshold, n_min, p_max, attn_count, count)  # fmt: skip
-    rows = (row_active, attn_row_active, attn_row_settled, row_settled)
+    rows = (row_active, attn_row_settled, row_settled)
     _check_attention(*args, attn_active, active, inplace, merge_heads, qkv_active, *rows)
     for t, name in ((gain, "gain"), (attn_threshold, "attn_threshold"), (theta_a, "theta_a"),
                     (theta_v, "theta_v"), (threshold, "threshold")):  # fmt: skip
