@@ -7,6 +7,7 @@ spikekernels is imported, so it is set here at collection time.
 from __future__ import annotations
 
 import atexit
+import inspect
 import os
 import shutil
 import tempfile
@@ -131,3 +132,33 @@ def poisoned_allocations(monkeypatch):
     monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(real_empty_like(*a, **k)))
     monkeypatch.setenv("SPIKEKERNELS_POISON", "1")
     yield
+
+
+def moved_to(device: str, *args: dict) -> list[dict]:
+    """Each dict of arguments with its CPU tensors moved to ``device``; tensors that share
+    memory (in one dict or across them) still share it there, as views of one moved storage,
+    so that an overlap a test builds on purpose survives the move. Meta tensors (a wrong
+    device on purpose) and non-tensors stay as they are."""
+    storages: dict[int, torch.UntypedStorage] = {}
+
+    def move(t):
+        if not isinstance(t, torch.Tensor) or t.device.type != "cpu" or device == "cpu":
+            return t
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in storages:
+            storages[storage.data_ptr()] = storage.to(device=device)
+        out = torch.empty(0, dtype=t.dtype, device=device)
+        return out.set_(storages[storage.data_ptr()], t.storage_offset(), t.shape, t.stride())
+
+    return [{name: move(value) for name, value in d.items()} for d in args]
+
+
+def call_on(device: str, op, **kwargs):
+    """``op(**kwargs)`` on ``device`` (``moved_to``), and off the CPU with ``validate=True``
+    where the op takes it and the call does not set it: a bad-input test run on every device
+    in ``DEVICES`` then asserts that a GPU asked to validate refuses what a CPU refuses
+    always (its data checks sync, so a GPU runs them only on request)."""
+    (kwargs,) = moved_to(device, kwargs)
+    if device != "cpu" and "validate" in inspect.signature(op).parameters:
+        kwargs.setdefault("validate", True)
+    return op(**kwargs)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import CPU_PASS_ONLY, DEVICES, TRITON_DEVICES, assert_same_bits
+from conftest import CPU_PASS_ONLY, DEVICES, TRITON_DEVICES, assert_same_bits, call_on
 
 from spikekernels import exact_math, reference
 from spikekernels.kernels import TRITON_AVAILABLE
@@ -436,9 +436,10 @@ BAD_PROBS = [
 @pytest.mark.parametrize(
     ("case", "bad", "error", "words"), BAD_PROBS, ids=[b[0] for b in BAD_PROBS]
 )
-def test_probs_bad_input_is_rejected(case, bad, error, words):
+@pytest.mark.parametrize("device", DEVICES)
+def test_probs_bad_input_is_rejected(case, bad, error, words, device):
     with pytest.raises(error, match=words):
-        exact_attention_probs(**{**_good_probs(), **bad})
+        call_on(device, exact_attention_probs, **{**_good_probs(), **bad})
 
 
 @pytest.mark.parametrize("state", [False, True])
@@ -789,9 +790,10 @@ BAD_CONTEXT = [
 @pytest.mark.parametrize(
     ("case", "bad", "error", "words"), BAD_CONTEXT, ids=[b[0] for b in BAD_CONTEXT]
 )
-def test_context_bad_input_is_rejected(case, bad, error, words):
+@pytest.mark.parametrize("device", DEVICES)
+def test_context_bad_input_is_rejected(case, bad, error, words, device):
     with pytest.raises(error, match=words):
-        exact_context(**{**_good_context(), **bad})
+        call_on(device, exact_context, **{**_good_context(), **bad})
 
 
 @pytest.mark.parametrize(("state", "merge_heads"), [(False, False), (True, False), (True, True)])
@@ -997,10 +999,11 @@ BAD_INPLACE = [
 @pytest.mark.parametrize(
     ("case", "op", "bad", "error", "words"), BAD_INPLACE, ids=[b[0] for b in BAD_INPLACE]
 )
-def test_inplace_bad_input_is_rejected(case, op, bad, error, words):
+@pytest.mark.parametrize("device", DEVICES)
+def test_inplace_bad_input_is_rejected(case, op, bad, error, words, device):
     fn = exact_attention_probs if op == "probs" else exact_context
     with pytest.raises(error, match=words):
-        fn(**bad(_inplace_good(op)))
+        call_on(device, fn, **bad(_inplace_good(op)))
 
 
 def _attention_states_in_one_buffer(gen, gap: int):

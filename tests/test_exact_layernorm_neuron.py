@@ -9,7 +9,7 @@ import pytest
 import torch
 import triton
 import triton.language as tl
-from conftest import DEVICES, TRITON_DEVICES, assert_same_bits
+from conftest import DEVICES, TRITON_DEVICES, assert_same_bits, call_on
 
 from spikekernels import exact_math, reference
 from spikekernels.kernels.exact_layernorm import (
@@ -1181,7 +1181,8 @@ def test_inplace_count_sharing_an_input_is_rejected(other):
 @pytest.mark.parametrize(
     ("case", "bad", "error", "words"), BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS]
 )
-def test_bad_input_is_rejected(case, bad, error, words):
+@pytest.mark.parametrize("device", DEVICES)
+def test_bad_input_is_rejected(case, bad, error, words, device):
     args = {**_good_args(), **bad}
     if "branch_spikes" not in bad and any(k.startswith("branch_") for k in bad):
         args["branch_spikes"] = torch.zeros(2, 3, 4, 8, dtype=torch.int8)
@@ -1189,7 +1190,7 @@ def test_bad_input_is_rejected(case, bad, error, words):
         args["branch_threshold"] = torch.tensor(0.5)
     args = {k: v for k, v in args.items() if v is not None or k == "d"}
     with pytest.raises(error, match=words):
-        exact_layernorm_neuron(**args)
+        call_on(device, exact_layernorm_neuron, **args)
 
 
 @pytest.mark.parametrize(

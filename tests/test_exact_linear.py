@@ -10,7 +10,7 @@ import pytest
 import torch
 import triton
 import triton.language as tl
-from conftest import DEVICES, TRITON_DEVICES, assert_same_bits
+from conftest import DEVICES, TRITON_DEVICES, assert_same_bits, call_on
 
 from spikekernels import reference
 from spikekernels.kernels import exact_linear as el
@@ -565,10 +565,11 @@ def test_inplace_state_sharing_an_input_is_rejected(other):
 @pytest.mark.parametrize(
     ("case", "bad", "error", "words"), BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS]
 )
-def test_bad_input_is_rejected(case, bad, error, words):
+@pytest.mark.parametrize("device", DEVICES)
+def test_bad_input_is_rejected(case, bad, error, words, device):
     args = {**_good_args(), **bad}
     with pytest.raises(error, match=words):
-        exact_linear(**args)
+        call_on(device, exact_linear, **args)
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DEVICES
+from conftest import DEVICES, call_on
 
 from spikekernels import reference
 from spikekernels.ops import exact_residual_add
@@ -240,10 +240,11 @@ BAD_INPUTS = [
 @pytest.mark.parametrize(
     ("case", "bad", "error", "words"), BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS]
 )
-def test_bad_input_is_rejected(case, bad, error, words):
+@pytest.mark.parametrize("device", DEVICES)
+def test_bad_input_is_rejected(case, bad, error, words, device):
     args = {**_good_args(), **bad}
     with pytest.raises(error, match=words):
-        exact_residual_add(**args)
+        call_on(device, exact_residual_add, **args)
 
 
 @pytest.mark.parametrize("case", ["fresh", "count", "no_d"])

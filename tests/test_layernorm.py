@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DEVICES, assert_same_bits
+from conftest import DEVICES, assert_same_bits, call_on
 
 import spikekernels
 from spikekernels import reference
@@ -182,9 +182,10 @@ BAD_INPUTS = [
 @pytest.mark.parametrize(
     ("case", "bad", "error", "words"), BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS]
 )
-def test_bad_input_is_rejected(case, bad, error, words):
+@pytest.mark.parametrize("device", DEVICES)
+def test_bad_input_is_rejected(case, bad, error, words, device):
     with pytest.raises(error, match=words):
-        spikekernels.spike_layernorm(**{**_good_args(), **bad})
+        call_on(device, spikekernels.spike_layernorm, **{**_good_args(), **bad})
 
 
 @pytest.mark.parametrize("with_state", [False, True])

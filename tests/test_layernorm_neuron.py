@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DEVICES, assert_same_bits, st_bif_margin
+from conftest import DEVICES, assert_same_bits, call_on, st_bif_margin
 
 from spikekernels import reference
 from spikekernels.nn import STBIF, SpikeLayerNorm, SpikeLayerNormNeuron
@@ -348,9 +348,10 @@ BAD_INPUTS = [  # (case, what replaces the good arguments, error type, words in 
 @pytest.mark.parametrize(
     ("case", "bad", "error", "words"), BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS]
 )
-def test_bad_input_is_rejected(case, bad, error, words):
+@pytest.mark.parametrize("device", DEVICES)
+def test_bad_input_is_rejected(case, bad, error, words, device):
     with pytest.raises(error, match=words):
-        spike_layernorm_neuron(**{**_good_args(), **bad})
+        call_on(device, spike_layernorm_neuron, **{**_good_args(), **bad})
 
 
 @pytest.mark.parametrize("with_state", [False, True])

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import CPU_PASS_ONLY, DEVICES, TRITON_DEVICES
+from conftest import CPU_PASS_ONLY, DEVICES, TRITON_DEVICES, moved_to
 from test_activity import _fired
 from test_exact_attention_ops import (
     ATTN_BOUNDS,
@@ -908,12 +908,15 @@ def _settled_bad(gen, kind: str) -> tuple[dict, dict]:
         ("context", ValueError, "row_settled marks a row whose context neuron fires"),
     ],
 )
-def test_attention_bad_settled_flags_are_rejected(gen, kind, error, words):
+@pytest.mark.parametrize("device", DEVICES)
+def test_attention_bad_settled_flags_are_rejected(gen, kind, error, words, device):
     """Flags of the wrong kind, and settled flags on rows whose neuron fires at the first
-    step where the kernel would skip it (checked on CPU: the data check runs one step)."""
+    step where the kernel would skip it (checked on CPU, and on a GPU with ``validate``: the
+    data check runs one step)."""
     case, kwargs = _settled_bad(gen, kind)
+    case, kwargs = moved_to(device, case, kwargs)
     with pytest.raises(error, match=words.replace("(", r"\(").replace(")", r"\)")):
-        _run_attention(case, **kwargs)
+        _run_attention(case, **kwargs, validate=device != "cpu")
 
 
 @pytest.mark.parametrize(
@@ -932,7 +935,8 @@ def test_attention_bad_settled_flags_are_rejected(gen, kind, error, words):
         (dict(row_active="strided"), ValueError, "row_active must be contiguous"),
     ],
 )
-def test_attention_bad_input_is_rejected(gen, change, error, words):
+@pytest.mark.parametrize("device", DEVICES)
+def test_attention_bad_input_is_rejected(gen, change, error, words, device):
     case = _attention_case(gen, 3, (2,), 5, 7, 6, 4, state=True)
     kwargs = {}
     for name, value in change.items():
@@ -960,7 +964,8 @@ def test_attention_bad_input_is_rejected(gen, change, error, words):
             case[name] = value
     with pytest.raises(error, match=words.replace("[", r"\[").replace("*", r"\*").replace(
             "(", r"\(").replace(")", r"\)")):  # fmt: skip
-        _run_attention(case, **kwargs)
+        case, kwargs = moved_to(device, case, kwargs)
+        _run_attention(case, **kwargs, validate=device != "cpu")
 
 
 @pytest.mark.parametrize("flags", ["none", "qkv_active", "settled"])

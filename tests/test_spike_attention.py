@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DEVICES
+from conftest import DEVICES, call_on
 from test_exact_attention_ops import _after, _assert_same, _chunks, _packed_slice, _spikes
 
 from spikekernels import exact_math, reference
@@ -277,9 +277,10 @@ BAD = [
 
 
 @pytest.mark.parametrize(("case", "bad", "error", "words"), BAD, ids=[b[0] for b in BAD])
-def test_bad_input_is_rejected(case, bad, error, words):
+@pytest.mark.parametrize("device", DEVICES)
+def test_bad_input_is_rejected(case, bad, error, words, device):
     with pytest.raises(error, match=words):
-        spike_attention_probs(**{**_good(), **bad})
+        call_on(device, spike_attention_probs, **{**_good(), **bad})
 
 
 @pytest.mark.parametrize("state", [False, True])
@@ -531,9 +532,10 @@ BAD_CTX = [
 
 
 @pytest.mark.parametrize(("case", "bad", "error", "words"), BAD_CTX, ids=[b[0] for b in BAD_CTX])
-def test_context_bad_input_is_rejected(case, bad, error, words):
+@pytest.mark.parametrize("device", DEVICES)
+def test_context_bad_input_is_rejected(case, bad, error, words, device):
     with pytest.raises(error, match=words):
-        spike_context(**{**_good_ctx(), **bad})
+        call_on(device, spike_context, **{**_good_ctx(), **bad})
 
 
 @pytest.mark.parametrize(("state", "merge_heads"), [(False, False), (True, True)])

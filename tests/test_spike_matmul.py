@@ -6,7 +6,7 @@ import importlib
 
 import pytest
 import torch
-from conftest import DEVICES, assert_same_bits
+from conftest import DEVICES, assert_same_bits, call_on
 
 import spikekernels
 from spikekernels import reference
@@ -333,11 +333,12 @@ BAD_INPUTS = [
 @pytest.mark.parametrize(
     ("change", "exc", "match"), [c[1:] for c in BAD_INPUTS], ids=[c[0] for c in BAD_INPUTS]
 )
-def test_bad_inputs(gen, change, exc, match):
+@pytest.mark.parametrize("device", DEVICES)
+def test_bad_inputs(gen, change, exc, match, device):
     kwargs = _good(gen)
     change(kwargs)
     with pytest.raises(exc, match=match):
-        spikekernels.spike_matmul(**kwargs)
+        call_on(device, spikekernels.spike_matmul, **kwargs)
 
 
 def test_validate_catches_bad_data(gen):

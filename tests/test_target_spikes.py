@@ -7,7 +7,7 @@ import pytest
 import torch
 import triton
 import triton.language as tl
-from conftest import DEVICES
+from conftest import DEVICES, call_on
 
 import spikekernels
 from spikekernels import reference
@@ -504,9 +504,10 @@ def test_inplace_count_sharing_an_input_is_rejected(other):
 @pytest.mark.parametrize(
     ("case", "bad", "error", "words"), BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS]
 )
-def test_bad_input_is_rejected(case, bad, error, words):
+@pytest.mark.parametrize("device", DEVICES)
+def test_bad_input_is_rejected(case, bad, error, words, device):
     with pytest.raises(error, match=words):
-        spikekernels.target_spikes(**{**_good_args(), **bad})
+        call_on(device, spikekernels.target_spikes, **{**_good_args(), **bad})
 
 
 def test_validate_checks_threshold_values_on_request():
