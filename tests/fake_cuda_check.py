@@ -33,10 +33,12 @@ parameter failing torch's analysis, and the first chunk's linears at ViT-S spill
 (outside the step loop). Session 26: the whole chunk in part 3 found float mode's linears,
 and torch 2.11's ``bool`` of a tuple, breaking the graph. All fixed. Session 27: the fused
 attention's launches with the settled flags (every later chunk's) compile without a spill.
-Spills it still lists: a qkv layer's at rows not a multiple of 64 (8-12 B, outside every
-loop), and the linears of ``test_activity``'s odd shapes, K = 45 (1-7 KB, in the step loop:
-a K that is not a multiple of 16 spills; no ViT has one), and the compat LayerNorm's fresh
-``spike_layernorm`` at 16 channels (8 B at 72 registers, outside every loop).
+Session 28 (torch 2.11+cu130): the exact linears write their settled rows (173 launches).
+Spills it still lists: float mode's first-chunk qkv layer at rows not a multiple of 64 (12 B,
+outside every loop), the linears of ``test_activity``'s odd shapes, K = 45 (1-7 KB, in the
+step loop: a K that is not a multiple of 16 spills; no ViT has one), and the compat
+LayerNorm's fresh ``spike_layernorm`` at 16 channels (8 B at 72 registers, outside every
+loop).
 """
 
 from __future__ import annotations

@@ -458,6 +458,7 @@ BAD_INPUTS = [
 
 
 _COUNT = torch.zeros(3, 5, dtype=torch.int8)
+_FLAGS = torch.zeros(6, dtype=torch.int32)  # one buffer for two flag arguments
 BAD_INPUTS += [
     (
         "s_count and s_before",
@@ -522,6 +523,18 @@ BAD_INPUTS += [
     ),
     ("row_settled int64", dict(row_settled=torch.ones(3).long()), TypeError, "row_settled must"),
     ("row_settled shape", dict(row_settled=torch.ones(2, 3).int()), ValueError, r"shape \(3,\)"),
+    (
+        "row_settled strided",  # the op writes it in place
+        dict(row_settled=torch.zeros(6, dtype=torch.int32)[::2]),
+        ValueError,
+        "row_settled must be contiguous",
+    ),
+    (
+        "row_settled in row_active",
+        dict(row_active=_FLAGS[:6].view(2, 3), row_settled=_FLAGS[3:6]),
+        ValueError,
+        "row_settled shares memory with another argument; the op writes into it",
+    ),
     (
         "row_settled on a moving row",  # fresh, the bias's target 2 is 2 spikes away
         dict(bias=torch.full((5,), 2.0), row_settled=torch.tensor([0, 1, 0]).int()),
@@ -736,9 +749,10 @@ def test_module_needs_the_input_count_after_its_first_call(gen):
 @pytest.mark.parametrize("own_flags", [False, True])
 def test_module_keeps_its_settled_rows(gen, monkeypatch, own_flags):
     """``nn.ExactLinearNeuron`` keeps the rows that did not fire at its last step as
-    ``row_settled`` (from the caller's ``row_active``, or its own), in place after its first
-    call, passes them to its next call, and forgets them at ``reset()``; chunks still equal
-    the whole run."""
+    ``row_settled``: zeros at its first call, which the op then writes in place (with or
+    without the caller's ``row_active``: the same rows, at the kernel's granularity), passes
+    them to its next call, and forgets them at ``reset()``; chunks still equal the whole
+    run."""
     import spikekernels.nn.exact_layers as exact_layers
 
     given = []
@@ -768,11 +782,12 @@ def test_module_keeps_its_settled_rows(gen, monkeypatch, own_flags):
         if backend_for(s, ("triton", "torch")) == "triton":  # every row of a tile that fired
             fired = _row_tiles(parts[-1][-1:], el.tile_config()[0])
         last.append((fired[0] == 0).to(torch.int32))
+        assert torch.equal(module.row_settled, last[-1])
         if own_flags:
             assert torch.equal(module.row_settled, (flags[-1] == 0).to(torch.int32))
     assert torch.equal(torch.cat(parts), whole) and torch.equal(module.count, count)
-    assert given[0] is None
-    assert given[1][0] == given[2][0] == module.row_settled.data_ptr()  # in place
+    assert not given[0][1].any(), "fresh: no row promised settled"
+    assert {ptr for ptr, _ in given} == {module.row_settled.data_ptr()}  # in place
     # the rows silent at the chunk's last step (the Triton kernel's: its silent row tiles)
     for (_, settled), want in zip(given[1:], last[:-1], strict=True):
         assert torch.equal(settled, want)
@@ -802,7 +817,7 @@ def test_module_counts_what_a_hook_gave_it(gen, monkeypatch, hooked_from):
     given = []
 
     def spy(*args, **kwargs):
-        given.append(kwargs["row_settled"] is not None)
+        given.append(kwargs["row_settled"].clone())
         return exact_linear(*args, **kwargs)
 
     layer = _layer(gen, 21, 30)
@@ -813,23 +828,25 @@ def test_module_counts_what_a_hook_gave_it(gen, monkeypatch, hooked_from):
     want = oracle(s)
     module = _linear_neuron(layer)
     monkeypatch.setattr(exact_layers, "exact_linear", spy)
-    parts, total = [], torch.zeros(s.shape[1:], dtype=torch.int32)
+    parts, total, written = [], torch.zeros(s.shape[1:], dtype=torch.int32), []
     for i, (chunk, _) in enumerate(_chunks(s, [4, 7, 5])):
         # the producer's count before: true up to the hook, then off by 3 (not what it sent)
         producer = None if i == 0 else (total + 3 * (i > hooked_from)).clamp(-128, 127).char()
         parts.append(module(chunk, s_before=producer, s_continues=i < hooked_from))
+        written.append(module.row_settled.clone())
         total += chunk.sum(0, dtype=torch.int32)
         if i >= hooked_from:
             assert torch.equal(module.s_received, total.char())
     assert torch.equal(torch.cat(parts), want) and torch.equal(module.count, oracle.count)
-    assert given == [False, True, True], "the settled rows hold on the layer's own count"
+    # the settled rows hold on the layer's own count: each call reads the last one's
+    assert not given[0].any() and all(map(torch.equal, given[1:], written[:-1]))
     assert module.row_settled.any(), "the case proves little"
 
     # the hook goes: the producer's count (3 above what the layer received) is read again
     jump = _spikes(gen, 3, (3, 16), 30, density=0.2)
     producer = (total + 3).char()
     got = module(jump, s_before=producer)
-    assert module.s_received is None and given[-1] is False
+    assert module.s_received is None and not given[-1].any()
     oracle.row_settled.zero_()  # 0 promises nothing
     assert torch.equal(got, oracle(jump, s_before=producer))
     assert torch.equal(module.count, oracle.count)
@@ -1083,6 +1100,84 @@ def test_row_settled_changes_no_bit(gen, backend, device, T, counts_out, k):
     _assert_hint_changes_no_bit(
         backend, on[0], layer, *on[1:3], "row_settled", on[3], counts_out=counts_out
     )
+
+
+def _settled_after(out, before, counts_out, backend):
+    """The settled flags an op call leaves: 1 on the rows of its output ``out`` that did not
+    fire at the last step (with ``counts_out``: whose count did not move, ``before`` the count
+    before the call), on Triton's path per row tile (``_row_tiles``)."""
+    prev = (out[-2:-1] if out.shape[0] > 1 else before[None]) if counts_out else 0
+    fired = out[-1:] != prev
+    if backend == "triton":
+        fired = _row_tiles(fired, el.tile_config()[0])
+    return (~fired.any(dim=-1) if backend != "triton" else fired == 0)[0].to(torch.int32)
+
+
+@pytest.mark.parametrize(
+    ("backend", "device"),
+    [("triton", d) for d in TRITON_DEVICES] + [("torch", "cpu"), ("reference", "cpu")],
+)
+@pytest.mark.parametrize(("T", "counts_out"), [(1, False), (1, True), (5, False), (5, True)])
+@pytest.mark.parametrize("incoming", ["zeros", "settled"])
+def test_row_settled_written(gen, backend, device, T, counts_out, incoming):
+    """The op writes the call's last step's settled rows into ``row_settled``, whatever the
+    flags promised: the rows that did not fire (on Triton's path every row of a row tile
+    none of whose output tiles fired: ``row_active``'s tiles), a subset of the truth."""
+    lead, k, n = (4, 16), 40, 36
+    layer, count, before = _settled_layer(gen, lead, k, n)
+    s = _spikes(gen, T, lead, k, density=0.05)
+    s[:, 0] = 0  # sample 0 stays settled: its rows are written 1
+    s_count = (before + s.sum(0, dtype=torch.int32)).to(torch.int8)
+    flags = _settled_rows(layer, count, before) if incoming == "settled" else 0 * count[..., 0]
+    flags = flags.to(torch.int32)
+    rows = torch.zeros(T, *lead, dtype=torch.int32)
+    on = [t.to(device) for t in (s, s_count, count, flags, rows)]
+    layer = {name: None if t is None else t.to(device) for name, t in layer.items()}
+    with force_backend(backend):
+        out, _ = _run(on[0], layer, -8, 7, *on[1:3], counts_out=counts_out, row_settled=on[3],
+                      row_active=on[4])  # fmt: skip
+    written, out = on[3].cpu(), out.cpu()
+    assert torch.equal(written, _settled_after(out, count, counts_out, backend))
+    assert torch.equal(written, (on[4][-1].cpu() == 0).to(torch.int32))  # row_active's rows
+    truth = _settled_after(out, count, counts_out, "torch")
+    assert not (written & ~truth.bool()).any(), "a row that fired is written settled"
+    assert written[0].all() and not written.all(), "the case proves little"
+
+
+@pytest.mark.parametrize(
+    ("backend", "device"),
+    [("triton", d) for d in TRITON_DEVICES] + [("torch", "cpu"), ("reference", "cpu")],
+)
+@pytest.mark.parametrize("counts_out", [False, True])
+@pytest.mark.parametrize("sizes", [(3, 15, 4), (1, 19, 2)])
+def test_settled_chunks_equal_whole(gen, backend, device, counts_out, sizes):
+    """Chunks that pass one ``row_settled`` tensor from call to call (zeros at the first,
+    then what the op wrote) and the count in place equal one whole call bit for bit: the
+    spikes (or counts), the count and ``row_active``; the rows go quiet, then one sample
+    wakes."""
+    lead, k, n = (3, 16), 40, 36
+    layer = _layer(gen, n, k, per_channel=True)
+    s = _spikes(gen, sum(sizes), lead, k, density=0.2)
+    s[3:] = 0  # the outputs settle (within 15 steps at level 16)
+    s[-2:, 1] = _spikes(gen, 2, lead[1:], k)  # sample 1 wakes at the last steps
+    layer = {name: None if t is None else t.to(device) for name, t in layer.items()}
+    s = s.to(device)
+    with force_backend(backend):
+        rows = torch.zeros(s.shape[:-1], dtype=torch.int32, device=device)
+        whole = _run(s, layer, -8, 7, row_active=rows, counts_out=counts_out)
+        settled = torch.zeros(lead, dtype=torch.int32, device=device)
+        parts, count, promised = [], None, []
+        got_rows = torch.zeros_like(rows)
+        for i, (chunk, s_count) in enumerate(_chunks(s, list(sizes))):
+            promised.append(settled.clone())
+            rows_now = got_rows[sum(sizes[:i]) : sum(sizes[: i + 1])]
+            out, count = _run(chunk, layer, -8, 7, s_count if i else None, count,
+                              inplace=count is not None, counts_out=counts_out,
+                              row_settled=settled, row_active=rows_now)  # fmt: skip
+            parts.append(out)
+    _assert_same((torch.cat(parts).cpu(), count.cpu()), tuple(t.cpu() for t in whole))
+    assert torch.equal(got_rows, rows)
+    assert any(p.any() for p in promised[1:]), "the case proves little"
 
 
 @pytest.mark.parametrize("device", TRITON_DEVICES)

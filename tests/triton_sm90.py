@@ -555,6 +555,7 @@ def exact_linear_cases() -> list[Case]:
         "group_active_ptr": "*i32",
         "row_active_ptr": "*i32",
         "unsettled_ptr": "*i32",
+        "settled_ptr": "*i32",
         "T": "i32",
         "rows": "i32",
         "N": "i32",
@@ -621,7 +622,7 @@ def exact_linear_cases() -> list[Case]:
             PER_CHANNEL=per_channel,
             HAS_ACTIVE=active,
             HAS_GROUPS=groups,
-            HAS_ROW_ACTIVE=rows_out,
+            HAS_ROW_ACTIVE=rows_out and not counts_out,  # qkv's rows: no reader needs them
             HAS_SETTLED=rows_out,
             COUNTS_OUT=counts_out,
             **tiles,
@@ -634,14 +635,16 @@ def exact_linear_cases() -> list[Case]:
             f"exact_linear state={state} per_channel={per_channel} active={active} "
             f"counts_out={counts_out} s_before={counts_out}"
             + (" group_active" if groups else "")
-            + (" row_active row_settled" if rows_out else "")
+            + (" row_active" if rows_out and not counts_out else "")
+            + (" row_settled" if rows_out else "")
             + ("" if even else " masked")
             + ("" if k == 384 else f" K={k}"),
             constexprs,
         )
-    # the model's first chunk at ViT-S, batch 64 (a fresh state, no row settled yet), as the
-    # runner makes it (activity recorded): qkv, then proj and fc1 (from a constant zero
-    # count these spilled 24 and 8 B; tests/fake_cuda_check.py found them)
+    # the model's first chunk at ViT-S, batch 64 (a fresh state: the settled rows zeros, which
+    # the kernel writes), as the runner makes it (activity recorded): qkv, then proj and fc1
+    # (from a constant zero count these spilled 24 and 8 B; tests/fake_cuda_check.py found
+    # them)
     for qkv in (True, False):
         constexprs = dict(
             HAS_BIAS=True,
@@ -652,8 +655,8 @@ def exact_linear_cases() -> list[Case]:
             PER_CHANNEL=qkv,
             HAS_ACTIVE=True,
             HAS_GROUPS=qkv,
-            HAS_ROW_ACTIVE=True,
-            HAS_SETTLED=False,
+            HAS_ROW_ACTIVE=not qkv,
+            HAS_SETTLED=True,
             COUNTS_OUT=qkv,
             **tiles,
             EVEN_M=True,

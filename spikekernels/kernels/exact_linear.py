@@ -36,7 +36,10 @@ whose neurons sit at their targets) a settled tile is quiet from the first step,
 after it; and a tile that stays settled and silent for the whole call (the flag pass marks
 its unsettled tiles in a row ahead of the steps' flags: a reduction over the tile's rows here
 spilled registers) runs no prologue at all: it reads no weight tile and no count tile, writes
-zero spikes and passes its count through.
+zero spikes and passes its count through. The flags are written back for the next call: the
+flag pass sets each tile's to 1 once it has read them, and a tile that fires at the last step
+clears its rows here (a superset of the rows that fired, as ``row_active``). So the layer's
+state needs no pass of its own between calls.
 
 With ``group_active`` a tile that fired also sets the flag of each (sample, column group) it
 overlaps: a few scalar stores, where the flags per row that ``active`` takes would hold a
@@ -180,6 +183,8 @@ def exact_linear_kernel(
     group_active_ptr,  # [T, B, groups] int32 flags per sample and column group (HAS_GROUPS)
     row_active_ptr,  # [T, rows] int32 flags per row, set where its tile fires (HAS_ROW_ACTIVE)
     unsettled_ptr,  # [num_m] int32: 1 where a row tile holds a row not settled (HAS_SETTLED)
+    settled_ptr,  # [rows] int32 row_settled, all 1 after the flag pass: cleared here on the
+    # rows of a tile that fires at the last step (HAS_SETTLED)
     T,
     rows,
     N,
@@ -217,7 +222,8 @@ def exact_linear_kernel(
     y = fl32(fl32(m[n] * fl32(acc)) + b[n]); target-driven neuron on y;
     active[t, row // rows_per_sample] = 1 where a row fires; group_active[t, b, g] = 1 for
     every sample b and column group g that a tile which fired overlaps; row_active[t, r] = 1
-    for every row r of a tile which fired."""
+    for every row r of a tile which fired; settled[r] = 0 for every row r of a tile which
+    fired at the last step."""
     pid_m = tl.program_id(0).to(tl.int64)
     pid_n = tl.program_id(1).to(tl.int64)
     rs = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -369,6 +375,11 @@ def exact_linear_kernel(
         out_ptrs += out_step
         flag_ptrs += num_m
     tl.store(count_out_ptr + state_offs, count.to(tl.int8), mask=mask)
+    if HAS_SETTLED:
+        # the next call's settled rows: the flag pass set them all, each column tile that
+        # fired at the last step clears its rows (only clears: any order gives the same)
+        if fired != 0:
+            tl.store(settled_ptr + rs, 0, mask=row_mask)
 
 
 @on_device
@@ -401,7 +412,8 @@ def exact_linear_triton(
     None; ``s_row_active`` ``[T, rows]`` int32 contiguous or None: 0 where a row of ``s`` is
     silent at a step, which the flag pass then takes instead of reading the spikes;
     ``row_settled`` ``[rows]`` int32 contiguous or None: 1 where the row's output neurons sit
-    at their targets before the steps, so that its tile may skip the first step's neuron.
+    at their targets before the steps, so that its tile may skip the first step's neuron;
+    written in place: 1 where no neuron of the row's tile fired at the last step.
     Returns ``(spikes [T, rows, N] int8, count [rows, N] int8)``: fresh, or with ``inplace``
     the given ``count`` (a view of the caller's contiguous state), written by the program
     that read it. ``counts_out``: the count after each step comes out instead of the
@@ -438,6 +450,7 @@ def exact_linear_triton(
         flags if group_active is None else group_active,
         flags if row_active is None else row_active,
         unsettled,
+        flags if row_settled is None else row_settled,
         T,
         rows,
         N,

@@ -6,6 +6,9 @@ Where the producer of the spikes recorded which rows fired (``exact_linear``'s
 where a silent tile's rows of spikes are ``BLOCK_M * K``. With a layer's settled rows
 (``exact_linear``'s ``row_settled``) it also flags each tile that holds a row not settled: a
 scalar for the main kernel, where a reduction over the tile's rows there spilled registers.
+Having read a tile's settled flags, it sets them to 1: the main kernel, which does not read
+them, then clears the rows of each tile that fires at its last step, so that on return they
+are that step's (each column tile of a row only clears: no order between them matters).
 
 One program per (step, tile of ``BLOCK_M`` rows) reads that step's int8 spikes of the tile and
 writes 1 if any is nonzero. It stops at the first K tile that holds a spike: spikes are dense
@@ -65,13 +68,14 @@ def step_tile_any_kernel(
     rows,
     K,
     num_m,
-    settled_ptr,  # [rows] int32 (HAS_SETTLED only)
+    settled_ptr,  # [rows] int32, read then set to 1 (HAS_SETTLED only)
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
     HAS_SETTLED: tl.constexpr,
 ):
     """flag[t, m] = any(s[t, m * BLOCK_M : (m + 1) * BLOCK_M, :] != 0); with ``HAS_SETTLED``
-    the steps' flags are rows 1 to T, and row 0 is any(settled[m * BLOCK_M : ...] == 0)."""
+    the steps' flags are rows 1 to T, row 0 is any(settled[m * BLOCK_M : ...] == 0), and then
+    those settled flags are 1."""
     # one grid axis (x): the row tiles and the steps can each pass axis y's 65,535
     pid = tl.program_id(0).to(tl.int64)
     t, pid_m = pid // num_m, pid % num_m
@@ -81,6 +85,8 @@ def step_tile_any_kernel(
         if t == 0:
             settled = tl.load(settled_ptr + rs, mask=row_mask, other=1)
             tl.store(flag_ptr + pid_m, any_nonzero(settled == 0).to(tl.int32))
+            # the only program that reads these rows' flags (module docstring)
+            tl.store(settled_ptr + rs, 1, mask=row_mask)
             return
         flag_ptr += num_m
         t -= 1
@@ -110,7 +116,8 @@ def step_tile_flags(
     producer's flags per row as ``[T, rows, 1]`` int32 (``exact_linear``'s ``s_row_active``):
     then a tile is read as ``block_m`` flags, not its rows of spikes. With ``settled`` (int32
     ``[rows]``, contiguous) the flags are ``[1 + T, num_m]``: row 0 marks the tiles that hold
-    a 0 of ``settled``, rows 1 to T the steps."""
+    a 0 of ``settled``, rows 1 to T the steps; ``settled`` is all 1 then (for the main kernel
+    to clear)."""
     T, rows, K = s.shape
     num_m = triton.cdiv(rows, block_m)
     extra = 0 if settled is None else 1

@@ -12,7 +12,7 @@ from spikekernels.nn.exact_layers import (
 )
 from spikekernels.nn.hooks import has_forward_hooks, hooked, unless_hooked
 from spikekernels.nn.neuron import scalar_tensor, threshold_tensor
-from spikekernels.nn.target_neuron import TargetNeuron
+from spikekernels.nn.target_neuron import SettledRowsNeuron, TargetNeuron
 from spikekernels.ops.exact_attention import (
     exact_attention,
     exact_attention_probs,
@@ -22,32 +22,7 @@ from spikekernels.ops.exact_attention import (
 __all__ = ["ExactAttention", "ExactAttentionProbs", "ExactContext"]
 
 
-class _SettledRowsNeuron(TargetNeuron):
-    """A neuron of the fused attention: its state is ``count`` and ``row_settled`` (int32
-    ``[*batch, M]``, one flag per query row: 1 where the row did not fire at the last step; 0,
-    the fresh value, promises nothing). ``ExactAttention``'s fused call passes the flags to
-    ``ops.exact_attention``, which reads them and writes the call's last step's in place; a
-    call of the module on its own leaves zeros."""
-
-    def reset(self) -> None:
-        """Back to the fresh state: count 0, no row known settled."""
-        super().reset()
-        self.row_settled: torch.Tensor | None = None
-
-    def state(self) -> dict[str, torch.Tensor | None]:
-        """``count`` and ``row_settled`` (class docstring; see ``TargetNeuron.state``)."""
-        return {"count": self.count, "row_settled": self.row_settled}
-
-    def forget_settled(self, shape: torch.Size, device: torch.device) -> None:
-        """``row_settled`` zeros (no row promised settled), in place where it exists (the
-        state keeps its address for a replayed graph)."""
-        if self.row_settled is None:
-            self.row_settled = torch.zeros(shape, dtype=torch.int32, device=device)
-        else:
-            self.row_settled.zero_()
-
-
-class ExactAttentionProbs(_SettledRowsNeuron):
+class ExactAttentionProbs(SettledRowsNeuron):
     """Scores product, softmax and the attention-probability neuron, fused
     (``spikekernels.ops.exact_attention_probs``): q ``[T, *batch, M, D]`` and k transposed
     ``[T, *batch, D, N]`` spikes in, int8 spikes ``[T, *batch, M, N]`` out. Per step
@@ -60,7 +35,7 @@ class ExactAttentionProbs(_SettledRowsNeuron):
     per step; no ``q_count``/``k_count``); ``counts_out``: the neuron's count after each step
     goes out instead of its spikes. ``ExactAttention``
     sets both: running counts are what its products read. State: ``count`` and
-    ``row_settled`` (``_SettledRowsNeuron``)."""
+    ``row_settled`` (``SettledRowsNeuron``)."""
 
     def __init__(
         self,
@@ -96,7 +71,7 @@ class ExactAttentionProbs(_SettledRowsNeuron):
         return spikes
 
 
-class ExactContext(_SettledRowsNeuron):
+class ExactContext(SettledRowsNeuron):
     """Context product and its neuron, fused (``spikekernels.ops.exact_context``): attention
     ``[T, *batch, M, N]`` and v ``[T, *batch, N, Dh]`` spikes in, int8 spikes out. Per step
     ``Z += a_t @ V_t + A_{t-1} @ v_t`` (int32), the neuron reads
@@ -105,7 +80,7 @@ class ExactContext(_SettledRowsNeuron):
     is formed at each call's start, not kept. ``counts_in``: a and v arrive as their running
     counts after each step (``Z = A_t V_t`` per step; no ``a_count``/``v_count``), as
     ``ExactAttention`` wires it. State: ``count`` and ``row_settled``
-    (``_SettledRowsNeuron``; per query row of each head, the heads not merged)."""
+    (``SettledRowsNeuron``; per query row of each head, the heads not merged)."""
 
     def __init__(
         self,

@@ -21,7 +21,7 @@ from torch import nn
 from spikekernels import exact_math
 from spikekernels.nn.hooks import hooked
 from spikekernels.nn.neuron import FixedDtypeBuffers, scalar_tensor, threshold_tensor
-from spikekernels.nn.target_neuron import TargetNeuron
+from spikekernels.nn.target_neuron import SettledRowsNeuron, TargetNeuron
 from spikekernels.ops._checks import check_state, check_tensor, check_time_major, may_read_data
 from spikekernels.ops.exact_layernorm import exact_layernorm_neuron
 from spikekernels.ops.exact_linear import MAX_K, exact_linear
@@ -185,7 +185,7 @@ def check_token_spikes(s: object, channels: int, owner: str) -> None:
         raise ValueError(f"s has {s.shape[-1]} channels, the attention expects {channels}")
 
 
-class ExactLinearNeuron(TargetNeuron):
+class ExactLinearNeuron(SettledRowsNeuron):
     """An ``ExactLinear`` and the target-driven neuron it feeds, as one fused op
     (``spikekernels.ops.exact_linear``): ``[T, *, K]`` spikes in, ``[T, *, N]`` int8 spikes out.
 
@@ -200,12 +200,12 @@ class ExactLinearNeuron(TargetNeuron):
     attention products, ``ExactAttention``). Inference only.
 
     State: ``count`` and ``row_settled`` (int32 ``[*]``, one flag per output row: 1 where no
-    neuron of the row fired at the last step; 0, the fresh value, promises nothing). Each
-    call records its rows that fire (``row_active``: the caller's flags, or its own) and
-    keeps the last step's as ``row_settled``. The next call passes them to its kernel, which
-    skips the neurons of settled rows until their input spikes: they sit at their targets
-    where the call's input continues the last one's, its input count before the call (from
-    ``s_count`` or ``s_before``) the one the last call's spikes summed to.
+    neuron of the row fired at the last step; 0, the fresh value, promises nothing;
+    ``SettledRowsNeuron``). Each call passes them to the op, which reads them and writes the
+    call's last step's in place: its kernel skips the neurons of settled rows until their
+    input spikes. They sit at their targets where the call's input continues the last one's,
+    its input count before the call (from ``s_count`` or ``s_before``) the one the last
+    call's spikes summed to; where it does not, the call passes zeros.
 
     A caller whose spikes a hook may have replaced says so (``s_continues=False``): the
     layer then integrates what it receives, as a spiking layer does, instead of reading its
@@ -232,14 +232,9 @@ class ExactLinearNeuron(TargetNeuron):
         self.counts_out = bool(counts_out)
 
     def reset(self) -> None:
-        """Back to the fresh state: count 0, no row known settled."""
+        """Back to the fresh state: count 0, no row known settled, no count received."""
         super().reset()
-        self.row_settled: torch.Tensor | None = None
         self.s_received: torch.Tensor | None = None
-
-    def state(self) -> dict[str, torch.Tensor | None]:
-        """``count`` and ``row_settled`` (class docstring; see ``TargetNeuron.state``)."""
-        return {"count": self.count, "row_settled": self.row_settled}
 
     def forward(
         self,
@@ -258,8 +253,7 @@ class ExactLinearNeuron(TargetNeuron):
         input (the first call after ``reset()``). ``group_active``: int32 ``[T, B, G]``
         zeros, set where a sample fires in a group of ``N / G`` output channels;
         ``row_active``: int32 ``[T, *]`` zeros, set where a row of the output fires (on a
-        GPU: every row of an output tile that fired; None: the layer's own, for its
-        ``row_settled``);
+        GPU: every row of an output tile that fired), or None;
         ``s_row_active``: the input neuron's ``row_active``, or None (``ops.exact_linear``);
         ``s_continues``: whether ``s`` are the spikes of the neuron whose count is given (False
         where a hook may have replaced them: the layer then counts what it receives, from
@@ -280,9 +274,11 @@ class ExactLinearNeuron(TargetNeuron):
             received = received_count(s_before, s)  # refused before any state moves
         if s_before is None:
             require_input_counts(self, s_count=s_count)
-        if row_active is None and isinstance(s, torch.Tensor) and s.dim() >= 2:
-            row_active = torch.zeros(s.shape[:-1], dtype=torch.int32, device=s.device)
         stateful = self.stateful_call()
+        # the op reads the flags, then writes this call's last step's into them: zeros (no
+        # promise) when fresh, or where the input does not continue the last call's
+        if isinstance(s, torch.Tensor) and s.dim() >= 2 and (not stateful or not settled):
+            self.forget_settled(s.shape[1:-1], s.device)
         spikes, self.count = exact_linear(
             s,
             self.weight,
@@ -301,16 +297,9 @@ class ExactLinearNeuron(TargetNeuron):
             group_active=group_active,
             row_active=row_active,
             s_row_active=s_row_active,
-            row_settled=self.row_settled if stateful and settled else None,
+            row_settled=self.row_settled,
         )
         self.s_received = None if s_continues else received
-        # the next call's settled rows: none of the last step's fired (in place: the state
-        # keeps its address for a replayed graph)
-        last_quiet = row_active[-1] == 0
-        if stateful:
-            self.row_settled.copy_(last_quiet)
-        else:
-            self.row_settled = last_quiet.to(torch.int32)
         return spikes
 
     def extra_repr(self) -> str:

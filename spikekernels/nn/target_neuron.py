@@ -88,3 +88,30 @@ class TargetNeuron(FixedDtypeBuffers, ActivityWatcher, nn.Module):
             f"threshold={shown}, level={self.level}, signed={self.signed}, "
             f"bounds=[{self.n_min}, {self.p_max}]"
         )
+
+
+class SettledRowsNeuron(TargetNeuron):
+    """A neuron of an exact op that keeps its own settled rows (``ExactLinearNeuron``, the
+    fused attention's two): its state is ``count`` and ``row_settled`` (int32, one flag per
+    row of its output: 1 where the row did not fire at the last step; 0, the fresh value,
+    promises nothing). The op (``ops.exact_linear``, ``ops.exact_attention``) reads the flags
+    and writes the call's last step's in place, so the next call skips the neurons of rows
+    that sit at their targets from its first step on."""
+
+    def reset(self) -> None:
+        """Back to the fresh state: count 0, no row known settled."""
+        super().reset()
+        self.row_settled: torch.Tensor | None = None
+
+    def state(self) -> dict[str, torch.Tensor | None]:
+        """``count`` and ``row_settled`` (class docstring; see ``TargetNeuron.state``)."""
+        return {"count": self.count, "row_settled": self.row_settled}
+
+    def forget_settled(self, shape: torch.Size, device: torch.device) -> None:
+        """``row_settled`` zeros (no row promised settled), in place where it exists with that
+        shape and device (the state keeps its address for a replayed graph)."""
+        flags = self.row_settled
+        if flags is None or tuple(flags.shape) != tuple(shape) or flags.device != device:
+            self.row_settled = torch.zeros(shape, dtype=torch.int32, device=device)
+        else:
+            self.row_settled.zero_()

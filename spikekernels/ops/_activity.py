@@ -10,7 +10,9 @@ the exact ops ``row_active`` ``[T, *rows]``, the same per row of the spikes, whi
 ``exact_linear`` (``s_row_active``) or LayerNorm (``branch_row_active``) reads back instead of
 scanning the spikes. Those two are the truth here; the Triton kernels of ``exact_linear`` and
 ``exact_attention`` record them per output tile that fired (a superset: the readers take
-them as hints, where a 0 promises silence and a 1 may stand for it).
+them as hints, where a 0 promises silence and a 1 may stand for it). ``record_settled`` writes
+the settled flags (the rows that did not fire at the last step) of ``exact_linear`` and
+``exact_attention``, which the Triton kernels write per tile.
 """
 
 from __future__ import annotations
@@ -73,3 +75,18 @@ def record_active_of(
     record_active(active, out)
     record_group_active(group_active, out)
     record_row_active(row_active, out)
+
+
+def record_settled(
+    row_settled: torch.Tensor | None, out: torch.Tensor, before: torch.Tensor | None, counts: bool
+) -> None:
+    """``row_settled[*r]`` = 1 where row ``r`` of a neuron op's output ``[T, *rows, C]`` (its
+    spikes, or with ``counts`` its count after each step, ``before`` its count before them;
+    None: 0) did not fire at the last step, 0 where it did: the settled flags that the
+    exact ops write in place for their next call (whatever the flags held). The Triton
+    kernels clear them per tile that fired (a subset of these 1s)."""
+    if row_settled is None or out.shape[0] == 0:
+        return
+    prev = (out[-2] if out.shape[0] > 1 else before) if counts else None
+    fired = out[-1] != (0 if prev is None else prev)
+    row_settled.copy_(~fired.any(dim=-1))

@@ -6,7 +6,12 @@ from __future__ import annotations
 import torch
 
 from spikekernels.exact_math import context_value, int_matmul, score_value, softmax_rows
-from spikekernels.ops._activity import record_active, record_active_of, record_row_active
+from spikekernels.ops._activity import (
+    record_active,
+    record_active_of,
+    record_row_active,
+    record_settled,
+)
 from spikekernels.ops._attention import (
     MAX_CONTRACTION,
     check_data,
@@ -615,12 +620,8 @@ def _record_settled(attn_row_settled, row_settled, a, attn_before, spikes) -> No
     """The settled flags of the last step, in place (the paths without the kernel): 1 where
     the query row's attention neuron (its counts ``a`` after each step, ``attn_before``
     before them) and the context neuron (``spikes``, heads not merged) did not fire."""
-    if attn_row_settled is None or a.shape[0] == 0:
-        return
-    before = a[-2] if a.shape[0] > 1 else attn_before
-    attn_fired = (a[-1] != (0 if before is None else before)).any(dim=-1)
-    attn_row_settled.copy_(~attn_fired)
-    row_settled.copy_(~(spikes[-1] != 0).any(dim=-1))
+    record_settled(attn_row_settled, a, attn_before, counts=True)
+    record_settled(row_settled, spikes, None, counts=False)
 
 
 def _check_settled(

@@ -8,7 +8,7 @@ import math
 import torch
 
 from spikekernels.exact_math import INT32_MAX_TERMS, int_matmul, linear_value
-from spikekernels.ops._activity import record_active_of
+from spikekernels.ops._activity import record_active_of, record_settled
 from spikekernels.ops._checks import (
     check_active,
     check_bounds,
@@ -27,7 +27,13 @@ from spikekernels.ops._checks import (
     may_read_data,
 )
 from spikekernels.ops._dispatch import backend_for
-from spikekernels.ops._inplace import check_inplace, own_state, placeholder, state_result
+from spikekernels.ops._inplace import (
+    check_inplace,
+    check_written,
+    own_state,
+    placeholder,
+    state_result,
+)
 from spikekernels.ops._registry import call_op, kernel_op, launcher
 from spikekernels.ops.target import target_spikes_torch
 
@@ -107,9 +113,12 @@ def _check_exact_linear(
                 f"output), got {tuple(row_settled.shape)}"
             )
         check_same_device("s", s, "row_settled", row_settled)
+        if not row_settled.is_contiguous():
+            raise ValueError("row_settled must be contiguous: the op writes it in place")
     inputs = (s, weight, weight_scale, bias, in_threshold, threshold, s_count, s_before, active,
-              group_active, row_active, s_row_active, row_settled)  # fmt: skip
-    check_inplace(inplace, (("count", count),), inputs)
+              group_active, row_active, s_row_active)  # fmt: skip
+    check_written((("row_settled", row_settled),), (*inputs, count))
+    check_inplace(inplace, (("count", count),), (*inputs, row_settled))
 
 
 def _count_before(s: torch.Tensor, s_count: torch.Tensor) -> torch.Tensor:
@@ -218,7 +227,10 @@ def exact_linear_torch(
     return out
 
 
-@kernel_op("exact_linear", mutates_args=("count", "active", "group_active", "row_active"))
+@kernel_op(
+    "exact_linear",
+    mutates_args=("count", "active", "group_active", "row_active", "row_settled"),
+)
 def _exact_linear_op(
     s: torch.Tensor,
     weight: torch.Tensor,
@@ -273,7 +285,7 @@ def _exact_linear_op(
             s_row_active=(
                 None if s_row_active is None else s_row_active.contiguous().view(s.shape[0], rows)
             ),
-            row_settled=None if row_settled is None else row_settled.contiguous().view(rows),
+            row_settled=None if row_settled is None else row_settled.view(rows),
         )
         shape = (*lead, n)
         spikes = spikes.reshape(s.shape[0], *shape)
@@ -285,6 +297,7 @@ def _exact_linear_op(
         record_active_of(active, out[0], count, counts_out, group_active, row_active)
     else:
         out = exact_linear_torch(*args, active, counts_out, s_before, group_active, row_active)
+    record_settled(row_settled, out[0], count, counts_out)
     return out[0], state_result(inplace, out[1], count)
 
 
@@ -408,19 +421,23 @@ def exact_linear(
             Triton path then finds its silent row tiles from these flags (4 bytes a row-step)
             instead of scanning the spikes (up to K bytes a row-step); the other paths ignore
             them. No bit of the result depends on them.
-        row_settled: optional int32 ``[*]`` (the output's shape without ``N``), read only:
-            nonzero where the row's output neurons sit at their targets before these steps
-            (on the accumulator of the input count before them, each neuron's target equals
-            its count: none would move while the row's input stays silent). A layer's own
-            ``row_active`` of the step before these, as 0 where it fired and 1 elsewhere,
-            is such a promise where this call's input continues that call's (its input
-            count before these steps is the one that call's spikes summed to; not where a
-            hook replaced spikes in between). Checked on CPU, and with ``validate`` (one
-            dense step of the layer). The Triton path then skips the neuron of a tile whose
-            rows are settled until its input first spikes, and a tile that stays settled and
-            silent for the whole call reads no weight and no count: it writes zero spikes
-            (with ``counts_out`` its unchanged count) and passes its count through. The
-            other paths ignore it. No bit of the result depends on a true one.
+        row_settled: optional int32 ``[*]`` (the output's shape without ``N``), contiguous,
+            read and then written in place. Read: nonzero where the row's output neurons sit
+            at their targets before these steps (on the accumulator of the input count
+            before them, each neuron's target equals its count: none would move while the
+            row's input stays silent); 0 promises nothing. The flags this op wrote at the
+            layer's last call are such a promise where this call's input continues that
+            call's (its input count before these steps is the one that call's spikes summed
+            to; not where a hook replaced spikes in between: give zeros then). Checked on
+            CPU, and with ``validate`` (one dense step of the layer). The Triton path then
+            skips the neuron of a tile whose rows are settled until its input first spikes,
+            and a tile that stays settled and silent for the whole call reads no weight and
+            no count: it writes zero spikes (with ``counts_out`` its unchanged count) and
+            passes its count through. The other paths ignore them. No bit of the result
+            depends on a true one. Written: 1 where no neuron of the row fired at the last
+            of these steps, which the next call reads (the Triton kernel: 0 on every row of
+            an output tile that fired, as ``row_active``; on a fresh call too). So a layer
+            keeps them as state with no pass of its own.
         validate: on a GPU also run the data checks (host syncs): thresholds positive, finite
             and normal; ``weight_scale`` finite and positive; ``weight`` in ``[-127, 127]``;
             ``s`` ternary; ``s_count`` consistent with ``s``; ``count`` inside ``[n_min,
