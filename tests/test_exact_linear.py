@@ -530,6 +530,30 @@ BAD_INPUTS += [
         "row_settled must be contiguous",
     ),
     (
+        "count_before shape",
+        dict(count_before=torch.zeros(3, 4, dtype=torch.int8)),
+        ValueError,
+        r"count_before must have shape \(3, 5\)",
+    ),
+    (
+        "count_before int32",
+        dict(count_before=torch.zeros(3, 5, dtype=torch.int32)),
+        TypeError,
+        "count_before must have dtype",
+    ),
+    (
+        "count_before strided",
+        dict(count_before=torch.zeros(5, 3, dtype=torch.int8).t()),
+        ValueError,
+        "count_before must be contiguous",
+    ),
+    (
+        "count_before is count",  # the op writes both
+        dict(count=_COUNT, count_before=_COUNT),
+        ValueError,
+        "count_before shares memory with another argument",
+    ),
+    (
         "row_settled in row_active",
         dict(row_active=_FLAGS[:6].view(2, 3), row_settled=_FLAGS[3:6]),
         ValueError,
@@ -611,12 +635,14 @@ def test_opcheck(gen, case):
         case == "inplace",
         *extra,
     )
-    if case == "flags":  # the activity flags written (per sample, group, row) and the rows read
+    if case == "flags":  # the activity flags written (per sample, group, row), the rows read,
+        # the settled rows read and written, the count before written
         active, groups, rows = (torch.zeros(3, 2, *extra, dtype=torch.int32) for extra in
                                 ((), (4,), (5,)))  # fmt: skip
         # fresh, nothing settled: 0 never lies
         settled = torch.zeros(2, 5, dtype=torch.int32)
-        flags = (groups, rows, (s != 0).any(dim=-1).to(torch.int32), settled)
+        before = torch.zeros(2, 5, 20, dtype=torch.int8)  # written: the count before (fresh: 0)
+        flags = (groups, rows, (s != 0).any(dim=-1).to(torch.int32), settled, before)
         args = (*args[:10], active, False, False, None, *flags)
     torch.library.opcheck(torch.ops.spikekernels.exact_linear.default, args)
 
@@ -1178,6 +1204,40 @@ def test_settled_chunks_equal_whole(gen, backend, device, counts_out, sizes):
     _assert_same((torch.cat(parts).cpu(), count.cpu()), tuple(t.cpu() for t in whole))
     assert torch.equal(got_rows, rows)
     assert any(p.any() for p in promised[1:]), "the case proves little"
+
+
+@pytest.mark.parametrize(
+    ("backend", "device"),
+    [("triton", d) for d in TRITON_DEVICES] + [("torch", "cpu"), ("reference", "cpu")],
+)
+@pytest.mark.parametrize("case", ["fresh", "mid_run", "inplace", "quiet", "counts_out"])
+def test_count_before_is_the_incoming_count(gen, backend, device, case):
+    """``count_before`` receives the count as it comes in (zeros when fresh), poison and all
+    overwritten, on every path: mid-run, in place (before the op updates it), on a chunk
+    whose every tile is settled and silent (the kernel's quiet path, which reads no count
+    in place otherwise), and with ``counts_out``; the results as without it."""
+    lead, k, n = (3, 16), 40, 36
+    layer, count, before = _settled_layer(gen, lead, k, n)
+    s = _spikes(gen, 4, lead, k, density=0.1)
+    flags = {}
+    if case == "quiet":
+        s.zero_()
+        flags["row_settled"] = _settled_rows(layer, count, before).to(device)
+        assert flags["row_settled"].all(), "the case needs every row settled"
+    state = None if case == "fresh" else count
+    incoming = torch.zeros_like(count) if state is None else count.clone()
+    kwargs = dict(inplace=case in ("inplace", "quiet"), counts_out=case == "counts_out")
+    s_before = None if case == "fresh" else before.to(torch.int8).to(device)
+    layer = {name: None if t is None else t.to(device) for name, t in layer.items()}
+    on = [s.to(device), None if state is None else state.to(device)]
+    with force_backend(backend):
+        want = _run(on[0], layer, -8, 7, None, None if state is None else on[1].clone(),
+                    s_before=s_before, **{**kwargs, "inplace": False})  # fmt: skip
+        got_before = torch.full((*lead, n), 77, dtype=torch.int8, device=device)
+        got = _run(on[0], layer, -8, 7, None, on[1], s_before=s_before, count_before=got_before,
+                   **kwargs, **flags)  # fmt: skip
+    _assert_same(tuple(t.cpu() for t in got), tuple(t.cpu() for t in want))
+    assert torch.equal(got_before.cpu(), incoming)
 
 
 @pytest.mark.parametrize("device", TRITON_DEVICES)

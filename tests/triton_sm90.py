@@ -551,6 +551,7 @@ def exact_linear_cases() -> list[Case]:
         "count_in_ptr": "*i8",
         "out_ptr": "*i8",
         "count_out_ptr": "*i8",
+        "before_ptr": "*i8",
         "active_ptr": "*i32",
         "group_active_ptr": "*i32",
         "row_active_ptr": "*i32",
@@ -625,6 +626,7 @@ def exact_linear_cases() -> list[Case]:
             HAS_ROW_ACTIVE=rows_out and not counts_out,  # qkv's rows: no reader needs them
             HAS_SETTLED=rows_out,
             COUNTS_OUT=counts_out,
+            HAS_BEFORE=rows_out and not counts_out,  # proj, fc1, fc2: the next one's s_before
             **tiles,
             EVEN_M=even,
             EVEN_N=even,
@@ -637,6 +639,7 @@ def exact_linear_cases() -> list[Case]:
             + (" group_active" if groups else "")
             + (" row_active" if rows_out and not counts_out else "")
             + (" row_settled" if rows_out else "")
+            + (" count_before" if rows_out and not counts_out else "")
             + ("" if even else " masked")
             + ("" if k == 384 else f" K={k}"),
             constexprs,
@@ -658,6 +661,7 @@ def exact_linear_cases() -> list[Case]:
             HAS_ROW_ACTIVE=not qkv,
             HAS_SETTLED=True,
             COUNTS_OUT=qkv,
+            HAS_BEFORE=False,
             **tiles,
             EVEN_M=True,
             EVEN_N=True,

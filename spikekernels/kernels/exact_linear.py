@@ -50,6 +50,9 @@ With ``row_active`` a tile that fired sets the flags of its rows (a superset of 
 fired, at the tile's granularity: the next ``exact_linear`` skips whole row tiles anyway). That
 layer takes them as ``s_row_active``, and its flag pass then reads 4 bytes a row-step instead
 of the row's spikes (a silent row's whole K).
+
+With ``count_before`` each program copies the count tile it reads (a quiet tile's too) before
+its steps: the next layer's ``s_before``, which a clone took a launch and a read of its own.
 """
 
 from __future__ import annotations
@@ -140,9 +143,9 @@ def _count_before(
 
 @triton.jit
 def _quiet_chunk(
-    count_in_ptr, out_ptr, count_out_ptr, pid_m, pid_n, rows, N, T, out_step,
+    count_in_ptr, out_ptr, count_out_ptr, before_ptr, pid_m, pid_n, rows, N, T, out_step,
     HAS_COUNT: tl.constexpr, COUNTS_OUT: tl.constexpr, COUNT_IN_PLACE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_BEFORE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """A quiet tile's chunk: no neuron moves, so every step's spikes are 0 (``COUNTS_OUT``:
     every step's count is the incoming one) and the count goes out as it came in (in place:
@@ -154,8 +157,10 @@ def _quiet_chunk(
     state_offs = rs[:, None] * N + cols[None, :]
     zero = tl.zeros([BLOCK_M, BLOCK_N], tl.int8)
     count = zero
-    if HAS_COUNT and (COUNTS_OUT or not COUNT_IN_PLACE):
+    if HAS_COUNT and (COUNTS_OUT or not COUNT_IN_PLACE or HAS_BEFORE):
         count = tl.load(count_in_ptr + state_offs, mask=mask, other=0)
+    if HAS_BEFORE:
+        tl.store(before_ptr + state_offs, count, mask=mask)
     value = count if COUNTS_OUT else zero
     out_ptrs = out_ptr + state_offs
     for _ in range(T):
@@ -179,6 +184,7 @@ def exact_linear_kernel(
     count_in_ptr,  # [rows, N] int8 incoming count (HAS_COUNT; else any int8 tensor, never read)
     out_ptr,  # [T, rows, N] int8 spikes (COUNTS_OUT: the count after each step)
     count_out_ptr,  # [rows, N] int8
+    before_ptr,  # [rows, N] int8: a copy of the incoming count, zeros when fresh (HAS_BEFORE)
     active_ptr,  # [T, B] int32 per-sample flags, set where a sample fires (HAS_ACTIVE only)
     group_active_ptr,  # [T, B, groups] int32 flags per sample and column group (HAS_GROUPS)
     row_active_ptr,  # [T, rows] int32 flags per row, set where its tile fires (HAS_ROW_ACTIVE)
@@ -209,6 +215,7 @@ def exact_linear_kernel(
     HAS_ROW_ACTIVE: tl.constexpr,
     HAS_SETTLED: tl.constexpr,
     COUNTS_OUT: tl.constexpr,
+    HAS_BEFORE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -239,9 +246,9 @@ def exact_linear_kernel(
         for t in range(T):
             busy |= tl.load(flag_ptr + pid_m + t * num_m) != 0
         if not busy:
-            _quiet_chunk(count_in_ptr, out_ptr, count_out_ptr, pid_m, pid_n, rows, N, T,
-                         out_step, HAS_COUNT, COUNTS_OUT, COUNT_IN_PLACE, BLOCK_M,
-                         BLOCK_N)  # fmt: skip
+            _quiet_chunk(count_in_ptr, out_ptr, count_out_ptr, before_ptr, pid_m, pid_n, rows,
+                         N, T, out_step, HAS_COUNT, COUNTS_OUT, COUNT_IN_PLACE, HAS_BEFORE,
+                         BLOCK_M, BLOCK_N)  # fmt: skip
             return
     state_offs = rs[:, None] * N + cols[None, :]
 
@@ -294,6 +301,10 @@ def exact_linear_kernel(
         # constant, sm_90's first chunk at ViT-S, batch 64 (qkv; proj and fc1) spilled 24 and
         # 8 B at 255 registers, now none (qkv at rows not a multiple of BLOCK_M: 0 -> 12 B)
         count = tl.load(count_in_ptr + state_offs, mask=mask & (T < 0), other=0).to(tl.int16)
+    if HAS_BEFORE:
+        # the count before these steps, for the next layer's s_before: copied as it is read
+        # (the caller's clone of it was a launch and a read of its own)
+        tl.store(before_ptr + state_offs, count.to(tl.int8), mask=mask)
 
     out_ptrs = out_ptr + state_offs
     flag_ptrs = flag_ptr + pid_m
@@ -404,6 +415,7 @@ def exact_linear_triton(
     row_active: torch.Tensor | None = None,
     s_row_active: torch.Tensor | None = None,
     row_settled: torch.Tensor | None = None,
+    count_before: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Host side: ``s`` ``[T, rows, K]`` int8, ``weight`` ``[N, K]`` int8, ``weight_scale``
     and ``bias`` float32 ``[N]``, all contiguous; ``s_count`` ``[rows, K]`` int8 contiguous or
@@ -414,6 +426,8 @@ def exact_linear_triton(
     ``row_settled`` ``[rows]`` int32 contiguous or None: 1 where the row's output neurons sit
     at their targets before the steps, so that its tile may skip the first step's neuron;
     written in place: 1 where no neuron of the row's tile fired at the last step.
+    ``count_before`` ``[rows, N]`` int8 contiguous or None: receives the incoming count (zeros
+    when fresh), written by the program that reads it.
     Returns ``(spikes [T, rows, N] int8, count [rows, N] int8)``: fresh, or with ``inplace``
     the given ``count`` (a view of the caller's contiguous state), written by the program
     that read it. ``counts_out``: the count after each step comes out instead of the
@@ -446,6 +460,7 @@ def exact_linear_triton(
         count_out if count is None else count,
         out,
         count_out,
+        out if count_before is None else count_before,
         flags if active is None else active,
         flags if group_active is None else group_active,
         flags if row_active is None else row_active,
@@ -474,6 +489,7 @@ def exact_linear_triton(
         HAS_ROW_ACTIVE=row_active is not None,
         HAS_SETTLED=row_settled is not None,
         COUNTS_OUT=counts_out,
+        HAS_BEFORE=count_before is not None,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_K=block_k,

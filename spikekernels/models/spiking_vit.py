@@ -215,10 +215,10 @@ class SpikeMlp(_Composite):
 
 class ExactMlp(SpikeMlp):
     """``SpikeMlp`` of exact mode: each ``ExactLinearNeuron`` also takes the count of the
-    neuron that fed it (``fc2``'s is ``fc1``'s, taken before ``fc1``'s call), from which it
-    forms its accumulator, and that neuron's row flags: ``fc1`` records which of its rows
-    fired (``row_active``; on a GPU per output tile), so that ``fc2`` finds its silent row
-    tiles from them."""
+    neuron that fed it (``fc2``'s is ``fc1``'s before ``fc1``'s call, which that call writes
+    out as it reads it), from which it forms its accumulator, and that neuron's row flags:
+    ``fc1`` records which of its rows fired (``row_active``; on a GPU per output tile), so
+    that ``fc2`` finds its silent row tiles from them."""
 
     def forward(
         self,
@@ -229,21 +229,23 @@ class ExactMlp(SpikeMlp):
         s_row_active: torch.Tensor | None = None,
         row_active: torch.Tensor | None = None,
         s_continues: bool = True,
+        count_before: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``s_count`` (after these steps) or ``s_before`` (before them): the count of the
         neuron behind ``s``, and ``s_row_active`` its row flags, as ``ExactLinearNeuron``
         takes them (and ``s_continues``); ``row_active``: int32 zeros that receive ``fc2``'s
-        row flags."""
-        fc1_before = _count_before(self.fc1)
+        row flags; ``count_before``: receives ``fc2``'s count before these steps, or None."""
+        fc1_before = before_buffer(self.fc1)
         fired = torch.zeros(s.shape[:-1], dtype=torch.int32, device=s.device)
         s_row_active = unless_hooked(s_row_active, self.fc1)  # a hook may replace the input
         continues = s_continues and not hooked(self.fc1)
         hidden = self.fc1(s, s_count, s_before=s_before, s_row_active=s_row_active,
-                          row_active=fired, s_continues=continues)  # fmt: skip
+                          row_active=fired, s_continues=continues,
+                          count_before=fc1_before)  # fmt: skip
         continues = not hooked(self.fc1, self.fc2)
         hint = fired if continues else None
         return self.fc2(hidden, s_before=fc1_before, s_row_active=hint, row_active=row_active,
-                        s_continues=continues)  # fmt: skip
+                        s_continues=continues, count_before=count_before)  # fmt: skip
 
 
 class SpikeBlock(_Composite):
@@ -294,6 +296,14 @@ def _count_before(neuron: TargetNeuron) -> torch.Tensor | None:
     """A copy of ``neuron``'s count before its next call (which updates it in place), or
     None while it is fresh."""
     return None if neuron.count is None else neuron.count.clone()
+
+
+def before_buffer(neuron: TargetNeuron) -> torch.Tensor | None:
+    """An empty tensor like ``neuron``'s count, for its next call to fill with the count
+    before that call (an exact linear's ``count_before``: the copy made as its kernel reads
+    the count, where ``_count_before`` is a launch and a read of its own), or None while the
+    neuron is fresh."""
+    return None if neuron.count is None else torch.empty_like(neuron.count)
 
 
 def _with_class_row(t: torch.Tensor) -> torch.Tensor:
@@ -453,9 +463,9 @@ class ExactBlock(_Composite):
         by ``s_continues``), pending: its last neuron's spikes, step, count before and row
         flags (recorded into the zeros ``row_active``; None past a forward hook on the
         branch, its neuron or this block, whose output the hook may replace)."""
-        before = _count_before(neuron)
+        before = before_buffer(neuron)  # the branch's call writes it
         spikes = branch(s, s_before=s_before, s_row_active=s_row_active, row_active=row_active,
-                        s_continues=s_row_active is not None)  # fmt: skip
+                        s_continues=s_row_active is not None, count_before=before)  # fmt: skip
         flags = unless_hooked(row_active, branch, neuron, self)
         name = "attn" if branch is self.attn else "mlp"
         before = count_received(self.received, name, before, spikes, hooked(branch, neuron))

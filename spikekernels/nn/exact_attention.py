@@ -194,14 +194,16 @@ class ExactAttention(nn.Module):
         s_row_active: torch.Tensor | None = None,
         row_active: torch.Tensor | None = None,
         s_continues: bool = True,
+        count_before: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``s``: ``[T, B, N, C]`` int8 spikes; ``s_count``: ``[B, N, C]`` int8, the count of
         their neuron after these steps, or ``s_before``, before them (neither only on a fresh
         input: see ``ExactLinearNeuron``); ``s_row_active``: int32 ``[T, B, N]``, that
         neuron's ``row_active``, or None (``qkv`` takes it); ``row_active``: int32 zeros
         ``[T, B, N]`` that receive ``proj``'s row flags; ``s_continues``: False where a hook
-        may have replaced ``s`` (``ExactLinearNeuron``). Returns the ``quan_proj`` neuron's
-        spikes."""
+        may have replaced ``s`` (``ExactLinearNeuron``); ``count_before``: int8 like
+        ``proj``'s count, or None: receives it as it was before these steps. Returns the
+        ``quan_proj`` neuron's spikes."""
         check_token_spikes(s, self.dim, "ExactAttention")
         t, b, n, c = s.shape
         h, dh = self.num_heads, self.head_dim
@@ -236,7 +238,8 @@ class ExactAttention(nn.Module):
         rows = unless_hooked(rows, self.context, self.proj)
         continues = not hooked(self.context, self.proj)  # the context spikes are proj's input
         return self.proj(context, s_before=context_before, s_row_active=rows,
-                         row_active=row_active, s_continues=continues)  # fmt: skip
+                         row_active=row_active, s_continues=continues,
+                         count_before=count_before)  # fmt: skip
 
     def _fusable(self) -> bool:
         """Whether ``probs`` and ``context`` may run as one op: no hook on either, and their

@@ -246,6 +246,7 @@ class ExactLinearNeuron(SettledRowsNeuron):
         row_active: torch.Tensor | None = None,
         s_row_active: torch.Tensor | None = None,
         s_continues: bool = True,
+        count_before: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``s``: ``[T, *, K]`` int8 spikes; ``s_count``: ``[*, K]`` int8, the count of the
         neuron that produced them, after these steps, or ``s_before``, its count before them
@@ -258,7 +259,10 @@ class ExactLinearNeuron(SettledRowsNeuron):
         ``s_continues``: whether ``s`` are the spikes of the neuron whose count is given (False
         where a hook may have replaced them: the layer then counts what it receives, from
         ``s_before`` at the first such call; ``s_count`` less spikes that are not its
-        neuron's is no count it received, so it is refused there)."""
+        neuron's is no count it received, so it is refused there); ``count_before``: int8
+        like ``count`` (contiguous), or None: receives this neuron's count before these steps
+        (``ops.exact_linear``'s: copied as the kernel reads it), as the next layer's
+        ``s_before``."""
         # the input count before these steps must be the one the last call's spikes summed
         # to for row_settled to hold: it is not where the input goes back to its producer's
         # count after calls that counted their own
@@ -298,6 +302,7 @@ class ExactLinearNeuron(SettledRowsNeuron):
             row_active=row_active,
             s_row_active=s_row_active,
             row_settled=self.row_settled,
+            count_before=count_before,
         )
         self.s_received = None if s_continues else received
         return spikes

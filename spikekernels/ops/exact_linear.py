@@ -61,6 +61,7 @@ def _check_exact_linear(
     row_active=None,
     s_row_active=None,
     row_settled=None,
+    count_before=None,
 ) -> None:
     """Metadata checks (no data read)."""
     check_flag(counts_out, "counts_out")
@@ -115,10 +116,14 @@ def _check_exact_linear(
         check_same_device("s", s, "row_settled", row_settled)
         if not row_settled.is_contiguous():
             raise ValueError("row_settled must be contiguous: the op writes it in place")
+    check_state(count_before, "count_before", shape, (torch.int8,), s, "s")
+    if count_before is not None and not count_before.is_contiguous():
+        raise ValueError("count_before must be contiguous: the op writes it")
     inputs = (s, weight, weight_scale, bias, in_threshold, threshold, s_count, s_before, active,
               group_active, row_active, s_row_active)  # fmt: skip
-    check_written((("row_settled", row_settled),), (*inputs, count))
-    check_inplace(inplace, (("count", count),), (*inputs, row_settled))
+    written = (("row_settled", row_settled), ("count_before", count_before))
+    check_written(written, (*inputs, count))
+    check_inplace(inplace, (("count", count),), (*inputs, row_settled, count_before))
 
 
 def _count_before(s: torch.Tensor, s_count: torch.Tensor) -> torch.Tensor:
@@ -229,7 +234,7 @@ def exact_linear_torch(
 
 @kernel_op(
     "exact_linear",
-    mutates_args=("count", "active", "group_active", "row_active", "row_settled"),
+    mutates_args=("count", "active", "group_active", "row_active", "row_settled", "count_before"),
 )
 def _exact_linear_op(
     s: torch.Tensor,
@@ -250,9 +255,10 @@ def _exact_linear_op(
     row_active: torch.Tensor | None = None,
     s_row_active: torch.Tensor | None = None,
     row_settled: torch.Tensor | None = None,
+    count_before: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     args = (s, weight, weight_scale, bias, in_threshold, threshold, n_min, p_max, s_count, count)
-    flags = (group_active, row_active, s_row_active, row_settled)
+    flags = (group_active, row_active, s_row_active, row_settled, count_before)
     _check_exact_linear(*args, active, inplace, counts_out, s_before, *flags)
     backend = backend_for(s, ("triton", "torch"))
     if backend == "triton":
@@ -286,10 +292,15 @@ def _exact_linear_op(
                 None if s_row_active is None else s_row_active.contiguous().view(s.shape[0], rows)
             ),
             row_settled=None if row_settled is None else row_settled.view(rows),
+            count_before=None if count_before is None else count_before.view(rows, n),
         )
         shape = (*lead, n)
         spikes = spikes.reshape(s.shape[0], *shape)
         return spikes, placeholder(count) if inplace else count_out.reshape(shape)
+    if count_before is not None and count is None:
+        count_before.zero_()
+    elif count_before is not None:  # before the path updates count in place
+        count_before.copy_(count)
     if backend == "reference":
         from spikekernels import reference
 
@@ -321,9 +332,10 @@ def _(
     row_active=None,
     s_row_active=None,
     row_settled=None,
+    count_before=None,
 ):
     args = (s, weight, weight_scale, bias, in_threshold, threshold, n_min, p_max, s_count, count)
-    flags = (group_active, row_active, s_row_active, row_settled)
+    flags = (group_active, row_active, s_row_active, row_settled, count_before)
     _check_exact_linear(*args, active, inplace, counts_out, s_before, *flags)
     shape = (*s.shape[1:-1], weight.shape[0])
     return (
@@ -352,6 +364,7 @@ def exact_linear(
     row_active: torch.Tensor | None = None,
     s_row_active: torch.Tensor | None = None,
     row_settled: torch.Tensor | None = None,
+    count_before: torch.Tensor | None = None,
     validate: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact-mode spiking linear layer fused with its output neuron (SPEC.md §9.2-§9.4).
@@ -438,6 +451,11 @@ def exact_linear(
             of these steps, which the next call reads (the Triton kernel: 0 on every row of
             an output tile that fired, as ``row_active``; on a fresh call too). So a layer
             keeps them as state with no pass of its own.
+        count_before: optional int8 ``[*, N]`` (``count``'s shape), contiguous, written: the
+            output neuron's count before these steps (``count`` as it comes in, zeros when
+            fresh), which the next layer takes as ``s_before``. The Triton kernel copies each
+            count tile as it reads it: no clone of its own (a launch and a read) before a call
+            that updates the count in place.
         validate: on a GPU also run the data checks (host syncs): thresholds positive, finite
             and normal; ``weight_scale`` finite and positive; ``weight`` in ``[-127, 127]``;
             ``s`` ternary; ``s_count`` consistent with ``s``; ``count`` inside ``[n_min,
@@ -461,7 +479,7 @@ def exact_linear(
     ``force_backend("reference")`` runs the oracle. Inference only: no autograd.
     """
     args = (s, weight, weight_scale, bias, in_threshold, threshold, n_min, p_max, s_count, count)
-    flags = (group_active, row_active, s_row_active, row_settled)
+    flags = (group_active, row_active, s_row_active, row_settled, count_before)
     _check_exact_linear(*args, active, inplace, counts_out, s_before, *flags)
     _check_data(s, weight, weight_scale, in_threshold, threshold, s_count, validate, s_before)
     check_rows_flagged(s, s_row_active, "s_row_active", "s", validate)
