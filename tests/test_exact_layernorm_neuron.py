@@ -404,6 +404,33 @@ def test_every_backend_matches_the_reference(gen, backend):
     _assert_same(got, _reference(d, c, norm, -8, 7, count))
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch", "reference"])
+@pytest.mark.parametrize("case", ["fresh", "mid_run", "inplace", "pool", "branches"])
+def test_count_before_is_the_incoming_count(gen, backend, case):
+    """``count_before`` receives the neuron's count as it comes in (zeros when fresh), poison
+    and all overwritten, on every path (in place: before the op updates it; pooled; with the
+    two pending branches of a block's norm1), and the results are as without it."""
+    d, c = _residual(gen, 3, 2, 5, 48)
+    norm = _norm(gen, 48, per_channel=True)
+    pool = case == "pool"
+    rows = (2,) if pool else (2, 5)
+    count = None if case == "fresh" else torch.randint(-8, 8, (*rows, 48), generator=gen,
+                                                      dtype=torch.int8)  # fmt: skip
+    incoming = torch.zeros(*rows, 48, dtype=torch.int8) if count is None else count.clone()
+    kwargs = dict(pool=pool)
+    if case == "branches":
+        names = ("branch_spikes", "branch_threshold", "branch_count")
+        kwargs.update(zip(names, _branch(gen, d.shape), strict=True))
+        kwargs.update(zip(["branch2" + n[6:] for n in names], _branch(gen, d.shape), strict=True))
+    with force_backend(backend):
+        want = _run(d, c, norm, -8, 7, None if count is None else count.clone(), **kwargs)
+        before = torch.full((*rows, 48), 77, dtype=torch.int8)
+        got = _run(d, c, norm, -8, 7, count, inplace=case == "inplace", count_before=before,
+                   **kwargs)  # fmt: skip
+    _assert_same(got, want)
+    assert torch.equal(before, incoming)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(("weight", "bias"), [(True, False), (False, True), (False, False)])
 def test_optional_affine_and_per_channel_threshold(gen, device, weight, bias):

@@ -968,6 +968,33 @@ def test_attention_bad_input_is_rejected(gen, change, error, words, device):
         _run_attention(case, **kwargs, validate=device != "cpu")
 
 
+@pytest.mark.parametrize(
+    ("backend", "device"),
+    [("triton", d) for d in TRITON_DEVICES] + [("torch", "cpu"), ("reference", "cpu")],
+)
+@pytest.mark.parametrize("merge_heads", [False, True])
+@pytest.mark.parametrize("case", ["fresh", "state", "inplace"])
+def test_attention_count_before_is_the_incoming_count(gen, backend, device, merge_heads, case):
+    """``exact_attention``'s ``count_before`` receives the context neuron's count as it comes
+    in (heads merged as the spikes with ``merge_heads``; zeros when fresh), poison and all
+    overwritten, on every path (in place: before the op updates it); the results are as
+    without it."""
+    full = _attention_case(gen, 3, (2, 3), 21, 16, 37, 20, state=case != "fresh")
+    full = {name: t.to(device) for name, t in full.items()}
+    count = full.get("count")
+    incoming = torch.zeros(2, 3, 21, 20, dtype=torch.int8) if count is None else count.cpu().clone()
+    if merge_heads:
+        incoming = incoming.transpose(1, 2).reshape(2, 21, 60)
+    kwargs = dict(merge_heads=merge_heads)
+    with force_backend(backend):
+        copy = {name: t.clone() if name.endswith("count") else t for name, t in full.items()}
+        want = _run_attention(copy, **kwargs)
+        before = torch.full(incoming.shape, 77, dtype=torch.int8, device=device)
+        got = _run_attention(full, count_before=before, inplace=case == "inplace", **kwargs)
+    _assert_equal(got, want, ATTENTION_NAMES)
+    assert torch.equal(before.cpu(), incoming)
+
+
 @pytest.mark.parametrize("flags", ["none", "qkv_active", "settled"])
 def test_attention_opcheck(gen, flags):
     """With the flags: qkv_active read and row_active written; then also the settled flags

@@ -721,6 +721,7 @@ def exact_layernorm_cases() -> list[Case]:
             "count_in_ptr": "*i8",
             "out_ptr": "*i8",
             "count_out_ptr": "*i8",
+            "before_ptr": "*i8",
             "active_ptr": "*i32",
             "d_moved_ptr": "*i32",
             "moved_out_ptr": "*i32",
@@ -753,6 +754,8 @@ def exact_layernorm_cases() -> list[Case]:
             HAS_D_MOVED=flags and branch != 2,
             MOVED_OUT=flags and branch in (1, 2, 4),
             HAS_ROW_ACTIVE=flags and branch != 5,
+            # the count before, for the linear after (qkv, fc1): not the readout's
+            HAS_BEFORE=flags and branch != 5,
             ROWS=rows,
             BLOCK_C=block_c,
             LOG2_C=block_c.bit_length() - 1,
@@ -897,7 +900,7 @@ def exact_attention_cases() -> list[Case]:
     signature |= {
         name: "*i8"
         for name in ("attn_count_in_ptr", "count_in_ptr", "out_ptr", "attn_count_out_ptr")
-        + ("count_out_ptr",)
+        + ("count_out_ptr", "before_ptr")
     }
     signature |= {
         name: "*i32"
@@ -912,9 +915,10 @@ def exact_attention_cases() -> list[Case]:
         + ["rows_per_sample"]
     }
     # the model's calls: activity, the qkv layer's flags (qkv_active, [T, B, 3, H] seen as
-    # [T, B, H, 3]: the head stride is 1), both row flags, and after the first call the state
-    # and the settled flags. At ViT-S, and at the smallest tile (5 tokens, head dim 8, as the
-    # tiny test models): 32 keys, the least an int8 dot contracts over (16 did not compile)
+    # [T, B, H, 3]: the head stride is 1), both row flags, and after the first call the state,
+    # the settled flags and the count before. At ViT-S, and at the smallest tile (5 tokens,
+    # head dim 8, as the tiny test models): 32 keys, the least an int8 dot contracts over (16
+    # did not compile)
     model_calls = [(False, True, True), (True, True, True)]
     for n, d, variants in [(197, 64, [(False, False, False), (True, True, False), *model_calls]),
                            (5, 8, model_calls)]:  # fmt: skip
@@ -933,6 +937,7 @@ def exact_attention_cases() -> list[Case]:
                 HAS_ROW_ACTIVE=qkv_active,
                 READ_SETTLED=state and qkv_active,
                 WRITE_SETTLED=qkv_active,
+                HAS_BEFORE=state and qkv_active,  # proj's s_before, after the first call
                 BLOCK_M=block_m,
                 BLOCK_N=block_n,
                 BLOCK_D=block_d,

@@ -786,6 +786,8 @@ def exact_attention_kernel(
     out_ptr,  # [T, B, H, M, DV] int8 context spikes, any strides but a contiguous DV
     attn_count_out_ptr,  # [B, M, N] int8
     count_out_ptr,  # [B, M, DV] int8
+    before_ptr,  # [B, H, M, DV] int8 the incoming context count, laid out as a step of the
+    # spikes (HAS_BEFORE only)
     attn_active_ptr,  # [T, samples] int32 flags of the attention neuron (HAS_ATTN_ACTIVE only)
     active_ptr,  # [T, samples] int32 flags of the context neuron (HAS_ACTIVE only)
     qkv_active_ptr,  # [T, B, H, 3] int32 flags: Q, K, V changed at the step (HAS_QKV_ACTIVE)
@@ -839,6 +841,7 @@ def exact_attention_kernel(
     HAS_ROW_ACTIVE: tl.constexpr,
     READ_SETTLED: tl.constexpr,  # the settled flags hold the step before's (with HAS_QKV_ACTIVE)
     WRITE_SETTLED: tl.constexpr,  # write the last step's into them
+    HAS_BEFORE: tl.constexpr,  # copy the incoming context count (proj's s_before) out
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -881,6 +884,10 @@ def exact_attention_kernel(
     if HAS_COUNT:
         attn_count = tl.load(attn_count_in_ptr + a_offs, mask=mask_s, other=0).to(tl.float32)
         count = tl.load(count_in_ptr + c_offs, mask=mask_z, other=0).to(tl.int32)
+        if HAS_BEFORE:
+            # proj's s_before, heads merged as its spikes are: copied as it is read
+            before_ptr += (bid // H) * stride_ob + (bid % H) * stride_oh
+            tl.store(before_ptr + out_offs, count.to(tl.int8), mask=mask_z)
     else:
         attn_count = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
         count = tl.zeros([BLOCK_DV, BLOCK_M], dtype=tl.int32)
@@ -1301,6 +1308,7 @@ def exact_attention_triton(
     row_active: torch.Tensor | None = None,
     attn_row_settled: torch.Tensor | None = None,
     row_settled: torch.Tensor | None = None,
+    count_before: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Host side: running counts ``q`` ``[T, *batch, M, D]``, ``k_t`` ``[T, *batch, D, N]``,
     ``v`` ``[T, *batch, N, DV]`` int8 (any strides, at least one batch entry, ``1 <= N <=
@@ -1310,7 +1318,9 @@ def exact_attention_triton(
     per step and row of the spikes (``[T, *batch, M]``, merged: ``[T, *batch[:-1], M]``), or
     None, the settled flags ``[*batch, M]`` int32 contiguous, both or neither, written with the
     last step's (read first only with both counts and ``qkv_active``: without those every
-    product is formed at the first step anyway). Returns
+    product is formed at the first step anyway), ``count_before`` int8 contiguous, shaped as
+    one step of the spikes, or None (with the counts): receives the incoming context count.
+    Returns
     ``(spikes [T, *batch, M, DV] int8 (merge_heads: [T, *batch[:-1], M, H * DV]), attn_count,
     count)``, the counts fresh or, with ``inplace``, views of the given ones."""
     steps, batch = q.shape[0], q.shape[1:-2]
@@ -1329,6 +1339,13 @@ def exact_attention_triton(
     else:
         out = torch.empty((steps, *batch, m, dv), dtype=torch.int8, device=q.device)
         out5 = out.view(steps, -1, h, m, dv)
+    before5 = out5[0]  # a placeholder never written
+    if count_before is not None and count_in is None:
+        count_before.zero_()  # fresh: no count tile to copy
+    elif count_before is not None and merge_heads:  # the strides of one step of out5
+        before5 = count_before.view(-1, m, h, dv).transpose(1, 2)
+    elif count_before is not None:
+        before5 = count_before.view(-1, h, m, dv)
     block_m, block_n, block_d, block_dv, num_warps = attention_config(n, dv)
     flags = active if active is not None else attn_active
     if qkv_active is not None:
@@ -1349,6 +1366,7 @@ def exact_attention_triton(
         out5,
         attn_out,
         count_out,
+        before5,
         attn_out if attn_active is None else attn_active,
         attn_out if active is None else active,
         attn_out if qkv_active is None else qkv_active,
@@ -1380,6 +1398,7 @@ def exact_attention_triton(
         HAS_ROW_ACTIVE=row_active is not None,
         READ_SETTLED=read_settled,
         WRITE_SETTLED=has_settled,
+        HAS_BEFORE=count_before is not None and count_in is not None,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_D=block_d,

@@ -312,6 +312,7 @@ def exact_layernorm_neuron_kernel(
     count_in_ptr,  # [R, C] int8 incoming count (zeros when fresh)
     out_ptr,  # [T, R, C] int8 spikes
     count_out_ptr,  # [R, C] int8
+    before_ptr,  # [R, C] int8: a copy of the incoming count (HAS_BEFORE only)
     active_ptr,  # [T, B] int32 per-sample flags, set where a sample fires (HAS_ACTIVE only)
     d_moved_ptr,  # [T, R] int32 flags: row r of d_t may differ from d_{t-1} (HAS_D_MOVED only)
     moved_out_ptr,  # [T, R] int32 the same flags of D_t, written (MOVED_OUT only)
@@ -341,6 +342,7 @@ def exact_layernorm_neuron_kernel(
     HAS_D_MOVED: tl.constexpr,
     MOVED_OUT: tl.constexpr,
     HAS_ROW_ACTIVE: tl.constexpr,
+    HAS_BEFORE: tl.constexpr,
     ROWS: tl.constexpr,
     BLOCK_C: tl.constexpr,
     LOG2_C: tl.constexpr,
@@ -368,6 +370,9 @@ def exact_layernorm_neuron_kernel(
     inv_theta = inverse_threshold(theta)
     edge = layer_norm_estimate_edge(w, b, inv_theta, HAS_WEIGHT, HAS_BIAS, BLOCK_C)
     count = tl.load(count_in_ptr + offs, mask=mask, other=0).to(tl.int32)
+    if HAS_BEFORE:
+        # the count before these steps, for the next linear's s_before: copied as it is read
+        tl.store(before_ptr + offs, count.to(tl.int8), mask=mask)
 
     d_ptrs = d_ptr + offs
     out_ptrs = out_ptr + offs
@@ -520,6 +525,7 @@ def exact_layernorm_neuron_triton(
     row_active: torch.Tensor | None = None,
     branch_rows: torch.Tensor | None = None,
     branch2_rows: torch.Tensor | None = None,
+    count_before: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Host side (``threshold`` first: ``on_device`` takes the device from it, as ``x`` may be
     None): ``threshold`` ``[1]`` or ``[C]`` on the device; ``x`` ``[T, R, C]`` contiguous,
@@ -536,8 +542,9 @@ def exact_layernorm_neuron_triton(
     branch's row flag, says the row may have moved); ``row_active`` ``[T, R]`` int32
     contiguous or None: set to 1 where a row fires; ``branch_rows``/``branch2_rows`` ``[T,
     R]`` int32 contiguous or None (with that branch): 0 where a row of the branch's spikes
-    is silent, which is then not read. Returns ``(spikes [T, R, C] int8, count [R, C] int8,
-    D)``, ``D`` ``[T, R, C]`` float64 with ``residual_out``, else None: fresh, or with
+    is silent, which is then not read; ``count_before`` ``[R, C]`` int8 contiguous or None:
+    receives the incoming count (zeros when fresh). Returns ``(spikes [T, R, C] int8, count
+    [R, C] int8, D)``, ``D`` ``[T, R, C]`` float64 with ``residual_out``, else None: fresh, or with
     ``inplace`` the given ``count`` (a view of the caller's contiguous state), written by the
     program that read it."""
     T, R, C = (x if branch is None else branch[0]).shape
@@ -576,6 +583,7 @@ def exact_layernorm_neuron_triton(
         count,
         out,
         count_out,
+        out if count_before is None else count_before,
         count_out if active is None else active,
         count_out if d_moved is None else d_moved,
         count_out if residual_moved is None else residual_moved,
@@ -604,6 +612,7 @@ def exact_layernorm_neuron_triton(
         HAS_D_MOVED=d_moved is not None,
         MOVED_OUT=residual_moved is not None,
         HAS_ROW_ACTIVE=row_active is not None,
+        HAS_BEFORE=count_before is not None,
         ROWS=rows,
         BLOCK_C=block_c,
         LOG2_C=block_c.bit_length() - 1,

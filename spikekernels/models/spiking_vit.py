@@ -479,7 +479,7 @@ class ExactBlock(_Composite):
     def forward(self, x: Residual) -> Residual:
         # each norm's count before its call: what the linear after it starts from (a copy per
         # chunk instead of reading the chunk's spikes back in the linear)
-        before = _count_before(self.norm1)
+        before = before_buffer(self.norm1)  # norm1's call writes it
         # which rows of D move at each step: the later norms skip reading the others
         stream = x.pending[0].spikes
         moved = torch.empty(stream.shape[:-1], dtype=torch.int32, device=stream.device)
@@ -488,14 +488,15 @@ class ExactBlock(_Composite):
         # (norm1's, norm2's, the attention branch's, the MLP branch's)
         fired = torch.zeros((4, *moved.shape), dtype=torch.int32, device=stream.device)
         s = self.norm1(*x.norm_args(), **x.branch_flags(self.norm1, self), residual_out=True,
-                       d_moved=x.d_moved, residual_moved=moved, row_active=fired[0])  # fmt: skip
+                       d_moved=x.d_moved, residual_moved=moved, row_active=fired[0],
+                       count_before=before)  # fmt: skip
         d = self.norm1.take_residual()
         hint = unless_hooked(fired[0], self.norm1, self.attn, self.attn.qkv)
         attn = self._branch(self.attn, self.attn.proj, s, before, hint, fired[2])
-        before = _count_before(self.norm2)
+        before = before_buffer(self.norm2)
         x = Residual(d, (attn,))
         s = self.norm2(*x.norm_args(), **x.branch_flags(self.norm2), d_moved=moved,
-                       row_active=fired[1])  # fmt: skip
+                       row_active=fired[1], count_before=before)  # fmt: skip
         hint = unless_hooked(fired[1], self.norm2, self.mlp, self.mlp.fc1)
         mlp = self._branch(self.mlp, self.mlp.fc2, s, before, hint, fired[3])
         return Residual(d, (attn, mlp), moved)

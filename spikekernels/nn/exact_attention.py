@@ -219,9 +219,13 @@ class ExactAttention(nn.Module):
         qkv = qkv.view(t, b, n, 3, h, dh)
         qkv_active = unless_hooked(fired.view(t, b, 3, h).transpose(2, 3), self.qkv)  # [T,B,H,3]
         # proj starts from the context neuron's count before these steps, heads merged (a
-        # copy: the attention updates that count in place)
+        # copy: the attention updates that count in place; the fused op writes it as it
+        # reads the count)
+        fused = self._fusable()
         context_before = None
-        if self.context.count is not None:
+        if self.context.count is not None and fused:
+            context_before = torch.empty((b, n, c), dtype=torch.int8, device=s.device)
+        elif self.context.count is not None:
             merged = self.context.count.transpose(1, 2)
             context_before = merged.clone(memory_format=torch.contiguous_format).view(b, n, c)
         q = qkv[:, :, :, 0].transpose(2, 3)  # [T, B, H, N, Dh]
@@ -229,8 +233,8 @@ class ExactAttention(nn.Module):
         v = qkv[:, :, :, 2].transpose(2, 3)
         # which rows of the context spikes fire: proj's s_row_active
         rows = torch.zeros(t, b, n, dtype=torch.int32, device=s.device)
-        if self._fusable():
-            context = self._fused(q, k_t, v, qkv_active, rows)
+        if fused:
+            context = self._fused(q, k_t, v, qkv_active, rows, context_before)
         else:
             a = self.probs(q, k_t)  # [T, B, H, N, N] running attention counts
             # [T, B, N, C] spikes: the kernel writes the heads merged, as proj reads them
@@ -258,9 +262,11 @@ class ExactAttention(nn.Module):
         v: torch.Tensor,
         qkv_active: torch.Tensor | None,
         row_active: torch.Tensor,
+        count_before: torch.Tensor | None,
     ) -> torch.Tensor:
         """``probs`` then ``context`` as one op, on the modules' own state; ``row_active``
-        receives the rows of the spikes that fire. The two modules' ``row_settled`` go in and
+        receives the rows of the spikes that fire, ``count_before`` (or None) the context
+        neuron's count before these steps, heads merged. The two modules' ``row_settled`` go in and
         come back as the op leaves them (the rows whose neurons did not fire at the last
         step): with ``qkv_active`` the next call's blocks of settled queries whose q, k and v
         did not move skip their neurons from the first step on, not only from the second."""
@@ -276,6 +282,7 @@ class ExactAttention(nn.Module):
             attn_active=probs.activity, active=context.activity, inplace=stateful,
             merge_heads=True, qkv_active=qkv_active, row_active=row_active,
             attn_row_settled=probs.row_settled, row_settled=context.row_settled,
+            count_before=count_before,
         )  # fmt: skip
         probs.count, context.count = attn_count, count
         if qkv_active is None:

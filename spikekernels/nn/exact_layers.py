@@ -415,13 +415,16 @@ class ExactLayerNormNeuron(TargetNeuron):
         row_active: torch.Tensor | None = None,
         branch_row_active: torch.Tensor | None = None,
         branch2_row_active: torch.Tensor | None = None,
+        count_before: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``d_moved``: int32 flags per step and row of ``d``, set where a row moved (its
         writer's ``residual_moved``); ``residual_moved``: int32 ``[T, *rows]`` that receives
         the same flags of ``D`` with ``residual_out``; ``row_active``: int32 zeros, one per
         step and row of the output, set where the row fires; ``branch_row_active``,
-        ``branch2_row_active``: each pending branch's neuron's ``row_active``, or None
-        (``ops.exact_layernorm_neuron``). Past a hook on this module the branches' counts
+        ``branch2_row_active``: each pending branch's neuron's ``row_active``, or None;
+        ``count_before``: int8 like ``count``, or None: receives this neuron's count before
+        these steps, as the next linear's ``s_before`` (``ops.exact_layernorm_neuron``).
+        Past a hook on this module the branches' counts
         before are those of the spikes it received (``count_received``)."""
         replaced = hooked(self)
         if branch_spikes is not None:
@@ -457,6 +460,7 @@ class ExactLayerNormNeuron(TargetNeuron):
             row_active=row_active,
             branch_row_active=branch_row_active,
             branch2_row_active=branch2_row_active,
+            count_before=count_before,
         )
         spikes, self.count = out[:2]
         self.residual = out[2] if residual_out else None

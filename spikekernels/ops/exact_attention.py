@@ -500,7 +500,7 @@ def exact_context(
 def _check_attention(
     q, k_t, v, gain, attn_threshold, attn_n_min, attn_p_max, theta_a, theta_v, threshold, n_min,
     p_max, attn_count, count, attn_active, active, inplace, merge_heads, qkv_active=None,
-    row_active=None, attn_row_settled=None, row_settled=None,
+    row_active=None, attn_row_settled=None, row_settled=None, count_before=None,
 ) -> None:  # fmt: skip
     """Metadata checks (no data read)."""
     check_flag(merge_heads, "merge_heads")
@@ -555,10 +555,15 @@ def _check_attention(
     _check_settled_flags(q, attn_row_settled, row_settled)
     inputs = (q, k_t, v, gain, attn_threshold, theta_a, theta_v, threshold, attn_active, active,
               qkv_active, row_active)  # fmt: skip
-    settled = (("attn_row_settled", attn_row_settled), ("row_settled", row_settled))
-    check_written(settled, (*inputs, attn_count, count))
+    spikes_step = (*batch, q.shape[-2], v.shape[-1] * (q.shape[-3] if merge_heads else 1))
+    check_state(count_before, "count_before", spikes_step, (torch.int8,), q, "q")
+    if count_before is not None and not count_before.is_contiguous():
+        raise ValueError("count_before must be contiguous: the op writes it")
+    written = (("attn_row_settled", attn_row_settled), ("row_settled", row_settled),
+               ("count_before", count_before))  # fmt: skip
+    check_written(written, (*inputs, attn_count, count))
     check_inplace(inplace, (("attn_count", attn_count), ("count", count)),
-                  (*inputs, attn_row_settled, row_settled))  # fmt: skip
+                  (*inputs, attn_row_settled, row_settled, count_before))  # fmt: skip
 
 
 def _check_settled_flags(q, attn_row_settled, row_settled) -> None:
@@ -674,6 +679,7 @@ def _fused_attention_fits(q: torch.Tensor, k_t: torch.Tensor, v: torch.Tensor) -
         "row_active",
         "attn_row_settled",
         "row_settled",
+        "count_before",
     ),
 )
 def _exact_attention_op(
@@ -699,10 +705,11 @@ def _exact_attention_op(
     row_active: torch.Tensor | None = None,
     attn_row_settled: torch.Tensor | None = None,
     row_settled: torch.Tensor | None = None,
+    count_before: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     args = (q, k_t, v, gain, attn_threshold, attn_n_min, attn_p_max, theta_a, theta_v,
             threshold, n_min, p_max, attn_count, count)  # fmt: skip
-    rows = (row_active, attn_row_settled, row_settled)
+    rows = (row_active, attn_row_settled, row_settled, count_before)
     _check_attention(*args, attn_active, active, inplace, merge_heads, qkv_active, *rows)
     backend = backend_for(q, ("triton", "torch"))
     if backend == "triton" and _fused_attention_fits(q, k_t, v):
@@ -711,11 +718,15 @@ def _exact_attention_op(
         out = exact_attention_triton(
             launcher, *args, attn_active, active, inplace=inplace, merge_heads=merge_heads,
             qkv_active=qkv_active, row_active=row_active, attn_row_settled=attn_row_settled,
-            row_settled=row_settled,
+            row_settled=row_settled, count_before=count_before,
         )  # fmt: skip
         if inplace:
             return out[0], placeholder(attn_count), placeholder(count)
         return out
+    if count_before is not None and count is None:
+        count_before.zero_()
+    elif count_before is not None:  # before the path updates count in place
+        count_before.copy_(heads_merged(count[None])[0] if merge_heads else count)
     if backend == "reference":
         from spikekernels import reference
 
@@ -748,11 +759,11 @@ def _(
     q, k_t, v, gain, attn_threshold, attn_n_min, attn_p_max, theta_a, theta_v, threshold, n_min,
     p_max, attn_count=None, count=None, attn_active=None, active=None, inplace=False,
     merge_heads=False, qkv_active=None, row_active=None, attn_row_settled=None,
-    row_settled=None,
+    row_settled=None, count_before=None,
 ):  # fmt: skip
     args = (q, k_t, v, gain, attn_threshold, attn_n_min, attn_p_max, theta_a, theta_v,
             threshold, n_min, p_max, attn_count, count)  # fmt: skip
-    rows = (row_active, attn_row_settled, row_settled)
+    rows = (row_active, attn_row_settled, row_settled, count_before)
     _check_attention(*args, attn_active, active, inplace, merge_heads, qkv_active, *rows)
     steps, *batch, m, _ = q.shape
     spikes = q.new_empty((steps, *batch, m, v.shape[-1]), dtype=torch.int8)
@@ -787,6 +798,7 @@ def exact_attention(
     row_active: torch.Tensor | None = None,
     attn_row_settled: torch.Tensor | None = None,
     row_settled: torch.Tensor | None = None,
+    count_before: torch.Tensor | None = None,
     validate: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Exact-mode self-attention between ``qkv`` and ``proj``, fused: the scores product, the
@@ -846,6 +858,11 @@ def exact_attention(
             both neurons: a late chunk's whole cost where the attention has settled).
             Checked on CPU (and on a GPU with ``validate``): a settled row whose neuron fires
             at the first step although its operands did not move is refused.
+        count_before: optional int8, shaped as one step of the spikes (with ``merge_heads``
+            ``[*batch[:-1], M, H * DV]``), contiguous, written: the context neuron's count
+            before these steps (``count`` as it comes in, heads merged as the spikes; zeros
+            when fresh), which ``proj`` takes as ``s_before``. The Triton kernel copies each
+            count tile as it reads it: no clone and transpose of its own.
         validate: on a GPU also check the thresholds and the gain, that the incoming counts
             lie inside their bounds, ``qkv_active`` and the settled flags (host syncs); on
             CPU always.
@@ -862,7 +879,7 @@ def exact_attention(
     """
     args = (q, k_t, v, gain, attn_threshold, attn_n_min, attn_p_max, theta_a, theta_v,
             threshold, n_min, p_max, attn_count, count)  # fmt: skip
-    rows = (row_active, attn_row_settled, row_settled)
+    rows = (row_active, attn_row_settled, row_settled, count_before)
     _check_attention(*args, attn_active, active, inplace, merge_heads, qkv_active, *rows)
     for t, name in ((gain, "gain"), (attn_threshold, "attn_threshold"), (theta_a, "theta_a"),
                     (theta_v, "theta_v"), (threshold, "threshold")):  # fmt: skip

@@ -26,7 +26,13 @@ from spikekernels.ops._checks import (
     check_time_major,
 )
 from spikekernels.ops._dispatch import backend_for
-from spikekernels.ops._inplace import check_inplace, own_state, placeholder, state_result
+from spikekernels.ops._inplace import (
+    check_inplace,
+    check_written,
+    own_state,
+    placeholder,
+    state_result,
+)
 from spikekernels.ops._registry import call_op, kernel_op, launcher
 from spikekernels.ops.exact_residual import exact_residual_add_torch
 from spikekernels.ops.target import target_spikes_torch
@@ -109,6 +115,7 @@ def _check_exact_layernorm_neuron(
     row_active=None,
     branch_row_active=None,
     branch2_row_active=None,
+    count_before=None,
 ) -> None:
     """Metadata checks (no data read)."""
     if not isinstance(pool, bool):
@@ -176,9 +183,13 @@ def _check_exact_layernorm_neuron(
             raise ValueError(f"{prefix}_row_active needs {prefix}_spikes (the pending branch)")
         if flags is not None:
             check_row_active(flags, spikes.shape, x, name, f"{prefix}_row_active", written=False)
+    check_state(count_before, "count_before", out_shape(x, pool), (torch.int8,), x, name)
+    if count_before is not None and not count_before.is_contiguous():
+        raise ValueError("count_before must be contiguous: the op writes it")
     inputs = (d, c, weight, bias, threshold, active, *branch, *branch2, d_moved, row_active,
               branch_row_active, branch2_row_active)  # fmt: skip
-    check_inplace(inplace, (("count", count),), inputs)
+    check_written((("count_before", count_before),), (*inputs, count))
+    check_inplace(inplace, (("count", count),), (*inputs, count_before))
 
 
 def _check_moved(flags, arg: str, allowed: bool, needs: str, x, name: str) -> None:
@@ -289,7 +300,8 @@ def _constant_rows(c: torch.Tensor, step: tuple[int, ...]) -> torch.Tensor:
 
 
 @kernel_op(
-    "exact_layernorm_neuron", mutates_args=("count", "active", "residual_moved", "row_active")
+    "exact_layernorm_neuron",
+    mutates_args=("count", "active", "residual_moved", "row_active", "count_before"),
 )
 def _exact_layernorm_neuron_op(
     d: torch.Tensor | None,
@@ -316,11 +328,13 @@ def _exact_layernorm_neuron_op(
     row_active: torch.Tensor | None = None,
     branch_row_active: torch.Tensor | None = None,
     branch2_row_active: torch.Tensor | None = None,
+    count_before: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     args = (d, c, weight, bias, eps, threshold, n_min, p_max, count, pool)
     branch = (branch_spikes, branch_threshold, branch_count)
     branch2 = (branch2_spikes, branch2_threshold, branch2_count)
-    moved = (d_moved, residual_moved, row_active, branch_row_active, branch2_row_active)
+    moved = (d_moved, residual_moved, row_active, branch_row_active, branch2_row_active,
+             count_before)  # fmt: skip
     _check_exact_layernorm_neuron(*args, active, *branch, *branch2, residual_out, inplace, *moved)
     name, x = _stream(d, branch_spikes)
     backend = backend_for(x, ("triton", "torch"))
@@ -344,6 +358,7 @@ def _exact_layernorm_neuron_op(
             p_max,
         )
         count_in = None if count is None else count.contiguous().reshape(rows, channels)
+        before = None if count_before is None else count_before.view(rows, channels)
         if pool:
             # The readout's one pooled row per sample: the pending branches' updates and the
             # float64 token sum run first (the residual kernel, then elementwise PyTorch: the
@@ -354,7 +369,7 @@ def _exact_layernorm_neuron_op(
             pooled = pool_patch_tokens(c, d).reshape(steps, rows, channels)
             spikes, count_out, _ = exact_layernorm_neuron_triton(
                 launcher, threshold, pooled, None, *head, count_in, active, inplace=inplace,
-                row_active=rows_fired,
+                row_active=rows_fired, count_before=before,
             )  # fmt: skip
         else:
             spikes, count_out, d_out = exact_layernorm_neuron_triton(
@@ -374,10 +389,15 @@ def _exact_layernorm_neuron_op(
                 row_active=rows_fired,
                 branch_rows=_flat_rows(branch_row_active, steps),
                 branch2_rows=_flat_rows(branch2_row_active, steps),
+                count_before=before,
             )
         d_out = d_out.reshape(x.shape) if residual_out else _no_residual(x)
         count_out = placeholder(count) if inplace else count_out.reshape(shape)
         return spikes.reshape(steps, *shape), count_out, d_out
+    if count_before is not None and count is None:
+        count_before.zero_()
+    elif count_before is not None:  # before the path updates count in place
+        count_before.copy_(count)
     if backend == "reference":
         from spikekernels import reference
 
@@ -419,6 +439,7 @@ def _(
     row_active=None,
     branch_row_active=None,
     branch2_row_active=None,
+    count_before=None,
 ):
     args = (d, c, weight, bias, eps, threshold, n_min, p_max, count, pool, active)
     branches = (
@@ -427,7 +448,8 @@ def _(
         branch_count,
         *(branch2_spikes, branch2_threshold, branch2_count),
     )
-    flags = (d_moved, residual_moved, row_active, branch_row_active, branch2_row_active)
+    flags = (d_moved, residual_moved, row_active, branch_row_active, branch2_row_active,
+             count_before)  # fmt: skip
     _check_exact_layernorm_neuron(*args, *branches, residual_out, inplace, *flags)
     _, x = _stream(d, branch_spikes)
     shape = out_shape(x, pool)
@@ -464,6 +486,7 @@ def exact_layernorm_neuron(
     row_active: torch.Tensor | None = None,
     branch_row_active: torch.Tensor | None = None,
     branch2_row_active: torch.Tensor | None = None,
+    count_before: torch.Tensor | None = None,
     validate: bool = False,
 ) -> tuple[torch.Tensor, ...]:
     """Exact mode's residual read + LayerNorm + target-driven neuron, fused (SPEC.md §9.2-§9.4),
@@ -561,6 +584,10 @@ def exact_layernorm_neuron(
             Triton kernel then does not read the branch's spikes in those rows (nor reduce
             them for ``residual_moved``); ``pool`` and the other paths ignore them. No bit of
             the result depends on them.
+        count_before: optional int8 like ``count`` (contiguous), written: the neuron's count
+            before these steps (``count`` as it comes in, zeros when fresh), which the linear
+            after the norm takes as ``s_before``. The Triton kernel copies each count tile
+            as it reads it: no clone of its own before a call that updates the count in place.
         validate: on a GPU also check the thresholds' values (the branches' too), the
             branches' spikes and row flags, and that ``count`` lies inside ``[n_min, p_max]``
             (a host sync). On CPU always.
@@ -590,7 +617,8 @@ def exact_layernorm_neuron(
     args = (d, c, weight, bias, eps, threshold, n_min, p_max, count, pool)
     branches = (branch_spikes, branch_threshold, branch_count)
     branches += (branch2_spikes, branch2_threshold, branch2_count)
-    flags = (d_moved, residual_moved, row_active, branch_row_active, branch2_row_active)
+    flags = (d_moved, residual_moved, row_active, branch_row_active, branch2_row_active,
+             count_before)  # fmt: skip
     _check_exact_layernorm_neuron(*args, active, *branches, residual_out, inplace, *flags)
     check_threshold_values(threshold, "threshold", validate)
     check_in_bounds(count, "count", n_min, p_max, validate)
