@@ -235,7 +235,7 @@ class ExactMlp(SpikeMlp):
         neuron behind ``s``, and ``s_row_active`` its row flags, as ``ExactLinearNeuron``
         takes them (and ``s_continues``); ``row_active``: int32 zeros that receive ``fc2``'s
         row flags; ``count_before``: receives ``fc2``'s count before these steps, or None."""
-        fc1_before = before_buffer(self.fc1)
+        fc1_before = _before_buffer(self.fc1)
         fired = torch.zeros(s.shape[:-1], dtype=torch.int32, device=s.device)
         s_row_active = unless_hooked(s_row_active, self.fc1)  # a hook may replace the input
         continues = s_continues and not hooked(self.fc1)
@@ -298,7 +298,7 @@ def _count_before(neuron: TargetNeuron) -> torch.Tensor | None:
     return None if neuron.count is None else neuron.count.clone()
 
 
-def before_buffer(neuron: TargetNeuron) -> torch.Tensor | None:
+def _before_buffer(neuron: TargetNeuron) -> torch.Tensor | None:
     """An empty tensor like ``neuron``'s count, for its next call to fill with the count
     before that call (an exact linear's ``count_before``: the copy made as its kernel reads
     the count, where ``_count_before`` is a launch and a read of its own), or None while the
@@ -463,7 +463,7 @@ class ExactBlock(_Composite):
         by ``s_continues``), pending: its last neuron's spikes, step, count before and row
         flags (recorded into the zeros ``row_active``; None past a forward hook on the
         branch, its neuron or this block, whose output the hook may replace)."""
-        before = before_buffer(neuron)  # the branch's call writes it
+        before = _before_buffer(neuron)  # the branch's call writes it
         spikes = branch(s, s_before=s_before, s_row_active=s_row_active, row_active=row_active,
                         s_continues=s_row_active is not None, count_before=before)  # fmt: skip
         flags = unless_hooked(row_active, branch, neuron, self)
@@ -478,8 +478,9 @@ class ExactBlock(_Composite):
 
     def forward(self, x: Residual) -> Residual:
         # each norm's count before its call: what the linear after it starts from (a copy per
-        # chunk instead of reading the chunk's spikes back in the linear)
-        before = before_buffer(self.norm1)  # norm1's call writes it
+        # chunk, which the norm's kernel writes as it reads the count, instead of reading the
+        # chunk's spikes back in the linear)
+        before = _before_buffer(self.norm1)
         # which rows of D move at each step: the later norms skip reading the others
         stream = x.pending[0].spikes
         moved = torch.empty(stream.shape[:-1], dtype=torch.int32, device=stream.device)
@@ -493,7 +494,7 @@ class ExactBlock(_Composite):
         d = self.norm1.take_residual()
         hint = unless_hooked(fired[0], self.norm1, self.attn, self.attn.qkv)
         attn = self._branch(self.attn, self.attn.proj, s, before, hint, fired[2])
-        before = before_buffer(self.norm2)
+        before = _before_buffer(self.norm2)
         x = Residual(d, (attn,))
         s = self.norm2(*x.norm_args(), **x.branch_flags(self.norm2), d_moved=moved,
                        row_active=fired[1], count_before=before)  # fmt: skip
