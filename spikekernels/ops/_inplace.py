@@ -18,6 +18,8 @@ from collections.abc import Sequence
 
 import torch
 
+from spikekernels.ops._checks import check_state
+
 
 def check_inplace(
     inplace: object,
@@ -106,3 +108,23 @@ def own_state(
     for i, t in zip(positions, states, strict=True):
         out[i] = t
     return tuple(out)
+
+
+def check_count_before(
+    count_before: torch.Tensor | None, shape: Sequence[int], like: torch.Tensor, like_name: str
+) -> None:
+    """An exact op's ``count_before`` (None, or int8 ``shape`` on ``like``'s device,
+    contiguous: the op writes its neuron's count before the steps into it). Sharing memory is
+    ``check_written``'s job."""
+    check_state(count_before, "count_before", shape, (torch.int8,), like, like_name)
+    if count_before is not None and not count_before.is_contiguous():
+        raise ValueError("count_before must be contiguous: the op writes it")
+
+
+def fill_count_before(count_before: torch.Tensor | None, count: torch.Tensor | None) -> None:
+    """``count_before`` = the incoming ``count`` (zeros when fresh), on the paths without a
+    kernel, which copy it as they read it; before the path updates ``count`` in place."""
+    if count_before is not None and count is None:
+        count_before.zero_()
+    elif count_before is not None:
+        count_before.copy_(count)

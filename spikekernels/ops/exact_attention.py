@@ -39,8 +39,10 @@ from spikekernels.ops._checks import (
 )
 from spikekernels.ops._dispatch import backend_for
 from spikekernels.ops._inplace import (
+    check_count_before,
     check_inplace,
     check_written,
+    fill_count_before,
     own_state,
     placeholder,
     state_result,
@@ -556,9 +558,7 @@ def _check_attention(
     inputs = (q, k_t, v, gain, attn_threshold, theta_a, theta_v, threshold, attn_active, active,
               qkv_active, row_active)  # fmt: skip
     spikes_step = (*batch, q.shape[-2], v.shape[-1] * (q.shape[-3] if merge_heads else 1))
-    check_state(count_before, "count_before", spikes_step, (torch.int8,), q, "q")
-    if count_before is not None and not count_before.is_contiguous():
-        raise ValueError("count_before must be contiguous: the op writes it")
+    check_count_before(count_before, spikes_step, q, "q")
     written = (("attn_row_settled", attn_row_settled), ("row_settled", row_settled),
                ("count_before", count_before))  # fmt: skip
     check_written(written, (*inputs, attn_count, count))
@@ -723,10 +723,9 @@ def _exact_attention_op(
         if inplace:
             return out[0], placeholder(attn_count), placeholder(count)
         return out
-    if count_before is not None and count is None:
-        count_before.zero_()
-    elif count_before is not None:  # before the path updates count in place
-        count_before.copy_(heads_merged(count[None])[0] if merge_heads else count)
+    if count_before is not None:  # laid out as the spikes are
+        merged = count is not None and merge_heads
+        fill_count_before(count_before, heads_merged(count[None])[0] if merged else count)
     if backend == "reference":
         from spikekernels import reference
 

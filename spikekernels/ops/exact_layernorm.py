@@ -27,8 +27,10 @@ from spikekernels.ops._checks import (
 )
 from spikekernels.ops._dispatch import backend_for
 from spikekernels.ops._inplace import (
+    check_count_before,
     check_inplace,
     check_written,
+    fill_count_before,
     own_state,
     placeholder,
     state_result,
@@ -183,9 +185,7 @@ def _check_exact_layernorm_neuron(
             raise ValueError(f"{prefix}_row_active needs {prefix}_spikes (the pending branch)")
         if flags is not None:
             check_row_active(flags, spikes.shape, x, name, f"{prefix}_row_active", written=False)
-    check_state(count_before, "count_before", out_shape(x, pool), (torch.int8,), x, name)
-    if count_before is not None and not count_before.is_contiguous():
-        raise ValueError("count_before must be contiguous: the op writes it")
+    check_count_before(count_before, out_shape(x, pool), x, name)
     inputs = (d, c, weight, bias, threshold, active, *branch, *branch2, d_moved, row_active,
               branch_row_active, branch2_row_active)  # fmt: skip
     check_written((("count_before", count_before),), (*inputs, count))
@@ -394,10 +394,7 @@ def _exact_layernorm_neuron_op(
         d_out = d_out.reshape(x.shape) if residual_out else _no_residual(x)
         count_out = placeholder(count) if inplace else count_out.reshape(shape)
         return spikes.reshape(steps, *shape), count_out, d_out
-    if count_before is not None and count is None:
-        count_before.zero_()
-    elif count_before is not None:  # before the path updates count in place
-        count_before.copy_(count)
+    fill_count_before(count_before, count)
     if backend == "reference":
         from spikekernels import reference
 

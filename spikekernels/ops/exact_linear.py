@@ -28,8 +28,10 @@ from spikekernels.ops._checks import (
 )
 from spikekernels.ops._dispatch import backend_for
 from spikekernels.ops._inplace import (
+    check_count_before,
     check_inplace,
     check_written,
+    fill_count_before,
     own_state,
     placeholder,
     state_result,
@@ -116,9 +118,7 @@ def _check_exact_linear(
         check_same_device("s", s, "row_settled", row_settled)
         if not row_settled.is_contiguous():
             raise ValueError("row_settled must be contiguous: the op writes it in place")
-    check_state(count_before, "count_before", shape, (torch.int8,), s, "s")
-    if count_before is not None and not count_before.is_contiguous():
-        raise ValueError("count_before must be contiguous: the op writes it")
+    check_count_before(count_before, shape, s, "s")
     inputs = (s, weight, weight_scale, bias, in_threshold, threshold, s_count, s_before, active,
               group_active, row_active, s_row_active)  # fmt: skip
     written = (("row_settled", row_settled), ("count_before", count_before))
@@ -297,10 +297,7 @@ def _exact_linear_op(
         shape = (*lead, n)
         spikes = spikes.reshape(s.shape[0], *shape)
         return spikes, placeholder(count) if inplace else count_out.reshape(shape)
-    if count_before is not None and count is None:
-        count_before.zero_()
-    elif count_before is not None:  # before the path updates count in place
-        count_before.copy_(count)
+    fill_count_before(count_before, count)
     if backend == "reference":
         from spikekernels import reference
 
