@@ -553,3 +553,23 @@ def test_context_opcheck(gen, state, merge_heads):
 def test_context_cuda_matches_cpu_reference_at_vit_size(gen, state):
     case = _ctx_case(gen, 6, (2, 6), 197, 197, 64, state=state, device="cuda")
     _assert_same(_run_ctx(case), _reference_ctx(case), CTX_NAMES)
+
+
+def test_count_check_forms_nothing_it_will_not_read(monkeypatch):
+    """Where the data checks do not run (a GPU without ``validate``), the counts' check
+    returns before it forms the count before the steps: that is a sum over every step, a
+    launch and a read of the chunk's spikes, for a check that then reads nothing."""
+    import spikekernels.ops._attention as attention_checks
+
+    def formed(*args):
+        raise AssertionError("the count before the steps was formed for a check that skips")
+
+    monkeypatch.setattr(attention_checks, "may_read_data", lambda t, validate: False)
+    monkeypatch.setattr(attention_checks, "count_before_steps", formed)
+    spikes = torch.ones(3, 2, 4, dtype=torch.int8)
+    attention_checks.check_counts_consistent(spikes, spikes.sum(0).char(), "q", False)
+    monkeypatch.undo()
+    # where it runs, it checks: a count after of -128 puts the one before at -131
+    with pytest.raises(ValueError, match="running count of q"):
+        after = torch.full((2, 4), -128, dtype=torch.int8)
+        attention_checks.check_counts_consistent(spikes, after, "q", False)
