@@ -383,6 +383,38 @@ def test_neuron_watch_records_until_stopped(gen):
     assert neuron.activity is None
 
 
+def test_float_runner_neurons_report_their_own_silence(gen):
+    """The runner watches each neuron with flags of its own (a row of one tensor), so after a
+    float-mode run, a partial last chunk included, each neuron's ``silent()`` and
+    ``active_samples()`` are its own last step's, as a forward hook on it sees that step, and
+    no neuron keeps a copy of its spikes for them."""
+    from spikekernels.models import QuantViT, calibrate
+
+    qann = QuantViT(**TINY)  # float weights: float mode
+    calibrate(qann, torch.randn(4, 3, 8, 8, generator=gen))
+    snn = convert(qann.eval())
+    assert not snn.exact
+    x = torch.cat((torch.randn(2, 3, 8, 8, generator=gen), torch.zeros(1, 3, 8, 8)))
+    last = {}
+    neurons = snn.neurons()
+    handles = [n.register_forward_hook(lambda m, i, out: last.update({m: out[-1]}))
+               for n in neurons]  # fmt: skip
+    try:
+        _, steps = snn(x, max_steps=6, chunk=4)
+    finally:
+        for h in handles:
+            h.remove()
+    assert steps == 6, "the run must end in its partial chunk"
+    fired_somewhere = False
+    for neuron in neurons:
+        fired = (last[neuron] != 0).flatten(1).any(dim=1)
+        assert neuron.last_spikes is None, f"{type(neuron).__name__} kept a copy"
+        assert torch.equal(neuron.active_samples(), fired), type(neuron).__name__
+        assert bool(neuron.silent()) == (not bool(fired.any())), type(neuron).__name__
+        fired_somewhere |= bool(fired.any())
+    assert fired_somewhere, "the case proves little"
+
+
 def test_runner_settles_as_a_hook_recount(gen):
     """The runner's flags from the kernels give the settle steps that a forward hook on every
     neuron, counting spikes itself, finds: the first step t >= 1 at which no neuron of the

@@ -263,6 +263,29 @@ class TestSTBIFModule:
         neuron.reset()
         assert neuron.count is None and bool(neuron.silent())
 
+    @pytest.mark.parametrize("watched", [False, True])
+    def test_silence_from_the_watched_flags(self, gen, watched):
+        """Watched (the runner's neurons), ``silent()`` and ``active_samples()`` read the last
+        step of the flags the op recorded and no copy of the spikes is kept; unwatched, the
+        copy. The same answers either way, call after call, whatever the chunking."""
+        x = torch.zeros(6, 3, 4)
+        x[:2, 1] = 1.0  # sample 1 fires for a few steps, then settles
+        x[4, 2] = 0.6  # sample 2 gets input at step 4 only; sample 0 never
+        neuron = STBIF(0.5, level=8, signed=True)
+        answers = []
+        for chunk in x.split([2, 3, 1]):
+            flags = torch.zeros(chunk.shape[:2], dtype=torch.int32)
+            neuron.watch(flags if watched else None)
+            spikes = neuron(chunk)
+            assert (neuron.last_spikes is None) == watched  # no copy while watched
+            fired = (spikes[-1] != 0).flatten(1).any(dim=1)
+            assert torch.equal(neuron.active_samples(), fired)
+            assert bool(neuron.silent()) == (not bool(fired.any()))
+            answers.append(fired.tolist())
+        assert any(map(any, answers)) and not all(map(any, answers)), "the case proves little"
+        neuron.reset()
+        assert bool(neuron.silent()) and neuron.active_samples() is None
+
     def test_threshold_moves_with_the_module(self, gen):
         """The threshold is a buffer (in the state_dict, moved with the module), but a module
         cast such as ``.to(float64)`` keeps it float32 (``nn.neuron.FixedDtypeBuffers``): the

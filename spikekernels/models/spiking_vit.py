@@ -800,8 +800,10 @@ def _chunk_sizes(chunk: object) -> tuple[int, ...]:
 
 class _EagerChunks:
     """The runner's default way through a chunk (``ChunkGraph``'s interface): a fresh state
-    per call, every chunk through the modules, fresh ``[n, B]`` fired flags that every neuron
-    is told to watch."""
+    per call, every chunk through the modules, fresh fired flags that every neuron is told
+    to watch: a ``[n, B]`` row of one ``[neurons, n, B]`` tensor each (its own, so that a
+    float neuron's ``silent()`` reads them instead of a copy of its spikes), reduced over the
+    neurons for the runner."""
 
     def __init__(self, snn: SpikingViT) -> None:
         self.snn = snn
@@ -812,10 +814,11 @@ class _EagerChunks:
         self.patches = self.snn.patch_embed.first_step(x)
 
     def step(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        flags = torch.zeros(n, self.patches.shape[0], dtype=torch.int32, device=self.patches.device)
-        for neuron in self.neurons:
-            neuron.watch(flags)
-        return self.snn.step_chunk(self.patches, n), flags
+        shape = (len(self.neurons), n, self.patches.shape[0])
+        flags = torch.zeros(shape, dtype=torch.int32, device=self.patches.device)
+        for neuron, own in zip(self.neurons, flags, strict=True):
+            neuron.watch(own)
+        return self.snn.step_chunk(self.patches, n), flags.amax(dim=0)
 
     def finish(self) -> None:
         """Nothing to hand over: the modules' state is this call's own."""

@@ -71,9 +71,11 @@ class ActivityWatcher:
     activity: torch.Tensor | None = None
 
     def watch(self, flags: torch.Tensor | None) -> None:
-        """Record into ``flags`` (int32 ``[T, B]``, the next call's steps and batch) which
-        samples fired at which step: the op sets ``flags[t, b] = 1`` as its kernel writes the
-        spikes, so the runner needs no extra pass over them. None stops."""
+        """Record into ``flags`` (int32 ``[T, B]`` zeros, the next call's steps and batch, this
+        neuron's own) which samples fired at which step: the op sets ``flags[t, b] = 1`` as
+        its kernel writes the spikes, so the runner needs no extra pass over them, and a
+        float neuron's ``silent()`` reads their last step (no copy of its spikes kept). None
+        stops."""
         self.activity = flags
 
 
@@ -113,8 +115,10 @@ class STBIF(FixedDtypeBuffers, ActivityWatcher, nn.Module):
         """Back to the fresh state (``v = 0.5``, count 0): call between inputs."""
         self.v: torch.Tensor | None = None
         self.count: torch.Tensor | None = None  # the spike count (integer), None when fresh
-        # The last step's spikes (silence is derived from them only when asked).
+        # The last step's spikes, or while watched the flags' last step (which samples
+        # fired): silence is derived from them only when asked.
         self.last_spikes: torch.Tensor | None = None  # [B, ...]
+        self.last_fired: torch.Tensor | None = None  # [B] int32
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         spikes, self.v, self.count = st_bif(
@@ -131,18 +135,27 @@ class STBIF(FixedDtypeBuffers, ActivityWatcher, nn.Module):
         return spikes
 
     def keep_last_step(self, spikes: torch.Tensor) -> None:
-        """Keep ``spikes[-1]`` for ``silent()``: a copy of the one step, since a view would
-        keep the whole chunk's ``[T, B, ...]`` output alive between calls."""
-        self.last_spikes = spikes[-1].clone()
+        """Keep what ``silent()`` needs of the last step: while watched, the last step of the
+        flags the op recorded (a view: no work); else a copy of ``spikes[-1]``, since a view
+        would keep the whole chunk's ``[T, B, ...]`` output alive between calls (a launch
+        and a copy a call, which the runner's neurons, watched, do not pay)."""
+        if self.activity is not None:
+            self.last_fired, self.last_spikes = self.activity[-1], None
+        else:
+            self.last_fired, self.last_spikes = None, spikes[-1].clone()
 
     def silent(self) -> torch.Tensor:
         """0-d bool tensor: no element fired at the last step (True before any input)."""
+        if self.last_fired is not None:
+            return ~(self.last_fired != 0).any()
         if self.last_spikes is None:
             return torch.ones((), dtype=torch.bool, device=self.threshold.device)
         return ~self.last_spikes.any()
 
     def active_samples(self) -> torch.Tensor | None:
         """``[B]`` bool: which samples (dim 0 of a step) fired at the last step."""
+        if self.last_fired is not None:
+            return self.last_fired != 0
         if self.last_spikes is None:
             return None
         return self.last_spikes.reshape(self.last_spikes.shape[0], -1).any(dim=1)
