@@ -45,6 +45,7 @@ from spikekernels.nn.exact_layers import (
     ExactLinearNeuron,
     count_received,
 )
+from spikekernels.nn.flags import carve, slab_numel
 from spikekernels.nn.hooks import has_forward_hooks, hooked, unless_hooked
 from spikekernels.nn.neuron import STBIF
 from spikekernels.nn.target_neuron import TargetNeuron
@@ -220,6 +221,11 @@ class ExactMlp(SpikeMlp):
     ``fc1`` records which of its rows fired (``row_active``; on a GPU per output tile), so
     that ``fc2`` finds its silent row tiles from them."""
 
+    def flag_shapes(self, *rows: int) -> tuple[tuple[int, ...], ...]:
+        """The flags a call on spikes ``[*rows, K]`` sets: which rows of ``fc1``'s spikes
+        fire (``forward``'s ``flags``)."""
+        return (rows,)
+
     def forward(
         self,
         s: torch.Tensor,
@@ -230,13 +236,18 @@ class ExactMlp(SpikeMlp):
         row_active: torch.Tensor | None = None,
         s_continues: bool = True,
         count_before: torch.Tensor | None = None,
+        flags: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``s_count`` (after these steps) or ``s_before`` (before them): the count of the
         neuron behind ``s``, and ``s_row_active`` its row flags, as ``ExactLinearNeuron``
         takes them (and ``s_continues``); ``row_active``: int32 zeros that receive ``fc2``'s
-        row flags; ``count_before``: receives ``fc2``'s count before these steps, or None."""
+        row flags; ``count_before``: receives ``fc2``'s count before these steps, or None;
+        ``flags``: int32 zeros, flat, that the flags of ``flag_shapes`` are cut from
+        (``nn.flags``), or None: made here."""
+        if not isinstance(s, torch.Tensor):
+            raise TypeError(f"s must be a torch.Tensor, got {type(s).__name__}")
         fc1_before = _before_buffer(self.fc1)
-        fired = torch.zeros(s.shape[:-1], dtype=torch.int32, device=s.device)
+        (fired,) = carve(flags, self.flag_shapes(*s.shape[:-1]), s.device)
         s_row_active = unless_hooked(s_row_active, self.fc1)  # a hook may replace the input
         continues = s_continues and not hooked(self.fc1)
         hidden = self.fc1(s, s_count, s_before=s_before, s_row_active=s_row_active,
@@ -457,15 +468,18 @@ class ExactBlock(_Composite):
         s_before: torch.Tensor,
         s_row_active: torch.Tensor | None,
         row_active: torch.Tensor,
+        flags: torch.Tensor,
     ) -> Branch:
         """The branch run on a norm's spikes ``s`` (and that norm's count before them, and its
         row flags: None past a hook, where ``s`` may not be the norm's, as the branch is told
         by ``s_continues``), pending: its last neuron's spikes, step, count before and row
         flags (recorded into the zeros ``row_active``; None past a forward hook on the
-        branch, its neuron or this block, whose output the hook may replace)."""
+        branch, its neuron or this block, whose output the hook may replace). ``flags``: the
+        zeros the branch cuts its own flags from."""
         before = _before_buffer(neuron)  # the branch's call writes it
         spikes = branch(s, s_before=s_before, s_row_active=s_row_active, row_active=row_active,
-                        s_continues=s_row_active is not None, count_before=before)  # fmt: skip
+                        s_continues=s_row_active is not None, count_before=before,
+                        flags=flags)  # fmt: skip
         flags = unless_hooked(row_active, branch, neuron, self)
         name = "attn" if branch is self.attn else "mlp"
         before = count_received(self.received, name, before, spikes, hooked(branch, neuron))
@@ -486,20 +500,24 @@ class ExactBlock(_Composite):
         moved = torch.empty(stream.shape[:-1], dtype=torch.int32, device=stream.device)
         # which rows of each norm's spikes fire at each step: the linear after it finds its
         # silent row tiles from these flags instead of scanning the spikes
-        # (norm1's, norm2's, the attention branch's, the MLP branch's)
-        fired = torch.zeros((4, *moved.shape), dtype=torch.int32, device=stream.device)
+        # (norm1's, norm2's, the attention branch's, the MLP branch's); and the flags inside
+        # the attention and the MLP: one memset for all of them (nn.flags)
+        parts = (self.attn.flag_shapes(*moved.shape), self.mlp.flag_shapes(*moved.shape))
+        fired, attn_flags, mlp_flags = carve(
+            None, ((4, *moved.shape), *((slab_numel(p),) for p in parts)), stream.device
+        )
         s = self.norm1(*x.norm_args(), **x.branch_flags(self.norm1, self), residual_out=True,
                        d_moved=x.d_moved, residual_moved=moved, row_active=fired[0],
                        count_before=before)  # fmt: skip
         d = self.norm1.take_residual()
         hint = unless_hooked(fired[0], self.norm1, self.attn, self.attn.qkv)
-        attn = self._branch(self.attn, self.attn.proj, s, before, hint, fired[2])
+        attn = self._branch(self.attn, self.attn.proj, s, before, hint, fired[2], attn_flags)
         before = _before_buffer(self.norm2)
         x = Residual(d, (attn,))
         s = self.norm2(*x.norm_args(), **x.branch_flags(self.norm2), d_moved=moved,
                        row_active=fired[1], count_before=before)  # fmt: skip
         hint = unless_hooked(fired[1], self.norm2, self.mlp, self.mlp.fc1)
-        mlp = self._branch(self.mlp, self.mlp.fc2, s, before, hint, fired[3])
+        mlp = self._branch(self.mlp, self.mlp.fc2, s, before, hint, fired[3], mlp_flags)
         return Residual(d, (attn, mlp), moved)
 
 

@@ -10,6 +10,7 @@ from spikekernels.nn.exact_layers import (
     check_token_spikes,
     require_input_counts,
 )
+from spikekernels.nn.flags import carve
 from spikekernels.nn.hooks import has_forward_hooks, hooked, unless_hooked
 from spikekernels.nn.neuron import scalar_tensor, threshold_tensor
 from spikekernels.nn.target_neuron import SettledRowsNeuron, TargetNeuron
@@ -185,6 +186,11 @@ class ExactAttention(nn.Module):
         for m in self.children():
             m.reset()
 
+    def flag_shapes(self, t: int, b: int, n: int) -> tuple[tuple[int, ...], ...]:
+        """The flags a call on ``[t, b, n, C]`` spikes sets: which of each sample's heads'
+        q, k and v fired, and which rows of the context spikes (``forward``'s ``flags``)."""
+        return (t, b, 3 * self.num_heads), (t, b, n)
+
     def forward(
         self,
         s: torch.Tensor,
@@ -195,6 +201,7 @@ class ExactAttention(nn.Module):
         row_active: torch.Tensor | None = None,
         s_continues: bool = True,
         count_before: torch.Tensor | None = None,
+        flags: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``s``: ``[T, B, N, C]`` int8 spikes; ``s_count``: ``[B, N, C]`` int8, the count of
         their neuron after these steps, or ``s_before``, before them (neither only on a fresh
@@ -202,14 +209,17 @@ class ExactAttention(nn.Module):
         neuron's ``row_active``, or None (``qkv`` takes it); ``row_active``: int32 zeros
         ``[T, B, N]`` that receive ``proj``'s row flags; ``s_continues``: False where a hook
         may have replaced ``s`` (``ExactLinearNeuron``); ``count_before``: int8 like
-        ``proj``'s count, or None: receives it as it was before these steps. Returns the
+        ``proj``'s count, or None: receives it as it was before these steps; ``flags``:
+        int32 zeros, flat, that the flags of ``flag_shapes`` are cut from (``nn.flags``: a
+        caller's one memset for several modules), or None: made here. Returns the
         ``quan_proj`` neuron's spikes."""
         check_token_spikes(s, self.dim, "ExactAttention")
         t, b, n, c = s.shape
         h, dh = self.num_heads, self.head_dim
         # which of each sample's heads' q, k and v fired at each step: the attention skips
-        # the reads of those that did not (ops.exact_attention's qkv_active)
-        fired = torch.zeros(t, b, 3 * h, dtype=torch.int32, device=s.device)
+        # the reads of those that did not (ops.exact_attention's qkv_active); which rows of
+        # the context spikes fire: proj's s_row_active
+        fired, rows = carve(flags, self.flag_shapes(t, b, n), s.device)
         s_row_active = unless_hooked(s_row_active, self.qkv)  # a hook may replace the input
         # the running counts of q, k, v after each step, as strided views of one layout (the
         # qkv neuron first: it names a shape that differs from its state's)
@@ -231,8 +241,6 @@ class ExactAttention(nn.Module):
         q = qkv[:, :, :, 0].transpose(2, 3)  # [T, B, H, N, Dh]
         k_t = qkv[:, :, :, 1].permute(0, 1, 3, 4, 2)  # [T, B, H, Dh, N]
         v = qkv[:, :, :, 2].transpose(2, 3)
-        # which rows of the context spikes fire: proj's s_row_active
-        rows = torch.zeros(t, b, n, dtype=torch.int32, device=s.device)
         if fused:
             context = self._fused(q, k_t, v, qkv_active, rows, context_before)
         else:

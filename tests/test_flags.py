@@ -1,0 +1,116 @@
+"""Activity flags cut from one slab of zeros (``spikekernels.nn.flags``): the views are
+disjoint and aligned, a bad slab is refused by name, and an exact block's attention and MLP
+give the same bits whether their caller hands them a slab or they make their own."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import DEVICES
+
+from spikekernels.nn import observer
+from spikekernels.nn.flags import carve, slab_numel
+
+SHAPES = [(3, 2, 5), (1,), (2, 7), (4, 1, 1, 3)]
+
+
+def test_views_are_disjoint_aligned_and_shaped():
+    slab = torch.zeros(slab_numel(SHAPES) + 5, dtype=torch.int32)
+    views = carve(slab, SHAPES, slab.device)
+    assert [tuple(v.shape) for v in views] == SHAPES
+    for i, v in enumerate(views):
+        assert v.is_contiguous() and v.untyped_storage().data_ptr() == slab.data_ptr()
+        assert (v.data_ptr() - slab.data_ptr()) % 128 == 0, f"view {i} is not 128-byte aligned"
+        v.fill_(i + 1)  # each view owns its elements: no other view's fill shows in it
+    for i, v in enumerate(views):
+        assert bool((v == i + 1).all()), f"view {i} overlaps another"
+    made = carve(None, SHAPES, torch.device("cpu"))
+    assert [tuple(v.shape) for v in made] == SHAPES
+    assert all(v.dtype == torch.int32 and not bool(v.any()) for v in made)
+
+
+@pytest.mark.parametrize(
+    "slab",
+    [
+        torch.zeros(10_000, dtype=torch.int64),
+        torch.zeros(100, 100, dtype=torch.int32),
+        torch.zeros(20_000, dtype=torch.int32)[::2],
+        torch.zeros(slab_numel(SHAPES) - 1, dtype=torch.int32),
+    ],
+    ids=["int64", "2-D", "strided", "short"],
+)
+def test_a_bad_slab_is_refused_by_name(slab):
+    with pytest.raises(ValueError, match=f"flags must be a contiguous 1-D int32 tensor of at "
+                       f"least {slab_numel(SHAPES)} elements"):  # fmt: skip
+        carve(slab, SHAPES, slab.device)
+
+
+def _calls(gen, device, chunk=2, steps=6):
+    """A tiny exact SNN's first block: its attention and MLP, and each of their calls in a
+    run (the module's state before the call, the call's spikes and keywords, all cloned)."""
+    from test_exact import TINY, images, make_exact
+
+    from spikekernels import convert
+
+    qann = make_exact(gen, **TINY, level=16)
+    snn = convert(qann).to(device)
+    calls = []
+    for name in ("attn", "mlp"):
+        module = getattr(snn.blocks[0], name)
+
+        def record(m, args, kwargs, name=name):
+            kwargs = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+            state = copy.deepcopy(m)
+            state._forward_pre_hooks.clear()  # a replay records nothing
+            calls.append((name, state, args[0].clone(), kwargs))
+
+        module.register_forward_pre_hook(observer(record), with_kwargs=True)
+    snn(images(gen, qann, 2).to(device), max_steps=steps, chunk=chunk)
+    assert {c[0] for c in calls} == {"attn", "mlp"} and len(calls) == 2 * (steps // chunk)
+    return calls
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_given_slab_changes_no_bit(gen, device):
+    """Each call replayed on the module's state as it was, once with a slab (a poisoned tail
+    past its flags, which nothing may touch) and once without: the same spikes, counts and
+    row flags; and the flags land in the slab given."""
+    used = set()
+    for name, module, s, kwargs in _calls(gen, device):
+        runs = []
+        for given in (False, True):
+            m, kw = copy.deepcopy(module), dict(kwargs)
+            kw["row_active"] = torch.zeros_like(kw["row_active"])
+            if kw.get("count_before") is not None:
+                kw["count_before"] = torch.full_like(kw["count_before"], 99)
+            numel = slab_numel(m.flag_shapes(*s.shape[:-1]))
+            slab = torch.zeros(numel + 64, dtype=torch.int32, device=device)
+            slab[numel:] = -7
+            kw["flags"] = slab[:numel] if given else None
+            out = m(s, **kw)
+            assert bool((slab[numel:] == -7).all()), f"{name} wrote past its flags"
+            if given and bool(slab[:numel].any()):
+                used.add(name)
+            counts = [c.clone() for c in _counts(m)]
+            runs.append((out, kw["row_active"], kw.get("count_before"), counts))
+        (o0, r0, b0, c0), (o1, r1, b1, c1) = runs
+        assert torch.equal(o0, o1) and torch.equal(r0, r1), name
+        assert (b0 is None and b1 is None) or torch.equal(b0, b1), name
+        assert len(c0) == len(c1) > 0 and all(map(torch.equal, c0, c1)), name
+    assert used == {"attn", "mlp"}, f"only {used} set flags in the slab they were given"
+
+
+def _counts(module) -> list[torch.Tensor | None]:
+    return [getattr(n, "count", None) for n in module.modules() if hasattr(n, "count")]
+
+
+def test_a_bad_slab_is_refused_by_the_modules(gen):
+    """Refused by name before any neuron moves (a later call, with state)."""
+    for name, module, s, kwargs in _calls(gen, "cpu")[2:4]:
+        before = [c.clone() for c in _counts(module)]
+        kwargs = {**kwargs, "flags": torch.zeros(4, dtype=torch.int32)}
+        with pytest.raises(ValueError, match="flags must be a contiguous 1-D int32 tensor"):
+            module(s, **kwargs)
+        assert all(map(torch.equal, before, _counts(module))), f"{name} moved"
