@@ -3,6 +3,9 @@ through ``torch.ops.spikekernels.*``, and both give the same bits and the same i
 
 from __future__ import annotations
 
+import importlib
+import inspect
+
 import pytest
 import torch
 from conftest import DEVICES
@@ -146,3 +149,56 @@ def test_launcher_skips_wrap_triton_only_inside_a_direct_call():
         assert outside is not noop_kernel
     else:  # interpreter: a custom_op, never wrapped
         assert outside is noop_kernel
+
+
+def _checked_ops():
+    import test_exact_layernorm_neuron
+    import test_exact_linear
+
+    return [
+        ("exact_linear", test_exact_linear),
+        ("exact_layernorm_neuron", test_exact_layernorm_neuron),
+    ]
+
+
+@pytest.mark.parametrize(("name", "cases"), _checked_ops(), ids=lambda v: getattr(v, "__name__", v))
+def test_the_registered_op_runs_the_checks_its_direct_path_leaves_to_the_face(name, cases):
+    """``kernel_op``'s ``check`` runs in ``torch.ops.spikekernels.<name>`` (the faces run it
+    before ``call_op``, whose direct path does not run it again): each bad input the metadata
+    checks refuse, the registered op refuses with the same error."""
+    body, _ = _registry._BODIES[name]
+    check, op = _registry._CHECKS[name], getattr(torch.ops.spikekernels, name)
+    params = inspect.signature(body).parameters
+    refused = 0
+    for case, bad, *_ in cases.BAD_INPUTS:
+        if not all(isinstance(v, torch.Tensor) for v in bad.values()):
+            continue  # a Python scalar: the schema casts or refuses it before any check
+        args = {k: v for k, v in {**cases._good_args(), **bad}.items() if k in params}
+        if any(isinstance(v, torch.Tensor) and v.device.type != "cpu" for v in args.values()):
+            continue  # the dispatcher itself refuses mixed devices
+        bound = inspect.signature(body).bind(**args)
+        bound.apply_defaults()
+        try:
+            check(*bound.args)
+        except (TypeError, ValueError) as error:
+            try:
+                op(**args)
+            except type(error) as got:
+                assert str(got) == str(error), case
+                refused += 1
+            else:
+                pytest.fail(f"torch.ops.spikekernels.{name} took {case}")
+    assert refused >= 10, f"only {refused} of {name}'s bad inputs reach its metadata checks"
+
+
+def test_a_face_checks_once_on_the_direct_path(monkeypatch):
+    """The face checks, then ``call_op`` runs the body unchecked (the checks were a fourth of
+    an exact op's host time, run twice)."""
+    import test_exact_linear
+
+    module = importlib.import_module("spikekernels.ops.exact_linear")
+    calls = []
+    real = module._check_exact_linear
+    monkeypatch.setattr(module, "_check_exact_linear", lambda *a: calls.append(1) or real(*a))
+    ops.exact_linear(**test_exact_linear._good_args())
+    assert calls == [1]

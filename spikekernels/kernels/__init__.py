@@ -22,6 +22,13 @@ except ImportError:
     TRITON_AVAILABLE = False
 
 
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for the host's grids and tile counts. Not ``triton.cdiv``: a constexpr
+    function since triton 3.5, it costs several Python calls on each host call (the exact
+    runner makes hundreds a chunk)."""
+    return -(-a // b)
+
+
 def use_triton(t: torch.Tensor) -> bool:
     """Whether ``t``'s device runs the Triton kernels: CUDA, or CPU under the interpreter."""
     if not TRITON_AVAILABLE:

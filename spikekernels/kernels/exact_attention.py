@@ -128,7 +128,7 @@ import triton
 import triton.language as tl
 
 from spikekernels.exact_math import _EXP_MIN, _EXP_POLY, _LN2_HI, _LN2_LO, _LOG2E
-from spikekernels.kernels import INTERPRET, on_device
+from spikekernels.kernels import INTERPRET, cdiv, on_device
 from spikekernels.kernels.activity import active_layout, record_active_tile
 from spikekernels.kernels.exact_rows import bit_order_codes, permuted_rows, tree_sum_columns
 from spikekernels.kernels.spike_matmul import (
@@ -1114,7 +1114,7 @@ def _batch(p: _Launch) -> int:
 
 
 def _grid(p: _Launch, block_m: int) -> tuple[int]:
-    return (triton.cdiv(p.a.shape[3], block_m) * _batch(p),)
+    return (cdiv(p.a.shape[3], block_m) * _batch(p),)
 
 
 def _results(p: _Launch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1180,7 +1180,7 @@ def exact_attention_probs_triton(
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_D=block_d,
-        D_SLICES=triton.cdiv(d, block_d),
+        D_SLICES=cdiv(d, block_d),
         LOG2_N=block_n.bit_length() - 1,
         **key_codes(block_n, num_warps),
         num_warps=num_warps,
@@ -1352,7 +1352,7 @@ def exact_attention_triton(
         qkv_active = qkv_active.reshape(steps, *_split_dims(batch), 3)
     has_settled = attn_row_settled is not None
     read_settled = has_settled and qkv_active is not None and attn_in is not None
-    launch(exact_attention_kernel)[(triton.cdiv(m, block_m) * nb,)](
+    launch(exact_attention_kernel)[(cdiv(m, block_m) * nb,)](
         q5,
         k5,
         v5,
@@ -1402,7 +1402,7 @@ def exact_attention_triton(
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_D=block_d,
-        D_SLICES=triton.cdiv(d, block_d),
+        D_SLICES=cdiv(d, block_d),
         BLOCK_DV=block_dv,
         LOG2_N=block_n.bit_length() - 1,
         **key_codes(block_n, num_warps),

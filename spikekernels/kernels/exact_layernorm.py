@@ -56,7 +56,7 @@ import torch
 import triton
 import triton.language as tl
 
-from spikekernels.kernels import on_device
+from spikekernels.kernels import cdiv, on_device
 from spikekernels.kernels.activity import active_layout, record_active_rows
 from spikekernels.kernels.exact_residual import residual_value
 from spikekernels.kernels.exact_rows import tree_sum_rows
@@ -565,7 +565,7 @@ def exact_layernorm_neuron_triton(
     block_c, rows, num_warps = launch_config(C)
     b_spikes, b_theta, b_count = (out, out, None) if branch is None else branch
     b2_spikes, b2_theta, b2_count = (out, out, None) if branch2 is None else branch2
-    launch(exact_layernorm_neuron_kernel)[(triton.cdiv(R, rows),)](
+    launch(exact_layernorm_neuron_kernel)[(cdiv(R, rows),)](
         out if x is None else x,
         b_spikes,
         b_theta,
@@ -670,7 +670,7 @@ def layer_norm_rows_triton(
     if R == 0:
         return y
     block_c, rows, num_warps = launch_config(C)
-    launch(layer_norm_rows_kernel)[(triton.cdiv(R, rows),)](
+    launch(layer_norm_rows_kernel)[(cdiv(R, rows),)](
         x,
         x if weight is None else weight.contiguous(),
         x if bias is None else bias.contiguous(),

@@ -61,7 +61,7 @@ import torch
 import triton
 import triton.language as tl
 
-from spikekernels.kernels import INTERPRET, on_device
+from spikekernels.kernels import INTERPRET, cdiv, on_device
 from spikekernels.kernels.activity import (
     active_layout,
     record_active_rows,
@@ -113,7 +113,7 @@ def weight_residency(K: int, block_k: int, resident_k_tiles: int) -> dict[str, i
     K tiles stays resident, its step loop pipelined two deep (three stages spill 4-8 B on
     sm_90 where activity is recorded); a longer one (or none, K = 0) streams through the K
     loop (``K_TILES=0``; that loop is pipelined, the step loop not)."""
-    k_tiles = triton.cdiv(K, block_k)
+    k_tiles = cdiv(K, block_k)
     if k_tiles == 0 or k_tiles > resident_k_tiles:
         return dict(K_TILES=0, STEP_STAGES=1)
     return dict(K_TILES=k_tiles, STEP_STAGES=2)
@@ -448,7 +448,7 @@ def exact_linear_triton(
     if row_settled is not None:
         unsettled, flags = flags[0], flags[1:]
     groups = 1 if group_active is None else group_active.shape[2]
-    launch(exact_linear_kernel)[(num_m, triton.cdiv(N, block_n))](
+    launch(exact_linear_kernel)[(num_m, cdiv(N, block_n))](
         s,
         weight,
         weight_scale,

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from spikekernels.kernels import on_device
+from spikekernels.kernels import cdiv, on_device
 
 # BLOCK=1024, 4 warps: 8 elements per thread, two 16-byte float64 loads and stores each.
 # Untuned on hardware so far: see bench/results/.
@@ -99,7 +99,7 @@ def exact_residual_add_triton(
     numel = spikes[0].numel()
     if numel == 0:
         return out
-    launch(exact_residual_add_kernel)[(triton.cdiv(numel, BLOCK),)](
+    launch(exact_residual_add_kernel)[(cdiv(numel, BLOCK),)](
         out if d is None else d.contiguous(),
         spikes,
         threshold.contiguous(),

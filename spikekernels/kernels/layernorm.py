@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from spikekernels.kernels import on_device
+from spikekernels.kernels import cdiv, on_device
 from spikekernels.kernels.exact_rows import tree_sum_rows
 from spikekernels.kernels.rounding import bf16_bits_rtne
 
@@ -237,7 +237,7 @@ def spike_layernorm_triton(
     )
     if n_rows == 0:
         return out, x_acc_out, y_prev_out
-    launch(spike_layernorm_kernel)[(triton.cdiv(n_rows, meta["ROWS"]),)](
+    launch(spike_layernorm_kernel)[(cdiv(n_rows, meta["ROWS"]),)](
         *args, **meta, OUT_BF16_BITS=bf16_bits
     )
     return out, x_acc_out, y_prev_out

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from spikekernels.kernels import on_device
+from spikekernels.kernels import cdiv, on_device
 from spikekernels.kernels.activity import active_layout, record_active_rows
 from spikekernels.kernels.layernorm import (
     layernorm_launch,
@@ -194,7 +194,7 @@ def spike_layernorm_neuron_triton(
     flat = [(b.contiguous(), theta) for b, theta in branches]
     flat += [(spikes, threshold)] * (2 - len(flat))  # placeholders, never read
     has_state = v is not None
-    launch(spike_layernorm_neuron_kernel)[(triton.cdiv(n_rows, meta["ROWS"]),)](
+    launch(spike_layernorm_neuron_kernel)[(cdiv(n_rows, meta["ROWS"]),)](
         *args,
         threshold,
         v.contiguous() if has_state else v_out,

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from spikekernels.kernels import on_device
+from spikekernels.kernels import cdiv, on_device
 from spikekernels.kernels.activity import (
     active_layout,
     block_samples,
@@ -136,7 +136,7 @@ def st_bif_triton(
     has_state = v is not None
     v_in = v.contiguous() if has_state else v_out
     s_in = s.contiguous() if has_state else s_out
-    grid = (triton.cdiv(numel, BLOCK),)
+    grid = (cdiv(numel, BLOCK),)
     bf16_bits = float_out and x.dtype == torch.bfloat16
     samples, per_sample = active_layout(active, numel)
     launch(st_bif_kernel)[grid](

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from spikekernels.kernels import INTERPRET, on_device
+from spikekernels.kernels import INTERPRET, cdiv, on_device
 from spikekernels.kernels.tile_flags import step_tile_flags
 
 # Tile shapes per weight dtype, (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). Chosen for
@@ -212,7 +212,7 @@ def spike_linear_triton(
         torch.float32 if split else weight.dtype
     )
     flags, num_m = step_tile_flags(launch, s[None], block_m, num_warps)  # one "step": all rows
-    launch(spike_linear_kernel)[(num_m, triton.cdiv(N, block_n))](
+    launch(spike_linear_kernel)[(num_m, cdiv(N, block_n))](
         dot_spikes(s, weight),
         weight,
         threshold,

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from spikekernels.kernels import INTERPRET, on_device
+from spikekernels.kernels import INTERPRET, cdiv, on_device
 from spikekernels.kernels.activity import active_layout, record_active_rows
 from spikekernels.kernels.neuron import st_bif_step
 from spikekernels.kernels.spike_linear import dot_flags, dot_spikes, even_tiles, spike_dot
@@ -199,7 +199,7 @@ def spike_linear_neuron_triton(
         return out, v_out, count_out
     block_m, block_n, block_k, num_warps, num_stages = tile_config(float_out)
     flags, num_m = step_tile_flags(launch, s, block_m, num_warps)
-    launch(spike_linear_neuron_kernel)[(num_m, triton.cdiv(N, block_n))](
+    launch(spike_linear_neuron_kernel)[(num_m, cdiv(N, block_n))](
         dot_spikes(s, weight),
         weight,
         in_threshold,

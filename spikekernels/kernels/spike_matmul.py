@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from spikekernels.kernels import on_device
+from spikekernels.kernels import cdiv, on_device
 from spikekernels.kernels.tile_flags import any_nonzero
 
 # One K tile up to 64 (the head dim of ViT-S/B/L: the scores Q K^T); longer K (the context
@@ -374,7 +374,7 @@ def _running_counts(
     T, nb, r, c = x.shape[0], x.shape[1] * x.shape[2], x.shape[3], x.shape[4]
     counts = torch.empty((T, nb, r, c), dtype=torch.int8, device=x.device)
     strides = next((t.stride() for t in (known, final) if t is not None), (0, 0, 0, 0))
-    grid = (triton.cdiv(r * c, COUNT_BLOCK) * nb,)
+    grid = (cdiv(r * c, COUNT_BLOCK) * nb,)
     launch(running_count_kernel)[grid](
         x,
         counts if known is None else known,
@@ -425,7 +425,7 @@ def spike_matmul_triton(
         block_m, block_n, block_k, num_warps = fused_config(k)
         a_out = torch.empty((*batch, m, k), dtype=torch.int8, device=a.device)
         b_out = torch.empty((*batch, k, n), dtype=torch.int8, device=a.device)
-        grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n) * nb,)
+        grid = (cdiv(m, block_m) * cdiv(n, block_n) * nb,)
         launch(spike_matmul_kernel)[grid](
             a5,
             b5,
@@ -464,7 +464,7 @@ def spike_matmul_triton(
     a_prev = _running_counts(launch, a5, a_known, exclusive=True, final=a_out)
     b_cur = _running_counts(launch, b5, b_known, exclusive=False, final=b_out)
     block_m, block_n, block_k, num_warps = split_config()
-    grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n) * nb,)
+    grid = (cdiv(m, block_m) * cdiv(n, block_n) * nb,)
     launch(spike_matmul_split_kernel)[grid](
         a5,
         b5,

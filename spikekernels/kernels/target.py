@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from spikekernels.kernels import on_device
+from spikekernels.kernels import cdiv, on_device
 from spikekernels.kernels.activity import (
     active_layout,
     block_samples,
@@ -266,7 +266,7 @@ def target_spikes_triton(
     per_channel = theta.numel() > 1
     has_count = count is not None
     samples, per_sample = active_layout(active, numel)
-    launch(target_spikes_kernel)[(triton.cdiv(numel, BLOCK),)](
+    launch(target_spikes_kernel)[(cdiv(numel, BLOCK),)](
         value,
         theta.contiguous(),
         count.contiguous() if has_count else count_out,

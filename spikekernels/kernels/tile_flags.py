@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from spikekernels.kernels import INTERPRET
+from spikekernels.kernels import INTERPRET, cdiv
 
 # K tile of the flag pass (no MMA here, so any power of two).
 FLAG_BLOCK_K = 128
@@ -119,7 +119,7 @@ def step_tile_flags(
     a 0 of ``settled``, rows 1 to T the steps; ``settled`` is all 1 then (for the main kernel
     to clear)."""
     T, rows, K = s.shape
-    num_m = triton.cdiv(rows, block_m)
+    num_m = cdiv(rows, block_m)
     extra = 0 if settled is None else 1
     flags = torch.empty((extra + T, num_m), dtype=torch.int32, device=s.device)
     block_k = min(FLAG_BLOCK_K, triton.next_power_of_2(max(K, 1)))

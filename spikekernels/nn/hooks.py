@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+from torch.nn.modules import module as torch_module
 
 __all__ = ["has_forward_hooks", "hooked", "observer", "unless_hooked"]
 
@@ -34,8 +35,13 @@ def observer(hook: Callable) -> Callable:
 
 def _all_hooks(module: nn.Module) -> list[Callable]:
     """The forward hooks and pre-hooks that would see ``module`` called (its own, global)."""
-    from torch.nn.modules import module as torch_module
-
+    if not (
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or torch_module._global_forward_hooks
+        or torch_module._global_forward_pre_hooks
+    ):
+        return []  # the usual case, asked a few times per layer and chunk: no lists built
     return [
         *module._forward_hooks.values(),
         *module._forward_pre_hooks.values(),

@@ -20,44 +20,48 @@ import torch
 
 from spikekernels.ops._checks import check_state
 
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
 
 def check_inplace(
     inplace: object,
     states: Sequence[tuple[str, torch.Tensor | None]],
     inputs: Sequence[torch.Tensor | None],
+    written: Sequence[tuple[str, torch.Tensor | None]] = (),
 ) -> None:
     """``inplace`` is a bool; when True every state in ``states`` (``(name, tensor)``) is
-    given and contiguous, and shares no memory with an input or another state (the kernels
-    read inputs while they write state). Shapes and dtypes are ``check_state``'s job."""
+    given and contiguous. The tensors the op writes (the states when ``inplace``; ``written``,
+    the ones it writes whatever ``inplace``, None skipped) share no memory with an input or
+    with each other (the kernels read inputs while they write). Shapes and dtypes are
+    ``check_state``'s job."""
     if not isinstance(inplace, bool):
         raise TypeError(f"inplace must be a bool, got {type(inplace).__name__}")
-    if not inplace:
-        return
-    for name, t in states:
-        if t is None:
-            raise ValueError(f"inplace=True needs {name}: the op writes the new state into it")
-        if not t.is_contiguous():
-            raise ValueError(f"{name} must be contiguous with inplace=True")
-    _refuse_shared(states, inputs, "inplace=True writes into it")
+    targets = [(name, t, "the op writes into it") for name, t in written if t is not None]
+    if inplace:
+        for name, t in states:
+            if t is None:
+                raise ValueError(f"inplace=True needs {name}: the op writes the new state into it")
+            if not t.is_contiguous():
+                raise ValueError(f"{name} must be contiguous with inplace=True")
+        targets += [(name, t, "inplace=True writes into it") for name, t in states]
+    else:
+        inputs = (*inputs, *(t for _, t in states))  # read, not written
+    if targets:
+        _refuse_shared(targets, inputs)
 
 
-def check_written(
-    written: Sequence[tuple[str, torch.Tensor | None]], inputs: Sequence[torch.Tensor | None]
-) -> None:
-    """Tensors an op writes whatever ``inplace`` (``(name, tensor)``, None skipped) share no
-    memory with an input or with each other."""
-    _refuse_shared([(n, t) for n, t in written if t is not None], inputs, "the op writes into it")
-
-
-def _refuse_shared(states, inputs, why: str) -> None:
+def _refuse_shared(targets, inputs) -> None:
+    """Each ``(name, tensor, why)`` in ``targets`` shares no memory with an input or another
+    target (storage addresses first: ``_overlap`` only where one storage holds both)."""
     if torch.compiler.is_compiling():
         return  # fake tensors: no memory to compare
-    # Storage pointers once per tensor (this runs on every call of a stateful op, twice).
-    seen = [(x, _storage(x)) for x in inputs if x is not None]
-    for name, t in reversed(states):  # each state against the inputs and the states after it
+    seen = [(x, where) for x in inputs if x is not None and (where := _storage(x)) is not None]
+    for name, t, why in reversed(targets):  # each against the inputs and the targets after it
         where = _storage(t)
+        if where is None:
+            continue
         for other, other_where in seen:
-            if where is not None and where == other_where and _overlap(t, other):
+            if where == other_where and _overlap(t, other):
                 raise ValueError(f"{name} shares memory with another argument; {why}")
         seen.append((t, where))
 
@@ -65,7 +69,7 @@ def _refuse_shared(states, inputs, why: str) -> None:
 def _storage(t: torch.Tensor) -> int | None:
     """``t``'s storage address, or None for an empty tensor or one without real memory
     (a meta tensor's address is 0, whatever it is)."""
-    if type(t) not in (torch.Tensor, torch.nn.Parameter) or t.numel() == 0 or t.is_meta:
+    if type(t) not in _PLAIN or t.is_meta or t.numel() == 0:
         return None
     return t.untyped_storage().data_ptr()
 
@@ -115,7 +119,7 @@ def check_count_before(
 ) -> None:
     """An exact op's ``count_before`` (None, or int8 ``shape`` on ``like``'s device,
     contiguous: the op writes its neuron's count before the steps into it). Sharing memory is
-    ``check_written``'s job."""
+    ``check_inplace``'s job."""
     check_state(count_before, "count_before", shape, (torch.int8,), like, like_name)
     if count_before is not None and not count_before.is_contiguous():
         raise ValueError("count_before must be contiguous: the op writes it")

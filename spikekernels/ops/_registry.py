@@ -19,6 +19,7 @@ so the two paths are bit-identical (``tests/test_registry.py``).
 
 from __future__ import annotations
 
+import functools
 import inspect
 import threading
 import warnings
@@ -34,33 +35,60 @@ TRACEABLE_TRITON = TRITON_AVAILABLE and not INTERPRET
 
 # name -> (body, positions of the arguments it mutates)
 _BODIES: dict[str, tuple[Callable, tuple[int, ...]]] = {}
+# name -> the metadata checks the registered op runs before the body (kernel_op's check)
+_CHECKS: dict[str, Callable] = {}
 # Set while a body runs outside the dispatcher: its launches need no wrap_triton (whose
 # higher-order-op dispatch exists for tracing and costs far more than the launch).
 _direct = threading.local()
 _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 
 
-def kernel_op(name: str, *, mutates_args: Sequence[str] = ()) -> Callable:
+def kernel_op(
+    name: str, *, mutates_args: Sequence[str] = (), check: Callable | None = None
+) -> Callable:
     """Decorator: register ``fn`` (type-annotated) as ``spikekernels::<name>``; ``call_op``
     calls it.
 
     ``mutates_args`` names the arguments the op writes in place (none by default), so that
-    functionalization and torch.compile keep the write and order it."""
+    functionalization and torch.compile keep the write and order it. ``check``: the op's
+    metadata checks, called with the op's arguments: the registered op runs it before
+    ``fn``; ``call_op``'s direct path does not, as its caller (the public face, which checks
+    before its data checks) has just run it. A body without ``check`` checks for itself."""
     qualname = f"{NAMESPACE}::{name}"
     mutates = tuple(mutates_args)
 
     def register(fn: Callable):
         params = list(inspect.signature(fn).parameters)
         _BODIES[name] = (fn, tuple(params.index(arg) for arg in mutates))
+        registered = fn
+        if check is not None:
+            _CHECKS[name] = check
+            registered = _checked(fn, check)
         if TRACEABLE_TRITON:
-            op = torch.library.triton_op(qualname, fn, mutates_args=mutates)
+            op = torch.library.triton_op(qualname, registered, mutates_args=mutates)
         else:
-            op = torch.library.custom_op(qualname, fn, mutates_args=mutates)
+            op = torch.library.custom_op(qualname, registered, mutates_args=mutates)
         if mutates:
             _register_version_bump(name)
         return op
 
     return register
+
+
+def _checked(fn: Callable, check: Callable) -> Callable:
+    """``fn`` after ``check`` on the same arguments, every one in ``fn``'s order (the
+    dispatcher leaves out trailing defaults, which ``check`` need not default alike), with
+    ``fn``'s signature (the schema is inferred from it)."""
+    signature = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def checked(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        check(*bound.args)
+        return fn(*args, **kwargs)
+
+    return checked
 
 
 # Our own registrations over torch's (kept alive: a Library unregisters what it holds when freed).
@@ -123,7 +151,8 @@ def runs_directly(args: Sequence[object]) -> bool:
 
 def call_op(name: str, *args):
     """``torch.ops.spikekernels.<name>(*args)``, by the shortest path that gives the same
-    result (see the module docstring)."""
+    result (see the module docstring). The caller has run the op's metadata checks (the
+    direct path leaves out those ``kernel_op`` was given)."""
     if torch.compiler.is_compiling() and forced_backend() is not None:
         # the op's body, where the backend is chosen, is traced once into the graph, unguarded
         raise RuntimeError(

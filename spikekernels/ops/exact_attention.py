@@ -41,7 +41,6 @@ from spikekernels.ops._dispatch import backend_for
 from spikekernels.ops._inplace import (
     check_count_before,
     check_inplace,
-    check_written,
     fill_count_before,
     own_state,
     placeholder,
@@ -561,9 +560,7 @@ def _check_attention(
     check_count_before(count_before, spikes_step, q, "q")
     written = (("attn_row_settled", attn_row_settled), ("row_settled", row_settled),
                ("count_before", count_before))  # fmt: skip
-    check_written(written, (*inputs, attn_count, count))
-    check_inplace(inplace, (("attn_count", attn_count), ("count", count)),
-                  (*inputs, attn_row_settled, row_settled, count_before))  # fmt: skip
+    check_inplace(inplace, (("attn_count", attn_count), ("count", count)), inputs, written)
 
 
 def _check_settled_flags(q, attn_row_settled, row_settled) -> None:
@@ -681,6 +678,7 @@ def _fused_attention_fits(q: torch.Tensor, k_t: torch.Tensor, v: torch.Tensor) -
         "row_settled",
         "count_before",
     ),
+    check=_check_attention,
 )
 def _exact_attention_op(
     q: torch.Tensor,
@@ -709,8 +707,6 @@ def _exact_attention_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     args = (q, k_t, v, gain, attn_threshold, attn_n_min, attn_p_max, theta_a, theta_v,
             threshold, n_min, p_max, attn_count, count)  # fmt: skip
-    rows = (row_active, attn_row_settled, row_settled, count_before)
-    _check_attention(*args, attn_active, active, inplace, merge_heads, qkv_active, *rows)
     backend = backend_for(q, ("triton", "torch"))
     if backend == "triton" and _fused_attention_fits(q, k_t, v):
         from spikekernels.kernels.exact_attention import exact_attention_triton

@@ -30,7 +30,6 @@ from spikekernels.ops._dispatch import backend_for
 from spikekernels.ops._inplace import (
     check_count_before,
     check_inplace,
-    check_written,
     fill_count_before,
     own_state,
     placeholder,
@@ -122,8 +121,7 @@ def _check_exact_linear(
     inputs = (s, weight, weight_scale, bias, in_threshold, threshold, s_count, s_before, active,
               group_active, row_active, s_row_active)  # fmt: skip
     written = (("row_settled", row_settled), ("count_before", count_before))
-    check_written(written, (*inputs, count))
-    check_inplace(inplace, (("count", count),), (*inputs, row_settled, count_before))
+    check_inplace(inplace, (("count", count),), inputs, written)
 
 
 def _count_before(s: torch.Tensor, s_count: torch.Tensor) -> torch.Tensor:
@@ -235,6 +233,7 @@ def exact_linear_torch(
 @kernel_op(
     "exact_linear",
     mutates_args=("count", "active", "group_active", "row_active", "row_settled", "count_before"),
+    check=_check_exact_linear,
 )
 def _exact_linear_op(
     s: torch.Tensor,
@@ -258,8 +257,6 @@ def _exact_linear_op(
     count_before: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     args = (s, weight, weight_scale, bias, in_threshold, threshold, n_min, p_max, s_count, count)
-    flags = (group_active, row_active, s_row_active, row_settled, count_before)
-    _check_exact_linear(*args, active, inplace, counts_out, s_before, *flags)
     backend = backend_for(s, ("triton", "torch"))
     if backend == "triton":
         from spikekernels.kernels.exact_linear import exact_linear_triton
