@@ -14,7 +14,8 @@ machinery adds 50-100 us to a call on this project's CPU machine (``bench/bench_
 under cProfile ``fill_defaults`` stands out, for the ops with a mutated argument), and
 the exact ViT-S runner makes about 90 op calls per chunk: milliseconds of host time per
 chunk, as much as the fused kernels' GPU time. The body is the same function either way,
-so the two paths are bit-identical (``tests/test_registry.py``).
+so the two paths are bit-identical (``tests/test_registry.py``). The metadata checks run
+once either way: the face runs them before ``call_op``, the registered op before the body.
 """
 
 from __future__ import annotations
@@ -43,27 +44,24 @@ _direct = threading.local()
 _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 
 
-def kernel_op(
-    name: str, *, mutates_args: Sequence[str] = (), check: Callable | None = None
-) -> Callable:
+def kernel_op(name: str, *, check: Callable, mutates_args: Sequence[str] = ()) -> Callable:
     """Decorator: register ``fn`` (type-annotated) as ``spikekernels::<name>``; ``call_op``
     calls it.
 
-    ``mutates_args`` names the arguments the op writes in place (none by default), so that
-    functionalization and torch.compile keep the write and order it. ``check``: the op's
-    metadata checks, called with the op's arguments: the registered op runs it before
-    ``fn``; ``call_op``'s direct path does not, as its caller (the public face, which checks
-    before its data checks) has just run it. A body without ``check`` checks for itself."""
+    ``check``: the op's metadata checks, whose parameters are arguments of the op (by name).
+    The registered op runs them before ``fn``; ``call_op``'s direct path does not, as its
+    caller has just run them (a public face checks before its data checks, which need them;
+    a body that calls another op hands on arguments its own checks passed). ``mutates_args``
+    names the arguments the op writes in place (none by default), so that
+    functionalization and torch.compile keep the write and order it."""
     qualname = f"{NAMESPACE}::{name}"
     mutates = tuple(mutates_args)
 
     def register(fn: Callable):
         params = list(inspect.signature(fn).parameters)
         _BODIES[name] = (fn, tuple(params.index(arg) for arg in mutates))
-        registered = fn
-        if check is not None:
-            _CHECKS[name] = check
-            registered = _checked(fn, check)
+        _CHECKS[name] = check
+        registered = _checked(fn, check)
         if TRACEABLE_TRITON:
             op = torch.library.triton_op(qualname, registered, mutates_args=mutates)
         else:
@@ -76,16 +74,19 @@ def kernel_op(
 
 
 def _checked(fn: Callable, check: Callable) -> Callable:
-    """``fn`` after ``check`` on the same arguments, every one in ``fn``'s order (the
-    dispatcher leaves out trailing defaults, which ``check`` need not default alike), with
-    ``fn``'s signature (the schema is inferred from it)."""
+    """``fn`` after ``check``, with ``fn``'s signature (the schema is inferred from it).
+    ``check`` takes some of the op's arguments, by their names (the dispatcher leaves out
+    trailing defaults: each is filled in)."""
     signature = inspect.signature(fn)
+    names = list(inspect.signature(check).parameters)
+    if unknown := set(names) - set(signature.parameters):
+        raise TypeError(f"{check.__name__} takes {sorted(unknown)}, not arguments of the op")
 
     @functools.wraps(fn)
     def checked(*args, **kwargs):
         bound = signature.bind(*args, **kwargs)
         bound.apply_defaults()
-        check(*bound.args)
+        check(**{name: bound.arguments[name] for name in names})
         return fn(*args, **kwargs)
 
     return checked

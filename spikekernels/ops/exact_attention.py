@@ -149,7 +149,7 @@ def exact_attention_probs_torch(
     return target_spikes_torch(probs, threshold, n_min, p_max, count, active, counts_out)
 
 
-@kernel_op("exact_attention_probs", mutates_args=("count", "active"))
+@kernel_op("exact_attention_probs", mutates_args=("count", "active"), check=_check_probs)
 def _exact_attention_probs_op(
     q: torch.Tensor,
     k_t: torch.Tensor,
@@ -167,7 +167,6 @@ def _exact_attention_probs_op(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     args = (q, k_t, gain, threshold, n_min, p_max, q_count, k_count, count)
     flags = (counts_in, counts_out)
-    _check_probs(*args, active, inplace, *flags)
     backend = backend_for(q, ("triton", "torch"))
     if backend == "triton" and fused_probs_fits(q, k_t):
         from spikekernels.kernels.exact_attention import exact_attention_probs_triton
@@ -343,7 +342,7 @@ def exact_context_torch(
     return target_spikes_torch(y, threshold, n_min, p_max, count, active)
 
 
-@kernel_op("exact_context", mutates_args=("count", "active", "row_active"))
+@kernel_op("exact_context", mutates_args=("count", "active", "row_active"), check=_check_context)
 def _exact_context_op(
     a: torch.Tensor,
     v: torch.Tensor,
@@ -362,7 +361,6 @@ def _exact_context_op(
     row_active: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     args = (a, v, theta_a, theta_v, threshold, n_min, p_max, a_count, v_count, count)
-    _check_context(*args, active, inplace, merge_heads, counts_in, row_active)
     backend = backend_for(a, ("triton", "torch"))
     if backend == "triton" and fused_context_fits(a, v):
         from spikekernels.kernels.exact_attention import exact_context_triton

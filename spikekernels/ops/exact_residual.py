@@ -58,14 +58,13 @@ def exact_residual_add_torch(
     return out if d is None else out.add_(d)
 
 
-@kernel_op("exact_residual_add")
+@kernel_op("exact_residual_add", check=_check_exact_residual_add)
 def _exact_residual_add_op(
     d: torch.Tensor | None,
     branch_spikes: torch.Tensor,
     branch_threshold: torch.Tensor,
     branch_count: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    _check_exact_residual_add(d, branch_spikes, branch_threshold, branch_count)
     backend = backend_for(branch_spikes, ("triton", "torch"))
     if backend == "triton":
         from spikekernels.kernels.exact_residual import exact_residual_add_triton

@@ -51,7 +51,7 @@ def check_spike_layernorm(x, weight, bias, eps, x_acc, y_prev) -> None:
     check_state(y_prev, "y_prev", shape, (torch.float32,), x, "x")
 
 
-@kernel_op("spike_layernorm")
+@kernel_op("spike_layernorm", check=check_spike_layernorm)
 def _spike_layernorm_op(
     x: torch.Tensor,
     weight: torch.Tensor | None,
@@ -60,7 +60,6 @@ def _spike_layernorm_op(
     x_acc: torch.Tensor | None = None,
     y_prev: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    check_spike_layernorm(x, weight, bias, eps, x_acc, y_prev)
     backend = backend_for(x, ("triton", "torch"))
     if backend == "triton":
         from spikekernels.kernels.layernorm import spike_layernorm_triton

@@ -19,7 +19,7 @@ from spikekernels.ops._checks import (
 from spikekernels.ops._dispatch import backend_for
 from spikekernels.ops._registry import call_op, kernel_op, launcher
 from spikekernels.ops.layernorm import check_spike_layernorm
-from spikekernels.ops.neuron import check_neuron_state
+from spikekernels.ops.neuron import check_neuron_state, neuron_count_dtype
 
 
 def _check_branches(x, branch, branch2, residual_out) -> None:
@@ -56,12 +56,14 @@ def _check_branches(x, branch, branch2, residual_out) -> None:
 
 def _check_spike_layernorm_neuron(
     x, weight, bias, eps, threshold, n_min, p_max, x_acc, y_prev, v, count, active,
-    branch=(None, None), branch2=(None, None), residual_out=False,
+    branch_spikes=None, branch_threshold=None, branch2_spikes=None, branch2_threshold=None,
+    residual_out=False,
 ) -> torch.dtype:  # fmt: skip
     """Metadata checks (no data read), both ops' own; returns the outgoing count's dtype."""
     check_spike_layernorm(x, weight, bias, eps, x_acc, y_prev)
     check_scalar_tensor(threshold, "threshold", x, "x")
     check_active(active, x.shape, x, "x")
+    branch, branch2 = (branch_spikes, branch_threshold), (branch2_spikes, branch2_threshold)
     _check_branches(x, branch, branch2, residual_out)
     return check_neuron_state(n_min, p_max, v, count, x.shape[1:], x, "x")
 
@@ -84,7 +86,7 @@ def _no_residual(x: torch.Tensor) -> torch.Tensor:
     return x.new_empty(0)
 
 
-@kernel_op("spike_layernorm_neuron", mutates_args=("active",))
+@kernel_op("spike_layernorm_neuron", mutates_args=("active",), check=_check_spike_layernorm_neuron)
 def _spike_layernorm_neuron_op(
     x: torch.Tensor,
     weight: torch.Tensor | None,
@@ -106,7 +108,7 @@ def _spike_layernorm_neuron_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     args = (x, weight, bias, eps, threshold, n_min, p_max, x_acc, y_prev, v, count)
     branch, branch2 = (branch_spikes, branch_threshold), (branch2_spikes, branch2_threshold)
-    count_dtype = _check_spike_layernorm_neuron(*args, active, branch, branch2, residual_out)
+    count_dtype = neuron_count_dtype(n_min, p_max, count)
     branches = _branches(branch, branch2)
     backend = backend_for(x, ("triton", "torch"))
     if backend == "triton":
@@ -162,7 +164,7 @@ def _(
 ):
     args = (x, weight, bias, eps, threshold, n_min, p_max, x_acc, y_prev, v, count)
     branch, branch2 = (branch_spikes, branch_threshold), (branch2_spikes, branch2_threshold)
-    count_dtype = _check_spike_layernorm_neuron(*args, active, branch, branch2, residual_out)
+    count_dtype = _check_spike_layernorm_neuron(*args, active, *branch, *branch2, residual_out)
     shape = x.shape[1:]
     return (
         x.new_empty(x.shape, dtype=torch.int8),
@@ -259,7 +261,7 @@ def spike_layernorm_neuron(
     eps = check_float(eps, "eps")
     args = (x, weight, bias, eps, threshold, n_min, p_max, x_acc, y_prev, v, count)
     branch, branch2 = (branch_spikes, branch_threshold), (branch2_spikes, branch2_threshold)
-    _check_spike_layernorm_neuron(*args, active, branch, branch2, residual_out)
+    _check_spike_layernorm_neuron(*args, active, *branch, *branch2, residual_out)
     check_threshold_values(threshold, "threshold", validate)
     check_in_bounds(count, "count", n_min, p_max, validate)
     for prefix, (spikes, theta) in (("branch", branch), ("branch2", branch2)):

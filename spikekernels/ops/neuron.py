@@ -34,10 +34,15 @@ def check_neuron_state(n_min, p_max, v, count, shape, like, like_name) -> torch.
         raise ValueError("give the incoming state as both v and count, or neither")
     check_state(v, "v", shape, (torch.float32,), like, like_name)
     check_state(count, "count", shape, COUNT_DTYPES, like, like_name)
-    if count is None:
-        return levels.count_dtype(n_min, p_max)
-    check_bounds(n_min, p_max, count.dtype, count_name="count")
-    return count.dtype
+    if count is not None:
+        check_bounds(n_min, p_max, count.dtype, count_name="count")
+    return neuron_count_dtype(n_min, p_max, count)
+
+
+def neuron_count_dtype(n_min: int, p_max: int, count: torch.Tensor | None) -> torch.dtype:
+    """The outgoing count's dtype: ``count``'s, or ``levels.count_dtype(n_min, p_max)`` when
+    fresh (an op body's, after ``check_neuron_state``)."""
+    return levels.count_dtype(n_min, p_max) if count is None else count.dtype
 
 
 def _check_st_bif(x, threshold, n_min, p_max, v, count, active=None) -> torch.dtype:
@@ -50,7 +55,7 @@ def _check_st_bif(x, threshold, n_min, p_max, v, count, active=None) -> torch.dt
     return count_dtype
 
 
-@kernel_op("st_bif", mutates_args=("active",))
+@kernel_op("st_bif", mutates_args=("active",), check=_check_st_bif)
 def _st_bif_op(
     x: torch.Tensor,
     threshold: torch.Tensor,
@@ -61,7 +66,7 @@ def _st_bif_op(
     float_out: bool = False,
     active: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    count_dtype = _check_st_bif(x, threshold, n_min, p_max, v, count, active)
+    count_dtype = neuron_count_dtype(n_min, p_max, count)
     backend = backend_for(x, ("triton", "cpp", "torch"))
     if backend == "triton":
         from spikekernels.kernels.neuron import st_bif_triton

@@ -55,10 +55,13 @@ def _check_fused(a, b, names, scale, threshold, n_min, p_max, a_count, b_count, 
     check_active(active, (a.shape[0], *shape), a, a_name)
 
 
-def _check_probs(q, k_t, scale, threshold, n_min, p_max, q_count, k_count, state, active):
-    """Metadata checks (no data read); ``state`` the four state tensors or Nones."""
-    _check_fused(q, k_t, ("q", "k_t"), scale, threshold, n_min, p_max, q_count, k_count, state,
-                 _STATE, active)  # fmt: skip
+def _check_probs(
+    q, k_t, scale, threshold, n_min, p_max, q_count, k_count, x_acc, y_prev, membrane, count,
+    active,
+) -> None:  # fmt: skip
+    """Metadata checks (no data read); the state tensors all given or all None."""
+    _check_fused(q, k_t, ("q", "k_t"), scale, threshold, n_min, p_max, q_count, k_count,
+                 (x_acc, y_prev, membrane, count), _STATE, active)  # fmt: skip
 
 
 def spike_attention_probs_torch(
@@ -90,7 +93,7 @@ def spike_attention_probs_torch(
     return spikes, x, y, membrane, count
 
 
-@kernel_op("spike_attention_probs", mutates_args=("active",))
+@kernel_op("spike_attention_probs", mutates_args=("active",), check=_check_probs)
 def _spike_attention_probs_op(
     q: torch.Tensor,
     k_t: torch.Tensor,
@@ -107,7 +110,6 @@ def _spike_attention_probs_op(
     active: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     args = (q, k_t, scale, threshold, n_min, p_max, q_count, k_count)
-    _check_probs(*args, (x_acc, y_prev, membrane, count), active)
     state = None if x_acc is None else (x_acc, y_prev, membrane, count)
     backend = backend_for(q, ("triton", "torch"))
     if backend == "triton" and fused_probs_fits(q, k_t):
@@ -129,7 +131,7 @@ def _(
     y_prev=None, membrane=None, count=None, active=None,
 ):  # fmt: skip
     args = (q, k_t, scale, threshold, n_min, p_max, q_count, k_count)
-    _check_probs(*args, (x_acc, y_prev, membrane, count), active)
+    _check_probs(*args, x_acc, y_prev, membrane, count, active)
     shape = (*q.shape[1:-1], k_t.shape[-1])
     spikes = q.new_empty((q.shape[0], *shape), dtype=torch.int8)
     return spikes, *(q.new_empty(shape, dtype=dtype) for _, dtype in _STATE)
@@ -200,7 +202,7 @@ def spike_attention_probs(
             "state must be None or the tuple (x_acc, y_prev, membrane, count) a call returned"
         )
     parts = (None,) * 4 if state is None else tuple(state)
-    _check_probs(*args, parts, active)
+    _check_probs(*args, *parts, active)
     scalars = ((scale, "scale"), (threshold, "threshold"))
     check_data(q, k_t, "q", "k_t", q_count, k_count, scalars, validate)
     check_in_bounds(parts[3], "count", n_min, p_max, validate)
@@ -215,9 +217,9 @@ _CONTEXT_STATE = (("membrane", torch.float32), ("count", torch.int8))
 
 
 def _check_context(
-    a, v, scale, threshold, n_min, p_max, a_count, v_count, state, active, merge_heads
+    a, v, scale, threshold, n_min, p_max, a_count, v_count, membrane, count, active, merge_heads
 ) -> None:
-    """Metadata checks (no data read); ``state`` the two state tensors or Nones."""
+    """Metadata checks (no data read); the state tensors both given or both None."""
     if not isinstance(merge_heads, bool):
         raise TypeError(f"merge_heads must be a bool, got {type(merge_heads).__name__}")
     if merge_heads and a.dim() < 4:
@@ -225,8 +227,8 @@ def _check_context(
             "merge_heads=True merges the last batch dim (the heads) into the channels: "
             f"a needs one, [T, *batch, M, N], got shape {tuple(a.shape)}"
         )
-    _check_fused(a, v, ("a", "v"), scale, threshold, n_min, p_max, a_count, v_count, state,
-                 _CONTEXT_STATE, active)  # fmt: skip
+    _check_fused(a, v, ("a", "v"), scale, threshold, n_min, p_max, a_count, v_count,
+                 (membrane, count), _CONTEXT_STATE, active)  # fmt: skip
 
 
 def spike_context_torch(
@@ -245,7 +247,7 @@ def spike_context_torch(
     return spikes, membrane, count
 
 
-@kernel_op("spike_context", mutates_args=("active",))
+@kernel_op("spike_context", mutates_args=("active",), check=_check_context)
 def _spike_context_op(
     a: torch.Tensor,
     v: torch.Tensor,
@@ -261,7 +263,6 @@ def _spike_context_op(
     merge_heads: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     args = (a, v, scale, threshold, n_min, p_max, a_count, v_count)
-    _check_context(*args, (membrane, count), active, merge_heads)
     state = None if membrane is None else (membrane, count)
     backend = backend_for(a, ("triton", "torch"))
     if backend == "triton" and fused_context_fits(a, v):
@@ -284,7 +285,7 @@ def _(
     count=None, active=None, merge_heads=False,
 ):  # fmt: skip
     args = (a, v, scale, threshold, n_min, p_max, a_count, v_count)
-    _check_context(*args, (membrane, count), active, merge_heads)
+    _check_context(*args, membrane, count, active, merge_heads)
     shape = (*a.shape[1:-1], v.shape[-1])
     spikes = a.new_empty((a.shape[0], *shape), dtype=torch.int8)
     state = (a.new_empty(shape, dtype=dtype) for _, dtype in _CONTEXT_STATE)
@@ -350,7 +351,7 @@ def spike_context(
     if state is not None and (not isinstance(state, (tuple, list)) or len(state) != 2):
         raise TypeError("state must be None or the tuple (membrane, count) a call returned")
     parts = (None, None) if state is None else tuple(state)
-    _check_context(*args, parts, active, merge_heads)
+    _check_context(*args, *parts, active, merge_heads)
     scalars = ((scale, "scale"), (threshold, "threshold"))
     check_data(a, v, "a", "v", a_count, v_count, scalars, validate)
     check_in_bounds(parts[1], "count", n_min, p_max, validate)

@@ -164,7 +164,7 @@ def spike_linear_torch(
     return out
 
 
-@kernel_op("spike_linear")
+@kernel_op("spike_linear", check=_check_spike_linear)
 def _spike_linear_op(
     s: torch.Tensor,
     weight: torch.Tensor,
@@ -174,7 +174,6 @@ def _spike_linear_op(
     bias_steps: int = 1,
     weight_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    _check_spike_linear(s, weight, in_threshold, bias, t0, bias_steps, weight_scale)
     backend = backend_for(s, ("triton", "torch"))
     if backend == "reference":
         from spikekernels import reference

@@ -20,7 +20,7 @@ from spikekernels.ops._checks import (
 )
 from spikekernels.ops._dispatch import backend_for
 from spikekernels.ops._registry import call_op, kernel_op, launcher
-from spikekernels.ops.neuron import check_neuron_state
+from spikekernels.ops.neuron import check_neuron_state, neuron_count_dtype
 from spikekernels.ops.spike_linear import (
     bias_share,
     check_linear_inputs,
@@ -87,7 +87,7 @@ def spike_linear_neuron_torch(
     return spikes, v_out, count_out
 
 
-@kernel_op("spike_linear_neuron", mutates_args=("active",))
+@kernel_op("spike_linear_neuron", mutates_args=("active",), check=_check_spike_linear_neuron)
 def _spike_linear_neuron_op(
     s: torch.Tensor,
     weight: torch.Tensor,
@@ -104,7 +104,7 @@ def _spike_linear_neuron_op(
     active: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     args = (s, weight, in_threshold, threshold, n_min, p_max, bias, t0, bias_steps, v, count)
-    count_dtype = _check_spike_linear_neuron(*args, active)
+    count_dtype = neuron_count_dtype(n_min, p_max, count)
     backend = backend_for(s, ("triton", "torch"))
     if backend == "triton" and weight_offsets_fit(weight):
         from spikekernels.kernels.spike_linear_neuron import spike_linear_neuron_triton

@@ -82,7 +82,7 @@ def spike_matmul_torch(
     )
 
 
-@kernel_op("spike_matmul")
+@kernel_op("spike_matmul", check=_check_spike_matmul)
 def _spike_matmul_op(
     a: torch.Tensor,
     b: torch.Tensor,
@@ -90,7 +90,6 @@ def _spike_matmul_op(
     a_acc: torch.Tensor | None = None,
     b_acc: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    _check_spike_matmul(a, b, scale, a_acc, b_acc)
     m, k, n = a.shape[-2], a.shape[-1], b.shape[-1]
     backend = backend_for(a, ("triton", "torch"))
     # slabs past the kernels' int32 offsets take the PyTorch path

@@ -65,7 +65,7 @@ def target_spikes_torch(
     return spikes if counts is None else counts, c.to(torch.int8)
 
 
-@kernel_op("target_spikes", mutates_args=("count", "active"))
+@kernel_op("target_spikes", mutates_args=("count", "active"), check=_check_target_spikes)
 def _target_spikes_op(
     value: torch.Tensor,
     threshold: torch.Tensor,
@@ -75,7 +75,6 @@ def _target_spikes_op(
     active: torch.Tensor | None = None,
     inplace: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    _check_target_spikes(value, threshold, n_min, p_max, count, active, inplace)
     backend = backend_for(value, ("triton", "torch"))
     if backend == "triton":
         from spikekernels.kernels.target import target_spikes_triton
