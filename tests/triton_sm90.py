@@ -157,7 +157,7 @@ def spike_linear_cases() -> list[Case]:
     ]:
         block_m, block_n, block_k, num_warps, num_stages = spike_linear.tile_config(w_dtype)
         signature = {
-            # the spikes in the weight's dtype for a float weight (spike_linear.dot_spikes)
+            # the spikes in the weight's dtype for a float weight (spike_linear.dot_operands)
             "s_ptr": "*i8" if w_dtype == torch.int8 else f"*{w_ty.removesuffix('x3')}",
             "w_ptr": f"*{w_ty.removesuffix('x3')}",
             "theta_ptr": "*fp32",
@@ -1030,7 +1030,7 @@ def spike_linear_neuron_cases() -> list[Case]:
         ("fp16", 1, True, False, False, False),
     ]:
         signature = {
-            "s_ptr": f"*{w_ty}",  # spike_linear.dot_spikes
+            "s_ptr": f"*{w_ty}",  # spike_linear.dot_operands
             "w_ptr": f"*{w_ty}",
             "theta_in_ptr": "*fp32",
             "bias_ptr": "*fp32",

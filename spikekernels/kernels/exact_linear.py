@@ -68,7 +68,7 @@ from spikekernels.kernels.activity import (
     record_tile_groups,
     tile_groups,
 )
-from spikekernels.kernels.spike_linear import even_tiles
+from spikekernels.kernels.spike_linear import aligned_k, even_tiles
 from spikekernels.kernels.target import (
     inverse_threshold,
     load_threshold,
@@ -442,6 +442,9 @@ def exact_linear_triton(
     if rows == 0 or N == 0:
         return out, count_out
     block_m, block_n, block_k, num_warps, num_stages, resident_k_tiles = tile_config()
+    # zeros past K: exact zero products, aligned strides (spike_linear.dot_operands)
+    s, weight, s_count = aligned_k(s, weight, s_count)
+    K = s.shape[-1]
     rows_or_spikes = s if s_row_active is None else s_row_active.view(T, rows, 1)
     flags, num_m = step_tile_flags(launch, rows_or_spikes, block_m, num_warps, row_settled)
     unsettled = flags

@@ -22,6 +22,7 @@ one FMA (Triton fuses mul+add by default): two roundings, as in the reference.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -60,12 +61,33 @@ def dot_flags(weight: torch.Tensor) -> dict[str, object]:
     )
 
 
-def dot_spikes(s: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """The spikes as ``spike_dot`` reads them: ``s`` itself for int8 weights, else converted
-    once to the weight's dtype (bfloat16 for a split float32 weight). Every output tile would
-    otherwise convert each int8 spike tile for the tensor cores, about four instructions an
-    element on sm_90 (half the K loop's), N / BLOCK_N times over."""
-    return s if weight.dtype == torch.int8 else s.to(weight.dtype)
+# spike_dot's K (the spikes' and the weight's row stride) is padded to a multiple of this
+K_ALIGN = 16
+
+
+def aligned_k(*ts: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """``ts`` (sharing their last dim, K; None passes through), zero-padded along K to a
+    multiple of ``K_ALIGN`` where K is not one (``dot_operands`` says why)."""
+    pad = -next(t for t in ts if t is not None).shape[-1] % K_ALIGN
+    if not pad:
+        return ts
+    return tuple(None if t is None else F.pad(t, (0, pad)) for t in ts)
+
+
+def dot_operands(s: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The spikes and the weight as ``spike_dot`` reads them; K is their last dim.
+
+    The spikes are ``s`` itself for int8 weights, else converted once to the weight's dtype
+    (bfloat16 for a split float32 weight): every output tile would otherwise convert each
+    int8 spike tile for the tensor cores, about four instructions an element on sm_90 (half
+    the K loop's), N / BLOCK_N times over. A K that is not a multiple of ``K_ALIGN`` is
+    zero-padded up to one in both: row strides (and the split's part stride) divisible by 16
+    are what lets the compiler vectorise the loads, without which sm_90 spilled 1-7 KB inside
+    the step loop (K = 45). The zeros fall in the last K tile, where the loads' masks put
+    zeros anyway: the same products, the same bits. (A copy per call, for such K only.)"""
+    if weight.dtype != torch.int8:
+        s = s.to(weight.dtype)
+    return aligned_k(s, weight)
 
 
 def even_tiles(rows: int, n: int, k: int, block_m: int, block_n: int, block_k: int) -> dict:
@@ -119,7 +141,7 @@ def spike_dot(
 
 @triton.jit
 def spike_linear_kernel(
-    s_ptr,  # [R, K] ternary spikes, R = T * rows: int8, or the weight's dtype (dot_spikes)
+    s_ptr,  # [R, K] ternary spikes, R = T * rows: int8, or the weight's dtype (dot_operands)
     w_ptr,  # [N, K] weight (int8, float16, bfloat16), or [PARTS, N, K] bf16 parts
     theta_ptr,  # [1] threshold (any float dtype), read on the device
     w_scale_ptr,  # [N] float32 per-output-channel scale (INT8_W only)
@@ -202,7 +224,7 @@ def spike_linear_triton(
     """Host side: ``s`` ``[R, K]`` int8 and ``weight`` contiguous, ``[N, K]`` int8 / float16 /
     bfloat16 or the ``[3, N, K]`` bf16 split of a float32 weight; returns ``[R, N]`` float32.
     ``bias_share`` (float32 ``[N]``) goes on rows ``[0, due_rows)``."""
-    R, K = s.shape
+    R = s.shape[0]
     N = weight.shape[-2]
     out = torch.empty((R, N), dtype=torch.float32, device=s.device)
     if R == 0 or N == 0:
@@ -212,8 +234,10 @@ def spike_linear_triton(
         torch.float32 if split else weight.dtype
     )
     flags, num_m = step_tile_flags(launch, s[None], block_m, num_warps)  # one "step": all rows
+    s, weight = dot_operands(s, weight)
+    K = s.shape[-1]
     launch(spike_linear_kernel)[(num_m, cdiv(N, block_n))](
-        dot_spikes(s, weight),
+        s,
         weight,
         threshold,
         threshold if weight_scale is None else weight_scale,

@@ -25,13 +25,13 @@ import triton.language as tl
 from spikekernels.kernels import INTERPRET, cdiv, on_device
 from spikekernels.kernels.activity import active_layout, record_active_rows
 from spikekernels.kernels.neuron import st_bif_step
-from spikekernels.kernels.spike_linear import dot_flags, dot_spikes, even_tiles, spike_dot
+from spikekernels.kernels.spike_linear import dot_flags, dot_operands, even_tiles, spike_dot
 from spikekernels.kernels.target import load_threshold
 from spikekernels.kernels.tile_flags import step_tile_flags
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) on a GPU: BLOCK_M = 64 rows per
 # warpgroup for Hopper's wgmma and a fine skip granularity; BLOCK_N = 64 (the spikes arrive
-# in the weight's dtype, so no conversion in registers: spike_linear.dot_spikes), and 32 for
+# in the weight's dtype, so no conversion in registers: spike_linear.dot_operands), and 32 for
 # float_out, whose float spikes' stores spilled at 64 (tests/triton_sm90.py checks). v and
 # the count live in registers across the T loop next to the float32 accumulator and the
 # three weight parts' loads. Untuned on hardware so far: see bench/results/.
@@ -56,7 +56,7 @@ def tile_config(float_out: bool = False) -> tuple[int, int, int, int, int]:
 
 @triton.jit
 def spike_linear_neuron_kernel(
-    s_ptr,  # [T, rows, K] ternary spikes in the weight's dtype (spike_linear.dot_spikes)
+    s_ptr,  # [T, rows, K] ternary spikes in the weight's dtype (spike_linear.dot_operands)
     w_ptr,  # [N, K] float16 / bfloat16, or [PARTS, N, K] bf16 parts of a float32 weight
     theta_in_ptr,  # [1] threshold of the neuron feeding the spikes (any float dtype)
     bias_ptr,  # [N] float32 bias share per due step (HAS_BIAS only)
@@ -189,7 +189,7 @@ def spike_linear_neuron_triton(
     ``[N]`` added on the first ``due_steps`` steps; ``v``/``count`` ``[rows, N]`` or None;
     ``active`` ``[T, B]`` int32 contiguous or None.
     Returns fresh ``(spikes [T, rows, N], v [rows, N] float32, count [rows, N])``."""
-    T, rows, K = s.shape
+    T, rows = s.shape[:2]
     N = weight.shape[-2]
     out_dtype = torch.float32 if float_out else torch.int8
     out = torch.empty((T, rows, N), dtype=out_dtype, device=s.device)
@@ -199,8 +199,10 @@ def spike_linear_neuron_triton(
         return out, v_out, count_out
     block_m, block_n, block_k, num_warps, num_stages = tile_config(float_out)
     flags, num_m = step_tile_flags(launch, s, block_m, num_warps)
+    s, weight = dot_operands(s, weight)
+    K = s.shape[-1]
     launch(spike_linear_neuron_kernel)[(num_m, cdiv(N, block_n))](
-        dot_spikes(s, weight),
+        s,
         weight,
         in_threshold,
         in_threshold if bias_share is None else bias_share,

@@ -11,6 +11,7 @@ check metadata only.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -88,6 +89,13 @@ def check_threshold(
     check_same_device(like_name, like, name, threshold)
 
 
+@functools.cache
+def _int_range(dtype: torch.dtype) -> tuple[int, int]:
+    """An integer dtype's range (torch.iinfo once per dtype: the bounds are checked per call)."""
+    info = torch.iinfo(dtype)
+    return info.min, info.max
+
+
 def check_bounds(
     n_min: object,
     p_max: object,
@@ -105,8 +113,8 @@ def check_bounds(
         raise ValueError(f"level bounds inverted: {names[0]}={n_min} > {names[1]}={p_max}")
     if n_min > 0 or p_max < 0:
         raise ValueError(f"level bounds must contain 0 (the fresh count): [{n_min}, {p_max}]")
-    info = torch.iinfo(count_dtype)
-    if n_min < info.min or p_max > info.max:
+    low, high = _int_range(count_dtype)
+    if n_min < low or p_max > high:
         dtype = str(count_dtype).removeprefix("torch.")
         if count_name is not None:
             raise ValueError(
@@ -114,7 +122,7 @@ def check_bounds(
             )
         raise ValueError(
             f"level bounds [{n_min}, {p_max}]: the {dtype} count would overflow; counts must "
-            f"lie in [{info.min}, {info.max}]"
+            f"lie in [{low}, {high}]"
         )
 
 
