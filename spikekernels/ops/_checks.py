@@ -11,7 +11,6 @@ check metadata only.
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Sequence
 
@@ -89,11 +88,12 @@ def check_threshold(
     check_same_device(like_name, like, name, threshold)
 
 
-@functools.cache
-def _int_range(dtype: torch.dtype) -> tuple[int, int]:
-    """An integer dtype's range (torch.iinfo once per dtype: the bounds are checked per call)."""
-    info = torch.iinfo(dtype)
-    return info.min, info.max
+# the integer dtypes' ranges, looked up once (the bounds are checked on every call; a dict,
+# not functools.cache, which torch.compile warns about when it traces a face)
+_INT_RANGES = {
+    dtype: (torch.iinfo(dtype).min, torch.iinfo(dtype).max)
+    for dtype in (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+}
 
 
 def check_bounds(
@@ -113,7 +113,7 @@ def check_bounds(
         raise ValueError(f"level bounds inverted: {names[0]}={n_min} > {names[1]}={p_max}")
     if n_min > 0 or p_max < 0:
         raise ValueError(f"level bounds must contain 0 (the fresh count): [{n_min}, {p_max}]")
-    low, high = _int_range(count_dtype)
+    low, high = _INT_RANGES[count_dtype]
     if n_min < low or p_max > high:
         dtype = str(count_dtype).removeprefix("torch.")
         if count_name is not None:
