@@ -38,7 +38,10 @@ Spills it still lists: float mode's first-chunk qkv layer at rows not a multiple
 outside every loop), the linears of ``test_activity``'s odd shapes, K = 45 (1-7 KB, in the
 step loop: a K that is not a multiple of 16 spills; no ViT has one), and the compat
 LayerNorm's fresh ``spike_layernorm`` at 16 channels (8 B at 72 registers, outside every
-loop).
+loop). Session 29: the linears pad a K that is not a multiple of 16 (aligned strides); the
+K = 45 launches of ``test_activity`` then spill 1376 B (float, 17 local accesses in a loop,
+from 7280 B and 1049) and 796 B (exact, 35, from 1024 B and 48): what is left comes from
+rows and N that are not multiples of 16 either (every dim masked, unaligned state rows).
 """
 
 from __future__ import annotations
