@@ -21,6 +21,7 @@ from torch import nn
 from spikekernels import exact_math
 from spikekernels.nn.hooks import hooked
 from spikekernels.nn.neuron import FixedDtypeBuffers, scalar_tensor, threshold_tensor
+from spikekernels.nn.plain_state import PlainState
 from spikekernels.nn.target_neuron import SettledRowsNeuron, TargetNeuron
 from spikekernels.ops._checks import check_state, check_tensor, check_time_major, may_read_data
 from spikekernels.ops.exact_layernorm import exact_layernorm_neuron
@@ -61,7 +62,7 @@ def _register_int_linear(
     module.register_buffer("in_threshold", threshold_tensor(in_threshold, "in_threshold"))
 
 
-class ExactLinear(FixedDtypeBuffers, nn.Module):
+class ExactLinear(FixedDtypeBuffers, PlainState, nn.Module):
     """``[T, *, K]`` ternary spikes in, the linear's current value ``[T, *, N]`` float32 out.
 
     ``acc`` (int32, ``[*, N]``) is the exact running ``q_in @ W_int^T`` of the input counts,

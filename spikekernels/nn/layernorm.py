@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from spikekernels.nn.neuron import STBIF
+from spikekernels.nn.plain_state import PlainState
 from spikekernels.ops._checks import check_float, check_int, check_tensor
 from spikekernels.ops.layernorm import spike_layernorm
 from spikekernels.ops.layernorm_neuron import spike_layernorm_neuron
@@ -34,7 +35,7 @@ def _check_channels(x: object, num_channels: int) -> None:
         )
 
 
-class SpikeLayerNorm(nn.Module):
+class SpikeLayerNorm(PlainState, nn.Module):
     """Spike-LayerNorm over the last dim of ``[T, B, ..., C]``, state kept until ``reset()``.
 
     ``X = X + h_t; Y = layer_norm(X, weight, bias, eps); out_t = Y - Y_prev``: the outputs

@@ -7,6 +7,7 @@ from torch import nn
 
 from spikekernels.kernels import use_triton
 from spikekernels.nn.neuron import FixedDtypeBuffers, threshold_tensor
+from spikekernels.nn.plain_state import PlainState
 from spikekernels.nn.quant_linear import QuantLinear
 from spikekernels.ops._checks import check_int, check_tensor
 from spikekernels.ops.spike_linear import spike_linear
@@ -43,7 +44,7 @@ class TensorCoreWeight:
         return self._split
 
 
-class SpikeLinear(FixedDtypeBuffers, TensorCoreWeight, nn.Module):
+class SpikeLinear(FixedDtypeBuffers, TensorCoreWeight, PlainState, nn.Module):
     """Linear map of ternary spikes ``[T, B, ..., K]`` to float32 ``[T, B, ..., N]``.
 
     ``out_t = theta * (s_t @ W^T)`` plus the bias on the first ``bias_steps`` global steps

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from spikekernels.levels import level_bounds
+from spikekernels.nn.plain_state import PlainState
 from spikekernels.ops._checks import check_flag, check_threshold_values
 from spikekernels.ops.neuron import st_bif
 
@@ -79,7 +80,7 @@ class ActivityWatcher:
         self.activity = flags
 
 
-class STBIF(FixedDtypeBuffers, ActivityWatcher, nn.Module):
+class STBIF(FixedDtypeBuffers, ActivityWatcher, PlainState, nn.Module):
     """Multi-step ST-BIF neuron over ``[T, B, ...]``, state kept between calls until ``reset()``.
 
     Built from a QANN quantizer's step (``threshold``) and its ``level`` / ``signed`` bounds.

@@ -5,10 +5,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from spikekernels.nn.plain_state import PlainState
 from spikekernels.ops.softmax import spike_softmax
 
 
-class SpikeSoftmax(nn.Module):
+class SpikeSoftmax(PlainState, nn.Module):
     """Spike-Softmax over the last dim of ``[T, *rows, N]``, state kept between calls.
 
     Each call continues the running sum ``X`` and the last softmax ``Y_prev`` (float32,

@@ -13,12 +13,13 @@ import torch
 from torch import nn
 
 from spikekernels.nn.neuron import FixedDtypeBuffers, scalar_tensor
+from spikekernels.nn.plain_state import PlainState
 from spikekernels.ops.spike_matmul import spike_matmul
 
 __all__ = ["RunningSpikeMatmul", "SpikeMatmul"]
 
 
-class SpikeMatmul(FixedDtypeBuffers, nn.Module):
+class SpikeMatmul(FixedDtypeBuffers, PlainState, nn.Module):
     """``out_t = scale * (a_t @ B_t + A_{t-1} @ b_t)`` over ``[T, *batch, M, K]`` x
     ``[T, *batch, K, N]`` ternary int8 spikes; the running counts ``A``, ``B`` are kept
     between calls until ``reset()``. ``scale``: one-element tensor (a buffer). Float32 out.
@@ -39,7 +40,7 @@ class SpikeMatmul(FixedDtypeBuffers, nn.Module):
         return out
 
 
-class RunningSpikeMatmul(nn.Module):
+class RunningSpikeMatmul(PlainState, nn.Module):
     """The running integer product ``S_t = A_t @ B_t`` (int32, ``[T, *batch, M, N]``) of two
     ternary spike trains, updated exactly by ``S_t = S_{t-1} + a_t @ B_t + A_{t-1} @ b_t``.
 

@@ -7,13 +7,14 @@ from torch import nn
 
 from spikekernels.levels import level_bounds
 from spikekernels.nn.neuron import ActivityWatcher, FixedDtypeBuffers, threshold_tensor
+from spikekernels.nn.plain_state import PlainState
 from spikekernels.ops._checks import check_flag
 from spikekernels.ops.target import target_spikes
 
 __all__ = ["TargetNeuron"]
 
 
-class TargetNeuron(FixedDtypeBuffers, ActivityWatcher, nn.Module):
+class TargetNeuron(FixedDtypeBuffers, ActivityWatcher, PlainState, nn.Module):
     """Exact mode's neuron over ``[T, B, ...]``: it fires toward the quantizer's integer.
 
     At each step, with ``y_t`` the *current value* of its input (not an increment):
