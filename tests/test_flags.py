@@ -1,6 +1,7 @@
 """Activity flags cut from one slab of zeros (``spikekernels.nn.flags``): the views are
-disjoint and aligned, a bad slab is refused by name, and an exact block's attention and MLP
-give the same bits whether their caller hands them a slab or they make their own."""
+disjoint and aligned, a bad slab is refused by name, and an exact block, its attention and
+its MLP give the same bits whether their caller hands them a slab (the runner one per block,
+cut from one for the chunk) or they make their own."""
 
 from __future__ import annotations
 
@@ -9,9 +10,11 @@ import copy
 import pytest
 import torch
 from conftest import DEVICES
+from torch.utils._pytree import tree_leaves
 
 from spikekernels.nn import observer
 from spikekernels.nn.flags import carve, slab_numel
+from spikekernels.ops.exact_layernorm import filled
 
 SHAPES = [(3, 2, 5), (1,), (2, 7), (4, 1, 1, 3)]
 
@@ -48,8 +51,8 @@ def test_a_bad_slab_is_refused_by_name(slab):
 
 
 def _calls(gen, device, chunk=2, steps=6):
-    """A tiny exact SNN's first block: its attention and MLP, and each of their calls in a
-    run (the module's state before the call, the call's spikes and keywords, all cloned)."""
+    """A tiny exact SNN's first block, its attention and MLP, and each of their calls in a
+    run (the module's state before the call, the call's input and keywords, all copied)."""
     from test_exact import TINY, images, make_exact
 
     from spikekernels import convert
@@ -57,18 +60,21 @@ def _calls(gen, device, chunk=2, steps=6):
     qann = make_exact(gen, **TINY, level=16)
     snn = convert(qann).to(device)
     calls = []
-    for name in ("attn", "mlp"):
-        module = getattr(snn.blocks[0], name)
+    for name in ("block", "attn", "mlp"):
+        module = snn.blocks[0] if name == "block" else getattr(snn.blocks[0], name)
 
         def record(m, args, kwargs, name=name):
-            kwargs = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
             state = copy.deepcopy(m)
-            state._forward_pre_hooks.clear()  # a replay records nothing
-            calls.append((name, state, args[0].clone(), kwargs))
+            for part in state.modules():
+                part._forward_pre_hooks.clear()  # a replay records nothing
+            calls.append((name, state, copy.deepcopy(args[0]), copy.deepcopy(kwargs)))
 
         module.register_forward_pre_hook(observer(record), with_kwargs=True)
     snn(images(gen, qann, 2).to(device), max_steps=steps, chunk=chunk)
-    assert {c[0] for c in calls} == {"attn", "mlp"} and len(calls) == 2 * (steps // chunk)
+    assert {c[0] for c in calls} == {"block", "attn", "mlp"}
+    assert len(calls) == 3 * (steps // chunk)
+    # the runner hands each block a slab: a view of the chunk's one
+    assert all(c[3].get("flags") is not None for c in calls if c[0] == "block")
     return calls
 
 
@@ -78,14 +84,15 @@ def test_a_given_slab_changes_no_bit(gen, device):
     past its flags, which nothing may touch) and once without: the same spikes, counts and
     row flags; and the flags land in the slab given."""
     used = set()
-    for name, module, s, kwargs in _calls(gen, device):
+    for name, module, x, kwargs in _calls(gen, device):
         runs = []
         for given in (False, True):
-            m, kw = copy.deepcopy(module), dict(kwargs)
-            kw["row_active"] = torch.zeros_like(kw["row_active"])
+            m, kw, s = copy.deepcopy(module), dict(kwargs), copy.deepcopy(x)
+            if "row_active" in kw:
+                kw["row_active"] = torch.zeros_like(kw["row_active"])
             if kw.get("count_before") is not None:
                 kw["count_before"] = torch.full_like(kw["count_before"], 99)
-            numel = slab_numel(m.flag_shapes(*s.shape[:-1]))
+            numel = slab_numel(m.flag_shapes(*_rows(s)))
             slab = torch.zeros(numel + 64, dtype=torch.int32, device=device)
             slab[numel:] = -7
             kw["flags"] = slab[:numel] if given else None
@@ -94,12 +101,24 @@ def test_a_given_slab_changes_no_bit(gen, device):
             if given and bool(slab[:numel].any()):
                 used.add(name)
             counts = [c.clone() for c in _counts(m)]
-            runs.append((out, kw["row_active"], kw.get("count_before"), counts))
-        (o0, r0, b0, c0), (o1, r1, b1, c1) = runs
-        assert torch.equal(o0, o1) and torch.equal(r0, r1), name
-        assert (b0 is None and b1 is None) or torch.equal(b0, b1), name
-        assert len(c0) == len(c1) > 0 and all(map(torch.equal, c0, c1)), name
-    assert used == {"attn", "mlp"}, f"only {used} set flags in the slab they were given"
+            written = [kw.get("row_active"), kw.get("count_before")]
+            leaves = tree_leaves((_stream(out), written, counts))
+            runs.append([t for t in leaves if isinstance(t, torch.Tensor)])
+        assert len(runs[0]) == len(runs[1]) > 0 and all(map(torch.equal, *runs)), name
+    assert used == {"block", "attn", "mlp"}, f"only {used} set flags in the slab they were given"
+
+
+def _rows(x) -> torch.Size:
+    """``[t, b, n]`` of a call's input: spikes, or a block's stream (its first branch's)."""
+    return (x.pending[0].spikes if hasattr(x, "pending") else x).shape[:-1]
+
+
+def _stream(out):
+    """A call's output as compared: a block's stream with ``d`` as its row flags describe
+    it (a row that did not move is not written), anything else as it is."""
+    if not hasattr(out, "pending"):
+        return out
+    return out._replace(d=filled(out.d, out.d_moved))
 
 
 def _counts(module) -> list[torch.Tensor | None]:
@@ -108,7 +127,7 @@ def _counts(module) -> list[torch.Tensor | None]:
 
 def test_a_bad_slab_is_refused_by_the_modules(gen):
     """Refused by name before any neuron moves (a later call, with state)."""
-    for name, module, s, kwargs in _calls(gen, "cpu")[2:4]:
+    for name, module, s, kwargs in _calls(gen, "cpu")[3:6]:
         before = [c.clone() for c in _counts(module)]
         kwargs = {**kwargs, "flags": torch.zeros(4, dtype=torch.int32)}
         with pytest.raises(ValueError, match="flags must be a contiguous 1-D int32 tensor"):

@@ -490,7 +490,18 @@ class ExactBlock(_Composite):
         super().reset()
         self.received = {}
 
-    def forward(self, x: Residual) -> Residual:
+    def flag_shapes(self, t: int, b: int, n: int) -> list[tuple[int, ...]]:
+        """The flags a call on a stream of ``[t, b, n, C]`` sets (``forward``'s ``flags``):
+        which rows of each norm's spikes fire at each step, the linear after it finding its
+        silent row tiles from them instead of scanning the spikes (norm1's, norm2's, the
+        attention branch's, the MLP branch's); and the attention's and the MLP's own, each
+        as a flat slab."""
+        parts = (self.attn.flag_shapes(t, b, n), self.mlp.flag_shapes(t, b, n))
+        return [(4, t, b, n), *((slab_numel(p),) for p in parts)]
+
+    def forward(self, x: Residual, flags: torch.Tensor | None = None) -> Residual:
+        """``flags``: int32 zeros, flat, that the flags of ``flag_shapes`` are cut from
+        (``nn.flags``: the runner zeros all blocks' at once), or None: made here."""
         # each norm's count before its call: what the linear after it starts from (a copy per
         # chunk, which the norm's kernel writes as it reads the count, instead of reading the
         # chunk's spikes back in the linear)
@@ -498,14 +509,7 @@ class ExactBlock(_Composite):
         # which rows of D move at each step: the later norms skip reading the others
         stream = x.pending[0].spikes
         moved = torch.empty(stream.shape[:-1], dtype=torch.int32, device=stream.device)
-        # which rows of each norm's spikes fire at each step: the linear after it finds its
-        # silent row tiles from these flags instead of scanning the spikes
-        # (norm1's, norm2's, the attention branch's, the MLP branch's); and the flags inside
-        # the attention and the MLP: one memset for all of them (nn.flags)
-        parts = (self.attn.flag_shapes(*moved.shape), self.mlp.flag_shapes(*moved.shape))
-        fired, attn_flags, mlp_flags = carve(
-            None, ((4, *moved.shape), *((slab_numel(p),) for p in parts)), stream.device
-        )
+        fired, attn_flags, mlp_flags = carve(flags, self.flag_shapes(*moved.shape), stream.device)
         s = self.norm1(*x.norm_args(), **x.branch_flags(self.norm1, self), residual_out=True,
                        d_moved=x.d_moved, residual_moved=moved, row_active=fired[0],
                        count_before=before)  # fmt: skip
@@ -644,18 +648,28 @@ class SpikingViT(nn.Module):
         the logits of each step ``[steps, B, classes]`` (increments in float mode, current
         values in exact mode)."""
         x = self._as_received("patch_embed", self.patch_embed, patches, steps)
-        for i, block in enumerate(self.blocks):
-            x = self._as_received(f"blocks.{i}", block, x)
+        for i, (block, kwargs) in enumerate(zip(self.blocks, self._block_flags(x), strict=True)):
+            x = self._as_received(f"blocks.{i}", block, x, **kwargs)
         return self.readout(x)
 
-    def _as_received(self, name: str, module: nn.Module, *args: object) -> object:
+    def _block_flags(self, x: object) -> list[dict[str, torch.Tensor]]:
+        """Each block's ``flags`` keyword for a chunk on the stream ``x``: in exact mode the
+        zeros every block's kernels set, one memset for all of them (``nn.flags``); none in
+        float mode."""
+        if not isinstance(x, Residual):
+            return [{} for _ in self.blocks]
+        shape = x.pending[0].spikes.shape[:-1]
+        numel = [(slab_numel(block.flag_shapes(*shape)),) for block in self.blocks]
+        return [{"flags": flags} for flags in carve(None, numel, x.pending[0].spikes.device)]
+
+    def _as_received(self, name: str, module: nn.Module, *args: object, **kwargs) -> object:
         """Exact mode's stream out of ``module`` (called on ``args``; ``name``: its key) as
         the next module reads it: past a hook there (which may replace the ``Residual``),
         each pending branch's count before its spikes is that of the spikes the stream
         received, kept in ``received`` from the first such chunk (as ``ExactBlock`` keeps its
         branches' past a hook inside it), so that the run does not depend on its chunking.
         Float mode's stream has no counts."""
-        x = module(*args)
+        x = module(*args, **kwargs)
         if not isinstance(x, Residual):
             return x
         replaced = hooked(module)

@@ -1,8 +1,8 @@
 """Activity flags carved from one slab of zeros: a composite module's kernels set flags in
 several int32 tensors that must start at zero, and each zeros of its own is a memset launch
 on a GPU. A module states the shapes it needs; its caller zeros them all at once and hands
-down a flat slab, which the module carves into views (an exact ViT block: one memset a chunk
-instead of four)."""
+down a flat slab, which the module carves into views (an exact ViT: one memset a chunk for
+all its blocks, where each block once made four)."""
 
 from __future__ import annotations
 
