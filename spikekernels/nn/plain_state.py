@@ -17,7 +17,7 @@ import torch
 
 # exact types: a Parameter or another tensor subclass is not one of them (an nn.Buffer is a
 # plain tensor marked ``_is_buffer``, checked apart)
-_PLAIN = frozenset({torch.Tensor, type(None), int, float, bool, dict})
+_STATE_TYPES = frozenset({torch.Tensor, type(None), int, float, bool, dict})
 
 
 class PlainState:
@@ -27,7 +27,7 @@ class PlainState:
         if torch.compiler.is_compiling():  # Dynamo knows nn.Module's rules, not these
             super().__setattr__(name, value)
             return
-        plain = type(value) in _PLAIN and not getattr(value, "_is_buffer", False)
+        plain = type(value) in _STATE_TYPES and not getattr(value, "_is_buffer", False)
         if plain and name in self.__dict__:
             self.__dict__[name] = value
         else:

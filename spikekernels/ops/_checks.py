@@ -19,6 +19,9 @@ import torch
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 COUNT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64)
 THRESHOLD_DTYPES = FLOAT_DTYPES + (torch.float64,)
+# exact types of a tensor with real memory and no subclass dispatch (fake, functional and
+# other subclasses are not)
+PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 
 def check_tensor(

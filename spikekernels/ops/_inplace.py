@@ -18,9 +18,7 @@ from collections.abc import Sequence
 
 import torch
 
-from spikekernels.ops._checks import check_state
-
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
+from spikekernels.ops._checks import PLAIN_TENSOR_TYPES, check_state
 
 
 def check_inplace(
@@ -69,7 +67,7 @@ def _refuse_shared(targets, inputs) -> None:
 def _storage(t: torch.Tensor) -> int | None:
     """``t``'s storage address, or None for an empty tensor or one without real memory
     (a meta tensor's address is 0, whatever it is)."""
-    if type(t) not in _PLAIN or t.is_meta or t.numel() == 0:
+    if type(t) not in PLAIN_TENSOR_TYPES or t.is_meta or t.numel() == 0:
         return None
     return t.untyped_storage().data_ptr()
 

@@ -29,6 +29,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from spikekernels.kernels import INTERPRET, TRITON_AVAILABLE
+from spikekernels.ops._checks import PLAIN_TENSOR_TYPES
 from spikekernels.ops._dispatch import forced_backend
 
 NAMESPACE = "spikekernels"
@@ -41,7 +42,6 @@ _CHECKS: dict[str, Callable] = {}
 # Set while a body runs outside the dispatcher: its launches need no wrap_triton (whose
 # higher-order-op dispatch exists for tracing and costs far more than the launch).
 _direct = threading.local()
-_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 
 
 def kernel_op(name: str, *, check: Callable, mutates_args: Sequence[str] = ()) -> Callable:
@@ -145,7 +145,7 @@ def runs_directly(args: Sequence[object]) -> bool:
     grad = torch.is_grad_enabled()
     for a in args:
         if isinstance(a, torch.Tensor):
-            if type(a) not in _PLAIN_TENSORS or (grad and a.requires_grad):
+            if type(a) not in PLAIN_TENSOR_TYPES or (grad and a.requires_grad):
                 return False
     return True
 
