@@ -151,35 +151,65 @@ def test_launcher_skips_wrap_triton_only_inside_a_direct_call():
         assert outside is noop_kernel
 
 
-def _checked_ops():
-    import test_exact_layernorm_neuron
-    import test_exact_linear
+def _table_calls(module: str, table: str = "BAD_INPUTS", good: str = "_good_args") -> list:
+    """The bad calls of a test module's table around one good call, as (case, arguments);
+    not those that change a Python scalar (the schema casts or refuses it before any check)."""
+    cases = importlib.import_module(module)
+    good_args = getattr(cases, good)
+    return [(case, {**good_args(), **bad}) for case, bad, *_ in getattr(cases, table)
+            if all(isinstance(v, torch.Tensor) for v in bad.values())]  # fmt: skip
 
-    return [
-        ("exact_linear", test_exact_linear),
-        ("exact_layernorm_neuron", test_exact_layernorm_neuron),
-    ]
+
+def _attention_calls() -> list:
+    from test_running_counts import BAD_ATTENTION, attention_arguments, bad_attention_call
+
+    gen = torch.Generator().manual_seed(0)
+    return [(str(change), attention_arguments(*bad_attention_call(gen, change)))
+            for change, *_ in BAD_ATTENTION]  # fmt: skip
 
 
-@pytest.mark.parametrize(("name", "cases"), _checked_ops(), ids=lambda v: getattr(v, "__name__", v))
-def test_the_registered_op_runs_the_checks_its_direct_path_leaves_to_the_face(name, cases):
+def _bad_calls() -> dict:
+    """Each op with a table of bad inputs: the function that makes its bad calls."""
+    tables = {
+        "exact_linear": ("test_exact_linear",),
+        "exact_layernorm_neuron": ("test_exact_layernorm_neuron",),
+        "exact_residual_add": ("test_exact_residual",),
+        "exact_attention_probs": ("test_exact_attention_ops", "BAD_PROBS", "_good_probs"),
+        "exact_context": ("test_exact_attention_ops", "BAD_CONTEXT", "_good_context"),
+        "spike_attention_probs": ("test_spike_attention", "BAD", "_good"),
+        "spike_context": ("test_spike_attention", "BAD_CTX", "_good_ctx"),
+        "spike_layernorm": ("test_layernorm",),
+        "spike_layernorm_neuron": ("test_layernorm_neuron",),
+        "st_bif": ("test_neuron",),
+        "spike_linear": ("test_spike_linear",),
+        "spike_linear_neuron": ("test_spike_linear_neuron",),
+        "target_spikes": ("test_target_spikes",),
+    }
+    calls = {name: lambda table=table: _table_calls(*table) for name, table in tables.items()}
+    return calls | {"exact_attention": _attention_calls}
+
+
+BAD_CALLS = _bad_calls()
+
+
+@pytest.mark.parametrize("name", BAD_CALLS)
+def test_the_registered_op_runs_the_checks_its_direct_path_leaves_to_the_face(name):
     """``kernel_op``'s ``check`` runs in ``torch.ops.spikekernels.<name>`` (the faces run it
     before ``call_op``, whose direct path does not run it again): each bad input the metadata
     checks refuse, the registered op refuses with the same error."""
     body, _ = _registry._BODIES[name]
     check, op = _registry._CHECKS[name], getattr(torch.ops.spikekernels, name)
     params = inspect.signature(body).parameters
-    refused = 0
-    for case, bad, *_ in cases.BAD_INPUTS:
-        if not all(isinstance(v, torch.Tensor) for v in bad.values()):
-            continue  # a Python scalar: the schema casts or refuses it before any check
-        args = {k: v for k, v in {**cases._good_args(), **bad}.items() if k in params}
+    refused = eligible = 0
+    for case, call in BAD_CALLS[name]():
+        args = {k: v for k, v in call.items() if k in params}
         if any(isinstance(v, torch.Tensor) and v.device.type != "cpu" for v in args.values()):
             continue  # the dispatcher itself refuses mixed devices
         bound = inspect.signature(body).bind(**args)
         bound.apply_defaults()
+        eligible += 1
         try:
-            check(*bound.args)
+            check(**{arg: bound.arguments[arg] for arg in inspect.signature(check).parameters})
         except (TypeError, ValueError) as error:
             try:
                 op(**args)
@@ -188,7 +218,8 @@ def test_the_registered_op_runs_the_checks_its_direct_path_leaves_to_the_face(na
                 refused += 1
             else:
                 pytest.fail(f"torch.ops.spikekernels.{name} took {case}")
-    assert refused >= 10, f"only {refused} of {name}'s bad inputs reach its metadata checks"
+    # most of a table's bad tensors are metadata errors (the rest are data errors)
+    assert 2 * refused > eligible, f"only {refused} of {name}'s {eligible} bad inputs"
 
 
 def test_a_face_checks_once_on_the_direct_path(monkeypatch):

@@ -388,16 +388,17 @@ def _attention_case(gen, T, batch, m, d, n, dv, *, state=False):
     return case
 
 
+def attention_arguments(case: dict, kwargs: dict) -> dict:
+    """``exact_attention``'s arguments by name, from a case and extra keywords."""
+    bounds = dict(zip(("attn_n_min", "attn_p_max"), ATTN_BOUNDS, strict=True))
+    bounds |= dict(zip(("n_min", "p_max"), CTX_BOUNDS, strict=True))
+    return {"attn_count": None, "count": None, **case, **bounds, **kwargs}
+
+
 def _run_attention(case, **kwargs):
     from spikekernels.ops import exact_attention
 
-    c = dict(case)
-    head = [c.pop(name) for name in ("q", "k_t", "v", "gain", "attn_threshold")]
-    scalars = [c.pop(name) for name in ("theta_a", "theta_v", "threshold")]
-    return exact_attention(
-        *head, *ATTN_BOUNDS, *scalars, *CTX_BOUNDS, c.get("attn_count"), c.get("count"),
-        **kwargs,
-    )  # fmt: skip
+    return exact_attention(**attention_arguments(case, kwargs))
 
 
 def _composed(case, merge_heads=False):
@@ -919,24 +920,25 @@ def test_attention_bad_settled_flags_are_rejected(gen, kind, error, words, devic
         _run_attention(case, **kwargs, validate=device != "cpu")
 
 
-@pytest.mark.parametrize(
-    ("change", "error", "words"),
-    [
-        (dict(qkv_active="int64"), TypeError, "qkv_active must have dtype"),
-        (dict(qkv_active="narrow"), ValueError, "qkv_active must be [T, *batch, 3]"),
-        (dict(qkv_active="missed"), ValueError, "qkv_active[..., 1] is 0 at a step where k_t"),
-        (dict(count=None), ValueError, "attn_count and count go together"),
-        (dict(v="short"), ValueError, "v must be [T, *batch, N, DV]"),
-        (dict(attn_active="bad"), ValueError, "attn_active must have shape"),
-        (dict(v="float"), TypeError, "v"),
-        (dict(attn_count="over"), ValueError, "attn_count must lie in [0, 15]"),
-        (dict(count="over"), ValueError, "count must lie in [-8, 7], got values in [100, 100]"),
-        (dict(row_active="heads"), ValueError, "row_active must have shape (3, 2, 5)"),
-        (dict(row_active="strided"), ValueError, "row_active must be contiguous"),
-    ],
-)
-@pytest.mark.parametrize("device", DEVICES)
-def test_attention_bad_input_is_rejected(gen, change, error, words, device):
+# (what changes a good call, error type, words the message must contain)
+BAD_ATTENTION = [
+    (dict(qkv_active="int64"), TypeError, "qkv_active must have dtype"),
+    (dict(qkv_active="narrow"), ValueError, "qkv_active must be [T, *batch, 3]"),
+    (dict(qkv_active="missed"), ValueError, "qkv_active[..., 1] is 0 at a step where k_t"),
+    (dict(count=None), ValueError, "attn_count and count go together"),
+    (dict(v="short"), ValueError, "v must be [T, *batch, N, DV]"),
+    (dict(attn_active="bad"), ValueError, "attn_active must have shape"),
+    (dict(v="float"), TypeError, "v"),
+    (dict(attn_count="over"), ValueError, "attn_count must lie in [0, 15]"),
+    (dict(count="over"), ValueError, "count must lie in [-8, 7], got values in [100, 100]"),
+    (dict(row_active="heads"), ValueError, "row_active must have shape (3, 2, 5)"),
+    (dict(row_active="strided"), ValueError, "row_active must be contiguous"),
+]
+
+
+def bad_attention_call(gen, change: dict) -> tuple[dict, dict]:
+    """A good ``exact_attention`` case (T=3, 2 heads, M=5, D=7, N=6, DV=4) and extra
+    keywords, changed as one ``BAD_ATTENTION`` entry says."""
     case = _attention_case(gen, 3, (2,), 5, 7, 6, 4, state=True)
     kwargs = {}
     for name, value in change.items():
@@ -962,6 +964,13 @@ def test_attention_bad_input_is_rejected(gen, change, error, words, device):
             case[name] = torch.full_like(case[name], 100)
         else:
             case[name] = value
+    return case, kwargs
+
+
+@pytest.mark.parametrize(("change", "error", "words"), BAD_ATTENTION)
+@pytest.mark.parametrize("device", DEVICES)
+def test_attention_bad_input_is_rejected(gen, change, error, words, device):
+    case, kwargs = bad_attention_call(gen, change)
     with pytest.raises(error, match=words.replace("[", r"\[").replace("*", r"\*").replace(
             "(", r"\(").replace(")", r"\)")):  # fmt: skip
         case, kwargs = moved_to(device, case, kwargs)
