@@ -78,6 +78,29 @@ def _calls(gen, device, chunk=2, steps=6):
     return calls
 
 
+def _replay(module, x, kwargs, slab):
+    """One recorded call replayed on a copy of the module's state, with ``slab`` as its
+    flags (None: the module makes its own): what it returns and writes, and its counts."""
+    m, kw, s = copy.deepcopy(module), dict(kwargs), copy.deepcopy(x)
+    if "row_active" in kw:
+        kw["row_active"] = torch.zeros_like(kw["row_active"])
+    if kw.get("count_before") is not None:
+        kw["count_before"] = torch.full_like(kw["count_before"], 99)
+    kw["flags"] = slab
+    out = m(s, **kw)
+    counts = [c.clone() for c in _counts(m)]
+    return [t for t in tree_leaves((_stream(out), kw.get("count_before"), counts))
+            if isinstance(t, torch.Tensor)], kw.get("row_active")  # fmt: skip
+
+
+def _slab(module, x, device, fill: int) -> tuple[torch.Tensor, int]:
+    """A slab of ``fill`` for the module's flags, with a poisoned tail past them."""
+    numel = slab_numel(module.flag_shapes(*_rows(x)))
+    slab = torch.full((numel + 64,), fill, dtype=torch.int32, device=device)
+    slab[numel:] = -7
+    return slab, numel
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_a_given_slab_changes_no_bit(gen, device):
     """Each call replayed on the module's state as it was, once with a slab (a poisoned tail
@@ -85,27 +108,30 @@ def test_a_given_slab_changes_no_bit(gen, device):
     row flags; and the flags land in the slab given."""
     used = set()
     for name, module, x, kwargs in _calls(gen, device):
-        runs = []
-        for given in (False, True):
-            m, kw, s = copy.deepcopy(module), dict(kwargs), copy.deepcopy(x)
-            if "row_active" in kw:
-                kw["row_active"] = torch.zeros_like(kw["row_active"])
-            if kw.get("count_before") is not None:
-                kw["count_before"] = torch.full_like(kw["count_before"], 99)
-            numel = slab_numel(m.flag_shapes(*_rows(s)))
-            slab = torch.zeros(numel + 64, dtype=torch.int32, device=device)
-            slab[numel:] = -7
-            kw["flags"] = slab[:numel] if given else None
-            out = m(s, **kw)
-            assert bool((slab[numel:] == -7).all()), f"{name} wrote past its flags"
-            if given and bool(slab[:numel].any()):
-                used.add(name)
-            counts = [c.clone() for c in _counts(m)]
-            written = [kw.get("row_active"), kw.get("count_before")]
-            leaves = tree_leaves((_stream(out), written, counts))
-            runs.append([t for t in leaves if isinstance(t, torch.Tensor)])
-        assert len(runs[0]) == len(runs[1]) > 0 and all(map(torch.equal, *runs)), name
+        slab, numel = _slab(module, x, device, 0)
+        given, given_rows = _replay(module, x, kwargs, slab[:numel])
+        assert bool((slab[numel:] == -7).all()), f"{name} wrote past its flags"
+        if bool(slab[:numel].any()):
+            used.add(name)
+        made, made_rows = _replay(module, x, kwargs, None)
+        assert len(given) == len(made) > 0 and all(map(torch.equal, given, made)), name
+        assert given_rows is None or torch.equal(given_rows, made_rows), name
     assert used == {"block", "attn", "mlp"}, f"only {used} set flags in the slab they were given"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_flags_left_set_cost_work_not_bits(gen, device):
+    """A slab that was not zeroed (every flag set: every row read as if it fired) changes
+    no spike or count: a reader skips only rows whose flag is clear. The row flags a call
+    writes out may then mark more rows, never fewer."""
+    for name, module, x, kwargs in _calls(gen, device):
+        slab, numel = _slab(module, x, device, 1)
+        set_, set_rows = _replay(module, x, kwargs, slab[:numel])
+        assert bool((slab[numel:] == -7).all()), f"{name} wrote past its flags"
+        made, made_rows = _replay(module, x, kwargs, None)
+        assert len(set_) == len(made) > 0 and all(map(torch.equal, set_, made)), name
+        if made_rows is not None:
+            assert bool((set_rows.bool() | ~made_rows.bool()).all()), f"{name} lost a row flag"
 
 
 def _rows(x) -> torch.Size:

@@ -2,7 +2,9 @@
 several int32 tensors that must start at zero, and each zeros of its own is a memset launch
 on a GPU. A module states the shapes it needs; its caller zeros them all at once and hands
 down a flat slab, which the module carves into views (an exact ViT: one memset a chunk for
-all its blocks, where each block once made four)."""
+all its blocks, where each block once made four). Every flag here says that a row fired and
+a reader skips only rows whose flag is clear: a slab that was not zeroed costs work, never
+a bit (``tests/test_flags.py``), so the zeros are not checked (it would read the slab)."""
 
 from __future__ import annotations
 
