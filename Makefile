@@ -26,7 +26,7 @@ PY_INC      = $(shell $(VPY) -c "import sysconfig; print('-I' + sysconfig.get_pa
 CU_SOURCES  := $(shell find csrc -name '*.cu' 2>/dev/null)
 CXX_SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cuh' 2>/dev/null)
 
-.PHONY: demo test bench wheels cuda-check lint format clean
+.PHONY: demo test bench wheels cuda-check fake-cuda-check lint format clean
 
 $(VENV)/.toolchain:
 	$(PYTHON) -m venv --system-site-packages $(VENV)
@@ -76,6 +76,17 @@ cuda-check: $(VENV)/.toolchain
 	  nvcc -c -arch=sm_90 -std=c++20 --expt-relaxed-constexpr -DC10_CUDA_NO_CMAKE_CONFIGURE_FILE \
 	    $(TORCH_INC) $(PY_INC) -o /tmp/spikekernels_$$(basename $$f).o $$f || exit 1; \
 	done
+
+# The GPU branch of the Python (tile choice, launches, the modules' and runner's CUDA paths) on
+# fake CUDA tensors, its launches compiled for sm_90, without a GPU: tests/fake_cuda_check.py.
+# It needs a CUDA build of torch: a venv of its own with the GPU machine's (several GB, so not
+# in CI). Run it after changing a kernel's launch or a module's GPU path.
+FAKE_CUDA_VENV  ?= .venv-cu130
+FAKE_CUDA_TORCH := torch==2.11.0
+fake-cuda-check:
+	test -x $(FAKE_CUDA_VENV)/bin/python || $(PYTHON) -m venv $(FAKE_CUDA_VENV)
+	$(FAKE_CUDA_VENV)/bin/python -m pip install -q $(FAKE_CUDA_TORCH) triton==3.6.0 "numpy<2.4" pytest
+	PYTHONPATH=. TRITON_INTERPRET=0 $(FAKE_CUDA_VENV)/bin/python tests/fake_cuda_check.py
 
 lint: $(VENV)/.toolchain
 	$(VENV)/bin/ruff check .

@@ -24,6 +24,7 @@ Kernels do not run: their bits are the interpreter's and the GPU's business.
 It needs a CUDA build of torch (a CPU build refuses some ops on fake ``cuda`` tensors), so it
 is a script rather than a test: CI's torch is a CPU build, and on a GPU the real tests run.
 
+    make fake-cuda-check   # a venv with torch 2.11+cu130 (the GPU machine's), then:
     TRITON_INTERPRET=0 python tests/fake_cuda_check.py
 
 Checked this way on a machine with no GPU, with torch 2.11+cu130 and 2.15+cu132 (triton 3.6).
@@ -42,6 +43,8 @@ loop). Session 29: the linears pad a K that is not a multiple of 16 (aligned str
 K = 45 launches of ``test_activity`` then spill 1376 B (float, 17 local accesses in a loop,
 from 7280 B and 1049) and 796 B (exact, 35, from 1024 B and 48): what is left comes from
 rows and N that are not multiples of 16 either (every dim masked, unaligned state rows).
+Session 31 (torch 2.11+cu130, after session 30's module state setter and the runner's one
+flags slab): 173 launches, none failed, the same four spills; both models one graph a chunk.
 """
 
 from __future__ import annotations
