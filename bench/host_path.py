@@ -10,8 +10,9 @@ kernel launch replaced by a no-op (outputs are garbage; nothing reads them but t
 launch), the data checks off as on a GPU without ``validate``. It prints, per 8-step chunk
 of one forward call, the host time of a model of ``--depth`` blocks and the per-block share
 (``--depth`` less one block), with the Python function calls a block makes (a count that does
-not depend on the machine's speed or load). The Triton launcher itself is left out: it is
-the same per launch whatever our Python does.
+not depend on the machine's speed or load), and where a block's host time goes (profiled:
+checks, op faces, launch preparation, modules, torch's Python, C functions). The Triton
+launcher itself is left out: it is the same per launch whatever our Python does.
 
     python bench/host_path.py [--mode exact|float] [--depth 12]
 """
@@ -47,8 +48,36 @@ def _model(depth: int, exact: bool) -> torch.nn.Module:
     return spikekernels.convert(qann)
 
 
-def _host_chunk(snn: torch.nn.Module, x: torch.Tensor, reps: int) -> tuple[float, int]:
-    """The fastest of ``reps`` host times of one ``STEPS``-step call, and its Python calls."""
+# where the host's time goes, by the file of each function's own time (profiled, so the shares
+# are of a slower run; the order of the first matching prefix counts)
+_GROUPS = (
+    (
+        "shared check helpers (ops/_checks, _inplace)",
+        ("spikekernels/ops/_checks.py", "spikekernels/ops/_inplace.py"),
+    ),
+    ("op faces, their own checks, dispatch", ("spikekernels/ops/",)),
+    ("launch preparation", ("spikekernels/kernels/",)),
+    ("modules and runner", ("spikekernels/nn/", "spikekernels/models/")),
+    ("torch's Python (nn.Module calls, ...)", ("torch/",)),
+    ("C functions (allocation, views, ...)", ("~",)),
+)
+
+
+def _by_group(stats: pstats.Stats) -> dict[str, float]:
+    """Own time (seconds) by ``_GROUPS``, the rest as "other"."""
+    times = dict.fromkeys([name for name, _ in _GROUPS] + ["other"], 0.0)
+    for (filename, _, _), (_, _, own, _, _) in stats.stats.items():
+        group = next((name for name, prefixes in _GROUPS
+                      if any(p in filename for p in prefixes)), "other")  # fmt: skip
+        times[group] += own
+    return times
+
+
+def _host_chunk(
+    snn: torch.nn.Module, x: torch.Tensor, reps: int
+) -> tuple[float, int, dict[str, float]]:
+    """The fastest of ``reps`` host times of one ``STEPS``-step call, its Python calls and
+    its profiled own time by group."""
     run = lambda: snn(x, max_steps=STEPS, chunk=STEPS)  # noqa: E731
     run()
     times = []
@@ -60,7 +89,8 @@ def _host_chunk(snn: torch.nn.Module, x: torch.Tensor, reps: int) -> tuple[float
     profile.enable()
     run()
     profile.disable()
-    return min(times), pstats.Stats(profile).total_calls
+    stats = pstats.Stats(profile)
+    return min(times), stats.total_calls, _by_group(stats)
 
 
 def main() -> None:
@@ -79,13 +109,18 @@ def main() -> None:
         if hasattr(module, "may_read_data"):
             module.may_read_data = lambda t, validate: False
     InterpretedFunction.__getitem__ = lambda self, grid: lambda *a, **k: None
-    (t1, c1), (tn, cn) = (_host_chunk(models[d], x, args.reps) for d in (1, args.depth))
+    (t1, c1, g1), (tn, cn, gn) = (_host_chunk(models[d], x, args.reps) for d in (1, args.depth))
     per_block, calls = (tn - t1) / (args.depth - 1), (cn - c1) // (args.depth - 1)
     print(
         f"{args.mode} mode, {STEPS}-step chunk, host only ({os.cpu_count()}-core CPU): "
         f"{args.depth} blocks {tn * 1e3:.2f} ms, per block {per_block * 1e3:.3f} ms and "
         f"{calls} Python calls"
     )
+    block = {name: gn[name] - g1[name] for name in gn}
+    total = sum(block.values())
+    print("a block's share of the profiled host time, by the file of each function's own time:")
+    for name, seconds in sorted(block.items(), key=lambda item: -item[1]):
+        print(f"  {100 * seconds / total:5.1f}%  {name}")
 
 
 if __name__ == "__main__":
