@@ -10,7 +10,8 @@ PIP    := $(VPY) -m pip
 # torch==2.13.0 only when no torch is importable: a bare `torch` pulls a multi-GB CUDA build.
 TORCH_PIN   := torch==2.13.0
 # triton 3.6 is the GPU machine's version; its CPU interpreter needs numpy < 2.4.
-TOOLCHAIN   := triton==3.6.0 "numpy<2.4" pybind11 ninja setuptools wheel
+TRITON_PINS := triton==3.6.0 "numpy<2.4"
+TOOLCHAIN   := $(TRITON_PINS) pybind11 ninja setuptools wheel
 DEMO_DEPS   := scikit-learn matplotlib tqdm pillow
 TEST_DEPS   := pytest pytest-benchmark pytest-xdist expecttest hypothesis ruff==0.17.6
 BENCH_DEPS  := spikingjelly==2.0.0 loguru tqdm scipy
@@ -85,7 +86,7 @@ FAKE_CUDA_VENV  ?= .venv-cu130
 FAKE_CUDA_TORCH := torch==2.11.0
 fake-cuda-check:
 	test -x $(FAKE_CUDA_VENV)/bin/python || $(PYTHON) -m venv $(FAKE_CUDA_VENV)
-	$(FAKE_CUDA_VENV)/bin/python -m pip install -q $(FAKE_CUDA_TORCH) triton==3.6.0 "numpy<2.4" pytest
+	$(FAKE_CUDA_VENV)/bin/python -m pip install -q $(FAKE_CUDA_TORCH) $(TRITON_PINS) pytest
 	PYTHONPATH=. TRITON_INTERPRET=0 $(FAKE_CUDA_VENV)/bin/python tests/fake_cuda_check.py
 
 lint: $(VENV)/.toolchain
