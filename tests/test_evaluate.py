@@ -16,11 +16,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CPU_PASS_ONLY
+from conftest import CPU_PASS_ONLY, DEVICES
 from torch import nn
 
 import spikekernels
 from spikekernels.evaluate import sops
+from spikekernels.evaluate.__main__ import main, summary
 from spikekernels.evaluate.data import digits_split
 from spikekernels.evaluate.model import load_qann
 from spikekernels.models import (
@@ -601,6 +602,9 @@ def test_bad_data_and_out(trained, tmp_path):
         # the digits are normalised by their own statistics: image options were ignored
         (dict(mean=(0.5, 0.5)), ValueError, "mean and std normalise an image folder"),
         (dict(std=(0.2,)), ValueError, "mean and std normalise an image folder"),
+        (dict(cuda_graph=1), TypeError, "cuda_graph must be a bool"),
+        (dict(cuda_graph=True, measure_overhead=True), ValueError, "measure_overhead times"),
+        (dict(cuda_graph=True, device="cpu"), ValueError, "cuda_graph=True needs a CUDA device"),
     ],
     ids=lambda v: str(v) if not isinstance(v, type) else v.__name__,
 )
@@ -643,3 +647,57 @@ def test_module_input_and_quantizer_names(trained):
     names = list(r["sops"]["per_layer"])
     assert names[0] == "patch_embed.proj.1" and names[-1] == "norm.1"
     assert any(n.startswith("blocks.0.attn.quan_q") for n in names)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_cuda_graph_run_equals_the_counted_run(trained, tmp_path, monkeypatch, device):
+    """``cuda_graph=True``: the same accuracies, per-step curve and settle histogram as the
+    counted run of the same exact-mode QANN; the work and energy figures are None (a replay
+    runs no hook) and their plot is not drawn. Every batch shape is captured once. On a CPU
+    the graphs are ``test_chunk_graph.EagerGraph``, the stand-in that runs the chunk again."""
+    from test_chunk_graph import EagerGraph
+
+    from spikekernels.evaluate import evaluation
+    from spikekernels.models.spiking_vit import SpikingViT
+
+    captured = []
+    capture = SpikingViT.capture_chunk_graph
+
+    def recorded(self, x, chunk=8, *, graph_type=None):
+        captured.append(x.shape[0])
+        return capture(self, x, chunk, graph_type=EagerGraph if device == "cpu" else graph_type)
+
+    monkeypatch.setattr(SpikingViT, "capture_chunk_graph", recorded)
+    monkeypatch.setattr(evaluation, "_GRAPH_DEVICE_TYPES", (device,))
+    run = {**RUN, "batch_size": 5, "limit": 12, "device": device, "float_top1": False}
+    with pytest.raises(ValueError, match="cuda_graph=True needs exact mode"):
+        spikekernels.evaluate(trained, cuda_graph=True, **run)
+    assert not captured
+    with force_backend(None):  # a replay runs the Triton kernels it captured
+        counted = spikekernels.evaluate(trained, weight_bits=8, **run)
+        assert not captured
+        out = tmp_path / "out"
+        graphed = spikekernels.evaluate(trained, weight_bits=8, cuda_graph=True, out=out, **run)
+    assert graphed["model"]["mode"] == "exact"
+    # the warm-up captures the first batch's shape, the last batch (2 images) its own
+    assert sorted(set(captured)) == [2, 5], captured
+    for key in ("images", "qann_top1", "snn_top1", "snn_top1_per_step", "agreement",
+                "steps_to_silence", "qann_macs", "qann_dense_ops"):  # fmt: skip
+        assert graphed[key] == counted[key], key
+    for key in ("sops", "snn_dense_ops", "snn_macs", "neuron_updates", "energy",
+                "energy_per_layer"):  # fmt: skip
+        assert counted[key] is not None and graphed[key] is None, key
+    assert counted["run"]["counting"] == "SpikeCounter"
+    assert "cuda_graph=True" in graphed["run"]["counting"]
+    assert set(graphed["images_per_s"]) == {"qann", "snn"}
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["results.json", "accuracy_per_step.png", "steps_to_silence.png"]
+    )
+    assert json.loads((out / "results.json").read_text())["sops"] is None
+    assert "not counted: off: cuda_graph=True" in summary(graphed)
+
+
+def test_cuda_graph_flag(trained, capsys):
+    """``--cuda-graph`` reaches ``evaluate``: on a CPU, one line that says what it needs."""
+    assert main(["--checkpoint", str(trained), "--cuda-graph", "--device", "cpu"]) == 2
+    assert "error: cuda_graph=True needs a CUDA device, got device cpu" in capsys.readouterr().err

@@ -2,12 +2,13 @@
 
 Per batch: the float network (the same weights with every quantizer off, where there is one),
 the QANN, and the SNN until silent (``snn(x, max_steps, chunk, return_trace=True)``, spikes
-counted on the device by ``sops.SpikeCounter``). The QANN's MACs come from one hooked forward
-of one image (``sops.profile_qann``), so the timed QANN runs carry no hooks. Running metrics
-stay on the device as integer counts; the progress bar reads three of them once per batch.
-Under torchrun every rank runs its shard (``distributed``) and the counts are summed across
-ranks at the end; rank 0 writes ``results.json`` and the plots into ``out`` (temp files
-renamed into place, so an error leaves nothing half-written).
+counted on the device by ``sops.SpikeCounter``; with ``cuda_graph=True`` every full chunk is a
+CUDA graph replay instead, and nothing is counted: a replay runs no hook). The QANN's MACs
+come from one hooked forward of one image (``sops.profile_qann``), so the timed QANN runs
+carry no hooks. Running metrics stay on the device as integer counts; the progress bar reads
+three of them once per batch. Under torchrun every rank runs its shard (``distributed``) and
+the counts are summed across ranks at the end; rank 0 writes ``results.json`` and the plots
+into ``out`` (temp files renamed into place, so an error leaves nothing half-written).
 """
 
 from __future__ import annotations
@@ -30,6 +31,9 @@ from spikekernels.evaluate.results import assemble, write_outputs
 from spikekernels.evaluate.sops import ENERGY_TABLES, SpikeCounter, profile_qann
 
 __all__ = ["evaluate"]
+
+# Where ``cuda_graph=True`` can run (the tests widen it to replay a CPU stand-in's graphs).
+_GRAPH_DEVICE_TYPES = ("cuda",)
 
 
 def _check_int(name: str, value, minimum: int = 1) -> int:
@@ -166,6 +170,7 @@ def evaluate(
     parity: bool = False,
     parity_images: int = 8,
     measure_overhead: bool = False,
+    cuda_graph: bool = False,
     device: str | None = None,
     progress: bool = True,
 ) -> dict:
@@ -189,6 +194,13 @@ def evaluate(
     holds both tables' totals). ``parity``: also run ``spikekernels.parity(qann, snn, images)``
     on the first ``parity_images`` images. ``measure_overhead``: time one batch with and
     without the spike counter and report it in ``run.counting_overhead``.
+
+    ``cuda_graph=True`` (exact mode on a GPU) runs the SNN with ``cuda_graph=True``: each full
+    chunk one CUDA graph replay, no host work per op, the same bits. It trades the counts for
+    that speed: a replay runs no forward hook, so ``sops``, ``snn_dense_ops``, ``snn_macs``,
+    ``neuron_updates`` and ``energy`` are None and the energy plot is not drawn. Each batch
+    shape is captured once, the first batch's before the timed runs (a smaller last batch's
+    within them).
     """
     max_steps = _check_int("max_steps", max_steps)
     chunk = _check_int("chunk", chunk)
@@ -200,7 +212,8 @@ def evaluate(
     if calibrate is not None:
         calibrate = _check_int("calibrate", calibrate, 0)
     for name, flag in (("float_top1", float_top1), ("parity", parity),
-                       ("measure_overhead", measure_overhead), ("progress", progress)):  # fmt: skip
+                       ("measure_overhead", measure_overhead), ("progress", progress),
+                       ("cuda_graph", cuda_graph)):  # fmt: skip
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
     if weight_bits is not None and (type(weight_bits) is not int or weight_bits != 8):
@@ -210,6 +223,11 @@ def evaluate(
     if not isinstance(energy_table, str) or energy_table not in ENERGY_TABLES:
         raise ValueError(
             f"energy_table must be one of {sorted(ENERGY_TABLES)}, got {energy_table!r}"
+        )
+    if cuda_graph and measure_overhead:
+        raise ValueError(
+            "measure_overhead times the SOP counter, which cuda_graph=True turns off (a CUDA "
+            "graph replay runs no hook): give one of them"
         )
     if parity and not callable(getattr(spikekernels, "parity", None)):
         raise ValueError(
@@ -241,12 +259,20 @@ def evaluate(
     ctx = distributed.setup(device)
     spike_counter = None
     try:
+        if cuda_graph and ctx.device.type not in _GRAPH_DEVICE_TYPES:
+            raise ValueError(f"cuda_graph=True needs a CUDA device, got device {ctx.device}")
         # --- the model, the data, --out: every cheap check before any real work ----------
         if qann is not None:
             model_info = {"source": "module", "config": dict(getattr(qann, "config", {}))}
         else:
             qann, model_info = model_mod.load_qann(
                 checkpoint=checkpoint, model=model, float_checkpoint=float_checkpoint, level=level
+            )
+        if cuda_graph and weight_bits is None and getattr(qann, "weight_bits", None) is None:
+            raise ValueError(
+                "cuda_graph=True needs exact mode, and this QANN has float weights (float "
+                "mode's inputs depend on the step, which a replayed chunk cannot follow): give "
+                "weight_bits=8 (--weight-bits 8)"
             )
         dataset = _dataset(data, qann, **image_opts)
         _check_fits(dataset, qann)
@@ -285,7 +311,7 @@ def evaluate(
         loader = data_mod.batches(dataset, mine, batch_size, workers)
 
         # --- the run -----------------------------------------------------------------
-        spike_counter = SpikeCounter(snn, max_steps)
+        spike_counter = None if cuda_graph else SpikeCounter(snn, max_steps)
         st = _run(
             ctx, qann, float_net, snn, loader, spike_counter,
             max_steps=max_steps, chunk=chunk,
@@ -344,7 +370,11 @@ def _timed(st: _RunState, phase: str, device: torch.device, fn, *args, **kwargs)
     return out
 
 
-def _counted_snn(snn, counter: SpikeCounter, x: torch.Tensor, max_steps: int, chunk: int):
+def _counted_snn(snn, counter: SpikeCounter | None, x: torch.Tensor, max_steps: int, chunk: int):
+    """The SNN's run of ``x`` with its trace: counted by ``counter``, or without one as CUDA
+    graph replays (``evaluate(cuda_graph=True)``)."""
+    if counter is None:
+        return snn(x, max_steps=max_steps, chunk=chunk, return_trace=True, cuda_graph=True)
     with counter.counting():
         return snn(x, max_steps=max_steps, chunk=chunk, return_trace=True)
 
@@ -374,7 +404,10 @@ def _run(
             if float_net.module is not None:
                 float_net(x[:1])
             qann(x[:1])
-            snn(x[:1], max_steps=min(chunk, max_steps), chunk=chunk)
+            if spike_counter is None:  # graphs: the capture of this batch shape
+                snn(x, max_steps=min(chunk, max_steps), chunk=chunk, cuda_graph=True)
+            else:
+                snn(x[:1], max_steps=min(chunk, max_steps), chunk=chunk)
         st.images += len(y)
 
         if float_net.module is not None:
