@@ -168,6 +168,19 @@ def _attention_calls() -> list:
             for change, *_ in BAD_ATTENTION]  # fmt: skip
 
 
+def _matmul_calls() -> list:
+    """``test_spike_matmul``'s table: each case changes one good call in place."""
+    from test_spike_matmul import BAD_INPUTS, _good
+
+    calls = []
+    for case, change, *_ in BAD_INPUTS:
+        call = _good(torch.Generator().manual_seed(0))
+        change(call)
+        if all(v is None or isinstance(v, torch.Tensor) for v in call.values()):
+            calls.append((case, call))
+    return calls
+
+
 def _bad_calls() -> dict:
     """Each op with a table of bad inputs: the function that makes its bad calls."""
     tables = {
@@ -186,10 +199,14 @@ def _bad_calls() -> dict:
         "target_spikes": ("test_target_spikes",),
     }
     calls = {name: lambda table=table: _table_calls(*table) for name, table in tables.items()}
-    return calls | {"exact_attention": _attention_calls}
+    return calls | {"exact_attention": _attention_calls, "spike_matmul": _matmul_calls}
 
 
 BAD_CALLS = _bad_calls()
+
+
+def test_every_registered_op_has_bad_calls():
+    assert set(BAD_CALLS) == set(_registry._BODIES)
 
 
 @pytest.mark.parametrize("name", BAD_CALLS)
