@@ -1,10 +1,12 @@
 """``SpikingViT(..., cuda_graph=True)`` (models/chunk_graph.py): one captured chunk replayed.
 
-On a CPU the protocol runs with ``EagerGraph``, a stand-in for ``torch.cuda.CUDAGraph`` that
-runs the captured function again at each replay and copies into the captured outputs, as a
-replay rewrites the captured memory. A replay reads the addresses it captured, so these tests
-also check what the stand-in cannot: the state stays the same tensors at the same addresses,
-and nothing else carries from chunk to chunk. The `cuda` test runs a real CUDA graph.
+On a CPU the protocol runs with ``replay_graph.ReplayGraph``, a stand-in for
+``torch.cuda.CUDAGraph`` that replays as one does: the ops its capture dispatched, on the
+tensors they were given, with no Python of the modules (a stand-in that ran the chunk's
+function again would hide a module that replaces its state or keeps a Python counter), and
+with no host read in the capture. These tests also check that the state stays the same
+tensors at the same addresses, and that nothing else carries from chunk to chunk. The `cuda`
+test runs a real CUDA graph.
 """
 
 from __future__ import annotations
@@ -14,27 +16,34 @@ import contextlib
 import pytest
 import torch
 from conftest import CPU_PASS_ONLY
+from replay_graph import ReplayGraph
 from test_exact import TINY, images, make_exact
 
 from spikekernels import convert
 from spikekernels.models import QuantViT, calibrate
 
 
-class EagerGraph:
-    """CPU stand-in for ``models.chunk_graph.CudaGraph``."""
+@pytest.mark.parametrize("inference", [False, True])
+def test_the_stand_in_replays_ops_not_python(inference):
+    """``ReplayGraph`` as a CUDA graph: a replay runs the captured ops on the captured tensors
+    (in place where they were in place, into the captured outputs otherwise; a ``to`` that
+    copies is an output, also under ``inference_mode``, where it is not decomposed), no
+    Python; a host read cannot be captured."""
+    mode = torch.inference_mode() if inference else contextlib.nullcontext()
+    with mode:
+        graph, state, calls = ReplayGraph(torch.device("cpu")), torch.zeros(3), []
 
-    def __init__(self, device):
-        self.device = device
+        def chunk():
+            calls.append(len(calls))
+            state.add_(1)
+            return (state.to(torch.float64) * 2)[1:]
 
-    def capture(self, fn):
-        self.fn = fn
-        self.out = fn()
-        return self.out
-
-    def replay(self):
-        out = self.fn()
-        if self.out is not None:
-            self.out.copy_(out)
+        out = graph.capture(chunk)
+        for _ in range(2):
+            graph.replay()
+        assert calls == [0] and state.tolist() == [3.0] * 3 and out.tolist() == [6.0] * 2
+        with pytest.raises(RuntimeError, match="reads a tensor on the host"):
+            graph.capture(lambda: bool(state.sum() > 0))
 
 
 def _addresses(graph):
@@ -77,7 +86,7 @@ def test_replayed_chunks_equal_the_eager_runner(gen, max_steps, chunk):
     qann = make_exact(gen, **TINY, level=16)
     snn = convert(qann)
     x = images(gen, qann, 3)
-    graph = snn.capture_chunk_graph(x, chunk, graph_type=EagerGraph)
+    graph = snn.capture_chunk_graph(x, chunk, graph_type=ReplayGraph)
     where = _addresses(graph)
     assert len(where) > 10
     _check_state_at_finish(graph, where)
@@ -91,7 +100,7 @@ def test_replayed_chunks_equal_the_eager_runner(gen, max_steps, chunk):
     sizes = (chunk,) if isinstance(chunk, int) else chunk
     assert sorted(graph.graphs) == sorted(set(sizes)), "one graph per chunk size"
     assert snn.capture_chunk_graph(x, chunk) is graph  # kept for the shape
-    other = snn.capture_chunk_graph(x.double(), chunk, graph_type=EagerGraph)
+    other = snn.capture_chunk_graph(x.double(), chunk, graph_type=ReplayGraph)
     assert other is not graph  # another dtype is another capture
     snn.release_chunk_graphs()
     with pytest.raises(ValueError, match="needs a CUDA device"):
@@ -110,7 +119,7 @@ def test_a_sample_settling_in_the_partial_last_chunk(gen):
     assert 1 < settle < 64
     max_steps, chunk = settle + 1, settle  # a full chunk [0, S), then [S, S + 1) eagerly
     want = snn(x, max_steps, chunk, return_trace=True)
-    snn.capture_chunk_graph(x, chunk, graph_type=EagerGraph)
+    snn.capture_chunk_graph(x, chunk, graph_type=ReplayGraph)
     got = snn(x, max_steps, chunk, return_trace=True, cuda_graph=True)
     assert int(want[2].sample_steps.min()) == settle, "the premise: it settles in the last step"
     assert torch.equal(got[2].sample_steps, want[2].sample_steps) and got[1] == want[1]
@@ -122,7 +131,7 @@ def test_outputs_do_not_alias_the_graph(gen):
     qann = make_exact(gen, **TINY, level=16)
     snn = convert(qann)
     x, y = images(gen, qann, 2), images(gen, qann, 2)
-    graph = snn.capture_chunk_graph(x, 8, graph_type=EagerGraph)
+    graph = snn.capture_chunk_graph(x, 8, graph_type=ReplayGraph)
     first, _ = snn(x, cuda_graph=True)
     held = [getattr(module, name) for module, name, _ in graph.state]
     for t, (module, name, captured) in zip(held, graph.state, strict=True):
@@ -146,10 +155,10 @@ def test_capture_leaves_the_modules_free(gen):
     x = images(gen, qann, 3)
     want = snn(x, 12, 4)
     with torch.inference_mode():
-        snn.capture_chunk_graph(x, 4, graph_type=EagerGraph)
+        snn.capture_chunk_graph(x, 4, graph_type=ReplayGraph)
         got = snn(x, 12, 4, cuda_graph=True)
     assert got[1] == want[1] and torch.equal(got[0], want[0])
-    snn.capture_chunk_graph(x, 4, graph_type=EagerGraph)
+    snn.capture_chunk_graph(x, 4, graph_type=ReplayGraph)
     assert all(neuron.activity is None for neuron in snn.neurons())
     snn.reset()
     snn.step_chunk(snn.patch_embed.first_step(x), 3)  # 3 steps: not the graph's flags' 4
@@ -170,13 +179,13 @@ def test_bad_calls_are_rejected(gen):
     # a forward hook (a SpikeCounter) would see the capture only: refused, naming the module
     handle = snn.blocks[0].mlp.register_forward_hook(lambda *args: None)
     with pytest.raises(ValueError, match=r"hooks would run at capture only: `blocks\.0\.mlp`"):
-        snn.capture_chunk_graph(x, 8, graph_type=EagerGraph)
+        snn.capture_chunk_graph(x, 8, graph_type=ReplayGraph)
         snn(x, cuda_graph=True)
     handle.remove()
     float_snn = convert(calibrate(QuantViT(**TINY, level=16), images(gen, qann, 4)))
     assert not float_snn.exact
     with pytest.raises(ValueError, match="exact mode"):
-        float_snn.capture_chunk_graph(x, 8, graph_type=EagerGraph)
+        float_snn.capture_chunk_graph(x, 8, graph_type=ReplayGraph)
 
 
 def test_a_move_releases_the_graphs(gen):
@@ -185,10 +194,10 @@ def test_a_move_releases_the_graphs(gen):
     qann = make_exact(gen, **TINY, level=16)
     snn = convert(qann)
     x = images(gen, qann, 2)
-    graph = snn.capture_chunk_graph(x, 4, graph_type=EagerGraph)
+    graph = snn.capture_chunk_graph(x, 4, graph_type=ReplayGraph)
     assert snn.capture_chunk_graph(x, 4) is graph
     snn.to("cpu")
-    assert snn.capture_chunk_graph(x, 4, graph_type=EagerGraph) is not graph
+    assert snn.capture_chunk_graph(x, 4, graph_type=ReplayGraph) is not graph
 
 
 def test_refused_under_a_forced_backend(gen):
@@ -203,7 +212,7 @@ def test_refused_under_a_forced_backend(gen):
         force_backend("reference"),
         pytest.raises(ValueError, match=r"force_backend\('reference'\)"),
     ):
-        snn.capture_chunk_graph(x, 4, graph_type=EagerGraph)
+        snn.capture_chunk_graph(x, 4, graph_type=ReplayGraph)
     assert not snn._chunk_graphs
 
 

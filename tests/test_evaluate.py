@@ -654,8 +654,8 @@ def test_cuda_graph_run_equals_the_counted_run(trained, tmp_path, monkeypatch, d
     """``cuda_graph=True``: the same accuracies, per-step curve and settle histogram as the
     counted run of the same exact-mode QANN; the work and energy figures are None (a replay
     runs no hook) and their plot is not drawn. Every batch shape is captured once. On a CPU
-    the graphs are ``test_chunk_graph.EagerGraph``, the stand-in that runs the chunk again."""
-    from test_chunk_graph import EagerGraph
+    the graphs are ``replay_graph.ReplayGraph``, which replays the ops its capture recorded."""
+    from replay_graph import ReplayGraph
 
     from spikekernels.evaluate import evaluation
     from spikekernels.models.spiking_vit import SpikingViT
@@ -665,7 +665,7 @@ def test_cuda_graph_run_equals_the_counted_run(trained, tmp_path, monkeypatch, d
 
     def recorded(self, x, chunk=8, *, graph_type=None):
         captured.append(x.shape[0])
-        return capture(self, x, chunk, graph_type=EagerGraph if device == "cpu" else graph_type)
+        return capture(self, x, chunk, graph_type=ReplayGraph if device == "cpu" else graph_type)
 
     monkeypatch.setattr(SpikingViT, "capture_chunk_graph", recorded)
     monkeypatch.setattr(evaluation, "_GRAPH_DEVICE_TYPES", (device,))

@@ -39,8 +39,8 @@ class CudaGraph:
     ``replay()``.
 
     (``ChunkGraph`` takes any class with these two methods, made with the images' device:
-    the tests run the whole protocol on a CPU with one that calls ``fn`` again and copies
-    into the captured outputs.)"""
+    the tests run the whole protocol on a CPU with one that records the ops ``fn``
+    dispatches and replays them on the same tensors, ``tests/replay_graph.py``.)"""
 
     def __init__(self, device: torch.device) -> None:
         self.graph = torch.cuda.CUDAGraph()
