@@ -30,13 +30,17 @@ from torch.utils._pytree import tree_flatten
 
 __all__ = ["ReplayGraph"]
 
-# What a CUDA graph capture cannot contain: each reads a value back on the host (a sync).
+# What a CUDA graph capture cannot contain: each reads a value back on the host (a sync) or
+# copies one there.
 _HOST_READS = {
     torch.ops.aten._local_scalar_dense.default,
     torch.ops.aten.is_nonzero.default,
     torch.ops.aten.equal.default,
     torch.ops.aten.nonzero.default,
     torch.ops.aten.item.default,
+    # a tensor made from Python data (``torch.tensor(x)``): on a GPU a copy from pageable
+    # host memory, which a capture cannot contain either
+    torch.ops.aten.lift_fresh.default,
 }
 
 
@@ -79,7 +83,7 @@ class _Recorder(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func in _HOST_READS:
-            raise RuntimeError(f"{func} reads a tensor on the host: a CUDA graph cannot capture it")
+            raise RuntimeError(f"{func} syncs with the host: a CUDA graph cannot capture it")
         out = func(*args, **kwargs)
         # the outputs to copy into at a replay: not those in an input's memory (a view, an
         # in-place op's result; by storage, not by schema: ``to`` may or may not copy)

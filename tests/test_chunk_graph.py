@@ -28,7 +28,7 @@ def test_the_stand_in_replays_ops_not_python(inference):
     """``ReplayGraph`` as a CUDA graph: a replay runs the captured ops on the captured tensors
     (in place where they were in place, into the captured outputs otherwise; a ``to`` that
     copies is an output, also under ``inference_mode``, where it is not decomposed), no
-    Python; a host read cannot be captured."""
+    Python; a host read or a tensor made from host data cannot be captured."""
     mode = torch.inference_mode() if inference else contextlib.nullcontext()
     with mode:
         graph, state, calls = ReplayGraph(torch.device("cpu")), torch.zeros(3), []
@@ -42,8 +42,9 @@ def test_the_stand_in_replays_ops_not_python(inference):
         for _ in range(2):
             graph.replay()
         assert calls == [0] and state.tolist() == [3.0] * 3 and out.tolist() == [6.0] * 2
-        with pytest.raises(RuntimeError, match="reads a tensor on the host"):
-            graph.capture(lambda: bool(state.sum() > 0))
+        for host in (lambda: bool(state.sum() > 0), lambda: state + torch.tensor(1.0)):
+            with pytest.raises(RuntimeError, match="syncs with the host"):
+                graph.capture(host)
 
 
 def _addresses(graph):
@@ -105,6 +106,24 @@ def test_replayed_chunks_equal_the_eager_runner(gen, max_steps, chunk):
     snn.release_chunk_graphs()
     with pytest.raises(ValueError, match="needs a CUDA device"):
         snn(x, max_steps, chunk, cuda_graph=True)
+
+
+@CPU_PASS_ONLY  # other readouts and levels: the same kernels as the (10, 3) case
+@pytest.mark.parametrize(
+    "config", [dict(global_pool=True), dict(level=32), dict(depth=3, num_heads=4)], ids=str
+)
+def test_replayed_chunks_equal_the_eager_runner_across_models(gen, config):
+    """Every stateful module of these models replays from its state tensors alone: the
+    global-pool readout, level 32's wider counts, three blocks of four heads."""
+    qann = make_exact(gen, **{**TINY, "level": 16, **config})
+    snn = convert(qann)
+    x = images(gen, qann, 2)
+    snn.capture_chunk_graph(x, 4, graph_type=ReplayGraph)
+    for batch in (x, images(gen, qann, 2)):
+        want = snn(batch, 64, 4, return_trace=True)
+        got = snn(batch, 64, 4, return_trace=True, cuda_graph=True)
+        assert got[1] == want[1] > 4, "the premise: several chunks replayed"
+        assert torch.equal(got[2].logits, want[2].logits)
 
 
 @CPU_PASS_ONLY  # the runner's flags; the kernels' in-place state is the (10, 3) case's
