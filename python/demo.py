@@ -205,6 +205,8 @@ class SNNResult:
     reference_agreement: float | None = None  # fused vs reference predictions
     exact: bool = False  # the SNN runs in exact mode (integer weights)
     bitwise_equal: int | None = None  # exact mode: images whose logits equal the QANN's bits
+    graph_seconds_per_image: float | None = None  # exact mode on a GPU: with CUDA graphs
+    graph_equal: int | None = None  # images whose graph-run logits equal the eager run's bits
 
 
 @torch.no_grad()
@@ -219,10 +221,14 @@ def run_snn(
     curve: bool = True,
     reference: bool = True,
     show_progress: bool = True,
+    cuda_graph: bool | None = None,
 ) -> SNNResult:
     """Phase 3: convert, run each batch until silent (``snn(x, max_steps, chunk)``), time it,
-    then (``curve``) rerun with the trace for the accuracy-vs-step curve and (``reference``) time
-    the per-step reference SNN (``reference=True``: one step at a time, a sync per step)."""
+    then (``cuda_graph``; None: exact mode on a GPU) time it again as CUDA graph replays
+    (``cuda_graph=True``, captured per batch shape before the timing) and compare the logits
+    bit for bit, (``curve``) rerun with the trace for the accuracy-vs-step curve and
+    (``reference``) time the per-step reference SNN (``reference=True``: one step at a time, a
+    sync per step)."""
     device = next(qann.parameters()).device
     snn = spikekernels.convert(qann)
     batches = [(x[i : i + batch_size].to(device), i) for i in range(0, len(x), batch_size)]
@@ -246,6 +252,18 @@ def run_snn(
         result.bitwise_equal = sum(
             int((logits == qann(xb)).all(dim=-1).sum())
             for (logits, _), (xb, _) in zip(outputs, batches, strict=True)
+        )
+
+    if cuda_graph is None:
+        cuda_graph = snn.exact and device.type == "cuda"
+    if cuda_graph:
+        for size in {len(xb) for xb, _ in batches}:  # the capture of each batch shape
+            xb = next(xb for xb, _ in batches if len(xb) == size)
+            snn(xb, max_steps=min(max_steps, chunk), chunk=chunk, cuda_graph=True)
+        replayed, result.graph_seconds_per_image = timed(desc="SNN (CUDA graphs)", cuda_graph=True)
+        result.graph_equal = sum(
+            int((got == want).all(dim=-1).sum()) if s == t else 0
+            for (got, s), (want, t) in zip(replayed, outputs, strict=True)
         )
 
     if curve:
@@ -313,6 +331,12 @@ def _report_snn(
             f"  (not silent within {max_steps} steps: the SNN has not settled; raise --max-steps)"
         )
     print(f"time per image: fused SNN     {1e3 * result.seconds_per_image:8.3f} ms")
+    if result.graph_seconds_per_image is not None:
+        print(
+            f"time per image: CUDA graphs   {1e3 * result.graph_seconds_per_image:8.3f} ms"
+            f"  (logits equal to the eager run's on {result.graph_equal} of "
+            f"{len(result.predictions)} images, bit for bit)"
+        )
     if result.reference_seconds_per_image is not None:
         print(
             f"time per image: reference SNN {1e3 * result.reference_seconds_per_image:8.3f} ms"
