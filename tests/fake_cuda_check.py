@@ -201,8 +201,13 @@ def check_model(
         counter = SpikeCounter(snn, sum(chunks)) if counted else None
         with counter.counting() if counted else contextlib.nullcontext():
             chunk = _EagerChunks(snn)
-            chunk.start(x)
-            out = [chunk.step(steps) for steps in chunks]
+            chunk.start(snn.patch_embed.first_step(x))
+            out, t0 = [], 0
+            for steps in chunks:
+                out.append(chunk.step(steps))
+                if counted:  # the runner tells the counter where the chunk fell
+                    counter.chunk_done(t0, steps)
+                t0 += steps
         if counted:
             counter.close()
             out.append(counter.spikes)
@@ -361,7 +366,7 @@ def check_compiled_model(gen: torch.Generator) -> None:
         warnings.messages.clear()
         with FakeTensorMode(allow_non_fake_inputs=True), torch.no_grad():
             chunks = _EagerChunks(snn._apply(_fake))
-            chunks.start(_fake(x))
+            chunks.start(chunks.snn.patch_embed.first_step(_fake(x)))
             step = torch.compile(chunks.step, backend=backend, fullgraph=True)
             for steps in (3, 2):
                 step(steps)

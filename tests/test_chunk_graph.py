@@ -20,7 +20,9 @@ from replay_graph import ReplayGraph
 from test_exact import TINY, images, make_exact
 
 from spikekernels import convert
+from spikekernels.evaluate.sops import SpikeCounter
 from spikekernels.models import QuantViT, calibrate
+from spikekernels.nn import observer
 
 
 @pytest.mark.parametrize("inference", [False, True])
@@ -106,6 +108,41 @@ def test_replayed_chunks_equal_the_eager_runner(gen, max_steps, chunk):
     snn.release_chunk_graphs()
     with pytest.raises(ValueError, match="needs a CUDA device"):
         snn(x, max_steps, chunk, cuda_graph=True)
+
+
+@pytest.mark.parametrize(
+    ("max_steps", "chunk"),
+    [
+        pytest.param(64, 4, marks=CPU_PASS_ONLY),
+        (10, 3),
+        pytest.param(11, (5, 2), marks=CPU_PASS_ONLY),
+    ],
+)
+def test_counted_replays_count_what_eager_chunks_count(gen, max_steps, chunk):
+    """``evaluate``'s SOP counter on replayed chunks: its hooks are ``replayable`` (each
+    chunk's counts written at fixed addresses, placed at the chunk's steps by the runner's
+    ``observe_chunks``), so a graph captured outside ``counting()`` counts every replay inside
+    it, the partial last chunk and the running counts' differences included, bit for bit as
+    the eager chunks do. The hooks are part of the graph's key: a graph captured with a
+    counter that has since been closed is not replayed for the next one."""
+    qann = make_exact(gen, **TINY, level=16)
+    snn = convert(qann)
+    x = images(gen, qann, 3)
+    for _ in range(2):  # a second counter: its own capture, counting for itself
+        counter = SpikeCounter(snn, max_steps)
+        graph = snn.capture_chunk_graph(x, chunk, graph_type=ReplayGraph)
+        assert len(snn._chunk_graphs) == 1, "the previous counter's graph was dropped"
+        for batch in (x, images(gen, qann, 3)):
+            counts = {}
+            for cuda_graph in (False, True):
+                counter.spikes.zero_()
+                with counter.counting():
+                    steps = snn(batch, max_steps, chunk, cuda_graph=cuda_graph)[1]
+                counts[cuda_graph] = counter.spikes.clone()
+            assert counts[False][:, steps - 1].sum() > 0, "the premise: counts up to the end"
+            assert torch.equal(counts[True], counts[False])
+        counter.close()
+    assert snn.capture_chunk_graph(x, chunk, graph_type=ReplayGraph) is not graph
 
 
 @CPU_PASS_ONLY  # other readouts and levels: the same kernels as the (10, 3) case
@@ -195,12 +232,13 @@ def test_bad_calls_are_rejected(gen):
         snn(x, cuda_graph=True, reference=True)
     with pytest.raises(ValueError, match="needs a CUDA device"):
         snn(x, cuda_graph=True)
-    # a forward hook (a SpikeCounter) would see the capture only: refused, naming the module
-    handle = snn.blocks[0].mlp.register_forward_hook(lambda *args: None)
-    with pytest.raises(ValueError, match=r"hooks would run at capture only: `blocks\.0\.mlp`"):
-        snn.capture_chunk_graph(x, 8, graph_type=ReplayGraph)
-        snn(x, cuda_graph=True)
-    handle.remove()
+    # a forward hook would see the capture only: refused, naming the module, unless marked
+    # replayable (an observer that only watches is not enough)
+    for hook in (lambda *args: None, observer(lambda *args: None)):
+        handle = snn.blocks[0].mlp.register_forward_hook(hook)
+        with pytest.raises(ValueError, match=r"run at capture only: `blocks\.0\.mlp` has one"):
+            snn.capture_chunk_graph(x, 8, graph_type=ReplayGraph)
+        handle.remove()
     float_snn = convert(calibrate(QuantViT(**TINY, level=16), images(gen, qann, 4)))
     assert not float_snn.exact
     with pytest.raises(ValueError, match="exact mode"):

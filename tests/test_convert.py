@@ -265,11 +265,12 @@ def test_chunks_compile_to_one_graph(gen, images, exact):
     snn = convert(make_qann(gen, weight_bits=8 if exact else None))
     chunks = _EagerChunks(snn)
     with torch.no_grad():
-        chunks.start(images)
+        patches = snn.patch_embed.first_step(images)
+        chunks.start(patches)
         want = [chunks.step(3), chunks.step(2)]
         torch._dynamo.reset()
         step = torch.compile(chunks.step, fullgraph=True, backend="eager")
-        chunks.start(images)
+        chunks.start(patches)
         got = [step(3), step(2)]
     for (logits, fired), (want_logits, want_fired) in zip(got, want, strict=True):
         assert torch.equal(logits, want_logits) and torch.equal(fired, want_fired)

@@ -125,9 +125,9 @@ def test_snn_part_times_cuda_graphs_in_exact_mode(small, monkeypatch, capsys):
 
     captured, capture = [], SpikingViT.capture_chunk_graph
 
-    def recorded(self, x, chunk=8, *, graph_type=None):
+    def recorded(self, x, chunk=8, *, graph_type=None, patches=None):
         captured.append(len(x))
-        return capture(self, x, chunk, graph_type=ReplayGraph)
+        return capture(self, x, chunk, graph_type=ReplayGraph, patches=patches)
 
     monkeypatch.setattr(SpikingViT, "capture_chunk_graph", recorded)
     _, _, x, y = small

@@ -66,7 +66,7 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--cuda-graph",
         action="store_true",
-        help="exact mode on a GPU: each full chunk a CUDA graph replay (no SOP/energy counts)",
+        help="exact mode on a GPU: the SNN's full chunks as CUDA graph replays, counted",
     )
     r.add_argument("--out", help="directory for results.json and the plots")
     r.add_argument("--quiet", action="store_true", help="no progress bar, no summary")
@@ -76,6 +76,7 @@ def parser() -> argparse.ArgumentParser:
 def summary(results: dict) -> str:
     pct = lambda v: "n/a" if v is None else f"{100 * v:6.2f} %"  # noqa: E731
     table = results["energy_table"]
+    e = results["energy"][table]
     steps = results["steps_to_silence"]
     lines = [
         f"images                 {results['images']}"
@@ -90,8 +91,11 @@ def summary(results: dict) -> str:
         f"SNN/QANN agreement     {pct(results['agreement'])}",
         f"steps to silence       mean {steps['mean']:.1f}, max {steps['max']}"
         + (f", {steps['not_silent']} not silent" if steps["not_silent"] else ""),
+        f"SOPs per image         {results['sops']['per_image']:.4g}",
         f"QANN MACs per image    {results['qann_macs']['per_image']:.4g}",
-        *_energy_lines(results, table),
+        f"energy ({table})  SNN {1e6 * e['snn_joules']['total'] / results['images']:.4g} µJ, "
+        f"QANN {1e6 * e['qann_joules']['total'] / results['images']:.4g} µJ per image "
+        f"(SNN/QANN {e['snn_over_qann']:.3f})",
         "images/s               "
         + ", ".join(f"{k} {v:.1f}" for k, v in results["images_per_s"].items() if v),
     ]
@@ -103,18 +107,6 @@ def summary(results: dict) -> str:
     for path in results.get("outputs", {}).values():
         lines.append(f"wrote {path}")
     return "\n".join(lines)
-
-
-def _energy_lines(results: dict, table: str) -> list[str]:
-    if results["energy"] is None:
-        return [f"SOPs, energy           not counted: {results['run']['counting']}"]
-    e = results["energy"][table]
-    return [
-        f"SOPs per image         {results['sops']['per_image']:.4g}",
-        f"energy ({table})  SNN {1e6 * e['snn_joules']['total'] / results['images']:.4g} µJ, "
-        f"QANN {1e6 * e['qann_joules']['total'] / results['images']:.4g} µJ per image "
-        f"(SNN/QANN {e['snn_over_qann']:.3f})",
-    ]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,13 +2,13 @@
 
 Per batch: the float network (the same weights with every quantizer off, where there is one),
 the QANN, and the SNN until silent (``snn(x, max_steps, chunk, return_trace=True)``, spikes
-counted on the device by ``sops.SpikeCounter``; with ``cuda_graph=True`` every full chunk is a
-CUDA graph replay instead, and nothing is counted: a replay runs no hook). The QANN's MACs
-come from one hooked forward of one image (``sops.profile_qann``), so the timed QANN runs
-carry no hooks. Running metrics stay on the device as integer counts; the progress bar reads
-three of them once per batch. Under torchrun every rank runs its shard (``distributed``) and
-the counts are summed across ranks at the end; rank 0 writes ``results.json`` and the plots
-into ``out`` (temp files renamed into place, so an error leaves nothing half-written).
+counted on the device by ``sops.SpikeCounter``; with ``cuda_graph=True`` every full chunk is
+a CUDA graph replay, the counter's work in it). The QANN's MACs come from one hooked forward
+of one image (``sops.profile_qann``), so the timed QANN runs carry no hooks. Running metrics
+stay on the device as integer counts; the progress bar reads three of them once per batch.
+Under torchrun every rank runs its shard (``distributed``) and the counts are summed across
+ranks at the end; rank 0 writes ``results.json`` and the plots into ``out`` (temp files
+renamed into place, so an error leaves nothing half-written).
 """
 
 from __future__ import annotations
@@ -196,11 +196,9 @@ def evaluate(
     without the spike counter and report it in ``run.counting_overhead``.
 
     ``cuda_graph=True`` (exact mode on a GPU) runs the SNN with ``cuda_graph=True``: each full
-    chunk one CUDA graph replay, no host work per op, the same bits. It trades the counts for
-    that speed: a replay runs no forward hook, so ``sops``, ``snn_dense_ops``, ``snn_macs``,
-    ``neuron_updates`` and ``energy`` are None and the energy plot is not drawn. Each batch
-    shape is captured once, the first batch's before the timed runs (a smaller last batch's
-    within them).
+    chunk one CUDA graph replay, no host work per op, the same bits and the same counts (the
+    counter's hooks are ``replayable``). Each batch shape is captured once, the first batch's
+    before the timed runs (a smaller last batch's within them).
     """
     max_steps = _check_int("max_steps", max_steps)
     chunk = _check_int("chunk", chunk)
@@ -223,11 +221,6 @@ def evaluate(
     if not isinstance(energy_table, str) or energy_table not in ENERGY_TABLES:
         raise ValueError(
             f"energy_table must be one of {sorted(ENERGY_TABLES)}, got {energy_table!r}"
-        )
-    if cuda_graph and measure_overhead:
-        raise ValueError(
-            "measure_overhead times the SOP counter, which cuda_graph=True turns off (a CUDA "
-            "graph replay runs no hook): give one of them"
         )
     if parity and not callable(getattr(spikekernels, "parity", None)):
         raise ValueError(
@@ -311,10 +304,10 @@ def evaluate(
         loader = data_mod.batches(dataset, mine, batch_size, workers)
 
         # --- the run -----------------------------------------------------------------
-        spike_counter = None if cuda_graph else SpikeCounter(snn, max_steps)
+        spike_counter = SpikeCounter(snn, max_steps)
         st = _run(
             ctx, qann, float_net, snn, loader, spike_counter,
-            max_steps=max_steps, chunk=chunk,
+            max_steps=max_steps, chunk=chunk, cuda_graph=cuda_graph,
             progress=progress and ctx.is_main, measure_overhead=measure_overhead,
         )  # fmt: skip
 
@@ -370,18 +363,15 @@ def _timed(st: _RunState, phase: str, device: torch.device, fn, *args, **kwargs)
     return out
 
 
-def _counted_snn(snn, counter: SpikeCounter | None, x: torch.Tensor, max_steps: int, chunk: int):
-    """The SNN's run of ``x`` with its trace: counted by ``counter``, or without one as CUDA
-    graph replays (``evaluate(cuda_graph=True)``)."""
-    if counter is None:
-        return snn(x, max_steps=max_steps, chunk=chunk, return_trace=True, cuda_graph=True)
+def _counted_snn(snn, counter: SpikeCounter, x: torch.Tensor, max_steps: int, chunk: int,
+                 cuda_graph: bool):  # fmt: skip
     with counter.counting():
-        return snn(x, max_steps=max_steps, chunk=chunk, return_trace=True)
+        return snn(x, max_steps=max_steps, chunk=chunk, return_trace=True, cuda_graph=cuda_graph)
 
 
 @torch.no_grad()
 def _run(
-    ctx, qann, float_net, snn, loader, spike_counter, *, max_steps, chunk, progress,
+    ctx, qann, float_net, snn, loader, spike_counter, *, max_steps, chunk, cuda_graph, progress,
     measure_overhead,
 ) -> _RunState:  # fmt: skip
     from tqdm import tqdm
@@ -404,10 +394,10 @@ def _run(
             if float_net.module is not None:
                 float_net(x[:1])
             qann(x[:1])
-            if spike_counter is None:  # graphs: the capture of this batch shape
-                snn(x, max_steps=min(chunk, max_steps), chunk=chunk, cuda_graph=True)
-            else:
-                snn(x[:1], max_steps=min(chunk, max_steps), chunk=chunk)
+            # a graph is captured for a batch shape (with the counter's hooks, whose work
+            # counts at every replay inside counting())
+            warm = x if cuda_graph else x[:1]
+            snn(warm, max_steps=min(chunk, max_steps), chunk=chunk, cuda_graph=cuda_graph)
         st.images += len(y)
 
         if float_net.module is not None:
@@ -416,7 +406,7 @@ def _run(
         qann_pred = _timed(st, "qann", device, qann, x).argmax(-1)
         st.qann_correct += (qann_pred == y).sum()
         logits, _, trace = _timed(
-            st, "snn", device, _counted_snn, snn, spike_counter, x, max_steps, chunk
+            st, "snn", device, _counted_snn, snn, spike_counter, x, max_steps, chunk, cuda_graph
         )
         snn_pred = logits.argmax(-1)
         snn_hit = (snn_pred == y).sum()
@@ -439,25 +429,26 @@ def _run(
         st.seconds.pop("float")
     if measure_overhead and first is not None:
         spike_counter.close()  # the run's hooks off while timing the baseline
-        st.counting_overhead = _counting_overhead(snn, first, max_steps, chunk, device)
+        st.counting_overhead = _counting_overhead(snn, first, max_steps, chunk, device, cuda_graph)
     return st
 
 
-def _counting_overhead(snn, x, max_steps, chunk, device, repeats: int = 7) -> dict:
+def _counting_overhead(snn, x, max_steps, chunk, device, cuda_graph, repeats: int = 7) -> dict:
     """SNN seconds for one batch with and without a ``SpikeCounter`` attached (best of
-    ``repeats`` each, interleaved); ``fraction`` = with / without - 1."""
+    ``repeats`` each: first without, then with one counter, so that with ``cuda_graph`` each
+    captures its graph once, in its first repeat); ``fraction`` = with / without - 1."""
     times = {"with": math.inf, "without": math.inf}
-    for _ in range(repeats):
-        for mode in ("without", "with"):
-            counter = SpikeCounter(snn, max_steps) if mode == "with" else None
+    for mode in ("without", "with"):
+        counter = SpikeCounter(snn, max_steps) if mode == "with" else None
+        for _ in range(repeats):
             _sync(device)
             start = time.perf_counter()
             with counter.counting() if counter else contextlib.nullcontext():
-                snn(x, max_steps=max_steps, chunk=chunk, return_trace=True)
+                snn(x, max_steps=max_steps, chunk=chunk, return_trace=True, cuda_graph=cuda_graph)
             _sync(device)
             times[mode] = min(times[mode], time.perf_counter() - start)
-            if counter:
-                counter.close()
+        if counter:
+            counter.close()
     return {
         "batch": len(x),
         "seconds_with": times["with"],

@@ -3,13 +3,12 @@
 - ``accuracy_per_step.png``: SNN top-1 after each time step, QANN (and float) as lines;
 - ``steps_to_silence.png``: histogram of the step at which each image fell silent;
 - ``energy_per_layer.png``: estimated energy per image by layer group (patch embedding, each
-  block, head), SNN (SOPs, dense work) beside the QANN, for the selected energy table; not
-  drawn for a run that counted nothing (``cuda_graph=True``: ``energy`` is None).
+  block, head), SNN (SOPs, dense work) beside the QANN, for the selected energy table.
 """
 
 from __future__ import annotations
 
-__all__ = ["PLOTS", "plots_for", "write_plots"]
+__all__ = ["PLOTS", "write_plots"]
 
 PLOTS = ("accuracy_per_step.png", "steps_to_silence.png", "energy_per_layer.png")
 _SIZE = (5.0, 3.2)
@@ -25,22 +24,12 @@ def _pyplot():
     return plt
 
 
-def plots_for(results: dict) -> tuple[str, ...]:
-    """The plots of ``PLOTS`` that ``results`` has the figures for."""
-    return tuple(p for p in PLOTS if p != "energy_per_layer.png" or results["energy"] is not None)
-
-
 def write_plots(results: dict, paths: dict[str, str]) -> None:
-    """Draw each plot named in ``paths`` to ``paths[name]`` (the caller renames them into
-    place)."""
+    """Draw each plot of ``PLOTS`` to ``paths[name]`` (the caller renames them into place)."""
     plt = _pyplot()
-    draw = {
-        "accuracy_per_step.png": _accuracy,
-        "steps_to_silence.png": _steps,
-        "energy_per_layer.png": _energy,
-    }
-    for name, path in paths.items():
-        draw[name](plt, results, path)
+    _accuracy(plt, results, paths["accuracy_per_step.png"])
+    _steps(plt, results, paths["steps_to_silence.png"])
+    _energy(plt, results, paths["energy_per_layer.png"])
 
 
 def _save(plt, fig, path: str) -> None:

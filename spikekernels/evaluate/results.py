@@ -15,7 +15,7 @@ import tempfile
 
 import torch
 
-from spikekernels.evaluate.plots import plots_for, write_plots
+from spikekernels.evaluate.plots import PLOTS, write_plots
 from spikekernels.evaluate.sops import ENERGY_TABLES, energy, layer_group
 
 __all__ = ["RESULTS_FILE", "assemble", "write_outputs"]
@@ -25,8 +25,7 @@ RESULTS_FILE = "results.json"
 
 def assemble(ctx, st, spikes, *, max_steps, chunk, energy_table, model_info, data_info) -> dict:
     """results.json's dict from every rank's ``_RunState`` and counters (collective: every
-    rank calls it and gets the same dict). ``spikes``: the ``SpikeCounter``, or None for a
-    run without one (CUDA graphs), whose work and energy figures are then None."""
+    rank calls it and gets the same dict)."""
     scalars = torch.stack(
         [st.images, st.float_correct, st.qann_correct, st.snn_correct, st.agree]
     ).cpu()
@@ -39,73 +38,6 @@ def assemble(ctx, st, spikes, *, max_steps, chunk, energy_table, model_info, dat
         )
     per_step = ctx.sum(st.snn_correct_per_step.cpu()).tolist()
     hist = ctx.sum(st.settle_hist.cpu()).tolist()
-    seconds = {k: ctx.max_float(v) for k, v in st.seconds.items()}
-    float_ran = st.float_note is None
-
-    # Steps: each image runs steps 0 .. s-1 before the silent step s (or max_steps in all).
-    last = max(s for s, n in enumerate(hist) if n)
-    sample_steps = sum(s * n for s, n in enumerate(hist))
-    reported = max(1, last)
-
-    return {
-        "images": images,
-        "float_top1": float_correct / images if float_ran else None,
-        "qann_top1": qann_correct / images,
-        "snn_top1": snn_correct / images,
-        "snn_top1_per_step": [c / images for c in per_step[:reported]],
-        "agreement": agree / images,
-        "steps_to_silence": {
-            "histogram": {str(s): n for s, n in enumerate(hist) if n},
-            "mean": sample_steps / images,
-            "max": last,
-            "not_silent": hist[max_steps],
-        },
-        **_work(ctx, st, spikes, images, sample_steps, reported, energy_table),
-        "images_per_s": {
-            k: (images / s if s > 0 else None)
-            for k, s in seconds.items()
-            if k != "float" or float_ran
-        },
-        "skipped_images": {"count": len(skipped), "paths": skipped[:100]},
-        "model": model_info,
-        "data": data_info,
-        "max_steps": max_steps,
-        "chunk": chunk,
-        "run": {
-            "world_size": ctx.world,
-            "device": str(ctx.device),
-            "backend": ctx.backend,
-            "seconds": seconds,
-            "float_network": st.float_note or "every quantizer off, same weights",
-            "counting": "SpikeCounter" if spikes is not None else _NOT_COUNTED,
-            "counting_overhead": st.counting_overhead,
-        },
-    }
-
-
-# The work figures' reason for None when the SNN ran as CUDA graphs (``run.counting``).
-_NOT_COUNTED = "off: cuda_graph=True (a CUDA graph replay runs no forward hook)"
-
-
-def _work(ctx, st, spikes, images, sample_steps, reported, energy_table) -> dict:
-    """The SOPs, the SNN's and the QANN's work and the energy, per layer (collective)."""
-    # Per image (profile_qann), the same on every rank: times the images.
-    qann_macs = {k: v * images for k, v in st.qann_macs.items()}
-    qann_dense = {k: v * images for k, v in st.qann_dense.items()}
-    qann_macs_total = sum(qann_macs.values())
-    qann_dense_total = sum(qann_dense.values())
-    qann = {
-        "qann_macs": {
-            "total": qann_macs_total,
-            "per_image": qann_macs_total / images,
-            "per_layer": qann_macs,
-        },
-        "qann_dense_ops": {"total": qann_dense_total, "per_layer": qann_dense},
-    }
-    if spikes is None:
-        none = ("sops", "snn_dense_ops", "snn_macs", "neuron_updates", "energy")
-        return {**dict.fromkeys(none), **qann, "energy_table": energy_table,
-                "energy_per_layer": None}  # fmt: skip
     spike_counts = ctx.sum(spikes.spikes.cpu())  # [neurons, max_steps]
     snn_macs = dict(zip(spikes.macs, ctx.sum_ints(list(spikes.macs.values())), strict=True))
     dense_elems = dict(
@@ -116,6 +48,17 @@ def _work(ctx, st, spikes, images, sample_steps, reported, energy_table) -> dict
             spikes.neuron_elements, ctx.max_ints(list(spikes.neuron_elements.values())), strict=True
         )
     )
+    # Per image (profile_qann), the same on every rank: times the images.
+    qann_macs = {k: v * images for k, v in st.qann_macs.items()}
+    qann_dense = {k: v * images for k, v in st.qann_dense.items()}
+    seconds = {k: ctx.max_float(v) for k, v in st.seconds.items()}
+    float_ran = st.float_note is None
+
+    # Steps: each image runs steps 0 .. s-1 before the silent step s (or max_steps in all).
+    last = max(s for s, n in enumerate(hist) if n)
+    sample_steps = sum(s * n for s, n in enumerate(hist))
+    reported = max(1, last)
+
     fanouts = torch.tensor(spikes.fanouts, dtype=torch.int64)
     sops_layer_step = spike_counts * fanouts[:, None]
     per_layer_sops = {
@@ -138,6 +81,8 @@ def _work(ctx, st, spikes, images, sample_steps, reported, energy_table) -> dict
     }
     snn_dense_total = sum(v["ops"] for v in dense_layers.values())
     snn_macs_total = sum(snn_macs.values())
+    qann_macs_total = sum(qann_macs.values())
+    qann_dense_total = sum(qann_dense.values())
 
     energies = {
         name: energy(
@@ -172,7 +117,19 @@ def _work(ctx, st, spikes, images, sample_steps, reported, energy_table) -> dict
     ) + ["head"]  # fmt: skip
     groups = {g: groups[g] for g in order if g in groups}
 
-    return {
+    results = {
+        "images": images,
+        "float_top1": float_correct / images if float_ran else None,
+        "qann_top1": qann_correct / images,
+        "snn_top1": snn_correct / images,
+        "snn_top1_per_step": [c / images for c in per_step[:reported]],
+        "agreement": agree / images,
+        "steps_to_silence": {
+            "histogram": {str(s): n for s, n in enumerate(hist) if n},
+            "mean": sample_steps / images,
+            "max": last,
+            "not_silent": hist[max_steps],
+        },
         "sops": {
             "total": sops_total,
             "per_image": sops_total / images,
@@ -182,11 +139,35 @@ def _work(ctx, st, spikes, images, sample_steps, reported, energy_table) -> dict
         "snn_dense_ops": {"total": snn_dense_total, "per_layer": dense_layers},
         "snn_macs": {"total": snn_macs_total, "per_layer": snn_macs},
         "neuron_updates": sum(neuron_elems.values()) * sample_steps,
-        **qann,
+        "qann_macs": {
+            "total": qann_macs_total,
+            "per_image": qann_macs_total / images,
+            "per_layer": qann_macs,
+        },
+        "qann_dense_ops": {"total": qann_dense_total, "per_layer": qann_dense},
         "energy": energies,
         "energy_table": energy_table,
         "energy_per_layer": groups,
+        "images_per_s": {
+            k: (images / s if s > 0 else None)
+            for k, s in seconds.items()
+            if k != "float" or float_ran
+        },
+        "skipped_images": {"count": len(skipped), "paths": skipped[:100]},
+        "model": model_info,
+        "data": data_info,
+        "max_steps": max_steps,
+        "chunk": chunk,
+        "run": {
+            "world_size": ctx.world,
+            "device": str(ctx.device),
+            "backend": ctx.backend,
+            "seconds": seconds,
+            "float_network": st.float_note or "every quantizer off, same weights",
+            "counting_overhead": st.counting_overhead,
+        },
     }
+    return results
 
 
 def _file_mode() -> int:
@@ -201,18 +182,17 @@ def write_outputs(results: dict, outdir: str) -> dict[str, str]:
     temps: dict[str, str] = {}
     try:
         mode = _file_mode()
-        plots = plots_for(results)
-        for name in (*plots, RESULTS_FILE):
+        for name in (*PLOTS, RESULTS_FILE):
             fd, temps[name] = tempfile.mkstemp(prefix=f".tmp-{name}-", dir=outdir)
             os.close(fd)
             os.chmod(temps[name], mode)  # mkstemp's 0600 -> what open() would have made
         paths = {name: os.path.join(outdir, name) for name in temps}
         results = {**results, "outputs": paths}
-        write_plots(results, {name: temps[name] for name in plots})
+        write_plots(results, {name: temps[name] for name in PLOTS})
         with open(temps[RESULTS_FILE], "w") as f:
             json.dump(results, f, indent=1)
             f.write("\n")
-        for name in (*plots, RESULTS_FILE):
+        for name in (*PLOTS, RESULTS_FILE):
             os.replace(temps.pop(name), paths[name])
         return paths
     finally:

@@ -8,7 +8,10 @@
   device: one ``count_nonzero`` and one in-place add per neuron call (a call covers a chunk
   of steps). The tensor is read once, at the end. A neuron that returns its running count
   (``counts_out``, exact mode's qkv and attention neurons) is counted by the steps'
-  differences;
+  differences. In a ``SpikingViT`` the hooks write each chunk's counts into a chunk-relative
+  ``[neurons, max_steps]`` tensor instead, which the runner's ``observe_chunks`` call places
+  at the chunk's global steps: the hooks are ``replayable``, so ``snn(..., cuda_graph=True)``
+  captures their work with the chunk and counts every replay;
 - a spike's **fan-out** is the neuron's ``fanout`` attribute, set by ``convert``: the
   synaptic operations (accumulates) one spike causes downstream. The consuming linear's
   ``out_features``; in the SESA spike products the other operand's dimension (a q spike meets
@@ -181,11 +184,17 @@ class SpikeCounter:
     """Counts an SNN's spikes, SOPs, dense work and MACs during ``snn(x, ...)`` calls.
 
     ``counter = SpikeCounter(snn, max_steps)``; per batch ``with counter.counting(): snn(x)``
-    (the context resets the step offsets; outside it the hooks do nothing, so the QANN, which
+    (the context resets the step offsets; outside it nothing is counted, so the QANN, which
     shares the patch convolution with the SNN, is not counted here). ``close()`` removes the
     hooks, each an ``nn.observer`` (it only counts), so the counted SNN keeps its fast paths
     (the activity flags between layers). Device tensors: ``spikes [neurons, max_steps]``
     int64 (summed over the batch).
+
+    A ``SpikingViT`` also runs counted as CUDA graphs (``snn(x, cuda_graph=True)``): its
+    neuron hooks write each chunk's counts at fixed addresses and the runner says where each
+    chunk falls (``observe_chunks``). They then do their device work at every call while
+    attached, counted or not (a graph captured outside ``counting()`` must still count when
+    replayed inside it); only what falls inside ``counting()`` is added.
     Python ints (shape-derived): ``dense_elements[name]`` (per sample and step),
     ``neuron_elements[name]`` (per sample and step), ``macs[name]`` (summed over calls).
     """
@@ -200,9 +209,10 @@ class SpikeCounter:
         self.macs: dict[str, int] = {}
         self._handles = []
         self._offsets: list[int] = []
-        # a counts_out neuron's count after the last step it returned: its next output's
-        # first difference (None: 0, a fresh run)
-        self._last_counts: list[torch.Tensor | None] = []
+        # a counts_out neuron's count after the last step it returned, per output shape (a
+        # graph reads the address it captured): its next output's first difference, zeroed
+        # at each fresh run
+        self._last_counts: dict[tuple[int, tuple[int, ...]], torch.Tensor] = {}
         self.enabled = False
         sites: dict[int, list[str]] = {}
         for site in getattr(snn, "sites", None) or []:
@@ -225,7 +235,6 @@ class SpikeCounter:
                 self.fanouts.append(fanout)
                 self.neuron_elements[name] = 0
                 self._offsets.append(0)
-                self._last_counts.append(None)
                 self._handles.append(m.register_forward_hook(self._neuron_hook(index, name)))
             if kind := _kind(m, SNN_DENSE_OPS):  # a fused norm + neuron is both
                 self.dense_ops[name] = SNN_DENSE_OPS[kind]
@@ -242,49 +251,79 @@ class SpikeCounter:
         self.spikes = torch.zeros(
             len(self.neuron_names), self.max_steps, dtype=torch.int64, device=_device_of(snn)
         )
+        # a SpikingViT's runner places each chunk (observe_chunks): the hooks write here
+        self._chunk: torch.Tensor | None = None
+        if callable(getattr(snn, "observe_chunks", None)):
+            self._chunk = torch.zeros_like(self.spikes)
+            self._handles.append(snn.observe_chunks(self))
 
     @contextlib.contextmanager
     def counting(self) -> Iterator[None]:
         """Count inside this block: one SNN call (one batch), from global step 0."""
-        self._offsets = [0] * len(self._offsets)
-        self._last_counts = [None] * len(self._last_counts)
+        self.call_started()
         self.enabled = True
         try:
             yield
         finally:
             self.enabled = False
 
+    def call_started(self) -> None:
+        """A fresh run (``counting()``, and the runner at each call): step 0, counts 0."""
+        self._offsets = [0] * len(self._offsets)
+        for before in self._last_counts.values():
+            before.zero_()
+        if self._chunk is not None:  # what a capture wrote there, where it ran the chunk
+            self._chunk.zero_()
+
+    def chunk_done(self, t0: int, steps: int) -> None:
+        """The runner's chunk of ``steps`` from global step ``t0`` is done: inside
+        ``counting()``, add what the hooks wrote for it at its steps."""
+        if self.enabled:
+            if t0 + steps > self.max_steps:
+                raise ValueError(
+                    f"the SNN ran to step {t0 + steps}, past the counter's max_steps "
+                    f"{self.max_steps}: make the counter with the run's max_steps"
+                )
+            self.spikes[:, t0 : t0 + steps] += self._chunk[:, :steps]
+        self._chunk.zero_()  # a neuron the next chunk does not call adds nothing
+
     def _neuron_hook(self, index: int, name: str):
         def hook(module, inputs, output):
-            if not self.enabled:
+            if self._chunk is None and not self.enabled:
                 return
             steps = output.shape[0]
-            start = self._offsets[index]
+            if not self.neuron_elements[name]:  # per sample and step: a shape, not a count
+                self.neuron_elements[name] = output[0, 0].numel()
             if getattr(module, "counts_out", False):
                 # the output is the count after each step: its spikes are the differences
                 output = self._spikes_of_counts(index, output)
             counts = _count_per_step(output.reshape(steps, -1))
+            if self._chunk is not None:  # the runner places the chunk
+                self._chunk[index, :steps].copy_(counts)
+                return
+            start = self._offsets[index]
             self.spikes[index, start : start + steps] += counts
             self._offsets[index] = start + steps
-            if not self.neuron_elements[name]:
-                self.neuron_elements[name] = output[0, 0].numel()
 
-        return observer(hook)
+        return observer(hook, replayable=True)
 
     def _spikes_of_counts(self, index: int, counts: torch.Tensor) -> torch.Tensor:
-        before = self._last_counts[index]
-        # a copy: a CUDA graph's output buffer is overwritten by the next replay
-        self._last_counts[index] = counts[-1].clone()
-        return spikes_of_counts(counts, before)
+        key = (index, tuple(counts.shape[1:]))
+        before = self._last_counts.get(key)
+        if before is None:  # a fresh run's count, 0 (the first call of this shape)
+            before = self._last_counts[key] = torch.zeros_like(counts[-1])
+        spikes = spikes_of_counts(counts, before)
+        before.copy_(counts[-1])  # in place: a graph reads the address it captured
+        return spikes
 
     def _dense_hook(self, name: str):
         def hook(module, inputs, output):
-            if self.enabled and not self.dense_elements[name]:
+            if not self.dense_elements[name]:  # a shape, counted or not
                 # [T, B, ...]: one sample, one step. The output has the rows the work is done
                 # on (a fused scores + softmax + neuron reads q and k but normalises N x N).
                 self.dense_elements[name] = output[0, 0].numel()
 
-        return observer(hook)
+        return observer(hook, replayable=True)  # no tensor work
 
     def _mac_hook(self, name: str):
         def hook(module, inputs, output):

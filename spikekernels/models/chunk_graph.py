@@ -76,21 +76,23 @@ def _side_stream(device: torch.device):
 
 
 class ChunkGraph:
-    """The chunks of ``snn`` (exact mode) captured for images shaped like ``x``, one graph for
-    each chunk size in ``sizes``. ``start(x)`` begins a call (zero state, these images);
+    """The chunks of ``snn`` (exact mode) captured for images whose patches
+    (``patch_embed.first_step``, the static input) are shaped like ``patches``, one graph for
+    each chunk size in ``sizes``. ``start(patches)`` begins a call (zero state, these images' patches);
     ``step(n)`` runs the next ``n`` steps and returns ``(logits [n, B, classes], fired
     flags [n, B])``, fresh tensors: a replay when ``n`` is a captured size, the eager modules
     otherwise; ``finish()`` ends the call."""
 
     def __init__(
-        self, snn: nn.Module, x: torch.Tensor, sizes: Sequence[int], graph_type=CudaGraph
+        self, snn: nn.Module, patches: torch.Tensor, sizes: Sequence[int], graph_type=CudaGraph
     ) -> None:
         self.snn = snn
         self.sizes = sorted(set(sizes))
         self.neurons = snn.neurons()
-        self.patches = snn.patch_embed.first_step(x)  # static input: copied into per call
-        self.flags = torch.zeros(self.sizes[-1], x.shape[0], dtype=torch.int32, device=x.device)
-        with _side_stream(x.device):
+        self.patches = patches.clone()  # static input: copied into per call
+        device = patches.device
+        self.flags = torch.zeros(self.sizes[-1], patches.shape[0], dtype=torch.int32, device=device)
+        with _side_stream(device):
             snn.reset()
             # the state is created, then updated in place at every size
             for n in (self.sizes[0], *self.sizes):
@@ -100,11 +102,11 @@ class ChunkGraph:
         self.state = snn.state_tensors()
         if any(tensor is None for _, _, tensor in self.state):
             raise RuntimeError("a module has no state after the warm-up chunks: cannot capture")
-        self.zero_graph = graph_type(x.device)
+        self.zero_graph = graph_type(device)
         self.zero_graph.capture(self._zero_state)
         self.graphs = {}  # size -> (graph, its logits)
         for n in self.sizes:
-            graph = graph_type(x.device)
+            graph = graph_type(device)
             self.graphs[n] = (graph, graph.capture(lambda n=n: self._chunk(n)))
         self._watch(None)  # start() watches the flags for a call; a module call between gets none
 
@@ -122,13 +124,14 @@ class ChunkGraph:
         self._watch(flags)
         return self.snn.step_chunk(self.patches, n)
 
-    def start(self, x: torch.Tensor) -> None:
-        """A fresh start on images ``x`` (the captured shape): the captured state tensors back
-        in their modules (an eager call in between may have reset them), zeroed."""
+    def start(self, patches: torch.Tensor) -> None:
+        """A fresh start on images whose patches (``patch_embed.first_step``, the captured
+        shape) are ``patches``: the captured state tensors back in their modules (an eager
+        call in between may have reset them), zeroed."""
         for module, name, tensor in self.state:
             setattr(module, name, tensor)
         self.zero_graph.replay()
-        self.patches.copy_(self.snn.patch_embed.first_step(x))
+        self.patches.copy_(patches)
         self._watch(self.flags)
 
     def finish(self) -> None:

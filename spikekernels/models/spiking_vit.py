@@ -30,12 +30,14 @@ logits. The runner gives it NaN logits instead (as the QANN does), decided on th
 from __future__ import annotations
 
 import contextlib
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from spikekernels.models.chunk_graph import ChunkGraph, CudaGraph
 from spikekernels.nn.exact_attention import ExactAttention
@@ -46,7 +48,7 @@ from spikekernels.nn.exact_layers import (
     count_received,
 )
 from spikekernels.nn.flags import carve, slab_numel
-from spikekernels.nn.hooks import has_forward_hooks, hooked, unless_hooked
+from spikekernels.nn.hooks import hook_ids, hooked, replay_unsafe, unless_hooked
 from spikekernels.nn.neuron import STBIF
 from spikekernels.nn.target_neuron import TargetNeuron
 from spikekernels.ops._dispatch import force_backend, forced_backend
@@ -599,7 +601,20 @@ class SpikingViT(nn.Module):
         self.num_classes = num_classes
         self.sites = list(sites)
         self._chunk_graphs: dict = {}  # (image shape, dtype, chunk, device) -> ChunkGraph
+        # an OrderedDict, as nn.Module's hooks: RemovableHandle keeps a weak reference to it
+        self._chunk_observers: OrderedDict[int, ChunkObserver] = OrderedDict()
         self.received: dict[str, torch.Tensor] = {}
+
+    def observe_chunks(self, observer: ChunkObserver) -> RemovableHandle:
+        """Tell ``observer`` where each call's chunks fall: ``call_started()`` once the call's
+        state is fresh, then ``chunk_done(t0, steps)`` after each chunk (eager or replayed),
+        with its first global step and its size. What a ``replayable`` forward hook wrote
+        during the chunk is there to read, on the device: a hook that needs the global step
+        (a replay cannot tell it) writes chunk-relative and lets its observer place it, as
+        ``evaluate``'s SOP counter does. ``handle.remove()`` stops it."""
+        handle = RemovableHandle(self._chunk_observers)
+        self._chunk_observers[handle.id] = observer
+        return handle
 
     def _apply(self, fn, recurse=True):
         # Device moves only: the network runs in the dtypes conversion gave it (exact mode's
@@ -699,17 +714,25 @@ class SpikingViT(nn.Module):
             raise ValueError(f"x is on {x.device} but the model is on {device}")
 
     def capture_chunk_graph(
-        self, x: torch.Tensor, chunk: int | Sequence[int] = 8, *, graph_type=None
+        self,
+        x: torch.Tensor,
+        chunk: int | Sequence[int] = 8,
+        *,
+        graph_type=None,
+        patches: torch.Tensor | None = None,
     ) -> ChunkGraph:
         """The CUDA graphs of the chunks of ``chunk`` (a size or a schedule, as ``forward``
         takes it: one graph per size) for images shaped like ``x``, captured on first use and
         kept (``models.chunk_graph.ChunkGraph``; exact mode only). ``forward(...,
-        cuda_graph=True)`` calls this. ``graph_type``: the graph class (default
+        cuda_graph=True)`` calls this, with ``patches``, the ``patch_embed.first_step(x)`` it
+        has made for the call (else the capture makes its own: a patch convolution more,
+        which a hook on it would see). ``graph_type``: the graph class (default
         ``chunk_graph.CudaGraph``; the tests pass a CPU stand-in)."""
         sizes = _chunk_sizes(chunk)
         # inference mode too: a capture inside it makes inference tensors, which a call
         # outside it may not update in place
-        key = (tuple(x.shape), x.dtype, sizes, x.device, torch.is_inference_mode_enabled())
+        shape = (tuple(x.shape), x.dtype, sizes, x.device, torch.is_inference_mode_enabled())
+        key = (*shape, self._replayed_hooks())
         if forced_backend() not in (None, "triton"):
             # a replay runs the captured kernels whatever the block says, and a capture under
             # it would keep its backend for every later call
@@ -730,8 +753,35 @@ class SpikingViT(nn.Module):
                         f"cuda_graph=True needs a CUDA device, got images on {x.device}"
                     )
                 graph_type = CudaGraph
-            graph = self._chunk_graphs[key] = ChunkGraph(self, x, sizes, graph_type)
+            # a graph of this shape captured under hooks since removed is of no more use
+            for stale in [k for k in self._chunk_graphs if k[:-1] == shape]:
+                del self._chunk_graphs[stale]
+            if patches is None:
+                patches = self.patch_embed.first_step(x)
+            graph = self._chunk_graphs[key] = ChunkGraph(self, patches, sizes, graph_type)
         return graph
+
+    def _replayed_hooks(self) -> tuple:
+        """The forward hooks a chunk graph would capture, as ``(module name, hook ids)``: part
+        of its key, since a replay runs the work of the hooks it was captured with. Raises a
+        ValueError for one not marked ``replayable`` (``nn.hooks.observer``): a replay runs no
+        Python, so it would see the capture only, and its tensor work would be replayed with
+        the capture's operands. The patch convolution runs before the chunks (``first_step``,
+        at each call's start), so its hooks run at every call, graph or not."""
+        outside = {id(m) for m in self.patch_embed.proj.modules()}
+        hooks = []
+        for name, module in self.named_modules():
+            if id(module) in outside or not (ids := hook_ids(module)):
+                continue
+            if replay_unsafe(module):
+                raise ValueError(
+                    f"cuda_graph=True replays captured kernels, so forward hooks would run at "
+                    f"capture only: `{name or type(self).__name__}` has one that is not marked "
+                    "replayable (nn.hooks.observer); run without cuda_graph (or remove the "
+                    "hooks)"
+                )
+            hooks.append((name, ids))
+        return tuple(hooks)
 
     def release_chunk_graphs(self) -> None:
         """Free every captured chunk graph with its state buffers and memory pool. Call it
@@ -758,15 +808,7 @@ class SpikingViT(nn.Module):
         if cuda_graph and reference:
             raise ValueError("cuda_graph=True replays the fused ops; it cannot run reference=True")
         if cuda_graph:
-            # a replay runs no Python: a hook (a SpikeCounter, a probe) would see the capture
-            # only, and any tensor work it does would be replayed with the capture's operands
-            hooked = [name for name, m in self.named_modules() if has_forward_hooks(m)]
-            if hooked:
-                raise ValueError(
-                    f"cuda_graph=True replays captured kernels, so forward hooks would run at "
-                    f"capture only: `{hooked[0] or type(self).__name__}` has one; run without "
-                    "cuda_graph (or remove the hooks)"
-                )
+            self._replayed_hooks()  # refuses a hook a replay cannot run, before any work
         backend = force_backend("reference") if reference else contextlib.nullcontext()
         batch, device = x.shape[0], x.device
         finite = torch.isfinite(x.reshape(batch, -1)).all(dim=1)
@@ -779,8 +821,16 @@ class SpikingViT(nn.Module):
                 else contextlib.nullcontext()
             )
             with backend, no_autocast:
-                chunks = self.capture_chunk_graph(x, sizes) if cuda_graph else _EagerChunks(self)
-                chunks.start(x)
+                # the patch convolution once a call (its hooks see it once), graph or not
+                patches = self.patch_embed.first_step(x)
+                if cuda_graph:
+                    chunks = self.capture_chunk_graph(x, sizes, patches=patches)
+                else:
+                    chunks = _EagerChunks(self)
+                chunks.start(patches)
+                observers = list(self._chunk_observers.values())
+                for observer in observers:
+                    observer.call_started()
                 sample_steps = torch.full((batch,), max_steps, dtype=torch.int64, device=device)
                 total = torch.zeros(batch, self.num_classes, device=device)
                 trace = []
@@ -789,6 +839,8 @@ class SpikingViT(nn.Module):
                     n = min(sizes[min(index, len(sizes) - 1)], max_steps - t0)
                     index += 1
                     logits, fired = chunks.step(n)
+                    for observer in observers:
+                        observer.chunk_done(t0, n)
                     # Step by step, so that the rounding does not depend on the chunk size.
                     for t in range(n):
                         total = logits[t] if self.exact else total + logits[t]
@@ -809,6 +861,14 @@ class SpikingViT(nn.Module):
             return total, steps
         curve = torch.where(finite[None, :, None], torch.stack(trace[:steps]), nan)
         return total, steps, SpikeTrace(curve, sample_steps)
+
+
+class ChunkObserver(Protocol):
+    """What ``SpikingViT.observe_chunks`` calls."""
+
+    def call_started(self) -> None: ...
+
+    def chunk_done(self, t0: int, steps: int) -> None: ...
 
 
 def _chunk_sizes(chunk: object) -> tuple[int, ...]:
@@ -841,9 +901,10 @@ class _EagerChunks:
         self.snn = snn
         self.neurons = snn.neurons()
 
-    def start(self, x: torch.Tensor) -> None:
+    def start(self, patches: torch.Tensor) -> None:
+        """A fresh call on images whose ``patch_embed.first_step`` is ``patches``."""
         self.snn.reset()
-        self.patches = self.snn.patch_embed.first_step(x)
+        self.patches = patches
 
     def step(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         shape = (len(self.neurons), n, self.patches.shape[0])

@@ -17,19 +17,33 @@ import torch
 from torch import nn
 from torch.nn.modules import module as torch_module
 
-__all__ = ["has_forward_hooks", "hooked", "observer", "unless_hooked"]
+__all__ = [
+    "has_forward_hooks",
+    "hook_ids",
+    "hooked",
+    "observer",
+    "replay_unsafe",
+    "unless_hooked",
+]
 
 
-def observer(hook: Callable) -> Callable:
+def observer(hook: Callable, *, replayable: bool = False) -> Callable:
     """``hook`` (a forward hook or pre-hook) marked as one that only watches: it returns
     None (the wrapper drops what it returns) and changes no tensor in place. Its module's
-    reader then keeps the producer's activity flags and counts (``hooked`` ignores it)."""
+    reader then keeps the producer's activity flags and counts (``hooked`` ignores it).
+
+    ``replayable=True`` also promises that a CUDA graph may capture its tensor work and
+    replay it without running the hook (``SpikingViT(cuda_graph=True)``): that work writes
+    only tensors that keep their addresses from call to call, and depends on nothing the
+    hook's Python decides per call (a global step, a count of calls); where it needs the
+    step, it writes chunk-relative and leaves the rest to ``SpikingViT.observe_chunks``."""
 
     @functools.wraps(hook)
     def watching(*args, **kwargs) -> None:
         hook(*args, **kwargs)
 
     watching.observes_only = True
+    watching.replayable = replayable
     return watching
 
 
@@ -50,9 +64,28 @@ def _all_hooks(module: nn.Module) -> list[Callable]:
     ]
 
 
+def hook_ids(module: nn.Module) -> tuple[int, ...]:
+    """The handle ids of the forward hooks and pre-hooks that would see ``module`` called:
+    what a CUDA graph of it captured (a removed hook's id is never given again)."""
+    if not _all_hooks(module):
+        return ()
+    return (
+        *module._forward_hooks,
+        *module._forward_pre_hooks,
+        *torch_module._global_forward_hooks,
+        *torch_module._global_forward_pre_hooks,
+    )
+
+
 def has_forward_hooks(module: nn.Module) -> bool:
     """Whether a forward hook or pre-hook would see ``module`` called (its own or global)."""
     return bool(_all_hooks(module))
+
+
+def replay_unsafe(module: nn.Module) -> bool:
+    """Whether a forward hook or pre-hook not marked ``replayable`` would see ``module``
+    called: a CUDA graph of it would run that hook's work with the capture's operands."""
+    return any(not getattr(hook, "replayable", False) for hook in _all_hooks(module))
 
 
 def hooked(*modules: nn.Module) -> bool:
