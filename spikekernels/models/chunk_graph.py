@@ -78,10 +78,10 @@ def _side_stream(device: torch.device):
 class ChunkGraph:
     """The chunks of ``snn`` (exact mode) captured for images whose patches
     (``patch_embed.first_step``, the static input) are shaped like ``patches``, one graph for
-    each chunk size in ``sizes``. ``start(patches)`` begins a call (zero state, these images' patches);
-    ``step(n)`` runs the next ``n`` steps and returns ``(logits [n, B, classes], fired
-    flags [n, B])``, fresh tensors: a replay when ``n`` is a captured size, the eager modules
-    otherwise; ``finish()`` ends the call."""
+    each chunk size in ``sizes``. ``start(patches)`` begins a call (zero state, the patches
+    of its images); ``step(n)`` runs the next ``n`` steps and returns ``(logits [n, B,
+    classes], fired flags [n, B])``, fresh tensors: a replay when ``n`` is a captured size,
+    the eager modules otherwise; ``finish()`` ends the call."""
 
     def __init__(
         self, snn: nn.Module, patches: torch.Tensor, sizes: Sequence[int], graph_type=CudaGraph

@@ -47,34 +47,28 @@ def observer(hook: Callable, *, replayable: bool = False) -> Callable:
     return watching
 
 
+def _hook_dicts(module: nn.Module) -> tuple[dict, ...]:
+    """The dicts (handle id -> hook) of the forward hooks and pre-hooks that would see
+    ``module`` called: its own and the global ones; none in the usual case, asked a few times
+    per layer and chunk."""
+    dicts = (
+        module._forward_hooks,
+        module._forward_pre_hooks,
+        torch_module._global_forward_hooks,
+        torch_module._global_forward_pre_hooks,
+    )
+    return dicts if any(dicts) else ()
+
+
 def _all_hooks(module: nn.Module) -> list[Callable]:
     """The forward hooks and pre-hooks that would see ``module`` called (its own, global)."""
-    if not (
-        module._forward_hooks
-        or module._forward_pre_hooks
-        or torch_module._global_forward_hooks
-        or torch_module._global_forward_pre_hooks
-    ):
-        return []  # the usual case, asked a few times per layer and chunk: no lists built
-    return [
-        *module._forward_hooks.values(),
-        *module._forward_pre_hooks.values(),
-        *torch_module._global_forward_hooks.values(),
-        *torch_module._global_forward_pre_hooks.values(),
-    ]
+    return [hook for hooks in _hook_dicts(module) for hook in hooks.values()]
 
 
 def hook_ids(module: nn.Module) -> tuple[int, ...]:
     """The handle ids of the forward hooks and pre-hooks that would see ``module`` called:
     what a CUDA graph of it captured (a removed hook's id is never given again)."""
-    if not _all_hooks(module):
-        return ()
-    return (
-        *module._forward_hooks,
-        *module._forward_pre_hooks,
-        *torch_module._global_forward_hooks,
-        *torch_module._global_forward_pre_hooks,
-    )
+    return tuple(i for hooks in _hook_dicts(module) for i in hooks)
 
 
 def has_forward_hooks(module: nn.Module) -> bool:
