@@ -45,6 +45,7 @@ from 7280 B and 1049) and 796 B (exact, 35, from 1024 B and 48): what is left co
 rows and N that are not multiples of 16 either (every dim masked, unaligned state rows).
 Session 31 (torch 2.11+cu130, after session 30's module state setter and the runner's one
 flags slab): 173 launches, none failed, the same four spills; both models one graph a chunk.
+Session 32 (the SOP counter placing chunks as the runner's chunk observer): the same.
 """
 
 from __future__ import annotations
