@@ -12,10 +12,11 @@ was given, and ``replay()`` runs those ops again on those tensors, in order, cop
 op's new outputs into the captured ones (a replay writes the memory the capture wrote).
 In-place ops write their operands again; views alias what they viewed already. What a
 capture may not do on a GPU is refused here too: reading a tensor's value on the host
-(``.item()``, ``bool(t)``, a data-dependent shape). On a CPU the ops check their data
-(it costs no sync there); the capture turns that off, as on a GPU without ``validate``, so
-that a read left is one a GPU capture would meet too. Tensor-subclass and autograd state
-are out of scope: the runner's chunks run plain tensors under ``no_grad``.
+(``.item()``, ``bool(t)``, a data-dependent shape) or making one from Python data. On a
+CPU the ops check their data (it costs no sync there); the capture turns that off, as on a
+GPU without ``validate``, so that a read left is one a GPU capture would meet too.
+Tensor-subclass and autograd state are out of scope: the runner's chunks run plain tensors
+under ``no_grad``.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ __all__ = ["ReplayGraph"]
 
 # What a CUDA graph capture cannot contain: each reads a value back on the host (a sync) or
 # copies one there.
-_HOST_READS = {
+_HOST_SYNCS = {
     torch.ops.aten._local_scalar_dense.default,
     torch.ops.aten.is_nonzero.default,
     torch.ops.aten.equal.default,
@@ -82,7 +83,7 @@ class _Recorder(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in _HOST_READS:
+        if func in _HOST_SYNCS:
             raise RuntimeError(f"{func} syncs with the host: a CUDA graph cannot capture it")
         out = func(*args, **kwargs)
         # the outputs to copy into at a replay: not those in an input's memory (a view, an
