@@ -266,6 +266,27 @@ def test_energy_and_qann_macs_by_hand():
     assert dense["blocks.0.norm1.0"] == 5 * 16 * 5
 
 
+def test_counter_refuses_a_run_past_its_max_steps(gen):
+    """A ValueError that says so (it was a shape mismatch in an in-place add), whether the
+    neuron is called directly or by a SpikingViT's runner, whose chunk may fit while the run
+    does not."""
+    net = _HandNet()
+    counter = sops.SpikeCounter(net, max_steps=1)
+    with counter.counting(), pytest.raises(ValueError, match="ran to step 2, past the counter"):
+        net(0)
+    counter.close()
+    qann = quant_vit_tiny(**TINY)
+    calibrate(qann, torch.randn(4, 1, 8, 8, generator=gen))
+    snn = spikekernels.convert(qann.eval())
+    # a chunk longer than the counter's steps; one that fits, then a second chunk (no sample
+    # settles at step 0, so there is always one)
+    for max_steps, chunk in ((4, 8), (1, 1)):
+        counter = sops.SpikeCounter(snn, max_steps)
+        with counter.counting(), pytest.raises(ValueError, match="past the counter's max_steps"):
+            snn(torch.randn(1, 1, 8, 8, generator=gen), max_steps=8, chunk=chunk)
+        counter.close()
+
+
 def test_counter_needs_fanouts():
     snn = nn.Module()
     snn.neuron = STBIF(0.5, 8, True)

@@ -279,11 +279,7 @@ class SpikeCounter:
         """The runner's chunk of ``steps`` from global step ``t0`` is done: inside
         ``counting()``, add what the hooks wrote for it at its steps."""
         if self.enabled:
-            if t0 + steps > self.max_steps:
-                raise ValueError(
-                    f"the SNN ran to step {t0 + steps}, past the counter's max_steps "
-                    f"{self.max_steps}: make the counter with the run's max_steps"
-                )
+            self._check_within(t0 + steps)
             self.spikes[:, t0 : t0 + steps] += self._chunk[:, :steps]
         self._chunk.zero_()  # a neuron the next chunk does not call adds nothing
 
@@ -299,13 +295,22 @@ class SpikeCounter:
                 output = self._spikes_of_counts(index, output)
             counts = _count_per_step(output.reshape(steps, -1))
             if self._chunk is not None:  # the runner places the chunk
+                self._check_within(steps)
                 self._chunk[index, :steps].copy_(counts)
                 return
             start = self._offsets[index]
+            self._check_within(start + steps)
             self.spikes[index, start : start + steps] += counts
             self._offsets[index] = start + steps
 
         return observer(hook, replayable=True)
+
+    def _check_within(self, end: int) -> None:
+        if end > self.max_steps:
+            raise ValueError(
+                f"the SNN ran to step {end}, past the counter's max_steps {self.max_steps}: "
+                "make the counter with the run's max_steps"
+            )
 
     def _spikes_of_counts(self, index: int, counts: torch.Tensor) -> torch.Tensor:
         key = (index, tuple(counts.shape[1:]))
