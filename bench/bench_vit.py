@@ -21,7 +21,8 @@ is in the record; on a GPU ``device_busy_fraction_first_chunk`` is that chunk's 
 over its wall time (well under 1: the GPU waits for the host, and launch overhead is the next
 bottleneck, see ``bench_host.py``). In exact mode on a GPU the run is timed again with
 ``cuda_graph=True`` (every full chunk one CUDA graph replay): ``cuda_graph_seconds``,
-``cuda_graph_snn_over_qann_bf16`` and ``cuda_graph_bitwise_equal``, and at level 16 also
+``cuda_graph_snn_over_qann_bf16`` and ``cuda_graph_bitwise_equal``, counted by ``evaluate``'s
+SOP counter (``counted_cuda_graph_seconds``, ``counting_overhead_cuda_graph``), and at level 16 also
 with other chunk sizes and schedules (``GRAPH_CHUNKS``): ``cuda_graph_seconds_by_chunk``. These
 and SpikingJelly's figures are added after the headline figures are recorded, so a deadline
 that cuts a case short keeps those. Each chunk reads and
@@ -66,6 +67,7 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 import spikekernels
+from spikekernels.evaluate.sops import SpikeCounter
 from spikekernels.models import calibrate, quant_vit_small, quant_vit_tiny
 
 MODEL, BATCH = (quant_vit_small, 64) if ON_GPU else (quant_vit_tiny, 16)
@@ -156,7 +158,40 @@ def _cuda_graph(snn, x, qann_logits, qann_bf16: float, info: dict, sweep: bool) 
         elif not torch.equal(logits, qann_logits):
             info.setdefault("baseline_error", {})[f"cuda_graph chunk={chunk}"] = "not bitwise"
     print(f"\nCUDA graph seconds by chunk (batch {x.shape[0]}): {by_chunk}")
+    if figures:
+        figures.update(_counted_cuda_graph(snn, x, figures["cuda_graph_seconds"], info))
     return {**figures, "cuda_graph_seconds_by_chunk": by_chunk} if by_chunk else {}
+
+
+def _counted_cuda_graph(snn, x, uncounted: float, info: dict) -> dict:
+    """The graphed run again under ``evaluate``'s SOP counter (``evaluate --cuda-graph``):
+    its time, its overhead over the uncounted graphs (its hooks split the fused attention),
+    and its total SOPs. A failure is noted in ``info["baseline_error"]``."""
+    counter = SpikeCounter(snn, MAX_STEPS)
+
+    def run():
+        with counter.counting():
+            return snn(x, max_steps=MAX_STEPS, chunk=CHUNK, cuda_graph=True)
+
+    try:
+        run()  # captures the graphs with the counter's hooks
+        seconds = median_time(run, warmup=0, reps=3)
+        counter.spikes.zero_()
+        run()
+        sops = int((counter.spikes * torch.tensor(counter.fanouts, device=x.device)[:, None]).sum())
+    except Exception as exc:
+        info.setdefault("baseline_error", {})["counted cuda_graph"] = (
+            f"{type(exc).__name__}: {exc}"[:300]
+        )
+        return {}
+    finally:
+        counter.close()
+        snn.release_chunk_graphs()
+    return dict(
+        counted_cuda_graph_seconds=seconds,
+        counting_overhead_cuda_graph=seconds / uncounted - 1.0,
+        counted_cuda_graph_sops=sops,
+    )
 
 
 def _spikingjelly(qann, x, steps: int, level: int, reference_logits, ours: float, info: dict):
