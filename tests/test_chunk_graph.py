@@ -145,6 +145,43 @@ def test_counted_replays_count_what_eager_chunks_count(gen, max_steps, chunk):
     assert snn.capture_chunk_graph(x, chunk, graph_type=ReplayGraph) is not graph
 
 
+@CPU_PASS_ONLY  # the runner's Python, whatever the backend
+def test_observe_chunks_says_where_each_chunk_falls(gen):
+    """``observe_chunks``: ``call_started`` then ``chunk_done(t0, steps)`` per chunk, in
+    order, the same for eager and replayed chunks (the schedule 5, 2, 2, ... with a partial
+    last chunk at ``max_steps`` 10), until ``handle.remove()``."""
+    qann = make_exact(gen, **TINY, level=16)
+    snn = convert(qann)
+    x = images(gen, qann, 2)
+    calls = []
+
+    class Observer:
+        def call_started(self):
+            calls.append("start")
+
+        def chunk_done(self, t0, steps):
+            calls.append((t0, steps))
+
+    handle = snn.observe_chunks(Observer())
+    snn.capture_chunk_graph(x, (5, 2), graph_type=ReplayGraph)
+    seen = {}
+    for cuda_graph in (False, True):
+        calls.clear()
+        steps = snn(x, 10, (5, 2), cuda_graph=cuda_graph)[1]
+        seen[cuda_graph] = list(calls)
+        ran = []  # the runner stops after the chunk in which the last sample settled
+        for t0, n in [(0, 5), (5, 2), (7, 2), (9, 1)]:
+            ran.append((t0, n))
+            if t0 <= steps < t0 + n:
+                break
+        assert calls == ["start", *ran], (steps, calls)
+    assert seen[True] == seen[False]
+    handle.remove()
+    calls.clear()
+    snn(x, 10, (5, 2))
+    assert calls == []
+
+
 @CPU_PASS_ONLY  # other readouts and levels: the same kernels as the (10, 3) case
 @pytest.mark.parametrize(
     "config", [dict(global_pool=True), dict(level=32), dict(depth=3, num_heads=4)], ids=str
