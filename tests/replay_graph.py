@@ -29,7 +29,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-__all__ = ["ReplayGraph"]
+__all__ = ["ReplayGraph", "graphs_replayed_on"]
 
 # What a CUDA graph capture cannot contain: each reads a value back on the host (a sync) or
 # copies one there.
@@ -96,6 +96,26 @@ class _Recorder(TorchDispatchMode):
         }
         self.ops.append((func, args, kwargs, fresh))
         return out
+
+
+def graphs_replayed_on(device: str, monkeypatch) -> list:
+    """Every ``SpikingViT.capture_chunk_graph`` from here on captures with ``ReplayGraph``
+    where ``device`` is a CPU (a GPU keeps its CUDA graphs); the ``ChunkGraph`` of each new
+    capture is appended, in order, to the list returned (a shape and hooks already captured
+    add nothing)."""
+    from spikekernels.models.spiking_vit import SpikingViT
+
+    captured, capture = [], SpikingViT.capture_chunk_graph
+
+    def recorded(self, x, chunk=8, *, graph_type=None, patches=None):
+        stand_in = ReplayGraph if device == "cpu" else graph_type
+        graph = capture(self, x, chunk, graph_type=stand_in, patches=patches)
+        if graph not in captured:
+            captured.append(graph)
+        return graph
+
+    monkeypatch.setattr(SpikingViT, "capture_chunk_graph", recorded)
+    return captured
 
 
 class ReplayGraph:

@@ -677,22 +677,11 @@ def test_cuda_graph_run_equals_the_eager_run(trained, tmp_path, monkeypatch, dev
     batch, 2 images, its own; the overhead's runs with and without a counter, their own). On
     a CPU the graphs are ``replay_graph.ReplayGraph``, which replays the ops its capture
     recorded."""
-    from replay_graph import ReplayGraph
+    from replay_graph import graphs_replayed_on
 
     from spikekernels.evaluate import evaluation
-    from spikekernels.models.spiking_vit import SpikingViT
 
-    captured = []
-    capture = SpikingViT.capture_chunk_graph
-
-    def recorded(self, x, chunk=8, *, graph_type=None, patches=None):
-        stand_in = ReplayGraph if device == "cpu" else graph_type
-        graph = capture(self, x, chunk, graph_type=stand_in, patches=patches)
-        if graph not in captured:
-            captured.append(graph)
-        return graph
-
-    monkeypatch.setattr(SpikingViT, "capture_chunk_graph", recorded)
+    captured = graphs_replayed_on(device, monkeypatch)
     monkeypatch.setattr(evaluation, "_GRAPH_DEVICE_TYPES", (device,))
     run = {**RUN, "batch_size": 5, "limit": 12, "device": device, "float_top1": False}
     with pytest.raises(ValueError, match="cuda_graph=True needs exact mode"):
