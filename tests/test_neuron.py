@@ -10,6 +10,7 @@ import spikekernels
 from spikekernels import reference
 from spikekernels._extension import HAS_EXTENSION
 from spikekernels.nn import STBIF
+from spikekernels.ops._dispatch import force_backend
 
 LEVELS = [8, 16, 32]
 
@@ -101,6 +102,68 @@ def test_state_is_not_aliased(gen, device):
     assert s1.dtype == torch.int16, "the count keeps the dtype it came in with"
 
 
+@pytest.mark.parametrize("backend", ["triton", "cpp", "torch", "reference"])
+@pytest.mark.parametrize("count_dtype", [torch.int8, torch.int32])
+@pytest.mark.parametrize("float_out", [False, True])
+@pytest.mark.parametrize("poisoned", [False, True])
+def test_inplace_equals_fresh(gen, backend, count_dtype, float_out, poisoned, request):
+    """``inplace=True``: chunks fed back in place, from a nonzero state, give the whole run's
+    bits; ``v`` and ``count`` stay the same tensors at the same addresses (what a CUDA graph
+    replays), the count in the dtype it came in, and the activity flags are still recorded
+    (``float_out`` with flags: the spikes scaled after the flags are read, off the kernel)."""
+    if poisoned:
+        request.getfixturevalue("poisoned_allocations")
+    n_min, p_max = reference.level_bounds(16, True)
+    theta = torch.tensor(0.3)
+    x = _inputs(gen, 9, (3, 67), 0.3)
+    v0 = torch.rand(3, 67, generator=gen) * 1.5 - 0.25
+    count0 = torch.randint(n_min, p_max + 1, (3, 67), generator=gen).to(count_dtype)
+    active = torch.zeros(9, 3, dtype=torch.int32)
+    with force_backend(backend):
+        whole = spikekernels.st_bif(x, theta, n_min, p_max, v0, count0, float_out=float_out)
+        v, count = v0.clone(), count0.clone()
+        where = v.data_ptr(), count.data_ptr()
+        spikes = []
+        for t0, n in ((0, 4), (4, 1), (5, 4)):
+            out = spikekernels.st_bif(
+                x[t0 : t0 + n], theta, n_min, p_max, v, count,
+                float_out=float_out, active=active[t0 : t0 + n], inplace=True,
+            )  # fmt: skip
+            assert out[1] is v and out[2] is count
+            spikes.append(out[0])
+    assert (v.data_ptr(), count.data_ptr()) == where
+    _assert_same((torch.cat(spikes), v, count), whole)
+    _assert_same(whole, reference.st_bif(x, theta, n_min, p_max, v0, count0, float_out))
+    assert count.dtype == count_dtype
+    fired = (whole[0] != 0).any(-1).to(torch.int32)
+    assert fired.any() and torch.equal(active, fired)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_inplace_single_step(gen, device):
+    theta = torch.tensor(0.3, device=device)
+    x = _inputs(gen, 1, (5, 3), 0.3, device)
+    v = torch.full((5, 3), 0.5, device=device)
+    count = torch.zeros(5, 3, dtype=torch.int8, device=device)
+    spikes, got_v, got_count = spikekernels.st_bif(x, theta, -8, 7, v, count, inplace=True)
+    assert got_v is v and got_count is count
+    _assert_same(
+        [t.cpu() for t in (spikes, v, count)], reference.st_bif(x.cpu(), theta.cpu(), -8, 7)
+    )
+
+
+def test_inplace_on_meta_tensors():
+    """Shapes only (meta tensors): the in-place state is not taken for an alias of the inputs
+    (every meta tensor's address is 0)."""
+    x = torch.empty(3, 5, 4, device="meta")
+    v = torch.empty(5, 4, device="meta")
+    count = torch.empty(5, 4, dtype=torch.int16, device="meta")
+    theta = torch.tensor(0.3, device="meta")
+    spikes, got_v, got_count = spikekernels.st_bif(x, theta, -8, 7, v, count, inplace=True)
+    assert got_v is v and got_count is count
+    assert spikes.shape == (3, 5, 4) and spikes.is_meta and spikes.dtype == torch.int8
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("float_out", [False, True])
 def test_unwritten_outputs_show(gen, device, float_out, poisoned_allocations):
@@ -182,6 +245,20 @@ BAD_INPUTS = [
     ("count too narrow", dict(p_max=255, n_min=0, **_state()), ValueError, "cannot hold"),
     ("bounds past int32", dict(n_min=0, p_max=2**31), ValueError, "int32 count would overflow"),
     ("v without count", dict(v=torch.zeros(4)), ValueError, "both v and count"),
+    ("inplace int", dict(**_state(), inplace=1), TypeError, "inplace must be a bool"),
+    ("inplace without state", dict(inplace=True), ValueError, "inplace=True needs v"),
+    (
+        "inplace strided v",
+        dict(**_state(v=torch.zeros(8)[::2]), inplace=True),
+        ValueError,
+        "v must be contiguous",
+    ),
+    (
+        "inplace strided count",
+        dict(**_state(count=torch.zeros(8, dtype=torch.int8)[::2]), inplace=True),
+        ValueError,
+        "count must be contiguous",
+    ),
     ("v elsewhere", _state(v=torch.zeros(4, device="meta")), ValueError, "v is on meta"),
     ("validate a str", dict(validate="no"), TypeError, "validate must be a bool"),
     ("validate a tensor", dict(validate=torch.ones(2, dtype=torch.bool)), TypeError, "validate"),
@@ -203,17 +280,43 @@ def test_bad_input_is_rejected(case, bad, error, words, device):
         call_on(device, spikekernels.st_bif, **{**_good_args(), **bad})
 
 
+@pytest.mark.parametrize(
+    ("state", "other"),
+    [("v", "x"), ("count", "x"), ("v", "active"), ("count", "active"), ("v", "count")],
+)
+def test_inplace_state_sharing_an_input_is_rejected(state, other):
+    """A contiguous state inside the storage of an input the kernel reads (or writes), or of
+    the other state: refused, and nothing written."""
+    buffer = torch.zeros(24, dtype=torch.float32)
+    args = dict(x=torch.zeros(2, 3, 4), threshold=torch.tensor(0.5), n_min=-4, p_max=3)
+    args |= dict(v=torch.zeros(3, 4), count=torch.zeros(3, 4, dtype=torch.int8))
+    args["active"] = torch.zeros(2, 3, dtype=torch.int32)
+    inside = {
+        "x": buffer.view(2, 3, 4),
+        "active": buffer.view(torch.int32)[:6].view(2, 3),
+        "v": buffer[:12].view(3, 4),
+        "count": buffer.view(torch.int8)[:12].view(3, 4),
+    }
+    args[other], args[state] = inside[other], inside[state]  # contiguous, but overlapping
+    with pytest.raises(ValueError, match=f"{state} shares memory"):
+        spikekernels.st_bif(**args, inplace=True)
+    assert not buffer.any(), "a rejected call must not write"
+    assert not any(t.any() for t in (args["v"], args["count"], args["active"]))
+
+
 def test_validate_checks_threshold_sign_on_request():
     with pytest.raises(ValueError, match="threshold must be positive"):
         spikekernels.st_bif(torch.zeros(2, 4), torch.tensor(0.0), -4, 3, validate=True)
 
 
-@pytest.mark.parametrize("with_state", [False, True])
-def test_opcheck(gen, with_state):
+@pytest.mark.parametrize("case", ["fresh", "state", "inplace"])
+def test_opcheck(gen, case):
     x = _inputs(gen, 3, (2, 9), 0.4)
     theta = torch.tensor(0.4)
     state = (torch.rand(2, 9, generator=gen), torch.randint(-2, 3, (2, 9), dtype=torch.int8))
-    args = (x, theta, -8, 7, *(state if with_state else (None, None)), False)
+    args = (x, theta, -8, 7, *(state if case != "fresh" else (None, None)), False)
+    if case == "inplace":  # with float_out and flags: the spikes scaled after the flags
+        args = (*args[:-1], True, torch.zeros(3, 2, dtype=torch.int32), True)
     torch.library.opcheck(torch.ops.spikekernels.st_bif.default, args)
 
 

@@ -207,6 +207,69 @@ def test_chunked_equals_whole(gen, device, bias_steps):
     _assert_same((torch.cat(spikes), v, count), [w.cpu() for w in whole])
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch", "reference"])
+@pytest.mark.parametrize("count_dtype", [torch.int8, torch.int16])
+@pytest.mark.parametrize("poisoned", [False, True])
+def test_inplace_equals_fresh(gen, backend, count_dtype, poisoned, request):
+    """``inplace=True``: chunks fed back in place (advancing ``t0``), from a nonzero state,
+    give the whole run's bits; ``v`` and ``count`` stay the same tensors at the same
+    addresses (what a CUDA graph replays), the count in the dtype it came in, and the
+    activity flags are still recorded."""
+    if poisoned:
+        request.getfixturevalue("poisoned_allocations")
+    layer = _layer(gen, 37, 45, per_channel=True)
+    s = _spikes(gen, 9, (2, 9), 45)
+    v0 = torch.rand(2, 9, 37, generator=gen) * 1.5 - 0.25
+    count0 = torch.randint(-8, 8, (2, 9, 37), generator=gen).to(count_dtype)
+    active = torch.zeros(9, 2, dtype=torch.int32)
+    kwargs = dict(form="split", bias_steps=3)
+    with force_backend(backend):
+        whole = _run(s, layer, -8, 7, **kwargs, v=v0, count=count0)
+        v, count = v0.clone(), count0.clone()
+        where = v.data_ptr(), count.data_ptr()
+        spikes = []
+        for t0, n in ((0, 4), (4, 1), (5, 4)):
+            chunk, flags = s[t0 : t0 + n], active[t0 : t0 + n]
+            out = spike_linear_neuron(
+                chunk, split_weight_bf16x3(layer["weight"]), layer["in_threshold"],
+                layer["threshold"], -8, 7, layer["bias"], t0=t0, bias_steps=3, v=v,
+                count=count, active=flags, inplace=True,
+            )  # fmt: skip
+            assert out[1] is v and out[2] is count
+            spikes.append(out[0])
+    assert (v.data_ptr(), count.data_ptr()) == where
+    _assert_same((torch.cat(spikes), v, count), whole)
+    _assert_same(whole, _reference(s, layer, -8, 7, bias_steps=3, v=v0, count=count0))
+    assert count.dtype == count_dtype
+    fired = (whole[0] != 0).reshape(9, 2, -1).any(-1).to(torch.int32)
+    assert fired.any() and torch.equal(active, fired)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_inplace_single_step(gen, device):
+    layer = _layer(gen, 21, 30)
+    s = _spikes(gen, 1, (3, 5), 30)
+    v = torch.full((3, 5, 21), 0.5, device=device)
+    count = torch.zeros((3, 5, 21), dtype=torch.int8, device=device)
+    got = _run(s, layer, -8, 7, "float32", device, v=v, count=count, inplace=True)
+    assert got[1] is v and got[2] is count
+    _assert_same((got[0], v, count), _reference(s, layer, -8, 7))
+
+
+def test_inplace_on_meta_tensors():
+    """Shapes only (meta tensors): the in-place state is not taken for an alias of the inputs
+    (every meta tensor's address is 0)."""
+    meta = dict(device="meta")
+    s = torch.empty(3, 2, 5, 12, dtype=torch.int8, **meta)
+    weight, theta = torch.empty(7, 12, **meta), torch.tensor(0.3, **meta)
+    v, count = torch.empty(2, 5, 7, **meta), torch.empty(2, 5, 7, dtype=torch.int16, **meta)
+    spikes, got_v, got_count = spike_linear_neuron(
+        s, weight, theta, theta, -8, 7, v=v, count=count, inplace=True
+    )
+    assert got_v is v and got_count is count
+    assert spikes.shape == (3, 2, 5, 7) and spikes.is_meta and spikes.dtype == torch.int8
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_silent_tiles_next_to_active_ones(gen, device):
     """Whole silent steps, silent row tiles and single active rows side by side; a membrane
@@ -330,7 +393,54 @@ BAD_INPUTS = [  # (case, what replaces the good arguments, error type, words in 
     ("bias_steps 0", dict(bias_steps=0), ValueError, "bias_steps must be >= 1"),
     ("weight elsewhere", dict(weight=torch.zeros(5, 4, device="meta")), ValueError, "weight is"),
     ("non-ternary", dict(s=torch.full((2, 3, 4), 2, dtype=torch.int8)), ValueError, "ternary"),
+    (
+        "inplace int",
+        dict(v=torch.zeros(3, 5), count=torch.zeros(3, 5, dtype=torch.int8), inplace=1),
+        TypeError,
+        "inplace must be a bool",
+    ),
+    ("inplace without state", dict(inplace=True), ValueError, "inplace=True needs v"),
+    (
+        "inplace strided v",
+        dict(v=torch.zeros(5, 3).t(), count=torch.zeros(3, 5, dtype=torch.int8), inplace=True),
+        ValueError,
+        "v must be contiguous",
+    ),
+    (
+        "inplace strided count",
+        dict(v=torch.zeros(3, 5), count=torch.zeros(5, 3, dtype=torch.int8).t(), inplace=True),
+        ValueError,
+        "count must be contiguous",
+    ),
 ]
+
+
+@pytest.mark.parametrize("state", ["v", "count"])
+@pytest.mark.parametrize("other", ["s", "weight", "bias", "active", "the other state"])
+def test_inplace_state_sharing_an_input_is_rejected(state, other):
+    """A contiguous state inside the storage of an input the kernel reads (or writes), or of
+    the other state: refused, and nothing written."""
+    buffer = torch.zeros(64, dtype=torch.float32)
+    inside = {
+        "s": buffer.view(torch.int8)[:24].view(2, 3, 4),
+        "weight": buffer[:20].view(5, 4),
+        "bias": buffer[:5],
+        "active": buffer.view(torch.int32)[:6].view(2, 3),
+        "v": buffer[:15].view(3, 5),
+        "count": buffer.view(torch.int8)[:15].view(3, 5),
+    }
+    args = _good_args()
+    args |= dict(v=torch.zeros(3, 5), count=torch.zeros(3, 5, dtype=torch.int8))
+    args["active"] = torch.zeros(2, 3, dtype=torch.int32)
+    if other == "the other state":
+        other = "count" if state == "v" else "v"
+    args[other], args[state] = inside[other], inside[state]  # contiguous, but overlapping
+    # the targets are checked last first: of two overlapping states, v is the one named
+    named = "v" if other in ("v", "count") else state
+    with pytest.raises(ValueError, match=f"{named} shares memory"):
+        spike_linear_neuron(**args, inplace=True)
+    assert not buffer.any(), "a rejected call must not write"
+    assert not any(t.any() for t in (args["v"], args["count"], args["active"]))
 
 
 @pytest.mark.parametrize(
@@ -342,7 +452,8 @@ def test_bad_input_is_rejected(case, bad, error, words, device):
         call_on(device, spike_linear_neuron, **{**_good_args(), **bad})
 
 
-def test_opcheck(gen):
+@pytest.mark.parametrize("inplace", [False, True])
+def test_opcheck(gen, inplace):
     layer = _layer(gen, 7, 12, per_channel=True)
     s = _spikes(gen, 3, (2, 5), 12)
     args = (
@@ -358,6 +469,8 @@ def test_opcheck(gen):
         torch.full((2, 5, 7), 0.5),
         torch.zeros((2, 5, 7), dtype=torch.int8),
         True,
+        torch.zeros(3, 2, dtype=torch.int32) if inplace else None,
+        inplace,
     )
     torch.library.opcheck(torch.ops.spikekernels.spike_linear_neuron.default, args)
 

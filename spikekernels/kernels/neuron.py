@@ -3,6 +3,8 @@
 Each program owns BLOCK neurons, keeps their membrane ``v`` and count ``s`` in registers for
 all T steps, reads each input element once and writes each spike once (int8, or
 ``sigma * theta`` in the input dtype). The threshold is read on the device: no host sync.
+The new state goes into fresh tensors, or with ``inplace`` into the given ones (the program
+that reads a neuron's state is the one that writes it back).
 """
 
 from __future__ import annotations
@@ -71,6 +73,9 @@ def st_bif_kernel(
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
     theta = tl.load(theta_ptr).to(tl.float32)
+    # v_in/v_out and s_in/s_out may be one tensor each (inplace): safe, as each program reads
+    # its own BLOCK neurons' state here, before the loop, and writes those same elements (and
+    # no others) after it; no program touches another's.
     if HAS_STATE:
         v = tl.load(v_in_ptr + offs, mask=mask, other=0.5)
         s = tl.load(s_in_ptr + offs, mask=mask, other=0).to(tl.int32)
@@ -122,15 +127,22 @@ def st_bif_triton(
     float_out: bool,
     count_dtype: torch.dtype,
     active: torch.Tensor | None = None,
+    *,
+    inplace: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Host side: allocate outputs and launch ``st_bif_kernel`` over contiguous ``x``;
-    ``active`` ``[T, B]`` int32 contiguous (checked by the op) or None."""
+    ``active`` ``[T, B]`` int32 contiguous (checked by the op) or None. Returns ``(spikes,
+    v, count)``, the state fresh, or with ``inplace`` the given ``v`` and ``s`` (both given
+    and contiguous, checked by the op), written by the program that read them."""
     x = x.contiguous()
     shape = x.shape[1:]
     numel = x[0].numel()
     out = torch.empty(x.shape, dtype=x.dtype if float_out else torch.int8, device=x.device)
-    v_out = torch.empty(shape, dtype=torch.float32, device=x.device)
-    s_out = torch.empty(shape, dtype=count_dtype if s is None else s.dtype, device=x.device)
+    if inplace:
+        v_out, s_out = v, s
+    else:
+        v_out = torch.empty(shape, dtype=torch.float32, device=x.device)
+        s_out = torch.empty(shape, dtype=count_dtype if s is None else s.dtype, device=x.device)
     if numel == 0:
         return out, v_out, s_out
     has_state = v is not None

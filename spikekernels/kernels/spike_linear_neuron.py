@@ -2,8 +2,9 @@
 
 Time-major spikes ``[T, rows, K]`` (int8, ternary) in, the output neuron's spikes
 ``[T, rows, N]`` out (int8, or ``sigma * theta`` float32); the membrane ``v`` (float32) and
-the count stay in registers for the whole chunk and only the final ones are written, so the
-float32 ``[T, rows, N]`` linear output never exists. Two launches:
+the count stay in registers for the whole chunk and only the final ones are written (into
+fresh tensors, or with ``inplace`` into the given ones), so the float32 ``[T, rows, N]``
+linear output never exists. Two launches:
 
 1. ``kernels.tile_flags.step_tile_any_kernel``: whether each (step, row tile)
    holds a nonzero spike.
@@ -111,6 +112,10 @@ def spike_linear_neuron_kernel(
     if HAS_BIAS:
         share = tl.load(bias_ptr + cols, mask=col_mask, other=0.0)[None, :]
     theta = load_threshold(theta_ptr, cols, col_mask, PER_CHANNEL)
+    # v_in/v_out and count_in/count_out may be one tensor each (inplace): safe, as each
+    # program reads its own (row tile, output tile)'s state here, before the T loop, and
+    # writes those same elements (state_offs, mask) and no others after it; the tiles of
+    # the grid do not overlap.
     if HAS_STATE:
         v = tl.load(v_in_ptr + state_offs, mask=mask, other=0.5)
         count = tl.load(count_in_ptr + state_offs, mask=mask, other=0).to(tl.int32)
@@ -183,18 +188,25 @@ def spike_linear_neuron_triton(
     float_out: bool,
     count_dtype: torch.dtype,
     active: torch.Tensor | None = None,
+    *,
+    inplace: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Host side: ``s`` ``[T, rows, K]`` int8 and ``weight`` contiguous, ``[N, K]`` float16 /
     bfloat16 or the ``[3, N, K]`` bf16 split of a float32 weight; ``bias_share`` float32
-    ``[N]`` added on the first ``due_steps`` steps; ``v``/``count`` ``[rows, N]`` or None;
-    ``active`` ``[T, B]`` int32 contiguous or None.
-    Returns fresh ``(spikes [T, rows, N], v [rows, N] float32, count [rows, N])``."""
+    ``[N]`` added on the first ``due_steps`` steps; ``v``/``count`` ``[rows, N]`` contiguous
+    or None; ``active`` ``[T, B]`` int32 contiguous or None.
+    Returns ``(spikes [T, rows, N], v [rows, N] float32, count [rows, N])``: the state fresh,
+    or with ``inplace`` the given ``v`` and ``count`` (views of the caller's contiguous
+    state), written by the program that read them."""
     T, rows = s.shape[:2]
     N = weight.shape[-2]
     out_dtype = torch.float32 if float_out else torch.int8
     out = torch.empty((T, rows, N), dtype=out_dtype, device=s.device)
-    v_out = torch.empty((rows, N), dtype=torch.float32, device=s.device)
-    count_out = torch.empty((rows, N), dtype=count_dtype, device=s.device)
+    if inplace:
+        v_out, count_out = v, count
+    else:
+        v_out = torch.empty((rows, N), dtype=torch.float32, device=s.device)
+        count_out = torch.empty((rows, N), dtype=count_dtype, device=s.device)
     if rows == 0 or N == 0:
         return out, v_out, count_out
     block_m, block_n, block_k, num_warps, num_stages = tile_config(float_out)

@@ -1,4 +1,7 @@
-"""``torch.ops.spikekernels.st_bif``: the multi-step ST-BIF neuron (SPEC.md §2)."""
+"""``torch.ops.spikekernels.st_bif``: the multi-step ST-BIF neuron (SPEC.md §2).
+
+The state ``(v, count)`` comes back fresh, or with ``inplace=True`` written into the given
+tensors (``ops._inplace``)."""
 
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ from spikekernels.ops._checks import (
     check_time_major,
 )
 from spikekernels.ops._dispatch import backend_for
+from spikekernels.ops._inplace import check_inplace, own_state, placeholder, state_result
 from spikekernels.ops._registry import call_op, kernel_op, launcher
 
 
@@ -45,17 +49,18 @@ def neuron_count_dtype(n_min: int, p_max: int, count: torch.Tensor | None) -> to
     return levels.count_dtype(n_min, p_max) if count is None else count.dtype
 
 
-def _check_st_bif(x, threshold, n_min, p_max, v, count, active=None) -> torch.dtype:
+def _check_st_bif(x, threshold, n_min, p_max, v, count, active=None, inplace=False) -> torch.dtype:
     """Metadata checks (no data read); returns the dtype of the outgoing count."""
     check_tensor(x, "x", dtypes=FLOAT_DTYPES)
     check_time_major(x, "x")
     check_scalar_tensor(threshold, "threshold", x, "x")
     count_dtype = check_neuron_state(n_min, p_max, v, count, x.shape[1:], x, "x")
     check_active(active, x.shape, x, "x")
+    check_inplace(inplace, (("v", v), ("count", count)), (x, threshold, active))
     return count_dtype
 
 
-@kernel_op("st_bif", mutates_args=("active",), check=_check_st_bif)
+@kernel_op("st_bif", mutates_args=("v", "count", "active"), check=_check_st_bif)
 def _st_bif_op(
     x: torch.Tensor,
     threshold: torch.Tensor,
@@ -65,15 +70,16 @@ def _st_bif_op(
     count: torch.Tensor | None = None,
     float_out: bool = False,
     active: torch.Tensor | None = None,
+    inplace: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     count_dtype = neuron_count_dtype(n_min, p_max, count)
     backend = backend_for(x, ("triton", "cpp", "torch"))
     if backend == "triton":
         from spikekernels.kernels.neuron import st_bif_triton
 
-        return st_bif_triton(
-            launcher, x, threshold, n_min, p_max, v, count, float_out, count_dtype, active
-        )
+        args = (v, count, float_out, count_dtype, active)
+        out = st_bif_triton(launcher, x, threshold, n_min, p_max, *args, inplace=inplace)
+        return (out[0], placeholder(v), placeholder(count)) if inplace else out
     # `active` is read off the int8 spikes, as the kernel reads it off sigma: a float16 spike
     # of a tiny threshold rounds to 0, and its sample still fired
     scale_after = float_out and active is not None
@@ -88,9 +94,8 @@ def _st_bif_op(
     else:
         out = st_bif_torch(x, threshold, n_min, p_max, v, count, float_out, count_dtype)
     record_active(active, out[0])
-    if scale_after:
-        out = float_spikes(out[0], threshold, x.dtype), *out[1:]
-    return out
+    spikes = float_spikes(out[0], threshold, x.dtype) if scale_after else out[0]
+    return spikes, state_result(inplace, out[1], v), state_result(inplace, out[2], count)
 
 
 def float_spikes(spikes: torch.Tensor, threshold: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -128,10 +133,12 @@ def st_bif_torch(x, threshold, n_min, p_max, v, count, float_out, count_dtype):
 
 
 @_st_bif_op.register_fake
-def _(x, threshold, n_min, p_max, v=None, count=None, float_out=False, active=None):
-    count_dtype = _check_st_bif(x, threshold, n_min, p_max, v, count, active)
+def _(x, threshold, n_min, p_max, v=None, count=None, float_out=False, active=None, inplace=False):
+    count_dtype = _check_st_bif(x, threshold, n_min, p_max, v, count, active, inplace)
     shape = x.shape[1:]
     out = x.new_empty(x.shape, dtype=x.dtype if float_out else torch.int8)
+    if inplace:
+        return out, placeholder(v), placeholder(count)
     return out, x.new_empty(shape, dtype=torch.float32), x.new_empty(shape, dtype=count_dtype)
 
 
@@ -155,6 +162,7 @@ def st_bif(
     *,
     float_out: bool = False,
     active: torch.Tensor | None = None,
+    inplace: bool = False,
     validate: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Multi-step ST-BIF neuron (SPEC.md §2), all T steps in one fused kernel on GPU.
@@ -177,13 +185,18 @@ def st_bif(
             cleared: ``active[t, b] = 1`` when any element of sample ``b`` (the ``b``-th of
             ``B`` equal blocks of a step's elements) fires at step ``t``. The kernel records
             it while it writes the spikes (no extra pass). Not returned.
+        inplace: write the new state into the given ``v`` and ``count`` (both required,
+            contiguous, sharing no memory with an input or each other; the count keeps its
+            dtype) and return those same tensors (``ops._inplace``): a state at a fixed
+            address, as a CUDA graph replays it.
         validate: also check on a GPU (a host sync) what is always checked on CPU tensors:
             the threshold is finite, positive and a normal float32 (a denormal one gives NaN
             membranes), and the incoming ``count`` lies in ``[n_min, p_max]``.
 
     Returns:
         ``(spikes [T, *shape], v, count)``; the state is fresh, never an alias of the given
-        ``v``/``count``, so chunked time (feeding the state back) equals a whole run bit for bit.
+        ``v``/``count`` (with ``inplace``: the given ``v`` and ``count``, updated), so chunked
+        time (feeding the state back) equals a whole run bit for bit.
 
     Bad input: ``TypeError``/``ValueError`` naming the argument (a float, bool or out-of-int64
     ``n_min``/``p_max`` included), before dispatch.
@@ -193,8 +206,9 @@ def st_bif(
     PyTorch loop when the extension is not built). Bit-exact with ``reference.st_bif`` on
     every path. Inference only: no autograd.
     """
-    _check_st_bif(x, threshold, n_min, p_max, v, count, active)
+    _check_st_bif(x, threshold, n_min, p_max, v, count, active, inplace)
     check_flag(float_out, "float_out")
     check_threshold_values(threshold, "threshold", validate)
     check_in_bounds(count, "count", n_min, p_max, validate)
-    return call_op("st_bif", x, threshold, n_min, p_max, v, count, float_out, active)
+    out = call_op("st_bif", x, threshold, n_min, p_max, v, count, float_out, active, inplace)
+    return own_state(out, (1, 2), (v, count)) if inplace else out

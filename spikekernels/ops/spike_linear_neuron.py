@@ -1,5 +1,6 @@
 """``torch.ops.spikekernels.spike_linear_neuron``: spike linear fused with the ST-BIF neuron
-it feeds (float mode, SPEC.md §6 then §2)."""
+it feeds (float mode, SPEC.md §6 then §2). The neuron state ``(v, count)`` comes back fresh,
+or with ``inplace=True`` written into the given tensors (``ops._inplace``)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from spikekernels.ops._checks import (
     check_threshold_values,
 )
 from spikekernels.ops._dispatch import backend_for
+from spikekernels.ops._inplace import check_inplace, own_state, placeholder, state_result
 from spikekernels.ops._registry import call_op, kernel_op, launcher
 from spikekernels.ops.neuron import check_neuron_state, neuron_count_dtype
 from spikekernels.ops.spike_linear import (
@@ -34,8 +36,9 @@ from spikekernels.ops.spike_linear import (
 
 
 def _check_spike_linear_neuron(
-    s, weight, in_threshold, threshold, n_min, p_max, bias, t0, bias_steps, v, count, active
-) -> torch.dtype:
+    s, weight, in_threshold, threshold, n_min, p_max, bias, t0, bias_steps, v, count, active,
+    inplace,
+) -> torch.dtype:  # fmt: skip
     """Metadata checks (no data read); returns the dtype of the outgoing count."""
     if isinstance(weight, torch.Tensor) and weight.dtype == torch.int8:
         raise TypeError(
@@ -47,7 +50,10 @@ def _check_spike_linear_neuron(
     check_threshold(threshold, "threshold", n, s, "s")
     shape = (*s.shape[1:-1], n)
     check_active(active, (s.shape[0], *shape), s, "s")
-    return check_neuron_state(n_min, p_max, v, count, shape, s, "s")
+    count_dtype = check_neuron_state(n_min, p_max, v, count, shape, s, "s")
+    inputs = (s, weight, in_threshold, threshold, bias, active)
+    check_inplace(inplace, (("v", v), ("count", count)), inputs)
+    return count_dtype
 
 
 def spike_linear_neuron_torch(
@@ -87,7 +93,11 @@ def spike_linear_neuron_torch(
     return spikes, v_out, count_out
 
 
-@kernel_op("spike_linear_neuron", mutates_args=("active",), check=_check_spike_linear_neuron)
+@kernel_op(
+    "spike_linear_neuron",
+    mutates_args=("v", "count", "active"),
+    check=_check_spike_linear_neuron,
+)
 def _spike_linear_neuron_op(
     s: torch.Tensor,
     weight: torch.Tensor,
@@ -102,6 +112,7 @@ def _spike_linear_neuron_op(
     count: torch.Tensor | None = None,
     float_out: bool = False,
     active: torch.Tensor | None = None,
+    inplace: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     args = (s, weight, in_threshold, threshold, n_min, p_max, bias, t0, bias_steps, v, count)
     count_dtype = neuron_count_dtype(n_min, p_max, count)
@@ -127,9 +138,13 @@ def _spike_linear_neuron_op(
             float_out,
             count_dtype,
             active,
+            inplace=inplace,  # v, count: views of the given (contiguous) state then
         )
         shape = (*lead, n)
-        return spikes.reshape(s.shape[0], *shape), v_out.reshape(shape), count_out.reshape(shape)
+        spikes = spikes.reshape(s.shape[0], *shape)
+        if inplace:
+            return spikes, placeholder(v), placeholder(count)
+        return spikes, v_out.reshape(shape), count_out.reshape(shape)
     if backend == "reference":
         from spikekernels import reference
 
@@ -137,8 +152,10 @@ def _spike_linear_neuron_op(
             s, float32_weight(weight), *args[2:], float_out=float_out
         )
         record_active(active, spikes)
-        return spikes, v_out, count_out.to(count_dtype)
-    return spike_linear_neuron_torch(*args, float_out, active)
+        count_out = count_out.to(count_dtype)
+    else:
+        spikes, v_out, count_out = spike_linear_neuron_torch(*args, float_out, active)
+    return spikes, state_result(inplace, v_out, v), state_result(inplace, count_out, count)
 
 
 @_spike_linear_neuron_op.register_fake
@@ -156,15 +173,15 @@ def _(
     count=None,
     float_out=False,
     active=None,
+    inplace=False,
 ):
     args = (s, weight, in_threshold, threshold, n_min, p_max, bias, t0, bias_steps, v, count)
-    count_dtype = _check_spike_linear_neuron(*args, active)
+    count_dtype = _check_spike_linear_neuron(*args, active, inplace)
     shape = (*s.shape[1:-1], weight.shape[-2])
-    return (
-        s.new_empty((s.shape[0], *shape), dtype=torch.float32 if float_out else torch.int8),
-        s.new_empty(shape, dtype=torch.float32),
-        s.new_empty(shape, dtype=count_dtype),
-    )
+    spikes = s.new_empty((s.shape[0], *shape), dtype=torch.float32 if float_out else torch.int8)
+    if inplace:
+        return spikes, placeholder(v), placeholder(count)
+    return spikes, s.new_empty(shape, dtype=torch.float32), s.new_empty(shape, dtype=count_dtype)
 
 
 def spike_linear_neuron(
@@ -182,6 +199,7 @@ def spike_linear_neuron(
     count: torch.Tensor | None = None,
     float_out: bool = False,
     active: torch.Tensor | None = None,
+    inplace: bool = False,
     validate: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Spike linear fused with the ST-BIF neuron it feeds (float mode: SPEC.md §6, then §2).
@@ -219,13 +237,19 @@ def spike_linear_neuron(
             cleared: ``active[t, b] = 1`` when any output neuron of sample ``b`` (the
             ``b``-th of ``B`` equal blocks of a step's rows) fires at step ``t``. The kernel
             records it while it writes the spikes (no extra pass). Not returned.
+        inplace: write the new state into the given ``v`` and ``count`` (both required,
+            contiguous, sharing no memory with an input or each other; the count keeps its
+            dtype) and return those same tensors (``ops._inplace``): a state at a fixed
+            address, as a CUDA graph replays it.
         validate: on a GPU also run the data checks (host syncs): thresholds positive,
             finite and normal; ``s`` ternary; a float ``weight`` finite; ``count`` inside the
             bounds. On CPU they always run.
 
     Returns:
-        ``(spikes [T, *, N], v [*, N] float32, count [*, N])``, fresh tensors, so chunked time
-        (feeding ``v``, ``count`` back and advancing ``t0``) equals a whole run bit for bit.
+        ``(spikes [T, *, N], v [*, N] float32, count [*, N])``, fresh tensors, never an alias
+        of the given ``v``/``count`` (with ``inplace``: the given ``v`` and ``count``,
+        updated), so chunked time (feeding ``v``, ``count`` back and advancing ``t0``) equals
+        a whole run bit for bit.
 
     Exactness: ``spike_linear``'s: every product is exact and the sums are float32 in a
     blocked order (tensor cores on a GPU; a float32 weight as three bf16 dots of its exact
@@ -241,11 +265,12 @@ def spike_linear_neuron(
     ``TRITON_INTERPRET=1``); ``force_backend("reference")`` runs the oracle. Inference only.
     """
     args = (s, weight, in_threshold, threshold, n_min, p_max, bias, t0, bias_steps, v, count)
-    _check_spike_linear_neuron(*args, active)
+    _check_spike_linear_neuron(*args, active, inplace)
     check_flag(float_out, "float_out")
     check_threshold_values(in_threshold, "in_threshold", validate)
     check_threshold_values(threshold, "threshold", validate)
     check_finite_weight(weight, validate)
     check_ternary(s, "s", validate)
     check_in_bounds(count, "count", n_min, p_max, validate)
-    return call_op("spike_linear_neuron", *args, float_out, active)
+    out = call_op("spike_linear_neuron", *args, float_out, active, inplace)
+    return own_state(out, (1, 2), (v, count)) if inplace else out
