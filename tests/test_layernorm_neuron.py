@@ -254,6 +254,125 @@ def test_pending_branches_chunked_and_poisoned(gen, device, poisoned_allocations
     assert not whole[5].isnan().any()
 
 
+# ---------------------------------------------------------------------------------------------
+# inplace=True: the new state written into the given tensors (ops._inplace)
+
+STATE_NAMES = ("x_acc", "y_prev", "v", "count")
+
+
+def _guarded(state: dict) -> dict:
+    """Copies of the state, each a contiguous view into a larger buffer whose guard elements
+    (one before, one after) show a write outside the state."""
+    out = {}
+    for name, t in state.items():
+        buf = torch.full((t.numel() + 2,), 99, dtype=t.dtype, device=t.device)
+        out[name] = buf[1:-1].view(t.shape).copy_(t)
+    return out
+
+
+def _run_inplace(x, norm, state, device="cpu", **kwargs):
+    """``spike_layernorm_neuron(inplace=True)``: the state returned is the given tensors, at
+    the same addresses."""
+    ptrs = [t.data_ptr() for t in state.values()]
+    out = _fused(x, norm, device, **state, **kwargs, inplace=True)
+    for name, got, given, ptr in zip(STATE_NAMES, out[1:5], state.values(), ptrs, strict=True):
+        assert got is given, f"{name}: not the given tensor"
+        assert given.data_ptr() == ptr, f"{name} moved"
+        assert given._base[0].item() == 99 and given._base[-1].item() == 99, f"{name}: outside"
+    return out
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("poisoned", [False, True])
+@pytest.mark.parametrize("branches", [False, True])
+def test_inplace_chunks_equal_whole(gen, backend, poisoned, branches, request):
+    """Chunks of 4, 1 and 4 steps from a nonzero state, fed back in place, give the whole
+    fresh-state run's bits; the activity flags are still recorded, and the residual stream
+    (``residual_out``, an output, not state) is fresh."""
+    if poisoned:
+        request.getfixturevalue("poisoned_allocations")
+    x = _inputs(gen, 9, (2, 3), 37)
+    norm = _norm(gen, 37)
+    state0 = _state(gen, (2, 3), 37)
+    pending = {}
+    if branches:
+        (b1, t1), (b2, t2) = _branch(gen, x, 0.2), _branch(gen, x, 0.05)
+        pending = dict(branch_spikes=b1, branch_threshold=t1, branch2_spikes=b2,
+                       branch2_threshold=t2, residual_out=True)  # fmt: skip
+    sizes = [4, 1, 4]
+    active = torch.zeros(9, 2, dtype=torch.int32)
+    with force_backend(backend):
+        whole = _fused(x, norm, **state0, **pending)
+        state = _guarded(state0)
+        parts, streams = [], []
+        for i, xs in enumerate(x.split(sizes)):
+            t0 = sum(sizes[:i])
+            chunk = {k: v.split(sizes)[i] if k.endswith("spikes") else v
+                     for k, v in pending.items()}  # fmt: skip
+            out = _run_inplace(xs, norm, state, active=active[t0 : t0 + len(xs)], **chunk)
+            parts.append(out[0])
+            if branches:
+                assert len(out) == 6 and out[5].shape == xs.shape
+                assert all(out[5].data_ptr() != t.data_ptr() for t in state.values())
+                streams.append(out[5])
+    _assert_same((torch.cat(parts), *state.values()), whole[:5])
+    if branches:
+        assert torch.equal(torch.cat(streams), whole[5])
+    assert torch.equal(active, whole[0].reshape(9, 2, -1).ne(0).any(-1).to(torch.int32))
+    assert active.any() and whole[0].any()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_inplace_single_step(gen, device):
+    x = _inputs(gen, 1, (3, 5), 33)
+    norm = _norm(gen, 33)
+    state = {k: v.to(device) for k, v in _state(gen, (3, 5), 33).items()}
+    want = _fused(x, norm, device, **state)
+    got = _run_inplace(x, norm, _guarded(state), device)
+    _assert_same(got, want)
+
+
+def test_inplace_on_meta_tensors():
+    """Shapes only (meta tensors): the in-place state is not taken for an alias of the inputs
+    (every meta tensor's address is 0)."""
+    x = torch.empty(3, 5, 4, device="meta")
+    state = [torch.empty(5, 4, device="meta") for _ in range(3)]
+    state.append(torch.empty(5, 4, dtype=torch.int16, device="meta"))
+    theta = torch.tensor(0.3, device="meta")
+    out = spike_layernorm_neuron(x, None, None, EPS, theta, -8, 7, *state, inplace=True)
+    assert out[0].shape == (3, 5, 4) and out[0].is_meta
+    assert all(got is given for got, given in zip(out[1:], state, strict=True))
+
+
+@pytest.mark.parametrize("other", ["x", "weight", "branch_spikes", "active", "state"])
+def test_inplace_state_sharing_an_input_is_rejected(other):
+    """A contiguous state inside the storage of an input the kernel reads (or another
+    state), refused by name; the rejected call writes nothing (a run would write ``y_prev =
+    bias``, nonzero)."""
+    args = _good_args() | _full_state()
+    args["bias"] = torch.full((4,), 0.5)
+    buffer = torch.zeros(24, dtype=torch.float32)
+    name = "y_prev"
+    if other == "x":
+        args["x"] = buffer.view(2, 3, 4)
+    elif other == "weight":
+        args["weight"] = buffer[:4]
+    elif other == "branch_spikes":
+        spikes = buffer.view(torch.int8)[:24].view(2, 3, 4)
+        args |= dict(branch_spikes=spikes, branch_threshold=torch.tensor(0.1))
+    elif other == "active":
+        args["active"] = buffer.view(torch.int32)[:6].view(2, 3)
+    else:
+        args["x_acc"], name = buffer[:12].view(3, 4), "x_acc"
+    args["y_prev"] = buffer[:12].view(3, 4)  # contiguous, but inside the other
+    before = {k: v.clone() for k, v in args.items() if isinstance(v, torch.Tensor)}
+    with pytest.raises(ValueError, match=f"{name} shares memory"):
+        spike_layernorm_neuron(**args, inplace=True)
+    assert not buffer.any(), "a rejected call must not write"
+    for k, v in before.items():
+        assert torch.equal(args[k], v), f"{k} was written"
+
+
 def _good_args() -> dict:
     return dict(
         x=torch.zeros(2, 3, 4),
@@ -268,6 +387,12 @@ def _good_args() -> dict:
 
 def _state_of(shape, count_dtype=torch.int8, count_value=0) -> dict:
     return dict(v=torch.zeros(shape), count=torch.full(shape, count_value, dtype=count_dtype))
+
+
+def _full_state(**bad) -> dict:
+    """All four states of ``_good_args``, zeros, with ``bad`` replacing some."""
+    good = dict(x_acc=torch.zeros(3, 4), y_prev=torch.zeros(3, 4), **_state_of((3, 4)))
+    return good | bad
 
 
 BAD_INPUTS = [  # (case, what replaces the good arguments, error type, words in the message)
@@ -342,6 +467,26 @@ BAD_INPUTS = [  # (case, what replaces the good arguments, error type, words in 
     ),
     ("residual_out alone", dict(residual_out=True), ValueError, "residual_out needs branch"),
     ("residual_out int", dict(residual_out=1), TypeError, "residual_out must be a bool"),
+    ("inplace int", dict(**_full_state(), inplace=1), TypeError, "inplace must be a bool"),
+    ("inplace without state", dict(inplace=True), ValueError, "inplace=True needs x_acc"),
+    (
+        "inplace without count",
+        dict(x_acc=torch.zeros(3, 4), y_prev=torch.zeros(3, 4), inplace=True),
+        ValueError,
+        "inplace=True needs v",
+    ),
+    (
+        "inplace strided y_prev",
+        dict(**_full_state(y_prev=torch.zeros(4, 3).t()), inplace=True),
+        ValueError,
+        "y_prev must be contiguous",
+    ),
+    (
+        "inplace strided count",
+        dict(**_full_state(count=torch.zeros(3, 8, dtype=torch.int8)[:, ::2]), inplace=True),
+        ValueError,
+        "count must be contiguous",
+    ),
 ]
 
 
@@ -365,6 +510,17 @@ def test_opcheck(gen, with_state):
     (b1, t1), (b2, t2) = _branch(gen, x, 0.2), _branch(gen, x, 0.05)
     args += (b1, t1, b2, t2, with_state)  # residual_out with the state: both schemas' halves
     torch.library.opcheck(torch.ops.spikekernels.spike_layernorm_neuron.default, args)
+
+
+def test_inplace_opcheck(gen):
+    x = _inputs(gen, 3, (2, 5), 12)
+    norm = _norm(gen, 12)
+    state = _state(gen, (2, 5), 12)
+    active = torch.zeros(3, 2, dtype=torch.int32)
+    (b1, t1), (b2, t2) = _branch(gen, x, 0.2), _branch(gen, x, 0.05)
+    for tail in ((None, None, None, None, False), (b1, t1, b2, t2, True)):
+        args = (x, *norm.values(), *state.values(), active, *tail, True)
+        torch.library.opcheck(torch.ops.spikekernels.spike_layernorm_neuron.default, args)
 
 
 def test_torch_compile_fullgraph(gen):

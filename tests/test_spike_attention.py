@@ -273,6 +273,20 @@ BAD = [
         "count must lie",
     ),
     ("active shape", dict(active=torch.zeros(2, 2, dtype=torch.int32)), ValueError, "active"),
+    ("inplace int", dict(state=_state(), inplace=1), TypeError, "inplace must be a bool"),
+    ("inplace without state", dict(inplace=True), ValueError, "inplace=True needs x_acc"),
+    (
+        "inplace strided y_prev",
+        dict(state=_state(y_prev=torch.zeros(3, 5, 4).mT), inplace=True),
+        ValueError,
+        "y_prev must be contiguous",
+    ),
+    (
+        "inplace strided count",
+        dict(state=_state(count=torch.zeros(3, 4, 10, dtype=torch.int8)[..., ::2]), inplace=True),
+        ValueError,
+        "count must be contiguous",
+    ),
 ]
 
 
@@ -528,6 +542,19 @@ BAD_CTX = [
         ValueError,
         "merge_heads=True",
     ),
+    (
+        "inplace int",
+        dict(state=(torch.zeros(3, 4, 5), torch.zeros(3, 4, 5).char()), inplace=1),
+        TypeError,
+        "inplace must be a bool",
+    ),
+    ("inplace without state", dict(inplace=True), ValueError, "inplace=True needs membrane"),
+    (
+        "inplace strided membrane",
+        dict(state=(torch.zeros(3, 5, 4).mT, torch.zeros(3, 4, 5).char()), inplace=True),
+        ValueError,
+        "membrane must be contiguous",
+    ),
 ]
 
 
@@ -553,6 +580,138 @@ def test_context_opcheck(gen, state, merge_heads):
 def test_context_cuda_matches_cpu_reference_at_vit_size(gen, state):
     case = _ctx_case(gen, 6, (2, 6), 197, 197, 64, state=state, device="cuda")
     _assert_same(_run_ctx(case), _reference_ctx(case), CTX_NAMES)
+
+
+# ---------------------------------------------------------------------------------------------
+# inplace=True: the new state written into the given tensors (ops._inplace)
+
+# op -> (case maker, runner, output names, operands with their counts, a case's shape,
+# keyword arguments): the context's spikes with the heads merged, as the model runs it
+INPLACE_OPS = {
+    "probs": (_case, _run, NAMES, OPERANDS, ((2,), 9, 20, 11), {}),
+    "context": (_ctx_case, _run_ctx, CTX_NAMES, CTX_OPERANDS, ((2, 2), 9, 11, 20),
+                dict(merge_heads=True)),
+}  # fmt: skip
+
+
+def _guarded(state):
+    """Copies of the state, each a contiguous view into a larger buffer whose guard elements
+    (one before, one after) show a write outside the state."""
+    out = []
+    for t in state:
+        buf = torch.full((t.numel() + 2,), 99, dtype=t.dtype, device=t.device)
+        out.append(buf[1:-1].view(t.shape).copy_(t))
+    return tuple(out)
+
+
+def _run_inplace(op, case, state, **kwargs):
+    """The op with ``inplace=True`` on ``state``: the state returned is the given tensors,
+    at the same addresses, and nothing around them is written."""
+    _, run, names, *_, extra = INPLACE_OPS[op]
+    ptrs = [t.data_ptr() for t in state]
+    out = run(dict(case, state=state), **extra, **kwargs, inplace=True)
+    for name, got, given, ptr in zip(names[1:], out[1:], state, ptrs, strict=True):
+        assert got is given, f"{name}: not the given tensor"
+        assert given.data_ptr() == ptr, f"{name} moved"
+        assert given._base[0].item() == 99 and given._base[-1].item() == 99, f"{name}: outside"
+    return out
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch", "reference"])
+@pytest.mark.parametrize("poisoned", [False, True])
+@pytest.mark.parametrize("op", INPLACE_OPS)
+def test_inplace_chunks_equal_whole(gen, op, poisoned, backend, request):
+    """Chunks of 4, 1 and 4 steps from a nonzero state (and nonzero counts before the run),
+    the state fed back in place, give the whole fresh-state run's bits; the activity flags
+    are still recorded."""
+    if poisoned:
+        request.getfixturevalue("poisoned_allocations")
+    make, run, names, operands, shape, extra = INPLACE_OPS[op]
+    case = make(gen, 9, *shape, state=True)
+    active = torch.zeros(9, shape[0][0], dtype=torch.int32)
+    with force_backend(backend):
+        whole = run(case, **extra)
+        state = _guarded(case["state"])
+        spikes, t0 = [], 0
+        for chunk in _chunks(case, operands, [4, 1, 4]):
+            n = chunk[operands[0][0]].shape[0]
+            spikes.append(_run_inplace(op, chunk, state, active=active[t0 : t0 + n])[0])
+            t0 += n
+    _assert_same((torch.cat(spikes), *state), whole, names)
+    fired = whole[0].reshape(9, active.shape[1], -1).ne(0).any(-1).to(torch.int32)
+    assert torch.equal(active, fired) and active.any()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("op", INPLACE_OPS)
+def test_inplace_single_step(gen, op, device):
+    make, run, names, _, shape, extra = INPLACE_OPS[op]
+    case = make(gen, 1, *shape, state=True, device=device)
+    want = run(case, **extra)
+    _assert_same(_run_inplace(op, case, _guarded(case["state"])), want, names)
+
+
+@pytest.mark.parametrize("op", INPLACE_OPS)
+def test_inplace_on_meta_tensors(op):
+    """Shapes only (meta tensors): the in-place state is not taken for an alias of the inputs
+    (every meta tensor's address is 0)."""
+    fn, good = (spike_attention_probs, _good()) if op == "probs" else (spike_context, _good_ctx())
+    args = {k: v.to("meta") if isinstance(v, torch.Tensor) else v for k, v in good.items()}
+    floats = 3 if op == "probs" else 1
+    state = [torch.empty(3, 4, 5, device="meta") for _ in range(floats)]
+    state.append(torch.empty(3, 4, 5, dtype=torch.int8, device="meta"))
+    spikes, got = fn(**args, state=tuple(state), inplace=True)
+    assert spikes.shape == (2, 3, 4, 5) and spikes.is_meta
+    assert all(g is s for g, s in zip(got, state, strict=True))
+
+
+# (op, the input whose storage holds a state): the count (the name the refusal gives) in an
+# int8 buffer of zeros; "state": the count inside the first float state's storage
+SHARING = [("probs", name) for name in ("q", "k_t", "q_count", "scale", "active", "state")]
+SHARING += [("context", name) for name in ("a", "v", "v_count", "threshold", "active", "state")]
+
+
+@pytest.mark.parametrize(("op", "other"), SHARING)
+def test_inplace_state_sharing_an_input_is_rejected(op, other):
+    """A contiguous state inside the storage of an input the kernel reads (or of another
+    state), refused by name; the rejected call writes nothing (a run would write the count
+    and the membrane: the probabilities move from 0, a context membrane of 2 fires)."""
+    fn, args = (spike_attention_probs, _good()) if op == "probs" else (spike_context, _good_ctx())
+    buffer = torch.zeros(240, dtype=torch.int8)
+    count, name = buffer[:60].view(3, 4, 5), "count"  # contiguous, but inside the other
+    floats = [torch.zeros(3, 4, 5) for _ in range(3 if op == "probs" else 1)]
+    if other == "state":
+        floats[0] = buffer.view(torch.float32).view(3, 4, 5)
+        name = "x_acc" if op == "probs" else "membrane"
+    else:
+        absent = dict(  # the good arguments' defaults
+            q_count=torch.zeros(3, 4, 8, dtype=torch.int8),
+            v_count=torch.zeros(3, 8, 5, dtype=torch.int8),
+            active=torch.zeros(2, 3, dtype=torch.int32),
+        )
+        given = args.get(other, absent.get(other))
+        part = buffer[: given.numel() * given.element_size()]
+        args[other] = part.view(given.dtype).view(given.shape)
+    if op == "context":
+        floats[0].fill_(2.0)
+    before = buffer.clone(), [t.clone() for t in floats]
+    with pytest.raises(ValueError, match=f"{name} shares memory"):
+        fn(**args, state=(*floats, count), inplace=True)
+    assert torch.equal(buffer, before[0]), "a rejected call must not write"
+    assert all(torch.equal(t, b) for t, b in zip(floats, before[1], strict=True))
+
+
+@pytest.mark.parametrize("op", INPLACE_OPS)
+def test_inplace_opcheck(gen, op):
+    make, _, _, _, shape, extra = INPLACE_OPS[op]
+    case = make(gen, 3, *shape, state=True)
+    c = dict(case)
+    a, b = (c.pop(k) for k in list(c)[:2])
+    args = [a, b, c.pop("scale"), c.pop("threshold"), *(BOUNDS if op == "probs" else CTX_BOUNDS)]
+    args += [*(c[count] for _, count in INPLACE_OPS[op][3]), *c["state"], None]  # active
+    args += [*extra.values(), True]  # merge_heads for the context, inplace
+    name = "spike_attention_probs" if op == "probs" else "spike_context"
+    torch.library.opcheck(getattr(torch.ops.spikekernels, name).default, tuple(args))
 
 
 def test_count_check_forms_nothing_it_will_not_read(monkeypatch):

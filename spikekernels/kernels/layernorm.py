@@ -178,17 +178,25 @@ def layernorm_launch(
     x_acc: torch.Tensor | None,
     y_prev: torch.Tensor | None,
     out: torch.Tensor,
+    *,
+    inplace: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, int, tuple, dict]:
     """Host side shared by the kernels whose arguments begin as ``spike_layernorm_kernel``'s
     (``x`` contiguous ``[T, *, C]``, ``out`` the spikes or increments as the kernel stores
     them): ``(x_acc_out, y_prev_out, n_rows, args, meta)``, the fresh outgoing state, the rows
     of a step, those leading arguments, and the LayerNorm's constexprs with ``ROWS``,
-    ``BLOCK_C`` and ``num_warps``."""
+    ``BLOCK_C`` and ``num_warps``. With ``inplace`` (``spike_layernorm_neuron``'s; never
+    ``spike_layernorm``'s) ``x_acc`` and ``y_prev`` are given and contiguous (the op checks)
+    and are the outgoing state too: a program loads its rows' state before its T loop and
+    stores the same elements after it, and no other program touches them."""
     shape = x.shape[1:]
     c = shape[-1]
     n_rows = x[0].numel() // c
-    x_acc_out = torch.empty(shape, dtype=torch.float32, device=x.device)
-    y_prev_out = torch.empty(shape, dtype=torch.float32, device=x.device)
+    if inplace:
+        x_acc_out, y_prev_out = x_acc, y_prev
+    else:
+        x_acc_out = torch.empty(shape, dtype=torch.float32, device=x.device)
+        y_prev_out = torch.empty(shape, dtype=torch.float32, device=x.device)
     block_c, rows, num_warps = launch_config(c)
     args = (
         x,

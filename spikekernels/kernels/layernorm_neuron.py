@@ -150,6 +150,9 @@ def spike_layernorm_neuron_kernel(
             record_active_rows(active_ptrs, sigma, rows < R, col_mask, ROWS, BLOCK_C)
             active_ptrs += B
         out_ptrs += step
+    # The state goes back to the elements this program loaded it from (same offs and mask,
+    # whole rows no other program reads), after its last read: an in-place call passes one
+    # tensor as both a state's in and out pointer (spike_layernorm_neuron's inplace).
     tl.store(x_acc_out_ptr + offs, x_acc, mask=mask)
     tl.store(y_prev_out_ptr + offs, y_prev, mask=mask)
     tl.store(v_out_ptr + offs, v, mask=mask)
@@ -174,20 +177,29 @@ def spike_layernorm_neuron_triton(
     active: torch.Tensor | None = None,
     branches: tuple[tuple[torch.Tensor, torch.Tensor], ...] = (),
     residual_out: bool = False,
+    *,
+    inplace: bool = False,
 ) -> tuple[torch.Tensor, ...]:
     """Host side: allocate outputs and launch ``spike_layernorm_neuron_kernel`` over
     contiguous ``x``; ``active`` ``[T, B]`` int32 contiguous (checked by the op) or None;
     ``branches``: up to two ``(spikes like x, threshold)`` pending branches, in order.
-    Returns fresh ``(spikes, x_acc, y_prev, v, count, residual)``, ``residual`` the stream
-    with the branches (float32 like ``x``) or an empty tensor without ``residual_out``."""
+    Returns ``(spikes, x_acc, y_prev, v, count, residual)``, ``residual`` the stream with the
+    branches (float32 like ``x``) or an empty tensor without ``residual_out``; the state
+    fresh, or with ``inplace`` the given ``x_acc``, ``y_prev``, ``v``, ``count`` (all given
+    and contiguous, checked by the op), written by the program that read them: a program
+    owns whole rows, loads their four states before its T loop and stores the same elements
+    (same offsets and mask) after it, so the kernel's in and out pointers may be one tensor."""
     x = x.contiguous()
     shape = x.shape[1:]
     spikes = torch.empty(x.shape, dtype=torch.int8, device=x.device)
-    v_out = torch.empty(shape, dtype=torch.float32, device=x.device)
-    count_out = torch.empty(shape, dtype=count_dtype, device=x.device)
+    if inplace:
+        v_out, count_out = v, count
+    else:
+        v_out = torch.empty(shape, dtype=torch.float32, device=x.device)
+        count_out = torch.empty(shape, dtype=count_dtype, device=x.device)
     residual = torch.empty(x.shape if residual_out else 0, dtype=x.dtype, device=x.device)
     x_acc_out, y_prev_out, n_rows, args, meta = layernorm_launch(
-        x, weight, bias, eps, x_acc, y_prev, spikes
+        x, weight, bias, eps, x_acc, y_prev, spikes, inplace=inplace
     )
     if n_rows == 0:
         return spikes, x_acc_out, y_prev_out, v_out, count_out, residual

@@ -207,6 +207,9 @@ def spike_attention_probs_kernel(
         k_cur_ptr += step_k
         out_ptr += step_s
 
+    # The state goes back to the elements this program loaded it from before its T loop
+    # (same offsets and mask; a program owns its (batch entry, query rows) x all keys):
+    # an in-place call passes one tensor as both a state's in and out pointer.
     tl.store((x_out_ptr + state) + s_offs, x, mask=mask_s)
     tl.store((y_out_ptr + state) + s_offs, y, mask=mask_s)
     tl.store((v_out_ptr + state) + s_offs, v, mask=mask_s)
@@ -226,22 +229,30 @@ def spike_attention_probs_triton(
     k_count: torch.Tensor | None,
     state: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None,
     active: torch.Tensor | None = None,
+    *,
+    inplace: bool = False,
 ) -> tuple[torch.Tensor, ...]:
     """Host side: ``q`` ``[T, *batch, M, D]``, ``k_t`` ``[T, *batch, D, N]`` int8 (any
     strides, at least one batch entry, ``1 <= N <= MAX_KEYS``, ``M, D >= 1``), their
     neurons' counts after these steps (any strides, or None), ``state`` ``(X, Y, v, s)``
     ``[*batch, M, N]`` or None, ``active`` ``[T, B]`` int32 contiguous or None. Returns
-    ``(spikes [T, *batch, M, N] int8, X, Y, v, s)``, the state fresh tensors."""
+    ``(spikes [T, *batch, M, N] int8, X, Y, v, s)``, the state fresh tensors, or with
+    ``inplace`` views of the given ones (all four given and contiguous, checked by the op),
+    written by the program that read them (``spike_attention_probs_kernel``)."""
     s_in = None if state is None else state[3]
-    p = _prepare(launch, q, k_t, q_count, k_count, s_in, False, transpose_b=True)
+    p = _prepare(launch, q, k_t, q_count, k_count, s_in, inplace, transpose_b=True)
     m, d = q.shape[-2:]
     n = k_t.shape[-1]
     nb = _batch(p)
-    floats = [torch.empty((nb, m, n), dtype=torch.float32, device=q.device) for _ in range(3)]
-    if state is None:
+    if inplace:
+        floats = [t.reshape(nb, m, n) for t in state[:3]]  # views: contiguous
         x_in, y_in, v_in = floats
     else:
-        x_in, y_in, v_in = (t.reshape(nb, m, n).contiguous() for t in state[:3])
+        floats = [torch.empty((nb, m, n), dtype=torch.float32, device=q.device) for _ in range(3)]
+        if state is None:
+            x_in, y_in, v_in = floats
+        else:
+            x_in, y_in, v_in = (t.reshape(nb, m, n).contiguous() for t in state[:3])
     block_m, block_n, block_d, num_warps = probs_config(n)
     launch(spike_attention_probs_kernel)[_grid(p, block_m)](
         p.a,
@@ -398,6 +409,8 @@ def spike_context_kernel(
         v_cur_ptr += step_v
         out_ptr += stride_ot
 
+    # As in the scores kernel: the state goes back where this program loaded it (its rows,
+    # all D channels, same offsets and mask), so in and out pointers may be one tensor.
     tl.store((mem_out_ptr + state) + z_offs, mem, mask=mask_z)
     tl.store((s_out_ptr + state) + z_offs, count.to(tl.int8), mask=mask_z)
 
@@ -417,20 +430,26 @@ def spike_context_triton(
     active: torch.Tensor | None = None,
     *,
     merge_heads: bool = False,
+    inplace: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Host side: ``a`` ``[T, *batch, M, N]``, ``v`` ``[T, *batch, N, D]`` int8 (any strides,
     at least one batch entry, ``1 <= D <= MAX_HEAD_DIM``, ``M, N >= 1``), their neurons'
     counts after these steps (any strides, or None), ``state`` ``(membrane, count)``
     ``[*batch, M, D]`` or None, ``active`` ``[T, B]`` int32 contiguous or None. Returns
     ``(spikes, membrane, count)``: spikes ``[T, *batch, M, D]``, or with ``merge_heads``
-    ``[T, *batch[:-1], M, H * D]`` (written there directly); the state fresh tensors."""
+    ``[T, *batch[:-1], M, H * D]`` (written there directly); the state fresh tensors, or
+    with ``inplace`` views of the given ones (both given and contiguous, checked by the op),
+    written by the program that read them (``spike_context_kernel``)."""
     s_in = None if state is None else state[1]
-    p = _prepare(launch, a, v, a_count, v_count, s_in, False, merge_heads=merge_heads)
+    p = _prepare(launch, a, v, a_count, v_count, s_in, inplace, merge_heads=merge_heads)
     m, n = a.shape[-2:]
     d = v.shape[-1]
     nb = _batch(p)
-    mem_out = torch.empty((nb, m, d), dtype=torch.float32, device=a.device)
-    mem_in = mem_out if state is None else state[0].reshape(nb, m, d).contiguous()
+    if inplace:
+        mem_in = mem_out = state[0].reshape(nb, m, d)  # a view: contiguous
+    else:
+        mem_out = torch.empty((nb, m, d), dtype=torch.float32, device=a.device)
+        mem_in = mem_out if state is None else state[0].reshape(nb, m, d).contiguous()
     block_m, block_k, block_d, num_warps = context_config(d)
     launch(spike_context_kernel)[_grid(p, block_m)](
         p.a,

@@ -17,6 +17,7 @@ from spikekernels.ops._checks import (
     check_threshold_values,
 )
 from spikekernels.ops._dispatch import backend_for
+from spikekernels.ops._inplace import check_inplace, own_state, placeholder, state_result
 from spikekernels.ops._registry import call_op, kernel_op, launcher
 from spikekernels.ops.layernorm import check_spike_layernorm
 from spikekernels.ops.neuron import check_neuron_state, neuron_count_dtype
@@ -57,7 +58,7 @@ def _check_branches(x, branch, branch2, residual_out) -> None:
 def _check_spike_layernorm_neuron(
     x, weight, bias, eps, threshold, n_min, p_max, x_acc, y_prev, v, count, active,
     branch_spikes=None, branch_threshold=None, branch2_spikes=None, branch2_threshold=None,
-    residual_out=False,
+    residual_out=False, inplace=False,
 ) -> torch.dtype:  # fmt: skip
     """Metadata checks (no data read), both ops' own; returns the outgoing count's dtype."""
     check_spike_layernorm(x, weight, bias, eps, x_acc, y_prev)
@@ -65,7 +66,11 @@ def _check_spike_layernorm_neuron(
     check_active(active, x.shape, x, "x")
     branch, branch2 = (branch_spikes, branch_threshold), (branch2_spikes, branch2_threshold)
     _check_branches(x, branch, branch2, residual_out)
-    return check_neuron_state(n_min, p_max, v, count, x.shape[1:], x, "x")
+    count_dtype = check_neuron_state(n_min, p_max, v, count, x.shape[1:], x, "x")
+    states = (("x_acc", x_acc), ("y_prev", y_prev), ("v", v), ("count", count))
+    inputs = (x, weight, bias, threshold, active, *branch, *branch2)
+    check_inplace(inplace, states, inputs)
+    return count_dtype
 
 
 def _branches(branch, branch2) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
@@ -86,7 +91,15 @@ def _no_residual(x: torch.Tensor) -> torch.Tensor:
     return x.new_empty(0)
 
 
-@kernel_op("spike_layernorm_neuron", mutates_args=("active",), check=_check_spike_layernorm_neuron)
+_STATE_NAMES = ("x_acc", "y_prev", "v", "count")
+_STATE_POSITIONS = (1, 2, 3, 4)  # in the op's outputs
+
+
+@kernel_op(
+    "spike_layernorm_neuron",
+    mutates_args=(*_STATE_NAMES, "active"),
+    check=_check_spike_layernorm_neuron,
+)
 def _spike_layernorm_neuron_op(
     x: torch.Tensor,
     weight: torch.Tensor | None,
@@ -105,18 +118,23 @@ def _spike_layernorm_neuron_op(
     branch2_spikes: torch.Tensor | None = None,
     branch2_threshold: torch.Tensor | None = None,
     residual_out: bool = False,
+    inplace: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     args = (x, weight, bias, eps, threshold, n_min, p_max, x_acc, y_prev, v, count)
     branch, branch2 = (branch_spikes, branch_threshold), (branch2_spikes, branch2_threshold)
     count_dtype = neuron_count_dtype(n_min, p_max, count)
     branches = _branches(branch, branch2)
+    targets = (x_acc, y_prev, v, count)
     backend = backend_for(x, ("triton", "torch"))
     if backend == "triton":
         from spikekernels.kernels.layernorm_neuron import spike_layernorm_neuron_triton
 
-        return spike_layernorm_neuron_triton(
-            launcher, *args, count_dtype, active, branches, residual_out
+        out = spike_layernorm_neuron_triton(
+            launcher, *args, count_dtype, active, branches, residual_out, inplace=inplace
         )
+        if inplace:  # the kernel wrote the new state into the given tensors
+            return (out[0], *(placeholder(t) for t in targets), out[5])
+        return out
     h = with_branches(x, branches)
     if backend == "reference":
         from spikekernels import reference
@@ -126,7 +144,8 @@ def _spike_layernorm_neuron_op(
         out = (*out, count_out.to(count_dtype))
     else:
         out = spike_layernorm_neuron_torch(h, *args[1:], active)
-    return (*out, h if residual_out else _no_residual(h))
+    states = (state_result(inplace, fresh, t) for fresh, t in zip(out[1:], targets, strict=True))
+    return (out[0], *states, h if residual_out else _no_residual(h))
 
 
 def spike_layernorm_neuron_torch(
@@ -161,17 +180,26 @@ def _(
     branch2_spikes=None,
     branch2_threshold=None,
     residual_out=False,
+    inplace=False,
 ):
     args = (x, weight, bias, eps, threshold, n_min, p_max, x_acc, y_prev, v, count)
     branch, branch2 = (branch_spikes, branch_threshold), (branch2_spikes, branch2_threshold)
-    count_dtype = _check_spike_layernorm_neuron(*args, active, *branch, *branch2, residual_out)
+    count_dtype = _check_spike_layernorm_neuron(
+        *args, active, *branch, *branch2, residual_out, inplace
+    )
     shape = x.shape[1:]
+    if inplace:
+        states = tuple(placeholder(t) for t in (x_acc, y_prev, v, count))
+    else:
+        states = (
+            x.new_empty(shape, dtype=torch.float32),
+            x.new_empty(shape, dtype=torch.float32),
+            x.new_empty(shape, dtype=torch.float32),
+            x.new_empty(shape, dtype=count_dtype),
+        )
     return (
         x.new_empty(x.shape, dtype=torch.int8),
-        x.new_empty(shape, dtype=torch.float32),
-        x.new_empty(shape, dtype=torch.float32),
-        x.new_empty(shape, dtype=torch.float32),
-        x.new_empty(shape, dtype=count_dtype),
+        *states,
         x.new_empty(x.shape if residual_out else 0),
     )
 
@@ -195,6 +223,7 @@ def spike_layernorm_neuron(
     branch2_threshold: torch.Tensor | None = None,
     residual_out: bool = False,
     active: torch.Tensor | None = None,
+    inplace: bool = False,
     validate: bool = False,
 ) -> tuple[torch.Tensor, ...]:
     """Spike-LayerNorm fused with the ST-BIF neuron it feeds (float mode: SPEC.md §4, §2),
@@ -241,13 +270,18 @@ def spike_layernorm_neuron(
             cleared: ``active[t, b] = 1`` when any neuron of sample ``b`` (the ``b``-th of
             ``B`` equal blocks of a step's rows) fires at step ``t``. The kernel records it
             while it writes the spikes (no extra pass). Not returned.
+        inplace: write the new state into the given ``x_acc``, ``y_prev``, ``v`` and
+            ``count`` (all four required, contiguous, sharing no memory with an input or
+            each other) and return those same tensors (``ops._inplace``): a state at a fixed
+            address, as a CUDA graph replays it. ``h`` (``residual_out``) is fresh either way.
         validate: on a GPU also run the data checks (host syncs): the threshold positive,
             finite and normal, ``count`` inside the bounds. On CPU they always run.
 
     Returns:
         ``(spikes [T, *, C] int8, x_acc, y_prev, v, count)``, and ``h`` last with
-        ``residual_out``: fresh tensors (never aliases of the state given), so chunked time
-        (feeding the state back) equals a whole run.
+        ``residual_out``: fresh tensors (never aliases of the state given; with ``inplace``
+        the state is the given tensors, updated), so chunked time (feeding the state back)
+        equals a whole run.
 
     Accuracy: ``spike_layernorm``'s, within its range (a row's sum of squared deviations
     finite in float32).
@@ -261,14 +295,14 @@ def spike_layernorm_neuron(
     eps = check_float(eps, "eps")
     args = (x, weight, bias, eps, threshold, n_min, p_max, x_acc, y_prev, v, count)
     branch, branch2 = (branch_spikes, branch_threshold), (branch2_spikes, branch2_threshold)
-    _check_spike_layernorm_neuron(*args, active, *branch, *branch2, residual_out)
+    _check_spike_layernorm_neuron(*args, active, *branch, *branch2, residual_out, inplace)
     check_threshold_values(threshold, "threshold", validate)
     check_in_bounds(count, "count", n_min, p_max, validate)
     for prefix, (spikes, theta) in (("branch", branch), ("branch2", branch2)):
         if spikes is not None:
             check_threshold_values(theta, f"{prefix}_threshold", validate)
             check_ternary(spikes, f"{prefix}_spikes", validate)
-    *out, residual = call_op(
-        "spike_layernorm_neuron", *args, active, *branch, *branch2, residual_out
-    )
-    return (*out, residual) if residual_out else tuple(out)
+    out = call_op("spike_layernorm_neuron", *args, active, *branch, *branch2, residual_out, inplace)
+    if inplace:
+        out = own_state(out, _STATE_POSITIONS, (x_acc, y_prev, v, count))
+    return tuple(out) if residual_out else tuple(out[:5])

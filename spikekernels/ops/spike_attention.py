@@ -25,6 +25,7 @@ from spikekernels.ops._checks import (
     check_threshold,
 )
 from spikekernels.ops._dispatch import backend_for
+from spikekernels.ops._inplace import check_inplace, own_state, placeholder, state_result
 from spikekernels.ops._registry import call_op, kernel_op, launcher
 from spikekernels.ops.neuron import st_bif_torch
 from spikekernels.ops.spike_matmul import spike_matmul_torch
@@ -34,10 +35,11 @@ _STATE = (("x_acc", torch.float32), ("y_prev", torch.float32), ("membrane", torc
 
 
 def _check_fused(a, b, names, scale, threshold, n_min, p_max, a_count, b_count, state, spec,
-                 active) -> None:  # fmt: skip
+                 active, inplace) -> None:  # fmt: skip
     """Both ops' metadata checks (no data read): the spike trains ``a``, ``b`` (``names``)
     and their counts, the scale and threshold, the bounds, the state (all of it or none;
-    ``spec``: its names and dtypes) and the activity flags."""
+    ``spec``: its names and dtypes; with ``inplace`` all of it, contiguous, sharing no
+    memory with an input or itself) and the activity flags."""
     a_name, b_name = names
     check_product(a, b, a_name, b_name, a_count, b_count)
     check_scalar_tensor(scale, "scale", a, a_name, (torch.float32,))
@@ -53,15 +55,31 @@ def _check_fused(a, b, names, scale, threshold, n_min, p_max, a_count, b_count, 
     for t, (name, dtype) in zip(state, spec, strict=True):
         check_state(t, name, shape, (dtype,), a, a_name)
     check_active(active, (a.shape[0], *shape), a, a_name)
+    states = tuple((name, t) for (name, _), t in zip(spec, state, strict=True))
+    check_inplace(inplace, states, (a, b, scale, threshold, a_count, b_count, active))
 
 
 def _check_probs(
     q, k_t, scale, threshold, n_min, p_max, q_count, k_count, x_acc, y_prev, membrane, count,
-    active,
+    active, inplace,
 ) -> None:  # fmt: skip
     """Metadata checks (no data read); the state tensors all given or all None."""
     _check_fused(q, k_t, ("q", "k_t"), scale, threshold, n_min, p_max, q_count, k_count,
-                 (x_acc, y_prev, membrane, count), _STATE, active)  # fmt: skip
+                 (x_acc, y_prev, membrane, count), _STATE, active, inplace)  # fmt: skip
+
+
+def _state_results(out, state, inplace) -> tuple[torch.Tensor, ...]:
+    """A fresh result ``(spikes, *new state)`` of a path without a kernel as the registered
+    op returns it: with ``inplace`` each new state copied into the given one (``state``)
+    and a placeholder in its place."""
+    fresh = zip(out[1:], state or (None,) * (len(out) - 1), strict=True)
+    return out[0], *(state_result(inplace, new, given) for new, given in fresh)
+
+
+def _kernel_results(out, state, inplace) -> tuple[torch.Tensor, ...]:
+    """A Triton path's result as the registered op returns it: with ``inplace`` the kernel
+    wrote the new state into the given tensors, and placeholders are returned."""
+    return (out[0], *(placeholder(t) for t in state)) if inplace else out
 
 
 def spike_attention_probs_torch(
@@ -93,7 +111,11 @@ def spike_attention_probs_torch(
     return spikes, x, y, membrane, count
 
 
-@kernel_op("spike_attention_probs", mutates_args=("active",), check=_check_probs)
+@kernel_op(
+    "spike_attention_probs",
+    mutates_args=(*(name for name, _ in _STATE), "active"),
+    check=_check_probs,
+)
 def _spike_attention_probs_op(
     q: torch.Tensor,
     k_t: torch.Tensor,
@@ -108,6 +130,7 @@ def _spike_attention_probs_op(
     membrane: torch.Tensor | None = None,
     count: torch.Tensor | None = None,
     active: torch.Tensor | None = None,
+    inplace: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     args = (q, k_t, scale, threshold, n_min, p_max, q_count, k_count)
     state = None if x_acc is None else (x_acc, y_prev, membrane, count)
@@ -115,25 +138,30 @@ def _spike_attention_probs_op(
     if backend == "triton" and fused_probs_fits(q, k_t):
         from spikekernels.kernels.spike_attention import spike_attention_probs_triton
 
-        return spike_attention_probs_triton(launcher, *args, state, active)
+        out = spike_attention_probs_triton(launcher, *args, state, active, inplace=inplace)
+        return _kernel_results(out, state, inplace)
     if backend == "reference":
         from spikekernels import reference
 
-        spikes, state = reference.spike_attention_probs(*args, state)
+        spikes, new_state = reference.spike_attention_probs(*args, state)
         record_active(active, spikes)
-        return spikes, *state
-    return spike_attention_probs_torch(*args, state, active)
+        out = (spikes, *new_state)
+    else:
+        out = spike_attention_probs_torch(*args, state, active)
+    return _state_results(out, state, inplace)
 
 
 @_spike_attention_probs_op.register_fake
 def _(
     q, k_t, scale, threshold, n_min, p_max, q_count=None, k_count=None, x_acc=None,
-    y_prev=None, membrane=None, count=None, active=None,
+    y_prev=None, membrane=None, count=None, active=None, inplace=False,
 ):  # fmt: skip
     args = (q, k_t, scale, threshold, n_min, p_max, q_count, k_count)
-    _check_probs(*args, x_acc, y_prev, membrane, count, active)
+    _check_probs(*args, x_acc, y_prev, membrane, count, active, inplace)
     shape = (*q.shape[1:-1], k_t.shape[-1])
     spikes = q.new_empty((q.shape[0], *shape), dtype=torch.int8)
+    if inplace:
+        return spikes, *(placeholder(t) for t in (x_acc, y_prev, membrane, count))
     return spikes, *(q.new_empty(shape, dtype=dtype) for _, dtype in _STATE)
 
 
@@ -149,6 +177,7 @@ def spike_attention_probs(
     state: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     *,
     active: torch.Tensor | None = None,
+    inplace: bool = False,
     validate: bool = False,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Float-mode attention probabilities: the scores spike product, Spike-Softmax and the
@@ -183,14 +212,18 @@ def spike_attention_probs(
             count), or None for a fresh input (``0, 0, 0.5, 0``).
         active: optional int32 ``[T, B]`` per-sample flags (``B`` the spikes' dim 1), set in
             place where a sample fires.
+        inplace: write the new state into the given ``state`` (required, each tensor
+            contiguous, sharing no memory with an input or another) and return a tuple of
+            those same tensors (``ops._inplace``): a state at a fixed address, as a CUDA
+            graph replays it.
         validate: also check on a GPU (host syncs) what is checked on CPU tensors: ternary
             spikes, counts consistent with the spikes and in int8, a positive, finite
             ``scale`` and ``threshold``, the incoming ``count`` inside the bounds.
 
     Returns:
         ``(spikes int8 [T, *batch, M, N], state)``, the state fresh tensors (never aliases
-        of the given ones): feeding it back makes a chunked run equal a whole one, bit for
-        bit.
+        of the given ones; with ``inplace`` the given tensors, updated): feeding it back
+        makes a chunked run equal a whole one, bit for bit.
 
     Dispatch: CUDA tensors run the Triton kernel for up to ``kernels.spike_attention.
     MAX_KEYS`` keys (256), the PyTorch path above otherwise and on CPU (the kernel under
@@ -202,12 +235,14 @@ def spike_attention_probs(
             "state must be None or the tuple (x_acc, y_prev, membrane, count) a call returned"
         )
     parts = (None,) * 4 if state is None else tuple(state)
-    _check_probs(*args, *parts, active)
+    _check_probs(*args, *parts, active, inplace)
     scalars = ((scale, "scale"), (threshold, "threshold"))
     check_data(q, k_t, "q", "k_t", q_count, k_count, scalars, validate)
     check_in_bounds(parts[3], "count", n_min, p_max, validate)
-    spikes, *new_state = call_op("spike_attention_probs", *args, *parts, active)
-    return spikes, tuple(new_state)
+    out = call_op("spike_attention_probs", *args, *parts, active, inplace)
+    if inplace:
+        out = own_state(out, (1, 2, 3, 4), parts)
+    return out[0], tuple(out[1:])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -217,8 +252,9 @@ _CONTEXT_STATE = (("membrane", torch.float32), ("count", torch.int8))
 
 
 def _check_context(
-    a, v, scale, threshold, n_min, p_max, a_count, v_count, membrane, count, active, merge_heads
-) -> None:
+    a, v, scale, threshold, n_min, p_max, a_count, v_count, membrane, count, active, merge_heads,
+    inplace,
+) -> None:  # fmt: skip
     """Metadata checks (no data read); the state tensors both given or both None."""
     if not isinstance(merge_heads, bool):
         raise TypeError(f"merge_heads must be a bool, got {type(merge_heads).__name__}")
@@ -228,7 +264,7 @@ def _check_context(
             f"a needs one, [T, *batch, M, N], got shape {tuple(a.shape)}"
         )
     _check_fused(a, v, ("a", "v"), scale, threshold, n_min, p_max, a_count, v_count,
-                 (membrane, count), _CONTEXT_STATE, active)  # fmt: skip
+                 (membrane, count), _CONTEXT_STATE, active, inplace)  # fmt: skip
 
 
 def spike_context_torch(
@@ -247,7 +283,11 @@ def spike_context_torch(
     return spikes, membrane, count
 
 
-@kernel_op("spike_context", mutates_args=("active",), check=_check_context)
+@kernel_op(
+    "spike_context",
+    mutates_args=(*(name for name, _ in _CONTEXT_STATE), "active"),
+    check=_check_context,
+)
 def _spike_context_op(
     a: torch.Tensor,
     v: torch.Tensor,
@@ -261,6 +301,7 @@ def _spike_context_op(
     count: torch.Tensor | None = None,
     active: torch.Tensor | None = None,
     merge_heads: bool = False,
+    inplace: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     args = (a, v, scale, threshold, n_min, p_max, a_count, v_count)
     state = None if membrane is None else (membrane, count)
@@ -268,27 +309,34 @@ def _spike_context_op(
     if backend == "triton" and fused_context_fits(a, v):
         from spikekernels.kernels.spike_attention import spike_context_triton
 
-        return spike_context_triton(launcher, *args, state, active, merge_heads=merge_heads)
+        out = spike_context_triton(
+            launcher, *args, state, active, merge_heads=merge_heads, inplace=inplace
+        )
+        return _kernel_results(out, state, inplace)
     if backend == "reference":
         from spikekernels import reference
 
-        spikes, (membrane, count) = reference.spike_context(*args, state)
+        spikes, new_state = reference.spike_context(*args, state)
         record_active(active, spikes)
     else:
-        spikes, membrane, count = spike_context_torch(*args, state, active)
-    return (heads_merged(spikes) if merge_heads else spikes), membrane, count
+        spikes, *new_state = spike_context_torch(*args, state, active)
+    spikes = heads_merged(spikes) if merge_heads else spikes
+    return _state_results((spikes, *new_state), state, inplace)
 
 
 @_spike_context_op.register_fake
 def _(
     a, v, scale, threshold, n_min, p_max, a_count=None, v_count=None, membrane=None,
-    count=None, active=None, merge_heads=False,
+    count=None, active=None, merge_heads=False, inplace=False,
 ):  # fmt: skip
     args = (a, v, scale, threshold, n_min, p_max, a_count, v_count)
-    _check_context(*args, membrane, count, active, merge_heads)
+    _check_context(*args, membrane, count, active, merge_heads, inplace)
     shape = (*a.shape[1:-1], v.shape[-1])
     spikes = a.new_empty((a.shape[0], *shape), dtype=torch.int8)
-    state = (a.new_empty(shape, dtype=dtype) for _, dtype in _CONTEXT_STATE)
+    if inplace:
+        state = (placeholder(membrane), placeholder(count))
+    else:
+        state = (a.new_empty(shape, dtype=dtype) for _, dtype in _CONTEXT_STATE)
     return (heads_merged(spikes) if merge_heads else spikes), *state
 
 
@@ -305,6 +353,7 @@ def spike_context(
     *,
     active: torch.Tensor | None = None,
     merge_heads: bool = False,
+    inplace: bool = False,
     validate: bool = False,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """Float-mode attention context: the context spike product and the neuron after it
@@ -335,13 +384,18 @@ def spike_context(
         merge_heads: return the spikes ``[T, *batch[:-1], M, H * D]``, the last batch dim
             ``H`` (the heads) merged into the channels, as the projection reads them (the
             kernel writes them there; no copy).
+        inplace: write the new state into the given ``state`` (required, both tensors
+            contiguous, sharing no memory with an input or each other) and return a tuple of
+            those same tensors (``ops._inplace``): a state at a fixed address, as a CUDA
+            graph replays it.
         validate: also check on a GPU (host syncs) what is checked on CPU tensors: ternary
             spikes, counts consistent with the spikes and in int8, a positive, finite
             ``scale`` and ``threshold``, the incoming count inside the bounds.
 
     Returns:
-        ``(spikes int8, (membrane, count))``, the state fresh tensors: feeding it back makes
-        a chunked run equal a whole one, bit for bit.
+        ``(spikes int8, (membrane, count))``, the state fresh tensors (never aliases of the
+        given ones; with ``inplace`` the given tensors, updated): feeding it back makes a
+        chunked run equal a whole one, bit for bit.
 
     Dispatch: CUDA tensors run the Triton kernel for head dims up to
     ``kernels.spike_attention.MAX_HEAD_DIM`` (64), the PyTorch path above otherwise and on
@@ -351,9 +405,11 @@ def spike_context(
     if state is not None and (not isinstance(state, (tuple, list)) or len(state) != 2):
         raise TypeError("state must be None or the tuple (membrane, count) a call returned")
     parts = (None, None) if state is None else tuple(state)
-    _check_context(*args, *parts, active, merge_heads)
+    _check_context(*args, *parts, active, merge_heads, inplace)
     scalars = ((scale, "scale"), (threshold, "threshold"))
     check_data(a, v, "a", "v", a_count, v_count, scalars, validate)
     check_in_bounds(parts[1], "count", n_min, p_max, validate)
-    spikes, membrane, count = call_op("spike_context", *args, *parts, active, merge_heads)
-    return spikes, (membrane, count)
+    out = call_op("spike_context", *args, *parts, active, merge_heads, inplace)
+    if inplace:
+        out = own_state(out, (1, 2), parts)
+    return out[0], tuple(out[1:])
