@@ -28,6 +28,8 @@ class SpikeAttentionProbs(STBIF):
     also holds ``X`` and ``Y_prev`` (``x_acc``, ``y_prev``). The running counts of q and k
     are their neurons' (each call takes them after its steps). Inference only."""
 
+    STATE = {"x_acc": 0, "y_prev": 0, "v": 0.5, "count": 0}
+
     def __init__(self, neuron: STBIF, scale: torch.Tensor) -> None:
         super().__init__(neuron.threshold, neuron.level, neuron.signed)
         if neuron.float_out:
@@ -51,10 +53,11 @@ class SpikeAttentionProbs(STBIF):
         """``q_count`` ``[*batch, M, D]`` and ``k_count`` ``[*batch, D, N]``: the counts of the
         q and k neurons after these steps (any strides); None only on a fresh input."""
         require_input_counts(self, q_count=q_count, k_count=k_count)
-        state = None if self.count is None else (self.x_acc, self.y_prev, self.v, self.count)
+        stateful = self.stateful_call()  # first: it may replace the state with a copy
+        state = (self.x_acc, self.y_prev, self.v, self.count) if stateful else None
         spikes, (self.x_acc, self.y_prev, self.v, self.count) = spike_attention_probs(
             q, k_t, self.scale, self.threshold, self.n_min, self.p_max, q_count, k_count,
-            state, active=self.activity,
+            state, active=self.activity, inplace=stateful,
         )  # fmt: skip
         self.keep_last_step(spikes)
         return spikes
@@ -89,10 +92,11 @@ class SpikeContext(STBIF):
         attention and value neurons after these steps (any strides); None only on a fresh
         input. ``merge_heads``: spikes ``[T, *batch[:-1], M, H * D]`` (``ops.spike_context``)."""
         require_input_counts(self, a_count=a_count, v_count=v_count)
-        state = None if self.count is None else (self.v, self.count)
+        stateful = self.stateful_call()  # first: it may replace the state with a copy
+        state = (self.v, self.count) if stateful else None
         spikes, (self.v, self.count) = spike_context(
             a, v, self.scale, self.threshold, self.n_min, self.p_max, a_count, v_count, state,
-            active=self.activity, merge_heads=merge_heads,
+            active=self.activity, merge_heads=merge_heads, inplace=stateful,
         )  # fmt: skip
         self.keep_last_step(spikes)
         return spikes

@@ -20,6 +20,7 @@ from torch import nn
 
 from spikekernels import exact_math
 from spikekernels.nn.hooks import hooked
+from spikekernels.nn.inplace_state import InPlaceState
 from spikekernels.nn.neuron import FixedDtypeBuffers, scalar_tensor, threshold_tensor
 from spikekernels.nn.plain_state import PlainState
 from spikekernels.nn.target_neuron import SettledRowsNeuron, TargetNeuron
@@ -62,7 +63,7 @@ def _register_int_linear(
     module.register_buffer("in_threshold", threshold_tensor(in_threshold, "in_threshold"))
 
 
-class ExactLinear(FixedDtypeBuffers, PlainState, nn.Module):
+class ExactLinear(FixedDtypeBuffers, InPlaceState, PlainState, nn.Module):
     """``[T, *, K]`` ternary spikes in, the linear's current value ``[T, *, N]`` float32 out.
 
     ``acc`` (int32, ``[*, N]``) is the exact running ``q_in @ W_int^T`` of the input counts,
@@ -73,6 +74,7 @@ class ExactLinear(FixedDtypeBuffers, PlainState, nn.Module):
     and unit scale: integers below 2^24 (``K <= ops.exact_linear.MAX_K``), exact.
     """
 
+    STATE = {"acc": 0}  # updated in place after the first call (nn.inplace_state)
     # the value's float32 operands, and spike_linear's unit scales, keep their dtype
     _FIXED_DTYPE = FixedDtypeBuffers._FIXED_DTYPE + ("bias", "unit_scale", "unit")
 
@@ -93,10 +95,6 @@ class ExactLinear(FixedDtypeBuffers, PlainState, nn.Module):
     def reset(self) -> None:
         """Back to a zero accumulator: call between inputs."""
         self.acc: torch.Tensor | None = None
-
-    def state(self) -> dict[str, torch.Tensor | None]:
-        """``{"acc": ...}``, updated in place after the first call (see ``TargetNeuron.state``)."""
-        return {"acc": self.acc}
 
     def forward(self, s: torch.Tensor) -> torch.Tensor:
         step = spike_linear(s, self.weight, self.unit, weight_scale=self.unit_scale)

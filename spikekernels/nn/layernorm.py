@@ -103,6 +103,8 @@ class SpikeLayerNormNeuron(STBIF):
     ``from_layernorm_and_neuron``. Inference only.
     """
 
+    STATE = {"x_acc": 0, "y_prev": 0, "v": 0.5, "count": 0}
+
     def __init__(
         self,
         num_channels: int,
@@ -175,6 +177,7 @@ class SpikeLayerNormNeuron(STBIF):
         kwargs = {}
         for prefix, (spikes, theta) in zip(("branch", "branch2"), branches, strict=False):
             kwargs |= {f"{prefix}_spikes": spikes, f"{prefix}_threshold": theta}
+        stateful = self.stateful_call()  # first: it may replace the state with a copy
         spikes, self.x_acc, self.y_prev, self.v, self.count, *residual = spike_layernorm_neuron(
             x,
             self.weight,
@@ -190,6 +193,7 @@ class SpikeLayerNormNeuron(STBIF):
             **kwargs,
             residual_out=residual_out,
             active=self.activity,
+            inplace=stateful,
         )
         if residual_out:
             self.residual = residual[0]

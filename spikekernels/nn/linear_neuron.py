@@ -113,6 +113,7 @@ class SpikeLinearNeuron(TensorCoreWeight, STBIF):
         self.t0 = 0
 
     def forward(self, s: torch.Tensor) -> torch.Tensor:
+        stateful = self.stateful_call()  # first: it may replace the state with a copy
         spikes, self.v, self.count = spike_linear_neuron(
             s,
             self.kernel_weight(),
@@ -127,6 +128,7 @@ class SpikeLinearNeuron(TensorCoreWeight, STBIF):
             count=self.count,
             float_out=self.float_out,
             active=self.activity,
+            inplace=stateful,
         )
         self.t0 += s.shape[0]
         self.keep_last_step(spikes)

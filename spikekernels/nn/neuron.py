@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from spikekernels.levels import level_bounds
+from spikekernels.nn.inplace_state import InPlaceState
 from spikekernels.nn.plain_state import PlainState
 from spikekernels.ops._checks import check_flag, check_threshold_values
 from spikekernels.ops.neuron import st_bif
@@ -80,7 +81,7 @@ class ActivityWatcher:
         self.activity = flags
 
 
-class STBIF(FixedDtypeBuffers, ActivityWatcher, PlainState, nn.Module):
+class STBIF(FixedDtypeBuffers, ActivityWatcher, InPlaceState, PlainState, nn.Module):
     """Multi-step ST-BIF neuron over ``[T, B, ...]``, state kept between calls until ``reset()``.
 
     Built from a QANN quantizer's step (``threshold``) and its ``level`` / ``signed`` bounds.
@@ -89,9 +90,12 @@ class STBIF(FixedDtypeBuffers, ActivityWatcher, PlainState, nn.Module):
     quantizer's integer), ``silent()`` / ``active_samples()`` report as tensors whether the
     neuron fired at the last step (no host sync); ``watch(flags)`` makes its op record which
     samples fired (the runner's silence test). ``fanout``: synaptic operations one spike
-    causes downstream (set by ``spikekernels.convert``; for SOP counts). Inference only.
+    causes downstream (set by ``spikekernels.convert``; for SOP counts). The state (``v``,
+    ``count``) is updated in place after the first call (``nn.inplace_state``): keep a
+    ``clone()`` of what must outlive the next call. Inference only.
     """
 
+    STATE = {"v": 0.5, "count": 0}
     fanout: int = 0
 
     def __init__(
@@ -122,6 +126,7 @@ class STBIF(FixedDtypeBuffers, ActivityWatcher, PlainState, nn.Module):
         self.last_fired: torch.Tensor | None = None  # [B] int32
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        stateful = self.stateful_call()  # first: it may replace the state with a copy
         spikes, self.v, self.count = st_bif(
             x,
             self.threshold,
@@ -131,6 +136,7 @@ class STBIF(FixedDtypeBuffers, ActivityWatcher, PlainState, nn.Module):
             self.count,
             float_out=self.float_out,
             active=self.activity,
+            inplace=stateful,
         )
         self.keep_last_step(spikes)
         return spikes

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from spikekernels.levels import level_bounds
+from spikekernels.nn.inplace_state import InPlaceState
 from spikekernels.nn.neuron import ActivityWatcher, FixedDtypeBuffers, threshold_tensor
 from spikekernels.nn.plain_state import PlainState
 from spikekernels.ops._checks import check_flag
@@ -14,7 +15,7 @@ from spikekernels.ops.target import target_spikes
 __all__ = ["TargetNeuron"]
 
 
-class TargetNeuron(FixedDtypeBuffers, ActivityWatcher, PlainState, nn.Module):
+class TargetNeuron(FixedDtypeBuffers, ActivityWatcher, InPlaceState, PlainState, nn.Module):
     """Exact mode's neuron over ``[T, B, ...]``: it fires toward the quantizer's integer.
 
     At each step, with ``y_t`` the *current value* of its input (not an increment):
@@ -25,8 +26,10 @@ class TargetNeuron(FixedDtypeBuffers, ActivityWatcher, PlainState, nn.Module):
     ST-BIF rule; at silence ``count`` is the QANN quantizer's integer. ``fanout``: synaptic
     operations one spike causes downstream (set by ``spikekernels.convert``; for SOP counts).
     ``watch(flags)`` makes its op record which samples fired (the runner's silence test).
-    Inference only.
+    Its state is updated in place after the first call (``nn.inplace_state``). Inference only.
     """
+
+    STATE = {"count": 0}
 
     def __init__(
         self, threshold: float | torch.Tensor, level: int, signed: bool, *, fanout: int = 0
@@ -49,25 +52,6 @@ class TargetNeuron(FixedDtypeBuffers, ActivityWatcher, PlainState, nn.Module):
     def reset(self) -> None:
         """Back to the fresh state (count 0): call between inputs. Keeps ``activity``."""
         self.count: torch.Tensor | None = None
-
-    def state(self) -> dict[str, torch.Tensor | None]:
-        """The state tensors by name, None before the first call. Every call after the first
-        updates them in place (the ops' ``inplace=True``), so they keep their addresses until
-        ``reset()``: a CUDA graph can replay the module (``SpikingViT(..., cuda_graph=True)``).
-        Zeroing them in place is the fresh state too."""
-        return {"count": self.count}
-
-    def stateful_call(self) -> bool:
-        """Whether this call updates the state in place (it exists) or creates it. State that
-        is not contiguous is copied so first, as the in-place ops need: a compiled graph that
-        computed it (the CPU paths, fused by Inductor) may lay it out as its input was."""
-        state = self.state()
-        if any(t is None for t in state.values()):
-            return False
-        for name, t in state.items():
-            if not t.is_contiguous():
-                setattr(self, name, t.contiguous())
-        return True
 
     def forward(self, value: torch.Tensor) -> torch.Tensor:
         stateful = self.stateful_call()  # first: it may replace the state with a copy
@@ -99,14 +83,12 @@ class SettledRowsNeuron(TargetNeuron):
     and writes the call's last step's in place, so the next call skips the neurons of rows
     that sit at their targets from its first step on."""
 
+    STATE = {"count": 0, "row_settled": 0}
+
     def reset(self) -> None:
         """Back to the fresh state: count 0, no row known settled."""
         super().reset()
         self.row_settled: torch.Tensor | None = None
-
-    def state(self) -> dict[str, torch.Tensor | None]:
-        """``count`` and ``row_settled`` (class docstring; see ``TargetNeuron.state``)."""
-        return {"count": self.count, "row_settled": self.row_settled}
 
     def forget_settled(self, shape: torch.Size, device: torch.device) -> None:
         """``row_settled`` zeros (no row promised settled), in place where it exists with that
