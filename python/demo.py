@@ -205,7 +205,7 @@ class SNNResult:
     reference_agreement: float | None = None  # fused vs reference predictions
     exact: bool = False  # the SNN runs in exact mode (integer weights)
     bitwise_equal: int | None = None  # exact mode: images whose logits equal the QANN's bits
-    graph_seconds_per_image: float | None = None  # exact mode on a GPU: with CUDA graphs
+    graph_seconds_per_image: float | None = None  # on a GPU: with CUDA graphs
     graph_equal: int | None = None  # images whose graph-run logits equal the eager run's bits
 
 
@@ -224,7 +224,7 @@ def run_snn(
     cuda_graph: bool | None = None,
 ) -> SNNResult:
     """Phase 3: convert, run each batch until silent (``snn(x, max_steps, chunk)``), time it,
-    then (``cuda_graph``; None: exact mode on a GPU) time it again as CUDA graph replays
+    then (``cuda_graph``; None: on a GPU) time it again as CUDA graph replays
     (``cuda_graph=True``, captured per batch shape before the timing) and compare the logits
     bit for bit, (``curve``) rerun with the trace for the accuracy-vs-step curve and
     (``reference``) time the per-step reference SNN (``reference=True``: one step at a time, a
@@ -255,7 +255,7 @@ def run_snn(
         )
 
     if cuda_graph is None:
-        cuda_graph = snn.exact and device.type == "cuda"
+        cuda_graph = device.type == "cuda"
     if cuda_graph:
         for size in {len(xb) for xb, _ in batches}:  # the capture of each batch shape
             xb = next(xb for xb, _ in batches if len(xb) == size)

@@ -21,7 +21,6 @@ from test_exact import TINY, images, make_exact
 
 from spikekernels import convert
 from spikekernels.evaluate.sops import SpikeCounter
-from spikekernels.models import QuantViT, calibrate
 from spikekernels.nn import observer
 
 
@@ -49,6 +48,25 @@ def test_the_stand_in_replays_ops_not_python(inference):
                 graph.capture(host)
 
 
+MODES = ["exact", "float"]
+
+
+def _converted(gen, mode, batch, **config):
+    """A tiny W8 QANN's SNN in ``mode`` (float mode: its dequantized weights) and ``batch``
+    of its images."""
+    qann = make_exact(gen, **{**TINY, "level": 16, **config})
+    return convert(qann, exact=mode == "exact"), images(gen, qann, batch)
+
+
+def _graph_keys(mode, chunk):
+    """The graphs a schedule gets: one per size from the steady step on (in float mode the
+    sizes after the first chunk's), and in float mode one for the first chunk."""
+    sizes = (chunk,) if isinstance(chunk, int) else tuple(chunk)
+    if mode == "exact":
+        return [(False, n) for n in sorted(set(sizes))]
+    return [(True, sizes[0]), *((False, n) for n in sorted(set(sizes[1:] or sizes)))]
+
+
 def _addresses(graph):
     return [(name, tensor.data_ptr()) for _, name, tensor in graph.state]
 
@@ -71,6 +89,7 @@ def _check_state_at_finish(graph, where):
     graph.finish = checked
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize(
     ("max_steps", "chunk"),
     [
@@ -82,32 +101,56 @@ def _check_state_at_finish(graph, where):
         pytest.param(9, [2, 4, 3], marks=CPU_PASS_ONLY),
     ],
 )
-def test_replayed_chunks_equal_the_eager_runner(gen, max_steps, chunk):
+def test_replayed_chunks_equal_the_eager_runner(gen, mode, max_steps, chunk):
     """Bit for bit, call after call, with a partial last chunk (10 = 3 + 3 + 3 + 1), with
     schedules (11 = 5 + 2 + 2 + 2: two graphs on one state; 9 = 2 + 4 + 3), and an eager call
-    in between (it resets the modules' state; the graph puts its own back)."""
-    qann = make_exact(gen, **TINY, level=16)
-    snn = convert(qann)
-    x = images(gen, qann, 3)
+    in between (it resets the modules' state; the graph puts its own back). In float mode the
+    first chunk (the image and the biases enter) has its own graph."""
+    snn, x = _converted(gen, mode, 3)
     graph = snn.capture_chunk_graph(x, chunk, graph_type=ReplayGraph)
     where = _addresses(graph)
     assert len(where) > 10
     _check_state_at_finish(graph, where)
-    for batch in (x, images(gen, qann, 3), x):
+    for batch in (x, torch.randn(x.shape, generator=gen), x):
         want = snn(batch, max_steps, chunk, return_trace=True)
         got = snn(batch, max_steps, chunk, return_trace=True, cuda_graph=True)
         assert got[1] == want[1]
         assert torch.equal(got[0], want[0])
         assert torch.equal(got[2].logits, want[2].logits)
         assert torch.equal(got[2].sample_steps, want[2].sample_steps)
-    sizes = (chunk,) if isinstance(chunk, int) else chunk
-    assert sorted(graph.graphs) == sorted(set(sizes)), "one graph per chunk size"
+    assert list(graph.graphs) == _graph_keys(mode, chunk)
     assert snn.capture_chunk_graph(x, chunk) is graph  # kept for the shape
     other = snn.capture_chunk_graph(x.double(), chunk, graph_type=ReplayGraph)
     assert other is not graph  # another dtype is another capture
     snn.release_chunk_graphs()
     with pytest.raises(ValueError, match="needs a CUDA device"):
         snn(x, max_steps, chunk, cuda_graph=True)
+
+
+@CPU_PASS_ONLY  # the runner's step bookkeeping; the kernels are the (10, 3) case's
+def test_float_chunks_before_the_steady_step_run_eagerly(gen):
+    """Biases spread over the first 5 steps (``bias_steps``): a chunk's work depends on its
+    step until step 5, so the chunks that start at steps 2 and 4 run eagerly (their modules
+    told their step first), the one at 0 replays the first chunk's graph, and those from
+    step 6 on the steady graph; the same bits as the eager runner. After the call every
+    module's step counter says where the run ended, as after an eager call."""
+    snn, x = _converted(gen, "float", 2)
+    for module in snn.step_counters():
+        if hasattr(module, "bias_steps"):
+            module.bias_steps = 5
+    assert snn.steady_step() == 5
+    graph = snn.capture_chunk_graph(x, 2, graph_type=ReplayGraph)
+    replayed = []
+    for key, (captured, _) in graph.graphs.items():
+        replay = captured.replay
+        captured.replay = lambda key=key, replay=replay: (replayed.append(key), replay())
+    want = snn(x, 11, 2, return_trace=True)
+    got = snn(x, 11, 2, return_trace=True, cuda_graph=True)
+    assert got[1] == want[1] == 11, "the premise: busy to the end"
+    assert torch.equal(got[2].logits, want[2].logits)
+    # chunks at 0, 2, 4 (eager), 6, 8 (steady), 10 (1 step: eager)
+    assert replayed == [(True, 2), (False, 2), (False, 2)]
+    assert {module.t0 for module in snn.step_counters()} == {11}
 
 
 @pytest.mark.parametrize(
@@ -118,21 +161,20 @@ def test_replayed_chunks_equal_the_eager_runner(gen, max_steps, chunk):
         pytest.param(11, (5, 2), marks=CPU_PASS_ONLY),
     ],
 )
-def test_counted_replays_count_what_eager_chunks_count(gen, max_steps, chunk):
+@pytest.mark.parametrize("mode", MODES)
+def test_counted_replays_count_what_eager_chunks_count(gen, mode, max_steps, chunk):
     """``evaluate``'s SOP counter on replayed chunks: its hooks are ``replayable`` (each
     chunk's counts written at fixed addresses, placed at the chunk's steps by the runner's
     ``observe_chunks``), so a graph captured outside ``counting()`` counts every replay inside
     it, the partial last chunk and the running counts' differences included, bit for bit as
     the eager chunks do. The hooks are part of the graph's key: a graph captured with a
     counter that has since been closed is not replayed for the next one."""
-    qann = make_exact(gen, **TINY, level=16)
-    snn = convert(qann)
-    x = images(gen, qann, 3)
+    snn, x = _converted(gen, mode, 3)
     for _ in range(2):  # a second counter: its own capture, counting for itself
         counter = SpikeCounter(snn, max_steps)
         graph = snn.capture_chunk_graph(x, chunk, graph_type=ReplayGraph)
         assert len(snn._chunk_graphs) == 1, "the previous counter's graph was dropped"
-        for batch in (x, images(gen, qann, 3)):
+        for batch in (x, torch.randn(x.shape, generator=gen)):
             counts = {}
             for cuda_graph in (False, True):
                 counter.spikes.zero_()
@@ -186,14 +228,13 @@ def test_observe_chunks_says_where_each_chunk_falls(gen):
 @pytest.mark.parametrize(
     "config", [dict(global_pool=True), dict(level=32), dict(depth=3, num_heads=4)], ids=str
 )
-def test_replayed_chunks_equal_the_eager_runner_across_models(gen, config):
+@pytest.mark.parametrize("mode", MODES)
+def test_replayed_chunks_equal_the_eager_runner_across_models(gen, mode, config):
     """Every stateful module of these models replays from its state tensors alone: the
     global-pool readout, level 32's wider counts, three blocks of four heads."""
-    qann = make_exact(gen, **{**TINY, "level": 16, **config})
-    snn = convert(qann)
-    x = images(gen, qann, 2)
+    snn, x = _converted(gen, mode, 2, **config)
     snn.capture_chunk_graph(x, 4, graph_type=ReplayGraph)
-    for batch in (x, images(gen, qann, 2)):
+    for batch in (x, torch.randn(x.shape, generator=gen)):
         want = snn(batch, 64, 4, return_trace=True)
         got = snn(batch, 64, 4, return_trace=True, cuda_graph=True)
         assert got[1] == want[1] > 4, "the premise: several chunks replayed"
@@ -218,12 +259,12 @@ def test_a_sample_settling_in_the_partial_last_chunk(gen):
     assert torch.equal(got[2].sample_steps, want[2].sample_steps) and got[1] == want[1]
 
 
-def test_outputs_do_not_alias_the_graph(gen):
+@pytest.mark.parametrize("mode", MODES)
+def test_outputs_do_not_alias_the_graph(gen, mode):
     """What a call returns, and the state its modules hold after it (every neuron's count),
     survive the next call's replays, as after an eager call."""
-    qann = make_exact(gen, **TINY, level=16)
-    snn = convert(qann)
-    x, y = images(gen, qann, 2), images(gen, qann, 2)
+    snn, x = _converted(gen, mode, 2)
+    y = torch.randn(x.shape, generator=gen)
     graph = snn.capture_chunk_graph(x, 8, graph_type=ReplayGraph)
     first, _ = snn(x, cuda_graph=True)
     held = [getattr(module, name) for module, name, _ in graph.state]
@@ -276,10 +317,6 @@ def test_bad_calls_are_rejected(gen):
         with pytest.raises(ValueError, match=r"run at capture only: `blocks\.0\.mlp` has one"):
             snn.capture_chunk_graph(x, 8, graph_type=ReplayGraph)
         handle.remove()
-    float_snn = convert(calibrate(QuantViT(**TINY, level=16), images(gen, qann, 4)))
-    assert not float_snn.exact
-    with pytest.raises(ValueError, match="exact mode"):
-        float_snn.capture_chunk_graph(x, 8, graph_type=ReplayGraph)
 
 
 def test_a_move_releases_the_graphs(gen):
@@ -351,11 +388,12 @@ def test_cuda_graph_runs_on_the_models_device(monkeypatch):
 
 
 @pytest.mark.cuda
-def test_cuda_graph_equals_eager_on_the_gpu(gen, monkeypatch):
+@pytest.mark.parametrize("mode", MODES)
+def test_cuda_graph_equals_eager_on_the_gpu(gen, mode, monkeypatch):
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     qann = make_exact(gen, **TINY, level=16).cuda()
-    snn = convert(qann)
+    snn = convert(qann, exact=mode == "exact")
     for batch in (images(gen, qann, 3), images(gen, qann, 3)):
         x = batch.cuda()
         want = snn(x, 64, 4)

@@ -114,10 +114,11 @@ def test_snn_part_agrees_with_qann(small):
 
 
 @CPU_PASS_ONLY  # the runner's graphs; test_chunk_graph replays them through the interpreter
-def test_snn_part_times_cuda_graphs_in_exact_mode(small, monkeypatch, capsys):
-    """Exact mode on a GPU also times the SNN as CUDA graph replays (here on a CPU: the
-    ``replay_graph.ReplayGraph`` stand-in), one capture per batch shape (3 and the last 1),
-    and says on how many images their logits equal the eager run's bits."""
+@pytest.mark.parametrize("mode", ["exact", "float"])
+def test_snn_part_times_cuda_graphs(small, monkeypatch, capsys, mode):
+    """On a GPU the SNN is also timed as CUDA graph replays, in either mode (here on a CPU:
+    the ``replay_graph.ReplayGraph`` stand-in), one capture per batch shape (3 and the last
+    1), and the demo says on how many images their logits equal the eager run's bits."""
     from replay_graph import graphs_replayed_on
 
     from spikekernels.models import quantize_weights
@@ -127,10 +128,12 @@ def test_snn_part_times_cuda_graphs_in_exact_mode(small, monkeypatch, capsys):
     torch.manual_seed(0)
     model = quant_vit_tiny(level=8, depth=1, patch_size=4, embed_dim=16, num_heads=2)
     demo.qat(model, x, y, epochs=0, calib_size=16, show_progress=False)
-    quantize_weights(model)
+    if mode == "exact":
+        quantize_weights(model)
     run = dict(max_steps=32, chunk=4, batch_size=3, curve=False, reference=False)
     eager = demo.run_snn(model, x[:7], y[:7], **run, show_progress=False)
-    assert eager.exact and eager.graph_seconds_per_image is None and not captured
+    assert eager.exact == (mode == "exact")
+    assert eager.graph_seconds_per_image is None and not captured
     result = demo.run_snn(model, x[:7], y[:7], **run, show_progress=False, cuda_graph=True)
     assert sorted(g.patches.shape[0] for g in captured) == [1, 3]
     assert result.graph_seconds_per_image > 0

@@ -669,10 +669,11 @@ def test_module_input_and_quantizer_names(trained):
     assert any(n.startswith("blocks.0.attn.quan_q") for n in names)
 
 
+@pytest.mark.parametrize("mode", ["exact", "float"])
 @pytest.mark.parametrize("device", DEVICES)
-def test_cuda_graph_run_equals_the_eager_run(trained, tmp_path, monkeypatch, device):
-    """``cuda_graph=True``: the same results as the eager run of the same exact-mode QANN,
-    SOPs, dense work and energy included (the counter's hooks are replayable), with the
+def test_cuda_graph_run_equals_the_eager_run(trained, tmp_path, monkeypatch, device, mode):
+    """``cuda_graph=True``: the same results as the eager run of the same QANN in either
+    mode, SOPs, dense work and energy included (the counter's hooks are replayable), with the
     counting overhead measured on graphs too. Every batch shape is captured once (the last
     batch, 2 images, its own; the overhead's runs with and without a counter, their own). On
     a CPU the graphs are ``replay_graph.ReplayGraph``, which replays the ops its capture
@@ -684,17 +685,15 @@ def test_cuda_graph_run_equals_the_eager_run(trained, tmp_path, monkeypatch, dev
     captured = graphs_replayed_on(device, monkeypatch)
     monkeypatch.setattr(evaluation, "_GRAPH_DEVICE_TYPES", (device,))
     run = {**RUN, "batch_size": 5, "limit": 12, "device": device, "float_top1": False}
-    with pytest.raises(ValueError, match="cuda_graph=True needs exact mode"):
-        spikekernels.evaluate(trained, cuda_graph=True, **run)
-    assert not captured
+    run["weight_bits"] = 8 if mode == "exact" else None
     with force_backend(None):  # a replay runs the Triton kernels it captured
-        eager = spikekernels.evaluate(trained, weight_bits=8, **run)
+        eager = spikekernels.evaluate(trained, **run)
         assert not captured
         out = tmp_path / "out"
         graphed = spikekernels.evaluate(
-            trained, weight_bits=8, cuda_graph=True, measure_overhead=True, out=out, **run
+            trained, cuda_graph=True, measure_overhead=True, out=out, **run
         )
-    assert graphed["model"]["mode"] == "exact"
+    assert graphed["model"]["mode"] == mode
     assert [g.patches.shape[0] for g in captured] == [5, 2, 5, 5], "one capture a shape"
     assert graphed["sops"]["total"] > 0
     for key in ("images", "qann_top1", "snn_top1", "snn_top1_per_step", "agreement",

@@ -66,7 +66,7 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--cuda-graph",
         action="store_true",
-        help="exact mode on a GPU: the SNN's full chunks as CUDA graph replays, counted",
+        help="on a GPU: the SNN's full chunks as CUDA graph replays, counted",
     )
     r.add_argument("--out", help="directory for results.json and the plots")
     r.add_argument("--quiet", action="store_true", help="no progress bar, no summary")

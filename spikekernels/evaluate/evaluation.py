@@ -195,10 +195,10 @@ def evaluate(
     on the first ``parity_images`` images. ``measure_overhead``: time one batch with and
     without the spike counter and report it in ``run.counting_overhead``.
 
-    ``cuda_graph=True`` (exact mode on a GPU) runs the SNN with ``cuda_graph=True``: each full
-    chunk one CUDA graph replay, no host work per op, the same bits and the same counts (the
-    counter's hooks are ``replayable``). Each batch shape is captured once, the first batch's
-    before the timed runs (a smaller last batch's within them).
+    ``cuda_graph=True`` (on a GPU; exact or float mode) runs the SNN with ``cuda_graph=True``:
+    each full chunk one CUDA graph replay, no host work per op, the same bits and the same
+    counts (the counter's hooks are ``replayable``). Each batch shape is captured once, the
+    first batch's before the timed runs (a smaller last batch's within them).
     """
     max_steps = _check_int("max_steps", max_steps)
     chunk = _check_int("chunk", chunk)
@@ -260,12 +260,6 @@ def evaluate(
         else:
             qann, model_info = model_mod.load_qann(
                 checkpoint=checkpoint, model=model, float_checkpoint=float_checkpoint, level=level
-            )
-        if cuda_graph and weight_bits is None and getattr(qann, "weight_bits", None) is None:
-            raise ValueError(
-                "cuda_graph=True needs exact mode, and this QANN has float weights (float "
-                "mode's inputs depend on the step, which a replayed chunk cannot follow): give "
-                "weight_bits=8 (--weight-bits 8)"
             )
         dataset = _dataset(data, qann, **image_opts)
         _check_fits(dataset, qann)

@@ -49,6 +49,9 @@ from spikekernels.nn.exact_layers import (
 )
 from spikekernels.nn.flags import carve, slab_numel
 from spikekernels.nn.hooks import hook_ids, hooked, replay_unsafe, unless_hooked
+from spikekernels.nn.inplace_state import InPlaceState
+from spikekernels.nn.linear import SpikeLinear
+from spikekernels.nn.linear_neuron import SpikeLinearNeuron
 from spikekernels.nn.neuron import STBIF
 from spikekernels.nn.target_neuron import TargetNeuron
 from spikekernels.ops._dispatch import force_backend, forced_backend
@@ -553,6 +556,9 @@ class ExactReadout(_Composite):
 
 # --- the network and its runner ------------------------------------------------------------
 
+# float mode's modules that count the global step (``t0``)
+_STEP_COUNTERS = (SpikePatchEmbed, SpikeLinear, SpikeLinearNeuron)
+
 
 class SpikingViT(nn.Module):
     """The SNN of a quantized ViT; build it with ``spikekernels.convert(qann)``.
@@ -572,9 +578,9 @@ class SpikingViT(nn.Module):
 
     ``reference=True`` runs the same network one step at a time on the per-step reference ops
     (``force_backend("reference")``): the slow baseline, and the tests' oracle.
-    ``cuda_graph=True`` (exact mode on a GPU) replays a captured chunk for every full chunk,
-    one graph per size in the schedule (``capture_chunk_graph``, ``models.chunk_graph``): the
-    same bits, no host work per op.
+    ``cuda_graph=True`` (on a GPU) replays a captured chunk for every full chunk, one graph
+    per size in the schedule and in float mode one for the first chunk
+    (``capture_chunk_graph``, ``models.chunk_graph``): the same bits, no host work per op.
 
     ``exact`` says which mode; ``sites`` lists every QANN quantizer with its neuron. State is
     reset at the start of each call; after a call every neuron's ``count`` holds its spike
@@ -646,16 +652,37 @@ class SpikingViT(nn.Module):
         return [m for m in self.modules() if isinstance(m, NEURON_TYPES)]
 
     def state_tensors(self) -> list[tuple[nn.Module, str, torch.Tensor | None]]:
-        """Exact mode's state as ``(module, name, tensor)`` for every entry of every module's
-        ``state()`` (None before the first call; empty in float mode). After their first call
-        the modules update these in place (``TargetNeuron.state``); each chunk reads and
-        writes all of it once."""
+        """The network's state as ``(module, name, tensor)`` for every entry of every
+        module's ``state()`` (None before the first call). After their first call the modules
+        update these in place (``nn.inplace_state``); each chunk reads and writes all of it
+        once."""
         return [
             (module, name, tensor)
             for module in self.modules()
-            if isinstance(module, (TargetNeuron, ExactLinear))
+            if isinstance(module, InPlaceState)
             for name, tensor in module.state().items()
         ]
+
+    def step_counters(self) -> list[nn.Module]:
+        """Float mode's modules that count the global step (``t0``: the image enters at step
+        0, a linear's bias on its first ``bias_steps``); none in exact mode, whose chunks do
+        not depend on their step."""
+        return [m for m in self.modules() if isinstance(m, _STEP_COUNTERS)]
+
+    def steady_step(self) -> int:
+        """The first global step from which a chunk's work does not depend on its step: in
+        float mode past the image (step 0) and every bias (``bias_steps``), 0 in exact
+        mode. A captured chunk from there on serves every later chunk of its size."""
+        counters = self.step_counters()
+        if not counters:
+            return 0
+        return max(1, *(getattr(m, "bias_steps", 1) for m in counters))
+
+    def seek(self, t0: int) -> None:
+        """Set every step counter to global step ``t0`` (the state stays as it is): a chunk
+        graph's eager chunks start where its replays, which run no Python, left the step."""
+        for module in self.step_counters():
+            module.t0 = t0
 
     def step_chunk(self, patches: torch.Tensor, steps: int) -> torch.Tensor:
         """Run the next ``steps`` time steps (the modules count the steps they have seen since
@@ -723,7 +750,7 @@ class SpikingViT(nn.Module):
     ) -> ChunkGraph:
         """The CUDA graphs of the chunks of ``chunk`` (a size or a schedule, as ``forward``
         takes it: one graph per size) for images shaped like ``x``, captured on first use and
-        kept (``models.chunk_graph.ChunkGraph``; exact mode only). ``forward(...,
+        kept (``models.chunk_graph.ChunkGraph``). ``forward(...,
         cuda_graph=True)`` calls this, with ``patches``, the ``patch_embed.first_step(x)`` it
         has made for the call (else the capture makes its own: a patch convolution more,
         which a hook on it would see). ``graph_type``: the graph class (default
@@ -742,11 +769,6 @@ class SpikingViT(nn.Module):
             )
         graph = self._chunk_graphs.get(key)
         if graph is None:
-            if not self.exact:
-                raise ValueError(
-                    "cuda_graph=True needs exact mode: float mode's inputs depend on the step "
-                    "(biases released over steps), which a replayed chunk cannot follow"
-                )
             if graph_type is None:
                 if x.device.type != "cuda":
                     raise ValueError(
