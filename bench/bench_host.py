@@ -10,7 +10,7 @@ in a row, one sync at the end, per call.
 - ``test_op_call``: the same op body reached through ``ops._registry.call_op`` (direct in
   plain eager mode) and through ``torch.ops.spikekernels.<name>`` (the ``custom_op`` /
   ``triton_op`` machinery); ``dispatcher_over_direct`` is the saving.
-- ``test_runner_chunk``: one 8-step chunk of the tiny exact ViT at batch 1, the runner as
+- ``test_runner_chunk``: one 8-step chunk of the tiny ViT at batch 1, each mode, the runner as
   shipped against the same runner with every op sent through the dispatcher, and on a GPU
   against the chunk as one CUDA graph replay (``cuda_graph=True``).
 """
@@ -101,9 +101,11 @@ def test_op_call(benchmark, rng, name):
     )
 
 
-def test_runner_chunk(benchmark, monkeypatch):
+@pytest.mark.parametrize("mode", ["exact", "float"])
+def test_runner_chunk(benchmark, monkeypatch, mode):
     torch.manual_seed(0)
-    qann = quant_vit_tiny(level=16, weight_bits=8).to(DEVICE).eval()
+    weight_bits = 8 if mode == "exact" else None
+    qann = quant_vit_tiny(level=16, weight_bits=weight_bits).to(DEVICE).eval()
     images = torch.randn(9, qann.in_chans, qann.img_size, qann.img_size, device=DEVICE)
     calibrate(qann, images[1:])
     snn = spikekernels.convert(qann)
@@ -128,7 +130,8 @@ def test_runner_chunk(benchmark, monkeypatch):
     record(
         benchmark,
         direct,
-        model="quant_vit_tiny exact, batch 1, one 8-step chunk",
+        model=f"quant_vit_tiny {mode}, batch 1, one 8-step chunk",
+        mode=mode,
         dispatcher_ms=dispatcher * 1e3,
         dispatcher_over_direct=dispatcher / direct,
         **graphed,

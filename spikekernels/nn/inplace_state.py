@@ -31,10 +31,12 @@ class InPlaceState:
         """Whether this call updates the state in place (it exists) or creates it. State that
         is not contiguous is copied so first, as the in-place ops need: a compiled graph that
         computed it (the CPU paths, fused by Inductor) may lay it out as its input was."""
-        state = self.state()
-        if any(t is None for t in state.values()):
-            return False
-        for name, t in state.items():
+        # loops, not state(): a stateful layer asks this at every call
+        for name in self.STATE:
+            if getattr(self, name) is None:
+                return False
+        for name in self.STATE:
+            t = getattr(self, name)
             if not t.is_contiguous():
                 setattr(self, name, t.contiguous())
         return True
