@@ -49,6 +49,9 @@ def test_the_stand_in_replays_ops_not_python(inference):
 
 
 MODES = ["exact", "float"]
+# float mode's in-place kernels replay through the interpreter in the first test; elsewhere
+# its graphs differ from exact mode's in the runner's Python only
+MODES_CPU_FLOAT = ["exact", pytest.param("float", marks=CPU_PASS_ONLY)]
 
 
 def _converted(gen, mode, batch, **config):
@@ -161,7 +164,7 @@ def test_float_chunks_before_the_steady_step_run_eagerly(gen):
         pytest.param(11, (5, 2), marks=CPU_PASS_ONLY),
     ],
 )
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", MODES_CPU_FLOAT)
 def test_counted_replays_count_what_eager_chunks_count(gen, mode, max_steps, chunk):
     """``evaluate``'s SOP counter on replayed chunks: its hooks are ``replayable`` (each
     chunk's counts written at fixed addresses, placed at the chunk's steps by the runner's
@@ -259,7 +262,7 @@ def test_a_sample_settling_in_the_partial_last_chunk(gen):
     assert torch.equal(got[2].sample_steps, want[2].sample_steps) and got[1] == want[1]
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", MODES_CPU_FLOAT)
 def test_outputs_do_not_alias_the_graph(gen, mode):
     """What a call returns, and the state its modules hold after it (every neuron's count),
     survive the next call's replays, as after an eager call."""
