@@ -129,8 +129,9 @@ class ChunkGraph:
             neuron.watch(flags)
 
     def _fresh_state(self) -> None:
-        for module, name, tensor in self.state:
-            tensor.fill_(module.STATE[name])
+        # captured while the modules hold the state tensors: each writes its own fresh values
+        for module in dict.fromkeys(module for module, _, _ in self.state):
+            module.fresh_state()
 
     def _eager(self, t0: int, n: int) -> torch.Tensor:
         """``n`` steps from step ``t0`` through the modules (what a graph captures), on the
