@@ -10,6 +10,7 @@ from conftest import DEVICES, assert_same_bits, call_on
 import spikekernels
 from spikekernels import reference
 from spikekernels.nn import SpikeLayerNorm
+from spikekernels.ops._dispatch import force_backend
 
 U = 2.0**-24  # float32 unit roundoff
 EPS = 1e-6
@@ -156,8 +157,124 @@ def test_from_layernorm_rejects_other_modules():
         SpikeLayerNorm.from_layernorm(torch.nn.Linear(3, 3))
 
 
+# ---------------------------------------------------------------------------------------------
+# inplace=True: the new state written into the given tensors (ops._inplace)
+
+# "triton" runs the kernel under the interpreter (and on a GPU); without either it falls back
+# to "torch", as force_backend does for any op
+BACKENDS = ["triton", "torch", "reference"]
+STATE_NAMES = ("x_acc", "y_prev")
+
+
+def _state(gen, rows, C, device="cpu"):
+    shape = (*rows, C)
+    return tuple(torch.randn(shape, generator=gen).to(device) for _ in STATE_NAMES)
+
+
+def _guarded(state) -> tuple:
+    """Copies of the state, each a contiguous view into a larger buffer whose guard elements
+    (one before, one after) show a write outside the state."""
+    out = []
+    for t in state:
+        buf = torch.full((t.numel() + 2,), 99.0, dtype=t.dtype, device=t.device)
+        out.append(buf[1:-1].view(t.shape).copy_(t))
+    return tuple(out)
+
+
+def _run_inplace(x, w, b, state):
+    """``spike_layernorm(inplace=True)``: the state returned is the given tensors, at the same
+    addresses, and nothing around them is written."""
+    ptrs = [t.data_ptr() for t in state]
+    out = spikekernels.spike_layernorm(x, w, b, EPS, *state, inplace=True)
+    assert len(out) == 3 and out[0].shape == x.shape
+    for name, got, given, ptr in zip(STATE_NAMES, out[1:], state, ptrs, strict=True):
+        assert got is given, f"{name}: not the given tensor"
+        assert given.data_ptr() == ptr, f"{name} moved"
+        assert given._base[0].item() == 99 and given._base[-1].item() == 99, f"{name}: outside"
+    return out
+
+
+def _assert_same(got, want):
+    for name, g, w in zip(("out", *STATE_NAMES), got, want, strict=True):
+        assert_same_bits(g, w, name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("poisoned", [False, True])
+def test_inplace_chunks_equal_whole(gen, backend, poisoned, request):
+    """Chunks of 4, 1 and 4 steps from a nonzero state, fed back in place, give the whole
+    run's bits (poisoned: every fresh allocation NaN, so a state element left unwritten
+    shows)."""
+    if poisoned:
+        request.getfixturevalue("poisoned_allocations")
+    x = _inputs(gen, 9, (2, 3), 37)
+    w, b = _affine(gen, 37)
+    state0 = _state(gen, (2, 3), 37)
+    sizes = [4, 1, 4]
+    with force_backend(backend):
+        whole = spikekernels.spike_layernorm(x, w, b, EPS, *state0)
+        state = _guarded(state0)
+        parts = [_run_inplace(xs, w, b, state)[0] for xs in x.split(sizes)]
+    _assert_same((torch.cat(parts), *state), whole)
+    assert not whole[0].isnan().any() and not whole[2].isnan().any()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_inplace_single_step(gen, device):
+    x = _inputs(gen, 1, (3, 5), 33, device=device)
+    w, b = _affine(gen, 33, device)
+    state = _state(gen, (3, 5), 33, device)
+    want = spikekernels.spike_layernorm(x, w, b, EPS, *state)
+    _assert_same(_run_inplace(x, w, b, _guarded(state)), want)
+
+
+def test_inplace_on_meta_tensors():
+    """Shapes only (meta tensors): the in-place state is not taken for an alias of the inputs
+    (every meta tensor's address is 0)."""
+    x = torch.empty(3, 5, 4, device="meta")
+    state = [torch.empty(5, 4, device="meta") for _ in STATE_NAMES]
+    out = spikekernels.spike_layernorm(x, None, None, EPS, *state, inplace=True)
+    assert out[0].shape == (3, 5, 4) and out[0].is_meta
+    assert all(got is given for got, given in zip(out[1:], state, strict=True))
+
+
+@pytest.mark.parametrize("other", ["x", "weight", "bias", "state"])
+def test_inplace_state_sharing_an_input_is_rejected(other):
+    """A contiguous state inside the storage of an input the kernel reads (or of the other
+    state), refused by name; the rejected call writes nothing (a run would write the layer
+    norm of the buffer's varied values, which differ from them)."""
+    buffer = torch.linspace(-1.0, 1.0, 24)
+    saved = buffer.clone()
+    args = dict(
+        x=torch.linspace(-2.0, 3.0, 24).view(2, 3, 4),
+        weight=torch.full((4,), 1.5),
+        bias=torch.full((4,), 0.5),
+        eps=EPS,
+        x_acc=torch.zeros(3, 4),
+    )
+    name = "y_prev"
+    if other == "x":
+        args["x"] = buffer.view(2, 3, 4)
+    elif other in ("weight", "bias"):
+        args[other] = buffer[:4]
+    else:
+        args["x_acc"], name = buffer[:12].view(3, 4), "x_acc"
+    args["y_prev"] = buffer[:12].view(3, 4)  # contiguous, but inside the other
+    before = {k: v.clone() for k, v in args.items() if isinstance(v, torch.Tensor)}
+    with pytest.raises(ValueError, match=f"{name} shares memory"):
+        spikekernels.spike_layernorm(**args, inplace=True)
+    assert torch.equal(buffer, saved), "a rejected call must not write"
+    for k, v in before.items():
+        assert torch.equal(args[k], v), f"{k} was written"
+
+
 def _good_args() -> dict:
     return dict(x=torch.zeros(2, 3, 4), weight=torch.ones(4), bias=torch.zeros(4), eps=EPS)
+
+
+def _both_states(**bad) -> dict:
+    """Both states of ``_good_args``, zeros, with ``bad`` replacing some."""
+    return dict(x_acc=torch.zeros(3, 4), y_prev=torch.zeros(3, 4)) | bad
 
 
 # (case, what replaces the good arguments, error type, words the message must contain)
@@ -176,6 +293,26 @@ BAD_INPUTS = [
     ("y_prev wrong shape", dict(y_prev=torch.zeros(4)), ValueError, "y_prev must have shape"),
     ("y_prev elsewhere", dict(y_prev=torch.zeros(3, 4, device="meta")), ValueError, "y_prev is"),
     ("weight elsewhere", dict(weight=torch.ones(4, device="meta")), ValueError, "weight is on"),
+    ("inplace int", dict(**_both_states(), inplace=1), TypeError, "inplace must be a bool"),
+    ("inplace without state", dict(inplace=True), ValueError, "inplace=True needs x_acc"),
+    (
+        "inplace without y_prev",
+        dict(x_acc=torch.zeros(3, 4), inplace=True),
+        ValueError,
+        "inplace=True needs y_prev",
+    ),
+    (
+        "inplace strided x_acc",
+        dict(**_both_states(x_acc=torch.zeros(4, 3).t()), inplace=True),
+        ValueError,
+        "x_acc must be contiguous",
+    ),
+    (
+        "inplace strided y_prev",
+        dict(**_both_states(y_prev=torch.zeros(3, 8)[:, ::2]), inplace=True),
+        ValueError,
+        "y_prev must be contiguous",
+    ),
 ]
 
 
@@ -194,6 +331,15 @@ def test_opcheck(gen, with_state):
     w, b = _affine(gen, 12)
     state = (torch.randn(2, 5, 12, generator=gen), torch.randn(2, 5, 12, generator=gen))
     args = (x, w, b, EPS, *(state if with_state else (None, None)))
+    torch.library.opcheck(torch.ops.spikekernels.spike_layernorm.default, args)
+
+
+def test_inplace_opcheck(gen):
+    """The registered op with ``inplace``: the state declared mutated, placeholders returned
+    (an output may not alias an input), the fake impl's shapes those of the real one."""
+    x = _inputs(gen, 3, (2, 5), 12)
+    w, b = _affine(gen, 12)
+    args = (x, w, b, EPS, *_state(gen, (2, 5), 12), True)
     torch.library.opcheck(torch.ops.spikekernels.spike_layernorm.default, args)
 
 

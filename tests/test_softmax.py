@@ -14,6 +14,7 @@ from conftest import CPU_PASS_ONLY, assert_same_bits
 import spikekernels
 from spikekernels import reference
 from spikekernels.nn import SpikeSoftmax
+from spikekernels.ops._dispatch import force_backend
 from spikekernels.ops.softmax import spike_softmax_torch
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
@@ -162,6 +163,102 @@ def test_module_chunked(gen):
     assert torch.equal(module(x), whole[0])
 
 
+# ---------------------------------------------------------------------------------------------
+# inplace=True: the new state copied into the given tensors (the public face's; ops._inplace)
+
+# "cpp" is the C++ kernel (the CPU default), "torch" and "reference" the forced paths
+BACKENDS = ["cpp", "torch", "reference"]
+STATE_NAMES = ("x_acc", "y_prev")
+
+
+def _guarded(state) -> tuple:
+    """Copies of the state, each a contiguous view into a larger buffer whose guard elements
+    (one before, one after) show a write outside the state."""
+    out = []
+    for t in state:
+        buf = torch.full((t.numel() + 2,), 99.0, dtype=t.dtype, device=t.device)
+        out.append(buf[1:-1].view(t.shape).copy_(t))
+    return tuple(out)
+
+
+def _run_inplace(x, state):
+    """``spike_softmax(inplace=True)``: the state returned is the given tensors, at the same
+    addresses, and nothing around them is written."""
+    ptrs = [t.data_ptr() for t in state]
+    out = spikekernels.spike_softmax(x, *state, inplace=True)
+    assert len(out) == 3 and out[0].shape == x.shape
+    for name, got, given, ptr in zip(STATE_NAMES, out[1:], state, ptrs, strict=True):
+        assert got is given, f"{name}: not the given tensor"
+        assert given.data_ptr() == ptr, f"{name} moved"
+        assert given._base[0].item() == 99 and given._base[-1].item() == 99, f"{name}: outside"
+    return out
+
+
+def _assert_same(got, want):
+    for name, g, w in zip(("out", *STATE_NAMES), got, want, strict=True):
+        assert_same_bits(g, w, name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("poisoned", [False, True])
+def test_inplace_chunks_equal_whole(gen, backend, poisoned, request):
+    """Chunks of 4, 1 and 4 steps from a nonzero state, fed back in place, give the whole
+    run's bits (poisoned: every fresh allocation NaN, the C++ kernel's too)."""
+    if poisoned:
+        request.getfixturevalue("poisoned_allocations")
+    x = _inputs(gen, 9, (2, 3), 37)
+    x[:, 0, 1, :5] = NEG_INF  # masked entries too
+    state0 = _state(gen, (2, 3), 37)
+    with force_backend(backend):
+        whole = spikekernels.spike_softmax(x, *state0)
+        state = _guarded(state0)
+        parts = [_run_inplace(xs, state)[0] for xs in x.split([4, 1, 4])]
+    _assert_same((torch.cat(parts), *state), whole)
+    assert not whole[0].isnan().any() and not whole[2].isnan().any()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_inplace_single_step(gen, device):
+    x = _inputs(gen, 1, (3, 5), 33, device=device)
+    state = _state(gen, (3, 5), 33, device)
+    want = spikekernels.spike_softmax(x, *state)
+    _assert_same(_run_inplace(x, _guarded(state)), want)
+
+
+def test_inplace_on_meta_tensors():
+    """Shapes only (meta tensors): the in-place state is not taken for an alias of ``x``
+    (every meta tensor's address is 0)."""
+    x = torch.empty(3, 5, 4, device="meta")
+    state = [torch.empty(5, 4, device="meta") for _ in STATE_NAMES]
+    out = spikekernels.spike_softmax(x, *state, inplace=True)
+    assert out[0].shape == (3, 5, 4) and out[0].is_meta
+    assert all(got is given for got, given in zip(out[1:], state, strict=True))
+
+
+@pytest.mark.parametrize("other", ["x", "state"])
+def test_inplace_state_sharing_an_input_is_rejected(other):
+    """A contiguous state inside ``x``'s storage (or the other state's), refused by name;
+    the rejected call writes nothing (a run would write softmaxes and sums of the buffer's
+    varied values, which differ from them)."""
+    buffer = torch.linspace(-1.0, 1.0, 24)
+    saved = buffer.clone()
+    args = dict(x=torch.linspace(-2.0, 3.0, 24).view(2, 3, 4), x_acc=torch.zeros(3, 4))
+    name = "y_prev"
+    if other == "x":
+        args["x"] = buffer.view(2, 3, 4)
+    else:
+        args["x_acc"], name = buffer[:12].view(3, 4), "x_acc"
+    args["y_prev"] = buffer[:12].view(3, 4)  # contiguous, but inside the other
+    before = {k: v.clone() for k, v in args.items()}
+    with pytest.raises(ValueError, match=f"{name} shares memory"):
+        spikekernels.spike_softmax(**args, inplace=True)
+    assert torch.equal(buffer, saved), "a rejected call must not write"
+    for k, v in before.items():
+        assert torch.equal(args[k], v), f"{k} was written"
+
+
+# (case, the call's arguments from a good x and a good state s, error type, words in the
+# message): a trailing dict is keywords (inplace, the public face's alone)
 BAD_INPUTS = [
     ("rank 1", lambda x, s: (x[0, 0],), ValueError, "x must"),
     ("int dtype", lambda x, s: (x.to(torch.int32),), TypeError, "x must have dtype"),
@@ -172,19 +269,45 @@ BAD_INPUTS = [
     ("y_prev shape", lambda x, s: (x, None, s[None]), ValueError, "y_prev must have shape"),
     ("y_prev dtype", lambda x, s: (x, s, s.double()), TypeError, "y_prev must have dtype"),
     ("y_prev device", lambda x, s: (x, s, s.to("meta")), ValueError, "y_prev is on meta"),
+    (
+        "inplace int",
+        lambda x, s: (x, s, s.clone(), {"inplace": 1}),
+        TypeError,
+        "inplace must be a bool",
+    ),
+    ("inplace without state", lambda x, s: (x, {"inplace": True}), ValueError, "needs x_acc"),
+    ("inplace without y_prev", lambda x, s: (x, s, {"inplace": True}), ValueError, "needs y_prev"),
+    (
+        "inplace strided x_acc",
+        lambda x, s: (x, s.new_zeros(4, 3).t(), s.clone(), {"inplace": True}),
+        ValueError,
+        "x_acc must be contiguous",
+    ),
+    (
+        "inplace strided y_prev",
+        lambda x, s: (x, s, s.new_zeros(3, 8)[:, ::2], {"inplace": True}),
+        ValueError,
+        "y_prev must be contiguous",
+    ),
 ]
 
 
-@pytest.mark.parametrize(
-    "op", [spikekernels.spike_softmax, spike_softmax_torch], ids=["op", "torch"]
-)
-@pytest.mark.parametrize(
-    "make, error, words", [b[1:] for b in BAD_INPUTS], ids=[b[0] for b in BAD_INPUTS]
-)
+def _bad_calls():
+    """Each case on the public face and on ``spike_softmax_torch`` (which has the op's
+    schema: no keywords)."""
+    for case, make, error, words in BAD_INPUTS:
+        for op, name in ((spikekernels.spike_softmax, "op"), (spike_softmax_torch, "torch")):
+            if name == "op" or not case.startswith("inplace"):
+                yield pytest.param(op, make, error, words, id=f"{case}-{name}")
+
+
+@pytest.mark.parametrize("op, make, error, words", list(_bad_calls()))
 def test_bad_inputs(op, make, error, words):
     x = torch.randn(2, 3, 4)
+    args = make(x, torch.zeros(3, 4))
+    *args, kwargs = args if isinstance(args[-1], dict) else (*args, {})
     with pytest.raises(error, match=words):
-        op(*make(x, torch.zeros(3, 4)))
+        op(*args, **kwargs)
 
 
 def test_cpu_result_independent_of_alignment(gen):

@@ -125,8 +125,8 @@ def spike_layernorm_kernel(
     x_acc_in_ptr,  # [R, C] float32 running sum X (HAS_X_ACC)
     y_prev_in_ptr,  # [R, C] float32 previous output Y (HAS_Y_PREV)
     out_ptr,  # [T, R, C] x's dtype (int16 bits for bfloat16)
-    x_acc_out_ptr,  # [R, C] float32
-    y_prev_out_ptr,  # [R, C] float32
+    x_acc_out_ptr,  # [R, C] float32 (x_acc_in_ptr itself with inplace)
+    y_prev_out_ptr,  # [R, C] float32 (y_prev_in_ptr itself with inplace)
     T,
     R,
     C,
@@ -140,7 +140,11 @@ def spike_layernorm_kernel(
     BLOCK_C: tl.constexpr,
     LOG2_C: tl.constexpr,  # log2(BLOCK_C)
 ):
-    """X += h_t; Y = layer_norm(X) * weight + bias; out_t = Y - Y_prev; Y_prev = Y."""
+    """X += h_t; Y = layer_norm(X) * weight + bias; out_t = Y - Y_prev; Y_prev = Y.
+
+    In-place safe (``inplace``: the state's in and out pointers the same tensor): a program
+    loads its own rows' state (``offs``, ``mask``) before the T loop and stores those same
+    elements after it; no other program reads or writes them."""
     _, col_mask, mask, offs = row_tile(R, C, ROWS, BLOCK_C)
     # int64: R * C in int32 would wrap for a step of 2^31 elements or more.
     step = tl.cast(R, tl.int64) * C
@@ -166,6 +170,7 @@ def spike_layernorm_kernel(
             delta = delta.to(out_ptr.dtype.element_ty)
         tl.store(out_ptrs, delta, mask=mask)
         out_ptrs += step
+    # the elements load_state read above, and only those (in place: this program's own)
     tl.store(x_acc_out_ptr + offs, x_acc, mask=mask)
     tl.store(y_prev_out_ptr + offs, y_prev, mask=mask)
 
@@ -185,10 +190,10 @@ def layernorm_launch(
     (``x`` contiguous ``[T, *, C]``, ``out`` the spikes or increments as the kernel stores
     them): ``(x_acc_out, y_prev_out, n_rows, args, meta)``, the fresh outgoing state, the rows
     of a step, those leading arguments, and the LayerNorm's constexprs with ``ROWS``,
-    ``BLOCK_C`` and ``num_warps``. With ``inplace`` (``spike_layernorm_neuron``'s; never
-    ``spike_layernorm``'s) ``x_acc`` and ``y_prev`` are given and contiguous (the op checks)
-    and are the outgoing state too: a program loads its rows' state before its T loop and
-    stores the same elements after it, and no other program touches them."""
+    ``BLOCK_C`` and ``num_warps``. With ``inplace`` (``spike_layernorm``'s and
+    ``spike_layernorm_neuron``'s) ``x_acc`` and ``y_prev`` are given and contiguous (the op
+    checks) and are the outgoing state too: a program loads its rows' state before its T
+    loop and stores the same elements after it, and no other program touches them."""
     shape = x.shape[1:]
     c = shape[-1]
     n_rows = x[0].numel() // c
@@ -234,14 +239,17 @@ def spike_layernorm_triton(
     eps: float,
     x_acc: torch.Tensor | None,
     y_prev: torch.Tensor | None,
+    *,
+    inplace: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Host side: allocate outputs and launch ``spike_layernorm_kernel`` over contiguous ``x``."""
+    """Host side: allocate outputs and launch ``spike_layernorm_kernel`` over contiguous ``x``;
+    with ``inplace`` the new state goes into ``x_acc`` and ``y_prev`` (returned)."""
     x = x.contiguous()
     out = torch.empty_like(x)
     bf16_bits = x.dtype == torch.bfloat16
     out_bits = out.view(torch.int16) if bf16_bits else out
     x_acc_out, y_prev_out, n_rows, args, meta = layernorm_launch(
-        x, weight, bias, eps, x_acc, y_prev, out_bits
+        x, weight, bias, eps, x_acc, y_prev, out_bits, inplace=inplace
     )
     if n_rows == 0:
         return out, x_acc_out, y_prev_out

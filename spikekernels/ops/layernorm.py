@@ -16,6 +16,7 @@ from spikekernels.ops._checks import (
     check_time_major,
 )
 from spikekernels.ops._dispatch import backend_for
+from spikekernels.ops._inplace import check_inplace, own_state, placeholder, state_result
 from spikekernels.ops._registry import call_op, kernel_op, launcher
 
 # The kernels hold a row in one tile of next_power_of_2(C) lanes: Triton's largest.
@@ -51,7 +52,18 @@ def check_spike_layernorm(x, weight, bias, eps, x_acc, y_prev) -> None:
     check_state(y_prev, "y_prev", shape, (torch.float32,), x, "x")
 
 
-@kernel_op("spike_layernorm", check=check_spike_layernorm)
+def _check_spike_layernorm_op(x, weight, bias, eps, x_acc, y_prev, inplace=False) -> None:
+    """The op's own metadata checks: ``check_spike_layernorm`` (shared with
+    ``spike_layernorm_neuron``, which checks its four states' ``inplace`` itself) and
+    ``inplace``'s."""
+    check_spike_layernorm(x, weight, bias, eps, x_acc, y_prev)
+    check_inplace(inplace, (("x_acc", x_acc), ("y_prev", y_prev)), (x, weight, bias))
+
+
+_STATE_POSITIONS = (1, 2)  # x_acc, y_prev in the op's outputs
+
+
+@kernel_op("spike_layernorm", mutates_args=("x_acc", "y_prev"), check=_check_spike_layernorm_op)
 def _spike_layernorm_op(
     x: torch.Tensor,
     weight: torch.Tensor | None,
@@ -59,17 +71,23 @@ def _spike_layernorm_op(
     eps: float,
     x_acc: torch.Tensor | None = None,
     y_prev: torch.Tensor | None = None,
+    inplace: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     backend = backend_for(x, ("triton", "torch"))
     if backend == "triton":
         from spikekernels.kernels.layernorm import spike_layernorm_triton
 
-        return spike_layernorm_triton(launcher, x, weight, bias, eps, x_acc, y_prev)
+        out = spike_layernorm_triton(launcher, x, weight, bias, eps, x_acc, y_prev, inplace=inplace)
+        if inplace:  # the kernel wrote the new state into the given tensors
+            return (out[0], placeholder(x_acc), placeholder(y_prev))
+        return out
     if backend == "reference":
         from spikekernels import reference
 
-        return reference.spike_layernorm(x, weight, bias, eps, x_acc, y_prev)
-    return spike_layernorm_torch(x, weight, bias, eps, x_acc, y_prev)
+        out = reference.spike_layernorm(x, weight, bias, eps, x_acc, y_prev)
+    else:
+        out = spike_layernorm_torch(x, weight, bias, eps, x_acc, y_prev)
+    return (out[0], state_result(inplace, out[1], x_acc), state_result(inplace, out[2], y_prev))
 
 
 def running_sums(x: torch.Tensor, x_acc: torch.Tensor | None) -> torch.Tensor:
@@ -115,14 +133,17 @@ def spike_layernorm_torch(x, weight, bias, eps, x_acc, y_prev):
 
 
 @_spike_layernorm_op.register_fake
-def _(x, weight, bias, eps, x_acc=None, y_prev=None):
-    check_spike_layernorm(x, weight, bias, eps, x_acc, y_prev)
+def _(x, weight, bias, eps, x_acc=None, y_prev=None, inplace=False):
+    _check_spike_layernorm_op(x, weight, bias, eps, x_acc, y_prev, inplace)
     shape = x.shape[1:]
-    return (
-        torch.empty_like(x, memory_format=torch.contiguous_format),
-        x.new_empty(shape, dtype=torch.float32),
-        x.new_empty(shape, dtype=torch.float32),
-    )
+    if inplace:
+        states = (placeholder(x_acc), placeholder(y_prev))
+    else:
+        states = (
+            x.new_empty(shape, dtype=torch.float32),
+            x.new_empty(shape, dtype=torch.float32),
+        )
+    return (torch.empty_like(x, memory_format=torch.contiguous_format), *states)
 
 
 def spike_layernorm(
@@ -132,6 +153,8 @@ def spike_layernorm(
     eps: float,
     x_acc: torch.Tensor | None = None,
     y_prev: torch.Tensor | None = None,
+    *,
+    inplace: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Multi-step Spike-LayerNorm (SPEC.md §4), all T steps in one fused kernel on GPU.
 
@@ -145,10 +168,16 @@ def spike_layernorm(
             the official SpikeZIP-TF SNN code used 1e-5 regardless, which we do not.
         x_acc, y_prev: optional incoming state, float32 of shape ``x.shape[1:]`` (zeros when
             None, each independently).
+        inplace: write the new state into the given ``x_acc`` and ``y_prev`` (both required,
+            contiguous, sharing no memory with an input or each other) and return those same
+            tensors (``ops._inplace``): a state at a fixed address, as a CUDA graph replays
+            it. The Triton kernel writes it there directly; the PyTorch and reference paths
+            compute a fresh state and copy it in.
 
     Returns:
         ``(out [T, *, C] in x.dtype, x_acc, y_prev)``, the state float32 and fresh (never an
-        alias of the inputs), so chunked time equals a whole run.
+        alias of the inputs; with ``inplace`` the given tensors, updated), so chunked time
+        equals a whole run.
 
     Accuracy: ``x_acc`` is bit-identical to the reference (the same float32 adds in the same
     order). The outputs are float32 math rounded once to ``x.dtype``; their error against a
@@ -168,5 +197,8 @@ def spike_layernorm(
     Triton kernel under ``TRITON_INTERPRET=1``). Inference only: no autograd.
     """
     eps = check_float(eps, "eps")
-    check_spike_layernorm(x, weight, bias, eps, x_acc, y_prev)
-    return call_op("spike_layernorm", x, weight, bias, eps, x_acc, y_prev)
+    _check_spike_layernorm_op(x, weight, bias, eps, x_acc, y_prev, inplace)
+    out = call_op("spike_layernorm", x, weight, bias, eps, x_acc, y_prev, inplace)
+    if inplace:
+        out = own_state(out, _STATE_POSITIONS, (x_acc, y_prev))
+    return out

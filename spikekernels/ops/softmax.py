@@ -14,6 +14,7 @@ import torch
 from spikekernels import _extension
 from spikekernels.ops._checks import FLOAT_DTYPES, check_state, check_tensor, check_time_major
 from spikekernels.ops._dispatch import backend_for
+from spikekernels.ops._inplace import check_inplace
 from spikekernels.ops.layernorm import running_sums, step_differences
 
 QUALNAME = "spikekernels::spike_softmax"
@@ -89,6 +90,8 @@ def spike_softmax(
     x: torch.Tensor,
     x_acc: torch.Tensor | None = None,
     y_prev: torch.Tensor | None = None,
+    *,
+    inplace: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Multi-step Spike-Softmax over the last dim (SPEC.md §3), all T steps in one kernel.
 
@@ -103,10 +106,17 @@ def spike_softmax(
             (made contiguous if it is not). The math is float32 whatever the input dtype.
         x_acc, y_prev: optional incoming state, float32 ``[*rows, N]`` on ``x``'s device
             (each may be given alone; a missing one is zeros).
+        inplace: write the new state into the given ``x_acc`` and ``y_prev`` (both required,
+            contiguous, sharing no memory with ``x`` or each other) and return those same
+            tensors (``ops._inplace``). On this op it is the public face's: the op (C++ or
+            CUDA kernel, PyTorch or reference path) still allocates a fresh state, which is
+            then copied into the given tensors. So the state keeps its addresses (what a
+            CUDA graph needs), but a call allocates as many bytes as without ``inplace``.
 
     Returns:
         ``(out [T, *rows, N] in x.dtype, x_acc, y_prev)``. The state is fresh, never an alias
-        of an input, so chunked time (feeding the state back) equals a whole run.
+        of an input (with ``inplace``: the given tensors, updated), so chunked time (feeding
+        the state back) equals a whole run.
 
     Accuracy: within 2x of the float32 per-step PyTorch loop's own error against a float64
     reference (SPEC.md §8). Kernels: C++ on CPU (threads over rows, T loop inside), CUDA on GPU
@@ -117,11 +127,19 @@ def spike_softmax(
     for a non-tensor names no argument). Inference only: no autograd.
     """
     _check_spike_softmax(x, x_acc, y_prev)
+    check_inplace(inplace, (("x_acc", x_acc), ("y_prev", y_prev)), (x,))
     backend = backend_for(x, ("cpp", "torch"), cpp_devices=_CPP_DEVICES)
     if backend == "reference":  # force_backend("reference"): the per-step oracle
         from spikekernels import reference
 
-        return reference.spike_softmax(x.contiguous(), x_acc, y_prev)
-    if backend == "torch":
-        return spike_softmax_torch(x, x_acc, y_prev)
-    return torch.ops.spikekernels.spike_softmax(x, x_acc, y_prev)
+        out = reference.spike_softmax(x.contiguous(), x_acc, y_prev)
+    elif backend == "torch":
+        out = spike_softmax_torch(x, x_acc, y_prev)
+    else:
+        out = torch.ops.spikekernels.spike_softmax(x, x_acc, y_prev)
+    if not inplace:
+        return out
+    # The C++ schema returns a fresh state (csrc/ is left as it is): copied in after the op.
+    x_acc.copy_(out[1])
+    y_prev.copy_(out[2])
+    return out[0], x_acc, y_prev
