@@ -12,6 +12,7 @@ import spikekernels
 from spikekernels import reference
 from spikekernels.nn import SpikeMatmul
 from spikekernels.nn.spike_matmul import RunningSpikeMatmul
+from spikekernels.ops._dispatch import force_backend
 from spikekernels.ops.spike_matmul import spike_matmul_torch
 
 # The module, which the function of the same name shadows as an attribute of spikekernels.ops.
@@ -288,6 +289,10 @@ def test_dense_path_matches_reference(gen, monkeypatch):
     _assert_same(spike_matmul_torch(*args), want)
 
 
+def _zero_counts(*shape):
+    return torch.zeros(shape, dtype=torch.int8)
+
+
 def _good(gen):
     a = _spikes(gen, 2, (3,), 4, 5, group_dim=-2)
     b = _spikes(gen, 2, (3,), 5, 6, group_dim=-1)
@@ -327,6 +332,35 @@ BAD_INPUTS = [
         "a_acc is on meta",
     ),
     ("b device", lambda d: d.update(b=d["b"].to("meta")), ValueError, "b is on meta"),
+    (
+        "inplace int",
+        lambda d: d.update(a_acc=_zero_counts(3, 4, 5), b_acc=_zero_counts(3, 5, 6), inplace=1),
+        TypeError,
+        "inplace must be a bool",
+    ),
+    ("inplace without state", lambda d: d.update(inplace=True), ValueError, "needs a_acc"),
+    (
+        "inplace without b_acc",
+        lambda d: d.update(a_acc=_zero_counts(3, 4, 5), inplace=True),
+        ValueError,
+        "inplace=True needs b_acc",
+    ),
+    (
+        "inplace strided a_acc",
+        lambda d: d.update(
+            a_acc=_zero_counts(3, 5, 4).mT, b_acc=_zero_counts(3, 5, 6), inplace=True
+        ),
+        ValueError,
+        "a_acc must be contiguous",
+    ),
+    (
+        "inplace strided b_acc",
+        lambda d: d.update(
+            a_acc=_zero_counts(3, 4, 5), b_acc=_zero_counts(3, 5, 12)[..., ::2], inplace=True
+        ),
+        ValueError,
+        "b_acc must be contiguous",
+    ),
 ]
 
 
@@ -455,6 +489,123 @@ def test_torch_compile_fullgraph(gen, device):
     want = scores(a, keys, scale)
     _assert_same((got[0], got[2], got[3]), [want[i].cpu() for i in (0, 2, 3)])
     torch.testing.assert_close(got[1], want[1], rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# inplace=True: the new counts written into the given tensors (ops._inplace)
+
+# (batch, M, K, N, b a transposed view): the fused kernel with two row tiles (B's columns
+# are read by both: a write-back before the other's read would show) and one column tile, the
+# scores' layout; the split-K path (running_count_kernel writes the counts in place).
+INPLACE_CASES = {
+    "fused": ((2,), 70, 20, 9, True),
+    "split-k": ((1, 2), 9, 70, 5, False),
+}
+
+
+def _inplace_case(gen, T, path, device="cpu"):
+    """Spikes ``a``, ``b``, a scale and nonzero incoming counts ``(a_acc, b_acc)``."""
+    batch, m, k, n, transposed = INPLACE_CASES[path]
+    a = _spikes(gen, T, batch, m, k, group_dim=-2)
+    if transposed:
+        b = _spikes(gen, T, batch, n, k, group_dim=-2).transpose(-1, -2)
+    else:
+        b = _spikes(gen, T, batch, k, n, group_dim=-1)
+    state = (_counts(gen, (*batch, m, k)), _counts(gen, (*batch, k, n)))
+    return a.to(device), b.to(device), _scale(gen, device), tuple(c.to(device) for c in state)
+
+
+def _guarded(state):
+    """Copies of the counts, each a contiguous view into a larger buffer whose guard elements
+    (one before, one after) show a write outside the state."""
+    out = []
+    for t in state:
+        buf = torch.full((t.numel() + 2,), 99, dtype=t.dtype, device=t.device)
+        out.append(buf[1:-1].view(t.shape).copy_(t))
+    return tuple(out)
+
+
+def _run_inplace(a, b, scale, state):
+    """The op with ``inplace=True`` on ``state``: the counts returned are the given tensors,
+    at the same addresses, and nothing around them is written."""
+    ptrs = [t.data_ptr() for t in state]
+    out = spikekernels.spike_matmul(a, b, scale, *state, inplace=True)
+    for name, got, given, ptr in zip(("a_acc", "b_acc"), out[1:], state, ptrs, strict=True):
+        assert got is given, f"{name}: not the given tensor"
+        assert given.data_ptr() == ptr, f"{name} moved"
+        assert given._base[0].item() == 99 and given._base[-1].item() == 99, f"{name}: outside"
+    return out
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch", "reference"])
+@pytest.mark.parametrize("poisoned", [False, True])
+@pytest.mark.parametrize("path", INPLACE_CASES)
+def test_inplace_chunks_equal_whole(gen, path, poisoned, backend, request):
+    """Chunks of 4, 1 and 4 steps from nonzero counts, the counts fed back in place, give
+    the whole run's bits (the whole run on fresh outputs, inplace=False)."""
+    if poisoned:
+        request.getfixturevalue("poisoned_allocations")
+    a, b, scale, state = _inplace_case(gen, 9, path)
+    with force_backend(backend):
+        whole = spikekernels.spike_matmul(a, b, scale, *state)
+        given = _guarded(state)
+        outs, t0 = [], 0
+        for n in (4, 1, 4):
+            outs.append(_run_inplace(a[t0 : t0 + n], b[t0 : t0 + n], scale, given)[0])
+            t0 += n
+    _assert_same((torch.cat(outs), *given), whole)
+    assert not torch.equal(given[0], state[0]) and not torch.equal(given[1], state[1])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("path", INPLACE_CASES)
+def test_inplace_single_step(gen, path, device):
+    a, b, scale, state = _inplace_case(gen, 1, path, device)
+    want = spikekernels.spike_matmul(a, b, scale, *state)
+    _assert_same(_run_inplace(a, b, scale, _guarded(state)), want)
+
+
+def test_inplace_on_meta_tensors(gen):
+    """Shapes only (meta tensors): the in-place counts are not taken for an alias of the
+    inputs (every meta tensor's address is 0)."""
+    args = {k: v.to("meta") for k, v in _good(gen).items() if v is not None}
+    state = [
+        torch.empty(shape, dtype=torch.int8, device="meta") for shape in [(3, 4, 5), (3, 5, 6)]
+    ]
+    out, a_acc, b_acc = spikekernels.spike_matmul(
+        **args, a_acc=state[0], b_acc=state[1], inplace=True
+    )
+    assert out.shape == (2, 3, 4, 6) and out.is_meta and out.dtype == torch.float32
+    assert a_acc is state[0] and b_acc is state[1]
+
+
+@pytest.mark.parametrize("other", ["a", "b", "scale", "b_acc"])
+def test_inplace_state_sharing_an_input_is_rejected(gen, other):
+    """``a_acc`` inside the storage of an input the kernels read (or of ``b_acc``), refused
+    by name; the rejected call writes nothing (a run would: the spikes that stay random move
+    at least one of the counts)."""
+    args = _good(gen)
+    buffer = torch.zeros(240, dtype=torch.int8)
+    a_acc = buffer[:60].view(3, 4, 5)  # contiguous, but inside the other
+    b_acc = _counts(gen, (3, 5, 6))
+    if other == "b_acc":
+        b_acc = buffer[60:150].view(3, 5, 6).copy_(b_acc)
+        a_acc = buffer[100:160].view(3, 4, 5)  # overlaps b_acc
+    else:
+        given = args[other]
+        part = buffer[: given.numel() * given.element_size()]
+        args[other] = part.view(given.dtype).view(given.shape)
+    before = buffer.clone(), b_acc.clone()
+    with pytest.raises(ValueError, match="a_acc shares memory"):
+        spikekernels.spike_matmul(**dict(args, a_acc=a_acc, b_acc=b_acc), inplace=True)
+    assert torch.equal(buffer, before[0]), "a rejected call must not write"
+    assert torch.equal(b_acc, before[1]), "a rejected call must not write"
+
+
+@pytest.mark.parametrize("path", INPLACE_CASES)
+def test_inplace_opcheck(gen, path):
+    a, b, scale, state = _inplace_case(gen, 3, path)
+    torch.library.opcheck(torch.ops.spikekernels.spike_matmul.default, (a, b, scale, *state, True))
 
 
 @pytest.mark.cuda

@@ -21,6 +21,10 @@ Two paths, chosen by the contraction length K:
 
 The integer part is exact: int8 operands, int32 accumulation (|sum| <= 2 * 128 * K), one
 float32 scaling, so the output is bit-identical to ``reference.spike_matmul``.
+
+The outgoing counts go into fresh tensors, or with ``inplace`` into the given ones: written
+there by ``running_count_kernel`` on the split path, copied in after the fused kernel (see
+``spike_matmul_triton`` for why).
 """
 
 from __future__ import annotations
@@ -405,9 +409,13 @@ def spike_matmul_triton(
     scale: torch.Tensor,
     a_acc: torch.Tensor | None,
     b_acc: torch.Tensor | None,
+    *,
+    inplace: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Host side: split the batch dims (``_split_batch``: no copy for the usual views, the
-    head slices of a packed qkv included), allocate, launch.
+    head slices of a packed qkv included), allocate, launch. Returns ``(out, a_acc, b_acc)``,
+    the counts fresh, or with ``inplace`` the given ones (both given and contiguous, sharing
+    no memory with an input: checked by the op), updated.
 
     Needs ``M, N, K >= 1`` and at least one batch entry; the op handles empty shapes.
     """
@@ -453,14 +461,31 @@ def spike_matmul_triton(
             BLOCK_K=block_k,
             num_warps=num_warps,
         )
+        if inplace:
+            # Not in place in the kernel: a count tile is loaded before the T loop by every
+            # program that needs it (A's rows by every column tile of the row block, and by
+            # the last row tile where its rows wrap past M; B's columns by every row tile)
+            # and stored after it by one of them, which may run before another has loaded
+            # it (programs run in any order). So the kernel writes fresh counts, copied in
+            # here after it (stream order): two small copies of the state's size.
+            a_acc.copy_(a_out)
+            b_acc.copy_(b_out)
+            return out, a_acc, b_acc
         return out, a_out, b_out
 
     # the counts [B, H, R, C], split as the spikes are
     split = a5.shape[1:3]
-    a_out = torch.empty((*split, m, k), dtype=torch.int8, device=a.device)
-    b_out = torch.empty((*split, k, n), dtype=torch.int8, device=a.device)
     a_known = None if a_in is None else a_in.view(*split, m, k)
     b_known = None if b_in is None else b_in.view(*split, k, n)
+    if inplace:
+        # In place: running_count_kernel loads each count element before its T loop and
+        # stores it after, in the one program that owns it (no other program touches it),
+        # and the product kernel below reads only the per-step counts a_prev / b_cur, never
+        # a_acc / b_acc. (a_in, b_in: views of the given contiguous counts.)
+        a_out, b_out = a_known, b_known
+    else:
+        a_out = torch.empty((*split, m, k), dtype=torch.int8, device=a.device)
+        b_out = torch.empty((*split, k, n), dtype=torch.int8, device=a.device)
     a_prev = _running_counts(launch, a5, a_known, exclusive=True, final=a_out)
     b_cur = _running_counts(launch, b5, b_known, exclusive=False, final=b_out)
     block_m, block_n, block_k, num_warps = split_config()
@@ -487,4 +512,6 @@ def spike_matmul_triton(
         BLOCK_K=block_k,
         num_warps=num_warps,
     )
+    if inplace:
+        return out, a_acc, b_acc
     return out, a_out.reshape(*batch, m, k), b_out.reshape(*batch, k, n)

@@ -1,4 +1,7 @@
-"""``torch.ops.spikekernels.spike_matmul``: the spike product of SESA attention (SPEC.md §5)."""
+"""``torch.ops.spikekernels.spike_matmul``: the spike product of SESA attention (SPEC.md §5).
+
+The running counts ``(a_acc, b_acc)`` come back fresh, or with ``inplace=True`` written into
+the given tensors (``ops._inplace``)."""
 
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ from spikekernels.ops._checks import (
     check_ternary,
 )
 from spikekernels.ops._dispatch import backend_for
+from spikekernels.ops._inplace import check_inplace, own_state, placeholder, state_result
 from spikekernels.ops._registry import call_op, kernel_op, launcher
 
 # float32 holds every integer below 2^24 exactly. An output element sums 2K products of an
@@ -28,12 +32,14 @@ _FLOAT32_EXACT_MAX_K = (1 << 24) // 256 - 1
 _DENSE_CHUNK_ELEMENTS = 1 << 25
 
 
-def _check_spike_matmul(a, b, scale, a_acc, b_acc) -> None:
-    """Metadata checks (no data read), for the op body and its fake alike."""
+def _check_spike_matmul(a, b, scale, a_acc, b_acc, inplace=False) -> None:
+    """Metadata checks (no data read), for the op body and its fake alike; with ``inplace``
+    both counts given, contiguous and sharing no memory with an input or each other."""
     check_spike_pair(a, b, "a", "b")
     check_scalar_tensor(scale, "scale", a, "a")
     check_state(a_acc, "a_acc", a.shape[1:], (torch.int8,), a, "a")
     check_state(b_acc, "b_acc", b.shape[1:], (torch.int8,), b, "b")
+    check_inplace(inplace, (("a_acc", a_acc), ("b_acc", b_acc)), (a, b, scale))
 
 
 def spike_matmul_torch(
@@ -82,13 +88,14 @@ def spike_matmul_torch(
     )
 
 
-@kernel_op("spike_matmul", check=_check_spike_matmul)
+@kernel_op("spike_matmul", mutates_args=("a_acc", "b_acc"), check=_check_spike_matmul)
 def _spike_matmul_op(
     a: torch.Tensor,
     b: torch.Tensor,
     scale: torch.Tensor,
     a_acc: torch.Tensor | None = None,
     b_acc: torch.Tensor | None = None,
+    inplace: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     m, k, n = a.shape[-2], a.shape[-1], b.shape[-1]
     backend = backend_for(a, ("triton", "torch"))
@@ -97,18 +104,23 @@ def _spike_matmul_op(
     if backend == "triton" and fits:
         from spikekernels.kernels.spike_matmul import spike_matmul_triton
 
-        return spike_matmul_triton(launcher, a, b, scale, a_acc, b_acc)
+        out = spike_matmul_triton(launcher, a, b, scale, a_acc, b_acc, inplace=inplace)
+        return (out[0], placeholder(a_acc), placeholder(b_acc)) if inplace else out
     if backend == "reference":
         from spikekernels import reference
 
-        return reference.spike_matmul(a, b, scale, a_acc, b_acc)
-    return spike_matmul_torch(a, b, scale, a_acc, b_acc)
+        out = reference.spike_matmul(a, b, scale, a_acc, b_acc)
+    else:
+        out = spike_matmul_torch(a, b, scale, a_acc, b_acc)
+    return out[0], state_result(inplace, out[1], a_acc), state_result(inplace, out[2], b_acc)
 
 
 @_spike_matmul_op.register_fake
-def _(a, b, scale, a_acc=None, b_acc=None):
-    _check_spike_matmul(a, b, scale, a_acc, b_acc)
+def _(a, b, scale, a_acc=None, b_acc=None, inplace=False):
+    _check_spike_matmul(a, b, scale, a_acc, b_acc, inplace)
     out = a.new_empty((*a.shape[:-1], b.shape[-1]), dtype=torch.float32)
+    if inplace:
+        return out, placeholder(a_acc), placeholder(b_acc)
     return (
         out,
         a.new_empty(a.shape[1:], dtype=torch.int8),
@@ -123,6 +135,7 @@ def spike_matmul(
     a_acc: torch.Tensor | None = None,
     b_acc: torch.Tensor | None = None,
     *,
+    inplace: bool = False,
     validate: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Spike product of SESA attention (SPEC.md §5), all T steps in one kernel on GPU.
@@ -145,13 +158,18 @@ def spike_matmul(
             on the device (never ``.item()``), used in float32.
         a_acc, b_acc: optional incoming running counts, int8 ``[*batch, M, K]`` and
             ``[*batch, K, N]``; zero when omitted.
+        inplace: write the outgoing counts into the given ``a_acc`` and ``b_acc`` (both
+            required, contiguous, sharing no memory with an input or each other) and return
+            those same tensors (``ops._inplace``): counts at fixed addresses, as a CUDA graph
+            replays them.
         validate: also check on a GPU (reads all the data; a host sync) what is always
             checked on CPU tensors: the spikes are ternary, every running count stays in int8
             range at every step, and ``scale`` is finite and nonzero.
 
     Returns:
         ``(out, a_acc, b_acc)``: ``out`` float32 ``[T, *batch, M, N]`` and the outgoing counts
-        (int8, contiguous, fresh tensors). Feeding the counts back into the next call makes a
+        (int8, contiguous, fresh tensors, never aliases of the given ones; with ``inplace``
+        the given tensors, updated). Feeding the counts back into the next call makes a
         chunked run equal a whole run bit for bit.
 
     Exactness: the integer part is computed exactly (int8 operands, int32 accumulation on the
@@ -172,10 +190,11 @@ def spike_matmul(
     """
     # Metadata only (free): a non-tensor argument would otherwise meet the dispatcher's
     # less helpful schema error first.
-    _check_spike_matmul(a, b, scale, a_acc, b_acc)
+    _check_spike_matmul(a, b, scale, a_acc, b_acc, inplace)
     check_finite_nonzero(scale, "scale", validate)
     check_ternary(a, "a", validate)
     check_ternary(b, "b", validate)
     check_running_counts(a, a_acc, "a", validate)
     check_running_counts(b, b_acc, "b", validate)
-    return call_op("spike_matmul", a, b, scale, a_acc, b_acc)
+    out = call_op("spike_matmul", a, b, scale, a_acc, b_acc, inplace)
+    return own_state(out, (1, 2), (a_acc, b_acc)) if inplace else out
