@@ -8,6 +8,7 @@ import math
 import torch
 from torch import nn
 
+from spikekernels.nn.inplace_state import InPlaceState
 from spikekernels.nn.neuron import STBIF
 from spikekernels.nn.plain_state import PlainState
 from spikekernels.ops._checks import check_float, check_int, check_tensor
@@ -35,15 +36,19 @@ def _check_channels(x: object, num_channels: int) -> None:
         )
 
 
-class SpikeLayerNorm(PlainState, nn.Module):
+class SpikeLayerNorm(InPlaceState, PlainState, nn.Module):
     """Spike-LayerNorm over the last dim of ``[T, B, ..., C]``, state kept until ``reset()``.
 
     ``X = X + h_t; Y = layer_norm(X, weight, bias, eps); out_t = Y - Y_prev``: the outputs
     summed over steps equal the LayerNorm of the summed input. Build it with
     ``SpikeLayerNorm.from_layernorm(ln)``, which copies the QANN LayerNorm's weight, bias and
     **eps** (1e-6 for the ViT; the official SpikeZIP-TF SNN code used 1e-5 whatever the QANN
-    had, which we do not copy). Output in the input dtype; state float32. Inference only.
+    had, which we do not copy). Output in the input dtype; state float32, updated in place
+    after the first call (``nn.inplace_state``): keep a ``clone()`` of what must outlive the
+    next call. Inference only.
     """
+
+    STATE = {"x_acc": 0, "y_prev": 0}
 
     def __init__(
         self,
@@ -80,8 +85,9 @@ class SpikeLayerNorm(PlainState, nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_channels(x, self.num_channels)
+        stateful = self.stateful_call()  # first: it may replace the state with a copy
         out, self.x_acc, self.y_prev = spike_layernorm(
-            x, self.weight, self.bias, self.eps, self.x_acc, self.y_prev
+            x, self.weight, self.bias, self.eps, self.x_acc, self.y_prev, inplace=stateful
         )
         return out
 

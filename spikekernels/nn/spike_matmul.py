@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from spikekernels.nn.inplace_state import InPlaceState
 from spikekernels.nn.neuron import FixedDtypeBuffers, scalar_tensor
 from spikekernels.nn.plain_state import PlainState
 from spikekernels.ops.spike_matmul import spike_matmul
@@ -19,11 +20,14 @@ from spikekernels.ops.spike_matmul import spike_matmul
 __all__ = ["RunningSpikeMatmul", "SpikeMatmul"]
 
 
-class SpikeMatmul(FixedDtypeBuffers, PlainState, nn.Module):
+class SpikeMatmul(FixedDtypeBuffers, InPlaceState, PlainState, nn.Module):
     """``out_t = scale * (a_t @ B_t + A_{t-1} @ b_t)`` over ``[T, *batch, M, K]`` x
     ``[T, *batch, K, N]`` ternary int8 spikes; the running counts ``A``, ``B`` are kept
-    between calls until ``reset()``. ``scale``: one-element tensor (a buffer). Float32 out.
+    between calls until ``reset()``, updated in place after the first call
+    (``nn.inplace_state``). ``scale``: one-element tensor (a buffer). Float32 out.
     """
+
+    STATE = {"a_acc": 0, "b_acc": 0}
 
     def __init__(self, scale: torch.Tensor) -> None:
         super().__init__()
@@ -36,18 +40,24 @@ class SpikeMatmul(FixedDtypeBuffers, PlainState, nn.Module):
         self.b_acc: torch.Tensor | None = None
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        out, self.a_acc, self.b_acc = spike_matmul(a, b, self.scale, self.a_acc, self.b_acc)
+        stateful = self.stateful_call()  # first: it may replace the state with a copy
+        out, self.a_acc, self.b_acc = spike_matmul(
+            a, b, self.scale, self.a_acc, self.b_acc, inplace=stateful
+        )
         return out
 
 
-class RunningSpikeMatmul(PlainState, nn.Module):
+class RunningSpikeMatmul(InPlaceState, PlainState, nn.Module):
     """The running integer product ``S_t = A_t @ B_t`` (int32, ``[T, *batch, M, N]``) of two
     ternary spike trains, updated exactly by ``S_t = S_{t-1} + a_t @ B_t + A_{t-1} @ b_t``.
 
-    State (``A``, ``B`` as int8 counts, ``S`` int32) is kept between calls until ``reset()``.
+    State (``A``, ``B`` as int8 counts, ``S`` int32) is kept between calls until ``reset()``,
+    updated in place after the first call (``nn.inplace_state``).
     The per-step increments come from ``spike_matmul`` with scale 1: integers below 2^24 in
     magnitude (``2 * 128 * K``, K < 65536), so exact in float32.
     """
+
+    STATE = {"a_acc": 0, "b_acc": 0, "product": 0}
 
     def __init__(self) -> None:
         super().__init__()
@@ -61,9 +71,14 @@ class RunningSpikeMatmul(PlainState, nn.Module):
         self.product: torch.Tensor | None = None
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        out, self.a_acc, self.b_acc = spike_matmul(a, b, self.unit, self.a_acc, self.b_acc)
+        stateful = self.stateful_call()  # first: it may replace the state with a copy
+        out, self.a_acc, self.b_acc = spike_matmul(
+            a, b, self.unit, self.a_acc, self.b_acc, inplace=stateful
+        )
         running = torch.cumsum(out.to(torch.int32), dim=0, dtype=torch.int32)
-        if self.product is not None:
+        if stateful:
             running += self.product
-        self.product = running[-1].clone()
+            self.product.copy_(running[-1])
+        else:
+            self.product = running[-1].clone()
         return running
