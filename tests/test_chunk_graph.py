@@ -158,13 +158,12 @@ def test_float_chunks_before_the_steady_step_run_eagerly(gen):
 
 @pytest.mark.parametrize(
     ("max_steps", "chunk"),
-    [
-        pytest.param(64, 4, marks=CPU_PASS_ONLY),
-        (10, 3),
-        pytest.param(11, (5, 2), marks=CPU_PASS_ONLY),
-    ],
+    [(64, 4), (10, 3), (11, (5, 2))],
 )
-@pytest.mark.parametrize("mode", MODES_CPU_FLOAT)
+@pytest.mark.parametrize("mode", MODES)
+# the counter's hooks and the runner's placement of its chunks: aten ops and Python, the same
+# on every backend (the replayed kernels, in place, are the first test's in the interpreter)
+@CPU_PASS_ONLY
 def test_counted_replays_count_what_eager_chunks_count(gen, mode, max_steps, chunk):
     """``evaluate``'s SOP counter on replayed chunks: its hooks are ``replayable`` (each
     chunk's counts written at fixed addresses, placed at the chunk's steps by the runner's
