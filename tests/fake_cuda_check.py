@@ -7,8 +7,8 @@ modules' and the runner's CUDA paths. Under FakeTensorMode, ``cuda`` tensors nee
 1. runs all of that Python down to every Triton launch (each op of ``test_activity.CASES``;
    the test models and the demo's, one block of larger ViTs, ViT-S at the benchmark's batch
    64, exact and float, whole and chunked, through the runner's chunks; ``compat.spikezip``'s
-   single-step modules), checks that it reaches them, and checks the outputs' shapes and
-   dtypes against a real CPU run;
+   single-step modules; the unfused stateful modules, fresh then in place), checks that it
+   reaches them, and checks the outputs' shapes and dtypes against a real CPU run;
 2. compiles every distinct launch it met for sm_90 (Triton's compiler needs no GPU): the tile
    choices and specialisations of real calls, which tests/triton_sm90.py's hand-made cases
    may miss, and lists the ones that spill registers (ptxas), each with how many of its local
@@ -17,7 +17,7 @@ modules' and the runner's CUDA paths. Under FakeTensorMode, ``cuda`` tensors nee
    torch.compile does on a GPU, and checks that torch's analysis of which tensors each kernel
    writes succeeded (when it fails, torch only warns, assumes every tensor argument written
    and copies each one every call); and the runner's whole chunk of the test model, exact
-   and float, into one graph.
+   and float, into one graph; and the unfused stateful modules' in-place calls.
 
 Kernels do not run: their bits are the interpreter's and the GPU's business.
 
@@ -46,6 +46,8 @@ rows and N that are not multiples of 16 either (every dim masked, unaligned stat
 Session 31 (torch 2.11+cu130, after session 30's module state setter and the runner's one
 flags slab): 173 launches, none failed, the same four spills; both models one graph a chunk.
 Session 32 (the SOP counter placing chunks as the runner's chunk observer): the same.
+Session 34 (the unfused modules in place, parts 1 and 3 for them): 182 launches, none failed,
+the same four spills; torch tells what every in-place building block's kernels write.
 """
 
 from __future__ import annotations
@@ -253,6 +255,58 @@ def check_compat(gen: torch.Generator) -> None:
     print(f"compat modules: ok, launches {launched}")
 
 
+def _building_blocks(gen: torch.Generator) -> dict:
+    """``test_inplace_state``'s unfused stateful modules, and ``SpikeMatmul`` at K = 70 too
+    (the split path: its count kernel writes in place, where the fused one copies)."""
+    from test_inplace_state import _standalone, _ternary
+
+    from spikekernels.nn import SpikeMatmul
+
+    blocks = _standalone(gen)
+    split = (_ternary(gen, 9, 2, 5, 70), _ternary(gen, 9, 2, 70, 7))
+    blocks["SpikeMatmul, split K"] = (SpikeMatmul(torch.tensor(0.25)), split)
+    return blocks
+
+
+def check_building_blocks(gen: torch.Generator) -> None:
+    """Part 1 for the unfused stateful modules a user puts in a model of their own: a fresh
+    call, then two that update the state in place (the same tensors)."""
+    for name, (module, inputs) in _building_blocks(gen).items():
+        chunks = [[x[i : i + 3] for x in inputs] for i in (0, 3, 6)]
+        with torch.no_grad():
+            want = [module(*chunk) for chunk in chunks]
+        module.reset()
+        before = Counter(LAUNCHES)
+        with FakeTensorMode(allow_non_fake_inputs=True), torch.no_grad():
+            module = module._apply(_fake)
+            got = [module(*map(_fake, chunks[0]))]
+            state = module.state()
+            got += [module(*map(_fake, chunk)) for chunk in chunks[1:]]
+            moved = [k for k, t in module.state().items() if t is not state[k]]
+        assert not moved, f"{name}: {moved} not updated in place"
+        for i, (g, w) in enumerate(zip(got, want, strict=True)):
+            _same_form(g, w, f"{name} call {i}")
+        print(f"module {name}: ok, launches {dict(LAUNCHES - before)}")
+
+
+def check_compiled_building_blocks(gen: torch.Generator) -> None:
+    """Part 3 for the unfused modules' in-place calls: torch could tell what each kernel
+    writes (the state's in and out pointers one tensor)."""
+    graphs, backend, warnings = _capture()
+    for name, (module, inputs) in _building_blocks(gen).items():
+        torch._dynamo.reset()
+        warnings.messages.clear()
+        with FakeTensorMode(allow_non_fake_inputs=True), torch.no_grad():
+            module = module._apply(_fake)
+            module(*(_fake(x[:3]) for x in inputs))  # eager: the state, on the device
+            compiled = torch.compile(module, backend=backend, fullgraph=True)
+            compiled(*(_fake(x[3:6]) for x in inputs))  # in place
+        kernels = [n for n in graphs[-1].graph.nodes if "triton_kernel_wrapper" in str(n.target)]
+        failed = [m for m in warnings.messages if "assuming every input is mutated" in m]
+        assert not failed, f"{name}: torch could not tell what its kernels write: {failed}"
+        print(f"compiled module {name}, in place: ok, {len(kernels)} kernels traced")
+
+
 def _local_accesses(cubin: bytes) -> tuple[int, int]:
     """``(local loads and stores, those inside a loop)`` in the SASS: a spill outside every
     loop costs a few instructions a program, one inside the step loop costs every step."""
@@ -396,6 +450,7 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     check_compiled_ops(gen)  # first: the patches below stand in for what compiling does
     check_compiled_model(gen)
+    check_compiled_building_blocks(gen)
     _patch()
     check_ops(gen)
     from test_exact import TINY
@@ -416,6 +471,7 @@ def main() -> None:
             for chunks in all_chunks:
                 check_model(gen, name, config, mode, chunks, *options)
     check_compat(gen)
+    check_building_blocks(gen)
     compile_launches()
 
 
