@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_same_bits
+from conftest import CPU_PASS_ONLY, assert_same_bits
 from torch import nn
 
 from spikekernels import convert, parity, reference
@@ -285,6 +285,38 @@ def test_snnwrapper_follows_a_loaded_checkpoint(gen):
     torch.testing.assert_close(after, want, rtol=0, atol=0)
     wrapper.model.load_state_dict(first)  # back, through the QANN itself
     torch.testing.assert_close(wrapper(images)[0], before, rtol=0, atol=0)
+
+
+@CPU_PASS_ONLY  # the wrapper's pass-through; the replayed kernels are test_chunk_graph's
+def test_snnwrapper_replays_cuda_graphs(gen, monkeypatch):
+    """``SNNWrapper(..., cuda_graph=True)``: the official interface on graph replays (here
+    ``ReplayGraph``, the CPU stand-in), the eager run's bits and step count, one capture per
+    batch shape, and a fresh capture for a loaded checkpoint's SNN."""
+    from replay_graph import graphs_replayed_on
+
+    from spikekernels.ops._dispatch import force_backend
+
+    def qann():
+        qvit = QuantViT(img_size=8, patch_size=4, in_chans=3, num_classes=5, embed_dim=16,
+                        depth=1, num_heads=2, level=8)  # fmt: skip
+        return calibrate(qvit, torch.randn(8, 3, 8, 8, generator=gen))
+
+    a, b = qann(), qann()
+    images = torch.randn(3, 3, 8, 8, generator=gen)
+    captured = graphs_replayed_on("cpu", monkeypatch)
+    with force_backend(None):  # a replay runs the kernels it captured
+        eager = SNNWrapper(a, None, 64, "analog", chunk=4)(images, verbose=True)
+        wrapper = SNNWrapper(a, None, 64, "analog", chunk=4, cuda_graph=True)
+        for _ in range(2):
+            got = wrapper(images, verbose=True)
+            assert got[1] == eager[1] and got[1] > 4, "the premise: replayed chunks"
+            assert torch.equal(got[0], eager[0]) and torch.equal(got[2], eager[2])
+        assert len(captured) == 1
+        wrapper.load_state_dict({"model." + k: v for k, v in b.state_dict().items()})
+        want = SNNWrapper(b, None, 64, "analog", chunk=4)(images)
+        assert torch.equal(wrapper(images)[0], want[0]) and len(captured) == 2
+    with pytest.raises(TypeError, match="cuda_graph must be a bool"):
+        SNNWrapper(a, None, 64, "analog", cuda_graph=1)
 
 
 def test_reset_model_resets_every_stateful_module(gen):

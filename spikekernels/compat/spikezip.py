@@ -457,7 +457,9 @@ class SNNWrapper(nn.Module):
     neuron_type="ST-BIF", model_name="vit...", is_softmax=True)``. ``model`` is the QANN
     (kept, registered: the state_dict keys are ``model.*``); the SNN is
     ``spikekernels.convert(model)`` and runs in chunks of ``chunk`` steps (default 8; the
-    official loop is chunk 1). ``forward(x, verbose=False)`` returns ``(logits, T)`` with ``T``
+    official loop is chunk 1), as CUDA graph replays with ``cuda_graph=True`` (a CUDA model:
+    one capture per batch shape, ``SpikingViT(..., cuda_graph=True)``; the same bits as
+    without). ``forward(x, verbose=False)`` returns ``(logits, T)`` with ``T``
     counted as the official loop does (the steps run, the first silent one included, at most
     ``time_step``), and with ``verbose`` also ``[T, B, classes]``, the logits as of each step
     (float mode: summed up to it; exact mode: the head's current value).
@@ -490,6 +492,9 @@ class SNNWrapper(nn.Module):
         self.is_softmax = True
         self.kwargs = kwargs
         self.chunk = int(kwargs.get("chunk", 8))
+        self.cuda_graph = kwargs.get("cuda_graph", False)
+        if not isinstance(self.cuda_graph, bool):
+            raise TypeError(f"cuda_graph must be a bool, got {type(self.cuda_graph).__name__}")
         self.max_T = 0
         self.model = ann_model
         # Held outside the module tree: it shares the QANN's weights, and the state_dict stays
@@ -514,7 +519,9 @@ class SNNWrapper(nn.Module):
 
             object.__setattr__(self, "snn", convert(self.model))
             self._stale = False
-        logits, steps, trace = self.snn(x, max_steps=self.T, chunk=self.chunk, return_trace=True)
+        logits, steps, trace = self.snn(
+            x, max_steps=self.T, chunk=self.chunk, return_trace=True, cuda_graph=self.cuda_graph
+        )
         count = min(steps + 1, self.T)
         self.max_T = max(self.max_T, count)
         if not verbose:
