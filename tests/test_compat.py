@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import CPU_PASS_ONLY, assert_same_bits
+from conftest import CPU_PASS_ONLY, DEVICES, assert_same_bits
 from torch import nn
 
 from spikekernels import convert, parity, reference
@@ -288,9 +288,10 @@ def test_snnwrapper_follows_a_loaded_checkpoint(gen):
 
 
 @CPU_PASS_ONLY  # the wrapper's pass-through; the replayed kernels are test_chunk_graph's
-def test_snnwrapper_replays_cuda_graphs(gen, monkeypatch):
-    """``SNNWrapper(..., cuda_graph=True)``: the official interface on graph replays (here
-    ``ReplayGraph``, the CPU stand-in), the eager run's bits and step count, one capture per
+@pytest.mark.parametrize("device", DEVICES)
+def test_snnwrapper_replays_cuda_graphs(gen, monkeypatch, device):
+    """``SNNWrapper(..., cuda_graph=True)``: the official interface on graph replays (on a
+    CPU ``ReplayGraph``, the stand-in), the eager run's bits and step count, one capture per
     batch shape, and a fresh capture for a loaded checkpoint's SNN."""
     from replay_graph import graphs_replayed_on
 
@@ -299,11 +300,11 @@ def test_snnwrapper_replays_cuda_graphs(gen, monkeypatch):
     def qann():
         qvit = QuantViT(img_size=8, patch_size=4, in_chans=3, num_classes=5, embed_dim=16,
                         depth=1, num_heads=2, level=8)  # fmt: skip
-        return calibrate(qvit, torch.randn(8, 3, 8, 8, generator=gen))
+        return calibrate(qvit, torch.randn(8, 3, 8, 8, generator=gen)).to(device)
 
     a, b = qann(), qann()
-    images = torch.randn(3, 3, 8, 8, generator=gen)
-    captured = graphs_replayed_on("cpu", monkeypatch)
+    images = torch.randn(3, 3, 8, 8, generator=gen).to(device)
+    captured = graphs_replayed_on(device, monkeypatch)
     with force_backend(None):  # a replay runs the kernels it captured
         eager = SNNWrapper(a, None, 64, "analog", chunk=4)(images, verbose=True)
         wrapper = SNNWrapper(a, None, 64, "analog", chunk=4, cuda_graph=True)
