@@ -380,6 +380,20 @@ def test_torch_compile_fullgraph(gen, backend):
     torch.testing.assert_close(got[3], want[3], rtol=2**-22, atol=1e-7)
 
 
+def test_torch_compile_fullgraph_inplace(gen):
+    """``inplace=True`` under torch.compile (the face's copy into the given state traced):
+    the given tensors hold the new state, within the op's contract from the incoming state."""
+    x = _inputs(gen, 4, (3,), 23)
+    state0 = _state(gen, (3,), 23)
+    state = tuple(t.clone() for t in state0)
+
+    def softmax(x, x_acc, y_prev):
+        return spikekernels.spike_softmax(x, x_acc, y_prev, inplace=True)[0]
+
+    out = torch.compile(softmax, fullgraph=True)(x, *state)
+    _assert_matches_reference((out, *state), x, *state0)
+
+
 @pytest.mark.parametrize("n", [1, 5, 197])
 @pytest.mark.parametrize("with_state", [False, True])
 def test_torch_path_matches_oracle(gen, n, with_state):

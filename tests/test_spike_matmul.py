@@ -608,6 +608,23 @@ def test_inplace_opcheck(gen, path):
     torch.library.opcheck(torch.ops.spikekernels.spike_matmul.default, (a, b, scale, *state, True))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("path", INPLACE_CASES)
+def test_torch_compile_fullgraph_inplace(gen, path, device):
+    """``inplace=True`` under torch.compile (the mutation functionalized, then written back),
+    on both Triton paths: the op's output and the counts left in the given tensors equal the
+    eager call's, bit for bit."""
+    a, b, scale, state0 = _inplace_case(gen, 3, path, device)
+    want = spikekernels.spike_matmul(a, b, scale, *state0)
+    state = tuple(t.clone() for t in state0)
+
+    def product(a, b, scale, a_acc, b_acc):
+        return spikekernels.spike_matmul(a, b, scale, a_acc, b_acc, inplace=True)[0]
+
+    out = torch.compile(product, fullgraph=True)(a, b, scale, *state)
+    _assert_same((out, *state), want)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("k", [64, 197], ids=["scores-fused", "context-split"])
 def test_cuda_attention_size(gen, k):
