@@ -73,6 +73,39 @@ _BITS = {torch.float64: torch.int64, torch.float32: torch.int32, torch.float16: 
          torch.bfloat16: torch.int16}  # fmt: skip
 
 
+GUARD = 99  # what the elements around a guarded state hold
+
+
+def guarded(state):
+    """Copies of ``state`` (a tuple of tensors, or a dict of them by name), each a contiguous
+    view into a buffer two elements longer, whose guards (``GUARD``, one before it and one
+    after) show a write outside it: the state an in-place test hands an op."""
+
+    def one(t: torch.Tensor) -> torch.Tensor:
+        buf = torch.full((t.numel() + 2,), GUARD, dtype=t.dtype, device=t.device)
+        return buf[1:-1].view(t.shape).copy_(t)
+
+    if isinstance(state, dict):
+        return {name: one(t) for name, t in state.items()}
+    return tuple(one(t) for t in state)
+
+
+def called_in_place(call, names, given):
+    """``call()``, an op's call with ``inplace=True`` on the ``guarded`` tensors ``given``
+    (named ``names``, in the order of the state in its outputs, which follows its first
+    output), checked: that state is ``given`` itself, at the same addresses, and nothing
+    around it was written. Returns the outputs."""
+    given = list(given.values()) if isinstance(given, dict) else list(given)
+    ptrs = [t.data_ptr() for t in given]
+    out = call()
+    returned = out[1 : 1 + len(given)]
+    for name, got, t, ptr in zip(names, returned, given, ptrs, strict=True):
+        assert got is t, f"{name}: not the given tensor"
+        assert t.data_ptr() == ptr, f"{name} moved"
+        assert t._base[0].item() == GUARD and t._base[-1].item() == GUARD, f"{name}: outside"
+    return out
+
+
 def assert_same_bits(got: torch.Tensor, want: torch.Tensor, name: str = "output") -> None:
     """Same dtype, shape and bit pattern (floats viewed as integers of their width: -0.0 is
     not 0.0, and a NaN equals the same NaN), for an op that promises its bits."""

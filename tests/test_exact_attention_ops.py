@@ -9,7 +9,15 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import CPU_PASS_ONLY, DEVICES, TRITON_DEVICES, assert_same_bits, call_on
+from conftest import (
+    CPU_PASS_ONLY,
+    DEVICES,
+    TRITON_DEVICES,
+    assert_same_bits,
+    call_on,
+    called_in_place,
+    guarded,
+)
 
 from spikekernels import exact_math, reference
 from spikekernels.kernels import TRITON_AVAILABLE
@@ -861,30 +869,9 @@ _OPS = {
 INPLACE_SHAPES = [((1,), 1, 1, 1), ((2,), 5, 7, 3), ((), 19, 33, 20)]
 
 
-def _states(case, names):
-    """Copies of the case's state, each a contiguous view into a larger buffer whose guard
-    elements (one before, one after) show a write outside the state."""
-    states = {}
-    for name in names:
-        t = case[name]
-        buf = torch.full((t.numel() + 2,), 99, dtype=t.dtype, device=t.device)
-        states[name] = buf[1:-1].view(t.shape).copy_(t)
-    return states
-
-
-def _assert_guards(states):
-    for name, t in states.items():
-        flat = t._base
-        assert flat[0].item() == 99 and flat[-1].item() == 99, f"{name}: wrote outside"
-
-
 def _run_inplace(run, names, case, states):
-    ptrs = [t.data_ptr() for t in states.values()]
-    out = run(dict(case, **states), inplace=True)
-    for name, got, given, ptr in zip(names[1:], out[1:], states.values(), ptrs, strict=True):
-        assert got is given, f"{name}: not the given tensor"
-        assert given.data_ptr() == ptr, f"{name} moved"
-    return out
+    """``run`` with ``inplace=True`` on the ``guarded`` states, checked in place."""
+    return called_in_place(lambda: run(dict(case, **states), inplace=True), names[1:], states)
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch", "reference"])
@@ -896,10 +883,9 @@ def test_inplace_equals_fresh(gen, op, T, shape, backend):
     case = make(gen, T, *shape, state=True)
     with force_backend(backend):
         want = run(case)
-        states = _states(case, names[1:])
+        states = guarded({name: case[name] for name in names[1:]})
         got = _run_inplace(run, names, case, states)
     _assert_same(got, want, names)
-    _assert_guards(states)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -914,13 +900,12 @@ def test_inplace_chunks_equal_whole(gen, op, backend, device):
     case = make(gen, 10, (2,), 17, 35, 20, state=True, device=device)
     with force_backend(backend):
         whole = run(case)
-        states = _states(case, names[1:])
+        states = guarded({name: case[name] for name in names[1:]})
         spikes = [
             _run_inplace(run, names, chunk, states)[0]
             for chunk in _chunks(case, operands, [4, 1, 5])
         ]
     _assert_same((torch.cat(spikes), *states.values()), whole, names)
-    _assert_guards(states)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -931,9 +916,8 @@ def test_inplace_every_output_element_is_written(gen, op, device, poisoned_alloc
     make, run, names, _ = _OPS[op]
     case = make(gen, 3, (2,), 21, 35, 33, state=True, device=device)
     want = _reference_probs(case) if op == "probs" else _reference_context(case)
-    states = _states(case, names[1:])
+    states = guarded({name: case[name] for name in names[1:]})
     _assert_same(_run_inplace(run, names, case, states), want, names)
-    _assert_guards(states)
 
 
 def _inplace_good(op) -> dict:

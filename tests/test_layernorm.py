@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DEVICES, assert_same_bits, call_on
+from conftest import DEVICES, assert_same_bits, call_on, called_in_place, guarded
 
 import spikekernels
 from spikekernels import reference
@@ -171,26 +171,11 @@ def _state(gen, rows, C, device="cpu"):
     return tuple(torch.randn(shape, generator=gen).to(device) for _ in STATE_NAMES)
 
 
-def _guarded(state) -> tuple:
-    """Copies of the state, each a contiguous view into a larger buffer whose guard elements
-    (one before, one after) show a write outside the state."""
-    out = []
-    for t in state:
-        buf = torch.full((t.numel() + 2,), 99.0, dtype=t.dtype, device=t.device)
-        out.append(buf[1:-1].view(t.shape).copy_(t))
-    return tuple(out)
-
-
 def _run_inplace(x, w, b, state):
-    """``spike_layernorm(inplace=True)``: the state returned is the given tensors, at the same
-    addresses, and nothing around them is written."""
-    ptrs = [t.data_ptr() for t in state]
-    out = spikekernels.spike_layernorm(x, w, b, EPS, *state, inplace=True)
+    """``spike_layernorm(inplace=True)`` on the ``guarded`` state, checked in place."""
+    call = lambda: spikekernels.spike_layernorm(x, w, b, EPS, *state, inplace=True)  # noqa: E731
+    out = called_in_place(call, STATE_NAMES, state)
     assert len(out) == 3 and out[0].shape == x.shape
-    for name, got, given, ptr in zip(STATE_NAMES, out[1:], state, ptrs, strict=True):
-        assert got is given, f"{name}: not the given tensor"
-        assert given.data_ptr() == ptr, f"{name} moved"
-        assert given._base[0].item() == 99 and given._base[-1].item() == 99, f"{name}: outside"
     return out
 
 
@@ -213,7 +198,7 @@ def test_inplace_chunks_equal_whole(gen, backend, poisoned, request):
     sizes = [4, 1, 4]
     with force_backend(backend):
         whole = spikekernels.spike_layernorm(x, w, b, EPS, *state0)
-        state = _guarded(state0)
+        state = guarded(state0)
         parts = [_run_inplace(xs, w, b, state)[0] for xs in x.split(sizes)]
     _assert_same((torch.cat(parts), *state), whole)
     assert not whole[0].isnan().any() and not whole[2].isnan().any()
@@ -225,7 +210,7 @@ def test_inplace_single_step(gen, device):
     w, b = _affine(gen, 33, device)
     state = _state(gen, (3, 5), 33, device)
     want = spikekernels.spike_layernorm(x, w, b, EPS, *state)
-    _assert_same(_run_inplace(x, w, b, _guarded(state)), want)
+    _assert_same(_run_inplace(x, w, b, guarded(state)), want)
 
 
 def test_inplace_on_meta_tensors():

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DEVICES, assert_same_bits, call_on, st_bif_margin
+from conftest import DEVICES, assert_same_bits, call_on, called_in_place, guarded, st_bif_margin
 
 from spikekernels import reference
 from spikekernels.nn import STBIF, SpikeLayerNorm, SpikeLayerNormNeuron
@@ -260,26 +260,10 @@ def test_pending_branches_chunked_and_poisoned(gen, device, poisoned_allocations
 STATE_NAMES = ("x_acc", "y_prev", "v", "count")
 
 
-def _guarded(state: dict) -> dict:
-    """Copies of the state, each a contiguous view into a larger buffer whose guard elements
-    (one before, one after) show a write outside the state."""
-    out = {}
-    for name, t in state.items():
-        buf = torch.full((t.numel() + 2,), 99, dtype=t.dtype, device=t.device)
-        out[name] = buf[1:-1].view(t.shape).copy_(t)
-    return out
-
-
 def _run_inplace(x, norm, state, device="cpu", **kwargs):
-    """``spike_layernorm_neuron(inplace=True)``: the state returned is the given tensors, at
-    the same addresses."""
-    ptrs = [t.data_ptr() for t in state.values()]
-    out = _fused(x, norm, device, **state, **kwargs, inplace=True)
-    for name, got, given, ptr in zip(STATE_NAMES, out[1:5], state.values(), ptrs, strict=True):
-        assert got is given, f"{name}: not the given tensor"
-        assert given.data_ptr() == ptr, f"{name} moved"
-        assert given._base[0].item() == 99 and given._base[-1].item() == 99, f"{name}: outside"
-    return out
+    """``spike_layernorm_neuron(inplace=True)`` on the ``guarded`` state, checked in place."""
+    call = lambda: _fused(x, norm, device, **state, **kwargs, inplace=True)  # noqa: E731
+    return called_in_place(call, STATE_NAMES, state)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -303,7 +287,7 @@ def test_inplace_chunks_equal_whole(gen, backend, poisoned, branches, request):
     active = torch.zeros(9, 2, dtype=torch.int32)
     with force_backend(backend):
         whole = _fused(x, norm, **state0, **pending)
-        state = _guarded(state0)
+        state = guarded(state0)
         parts, streams = [], []
         for i, xs in enumerate(x.split(sizes)):
             t0 = sum(sizes[:i])
@@ -328,7 +312,7 @@ def test_inplace_single_step(gen, device):
     norm = _norm(gen, 33)
     state = {k: v.to(device) for k, v in _state(gen, (3, 5), 33).items()}
     want = _fused(x, norm, device, **state)
-    got = _run_inplace(x, norm, _guarded(state), device)
+    got = _run_inplace(x, norm, guarded(state), device)
     _assert_same(got, want)
 
 

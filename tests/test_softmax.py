@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import CPU_PASS_ONLY, assert_same_bits
+from conftest import CPU_PASS_ONLY, assert_same_bits, called_in_place, guarded
 
 import spikekernels
 from spikekernels import reference
@@ -171,26 +171,12 @@ BACKENDS = ["cpp", "torch", "reference"]
 STATE_NAMES = ("x_acc", "y_prev")
 
 
-def _guarded(state) -> tuple:
-    """Copies of the state, each a contiguous view into a larger buffer whose guard elements
-    (one before, one after) show a write outside the state."""
-    out = []
-    for t in state:
-        buf = torch.full((t.numel() + 2,), 99.0, dtype=t.dtype, device=t.device)
-        out.append(buf[1:-1].view(t.shape).copy_(t))
-    return tuple(out)
-
-
 def _run_inplace(x, state):
-    """``spike_softmax(inplace=True)``: the state returned is the given tensors, at the same
-    addresses, and nothing around them is written."""
-    ptrs = [t.data_ptr() for t in state]
-    out = spikekernels.spike_softmax(x, *state, inplace=True)
+    """``spike_softmax(inplace=True)`` on the ``guarded`` state, checked in place."""
+    out = called_in_place(
+        lambda: spikekernels.spike_softmax(x, *state, inplace=True), STATE_NAMES, state
+    )
     assert len(out) == 3 and out[0].shape == x.shape
-    for name, got, given, ptr in zip(STATE_NAMES, out[1:], state, ptrs, strict=True):
-        assert got is given, f"{name}: not the given tensor"
-        assert given.data_ptr() == ptr, f"{name} moved"
-        assert given._base[0].item() == 99 and given._base[-1].item() == 99, f"{name}: outside"
     return out
 
 
@@ -211,7 +197,7 @@ def test_inplace_chunks_equal_whole(gen, backend, poisoned, request):
     state0 = _state(gen, (2, 3), 37)
     with force_backend(backend):
         whole = spikekernels.spike_softmax(x, *state0)
-        state = _guarded(state0)
+        state = guarded(state0)
         parts = [_run_inplace(xs, state)[0] for xs in x.split([4, 1, 4])]
     _assert_same((torch.cat(parts), *state), whole)
     assert not whole[0].isnan().any() and not whole[2].isnan().any()
@@ -222,7 +208,7 @@ def test_inplace_single_step(gen, device):
     x = _inputs(gen, 1, (3, 5), 33, device=device)
     state = _state(gen, (3, 5), 33, device)
     want = spikekernels.spike_softmax(x, *state)
-    _assert_same(_run_inplace(x, _guarded(state)), want)
+    _assert_same(_run_inplace(x, guarded(state)), want)
 
 
 def test_inplace_on_meta_tensors():

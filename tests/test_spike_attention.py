@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DEVICES, call_on
+from conftest import DEVICES, call_on, called_in_place, guarded
 from test_exact_attention_ops import _after, _assert_same, _chunks, _packed_slice, _spikes
 
 from spikekernels import exact_math, reference
@@ -594,27 +594,11 @@ INPLACE_OPS = {
 }  # fmt: skip
 
 
-def _guarded(state):
-    """Copies of the state, each a contiguous view into a larger buffer whose guard elements
-    (one before, one after) show a write outside the state."""
-    out = []
-    for t in state:
-        buf = torch.full((t.numel() + 2,), 99, dtype=t.dtype, device=t.device)
-        out.append(buf[1:-1].view(t.shape).copy_(t))
-    return tuple(out)
-
-
 def _run_inplace(op, case, state, **kwargs):
-    """The op with ``inplace=True`` on ``state``: the state returned is the given tensors,
-    at the same addresses, and nothing around them is written."""
+    """The op with ``inplace=True`` on the ``guarded`` state, checked in place."""
     _, run, names, *_, extra = INPLACE_OPS[op]
-    ptrs = [t.data_ptr() for t in state]
-    out = run(dict(case, state=state), **extra, **kwargs, inplace=True)
-    for name, got, given, ptr in zip(names[1:], out[1:], state, ptrs, strict=True):
-        assert got is given, f"{name}: not the given tensor"
-        assert given.data_ptr() == ptr, f"{name} moved"
-        assert given._base[0].item() == 99 and given._base[-1].item() == 99, f"{name}: outside"
-    return out
+    call = lambda: run(dict(case, state=state), **extra, **kwargs, inplace=True)  # noqa: E731
+    return called_in_place(call, names[1:], state)
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch", "reference"])
@@ -631,7 +615,7 @@ def test_inplace_chunks_equal_whole(gen, op, poisoned, backend, request):
     active = torch.zeros(9, shape[0][0], dtype=torch.int32)
     with force_backend(backend):
         whole = run(case, **extra)
-        state = _guarded(case["state"])
+        state = guarded(case["state"])
         spikes, t0 = [], 0
         for chunk in _chunks(case, operands, [4, 1, 4]):
             n = chunk[operands[0][0]].shape[0]
@@ -648,7 +632,7 @@ def test_inplace_single_step(gen, op, device):
     make, run, names, _, shape, extra = INPLACE_OPS[op]
     case = make(gen, 1, *shape, state=True, device=device)
     want = run(case, **extra)
-    _assert_same(_run_inplace(op, case, _guarded(case["state"])), want, names)
+    _assert_same(_run_inplace(op, case, guarded(case["state"])), want, names)
 
 
 @pytest.mark.parametrize("op", INPLACE_OPS)

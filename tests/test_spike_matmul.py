@@ -6,7 +6,7 @@ import importlib
 
 import pytest
 import torch
-from conftest import DEVICES, assert_same_bits, call_on
+from conftest import DEVICES, assert_same_bits, call_on, called_in_place, guarded
 
 import spikekernels
 from spikekernels import reference
@@ -515,26 +515,10 @@ def _inplace_case(gen, T, path, device="cpu"):
     return a.to(device), b.to(device), _scale(gen, device), tuple(c.to(device) for c in state)
 
 
-def _guarded(state):
-    """Copies of the counts, each a contiguous view into a larger buffer whose guard elements
-    (one before, one after) show a write outside the state."""
-    out = []
-    for t in state:
-        buf = torch.full((t.numel() + 2,), 99, dtype=t.dtype, device=t.device)
-        out.append(buf[1:-1].view(t.shape).copy_(t))
-    return tuple(out)
-
-
 def _run_inplace(a, b, scale, state):
-    """The op with ``inplace=True`` on ``state``: the counts returned are the given tensors,
-    at the same addresses, and nothing around them is written."""
-    ptrs = [t.data_ptr() for t in state]
-    out = spikekernels.spike_matmul(a, b, scale, *state, inplace=True)
-    for name, got, given, ptr in zip(("a_acc", "b_acc"), out[1:], state, ptrs, strict=True):
-        assert got is given, f"{name}: not the given tensor"
-        assert given.data_ptr() == ptr, f"{name} moved"
-        assert given._base[0].item() == 99 and given._base[-1].item() == 99, f"{name}: outside"
-    return out
+    """The op with ``inplace=True`` on the ``guarded`` counts, checked in place."""
+    call = lambda: spikekernels.spike_matmul(a, b, scale, *state, inplace=True)  # noqa: E731
+    return called_in_place(call, ("a_acc", "b_acc"), state)
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch", "reference"])
@@ -548,7 +532,7 @@ def test_inplace_chunks_equal_whole(gen, path, poisoned, backend, request):
     a, b, scale, state = _inplace_case(gen, 9, path)
     with force_backend(backend):
         whole = spikekernels.spike_matmul(a, b, scale, *state)
-        given = _guarded(state)
+        given = guarded(state)
         outs, t0 = [], 0
         for n in (4, 1, 4):
             outs.append(_run_inplace(a[t0 : t0 + n], b[t0 : t0 + n], scale, given)[0])
@@ -562,7 +546,7 @@ def test_inplace_chunks_equal_whole(gen, path, poisoned, backend, request):
 def test_inplace_single_step(gen, path, device):
     a, b, scale, state = _inplace_case(gen, 1, path, device)
     want = spikekernels.spike_matmul(a, b, scale, *state)
-    _assert_same(_run_inplace(a, b, scale, _guarded(state)), want)
+    _assert_same(_run_inplace(a, b, scale, guarded(state)), want)
 
 
 def test_inplace_on_meta_tensors(gen):
