@@ -164,7 +164,9 @@ def pool_patch_tokens(c: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     """``fl32`` of the float64 mean over the patch tokens of ``fl64(c + D)`` ``[..., 1+N, C]``
     (the ``global_pool`` feature of ViT-B/L): ``tree_sum`` over the tokens, divided by N."""
     patches = (c + d)[..., 1:, :]
-    return (tree_sum(patches, dim=-2).squeeze(-2) / patches.shape[-2]).to(torch.float32)
+    return divide_by_count(tree_sum(patches, dim=-2).squeeze(-2), patches.shape[-2]).to(
+        torch.float32
+    )
 
 
 def sqrt_rn(v: torch.Tensor) -> torch.Tensor:
@@ -184,6 +186,14 @@ def sqrt_rn(v: torch.Tensor) -> torch.Tensor:
     return s
 
 
+def divide_by_count(x: torch.Tensor, n: int) -> torch.Tensor:
+    """``x / n``, correctly rounded on every device. ``n`` goes in as a tensor on ``x``'s
+    device: PyTorch's CUDA kernel divides by a host number as a product with its reciprocal
+    (two roundings; for n = 384 a LayerNorm's mean moved by an ulp on an H200, and the exact
+    QANN then differed from the SNN's kernels, which divide correctly rounded)."""
+    return x / torch.full((), n, dtype=x.dtype, device=x.device)
+
+
 def layer_norm_rows(
     x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
 ) -> torch.Tensor:
@@ -192,8 +202,8 @@ def layer_norm_rows(
     one rounding per operation (the row function of exact mode)."""
     x = x.to(torch.float32)
     c = x.shape[-1]
-    xc = x - tree_sum(x) / c
-    var = tree_sum(xc * xc) / c
+    xc = x - divide_by_count(tree_sum(x), c)
+    var = divide_by_count(tree_sum(xc * xc), c)
     y = xc / sqrt_rn(var + eps)
     if weight is not None:
         y = y * weight.to(torch.float32)

@@ -1451,3 +1451,17 @@ def test_rows_flagged_quiet_are_the_step_befores(gen, backend, pool):
     _assert_same(got[:2], want[:2])
     if not pool:
         _assert_same_residual(got[2], want[2])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_row_function_divides_correctly_rounded(gen, device):
+    """The LayerNorm row function's mean and variance divide by C correctly rounded on every
+    device, so the exact QANN's rows are the kernels' on a GPU too. PyTorch's CUDA kernel
+    divides by a host number as a product with its reciprocal (two roundings): at C = 384
+    that moved one of ViT-S's LayerNorm counts by one on an H200 (2026-12-04), and the exact
+    QANN's logits then differed from the SNN's."""
+    x = torch.randn(4096, 384, generator=gen).to(device)
+    got = exact_math.divide_by_count(x, 384)
+    assert torch.equal(got, (x.double() / 384).float()), "float64 then rounded: one rounding"
+    rows = exact_math.layer_norm_rows(x, None, None, 1e-6)
+    assert torch.equal(rows.cpu(), exact_math.layer_norm_rows(x.cpu(), None, None, 1e-6))
