@@ -39,7 +39,8 @@ for tf32 in (True, False):
     print(
         f"tf32={tf32}: logits equal {torch.equal(report.snn_logits, report.qann_logits)}, "
         f"max diff {(report.snn_logits - report.qann_logits).abs().max().item():.3g}, "
-        f"first divergence {report.first_divergence}, {len(bad)} of {len(rows)} layers differ, t={time.time() - t0:.0f}s",
+        f"first divergence {report.first_divergence}, {len(bad)} of {len(rows)} layers "
+        f"differ, t={time.time() - t0:.0f}s",
         flush=True,
     )
     for r in bad[:8]:
