@@ -54,7 +54,7 @@ def int_weights(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     ``W_int = clamp(round_half_even(W / ws), -127, 127)``, in float32.
     """
     w = weight.detach().to(torch.float32)
-    ws = w.abs().amax(dim=1) / INT8_WEIGHT_MAX
+    ws = divide_by_count(w.abs().amax(dim=1), INT8_WEIGHT_MAX)  # the same bits on every device
     ws = torch.where(ws > 0, ws, torch.ones_like(ws))
     w_int = torch.clamp(torch.round(w / ws[:, None]), -INT8_WEIGHT_MAX, INT8_WEIGHT_MAX)
     return w_int.to(torch.int8), ws

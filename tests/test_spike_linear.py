@@ -174,6 +174,32 @@ def test_silent_rows_and_steps_give_exactly_the_bias(gen, dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", WEIGHT_DTYPES, ids=str)
+def test_bias_share_is_correctly_rounded(gen, device, dtype):
+    """Silent spikes give exactly ``bias / bias_steps`` on the due steps, on every device:
+    PyTorch's CUDA kernel divides by a host number as a product with its reciprocal (two
+    roundings); on an H200 (2026-12-04) that moved v of the fused neuron by an ulp at
+    bias_steps 3 and 20."""
+    N, bias_steps = 300, 3
+    w, ws = _weight(gen, N, 16, dtype)
+    bias = torch.randn(N, generator=gen)
+    s = torch.zeros(4, 2, 16, dtype=torch.int8)
+    got = spikekernels.spike_linear(
+        s.to(device),
+        w.to(device),
+        torch.tensor(0.7, device=device),
+        bias.to(device),
+        bias_steps=bias_steps,
+        weight_scale=None if ws is None else ws.to(device),
+    ).cpu()
+    share = (bias.double() / bias_steps).float()  # one rounding
+    two_roundings = bias * (1 / bias_steps)  # what a CUDA division by a host number gives
+    assert not torch.equal(share, two_roundings), "no case of two roundings: proves little"
+    assert torch.equal(got[:bias_steps], share.expand(bias_steps, 2, N))
+    assert torch.equal(got[bias_steps:], torch.zeros(4 - bias_steps, 2, N))
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("layout", ["strided", "expanded"])
 def test_bias_of_any_layout(gen, device, layout):
     """A strided or expanded (stride 0) bias gives the contiguous bias's bits on every path,

@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from spikekernels.exact_math import divide_by_count
 from spikekernels.ops._checks import (
     FLOAT_DTYPES,
     check_finite_nonzero,
@@ -99,13 +100,13 @@ def tensor_core_weight(weight: torch.Tensor) -> torch.Tensor:
 
 
 def bias_share(bias: torch.Tensor | None, bias_steps: int) -> torch.Tensor | None:
-    """What is added on each due step, in float32: exactly the reference's expression,
-    contiguous (the kernels read it by column index; a strided or expanded bias passes the
-    checks)."""
+    """What is added on each due step, in float32: exactly the reference's expression
+    (``bias / bias_steps`` correctly rounded, on a GPU too), contiguous (the kernels read it
+    by column index; a strided or expanded bias passes the checks)."""
     if bias is None:
         return None
     share = bias.to(torch.float32)
-    return (share if bias_steps == 1 else share / bias_steps).contiguous()
+    return (share if bias_steps == 1 else divide_by_count(share, bias_steps)).contiguous()
 
 
 def due_steps(t0: int, steps: int, bias_steps: int) -> int:
