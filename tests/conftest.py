@@ -168,13 +168,16 @@ def poisoned_allocations(monkeypatch):
 
 
 def moved_to(device: str, *args: dict) -> list[dict]:
-    """Each dict of arguments with its CPU tensors moved to ``device``; tensors that share
-    memory (in one dict or across them) still share it there, as views of one moved storage,
-    so that an overlap a test builds on purpose survives the move. Meta tensors (a wrong
-    device on purpose) and non-tensors stay as they are."""
+    """Each dict of arguments with its CPU tensors moved to ``device``, those inside tuples
+    and lists too (an op's ``state``); tensors that share memory (in one dict or across them)
+    still share it there, as views of one moved storage, so that an overlap a test builds on
+    purpose survives the move. Meta tensors (a wrong device on purpose) and non-tensors stay
+    as they are."""
     storages: dict[int, torch.UntypedStorage] = {}
 
     def move(t):
+        if isinstance(t, (tuple, list)):
+            return type(t)(move(x) for x in t)
         if not isinstance(t, torch.Tensor) or t.device.type != "cpu" or device == "cpu":
             return t
         storage = t.untyped_storage()

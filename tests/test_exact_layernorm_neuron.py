@@ -1392,17 +1392,19 @@ def test_kernel_skips_branch_rows_flagged_silent(gen, device):
     assert all(not torch.equal(b[0], h[0]) for b, h in zip(branches, hidden, strict=True))
     count = torch.randint(-8, 8, (2, 5, 100), generator=gen, dtype=torch.int8)
     on = [[None if t is None else t.to(device) for t in b] for b in branches]
-    moved = [torch.zeros(shape[:-1], dtype=torch.int32, device=device) for _ in range(2)]
+    # the oracle runs on the CPU, the kernel on ``device``: each its own residual_moved
+    want_moved = torch.zeros(shape[:-1], dtype=torch.int32)
+    got_moved = torch.zeros(shape[:-1], dtype=torch.int32, device=device)
     want = _run_branch(d, c, norm, hidden[0], count, hidden[1], residual_out=True,
-                       residual_moved=moved[0])  # fmt: skip
+                       residual_moved=want_moved)  # fmt: skip
     got = torch.ops.spikekernels.exact_layernorm_neuron(
         d.to(device), c.to(device), norm["w"].to(device), norm["b"].to(device), EPS,
         norm["theta"].to(device), -8, 7, count.to(device), False, None, *on[0], *on[1], True,
-        False, None, moved[1], None, flags[0].to(device), flags[1].to(device),
+        False, None, got_moved, None, flags[0].to(device), flags[1].to(device),
     )  # fmt: skip
     _assert_same(got[:2], want[:2])
     _assert_same_residual(got[2], want[2])
-    assert torch.equal(moved[0].cpu(), moved[1].cpu())
+    assert torch.equal(got_moved.cpu(), want_moved)
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch", "reference"])

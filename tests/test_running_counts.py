@@ -106,7 +106,8 @@ def test_linear_counts_out_inplace_and_poisoned(gen, device, poisoned_allocation
     state = count.clone()
     out, got_count = _run(s, layer, -8, 7, s_count, state, counts_out=True, inplace=True)
     assert got_count is state
-    _assert_equal((out, state), (_running(want[0].to(device), want[1]), want[1]), ("out", "c"))
+    want = [t.cpu() for t in want]  # the oracle's own device: where the reference ran
+    _assert_equal((out, state), (_running(want[0], want[1]), want[1]), ("out", "c"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1126,7 +1127,10 @@ def test_cuda_validate_refuses_bad_settled_flags(gen, kind):
     case, kwargs = _settled_bad(gen, kind)
     case = {name: t.cuda() for name, t in case.items()}
     kwargs = {name: t.cuda() for name, t in kwargs.items()}
-    _run_attention(case, **kwargs)  # trusted: no host sync, no check
+    # trusted: no host sync, no check; on copies, as the op writes the flags it was given
+    # (its last step's truth, which validate would then accept)
+    clone = {name: t.clone() for name, t in kwargs.items()}
+    _run_attention({name: t.clone() for name, t in case.items()}, **clone)
     with pytest.raises(ValueError, match=f"row_settled marks a row whose {kind} neuron fires"):
         _run_attention(case, validate=True, **kwargs)
 
