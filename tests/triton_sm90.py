@@ -1122,6 +1122,24 @@ def exact_residual_cases() -> list[Case]:
     ]
 
 
+def spike_count_cases() -> list[Case]:
+    from spikekernels.kernels import spike_count as sc
+
+    return [
+        Case(
+            f"nonzero_per_step x={ty} diff={diff}",
+            sc.nonzero_per_step_kernel,
+            {"x_ptr": f"*{ty}", "before_ptr": f"*{ty}", "out_ptr": "*i32", "T": "i32", "M": "i32"},
+            dict(DIFF=diff, T_BLOCK=8, BLOCK=sc._BLOCK),
+            num_warps=sc._NUM_WARPS,
+            aligned=["M"],
+            # one pass in 16-byte loads (int8: 16 a thread), one atomic add per step
+            ptx_must_contain=["ld.global.v4.b32", "atom.global"],
+        )
+        for ty, diff in [("i8", False), ("i8", True), ("i32", False)]
+    ]
+
+
 def spike_attention_cases() -> list[Case]:
     from spikekernels.kernels import exact_attention as ea
     from spikekernels.kernels import spike_attention as sa
@@ -1262,6 +1280,7 @@ CASE_FACTORIES = [
     exact_attention_cases,
     spike_attention_cases,
     exact_residual_cases,
+    spike_count_cases,
     tile_candidate_cases,
 ]
 

@@ -5,10 +5,11 @@
 - every neuron module (``spikekernels.nn.STBIF``, ``TargetNeuron``) adds, per call, the
   number of its outputs that are nonzero (a +1 *or* a -1 spike; float-output neurons emit
   ``sigma * theta``) per time step into a ``[neurons, max_steps]`` int64 tensor on the
-  device: one ``count_nonzero`` and one in-place add per neuron call (a call covers a chunk
-  of steps). The tensor is read once, at the end. A neuron that returns its running count
+  device: per neuron call (a call covers a chunk of steps) one pass over its output
+  (``kernels.spike_count``, where Triton runs; else ``count_nonzero``) and one in-place add.
+  The tensor is read once, at the end. A neuron that returns its running count
   (``counts_out``, exact mode's qkv and attention neurons) is counted by the steps'
-  differences. In a ``SpikingViT`` the hooks write each chunk's counts into a chunk-relative
+  differences, in the same pass. In a ``SpikingViT`` the hooks write each chunk's counts into a chunk-relative
   ``[neurons, max_steps]`` tensor instead, which the runner's ``observe_chunks`` call places
   at the chunk's global steps: the hooks are ``replayable``, so ``snn(..., cuda_graph=True)``
   captures their work with the chunk and counts every replay;
@@ -49,6 +50,7 @@ from torch import nn
 
 from spikekernels.nn.hooks import observer
 from spikekernels.ops._activity import spikes_of_counts
+from spikekernels.ops._dispatch import backend_for
 
 __all__ = [
     "ENERGY_TABLES",
@@ -135,11 +137,28 @@ _ROW_SUM_MAX = 1 << 16
 _PER_ROW_MIN = 4096
 
 
+def _launch(kernel):
+    """A Triton kernel launched directly (the hooks run outside any traced op)."""
+    return kernel
+
+
+def _counted_by_kernel(flat: torch.Tensor) -> bool:
+    """Whether ``kernels.spike_count`` counts ``flat`` ``[T, M]``: where Triton runs (a GPU,
+    or the CPU interpreter), ``M`` within its int32 offsets."""
+    from spikekernels.kernels.spike_count import MAX_ELEMENTS
+
+    return backend_for(flat, ("triton", "torch")) == "triton" and flat.shape[1] <= MAX_ELEMENTS
+
+
 def _count_per_step(flat: torch.Tensor) -> torch.Tensor:
     """``[T, M]`` spikes (int8, or float ``sigma * theta``) -> ``[T]`` nonzero counts."""
     if flat.is_floating_point():
         flat = flat.view(_SAME_WIDTH_INT[flat.dtype])
-    elif flat.dtype == torch.int8 and not flat.is_cuda and flat.shape[1] <= _ROW_SUM_MAX:
+    if _counted_by_kernel(flat):
+        from spikekernels.kernels.spike_count import nonzero_per_step_triton
+
+        return nonzero_per_step_triton(_launch, flat.contiguous())
+    if flat.dtype == torch.int8 and not flat.is_cuda and flat.shape[1] <= _ROW_SUM_MAX:
         return flat.abs().sum(dim=1, dtype=torch.int32)  # ternary: |s| = 1 per spike
     if flat.is_cuda or flat.shape[1] < _PER_ROW_MIN:
         return torch.count_nonzero(flat, dim=1)
@@ -292,8 +311,9 @@ class SpikeCounter:
                 self.neuron_elements[name] = output[0, 0].numel()
             if getattr(module, "counts_out", False):
                 # the output is the count after each step: its spikes are the differences
-                output = self._spikes_of_counts(index, output)
-            counts = _count_per_step(output.reshape(steps, -1))
+                counts = self._changes_per_step(index, output)
+            else:
+                counts = _count_per_step(output.reshape(steps, -1))
             if self._chunk is not None:  # the runner places the chunk
                 self._check_within(steps)
                 self._chunk[index, :steps].copy_(counts)
@@ -312,14 +332,23 @@ class SpikeCounter:
                 "make the counter with the run's max_steps"
             )
 
-    def _spikes_of_counts(self, index: int, counts: torch.Tensor) -> torch.Tensor:
+    def _changes_per_step(self, index: int, counts: torch.Tensor) -> torch.Tensor:
+        """``[T]``: the elements of a ``counts_out`` neuron's count ``[T, ...]`` that moved
+        at each step (its spikes), from its count after the last call, which then becomes
+        this call's last (in place: a graph reads the address it captured)."""
         key = (index, tuple(counts.shape[1:]))
         before = self._last_counts.get(key)
         if before is None:  # a fresh run's count, 0 (the first call of this shape)
-            before = self._last_counts[key] = torch.zeros_like(counts[-1])
+            before = self._last_counts[key] = counts.new_zeros(counts.shape[1:])
+        flat = counts.reshape(counts.shape[0], -1)
+        if _counted_by_kernel(flat) and before.dtype == flat.dtype:
+            from spikekernels.kernels.spike_count import nonzero_per_step_triton
+
+            return nonzero_per_step_triton(_launch, flat.contiguous(), before.view(-1))
         spikes = spikes_of_counts(counts, before)
-        before.copy_(counts[-1])  # in place: a graph reads the address it captured
-        return spikes
+        if counts.shape[0]:
+            before.copy_(counts[-1])
+        return _count_per_step(spikes.reshape(spikes.shape[0], -1))
 
     def _dense_hook(self, name: str):
         def hook(module, inputs, output):
