@@ -9,9 +9,9 @@
   (``kernels.spike_count``, where Triton runs; else ``count_nonzero``) and one in-place add.
   The tensor is read once, at the end. A neuron that returns its running count
   (``counts_out``, exact mode's qkv and attention neurons) is counted by the steps'
-  differences, in the same pass. In a ``SpikingViT`` the hooks write each chunk's counts into a chunk-relative
-  ``[neurons, max_steps]`` tensor instead, which the runner's ``observe_chunks`` call places
-  at the chunk's global steps: the hooks are ``replayable``, so ``snn(..., cuda_graph=True)``
+  differences, in the same pass. In a ``SpikingViT`` the hooks write each chunk's counts
+  into a chunk-relative ``[neurons, max_steps]`` tensor instead, which the runner's
+  ``observe_chunks`` call places at the chunk's global steps: the hooks are ``replayable``, so ``snn(..., cuda_graph=True)``
   captures their work with the chunk and counts every replay;
 - a spike's **fan-out** is the neuron's ``fanout`` attribute, set by ``convert``: the
   synaptic operations (accumulates) one spike causes downstream. The consuming linear's
