@@ -11,8 +11,9 @@
   (``counts_out``, exact mode's qkv and attention neurons) is counted by the steps'
   differences, in the same pass. In a ``SpikingViT`` the hooks write each chunk's counts
   into a chunk-relative ``[neurons, max_steps]`` tensor instead, which the runner's
-  ``observe_chunks`` call places at the chunk's global steps: the hooks are ``replayable``, so ``snn(..., cuda_graph=True)``
-  captures their work with the chunk and counts every replay;
+  ``observe_chunks`` call places at the chunk's global steps: the hooks are ``replayable``,
+  so ``snn(..., cuda_graph=True)`` captures their work with the chunk and counts every
+  replay;
 - a spike's **fan-out** is the neuron's ``fanout`` attribute, set by ``convert``: the
   synaptic operations (accumulates) one spike causes downstream. The consuming linear's
   ``out_features``; in the SESA spike products the other operand's dimension (a q spike meets
