@@ -72,6 +72,7 @@ from triton_sm90 import PTXAS, TARGET, _ptxas_usage  # noqa: E402
 
 import spikekernels.nn.linear  # noqa: E402
 from spikekernels import convert  # noqa: E402
+from spikekernels.evaluate import sops  # noqa: E402
 from spikekernels.evaluate.sops import SpikeCounter  # noqa: E402
 from spikekernels.models import QuantViT, calibrate, quant_vit_tiny  # noqa: E402
 from spikekernels.models.spiking_vit import _EagerChunks  # noqa: E402
@@ -138,6 +139,7 @@ def _patch() -> None:
         on = property(lambda self: False, lambda self, value: None)
 
     torch.library.wrap_triton = recorded
+    sops._launch = recorded  # the SpikeCounter hooks' direct launches
     torch.cuda.current_device = lambda: 0
     _registry._direct = Never()
     _registry.runs_directly = lambda args: True
