@@ -48,6 +48,8 @@ flags slab): 173 launches, none failed, the same four spills; both models one gr
 Session 32 (the SOP counter placing chunks as the runner's chunk observer): the same.
 Session 34 (the unfused modules in place, parts 1 and 3 for them): 182 launches, none failed,
 the same four spills; torch tells what every in-place building block's kernels write.
+Session 35 (the SOP counter's one-pass counts, kernels.spike_count, under the counted models):
+187 launches, none failed, the same four spills.
 """
 
 from __future__ import annotations
