@@ -11,8 +11,9 @@ modules' and the runner's CUDA paths. Under FakeTensorMode, ``cuda`` tensors nee
    reaches them, and checks the outputs' shapes and dtypes against a real CPU run;
 2. compiles every distinct launch it met for sm_90 (Triton's compiler needs no GPU): the tile
    choices and specialisations of real calls, which tests/triton_sm90.py's hand-made cases
-   may miss, and lists the ones that spill registers (ptxas), each with how many of its local
-   loads and stores sit inside a loop (SASS);
+   may miss, checks that no argument the TTIR reads is lost by the GPU passes (as
+   triton_sm90 does), and lists the launches that spill registers (ptxas), each with how many
+   of its local loads and stores sit inside a loop (SASS);
 3. traces each op under ``torch.compile(fullgraph=True)`` down to Triton's kernels, as
    torch.compile does on a GPU, and checks that torch's analysis of which tensors each kernel
    writes succeeded (when it fails, torch only warns, assumes every tensor argument written
@@ -70,7 +71,7 @@ import tempfile  # noqa: E402
 import torch  # noqa: E402
 import triton  # noqa: E402
 from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: E402
-from triton_sm90 import PTXAS, TARGET, _ptxas_usage  # noqa: E402
+from triton_sm90 import PTXAS, TARGET, _args_used, _ptxas_usage  # noqa: E402
 
 import spikekernels.nn.linear  # noqa: E402
 from spikekernels import convert  # noqa: E402
@@ -336,6 +337,11 @@ def _local_accesses(cubin: bytes) -> tuple[int, int]:
     return len(local), sum(any(a <= x <= b for a, b in loops) for x in local)
 
 
+# the running-count operands of the spike-form attention kernels, unread on running counts
+# (COUNTS_IN), whose pointer steps the GPU passes drop (triton_sm90's ``unread_args``)
+_UNREAD_ON_COUNTS = {"q_prev_ptr", "k_cur_ptr", "a_prev_ptr", "v_cur_ptr"}
+
+
 def compile_launches() -> None:
     """Part 2: each distinct launch, compiled for sm_90 as its first real launch would be
     (pointer arguments stand in as small CPU tensors of the same dtype)."""
@@ -353,6 +359,10 @@ def compile_launches() -> None:
         except Exception as exc:  # the compiler's last line names the problem
             failures.append(f"{name} {tiles}: {str(exc).strip().splitlines()[-1]}")
             continue
+        names = [n for i, n in enumerate(kernel.arg_names) if i not in kernel.constexprs]
+        lost = _args_used(compiled.asm["ttir"], names) - _args_used(compiled.asm["ttgir"], names)
+        if lost - _UNREAD_ON_COUNTS:
+            failures.append(f"{name} {tiles}: the GPU passes lost the reads of {sorted(lost)}")
         regs, spills = _ptxas_usage(compiled.asm["ptx"])
         if spills:
             total, looped = _local_accesses(compiled.asm["cubin"])

@@ -52,6 +52,10 @@ class Case:
     # software pipelining that the kernel's speed rests on: at least this many asynchronous
     # global-to-shared copies in the TTGIR (an unpipelined loop has none of its own)
     min_async_copies: int = 0
+    # arguments this specialisation never reads, whose uses in the TTIR (pointer steps carried
+    # through the loop) the GPU passes may drop: every other argument the TTIR uses must still
+    # be used in the TTGIR (_args_lost)
+    unread_args: list[str] = field(default_factory=list)
 
 
 def _lone_or_exact_product(fma: str) -> bool:
@@ -73,6 +77,22 @@ def _attrs(case: Case) -> dict:
     names = case.kernel.arg_names
     hinted = [k for k, ty in case.signature.items() if ty.startswith("*")] + case.aligned
     return {(names.index(k),): [["tt.divisibility", 16]] for k in hinted}
+
+
+def _args_used(ir: str, names: list[str]) -> set[str]:
+    """Which of the kernel arguments ``names`` an MLIR module uses outside its signature."""
+    body = "\n".join(line for line in ir.splitlines() if "tt.func" not in line)
+    return {name for name in names if re.search(rf"%{name}\b", body)}
+
+
+def _args_lost(case: Case, asm: dict) -> list[str]:
+    """The arguments the TTIR uses and the TTGIR no longer does, less ``unread_args``: a GPU
+    pass dropped a live use. Triton 3.6's tritongpu-remove-layout-conversions did, in
+    ``spike_linear_neuron_kernel``: the step loop's flag pointer lost its increment (the flag
+    feeding the K loop's bound), so every step read step 0's flag (H200, 2026-12-04)."""
+    names = [name for name in case.signature if name not in case.constexprs]
+    lost = _args_used(asm["ttir"], names) - _args_used(asm["ttgir"], names)
+    return sorted(lost - set(case.unread_args))
 
 
 def _ptxas_usage(ptx: str) -> tuple[int, int]:
@@ -884,6 +904,8 @@ def exact_attention_cases() -> list[Case]:
                 constexprs,
                 num_warps=num_warps,
                 aligned=["D", *strides],
+                # on running counts the spike-form's running-count operands go unread
+                unread_args=["q_prev_ptr", "k_cur_ptr"] if counts_in else [],
                 **dict(checks, ptx_must_contain=["wgmma", *checks["ptx_must_contain"]]),
             )
         )
@@ -1013,6 +1035,7 @@ def exact_attention_cases() -> list[Case]:
                 num_warps=num_warps,
                 aligned=["D", "stride_vt", "stride_vb", "stride_vh", "stride_vn"]
                 + ["stride_ot", "stride_ob", "stride_oh", "stride_om"],
+                unread_args=["a_prev_ptr", "v_cur_ptr"] if counts_in else [],
                 **checks,
             )
         )
@@ -1307,6 +1330,9 @@ def compile_case(case: Case) -> tuple[list[str], str]:
         contracted = [f for f in fmas if not _lone_or_exact_product(f)]
         if contracted:
             problems.append(f"{len(contracted)} contracted multiply-adds, e.g. {contracted[0]!r}")
+    lost = _args_lost(case, compiled.asm)
+    if lost:
+        problems.append(f"arguments read in the TTIR but gone from the TTGIR: {lost}")
     copies = compiled.asm["ttgir"].count("ttg.async_copy_global_to_local")
     if copies < case.min_async_copies:
         problems.append(f"{copies} asynchronous copies, not {case.min_async_copies}: unpipelined")

@@ -131,11 +131,15 @@ def spike_linear_neuron_kernel(
     w_start = w_ptr + cols[None, :] * K + ks[:, None]
     s_start = s_ptr + rs[:, None] * K + ks[None, :]
     out_ptrs = out_ptr + state_offs
-    flag_ptrs = flag_ptr + pid_m
     if HAS_ACTIVE:
         active_ptrs = active_ptr + rs // rows_per_sample
     for t in range(T):
-        k_end = tl.where(tl.load(flag_ptrs) != 0, K, 0)
+        # The step's flag by index, not by a pointer carried through the loop: triton 3.6's
+        # tritongpu-remove-layout-conversions dropped that pointer's increment (the flag feeds
+        # the K loop's bound), so every step read step 0's flag, and a chunk whose first step
+        # was silent in a row tile skipped that tile's products at every step (H200,
+        # 2026-12-04). tests/triton_sm90.py checks that no argument the TTIR reads is lost.
+        k_end = tl.where(tl.load(flag_ptr + pid_m + t * num_m) != 0, K, 0)
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         acc = spike_dot(
             acc,
@@ -167,7 +171,6 @@ def spike_linear_neuron_kernel(
             active_ptrs += B
         s_start += s_step
         out_ptrs += out_step
-        flag_ptrs += num_m
     tl.store(v_out_ptr + state_offs, v, mask=mask)
     tl.store(count_out_ptr + state_offs, count.to(count_out_ptr.dtype.element_ty), mask=mask)
 
