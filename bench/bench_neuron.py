@@ -17,6 +17,7 @@ from conftest import (
     DEVICE,
     ON_GPU,
     copy_bandwidth_gbps,
+    median_time,
     note_missing_baseline,
     record,
     time_op,
@@ -25,6 +26,7 @@ from conftest import (
 
 import spikekernels
 from spikekernels import reference
+from spikekernels.kernels import neuron
 
 try:
     from spikingjelly.activation_based.neuron.spikezip import STBIFNode
@@ -52,8 +54,7 @@ def _input(T: int, numel: int) -> tuple[torch.Tensor, torch.Tensor]:
 def test_st_bif(benchmark, T, numel):
     x, theta = _input(T, numel)
     fused = lambda: spikekernels.st_bif(x, theta, N_MIN, P_MAX)
-    count_bytes = torch.tensor([], dtype=reference.count_dtype(N_MIN, P_MAX)).element_size()
-    moved = x.numel() * x.element_size() + x.numel() + numel * (4 + count_bytes)
+    moved = _moved_bytes(x, numel)
 
     benchmark.group = f"st_bif numel={numel}"
     seconds = time_op(benchmark, fused)
@@ -81,3 +82,44 @@ def test_st_bif(benchmark, T, numel):
     else:
         note_missing_baseline("spikingjelly", info)
     record(benchmark, seconds, **info)
+
+
+def _moved_bytes(x: torch.Tensor, numel: int) -> int:
+    """The input read once, int8 spikes and the fresh state written once."""
+    count_bytes = torch.tensor([], dtype=reference.count_dtype(N_MIN, P_MAX)).element_size()
+    return x.numel() * x.element_size() + x.numel() + numel * (4 + count_bytes)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="times the Triton kernel's launches: on a GPU only")
+def test_st_bif_launches(benchmark, monkeypatch):
+    """``kernels.neuron.TILE_CANDIDATES`` (BLOCK, warps, stages) at T = 16 and 16M neurons,
+    the DESIGN.md target's shape: the fraction of copy bandwidth of each, the spikes and state
+    of each checked bit for bit against the default's. Recorded: ``by_launch`` and ``best``."""
+    T, numel = 16, 1 << 24
+    x, theta = _input(T, numel)
+    moved = _moved_bytes(x, numel)
+    run = lambda: spikekernels.st_bif(x, theta, N_MIN, P_MAX)
+    benchmark.group = "st_bif launches T=16 numel=16M"
+    by_launch, want, default_seconds = {}, None, None
+    for block, warps, stages in neuron.TILE_CANDIDATES:
+        monkeypatch.setattr(neuron, "BLOCK", block)
+        monkeypatch.setattr(neuron, "NUM_WARPS", warps)
+        monkeypatch.setattr(neuron, "STAGES", stages)
+        got = run()  # compiles this launch
+        if want is None:
+            want = got
+            seconds = default_seconds = time_op(benchmark, run)
+        else:
+            seconds = median_time(run)
+        by_launch[f"{block}x{warps}w{stages}s"] = dict(
+            fraction_of_copy_bandwidth=moved / seconds / 1e9 / copy_bandwidth_gbps(),
+            seconds=seconds,
+            bitwise_equal_to_default=all(torch.equal(a, b) for a, b in zip(got, want, strict=True)),
+        )
+    monkeypatch.undo()
+    best = max(by_launch, key=lambda k: by_launch[k]["fraction_of_copy_bandwidth"])
+    for name, r in by_launch.items():
+        print(f"st_bif launch {name}: {r['fraction_of_copy_bandwidth']:.2f} of copy bandwidth")
+    record(benchmark, default_seconds, T=T, numel=numel, by_launch=by_launch, best=best)
+    unequal = [k for k, r in by_launch.items() if not r["bitwise_equal_to_default"]]
+    assert not unequal, f"a launch shape changed the bits: {unequal}"

@@ -1287,6 +1287,19 @@ def tile_candidate_cases() -> list[Case]:
                 setattr(module, constant, default)
             case.name = f"{name} tiles={candidate}"
             cases.append(case)
+    # st_bif's launch (BLOCK, NUM_WARPS, STAGES), which bench/bench_neuron.py times
+    from spikekernels.kernels import neuron
+
+    name = "st_bif x=fp32 s=i8 float_out=False active=True"
+    assert neuron.TILE_CANDIDATES[0] == (neuron.BLOCK, neuron.NUM_WARPS, neuron.STAGES)
+    for block, warps, stages in neuron.TILE_CANDIDATES[1:]:
+        (case,) = [c for c in neuron_cases() if c.name == name]
+        case.constexprs = dict(case.constexprs, BLOCK=block, STAGES=stages)
+        case.num_warps = warps
+        if stages == 1:  # nothing to pipeline: plain loads, no asynchronous copies
+            case.ptx_must_contain = [s for s in case.ptx_must_contain if s != "cp.async"]
+        case.name = f"{name} launch={(block, warps, stages)}"
+        cases.append(case)
     return cases
 
 

@@ -27,6 +27,19 @@ BLOCK = 1024
 NUM_WARPS = 4
 # steps of input in flight, the computing one included (see the kernel's step loop)
 STAGES = 4
+# (BLOCK, NUM_WARPS, STAGES): the default, then alternatives for bench/bench_neuron.py's
+# test_st_bif_launches to time on a GPU (tests/triton_sm90.py compiles each). On the H200 the
+# default streamed 87% of copy bandwidth at T = 1 but 57-63% at T >= 8 (2026-12-04), where the
+# pipelined loop takes over: no pipelining (occupancy alone hides the loads, as at T = 1),
+# fewer stages, and wider or narrower blocks.
+TILE_CANDIDATES = [
+    (BLOCK, NUM_WARPS, STAGES),
+    (1024, 4, 1),
+    (1024, 4, 2),
+    (2048, 8, 4),
+    (512, 4, 4),
+    (4096, 8, 2),
+]
 
 
 @triton.jit
