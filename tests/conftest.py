@@ -118,6 +118,13 @@ def assert_same_bits(got: torch.Tensor, want: torch.Tensor, name: str = "output"
     assert diff == 0, f"{name}: {diff} of {got.numel()} elements differ in their bits"
 
 
+def assert_each_same_bits(got, want, names) -> None:
+    """``assert_same_bits`` on each pair of ``got`` and ``want``, named by ``names``."""
+    assert len(got) == len(want) == len(names), f"{len(got)} outputs, {len(want)} expected"
+    for name, g, w in zip(names, got, want, strict=True):
+        assert_same_bits(g, w, name)
+
+
 def st_bif_margin(u: torch.Tensor, threshold: torch.Tensor, n_min: int, p_max: int) -> float:
     """How close the reference ST-BIF's membrane on the inputs ``u`` ``[T, ...]`` comes to a
     decision point (1 and 0, SPEC.md §2) before it decides: two runs whose ``u`` agree

@@ -5,7 +5,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DEVICES, assert_same_bits, call_on, called_in_place, guarded
+from conftest import (
+    DEVICES,
+    assert_each_same_bits,
+    assert_same_bits,
+    call_on,
+    called_in_place,
+    guarded,
+)
 
 import spikekernels
 from spikekernels import reference
@@ -179,11 +186,6 @@ def _run_inplace(x, w, b, state):
     return out
 
 
-def _assert_same(got, want):
-    for name, g, w in zip(("out", *STATE_NAMES), got, want, strict=True):
-        assert_same_bits(g, w, name)
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("poisoned", [False, True])
 def test_inplace_chunks_equal_whole(gen, backend, poisoned, request):
@@ -200,7 +202,7 @@ def test_inplace_chunks_equal_whole(gen, backend, poisoned, request):
         whole = spikekernels.spike_layernorm(x, w, b, EPS, *state0)
         state = guarded(state0)
         parts = [_run_inplace(xs, w, b, state)[0] for xs in x.split(sizes)]
-    _assert_same((torch.cat(parts), *state), whole)
+    assert_each_same_bits((torch.cat(parts), *state), whole, ("out", *STATE_NAMES))
     assert not whole[0].isnan().any() and not whole[2].isnan().any()
 
 
@@ -210,7 +212,7 @@ def test_inplace_single_step(gen, device):
     w, b = _affine(gen, 33, device)
     state = _state(gen, (3, 5), 33, device)
     want = spikekernels.spike_layernorm(x, w, b, EPS, *state)
-    _assert_same(_run_inplace(x, w, b, guarded(state)), want)
+    assert_each_same_bits(_run_inplace(x, w, b, guarded(state)), want, ("out", *STATE_NAMES))
 
 
 def test_inplace_on_meta_tensors():
