@@ -5,16 +5,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TRITON_DEVICES
+from conftest import GUARD, TRITON_DEVICES, guarded
 
 from spikekernels.evaluate import sops
 from spikekernels.kernels import spike_count
 from spikekernels.kernels.spike_count import nonzero_per_step_triton
 from spikekernels.ops._dispatch import force_backend
 
-
-def _launch(kernel):
-    return kernel
+_launch = sops._launch  # the counter's own direct launch
 
 
 def _sparse(gen, T, M, dtype=torch.int8, density=0.3):
@@ -52,13 +50,12 @@ def test_nonzero_per_step(gen, device, T, M, dtype, poisoned_allocations):
 @pytest.mark.parametrize(("T", "M"), SHAPES)
 def test_changes_per_step_and_before_in_place(gen, device, T, M):
     counts, before = _walk(gen, T, M)
-    guarded = torch.full((M + 2,), 99, dtype=torch.int8, device=device)
-    guarded[1:-1] = before.to(device)
-    got = nonzero_per_step_triton(_launch, counts.to(device), guarded[1:-1])
+    (state,) = guarded((before.to(device),))
+    got = nonzero_per_step_triton(_launch, counts.to(device), state)
     want = torch.diff(counts, dim=0, prepend=before[None]).ne(0).sum(1, dtype=torch.int32)
     assert torch.equal(got.cpu(), want)
-    assert torch.equal(guarded[1:-1].cpu(), counts[-1]), "before is the last step's count"
-    assert guarded[0] == 99 and guarded[-1] == 99, "written outside before"
+    assert torch.equal(state.cpu(), counts[-1]), "before is the last step's count"
+    assert state._base[0] == GUARD and state._base[-1] == GUARD, "written outside before"
 
 
 @pytest.mark.parametrize("device", TRITON_DEVICES)
