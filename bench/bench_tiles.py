@@ -46,7 +46,7 @@ BATCH, LEVEL, MAX_STEPS, CHUNK = 64, 16, 64, 8
 CANDIDATES = {
     "exact": {
         "exact_linear": (exact_linear, "_GPU_TILES", "exact_linear_kernel"),
-        "exact_attention": (exact_attention, "_PROBS_GPU", "exact_attention_kernel"),
+        "exact_attention": (exact_attention, "_ATTENTION_GPU", "exact_attention_kernel"),
         "exact_layernorm": (
             exact_layernorm,
             "ELEMENTS_PER_PROGRAM",

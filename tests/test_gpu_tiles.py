@@ -214,7 +214,7 @@ def test_exact_attention(gen, device, tiles, monkeypatch):
     """The fused attention (scores, softmax, attention neuron, context, neuron in one kernel)
     at each scores candidate: 197 keys, 35 queries, head dim 64, mid-run; and again with
     the qkv layer's flags, some operands held (the reads they let the kernel skip)."""
-    names = ("_PROBS_INTERPRET", "_PROBS_GPU")
+    names = ("_PROBS_INTERPRET", "_ATTENTION_GPU")
     seen = _set_tiles(monkeypatch, ea, tiles, names, "exact_attention_kernel")
     tests = running_counts_tests
     case = tests._hold(gen, tests._attention_case(gen, 4, (2,), 35, 64, 197, 64, state=True))
@@ -237,12 +237,12 @@ def test_exact_attention_other_key_tiles(gen, device, keys, block_n, monkeypatch
     (32 keys a tile, the fewest its int8 context product may contract over: 16 did not
     compile for sm_90), 40 and a CIFAR ViT's 65 (each tile's own key order across 8 warps),
     head dim 8, the padding silent."""
-    names = ("_PROBS_INTERPRET", "_PROBS_GPU")
-    seen = _set_tiles(monkeypatch, ea, ea._PROBS_GPU, names, "exact_attention_kernel")
+    names = ("_PROBS_INTERPRET", "_ATTENTION_GPU")
+    seen = _set_tiles(monkeypatch, ea, ea._ATTENTION_GPU, names, "exact_attention_kernel")
     tests = running_counts_tests
     case = tests._attention_case(gen, 3, (2,), 5, 8, keys, 8, state=True)
     case = {name: t.to(device) for name, t in case.items()}
     spikes, attn_count, count, _ = tests._composed(case)
     want = (spikes, attn_count, count)
     tests._assert_equal(tests._run_attention(case), want, tests.ATTENTION_NAMES)
-    _launched(seen, BLOCK_N=block_n, BLOCK_DV=16, num_warps=ea._PROBS_GPU[2])
+    _launched(seen, BLOCK_N=block_n, BLOCK_DV=16, num_warps=ea._ATTENTION_GPU[2])

@@ -728,6 +728,34 @@ def test_attention_kernel_skips_what_the_flags_call_quiet(gen, device, state):
     _assert_equal(got, (spikes, attn_count, count), ATTENTION_NAMES)
 
 
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize(("n", "dv"), [(5, 8), (40, 24), (197, 64)])
+def test_values_key_major_layout(gen, device, n, dv, poisoned_allocations):
+    """The fused kernel's value operand: ``out[t, b, c, p]`` is ``v[t, b, key(p), c]`` for the
+    key tile row ``p`` holds (``key_order`` at the kernel's warps), and 0 past N and DV, every
+    element written (poisoned allocations). The values are strided slices of a packed qkv
+    tensor, as the model hands them over."""
+    from spikekernels.kernels.exact_attention import _values_key_major, key_codes, key_order
+    from spikekernels.ops._registry import launcher
+
+    T, b, h = 3, 2, 3
+    qkv = torch.randint(-128, 128, (T, b, n, 3, h, dv), generator=gen, dtype=torch.int8)
+    v5 = qkv.to(device)[:, :, :, 2].permute(0, 1, 3, 2, 4)  # [T, B, H, N, DV], strided
+    _, block_n, _, block_dv, num_warps = attention_config(n, dv)
+    perm = key_codes(block_n, num_warps)["KEY_PERM"]
+    got = _values_key_major(launcher, v5, block_n, block_dv, perm).cpu()
+    order = key_order(block_n, num_warps)
+    keys = torch.tensor([sum(((p >> bit) & 1) << i for i, bit in enumerate(order))
+                         for p in range(block_n)])  # fmt: skip
+    assert sorted(keys.tolist()) == list(range(block_n))
+    want = torch.zeros(T, b * h, block_dv, block_n, dtype=torch.int8)
+    real = keys < n
+    values = qkv[:, :, :, 2].permute(0, 1, 3, 4, 2).reshape(T, b * h, dv, n)
+    want[:, :, :dv, real] = values[..., keys[real]]
+    assert got.shape == want.shape and got.dtype == torch.int8
+    assert torch.equal(got, want), f"{(got != want).sum().item()} elements differ"
+
+
 def _settling_case(gen, T: int, batch=(2, 3), m=18, d=24, n=37, dv=16) -> dict:
     """A run that starts settled (q, k and v held at their first step, both neurons' counts
     at their fixed point: silent), then moves at step 17: the second batch entry's queries go

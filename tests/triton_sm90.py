@@ -912,9 +912,8 @@ def exact_attention_cases() -> list[Case]:
     # the whole attention on running counts: the scores tile, then V_t^T @ A_t^T
     strides = ["stride_qt", "stride_qb", "stride_qh", "stride_qm"]
     strides += ["stride_kt", "stride_kb", "stride_kh", "stride_kn"]
-    strides += ["stride_vt", "stride_vb", "stride_vh", "stride_vn"]
-    strides += ["stride_ot", "stride_ob", "stride_oh", "stride_om"]
-    signature = {name: "*i8" for name in ("q_ptr", "k_ptr", "v_ptr")}
+    strides += ["stride_vt", "stride_ot", "stride_ob", "stride_oh", "stride_om"]
+    signature = {name: "*i8" for name in ("q_ptr", "k_ptr", "vt_ptr")}
     signature |= {
         name: "*fp32"
         for name in ("gain_ptr", "attn_theta_ptr", "theta_a_ptr", "theta_v_ptr", "theta_ptr")
@@ -950,7 +949,6 @@ def exact_attention_cases() -> list[Case]:
             constexprs = dict(
                 stride_qd=1,
                 stride_kd=1,
-                stride_vd=1,
                 stride_flag_h=1,
                 HAS_COUNT=state,
                 HAS_ATTN_ACTIVE=active,
@@ -985,6 +983,27 @@ def exact_attention_cases() -> list[Case]:
                     min_async_copies=6 if vit else 0,
                 )
             )
+    # the fused kernel's value operand, key-major: at ViT-S from the qkv layer's packed counts
+    # (channel stride 1), and at the tiny models' tile
+    for n, d in [(197, 64), (5, 8)]:
+        _, block_n, _, block_dv, num_warps = ea.attention_config(n, d)
+        strides = ["stride_vt", "stride_vb", "stride_vh", "stride_vn"]
+        cases.append(
+            Case(
+                f"values_key_major N={n} DV={d}",
+                ea.values_key_major_kernel,
+                {"v_ptr": "*i8", "out_ptr": "*i8"}
+                | {name: "i32" for name in ["N", "DV", "H", "nb", *strides]},
+                dict(
+                    stride_vd=1,
+                    BLOCK_N=block_n,
+                    BLOCK_DV=block_dv,
+                    LOG2_N=block_n.bit_length() - 1,
+                    KEY_PERM=ea.key_codes(block_n, num_warps)["KEY_PERM"],
+                ),
+                aligned=["DV", *strides] if n == 197 else [],
+            )
+        )
     # the context: attention spikes [M, N] and values [N, D] contiguous, as they arrive
     block_m, block_k, block_d, num_warps = ea.context_config(64)
     signature = {
@@ -1265,9 +1284,9 @@ def tile_candidate_cases() -> list[Case]:
     hot = [
         (el, "_GPU_TILES", exact_linear_cases, "exact_linear state=True per_channel=True "
          "active=True counts_out=False s_before=False"),
-        (ea, "_PROBS_GPU", exact_attention_cases,
+        (ea, "_ATTENTION_GPU", exact_attention_cases,
          "exact_attention (fused) N=197 D=64 state=True active=True"),
-        (ea, "_PROBS_GPU", exact_attention_cases,
+        (ea, "_ATTENTION_GPU", exact_attention_cases,
          "exact_attention (fused) N=197 D=64 state=True active=True qkv_active row flags "
          "settled"),
         (eln, "ELEMENTS_PER_PROGRAM", exact_layernorm_cases,

@@ -55,17 +55,24 @@ the scores kernel's program and tile, then per step, with the attention neuron's
 queries]``, one int8 dot over all keys) and the context neuron on it, its count in registers
 too. The attention counts never leave the kernel; only the context spikes (heads merged when
 asked) and the two final counts are written. Each neuron's quiet tiles are skipped as below.
+``V_t^T`` is the wgmma's A operand, which int8 takes only K-major (the keys contiguous): the
+host lays the values out so first (``values_key_major_kernel``: ``[T, B * H, BLOCK_DV,
+BLOCK_N]``, the keys in the tile's order, zeros past N and DV), one pass over V a call, and the
+kernel loads a plain ``[channels, keys]`` tile into shared memory. (Transposing the ``[keys,
+channels]`` tile in the kernel took about 530 of its 2,200 instructions a thread-step on
+sm_90, byte permutes and shared memory round trips, in every program of a head.)
 
 With ``qkv_active`` (the qkv layer's flags per step, sample, head and operand: whether q's,
 k's and v's counts moved) a step also skips reads. Where q and k did not move, their count
 tiles are not read (the loads are masked off, so the step loop still pipelines them) and
 ``S`` is the last step's (the dots add zeros; the compare with the last step is skipped).
-V's load is masked by the flags alone, so it is issued ahead too; the context product runs
-only where v or the attention counts moved, and reads V again in the rare step where the
-attention neuron moved while q, k and v did not (still climbing to its targets). Every
-program re-reads its head's K and V (13 query blocks a head at ViT-S: about 26 KB a
-program-step from L2, the kernel's largest traffic), so a quiet head's step then reads
-little more than the flags (by count; unmeasured on a GPU).
+The context product runs only where v or the attention counts moved. V is read at the top
+of a step where v, q or k moved or the attention neuron fired at the last step (the only
+steps where Z can be needed: the attention neuron fires only where S moved or it fired
+before), so the load is issued before the attention neuron rather than after it; v's flag
+is read a step ahead for it. Every program re-reads its head's K and V (13 query blocks a
+head at ViT-S: about 32 KB a program-step from L2, the kernel's largest traffic), so a quiet
+head's step then reads little more than the flags (by count; unmeasured on a GPU).
 
 No product is carried in, so without more a program forms both products at a call's first
 step and runs both neurons. With the settled flags (per query row: the attention or context
@@ -173,11 +180,16 @@ MAX_HEAD_DIM = 64
 # an SM its registers allow has). The keys are the wgmma's M (two warpgroups of 128), the 16
 # queries its N. tests/triton_sm90.py records the register counts. Untuned on hardware.
 _PROBS_GPU = (16, 32, 8)
-# The default and the alternatives that compile without a spill in the fused kernel (a 64-wide
-# head-dim slice: one dot a step; the spike-form scores kernel spills 36 B at it), for
+# The fused kernel's (BLOCK_M, BLOCK_D, num_warps): the whole head dim (64) in one slice, one
+# dot a step. Its query tile [64, 16] then loads 4 bytes a thread, which Triton copies
+# asynchronously in the pipelined step loop; a 32-wide slice loads 2 bytes a thread, too few
+# for an asynchronous copy, so each of its two slices waited on an L2 read every step (sm_90
+# SASS; the spike-form scores kernel keeps 32: it spills 36 B at 64).
+_ATTENTION_GPU = (16, 64, 8)
+# The default and the alternatives that compile without a spill in the fused kernel, for
 # bench/bench_tiles.py; tests/triton_sm90.py compiles each. (16 query rows at 4 or 16 warps,
 # or 32 rows, spill; a 16-wide slice does not compile.)
-TILE_CANDIDATES = [_PROBS_GPU, (16, 64, 8)]
+TILE_CANDIDATES = [_ATTENTION_GPU, _PROBS_GPU]
 # (BLOCK_M, BLOCK_K, num_warps) of the context kernel on a GPU: 64 rows x 64 channels
 # (a Hopper wgmma per warpgroup), keys in slices of 64.
 _CONTEXT_GPU = (64, 64, 4)
@@ -775,7 +787,8 @@ def exact_context_kernel(
 def exact_attention_kernel(
     q_ptr,  # [T, B, H, M, D] int8 running query counts Q_t, any strides (the batch flat: B * H)
     k_ptr,  # [T, B, H, N, D] int8 running key counts K_t, any strides
-    v_ptr,  # [T, B, H, N, DV] int8 running value counts V_t, any strides
+    vt_ptr,  # [T, B * H, BLOCK_DV, BLOCK_N] int8 running value counts V_t, key-major in the
+    # tile's key order, zero past N and DV (values_key_major), contiguous
     gain_ptr,  # [1] float32 score gain g
     attn_theta_ptr,  # [1] attention neuron's threshold (any float dtype)
     theta_a_ptr,  # [1] the attention step in the context value (any float dtype)
@@ -815,11 +828,7 @@ def exact_attention_kernel(
     stride_kh,
     stride_kn,
     stride_kd,
-    stride_vt,
-    stride_vb,
-    stride_vh,
-    stride_vn,
-    stride_vd,
+    stride_vt,  # vt_ptr's step: B * H * BLOCK_DV * BLOCK_N
     stride_ot,
     stride_ob,
     stride_oh,
@@ -871,9 +880,9 @@ def exact_attention_kernel(
 
     q_ptr += (bid // H) * stride_qb + (bid % H) * stride_qh
     k_ptr += (bid // H) * stride_kb + (bid % H) * stride_kh
-    v_ptr += (bid // H) * stride_vb + (bid % H) * stride_vh
+    vt_ptr += bid * (BLOCK_DV * BLOCK_N)
     out_ptr += (bid // H) * stride_ob + (bid % H) * stride_oh
-    v_offs = offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd
+    vt_offs = offs_dv[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
     out_offs = offs_m[None, :] * stride_om + offs_dv[:, None]
     a_offs = bid * M * N + offs_m[None, :] * N + offs_n[:, None]
     c_offs = bid * M * DV + offs_m[None, :] * DV + offs_dv[:, None]
@@ -924,9 +933,12 @@ def exact_attention_kernel(
         fired = tl.full((), 1, tl.int32)
     if HAS_QKV_ACTIVE:
         qkv_active_ptr += (bid // H) * stride_flag_b + (bid % H) * stride_flag_h
+        # V's flag a step ahead: the V^T load below waits on it, and Triton pipelines the Q
+        # and K flags (they predicate pipelined loads), not this one
+        v_flag = tl.load(qkv_active_ptr + 2 * stride_flag_i)
     if HAS_ROW_ACTIVE:
         row_active_ptr += (bid // row_heads) * M
-    for _ in range(T):
+    for t in range(T):
         # With the producer's flags, a step whose Q and K did not change reads neither (S is
         # the last step's), one whose A and V did not change does not form Z, and one where
         # none of Q, K and V changed does not read V (module docstring). A product not yet
@@ -934,9 +946,14 @@ def exact_attention_kernel(
         if HAS_QKV_ACTIVE:
             q_or_k = tl.load(qkv_active_ptr) | tl.load(qkv_active_ptr + stride_flag_i)
             qk_moved = (q_or_k != 0) | ((attn_fired & (s_known == 0)) != 0)
-            v_flag = tl.load(qkv_active_ptr + 2 * stride_flag_i)
             v_moved = (v_flag != 0) | ((fired & (z_known == 0)) != 0)
             qkv_active_ptr += stride_flag_t
+            # the next step's
+            v_flag = tl.load(qkv_active_ptr + 2 * stride_flag_i, mask=t + 1 < T, other=0)
+            # Z is formed where V moved or the attention neuron fires at this step, which it
+            # can only where S moved (so Q or K did) or it fired at the last step: V^T is read
+            # on that, known before the attention neuron, so the load is issued first
+            vt = tl.load(vt_ptr + vt_offs, mask=v_moved | qk_moved | (attn_fired != 0), other=0)
             s_now = scores_of_counts(
                 q_ptr, k_ptr, offs_m, offs_n, offs_d, mask_m, mask_n, D, stride_qm, stride_qd,
                 stride_kn, stride_kd, qk_moved, s, BLOCK_M, BLOCK_N, BLOCK_D, D_SLICES, True,
@@ -946,6 +963,7 @@ def exact_attention_kernel(
                 s_moved = _changed(s_now, s) | (s_known == 0).to(tl.int32)
                 s_known = tl.full((), 1, tl.int32)
         else:
+            vt = tl.load(vt_ptr + vt_offs)  # zeros past N and DV
             s_now = scores_of_counts(
                 q_ptr, k_ptr, offs_m, offs_n, offs_d, mask_m, mask_n, D, stride_qm, stride_qd,
                 stride_kn, stride_kd, True, s, BLOCK_M, BLOCK_N, BLOCK_D, D_SLICES, False,
@@ -966,24 +984,17 @@ def exact_attention_kernel(
             record_active_tile(attn_active_ptr, attn_fired)
             attn_active_ptr += samples
 
-        # Z^T = V_t^T @ A_t^T over all keys at once (int8 wgmma, exact int32). V's load is
-        # predicated on the flags alone, so that it is issued ahead like Q's and K's; A that
-        # moved while Q, K and V did not (its neuron still catching up) reads V again.
-        v_mask = mask_n[:, None] & mask_dv[None, :]
+        # Z^T = V_t^T @ A_t^T over all keys at once (int8 wgmma, exact int32; V^T key-major
+        # from values_key_major, the operand as the tensor cores take it: no transpose here)
         if HAS_QKV_ACTIVE:
-            v_ahead = v_moved | qk_moved
-            v = tl.load(v_ptr + v_offs, mask=v_mask & v_ahead, other=0)
             z_moved = tl.full((), 0, tl.int32)
             if v_moved | (attn_fired != 0):
-                if not v_ahead:
-                    v = tl.load(v_ptr + v_offs, mask=v_mask, other=0)
-                z_now = tl.dot(tl.trans(v), attn_count.to(tl.int8), out_dtype=tl.int32)
+                z_now = tl.dot(vt, attn_count.to(tl.int8), out_dtype=tl.int32)
                 z_moved = _changed(z_now, z) | (z_known == 0).to(tl.int32)
                 z_known = tl.full((), 1, tl.int32)
                 z = z_now
         else:
-            v = tl.load(v_ptr + v_offs, mask=v_mask, other=0)
-            z_now = tl.dot(tl.trans(v), attn_count.to(tl.int8), out_dtype=tl.int32)
+            z_now = tl.dot(vt, attn_count.to(tl.int8), out_dtype=tl.int32)
             z_moved = _changed(z_now, z) | (z_known == 0).to(tl.int32)
             z_known = tl.full((), 1, tl.int32)
             z = z_now
@@ -1006,7 +1017,7 @@ def exact_attention_kernel(
             row_active_ptr += rows_per_step
         q_ptr += stride_qt
         k_ptr += stride_kt
-        v_ptr += stride_vt
+        vt_ptr += stride_vt
         out_ptr += stride_ot
 
     tl.store(attn_count_out_ptr + a_offs, attn_count.to(tl.int8), mask=mask_s)
@@ -1017,6 +1028,45 @@ def exact_attention_kernel(
         quiet = tl.zeros([BLOCK_M], dtype=tl.int32)
         tl.store(attn_settled_ptr + row, quiet + (attn_fired == 0).to(tl.int32), mask=mask_m)
         tl.store(settled_ptr + row, quiet + (fired == 0).to(tl.int32), mask=mask_m)
+
+
+@triton.jit
+def values_key_major_kernel(
+    v_ptr,  # [T, B, H, N, DV] int8 running value counts, any strides
+    out_ptr,  # [T, B * H, BLOCK_DV, BLOCK_N] int8, contiguous
+    N,
+    DV,
+    H,
+    nb,  # B * H
+    stride_vt,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_vd,
+    BLOCK_N: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    LOG2_N: tl.constexpr,
+    KEY_PERM: tl.constexpr,
+):
+    """One program per step and batch entry: ``out[t, b, c, p] = v[t, b, permuted_rows(p),
+    c]``, zero past N and DV. The fused kernel's value operand ``V_t^T`` as int8 wgmma takes
+    it, the contraction (the keys) contiguous, in the scores tile's key order: a plain
+    16-byte-vector load to shared memory there, where transposing the ``[keys, channels]``
+    tile in registers took about 500 instructions a thread-step (byte permutes and shared
+    memory round trips; sm_90 SASS)."""
+    pid = tl.program_id(0).to(tl.int64)
+    t = pid // nb
+    bid = pid % nb
+    offs_n = permuted_rows(tl.arange(0, BLOCK_N), LOG2_N, KEY_PERM)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    v_ptr += t * stride_vt + (bid // H) * stride_vb + (bid % H) * stride_vh
+    v = tl.load(
+        v_ptr + (offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd),
+        mask=(offs_n < N)[:, None] & (offs_dv < DV)[None, :],
+        other=0,
+    )
+    out = out_ptr + pid * (BLOCK_DV * BLOCK_N)
+    tl.store(out + (offs_dv[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]), tl.trans(v))
 
 
 class _Launch(NamedTuple):
@@ -1269,8 +1319,9 @@ def attention_config(n: int, dv: int) -> tuple[int, int, int, int, int]:
     scores kernel's tile for ``n`` keys, at least 32 keys (the context product contracts over
     them, and an int8 ``tl.dot`` needs K >= 32: 16 did not compile for sm_90), and ``dv``
     value channels padded to a power of two (at least 16)."""
-    block_m, block_n, block_d, num_warps = probs_config(n)
-    return block_m, max(32, block_n), block_d, max(16, triton.next_power_of_2(dv)), num_warps
+    block_m, block_d, num_warps = _PROBS_INTERPRET if INTERPRET else _ATTENTION_GPU
+    block_n = max(32, triton.next_power_of_2(n))
+    return block_m, block_n, block_d, max(16, triton.next_power_of_2(dv)), num_warps
 
 
 def _state(count: torch.Tensor | None, nb: int, rows: int, cols: int, inplace: bool, like):
@@ -1280,6 +1331,30 @@ def _state(count: torch.Tensor | None, nb: int, rows: int, cols: int, inplace: b
     if inplace:
         return count_in, count_in
     return count_in, torch.empty((nb, rows, cols), dtype=torch.int8, device=like.device)
+
+
+def _values_key_major(
+    launch, v5: torch.Tensor, block_n: int, block_dv: int, key_perm: int
+) -> torch.Tensor:
+    """``values_key_major_kernel`` on ``v5`` ``[T, B, H, N, DV]``: ``[T, B * H, block_dv,
+    block_n]`` int8, the keys in the fused kernel's order (its ``KEY_PERM``)."""
+    steps, b, h, n, dv = v5.shape
+    out = torch.empty((steps, b * h, block_dv, block_n), dtype=torch.int8, device=v5.device)
+    launch(values_key_major_kernel)[(steps * b * h,)](
+        v5,
+        out,
+        n,
+        dv,
+        h,
+        b * h,
+        *v5.stride(),
+        BLOCK_N=block_n,
+        BLOCK_DV=block_dv,
+        LOG2_N=block_n.bit_length() - 1,
+        KEY_PERM=key_perm,
+        num_warps=4,
+    )
+    return out
 
 
 @on_device
@@ -1347,6 +1422,8 @@ def exact_attention_triton(
     elif count_before is not None:
         before5 = count_before.view(-1, h, m, dv)
     block_m, block_n, block_d, block_dv, num_warps = attention_config(n, dv)
+    keys = key_codes(block_n, num_warps)
+    vt = _values_key_major(launch, v5, block_n, block_dv, keys["KEY_PERM"])
     flags = active if active is not None else attn_active
     if qkv_active is not None:
         qkv_active = qkv_active.reshape(steps, *_split_dims(batch), 3)
@@ -1355,7 +1432,7 @@ def exact_attention_triton(
     launch(exact_attention_kernel)[(cdiv(m, block_m) * nb,)](
         q5,
         k5,
-        v5,
+        vt,
         gain,
         attn_threshold,
         theta_a,
@@ -1383,7 +1460,7 @@ def exact_attention_triton(
         nb * m // (h if merge_heads else 1),
         *q5.stride(),
         *k5.stride(),
-        *v5.stride(),
+        vt.stride(0),
         *out5.stride()[:4],
         *((0, 0, 0, 0) if qkv_active is None else qkv_active.stride()),
         attn_n_min,
@@ -1405,7 +1482,7 @@ def exact_attention_triton(
         D_SLICES=cdiv(d, block_d),
         BLOCK_DV=block_dv,
         LOG2_N=block_n.bit_length() - 1,
-        **key_codes(block_n, num_warps),
+        **keys,
         num_warps=num_warps,
     )
     return out, attn_out.reshape(*batch, m, n), count_out.reshape(*batch, m, dv)
