@@ -50,7 +50,9 @@ Session 32 (the SOP counter placing chunks as the runner's chunk observer): the 
 Session 34 (the unfused modules in place, parts 1 and 3 for them): 182 launches, none failed,
 the same four spills; torch tells what every in-place building block's kernels write.
 Session 35 (the SOP counter's one-pass counts, kernels.spike_count, under the counted models):
-187 launches, none failed, the same four spills.
+187 launches, none failed, the same four spills. Session 36 (the fused attention's values laid out
+key-major by a launch of their own, values_key_major_kernel): 190 launches, none failed, the
+same four spills; both models still one graph a chunk.
 """
 
 from __future__ import annotations
