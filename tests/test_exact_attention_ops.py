@@ -1143,6 +1143,7 @@ if TRITON_AVAILABLE:
     from spikekernels.kernels.exact_attention import (
         _attention_neuron,
         _mul,
+        _warp_bits,
         exp_rows,
         key_order,
         softmax_columns,
@@ -1207,16 +1208,18 @@ if TRITON_AVAILABLE:
 # else on the CPU through the interpreter (conftest.TRITON_DEVICES).
 
 
-def _key_orders(width: int) -> dict[str, tuple[int, ...]]:
-    """Orders of the keys in a tile of ``width`` rows: row order, the kernels' own at 8 and 4
-    warps, and a random one (fixed seed)."""
+def _key_orders(width: int) -> dict[str, tuple[tuple[int, ...], int]]:
+    """Orders of the keys in a tile of ``width`` rows, each with how many of its last tree
+    levels ``tree_sum_columns`` gathers into a thread (``bit_order_codes``): row order (none),
+    the kernels' own at 8 and 4 warps (their warp levels, as ``key_codes`` has them), and a
+    random one (fixed seed) with every level gathered."""
     bits = width.bit_length() - 1
     shuffled = torch.randperm(bits, generator=torch.Generator().manual_seed(width)).tolist()
     return {
-        "rows": tuple(range(bits)),
-        "8 warps": key_order(width, 8),
-        "4 warps": key_order(width, 4),
-        "random": tuple(shuffled),
+        "rows": (tuple(range(bits)), 0),
+        "8 warps": (key_order(width, 8), len(_warp_bits(width, 8))),
+        "4 warps": (key_order(width, 4), len(_warp_bits(width, 4))),
+        "random": (tuple(shuffled), bits),
     }
 
 
@@ -1234,8 +1237,8 @@ def test_softmax_columns_is_exact_maths_row_function(gen, device, n):
     gain = torch.tensor(0.0123)
     want = exact_math.softmax_rows(exact_math.score_value(s, gain))
     for width in sorted({max(16, 1 << (n - 1).bit_length()), 512}):
-        for name, order in _key_orders(width).items():
-            perm, tree = bit_order_codes(order)
+        for name, (order, gathered) in _key_orders(width).items():
+            perm, tree = bit_order_codes(order, gathered)
             out = torch.full((16, n), float("nan"), device=device)
             _softmax_columns_kernel[(1,)](
                 s.to(device), gain.to(device), out, n, ROWS=16, WIDTH=width, KEY_PERM=perm,
@@ -1342,9 +1345,14 @@ def test_bit_order_codes():
     perm, tree = bit_order_codes((3, 7, 0, 1, 2, 6, 5, 4))
     assert perm == 0x45621073
     assert tree == 0x01200063
+    # the levels gathered into a thread at the end, above the levels' codes
+    assert bit_order_codes((3, 7, 0, 1, 2, 6, 5, 4), 3) == (perm, 3 << 56 | 0x01200063)
     for bad in [(0, 0), (1, 2), (0, 2, 1, 4)]:
         with pytest.raises(ValueError, match="order must be a permutation"):
             bit_order_codes(bad)
+    for gathered in (-1, 4):
+        with pytest.raises(ValueError, match="gathered must be in 0..3"):
+            bit_order_codes((0, 1, 2), gathered)
 
 
 @pytest.mark.cuda

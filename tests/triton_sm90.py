@@ -893,7 +893,7 @@ def exact_attention_cases() -> list[Case]:
             BLOCK_D=block_d,
             D_SLICES=triton.cdiv(64, block_d),
             LOG2_N=block_n.bit_length() - 1,
-            **ea.key_codes(block_n, num_warps),
+            **ea.key_codes(block_n, num_warps, gather=False),
         )
         cases.append(
             Case(

@@ -224,23 +224,35 @@ def key_order(block_n: int, num_warps: int) -> tuple[int, ...]:
     warp_bits = num_warps.bit_length() - 1
     registers = [3, *range(4 + warp_bits, bits)]
     lanes = [0, 1, 2]
-    warps = list(range(min(4 + warp_bits, bits) - 1, 3, -1))
-    return tuple(bit for bit in registers + lanes + warps if bit < bits)
+    return tuple(bit for bit in registers + lanes + _warp_bits(block_n, num_warps) if bit < bits)
 
 
-def key_codes(block_n: int, num_warps: int, *, by_layout: bool = True) -> dict[str, int]:
-    """``KEY_PERM`` and ``KEY_TREE`` of the scores kernels: for ``key_order``, or without
-    ``by_layout`` for the keys in row order."""
-    perm, tree = _key_codes(block_n, num_warps, by_layout)
+def _warp_bits(block_n: int, num_warps: int) -> list[int]:
+    """The row bits of the scores tile that sm_90's wgmma layout spreads across warps,
+    ``key_order``'s last levels, from the highest."""
+    bits, warp_bits = block_n.bit_length() - 1, num_warps.bit_length() - 1
+    return list(range(min(4 + warp_bits, bits) - 1, 3, -1))
+
+
+def key_codes(
+    block_n: int, num_warps: int, *, by_layout: bool = True, gather: bool = True
+) -> dict[str, int]:
+    """``KEY_PERM`` and ``KEY_TREE`` of the scores kernels: for ``key_order``, its levels
+    across warps gathered into a thread (``exact_rows.tree_sum_columns``) unless not
+    ``gather``, or without ``by_layout`` for the keys in row order."""
+    perm, tree = _key_codes(block_n, num_warps, by_layout, gather)
     return {"KEY_PERM": perm, "KEY_TREE": tree}
 
 
 @functools.cache
-def _key_codes(block_n: int, num_warps: int, by_layout: bool) -> tuple[int, int]:
+def _key_codes(block_n: int, num_warps: int, by_layout: bool, gather: bool) -> tuple[int, int]:
     """``key_codes``' pair, once per tile shape: a launch pays a dict, not the derivation
     (about 6 us, a dozen attention launches a chunk)."""
-    order = key_order(block_n, num_warps) if by_layout else tuple(range(block_n.bit_length() - 1))
-    return bit_order_codes(order)
+    if not by_layout:
+        return bit_order_codes(tuple(range(block_n.bit_length() - 1)))
+    # key_order's last levels are the warp bits
+    order = key_order(block_n, num_warps)
+    return bit_order_codes(order, len(_warp_bits(block_n, num_warps)) if gather else 0)
 
 
 def context_config(d: int) -> tuple[int, int, int, int]:
@@ -1232,7 +1244,8 @@ def exact_attention_probs_triton(
         BLOCK_D=block_d,
         D_SLICES=cdiv(d, block_d),
         LOG2_N=block_n.bit_length() - 1,
-        **key_codes(block_n, num_warps),
+        # the levels across warps not gathered: on running counts that spilled 8 B on sm_90
+        **key_codes(block_n, num_warps, gather=False),
         num_warps=num_warps,
     )
     return _results(p)

@@ -5,19 +5,31 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+# where ``bit_order_codes`` puts the count of gathered levels in ``TREE_CODE`` (the jit code
+# spells it out: the interpreter does not shift a plain int by a constexpr global)
+GATHERED_SHIFT = 56
 
-def bit_order_codes(order: tuple[int, ...]) -> tuple[int, int]:
+
+def bit_order_codes(order: tuple[int, ...], gathered: int = 0) -> tuple[int, int]:
     """A tile whose row ``p`` holds element ``k(p) = sum_i bit(p, order[i]) << i`` of each
     column: ``(PERM_CODE, TREE_CODE)``, the constexprs of ``permuted_rows`` and
     ``tree_sum_columns``, four bits a level: ``order[i]``, and its position among the row
-    bits not yet summed at level ``i``. The identity order gives ``TREE_CODE`` 0."""
-    if sorted(order) != list(range(len(order))):
-        raise ValueError(f"order must be a permutation of 0..{len(order) - 1}, got {order}")
+    bits not yet summed at level ``i``. The identity order gives ``TREE_CODE`` 0.
+    ``gathered``: how many of the last levels ``tree_sum_columns`` adds after gathering each
+    column's remaining rows into one thread (bits 56-59 of ``TREE_CODE``, above the levels'
+    codes for up to 14 levels): the levels whose rows sit in different warps, each of which
+    otherwise takes its own exchange through shared memory."""
+    if sorted(order) != list(range(len(order))) or len(order) > 14:
+        raise ValueError(
+            f"order must be a permutation of 0..{len(order) - 1} (at most 14 bits), got {order}"
+        )
+    if not 0 <= gathered <= len(order):
+        raise ValueError(f"gathered must be in 0..{len(order)}, got {gathered}")
     perm = tree = 0
     for i, bit in enumerate(order):
         perm |= bit << (4 * i)
         tree |= (bit - sum(b < bit for b in order[:i])) << (4 * i)
-    return perm, tree
+    return perm, tree | gathered << GATHERED_SHIFT
 
 
 @triton.jit
@@ -57,8 +69,13 @@ def tree_sum_columns(
     0: rows in element order. Returns ``[COLS]``.
 
     The order lets a kernel sum a tile's column in whatever order of threads, lanes and warps
-    its layout puts the rows (``exact_attention.key_order``)."""
-    for level in tl.static_range(LOG2_ROWS):
+    its layout puts the rows (``exact_attention.key_order``). The last ``gathered`` levels
+    (``bit_order_codes``; those across warps) add the same pairs after one transpose, which
+    gathers each column's remaining rows into a thread: one exchange through shared memory
+    for them all, where a level across warps took one of its own (at ViT-S on sm_90, 7
+    barriers and 60 instructions a thread-step fewer in the fused attention)."""
+    GATHERED: tl.constexpr = (TREE_CODE >> 56) & 15  # GATHERED_SHIFT
+    for level in tl.static_range(LOG2_ROWS - GATHERED):
         # [hi, 2, lo, COLS], lo = 2^(position of the level's bit among the rows left): the
         # sum over the 2 adds the pair of rows that differ in that bit, a single add
         x = tl.sum(
@@ -74,4 +91,20 @@ def tree_sum_columns(
             axis=1,
         )
         x = tl.reshape(x, (ROWS >> (level + 1), COLS))
+    if GATHERED > 0:
+        # [COLS, rows left]: the level's pair dim moved last and split, one add a pair
+        y = tl.trans(x)
+        for level in tl.static_range(LOG2_ROWS - GATHERED, LOG2_ROWS):
+            y = tl.reshape(
+                y,
+                (
+                    COLS,
+                    (ROWS >> (level + 1)) >> ((TREE_CODE >> (4 * level)) & 15),
+                    2,
+                    1 << ((TREE_CODE >> (4 * level)) & 15),
+                ),
+            )
+            a, b = tl.split(tl.permute(y, (0, 1, 3, 2)))
+            y = tl.reshape(a + b, (COLS, ROWS >> (level + 1)))
+        x = tl.trans(y)
     return tl.reshape(x, (COLS,))
