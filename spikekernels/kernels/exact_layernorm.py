@@ -285,10 +285,12 @@ def _layer_norm_neuron_step(
     if fired > 1:
         y = layer_norm_scale(xc, sd, w, b, HAS_WEIGHT, HAS_BIAS)
         sigma, fired = target_exact_tile(y, theta, count, n_min, p_max, mask)
-    if HAS_ACTIVE:
-        record_active_rows(active_ptrs, sigma, row_mask, col_mask, ROWS, BLOCK_C)
-    if HAS_ROW_ACTIVE:
-        record_active_rows(row_active_ptrs, sigma, row_mask, col_mask, ROWS, BLOCK_C)
+    # only a tile that fired has a row to flag (as exact_linear)
+    if fired != 0:
+        if HAS_ACTIVE:
+            record_active_rows(active_ptrs, sigma, row_mask, col_mask, ROWS, BLOCK_C)
+        if HAS_ROW_ACTIVE:
+            record_active_rows(row_active_ptrs, sigma, row_mask, col_mask, ROWS, BLOCK_C)
     return sigma, fired, count + sigma
 
 
