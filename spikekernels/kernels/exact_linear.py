@@ -361,19 +361,25 @@ def exact_linear_kernel(
                     y = y + b[None, :]
                 theta = load_threshold(theta_ptr, cols, col_mask, PER_CHANNEL)
                 sigma, fired = target_exact_tile(y, theta, count, n_min, p_max, mask)
-        else:  # quiet (module docstring): sigma is 0, bit for bit
-            sigma = tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
-            fired = tl.full((), 0, tl.int32)
-        count = count + sigma.to(tl.int16)
-        if COUNTS_OUT:
-            tl.store(out_ptrs, count.to(tl.int8), mask=mask)
+            count = count + sigma.to(tl.int16)
+            if COUNTS_OUT:
+                tl.store(out_ptrs, count.to(tl.int8), mask=mask)
+            else:
+                tl.store(out_ptrs, sigma.to(tl.int8), mask=mask)
+            if HAS_ACTIVE:
+                # only a tile that fired has a row to flag: a step that fired nothing skips
+                # the rows' reductions (about 110 instructions a thread-step on sm_90)
+                if fired != 0:
+                    record_active_rows(active_ptrs, sigma, row_mask, col_mask, BLOCK_M, BLOCK_N)
         else:
-            tl.store(out_ptrs, sigma.to(tl.int8), mask=mask)
+            # quiet (module docstring): sigma is 0, bit for bit, and the count holds; zero
+            # spikes are stored as a constant (no conversion of a sigma tile, no count add)
+            fired = tl.full((), 0, tl.int32)
+            if COUNTS_OUT:
+                tl.store(out_ptrs, count.to(tl.int8), mask=mask)
+            else:
+                tl.store(out_ptrs, tl.zeros([BLOCK_M, BLOCK_N], tl.int8), mask=mask)
         if HAS_ACTIVE:
-            # only a tile that fired has a row to flag: a quiet or silent step skips the rows'
-            # reductions (about 110 instructions a thread-step on sm_90)
-            if fired != 0:
-                record_active_rows(active_ptrs, sigma, row_mask, col_mask, BLOCK_M, BLOCK_N)
             active_ptrs += B
         if HAS_GROUPS:
             if fired != 0:
