@@ -982,16 +982,16 @@ def exact_attention_kernel(
             )  # fmt: skip
             s_moved = _changed(s_now, s) | (s_known == 0).to(tl.int32)
             s_known = tl.full((), 1, tl.int32)
+        # (a quiet neuron's count holds: each branch updates its own, no zero tile added)
         if (s_moved | attn_fired) != 0:
             sigma, attn_fired = _attention_neuron(
                 s_now, gain, mask_n, mask_m, attn_theta, attn_inv_theta, attn_count, attn_n_min,
                 attn_p_max, BLOCK_N, BLOCK_M, LOG2_N, KEY_TREE, True,
             )  # fmt: skip
+            attn_count = attn_count + sigma
         else:
-            sigma = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
             attn_fired = tl.full((), 0, tl.int32)
         s = s_now
-        attn_count = attn_count + sigma
         if HAS_ATTN_ACTIVE:
             record_active_tile(attn_active_ptr, attn_fired)
             attn_active_ptr += samples
@@ -1014,11 +1014,11 @@ def exact_attention_kernel(
             sigma_c, fired = _context_neuron(
                 z, m, theta, inv_theta, count, n_min, p_max, mask_z, True
             )
-        else:
-            sigma_c = tl.zeros([BLOCK_DV, BLOCK_M], dtype=tl.int32)
+            count = count + sigma_c
+            tl.store(out_ptr + out_offs, sigma_c.to(tl.int8), mask=mask_z)
+        else:  # zero spikes, stored as a constant
             fired = tl.full((), 0, tl.int32)
-        count = count + sigma_c
-        tl.store(out_ptr + out_offs, sigma_c.to(tl.int8), mask=mask_z)
+            tl.store(out_ptr + out_offs, tl.zeros([BLOCK_DV, BLOCK_M], tl.int8), mask=mask_z)
         if HAS_ACTIVE:
             record_active_tile(active_ptr, fired)
             active_ptr += samples
