@@ -1064,7 +1064,7 @@ def values_key_major_kernel(
     c]``, zero past N and DV. The fused kernel's value operand ``V_t^T`` as int8 wgmma takes
     it, the contraction (the keys) contiguous, in the scores tile's key order: a plain
     16-byte-vector load to shared memory there, where transposing the ``[keys, channels]``
-    tile in registers took about 500 instructions a thread-step (byte permutes and shared
+    tile in registers took about 530 instructions a thread-step (byte permutes and shared
     memory round trips; sm_90 SASS)."""
     pid = tl.program_id(0).to(tl.int64)
     t = pid // nb
