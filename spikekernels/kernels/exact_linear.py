@@ -362,9 +362,7 @@ def exact_linear_kernel(
                 theta = load_threshold(theta_ptr, cols, col_mask, PER_CHANNEL)
                 sigma, fired = target_exact_tile(y, theta, count, n_min, p_max, mask)
             count = count + sigma.to(tl.int16)
-            if COUNTS_OUT:
-                tl.store(out_ptrs, count.to(tl.int8), mask=mask)
-            else:
+            if not COUNTS_OUT:
                 tl.store(out_ptrs, sigma.to(tl.int8), mask=mask)
             if HAS_ACTIVE:
                 # only a tile that fired has a row to flag: a step that fired nothing skips
@@ -375,10 +373,10 @@ def exact_linear_kernel(
             # quiet (module docstring): sigma is 0, bit for bit, and the count holds; zero
             # spikes are stored as a constant (no conversion of a sigma tile, no count add)
             fired = tl.full((), 0, tl.int32)
-            if COUNTS_OUT:
-                tl.store(out_ptrs, count.to(tl.int8), mask=mask)
-            else:
+            if not COUNTS_OUT:
                 tl.store(out_ptrs, tl.zeros([BLOCK_M, BLOCK_N], tl.int8), mask=mask)
+        if COUNTS_OUT:
+            tl.store(out_ptrs, count.to(tl.int8), mask=mask)
         if HAS_ACTIVE:
             active_ptrs += B
         if HAS_GROUPS:
