@@ -199,8 +199,8 @@ def _qann(gen: torch.Generator, config: dict, mode: str) -> QuantViT:
 def check_model(
     gen: torch.Generator, name: str, config: dict, mode: str, chunks, batch=2, counted=False
 ) -> None:
-    """``counted``: under ``evaluate``'s ``SpikeCounter`` (its hooks split the fused
-    attention so that they see the probabilities)."""
+    """``counted``: under ``evaluate``'s ``SpikeCounter`` (its hooks take the fused
+    attention's tallies of the probabilities' spikes: the kernel with ``HAS_TALLY``)."""
     from test_exact import images
 
     qann = _qann(gen, config, mode)

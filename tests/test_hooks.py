@@ -9,11 +9,12 @@ from conftest import CPU_PASS_ONLY
 from test_exact import TINY, images, make_exact
 from torch import nn
 
+import spikekernels.nn.exact_attention as exact_attention
 import spikekernels.nn.exact_layers as exact_layers
 from spikekernels import convert
 from spikekernels.evaluate.sops import SpikeCounter
 from spikekernels.nn import observer
-from spikekernels.nn.hooks import has_forward_hooks, hooked, unless_hooked
+from spikekernels.nn.hooks import SpikeTally, has_forward_hooks, hooked, tally_hooks, unless_hooked
 
 
 @pytest.mark.parametrize("kind", ["forward", "pre", "global"])
@@ -79,9 +80,80 @@ def test_the_spike_counter_keeps_the_fast_paths(gen, monkeypatch):
         assert steps == plain_steps and torch.equal(
             logits.view(torch.int32), plain.view(torch.int32)
         )
-    # the counter watches the attention's probs and context, which then run as two ops (the
-    # context records proj's row flags): every flag and settled row as without the counter
+    # the counter watches the attention's probs and context through the fused op's tallies:
+    # every flag and settled row as without the counter
     assert runs["counted"][2] == plain_calls and any(settled for _, settled in plain_calls)
     # block 0's qkv: its input's flags withheld past the plain hook on norm1
     first_qkv = runs["hooked"][2][0]
     assert first_qkv == (False, False) and plain_calls[0] == (True, False)
+
+
+def test_tally_hooks_only_where_every_hook_takes_a_tally():
+    """A module's hooks may be called with a ``SpikeTally`` in place of its call only where
+    each one is an ``observer(..., tallies=True)`` forward hook: a plain hook, a pre-hook or a
+    global hook of another kind needs the call."""
+    module = nn.Identity()
+    assert tally_hooks(module) == []
+    tally = observer(lambda *args: None, tallies=True)
+    with module.register_forward_hook(tally):
+        assert tally_hooks(module) == [tally]
+        for register, hook in (
+            (module.register_forward_hook, observer(lambda *args: None)),
+            (module.register_forward_pre_hook, observer(lambda *args: None, tallies=True)),
+            (nn.modules.module.register_module_forward_hook, lambda *args: None),
+        ):
+            with register(hook):
+                assert tally_hooks(module) is None
+        with module.register_forward_hook(tally, with_kwargs=True):
+            assert tally_hooks(module) is None
+        assert tally_hooks(module) == [tally]
+
+
+@CPU_PASS_ONLY  # model wiring; the kernel's tallies are test_running_counts' (interpreter)
+def test_the_counter_keeps_the_fused_attention(gen, monkeypatch):
+    """A ``SpikeCounter`` counts the fused attention's two neurons from the kernel's tallies
+    (the op runs fused, its hooks get ``SpikeTally``s): the same spikes, per neuron and step,
+    and the same shapes as when a plain observer on ``probs`` splits the attention into its
+    two modules, from the first chunk or from the second on (the attention neuron's count
+    carried from the tally's call to the split one's differences)."""
+    qann = make_exact(gen, **TINY, level=16)
+    x = images(gen, qann, 2)
+    fused = []
+    original = exact_attention.exact_attention
+    monkeypatch.setattr(
+        exact_attention, "exact_attention", lambda *a, **k: fused.append(1) or original(*a, **k)
+    )
+    runs, seen = {}, []
+    for how in ("fused", "split", "split later"):
+        snn = convert(qann)
+        counter = SpikeCounter(snn, 24)
+        fused.clear()
+        probs = [block.attn.probs for block in snn.blocks]
+        split = observer(lambda module, inputs, output: seen.append(type(output)))
+        if how == "split":
+            for m in probs:
+                m.register_forward_hook(split)
+        elif how == "split later":  # from the last block's first call on
+
+            def later(module, inputs, output, probs=probs, split=split):
+                if not any(has_forward_hooks(m) and tally_hooks(m) is None for m in probs):
+                    for m in probs:
+                        m.register_forward_hook(split)
+
+            snn.blocks[-1].register_forward_hook(observer(later))
+        with counter.counting():
+            logits, steps = snn(x, max_steps=24, chunk=4)
+        runs[how] = (counter.spikes.clone(), counter.neuron_elements, counter.dense_elements)
+        assert steps > 8, "three chunks at least: the split run needs a second and a third"
+        if how == "fused":  # every chunk's attention (the runner may run one past silence)
+            assert len(fused) >= 3 * len(probs) and len(fused) % len(probs) == 0
+        else:  # none, or the first chunk's
+            assert len(fused) == {"split": 0, "split later": len(probs)}[how], how
+        counter.close()
+    assert seen and all(kind is not SpikeTally for kind in seen)
+    spikes = runs["fused"][0]
+    rows = [i for i, name in enumerate(counter.neuron_names) if "attn" in name]
+    assert spikes[rows].sum() > 0, "the attention neurons never fired: proves little"
+    for how in ("split", "split later"):
+        assert torch.equal(runs[how][0], spikes), how
+        assert runs[how][1:] == runs["fused"][1:], how

@@ -445,6 +445,68 @@ def test_attention_equals_the_two_layers(gen, backend, T, batch, m, d, n, dv, st
         assert torch.equal(got_flags, _fired(s))
 
 
+def _spikes_per_step(spikes: torch.Tensor) -> torch.Tensor:
+    return torch.count_nonzero(spikes.reshape(spikes.shape[0], -1), dim=1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("T", "batch", "m", "d", "n", "dv"), ATTENTION_SHAPES)
+@pytest.mark.parametrize("state", [False, True])
+def test_attention_tallies_count_each_neurons_spikes(gen, backend, T, batch, m, d, n, dv, state):
+    """``attn_tally`` and ``tally`` receive, added to what they held, each step's number of
+    spikes of the attention neuron (which never leave the kernel) and of the context neuron;
+    one tensor for both receives both. The bits are those without."""
+    from spikekernels.ops._activity import spikes_of_counts
+
+    case = _attention_case(gen, T, batch, m, d, n, dv, state=state)
+    spikes, attn_count, count, a = _composed(case)
+    wants = [_spikes_per_step(s) for s in (spikes_of_counts(a, case.get("attn_count")), spikes)]
+    if m * n > 1:  # (one query and one key: its context may stay silent)
+        assert wants[0].sum() > 0 and wants[1].sum() > 0, "no spikes: the tallies prove little"
+    held = [torch.randint(0, 1000, (T,), generator=gen) for _ in range(2)]
+    tallies = [h.clone() for h in held]
+    shared = held[0].clone()
+    with force_backend(backend):
+        got = _run_attention(case, attn_tally=tallies[0], tally=tallies[1])
+        _assert_equal(got, (spikes, attn_count, count), ATTENTION_NAMES)
+        _run_attention(case, attn_tally=shared, tally=shared)
+    for tally, before, want in zip(tallies, held, wants, strict=True):
+        assert torch.equal(tally - before, want)
+    assert torch.equal(shared - held[0], wants[0] + wants[1])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_attention_tallies_of_settled_chunks(gen, backend):
+    """The tallies of chunks run with the flags that let the kernel skip quiet steps and
+    settled blocks (``qkv_active``, the settled flags) are the whole run's spikes per step,
+    silent steps counted as 0."""
+    from spikekernels.ops._activity import spikes_of_counts
+
+    T, sizes = 32, (11, 5, 1, 15)
+    case = _settling_case(gen, T, (2, 3))
+    spikes, _, _, a = _composed(case)
+    wants = [_spikes_per_step(s) for s in (spikes_of_counts(a, case["attn_count"]), spikes)]
+    assert wants[1][17:].sum() > 0 and not wants[1][:17].any(), "the case's premise"
+    truth = _qkv_moved(case)
+    flags = [torch.zeros(case["q"].shape[1:-1], dtype=torch.int32) for _ in range(2)]
+    state, tallies, t0 = (case["attn_count"], case["count"]), [[], []], 0
+    with force_backend(backend):
+        for size in sizes:
+            chunk = {name: x[t0 : t0 + size] if name in ("q", "k_t", "v") else x
+                     for name, x in case.items()}  # fmt: skip
+            tally = [torch.zeros(size, dtype=torch.int64) for _ in range(2)]
+            _, *state = _run_attention(
+                chunk | dict(attn_count=state[0], count=state[1]),
+                qkv_active=truth[t0 : t0 + size], attn_row_settled=flags[0],
+                row_settled=flags[1], attn_tally=tally[0], tally=tally[1],
+            )  # fmt: skip
+            for got, part in zip(tallies, tally, strict=True):
+                got.append(part)
+            t0 += size
+    for got, want in zip(tallies, wants, strict=True):
+        assert torch.equal(torch.cat(got), want)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("shared", [False, True])
 def test_attention_flags_leave_a_silent_sample_alone(gen, backend, shared):
@@ -962,6 +1024,10 @@ BAD_ATTENTION = [
     (dict(count="over"), ValueError, "count must lie in [-8, 7], got values in [100, 100]"),
     (dict(row_active="heads"), ValueError, "row_active must have shape (3, 2, 5)"),
     (dict(row_active="strided"), ValueError, "row_active must be contiguous"),
+    (dict(attn_tally="alone"), ValueError, "attn_tally and tally go together"),
+    (dict(tally="int32"), TypeError, "tally must have dtype"),
+    (dict(attn_tally="long"), ValueError, "attn_tally must have shape (3,)"),
+    (dict(tally="gappy"), ValueError, "tally must be contiguous"),
 ]
 
 
@@ -971,7 +1037,17 @@ def bad_attention_call(gen, change: dict) -> tuple[dict, dict]:
     case = _attention_case(gen, 3, (2,), 5, 7, 6, 4, state=True)
     kwargs = {}
     for name, value in change.items():
-        if value == "short":
+        if name.endswith("tally"):  # both given, then the one named changed
+            kwargs |= {n: torch.zeros(3, dtype=torch.int64) for n in ("attn_tally", "tally")}
+            if value == "alone":
+                del kwargs["tally" if name == "attn_tally" else "attn_tally"]
+            elif value == "int32":
+                kwargs[name] = kwargs[name].int()
+            elif value == "long":
+                kwargs[name] = torch.zeros(4, dtype=torch.int64)
+            elif value == "gappy":
+                kwargs[name] = torch.zeros(6, dtype=torch.int64)[::2]
+        elif value == "short":
             case["v"] = case["v"][..., :-1, :]
         elif value == "float":
             case["v"] = case["v"].float()
@@ -1033,17 +1109,19 @@ def test_attention_count_before_is_the_incoming_count(gen, backend, device, merg
     assert torch.equal(before.cpu(), incoming)
 
 
-@pytest.mark.parametrize("flags", ["none", "qkv_active", "settled"])
+@pytest.mark.parametrize("flags", ["none", "qkv_active", "settled", "tallies"])
 def test_attention_opcheck(gen, flags):
     """With the flags: qkv_active read and row_active written; then also the settled flags
-    read and written."""
+    read and written; then also the tallies added to."""
     case = _attention_case(gen, 3, (2, 2), 5, 8, 6, 4, state=True)
     extra = ()
     if flags != "none":
         extra = (_qkv_moved(case), torch.zeros(3, 2, 5, dtype=torch.int32))
-    if flags == "settled":
+    if flags in ("settled", "tallies"):
         quiet = torch.zeros(2, 2, 5, dtype=torch.int32)
         extra += (quiet, quiet.clone())
+    if flags == "tallies":  # (no count_before)
+        extra += (None, torch.zeros(3, dtype=torch.int64), torch.ones(3, dtype=torch.int64))
     c = dict(case)
     args = [c.pop(n) for n in ("q", "k_t", "v", "gain", "attn_threshold")]
     args += [*ATTN_BOUNDS, c.pop("theta_a"), c.pop("theta_v"), c.pop("threshold"), *CTX_BOUNDS]

@@ -928,6 +928,7 @@ def exact_attention_cases() -> list[Case]:
         for name in ("attn_active_ptr", "active_ptr", "qkv_active_ptr", "row_active_ptr")
         + ("attn_settled_ptr", "settled_ptr")
     }
+    signature |= {"attn_tally_ptr": "*i64", "tally_ptr": "*i64"}
     signature |= {
         name: "i32"
         for name in ["T", "M", "N", "D", "DV", "H", "row_heads", "rows_per_step", *strides]
@@ -935,17 +936,19 @@ def exact_attention_cases() -> list[Case]:
         + ["stride_flag_i", "attn_n_min", "attn_p_max", "n_min", "p_max", "samples"]
         + ["rows_per_sample"]
     }
-    # the model's calls: activity, the qkv layer's flags (qkv_active, [T, B, 3, H] seen as
-    # [T, B, H, 3]: the head stride is 1), both row flags, and after the first call the state,
-    # the settled flags and the count before. At ViT-S, and at the smallest tile (5 tokens,
-    # head dim 8, as the tiny test models): 32 keys, the least an int8 dot contracts over (16
-    # did not compile)
-    model_calls = [(False, True, True), (True, True, True)]
-    for n, d, variants in [(197, 64, [(False, False, False), (True, True, False), *model_calls]),
+    # (state, active, qkv_active, tally). The model's calls: activity, the qkv layer's flags
+    # (qkv_active, [T, B, 3, H] seen as [T, B, H, 3]: the head stride is 1), both row flags,
+    # and after the first call the state, the settled flags and the count before; counted
+    # (a SpikeCounter's tallies) after the first call. At ViT-S, and at the smallest tile (5
+    # tokens, head dim 8, as the tiny test models): 32 keys, the least an int8 dot contracts
+    # over (16 did not compile)
+    model_calls = [(False, True, True, False), (True, True, True, False), (True, True, True, True)]
+    for n, d, variants in [(197, 64, [(False, False, False, False), (True, True, False, False),
+                                      *model_calls]),
                            (5, 8, model_calls)]:  # fmt: skip
         block_m, block_n, block_d, block_dv, num_warps = ea.attention_config(n, d)
         vit = n == 197
-        for state, active, qkv_active in variants:
+        for state, active, qkv_active, tally in variants:
             constexprs = dict(
                 stride_qd=1,
                 stride_kd=1,
@@ -958,6 +961,7 @@ def exact_attention_cases() -> list[Case]:
                 READ_SETTLED=state and qkv_active,
                 WRITE_SETTLED=qkv_active,
                 HAS_BEFORE=state and qkv_active,  # proj's s_before, after the first call
+                HAS_TALLY=tally,
                 BLOCK_M=block_m,
                 BLOCK_N=block_n,
                 BLOCK_D=block_d,
@@ -970,7 +974,8 @@ def exact_attention_cases() -> list[Case]:
                 Case(
                     f"exact_attention (fused) N={n} D={d} state={state} active={active}"
                     + (" qkv_active row flags" if qkv_active else "")
-                    + (" settled" if state and qkv_active else ""),
+                    + (" settled" if state and qkv_active else "")
+                    + (" tally" if tally else ""),
                     ea.exact_attention_kernel,
                     signature,
                     constexprs,

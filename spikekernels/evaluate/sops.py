@@ -9,8 +9,11 @@
   (``kernels.spike_count``, where Triton runs; else ``count_nonzero``) and one in-place add.
   The tensor is read once, at the end. A neuron that returns its running count
   (``counts_out``, exact mode's qkv and attention neurons) is counted by the steps'
-  differences, in the same pass. In a ``SpikingViT`` the hooks write each chunk's counts
-  into a chunk-relative ``[neurons, max_steps]`` tensor instead, which the runner's
+  differences, in the same pass. The fused attention's two neurons (exact mode) are not
+  called and their spikes never leave the kernel, which adds each one's spikes per step up
+  as it runs: the hooks take those totals (``nn.hooks.SpikeTally``), so a counted run keeps
+  the fused kernel. In a ``SpikingViT`` the hooks write each chunk's counts into a
+  chunk-relative ``[neurons, max_steps]`` tensor instead, which the runner's
   ``observe_chunks`` call places at the chunk's global steps: the hooks are ``replayable``,
   so ``snn(..., cuda_graph=True)`` captures their work with the chunk and counts every
   replay;
@@ -43,13 +46,14 @@ the SNN literature; ``neuron_updates`` reports how many there were.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from spikekernels.nn.hooks import observer
+from spikekernels.nn.hooks import SpikeTally, observer
 from spikekernels.ops._activity import spikes_of_counts
 from spikekernels.ops._dispatch import backend_for
 
@@ -166,6 +170,12 @@ def _count_per_step(flat: torch.Tensor) -> torch.Tensor:
     return torch.stack([torch.count_nonzero(row) for row in flat])
 
 
+def _per_sample_step(output: torch.Tensor | SpikeTally) -> int:
+    """The elements of one sample and step of a neuron's output ``[T, B, ...]`` (or of the
+    output a ``SpikeTally`` stands for)."""
+    return math.prod(output.shape[2:])
+
+
 def _site_label(names: list[str] | None, path: str) -> str:
     """A neuron's name in the results: the QANN quantizer(s) it stands for (``snn.sites``;
     one name, or ``blocks.0.attn.quan_q+quan_k+quan_v`` for a neuron that serves three), else
@@ -207,8 +217,8 @@ class SpikeCounter:
     (the context resets the step offsets; outside it nothing is counted, so the QANN, which
     shares the patch convolution with the SNN, is not counted here). ``close()`` removes the
     hooks, each an ``nn.observer`` (it only counts), so the counted SNN keeps its fast paths
-    (the activity flags between layers). Device tensors: ``spikes [neurons, max_steps]``
-    int64 (summed over the batch).
+    (the activity flags between layers, the fused attention: ``tallies=True``). Device
+    tensors: ``spikes [neurons, max_steps]`` int64 (summed over the batch).
 
     A ``SpikingViT`` also runs counted as CUDA graphs (``snn(x, cuda_graph=True)``): its
     neuron hooks write each chunk's counts at fixed addresses and the runner says where each
@@ -309,8 +319,12 @@ class SpikeCounter:
                 return
             steps = output.shape[0]
             if not self.neuron_elements[name]:  # per sample and step: a shape, not a count
-                self.neuron_elements[name] = output[0, 0].numel()
-            if getattr(module, "counts_out", False):
+                self.neuron_elements[name] = _per_sample_step(output)
+            if isinstance(output, SpikeTally):  # a fused op's: the spikes per step
+                counts = output.per_step
+                if getattr(module, "counts_out", False):  # its count, for an unfused call
+                    self._carry_count(index, output.shape, module.count)
+            elif getattr(module, "counts_out", False):
                 # the output is the count after each step: its spikes are the differences
                 counts = self._changes_per_step(index, output)
             else:
@@ -324,7 +338,17 @@ class SpikeCounter:
             self.spikes[index, start : start + steps] += counts
             self._offsets[index] = start + steps
 
-        return observer(hook, replayable=True)
+        return observer(hook, replayable=True, tallies=True)
+
+    def _carry_count(self, index: int, shape: torch.Size, count: torch.Tensor) -> None:
+        """A ``counts_out`` neuron called through a tally: its count after the call becomes
+        the last count that ``_changes_per_step`` takes the next call's differences from (a
+        later call may not be fused)."""
+        key = (index, tuple(shape[1:]))
+        before = self._last_counts.get(key)
+        if before is None:
+            before = self._last_counts[key] = torch.empty_like(count)
+        before.copy_(count)
 
     def _check_within(self, end: int) -> None:
         if end > self.max_steps:
@@ -356,9 +380,9 @@ class SpikeCounter:
             if not self.dense_elements[name]:  # a shape, counted or not
                 # [T, B, ...]: one sample, one step. The output has the rows the work is done
                 # on (a fused scores + softmax + neuron reads q and k but normalises N x N).
-                self.dense_elements[name] = output[0, 0].numel()
+                self.dense_elements[name] = _per_sample_step(output)
 
-        return observer(hook, replayable=True)  # no tensor work
+        return observer(hook, replayable=True, tallies=True)  # no tensor work
 
     def _mac_hook(self, name: str):
         def hook(module, inputs, output):

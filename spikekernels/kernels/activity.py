@@ -112,3 +112,15 @@ def record_active_tile(active_ptr, fired):
     neuron step already reduced whether any lane fired. One store, no reduction of its own
     (a per-column one cost about 100 instructions a thread-step in the scores kernels)."""
     tl.store(active_ptr, 1, mask=fired != 0)
+
+
+@triton.jit
+def add_spike_tally(tally_ptr, sigma):
+    """``*tally_ptr += `` the number of nonzero spikes in the 2-D tile ``sigma`` (int64, one
+    relaxed atomic add per program and only where the tile fired). Programs add into one
+    step's total in any order: integer adds, so the total is exact whatever the order. For a
+    counter that needs a fused neuron's spikes per step but not the spikes (the fused
+    attention keeps its attention neuron's in registers)."""
+    spikes = tl.sum(tl.sum((sigma != 0).to(tl.int32), axis=1), axis=0)
+    if spikes != 0:
+        tl.atomic_add(tally_ptr, spikes.to(tl.int64), sem="relaxed")

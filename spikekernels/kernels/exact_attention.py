@@ -136,7 +136,7 @@ import triton.language as tl
 
 from spikekernels.exact_math import _EXP_MIN, _EXP_POLY, _LN2_HI, _LN2_LO, _LOG2E
 from spikekernels.kernels import INTERPRET, cdiv, on_device
-from spikekernels.kernels.activity import active_layout, record_active_tile
+from spikekernels.kernels.activity import active_layout, add_spike_tally, record_active_tile
 from spikekernels.kernels.exact_rows import bit_order_codes, permuted_rows, tree_sum_columns
 from spikekernels.kernels.spike_matmul import (
     _running_counts,
@@ -822,6 +822,8 @@ def exact_attention_kernel(
     # the step before these (read: READ_SETTLED), then at the last of them (written:
     # WRITE_SETTLED)
     settled_ptr,  # [B * H * M] int32: the same of the context neuron
+    attn_tally_ptr,  # [T] int64: the attention neuron's spikes at each step, added (HAS_TALLY)
+    tally_ptr,  # [T] int64: the context neuron's (HAS_TALLY only)
     T,
     M,
     N,
@@ -863,6 +865,7 @@ def exact_attention_kernel(
     READ_SETTLED: tl.constexpr,  # the settled flags hold the step before's (with HAS_QKV_ACTIVE)
     WRITE_SETTLED: tl.constexpr,  # write the last step's into them
     HAS_BEFORE: tl.constexpr,  # copy the incoming context count (proj's s_before) out
+    HAS_TALLY: tl.constexpr,  # add each neuron's spikes per step into its tally
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -989,6 +992,8 @@ def exact_attention_kernel(
                 attn_p_max, BLOCK_N, BLOCK_M, LOG2_N, KEY_TREE, True,
             )  # fmt: skip
             attn_count = attn_count + sigma
+            if HAS_TALLY:
+                add_spike_tally(attn_tally_ptr + t, sigma)
         else:
             attn_fired = tl.full((), 0, tl.int32)
         s = s_now
@@ -1016,6 +1021,8 @@ def exact_attention_kernel(
             )
             count = count + sigma_c
             tl.store(out_ptr + out_offs, sigma_c.to(tl.int8), mask=mask_z)
+            if HAS_TALLY:
+                add_spike_tally(tally_ptr + t, sigma_c)
         else:  # zero spikes, stored as a constant
             fired = tl.full((), 0, tl.int32)
             tl.store(out_ptr + out_offs, tl.zeros([BLOCK_DV, BLOCK_M], tl.int8), mask=mask_z)
@@ -1397,6 +1404,8 @@ def exact_attention_triton(
     attn_row_settled: torch.Tensor | None = None,
     row_settled: torch.Tensor | None = None,
     count_before: torch.Tensor | None = None,
+    attn_tally: torch.Tensor | None = None,
+    tally: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Host side: running counts ``q`` ``[T, *batch, M, D]``, ``k_t`` ``[T, *batch, D, N]``,
     ``v`` ``[T, *batch, N, DV]`` int8 (any strides, at least one batch entry, ``1 <= N <=
@@ -1407,7 +1416,9 @@ def exact_attention_triton(
     None, the settled flags ``[*batch, M]`` int32 contiguous, both or neither, written with the
     last step's (read first only with both counts and ``qkv_active``: without those every
     product is formed at the first step anyway), ``count_before`` int8 contiguous, shaped as
-    one step of the spikes, or None (with the counts): receives the incoming context count.
+    one step of the spikes, or None (with the counts): receives the incoming context count;
+    ``attn_tally``/``tally`` int64 ``[T]`` contiguous, both or neither: each step's spikes of
+    the attention (context) neuron added to them.
     Returns
     ``(spikes [T, *batch, M, DV] int8 (merge_heads: [T, *batch[:-1], M, H * DV]), attn_count,
     count)``, the counts fresh or, with ``inplace``, views of the given ones."""
@@ -1463,6 +1474,8 @@ def exact_attention_triton(
         attn_out if row_active is None else row_active,
         attn_row_settled if has_settled else attn_out,
         row_settled if has_settled else attn_out,
+        attn_out if attn_tally is None else attn_tally,
+        attn_out if tally is None else tally,
         steps,
         m,
         n,
@@ -1489,6 +1502,7 @@ def exact_attention_triton(
         READ_SETTLED=read_settled,
         WRITE_SETTLED=has_settled,
         HAS_BEFORE=count_before is not None and count_in is not None,
+        HAS_TALLY=attn_tally is not None,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_D=block_d,

@@ -11,7 +11,7 @@ from spikekernels.nn.exact_layers import (
     require_input_counts,
 )
 from spikekernels.nn.flags import carve
-from spikekernels.nn.hooks import has_forward_hooks, hooked, unless_hooked
+from spikekernels.nn.hooks import SpikeTally, hooked, tally_hooks, unless_hooked
 from spikekernels.nn.neuron import scalar_tensor, threshold_tensor
 from spikekernels.nn.target_neuron import SettledRowsNeuron, TargetNeuron
 from spikekernels.ops.exact_attention import (
@@ -152,8 +152,10 @@ class ExactAttention(nn.Module):
     skips the reads of those that did not (``qkv_active``); the kernel records which rows of
     its spikes fire (``row_active``), from which ``proj`` finds its silent row tiles
     (``s_row_active``), as ``qkv`` does from its input's. When either module
-    has a forward hook (a ``SpikeCounter``, a user's probe) the two are called one after the
-    other instead, so that the hook sees what it hooks (``context`` then records the rows).
+    has a forward hook (a user's probe) the two are called one after the other instead, so
+    that the hook sees what it hooks (``context`` then records the rows); hooks that need
+    only the spikes per step (``observer(..., tallies=True)``: a ``SpikeCounter``'s) keep the
+    kernel, which adds each neuron's spikes per step up for them (a ``SpikeTally``).
 
     State lives in the parts until ``reset()``. Inference only.
     """
@@ -242,7 +244,7 @@ class ExactAttention(nn.Module):
         k_t = qkv[:, :, :, 1].permute(0, 1, 3, 4, 2)  # [T, B, H, Dh, N]
         v = qkv[:, :, :, 2].transpose(2, 3)
         if fused:
-            context = self._fused(q, k_t, v, qkv_active, rows, context_before)
+            context = self._fused(q, k_t, v, qkv_active, rows, context_before, (t, b, n, c))
         else:
             a = self.probs(q, k_t)  # [T, B, H, N, N] running attention counts
             # [T, B, N, C] spikes: the kernel writes the heads merged, as proj reads them
@@ -254,12 +256,13 @@ class ExactAttention(nn.Module):
                          count_before=count_before)  # fmt: skip
 
     def _fusable(self) -> bool:
-        """Whether ``probs`` and ``context`` may run as one op: no hook on either, and their
-        states both fresh or both there (one op updates both)."""
+        """Whether ``probs`` and ``context`` may run as one op: no hook on either but ones
+        that take a tally (``tally_hooks``), and their states both fresh or both there (one
+        op updates both)."""
         probs, context = self.probs, self.context
         return (
-            not has_forward_hooks(probs)
-            and not has_forward_hooks(context)
+            tally_hooks(probs) is not None
+            and tally_hooks(context) is not None
             and probs.stateful_call() == context.stateful_call()
         )
 
@@ -271,14 +274,22 @@ class ExactAttention(nn.Module):
         qkv_active: torch.Tensor | None,
         row_active: torch.Tensor,
         count_before: torch.Tensor | None,
+        spikes_shape: tuple[int, ...],
     ) -> torch.Tensor:
         """``probs`` then ``context`` as one op, on the modules' own state; ``row_active``
         receives the rows of the spikes that fire, ``count_before`` (or None) the context
         neuron's count before these steps, heads merged. The two modules' ``row_settled`` go in and
         come back as the op leaves them (the rows whose neurons did not fire at the last
         step): with ``qkv_active`` the next call's blocks of settled queries whose q, k and v
-        did not move skip their neurons from the first step on, not only from the second."""
+        did not move skip their neurons from the first step on, not only from the second.
+        Their tally hooks, if any, then get each neuron's spikes per step (``SpikeTally``,
+        standing for the outputs the two calls would return: ``[T, *batch, M, N]`` counts and
+        ``spikes_shape``)."""
         probs, context = self.probs, self.context
+        hooks = tally_hooks(probs), tally_hooks(context)
+        tallies = (None, None)
+        if any(hooks):  # both neurons' in one int64 [2, T] (one memset), only for hooks
+            tallies = torch.zeros(2, q.shape[0], dtype=torch.int64, device=q.device)
         for part in (probs, context):  # fresh: created (zeros), then written by the op
             if part.row_settled is None:
                 part.forget_settled(q.shape[1:-1], q.device)
@@ -290,9 +301,15 @@ class ExactAttention(nn.Module):
             attn_active=probs.activity, active=context.activity, inplace=stateful,
             merge_heads=True, qkv_active=qkv_active, row_active=row_active,
             attn_row_settled=probs.row_settled, row_settled=context.row_settled,
-            count_before=count_before,
+            count_before=count_before, attn_tally=tallies[0], tally=tallies[1],
         )  # fmt: skip
         probs.count, context.count = attn_count, count
+        shapes = (*q.shape[:-1], k_t.shape[-1]), spikes_shape
+        for module, its_hooks, tally, shape in zip(
+            (probs, context), hooks, tallies, shapes, strict=True
+        ):
+            for hook in its_hooks:
+                hook(module, (), SpikeTally(tally, torch.Size(shape)))
         if qkv_active is None:
             # a hook on qkv may have replaced its counts: the next call's first flags would
             # not say whether q, k and v moved since what this call read, so no promise

@@ -5,29 +5,44 @@ modules then stop passing the producer's activity flags to the reader (``unless_
 and the reader counts the spikes it receives instead of reading the producer's count
 (``ExactLinearNeuron``'s ``s_continues``). A hook marked ``observer`` (the SOP counter's,
 a probe's) promises to change nothing, so the fast paths stay on; it still sees its module
-called (the fused attention splits for any hook, ``has_forward_hooks``).
+called (the fused attention splits for any hook, ``has_forward_hooks``), unless it is also
+marked ``tallies``: it then takes a ``SpikeTally`` (each step's number of spikes) in place of
+a neuron's spikes that a fused op kept to itself (``tally_hooks``).
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import nn
 from torch.nn.modules import module as torch_module
 
 __all__ = [
+    "SpikeTally",
     "has_forward_hooks",
     "hook_ids",
     "hooked",
     "observer",
     "replay_unsafe",
+    "tally_hooks",
     "unless_hooked",
 ]
 
 
-def observer(hook: Callable, *, replayable: bool = False) -> Callable:
+class SpikeTally(NamedTuple):
+    """What a ``tallies`` observer receives as a neuron module's output when a fused op kept
+    the neuron's spikes to itself (the fused attention's ``probs`` and ``context``):
+    ``per_step``, int64 ``[T]``, the number of nonzero spikes at each step over the batch,
+    and ``shape``, the shape of the output it stands for (``[T, B, ...]``)."""
+
+    per_step: torch.Tensor
+    shape: torch.Size
+
+
+def observer(hook: Callable, *, replayable: bool = False, tallies: bool = False) -> Callable:
     """``hook`` (a forward hook or pre-hook) marked as one that only watches: it returns
     None (the wrapper drops what it returns) and changes no tensor in place. Its module's
     reader then keeps the producer's activity flags and counts (``hooked`` ignores it).
@@ -36,7 +51,11 @@ def observer(hook: Callable, *, replayable: bool = False) -> Callable:
     replay it without running the hook (``SpikingViT(cuda_graph=True)``): that work writes
     only tensors that keep their addresses from call to call, and depends on nothing the
     hook's Python decides per call (a global step, a count of calls); where it needs the
-    step, it writes chunk-relative and leaves the rest to ``SpikingViT.observe_chunks``."""
+    step, it writes chunk-relative and leaves the rest to ``SpikingViT.observe_chunks``.
+
+    ``tallies=True`` (a forward hook) also promises that it needs no more of a neuron's output
+    than its spikes per step: it takes a ``SpikeTally`` in place of the output, with no
+    inputs, from a fused op that never forms the spikes (``tally_hooks``)."""
 
     @functools.wraps(hook)
     def watching(*args, **kwargs) -> None:
@@ -44,6 +63,7 @@ def observer(hook: Callable, *, replayable: bool = False) -> Callable:
 
     watching.observes_only = True
     watching.replayable = replayable
+    watching.tallies = tallies
     return watching
 
 
@@ -80,6 +100,24 @@ def replay_unsafe(module: nn.Module) -> bool:
     """Whether a forward hook or pre-hook not marked ``replayable`` would see ``module``
     called: a CUDA graph of it would run that hook's work with the capture's operands."""
     return any(not getattr(hook, "replayable", False) for hook in _all_hooks(module))
+
+
+def tally_hooks(module: nn.Module) -> list[Callable] | None:
+    """The forward hooks that would see ``module`` called, when every one of them takes a
+    ``SpikeTally`` (``observer(..., tallies=True)``) and no pre-hook would: a fused op may then
+    skip calling ``module`` and call these with the tally (``[]``: no hook at all). None where
+    some hook needs the call itself."""
+    dicts = _hook_dicts(module)
+    if not dicts:
+        return []
+    own, pre, global_hooks, global_pre = dicts
+    with_kwargs = (
+        module._forward_hooks_with_kwargs or torch_module._global_forward_hooks_with_kwargs
+    )
+    if pre or global_pre or with_kwargs:
+        return None
+    hooks = [*own.values(), *global_hooks.values()]
+    return hooks if all(getattr(hook, "tallies", False) for hook in hooks) else None
 
 
 def hooked(*modules: nn.Module) -> bool:

@@ -12,7 +12,9 @@ scanning the spikes. Those two are the truth here; the Triton kernels of ``exact
 ``exact_attention`` record them per output tile that fired (a superset: the readers take
 them as hints, where a 0 promises silence and a 1 may stand for it). ``record_settled`` writes
 the settled flags (the rows that did not fire at the last step) of ``exact_linear`` and
-``exact_attention``, which the Triton kernels write per tile.
+``exact_attention``, which the Triton kernels write per tile. ``record_tally`` adds a neuron's
+spikes per step to ``exact_attention``'s ``attn_tally``/``tally`` (a counter's totals of the
+neurons the fused kernel keeps to itself), which its Triton kernel adds per program.
 """
 
 from __future__ import annotations
@@ -47,6 +49,14 @@ def record_row_active(row_active: torch.Tensor | None, spikes: torch.Tensor) -> 
     if row_active is None or spikes.numel() == 0:
         return
     row_active.masked_fill_((spikes != 0).any(dim=-1), 1)
+
+
+def record_tally(tally: torch.Tensor | None, spikes: torch.Tensor) -> None:
+    """``tally[t] +=`` the number of nonzero spikes ``[T, ...]`` at step ``t`` (over every
+    sample): the paths without a fused kernel, which adds per program instead."""
+    if tally is None or spikes.numel() == 0:
+        return
+    tally += torch.count_nonzero(spikes.reshape(spikes.shape[0], -1), dim=1)
 
 
 def spikes_of_counts(counts: torch.Tensor, before: torch.Tensor | None) -> torch.Tensor:

@@ -187,6 +187,23 @@ def check_active(
         _check_flags(active, (), spikes_shape, like, like_name, name)
 
 
+def check_tally(
+    tally: torch.Tensor | None, steps: int, like: torch.Tensor, like_name: str, name: str
+) -> None:
+    """Optional per-step spike totals that a neuron op adds to in place: int64 ``[T]``, ``T``
+    the op's steps, contiguous (the kernels add into it), on ``like``'s device."""
+    if tally is None:
+        return
+    check_tensor(tally, name, dtypes=(torch.int64,))
+    if tuple(tally.shape) != (steps,):
+        raise ValueError(
+            f"{name} must have shape ({steps},) (one total per step), got {tuple(tally.shape)}"
+        )
+    check_same_device(like_name, like, name, tally)
+    if not tally.is_contiguous():
+        raise ValueError(f"{name} must be contiguous: the op adds into it in place")
+
+
 def check_group_active(
     group_active: torch.Tensor | None,
     spikes_shape: Sequence[int],

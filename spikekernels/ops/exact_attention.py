@@ -11,6 +11,8 @@ from spikekernels.ops._activity import (
     record_active_of,
     record_row_active,
     record_settled,
+    record_tally,
+    spikes_of_counts,
 )
 from spikekernels.ops._attention import (
     MAX_CONTRACTION,
@@ -31,6 +33,7 @@ from spikekernels.ops._checks import (
     check_same_device,
     check_scalar_tensor,
     check_state,
+    check_tally,
     check_tensor,
     check_threshold,
     check_threshold_values,
@@ -500,6 +503,7 @@ def _check_attention(
     q, k_t, v, gain, attn_threshold, attn_n_min, attn_p_max, theta_a, theta_v, threshold, n_min,
     p_max, attn_count, count, attn_active, active, inplace, merge_heads, qkv_active=None,
     row_active=None, attn_row_settled=None, row_settled=None, count_before=None,
+    attn_tally=None, tally=None,
 ) -> None:  # fmt: skip
     """Metadata checks (no data read)."""
     check_flag(merge_heads, "merge_heads")
@@ -552,8 +556,13 @@ def _check_attention(
     batch = q.shape[1:-3] if merge_heads else q.shape[1:-2]  # the spikes' (heads merged)
     check_row_active(row_active, (q.shape[0], *batch, q.shape[-2], v.shape[-1]), q, "q")
     _check_settled_flags(q, attn_row_settled, row_settled)
+    if (attn_tally is None) != (tally is None):
+        raise ValueError("attn_tally and tally go together: both neurons' totals, or neither")
+    check_tally(attn_tally, q.shape[0], q, "q", "attn_tally")
+    check_tally(tally, q.shape[0], q, "q", "tally")
+    # (the flags and the tallies may be shared between the two neurons: set or added to)
     inputs = (q, k_t, v, gain, attn_threshold, theta_a, theta_v, threshold, attn_active, active,
-              qkv_active, row_active)  # fmt: skip
+              qkv_active, row_active, attn_tally, tally)  # fmt: skip
     spikes_step = (*batch, q.shape[-2], v.shape[-1] * (q.shape[-3] if merge_heads else 1))
     check_count_before(count_before, spikes_step, q, "q")
     written = (("attn_row_settled", attn_row_settled), ("row_settled", row_settled),
@@ -601,7 +610,7 @@ def _check_qkv_active(q, k_t, v, qkv_active, validate: bool) -> None:
 def exact_attention_torch(
     q, k_t, v, gain, attn_threshold, attn_n_min, attn_p_max, theta_a, theta_v, threshold, n_min,
     p_max, attn_count, count, attn_active=None, active=None, attn_row_settled=None,
-    row_settled=None,
+    row_settled=None, attn_tally=None, tally=None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """Vectorised PyTorch (any device, any shape): the two ops' PyTorch paths in a row, the
     attention neuron's counts between them."""
@@ -613,7 +622,17 @@ def exact_attention_torch(
         a, v, theta_a, theta_v, threshold, n_min, p_max, None, None, count, active, counts_in=True
     )
     _record_settled(attn_row_settled, row_settled, a, attn_count, spikes)
+    _record_tallies(attn_tally, tally, a, attn_count, spikes)
     return spikes, new_attn, count
+
+
+def _record_tallies(attn_tally, tally, a, attn_before, spikes) -> None:
+    """Each step's spikes of the attention neuron (its counts ``a`` after each step,
+    ``attn_before`` before them) and of the context neuron added to the tallies (the paths
+    without the kernel)."""
+    if attn_tally is not None and a.numel():
+        record_tally(attn_tally, spikes_of_counts(a, attn_before))
+    record_tally(tally, spikes)
 
 
 def _record_settled(attn_row_settled, row_settled, a, attn_before, spikes) -> None:
@@ -675,6 +694,8 @@ def _fused_attention_fits(q: torch.Tensor, k_t: torch.Tensor, v: torch.Tensor) -
         "attn_row_settled",
         "row_settled",
         "count_before",
+        "attn_tally",
+        "tally",
     ),
     check=_check_attention,
 )
@@ -702,6 +723,8 @@ def _exact_attention_op(
     attn_row_settled: torch.Tensor | None = None,
     row_settled: torch.Tensor | None = None,
     count_before: torch.Tensor | None = None,
+    attn_tally: torch.Tensor | None = None,
+    tally: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     args = (q, k_t, v, gain, attn_threshold, attn_n_min, attn_p_max, theta_a, theta_v,
             threshold, n_min, p_max, attn_count, count)  # fmt: skip
@@ -712,7 +735,8 @@ def _exact_attention_op(
         out = exact_attention_triton(
             launcher, *args, attn_active, active, inplace=inplace, merge_heads=merge_heads,
             qkv_active=qkv_active, row_active=row_active, attn_row_settled=attn_row_settled,
-            row_settled=row_settled, count_before=count_before,
+            row_settled=row_settled, count_before=count_before, attn_tally=attn_tally,
+            tally=tally,
         )  # fmt: skip
         if inplace:
             return out[0], placeholder(attn_count), placeholder(count)
@@ -733,9 +757,10 @@ def _exact_attention_op(
         )
         record_active(active, spikes)
         _record_settled(attn_row_settled, row_settled, a, attn_count, spikes)
+        _record_tallies(attn_tally, tally, a, attn_count, spikes)
     else:
         spikes, new_attn, new_count = exact_attention_torch(
-            *args, attn_active, active, attn_row_settled, row_settled
+            *args, attn_active, active, attn_row_settled, row_settled, attn_tally, tally
         )
     if merge_heads:
         spikes = heads_merged(spikes)
@@ -752,11 +777,11 @@ def _(
     q, k_t, v, gain, attn_threshold, attn_n_min, attn_p_max, theta_a, theta_v, threshold, n_min,
     p_max, attn_count=None, count=None, attn_active=None, active=None, inplace=False,
     merge_heads=False, qkv_active=None, row_active=None, attn_row_settled=None,
-    row_settled=None, count_before=None,
+    row_settled=None, count_before=None, attn_tally=None, tally=None,
 ):  # fmt: skip
     args = (q, k_t, v, gain, attn_threshold, attn_n_min, attn_p_max, theta_a, theta_v,
             threshold, n_min, p_max, attn_count, count)  # fmt: skip
-    rows = (row_active, attn_row_settled, row_settled, count_before)
+    rows = (row_active, attn_row_settled, row_settled, count_before, attn_tally, tally)
     _check_attention(*args, attn_active, active, inplace, merge_heads, qkv_active, *rows)
     steps, *batch, m, _ = q.shape
     spikes = q.new_empty((steps, *batch, m, v.shape[-1]), dtype=torch.int8)
@@ -792,6 +817,8 @@ def exact_attention(
     attn_row_settled: torch.Tensor | None = None,
     row_settled: torch.Tensor | None = None,
     count_before: torch.Tensor | None = None,
+    attn_tally: torch.Tensor | None = None,
+    tally: torch.Tensor | None = None,
     validate: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Exact-mode self-attention between ``qkv`` and ``proj``, fused: the scores product, the
@@ -856,6 +883,13 @@ def exact_attention(
             before these steps (``count`` as it comes in, heads merged as the spikes; zeros
             when fresh), which ``proj`` takes as ``s_before``. The Triton kernel copies each
             count tile as it reads it: no clone and transpose of its own.
+        attn_tally, tally: optional int64 ``[T]``, both or neither, contiguous: the number of
+            spikes (nonzero, over every sample) that the attention (context) neuron fires at
+            each step, added in place; the two may be one tensor (then both neurons'). For a
+            counter (``evaluate.SpikeCounter``) of the attention neuron's spikes, which never
+            leave the kernel: its programs add their tiles' totals (an integer atomic add
+            per program and step that fired, exact in any order), so a counted run keeps
+            the fused kernel.
         validate: on a GPU also check the thresholds and the gain, that the incoming counts
             lie inside their bounds, ``qkv_active`` and the settled flags (host syncs); on
             CPU always.
@@ -872,7 +906,7 @@ def exact_attention(
     """
     args = (q, k_t, v, gain, attn_threshold, attn_n_min, attn_p_max, theta_a, theta_v,
             threshold, n_min, p_max, attn_count, count)  # fmt: skip
-    rows = (row_active, attn_row_settled, row_settled, count_before)
+    rows = (row_active, attn_row_settled, row_settled, count_before, attn_tally, tally)
     _check_attention(*args, attn_active, active, inplace, merge_heads, qkv_active, *rows)
     for t, name in ((gain, "gain"), (attn_threshold, "attn_threshold"), (theta_a, "theta_a"),
                     (theta_v, "theta_v"), (threshold, "threshold")):  # fmt: skip
