@@ -16,8 +16,10 @@ forward would re-derive them on every call and flatter the SNN's ratio);
 ``snn_over_qann_bf16`` is the headline ratio (SNN time over the bf16 QANN's; the goal is 1.5),
 ``speedup_vs_per_step_reference`` the fused runner against the same network one step at a time
 on ``spikekernels.reference``. It also reports the time per step of the first chunk and of the
-rest, and prints the ten largest lines of a profile of one chunk, so that the next bottleneck
-is in the record; on a GPU ``device_busy_fraction_first_chunk`` is that chunk's kernel time
+rest, and prints the ten largest lines of a profile of the first chunk and of the run's last
+(``profile_top5``, ``profile_top5_last_chunk``: a late chunk's rows have mostly settled, and
+its kernels are what the quiet steps cost), so that the next bottleneck is in the record; on a
+GPU ``device_busy_fraction_first_chunk`` is the first chunk's kernel time
 over its wall time (well under 1: the GPU waits for the host, and launch overhead is the next
 bottleneck, see ``bench_host.py``). On a GPU the run is timed again with
 ``cuda_graph=True`` (every full chunk one CUDA graph replay): ``cuda_graph_seconds``,
@@ -84,19 +86,43 @@ GRAPH_CHUNKS = (2, 4, 16, 32, (16, 4), (24, 4))
 SJ_CHECK_IMAGES = 8  # SpikingJelly's settled-logits check: on the first few images
 
 
-def _profile_one_chunk(snn, x) -> tuple[str, float | None]:
+def _profile_one_chunk(snn, x, chunks: int | None = None) -> tuple[str, float | None]:
     """The ten largest kernels (device time on a GPU, CPU time otherwise) of one chunk, and on
     a GPU the chunk's device busy time in seconds: the sum of its kernels' times (None on a
-    CPU). Busy time well under the chunk's wall time means the GPU waits for the host."""
+    CPU). Busy time well under the chunk's wall time means the GPU waits for the host. The
+    first chunk of a run, or with ``chunks`` (the number a whole run takes) its last."""
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if ON_GPU else [])
-    with profile(activities=activities) as prof:
-        snn(x, max_steps=CHUNK, chunk=CHUNK)
-        if ON_GPU:
-            torch.cuda.synchronize()
+    prof = profile(activities=activities)
+    if chunks is None:
+        with prof:
+            snn(x, max_steps=CHUNK, chunk=CHUNK)
+            _synchronize()
+    else:
+        calls = []
+        step_chunk = snn.step_chunk
+
+        def last_profiled(patches, n):
+            calls.append(n)
+            if len(calls) < chunks:
+                return step_chunk(patches, n)
+            _synchronize()
+            with prof:
+                out = step_chunk(patches, n)
+                _synchronize()
+            return out
+
+        snn.step_chunk = last_profiled
+        try:
+            snn(x, max_steps=MAX_STEPS, chunk=CHUNK)
+        finally:
+            del snn.step_chunk
+        assert len(calls) == chunks, f"the run took {len(calls)} chunks, not {chunks}"
     # (torch >= 2.4 names a kernel's time self_device_time_total; self_cuda_* is gone)
     key = "self_device_time_total" if ON_GPU else "self_cpu_time_total"
     table = prof.key_averages().table(sort_by=key, row_limit=10)
-    print(f"\nprofile of one {CHUNK}-step chunk ({MODEL.__name__}, batch {BATCH}):\n{table}")
+    which = "first" if chunks is None else f"last (number {chunks})"
+    print(f"\nprofile of the {which} {CHUNK}-step chunk ({MODEL.__name__}, batch {BATCH}):")
+    print(table)
     busy = None
     if ON_GPU:  # kernels only: record_function annotations on the GPU timeline would count twice
         kernels = [
@@ -117,10 +143,15 @@ def _profile_one_chunk(snn, x) -> tuple[str, float | None]:
     return "; ".join(f"{name} {us / 1e3:.2f} ms" for name, us in top), busy
 
 
-def _run_counting_steps(snn, x) -> tuple[tuple[torch.Tensor, int], int]:
-    """``snn(x, MAX_STEPS, CHUNK)``'s result and the steps it ran: whole chunks, through the
-    one holding the first silent step, which the runner sees only by running it (settled at
-    16 at chunks of 8, it ran 24 steps)."""
+def _synchronize() -> None:
+    if ON_GPU:
+        torch.cuda.synchronize()
+
+
+def _run_counting_steps(snn, x) -> tuple[tuple[torch.Tensor, int], list[int]]:
+    """``snn(x, MAX_STEPS, CHUNK)``'s result and the steps of each chunk it ran: whole
+    chunks, through the one holding the first silent step, which the runner sees only by
+    running it (settled at 16 at chunks of 8, it ran 24 steps)."""
     ran = []
     step_chunk = snn.step_chunk
     snn.step_chunk = lambda patches, n: (ran.append(n), step_chunk(patches, n))[1]
@@ -128,7 +159,7 @@ def _run_counting_steps(snn, x) -> tuple[tuple[torch.Tensor, int], int]:
         result = snn(x, max_steps=MAX_STEPS, chunk=CHUNK)
     finally:
         del snn.step_chunk
-    return result, sum(ran)
+    return result, ran
 
 
 def _cuda_graph(snn, x, eager_logits, qann_bf16: float, info: dict, sweep: bool) -> dict:
@@ -279,7 +310,8 @@ def test_vit_end_to_end(benchmark, mode, level):
 
     with torch.no_grad():
         run = lambda: snn(x, max_steps=MAX_STEPS, chunk=CHUNK)
-        (logits, steps), executed = _run_counting_steps(snn, x)  # the warm-up: compiles
+        (logits, steps), chunks = _run_counting_steps(snn, x)  # the warm-up: compiles
+        executed = sum(chunks)
         benchmark.group = f"vit end to end {mode} level={level}"
         seconds = time_op(benchmark, run, warmup=0, reps=3)
         first_chunk = median_time(lambda: snn(x, max_steps=CHUNK, chunk=CHUNK), warmup=0, reps=3)
@@ -297,6 +329,7 @@ def test_vit_end_to_end(benchmark, mode, level):
         with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
             qann_bf16 = median_time(float_forward)
         breakdown, device_busy = _profile_one_chunk(snn, x)
+        last_breakdown, last_busy = _profile_one_chunk(snn, x, len(chunks))
 
     rest = (seconds - first_chunk) / (executed - CHUNK) if executed > CHUNK else None
     # what each chunk reads and writes once besides its steps' traffic
@@ -326,6 +359,8 @@ def test_vit_end_to_end(benchmark, mode, level):
         max_logit_difference=(logits - qann_logits).abs().max().item(),
         bitwise_equal=bool(torch.equal(logits, qann_logits)),
         profile_top5=breakdown,
+        profile_top5_last_chunk=last_breakdown,
+        device_busy_seconds_last_chunk=last_busy,
     )
     # The baselines and the graph runs after the headline is recorded: a deadline that cuts
     # them short keeps the figures above. The chunk-size sweep runs at one level only.
