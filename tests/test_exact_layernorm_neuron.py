@@ -693,12 +693,15 @@ def test_settles_to_the_qann_integer(gen, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("via", ["d", "sign", "branch", "branch2"])
-def test_quiet_rows_wake_up(gen, device, via):
+@pytest.mark.parametrize("via", ["d", "sign", "branch", "branch2", "branch alone"])
+@pytest.mark.parametrize("flags", [False, True])
+def test_quiet_rows_wake_up(gen, device, via, flags):
     """A held stream settles (its tiles go quiet: the kernel skips them), then one row's
-    input moves at a late step, through ``d`` (also in its values' signs
-    alone) or either pending branch: that row answers at once, as the reference does, whole
-    and in chunks."""
+    input moves at a late step, through ``d`` (also in its values' signs alone) or either
+    pending branch, or a branch that is the whole stream (no ``d``): that row answers at
+    once, as the reference does, whole and in chunks. ``flags``: with the rows' flags of
+    ``d`` and of the branches (the truth), by which the kernel calls a tile quiet without
+    forming its rows."""
     T, batch, tokens, channels = 24, 2, 9, 96
     d, c = _residual(gen, 1, batch, tokens, channels)
     d = d.expand(T, -1, -1, -1).clone()
@@ -713,31 +716,45 @@ def test_quiet_rows_wake_up(gen, device, via):
         d[:, row[0], row[1]] = 0.0
         d[late:, row[0], row[1], ::3] = -2 * c[0, row[1], ::3]
     else:
-        spikes = (branch if via == "branch" else branch2)[0]
+        spikes = (branch2 if via == "branch2" else branch)[0]
         spikes[late, row[0], row[1], ::3] = 1
+    if via == "branch alone":  # block 0's norm1: the patch embedding's branch is the stream
+        d, branch2 = None, None
+        branch[0][0] = torch.randint(-1, 2, branch[0][0].shape, generator=gen, dtype=torch.int8)
     want = _composition(d, c, norm, branch, branch2=branch2)[:2]
     assert not want[0][late - 3 : late].any(), "the stream must be settled before it moves"
     assert want[0][late, row[0], row[1]].any(), "the moved row must fire (else vacuous)"
     assert want[0][late].count_nonzero() == want[0][late, row[0], row[1]].count_nonzero()
-    to = [t.to(device) for t in (d, c)]
+    hints = {}
+    if flags:
+        pending = (("branch_row_active", branch), ("branch2_row_active", branch2))
+        hints = {name: (b[0] != 0).any(dim=-1).to(torch.int32) for name, b in pending if b}
+        if d is not None:
+            hints["d_moved"] = exact_layernorm_ops.rows_moved(d)
+            assert not hints["d_moved"][1:late].any(), "the flags must call the stream held"
+    hints = {name: t.to(device) for name, t in hints.items()}
+    to = [None if t is None else t.to(device) for t in (d, c)]
     norm = {k: t.to(device) for k, t in norm.items()}
-    branch, branch2 = (tuple(t.to(device) for t in b) for b in (branch, branch2))
-    _assert_same(_run_branch(*to, norm, branch, branch2=branch2), want)
+    branch, branch2 = (b and tuple(t.to(device) for t in b) for b in (branch, branch2))
+    _assert_same(_run_branch(*to, norm, branch, branch2=branch2, **hints), want)
     # an incoming count of zeros: the fresh state, given
     zero = torch.zeros(zeros.shape[1:], dtype=torch.int8, device=device)
-    _assert_same(_run_branch(*to, norm, branch, zero, branch2=branch2), want)
+    _assert_same(_run_branch(*to, norm, branch, zero, branch2=branch2, **hints), want)
     # chunks: the branch counts advance by each chunk's spikes, the norm's count carries; the
     # last chunk is quiet for two steps before the row moves
-    parts, count, before, before2 = [], None, branch[2], branch2[2]
+    parts, count, before, before2 = [], None, branch[2], branch2 and branch2[2]
     for t0, n in ((0, 7), (7, 10), (17, 7)):
         window = slice(t0, t0 + n)
         out, count = _run_branch(
-            to[0][window], to[1], norm, (branch[0][window], branch[1], before), count,
-            branch2=(branch2[0][window], branch2[1], before2),
+            None if d is None else to[0][window], to[1], norm,
+            (branch[0][window], branch[1], before), count,
+            branch2=branch2 and (branch2[0][window], branch2[1], before2),
+            **{name: flags[window] for name, flags in hints.items()},
         )  # fmt: skip
         parts.append(out)
         before = (before.to(torch.int32) + branch[0][window].sum(0)).to(torch.int8)
-        before2 = (before2.to(torch.int32) + branch2[0][window].sum(0)).to(torch.int8)
+        if branch2:
+            before2 = (before2.to(torch.int32) + branch2[0][window].sum(0)).to(torch.int8)
     _assert_same((torch.cat(parts), count), want)
 
 
