@@ -43,9 +43,10 @@ step (a reader keeps nothing across launches); the rows whose flag is 0 are not
 written. A quiet row then costs the stream little more than its flags. Where every input's
 rows come with flags or are read whole (``d`` with ``HAS_D_MOVED``, or no ``d``: the
 branches' rows from their flags or their spikes), a tile none of whose rows moved and that
-did not fire at the last step is quiet by its flags alone: ``D_t`` and ``x`` are not formed
-(on sm_90 a settled ViT-S norm1's step takes 173 instructions a thread and no barrier,
-against 401 and 5 when the quiet test compared ``x``'s bits; norm2's 107 against 218 and 3).
+did not fire at the last step is quiet by its flags alone: ``D_t`` and ``x`` are not formed,
+nor a branch's count advanced (its spikes in such a tile are all 0). On sm_90 a settled
+ViT-S norm1's step takes 141 instructions a thread and no barrier, against 401 and 5 when
+the quiet test compared ``x``'s bits (norm2's 89 against 218 and 3).
 
 Divisions are ``div_rn`` and the root ``sqrt_rn`` (Triton's ``/`` and ``sqrt`` on float32 are
 approximate on NVIDIA GPUs). Products that feed an add are formed as ``fma(a, b, +0.0)``:
@@ -260,14 +261,13 @@ def _row_flags_step(ptrs, ahead, row_ok, R, t, T, HAS_FLAGS: tl.constexpr):
 
 
 @triton.jit
-def _branch_step(count, ptrs, spikes, next_mask, step):
-    """One step of a pending branch: its count advanced by this step's ``spikes``, the next
-    step's prefetched (``next_mask``). Returns ``(count, ptrs, next spikes)``; its term of
-    ``D_t`` is ``residual_value``'s, formed where the tile is not quiet."""
-    count += spikes.to(tl.int32)
+def _branch_step(ptrs, next_mask, step):
+    """One step of a pending branch: the next step's spikes prefetched (``next_mask``).
+    Returns ``(ptrs, next spikes)``; its count advances by this step's spikes, and its term of
+    ``D_t`` (``residual_value``) is formed, where the tile is not quiet (a quiet tile's spikes
+    are all 0)."""
     ptrs += step
-    spikes = tl.load(ptrs, mask=next_mask, other=0)
-    return count, ptrs, spikes
+    return ptrs, tl.load(ptrs, mask=next_mask, other=0)
 
 
 @triton.jit
@@ -461,15 +461,15 @@ def exact_layernorm_neuron_kernel(
             flag_next = flag_after
         if HAS_BRANCH:
             next_mask = mask & (t + 1 < T) & (bf_next != 0)[:, None]
-            b_count, b_ptrs, b_next = _branch_step(b_count, b_ptrs, b_next, next_mask, step)
+            b_spikes = b_next
+            b_ptrs, b_next = _branch_step(b_ptrs, next_mask, step)
             bf_ptrs, bf_now, bf_next = _row_flags_step(
                 bf_ptrs, bf_next, row_ok, R, t, T, HAS_BRANCH_ROWS
             )
             if HAS_BRANCH2:
                 next_mask = mask & (t + 1 < T) & (b2f_next != 0)[:, None]
-                b2_count, b2_ptrs, b2_next = _branch_step(
-                    b2_count, b2_ptrs, b2_next, next_mask, step
-                )
+                b2_spikes = b2_next
+                b2_ptrs, b2_next = _branch_step(b2_ptrs, next_mask, step)
                 b2f_ptrs, b2f_now, b2f_next = _row_flags_step(
                     b2f_ptrs, b2f_next, row_ok, R, t, T, HAS_BRANCH2_ROWS
                 )
@@ -482,8 +482,10 @@ def exact_layernorm_neuron_kernel(
         if stirred != 0:
             stream = d  # D_t
             if HAS_BRANCH:
+                b_count += b_spikes.to(tl.int32)
                 stream = residual_value(d, b_theta, b_count, mask, HAS_D)
                 if HAS_BRANCH2:
+                    b2_count += b2_spikes.to(tl.int32)
                     stream = residual_value(stream, b2_theta, b2_count, mask, True)
                 if RESIDUAL_OUT:
                     if MOVED_OUT:  # a row that did not move is not written (its flag says so)
