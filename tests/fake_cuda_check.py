@@ -52,7 +52,10 @@ the same four spills; torch tells what every in-place building block's kernels w
 Session 35 (the SOP counter's one-pass counts, kernels.spike_count, under the counted models):
 187 launches, none failed, the same four spills. Session 36 (the fused attention's values laid out
 key-major by a launch of their own, values_key_major_kernel): 190 launches, none failed, the
-same four spills; both models still one graph a chunk.
+same four spills; both models still one graph a chunk. Session 37 (the counted exact model
+keeps the fused attention, its kernel adding the neurons' spikes per step into tallies; the
+LayerNorm neuron quiet by its row flags): 189 launches (the counted model's two unfused
+attention kernels gone, the tallying fused one added), none failed, the same four spills.
 """
 
 from __future__ import annotations
