@@ -16,7 +16,8 @@ forward would re-derive them on every call and flatter the SNN's ratio);
 ``snn_over_qann_bf16`` is the headline ratio (SNN time over the bf16 QANN's; the goal is 1.5),
 ``speedup_vs_per_step_reference`` the fused runner against the same network one step at a time
 on ``spikekernels.reference``. It also reports the time per step of the first chunk and of the
-rest, and prints the ten largest lines of a profile of the first chunk and of the run's last
+rest and of the run's last chunk (``seconds_per_step_last_chunk``, timed inside a whole run),
+and prints the ten largest lines of a profile of the first chunk and of the run's last
 (``profile_top5``, ``profile_top5_last_chunk``: a late chunk's rows have mostly settled, and
 its kernels are what the quiet steps cost), so that the next bottleneck is in the record; on a
 GPU ``device_busy_fraction_first_chunk`` is the first chunk's kernel time
@@ -56,7 +57,10 @@ runs, and ``baseline_error["spikingjelly"]`` says why it is missing.
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import statistics
+import time
 
 import pytest
 import spikingjelly_spikezip as sjz
@@ -98,25 +102,7 @@ def _profile_one_chunk(snn, x, chunks: int | None = None) -> tuple[str, float | 
             snn(x, max_steps=CHUNK, chunk=CHUNK)
             _synchronize()
     else:
-        calls = []
-        step_chunk = snn.step_chunk
-
-        def last_profiled(patches, n):
-            calls.append(n)
-            if len(calls) < chunks:
-                return step_chunk(patches, n)
-            _synchronize()
-            with prof:
-                out = step_chunk(patches, n)
-                _synchronize()
-            return out
-
-        snn.step_chunk = last_profiled
-        try:
-            snn(x, max_steps=MAX_STEPS, chunk=CHUNK)
-        finally:
-            del snn.step_chunk
-        assert len(calls) == chunks, f"the run took {len(calls)} chunks, not {chunks}"
+        _run_last_chunk_inside(snn, x, chunks, lambda: prof)
     # (torch >= 2.4 names a kernel's time self_device_time_total; self_cuda_* is gone)
     key = "self_device_time_total" if ON_GPU else "self_cpu_time_total"
     table = prof.key_averages().table(sort_by=key, row_limit=10)
@@ -146,6 +132,46 @@ def _profile_one_chunk(snn, x, chunks: int | None = None) -> tuple[str, float | 
 def _synchronize() -> None:
     if ON_GPU:
         torch.cuda.synchronize()
+
+
+def _run_last_chunk_inside(snn, x, chunks: int, context) -> None:
+    """A whole run, ``snn(x, MAX_STEPS, CHUNK)``, whose last chunk (number ``chunks``, as the
+    warm-up counted them) runs inside ``context()``, the GPU idle on entry and on exit."""
+    calls = []
+    step_chunk = snn.step_chunk
+
+    def last_inside(patches, n):
+        calls.append(n)
+        if len(calls) < chunks:
+            return step_chunk(patches, n)
+        _synchronize()
+        with context():
+            out = step_chunk(patches, n)
+            _synchronize()
+        return out
+
+    snn.step_chunk = last_inside
+    try:
+        snn(x, max_steps=MAX_STEPS, chunk=CHUNK)
+    finally:
+        del snn.step_chunk
+    assert len(calls) == chunks, f"the run took {len(calls)} chunks, not {chunks}"
+
+
+def _last_chunk_seconds(snn, x, chunks: list[int], reps: int = 3) -> float:
+    """Median wall seconds of a whole run's last chunk (``chunks``: each chunk's steps, as the
+    warm-up ran them), timed inside the run: the chunk where most rows have settled."""
+    samples = []
+
+    @contextlib.contextmanager
+    def timed():
+        start = time.perf_counter()
+        yield
+        samples.append(time.perf_counter() - start)
+
+    for _ in range(reps):
+        _run_last_chunk_inside(snn, x, len(chunks), timed)
+    return statistics.median(samples)
 
 
 def _run_counting_steps(snn, x) -> tuple[tuple[torch.Tensor, int], list[int]]:
@@ -315,6 +341,7 @@ def test_vit_end_to_end(benchmark, mode, level):
         benchmark.group = f"vit end to end {mode} level={level}"
         seconds = time_op(benchmark, run, warmup=0, reps=3)
         first_chunk = median_time(lambda: snn(x, max_steps=CHUNK, chunk=CHUNK), warmup=0, reps=3)
+        last_chunk = _last_chunk_seconds(snn, x, chunks)
         reference = median_time(
             lambda: snn(x, max_steps=MAX_STEPS, reference=True), warmup=0, reps=1
         )
@@ -353,6 +380,7 @@ def test_vit_end_to_end(benchmark, mode, level):
         speedup_vs_per_step_reference=reference / seconds,
         seconds_per_step_first_chunk=first_chunk / min(CHUNK, MAX_STEPS),
         seconds_per_step_after=rest,
+        seconds_per_step_last_chunk=last_chunk / chunks[-1],
         state_bytes=state_bytes,
         device_busy_fraction_first_chunk=None if device_busy is None else device_busy / first_chunk,
         prediction_agreement=(logits.argmax(1) == qann_logits.argmax(1)).float().mean().item(),
