@@ -395,6 +395,8 @@ def exact_layernorm_neuron_kernel(
         flag_now = tl.full([ROWS], 1, tl.int32)
     if MOVED_OUT:
         moved_out_ptrs = moved_out_ptr + rows
+    if RESIDUAL_OUT:  # (the op asks for D only with a pending branch)
+        residual_out_ptrs = residual_out_ptr + offs
     # A branch's spikes in a row its flags call silent are not read (the load masked off, so
     # still issued a step ahead; the flags read a step before that)
     if HAS_BRANCH:
@@ -405,7 +407,6 @@ def exact_layernorm_neuron_kernel(
             branch_ptr, branch_theta_ptr, branch_count_ptr, offs, mask,
             mask & (bf_now != 0)[:, None], HAS_BRANCH_COUNT, ROWS, BLOCK_C,
         )  # fmt: skip
-        residual_out_ptrs = residual_out_ptr + offs
     if HAS_BRANCH2:
         b2f_ptrs, b2f_now, b2f_next = _row_flags_start(
             branch2_rows_ptr, rows, row_ok, R, T, HAS_BRANCH2_ROWS
