@@ -233,7 +233,8 @@ class ExactAttention(nn.Module):
         # proj starts from the context neuron's count before these steps, heads merged (a
         # copy: the attention updates that count in place; the fused op writes it as it
         # reads the count)
-        fused = self._fusable()
+        hooks = self._fusable()  # None: run as two ops
+        fused = hooks is not None
         context_before = None
         if self.context.count is not None and fused:
             context_before = torch.empty((b, n, c), dtype=torch.int8, device=s.device)
@@ -244,7 +245,7 @@ class ExactAttention(nn.Module):
         k_t = qkv[:, :, :, 1].permute(0, 1, 3, 4, 2)  # [T, B, H, Dh, N]
         v = qkv[:, :, :, 2].transpose(2, 3)
         if fused:
-            context = self._fused(q, k_t, v, qkv_active, rows, context_before, (t, b, n, c))
+            context = self._fused(q, k_t, v, qkv_active, rows, context_before, (t, b, n, c), hooks)
         else:
             a = self.probs(q, k_t)  # [T, B, H, N, N] running attention counts
             # [T, B, N, C] spikes: the kernel writes the heads merged, as proj reads them
@@ -255,16 +256,15 @@ class ExactAttention(nn.Module):
                          row_active=row_active, s_continues=continues,
                          count_before=count_before)  # fmt: skip
 
-    def _fusable(self) -> bool:
-        """Whether ``probs`` and ``context`` may run as one op: no hook on either but ones
-        that take a tally (``tally_hooks``), and their states both fresh or both there (one
-        op updates both)."""
+    def _fusable(self) -> tuple[list, list] | None:
+        """The tally hooks of ``probs`` and ``context`` (``tally_hooks``) where the two may run
+        as one op: no hook on either but ones that take a tally, and their states both fresh
+        or both there (one op updates both); else None."""
         probs, context = self.probs, self.context
-        return (
-            tally_hooks(probs) is not None
-            and tally_hooks(context) is not None
-            and probs.stateful_call() == context.stateful_call()
-        )
+        hooks = tally_hooks(probs), tally_hooks(context)
+        if None in hooks or probs.stateful_call() != context.stateful_call():
+            return None
+        return hooks
 
     def _fused(
         self,
@@ -275,6 +275,7 @@ class ExactAttention(nn.Module):
         row_active: torch.Tensor,
         count_before: torch.Tensor | None,
         spikes_shape: tuple[int, ...],
+        hooks: tuple[list, list],
     ) -> torch.Tensor:
         """``probs`` then ``context`` as one op, on the modules' own state; ``row_active``
         receives the rows of the spikes that fire, ``count_before`` (or None) the context
@@ -282,11 +283,10 @@ class ExactAttention(nn.Module):
         come back as the op leaves them (the rows whose neurons did not fire at the last
         step): with ``qkv_active`` the next call's blocks of settled queries whose q, k and v
         did not move skip their neurons from the first step on, not only from the second.
-        Their tally hooks, if any, then get each neuron's spikes per step (``SpikeTally``,
-        standing for the outputs the two calls would return: ``[T, *batch, M, N]`` counts and
-        ``spikes_shape``)."""
+        Their tally ``hooks`` (``_fusable``'s), if any, then get each neuron's spikes per step
+        (``SpikeTally``, standing for the outputs the two calls would return: ``[T, *batch, M,
+        N]`` counts and ``spikes_shape``)."""
         probs, context = self.probs, self.context
-        hooks = tally_hooks(probs), tally_hooks(context)
         tallies = (None, None)
         if any(hooks):  # both neurons' in one int64 [2, T] (one memset), only for hooks
             tallies = torch.zeros(2, q.shape[0], dtype=torch.int64, device=q.device)
