@@ -475,6 +475,24 @@ def test_attention_tallies_count_each_neurons_spikes(gen, backend, T, batch, m, 
     assert torch.equal(shared - held[0], wants[0] + wants[1])
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_attention_tallies_on_device(gen, device):
+    """On each device (a GPU: the kernel's atomic adds, one per program and step that fired,
+    which the interpreter's one-thread programs cannot check), at ViT-S's 197 keys and head
+    dim 64: the tallies are the CPU oracle's spikes per step."""
+    from spikekernels.ops._activity import spikes_of_counts
+
+    case = _attention_case(gen, 3, (2, 3), 21, 16, 197, 64, state=True)
+    spikes, _, _, a = _composed(case)
+    wants = [_spikes_per_step(s) for s in (spikes_of_counts(a, case["attn_count"]), spikes)]
+    assert wants[0].sum() > 0 and wants[1].sum() > 0, "no spikes: the tallies prove little"
+    tallies = [torch.zeros(3, dtype=torch.int64, device=device) for _ in range(2)]
+    on = {name: t.to(device) for name, t in case.items()}
+    _run_attention(on, attn_tally=tallies[0], tally=tallies[1])
+    for got, want in zip(tallies, wants, strict=True):
+        assert torch.equal(got.cpu(), want)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_attention_tallies_of_settled_chunks(gen, backend):
     """The tallies of chunks run with the flags that let the kernel skip quiet steps and
